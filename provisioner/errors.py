@@ -1,0 +1,126 @@
+"""Every exception provisioner raises, in one place.
+
+    ProvisionerError
+    ├── ConfigError               a setting or layer is invalid (names field, value and source)
+    │   └── UnknownLayerError     a layer name that is not defined
+    ├── BridgeError               the bridge worker answered a request with an error reply
+    │   └── BridgeConnectionError the worker could not be reached, or the connection broke
+    ├── ProtocolError             a frame or envelope is malformed (on either side)
+    ├── LMError                   an LM managed by provisioner failed
+    │   ├── CassetteMissError     cached/replay mode has no recording for a request
+    │   ├── CostLimitExceeded     a real call would pass the run's dollar limit
+    │   ├── RateLimitExceeded     the run's request-per-minute budget could not be had in time
+    │   └── UnknownModelPriceError a real model with no known or configured price
+    └── RuntimeProblem            containers: something a user can act on
+        ├── DockerUnavailableError no Docker engine is reachable
+        ├── ImageError            an image is missing or failed to build
+        ├── WorkerNotReadyError   a worker did not become ready (carries its last log lines)
+        ├── WorkerLostError       a pooled worker died; its sessions are gone
+        └── LeakError             resources were left behind (lists them by kind and name)
+
+Errors that cross DSPy's LM boundary are additionally raised as dspy/lm15 error types by
+the engines (see provisioner.lm), so DSPy's own retry and error handling keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ProvisionerError(Exception):
+    """Base class of every error provisioner raises on purpose."""
+
+
+class ConfigError(ProvisionerError, ValueError):
+    """A setting, layer or LM configuration value is invalid."""
+
+
+class UnknownLayerError(ConfigError, KeyError):
+    """A layer name that is not defined in the built-ins or the user's configuration."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown layer {name!r}; known layers: {', '.join(known)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class ProtocolError(ProvisionerError):
+    """A frame or message envelope violated the bridge wire protocol."""
+
+
+class BridgeError(ProvisionerError):
+    """The bridge worker replied with ``success: false``.
+
+    ``error_type`` is the worker-side error name (e.g. ``ProgramExists``, ``ValidationError``).
+    """
+
+    def __init__(self, message: str, error_type: str = "BridgeError", request_id: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+class BridgeConnectionError(BridgeError):
+    """The worker could not be reached, timed out, or closed the connection."""
+
+    def __init__(self, message: str, request_id: object = None) -> None:
+        super().__init__(message, "ConnectionError", request_id)
+
+
+class LMError(ProvisionerError):
+    """An LM managed by provisioner failed."""
+
+
+class CassetteMissError(LMError):
+    """Replay-only mode found no recording for a request."""
+
+
+class CostLimitExceeded(LMError):
+    """A real LM call was refused because it could pass the run's cost limit."""
+
+
+class RateLimitExceeded(LMError):
+    """The run's request-per-minute budget could not be obtained before the deadline."""
+
+
+class UnknownModelPriceError(LMError, ConfigError):
+    """A real model has no price in the table and none is configured."""
+
+
+class RuntimeProblem(ProvisionerError):
+    """A container-runtime problem the user can act on."""
+
+
+class DockerUnavailableError(RuntimeProblem):
+    """No Docker engine is reachable."""
+
+
+class ImageError(RuntimeProblem):
+    """A worker image is missing or failed to build."""
+
+
+class WorkerNotReadyError(RuntimeProblem):
+    """A worker did not become ready before its deadline."""
+
+    def __init__(self, message: str, last_logs: str = "") -> None:
+        self.last_logs = last_logs
+        text = message if not last_logs else f"{message}\n--- last worker log lines ---\n{last_logs}"
+        super().__init__(text)
+
+
+class WorkerLostError(RuntimeProblem):
+    """A pooled worker died; sessions pinned to it cannot continue."""
+
+
+class LeakError(RuntimeProblem):
+    """Resources were left behind after a test or a run."""
+
+    def __init__(self, leaks: list[tuple[str, str]]) -> None:
+        self.leaks = leaks
+        listed = ", ".join(f"{kind} {name}" for kind, name in leaks)
+        super().__init__(f"{len(leaks)} resource(s) leaked: {listed}")

@@ -1,0 +1,111 @@
+"""Test layers as data: each one is a recipe for how tests of that layer get their environment.
+
+Built-ins (the plan's test config):
+
+=============  ========  ======  =======  =======  =========
+layer          adapter   python  pooling  LM       isolation
+=============  ========  ======  =======  =======  =========
+unit           mock      no      no       mock     full
+integration    bridge    yes     no       cached   namespace
+e2e            bridge    yes     yes      real     session
+=============  ========  ======  =======  =======  =========
+
+Users override fields of these, or add layers, under ``[tool.provisioner.layers.<name>]``.
+The LM mode of a layer comes from ``lm_modes[<name>]`` when set there, else from the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from provisioner.errors import ConfigError, UnknownLayerError
+from provisioner.lmconfig import LMMode
+from provisioner.settings import Isolation, LayerSpec, Settings
+
+
+class Layer(BaseModel):
+    """A fully resolved layer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    adapter: Literal["mock", "bridge"]
+    python: bool
+    pooling_enabled: bool
+    lm_mode: LMMode
+    isolation: Isolation
+    workers: int = Field(gt=0, description="pool size (pooled layers) or workers started by `up`")
+    timeout_s: float = Field(gt=0, description="per-test timeout")
+    max_failures: int | None = None
+    image: str | None = None
+    memory: str | None = None
+    cpus: float | None = None
+    builtin: bool = False
+
+    @property
+    def needs_docker(self) -> bool:
+        """Layers whose workers are containers need a Docker engine."""
+        return self.adapter == "bridge" and self.python
+
+    @property
+    def egress_allowed(self) -> bool:
+        """Only real-LM layers may reach the outside world; mock and cached cannot spend money."""
+        return self.lm_mode == "real"
+
+
+BUILTIN_LAYERS: dict[str, LayerSpec] = {
+    "unit": LayerSpec(
+        description="in-process, mock LM, no containers",
+        adapter="mock", python=False, pooling_enabled=False, lm_mode="mock", isolation="full",
+        timeout_s=30,
+    ),
+    "integration": LayerSpec(
+        description="a bridge worker container per test session, cached (record/replay) LM",
+        adapter="bridge", python=True, pooling_enabled=False, lm_mode="cached", isolation="namespace",
+        timeout_s=120,
+    ),
+    "e2e": LayerSpec(
+        description="a warm pool of bridge worker containers, real Gemini LM with rate and cost limits",
+        adapter="bridge", python=True, pooling_enabled=True, lm_mode="real", isolation="session",
+        timeout_s=300,
+    ),
+}
+
+_DEFAULTS = LayerSpec(
+    adapter="bridge", python=True, pooling_enabled=False, lm_mode="mock", isolation="namespace", timeout_s=120
+)
+
+
+def resolve_layers(settings: Settings) -> dict[str, Layer]:
+    """Every layer: built-ins with the user's overrides merged in, then the user's own layers."""
+    names = list(BUILTIN_LAYERS) + [n for n in settings.layers if n not in BUILTIN_LAYERS]
+    return {name: _resolve(settings, name) for name in names}
+
+
+def layer_names(settings: Settings) -> list[str]:
+    return list(BUILTIN_LAYERS) + [n for n in settings.layers if n not in BUILTIN_LAYERS]
+
+
+def get_layer(settings: Settings, name: str) -> Layer:
+    if name not in BUILTIN_LAYERS and name not in settings.layers:
+        raise UnknownLayerError(name, layer_names(settings))
+    return _resolve(settings, name)
+
+
+def _resolve(settings: Settings, name: str) -> Layer:
+    merged: dict[str, object] = {}
+    for spec in (_DEFAULTS, BUILTIN_LAYERS.get(name), settings.layers.get(name)):
+        if spec is not None:
+            merged.update(spec.model_dump(exclude_none=True))
+    if name in settings.lm_modes:
+        merged["lm_mode"] = settings.lm_modes[name]
+    merged.setdefault("workers", settings.max_pool_size)
+    merged.setdefault("description", "user-defined layer")
+    if not merged.get("python") and merged.get("adapter") == "bridge":
+        raise ConfigError(
+            f"layer {name!r}: adapter 'bridge' needs python workers; set python = true or adapter = 'mock'"
+        )
+    return Layer(name=name, builtin=name in BUILTIN_LAYERS, **merged)  # type: ignore[arg-type]

@@ -1,0 +1,138 @@
+"""The LM configuration: one typed object that travels from settings to every worker.
+
+This module sits at the bottom of the dependency graph (pydantic only, no DSPy), so both the
+host-side controller and the code inside containers can import it cheaply.
+
+The controller hands an ``LMConfig`` to a worker through its environment
+(:meth:`LMConfig.to_worker_env`): the non-secret part as JSON in ``PROVISION_LM_CONFIG`` and the
+API key, only in ``real`` mode, in ``GEMINI_TEST_API_KEY``. The key is a ``SecretStr``: it is never
+part of ``model_dump_json()`` output, labels, state files, cassettes or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+LMMode = Literal["mock", "cached", "real"]
+RecordMode = Literal["none", "once", "new_episodes", "all"]
+LM_MODES: tuple[str, ...] = ("mock", "cached", "real")
+RECORD_MODES: tuple[str, ...] = ("none", "once", "new_episodes", "all")
+
+LM_CONFIG_ENV = "PROVISION_LM_CONFIG"
+API_KEY_ENV = "GEMINI_TEST_API_KEY"
+CACHE_DIR_ENV = "LM_CACHE_DIR"
+DEFAULT_MODEL = "gemini-2.5-flash-lite"
+
+
+class MockRule(BaseModel):
+    """One rule of the mock LM: when an input matches, answer with these outputs (or an error).
+
+    ``match`` maps input field names to a pattern; ``"*"`` as a field name matches any field.
+    ``kind`` says how patterns compare: ``exact``, ``substring`` or ``regex``.
+    ``outputs`` maps output field names to values; fields not named get a per-type default.
+    ``error`` injects a failure instead: ``rate_limit``, ``timeout``, ``server_error`` or ``malformed``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    match: dict[str, str] = Field(default_factory=dict)
+    kind: Literal["exact", "substring", "regex"] = "substring"
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    error: Literal["rate_limit", "timeout", "server_error", "malformed"] | None = None
+
+    @model_validator(mode="after")
+    def _check_regex(self) -> MockRule:
+        if self.kind == "regex":
+            for field, pattern in self.match.items():
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"match[{field!r}] is not a valid regex: {exc}") from exc
+        return self
+
+
+class ModelPrice(BaseModel):
+    """USD per one million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class LMConfig(BaseModel):
+    """How a layer's LM behaves. Part of :class:`provisioner.settings.Settings` as ``lm``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: LMMode = "mock"
+    model: str = DEFAULT_MODEL
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=1024, gt=0)
+    cache_dir: Path = Path("test/fixtures/lm_responses")
+    record_mode: RecordMode = "new_episodes"
+    # What the cached mode records from on a miss: the real Gemini engine (default) or the mock.
+    cached_inner: Literal["real", "mock"] = "real"
+    rate_limit_rpm: int = Field(default=10, gt=0)
+    cost_limit_usd: float = Field(default=1.00, ge=0)
+    monthly_budget_usd: float = Field(default=10.0, ge=0)
+    base_url: str | None = None
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    mock_rules: list[MockRule] = Field(default_factory=list)
+    mock_default: str = "mock_response"
+    # Where the run's shared state lives (rate-limit window, cost budget, ledger). All workers and
+    # processes of one run point at the same directory; None means a private per-process directory.
+    run_dir: Path | None = None
+    run_id: str | None = None
+    layer: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model must not be empty")
+        return value
+
+    # -- hand-over to workers -------------------------------------------------------------------
+
+    def public_json(self) -> str:
+        """The configuration without the API key, as compact JSON."""
+        return self.model_dump_json(exclude={"api_key"})
+
+    def to_worker_env(self) -> dict[str, str]:
+        """Environment variables that give a worker exactly this LM configuration.
+
+        The API key is included only in ``real`` mode and in ``cached`` mode recording from
+        the real API — never in mock mode, so a mock worker cannot spend money even by mistake.
+        """
+        env = {LM_CONFIG_ENV: self.public_json()}
+        needs_key = self.mode == "real" or (
+            self.mode == "cached" and self.cached_inner == "real" and self.record_mode != "none"
+        )
+        if needs_key and self.api_key is not None:
+            env[API_KEY_ENV] = self.api_key.get_secret_value()
+        return env
+
+    @classmethod
+    def from_worker_env(cls, environ: Mapping[str, str]) -> LMConfig | None:
+        """The configuration a controller handed over, or None when there is none."""
+        raw = environ.get(LM_CONFIG_ENV)
+        if not raw:
+            return None
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"{LM_CONFIG_ENV} must hold a JSON object")
+        key = environ.get(API_KEY_ENV)
+        if key:
+            data["api_key"] = key
+        return cls.model_validate(data)

@@ -1,0 +1,312 @@
+"""Settings for the whole tool, with the source of every value.
+
+Sources, highest precedence first:
+
+1. CLI flags (passed to :func:`load_settings` as ``cli``),
+2. environment variables ``PROVISION_*`` (nested with ``__``, e.g. ``PROVISION_LM__MODE``), plus the
+   aliases ``TEST_MODE`` (layer), ``LM_CACHE_DIR`` (lm.cache_dir) and ``GEMINI_TEST_API_KEY`` (lm.api_key),
+3. ``[tool.provisioner]`` in the project's ``pyproject.toml``, or a ``provision.toml`` beside it,
+4. defaults.
+
+A bad value raises :class:`~provisioner.errors.ConfigError` naming the field, the value and its source.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from provisioner.errors import ConfigError
+from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, LMConfig, LMMode
+
+ENV_PREFIX = "PROVISION_"
+LAYER_ALIAS_ENV = "TEST_MODE"
+DEFAULT_SOURCE = "default"
+
+CleanupPolicy = Literal["aggressive", "on_success", "never"]
+Isolation = Literal["full", "namespace", "session"]
+
+
+class WorkerSettings(BaseModel):
+    """The bridge worker process (inside a container or spawned locally)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_frame_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    max_inflight: int = Field(default=8, gt=0, description="concurrent execute_program calls per worker")
+    max_connections: int = Field(default=256, gt=0)
+
+
+class ContainerSettings(BaseModel):
+    """Images and per-container limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(default=None, description="worker image; default: the content-hashed build")
+    base: Literal["auto", "python", "debootstrap"] = "auto"
+    memory: str = "1g"
+    cpus: float = Field(default=1.0, gt=0)
+    pids_limit: int = Field(default=256, gt=0)
+    read_only: bool = True
+    ready_timeout_s: float = Field(default=60.0, gt=0)
+    recycle_after_sessions: int = Field(default=200, gt=0)
+    recycle_after_s: float = Field(default=3600.0, gt=0)
+    watchdog_interval_s: float = Field(default=0.5, gt=0)
+
+
+class LayerSpec(BaseModel):
+    """A layer as written in configuration: every field optional, merged over a built-in or defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = None
+    adapter: Literal["mock", "bridge"] | None = None
+    python: bool | None = None
+    pooling_enabled: bool | None = None
+    lm_mode: LMMode | None = None
+    isolation: Isolation | None = None
+    workers: int | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    image: str | None = None
+    memory: str | None = None
+    cpus: float | None = Field(default=None, gt=0)
+
+
+_project_dir: ContextVar[Path | None] = ContextVar("provisioner_project_dir", default=None)
+
+
+def find_project_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The nearest ``provision.toml`` or ``pyproject.toml`` with ``[tool.provisioner]``, walking up."""
+    for folder in (start, *start.parents):
+        standalone = folder / "provision.toml"
+        if standalone.is_file():
+            with standalone.open("rb") as fh:
+                data = tomllib.load(fh)
+            return standalone, data.get("tool", {}).get("provisioner", data)
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            with pyproject.open("rb") as fh:
+                data = tomllib.load(fh)
+            table = data.get("tool", {}).get("provisioner")
+            if table is not None:
+                return pyproject, table
+            # A pyproject without our table ends the walk: it marks the project root.
+            return None
+    return None
+
+
+class _ProjectFileSource(PydanticBaseSettingsSource):
+    """``[tool.provisioner]`` in pyproject.toml, or provision.toml."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        start = _project_dir.get() or Path.cwd()
+        found = find_project_file(start)
+        self.path: Path | None = found[0] if found else None
+        self.data: dict[str, Any] = dict(found[1]) if found else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    @property
+    def label(self) -> str:
+        if self.path is None:
+            return "project file"
+        return f"{self.path.name} [tool.provisioner]" if self.path.name == "pyproject.toml" else str(
+            self.path.name
+        )
+
+
+class _AliasEnvSource(PydanticBaseSettingsSource):
+    """The un-prefixed variables users already know: TEST_MODE, LM_CACHE_DIR, GEMINI_TEST_API_KEY."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if os.environ.get(LAYER_ALIAS_ENV):
+            out["layer"] = os.environ[LAYER_ALIAS_ENV]
+        lm: dict[str, Any] = {}
+        if os.environ.get(CACHE_DIR_ENV):
+            lm["cache_dir"] = os.environ[CACHE_DIR_ENV]
+        if os.environ.get(API_KEY_ENV):
+            lm["api_key"] = os.environ[API_KEY_ENV]
+        if lm:
+            out["lm"] = lm
+        return out
+
+
+class Settings(BaseSettings):
+    """Every setting of provisioner. Build it with :func:`load_settings` to get provenance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    layer: str = "unit"
+    max_python_processes: int = Field(default=4, gt=0)
+    max_pool_size: int = Field(default=2, gt=0)
+    process_timeout: float = Field(default=30.0, gt=0, description="seconds a worker request may take")
+    lm_modes: dict[str, LMMode] = Field(
+        default_factory=lambda: {"unit": "mock", "integration": "cached", "e2e": "real"}
+    )
+    cleanup_policy: CleanupPolicy = "aggressive"
+    retain_on_failure: bool = True
+    parallel: bool = True
+    max_parallel_cases: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    state_dir: Path = Path(".provision")
+    lm: LMConfig = Field(default_factory=LMConfig)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    container: ContainerSettings = Field(default_factory=ContainerSettings)
+    layers: dict[str, LayerSpec] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _AliasEnvSource(settings_cls), _ProjectFileSource(settings_cls))
+
+    # Provenance: dotted field path -> human-readable source. Filled by load_settings().
+    _sources: dict[str, str] = {}
+
+    def source_of(self, path: str) -> str:
+        """Where the value at a dotted path (``lm.mode``) came from."""
+        return _lookup_source(self._sources, path)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return dict(self._sources)
+
+    def lm_for(self, layer: str, mode: LMMode | None = None) -> LMConfig:
+        """The LM configuration a layer runs with: ``lm`` with the layer's mode applied."""
+        from provisioner.layers import get_layer  # local: layers imports this module
+
+        chosen = mode or get_layer(self, layer).lm_mode
+        return self.lm.model_copy(update={"mode": chosen, "layer": layer})
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def _lookup_source(sources: Mapping[str, str], path: str) -> str:
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in sources:
+            return sources[candidate]
+    # A parent set as a whole (e.g. lm_modes from one table): any child path below it.
+    for known, label in sources.items():
+        if known.startswith(path + "."):
+            return label
+    return DEFAULT_SOURCE
+
+
+def _env_label(path: str) -> str:
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(parts[:end]).upper()
+        if name in os.environ:
+            return f"env {name}"
+    return f"env {ENV_PREFIX}{'__'.join(parts).upper()}"
+
+
+def _alias_label(path: str) -> str:
+    return {
+        "layer": f"env {LAYER_ALIAS_ENV}",
+        "lm.cache_dir": f"env {CACHE_DIR_ENV}",
+        "lm.api_key": f"env {API_KEY_ENV}",
+    }.get(path, "env")
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    project_dir: Path | None = None,
+) -> Settings:
+    """Build the effective settings and remember where each value came from.
+
+    ``cli`` holds overrides from command-line flags, as a nested dict (``{"lm": {"mode": "real"}}``)
+    or with dotted keys (``{"lm.mode": "real"}``); ``None`` values are ignored.
+    """
+    cli_nested = _nest({k: v for k, v in (cli or {}).items() if v is not None})
+    token = _project_dir.set(project_dir)
+    try:
+        project = _ProjectFileSource(Settings)
+        env = EnvSettingsSource(
+            Settings, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False
+        )
+        alias = _AliasEnvSource(Settings)
+        sources: dict[str, str] = {}
+        # Lowest precedence first, so higher ones overwrite.
+        for data, label in (
+            (project(), lambda _p: project.label),
+            (alias(), _alias_label),
+            (env(), _env_label),
+            (cli_nested, lambda p: f"cli --{p.split('.')[-1].replace('_', '-')}"),
+        ):
+            for path, _value in _flatten(data):
+                _drop_below(sources, path)
+                sources[path] = label(path)
+        try:
+            settings = Settings(**cli_nested)
+        except ValidationError as exc:
+            raise _explain(exc, sources) from None
+    finally:
+        _project_dir.reset(token)
+    settings._sources = sources
+    return settings
+
+
+def _drop_below(sources: dict[str, str], path: str) -> None:
+    for known in [k for k in sources if k.startswith(path + ".") or path.startswith(k + ".")]:
+        del sources[known]
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "<secret>" if "api_key" in path else repr(value)
+        lines.append(f"invalid setting {path!r} = {shown} (from {_lookup_source(sources, path)}): {err['msg']}")
+    return ConfigError("\n".join(lines))

@@ -1,0 +1,43 @@
+"""Shared test switches.
+
+Docker: a test that needs the engine asks for the ``docker_engine`` fixture or carries the ``docker``
+marker. Without an engine it is skipped on a developer's machine but FAILS under ``CI=true``, so a CI
+machine that lost its engine can never go green by skipping everything that matters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+def _probe_docker() -> tuple[Any | None, str]:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        return client, ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Any]:
+    client, why = _probe_docker()
+    if client is None:
+        message = f"this test needs a reachable Docker engine ({why})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " — CI=true, so this is a failure, not a skip", pytrace=False)
+        pytest.skip(message)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _docker_marker(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("docker") is not None:
+        request.getfixturevalue("docker_engine")

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner import ConfigError, UnknownLayerError, get_layer, load_settings, resolve_layers
+
+
+@pytest.fixture
+def settings_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("TEST_MODE", raising=False)
+
+    def make(toml: str = ""):  # type: ignore[no-untyped-def]
+        (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\n" + toml)
+        return load_settings(project_dir=tmp_path)
+
+    return make
+
+
+def test_builtin_layers_are_the_plans(settings_in) -> None:  # type: ignore[no-untyped-def]
+    layers = resolve_layers(settings_in())
+    unit, integ, e2e = layers["unit"], layers["integration"], layers["e2e"]
+    assert (unit.adapter, unit.python, unit.pooling_enabled, unit.lm_mode, unit.isolation) == (
+        "mock", False, False, "mock", "full")
+    assert (integ.adapter, integ.python, integ.pooling_enabled, integ.lm_mode, integ.isolation) == (
+        "bridge", True, False, "cached", "namespace")
+    assert (e2e.adapter, e2e.python, e2e.pooling_enabled, e2e.lm_mode, e2e.isolation) == (
+        "bridge", True, True, "real", "session")
+    assert not unit.needs_docker and e2e.needs_docker
+    assert e2e.egress_allowed and not integ.egress_allowed
+
+
+def test_user_overrides_and_custom_layers(settings_in) -> None:  # type: ignore[no-untyped-def]
+    s = settings_in(
+        "[tool.provisioner.lm_modes]\ne2e = 'cached'\n"
+        "[tool.provisioner.layers.e2e]\nworkers = 4\n"
+        "[tool.provisioner.layers.smoke]\nadapter = 'bridge'\npython = true\nlm_mode = 'mock'\n"
+    )
+    assert get_layer(s, "e2e").workers == 4
+    assert get_layer(s, "e2e").lm_mode == "cached"
+    smoke = get_layer(s, "smoke")
+    assert smoke.lm_mode == "mock" and not smoke.builtin and smoke.needs_docker
+    assert list(resolve_layers(s)) == ["unit", "integration", "e2e", "smoke"]
+
+
+def test_unknown_layer_lists_known(settings_in) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownLayerError) as info:
+        get_layer(settings_in(), "nightly")
+    assert "nightly" in str(info.value) and "integration" in str(info.value)
+
+
+def test_inconsistent_custom_layer_is_an_error(settings_in) -> None:  # type: ignore[no-untyped-def]
+    s = settings_in("[tool.provisioner.layers.odd]\nadapter = 'bridge'\npython = false\n")
+    with pytest.raises(ConfigError, match="odd"):
+        get_layer(s, "odd")

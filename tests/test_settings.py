@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner import ConfigError, load_settings
+from provisioner.lmconfig import LMConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_match_the_plan(tmp_path: Path) -> None:
+    s = load_settings(project_dir=tmp_path)
+    assert s.max_python_processes == 4
+    assert s.max_pool_size == 2
+    assert s.process_timeout == 30
+    assert s.lm_modes == {"unit": "mock", "integration": "cached", "e2e": "real"}
+    assert s.cleanup_policy == "aggressive"
+    assert s.retain_on_failure is True
+    assert s.max_parallel_cases >= 1
+    assert s.source_of("max_pool_size") == "default"
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.provisioner]\nmax_pool_size = 5\nmax_python_processes = 7\nlayer = 'integration'\n"
+        "[tool.provisioner.lm]\nrate_limit_rpm = 3\n"
+    )
+    monkeypatch.setenv("PROVISION_MAX_POOL_SIZE", "6")
+    s = load_settings(cli={"max_pool_size": 9}, project_dir=tmp_path)
+    assert s.max_pool_size == 9 and s.source_of("max_pool_size") == "cli --max-pool-size"
+    s = load_settings(project_dir=tmp_path)
+    assert s.max_pool_size == 6 and s.source_of("max_pool_size") == "env PROVISION_MAX_POOL_SIZE"
+    assert s.max_python_processes == 7 and "pyproject.toml" in s.source_of("max_python_processes")
+    assert s.lm.rate_limit_rpm == 3 and "pyproject.toml" in s.source_of("lm.rate_limit_rpm")
+    assert s.layer == "integration"
+
+
+def test_test_mode_alias_and_prefixed_env_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_MODE", "e2e")
+    s = load_settings(project_dir=tmp_path)
+    assert s.layer == "e2e" and s.source_of("layer") == "env TEST_MODE"
+    monkeypatch.setenv("PROVISION_LAYER", "integration")
+    assert load_settings(project_dir=tmp_path).layer == "integration"
+
+
+def test_provision_toml_is_read(tmp_path: Path) -> None:
+    (tmp_path / "provision.toml").write_text("cleanup_policy = 'never'\n")
+    s = load_settings(project_dir=tmp_path)
+    assert s.cleanup_policy == "never" and s.source_of("cleanup_policy") == "provision.toml"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field"),
+    [
+        ("PROVISION_LM__RATE_LIMIT_RPM", "abc", "lm.rate_limit_rpm"),
+        ("PROVISION_CLEANUP_POLICY", "sometimes", "cleanup_policy"),
+        ("PROVISION_MAX_POOL_SIZE", "0", "max_pool_size"),
+    ],
+)
+def test_bad_value_names_field_value_and_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(project_dir=tmp_path)
+    text = str(info.value)
+    assert field in text and repr(value) in text and f"env {env}" in text
+
+
+def test_bad_value_in_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\nretain_on_failure = 'maybe'\nbogus = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(project_dir=tmp_path)
+    text = str(info.value)
+    assert "retain_on_failure" in text and "'maybe'" in text and "pyproject.toml" in text
+    assert "bogus" in text
+
+
+def test_api_key_is_secret_and_never_serialised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEMINI_TEST_API_KEY", "sk-very-secret")
+    s = load_settings(project_dir=tmp_path)
+    assert s.lm.api_key is not None and s.lm.api_key.get_secret_value() == "sk-very-secret"
+    assert "sk-very-secret" not in s.model_dump_json()
+    assert "sk-very-secret" not in repr(s)
+    assert "sk-very-secret" not in s.lm.public_json()
+
+
+def test_lm_config_round_trips_through_worker_env() -> None:
+    cfg = LMConfig(mode="real", model="gemini-2.5-flash", rate_limit_rpm=4, api_key="k-123")  # type: ignore[arg-type]
+    env = cfg.to_worker_env()
+    assert env["GEMINI_TEST_API_KEY"] == "k-123"
+    assert "k-123" not in env["PROVISION_LM_CONFIG"]
+    back = LMConfig.from_worker_env(env)
+    assert back is not None and back.model == "gemini-2.5-flash" and back.rate_limit_rpm == 4
+    assert back.api_key is not None and back.api_key.get_secret_value() == "k-123"
+    mock_env = cfg.model_copy(update={"mode": "mock"}).to_worker_env()
+    assert "GEMINI_TEST_API_KEY" not in mock_env
