@@ -37,6 +37,7 @@ class MockRule(BaseModel):
     ``kind`` says how patterns compare: ``exact``, ``substring`` or ``regex``.
     ``outputs`` maps output field names to values; fields not named get a per-type default.
     ``error`` injects a failure instead: ``rate_limit``, ``timeout``, ``server_error`` or ``malformed``.
+    ``latency_ms`` delays the answer (a simulated slow LM).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -45,6 +46,9 @@ class MockRule(BaseModel):
     kind: Literal["exact", "substring", "regex"] = "substring"
     outputs: dict[str, Any] = Field(default_factory=dict)
     error: Literal["rate_limit", "timeout", "server_error", "malformed"] | None = None
+    # Simulated slow LM: the engine sleeps this long before answering (or failing). It models a
+    # slow provider for tests of timeouts and concurrency; it is not a synchronisation device.
+    latency_ms: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check_regex(self) -> MockRule:
