@@ -73,7 +73,8 @@ def config(as_json: bool, layer: str | None) -> None:
     for path, value in _leaves(values):
         rows.append({"field": path, "value": value, "source": settings.source_of(path)})
     if as_json:
-        click.echo(json.dumps({"settings": values, "sources": {r["field"]: r["source"] for r in rows}}, indent=2))
+        sources = {r["field"]: r["source"] for r in rows}
+        click.echo(json.dumps({"settings": values, "sources": sources}, indent=2))
         return
     width = max(len(r["field"]) for r in rows)
     for row in rows:

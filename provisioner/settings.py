@@ -31,6 +31,8 @@ ENV_PREFIX = "PROVISION_"
 LAYER_ALIAS_ENV = "TEST_MODE"
 DEFAULT_SOURCE = "default"
 
+DEFAULT_LM_MODES: dict[str, LMMode] = {"unit": "mock", "integration": "cached", "e2e": "real"}
+
 CleanupPolicy = Literal["aggressive", "on_success", "never"]
 Isolation = Literal["full", "namespace", "session"]
 
@@ -163,9 +165,7 @@ class Settings(BaseSettings):
     max_python_processes: int = Field(default=4, gt=0)
     max_pool_size: int = Field(default=2, gt=0)
     process_timeout: float = Field(default=30.0, gt=0, description="seconds a worker request may take")
-    lm_modes: dict[str, LMMode] = Field(
-        default_factory=lambda: {"unit": "mock", "integration": "cached", "e2e": "real"}
-    )
+    lm_modes: dict[str, LMMode] = Field(default_factory=lambda: dict(DEFAULT_LM_MODES))
     cleanup_policy: CleanupPolicy = "aggressive"
     retain_on_failure: bool = True
     parallel: bool = True
@@ -308,5 +308,6 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
         path = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         shown = "<secret>" if "api_key" in path else repr(value)
-        lines.append(f"invalid setting {path!r} = {shown} (from {_lookup_source(sources, path)}): {err['msg']}")
+        origin = _lookup_source(sources, path)
+        lines.append(f"invalid setting {path!r} = {shown} (from {origin}): {err['msg']}")
     return ConfigError("\n".join(lines))
