@@ -1,0 +1,251 @@
+"""Test-data factories for DSPy programs, signatures and bridge sessions.
+
+Built on `polyfactory <https://polyfactory.litestar.dev>`_ rather than factory_boy because the objects
+are pydantic models (as is the rest of provisioner): polyfactory builds them from their type hints,
+validates every built object through the model, is fully typed, and is already a dependency — while
+factory_boy is geared to ORMs and would need every field declared by hand.
+
+Two rules shape these factories:
+
+* **Identifiers never collide** — across tests, processes, xdist workers and runs. Every id is
+  ``<kind>_<run>_<worker>_<pid>_<n>``: the run id (shared by the whole run), the xdist worker id
+  (``gw0``… or ``main``), the process id, and a per-process counter. No more
+  *"Program with ID 'test_program_layer_3' already exists"*.
+* **Everything else is deterministic.** Instructions, field names and descriptions have fixed defaults
+  (override them per test), because they end up in the LM prompt and the cached LM mode keys its
+  recordings on the prompt: random text would make every cached test a cache miss.
+
+Usage::
+
+    program = ProgramFactory.build()                                   # question -> answer
+    programs = ProgramFactory.build_batch(3, program_type="chain_of_thought")
+    sig = SignatureFactory.build(inputs=[FieldSpec(name="text")], outputs=[FieldSpec(name="label")])
+    bridge.create_program(**ProgramFactory.build(signature=sig).create_args())
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import secrets
+import threading
+from typing import Any, Generic, Literal, TypeVar
+
+from polyfactory import Use
+from polyfactory.factories.pydantic_factory import ModelFactory
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RUN_ID_ENV = "PROVISION_RUN_ID"
+XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
+
+FieldType = Literal["str", "int", "float", "bool", "list[str]", "dict"]
+ProgramType = Literal["predict", "chain_of_thought"]
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNSAFE = re.compile(r"[^a-z0-9]+")
+
+# -- unique identifiers ---------------------------------------------------------------------------
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+_run_id: str | None = None
+# Guards against pid reuse between runs that have no run id (plain scripts, not the pytest plugin).
+_process_token = secrets.token_hex(2)
+
+
+def set_run_id(run_id: str | None) -> None:
+    """Bind ids made in this process to a run (the pytest plugin and ``environment()`` call this)."""
+    global _run_id
+    _run_id = run_id
+
+
+def _token(value: str) -> str:
+    return _UNSAFE.sub("", value.lower())[:16] or "x"
+
+
+def id_parts() -> tuple[str, str, str]:
+    """(run, worker, pid) for the calling process; the stable part of every unique id."""
+    run = _run_id or os.environ.get(RUN_ID_ENV) or _process_token
+    worker = os.environ.get(XDIST_WORKER_ENV) or "main"
+    return _token(run), _token(worker), str(os.getpid())
+
+
+def unique_id(kind: str) -> str:
+    """A new id ``<kind>_<run>_<worker>_<pid>_<n>``: unique across tests, processes and xdist workers.
+
+    Only lowercase letters, digits and underscores, so it is safe as a program id, a namespace and a
+    container-name fragment.
+    """
+    if not _IDENT.match(kind):
+        raise ValueError(f"id kind must be an identifier, got {kind!r}")
+    # next() on a shared count is atomic under the GIL; the lock keeps it so on free-threaded builds.
+    with _counter_lock:
+        number = next(_counter)
+    run, worker, pid = id_parts()
+    return f"{kind.lower()}_{run}_{worker}_{pid}_{number}"
+
+
+# -- the models -----------------------------------------------------------------------------------
+
+
+class FieldSpec(BaseModel):
+    """One input or output field of a signature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    type: FieldType = "str"
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError(f"field name must be a Python identifier, got {value!r}")
+        return value
+
+    def to_wire(self) -> dict[str, str]:
+        return {"name": self.name, "type": self.type, "description": self.description}
+
+
+class SignatureSpec(BaseModel):
+    """A DSPy signature as data: what the bridge's ``create_program`` receives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "QuestionAnswer"
+    instructions: str = "Answer the question."
+    inputs: tuple[FieldSpec, ...] = (FieldSpec(name="question"),)
+    outputs: tuple[FieldSpec, ...] = (FieldSpec(name="answer"),)
+
+    @model_validator(mode="after")
+    def _fields_distinct(self) -> SignatureSpec:
+        if not self.inputs:
+            raise ValueError("a signature needs at least one input field")
+        if not self.outputs:
+            raise ValueError("a signature needs at least one output field")
+        names = [f.name for f in (*self.inputs, *self.outputs)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"field names must be distinct across inputs and outputs: {duplicates}")
+        return self
+
+    def as_string(self) -> str:
+        """DSPy's string form, e.g. ``"question: str -> answer: str"``."""
+
+        def side(fields: tuple[FieldSpec, ...]) -> str:
+            return ", ".join(f"{f.name}: {f.type}" for f in fields)
+
+        return f"{side(self.inputs)} -> {side(self.outputs)}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "instructions": self.instructions,
+            "inputs": [f.to_wire() for f in self.inputs],
+            "outputs": [f.to_wire() for f in self.outputs],
+        }
+
+    def to_dspy(self) -> Any:
+        """The ``dspy.Signature`` class (for in-process programs)."""
+        import dspy  # lazy: keeps importing the factories cheap
+
+        return dspy.Signature(self.as_string(), self.instructions)
+
+
+class ProgramSpec(BaseModel):
+    """A program to create on a bridge (or build in-process)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    signature: SignatureSpec = Field(default_factory=SignatureSpec)
+    program_type: ProgramType = "predict"
+
+    def create_args(self) -> dict[str, Any]:
+        """The arguments of the bridge's ``create_program`` command."""
+        return {"id": self.id, "signature": self.signature.to_wire(), "program_type": self.program_type}
+
+    def to_dspy(self) -> Any:
+        """A fresh in-process DSPy module for this program."""
+        import dspy
+
+        module_type = dspy.ChainOfThought if self.program_type == "chain_of_thought" else dspy.Predict
+        return module_type(self.signature.to_dspy())
+
+
+class SessionSpec(BaseModel):
+    """The identity of one isolated test session: its id, namespace and program-id prefix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: str
+    namespace: str
+    program_prefix: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    def program_id(self, name: str) -> str:
+        """A program id inside this session's prefix."""
+        return f"{self.program_prefix}{name}"
+
+
+# -- the factories --------------------------------------------------------------------------------
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Factory(ModelFactory[T], Generic[T]):
+    """Common settings: use model defaults (deterministic prompts), check the model once."""
+
+    __is_base_factory__ = True
+    __use_defaults__ = True
+
+    @classmethod
+    def build_batch(cls, size: int, **overrides: Any) -> list[T]:
+        """``size`` objects built with the same overrides (each still gets its own unique ids)."""
+        return cls.batch(size, **overrides)
+
+
+class SignatureFactory(_Factory[SignatureSpec]):
+    __model__ = SignatureSpec
+    __set_as_default_factory__ = True
+
+
+class ProgramFactory(_Factory[ProgramSpec]):
+    __model__ = ProgramSpec
+    id = Use(unique_id, "program")
+
+
+def _session_fields() -> dict[str, str]:
+    session_id = unique_id("session")
+    suffix = session_id.removeprefix("session_")
+    return {"session_id": session_id, "namespace": f"ns_{suffix}", "program_prefix": f"p_{suffix}_"}
+
+
+class SessionFactory(_Factory[SessionSpec]):
+    """Sessions whose id, namespace and program prefix share one unique suffix."""
+
+    __model__ = SessionSpec
+    @classmethod
+    def build(cls, *args: Any, **overrides: Any) -> SessionSpec:
+        values: dict[str, Any] = dict(_session_fields())
+        values.update(overrides)
+        return super().build(*args, **values)
+
+    @classmethod
+    def batch(cls, size: int, **overrides: Any) -> list[SessionSpec]:
+        return [cls.build(**overrides) for _ in range(size)]
+
+
+__all__ = [
+    "FieldSpec",
+    "ProgramFactory",
+    "ProgramSpec",
+    "SessionFactory",
+    "SessionSpec",
+    "SignatureFactory",
+    "SignatureSpec",
+    "set_run_id",
+    "unique_id",
+]

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import multiprocessing
+import re
+
+import dspy
+import pytest
+from pydantic import ValidationError
+
+from provisioner import factories
+from provisioner.factories import (
+    FieldSpec,
+    ProgramFactory,
+    ProgramSpec,
+    SessionFactory,
+    SignatureFactory,
+    SignatureSpec,
+    unique_id,
+)
+
+ID_SHAPE = re.compile(r"^program_[a-z0-9]+_[a-z0-9]+_\d+_\d+$")
+
+
+def _ids_in_child(_: int) -> list[str]:
+    return [ProgramFactory.build().id for _ in range(50)]
+
+
+def test_program_ids_are_unique_and_well_formed() -> None:
+    programs = ProgramFactory.build_batch(200)
+    ids = [p.id for p in programs]
+    assert len(set(ids)) == 200
+    assert all(ID_SHAPE.match(i) for i in ids), ids[:3]
+
+
+def test_ids_carry_run_worker_and_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(factories, "_run_id", None)
+    monkeypatch.setenv("PROVISION_RUN_ID", "Run-2026-XY")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    assert unique_id("program").startswith(f"program_run2026xy_gw3_{os.getpid()}_")
+    factories.set_run_id("abc")
+    assert unique_id("session").startswith("session_abc_gw3_")
+    factories.set_run_id(None)
+
+
+def test_ids_do_not_collide_across_processes() -> None:
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: counters all start at 1
+    with ctx.Pool(3) as pool:
+        batches = pool.map(_ids_in_child, range(3))
+    ids = [i for batch in batches for i in batch] + [p.id for p in ProgramFactory.build_batch(50)]
+    assert len(ids) == len(set(ids)) == 200
+
+
+def test_unique_id_rejects_non_identifier_kind() -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        unique_id("bad kind")
+
+
+def test_content_is_deterministic_so_cached_prompts_repeat() -> None:
+    first, second = ProgramFactory.build(), ProgramFactory.build()
+    assert first.id != second.id
+    assert first.signature == second.signature
+    assert first.signature.as_string() == "question: str -> answer: str"
+    assert first.signature.instructions == "Answer the question."
+
+
+def test_overrides_and_nested_signature() -> None:
+    sig = SignatureFactory.build(
+        instructions="Classify.",
+        inputs=[FieldSpec(name="text")],
+        outputs=[FieldSpec(name="label", type="int")],
+    )
+    program = ProgramFactory.build(id="fixed", signature=sig, program_type="chain_of_thought")
+    assert program.id == "fixed"
+    args = program.create_args()
+    assert args == {
+        "id": "fixed",
+        "program_type": "chain_of_thought",
+        "signature": {
+            "name": "QuestionAnswer",
+            "instructions": "Classify.",
+            "inputs": [{"name": "text", "type": "str", "description": ""}],
+            "outputs": [{"name": "label", "type": "int", "description": ""}],
+        },
+    }
+    batch = ProgramFactory.build_batch(3, program_type="chain_of_thought")
+    assert {p.program_type for p in batch} == {"chain_of_thought"}
+    assert len({p.id for p in batch}) == 3
+
+
+def test_signature_validation_names_the_problem() -> None:
+    with pytest.raises(ValidationError, match="distinct"):
+        SignatureSpec(inputs=(FieldSpec(name="x"),), outputs=(FieldSpec(name="x"),))
+    with pytest.raises(ValidationError, match="identifier"):
+        FieldSpec(name="not valid")
+    with pytest.raises(ValidationError, match="at least one output"):
+        SignatureSpec(outputs=())
+
+
+def test_to_dspy_builds_real_modules() -> None:
+    program = ProgramFactory.build(program_type="chain_of_thought")
+    module = program.to_dspy()
+    assert isinstance(module, dspy.ChainOfThought)
+    predict = ProgramSpec(id="p", signature=SignatureSpec()).to_dspy()
+    assert isinstance(predict, dspy.Predict)
+    assert list(predict.signature.input_fields) == ["question"]
+    assert list(predict.signature.output_fields) == ["answer"]
+
+
+def test_sessions_share_one_suffix_and_differ_from_each_other() -> None:
+    one, two = SessionFactory.build_batch(2)
+    suffix = one.session_id.removeprefix("session_")
+    assert one.namespace == f"ns_{suffix}"
+    assert one.program_prefix == f"p_{suffix}_"
+    assert one.program_id("qa") == f"p_{suffix}_qa"
+    assert len({one.session_id, two.session_id, one.namespace, two.namespace}) == 4
+    custom = SessionFactory.build(namespace="mine", metadata={"test": "t"})
+    assert custom.namespace == "mine" and custom.metadata == {"test": "t"}
