@@ -1,0 +1,104 @@
+"""LM wiring: build a ``dspy.LM`` for a layer's :class:`~provisioner.lmconfig.LMConfig`.
+
+Modes (``LMConfig.mode``):
+
+* ``mock`` — :class:`provisioner.lm.mock.MockEngine`: deterministic, signature-aware, rules and
+  injected errors, $0.
+* ``cached`` — :class:`provisioner.lm.cached.CachedEngine`: VCR-like record/replay of an inner
+  engine (real Gemini or the mock) into one JSON file per request under ``cache_dir``.
+* ``real`` — :class:`provisioner.lm.gemini.GeminiEngine`: the google-genai client, with the run's
+  rate limit and cost budget (:mod:`provisioner.lm.limits`) and the ledger.
+
+Every managed LM is built with ``cache=False`` (DSPy's response cache keys ignore the engine and
+endpoint, so it would serve mock answers to real calls and vice versa) and with
+``num_retries=0``: retries of real calls happen inside :class:`GeminiEngine`, bounded by
+``max_retries`` and honouring Retry-After, and a replay-only cassette miss must fail at once.
+
+This package runs inside worker containers too: it never imports the runtime, the CLI, docker or
+pytest, and it imports dspy and google-genai only when an LM is built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from provisioner.lm.callstats import CALL_KINDS, LMCallStats, reset_stats, stats
+from provisioner.lmconfig import LMConfig
+
+if TYPE_CHECKING:
+    import dspy
+
+    from provisioner.lm.engine import EngineBase
+
+# DSPy may import litellm lazily; never let it fetch a price map from the network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+__all__ = [
+    "CALL_KINDS",
+    "LMCallStats",
+    "build_engine",
+    "build_lm",
+    "dspy_model_name",
+    "provisioner_error",
+    "reset_stats",
+    "stats",
+]
+
+
+def dspy_model_name(config: LMConfig) -> str:
+    """The model string the ``dspy.LM`` carries (shows in history and errors)."""
+    prefix = "mock" if config.mode == "mock" else "gemini"
+    return f"{prefix}/{config.model}"
+
+
+def build_engine(config: LMConfig) -> EngineBase:
+    """The engine for ``config.mode`` (without the ``dspy.LM`` around it)."""
+    if config.mode == "mock":
+        from provisioner.lm.mock import MockEngine
+
+        return MockEngine(config.mock_rules, config.mock_default)
+    from provisioner.errors import ConfigError
+
+    raise ConfigError(f"lm.mode={config.mode!r} is not available yet in this build")
+
+
+def build_lm(config: LMConfig, **lm_kwargs: Any) -> dspy.LM:
+    """A ``dspy.LM`` that behaves as ``config`` says. Extra keyword arguments go to ``dspy.LM``.
+
+    Apply it per thread with ``with dspy.context(lm=lm):`` (never ``dspy.configure`` from
+    request threads).
+    """
+    import dspy
+
+    from provisioner.lm.engine import AsyncEngineAdapter
+
+    engine = build_engine(config)
+    options: dict[str, Any] = {
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+        "cache": False,
+        "num_retries": 0,
+    }
+    options.update(lm_kwargs)
+    return dspy.LM(dspy_model_name(config), engine=engine, async_engine=AsyncEngineAdapter(engine), **options)
+
+
+def provisioner_error(exc: BaseException) -> BaseException | None:
+    """The provisioner error behind a DSPy LM error, if any.
+
+    DSPy re-raises engine failures as its own ``dspy.utils.exceptions.LM*Error`` types (chained
+    with ``from``); this walks the ``__cause__``/``__context__`` chain to find e.g. the
+    :class:`~provisioner.errors.CassetteMissError` or
+    :class:`~provisioner.errors.CostLimitExceeded` that started it.
+    """
+    from provisioner.errors import ProvisionerError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ProvisionerError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

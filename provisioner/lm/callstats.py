@@ -1,0 +1,86 @@
+"""Per-process counters of LM calls by kind, for the pytest plugin and benchmarks.
+
+Kinds: ``mock`` (answered by the mock engine), ``replayed`` (served from a cassette),
+``recorded`` (a cassette miss answered by the inner engine and written), ``real`` (a direct
+call to Gemini or the stand-in). Cost is the settled dollar figure of real and recorded calls.
+
+The plugin takes a :func:`stats` snapshot before and after a test and subtracts them; for
+calls made inside worker containers, the run ledger (``provisioner.lm.ledger``) is the source.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+
+CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real")
+
+
+@dataclass(frozen=True)
+class LMCallStats:
+    """A snapshot of this process's LM call counters (subtract two to get a delta)."""
+
+    mock: int = 0
+    replayed: int = 0
+    recorded: int = 0
+    real: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def calls(self) -> int:
+        return self.mock + self.replayed + self.recorded + self.real
+
+    def __sub__(self, other: LMCallStats) -> LMCallStats:
+        return LMCallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float | int]:
+        data: dict[str, float | int] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["calls"] = self.calls
+        return data
+
+
+_lock = threading.Lock()
+_counters: dict[str, float] = {f.name: 0 for f in fields(LMCallStats)}
+
+
+def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0) -> None:
+    """Count one successful call of ``kind`` (one of :data:`CALL_KINDS`)."""
+    if kind not in CALL_KINDS:
+        raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
+    with _lock:
+        _counters[kind] += 1
+        _counters["input_tokens"] += input_tokens
+        _counters["output_tokens"] += output_tokens
+        _counters["cost_usd"] += cost_usd
+
+
+def record_error() -> None:
+    """Count one call that ended in an error (injected or real)."""
+    with _lock:
+        _counters["errors"] += 1
+
+
+def stats() -> LMCallStats:
+    """The current counters of this process."""
+    with _lock:
+        snapshot = dict(_counters)
+    return LMCallStats(
+        mock=int(snapshot["mock"]),
+        replayed=int(snapshot["replayed"]),
+        recorded=int(snapshot["recorded"]),
+        real=int(snapshot["real"]),
+        errors=int(snapshot["errors"]),
+        input_tokens=int(snapshot["input_tokens"]),
+        output_tokens=int(snapshot["output_tokens"]),
+        cost_usd=float(snapshot["cost_usd"]),
+    )
+
+
+def reset_stats() -> None:
+    """Zero the counters (tests and benchmarks)."""
+    with _lock:
+        for name in _counters:
+            _counters[name] = 0

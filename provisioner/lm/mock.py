@@ -1,0 +1,132 @@
+"""The deterministic, signature-aware mock LM.
+
+It reads the signature back from the adapter's prompt (:mod:`provisioner.lm.signature`) and
+answers every output field with a value of its declared type, in the format of the adapter that
+asked (ChatAdapter markers, a JSON object for JSONAdapter, XML tags for XMLAdapter). Rules
+(:class:`provisioner.lmconfig.MockRule`) match on input values and fix output values or inject a
+failure. The answer depends only on the request text and the rules, so the same request gets the
+same answer in any process on any machine; usage figures are deterministic token estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from provisioner.lm import callstats as _stats
+from provisioner.lm.engine import (
+    EngineBase,
+    estimate_tokens,
+    message_pairs,
+    request_input_tokens,
+    system_text,
+    text_response,
+)
+from provisioner.lm.signature import PromptView, default_value, parse_prompt, render_answer
+from provisioner.lmconfig import MockRule
+
+if TYPE_CHECKING:
+    from dspy.lm15 import Request, Response
+
+# What an injected "malformed" answer looks like: no field markers, not JSON, not XML, so every
+# adapter (including JSONAdapter's repair step) fails to parse it and raises AdapterParseError.
+MALFORMED_OUTPUT = "[[ ## ?? ## ]] this mock answer is deliberately malformed"
+
+
+def rules_from_mapping(mapping: Mapping[str, Any]) -> list[MockRule]:
+    """The plan's shorthand ``{"test_input": "test_output"}``: substring on any input → every output."""
+    return [MockRule(match={"*": key}, kind="substring", outputs={"*": value})
+            for key, value in mapping.items()]
+
+
+def _matches(pattern: str, value: str, kind: str) -> bool:
+    if kind == "exact":
+        return value == pattern
+    if kind == "substring":
+        return pattern in value
+    return re.search(pattern, value) is not None
+
+
+def rule_matches(rule: MockRule, view: PromptView) -> bool:
+    """True when every ``match`` entry of the rule holds for the request's inputs."""
+    for name, pattern in rule.match.items():
+        if name == "*":
+            candidates = list(view.inputs.values()) or [view.last_user_text]
+            if not any(_matches(pattern, value, rule.kind) for value in candidates):
+                return False
+        else:
+            value = view.inputs.get(name)
+            if value is None or not _matches(pattern, value, rule.kind):
+                return False
+    return True
+
+
+def _injected_error(rule: MockRule, model: str) -> Exception:
+    from dspy import lm15
+
+    where = f"mock LM ({model}): injected {rule.error}"
+    if rule.error == "rate_limit":
+        return lm15.RateLimitError(f"{where}: 429 RESOURCE_EXHAUSTED", status=429,
+                                   provider="mock", provider_code="RESOURCE_EXHAUSTED")
+    if rule.error == "timeout":
+        return lm15.TimeoutError(f"{where}: 504 DEADLINE_EXCEEDED", status=504,
+                                 provider="mock", provider_code="DEADLINE_EXCEEDED")
+    return lm15.ServerError(f"{where}: 500 INTERNAL", status=500, provider="mock", provider_code="INTERNAL")
+
+
+class MockEngine(EngineBase):
+    """A DSPy engine answering from rules and per-type defaults; never touches the network."""
+
+    kind = "mock"
+
+    def __init__(self, rules: Sequence[MockRule] = (), default: str = "mock_response",
+                 *, count_calls: bool = True) -> None:
+        self.rules = list(rules)
+        self.default = default
+        # A mock used as the inner engine of the cached mode is counted as "recorded" there.
+        self.count_calls = count_calls
+
+    def __repr__(self) -> str:
+        return f"MockEngine(rules={len(self.rules)}, default={self.default!r})"
+
+    def answer(self, view: PromptView) -> tuple[str, MockRule | None]:
+        """The answer text for a parsed prompt, and the rule that decided it (if any)."""
+        rule = next((r for r in self.rules if rule_matches(r, view)), None)
+        fixed: dict[str, Any] = dict(rule.outputs) if rule else {}
+        if view.format == "plain":
+            value = fixed.get("*", next(iter(fixed.values()), self.default))
+            return render_answer(view, {"*": value}), rule
+        wildcard = fixed.get("*")
+        values: dict[str, Any] = {}
+        for output in view.outputs:
+            if output.name in fixed:
+                values[output.name] = fixed[output.name]
+            elif wildcard is not None:
+                values[output.name] = wildcard
+            else:
+                values[output.name] = default_value(output, self.default)
+        return render_answer(view, values), rule
+
+    def complete(self, request: Request) -> Response:
+        system = system_text(request)
+        response_format = request.config.response_format
+        view = parse_prompt(system, message_pairs(request), json_requested=response_format is not None)
+        text, rule = self.answer(view)
+        if rule is not None and rule.latency_ms:
+            time.sleep(rule.latency_ms / 1000)  # the simulated slow LM a rule asked for
+        if rule is not None and rule.error is not None and rule.error != "malformed":
+            if self.count_calls:
+                _stats.record_error()
+            raise _injected_error(rule, request.model)
+        if rule is not None and rule.error == "malformed":
+            text = MALFORMED_OUTPUT
+        input_tokens = request_input_tokens(request)
+        output_tokens = estimate_tokens(text)
+        digest = hashlib.sha256(f"{system}\x00{message_pairs(request)!r}".encode()).hexdigest()[:24]
+        if self.count_calls:
+            _stats.record_call("mock", input_tokens=input_tokens, output_tokens=output_tokens)
+        return text_response(request, text, input_tokens=input_tokens, output_tokens=output_tokens,
+                             response_id=f"mock-{digest}")
