@@ -91,6 +91,13 @@ class LMConfig(BaseModel):
     api_key: SecretStr | None = Field(default=None, exclude=True)
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    # Backoff of real calls after 429/5xx when the server gives no Retry-After: base * 2**attempt,
+    # capped (a server's Retry-After is honoured up to the cap too).
+    retry_base_delay_s: float = Field(default=1.0, ge=0)
+    retry_max_delay_s: float = Field(default=60.0, ge=0)
+    # How long a real call may wait for a slot of the run's request-per-minute budget before it
+    # fails with RateLimitExceeded.
+    rate_limit_wait_s: float = Field(default=120.0, ge=0)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     mock_rules: list[MockRule] = Field(default_factory=list)
     mock_default: str = "mock_response"
