@@ -43,6 +43,8 @@ FieldType = Literal["str", "int", "float", "bool", "list[str]", "dict"]
 ProgramType = Literal["predict", "chain_of_thought"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The bridge's rule for field names (provisioner.bridge.programs): a letter first.
+_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 # -- unique identifiers ---------------------------------------------------------------------------
@@ -61,7 +63,8 @@ def set_run_id(run_id: str | None) -> None:
 
 
 def _token(value: str) -> str:
-    return _UNSAFE.sub("", value.lower())[:16] or "x"
+    # The tail: a run id's random part is at its end (see provisioner.testing.run.new_run_id).
+    return _UNSAFE.sub("", value.lower())[-16:] or "x"
 
 
 def id_parts() -> tuple[str, str, str]:
@@ -101,12 +104,15 @@ class FieldSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        if not _IDENT.match(value):
-            raise ValueError(f"field name must be a Python identifier, got {value!r}")
+        if not _FIELD_NAME.match(value):
+            raise ValueError(f"field name must be an identifier starting with a letter, got {value!r}")
         return value
 
     def to_wire(self) -> dict[str, str]:
-        return {"name": self.name, "type": self.type, "description": self.description}
+        wire = {"name": self.name, "type": self.type}
+        if self.description:  # absent rather than empty: DSPy then uses its own default
+            wire["description"] = self.description
+        return wire
 
 
 class SignatureSpec(BaseModel):
@@ -140,18 +146,23 @@ class SignatureSpec(BaseModel):
         return f"{side(self.inputs)} -> {side(self.outputs)}"
 
     def to_wire(self) -> dict[str, Any]:
+        """The spec as the bridge's ``create_program`` takes it (instructions travel as ``description``)."""
         return {
             "name": self.name,
-            "instructions": self.instructions,
+            "description": self.instructions,
             "inputs": [f.to_wire() for f in self.inputs],
             "outputs": [f.to_wire() for f in self.outputs],
         }
 
     def to_dspy(self) -> Any:
-        """The ``dspy.Signature`` class (for in-process programs)."""
-        import dspy  # lazy: keeps importing the factories cheap
+        """The ``dspy.Signature`` class, built exactly as a bridge worker builds it.
 
-        return dspy.Signature(self.as_string(), self.instructions)
+        Same class name, instructions and fields as on the worker means the same prompt, so an
+        in-process test and a bridge test of one signature share their LM recordings.
+        """
+        from provisioner.bridge.programs import make_dspy_signature, parse_signature_spec
+
+        return make_dspy_signature(parse_signature_spec(self.to_wire()))
 
 
 class ProgramSpec(BaseModel):
@@ -168,11 +179,11 @@ class ProgramSpec(BaseModel):
         return {"id": self.id, "signature": self.signature.to_wire(), "program_type": self.program_type}
 
     def to_dspy(self) -> Any:
-        """A fresh in-process DSPy module for this program."""
-        import dspy
+        """A fresh in-process DSPy module for this program (as a bridge worker would build it)."""
+        from provisioner.bridge.programs import build_program, parse_signature_spec
 
-        module_type = dspy.ChainOfThought if self.program_type == "chain_of_thought" else dspy.Predict
-        return module_type(self.signature.to_dspy())
+        spec = parse_signature_spec(self.signature.to_wire())
+        return build_program(self.id, "in-process", spec, self.program_type).module
 
 
 class SessionSpec(BaseModel):

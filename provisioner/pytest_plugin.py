@@ -1,4 +1,215 @@
 """pytest plugin entry point (registered via the ``pytest11`` entry point).
 
-Thin hooks only; the logic lives in plain classes under provisioner/.
+Thin hooks only: the logic lives in plain classes (:mod:`provisioner.testing`, :mod:`provisioner.api`)
+that scripts can use without pytest.
+
+Harmless in suites that do not use it: tests without a layer marker are never deselected, nothing
+touches Docker unless a provisioner fixture or a layer marker of a container layer asks for it, and the
+terminal summary appears only when the run used provisioner.
+
+Fixtures: ``provision_settings``, ``layer``, ``lm``, ``lm_cost``, ``isolated``, ``bridge``,
+``bridge_worker``, ``bridge_pool``, ``resource_manager``. Options: ``--layer``, ``--lm``,
+``--record-mode``, ``--provision-report PATH``. See docs/pytest.md.
 """
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import pytest
+
+from provisioner.errors import ProvisionerError
+from provisioner.lmconfig import LM_MODES, RECORD_MODES
+from provisioner.testing.plugin_state import WORKEROUTPUT_KEY, LMCost, ProvisionRun
+
+RUN_KEY = pytest.StashKey[ProvisionRun]()
+PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("provisioner", "provisioner: container test environments for DSPy")
+    group.addoption(
+        "--layer", dest="provision_layer", default=None, metavar="NAME",
+        help="the test layer: unit, integration, e2e or one of yours (default: TEST_MODE, then settings)",
+    )
+    group.addoption(
+        "--lm", dest="provision_lm", default=None, choices=LM_MODES,
+        help="override the layer's LM mode",
+    )
+    group.addoption(
+        "--record-mode", dest="provision_record_mode", default=None, choices=RECORD_MODES,
+        help="cassette record mode of the cached LM",
+    )
+    group.addoption(
+        "--provision-report", dest="provision_report", default=None, metavar="PATH",
+        help="write the run report (per layer: tests, workers, LM calls, cost, leaks) as JSON to PATH",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads --maxfail
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        run = ProvisionRun.from_pytest(
+            layer=config.getoption("provision_layer"),
+            lm_mode=config.getoption("provision_lm"),
+            record_mode=config.getoption("provision_record_mode"),
+            report_path=config.getoption("provision_report"),
+            project_dir=config.rootpath,
+            invocation_dir=config.invocation_params.dir,
+            workerinput=getattr(config, "workerinput", None),
+        )
+    except ProvisionerError as exc:
+        raise pytest.UsageError(f"provisioner: {exc}") from None
+    config.stash[RUN_KEY] = run
+    for line in run.marker_lines():
+        config.addinivalue_line("markers", line)
+    if run.layer.max_failures and not config.getoption("maxfail"):
+        config.option.maxfail = run.layer.max_failures  # --maxfail / -x given by the user win
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: hand the run's identity to each worker (one run, many processes)."""
+    node.workerinput.update(node.config.stash[RUN_KEY].workerinput())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run = config.stash[RUN_KEY]
+    kept, deselected = run.select([(item, [m.name for m in item.iter_markers()]) for item in items])
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+    explicit_timeout = config.getoption("timeout", None) is not None
+    if config.pluginmanager.hasplugin("timeout") and not explicit_timeout:
+        for item in items:
+            marked = run.is_layer_test([m.name for m in item.iter_markers()])
+            if marked and not item.get_closest_marker("timeout"):
+                item.add_marker(pytest.mark.timeout(run.layer.timeout_s))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+    if output:
+        node.config.stash[RUN_KEY].merge_worker(output)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    run = session.config.stash[RUN_KEY]
+    run.close()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[WORKEROUTPUT_KEY] = run.process_report_json()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash[RUN_KEY]
+    if hasattr(config, "workerinput"):
+        return
+    report = run.finish(terminalreporter.stats)
+    if report is None:
+        return
+    terminalreporter.write_sep("=", "provisioner")
+    for line in report.lines():
+        terminalreporter.write_line(line)
+    if run.report_path is not None:
+        terminalreporter.write_line(f"report written to {run.report_path}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(RUN_KEY, None)
+    if run is not None and not hasattr(config, "workerinput"):
+        run.finish(None)  # writes the JSON report if the terminal summary did not run (-p no:terminal)
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+def _run(request: pytest.FixtureRequest) -> ProvisionRun:
+    """The run, marked as used: a provisioner fixture was asked for."""
+    run = request.config.stash[RUN_KEY]
+    run.mark_used()
+    return run
+
+
+def _need_docker(run: ProvisionRun, what: str) -> None:
+    problem = run.docker_problem()
+    if problem is not None:
+        message = run.docker_message(what, problem)
+        if run.docker_is_required():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def provision_settings(request: pytest.FixtureRequest) -> Any:
+    """The effective :class:`provisioner.Settings` of this run."""
+    return _run(request).environment.settings
+
+
+@pytest.fixture(scope="session")
+def layer(request: pytest.FixtureRequest) -> Any:
+    """The active :class:`provisioner.Layer`."""
+    return _run(request).environment.layer
+
+
+@pytest.fixture
+def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh ``dspy.LM`` for the layer (mock / cached / real), active for the test via ``dspy.context``."""
+    import dspy
+
+    model = _run(request).environment.build_lm()
+    with dspy.context(lm=model):
+        yield model
+
+
+@pytest.fixture
+def lm_cost(request: pytest.FixtureRequest) -> LMCost:
+    """Cost and call counts of LM calls made during the current test (live: read it at the end)."""
+    return _run(request).lm_cost()
+
+
+@pytest.fixture
+def isolated(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An isolated session: ``namespace``, ``program_prefix``, ``session_id``, ``adapter``, ``add_cleanup``.
+
+    Cleanups run in reverse order after the test, also when it failed.
+    """
+    run = _run(request)
+    if run.layer.needs_docker:
+        _need_docker(run, f"isolated ({run.layer.name} layer)")
+    test = run.environment.isolated(label=request.node.nodeid)
+    try:
+        yield test
+    finally:
+        test.close()  # cleanups run in reverse order, also when the test failed
+
+
+@pytest.fixture
+def bridge(isolated: Any) -> Any:
+    """The isolated session's adapter (``isolated.adapter``)."""
+    return isolated.adapter
+
+
+@pytest.fixture(autouse=True)
+def _provisioner_layer_guard(request: pytest.FixtureRequest) -> None:
+    """Layer-marked tests of container layers need Docker: a clear skip locally, a failure under CI."""
+    run = request.config.stash[RUN_KEY]
+    if run.layer.needs_docker and run.is_layer_test([m.name for m in request.node.iter_markers()]):
+        run.mark_used()
+        _need_docker(run, f"{request.node.nodeid} (marked for the {run.layer.name} layer)")
+
+
+def _failed(item: pytest.Item) -> bool:
+    reports = item.stash.get(PHASE_REPORTS, {})
+    return any(r.failed for r in reports.values())
+

@@ -69,7 +69,7 @@ def test_overrides_and_nested_signature() -> None:
     sig = SignatureFactory.build(
         instructions="Classify.",
         inputs=[FieldSpec(name="text")],
-        outputs=[FieldSpec(name="label", type="int")],
+        outputs=[FieldSpec(name="label", type="int", description="a class number")],
     )
     program = ProgramFactory.build(id="fixed", signature=sig, program_type="chain_of_thought")
     assert program.id == "fixed"
@@ -79,9 +79,9 @@ def test_overrides_and_nested_signature() -> None:
         "program_type": "chain_of_thought",
         "signature": {
             "name": "QuestionAnswer",
-            "instructions": "Classify.",
-            "inputs": [{"name": "text", "type": "str", "description": ""}],
-            "outputs": [{"name": "label", "type": "int", "description": ""}],
+            "description": "Classify.",
+            "inputs": [{"name": "text", "type": "str"}],
+            "outputs": [{"name": "label", "type": "int", "description": "a class number"}],
         },
     }
     batch = ProgramFactory.build_batch(3, program_type="chain_of_thought")
@@ -94,6 +94,8 @@ def test_signature_validation_names_the_problem() -> None:
         SignatureSpec(inputs=(FieldSpec(name="x"),), outputs=(FieldSpec(name="x"),))
     with pytest.raises(ValidationError, match="identifier"):
         FieldSpec(name="not valid")
+    with pytest.raises(ValidationError, match="starting with a letter"):
+        FieldSpec(name="_private")
     with pytest.raises(ValidationError, match="at least one output"):
         SignatureSpec(outputs=())
 
@@ -106,6 +108,11 @@ def test_to_dspy_builds_real_modules() -> None:
     assert isinstance(predict, dspy.Predict)
     assert list(predict.signature.input_fields) == ["question"]
     assert list(predict.signature.output_fields) == ["answer"]
+    assert predict.signature.instructions == "Answer the question."
+    typed = SignatureSpec(
+        inputs=(FieldSpec(name="n", type="int"),), outputs=(FieldSpec(name="ok", type="bool"),)
+    )
+    assert typed.to_dspy().output_fields["ok"].annotation is bool
 
 
 def test_sessions_share_one_suffix_and_differ_from_each_other() -> None:

@@ -1,0 +1,215 @@
+"""``provisioner.environment(layer)``: a layer's test environment for any Python code.
+
+The pytest plugin is built on the same :class:`Environment`, so a script, a notebook or another test
+runner gets exactly what pytest tests get::
+
+    import provisioner
+
+    with provisioner.environment("integration") as env:
+        with env.session() as session:             # an isolated session (namespace, prefix, adapter)
+            session.adapter.create_program(**ProgramFactory.build().create_args())
+        answer = qa_program(question="...")        # in-process DSPy code: env.lm is active in the block
+
+Everything the environment started (containers, networks, sessions) is torn down on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from provisioner.errors import ConfigError
+from provisioner.factories import SessionFactory, set_run_id
+from provisioner.layers import Layer
+from provisioner.lmconfig import LMConfig, LMMode, RecordMode
+from provisioner.settings import Settings
+from provisioner.testing.isolated import IsolatedTest
+from provisioner.testing.options import ResolvedRun, RunOptions, resolve_run, state_dir
+from provisioner.testing.report import LMUsage, ProcessReport
+from provisioner.testing.run import RunIdentity
+
+if TYPE_CHECKING:
+    import dspy
+
+
+class Environment:
+    """One process's view of a layer's test environment: settings, LM, isolated sessions, workers.
+
+    Objects are created on first use (an Environment that is never asked for a worker never talks to
+    Docker), and :meth:`close` releases all of them in reverse order.
+    """
+
+    def __init__(self, resolved: ResolvedRun, identity: RunIdentity) -> None:
+        self._resolved = resolved
+        self.identity = identity
+        self._lock = threading.RLock()
+        self._lm: Any = None
+        self._local_bridge: Any = None
+        self._closers: list[tuple[str, Any]] = []
+        self._closed = False
+        self.report = ProcessReport(layer=resolved.layer.name)
+        from provisioner.lm import stats
+
+        self._stats_baseline = stats()
+        set_run_id(identity.run_id)
+
+    # -- what it is ------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._resolved.settings
+
+    @property
+    def layer(self) -> Layer:
+        return self._resolved.layer
+
+    @property
+    def lm_config(self) -> LMConfig:
+        """The layer's LM configuration, with the run's id and shared directory filled in."""
+        return self._resolved.lm_config
+
+    @property
+    def project_dir(self) -> Path:
+        return self._resolved.project_dir
+
+    @property
+    def run_id(self) -> str:
+        return self.identity.run_id
+
+    @property
+    def run_dir(self) -> Path:
+        return self.identity.run_dir
+
+    # -- LM ----------------------------------------------------------------------------------------
+
+    def build_lm(self) -> dspy.LM:
+        """A new ``dspy.LM`` for this layer (mock / cached / real, with the run's shared limits)."""
+        from provisioner.lm import build_lm
+
+        if self.lm_config.mode != "mock":
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        return build_lm(self.lm_config)
+
+    @property
+    def lm(self) -> dspy.LM:
+        """The environment's LM (built once). :func:`environment` makes it active in its block."""
+        with self._lock:
+            if self._lm is None:
+                self._lm = self.build_lm()
+            return self._lm
+
+    def lm_usage(self) -> LMUsage:
+        """LM calls made in this process since the environment started."""
+        from provisioner.lm import stats
+
+        return LMUsage.from_stats(stats() - self._stats_baseline)
+
+    # -- isolated sessions ---------------------------------------------------------------------------
+
+    def isolated(self, label: str | None = None) -> IsolatedTest:
+        """A new isolated session (close it, or use :meth:`session` for a ``with`` block)."""
+        spec = SessionFactory.build(metadata={"label": label} if label else {})
+        if self.layer.adapter == "mock":
+            adapter = self._in_process_bridge().session(spec.session_id)
+        else:
+            raise ConfigError(
+                f"layer {self.layer.name!r}: bridge sessions need the container runtime (not wired yet)"
+            )
+        test = IsolatedTest(spec=spec, adapter=adapter, layer=self.layer.name)
+        # Registered first, so it runs last: the test's own cleanups may still use the session.
+        test.add_cleanup(_close_session, adapter)
+        return test
+
+    @contextlib.contextmanager
+    def session(self, label: str | None = None) -> Iterator[IsolatedTest]:
+        """An isolated session for the ``with`` block; its cleanups run on exit, also on errors."""
+        test = self.isolated(label)
+        try:
+            yield test
+        finally:
+            test.close()
+
+    def _in_process_bridge(self) -> Any:
+        with self._lock:
+            if self._local_bridge is None:
+                from provisioner.bridge import LocalBridge
+
+                self._local_bridge = LocalBridge(self.lm_config)
+                self._closers.append(("in-process bridge", self._local_bridge))
+            return self._local_bridge
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release everything in reverse order of creation; report every failure, stop at none."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            failures: list[str] = []
+            while self._closers:
+                what, obj = self._closers.pop()
+                try:
+                    obj.close()
+                except Exception as exc:
+                    failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            self.report.lm = self.lm_usage()
+        if failures:
+            raise RuntimeError("closing the environment failed: " + "; ".join(failures))
+
+    def __enter__(self) -> Environment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _close_session(adapter: Any) -> None:
+    close = getattr(adapter, "close", None)
+    if callable(close):
+        close()
+
+
+def open_environment(
+    layer: str | None = None,
+    *,
+    lm: LMMode | None = None,
+    record_mode: RecordMode | None = None,
+    project_dir: Path | None = None,
+    identity: RunIdentity | None = None,
+) -> Environment:
+    """An :class:`Environment` you close yourself (the pytest plugin uses this)."""
+    project = (project_dir or Path.cwd()).absolute()
+    options = RunOptions(layer=layer, lm_mode=lm, record_mode=record_mode)
+    if identity is None:
+        probe = resolve_run(options, project)
+        identity = RunIdentity.create(state_dir(probe.settings, project))
+    resolved = resolve_run(options, project, run_id=identity.run_id, run_dir=identity.run_dir)
+    return Environment(resolved, identity)
+
+
+@contextlib.contextmanager
+def environment(
+    layer: str | None = None,
+    *,
+    lm: LMMode | None = None,
+    record_mode: RecordMode | None = None,
+    project_dir: Path | None = None,
+) -> Iterator[Environment]:
+    """A layer's environment for the ``with`` block; everything it started is torn down on exit.
+
+    ``layer`` defaults like the plugin's ``--layer`` (``TEST_MODE``, then settings); ``lm`` overrides
+    the layer's LM mode and ``record_mode`` the cassette record mode. The environment's LM is active
+    (``dspy.context``) inside the block, so in-process DSPy code never sees "No LM is loaded".
+    """
+    env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir)
+    try:
+        import dspy
+
+        with dspy.context(lm=env.lm):
+            yield env
+    finally:
+        env.close()

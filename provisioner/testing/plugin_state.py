@@ -1,0 +1,199 @@
+"""The state behind the pytest plugin's hooks, as a plain class (no pytest import).
+
+One :class:`ProvisionRun` per pytest process: it resolves the options, knows the run's identity
+(shared with xdist workers), selects tests by layer, owns the process's :class:`~provisioner.api.
+Environment`, and assembles the run report. The hooks in :mod:`provisioner.pytest_plugin` only call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from provisioner.layers import Layer, resolve_layers
+from provisioner.lmconfig import LMMode, RecordMode
+from provisioner.testing import docker_check
+from provisioner.testing.options import RunOptions, resolve_run, state_dir
+from provisioner.testing.report import OUTCOMES, LMUsage, ProcessReport, RunReport
+from provisioner.testing.run import RunIdentity
+from provisioner.testing.selection import layer_marks, marker_description, split_by_layer
+
+Item = TypeVar("Item")
+
+WORKEROUTPUT_KEY = "provisioner_report"
+REPORT_KEY = "provisioner_run"
+_WORKERINPUT_RUN_ID = "provision_run_id"
+_WORKERINPUT_RUN_DIR = "provision_run_dir"
+
+
+@dataclass
+class LMCost:
+    """LM calls and dollars spent since the fixture was set up (read it at the end of the test)."""
+
+    _environment: Any
+    _baseline: LMUsage = field(default_factory=LMUsage)
+
+    def usage(self) -> LMUsage:
+        now = self._environment.lm_usage()
+        delta = LMUsage()
+        for name in ("mock", "replayed", "recorded", "real", "errors", "cache_misses",
+                     "input_tokens", "output_tokens"):
+            setattr(delta, name, getattr(now, name) - getattr(self._baseline, name))
+        delta.cost_usd = now.cost_usd - self._baseline.cost_usd
+        return delta
+
+    @property
+    def calls(self) -> int:
+        return self.usage().calls
+
+    @property
+    def cost_usd(self) -> float:
+        return self.usage().cost_usd
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("mock", "replayed", "recorded", "real", "errors", "cache_misses",
+                    "input_tokens", "output_tokens"):
+            return getattr(self.usage(), name)
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.usage().as_dict()
+
+
+class ProvisionRun:
+    """Everything the plugin knows about this pytest process's run."""
+
+    def __init__(
+        self,
+        options: RunOptions,
+        project_dir: Path,
+        identity: RunIdentity,
+    ) -> None:
+        from provisioner.api import Environment
+
+        self.options = options
+        self.project_dir = project_dir
+        self.identity = identity
+        resolved = resolve_run(options, project_dir, run_id=identity.run_id, run_dir=identity.run_dir)
+        self.environment = Environment(resolved, identity)
+        self.layer: Layer = resolved.layer
+        self.layer_names: list[str] = list(resolve_layers(resolved.settings))
+        self.report_path = options.report_path
+        self._used = options.report_path is not None
+        self._closed = False
+        self._worker_reports: list[ProcessReport] = []
+        self._finished: RunReport | None = None
+
+    @classmethod
+    def from_pytest(
+        cls,
+        *,
+        layer: str | None,
+        lm_mode: LMMode | None,
+        record_mode: RecordMode | None,
+        report_path: str | None,
+        project_dir: Path,
+        invocation_dir: Path,
+        workerinput: Mapping[str, Any] | None,
+    ) -> ProvisionRun:
+        path = None if report_path is None else (invocation_dir / report_path).absolute()
+        options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path)
+        project = project_dir.absolute()
+        if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
+            identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR])
+        else:
+            settings = resolve_run(options, project).settings
+            identity = RunIdentity.create(state_dir(settings, project))
+        return cls(options, project, identity)
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def marker_lines(self) -> list[str]:
+        layers = resolve_layers(self.environment.settings)
+        return [marker_description(layer) for layer in layers.values()]
+
+    def workerinput(self) -> dict[str, str]:
+        return {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
+
+    # -- selection ---------------------------------------------------------------------------------
+
+    def select(self, items: Sequence[tuple[Item, Iterable[str]]]) -> tuple[list[Item], list[Item]]:
+        kept, deselected = split_by_layer(items, self.layer.name, self.layer_names)
+        if any(self.is_layer_test(markers) for _, markers in items):
+            self._used = True
+        return kept, deselected
+
+    def is_layer_test(self, markers: Iterable[str]) -> bool:
+        return bool(layer_marks(markers, self.layer_names))
+
+    def mark_used(self) -> None:
+        self._used = True
+
+    # -- docker ------------------------------------------------------------------------------------
+
+    def docker_problem(self) -> str | None:
+        self._used = True
+        return docker_check.docker_problem()
+
+    def docker_message(self, what: str, why: str) -> str:
+        return docker_check.unreachable_message(what, why)
+
+    def docker_is_required(self) -> bool:
+        return docker_check.running_in_ci()
+
+    # -- LM cost -----------------------------------------------------------------------------------
+
+    def lm_cost(self) -> LMCost:
+        self._used = True
+        return LMCost(self.environment, self.environment.lm_usage())
+
+    # -- end of the run ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tear down this process's environment (session end)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.environment.close()
+
+    def process_report(self) -> ProcessReport:
+        # LM calls alone do not count as use: a suite may call DSPy without provisioner's fixtures.
+        report = self.environment.report
+        if report.workers_started or report.leaks:
+            self._used = True
+        return report
+
+    def process_report_json(self) -> str:
+        report = self.process_report()
+        payload = report.to_json()
+        return payload if not self._used else payload[:-1] + ', "used": true}'
+
+    def merge_worker(self, payload: str) -> None:
+        import json
+
+        if json.loads(payload).get("used"):
+            self._used = True
+        self._worker_reports.append(ProcessReport.from_json(payload))
+
+    def finish(self, terminal_stats: Mapping[str, Sequence[Any]] | None) -> RunReport | None:
+        """The run report (None when provisioner was not used); writes the JSON report once."""
+        if self._finished is None:
+            self.close()
+            report = RunReport(run_id=self.identity.run_id)
+            lm = self.environment.lm_config
+            report.layer(self.layer.name, lm_mode=lm.mode, cost_limit_usd=lm.cost_limit_usd)
+            own = self.process_report()
+            report.merge(own)
+            for worker in self._worker_reports:
+                report.merge(worker)
+            if terminal_stats is not None:
+                for outcome in OUTCOMES:
+                    for entry in terminal_stats.get(outcome, ()):
+                        if getattr(entry, "when", None) in ("setup", "call", "teardown"):
+                            report.add_outcome(self.layer.name, outcome)
+            self._finished = report
+            if self.report_path is not None:
+                report.write_json(self.report_path)
+        return self._finished if self._used else None

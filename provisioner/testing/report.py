@@ -1,0 +1,185 @@
+"""The run report: what each layer's tests cost and used, in the terminal and as JSON.
+
+Every process of a run (the only one, or each xdist worker) fills a :class:`ProcessReport`; xdist
+workers ship theirs to the controller as JSON, which merges them into one :class:`RunReport` and adds
+the test outcomes it saw. Costs of calls made inside worker containers come from the run's shared
+ledger; calls made in-process come from :func:`provisioner.lm.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real")
+OUTCOMES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LMUsage:
+    """LM calls by kind, tokens and dollars."""
+
+    mock: int = 0
+    replayed: int = 0
+    recorded: int = 0
+    real: int = 0
+    errors: int = 0
+    cache_misses: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def calls(self) -> int:
+        return self.mock + self.replayed + self.recorded + self.real
+
+    def add(self, other: LMUsage) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> LMUsage:
+        """From a :class:`provisioner.lm.LMCallStats` (or its ``as_dict()``) — a recorded call is a miss."""
+        data = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+        usage = cls(**{k: data[k] for k in asdict(cls()) if k in data})
+        if "cache_misses" not in data:
+            usage.cache_misses = usage.recorded
+        return usage
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = asdict(self)
+        data["calls"] = self.calls
+        data["cost_usd"] = round(self.cost_usd, 6)
+        return data
+
+
+@dataclass
+class LeakRecord:
+    test: str
+    leaks: list[tuple[str, str]]
+
+
+@dataclass
+class ProcessReport:
+    """What one process contributes (sent from xdist workers to the controller as JSON)."""
+
+    layer: str
+    workers_started: int = 0
+    lm: LMUsage = field(default_factory=LMUsage)
+    leaks: list[LeakRecord] = field(default_factory=list)
+    retained: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProcessReport:
+        data = json.loads(text)
+        return cls(
+            layer=data["layer"],
+            workers_started=int(data.get("workers_started", 0)),
+            lm=LMUsage(**data.get("lm", {})),
+            leaks=[LeakRecord(r["test"], [(x[0], x[1]) for x in r["leaks"]]) for r in data.get("leaks", [])],
+            retained=list(data.get("retained", [])),
+        )
+
+
+@dataclass
+class LayerReport:
+    name: str
+    lm_mode: str
+    cost_limit_usd: float
+    outcomes: Counter[str] = field(default_factory=Counter)
+    workers_started: int = 0
+    lm: LMUsage = field(default_factory=LMUsage)
+    leaks: list[LeakRecord] = field(default_factory=list)
+    retained: list[str] = field(default_factory=list)
+
+    @property
+    def tests(self) -> int:
+        return sum(self.outcomes.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tests": self.tests,
+            "outcomes": {k: self.outcomes.get(k, 0) for k in OUTCOMES},
+            "lm_mode": self.lm_mode,
+            "workers_started": self.workers_started,
+            "lm_calls": {k: getattr(self.lm, k) for k in CALL_KINDS},
+            "lm": self.lm.as_dict(),
+            "cost_usd": round(self.lm.cost_usd, 6),
+            "cost_limit_usd": self.cost_limit_usd,
+            "cache_misses": self.lm.cache_misses,
+            "leaks_found": sum(len(r.leaks) for r in self.leaks),
+            "leaks": [{"test": r.test, "leaks": [list(x) for x in r.leaks]} for r in self.leaks],
+            "retained": list(self.retained),
+        }
+
+
+@dataclass
+class RunReport:
+    """The whole run: one section per layer (a run has one active layer; custom ones included)."""
+
+    run_id: str
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    processes: int = 0
+    run_cost_usd: float | None = None  # the run ledger's total, when the run has one
+
+    def layer(self, name: str, lm_mode: str = "mock", cost_limit_usd: float = 0.0) -> LayerReport:
+        if name not in self.layers:
+            self.layers[name] = LayerReport(name=name, lm_mode=lm_mode, cost_limit_usd=cost_limit_usd)
+        return self.layers[name]
+
+    def add_outcome(self, layer: str, outcome: str) -> None:
+        self.layer(layer).outcomes[outcome] += 1
+
+    def merge(self, process: ProcessReport) -> None:
+        self.processes += 1
+        section = self.layer(process.layer)
+        section.workers_started += process.workers_started
+        section.lm.add(process.lm)
+        section.leaks.extend(process.leaks)
+        section.retained.extend(process.retained)
+
+    @property
+    def leaks_found(self) -> int:
+        return sum(len(r.leaks) for section in self.layers.values() for r in section.leaks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "processes": self.processes,
+            "run_cost_usd": None if self.run_cost_usd is None else round(self.run_cost_usd, 6),
+            "leaks_found": self.leaks_found,
+            "layers": {name: section.as_dict() for name, section in self.layers.items()},
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+
+    def lines(self) -> list[str]:
+        """The terminal summary, one block per layer."""
+        out = [f"run {self.run_id}"]
+        for name, section in self.layers.items():
+            counts = ", ".join(f"{section.outcomes[k]} {k}" for k in OUTCOMES if section.outcomes.get(k))
+            lm = section.lm
+            calls = ", ".join(f"{getattr(lm, k)} {k}" for k in CALL_KINDS)
+            out.append(f"layer {name}: {section.tests} tests ({counts or 'none run'})")
+            out.append(f"  workers started: {section.workers_started}")
+            out.append(f"  LM calls ({section.lm_mode}): {lm.calls} — {calls}")
+            out.append(f"  cache misses: {lm.cache_misses}")
+            out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
+            leaks = sum(len(r.leaks) for r in section.leaks)
+            out.append(f"  leaks found: {leaks}")
+            for record in section.leaks:
+                listed = ", ".join(f"{kind} {name}" for kind, name in record.leaks)
+                out.append(f"    {record.test}: {listed}")
+            for retained in section.retained:
+                out.append(f"  retained for debugging: {retained}")
+        return out

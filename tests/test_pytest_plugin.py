@@ -1,0 +1,324 @@
+"""The pytest plugin, exercised on small example suites through pytester.
+
+Runs that must not share state with this session (docker probe cache, xdist) use
+``runpytest_subprocess``; the rest run in-process for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+PROJECT = """
+[tool.pytest.ini_options]
+addopts = "-p no:cacheprovider"
+
+[tool.provisioner.layers.fast]
+adapter = "mock"
+python = false
+lm_mode = "mock"
+isolation = "full"
+timeout_s = 7
+max_failures = 1
+"""
+
+QA_TEST = """
+import dspy
+import pytest
+
+class QA(dspy.Signature):
+    question: str = dspy.InputField()
+    answer: int = dspy.OutputField()
+
+@pytest.mark.{mark}
+def test_{mark}_qa(lm):
+    result = dspy.Predict(QA)(question="how many?")
+    assert isinstance(result.answer, int)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".toml", pyproject=PROJECT)
+    return pytester
+
+
+def _layered_suite(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_layers="""
+        import pytest
+
+        @pytest.mark.unit
+        def test_unit(): pass
+
+        @pytest.mark.integration
+        def test_integration(): pass
+
+        @pytest.mark.e2e
+        def test_e2e(): pass
+
+        @pytest.mark.fast
+        def test_fast(): pass
+
+        @pytest.mark.unit
+        @pytest.mark.fast
+        def test_unit_and_fast(): pass
+
+        def test_unmarked(): pass
+        """
+    )
+
+
+def test_markers_registered_including_custom_layers(project: pytest.Pytester) -> None:
+    result = project.runpytest("--markers")
+    for name in ("unit", "integration", "e2e", "fast"):
+        result.stdout.fnmatch_lines([f"@pytest.mark.{name}: run only in the '{name}' layer*"])
+
+
+def test_layer_run_deselects_other_layers_but_never_unmarked(project: pytest.Pytester) -> None:
+    _layered_suite(project)
+    result = project.runpytest("--layer", "unit", "-v")
+    result.assert_outcomes(passed=3, deselected=3)
+    result.stdout.fnmatch_lines(
+        ["*test_unit PASSED*", "*test_unit_and_fast PASSED*", "*test_unmarked PASSED*"]
+    )
+
+    result = project.runpytest("--layer", "fast", "-v")
+    result.assert_outcomes(passed=3, deselected=3)
+    result.stdout.fnmatch_lines(
+        ["*test_fast PASSED*", "*test_unit_and_fast PASSED*", "*test_unmarked PASSED*"]
+    )
+
+
+def test_layer_defaults_to_test_mode_and_flag_wins(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _layered_suite(project)
+    monkeypatch.setenv("TEST_MODE", "fast")
+    project.runpytest().assert_outcomes(passed=3, deselected=3)
+    result = project.runpytest("--layer", "unit", "-v")
+    result.assert_outcomes(passed=3, deselected=3)
+    result.stdout.fnmatch_lines(["*test_unit PASSED*"])
+
+
+def test_unknown_layer_is_a_usage_error_naming_the_known_ones(project: pytest.Pytester) -> None:
+    result = project.runpytest("--layer", "nope")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown layer 'nope'; known layers: unit, integration, e2e, fast*"])
+
+
+def test_unmarked_suite_is_untouched_and_quiet(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_a(): pass\ndef test_b(): pass\n")
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=2)
+    assert "= provisioner =" not in result.stdout.str()
+    assert not (pytester.path / ".provision").exists()
+
+
+def test_lm_fixture_makes_the_layer_lm_active(project: pytest.Pytester) -> None:
+    project.makepyfile(test_qa=QA_TEST.format(mark="unit"))
+    project.makepyfile(
+        test_active="""
+        import dspy
+
+        def test_active(lm):
+            assert dspy.settings.lm is lm
+            assert lm.model.startswith("mock/")
+
+        def test_no_lm_outside():
+            assert dspy.settings.lm is None
+        """
+    )
+    project.runpytest("--layer", "unit").assert_outcomes(passed=3)
+
+
+def test_lm_flag_overrides_the_layer_mode(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_mode="""
+        def test_mode(lm, provision_settings, layer):
+            assert layer.name == "unit"
+            assert lm.model.startswith("mock/")
+        """
+    )
+    project.runpytest("--layer", "unit", "--lm", "mock").assert_outcomes(passed=1)
+    result = project.runpytest("--layer", "unit", "--lm", "bogus")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_layer_max_failures_applies_and_maxfail_wins(project: pytest.Pytester) -> None:
+    project.makepyfile("def test_1(): assert 0\ndef test_2(): assert 0\ndef test_3(): assert 0\n")
+    project.runpytest("--layer", "fast").assert_outcomes(failed=1)
+    project.runpytest("--layer", "fast", "--maxfail", "2").assert_outcomes(failed=2)
+    project.runpytest("--layer", "unit").assert_outcomes(failed=3)
+
+
+def test_layer_timeout_is_applied_to_layer_tests_only(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.fast
+        def test_marked(request):
+            assert request.node.get_closest_marker("timeout").args == (7,)
+
+        @pytest.mark.fast
+        @pytest.mark.timeout(99)
+        def test_own_timeout(request):
+            assert request.node.get_closest_marker("timeout").args == (99,)
+
+        def test_unmarked(request):
+            assert request.node.get_closest_marker("timeout") is None
+        """
+    )
+    project.runpytest("--layer", "fast").assert_outcomes(passed=3)
+    # An explicit --timeout on the command line wins over the layer's.
+    project.makepyfile(
+        test_cli="""
+        import pytest
+
+        @pytest.mark.fast
+        def test_cli(request):
+            assert request.node.get_closest_marker("timeout") is None
+        """
+    )
+    project.runpytest("--layer", "fast", "--timeout", "50", "test_cli.py").assert_outcomes(passed=1)
+
+
+def test_report_json_and_terminal_summary(project: pytest.Pytester) -> None:
+    project.makepyfile(test_qa=QA_TEST.format(mark="unit"))
+    project.makepyfile(
+        test_more="""
+        import dspy
+        import pytest
+
+        @pytest.mark.unit
+        def test_two_calls(lm, lm_cost):
+            predict = dspy.Predict("question -> answer")
+            predict(question="a")
+            predict(question="b")
+            assert lm_cost.mock == 2 and lm_cost.calls == 2 and lm_cost.cost_usd == 0
+
+        @pytest.mark.unit
+        def test_fails():
+            assert False
+
+        @pytest.mark.e2e
+        def test_other_layer(): pass
+        """
+    )
+    result = project.runpytest("--layer", "unit", "--provision-report", "out/report.json")
+    result.assert_outcomes(passed=2, failed=1, deselected=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= provisioner =*",
+            "run r*",
+            "layer unit: 3 tests (2 passed, 1 failed)",
+            "  workers started: 0",
+            "  LM calls (mock): 3 — 3 mock, 0 replayed, 0 recorded, 0 real",
+            "  cache misses: 0",
+            "  cost: $0.0000 of the run's $1.00 limit",
+            "  leaks found: 0",
+        ]
+    )
+    data = json.loads((project.path / "out" / "report.json").read_text())
+    unit = data["layers"]["unit"]
+    assert unit["tests"] == 3
+    assert unit["outcomes"]["passed"] == 2 and unit["outcomes"]["failed"] == 1
+    assert unit["lm_calls"] == {"mock": 3, "replayed": 0, "recorded": 0, "real": 0}
+    assert unit["cost_usd"] == 0 and unit["cost_limit_usd"] == 1.0
+    assert unit["leaks_found"] == 0
+    assert re.match(r"^r\d{8}-\d{6}-[0-9a-f]{6}$", data["run_id"])
+
+
+def test_xdist_workers_share_one_run_and_report(project: pytest.Pytester) -> None:
+    """Two xdist workers: one run id, ids that never collide, LM calls of both in one report."""
+    out = project.path / "ids"
+    out.mkdir()
+    tests = {}
+    for n in range(6):
+        tests[f"test_ids_{n}"] = f"""
+            import os
+            import dspy
+            import pytest
+            from provisioner.factories import ProgramFactory, SessionFactory
+
+            @pytest.mark.unit
+            @pytest.mark.parametrize("i", range(4))
+            def test_make(i, lm):
+                ids = [p.id for p in ProgramFactory.build_batch(25)] + [SessionFactory.build().session_id]
+                dspy.Predict("question -> answer")(question=str(i))
+                worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+                path = {str(out)!r} + f"/{n}-{{i}}-{{worker}}.txt"
+                with open(path, "w") as fh:
+                    fh.write("\\n".join(ids))
+            """
+    project.makepyfile(**tests)
+    result = project.runpytest_subprocess("--layer", "unit", "-n", "2", "--provision-report", "report.json")
+    result.assert_outcomes(passed=24)
+    files = sorted(out.iterdir())
+    assert len(files) == 24
+    assert {f.stem.rsplit("-", 1)[1] for f in files} == {"gw0", "gw1"}
+    ids = [line for f in files for line in f.read_text().splitlines()]
+    assert len(ids) == 24 * 26 == len(set(ids))
+    runs = {i.split("_")[1] for i in ids}
+    assert len(runs) == 1, runs  # one run id across both workers
+    assert {i.split("_")[2] for i in ids} == {"gw0", "gw1"}
+    data = json.loads((project.path / "report.json").read_text())
+    assert data["processes"] == 3  # the controller and two workers
+    assert data["layers"]["unit"]["tests"] == 24
+    assert data["layers"]["unit"]["lm_calls"]["mock"] == 24
+    assert data["run_id"].replace("-", "").endswith(runs.pop())
+
+
+def test_docker_layer_test_fails_under_ci_and_skips_locally(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.integration
+        def test_needs_engine(): pass
+
+        def test_unmarked(): pass
+        """
+    )
+    bogus = f"unix://{project.path}/no-such-docker.sock"
+    os.environ["DOCKER_HOST"] = bogus  # subprocesses inherit it; removed below
+    try:
+        os.environ["CI"] = "true"
+        result = project.runpytest_subprocess("--layer", "integration", "-rA")
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(
+            ["*needs a reachable Docker engine*CI=true, so this is a failure, not a skip*"]
+        )
+        os.environ["CI"] = "false"
+        result = project.runpytest_subprocess("--layer", "integration", "-rs")
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(
+            ["SKIPPED*needs a reachable Docker engine*skipped here; it fails under CI=true*"]
+        )
+    finally:
+        os.environ.pop("DOCKER_HOST", None)
+        os.environ.pop("CI", None)
+
+
+def test_environment_report_path_is_relative_to_invocation_dir(project: pytest.Pytester) -> None:
+    project.makepyfile("def test_a(): pass\n")
+    sub = project.mkdir("sub")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(sub)
+        result = project.runpytest(str(project.path), "--provision-report", "r.json")
+    result.assert_outcomes(passed=1)
+    assert Path(sub, "r.json").is_file()

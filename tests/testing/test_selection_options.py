@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ConfigError, UnknownLayerError
+from provisioner.testing.options import RunOptions, resolve_run, state_dir
+from provisioner.testing.run import RunIdentity, check_run_id, new_run_id
+from provisioner.testing.selection import split_by_layer
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TEST_MODE", "PROVISION_LAYER", "PROVISION_RUN_ID", "PROVISION_RUN_DIR", "LM_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_split_by_layer_keeps_unmarked_and_matching() -> None:
+    items = [("a", ["unit"]), ("b", ["integration"]), ("c", []), ("d", ["unit", "e2e"]), ("e", ["slow"])]
+    kept, dropped = split_by_layer(items, "e2e", ["unit", "integration", "e2e"])
+    assert kept == ["c", "d", "e"]
+    assert dropped == ["a", "b"]
+
+
+def test_resolve_run_applies_flags_and_anchors_paths(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.provisioner]\nlayer = "integration"\n')
+    options = RunOptions(lm_mode="mock", record_mode="none")
+    resolved = resolve_run(options, tmp_path, run_id="r1x", run_dir=tmp_path)
+    assert resolved.layer.name == "integration"
+    assert resolved.lm_config.mode == "mock"  # --lm beats the layer's cached mode
+    assert resolved.lm_config.record_mode == "none"
+    assert resolved.lm_config.cache_dir == tmp_path / "test/fixtures/lm_responses"
+    assert resolved.lm_config.run_id == "r1x" and resolved.lm_config.layer == "integration"
+    assert resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config.mode == "real"
+    assert state_dir(resolved.settings, tmp_path) == tmp_path / ".provision"
+
+
+def test_resolve_run_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(UnknownLayerError, match="unknown layer 'nope'"):
+        resolve_run(RunOptions(layer="nope"), tmp_path)
+    with pytest.raises(ConfigError, match="--lm must be one of mock, cached, real"):
+        RunOptions(lm_mode="fake")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--record-mode"):
+        RunOptions(record_mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_run_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = new_run_id(), new_run_id()
+    assert first != second and check_run_id(first) == first
+    identity = RunIdentity.create(tmp_path)
+    assert identity.controller and identity.run_dir == tmp_path / "runs" / identity.run_id
+    monkeypatch.setenv("PROVISION_RUN_ID", "r-shared-1")
+    monkeypatch.setenv("PROVISION_RUN_DIR", str(tmp_path / "elsewhere"))
+    inherited = RunIdentity.create(tmp_path)
+    assert inherited.run_id == "r-shared-1" and inherited.run_dir == tmp_path / "elsewhere"
+    joined = RunIdentity.joined("r-shared-1", tmp_path)
+    assert not joined.controller and joined.as_env()["PROVISION_RUN_ID"] == "r-shared-1"
+    with pytest.raises(ValueError, match="container and network names"):
+        check_run_id("Bad Run!")
