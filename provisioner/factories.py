@@ -20,7 +20,7 @@ Usage::
     program = ProgramFactory.build()                                   # question -> answer
     programs = ProgramFactory.build_batch(3, program_type="chain_of_thought")
     sig = SignatureFactory.build(inputs=[FieldSpec(name="text")], outputs=[FieldSpec(name="label")])
-    bridge.create_program(**ProgramFactory.build(signature=sig).create_args())
+    bridge.create_program(**ProgramFactory.build(signature=sig).create_args())   # bridge = isolated.adapter
 """
 
 from __future__ import annotations
@@ -175,8 +175,12 @@ class ProgramSpec(BaseModel):
     program_type: ProgramType = "predict"
 
     def create_args(self) -> dict[str, Any]:
-        """The arguments of the bridge's ``create_program`` command."""
-        return {"id": self.id, "signature": self.signature.to_wire(), "program_type": self.program_type}
+        """Keyword arguments for ``create_program`` (client method and wire command alike)."""
+        return {
+            "program_id": self.id,
+            "signature": self.signature.to_wire(),
+            "program_type": self.program_type,
+        }
 
     def to_dspy(self) -> Any:
         """A fresh in-process DSPy module for this program (as a bridge worker would build it)."""

@@ -75,7 +75,7 @@ def test_overrides_and_nested_signature() -> None:
     assert program.id == "fixed"
     args = program.create_args()
     assert args == {
-        "id": "fixed",
+        "program_id": "fixed",
         "program_type": "chain_of_thought",
         "signature": {
             "name": "QuestionAnswer",
@@ -124,3 +124,17 @@ def test_sessions_share_one_suffix_and_differ_from_each_other() -> None:
     assert len({one.session_id, two.session_id, one.namespace, two.namespace}) == 4
     custom = SessionFactory.build(namespace="mine", metadata={"test": "t"})
     assert custom.namespace == "mine" and custom.metadata == {"test": "t"}
+
+
+def test_programs_create_and_run_on_an_in_process_bridge() -> None:
+    from provisioner.bridge import LocalBridge
+
+    with LocalBridge() as bridge:
+        session = bridge.session(SessionFactory.build().session_id)
+        programs = ProgramFactory.build_batch(3)
+        for program in programs:
+            assert session.create_program(**program.create_args())["program_id"] == program.id
+        listed = {p["program_id"] for p in session.list_programs()["programs"]}
+        assert listed == {p.id for p in programs}
+        result = session.execute_program(programs[0].id, {"question": "2+2?"})
+        assert set(result["outputs"]) == {"answer"}

@@ -322,3 +322,93 @@ def test_environment_report_path_is_relative_to_invocation_dir(project: pytest.P
         result = project.runpytest(str(project.path), "--provision-report", "r.json")
     result.assert_outcomes(passed=1)
     assert Path(sub, "r.json").is_file()
+
+
+def test_isolated_unit_sessions_and_cleanups_run_on_failure(project: pytest.Pytester) -> None:
+    log = project.path / "cleanups.log"
+    project.makepyfile(
+        test_iso=f"""
+        import pytest
+        from provisioner.bridge import LocalBridge
+        from provisioner.errors import BridgeError
+        from provisioner.factories import ProgramFactory
+
+        LOG = {str(log)!r}
+        SEEN = []
+
+        def note(text):
+            with open(LOG, "a") as fh:
+                fh.write(text + "\\n")
+
+        @pytest.mark.unit
+        @pytest.mark.parametrize("n", range(3))
+        def test_session(isolated, bridge, n):
+            assert bridge is isolated.adapter
+            assert isolated.adapter.session_id == isolated.session_id
+            assert isinstance(isolated.adapter.bridge, LocalBridge)
+            SEEN.append((isolated.session_id, isolated.namespace, isolated.program_prefix))
+            # The same program id in every test: sessions never clash.
+            isolated.adapter.create_program(**ProgramFactory.build(id="shared_name").create_args())
+            out = isolated.adapter.execute_program("shared_name", {{"question": "q"}})
+            assert "answer" in out["outputs"]
+            isolated.add_cleanup(note, f"first {{n}}")
+            isolated.add_cleanup(note, f"second {{n}}")
+            if n == 1:
+                raise AssertionError("boom")
+
+        def test_sessions_were_distinct():
+            assert len(SEEN) == 3 and len(set(SEEN)) == 3
+            assert len({{s[1] for s in SEEN}}) == 3
+
+        def test_session_is_gone_after_the_test(isolated):
+            isolated.adapter.create_program(**ProgramFactory.build(id="p").create_args())
+            bridge = isolated.adapter.bridge
+            session = isolated.session_id
+            isolated.close()
+            with pytest.raises(BridgeError, match="ProgramNotFound"):
+                bridge.get_program_info("p", session)
+        """
+    )
+    result = project.runpytest("--layer", "unit")
+    result.assert_outcomes(passed=4, failed=1)
+    assert log.read_text().splitlines() == [
+        "second 0", "first 0", "second 1", "first 1", "second 2", "first 2"
+    ]
+
+
+def test_failing_cleanup_is_reported_as_a_teardown_error(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        def test_bad_cleanup(isolated):
+            def explode():
+                raise OSError("cannot remove scratch dir")
+            isolated.add_cleanup(explode)
+        """
+    )
+    result = project.runpytest("--layer", "unit")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*CleanupError: 1 cleanup(s) failed: *explode: OSError: cannot remove scratch dir*"]
+    )
+
+
+def test_environment_api_without_pytest(tmp_path: Path) -> None:
+    import dspy
+
+    import provisioner.api as api
+    from provisioner.factories import ProgramFactory
+
+    with api.environment("unit", project_dir=tmp_path) as env:
+        assert env.layer.name == "unit" and env.lm_config.mode == "mock"
+        assert dspy.settings.lm is env.lm
+        dspy.Predict("question -> answer")(question="hello")
+        with env.session() as session:
+            session.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+            assert session.adapter.list_programs()["total_count"] == 1
+            bridge = session.adapter.bridge
+        with pytest.raises(Exception, match="ProgramNotFound"):
+            bridge.get_program_info("qa", session.session_id)
+        assert env.lm_usage().mock == 1
+    assert dspy.settings.lm is None
+    with pytest.raises(Exception, match="ShuttingDown"):
+        bridge.ping()  # the in-process bridge was closed with the environment
