@@ -58,9 +58,13 @@ def build_engine(config: LMConfig) -> EngineBase:
         from provisioner.lm.mock import MockEngine
 
         return MockEngine(config.mock_rules, config.mock_default)
-    from provisioner.errors import ConfigError
+    if config.mode == "real":
+        from provisioner.lm.gemini import GeminiEngine
 
-    raise ConfigError(f"lm.mode={config.mode!r} is not available yet in this build")
+        return GeminiEngine(config)
+    from provisioner.lm.cached import CachedEngine
+
+    return CachedEngine(config)
 
 
 def build_lm(config: LMConfig, **lm_kwargs: Any) -> dspy.LM:

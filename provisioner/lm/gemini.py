@@ -1,0 +1,339 @@
+"""The real LM: Gemini through the official google-genai client, inside a DSPy engine.
+
+Each attempt of a call:
+
+1. takes a slot of the run's request-per-minute budget (:class:`RunLimits.acquire_request`);
+2. reserves the call's worst-case cost (every prompt byte as a token — an upper bound on the token
+   count — plus ``max_tokens`` output tokens at the model's price) or refuses with
+   :class:`~provisioner.errors.CostLimitExceeded`;
+3. calls ``models.generate_content``;
+4. settles the reservation with the real ``usageMetadata`` (prompt, candidates, thoughts and cached
+   token counts) and appends a ledger line.
+
+429 / RESOURCE_EXHAUSTED and 5xx answers are retried up to ``max_retries`` times, waiting what the
+server asks (``Retry-After`` header or a ``google.rpc.RetryInfo`` detail), else
+``retry_base_delay_s * 2**attempt``, capped at ``retry_max_delay_s``; after that the error reaches
+DSPy as its own type (``LMRateLimitError``, ``LMServerError``). google-genai's own retries are off
+(``HttpRetryOptions(attempts=1)``) and the ``dspy.LM`` has ``num_retries=0`` so no layer multiplies
+the attempts of another. A rejected key (401, 403, or Google's ``400 API_KEY_INVALID``) becomes an
+``LMAuthError`` that says which setting to fix. The API key never appears in a message: every
+error text is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
+from provisioner.lm import callstats as _stats
+from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_text, text_response
+from provisioner.lm.ledger import Ledger
+from provisioner.lm.limits import RunLimits
+from provisioner.lm.pricing import TokenUsage, cost_usd, price_for, worst_case_usd
+from provisioner.lmconfig import LMConfig
+
+if TYPE_CHECKING:
+    from dspy.lm15 import LM15Error, Request, Response
+
+# Per-message framing tokens Gemini adds around each turn; generous, it only feeds the upper bound.
+_FRAMING_TOKENS_PER_MESSAGE = 8
+
+_FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "MALFORMED_FUNCTION_CALL": "error",
+}
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """A successful Gemini call: the DSPy response, its billed usage and its cost."""
+
+    response: Response
+    usage: TokenUsage
+    cost_usd: float
+
+
+def prompt_tokens_upper_bound(request: Request) -> int:
+    """At least the number of tokens Gemini will count for the request's prompt."""
+    total = len(system_text(request).encode("utf-8")) + _FRAMING_TOKENS_PER_MESSAGE
+    for _, text in message_pairs(request):
+        total += len(text.encode("utf-8")) + _FRAMING_TOKENS_PER_MESSAGE
+    return total
+
+
+def _parse_delay(value: Any) -> float | None:
+    """Seconds from a Retry-After header ("7") or a RetryInfo duration ("7s", "1.5s")."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s?", text)
+    return float(match.group(1)) if match else None
+
+
+def server_retry_delay(exc: Any) -> float | None:
+    """What the server asked us to wait, from the header or the error's RetryInfo detail."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is not None:
+        try:
+            delay = _parse_delay(headers.get("retry-after"))
+        except Exception:
+            delay = None
+        if delay is not None:
+            return delay
+    details = getattr(exc, "details", None)
+    error = details.get("error", details) if isinstance(details, dict) else None
+    for item in (error or {}).get("details", []) if isinstance(error, dict) else []:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            return _parse_delay(item.get("retryDelay"))
+    return None
+
+
+def _is_key_rejection(code: int, exc: Any) -> bool:
+    if code in (401, 403):
+        return True
+    if code != 400:
+        return False
+    details = getattr(exc, "details", None)
+    return "API_KEY_INVALID" in str(details) or "API key not valid" in str(getattr(exc, "message", ""))
+
+
+class GeminiEngine(EngineBase):
+    """A DSPy engine calling Gemini's ``generateContent`` with run-wide limits and a ledger."""
+
+    kind = "real"
+
+    def __init__(self, config: LMConfig, *, record: bool = True,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if config.api_key is None or not config.api_key.get_secret_value():
+            raise ConfigError(
+                "lm.api_key is not set: real Gemini calls need GEMINI_TEST_API_KEY in the environment "
+                f"(lm.mode={config.mode!r}, lm.model={config.model!r})"
+            )
+        self.config = config
+        self.price = price_for(config)  # an unknown model is refused before any call
+        self.limits = RunLimits(config.run_dir, rpm=config.rate_limit_rpm,
+                                cost_limit_usd=config.cost_limit_usd, wait_s=config.rate_limit_wait_s,
+                                reservation_ttl_s=config.request_timeout_s + 60.0)
+        self.ledger = Ledger(config.run_dir, run_id=config.run_id, layer=config.layer)
+        # ``record=False`` when wrapped by the cached engine, which writes its own ledger/stat lines.
+        self.record = record
+        self._sleep = sleep
+        self._client_lock = threading.Lock()
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"GeminiEngine(model={self.config.model!r}, base_url={self.config.base_url!r})"
+
+    # -- the google-genai client ------------------------------------------------------------
+
+    def _genai(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                from google import genai
+                from google.genai import types
+
+                assert self.config.api_key is not None
+                options = types.HttpOptions(
+                    base_url=self.config.base_url,
+                    timeout=int(self.config.request_timeout_s * 1000),
+                    retry_options=types.HttpRetryOptions(attempts=1),
+                )
+                key = self.config.api_key.get_secret_value()
+                self._client = genai.Client(api_key=key, http_options=options)
+            return self._client
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            close = getattr(client, "close", None)
+            if callable(close):
+                close()
+
+    def _scrub(self, text: str) -> str:
+        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
+        return text.replace(key, "***") if key else text
+
+    # -- request translation ----------------------------------------------------------------
+
+    def _generate_args(self, request: Request) -> tuple[list[Any], Any, Generation]:
+        from google.genai import types
+
+        generation = Generation.of(request, self.config.max_tokens, self.config.temperature)
+        contents = [
+            types.Content(role="model" if role == "assistant" else "user", parts=[types.Part(text=text)])
+            for role, text in message_pairs(request)
+            if role in ("user", "assistant")
+        ]
+        system = system_text(request)
+        response_mime_type = None
+        if generation.response_format is not None:
+            response_mime_type = "application/json"
+        config = types.GenerateContentConfig(
+            system_instruction=system or None,
+            temperature=generation.temperature,
+            max_output_tokens=generation.max_tokens,
+            top_p=generation.top_p,
+            top_k=generation.top_k,
+            stop_sequences=list(generation.stop) or None,
+            seed=generation.seed,
+            response_mime_type=response_mime_type,
+        )
+        return contents, config, generation
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def complete(self, request: Request) -> Response:
+        try:
+            outcome = self.call(request)
+        except Exception:
+            if self.record:
+                _stats.record_error()
+            raise
+        if self.record:
+            usage = outcome.usage
+            _stats.record_call("real", input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens,
+                               cost_usd=outcome.cost_usd)
+            self.ledger.call(model=self.config.model, kind="real", input_tokens=usage.prompt_tokens,
+                             output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
+                             cached_tokens=usage.cached_tokens, cost_usd=outcome.cost_usd)
+        return outcome.response
+
+    def call(self, request: Request) -> CallOutcome:
+        """One call with limits and retries; raises dspy.lm15 errors DSPy knows how to map."""
+        from dspy import lm15
+
+        contents, gen_config, generation = self._generate_args(request)
+        max_output = generation.max_tokens or self.config.max_tokens
+        worst = worst_case_usd(self.price, prompt_tokens_upper_bound(request), max_output)
+        model = self.config.model
+        attempt = 0
+        while True:
+            try:
+                self.limits.acquire_request()
+            except RateLimitExceeded as exc:
+                raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
+            try:
+                reservation = self.limits.reserve(worst, what=f"a {model} call")
+            except CostLimitExceeded as exc:
+                raise lm15.BillingError(str(exc), provider="gemini", code="cost_limit") from exc
+            try:
+                raw = self._genai().models.generate_content(model=model, contents=contents, config=gen_config)
+            except Exception as exc:
+                error, retryable, billed = self._translate(exc)
+                # A timed-out request may still have been processed and billed: keep the worst case.
+                self.limits.settle(reservation, worst if billed else 0.0)
+                if retryable and attempt < self.config.max_retries:
+                    delay = server_retry_delay(exc)
+                    if delay is None:
+                        delay = self.config.retry_base_delay_s * (2 ** attempt)
+                    attempt += 1
+                    # Backing off before a retry is what the server asked for, not synchronisation.
+                    self._sleep(min(delay, self.config.retry_max_delay_s))
+                    continue
+                if attempt:
+                    error.message = f"{error.message} (gave up after {attempt} retries)"
+                    error.args = (error.message,)
+                raise error from None
+            usage = _usage_of(raw)
+            cost = cost_usd(self.price, usage)
+            self.limits.settle(reservation, cost)
+            return CallOutcome(self._to_response(request, raw, usage), usage, cost)
+
+    def _translate(self, exc: Exception) -> tuple[LM15Error, bool, bool]:
+        """(the lm15 error for ``exc``, whether to retry it, whether it may have been billed)."""
+        from dspy import lm15
+        from google.genai import errors as genai_errors
+
+        model = self.config.model
+        if isinstance(exc, genai_errors.APIError):
+            code = int(exc.code or 0)
+            status = str(exc.status or "")
+            message = self._scrub(f"Gemini {code} {status} for model {model!r}: {exc.message or ''}".strip())
+            retry_after = server_retry_delay(exc)
+            common: dict[str, Any] = {"provider": "gemini", "status": code, "provider_code": status or None,
+                                      "retry_after": retry_after}
+            if code == 429:
+                return lm15.RateLimitError(message, **common), True, False
+            if code >= 500:
+                return lm15.ServerError(message, **common), True, False
+            if _is_key_rejection(code, exc):
+                endpoint = f" at lm.base_url={self.config.base_url}" if self.config.base_url else ""
+                return lm15.AuthError(
+                    f"{message} — the API key was rejected{endpoint}",
+                    credential_hint="set GEMINI_TEST_API_KEY (lm.api_key) to a valid Gemini API key",
+                    **common,
+                ), False, False
+            if code == 404:
+                return lm15.UnsupportedModelError(message, **common), False, False
+            return lm15.InvalidRequestError(message, **common), False, False
+        import httpx
+
+        text = self._scrub(f"{type(exc).__name__}: {exc}")
+        where = f" at lm.base_url={self.config.base_url}" if self.config.base_url else ""
+        if isinstance(exc, httpx.TimeoutException):
+            timeout = self.config.request_timeout_s
+            return lm15.TimeoutError(
+                f"Gemini call for {model!r} timed out after lm.request_timeout_s={timeout:g}s{where}: {text}",
+                provider="gemini"), True, True
+        if isinstance(exc, httpx.TransportError):
+            return lm15.TransportError(f"Gemini unreachable{where}: {text}", provider="gemini"), True, False
+        failure = f"Gemini call for {model!r} failed{where}: {text}"
+        return lm15.ServerError(failure, provider="gemini"), False, True
+
+    def _to_response(self, request: Request, raw: Any, usage: TokenUsage) -> Response:
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        texts: list[str] = []
+        finish = "stop"
+        candidates = getattr(raw, "candidates", None) or []
+        if candidates:
+            candidate = candidates[0]
+            content = getattr(candidate, "content", None)
+            for part in getattr(content, "parts", None) or []:
+                if getattr(part, "thought", False):
+                    continue
+                if getattr(part, "text", None):
+                    texts.append(part.text)
+            reason = getattr(candidate, "finish_reason", None)
+            name = getattr(reason, "name", None) or (str(reason) if reason is not None else "STOP")
+            finish = _FINISH_REASONS.get(name, "stop")
+        return Response(
+            id=getattr(raw, "response_id", None),
+            model=getattr(raw, "model_version", None) or request.model,
+            message=Message.assistant([TextPart("".join(texts))]),
+            finish_reason=finish,
+            usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.candidates_tokens,
+                        reasoning_tokens=usage.thoughts_tokens or None,
+                        cache_read_tokens=usage.cached_tokens or None),
+        )
+
+
+def _usage_of(raw: Any) -> TokenUsage:
+    meta = getattr(raw, "usage_metadata", None)
+
+    def count(name: str) -> int:
+        value = getattr(meta, name, None) if meta is not None else None
+        return int(value or 0)
+
+    return TokenUsage(
+        prompt_tokens=count("prompt_token_count"),
+        candidates_tokens=count("candidates_token_count"),
+        thoughts_tokens=count("thoughts_token_count"),
+        cached_tokens=count("cached_content_token_count"),
+    )
+
+
+__all__ = ["CallOutcome", "GeminiEngine", "prompt_tokens_upper_bound", "server_retry_delay", "text_response"]

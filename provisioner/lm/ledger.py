@@ -1,0 +1,255 @@
+"""The cost ledger: one JSON line per real, recorded or replayed LM call.
+
+Per run: ``<run_dir>/ledger.jsonl``, appended under an ``fcntl.flock`` (``ledger.lock``) so lines
+from many processes and containers never interleave. Fields of a call line::
+
+    {"ts": "2026-11-25T10:00:00.123+00:00", "event": "call", "run_id": "...", "layer": "integration",
+     "test_id": "tests/test_x.py::test_y", "model": "gemini-2.5-flash-lite", "kind": "real",
+     "cache": null | "hit" | "miss", "cassette": "<sha256>" | null, "input_tokens": 120,
+     "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0000176}
+
+``kind`` is ``real`` (a direct call), ``recorded`` (a cassette miss answered by the inner LM and
+written) or ``replayed`` (a cassette hit, $0). Mock calls are free and not written.
+A run can be marked complete (``{"event": "run_complete", "full": true}``): pruning cassettes needs
+a *full* run to know which entries are unused.
+
+Across runs: the ledgers of finished runs are archived under the state directory
+(``<state_dir>/ledger/<YYYY-MM>.jsonl``, see :func:`archive_run_ledger`) — run directories are
+temporary, the archive is what ``provision cost report --month`` sums. The report also reads the
+ledgers of runs still under ``<state_dir>/runs/*/ledger.jsonl`` that were not archived yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as _dt
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioner.lm.limits import locked, resolve_run_dir
+
+LEDGER_FILE = "ledger.jsonl"
+LEDGER_LOCK = "ledger.lock"
+ARCHIVE_DIR = "ledger"
+ARCHIVED_RUNS = "archived-runs.txt"
+
+_test_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("provision_test_id", default=None)
+
+
+@contextlib.contextmanager
+def current_test(test_id: str | None) -> Iterator[None]:
+    """Attribute LM calls made inside this block (this thread/task) to ``test_id``."""
+    token = _test_id.set(test_id)
+    try:
+        yield
+    finally:
+        _test_id.reset(token)
+
+
+def current_test_id() -> str | None:
+    """The test the current call belongs to: set by :func:`current_test`, else pytest's own variable."""
+    explicit = _test_id.get()
+    if explicit:
+        return explicit
+    env = os.environ.get("PYTEST_CURRENT_TEST")
+    if env:
+        return env.rsplit(" (", 1)[0]
+    return None
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+class Ledger:
+    """Appends call lines to one run's ``ledger.jsonl``."""
+
+    def __init__(self, run_dir: Path | None, *, run_id: str | None = None, layer: str | None = None) -> None:
+        self.run_dir = resolve_run_dir(run_dir)
+        self.run_id = run_id
+        self.layer = layer
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LEDGER_FILE
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({"id": uuid.uuid4().hex, "ts": _now_iso(), "run_id": self.run_id,
+                           "layer": self.layer, **entry},
+                          sort_keys=True, separators=(",", ":"))
+        with locked(self.run_dir, LEDGER_LOCK):
+            # O_APPEND plus one write() per line: even a reader without the lock sees whole lines.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+
+    def call(self, *, model: str, kind: str, input_tokens: int = 0, output_tokens: int = 0,
+             thoughts_tokens: int = 0, cached_tokens: int = 0, cost_usd: float = 0.0,
+             cache: str | None = None, cassette: str | None = None, status: str = "ok") -> None:
+        self.append({
+            "event": "call", "test_id": current_test_id(), "model": model, "kind": kind, "cache": cache,
+            "cassette": cassette, "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "thoughts_tokens": thoughts_tokens, "cached_tokens": cached_tokens,
+            "cost_usd": round(cost_usd, 10), "status": status,
+        })
+
+    def mark_run_complete(self, *, full: bool) -> None:
+        """Say the run ended; ``full`` = every test of the suite ran (no -k, no deselection)."""
+        self.append({"event": "run_complete", "full": full})
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The lines of a ledger file (a torn last line of a crashed writer is skipped)."""
+    entries: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return entries
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            entries.append(value)
+    return entries
+
+
+def _month_of(entry: dict[str, Any]) -> str:
+    return str(entry.get("ts", ""))[:7]
+
+
+def archive_run_ledger(run_dir: Path, state_dir: Path) -> int:
+    """Copy a finished run's ledger into the monthly archive (idempotent). Returns lines archived."""
+    entries = read_ledger(run_dir / LEDGER_FILE)
+    if not entries:
+        return 0
+    archive = state_dir / ARCHIVE_DIR
+    archive.mkdir(parents=True, exist_ok=True)
+    run_ids = sorted({str(e.get("run_id")) for e in entries})
+    marker = "|".join(run_ids) + f"@{run_dir.resolve()}"
+    with locked(archive, "archive.lock"):
+        done_path = archive / ARCHIVED_RUNS
+        done = set(done_path.read_text(encoding="utf-8").splitlines()) if done_path.exists() else set()
+        if marker in done:
+            return 0
+        by_month: dict[str, list[str]] = {}
+        for entry in entries:
+            by_month.setdefault(_month_of(entry) or "unknown", []).append(json.dumps(entry, sort_keys=True))
+        for month, lines in by_month.items():
+            with (archive / f"{month}.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
+        with done_path.open("a", encoding="utf-8") as handle:
+            handle.write(marker + "\n")
+    return len(entries)
+
+
+def ledger_sources(state_dir: Path, extra: Iterable[Path] = ()) -> list[Path]:
+    """Archived monthly ledgers plus the ledgers of runs not archived yet."""
+    sources = sorted((state_dir / ARCHIVE_DIR).glob("*.jsonl"))
+    archived_markers: set[str] = set()
+    done_path = state_dir / ARCHIVE_DIR / ARCHIVED_RUNS
+    if done_path.exists():
+        archived_markers = set(done_path.read_text(encoding="utf-8").splitlines())
+    archived_dirs = {m.rsplit("@", 1)[-1] for m in archived_markers}
+    for run_ledger in sorted((state_dir / "runs").glob(f"*/{LEDGER_FILE}")):
+        if str(run_ledger.parent.resolve()) not in archived_dirs:
+            sources.append(run_ledger)
+    sources.extend(extra)
+    return sources
+
+
+@dataclass
+class Totals:
+    calls: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.calls += 1
+        self.cost_usd += float(entry.get("cost_usd") or 0.0)
+        self.input_tokens += int(entry.get("input_tokens") or 0)
+        self.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
+        kind = str(entry.get("kind"))
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+
+@dataclass
+class CostReport:
+    """Sums of call lines per run, per test and per month."""
+
+    total: Totals = field(default_factory=Totals)
+    by_run: dict[str, Totals] = field(default_factory=dict)
+    by_test: dict[str, Totals] = field(default_factory=dict)
+    by_month: dict[str, Totals] = field(default_factory=dict)
+    monthly_budget_usd: float | None = None
+
+    @property
+    def over_budget_months(self) -> list[str]:
+        if self.monthly_budget_usd is None:
+            return []
+        return [m for m, t in sorted(self.by_month.items()) if t.cost_usd > self.monthly_budget_usd]
+
+    def as_dict(self) -> dict[str, Any]:
+        def plain(t: Totals) -> dict[str, Any]:
+            return {"calls": t.calls, "cost_usd": round(t.cost_usd, 8), "input_tokens": t.input_tokens,
+                    "output_tokens": t.output_tokens, "by_kind": dict(sorted(t.by_kind.items()))}
+
+        return {
+            "total": plain(self.total),
+            "by_run": {k: plain(v) for k, v in sorted(self.by_run.items())},
+            "by_test": {k: plain(v) for k, v in sorted(self.by_test.items())},
+            "by_month": {k: plain(v) for k, v in sorted(self.by_month.items())},
+            "monthly_budget_usd": self.monthly_budget_usd,
+            "over_budget_months": self.over_budget_months,
+        }
+
+
+def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: str | None = None,
+                monthly_budget_usd: float | None = None) -> CostReport:
+    """Sum the call lines of ``sources``, optionally of one run and/or one month (``YYYY-MM``)."""
+    report = CostReport(monthly_budget_usd=monthly_budget_usd)
+    seen: set[str] = set()
+    for source in sources:
+        for entry in read_ledger(source):
+            if entry.get("event") != "call":
+                continue
+            if run_id is not None and entry.get("run_id") != run_id:
+                continue
+            entry_month = _month_of(entry)
+            if month is not None and entry_month != month:
+                continue
+            identity = entry.get("id") or json.dumps(entry, sort_keys=True)
+            if identity in seen:  # a run ledger that was also archived is counted once
+                continue
+            seen.add(identity)
+            report.total.add(entry)
+            report.by_run.setdefault(str(entry.get("run_id")), Totals()).add(entry)
+            report.by_test.setdefault(str(entry.get("test_id")), Totals()).add(entry)
+            report.by_month.setdefault(entry_month, Totals()).add(entry)
+    return report
+
+
+def used_cassettes(path: Path) -> tuple[set[str], bool]:
+    """Cassette keys a run used, and whether that run was marked complete and full."""
+    keys: set[str] = set()
+    full = False
+    for entry in read_ledger(path):
+        if entry.get("event") == "run_complete" and entry.get("full"):
+            full = True
+        cassette = entry.get("cassette")
+        if entry.get("event") == "call" and isinstance(cassette, str):
+            keys.add(cassette)
+    return keys, full

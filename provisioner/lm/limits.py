@@ -1,0 +1,226 @@
+"""Run-wide limits of real LM calls: requests per minute and dollars per run.
+
+Every process of a run — pytest-xdist workers, the controller, worker containers — points its
+``LMConfig.run_dir`` at the same directory (containers get it bind-mounted at the same path). The
+shared state lives there in ``lm-limits.json``, read and rewritten only while holding an exclusive
+``fcntl.flock`` on ``lm-limits.lock``. ``flock`` locks belong to the kernel's open file
+description of one inode, so they hold across processes *and* across containers sharing a bind
+mount on one host. (They do not hold across hosts on NFS; one run lives on one host.) The state
+file is replaced atomically (temp file + rename) so a process killed mid-write cannot corrupt it.
+
+Rate limit: a sliding window of request start times (wall clock, shared by every process on the
+host); a request may start when fewer than ``rate_limit_rpm`` started in the last 60 s, otherwise
+it waits (up to ``rate_limit_wait_s``) for the oldest to age out.
+
+Cost limit: before a call, reserve its worst case; refuse with :class:`CostLimitExceeded` when
+``spent + open reservations + this reservation`` would pass ``cost_limit_usd``; after the call,
+replace the reservation by the real cost. As reservations are taken under the lock, concurrent
+callers can never jointly pass the limit. A reservation of a process that died is dropped once it
+is older than its ``expires_at`` (the call's own timeout budget plus a margin).
+
+With ``run_dir=None`` each process uses a private temporary directory: limits then hold per
+process only (fine for a single in-process run, documented in docs/lm.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import CostLimitExceeded, RateLimitExceeded
+
+WINDOW_S = 60.0
+STATE_FILE = "lm-limits.json"
+LOCK_FILE = "lm-limits.lock"
+
+_private_dir: Path | None = None
+_private_lock = threading.Lock()
+
+
+def private_run_dir() -> Path:
+    """This process's own run directory, for configurations without ``run_dir``."""
+    global _private_dir
+    with _private_lock:
+        if _private_dir is None:
+            _private_dir = Path(tempfile.mkdtemp(prefix=f"provision-run-{os.getpid()}-"))
+            atexit.register(shutil.rmtree, _private_dir, True)
+        return _private_dir
+
+
+def resolve_run_dir(run_dir: Path | None) -> Path:
+    if run_dir is None:
+        return private_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold the run's exclusive lock (across threads, processes and containers of one host)."""
+    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` so readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A cost reservation held for one call attempt."""
+
+    id: str
+    amount_usd: float
+
+
+@dataclass(frozen=True)
+class CostSnapshot:
+    spent_usd: float
+    reserved_usd: float
+    limit_usd: float
+    calls: int
+
+
+class RunLimits:
+    """The rate limit and cost budget of one run, shared through ``run_dir``."""
+
+    def __init__(self, run_dir: Path | None, *, rpm: int, cost_limit_usd: float,
+                 wait_s: float = 120.0, reservation_ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.run_dir = resolve_run_dir(run_dir)
+        self.rpm = rpm
+        self.cost_limit_usd = cost_limit_usd
+        self.wait_s = wait_s
+        self.reservation_ttl_s = reservation_ttl_s
+        self._clock = clock
+        self._sleep = sleep
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            data = {}
+        data.setdefault("requests", [])
+        data.setdefault("spent_usd", 0.0)
+        data.setdefault("calls", 0)
+        data.setdefault("reservations", {})
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        write_json_atomic(self.state_path, data)
+
+    def _drop_expired(self, data: dict[str, Any], now: float) -> None:
+        reservations = data["reservations"]
+        for key in [k for k, v in reservations.items() if v.get("expires_at", 0) < now]:
+            del reservations[key]
+
+    # -- rate -------------------------------------------------------------------------------
+
+    def acquire_request(self) -> float:
+        """Take one request slot of the run's per-minute budget; returns the seconds waited."""
+        started = self._clock()
+        deadline = started + self.wait_s
+        while True:
+            with locked(self.run_dir):
+                data = self._load()
+                now = self._clock()
+                window = [t for t in data["requests"] if t > now - WINDOW_S]
+                if len(window) < self.rpm:
+                    window.append(now)
+                    data["requests"] = window
+                    self._save(data)
+                    return now - started
+                wait = min(window) + WINDOW_S - now
+            remaining = deadline - self._clock()
+            if remaining <= 0 or wait > remaining:
+                raise RateLimitExceeded(
+                    f"the run's rate limit of {self.rpm} requests/minute (lm.rate_limit_rpm) had no free "
+                    f"slot within lm.rate_limit_wait_s={self.wait_s:g}s; raise either setting or make "
+                    "fewer real calls"
+                )
+            # Waiting for the window to move is the point of a rate limiter, not synchronisation.
+            self._sleep(max(wait, 0.001))
+
+    def requests_in_window(self) -> int:
+        with locked(self.run_dir):
+            data = self._load()
+        now = self._clock()
+        return sum(1 for t in data["requests"] if t > now - WINDOW_S)
+
+    # -- cost -------------------------------------------------------------------------------
+
+    def reserve(self, amount_usd: float, *, what: str = "call") -> Reservation:
+        """Reserve ``amount_usd`` of the run's budget or raise :class:`CostLimitExceeded`."""
+        with locked(self.run_dir):
+            data = self._load()
+            now = self._clock()
+            self._drop_expired(data, now)
+            reserved = sum(float(v["amount"]) for v in data["reservations"].values())
+            spent = float(data["spent_usd"])
+            if spent + reserved + amount_usd > self.cost_limit_usd + 1e-12:
+                raise CostLimitExceeded(
+                    f"refusing {what}: its worst case ${amount_usd:.6f} would pass the run's cost limit "
+                    f"lm.cost_limit_usd=${self.cost_limit_usd:.4f} (spent ${spent:.6f}, "
+                    f"reserved by calls in flight ${reserved:.6f})"
+                )
+            reservation = Reservation(uuid.uuid4().hex, amount_usd)
+            data["reservations"][reservation.id] = {
+                "amount": amount_usd,
+                "pid": os.getpid(),
+                "expires_at": now + self.reservation_ttl_s,
+            }
+            self._save(data)
+            return reservation
+
+    def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        """Replace a reservation by what the call really cost (0 for a call that was not billed)."""
+        with locked(self.run_dir):
+            data = self._load()
+            data["reservations"].pop(reservation.id, None)
+            data["spent_usd"] = float(data["spent_usd"]) + actual_usd
+            if actual_usd > 0:
+                data["calls"] = int(data["calls"]) + 1
+            self._drop_expired(data, self._clock())
+            self._save(data)
+
+    def snapshot(self) -> CostSnapshot:
+        with locked(self.run_dir):
+            data = self._load()
+        reserved = sum(float(v["amount"]) for v in data["reservations"].values())
+        return CostSnapshot(float(data["spent_usd"]), reserved, self.cost_limit_usd, int(data["calls"]))
