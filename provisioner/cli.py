@@ -6,7 +6,9 @@ Each command parses flags, calls one plain function, and prints. No logic lives 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -93,6 +95,47 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 # --- bridge worker (provisioner.bridge) ---------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option(
+    "--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: the OS picks a free port"
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the port to this file (atomically) once listening",
+)
+@click.option("--stdio", is_flag=True, help="serve the protocol over stdin/stdout instead of TCP")
+@click.option(
+    "--lm-config",
+    "lm_config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="start-up LMConfig as JSON (used when PROVISION_LM_CONFIG is not set)",
+)
+def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config_file: Path | None) -> None:
+    """Run a DSPy bridge worker in the foreground.
+
+    Prints one line `PROVISION_WORKER_READY port=<n>` when it accepts requests; exits 0 after the
+    `shutdown` command or SIGTERM, once in-flight requests have been answered.
+    """
+    from provisioner.bridge.server import run_worker, startup_lm_config
+
+    settings = _settings()
+    sys.exit(
+        run_worker(
+            host=host,
+            port=port,
+            ready_file=ready_file,
+            stdio=stdio,
+            lm_config=startup_lm_config(os.environ, lm_config_file),
+            max_frame_bytes=settings.worker.max_frame_bytes,
+            max_inflight=settings.worker.max_inflight,
+            max_connections=settings.worker.max_connections,
+            request_timeout_s=settings.process_timeout,
+        )
+    )
 
 
 # --- LM modes, cassettes, cost, Gemini stand-in (provisioner.lm) --------------------------------

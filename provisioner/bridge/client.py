@@ -1,0 +1,306 @@
+"""Talking to a bridge worker: :class:`BridgeClient` (TCP) and :class:`SessionClient` (one session).
+
+Every error reply raises :class:`~provisioner.errors.BridgeError` with the worker's ``error_type``;
+a worker that cannot be reached, times out or hangs up raises
+:class:`~provisioner.errors.BridgeConnectionError` (a ``BridgeError`` subclass).
+
+A client holds one connection and sends one request at a time (a lock makes it thread-safe); use
+one client per thread when you want requests to run concurrently. After a connection error the
+next request reconnects: the worker's state (sessions, programs, LMs) does not depend on the
+connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any, BinaryIO, cast
+
+from provisioner.bridge.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    decode_reply,
+    dumps,
+    encode_frame,
+    read_frame,
+)
+from provisioner.errors import BridgeConnectionError, ProtocolError
+
+DEFAULT_SESSION = "anonymous"
+
+
+def _drop_none(**args: Any) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if v is not None}
+
+
+class BridgeCommands:
+    """The worker's commands as methods, over any ``request(command, **args) -> dict``."""
+
+    def request(self, command: str, **args: Any) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ping(self) -> dict[str, Any]:
+        return self.request("ping")
+
+    def configure_lm(self, session_id: str | None = None, **lm_fields: Any) -> dict[str, Any]:
+        """Set the LM of ``session_id`` (or the worker default when None) from LMConfig fields."""
+        return self.request("configure_lm", session_id=session_id, **lm_fields)
+
+    def create_program(
+        self,
+        signature: dict[str, Any] | str,
+        program_id: str | None = None,
+        program_type: str = "predict",
+        session_id: str = DEFAULT_SESSION,
+    ) -> dict[str, Any]:
+        return self.request(
+            "create_program",
+            **_drop_none(
+                signature=signature, program_id=program_id, program_type=program_type, session_id=session_id
+            ),
+        )
+
+    def execute_program(
+        self, program_id: str, inputs: dict[str, Any], session_id: str = DEFAULT_SESSION
+    ) -> dict[str, Any]:
+        """``{program_id, session_id, outputs: {...}, execution_time_ms}``."""
+        return self.request("execute_program", program_id=program_id, inputs=inputs, session_id=session_id)
+
+    def get_program_info(self, program_id: str, session_id: str = DEFAULT_SESSION) -> dict[str, Any]:
+        return self.request("get_program_info", program_id=program_id, session_id=session_id)
+
+    def list_programs(self, session_id: str = DEFAULT_SESSION, all_sessions: bool = False) -> dict[str, Any]:
+        if all_sessions:
+            return self.request("list_programs", all_sessions=True)
+        return self.request("list_programs", session_id=session_id)
+
+    def delete_program(self, program_id: str, session_id: str = DEFAULT_SESSION) -> dict[str, Any]:
+        return self.request("delete_program", program_id=program_id, session_id=session_id)
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.request("get_stats")
+
+    def cleanup_session(self, session_id: str) -> dict[str, Any]:
+        return self.request("cleanup_session", session_id=session_id)
+
+    def reset_state(self) -> dict[str, Any]:
+        return self.request("reset_state")
+
+    def shutdown(self) -> dict[str, Any]:
+        return self.request("shutdown")
+
+    def session(self, session_id: str) -> SessionClient:
+        """The program commands bound to one session (its own namespace and LM)."""
+        return SessionClient(self, session_id)
+
+
+class SessionClient:
+    """One session's view of a worker: every program command carries this ``session_id``.
+
+    ``close()`` (or leaving the ``with`` block) runs ``cleanup_session``: the session's programs and
+    LM are gone afterwards.
+    """
+
+    def __init__(self, bridge: BridgeCommands, session_id: str) -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        self.bridge = bridge
+        self.session_id = session_id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"SessionClient(session_id={self.session_id!r})"
+
+    def request(self, command: str, **args: Any) -> dict[str, Any]:
+        """Any command, with this session's id added when the command takes one."""
+        if command in _SESSION_COMMANDS:
+            args.setdefault("session_id", self.session_id)
+        return self.bridge.request(command, **args)
+
+    def ping(self) -> dict[str, Any]:
+        return self.bridge.ping()
+
+    def configure_lm(self, **lm_fields: Any) -> dict[str, Any]:
+        return self.bridge.configure_lm(session_id=self.session_id, **lm_fields)
+
+    def create_program(
+        self, signature: dict[str, Any] | str, program_id: str | None = None, program_type: str = "predict"
+    ) -> dict[str, Any]:
+        return self.bridge.create_program(signature, program_id, program_type, self.session_id)
+
+    def execute_program(self, program_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self.bridge.execute_program(program_id, inputs, self.session_id)
+
+    def get_program_info(self, program_id: str) -> dict[str, Any]:
+        return self.bridge.get_program_info(program_id, self.session_id)
+
+    def list_programs(self) -> dict[str, Any]:
+        return self.bridge.list_programs(self.session_id)
+
+    def delete_program(self, program_id: str) -> dict[str, Any]:
+        return self.bridge.delete_program(program_id, self.session_id)
+
+    def cleanup(self) -> dict[str, Any]:
+        return self.bridge.cleanup_session(self.session_id)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cleanup()
+
+    def __enter__(self) -> SessionClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_SESSION_COMMANDS = frozenset(
+    {"configure_lm", "create_program", "execute_program", "get_program_info", "list_programs",
+     "delete_program", "cleanup_session"}
+)
+
+
+class BridgeClient(BridgeCommands):
+    """A synchronous client for one worker at ``host:port``.
+
+    ``connect_timeout`` bounds connecting; ``request_timeout`` bounds waiting for each reply (pass
+    ``timeout=`` to :meth:`call` to change it for one request).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+        self._reader: BinaryIO | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"BridgeClient({self.host!r}, {self.port})"
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection now (requests also connect on demand)."""
+        with self._lock:
+            self._ensure_connected()
+
+    def _ensure_connected(self) -> tuple[socket.socket, BinaryIO]:
+        if self._closed:
+            raise BridgeConnectionError(f"{self!r} is closed")
+        if self._sock is not None and self._reader is not None:
+            return self._sock, self._reader
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise BridgeConnectionError(
+                f"cannot connect to the bridge worker at {self.host}:{self.port}: {exc}"
+            ) from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
+        return sock, self._reader
+
+    def _drop_connection(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                self._reader.close()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+        self._reader = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop_connection()
+
+    def __enter__(self) -> BridgeClient:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def request(self, command: str, **args: Any) -> dict[str, Any]:
+        """Send ``command`` with ``args``; the reply's result, or ``BridgeError``."""
+        return self.call(command, args)
+
+    def call(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Like :meth:`request`, with the args as a dict and an optional per-request timeout."""
+        request_id = next(self._ids)
+        try:
+            frame = encode_frame(dumps({"id": request_id, "command": command, "args": args or {}}))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"the args of {command} cannot be sent as JSON: {exc}") from None
+        wait = self.request_timeout if timeout is None else timeout
+        with self._lock:
+            sock, reader = self._ensure_connected()
+            try:
+                sock.settimeout(wait)
+                sock.sendall(frame)
+                deadline = time.monotonic() + wait
+                while True:
+                    payload = read_frame(reader, self.max_frame_bytes)
+                    if payload is None:
+                        raise BridgeConnectionError(
+                            f"the bridge worker at {self.host}:{self.port} closed the connection"
+                            f" before answering {command}", request_id
+                        )
+                    reply = decode_reply(payload)
+                    if reply.id == request_id or reply.id is None:
+                        break
+                    # A late reply to an earlier request that timed out on our side: skip it.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+            except TimeoutError:
+                self._drop_connection()
+                raise BridgeConnectionError(
+                    f"no reply to {command} from {self.host}:{self.port} within {wait:g} s", request_id
+                ) from None
+            except (OSError, ProtocolError) as exc:
+                self._drop_connection()
+                raise BridgeConnectionError(
+                    f"connection to the bridge worker at {self.host}:{self.port} broke"
+                    f" during {command}: {exc}",
+                    request_id,
+                ) from exc
+            if reply.id is None:
+                # Connection-level errors (oversized frame, too many connections) end the connection.
+                self._drop_connection()
+        return reply.unwrap()
+
+
+def check_json(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` as the worker would see them after a trip through JSON (used by LocalBridge)."""
+    try:
+        decoded: dict[str, Any] = json.loads(dumps(args))
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"args cannot be sent as JSON: {exc}") from None
+    return decoded

@@ -1,0 +1,58 @@
+"""The bridge in-process: :class:`LocalBridge` has the client's API but calls a BridgeService directly.
+
+The unit layer uses it where a container would be overkill. It keeps the wire's semantics: args
+and results make a round trip through JSON (so a value that could not be sent to a worker fails
+here too), errors raise the same :class:`~provisioner.errors.BridgeError` with the same
+``error_type``, and executions run under ``dspy.context(lm=...)`` exactly as in the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from provisioner.bridge.client import BridgeCommands, check_json
+from provisioner.bridge.protocol import ErrorType, dumps, rejected
+from provisioner.bridge.service import BridgeService, LMFactory
+from provisioner.lmconfig import LMConfig
+
+
+class LocalBridge(BridgeCommands):
+    """An in-process worker. ``lm_config`` is its start-up LM (default: the mock, like a bare
+    ``provision worker``). Use :meth:`session` for a session-bound view, as with a BridgeClient."""
+
+    def __init__(
+        self,
+        lm_config: LMConfig | None = None,
+        *,
+        lm_factory: LMFactory | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.service = BridgeService(
+            lm_config or LMConfig(mode="mock"), lm_factory=lm_factory, worker_id=worker_id or "in-process"
+        )
+        self._closed = threading.Event()
+        self.service.on_shutdown(self._closed.set)
+
+    def __repr__(self) -> str:
+        return f"LocalBridge(worker_id={self.service.worker_id!r})"
+
+    def request(self, command: str, **args: Any) -> dict[str, Any]:
+        if self._closed.is_set() and command != "shutdown":
+            raise rejected(ErrorType.SHUTTING_DOWN, f"this LocalBridge is closed; {command} refused")
+        result = self.service.call(command, check_json(args))
+        decoded: dict[str, Any] = json.loads(dumps(result))
+        return decoded
+
+    def close(self) -> None:
+        """Drop every session and program; later requests fail with ``ShuttingDown``."""
+        if not self._closed.is_set():
+            self.service.call("reset_state", {})
+            self._closed.set()
+
+    def __enter__(self) -> LocalBridge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

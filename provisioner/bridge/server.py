@@ -1,0 +1,658 @@
+"""The bridge worker's transport: a threaded TCP server, or one connection over stdin/stdout.
+
+Threads and why:
+
+* one *accept* thread (TCP) that hands each connection to its own *connection* thread, up to
+  ``max_connections`` — beyond that a client gets a ``TooManyConnections`` error reply and is closed;
+* a connection thread reads frames and answers quick commands itself, so a ``ping`` on one connection
+  never waits for work on another;
+* ``execute_program`` runs on a pool of ``max_inflight`` threads. A connection thread must take a
+  slot before it submits, so when all slots are busy it stops reading its socket: backpressure, not
+  an unbounded queue. Replies go out from the pool thread as soon as the work is done, so pipelined
+  requests on one connection may be answered out of order (the ids match them up);
+* one *deadline* thread that answers an execution still running after ``request_timeout_s`` with a
+  ``Timeout`` error (the late result is then dropped; the slot stays taken until the work ends).
+
+Nothing a client sends can stop the worker: malformed frames get error replies, broken connections
+are closed quietly. ``shutdown`` and SIGTERM refuse new work, let in-flight requests finish and
+reply, then :func:`run_worker` returns 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any, BinaryIO, cast
+
+from pydantic import ValidationError
+
+from provisioner.bridge.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    ErrorType,
+    RequestId,
+    decode_request,
+    dumps,
+    encode_frame,
+    error_reply,
+    ok_reply,
+    read_frame,
+)
+from provisioner.bridge.service import BridgeService, Deferred
+from provisioner.errors import BridgeError, ConfigError, ProtocolError
+from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
+
+log = logging.getLogger("provisioner.bridge")
+
+READY_PREFIX = "PROVISION_WORKER_READY"
+WORKER_ID_ENV = "PROVISION_WORKER_ID"
+# How long shutdown waits for in-flight work beyond the request timeout before giving up on it.
+_SHUTDOWN_GRACE_S = 5.0
+
+
+class _Connection:
+    """One peer: a reader, a locked writer, and a count of requests it still has to answer."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        reader: BinaryIO,
+        write: Callable[[bytes], None],
+        close: Callable[[], None],
+        stop_reading: Callable[[], None] | None,
+        peer: str,
+    ) -> None:
+        self.number = next(self._ids)
+        self.reader = reader
+        self._write = write
+        self._close = close
+        self._stop_reading = stop_reading
+        # A socket's reader can be woken by shutdown(SHUT_RD); a pipe's cannot.
+        self.interruptible = stop_reading is not None
+        self.peer = peer
+        self._write_lock = threading.Lock()
+        self._busy = 0
+        self._idle = threading.Condition()
+        self.broken = False
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Write one whole frame; False (and the connection marked broken) if the peer is gone."""
+        if self.broken:
+            return False
+        try:
+            with self._write_lock:
+                self._write(frame)
+        except (OSError, ValueError) as exc:  # ValueError: write to a closed file object
+            log.debug("connection %s (%s): send failed: %s", self.number, self.peer, exc)
+            self.broken = True
+            return False
+        return True
+
+    def enter(self) -> None:
+        with self._idle:
+            self._busy += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    def stop_reading(self) -> None:
+        if self._stop_reading is not None:
+            with contextlib.suppress(OSError):
+                self._stop_reading()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._close()
+
+
+class _InFlight:
+    """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
+
+    __slots__ = ("_lock", "conn", "deadline", "done", "request_id")
+
+    def __init__(self, conn: _Connection, request_id: RequestId, deadline: float) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.deadline = deadline
+        self.done = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """True for the first caller only: that one sends the reply."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+
+class _DeadlineWatch:
+    """One thread that times out executions. Deadlines are now + a constant, so a FIFO is in order."""
+
+    def __init__(self, on_expired: Callable[[_InFlight], None]) -> None:
+        self._queue: collections.deque[_InFlight] = collections.deque()
+        self._cond = threading.Condition()
+        self._on_expired = on_expired
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="bridge-deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, flight: _InFlight) -> None:
+        with self._cond:
+            self._queue.append(flight)
+            if len(self._queue) == 1:
+                self._cond.notify()
+
+    def finished(self) -> None:
+        """Drop finished requests from the front so the queue stays short."""
+        with self._cond:
+            while self._queue and self._queue[0].done:
+                self._queue.popleft()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            expired: list[_InFlight] = []
+            with self._cond:
+                while not self._stopped:
+                    while self._queue and self._queue[0].done:
+                        self._queue.popleft()
+                    if not self._queue:
+                        self._cond.wait()
+                        continue
+                    wait = self._queue[0].deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                while self._queue and self._queue[0].deadline <= now:
+                    expired.append(self._queue.popleft())
+            for flight in expired:
+                if not flight.done:
+                    self._on_expired(flight)
+
+
+class BridgeServer:
+    """Serves a :class:`BridgeService` over TCP (:meth:`listen`) and/or one stdio connection."""
+
+    def __init__(
+        self,
+        service: BridgeService,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_inflight: int = 8,
+        max_connections: int = 256,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        self.service = service
+        self.max_frame_bytes = max_frame_bytes
+        self.max_inflight = max_inflight
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self._pool = ThreadPoolExecutor(max_inflight, thread_name_prefix="bridge-exec")
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._deadlines = _DeadlineWatch(self._expire)
+        self._connections: dict[_Connection, threading.Thread] = {}
+        self._connections_lock = threading.Lock()
+        self._connections_total = 0
+        self._refused_connections = 0
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self.stop_requested = threading.Event()
+        self._closed = False
+        service.on_shutdown(self.request_stop)
+        service.stats_hooks.append(self._live_stats)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind and start accepting; returns the port (the OS's choice when ``port`` is 0)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError:
+            listener.close()
+            raise
+        listener.listen(min(self.max_connections, socket.SOMAXCONN))
+        self._listener = listener
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="bridge-accept", daemon=True)
+        self._accept_thread.start()
+        bound_port: int = listener.getsockname()[1]
+        log.info("bridge worker listening on %s:%d", host, bound_port)
+        return bound_port
+
+    def request_stop(self) -> None:
+        """Ask the server to stop (from a signal handler, the shutdown command, or stdin EOF)."""
+        self.service.begin_shutdown()
+        self.stop_requested.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let every in-flight request finish and reply, close everything.
+
+        Returns True when all work finished in time.
+        """
+        if self._closed:
+            return True
+        self._closed = True
+        self.service.begin_shutdown()
+        self.stop_requested.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        if timeout is None:
+            timeout = self.request_timeout_s + _SHUTDOWN_GRACE_S
+        deadline = time.monotonic() + timeout
+        with self._connections_lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            conn.stop_reading()
+        clean = True
+        for conn, thread in connections.items():
+            remaining = max(0.0, deadline - time.monotonic())
+            if conn.interruptible:
+                thread.join(remaining)
+                finished = not thread.is_alive()
+            else:  # its reader stays blocked on the pipe; what matters is that its work is done
+                finished = conn.wait_idle(remaining)
+            if not finished:
+                clean = False
+                log.warning("connection %s (%s) still busy at shutdown", conn.number, conn.peer)
+            conn.close()
+        self._deadlines.stop()
+        self._pool.shutdown(wait=clean, cancel_futures=True)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return clean
+
+    # -- TCP ---------------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self.stop_requested.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is not self._listener or self.stop_requested.is_set():
+                        continue
+                    try:
+                        sock, address = self._listener.accept()
+                    except OSError as exc:  # e.g. the peer reset before we accepted; keep serving
+                        log.debug("accept failed: %s", exc)
+                        continue
+                    self._start_connection(sock, address)
+        finally:
+            selector.close()
+
+    def _start_connection(self, sock: socket.socket, address: Any) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        with self._connections_lock:
+            full = len(self._connections) >= self.max_connections
+            if full:
+                self._refused_connections += 1
+        if full:
+            self.service.count_error(ErrorType.TOO_MANY_CONNECTIONS)
+            message = error_reply(
+                None,
+                f"the worker serves at most {self.max_connections} connections at once; try again later",
+                ErrorType.TOO_MANY_CONNECTIONS,
+            )
+            with contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                sock.sendall(encode_frame(dumps(message)))
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that never reads its replies must not pin a thread forever: sends time out.
+        seconds = max(1, int(self.request_timeout_s))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
+        reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
+
+        def close() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            reader.close()
+            sock.close()
+
+        conn = _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer)
+        thread = threading.Thread(
+            target=self._serve_and_forget, args=(conn,), name=f"bridge-conn-{conn.number}", daemon=True
+        )
+        with self._connections_lock:
+            self._connections[conn] = thread
+            self._connections_total += 1
+        thread.start()
+
+    def _serve_and_forget(self, conn: _Connection) -> None:
+        try:
+            self.serve_connection(conn)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(conn, None)
+
+    # -- one connection ----------------------------------------------------------------------------
+
+    def serve_connection(self, conn: _Connection) -> None:
+        """Read and answer requests until the peer goes away (or sends an oversized frame)."""
+        log.debug("connection %s from %s", conn.number, conn.peer)
+        try:
+            while not conn.broken:
+                try:
+                    payload = read_frame(conn.reader, self.max_frame_bytes)
+                except ProtocolError as exc:
+                    # The body was not read, so the stream is out of step: reply, then hang up.
+                    self.service.count_error(ErrorType.FRAME_TOO_LARGE)
+                    self._send(conn, error_reply(None, str(exc), ErrorType.FRAME_TOO_LARGE))
+                    break
+                except (OSError, ValueError):  # reset by peer, or our own close during shutdown
+                    break
+                if payload is None:
+                    break
+                conn.enter()
+                try:
+                    self._dispatch(conn, payload)
+                finally:
+                    conn.leave()
+        except Exception:  # never let one connection's problem escape its thread silently
+            log.exception("connection %s (%s) failed", conn.number, conn.peer)
+        finally:
+            # Replies to requests still running go out before the socket closes.
+            conn.wait_idle(self.request_timeout_s + _SHUTDOWN_GRACE_S)
+            conn.close()
+            log.debug("connection %s closed", conn.number)
+
+    def _dispatch(self, conn: _Connection, payload: bytes) -> None:
+        try:
+            request = decode_request(payload)
+        except BridgeError as exc:
+            self.service.count_error(exc.error_type)
+            self._send(conn, error_reply(cast(RequestId, exc.request_id), exc.message, exc.error_type))
+            return
+        try:
+            outcome = self.service.begin(request.command, request.args)
+        except BridgeError as exc:
+            self._send(conn, error_reply(request.id, exc.message, exc.error_type))
+            return
+        if isinstance(outcome, Deferred):
+            self._submit(conn, request.id, outcome)
+        else:
+            self._send(conn, ok_reply(request.id, outcome))
+
+    def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred) -> None:
+        # Backpressure: with every slot busy this connection stops reading until one frees up.
+        self._slots.acquire()
+        flight = _InFlight(conn, request_id, time.monotonic() + self.request_timeout_s)
+        conn.enter()
+        with self._inflight_lock:
+            self._inflight += 1
+        self._deadlines.add(flight)
+        try:
+            self._pool.submit(self._run, flight, deferred)
+        except RuntimeError:  # the pool is already shut down
+            self._finish(flight)
+            if flight.claim():
+                refusal = error_reply(request_id, "the worker is shutting down", ErrorType.SHUTTING_DOWN)
+                self._send(conn, refusal)
+
+    def _run(self, flight: _InFlight, deferred: Deferred) -> None:
+        try:
+            try:
+                message = ok_reply(flight.request_id, deferred.run())
+            except BridgeError as exc:
+                message = error_reply(flight.request_id, exc.message, exc.error_type)
+            except Exception as exc:  # BridgeService converts everything; this is a last resort
+                log.exception("internal error running %s", deferred.command)
+                self.service.count_error(ErrorType.INTERNAL_ERROR)
+                message = error_reply(
+                    flight.request_id, f"{deferred.command} failed: {exc}", ErrorType.INTERNAL_ERROR
+                )
+            if flight.claim():
+                self._send(flight.conn, message)
+        finally:
+            self._finish(flight)
+
+    def _finish(self, flight: _InFlight) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+        self._slots.release()
+        self._deadlines.finished()
+        flight.conn.leave()
+
+    def _expire(self, flight: _InFlight) -> None:
+        if flight.claim():
+            self.service.count_error(ErrorType.TIMEOUT)
+            self._send(
+                flight.conn,
+                error_reply(
+                    flight.request_id,
+                    f"execute_program did not finish within {self.request_timeout_s:g} s (process_timeout);"
+                    " its result will be discarded",
+                    ErrorType.TIMEOUT,
+                ),
+            )
+
+    def _send(self, conn: _Connection, message: dict[str, Any]) -> None:
+        try:
+            body = dumps(message)
+        except (TypeError, ValueError) as exc:
+            self.service.count_error(ErrorType.INTERNAL_ERROR)
+            body = dumps(
+                error_reply(message.get("id"), f"the reply could not be encoded as JSON: {exc}",
+                            ErrorType.INTERNAL_ERROR)
+            )
+        if len(body) > self.max_frame_bytes:
+            self.service.count_error(ErrorType.REPLY_TOO_LARGE)
+            body = dumps(
+                error_reply(
+                    message.get("id"),
+                    f"the reply of {len(body)} bytes exceeds the maximum frame"
+                    f" of {self.max_frame_bytes} bytes",
+                    ErrorType.REPLY_TOO_LARGE,
+                )
+            )
+        conn.send_frame(encode_frame(body))
+
+    def _live_stats(self) -> dict[str, Any]:
+        with self._connections_lock:
+            connections = len(self._connections)
+            total = self._connections_total
+            refused = self._refused_connections
+        with self._inflight_lock:
+            inflight = self._inflight
+        return {
+            "connections": connections,
+            "connections_total": total,
+            "connections_refused": refused,
+            "inflight": inflight,
+            "max_inflight": self.max_inflight,
+            "max_connections": self.max_connections,
+            "max_frame_bytes": self.max_frame_bytes,
+            "request_timeout_s": self.request_timeout_s,
+        }
+
+    # -- stdio -------------------------------------------------------------------------------------
+
+    def serve_stdio(self, stdin: BinaryIO, stdout: BinaryIO) -> threading.Thread:
+        """Serve one connection over a pair of byte streams (a host that spawned us as a port).
+
+        Returns the reading thread; when the host closes stdin the server stops by itself.
+        """
+
+        def write(frame: bytes) -> None:
+            stdout.write(frame)
+            stdout.flush()
+
+        # A pipe read cannot be interrupted from another thread: at shutdown the server waits for
+        # the connection's work instead, and the reading thread ends with the process.
+        conn = _Connection(stdin, write, stdout.close, None, "stdio")
+
+        def serve() -> None:
+            try:
+                self.serve_connection(conn)
+            finally:
+                self.request_stop()
+
+        thread = threading.Thread(target=serve, name="bridge-stdio", daemon=True)
+        with self._connections_lock:
+            self._connections[conn] = thread
+            self._connections_total += 1
+        thread.start()
+        return thread
+
+
+# --- the `provision worker` entry point -------------------------------------------------------------
+
+
+def startup_lm_config(
+    environ: Mapping[str, str] | None = None, lm_config_file: Path | None = None
+) -> LMConfig:
+    """The worker's start-up LM: the controller's env hand-over (``PROVISION_LM_CONFIG`` and
+    ``GEMINI_TEST_API_KEY``), else the ``--lm-config`` JSON file, else the mock.
+
+    Raises :class:`ConfigError` naming the source and the bad fields (never their values: the
+    configuration may carry the API key).
+    """
+    env = os.environ if environ is None else environ
+    source = f"env {LM_CONFIG_ENV}"
+    try:
+        from_env = LMConfig.from_worker_env(env)
+        if from_env is not None:
+            return from_env
+        if lm_config_file is not None:
+            source = f"--lm-config {lm_config_file}"
+            return LMConfig.model_validate_json(lm_config_file.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid start-up LM configuration from {source}: {problems}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"invalid start-up LM configuration from {source}: {exc}") from None
+    return LMConfig(mode="mock")
+
+
+def write_ready_file(path: Path, port: int) -> None:
+    """Write the port atomically: readers see either nothing or the whole number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_worker(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_file: Path | None = None,
+    stdio: bool = False,
+    lm_config: LMConfig | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_inflight: int = 8,
+    max_connections: int = 256,
+    request_timeout_s: float = 30.0,
+    worker_id: str | None = None,
+) -> int:
+    """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
+
+    Prints exactly one stdout line ``PROVISION_WORKER_READY port=<n>`` once it accepts requests
+    (with ``stdio`` that line goes to stderr, as ``port=stdio``: stdout carries only frames).
+    Returns the exit code: 0 after a clean shutdown.
+    """
+    _configure_logging()
+    worker_id = worker_id or os.environ.get(WORKER_ID_ENV) or None
+    protocol_out: BinaryIO | None = None
+    if stdio:
+        # stdout belongs to the protocol. Anything else that prints (DSPy, a stray print) must not
+        # corrupt the frames, so fd 1 is pointed at stderr and the protocol keeps a private copy.
+        sys.stdout.flush()
+        protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    # A worker is never up without an LM: a bare `provision worker` gets the mock.
+    service = BridgeService(lm_config or LMConfig(mode="mock"), worker_id=worker_id)
+    server = BridgeServer(
+        service,
+        max_frame_bytes=max_frame_bytes,
+        max_inflight=max_inflight,
+        max_connections=max_connections,
+        request_timeout_s=request_timeout_s,
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: finishing in-flight requests, then exiting", signal.Signals(signum).name)
+        server.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if stdio:
+            assert protocol_out is not None
+            server.serve_stdio(sys.stdin.buffer, protocol_out)
+            print(f"{READY_PREFIX} port=stdio", file=sys.stderr, flush=True)
+        else:
+            bound = server.listen(host, port)
+            if ready_file is not None:
+                write_ready_file(ready_file, bound)
+            print(f"{READY_PREFIX} port={bound}", flush=True)
+        server.stop_requested.wait()
+        clean = server.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("bridge worker stopped (%s)", "clean" if clean else "abandoned stuck work")
+    if not clean:
+        # Threads stuck in an LM call would keep the interpreter alive; their replies are already sent.
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _configure_logging() -> None:
+    """Worker logs go to stderr (stdout is for the ready line, or the frames with --stdio)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -1,0 +1,554 @@
+"""The bridge's command handlers as a plain class: no sockets, no threads of its own.
+
+The server (TCP or stdio) and :class:`~provisioner.bridge.local.LocalBridge` (in-process) both drive
+a :class:`BridgeService`. A handler validates its arguments, then either answers at once (a ``dict``)
+or returns a :class:`Deferred` — work that may be slow (``execute_program``) and that the server runs
+on its bounded pool. Everything a handler needs (the program, the LM) is resolved *before* the
+Deferred is returned, so pipelined requests on one connection see the state in the order they were
+sent even when their replies come back out of order.
+
+Every problem a client can cause raises :class:`~provisioner.errors.BridgeError` with the
+``error_type`` that goes into the error reply (see :class:`~provisioner.bridge.protocol.ErrorType`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from provisioner.bridge.programs import (
+    DEFAULT_SESSION,
+    PROGRAM_TYPES,
+    Program,
+    ProgramRegistry,
+    SignatureSpecError,
+    build_program,
+    new_program_id,
+    parse_signature_spec,
+)
+from provisioner.bridge.protocol import ErrorType, rejected
+from provisioner.errors import BridgeError, ProvisionerError
+from provisioner.lmconfig import LMConfig
+
+log = logging.getLogger("provisioner.bridge")
+
+LMFactory = Callable[[LMConfig], Any]
+COMMANDS: tuple[str, ...] = (
+    "ping",
+    "configure_lm",
+    "create_program",
+    "execute_program",
+    "get_program_info",
+    "list_programs",
+    "delete_program",
+    "get_stats",
+    "cleanup_session",
+    "reset_state",
+    "shutdown",
+)
+LM_FIELDS: tuple[str, ...] = tuple(LMConfig.model_fields)
+_MISSING: Any = object()
+
+
+def default_lm_factory(config: LMConfig) -> Any:
+    """``provisioner.lm.build_lm`` — imported late: it pulls in DSPy and the engines."""
+    from provisioner.lm import build_lm
+
+    return build_lm(config)
+
+
+@dataclass(slots=True)
+class Deferred:
+    """Slow work a handler hands back to its caller to run (on a pool, in the server)."""
+
+    command: str
+    run: Callable[[], dict[str, Any]]
+
+
+class _Args:
+    """Typed access to a request's ``args``; every mistake names the argument."""
+
+    def __init__(self, command: str, args: Mapping[str, Any], accepted: tuple[str, ...]) -> None:
+        self.command = command
+        self.args = args
+        unknown = sorted(set(args) - set(accepted))
+        if unknown:
+            listed = ", ".join(accepted) if accepted else "none"
+            raise rejected(
+                ErrorType.INVALID_ARGUMENT,
+                f"unknown argument {unknown[0]!r} for {command} (accepted: {listed})",
+            )
+
+    def _bad(self, name: str, expected: str, value: Any) -> BridgeError:
+        return rejected(
+            ErrorType.INVALID_ARGUMENT,
+            f"argument {name!r} of {self.command} must be {expected}, got {_describe(value)}",
+        )
+
+    def string(self, name: str, default: Any = _MISSING, *, alias: str | None = None) -> Any:
+        value = self.args.get(name, _MISSING)
+        if alias is not None and alias in self.args:
+            other = self.args[alias]
+            if value is not _MISSING and other != value:
+                raise rejected(
+                    ErrorType.INVALID_ARGUMENT,
+                    f"arguments {name!r} and its alias {alias!r} of {self.command} disagree",
+                )
+            value = other
+        if value is _MISSING or (value is None and default is not _MISSING):
+            if default is _MISSING:
+                raise rejected(ErrorType.INVALID_ARGUMENT, f"missing argument {name!r} for {self.command}")
+            return default
+        if not isinstance(value, str) or not value:
+            raise self._bad(name, "a non-empty string", value)
+        return value
+
+    def obj(self, name: str) -> dict[str, Any]:
+        value = self.args.get(name, _MISSING)
+        if value is _MISSING:
+            raise rejected(ErrorType.INVALID_ARGUMENT, f"missing argument {name!r} for {self.command}")
+        if not isinstance(value, dict):
+            raise self._bad(name, "an object", value)
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.args.get(name, default)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false", value)
+        return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return "an empty string" if not value else f"string {value[:40]!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+class BridgeService:
+    """The worker's state (sessions, programs, LMs, counters) and its command handlers.
+
+    ``lm_config`` is the start-up LM configuration: its LM is the worker default, and
+    ``configure_lm`` merges its arguments over it. ``None`` starts without a default LM (then every
+    execution needs a ``configure_lm`` first); ``provision worker`` always passes one.
+    """
+
+    def __init__(
+        self,
+        lm_config: LMConfig | None = None,
+        *,
+        lm_factory: LMFactory | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self._lm_factory: LMFactory = lm_factory or default_lm_factory
+        self._startup_config = lm_config
+        self._default_lm: Any = None
+        self._default_public: dict[str, Any] | None = None
+        if lm_config is not None:
+            self._default_lm = self._lm_factory(lm_config)
+            self._default_public = _public(lm_config)
+        self.registry = ProgramRegistry()
+        self._counts_lock = threading.Lock()
+        self._commands: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._executions = 0
+        self._shutdown_callbacks: list[Callable[[], None]] = []
+        self._shutting_down = threading.Event()
+        # The server adds live figures (connections, in-flight executions) to get_stats.
+        self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | Deferred]] = {
+            name: getattr(self, f"_cmd_{name}") for name in COMMANDS
+        }
+
+    # -- entry points ------------------------------------------------------------------------------
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down.is_set()
+
+    @property
+    def lm_configured(self) -> bool:
+        return self._default_lm is not None
+
+    def on_shutdown(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once) when a ``shutdown`` command arrives."""
+        self._shutdown_callbacks.append(callback)
+
+    def begin(self, command: str, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """Validate and handle a command: a result now, or a :class:`Deferred` to run.
+
+        Raises :class:`BridgeError` (already counted in the stats) for an error reply.
+        """
+        handler = self._handlers.get(command)
+        with self._counts_lock:
+            self._commands[command if handler else "<unknown>"] += 1
+        try:
+            if handler is None:
+                raise rejected(
+                    ErrorType.UNKNOWN_COMMAND,
+                    f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}",
+                )
+            if self._shutting_down.is_set() and command not in ("ping", "get_stats"):
+                raise rejected(ErrorType.SHUTTING_DOWN, f"the worker is shutting down; {command} refused")
+            outcome = handler(args)
+        except BridgeError as exc:
+            self.count_error(exc.error_type)
+            raise
+        except Exception as exc:  # a bug in a handler must not take the worker down
+            log.exception("internal error in %s", command)
+            self.count_error(ErrorType.INTERNAL_ERROR)
+            problem = f"{command} failed: {type(exc).__name__}: {exc}"
+            raise rejected(ErrorType.INTERNAL_ERROR, problem) from exc
+        return outcome
+
+    def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Handle a command to completion in the calling thread (in-process use)."""
+        outcome = self.begin(command, args)
+        return outcome.run() if isinstance(outcome, Deferred) else outcome
+
+    def count_error(self, error_type: str) -> None:
+        with self._counts_lock:
+            self._errors[str(error_type)] += 1
+
+    # -- LMs ---------------------------------------------------------------------------------------
+
+    def _lm_for(self, session_id: str) -> Any:
+        lm = self.registry.lm_of(session_id)
+        if lm is None:
+            lm = self._default_lm
+        if lm is None:
+            raise rejected(
+                ErrorType.LM_NOT_CONFIGURED,
+                f"no LM is configured for session '{session_id}' and the worker has no default LM;"
+                " call configure_lm first",
+            )
+        return lm
+
+    def _merged_config(self, fields: dict[str, Any]) -> LMConfig:
+        base = self._startup_config or LMConfig()
+        data: dict[str, Any] = base.model_dump(exclude={"api_key"})
+        data.update(fields)
+        if "api_key" not in fields and base.api_key is not None:
+            data["api_key"] = base.api_key
+        try:
+            return LMConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                # Never echo the value: it may be (or contain) a secret.
+                problems.append(f"argument {where!r}: {err['msg']}")
+            raise rejected(ErrorType.INVALID_LM_CONFIG, "configure_lm: " + "; ".join(problems)) from None
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    def _cmd_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        _Args("ping", args, ())
+        return {
+            "status": "ok",
+            "lm_configured": self.lm_configured,
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
+            "timestamp": time.time(),
+        }
+
+    def _cmd_configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("configure_lm", args, ("session_id", *LM_FIELDS))
+        session_id = a.string("session_id", None)
+        fields = {k: v for k, v in args.items() if k != "session_id"}
+        if isinstance(fields.get("api_key"), str):
+            fields["api_key"] = SecretStr(fields["api_key"])
+        config = self._merged_config(fields)
+        try:
+            lm = self._lm_factory(config)
+        except (ProvisionerError, ValueError, TypeError) as exc:
+            raise rejected(ErrorType.INVALID_LM_CONFIG, f"configure_lm: {exc}") from None
+        public = _public(config)
+        if session_id is None:
+            self._default_lm, self._default_public = lm, public
+        else:
+            self.registry.set_lm(session_id, lm, public)
+        target = session_id or "the worker default"
+        log.info("LM configured for %s: mode=%s model=%s", target, config.mode, config.model)
+        return {"status": "configured", "session_id": session_id, "lm": public}
+
+    def _cmd_create_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("create_program", args, ("signature", "program_id", "id", "program_type", "session_id"))
+        session_id = a.string("session_id", DEFAULT_SESSION)
+        program_id = a.string("program_id", None, alias="id") or new_program_id()
+        program_type = a.string("program_type", "predict")
+        if program_type not in PROGRAM_TYPES:
+            raise rejected(
+                ErrorType.INVALID_ARGUMENT,
+                f"argument 'program_type' of create_program must be one of {', '.join(PROGRAM_TYPES)},"
+                f" got {program_type!r}",
+            )
+        if "signature" not in args:
+            raise rejected(ErrorType.INVALID_ARGUMENT, "missing argument 'signature' for create_program")
+        if self.registry.exists(session_id, program_id):  # fail before the (costlier) build
+            raise rejected(
+                ErrorType.PROGRAM_EXISTS,
+                f"Program with ID '{program_id}' already exists in session '{session_id}'",
+            )
+        try:
+            spec = parse_signature_spec(args["signature"])
+            if program_type == "chain_of_thought":
+                for index, out in enumerate(spec.outputs):
+                    if out.name == "reasoning":
+                        raise SignatureSpecError(
+                            f"signature.outputs[{index}].name",
+                            "'reasoning' is added by chain_of_thought; choose another name",
+                        )
+            program = build_program(program_id, session_id, spec, program_type)
+        except SignatureSpecError as exc:
+            raise rejected(ErrorType.INVALID_SIGNATURE, str(exc)) from None
+        self.registry.add(program)
+        return {
+            "status": "created",
+            "program_id": program_id,
+            "session_id": session_id,
+            "program_type": program_type,
+            "signature": spec.public(),
+        }
+
+    def _cmd_execute_program(self, args: dict[str, Any]) -> Deferred:
+        a = _Args("execute_program", args, ("program_id", "id", "inputs", "session_id"))
+        session_id = a.string("session_id", DEFAULT_SESSION)
+        program_id = a.string("program_id", alias="id")
+        raw_inputs = a.obj("inputs")
+        program = self.registry.get(session_id, program_id)
+        inputs = _validate_inputs(program, raw_inputs)
+        lm = self._lm_for(session_id)
+
+        def run() -> dict[str, Any]:
+            return self._execute(program, inputs, lm)
+
+        return Deferred("execute_program", run)
+
+    def _execute(self, program: Program, inputs: dict[str, Any], lm: Any) -> dict[str, Any]:
+        import dspy
+
+        started = time.perf_counter()
+        try:
+            with dspy.context(lm=lm):
+                prediction = program.module(**inputs)
+            outputs = _outputs(prediction)
+        except BridgeError as exc:
+            self._record_execution(program, exc.error_type)
+            raise
+        except Exception as exc:
+            error = _execution_error(program, exc)
+            self._record_execution(program, error.error_type)
+            raise error from exc
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self._record_execution(program, None)
+        return {
+            "program_id": program.program_id,
+            "session_id": program.session_id,
+            "outputs": outputs,
+            "execution_time_ms": round(elapsed_ms, 3),
+        }
+
+    def _record_execution(self, program: Program, error_type: str | None) -> None:
+        with self._counts_lock:
+            self._executions += 1
+            program.execution_count += 1
+            program.last_executed_at = time.time()
+            if error_type is not None:
+                program.error_count += 1
+                self._errors[str(error_type)] += 1
+
+    def _cmd_get_program_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("get_program_info", args, ("program_id", "id", "session_id"))
+        session_id = a.string("session_id", DEFAULT_SESSION)
+        program = self.registry.get(session_id, a.string("program_id", alias="id"))
+        return program.info()
+
+    def _cmd_list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("list_programs", args, ("session_id", "all_sessions"))
+        all_sessions = a.flag("all_sessions", False)
+        session_id = None if all_sessions else a.string("session_id", DEFAULT_SESSION)
+        programs = [p.info() for p in self.registry.programs(session_id)]
+        return {"session_id": session_id, "programs": programs, "total_count": len(programs)}
+
+    def _cmd_delete_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("delete_program", args, ("program_id", "id", "session_id"))
+        session_id = a.string("session_id", DEFAULT_SESSION)
+        program = self.registry.delete(session_id, a.string("program_id", alias="id"))
+        return {"status": "deleted", "program_id": program.program_id, "session_id": session_id}
+
+    def _cmd_get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        _Args("get_stats", args, ())
+        sessions = self.registry.summary()
+        with self._counts_lock:
+            commands = dict(self._commands)
+            errors = dict(self._errors)
+            executions = self._executions
+        stats: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
+            "started_at": self.started_at,
+            "lm": self._default_public,
+            "lm_configured": self.lm_configured,
+            "sessions": sessions,
+            "session_count": len(sessions),
+            "program_count": sum(s["programs"] for s in sessions.values()),
+            "commands": commands,
+            "command_count": sum(commands.values()),
+            "errors": errors,
+            "error_count": sum(errors.values()),
+            "executions": executions,
+            "rss_bytes": _rss_bytes(),
+            "shutting_down": self.shutting_down,
+        }
+        for hook in self.stats_hooks:
+            stats.update(hook())
+        return stats
+
+    def _cmd_cleanup_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = _Args("cleanup_session", args, ("session_id",))
+        session_id = a.string("session_id")
+        removed = self.registry.remove_session(session_id)
+        return {
+            "status": "cleaned" if removed else "not_found",
+            "session_id": session_id,
+            "programs_removed": len(removed.programs) if removed else 0,
+            "lm_removed": bool(removed and removed.lm is not None),
+        }
+
+    def _cmd_reset_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        _Args("reset_state", args, ())
+        removed = self.registry.clear()
+        # The default LM returns to the start-up one: a worker is never left without its LM.
+        if self._startup_config is not None:
+            self._default_lm = self._lm_factory(self._startup_config)
+            self._default_public = _public(self._startup_config)
+        else:
+            self._default_lm, self._default_public = None, None
+        return {
+            "status": "reset",
+            "sessions_removed": len(removed),
+            "programs_removed": sum(len(s.programs) for s in removed),
+        }
+
+    def _cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        _Args("shutdown", args, ())
+        first = not self._shutting_down.is_set()
+        self._shutting_down.set()
+        if first:
+            for callback in self._shutdown_callbacks:
+                callback()
+        return {"status": "shutting_down", "worker_id": self.worker_id}
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work from now on (SIGTERM path); in-flight work still completes."""
+        self._shutting_down.set()
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _public(config: LMConfig) -> dict[str, Any]:
+    import json
+
+    public: dict[str, Any] = json.loads(config.public_json())
+    return public
+
+
+def _validate_inputs(program: Program, raw: dict[str, Any]) -> dict[str, Any]:
+    declared = program.input_validators
+    for name in raw:
+        if name not in declared:
+            raise rejected(
+                ErrorType.INVALID_ARGUMENT,
+                f"inputs.{name} is not an input of program '{program.program_id}'"
+                f" (inputs: {', '.join(declared)})",
+            )
+    values: dict[str, Any] = {}
+    for name, validate in declared.items():
+        if name not in raw:
+            raise rejected(
+                ErrorType.INVALID_ARGUMENT,
+                f"inputs.{name} is missing (program '{program.program_id}' needs: {', '.join(declared)})",
+            )
+        try:
+            values[name] = validate(raw[name])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            expected = next(f.type for f in program.spec.inputs if f.name == name)
+            raise rejected(
+                ErrorType.INVALID_ARGUMENT, f"inputs.{name} must be {expected}: {first['msg']}"
+            ) from None
+    return values
+
+
+def _outputs(prediction: Any) -> dict[str, Any]:
+    from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+    outputs: dict[str, Any] = {}
+    for name, value in prediction.items():
+        try:
+            converted = to_jsonable_python(value)
+        except PydanticSerializationError as exc:
+            raise rejected(
+                ErrorType.EXECUTION_ERROR, f"output {name!r} is not JSON-serialisable: {exc}"
+            ) from None
+        if not _finite(converted):
+            raise rejected(
+                ErrorType.EXECUTION_ERROR, f"output {name!r} holds NaN or infinity, which JSON cannot carry"
+            )
+        outputs[name] = converted
+    return outputs
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def _execution_error(program: Program, exc: Exception) -> BridgeError:
+    """A failure inside DSPy or the LM as an error reply. DSPy's and provisioner's own exception
+    names are kept as the error_type (``AdapterParseError``, ``LMRateLimitError``, ...)."""
+    from dspy.utils.exceptions import DSPyError
+
+    name = type(exc).__name__
+    error_type = name if isinstance(exc, DSPyError | ProvisionerError) else str(ErrorType.EXECUTION_ERROR)
+    return BridgeError(f"program '{program.program_id}' failed: {name}: {exc}", error_type)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or /proc unreadable: stats stay useful without RSS
+        return None
