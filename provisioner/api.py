@@ -49,6 +49,7 @@ class Environment:
         self._lm: Any = None
         self._local_bridge: Any = None
         self._closers: list[tuple[str, Any]] = []
+        self._sessions_by_label: dict[str, list[str]] = {}
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -112,6 +113,9 @@ class Environment:
     def isolated(self, label: str | None = None) -> IsolatedTest:
         """A new isolated session (close it, or use :meth:`session` for a ``with`` block)."""
         spec = SessionFactory.build(metadata={"label": label} if label else {})
+        if label:
+            with self._lock:
+                self._sessions_by_label.setdefault(label, []).append(spec.session_id)
         if self.layer.adapter == "mock":
             adapter = self._in_process_bridge().session(spec.session_id)
         else:
@@ -122,6 +126,11 @@ class Environment:
         # Registered first, so it runs last: the test's own cleanups may still use the session.
         test.add_cleanup(_close_session, adapter)
         return test
+
+    def sessions_of(self, label: str) -> list[str]:
+        """The ids of the isolated sessions opened with ``label`` (the plugin uses test node ids)."""
+        with self._lock:
+            return list(self._sessions_by_label.get(label, ()))
 
     @contextlib.contextmanager
     def session(self, label: str | None = None) -> Iterator[IsolatedTest]:

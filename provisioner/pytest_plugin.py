@@ -175,7 +175,7 @@ def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
 @pytest.fixture
 def lm_cost(request: pytest.FixtureRequest) -> LMCost:
     """Cost and call counts of LM calls made during the current test (live: read it at the end)."""
-    return _run(request).lm_cost()
+    return _run(request).lm_cost(request.node.nodeid)
 
 
 @pytest.fixture

@@ -412,3 +412,52 @@ def test_environment_api_without_pytest(tmp_path: Path) -> None:
     assert dspy.settings.lm is None
     with pytest.raises(Exception, match="ShuttingDown"):
         bridge.ping()  # the in-process bridge was closed with the environment
+
+
+CACHED_PROJECT = PROJECT + """
+[tool.provisioner.lm]
+cached_inner = "mock"
+"""
+
+
+def test_cached_lm_records_then_replays_and_reports_it(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", pyproject=CACHED_PROJECT)
+    pytester.makepyfile(
+        test_cached="""
+        import os
+        import dspy
+        import pytest
+
+        @pytest.mark.parametrize("q", ["one", "two"])
+        def test_ask(q, lm, lm_cost):
+            dspy.Predict("question -> answer")(question=q)
+            expected = os.environ["EXPECT"]
+            assert getattr(lm_cost, expected) == 1 and lm_cost.calls == 1
+        """
+    )
+    os.environ["EXPECT"] = "recorded"
+    try:
+        first = pytester.runpytest("--lm", "cached", "--provision-report", "first.json")
+        first.assert_outcomes(passed=2)
+        cassettes = list((pytester.path / "test" / "fixtures" / "lm_responses").rglob("*.json"))
+        assert len(cassettes) == 2
+        os.environ["EXPECT"] = "replayed"
+        again = pytester.runpytest(
+            "--lm", "cached", "--record-mode", "none", "--provision-report", "again.json"
+        )
+        again.assert_outcomes(passed=2)
+    finally:
+        os.environ.pop("EXPECT", None)
+    first_lm = json.loads((pytester.path / "first.json").read_text())["layers"]["unit"]
+    again_lm = json.loads((pytester.path / "again.json").read_text())["layers"]["unit"]
+    assert first_lm["lm_calls"] == {"mock": 0, "replayed": 0, "recorded": 2, "real": 0}
+    assert first_lm["cache_misses"] == 2
+    assert again_lm["lm_calls"] == {"mock": 0, "replayed": 2, "recorded": 0, "real": 0}
+    assert again_lm["cache_misses"] == 0 and again_lm["lm_mode"] == "cached"
+
+    pytester.makepyfile(
+        test_new="import dspy\n\ndef test_new(lm):\n    dspy.Predict('q -> a')(q='never seen')\n"
+    )
+    miss = pytester.runpytest("--lm", "cached", "--record-mode", "none", "test_new.py")
+    miss.assert_outcomes(failed=1)
+    miss.stdout.fnmatch_lines(["*CassetteMiss*"])

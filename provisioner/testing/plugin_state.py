@@ -16,7 +16,7 @@ from provisioner.layers import Layer, resolve_layers
 from provisioner.lmconfig import LMMode, RecordMode
 from provisioner.testing import docker_check
 from provisioner.testing.options import RunOptions, resolve_run, state_dir
-from provisioner.testing.report import OUTCOMES, LMUsage, ProcessReport, RunReport
+from provisioner.testing.report import OUTCOMES, LMUsage, ProcessReport, RunReport, combine, ledger_usage
 from provisioner.testing.run import RunIdentity
 from provisioner.testing.selection import layer_marks, marker_description, split_by_layer
 
@@ -28,21 +28,33 @@ _WORKERINPUT_RUN_ID = "provision_run_id"
 _WORKERINPUT_RUN_DIR = "provision_run_dir"
 
 
+_USAGE_FIELDS = ("mock", "replayed", "recorded", "real", "errors", "cache_misses", "input_tokens",
+                 "output_tokens")
+
+
 @dataclass
 class LMCost:
-    """LM calls and dollars spent since the fixture was set up (read it at the end of the test)."""
+    """LM calls and dollars of the current test so far (read it at the end of the test).
+
+    Mock calls come from this process's counters; replayed, recorded and real calls from the run's
+    ledger, attributed to the test's node id (in-process calls) or its isolated sessions' ids (calls
+    a bridge worker makes for the test).
+    """
 
     _environment: Any
     _baseline: LMUsage = field(default_factory=LMUsage)
+    test_id: str | None = None
 
     def usage(self) -> LMUsage:
         now = self._environment.lm_usage()
         delta = LMUsage()
-        for name in ("mock", "replayed", "recorded", "real", "errors", "cache_misses",
-                     "input_tokens", "output_tokens"):
+        for name in _USAGE_FIELDS:
             setattr(delta, name, getattr(now, name) - getattr(self._baseline, name))
         delta.cost_usd = now.cost_usd - self._baseline.cost_usd
-        return delta
+        if self.test_id is None:
+            return delta
+        owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
+        return combine(delta, ledger_usage(self._environment.run_dir, owners))
 
     @property
     def calls(self) -> int:
@@ -53,8 +65,7 @@ class LMCost:
         return self.usage().cost_usd
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("mock", "replayed", "recorded", "real", "errors", "cache_misses",
-                    "input_tokens", "output_tokens"):
+        if name in _USAGE_FIELDS:
             return getattr(self.usage(), name)
         raise AttributeError(name)
 
@@ -145,9 +156,9 @@ class ProvisionRun:
 
     # -- LM cost -----------------------------------------------------------------------------------
 
-    def lm_cost(self) -> LMCost:
+    def lm_cost(self, test_id: str) -> LMCost:
         self._used = True
-        return LMCost(self.environment, self.environment.lm_usage())
+        return LMCost(self.environment, self.environment.lm_usage(), test_id)
 
     # -- end of the run ----------------------------------------------------------------------------
 
@@ -188,6 +199,11 @@ class ProvisionRun:
             report.merge(own)
             for worker in self._worker_reports:
                 report.merge(worker)
+            section = report.layers[self.layer.name]
+            ledger = ledger_usage(self.identity.run_dir)
+            section.lm = combine(section.lm, ledger)
+            if ledger is not None:
+                report.run_cost_usd = ledger.cost_usd
             if terminal_stats is not None:
                 for outcome in OUTCOMES:
                     for entry in terminal_stats.get(outcome, ()):

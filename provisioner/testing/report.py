@@ -57,6 +57,52 @@ class LMUsage:
         return data
 
 
+LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
+
+
+def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) -> LMUsage | None:
+    """Non-mock LM calls of the run from its shared ledger (all processes and containers).
+
+    ``attributed_to`` keeps only calls whose ``test_id`` is one of these (a pytest node id, or the
+    session id a bridge worker attributes its calls to). ``None`` when the run has no ledger.
+    """
+    if run_dir is None:
+        return None
+    from provisioner.lm.ledger import LEDGER_FILE, read_ledger
+
+    path = run_dir / LEDGER_FILE
+    if not path.exists():
+        return None
+    usage = LMUsage()
+    for entry in read_ledger(path):
+        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
+            continue
+        if attributed_to is not None and entry.get("test_id") not in attributed_to:
+            continue
+        kind = str(entry["kind"])
+        setattr(usage, kind, getattr(usage, kind) + 1)
+        usage.input_tokens += int(entry.get("input_tokens") or 0)
+        usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
+        usage.cost_usd += float(entry.get("cost_usd") or 0.0)
+        if entry.get("cache") == "miss" or kind == "recorded":
+            usage.cache_misses += 1
+    return usage
+
+
+def combine(process: LMUsage, ledger: LMUsage | None) -> LMUsage:
+    """Mock calls from the process counters; every other kind from the ledger when there is one.
+
+    The ledger sees calls made inside worker containers too, and it is shared by all processes, so
+    it is the authority for the run; mock calls are free and never written there.
+    """
+    if ledger is None:
+        return process
+    merged = LMUsage(**asdict(ledger))
+    merged.mock = process.mock
+    merged.errors = process.errors
+    return merged
+
+
 @dataclass
 class LeakRecord:
     test: str
