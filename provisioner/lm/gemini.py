@@ -279,16 +279,15 @@ class GeminiEngine(EngineBase):
             if code == 404:
                 return lm15.UnsupportedModelError(message, **common), False, False
             return lm15.InvalidRequestError(message, **common), False, False
-        import httpx
-
+        timeouts, transports = _http_exception_types()
         text = self._scrub(f"{type(exc).__name__}: {exc}")
         where = f" at lm.base_url={self.config.base_url}" if self.config.base_url else ""
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, timeouts):
             timeout = self.config.request_timeout_s
             return lm15.TimeoutError(
                 f"Gemini call for {model!r} timed out after lm.request_timeout_s={timeout:g}s{where}: {text}",
                 provider="gemini"), True, True
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, transports):
             return lm15.TransportError(f"Gemini unreachable{where}: {text}", provider="gemini"), True, False
         failure = f"Gemini call for {model!r} failed{where}: {text}"
         return lm15.ServerError(failure, provider="gemini"), False, True
@@ -319,6 +318,20 @@ class GeminiEngine(EngineBase):
                         reasoning_tokens=usage.thoughts_tokens or None,
                         cache_read_tokens=usage.cached_tokens or None),
         )
+
+
+def _http_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """Timeout and transport exception classes of the HTTP stacks google-genai may use."""
+    timeouts: list[type[BaseException]] = []
+    transports: list[type[BaseException]] = []
+    for name in ("httpx", "httpx2"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        timeouts.append(module.TimeoutException)
+        transports.append(module.TransportError)
+    return tuple(timeouts), tuple(transports)
 
 
 def _usage_of(raw: Any) -> TokenUsage:

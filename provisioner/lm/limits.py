@@ -114,7 +114,7 @@ class RunLimits:
     """The rate limit and cost budget of one run, shared through ``run_dir``."""
 
     def __init__(self, run_dir: Path | None, *, rpm: int, cost_limit_usd: float,
-                 wait_s: float = 120.0, reservation_ttl_s: float = 600.0,
+                 wait_s: float = 120.0, reservation_ttl_s: float = 600.0, window_s: float = WINDOW_S,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.run_dir = resolve_run_dir(run_dir)
@@ -122,6 +122,8 @@ class RunLimits:
         self.cost_limit_usd = cost_limit_usd
         self.wait_s = wait_s
         self.reservation_ttl_s = reservation_ttl_s
+        # The window is a minute in production; tests shrink it to observe a full window quickly.
+        self.window_s = window_s
         self._clock = clock
         self._sleep = sleep
 
@@ -153,20 +155,20 @@ class RunLimits:
     # -- rate -------------------------------------------------------------------------------
 
     def acquire_request(self) -> float:
-        """Take one request slot of the run's per-minute budget; returns the seconds waited."""
+        """Take one request slot of the run's per-minute budget; returns the slot's start time."""
         started = self._clock()
         deadline = started + self.wait_s
         while True:
             with locked(self.run_dir):
                 data = self._load()
                 now = self._clock()
-                window = [t for t in data["requests"] if t > now - WINDOW_S]
+                window = [t for t in data["requests"] if t > now - self.window_s]
                 if len(window) < self.rpm:
                     window.append(now)
                     data["requests"] = window
                     self._save(data)
-                    return now - started
-                wait = min(window) + WINDOW_S - now
+                    return now
+                wait = min(window) + self.window_s - now
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
                 raise RateLimitExceeded(
@@ -181,7 +183,7 @@ class RunLimits:
         with locked(self.run_dir):
             data = self._load()
         now = self._clock()
-        return sum(1 for t in data["requests"] if t > now - WINDOW_S)
+        return sum(1 for t in data["requests"] if t > now - self.window_s)
 
     # -- cost -------------------------------------------------------------------------------
 

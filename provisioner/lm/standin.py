@@ -131,7 +131,8 @@ class GeminiStandin:
         handler = _make_handler(self._state, self._mock)
         self._server = ThreadingHTTPServer((self.host, self._requested_port), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="gemini-standin", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="gemini-standin", daemon=True)
         self._thread.start()
         return self
 
@@ -322,6 +323,8 @@ def _make_handler(state: _State, mock: MockEngine) -> type[BaseHTTPRequestHandle
                 finish = "MAX_TOKENS"
             prompt_tokens = _tokens(system) + sum(_tokens(t) for _, t in turns)
             thoughts = reply.thoughts_tokens if reply and reply.thoughts_tokens else thoughts
+            if isinstance(max_out, int):
+                thoughts = min(thoughts, max(max_out - output_tokens, 0))  # thinking counts against it
             cached = min(reply.cached_tokens if reply and reply.cached_tokens else cached, prompt_tokens)
             usage: dict[str, Any] = {
                 "promptTokenCount": prompt_tokens,
