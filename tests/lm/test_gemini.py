@@ -59,7 +59,8 @@ def test_dspy_program_runs_against_the_standin(standin: GeminiStandin, tmp_path:
     body = standin.requests[0].body
     assert "Your output fields are" in body["systemInstruction"]["parts"][0]["text"]
     assert body["contents"][-1]["role"] == "user" and "2 + 2?" in body["contents"][-1]["parts"][0]["text"]
-    assert body["generationConfig"]["maxOutputTokens"] == 1024 and body["generationConfig"]["temperature"] == 0
+    generation = body["generationConfig"]
+    assert generation["maxOutputTokens"] == 1024 and generation["temperature"] == 0
     delta = stats() - before
     assert delta.real == 1 and delta.cost_usd > 0
 
@@ -96,7 +97,8 @@ def test_429_is_retried_honouring_retry_after(standin: GeminiStandin, tmp_path: 
 
 def test_5xx_backs_off_exponentially_then_gives_a_clear_error(standin: GeminiStandin, tmp_path: Path) -> None:
     slept: list[float] = []
-    engine = GeminiEngine(_config(standin, tmp_path, max_retries=2, retry_base_delay_s=0.5), sleep=slept.append)
+    config = _config(standin, tmp_path, max_retries=2, retry_base_delay_s=0.5)
+    engine = GeminiEngine(config, sleep=slept.append)
     lm = dspy.LM("gemini/gemini-2.5-flash-lite", engine=engine, cache=False, num_retries=0)
     standin.fail_next(5, status=503)
     with dspy.context(lm=lm), pytest.raises(LMServerError) as caught:
