@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 RUN_ID_ENV = "PROVISION_RUN_ID"
 XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
 
-FieldType = Literal["str", "int", "float", "bool", "list[str]", "dict"]
 ProgramType = Literal["predict", "chain_of_thought"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -98,7 +97,8 @@ class FieldSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    type: FieldType = "str"
+    # Any type expression the bridge accepts: str, int, bool, list[str], Literal['a', 'b'], int | None ...
+    type: str = "str"
     description: str = ""
 
     @field_validator("name")
@@ -106,6 +106,14 @@ class FieldSpec(BaseModel):
     def _identifier(cls, value: str) -> str:
         if not _FIELD_NAME.match(value):
             raise ValueError(f"field name must be an identifier starting with a letter, got {value!r}")
+        return value
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        from provisioner.bridge.programs import parse_type  # the bridge's own parser: one set of rules
+
+        parse_type(value, "type")  # raises a ValueError naming what is wrong
         return value
 
     def to_wire(self) -> dict[str, str]:

@@ -96,6 +96,9 @@ def test_signature_validation_names_the_problem() -> None:
         FieldSpec(name="not valid")
     with pytest.raises(ValidationError, match="starting with a letter"):
         FieldSpec(name="_private")
+    with pytest.raises(ValidationError, match="type"):
+        FieldSpec(name="x", type="frobnicate[")
+    assert FieldSpec(name="x", type="Literal['a', 'b']").type == "Literal['a', 'b']"
     with pytest.raises(ValidationError, match="at least one output"):
         SignatureSpec(outputs=())
 
