@@ -461,3 +461,17 @@ def test_cached_lm_records_then_replays_and_reports_it(pytester: pytest.Pytester
     miss = pytester.runpytest("--lm", "cached", "--record-mode", "none", "test_new.py")
     miss.assert_outcomes(failed=1)
     miss.stdout.fnmatch_lines(["*CassetteMiss*"])
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qa_project"
+
+
+def test_example_project_unit_layer(pytester: pytest.Pytester) -> None:
+    import shutil
+
+    shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".provision"))
+    result = pytester.runpytest_subprocess("--layer", "unit", "-v")
+    result.assert_outcomes(passed=4, deselected=7)
+    result.stdout.fnmatch_lines(
+        ["*test_refund_tickets_are_billing PASSED*", "layer unit: 4 tests (4 passed)"]
+    )
