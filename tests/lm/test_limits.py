@@ -1,0 +1,178 @@
+"""Run-wide limits: the request window and the dollar budget hold across processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import CostLimitExceeded, RateLimitExceeded
+from provisioner.lm.ledger import read_ledger
+from provisioner.lm.limits import RunLimits
+from provisioner.lm.standin import GeminiStandin
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_window_admits_rpm_then_waits_for_the_oldest(tmp_path: Path) -> None:
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=3, cost_limit_usd=1, clock=clock, sleep=clock.sleep)
+    starts = []
+    for _ in range(3):
+        starts.append(limits.acquire_request())
+        clock.now += 1
+    assert clock.slept == []
+    clock.now += 9
+    fourth = limits.acquire_request()
+    assert clock.slept == [pytest.approx(48.0)]  # until the first request is 60 s old
+    assert fourth == pytest.approx(starts[0] + 60.0)
+    assert limits.requests_in_window() == 3
+
+
+def test_no_slot_within_the_wait_budget_is_an_error(tmp_path: Path) -> None:
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=1, cost_limit_usd=1, wait_s=5, clock=clock, sleep=clock.sleep)
+    limits.acquire_request()
+    with pytest.raises(RateLimitExceeded, match=r"lm\.rate_limit_rpm"):
+        limits.acquire_request()
+    assert clock.slept == []  # it knew at once that 60 s > 5 s: no pointless waiting
+
+
+def test_reservations_count_until_settled_and_expire(tmp_path: Path) -> None:
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=10, cost_limit_usd=1.0, reservation_ttl_s=100, clock=clock)
+    first = limits.reserve(0.6)
+    with pytest.raises(CostLimitExceeded, match=r"spent \$0\.000000, reserved by calls in flight \$0\.600000"):
+        limits.reserve(0.5)
+    limits.settle(first, 0.1)
+    second = limits.reserve(0.5)
+    assert limits.snapshot().spent_usd == pytest.approx(0.1)
+    assert limits.snapshot().reserved_usd == pytest.approx(0.5)
+    # A reservation of a process that died is dropped once it expires.
+    clock.now += 101
+    limits.reserve(0.85)
+    limits.settle(second, 0.0)  # settling an expired reservation is harmless
+    assert limits.snapshot().spent_usd == pytest.approx(0.1)
+
+
+def test_two_runs_do_not_share_state(tmp_path: Path) -> None:
+    one = RunLimits(tmp_path / "a", rpm=10, cost_limit_usd=1.0)
+    two = RunLimits(tmp_path / "b", rpm=10, cost_limit_usd=1.0)
+    one.reserve(0.9)
+    two.reserve(0.9)  # a different run has its own budget
+    with pytest.raises(CostLimitExceeded):
+        one.reserve(0.2)
+
+
+_RATE_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from provisioner.lm.limits import RunLimits
+    limits = RunLimits(Path(sys.argv[1]), rpm=4, cost_limit_usd=1.0, window_s=1.0, wait_s=30)
+    print(json.dumps([limits.acquire_request() for _ in range(6)]))
+    """
+)
+
+
+def test_rate_limit_holds_over_a_window_across_two_processes(tmp_path: Path) -> None:
+    children = [subprocess.Popen([sys.executable, "-c", _RATE_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+    starts: list[float] = []
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0
+        starts.extend(json.loads(out))
+    starts.sort()
+    assert len(starts) == 12
+    # In any window of 1 s there were at most 4 request starts, counting both processes together.
+    for i in range(len(starts) - 4):
+        assert starts[i + 4] - starts[i] >= 1.0 - 1e-6
+
+
+_COST_CHILD = textwrap.dedent(
+    """
+    import sys
+    import threading
+    from pathlib import Path
+    from dspy import lm15
+    from dspy.lm15 import Message, Request
+    from provisioner.lm.gemini import GeminiEngine
+    from provisioner.lmconfig import LMConfig
+
+    config = LMConfig(mode="real", api_key=sys.argv[3], base_url=sys.argv[2], run_dir=Path(sys.argv[1]),
+                      run_id="cost-run", max_tokens=200, cost_limit_usd=float(sys.argv[4]), rate_limit_rpm=1000)
+    engine = GeminiEngine(config)
+    counts = {"ok": 0, "refused": 0}
+    lock = threading.Lock()
+
+    def caller(n):
+        for i in range(5):
+            request = Request(model=config.model, system="Answer briefly.",
+                              messages=(Message.user(f"question {n}-{i} " + "x" * 400),))
+            try:
+                engine.complete(request)
+                outcome = "ok"
+            except lm15.BillingError:
+                outcome = "refused"
+            with lock:
+                counts[outcome] += 1
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(int(sys.argv[5]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(counts["ok"], counts["refused"])
+    """
+)
+
+
+@pytest.fixture
+def thinking_standin() -> Iterator[GeminiStandin]:
+    # Slow replies keep eight callers in flight at once; thinking tokens make real costs near the worst case.
+    with GeminiStandin(api_key="cost-key", latency_ms=60, thoughts_tokens=180) as server:
+        yield server
+
+
+def test_cost_limit_never_passed_with_eight_concurrent_callers(tmp_path: Path,
+                                                                thinking_standin: GeminiStandin) -> None:
+    limit = 0.0005  # eight concurrent calls at ~$0.00009 each would pass it without reservations
+    # Eight callers: four threads in each of two processes (each thread opens its own lock file
+    # descriptor, so flock excludes threads of one process as well as the other process).
+    children = [
+        subprocess.Popen([sys.executable, "-c", _COST_CHILD, str(tmp_path), thinking_standin.url, "cost-key",
+                          str(limit), "4"], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    ok = refused = 0
+    for child in children:
+        out, _ = child.communicate(timeout=180)
+        assert child.returncode == 0
+        done, denied = map(int, out.split())
+        ok, refused = ok + done, refused + denied
+    assert ok + refused == 40
+    assert ok >= 2 and refused >= 1
+    ledger = [e for e in read_ledger(tmp_path / "ledger.jsonl") if e.get("event") == "call"]
+    assert len(ledger) == ok == thinking_standin.request_count
+    spent = sum(e["cost_usd"] for e in ledger)
+    assert spent <= limit
+    state = json.loads((tmp_path / "lm-limits.json").read_text())
+    assert state["spent_usd"] <= limit and state["reservations"] == {}
+    assert state["spent_usd"] == pytest.approx(spent, rel=1e-6)
