@@ -58,7 +58,8 @@ def test_reservations_count_until_settled_and_expire(tmp_path: Path) -> None:
     clock = FakeClock()
     limits = RunLimits(tmp_path, rpm=10, cost_limit_usd=1.0, reservation_ttl_s=100, clock=clock)
     first = limits.reserve(0.6)
-    with pytest.raises(CostLimitExceeded, match=r"spent \$0\.000000, reserved by calls in flight \$0\.600000"):
+    in_flight = r"spent \$0\.000000, reserved by calls in flight \$0\.600000"
+    with pytest.raises(CostLimitExceeded, match=in_flight):
         limits.reserve(0.5)
     limits.settle(first, 0.1)
     second = limits.reserve(0.5)
@@ -117,7 +118,8 @@ _COST_CHILD = textwrap.dedent(
     from provisioner.lmconfig import LMConfig
 
     config = LMConfig(mode="real", api_key=sys.argv[3], base_url=sys.argv[2], run_dir=Path(sys.argv[1]),
-                      run_id="cost-run", max_tokens=200, cost_limit_usd=float(sys.argv[4]), rate_limit_rpm=1000)
+                      run_id="cost-run", max_tokens=200, cost_limit_usd=float(sys.argv[4]),
+                      rate_limit_rpm=1000)
     engine = GeminiEngine(config)
     counts = {"ok": 0, "refused": 0}
     lock = threading.Lock()
