@@ -210,7 +210,7 @@ class BridgeService:
                     ErrorType.UNKNOWN_COMMAND,
                     f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}",
                 )
-            if self._shutting_down.is_set() and command not in ("ping", "get_stats"):
+            if self._shutting_down.is_set() and command not in ("ping", "get_stats", "shutdown"):
                 raise rejected(ErrorType.SHUTTING_DOWN, f"the worker is shutting down; {command} refused")
             outcome = handler(args)
         except BridgeError as exc:

@@ -187,6 +187,7 @@ TEST_LM = LMConfig(
         MockRule(match={"question": "2+2"}, outputs={"answer": 4}),
         MockRule(match={"question": "capital of France"}, outputs={"answer": "Paris"}),
         MockRule(match={"question": "slow"}, outputs={"answer": 7}, latency_ms=1500),
+        MockRule(match={"question": "medium"}, outputs={"answer": 8}, latency_ms=500),
     ],
 )
 _DEFAULT: Any = object()
