@@ -1,0 +1,63 @@
+"""The labels every resource provisioner creates carries, and how to build and read them.
+
+Labels are how cleanup finds things without any state file: the watchdog, ``provision reap`` and
+``provision down`` all select by ``provisioner.run=<id>``. Labels are visible to anyone who can talk
+to the engine, so they never hold secrets — only ids, names, the owner's host and pid, and times.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+MANAGED = "provisioner.managed"
+RUN = "provisioner.run"
+LAYER = "provisioner.layer"
+SESSION = "provisioner.session"
+ROLE = "provisioner.role"
+SLOT = "provisioner.slot"
+OWNER_HOST = "provisioner.owner.host"
+OWNER_PID = "provisioner.owner.pid"
+CREATED = "provisioner.created"
+IMAGE_HASH = "provisioner.image.hash"
+RETAIN = "provisioner.retain"
+
+ROLE_WORKER = "worker"
+ROLE_RELAY = "relay"
+ROLE_STANDIN = "standin"
+ROLE_NETWORK = "network"
+
+
+def run_labels(
+    run_id: str,
+    layer: str,
+    session: str,
+    *,
+    owner_pid: int | None = None,
+    owner_host: str | None = None,
+    created: float | None = None,
+) -> dict[str, str]:
+    """The labels shared by every resource of one run."""
+    return {
+        MANAGED: "true",
+        RUN: run_id,
+        LAYER: layer,
+        SESSION: session,
+        OWNER_HOST: owner_host or socket.gethostname(),
+        OWNER_PID: str(owner_pid if owner_pid is not None else os.getpid()),
+        CREATED: str(int(created if created is not None else time.time())),
+    }
+
+
+def selector(run_id: str | None = None) -> dict[str, str]:
+    """Label filter for every managed resource, or those of one run."""
+    out = {MANAGED: "true"}
+    if run_id is not None:
+        out[RUN] = run_id
+    return out
+
+
+def matches(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in wanted.items())

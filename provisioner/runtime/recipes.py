@@ -1,0 +1,487 @@
+"""Layer + Settings + LMConfig -> the recipes of one run's containers and networks.
+
+A run is planned as data (:class:`RunPlan`) before anything is created, so the same plan drives the
+Docker engine, the in-memory fake, testcontainers (:meth:`ContainerRecipe.configure`) and the
+checked-in compose files (:mod:`provisioner.runtime.compose`).
+
+Network design (see docs/containers.md):
+
+* every run gets its own **run network** ``prov-<run>``. It is ``internal`` (no default route, no
+  way out of the host) unless the layer really talks to the internet (real LM mode against the real
+  API). Workers and the Gemini stand-in live only on it, reachable by their aliases (``w0``, ``w1``,
+  ``gemini-standin``);
+* a small **relay** container joins the run network and an ordinary **edge network**
+  ``prov-<run>-edge``; it publishes one port per worker slot on ``127.0.0.1`` (host port chosen by
+  Docker) and forwards each to the slot's alias. The relay is the only container with a route out,
+  and it runs a fixed stdlib TCP forwarder (:mod:`provisioner.runtime.relay`): no LM, no key.
+
+So ``PROVISION_BRIDGE_ADDRS`` are ``127.0.0.1:<port>`` everywhere (also on Docker Desktop), a
+replaced worker keeps its slot's address, and mock/cached workers cannot reach a paid API.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from provisioner.layers import Layer
+from provisioner.lmconfig import API_KEY_ENV, LMConfig
+from provisioner.runtime import labels as L
+from provisioner.settings import Settings
+
+WORKER_PORT = 8765
+RELAY_BASE_PORT = 9000
+STANDIN_PORT = 8080
+STANDIN_ALIAS = "gemini-standin"
+# Paths inside worker containers. Fixed, so no host path leaks into the container or the compose files.
+CASSETTE_MOUNT = "/provision/cassettes"
+RUN_DIR_MOUNT = "/provision/run"
+# A fixed unprivileged uid for workers when provisioner itself runs as root (see worker_user()).
+WORKER_UID = 10001
+TMPFS = {"/tmp": "rw,nosuid,nodev,size=256m"}
+
+Role = Literal["worker", "relay", "standin"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount of a host directory."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    network: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkRecipe:
+    name: str
+    internal: bool
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ContainerRecipe:
+    """Everything needed to create one container. ``secret_environment`` never leaves the engine call.
+
+    ``networks[0]`` is the network the container is created on; the others are connected before it
+    starts. ``ports`` are container ports published on ``127.0.0.1`` with the host port left to Docker.
+    """
+
+    name: str
+    role: Role
+    image: str
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    labels: dict[str, str]
+    networks: tuple[NetworkAttachment, ...]
+    ports: tuple[int, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    user: str | None = None
+    read_only: bool = True
+    tmpfs: dict[str, str] = field(default_factory=lambda: dict(TMPFS))
+    memory: str = "1g"
+    cpus: float = 1.0
+    pids_limit: int = 256
+    cap_drop: tuple[str, ...] = ("ALL",)
+    security_opt: tuple[str, ...] = ("no-new-privileges:true",)
+    init: bool = True
+    slot: int | None = None
+    secret_environment: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, without secrets (for state files, ``--json`` and logs)."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "image": self.image,
+            "command": list(self.command),
+            "environment": dict(self.environment),
+            "secret_environment": sorted(self.secret_environment),  # names only
+            "labels": dict(self.labels),
+            "networks": [{"network": a.network, "aliases": list(a.aliases)} for a in self.networks],
+            "ports": list(self.ports),
+            "mounts": [
+                {"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts
+            ],
+            "user": self.user,
+            "read_only": self.read_only,
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "pids_limit": self.pids_limit,
+        }
+
+    def to_run_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for docker-py ``client.containers.create(**kwargs)``.
+
+        Contains the secret environment (the engine needs it): never log the result. Only
+        ``networks[0]`` is included (as ``network``); connect the others, with their aliases, before
+        starting the container (:class:`~provisioner.runtime.engine.DockerRuntime` does this).
+        """
+        kwargs: dict[str, Any] = {
+            "image": self.image,
+            "command": list(self.command),
+            "name": self.name,
+            "environment": {**self.environment, **self.secret_environment},
+            "labels": dict(self.labels),
+            "ports": {f"{port}/tcp": ("127.0.0.1", None) for port in self.ports},
+            "volumes": {
+                m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in self.mounts
+            },
+            "read_only": self.read_only,
+            "tmpfs": dict(self.tmpfs),
+            "mem_limit": self.memory,
+            "nano_cpus": int(self.cpus * 1e9),
+            "pids_limit": self.pids_limit,
+            "cap_drop": list(self.cap_drop),
+            "security_opt": list(self.security_opt),
+            "init": self.init,
+            "detach": True,
+        }
+        if self.user is not None:
+            kwargs["user"] = self.user
+        if self.networks:
+            kwargs["network"] = self.networks[0].network
+        return kwargs
+
+    def configure(self, container: Any) -> Any:
+        """Apply this recipe to a ``testcontainers.core.container.DockerContainer`` and return it.
+
+        Sets command, environment, labels, 127.0.0.1-only ports, mounts, limits, hardening and the
+        first network with its aliases (the network must exist already; create it from the plan's
+        :class:`NetworkRecipe`). testcontainers' Ryuk reaper should be disabled
+        (``TESTCONTAINERS_RYUK_DISABLED=true``): it needs an image pull; our watchdog does its job.
+        """
+        kwargs = self.to_run_kwargs()
+        container.image = self.image
+        container._command = kwargs.pop("command")
+        container._name = kwargs.pop("name")
+        container.env.update(kwargs.pop("environment"))
+        kwargs.pop("image")
+        kwargs.pop("detach")
+        for port in self.ports:
+            container.ports[f"{port}/tcp"] = ("127.0.0.1", None)
+        kwargs.pop("ports")
+        for m in self.mounts:
+            container.with_volume_mapping(m.source, m.target, "ro" if m.read_only else "rw")
+        kwargs.pop("volumes")
+        container.tmpfs.update(kwargs.pop("tmpfs"))
+        network = kwargs.pop("network", None)
+        if network is not None:
+            container.with_network(_NamedNetwork(network))
+            if self.networks[0].aliases:
+                container.with_network_aliases(*self.networks[0].aliases)
+        container.with_kwargs(**kwargs)
+        return container
+
+
+@dataclass(frozen=True)
+class _NamedNetwork:
+    """The one attribute testcontainers reads from its ``Network`` when starting a container."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every resource of one run, in creation order (networks first)."""
+
+    run_id: str
+    layer: str
+    session: str
+    lm_mode: str
+    networks: tuple[NetworkRecipe, ...]
+    relay: ContainerRecipe
+    workers: tuple[ContainerRecipe, ...]
+    standin: ContainerRecipe | None = None
+    uses_standin: bool = False
+    egress: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def run_network(self) -> str:
+        return self.networks[0].name
+
+    def containers(self) -> tuple[ContainerRecipe, ...]:
+        extra = (self.standin,) if self.standin is not None else ()
+        return (*extra, self.relay, *self.workers)
+
+    def relay_port_for(self, slot: int) -> int:
+        return RELAY_BASE_PORT + slot
+
+    def public_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "layer": self.layer,
+            "session": self.session,
+            "lm_mode": self.lm_mode,
+            "egress": self.egress,
+            "uses_standin": self.uses_standin,
+            "networks": [{"name": n.name, "internal": n.internal, "labels": n.labels} for n in self.networks],
+            "containers": [c.public_dict() for c in self.containers()],
+        }
+
+
+def worker_user(euid: int | None = None, egid: int | None = None) -> str:
+    """The uid:gid workers run as.
+
+    Not root: the invoking user's own uid:gid, so cassettes and ledgers written through bind mounts
+    belong to you. Root: a fixed unprivileged uid (10001) with group 0, and the few directories we
+    mount are made group-writable (:func:`prepare_shared_dir`) — no chmod 777, no chown of your files.
+    Group 0 grants nothing else inside the container: its root filesystem is read-only and every
+    capability is dropped.
+    """
+    uid = os.geteuid() if euid is None else euid
+    gid = os.getegid() if egid is None else egid
+    if uid == 0:
+        return f"{WORKER_UID}:0"
+    return f"{uid}:{gid}"
+
+
+def prepare_shared_dir(path: Path, *, euid: int | None = None) -> Path:
+    """Create ``path`` (absolute) and, when running as root, make it writable for group 0 workers."""
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    if (os.geteuid() if euid is None else euid) == 0:
+        _group_writable(path)
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                _group_writable(child)
+    return path
+
+
+def _group_writable(path: Path) -> None:
+    mode = path.stat().st_mode
+    wanted = mode | stat.S_IRGRP | stat.S_IWGRP
+    if stat.S_ISDIR(mode):
+        wanted |= stat.S_IXGRP | stat.S_ISGID  # setgid: new files keep the directory's group
+    if wanted != mode:
+        path.chmod(stat.S_IMODE(wanted))
+
+
+def worker_lm_config(
+    lm: LMConfig,
+    *,
+    run_id: str,
+    layer: str,
+    base_url: str | None,
+) -> LMConfig:
+    """The LM configuration as a worker container sees it (in-container paths, stand-in URL)."""
+    update: dict[str, Any] = {"run_id": run_id, "layer": layer}
+    if lm.mode == "cached":
+        update["cache_dir"] = Path(CASSETTE_MOUNT)
+    if lm.mode != "mock":
+        # The run's rate window, cost budget and ledger are files shared (with fcntl locks) by every
+        # worker of the run: one directory, bind-mounted into all of them.
+        update["run_dir"] = Path(RUN_DIR_MOUNT)
+    else:
+        update["run_dir"] = None
+    if base_url is not None:
+        update["base_url"] = base_url
+    return lm.model_copy(update=update)
+
+
+def plan_run(
+    settings: Settings,
+    layer: Layer,
+    lm: LMConfig,
+    *,
+    run_id: str,
+    image: str,
+    workers: int | None = None,
+    session: str | None = None,
+    run_dir: Path | None = None,
+    use_standin: bool | None = None,
+    owner_pid: int | None = None,
+    owner_host: str | None = None,
+    created: float | None = None,
+    user: str | None = None,
+    worker_args: tuple[str, ...] = (),
+) -> RunPlan:
+    """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
+
+    ``lm`` is the host-side LM configuration (``settings.lm_for(layer)``); ``run_dir`` is the host
+    directory shared by the run's workers (needed for cached and real modes). ``use_standin``:
+    None = start the stand-in exactly when the layer is real and no API key is configured.
+    """
+    if not layer.needs_docker:
+        raise ValueError(
+            f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}); it has no containers"
+        )
+    count = workers if workers is not None else layer.workers
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    session = session or run_id
+    base = L.run_labels(
+        run_id, layer.name, session, owner_pid=owner_pid, owner_host=owner_host, created=created
+    )
+    if use_standin is None:
+        use_standin = lm.mode == "real" and lm.api_key is None and lm.base_url is None
+    if use_standin and lm.mode != "real":
+        raise ValueError(f"the Gemini stand-in serves real-mode workers; layer {layer.name!r} is {lm.mode!r}")
+    # Only a real-mode run against the real API needs a route out; everything else stays internal.
+    egress = lm.mode == "real" and not use_standin
+    run_net = f"prov-{run_id}"
+    edge_net = f"prov-{run_id}-edge"
+    networks = (
+        NetworkRecipe(run_net, internal=not egress, labels={**base, L.ROLE: L.ROLE_NETWORK}),
+        NetworkRecipe(edge_net, internal=False, labels={**base, L.ROLE: L.ROLE_NETWORK}),
+    )
+    user = user or worker_user()
+    memory = layer.memory or settings.container.memory
+    cpus = layer.cpus or settings.container.cpus
+    limits: dict[str, Any] = {
+        "memory": memory,
+        "cpus": cpus,
+        "pids_limit": settings.container.pids_limit,
+        "read_only": settings.container.read_only,
+        "user": user,
+    }
+
+    base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}" if use_standin else None
+    worker_lm = worker_lm_config(lm, run_id=run_id, layer=layer.name, base_url=base_url)
+    lm_env = worker_lm.to_worker_env()
+    secret = {API_KEY_ENV: lm_env.pop(API_KEY_ENV)} if API_KEY_ENV in lm_env else {}
+    if worker_lm.mode != "real":
+        secret = {}  # the key only ever reaches real-mode workers
+    mounts: list[Mount] = []
+    if lm.mode == "cached":
+        mounts.append(Mount(str(lm.cache_dir.resolve()), CASSETTE_MOUNT, read_only=lm.record_mode == "none"))
+    if lm.mode != "mock":
+        if run_dir is None:
+            raise ValueError(f"layer {layer.name!r} ({lm.mode} LM) needs a run_dir shared by its workers")
+        mounts.append(Mount(str(run_dir.resolve()), RUN_DIR_MOUNT))
+
+    env = {
+        **_common_env(),
+        **lm_env,
+        "PROVISION_RUN_ID": run_id,
+        "PROVISION_LAYER": layer.name,
+        "PROVISION_WORKER__MAX_FRAME_BYTES": str(settings.worker.max_frame_bytes),
+        "PROVISION_WORKER__MAX_INFLIGHT": str(settings.worker.max_inflight),
+        "PROVISION_WORKER__MAX_CONNECTIONS": str(settings.worker.max_connections),
+    }
+    worker_recipes = tuple(
+        worker_recipe(
+            run_id,
+            slot,
+            image=image,
+            environment=env,
+            secret_environment=secret,
+            labels=base,
+            network=run_net,
+            mounts=tuple(mounts),
+            limits=limits,
+            worker_args=worker_args,
+        )
+        for slot in range(count)
+    )
+    relay = ContainerRecipe(
+        name=f"prov-{run_id}-relay",
+        role="relay",
+        image=image,
+        command=(
+            "python",
+            "-m",
+            "provisioner.runtime.relay",
+            *(f"{RELAY_BASE_PORT + slot}=w{slot}:{WORKER_PORT}" for slot in range(count)),
+        ),
+        environment=_common_env(),
+        labels={**base, L.ROLE: L.ROLE_RELAY},
+        networks=(NetworkAttachment(run_net), NetworkAttachment(edge_net)),
+        ports=tuple(RELAY_BASE_PORT + slot for slot in range(count)),
+        memory="128m",
+        cpus=min(cpus, 1.0),
+        pids_limit=64,
+        read_only=settings.container.read_only,
+        user=user,
+    )
+    standin = None
+    if use_standin:
+        standin = ContainerRecipe(
+            name=f"prov-{run_id}-standin",
+            role="standin",
+            image=image,
+            command=("provision", "standin", "gemini", "--host", "0.0.0.0", "--port", str(STANDIN_PORT)),  # noqa: S104
+            environment=_common_env(),
+            labels={**base, L.ROLE: L.ROLE_STANDIN},
+            networks=(NetworkAttachment(run_net, (STANDIN_ALIAS,)),),
+            memory="256m",
+            cpus=min(cpus, 1.0),
+            pids_limit=128,
+            read_only=settings.container.read_only,
+            user=user,
+        )
+    return RunPlan(
+        run_id=run_id,
+        layer=layer.name,
+        session=session,
+        lm_mode=lm.mode,
+        networks=networks,
+        relay=relay,
+        workers=worker_recipes,
+        standin=standin,
+        uses_standin=use_standin,
+        egress=egress,
+        labels=base,
+    )
+
+
+def worker_recipe(
+    run_id: str,
+    slot: int,
+    *,
+    image: str,
+    environment: Mapping[str, str],
+    secret_environment: Mapping[str, str],
+    labels: Mapping[str, str],
+    network: str,
+    mounts: tuple[Mount, ...],
+    limits: Mapping[str, Any],
+    generation: int = 0,
+    worker_args: tuple[str, ...] = (),
+) -> ContainerRecipe:
+    """The recipe of the worker in ``slot``; ``generation`` > 0 for replacements (a new name, same alias)."""
+    suffix = f"-{generation}" if generation else ""
+    return ContainerRecipe(
+        name=f"prov-{run_id}-w{slot}{suffix}",
+        role="worker",
+        image=image,
+        command=("provision", "worker", "--host", "0.0.0.0", "--port", str(WORKER_PORT), *worker_args),  # noqa: S104
+        environment={**environment, "PROVISION_WORKER_SLOT": str(slot)},
+        secret_environment=dict(secret_environment),
+        labels={**labels, L.ROLE: L.ROLE_WORKER, L.SLOT: str(slot)},
+        networks=(NetworkAttachment(network, (f"w{slot}",)),),
+        mounts=mounts,
+        slot=slot,
+        **limits,
+    )
+
+
+def replacement_recipe(recipe: ContainerRecipe, generation: int) -> ContainerRecipe:
+    """The same worker recipe under a fresh container name (its slot alias stays)."""
+    from dataclasses import replace
+
+    assert recipe.slot is not None
+    base_name = recipe.name.rsplit(f"-w{recipe.slot}", 1)[0] + f"-w{recipe.slot}"
+    return replace(recipe, name=f"{base_name}-{generation}" if generation else base_name)
+
+
+def _common_env() -> dict[str, str]:
+    # Read-only root filesystem: everything a process writes goes to the /tmp tmpfs.
+    return {
+        "HOME": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "DSPY_CACHEDIR": "/tmp/dspy_cache",
+        "XDG_CACHE_HOME": "/tmp/.cache",
+    }

@@ -1,0 +1,92 @@
+"""The run's port relay: a tiny TCP forwarder that runs in its own container.
+
+``python -m provisioner.runtime.relay 9000=w0:8765 9001=w1:8765`` listens on each left-hand port
+and forwards every connection to the right-hand ``alias:port``, resolved per connection through
+Docker's embedded DNS — so a replaced worker that takes over a slot's alias is reachable at the same
+published address at once.
+
+Why a relay at all: workers of mock and cached layers sit on an ``internal`` network (no route out
+of the host), and Docker publishes no ports from internal networks. The relay is on that network and
+on an ordinary one, and only its ports are published, on 127.0.0.1. It imports nothing but the
+standard library: it starts in milliseconds and carries no LM code or key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+BUFFER = 256 * 1024
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(BUFFER):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+def _handler(host: str, port: int):  # type: ignore[no-untyped-def]
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            # The worker is not there (yet, or any more): close, the client retries or reports.
+            client_writer.close()
+            return
+        try:
+            await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
+        finally:
+            for w in (client_writer, upstream_writer):
+                with contextlib.suppress(Exception):
+                    w.close()
+
+    return handle
+
+
+def parse_routes(args: list[str]) -> list[tuple[int, str, int]]:
+    """``LISTEN=HOST:PORT`` arguments as (listen port, host, port)."""
+    routes = []
+    for arg in args:
+        try:
+            listen, target = arg.split("=", 1)
+            host, port = target.rsplit(":", 1)
+            routes.append((int(listen), host, int(port)))
+        except ValueError:
+            raise SystemExit(
+                f"relay: bad route {arg!r}; expected LISTEN=HOST:PORT, e.g. 9000=w0:8765"
+            ) from None
+    if not routes:
+        raise SystemExit("relay: no routes given; expected LISTEN=HOST:PORT ...")
+    return routes
+
+
+async def serve(routes: list[tuple[int, str, int]]) -> None:
+    servers = [
+        await asyncio.start_server(_handler(host, port), "0.0.0.0", listen, reuse_address=True)  # noqa: S104
+        for listen, host, port in routes
+    ]
+    print("PROVISION_RELAY_READY " + " ".join(f"{lp}={h}:{p}" for lp, h, p in routes), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for server in servers:
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(parse_routes(list(sys.argv[1:] if argv is None else argv))))
+
+
+if __name__ == "__main__":
+    main()
