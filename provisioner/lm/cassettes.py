@@ -254,3 +254,39 @@ def prune_cassettes(root: Path, used: set[str], *, dry_run: bool = False) -> lis
             if shard.is_dir() and len(shard.name) == 2 and not any(shard.iterdir()):
                 shard.rmdir()
     return removed
+
+
+@dataclass
+class PruneResult:
+    run_id: str
+    removed: list[Path]
+    kept: int
+    dry_run: bool
+
+
+def prune_unused(root: Path, sources: Iterable[Path], *, run_id: str | None = None, dry_run: bool = False,
+                 force: bool = False) -> PruneResult:
+    """Remove the entries that no test used in the last full run (or in ``run_id``).
+
+    The run's usage comes from its ledger (every replayed or recorded call names its cassette).
+    Unless ``force``, the run must be marked complete and full — pruning after a partial run
+    (``-k``, a failed session) would delete recordings the skipped tests still need.
+    """
+    from provisioner.errors import ConfigError
+    from provisioner.lm.ledger import last_full_run, run_cassette_usage
+
+    sources = list(sources)
+    chosen = run_id or last_full_run(sources)
+    if chosen is None:
+        raise ConfigError("no full run found in the ledgers to prune against; run the whole suite in "
+                          "cached mode first, or name one with --run (and --force if it was partial)")
+    used, full = run_cassette_usage(sources, chosen)
+    if not full and not force:
+        raise ConfigError(f"run {chosen!r} is not marked as a complete full run; pruning against it could "
+                          "delete recordings of tests it did not run (use --force to prune anyway)")
+    if not used and not force:
+        raise ConfigError(f"run {chosen!r} used no cassettes at all; refusing to delete every entry "
+                          "(use --force to prune anyway)")
+    total = sum(1 for _ in CassetteStore(root).paths())
+    removed = prune_cassettes(root, used, dry_run=dry_run)
+    return PruneResult(chosen, removed, total - len(removed), dry_run)

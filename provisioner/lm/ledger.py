@@ -242,14 +242,54 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
     return report
 
 
-def used_cassettes(path: Path) -> tuple[set[str], bool]:
-    """Cassette keys a run used, and whether that run was marked complete and full."""
+def last_full_run(sources: Iterable[Path]) -> str | None:
+    """The id of the most recent run marked complete and full (no deselected tests)."""
+    latest: tuple[str, str] | None = None
+    for source in sources:
+        for entry in read_ledger(source):
+            if entry.get("event") == "run_complete" and entry.get("full") and entry.get("run_id"):
+                stamp = (str(entry.get("ts", "")), str(entry["run_id"]))
+                latest = stamp if latest is None or stamp > latest else latest
+    return latest[1] if latest else None
+
+
+def run_cassette_usage(sources: Iterable[Path], run_id: str) -> tuple[set[str], bool]:
+    """Cassette keys a run replayed or recorded, and whether it was marked complete and full."""
     keys: set[str] = set()
     full = False
-    for entry in read_ledger(path):
-        if entry.get("event") == "run_complete" and entry.get("full"):
-            full = True
-        cassette = entry.get("cassette")
-        if entry.get("event") == "call" and isinstance(cassette, str):
-            keys.add(cassette)
+    for source in sources:
+        for entry in read_ledger(source):
+            if entry.get("run_id") != run_id:
+                continue
+            if entry.get("event") == "run_complete" and entry.get("full"):
+                full = True
+            cassette = entry.get("cassette")
+            if entry.get("event") == "call" and isinstance(cassette, str):
+                keys.add(cassette)
     return keys, full
+
+
+def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
+    """The report as text: totals per month, per run, the costliest tests, and budget warnings."""
+
+    def row(name: str, totals: Totals) -> str:
+        kinds = " ".join(f"{k}={v}" for k, v in sorted(totals.by_kind.items()))
+        return (f"  {name:<44} ${totals.cost_usd:>10.6f}  {totals.calls:>6} calls  "
+                f"{totals.input_tokens:>9} in  {totals.output_tokens:>8} out  {kinds}")
+
+    lines = [row("total", report.total)]
+    for title, table, limit in (("per month", report.by_month, None), ("per run", report.by_run, None),
+                                ("per test (costliest first)", report.by_test, top_tests)):
+        if not table:
+            continue
+        lines.append(title + ":")
+        items = sorted(table.items())
+        if limit:
+            items.sort(key=lambda kv: (-kv[1].cost_usd, kv[0]))
+        for name, totals in items[:limit]:
+            lines.append(row(name, totals))
+    for month in report.over_budget_months:
+        spent = report.by_month[month].cost_usd
+        lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="
+                     f"${report.monthly_budget_usd:.2f}")
+    return "\n".join(lines)

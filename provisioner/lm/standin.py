@@ -33,6 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -352,22 +353,28 @@ def ready_line(port: int) -> str:
     return f"{READY_LINE} port={port}"
 
 
-def serve(*, host: str, port: int, api_key: str | None, ready_file: str | None = None,
-          stop: threading.Event | None = None, announce: Any = print) -> None:
-    """Run a stand-in until ``stop`` is set or SIGTERM/SIGINT arrives (the CLI command)."""
+def serve(*, host: str, port: int, api_key: str | None, ready_file: Path | None = None,
+          latency_ms: int = 0, stop: threading.Event | None = None) -> None:
+    """Run a stand-in until ``stop`` is set or SIGTERM/SIGINT arrives (the CLI command).
+
+    Prints :func:`ready_line` once listening and, like the worker, writes the port to
+    ``ready_file`` atomically (readers see nothing or the whole number).
+    """
+    import os
     import signal
 
     stop = stop or threading.Event()
-    standin = GeminiStandin(host=host, port=port, api_key=api_key).start()
+    standin = GeminiStandin(host=host, port=port, api_key=api_key, latency_ms=latency_ms).start()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     try:
-        line = ready_line(standin.port)
-        if ready_file:
-            with open(ready_file, "w", encoding="utf-8") as handle:
-                handle.write(line + "\n")
-        announce(line)
+        if ready_file is not None:
+            ready_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ready_file.with_name(f".{ready_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{standin.port}\n", encoding="utf-8")
+            os.replace(tmp, ready_file)
+        print(ready_line(standin.port), flush=True)
         stop.wait()
     finally:
         standin.stop()

@@ -1,0 +1,155 @@
+"""Ledger sums and the `provision cassettes` / `cost` / `standin` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dspy
+import pytest
+from click.testing import CliRunner
+
+from provisioner.cli import main
+from provisioner.lm import build_lm
+from provisioner.lm.cassettes import CassetteStore
+from provisioner.lm.ledger import Ledger, archive_run_ledger, cost_report, current_test, ledger_sources
+from provisioner.lmconfig import LMConfig
+
+
+def _write_calls(run_dir: Path, run_id: str, calls: list[tuple[str, float]]) -> None:
+    ledger = Ledger(run_dir, run_id=run_id, layer="integration")
+    for test_id, cost in calls:
+        with current_test(test_id):
+            ledger.call(model="gemini-2.5-flash-lite", kind="real", input_tokens=10, output_tokens=5,
+                        cost_usd=cost)
+
+
+def test_report_sums_per_run_test_and_month(tmp_path: Path) -> None:
+    state = tmp_path / ".provision"
+    _write_calls(state / "runs" / "a", "run-a", [("t1", 0.25), ("t2", 0.5), ("t1", 0.25)])
+    _write_calls(state / "runs" / "b", "run-b", [("t1", 1.0)])
+    report = cost_report(ledger_sources(state), monthly_budget_usd=1.5)
+    assert report.total.calls == 4 and report.total.cost_usd == pytest.approx(2.0)
+    assert report.by_run["run-a"].cost_usd == pytest.approx(1.0)
+    assert report.by_test["t1"].cost_usd == pytest.approx(1.5) and report.by_test["t1"].calls == 3
+    (month,) = report.by_month
+    assert report.over_budget_months == [month]
+    only_b = cost_report(ledger_sources(state), run_id="run-b")
+    assert only_b.total.calls == 1
+    assert cost_report(ledger_sources(state), month="1999-01").total.calls == 0
+
+
+def test_archive_is_idempotent_and_counted_once(tmp_path: Path) -> None:
+    state = tmp_path / ".provision"
+    run_dir = state / "runs" / "a"
+    _write_calls(run_dir, "run-a", [("t1", 0.1), ("t2", 0.2)])
+    assert archive_run_ledger(run_dir, state) == 2
+    assert archive_run_ledger(run_dir, state) == 0
+    # The run directory may be deleted after archiving: the month archive keeps the numbers.
+    for path in run_dir.iterdir():
+        path.unlink()
+    report = cost_report(ledger_sources(state))
+    assert report.total.calls == 2 and report.total.cost_usd == pytest.approx(0.3)
+
+
+def test_cost_report_cli_warns_over_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROVISION_LM__MONTHLY_BUDGET_USD", "0.5")
+    _write_calls(tmp_path / ".provision" / "runs" / "r", "run-r", [("tests/a.py::test_x", 0.75)])
+    result = CliRunner().invoke(main, ["cost", "report", "--month"])
+    assert result.exit_code == 0, result.output
+    assert "tests/a.py::test_x" in result.output and "0.750000" in result.output
+    assert "over lm.monthly_budget_usd" in result.output
+    as_json = CliRunner().invoke(main, ["cost", "report", "--run", "run-r", "--json"])
+    data = json.loads(as_json.stdout)
+    assert "over the monthly budget" in as_json.stderr
+    assert data["by_run"]["run-r"]["cost_usd"] == pytest.approx(0.75)
+    assert data["over_budget_months"]
+
+
+def _record(cache_dir: Path, run_dir: Path, run_id: str, questions: list[str]) -> None:
+    lm = build_lm(LMConfig(mode="cached", cached_inner="mock", cache_dir=cache_dir, run_dir=run_dir,
+                           run_id=run_id))
+    with dspy.context(lm=lm):
+        for question in questions:
+            dspy.Predict("question -> answer")(question=question)
+
+
+def test_cassettes_list_verify_prune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cassettes"
+    runs = tmp_path / ".provision" / "runs"
+    _record(cache, runs / "old", "run-old", ["kept question", "stale question"])
+    _record(cache, runs / "new", "run-new", ["kept question"])
+    runner = CliRunner()
+
+    listed = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0 and "2 entries" in listed.output
+    assert "question='stale question'" in listed.output
+
+    assert runner.invoke(main, ["cassettes", "verify", "--cache-dir", str(cache)]).exit_code == 0
+
+    # No full run yet: pruning refuses rather than guessing.
+    refused = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache)])
+    assert refused.exit_code != 0 and "no full run" in refused.output
+    Ledger(runs / "new", run_id="run-new").mark_run_complete(full=True)
+    dry = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache), "--dry-run"])
+    assert dry.exit_code == 0 and "would remove" in dry.output and len(CassetteStore(cache).keys()) == 2
+    pruned = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache)])
+    assert pruned.exit_code == 0, pruned.output
+    assert "run run-new: 1 unused, 1 kept" in pruned.output
+    kept = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache), "--json"])
+    assert [entry["request"] for entry in json.loads(kept.stdout)] == [
+        "gemini-2.5-flash-lite `question -> answer` (question='kept question')"]
+
+
+def test_verify_finds_edits_keys_and_torn_writes(tmp_path: Path) -> None:
+    cache = tmp_path / "cassettes"
+    _record(cache, tmp_path / "run", "r", ["one", "two", "three"])
+    first, second, _ = CassetteStore(cache).paths()
+    entry = json.loads(first.read_text())
+    entry["request"]["messages"][-1][1] += " edited"
+    first.write_text(json.dumps(entry))
+    second.write_text(second.read_text().replace("mock_response", "AIza" + "x" * 35))
+    (cache / "ab").mkdir(exist_ok=True)
+    (cache / "ab" / ".abandoned.tmp").write_text("{")
+    result = CliRunner().invoke(main, ["cassettes", "verify", "--cache-dir", str(cache)])
+    assert result.exit_code == 1
+    assert "key does not match" in result.output
+    assert "contains an API key" in result.output
+    assert "stray temporary file" in result.output
+
+
+def test_standin_command_serves_until_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    env = {**os.environ, "GEMINI_TEST_API_KEY": "cli-key"}
+    process = subprocess.Popen([sys.executable, "-m", "provisioner.cli", "standin", "gemini", "--port", "0",
+                                "--ready-file", str(ready)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("PROVISION_STANDIN_READY port=")
+        port = int(line.split("=", 1)[1])
+        assert ready.read_text().strip() == str(port)
+        url = f"http://127.0.0.1:{port}/v1beta/models/gemini-2.5-flash-lite:generateContent"
+        body = json.dumps({"contents": [{"parts": [{"text": "hi"}]}]}).encode()
+        good = urllib.request.Request(url, data=body, headers={"x-goog-api-key": "cli-key"})
+        ok = urllib.request.urlopen(good, timeout=10)
+        assert json.loads(ok.read())["modelVersion"] == "gemini-2.5-flash-lite"
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            bad = urllib.request.Request(url, data=body, headers={"x-goog-api-key": "other"})
+            urllib.request.urlopen(bad, timeout=10)
+        assert wrong.value.code == 400
+    finally:
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the exit with a deadline
+    assert process.returncode == 0
