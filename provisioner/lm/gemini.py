@@ -190,6 +190,8 @@ class GeminiEngine(EngineBase):
             stop_sequences=list(generation.stop) or None,
             seed=generation.seed,
             response_mime_type=response_mime_type,
+            # DSPy owns tool calling; google-genai's automatic function calling stays out of it.
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
         )
         return contents, config, generation
 
