@@ -24,7 +24,8 @@ def test_worst_case_covers_every_allowed_token() -> None:
     price = GEMINI_PRICES["gemini-2.5-flash-lite"]
     worst = worst_case_usd(price, 1000, 500)
     assert worst == pytest.approx((1000 * 0.10 + 500 * 0.40) / 1e6)
-    assert worst >= cost_usd(price, TokenUsage(prompt_tokens=1000, candidates_tokens=300, thoughts_tokens=200))
+    most = TokenUsage(prompt_tokens=1000, candidates_tokens=300, thoughts_tokens=200)
+    assert worst >= cost_usd(price, most)
 
 
 def test_configured_price_wins_and_prefixes_are_ignored() -> None:

@@ -10,7 +10,7 @@ import dspy
 import pytest
 from pydantic import SecretStr
 
-from provisioner.lm import build_lm, build_engine
+from provisioner.lm import build_engine, build_lm
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import API_KEY_ENV, LMConfig
 
