@@ -23,6 +23,8 @@ OWNER_PID = "provisioner.owner.pid"
 CREATED = "provisioner.created"
 IMAGE_HASH = "provisioner.image.hash"
 RETAIN = "provisioner.retain"
+# "true" for environments meant to outlive the command that started them (`provision up`).
+PERSISTENT = "provisioner.persistent"
 
 ROLE_WORKER = "worker"
 ROLE_RELAY = "relay"
@@ -38,9 +40,11 @@ def run_labels(
     owner_pid: int | None = None,
     owner_host: str | None = None,
     created: float | None = None,
+    persistent: bool = False,
 ) -> dict[str, str]:
     """The labels shared by every resource of one run."""
     return {
+        PERSISTENT: "true" if persistent else "false",
         MANAGED: "true",
         RUN: run_id,
         LAYER: layer,

@@ -37,6 +37,7 @@ WORKER_PORT = 8765
 RELAY_BASE_PORT = 9000
 STANDIN_PORT = 8080
 STANDIN_ALIAS = "gemini-standin"
+STANDIN_KEY = "provision-standin-not-a-secret"
 # Paths inside worker containers. Fixed, so no host path leaks into the container or the compose files.
 CASSETTE_MOUNT = "/provision/cassettes"
 RUN_DIR_MOUNT = "/provision/run"
@@ -306,6 +307,7 @@ def plan_run(
     created: float | None = None,
     user: str | None = None,
     worker_args: tuple[str, ...] = (),
+    persistent: bool = False,
 ) -> RunPlan:
     """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
 
@@ -322,7 +324,13 @@ def plan_run(
         raise ValueError(f"workers must be at least 1, got {count}")
     session = session or run_id
     base = L.run_labels(
-        run_id, layer.name, session, owner_pid=owner_pid, owner_host=owner_host, created=created
+        run_id,
+        layer.name,
+        session,
+        owner_pid=owner_pid,
+        owner_host=owner_host,
+        created=created,
+        persistent=persistent,
     )
     if use_standin is None:
         use_standin = lm.mode == "real" and lm.api_key is None and lm.base_url is None
@@ -347,12 +355,15 @@ def plan_run(
         "user": user,
     }
 
-    base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}" if use_standin else None
+    base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}/" if use_standin else None
     worker_lm = worker_lm_config(lm, run_id=run_id, layer=layer.name, base_url=base_url)
     lm_env = worker_lm.to_worker_env()
     secret = {API_KEY_ENV: lm_env.pop(API_KEY_ENV)} if API_KEY_ENV in lm_env else {}
     if worker_lm.mode != "real":
         secret = {}  # the key only ever reaches real-mode workers
+    elif use_standin:
+        # The stand-in accepts any non-empty key; the Gemini engine insists on having one.
+        secret = {API_KEY_ENV: STANDIN_KEY}
     mounts: list[Mount] = []
     if lm.mode == "cached":
         mounts.append(Mount(str(lm.cache_dir.resolve()), CASSETTE_MOUNT, read_only=lm.record_mode == "none"))
@@ -369,6 +380,7 @@ def plan_run(
         "PROVISION_WORKER__MAX_FRAME_BYTES": str(settings.worker.max_frame_bytes),
         "PROVISION_WORKER__MAX_INFLIGHT": str(settings.worker.max_inflight),
         "PROVISION_WORKER__MAX_CONNECTIONS": str(settings.worker.max_connections),
+        "PROVISION_PROCESS_TIMEOUT": str(settings.process_timeout),
     }
     worker_recipes = tuple(
         worker_recipe(
@@ -457,7 +469,11 @@ def worker_recipe(
         role="worker",
         image=image,
         command=("provision", "worker", "--host", "0.0.0.0", "--port", str(WORKER_PORT), *worker_args),  # noqa: S104
-        environment={**environment, "PROVISION_WORKER_SLOT": str(slot)},
+        environment={
+            **environment,
+            "PROVISION_WORKER_SLOT": str(slot),
+            "PROVISION_WORKER_ID": f"prov-{run_id}-w{slot}{suffix}",
+        },
         secret_environment=dict(secret_environment),
         labels={**labels, L.ROLE: L.ROLE_WORKER, L.SLOT: str(slot)},
         networks=(NetworkAttachment(network, (f"w{slot}",)),),
@@ -471,9 +487,11 @@ def replacement_recipe(recipe: ContainerRecipe, generation: int) -> ContainerRec
     """The same worker recipe under a fresh container name (its slot alias stays)."""
     from dataclasses import replace
 
-    assert recipe.slot is not None
+    if recipe.slot is None:
+        raise ValueError(f"{recipe.name} is not a worker recipe (it has no slot)")
     base_name = recipe.name.rsplit(f"-w{recipe.slot}", 1)[0] + f"-w{recipe.slot}"
-    return replace(recipe, name=f"{base_name}-{generation}" if generation else base_name)
+    name = f"{base_name}-{generation}" if generation else base_name
+    return replace(recipe, name=name, environment={**recipe.environment, "PROVISION_WORKER_ID": name})
 
 
 def _common_env() -> dict[str, str]:

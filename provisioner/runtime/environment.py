@@ -1,0 +1,993 @@
+"""A layer's environment, up and down: the plain API behind ``provision up/down/status/run/reap/doctor``.
+
+* :class:`RunEnvironment` — one live run: creates its networks and containers from a
+  :class:`~provisioner.runtime.recipes.RunPlan` (workers started concurrently), waits until every
+  worker answers ``ping`` with its LM configured, replaces workers, and removes everything again;
+* :func:`up` / :func:`down` / :func:`status` / :func:`run_command` / :func:`reap` / :func:`doctor` —
+  what the CLI calls, with the state file ``<state_dir>/runs/<id>/state.json`` and the env file
+  ``<state_dir>/runs/<id>/env`` (also copied to ``<state_dir>/current.env`` for ``source``).
+
+No secrets are written: state and env files hold ids, names, addresses and modes only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import (
+    ConfigError,
+    DockerUnavailableError,
+    ImageError,
+    RuntimeProblem,
+    WorkerNotReadyError,
+)
+from provisioner.layers import get_layer
+from provisioner.lmconfig import LMMode
+from provisioner.runtime import labels as L
+from provisioner.runtime import watchdog as wd
+from provisioner.runtime.engine import ContainerRuntime, ContainerState, ResourceRef, remove_by_selector
+from provisioner.runtime.recipes import (
+    ContainerRecipe,
+    RunPlan,
+    plan_run,
+    prepare_shared_dir,
+    replacement_recipe,
+)
+from provisioner.runtime.resources import CleanupReport, ResourceManager
+from provisioner.settings import Settings, load_settings
+
+LOOPBACK = "127.0.0.1"
+CURRENT_ENV = "current.env"
+CURRENT_RUN = "current"
+Progress = Callable[[str], None]
+
+
+# --- readiness ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    lm_configured: bool = False
+    detail: str = ""
+    latency_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.ok and self.lm_configured
+
+
+Probe = Callable[[str, int, float], ProbeResult]
+
+
+def bridge_probe(host: str, port: int, timeout: float) -> ProbeResult:
+    """One ``ping`` over the bridge protocol (the default readiness and health probe)."""
+    from provisioner.bridge.client import BridgeClient
+    from provisioner.errors import BridgeError
+
+    start = time.perf_counter()
+    client = BridgeClient(host, port, connect_timeout=timeout, request_timeout=timeout)
+    try:
+        reply = client.ping()
+    except BridgeError as exc:
+        return ProbeResult(False, detail=str(exc), latency_s=time.perf_counter() - start)
+    finally:
+        client.close()
+    return ProbeResult(
+        bool(reply.get("status") == "ok"),
+        bool(reply.get("lm_configured")),
+        "ok",
+        time.perf_counter() - start,
+        dict(reply),
+    )
+
+
+# --- one live run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerInfo:
+    slot: int
+    name: str
+    container_id: str
+    host: str
+    port: int
+    generation: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class RunEnvironment:
+    """One run's containers and networks. Use :meth:`start`, then :meth:`stop` (or ``with``).
+
+    ``resources`` (default: a new :class:`ResourceManager` on ``runtime``) tracks everything this
+    object creates, so a failed or interrupted start removes exactly what it made.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        runtime: ContainerRuntime,
+        *,
+        resources: ResourceManager | None = None,
+        probe: Probe = bridge_probe,
+        ready_timeout_s: float = 60.0,
+        poll_interval_s: float = 0.025,
+        progress: Progress | None = None,
+    ) -> None:
+        self.plan = plan
+        self.runtime = runtime
+        self.resources = resources or ResourceManager(runtime, selector=L.selector(plan.run_id))
+        self.probe = probe
+        self.ready_timeout_s = ready_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.progress = progress or (lambda _m: None)
+        self.workers: list[WorkerInfo] = []
+        self.recipes: dict[int, ContainerRecipe] = {r.slot: r for r in plan.workers if r.slot is not None}
+        self.container_ids: dict[str, str] = {}  # recipe name -> container id
+        self.state: RunState | None = None
+        self.warnings: list[str] = []
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self.started = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def __enter__(self) -> RunEnvironment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> RunEnvironment:
+        """Create networks, then the stand-in, relay and workers concurrently; wait until ready.
+
+        On any failure — including Ctrl-C — everything created so far is removed before raising.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self._closing.set()
+            self.resources.cleanup_all()
+            raise
+        self.started = True
+        return self
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(2, len(self.plan.networks))) as pool:
+            list(pool.map(self._create_network, self.plan.networks))
+        containers = self.plan.containers()
+        self.progress(
+            f"networks ready in {time.perf_counter() - t0:.2f}s; starting {len(containers)} containers"
+        )
+        with ThreadPoolExecutor(max_workers=len(containers)) as pool:
+            futures = {recipe.name: pool.submit(self._run, recipe) for recipe in containers}
+            _wait_all(futures.values())
+        relay_id = self.container_ids[self.plan.relay.name]
+        ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
+        self.workers = [
+            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], LOOPBACK, ports[slot])
+            for slot, recipe in sorted(self.recipes.items())
+        ]
+        self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
+        with ThreadPoolExecutor(max_workers=len(self.workers) + 1) as pool:
+            waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in self.workers]
+            if self.plan.standin is not None:
+                waits.append(pool.submit(self._wait_standin))
+            _wait_all(waits)
+        self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s")
+
+    def stop(self) -> CleanupReport:
+        """Remove every container and network of the run (tracked ones, then a label sweep)."""
+        self._closing.set()
+        report = self.resources.cleanup_all()
+        remove_by_selector(self.runtime, L.selector(self.plan.run_id))
+        self.started = False
+        return report
+
+    # -- pieces ----------------------------------------------------------------------------------------
+
+    def _create_network(self, recipe: Any) -> None:
+        net_id = self.runtime.create_network(recipe)
+        self.resources.track("network", net_id, name=recipe.name, owner="run")
+
+    def _run(self, recipe: ContainerRecipe) -> str:
+        if self._closing.is_set():
+            raise RuntimeProblem("the run is being stopped")
+        container_id = self.runtime.create_container(recipe)
+        self.resources.track("container", container_id, name=recipe.name, owner=_owner_of(recipe))
+        with self._lock:
+            self.container_ids[recipe.name] = container_id
+        if self._closing.is_set():  # interrupted while we were creating it
+            raise RuntimeProblem("the run is being stopped")
+        self.runtime.start_container(container_id)
+        return container_id
+
+    def _relay_port(self, relay_id: str, slot: int) -> int:
+        port = self.runtime.published_port(relay_id, self.plan.relay_port_for(slot))
+        if port is None:
+            raise RuntimeProblem(
+                f"the relay {self.plan.relay.name} has no 127.0.0.1 port for worker slot {slot}; "
+                f"its log:\n{self.runtime.logs(relay_id)}"
+            )
+        return port
+
+    def wait_ready(self, worker: WorkerInfo) -> None:
+        """Poll ``ping`` every ``poll_interval_s`` until the worker is ready or the deadline passes.
+
+        A worker whose container exits fails at once (no waiting for the deadline), with its logs.
+        """
+        deadline = time.monotonic() + self.ready_timeout_s
+        next_state_check = 0.0
+        last = ProbeResult(False, detail="not probed yet")
+        while True:
+            if self._closing.is_set():
+                raise RuntimeProblem("the run is being stopped")
+            last = self.probe(worker.host, worker.port, max(0.2, min(2.0, self.ready_timeout_s / 4)))
+            if last.ready:
+                return
+            now = time.monotonic()
+            if now >= next_state_check:
+                next_state_check = now + 0.25
+                for cid, label in (
+                    (worker.container_id, worker.name),
+                    (self.container_ids[self.plan.relay.name], self.plan.relay.name),
+                ):
+                    state = self.runtime.container_state(cid)
+                    if state is None or not state.running:
+                        how = (
+                            "is gone" if state is None else f"exited ({state.status}, code {state.exit_code})"
+                        )
+                        raise WorkerNotReadyError(
+                            f"worker {worker.name} did not become ready: container {label} {how}",
+                            self.runtime.logs(cid),
+                        )
+            if now >= deadline:
+                why = "LM not configured" if last.ok else last.detail
+                raise WorkerNotReadyError(
+                    f"worker {worker.name} ({worker.address}) was not ready within "
+                    f"{self.ready_timeout_s:.0f}s (last ping: {why})",
+                    self.runtime.logs(worker.container_id),
+                )
+            time.sleep(self.poll_interval_s)
+
+    def _wait_standin(self) -> None:
+        assert self.plan.standin is not None
+        cid = self.container_ids[self.plan.standin.name]
+        deadline = time.monotonic() + self.ready_timeout_s
+        while "PROVISION_STANDIN_READY" not in self.runtime.logs(cid, tail=20):
+            state = self.runtime.container_state(cid)
+            if state is None or not state.running or time.monotonic() >= deadline:
+                raise WorkerNotReadyError(
+                    f"the Gemini stand-in {self.plan.standin.name} did not start", self.runtime.logs(cid)
+                )
+            time.sleep(self.poll_interval_s * 2)
+
+    # -- workers ---------------------------------------------------------------------------------------
+
+    def worker(self, slot: int) -> WorkerInfo:
+        with self._lock:
+            for w in self.workers:
+                if w.slot == slot:
+                    return w
+        raise KeyError(f"no worker in slot {slot}")
+
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]
+
+    def worker_state(self, slot: int) -> ContainerState | None:
+        return self.runtime.container_state(self.worker(slot).container_id)
+
+    def replace_worker(self, slot: int) -> WorkerInfo:
+        """Remove the worker in ``slot`` and start a fresh one behind the same address."""
+        old = self.worker(slot)
+        tracked = self.resources.find("container", old.container_id)
+        if tracked is not None:
+            self.resources.release(tracked)
+        else:
+            self.runtime.remove_container(old.container_id)
+        generation = old.generation + 1
+        recipe = replacement_recipe(self.recipes[slot], generation)
+        container_id = self._run(recipe)
+        new = WorkerInfo(slot, recipe.name, container_id, old.host, old.port, generation)
+        with self._lock:
+            self.workers = [new if w.slot == slot else w for w in self.workers]
+        self.wait_ready(new)
+        return new
+
+
+def _owner_of(recipe: ContainerRecipe) -> str:
+    return f"slot:{recipe.slot}" if recipe.slot is not None else recipe.role
+
+
+def _wait_all(futures: Any) -> None:
+    """Wait for every future; raise the first error after all have finished (nothing left running)."""
+    first: BaseException | None = None
+    for fut in list(futures):
+        try:
+            fut.result()
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+# --- state and env files -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What ``provision up`` leaves behind for ``status``/``down`` and for other tools. No secrets."""
+
+    run_id: str
+    layer: str
+    lm_mode: str
+    session: str
+    image: str
+    created: float
+    owner_pid: int
+    owner_host: str
+    persistent: bool
+    uses_standin: bool
+    egress: bool
+    networks: list[str]
+    relay: str
+    standin: str | None
+    workers: list[dict[str, Any]]
+    lm_run_dir: str | None = None
+    status: str = "up"
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(w["address"]) for w in self.workers]
+
+    def env(self, state_file: Path | None = None) -> dict[str, str]:
+        """The variables any language's test suite needs to reach this run."""
+        ports = [a.rsplit(":", 1)[1] for a in self.addresses]
+        env = {
+            "PROVISION_RUN_ID": self.run_id,
+            "PROVISION_LAYER": self.layer,
+            "PROVISION_LM_MODE": self.lm_mode,
+            "PROVISION_BRIDGE_ADDRS": ",".join(self.addresses),
+            "PROVISION_BRIDGE_HOST": LOOPBACK,
+            "PROVISION_BRIDGE_PORTS": ",".join(ports),
+            "PROVISION_WORKERS": str(len(self.workers)),
+            "PROVISION_LM_STANDIN": "1" if self.uses_standin else "0",
+        }
+        if self.lm_run_dir:
+            env["PROVISION_LM_RUN_DIR"] = self.lm_run_dir
+        if state_file is not None:
+            env["PROVISION_STATE_FILE"] = str(state_file)
+        return env
+
+
+def run_dir_of(settings: Settings, run_id: str) -> Path:
+    return (Path(settings.state_dir) / "runs" / run_id).resolve()
+
+
+def state_file_of(settings: Settings, run_id: str) -> Path:
+    return run_dir_of(settings, run_id) / "state.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def render_env(env: Mapping[str, str]) -> str:
+    """``export KEY=value`` lines: ``source``-able by sh/bash/zsh, and read by python-dotenv."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
+def write_state(settings: Settings, state: RunState, *, current: bool = True) -> Path:
+    """Write state.json and the env file of the run (and make it the current one)."""
+    path = state_file_of(settings, state.run_id)
+    _atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
+    env_text = render_env(state.env(path))
+    _atomic_write(path.with_name("env"), env_text)
+    if current:
+        root = Path(settings.state_dir).resolve()
+        _atomic_write(root / CURRENT_ENV, env_text)
+        _atomic_write(root / CURRENT_RUN, state.run_id + "\n")
+    return path
+
+
+def read_state(settings: Settings, run_id: str) -> RunState | None:
+    path = state_file_of(settings, run_id)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return RunState(**data)
+
+
+def current_run_id(settings: Settings) -> str | None:
+    try:
+        text = (Path(settings.state_dir) / CURRENT_RUN).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def _clear_current(settings: Settings, run_id: str) -> None:
+    root = Path(settings.state_dir)
+    if current_run_id(settings) == run_id:
+        for name in (CURRENT_ENV, CURRENT_RUN):
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+
+
+# --- up / down / status ------------------------------------------------------------------------------
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _settings(settings: Settings | None) -> Settings:
+    return settings if settings is not None else load_settings()
+
+
+def _docker(runtime: ContainerRuntime | None) -> ContainerRuntime:
+    if runtime is not None:
+        return runtime
+    from provisioner.runtime.engine import DockerRuntime
+
+    rt = DockerRuntime()
+    rt.ping()
+    return rt
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run found on the engine by its labels."""
+
+    run_id: str
+    layer: str
+    owner_host: str
+    owner_pid: int
+    persistent: bool
+    created: float
+    resources: list[ResourceRef]
+
+    def owner_alive(self) -> bool | None:
+        """None when the owner is on another host (we cannot tell)."""
+        if self.owner_host != socket.gethostname():
+            return None
+        import psutil
+
+        try:
+            return bool(psutil.Process(self.owner_pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    @property
+    def stale(self) -> bool:
+        """Owned by a process on this host that is gone (its watchdog should have removed it)."""
+        return not self.persistent and self.owner_alive() is False
+
+
+def list_runs(runtime: ContainerRuntime) -> list[RunSummary]:
+    """Every run that has managed resources on the engine, oldest first."""
+    groups: dict[str, list[ResourceRef]] = {}
+    for ref in runtime.list_resources(L.selector()):
+        if ref.run_id:
+            groups.setdefault(ref.run_id, []).append(ref)
+    runs = []
+    for run_id, refs in groups.items():
+        labels = refs[0].labels
+        created = min((r.created for r in refs if r.created), default=0.0)
+        try:
+            pid = int(labels.get(L.OWNER_PID, "0"))
+        except ValueError:
+            pid = 0
+        runs.append(
+            RunSummary(
+                run_id,
+                labels.get(L.LAYER, "?"),
+                labels.get(L.OWNER_HOST, "?"),
+                pid,
+                labels.get(L.PERSISTENT) == "true",
+                created,
+                refs,
+            )
+        )
+    return sorted(runs, key=lambda r: r.created)
+
+
+def up(
+    settings: Settings | None = None,
+    *,
+    layer: str | None = None,
+    workers: int | None = None,
+    lm_mode: LMMode | None = None,
+    require_key: bool = False,
+    persistent: bool = True,
+    run_id: str | None = None,
+    session: str | None = None,
+    image: str | None = None,
+    runtime: ContainerRuntime | None = None,
+    probe: Probe = bridge_probe,
+    watchdog: bool = True,
+    owner_pid: int | None = None,
+    progress: Progress | None = None,
+) -> RunEnvironment:
+    """Start a layer's environment and write its state and env files; return the live run.
+
+    ``persistent`` (``provision up``): the environment outlives this process until :func:`down`.
+    Otherwise (``provision run``, the pytest plugin) the run's watchdog removes it as soon as its
+    owner process (``owner_pid``, default this one) is gone, even after SIGKILL. The watchdog also
+    covers a persistent run until it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
+    """
+    settings = _settings(settings)
+    say = progress or (lambda _m: None)
+    layer_obj = get_layer(settings, layer or settings.layer)
+    if not layer_obj.needs_docker:
+        raise ConfigError(
+            f"layer {layer_obj.name!r} runs in-process (adapter {layer_obj.adapter!r}) and has no "
+            "containers; choose a bridge layer such as 'integration' or 'e2e'"
+        )
+    lm = settings.lm_for(layer_obj.name, lm_mode)
+    if require_key and lm.mode == "real" and lm.api_key is None:
+        raise ConfigError(
+            "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
+        )
+    rt = _docker(runtime)
+    warnings = [
+        f"stale run {r.run_id} (layer {r.layer}, owner pid {r.owner_pid} gone) still has "
+        f"{len(r.resources)} resource(s); `provision reap` removes them"
+        for r in list_runs(rt)
+        if r.stale
+    ]
+    for w in warnings:
+        say("warning: " + w)
+    if image is None:
+        from provisioner.runtime.engine import DockerRuntime
+        from provisioner.runtime.images import ensure_worker_image
+
+        if not isinstance(rt, DockerRuntime):
+            raise ImageError("pass image= when using a runtime other than DockerRuntime")
+        image = ensure_worker_image(
+            rt, image=settings.container.image, base=settings.container.base, progress=say
+        )
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_of(settings, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lm_run_dir: Path | None = None
+    if lm.mode != "mock":
+        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / "lm")
+        if lm.mode == "cached":
+            prepare_shared_dir(Path(lm.cache_dir))
+    owner = owner_pid or os.getpid()
+    if watchdog:
+        wd.ensure_watchdog(
+            run_id, run_dir, owner_pid=owner, interval_s=settings.container.watchdog_interval_s, wait=False
+        )
+    created = time.time()
+    plan = plan_run(
+        settings,
+        layer_obj,
+        lm,
+        run_id=run_id,
+        image=image,
+        workers=workers,
+        session=session,
+        run_dir=lm_run_dir,
+        owner_pid=owner,
+        created=created,
+        persistent=persistent,
+    )
+    env = RunEnvironment(
+        plan,
+        rt,
+        probe=probe,
+        ready_timeout_s=settings.container.ready_timeout_s,
+        progress=say,
+    )
+    try:
+        env.start()
+        if watchdog:
+            wd.wait_watching(run_dir)
+    except BaseException:
+        env.stop()
+        wd.mark(run_dir, wd.STOPPED_MARKER)
+        raise
+    state = RunState(
+        run_id=run_id,
+        layer=layer_obj.name,
+        lm_mode=lm.mode,
+        session=plan.session,
+        image=image,
+        created=created,
+        owner_pid=owner,
+        owner_host=socket.gethostname(),
+        persistent=persistent,
+        uses_standin=plan.uses_standin,
+        egress=plan.egress,
+        networks=[n.name for n in plan.networks],
+        relay=plan.relay.name,
+        standin=plan.standin.name if plan.standin else None,
+        workers=[
+            {"slot": w.slot, "name": w.name, "container_id": w.container_id, "address": w.address}
+            for w in env.workers
+        ],
+        lm_run_dir=str(lm_run_dir) if lm_run_dir else None,
+    )
+    write_state(settings, state)
+    env.state = state
+    if persistent and watchdog:
+        wd.mark(run_dir, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
+        wd.unregister_owner(run_dir, owner)
+    env.warnings = warnings
+    return env
+
+
+@dataclass
+class DownResult:
+    run_id: str | None
+    removed: list[str]
+
+
+def down(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    runtime: ContainerRuntime | None = None,
+) -> DownResult:
+    """Remove a run (default: the current one) — idempotent: a second call removes nothing."""
+    settings = _settings(settings)
+    run_id = run_id or current_run_id(settings)
+    if run_id is None:
+        return DownResult(None, [])
+    rt = _docker(runtime)
+    run_dir = run_dir_of(settings, run_id)
+    removed: list[str] = []
+    if run_dir.is_dir():
+        wd.mark(run_dir, wd.STOPPED_MARKER)  # the watchdog, if any, stands down
+        from provisioner.runtime.resources import terminate_process
+
+        for pid, start in wd._entries(run_dir / wd.PROCESSES_DIR):
+            if terminate_process(pid, grace_s=2.0, create_time=start or None):
+                removed.append(f"process {pid}")
+    removed += [f"{ref.kind} {ref.name}" for ref in _remove_run(rt, run_id)]
+    state = read_state(settings, run_id)
+    if state is not None and state.status != "down":
+        state.status = "down"
+        write_state(settings, state, current=False)
+    _clear_current(settings, run_id)
+    return DownResult(run_id, removed)
+
+
+def _remove_run(runtime: ContainerRuntime, run_id: str) -> list[ResourceRef]:
+    """Containers in parallel (each force-remove takes a few hundred ms), then networks."""
+    found = runtime.list_resources(L.selector(run_id))
+    containers = [r for r in found if r.kind == "container"]
+    removed: list[ResourceRef] = []
+    if containers:
+        with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
+            for ref, ok in zip(
+                containers, pool.map(lambda r: runtime.remove_container(r.id), containers), strict=True
+            ):
+                if ok:
+                    removed.append(ref)
+    removed += remove_by_selector(runtime, L.selector(run_id))
+    return removed
+
+
+@dataclass
+class WorkerHealth:
+    slot: int
+    name: str
+    address: str
+    container: str  # running | exited | missing ...
+    ping_ok: bool
+    lm_configured: bool
+    latency_ms: float | None
+    detail: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.container == "running" and self.ping_ok and self.lm_configured
+
+
+@dataclass
+class StatusReport:
+    run_id: str | None
+    state: RunState | None
+    workers: list[WorkerHealth]
+    others: dict[str, str]  # relay / stand-in: name -> container status
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            bool(self.workers)
+            and all(w.healthy for w in self.workers)
+            and all(s == "running" for s in self.others.values())
+        )
+
+
+def status(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    runtime: ContainerRuntime | None = None,
+    probe: Probe = bridge_probe,
+) -> StatusReport:
+    """The health of every worker of a run (default: the current one): container state and a ping."""
+    settings = _settings(settings)
+    run_id = run_id or current_run_id(settings)
+    state = read_state(settings, run_id) if run_id else None
+    if state is None:
+        return StatusReport(run_id, None, [], {})
+    rt = _docker(runtime)
+
+    def check(w: dict[str, Any]) -> WorkerHealth:
+        cstate = rt.container_state(str(w["container_id"]))
+        host, port = str(w["address"]).rsplit(":", 1)
+        if cstate is None or not cstate.running:
+            return WorkerHealth(
+                int(w["slot"]),
+                str(w["name"]),
+                str(w["address"]),
+                "missing" if cstate is None else cstate.status,
+                False,
+                False,
+                None,
+            )
+        result = probe(host, int(port), 2.0)
+        return WorkerHealth(
+            int(w["slot"]),
+            str(w["name"]),
+            str(w["address"]),
+            cstate.status,
+            result.ok,
+            result.lm_configured,
+            round(result.latency_s * 1000, 2),
+            "" if result.ok else result.detail,
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
+        workers = list(pool.map(check, state.workers))
+    others = {}
+    for name in (state.relay, state.standin):
+        if name:
+            cs = rt.container_state(name)
+            others[name] = "missing" if cs is None else cs.status
+    return StatusReport(run_id, state, workers, others)
+
+
+# --- provision run -----------------------------------------------------------------------------------
+
+
+def run_command(
+    command: Sequence[str],
+    settings: Settings | None = None,
+    *,
+    layer: str | None = None,
+    workers: int | None = None,
+    lm_mode: LMMode | None = None,
+    require_key: bool = False,
+    runtime: ContainerRuntime | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Bring a layer up, run ``command`` with the run's env, bring it down; return the command's code.
+
+    SIGINT/SIGTERM are passed on to the command and the run is still removed; SIGKILL of this
+    process leaves the cleanup to the run's watchdog (within ~1 s).
+    """
+    if not command:
+        raise ConfigError(
+            "provision run needs a command after `--`, e.g. provision run --layer e2e -- pytest"
+        )
+    settings = _settings(settings)
+    received: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    env: RunEnvironment | None = None
+    try:
+        env = up(
+            settings,
+            layer=layer,
+            workers=workers,
+            lm_mode=lm_mode,
+            require_key=require_key,
+            persistent=False,
+            runtime=runtime,
+            progress=progress,
+        )
+        assert env.state is not None
+        run_dir = run_dir_of(settings, env.state.run_id)
+        child_env = {**os.environ, **env.state.env(state_file_of(settings, env.state.run_id))}
+        try:
+            child = subprocess.Popen(list(command), env=child_env)
+        except OSError as exc:
+            raise ConfigError(f"cannot run {command[0]!r}: {exc}") from None
+        wd.register_process(run_dir, child.pid)
+        code = child.wait()
+        return 128 + received[0] if received and code < 0 else code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if env is not None and env.state is not None:
+            down(settings, run_id=env.state.run_id, runtime=runtime)
+
+
+# --- reap ------------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d`` or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip().lower()
+    try:
+        if value and value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--older-than: {text!r} is not a duration (e.g. 30m, 2h, 1d)") from None
+
+
+@dataclass
+class ReapResult:
+    run_id: str
+    reason: str
+    removed: list[str]
+
+
+def reap(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    older_than_s: float | None = None,
+    all_runs: bool = False,
+    runtime: ContainerRuntime | None = None,
+    dry_run: bool = False,
+) -> list[ReapResult]:
+    """Remove leftovers of earlier runs.
+
+    Default: runs whose owner process on this host is gone and that were not started as persistent
+    (``provision up``) — what a watchdog would have removed had it run. ``run_id``: that run.
+    ``older_than_s``: every run created longer ago than that (persistent ones too). ``all_runs``:
+    every run provisioner manages on this engine.
+    """
+    settings = _settings(settings)
+    rt = _docker(runtime)
+    now = time.time()
+    out = []
+    for summary in list_runs(rt):
+        if run_id is not None:
+            reason = "requested" if summary.run_id == run_id else ""
+        elif all_runs:
+            reason = "--all"
+        elif older_than_s is not None:
+            age = now - summary.created
+            reason = f"{age / 60:.0f} min old" if summary.created and age > older_than_s else ""
+        else:
+            reason = "owner gone" if summary.stale else ""
+        if not reason:
+            continue
+        if dry_run:
+            out.append(ReapResult(summary.run_id, reason, [f"{r.kind} {r.name}" for r in summary.resources]))
+            continue
+        result = down(settings, run_id=summary.run_id, runtime=rt)
+        out.append(ReapResult(summary.run_id, reason, result.removed))
+    return out
+
+
+# --- doctor ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None = None) -> list[Check]:
+    """Engine reachable, image present, base buildable, API key for real mode, disk space."""
+    settings = _settings(settings)
+    checks: list[Check] = []
+    try:
+        rt = _docker(runtime)
+    except DockerUnavailableError as exc:
+        return [Check("docker engine", "fail", str(exc))]
+    from provisioner.runtime.engine import DockerRuntime
+
+    if isinstance(rt, DockerRuntime):
+        version = rt.client.version()
+        checks.append(
+            Check("docker engine", "ok", f"Docker {version.get('Version')} (API {version.get('ApiVersion')})")
+        )
+        from provisioner.runtime import images
+
+        tag = settings.container.image or images.worker_tag(rt, settings.container.base)
+        if tag and rt.image_exists(tag):
+            checks.append(Check("worker image", "ok", f"{tag} is present"))
+        else:
+            checks.append(
+                Check(
+                    "worker image",
+                    "warn",
+                    f"{tag or 'the worker image'} is not built yet; `provision images build` "
+                    "(or the first `provision up`) builds it",
+                )
+            )
+        try:
+            base_ref, _ = images.resolve_base(rt, settings.container.base, allow_build=False)
+            checks.append(Check("base image", "ok", f"{base_ref} is present"))
+        except ImageError:
+            problem = images.debootstrap_problem()
+            checks.append(
+                Check(
+                    "base image",
+                    "fail" if problem else "ok",
+                    problem or "buildable offline with debootstrap (root, debootstrap found)",
+                )
+            )
+        docker_root = str(rt.client.info().get("DockerRootDir") or "/var/lib/docker")
+    else:
+        checks.append(Check("docker engine", "ok", type(rt).__name__))
+        docker_root = "/"
+    real_layers = [n for n, mode in settings.lm_modes.items() if mode == "real"]
+    if settings.lm.api_key is not None:
+        checks.append(
+            Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is set (real mode uses the real API)")
+        )
+    else:
+        checks.append(
+            Check(
+                "Gemini API key",
+                "warn",
+                f"GEMINI_TEST_API_KEY is not set: real-mode layers ({', '.join(real_layers) or '-'}) "
+                "use the local Gemini stand-in",
+            )
+        )
+    for label, path in (
+        ("disk (docker)", docker_root),
+        ("disk (state dir)", str(Path(settings.state_dir).resolve())),
+    ):
+        probe_path = Path(path)
+        while not probe_path.exists() and probe_path != probe_path.parent:
+            probe_path = probe_path.parent
+        try:
+            free = shutil.disk_usage(probe_path).free / 1e9
+        except OSError as exc:
+            checks.append(Check(label, "warn", f"cannot read free space of {path}: {exc}"))
+            continue
+        checks.append(Check(label, "ok" if free >= 2 else "fail", f"{free:.1f} GB free at {path}"))
+    stale = [r.run_id for r in list_runs(rt) if r.stale]
+    if stale:
+        checks.append(Check("stale runs", "warn", f"{', '.join(stale)}: `provision reap` removes them"))
+    return checks

@@ -1,0 +1,280 @@
+"""The per-run watchdog: when every owner of a run is gone — even by SIGKILL — remove the run.
+
+testcontainers' Ryuk needs an image pull and the docker socket inside a container; neither works
+offline, and a socket-mounted container is a privilege we do not want. The watchdog is a plain,
+detached host process instead (``python -m provisioner.runtime.watchdog``):
+
+* owners (the ``provision run`` process, each pytest or xdist worker process) register a file
+  ``<run_dir>/owners/<pid>-<start time>``; the start time guards against pid reuse;
+* exactly one watchdog per run: it holds an exclusive ``flock`` on ``<run_dir>/watchdog.lock`` for
+  its whole life. Anyone can tell whether a run is watched by trying that lock, and a second
+  watchdog started by a racing owner exits at once;
+* every ``interval`` seconds it checks the owners with psutil (zombies count as dead). When none is
+  alive, it removes everything labelled ``provisioner.run=<id>`` (containers first, in parallel,
+  then networks), terminates host processes registered under ``<run_dir>/processes/``, sweeps
+  again shortly after (a create call in flight when the owner died may still land), and exits;
+* ``<run_dir>/persist`` (written by ``provision up`` once the environment is up) and
+  ``<run_dir>/retain`` (cleanup policy kept it) make it exit without removing anything;
+  ``<run_dir>/stopped`` (``provision down`` finished) makes it exit too.
+
+The watchdog double-forks, so it is nobody's child: it survives its owner's process group being
+killed, leaves no zombie, and does not show up in the owner's child-process leak checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+LOCK_FILE = "watchdog.lock"
+LOG_FILE = "watchdog.log"
+OWNERS_DIR = "owners"
+PROCESSES_DIR = "processes"
+PERSIST_MARKER = "persist"
+RETAIN_MARKER = "retain"
+STOPPED_MARKER = "stopped"
+REAPED_MARKER = "reaped"
+# An owner that never registers (crashed between spawn and registration) must not keep a run forever.
+NO_OWNER_GRACE_S = 30.0
+LATE_SWEEPS_S = (1.0, 3.0)
+
+
+# --- owner side -------------------------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _entry_name(pid: int) -> str:
+    start = _process_start(pid)
+    return f"{pid}-{start:.3f}" if start is not None else f"{pid}-0"
+
+
+def register_owner(run_dir: Path, pid: int | None = None) -> Path:
+    """Register ``pid`` (default: this process) as an owner of the run at ``run_dir``."""
+    folder = run_dir / OWNERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / _entry_name(pid or os.getpid())
+    entry.touch()
+    return entry
+
+
+def unregister_owner(run_dir: Path, pid: int | None = None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / OWNERS_DIR / _entry_name(pid or os.getpid())).unlink()
+
+
+def register_process(run_dir: Path, pid: int) -> Path:
+    """A host process of the run (e.g. the command of ``provision run``): terminated on cleanup."""
+    folder = run_dir / PROCESSES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / _entry_name(pid)
+    entry.touch()
+    return entry
+
+
+def mark(run_dir: Path, marker: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / marker).write_text(f"{time.time()}\n")
+
+
+def watchdog_alive(run_dir: Path) -> bool:
+    """True when a watchdog holds the run's lock."""
+    path = run_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def spawn_watchdog(run_id: str, run_dir: Path, *, interval_s: float = 0.5) -> None:
+    """Start a detached watchdog for the run unless one is alive. Returns at once; see wait_watching."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if watchdog_alive(run_dir):
+        return
+    log = open(run_dir / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "provisioner.runtime.watchdog",
+                "--run",
+                run_id,
+                "--run-dir",
+                str(run_dir),
+                "--interval",
+                str(interval_s),
+                "--daemonize",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+    finally:
+        log.close()
+    # The first process forks the real watchdog and exits once its imports are done: reap it in the
+    # background (no zombie, and the caller need not wait for Python to start).
+    import threading
+
+    threading.Thread(target=proc.wait, name="provision-watchdog-reaper", daemon=True).start()
+
+
+def wait_watching(run_dir: Path, timeout_s: float = 15.0, poll_s: float = 0.02) -> None:
+    """Block until the run's watchdog holds its lock; RuntimeProblem after ``timeout_s``."""
+    from provisioner.errors import RuntimeProblem
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if watchdog_alive(run_dir):
+            return
+        time.sleep(poll_s)
+    log = run_dir / LOG_FILE
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeProblem(f"the run's watchdog did not start within {timeout_s:.0f}s; its log:\n{tail}")
+
+
+def ensure_watchdog(
+    run_id: str, run_dir: Path, *, owner_pid: int | None = None, interval_s: float = 0.5, wait: bool = True
+) -> None:
+    """Register the owner, and start the run's watchdog unless one is already watching."""
+    register_owner(run_dir, owner_pid)
+    spawn_watchdog(run_id, run_dir, interval_s=interval_s)
+    if wait:
+        wait_watching(run_dir)
+
+
+# --- watchdog side ----------------------------------------------------------------------------------
+
+
+def _entries(folder: Path) -> Iterator[tuple[int, float]]:
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        pid_text, _, start_text = entry.name.partition("-")
+        with contextlib.suppress(ValueError):
+            yield int(pid_text), float(start_text or 0)
+
+
+def _alive(pid: int, start: float) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if start and abs(proc.create_time() - start) > 0.01:
+            return False  # pid reused
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def owners_alive(run_dir: Path) -> tuple[int, int]:
+    """(registered owners, live owners)."""
+    entries = list(_entries(run_dir / OWNERS_DIR))
+    return len(entries), sum(1 for pid, start in entries if _alive(pid, start))
+
+
+def remove_run(run_id: str, run_dir: Path | None = None) -> list[str]:
+    """Remove every engine resource labelled with ``run_id`` (containers in parallel, then networks)
+    and terminate the run's registered host processes. Returns ``"<kind> <name>"`` of what went."""
+    from provisioner.runtime import labels as L
+    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.resources import terminate_process
+
+    removed: list[str] = []
+    if run_dir is not None:
+        for pid, start in _entries(run_dir / PROCESSES_DIR):
+            if terminate_process(pid, grace_s=2.0, create_time=start or None):
+                removed.append(f"process {pid}")
+    runtime = DockerRuntime()
+    try:
+        found = runtime.list_resources(L.selector(run_id))
+        containers = [r for r in found if r.kind == "container"]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for ref, ok in zip(
+                containers, pool.map(lambda r: runtime.remove_container(r.id), containers), strict=True
+            ):
+                if ok:
+                    removed.append(f"container {ref.name}")
+        for ref in found:
+            if ref.kind == "network" and runtime.remove_network(ref.id):
+                removed.append(f"network {ref.name}")
+            elif ref.kind == "volume" and runtime.remove_volume(ref.id):
+                removed.append(f"volume {ref.name}")
+    finally:
+        runtime.close()
+    return removed
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} watchdog[{os.getpid()}] {message}", flush=True)
+
+
+def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
+    """The watchdog loop (runs in the detached process). Returns the exit status."""
+    lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _log(f"run {run_id} is already watched; exiting")
+        return 0
+    _log(f"watching run {run_id} every {interval_s}s")
+    started = time.monotonic()
+    while True:
+        for marker in (PERSIST_MARKER, RETAIN_MARKER, STOPPED_MARKER):
+            if (run_dir / marker).exists():
+                _log(f"{marker} marker found; exiting without cleanup")
+                return 0
+        registered, alive = owners_alive(run_dir)
+        if alive == 0 and (registered > 0 or time.monotonic() - started > NO_OWNER_GRACE_S):
+            break
+        time.sleep(interval_s)
+    _log("every owner is gone; removing the run")
+    t0 = time.monotonic()
+    removed = remove_run(run_id, run_dir)
+    _log(f"removed {len(removed)} resource(s) in {time.monotonic() - t0:.2f}s: {', '.join(removed) or '-'}")
+    mark(run_dir, REAPED_MARKER)
+    for delay in LATE_SWEEPS_S:
+        time.sleep(delay)
+        late = remove_run(run_id)
+        if late:
+            _log(f"late sweep removed: {', '.join(late)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m provisioner.runtime.watchdog")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--daemonize", action="store_true", help="fork and let the parent exit at once")
+    args = parser.parse_args(argv)
+    if args.daemonize and os.fork() > 0:
+        os._exit(0)  # the spawning owner reaps this intermediate; the child is adopted by init
+    return watch(args.run, args.run_dir.resolve(), args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
