@@ -125,8 +125,8 @@ class CassetteStore:
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
-            with open(self.path_for(key), encoding="utf-8") as handle:
-                entry = json.load(handle)
+            with open(self.path_for(key), "rb") as handle:
+                entry = json.loads(handle.read())
         except FileNotFoundError:
             return None
         return entry if isinstance(entry, dict) else None

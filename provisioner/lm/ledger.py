@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as _dt
+import fcntl
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -74,6 +76,30 @@ class Ledger:
         self.run_dir = resolve_run_dir(run_dir)
         self.run_id = run_id
         self.layer = layer
+        # The lock and ledger files stay open (a replay appends a line per call, so opening them
+        # each time would dominate its cost). flock excludes other processes and containers; the
+        # thread lock excludes this process's threads, which share one open file description.
+        self._thread_lock = threading.Lock()
+        self._fds: tuple[int, int, int] | None = None  # (pid, lock fd, ledger fd)
+
+    def _open(self) -> tuple[int, int]:
+        pid = os.getpid()
+        if self._fds is None or self._fds[0] != pid:  # reopen in a forked child
+            lock_fd = os.open(self.run_dir / LEDGER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            ledger_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            self._fds = (pid, lock_fd, ledger_fd)
+        return self._fds[1], self._fds[2]
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._fds is not None and self._fds[0] == os.getpid():
+                os.close(self._fds[1])
+                os.close(self._fds[2])
+            self._fds = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     @property
     def path(self) -> Path:
@@ -83,13 +109,15 @@ class Ledger:
         line = json.dumps({"id": uuid.uuid4().hex, "ts": _now_iso(), "run_id": self.run_id,
                            "layer": self.layer, **entry},
                           sort_keys=True, separators=(",", ":"))
-        with locked(self.run_dir, LEDGER_LOCK):
-            # O_APPEND plus one write() per line: even a reader without the lock sees whole lines.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        data = (line + "\n").encode("utf-8")
+        with self._thread_lock:
+            lock_fd, ledger_fd = self._open()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                os.write(fd, (line + "\n").encode("utf-8"))
+                # O_APPEND plus one write() per line: even a reader without the lock sees whole lines.
+                os.write(ledger_fd, data)
             finally:
-                os.close(fd)
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def call(self, *, model: str, kind: str, input_tokens: int = 0, output_tokens: int = 0,
              thoughts_tokens: int = 0, cached_tokens: int = 0, cost_usd: float = 0.0,
