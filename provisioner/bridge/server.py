@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from provisioner.bridge.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    ByteReader,
     ErrorType,
     RequestId,
     decode_request,
@@ -70,7 +71,7 @@ class _Connection:
 
     def __init__(
         self,
-        reader: BinaryIO,
+        reader: ByteReader,
         write: Callable[[bytes], None],
         close: Callable[[], None],
         stop_reading: Callable[[], None] | None,
@@ -513,7 +514,7 @@ class BridgeServer:
 
     # -- stdio -------------------------------------------------------------------------------------
 
-    def serve_stdio(self, stdin: BinaryIO, stdout: BinaryIO) -> threading.Thread:
+    def serve_stdio(self, stdin: ByteReader, stdout: BinaryIO) -> threading.Thread:
         """Serve one connection over a pair of byte streams (a host that spawned us as a port).
 
         Returns the reading thread; when the host closes stdin the server stops by itself.
@@ -539,6 +540,33 @@ class BridgeServer:
             self._connections_total += 1
         thread.start()
         return thread
+
+
+class _PipeReader:
+    """Exact-size reads straight from a file descriptor.
+
+    The stdio reading thread is still blocked in a read when the worker exits. A buffered reader
+    (``sys.stdin.buffer``) would then hold its lock during interpreter shutdown, which CPython
+    treats as a fatal error; plain ``os.read`` holds no lock.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunks: list[bytes] = []
+        remaining = size
+        while remaining > 0:
+            chunk = os.read(self.fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 # --- the `provision worker` entry point -------------------------------------------------------------
@@ -628,7 +656,7 @@ def run_worker(
     try:
         if stdio:
             assert protocol_out is not None
-            server.serve_stdio(sys.stdin.buffer, protocol_out)
+            server.serve_stdio(_PipeReader(os.dup(0)), protocol_out)
             print(f"{READY_PREFIX} port=stdio", file=sys.stderr, flush=True)
         else:
             bound = server.listen(host, port)

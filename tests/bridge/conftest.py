@@ -65,8 +65,7 @@ class WorkerProcess:
         self.ready_file = workdir / "ready" / "port"
         self.stderr_path = workdir / "worker.stderr"
         self._stderr = self.stderr_path.open("wb")
-        if not stdio:
-            args = ("--ready-file", str(self.ready_file), *args)
+        args = ("--stdio", *args) if stdio else ("--ready-file", str(self.ready_file), *args)
         command = worker_command(*args)
         self.proc = subprocess.Popen(
             command,
