@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         lms: dict[str, dspy.LM] = {
             "DummyLM": DummyLM({"question": {"answer": "mock_response"}}),  # answers any prompt
             "mock": build_lm(LMConfig(mode="mock")),
-            "cached replay": build_lm(config.model_copy(update={"record_mode": "none"})),
         }
+        # The same recordings plus 0, 1 000 and 10 000 unrelated entries, measured interleaved.
+        for extra in (0, 1_000, 10_000):
+            copy = Path(tmp) / f"cassettes-{extra}"
+            shutil.copytree(cache, copy)
+            _fill(CassetteStore(copy), extra, 0)
+            total = len(CassetteStore(copy).keys())
+            replay = config.model_copy(update={"record_mode": "none", "cache_dir": copy})
+            lms[f"cached replay, {total} entries on disk"] = build_lm(replay)
         timings: dict[str, list[float]] = {name: [] for name in lms}
         for _ in range(args.rounds):
             for name, lm in lms.items():
@@ -87,17 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = statistics.median(timings["DummyLM"])
         rows = [_summary(name, values, None if name == "DummyLM" else baseline)
                 for name, values in timings.items()]
-
-        store = CassetteStore(cache)
-        filled = 0
-        scale: list[tuple[int, float]] = []
-        for extra in (0, 1_000, 10_000):
-            _fill(store, extra - filled, filled)
-            filled = extra
-            replay = build_lm(config.model_copy(update={"record_mode": "none"}))
-            values = [t for _ in range(args.rounds) for t in _time_calls(replay, questions)]
-            rows.append(_summary(f"cached replay, {len(store.keys())} entries on disk", values, baseline))
-            scale.append((extra, statistics.median(values)))
+        replays = [statistics.median(v) for name, v in timings.items() if name.startswith("cached replay")]
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"dspy {dspy.__version__}, {platform.platform()}")
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['lm']} | {row['median_ms']} | {row['p90_ms']} | {row.get('vs_dummy_ms', '—')} |")
-    growth = (scale[-1][1] - scale[0][1]) * 1000
+    growth = (replays[-1] - replays[0]) * 1000
     print(f"\nreplay median change from +0 to +10 000 entries on disk: {growth:+.3f} ms")
     return 0
 

@@ -321,3 +321,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="
                      f"${report.monthly_budget_usd:.2f}")
     return "\n".join(lines)
+
+
+def run_report(run_dir: Path, *, run_id: str | None = None) -> CostReport:
+    """Totals of one run's ledger (per test, by kind) — what the pytest plugin reports per test."""
+    return cost_report([run_dir / LEDGER_FILE], run_id=run_id)
