@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from provisioner.factories import SessionFactory, set_run_id
 from provisioner.layers import Layer
 from provisioner.lmconfig import LMConfig, LMMode, RecordMode
 from provisioner.settings import Settings
+from provisioner.testing.containers import DedicatedWorker, ProcessContainers, finish_run
 from provisioner.testing.isolated import IsolatedTest
 from provisioner.testing.options import ResolvedRun, RunOptions, resolve_run, state_dir
 from provisioner.testing.report import LMUsage, ProcessReport
@@ -33,6 +34,8 @@ from provisioner.testing.run import RunIdentity
 
 if TYPE_CHECKING:
     import dspy
+
+    from provisioner.runtime.pool import WorkerPool
 
 
 class Environment:
@@ -50,6 +53,7 @@ class Environment:
         self._local_bridge: Any = None
         self._closers: list[tuple[str, Any]] = []
         self._sessions_by_label: dict[str, list[str]] = {}
+        self._containers: ProcessContainers | None = None
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -118,13 +122,12 @@ class Environment:
                 self._sessions_by_label.setdefault(label, []).append(spec.session_id)
         if self.layer.adapter == "mock":
             adapter = self._in_process_bridge().session(spec.session_id)
+            close_session: Any = adapter.close
         else:
-            raise ConfigError(
-                f"layer {self.layer.name!r}: bridge sessions need the container runtime (not wired yet)"
-            )
+            adapter, close_session = self.containers.open_session(spec.session_id)
         test = IsolatedTest(spec=spec, adapter=adapter, layer=self.layer.name)
         # Registered first, so it runs last: the test's own cleanups may still use the session.
-        test.add_cleanup(_close_session, adapter)
+        test.add_cleanup(close_session)
         return test
 
     def sessions_of(self, label: str) -> list[str]:
@@ -140,6 +143,42 @@ class Environment:
             yield test
         finally:
             test.close()
+
+    # -- containers ----------------------------------------------------------------------------------
+
+    @property
+    def containers(self) -> ProcessContainers:
+        """This process's containers (created on first use; nothing touches Docker before)."""
+        with self._lock:
+            if self._containers is None:
+                if self._closed:
+                    raise RuntimeError("the environment is closed")
+                self._containers = ProcessContainers(self)
+            return self._containers
+
+    @property
+    def containers_started(self) -> ProcessContainers | None:
+        return self._containers
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The warm worker pool of a pooled layer (started on first use)."""
+        if not self.layer.pooling_enabled:
+            raise ConfigError(
+                f"layer {self.layer.name!r} has pooling_enabled = false; the warm pool belongs to pooled "
+                "layers such as 'e2e' (use `isolated`/`bridge` or `bridge_worker` here)"
+            )
+        return self.containers.pool
+
+    @contextlib.contextmanager
+    def dedicated_worker(self, label: str = "dedicated", *, retain: Callable[[], bool] | None = None
+                         ) -> Iterator[DedicatedWorker]:
+        """A worker container for the ``with`` block only; removed on exit unless ``retain()`` says keep."""
+        worker = self.containers.start_dedicated_worker(label)
+        try:
+            yield worker
+        finally:
+            self.containers.stop_dedicated_worker(worker, retain=bool(retain and retain()))
 
     def _in_process_bridge(self) -> Any:
         with self._lock:
@@ -165,6 +204,12 @@ class Environment:
                     obj.close()
                 except Exception as exc:
                     failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            if self._containers is not None:
+                failures += [f"containers: {problem}" for problem in self._containers.close()]
+                self.report.workers_started = self._containers.workers_started
+                self.report.retained = list(self._containers.retained)
+            if self.identity.controller:
+                finish_run(self.run_dir)
             self.report.lm = self.lm_usage()
         if failures:
             raise RuntimeError("closing the environment failed: " + "; ".join(failures))
@@ -174,12 +219,6 @@ class Environment:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _close_session(adapter: Any) -> None:
-    close = getattr(adapter, "close", None)
-    if callable(close):
-        close()
 
 
 def open_environment(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.errors import ProvisionerError
+from provisioner.errors import LeakError, ProvisionerError
 from provisioner.lmconfig import LM_MODES, RECORD_MODES
 from provisioner.testing.plugin_state import WORKEROUTPUT_KEY, LMCost, ProvisionRun
 
@@ -200,13 +200,61 @@ def bridge(isolated: Any) -> Any:
     return isolated.adapter
 
 
+@pytest.fixture
+def bridge_worker(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A dedicated worker container for this test only (testcontainers ``DockerContainer`` from the
+    layer's recipe): ``.client`` (a BridgeClient), ``.session(id)``, ``.address``, ``.container``.
+
+    Removed after the test, unless the test failed and the cleanup policy retains failures.
+    """
+    run = _run(request)
+    _need_docker(run, "bridge_worker")
+    node = request.node
+    with run.environment.dedicated_worker(node.nodeid, retain=lambda: run.retain(_failed(node))) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def bridge_pool(request: pytest.FixtureRequest) -> Any:
+    """The run's warm pool of workers (this process's share of it) for pooled layers such as e2e."""
+    run = _run(request)
+    _need_docker(run, "bridge_pool")
+    return run.environment.pool
+
+
+@pytest.fixture(scope="session")
+def resource_manager(request: pytest.FixtureRequest) -> Any:
+    """This process's :class:`~provisioner.runtime.resources.ResourceManager` (track your own temp
+    files, ports or processes with ``owner=f"test:{request.node.nodeid}"`` to have them leak-checked)."""
+    run = _run(request)
+    _need_docker(run, "resource_manager")
+    return run.environment.containers.resources
+
+
+_PROVISIONER_FIXTURES = frozenset(
+    {"isolated", "bridge", "bridge_worker", "bridge_pool", "resource_manager", "lm", "lm_cost"}
+)
+
+
 @pytest.fixture(autouse=True)
-def _provisioner_layer_guard(request: pytest.FixtureRequest) -> None:
-    """Layer-marked tests of container layers need Docker: a clear skip locally, a failure under CI."""
+def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Docker check for layer-marked tests of container layers (skip locally, fail under CI), and
+    the per-test leak check for tests that use provisioner. Set up first, so torn down last: the
+    check sees the state after every other fixture of the test has cleaned up."""
     run = request.config.stash[RUN_KEY]
-    if run.layer.needs_docker and run.is_layer_test([m.name for m in request.node.iter_markers()]):
+    layer_test = run.is_layer_test([m.name for m in request.node.iter_markers()])
+    if run.layer.needs_docker and layer_test:
         run.mark_used()
         _need_docker(run, f"{request.node.nodeid} (marked for the {run.layer.name} layer)")
+    uses = layer_test or not _PROVISIONER_FIXTURES.isdisjoint(request.fixturenames)
+    if not uses and run.environment.containers_started is None:
+        yield
+        return
+    before = run.leak_snapshot()
+    yield
+    found = run.leaks_since(before, request.node.nodeid)
+    if found:
+        pytest.fail(str(LeakError(found)) + " — the test must remove what it creates", pytrace=False)
 
 
 def _failed(item: pytest.Item) -> bool:

@@ -60,13 +60,15 @@ def resolve_run(
 
     Relative paths in the LM configuration (the cassette directory) are anchored at ``project_dir``,
     so a run finds the same recordings whatever the working directory. ``run_id`` and ``run_dir``
-    (shared by every process of one run) go into the LM configuration: they carry the run's rate
-    limit, cost limit and ledger.
+    (shared by every process of one run) go into the LM configuration: ``<run_dir>/lm`` carries the
+    run's rate limit, cost limit and ledger.
     """
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     layer = get_layer(settings, settings.layer)
     lm_config = settings.lm_for(layer.name, mode=options.lm_mode)
-    updates: dict[str, Any] = {"run_id": run_id, "run_dir": run_dir}
+    # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
+    # directory is bind-mounted into the run's worker containers, so limits and ledger are run-wide.
+    updates: dict[str, Any] = {"run_id": run_id, "run_dir": None if run_dir is None else run_dir / "lm"}
     if not lm_config.cache_dir.is_absolute():
         updates["cache_dir"] = project_dir / lm_config.cache_dir
     lm_config = lm_config.model_copy(update=updates)

@@ -14,9 +14,17 @@ from typing import Any, TypeVar
 
 from provisioner.layers import Layer, resolve_layers
 from provisioner.lmconfig import LMMode, RecordMode
-from provisioner.testing import docker_check
+from provisioner.testing import containers, docker_check
 from provisioner.testing.options import RunOptions, resolve_run, state_dir
-from provisioner.testing.report import OUTCOMES, LMUsage, ProcessReport, RunReport, combine, ledger_usage
+from provisioner.testing.report import (
+    OUTCOMES,
+    LeakRecord,
+    LMUsage,
+    ProcessReport,
+    RunReport,
+    combine,
+    ledger_usage,
+)
 from provisioner.testing.run import RunIdentity
 from provisioner.testing.selection import layer_marks, marker_description, split_by_layer
 
@@ -54,7 +62,7 @@ class LMCost:
         if self.test_id is None:
             return delta
         owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
-        return combine(delta, ledger_usage(self._environment.run_dir, owners))
+        return combine(delta, ledger_usage(self._environment.lm_config.run_dir, owners))
 
     @property
     def calls(self) -> int:
@@ -154,6 +162,26 @@ class ProvisionRun:
     def docker_is_required(self) -> bool:
         return docker_check.running_in_ci()
 
+    def retain(self, failed: bool) -> bool:
+        """Keep a failed test's dedicated worker? (``cleanup_policy`` and ``retain_on_failure``)."""
+        from provisioner.runtime.resources import should_remove
+
+        settings = self.environment.settings
+        return not should_remove(settings.cleanup_policy, settings.retain_on_failure, failed)
+
+    # -- leak checks -------------------------------------------------------------------------------
+
+    def leak_snapshot(self) -> frozenset[tuple[str, str]]:
+        return containers.snapshot(self.environment.containers_started)
+
+    def leaks_since(self, before: frozenset[tuple[str, str]], test_id: str) -> list[tuple[str, str]]:
+        """What the test left behind (also recorded for the report)."""
+        found = containers.check_leaks(before, self.environment.containers_started, test_id)
+        if found:
+            self._used = True
+            self.environment.report.leaks.append(LeakRecord(test_id, found))
+        return found
+
     # -- LM cost -----------------------------------------------------------------------------------
 
     def lm_cost(self, test_id: str) -> LMCost:
@@ -200,7 +228,7 @@ class ProvisionRun:
             for worker in self._worker_reports:
                 report.merge(worker)
             section = report.layers[self.layer.name]
-            ledger = ledger_usage(self.identity.run_dir)
+            ledger = ledger_usage(self.environment.lm_config.run_dir)
             section.lm = combine(section.lm, ledger)
             if ledger is not None:
                 report.run_cost_usd = ledger.cost_usd

@@ -1,0 +1,401 @@
+"""One process's containers for a layer: the warm pool, dedicated workers, the run's watchdog, leak checks.
+
+Built on :mod:`provisioner.runtime` (recipes, ``RunEnvironment``, ``WorkerPool``, ``ResourceManager``,
+the watchdog, the content-hashed image). What this module adds is the *per-process* view that pytest
+(with or without xdist) and :func:`provisioner.environment` need:
+
+* **names are per process, labels are per run.** Every xdist worker plans its containers under the
+  run's id (one watchdog, one ``provision reap`` target, one ledger) but with its own name prefix
+  ``prov-<run>-<instance>`` and ``provisioner.session=<instance>`` label, so two workers never clash
+  and each removes only its own containers;
+* **one image for the whole run**: the image is content-hashed and built under a machine-wide lock
+  (:func:`provisioner.runtime.images.ensure_worker_image`), so concurrent processes build it once;
+* **one watchdog per run**: every process registers as an owner; the first one starts it;
+* **leak checks** compare snapshots of this process's resources around a test, ignoring what belongs
+  to the process (pool, relay, networks) or was retained on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from provisioner.api import Environment
+    from provisioner.runtime.environment import RunEnvironment, WorkerInfo
+    from provisioner.runtime.pool import WorkerPool
+    from provisioner.runtime.recipes import RunPlan
+    from provisioner.runtime.resources import ResourceManager
+
+LOOPBACK = "127.0.0.1"
+_UNSAFE = re.compile(r"[^a-z0-9]+")
+
+
+def process_instance() -> str:
+    """This process's name inside a run: the xdist worker id (``gw0``...) or ``main``, plus the pid.
+
+    The pid keeps two ``environment()`` blocks of separate scripts in one run apart.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER") or "main"
+    return f"{_UNSAFE.sub('', worker.lower()) or 'main'}-{os.getpid()}"
+
+
+def namespaced(plan: RunPlan, instance: str) -> RunPlan:
+    """The same plan with every container and network name under ``prov-<run>-<instance>``.
+
+    Labels keep the run's id, so the run's watchdog and ``provision reap`` still find everything.
+    """
+    old = f"prov-{plan.run_id}"
+    new = f"{old}-{instance}"
+
+    def rename(name: str) -> str:
+        return new + name[len(old):] if name.startswith(old) else name
+
+    def recipe(r: Any) -> Any:
+        env = dict(r.environment)
+        if "PROVISION_WORKER_ID" in env:
+            env["PROVISION_WORKER_ID"] = rename(env["PROVISION_WORKER_ID"])
+        networks = tuple(dataclasses.replace(a, network=rename(a.network)) for a in r.networks)
+        return dataclasses.replace(r, name=rename(r.name), networks=networks, environment=env)
+
+    return dataclasses.replace(
+        plan,
+        networks=tuple(dataclasses.replace(n, name=rename(n.name)) for n in plan.networks),
+        relay=recipe(plan.relay),
+        workers=tuple(recipe(w) for w in plan.workers),
+        standin=recipe(plan.standin) if plan.standin is not None else None,
+    )
+
+
+@dataclass
+class DedicatedWorker:
+    """A worker container for one test only (the ``bridge_worker`` fixture).
+
+    ``container`` is the testcontainers ``DockerContainer``; ``client`` a ``BridgeClient`` connected
+    through the worker's own relay on 127.0.0.1; ``session(id)`` a session on it.
+    """
+
+    name: str
+    container_id: str
+    host: str
+    port: int
+    container: Any
+    client: Any
+    environment: Any = field(repr=False)
+    retained: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def session(self, session_id: str) -> Any:
+        return self.client.session(session_id)
+
+    def resource_names(self) -> list[tuple[str, str]]:
+        plan = self.environment.plan
+        return [("container", self.name), ("container", plan.relay.name)] + [
+            ("network", n.name) for n in plan.networks
+        ]
+
+
+class ProcessContainers:
+    """The containers one process (a pytest process or an ``environment()`` block) owns."""
+
+    def __init__(self, environment: Environment) -> None:
+        self.env = environment
+        self.instance = process_instance()
+        self._lock = threading.RLock()
+        self._runtime: Any = None
+        self._image: str | None = None
+        self._resources: ResourceManager | None = None
+        self._watchdog_started = False
+        self._pool: WorkerPool | None = None
+        self._pool_env: RunEnvironment | None = None
+        self._dedicated = itertools.count(1)
+        self.workers_started = 0
+        self.retained: list[str] = []
+        self._retained_names: set[tuple[str, str]] = set()
+
+    # -- the pieces, created on first use ------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Any:
+        with self._lock:
+            if self._runtime is None:
+                from provisioner.runtime.engine import DockerRuntime
+
+                runtime = DockerRuntime()
+                runtime.ping()  # DockerUnavailableError with the reason when there is no engine
+                self._runtime = runtime
+            return self._runtime
+
+    @property
+    def resources(self) -> ResourceManager:
+        """This process's resource manager (scoped to its own containers by label)."""
+        with self._lock:
+            if self._resources is None:
+                from provisioner.runtime import labels as L
+                from provisioner.runtime.resources import ResourceManager
+
+                selector = {**L.selector(self.env.run_id), L.SESSION: self.instance}
+                self._resources = ResourceManager(self.runtime, selector=selector)
+            return self._resources
+
+    @property
+    def resources_started(self) -> bool:
+        return self._resources is not None
+
+    @property
+    def image(self) -> str:
+        with self._lock:
+            if self._image is None:
+                from provisioner.runtime.images import ensure_worker_image
+
+                container = self.env.settings.container
+                self._image = ensure_worker_image(self.runtime, image=container.image, base=container.base)
+            return self._image
+
+    def _ensure_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog_started:
+                return
+            from provisioner.runtime import watchdog as wd
+
+            run_dir = self.env.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            wd.ensure_watchdog(
+                self.env.run_id, run_dir, owner_pid=os.getpid(),
+                interval_s=self.env.settings.container.watchdog_interval_s,
+            )
+            self._watchdog_started = True
+
+    def _plan(self, workers: int, name_instance: str) -> RunPlan:
+        from provisioner.runtime.recipes import plan_run, prepare_shared_dir
+
+        lm = self.env.lm_config
+        lm_run_dir = None
+        if lm.mode != "mock":
+            assert lm.run_dir is not None
+            lm_run_dir = prepare_shared_dir(lm.run_dir)
+            if lm.mode == "cached":
+                prepare_shared_dir(lm.cache_dir)
+        plan = plan_run(
+            self.env.settings, self.env.layer, lm, run_id=self.env.run_id, image=self.image,
+            workers=workers, session=self.instance, run_dir=lm_run_dir,
+        )
+        return namespaced(plan, name_instance)
+
+    def _require_container_layer(self, what: str) -> None:
+        from provisioner.errors import ConfigError
+
+        if not self.env.layer.needs_docker:
+            raise ConfigError(
+                f"{what} needs a container layer, but layer {self.env.layer.name!r} runs in-process "
+                "(adapter 'mock'); run with --layer integration (or e2e), or mark the test for it"
+            )
+
+    # -- the pool ------------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> WorkerPool:
+        """This process's warm workers: ``layer.workers`` for pooled layers, else one worker."""
+        with self._lock:
+            if self._pool is None:
+                self._require_container_layer("the worker pool")
+                from provisioner.runtime.environment import RunEnvironment
+                from provisioner.runtime.pool import WorkerPool
+
+                self._ensure_watchdog()
+                layer = self.env.layer
+                count = layer.workers if layer.pooling_enabled else 1
+                plan = self._plan(count, self.instance)
+                run_env = RunEnvironment(
+                    plan, self.runtime, resources=self.resources,
+                    ready_timeout_s=self.env.settings.container.ready_timeout_s,
+                )
+                run_env.start()
+                self.workers_started += len(run_env.workers)
+                container = self.env.settings.container
+                self._pool_env = run_env
+                self._pool = WorkerPool(
+                    run_env,
+                    recycle_after_sessions=container.recycle_after_sessions,
+                    recycle_after_s=container.recycle_after_s,
+                    owns_environment=False,  # its stop() would sweep the whole run, other xdist workers too
+                )
+            return self._pool
+
+    def open_session(self, session_id: str) -> tuple[Any, Any]:
+        """(session client, cleanup) for a new session pinned to a pool worker."""
+        pool = self.pool
+        pool.open_session(session_id)
+        client = pool.client(session_id, request_timeout=self.env.settings.process_timeout)
+
+        def cleanup() -> None:
+            try:
+                client.close()  # cleanup_session on the worker
+            finally:
+                client.bridge.close()
+                pool.close_session(session_id)
+
+        return client, cleanup
+
+    # -- dedicated workers ---------------------------------------------------------------------------
+
+    def start_dedicated_worker(self, label: str) -> DedicatedWorker:
+        """A fresh worker container (testcontainers ``DockerContainer`` from the layer's recipe) behind
+        its own relay, ready (``ping`` answers with the LM configured)."""
+        self._require_container_layer("bridge_worker")
+        from testcontainers.core.config import testcontainers_config
+        from testcontainers.core.container import DockerContainer
+
+        from provisioner.bridge.client import BridgeClient
+        from provisioner.runtime.environment import RunEnvironment, WorkerInfo
+
+        # Ryuk needs an image pull and the docker socket in a container: the run's watchdog does its job.
+        testcontainers_config.ryuk_disabled = True
+        self._ensure_watchdog()
+        plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
+        recipe = plan.workers[0]
+        # Networks and the relay come from the plan as usual; the worker itself from testcontainers.
+        base = RunEnvironment(
+            dataclasses.replace(plan, workers=()), self.runtime,
+            ready_timeout_s=self.env.settings.container.ready_timeout_s,
+        )
+        base.start()
+        container = None
+        try:
+            container = recipe.configure(DockerContainer(recipe.image))
+            container.start()
+            container_id = container.get_container_id()
+            base.resources.track("container", container_id, name=recipe.name, owner=f"test:{label}",
+                                 cleanup=container.stop)
+            relay_id = base.container_ids[plan.relay.name]
+            port = self.runtime.published_port(relay_id, plan.relay_port_for(0))
+            info: WorkerInfo = WorkerInfo(0, recipe.name, container_id, LOOPBACK, int(port))
+            base.wait_ready(info)
+            self.workers_started += 1
+        except BaseException:
+            base.resources.cleanup_all()
+            raise
+        client = BridgeClient(LOOPBACK, int(port), request_timeout=self.env.settings.process_timeout)
+        return DedicatedWorker(recipe.name, container_id, LOOPBACK, int(port), container, client, base)
+
+    def stop_dedicated_worker(self, worker: DedicatedWorker, *, retain: bool) -> None:
+        """Remove the worker, its relay and networks — or keep them (retain_on_failure) for debugging."""
+        with contextlib.suppress(Exception):
+            worker.client.close()
+        if retain:
+            from provisioner.runtime import watchdog as wd
+
+            worker.retained = True
+            names = worker.resource_names()
+            self._retained_names.update(names)
+            self.retained.append(f"container {worker.name} ({worker.address})")
+            # The run's watchdog leaves a retained run alone; `provision reap` removes it later.
+            wd.mark(self.env.run_dir, wd.RETAIN_MARKER)
+            for res in worker.environment.resources.tracked():
+                worker.environment.resources.forget(res)
+            return
+        report = worker.environment.resources.cleanup_all()
+        if not report.ok:
+            failures = "; ".join(f"{r.kind} {r.name}: {exc}" for r, exc in report.errors)
+            raise RuntimeError(f"could not remove dedicated worker {worker.name}: {failures}")
+
+    # -- leak checks ---------------------------------------------------------------------------------
+
+    def owned_names(self) -> set[tuple[str, str]]:
+        """What belongs to the process, not a test: pool containers and networks, retained ones."""
+        names = set(self._retained_names)
+        if self._resources is not None:
+            names.update(
+                (r.kind, r.name if r.kind in ("container", "network", "volume") else r.ident)
+                for r in self._resources.tracked()
+                if not r.owner.startswith("test:")
+            )
+        return names
+
+    def _sweep(self) -> list[str]:
+        """Remove whatever still carries this process's labels (created but never tracked, e.g. by a
+        start interrupted mid-call), keeping retained workers. Containers before networks."""
+        from provisioner.runtime.engine import remove_resource
+
+        assert self._resources is not None
+        found = [
+            ref for ref in self.runtime.list_resources(self._resources.selector)
+            if (ref.kind, ref.name) not in self._retained_names
+        ]
+        problems = []
+        for ref in sorted(found, key=lambda r: r.kind != "container"):
+            try:
+                remove_resource(self.runtime, ref)
+            except Exception as exc:
+                problems.append(f"{ref.kind} {ref.name}: {exc}")
+        return problems
+
+    def close(self) -> list[str]:
+        """Remove everything this process created (except retained workers); return what failed."""
+        problems: list[str] = []
+        with self._lock:
+            if self._pool is not None:
+                self.workers_started += self._pool.replaced + self._pool.recycled
+                with contextlib.suppress(Exception):
+                    self._pool.close()
+            if self._resources is not None:
+                report = self._resources.cleanup_all()
+                problems += [f"{r.kind} {r.name}: {exc}" for r, exc in report.errors]
+                problems += self._sweep()
+            if self._runtime is not None:
+                with contextlib.suppress(Exception):
+                    self._runtime.close()
+        return problems
+
+
+def finish_run(run_dir: Path) -> None:
+    """The run is over and every process cleaned up: let the run's watchdog (if any) stand down.
+
+    Owners stay registered until then, so a process killed mid-run is still cleaned up after.
+    """
+    from provisioner.runtime import watchdog as wd
+
+    if (run_dir / wd.LOCK_FILE).exists() and not (run_dir / wd.RETAIN_MARKER).exists():
+        wd.mark(run_dir, wd.STOPPED_MARKER)
+
+
+def snapshot(containers: ProcessContainers | None) -> frozenset[tuple[str, str]]:
+    """What exists now that a test could leak: this process's managed engine resources (when the
+    process has any) and its child processes, tracked files and ports."""
+    if containers is not None and containers.resources_started:
+        return containers.resources.snapshot()
+    from provisioner.runtime.resources import ResourceManager
+
+    return ResourceManager(None).snapshot()
+
+
+def check_leaks(
+    before: Iterable[tuple[str, str]],
+    containers: ProcessContainers | None,
+    test_id: str,
+) -> list[tuple[str, str]]:
+    """Resources that exist now, did not before the test, and belong to no one but the test."""
+    from provisioner.runtime.resources import leaks
+
+    after = snapshot(containers)
+    owned = containers.owned_names() if containers is not None else set()
+    found = [item for item in leaks(before, after) if item not in owned]
+    if containers is not None and containers.resources_started:
+        # Resources the test tracked itself (tempfiles, ports) and did not release.
+        found += [
+            (r.kind, r.ident) for r in containers.resources.tracked(f"test:{test_id}")
+            if (r.kind, r.ident) in after and (r.kind, r.ident) not in found
+        ]
+    return found
+
