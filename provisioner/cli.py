@@ -266,6 +266,235 @@ def standin_gemini(host: str, port: int, ready_file: Path | None, api_key_env: s
 
 
 # --- containers: images, up/down/status/run/reap/doctor, compose (provisioner.runtime) ----------
+# Heavy imports (docker, rich, the runtime) happen inside the commands: `provision --help` and the
+# worker image (which has no docker-py) never pay for them.
+
+_LM_CHOICE = click.Choice(["mock", "cached", "real"])
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@main.group("images")
+def images_group() -> None:
+    """The worker image (content-hashed; rebuilt only when its inputs change)."""
+
+
+@images_group.command("build")
+@click.option("--base", type=click.Choice(["auto", "python", "debootstrap"]), default=None,
+              help="base image: python:3.11-slim, a local debootstrap bookworm, or auto (default: settings)")
+@click.option("--force", is_flag=True, help="rebuild even when an image with the same content hash exists")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def images_build(base: str | None, force: bool, as_json: bool) -> None:
+    """Build the worker image (skipped in well under a second when nothing changed)."""
+    from provisioner.runtime.images import build_worker_image
+
+    settings = _settings()
+    result = build_worker_image(base=base or settings.container.base, force=force,  # type: ignore[arg-type]
+                                show_progress=not as_json and sys.stderr.isatty(),
+                                progress=None if sys.stderr.isatty() and not as_json else _say)
+    if as_json:
+        click.echo(json.dumps({"tag": result.tag, "built": result.built, "seconds": round(result.seconds, 3),
+                               "base": result.base}))
+    else:
+        verb = "built" if result.built else "up to date:"
+        click.echo(f"{verb} {result.tag} (base {result.base}, {result.seconds:.2f}s)")
+
+
+@images_group.command("lock")
+def images_lock() -> None:
+    """Re-pin images/worker/requirements.txt to the worker requirements installed here."""
+    from provisioner.runtime.images import write_requirements
+
+    click.echo(f"wrote {write_requirements()}")
+
+
+def _worker_table(state: Any, health: dict[str, Any] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {state.run_id} · layer {state.layer} · LM {state.lm_mode}")
+    for column in ("worker", "container", "address", "LM mode", *(["health"] if health is not None else [])):
+        table.add_column(column)
+    for w in state.workers:
+        row = [f"w{w['slot']}", w["name"], w["address"], state.lm_mode]
+        if health is not None:
+            row.append(health.get(w["name"], "?"))
+        table.add_row(*row)
+    Console().print(table)
+
+
+@main.command("up")
+@click.option("--layer", default=None, help="the layer to bring up (default: settings' layer)")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="number of workers (default: the layer's)")
+@click.option("--lm", "lm_mode", type=_LM_CHOICE, default=None, help="override the layer's LM mode")
+@click.option("--require-key", is_flag=True, help="real mode must use the real Gemini API, not the stand-in")
+@click.option("--run-id", default=None, help="use this run id instead of a random one")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def up_command(layer: str | None, workers: int | None, lm_mode: str | None, require_key: bool,
+               run_id: str | None, as_json: bool) -> None:
+    """Start a layer's workers and keep them up until `provision down`.
+
+    Writes .provision/runs/<id>/state.json and an env file (also .provision/current.env) with
+    PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
+    """
+    from provisioner.runtime.environment import state_file_of, up
+
+    settings = _settings(layer=layer)
+    try:
+        env = up(settings, layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
+                 require_key=require_key, run_id=run_id, progress=None if as_json else _say)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: everything started so far was removed") from None
+    state = env.state
+    assert state is not None
+    state_file = state_file_of(settings, state.run_id)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps({**asdict(state), "state_file": str(state_file),
+                               "env_file": str(state_file.with_name("env")), "warnings": env.warnings}))
+        return
+    _worker_table(state)
+    if state.uses_standin:
+        click.echo("GEMINI_TEST_API_KEY is not set: real-mode workers talk to the local Gemini stand-in "
+                   "(use --require-key to insist on the real API).")
+    current = Path(settings.state_dir) / "current.env"
+    click.echo(f"env file: {state_file.with_name('env')}  (or: source {current})")
+    click.echo("stop with: provision down")
+
+
+@main.command("down")
+@click.option("--run", "run_id", default=None, help="the run to remove (default: the current one)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def down_command(run_id: str | None, as_json: bool) -> None:
+    """Remove a run's containers and networks (idempotent)."""
+    from provisioner.runtime.environment import down
+
+    result = down(_settings(), run_id=run_id)
+    if as_json:
+        click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed}))
+    elif result.run_id is None:
+        click.echo("nothing to do: no current run")
+    else:
+        click.echo(f"run {result.run_id}: removed {len(result.removed)} resource(s)")
+
+
+@main.command("status")
+@click.option("--run", "run_id", default=None, help="the run to check (default: the current one)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status_command(run_id: str | None, as_json: bool) -> None:
+    """Health of every worker of a run (container state + ping). Exit 1 when not all healthy."""
+    from dataclasses import asdict
+
+    from provisioner.runtime.environment import status
+
+    report = status(_settings(), run_id=run_id)
+    if as_json:
+        click.echo(json.dumps({"run_id": report.run_id, "healthy": report.healthy,
+                               "workers": [asdict(w) for w in report.workers], "others": report.others}))
+    elif report.state is None:
+        click.echo("no current run (provision up starts one)")
+    else:
+        health = {w.name: ("ok" if w.healthy else f"{w.container}: {w.detail or 'no ping'}")
+                  + (f" ({w.latency_ms} ms)" if w.latency_ms is not None else "") for w in report.workers}
+        _worker_table(report.state, health)
+        for name, st in report.others.items():
+            click.echo(f"{name}: {st}")
+    if not report.healthy:
+        sys.exit(1)
+
+
+@main.command("run", context_settings={"ignore_unknown_options": True})
+@click.option("--layer", default=None, help="the layer to bring up")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="number of workers")
+@click.option("--lm", "lm_mode", type=_LM_CHOICE, default=None, help="override the layer's LM mode")
+@click.option("--require-key", is_flag=True, help="real mode must use the real Gemini API")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require_key: bool,
+            command: tuple[str, ...]) -> None:
+    """Bring a layer up, run COMMAND with its env, bring it down; exit with COMMAND's code.
+
+    Example: provision run --layer e2e -- pytest -q
+    """
+    from provisioner.runtime.environment import run_command
+
+    try:
+        code = run_command(list(command), _settings(layer=layer), layer=layer, workers=workers,
+                           lm_mode=lm_mode, require_key=require_key, progress=_say)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+@main.command("reap")
+@click.option("--run", "run_id", default=None, help="remove this run")
+@click.option("--older-than", default=None, help="remove runs older than this (e.g. 30m, 2h, 1d)")
+@click.option("--all", "all_runs", is_flag=True, help="remove every run provisioner manages on this engine")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def reap_command(
+    run_id: str | None, older_than: str | None, all_runs: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Remove leftovers of earlier runs (default: runs whose owner process is gone)."""
+    from dataclasses import asdict
+
+    from provisioner.runtime.environment import parse_duration, reap
+
+    older_than_s = parse_duration(older_than) if older_than else None
+    results = reap(_settings(), run_id=run_id, older_than_s=older_than_s, all_runs=all_runs, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in results]))
+        return
+    if not results:
+        click.echo("nothing to reap")
+    for r in results:
+        click.echo(f"{'would remove' if dry_run else 'removed'} run {r.run_id} ({r.reason}): "
+                   f"{len(r.removed)} resource(s)")
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def doctor_command(as_json: bool) -> None:
+    """Check the engine, images, base buildability, API key and disk space. Exit 1 on a failure."""
+    from dataclasses import asdict
+
+    from provisioner.runtime.environment import doctor
+
+    checks = doctor(_settings())
+    if as_json:
+        click.echo(json.dumps([asdict(c) for c in checks]))
+    else:
+        marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+        for c in checks:
+            click.echo(f"[{marks[c.status]}] {c.name}: {c.detail}")
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
+
+
+@main.group("compose")
+def compose_group() -> None:
+    """Compose files generated from the layer recipes (for docker-compose users)."""
+
+
+@compose_group.command("export")
+@click.option("--layer", "layer_names", multiple=True,
+              help="layer(s) to export (default: every container layer)")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="a file (one layer) or folder; default: compose/<layer>.yml; '-' prints")
+def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
+    """Write compose/<layer>.yml from the same recipes `provision up` uses."""
+    from provisioner.runtime.compose import export_layer, export_layers
+
+    settings = _settings()
+    if output is not None and str(output) == "-":
+        for name in layer_names or ("e2e",):
+            click.echo(export_layer(settings, name), nl=False)
+        return
+    for path in export_layers(settings, list(layer_names) or None, output):
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

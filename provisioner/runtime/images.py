@@ -38,6 +38,7 @@ from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime
 
 WORKER_REPO = "provisioner-worker"
+LATEST_TAG = f"{WORKER_REPO}:latest"
 BASE_REPO = "provisioner-base"
 PYTHON_BASE = "python:3.11-slim"
 DEBIAN_SUITE = "bookworm"
@@ -435,6 +436,7 @@ def build_worker_image(
         with _progress_sink(progress, show_progress) as say:
             tag = worker_tag(runtime, base, root)
             if tag and not force and runtime.image_exists(tag):
+                _tag_latest(runtime, tag)
                 return BuildResult(tag, False, time.perf_counter() - start, _base_ref(runtime, base))
             with _build_lock():
                 base_ref, base_id = resolve_base(runtime, base, progress=say)
@@ -445,6 +447,7 @@ def build_worker_image(
                 wheelhouse = ensure_wheelhouse(requirements, progress=say)
                 wheel = ensure_project_wheel(root, progress=say)
                 _docker_build(runtime, root, base_ref, tag, wheelhouse, wheel, say)
+                _tag_latest(runtime, tag)
                 return BuildResult(tag, True, time.perf_counter() - start, base_ref)
     finally:
         if own:
@@ -469,6 +472,13 @@ def ensure_worker_image(
                 rt.close()
         return image
     return build_worker_image(runtime, base=base, progress=progress).tag
+
+
+def _tag_latest(runtime: DockerRuntime, tag: str) -> None:
+    """Point ``provisioner-worker:latest`` (what the compose files use) at ``tag``."""
+    image = runtime.client.images.get(tag)
+    if LATEST_TAG not in (image.tags or []):
+        image.tag(WORKER_REPO, "latest")
 
 
 def _base_ref(runtime: DockerRuntime, base: BaseChoice) -> str:

@@ -69,19 +69,28 @@ def parse_routes(args: list[str]) -> list[tuple[int, str, int]]:
     return routes
 
 
-async def serve(routes: list[tuple[int, str, int]]) -> None:
+async def serve(
+    routes: list[tuple[int, str, int]],
+    *,
+    bind: str = "0.0.0.0",  # noqa: S104 - inside its container; only 127.0.0.1 is published
+    handle_signals: bool = True,
+) -> None:
+    """Listen on every route's port on ``bind`` and forward until SIGTERM/SIGINT (or cancellation)."""
     servers = [
-        await asyncio.start_server(_handler(host, port), "0.0.0.0", listen, reuse_address=True)  # noqa: S104
+        await asyncio.start_server(_handler(host, port), bind, listen, reuse_address=True)
         for listen, host, port in routes
     ]
     print("PROVISION_RELAY_READY " + " ".join(f"{lp}={h}:{p}" for lp, h, p in routes), flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for server in servers:
-        server.close()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for server in servers:
+            server.close()
 
 
 def main(argv: list[str] | None = None) -> None:

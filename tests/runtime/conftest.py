@@ -1,0 +1,99 @@
+"""Shared pieces for the runtime tests: the worker image (built once per session, content-hashed so
+later sessions skip the build), a fake-engine probe, and a leftover check by label."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine import FakeContainer, FakeRuntime
+from provisioner.runtime.environment import ProbeResult
+from provisioner.runtime.relay import parse_routes
+from provisioner.settings import Settings, load_settings
+
+FAKE_IMAGE = "provisioner-worker:fake"
+
+
+@pytest.fixture(scope="session")
+def worker_image(docker_engine: Any) -> str:
+    """The real worker image, built (or found by its content hash) once per test session."""
+    from provisioner.runtime.images import build_worker_image
+
+    return build_worker_image().tag
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Default settings with the state dir and cassettes under tmp_path (no user config leaks in)."""
+    for key in list(__import__("os").environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    return load_settings(
+        cli={
+            "state_dir": str(tmp_path / ".provision"),
+            "lm.cache_dir": str(tmp_path / "cassettes"),
+            "container.ready_timeout_s": 30.0,
+        },
+        project_dir=tmp_path,
+    )
+
+
+class FakeWorkers:
+    """Makes FakeRuntime containers behave like workers behind the relay, for the readiness probe.
+
+    A worker is ready when its container runs and its name is not in ``not_ready``; the probe
+    finds it the way the real relay does: published port -> relay route -> slot alias.
+    """
+
+    def __init__(self, runtime: FakeRuntime) -> None:
+        self.runtime = runtime
+        self.not_ready: set[str] = set()
+        self.probes = 0
+
+    def probe(self, host: str, port: int, timeout: float) -> ProbeResult:
+        self.probes += 1
+        assert host == "127.0.0.1"
+        with self.runtime._lock:
+            containers = list(self.runtime.containers.values())
+        for relay in containers:
+            if relay.recipe.role != "relay" or relay.status != "running":
+                continue
+            for container_port, host_port in relay.ports.items():
+                if host_port != port:
+                    continue
+                routes = {lp: alias for lp, alias, _ in parse_routes(list(relay.recipe.command[3:]))}
+                alias = routes[container_port]
+                for c in containers:
+                    if (
+                        c.recipe.role == "worker"
+                        and alias in c.recipe.networks[0].aliases
+                        and c.status == "running"
+                        and c.recipe.name not in self.not_ready
+                    ):
+                        return ProbeResult(True, True, "ok")
+                return ProbeResult(False, detail="connection closed by relay")
+        return ProbeResult(False, detail="connection refused")
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeRuntime, FakeWorkers]]:
+    runtime = FakeRuntime(images=(FAKE_IMAGE,))
+    yield runtime, FakeWorkers(runtime)
+
+
+def leftovers(docker_engine: Any, run_id: str) -> list[str]:
+    """Every container, network or volume still labelled with ``run_id``."""
+    from provisioner.runtime.engine import DockerRuntime
+
+    rt = DockerRuntime(docker_engine)
+    return sorted(f"{r.kind} {r.name}" for r in rt.list_resources(L.selector(run_id)))
+
+
+def started(container: FakeContainer) -> None:  # pragma: no cover - handy for on_start hooks
+    container.log_lines.append("PROVISION_WORKER_READY port=8765")

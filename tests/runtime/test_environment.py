@@ -1,0 +1,253 @@
+"""RunEnvironment and the up/down/status/reap API, on the in-memory engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ConfigError, RuntimeProblem, WorkerNotReadyError
+from provisioner.layers import get_layer
+from provisioner.runtime import environment as E
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.recipes import plan_run
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE, FakeWorkers
+
+
+def _env(
+    settings: Settings,
+    rt: FakeRuntime,
+    workers: FakeWorkers,
+    *,
+    count: int = 2,
+    mode: str = "mock",
+    timeout: float = 5.0,
+) -> E.RunEnvironment:
+    layer = get_layer(settings, "integration")
+    plan = plan_run(
+        settings,
+        layer,
+        settings.lm_for("integration", mode),
+        run_id="run1",  # type: ignore[arg-type]
+        image=FAKE_IMAGE,
+        workers=count,
+        run_dir=Path(settings.state_dir) / "lm",
+    )
+    return E.RunEnvironment(plan, rt, probe=workers.probe, ready_timeout_s=timeout, poll_interval_s=0.005)
+
+
+def test_start_creates_networks_first_then_every_container_and_stop_removes_all(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    env = _env(settings, rt, workers, count=3).start()
+    creates = [name for op, name in rt.calls if op.startswith("create")]
+    assert creates[:2] == ["prov-run1", "prov-run1-edge"]
+    assert sorted(creates[2:]) == ["prov-run1-relay", "prov-run1-w0", "prov-run1-w1", "prov-run1-w2"]
+    addresses = env.addresses()
+    assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses)
+    env.stop()
+    assert rt.containers == {} and rt.networks == {}
+    removes = [name for op, name in rt.calls if op.startswith("remove")]
+    assert removes[-2:] == ["prov-run1-edge", "prov-run1"]  # networks after the containers on them
+
+
+def test_a_failed_start_removes_what_it_made(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    rt.fail_start.add("prov-run1-w1")
+    with pytest.raises(RuntimeProblem, match="injected failure"):
+        _env(settings, rt, workers).start()
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_worker_that_exits_fails_readiness_at_once_with_its_logs(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+
+    def crash_w0(container):  # type: ignore[no-untyped-def]
+        if container.recipe.name == "prov-run1-w0":
+            container.log_lines += ["Traceback ...", "ConfigError: lm.model must not be empty"]
+            container.status, container.exit_code = "exited", 1
+
+    rt.on_start = crash_w0
+    start = time.monotonic()
+    with pytest.raises(WorkerNotReadyError) as info:
+        _env(settings, rt, workers, timeout=30).start()
+    assert time.monotonic() - start < 5  # did not sit out the 30 s deadline
+    assert "exited" in str(info.value) and "lm.model must not be empty" in info.value.last_logs
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_readiness_deadline_reports_the_last_ping_and_logs(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    workers.not_ready.add("prov-run1-w1")
+    rt.on_start = lambda c: c.log_lines.append(f"hello from {c.recipe.name}")
+    with pytest.raises(WorkerNotReadyError) as info:
+        _env(settings, rt, workers, timeout=0.3).start()
+    assert "prov-run1-w1" in str(info.value) and "was not ready within" in str(info.value)
+    assert "hello from prov-run1-w1" in info.value.last_logs
+    assert workers.probes > 10  # polled at a fine interval, not once a second
+
+
+def test_replace_worker_keeps_the_address(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    rt, workers = fake
+    env = _env(settings, rt, workers).start()
+    old = env.worker(1)
+    new = env.replace_worker(1)
+    assert (new.address, new.generation, new.name) == (old.address, 1, "prov-run1-w1-1")
+    assert rt.container_state(old.container_id) is None
+    assert rt.container_state(new.container_id).running  # type: ignore[union-attr]
+    env.stop()
+    assert rt.containers == {}
+
+
+def test_up_writes_state_and_a_sourceable_env_file_and_down_is_idempotent(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    env = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=2,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+    )
+    assert env.state is not None
+    run_id = env.state.run_id
+    state_file = E.state_file_of(settings, run_id)
+    data = json.loads(state_file.read_text())
+    assert data["run_id"] == run_id and len(data["workers"]) == 2 and data["lm_mode"] == "mock"
+    current = Path(settings.state_dir) / "current.env"
+    out = subprocess.run(
+        ["bash", "-c", f"source {current} && echo $PROVISION_RUN_ID $PROVISION_BRIDGE_ADDRS"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == [run_id, ",".join(env.addresses())]
+    report = E.status(settings, runtime=rt, probe=workers.probe)
+    assert report.healthy and [w.healthy for w in report.workers] == [True, True]
+    rt.crash(env.workers[0].container_id)
+    assert not E.status(settings, runtime=rt, probe=workers.probe).healthy
+
+    first = E.down(settings, runtime=rt)
+    assert first.run_id == run_id and len(first.removed) == 5  # relay, 2 workers, 2 networks
+    assert rt.containers == {} and rt.networks == {}
+    assert E.down(settings, runtime=rt).removed == []
+    assert E.down(settings, run_id=run_id, runtime=rt).removed == []
+    assert json.loads(state_file.read_text())["status"] == "down" and not current.exists()
+
+
+def test_up_refuses_the_in_process_layer_and_a_missing_key_when_required(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with pytest.raises(ConfigError, match="in-process"):
+        E.up(settings, layer="unit", runtime=rt, image=FAKE_IMAGE, watchdog=False)
+    with pytest.raises(ConfigError, match="require-key"):
+        E.up(settings, layer="e2e", require_key=True, runtime=rt, image=FAKE_IMAGE, watchdog=False)
+    assert rt.calls == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_reap_picks_stale_old_or_all_runs(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    rt, workers = fake
+    kept = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+        persistent=True,
+    )
+    stale = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+        persistent=False,
+        owner_pid=_dead_pid(),
+    )
+    mine = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+        persistent=False,
+    )
+    ids = {e.plan.run_id for e in (kept, stale, mine)}
+    runs = {r.run_id: r for r in E.list_runs(rt)}
+    assert set(runs) == ids and runs[stale.plan.run_id].stale and not runs[mine.plan.run_id].stale
+
+    later = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+    )
+    assert any(stale.plan.run_id in w for w in later.warnings)  # up warns about stale runs
+
+    dry = E.reap(settings, runtime=rt, dry_run=True)
+    assert [r.run_id for r in dry] == [stale.plan.run_id] and len(rt.list_resources(L.selector())) == 16
+    reaped = E.reap(settings, runtime=rt)
+    assert [(r.run_id, r.reason) for r in reaped] == [(stale.plan.run_id, "owner gone")]
+    assert rt.list_resources(L.selector(stale.plan.run_id)) == []
+    assert E.reap(settings, runtime=rt) == []
+    assert E.reap(settings, runtime=rt, older_than_s=3600) == []  # all younger than an hour
+    assert [r.run_id for r in E.reap(settings, runtime=rt, run_id=kept.plan.run_id)] == [kept.plan.run_id]
+    assert {r.run_id for r in E.reap(settings, runtime=rt, all_runs=True)} == {
+        mine.plan.run_id,
+        later.plan.run_id,
+    }
+    assert rt.containers == {} and rt.networks == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400)]
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert E.parse_duration(text) == seconds
+
+
+def test_parse_duration_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--older-than"):
+        E.parse_duration("soon")
+
+
+def test_env_file_quotes_values() -> None:
+    assert E.render_env({"A": "x y", "B": "1"}) == "export A='x y'\nexport B=1\n"

@@ -1,0 +1,159 @@
+"""WorkerPool on the in-memory engine: pinning, replacement, recycling."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import WorkerLostError
+from provisioner.layers import get_layer
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.environment import RunEnvironment
+from provisioner.runtime.pool import WorkerPool
+from provisioner.runtime.recipes import plan_run
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE, FakeWorkers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _pool(
+    settings: Settings,
+    fake: tuple[FakeRuntime, FakeWorkers],
+    *,
+    count: int = 2,
+    sessions: int = 100,
+    age: float = 3600.0,
+    clock: Clock | None = None,
+) -> WorkerPool:
+    rt, workers = fake
+    plan = plan_run(
+        settings,
+        get_layer(settings, "e2e"),
+        settings.lm_for("e2e", "mock"),
+        run_id="p1",
+        image=FAKE_IMAGE,
+        workers=count,
+        run_dir=Path(settings.state_dir) / "lm",
+    )
+    env = RunEnvironment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+    return WorkerPool(
+        env,
+        recycle_after_sessions=sessions,
+        recycle_after_s=age,
+        owns_environment=True,
+        clock=clock or Clock(),
+    )
+
+
+def test_sessions_are_pinned_and_spread_over_workers(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    with _pool(settings, fake, count=3) as pool:
+        opened = [pool.open_session(f"s{i}") for i in range(6)]
+        assert Counter(s.slot for s in opened) == {0: 2, 1: 2, 2: 2}
+        for s in opened:
+            assert pool.session(s.session_id) == s  # always the same worker
+        pool.close_session("s0")
+        pool.close_session("s3")  # both were on slot 0
+        assert pool.open_session("s6").slot == 0  # least loaded now
+        with pytest.raises(ValueError, match="already open"):
+            pool.open_session("s1")
+        with pytest.raises(KeyError):
+            pool.session("nope")
+
+
+def test_a_dead_worker_is_replaced_and_its_sessions_fail_clearly(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with _pool(settings, fake) as pool:
+        a, b = pool.open_session("a"), pool.open_session("b")
+        assert {a.slot, b.slot} == {0, 1}
+        victim = a.slot
+        rt.crash(pool.environment.worker(victim).container_id, exit_code=137)
+        assert pool.check() == [victim]
+        with pytest.raises(
+            WorkerLostError, match=r"session 'a' was pinned to worker .* exited with code 137"
+        ):
+            pool.session("a")
+        assert pool.session("b") == b  # the other worker's session is untouched
+        fresh = pool.open_session("c")
+        assert fresh.slot == victim and fresh.generation == 1 and fresh.address == a.address
+        assert pool.stats()["replaced"] == 1 and pool.stats()["lost_sessions"] == 1
+        pool.close_session("a")  # closing a lost session is fine and forgets it
+        with pytest.raises(KeyError):
+            pool.session("a")
+        assert pool.check() == []  # everything healthy now
+
+
+def test_report_failure_raises_only_when_the_worker_died(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with _pool(settings, fake) as pool:
+        s = pool.open_session("x")
+        pool.report_failure("x")  # a blip: worker alive, nothing raised
+        rt.crash(pool.environment.worker(s.slot).container_id)
+        with pytest.raises(WorkerLostError):
+            pool.report_failure("x")
+
+
+def test_recycle_after_n_sessions_waits_for_the_last_session(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    with _pool(settings, fake, count=1, sessions=2) as pool:
+        first = pool.open_session("1")
+        second = pool.open_session("2")
+        assert pool.stats()["workers"][0]["draining"] is True
+        pool.close_session("1")
+        assert pool.session("2") == second and pool.stats()["recycled"] == 0  # still serving "2"
+        pool.close_session("2")
+        assert pool.stats()["recycled"] == 1
+        third = pool.open_session("3")
+        assert third.generation == first.generation + 1 and third.address == first.address
+
+
+def test_recycle_after_age(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    clock = Clock()
+    with _pool(settings, fake, count=1, age=60, clock=clock) as pool:
+        assert pool.open_session("young").generation == 0
+        pool.close_session("young")
+        clock.now += 61
+        assert pool.open_session("old-worker-recycled").generation == 1
+
+
+def test_concurrent_sessions_are_balanced(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    with _pool(settings, fake, count=2) as pool:
+        slots: list[int] = []
+        lock = threading.Lock()
+
+        def opener(i: int) -> None:
+            s = pool.open_session(f"t{i}")
+            with lock:
+                slots.append(s.slot)
+
+        threads = [threading.Thread(target=opener, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert Counter(slots) == {0: 20, 1: 20}
+
+
+def test_close_stops_an_owned_environment(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    rt, _ = fake
+    pool = _pool(settings, fake)
+    pool.start_monitor(interval_s=0.01)
+    pool.close()
+    assert rt.containers == {} and rt.networks == {}

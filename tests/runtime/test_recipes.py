@@ -1,0 +1,206 @@
+"""Recipes: what a layer turns into, before anything is created."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from provisioner.layers import get_layer
+from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV
+from provisioner.runtime import labels as L
+from provisioner.runtime.recipes import (
+    CASSETTE_MOUNT,
+    RUN_DIR_MOUNT,
+    STANDIN_ALIAS,
+    plan_run,
+    prepare_shared_dir,
+    replacement_recipe,
+    worker_user,
+)
+from provisioner.settings import Settings
+
+SECRET = "AIza-test-secret-value-123"
+
+
+def _plan(settings: Settings, layer: str, tmp_path: Path, **kw: object):  # type: ignore[no-untyped-def]
+    layer_obj = get_layer(settings, layer)
+    lm = settings.lm_for(layer, kw.pop("mode", None))  # type: ignore[arg-type]
+    if kw.pop("key", False):
+        lm = lm.model_copy(update={"api_key": SecretStr(SECRET)})
+    return plan_run(
+        settings,
+        layer_obj,
+        lm,
+        run_id="r1",
+        image="img:1",
+        run_dir=tmp_path / "lm",
+        owner_pid=4242,
+        owner_host="hostA",
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def test_every_resource_carries_the_run_labels(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "integration", tmp_path, session="sess-9")
+    wanted = {
+        L.MANAGED: "true",
+        L.RUN: "r1",
+        L.LAYER: "integration",
+        L.SESSION: "sess-9",
+        L.OWNER_HOST: "hostA",
+        L.OWNER_PID: "4242",
+    }
+    for labels in [n.labels for n in plan.networks] + [c.labels for c in plan.containers()]:
+        assert {k: labels[k] for k in wanted} == wanted
+    assert [c.labels[L.ROLE] for c in plan.containers()] == ["relay", "worker", "worker"]
+
+
+def test_mock_and_cached_workers_sit_on_an_internal_network_behind_a_loopback_relay(
+    settings: Settings, tmp_path: Path
+) -> None:
+    for mode in ("mock", "cached"):
+        plan = _plan(settings, "integration", tmp_path, mode=mode)
+        run_net, edge_net = plan.networks
+        assert run_net.internal and not edge_net.internal and not plan.egress
+        for worker in plan.workers:
+            assert [a.network for a in worker.networks] == [run_net.name]  # nothing else: no way out
+            assert worker.ports == ()
+            assert worker.networks[0].aliases == (f"w{worker.slot}",)
+        assert [a.network for a in plan.relay.networks] == [run_net.name, edge_net.name]
+        kwargs = plan.relay.to_run_kwargs()
+        assert kwargs["ports"] == {"9000/tcp": ("127.0.0.1", None), "9001/tcp": ("127.0.0.1", None)}
+        assert plan.relay.command[-2:] == ("9000=w0:8765", "9001=w1:8765")
+
+
+def test_real_mode_with_a_key_gets_egress_and_the_key_only_in_the_secret_environment(
+    settings: Settings, tmp_path: Path
+) -> None:
+    plan = _plan(settings, "e2e", tmp_path, key=True)
+    assert plan.egress and not plan.networks[0].internal and plan.standin is None
+    worker = plan.workers[0]
+    assert worker.secret_environment == {API_KEY_ENV: SECRET}
+    everything_public = json.dumps(plan.public_dict()) + json.dumps(worker.labels) + " ".join(worker.command)
+    assert SECRET not in everything_public
+    assert SECRET not in json.dumps(worker.environment)
+    assert worker.to_run_kwargs()["environment"][API_KEY_ENV] == SECRET  # the engine does get it
+    assert SECRET not in repr(worker)
+
+
+@pytest.mark.parametrize("mode", ["mock", "cached"])
+def test_the_api_key_never_reaches_mock_or_cached_workers(
+    settings: Settings, tmp_path: Path, mode: str
+) -> None:
+    plan = _plan(settings, "integration", tmp_path, mode=mode, key=True)
+    for worker in plan.workers:
+        assert API_KEY_ENV not in worker.to_run_kwargs()["environment"]
+
+
+def test_real_mode_without_a_key_uses_the_standin_on_an_internal_network(
+    settings: Settings, tmp_path: Path
+) -> None:
+    plan = _plan(settings, "e2e", tmp_path)
+    assert plan.uses_standin and plan.standin is not None and not plan.egress
+    assert plan.networks[0].internal
+    assert plan.standin.networks[0].aliases == (STANDIN_ALIAS,)
+    assert plan.standin.command[:3] == ("provision", "standin", "gemini")
+    lm = json.loads(plan.workers[0].environment[LM_CONFIG_ENV])
+    assert lm["base_url"] == f"http://{STANDIN_ALIAS}:8080/" and lm["mode"] == "real"
+    assert plan.workers[0].secret_environment[API_KEY_ENV]  # a dummy the stand-in accepts
+    assert [c.role for c in plan.containers()] == ["standin", "relay", "worker", "worker"]
+
+
+def test_cached_workers_mount_cassettes_and_the_shared_run_dir(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "integration", tmp_path)
+    worker = plan.workers[0]
+    mounts = {m.target: m for m in worker.mounts}
+    assert set(mounts) == {CASSETTE_MOUNT, RUN_DIR_MOUNT}
+    assert mounts[CASSETTE_MOUNT].source == str(Path(settings.lm.cache_dir).resolve())
+    assert mounts[RUN_DIR_MOUNT].source == str((tmp_path / "lm").resolve())
+    assert not mounts[CASSETTE_MOUNT].read_only
+    lm = json.loads(worker.environment[LM_CONFIG_ENV])
+    assert lm["cache_dir"] == CASSETTE_MOUNT and lm["run_dir"] == RUN_DIR_MOUNT and lm["run_id"] == "r1"
+    replay_only = settings.model_copy(update={"lm": settings.lm.model_copy(update={"record_mode": "none"})})
+    plan = _plan(replay_only, "integration", tmp_path)
+    assert {m.target: m.read_only for m in plan.workers[0].mounts}[CASSETTE_MOUNT] is True
+
+
+def test_mock_workers_mount_nothing(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "integration", tmp_path, mode="mock")
+    assert all(w.mounts == () for w in plan.workers)
+    assert json.loads(plan.workers[0].environment[LM_CONFIG_ENV])["run_dir"] is None
+
+
+def test_workers_are_unprivileged_and_limited_by_settings(settings: Settings, tmp_path: Path) -> None:
+    tuned = settings.model_copy(
+        update={
+            "container": settings.container.model_copy(
+                update={"memory": "768m", "cpus": 0.5, "pids_limit": 99}
+            )
+        }
+    )
+    worker = _plan(tuned, "integration", tmp_path, user="1000:1000").workers[0]
+    kwargs = worker.to_run_kwargs()
+    assert kwargs["cap_drop"] == ["ALL"]
+    assert kwargs["security_opt"] == ["no-new-privileges:true"]
+    assert kwargs["read_only"] is True and "/tmp" in kwargs["tmpfs"]
+    assert kwargs["user"] == "1000:1000"
+    assert (kwargs["mem_limit"], kwargs["nano_cpus"], kwargs["pids_limit"]) == ("768m", 500_000_000, 99)
+    assert "privileged" not in kwargs
+    assert not any("docker.sock" in src for src in kwargs["volumes"])
+
+
+def test_worker_user_is_never_root() -> None:
+    assert worker_user(0, 0) == "10001:0"
+    assert worker_user(1000, 1000) == "1000:1000"
+
+
+def test_layer_overrides_beat_container_settings(settings: Settings, tmp_path: Path) -> None:
+    from provisioner.settings import LayerSpec
+
+    custom = settings.model_copy(update={"layers": {"e2e": LayerSpec(memory="2g", cpus=2.0)}})
+    worker = _plan(custom, "e2e", tmp_path).workers[0]
+    assert (worker.memory, worker.cpus) == ("2g", 2.0)
+
+
+def test_unit_layer_has_no_containers(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="in-process"):
+        _plan(settings, "unit", tmp_path)
+
+
+def test_replacement_keeps_the_slot_alias_under_a_new_name(settings: Settings, tmp_path: Path) -> None:
+    worker = _plan(settings, "integration", tmp_path).workers[1]
+    again = replacement_recipe(worker, 2)
+    assert again.name == "prov-r1-w1-2" and again.networks == worker.networks
+    assert again.environment["PROVISION_WORKER_ID"] == "prov-r1-w1-2"
+    assert replacement_recipe(again, 3).name == "prov-r1-w1-3"
+
+
+def test_configure_applies_the_recipe_to_a_testcontainers_container(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from testcontainers.core.container import DockerContainer
+
+    plan = _plan(settings, "e2e", tmp_path, key=True)
+    container = plan.workers[0].configure(DockerContainer("placeholder"))
+    assert container.image.endswith("img:1")
+    assert container.env[API_KEY_ENV] == SECRET
+    assert container._network.name == plan.run_network
+    assert container._network_aliases == ["w0"]
+    assert container._kwargs["cap_drop"] == ["ALL"] and container._kwargs["labels"][L.RUN] == "r1"
+    relay = plan.relay.configure(DockerContainer("placeholder"))
+    assert relay.ports == {"9000/tcp": ("127.0.0.1", None), "9001/tcp": ("127.0.0.1", None)}
+
+
+def test_prepare_shared_dir_makes_group_writable_dirs_only_for_root(tmp_path: Path) -> None:
+    target = tmp_path / "shared" / "lm"
+    prepare_shared_dir(target, euid=1000)
+    assert not target.stat().st_mode & stat.S_IWGRP
+    (target / "ledger.json").write_text("{}")
+    prepare_shared_dir(target, euid=0)
+    mode = target.stat().st_mode
+    assert mode & stat.S_IWGRP and mode & stat.S_ISGID and not mode & stat.S_IWOTH
+    assert (target / "ledger.json").stat().st_mode & stat.S_IWGRP

@@ -1,0 +1,94 @@
+"""The relay forwards bytes both ways and closes connections to absent workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from provisioner.runtime.relay import parse_routes, serve
+
+
+def test_parse_routes() -> None:
+    assert parse_routes(["9000=w0:8765", "9001=w1:8765"]) == [(9000, "w0", 8765), (9001, "w1", 8765)]
+    with pytest.raises(SystemExit, match="bad route"):
+        parse_routes(["9000-w0"])
+    with pytest.raises(SystemExit, match="no routes"):
+        parse_routes([])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data.upper())
+
+    threading.Thread(target=run, daemon=True).start()
+    yield port
+    server.close()
+
+
+def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: int) -> None:
+    live, dead = _free_port(), _free_port()
+    missing_target = _free_port()  # nothing listens there
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(
+            loop.create_task(
+                serve(
+                    [(live, "127.0.0.1", echo_server), (dead, "127.0.0.1", missing_target)],
+                    bind="127.0.0.1",
+                    handle_signals=False,
+                )
+            )
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task[0])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = 200
+        while deadline:
+            try:
+                conn = socket.create_connection(("127.0.0.1", live), timeout=1)
+                break
+            except OSError:
+                deadline -= 1
+                threading.Event().wait(0.01)
+        else:
+            pytest.fail("relay did not start")
+        with conn:
+            payload = b"x" * 300_000
+            conn.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += conn.recv(65536)
+            assert got == payload.upper()
+        with socket.create_connection(("127.0.0.1", dead), timeout=2) as conn:
+            assert conn.recv(10) == b""  # closed: no worker behind this slot
+    finally:
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(timeout=5)
