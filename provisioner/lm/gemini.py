@@ -2,10 +2,10 @@
 
 Each attempt of a call:
 
-1. takes a slot of the run's request-per-minute budget (:class:`RunLimits.acquire_request`);
-2. reserves the call's worst-case cost (every prompt byte as a token — an upper bound on the token
+1. reserves the call's worst-case cost (every prompt byte as a token — an upper bound on the token
    count — plus ``max_tokens`` output tokens at the model's price) or refuses with
    :class:`~provisioner.errors.CostLimitExceeded`;
+2. takes a slot of the run's request-per-minute budget (:class:`RunLimits.acquire_request`);
 3. calls ``models.generate_content``;
 4. settles the reservation with the real ``usageMetadata`` (prompt, candidates, thoughts and cached
    token counts) and appends a ledger line.
@@ -223,14 +223,16 @@ class GeminiEngine(EngineBase):
         model = self.config.model
         attempt = 0
         while True:
-            try:
-                self.limits.acquire_request()
-            except RateLimitExceeded as exc:
-                raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
+            # Money first: a call the budget refuses must not use up a slot of the request window.
             try:
                 reservation = self.limits.reserve(worst, what=f"a {model} call")
             except CostLimitExceeded as exc:
                 raise lm15.BillingError(str(exc), provider="gemini", code="cost_limit") from exc
+            try:
+                self.limits.acquire_request()
+            except RateLimitExceeded as exc:
+                self.limits.settle(reservation, 0.0)
+                raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
             try:
                 raw = self._genai().models.generate_content(model=model, contents=contents, config=gen_config)
             except Exception as exc:
