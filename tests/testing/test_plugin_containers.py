@@ -1,0 +1,145 @@
+"""The plugin's container fixtures against the real Docker engine, through pytester.
+
+Docker runs are slow on two cores, so there are two, each doing several checks: a custom suite with
+two xdist workers (dedicated workers, a leak, a failing test's cleanups, one watchdog), and the
+example project's integration layer replaying its cassettes on two xdist workers. Both reuse the one
+content-hashed worker image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "qa_project"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+
+
+def _run_resources(client: Any, run_id: str) -> list[str]:
+    labels = {"label": [f"provisioner.run={run_id}"]}
+    return [f"container {c.name}" for c in client.containers.list(all=True, filters=labels)] + [
+        f"network {n.name}" for n in client.networks.list(filters=labels)
+    ]
+
+
+SUITE = '''
+import json
+import os
+
+import docker
+import pytest
+
+from provisioner.factories import ProgramFactory
+
+OUT = {out!r}
+
+
+def _write(name, data):
+    with open(os.path.join(OUT, name), "w") as fh:
+        json.dump(data, fh)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n", range(2))
+def test_dedicated_worker(bridge_worker, n):
+    container = docker.from_env().containers.get(bridge_worker.container_id)
+    assert container.status == "running"
+    assert container.attrs["Config"]["User"] not in ("", "0", "root")
+    session = bridge_worker.session("only-me")
+    session.create_program(**ProgramFactory.build(id="p").create_args())
+    assert session.list_programs()["total_count"] == 1  # a fresh worker: nothing from other tests
+    _write(f"dedicated-{{n}}.json", {{"id": bridge_worker.container_id, "name": bridge_worker.name}})
+
+
+@pytest.mark.integration
+def test_leaves_a_network_behind(resource_manager):
+    name = "prov-leaky-" + os.environ.get("PYTEST_XDIST_WORKER", "main")
+    docker.from_env().networks.create(name, labels=dict(resource_manager.selector), internal=True)
+
+
+@pytest.mark.integration
+def test_failing_test_still_cleans_up(isolated):
+    isolated.adapter.create_program(**ProgramFactory.build(id="p").create_args())
+    isolated.add_cleanup(_write, "cleanup-ran.json", {{"session": isolated.session_id}})
+    assert False, "this test fails on purpose"
+'''
+
+
+@pytest.mark.docker
+def test_container_fixtures_under_xdist(pytester: pytest.Pytester) -> None:
+    out = pytester.path / "out"
+    out.mkdir()
+    pytester.makepyfile(test_suite=SUITE.format(out=str(out)))
+    result = pytester.runpytest_subprocess(
+        "--layer", "integration", "-n", "2", "--provision-report", "report.json", "-p", "no:cacheprovider",
+        timeout=280,
+    )
+    result.assert_outcomes(passed=3, failed=1, errors=1)
+    # The leak names the resource, and fails the test that left it.
+    result.stdout.fnmatch_lines(["*1 resource(s) leaked: network prov-leaky-gw* — the test must remove*"])
+
+    report = json.loads((pytester.path / "report.json").read_text())
+    run_id = report["run_id"]
+    section = report["layers"]["integration"]
+    assert section["leaks_found"] == 1
+    assert section["leaks"][0]["test"].endswith("test_leaves_a_network_behind")
+    assert section["leaks"][0]["leaks"][0][0] == "network"
+    # two dedicated workers and the pool worker of the process that ran the `isolated` test
+    assert section["workers_started"] == 3
+    assert report["processes"] == 3
+
+    # The failing test's cleanups ran.
+    assert json.loads((out / "cleanup-ran.json").read_text())["session"].startswith("session_")
+
+    # Each bridge_worker test had its own fresh container, gone after the run.
+    import docker
+
+    client = docker.from_env()
+    dedicated = [json.loads((out / f"dedicated-{n}.json").read_text()) for n in range(2)]
+    assert dedicated[0]["id"] != dedicated[1]["id"]
+    for worker in dedicated:
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(worker["id"])
+    # Nothing of the run is left: not the pool, not the relay, not even the leaked network.
+    assert _run_resources(client, run_id) == []
+
+    # One watchdog for the whole run, though two processes owned containers.
+    run_dir = pytester.path / ".provision" / "runs" / run_id
+    log = (run_dir / "watchdog.log").read_text()
+    assert log.count(f"watching run {run_id}") == 1, log
+    assert len(list((run_dir / "owners").iterdir())) == 2
+    assert (run_dir / "stopped").exists()  # the controller let it stand down after the run
+
+
+@pytest.mark.docker
+def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester: pytest.Pytester) -> None:
+    shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".provision"))
+    result = pytester.runpytest_subprocess(
+        "--layer", "integration", "-n", "2", "--record-mode", "none", "--provision-report", "report.json",
+        timeout=280,
+    )
+    result.assert_outcomes(passed=5)  # xdist deselects on its workers: no "deselected" count here
+    report = json.loads((pytester.path / "report.json").read_text())
+    section = report["layers"]["integration"]
+    # LM calls happened inside the worker containers of two processes; the run's ledger saw them all.
+    assert section["lm_calls"] == {"mock": 0, "replayed": 4, "recorded": 0, "real": 0}
+    assert section["cache_misses"] == 0
+    assert section["leaks_found"] == 0
+    assert 1 <= section["workers_started"] <= 2
+    import docker
+
+    assert _run_resources(docker.from_env(), report["run_id"]) == []
