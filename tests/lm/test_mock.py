@@ -116,6 +116,16 @@ def test_exact_rule_and_plan_shorthand() -> None:
     assert lm("anything") == ["mock_response"]
 
 
+def test_rules_match_the_real_input_not_few_shot_demos() -> None:
+    rule = MockRule(match={"question": "demo question"}, kind="exact", outputs={"answer": "from demo"})
+    lm = build_lm(LMConfig(mode="mock", mock_rules=[rule]))
+    program = dspy.Predict("question -> answer")
+    program.demos = [dspy.Example(question="demo question", answer="demo answer")]
+    with dspy.context(lm=lm):
+        assert program(question="real question").answer == "mock_response"
+        assert program(question="demo question").answer == "from demo"
+
+
 def test_rules_on_several_inputs_must_all_match() -> None:
     rule = MockRule(match={"a": "x", "b": "y"}, kind="exact", outputs={"out": "both"})
     lm = build_lm(LMConfig(mode="mock", mock_rules=[rule]))
@@ -220,11 +230,17 @@ _DETERMINISM_SCRIPT = textwrap.dedent(
 
 
 def test_same_request_same_answer_across_processes() -> None:
+    # Two processes at once, with different hash seeds: nothing may depend on Python's str hash.
+    children = [
+        subprocess.Popen([sys.executable, "-c", _DETERMINISM_SCRIPT], stdout=subprocess.PIPE, text=True,
+                         env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
+        for seed in ("1", "2")
+    ]
     outputs = []
-    for seed in ("1", "2"):  # different hash seeds: nothing may depend on Python's str hash
-        done = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], capture_output=True, text=True,
-                              check=True, env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
-        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
     assert outputs[0] == outputs[1]
     assert outputs[0]["id"].startswith("mock-")
 
