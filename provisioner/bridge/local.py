@@ -9,11 +9,10 @@ here too), errors raise the same :class:`~provisioner.errors.BridgeError` with t
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from provisioner.bridge.client import BridgeCommands, check_json
-from provisioner.bridge.protocol import ErrorType, dumps, rejected
+from provisioner.bridge.protocol import dumps
 from provisioner.bridge.service import BridgeService, LMFactory
 from provisioner.lmconfig import LMConfig
 
@@ -32,24 +31,23 @@ class LocalBridge(BridgeCommands):
         self.service = BridgeService(
             lm_config or LMConfig(mode="mock"), lm_factory=lm_factory, worker_id=worker_id or "in-process"
         )
-        self._closed = threading.Event()
-        self.service.on_shutdown(self._closed.set)
+        self.closed = False
 
     def __repr__(self) -> str:
         return f"LocalBridge(worker_id={self.service.worker_id!r})"
 
     def request(self, command: str, **args: Any) -> dict[str, Any]:
-        if self._closed.is_set() and command != "shutdown":
-            raise rejected(ErrorType.SHUTTING_DOWN, f"this LocalBridge is closed; {command} refused")
         result = self.service.call(command, check_json(args))
         decoded: dict[str, Any] = json.loads(dumps(result))
         return decoded
 
     def close(self) -> None:
-        """Drop every session and program; later requests fail with ``ShuttingDown``."""
-        if not self._closed.is_set():
+        """Drop every session and program; from then on new work is refused with ``ShuttingDown``
+        (like a worker after ``shutdown``), while session clean-ups still succeed."""
+        if not self.closed:
+            self.closed = True
             self.service.call("reset_state", {})
-            self._closed.set()
+            self.service.begin_shutdown()
 
     def __enter__(self) -> LocalBridge:
         return self

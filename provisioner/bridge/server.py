@@ -258,8 +258,13 @@ class BridgeServer:
         """Ask the server to stop (from a signal handler, the shutdown command, or stdin EOF)."""
         self.service.begin_shutdown()
         self.stop_requested.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake_accept_loop()
+
+    def _wake_accept_loop(self) -> None:
+        # After close() the descriptor number may belong to something else: never write to it then.
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop accepting, let every in-flight request finish and reply, close everything.
@@ -268,11 +273,10 @@ class BridgeServer:
         """
         if self._closed:
             return True
-        self._closed = True
         self.service.begin_shutdown()
         self.stop_requested.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake_accept_loop()
+        self._closed = True
         if self._accept_thread is not None:
             self._accept_thread.join()
         if self._listener is not None:

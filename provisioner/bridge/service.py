@@ -57,6 +57,9 @@ COMMANDS: tuple[str, ...] = (
     "shutdown",
 )
 LM_FIELDS: tuple[str, ...] = tuple(LMConfig.model_fields)
+# Refused once shutdown has begun; everything else (pings, stats, removing state) still works, so
+# a host can clean up its sessions while the worker drains.
+_NEW_WORK = frozenset({"configure_lm", "create_program", "execute_program"})
 _MISSING: Any = object()
 
 
@@ -210,7 +213,7 @@ class BridgeService:
                     ErrorType.UNKNOWN_COMMAND,
                     f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}",
                 )
-            if self._shutting_down.is_set() and command not in ("ping", "get_stats", "shutdown"):
+            if self._shutting_down.is_set() and command in _NEW_WORK:
                 raise rejected(ErrorType.SHUTTING_DOWN, f"the worker is shutting down; {command} refused")
             outcome = handler(args)
         except BridgeError as exc:

@@ -260,8 +260,13 @@ def test_local_bridge_keeps_wire_semantics(bridge: LocalBridge) -> None:
     bridge.create_program(QA_INT, "qa")
     result = bridge.execute_program("qa", {"question": "2+2"})
     assert isinstance(result, dict) and result["outputs"] == {"answer": 4}
-    assert bridge.shutdown()["status"] == "shutting_down"
-    assert error_of(bridge.ping).error_type == "ShuttingDown"
+    session = bridge.session("s")
+    session.create_program(QA_INT, "qa")
+    bridge.close()
+    assert error_of(bridge.create_program, QA_INT, "again").error_type == "ShuttingDown"
+    assert bridge.list_programs(all_sessions=True)["total_count"] == 0
+    session.close()  # a session clean-up after the bridge closed is harmless
+    assert bridge.ping()["status"] == "ok"
 
 
 def test_shutdown_refuses_new_work_but_answers_ping() -> None:
@@ -272,5 +277,11 @@ def test_shutdown_refuses_new_work_but_answers_ping() -> None:
     service.call("shutdown", {})
     assert called == [True]
     assert service.call("ping", {})["status"] == "ok"
-    error = error_of(service.call, "create_program", {"signature": QA_INT})
-    assert error.error_type == "ShuttingDown"
+    assert service.call("cleanup_session", {"session_id": "s"})["status"] == "not_found"
+    for command, args in [
+        ("create_program", {"signature": QA_INT}),
+        ("execute_program", {"program_id": "qa", "inputs": {}}),
+        ("configure_lm", {"mode": "mock"}),
+    ]:
+        error = error_of(service.call, command, args)
+        assert error.error_type == "ShuttingDown" and command in error.message
