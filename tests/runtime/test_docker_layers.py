@@ -1,0 +1,190 @@
+"""Against the real engine: each container layer up, healthy, used and down — through the CLI, as a
+user would — plus the crash paths (SIGKILL of `provision run`, Ctrl-C during `up`) and compose."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.bridge.client import BridgeClient
+from provisioner.runtime.engine import DockerRuntime
+
+from .conftest import leftovers
+
+pytestmark = pytest.mark.docker
+PROVISION = [sys.executable, "-m", "provisioner.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _project(tmp_path: Path) -> dict[str, str]:
+    """A scratch project folder; the environment for `provision` run inside it (no key, no overrides)."""
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'scratch'\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
+    }
+    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    return env
+
+
+def _provision(
+    tmp_path: Path, env: dict[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*PROVISION, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and done.returncode != 0:
+        pytest.fail(f"provision {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.mark.parametrize("layer", ["integration", "e2e"])
+def test_layer_up_status_use_down(docker_engine: Any, worker_image: str, tmp_path: Path, layer: str) -> None:
+    env = _project(tmp_path)
+    up = json.loads(_provision(tmp_path, env, "up", "--layer", layer, "--workers", "2", "--json").stdout)
+    run_id = up["run_id"]
+    try:
+        assert up["layer"] == layer and up["image"] == worker_image and len(up["workers"]) == 2
+        status = json.loads(_provision(tmp_path, env, "status", "--json").stdout)
+        assert status["healthy"] and all(w["lm_configured"] for w in status["workers"])
+        address = up["workers"][0]["address"]
+        host, port = address.rsplit(":", 1)
+        rt = DockerRuntime(docker_engine)
+        if layer == "integration":
+            assert up["lm_mode"] == "cached" and not up["uses_standin"]
+            # The run's shared LM directory is writable from inside the (non-root) worker.
+            code, out = rt.exec(up["workers"][0]["name"], ["sh", "-c", "id -u && touch /provision/run/probe"])
+            assert code == 0 and out.split()[0] != "0", out
+            assert (Path(up["lm_run_dir"]) / "probe").exists()
+        else:
+            assert up["lm_mode"] == "real" and up["uses_standin"]  # no key: the stand-in container
+            assert up["standin"] and not up["egress"]
+            with BridgeClient(host, int(port), request_timeout=60) as client:
+                session = client.session("e2e-check")
+                session.create_program({"inputs": ["question"], "outputs": ["answer"]}, "qa")
+                result = session.execute_program("qa", {"question": "What is 2+2?"})
+            assert "answer" in result["outputs"]
+            # The real-mode engine spoke to the stand-in and wrote the run's shared ledger on the host.
+            assert any(Path(up["lm_run_dir"]).iterdir())
+    finally:
+        first = json.loads(_provision(tmp_path, env, "down", "--json").stdout)
+        again = _provision(tmp_path, env, "down", "--run", run_id, "--json")
+    assert first["run_id"] == run_id and first["removed"]
+    assert json.loads(again.stdout)["removed"] == []  # down twice is fine
+    assert leftovers(docker_engine, run_id) == []
+    assert _provision(tmp_path, env, "status", check=False).returncode == 1  # nothing up any more
+
+
+def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def test_sigkill_of_provision_run_leaves_nothing_within_10s(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    import psutil
+
+    env = _project(tmp_path)
+    script = "import time; print('command started', flush=True); time.sleep(300)"
+    proc = subprocess.Popen(
+        [
+            *PROVISION,
+            "run",
+            "--layer",
+            "integration",
+            "--lm",
+            "mock",
+            "--workers",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "command started", proc.stderr.read() if proc.stderr else ""
+        run_id = (tmp_path / ".provision" / "current").read_text().strip()
+        command = [p for p in psutil.Process(proc.pid).children() if "time.sleep" in " ".join(p.cmdline())]
+        assert leftovers(docker_engine, run_id) and len(command) == 1
+    except BaseException:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _wait(lambda: not leftovers(docker_engine, run_id), 10, "removal of every resource of the killed run")
+    _wait(lambda: not command[0].is_running(), 5, "termination of the run's command")
+
+
+def test_ctrl_c_during_up_leaves_nothing(docker_engine: Any, worker_image: str, tmp_path: Path) -> None:
+    env = _project(tmp_path)
+    run_id = f"ctrlc{os.getpid()}"
+    proc = subprocess.Popen(
+        [*PROVISION, "up", "--layer", "integration", "--lm", "mock", "--workers", "2", "--run-id", run_id],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rt = DockerRuntime(docker_engine)
+    try:
+        _wait(
+            lambda: any(r.kind == "container" for r in rt.list_resources({"provisioner.run": run_id})),
+            60,
+            "the first container of the run",
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "interrupted" in err
+    assert leftovers(docker_engine, run_id) == []
+
+
+def test_the_compose_file_runs_with_docker_compose(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    project = f"provtest{os.getpid()}"
+    env = {**os.environ, "PROVISION_WORKER_IMAGE": worker_image, "LM_CACHE_DIR": str(tmp_path)}
+    compose = ["docker-compose", "-f", str(ROOT / "compose" / "integration.yml"), "-p", project]
+    subprocess.run([*compose, "up", "-d"], env=env, check=True, capture_output=True, timeout=300)
+    try:
+        port_line = subprocess.run(
+            [*compose, "port", "relay", "9000"], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        host, port = port_line.rsplit(":", 1)
+        assert host == "127.0.0.1"
+
+        def ready() -> bool:
+            try:
+                with BridgeClient(host, int(port), connect_timeout=1, request_timeout=2) as client:
+                    return bool(client.ping()["lm_configured"])
+            except Exception:
+                return False
+
+        _wait(ready, 60, "the compose worker w0 answering ping")
+    finally:
+        subprocess.run([*compose, "down", "-v"], env=env, check=True, capture_output=True, timeout=300)
+    left = docker_engine.containers.list(all=True, filters={"label": f"com.docker.compose.project={project}"})
+    assert left == []
