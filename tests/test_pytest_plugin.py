@@ -6,6 +6,7 @@ Runs that must not share state with this session (docker probe cache, xdist) use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -475,3 +476,39 @@ def test_example_project_unit_layer(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*test_refund_tickets_are_billing PASSED*", "layer unit: 4 tests (4 passed)"]
     )
+
+
+def test_a_leaked_process_fails_the_test_and_is_named(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        import subprocess
+        import sys
+
+        import pytest
+
+        @pytest.mark.unit
+        def test_leaks_a_child():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+        @pytest.mark.unit
+        def test_reaps_its_child():
+            child = subprocess.Popen([sys.executable, "-c", "pass"])
+            child.wait()
+
+        def test_not_provisioner_so_not_checked():
+            pass
+        """
+    )
+    result = project.runpytest_subprocess("--layer", "unit", "--provision-report", "r.json")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_leaks_a_child*", "*1 resource(s) leaked: process *"]
+    )
+    leaks = json.loads((project.path / "r.json").read_text())["layers"]["unit"]["leaks"]
+    assert [record["test"].split("::")[-1] for record in leaks] == ["test_leaks_a_child"]
+    kind, name = leaks[0]["leaks"][0]
+    assert kind == "process"
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(int(name.split()[0])).kill()

@@ -143,3 +143,31 @@ def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester
     import docker
 
     assert _run_resources(docker.from_env(), report["run_id"]) == []
+
+
+@pytest.mark.docker
+def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> None:
+    """``provisioner.environment("integration")`` without pytest's fixtures: sessions on a worker
+    container, in-process LM active, everything removed on exit."""
+    import docker
+    import dspy
+
+    import provisioner.api as api
+    from provisioner.bridge import SessionClient
+    from provisioner.factories import ProgramFactory
+
+    (tmp_path / "pyproject.toml").write_text('[tool.provisioner.lm]\ncached_inner = "mock"\n')
+    with api.environment("integration", project_dir=tmp_path) as env:
+        run_id = env.run_id
+        assert dspy.settings.lm is env.lm and env.lm_config.mode == "cached"
+        with env.session() as one, env.session() as two:
+            assert isinstance(one.adapter, SessionClient)
+            for session in (one, two):  # the same program id in both sessions: no clash
+                session.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+            outputs = one.adapter.execute_program("qa", {"question": "why?"})["outputs"]
+            assert set(outputs) == {"answer"}
+            assert two.adapter.list_programs()["total_count"] == 1
+        assert _run_resources(docker.from_env(), run_id) != []  # the worker stays for the next session
+    assert _run_resources(docker.from_env(), run_id) == []
+    assert env.report.workers_started == 1
+    assert (env.run_dir / "stopped").exists()

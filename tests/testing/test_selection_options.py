@@ -58,3 +58,32 @@ def test_run_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not joined.controller and joined.as_env()["PROVISION_RUN_ID"] == "r-shared-1"
     with pytest.raises(ValueError, match="container and network names"):
         check_run_id("Bad Run!")
+
+
+@pytest.mark.parametrize(
+    ("policy", "retain_on_failure", "failed", "kept"),
+    [
+        ("aggressive", True, True, False),
+        ("on_success", True, True, True),
+        ("on_success", False, True, False),
+        ("on_success", True, False, False),
+        ("never", False, False, True),
+    ],
+)
+def test_retain_follows_the_cleanup_policy(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    retain_on_failure: bool,
+    failed: bool,
+    kept: bool,
+) -> None:
+    from provisioner.testing.plugin_state import ProvisionRun
+
+    monkeypatch.setenv("PROVISION_CLEANUP_POLICY", policy)
+    monkeypatch.setenv("PROVISION_RETAIN_ON_FAILURE", str(retain_on_failure).lower())
+    run = ProvisionRun.from_pytest(
+        layer="integration", lm_mode=None, record_mode=None, report_path=None,
+        project_dir=tmp_path, invocation_dir=tmp_path, workerinput=None,
+    )
+    assert run.retain(failed) is kept
