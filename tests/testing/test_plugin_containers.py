@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,12 @@ def test_leaves_a_network_behind(resource_manager):
 
 
 @pytest.mark.integration
+def test_failing_dedicated_worker_is_retained(bridge_worker):
+    _write("retained.json", {{"id": bridge_worker.container_id}})
+    assert False, "kept for debugging (cleanup_policy on_success, retain_on_failure)"
+
+
+@pytest.mark.integration
 def test_failing_test_still_cleans_up(isolated):
     isolated.adapter.create_program(**ProgramFactory.build(id="p").create_args())
     isolated.add_cleanup(_write, "cleanup-ran.json", {{"session": isolated.session_id}})
@@ -80,15 +87,16 @@ def test_failing_test_still_cleans_up(isolated):
 
 
 @pytest.mark.docker
-def test_container_fixtures_under_xdist(pytester: pytest.Pytester) -> None:
+def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     out = pytester.path / "out"
     out.mkdir()
     pytester.makepyfile(test_suite=SUITE.format(out=str(out)))
+    monkeypatch.setenv("PROVISION_CLEANUP_POLICY", "on_success")  # failed tests' workers are retained
     result = pytester.runpytest_subprocess(
         "--layer", "integration", "-n", "2", "--provision-report", "report.json", "-p", "no:cacheprovider",
         timeout=280,
     )
-    result.assert_outcomes(passed=3, failed=1, errors=1)
+    result.assert_outcomes(passed=3, failed=2, errors=1)
     # The leak names the resource, and fails the test that left it.
     result.stdout.fnmatch_lines(["*1 resource(s) leaked: network prov-leaky-gw* — the test must remove*"])
 
@@ -98,8 +106,8 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester) -> None:
     assert section["leaks_found"] == 1
     assert section["leaks"][0]["test"].endswith("test_leaves_a_network_behind")
     assert section["leaks"][0]["leaks"][0][0] == "network"
-    # two dedicated workers and the pool worker of the process that ran the `isolated` test
-    assert section["workers_started"] == 3
+    # three dedicated workers and the pool worker of the process that ran the `isolated` test
+    assert section["workers_started"] == 4
     assert report["processes"] == 3
 
     # The failing test's cleanups ran.
@@ -114,15 +122,26 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester) -> None:
     for worker in dedicated:
         with pytest.raises(docker.errors.NotFound):
             client.containers.get(worker["id"])
-    # Nothing of the run is left: not the pool, not the relay, not even the leaked network.
+    # The failed test's worker was retained (and reported); nothing else of the run is left: not the
+    # pool, not the relay, not even the leaked network.
+    retained = json.loads((out / "retained.json").read_text())["id"]
+    assert client.containers.get(retained).status == "running"
+    assert len(section["retained"]) == 1 and section["retained"][0].startswith("container prov-")
+    left = _run_resources(client, run_id)
+    # the retained dedicated worker's container, its relay and its two networks: prov-<run>-gwN-<pid>-dM...
+    assert len(left) == 4 and all(re.search(r"-gw\d+-\d+-d\d+", name) for name in left), left
+    run_dir = pytester.path / ".provision" / "runs" / run_id
+    assert (run_dir / "retain").exists()  # so the run's watchdog leaves it to `provision reap`
+    from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+    from provisioner.runtime.labels import selector
+
+    remove_by_selector(DockerRuntime(), selector(run_id))
     assert _run_resources(client, run_id) == []
 
     # One watchdog for the whole run, though two processes owned containers.
-    run_dir = pytester.path / ".provision" / "runs" / run_id
     log = (run_dir / "watchdog.log").read_text()
     assert log.count(f"watching run {run_id}") == 1, log
     assert len(list((run_dir / "owners").iterdir())) == 2
-    assert (run_dir / "stopped").exists()  # the controller let it stand down after the run
 
 
 @pytest.mark.docker
