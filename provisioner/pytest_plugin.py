@@ -134,10 +134,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # -- fixtures -----------------------------------------------------------------------------------------
 
 
+USES_PROVISIONER = pytest.StashKey[bool]()
+
+
 def _run(request: pytest.FixtureRequest) -> ProvisionRun:
-    """The run, marked as used: a provisioner fixture was asked for."""
+    """The run, marked as used: a provisioner fixture was asked for (the test is then leak-checked)."""
     run = request.config.stash[RUN_KEY]
     run.mark_used()
+    if isinstance(request.node, pytest.Item):
+        request.node.stash[USES_PROVISIONER] = True
     return run
 
 
@@ -231,11 +236,6 @@ def resource_manager(request: pytest.FixtureRequest) -> Any:
     return run.environment.containers.resources
 
 
-_PROVISIONER_FIXTURES = frozenset(
-    {"isolated", "bridge", "bridge_worker", "bridge_pool", "resource_manager", "lm", "lm_cost"}
-)
-
-
 @pytest.fixture(autouse=True)
 def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     """Docker check for layer-marked tests of container layers (skip locally, fail under CI), and
@@ -246,12 +246,13 @@ def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if run.layer.needs_docker and layer_test:
         run.mark_used()
         _need_docker(run, f"{request.node.nodeid} (marked for the {run.layer.name} layer)")
-    uses = layer_test or not _PROVISIONER_FIXTURES.isdisjoint(request.fixturenames)
-    if not uses and run.environment.containers_started is None:
-        yield
-        return
+    # Taken for every test (child processes: cheap; Docker only once this process has containers);
+    # checked only for tests that used provisioner, so other suites' tests are never judged.
     before = run.leak_snapshot()
     yield
+    uses = layer_test or request.node.stash.get(USES_PROVISIONER, False)
+    if not uses and run.environment.containers_started is None:
+        return
     found = run.leaks_since(before, request.node.nodeid)
     if found:
         pytest.fail(str(LeakError(found)) + " — the test must remove what it creates", pytrace=False)

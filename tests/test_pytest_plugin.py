@@ -411,8 +411,8 @@ def test_environment_api_without_pytest(tmp_path: Path) -> None:
             bridge.get_program_info("qa", session.session_id)
         assert env.lm_usage().mock == 1
     assert dspy.settings.lm is None
-    with pytest.raises(Exception, match="ShuttingDown"):
-        bridge.ping()  # the in-process bridge was closed with the environment
+    with pytest.raises(Exception, match="ShuttingDown"):  # the in-process bridge closed with the environment
+        bridge.create_program(**ProgramFactory.build().create_args())
 
 
 CACHED_PROJECT = PROJECT + """
