@@ -175,15 +175,19 @@ class RunEnvironment:
 
     def _start(self) -> None:
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(2, len(self.plan.networks))) as pool:
-            list(pool.map(self._create_network, self.plan.networks))
-        containers = self.plan.containers()
-        self.progress(
-            f"networks ready in {time.perf_counter() - t0:.2f}s; starting {len(containers)} containers"
-        )
-        with ThreadPoolExecutor(max_workers=len(containers)) as pool:
-            futures = {recipe.name: pool.submit(self._run, recipe) for recipe in containers}
-            _wait_all(futures.values())
+        run_net, edge_net = self.plan.networks
+        others = [r for r in self.plan.containers() if r is not self.plan.relay]
+        # The workers' Python start-up is the critical path: they start as soon as the run network
+        # exists, while the edge network and the relay are made alongside.
+        with ThreadPoolExecutor(max_workers=len(others) + 3) as pool:
+            run_net_done = pool.submit(self._create_network, run_net)
+            edge_done = pool.submit(self._create_network, edge_net)
+            _wait_all([run_net_done])
+            self.progress(f"run network ready in {time.perf_counter() - t0:.2f}s; starting containers")
+            started = [pool.submit(self._run, recipe) for recipe in others]
+            _wait_all([edge_done])
+            started.append(pool.submit(self._run, self.plan.relay))
+            _wait_all(started)
         relay_id = self.container_ids[self.plan.relay.name]
         ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
         self.workers = [

@@ -498,6 +498,7 @@ def _docker_build(
     with tarfile.open(fileobj=context, mode="w") as tar:
         for name in ("Dockerfile", "requirements.txt", "healthcheck.py", ".dockerignore"):
             tar.add(folder / name, arcname=name)
+        tar.add(root / "provisioner" / "runtime" / "relay.py", arcname="relay.py")
         for whl in sorted(wheelhouse.glob("*.whl")):
             tar.add(whl, arcname=f"wheels/{whl.name}")
         tar.add(wheel, arcname=f"dist/{wheel.name}")

@@ -1,6 +1,7 @@
 """The run's port relay: a tiny TCP forwarder that runs in its own container.
 
-``python -m provisioner.runtime.relay 9000=w0:8765 9001=w1:8765`` listens on each left-hand port
+``python3 -I /opt/provisioner/relay.py 9000=w0:8765 9001=w1:8765`` (this file, copied into the
+worker image; ``python -m provisioner.runtime.relay`` works too) listens on each left-hand port
 and forwards every connection to the right-hand ``alias:port``, resolved per connection through
 Docker's embedded DNS — so a replaced worker that takes over a slot's alias is reachable at the same
 published address at once.

@@ -1,0 +1,272 @@
+"""Containers: cold start of a worker, `provision up`/`down` of the e2e layer, cleanup after SIGKILL.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_runtime.py [--rounds 5] [--json] [--write-docs]
+
+Method (real Docker engine, the worker image already built; each measurement repeated ``--rounds``
+times, median, min and max reported; wall clock with ``time.perf_counter``):
+
+* **cold start** — a fresh run of one mock-LM worker through :class:`RunEnvironment` (its two
+  networks, the relay and the worker container), timed from the first engine call until the first
+  ``execute_program`` returns OK through the published 127.0.0.1 address. Split into: networks,
+  containers created and started, ready (``ping`` OK with the LM configured, polled every 25 ms),
+  and the first ``create_program`` + ``execute_program``.
+* **up e2e, 2 workers** — ``provision up --layer e2e --workers 2 --json`` as a subprocess (no key:
+  the Gemini stand-in container too), so Python start-up and the image check are included; and the
+  same through the Python API (``environment.up``).
+* **down** — ``provision down`` as a subprocess, and ``environment.down`` in-process.
+* **cleanup after SIGKILL** — ``provision run --layer integration --lm mock --workers 1 -- <sleep>``;
+  once the command runs, SIGKILL the ``provision`` process and time until no resource labelled with
+  the run is left (the watchdog polls owners every 0.5 s).
+* **unchanged image build** — ``provision images build`` as a subprocess when nothing changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from provisioner.bridge.client import BridgeClient
+from provisioner.layers import get_layer
+from provisioner.runtime import environment as E
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine import DockerRuntime
+from provisioner.runtime.images import build_worker_image
+from provisioner.runtime.recipes import plan_run
+from provisioner.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVISION = [sys.executable, "-m", "provisioner.cli"]
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Containers"
+
+
+def scratch_project() -> tuple[Path, dict[str, str]]:
+    folder = Path(tempfile.mkdtemp(prefix="provision-bench-"))
+    (folder / "pyproject.toml").write_text("[project]\nname = 'bench'\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
+    }
+    env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
+    return folder, env
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def cold_start(rt: DockerRuntime, image: str, folder: Path) -> dict[str, float]:
+    settings = load_settings(cli={"state_dir": str(folder / ".provision")}, project_dir=folder)
+    run_id = f"bench{os.getpid()}{int(time.time() * 1000) % 100000}"
+    plan = plan_run(
+        settings,
+        get_layer(settings, "integration"),
+        settings.lm_for("integration", "mock"),
+        run_id=run_id,
+        image=image,
+        workers=1,
+    )
+    marks: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if message.startswith("run network ready"):
+            marks["networks"] = time.perf_counter() - start
+        elif message.startswith("containers started"):
+            marks["containers"] = time.perf_counter() - start
+
+    env = E.RunEnvironment(plan, rt, ready_timeout_s=60, progress=progress)
+    try:
+        env.start()
+        marks["ready"] = time.perf_counter() - start
+        w = env.workers[0]
+        with BridgeClient(w.host, w.port, request_timeout=60) as client:
+            client.create_program("question -> answer", "bench", session_id="bench")
+            result = client.execute_program("bench", {"question": "hi"}, session_id="bench")
+            assert "answer" in result["outputs"]
+        marks["first_execute"] = time.perf_counter() - start
+    finally:
+        env.stop()
+    return marks
+
+
+def run_cli(folder: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*PROVISION, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"provision {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return elapsed, done.stdout
+
+
+def sigkill_cleanup(rt: DockerRuntime, folder: Path, env: dict[str, str]) -> float:
+    script = "import time; print('started', flush=True); time.sleep(300)"
+    proc = subprocess.Popen(
+        [
+            *PROVISION,
+            "run",
+            "--layer",
+            "integration",
+            "--lm",
+            "mock",
+            "--workers",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "started":
+        raise SystemExit("provision run did not start its command")
+    run_id = (folder / ".provision" / "current").read_text().strip()
+    proc.send_signal(signal.SIGKILL)
+    start = time.perf_counter()
+    proc.wait()
+    while rt.list_resources(L.selector(run_id)):
+        if time.perf_counter() - start > 60:
+            raise SystemExit(f"run {run_id} was not cleaned up within 60 s")
+        time.sleep(0.02)
+    return time.perf_counter() - start
+
+
+def measure(rounds: int) -> dict[str, Any]:
+    rt = DockerRuntime()
+    image = build_worker_image(rt).tag
+    folder, env = scratch_project()
+    results: dict[str, Any] = {"image": image}
+
+    def repeat(fn: Callable[[], Any]) -> list[Any]:
+        return [fn() for _ in range(rounds)]
+
+    cold = repeat(lambda: cold_start(rt, image, folder))
+    results["cold_start"] = {key: stats([c[key] for c in cold]) for key in cold[0]}
+
+    up_cli, down_cli, up_api, down_api = [], [], [], []
+    for _ in range(rounds):
+        elapsed, out = run_cli(folder, env, "up", "--layer", "e2e", "--workers", "2", "--json")
+        assert json.loads(out)["uses_standin"]
+        up_cli.append(elapsed)
+        down_cli.append(run_cli(folder, env, "down")[0])
+        settings = load_settings(
+            cli={"state_dir": str(folder / ".provision"), "lm.cache_dir": str(folder / "cassettes")},
+            project_dir=folder,
+        )
+        settings = settings.model_copy(update={"lm": settings.lm.model_copy(update={"api_key": None})})
+        start = time.perf_counter()
+        live = E.up(settings, layer="e2e", workers=2, runtime=rt)
+        up_api.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        E.down(settings, run_id=live.plan.run_id, runtime=rt)
+        down_api.append(time.perf_counter() - start)
+    results["up_e2e_2_workers_cli"] = stats(up_cli)
+    results["up_e2e_2_workers_api"] = stats(up_api)
+    results["down_cli"] = stats(down_cli)
+    results["down_api"] = stats(down_api)
+    results["cleanup_after_sigkill"] = stats(repeat(lambda: sigkill_cleanup(rt, folder, env)))
+    results["images_build_unchanged_cli"] = stats(repeat(lambda: run_cli(folder, env, "images", "build")[0]))
+    return results
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    docker_version = DockerRuntime().client.version().get("Version", "?")
+    return (
+        f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, Docker {docker_version}"
+    )
+
+
+def markdown(results: dict[str, Any], rounds: int) -> str:
+    def row(label: str, s: dict[str, float], target: str = "") -> str:
+        return f"| {label} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} | {target} |"
+
+    cold = results["cold_start"]
+    lines = [
+        SECTION,
+        "",
+        "`.venv/bin/python benchmarks/bench_runtime.py --write-docs` — real engine, worker image already",
+        f"built ({results['image']}); every figure is the median of {rounds} rounds (min, max beside it),",
+        "wall clock. See the script's docstring for exactly what each row times.",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| what | median s | min s | max s | target |",
+        "|---|---:|---:|---:|---|",
+        row("cold start: run network created", cold["networks"]),
+        row("cold start: relay + worker containers started", cold["containers"]),
+        row("cold start: worker ready (ping OK, LM configured)", cold["ready"]),
+        row("**cold start to first OK `execute_program`**", cold["first_execute"], "≤ 1.5 s"),
+        row(
+            "`provision up --layer e2e --workers 2` (CLI, stand-in included)", results["up_e2e_2_workers_cli"]
+        ),
+        row("`environment.up(layer='e2e', workers=2)` (API)", results["up_e2e_2_workers_api"]),
+        row("`provision down` (CLI)", results["down_cli"]),
+        row("`environment.down()` (API)", results["down_api"]),
+        row("cleanup after SIGKILL of `provision run`", results["cleanup_after_sigkill"], "≤ 10 s"),
+        row(
+            "`provision images build`, nothing changed (CLI)", results["images_build_unchanged_cli"], "< 1 s"
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if SECTION in doc:
+        head, _, rest = doc.partition(SECTION)
+        tail = rest.split("\n## ", 1)
+        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
+    args = parser.parse_args()
+    results = measure(args.rounds)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    text = markdown(results, args.rounds)
+    print(text)
+    if args.write_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
