@@ -341,12 +341,9 @@ class BridgeServer:
                 f"the worker serves at most {self.max_connections} connections at once; try again later",
                 ErrorType.TOO_MANY_CONNECTIONS,
             )
-            with contextlib.suppress(OSError):
-                sock.settimeout(1.0)
-                sock.sendall(encode_frame(dumps(message)))
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            threading.Thread(
+                target=_refuse, args=(sock, encode_frame(dumps(message))), name="bridge-refuse", daemon=True
+            ).start()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A peer that never reads its replies must not pin a thread forever: sends time out.
@@ -544,6 +541,25 @@ class BridgeServer:
             self._connections_total += 1
         thread.start()
         return thread
+
+
+def _refuse(sock: socket.socket, frame: bytes) -> None:
+    """Send the refusal, then read until the peer hangs up (at most a second) before closing.
+
+    Closing a socket with unread data makes the kernel send a reset, which can destroy the refusal
+    before the client reads it; draining first lets the client see why it was turned away.
+    """
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(frame)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class _PipeReader:

@@ -163,7 +163,8 @@ def test_a_client_vanishing_mid_frame_leaves_the_worker_serving(
         frame = struct.pack(">I", 40) + b'{"id": 1, "command": "ping", "args": {}}'
         raw.send_bytes(frame[:cut])
         raw.reset()
-    poll(lambda: client.get_stats()["connections"] == before, what="the cut connections to be closed")
+    # <= : a connection of an earlier test may still be closing when `before` was taken.
+    poll(lambda: client.get_stats()["connections"] <= before, what="the cut connections to be closed")
     assert client.ping()["status"] == "ok"
 
 
@@ -280,23 +281,52 @@ def test_one_client_shared_by_threads_is_safe(client: BridgeClient) -> None:
     assert results == [4] * 100
 
 
+def _fill_until_refused(worker: Any, opened: list[Any]) -> dict[str, Any]:
+    """Open connections (each proven registered by a ping) until the worker turns one away.
+
+    Filling until refusal, rather than counting from a snapshot, keeps the test exact even while
+    connections of earlier tests are still being closed by the worker.
+    """
+    for n in range(40):
+        raw = worker.raw()
+        raw.send({"id": n, "command": "ping", "args": {}})
+        reply = raw.receive()
+        if not reply["success"]:
+            assert raw.at_eof()  # the refusal is followed by the worker hanging up
+            raw.close()
+            return reply
+        opened.append(raw)
+    raise AssertionError("40 connections were accepted although max_connections is 12")
+
+
 def test_connections_beyond_the_maximum_are_refused_with_an_error(worker: Any, poll: Any) -> None:
-    with worker.client() as watcher:
-        open_now = watcher.get_stats()["connections"]
-        extra = [worker.raw() for _ in range(12 - open_now)]
-        for n, raw in enumerate(extra):  # make sure each one is registered
-            raw.send({"id": n, "command": "ping", "args": {}})
-            assert raw.receive()["success"] is True
-        with worker.raw() as refused:
-            reply = refused.receive()
+    opened: list[Any] = []
+    try:
+        with worker.client() as watcher:
+            reply = _fill_until_refused(worker, opened)
             assert reply["error_type"] == "TooManyConnections" and reply["id"] is None
             assert "at most 12 connections" in reply["error"]
-            assert refused.at_eof()
-        for raw in extra:
+            assert len(opened) <= 11  # the watcher holds one of the 12
+            # The client library surfaces the same refusal (retrying while a late close frees a slot).
+            for _ in range(5):
+                turned_away = worker.client()
+                try:
+                    turned_away.ping()
+                except BridgeError as exc:
+                    assert exc.error_type == "TooManyConnections"
+                    break
+                finally:
+                    turned_away.close()
+                _fill_until_refused(worker, opened)
+            else:
+                raise AssertionError("the client was never turned away")
+            assert watcher.get_stats()["connections_refused"] >= 2
+    finally:
+        for raw in opened:
             raw.close()
-        poll(lambda: watcher.get_stats()["connections"] == open_now, what="the extra connections to close")
-        assert watcher.get_stats()["connections_refused"] >= 1
     with worker.client() as again:
+        # Left open: this one and the module's shared client.
+        poll(lambda: again.get_stats()["connections"] <= 2, what="the extra connections to close")
         assert again.ping()["status"] == "ok"
 
 
