@@ -512,3 +512,52 @@ def test_a_leaked_process_fails_the_test_and_is_named(project: pytest.Pytester) 
 
     with contextlib.suppress(psutil.NoSuchProcess):
         psutil.Process(int(name.split()[0])).kill()
+
+
+def test_cost_limit_is_per_run_not_per_xdist_worker(pytester: pytest.Pytester) -> None:
+    """Real mode against the local Gemini stand-in: two xdist workers share one budget."""
+    from provisioner.lm.standin import GeminiStandin
+
+    with GeminiStandin(api_key="stand-in-key") as standin:
+        pytester.makefile(
+            ".toml",
+            pyproject=PROJECT
+            + f"""
+[tool.provisioner.lm]
+base_url = "{standin.url}"
+max_tokens = 64
+rate_limit_rpm = 1000
+max_retries = 0
+cost_limit_usd = 0.0002
+""",
+        )
+        pytester.makepyfile(
+            test_spend="""
+            import dspy
+            import pytest
+
+            @pytest.mark.parametrize("i", range(8))
+            def test_call(i, lm):
+                dspy.Predict("question -> answer")(question=f"question number {i}")
+            """
+        )
+        os.environ["GEMINI_TEST_API_KEY"] = "stand-in-key"
+        try:
+            shared = pytester.runpytest_subprocess(
+                "--lm", "real", "-n", "2", "--provision-report", "xdist.json"
+            )
+            alone = pytester.runpytest_subprocess("--lm", "real", "--provision-report", "alone.json")
+        finally:
+            os.environ.pop("GEMINI_TEST_API_KEY", None)
+    sequential = alone.parseoutcomes().get("passed", 0)
+    parallel = shared.parseoutcomes().get("passed", 0)
+    assert 1 <= sequential < 8, alone.stdout.str()  # the limit bites
+    # Both workers drew on one budget: together they got no more calls than one process alone
+    # (a per-worker budget would have let each worker spend it: up to twice as many).
+    assert 1 <= parallel <= sequential, shared.stdout.str()
+    print(f"calls within the limit: {sequential} alone, {parallel} with two xdist workers")
+    shared.stdout.fnmatch_lines(["*CostLimitExceeded*"])
+    for name, passed in (("xdist.json", parallel), ("alone.json", sequential)):
+        section = json.loads((pytester.path / name).read_text())["layers"]["unit"]
+        assert section["lm_calls"]["real"] == passed
+        assert 0 < section["cost_usd"] <= 0.0002
