@@ -3,6 +3,8 @@
 The public API is re-exported here; everything else is internal.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from provisioner.errors import (
     BridgeConnectionError,
     BridgeError,
@@ -26,7 +28,23 @@ from provisioner.layers import Layer, get_layer, resolve_layers
 from provisioner.lmconfig import LMConfig, MockRule, ModelPrice
 from provisioner.settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    from provisioner.api import Environment, environment, open_environment
+
 __version__ = "0.1.0"
+
+# Host-side API, imported on first use: `import provisioner` also runs inside worker containers,
+# whose image carries only what the worker needs (no docker, testcontainers or polyfactory).
+_LAZY = dict.fromkeys(("Environment", "environment", "open_environment"), "provisioner.api")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'provisioner' has no attribute {name!r}")
+
 
 __all__ = [
     "BridgeConnectionError",
@@ -35,6 +53,7 @@ __all__ = [
     "ConfigError",
     "CostLimitExceeded",
     "DockerUnavailableError",
+    "Environment",
     "ImageError",
     "LMConfig",
     "LMError",
@@ -52,7 +71,9 @@ __all__ = [
     "WorkerLostError",
     "WorkerNotReadyError",
     "__version__",
+    "environment",
     "get_layer",
     "load_settings",
+    "open_environment",
     "resolve_layers",
 ]
