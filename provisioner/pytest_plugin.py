@@ -109,6 +109,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput[WORKEROUTPUT_KEY] = run.process_report_json()
+        return
+    option = session.config.option
+    narrowed = bool(option.keyword or option.markexpr or getattr(option, "lf", False) or option.deselect)
+    completed = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    run.close_ledger(full=completed and not narrowed)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -561,3 +561,24 @@ cost_limit_usd = 0.0002
         section = json.loads((pytester.path / name).read_text())["layers"]["unit"]
         assert section["lm_calls"]["real"] == passed
         assert 0 < section["cost_usd"] <= 0.0002
+
+
+def test_run_end_marks_the_ledger_complete_and_archives_it(project: pytest.Pytester) -> None:
+    project.makepyfile(test_qa=QA_TEST.format(mark="unit"))
+    env = {"PROVISION_LM__CACHED_INNER": "mock", "LM_CACHE_DIR": str(project.path / "cassettes")}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        project.runpytest("--layer", "unit", "--lm", "cached").assert_outcomes(passed=1)
+        project.runpytest("--layer", "unit", "--lm", "cached", "-k", "qa").assert_outcomes(passed=1)
+    runs = sorted((project.path / ".provision" / "runs").glob("**/ledger.jsonl"))
+    assert len(runs) == 2
+    completions = [
+        [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == "run_complete"]
+        for path in runs
+    ]
+    assert sorted(c[0]["full"] for c in completions) == [False, True]
+    archived = list((project.path / ".provision" / "ledger").glob("*.jsonl"))
+    assert archived, "the run's ledger was archived by month"
+    kinds = [json.loads(line).get("kind") for f in archived for line in f.read_text().splitlines()]
+    assert "recorded" in kinds and "replayed" in kinds

@@ -197,6 +197,20 @@ class ProvisionRun:
         self._closed = True
         self.environment.close()
 
+    def close_ledger(self, *, full: bool) -> None:
+        """Mark the run complete in its LM ledger and archive it by month (controller only).
+
+        ``full`` says every test of the suite ran (no -k/-m/--lf): ``provision cassettes prune``
+        trusts only a full run's record of which cassettes were used.
+        """
+        from provisioner.lm.ledger import LEDGER_FILE, Ledger, archive_run_ledger
+
+        run_dir = self.environment.lm_config.run_dir
+        if run_dir is None or not (run_dir / LEDGER_FILE).exists():
+            return
+        Ledger(run_dir, run_id=self.identity.run_id, layer=self.layer.name).mark_run_complete(full=full)
+        archive_run_ledger(run_dir, state_dir(self.environment.settings, self.project_dir))
+
     def process_report(self) -> ProcessReport:
         # LM calls alone do not count as use: a suite may call DSPy without provisioner's fixtures.
         report = self.environment.report
