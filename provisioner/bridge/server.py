@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -228,7 +229,13 @@ class BridgeServer:
         self._refused_connections = 0
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        # Wakes the accept loop when the server stops.
         self._wake_r, self._wake_w = os.pipe()
+        # Wakes wait_for_stop(); also the signal wake-up fd (see run_worker). Non-blocking, as
+        # signal.set_wakeup_fd requires.
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_r, False)
+        os.set_blocking(self._stop_w, False)
         self.stop_requested = threading.Event()
         self._closed = False
         service.on_shutdown(self.request_stop)
@@ -263,8 +270,26 @@ class BridgeServer:
     def _wake_accept_loop(self) -> None:
         # After close() the descriptor number may belong to something else: never write to it then.
         if not self._closed:
+            for fd in (self._wake_w, self._stop_w):
+                with contextlib.suppress(OSError):  # a full pipe is already a wake-up
+                    os.write(fd, b"x")
+
+    @property
+    def signal_wakeup_fd(self) -> int:
+        """Give this to ``signal.set_wakeup_fd`` so a signal wakes :meth:`wait_for_stop`."""
+        return self._stop_w
+
+    def wait_for_stop(self) -> None:
+        """Block until :meth:`request_stop` (shutdown command, stdin EOF, or a signal handler).
+
+        A signal may be delivered to any thread; Python runs its handler in the main thread only
+        when that thread runs bytecode. Waiting in ``select`` on the signal wake-up fd (instead of
+        on an Event) guarantees the main thread wakes up, runs the handler and sees the stop.
+        """
+        while not self.stop_requested.is_set():
+            select.select([self._stop_r], [], [])
             with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+                os.read(self._stop_r, 4096)
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop accepting, let every in-flight request finish and reply, close everything.
@@ -302,7 +327,7 @@ class BridgeServer:
             conn.close()
         self._deadlines.stop()
         self._pool.shutdown(wait=clean, cancel_futures=True)
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         return clean
@@ -673,6 +698,7 @@ def run_worker(
         server.request_stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_wakeup_fd = signal.set_wakeup_fd(server.signal_wakeup_fd)
     try:
         if stdio:
             assert protocol_out is not None
@@ -683,9 +709,12 @@ def run_worker(
             if ready_file is not None:
                 write_ready_file(ready_file, bound)
             print(f"{READY_PREFIX} port={bound}", flush=True)
-        server.stop_requested.wait()
+        server.wait_for_stop()
+        # The wake-up fd is about to be closed: never let a late signal write to it.
+        signal.set_wakeup_fd(previous_wakeup_fd)
         clean = server.close()
     finally:
+        signal.set_wakeup_fd(previous_wakeup_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("bridge worker stopped (%s)", "clean" if clean else "abandoned stuck work")
