@@ -48,7 +48,7 @@ from provisioner.runtime.recipes import (
     prepare_shared_dir,
     replacement_recipe,
 )
-from provisioner.runtime.resources import CleanupReport, ResourceManager
+from provisioner.runtime.resources import CleanupReport, ResourceManager, should_remove
 from provisioner.settings import Settings, load_settings
 
 LOOPBACK = "127.0.0.1"
@@ -796,11 +796,16 @@ def run_command(
     require_key: bool = False,
     runtime: ContainerRuntime | None = None,
     progress: Progress | None = None,
+    image: str | None = None,
+    probe: Probe = bridge_probe,
+    watchdog: bool = True,
 ) -> int:
     """Bring a layer up, run ``command`` with the run's env, bring it down; return the command's code.
 
     SIGINT/SIGTERM are passed on to the command and the run is still removed; SIGKILL of this
-    process leaves the cleanup to the run's watchdog (within ~1 s).
+    process leaves the cleanup to the run's watchdog (within a few seconds). When the command
+    fails, ``cleanup_policy``/``retain_on_failure`` may keep the run for inspection
+    (:func:`~provisioner.runtime.resources.should_remove`).
     """
     if not command:
         raise ConfigError(
@@ -819,6 +824,7 @@ def run_command(
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     env: RunEnvironment | None = None
+    failed: bool | None = None  # None: the command did not finish (interrupted, crashed)
     try:
         env = up(
             settings,
@@ -829,6 +835,9 @@ def run_command(
             persistent=False,
             runtime=runtime,
             progress=progress,
+            image=image,
+            probe=probe,
+            watchdog=watchdog,
         )
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)
@@ -839,12 +848,26 @@ def run_command(
             raise ConfigError(f"cannot run {command[0]!r}: {exc}") from None
         wd.register_process(run_dir, child.pid)
         code = child.wait()
-        return 128 + received[0] if received and code < 0 else code
+        code = 128 + received[0] if received and code < 0 else code
+        failed = code != 0
+        return code
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if env is not None and env.state is not None:
-            down(settings, run_id=env.state.run_id, runtime=runtime)
+            run_id = env.state.run_id
+            # Interrupted before the command finished: always clean up.
+            if failed is not None and not should_remove(
+                settings.cleanup_policy, settings.retain_on_failure, failed
+            ):
+                wd.mark(run_dir_of(settings, run_id), wd.RETAIN_MARKER)  # the watchdog leaves it too
+                (progress or (lambda _m: None))(
+                    f"kept run {run_id} (cleanup_policy={settings.cleanup_policy}, "
+                    f"retain_on_failure={settings.retain_on_failure}); remove it with "
+                    f"`provision down --run {run_id}`"
+                )
+            else:
+                down(settings, run_id=run_id, runtime=runtime)
 
 
 # --- reap ------------------------------------------------------------------------------------------
@@ -925,6 +948,7 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     checks: list[Check] = []
     try:
         rt = _docker(runtime)
+        rt.ping()
     except DockerUnavailableError as exc:
         return [Check("docker engine", "fail", str(exc))]
     from provisioner.runtime.engine import DockerRuntime

@@ -191,3 +191,29 @@ def test_the_compose_file_runs_with_docker_compose(
         subprocess.run([*compose, "down", "-v"], env=env, check=True, capture_output=True, timeout=300)
     left = docker_engine.containers.list(all=True, filters={"label": f"com.docker.compose.project={project}"})
     assert left == []
+
+
+def test_doctor_and_reap_of_a_crashed_owners_leftover(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    from provisioner.runtime.labels import run_labels
+
+    env = _project(tmp_path)
+    checks = {c["name"]: c for c in json.loads(_provision(tmp_path, env, "doctor", "--json").stdout)}
+    assert checks["docker engine"]["status"] == "ok" and checks["base image"]["status"] == "ok"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run_id = f"stale{os.getpid()}"
+    docker_engine.networks.create(
+        f"prov-{run_id}", internal=True, labels=run_labels(run_id, "integration", "s", owner_pid=gone.pid)
+    )
+    try:
+        dry = json.loads(_provision(tmp_path, env, "reap", "--dry-run", "--json").stdout)
+        assert {"run_id": run_id, "reason": "owner gone", "removed": [f"network prov-{run_id}"]} in dry
+        assert leftovers(docker_engine, run_id)  # a dry run removes nothing
+        reaped = json.loads(_provision(tmp_path, env, "reap", "--run", run_id, "--json").stdout)
+        assert [r["run_id"] for r in reaped] == [run_id]
+    finally:
+        for net in docker_engine.networks.list(filters={"label": f"provisioner.run={run_id}"}):
+            net.remove()
+    assert leftovers(docker_engine, run_id) == []

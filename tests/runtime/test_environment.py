@@ -255,3 +255,79 @@ def test_parse_duration_names_the_flag() -> None:
 
 def test_env_file_quotes_values() -> None:
     assert E.render_env({"A": "x y", "B": "1"}) == "export A='x y'\nexport B=1\n"
+
+
+def test_run_command_passes_the_env_and_the_exit_code_and_cleans_up(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    rt, workers = fake
+    out = tmp_path / "seen"
+    script = f'echo "$PROVISION_RUN_ID $PROVISION_BRIDGE_ADDRS" > {out}; exit 3'
+    code = E.run_command(
+        ["sh", "-c", script],
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=2,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+    )
+    assert code == 3
+    run_id, addresses = out.read_text().split()
+    assert len(addresses.split(",")) == 2 and run_id
+    assert rt.containers == {} and rt.networks == {}  # aggressive (default): removed even on failure
+
+
+def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    keep = settings.model_copy(update={"cleanup_policy": "on_success", "retain_on_failure": True})
+    messages: list[str] = []
+    code = E.run_command(
+        ["false"],
+        keep,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+        progress=messages.append,
+    )
+    assert code == 1
+    kept = E.list_runs(rt)
+    assert len(kept) == 1 and any("kept run" in m for m in messages)
+    assert (E.run_dir_of(keep, kept[0].run_id) / "retain").exists()  # the watchdog leaves it too
+    assert (
+        E.run_command(
+            ["true"],
+            keep,
+            layer="integration",
+            lm_mode="mock",
+            workers=1,
+            runtime=rt,
+            image=FAKE_IMAGE,
+            probe=workers.probe,
+            watchdog=False,
+        )
+        == 0
+    )
+    assert [r.run_id for r in E.list_runs(rt)] == [kept[0].run_id]  # the successful run was removed
+
+
+def test_doctor_reports_the_engine_key_and_disk(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    checks = {c.name: c for c in E.doctor(settings, runtime=rt)}
+    assert checks["docker engine"].status == "ok"
+    assert checks["Gemini API key"].status == "warn" and "stand-in" in checks["Gemini API key"].detail
+    assert (
+        checks["disk (state dir)"].status in ("ok", "fail") and "GB free" in checks["disk (state dir)"].detail
+    )
+    rt.available = False
+    assert [(c.name, c.status) for c in E.doctor(settings, runtime=rt)] == [("docker engine", "fail")]
