@@ -156,7 +156,7 @@ def measure(rounds: int) -> dict[str, Any]:
     rt = DockerRuntime()
     image = build_worker_image(rt).tag
     folder, env = scratch_project()
-    results: dict[str, Any] = {"image": image}
+    results: dict[str, Any] = {"image": image, "load_before": os.getloadavg()[0]}
 
     def repeat(fn: Callable[[], Any]) -> list[Any]:
         return [fn() for _ in range(rounds)]
@@ -187,6 +187,7 @@ def measure(rounds: int) -> dict[str, Any]:
     results["down_api"] = stats(down_api)
     results["cleanup_after_sigkill"] = stats(repeat(lambda: sigkill_cleanup(rt, folder, env)))
     results["images_build_unchanged_cli"] = stats(repeat(lambda: run_cli(folder, env, "images", "build")[0]))
+    results["load_after"] = os.getloadavg()[0]
     return results
 
 
@@ -218,7 +219,9 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
         f"built ({results['image']}); every figure is the median of {rounds} rounds (min, max beside it),",
         "wall clock. See the script's docstring for exactly what each row times.",
         "",
-        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Load average (1 min) before/after: "
+        f"{results['load_before']:.1f} / {results['load_after']:.1f} — other work shared the 2 cores, so",
+        "medians are the figures to read and the max column shows the noise.",
         "",
         "| what | median s | min s | max s | target |",
         "|---|---:|---:|---:|---|",

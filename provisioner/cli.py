@@ -302,6 +302,16 @@ def images_build(base: str | None, force: bool, as_json: bool) -> None:
         click.echo(f"{verb} {result.tag} (base {result.base}, {result.seconds:.2f}s)")
 
 
+@images_group.command("prune")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+def images_prune(dry_run: bool) -> None:
+    """Remove worker images other than the current build (and the tags containers still use)."""
+    from provisioner.runtime.images import prune_worker_images
+
+    for tag in prune_worker_images(dry_run=dry_run):
+        click.echo(f"{'would remove' if dry_run else 'removed'} {tag}")
+
+
 @images_group.command("lock")
 def images_lock() -> None:
     """Re-pin images/worker/requirements.txt to the worker requirements installed here."""
@@ -318,7 +328,8 @@ def _worker_table(state: Any, health: dict[str, Any] | None = None) -> None:
     for column in ("worker", "container", "address", "LM mode", *(["health"] if health is not None else [])):
         table.add_column(column)
     for w in state.workers:
-        row = [f"w{w['slot']}", w["name"], w["address"], state.lm_mode]
+        mode = f"{state.lm_mode} (stand-in)" if state.uses_standin else state.lm_mode
+        row = [f"w{w['slot']}", w["name"], w["address"], mode]
         if health is not None:
             row.append(health.get(w["name"], "?"))
         table.add_row(*row)

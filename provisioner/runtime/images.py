@@ -545,9 +545,34 @@ def _progress_sink(progress: Progress | None, show: bool) -> Iterator[Progress]:
 
         def say(message: str) -> None:
             console.log(message) if not message.startswith("Step ") else None
-            status.update(f"[{time.perf_counter() - started:5.1f}s] {message}")
+            status.update(f"[{time.perf_counter() - started:5.1f}s] {message[:90]}")
 
         yield say
+
+
+def prune_worker_images(runtime: DockerRuntime | None = None, *, dry_run: bool = False) -> list[str]:
+    """Remove ``provisioner-worker`` images except the current build, ``latest`` and any image a
+    container (running or not) still uses. Returns the removed tags."""
+    import docker.errors
+
+    rt = runtime or DockerRuntime()
+    try:
+        current = worker_tag(rt)
+        keep_ids = {c["ImageID"] for c in rt.client.api.containers(all=True)}
+        removed = []
+        for image in rt.client.images.list(name=WORKER_REPO):
+            tags = [t for t in image.tags if t not in (current, LATEST_TAG)]
+            if len(tags) != len(image.tags) or image.id in keep_ids:
+                continue
+            for tag in tags:
+                if not dry_run:
+                    with contextlib.suppress(docker.errors.APIError):
+                        rt.client.images.remove(tag)
+                removed.append(tag)
+        return removed
+    finally:
+        if runtime is None:
+            rt.close()
 
 
 # --- requirements lock ----------------------------------------------------------------------------
