@@ -140,6 +140,39 @@ def test_sigkill_of_provision_run_leaves_nothing_within_10s(
     _wait(lambda: not command[0].is_running(), 5, "termination of the run's command")
 
 
+def test_sigterm_of_provision_run_stops_the_command_and_cleans_up(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    env = _project(tmp_path)
+    script = "import time; print('command started', flush=True); time.sleep(300)"
+    proc = subprocess.Popen(
+        [
+            *PROVISION,
+            "run",
+            "--layer",
+            "integration",
+            "--lm",
+            "mock",
+            "--workers",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "command started"
+    run_id = (tmp_path / ".provision" / "current").read_text().strip()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # the command's fate, passed on
+    assert leftovers(docker_engine, run_id) == []  # removed by provision itself, before exiting
+
+
 def test_ctrl_c_during_up_leaves_nothing(docker_engine: Any, worker_image: str, tmp_path: Path) -> None:
     env = _project(tmp_path)
     run_id = f"ctrlc{os.getpid()}"
