@@ -62,6 +62,8 @@ def test_layer_up_status_use_down(docker_engine: Any, worker_image: str, tmp_pat
         address = up["workers"][0]["address"]
         host, port = address.rsplit(":", 1)
         rt = DockerRuntime(docker_engine)
+        # Cached and stand-in runs never need the internet: their workers' network is internal.
+        assert docker_engine.api.inspect_network(f"prov-{run_id}")["Internal"] is True
         if layer == "integration":
             assert up["lm_mode"] == "cached" and not up["uses_standin"]
             # The run's shared LM directory is writable from inside the (non-root) worker.
