@@ -150,12 +150,19 @@ class _InFlight:
 
 
 class _DeadlineWatch:
-    """One thread that times out executions. Deadlines are now + a constant, so a FIFO is in order."""
+    """One thread that times out executions.
 
-    def __init__(self, on_expired: Callable[[_InFlight], None]) -> None:
+    Deadlines are "now + timeout", so a FIFO is in deadline order. Adding never wakes the thread
+    (that would cost a thread switch on every request, right when the execution should start):
+    an idle watcher sleeps for one timeout, and anything added meanwhile expires no earlier than
+    that.
+    """
+
+    def __init__(self, on_expired: Callable[[_InFlight], None], timeout_s: float) -> None:
         self._queue: collections.deque[_InFlight] = collections.deque()
         self._cond = threading.Condition()
         self._on_expired = on_expired
+        self._idle_wait = timeout_s
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="bridge-deadlines", daemon=True)
         self._thread.start()
@@ -163,8 +170,6 @@ class _DeadlineWatch:
     def add(self, flight: _InFlight) -> None:
         with self._cond:
             self._queue.append(flight)
-            if len(self._queue) == 1:
-                self._cond.notify()
 
     def finished(self) -> None:
         """Drop finished requests from the front so the queue stays short."""
@@ -185,7 +190,7 @@ class _DeadlineWatch:
                     while self._queue and self._queue[0].done:
                         self._queue.popleft()
                     if not self._queue:
-                        self._cond.wait()
+                        self._cond.wait(self._idle_wait)
                         continue
                     wait = self._queue[0].deadline - time.monotonic()
                     if wait <= 0:
@@ -222,7 +227,7 @@ class BridgeServer:
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
-        self._deadlines = _DeadlineWatch(self._expire)
+        self._deadlines = _DeadlineWatch(self._expire, request_timeout_s)
         self._connections: dict[_Connection, threading.Thread] = {}
         self._connections_lock = threading.Lock()
         self._connections_total = 0
