@@ -686,19 +686,7 @@ def down(
 
 
 def _remove_run(runtime: ContainerRuntime, run_id: str) -> list[ResourceRef]:
-    """Containers in parallel (each force-remove takes a few hundred ms), then networks."""
-    found = runtime.list_resources(L.selector(run_id))
-    containers = [r for r in found if r.kind == "container"]
-    removed: list[ResourceRef] = []
-    if containers:
-        with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
-            for ref, ok in zip(
-                containers, pool.map(lambda r: runtime.remove_container(r.id), containers), strict=True
-            ):
-                if ok:
-                    removed.append(ref)
-    removed += remove_by_selector(runtime, L.selector(run_id))
-    return removed
+    return remove_by_selector(runtime, L.selector(run_id))
 
 
 @dataclass

@@ -200,29 +200,28 @@ def remove_run(run_id: str, run_dir: Path | None = None) -> list[str]:
     """Remove every engine resource labelled with ``run_id`` (containers in parallel, then networks)
     and terminate the run's registered host processes. Returns ``"<kind> <name>"`` of what went."""
     from provisioner.runtime import labels as L
-    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.engine import DockerRuntime, remove_by_selector
     from provisioner.runtime.resources import terminate_process
 
     removed: list[str] = []
-    if run_dir is not None:
-        for pid, start in _entries(run_dir / PROCESSES_DIR):
-            if terminate_process(pid, grace_s=2.0, create_time=start or None):
-                removed.append(f"process {pid}")
+
+    def stop_processes() -> list[str]:
+        if run_dir is None:
+            return []
+        return [
+            f"process {pid}"
+            for pid, start in _entries(run_dir / PROCESSES_DIR)
+            if terminate_process(pid, grace_s=2.0, create_time=start or None)
+        ]
+
     runtime = DockerRuntime()
     try:
-        found = runtime.list_resources(L.selector(run_id))
-        containers = [r for r in found if r.kind == "container"]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for ref, ok in zip(
-                containers, pool.map(lambda r: runtime.remove_container(r.id), containers), strict=True
-            ):
-                if ok:
-                    removed.append(f"container {ref.name}")
-        for ref in found:
-            if ref.kind == "network" and runtime.remove_network(ref.id):
-                removed.append(f"network {ref.name}")
-            elif ref.kind == "volume" and runtime.remove_volume(ref.id):
-                removed.append(f"volume {ref.name}")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Host processes and containers go at the same time: a command that ignores SIGTERM
+            # must not delay the containers by its grace period.
+            processes = pool.submit(stop_processes)
+            removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(runtime, L.selector(run_id))]
+            removed += processes.result()
     finally:
         runtime.close()
     return removed
@@ -240,6 +239,12 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     except BlockingIOError:
         _log(f"run {run_id} is already watched; exiting")
         return 0
+    # Import now what cleanup needs, so a dead owner costs no import time later.
+    import docker  # noqa: F401
+    import psutil  # noqa: F401
+
+    from provisioner.runtime import engine, resources  # noqa: F401
+
     _log(f"watching run {run_id} every {interval_s}s")
     started = time.monotonic()
     while True:
