@@ -577,6 +577,11 @@ def up(
         image = ensure_worker_image(
             rt, image=settings.container.image, base=settings.container.base, progress=say
         )
+    if run_id is not None and rt.list_resources(L.selector(run_id)):
+        raise RuntimeProblem(
+            f"run id {run_id!r} is already in use on this engine; choose another, or remove it first "
+            f"with `provision down --run {run_id}`"
+        )
     run_id = run_id or new_run_id()
     run_dir = run_dir_of(settings, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

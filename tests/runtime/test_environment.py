@@ -331,3 +331,35 @@ def test_doctor_reports_the_engine_key_and_disk(
     )
     rt.available = False
     assert [(c.name, c.status) for c in E.doctor(settings, runtime=rt)] == [("docker engine", "fail")]
+
+
+def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    first = E.up(
+        settings,
+        layer="integration",
+        lm_mode="mock",
+        workers=1,
+        runtime=rt,
+        image=FAKE_IMAGE,
+        probe=workers.probe,
+        watchdog=False,
+        run_id="taken",
+    )
+    before = rt.list_resources(L.selector("taken"))
+    with pytest.raises(RuntimeProblem, match="'taken' is already in use"):
+        E.up(
+            settings,
+            layer="integration",
+            lm_mode="mock",
+            workers=1,
+            runtime=rt,
+            image=FAKE_IMAGE,
+            probe=workers.probe,
+            watchdog=False,
+            run_id="taken",
+        )
+    assert rt.list_resources(L.selector("taken")) == before
+    first.stop()
