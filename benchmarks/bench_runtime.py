@@ -141,7 +141,7 @@ def sigkill_cleanup(rt: DockerRuntime, folder: Path, env: dict[str, str]) -> flo
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "started":
         raise SystemExit("provision run did not start its command")
-    run_id = (folder / ".provision" / "current").read_text().strip()
+    run_id = next(r.run_id for r in rt.list_resources({L.OWNER_PID: str(proc.pid)}) if r.run_id)
     proc.send_signal(signal.SIGKILL)
     start = time.perf_counter()
     proc.wait()

@@ -645,7 +645,9 @@ def up(
         ],
         lm_run_dir=str(lm_run_dir) if lm_run_dir else None,
     )
-    write_state(settings, state)
+    # Only a persistent environment becomes the "current" one that shells source: a test session's
+    # or `provision run`'s private run must not replace what `provision up` left for the user.
+    write_state(settings, state, current=persistent)
     env.state = state
     if persistent and watchdog:
         wd.mark(run_dir, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays

@@ -89,6 +89,16 @@ def test_layer_up_status_use_down(docker_engine: Any, worker_image: str, tmp_pat
     assert _provision(tmp_path, env, "status", check=False).returncode == 1  # nothing up any more
 
 
+def _run_of(docker_engine: Any, owner_pid: int) -> str:
+    """The run id of the run owned by ``owner_pid`` (found by its labels)."""
+    found = {
+        r.run_id
+        for r in DockerRuntime(docker_engine).list_resources({"provisioner.owner.pid": str(owner_pid)})
+    }
+    assert len(found) == 1, found
+    return str(found.pop())
+
+
 def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
     start = time.monotonic()
     while not predicate():
@@ -130,7 +140,8 @@ def test_sigkill_of_provision_run_leaves_nothing_within_10s(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == "command started", proc.stderr.read() if proc.stderr else ""
-        run_id = (tmp_path / ".provision" / "current").read_text().strip()
+        run_id = _run_of(docker_engine, proc.pid)
+        assert not (tmp_path / ".provision" / "current.env").exists()  # a private run is not "current"
         command = [p for p in psutil.Process(proc.pid).children() if "time.sleep" in " ".join(p.cmdline())]
         assert leftovers(docker_engine, run_id) and len(command) == 1
     except BaseException:
@@ -169,7 +180,7 @@ def test_sigterm_of_provision_run_stops_the_command_and_cleans_up(
         text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "command started"
-    run_id = (tmp_path / ".provision" / "current").read_text().strip()
+    run_id = _run_of(docker_engine, proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # the command's fate, passed on
     assert leftovers(docker_engine, run_id) == []  # removed by provision itself, before exiting
