@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.layers import get_layer, resolve_layers
-from provisioner.lmconfig import API_KEY_ENV
+from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMConfig
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import (
     CASSETTE_MOUNT,
@@ -90,6 +90,11 @@ def _service(recipe: ContainerRecipe, plan: RunPlan) -> dict[str, Any]:
         "labels": _labels(recipe.labels),
     }
     env = dict(recipe.environment)
+    if LM_CONFIG_ENV in env:
+        # Only what differs from LMConfig's defaults: readable, and a new LMConfig field with a
+        # default does not make every checked-in compose file drift.
+        lm = LMConfig.model_validate_json(env[LM_CONFIG_ENV])
+        env[LM_CONFIG_ENV] = lm.model_dump_json(exclude_defaults=True, exclude={"api_key"})
     for key in recipe.secret_environment:
         if key == API_KEY_ENV and plan.uses_standin:
             env[key] = recipe.secret_environment[key]  # the stand-in's fixed dummy key, not a secret
