@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     options = parser.parse_args()
     n = options.requests
-
+    load_before = os.getloadavg()[0]
     results: list[dict[str, Any]] = []
     extra: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,12 +214,17 @@ def main() -> None:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
     }
     if options.json:
         print(json.dumps({"machine": machine, "latency": results, "throughput": extra}, indent=2))
         return
-    print(f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']},"
-          f" {machine['platform']}; {machine['date']}; {n} requests per row.\n")
+    print(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']},"
+        f" {machine['platform']}; {machine['date']}; {n} requests per row;"
+        f" load average (1 min) before/after: {machine['load_before']} / {machine['load_after']}.\n"
+    )
     print("| measurement | p50 ms | p99 ms | mean ms | sequential req/s |")
     print("|---|---:|---:|---:|---:|")
     for r in results:

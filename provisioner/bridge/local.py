@@ -29,7 +29,10 @@ class LocalBridge(BridgeCommands):
         worker_id: str | None = None,
     ) -> None:
         self.service = BridgeService(
-            lm_config or LMConfig(mode="mock"), lm_factory=lm_factory, worker_id=worker_id or "in-process"
+            lm_config or LMConfig(mode="mock"),
+            lm_factory=lm_factory,
+            worker_id=worker_id or "in-process",
+            record_history=True,  # in-process, dspy.inspect_history() works as usual
         )
         self.closed = False
 

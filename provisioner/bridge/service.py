@@ -153,6 +153,10 @@ class BridgeService:
     ``lm_config`` is the start-up LM configuration: its LM is the worker default, and
     ``configure_lm`` merges its arguments over it. ``None`` starts without a default LM (then every
     execution needs a ``configure_lm`` first); ``provision worker`` always passes one.
+
+    ``record_history`` keeps DSPy's per-LM call history (up to 10 000 prompts and answers per LM).
+    Nothing can read it over the wire, so a worker turns it off to keep its memory flat; in-process
+    use keeps it for ``inspect_history``.
     """
 
     def __init__(
@@ -161,7 +165,9 @@ class BridgeService:
         *,
         lm_factory: LMFactory | None = None,
         worker_id: str | None = None,
+        record_history: bool = False,
     ) -> None:
+        self.record_history = record_history
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
@@ -356,7 +362,7 @@ class BridgeService:
 
         started = time.perf_counter()
         try:
-            with dspy.context(lm=lm):
+            with dspy.context(lm=lm, disable_history=not self.record_history):
                 prediction = program.module(**inputs)
             outputs = _outputs(prediction)
         except BridgeError as exc:

@@ -285,3 +285,15 @@ def test_shutdown_refuses_new_work_but_answers_ping() -> None:
     ]:
         error = error_of(service.call, command, args)
         assert error.error_type == "ShuttingDown" and command in error.message
+
+
+def test_the_worker_keeps_no_dspy_history_but_local_use_does() -> None:
+    service = BridgeService(LMConfig(mode="mock"))
+    service.call("create_program", {"program_id": "qa", "signature": QA_INT})
+    for _ in range(3):
+        service.call("execute_program", {"program_id": "qa", "inputs": {"question": "2+2"}})
+    assert service._default_lm.history == []  # memory stays flat in a long-running worker
+    local = LocalBridge()
+    local.create_program(QA_INT, "qa")
+    local.execute_program("qa", {"question": "2+2"})
+    assert len(local.service._default_lm.history) == 1
