@@ -38,6 +38,7 @@ from provisioner.bridge.programs import (
 )
 from provisioner.bridge.protocol import ErrorType, rejected
 from provisioner.errors import BridgeError, ProvisionerError
+from provisioner.lm.ledger import current_test
 from provisioner.lmconfig import LMConfig
 
 log = logging.getLogger("provisioner.bridge")
@@ -362,7 +363,10 @@ class BridgeService:
 
         started = time.perf_counter()
         try:
-            with dspy.context(lm=lm, disable_history=not self.record_history):
+            # LM calls are attributed to the session in the run's ledger (per-test cost in pytest).
+            with current_test(program.session_id), dspy.context(
+                lm=lm, disable_history=not self.record_history
+            ):
                 prediction = program.module(**inputs)
             outputs = _outputs(prediction)
         except BridgeError as exc:

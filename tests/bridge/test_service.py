@@ -297,3 +297,17 @@ def test_the_worker_keeps_no_dspy_history_but_local_use_does() -> None:
     local.create_program(QA_INT, "qa")
     local.execute_program("qa", {"question": "2+2"})
     assert len(local.service._default_lm.history) == 1
+
+
+def test_lm_calls_are_attributed_to_the_session_in_the_run_ledger(tmp_path: Any) -> None:
+    from provisioner.lm.ledger import LEDGER_FILE, read_ledger
+
+    config = LMConfig(
+        mode="cached", cached_inner="mock", cache_dir=tmp_path / "cassettes", run_dir=tmp_path / "run"
+    )
+    bridge = LocalBridge(config)
+    for session in ("test_a", "test_b"):
+        bridge.session(session).create_program(QA_INT, "qa")
+        bridge.session(session).execute_program("qa", {"question": f"2+2 from {session}"})
+    calls = [e for e in read_ledger(tmp_path / "run" / LEDGER_FILE) if e.get("kind")]
+    assert sorted(e["test_id"] for e in calls) == ["test_a", "test_b"]
