@@ -214,7 +214,9 @@ def test_a_killed_worker_is_replaced_behind_the_same_address(docker_engine: Any,
     session = pool.open_session("victim")
     client = pool.client("victim")
     client.create_program("question -> answer", "kept")
-    docker_engine.api.kill(pool.environment.worker(session.slot).container_id)
+    victim = pool.environment.worker(session.slot).container_id
+    docker_engine.api.kill(victim)
+    docker_engine.api.wait(victim, timeout=30)  # kill returns before the container has stopped
     assert pool.check() == [session.slot]
     with pytest.raises(WorkerLostError, match="victim"):
         pool.report_failure("victim")
