@@ -14,14 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real")
+from provisioner.lm.callstats import CALL_KINDS
+
 OUTCOMES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 SCHEMA_VERSION = 1
 
 
 @dataclass
 class LMUsage:
-    """LM calls by kind, tokens and dollars."""
+    """LM calls by kind, tokens and dollars: a mutable aggregate over processes and the ledger.
+
+    The counters of :class:`provisioner.lm.LMCallStats` (a per-process snapshot), plus
+    ``cache_misses``; :meth:`from_stats` converts.
+    """
 
     mock: int = 0
     replayed: int = 0
