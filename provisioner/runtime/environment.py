@@ -622,7 +622,8 @@ def up(
             wd.wait_watching(run_dir)
     except BaseException:
         env.stop()
-        wd.mark(run_dir, wd.STOPPED_MARKER)
+        # The watchdog stays on duty: when this process ends it sweeps the run's labels once more,
+        # catching a container whose create call was still in flight when we were interrupted.
         raise
     state = RunState(
         run_id=run_id,

@@ -28,7 +28,8 @@ from provisioner.settings import Settings, load_settings
 
 from .conftest import leftovers
 
-pytestmark = pytest.mark.docker
+# The first session on a fresh machine builds the image (debootstrap base, wheelhouse): allow for it.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 
 def _settings(folder: Path) -> Settings:

@@ -19,7 +19,8 @@ from provisioner.runtime.engine import DockerRuntime
 
 from .conftest import leftovers
 
-pytestmark = pytest.mark.docker
+# The first session on a fresh machine builds the image (debootstrap base, wheelhouse): allow for it.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 PROVISION = [sys.executable, "-m", "provisioner.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
