@@ -37,6 +37,7 @@ from typing import Any
 from provisioner.lm.limits import locked, resolve_run_dir
 
 LEDGER_FILE = "ledger.jsonl"
+RUN_LM_SUBDIR = "lm"
 LEDGER_LOCK = "ledger.lock"
 ARCHIVE_DIR = "ledger"
 ARCHIVED_RUNS = "archived-runs.txt"
@@ -190,7 +191,11 @@ def ledger_sources(state_dir: Path, extra: Iterable[Path] = ()) -> list[Path]:
     if done_path.exists():
         archived_markers = set(done_path.read_text(encoding="utf-8").splitlines())
     archived_dirs = {m.rsplit("@", 1)[-1] for m in archived_markers}
-    for run_ledger in sorted((state_dir / "runs").glob(f"*/{LEDGER_FILE}")):
+    # A run's LM directory is the run directory itself or its ``lm/`` subdirectory (how `provision
+    # up` and the pytest plugin lay runs out: .provision/runs/<id>/lm/).
+    runs = state_dir / "runs"
+    run_ledgers = [*runs.glob(f"*/{LEDGER_FILE}"), *runs.glob(f"*/{RUN_LM_SUBDIR}/{LEDGER_FILE}")]
+    for run_ledger in sorted(run_ledgers):
         if str(run_ledger.parent.resolve()) not in archived_dirs:
             sources.append(run_ledger)
     sources.extend(extra)

@@ -37,6 +37,7 @@ from provisioner.errors import (
     WorkerNotReadyError,
 )
 from provisioner.layers import get_layer
+from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.lmconfig import LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
@@ -587,7 +588,7 @@ def up(
     run_dir.mkdir(parents=True, exist_ok=True)
     lm_run_dir: Path | None = None
     if lm.mode != "mock":
-        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / "lm")
+        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / RUN_LM_SUBDIR)
         if lm.mode == "cached":
             prepare_shared_dir(Path(lm.cache_dir))
     owner = owner_pid or os.getpid()

@@ -14,6 +14,7 @@ from typing import Any
 
 from provisioner.errors import ConfigError
 from provisioner.layers import Layer, get_layer
+from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.lmconfig import LM_MODES, RECORD_MODES, LMConfig, LMMode, RecordMode
 from provisioner.settings import Settings, load_settings
 
@@ -68,7 +69,8 @@ def resolve_run(
     lm_config = settings.lm_for(layer.name, mode=options.lm_mode)
     # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
     # directory is bind-mounted into the run's worker containers, so limits and ledger are run-wide.
-    updates: dict[str, Any] = {"run_id": run_id, "run_dir": None if run_dir is None else run_dir / "lm"}
+    lm_dir = None if run_dir is None else run_dir / RUN_LM_SUBDIR
+    updates: dict[str, Any] = {"run_id": run_id, "run_dir": lm_dir}
     if not lm_config.cache_dir.is_absolute():
         updates["cache_dir"] = project_dir / lm_config.cache_dir
     lm_config = lm_config.model_copy(update=updates)

@@ -46,6 +46,15 @@ def test_report_sums_per_run_test_and_month(tmp_path: Path) -> None:
     assert cost_report(ledger_sources(state), month="1999-01").total.calls == 0
 
 
+def test_report_finds_run_ledgers_in_the_runs_lm_directory(tmp_path: Path) -> None:
+    # `provision up` and the pytest plugin keep a run's LM state in .provision/runs/<id>/lm/.
+    state = tmp_path / ".provision"
+    _write_calls(state / "runs" / "r1" / "lm", "r1", [("t1", 0.5)])
+    _write_calls(state / "runs" / "r2", "r2", [("t1", 0.25)])
+    report = cost_report(ledger_sources(state))
+    assert report.total.calls == 2 and set(report.by_run) == {"r1", "r2"}
+
+
 def test_archive_is_idempotent_and_counted_once(tmp_path: Path) -> None:
     state = tmp_path / ".provision"
     run_dir = state / "runs" / "a"
