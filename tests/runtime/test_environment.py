@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,16 +122,7 @@ def test_up_writes_state_and_a_sourceable_env_file_and_down_is_idempotent(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
     rt, workers = fake
-    env = E.up(
-        settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=2,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
-    )
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=2)
     assert env.state is not None
     run_id = env.state.run_id
     state_file = E.state_file_of(settings, run_id)
@@ -168,6 +160,14 @@ def test_up_refuses_the_in_process_layer_and_a_missing_key_when_required(
     assert rt.calls == []
 
 
+
+def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any) -> E.RunEnvironment:
+    """``environment.up`` on the fake runtime, its fake workers' probe, and no watchdog process."""
+    runtime, workers = fake
+    kwargs.setdefault("image", FAKE_IMAGE)
+    kwargs.setdefault("watchdog", False)
+    return E.up(settings, runtime=runtime, probe=workers.probe, **kwargs)
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -175,55 +175,23 @@ def _dead_pid() -> int:
 
 
 def test_reap_picks_stale_old_or_all_runs(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
-    rt, workers = fake
-    kept = E.up(
+    rt = fake[0]
+    kept = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=True)
+    stale = _up(
         settings,
+        fake,
         layer="integration",
         lm_mode="mock",
         workers=1,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
-        persistent=True,
-    )
-    stale = E.up(
-        settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=1,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
         persistent=False,
         owner_pid=_dead_pid(),
     )
-    mine = E.up(
-        settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=1,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
-        persistent=False,
-    )
+    mine = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=False)
     ids = {e.plan.run_id for e in (kept, stale, mine)}
     runs = {r.run_id: r for r in E.list_runs(rt)}
     assert set(runs) == ids and runs[stale.plan.run_id].stale and not runs[mine.plan.run_id].stale
 
-    later = E.up(
-        settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=1,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
-    )
+    later = _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
     assert any(stale.plan.run_id in w for w in later.warnings)  # up warns about stale runs
 
     dry = E.reap(settings, runtime=rt, dry_run=True)
@@ -336,30 +304,10 @@ def test_doctor_reports_the_engine_key_and_disk(
 def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
-    rt, workers = fake
-    first = E.up(
-        settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=1,
-        runtime=rt,
-        image=FAKE_IMAGE,
-        probe=workers.probe,
-        watchdog=False,
-        run_id="taken",
-    )
+    rt = fake[0]
+    first = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken")
     before = rt.list_resources(L.selector("taken"))
     with pytest.raises(RuntimeProblem, match="'taken' is already in use"):
-        E.up(
-            settings,
-            layer="integration",
-            lm_mode="mock",
-            workers=1,
-            runtime=rt,
-            image=FAKE_IMAGE,
-            probe=workers.probe,
-            watchdog=False,
-            run_id="taken",
-        )
+        _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken")
     assert rt.list_resources(L.selector("taken")) == before
     first.stop()
