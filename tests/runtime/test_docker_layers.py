@@ -109,34 +109,26 @@ def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> 
     return time.monotonic() - start
 
 
+def _start_provision_run_of_a_long_command(tmp_path: Path) -> subprocess.Popen[str]:
+    """`provision run` (integration, mock LM, 1 worker) of a command that says it started, then idles."""
+    script = "import time; print('command started', flush=True); time.sleep(300)"
+    run = ["run", "--layer", "integration", "--lm", "mock", "--workers", "1"]
+    return subprocess.Popen(
+        [*PROVISION, *run, "--", sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=_project(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_sigkill_of_provision_run_leaves_nothing_within_10s(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:
     import psutil
 
-    env = _project(tmp_path)
-    script = "import time; print('command started', flush=True); time.sleep(300)"
-    proc = subprocess.Popen(
-        [
-            *PROVISION,
-            "run",
-            "--layer",
-            "integration",
-            "--lm",
-            "mock",
-            "--workers",
-            "1",
-            "--",
-            sys.executable,
-            "-c",
-            script,
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_provision_run_of_a_long_command(tmp_path)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -157,29 +149,7 @@ def test_sigkill_of_provision_run_leaves_nothing_within_10s(
 def test_sigterm_of_provision_run_stops_the_command_and_cleans_up(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:
-    env = _project(tmp_path)
-    script = "import time; print('command started', flush=True); time.sleep(300)"
-    proc = subprocess.Popen(
-        [
-            *PROVISION,
-            "run",
-            "--layer",
-            "integration",
-            "--lm",
-            "mock",
-            "--workers",
-            "1",
-            "--",
-            sys.executable,
-            "-c",
-            script,
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_provision_run_of_a_long_command(tmp_path)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "command started"
     run_id = _run_of(docker_engine, proc.pid)
     proc.send_signal(signal.SIGTERM)
