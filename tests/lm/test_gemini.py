@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import dspy
@@ -26,19 +25,9 @@ from provisioner.lm.pricing import GEMINI_PRICES
 from provisioner.lm.standin import GeminiStandin, StandinReply
 from provisioner.lmconfig import LMConfig, ModelPrice
 
-KEY = "gemini-engine-test-key-0123456789"
+from .conftest import STANDIN_KEY
 
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[GeminiStandin]:
-    with GeminiStandin(api_key=KEY) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh(standin: GeminiStandin) -> None:
-    standin.reset()
-    standin.set_usage(thoughts_tokens=0, cached_tokens=0)
+KEY = STANDIN_KEY
 
 
 def _config(standin: GeminiStandin, run_dir: Path, **updates: object) -> LMConfig:

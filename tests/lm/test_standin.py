@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,20 +14,9 @@ from google.genai import types
 
 from provisioner.lm.standin import GeminiStandin, StandinReply
 
-KEY = "standin-test-key"
+from .conftest import STANDIN_KEY
 
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[GeminiStandin]:
-    with GeminiStandin(api_key=KEY) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fresh(standin: GeminiStandin) -> None:
-    standin.reset()
-    standin.set_latency(0)
-    standin.set_usage(thoughts_tokens=0, cached_tokens=0)
+KEY = STANDIN_KEY
 
 
 def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any],
