@@ -88,6 +88,10 @@ class LMConfig(BaseModel):
     cost_limit_usd: float = Field(default=1.00, ge=0)
     monthly_budget_usd: float = Field(default=10.0, ge=0)
     base_url: str | None = None
+    # What answers at ``base_url``: real Gemini (or a proxy to it) or the Gemini stand-in. Only the
+    # controller that wired the stand-in in sets "standin" (a base_url alone does not make an
+    # endpoint a stand-in); cassettes and the ledger mark what the stand-in answered.
+    endpoint_kind: Literal["gemini", "standin"] = "gemini"
     api_key: SecretStr | None = Field(default=None, exclude=True)
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)

@@ -289,6 +289,7 @@ def worker_lm_config(
         update["run_dir"] = None
     if base_url is not None:
         update["base_url"] = base_url
+        update["endpoint_kind"] = "standin"  # the only base_url this controller wires in
     return lm.model_copy(update=update)
 
 

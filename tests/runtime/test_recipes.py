@@ -82,6 +82,7 @@ def test_real_mode_with_a_key_gets_egress_and_the_key_only_in_the_secret_environ
     plan = _plan(settings, "e2e", tmp_path, key=True)
     assert plan.egress and not plan.networks[0].internal and plan.standin is None
     worker = plan.workers[0]
+    assert json.loads(worker.environment[LM_CONFIG_ENV])["endpoint_kind"] == "gemini"
     assert worker.secret_environment == {API_KEY_ENV: SECRET}
     everything_public = json.dumps(plan.public_dict()) + json.dumps(worker.labels) + " ".join(worker.command)
     assert SECRET not in everything_public
@@ -109,6 +110,7 @@ def test_real_mode_without_a_key_uses_the_standin_on_an_internal_network(
     assert plan.standin.command[:3] == ("provision", "standin", "gemini")
     lm = json.loads(plan.workers[0].environment[LM_CONFIG_ENV])
     assert lm["base_url"] == f"http://{STANDIN_ALIAS}:8080/" and lm["mode"] == "real"
+    assert lm["endpoint_kind"] == "standin"  # the controller says what it wired in
     assert plan.workers[0].secret_environment[API_KEY_ENV]  # a dummy the stand-in accepts
     assert [c.role for c in plan.containers()] == ["standin", "relay", "worker", "worker"]
 
