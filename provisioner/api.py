@@ -234,7 +234,7 @@ def open_environment(
     options = RunOptions(layer=layer, lm_mode=lm, record_mode=record_mode)
     if identity is None:
         probe = resolve_run(options, project)
-        identity = RunIdentity.create(state_dir(probe.settings, project))
+        identity = RunIdentity.create(state_dir(probe.settings, probe.project_dir))
     resolved = resolve_run(options, project, run_id=identity.run_id, run_dir=identity.run_dir)
     return Environment(resolved, identity)
 

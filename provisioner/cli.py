@@ -8,21 +8,61 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from provisioner.errors import ProvisionerError
-from provisioner.layers import resolve_layers
+from provisioner.errors import ProvisionerError, UnknownNameError
+from provisioner.layers import get_layer, resolve_layers
 from provisioner.settings import Settings, load_settings
+
+LOG_LEVEL_ENV = "PROVISION_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class UsageProblem(click.ClickException):
+    """A name or value on the command line that is not known: exit status 2, like click's usage errors."""
+
+    exit_code = 2
 
 
 def _settings(**cli: Any) -> Settings:
+    """The effective settings of the project at or above the current directory (``project_root``).
+
+    Raises:
+        UsageProblem: an unknown layer or setting key (exit 2, with "did you mean").
+        click.ClickException: any other invalid setting (exit 1).
+    """
     try:
-        return load_settings(cli=cli)
+        settings = load_settings(cli=cli)
+        if cli.get("layer") is not None:
+            get_layer(settings, settings.layer)  # an unknown --layer is a usage error, not a default
+        return settings
+    except UnknownNameError as exc:
+        raise UsageProblem(str(exc)) from None
     except ProvisionerError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def known_name(what: str, name: str, known: Iterable[str], *, hint: str = "") -> str:
+    """``name`` if it is one of ``known``, else a usage error (exit 2) with "did you mean" and the list.
+
+    The one check every command uses for names a user types (layer, run id, month, setting key).
+
+    Raises:
+        UsageProblem: ``name`` is not in ``known``.
+    """
+    values = list(known)
+    if name not in values:
+        raise UsageProblem(str(UnknownNameError(what, name, values, hint=hint)))
+    return name
+
+
+def _quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().meta.get("provision.quiet"))
 
 
 class _Group(click.Group):
@@ -31,14 +71,47 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except UnknownNameError as exc:
+            raise UsageProblem(str(exc)) from None
         except ProvisionerError as exc:
             raise click.ClickException(str(exc)) from None
 
 
+def _log_level(verbose: int, quiet: int) -> int:
+    """-v/-q over PROVISION_LOG_LEVEL over WARNING."""
+    import logging
+
+    named = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
+    if named:
+        known_name(f"log level (env {LOG_LEVEL_ENV})", named, LOG_LEVELS)
+        base = logging.getLevelName(named)
+    else:
+        base = logging.WARNING
+    return max(logging.DEBUG, min(logging.CRITICAL, base - 10 * verbose + 10 * quiet))
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="provisioner")
-def main() -> None:
-    """Isolated, cheap container test environments for DSPy programs."""
+@click.option("-v", "--verbose", count=True, help="more log output (repeatable; also PROVISION_LOG_LEVEL)")
+@click.option("-q", "--quiet", count=True, help="less output: no progress lines, only warnings and errors")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """Isolated, cheap container test environments for DSPy programs.
+
+    Paths in the settings (state_dir, lm.cache_dir) are relative to the project root: the folder of
+    the nearest provision.toml or pyproject.toml at or above the current directory.
+    """
+    import logging
+
+    level = _log_level(verbose, quiet)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("provisioner")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "_provision_cli", False)]
+    handler._provision_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    ctx.meta["provision.quiet"] = quiet > 0
 
 
 # --- settings and layers ------------------------------------------------------------------------
@@ -151,6 +224,16 @@ def cassettes() -> None:
     """Inspect and maintain the cached mode's recorded LM responses."""
 
 
+def _cassette_dir(cache_dir: Path | None, settings: Settings | None = None) -> Path:
+    """``--cache-dir`` (relative to the current directory, as typed) or the settings' ``lm.cache_dir``
+    (anchored at the project root); a warning on stderr when it does not exist."""
+    root = cache_dir.absolute() if cache_dir is not None else (settings or _settings()).lm.cache_dir
+    if not root.is_dir():
+        click.echo(f"warning: cassette directory {root} does not exist (set lm.cache_dir or "
+                   "LM_CACHE_DIR, or pass --cache-dir; a cached-mode run that records creates it)", err=True)
+    return root
+
+
 @cassettes.command("list")
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -158,8 +241,8 @@ def cassettes_list(cache_dir: Path | None, as_json: bool) -> None:
     """List the recorded entries: key, when, and the request they answer."""
     from provisioner.lm.cassettes import list_cassettes
 
-    root = cache_dir or _settings().lm.cache_dir
-    infos = list_cassettes(root)
+    root = _cassette_dir(cache_dir)
+    infos = list_cassettes(root) if root.is_dir() else []
     if as_json:
         click.echo(json.dumps([{"key": i.key, "path": str(i.path), "recorded_at": i.recorded_at,
                                 "request": i.description, "bytes": i.size, "test_id": i.test_id}
@@ -172,17 +255,27 @@ def cassettes_list(cache_dir: Path | None, as_json: bool) -> None:
 
 @cassettes.command("verify")
 @_cache_dir_option
-def cassettes_verify(cache_dir: Path | None) -> None:
-    """Check every entry (JSON, key matches request, has a response, holds no API key); exit 1 on problems."""
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cassettes_verify(cache_dir: Path | None, as_json: bool) -> None:
+    """Check every entry (JSON, key matches request, has a response, holds no API key); exit 1 on
+    problems or when the cassette directory does not exist."""
     from provisioner.lm.cassettes import verify_cassettes
 
     settings = _settings()
-    root = cache_dir or settings.lm.cache_dir
+    root = _cassette_dir(cache_dir, settings)
+    if not root.is_dir():
+        if as_json:
+            click.echo(json.dumps({"cache_dir": str(root), "exists": False, "checked": 0, "problems": []}))
+        sys.exit(1)
     secrets = [settings.lm.api_key.get_secret_value()] if settings.lm.api_key else []
     report = verify_cassettes(root, secrets=secrets)
-    for path, problem in report.problems:
-        click.echo(f"{path}: {problem}", err=True)
-    click.echo(f"{report.checked} entries checked under {root}, {len(report.problems)} problem(s)")
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(root), "exists": True, "checked": report.checked,
+                               "problems": [{"path": str(p), "problem": w} for p, w in report.problems]}))
+    else:
+        for path, problem in report.problems:
+            click.echo(f"{path}: {problem}", err=True)
+        click.echo(f"{report.checked} entries checked under {root}, {len(report.problems)} problem(s)")
     if not report.ok:
         sys.exit(1)
 
@@ -192,15 +285,21 @@ def cassettes_verify(cache_dir: Path | None) -> None:
 @click.option("--run", "run_id", default=None, help="prune against this run (default: the last full run)")
 @click.option("--dry-run", is_flag=True, help="only list what would be removed")
 @click.option("--force", is_flag=True, help="prune even against a partial run")
-def cassettes_prune(cache_dir: Path | None, run_id: str | None, dry_run: bool, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cassettes_prune(cache_dir: Path | None, run_id: str | None, dry_run: bool, force: bool,
+                    as_json: bool) -> None:
     """Remove entries that no test used in the last full run."""
     from provisioner.lm.cassettes import prune_unused
     from provisioner.lm.ledger import ledger_sources
 
     settings = _settings()
-    root = cache_dir or settings.lm.cache_dir
+    root = _cassette_dir(cache_dir, settings)
     result = prune_unused(root, ledger_sources(settings.state_dir), run_id=run_id, dry_run=dry_run,
                           force=force)
+    if as_json:
+        click.echo(json.dumps({"run_id": result.run_id, "dry_run": dry_run, "kept": result.kept,
+                               "removed": [str(path) for path in result.removed]}))
+        return
     for path in result.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
     click.echo(f"run {result.run_id}: {len(result.removed)} unused, {result.kept} kept")
@@ -229,7 +328,15 @@ def cost_report(run_id: str | None, month: str | None, extra: tuple[Path, ...], 
     settings = _settings()
     if month == "current":
         month = datetime.datetime.now(datetime.UTC).strftime("%Y-%m")
-    report = build_report(ledger_sources(settings.state_dir, extra), run_id=run_id, month=month,
+    elif month is not None:
+        _check_month(month)
+    sources = ledger_sources(settings.state_dir, extra)
+    if run_id is not None:
+        everything = build_report(sources)
+        runs_on_disk = [p.name for p in sorted((settings.state_dir / "runs").glob("*")) if p.is_dir()]
+        known_name("run", run_id, sorted({*everything.by_run, *runs_on_disk}),
+                   hint=f"runs recorded under {settings.state_dir}")
+    report = build_report(sources, run_id=run_id, month=month,
                           monthly_budget_usd=settings.lm.monthly_budget_usd)
     if not as_json:
         click.echo(format_cost_report(report))  # budget warnings are part of the text
@@ -238,6 +345,20 @@ def cost_report(run_id: str | None, month: str | None, extra: tuple[Path, ...], 
     for over in report.over_budget_months:
         click.echo(f"warning: {over} is over the monthly budget of ${settings.lm.monthly_budget_usd:.2f}",
                    err=True)
+
+
+def _check_month(month: str) -> None:
+    """``YYYY-MM`` with a real month, else a usage error (exit 2)."""
+    import datetime
+
+    try:
+        datetime.datetime.strptime(month, "%Y-%m")
+    except ValueError:
+        example = f"{datetime.datetime.now(datetime.UTC):%Y-%m}"
+        raise UsageProblem(f"--month {month!r} is not a month: use YYYY-MM (e.g. {example}), or --month "
+                           "alone for the current one") from None
+    if len(month) != 7:  # strptime accepts 2026-1
+        raise UsageProblem(f"--month {month!r} is not a month: use YYYY-MM with two digits for the month")
 
 
 @main.group()
@@ -273,7 +394,9 @@ _LM_CHOICE = click.Choice(["mock", "cached", "real"])
 
 
 def _say(message: str) -> None:
-    click.echo(message, err=True)
+    """A progress line on stderr (none with -q)."""
+    if not _quiet():
+        click.echo(message, err=True)
 
 
 @main.group("images")
@@ -304,11 +427,16 @@ def images_build(base: str | None, force: bool, as_json: bool) -> None:
 
 @images_group.command("prune")
 @click.option("--dry-run", is_flag=True, help="only list what would be removed")
-def images_prune(dry_run: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def images_prune(dry_run: bool, as_json: bool) -> None:
     """Remove worker images other than the current build (and the tags containers still use)."""
     from provisioner.runtime.images import prune_worker_images
 
-    for tag in prune_worker_images(dry_run=dry_run):
+    removed = prune_worker_images(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": list(removed)}))
+        return
+    for tag in removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {tag}")
 
 

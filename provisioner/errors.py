@@ -2,7 +2,8 @@
 
     ProvisionerError
     ├── ConfigError               a setting or layer is invalid (names field, value and source)
-    │   └── UnknownLayerError     a layer name that is not defined
+    │   └── UnknownNameError      a name the user gave (layer, run, month, setting key) is not known
+    │       └── UnknownLayerError a layer name that is not defined
     ├── BridgeError               the bridge worker answered a request with an error reply
     │   └── BridgeConnectionError the worker could not be reached, or the connection broke
     ├── ProtocolError             a frame or envelope is malformed (on either side)
@@ -24,6 +25,8 @@ the engines (see provisioner.lm), so DSPy's own retry and error handling keeps w
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ProvisionerError(Exception):
     """Base class of every error provisioner raises on purpose."""
@@ -33,16 +36,48 @@ class ConfigError(ProvisionerError, ValueError):
     """A setting, layer or LM configuration value is invalid."""
 
 
-class UnknownLayerError(ConfigError, KeyError):
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """The known value closest to ``name`` (difflib's ratio of at least 0.6), or None."""
+    import difflib
+
+    found = difflib.get_close_matches(name, list(known), n=1)
+    return found[0] if found else None
+
+
+class UnknownNameError(ConfigError):
+    """A name the user gave (a layer, a run id, a month, a setting key) is not one of the known ones.
+
+    The message names what was given, the closest known value ("did you mean") and every known value;
+    the CLI exits with status 2 (a usage error) for it, the pytest plugin raises ``pytest.UsageError``.
+
+    Attributes: ``what`` (e.g. ``"layer"``), ``name`` (the given value), ``known`` (the known values,
+    in order), ``suggestion`` (the closest known value or None).
+    """
+
+    def __init__(self, what: str, name: str, known: Iterable[str], *, hint: str = "",
+                 plural: str | None = None) -> None:
+        self.what = what
+        self.name = name
+        self.known = list(known)
+        self.suggestion = did_you_mean(name, self.known)
+        message = f"unknown {what} {name!r}"
+        if self.suggestion is not None:
+            message += f" (did you mean {self.suggestion!r}?)"
+        plural = plural or f"{what}s"
+        message += f"; known {plural}: {', '.join(self.known)}" if self.known else f"; no {plural} are known"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError subclasses would otherwise repr() the message
+        return str(self.args[0])
+
+
+class UnknownLayerError(UnknownNameError, KeyError):
     """A layer name that is not defined in the built-ins or the user's configuration."""
 
     def __init__(self, name: str, known: list[str]) -> None:
-        self.name = name
-        self.known = known
-        super().__init__(f"unknown layer {name!r}; known layers: {', '.join(known)}")
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return str(self.args[0])
+        super().__init__("layer", name, known)
 
 
 class ProtocolError(ProvisionerError):

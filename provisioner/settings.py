@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, UnknownNameError
 from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, LMConfig, LMMode
 
 ENV_PREFIX = "PROVISION_"
@@ -83,27 +83,57 @@ class LayerSpec(BaseModel):
     cpus: float | None = Field(default=None, gt=0)
 
 
-_project_dir: ContextVar[Path | None] = ContextVar("provisioner_project_dir", default=None)
+_search_start: ContextVar[Path | None] = ContextVar("provisioner_project_dir", default=None)
+
+
+PROJECT_FILE = "provision.toml"
+
+
+def _walk_project(start: Path) -> tuple[Path, Path | None, dict[str, Any]]:
+    """(root folder, settings file or None, its [tool.provisioner] table) for a walk up from ``start``.
+
+    The first folder holding ``provision.toml``, or a ``pyproject.toml``, ends the walk: a
+    ``pyproject.toml`` marks the project root even without our table. Without either, ``start`` is the
+    root (the folder a command runs in).
+    """
+    start = start.absolute()
+    for folder in (start, *start.parents):
+        standalone = folder / PROJECT_FILE
+        if standalone.is_file():
+            data = _read_toml(standalone)
+            return folder, standalone, data.get("tool", {}).get("provisioner", data)
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            table = _read_toml(pyproject).get("tool", {}).get("provisioner")
+            return folder, (pyproject if table is not None else None), dict(table or {})
+    return start, None, {}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's root folder: where ``provision.toml`` or ``pyproject.toml`` is, walking up.
+
+    The one answer to "where is the project" for every CLI command, the pytest plugin and
+    :func:`provisioner.environment`: relative paths in the settings (``state_dir``, ``lm.cache_dir``)
+    are anchored here, so ``provision cassettes verify`` run from ``tests/`` checks the same
+    cassettes pytest replays. ``start`` defaults to the current directory; without a project file
+    above it, ``start`` itself is the root.
+    """
+    return _walk_project(start or Path.cwd())[0]
 
 
 def find_project_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The nearest ``provision.toml`` or ``pyproject.toml`` with ``[tool.provisioner]``, walking up."""
-    for folder in (start, *start.parents):
-        standalone = folder / "provision.toml"
-        if standalone.is_file():
-            with standalone.open("rb") as fh:
-                data = tomllib.load(fh)
-            return standalone, data.get("tool", {}).get("provisioner", data)
-        pyproject = folder / "pyproject.toml"
-        if pyproject.is_file():
-            with pyproject.open("rb") as fh:
-                data = tomllib.load(fh)
-            table = data.get("tool", {}).get("provisioner")
-            if table is not None:
-                return pyproject, table
-            # A pyproject without our table ends the walk: it marks the project root.
-            return None
-    return None
+    """The nearest ``provision.toml``, or ``pyproject.toml`` with ``[tool.provisioner]``, walking up
+    (a ``pyproject.toml`` without the table ends the walk: it marks the project root)."""
+    _root, path, table = _walk_project(start)
+    return (path, table) if path is not None else None
 
 
 class _ProjectFileSource(PydanticBaseSettingsSource):
@@ -111,7 +141,7 @@ class _ProjectFileSource(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        start = _project_dir.get() or Path.cwd()
+        start = _search_start.get() or Path.cwd()
         found = find_project_file(start)
         self.path: Path | None = found[0] if found else None
         self.data: dict[str, Any] = dict(found[1]) if found else {}
@@ -189,6 +219,12 @@ class Settings(BaseSettings):
 
     # Provenance: dotted field path -> human-readable source. Filled by load_settings().
     _sources: dict[str, str] = {}
+    _root: Path | None = None
+
+    @property
+    def project_dir(self) -> Path:
+        """The project root these settings were loaded for (see :func:`project_root`)."""
+        return self._root if self._root is not None else project_root()
 
     def source_of(self, path: str) -> str:
         """Where the value at a dotted path (``lm.mode``) came from."""
@@ -252,10 +288,17 @@ def load_settings(
     """Build the effective settings and remember where each value came from.
 
     ``cli`` holds overrides from command-line flags, as a nested dict (``{"lm": {"mode": "real"}}``)
-    or with dotted keys (``{"lm.mode": "real"}``); ``None`` values are ignored.
+    or with dotted keys (``{"lm.mode": "real"}``); ``None`` values are ignored. ``project_dir`` is
+    where the search for the project file starts (default: the current directory); relative
+    ``state_dir`` and ``lm.cache_dir`` come back absolute, anchored at the :func:`project_root`.
+
+    Raises:
+        ConfigError: a value is invalid (names the field, the value and its source), or a key is not
+            a setting (:class:`~provisioner.errors.UnknownNameError`, with a "did you mean").
     """
     cli_nested = _nest({k: v for k, v in (cli or {}).items() if v is not None})
-    token = _project_dir.set(project_dir)
+    root = project_root(project_dir)
+    token = _search_start.set(root)
     try:
         project = _ProjectFileSource(Settings)
         env = EnvSettingsSource(
@@ -278,9 +321,21 @@ def load_settings(
         except ValidationError as exc:
             raise _explain(exc, sources) from None
     finally:
-        _project_dir.reset(token)
+        _search_start.reset(token)
+    settings = _anchored(settings, root)
     settings._sources = sources
+    settings._root = root
     return settings
+
+
+def _anchored(settings: Settings, root: Path) -> Settings:
+    """Relative paths of the settings made absolute at the project root."""
+    updates: dict[str, Any] = {}
+    if not settings.state_dir.is_absolute():
+        updates["state_dir"] = root / settings.state_dir
+    if not settings.lm.cache_dir.is_absolute():
+        updates["lm"] = settings.lm.model_copy(update={"cache_dir": root / settings.lm.cache_dir})
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def _drop_below(sources: dict[str, str], path: str) -> None:
@@ -306,8 +361,36 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
+        origin = _lookup_source(sources, path)
+        if err["type"] == "extra_forbidden":
+            known = _known_keys([str(p) for p in err["loc"][:-1]])
+            parent = ".".join(str(p) for p in err["loc"][:-1])
+            what = f"setting in {parent!r}" if parent else "setting"
+            unknown = UnknownNameError(what, str(err["loc"][-1]), known, plural="keys")
+            if len(exc.errors()) == 1:
+                return UnknownNameError(unknown.what, unknown.name, known, plural="keys",
+                                        hint=f"from {origin}")
+            lines.append(f"{unknown} (from {origin})")
+            continue
         value = err.get("input")
         shown = "<secret>" if "api_key" in path else repr(value)
-        origin = _lookup_source(sources, path)
         lines.append(f"invalid setting {path!r} = {shown} (from {origin}): {err['msg']}")
     return ConfigError("\n".join(lines))
+
+
+def _known_keys(parents: list[str]) -> list[str]:
+    """The field names a settings table at ``parents`` (e.g. ``["layers", "smoke"]``) accepts."""
+    model: Any = Settings
+    for part in parents:
+        if model is Settings and part == "layers":
+            model = dict[str, LayerSpec]
+            continue
+        if model == dict[str, LayerSpec]:
+            model = LayerSpec
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []

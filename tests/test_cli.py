@@ -62,3 +62,133 @@ def test_bad_setting_is_a_clean_error(project: Path, monkeypatch: pytest.MonkeyP
     assert "max_pool_size" in result.output and "'many'" in result.output
     assert "PROVISION_MAX_POOL_SIZE" in result.output
     assert "Traceback" not in result.output
+
+
+# --- one project root (issue 8, item 4) --------------------------------------------------------------
+
+EXAMPLE_CASSETTES = Path(__file__).resolve().parents[1] / "examples" / "qa_project" / "test" / "fixtures" / (
+    "lm_responses")
+
+
+def _project_with_data(project: Path) -> Path:
+    """The project gets the example's four cassettes and one run ledger with a $0.25 call."""
+    import shutil
+
+    shutil.copytree(EXAMPLE_CASSETTES, project / "test" / "fixtures" / "lm_responses")
+    ledger = project / ".provision" / "runs" / "r20261130-101500-abcdef" / "lm" / "ledger.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"ts": "2026-11-30T10:15:00+00:00", "event": "call",
+                                  "run_id": "r20261130-101500-abcdef", "test_id": "tests/test_a.py::test_a",
+                                  "kind": "real", "cost_usd": 0.25, "id": "c1"}) + "\n")
+    sub = project / "tests"
+    sub.mkdir()
+    return sub
+
+
+def test_cassettes_and_cost_from_a_subfolder_use_the_project_root(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(_project_with_data(project))
+    verify = CliRunner().invoke(main, ["cassettes", "verify"])
+    assert verify.exit_code == 0, verify.output
+    assert "4 entries checked" in verify.output
+    assert str(project / "test" / "fixtures" / "lm_responses") in verify.output
+    listed = CliRunner().invoke(main, ["cassettes", "list", "--json"])
+    assert len(json.loads(listed.output)) == 4
+    cost = CliRunner().invoke(main, ["cost", "report", "--json"])
+    assert json.loads(cost.output)["total"]["cost_usd"] == 0.25
+    config = CliRunner().invoke(main, ["config", "--json"])
+    assert json.loads(config.output)["settings"]["state_dir"] == str(project / ".provision")
+
+
+def test_missing_cassette_dir_is_a_warning_and_verify_fails(project: Path) -> None:
+    listed = CliRunner().invoke(main, ["cassettes", "list"])
+    assert listed.exit_code == 0
+    assert "warning: cassette directory" in listed.stderr and "does not exist" in listed.stderr
+    verify = CliRunner().invoke(main, ["cassettes", "verify"])
+    assert verify.exit_code == 1
+    assert "does not exist" in verify.stderr
+    assert "0 entries" not in verify.output
+
+
+# --- CLI hygiene (issue 8, item 10) -------------------------------------------------------------------
+
+
+def test_unknown_layer_is_a_usage_error_with_did_you_mean(project: Path) -> None:
+    for args in (["config", "--layer", "nope"], ["config", "--layer", "integraton"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "known layers: unit, integration, e2e, smoke" in result.output
+        assert "Traceback" not in result.output
+    typo = CliRunner().invoke(main, ["config", "--layer", "integraton"])
+    assert "did you mean 'integration'?" in typo.output
+
+
+@pytest.mark.parametrize("month", ["2026-13", "2026-1", "nov", "2026-00"])
+def test_cost_report_rejects_a_month_that_is_not_one(project: Path, month: str) -> None:
+    result = CliRunner().invoke(main, ["cost", "report", "--month", month])
+    assert result.exit_code == 2, result.output
+    assert "YYYY-MM" in result.output
+
+
+def test_cost_report_month_and_run_that_exist(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(_project_with_data(project))
+    result = CliRunner().invoke(main, ["cost", "report", "--month", "2026-11", "--run",
+                                       "r20261130-101500-abcdef", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["total"]["calls"] == 1
+
+
+def test_cost_report_unknown_run_names_the_known_ones(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nothing = CliRunner().invoke(main, ["cost", "report", "--run", "nope"])
+    assert nothing.exit_code == 2 and "no runs are known" in nothing.output
+    monkeypatch.chdir(_project_with_data(project))
+    typo = CliRunner().invoke(main, ["cost", "report", "--run", "r20261130-101500-abcdee"])
+    assert typo.exit_code == 2, typo.output
+    assert "did you mean 'r20261130-101500-abcdef'?" in typo.output
+
+
+def test_unknown_setting_key_suggests_the_right_one(project: Path) -> None:
+    (project / "pyproject.toml").write_text("[tool.provisioner]\nmax_pool_sise = 3\n")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 2, result.output
+    assert "unknown setting 'max_pool_sise' (did you mean 'max_pool_size'?)" in result.output
+    assert "pyproject.toml" in result.output
+    (project / "pyproject.toml").write_text("[tool.provisioner.lm]\nmdoe = 'mock'\n"
+                                            "[tool.provisioner.layers.smoke]\nlm_mdoe = 'mock'\n")
+    nested = CliRunner().invoke(main, ["layers"])
+    assert nested.exit_code != 0
+    assert "unknown setting in 'lm' 'mdoe' (did you mean 'mode'?)" in nested.output
+    assert "'lm_mdoe' (did you mean 'lm_mode'?)" in nested.output
+
+
+def test_log_level_flags_and_environment(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    logger = logging.getLogger("provisioner")
+    assert CliRunner().invoke(main, ["-vv", "layers"]).exit_code == 0
+    assert logger.level == logging.DEBUG
+    assert CliRunner().invoke(main, ["-q", "layers"]).exit_code == 0
+    assert logger.level == logging.ERROR
+    monkeypatch.setenv("PROVISION_LOG_LEVEL", "info")
+    assert CliRunner().invoke(main, ["layers"]).exit_code == 0
+    assert logger.level == logging.INFO
+    monkeypatch.setenv("PROVISION_LOG_LEVEL", "verbose")
+    bad = CliRunner().invoke(main, ["layers"])
+    assert bad.exit_code == 2
+    assert "DEBUG, INFO, WARNING, ERROR, CRITICAL" in bad.output
+
+
+def test_every_command_that_prints_data_takes_json() -> None:
+    import click
+
+    printing = {"layers", "config", "cassettes list", "cassettes verify", "cassettes prune", "cost report",
+                "images build", "images prune", "up", "down", "status", "reap", "doctor"}
+    commands: dict[str, click.Command] = {}
+    for name, cmd in main.commands.items():
+        if isinstance(cmd, click.Group):
+            commands.update({f"{name} {sub}": c for sub, c in cmd.commands.items()})
+        else:
+            commands[name] = cmd
+    missing = [name for name in sorted(printing) if "as_json" not in {p.name for p in commands[name].params}]
+    assert missing == []

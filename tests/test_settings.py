@@ -105,3 +105,43 @@ def test_lm_config_round_trips_through_worker_env() -> None:
     assert back.api_key is not None and back.api_key.get_secret_value() == "k-123"
     mock_env = cfg.model_copy(update={"mode": "mock"}).to_worker_env()
     assert "GEMINI_TEST_API_KEY" not in mock_env
+
+
+def test_project_root_is_found_from_a_subfolder(tmp_path: Path) -> None:
+    from provisioner.settings import project_root
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    deep = tmp_path / "tests" / "unit"
+    deep.mkdir(parents=True)
+    assert project_root(deep) == tmp_path
+    (tmp_path / "tests" / "provision.toml").write_text("layer = 'integration'\n")
+    assert project_root(deep) == tmp_path / "tests"
+    lone = tmp_path.parent / f"{tmp_path.name}-lone"
+    lone.mkdir()
+    assert project_root(lone) == lone  # nothing above: the folder itself
+
+
+def test_relative_paths_are_anchored_at_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\nstate_dir = 'var/state'\n")
+    sub = tmp_path / "tests"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    s = load_settings()
+    assert s.project_dir == tmp_path
+    assert s.state_dir == tmp_path / "var" / "state"
+    assert s.lm.cache_dir == tmp_path / "test" / "fixtures" / "lm_responses"
+    monkeypatch.setenv("LM_CACHE_DIR", "/abs/cassettes")
+    assert load_settings().lm.cache_dir == Path("/abs/cassettes")
+
+
+def test_unknown_key_names_the_closest_setting(tmp_path: Path) -> None:
+    from provisioner.errors import UnknownNameError
+
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner.container]\nmemroy = '2g'\n")
+    with pytest.raises(UnknownNameError) as info:
+        load_settings(project_dir=tmp_path)
+    assert info.value.suggestion == "memory"
+    assert "'memroy'" in str(info.value) and "pyproject.toml [tool.provisioner]" in str(info.value)
+    assert "ready_timeout_s" in str(info.value)  # the known keys are listed

@@ -281,6 +281,8 @@ def worker_lm_config(
     update: dict[str, Any] = {"run_id": run_id, "layer": layer}
     if lm.mode == "cached":
         update["cache_dir"] = Path(CASSETTE_MOUNT)
+    else:  # no cassettes mounted: the host's (absolute, project-anchored) path means nothing inside
+        update["cache_dir"] = LMConfig.model_fields["cache_dir"].default
     if lm.mode != "mock":
         # The run's rate window, cost budget and ledger are files shared (with fcntl locks) by every
         # worker of the run: one directory, bind-mounted into all of them.

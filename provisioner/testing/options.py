@@ -57,14 +57,20 @@ def resolve_run(
     run_id: str | None = None,
     run_dir: Path | None = None,
 ) -> ResolvedRun:
-    """Load the settings for ``project_dir`` with ``options`` applied, and resolve the active layer.
+    """Load the settings for the project at or above ``project_dir`` with ``options`` applied, and
+    resolve the active layer.
 
-    Relative paths in the LM configuration (the cassette directory) are anchored at ``project_dir``,
-    so a run finds the same recordings whatever the working directory. ``run_id`` and ``run_dir``
-    (shared by every process of one run) go into the LM configuration: ``<run_dir>/lm`` carries the
-    run's rate limit, cost limit and ledger.
+    Relative paths (the cassette directory, the state directory) are anchored at the project root
+    (:func:`provisioner.settings.project_root`, the same one every CLI command uses), so a run finds
+    the same recordings whatever the working directory. ``run_id`` and ``run_dir`` (shared by every
+    process of one run) go into the LM configuration: ``<run_dir>/lm`` carries the run's rate limit,
+    cost limit and ledger.
+
+    Raises:
+        ConfigError: invalid settings; :class:`~provisioner.errors.UnknownLayerError` for an unknown layer.
     """
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
+    root = settings.project_dir
     layer = get_layer(settings, settings.layer)
     lm_config = settings.lm_for(layer.name, mode=options.lm_mode)
     # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
@@ -72,9 +78,9 @@ def resolve_run(
     lm_dir = None if run_dir is None else run_dir / RUN_LM_SUBDIR
     updates: dict[str, Any] = {"run_id": run_id, "run_dir": lm_dir}
     if not lm_config.cache_dir.is_absolute():
-        updates["cache_dir"] = project_dir / lm_config.cache_dir
+        updates["cache_dir"] = root / lm_config.cache_dir
     lm_config = lm_config.model_copy(update=updates)
-    return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=project_dir)
+    return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=root)
 
 
 def state_dir(settings: Settings, project_dir: Path) -> Path:

@@ -93,9 +93,9 @@ class ProvisionRun:
         from provisioner.api import Environment
 
         self.options = options
-        self.project_dir = project_dir
         self.identity = identity
         resolved = resolve_run(options, project_dir, run_id=identity.run_id, run_dir=identity.run_dir)
+        self.project_dir = resolved.project_dir  # the project root, as every CLI command finds it
         self.environment = Environment(resolved, identity)
         self.layer: Layer = resolved.layer
         self.layer_names: list[str] = list(resolve_layers(resolved.settings))
@@ -123,8 +123,8 @@ class ProvisionRun:
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
             identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR])
         else:
-            settings = resolve_run(options, project).settings
-            identity = RunIdentity.create(state_dir(settings, project))
+            resolved = resolve_run(options, project)
+            identity = RunIdentity.create(state_dir(resolved.settings, resolved.project_dir))
         return cls(options, project, identity)
 
     # -- configuration -----------------------------------------------------------------------------
