@@ -251,13 +251,16 @@ def environment(
 
     ``layer`` defaults like the plugin's ``--layer`` (``TEST_MODE``, then settings); ``lm`` overrides
     the layer's LM mode and ``record_mode`` the cassette record mode. The environment's LM is active
-    (``dspy.context``) inside the block, so in-process DSPy code never sees "No LM is loaded".
+    inside the block — in this thread (``dspy.context``) and, through DSPy's process-global
+    configuration, in every thread, ``dspy.Parallel`` worker and asyncio task the block starts
+    (:func:`provisioner.lm.activation.activate`; the previous global LM is restored on exit) — so
+    in-process DSPy code never sees "No LM is loaded".
     """
     env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir)
     try:
-        import dspy
+        from provisioner.lm.activation import activate
 
-        with dspy.context(lm=env.lm):
+        with activate(env.lm, what=f"the {env.layer.name} layer's LM"):
             yield env
     finally:
         env.close()

@@ -174,11 +174,13 @@ def layer(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A fresh ``dspy.LM`` for the layer (mock / cached / real), active for the test via ``dspy.context``."""
-    import dspy
+    """A fresh ``dspy.LM`` for the layer (mock / cached / real), active for the test: in the test's
+    thread and in every thread, ``dspy.Parallel`` worker and asyncio task it starts (see
+    :func:`provisioner.lm.activation.activate`)."""
+    from provisioner.lm.activation import activate
 
     model = _run(request).environment.build_lm()
-    with dspy.context(lm=model):
+    with activate(model, what=f"the lm fixture of {request.node.nodeid}"):
         yield model
 
 
