@@ -54,6 +54,7 @@ class Environment:
         self._closers: list[tuple[str, Any]] = []
         self._sessions_by_label: dict[str, list[str]] = {}
         self._containers: ProcessContainers | None = None
+        self._standin: Any = None
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -90,13 +91,63 @@ class Environment:
 
     # -- LM ----------------------------------------------------------------------------------------
 
+    @property
+    def uses_standin(self) -> bool:
+        """Real mode without ``GEMINI_TEST_API_KEY`` (and no ``lm.base_url``): the run's LM calls go
+        to the Gemini stand-in — the same rule the worker containers follow (runtime.recipes.plan_run)."""
+        lm = self.lm_config
+        return lm.mode == "real" and lm.api_key is None and lm.base_url is None
+
+    @property
+    def lm_endpoint(self) -> str:
+        """What answers this layer's LM calls, in words: ``mock``, ``real Gemini``, ``Gemini stand-in
+        (GEMINI_TEST_API_KEY not set)``, ``Gemini at <base_url>``, or ``cassettes <dir> (record mode
+        <mode>)``. The pytest header and summary print it."""
+        from provisioner.lmconfig import API_KEY_ENV
+
+        lm = self.lm_config
+        if lm.mode == "mock":
+            return "mock"
+        if lm.mode == "cached":
+            return f"cassettes {lm.cache_dir} (record mode {lm.record_mode})"
+        if self.uses_standin:
+            return f"Gemini stand-in ({API_KEY_ENV} not set)"
+        if lm.base_url is not None:
+            return f"Gemini at {lm.base_url}"
+        return "real Gemini"
+
+    def in_process_lm_config(self) -> LMConfig:
+        """The LM configuration for in-process DSPy code (the ``lm`` fixture, :attr:`lm`): the layer's,
+        pointed at a Gemini stand-in on 127.0.0.1 when :attr:`uses_standin` (the workers' stand-in
+        container sits on the run's internal network, out of the host's reach, so this process runs its
+        own; it stops with the environment)."""
+        if not self.uses_standin:
+            return self.lm_config
+        from pydantic import SecretStr
+
+        from provisioner.lm.standin import GeminiStandin
+        from provisioner.runtime.recipes import STANDIN_KEY
+
+        with self._lock:
+            if self._standin is None:
+                self._standin = GeminiStandin().start()
+                self._closers.append(("Gemini stand-in", _Stopper(self._standin)))
+            url = self._standin.url
+        return self.lm_config.model_copy(
+            update={"base_url": url, "endpoint_kind": "standin", "api_key": SecretStr(STANDIN_KEY)}
+        )
+
     def build_lm(self) -> dspy.LM:
-        """A new ``dspy.LM`` for this layer (mock / cached / real, with the run's shared limits)."""
+        """A new ``dspy.LM`` for this layer (mock / cached / real, with the run's shared limits).
+
+        Raises:
+            ConfigError: the LM configuration cannot make an LM (e.g. ``lm.base_url`` without a key).
+        """
         from provisioner.lm import build_lm
 
         if self.lm_config.mode != "mock":
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        return build_lm(self.lm_config)
+        return build_lm(self.in_process_lm_config())
 
     @property
     def lm(self) -> dspy.LM:
@@ -185,7 +236,7 @@ class Environment:
             if self._local_bridge is None:
                 from provisioner.bridge import LocalBridge
 
-                self._local_bridge = LocalBridge(self.lm_config)
+                self._local_bridge = LocalBridge(self.in_process_lm_config())
                 self._closers.append(("in-process bridge", self._local_bridge))
             return self._local_bridge
 
@@ -221,6 +272,16 @@ class Environment:
         self.close()
 
 
+class _Stopper:
+    """``close()`` for things that ``stop()``."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def close(self) -> None:
+        self.target.stop()
+
+
 def open_environment(
     layer: str | None = None,
     *,
@@ -228,10 +289,15 @@ def open_environment(
     record_mode: RecordMode | None = None,
     project_dir: Path | None = None,
     identity: RunIdentity | None = None,
+    require_key: bool = False,
 ) -> Environment:
-    """An :class:`Environment` you close yourself (the pytest plugin uses this)."""
+    """An :class:`Environment` you close yourself (the pytest plugin uses this).
+
+    Raises:
+        ConfigError: invalid settings, an unknown layer, or ``require_key`` with real mode and no key.
+    """
     project = (project_dir or Path.cwd()).absolute()
-    options = RunOptions(layer=layer, lm_mode=lm, record_mode=record_mode)
+    options = RunOptions(layer=layer, lm_mode=lm, record_mode=record_mode, require_key=require_key)
     if identity is None:
         probe = resolve_run(options, project)
         identity = RunIdentity.create(state_dir(probe.settings, probe.project_dir))
@@ -246,6 +312,7 @@ def environment(
     lm: LMMode | None = None,
     record_mode: RecordMode | None = None,
     project_dir: Path | None = None,
+    require_key: bool = False,
 ) -> Iterator[Environment]:
     """A layer's environment for the ``with`` block; everything it started is torn down on exit.
 
@@ -254,9 +321,12 @@ def environment(
     inside the block — in this thread (``dspy.context``) and, through DSPy's process-global
     configuration, in every thread, ``dspy.Parallel`` worker and asyncio task the block starts
     (:func:`provisioner.lm.activation.activate`; the previous global LM is restored on exit) — so
-    in-process DSPy code never sees "No LM is loaded".
+    in-process DSPy code never sees "No LM is loaded". Real mode without ``GEMINI_TEST_API_KEY``
+    talks to a Gemini stand-in (:attr:`Environment.uses_standin`) unless ``require_key`` makes that
+    an error.
     """
-    env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir)
+    env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir,
+                           require_key=require_key)
     try:
         from provisioner.lm.activation import activate
 

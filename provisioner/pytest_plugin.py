@@ -9,7 +9,7 @@ terminal summary appears only when the run used provisioner.
 
 Fixtures: ``provision_settings``, ``layer``, ``lm``, ``lm_cost``, ``isolated``, ``bridge``,
 ``bridge_worker``, ``bridge_pool``, ``resource_manager``. Options: ``--layer``, ``--lm``,
-``--record-mode``, ``--provision-report PATH``. See docs/pytest.md.
+``--record-mode``, ``--require-key``, ``--provision-report PATH``. See docs/pytest.md.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cassette record mode of the cached LM",
     )
     group.addoption(
+        "--require-key", dest="provision_require_key", action="store_true", default=False,
+        help="real-mode layers must call the real Gemini API: a missing GEMINI_TEST_API_KEY is a usage "
+             "error (default: the Gemini stand-in answers, and the header says so)",
+    )
+    group.addoption(
         "--provision-report", dest="provision_report", default=None, metavar="PATH",
         help="write the run report (per layer: tests, workers, LM calls, cost, leaks) as JSON to PATH",
     )
@@ -55,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
             lm_mode=config.getoption("provision_lm"),
             record_mode=config.getoption("provision_record_mode"),
             report_path=config.getoption("provision_report"),
+            require_key=config.getoption("provision_require_key"),
             project_dir=config.rootpath,
             invocation_dir=config.invocation_params.dir,
             workerinput=getattr(config, "workerinput", None),
@@ -66,6 +72,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     if run.layer.max_failures and not config.getoption("maxfail"):
         config.option.maxfail = run.layer.max_failures  # --maxfail / -x given by the user win
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return config.stash[RUN_KEY].header_lines()
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -124,6 +134,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if report is None:
         return
     terminalreporter.write_sep("=", "provisioner")
+    terminalreporter.write_line(f"LM: {run.environment.lm_endpoint}")
     for line in report.lines():
         terminalreporter.write_line(line)
     if run.report_path is not None:
@@ -176,10 +187,17 @@ def layer(request: pytest.FixtureRequest) -> Any:
 def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh ``dspy.LM`` for the layer (mock / cached / real), active for the test: in the test's
     thread and in every thread, ``dspy.Parallel`` worker and asyncio task it starts (see
-    :func:`provisioner.lm.activation.activate`)."""
+    :func:`provisioner.lm.activation.activate`).
+
+    Real mode without ``GEMINI_TEST_API_KEY`` talks to a Gemini stand-in, as the workers do (the
+    header says so); ``--require-key`` makes a missing key a usage error instead.
+    """
     from provisioner.lm.activation import activate
 
-    model = _run(request).environment.build_lm()
+    try:
+        model = _run(request).environment.build_lm()
+    except ProvisionerError as exc:
+        pytest.fail(f"provisioner: lm fixture: {exc}", pytrace=False)
     with activate(model, what=f"the lm fixture of {request.node.nodeid}"):
         yield model
 

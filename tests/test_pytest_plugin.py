@@ -582,3 +582,65 @@ def test_run_end_marks_the_ledger_complete_and_archives_it(project: pytest.Pytes
     assert archived, "the run's ledger was archived by month"
     kinds = [json.loads(line).get("kind") for f in archived for line in f.read_text().splitlines()]
     assert "recorded" in kinds and "replayed" in kinds
+
+
+# --- the LM endpoint in the header and summary; e2e without a key (issue 8, item 3) ----------------
+
+STANDIN_TEST = """
+import dspy
+
+def test_answers(lm):
+    assert dspy.Predict("question -> answer")(question="2 + 2?").answer
+"""
+
+
+def test_e2e_without_key_lm_fixture_uses_the_standin_and_says_so(project: pytest.Pytester) -> None:
+    project.makepyfile(test_standin=STANDIN_TEST)
+    result = project.runpytest_subprocess("--layer", "e2e")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "provisioner: layer e2e, LM Gemini stand-in (GEMINI_TEST_API_KEY not set)" in out
+    assert "LM: Gemini stand-in (GEMINI_TEST_API_KEY not set)" in out  # the summary says it again
+    assert "Traceback" not in out and "AttributeError" not in out
+
+
+def test_require_key_without_a_key_is_a_one_line_usage_error(project: pytest.Pytester) -> None:
+    project.makepyfile(test_standin=STANDIN_TEST)
+    result = project.runpytest_subprocess("--layer", "e2e", "--require-key")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.stderr.lines if line.strip()]
+    assert errors == ["ERROR: provisioner: --require-key: layer 'e2e' calls real Gemini but "
+                      "GEMINI_TEST_API_KEY is not set (set it, or drop --require-key to use the Gemini "
+                      "stand-in)"]
+
+
+def test_require_key_with_a_key_and_other_layers_is_fine(project: pytest.Pytester,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    project.makepyfile("def test_a(): pass\n")
+    project.runpytest("--layer", "unit", "--require-key").assert_outcomes(passed=1)
+    monkeypatch.setenv("GEMINI_TEST_API_KEY", "k-not-used")
+    result = project.runpytest("--layer", "e2e", "--require-key")
+    result.assert_outcomes(passed=1)
+    assert "provisioner: layer e2e, LM real Gemini" in result.stdout.str()
+
+
+def test_header_names_the_lm_endpoint_of_each_mode(project: pytest.Pytester) -> None:
+    project.makepyfile("def test_a(): pass\n")
+    unit = project.runpytest("--layer", "unit")
+    assert "provisioner: layer unit, LM mock" in unit.stdout.str()
+    cached = project.runpytest("--layer", "integration", "--record-mode", "none")
+    cassettes = project.path / "test" / "fixtures" / "lm_responses"
+    expected = f"provisioner: layer integration, LM cassettes {cassettes} (record mode none)"
+    assert expected in cached.stdout.str()
+
+
+def test_lm_fixture_that_cannot_build_fails_in_one_line(project: pytest.Pytester,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A base_url of the user's own (a proxy) without a key: no stand-in, and the engine refuses.
+    monkeypatch.setenv("PROVISION_LM__BASE_URL", "http://127.0.0.1:9/")
+    project.makepyfile(test_standin=STANDIN_TEST)
+    result = project.runpytest("--layer", "e2e")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "provisioner: lm fixture: lm.api_key is not set" in out
+    assert "def lm(" not in out and "raised in repr" not in out  # no traceback of the plugin

@@ -29,6 +29,7 @@ from provisioner.bridge.protocol import (
     read_frame,
 )
 from provisioner.errors import BridgeConnectionError, ProtocolError
+from provisioner.reprs import safe_repr
 
 DEFAULT_SESSION = "anonymous"
 
@@ -112,6 +113,7 @@ class SessionClient:
         self.session_id = session_id
         self.closed = False
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"SessionClient(session_id={self.session_id!r})"
 
@@ -192,6 +194,7 @@ class BridgeClient(BridgeCommands):
         self._reader: BinaryIO | None = None
         self._closed = False
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"BridgeClient({self.host!r}, {self.port})"
 

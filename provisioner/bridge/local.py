@@ -15,6 +15,7 @@ from provisioner.bridge.client import BridgeCommands, check_json
 from provisioner.bridge.protocol import dumps
 from provisioner.bridge.service import BridgeService, LMFactory
 from provisioner.lmconfig import LMConfig
+from provisioner.reprs import safe_repr
 
 
 class LocalBridge(BridgeCommands):
@@ -36,6 +37,7 @@ class LocalBridge(BridgeCommands):
         )
         self.closed = False
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"LocalBridge(worker_id={self.service.worker_id!r})"
 

@@ -36,6 +36,7 @@ from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_
 from provisioner.lm.ledger import Ledger, current_test_id
 from provisioner.lm.pricing import TokenUsage
 from provisioner.lmconfig import LMConfig
+from provisioner.reprs import safe_repr
 
 if TYPE_CHECKING:
     from dspy.lm15 import Request, Response
@@ -71,6 +72,7 @@ class CachedEngine(EngineBase):
         self._inner: GeminiEngine | MockEngine | None = None
         self._inner_lock = threading.Lock()
 
+    @safe_repr
     def __repr__(self) -> str:
         config = self.config
         return (f"CachedEngine(cache_dir={str(config.cache_dir)!r}, record_mode={config.record_mode!r}, "

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.lm.signature import parse_prompt
+from provisioner.reprs import safe_repr
 
 FORMAT = "provisioner-cassette/1"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -115,6 +116,7 @@ class CassetteStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"CassetteStore({str(self.root)!r})"
 

@@ -36,6 +36,7 @@ from provisioner.lm.ledger import Ledger
 from provisioner.lm.limits import RunLimits
 from provisioner.lm.pricing import TokenUsage, cost_usd, price_for, worst_case_usd
 from provisioner.lmconfig import LMConfig
+from provisioner.reprs import safe_repr
 
 if TYPE_CHECKING:
     from dspy.lm15 import LM15Error, Request, Response
@@ -133,6 +134,7 @@ class GeminiEngine(EngineBase):
         self._client_lock = threading.Lock()
         self._client: Any = None
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"GeminiEngine(model={self.config.model!r}, base_url={self.config.base_url!r})"
 

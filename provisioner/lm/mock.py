@@ -27,6 +27,7 @@ from provisioner.lm.engine import (
 )
 from provisioner.lm.signature import PromptView, default_value, parse_prompt, render_answer
 from provisioner.lmconfig import MockRule
+from provisioner.reprs import safe_repr
 
 if TYPE_CHECKING:
     from dspy.lm15 import Request, Response
@@ -89,6 +90,7 @@ class MockEngine(EngineBase):
         # A mock used as the inner engine of the cached mode is counted as "recorded" there.
         self.count_calls = count_calls
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"MockEngine(rules={len(self.rules)}, default={self.default!r})"
 

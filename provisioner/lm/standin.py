@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from provisioner.lm.mock import MockEngine
 from provisioner.lm.signature import parse_prompt
+from provisioner.reprs import safe_repr
 
 READY_LINE = "PROVISION_STANDIN_READY"
 _ROUTE = re.compile(r"^/(?P<version>v1|v1beta|v1alpha)/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$")
@@ -121,6 +122,7 @@ class GeminiStandin:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    @safe_repr
     def __repr__(self) -> str:
         return f"GeminiStandin(url={self.url if self._server else None!r}, requests={self.request_count})"
 

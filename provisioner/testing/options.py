@@ -15,7 +15,7 @@ from typing import Any
 from provisioner.errors import ConfigError
 from provisioner.layers import Layer, get_layer
 from provisioner.lm.ledger import RUN_LM_SUBDIR
-from provisioner.lmconfig import LM_MODES, RECORD_MODES, LMConfig, LMMode, RecordMode
+from provisioner.lmconfig import API_KEY_ENV, LM_MODES, RECORD_MODES, LMConfig, LMMode, RecordMode
 from provisioner.settings import Settings, load_settings
 
 
@@ -27,6 +27,8 @@ class RunOptions:
     lm_mode: LMMode | None = None
     record_mode: RecordMode | None = None
     report_path: Path | None = None
+    # Real mode must use the real API: a missing GEMINI_TEST_API_KEY is an error, not the stand-in.
+    require_key: bool = False
 
     def __post_init__(self) -> None:
         if self.lm_mode is not None and self.lm_mode not in LM_MODES:
@@ -67,7 +69,8 @@ def resolve_run(
     cost limit and ledger.
 
     Raises:
-        ConfigError: invalid settings; :class:`~provisioner.errors.UnknownLayerError` for an unknown layer.
+        ConfigError: invalid settings; ``require_key`` in real mode without an API key;
+            :class:`~provisioner.errors.UnknownLayerError` for an unknown layer.
     """
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     root = settings.project_dir
@@ -80,6 +83,11 @@ def resolve_run(
     if not lm_config.cache_dir.is_absolute():
         updates["cache_dir"] = root / lm_config.cache_dir
     lm_config = lm_config.model_copy(update=updates)
+    if options.require_key and lm_config.mode == "real" and lm_config.api_key is None:
+        raise ConfigError(
+            f"--require-key: layer {layer.name!r} calls real Gemini but {API_KEY_ENV} is not set "
+            "(set it, or drop --require-key to use the Gemini stand-in)"
+        )
     return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=root)
 
 

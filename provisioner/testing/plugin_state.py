@@ -114,11 +114,13 @@ class ProvisionRun:
         record_mode: RecordMode | None,
         report_path: str | None,
         project_dir: Path,
+        require_key: bool = False,
         invocation_dir: Path,
         workerinput: Mapping[str, Any] | None,
     ) -> ProvisionRun:
         path = None if report_path is None else (invocation_dir / report_path).absolute()
-        options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path)
+        options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path,
+                             require_key=require_key)
         project = project_dir.absolute()
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
             identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR])
@@ -132,6 +134,10 @@ class ProvisionRun:
     def marker_lines(self) -> list[str]:
         layers = resolve_layers(self.environment.settings)
         return [marker_description(layer) for layer in layers.values()]
+
+    def header_lines(self) -> list[str]:
+        """The pytest header: the layer and what answers its LM calls."""
+        return [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
 
     def workerinput(self) -> dict[str, str]:
         return {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
