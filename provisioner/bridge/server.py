@@ -678,6 +678,10 @@ def run_worker(
     Returns the exit code: 0 after a clean shutdown.
     """
     _configure_logging()
+    # A worker's key comes only from its start-up configuration, never from a later env lookup.
+    from provisioner.lm.gemini import forbid_environment_key
+
+    forbid_environment_key()
     worker_id = worker_id or os.environ.get(WORKER_ID_ENV) or None
     protocol_out: BinaryIO | None = None
     if stdio:

@@ -2,7 +2,9 @@
 
 Kinds: ``mock`` (answered by the mock engine), ``replayed`` (served from a cassette),
 ``recorded`` (a cassette miss answered by the inner engine and written), ``real`` (a direct
-call to Gemini or the stand-in). Cost is the settled dollar figure of real and recorded calls.
+call to Gemini or the stand-in). Cost is the billed dollar figure of real and recorded calls:
+calls answered by the Gemini stand-in (``lm.endpoint_kind="standin"``) cost $0 and are counted in
+``standin`` too, with what they would cost at list prices in ``list_cost_usd``.
 
 The plugin takes a :func:`stats` snapshot before and after a test and subtracts them; for
 calls made inside worker containers, the run ledger (``provisioner.lm.ledger``) is the source.
@@ -28,6 +30,8 @@ class LMCallStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    standin: int = 0
+    list_cost_usd: float = 0.0
 
     @property
     def calls(self) -> int:
@@ -46,8 +50,13 @@ _lock = threading.Lock()
 _counters: dict[str, float] = {f.name: 0 for f in fields(LMCallStats)}
 
 
-def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0) -> None:
-    """Count one successful call of ``kind`` (one of :data:`CALL_KINDS`)."""
+def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0,
+                standin: bool = False, list_cost_usd: float | None = None) -> None:
+    """Count one successful call of ``kind`` (one of :data:`CALL_KINDS`).
+
+    ``cost_usd``: billed dollars; ``standin``: the Gemini stand-in answered (billed $0);
+    ``list_cost_usd``: the call at list prices (default: ``cost_usd``).
+    """
     if kind not in CALL_KINDS:
         raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
     with _lock:
@@ -55,6 +64,9 @@ def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cos
         _counters["input_tokens"] += input_tokens
         _counters["output_tokens"] += output_tokens
         _counters["cost_usd"] += cost_usd
+        _counters["list_cost_usd"] += cost_usd if list_cost_usd is None else list_cost_usd
+        if standin:
+            _counters["standin"] += 1
 
 
 def record_error() -> None:
@@ -76,6 +88,8 @@ def stats() -> LMCallStats:
         input_tokens=int(snapshot["input_tokens"]),
         output_tokens=int(snapshot["output_tokens"]),
         cost_usd=float(snapshot["cost_usd"]),
+        standin=int(snapshot["standin"]),
+        list_cost_usd=float(snapshot["list_cost_usd"]),
     )
 
 

@@ -8,7 +8,16 @@ Each attempt of a call:
 2. takes a slot of the run's request-per-minute budget (:class:`RunLimits.acquire_request`);
 3. calls ``models.generate_content``;
 4. settles the reservation with the real ``usageMetadata`` (prompt, candidates, thoughts and cached
-   token counts) and appends a ledger line.
+   token counts) and appends a ledger line. A count the answer does not carry is booked at its
+   worst case (fail closed, :func:`usage_of`); the ledger line then says ``usage: "estimated"``.
+
+Money: with ``lm.endpoint_kind="standin"`` (the controller wired the Gemini stand-in in), calls are
+not billed — the ledger books ``cost_usd`` 0 (what the monthly budget sums) — but the run's cost
+limit still counts them at list prices (``list_cost_usd``), so limits are testable offline.
+
+The key: ``lm.api_key``, else (on the host) ``GEMINI_TEST_API_KEY`` from the environment — that
+name only, never ``GOOGLE_API_KEY``/``GEMINI_API_KEY``. A worker calls
+:func:`forbid_environment_key` at start-up: its key comes only from its start-up configuration.
 
 429 / RESOURCE_EXHAUSTED and 5xx answers are retried up to ``max_retries`` times, waiting what the
 server asks (``Retry-After`` header or a ``google.rpc.RetryInfo`` detail), else
@@ -16,18 +25,22 @@ server asks (``Retry-After`` header or a ``google.rpc.RetryInfo`` detail), else
 DSPy as its own type (``LMRateLimitError``, ``LMServerError``). google-genai's own retries are off
 (``HttpRetryOptions(attempts=1)``) and the ``dspy.LM`` has ``num_retries=0`` so no layer multiplies
 the attempts of another. A rejected key (401, 403, or Google's ``400 API_KEY_INVALID``) becomes an
-``LMAuthError`` that says which setting to fix. The API key never appears in a message: every
-error text is scrubbed of it.
+``LMAuthError`` that says which setting to fix. The API key never appears in an error: the
+error raised keeps the SDK's original as its ``__cause__``, but as a redacted copy
+(:func:`redact_exception`: args, attributes, details, the HTTP response and request dropped, the
+whole ``__cause__``/``__context__`` chain), never the original object.
 """
 
 from __future__ import annotations
 
+import enum
+import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
 from provisioner.lm import callstats as _stats
@@ -35,7 +48,7 @@ from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_
 from provisioner.lm.ledger import Ledger
 from provisioner.lm.limits import RunLimits
 from provisioner.lm.pricing import TokenUsage, cost_usd, price_for, worst_case_usd
-from provisioner.lmconfig import LMConfig
+from provisioner.lmconfig import API_KEY_ENV, LMConfig
 from provisioner.reprs import safe_repr
 
 if TYPE_CHECKING:
@@ -56,13 +69,64 @@ _FINISH_REASONS = {
 }
 
 
+UsageSource = Literal["reported", "estimated"]
+
+_environment_key_allowed = True
+
+
+def forbid_environment_key() -> None:
+    """Never read ``GEMINI_TEST_API_KEY`` from the environment in this process (a bridge worker:
+    its key comes only from its start-up configuration, and no session may inherit it)."""
+    global _environment_key_allowed
+    _environment_key_allowed = False
+
+
+def environment_key_allowed() -> bool:
+    return _environment_key_allowed
+
+
+def resolve_api_key(config: LMConfig) -> str:
+    """The key real calls use: ``lm.api_key``, else ``GEMINI_TEST_API_KEY`` on the host side.
+
+    Raises:
+        ConfigError: no key; the message says where it looked.
+    """
+    if config.api_key is not None and config.api_key.get_secret_value():
+        return config.api_key.get_secret_value()
+    where = f"(lm.mode={config.mode!r}, lm.model={config.model!r})"
+    if not _environment_key_allowed:
+        raise ConfigError(
+            "lm.api_key is not set in this worker's start-up configuration: real Gemini calls need the "
+            f"key the controller hands to workers of real-mode layers as {API_KEY_ENV} {where}; "
+            "export it where you start the run"
+        )
+    key = os.environ.get(API_KEY_ENV, "")
+    if key:
+        return key
+    raise ConfigError(
+        f"lm.api_key is not set and {API_KEY_ENV} is not in the environment: real Gemini calls need a key "
+        f"{where}; export {API_KEY_ENV}=<your Gemini API key> (other names such as GOOGLE_API_KEY are "
+        "never read), or use lm.mode='mock'/'cached'"
+    )
+
+
 @dataclass(frozen=True)
 class CallOutcome:
-    """A successful Gemini call: the DSPy response, its billed usage and its cost."""
+    """A successful Gemini call.
+
+    ``usage``: the counts booked (reported, or worst case for a count that was missing —
+    ``usage_source == "estimated"``). ``list_cost_usd``: the call at list prices (what the run's
+    cost limit counts). ``cost_usd``: billed dollars — ``list_cost_usd`` for Gemini, 0 for the
+    stand-in. ``endpoint``: ``lm.endpoint_kind``.
+    """
 
     response: Response
     usage: TokenUsage
     cost_usd: float
+    list_cost_usd: float = 0.0
+    endpoint: str = "gemini"
+    usage_source: UsageSource = "reported"
+    estimated: tuple[str, ...] = ()
 
 
 def prompt_tokens_upper_bound(request: Request) -> int:
@@ -117,12 +181,9 @@ class GeminiEngine(EngineBase):
 
     def __init__(self, config: LMConfig, *, record: bool = True,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        if config.api_key is None or not config.api_key.get_secret_value():
-            raise ConfigError(
-                "lm.api_key is not set: real Gemini calls need GEMINI_TEST_API_KEY in the environment "
-                f"(lm.mode={config.mode!r}, lm.model={config.model!r})"
-            )
+        self._key = resolve_api_key(config)
         self.config = config
+        self.billed = config.endpoint_kind == "gemini"
         self.price = price_for(config)  # an unknown model is refused before any call
         self.limits = RunLimits(config.run_dir, rpm=config.rate_limit_rpm,
                                 cost_limit_usd=config.cost_limit_usd, wait_s=config.rate_limit_wait_s,
@@ -146,14 +207,12 @@ class GeminiEngine(EngineBase):
                 from google import genai
                 from google.genai import types
 
-                assert self.config.api_key is not None
                 options = types.HttpOptions(
                     base_url=self.config.base_url,
                     timeout=int(self.config.request_timeout_s * 1000),
                     retry_options=types.HttpRetryOptions(attempts=1),
                 )
-                key = self.config.api_key.get_secret_value()
-                self._client = genai.Client(api_key=key, http_options=options)
+                self._client = genai.Client(api_key=self._key, http_options=options)
             return self._client
 
     def close(self) -> None:
@@ -165,8 +224,7 @@ class GeminiEngine(EngineBase):
                 close()
 
     def _scrub(self, text: str) -> str:
-        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
-        return text.replace(key, "***") if key else text
+        return scrub(text, (self._key,))
 
     # -- request translation ----------------------------------------------------------------
 
@@ -209,10 +267,13 @@ class GeminiEngine(EngineBase):
         if self.record:
             usage = outcome.usage
             _stats.record_call("real", input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens,
-                               cost_usd=outcome.cost_usd)
+                               cost_usd=outcome.cost_usd, standin=not self.billed,
+                               list_cost_usd=outcome.list_cost_usd)
             self.ledger.call(model=self.config.model, kind="real", input_tokens=usage.prompt_tokens,
                              output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
-                             cached_tokens=usage.cached_tokens, cost_usd=outcome.cost_usd)
+                             cached_tokens=usage.cached_tokens, cost_usd=outcome.cost_usd,
+                             list_cost_usd=outcome.list_cost_usd, endpoint=outcome.endpoint,
+                             usage=outcome.usage_source, estimated=outcome.estimated)
         return outcome.response
 
     def call(self, request: Request) -> CallOutcome:
@@ -221,7 +282,8 @@ class GeminiEngine(EngineBase):
 
         contents, gen_config, generation = self._generate_args(request)
         max_output = generation.max_tokens or self.config.max_tokens
-        worst = worst_case_usd(self.price, prompt_tokens_upper_bound(request), max_output)
+        prompt_bound = prompt_tokens_upper_bound(request)
+        worst = worst_case_usd(self.price, prompt_bound, max_output)
         model = self.config.model
         attempt = 0
         while True:
@@ -235,14 +297,19 @@ class GeminiEngine(EngineBase):
             except RateLimitExceeded as exc:
                 self.limits.settle(reservation, 0.0)
                 raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
+            failure: Exception | None = None
             try:
                 raw = self._genai().models.generate_content(model=model, contents=contents, config=gen_config)
             except Exception as exc:
-                error, retryable, billed = self._translate(exc)
+                failure = exc
+            if failure is not None:
+                # Handled outside the except block, so the original (key-bearing) SDK error never
+                # becomes the implicit __context__ of what we raise: only its redacted copy is chained.
+                error, retryable, billed = self._translate(failure)
                 # A timed-out request may still have been processed and billed: keep the worst case.
                 self.limits.settle(reservation, worst if billed else 0.0)
                 if retryable and attempt < self.config.max_retries:
-                    delay = server_retry_delay(exc)
+                    delay = server_retry_delay(failure)
                     if delay is None:
                         delay = self.config.retry_base_delay_s * (2 ** attempt)
                     attempt += 1
@@ -252,11 +319,20 @@ class GeminiEngine(EngineBase):
                 if attempt:
                     error.message = f"{error.message} (gave up after {attempt} retries)"
                     error.args = (error.message,)
-                raise error from None
-            usage = _usage_of(raw)
-            cost = cost_usd(self.price, usage)
-            self.limits.settle(reservation, cost)
-            return CallOutcome(self._to_response(request, raw, usage), usage, cost)
+                cause = redact_exception(failure, (self._key,))
+                del failure
+                raise error from cause
+            usage, estimated = usage_of(raw, prompt_tokens_upper_bound=prompt_bound,
+                                        max_output_tokens=max_output)
+            list_cost = cost_usd(self.price, usage)
+            # The run's cost limit counts every call at list prices (the stand-in's too).
+            self.limits.settle(reservation, list_cost)
+            return CallOutcome(
+                self._to_response(request, raw, usage), usage,
+                cost_usd=list_cost if self.billed else 0.0, list_cost_usd=list_cost,
+                endpoint=self.config.endpoint_kind, usage_source="estimated" if estimated else "reported",
+                estimated=estimated,
+            )
 
     def _translate(self, exc: Exception) -> tuple[LM15Error, bool, bool]:
         """(the lm15 error for ``exc``, whether to retry it, whether it may have been billed)."""
@@ -340,19 +416,156 @@ def _http_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type
     return tuple(timeouts), tuple(transports)
 
 
-def _usage_of(raw: Any) -> TokenUsage:
+def usage_of(raw: Any, *, prompt_tokens_upper_bound: int, max_output_tokens: int
+             ) -> tuple[TokenUsage, tuple[str, ...]]:
+    """The counts to book for an answer, failing closed: ``(usage, names of counts estimated)``.
+
+    Gemini's ``usageMetadata`` (google-genai ``usage_metadata``) should carry ``promptTokenCount``,
+    ``candidatesTokenCount``, ``thoughtsTokenCount`` (thinking models), ``cachedContentTokenCount``
+    (when context caching applied) and ``totalTokenCount`` (prompt + candidates + thoughts +
+    tool-use prompt). A count that is absent (or not a non-negative integer) is never taken as 0:
+
+    * prompt → the request's upper bound (:func:`prompt_tokens_upper_bound`, what was reserved);
+    * candidates / thoughts → derived exactly from ``totalTokenCount`` when that and the prompt count
+      are reported (Gemini omits ``thoughtsTokenCount`` when nothing was thought); else the output
+      is booked at ``max_output_tokens`` (thinking counts against it);
+    * cached input → 0, i.e. every prompt token at the full input rate — the most they can cost
+      (Gemini omits the count when nothing came from a cache).
+
+    With no ``usageMetadata`` at all, the call is booked at the reserved worst case.
+    """
     meta = getattr(raw, "usage_metadata", None)
 
-    def count(name: str) -> int:
+    def count(name: str) -> int | None:
         value = getattr(meta, name, None) if meta is not None else None
-        return int(value or 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return None
+        return value
 
-    return TokenUsage(
-        prompt_tokens=count("prompt_token_count"),
-        candidates_tokens=count("candidates_token_count"),
-        thoughts_tokens=count("thoughts_token_count"),
-        cached_tokens=count("cached_content_token_count"),
-    )
+    estimated: list[str] = []
+    prompt = count("prompt_token_count")
+    prompt_known = prompt is not None
+    if prompt is None:
+        prompt = prompt_tokens_upper_bound
+        estimated.append("promptTokenCount")
+    candidates = count("candidates_token_count")
+    thoughts = count("thoughts_token_count")
+    total = count("total_token_count")
+    if candidates is None or thoughts is None:
+        output = None
+        if total is not None and prompt_known:
+            output = total - prompt - (count("tool_use_prompt_token_count") or 0)
+            if output < (candidates or 0) + (thoughts or 0):
+                output = None  # inconsistent counts: trust none of the derivation
+        if output is not None:
+            if candidates is None and thoughts is None:
+                candidates, thoughts = output, 0  # both are billed at the output rate
+            elif candidates is None:
+                candidates = output - (thoughts or 0)
+            else:
+                thoughts = output - candidates
+        else:
+            if candidates is None:
+                estimated.append("candidatesTokenCount")
+            if thoughts is None:
+                estimated.append("thoughtsTokenCount")
+            if candidates is None and thoughts is None:
+                candidates, thoughts = max_output_tokens, 0
+            elif candidates is None:
+                candidates = max(max_output_tokens - (thoughts or 0), 0)
+            else:
+                thoughts = max(max_output_tokens - candidates, 0)
+    cached = count("cached_content_token_count") or 0
+    usage = TokenUsage(prompt_tokens=prompt, candidates_tokens=candidates or 0, thoughts_tokens=thoughts or 0,
+                       cached_tokens=min(cached, prompt))
+    return usage, tuple(estimated)
 
 
-__all__ = ["CallOutcome", "GeminiEngine", "prompt_tokens_upper_bound", "server_retry_delay", "text_response"]
+# -- secrets in errors ---------------------------------------------------------------------------
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every non-empty secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+_PLAIN = (int, float, complex, bool, type(None), enum.Enum)
+
+
+def _scrub_value(value: Any, secrets: tuple[str, ...], seen: dict[int, BaseException], depth: int) -> Any:
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+        for secret in secrets:
+            if secret:
+                data = data.replace(secret.encode(), b"***")
+        return data
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, BaseException):
+        return redact_exception(value, secrets, _seen=seen)
+    if depth > 12:
+        return None
+    if isinstance(value, dict):
+        return {_scrub_value(k, secrets, seen, depth + 1): _scrub_value(v, secrets, seen, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_scrub_value(v, secrets, seen, depth + 1) for v in value]
+        return type(value)(items) if not isinstance(value, tuple) or type(value) is tuple else tuple(items)
+    # Anything else (an HTTP response, its request and headers, a client): dropped, never copied.
+    return None
+
+
+def redact_exception(exc: BaseException, secrets: Iterable[str],
+                     _seen: dict[int, BaseException] | None = None) -> BaseException:
+    """A copy of ``exc`` without the secrets, for chaining as the cause of the error we raise.
+
+    Same class (``isinstance`` checks keep working), ``args`` and instance attributes with every
+    secret replaced by ``***`` (strings, bytes, nested dicts/lists such as google-genai's
+    ``details``); objects that are not plain data (the HTTP response and request, whose headers
+    carry ``x-goog-api-key``) become ``None``; no traceback (its frames hold the SDK's locals);
+    ``__cause__``/``__context__`` redacted the same way, recursively. The original is not changed.
+    """
+    secrets = tuple(s for s in secrets if s)
+    seen = {} if _seen is None else _seen
+    if id(exc) in seen:
+        return seen[id(exc)]
+    cls = type(exc)
+    try:
+        copy: BaseException = cls.__new__(cls)
+    except Exception:
+        copy = RuntimeError()
+    seen[id(exc)] = copy
+    copy.args = tuple(_scrub_value(a, secrets, seen, 0) for a in exc.args)
+    try:
+        attributes = dict(vars(exc))
+    except TypeError:
+        attributes = {}
+    for name, value in attributes.items():
+        try:
+            setattr(copy, name, _scrub_value(value, secrets, seen, 0))
+        except (AttributeError, TypeError):
+            continue
+    copy.__traceback__ = None
+    copy.__cause__ = None if exc.__cause__ is None else redact_exception(exc.__cause__, secrets, seen)
+    copy.__context__ = None if exc.__context__ is None else redact_exception(exc.__context__, secrets, seen)
+    copy.__suppress_context__ = exc.__suppress_context__
+    return copy
+
+
+__all__ = [
+    "CallOutcome",
+    "GeminiEngine",
+    "forbid_environment_key",
+    "prompt_tokens_upper_bound",
+    "redact_exception",
+    "resolve_api_key",
+    "scrub",
+    "server_retry_delay",
+    "text_response",
+    "usage_of",
+]

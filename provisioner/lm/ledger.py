@@ -6,10 +6,17 @@ from many processes and containers never interleave. Fields of a call line::
     {"ts": "2026-11-25T10:00:00.123+00:00", "event": "call", "run_id": "...", "layer": "integration",
      "test_id": "tests/test_x.py::test_y", "model": "gemini-2.5-flash-lite", "kind": "real",
      "cache": null | "hit" | "miss", "cassette": "<sha256>" | null, "input_tokens": 120,
-     "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0000176}
+     "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0000176,
+     "list_cost_usd": 0.0000176, "endpoint": "gemini" | "standin" | null,
+     "usage": "reported" | "estimated", "estimated": ["candidatesTokenCount", ...]}
 
 ``kind`` is ``real`` (a direct call), ``recorded`` (a cassette miss answered by the inner LM and
 written) or ``replayed`` (a cassette hit, $0). Mock calls are free and not written.
+``endpoint`` says who answered a real or recorded call: Gemini, or the Gemini stand-in the
+controller wired in (``LMConfig.endpoint_kind``). ``cost_usd`` is billed dollars — 0 for the
+stand-in — and is what reports and the monthly budget sum; ``list_cost_usd`` is the call at list
+prices, what the run's cost limit counted. ``usage: "estimated"`` marks a call whose answer lacked a
+token count: it was booked at that count's worst case (``estimated`` names the counts).
 A run can be marked complete (``{"event": "run_complete", "full": true}``): pruning cassettes needs
 a *full* run to know which entries are unused.
 
@@ -122,12 +129,18 @@ class Ledger:
 
     def call(self, *, model: str, kind: str, input_tokens: int = 0, output_tokens: int = 0,
              thoughts_tokens: int = 0, cached_tokens: int = 0, cost_usd: float = 0.0,
-             cache: str | None = None, cassette: str | None = None, status: str = "ok") -> None:
+             cache: str | None = None, cassette: str | None = None, status: str = "ok",
+             list_cost_usd: float | None = None, endpoint: str | None = None,
+             usage: str = "reported", estimated: Iterable[str] = ()) -> None:
+        """Append a call line (fields: see the module docstring). ``list_cost_usd`` defaults to
+        ``cost_usd``; ``endpoint`` is ``"gemini"``/``"standin"`` for calls an endpoint answered."""
         self.append({
             "event": "call", "test_id": current_test_id(), "model": model, "kind": kind, "cache": cache,
             "cassette": cassette, "input_tokens": input_tokens, "output_tokens": output_tokens,
             "thoughts_tokens": thoughts_tokens, "cached_tokens": cached_tokens,
-            "cost_usd": round(cost_usd, 10), "status": status,
+            "cost_usd": round(cost_usd, 10),
+            "list_cost_usd": round(cost_usd if list_cost_usd is None else list_cost_usd, 10),
+            "endpoint": endpoint, "usage": usage, "estimated": list(estimated), "status": status,
         })
 
     def mark_run_complete(self, *, full: bool) -> None:
@@ -209,10 +222,20 @@ class Totals:
     input_tokens: int = 0
     output_tokens: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    standin_calls: int = 0  # answered by the Gemini stand-in: billed $0
+    standin_list_cost_usd: float = 0.0  # what those calls would cost at list prices
+    estimated_calls: int = 0  # booked at a worst case because the answer lacked a token count
 
     def add(self, entry: dict[str, Any]) -> None:
         self.calls += 1
-        self.cost_usd += float(entry.get("cost_usd") or 0.0)
+        if entry.get("endpoint") == "standin":
+            # Not money, whatever an older writer put in cost_usd.
+            self.standin_calls += 1
+            self.standin_list_cost_usd += float(entry.get("list_cost_usd") or entry.get("cost_usd") or 0.0)
+        else:
+            self.cost_usd += float(entry.get("cost_usd") or 0.0)
+        if entry.get("usage") == "estimated":
+            self.estimated_calls += 1
         self.input_tokens += int(entry.get("input_tokens") or 0)
         self.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
         kind = str(entry.get("kind"))
@@ -238,7 +261,10 @@ class CostReport:
     def as_dict(self) -> dict[str, Any]:
         def plain(t: Totals) -> dict[str, Any]:
             return {"calls": t.calls, "cost_usd": round(t.cost_usd, 8), "input_tokens": t.input_tokens,
-                    "output_tokens": t.output_tokens, "by_kind": dict(sorted(t.by_kind.items()))}
+                    "output_tokens": t.output_tokens, "by_kind": dict(sorted(t.by_kind.items())),
+                    "standin_calls": t.standin_calls,
+                    "standin_list_cost_usd": round(t.standin_list_cost_usd, 8),
+                    "estimated_calls": t.estimated_calls}
 
         return {
             "total": plain(self.total),
@@ -307,8 +333,14 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
 
     def row(name: str, totals: Totals) -> str:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(totals.by_kind.items()))
+        notes = ""
+        if totals.standin_calls:
+            notes += (f"  stand-in={totals.standin_calls} (not billed; "
+                      f"${totals.standin_list_cost_usd:.6f} at list prices)")
+        if totals.estimated_calls:
+            notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
         return (f"  {name:<44} ${totals.cost_usd:>10.6f}  {totals.calls:>6} calls  "
-                f"{totals.input_tokens:>9} in  {totals.output_tokens:>8} out  {kinds}")
+                f"{totals.input_tokens:>9} in  {totals.output_tokens:>8} out  {kinds}{notes}")
 
     lines = [row("total", report.total)]
     for title, table, limit in (("per month", report.by_month, None), ("per run", report.by_run, None),
@@ -321,6 +353,13 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
             items.sort(key=lambda kv: (-kv[1].cost_usd, kv[0]))
         for name, totals in items[:limit]:
             lines.append(row(name, totals))
+    if report.total.standin_calls:
+        lines.append(f"{report.total.standin_calls} calls were answered by the Gemini stand-in: billed $0, "
+                     "not counted against lm.monthly_budget_usd (a run's lm.cost_limit_usd counted them at "
+                     f"list prices: ${report.total.standin_list_cost_usd:.6f})")
+    if report.total.estimated_calls:
+        lines.append(f"{report.total.estimated_calls} calls came back without a token count and were booked "
+                     "at their worst case (ledger usage: \"estimated\")")
     for month in report.over_budget_months:
         spent = report.by_month[month].cost_usd
         lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="

@@ -6,7 +6,9 @@
 ``candidates[0].content.parts[].text``, ``finishReason``, ``usageMetadata`` (``promptTokenCount``,
 ``candidatesTokenCount``, ``totalTokenCount``, and ``thoughtsTokenCount`` /
 ``cachedContentTokenCount`` when configured), ``modelVersion`` (the requested model) and
-``responseId``. Errors use Google's envelope ``{"error": {"code", "message", "status", "details"}}``:
+``responseId``. ``set_usage(omit=...)`` leaves counts (or the whole ``usageMetadata``) out of
+the replies, as some proxies and error paths do. Errors use Google's envelope
+``{"error": {"code", "message", "status", "details"}}``:
 
 * no key → ``403 PERMISSION_DENIED``; a wrong key → ``400 INVALID_ARGUMENT`` with an
   ``ErrorInfo`` reason ``API_KEY_INVALID`` (what Google answers for an invalid key), or
@@ -31,6 +33,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -97,6 +100,7 @@ class _State:
     latency_ms: int
     thoughts_tokens: int
     cached_tokens: int
+    omit_usage: frozenset[str] = frozenset()
     script: deque[StandinReply] = field(default_factory=deque)
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -182,12 +186,18 @@ class GeminiStandin:
         with self._state.lock:
             self._state.latency_ms = latency_ms
 
-    def set_usage(self, *, thoughts_tokens: int | None = None, cached_tokens: int | None = None) -> None:
+    def set_usage(self, *, thoughts_tokens: int | None = None, cached_tokens: int | None = None,
+                  omit: Iterable[str] | None = None) -> None:
+        """Counts every reply reports; ``omit`` names ``usageMetadata`` keys to leave out
+        (``"promptTokenCount"``, ``"candidatesTokenCount"``, ``"totalTokenCount"``, …) or
+        ``"usageMetadata"`` for the whole object; ``omit=()`` reports everything again."""
         with self._state.lock:
             if thoughts_tokens is not None:
                 self._state.thoughts_tokens = thoughts_tokens
             if cached_tokens is not None:
                 self._state.cached_tokens = cached_tokens
+            if omit is not None:
+                self._state.omit_usage = frozenset(omit)
 
     @property
     def request_count(self) -> int:
@@ -203,6 +213,7 @@ class GeminiStandin:
         with self._state.lock:
             self._state.requests.clear()
             self._state.script.clear()
+            self._state.omit_usage = frozenset()
 
 
 def _error_body(code: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -263,6 +274,7 @@ def _make_handler(state: _State, mock: MockEngine) -> type[BaseHTTPRequestHandle
                 reply = state.script.popleft() if (key_ok and state.script) else None
                 latency = state.latency_ms
                 thoughts, cached = state.thoughts_tokens, state.cached_tokens
+                omit = state.omit_usage
             if not key:
                 self._send(403, _error_body(
                     403, "Method doesn't allow unregistered callers (callers without established identity). "
@@ -284,7 +296,7 @@ def _make_handler(state: _State, mock: MockEngine) -> type[BaseHTTPRequestHandle
             if reply is not None and reply.status != 200:
                 self._send_failure(reply)
                 return
-            self._answer(route["model"], body, reply, thoughts, cached)
+            self._answer(route["model"], body, reply, thoughts, cached, omit)
 
         def _send_failure(self, reply: StandinReply) -> None:
             code = reply.status
@@ -300,7 +312,7 @@ def _make_handler(state: _State, mock: MockEngine) -> type[BaseHTTPRequestHandle
             self._send(code, _error_body(code, messages.get(code, "Injected failure."), details), headers)
 
         def _answer(self, model: str, body: dict[str, Any], reply: StandinReply | None,
-                    thoughts: int, cached: int) -> None:
+                    thoughts: int, cached: int, omit: frozenset[str] = frozenset()) -> None:
             system = _texts(body.get("systemInstruction", body.get("system_instruction")))
             turns: list[tuple[str, str]] = []
             for content in body.get("contents") or []:
@@ -339,13 +351,16 @@ def _make_handler(state: _State, mock: MockEngine) -> type[BaseHTTPRequestHandle
             if cached:
                 usage["cachedContentTokenCount"] = cached
             digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
-            self._send(200, {
+            answer: dict[str, Any] = {
                 "candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
                                 "finishReason": finish, "index": 0}],
-                "usageMetadata": usage,
+                "usageMetadata": {k: v for k, v in usage.items() if k not in omit},
                 "modelVersion": model,
                 "responseId": f"standin-{digest}",
-            })
+            }
+            if "usageMetadata" in omit:
+                del answer["usageMetadata"]
+            self._send(200, answer)
 
     return Handler
 

@@ -37,7 +37,7 @@ _WORKERINPUT_RUN_DIR = "provision_run_dir"
 
 
 _USAGE_FIELDS = ("mock", "replayed", "recorded", "real", "errors", "cache_misses", "input_tokens",
-                 "output_tokens")
+                 "output_tokens", "standin")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class LMCost:
         for name in _USAGE_FIELDS:
             setattr(delta, name, getattr(now, name) - getattr(self._baseline, name))
         delta.cost_usd = now.cost_usd - self._baseline.cost_usd
+        delta.list_cost_usd = now.list_cost_usd - self._baseline.list_cost_usd
         if self.test_id is None:
             return delta
         owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
@@ -70,7 +71,13 @@ class LMCost:
 
     @property
     def cost_usd(self) -> float:
+        """Billed dollars (calls answered by the Gemini stand-in cost $0)."""
         return self.usage().cost_usd
+
+    @property
+    def list_cost_usd(self) -> float:
+        """Every call at list prices (stand-in calls included): what the run's cost limit counts."""
+        return self.usage().list_cost_usd
 
     def __getattr__(self, name: str) -> Any:
         if name in _USAGE_FIELDS:

@@ -36,7 +36,9 @@ class LMUsage:
     cache_misses: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # billed dollars (calls answered by the Gemini stand-in are $0)
+    standin: int = 0  # real/recorded calls answered by the Gemini stand-in
+    list_cost_usd: float = 0.0  # every call at list prices: what the run's cost limit counts
 
     @property
     def calls(self) -> int:
@@ -88,7 +90,13 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
         setattr(usage, kind, getattr(usage, kind) + 1)
         usage.input_tokens += int(entry.get("input_tokens") or 0)
         usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
-        usage.cost_usd += float(entry.get("cost_usd") or 0.0)
+        cost = float(entry.get("cost_usd") or 0.0)
+        list_cost = entry.get("list_cost_usd")
+        usage.list_cost_usd += cost if list_cost is None else float(list_cost)
+        if entry.get("endpoint") == "standin":
+            usage.standin += 1  # not money
+        else:
+            usage.cost_usd += cost
         if entry.get("cache") == "miss" or kind == "recorded":
             usage.cache_misses += 1
     return usage
@@ -226,6 +234,9 @@ class RunReport:
             out.append(f"  LM calls ({section.lm_mode}): {lm.calls} — {calls}")
             out.append(f"  cache misses: {lm.cache_misses}")
             out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
+            if lm.standin:
+                out.append(f"  Gemini stand-in: {lm.standin} calls, not billed (${lm.list_cost_usd:.6f} at "
+                           "list prices, counted against the run's limit; $0 against the monthly budget)")
             leaks = sum(len(r.leaks) for r in section.leaks)
             out.append(f"  leaks found: {leaks}")
             for record in section.leaks:

@@ -121,8 +121,11 @@ def test_wrong_key_is_a_clear_auth_error(tmp_path: Path, wrong_status: int) -> N
     assert not is_retryable_lm_error(caught.value)
 
 
-def test_missing_key_fails_when_the_lm_is_built(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="GEMINI_TEST_API_KEY"):
+def test_missing_key_fails_when_the_lm_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GEMINI_TEST_API_KEY", raising=False)
+    monkeypatch.setenv("GOOGLE_API_KEY", "never-read")  # a developer's own key is never used
+    monkeypatch.setenv("GEMINI_API_KEY", "never-read")
+    with pytest.raises(ConfigError, match="GEMINI_TEST_API_KEY is not in the environment"):
         build_lm(LMConfig(mode="real", run_dir=tmp_path))
 
 

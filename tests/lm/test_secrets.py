@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import sys
 import traceback
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import dspy
 import pytest
+from google.genai import errors as genai_errors
 from pydantic import SecretStr
 
+from provisioner.errors import ConfigError
 from provisioner.lm import build_engine, build_lm
+from provisioner.lm.gemini import redact_exception
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import API_KEY_ENV, LMConfig
 
@@ -66,3 +74,152 @@ def test_worker_env_carries_the_key_only_where_needed() -> None:
     restored = LMConfig.from_worker_env(env)
     assert restored is not None and restored.api_key is not None
     assert restored.api_key.get_secret_value() == SECRET
+
+
+# -- the key from the environment (host side) and only from the start-up configuration (workers) --------
+
+
+def test_issue_input_the_key_is_read_from_gemini_test_api_key(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(API_KEY_ENV, SECRET)
+    with GeminiStandin(api_key=SECRET) as server:
+        lm = build_lm(LMConfig(mode="real", base_url=server.url, run_dir=tmp_path))
+        assert lm("hi")
+        assert server.requests[0].key_ok
+
+
+def test_only_that_name_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.setenv("GOOGLE_API_KEY", SECRET)
+    monkeypatch.setenv("GEMINI_API_KEY", SECRET)
+    with pytest.raises(ConfigError) as caught:
+        build_lm(LMConfig(mode="real", run_dir=tmp_path))
+    assert f"{API_KEY_ENV} is not in the environment" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_a_worker_never_reads_the_key_from_its_environment() -> None:
+    # In its own interpreter: forbidding the fallback is process-wide (what `provision worker` does).
+    script = f"""
+import os
+os.environ[{API_KEY_ENV!r}] = {SECRET!r}
+from provisioner.lm import gemini
+from provisioner.lmconfig import LMConfig
+gemini.forbid_environment_key()
+try:
+    gemini.GeminiEngine(LMConfig(mode="real"))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ConfigError lm.api_key is not set in this worker's start-up configuration")
+    assert SECRET not in out.stdout
+
+
+# -- the whole error chain is redacted ---------------------------------------------------------------------
+
+
+def _strings_reachable(root: BaseException) -> list[str]:
+    """Every string reachable from an exception: str/repr of each exception in the chain, its args, its
+    attributes and everything they hold (objects' __dict__, containers, bytes decoded), its notes, and the
+    repr of every local of every traceback frame (what --showlocals or a rich traceback prints)."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack: list[object] = [root]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, type | types.ModuleType | types.FunctionType):
+            continue
+        seen.add(id(value))
+        if isinstance(value, str):
+            found.append(value)
+            continue
+        if isinstance(value, bytes | bytearray):
+            found.append(bytes(value).decode("utf-8", "replace"))
+            continue
+        if isinstance(value, BaseException):
+            found += [str(value), repr(value), "".join(traceback.format_exception(value))]
+            stack += [value.args, value.__cause__, value.__context__, getattr(value, "__notes__", None)]
+            tb = value.__traceback__
+            while tb is not None:
+                found += [repr(v) for v in tb.tb_frame.f_locals.values()]
+                tb = tb.tb_next
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack += list(value)
+        with contextlib.suppress(TypeError):
+            stack += list(vars(value).values())
+        slots = getattr(type(value), "__slots__", ())
+        stack += [getattr(value, name, None) for name in ([slots] if isinstance(slots, str) else slots)]
+    return found
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error raised")
+
+
+def test_rejected_key_error_chain_holds_the_key_nowhere(tmp_path: Path) -> None:
+    # The SDK's original error carries the HTTP response, its request and the x-goog-api-key header.
+    with GeminiStandin(api_key="the-right-key") as server:
+        config = LMConfig(mode="real", api_key=SECRET, base_url=server.url, run_dir=tmp_path)
+        for call in (lambda: dspy.Predict("question -> answer")(question="q"),
+                     lambda: build_lm(config)("hi")):
+            with dspy.context(lm=build_lm(config)):
+                error = _raised(call)
+            strings = _strings_reachable(error)
+            assert len(strings) > 20
+            assert not [s for s in strings if SECRET in s]
+            chain = []
+            current: BaseException | None = error
+            while current is not None:
+                chain.append(current)
+                current = current.__cause__ or current.__context__
+            sdk = [e for e in chain if isinstance(e, genai_errors.ClientError)]
+            assert sdk and sdk[0].code == 400 and "API_KEY_INVALID" in str(sdk[0].details)  # kept, redacted
+
+
+def test_transport_error_chain_holds_the_key_nowhere(tmp_path: Path) -> None:
+    # httpx's ConnectError keeps the request (with its key header) — dropped from the redacted copy.
+    config = LMConfig(mode="real", api_key=SECRET, base_url="http://127.0.0.1:9/", run_dir=tmp_path,
+                      max_retries=0)
+    error = _raised(lambda: build_lm(config)("hi"))
+    assert not [s for s in _strings_reachable(error) if SECRET in s]
+    assert any(type(e).__name__ == "ConnectError" for e in _chain(error))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in out:
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
+
+
+def test_the_scanner_finds_a_key_in_an_unredacted_sdk_error() -> None:
+    # The test above can fail: the raw SDK error of the same request does hold the key.
+    from google import genai
+    from google.genai import types as genai_types
+
+    with GeminiStandin(api_key="the-right-key") as server:
+        client = genai.Client(api_key=SECRET, http_options=genai_types.HttpOptions(base_url=server.url))
+        error = _raised(lambda: client.models.generate_content(model="gemini-2.5-flash-lite", contents="hi"))
+    assert [s for s in _strings_reachable(error) if SECRET in s]
+
+
+def test_redact_exception_keeps_type_and_drops_secrets_everywhere() -> None:
+    inner = ValueError(f"inner {SECRET}")
+    outer = KeyError({"key": SECRET, "nested": [SECRET.encode()]})
+    outer.__cause__ = inner
+    outer.response = object()  # type: ignore[attr-defined]
+    copy = redact_exception(outer, [SECRET])
+    assert type(copy) is KeyError and type(copy.__cause__) is ValueError
+    assert copy.args == ({"key": "***", "nested": [b"***"]},)
+    assert str(copy.__cause__) == "inner ***" and copy.response is None  # type: ignore[attr-defined]
+    assert SECRET in str(outer.args)  # the original is untouched
