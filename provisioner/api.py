@@ -55,6 +55,8 @@ class Environment:
         self._sessions_by_label: dict[str, list[str]] = {}
         self._containers: ProcessContainers | None = None
         self._standin: Any = None
+        # The worker image tag the run's controller prepared (xdist workers get it and never build).
+        self.prepared_image: str | None = None
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats

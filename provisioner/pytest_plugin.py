@@ -14,6 +14,8 @@ Fixtures: ``provision_settings``, ``layer``, ``lm``, ``lm_cost``, ``isolated``, 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -21,7 +23,8 @@ import pytest
 
 from provisioner.errors import LeakError, ProvisionerError
 from provisioner.lmconfig import LM_MODES, RECORD_MODES
-from provisioner.testing.plugin_state import WORKEROUTPUT_KEY, LMCost, ProvisionRun
+from provisioner.testing.plugin_state import POOL_FIXTURES, WORKEROUTPUT_KEY, LMCost, ProvisionRun
+from provisioner.testing.progress import Phases
 
 RUN_KEY = pytest.StashKey[ProvisionRun]()
 PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -72,6 +75,59 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     if run.layer.max_failures and not config.getoption("maxfail"):
         config.option.maxfail = run.layer.max_failures  # --maxfail / -x given by the user win
+
+
+@contextlib.contextmanager
+def _phases(config: pytest.Config) -> Iterator[Phases]:
+    """How start-up phases are shown: a rich spinner on a terminal (output capture lifted meanwhile),
+    plain lines otherwise; nothing in an xdist worker (its output is not shown)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if hasattr(config, "workerinput") or reporter is None:
+        yield Phases(lambda text: None)
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        if reporter.isatty and sys.stdout.isatty():
+            from rich.console import Console
+
+            reporter.ensure_newline()
+            yield Phases(reporter.write, console=Console(highlight=False))
+            return
+    reporter.ensure_newline()
+    yield Phases(lambda text: reporter.write(text, flush=True))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist starts its workers: they get the image's tag
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Check or build the worker image once, in the controller, before any test (and its timeout)."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.option.collectonly:
+        return
+    with _phases(config) as phases:
+        config.stash[RUN_KEY].prepare_image(phases)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """A single process: warm the pool before the first test (xdist workers: see below)."""
+    config = session.config
+    xdist = hasattr(config, "workerinput") or config.pluginmanager.has_plugin("dsession")
+    if config.option.collectonly or xdist:
+        return
+    with _phases(config) as phases:
+        config.stash[RUN_KEY].warm_pool(phases, [getattr(item, "fixturenames", ()) for item in session.items])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside pytest-timeout's wrapper: not timed
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
+    """An xdist worker warms its pool before the first of its tests that needs one (it collects every
+    test but runs only some: warming at its start would start pools that are never used)."""
+    run = item.config.stash[RUN_KEY]
+    names = getattr(item, "fixturenames", ())
+    if not run.pool_warmed and POOL_FIXTURES.intersection(names):
+        with _phases(item.config) as phases:
+            run.warm_pool(phases, [names])
+    return (yield)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

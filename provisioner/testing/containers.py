@@ -23,7 +23,7 @@ import itertools
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,8 @@ class ProcessContainers:
         self._lock = threading.RLock()
         self._runtime: Any = None
         self._image: str | None = None
+        self._image_error: Exception | None = None
+        self._pool_error: Exception | None = None
         self._resources: ResourceManager | None = None
         self._watchdog_started = False
         self._pool: WorkerPool | None = None
@@ -155,12 +157,34 @@ class ProcessContainers:
 
     @property
     def image(self) -> str:
+        """The worker image: the one the run's controller prepared (xdist workers never build), else
+        checked or built now. A failure is remembered: later tests get the same error at once."""
+        return self.prepare_image()
+
+    def prepare_image(self, progress: Callable[[str], None] | None = None) -> str:
+        """Check (or build) the worker image once; ``progress`` receives the build's status messages.
+
+        Raises:
+            ImageError: the image is missing or failed to build (also on every later call).
+            DockerUnavailableError: no engine.
+        """
         with self._lock:
+            if self._image_error is not None:
+                raise self._image_error
+            if self._image is None and self.env.prepared_image is not None:
+                self._image = self.env.prepared_image
             if self._image is None:
+                from provisioner.errors import ProvisionerError
                 from provisioner.runtime.images import ensure_worker_image
 
                 container = self.env.settings.container
-                self._image = ensure_worker_image(self.runtime, image=container.image, base=container.base)
+                try:
+                    self._image = ensure_worker_image(
+                        self.runtime, image=container.image, base=container.base, progress=progress
+                    )
+                except ProvisionerError as exc:
+                    self._image_error = exc
+                    raise
             return self._image
 
     def _ensure_watchdog(self) -> None:
@@ -206,7 +230,26 @@ class ProcessContainers:
 
     @property
     def pool(self) -> WorkerPool:
-        """This process's warm workers: ``layer.workers`` for pooled layers, else one worker."""
+        """This process's warm workers: ``layer.workers`` for pooled layers, else one worker.
+
+        Started on first use (the pytest plugin warms it before the first test). A failed start is
+        remembered: later tests get the same error at once instead of waiting for it again.
+        """
+        with self._lock:
+            if self._pool_error is not None:
+                raise self._pool_error
+            if self._pool is None:
+                try:
+                    return self._start_pool()
+                except Exception as exc:
+                    from provisioner.errors import RuntimeProblem
+
+                    if isinstance(exc, RuntimeProblem):
+                        self._pool_error = exc
+                    raise
+            return self._pool
+
+    def _start_pool(self) -> WorkerPool:
         with self._lock:
             if self._pool is None:
                 self._require_container_layer("the worker pool")

@@ -7,6 +7,7 @@ Environment`, and assembles the run report. The hooks in :mod:`provisioner.pytes
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from provisioner.layers import Layer, resolve_layers
 from provisioner.lmconfig import LMMode, RecordMode
 from provisioner.testing import containers, docker_check
 from provisioner.testing.options import RunOptions, resolve_run, state_dir
+from provisioner.testing.progress import Phases
 from provisioner.testing.report import (
     OUTCOMES,
     LeakRecord,
@@ -34,6 +36,9 @@ WORKEROUTPUT_KEY = "provisioner_report"
 REPORT_KEY = "provisioner_run"
 _WORKERINPUT_RUN_ID = "provision_run_id"
 _WORKERINPUT_RUN_DIR = "provision_run_dir"
+_WORKERINPUT_IMAGE = "provision_image"
+# Fixtures whose tests need this process's warm pool (isolated sessions live on pool workers).
+POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
 
 _USAGE_FIELDS = ("mock", "replayed", "recorded", "real", "errors", "cache_misses", "input_tokens",
@@ -111,6 +116,7 @@ class ProvisionRun:
         self._closed = False
         self._worker_reports: list[ProcessReport] = []
         self._finished: RunReport | None = None
+        self._warm_attempted = False
 
     @classmethod
     def from_pytest(
@@ -134,7 +140,10 @@ class ProvisionRun:
         else:
             resolved = resolve_run(options, project)
             identity = RunIdentity.create(state_dir(resolved.settings, resolved.project_dir))
-        return cls(options, project, identity)
+        run = cls(options, project, identity)
+        if workerinput is not None:
+            run.environment.prepared_image = workerinput.get(_WORKERINPUT_IMAGE)
+        return run
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -147,7 +156,50 @@ class ProvisionRun:
         return [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
 
     def workerinput(self) -> dict[str, str]:
-        return {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
+        out = {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
+        if self.environment.prepared_image is not None:
+            out[_WORKERINPUT_IMAGE] = self.environment.prepared_image
+        return out
+
+    # -- start-up: outside every test, so per-test timeouts never include it -----------------------
+
+    def prepare_image(self, phases: Phases) -> None:
+        """Controller, at session start: check or build the worker image once for the whole run
+        (xdist workers receive its tag). Nothing happens for in-process layers or without an engine
+        (the tests then skip, or fail under CI, as usual); a failure is reported on the phase's line
+        and again by every test that needs the image."""
+        from provisioner.errors import ProvisionerError
+
+        if not self.layer.needs_docker or docker_check.docker_problem() is not None:
+            return
+        self._used = True
+        containers_ = self.environment.containers
+        with contextlib.suppress(ProvisionerError), phases.phase("worker image") as update:
+            self.environment.prepared_image = containers_.prepare_image(update)
+
+    @property
+    def pool_warmed(self) -> bool:
+        """The warm-up was done (or tried) in this process."""
+        return self._warm_attempted
+
+    def warm_pool(self, phases: Phases, fixturenames: Iterable[Iterable[str]]) -> None:
+        """Start this process's warm pool (once) when one of the given tests needs it: before the
+        first test (a single process) or before the first test that needs it (an xdist worker), in
+        either case outside the test's timeout. A failure is reported once; tests then get the error."""
+        from provisioner.errors import ProvisionerError
+
+        if self._warm_attempted or not self.layer.needs_docker:
+            return
+        if not any(POOL_FIXTURES.intersection(names) for names in fixturenames):
+            return
+        self._warm_attempted = True
+        if docker_check.docker_problem() is not None:
+            return
+        layer = self.layer
+        count = layer.workers if layer.pooling_enabled else 1
+        title = f"warm pool: {count} worker{'s' if count != 1 else ''} of layer {layer.name}"
+        with contextlib.suppress(ProvisionerError), phases.phase(title):
+            self.environment.containers.pool  # noqa: B018 - starts it
 
     # -- selection ---------------------------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""Progress of a test run's start-up phases (worker image, warm pool): one line per phase.
+
+On a terminal the line is a rich spinner while the phase runs (updated with the phase's own
+messages, e.g. the image build step) and a final ``✓`` line; otherwise (CI logs, pipes) a plain
+line ``provisioner: <phase> … done in 1.2 s`` written in two parts, so a long first image build is
+visible while it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class Phases:
+    """Reports phases through ``write`` (plain text, no newline added) or a rich ``console`` (a TTY)."""
+
+    def __init__(self, write: Callable[[str], None], *, console: Any = None) -> None:
+        self._write = write
+        self._console = console
+
+    @contextlib.contextmanager
+    def phase(self, title: str) -> Iterator[Callable[[str], None]]:
+        """Report ``title`` while the block runs; yields ``update(message)`` for sub-steps (shown on a
+        TTY only). A failure is reported on the same line and re-raised."""
+        started = time.monotonic()
+        if self._console is not None:
+            with self._console.status(f"provisioner: {title} …") as status:
+                try:
+                    yield lambda message: status.update(f"provisioner: {title}: {message}")
+                except BaseException as exc:
+                    self._console.print(f"provisioner: {title}: [red]failed[/red]: {exc}", markup=True,
+                                        highlight=False)
+                    raise
+            self._console.print(f"provisioner: {title}: [green]✓[/green] {time.monotonic() - started:.1f} s",
+                                markup=True, highlight=False)
+            return
+        self._write(f"provisioner: {title} … ")
+        try:
+            yield lambda message: None
+        except BaseException as exc:
+            self._write(f"failed: {exc}\n")
+            raise
+        self._write(f"done in {time.monotonic() - started:.1f} s\n")
