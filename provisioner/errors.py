@@ -12,6 +12,7 @@
     │   ├── CostLimitExceeded     a real call would pass the run's dollar limit
     │   ├── RateLimitExceeded     the run's request-per-minute budget could not be had in time
     │   └── UnknownModelPriceError a real model with no known or configured price
+    ├── SpendingBlockedError      a test layer blocked a network connection or an LM provisioner did not build
     └── RuntimeProblem            containers: something a user can act on
         ├── DockerUnavailableError no Docker engine is reachable
         ├── ImageError            an image is missing or failed to build
@@ -125,6 +126,20 @@ class RateLimitExceeded(LMError):
 
 class UnknownModelPriceError(LMError, ConfigError):
     """A real model has no price in the table and none is configured."""
+
+
+class SpendingBlockedError(ProvisionerError, RuntimeError):
+    """A test of a layer without real LM calls (unit, integration: LM mode mock or cached) tried to
+    reach the network outside this machine, or to call an LM provisioner did not build.
+
+    A ``RuntimeError`` (as pytest-socket's errors), so callers' ``except OSError`` retry loops do not
+    swallow it. Attributes: ``layer`` (the layer's name), ``target`` (the host or LM model).
+    """
+
+    def __init__(self, message: str, *, layer: str, target: str | None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.target = target
 
 
 class RuntimeProblem(ProvisionerError):

@@ -71,6 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except ProvisionerError as exc:
         raise pytest.UsageError(f"provisioner: {exc}") from None
     config.stash[RUN_KEY] = run
+    # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
+    config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
     for line in run.marker_lines():
         config.addinivalue_line("markers", line)
     if run.layer.max_failures and not config.getoption("maxfail"):
@@ -337,6 +339,31 @@ def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     found = run.leaks_since(before, request.node.nodeid)
     if found:
         pytest.fail(str(LeakError(found)) + " — the test must remove what it creates", pytrace=False)
+
+
+SOCKET_RESOLUTION_CACHE = pytest.StashKey[dict[str, set[str]]]()
+
+
+@pytest.fixture(autouse=True)
+def _provisioner_spending_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """No accidental spending: in layers whose LM is mock or cached, the test cannot reach the network
+    outside this machine or call an LM provisioner did not build (:mod:`provisioner.testing.network`)."""
+    from provisioner.testing import network
+
+    run = request.config.stash[RUN_KEY]
+    markers = [m.name for m in request.node.iter_markers()]
+    force = bool(request.config.getoption("force_enable_socket", False))
+    if not network.applies(run, markers, request.fixturenames, force_enabled=force):
+        yield
+        return
+    hosts_mark = request.node.get_closest_marker("allow_hosts")
+    hosts = hosts_mark.args[0] if hosts_mark and hosts_mark.args else ()
+    cache = request.config.stash.setdefault(SOCKET_RESOLUTION_CACHE, {})
+    layer_lm = run.environment.lm_config
+    with network.block_network(run.layer.name, layer_lm.mode,
+                               allow_hosts=[hosts] if isinstance(hosts, str) else hosts,
+                               resolution_cache=cache):
+        yield
 
 
 def _failed(item: pytest.Item) -> bool:

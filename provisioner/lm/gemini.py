@@ -33,6 +33,7 @@ whole ``__cause__``/``__context__`` chain), never the original object.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import os
 import re
@@ -72,6 +73,16 @@ _FINISH_REASONS = {
 UsageSource = Literal["reported", "estimated"]
 
 _environment_key_allowed = True
+
+# Set while this engine's own HTTP request runs: a test layer's network block lets exactly these
+# connections through (provisioner's managed, rate- and cost-limited Gemini calls).
+_managed_request: contextvars.ContextVar[bool] = contextvars.ContextVar("provision_managed_request",
+                                                                        default=False)
+
+
+def in_managed_request() -> bool:
+    """True inside a :class:`GeminiEngine` request (in the thread that sends it)."""
+    return _managed_request.get()
 
 
 def forbid_environment_key() -> None:
@@ -298,10 +309,13 @@ class GeminiEngine(EngineBase):
                 self.limits.settle(reservation, 0.0)
                 raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
             failure: Exception | None = None
+            token = _managed_request.set(True)
             try:
                 raw = self._genai().models.generate_content(model=model, contents=contents, config=gen_config)
             except Exception as exc:
                 failure = exc
+            finally:
+                _managed_request.reset(token)
             if failure is not None:
                 # Handled outside the except block, so the original (key-bearing) SDK error never
                 # becomes the implicit __context__ of what we raise: only its redacted copy is chained.
@@ -561,6 +575,7 @@ __all__ = [
     "CallOutcome",
     "GeminiEngine",
     "forbid_environment_key",
+    "in_managed_request",
     "prompt_tokens_upper_bound",
     "redact_exception",
     "resolve_api_key",

@@ -1,0 +1,154 @@
+"""No accidental spending: tests of layers without real LM calls cannot reach the network or an LM
+provisioner did not build.
+
+In a layer whose LM mode is ``mock`` or ``cached`` (``unit``, ``integration``, and custom layers like
+them), each test runs with two blocks, in the spirit of pytest-recording's ``--block-network``:
+
+* **network** — connections leaving this machine are refused with
+  :class:`~provisioner.errors.SpendingBlockedError`. Built on pytest-socket's
+  :func:`pytest_socket.socket_allow_hosts`: loopback (``127.0.0.0/8``, ``::1``, ``localhost`` — the
+  bridge relay ports, the in-process Gemini stand-in) and unix sockets (the Docker API) keep working,
+  and so do provisioner's own Gemini requests (a cached layer recording a cassette; they are rate- and
+  cost-limited).
+* **foreign LMs** — a ``dspy.LM`` on one of DSPy's provider engines (``dspy.LM("openai/…")`` built by
+  the code under test, e.g. at import time) is refused when called, before DSPy or LiteLLM resolve a
+  host or retry. LMs with their own engine object (provisioner's, ``DummyLM``, yours) are not touched.
+
+Which tests: those of a project that uses provisioner (a ``[tool.provisioner]`` table or
+``provision.toml``, or a layer chosen with ``--layer``/``TEST_MODE``/``PROVISION_LAYER``), and any
+test marked for a layer or asking for a provisioner fixture. Opt in to the network with pytest-socket's
+standard switches: ``@pytest.mark.enable_socket`` or the ``socket_enabled`` fixture for one test,
+``--force-enable-socket`` for the run, ``@pytest.mark.allow_hosts(["host", …])`` for named hosts —
+or run a layer with real LM calls (``--layer e2e``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from provisioner.errors import SpendingBlockedError
+
+LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1", "localhost")
+BLOCKING_LM_MODES: tuple[str, ...] = ("mock", "cached")
+PROVISIONER_FIXTURES: frozenset[str] = frozenset({
+    "lm", "lm_cost", "lm_rules", "isolated", "bridge", "bridge_worker", "bridge_pool", "resource_manager",
+    "provision_settings", "layer",
+})
+OPT_IN = ("opt in with @pytest.mark.enable_socket (this test), --force-enable-socket (the run), "
+          "@pytest.mark.allow_hosts([...]) (named hosts), or run a layer with real LM calls (--layer e2e)")
+
+
+def blocks(lm_mode: str) -> bool:
+    """Does a layer with this LM mode block the network and foreign LMs?"""
+    return lm_mode in BLOCKING_LM_MODES
+
+
+def project_uses_provisioner(run: Any) -> bool:
+    """Did the project opt in to provisioner: a layer chosen on the command line or in the environment,
+    or a ``[tool.provisioner]`` table / ``provision.toml`` (``run`` is a ``ProvisionRun``)."""
+    from provisioner.settings import DEFAULT_SOURCE, find_project_file
+
+    if run.options.layer is not None or run.environment.settings.source_of("layer") != DEFAULT_SOURCE:
+        return True
+    return find_project_file(run.project_dir) is not None
+
+
+def applies(run: Any, markers: Iterable[str], fixturenames: Iterable[str], *, force_enabled: bool) -> bool:
+    """Does this test run with :func:`block_network`? (See the module docstring.)"""
+    marks = set(markers)
+    if force_enabled or "enable_socket" in marks or "socket_enabled" in set(fixturenames):
+        return False
+    if not blocks(run.environment.lm_config.mode):
+        return False
+    return (project_uses_provisioner(run) or run.is_layer_test(marks)
+            or bool(PROVISIONER_FIXTURES & set(fixturenames)))
+
+
+def _network_message(layer: str, lm_mode: str, host: str | None) -> str:
+    return (f"provisioner: the {layer} layer (LM mode {lm_mode}) blocks network connections leaving this "
+            f"machine; this test tried to connect to {host or 'a remote address'}. Only loopback, unix "
+            f"sockets and provisioner's own LM may be used here; {OPT_IN}.")
+
+
+def _lm_message(layer: str, lm_mode: str, model: str) -> str:
+    return (f"provisioner: the {layer} layer (LM mode {lm_mode}) blocks calls to LMs provisioner did not "
+            f"build: dspy.LM({model!r}) would call its provider over the network and may spend money. "
+            "Use the layer's LM (the lm fixture makes it active for the test and its threads; "
+            f"provisioner.lm.build_lm builds one), or {OPT_IN}.")
+
+
+def is_foreign_lm(lm: Any) -> bool:
+    """A ``dspy.LM`` on one of DSPy's own provider engines (``"auto"``, ``"lm15"``, ``"litellm"``)."""
+    import dspy
+
+    return isinstance(lm, dspy.LM) and isinstance(getattr(lm, "engine", None), str)
+
+
+@contextlib.contextmanager
+def block_network(layer: str, lm_mode: str, *, allow_hosts: Iterable[str] = (),
+                  resolution_cache: dict[str, set[str]] | None = None) -> Iterator[None]:
+    """Refuse connections leaving this machine, and calls of foreign LMs, inside the block.
+
+    Raises (inside the block):
+        SpendingBlockedError: a connection to a host outside ``LOOPBACK + allow_hosts`` (not made by
+            provisioner's Gemini engine), or a call of a foreign ``dspy.LM``.
+    """
+    from pytest_socket import SocketConnectBlockedError, socket_allow_hosts
+
+    from provisioner.lm.gemini import in_managed_request
+
+    before: Callable[..., Any] = socket.socket.connect
+    socket_allow_hosts([*LOOPBACK, *allow_hosts], allow_unix_socket=True, resolution_cache=resolution_cache)
+    guarded: Callable[..., Any] = socket.socket.connect
+
+    def connect(sock: socket.socket, *args: Any) -> Any:
+        if in_managed_request():
+            return before(sock, *args)
+        try:
+            return guarded(sock, *args)
+        except SocketConnectBlockedError as exc:
+            host = getattr(exc, "_host", None)
+            raise SpendingBlockedError(_network_message(layer, lm_mode, host), layer=layer,
+                                       target=host) from None
+
+    socket.socket.connect = connect  # type: ignore[method-assign,assignment]
+    restore_lms = _block_foreign_lms(layer, lm_mode)
+    try:
+        yield
+    finally:
+        restore_lms()
+        socket.socket.connect = before  # type: ignore[method-assign]
+
+
+def _block_foreign_lms(layer: str, lm_mode: str) -> Callable[[], None]:
+    """Wrap DSPy's one execution path of LM calls (sync and async: ``dspy.clients.execution``)."""
+    from dspy.clients import execution
+
+    original, original_async = execution.execute, execution.aexecute
+
+    def check(lm: Any) -> None:
+        if is_foreign_lm(lm):
+            model = str(getattr(lm, "model", "?"))
+            raise SpendingBlockedError(_lm_message(layer, lm_mode, model), layer=layer, target=model)
+
+    def execute(lm: Any, call: Any) -> Any:
+        check(lm)
+        return original(lm, call)
+
+    async def aexecute(lm: Any, call: Any) -> Any:
+        check(lm)
+        return await original_async(lm, call)
+
+    execution.execute, execution.aexecute = execute, aexecute
+
+    def restore() -> None:
+        execution.execute, execution.aexecute = original, original_async
+
+    return restore
+
+
+__all__ = ["BLOCKING_LM_MODES", "LOOPBACK", "PROVISIONER_FIXTURES", "applies", "block_network", "blocks",
+           "is_foreign_lm", "project_uses_provisioner"]
