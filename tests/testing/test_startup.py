@@ -61,9 +61,18 @@ class _FakeEnv:
         self.settings = load_settings(project_dir=Path("/nonexistent-project"))
 
 
+def _images_module() -> Any:
+    # The module the lazy import inside ProcessContainers will find (in-process pytester runs of
+    # other test files restore sys.modules, so the package attribute can be a stale copy).
+    import importlib
+
+    return importlib.import_module("provisioner.runtime.images")
+
+
 def test_a_prepared_image_is_used_without_building(monkeypatch: pytest.MonkeyPatch) -> None:
-    from provisioner.runtime import images
     from provisioner.testing.containers import ProcessContainers
+
+    images = _images_module()
 
     def no_build(*args: Any, **kwargs: Any) -> str:
         raise AssertionError("an xdist worker must not check or build the image")
@@ -75,8 +84,9 @@ def test_a_prepared_image_is_used_without_building(monkeypatch: pytest.MonkeyPat
 
 def test_a_failed_image_build_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     from provisioner.errors import ImageError
-    from provisioner.runtime import images
     from provisioner.testing.containers import ProcessContainers
+
+    images = _images_module()
 
     calls = []
 
