@@ -91,7 +91,7 @@ def _log_level(verbose: int, quiet: int) -> int:
 
 
 @click.group(cls=_Group)
-@click.version_option(package_name="provisioner")
+@click.version_option(package_name="dspy-provisioner")
 @click.option("-v", "--verbose", count=True, help="more log output (repeatable; also PROVISION_LOG_LEVEL)")
 @click.option("-q", "--quiet", count=True, help="less output: no progress lines, only warnings and errors")
 @click.pass_context
@@ -442,7 +442,7 @@ def images_prune(dry_run: bool, as_json: bool) -> None:
 
 @images_group.command("lock")
 def images_lock() -> None:
-    """Re-pin images/worker/requirements.txt to the worker requirements installed here."""
+    """Re-pin the worker image's requirements.txt (provisioner/assets/worker/) to what is installed here."""
     from provisioner.runtime.images import write_requirements
 
     click.echo(f"wrote {write_requirements()}")

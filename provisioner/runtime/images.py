@@ -1,17 +1,29 @@
 """The worker image: base image, host-made wheelhouse, content-hashed tag, skip when unchanged.
 
-Nothing is downloaded inside ``docker build`` (no registry, and pip inside a build fails on TLS here):
+Everything the image is made from ships inside the installed package, so ``provision images build``
+works the same from a checkout (editable install) and from an installed wheel of
+``dspy-provisioner``. Nothing is downloaded inside ``docker build`` (no registry, and pip inside a
+build fails on TLS here):
 
 1. **base** — ``python:3.11-slim`` when it is present (or pullable); otherwise a Debian bookworm
    base made locally with ``debootstrap --variant=minbase`` and ``docker import`` (needs root and
    debootstrap). It is tagged ``provisioner-base:bookworm-<hash of its recipe>`` and reused.
-2. **wheelhouse** — ``pip download`` on the host of ``images/worker/requirements.txt`` (fully pinned)
-   for CPython 3.11 manylinux, cached under ``~/.cache/provisioner/wheelhouse/<hash>``.
-3. **provisioner's wheel** — ``pip wheel --no-deps`` of a copy of the working tree, cached by hash.
-4. **build** — a minimal context (Dockerfile, requirements, healthcheck, wheels/, dist/) and
-   ``pip install --no-index``. The tag is ``provisioner-worker:<hash>`` where the hash covers the
-   base image id, the Dockerfile and friends, the requirements and provisioner's source, so
-   an unchanged build is one hash and one ``image exists`` call.
+2. **wheelhouse** — ``pip download`` on the host of the recipe's ``requirements.txt`` (fully
+   pinned) for CPython 3.11 manylinux, cached under ``~/.cache/provisioner/wheelhouse/<hash>``.
+3. **provisioner's wheel** — written from the *installed* package's files and its installed
+   metadata (:func:`installed_package`), cached by the package hash: the worker runs exactly the
+   code the host imports.
+4. **build** — a minimal context (the recipe in ``provisioner/assets/worker/``: Dockerfile,
+   requirements, healthcheck; ``relay.py``; ``wheels/``; ``dist/``) and ``pip install --no-index``.
+   The tag is ``provisioner-worker:<hash>`` where the hash covers the base image id and the package
+   hash (every file of the installed package — the recipe is one of them — plus its metadata), so a
+   source change changes the tag and an unchanged build is one hash and one ``image exists`` call.
+   The image carries the labels ``provisioner.package.hash`` and ``provisioner.version``;
+   :func:`ensure_worker_image` refuses an image whose provisioner differs from the host's.
+
+A project's image is also tagged ``provisioner-worker:<project id>`` (see
+:func:`provisioner.runtime.labels.project_id`), moved by each build of that project only: two
+projects on one engine never re-point each other's tag.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,13 +50,14 @@ from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime
 
+DIST_NAME = "dspy-provisioner"
+PACKAGE = "provisioner"
 WORKER_REPO = "provisioner-worker"
-LATEST_TAG = f"{WORKER_REPO}:latest"
 BASE_REPO = "provisioner-base"
 PYTHON_BASE = "python:3.11-slim"
 DEBIAN_SUITE = "bookworm"
+# Optional mirror for debootstrap; unset, debootstrap uses its own default mirror.
 DEBIAN_MIRROR_ENV = "PROVISION_DEBIAN_MIRROR"
-DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # What is removed from the debootstrap tree before import: caches and docs nobody reads in a worker.
 DEBOOTSTRAP_PRUNE = (
@@ -66,7 +80,9 @@ WHEEL_PLATFORMS = (
 WHEEL_PYTHON = "3.11"
 # Bump when the way images are assembled changes in a way the inputs below do not capture.
 RECIPE_VERSION = "1"
+RECIPE_FILES = ("Dockerfile", ".dockerignore", "requirements.txt", "healthcheck.py")
 WORKER_ROOTS = ("dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click")
+_CONTENT_TAG = re.compile(r"^[0-9a-f]{12}$")
 
 BaseChoice = Literal["auto", "python", "debootstrap"]
 Progress = Callable[[str], None]
@@ -78,20 +94,122 @@ class BuildResult:
     built: bool
     seconds: float
     base: str
+    project_tag: str | None = None
 
 
-# --- locations ------------------------------------------------------------------------------------
+# --- the installed package ------------------------------------------------------------------------
 
 
-def project_root() -> Path:
-    """The source tree provisioner is installed from (the image is built from it)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file() or not (root / "images" / "worker" / "Dockerfile").is_file():
+def package_dir() -> Path:
+    """The folder of the imported ``provisioner`` package (a checkout's or site-packages')."""
+    import provisioner
+
+    return Path(provisioner.__file__).resolve().parent
+
+
+def recipe_dir() -> Path:
+    """The worker image recipe shipped as package data: ``provisioner/assets/worker/``.
+
+    Raises:
+        ImageError: a file of the recipe is missing (a broken or partial installation).
+    """
+    folder = package_dir() / "assets" / "worker"
+    missing = [name for name in RECIPE_FILES if not (folder / name).is_file()]
+    if missing:
         raise ImageError(
-            f"the worker image is built from provisioner's source tree, which was not found at {root} "
-            "(install provisioner from a checkout, e.g. `pip install -e .`)"
+            f"the worker image recipe is incomplete at {folder} (missing {', '.join(missing)}); "
+            f"reinstall {DIST_NAME}"
         )
-    return root
+    return folder
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """What provisioner's wheel for the worker image is made of: the files the host imports.
+
+    ``metadata`` and ``entry_points`` are the texts of ``METADATA`` and ``entry_points.txt`` of the
+    installed distribution (so console script and pytest plugin match the host's).
+    """
+
+    root: Path  # the package folder (``.../provisioner``)
+    name: str  # distribution name
+    version: str
+    metadata: str
+    entry_points: str
+
+    def files(self) -> list[Path]:
+        """Every file of the package (byte-code caches excluded), sorted."""
+        return sorted(
+            path
+            for path in self.root.rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")
+        )
+
+    def hash(self) -> str:
+        """sha256 over every file (relative path + bytes), the metadata and the recipe version."""
+        digest = hashlib.sha256(b"provisioner-package\0" + RECIPE_VERSION.encode() + b"\0")
+        for path in self.files():
+            digest.update(path.relative_to(self.root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+        digest.update(self.metadata.encode() + b"\0" + self.entry_points.encode())
+        return digest.hexdigest()
+
+
+def installed_package(root: Path | None = None) -> PackageSource:
+    """The installed provisioner: its package folder plus the installed distribution's metadata.
+
+    Works for a regular wheel install and an editable install alike (the metadata of both is
+    written by pip at install time). Without an installed distribution — the package imported from
+    a source tree on ``PYTHONPATH`` — the metadata is made from the ``pyproject.toml`` beside it.
+
+    Raises:
+        ImageError: neither an installed distribution nor a ``pyproject.toml`` is found.
+    """
+    import importlib.metadata as md
+
+    root = root or package_dir()
+    try:
+        dist = md.distribution(DIST_NAME)
+    except md.PackageNotFoundError:
+        dist = None
+    if dist is not None and dist.read_text("METADATA"):
+        return PackageSource(
+            root, dist.metadata["Name"], dist.version, dist.read_text("METADATA") or "",
+            dist.read_text("entry_points.txt") or "",
+        )
+    pyproject = root.parent / "pyproject.toml"
+    if pyproject.is_file():
+        return _from_pyproject(root, pyproject)
+    raise ImageError(
+        f"cannot tell which provisioner to put into the worker image: the distribution {DIST_NAME!r} "
+        f"is not installed and there is no pyproject.toml beside {root}; install it "
+        f"(`pip install {DIST_NAME}`, or `pip install -e .` in a checkout)"
+    )
+
+
+def _from_pyproject(root: Path, pyproject: Path) -> PackageSource:
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    metadata = [
+        "Metadata-Version: 2.1",
+        f"Name: {project['name']}",
+        f"Version: {project['version']}",
+        f"Summary: {project.get('description', '')}",
+        f"Requires-Python: {project.get('requires-python', '>=3.11')}",
+    ]
+    metadata += [f"Requires-Dist: {dep}" for dep in project.get("dependencies", [])]
+    entry_lines = []
+    scripts = project.get("scripts", {})
+    if scripts:
+        entry_lines.append("[console_scripts]")
+        entry_lines += [f"{key} = {value}" for key, value in scripts.items()]
+    for group, entries in project.get("entry-points", {}).items():
+        entry_lines.append(f"[{group}]")
+        entry_lines += [f"{key} = {value}" for key, value in entries.items()]
+    return PackageSource(
+        root, project["name"], project["version"], "\n".join(metadata) + "\n", "\n".join(entry_lines) + "\n"
+    )
 
 
 def cache_dir() -> Path:
@@ -117,35 +235,6 @@ def _build_lock() -> Iterator[None]:
 # --- hashing --------------------------------------------------------------------------------------
 
 
-def _source_files(root: Path) -> list[Path]:
-    files = [root / "pyproject.toml"]
-    if (root / "README.md").is_file():
-        files.append(root / "README.md")
-    for path in sorted((root / "provisioner").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-            files.append(path)
-    return files
-
-
-def _image_files(root: Path) -> list[Path]:
-    folder = root / "images" / "worker"
-    return [folder / name for name in ("Dockerfile", ".dockerignore", "requirements.txt", "healthcheck.py")]
-
-
-def _hash_files(digest: Any, root: Path, files: list[Path]) -> None:
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-
-
-def source_hash(root: Path | None = None) -> str:
-    """Hash of provisioner's own source (what goes into its wheel)."""
-    root = root or project_root()
-    digest = hashlib.sha256(b"provisioner-source\0")
-    _hash_files(digest, root, _source_files(root))
-    return digest.hexdigest()
-
-
 def requirements_hash(requirements: Path) -> str:
     digest = hashlib.sha256(b"wheelhouse\0" + RECIPE_VERSION.encode() + b"\0")
     digest.update(WHEEL_PYTHON.encode() + b"\0" + ",".join(WHEEL_PLATFORMS).encode() + b"\0")
@@ -153,13 +242,18 @@ def requirements_hash(requirements: Path) -> str:
     return digest.hexdigest()
 
 
-def worker_image_hash(base_id: str, root: Path | None = None) -> str:
-    """The content hash naming the worker image: base image id + image files + provisioner source."""
-    root = root or project_root()
+def worker_image_hash(base_id: str, package: PackageSource | None = None) -> str:
+    """The content hash naming the worker image: base image id + the package hash (which covers
+    the recipe, since the recipe is package data)."""
+    package = package or installed_package()
     digest = hashlib.sha256(b"worker-image\0" + RECIPE_VERSION.encode() + b"\0" + base_id.encode() + b"\0")
-    _hash_files(digest, root, _image_files(root))
-    digest.update(source_hash(root).encode())
+    digest.update(package.hash().encode())
     return digest.hexdigest()
+
+
+def project_tag(project: str) -> str:
+    """The per-project tag (``provisioner-worker:<project id>``) that points at its content tag."""
+    return f"{WORKER_REPO}:{project}"
 
 
 def debootstrap_base_tag() -> str:
@@ -234,26 +328,31 @@ def debootstrap_problem() -> str | None:
     return None
 
 
+def debootstrap_command(rootfs: Path, mirror: str | None) -> list[str]:
+    """The debootstrap call: the mirror argument only when ``PROVISION_DEBIAN_MIRROR`` gives one
+    (debootstrap(8): MIRROR is optional and defaults to the Debian archive it knows)."""
+    cmd = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(DEBOOTSTRAP_PACKAGES)}",
+        DEBIAN_SUITE,
+        str(rootfs),
+    ]
+    return [*cmd, mirror] if mirror else cmd
+
+
 def build_debootstrap_base(runtime: DockerRuntime, tag: str, *, progress: Progress = print) -> str:
     """``debootstrap --variant=minbase bookworm`` + prune + ``docker import``; returns the image id."""
     problem = debootstrap_problem()
     if problem:
         raise ImageError(f"cannot build the offline base image: {problem}")
-    mirror = os.environ.get(DEBIAN_MIRROR_ENV, DEFAULT_DEBIAN_MIRROR)
+    mirror = os.environ.get(DEBIAN_MIRROR_ENV) or None
     work = Path(tempfile.mkdtemp(prefix="provision-base-", dir=cache_dir()))
     rootfs = work / "rootfs"
     try:
-        progress(
-            f"debootstrap {DEBIAN_SUITE} (minbase + {', '.join(DEBOOTSTRAP_PACKAGES)}) from {mirror} ..."
-        )
-        cmd = [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(DEBOOTSTRAP_PACKAGES)}",
-            DEBIAN_SUITE,
-            str(rootfs),
-            mirror,
-        ]
+        source = f"from {mirror}" if mirror else "from debootstrap's default mirror"
+        progress(f"debootstrap {DEBIAN_SUITE} (minbase + {', '.join(DEBOOTSTRAP_PACKAGES)}) {source} ...")
+        cmd = debootstrap_command(rootfs, mirror)
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -326,57 +425,44 @@ def ensure_wheelhouse(requirements: Path, *, progress: Progress = print) -> Path
     return folder
 
 
-def ensure_project_wheel(root: Path, *, progress: Progress = print) -> Path:
-    """provisioner's own wheel, made from the working tree and cached by the source hash.
+def ensure_project_wheel(package: PackageSource, *, progress: Progress = print) -> Path:
+    """provisioner's own wheel, made from the installed package and cached by the package hash.
 
-    provisioner is pure Python, so the wheel (PEP 427: the package files plus ``.dist-info`` with
-    METADATA, WHEEL, entry_points.txt and RECORD) is written directly, in milliseconds and offline,
-    instead of spinning up an isolated ``pip wheel`` build environment for every code change.
+    Why not ``pip wheel``: an installed wheel has no source tree to build from, and a build needs
+    an isolated build environment (network or a warm cache, seconds per code change). The package
+    is pure Python, so the wheel (PEP 427: the package files plus ``.dist-info`` with the installed
+    METADATA and entry points, WHEEL and RECORD) is written directly from the files the host
+    imports — offline, in milliseconds, and equal to the host's code by construction.
     """
-    folder = cache_dir() / "project-wheels" / source_hash(root)[:16]
-    existing = sorted(folder.glob("provisioner-*.whl"))
+    folder = cache_dir() / "project-wheels" / package.hash()[:16]
+    existing = sorted(folder.glob("*.whl"))
     if existing:
         return existing[0]
-    progress("packing provisioner's wheel from the working tree ...")
+    progress(f"packing provisioner's wheel from {package.root} ...")
     folder.mkdir(parents=True, exist_ok=True)
-    final = write_project_wheel(root, folder)
-    return final
+    return write_project_wheel(package, folder)
 
 
-def write_project_wheel(root: Path, out_dir: Path) -> Path:
-    """Write ``provisioner-<version>-py3-none-any.whl`` for the tree at ``root`` into ``out_dir``."""
+def _wheel_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def write_project_wheel(package: PackageSource, out_dir: Path) -> Path:
+    """Write ``<dist>-<version>-py3-none-any.whl`` of ``package`` into ``out_dir`` (reproducible)."""
     import base64
-    import tomllib
     import zipfile
 
-    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    name, version = project["name"], project["version"]
-    dist_info = f"{name}-{version}.dist-info"
-    metadata = [
-        "Metadata-Version: 2.1",
-        f"Name: {name}",
-        f"Version: {version}",
-        f"Summary: {project.get('description', '')}",
-        f"Requires-Python: {project.get('requires-python', '>=3.11')}",
-    ]
-    metadata += [f"Requires-Dist: {dep}" for dep in project.get("dependencies", [])]
-    entry_lines = []
-    scripts = project.get("scripts", {})
-    if scripts:
-        entry_lines.append("[console_scripts]")
-        entry_lines += [f"{key} = {value}" for key, value in scripts.items()]
-    for group, entries in project.get("entry-points", {}).items():
-        entry_lines.append(f"[{group}]")
-        entry_lines += [f"{key} = {value}" for key, value in entries.items()]
+    stem = f"{_wheel_name(package.name)}-{package.version}"
+    dist_info = f"{stem}.dist-info"
     generated = {
-        f"{dist_info}/METADATA": "\n".join(metadata) + "\n",
+        f"{dist_info}/METADATA": package.metadata,
         f"{dist_info}/WHEEL": (
             "Wheel-Version: 1.0\nGenerator: provisioner\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
-        f"{dist_info}/entry_points.txt": "\n".join(entry_lines) + "\n",
-        f"{dist_info}/top_level.txt": "provisioner\n",
+        f"{dist_info}/entry_points.txt": package.entry_points,
+        f"{dist_info}/top_level.txt": f"{PACKAGE}\n",
     }
-    target = out_dir / f"{name}-{version}-py3-none-any.whl"
+    target = out_dir / f"{stem}-py3-none-any.whl"
     tmp = target.with_suffix(".tmp")
     records: list[str] = []
 
@@ -389,10 +475,8 @@ def write_project_wheel(root: Path, out_dir: Path) -> Path:
         records.append(f"{arcname},sha256={digest},{len(data)}")
 
     with zipfile.ZipFile(tmp, "w") as zf:
-        for path in _source_files(root):
-            rel = path.relative_to(root)
-            if rel.parts[0] == "provisioner":
-                add(zf, rel.as_posix(), path.read_bytes())
+        for path in package.files():
+            add(zf, f"{PACKAGE}/{path.relative_to(package.root).as_posix()}", path.read_bytes())
         for arcname, text in generated.items():
             add(zf, arcname, text.encode())
         records.append(f"{dist_info}/RECORD,,")
@@ -406,13 +490,15 @@ def write_project_wheel(root: Path, out_dir: Path) -> Path:
 # --- the worker image -----------------------------------------------------------------------------
 
 
-def worker_tag(runtime: DockerRuntime, base: BaseChoice = "auto", root: Path | None = None) -> str | None:
+def worker_tag(
+    runtime: DockerRuntime, base: BaseChoice = "auto", package: PackageSource | None = None
+) -> str | None:
     """The tag an up-to-date worker image has, or None when no base image is present yet."""
     try:
         _ref, base_id = resolve_base(runtime, base, allow_build=False)
     except ImageError:
         return None
-    return f"{WORKER_REPO}:{worker_image_hash(base_id, root)[:12]}"
+    return f"{WORKER_REPO}:{worker_image_hash(base_id, package)[:12]}"
 
 
 def build_worker_image(
@@ -420,35 +506,40 @@ def build_worker_image(
     *,
     base: BaseChoice = "auto",
     force: bool = False,
+    project: str | None = None,
     progress: Progress | None = None,
     show_progress: bool = False,
 ) -> BuildResult:
     """Build the worker image unless one with the same content hash exists; return its tag.
 
-    ``progress`` receives one-line status messages; ``show_progress`` renders a rich status line
-    with the current build step instead (for the CLI).
+    ``project`` (a :func:`~provisioner.runtime.labels.project_id`): also point that project's tag
+    ``provisioner-worker:<project>`` at the image. ``progress`` receives one-line status messages;
+    ``show_progress`` renders a rich status line with the current build step instead (for the CLI).
+
+    Raises:
+        ImageError: the recipe is incomplete, no base image can be had, the wheelhouse download
+            or the build failed.
     """
     start = time.perf_counter()
     own = runtime is None
     runtime = runtime or DockerRuntime()
     try:
-        root = project_root()
+        package = installed_package()
+        recipe = recipe_dir()
         with _progress_sink(progress, show_progress) as say:
-            tag = worker_tag(runtime, base, root)
-            if tag and not force and runtime.image_exists(tag):
-                _tag_latest(runtime, tag)
-                return BuildResult(tag, False, time.perf_counter() - start, _base_ref(runtime, base))
-            with _build_lock():
-                base_ref, base_id = resolve_base(runtime, base, progress=say)
-                tag = f"{WORKER_REPO}:{worker_image_hash(base_id, root)[:12]}"
-                if not force and runtime.image_exists(tag):  # built by someone else while we waited
-                    return BuildResult(tag, False, time.perf_counter() - start, base_ref)
-                requirements = root / "images" / "worker" / "requirements.txt"
-                wheelhouse = ensure_wheelhouse(requirements, progress=say)
-                wheel = ensure_project_wheel(root, progress=say)
-                _docker_build(runtime, root, base_ref, tag, wheelhouse, wheel, say)
-                _tag_latest(runtime, tag)
-                return BuildResult(tag, True, time.perf_counter() - start, base_ref)
+            tag = worker_tag(runtime, base, package)
+            if not (tag and not force and runtime.image_exists(tag)):
+                with _build_lock():
+                    base_ref, base_id = resolve_base(runtime, base, progress=say)
+                    tag = f"{WORKER_REPO}:{worker_image_hash(base_id, package)[:12]}"
+                    if force or not runtime.image_exists(tag):  # else: built by someone else meanwhile
+                        wheelhouse = ensure_wheelhouse(recipe / "requirements.txt", progress=say)
+                        wheel = ensure_project_wheel(package, progress=say)
+                        _docker_build(runtime, recipe, base_ref, tag, wheelhouse, wheel, package, say)
+                        tagged = _tag_project(runtime, tag, project)
+                        return BuildResult(tag, True, time.perf_counter() - start, base_ref, tagged)
+            tagged = _tag_project(runtime, tag, project)
+            return BuildResult(tag, False, time.perf_counter() - start, _base_ref(runtime, base), tagged)
     finally:
         if own:
             runtime.close()
@@ -459,26 +550,66 @@ def ensure_worker_image(
     *,
     image: str | None = None,
     base: BaseChoice = "auto",
+    project: str | None = None,
     progress: Progress | None = None,
 ) -> str:
-    """The image workers run: ``image`` when given (must exist), else the content-hashed build."""
-    if image:
-        rt = runtime or DockerRuntime()
-        try:
+    """The image workers run: ``image`` when given (must exist), else the content-hashed build.
+
+    Either way the image's provisioner must be the host's (:func:`check_image_provisioner`).
+
+    Raises:
+        ImageError: ``image`` is not present (build or pull it yourself: provisioner only builds its
+            own image), the build failed, or the image holds another provisioner than the host.
+    """
+    rt = runtime or DockerRuntime()
+    try:
+        if image:
             if not rt.image_exists(image):
-                raise ImageError(f"worker image {image!r} (settings container.image) is not present")
-        finally:
-            if runtime is None:
-                rt.close()
+                raise ImageError(
+                    f"worker image {image!r} (settings container.image) is not present; provisioner "
+                    f"builds only its own image, so build or pull {image!r} yourself (e.g. "
+                    f"`docker build -t {image} .` or `docker pull {image}`), or unset container.image"
+                )
+        else:
+            image = build_worker_image(rt, base=base, project=project, progress=progress).tag
+        check_image_provisioner(rt, image)
         return image
-    return build_worker_image(runtime, base=base, progress=progress).tag
+    finally:
+        if runtime is None:
+            rt.close()
 
 
-def _tag_latest(runtime: DockerRuntime, tag: str) -> None:
-    """Point ``provisioner-worker:latest`` (what the compose files use) at ``tag``."""
+def check_image_provisioner(runtime: DockerRuntime, image: str, package: PackageSource | None = None) -> None:
+    """Compare the provisioner recorded in ``image``'s labels with the host's installed one.
+
+    Images without the labels (not made from provisioner's image) are not checked.
+
+    Raises:
+        ImageError: naming both versions and package hashes, and how to rebuild.
+    """
+    labels = runtime.client.images.get(image).labels or {}
+    theirs = labels.get(L.PACKAGE_HASH)
+    if not theirs:
+        return
+    package = package or installed_package()
+    ours = package.hash()[:16]
+    if theirs != ours:
+        raise ImageError(
+            f"worker image {image!r} holds provisioner {labels.get(L.VERSION, '?')} (package hash "
+            f"{theirs}) but this host runs provisioner {package.version} (package hash {ours}); "
+            "rebuild it: `provision images build` (a custom image: rebuild it FROM the new worker image)"
+        )
+
+
+def _tag_project(runtime: DockerRuntime, tag: str, project: str | None) -> str | None:
+    """Point ``provisioner-worker:<project>`` at ``tag``; the project's own tag, nobody else's."""
+    if not project:
+        return None
+    wanted = project_tag(project)
     image = runtime.client.images.get(tag)
-    if LATEST_TAG not in (image.tags or []):
-        image.tag(WORKER_REPO, "latest")
+    if wanted not in (image.tags or []):
+        image.tag(WORKER_REPO, project)
+    return wanted
 
 
 def _base_ref(runtime: DockerRuntime, base: BaseChoice) -> str:
@@ -489,22 +620,33 @@ def _base_ref(runtime: DockerRuntime, base: BaseChoice) -> str:
 
 
 def _docker_build(
-    runtime: DockerRuntime, root: Path, base_ref: str, tag: str, wheelhouse: Path, wheel: Path, say: Progress
+    runtime: DockerRuntime,
+    recipe: Path,
+    base_ref: str,
+    tag: str,
+    wheelhouse: Path,
+    wheel: Path,
+    package: PackageSource,
+    say: Progress,
 ) -> None:
     import docker.errors
 
-    folder = root / "images" / "worker"
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
-        for name in ("Dockerfile", "requirements.txt", "healthcheck.py", ".dockerignore"):
-            tar.add(folder / name, arcname=name)
-        tar.add(root / "provisioner" / "runtime" / "relay.py", arcname="relay.py")
+        for name in RECIPE_FILES:
+            tar.add(recipe / name, arcname=name)
+        tar.add(package.root / "runtime" / "relay.py", arcname="relay.py")
         for whl in sorted(wheelhouse.glob("*.whl")):
             tar.add(whl, arcname=f"wheels/{whl.name}")
         tar.add(wheel, arcname=f"dist/{wheel.name}")
     context.seek(0)
     say(f"building {tag} on {base_ref} ...")
-    labels = {L.MANAGED: "image", L.IMAGE_HASH: tag.split(":", 1)[1]}
+    labels = {
+        L.MANAGED: "image",
+        L.IMAGE_HASH: tag.split(":", 1)[1],
+        L.PACKAGE_HASH: package.hash()[:16],
+        L.VERSION: package.version,
+    }
     try:
         stream = runtime.client.api.build(
             fileobj=context,
@@ -551,8 +693,12 @@ def _progress_sink(progress: Progress | None, show: bool) -> Iterator[Progress]:
 
 
 def prune_worker_images(runtime: DockerRuntime | None = None, *, dry_run: bool = False) -> list[str]:
-    """Remove ``provisioner-worker`` images except the current build, ``latest`` and any image a
-    container (running or not) still uses. Returns the removed tags."""
+    """Remove content-tagged ``provisioner-worker`` images other than the current build.
+
+    Kept: the current build, every image a project tag points at (``provisioner-worker:<project>``,
+    this project's or another's) and every image a container (running or not) still uses.
+    Returns the removed tags.
+    """
     import docker.errors
 
     rt = runtime or DockerRuntime()
@@ -561,10 +707,10 @@ def prune_worker_images(runtime: DockerRuntime | None = None, *, dry_run: bool =
         keep_ids = {c["ImageID"] for c in rt.client.api.containers(all=True)}
         removed = []
         for image in rt.client.images.list(name=WORKER_REPO):
-            tags = [t for t in image.tags if t not in (current, LATEST_TAG)]
-            if len(tags) != len(image.tags) or image.id in keep_ids:
+            content = [t for t in image.tags if _CONTENT_TAG.match(t.rsplit(":", 1)[1]) and t != current]
+            if len(content) != len(image.tags) or image.id in keep_ids:
                 continue
-            for tag in tags:
+            for tag in content:
                 if not dry_run:
                     with contextlib.suppress(docker.errors.APIError):
                         rt.client.images.remove(tag)
@@ -610,7 +756,8 @@ def lock_requirements(roots: tuple[str, ...] = WORKER_ROOTS) -> list[str]:
 
 
 def write_requirements(path: Path | None = None) -> Path:
-    path = path or project_root() / "images" / "worker" / "requirements.txt"
+    """Re-pin the recipe's ``requirements.txt`` (default: the installed package's) in place."""
+    path = path or package_dir() / "assets" / "worker" / "requirements.txt"
     text = path.read_text() if path.is_file() else ""
     header = [line for line in text.splitlines() if line.startswith("#")]
     path.write_text("\n".join([*header, *lock_requirements()]) + "\n")

@@ -3,14 +3,21 @@
 Labels are how cleanup finds things without any state file: the watchdog, ``provision reap`` and
 ``provision down`` all select by ``provisioner.run=<id>``. Labels are visible to anyone who can talk
 to the engine, so they never hold secrets — only ids, names, the owner's host and pid, and times.
+
+``provisioner.project`` (:func:`project_id`) scopes ``reap``, ``status`` and ``up``'s "already up"
+check to one project; runs made before it existed carry no such label and count as any project's
+(so ``reap`` still finds them). Label keys are never renamed: old runs stay selectable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 MANAGED = "provisioner.managed"
 RUN = "provisioner.run"
@@ -22,6 +29,11 @@ OWNER_HOST = "provisioner.owner.host"
 OWNER_PID = "provisioner.owner.pid"
 CREATED = "provisioner.created"
 IMAGE_HASH = "provisioner.image.hash"
+# On worker images: the installed provisioner they hold (checked against the host's before use).
+PACKAGE_HASH = "provisioner.package.hash"
+VERSION = "provisioner.version"
+# The project a run belongs to (project_id of its root folder).
+PROJECT = "provisioner.project"
 RETAIN = "provisioner.retain"
 # "true" for environments meant to outlive the command that started them (`provision up`).
 PERSISTENT = "provisioner.persistent"
@@ -41,9 +53,10 @@ def run_labels(
     owner_host: str | None = None,
     created: float | None = None,
     persistent: bool = False,
+    project: str | None = None,
 ) -> dict[str, str]:
-    """The labels shared by every resource of one run."""
-    return {
+    """The labels shared by every resource of one run (``project``: see :func:`project_id`)."""
+    out = {
         PERSISTENT: "true" if persistent else "false",
         MANAGED: "true",
         RUN: run_id,
@@ -53,6 +66,20 @@ def run_labels(
         OWNER_PID: str(owner_pid if owner_pid is not None else os.getpid()),
         CREATED: str(int(created if created is not None else time.time())),
     }
+    if project:
+        out[PROJECT] = project
+    return out
+
+
+def project_id(root: Path) -> str:
+    """A short, stable id of a project: ``<folder name>-<8 hex of sha256(resolved root path)>``.
+
+    Two checkouts of one repository are two projects (their paths differ); the id is a valid Docker
+    tag (lower case, ``[a-z0-9-]``, at most 49 characters).
+    """
+    resolved = root.resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", resolved.name.lower()).strip("-")[:40] or "project"
+    return f"{slug}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 
 
 def selector(run_id: str | None = None) -> dict[str, str]:
