@@ -410,19 +410,26 @@ def images_group() -> None:
 @click.option("--force", is_flag=True, help="rebuild even when an image with the same content hash exists")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def images_build(base: str | None, force: bool, as_json: bool) -> None:
-    """Build the worker image (skipped in well under a second when nothing changed)."""
+    """Build the worker image (skipped in well under a second when nothing changed).
+
+    The image holds this installation's provisioner; the project's tag provisioner-worker:<project
+    id> is moved to it (what `provision compose export` names).
+    """
     from provisioner.runtime.images import build_worker_image
+    from provisioner.runtime.labels import project_id
 
     settings = _settings()
     result = build_worker_image(base=base or settings.container.base, force=force,  # type: ignore[arg-type]
+                                project=project_id(settings.project_dir),
                                 show_progress=not as_json and sys.stderr.isatty(),
                                 progress=None if sys.stderr.isatty() and not as_json else _say)
     if as_json:
         click.echo(json.dumps({"tag": result.tag, "built": result.built, "seconds": round(result.seconds, 3),
-                               "base": result.base}))
+                               "base": result.base, "project_tag": result.project_tag}))
     else:
         verb = "built" if result.built else "up to date:"
-        click.echo(f"{verb} {result.tag} (base {result.base}, {result.seconds:.2f}s)")
+        click.echo(f"{verb} {result.tag} (base {result.base}, {result.seconds:.2f}s); "
+                   f"project tag {result.project_tag}")
 
 
 @images_group.command("prune")
@@ -471,10 +478,15 @@ def _worker_table(state: Any, health: dict[str, Any] | None = None) -> None:
 @click.option("--lm", "lm_mode", type=_LM_CHOICE, default=None, help="override the layer's LM mode")
 @click.option("--require-key", is_flag=True, help="real mode must use the real Gemini API, not the stand-in")
 @click.option("--run-id", default=None, help="use this run id instead of a random one")
+@click.option("--new", is_flag=True,
+              help="start another run even when this project's layer is already up (default: refuse)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def up_command(layer: str | None, workers: int | None, lm_mode: str | None, require_key: bool,
-               run_id: str | None, as_json: bool) -> None:
+               run_id: str | None, new: bool, as_json: bool) -> None:
     """Start a layer's workers and keep them up until `provision down`.
+
+    Refuses when the layer of this project is already up (naming the run): `provision down` it, or
+    pass --new to start another one alongside.
 
     Writes .provision/runs/<id>/state.json and an env file (also .provision/current.env) with
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
@@ -484,7 +496,7 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     settings = _settings(layer=layer)
     try:
         env = up(settings, layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
-                 require_key=require_key, run_id=run_id, progress=None if as_json else _say)
+                 require_key=require_key, run_id=run_id, new=new, progress=None if as_json else _say)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted: everything started so far was removed") from None
     state = env.state
@@ -509,10 +521,16 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
 @click.option("--run", "run_id", default=None, help="the run to remove (default: the current one)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def down_command(run_id: str | None, as_json: bool) -> None:
-    """Remove a run's containers and networks (idempotent)."""
-    from provisioner.runtime.environment import down
+    """Remove a run's containers and networks (idempotent).
 
-    result = down(_settings(), run_id=run_id)
+    Without --run: this project's run that is up (with several, a list to choose from; exit 2).
+    """
+    from provisioner.runtime.environment import AmbiguousRunError, down
+
+    try:
+        result = down(_settings(), run_id=run_id)
+    except AmbiguousRunError as exc:
+        raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed}))
     elif result.run_id is None:
@@ -522,15 +540,36 @@ def down_command(run_id: str | None, as_json: bool) -> None:
 
 
 @main.command("status")
-@click.option("--run", "run_id", default=None, help="the run to check (default: the current one)")
+@click.option("--run", "run_id", default=None, help="the run to check (default: this project's run)")
+@click.option("--all-projects", is_flag=True,
+              help="list every run on this engine (all projects) instead of one run's health")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status_command(run_id: str | None, as_json: bool) -> None:
-    """Health of every worker of a run (container state + ping). Exit 1 when not all healthy."""
+def status_command(run_id: str | None, all_projects: bool, as_json: bool) -> None:
+    """Health of every worker of a run (container state + ping). Exit 1 when not all healthy.
+
+    Without --run: this project's run that is up (the current one). --all-projects lists the runs
+    of every project on the engine instead.
+    """
     from dataclasses import asdict
 
-    from provisioner.runtime.environment import status
+    from provisioner.runtime.environment import AmbiguousRunError, run_overview, status
 
-    report = status(_settings(), run_id=run_id)
+    if all_projects:
+        rows = run_overview(_settings())
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        if not rows:
+            click.echo("no runs on this engine")
+        for row in rows:
+            owner = "persistent" if row["persistent"] else f"owned by pid {row['owner_pid']}"
+            click.echo(f"{row['run_id']:<22} {row['project'] or '(no project label)':<32} {row['layer']:<12} "
+                       f"{owner:<20} {row['resources']} resource(s)")
+        return
+    try:
+        report = status(_settings(), run_id=run_id)
+    except AmbiguousRunError as exc:
+        raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": report.run_id, "healthy": report.healthy,
                                "workers": [asdict(w) for w in report.workers], "others": report.others}))
@@ -571,27 +610,38 @@ def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require
 @main.command("reap")
 @click.option("--run", "run_id", default=None, help="remove this run")
 @click.option("--older-than", default=None, help="remove runs older than this (e.g. 30m, 2h, 1d)")
-@click.option("--all", "all_runs", is_flag=True, help="remove every run provisioner manages on this engine")
+@click.option("--all", "all_runs", is_flag=True, help="remove every run of this project (see --all-projects)")
+@click.option("--all-projects", is_flag=True, help="look at the runs of every project on this engine")
+@click.option("--force", is_flag=True, help="also remove runs whose owner processes are alive")
 @click.option("--dry-run", is_flag=True, help="only list what would be removed")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def reap_command(
-    run_id: str | None, older_than: str | None, all_runs: bool, dry_run: bool, as_json: bool
+    run_id: str | None, older_than: str | None, all_runs: bool, all_projects: bool, force: bool,
+    dry_run: bool, as_json: bool
 ) -> None:
-    """Remove leftovers of earlier runs (default: runs whose owner process is gone)."""
+    """Remove leftovers of earlier runs of this project (default: runs whose owner process is gone).
+
+    A run whose owners (a test session, `provision run`) are alive is kept unless --force. Runs
+    made by older versions (without a project label) count as this project's.
+    """
     from dataclasses import asdict
 
     from provisioner.runtime.environment import parse_duration, reap
 
     older_than_s = parse_duration(older_than) if older_than else None
-    results = reap(_settings(), run_id=run_id, older_than_s=older_than_s, all_runs=all_runs, dry_run=dry_run)
+    results = reap(_settings(), run_id=run_id, older_than_s=older_than_s, all_runs=all_runs,
+                   all_projects=all_projects, force=force, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in results]))
         return
     if not results:
         click.echo("nothing to reap")
     for r in results:
-        click.echo(f"{'would remove' if dry_run else 'removed'} run {r.run_id} ({r.reason}): "
-                   f"{len(r.removed)} resource(s)")
+        if r.kept:
+            click.echo(f"kept run {r.run_id} ({r.reason}): {r.kept}")
+        else:
+            click.echo(f"{'would remove' if dry_run else 'removed'} run {r.run_id} ({r.reason}): "
+                       f"{len(r.removed)} resource(s)")
 
 
 @main.command("doctor")
@@ -624,15 +674,23 @@ def compose_group() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="a file (one layer) or folder; default: compose/<layer>.yml; '-' prints")
 def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
-    """Write compose/<layer>.yml from the same recipes `provision up` uses."""
-    from provisioner.runtime.compose import export_layer, export_layers
+    """Write compose/<layer>.yml from the same recipes `provision up` uses, and compose/.env naming
+    this project's worker image tag. A layer without containers (unit) is a usage error (exit 2)."""
+    from provisioner.runtime.compose import NoContainersError, export_layer, export_layers
 
     settings = _settings()
-    if output is not None and str(output) == "-":
-        for name in layer_names or ("e2e",):
-            click.echo(export_layer(settings, name), nl=False)
-        return
-    for path in export_layers(settings, list(layer_names) or None, output):
+    try:
+        if output is not None and str(output) == "-":
+            texts = [export_layer(settings, name) for name in layer_names or ("e2e",)]
+            for text in texts:
+                click.echo(text, nl=False)
+            return
+        written = export_layers(settings, list(layer_names) or None, output)
+    except NoContainersError as exc:
+        raise UsageProblem(str(exc)) from None
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    for path in written:
         click.echo(f"wrote {path}")
 
 

@@ -33,6 +33,7 @@ from provisioner.errors import (
     ConfigError,
     DockerUnavailableError,
     ImageError,
+    ProvisionerError,
     RuntimeProblem,
     WorkerNotReadyError,
 )
@@ -466,9 +467,18 @@ def _docker(runtime: ContainerRuntime | None) -> ContainerRuntime:
     return rt
 
 
+def project_of(settings: Settings) -> str:
+    """The :func:`~provisioner.runtime.labels.project_id` of the settings' project root."""
+    return L.project_id(settings.project_dir)
+
+
 @dataclass(frozen=True)
 class RunSummary:
-    """A run found on the engine by its labels."""
+    """A run found on the engine by its labels.
+
+    ``project`` is None for runs labelled by a provisioner older than the project label: they count
+    as every project's (``reap`` and ``status`` still find them).
+    """
 
     run_id: str
     layer: str
@@ -477,6 +487,7 @@ class RunSummary:
     persistent: bool
     created: float
     resources: list[ResourceRef]
+    project: str | None = None
 
     def owner_alive(self) -> bool | None:
         """None when the owner is on another host (we cannot tell)."""
@@ -489,14 +500,46 @@ class RunSummary:
         except psutil.Error:
             return False
 
+    def live_owners(self, run_dir: Path | None = None) -> list[str]:
+        """The run's owner processes that are alive: the labelled owner and, when the run's state
+        folder is known, every owner registered there (pytest and xdist workers, ``provision run``).
+        Entries read ``pid <n>``, or ``<host> pid <n> (another host: assumed alive)``."""
+        alive = []
+        owner = self.owner_alive()
+        if owner is None and self.owner_host not in ("", "?", "compose"):
+            alive.append(f"{self.owner_host} pid {self.owner_pid} (another host: assumed alive)")
+        elif owner and self.owner_pid > 0:
+            alive.append(f"pid {self.owner_pid}")
+        if run_dir is not None:
+            for pid, start in wd._entries(run_dir / wd.OWNERS_DIR):
+                if wd._alive(pid, start) and f"pid {pid}" not in alive:
+                    alive.append(f"pid {pid}")
+        return alive
+
+    def running(self, runtime: ContainerRuntime) -> bool:
+        """At least one of its containers is running (a live environment, not just leftovers)."""
+        for ref in self.resources:
+            if ref.kind == "container":
+                state = runtime.container_state(ref.id)
+                if state is not None and state.running:
+                    return True
+        return False
+
     @property
     def stale(self) -> bool:
         """Owned by a process on this host that is gone (its watchdog should have removed it)."""
         return not self.persistent and self.owner_alive() is False
 
+    def in_project(self, project: str | None) -> bool:
+        """Belongs to ``project`` (None: any), or carries no project label (an older version's)."""
+        return project is None or self.project is None or self.project == project
 
-def list_runs(runtime: ContainerRuntime) -> list[RunSummary]:
-    """Every run that has managed resources on the engine, oldest first."""
+
+def list_runs(runtime: ContainerRuntime, project: str | None = None) -> list[RunSummary]:
+    """Every run that has managed resources on the engine, oldest first.
+
+    ``project``: only that project's runs (and unlabelled ones of older versions).
+    """
     groups: dict[str, list[ResourceRef]] = {}
     for ref in runtime.list_resources(L.selector()):
         if ref.run_id:
@@ -509,17 +552,18 @@ def list_runs(runtime: ContainerRuntime) -> list[RunSummary]:
             pid = int(labels.get(L.OWNER_PID, "0"))
         except ValueError:
             pid = 0
-        runs.append(
-            RunSummary(
-                run_id,
-                labels.get(L.LAYER, "?"),
-                labels.get(L.OWNER_HOST, "?"),
-                pid,
-                labels.get(L.PERSISTENT) == "true",
-                created,
-                refs,
-            )
+        summary = RunSummary(
+            run_id,
+            labels.get(L.LAYER, "?"),
+            labels.get(L.OWNER_HOST, "?"),
+            pid,
+            labels.get(L.PERSISTENT) == "true",
+            created,
+            refs,
+            labels.get(L.PROJECT) or None,
         )
+        if summary.in_project(project):
+            runs.append(summary)
     return sorted(runs, key=lambda r: r.created)
 
 
@@ -539,16 +583,27 @@ def up(
     watchdog: bool = True,
     owner_pid: int | None = None,
     progress: Progress | None = None,
+    new: bool = False,
 ) -> RunEnvironment:
     """Start a layer's environment and write its state and env files; return the live run.
 
     ``persistent`` (``provision up``): the environment outlives this process until :func:`down`.
+    A persistent run refuses to start over a live persistent run of the same project and layer
+    (it would orphan it: ``down`` only knows the current run) unless ``new`` starts another one
+    alongside. Every resource is labelled with the project (:func:`project_of`).
     Otherwise (``provision run``, the pytest plugin) the run's watchdog removes it as soon as its
     owner process (``owner_pid``, default this one) is gone, even after SIGKILL. The watchdog also
     covers a persistent run until it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
+
+    Raises:
+        ConfigError: the layer has no containers, or ``require_key`` without a key.
+        RuntimeProblem: a live run of this project and layer exists (see ``new``), or ``run_id``
+            is taken.
+        ImageError: the worker image cannot be built or found, or holds another provisioner.
     """
     settings = _settings(settings)
     say = progress or (lambda _m: None)
+    project = project_of(settings)
     layer_obj = get_layer(settings, layer or settings.layer)
     if not layer_obj.needs_docker:
         raise ConfigError(
@@ -561,10 +616,23 @@ def up(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
         )
     rt = _docker(runtime)
+    runs = list_runs(rt, project)
+    if persistent and not new:
+        live = [
+            r for r in runs
+            if r.persistent and r.project == project and r.layer == layer_obj.name and r.running(rt)
+        ]
+        if live:
+            ids = ", ".join(r.run_id for r in live)
+            raise RuntimeProblem(
+                f"layer {layer_obj.name!r} of this project is already up (run {ids}); "
+                f"remove it first with `provision down --run {live[-1].run_id}`, "
+                "or start another one alongside with `provision up --new`"
+            )
     warnings = [
         f"stale run {r.run_id} (layer {r.layer}, owner pid {r.owner_pid} gone) still has "
         f"{len(r.resources)} resource(s); `provision reap` removes them"
-        for r in list_runs(rt)
+        for r in runs
         if r.stale
     ]
     for w in warnings:
@@ -576,7 +644,7 @@ def up(
         if not isinstance(rt, DockerRuntime):
             raise ImageError("pass image= when using a runtime other than DockerRuntime")
         image = ensure_worker_image(
-            rt, image=settings.container.image, base=settings.container.base, progress=say
+            rt, image=settings.container.image, base=settings.container.base, project=project, progress=say
         )
     if run_id is not None and rt.list_resources(L.selector(run_id)):
         raise RuntimeProblem(
@@ -609,6 +677,7 @@ def up(
         owner_pid=owner,
         created=created,
         persistent=persistent,
+        project=project,
     )
     env = RunEnvironment(
         plan,
@@ -664,18 +733,61 @@ class DownResult:
     removed: list[str]
 
 
+class AmbiguousRunError(ConfigError):
+    """Several runs could be meant; ``candidates`` lists them (``run id (layer …, started …)``)."""
+
+    def __init__(self, message: str, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+def _describe(summary: RunSummary) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary.created)) if summary.created else "?"
+    return f"{summary.run_id} (layer {summary.layer}, started {started})"
+
+
+def default_run(settings: Settings, runtime: ContainerRuntime) -> str | None:
+    """The run ``down``/``status`` mean without ``--run``: this project's one persistent run.
+
+    The current run (``<state_dir>/current``) when it is the only live persistent run of the
+    project; else the one live persistent run of the project on the engine; None when there is none.
+
+    Raises:
+        AmbiguousRunError: the project has several live persistent runs (``up --new``).
+    """
+    project = project_of(settings)
+    live = [r for r in list_runs(runtime, project) if r.persistent and r.project == project]
+    current = current_run_id(settings)
+    others = [r for r in live if r.run_id != current]
+    if current is not None and not others:
+        return current
+    if current is None and len(live) == 1:
+        return live[0].run_id
+    if not live:
+        return current
+    candidates = [_describe(r) for r in live]
+    raise AmbiguousRunError(
+        f"this project has {len(live)} runs up; choose one with --run ID: " + "; ".join(candidates),
+        [r.run_id for r in live],
+    )
+
+
 def down(
     settings: Settings | None = None,
     *,
     run_id: str | None = None,
     runtime: ContainerRuntime | None = None,
 ) -> DownResult:
-    """Remove a run (default: the current one) — idempotent: a second call removes nothing."""
+    """Remove a run (default: :func:`default_run`) — idempotent: a second call removes nothing.
+
+    Raises:
+        AmbiguousRunError: no ``run_id`` and the project has several runs up.
+    """
     settings = _settings(settings)
-    run_id = run_id or current_run_id(settings)
+    rt = _docker(runtime)
+    run_id = run_id or default_run(settings, rt)
     if run_id is None:
         return DownResult(None, [])
-    rt = _docker(runtime)
     run_dir = run_dir_of(settings, run_id)
     removed: list[str] = []
     if run_dir.is_dir():
@@ -737,13 +849,17 @@ def status(
     runtime: ContainerRuntime | None = None,
     probe: Probe = bridge_probe,
 ) -> StatusReport:
-    """The health of every worker of a run (default: the current one): container state and a ping."""
+    """The health of every worker of a run (default: :func:`default_run`): container state and a ping.
+
+    Raises:
+        AmbiguousRunError: no ``run_id`` and the project has several runs up.
+    """
     settings = _settings(settings)
-    run_id = run_id or current_run_id(settings)
+    rt = _docker(runtime)
+    run_id = run_id or default_run(settings, rt)
     state = read_state(settings, run_id) if run_id else None
     if state is None:
         return StatusReport(run_id, None, [], {})
-    rt = _docker(runtime)
 
     def check(w: dict[str, Any]) -> WorkerHealth:
         cstate = rt.container_state(str(w["container_id"]))
@@ -778,6 +894,34 @@ def status(
             cs = rt.container_state(name)
             others[name] = "missing" if cs is None else cs.status
     return StatusReport(run_id, state, workers, others)
+
+
+def run_overview(
+    settings: Settings | None = None, *, runtime: ContainerRuntime | None = None
+) -> list[dict[str, Any]]:
+    """Every run on the engine, all projects, oldest first (``provision status --all-projects``).
+
+    Each row: ``run_id``, ``project`` (None: made by an older version), ``this_project`` (bool),
+    ``layer``, ``persistent``, ``owner_host``, ``owner_pid``, ``created`` (unix time), ``resources``
+    (count).
+    """
+    settings = _settings(settings)
+    rt = _docker(runtime)
+    ours = project_of(settings)
+    return [
+        {
+            "run_id": r.run_id,
+            "project": r.project,
+            "this_project": r.project == ours,
+            "layer": r.layer,
+            "persistent": r.persistent,
+            "owner_host": r.owner_host,
+            "owner_pid": r.owner_pid,
+            "created": r.created,
+            "resources": len(r.resources),
+        }
+        for r in list_runs(rt)
+    ]
 
 
 # --- provision run -----------------------------------------------------------------------------------
@@ -884,9 +1028,14 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class ReapResult:
+    """One run ``reap`` looked at: ``removed`` what went (or would go, with ``dry_run``); ``kept``
+    why it stayed although selected (its owners are alive), empty when it was removed."""
+
     run_id: str
     reason: str
     removed: list[str]
+    project: str | None = None
+    kept: str = ""
 
 
 def reap(
@@ -895,21 +1044,26 @@ def reap(
     run_id: str | None = None,
     older_than_s: float | None = None,
     all_runs: bool = False,
+    all_projects: bool = False,
+    force: bool = False,
     runtime: ContainerRuntime | None = None,
     dry_run: bool = False,
 ) -> list[ReapResult]:
-    """Remove leftovers of earlier runs.
+    """Remove leftovers of earlier runs of this project (``all_projects``: of every project).
 
     Default: runs whose owner process on this host is gone and that were not started as persistent
     (``provision up``) — what a watchdog would have removed had it run. ``run_id``: that run.
     ``older_than_s``: every run created longer ago than that (persistent ones too). ``all_runs``:
-    every run provisioner manages on this engine.
+    every run in scope. Runs labelled by an older provisioner (no project label) are in every
+    project's scope. A selected run whose owner processes are alive (a test session, ``provision
+    run``) is kept — reported with ``kept`` — unless ``force``.
     """
     settings = _settings(settings)
     rt = _docker(runtime)
+    project = None if all_projects or run_id is not None else project_of(settings)
     now = time.time()
     out = []
-    for summary in list_runs(rt):
+    for summary in list_runs(rt, project):
         if run_id is not None:
             reason = "requested" if summary.run_id == run_id else ""
         elif all_runs:
@@ -921,11 +1075,17 @@ def reap(
             reason = "owner gone" if summary.stale else ""
         if not reason:
             continue
+        listed = [f"{r.kind} {r.name}" for r in summary.resources]
+        owners = summary.live_owners(run_dir_of(settings, summary.run_id))
+        if owners and not force:
+            kept = f"owner {', '.join(owners)} alive; --force removes it anyway"
+            out.append(ReapResult(summary.run_id, reason, [], summary.project, kept))
+            continue
         if dry_run:
-            out.append(ReapResult(summary.run_id, reason, [f"{r.kind} {r.name}" for r in summary.resources]))
+            out.append(ReapResult(summary.run_id, reason, listed, summary.project))
             continue
         result = down(settings, run_id=summary.run_id, runtime=rt)
-        out.append(ReapResult(summary.run_id, reason, result.removed))
+        out.append(ReapResult(summary.run_id, reason, result.removed, summary.project))
     return out
 
 
@@ -939,66 +1099,150 @@ class Check:
     detail: str
 
 
+def _isolated(name: str, check: Callable[[], list[Check]]) -> list[Check]:
+    """Run one check; an unexpected error becomes a failed check naming it (doctor never crashes)."""
+    try:
+        return check()
+    except Exception as exc:
+        return [Check(name, "fail", f"the check itself failed: {type(exc).__name__}: {exc}")]
+
+
 def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None = None) -> list[Check]:
-    """Engine reachable, image present, base buildable, API key for real mode, disk space."""
-    settings = _settings(settings)
+    """Every check, each isolated: installation, engine, worker image, base image, API key, disk
+    space, stale runs. Returns one or more :class:`Check` per area (status ``ok``/``warn``/``fail``);
+    a problem — including an unexpected error inside a check — is a failed check with advice, never
+    an exception. Without a reachable engine the engine-bound checks are skipped as failed.
+    """
+    try:
+        settings = _settings(settings)
+    except ProvisionerError as exc:
+        return [Check("settings", "fail", str(exc))]
     checks: list[Check] = []
+    checks += _isolated("provisioner installation", _check_installation)
+    rt: ContainerRuntime | None = None
     try:
         rt = _docker(runtime)
         rt.ping()
     except DockerUnavailableError as exc:
-        return [Check("docker engine", "fail", str(exc))]
-    from provisioner.runtime.engine import DockerRuntime
+        rt = None
+        checks.append(Check("docker engine", "fail", str(exc)))
+    except Exception as exc:
+        rt = None
+        checks.append(Check("docker engine", "fail", f"{type(exc).__name__}: {exc}"))
+    docker_root = "/"
+    if rt is not None:
+        from provisioner.runtime.engine import DockerRuntime
 
-    if isinstance(rt, DockerRuntime):
-        version = rt.client.version()
-        checks.append(
-            Check("docker engine", "ok", f"Docker {version.get('Version')} (API {version.get('ApiVersion')})")
-        )
-        from provisioner.runtime import images
-
-        tag = settings.container.image or images.worker_tag(rt, settings.container.base)
-        if tag and rt.image_exists(tag):
-            checks.append(Check("worker image", "ok", f"{tag} is present"))
+        engine = rt
+        if isinstance(engine, DockerRuntime):
+            checks += _isolated("docker engine", lambda: _check_engine(engine))
+            checks += _isolated("worker image", lambda: _check_worker_image(settings, engine))
+            checks += _isolated("base image", lambda: _check_base_image(settings, engine))
+            with contextlib.suppress(Exception):
+                docker_root = str(engine.client.info().get("DockerRootDir") or "/var/lib/docker")
         else:
-            checks.append(
+            checks.append(Check("docker engine", "ok", type(rt).__name__))
+    checks += _isolated("Gemini API key", lambda: _check_api_key(settings))
+    checks += _isolated("disk", lambda: _check_disk(settings, docker_root))
+    if rt is not None:
+        engine_ = rt
+        checks += _isolated("stale runs", lambda: _check_stale(settings, engine_))
+    return checks
+
+
+def _check_installation() -> list[Check]:
+    from provisioner.runtime import images
+
+    package = images.installed_package()
+    images.recipe_dir()
+    return [
+        Check(
+            "provisioner installation",
+            "ok",
+            f"{package.name} {package.version} at {package.root} (package hash {package.hash()[:16]})",
+        )
+    ]
+
+
+def _check_engine(rt: Any) -> list[Check]:
+    version = rt.client.version()
+    detail = f"Docker {version.get('Version')} (API {version.get('ApiVersion')})"
+    return [Check("docker engine", "ok", detail)]
+
+
+def _check_worker_image(settings: Settings, rt: Any) -> list[Check]:
+    from provisioner.runtime import images
+
+    custom = settings.container.image
+    if custom:
+        if not rt.image_exists(custom):
+            return [
                 Check(
                     "worker image",
-                    "warn",
-                    f"{tag or 'the worker image'} is not built yet; `provision images build` "
-                    "(or the first `provision up`) builds it",
+                    "fail",
+                    f"{custom} (settings container.image) is not present; provisioner does not build "
+                    f"custom images: build or pull it yourself (`docker build -t {custom} …` or "
+                    f"`docker pull {custom}`), or unset container.image to use provisioner's own image",
                 )
-            )
+            ]
         try:
-            base_ref, _ = images.resolve_base(rt, settings.container.base, allow_build=False)
-            checks.append(Check("base image", "ok", f"{base_ref} is present"))
-        except ImageError:
-            problem = images.debootstrap_problem()
-            checks.append(
+            images.check_image_provisioner(rt, custom)
+        except ImageError as exc:
+            return [Check("worker image", "fail", str(exc))]
+        return [Check("worker image", "ok", f"{custom} (settings container.image) is present")]
+    tag = images.worker_tag(rt, settings.container.base)
+    if tag and rt.image_exists(tag):
+        return [Check("worker image", "ok", f"{tag} is present (this installation's provisioner)")]
+    return [
+        Check(
+            "worker image",
+            "warn",
+            f"{tag or 'the worker image'} is not built yet; `provision images build` "
+            "(or the first `provision up` / container test) builds it",
+        )
+    ]
+
+
+def _check_base_image(settings: Settings, rt: Any) -> list[Check]:
+    from provisioner.runtime import images
+
+    if settings.container.image:
+        return [Check("base image", "ok", "not needed: container.image is a custom image")]
+    try:
+        base_ref, _ = images.resolve_base(rt, settings.container.base, allow_build=False)
+        return [Check("base image", "ok", f"{base_ref} is present")]
+    except ImageError:
+        problem = images.debootstrap_problem()
+        if problem and settings.container.base == "debootstrap":
+            return [Check("base image", "fail", problem)]
+        if problem:
+            return [
                 Check(
                     "base image",
-                    "fail" if problem else "ok",
-                    problem or "buildable offline with debootstrap (root, debootstrap found)",
+                    "warn",
+                    f"{images.PYTHON_BASE} is not present (a pull needs a registry) and the offline "
+                    f"base cannot be built: {problem}",
                 )
-            )
-        docker_root = str(rt.client.info().get("DockerRootDir") or "/var/lib/docker")
-    else:
-        checks.append(Check("docker engine", "ok", type(rt).__name__))
-        docker_root = "/"
+            ]
+        return [Check("base image", "ok", "buildable offline with debootstrap (root, debootstrap found)")]
+
+
+def _check_api_key(settings: Settings) -> list[Check]:
     real_layers = [n for n, mode in settings.lm_modes.items() if mode == "real"]
     if settings.lm.api_key is not None:
-        checks.append(
-            Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is set (real mode uses the real API)")
+        return [Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is set (real mode uses the real API)")]
+    return [
+        Check(
+            "Gemini API key",
+            "warn",
+            f"GEMINI_TEST_API_KEY is not set: real-mode layers ({', '.join(real_layers) or '-'}) "
+            "use the local Gemini stand-in",
         )
-    else:
-        checks.append(
-            Check(
-                "Gemini API key",
-                "warn",
-                f"GEMINI_TEST_API_KEY is not set: real-mode layers ({', '.join(real_layers) or '-'}) "
-                "use the local Gemini stand-in",
-            )
-        )
+    ]
+
+
+def _check_disk(settings: Settings, docker_root: str) -> list[Check]:
+    checks = []
     for label, path in (
         ("disk (docker)", docker_root),
         ("disk (state dir)", str(Path(settings.state_dir).resolve())),
@@ -1012,7 +1256,11 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
             checks.append(Check(label, "warn", f"cannot read free space of {path}: {exc}"))
             continue
         checks.append(Check(label, "ok" if free >= 2 else "fail", f"{free:.1f} GB free at {path}"))
-    stale = [r.run_id for r in list_runs(rt) if r.stale]
-    if stale:
-        checks.append(Check("stale runs", "warn", f"{', '.join(stale)}: `provision reap` removes them"))
     return checks
+
+
+def _check_stale(settings: Settings, rt: ContainerRuntime) -> list[Check]:
+    stale = [r.run_id for r in list_runs(rt, project_of(settings)) if r.stale]
+    if stale:
+        return [Check("stale runs", "warn", f"{', '.join(stale)}: `provision reap` removes them")]
+    return []

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
@@ -168,15 +168,13 @@ def installed_package(root: Path | None = None) -> PackageSource:
     import importlib.metadata as md
 
     root = root or package_dir()
-    try:
-        dist = md.distribution(DIST_NAME)
-    except md.PackageNotFoundError:
-        dist = None
-    if dist is not None and dist.read_text("METADATA"):
-        return PackageSource(
-            root, dist.metadata["Name"], dist.version, dist.read_text("METADATA") or "",
-            dist.read_text("entry_points.txt") or "",
-        )
+    # The installed .dist-info (a build's leftover .egg-info in a checkout on sys.path has no METADATA).
+    for dist in md.distributions(name=DIST_NAME):
+        metadata = dist.read_text("METADATA")
+        if metadata:
+            return PackageSource(
+                root, dist.metadata["Name"], dist.version, metadata, dist.read_text("entry_points.txt") or ""
+            )
     pyproject = root.parent / "pyproject.toml"
     if pyproject.is_file():
         return _from_pyproject(root, pyproject)

@@ -312,12 +312,14 @@ def plan_run(
     user: str | None = None,
     worker_args: tuple[str, ...] = (),
     persistent: bool = False,
+    project: str | None = None,
 ) -> RunPlan:
     """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
 
     ``lm`` is the host-side LM configuration (``settings.lm_for(layer)``); ``run_dir`` is the host
     directory shared by the run's workers (needed for cached and real modes). ``use_standin``:
     None = start the stand-in exactly when the layer is real and no API key is configured.
+    ``project``: the :func:`~provisioner.runtime.labels.project_id` every resource is labelled with.
     """
     if not layer.needs_docker:
         raise ValueError(
@@ -335,6 +337,7 @@ def plan_run(
         owner_host=owner_host,
         created=created,
         persistent=persistent,
+        project=project,
     )
     if use_standin is None:
         use_standin = lm.mode == "real" and lm.api_key is None and lm.base_url is None

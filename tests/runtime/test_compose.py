@@ -9,10 +9,9 @@ import pytest
 import yaml
 
 from provisioner.runtime.compose import container_layers, export_layer
-from provisioner.runtime.images import project_root
 from provisioner.settings import load_settings
 
-ROOT = project_root()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -56,9 +55,55 @@ def test_compose_files_keep_the_security_properties(repo_settings) -> None:  # t
     assert "gemini-standin" in e2e["services"] and e2e["services"]["w0"]["depends_on"] == ["gemini-standin"]
 
 
-def test_export_to_a_folder(repo_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_export_to_a_folder_names_the_projects_image_tag_in_env(repo_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from provisioner.runtime.compose import export_layers
+    from provisioner.runtime.images import project_tag
+    from provisioner.runtime.labels import project_id
 
+    (tmp_path / ".env").write_text("MY_OWN=1\nPROVISION_WORKER_IMAGE=old\n")
     written = export_layers(repo_settings, ["e2e"], tmp_path)
-    assert written == [tmp_path / "e2e.yml"]
+    assert written == [tmp_path / "e2e.yml", tmp_path / ".env"]
     assert written[0].read_text() == (ROOT / "compose" / "e2e.yml").read_text()
+    # The machine-specific part lives in .env (read by docker-compose from the files' folder).
+    expected = f"MY_OWN=1\nPROVISION_WORKER_IMAGE={project_tag(project_id(ROOT))}\n"
+    assert (tmp_path / ".env").read_text() == expected
+
+
+def test_compose_files_name_no_shared_latest_tag_and_nothing_machine_specific(repo_settings) -> None:  # type: ignore[no-untyped-def]
+    from provisioner.runtime.labels import project_id
+
+    for layer in ("integration", "e2e"):
+        text = (ROOT / "compose" / f"{layer}.yml").read_text()
+        assert ":latest" not in text and project_id(ROOT) not in text and str(ROOT) not in text
+        images = {s["image"] for s in yaml.safe_load(text)["services"].values()}
+        assert images == {"${PROVISION_WORKER_IMAGE:?is not set: run provision compose export, which writes "
+                          "it into .env}"}
+
+
+def test_a_layer_without_containers_is_explained_and_nothing_is_written(
+    repo_settings, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from provisioner.runtime.compose import NoContainersError, export_layers
+
+    target = tmp_path / "compose"
+    with pytest.raises(NoContainersError, match=r"'unit' runs in-process .* layers with containers: "
+                                                r"integration, e2e"):
+        export_layers(repo_settings, ["integration", "unit"], target)
+    assert not target.exists()  # not even the folder: every layer is checked before writing
+
+
+def test_cli_compose_export_of_the_unit_layer_exits_2_without_a_traceback(
+    repo_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import subprocess
+    import sys
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[project]\nname = 'p'\n[tool.provisioner]\n")
+    cli = Path(sys.executable).with_name("provision")
+    done = subprocess.run([str(cli), "compose", "export", "--layer", "unit"], cwd=project,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and "has no containers" in done.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["pyproject.toml"]  # no empty compose/

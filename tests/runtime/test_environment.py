@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -176,7 +177,9 @@ def _dead_pid() -> int:
 
 def test_reap_picks_stale_old_or_all_runs(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
     rt = fake[0]
-    kept = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=True)
+    kept = _up(
+        settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=True, owner_pid=_dead_pid()
+    )
     stale = _up(
         settings,
         fake,
@@ -191,7 +194,7 @@ def test_reap_picks_stale_old_or_all_runs(settings: Settings, fake: tuple[FakeRu
     runs = {r.run_id: r for r in E.list_runs(rt)}
     assert set(runs) == ids and runs[stale.plan.run_id].stale and not runs[mine.plan.run_id].stale
 
-    later = _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
+    later = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, new=True)
     assert any(stale.plan.run_id in w for w in later.warnings)  # up warns about stale runs
 
     dry = E.reap(settings, runtime=rt, dry_run=True)
@@ -202,10 +205,14 @@ def test_reap_picks_stale_old_or_all_runs(settings: Settings, fake: tuple[FakeRu
     assert E.reap(settings, runtime=rt) == []
     assert E.reap(settings, runtime=rt, older_than_s=3600) == []  # all younger than an hour
     assert [r.run_id for r in E.reap(settings, runtime=rt, run_id=kept.plan.run_id)] == [kept.plan.run_id]
-    assert {r.run_id for r in E.reap(settings, runtime=rt, all_runs=True)} == {
-        mine.plan.run_id,
-        later.plan.run_id,
-    }
+    # Owned by this (live) process: kept, and said so, unless forced.
+    held = E.reap(settings, runtime=rt, all_runs=True)
+    assert {r.run_id for r in held} == {mine.plan.run_id, later.plan.run_id}
+    assert all(r.removed == [] and f"pid {os.getpid()}" in r.kept and "--force" in r.kept for r in held)
+    assert len(E.list_runs(rt)) == 2
+    forced = E.reap(settings, runtime=rt, all_runs=True, force=True)
+    assert {r.run_id for r in forced} == {mine.plan.run_id, later.plan.run_id}
+    assert all(r.removed and not r.kept for r in forced)
     assert rt.containers == {} and rt.networks == {}
 
 
@@ -297,8 +304,140 @@ def test_doctor_reports_the_engine_key_and_disk(
     assert (
         checks["disk (state dir)"].status in ("ok", "fail") and "GB free" in checks["disk (state dir)"].detail
     )
+    assert checks["provisioner installation"].status == "ok"
+    assert "dspy-provisioner" in checks["provisioner installation"].detail
     rt.available = False
-    assert [(c.name, c.status) for c in E.doctor(settings, runtime=rt)] == [("docker engine", "fail")]
+    without_engine = {c.name: c.status for c in E.doctor(settings, runtime=rt)}
+    assert without_engine["docker engine"] == "fail" and "stale runs" not in without_engine
+    assert without_engine["Gemini API key"] == "warn"  # the checks that need no engine still run
+
+
+def test_doctor_turns_an_unexpected_error_into_a_failed_check(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioner.errors import ImageError
+    from provisioner.runtime import images
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise ImageError("the worker image is built from provisioner's source tree, which was not found")
+
+    monkeypatch.setattr(images, "installed_package", broken)
+    monkeypatch.setattr(E, "list_runs", lambda *_a, **_k: 1 / 0)
+    checks = {c.name: c for c in E.doctor(settings, runtime=fake[0])}
+    assert checks["provisioner installation"].status == "fail"
+    assert "ImageError" in checks["provisioner installation"].detail
+    assert checks["stale runs"].status == "fail" and "ZeroDivisionError" in checks["stale runs"].detail
+    assert checks["Gemini API key"].status == "warn"  # the other checks still ran
+
+
+def _project_settings(tmp_path: Path, name: str) -> Settings:
+    from provisioner.settings import load_settings
+
+    root = tmp_path / name
+    root.mkdir()
+    (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n[tool.provisioner]\n")
+    return load_settings(project_dir=root)
+
+
+def test_up_twice_refuses_with_the_run_id_and_the_two_ways_out(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt = fake[0]
+    first = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, owner_pid=_dead_pid())
+    before = len(rt.list_resources(L.selector()))
+    with pytest.raises(RuntimeProblem) as err:
+        _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
+    message = str(err.value)
+    assert first.plan.run_id in message and "provision down" in message and "--new" in message
+    assert len(rt.list_resources(L.selector())) == before  # nothing started, nothing orphaned
+    assert E.current_run_id(settings) == first.plan.run_id
+    other_layer = _up(settings, fake, layer="e2e", lm_mode="mock", workers=1, owner_pid=_dead_pid())
+    assert other_layer.state is not None  # another layer of the project is not "the same run"
+    assert E.down(settings, run_id=other_layer.plan.run_id, runtime=rt).removed
+
+    second = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, new=True)
+    with pytest.raises(E.AmbiguousRunError) as many:
+        E.down(settings, runtime=rt)
+    assert set(many.value.candidates) == {first.plan.run_id, second.plan.run_id}
+    assert first.plan.run_id in str(many.value) and "--run" in str(many.value)
+    with pytest.raises(E.AmbiguousRunError):
+        E.status(settings, runtime=rt, probe=fake[1].probe)
+    assert E.down(settings, run_id=first.plan.run_id, runtime=rt).removed
+    # One left: down without --run finds it.
+    assert E.down(settings, runtime=rt).run_id == second.plan.run_id
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_down_and_status_find_the_projects_run_without_a_current_file(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
+    (Path(settings.state_dir) / E.CURRENT_RUN).unlink()  # e.g. the state dir was cleaned
+    assert E.status(settings, runtime=rt, probe=workers.probe).run_id == env.plan.run_id
+    assert E.down(settings, runtime=rt).run_id == env.plan.run_id
+    assert rt.containers == {}
+
+
+def test_runs_carry_the_project_and_reap_stays_in_its_project(
+    tmp_path: Path, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    rt = fake[0]
+    mine, theirs = _project_settings(tmp_path, "mine"), _project_settings(tmp_path, "theirs")
+    assert E.project_of(mine) != E.project_of(theirs)
+    a = _up(mine, fake, layer="integration", lm_mode="mock", workers=1, persistent=False,
+            owner_pid=_dead_pid())
+    b = _up(theirs, fake, layer="integration", lm_mode="mock", workers=1, persistent=False,
+            owner_pid=_dead_pid())
+    for ref in rt.list_resources(L.selector(a.plan.run_id)):
+        assert ref.labels[L.PROJECT] == E.project_of(mine)
+    assert [r.run_id for r in E.list_runs(rt, E.project_of(mine))] == [a.plan.run_id]
+    assert [r.run_id for r in E.reap(mine, runtime=rt, older_than_s=0, dry_run=True)] == [a.plan.run_id]
+    assert [r.run_id for r in E.reap(mine, runtime=rt)] == [a.plan.run_id]
+    assert rt.list_resources(L.selector(b.plan.run_id))  # the other project's run is untouched
+    overview = E.run_overview(mine, runtime=rt)
+    assert [(r["run_id"], r["this_project"]) for r in overview] == [(b.plan.run_id, False)]
+    assert [r.run_id for r in E.reap(mine, runtime=rt, all_projects=True)] == [b.plan.run_id]
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_reap_finds_runs_labelled_by_an_older_version(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    from provisioner.runtime.recipes import NetworkRecipe
+
+    rt = fake[0]
+    # Exactly the label set of the version before the project label (no provisioner.project).
+    old = L.run_labels("oldrun1", "integration", "s", owner_pid=_dead_pid())
+    assert L.PROJECT not in old
+    rt.create_network(NetworkRecipe("prov-oldrun1", internal=True, labels={**old, L.ROLE: L.ROLE_NETWORK}))
+    found = E.reap(settings, runtime=rt, dry_run=True)
+    assert [(r.run_id, r.reason, r.project) for r in found] == [("oldrun1", "owner gone", None)]
+    assert [r.run_id for r in E.reap(settings, runtime=rt)] == ["oldrun1"]
+    assert rt.networks == {}
+
+
+def test_reap_keeps_a_run_with_a_live_registered_owner(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    from provisioner.runtime import watchdog as wd
+
+    rt = fake[0]
+    # The labelled owner is gone, but an xdist worker (a registered owner) is still running.
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=False,
+              owner_pid=_dead_pid())
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wd.register_owner(E.run_dir_of(settings, env.plan.run_id), helper.pid)
+        [result] = E.reap(settings, runtime=rt)
+        assert result.removed == [] and f"pid {helper.pid}" in result.kept
+        assert rt.list_resources(L.selector(env.plan.run_id))
+    finally:
+        helper.kill()
+        helper.wait()
+    [result] = E.reap(settings, runtime=rt)
+    assert result.removed and rt.containers == {}
 
 
 def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
@@ -308,6 +447,6 @@ def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
     first = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken")
     before = rt.list_resources(L.selector("taken"))
     with pytest.raises(RuntimeProblem, match="'taken' is already in use"):
-        _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken")
+        _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken", new=True)
     assert rt.list_resources(L.selector("taken")) == before
     first.stop()

@@ -1,64 +1,98 @@
-"""Image inputs: content hash, provisioner's own wheel, the pinned requirements."""
+"""Image inputs: the recipe as package data, the package hash, provisioner's own wheel, the pinned
+requirements, the debootstrap call, per-project tags and the provisioner-mismatch check."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import re
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from provisioner.errors import ImageError
 from provisioner.runtime import images
+from provisioner.runtime import labels as L
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _tree(tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    (root / "provisioner" / "sub").mkdir(parents=True)
-    (root / "images" / "worker").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(
-        '[project]\nname = "provisioner"\nversion = "9.9"\ndependencies = ["click>=8"]\n'
-        '[project.scripts]\nprovision = "provisioner.cli:main"\n'
-        '[project.entry-points.pytest11]\nprovisioner = "provisioner.pytest_plugin"\n'
+def _package(tmp_path: Path) -> images.PackageSource:
+    """A small stand-in package (its own folder, metadata and entry points)."""
+    root = tmp_path / "site" / "provisioner"
+    (root / "sub").mkdir(parents=True)
+    (root / "assets" / "worker").mkdir(parents=True)
+    (root / "__init__.py").write_text("X = 1\n")
+    (root / "sub" / "mod.py").write_text("Y = 2\n")
+    (root / "py.typed").write_text("")
+    for name in images.RECIPE_FILES:
+        (root / "assets" / "worker" / name).write_text(f"{name}\n")
+    metadata = "Metadata-Version: 2.4\nName: dspy-provisioner\nVersion: 9.9\nRequires-Dist: click>=8\n"
+    entry_points = (
+        "[console_scripts]\nprovision = provisioner.cli:main\n\n"
+        "[pytest11]\nprovisioner = provisioner.pytest_plugin\n"
     )
-    (root / "provisioner" / "__init__.py").write_text("X = 1\n")
-    (root / "provisioner" / "sub" / "mod.py").write_text("Y = 2\n")
-    (root / "provisioner" / "py.typed").write_text("")
-    for name in ("Dockerfile", ".dockerignore", "requirements.txt", "healthcheck.py"):
-        (root / "images" / "worker" / name).write_text(f"{name}\n")
-    return root
+    return images.PackageSource(root, "dspy-provisioner", "9.9", metadata, entry_points)
 
 
-def test_the_tag_hash_covers_base_image_files_and_source(tmp_path: Path) -> None:
-    root = _tree(tmp_path)
-    first = images.worker_image_hash("sha256:base1", root)
-    assert first == images.worker_image_hash("sha256:base1", root)  # stable
-    assert first != images.worker_image_hash("sha256:base2", root)
-    (root / "provisioner" / "sub" / "mod.py").write_text("Y = 3\n")
-    second = images.worker_image_hash("sha256:base1", root)
-    assert second != first
-    (root / "images" / "worker" / "Dockerfile").write_text("changed\n")
-    assert images.worker_image_hash("sha256:base1", root) != second
+def test_the_recipe_is_package_data_of_the_installed_package() -> None:
+    recipe = images.recipe_dir()
+    assert recipe == images.package_dir() / "assets" / "worker"
+    assert all((recipe / name).is_file() for name in images.RECIPE_FILES)
+    package = images.installed_package()
+    assert package.name == "dspy-provisioner" and package.root == images.package_dir()
+    assert "[pytest11]" in package.entry_points and "provision = provisioner.cli:main" in package.entry_points
+    rel = {p.relative_to(package.root).as_posix() for p in package.files()}
+    assert {"assets/worker/Dockerfile", "assets/worker/.dockerignore", "py.typed", "runtime/relay.py"} <= rel
+    # The old layout (a recipe outside the package, next to a source tree) is gone.
+    assert not (REPO / "images" / "worker").exists()
+
+
+def test_the_package_hash_covers_every_file_the_recipe_and_the_metadata(tmp_path: Path) -> None:
+    package = _package(tmp_path)
+    first = images.worker_image_hash("sha256:base1", package)
+    assert first == images.worker_image_hash("sha256:base1", package)  # stable
+    assert first != images.worker_image_hash("sha256:base2", package)
+    (package.root / "sub" / "mod.py").write_text("Y = 3\n")
+    second = images.worker_image_hash("sha256:base1", package)
+    assert second != first  # a source change changes the tag
+    (package.root / "assets" / "worker" / "Dockerfile").write_text("changed\n")
+    third = images.worker_image_hash("sha256:base1", package)
+    assert third != second  # so does a recipe change
+    other_version = images.PackageSource(
+        package.root, package.name, "9.10", package.metadata.replace("9.9", "9.10"), package.entry_points
+    )
+    assert images.worker_image_hash("sha256:base1", other_version) != third
     # Byte-code caches are not inputs.
-    before = images.worker_image_hash("sha256:base1", root)
-    (root / "provisioner" / "__pycache__").mkdir()
-    (root / "provisioner" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
-    assert images.worker_image_hash("sha256:base1", root) == before
+    (package.root / "__pycache__").mkdir()
+    (package.root / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert images.worker_image_hash("sha256:base1", package) == third
 
 
-def test_the_project_wheel_is_complete_and_installable_metadata(tmp_path: Path) -> None:
-    root = _tree(tmp_path)
+def test_the_wheel_is_made_from_the_installed_files_and_metadata(tmp_path: Path) -> None:
+    package = _package(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    wheel = images.write_project_wheel(root, out)
-    assert wheel.name == "provisioner-9.9-py3-none-any.whl"
+    wheel = images.write_project_wheel(package, out)
+    assert wheel.name == "dspy_provisioner-9.9-py3-none-any.whl"
+    info = "dspy_provisioner-9.9.dist-info"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        assert {"provisioner/__init__.py", "provisioner/sub/mod.py", "provisioner/py.typed"} <= names
-        entry_points = zf.read("provisioner-9.9.dist-info/entry_points.txt").decode()
-        assert "[console_scripts]\nprovision = provisioner.cli:main" in entry_points
-        assert "[pytest11]" in entry_points
-        assert "Requires-Dist: click>=8" in zf.read("provisioner-9.9.dist-info/METADATA").decode()
-        for line in zf.read("provisioner-9.9.dist-info/RECORD").decode().splitlines():
+        assert {
+            "provisioner/__init__.py",
+            "provisioner/sub/mod.py",
+            "provisioner/py.typed",
+            "provisioner/assets/worker/Dockerfile",
+            "provisioner/assets/worker/.dockerignore",
+        } <= names
+        assert zf.read(f"{info}/entry_points.txt").decode() == package.entry_points
+        assert zf.read(f"{info}/METADATA").decode() == package.metadata
+        for line in zf.read(f"{info}/RECORD").decode().splitlines():
             name, digest, _size = line.split(",")
             if digest:
                 data = zf.read(name)
@@ -66,7 +100,17 @@ def test_the_project_wheel_is_complete_and_installable_metadata(tmp_path: Path) 
                 assert digest == f"sha256={expected}", name
     again = tmp_path / "again"
     again.mkdir()
-    assert images.write_project_wheel(root, again).read_bytes() == wheel.read_bytes()  # reproducible
+    assert images.write_project_wheel(package, again).read_bytes() == wheel.read_bytes()  # reproducible
+
+
+def test_a_package_without_a_source_tree_still_has_its_metadata(tmp_path: Path) -> None:
+    """What used to fail from an installed wheel: no pyproject.toml beside the package is needed."""
+    copy = tmp_path / "site-packages" / "provisioner"
+    shutil.copytree(images.package_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert not (copy.parent / "pyproject.toml").exists()
+    package = images.installed_package(copy)
+    assert package.root == copy and package.name == "dspy-provisioner"
+    assert package.hash() == images.installed_package().hash()  # same files, same metadata
 
 
 def test_pinned_requirements_match_this_environment_and_hold_no_host_tools() -> None:
@@ -75,9 +119,9 @@ def test_pinned_requirements_match_this_environment_and_hold_no_host_tools() -> 
     assert {"dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click"} <= names
     assert "h2" in names  # pulled in through an extra (httpx[http2]): extras are followed
     assert not names & {"docker", "testcontainers", "pytest", "rich"}
-    checked_in = images.project_root() / "images" / "worker" / "requirements.txt"
+    checked_in = images.recipe_dir() / "requirements.txt"
     lines = [ln for ln in checked_in.read_text().splitlines() if ln and not ln.startswith("#")]
-    assert lines == pinned, "images/worker/requirements.txt is stale: run `provision images lock`"
+    assert lines == pinned, f"{checked_in} is stale: run `provision images lock`"
 
 
 def test_wheelhouse_is_cached_by_the_requirements_hash(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -98,3 +142,128 @@ def test_wheelhouse_is_cached_by_the_requirements_hash(tmp_path: Path, monkeypat
 def test_debootstrap_problem_is_explained(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     assert "not installed" in (images.debootstrap_problem() or "")
+
+
+def test_debootstrap_uses_its_own_default_mirror_unless_one_is_given(tmp_path: Path) -> None:
+    cmd = images.debootstrap_command(tmp_path / "rootfs", None)
+    assert cmd[-2:] == [images.DEBIAN_SUITE, str(tmp_path / "rootfs")]  # no MIRROR argument
+    assert images.debootstrap_command(tmp_path / "r", "file:///srv/mirror")[-1] == "file:///srv/mirror"
+
+
+# Hosts of package registries and mirrors: the tools' own defaults are used, none is written out.
+MIRROR_HOSTS = re.compile(
+    r"deb\.debian\.org|ftp\.\w+\.debian\.org|security\.debian\.org|archive\.ubuntu\.com|pypi\.org|"
+    r"pythonhosted\.org|registry-1\.docker\.io|index\.docker\.io"
+)
+
+
+def test_no_mirror_or_registry_host_is_named_in_the_code_or_the_docs() -> None:
+    files = [
+        *(REPO / "provisioner").rglob("*.py"),
+        *(REPO / "provisioner" / "assets").rglob("*"),
+        *(REPO / "docs").glob("*.md"),
+        REPO / "README.md",
+        REPO / ".ci" / "setup",
+    ]
+    found = []
+    for path in files:
+        if path.is_file() and "__pycache__" not in path.parts:
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if MIRROR_HOSTS.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert found == []
+
+
+def test_project_ids_are_per_folder_and_valid_docker_tags(tmp_path: Path) -> None:
+    a, b = tmp_path / "one" / "My Project", tmp_path / "two" / "My Project"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    ida, idb = L.project_id(a), L.project_id(b)
+    assert ida != idb and ida.startswith("my-project-") and idb.startswith("my-project-")
+    assert L.project_id(a / ".." / "My Project") == ida  # resolved
+    for pid in (ida, idb):
+        assert re.fullmatch(r"[a-z0-9][a-z0-9-]{0,48}", pid)
+        assert re.fullmatch(r"[\w][\w.-]{0,127}", images.project_tag(pid).split(":", 1)[1])
+
+
+# --- on the engine ----------------------------------------------------------------------------------
+
+
+def _label_image(docker_engine: Any, base: str, tag: str, labels: dict[str, str]) -> None:
+    """A one-layer image FROM ``base`` with extra labels (what a user's custom image looks like)."""
+    dockerfile = f"FROM {base}\n" + "".join(f'LABEL {k}="{v}"\n' for k, v in labels.items())
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        data = dockerfile.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    docker_engine.images.build(fileobj=context, custom_context=True, tag=tag, pull=False, rm=True)
+
+
+@pytest.mark.docker
+def test_the_image_records_the_hosts_provisioner_and_a_mismatch_names_both(
+    docker_engine: Any, worker_image: str
+) -> None:
+    from provisioner.runtime.engine import DockerRuntime
+
+    package = images.installed_package()
+    labels = docker_engine.images.get(worker_image).labels
+    assert labels[L.PACKAGE_HASH] == package.hash()[:16] and labels[L.VERSION] == package.version
+    rt = DockerRuntime(docker_engine)
+    assert images.ensure_worker_image(rt, image=worker_image) == worker_image  # the host's: accepted
+    stale = "provisioner-worker-test:stale-provisioner"
+    _label_image(docker_engine, worker_image, stale, {L.PACKAGE_HASH: "0123456789abcdef", L.VERSION: "0.0.1"})
+    try:
+        with pytest.raises(ImageError) as err:
+            images.ensure_worker_image(rt, image=stale)
+        message = str(err.value)
+        assert "0.0.1" in message and "0123456789abcdef" in message  # the image's
+        assert package.version in message and package.hash()[:16] in message  # the host's
+        assert "provision images build" in message
+    finally:
+        docker_engine.images.remove(stale, force=True)
+
+
+@pytest.mark.docker
+def test_a_missing_custom_image_says_provisioner_does_not_build_it(docker_engine: Any) -> None:
+    from provisioner.runtime.engine import DockerRuntime
+
+    with pytest.raises(ImageError, match=r"build or pull 'team/absent-worker:1' yourself"):
+        images.ensure_worker_image(DockerRuntime(docker_engine), image="team/absent-worker:1")
+
+
+def _latest_id(docker_engine: Any) -> str | None:
+    import docker.errors
+
+    try:
+        return str(docker_engine.images.get(f"{images.WORKER_REPO}:latest").id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+@pytest.mark.docker
+def test_each_project_moves_only_its_own_tag(docker_engine: Any, worker_image: str) -> None:
+    from provisioner.runtime.engine import DockerRuntime
+
+    rt = DockerRuntime(docker_engine)
+    mine, theirs = "test-tags-mine-0000aaaa", "test-tags-theirs-0000bbbb"
+    other_image = "provisioner-worker-test:other-content"
+    _label_image(docker_engine, worker_image, other_image, {"test.other": "1"})
+    latest_before = _latest_id(docker_engine)
+    try:
+        docker_engine.images.get(other_image).tag(images.WORKER_REPO, theirs)  # another project's build
+        result = images.build_worker_image(rt, project=mine, progress=lambda _m: None)
+        assert result.tag == worker_image and not result.built
+        assert result.project_tag == images.project_tag(mine)
+        mine_id = docker_engine.images.get(images.project_tag(mine)).id
+        assert mine_id == docker_engine.images.get(worker_image).id
+        # The other project's tag still points at its own image, and no shared `latest` was moved.
+        theirs_id = docker_engine.images.get(images.project_tag(theirs)).id
+        assert theirs_id == docker_engine.images.get(other_image).id
+        assert _latest_id(docker_engine) == latest_before  # no shared `latest` is moved
+        assert images.project_tag(mine) not in images.prune_worker_images(rt, dry_run=True)
+    finally:
+        for tag in (images.project_tag(mine), images.project_tag(theirs), other_image):
+            docker_engine.images.remove(tag, force=False)
