@@ -241,7 +241,9 @@ class ProgramFactory(_Factory[ProgramSpec]):
 
 
 def _session_fields() -> dict[str, str]:
-    session_id = unique_id("session")
+    # A random part (64 bits): on a worker, naming a session is what gives access to it, so the ids
+    # handed out must not be guessable from the run id, the xdist worker and a counter.
+    session_id = f"{unique_id('session')}_{secrets.token_hex(8)}"
     suffix = session_id.removeprefix("session_")
     return {"session_id": session_id, "namespace": f"ns_{suffix}", "program_prefix": f"p_{suffix}_"}
 

@@ -12,11 +12,11 @@ part of ``model_dump_json()`` output, labels, state files, cassettes or logs.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 LMMode = Literal["mock", "cached", "real"]
@@ -28,6 +28,30 @@ LM_CONFIG_ENV = "PROVISION_LM_CONFIG"
 API_KEY_ENV = "GEMINI_TEST_API_KEY"
 CACHE_DIR_ENV = "LM_CACHE_DIR"
 DEFAULT_MODEL = "gemini-2.5-flash-lite"
+
+# Fields that belong to the run, not to a client of one of its workers: where real calls go and
+# with which key (``base_url``, ``endpoint_kind``, ``api_key``), what the run may spend and how fast
+# (the limits; ``run_dir`` holds the shared budget, so a fresh one would be a fresh budget), which
+# run and layer calls are booked to, the price table the budget is computed with, and where and how
+# cassettes are recorded (recording from the real API spends money and writes into the project).
+# The controller sets them when it starts the workers; ``configure_lm`` over the bridge refuses
+# every one of them by name.
+RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
+    "api_key",
+    "base_url",
+    "endpoint_kind",
+    "cost_limit_usd",
+    "rate_limit_rpm",
+    "rate_limit_wait_s",
+    "monthly_budget_usd",
+    "prices",
+    "run_dir",
+    "run_id",
+    "layer",
+    "cache_dir",
+    "record_mode",
+    "cached_inner",
+)
 
 
 class MockRule(BaseModel):
@@ -52,11 +76,13 @@ class MockRule(BaseModel):
 
     @model_validator(mode="after")
     def _check_regex(self) -> MockRule:
+        # The `regex` package: the engine that matches these rules (with a time bound, see
+        # provisioner.lm.mock), so a pattern valid here is valid there.
         if self.kind == "regex":
             for field, pattern in self.match.items():
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
+                    regex.compile(pattern)
+                except regex.error as exc:
                     raise ValueError(f"match[{field!r}] is not a valid regex: {exc}") from exc
         return self
 

@@ -129,6 +129,15 @@ def test_sessions_share_one_suffix_and_differ_from_each_other() -> None:
     assert custom.namespace == "mine" and custom.metadata == {"test": "t"}
 
 
+def test_session_ids_carry_a_random_part_beyond_the_run_and_counter() -> None:
+    """Naming a session gives access to it on a worker: its id must not be guessable."""
+    one, two = SessionFactory.build_batch(2)
+    head_one, random_one = one.session_id.rsplit("_", 1)
+    head_two, random_two = two.session_id.rsplit("_", 1)
+    assert re.fullmatch(r"[0-9a-f]{16}", random_one) and random_one != random_two
+    assert re.fullmatch(r"session_\w+_\d+_\d+", head_one) and head_one != head_two
+
+
 def test_programs_create_and_run_on_an_in_process_bridge() -> None:
     from provisioner.bridge import LocalBridge
 

@@ -5,9 +5,13 @@ a worker that cannot be reached, times out or hangs up raises
 :class:`~provisioner.errors.BridgeConnectionError` (a ``BridgeError`` subclass).
 
 A client holds one connection and sends one request at a time (a lock makes it thread-safe); use
-one client per thread when you want requests to run concurrently. After a connection error the
-next request reconnects: the worker's state (sessions, programs, LMs) does not depend on the
-connection.
+one client per thread when you want requests to run concurrently. After a connection error, or
+when the worker closed the connection between requests, the next request reconnects: the worker's
+state (sessions, programs, LMs) does not depend on the connection.
+
+With ``token=`` (the run's ``PROVISION_CONTROL_TOKEN``) every connection starts with a ``hello``
+carrying it, which unlocks the worker-wide commands (``reset_state``, ``shutdown``, the default LM,
+every session's stats); session commands need no token.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import select
 import socket
 import threading
 import time
@@ -23,6 +28,7 @@ from typing import Any, BinaryIO, cast
 
 from provisioner.bridge.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    Reply,
     decode_reply,
     dumps,
     encode_frame,
@@ -46,6 +52,11 @@ class BridgeCommands:
 
     def ping(self) -> dict[str, Any]:
         return self.request("ping")
+
+    def hello(self, token: str | None = None) -> dict[str, Any]:
+        """``{status, protocol_version, worker_id, capabilities, control_token_required, commands}``;
+        with the run's control token the connection gains the ``control`` capability."""
+        return self.request("hello", **_drop_none(token=token))
 
     def configure_lm(self, session_id: str | None = None, **lm_fields: Any) -> dict[str, Any]:
         """Set the LM of ``session_id`` (or the worker default when None) from LMConfig fields."""
@@ -171,7 +182,9 @@ class BridgeClient(BridgeCommands):
     """A synchronous client for one worker at ``host:port``.
 
     ``connect_timeout`` bounds connecting; ``request_timeout`` bounds waiting for each reply (pass
-    ``timeout=`` to :meth:`call` to change it for one request).
+    ``timeout=`` to :meth:`call` to change it for one request). ``token``: the run's control
+    token, presented in a ``hello`` on every (re)connection; a wrong one raises
+    :class:`~provisioner.errors.BridgeError` with error_type ``Unauthorized`` on connecting.
     """
 
     def __init__(
@@ -182,12 +195,14 @@ class BridgeClient(BridgeCommands):
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        token: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
+        self._token = token or None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
@@ -209,7 +224,11 @@ class BridgeClient(BridgeCommands):
         if self._closed:
             raise BridgeConnectionError(f"{self!r} is closed")
         if self._sock is not None and self._reader is not None:
-            return self._sock, self._reader
+            if not self._peer_closed(self._sock):
+                return self._sock, self._reader
+            # The worker closed the connection while we were idle (restart, idle limit): nothing
+            # was sent yet, so connecting again is safe.
+            self._drop_connection()
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -217,9 +236,25 @@ class BridgeClient(BridgeCommands):
                 f"cannot connect to the bridge worker at {self.host}:{self.port}: {exc}"
             ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
-        return sock, self._reader
+        reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
+        self._sock, self._reader = sock, reader
+        if self._token is not None:
+            try:
+                self._exchange(sock, reader, "hello", {"token": self._token}, self.connect_timeout).unwrap()
+            except BaseException:
+                self._drop_connection()
+                raise
+        return sock, reader
+
+    @staticmethod
+    def _peer_closed(sock: socket.socket) -> bool:
+        """Whether an idle connection has something to read. Between requests nothing is owed to
+        us, so that is the worker closing it (EOF, a reset, or its last error frame)."""
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def _drop_connection(self) -> None:
         if self._reader is not None:
@@ -255,49 +290,60 @@ class BridgeClient(BridgeCommands):
         self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
         """Like :meth:`request`, with the args as a dict and an optional per-request timeout."""
-        request_id = next(self._ids)
-        try:
-            frame = encode_frame(dumps({"id": request_id, "command": command, "args": args or {}}))
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"the args of {command} cannot be sent as JSON: {exc}") from None
         wait = self.request_timeout if timeout is None else timeout
         with self._lock:
             sock, reader = self._ensure_connected()
-            try:
-                sock.settimeout(wait)
-                sock.sendall(frame)
-                deadline = time.monotonic() + wait
-                while True:
-                    payload = read_frame(reader, self.max_frame_bytes)
-                    if payload is None:
-                        raise BridgeConnectionError(
-                            f"the bridge worker at {self.host}:{self.port} closed the connection"
-                            f" before answering {command}", request_id
-                        )
-                    reply = decode_reply(payload)
-                    if reply.id == request_id or reply.id is None:
-                        break
-                    # A late reply to an earlier request that timed out on our side: skip it.
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    sock.settimeout(remaining)
-            except TimeoutError:
-                self._drop_connection()
-                raise BridgeConnectionError(
-                    f"no reply to {command} from {self.host}:{self.port} within {wait:g} s", request_id
-                ) from None
-            except (OSError, ProtocolError) as exc:
-                self._drop_connection()
-                raise BridgeConnectionError(
-                    f"connection to the bridge worker at {self.host}:{self.port} broke"
-                    f" during {command}: {exc}",
-                    request_id,
-                ) from exc
-            if reply.id is None:
-                # Connection-level errors (oversized frame, too many connections) end the connection.
-                self._drop_connection()
+            reply = self._exchange(sock, reader, command, args or {}, wait)
         return reply.unwrap()
+
+    def _exchange(
+        self, sock: socket.socket, reader: BinaryIO, command: str, args: dict[str, Any], wait: float
+    ) -> Reply:
+        """Send one request and read its reply (the caller holds the lock). Any failure of the
+        connection drops it, so the next request connects afresh."""
+        request_id = next(self._ids)
+        try:
+            frame = encode_frame(dumps({"id": request_id, "command": command, "args": args}))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"the args of {command} cannot be sent as JSON: {exc}") from None
+        try:
+            sock.settimeout(wait)
+            sock.sendall(frame)
+            deadline = time.monotonic() + wait
+            while True:
+                payload = read_frame(reader, self.max_frame_bytes)
+                if payload is None:
+                    raise BridgeConnectionError(
+                        f"the bridge worker at {self.host}:{self.port} closed the connection"
+                        f" before answering {command}", request_id
+                    )
+                reply = decode_reply(payload)
+                if reply.id == request_id or reply.id is None:
+                    break
+                # A late reply to an earlier request that timed out on our side: skip it.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+        except TimeoutError:
+            self._drop_connection()
+            raise BridgeConnectionError(
+                f"no reply to {command} from {self.host}:{self.port} within {wait:g} s", request_id
+            ) from None
+        except BridgeConnectionError:
+            self._drop_connection()
+            raise
+        except (OSError, ProtocolError) as exc:
+            self._drop_connection()
+            raise BridgeConnectionError(
+                f"connection to the bridge worker at {self.host}:{self.port} broke"
+                f" during {command}: {exc}",
+                request_id,
+            ) from exc
+        if reply.id is None:
+            # Connection-level errors (oversized frame, too many connections) end the connection.
+            self._drop_connection()
+        return reply
 
 
 def check_json(args: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,9 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 # The header is unsigned 32-bit: nothing larger can be framed at all.
 ABSOLUTE_MAX_FRAME_BYTES = 2**32 - 1
+# The run's controller token: the worker reads it from this environment variable at start-up (and
+# removes it from its environment); the controller writes it to the run's env file under this name.
+CONTROL_TOKEN_ENV = "PROVISION_CONTROL_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 RequestId = int | str | None
 
@@ -55,6 +58,7 @@ class ErrorType(StrEnum):
     TIMEOUT = "Timeout"
     TOO_MANY_CONNECTIONS = "TooManyConnections"
     SHUTTING_DOWN = "ShuttingDown"
+    UNAUTHORIZED = "Unauthorized"
     REPLY_TOO_LARGE = "ReplyTooLarge"
     INTERNAL_ERROR = "InternalError"
 

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, cast
 from pydantic import ValidationError
 
 from provisioner.bridge.protocol import (
+    CONTROL_TOKEN_ENV,
     DEFAULT_MAX_FRAME_BYTES,
     ByteReader,
     ErrorType,
@@ -53,7 +54,7 @@ from provisioner.bridge.protocol import (
     ok_reply,
     read_frame,
 )
-from provisioner.bridge.service import BridgeService, Deferred
+from provisioner.bridge.service import Access, BridgeService, Deferred
 from provisioner.errors import BridgeError, ConfigError, ProtocolError
 from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
 
@@ -77,8 +78,11 @@ class _Connection:
         close: Callable[[], None],
         stop_reading: Callable[[], None] | None,
         peer: str,
+        access: Access,
     ) -> None:
         self.number = next(self._ids)
+        # What this connection may do; a `hello` with the run's control token widens it.
+        self.access = access
         self.reader = reader
         self._write = write
         self._close = close
@@ -387,7 +391,8 @@ class BridgeServer:
             reader.close()
             sock.close()
 
-        conn = _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer)
+        access = self.service.new_access()
+        conn = _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
         thread = threading.Thread(
             target=self._serve_and_forget, args=(conn,), name=f"bridge-conn-{conn.number}", daemon=True
         )
@@ -442,7 +447,7 @@ class BridgeServer:
             self._send(conn, error_reply(cast(RequestId, exc.request_id), exc.message, exc.error_type))
             return
         try:
-            outcome = self.service.begin(request.command, request.args)
+            outcome = self.service.begin(request.command, request.args, conn.access)
         except BridgeError as exc:
             self._send(conn, error_reply(request.id, exc.message, exc.error_type))
             return
@@ -557,7 +562,8 @@ class BridgeServer:
 
         # A pipe read cannot be interrupted from another thread: at shutdown the server waits for
         # the connection's work instead, and the reading thread ends with the process.
-        conn = _Connection(stdin, write, stdout.close, None, "stdio")
+        # The host that spawned us owns the pipes: the one stdio connection has control.
+        conn = _Connection(stdin, write, stdout.close, None, "stdio", Access(control=True))
 
         def serve() -> None:
             try:
@@ -650,6 +656,21 @@ def startup_lm_config(
     return LMConfig(mode="mock")
 
 
+def install_process_lm(service: BridgeService) -> None:
+    """Make the worker's start-up LM DSPy's process-wide LM (``dspy.configure``).
+
+    Executions run under ``dspy.context(lm=<session or default LM>)``, which a thread started
+    inside a program does not inherit; with the start-up LM configured process-wide such a thread
+    still sees the layer's LM instead of failing with "No LM is loaded". Call it once, from the main
+    thread (DSPy lets only the thread that configured it first change the global settings).
+    """
+    if service.default_lm is None:
+        return
+    import dspy
+
+    dspy.configure(lm=service.default_lm, disable_history=not service.record_history)
+
+
 def write_ready_file(path: Path, port: int) -> None:
     """Write the port atomically: readers see either nothing or the whole number."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -670,11 +691,14 @@ def run_worker(
     max_connections: int = 256,
     request_timeout_s: float = 30.0,
     worker_id: str | None = None,
+    control_token: str | None = None,
 ) -> int:
     """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
 
     Prints exactly one stdout line ``PROVISION_WORKER_READY port=<n>`` once it accepts requests
     (with ``stdio`` that line goes to stderr, as ``port=stdio``: stdout carries only frames).
+    ``control_token`` (default: ``$PROVISION_CONTROL_TOKEN``, which is then removed from the
+    environment) guards the worker-wide commands; without one every connection may use them.
     Returns the exit code: 0 after a clean shutdown.
     """
     _configure_logging()
@@ -683,6 +707,9 @@ def run_worker(
 
     forbid_environment_key()
     worker_id = worker_id or os.environ.get(WORKER_ID_ENV) or None
+    # Read once and dropped from the environment: nothing the worker runs later inherits it.
+    from_env = os.environ.pop(CONTROL_TOKEN_ENV, None)
+    control_token = control_token or from_env or None
     protocol_out: BinaryIO | None = None
     if stdio:
         # stdout belongs to the protocol. Anything else that prints (DSPy, a stray print) must not
@@ -693,7 +720,10 @@ def run_worker(
         sys.stdout = sys.stderr
 
     # A worker is never up without an LM: a bare `provision worker` gets the mock.
-    service = BridgeService(lm_config or LMConfig(mode="mock"), worker_id=worker_id)
+    service = BridgeService(
+        lm_config or LMConfig(mode="mock"), worker_id=worker_id, control_token=control_token
+    )
+    install_process_lm(service)
     server = BridgeServer(
         service,
         max_frame_bytes=max_frame_bytes,

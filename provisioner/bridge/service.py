@@ -9,10 +9,24 @@ sent even when their replies come back out of order.
 
 Every problem a client can cause raises :class:`~provisioner.errors.BridgeError` with the
 ``error_type`` that goes into the error reply (see :class:`~provisioner.bridge.protocol.ErrorType`).
+
+Who may do what (docs/protocol.md, "Access"):
+
+* **session commands** are open to every connection, as DSPex's clients expect: a session is a
+  namespace, and naming a session is what gives access to it;
+* **worker-wide commands** — the worker-default LM (``configure_lm`` without ``session_id``),
+  listing every session (``list_programs`` with ``all_sessions``; the session ids in ``get_stats``),
+  ``reset_state`` and ``shutdown`` — need the *control* capability. A connection has it when the
+  worker was started without a control token, or after a ``hello`` with the run's token
+  (:class:`Access`). In-process callers (``LocalBridge``, :meth:`BridgeService.call`) have it;
+* **run-owned LM fields** (:data:`~provisioner.lmconfig.RUN_OWNED_LM_FIELDS`: endpoint, key,
+  limits, run dir, cassettes...) are never accepted by ``configure_lm``, with or without the token:
+  they come from the worker's start-up configuration only.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import os
@@ -24,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from provisioner.bridge.programs import (
     DEFAULT_SESSION,
@@ -39,7 +53,7 @@ from provisioner.bridge.programs import (
 from provisioner.bridge.protocol import ErrorType, rejected
 from provisioner.errors import BridgeError, ProvisionerError
 from provisioner.lm.ledger import current_test
-from provisioner.lmconfig import LMConfig
+from provisioner.lmconfig import RUN_OWNED_LM_FIELDS, LMConfig
 
 log = logging.getLogger("provisioner.bridge")
 
@@ -56,8 +70,14 @@ COMMANDS: tuple[str, ...] = (
     "cleanup_session",
     "reset_state",
     "shutdown",
+    "hello",
 )
 LM_FIELDS: tuple[str, ...] = tuple(LMConfig.model_fields)
+# What configure_lm accepts for a session: every LMConfig field that does not belong to the run.
+SESSION_LM_FIELDS: tuple[str, ...] = tuple(f for f in LM_FIELDS if f not in RUN_OWNED_LM_FIELDS)
+PROTOCOL_VERSION = 2
+CAPABILITY_SESSION = "session"
+CAPABILITY_CONTROL = "control"
 # Refused once shutdown has begun; everything else (pings, stats, removing state) still works, so
 # a host can clean up its sessions while the worker drains.
 _NEW_WORK = frozenset({"configure_lm", "create_program", "execute_program"})
@@ -69,6 +89,16 @@ def default_lm_factory(config: LMConfig) -> Any:
     from provisioner.lm import build_lm
 
     return build_lm(config)
+
+
+@dataclass(slots=True)
+class Access:
+    """What one connection may do. ``control``: the worker-wide commands (see the module docstring).
+
+    The server keeps one per connection; ``hello`` with the right token sets ``control``.
+    """
+
+    control: bool
 
 
 @dataclass(slots=True)
@@ -167,8 +197,11 @@ class BridgeService:
         lm_factory: LMFactory | None = None,
         worker_id: str | None = None,
         record_history: bool = False,
+        control_token: str | None = None,
     ) -> None:
         self.record_history = record_history
+        # None or "": no token, every connection has control (a worker started by hand).
+        self._control_token = control_token or None
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
@@ -188,7 +221,7 @@ class BridgeService:
         self._shutting_down = threading.Event()
         # The server adds live figures (connections, in-flight executions) to get_stats.
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
-        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | Deferred]] = {
+        self._handlers: dict[str, Callable[[dict[str, Any], Access], dict[str, Any] | Deferred]] = {
             name: getattr(self, f"_cmd_{name}") for name in COMMANDS
         }
 
@@ -202,15 +235,36 @@ class BridgeService:
     def lm_configured(self) -> bool:
         return self._default_lm is not None
 
+    @property
+    def default_lm(self) -> Any:
+        """The worker-default ``dspy.LM`` (None when the worker has none)."""
+        return self._default_lm
+
+    @property
+    def control_token_required(self) -> bool:
+        """Whether worker-wide commands need a ``hello`` with the control token first."""
+        return self._control_token is not None
+
+    def new_access(self) -> Access:
+        """The access of a new network connection: control only when the worker has no token."""
+        return Access(control=self._control_token is None)
+
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when a ``shutdown`` command arrives."""
         self._shutdown_callbacks.append(callback)
 
-    def begin(self, command: str, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+    def begin(
+        self, command: str, args: dict[str, Any], access: Access | None = None
+    ) -> dict[str, Any] | Deferred:
         """Validate and handle a command: a result now, or a :class:`Deferred` to run.
+
+        ``access`` is the calling connection's (a ``hello`` may change it); in-process callers
+        have full access.
 
         Raises :class:`BridgeError` (already counted in the stats) for an error reply.
         """
+        if access is None:
+            access = Access(control=True)
         handler = self._handlers.get(command)
         with self._counts_lock:
             self._commands[command if handler else "<unknown>"] += 1
@@ -222,7 +276,7 @@ class BridgeService:
                 )
             if self._shutting_down.is_set() and command in _NEW_WORK:
                 raise rejected(ErrorType.SHUTTING_DOWN, f"the worker is shutting down; {command} refused")
-            outcome = handler(args)
+            outcome = handler(args, access)
         except BridgeError as exc:
             self.count_error(exc.error_type)
             raise
@@ -233,9 +287,9 @@ class BridgeService:
             raise rejected(ErrorType.INTERNAL_ERROR, problem) from exc
         return outcome
 
-    def call(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    def call(self, command: str, args: dict[str, Any], access: Access | None = None) -> dict[str, Any]:
         """Handle a command to completion in the calling thread (in-process use)."""
-        outcome = self.begin(command, args)
+        outcome = self.begin(command, args, access)
         return outcome.run() if isinstance(outcome, Deferred) else outcome
 
     def count_error(self, error_type: str) -> None:
@@ -257,10 +311,16 @@ class BridgeService:
         return lm
 
     def _merged_config(self, fields: dict[str, Any]) -> LMConfig:
+        """``fields`` (session-settable ones only) over the start-up configuration.
+
+        The start-up API key is carried over only while the endpoint is the start-up one: a
+        configuration that points anywhere else never gets the run's key (defence in depth — a
+        client cannot set ``base_url`` in the first place).
+        """
         base = self._startup_config or LMConfig()
         data: dict[str, Any] = base.model_dump(exclude={"api_key"})
         data.update(fields)
-        if "api_key" not in fields and base.api_key is not None:
+        if base.api_key is not None and data.get("base_url") == base.base_url:
             data["api_key"] = base.api_key
         try:
             return LMConfig.model_validate(data)
@@ -272,9 +332,41 @@ class BridgeService:
                 problems.append(f"argument {where!r}: {err['msg']}")
             raise rejected(ErrorType.INVALID_LM_CONFIG, "configure_lm: " + "; ".join(problems)) from None
 
+    def _require_control(self, access: Access, what: str) -> None:
+        if not access.control:
+            raise rejected(
+                ErrorType.UNAUTHORIZED,
+                f"{what} is a worker-wide command and needs the run's control token: send"
+                ' {"command": "hello", "args": {"token": ...}} first on this connection (the token is'
+                " PROVISION_CONTROL_TOKEN in the run's env file); session commands need no token",
+            )
+
     # -- handlers ----------------------------------------------------------------------------------
 
-    def _cmd_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_hello(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
+        a = _Args("hello", args, ("token", "client"))
+        token = a.string("token", None)
+        a.string("client", None)  # a free-form client name, for the client's own logs
+        if token is not None and self._control_token is not None:
+            if not hmac.compare_digest(token.encode("utf-8"), self._control_token.encode("utf-8")):
+                access.control = False
+                raise rejected(
+                    ErrorType.UNAUTHORIZED,
+                    "hello: the token is not this run's control token (PROVISION_CONTROL_TOKEN in the"
+                    " run's env file); this connection keeps session access only",
+                )
+            access.control = True
+        capabilities = [CAPABILITY_SESSION, *([CAPABILITY_CONTROL] if access.control else [])]
+        return {
+            "status": "ok",
+            "protocol_version": PROTOCOL_VERSION,
+            "worker_id": self.worker_id,
+            "capabilities": capabilities,
+            "control_token_required": self.control_token_required,
+            "commands": list(COMMANDS),
+        }
+
+    def _cmd_ping(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         _Args("ping", args, ())
         return {
             "status": "ok",
@@ -285,12 +377,22 @@ class BridgeService:
             "timestamp": time.time(),
         }
 
-    def _cmd_configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
-        a = _Args("configure_lm", args, ("session_id", *LM_FIELDS))
+    def _cmd_configure_lm(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
+        owned = [name for name in RUN_OWNED_LM_FIELDS if name in args]
+        if owned:
+            # Checked before anything else, and never echoing a value (api_key is a secret).
+            raise rejected(
+                ErrorType.INVALID_LM_CONFIG,
+                f"configure_lm: {', '.join(repr(n) for n in owned)}"
+                f" {'belongs' if len(owned) == 1 else 'belong'} to the run and cannot be set"
+                " over the bridge (endpoint, key, limits, run dir and cassettes are fixed by the"
+                " controller when it starts the workers: settings lm.*); remove them from the request",
+            )
+        a = _Args("configure_lm", args, ("session_id", *SESSION_LM_FIELDS))
         session_id = a.string("session_id", None)
+        if session_id is None:
+            self._require_control(access, "configure_lm without session_id (the worker-default LM)")
         fields = {k: v for k, v in args.items() if k != "session_id"}
-        if isinstance(fields.get("api_key"), str):
-            fields["api_key"] = SecretStr(fields["api_key"])
         config = self._merged_config(fields)
         try:
             lm = self._lm_factory(config)
@@ -305,7 +407,7 @@ class BridgeService:
         log.info("LM configured for %s: mode=%s model=%s", target, config.mode, config.model)
         return {"status": "configured", "session_id": session_id, "lm": public}
 
-    def _cmd_create_program(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_create_program(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         a = _Args("create_program", args, ("signature", "program_id", "id", "program_type", "session_id"))
         session_id = a.string("session_id", DEFAULT_SESSION)
         program_id = a.string("program_id", None, alias="id") or new_program_id()
@@ -344,7 +446,7 @@ class BridgeService:
             "signature": spec.public(),
         }
 
-    def _cmd_execute_program(self, args: dict[str, Any]) -> Deferred:
+    def _cmd_execute_program(self, args: dict[str, Any], access: Access) -> Deferred:
         a = _Args("execute_program", args, ("program_id", "id", "inputs", "session_id"))
         session_id = a.string("session_id", DEFAULT_SESSION)
         program_id = a.string("program_id", alias="id")
@@ -394,26 +496,28 @@ class BridgeService:
                 program.error_count += 1
                 self._errors[str(error_type)] += 1
 
-    def _cmd_get_program_info(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_get_program_info(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         a = _Args("get_program_info", args, ("program_id", "id", "session_id"))
         session_id = a.string("session_id", DEFAULT_SESSION)
         program = self.registry.get(session_id, a.string("program_id", alias="id"))
         return program.info()
 
-    def _cmd_list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_list_programs(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         a = _Args("list_programs", args, ("session_id", "all_sessions"))
         all_sessions = a.flag("all_sessions", False)
+        if all_sessions:
+            self._require_control(access, "list_programs with all_sessions")
         session_id = None if all_sessions else a.string("session_id", DEFAULT_SESSION)
         programs = [p.info() for p in self.registry.programs(session_id)]
         return {"session_id": session_id, "programs": programs, "total_count": len(programs)}
 
-    def _cmd_delete_program(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_delete_program(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         a = _Args("delete_program", args, ("program_id", "id", "session_id"))
         session_id = a.string("session_id", DEFAULT_SESSION)
         program = self.registry.delete(session_id, a.string("program_id", alias="id"))
         return {"status": "deleted", "program_id": program.program_id, "session_id": session_id}
 
-    def _cmd_get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_get_stats(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         _Args("get_stats", args, ())
         sessions = self.registry.summary()
         with self._counts_lock:
@@ -437,12 +541,17 @@ class BridgeService:
             "executions": executions,
             "rss_bytes": _rss_bytes(),
             "shutting_down": self.shutting_down,
+            "scope": "worker" if access.control else "aggregate",
         }
         for hook in self.stats_hooks:
             stats.update(hook())
+        if not access.control:
+            # Without the token: counts only. Session ids are what give access to sessions, and the
+            # default LM's configuration is the run's business.
+            del stats["sessions"], stats["lm"]
         return stats
 
-    def _cmd_cleanup_session(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_cleanup_session(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         a = _Args("cleanup_session", args, ("session_id",))
         session_id = a.string("session_id")
         removed = self.registry.remove_session(session_id)
@@ -453,8 +562,9 @@ class BridgeService:
             "lm_removed": bool(removed and removed.lm is not None),
         }
 
-    def _cmd_reset_state(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_reset_state(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         _Args("reset_state", args, ())
+        self._require_control(access, "reset_state")
         removed = self.registry.clear()
         # The default LM returns to the start-up one: a worker is never left without its LM.
         if self._startup_config is not None:
@@ -468,8 +578,9 @@ class BridgeService:
             "programs_removed": sum(len(s.programs) for s in removed),
         }
 
-    def _cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_shutdown(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
         _Args("shutdown", args, ())
+        self._require_control(access, "shutdown")
         first = not self._shutting_down.is_set()
         self._shutting_down.set()
         if first:
@@ -550,11 +661,18 @@ def _finite(value: Any) -> bool:
 
 def _execution_error(program: Program, exc: Exception) -> BridgeError:
     """A failure inside DSPy or the LM as an error reply. DSPy's and provisioner's own exception
-    names are kept as the error_type (``AdapterParseError``, ``LMRateLimitError``, ...)."""
+    names are kept as the error_type (``AdapterParseError``, ``LMRateLimitError``, ...); a
+    provisioner error behind DSPy's wrapper (``CostLimitExceeded``, ``CassetteMissError``,
+    ``ConfigError`` of a mock rule, ...) gives its own name, which says more than the wrapper's."""
     from dspy.utils.exceptions import DSPyError
+
+    from provisioner.lm import provisioner_error
 
     name = type(exc).__name__
     error_type = name if isinstance(exc, DSPyError | ProvisionerError) else str(ErrorType.EXECUTION_ERROR)
+    cause = provisioner_error(exc)
+    if cause is not None and cause is not exc:
+        error_type = type(cause).__name__
     return BridgeError(f"program '{program.program_id}' failed: {name}: {exc}", error_type)
 
 

@@ -18,6 +18,12 @@ replace the reservation by the real cost. As reservations are taken under the lo
 callers can never jointly pass the limit. A reservation of a process that died is dropped once it
 is older than its ``expires_at`` (the call's own timeout budget plus a margin).
 
+The limits themselves belong to the run, not to whoever builds an LM: the controller writes them to
+``lm-run-limits.json`` in the run directory (:func:`write_run_limits`) before any worker starts, and
+every :class:`RunLimits` on that directory enforces the file's values, whatever its own
+configuration says — a client of a worker cannot lift the budget by configuring a new LM. Without
+the file (a run directory nobody wrote limits to, or ``run_dir=None``) the configured values hold.
+
 With ``run_dir=None`` each process uses a private temporary directory: limits then hold per
 process only (fine for a single in-process run, documented in docs/lm.md).
 """
@@ -28,6 +34,7 @@ import atexit
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,11 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.errors import CostLimitExceeded, RateLimitExceeded
+from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
 
 WINDOW_S = 60.0
 STATE_FILE = "lm-limits.json"
 LOCK_FILE = "lm-limits.lock"
+# The run's own limits, written by the controller; LMConfig field names, so errors name the setting.
+RUN_LIMITS_FILE = "lm-run-limits.json"
+RUN_LIMIT_FIELDS: tuple[str, ...] = ("rate_limit_rpm", "cost_limit_usd", "rate_limit_wait_s")
 
 _private_dir: Path | None = None
 _private_lock = threading.Lock()
@@ -94,6 +104,59 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def write_run_limits(run_dir: Path, *, rate_limit_rpm: int, cost_limit_usd: float,
+                     rate_limit_wait_s: float) -> Path:
+    """Write the run's limits to ``run_dir/lm-run-limits.json`` (atomically); returns the path.
+
+    The file holds ``{"rate_limit_rpm": int, "cost_limit_usd": float (USD per run),
+    "rate_limit_wait_s": float (seconds)}``. Every :class:`RunLimits` on ``run_dir`` enforces
+    these values from then on.
+
+    Raises:
+        ConfigError: a value is out of range (rpm < 1, negative dollars or seconds).
+    """
+    limits = {"rate_limit_rpm": rate_limit_rpm, "cost_limit_usd": cost_limit_usd,
+              "rate_limit_wait_s": rate_limit_wait_s}
+    _check_run_limits(limits, "write_run_limits")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_LIMITS_FILE
+    write_json_atomic(path, limits)
+    # Workers may run under another uid (group 0 when the controller is root): they read it only.
+    path.chmod(0o644)
+    return path
+
+
+def read_run_limits(run_dir: Path) -> dict[str, Any] | None:
+    """The limits the controller wrote to ``run_dir`` (keys as in :func:`write_run_limits`), or None.
+
+    Raises:
+        ConfigError: the file exists but is not a valid limits file — refusing calls is safer than
+            guessing a budget.
+    """
+    path = run_dir / RUN_LIMITS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the run's limits file {path} cannot be read: {exc}") from None
+    _check_run_limits(data, str(path))
+    return {name: data[name] for name in RUN_LIMIT_FIELDS}
+
+
+def _check_run_limits(data: Any, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the run's limits must be a JSON object")
+    for name in RUN_LIMIT_FIELDS:
+        value: Any = data.get(name)
+        integral = name == "rate_limit_rpm"
+        valid = isinstance(value, int) if integral else isinstance(value, int | float)
+        # NaN compares false with everything: it would disable the limit, so only finite numbers.
+        if not valid or isinstance(value, bool) or not math.isfinite(value) or value < (1 if integral else 0):
+            wanted = "an integer >= 1" if integral else "a finite number >= 0"
+            raise ConfigError(f"{source}: lm.{name} must be {wanted}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A cost reservation held for one call attempt."""
@@ -111,7 +174,11 @@ class CostSnapshot:
 
 
 class RunLimits:
-    """The rate limit and cost budget of one run, shared through ``run_dir``."""
+    """The rate limit and cost budget of one run, shared through ``run_dir``.
+
+    ``rpm``, ``cost_limit_usd`` and ``wait_s`` are the configured values; when the run directory
+    holds the run's limits file (:func:`write_run_limits`), its values win (:meth:`effective`).
+    """
 
     def __init__(self, run_dir: Path | None, *, rpm: int, cost_limit_usd: float,
                  wait_s: float = 120.0, reservation_ttl_s: float = 600.0, window_s: float = WINDOW_S,
@@ -132,6 +199,19 @@ class RunLimits:
     @property
     def state_path(self) -> Path:
         return self.run_dir / STATE_FILE
+
+    def effective(self) -> tuple[int, float, float]:
+        """``(rpm, cost_limit_usd, wait_s)`` in force: the run's limits file, else the configuration.
+
+        Read on every call, so limits written after this object was made still apply.
+
+        Raises:
+            ConfigError: the limits file is corrupt.
+        """
+        run = read_run_limits(self.run_dir)
+        if run is None:
+            return self.rpm, self.cost_limit_usd, self.wait_s
+        return int(run["rate_limit_rpm"]), float(run["cost_limit_usd"]), float(run["rate_limit_wait_s"])
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -156,14 +236,16 @@ class RunLimits:
 
     def acquire_request(self) -> float:
         """Take one request slot of the run's per-minute budget; returns the slot's start time."""
+        wait_s = self.effective()[2]
         started = self._clock()
-        deadline = started + self.wait_s
+        deadline = started + wait_s
         while True:
             with locked(self.run_dir):
+                rpm = self.effective()[0]
                 data = self._load()
                 now = self._clock()
                 window = [t for t in data["requests"] if t > now - self.window_s]
-                if len(window) < self.rpm:
+                if len(window) < rpm:
                     window.append(now)
                     data["requests"] = window
                     self._save(data)
@@ -172,8 +254,8 @@ class RunLimits:
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
                 raise RateLimitExceeded(
-                    f"the run's rate limit of {self.rpm} requests/minute (lm.rate_limit_rpm) had no free "
-                    f"slot within lm.rate_limit_wait_s={self.wait_s:g}s; raise either setting or make "
+                    f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm) had no free "
+                    f"slot within lm.rate_limit_wait_s={wait_s:g}s; raise either setting or make "
                     "fewer real calls"
                 )
             # Waiting for the window to move is the point of a rate limiter, not synchronisation.
@@ -190,15 +272,16 @@ class RunLimits:
     def reserve(self, amount_usd: float, *, what: str = "call") -> Reservation:
         """Reserve ``amount_usd`` of the run's budget or raise :class:`CostLimitExceeded`."""
         with locked(self.run_dir):
+            limit = self.effective()[1]
             data = self._load()
             now = self._clock()
             self._drop_expired(data, now)
             reserved = sum(float(v["amount"]) for v in data["reservations"].values())
             spent = float(data["spent_usd"])
-            if spent + reserved + amount_usd > self.cost_limit_usd + 1e-12:
+            if spent + reserved + amount_usd > limit + 1e-12:
                 raise CostLimitExceeded(
                     f"refusing {what}: its worst case ${amount_usd:.6f} would pass the run's cost limit "
-                    f"lm.cost_limit_usd=${self.cost_limit_usd:.4f} (spent ${spent:.6f}, "
+                    f"lm.cost_limit_usd=${limit:.4f} (spent ${spent:.6f}, "
                     f"reserved by calls in flight ${reserved:.6f})"
                 )
             reservation = Reservation(uuid.uuid4().hex, amount_usd)
@@ -225,4 +308,4 @@ class RunLimits:
         with locked(self.run_dir):
             data = self._load()
         reserved = sum(float(v["amount"]) for v in data["reservations"].values())
-        return CostSnapshot(float(data["spent_usd"]), reserved, self.cost_limit_usd, int(data["calls"]))
+        return CostSnapshot(float(data["spent_usd"]), reserved, self.effective()[1], int(data["calls"]))

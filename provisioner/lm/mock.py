@@ -11,11 +11,13 @@ same answer in any process on any machine; usage figures are deterministic token
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import regex
+
+from provisioner.errors import ConfigError
 from provisioner.lm import callstats as _stats
 from provisioner.lm.engine import (
     EngineBase,
@@ -43,12 +45,40 @@ def rules_from_mapping(mapping: Mapping[str, Any]) -> list[MockRule]:
             for key, value in mapping.items()]
 
 
+# Regex rules may come over the wire (configure_lm): a pattern that backtracks exponentially must
+# not hold a worker thread (or, with the stdlib's re, the GIL) for minutes. The `regex` package
+# bounds each match in time and releases the GIL while it matches (concurrent=True); inputs longer
+# than the cap are refused instead of scanned.
+REGEX_TIMEOUT_S = 0.5
+REGEX_MAX_INPUT_CHARS = 100_000
+
+
 def _matches(pattern: str, value: str, kind: str) -> bool:
+    """Whether ``value`` matches ``pattern`` under ``kind``.
+
+    Raises:
+        ConfigError: a ``regex`` rule met an input over ``REGEX_MAX_INPUT_CHARS`` characters, or
+            did not finish within ``REGEX_TIMEOUT_S`` seconds (a pattern that backtracks
+            exponentially) — an error, never a silent non-match.
+    """
     if kind == "exact":
         return value == pattern
     if kind == "substring":
         return pattern in value
-    return re.search(pattern, value) is not None
+    shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+    if len(value) > REGEX_MAX_INPUT_CHARS:
+        raise ConfigError(
+            f"mock rule regex {shown!r}: the input has {len(value)} characters; regex rules match inputs"
+            f" of at most {REGEX_MAX_INPUT_CHARS} (use kind 'substring' or 'exact' for longer ones)"
+        )
+    try:
+        return regex.search(pattern, value, timeout=REGEX_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        raise ConfigError(
+            f"mock rule regex {shown!r} did not finish matching an input of {len(value)} characters"
+            f" within {REGEX_TIMEOUT_S:g} s; nested quantifiers such as (a|aa)+ backtrack exponentially:"
+            " simplify the pattern, or use kind 'substring' or 'exact'"
+        ) from None
 
 
 def rule_matches(rule: MockRule, view: PromptView) -> bool:

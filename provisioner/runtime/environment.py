@@ -7,7 +7,9 @@
   what the CLI calls, with the state file ``<state_dir>/runs/<id>/state.json`` and the env file
   ``<state_dir>/runs/<id>/env`` (also copied to ``<state_dir>/current.env`` for ``source``).
 
-No secrets are written: state and env files hold ids, names, addresses and modes only.
+No secrets are written to the state file: it holds ids, names, addresses and modes only. The env
+file (mode 0600) also holds the run's control token, ``PROVISION_CONTROL_TOKEN``: it lets a
+controller in any language use the workers' worker-wide commands (docs/protocol.md, "Access").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import (
     ConfigError,
     DockerUnavailableError,
@@ -175,8 +178,18 @@ class RunEnvironment:
         self.started = True
         return self
 
+    @property
+    def control_token(self) -> str | None:
+        """The workers' control token (pass it as ``BridgeClient(..., token=...)``)."""
+        return self.plan.control_token
+
     def _start(self) -> None:
         t0 = time.perf_counter()
+        if self.plan.run_limits is not None and self.plan.lm_run_dir is not None:
+            from provisioner.lm.limits import write_run_limits
+
+            # Before any worker starts: the run's limits hold whatever a worker's client configures.
+            write_run_limits(Path(self.plan.lm_run_dir), **self.plan.run_limits)
         run_net, edge_net = self.plan.networks
         others = [r for r in self.plan.containers() if r is not self.plan.relay]
         # The workers' Python start-up is the critical path: they start as soon as the run network
@@ -396,10 +409,13 @@ def state_file_of(settings: Settings, run_id: str) -> Path:
     return run_dir_of(settings, run_id) / "state.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
+    """Replace ``path`` atomically; ``private``: readable by the owner only (0600) from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(tmp, path)
 
 
@@ -408,15 +424,24 @@ def render_env(env: Mapping[str, str]) -> str:
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
 
 
-def write_state(settings: Settings, state: RunState, *, current: bool = True) -> Path:
-    """Write state.json and the env file of the run (and make it the current one)."""
+def write_state(
+    settings: Settings, state: RunState, *, current: bool = True, control_token: str | None = None
+) -> Path:
+    """Write state.json and the env file of the run (and make it the current one).
+
+    ``control_token`` goes into the env files only (as ``PROVISION_CONTROL_TOKEN``; they are
+    written 0600), never into state.json.
+    """
     path = state_file_of(settings, state.run_id)
     _atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
-    env_text = render_env(state.env(path))
-    _atomic_write(path.with_name("env"), env_text)
+    env = state.env(path)
+    if control_token:
+        env[CONTROL_TOKEN_ENV] = control_token
+    env_text = render_env(env)
+    _atomic_write(path.with_name("env"), env_text, private=True)
     if current:
         root = Path(settings.state_dir).resolve()
-        _atomic_write(root / CURRENT_ENV, env_text)
+        _atomic_write(root / CURRENT_ENV, env_text, private=True)
         _atomic_write(root / CURRENT_RUN, state.run_id + "\n")
     return path
 
@@ -718,7 +743,7 @@ def up(
     )
     # Only a persistent environment becomes the "current" one that shells source: a test session's
     # or `provision run`'s private run must not replace what `provision up` left for the user.
-    write_state(settings, state, current=persistent)
+    write_state(settings, state, current=persistent, control_token=plan.control_token)
     env.state = state
     if persistent and watchdog:
         wd.mark(run_dir, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
@@ -983,6 +1008,8 @@ def run_command(
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)
         child_env = {**os.environ, **env.state.env(state_file_of(settings, env.state.run_id))}
+        if env.control_token:
+            child_env[CONTROL_TOKEN_ENV] = env.control_token
         try:
             child = subprocess.Popen(list(command), env=child_env)
         except OSError as exc:

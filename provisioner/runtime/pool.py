@@ -167,10 +167,12 @@ class WorkerPool:
             self.recycled += 1
 
     def client(self, session_id: str, **client_kwargs: Any) -> Any:
-        """A ``SessionClient`` for the session on its pinned worker (close it when done)."""
+        """A ``SessionClient`` for the session on its pinned worker (close it when done); its
+        connection presents the run's control token unless ``token=`` says otherwise."""
         from provisioner.bridge.client import BridgeClient
 
         pinned = self.session(session_id)
+        client_kwargs.setdefault("token", self.environment.control_token)
         return BridgeClient(pinned.host, pinned.port, **client_kwargs).session(session_id)
 
     # -- health ----------------------------------------------------------------------------------------

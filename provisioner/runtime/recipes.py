@@ -22,12 +22,14 @@ replaced worker keeps its slot's address, and mock/cached workers cannot reach a
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.layers import Layer
 from provisioner.lmconfig import API_KEY_ENV, LMConfig
 from provisioner.runtime import labels as L
@@ -208,6 +210,13 @@ class RunPlan:
     uses_standin: bool = False
     egress: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # The run's limits (provisioner.lm.limits.write_run_limits keywords) and the host directory the
+    # workers share; RunEnvironment writes the limits file there before any worker starts.
+    lm_run_dir: str | None = None
+    run_limits: dict[str, Any] | None = None
+    # The workers' control token (a secret: workers get it in secret_environment, the run's env
+    # file holds it for controllers; never in public_dict, labels or state files).
+    control_token: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def run_network(self) -> str:
@@ -313,6 +322,7 @@ def plan_run(
     worker_args: tuple[str, ...] = (),
     persistent: bool = False,
     project: str | None = None,
+    control_token: str | None = None,
 ) -> RunPlan:
     """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
 
@@ -320,6 +330,8 @@ def plan_run(
     directory shared by the run's workers (needed for cached and real modes). ``use_standin``:
     None = start the stand-in exactly when the layer is real and no API key is configured.
     ``project``: the :func:`~provisioner.runtime.labels.project_id` every resource is labelled with.
+    ``control_token``: the workers' control token (default: a new random one,
+    ``secrets.token_urlsafe(32)``), handed to them as a secret environment variable.
     """
     if not layer.needs_docker:
         raise ValueError(
@@ -371,6 +383,8 @@ def plan_run(
     elif use_standin:
         # The stand-in accepts any non-empty key; the Gemini engine insists on having one.
         secret = {API_KEY_ENV: STANDIN_KEY}
+    control_token = control_token or secrets.token_urlsafe(32)
+    secret[CONTROL_TOKEN_ENV] = control_token
     mounts: list[Mount] = []
     if lm.mode == "cached":
         mounts.append(Mount(str(lm.cache_dir.resolve()), CASSETTE_MOUNT, read_only=lm.record_mode == "none"))
@@ -454,6 +468,17 @@ def plan_run(
         uses_standin=use_standin,
         egress=egress,
         labels=base,
+        lm_run_dir=str(run_dir.resolve()) if run_dir is not None and lm.mode != "mock" else None,
+        run_limits=(
+            {
+                "rate_limit_rpm": lm.rate_limit_rpm,
+                "cost_limit_usd": lm.cost_limit_usd,
+                "rate_limit_wait_s": lm.rate_limit_wait_s,
+            }
+            if run_dir is not None and lm.mode != "mock"
+            else None
+        ),
+        control_token=control_token,
     )
 
 

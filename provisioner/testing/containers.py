@@ -329,7 +329,8 @@ class ProcessContainers:
         except BaseException:
             base.resources.cleanup_all()
             raise
-        client = BridgeClient(LOOPBACK, int(port), request_timeout=self.env.settings.process_timeout)
+        client = BridgeClient(LOOPBACK, int(port), request_timeout=self.env.settings.process_timeout,
+                              token=plan.control_token)
         return DedicatedWorker(recipe.name, container_id, LOOPBACK, int(port), container, client, base)
 
     def stop_dedicated_worker(self, worker: DedicatedWorker, *, retain: bool) -> None:

@@ -1,4 +1,4 @@
-"""Worker start-up pieces, in-process: which LM configuration wins, and the atomic ready file."""
+"""Worker start-up pieces: which LM configuration wins, the atomic ready file, the process-wide LM."""
 
 from __future__ import annotations
 
@@ -54,3 +54,59 @@ def test_the_ready_file_is_written_whole_and_leaves_no_temp_file(tmp_path: Path)
     write_ready_file(target, 5)
     assert target.read_text() == "5\n"
     assert [p.name for p in target.parent.iterdir()] == ["port"]
+
+
+_PROCESS_LM_CHILD = r"""
+import json, sys, threading
+import dspy
+from provisioner.bridge.server import install_process_lm
+from provisioner.bridge.service import BridgeService
+from provisioner.lmconfig import LMConfig
+
+service = BridgeService(LMConfig(mode="mock", mock_default="layer-lm"))
+install_process_lm(service)  # what run_worker does, in the main thread
+seen = {}
+
+def bare_thread():  # a thread a program starts itself: no dspy.context around it
+    seen["same_lm"] = dspy.settings.lm is service.default_lm
+    seen["answer"] = dspy.Predict("question -> answer")(question="hi").answer
+
+thread = threading.Thread(target=bare_thread)
+thread.start()
+thread.join()
+
+# Sessions keep their own LMs (dspy.context per execution), also side by side on pool threads.
+for name in ("a", "b"):
+    service.call("configure_lm", {"session_id": name, "mode": "mock", "mock_default": f"lm-{name}"})
+    service.call("create_program", {"session_id": name, "program_id": "qa", "signature": "q -> answer"})
+answers = {}
+def run(name):
+    answers[name] = [service.call("execute_program", {"session_id": name, "program_id": "qa",
+                                                      "inputs": {"q": "q"}})["outputs"]["answer"]
+                     for _ in range(10)]
+threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+for t in threads: t.start()
+for t in threads: t.join()
+seen["sessions"] = answers
+service.call("create_program", {"program_id": "qa", "signature": "question -> answer"})
+default = service.call("execute_program", {"program_id": "qa", "inputs": {"question": "q"}})
+seen["default"] = default["outputs"]["answer"]
+print(json.dumps(seen))
+"""
+
+
+def test_the_startup_lm_is_the_process_lm_and_sessions_keep_their_own() -> None:
+    """Threads started without a dspy.context see the layer's LM; per-session LMs still win inside
+    executions. In a child process: dspy.configure is process-global."""
+    import subprocess
+    import sys
+
+    from .conftest import clean_env
+
+    done = subprocess.run([sys.executable, "-c", _PROCESS_LM_CHILD], capture_output=True, text=True,
+                          timeout=120, env=clean_env())
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["same_lm"] is True and seen["answer"] == "layer-lm"
+    assert seen["sessions"] == {"a": ["lm-a"] * 10, "b": ["lm-b"] * 10}
+    assert seen["default"] == "layer-lm"

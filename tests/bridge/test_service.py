@@ -134,12 +134,14 @@ def test_each_session_runs_with_its_own_lm_even_concurrently(bridge: LocalBridge
 
 def test_configure_lm_validates_names_fields_and_never_echoes_the_key(bridge: LocalBridge) -> None:
     secret = "sk-test-very-secret-123"
-    ok = bridge.configure_lm(session_id="s", mode="mock", temperature=0.5, api_key=secret)
+    ok = bridge.configure_lm(session_id="s", mode="mock", temperature=0.5)
     assert ok["status"] == "configured" and ok["session_id"] == "s"
     assert ok["lm"]["temperature"] == 0.5 and "api_key" not in ok["lm"]
-    assert secret not in repr(ok)
-    error = error_of(bridge.configure_lm, mode="bogus", api_key=secret)
-    assert error.error_type == "InvalidLMConfig" and "'mode'" in error.message and secret not in str(error)
+    error = error_of(bridge.configure_lm, session_id="s", mode="mock", api_key=secret)
+    assert error.error_type == "InvalidLMConfig" and "'api_key' belongs to the run" in error.message
+    assert secret not in str(error)
+    error = error_of(bridge.configure_lm, mode="bogus")
+    assert error.error_type == "InvalidLMConfig" and "'mode'" in error.message
     error = error_of(bridge.configure_lm, temperature="hot")
     assert "'temperature'" in error.message
     error = error_of(bridge.configure_lm, provider="google")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.errors import CostLimitExceeded, RateLimitExceeded
+from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
 from provisioner.lm.ledger import read_ledger
-from provisioner.lm.limits import RunLimits
+from provisioner.lm.limits import RUN_LIMITS_FILE, RunLimits, read_run_limits, write_run_limits
 from provisioner.lm.standin import GeminiStandin
 
 
@@ -79,6 +79,56 @@ def test_two_runs_do_not_share_state(tmp_path: Path) -> None:
     two.reserve(0.9)  # a different run has its own budget
     with pytest.raises(CostLimitExceeded):
         one.reserve(0.2)
+
+
+def test_the_run_limits_file_wins_over_the_configured_values(tmp_path: Path) -> None:
+    """The controller's file holds, however generous the LM's own configuration."""
+    clock = FakeClock()
+    greedy = RunLimits(tmp_path, rpm=1000, cost_limit_usd=1000.0, wait_s=600, clock=clock, sleep=clock.sleep)
+    greedy.reserve(0.5)  # no file yet: the configured values
+    write_run_limits(tmp_path, rate_limit_rpm=2, cost_limit_usd=0.6, rate_limit_wait_s=5.0)
+    assert greedy.effective() == (2, 0.6, 5.0)
+    with pytest.raises(CostLimitExceeded, match=r"lm\.cost_limit_usd=\$0\.6000"):
+        greedy.reserve(0.2)
+    assert greedy.snapshot().limit_usd == 0.6
+    greedy.acquire_request()
+    greedy.acquire_request()
+    with pytest.raises(RateLimitExceeded, match=r"2 requests/minute .* lm\.rate_limit_wait_s=5s"):
+        greedy.acquire_request()
+    assert clock.slept == []
+
+
+def test_the_run_limits_file_is_atomic_readable_and_checked(tmp_path: Path) -> None:
+    path = write_run_limits(tmp_path / "run", rate_limit_rpm=3, cost_limit_usd=0.25, rate_limit_wait_s=1.5)
+    assert path.name == RUN_LIMITS_FILE and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert read_run_limits(tmp_path / "run") == {
+        "rate_limit_rpm": 3, "cost_limit_usd": 0.25, "rate_limit_wait_s": 1.5,
+    }
+    assert list((tmp_path / "run").glob("*.tmp")) == []
+    assert read_run_limits(tmp_path / "none") is None
+    with pytest.raises(ConfigError, match=r"lm\.rate_limit_rpm must be an integer >= 1, got 0"):
+        write_run_limits(tmp_path, rate_limit_rpm=0, cost_limit_usd=1, rate_limit_wait_s=1)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "cannot be read"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"rate_limit_rpm": 5, "cost_limit_usd": NaN, "rate_limit_wait_s": 1}', "lm.cost_limit_usd"),
+        ('{"rate_limit_rpm": 5, "cost_limit_usd": -1, "rate_limit_wait_s": 1}', "lm.cost_limit_usd"),
+        ('{"rate_limit_rpm": true, "cost_limit_usd": 1, "rate_limit_wait_s": 1}', "lm.rate_limit_rpm"),
+        ('{"cost_limit_usd": 1, "rate_limit_wait_s": 1}', "lm.rate_limit_rpm"),
+    ],
+)
+def test_a_corrupt_run_limits_file_refuses_calls(tmp_path: Path, content: str, fragment: str) -> None:
+    """Fail closed: a budget that cannot be read is no budget to spend against."""
+    (tmp_path / RUN_LIMITS_FILE).write_text(content)
+    limits = RunLimits(tmp_path, rpm=10, cost_limit_usd=1.0)
+    with pytest.raises(ConfigError, match=fragment):
+        limits.reserve(0.01)
+    with pytest.raises(ConfigError, match=fragment):
+        limits.acquire_request()
 
 
 _RATE_CHILD = textwrap.dedent(

@@ -14,6 +14,7 @@ import pytest
 
 from provisioner.errors import ConfigError, RuntimeProblem, WorkerNotReadyError
 from provisioner.layers import get_layer
+from provisioner.lm.limits import read_run_limits
 from provisioner.runtime import environment as E
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import FakeRuntime
@@ -168,6 +169,33 @@ def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any
     kwargs.setdefault("image", FAKE_IMAGE)
     kwargs.setdefault("watchdog", False)
     return E.up(settings, runtime=runtime, probe=workers.probe, **kwargs)
+
+def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the_run_dir(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    env = _up(settings, fake, layer="integration", lm_mode="cached", workers=1, persistent=True)
+    assert env.state is not None and env.control_token
+    token = env.control_token
+    state_file = E.state_file_of(settings, env.state.run_id)
+    assert token not in state_file.read_text()
+    for env_file in (state_file.with_name("env"), Path(settings.state_dir) / "current.env"):
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        out = subprocess.run(["bash", "-c", f"source {env_file} && echo $PROVISION_CONTROL_TOKEN"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == token
+    worker = next(c for c in rt.containers.values() if c.recipe.role == "worker")
+    assert worker.recipe.secret_environment["PROVISION_CONTROL_TOKEN"] == token
+    assert token not in json.dumps(worker.recipe.labels) + " ".join(worker.recipe.command)
+    # The run's limits were written to the shared LM dir before the workers started.
+    assert env.state.lm_run_dir is not None
+    limits = read_run_limits(Path(env.state.lm_run_dir))
+    lm = settings.lm_for("integration", "cached")
+    assert limits == {"rate_limit_rpm": lm.rate_limit_rpm, "cost_limit_usd": lm.cost_limit_usd,
+                      "rate_limit_wait_s": lm.rate_limit_wait_s}
+    E.down(settings, runtime=rt)
+    assert token not in state_file.with_name("env").read_text()  # a run that is down has no token
+
 
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

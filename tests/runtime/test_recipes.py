@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.layers import get_layer
 from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV
 from provisioner.runtime import labels as L
@@ -83,12 +84,39 @@ def test_real_mode_with_a_key_gets_egress_and_the_key_only_in_the_secret_environ
     assert plan.egress and not plan.networks[0].internal and plan.standin is None
     worker = plan.workers[0]
     assert json.loads(worker.environment[LM_CONFIG_ENV])["endpoint_kind"] == "gemini"
-    assert worker.secret_environment == {API_KEY_ENV: SECRET}
+    assert worker.secret_environment == {API_KEY_ENV: SECRET, CONTROL_TOKEN_ENV: plan.control_token}
     everything_public = json.dumps(plan.public_dict()) + json.dumps(worker.labels) + " ".join(worker.command)
     assert SECRET not in everything_public
     assert SECRET not in json.dumps(worker.environment)
     assert worker.to_run_kwargs()["environment"][API_KEY_ENV] == SECRET  # the engine does get it
     assert SECRET not in repr(worker)
+
+
+@pytest.mark.parametrize("layer", ["integration", "e2e"])
+def test_every_worker_gets_the_run_control_token_as_a_secret_only(
+    settings: Settings, tmp_path: Path, layer: str
+) -> None:
+    plan = _plan(settings, layer, tmp_path)
+    token = plan.control_token
+    assert token and len(token) >= 40 and token != _plan(settings, layer, tmp_path).control_token
+    replacement = replacement_recipe(plan.workers[0], 1)
+    for worker in (*plan.workers, replacement):
+        assert worker.secret_environment[CONTROL_TOKEN_ENV] == token
+        assert worker.to_run_kwargs()["environment"][CONTROL_TOKEN_ENV] == token
+    for recipe in (plan.relay, *([plan.standin] if plan.standin else [])):
+        assert CONTROL_TOKEN_ENV not in recipe.to_run_kwargs()["environment"]
+    public = json.dumps(plan.public_dict()) + repr(plan) + repr(plan.workers)
+    assert token not in public and CONTROL_TOKEN_ENV in json.dumps(plan.public_dict())  # the name only
+    assert _plan(settings, layer, tmp_path, control_token="given").control_token == "given"
+
+
+def test_the_plan_carries_the_run_limits_for_the_shared_dir(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "e2e", tmp_path)
+    lm = settings.lm_for("e2e")
+    assert plan.lm_run_dir == str((tmp_path / "lm").resolve())
+    assert plan.run_limits == {"rate_limit_rpm": lm.rate_limit_rpm, "cost_limit_usd": lm.cost_limit_usd,
+                               "rate_limit_wait_s": lm.rate_limit_wait_s}
+    assert _plan(settings, "integration", tmp_path, mode="mock").run_limits is None
 
 
 @pytest.mark.parametrize("mode", ["mock", "cached"])
