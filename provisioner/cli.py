@@ -238,19 +238,27 @@ def _cassette_dir(cache_dir: Path | None, settings: Settings | None = None) -> P
 @_cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def cassettes_list(cache_dir: Path | None, as_json: bool) -> None:
-    """List the recorded entries: key, when, and the request they answer."""
-    from provisioner.lm.cassettes import list_cassettes
+    """List the recorded entries: key, when, what answered (mock, Gemini stand-in, real Gemini),
+    the test that recorded it, and the request it answers."""
+    from provisioner.lm.cassettes import SOURCE_LABELS, list_cassettes
 
     root = _cassette_dir(cache_dir)
     infos = list_cassettes(root) if root.is_dir() else []
     if as_json:
         click.echo(json.dumps([{"key": i.key, "path": str(i.path), "recorded_at": i.recorded_at,
-                                "request": i.description, "bytes": i.size, "test_id": i.test_id}
+                                "request": i.description, "bytes": i.size, "test_id": i.test_id,
+                                "source": i.source, "problem": i.problem}
                                for i in infos], indent=2))
         return
     for info in infos:
-        click.echo(f"{info.key[:12]}  {info.recorded_at}  {info.description}")
-    click.echo(f"{len(infos)} entries under {root}")
+        if info.problem is not None:
+            click.echo(f"{info.key[:12]}  CORRUPT {info.path}: {info.problem}")
+            continue
+        source = SOURCE_LABELS.get(info.source, info.source)
+        click.echo(f"{info.key[:12]}  {info.recorded_at}  {source:<15}  {info.test_id or '(no test)'}  "
+                   f"{info.description}")
+    corrupt = sum(1 for i in infos if i.problem is not None)
+    click.echo(f"{len(infos)} entries under {root}" + (f", {corrupt} corrupt" if corrupt else ""))
 
 
 @cassettes.command("verify")
@@ -258,7 +266,10 @@ def cassettes_list(cache_dir: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def cassettes_verify(cache_dir: Path | None, as_json: bool) -> None:
     """Check every entry (JSON, key matches request, has a response, holds no API key); exit 1 on
-    problems or when the cassette directory does not exist."""
+    problems or when the cassette directory does not exist.
+
+    Temporary files of killed writers are removed (those of writes in progress are left alone).
+    """
     from provisioner.lm.cassettes import verify_cassettes
 
     settings = _settings()
@@ -271,8 +282,11 @@ def cassettes_verify(cache_dir: Path | None, as_json: bool) -> None:
     report = verify_cassettes(root, secrets=secrets)
     if as_json:
         click.echo(json.dumps({"cache_dir": str(root), "exists": True, "checked": report.checked,
-                               "problems": [{"path": str(p), "problem": w} for p, w in report.problems]}))
+                               "problems": [{"path": str(p), "problem": w} for p, w in report.problems],
+                               "removed_temp": [str(p) for p in report.removed_temp]}))
     else:
+        for path in report.removed_temp:
+            click.echo(f"removed {path}: a temporary file its writer abandoned (killed mid-write)")
         for path, problem in report.problems:
             click.echo(f"{path}: {problem}", err=True)
         click.echo(f"{report.checked} entries checked under {root}, {len(report.problems)} problem(s)")
@@ -282,27 +296,43 @@ def cassettes_verify(cache_dir: Path | None, as_json: bool) -> None:
 
 @cassettes.command("prune")
 @_cache_dir_option
-@click.option("--run", "run_id", default=None, help="prune against this run (default: the last full run)")
-@click.option("--dry-run", is_flag=True, help="only list what would be removed")
-@click.option("--force", is_flag=True, help="prune even against a partial run")
+@click.option("--run", "run_id", default=None,
+              help="the complete run that vouches for its layer (default: each layer's latest complete run)")
+@click.option("--yes", is_flag=True, help="really delete; without it prune only lists what it would remove")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed (the default)")
+@click.option("--force", is_flag=True,
+              help="prune although a layer using the directory has no complete run (its cassettes may go)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def cassettes_prune(cache_dir: Path | None, run_id: str | None, dry_run: bool, force: bool,
+def cassettes_prune(cache_dir: Path | None, run_id: str | None, yes: bool, dry_run: bool, force: bool,
                     as_json: bool) -> None:
-    """Remove entries that no test used in the last full run."""
+    """List (or, with --yes, remove) entries no complete run of any layer used.
+
+    Only a complete run vouches: one that ran its layer's whole suite to the end (no node id or
+    narrower path, no -k/-m, not stopped by -x/--maxfail/max_failures, an interrupt, a timeout or
+    an internal error). Every layer that uses the directory needs one, else prune refuses.
+    """
     from provisioner.lm.cassettes import prune_unused
     from provisioner.lm.ledger import ledger_sources
 
+    if yes and dry_run:
+        raise click.UsageError("--yes and --dry-run contradict each other")
     settings = _settings()
     root = _cassette_dir(cache_dir, settings)
-    result = prune_unused(root, ledger_sources(settings.state_dir), run_id=run_id, dry_run=dry_run,
+    # The layers configured to use this directory (all layers share lm.cache_dir; cached ones use it).
+    same_dir = root.resolve() == Path(settings.lm.cache_dir).resolve()
+    layers = [n for n, lay in resolve_layers(settings).items() if lay.lm_mode == "cached"] if same_dir else []
+    result = prune_unused(root, ledger_sources(settings.state_dir), layers=layers, run_id=run_id, apply=yes,
                           force=force)
     if as_json:
-        click.echo(json.dumps({"run_id": result.run_id, "dry_run": dry_run, "kept": result.kept,
+        click.echo(json.dumps({"vouching": result.vouching, "applied": result.applied, "kept": result.kept,
                                "removed": [str(path) for path in result.removed]}))
         return
     for path in result.removed:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    click.echo(f"run {result.run_id}: {len(result.removed)} unused, {result.kept} kept")
+        click.echo(f"{'removed' if yes else 'would remove'} {path}")
+    vouching = ", ".join(f"{layer} by run {run}" for layer, run in result.vouching.items())
+    click.echo(f"{len(result.removed)} unused, {result.kept} kept (vouched for: {vouching})")
+    if not yes and result.removed:
+        click.echo("nothing removed: add --yes to remove them")
 
 
 @main.group()

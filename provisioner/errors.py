@@ -8,7 +8,10 @@
     │   └── BridgeConnectionError the worker could not be reached, or the connection broke
     ├── ProtocolError             a frame or envelope is malformed (on either side)
     ├── LMError                   an LM managed by provisioner failed
-    │   ├── CassetteMissError     cached/replay mode has no recording for a request
+    │   ├── CassetteError         a cassette file could not be used (names the file or directory)
+    │   │   ├── CassetteMissError     cached/replay mode has no recording for a request
+    │   │   │   └── CassetteNotWritableError a miss that could not be recorded (directory not writable)
+    │   │   └── CorruptCassetteError  an entry is not a valid recording (names the file and why)
     │   ├── CostLimitExceeded     a real call would pass the run's dollar limit
     │   ├── RateLimitExceeded     the run's request-per-minute budget could not be had in time
     │   └── UnknownModelPriceError a real model with no known or configured price
@@ -112,8 +115,34 @@ class LMError(ProvisionerError):
     """An LM managed by provisioner failed."""
 
 
-class CassetteMissError(LMError):
-    """Replay-only mode found no recording for a request."""
+class CassetteError(LMError):
+    """A cassette of the cached LM could not be used; the message names the file or directory."""
+
+
+class CassetteMissError(CassetteError):
+    """The cached LM has no recording for a request and may not (or could not) record one."""
+
+
+class CassetteNotWritableError(CassetteMissError):
+    """A miss that should have been recorded, but the cassette directory is not writable.
+
+    ``why`` names the directory and the reason (read-only mode, permission, read-only mount, full disk).
+    """
+
+    def __init__(self, message: str, why: str = "") -> None:
+        self.why = why
+        super().__init__(message)
+
+
+class CorruptCassetteError(CassetteError):
+    """A cassette file is not a valid recording (torn, edited, or of another format)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"corrupt cassette {path}: {reason}; delete it to re-record (or provision cassettes verify)"
+        )
 
 
 class CostLimitExceeded(LMError):

@@ -73,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUN_KEY] = run
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
     config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
+    config.pluginmanager.register(_CompletenessHooks(run), "provisioner-completeness")
     for line in run.marker_lines():
         config.addinivalue_line("markers", line)
     if run.layer.max_failures and not config.getoption("maxfail"):
@@ -163,6 +164,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+class _CompletenessHooks:
+    """Hooks that see whether the run reaches its end: a timed-out test (also on an xdist worker —
+    the controller gets its report) or a crashed xdist worker makes the run partial."""
+
+    def __init__(self, run: ProvisionRun) -> None:
+        self.run = run
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed:
+            self.run.completeness.test_report(report.nodeid, True, report.longreprtext)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
+        self.run.completeness.worker_crash(crashitem)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
@@ -178,10 +195,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if workeroutput is not None:
         workeroutput[WORKEROUTPUT_KEY] = run.process_report_json()
         return
-    option = session.config.option
-    narrowed = bool(option.keyword or option.markexpr or getattr(option, "lf", False) or option.deselect)
-    completed = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
-    run.close_ledger(full=completed and not narrowed)
+    config = session.config
+    run.completeness.selection(args=config.args, invocation_dir=config.invocation_params.dir,
+                               rootdir=config.rootpath, testpaths=config.getini("testpaths") or [],
+                               options=vars(config.option))
+    dsession = config.pluginmanager.getplugin("dsession")  # xdist's controller, if any
+    stopped = session.shouldfail or session.shouldstop or getattr(dsession, "shouldstop", None)
+    run.completeness.ending(exitstatus=int(session.exitstatus), stopped=str(stopped) if stopped else None)
+    run.close_ledger()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -577,7 +577,9 @@ def test_run_end_marks_the_ledger_complete_and_archives_it(project: pytest.Pytes
         [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == "run_complete"]
         for path in runs
     ]
-    assert sorted(c[0]["full"] for c in completions) == [False, True]
+    assert sorted((c[0]["complete"], c[0]["partial"]) for c in completions) == [
+        (False, ["-k 'qa'"]), (True, [])]
+    assert {c[0]["cache_dir"] for c in completions} == {str(project.path / "cassettes")}
     archived = list((project.path / ".provision" / "ledger").glob("*.jsonl"))
     assert archived, "the run's ledger was archived by month"
     kinds = [json.loads(line).get("kind") for f in archived for line in f.read_text().splitlines()]

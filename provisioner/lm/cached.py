@@ -3,11 +3,21 @@
 Record modes (``LMConfig.record_mode``, vcrpy's names):
 
 * ``none`` — replay only. A miss raises :class:`~provisioner.errors.CassetteMissError` at once
-  (DSPy sees a non-retried ``LMConfigurationError``), naming the request and how to record it.
-* ``once`` — record only into an empty cache directory (checked when the LM is built); once
-  recordings exist, behave like ``none``.
+  (DSPy sees a non-retried ``LMConfigurationError``), naming the request, how to record it and
+  the nearest recorded request of the same program (a short diff of the prompts).
+* ``once`` — decided once per run and layer, by the first cached LM of the run (in any process or
+  worker container: the decision is a file in the run's shared LM directory, taken under its
+  lock): if the cassette directory had recordings when the run started, the whole run is
+  replay-only; if it was empty, the whole run records. (pytest-recording decides it per
+  cassette the same way; here the directory is the cassette.)
 * ``new_episodes`` — replay hits, record misses (the default).
 * ``all`` — always call the inner engine and overwrite the entry.
+
+A cassette file that is not a valid entry raises :class:`~provisioner.errors.CorruptCassetteError`
+(naming the file) in a replay-only run; ``new_episodes``, ``all`` and a recording ``once`` run
+re-record it. A miss that should be recorded into a directory that is not writable fails with
+:class:`~provisioner.errors.CassetteNotWritableError` before the inner LM is called. Every miss that
+fails is written to the ledger (``{"event": "cassette_miss", ...}``) and counts as a cache miss.
 
 The inner engine is ``cached_inner``: ``real`` (Gemini or the stand-in at ``base_url``, with the
 run's rate and cost limits) or ``mock``. It is built lazily, on the first miss that records, so a
@@ -16,12 +26,21 @@ replay-only run needs no API key at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from provisioner.errors import CassetteMissError
+from provisioner.errors import (
+    CassetteError,
+    CassetteMissError,
+    CassetteNotWritableError,
+    CorruptCassetteError,
+)
 from provisioner.lm import callstats as _stats
 from provisioner.lm.cassettes import (
     FORMAT,
@@ -29,11 +48,13 @@ from provisioner.lm.cassettes import (
     canonical_request,
     cassette_key,
     describe,
+    nearest_recording,
     now_iso,
     request_summary,
 )
 from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_text
 from provisioner.lm.ledger import Ledger, current_test_id
+from provisioner.lm.limits import locked, resolve_run_dir
 from provisioner.lm.pricing import TokenUsage
 from provisioner.lmconfig import LMConfig
 from provisioner.reprs import safe_repr
@@ -45,6 +66,7 @@ if TYPE_CHECKING:
     from provisioner.lm.mock import MockEngine
 
 GEMINI_DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
+ONCE_LOCK = "record-once.lock"
 
 
 def endpoint_identity(config: LMConfig) -> str:
@@ -54,6 +76,42 @@ def endpoint_identity(config: LMConfig) -> str:
         digest = hashlib.sha256(f"{rules}\x00{config.mock_default}".encode()).hexdigest()[:16]
         return f"mock:{digest}"
     return f"gemini@{(config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip('/')}"
+
+
+def recording_source(config: LMConfig) -> str:
+    """What a recording of ``config`` comes from: ``mock``, ``standin`` or ``gemini``."""
+    return "mock" if config.cached_inner == "mock" else config.endpoint_kind
+
+
+@dataclass(frozen=True)
+class OnceDecision:
+    """The run's ``once`` decision: ``record`` (the directory was empty) or replay only."""
+
+    record: bool
+    decided_at: str
+    path: Path
+
+
+def once_decision(config: LMConfig, store: CassetteStore) -> OnceDecision:
+    """Take (or read) the ``once`` decision of ``config``'s run and layer.
+
+    The first caller of a run decides under the run's lock (``record-once.lock`` in the shared LM
+    directory ``run_dir``, which every xdist process and worker container of the run sees) and
+    writes ``record-once.<layer>.json``; every later caller reads it. Without ``run_dir`` the
+    run is this process.
+    """
+    run_dir = resolve_run_dir(config.run_dir)
+    marker = run_dir / f"record-once.{config.layer or 'default'}.json"
+    with locked(run_dir, ONCE_LOCK):
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            data = json.loads(marker.read_text(encoding="utf-8"))
+            return OnceDecision(bool(data["record"]), str(data["decided_at"]), marker)
+        decision = OnceDecision(not store.has_entries(), now_iso(), marker)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"record": decision.record, "decided_at": decision.decided_at,
+                                   "cache_dir": str(config.cache_dir)}) + "\n", encoding="utf-8")
+        os.replace(tmp, marker)
+        return decision
 
 
 class CachedEngine(EngineBase):
@@ -66,9 +124,10 @@ class CachedEngine(EngineBase):
         self.store = CassetteStore(config.cache_dir)
         self.identity = endpoint_identity(config)
         self.ledger = Ledger(config.run_dir, run_id=config.run_id, layer=config.layer)
-        # vcrpy's "once": a cassette that already had recordings when the run started is not extended.
-        once_and_recorded = config.record_mode == "once" and self.store.has_entries()
-        self._frozen = config.record_mode == "none" or once_and_recorded
+        self.once: OnceDecision | None = None
+        if config.record_mode == "once":
+            self.once = once_decision(config, self.store)
+        self._frozen = config.record_mode == "none" or (self.once is not None and not self.once.record)
         self._inner: GeminiEngine | MockEngine | None = None
         self._inner_lock = threading.Lock()
 
@@ -116,28 +175,79 @@ class CachedEngine(EngineBase):
         canonical = self.canonical(request)
         key = cassette_key(canonical)
         if self.config.record_mode != "all":
-            entry = self.store.get(key)
+            try:
+                entry = self.store.get(key)
+            except CorruptCassetteError as corrupt:
+                if self._frozen:
+                    raise self._failed(key, "corrupt", corrupt) from None
+                entry = None  # a recording run re-records it
             if entry is not None:
                 return self._replay(request, key, entry)
         if self._frozen:
-            _stats.record_error()
-            raise self._miss(key, canonical)
+            raise self._failed(key, "replay_only", CassetteMissError(self._miss_text(key, canonical)))
+        why = self.store.not_writable(key)
+        if why is not None:  # found before the inner LM is called: nothing is spent on an answer lost
+            error = CassetteNotWritableError(self._not_writable_text(key, canonical, why), why)
+            raise self._failed(key, "not_writable", error)
         return self._record(request, key, canonical)
 
-    def _miss(self, key: str, canonical: dict[str, Any]) -> Exception:
+    # -- misses -----------------------------------------------------------------------------------
+
+    def _failed(self, key: str, reason: str, error: CassetteError) -> Exception:
+        """Count and book a miss that fails, and wrap it for DSPy (a non-retried configuration error)."""
         from dspy import lm15
 
+        _stats.record_error()
+        self.ledger.append({"event": "cassette_miss", "test_id": current_test_id(),
+                            "model": self.config.model, "cassette": key, "reason": reason})
+        wrapped = lm15.ConfigurationError(str(error), provider="cassette", code=f"cassette_{reason}")
+        wrapped.__cause__ = error
+        return wrapped
+
+    def _record_hint(self) -> str:
+        """How to record a miss, true for the configured inner LM."""
+        command = ("Record it with `pytest --lm cached --record-mode new_episodes` "
+                   "(or PROVISION_LM__RECORD_MODE=new_episodes)")
+        config = self.config
+        if config.cached_inner == "mock":
+            return f"{command}; the inner LM is the mock (lm.cached_inner='mock'), so no API key is needed"
+        if config.endpoint_kind == "standin":
+            return f"{command}; recording calls the Gemini stand-in at {config.base_url}"
+        endpoint = (config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip("/")
+        return (f"{command} with GEMINI_TEST_API_KEY set; recording calls Gemini at {endpoint} "
+                "(lm.cached_inner='real') and costs money")
+
+    def _nearest_text(self, canonical: dict[str, Any]) -> str:
+        try:
+            nearest = nearest_recording(self.store.root, canonical)
+        except OSError:
+            return ""
+        if nearest is not None:
+            return "\n" + nearest.text()
+        summary = request_summary(canonical)
+        if "signature" in summary:
+            return (f"\nno recording of this program (`{summary['signature']}` on {summary.get('model')}) "
+                    f"under {self.store.root}")
+        return ""
+
+    def _miss_text(self, key: str, canonical: dict[str, Any]) -> str:
         what = describe(request_summary(canonical))
         mode = self.config.record_mode
-        why = "is replay-only" if mode == "none" else "had recordings already, so 'once' does not add to them"
-        miss = CassetteMissError(
-            f"no cassette for {what} (key {key[:12]}…) under lm.cache_dir={self.config.cache_dir}; "
-            f"lm.record_mode={mode!r} {why}. Record it with `pytest --lm cached --record-mode new_episodes` "
-            "(or PROVISION_LM__RECORD_MODE=new_episodes) with GEMINI_TEST_API_KEY set"
-        )
-        error = lm15.ConfigurationError(str(miss), provider="cassette", code="cassette_miss")
-        error.__cause__ = miss
-        return error
+        if self.once is not None:
+            why = (f"is replay-only for this run (run {self.config.run_id}, layer {self.config.layer}): "
+                   f"the cassette directory had recordings when the run started "
+                   f"(decided {self.once.decided_at}, {self.once.path})")
+        else:
+            why = "is replay-only"
+        return (f"no cassette for {what} (key {key[:12]}…) under lm.cache_dir={self.config.cache_dir}; "
+                f"lm.record_mode={mode!r} {why}. {self._record_hint()}{self._nearest_text(canonical)}")
+
+    def _not_writable_text(self, key: str, canonical: dict[str, Any], why: str) -> str:
+        what = describe(request_summary(canonical))
+        return (f"cassette dir not writable ({why}); use --record-mode none or fix its permissions — "
+                f"{what} (key {key[:12]}…) was not recorded")
+
+    # -- hits and recordings ----------------------------------------------------------------------
 
     def _replay(self, request: Request, key: str, entry: dict[str, Any]) -> Response:
         from dspy.lm15 import Message, Response, TextPart, Usage
@@ -164,10 +274,13 @@ class CachedEngine(EngineBase):
         from provisioner.lm.gemini import GeminiEngine
 
         inner = self._inner_engine()
+        booking: dict[str, Any] = {}  # what the ledger line says about a Gemini (or stand-in) answer
         try:
             if isinstance(inner, GeminiEngine):
                 outcome = inner.call(request)
                 response, usage, cost = outcome.response, outcome.usage, outcome.cost_usd
+                booking = {"list_cost_usd": outcome.list_cost_usd, "endpoint": outcome.endpoint,
+                           "usage": outcome.usage_source, "estimated": outcome.estimated}
             else:
                 response = inner.complete(request)
                 raw = response.usage
@@ -177,24 +290,35 @@ class CachedEngine(EngineBase):
         except Exception:
             _stats.record_error()
             raise
-        test_id = current_test_id()
-        self.store.put({
-            "format": FORMAT,
-            "key": key,
-            "recorded_at": now_iso(),
-            "identity": self.identity,
-            "summary": request_summary(canonical),
-            "request": canonical,
-            "response": {"text": response_text(response), "finish_reason": response.finish_reason,
-                         "model": response.model, "id": response.id},
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.candidates_tokens,
-                      "thoughts_tokens": usage.thoughts_tokens, "cached_tokens": usage.cached_tokens},
-            "cost_usd": round(cost, 10),
-            "test_id": test_id,
-        })
+        try:
+            self.store.put({
+                "format": FORMAT,
+                "key": key,
+                "recorded_at": now_iso(),
+                "identity": self.identity,
+                "source": recording_source(self.config),
+                "summary": request_summary(canonical),
+                "request": canonical,
+                "response": {"text": response_text(response), "finish_reason": response.finish_reason,
+                             "model": response.model, "id": response.id},
+                "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.candidates_tokens,
+                          "thoughts_tokens": usage.thoughts_tokens, "cached_tokens": usage.cached_tokens},
+                "cost_usd": round(cost, 10),
+                "test_id": current_test_id(),
+            })
+        except CassetteNotWritableError as exc:
+            if isinstance(inner, GeminiEngine):  # the call was made (and billed): book it, unrecorded
+                self._book(kind="real", key=key, usage=usage, cost=cost, status="not_recorded", **booking)
+            error = CassetteNotWritableError(self._not_writable_text(key, canonical, exc.why), exc.why)
+            raise self._failed(key, "not_writable", error) from None
         _stats.record_call("recorded", input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens,
                            cost_usd=cost)
-        self.ledger.call(model=self.config.model, kind="recorded", input_tokens=usage.prompt_tokens,
-                         output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
-                         cached_tokens=usage.cached_tokens, cost_usd=cost, cache="miss", cassette=key)
+        self._book(kind="recorded", key=key, usage=usage, cost=cost, **booking)
         return response
+
+    def _book(self, *, kind: str, key: str, usage: TokenUsage, cost: float, status: str = "ok",
+              **booking: Any) -> None:
+        self.ledger.call(model=self.config.model, kind=kind, input_tokens=usage.prompt_tokens,
+                         output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
+                         cached_tokens=usage.cached_tokens, cost_usd=cost, cache="miss", cassette=key,
+                         status=status, **booking)

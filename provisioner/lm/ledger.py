@@ -17,8 +17,10 @@ controller wired in (``LMConfig.endpoint_kind``). ``cost_usd`` is billed dollars
 stand-in — and is what reports and the monthly budget sum; ``list_cost_usd`` is the call at list
 prices, what the run's cost limit counted. ``usage: "estimated"`` marks a call whose answer lacked a
 token count: it was booked at that count's worst case (``estimated`` names the counts).
-A run can be marked complete (``{"event": "run_complete", "full": true}``): pruning cassettes needs
-a *full* run to know which entries are unused.
+The end of a run is a line ``{"event": "run_complete", "complete": true|false, "partial": [why...],
+"cache_dir": "...", "started_at": "..."}``: pruning cassettes needs a *complete* run of every layer
+using the directory. A cached LM's failed miss is a line ``{"event": "cassette_miss", "cassette":
+"<sha256>", "reason": "replay_only" | "corrupt" | "not_writable", "test_id": ...}``.
 
 Across runs: the ledgers of finished runs are archived under the state directory
 (``<state_dir>/ledger/<YYYY-MM>.jsonl``, see :func:`archive_run_ledger`) — run directories are
@@ -143,9 +145,13 @@ class Ledger:
             "endpoint": endpoint, "usage": usage, "estimated": list(estimated), "status": status,
         })
 
-    def mark_run_complete(self, *, full: bool) -> None:
-        """Say the run ended; ``full`` = every test of the suite ran (no -k, no deselection)."""
-        self.append({"event": "run_complete", "full": full})
+    def mark_run_complete(self, *, complete: bool, partial: Iterable[str] = (), cache_dir: Path | None = None,
+                          started_at: str | None = None) -> None:
+        """Say the run ended. ``complete``: the layer's whole suite ran to the end, so the run may
+        vouch for which cassettes under ``cache_dir`` are unused (``provision cassettes prune``);
+        ``partial``: why it is not (a node id given, ``-k``, stopped by ``-x``, a timeout, ...)."""
+        self.append({"event": "run_complete", "complete": complete, "partial": list(partial),
+                     "cache_dir": None if cache_dir is None else str(cache_dir), "started_at": started_at})
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
@@ -299,33 +305,6 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
             report.by_test.setdefault(str(entry.get("test_id")), Totals()).add(entry)
             report.by_month.setdefault(entry_month, Totals()).add(entry)
     return report
-
-
-def last_full_run(sources: Iterable[Path]) -> str | None:
-    """The id of the most recent run marked complete and full (no deselected tests)."""
-    latest: tuple[str, str] | None = None
-    for source in sources:
-        for entry in read_ledger(source):
-            if entry.get("event") == "run_complete" and entry.get("full") and entry.get("run_id"):
-                stamp = (str(entry.get("ts", "")), str(entry["run_id"]))
-                latest = stamp if latest is None or stamp > latest else latest
-    return latest[1] if latest else None
-
-
-def run_cassette_usage(sources: Iterable[Path], run_id: str) -> tuple[set[str], bool]:
-    """Cassette keys a run replayed or recorded, and whether it was marked complete and full."""
-    keys: set[str] = set()
-    full = False
-    for source in sources:
-        for entry in read_ledger(source):
-            if entry.get("run_id") != run_id:
-                continue
-            if entry.get("event") == "run_complete" and entry.get("full"):
-                full = True
-            cassette = entry.get("cassette")
-            if entry.get("event") == "call" and isinstance(cassette, str):
-                keys.add(cassette)
-    return keys, full
 
 
 def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:

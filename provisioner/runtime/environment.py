@@ -682,7 +682,7 @@ def up(
     lm_run_dir: Path | None = None
     if lm.mode != "mock":
         lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / RUN_LM_SUBDIR)
-        if lm.mode == "cached":
+        if lm.mode == "cached" and lm.record_mode != "none":  # replay-only: mounted read-only, untouched
             prepare_shared_dir(Path(lm.cache_dir))
     owner = owner_pid or os.getpid()
     if watchdog:

@@ -259,7 +259,11 @@ def worker_user(euid: int | None = None, egid: int | None = None) -> str:
 
 
 def prepare_shared_dir(path: Path, *, euid: int | None = None) -> Path:
-    """Create ``path`` (absolute) and, when running as root, make it writable for group 0 workers."""
+    """Create ``path`` (absolute) and, when running as root, make it writable for group 0 workers.
+
+    Something its owner made read-only (no owner write bit, e.g. a cassette directory frozen with
+    ``chmod -R a-w``) stays read-only: workers then fail to record, saying so.
+    """
     path = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     if (os.geteuid() if euid is None else euid) == 0:
@@ -272,6 +276,8 @@ def prepare_shared_dir(path: Path, *, euid: int | None = None) -> Path:
 
 def _group_writable(path: Path) -> None:
     mode = path.stat().st_mode
+    if not mode & stat.S_IWUSR:
+        return  # read-only by intent: never widened
     wanted = mode | stat.S_IRGRP | stat.S_IWGRP
     if stat.S_ISDIR(mode):
         wanted |= stat.S_IXGRP | stat.S_ISGID  # setgid: new files keep the directory's group

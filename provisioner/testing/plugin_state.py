@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from provisioner.layers import Layer, resolve_layers
 from provisioner.lmconfig import LMMode, RecordMode
 from provisioner.testing import containers, docker_check
+from provisioner.testing.completeness import Completeness
 from provisioner.testing.options import RunOptions, resolve_run, state_dir
 from provisioner.testing.progress import Phases
 from provisioner.testing.report import (
@@ -117,6 +118,11 @@ class ProvisionRun:
         self._worker_reports: list[ProcessReport] = []
         self._finished: RunReport | None = None
         self._warm_attempted = False
+        # Why this run is partial (cannot vouch for unused cassettes); filled by the plugin's hooks.
+        self.completeness = Completeness()
+        from provisioner.lm.cassettes import now_iso
+
+        self.started_at = now_iso()
 
     @classmethod
     def from_pytest(
@@ -262,18 +268,22 @@ class ProvisionRun:
         self._closed = True
         self.environment.close()
 
-    def close_ledger(self, *, full: bool) -> None:
-        """Mark the run complete in its LM ledger and archive it by month (controller only).
-
-        ``full`` says every test of the suite ran (no -k/-m/--lf): ``provision cassettes prune``
-        trusts only a full run's record of which cassettes were used.
+    def close_ledger(self) -> None:
+        """Write the run's end (complete or partial, and why) to its LM ledger and archive it by month
+        (controller only). ``provision cassettes prune`` trusts only a complete run's record of which
+        cassettes under its ``cache_dir`` were used. Done for every cached run, also one without calls.
         """
         from provisioner.lm.ledger import LEDGER_FILE, Ledger, archive_run_ledger
 
-        run_dir = self.environment.lm_config.run_dir
-        if run_dir is None or not (run_dir / LEDGER_FILE).exists():
+        lm = self.environment.lm_config
+        run_dir = lm.run_dir
+        if run_dir is None or (lm.mode != "cached" and not (run_dir / LEDGER_FILE).exists()):
             return
-        Ledger(run_dir, run_id=self.identity.run_id, layer=self.layer.name).mark_run_complete(full=full)
+        ledger = Ledger(run_dir, run_id=self.identity.run_id, layer=self.layer.name)
+        ledger.mark_run_complete(complete=self.completeness.complete, partial=self.completeness.reasons,
+                                 cache_dir=lm.cache_dir if lm.mode == "cached" else None,
+                                 started_at=self.started_at)
+        ledger.close()
         archive_run_ledger(run_dir, state_dir(self.environment.settings, self.project_dir))
 
     def process_report(self) -> ProcessReport:

@@ -82,9 +82,12 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
         return None
     usage = LMUsage()
     for entry in read_ledger(path):
-        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
-            continue
         if attributed_to is not None and entry.get("test_id") not in attributed_to:
+            continue
+        if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
+            usage.cache_misses += 1
+            continue
+        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
             continue
         kind = str(entry["kind"])
         setattr(usage, kind, getattr(usage, kind) + 1)

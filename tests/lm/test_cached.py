@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,10 +14,10 @@ import dspy
 import pytest
 from dspy.utils.exceptions import LMConfigurationError, is_retryable_lm_error
 
-from provisioner.errors import CassetteMissError
+from provisioner.errors import CassetteMissError, CassetteNotWritableError, CorruptCassetteError
 from provisioner.lm import build_lm, provisioner_error, stats
 from provisioner.lm.cached import CachedEngine
-from provisioner.lm.cassettes import CassetteStore, verify_cassettes
+from provisioner.lm.cassettes import CassetteStore, list_cassettes, verify_cassettes
 from provisioner.lm.ledger import read_ledger
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig, MockRule
@@ -92,16 +93,73 @@ def test_new_episodes_replays_hits_and_records_misses(tmp_path: Path, standin: G
     assert len(CassetteStore(tmp_path / "cassettes").keys()) == 2
 
 
-def test_once_records_into_an_empty_directory_only(tmp_path: Path, standin: GeminiStandin) -> None:
-    first = build_lm(_config(tmp_path, standin, record_mode="once"))
-    _ask(first, "a")
-    _ask(first, "b")  # still the same session: the directory was empty when it started
-    assert standin.request_count == 2
-    second = build_lm(_config(tmp_path, standin, record_mode="once"))
-    assert _ask(second, "a").answer == "mock_response"
-    with pytest.raises(LMConfigurationError, match="'once' does not add to them"):
-        _ask(second, "c")
-    assert standin.request_count == 2
+def test_once_is_decided_once_per_run_not_per_lm(tmp_path: Path) -> None:
+    """Issue 9, kind 1: an empty directory, two tests (two LMs) of one run asking different
+    questions, 'once' with the mock inner LM -> both record; the next run replays both and a third
+    request is a miss that says why."""
+    def run_config(run: str) -> LMConfig:
+        return _config(tmp_path, None, record_mode="once", cached_inner="mock", api_key=None,
+                       run_dir=tmp_path / run / "lm", run_id=run, layer="unit")
+
+    for question in ("first question", "second question"):  # two tests: a fresh LM each
+        assert _ask(build_lm(run_config("run-1")), question).answer == "mock_response"
+    assert len(CassetteStore(tmp_path / "cassettes").keys()) == 2
+    decision = json.loads((tmp_path / "run-1" / "lm" / "record-once.unit.json").read_text())
+    assert decision["record"] is True
+
+    before = stats()
+    for question in ("first question", "second question"):
+        assert _ask(build_lm(run_config("run-2")), question).answer == "mock_response"
+    assert (stats() - before).replayed == 2
+    with pytest.raises(LMConfigurationError) as caught:
+        _ask(build_lm(run_config("run-2")), "third question")
+    message = str(provisioner_error(caught.value))
+    assert "is replay-only for this run (run run-2, layer unit)" in message
+    assert "had recordings when the run started" in message
+    assert len(CassetteStore(tmp_path / "cassettes").keys()) == 2
+    kinds = [(e["event"], e.get("reason")) for e in read_ledger(tmp_path / "run-2" / "lm" / "ledger.jsonl")]
+    assert kinds == [("call", None), ("call", None), ("cassette_miss", "replay_only")]
+
+
+_ONCE_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import dspy
+    from provisioner.lm import build_lm
+    from provisioner.lmconfig import LMConfig
+
+    cache_dir, run_dir, question = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    lm = build_lm(LMConfig(mode="cached", cached_inner="mock", record_mode="once", cache_dir=cache_dir,
+                           run_dir=run_dir, run_id="r", layer="integration"))
+    with dspy.context(lm=lm):
+        print(dspy.Predict("question -> answer")(question=question).answer)
+    """
+)
+
+
+def test_once_decision_is_shared_by_the_processes_of_a_run(tmp_path: Path) -> None:
+    """xdist processes and worker containers of one run share its LM dir: the first decides."""
+    cache_dir, run_dir = tmp_path / "cassettes", tmp_path / "run" / "lm"
+    for n in range(3):  # one after another: each later process sees the earlier ones' recordings
+        done = subprocess.run([sys.executable, "-c", _ONCE_PROCESS, str(cache_dir), str(run_dir), f"q{n}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "mock_response", done.stderr[-2000:]
+    assert len(CassetteStore(cache_dir).keys()) == 3
+    other_run = subprocess.run(
+        [sys.executable, "-c", _ONCE_PROCESS, str(cache_dir), str(tmp_path / "r2"), "q9"],
+        capture_output=True, text=True, timeout=120)
+    assert other_run.returncode != 0 and "replay-only for this run" in other_run.stderr
+
+
+def test_once_in_a_run_that_started_with_recordings_records_nothing(tmp_path: Path) -> None:
+    seeded = _config(tmp_path, None, cached_inner="mock", api_key=None)
+    _ask(build_lm(seeded), "seed")
+    once = seeded.model_copy(update={"record_mode": "once", "run_dir": tmp_path / "run-b"})
+    assert _ask(build_lm(once), "seed").answer == "mock_response"
+    with pytest.raises(LMConfigurationError, match="replay-only for this run"):
+        _ask(build_lm(once), "new")
+    assert len(CassetteStore(tmp_path / "cassettes").keys()) == 1
 
 
 def test_all_rerecords_every_request(tmp_path: Path, standin: GeminiStandin) -> None:
@@ -200,3 +258,139 @@ def test_four_processes_recording_at_once_lose_nothing(tmp_path: Path) -> None:
     with dspy.context(lm=replay):
         for n in range(4):
             assert qa(question=f"own question {n}-19").answer == "mock_response"
+
+
+# -- cassette errors name the file (issue 9) -------------------------------------------------------
+
+
+def _mock_config(tmp_path: Path, **updates: object) -> LMConfig:
+    return _config(tmp_path, None, cached_inner="mock", api_key=None, **updates)
+
+
+def test_a_corrupt_entry_names_the_file_and_recording_modes_rerecord_it(tmp_path: Path) -> None:
+    _ask(build_lm(_mock_config(tmp_path)), "q")
+    (path,) = CassetteStore(tmp_path / "cassettes").paths()
+    path.write_text('{"format": "provisioner-cassette/1", "key": ')  # a torn write
+    with pytest.raises(LMConfigurationError) as caught:
+        _ask(build_lm(_mock_config(tmp_path, record_mode="none")), "q")
+    corrupt = provisioner_error(caught.value)
+    assert isinstance(corrupt, CorruptCassetteError) and corrupt.path == path
+    assert str(corrupt) == (f"corrupt cassette {path}: not valid JSON (Expecting value at line 1 column 45); "
+                            "delete it to re-record (or provision cassettes verify)")
+    assert not isinstance(caught.value, json.JSONDecodeError)
+    for mode in ("new_episodes", "all"):
+        path.write_text("not json at all")
+        assert _ask(build_lm(_mock_config(tmp_path, record_mode=mode)), "q").answer == "mock_response"
+        assert verify_cassettes(tmp_path / "cassettes").ok, mode  # re-recorded in place
+    entry = json.loads(path.read_text())
+    entry["format"] = "something-else/9"
+    path.write_text(json.dumps(entry))
+    with pytest.raises(LMConfigurationError, match=r"corrupt cassette .*: format 'something-else/9' is not"):
+        _ask(build_lm(_mock_config(tmp_path, record_mode="none")), "q")
+
+
+@pytest.mark.parametrize("frozen", ["root", "shard"])
+def test_a_read_only_cassette_dir_is_never_widened_and_a_miss_says_so(
+    tmp_path: Path, standin: GeminiStandin, frozen: str
+) -> None:
+    cache = tmp_path / "cassettes"
+    config = _config(tmp_path, standin)  # records from the (stand-in) Gemini API: a miss would cost money
+    _ask(build_lm(config), "recorded before freezing")
+    (entry,) = CassetteStore(cache).paths()
+    target = cache if frozen == "root" else entry.parent
+    if frozen == "root":
+        shutil.rmtree(entry.parent)  # the new request's shard does not exist: it would be created in root
+    target.chmod(0o555)
+    modes = {p: p.stat().st_mode for p in (cache, *cache.rglob("*"))}
+    requests = standin.request_count
+    try:
+        before = stats()
+        with pytest.raises(LMConfigurationError) as caught:
+            if frozen == "shard":  # re-recording writes into the frozen shard
+                _ask(build_lm(config.model_copy(update={"record_mode": "all"})), "recorded before freezing")
+            else:
+                _ask(build_lm(config), "new question")
+        assert {p: p.stat().st_mode for p in modes} == modes  # nothing was made writable
+    finally:
+        target.chmod(0o755)
+    error = provisioner_error(caught.value)
+    assert isinstance(error, CassetteNotWritableError) and isinstance(error, CassetteMissError)
+    assert f"cassette dir not writable ({target} is read-only (mode 555))" in str(error)
+    assert "use --record-mode none or fix its permissions" in str(error)
+    assert standin.request_count == requests  # refused before the inner LM was called: nothing spent
+    assert (stats() - before).errors == 1
+    misses = [e for e in read_ledger(tmp_path / "run" / "ledger.jsonl") if e["event"] == "cassette_miss"]
+    assert [m["reason"] for m in misses] == ["not_writable"]
+    from provisioner.testing.report import ledger_usage
+
+    usage = ledger_usage(tmp_path / "run")
+    assert usage is not None and usage.cache_misses == 2  # the first recording and the refused one
+
+
+def test_the_replay_miss_hint_matches_the_inner_lm(tmp_path: Path) -> None:
+    def hint(**updates: object) -> str:
+        config = _config(tmp_path, None, record_mode="none", **updates)
+        with pytest.raises(LMConfigurationError) as caught:
+            _ask(build_lm(config), "unrecorded")
+        return str(provisioner_error(caught.value))
+
+    mock = hint(cached_inner="mock", api_key=None)
+    assert "no API key is needed" in mock and "GEMINI_TEST_API_KEY" not in mock
+    standin = hint(endpoint_kind="standin", base_url="http://127.0.0.1:9/")
+    assert "Gemini stand-in at http://127.0.0.1:9/" in standin and "GEMINI_TEST_API_KEY" not in standin
+    real = hint(base_url=None)
+    assert "GEMINI_TEST_API_KEY set" in real and "generativelanguage.googleapis.com" in real
+
+
+def test_a_miss_shows_the_nearest_recording_of_the_same_program(tmp_path: Path) -> None:
+    """A DSPy upgrade that rewords prompts changes every key: the miss shows how the prompt changed."""
+
+    class Old(dspy.Signature):
+        """Answer the question briefly."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    class New(dspy.Signature):
+        """Answer the question briefly and politely."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    class Other(dspy.Signature):
+        """Translate."""
+
+        text: str = dspy.InputField()
+        translation: str = dspy.OutputField()
+
+    recorder = build_lm(_mock_config(tmp_path))
+    with dspy.context(lm=recorder):
+        dspy.Predict(Old)(question="what is the capital of France?")
+        dspy.Predict(Old)(question="something else entirely, unrelated and long")
+        dspy.Predict(Other)(text="hello")
+    replay = build_lm(_mock_config(tmp_path, record_mode="none"))
+    with dspy.context(lm=replay), pytest.raises(LMConfigurationError) as caught:
+        dspy.Predict(New)(question="what is the capital of France?")
+    message = str(provisioner_error(caught.value))
+    nearest = next(p for p in CassetteStore(tmp_path / "cassettes").paths() if "capital" in p.read_text())
+    assert f"nearest recording of the same program: {nearest}" in message
+    assert "--- recorded" in message and "+++ requested" in message
+    assert "-        Answer the question briefly." in message or "-Answer the question briefly." in message
+    assert "politely" in message
+    with dspy.context(lm=replay), pytest.raises(LMConfigurationError) as other:
+        dspy.Predict("city -> country")(city="Paris")
+    assert "no recording of this program (`city -> country`" in str(provisioner_error(other.value))
+
+
+@pytest.mark.parametrize(("updates", "source"), [
+    ({"cached_inner": "mock", "api_key": None}, "mock"),
+    ({"endpoint_kind": "standin"}, "standin"),
+    ({}, "gemini"),
+])
+def test_entries_say_what_answered(tmp_path: Path, standin: GeminiStandin, updates: dict[str, object],
+                                   source: str) -> None:
+    _ask(build_lm(_config(tmp_path, standin, **updates)), "q")
+    (path,) = CassetteStore(tmp_path / "cassettes").paths()
+    assert json.loads(path.read_text())["source"] == source
+    (info,) = list_cassettes(tmp_path / "cassettes")
+    assert info.source == source and "test_entries_say_what_answered" in str(info.test_id)

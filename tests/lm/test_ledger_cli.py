@@ -83,57 +83,109 @@ def test_cost_report_cli_warns_over_budget(tmp_path: Path, monkeypatch: pytest.M
     assert data["over_budget_months"]
 
 
-def _record(cache_dir: Path, run_dir: Path, run_id: str, questions: list[str]) -> None:
+def _record(cache_dir: Path, run_dir: Path, run_id: str, questions: list[str], layer: str = "unit") -> None:
     lm = build_lm(LMConfig(mode="cached", cached_inner="mock", cache_dir=cache_dir, run_dir=run_dir,
-                           run_id=run_id))
+                           run_id=run_id, layer=layer))
     with dspy.context(lm=lm):
         for question in questions:
-            dspy.Predict("question -> answer")(question=question)
+            with current_test(f"tests/test_q.py::test_{question.split()[0]}"):
+                dspy.Predict("question -> answer")(question=question)
 
 
-def test_cassettes_list_verify_prune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cassettes_list_shows_source_and_test_and_verify_passes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cassettes"
+    _record(cache, tmp_path / "run", "r1", ["kept question", "stale question"])
+    runner = CliRunner()
+    listed = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0 and "2 entries" in listed.output
+    line = next(line for line in listed.output.splitlines() if "stale question" in line)
+    assert "mock" in line and "tests/test_q.py::test_stale" in line
+    listed_json = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache), "--json"])
+    as_json = json.loads(listed_json.stdout)
+    assert {(e["source"], e["test_id"]) for e in as_json} == {
+        ("mock", "tests/test_q.py::test_kept"), ("mock", "tests/test_q.py::test_stale")}
+    assert runner.invoke(main, ["cassettes", "verify", "--cache-dir", str(cache)]).exit_code == 0
+
+
+def test_prune_needs_a_complete_run_and_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cassettes"
     runs = tmp_path / ".provision" / "runs"
-    _record(cache, runs / "old", "run-old", ["kept question", "stale question"])
-    _record(cache, runs / "new", "run-new", ["kept question"])
+    _record(cache, runs / "old" / "lm", "run-old", ["kept question", "stale question"])
+    _record(cache, runs / "new" / "lm", "run-new", ["kept question"])
+    # Age the entries: a complete run vouches only for entries recorded before it started.
+    for path in CassetteStore(cache).paths():
+        entry = json.loads(path.read_text())
+        entry["recorded_at"] = "2026-01-01T00:00:00+00:00"
+        path.write_text(json.dumps(entry))
     runner = CliRunner()
+    prune = ["cassettes", "prune", "--cache-dir", str(cache)]
 
-    listed = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache)])
-    assert listed.exit_code == 0 and "2 entries" in listed.output
-    assert "question='stale question'" in listed.output
+    # The newest run was partial (a node id): it cannot vouch, and there is no complete one.
+    Ledger(runs / "new" / "lm", run_id="run-new", layer="unit").mark_run_complete(
+        complete=False, partial=["a node id (tests/test_q.py::test_kept)"], cache_dir=cache)
+    refused = runner.invoke(main, prune)
+    assert refused.exit_code != 0
+    assert "layer 'unit' has no complete run" in refused.output
+    assert "run-new was partial: a node id (tests/test_q.py::test_kept)" in refused.output
+    assert len(CassetteStore(cache).keys()) == 2
 
-    assert runner.invoke(main, ["cassettes", "verify", "--cache-dir", str(cache)]).exit_code == 0
-
-    # No full run yet: pruning refuses rather than guessing.
-    refused = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache)])
-    assert refused.exit_code != 0 and "no full run" in refused.output
-    Ledger(runs / "new", run_id="run-new").mark_run_complete(full=True)
-    dry = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache), "--dry-run"])
-    assert dry.exit_code == 0 and "would remove" in dry.output and len(CassetteStore(cache).keys()) == 2
-    pruned = runner.invoke(main, ["cassettes", "prune", "--cache-dir", str(cache)])
+    Ledger(runs / "new" / "lm", run_id="run-new2", layer="unit").mark_run_complete(
+        complete=True, cache_dir=cache, started_at="2026-02-01T00:00:00+00:00")
+    Ledger(runs / "new" / "lm", run_id="run-new2", layer="unit").call(
+        model="gemini-2.5-flash-lite", kind="replayed", cassette=_key_of(cache, "kept question"))
+    dry = runner.invoke(main, prune)  # dry-run is the default
+    assert dry.exit_code == 0, dry.output
+    stale = CassetteStore(cache).path_for(_key_of(cache, "stale question"))
+    assert [line for line in dry.output.splitlines() if "would remove" in line] == [f"would remove {stale}"]
+    assert "1 unused, 1 kept (vouched for: unit by run run-new2)" in dry.output
+    assert "add --yes" in dry.output and len(CassetteStore(cache).keys()) == 2
+    pruned = runner.invoke(main, [*prune, "--yes"])
     assert pruned.exit_code == 0, pruned.output
-    assert "run run-new: 1 unused, 1 kept" in pruned.output
+    assert "removed" in pruned.output
     kept = runner.invoke(main, ["cassettes", "list", "--cache-dir", str(cache), "--json"])
     assert [entry["request"] for entry in json.loads(kept.stdout)] == [
         "gemini-2.5-flash-lite `question -> answer` (question='kept question')"]
 
 
-def test_verify_finds_edits_keys_and_torn_writes(tmp_path: Path) -> None:
+def test_prune_keeps_entries_recorded_after_the_vouching_run_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cassettes"
-    _record(cache, tmp_path / "run", "r", ["one", "two", "three"])
-    first, second, _ = CassetteStore(cache).paths()
+    run = tmp_path / ".provision" / "runs" / "r" / "lm"
+    Ledger(run, run_id="r-complete", layer="unit").mark_run_complete(
+        complete=True, cache_dir=cache, started_at="2026-01-01T00:00:00+00:00")
+    _record(cache, tmp_path / "later", "r-later", ["recorded later"])  # not used by r-complete: newer
+    result = CliRunner().invoke(main, ["cassettes", "prune", "--cache-dir", str(cache), "--yes"])
+    assert result.exit_code == 0 and "0 unused, 1 kept" in result.output
+
+
+def _key_of(cache: Path, question: str) -> str:
+    for path in CassetteStore(cache).paths():
+        if question in path.read_text():
+            return path.stem
+    raise AssertionError(question)
+
+
+def test_verify_finds_edits_keys_and_corrupt_files(tmp_path: Path) -> None:
+    cache = tmp_path / "cassettes"
+    _record(cache, tmp_path / "run", "r", ["one", "two", "three", "four"])
+    first, second, third, _ = CassetteStore(cache).paths()
     entry = json.loads(first.read_text())
     entry["request"]["messages"][-1][1] += " edited"
     first.write_text(json.dumps(entry))
     second.write_text(second.read_text().replace("mock_response", "AIza" + "x" * 35))
-    (cache / "ab").mkdir(exist_ok=True)
-    (cache / "ab" / ".abandoned.tmp").write_text("{")
+    third.write_text(third.read_text()[:40])
     result = CliRunner().invoke(main, ["cassettes", "verify", "--cache-dir", str(cache)])
     assert result.exit_code == 1
     assert "key does not match" in result.output
     assert "contains an API key" in result.output
-    assert "stray temporary file" in result.output
+    assert f"{third}: not valid JSON" in result.output
+    listed = CliRunner().invoke(main, ["cassettes", "list", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0 and f"CORRUPT {third}: not valid JSON" in listed.output
 
 
 def test_standin_command_serves_until_sigterm(tmp_path: Path) -> None:

@@ -234,3 +234,18 @@ def test_prepare_shared_dir_makes_group_writable_dirs_only_for_root(tmp_path: Pa
     mode = target.stat().st_mode
     assert mode & stat.S_IWGRP and mode & stat.S_ISGID and not mode & stat.S_IWOTH
     assert (target / "ledger.json").stat().st_mode & stat.S_IWGRP
+
+
+def test_prepare_shared_dir_never_makes_a_read_only_cassette_dir_writable(tmp_path: Path) -> None:
+    cassettes = tmp_path / "cassettes"
+    (cassettes / "ab").mkdir(parents=True)
+    (cassettes / "ab" / "entry.json").write_text("{}")
+    for path in (cassettes / "ab" / "entry.json", cassettes / "ab", cassettes):
+        path.chmod(path.stat().st_mode & ~0o222)  # frozen: chmod -R a-w
+    before = {p: stat.S_IMODE(p.stat().st_mode) for p in (cassettes, *cassettes.rglob("*"))}
+    try:
+        prepare_shared_dir(cassettes, euid=0)
+        assert {p: stat.S_IMODE(p.stat().st_mode) for p in before} == before
+    finally:
+        for path in before:
+            path.chmod(0o755)
