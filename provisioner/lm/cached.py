@@ -308,17 +308,17 @@ class CachedEngine(EngineBase):
             })
         except CassetteNotWritableError as exc:
             if isinstance(inner, GeminiEngine):  # the call was made (and billed): book it, unrecorded
-                self._book(kind="real", key=key, usage=usage, cost=cost, status="not_recorded", **booking)
+                self._book(kind="real", key=key, tokens=usage, cost=cost, status="not_recorded", **booking)
             error = CassetteNotWritableError(self._not_writable_text(key, canonical, exc.why), exc.why)
             raise self._failed(key, "not_writable", error) from None
         _stats.record_call("recorded", input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens,
                            cost_usd=cost)
-        self._book(kind="recorded", key=key, usage=usage, cost=cost, **booking)
+        self._book(kind="recorded", key=key, tokens=usage, cost=cost, **booking)
         return response
 
-    def _book(self, *, kind: str, key: str, usage: TokenUsage, cost: float, status: str = "ok",
+    def _book(self, *, kind: str, key: str, tokens: TokenUsage, cost: float, status: str = "ok",
               **booking: Any) -> None:
-        self.ledger.call(model=self.config.model, kind=kind, input_tokens=usage.prompt_tokens,
-                         output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
-                         cached_tokens=usage.cached_tokens, cost_usd=cost, cache="miss", cassette=key,
+        self.ledger.call(model=self.config.model, kind=kind, input_tokens=tokens.prompt_tokens,
+                         output_tokens=tokens.candidates_tokens, thoughts_tokens=tokens.thoughts_tokens,
+                         cached_tokens=tokens.cached_tokens, cost_usd=cost, cache="miss", cassette=key,
                          status=status, **booking)
