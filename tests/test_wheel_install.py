@@ -60,6 +60,15 @@ def test_a_program_on_a_worker(bridge):
     bridge.create_program(program_id="qa", signature="question -> answer")
     outputs = bridge.execute_program("qa", {"question": "the capital of France?"})["outputs"]
     assert outputs == {"answer": "Paris"}
+
+
+def test_the_run_is_labelled_with_this_project(bridge, provision_settings):
+    import docker
+
+    from provisioner.runtime.labels import PROJECT, project_id
+
+    label = f"{PROJECT}={project_id(provision_settings.project_dir)}"
+    assert docker.from_env().containers.list(filters={"label": label})
 """
 
 
@@ -197,10 +206,10 @@ def test_an_integration_layer_test_passes_from_the_installed_wheel(
     first = _timed(user_venv.timings, "first integration test (incl. image build from the wheel)",
                    lambda: user_venv.run(*pytest_cmd))
     _check(first, "pytest --layer integration (first run)")
-    assert "1 passed" in first.stdout
+    assert "2 passed" in first.stdout
     warm = _timed(user_venv.timings, "warm run", lambda: user_venv.run(*pytest_cmd))
     _check(warm, "pytest --layer integration (warm run)")
-    assert "1 passed" in warm.stdout
+    assert "2 passed" in warm.stdout
     # The image is this installation's: `images build` from the venv finds it up to date, and the
     # project's own tag points at it.
     built = json.loads(_check(user_venv.run(str(user_venv.venv / "bin" / "provision"), "images", "build",

@@ -176,11 +176,13 @@ class ProcessContainers:
             if self._image is None:
                 from provisioner.errors import ProvisionerError
                 from provisioner.runtime.images import ensure_worker_image
+                from provisioner.runtime.labels import project_id
 
                 container = self.env.settings.container
                 try:
                     self._image = ensure_worker_image(
-                        self.runtime, image=container.image, base=container.base, progress=progress
+                        self.runtime, image=container.image, base=container.base, progress=progress,
+                        project=project_id(self.env.settings.project_dir),
                     )
                 except ProvisionerError as exc:
                     self._image_error = exc
@@ -211,9 +213,12 @@ class ProcessContainers:
             lm_run_dir = prepare_shared_dir(lm.run_dir)
             if lm.mode == "cached":
                 prepare_shared_dir(lm.cache_dir)
+        from provisioner.runtime.labels import project_id
+
         plan = plan_run(
             self.env.settings, self.env.layer, lm, run_id=self.env.run_id, image=self.image,
             workers=workers, session=self.instance, run_dir=lm_run_dir,
+            project=project_id(self.env.settings.project_dir),
         )
         return namespaced(plan, name_instance)
 
