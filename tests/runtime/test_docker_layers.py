@@ -236,3 +236,29 @@ def test_doctor_and_reap_of_a_crashed_owners_leftover(
         for net in docker_engine.networks.list(filters={"label": f"provisioner.run={run_id}"}):
             net.remove()
     assert leftovers(docker_engine, run_id) == []
+
+
+def test_up_twice_refuses_and_down_finds_the_run(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    """Before: the second `up` silently replaced the current run and orphaned the first."""
+    env = _project(tmp_path)
+    args = ("up", "--layer", "integration", "--lm", "mock", "--workers", "1", "--json")
+    first = json.loads(_provision(tmp_path, env, *args).stdout)["run_id"]
+    second = None
+    try:
+        again = _provision(tmp_path, env, *args, check=False)
+        assert again.returncode == 1 and "Traceback" not in again.stderr
+        assert first in again.stderr and "provision down" in again.stderr and "--new" in again.stderr
+        second = json.loads(_provision(tmp_path, env, *args, "--new").stdout)["run_id"]
+        ambiguous = _provision(tmp_path, env, "down", check=False)
+        assert ambiguous.returncode == 2 and first in ambiguous.stderr and second in ambiguous.stderr
+        _provision(tmp_path, env, "down", "--run", first)
+        assert leftovers(docker_engine, first) == []
+        done = json.loads(_provision(tmp_path, env, "down", "--json").stdout)  # the one left
+        assert done["run_id"] == second and done["removed"]
+    finally:
+        for run_id in (first, second):
+            if run_id:
+                _provision(tmp_path, env, "down", "--run", run_id, check=False)
+    assert leftovers(docker_engine, first) == [] and leftovers(docker_engine, second or first) == []
