@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +26,100 @@ def test_readme_has_exactly_two_setup_commands() -> None:
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
+
+
+# --- "Use provisioner in your project" (issue 8): short, complete, and what examples/qa_project is ----
+
+EXAMPLE = ROOT / "examples" / "qa_project"
+
+
+def _quickstart() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("## Use provisioner in your project\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _block(language: str, text: str | None = None) -> str:
+    found = re.findall(rf"```{language}\n(.+?)```", text if text is not None else _quickstart(), flags=re.S)
+    assert len(found) == 1, (language, found)
+    return str(found[0])
+
+
+def test_quickstart_is_at_most_25_lines() -> None:
+    lines = [line for line in _quickstart().splitlines() if line.strip()]
+    assert len(lines) <= 25, len(lines)
+
+
+def test_quickstart_has_every_part() -> None:
+    import tomllib
+
+    import yaml
+
+    commands = _block("sh")
+    assert "pip install dist/dspy_provisioner-" in commands  # the wheel of dspy-provisioner
+    assert "echo .provision/ >> .gitignore" in commands
+    record, replay = (line for line in commands.splitlines() if line.startswith("pytest --layer integration"))
+    assert "--record-mode" not in record.split("#")[0] and "--record-mode none" in replay
+    assert "pytest --layer unit" in commands and "pytest --layer e2e" in commands
+    assert "tool" in tomllib.loads(_block("toml"))
+    for layer in ("unit", "integration", "e2e"):
+        assert f"@pytest.mark.{layer}" in _block("python")
+    step = yaml.safe_load(_block("yaml"))[0]
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert step["uses"].endswith("/provisioner@<commit>")
+    assert set(step["with"]) <= set(action["inputs"])
+    assert {name for name, spec in action["inputs"].items() if spec.get("required")} <= set(step["with"])
+
+
+def test_example_follows_the_quickstart_word_for_word() -> None:
+    assert _block("toml") in (EXAMPLE / "pyproject.toml").read_text()
+    assert (EXAMPLE / "tests" / "test_quickstart.py").read_text() == _block("python")
+    assert ".provision/" in (EXAMPLE / ".gitignore").read_text().splitlines()
+    assert _block("sh", (EXAMPLE / "README.md").read_text()) == _block("sh")
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith("PROVISION_") or k in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"))}
+
+
+@pytest.mark.docker
+def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Path) -> None:
+    """The example reduced to the quick start (its code, config and test file, no recordings), then every
+    command of the quick start in order (the wheel install is tests/test_package.py's)."""
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "qa_project"
+    skipped = shutil.ignore_patterns(".provision", "__pycache__", "lm_responses")
+    shutil.copytree(EXAMPLE, project, ignore=skipped)
+    for test_file in (project / "tests").glob("test_*.py"):
+        if test_file.name != "test_quickstart.py":
+            test_file.unlink()
+    cassettes = project / "test" / "fixtures" / "lm_responses"
+    outputs = []
+    for line in _block("sh").splitlines():
+        for command in line.split("#")[0].split("&&"):
+            words = command.split()
+            if words[:2] == ["pip", "install"]:
+                continue
+            if words[0] == "echo":
+                subprocess.run(["bash", "-c", command], cwd=project, check=True)
+                continue
+            assert words[0] == "pytest", command
+            before = sorted(cassettes.rglob("*.json")) if cassettes.exists() else []
+            proc = subprocess.run([sys.executable, "-m", "pytest", *words[1:]], cwd=project, env=_clean_env(),
+                                  capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, (command, proc.stdout[-3000:], proc.stderr[-2000:])
+            assert "1 passed" in proc.stdout, (command, proc.stdout[-2000:])
+            after = sorted(cassettes.rglob("*.json")) if cassettes.exists() else []
+            outputs.append((words, before, after, proc.stdout))
+    by_command = {" ".join(words[1:]): (before, after, out) for words, before, after, out in outputs}
+    before, after, _ = by_command["--layer integration"]
+    assert before == [] and len(after) >= 2  # recorded: the in-process call and the worker's
+    before, after, _ = by_command["--layer integration --record-mode none"]
+    assert before == after  # replayed, nothing new
+    assert "LM Gemini stand-in (GEMINI_TEST_API_KEY not set)" in by_command["--layer e2e"][2]
+    assert ".provision/" in (project / ".gitignore").read_text().splitlines()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner.lm.limits import locked, resolve_run_dir
+from provisioner.lm.limits import locked, resolve_run_dir, share_fd
 
 LEDGER_FILE = "ledger.jsonl"
 RUN_LM_SUBDIR = "lm"
@@ -95,8 +95,9 @@ class Ledger:
     def _open(self) -> tuple[int, int]:
         pid = os.getpid()
         if self._fds is None or self._fds[0] != pid:  # reopen in a forked child
-            lock_fd = os.open(self.run_dir / LEDGER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            ledger_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            create = os.O_CREAT | os.O_CLOEXEC
+            lock_fd = share_fd(os.open(self.run_dir / LEDGER_LOCK, os.O_RDWR | create, 0o666))
+            ledger_fd = share_fd(os.open(self.path, os.O_WRONLY | os.O_APPEND | create, 0o666))
             self._fds = (pid, lock_fd, ledger_fd)
         return self._fds[1], self._fds[2]
 

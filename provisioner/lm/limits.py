@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -76,10 +77,25 @@ def resolve_run_dir(run_dir: Path | None) -> Path:
     return run_dir
 
 
+def share_fd(fd: int) -> int:
+    """Make a file of the run directory readable and writable by its group, whatever the umask.
+
+    The run directory is shared by the host (often root) and the worker containers (a non-root user
+    in the directory's group, see runtime.recipes.prepare_shared_dir): a lock, ledger or state file
+    the host creates first with mode 0644 (or mkstemp's 0600) would lock the workers out. Files of
+    other owners are left alone (their owner made them shared). Returns ``fd``.
+    """
+    st = os.fstat(fd)
+    wanted = st.st_mode | stat.S_IRGRP | stat.S_IWGRP
+    if st.st_uid == os.geteuid() and wanted != st.st_mode:
+        os.fchmod(fd, stat.S_IMODE(wanted))
+    return fd
+
+
 @contextlib.contextmanager
 def locked(run_dir: Path, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the run's exclusive lock (across threads, processes and containers of one host)."""
-    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = share_fd(os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o666))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -94,6 +110,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` so readers see the old or the new content, never a mix."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        share_fd(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=1, sort_keys=True)
             handle.write("\n")

@@ -228,3 +228,25 @@ def test_cost_limit_never_passed_with_eight_concurrent_callers(tmp_path: Path,
     state = json.loads((tmp_path / "lm-limits.json").read_text())
     assert state["spent_usd"] <= limit and state["reservations"] == {}
     assert state["spent_usd"] == pytest.approx(spent, rel=1e-6)
+
+
+def test_files_of_the_run_dir_are_group_writable_whatever_the_umask(tmp_path: Path) -> None:
+    # Worker containers (non-root, in the run directory's group) share these files with the host: a
+    # lock the host created first with 0644 locked them out ("Permission denied: lm-limits.lock").
+    import os
+    import stat
+
+    from provisioner.lm.ledger import Ledger
+    from provisioner.lm.limits import locked, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        with locked(tmp_path):
+            pass
+        write_json_atomic(tmp_path / "state.json", {"a": 1})
+        Ledger(tmp_path, run_id="r1", layer="e2e").mark_run_complete(full=True)
+    finally:
+        os.umask(old)
+    for path in tmp_path.iterdir():
+        mode = path.stat().st_mode
+        assert mode & stat.S_IRGRP and mode & stat.S_IWGRP, (path.name, oct(mode))

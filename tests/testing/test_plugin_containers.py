@@ -151,11 +151,12 @@ def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester
         "--layer", "integration", "-n", "2", "--record-mode", "none", "--provision-report", "report.json",
         timeout=280,
     )
-    result.assert_outcomes(passed=5)  # xdist deselects on its workers: no "deselected" count here
+    result.assert_outcomes(passed=6)  # xdist deselects on its workers: no "deselected" count here
     report = json.loads((pytester.path / "report.json").read_text())
     section = report["layers"]["integration"]
-    # LM calls happened inside the worker containers of two processes; the run's ledger saw them all.
-    assert section["lm_calls"] == {"mock": 0, "replayed": 4, "recorded": 0, "real": 0}
+    # LM calls happened inside the worker containers of two processes (and one in-process, the quick
+    # start's `lm` call); the run's ledger saw them all.
+    assert section["lm_calls"] == {"mock": 0, "replayed": 6, "recorded": 0, "real": 0}
     assert section["cache_misses"] == 0
     assert section["leaks_found"] == 0
     assert 1 <= section["workers_started"] <= 2
