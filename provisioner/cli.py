@@ -557,8 +557,11 @@ def down_command(run_id: str | None, as_json: bool) -> None:
     """
     from provisioner.runtime.environment import AmbiguousRunError, down
 
+    settings = _settings()
+    if run_id is not None:
+        _check_run(settings, run_id)
     try:
-        result = down(_settings(), run_id=run_id)
+        result = down(settings, run_id=run_id)
     except AmbiguousRunError as exc:
         raise UsageProblem(str(exc)) from None
     if as_json:
@@ -567,6 +570,19 @@ def down_command(run_id: str | None, as_json: bool) -> None:
         click.echo("nothing to do: no current run")
     else:
         click.echo(f"run {result.run_id}: removed {len(result.removed)} resource(s)")
+
+
+def _check_run(settings: Settings, run_id: str) -> None:
+    """A usage error (exit 2, did you mean, the known ids) unless ``run_id`` is a run on the engine or
+    has a state file in this project."""
+    from provisioner.runtime.environment import run_overview
+
+    runs = settings.state_dir / "runs"
+    on_disk = {d.name for d in runs.iterdir() if (d / "state.json").exists()} if runs.is_dir() else set()
+    on_engine = {str(row["run_id"]) for row in run_overview(settings)}
+    if run_id not in on_disk | on_engine:
+        known_name("run", run_id, sorted(on_disk | on_engine),
+                   hint="runs on this engine and runs with a state file in this project")
 
 
 @main.command("status")
@@ -596,13 +612,20 @@ def status_command(run_id: str | None, all_projects: bool, as_json: bool) -> Non
             click.echo(f"{row['run_id']:<22} {row['project'] or '(no project label)':<32} {row['layer']:<12} "
                        f"{owner:<20} {row['resources']} resource(s)")
         return
+    settings = _settings()
+    if run_id is not None:
+        _check_run(settings, run_id)
     try:
-        report = status(_settings(), run_id=run_id)
+        report = status(settings, run_id=run_id)
     except AmbiguousRunError as exc:
         raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": report.run_id, "healthy": report.healthy,
                                "workers": [asdict(w) for w in report.workers], "others": report.others}))
+    elif report.state is None and run_id is not None:
+        click.echo(f"run {run_id} has no state file under {settings.state_dir / 'runs'}: only runs of "
+                   "`provision up` have one (pytest's and `provision run`'s are private; "
+                   "`provision status --all-projects` lists every run on the engine)")
     elif report.state is None:
         click.echo("no current run (provision up starts one)")
     else:

@@ -71,7 +71,7 @@ EXAMPLE_CASSETTES = Path(__file__).resolve().parents[1] / "examples" / "qa_proje
 
 
 def _project_with_data(project: Path) -> Path:
-    """The project gets the example's four cassettes and one run ledger with a $0.25 call."""
+    """The project gets the example's cassettes and one run ledger with a $0.25 call."""
     import shutil
 
     shutil.copytree(EXAMPLE_CASSETTES, project / "test" / "fixtures" / "lm_responses")
@@ -91,10 +91,11 @@ def test_cassettes_and_cost_from_a_subfolder_use_the_project_root(
     monkeypatch.chdir(_project_with_data(project))
     verify = CliRunner().invoke(main, ["cassettes", "verify"])
     assert verify.exit_code == 0, verify.output
-    assert "4 entries checked" in verify.output
+    count = len(list(EXAMPLE_CASSETTES.rglob("*.json")))
+    assert f"{count} entries checked" in verify.output
     assert str(project / "test" / "fixtures" / "lm_responses") in verify.output
     listed = CliRunner().invoke(main, ["cassettes", "list", "--json"])
-    assert len(json.loads(listed.output)) == 4
+    assert len(json.loads(listed.output)) == count
     cost = CliRunner().invoke(main, ["cost", "report", "--json"])
     assert json.loads(cost.output)["total"]["cost_usd"] == 0.25
     config = CliRunner().invoke(main, ["config", "--json"])
@@ -192,3 +193,16 @@ def test_every_command_that_prints_data_takes_json() -> None:
             commands[name] = cmd
     missing = [name for name in sorted(printing) if "as_json" not in {p.name for p in commands[name].params}]
     assert missing == []
+
+
+@pytest.mark.docker
+def test_down_and_status_reject_an_unknown_run(project: Path) -> None:
+    for command in ("down", "status"):
+        result = CliRunner().invoke(main, [command, "--run", "doesnotexist"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "unknown run 'doesnotexist'" in result.output
+    state = project / ".provision" / "runs" / "r20261130-101500-abcdef" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    typo = CliRunner().invoke(main, ["status", "--run", "r20261130-101500-abcdee"])
+    assert typo.exit_code == 2 and "did you mean 'r20261130-101500-abcdef'?" in typo.output
