@@ -774,22 +774,18 @@ def _describe(summary: RunSummary) -> str:
 def default_run(settings: Settings, runtime: ContainerRuntime) -> str | None:
     """The run ``down``/``status`` mean without ``--run``: this project's one persistent run.
 
-    The current run (``<state_dir>/current``) when it is the only live persistent run of the
-    project; else the one live persistent run of the project on the engine; None when there is none.
+    The one persistent run of the project on the engine (normally the current run); when none is
+    on the engine, the current run's id (``<state_dir>/current``, or None).
 
     Raises:
         AmbiguousRunError: the project has several live persistent runs (``up --new``).
     """
     project = project_of(settings)
     live = [r for r in list_runs(runtime, project) if r.persistent and r.project == project]
-    current = current_run_id(settings)
-    others = [r for r in live if r.run_id != current]
-    if current is not None and not others:
-        return current
-    if current is None and len(live) == 1:
-        return live[0].run_id
     if not live:
-        return current
+        return current_run_id(settings)  # gone from the engine: down still marks its state
+    if len(live) == 1:
+        return live[0].run_id
     candidates = [_describe(r) for r in live]
     raise AmbiguousRunError(
         f"this project has {len(live)} runs up; choose one with --run ID: " + "; ".join(candidates),

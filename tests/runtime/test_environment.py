@@ -478,3 +478,13 @@ def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
         _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken", new=True)
     assert rt.list_resources(L.selector("taken")) == before
     first.stop()
+
+
+def test_a_stale_current_file_does_not_hide_the_projects_run(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt = fake[0]
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
+    (Path(settings.state_dir) / E.CURRENT_RUN).write_text("gone1234\n")  # points at a removed run
+    assert E.down(settings, runtime=rt).run_id == env.plan.run_id
+    assert rt.containers == {}
