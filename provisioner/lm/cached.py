@@ -114,6 +114,39 @@ def once_decision(config: LMConfig, store: CassetteStore) -> OnceDecision:
         return decision
 
 
+SESSIONS_FILE = "sessions.jsonl"
+
+
+def note_session_test(run_dir: Path, session_id: str, test_id: str) -> None:
+    """Say that bridge session ``session_id`` belongs to test ``test_id`` (the controller does, when it
+    opens an isolated session), so a worker container recording a cassette for the session names the
+    test. One JSON line appended to ``<run_dir>/sessions.jsonl`` (one ``write``: lines never interleave).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"session_id": session_id, "test_id": test_id}, separators=(",", ":")) + "\n"
+    fd = os.open(run_dir / SESSIONS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def session_test(run_dir: Path | None, session_id: str) -> str | None:
+    """The test that ``session_id`` belongs to (see :func:`note_session_test`), or None."""
+    if run_dir is None:
+        return None
+    try:
+        text = (run_dir / SESSIONS_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, PermissionError):
+        return None
+    for raw in reversed(text.splitlines()):
+        with contextlib.suppress(ValueError, AttributeError):
+            line = json.loads(raw)
+            if line.get("session_id") == session_id:
+                return str(line["test_id"])
+    return None
+
+
 class CachedEngine(EngineBase):
     """A DSPy engine serving recorded answers and recording misses (see the module doc)."""
 
@@ -290,6 +323,8 @@ class CachedEngine(EngineBase):
         except Exception:
             _stats.record_error()
             raise
+        owner = current_test_id()
+        test_id = session_test(self.config.run_dir, owner) if owner and "::" not in owner else None
         try:
             self.store.put({
                 "format": FORMAT,
@@ -304,7 +339,8 @@ class CachedEngine(EngineBase):
                 "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.candidates_tokens,
                           "thoughts_tokens": usage.thoughts_tokens, "cached_tokens": usage.cached_tokens},
                 "cost_usd": round(cost, 10),
-                "test_id": current_test_id(),
+                "test_id": test_id or owner,
+                **({"session_id": owner} if test_id else {}),
             })
         except CassetteNotWritableError as exc:
             if isinstance(inner, GeminiEngine):  # the call was made (and billed): book it, unrecorded

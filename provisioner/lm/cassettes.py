@@ -30,8 +30,9 @@ An entry::
      "cost_usd": 0.0000176, "test_id": "tests/test_x.py::test_y", "source": "gemini"}
 
 ``source`` says what answered: ``mock``, ``standin`` (the Gemini stand-in the controller wired in)
-or ``gemini`` (the real API); ``test_id`` is the recording test's node id (the bridge session id
-for an entry a worker container recorded).
+or ``gemini`` (the real API); ``test_id`` is the recording test's node id (for a call made in a
+bridge session: the test that opened it, with ``session_id``; the session id alone when no test
+was noted for it).
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ class CassetteInfo:
     """One entry as ``provision cassettes list`` shows it.
 
     ``source`` is one of :data:`SOURCES` (``?`` when unknown); ``test_id`` the pytest node id of
-    the test that recorded it (or the bridge session id, for an entry a worker recorded);
+    the test that recorded it (or a bridge session id no test was noted for);
     ``problem`` the reason the file is corrupt (None when it is a valid entry).
     """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -210,3 +211,23 @@ def test_prune_refuses_while_another_layer_using_the_dir_has_no_complete_run(
     code, output = _prune()
     assert code != 0 and "layer 'integration' has no complete run" in output
     assert "layer 'unit'" not in output
+
+
+def test_list_names_the_test_of_a_recording_made_in_a_bridge_session(pytester: pytest.Pytester) -> None:
+    """A bridge worker attributes calls to the session; the controller noted the session's test."""
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_bridge="""
+        SIGNATURE = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
+
+        def test_through_the_bridge(isolated):
+            isolated.adapter.create_program(SIGNATURE, "qa")
+            outputs = isolated.adapter.execute_program("qa", {"question": "via a session"})["outputs"]
+            assert outputs == {"answer": "mock_response"}
+        """)
+    pytester.runpytest("--layer", "unit", "--lm", "cached").assert_outcomes(passed=1)
+    result = CliRunner().invoke(main, ["cassettes", "list", "--json"])
+    (entry,) = json.loads(result.stdout)
+    assert entry["test_id"] == "test_bridge.py::test_through_the_bridge"
+    assert entry["source"] == "mock"
+    recorded = json.loads(Path(entry["path"]).read_text())
+    assert recorded["session_id"].startswith("session_")
