@@ -134,6 +134,28 @@ def test_once_in_worker_containers_is_decided_once_per_run(pytester: pytest.Pyte
     assert _cassettes(pytester) == 2
 
 
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_a_read_only_cassette_dir_stays_read_only_and_a_worker_says_so(pytester: pytest.Pytester) -> None:
+    """As root, starting the integration layer used to widen the cassette dir for the workers."""
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_it=INTEGRATION_TESTS.format(questions=["never recorded"]))
+    cassettes = pytester.path / "cassettes"
+    cassettes.mkdir()
+    cassettes.chmod(0o555)
+    try:
+        result = pytester.runpytest_subprocess("--layer", "integration", "--provision-report", "r.json",
+                                               timeout=400)
+        mode = cassettes.stat().st_mode & 0o7777
+    finally:
+        cassettes.chmod(0o755)
+    assert mode == 0o555
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*cassette dir not writable*use --record-mode none or fix its permissions*"])
+    assert _cassettes(pytester) == 0
+    assert _calls(pytester, "r.json", "integration")["cache_misses"] == 1
+
+
 # -- prune: only complete runs vouch -----------------------------------------------------------------
 
 FIVE_TESTS = """
