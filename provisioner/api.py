@@ -57,6 +57,8 @@ class Environment:
         self._standin: Any = None
         # The worker image tag the run's controller prepared (xdist workers get it and never build).
         self.prepared_image: str | None = None
+        # Why the controller could not prepare the image (xdist workers report it, never rebuild).
+        self.image_problem: str | None = None
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -111,7 +113,8 @@ class Environment:
         if lm.mode == "mock":
             return "mock"
         if lm.mode == "cached":
-            return f"cassettes {lm.cache_dir} (record mode {lm.record_mode})"
+            missing = "" if lm.cache_dir.is_dir() else "; the folder does not exist yet"
+            return f"cassettes {lm.cache_dir} (record mode {lm.record_mode}{missing})"
         if self.uses_standin:
             return f"Gemini stand-in ({API_KEY_ENV} not set)"
         if lm.base_url is not None:

@@ -121,6 +121,12 @@ def test_unknown_layer_is_a_usage_error_naming_the_known_ones(project: pytest.Py
     result.stderr.fnmatch_lines(["*unknown layer 'nope'; known layers: unit, integration, e2e, fast*"])
 
 
+def test_a_mistyped_layer_gets_a_did_you_mean(project: pytest.Pytester) -> None:
+    result = project.runpytest("--layer", "integraton")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown layer 'integraton' (did you mean 'integration'?)*"])
+
+
 def test_unmarked_suite_is_untouched_and_quiet(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_a(): pass\ndef test_b(): pass\n")
     result = pytester.runpytest()
@@ -472,9 +478,9 @@ def test_example_project_unit_layer(pytester: pytest.Pytester) -> None:
 
     shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".provision"))
     result = pytester.runpytest_subprocess("--layer", "unit", "-v")
-    result.assert_outcomes(passed=4, deselected=7)
+    result.assert_outcomes(passed=5, deselected=7)  # test_unit.py's four and the quick start's test
     result.stdout.fnmatch_lines(
-        ["*test_refund_tickets_are_billing PASSED*", "layer unit: 4 tests (4 passed)"]
+        ["*test_triage PASSED*", "*test_refund_tickets_are_billing PASSED*", "layer unit: 5 tests (5 passed)"]
     )
 
 
@@ -632,8 +638,11 @@ def test_header_names_the_lm_endpoint_of_each_mode(project: pytest.Pytester) -> 
     assert "provisioner: layer unit, LM mock" in unit.stdout.str()
     cached = project.runpytest("--layer", "integration", "--record-mode", "none")
     cassettes = project.path / "test" / "fixtures" / "lm_responses"
-    expected = f"provisioner: layer integration, LM cassettes {cassettes} (record mode none)"
-    assert expected in cached.stdout.str()
+    expected = f"provisioner: layer integration, LM cassettes {cassettes} (record mode none; the folder"
+    assert expected + " does not exist yet)" in cached.stdout.str()
+    cassettes.mkdir(parents=True)
+    again = project.runpytest("--layer", "integration", "--record-mode", "none")
+    assert f"LM cassettes {cassettes} (record mode none)\n" in again.stdout.str()
 
 
 def test_lm_fixture_that_cannot_build_fails_in_one_line(project: pytest.Pytester,

@@ -173,6 +173,12 @@ class ProcessContainers:
                 raise self._image_error
             if self._image is None and self.env.prepared_image is not None:
                 self._image = self.env.prepared_image
+            if self._image is None and self.env.image_problem is not None:
+                from provisioner.errors import ImageError
+
+                self._image_error = ImageError(f"the run's controller could not prepare the worker image: "
+                                               f"{self.env.image_problem}")
+                raise self._image_error
             if self._image is None:
                 from provisioner.errors import ProvisionerError
                 from provisioner.runtime.images import ensure_worker_image

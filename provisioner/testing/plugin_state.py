@@ -38,6 +38,7 @@ REPORT_KEY = "provisioner_run"
 _WORKERINPUT_RUN_ID = "provision_run_id"
 _WORKERINPUT_RUN_DIR = "provision_run_dir"
 _WORKERINPUT_IMAGE = "provision_image"
+_WORKERINPUT_IMAGE_ERROR = "provision_image_error"
 # Fixtures whose tests need this process's warm pool (isolated sessions live on pool workers).
 POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
@@ -149,6 +150,7 @@ class ProvisionRun:
         run = cls(options, project, identity)
         if workerinput is not None:
             run.environment.prepared_image = workerinput.get(_WORKERINPUT_IMAGE)
+            run.environment.image_problem = workerinput.get(_WORKERINPUT_IMAGE_ERROR)
         return run
 
     # -- configuration -----------------------------------------------------------------------------
@@ -165,6 +167,8 @@ class ProvisionRun:
         out = {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
         if self.environment.prepared_image is not None:
             out[_WORKERINPUT_IMAGE] = self.environment.prepared_image
+        if self.environment.image_problem is not None:
+            out[_WORKERINPUT_IMAGE_ERROR] = self.environment.image_problem
         return out
 
     # -- start-up: outside every test, so per-test timeouts never include it -----------------------
@@ -180,8 +184,12 @@ class ProvisionRun:
             return
         self._used = True
         containers_ = self.environment.containers
-        with contextlib.suppress(ProvisionerError), phases.phase("worker image") as update:
-            self.environment.prepared_image = containers_.prepare_image(update)
+        try:
+            with phases.phase("worker image") as update:
+                self.environment.prepared_image = containers_.prepare_image(update)
+        except ProvisionerError as exc:
+            # xdist workers get the failure too: they report it instead of building themselves.
+            self.environment.image_problem = str(exc)
 
     @property
     def pool_warmed(self) -> bool:

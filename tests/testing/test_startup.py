@@ -54,10 +54,11 @@ def test_terminal_phase_uses_rich() -> None:
 
 
 class _FakeEnv:
-    def __init__(self, prepared: str | None) -> None:
+    def __init__(self, prepared: str | None, problem: str | None = None) -> None:
         from provisioner.settings import load_settings
 
         self.prepared_image = prepared
+        self.image_problem = problem
         self.settings = load_settings(project_dir=Path("/nonexistent-project"))
 
 
@@ -80,6 +81,21 @@ def test_a_prepared_image_is_used_without_building(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(images, "ensure_worker_image", no_build)
     containers = ProcessContainers(_FakeEnv("provisioner-worker:abc"))  # type: ignore[arg-type]
     assert containers.image == "provisioner-worker:abc"
+
+
+def test_an_xdist_worker_reports_the_controllers_failure_without_building(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from provisioner.errors import ImageError
+    from provisioner.testing.containers import ProcessContainers
+
+    def no_build(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("an xdist worker must not build after the controller failed")
+
+    monkeypatch.setattr(_images_module(), "ensure_worker_image", no_build)
+    containers = ProcessContainers(_FakeEnv(None, "base image missing"))  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match="controller could not prepare the worker image: base image missing"):
+        containers.image  # noqa: B018
 
 
 def test_a_failed_image_build_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,10 +126,12 @@ def test_xdist_workers_receive_the_controllers_image(tmp_path: Path) -> None:
                                           report_path=None, project_dir=tmp_path, invocation_dir=tmp_path,
                                           workerinput=None)
     controller.environment.prepared_image = "provisioner-worker:abc"
+    controller.environment.image_problem = "not built"
     handed = controller.workerinput()
     worker = ProvisionRun.from_pytest(layer="integration", lm_mode=None, record_mode=None, report_path=None,
                                       project_dir=tmp_path, invocation_dir=tmp_path, workerinput=handed)
     assert worker.environment.prepared_image == "provisioner-worker:abc"
+    assert worker.environment.image_problem == "not built"
     assert worker.identity.run_id == controller.identity.run_id
 
 
