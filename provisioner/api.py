@@ -35,6 +35,7 @@ from provisioner.testing.run import RunIdentity
 if TYPE_CHECKING:
     import dspy
 
+    from provisioner.lm.mock import TestRules
     from provisioner.runtime.pool import WorkerPool
 
 
@@ -142,8 +143,11 @@ class Environment:
             update={"base_url": url, "endpoint_kind": "standin", "api_key": SecretStr(STANDIN_KEY)}
         )
 
-    def build_lm(self) -> dspy.LM:
+    def build_lm(self, rules: TestRules | None = None) -> dspy.LM:
         """A new ``dspy.LM`` for this layer (mock / cached / real, with the run's shared limits).
+
+        ``rules``: a test's own mock rules, layered over the layer's LM
+        (:class:`provisioner.lm.mock.TestRules`; requests they match never reach a cassette or Gemini).
 
         Raises:
             ConfigError: the LM configuration cannot make an LM (e.g. ``lm.base_url`` without a key).
@@ -152,7 +156,7 @@ class Environment:
 
         if self.lm_config.mode != "mock":
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        return build_lm(self.in_process_lm_config())
+        return build_lm(self.in_process_lm_config(), rules=rules)
 
     @property
     def lm(self) -> dspy.LM:

@@ -57,7 +57,8 @@ RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
 class MockRule(BaseModel):
     """One rule of the mock LM: when an input matches, answer with these outputs (or an error).
 
-    ``match`` maps input field names to a pattern; ``"*"`` as a field name matches any field.
+    ``match`` maps input field names to a pattern; ``"*"`` as a field name matches any field, and
+    ``"*"`` as a pattern any value.
     ``kind`` says how patterns compare: ``exact``, ``substring`` or ``regex``.
     ``outputs`` maps output field names to values; fields not named get a per-type default.
     ``error`` injects a failure instead: ``rate_limit``, ``timeout``, ``server_error`` or ``malformed``.
@@ -80,6 +81,8 @@ class MockRule(BaseModel):
         # provisioner.lm.mock), so a pattern valid here is valid there.
         if self.kind == "regex":
             for field, pattern in self.match.items():
+                if pattern == "*":  # "*" means any value in every kind, not a regex
+                    continue
                 try:
                     regex.compile(pattern)
                 except regex.error as exc:

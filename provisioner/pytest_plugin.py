@@ -76,6 +76,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_CompletenessHooks(run), "provisioner-completeness")
     for line in run.marker_lines():
         config.addinivalue_line("markers", line)
+    config.addinivalue_line(
+        "markers",
+        "lm_rules(*rules): this test's own mock LM rules (provisioner.lmconfig.MockRule or a dict of its "
+        "fields), layered over the layer's LM for the test and the threads it starts (docs/lm.md)",
+    )
     if run.layer.max_failures and not config.getoption("maxfail"):
         config.option.maxfail = run.layer.max_failures  # --maxfail / -x given by the user win
 
@@ -272,13 +277,56 @@ def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
     header says so); ``--require-key`` makes a missing key a usage error instead.
     """
     from provisioner.lm.activation import activate
+    from provisioner.lm.mock import describe_rule
 
+    run = _run(request)
+    rules = _test_rules(request)
     try:
-        model = _run(request).environment.build_lm()
+        model = run.environment.build_lm(rules=rules)
     except ProvisionerError as exc:
         pytest.fail(f"provisioner: lm fixture: {exc}", pytrace=False)
     with activate(model, what=f"the lm fixture of {request.node.nodeid}"):
         yield model
+    run.note_unmatched_lm_rules(request.node.nodeid, [describe_rule(r) for r in rules.unmatched()])
+
+
+TEST_RULES = pytest.StashKey[Any]()
+
+
+def _test_rules(request: pytest.FixtureRequest) -> Any:
+    """This test's own LM rules (:class:`provisioner.lm.mock.TestRules`), from its ``lm_rules`` markers
+    (closest first: function, class, module)."""
+    from pydantic import ValidationError
+
+    from provisioner.lm.mock import TestRules
+
+    node = request.node
+    rules = node.stash.get(TEST_RULES, None)
+    if rules is None:
+        rules = TestRules(default=_run(request).environment.lm_config.mock_default)
+        for marker in node.iter_markers("lm_rules"):
+            try:
+                rules.extend(marker.args)
+            except (ValidationError, TypeError) as exc:
+                pytest.fail(f"provisioner: @pytest.mark.lm_rules of {node.nodeid}: {exc}", pytrace=False)
+        node.stash[TEST_RULES] = rules
+    return rules
+
+
+@pytest.fixture
+def lm_rules(request: pytest.FixtureRequest, lm: Any) -> Any:
+    """This test's own mock LM rules over the layer's LM (the ``lm`` fixture is active with them):
+    ``lm_rules.add(match={"question": "*"}, outputs={"answer": "42"})`` adds one while the test runs;
+    ``@pytest.mark.lm_rules(...)`` gives them before it starts. Requests they match are answered by the
+    mock in every mode — never recorded into cassettes, never sent to Gemini."""
+    return _test_rules(request)
+
+
+@pytest.fixture(autouse=True)
+def _provisioner_lm_rules_marker(request: pytest.FixtureRequest) -> None:
+    """A test marked ``lm_rules`` gets the ``lm`` fixture (its LM, with the rules) without asking."""
+    if request.node.get_closest_marker("lm_rules") is not None:
+        request.getfixturevalue("lm")
 
 
 @pytest.fixture

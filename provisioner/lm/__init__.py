@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import dspy
 
     from provisioner.lm.engine import EngineBase
+    from provisioner.lm.mock import TestRules
 
 # DSPy may import litellm lazily; never let it fetch a price map from the network.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -52,8 +53,22 @@ def dspy_model_name(config: LMConfig) -> str:
     return f"{prefix}/{config.model}"
 
 
-def build_engine(config: LMConfig) -> EngineBase:
-    """The engine for ``config.mode`` (without the ``dspy.LM`` around it)."""
+def build_engine(config: LMConfig, *, rules: TestRules | None = None) -> EngineBase:
+    """The engine for ``config.mode`` (without the ``dspy.LM`` around it).
+
+    ``rules``: a test's own mock rules, layered over the layer's engine
+    (:class:`provisioner.lm.mock.RulesOverEngine`): a request they match is answered by the mock,
+    in every mode, and never recorded into a cassette or sent to Gemini.
+    """
+    engine = _layer_engine(config)
+    if rules is not None:
+        from provisioner.lm.mock import RulesOverEngine
+
+        return RulesOverEngine(rules, engine)
+    return engine
+
+
+def _layer_engine(config: LMConfig) -> EngineBase:
     if config.mode == "mock":
         from provisioner.lm.mock import MockEngine
 
@@ -67,8 +82,10 @@ def build_engine(config: LMConfig) -> EngineBase:
     return CachedEngine(config)
 
 
-def build_lm(config: LMConfig, **lm_kwargs: Any) -> dspy.LM:
+def build_lm(config: LMConfig, *, rules: TestRules | None = None, **lm_kwargs: Any) -> dspy.LM:
     """A ``dspy.LM`` that behaves as ``config`` says. Extra keyword arguments go to ``dspy.LM``.
+
+    ``rules``: a test's own mock rules over the layer's (see :func:`build_engine`).
 
     Apply it per thread with ``with dspy.context(lm=lm):`` (never ``dspy.configure`` from
     request threads).
@@ -77,7 +94,7 @@ def build_lm(config: LMConfig, **lm_kwargs: Any) -> dspy.LM:
 
     from provisioner.lm.engine import AsyncEngineAdapter
 
-    engine = build_engine(config)
+    engine = build_engine(config, rules=rules)
     options: dict[str, Any] = {
         "temperature": config.temperature,
         "max_tokens": config.max_tokens,

@@ -11,7 +11,9 @@ same answer in any process on any machine; usage figures are deterministic token
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,18 +83,53 @@ def _matches(pattern: str, value: str, kind: str) -> bool:
         ) from None
 
 
+ANY = "*"
+
+
+class LMRuleWarning(UserWarning):
+    """A mock rule names an input or output field the signature of a request it was checked against
+    does not have (a typo, or a rule written for another program)."""
+
+
 def rule_matches(rule: MockRule, view: PromptView) -> bool:
-    """True when every ``match`` entry of the rule holds for the request's inputs."""
+    """True when every ``match`` entry of the rule holds for the request's inputs.
+
+    ``"*"`` as a field name means any input field (or, without a signature, the last user turn);
+    ``"*"`` as a pattern means any value (the named field must be there).
+    """
     for name, pattern in rule.match.items():
-        if name == "*":
+        if name == ANY:
+            if pattern == ANY:
+                continue
             candidates = list(view.inputs.values()) or [view.last_user_text]
             if not any(_matches(pattern, value, rule.kind) for value in candidates):
                 return False
         else:
             value = view.inputs.get(name)
-            if value is None or not _matches(pattern, value, rule.kind):
+            if value is None:
+                return False
+            if pattern != ANY and not _matches(pattern, value, rule.kind):
                 return False
     return True
+
+
+def unknown_fields(rule: MockRule, view: PromptView) -> tuple[list[str], list[str]]:
+    """(input fields, output fields) the rule names that the request's signature lacks.
+
+    Requests without a signature (``lm("text")``) have no fields to check: nothing is unknown there.
+    """
+    if not view.input_names and not view.outputs:
+        return [], []
+    inputs = set(view.input_names) | set(view.inputs)
+    outputs = {o.name for o in view.outputs}
+    missing_in = [n for n in rule.match if n != ANY and n not in inputs]
+    missing_out = [n for n in rule.outputs if n != ANY and n not in outputs]
+    return missing_in, missing_out
+
+
+def describe_rule(rule: MockRule) -> str:
+    """A rule in one line, as the end-of-run list shows it."""
+    return rule.model_dump_json(exclude_defaults=True)
 
 
 def _injected_error(rule: MockRule, model: str) -> Exception:
@@ -119,6 +156,38 @@ class MockEngine(EngineBase):
         self.default = default
         # A mock used as the inner engine of the cached mode is counted as "recorded" there.
         self.count_calls = count_calls
+        self._lock = threading.Lock()
+        self._matched: set[int] = set()  # indexes of rules that answered at least one request
+        self._warned: set[tuple[int, str, str]] = set()
+
+    def first_match(self, view: PromptView) -> MockRule | None:
+        """The first rule matching ``view`` (None: no rule). Warns (:class:`LMRuleWarning`, once per
+        rule, field and signature) about fields a checked rule names that the signature lacks, and
+        remembers which rules matched (:meth:`unmatched`)."""
+        signature = f"{','.join(view.input_names)} -> {','.join(o.name for o in view.outputs)}"
+        for index, rule in enumerate(self.rules):
+            missing_in, missing_out = unknown_fields(rule, view)
+            for side, names in (("input", missing_in), ("output", missing_out)):
+                for name in names:
+                    with self._lock:
+                        fresh = (index, f"{side}:{name}", signature) not in self._warned
+                        self._warned.add((index, f"{side}:{name}", signature))
+                    if fresh:
+                        warnings.warn(
+                            f"mock LM rule {describe_rule(rule)} names the {side} field {name!r}, which the "
+                            f"signature of a request it was checked against does not have ({signature}); "
+                            "fix the field name, or scope the rule to the program it is for",
+                            LMRuleWarning, stacklevel=2)
+            if rule_matches(rule, view):
+                with self._lock:
+                    self._matched.add(index)
+                return rule
+        return None
+
+    def unmatched(self) -> list[MockRule]:
+        """The rules that have not answered any request of this engine yet."""
+        with self._lock:
+            return [rule for index, rule in enumerate(self.rules) if index not in self._matched]
 
     @safe_repr
     def __repr__(self) -> str:
@@ -126,11 +195,15 @@ class MockEngine(EngineBase):
 
     def answer(self, view: PromptView) -> tuple[str, MockRule | None]:
         """The answer text for a parsed prompt, and the rule that decided it (if any)."""
-        rule = next((r for r in self.rules if rule_matches(r, view)), None)
+        rule = self.first_match(view)
+        return self.render(view, rule), rule
+
+    def render(self, view: PromptView, rule: MockRule | None) -> str:
+        """The answer text for ``view`` with ``rule``'s outputs (or the per-type defaults)."""
         fixed: dict[str, Any] = dict(rule.outputs) if rule else {}
         if view.format == "plain":
             value = fixed.get("*", next(iter(fixed.values()), self.default))
-            return render_answer(view, {"*": value}), rule
+            return render_answer(view, {"*": value})
         wildcard = fixed.get("*")
         values: dict[str, Any] = {}
         for output in view.outputs:
@@ -140,13 +213,17 @@ class MockEngine(EngineBase):
                 values[output.name] = wildcard
             else:
                 values[output.name] = default_value(output, self.default)
-        return render_answer(view, values), rule
+        return render_answer(view, values)
 
     def complete(self, request: Request) -> Response:
+        view = request_view(request)
+        rule = self.first_match(view)
+        return self.respond(request, view, rule)
+
+    def respond(self, request: Request, view: PromptView, rule: MockRule | None) -> Response:
+        """Answer ``request`` as ``rule`` says (None: the per-type defaults), or raise its error."""
         system = system_text(request)
-        response_format = request.config.response_format
-        view = parse_prompt(system, message_pairs(request), json_requested=response_format is not None)
-        text, rule = self.answer(view)
+        text = self.render(view, rule)
         if rule is not None and rule.latency_ms:
             time.sleep(rule.latency_ms / 1000)  # the simulated slow LM a rule asked for
         if rule is not None and rule.error is not None and rule.error != "malformed":
@@ -162,3 +239,82 @@ class MockEngine(EngineBase):
             _stats.record_call("mock", input_tokens=input_tokens, output_tokens=output_tokens)
         return text_response(request, text, input_tokens=input_tokens, output_tokens=output_tokens,
                              response_id=f"mock-{digest}")
+
+
+def request_view(request: Request) -> PromptView:
+    """What a request says about its signature (fields, adapter format, input values)."""
+    json_requested = request.config.response_format is not None
+    return parse_prompt(system_text(request), message_pairs(request), json_requested=json_requested)
+
+
+class TestRules:
+    """One test's own mock rules, thread-safe and growable while the test runs.
+
+    The ``lm`` fixture layers them over the layer's LM (:class:`RulesOverEngine`); the
+    ``@pytest.mark.lm_rules(...)`` marker fills them before the test, ``lm_rules.add(...)`` during it.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, rules: Sequence[MockRule | Mapping[str, Any]] = (), default: str = "mock_response"
+                 ) -> None:
+        self._engine = MockEngine([], default)
+        self.extend(rules)
+
+    @safe_repr
+    def __repr__(self) -> str:
+        return f"TestRules({len(self._engine.rules)} rules)"
+
+    def add(self, rule: MockRule | Mapping[str, Any] | None = None, **fields: Any) -> MockRule:
+        """Add one rule (a :class:`MockRule`, a mapping of its fields, or its fields as keywords).
+
+        Raises:
+            pydantic.ValidationError: a field of the rule is invalid (names the field).
+        """
+        made = rule if isinstance(rule, MockRule) else MockRule.model_validate({**(rule or {}), **fields})
+        with self._engine._lock:
+            self._engine.rules = [*self._engine.rules, made]
+        return made
+
+    def extend(self, rules: Sequence[MockRule | Mapping[str, Any]]) -> None:
+        for rule in rules:
+            self.add(rule)
+
+    @property
+    def rules(self) -> list[MockRule]:
+        return list(self._engine.rules)
+
+    @property
+    def engine(self) -> MockEngine:
+        return self._engine
+
+    def unmatched(self) -> list[MockRule]:
+        """The rules that answered no request."""
+        return self._engine.unmatched()
+
+
+class RulesOverEngine(EngineBase):
+    """A test's own rules over the layer's engine: a request one of the rules matches is answered by
+    the mock (counted as a mock call, never recorded into cassettes nor sent to Gemini); every other
+    request goes to the layer's engine unchanged."""
+
+    def __init__(self, rules: TestRules, inner: EngineBase) -> None:
+        self.rules = rules
+        self.inner = inner
+        self.kind = getattr(inner, "kind", "mock")
+
+    @safe_repr
+    def __repr__(self) -> str:
+        return f"RulesOverEngine({self.rules!r} over {self.inner!r})"
+
+    def complete(self, request: Request) -> Response:
+        engine = self.rules.engine
+        if engine.rules:
+            view = request_view(request)
+            rule = engine.first_match(view)
+            if rule is not None:
+                return engine.respond(request, view, rule)
+        return self.inner.complete(request)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -263,6 +263,11 @@ class ProvisionRun:
 
     # -- LM cost -----------------------------------------------------------------------------------
 
+    def note_unmatched_lm_rules(self, test_id: str, rules: Iterable[str]) -> None:
+        """Per-test LM rules (as one-line JSON) that answered no request: listed at the end of the run."""
+        for rule in rules:
+            self.environment.report.unmatched_lm_rules.append([test_id, rule])
+
     def lm_cost(self, test_id: str) -> LMCost:
         self._used = True
         return LMCost(self.environment, self.environment.lm_usage(), test_id)

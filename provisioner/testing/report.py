@@ -134,6 +134,8 @@ class ProcessReport:
     lm: LMUsage = field(default_factory=LMUsage)
     leaks: list[LeakRecord] = field(default_factory=list)
     retained: list[str] = field(default_factory=list)
+    # [test id, rule as JSON] of per-test LM rules (@pytest.mark.lm_rules) that answered no request
+    unmatched_lm_rules: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -147,6 +149,7 @@ class ProcessReport:
             lm=LMUsage(**data.get("lm", {})),
             leaks=[LeakRecord(r["test"], [(x[0], x[1]) for x in r["leaks"]]) for r in data.get("leaks", [])],
             retained=list(data.get("retained", [])),
+            unmatched_lm_rules=[[str(x) for x in pair] for pair in data.get("unmatched_lm_rules", [])],
         )
 
 
@@ -160,6 +163,7 @@ class LayerReport:
     lm: LMUsage = field(default_factory=LMUsage)
     leaks: list[LeakRecord] = field(default_factory=list)
     retained: list[str] = field(default_factory=list)
+    unmatched_lm_rules: list[list[str]] = field(default_factory=list)
 
     @property
     def tests(self) -> int:
@@ -179,6 +183,7 @@ class LayerReport:
             "leaks_found": sum(len(r.leaks) for r in self.leaks),
             "leaks": [{"test": r.test, "leaks": [list(x) for x in r.leaks]} for r in self.leaks],
             "retained": list(self.retained),
+            "unmatched_lm_rules": [{"test": test, "rule": rule} for test, rule in self.unmatched_lm_rules],
         }
 
 
@@ -206,6 +211,7 @@ class RunReport:
         section.lm.add(process.lm)
         section.leaks.extend(process.leaks)
         section.retained.extend(process.retained)
+        section.unmatched_lm_rules.extend(process.unmatched_lm_rules)
 
     @property
     def leaks_found(self) -> int:
@@ -245,6 +251,10 @@ class RunReport:
             for record in section.leaks:
                 listed = ", ".join(f"{kind} {name}" for kind, name in record.leaks)
                 out.append(f"    {record.test}: {listed}")
+            if section.unmatched_lm_rules:
+                out.append(f"  LM rules that never matched: {len(section.unmatched_lm_rules)}")
+                for test, rule in section.unmatched_lm_rules:
+                    out.append(f"    {test}: {rule}")
             for retained in section.retained:
                 out.append(f"  retained for debugging: {retained}")
         return out

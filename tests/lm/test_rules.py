@@ -1,0 +1,173 @@
+"""Per-test LM rules (issue 9): a test's own rules over the layer's LM, as DSPy's DummyLM allows —
+answers by input, injected errors, ``"*"`` as any value, warnings for fields a signature lacks,
+unmatched rules listed; never recorded into cassettes nor sent to Gemini."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import dspy
+import pytest
+from dspy.utils.exceptions import LMRateLimitError
+
+from provisioner.lm import build_lm, stats
+from provisioner.lm.mock import LMRuleWarning, TestRules
+from provisioner.lm.standin import GeminiStandin
+from provisioner.lmconfig import LMConfig, MockRule
+
+from .conftest import STANDIN_KEY
+
+pytest_plugins = ["pytester"]
+
+
+def _ask(question: str, signature: str = "question -> answer") -> str:
+    return str(dspy.Predict(signature)(question=question).answer)
+
+
+def test_star_pattern_means_any_value_of_that_field() -> None:
+    rules = TestRules([{"match": {"question": "*"}, "outputs": {"answer": "any"}}])
+    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=rules)):
+        assert _ask("whatever?") == "any"
+        with pytest.warns(LMRuleWarning, match="input field 'question'.*text -> answer"):
+            assert str(dspy.Predict("text -> answer")(text="t").answer) == "mock_response"  # no such field
+
+
+def test_star_pattern_is_valid_for_regex_rules() -> None:
+    assert MockRule(match={"question": "*"}, kind="regex").match == {"question": "*"}
+
+
+def test_test_rules_go_first_then_the_layer_rules_then_defaults() -> None:
+    layer = LMConfig(mode="mock", mock_rules=[
+        MockRule(match={"question": "layer"}, outputs={"answer": "L"}),
+        MockRule(match={"question": "both"}, outputs={"answer": "L2"}),
+    ])
+    rules = TestRules([MockRule(match={"question": "both"}, outputs={"answer": "T"})])
+    with dspy.context(lm=build_lm(layer, rules=rules)):
+        assert [_ask("layer?"), _ask("both?"), _ask("neither?")] == ["L", "T", "mock_response"]
+
+
+def test_injected_error_and_rules_added_while_running() -> None:
+    rules = TestRules()
+    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=rules)):
+        assert _ask("q?") == "mock_response"
+        rules.add(match={"question": "q"}, error="rate_limit")
+        with pytest.raises(LMRateLimitError):
+            _ask("q?")
+
+
+def test_rule_naming_a_field_the_signature_lacks_warns_once() -> None:
+    rules = TestRules([{"match": {"questoin": "x"}, "outputs": {"answr": "y"}}])
+    lm = build_lm(LMConfig(mode="mock"), rules=rules)
+    with dspy.context(lm=lm), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _ask("a?")
+        _ask("b?")
+    messages = [str(w.message) for w in seen if w.category is LMRuleWarning]
+    assert len(messages) == 2  # one per unknown field, not one per request
+    assert "input field 'questoin'" in messages[0] and "(question -> answer)" in messages[0]
+    assert "output field 'answr'" in messages[1]
+    assert [r.match for r in rules.unmatched()] == [{"questoin": "x"}]
+
+
+def test_in_cached_mode_matched_requests_are_never_recorded(tmp_path: Path) -> None:
+    config = LMConfig(mode="cached", cached_inner="mock", cache_dir=tmp_path / "cassettes",
+                      run_dir=tmp_path / "run")
+    rules = TestRules([{"match": {"question": "mine"}, "outputs": {"answer": "test-only"}}])
+    before = stats()
+    with dspy.context(lm=build_lm(config, rules=rules)):
+        assert _ask("mine?") == "test-only"
+        assert not list((tmp_path / "cassettes").rglob("*.json"))
+        _ask("shared?")
+    assert len(list((tmp_path / "cassettes").rglob("*.json"))) == 1  # only the unmatched request
+    delta = stats() - before
+    assert (delta.mock, delta.recorded) == (1, 1)
+
+
+def test_in_real_mode_matched_requests_are_never_sent(standin: GeminiStandin, tmp_path: Path) -> None:
+    config = LMConfig(mode="real", api_key=STANDIN_KEY, base_url=standin.url, run_dir=tmp_path)
+    rules = TestRules([{"match": {"question": "*"}, "outputs": {"answer": "local"}}])
+    with dspy.context(lm=build_lm(config, rules=rules)):
+        assert _ask("q?") == "local"
+    assert standin.request_count == 0
+
+
+PROJECT = """
+[tool.pytest.ini_options]
+addopts = "-p no:cacheprovider"
+
+[[tool.provisioner.lm.mock_rules]]
+match = { question = "layer" }
+outputs = { answer = "from-the-layer" }
+"""
+
+SUITE = """
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+from dspy.utils.exceptions import LMServerError
+
+
+def ask(q):
+    return dspy.Predict("question -> answer")(question=q).answer
+
+
+@pytest.mark.lm_rules({"match": {"question": "France"}, "outputs": {"answer": "Paris"}})
+def test_answers_by_input_in_threads_too():
+    out = []
+    t = threading.Thread(target=lambda: out.append(ask("capital of France?")))
+    t.start(); t.join()
+    assert out == ["Paris"]
+    assert ask("layer?") == "from-the-layer"      # layered over the layer's rules
+    assert ask("other?") == "mock_response"
+
+
+@pytest.mark.lm_rules({"match": {"question": "*"}, "error": "server_error"})
+def test_injected_error(lm):
+    with pytest.raises(LMServerError):
+        ThreadPoolExecutor(1).submit(ask, "q?").result()
+
+
+def test_fixture_factory(lm_rules):
+    lm_rules.add(match={"question": "two"}, outputs={"answer": "2"})
+    assert ask("two?") == "2"
+
+
+@pytest.mark.lm_rules({"match": {"question": "never asked"}, "outputs": {"answer": "x"}},
+                      {"match": {"qestion": "typo"}, "outputs": {"answer": "x"}})
+def test_unmatched_and_misnamed():
+    assert ask("something else") == "mock_response"
+
+
+def test_other_tests_do_not_see_them(lm):
+    assert ask("capital of France?") == "mock_response"
+"""
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_rules_suite=SUITE)
+    return pytester
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_per_test_rules_through_the_plugin(suite: pytest.Pytester, xdist: list[str]) -> None:
+    result = suite.runpytest_subprocess("--layer", "unit", "--provision-report", "r.json", *xdist)
+    result.assert_outcomes(passed=5)
+    out = result.stdout.str()
+    assert "LMRuleWarning" in out and "names the input field 'qestion'" in out
+    result.stdout.fnmatch_lines([
+        "*LM rules that never matched: 2*",
+        '*test_unmatched_and_misnamed: {"match":{"question":"never asked"},"outputs":{"answer":"x"}}*',
+    ])
+    unmatched = json.loads((suite.path / "r.json").read_text())["layers"]["unit"]["unmatched_lm_rules"]
+    assert {u["test"].split("::")[-1] for u in unmatched} == {"test_unmatched_and_misnamed"}
+    assert len(unmatched) == 2
