@@ -115,6 +115,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         config.stash[RUN_KEY].prepare_image(phases)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Load what the spending guard wraps (DSPy's call path) before the first test, outside its timeout."""
+    from provisioner.testing import network
+
+    run = session.config.stash[RUN_KEY]
+    force = bool(session.config.getoption("force_enable_socket", False))
+    if any(network.applies(run, [m.name for m in item.iter_markers()], getattr(item, "fixturenames", ()),
+                           force_enabled=force) for item in session.items):
+        network.prepare()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
     """A single process: warm the pool before the first test (xdist workers: see below)."""

@@ -67,6 +67,13 @@ def applies(run: Any, markers: Iterable[str], fixturenames: Iterable[str], *, fo
             or bool(PROVISIONER_FIXTURES & set(fixturenames)))
 
 
+def prepare() -> None:
+    """Import what :func:`block_network` wraps (DSPy's LM call path; seconds on a cold start) now,
+    so the first blocked test's setup is not charged for it."""
+    import dspy.clients.execution  # noqa: F401
+    import pytest_socket  # noqa: F401
+
+
 def _network_message(layer: str, lm_mode: str, host: str | None) -> str:
     return (f"provisioner: the {layer} layer (LM mode {lm_mode}) blocks network connections leaving this "
             f"machine; this test tried to connect to {host or 'a remote address'}. Only loopback, unix "
@@ -150,5 +157,14 @@ def _block_foreign_lms(layer: str, lm_mode: str) -> Callable[[], None]:
     return restore
 
 
-__all__ = ["BLOCKING_LM_MODES", "LOOPBACK", "PROVISIONER_FIXTURES", "applies", "block_network", "blocks",
-           "is_foreign_lm", "project_uses_provisioner"]
+__all__ = [
+    "BLOCKING_LM_MODES",
+    "LOOPBACK",
+    "PROVISIONER_FIXTURES",
+    "applies",
+    "block_network",
+    "blocks",
+    "is_foreign_lm",
+    "prepare",
+    "project_uses_provisioner",
+]

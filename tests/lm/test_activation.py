@@ -180,8 +180,8 @@ def ask():
 
 
 @pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "delta"])
-def test_own_lm(name, lm):
-    lm.engine.default = name            # this test's LM answers with its own name
+def test_own_lm(name, lm_rules):
+    lm_rules.add(match={"question": "*"}, outputs={"answer": name})  # this test's LM answers its name
     answers = [ThreadPoolExecutor(2).submit(ask).result() for _ in range(5)]
     assert answers == [name] * 5
 """
