@@ -55,11 +55,12 @@ class UnknownNameError(ConfigError):
     the CLI exits with status 2 (a usage error) for it, the pytest plugin raises ``pytest.UsageError``.
 
     Attributes: ``what`` (e.g. ``"layer"``), ``name`` (the given value), ``known`` (the known values,
-    in order), ``suggestion`` (the closest known value or None).
+    in order), ``suggestion`` (the closest known value or None). ``more``: further problems found at
+    the same time (one line each, after this one).
     """
 
     def __init__(self, what: str, name: str, known: Iterable[str], *, hint: str = "",
-                 plural: str | None = None) -> None:
+                 plural: str | None = None, more: Iterable[str] = ()) -> None:
         self.what = what
         self.name = name
         self.known = list(known)
@@ -71,7 +72,7 @@ class UnknownNameError(ConfigError):
         message += f"; known {plural}: {', '.join(self.known)}" if self.known else f"; no {plural} are known"
         if hint:
             message += f" ({hint})"
-        super().__init__(message)
+        super().__init__("\n".join([message, *more]))
 
     def __str__(self) -> str:  # KeyError subclasses would otherwise repr() the message
         return str(self.args[0])

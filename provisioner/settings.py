@@ -358,7 +358,10 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
+    """One line per problem; an unknown key makes the whole an :class:`UnknownNameError` (a usage
+    error with "did you mean"), listing the other problems after it."""
     lines = []
+    first_unknown: tuple[str, str, list[str], str] | None = None
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
         origin = _lookup_source(sources, path)
@@ -366,15 +369,18 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
             known = _known_keys([str(p) for p in err["loc"][:-1]])
             parent = ".".join(str(p) for p in err["loc"][:-1])
             what = f"setting in {parent!r}" if parent else "setting"
-            unknown = UnknownNameError(what, str(err["loc"][-1]), known, plural="keys")
-            if len(exc.errors()) == 1:
-                return UnknownNameError(unknown.what, unknown.name, known, plural="keys",
-                                        hint=f"from {origin}")
-            lines.append(f"{unknown} (from {origin})")
+            if first_unknown is None:
+                first_unknown = (what, str(err["loc"][-1]), known, origin)
+                continue
+            another = UnknownNameError(what, str(err["loc"][-1]), known, plural="keys")
+            lines.append(f"{another} (from {origin})")
             continue
         value = err.get("input")
         shown = "<secret>" if "api_key" in path else repr(value)
         lines.append(f"invalid setting {path!r} = {shown} (from {origin}): {err['msg']}")
+    if first_unknown is not None:
+        what, name, known, origin = first_unknown
+        return UnknownNameError(what, name, known, plural="keys", hint=f"from {origin}", more=lines)
     return ConfigError("\n".join(lines))
 
 

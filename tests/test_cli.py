@@ -158,7 +158,7 @@ def test_unknown_setting_key_suggests_the_right_one(project: Path) -> None:
     (project / "pyproject.toml").write_text("[tool.provisioner.lm]\nmdoe = 'mock'\n"
                                             "[tool.provisioner.layers.smoke]\nlm_mdoe = 'mock'\n")
     nested = CliRunner().invoke(main, ["layers"])
-    assert nested.exit_code != 0
+    assert nested.exit_code == 2
     assert "unknown setting in 'lm' 'mdoe' (did you mean 'mode'?)" in nested.output
     assert "'lm_mdoe' (did you mean 'lm_mode'?)" in nested.output
 
