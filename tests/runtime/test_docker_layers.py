@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from provisioner.bridge.client import BridgeClient
+from provisioner.lm.ledger import read_ledger
 from provisioner.runtime.engine import DockerRuntime
 
 from .conftest import leftovers
@@ -81,6 +82,12 @@ def test_layer_up_status_use_down(docker_engine: Any, worker_image: str, tmp_pat
             assert "answer" in result["outputs"]
             # The real-mode engine spoke to the stand-in and wrote the run's shared ledger on the host.
             assert any(Path(up["lm_run_dir"]).iterdir())
+            # Stand-in calls are not money (issue 9): marked, $0 billed, list price kept for the limit.
+            calls = [e for e in read_ledger(Path(up["lm_run_dir"]) / "ledger.jsonl") if e["event"] == "call"]
+            assert calls and all(e["endpoint"] == "standin" and e["cost_usd"] == 0 for e in calls)
+            assert all(e["list_cost_usd"] > 0 for e in calls)
+            report = json.loads(_provision(tmp_path, env, "cost", "report", "--run", run_id, "--json").stdout)
+            assert report["total"]["cost_usd"] == 0 and report["total"]["standin_calls"] == len(calls)
     finally:
         first = json.loads(_provision(tmp_path, env, "down", "--json").stdout)
         again = _provision(tmp_path, env, "down", "--run", run_id, "--json")
