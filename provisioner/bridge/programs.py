@@ -410,23 +410,60 @@ class SessionState:
     created_at: float = field(default_factory=time.time)
 
 
-class ProgramRegistry:
-    """Programs and LMs by session. Thread-safe; every method takes the registry lock briefly."""
+# Per-worker bounds: each program holds a DSPy module (~25 KB measured: 20 000 programs took a
+# worker from 66 to 565 MB RSS), each session state possibly an LM. Defaults keep a 1 GiB worker
+# far from its memory limit; a test suite that needs more should clean its sessions up.
+DEFAULT_MAX_PROGRAMS = 5000
+DEFAULT_MAX_SESSIONS = 2000
 
-    def __init__(self) -> None:
+
+class ProgramRegistry:
+    """Programs and LMs by session. Thread-safe; every method takes the registry lock briefly.
+
+    At most ``max_programs`` programs and ``max_sessions`` sessions at once: beyond that
+    ``create_program`` / ``configure_lm`` are refused with ``TooManyPrograms`` / ``TooManySessions``.
+    """
+
+    def __init__(
+        self, max_programs: int = DEFAULT_MAX_PROGRAMS, max_sessions: int = DEFAULT_MAX_SESSIONS
+    ) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionState] = {}
+        self._program_count = 0
+        self.max_programs = max_programs
+        self.max_sessions = max_sessions
+
+    def _session_for_new_state(self, session_id: str) -> SessionState:
+        """The session (created if new, within ``max_sessions``); the caller holds the lock."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            if len(self._sessions) >= self.max_sessions:
+                raise rejected(
+                    ErrorType.TOO_MANY_SESSIONS,
+                    f"the worker holds {len(self._sessions)} sessions, its limit; clean finished sessions"
+                    " up (cleanup_session) before starting new ones",
+                )
+            session = self._sessions[session_id] = SessionState(session_id)
+        return session
 
     def add(self, program: Program) -> None:
         with self._lock:
-            session = self._sessions.setdefault(program.session_id, SessionState(program.session_id))
-            if program.program_id in session.programs:
+            existing = self._sessions.get(program.session_id)
+            if existing is not None and program.program_id in existing.programs:
                 raise rejected(
                     ErrorType.PROGRAM_EXISTS,
                     f"Program with ID '{program.program_id}' already exists"
                     f" in session '{program.session_id}'",
                 )
+            if self._program_count >= self.max_programs:
+                raise rejected(
+                    ErrorType.TOO_MANY_PROGRAMS,
+                    f"the worker holds {self._program_count} programs, its limit; delete programs or clean"
+                    " finished sessions up (delete_program, cleanup_session) before creating more",
+                )
+            session = self._session_for_new_state(program.session_id)
             session.programs[program.program_id] = program
+            self._program_count += 1
 
     def exists(self, session_id: str, program_id: str) -> bool:
         with self._lock:
@@ -447,6 +484,8 @@ class ProgramRegistry:
         with self._lock:
             session = self._sessions.get(session_id)
             program = session.programs.pop(program_id, None) if session else None
+            if program is not None:
+                self._program_count -= 1
         if program is None:
             raise rejected(
                 ErrorType.PROGRAM_NOT_FOUND, f"Program '{program_id}' not found in session '{session_id}'"
@@ -462,7 +501,7 @@ class ProgramRegistry:
 
     def set_lm(self, session_id: str, lm: Any, public: dict[str, Any]) -> None:
         with self._lock:
-            session = self._sessions.setdefault(session_id, SessionState(session_id))
+            session = self._session_for_new_state(session_id)
             session.lm, session.lm_public = lm, public
 
     def lm_of(self, session_id: str) -> Any:
@@ -472,12 +511,16 @@ class ProgramRegistry:
 
     def remove_session(self, session_id: str) -> SessionState | None:
         with self._lock:
-            return self._sessions.pop(session_id, None)
+            removed = self._sessions.pop(session_id, None)
+            if removed is not None:
+                self._program_count -= len(removed.programs)
+            return removed
 
     def clear(self) -> list[SessionState]:
         with self._lock:
             removed = list(self._sessions.values())
             self._sessions.clear()
+            self._program_count = 0
             return removed
 
     def summary(self) -> dict[str, dict[str, Any]]:

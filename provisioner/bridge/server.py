@@ -3,7 +3,10 @@
 Threads and why:
 
 * one *accept* thread (TCP) that hands each connection to its own *connection* thread, up to
-  ``max_connections`` — beyond that a client gets a ``TooManyConnections`` error reply and is closed;
+  ``max_connections`` (capped below the container's pids limit, read from the cgroup) — beyond
+  that, or when the system cannot start another thread, a client gets a ``TooManyConnections``
+  error reply and is closed. Refusals are sent by one *refuser* thread, so a flood of connections
+  never costs a thread each;
 * a connection thread reads frames and answers quick commands itself, so a ``ping`` on one connection
   never waits for work on another;
 * ``execute_program`` runs on a pool of ``max_inflight`` threads. A connection thread must take a
@@ -12,6 +15,13 @@ Threads and why:
   requests on one connection may be answered out of order (the ids match them up);
 * one *deadline* thread that answers an execution still running after ``request_timeout_s`` with a
   ``Timeout`` error (the late result is then dropped; the slot stays taken until the work ends).
+
+Bounds on what clients hold: an idle connection may wait between requests as long as it likes
+(DSPex keeps one open for a whole suite) — idle connections are bounded by count, not time — but a
+frame that has started must arrive completely within ``frame_timeout_s`` (else ``FrameTimeout``
+and the connection is closed). Request bodies being read or processed may hold at most
+``max_inflight_bytes`` together: beyond that a connection waits (it stops reading) until earlier
+requests finish, and after ``request_timeout_s`` gets ``Overloaded`` and is closed.
 
 Nothing a client sends can stop the worker: malformed frames get error replies, broken connections
 are closed quietly. ``shutdown`` and SIGTERM refuse new work, let in-flight requests finish and
@@ -37,13 +47,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Literal, cast
 
 from pydantic import ValidationError
 
 from provisioner.bridge.protocol import (
     CONTROL_TOKEN_ENV,
     DEFAULT_MAX_FRAME_BYTES,
+    HEADER,
+    HEADER_SIZE,
     ByteReader,
     ErrorType,
     RequestId,
@@ -52,10 +64,9 @@ from provisioner.bridge.protocol import (
     encode_frame,
     error_reply,
     ok_reply,
-    read_frame,
 )
 from provisioner.bridge.service import Access, BridgeService, Deferred
-from provisioner.errors import BridgeError, ConfigError, ProtocolError
+from provisioner.errors import BridgeError, ConfigError
 from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
 
 log = logging.getLogger("provisioner.bridge")
@@ -64,6 +75,132 @@ READY_PREFIX = "PROVISION_WORKER_READY"
 WORKER_ID_ENV = "PROVISION_WORKER_ID"
 # How long shutdown waits for in-flight work beyond the request timeout before giving up on it.
 _SHUTDOWN_GRACE_S = 5.0
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+DEFAULT_FRAME_TIMEOUT_S = 30.0
+# Threads a worker needs besides one per connection: main, accept, deadline, refuser, the execution
+# pool, and what DSPy / google-genai / anyio start. Measured idle worker: ~12 with max_inflight=8.
+_THREAD_RESERVE = 48
+# Refused sockets the refuser drains at once; more are closed at once (a reset, but no thread).
+_MAX_REFUSING = 256
+_REFUSE_DRAIN_S = 1.0
+
+
+class FrameTimeout(Exception):
+    """A started frame did not arrive completely within the frame timeout."""
+
+
+class _ConnectionLevelError(Exception):
+    """An error that is answered with ``"id": null`` and ends the connection."""
+
+    def __init__(self, error_type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class _SocketReader:
+    """Exact-size reads from a socket, with an optional deadline for the frame being read.
+
+    Without a deadline a read blocks as long as the peer is silent (an idle connection may wait for
+    its next request forever). With one, every wait is a ``poll`` bounded by the time left; the
+    socket itself stays blocking, so replies written by other threads are not cut short by it.
+    """
+
+    def __init__(self, sock: socket.socket, bufsize: int = 65536) -> None:
+        self._sock = sock
+        self._bufsize = bufsize
+        self._buf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self.deadline: float | None = None
+
+    def _wait(self) -> None:
+        if self.deadline is None:
+            return
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
+            raise FrameTimeout
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size <= len(self._buf):
+            data = bytes(self._buf[:size])
+            del self._buf[:size]
+            return data
+        if size <= self._bufsize:  # small: fill the buffer, one recv serves several reads
+            while len(self._buf) < size:
+                self._wait()
+                chunk = self._sock.recv(self._bufsize)
+                if not chunk:
+                    break
+                self._buf += chunk
+            data = bytes(self._buf[:size])
+            del self._buf[:size]
+            return data
+        out = bytearray(size)  # large: straight into the result, no copies through the buffer
+        have = len(self._buf)
+        out[:have] = self._buf
+        self._buf.clear()
+        view = memoryview(out)
+        while have < size:
+            self._wait()
+            got = self._sock.recv_into(view[have:], min(size - have, 1 << 20))
+            if not got:
+                return bytes(out[:have])
+            have += got
+        return bytes(out)
+
+    def has_buffered(self) -> bool:
+        return bool(self._buf)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self._poll.unregister(self._sock.fileno())
+
+
+class _ByteBudget:
+    """Bytes of request input held at once across connections (``max_inflight_bytes``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, size: int, timeout: float) -> bool:
+        """Take ``size`` bytes, waiting up to ``timeout`` s for earlier requests to finish. A request
+        larger than the whole budget is admitted alone (``max_frame_bytes`` bounds it)."""
+        with self._cond:
+            admitted = self._cond.wait_for(lambda: self.used + size <= self.limit or self.used == 0, timeout)
+            if admitted:
+                self.used += size
+            return admitted
+
+    def release(self, size: int) -> None:
+        if size:
+            with self._cond:
+                self.used -= size
+                self._cond.notify_all()
+
+
+_PIDS_MAX_FILES = ("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max")  # cgroup v2, v1
+
+
+def pids_limit(paths: tuple[str, ...] = _PIDS_MAX_FILES) -> int | None:
+    """The cgroup's limit on processes+threads (``docker run --pids-limit``), or None when unlimited
+    or unknown. Threads count against it, so it bounds the connections a worker can serve."""
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None
+    return None
+
+
+def connection_limit(configured: int, max_inflight: int, pids: int | None) -> int:
+    """``configured``, capped so that one thread per connection stays below the pids limit."""
+    if pids is None:
+        return configured
+    return max(1, min(configured, pids - max_inflight - _THREAD_RESERVE))
 
 
 class _Connection:
@@ -135,12 +272,13 @@ class _Connection:
 class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
-    __slots__ = ("_lock", "conn", "deadline", "done", "request_id")
+    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id")
 
-    def __init__(self, conn: _Connection, request_id: RequestId, deadline: float) -> None:
+    def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
         self.request_id = request_id
         self.deadline = deadline
+        self.held = held  # input-budget bytes, released when the work finishes
         self.done = False
         self._lock = threading.Lock()
 
@@ -211,7 +349,12 @@ class _DeadlineWatch:
 
 
 class BridgeServer:
-    """Serves a :class:`BridgeService` over TCP (:meth:`listen`) and/or one stdio connection."""
+    """Serves a :class:`BridgeService` over TCP (:meth:`listen`) and/or one stdio connection.
+
+    ``max_connections`` is capped below the cgroup's pids limit (``pids`` overrides the lookup, for
+    tests); ``max_inflight_bytes`` bounds request bodies held at once; ``frame_timeout_s`` bounds
+    how long a started frame may take to arrive.
+    """
 
     def __init__(
         self,
@@ -221,12 +364,24 @@ class BridgeServer:
         max_inflight: int = 8,
         max_connections: int = 256,
         request_timeout_s: float = 30.0,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
+        pids: int | Literal["cgroup"] | None = "cgroup",
     ) -> None:
         self.service = service
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
-        self.max_connections = max_connections
+        self.configured_max_connections = max_connections
+        self.max_connections = connection_limit(
+            max_connections, max_inflight, pids_limit() if pids == "cgroup" else pids
+        )
+        if self.max_connections < max_connections:
+            log.info("max_connections %d capped to %d: the container allows %s processes/threads",
+                     max_connections, self.max_connections, pids_limit() if pids == "cgroup" else pids)
         self.request_timeout_s = request_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self._input_budget = _ByteBudget(max_inflight_bytes)
+        self._refuser: _Refuser | None = None
         self._pool = ThreadPoolExecutor(max_inflight, thread_name_prefix="bridge-exec")
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._inflight = 0
@@ -262,8 +417,11 @@ class BridgeServer:
         except OSError:
             listener.close()
             raise
-        listener.listen(min(self.max_connections, socket.SOMAXCONN))
+        # The backlog is not the connection limit: a small one makes the kernel drop SYNs in a
+        # burst, and clients then wait seconds in connect() instead of getting a clear refusal.
+        listener.listen(socket.SOMAXCONN)
         self._listener = listener
+        self._refuser = _Refuser()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="bridge-accept", daemon=True)
         self._accept_thread.start()
         bound_port: int = listener.getsockname()[1]
@@ -335,6 +493,8 @@ class BridgeServer:
                 log.warning("connection %s (%s) still busy at shutdown", conn.number, conn.peer)
             conn.close()
         self._deadlines.stop()
+        if self._refuser is not None:
+            self._refuser.stop()
         self._pool.shutdown(wait=clean, cancel_futures=True)
         for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
@@ -366,24 +526,16 @@ class BridgeServer:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         with self._connections_lock:
             full = len(self._connections) >= self.max_connections
-            if full:
-                self._refused_connections += 1
         if full:
-            self.service.count_error(ErrorType.TOO_MANY_CONNECTIONS)
-            message = error_reply(
-                None,
-                f"the worker serves at most {self.max_connections} connections at once; try again later",
-                ErrorType.TOO_MANY_CONNECTIONS,
+            self._refuse(
+                sock, f"the worker serves at most {self.max_connections} connections at once; try again later"
             )
-            threading.Thread(
-                target=_refuse, args=(sock, encode_frame(dumps(message))), name="bridge-refuse", daemon=True
-            ).start()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A peer that never reads its replies must not pin a thread forever: sends time out.
         seconds = max(1, int(self.request_timeout_s))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
-        reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
+        reader = _SocketReader(sock)
 
         def close() -> None:
             with contextlib.suppress(OSError):
@@ -393,13 +545,39 @@ class BridgeServer:
 
         access = self.service.new_access()
         conn = _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
-        thread = threading.Thread(
-            target=self._serve_and_forget, args=(conn,), name=f"bridge-conn-{conn.number}", daemon=True
-        )
         with self._connections_lock:
-            self._connections[conn] = thread
+            self._connections[conn] = threading.current_thread()  # replaced below once started
             self._connections_total += 1
+        try:
+            thread = self._start_thread(self._serve_and_forget, conn, f"bridge-conn-{conn.number}")
+        except RuntimeError as exc:  # "can't start new thread": the pids limit, memory
+            with self._connections_lock:
+                self._connections.pop(conn, None)
+            reader.close()
+            log.warning("cannot start a thread for connection %s (%s): %s", conn.number, peer, exc)
+            self._refuse(sock, f"the worker cannot serve another connection now ({exc}); try again later")
+            return
+        with self._connections_lock:
+            if conn in self._connections:
+                self._connections[conn] = thread
+
+    def _start_thread(
+        self, target: Callable[[_Connection], None], conn: _Connection, name: str
+    ) -> threading.Thread:
+        """Start a connection's thread (a seam for tests that simulate thread exhaustion)."""
+        thread = threading.Thread(target=target, args=(conn,), name=name, daemon=True)
         thread.start()
+        return thread
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        with self._connections_lock:
+            self._refused_connections += 1
+        self.service.count_error(ErrorType.TOO_MANY_CONNECTIONS)
+        frame = encode_frame(dumps(error_reply(None, why, ErrorType.TOO_MANY_CONNECTIONS)))
+        if self._refuser is not None:
+            self._refuser.refuse(sock, frame)
+        else:
+            sock.close()
 
     def _serve_and_forget(self, conn: _Connection) -> None:
         try:
@@ -411,24 +589,26 @@ class BridgeServer:
     # -- one connection ----------------------------------------------------------------------------
 
     def serve_connection(self, conn: _Connection) -> None:
-        """Read and answer requests until the peer goes away (or sends an oversized frame)."""
+        """Read and answer requests until the peer goes away (or sends an oversized frame, or a
+        frame that does not arrive in time, or waits too long for the input budget)."""
         log.debug("connection %s from %s", conn.number, conn.peer)
         try:
             while not conn.broken:
                 try:
-                    payload = read_frame(conn.reader, self.max_frame_bytes)
-                except ProtocolError as exc:
-                    # The body was not read, so the stream is out of step: reply, then hang up.
-                    self.service.count_error(ErrorType.FRAME_TOO_LARGE)
-                    self._send(conn, error_reply(None, str(exc), ErrorType.FRAME_TOO_LARGE))
+                    frame = self._read_request(conn)
+                except _ConnectionLevelError as exc:
+                    # The body was not (fully) read, so the stream is out of step: reply, hang up.
+                    self.service.count_error(exc.error_type)
+                    self._send(conn, error_reply(None, exc.message, exc.error_type))
                     break
                 except (OSError, ValueError):  # reset by peer, or our own close during shutdown
                     break
-                if payload is None:
+                if frame is None:
                     break
+                payload, held = frame
                 conn.enter()
                 try:
-                    self._dispatch(conn, payload)
+                    self._dispatch(conn, payload, held)
                 finally:
                     conn.leave()
         except Exception:  # never let one connection's problem escape its thread silently
@@ -439,27 +619,90 @@ class BridgeServer:
             conn.close()
             log.debug("connection %s closed", conn.number)
 
-    def _dispatch(self, conn: _Connection, payload: bytes) -> None:
-        try:
-            request = decode_request(payload)
-        except BridgeError as exc:
-            self.service.count_error(exc.error_type)
-            self._send(conn, error_reply(cast(RequestId, exc.request_id), exc.message, exc.error_type))
-            return
-        try:
-            outcome = self.service.begin(request.command, request.args, conn.access)
-        except BridgeError as exc:
-            self._send(conn, error_reply(request.id, exc.message, exc.error_type))
-            return
-        if isinstance(outcome, Deferred):
-            self._submit(conn, request.id, outcome)
-        else:
-            self._send(conn, ok_reply(request.id, outcome))
+    def _read_request(self, conn: _Connection) -> tuple[bytes, int] | None:
+        """The next frame's payload and the input-budget bytes it holds; None at EOF.
 
-    def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred) -> None:
+        Raises :class:`_ConnectionLevelError` (``FrameTooLarge``, ``FrameTimeout``, ``Overloaded``)
+        when the connection must be closed.
+        """
+        reader = conn.reader
+        try:
+            if isinstance(reader, _SocketReader):
+                first = reader.read(1)  # idle between requests: no deadline
+                if not first:
+                    return None
+                reader.deadline = time.monotonic() + self.frame_timeout_s
+                header = first + reader.read(HEADER_SIZE - 1)
+            else:
+                header = reader.read(HEADER_SIZE)
+            if len(header) < HEADER_SIZE:
+                return None
+            (length,) = HEADER.unpack(header)
+            if length > self.max_frame_bytes:
+                raise _ConnectionLevelError(
+                    ErrorType.FRAME_TOO_LARGE,
+                    f"frame of {length} bytes exceeds the maximum of {self.max_frame_bytes} bytes",
+                )
+            if isinstance(reader, _SocketReader):
+                reader.deadline = None  # waiting for the budget is the worker's doing, not the client's
+            if not self._input_budget.acquire(length, self.request_timeout_s):
+                raise _ConnectionLevelError(
+                    ErrorType.OVERLOADED,
+                    f"the worker holds {self._input_budget.used} bytes of request input in flight (limit"
+                    f" {self._input_budget.limit}) and none was freed within {self.request_timeout_s:g} s;"
+                    " send smaller inputs, fewer at once, or retry later",
+                )
+            try:
+                if isinstance(reader, _SocketReader):
+                    reader.deadline = time.monotonic() + self.frame_timeout_s
+                payload = reader.read(length) if length else b""
+            except BaseException:
+                self._input_budget.release(length)
+                raise
+            if len(payload) < length:
+                self._input_budget.release(length)
+                return None
+            return payload, length
+        except FrameTimeout:
+            raise _ConnectionLevelError(
+                ErrorType.FRAME_TIMEOUT,
+                f"a frame was started but did not arrive completely within {self.frame_timeout_s:g} s;"
+                " send each frame whole (header and body)",
+            ) from None
+        finally:
+            if isinstance(reader, _SocketReader):
+                reader.deadline = None
+
+    def _dispatch(self, conn: _Connection, payload: bytes, held: int = 0) -> None:
+        """Answer one request; ``held`` input-budget bytes are released when it is done (for an
+        execution, when it finishes on the pool)."""
+        deferred_to_pool = False
+        try:
+            try:
+                request = decode_request(payload)
+            except BridgeError as exc:
+                self.service.count_error(exc.error_type)
+                self._send(conn, error_reply(cast(RequestId, exc.request_id), exc.message, exc.error_type))
+                return
+            del payload
+            try:
+                outcome = self.service.begin(request.command, request.args, conn.access)
+            except BridgeError as exc:
+                self._send(conn, error_reply(request.id, exc.message, exc.error_type))
+                return
+            if isinstance(outcome, Deferred):
+                deferred_to_pool = True
+                self._submit(conn, request.id, outcome, held)
+            else:
+                self._send(conn, ok_reply(request.id, outcome))
+        finally:
+            if not deferred_to_pool:
+                self._input_budget.release(held)
+
+    def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int = 0) -> None:
         # Backpressure: with every slot busy this connection stops reading until one frees up.
         self._slots.acquire()
-        flight = _InFlight(conn, request_id, time.monotonic() + self.request_timeout_s)
+        flight = _InFlight(conn, request_id, time.monotonic() + self.request_timeout_s, held)
         conn.enter()
         with self._inflight_lock:
             self._inflight += 1
@@ -492,6 +735,7 @@ class BridgeServer:
     def _finish(self, flight: _InFlight) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+        self._input_budget.release(flight.held)
         self._slots.release()
         self._deadlines.finished()
         flight.conn.leave()
@@ -510,25 +754,39 @@ class BridgeServer:
             )
 
     def _send(self, conn: _Connection, message: dict[str, Any]) -> None:
+        conn.send_frame(encode_frame(self._encode_fitting(message)))
+
+    def _encode_fitting(self, message: dict[str, Any]) -> bytes:
+        """``message`` as JSON no larger than ``max_frame_bytes``.
+
+        A result over the limit becomes a ``ReplyTooLarge`` error with the same id; an error reply
+        still over it (a huge request id) goes out with ``"id": null`` and its message shortened —
+        the client must be able to read whatever the worker sends.
+        """
         try:
             body = dumps(message)
         except (TypeError, ValueError) as exc:
             self.service.count_error(ErrorType.INTERNAL_ERROR)
-            body = dumps(
-                error_reply(message.get("id"), f"the reply could not be encoded as JSON: {exc}",
-                            ErrorType.INTERNAL_ERROR)
-            )
-        if len(body) > self.max_frame_bytes:
+            message = error_reply(message.get("id"), f"the reply could not be encoded as JSON: {exc}",
+                                  ErrorType.INTERNAL_ERROR)
+            body = dumps(message)
+        if len(body) <= self.max_frame_bytes:
+            return body
+        if message.get("success"):
             self.service.count_error(ErrorType.REPLY_TOO_LARGE)
-            body = dumps(
-                error_reply(
-                    message.get("id"),
-                    f"the reply of {len(body)} bytes exceeds the maximum frame"
-                    f" of {self.max_frame_bytes} bytes",
-                    ErrorType.REPLY_TOO_LARGE,
-                )
+            message = error_reply(
+                message.get("id"),
+                f"the reply of {len(body)} bytes exceeds the maximum frame of {self.max_frame_bytes} bytes",
+                ErrorType.REPLY_TOO_LARGE,
             )
-        conn.send_frame(encode_frame(body))
+            body = dumps(message)
+            if len(body) <= self.max_frame_bytes:
+                return body
+        text = str(message.get("error", ""))
+        error_type = str(message.get("error_type", ErrorType.INTERNAL_ERROR))
+        note = " (the request id was too long to echo)"
+        room = max(0, self.max_frame_bytes - len(dumps(error_reply(None, note, error_type))))
+        return dumps(error_reply(None, text.encode()[:room].decode(errors="ignore") + note, error_type))
 
     def _live_stats(self) -> dict[str, Any]:
         with self._connections_lock:
@@ -579,22 +837,90 @@ class BridgeServer:
         return thread
 
 
-def _refuse(sock: socket.socket, frame: bytes) -> None:
-    """Send the refusal, then read until the peer hangs up (at most a second) before closing.
+class _Refuser:
+    """One thread that turns connections away: it sends the refusal, then reads until the peer hangs
+    up (at most ``_REFUSE_DRAIN_S``) before closing.
 
     Closing a socket with unread data makes the kernel send a reset, which can destroy the refusal
-    before the client reads it; draining first lets the client see why it was turned away.
+    before the client reads it; draining first lets the client see why it was turned away. One
+    thread for all refusals: a flood of connections must not cost a thread each (threads are what
+    the worker ran out of in the first place).
     """
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(frame)
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and sock.recv(65536):
-            pass
-    except OSError:
-        pass
-    finally:
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._incoming: collections.deque[socket.socket] = collections.deque()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="bridge-refuser", daemon=True)
+        self._thread.start()
+
+    def refuse(self, sock: socket.socket, frame: bytes) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(frame)  # a small frame on a fresh socket: fits in the send buffer
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        if self._stopped or len(self._incoming) + len(self._deadlines) >= _MAX_REFUSING:
+            sock.close()
+            return
+        self._incoming.append(sock)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(_REFUSE_DRAIN_S + 1)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                while self._incoming:
+                    sock = self._incoming.popleft()
+                    self._deadlines[sock] = time.monotonic() + _REFUSE_DRAIN_S
+                    self._selector.register(sock, selectors.EVENT_READ)
+                timeout = None
+                if self._deadlines:
+                    timeout = max(0.0, min(self._deadlines.values()) - time.monotonic())
+                for key, _ in self._selector.select(timeout):
+                    if key.fileobj == self._wake_r:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                        continue
+                    sock = cast(socket.socket, key.fileobj)
+                    try:
+                        more = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        more = b""
+                    if not more:
+                        self._drop(sock)
+                now = time.monotonic()
+                for sock in [s for s, d in self._deadlines.items() if d <= now]:
+                    self._drop(sock)
+        finally:
+            for sock in list(self._deadlines):
+                self._drop(sock)
+            while self._incoming:
+                self._incoming.popleft().close()
+            self._selector.close()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._deadlines.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
         sock.close()
 
 
@@ -692,6 +1018,8 @@ def run_worker(
     request_timeout_s: float = 30.0,
     worker_id: str | None = None,
     control_token: str | None = None,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
 ) -> int:
     """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
 
@@ -730,6 +1058,8 @@ def run_worker(
         max_inflight=max_inflight,
         max_connections=max_connections,
         request_timeout_s=request_timeout_s,
+        max_inflight_bytes=max_inflight_bytes,
+        frame_timeout_s=frame_timeout_s,
     )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -41,6 +41,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from provisioner.bridge.programs import (
+    DEFAULT_MAX_PROGRAMS,
+    DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION,
     PROGRAM_TYPES,
     Program,
@@ -185,6 +187,9 @@ class BridgeService:
     ``configure_lm`` merges its arguments over it. ``None`` starts without a default LM (then every
     execution needs a ``configure_lm`` first); ``provision worker`` always passes one.
 
+    ``max_programs`` / ``max_sessions`` bound what clients can make the worker hold
+    (``TooManyPrograms`` / ``TooManySessions``); ``control_token`` guards the worker-wide commands.
+
     ``record_history`` keeps DSPy's per-LM call history (up to 10 000 prompts and answers per LM).
     Nothing can read it over the wire, so a worker turns it off to keep its memory flat; in-process
     use keeps it for ``inspect_history``.
@@ -198,6 +203,8 @@ class BridgeService:
         worker_id: str | None = None,
         record_history: bool = False,
         control_token: str | None = None,
+        max_programs: int = DEFAULT_MAX_PROGRAMS,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> None:
         self.record_history = record_history
         # None or "": no token, every connection has control (a worker started by hand).
@@ -212,7 +219,7 @@ class BridgeService:
         if lm_config is not None:
             self._default_lm = self._lm_factory(lm_config)
             self._default_public = _public(lm_config)
-        self.registry = ProgramRegistry()
+        self.registry = ProgramRegistry(max_programs, max_sessions)
         self._counts_lock = threading.Lock()
         self._commands: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -541,6 +548,8 @@ class BridgeService:
             "executions": executions,
             "rss_bytes": _rss_bytes(),
             "shutting_down": self.shutting_down,
+            "max_programs": self.registry.max_programs,
+            "max_sessions": self.registry.max_sessions,
             "scope": "worker" if access.control else "aggregate",
         }
         for hook in self.stats_hooks:

@@ -154,6 +154,8 @@ def test_a_client_cannot_repoint_the_key_lift_the_budget_or_take_the_worker(
         assert hello["capabilities"] == ["session", "control"]
         stats = controller.call("get_stats")["result"]
         assert stats["scope"] == "worker" and "greedy" in stats["sessions"]
+        # One thread per connection: the worker read its pids limit (256) and stays below it.
+        assert info["HostConfig"]["PidsLimit"] == 256 and stats["max_connections"] == 256 - 8 - 48
         reset = controller.call("reset_state")
         assert reset["success"] and reset["result"]["sessions_removed"] >= 1
     finally:
