@@ -15,7 +15,11 @@ when a checked-in file drifts from the recipes. They use compose file format 2.4
   Dockerfile) and the cassette directory a bind mount of ``${LM_CACHE_DIR:-../<cache dir>}``
   (relative to the project root, which holds ``compose/``);
 * the real-mode layer talks to the Gemini stand-in service (a compose file cannot branch on
-  whether a key is set; ``provision up --layer e2e`` uses the real API when it is).
+  whether a key is set; ``provision up --layer e2e`` uses the real API when it is);
+* each guarded service (workers and the stand-in on the internal run network) has a one-shot
+  ``<service>-guard`` service in its network namespace (``network_mode: service:<service>``) that cuts
+  it off from the host; the service waits for it before it starts (see runtime/netguard.py). It
+  shows as ``Exit 0`` in ``docker-compose ps``.
 
 Find the published addresses with ``docker-compose -f compose/<layer>.yml port relay 9000``.
 """
@@ -35,6 +39,7 @@ from provisioner.runtime.recipes import (
     WORKER_UID,
     ContainerRecipe,
     RunPlan,
+    guard_recipe,
     plan_run,
 )
 from provisioner.settings import Settings
@@ -130,8 +135,8 @@ def _service(recipe: ContainerRecipe, plan: RunPlan, root: Path) -> dict[str, An
         if key == API_KEY_ENV and plan.uses_standin:
             env[key] = recipe.secret_environment[key]  # the stand-in's fixed dummy key, not a secret
     service["environment"] = env
-    if recipe.role != "worker":
-        service["healthcheck"] = {"disable": True}
+    if recipe.healthcheck is not None:
+        service["healthcheck"] = recipe.healthcheck.compose_dict()
     if recipe.ports:
         service["ports"] = [f"127.0.0.1::{port}" for port in recipe.ports]
     networks: dict[str, Any] = {}
@@ -156,6 +161,28 @@ def _service(recipe: ContainerRecipe, plan: RunPlan, root: Path) -> dict[str, An
     return service
 
 
+def _guard_service(target: ContainerRecipe, target_service: str) -> dict[str, Any]:
+    guard = guard_recipe(target, f"service:{target_service}")
+    assert guard.healthcheck is not None
+    return {
+        "image": guard.image,
+        "command": list(guard.command),
+        "user": guard.user,
+        "network_mode": guard.network_mode,
+        "read_only": guard.read_only,
+        "tmpfs": [f"{path}:{opts}" for path, opts in guard.tmpfs.items()],
+        "cap_drop": list(guard.cap_drop),
+        "cap_add": list(guard.cap_add),
+        "security_opt": list(guard.security_opt),
+        "mem_limit": guard.memory,
+        "cpus": guard.cpus,
+        "pids_limit": guard.pids_limit,
+        "labels": _labels(guard.labels),
+        "environment": dict(guard.environment),
+        "healthcheck": guard.healthcheck.compose_dict(),
+    }
+
+
 def _relative_cache_dir(plan: RunPlan, root: Path) -> str:
     for recipe in plan.workers:
         for m in recipe.mounts:
@@ -174,9 +201,13 @@ def compose_document(settings: Settings, layer: str) -> dict[str, Any]:
     services: dict[str, Any] = {}
     if plan.standin is not None:
         services["gemini-standin"] = _service(plan.standin, plan, root)
+        if plan.standin.guarded:
+            services["gemini-standin-guard"] = _guard_service(plan.standin, "gemini-standin")
     services["relay"] = _service(plan.relay, plan, root)
     for recipe in plan.workers:
         services[f"w{recipe.slot}"] = _service(recipe, plan, root)
+        if recipe.guarded:
+            services[f"w{recipe.slot}-guard"] = _guard_service(recipe, f"w{recipe.slot}")
     run_net, edge_net = plan.networks
     doc: dict[str, Any] = {
         "version": "2.4",

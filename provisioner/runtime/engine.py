@@ -85,6 +85,9 @@ class ContainerRuntime(Protocol):
 
     def container_ip(self, container_id: str, network: str) -> str | None: ...
 
+    def container_gateway(self, container_id: str, network: str) -> str | None:
+        """The gateway address of ``network`` as the container sees it (a host address)."""
+
     def logs(self, container_id: str, tail: int = 40) -> str: ...
 
     def exec(self, container_id: str, command: list[str]) -> tuple[int, str]: ...
@@ -292,6 +295,12 @@ class DockerRuntime:
         ip = (nets.get(network) or {}).get("IPAddress")
         return str(ip) if ip else None
 
+    def container_gateway(self, container_id: str, network: str) -> str | None:
+        info = self.client.api.inspect_container(container_id)
+        nets = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        gateway = (nets.get(network) or {}).get("Gateway")
+        return str(gateway) if gateway else None
+
     def logs(self, container_id: str, tail: int = 40) -> str:
         import docker.errors
 
@@ -403,7 +412,8 @@ class FakeRuntime:
     """An engine in dictionaries: same rules as Docker where the code above relies on them.
 
     ``on_start`` (optional) is called with each container when it starts — tests use it to make
-    "workers" ready, fail, or crash. ``fail_start`` names containers whose start fails.
+    "workers" ready, fail, or crash. ``fail_start`` names containers whose start fails. An egress
+    guard (role ``guard``) runs to completion at once: it exits 0 when started.
     """
 
     def __init__(
@@ -497,6 +507,8 @@ class FakeRuntime:
             if c.recipe.name in self.fail_start:
                 raise RuntimeProblem(f"could not start container {c.recipe.name}: injected failure")
             c.status = "running"
+            if c.recipe.role == "guard":
+                c.status, c.exit_code = "exited", 0
             c.ports = {p: next(self._ports) for p in c.recipe.ports}
             self.calls.append(("start_container", c.recipe.name))
         if self.on_start is not None:
@@ -545,6 +557,12 @@ class FakeRuntime:
         with self._lock:
             c = self._find(container_id)
             return None if c is None else c.ips.get(network)
+
+    def container_gateway(self, container_id: str, network: str) -> str | None:
+        with self._lock:
+            c = self._find(container_id)
+            ip = None if c is None else c.ips.get(network)
+            return None if ip is None else ip.rsplit(".", 2)[0] + ".0.1"
 
     def logs(self, container_id: str, tail: int = 40) -> str:
         with self._lock:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.lmconfig import LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
+from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ContainerState, ResourceRef, remove_by_selector
 from provisioner.runtime.recipes import (
     ContainerRecipe,
@@ -194,15 +195,15 @@ class RunEnvironment:
         others = [r for r in self.plan.containers() if r is not self.plan.relay]
         # The workers' Python start-up is the critical path: they start as soon as the run network
         # exists, while the edge network and the relay are made alongside.
-        with ThreadPoolExecutor(max_workers=len(others) + 3) as pool:
+        with self._threads(len(others) + 3) as pool:
             run_net_done = pool.submit(self._create_network, run_net)
             edge_done = pool.submit(self._create_network, edge_net)
-            _wait_all([run_net_done])
+            _wait_all([run_net_done], self._closing)
             self.progress(f"run network ready in {time.perf_counter() - t0:.2f}s; starting containers")
             started = [pool.submit(self._run, recipe) for recipe in others]
-            _wait_all([edge_done])
+            _wait_all([edge_done], self._closing)
             started.append(pool.submit(self._run, self.plan.relay))
-            _wait_all(started)
+            _wait_all(started, self._closing)
         relay_id = self.container_ids[self.plan.relay.name]
         ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
         self.workers = [
@@ -210,12 +211,25 @@ class RunEnvironment:
             for slot, recipe in sorted(self.recipes.items())
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
-        with ThreadPoolExecutor(max_workers=len(self.workers) + 1) as pool:
+        with self._threads(len(self.workers) + 1) as pool:
             waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in self.workers]
             if self.plan.standin is not None:
                 waits.append(pool.submit(self._wait_standin))
-            _wait_all(waits)
+            _wait_all(waits, self._closing)
         self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s")
+
+    @contextlib.contextmanager
+    def _threads(self, count: int) -> Iterator[ThreadPoolExecutor]:
+        """A thread pool whose threads are told to stop (``_closing``) before it waits for them when
+        the block fails — a Ctrl-C between two statements included — so nothing runs on to its deadline."""
+        pool = ThreadPoolExecutor(max_workers=count)
+        try:
+            yield pool
+        except BaseException:
+            self._closing.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     def stop(self) -> CleanupReport:
         """Remove every container and network of the run (tracked ones, then a label sweep)."""
@@ -241,6 +255,15 @@ class RunEnvironment:
         if self._closing.is_set():  # interrupted while we were creating it
             raise RuntimeProblem("the run is being stopped")
         self.runtime.start_container(container_id)
+        if recipe.guarded:  # cut off from the host before its command starts (runtime/egress.py)
+            block_host_access(
+                self.runtime,
+                recipe,
+                container_id,
+                network=self.plan.run_network,
+                timeout_s=self.ready_timeout_s,
+                stop=self._closing,
+            )
         return container_id
 
     def _relay_port(self, relay_id: str, slot: int) -> int:
@@ -340,13 +363,19 @@ def _owner_of(recipe: ContainerRecipe) -> str:
     return f"slot:{recipe.slot}" if recipe.slot is not None else recipe.role
 
 
-def _wait_all(futures: Any) -> None:
-    """Wait for every future; raise the first error after all have finished (nothing left running)."""
+def _wait_all(futures: Any, cancel: threading.Event | None = None) -> None:
+    """Wait for every future; raise the first error after all have finished (nothing left running).
+
+    ``cancel`` is set at the first error — Ctrl-C included — so the others (readiness polls, egress
+    guards) stop at once instead of running on to their own deadlines.
+    """
     first: BaseException | None = None
     for fut in list(futures):
         try:
             fut.result()
         except BaseException as exc:
+            if cancel is not None:
+                cancel.set()
             first = first or exc
     if first is not None:
         raise first

@@ -81,7 +81,7 @@ WHEEL_PYTHON = "3.11"
 # Bump when the way images are assembled changes in a way the inputs below do not capture.
 RECIPE_VERSION = "1"
 RECIPE_FILES = ("Dockerfile", ".dockerignore", "requirements.txt", "healthcheck.py")
-WORKER_ROOTS = ("dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click")
+WORKER_ROOTS = ("dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click", "pyroute2")
 _CONTENT_TAG = re.compile(r"^[0-9a-f]{12}$")
 
 BaseChoice = Literal["auto", "python", "debootstrap"]
@@ -634,6 +634,7 @@ def _docker_build(
         for name in RECIPE_FILES:
             tar.add(recipe / name, arcname=name)
         tar.add(package.root / "runtime" / "relay.py", arcname="relay.py")
+        tar.add(package.root / "runtime" / "netguard.py", arcname="netguard.py")
         for whl in sorted(wheelhouse.glob("*.whl")):
             tar.add(whl, arcname=f"wheels/{whl.name}")
         tar.add(wheel, arcname=f"dist/{wheel.name}")

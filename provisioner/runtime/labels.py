@@ -41,6 +41,7 @@ PERSISTENT = "provisioner.persistent"
 ROLE_WORKER = "worker"
 ROLE_RELAY = "relay"
 ROLE_STANDIN = "standin"
+ROLE_GUARD = "guard"  # the one-shot egress guard of a worker or the stand-in (runtime/netguard.py)
 ROLE_NETWORK = "network"
 
 

@@ -17,6 +17,12 @@ Network design (see docs/containers.md):
 
 So ``PROVISION_BRIDGE_ADDRS`` are ``127.0.0.1:<port>`` everywhere (also on Docker Desktop), a
 replaced worker keeps its slot's address, and mock/cached workers cannot reach a paid API.
+
+An ``internal`` network still gives its containers a default route to the host (the network's
+gateway), so on an internal run network every container is **guarded** (:attr:`ContainerRecipe.guarded`):
+its command waits behind ``netguard.py wait`` until a short-lived guard container
+(:func:`guard_recipe`, run by :func:`provisioner.runtime.egress.block_host_access`) has removed that
+route inside the container's own network namespace — see :mod:`provisioner.runtime.netguard`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ RELAY_BASE_PORT = 9000
 STANDIN_PORT = 8080
 STANDIN_ALIAS = "gemini-standin"
 RELAY_SCRIPT = "/opt/provisioner/relay.py"  # provisioner/runtime/relay.py, copied by the image build
+NETGUARD_SCRIPT = "/opt/provisioner/netguard.py"  # provisioner/runtime/netguard.py, copied likewise
 STANDIN_KEY = "provision-standin-not-a-secret"
 # Paths inside worker containers. Fixed, so no host path leaks into the container or the compose files.
 CASSETTE_MOUNT = "/provision/cassettes"
@@ -48,7 +55,54 @@ RUN_DIR_MOUNT = "/provision/run"
 WORKER_UID = 10001
 TMPFS = {"/tmp": "rw,nosuid,nodev,size=256m"}
 
-Role = Literal["worker", "relay", "standin"]
+Role = Literal["worker", "relay", "standin", "guard"]
+# The stand-in's health check: it answers HTTP (any path; GET gets its own JSON 404) as GeminiStandin.
+STANDIN_HEALTH_PROBE = (
+    "import sys, urllib.request as r, urllib.error as e\n"
+    "try:\n    h = r.urlopen(f'http://127.0.0.1:{sys.argv[1]}/', timeout=2).headers\n"
+    "except e.HTTPError as x:\n    h = x.headers\n"
+    "except OSError as x:\n    sys.exit(f'unhealthy: {x}')\n"
+    "sys.exit(0 if (h.get('Server') or '').startswith('GeminiStandin') else 'unhealthy: not the stand-in')"
+)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A Docker HEALTHCHECK (``docker ps`` shows ``(healthy)``). ``test`` is the command (exec form);
+    ``("NONE",)`` disables the image's check. Durations in seconds."""
+
+    test: tuple[str, ...]
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+    retries: int = 3
+    start_period_s: float = 10.0
+
+    def docker_dict(self) -> dict[str, Any]:
+        """docker-py's ``healthcheck=`` (durations in nanoseconds)."""
+        if self.test == ("NONE",):
+            return {"test": ["NONE"]}
+        return {
+            "test": ["CMD", *self.test],
+            "interval": int(self.interval_s * 1e9),
+            "timeout": int(self.timeout_s * 1e9),
+            "retries": self.retries,
+            "start_period": int(self.start_period_s * 1e9),
+        }
+
+    def compose_dict(self) -> dict[str, Any]:
+        """The same for a compose file (durations as ``5s``)."""
+        if self.test == ("NONE",):
+            return {"disable": True}
+        return {
+            "test": ["CMD", *self.test],
+            "interval": f"{self.interval_s:g}s",
+            "timeout": f"{self.timeout_s:g}s",
+            "retries": self.retries,
+            "start_period": f"{self.start_period_s:g}s",
+        }
+
+
+NO_HEALTHCHECK = HealthCheck(("NONE",))
 
 
 @dataclass(frozen=True)
@@ -79,6 +133,10 @@ class ContainerRecipe:
 
     ``networks[0]`` is the network the container is created on; the others are connected before it
     starts. ``ports`` are container ports published on ``127.0.0.1`` with the host port left to Docker.
+    ``network_mode`` (``container:<id>``, the guard only) joins another container's network namespace
+    instead of any network. ``healthcheck`` None keeps the image's HEALTHCHECK (the worker's).
+    ``guarded``: the command waits for the egress guard (see :mod:`provisioner.runtime.netguard`);
+    whoever starts the container must run :func:`guard_recipe` for it.
     """
 
     name: str
@@ -100,6 +158,10 @@ class ContainerRecipe:
     security_opt: tuple[str, ...] = ("no-new-privileges:true",)
     init: bool = True
     slot: int | None = None
+    cap_add: tuple[str, ...] = ()
+    network_mode: str | None = None
+    healthcheck: HealthCheck | None = None
+    guarded: bool = False
     secret_environment: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def public_dict(self) -> dict[str, Any]:
@@ -122,6 +184,10 @@ class ContainerRecipe:
             "memory": self.memory,
             "cpus": self.cpus,
             "pids_limit": self.pids_limit,
+            "cap_add": list(self.cap_add),
+            "network_mode": self.network_mode,
+            "healthcheck": self.healthcheck.docker_dict() if self.healthcheck else None,
+            "guarded": self.guarded,
         }
 
     def to_run_kwargs(self) -> dict[str, Any]:
@@ -153,7 +219,13 @@ class ContainerRecipe:
         }
         if self.user is not None:
             kwargs["user"] = self.user
-        if self.networks:
+        if self.cap_add:
+            kwargs["cap_add"] = list(self.cap_add)
+        if self.healthcheck is not None:
+            kwargs["healthcheck"] = self.healthcheck.docker_dict()
+        if self.network_mode is not None:
+            kwargs["network_mode"] = self.network_mode
+        elif self.networks:
             kwargs["network"] = self.networks[0].network
         return kwargs
 
@@ -421,6 +493,7 @@ def plan_run(
             mounts=tuple(mounts),
             limits=limits,
             worker_args=worker_args,
+            guarded=not egress,
         )
         for slot in range(count)
     )
@@ -440,6 +513,10 @@ def plan_run(
         labels={**base, L.ROLE: L.ROLE_RELAY},
         networks=(NetworkAttachment(run_net), NetworkAttachment(edge_net)),
         ports=tuple(RELAY_BASE_PORT + slot for slot in range(count)),
+        # Its own check: every listening port accepts (the image's HEALTHCHECK pings a worker port).
+        healthcheck=HealthCheck(
+            ("python3", "-I", RELAY_SCRIPT, "--check", *(str(RELAY_BASE_PORT + s) for s in range(count)))
+        ),
         memory="128m",
         cpus=min(cpus, 1.0),
         pids_limit=64,
@@ -452,10 +529,15 @@ def plan_run(
             name=f"prov-{run_id}-standin",
             role="standin",
             image=image,
-            command=("provision", "standin", "gemini", "--host", "0.0.0.0", "--port", str(STANDIN_PORT)),  # noqa: S104
+            command=guarded_command(
+                ("provision", "standin", "gemini", "--host", "0.0.0.0", "--port", str(STANDIN_PORT)),  # noqa: S104
+                guarded=not egress,
+            ),
             environment=_common_env(),
             labels={**base, L.ROLE: L.ROLE_STANDIN},
             networks=(NetworkAttachment(run_net, (STANDIN_ALIAS,)),),
+            healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
+            guarded=not egress,
             memory="256m",
             cpus=min(cpus, 1.0),
             pids_limit=128,
@@ -501,14 +583,22 @@ def worker_recipe(
     limits: Mapping[str, Any],
     generation: int = 0,
     worker_args: tuple[str, ...] = (),
+    guarded: bool = False,
 ) -> ContainerRecipe:
-    """The recipe of the worker in ``slot``; ``generation`` > 0 for replacements (a new name, same alias)."""
+    """The recipe of the worker in ``slot``; ``generation`` > 0 for replacements (a new name, same alias).
+
+    ``guarded``: on an internal run network, the worker starts only once the egress guard is in place.
+    """
     suffix = f"-{generation}" if generation else ""
     return ContainerRecipe(
         name=f"prov-{run_id}-w{slot}{suffix}",
         role="worker",
         image=image,
-        command=("provision", "worker", "--host", "0.0.0.0", "--port", str(WORKER_PORT), *worker_args),  # noqa: S104
+        command=guarded_command(
+            ("provision", "worker", "--host", "0.0.0.0", "--port", str(WORKER_PORT), *worker_args),  # noqa: S104
+            guarded=guarded,
+        ),
+        guarded=guarded,
         environment={
             **environment,
             "PROVISION_WORKER_SLOT": str(slot),
@@ -520,6 +610,48 @@ def worker_recipe(
         mounts=mounts,
         slot=slot,
         **limits,
+    )
+
+
+def guarded_command(command: tuple[str, ...], *, guarded: bool) -> tuple[str, ...]:
+    """``command`` behind the gate that waits for the egress guard (unchanged when not ``guarded``)."""
+    if not guarded:
+        return command
+    return ("python3", "-I", NETGUARD_SCRIPT, "wait", "--", *command)
+
+
+def guard_recipe(
+    target: ContainerRecipe, network_mode: str, *, gateways: tuple[str, ...] = ()
+) -> ContainerRecipe:
+    """The short-lived container that cuts ``target`` off from the host (see :mod:`.netguard`).
+
+    ``network_mode``: ``container:<target id>`` (compose: ``service:<name>``). It runs the target's
+    image as root with CAP_NET_ADMIN only (root: Docker grants added capabilities to uid 0 alone),
+    no-new-privileges, a read-only root, no HEALTHCHECK, and exits as soon as the routes are set.
+    ``gateways``: the run network's gateway addresses, blocked even when there is no default route.
+    """
+    if not target.guarded:
+        raise ValueError(f"{target.name} is not guarded; only containers on an internal run network are")
+    command: tuple[str, ...] = ("python3", "-I", NETGUARD_SCRIPT, "block")
+    for gateway in gateways:
+        command += ("--gateway", gateway)
+    return ContainerRecipe(
+        name=f"{target.name}-guard",
+        role="guard",
+        image=target.image,
+        command=command,
+        environment=_common_env(),
+        labels={**{k: v for k, v in target.labels.items() if k != L.SLOT}, L.ROLE: L.ROLE_GUARD},
+        networks=(),
+        network_mode=network_mode,
+        user="0:0",
+        read_only=True,
+        memory="64m",
+        cpus=min(target.cpus, 1.0),
+        pids_limit=16,
+        cap_drop=("ALL",),
+        cap_add=("NET_ADMIN",),
+        healthcheck=NO_HEALTHCHECK,
     )
 
 

@@ -10,6 +10,8 @@ Why a relay at all: workers of mock and cached layers sit on an ``internal`` net
 of the host), and Docker publishes no ports from internal networks. The relay is on that network and
 on an ordinary one, and only its ports are published, on 127.0.0.1. It imports nothing but the
 standard library: it starts in milliseconds and carries no LM code or key.
+
+``relay.py --check 9000 9001`` is its HEALTHCHECK: every listening port accepts a connection.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 
 BUFFER = 256 * 1024
@@ -94,8 +97,27 @@ async def serve(
             server.close()
 
 
+def check(ports: list[str], *, host: str = "127.0.0.1", timeout: float = 2.0) -> int:
+    """The relay's HEALTHCHECK (``relay.py --check 9000 9001``): 0 when every port accepts a
+    connection on ``host``, else 1 with the first port that does not."""
+    if not ports:
+        print("relay --check: no ports given; expected --check PORT ...")
+        return 1
+    for port in ports:
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError) as exc:
+            print(f"unhealthy: relay port {port}: {exc}")
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_routes(list(sys.argv[1:] if argv is None else argv))))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--check"]:
+        sys.exit(check(args[1:]))
+    asyncio.run(serve(parse_routes(args)))
 
 
 if __name__ == "__main__":

@@ -312,6 +312,7 @@ class ProcessContainers:
         from testcontainers.core.container import DockerContainer
 
         from provisioner.bridge.client import BridgeClient
+        from provisioner.runtime.egress import block_host_access
         from provisioner.runtime.environment import RunEnvironment, WorkerInfo
 
         # Ryuk needs an image pull and the docker socket in a container: the run's watchdog does its job.
@@ -332,6 +333,9 @@ class ProcessContainers:
             container_id = container.get_container_id()
             base.resources.track("container", container_id, name=recipe.name, owner=f"test:{label}",
                                  cleanup=container.stop)
+            if recipe.guarded:  # the worker waits for its egress guard before it serves
+                block_host_access(self.runtime, recipe, container_id, network=plan.run_network,
+                                  timeout_s=self.env.settings.container.ready_timeout_s)
             relay_id = base.container_ids[plan.relay.name]
             port = self.runtime.published_port(relay_id, plan.relay_port_for(0))
             info: WorkerInfo = WorkerInfo(0, recipe.name, container_id, LOOPBACK, int(port))

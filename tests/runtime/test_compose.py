@@ -41,7 +41,17 @@ def test_compose_files_keep_the_security_properties(repo_settings) -> None:  # t
         assert doc["networks"]["run"]["internal"] is True  # e2e talks to the stand-in, not the internet
         for name, service in doc["services"].items():
             assert service["cap_drop"] == ["ALL"] and service["read_only"] is True, name
-            assert not str(service["user"]).startswith("0") and "privileged" not in service
+            assert "privileged" not in service
+            if name.endswith("-guard"):
+                # The one-shot egress guard: root with CAP_NET_ADMIN only, in its target's namespace.
+                target = name.removesuffix("-guard")
+                assert service["network_mode"] == f"service:{target}" and service["cap_add"] == ["NET_ADMIN"]
+                assert "no-new-privileges:true" in service["security_opt"] and "ports" not in service
+                assert doc["services"][target]["command"][:5] == [
+                    "python3", "-I", "/opt/provisioner/netguard.py", "wait", "--"
+                ]
+                continue
+            assert not str(service["user"]).startswith("0") and "cap_add" not in service
             for port in service.get("ports", []):
                 assert port.startswith("127.0.0.1::"), (name, port)
             if name.startswith("w"):
@@ -53,6 +63,11 @@ def test_compose_files_keep_the_security_properties(repo_settings) -> None:  # t
         )
     e2e = yaml.safe_load(export_layer(repo_settings, "e2e"))
     assert "gemini-standin" in e2e["services"] and e2e["services"]["w0"]["depends_on"] == ["gemini-standin"]
+    # Every container on the internal run network has its guard; the relay (edge network) has none.
+    for doc in (e2e, yaml.safe_load(export_layer(repo_settings, "integration"))):
+        on_run_only = [n for n, s in doc["services"].items() if list(s.get("networks", {})) == ["run"]]
+        assert on_run_only and all(f"{n}-guard" in doc["services"] for n in on_run_only)
+        assert "relay-guard" not in doc["services"]
 
 
 def test_export_to_a_folder_names_the_projects_image_tag_in_env(repo_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

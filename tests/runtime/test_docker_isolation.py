@@ -1,10 +1,13 @@
 """Against the real engine: one mock-LM run shared by the module (2 workers), checked for what the
-recipes promise — reachable through the env file, unprivileged, no way out, isolated from other
-runs, dead workers replaced — and removed without leftovers at the end."""
+recipes promise — reachable through the env file, unprivileged, no way out (not even to the host),
+isolated from other runs, dead workers replaced, relay and workers healthy in `docker ps` — and
+removed without leftovers at the end, also when a test fails."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import shlex
@@ -12,16 +15,21 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from provisioner.errors import WorkerLostError, WorkerNotReadyError
+from provisioner.errors import RuntimeProblem, WorkerLostError, WorkerNotReadyError
 from provisioner.layers import get_layer
 from provisioner.runtime import environment as E
-from provisioner.runtime.engine import DockerRuntime
+from provisioner.runtime import labels as L
+from provisioner.runtime import netguard
+from provisioner.runtime.egress import block_host_access
+from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.pool import WorkerPool
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import Settings, load_settings
@@ -242,8 +250,228 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
         worker_args=("--no-such-flag",),
     )
     env = E.RunEnvironment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
-    with pytest.raises(WorkerNotReadyError) as info:
-        env.start()
-    assert plan.workers[0].name in str(info.value) and "exited" in str(info.value)
-    assert "no-such-flag" in info.value.last_logs
+    try:
+        with pytest.raises(WorkerNotReadyError) as info:
+            env.start()
+        assert plan.workers[0].name in str(info.value) and "exited" in str(info.value)
+        assert "no-such-flag" in info.value.last_logs
+        assert leftovers(docker_engine, plan.run_id) == []
+    finally:
+        remove_by_selector(DockerRuntime(docker_engine), L.selector(plan.run_id))
+
+
+# --- the host is out of reach too (issue 14 item 5) ------------------------------------------------
+
+CONNECT = """
+import errno, socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        print(target, "reached")
+    except OSError as e:
+        print(target, errno.errorcode.get(e.errno, type(e).__name__))
+"""
+
+
+RESTORE_DEFAULT = """
+import errno, sys
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+try:
+    IPRoute().route("add", dst="0.0.0.0", dst_len=0, gateway=sys.argv[1])
+except NetlinkError as e:
+    sys.exit(errno.errorcode.get(e.code, str(e.code)))
+print("default route restored")
+"""
+
+
+def _connect_from(rt: DockerRuntime, container: str, targets: list[str]) -> dict[str, str]:
+    code, out = rt.exec(container, ["python3", "-c", CONNECT, *targets])
+    assert code == 0, out
+    return dict(line.rsplit(" ", 1) for line in out.strip().splitlines())
+
+
+@contextlib.contextmanager
+def _host_listener() -> Iterator[int]:
+    """A TCP listener on every host address (0.0.0.0), as a careless dev server would bind."""
+    server = socket.create_server(("0.0.0.0", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        server.close()
+        thread.join(timeout=5)
+
+
+def _docker0_address(docker_engine: Any) -> str:
+    """The default bridge's address on the host (its IPAM gateway, or docker0's interface address)."""
+    info = docker_engine.api.inspect_network("bridge")
+    configured = [c["Gateway"] for c in info["IPAM"]["Config"] if c.get("Gateway")]
+    if configured:
+        return str(configured[0])
+    device = info["Options"].get("com.docker.network.bridge.name", "docker0")
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", device], capture_output=True, text=True)
+    assert shown.returncode == 0 and " inet " in shown.stdout, shown
+    return shown.stdout.split(" inet ", 1)[1].split("/", 1)[0]
+
+
+def _host_addresses(docker_engine: Any, rt: DockerRuntime, env: Any) -> dict[str, str]:
+    """The host's own addresses a worker could try: its run network's gateway, docker0's address
+    (the default bridge's gateway), and the relay's edge network gateway."""
+    relay = env.plan.relay.name
+    bridge = _docker0_address(docker_engine)
+    found = {
+        "run network gateway": rt.container_gateway(env.workers[0].container_id, env.plan.run_network),
+        "docker0": bridge,
+        "edge network gateway": rt.container_gateway(relay, f"{env.plan.run_network}-edge"),
+    }
+    assert all(found.values()), found
+    return {name: str(address) for name, address in found.items()}
+
+
+def test_mock_workers_cannot_reach_any_host_listener_but_reach_their_run(
+    docker_engine: Any, mock_run: Any
+) -> None:
+    _, env = mock_run
+    rt = DockerRuntime(docker_engine)
+    with _host_listener() as port:
+        addresses = _host_addresses(docker_engine, rt, env)
+        targets = [f"{address}:{port}" for address in addresses.values()]
+        # Control: from the relay (edge network) the listener answers on every one of these addresses.
+        assert set(_connect_from(rt, env.plan.relay.name, targets).values()) == {"reached"}
+        gateway = f"{addresses['run network gateway']}:{port}"
+        peers = [f"w{w.slot}:8765" for w in env.workers] + [f"{env.plan.relay.name}:9000"]
+        for worker in env.workers:
+            seen = _connect_from(rt, worker.container_id, [*targets, *peers])
+            # The gateway is prohibited (EACCES); everything off the run's subnet has no route.
+            assert seen[gateway] == errno.errorcode[errno.EACCES], seen
+            assert all(seen[t] == errno.errorcode[errno.ENETUNREACH] for t in targets if t != gateway), seen
+            assert all(seen[p] == "reached" for p in peers), seen  # the run's own network still works
+            _, routes = rt.exec(worker.container_id, ["cat", "/proc/net/route"])
+            _, inet6 = rt.exec(worker.container_id, ["cat", "/proc/net/if_inet6"])
+            assert netguard.guard_in_place(routes) and netguard.ipv6_interfaces(inet6) == [], routes
+            # The worker cannot undo it: without CAP_NET_ADMIN, putting the default route back fails.
+            code, out = rt.exec(
+                worker.container_id, ["python3", "-c", RESTORE_DEFAULT, addresses["run network gateway"]]
+            )
+            assert code != 0 and "EPERM" in out, out
+    assert _call(env.workers[0].address, "ping", {})["success"]  # and the relay path serves clients
+
+
+def _processes(rt: DockerRuntime, container_id: str) -> list[list[str]]:
+    code, out = rt.exec(
+        container_id,
+        [
+            "python3",
+            "-c",
+            "import json, os, pathlib\nprint(json.dumps([pathlib.Path(f'/proc/{p}/cmdline')"
+            ".read_bytes().decode().split(chr(0))[:-1] for p in os.listdir('/proc') if p.isdigit() and "
+            "int(p) != os.getpid()]))",
+        ],
+    )
+    assert code == 0, out
+    return [argv for argv in json.loads(out) if argv]
+
+
+def test_a_guarded_worker_serves_only_after_its_guard(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    plan = plan_run(
+        settings,
+        get_layer(settings, "integration"),
+        settings.lm_for("integration", "mock"),
+        run_id=f"gate{os.getpid()}",
+        image=worker_image,
+        workers=1,
+    )
+    rt = DockerRuntime(docker_engine)
+    base = E.RunEnvironment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
+    try:
+        base.start()  # networks and relay
+        worker = plan.workers[0]
+        cid = rt.create_container(worker)
+        rt.start_container(cid)
+        # Started, but held by the gate: its only process is `netguard.py wait`, nothing listens.
+        procs = _processes(rt, cid)
+        assert any(argv[2:4] == ["/opt/provisioner/netguard.py", "wait"] for argv in procs), procs
+        assert not any("provision" in argv[1:2] or argv[:1] == ["provision"] for argv in procs), procs
+        port = rt.published_port(base.container_ids[plan.relay.name], plan.relay_port_for(0))
+        assert port and not E.bridge_probe("127.0.0.1", port, 2.0).ok
+        block_host_access(rt, worker, cid, network=plan.run_network)
+        info = E.WorkerInfo(0, worker.name, cid, "127.0.0.1", port)
+        base.container_ids[worker.name] = cid
+        base.wait_ready(info)  # now it serves
+        assert leftovers(docker_engine, plan.run_id).count(f"container {worker.name}-guard") == 0
+    finally:
+        remove_by_selector(rt, L.selector(plan.run_id))
     assert leftovers(docker_engine, plan.run_id) == []
+
+
+def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    plan = plan_run(
+        settings,
+        get_layer(settings, "integration"),
+        settings.lm_for("integration", "mock"),
+        run_id=f"nogw{os.getpid()}",
+        image=worker_image,
+        workers=1,
+    )
+    rt = DockerRuntime(docker_engine)
+    # No network at all: no default route, no gateway to prohibit.
+    lonely = dataclasses.replace(plan.workers[0], networks=(), network_mode="none")
+    cid = rt.create_container(lonely)
+    try:
+        rt.start_container(cid)
+        with pytest.raises(RuntimeProblem, match=r"failed \(exit code 2\)") as info:
+            block_host_access(rt, lonely, cid, network=plan.run_network)
+        assert "found no gateway to block" in str(info.value)
+        assert not any(argv[:1] == ["provision"] for argv in _processes(rt, cid))
+    finally:
+        remove_by_selector(rt, L.selector(plan.run_id))
+    assert leftovers(docker_engine, plan.run_id) == []
+
+
+def _health(docker_engine: Any, name: str) -> str:
+    state = docker_engine.api.inspect_container(name)["State"]
+    return str((state.get("Health") or {}).get("Status", "none"))
+
+
+def test_relay_and_workers_are_healthy_in_docker_ps(docker_engine: Any, mock_run: Any) -> None:
+    _, env = mock_run
+    names = [env.plan.relay.name, *(w.name for w in env.workers)]
+    deadline = time.monotonic() + 180  # the first check runs one interval after the start
+    while (states := {n: _health(docker_engine, n) for n in names}) and set(states.values()) != {"healthy"}:
+        assert "unhealthy" not in states.values(), states
+        assert time.monotonic() < deadline, f"not healthy within 180s: {states}"
+        time.sleep(0.5)
+    shown = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "--filter",
+            f"label=provisioner.run={env.plan.run_id}",
+            "--format",
+            "{{.Names}} {{.Status}}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert all(f"{n} " in shown for n in names) and shown.count("(healthy)") == len(names), shown

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,9 +55,17 @@ def test_start_creates_networks_before_their_containers_and_stop_removes_all(
     rt, workers = fake
     env = _env(settings, rt, workers, count=3).start()
     creates = [name for op, name in rt.calls if op.startswith("create")]
+    guards = [f"prov-run1-w{i}-guard" for i in range(3)]  # mock workers: internal network, guarded
     assert sorted(creates) == sorted(
-        ["prov-run1", "prov-run1-edge", "prov-run1-relay", "prov-run1-w0", "prov-run1-w1", "prov-run1-w2"]
+        ["prov-run1", "prov-run1-edge", "prov-run1-relay", "prov-run1-w0", "prov-run1-w1", "prov-run1-w2",
+         *guards]
     )
+    # Each worker's egress guard runs after the worker started, and is gone before start() returns.
+    for i in range(3):
+        assert rt.calls.index(("start_container", f"prov-run1-w{i}")) < rt.calls.index(
+            ("create_container", f"prov-run1-w{i}-guard")
+        ) < rt.calls.index(("remove_container", f"prov-run1-w{i}-guard"))
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
     # Each network exists before the containers on it (the relay needs both).
     assert creates.index("prov-run1") < min(creates.index(f"prov-run1-w{i}") for i in range(3))
     assert creates.index("prov-run1-edge") < creates.index("prov-run1-relay")
@@ -64,6 +75,24 @@ def test_start_creates_networks_before_their_containers_and_stop_removes_all(
     assert rt.containers == {} and rt.networks == {}
     removes = [name for op, name in rt.calls if op.startswith("remove")]
     assert removes[-2:] == ["prov-run1-edge", "prov-run1"]  # networks after the containers on them
+
+
+@pytest.mark.timeout(120)  # without the fix it hangs until the 600 s readiness deadline
+def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    # Workers that never get ready, a long deadline: the interrupt must not wait for it.
+    rt, workers = fake
+    workers.not_ready.update({"prov-run1-w0", "prov-run1-w1", "prov-run1-w2"})
+    env = _env(settings, rt, workers, count=3, timeout=600)
+    interrupted = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+    interrupted.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            env.start()
+    finally:
+        interrupted.cancel()
+    assert rt.containers == {} and rt.networks == {}
 
 
 def test_a_failed_start_removes_what_it_made(

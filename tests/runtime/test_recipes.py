@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,13 @@ from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import (
     CASSETTE_MOUNT,
+    NETGUARD_SCRIPT,
+    RELAY_SCRIPT,
     RUN_DIR_MOUNT,
     STANDIN_ALIAS,
+    STANDIN_HEALTH_PROBE,
+    ContainerRecipe,
+    guard_recipe,
     plan_run,
     prepare_shared_dir,
     replacement_recipe,
@@ -135,7 +142,7 @@ def test_real_mode_without_a_key_uses_the_standin_on_an_internal_network(
     assert plan.uses_standin and plan.standin is not None and not plan.egress
     assert plan.networks[0].internal
     assert plan.standin.networks[0].aliases == (STANDIN_ALIAS,)
-    assert plan.standin.command[:3] == ("provision", "standin", "gemini")
+    assert plan.standin.command[5:8] == ("provision", "standin", "gemini")  # behind the egress gate
     lm = json.loads(plan.workers[0].environment[LM_CONFIG_ENV])
     assert lm["base_url"] == f"http://{STANDIN_ALIAS}:8080/" and lm["mode"] == "real"
     assert lm["endpoint_kind"] == "standin"  # the controller says what it wired in
@@ -249,3 +256,103 @@ def test_prepare_shared_dir_never_makes_a_read_only_cassette_dir_writable(tmp_pa
     finally:
         for path in before:
             path.chmod(0o755)
+
+
+GATE = ("python3", "-I", NETGUARD_SCRIPT, "wait", "--")
+
+
+@pytest.mark.parametrize(
+    ("layer", "mode"), [("integration", "mock"), ("integration", "cached"), ("e2e", None)]
+)
+def test_every_container_on_an_internal_run_network_waits_for_the_egress_guard(
+    settings: Settings, tmp_path: Path, layer: str, mode: str | None
+) -> None:
+    plan = _plan(settings, layer, tmp_path, mode=mode)
+    assert plan.networks[0].internal and not plan.egress
+    on_run_network_only = [c for c in plan.containers() if len(c.networks) == 1]
+    assert on_run_network_only == [*([plan.standin] if plan.standin else []), *plan.workers]
+    for recipe in on_run_network_only:
+        assert recipe.guarded and recipe.command[:5] == GATE, recipe.name
+        assert recipe.command[5] == "provision"  # then the real command, unchanged
+        assert recipe.public_dict()["guarded"] is True
+    # The relay keeps its route out (edge network): it is what publishes the ports on 127.0.0.1.
+    assert not plan.relay.guarded and plan.relay.command[:3] == ("python3", "-I", RELAY_SCRIPT)
+    assert all(replacement_recipe(w, 3).guarded for w in plan.workers)
+
+
+def test_real_mode_workers_with_egress_are_not_guarded(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "e2e", tmp_path, key=True)
+    assert plan.egress and not any(c.guarded for c in plan.containers())
+    assert plan.workers[0].command[:2] == ("provision", "worker")
+    with pytest.raises(ValueError, match="not guarded"):
+        guard_recipe(plan.workers[0], "container:abc")
+
+
+def test_the_guard_is_root_with_net_admin_only_in_its_targets_namespace(
+    settings: Settings, tmp_path: Path
+) -> None:
+    plan = _plan(settings, "integration", tmp_path, mode="mock", key=True)
+    target = plan.workers[1]
+    guard = guard_recipe(target, "container:0123abcd", gateways=("172.30.0.1",))
+    assert guard.name == f"{target.name}-guard" and guard.role == "guard" and guard.image == target.image
+    assert guard.command == ("python3", "-I", NETGUARD_SCRIPT, "block", "--gateway", "172.30.0.1")
+    assert guard.user == "0:0" and guard.cap_drop == ("ALL",) and guard.cap_add == ("NET_ADMIN",)
+    assert guard.security_opt == ("no-new-privileges:true",) and guard.read_only
+    assert guard.labels[L.ROLE] == L.ROLE_GUARD and guard.labels[L.RUN] == "r1" and L.SLOT not in guard.labels
+    assert guard.secret_environment == {} and guard.mounts == () and guard.ports == ()
+    kwargs = guard.to_run_kwargs()
+    assert kwargs["network_mode"] == "container:0123abcd" and "network" not in kwargs
+    assert kwargs["cap_add"] == ["NET_ADMIN"] and kwargs["healthcheck"] == {"test": ["NONE"]}
+    assert API_KEY_ENV not in kwargs["environment"]
+
+
+def test_relay_and_standin_have_health_checks_of_what_they_serve(settings: Settings, tmp_path: Path) -> None:
+    plan = _plan(settings, "e2e", tmp_path, workers=2)
+    assert plan.relay.healthcheck is not None and plan.standin is not None and plan.standin.healthcheck
+    assert plan.relay.healthcheck.test == ("python3", "-I", RELAY_SCRIPT, "--check", "9000", "9001")
+    relay_hc = plan.relay.to_run_kwargs()["healthcheck"]
+    assert relay_hc["test"][0] == "CMD" and relay_hc["interval"] == 5 * 10**9 and relay_hc["retries"] == 3
+    assert plan.standin.healthcheck.test == ("python3", "-I", "-c", STANDIN_HEALTH_PROBE, "8080")
+    assert plan.relay.healthcheck.compose_dict()["interval"] == "5s"
+    # Workers keep the image's HEALTHCHECK (a bridge ping on 8765).
+    assert plan.workers[0].healthcheck is None and "healthcheck" not in plan.workers[0].to_run_kwargs()
+
+
+def _run_standin_probe(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", "-c", STANDIN_HEALTH_PROBE, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_the_standin_health_probe_passes_only_for_a_listening_standin() -> None:
+    import http.server
+    import socket
+    import threading
+
+    from provisioner.lm.standin import GeminiStandin
+
+    with GeminiStandin() as standin:
+        done = _run_standin_probe(standin.port)
+        assert done.returncode == 0, done.stderr
+    # Another HTTP server on the port is not the stand-in; nothing listening is unhealthy too.
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        done = _run_standin_probe(other.server_address[1])
+        assert done.returncode == 1 and "not the stand-in" in done.stderr
+    finally:
+        other.shutdown()
+        other.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    done = _run_standin_probe(free)
+    assert done.returncode == 1 and "unhealthy" in done.stderr
+
+
+def test_a_recipe_without_a_healthcheck_keeps_the_images(settings: Settings, tmp_path: Path) -> None:
+    recipe = ContainerRecipe("n", "worker", "img", ("x",), {}, {}, ())
+    assert recipe.healthcheck is None and "healthcheck" not in recipe.to_run_kwargs()

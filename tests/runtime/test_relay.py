@@ -92,3 +92,28 @@ def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: in
     finally:
         loop.call_soon_threadsafe(task[0].cancel)
         thread.join(timeout=5)
+
+
+def test_check_passes_when_every_port_accepts_and_names_the_first_that_does_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from provisioner.runtime.relay import check
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = str(listening.getsockname()[1])
+        closed = str(_free_port())
+        assert check([port]) == 0
+        assert check([port, closed]) == 1
+        assert f"relay port {closed}" in capsys.readouterr().out
+        assert check([]) == 1 and "no ports given" in capsys.readouterr().out
+    finally:
+        listening.close()
+
+
+def test_main_with_check_exits_with_its_status() -> None:
+    from provisioner.runtime.relay import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--check", str(_free_port())])
+    assert info.value.code == 1

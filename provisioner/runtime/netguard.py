@@ -1,0 +1,200 @@
+"""The egress guard, inside containers: a run's internal-network containers cannot open connections to
+the host.
+
+Docker's ``internal`` networks drop forwarded traffic, but a container on one still has a default
+route via the network's gateway — an address of the host — so it reaches every host listener
+(the gateway address, docker0's address, anything bound to 0.0.0.0). This file closes that from
+inside the container's own network namespace, with no host root and no host state (nothing to clean
+up after a SIGKILL: the rules die with the namespace). Copied into the worker image as
+``/opt/provisioner/netguard.py``; two commands:
+
+``python3 -I /opt/provisioner/netguard.py block [--gateway ADDR ...]``
+    The guard. Runs in a short-lived container that joins the target's network namespace
+    (``network_mode: container:<target>``) as root with only CAP_NET_ADMIN (every other capability
+    dropped, no-new-privileges) and exits at once. Over netlink (pyroute2) it adds a ``prohibit``
+    host route for every gateway (the ``--gateway`` addresses and the default routes' gateways) —
+    more specific than the on-link subnet route, so connecting to it fails with EACCES — and then
+    deletes the default routes, so every address off the run's subnet fails with ENETUNREACH. The
+    subnet itself stays reachable: the relay, the Gemini stand-in and the run's other workers. It
+    checks the table afterwards and exits 0 only when the guard holds; running it again is harmless.
+    IPv4 only: it refuses (exit 2) when a non-loopback interface has IPv6 (Docker disables IPv6 in
+    containers of networks without ``--ipv6``, which is how provisioner creates its networks).
+
+``python3 -I /opt/provisioner/netguard.py wait -- COMMAND ...``
+    The gate, as the guarded container's own command: polls ``/proc/net/route`` (stdlib only) until
+    the guard is in place — no default route and at least one reject route — and then ``exec``s
+    COMMAND, so the worker never listens before it is cut off from the host. After
+    ``PROVISION_NETGUARD_WAIT_S`` seconds (default 120) without the guard it exits 3 with a message.
+
+The container's own process cannot undo this: workers run without CAP_NET_ADMIN.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+WAIT_ENV = "PROVISION_NETGUARD_WAIT_S"
+DEFAULT_WAIT_S = 120.0
+POLL_S = 0.01
+RTF_REJECT = 0x0200  # include/uapi/linux/route.h
+RT_TABLE_MAIN = 254
+RTN_PROHIBIT = 8  # include/uapi/linux/rtnetlink.h
+EXIT_REFUSED = 2
+EXIT_TIMEOUT = 3
+
+
+# --- the gate (stdlib only: it runs before every guarded container's command) ---------------------
+
+
+def read_ipv4_routes(text: str) -> list[dict[str, int | str]]:
+    """``/proc/net/route`` as dicts: ``iface`` (str); ``destination``, ``gateway``, ``flags``,
+    ``mask`` (ints; addresses as the kernel prints them, little-endian hex)."""
+    routes: list[dict[str, int | str]] = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        routes.append(
+            {
+                "iface": fields[0],
+                "destination": int(fields[1], 16),
+                "gateway": int(fields[2], 16),
+                "flags": int(fields[3], 16),
+                "mask": int(fields[7], 16),
+            }
+        )
+    return routes
+
+
+def guard_in_place(route_text: str) -> bool:
+    """True when ``/proc/net/route`` shows the guard: no default route, at least one reject route."""
+    routes = read_ipv4_routes(route_text)
+    no_default = not any(r["destination"] == 0 and r["mask"] == 0 for r in routes)
+    return no_default and any(int(r["flags"]) & RTF_REJECT for r in routes)
+
+
+def wait_for_guard(command: list[str], *, timeout_s: float | None = None) -> int:
+    """Poll until the guard is in place, then exec ``command``; 3 after the deadline."""
+    if not command:
+        print("netguard wait: no command given; usage: netguard.py wait -- COMMAND ...", file=sys.stderr)
+        return EXIT_REFUSED
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open("/proc/net/route") as fh:
+            if guard_in_place(fh.read()):
+                break
+        if time.monotonic() >= deadline:
+            print(
+                f"netguard wait: the egress guard was not applied within {timeout_s:.0f}s, so "
+                f"{command[0]!r} was not started. provisioner runs the guard right after starting this "
+                "container; started by hand (or by compose without the '-guard' service), run "
+                "`python3 -I /opt/provisioner/netguard.py block` in a container with "
+                "network_mode container:<this one> and --cap-add NET_ADMIN.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_TIMEOUT
+        time.sleep(POLL_S)
+    os.execvp(command[0], command)  # noqa: S606 - the container's own command, as given
+    return 0  # pragma: no cover - execvp does not return
+
+
+# --- the guard (root with CAP_NET_ADMIN only, in the target's network namespace) ------------------
+
+
+def ipv6_interfaces(if_inet6_text: str) -> list[str]:
+    """Non-loopback interfaces with an IPv6 address, from ``/proc/net/if_inet6``."""
+    names = {line.split()[-1] for line in if_inet6_text.splitlines() if line.split()}
+    return sorted(n for n in names if n != "lo")
+
+
+def block(gateways: list[str]) -> int:
+    """Prohibit the gateways, delete the IPv4 default routes, verify. Exit code 0 when the guard holds."""
+    try:
+        with open("/proc/net/if_inet6") as fh:
+            v6 = ipv6_interfaces(fh.read())
+    except FileNotFoundError:  # a kernel without IPv6
+        v6 = []
+    if v6:
+        print(
+            f"netguard block: IPv6 is enabled on {', '.join(v6)}; this guard covers IPv4 only. Create "
+            "the run network without IPv6 (provisioner's default).",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    from pyroute2 import IPRoute
+
+    default = "0.0.0.0"  # noqa: S104 - the default route's destination, deleted below
+    with IPRoute() as ipr:
+        defaults = [r for r in _routes(ipr) if r["dst_len"] == 0]
+        found = [str(r.get_attr("RTA_GATEWAY")) for r in defaults if r.get_attr("RTA_GATEWAY")]
+        targets = list(dict.fromkeys([*gateways, *found]))
+        prohibited = _prohibited(ipr)
+        if not targets and not prohibited:
+            print(
+                "netguard block: found no gateway to block (no default route and no --gateway); "
+                "pass the run network's gateway with --gateway",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        for gateway in targets:
+            if gateway not in prohibited:
+                ipr.route("add", dst=gateway, dst_len=32, type="prohibit", table=RT_TABLE_MAIN)
+        for route in defaults:
+            ipr.route("del", dst=default, dst_len=0, table=RT_TABLE_MAIN, oif=route.get_attr("RTA_OIF"))
+        left = [r for r in _routes(ipr) if r["dst_len"] == 0]
+        prohibited = _prohibited(ipr)
+    missing = [g for g in targets if g not in prohibited]
+    if left or missing:
+        print(
+            f"netguard block: the guard did not hold (default routes left: {len(left)}, "
+            f"gateways not prohibited: {missing})",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"netguard: blocked {', '.join(sorted(prohibited))}; no default route", flush=True)
+    return 0
+
+
+def _routes(ipr: Any) -> list[Any]:
+    return list(ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN))
+
+
+def _prohibited(ipr: Any) -> set[str]:
+    return {
+        str(r.get_attr("RTA_DST")) for r in _routes(ipr) if r["type"] == RTN_PROHIBIT and r["dst_len"] == 32
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["wait"]:
+        rest = args[1:]
+        return wait_for_guard(rest[1:] if rest[:1] == ["--"] else rest)
+    if args[:1] == ["block"]:
+        gateways: list[str] = []
+        rest = args[1:]
+        while rest:
+            if rest[0] == "--gateway" and len(rest) > 1:
+                socket.inet_aton(rest[1])  # OSError for a malformed address
+                gateways.append(rest[1])
+                rest = rest[2:]
+            else:
+                print(
+                    f"netguard block: unexpected argument {rest[0]!r}; usage: block [--gateway ADDR ...]",
+                    file=sys.stderr,
+                )
+                return EXIT_REFUSED
+        return block(gateways)
+    print("usage: netguard.py block [--gateway ADDR ...] | netguard.py wait -- COMMAND ...", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

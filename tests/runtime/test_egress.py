@@ -1,0 +1,79 @@
+"""Running the egress guard from the host (FakeRuntime; the real engine in test_docker_isolation)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import RuntimeProblem
+from provisioner.layers import get_layer
+from provisioner.runtime.egress import block_host_access
+from provisioner.runtime.engine import FakeContainer, FakeRuntime
+from provisioner.runtime.recipes import ContainerRecipe, plan_run
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE
+
+
+def _started_worker(settings: Settings, rt: FakeRuntime) -> tuple[ContainerRecipe, str, str]:
+    plan = plan_run(
+        settings,
+        get_layer(settings, "integration"),
+        settings.lm_for("integration", "mock"),
+        run_id="eg1",
+        image=FAKE_IMAGE,
+        workers=1,
+    )
+    for net in plan.networks:
+        rt.create_network(net)
+    worker = plan.workers[0]
+    cid = rt.create_container(worker)
+    rt.start_container(cid)
+    return worker, cid, plan.run_network
+
+
+def test_the_guard_runs_in_the_workers_namespace_with_its_gateway_and_is_removed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    seen: list[FakeContainer] = []
+    rt = FakeRuntime(images=(FAKE_IMAGE,), on_start=seen.append)
+    worker, cid, network = _started_worker(settings, rt)
+    block_host_access(rt, worker, cid, network=network)
+    guard = seen[-1].recipe
+    gateway = rt.container_gateway(cid, network)
+    assert guard.role == "guard" and guard.network_mode == f"container:{cid}"
+    assert guard.command[-2:] == ("--gateway", gateway)
+    assert ("remove_container", guard.name) in rt.calls
+    assert [c.recipe.name for c in rt.containers.values()] == [worker.name]
+
+
+def test_a_failing_guard_raises_with_its_exit_code_and_log_and_is_removed(settings: Settings) -> None:
+    def fail_guard(c: FakeContainer) -> None:
+        if c.recipe.role == "guard":
+            c.exit_code = 2
+            c.log_lines.append("netguard block: found no gateway to block")
+
+    rt = FakeRuntime(images=(FAKE_IMAGE,), on_start=fail_guard)
+    worker, cid, network = _started_worker(settings, rt)
+    with pytest.raises(RuntimeProblem, match=r"guard of prov-eg1-w0 failed \(exit code 2\)") as info:
+        block_host_access(rt, worker, cid, network=network)
+    assert "found no gateway" in str(info.value)
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
+
+
+def test_a_guard_that_hangs_times_out_and_a_stop_ends_the_wait(settings: Settings) -> None:
+    def hang(c: FakeContainer) -> None:
+        if c.recipe.role == "guard":
+            c.status, c.exit_code = "running", None
+
+    rt = FakeRuntime(images=(FAKE_IMAGE,), on_start=hang)
+    worker, cid, network = _started_worker(settings, rt)
+    with pytest.raises(RuntimeProblem, match="did not finish within"):
+        block_host_access(rt, worker, cid, network=network, timeout_s=0.1)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RuntimeProblem, match="being stopped"):
+        block_host_access(rt, worker, cid, network=network, timeout_s=60, stop=stop)
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())

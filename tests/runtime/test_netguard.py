@@ -1,0 +1,80 @@
+"""The egress guard's in-container script: reading the route table, the gate, its arguments.
+
+The netlink part (``block``) needs CAP_NET_ADMIN in a container's namespace: it is exercised
+against the real engine in tests/runtime/test_docker_isolation.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from provisioner.runtime import netguard
+
+# /proc/net/route of a container on an internal Docker network (172.18.0.0/16), before and after.
+BEFORE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+"""
+AFTER = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+*\t010012AC\t00000000\t0205\t0\t0\t0\tFFFFFFFF\t0\t0\t0
+"""
+# Half done (default route deleted, gateway not prohibited): not in place.
+NO_REJECT = "\n".join(AFTER.splitlines()[:2]) + "\n"
+
+
+def test_route_table_parsing() -> None:
+    routes = netguard.read_ipv4_routes(BEFORE)
+    assert routes[0] == {"iface": "eth0", "destination": 0, "gateway": 0x010012AC, "flags": 3, "mask": 0}
+    assert len(routes) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "in_place"), [(BEFORE, False), (AFTER, True), (NO_REJECT, False), ("", False)]
+)
+def test_the_gate_waits_for_no_default_route_and_a_reject_route(text: str, in_place: bool) -> None:
+    assert netguard.guard_in_place(text) is in_place
+
+
+def test_ipv6_interfaces_ignore_loopback() -> None:
+    text = (
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "fe800000000000000042acfffe120002 05 40 20 80     eth0\n"
+    )
+    assert netguard.ipv6_interfaces(text) == ["eth0"]
+    assert netguard.ipv6_interfaces(text.splitlines()[0]) == []
+
+
+def test_the_gate_does_not_start_the_command_without_the_guard() -> None:
+    # This host has a default route: the gate must give up after its deadline, not run the command.
+    done = subprocess.run(
+        [sys.executable, "-I", netguard.__file__, "wait", "--", sys.executable, "-c", "print('STARTED')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={netguard.WAIT_ENV: "0.3", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == netguard.EXIT_TIMEOUT and "STARTED" not in done.stdout
+    assert "the egress guard was not applied within 0s" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "usage"),
+        (["wait"], "no command given"),
+        (["block", "--frobnicate"], "unexpected argument '--frobnicate'"),
+    ],
+)
+def test_bad_arguments_are_refused_with_usage(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert netguard.main(args) == netguard.EXIT_REFUSED
+    assert message in capsys.readouterr().err
+
+
+def test_a_malformed_gateway_is_refused() -> None:
+    with pytest.raises(OSError):
+        netguard.main(["block", "--gateway", "not-an-address"])
