@@ -113,7 +113,12 @@ def test_layer_up_status_use_down(
             assert "answer" in result["outputs"]
             # The real-mode engine spoke to the stand-in and wrote the run's shared ledger on the host.
             assert any(Path(up["lm_run_dir"]).iterdir())
-from provisioner.lm.ledger import read_ledger
+            # Stand-in calls are not money (issue 9): marked, $0 billed, list price kept for the limit.
+            calls = [e for e in read_ledger(Path(up["lm_run_dir"]) / "ledger.jsonl") if e["event"] == "call"]
+            assert calls and all(e["endpoint"] == "standin" and e["cost_usd"] == 0 for e in calls)
+            assert all(e["list_cost_usd"] > 0 for e in calls)
+            report = json.loads(_provision(tmp_path, env, "cost", "report", "--run", run_id, "--json").stdout)
+            assert report["total"]["cost_usd"] == 0 and report["total"]["standin_calls"] == len(calls)
             # The stand-in sits behind the egress guard too, and reports healthy on its own check.
             _, routes = rt.exec(up["standin"], ["cat", "/proc/net/route"])
             assert netguard.guard_in_place(routes), routes
