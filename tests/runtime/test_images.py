@@ -150,10 +150,13 @@ def test_debootstrap_uses_its_own_default_mirror_unless_one_is_given(tmp_path: P
     assert images.debootstrap_command(tmp_path / "r", "file:///srv/mirror")[-1] == "file:///srv/mirror"
 
 
-# Hosts of package registries and mirrors: the tools' own defaults are used, none is written out.
+# Where packages and images are fetched from (mirrors, package indexes, registries): the tools' own
+# defaults are used and none is written out. (A link to a project's page, e.g. pypi.org/project/x,
+# is documentation, not a source.)
 MIRROR_HOSTS = re.compile(
-    r"deb\.debian\.org|ftp\.\w+\.debian\.org|security\.debian\.org|archive\.ubuntu\.com|pypi\.org|"
-    r"pythonhosted\.org|registry-1\.docker\.io|index\.docker\.io"
+    r"deb\.debian\.org|ftp\.\w+\.debian\.org|security\.debian\.org|archive\.ubuntu\.com|"
+    r"pypi\.org/simple|pypi\.python\.org|pythonhosted\.org|registry-1\.docker\.io|index\.docker\.io|"
+    r"--index-url|--extra-index-url"
 )
 
 
