@@ -58,7 +58,10 @@ def test_an_editable_install_is_a_plain_path_entry_not_only_an_import_hook() -> 
     import importlib.metadata as md
     import json
 
-    dist = md.distribution("dspy-provisioner")
+    # The installed .dist-info (setuptools also leaves a .egg-info in a checkout, first on sys.path).
+    dists = [d for d in md.distributions(name="dspy-provisioner") if d.read_text("METADATA")]
+    assert dists, "dspy-provisioner is not installed"
+    dist = dists[0]
     direct = json.loads(dist.read_text("direct_url.json") or "{}")
     if not direct.get("dir_info", {}).get("editable"):
         pytest.skip("provisioner is not installed editable here (e.g. from the wheel)")
