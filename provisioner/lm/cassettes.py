@@ -256,10 +256,10 @@ class CassetteStore:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:12]}.", suffix=TEMP_SUFFIX, dir=path.parent)
         except OSError as exc:
             raise self._not_writable_error(f"{path.parent}: {exc.strerror or exc}") from exc
+        # Held until the file closes (or its writer dies): marks the write as in progress.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                # Held until the file closes (or its writer dies): marks the write as in progress.
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 json.dump(entry, handle, indent=2, sort_keys=True, ensure_ascii=False)
                 handle.write("\n")
                 handle.flush()
