@@ -129,3 +129,17 @@ def test_a_run_stopped_by_the_layers_max_failures_under_xdist_is_partial(pyteste
     pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached", "-n", "2")
     end = _run_end(pytester)
     assert end["complete"] is False and "stopped early" in end["partial"][0]
+
+
+def test_a_run_ended_by_an_internal_error_is_partial(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_a=SUITE.format(trouble="none"))
+    pytester.makeconftest("""
+        def pytest_runtest_logfinish(nodeid, location):
+            if nodeid.endswith("[1]"):
+                raise RuntimeError("a plugin broke")
+        """)
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached")
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR
+    end = _run_end(pytester)
+    assert end["complete"] is False and end["partial"] == ["an internal error"]
