@@ -327,6 +327,10 @@ def test_doctor_and_reap_of_a_crashed_owners_leftover(
         assert {"run_id": run_id, "reason": "owner gone", "removed": [f"network prov-{run_id}"],
                 "project": None, "kept": ""} in dry
         assert leftovers(docker_engine, run_id)  # a dry run removes nothing
+        every = json.loads(_provision(tmp_path, env, "status", "--all-projects", "--json").stdout)
+        assert {"run_id": run_id, "project": None, "this_project": False}.items() <= next(
+            r for r in every if r["run_id"] == run_id
+        ).items()
         reaped = json.loads(_provision(tmp_path, env, "reap", "--run", run_id, "--json").stdout)
         assert [r["run_id"] for r in reaped] == [run_id]
     finally:
