@@ -16,10 +16,10 @@ them), each test runs with two blocks, in the spirit of pytest-recording's ``--b
 
 Which tests: those of a project that uses provisioner (a ``[tool.provisioner]`` table or
 ``provision.toml``, or a layer chosen with ``--layer``/``TEST_MODE``/``PROVISION_LAYER``), and any
-test marked for a layer or asking for a provisioner fixture. Opt in to the network with pytest-socket's
-standard switches: ``@pytest.mark.enable_socket`` or the ``socket_enabled`` fixture for one test,
-``--force-enable-socket`` for the run, ``@pytest.mark.allow_hosts(["host", …])`` for named hosts —
-or run a layer with real LM calls (``--layer e2e``).
+test marked for a layer or ``lm_rules``, or asking for a provisioner fixture. Opt in to the network
+with pytest-socket's standard switches: ``@pytest.mark.enable_socket`` or the ``socket_enabled``
+fixture for one test, ``--force-enable-socket`` for the run, ``@pytest.mark.allow_hosts(["host", …])``
+for named hosts — or run a layer with real LM calls (``--layer e2e``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def applies(run: Any, markers: Iterable[str], fixturenames: Iterable[str], *, fo
         return False
     if not blocks(run.environment.lm_config.mode):
         return False
-    return (project_uses_provisioner(run) or run.is_layer_test(marks)
+    return (project_uses_provisioner(run) or run.is_layer_test(marks) or "lm_rules" in marks
             or bool(PROVISIONER_FIXTURES & set(fixturenames)))
 
 

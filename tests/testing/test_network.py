@@ -208,7 +208,13 @@ def test_suites_that_do_not_use_provisioner_are_untouched(pytester: pytest.Pytes
 
 def test_with_lm_fixture(lm):
     test_connect()
+
+
+@pytest.mark.lm_rules({"match": {"question": "*"}})
+def test_with_lm_rules():
+    test_connect()
 """)
     result = pytester.runpytest_subprocess("-s", "-v")
-    result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*test_connect ATTEMPTED*", "*test_with_lm_fixture BLOCKED unit*"])
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*test_connect ATTEMPTED*", "*test_with_lm_fixture BLOCKED unit*",
+                                 "*test_with_lm_rules BLOCKED unit*"])
