@@ -27,12 +27,18 @@ class Phases:
         TTY only). A failure is reported on the same line and re-raised."""
         started = time.monotonic()
         if self._console is not None:
-            with self._console.status(f"provisioner: {title} …") as status:
+            from rich.markup import escape
+
+            def line(text: str) -> str:  # one line, whatever the terminal's width (the spinner takes 2)
+                room = max(self._console.width - 3, 10)
+                return escape(text if len(text) <= room else text[: room - 1] + "…")
+
+            with self._console.status(line(f"provisioner: {title} …")) as status:
                 try:
-                    yield lambda message: status.update(f"provisioner: {title}: {message}")
+                    yield lambda message: status.update(line(f"provisioner: {title}: {message}"))
                 except BaseException as exc:
-                    self._console.print(f"provisioner: {title}: [red]failed[/red]: {exc}", markup=True,
-                                        highlight=False)
+                    self._console.print(f"provisioner: {title}: [red]failed[/red]: {escape(str(exc))}",
+                                        markup=True, highlight=False)
                     raise
             self._console.print(f"provisioner: {title}: [green]✓[/green] {time.monotonic() - started:.1f} s",
                                 markup=True, highlight=False)

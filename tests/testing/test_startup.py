@@ -53,6 +53,18 @@ def test_terminal_phase_uses_rich() -> None:
     assert "provisioner: worker image: ✓ " in plain
 
 
+def test_terminal_phase_stays_on_one_line_with_long_messages() -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=60)
+    with Phases(lambda text: None, console=console).phase("worker image") as update:
+        update("building provisioner-worker:50b731e09e10 on provisioner-base:bookworm-16c9e52b372e ...")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).replace("\r", "\n")
+    assert all(len(line) <= 60 for line in plain.splitlines()), plain
+    assert "…" in plain  # cut, not wrapped
+
+
 class _FakeEnv:
     def __init__(self, prepared: str | None, problem: str | None = None) -> None:
         from provisioner.settings import load_settings
