@@ -149,9 +149,6 @@ class _SocketReader:
             have += got
         return bytes(out)
 
-    def has_buffered(self) -> bool:
-        return bool(self._buf)
-
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError, KeyError):
             self._poll.unregister(self._sock.fileno())

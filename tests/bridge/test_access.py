@@ -302,3 +302,15 @@ def test_the_token_is_not_on_the_worker_command_line(spawn_worker: Any) -> None:
     worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
     cmdline = Path(f"/proc/{worker.proc.pid}/cmdline").read_bytes()
     assert TOKEN.encode() not in cmdline
+
+
+def test_the_stdio_connection_belongs_to_whoever_spawned_the_worker(spawn_worker: Any) -> None:
+    """Over --stdio only the parent holds the pipes: its one connection has control, token or not."""
+    worker = spawn_worker(stdio=True, env={CONTROL_TOKEN_ENV: TOKEN})
+    worker.send({"id": 1, "command": "hello"})
+    assert worker.receive()["result"]["capabilities"] == ["session", "control"]
+    worker.send({"id": 2, "command": "reset_state"})
+    assert worker.receive()["success"]
+    worker.send({"id": 3, "command": "shutdown"})
+    assert worker.receive()["success"]
+    assert worker.wait_exit() == 0
