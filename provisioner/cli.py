@@ -207,6 +207,10 @@ def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config
             max_inflight=settings.worker.max_inflight,
             max_connections=settings.worker.max_connections,
             request_timeout_s=settings.process_timeout,
+            max_inflight_bytes=settings.worker.max_inflight_bytes,
+            frame_timeout_s=settings.worker.frame_timeout_s,
+            max_programs=settings.worker.max_programs,
+            max_sessions=settings.worker.max_sessions,
         )
     )
 

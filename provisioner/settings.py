@@ -44,7 +44,15 @@ class WorkerSettings(BaseModel):
 
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_inflight: int = Field(default=8, gt=0, description="concurrent execute_program calls per worker")
-    max_connections: int = Field(default=256, gt=0)
+    max_connections: int = Field(
+        default=256, gt=0, description="capped at run time below the container's pids limit (one thread each)"
+    )
+    # Bounds against hostile or runaway clients (docs/protocol.md, "Starting a worker"); the defaults
+    # are provisioner.bridge.server's and programs' DEFAULT_* constants.
+    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="request bodies held at once")
+    frame_timeout_s: float = Field(default=30.0, gt=0, description="a started frame must arrive within it")
+    max_programs: int = Field(default=5000, gt=0, description="programs per worker")
+    max_sessions: int = Field(default=2000, gt=0, description="sessions per worker")
 
 
 class ContainerSettings(BaseModel):

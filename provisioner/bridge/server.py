@@ -51,6 +51,7 @@ from typing import Any, BinaryIO, Literal, cast
 
 from pydantic import ValidationError
 
+from provisioner.bridge.programs import DEFAULT_MAX_PROGRAMS, DEFAULT_MAX_SESSIONS
 from provisioner.bridge.protocol import (
     CONTROL_TOKEN_ENV,
     DEFAULT_MAX_FRAME_BYTES,
@@ -1017,6 +1018,8 @@ def run_worker(
     control_token: str | None = None,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
 ) -> int:
     """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
 
@@ -1046,7 +1049,11 @@ def run_worker(
 
     # A worker is never up without an LM: a bare `provision worker` gets the mock.
     service = BridgeService(
-        lm_config or LMConfig(mode="mock"), worker_id=worker_id, control_token=control_token
+        lm_config or LMConfig(mode="mock"),
+        worker_id=worker_id,
+        control_token=control_token,
+        max_programs=max_programs,
+        max_sessions=max_sessions,
     )
     install_process_lm(service)
     server = BridgeServer(

@@ -479,6 +479,10 @@ def plan_run(
         "PROVISION_WORKER__MAX_FRAME_BYTES": str(settings.worker.max_frame_bytes),
         "PROVISION_WORKER__MAX_INFLIGHT": str(settings.worker.max_inflight),
         "PROVISION_WORKER__MAX_CONNECTIONS": str(settings.worker.max_connections),
+        "PROVISION_WORKER__MAX_INFLIGHT_BYTES": str(settings.worker.max_inflight_bytes),
+        "PROVISION_WORKER__FRAME_TIMEOUT_S": str(settings.worker.frame_timeout_s),
+        "PROVISION_WORKER__MAX_PROGRAMS": str(settings.worker.max_programs),
+        "PROVISION_WORKER__MAX_SESSIONS": str(settings.worker.max_sessions),
         "PROVISION_PROCESS_TIMEOUT": str(settings.process_timeout),
     }
     worker_recipes = tuple(

@@ -289,3 +289,30 @@ def test_the_client_reconnects_on_the_next_request_after_the_peer_closed() -> No
         listener.close()
         thread.join(10)
         assert not thread.is_alive()
+
+
+# --- the bounds are settings ------------------------------------------------------------------------
+
+
+def test_the_bounds_are_worker_settings_with_the_same_defaults(spawn_worker: Any) -> None:
+    from provisioner.bridge.programs import DEFAULT_MAX_PROGRAMS, DEFAULT_MAX_SESSIONS
+    from provisioner.bridge.server import DEFAULT_FRAME_TIMEOUT_S, DEFAULT_MAX_INFLIGHT_BYTES
+    from provisioner.settings import WorkerSettings
+
+    defaults = WorkerSettings()
+    assert (defaults.max_inflight_bytes, defaults.frame_timeout_s, defaults.max_programs,
+            defaults.max_sessions) == (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_FRAME_TIMEOUT_S,
+                                       DEFAULT_MAX_PROGRAMS, DEFAULT_MAX_SESSIONS)
+    worker = spawn_worker(env={"PROVISION_WORKER__MAX_PROGRAMS": "2", "PROVISION_WORKER__MAX_SESSIONS": "5",
+                               "PROVISION_WORKER__FRAME_TIMEOUT_S": "0.5"})
+    with worker.client() as client:
+        client.create_program(QA, "a")
+        client.create_program(QA, "b")
+        with pytest.raises(BridgeError) as info:
+            client.create_program(QA, "c")
+        assert info.value.error_type == "TooManyPrograms"
+        stats = client.get_stats()
+        assert stats["max_programs"] == 2 and stats["max_sessions"] == 5
+    with raw(worker.port) as conn:
+        conn.send_bytes(b"\x00")
+        assert conn.receive()["error_type"] == "FrameTimeout"
