@@ -5,13 +5,20 @@ offline, and a socket-mounted container is a privilege we do not want. The watch
 detached host process instead (``python -m provisioner.runtime.watchdog``):
 
 * owners (the ``provision run`` process, each pytest or xdist worker process) register a file
-  ``<run_dir>/owners/<pid>-<start time>``; the start time guards against pid reuse;
+  ``<run_dir>/owners/<pid>-<start time>``; the start time guards against pid reuse. An owner has a
+  *role*: a ``principal`` (the file is empty) keeps the run alive on its own; a ``dependant`` (the
+  file reads ``dependant of <pid>-<start time>``: an xdist worker, of its controller) keeps it alive
+  only while its principal lives. A dependant whose principal is gone is the run's own orphan: the
+  watchdog terminates it (SIGTERM, then SIGKILL after ``DEPENDANT_GRACE_S``) instead of waiting for
+  it to notice — an xdist worker of a SIGKILLed controller only dies through execnet's timeouts,
+  6 to 16 s later (issue 14, item 9);
 * exactly one watchdog per run: it holds an exclusive ``flock`` on ``<run_dir>/watchdog.lock`` for
   its whole life. Anyone can tell whether a run is watched by trying that lock, and a second
   watchdog started by a racing owner exits at once;
 * every ``interval`` seconds it checks the owners with psutil (zombies count as dead). When none is
   alive, it removes everything labelled ``provisioner.run=<id>`` (containers first, in parallel,
-  then networks), terminates host processes registered under ``<run_dir>/processes/``, sweeps
+  then networks) while it terminates orphaned dependants and the host processes registered under
+  ``<run_dir>/processes/``, sweeps
   again shortly after (a create call in flight when the owner died may still land), and exits;
 * ``<run_dir>/persist`` (written by ``provision up`` once the environment is up) and
   ``<run_dir>/retain`` (cleanup policy kept it) make it exit without removing anything;
@@ -45,6 +52,9 @@ REAPED_MARKER = "reaped"
 # An owner that never registers (crashed between spawn and registration) must not keep a run forever.
 NO_OWNER_GRACE_S = 30.0
 LATE_SWEEPS_S = (1.0, 3.0)
+# How long an orphaned dependant gets between SIGTERM and SIGKILL (seconds).
+DEPENDANT_GRACE_S = 1.0
+DEPENDANT_PREFIX = "dependant of "
 
 
 # --- owner side -------------------------------------------------------------------------------------
@@ -64,12 +74,23 @@ def _entry_name(pid: int) -> str:
     return f"{pid}-{start:.3f}" if start is not None else f"{pid}-0"
 
 
-def register_owner(run_dir: Path, pid: int | None = None) -> Path:
-    """Register ``pid`` (default: this process) as an owner of the run at ``run_dir``."""
+def process_entry(pid: int | None = None) -> str:
+    """``<pid>-<start time>`` of a process (default: this one): how the run's files name it, so a
+    reused pid is never taken for it. Pass it to another process as its principal."""
+    return _entry_name(pid or os.getpid())
+
+
+def register_owner(run_dir: Path, pid: int | None = None, *, principal: str | None = None) -> Path:
+    """Register ``pid`` (default: this process) as an owner of the run at ``run_dir``.
+
+    ``principal`` (a :func:`process_entry` of another process, e.g. the pytest controller of an
+    xdist worker): register as its *dependant* — the run is not kept alive by this process once the
+    principal is gone, and the watchdog then terminates this process. ``None``: a principal owner.
+    """
     folder = run_dir / OWNERS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / _entry_name(pid or os.getpid())
-    entry.touch()
+    entry.write_text(f"{DEPENDANT_PREFIX}{principal}\n" if principal else "")
     return entry
 
 
@@ -157,10 +178,17 @@ def wait_watching(run_dir: Path, timeout_s: float = 15.0, poll_s: float = 0.02) 
 
 
 def ensure_watchdog(
-    run_id: str, run_dir: Path, *, owner_pid: int | None = None, interval_s: float = 0.5, wait: bool = True
+    run_id: str,
+    run_dir: Path,
+    *,
+    owner_pid: int | None = None,
+    principal: str | None = None,
+    interval_s: float = 0.5,
+    wait: bool = True,
 ) -> None:
-    """Register the owner, and start the run's watchdog unless one is already watching."""
-    register_owner(run_dir, owner_pid)
+    """Register the owner (a dependant of ``principal`` if given), and start the run's watchdog
+    unless one is already watching."""
+    register_owner(run_dir, owner_pid, principal=principal)
     spawn_watchdog(run_id, run_dir, interval_s=interval_s)
     if wait:
         wait_watching(run_dir)
@@ -173,9 +201,9 @@ def _entries(folder: Path) -> Iterator[tuple[int, float]]:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        pid_text, _, start_text = entry.name.partition("-")
-        with contextlib.suppress(ValueError):
-            yield int(pid_text), float(start_text or 0)
+        parsed = _parse_entry(entry.name)
+        if parsed is not None:
+            yield parsed
 
 
 def _alive(pid: int, start: float) -> bool:
@@ -190,15 +218,88 @@ def _alive(pid: int, start: float) -> bool:
         return False
 
 
+def _parse_entry(name: str) -> tuple[int, float] | None:
+    pid_text, _, start_text = name.strip().partition("-")
+    try:
+        return int(pid_text), float(start_text or 0)
+    except ValueError:
+        return None
+
+
+def _principal_of(entry: Path) -> tuple[int, float] | None:
+    """The principal a dependant entry names; None for a principal owner (or an unreadable entry)."""
+    try:
+        text = entry.read_text()
+    except OSError:
+        return None
+    if not text.startswith(DEPENDANT_PREFIX):
+        return None
+    return _parse_entry(text[len(DEPENDANT_PREFIX):])
+
+
+def owner_states(run_dir: Path) -> tuple[int, int, list[tuple[int, float]]]:
+    """(registered owners, owners that keep the run alive, orphans).
+
+    An owner keeps the run alive while it lives and, for a dependant, while its principal lives.
+    Orphans are live dependants whose principal is gone: ``(pid, start time)`` each.
+    """
+    folder = run_dir / OWNERS_DIR
+    registered = 0
+    keeping: int = 0
+    orphans: list[tuple[int, float]] = []
+    if not folder.is_dir():
+        return 0, 0, []
+    for entry in folder.iterdir():
+        parsed = _parse_entry(entry.name)
+        if parsed is None:
+            continue
+        registered += 1
+        if not _alive(*parsed):
+            continue
+        principal = _principal_of(entry)
+        if principal is not None and not _alive(*principal):
+            orphans.append(parsed)
+        else:
+            keeping += 1
+    return registered, keeping, orphans
+
+
 def owners_alive(run_dir: Path) -> tuple[int, int]:
-    """(registered owners, live owners)."""
-    entries = list(_entries(run_dir / OWNERS_DIR))
-    return len(entries), sum(1 for pid, start in entries if _alive(pid, start))
+    """(registered owners, owners that keep the run alive: see :func:`owner_states`)."""
+    registered, keeping, _orphans = owner_states(run_dir)
+    return registered, keeping
 
 
-def remove_run(run_id: str, run_dir: Path | None = None) -> list[str]:
+def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDANT_GRACE_S) -> list[str]:
+    """SIGTERM every orphaned dependant at once, SIGKILL what is left after ``grace_s``; returns
+    ``"process <pid>"`` of those that were still there. Only the exact processes (pid + start time)
+    registered in the run are touched."""
+    import psutil
+
+    procs = []
+    for pid, start in orphans:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if start and abs(proc.create_time() - start) > 0.01:
+                continue
+            procs.append(proc)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    return [f"process {p.pid}" for p in procs]
+
+
+def remove_run(
+    run_id: str, run_dir: Path | None = None, orphans: list[tuple[int, float]] | None = None
+) -> list[str]:
     """Remove every engine resource labelled with ``run_id`` (containers in parallel, then networks)
-    and terminate the run's registered host processes. Returns ``"<kind> <name>"`` of what went."""
+    while terminating the run's registered host processes and ``orphans`` (dependants whose principal
+    is gone, see :func:`owner_states`). Returns ``"<kind> <name>"`` of what went."""
     from provisioner.runtime import labels as L
     from provisioner.runtime.engine import DockerRuntime, remove_by_selector
     from provisioner.runtime.resources import terminate_process
@@ -216,12 +317,13 @@ def remove_run(run_id: str, run_dir: Path | None = None) -> list[str]:
 
     runtime = DockerRuntime()
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             # Host processes and containers go at the same time: a command that ignores SIGTERM
             # must not delay the containers by its grace period.
+            dependants = pool.submit(terminate_orphans, orphans or [])
             processes = pool.submit(stop_processes)
             removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(runtime, L.selector(run_id))]
-            removed += processes.result()
+            removed += dependants.result() + processes.result()
     finally:
         runtime.close()
     return removed
@@ -252,13 +354,16 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
             if (run_dir / marker).exists():
                 _log(f"{marker} marker found; exiting without cleanup")
                 return 0
-        registered, alive = owners_alive(run_dir)
+        registered, alive, orphans = owner_states(run_dir)
         if alive == 0 and (registered > 0 or time.monotonic() - started > NO_OWNER_GRACE_S):
             break
+        if orphans:  # another principal still holds the run: only the orphans go
+            _log(f"principal gone; terminating its dependants: {', '.join(terminate_orphans(orphans))}")
         time.sleep(interval_s)
-    _log("every owner is gone; removing the run")
+    _log("every owner is gone" + (f" ({len(orphans)} orphaned dependant(s))" if orphans else "")
+         + "; removing the run")
     t0 = time.monotonic()
-    removed = remove_run(run_id, run_dir)
+    removed = remove_run(run_id, run_dir, orphans)
     _log(f"removed {len(removed)} resource(s) in {time.monotonic() - t0:.2f}s: {', '.join(removed) or '-'}")
     mark(run_dir, REAPED_MARKER)
     for delay in LATE_SWEEPS_S:

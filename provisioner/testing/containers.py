@@ -203,8 +203,10 @@ class ProcessContainers:
 
             run_dir = self.env.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
+            # An xdist worker is its controller's dependant: the watchdog terminates it and removes
+            # the run as soon as the controller is gone, instead of waiting for execnet's timeouts.
             wd.ensure_watchdog(
-                self.env.run_id, run_dir, owner_pid=os.getpid(),
+                self.env.run_id, run_dir, owner_pid=os.getpid(), principal=self.env.identity.principal,
                 interval_s=self.env.settings.container.watchdog_interval_s,
             )
             self._watchdog_started = True

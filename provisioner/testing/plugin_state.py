@@ -39,6 +39,7 @@ _WORKERINPUT_RUN_ID = "provision_run_id"
 _WORKERINPUT_RUN_DIR = "provision_run_dir"
 _WORKERINPUT_IMAGE = "provision_image"
 _WORKERINPUT_IMAGE_ERROR = "provision_image_error"
+_WORKERINPUT_CONTROLLER = "provision_controller"
 # Fixtures whose tests need this process's warm pool (isolated sessions live on pool workers).
 POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
@@ -143,7 +144,8 @@ class ProvisionRun:
                              require_key=require_key)
         project = project_dir.absolute()
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
-            identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR])
+            identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR],
+                                          workerinput.get(_WORKERINPUT_CONTROLLER))
         else:
             resolved = resolve_run(options, project)
             identity = RunIdentity.create(state_dir(resolved.settings, resolved.project_dir))
@@ -164,7 +166,10 @@ class ProvisionRun:
         return [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
 
     def workerinput(self) -> dict[str, str]:
-        out = {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir)}
+        from provisioner.runtime.watchdog import process_entry
+
+        out = {_WORKERINPUT_RUN_ID: self.identity.run_id, _WORKERINPUT_RUN_DIR: str(self.identity.run_dir),
+               _WORKERINPUT_CONTROLLER: process_entry()}  # workers are its dependants (watchdog)
         if self.environment.prepared_image is not None:
             out[_WORKERINPUT_IMAGE] = self.environment.prepared_image
         if self.environment.image_problem is not None:

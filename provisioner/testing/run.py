@@ -40,6 +40,9 @@ class RunIdentity:
     run_dir: Path
     # True in the process that created the run (it owns the run-wide report and cleanup).
     controller: bool
+    # An xdist worker: its controller's ``<pid>-<start time>`` (watchdog.process_entry). The worker
+    # registers with the run's watchdog as its dependant, so it is terminated when the controller dies.
+    principal: str | None = None
 
     @classmethod
     def create(cls, state_dir: Path, run_id: str | None = None) -> RunIdentity:
@@ -51,9 +54,10 @@ class RunIdentity:
         return cls(run_id=chosen, run_dir=run_dir.absolute(), controller=True)
 
     @classmethod
-    def joined(cls, run_id: str, run_dir: str | Path) -> RunIdentity:
-        """The identity of a run another process created (an xdist worker joining its controller)."""
-        return cls(run_id=check_run_id(run_id), run_dir=Path(run_dir), controller=False)
+    def joined(cls, run_id: str, run_dir: str | Path, principal: str | None = None) -> RunIdentity:
+        """The identity of a run another process created (an xdist worker joining its controller,
+        ``principal`` being the controller's ``<pid>-<start time>``)."""
+        return cls(run_id=check_run_id(run_id), run_dir=Path(run_dir), controller=False, principal=principal)
 
     def as_env(self) -> dict[str, str]:
         return {RUN_ID_ENV: self.run_id, RUN_DIR_ENV: str(self.run_dir)}

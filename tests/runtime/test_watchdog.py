@@ -91,3 +91,58 @@ def test_only_one_watchdog_runs_per_run(tmp_path: Path) -> None:
         threading_wait(0.01)
     assert not wd.watchdog_alive(run_dir)
     assert "stopped marker found" in (run_dir / wd.LOG_FILE).read_text()
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_a_dependant_keeps_the_run_only_while_its_principal_lives(tmp_path: Path) -> None:
+    principal, dependant = _sleeper(), _sleeper()
+    try:
+        wd.register_owner(tmp_path, dependant.pid, principal=wd.process_entry(principal.pid))
+        assert (tmp_path / wd.OWNERS_DIR / wd.process_entry(dependant.pid)).read_text().startswith(
+            wd.DEPENDANT_PREFIX
+        )
+        assert wd.owner_states(tmp_path) == (1, 1, [])
+        principal.kill()
+        principal.wait()
+        registered, keeping, orphans = wd.owner_states(tmp_path)
+        assert (registered, keeping) == (1, 0)
+        assert [pid for pid, _ in orphans] == [dependant.pid]
+        assert wd.owners_alive(tmp_path) == (1, 0)  # the watchdog would remove the run now
+        assert wd.terminate_orphans(orphans, grace_s=5) == [f"process {dependant.pid}"]
+        # psutil reaped our child while waiting for it: gone is all Popen can still tell.
+        dependant.wait(timeout=10)
+        assert wd.owner_states(tmp_path) == (1, 0, [])
+    finally:
+        for proc in (principal, dependant):
+            proc.kill()
+            proc.wait()
+
+
+def test_an_orphan_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    stubborn = subprocess.Popen([
+        sys.executable, "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)",
+    ], stdout=subprocess.PIPE)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+        entry = wd.process_entry(stubborn.pid)
+        pid, start = int(entry.split("-")[0]), float(entry.split("-")[1])
+        assert wd.terminate_orphans([(pid, start)], grace_s=0.2) == [f"process {pid}"]
+        stubborn.wait(timeout=10)  # it ignores SIGTERM: only the SIGKILL can have ended it
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+
+
+def test_a_reused_pid_is_neither_principal_nor_orphan(tmp_path: Path) -> None:
+    folder = tmp_path / wd.OWNERS_DIR
+    folder.mkdir()
+    # The principal's pid is ours, but its start time is not: the principal is gone.
+    (folder / wd.process_entry()).write_text(f"{wd.DEPENDANT_PREFIX}{os.getpid()}-12345.000\n")
+    assert wd.owner_states(tmp_path) == (1, 0, [(os.getpid(), float(wd.process_entry().split("-")[1]))])
+    # An orphan entry naming our pid with another start time is not us: never signalled.
+    assert wd.terminate_orphans([(os.getpid(), 12345.0)]) == []

@@ -1,0 +1,232 @@
+"""Killed parts: SIGKILL of the pytest controller under xdist (issue 14, item 9).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_controller_kill.py [--rounds 3] [--json] [--write-docs]
+
+Method (real Docker engine, the worker image already built; wall clock with ``time.perf_counter``):
+a scratch project runs ``pytest -n 2 --layer integration --lm mock`` with two tests that each take an
+``isolated`` session (so each xdist worker starts its own pool: relay, worker, two networks) and then
+sleep. Once both tests are running, the controller gets SIGKILL, and we poll every 50 ms until
+
+* **resources gone** — no container and no network labelled with the run exists;
+* **processes gone** — none of the run's processes lives (the xdist workers, the run's watchdog).
+
+Both are measured with SIGINT ignored in the controller and its workers (``signal.SIG_IGN`` in
+``preexec_fn``: what a shell does to a background job of a script) and with the default handler.
+The controller runs in a session of its own, so the benchmark can clean up after a round that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Killed parts"
+DEADLINE_S = 60.0
+
+SUITE = '''
+import os
+import time
+
+import pytest
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n", range(2))
+def test_hold(isolated, n):
+    isolated.adapter.ping()
+    open(os.path.join({out!r}, "started-" + os.environ.get("PYTEST_XDIST_WORKER", "main")), "w").close()
+    time.sleep(600)
+'''
+
+
+def scratch_project() -> tuple[Path, dict[str, str]]:
+    folder = Path(tempfile.mkdtemp(prefix="provision-bench-kill-"))
+    (folder / "pyproject.toml").write_text("[project]\nname = 'bench'\n")
+    (folder / "out").mkdir()
+    (folder / "test_hold.py").write_text(SUITE.format(out=str(folder / "out")))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
+    }
+    env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
+    return folder, env
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_processes(run_id: str) -> list[Any]:
+    """Live processes of the run: any whose command line or environment names the run id."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            named = run_id in " ".join(proc.info["cmdline"] or ())
+            if named or proc.environ().get("PROVISION_RUN_ID") == run_id:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def resources(client: Any, run_id: str) -> list[str]:
+    labels = {"label": [f"provisioner.run={run_id}"]}
+    return [f"container {c['Names'][0]}" for c in client.api.containers(all=True, filters=labels)] + [
+        f"network {n['Name']}" for n in client.api.networks(filters=labels)
+    ]
+
+
+def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
+    """SIGKILL the controller of a 2-worker xdist run once its tests run; seconds until clean."""
+    import psutil
+
+    folder, env = scratch_project()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
+         "-p", "no:cacheprovider", "test_hold.py"],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_ignore_sigint if sigint_ignored else None,
+    )
+    run_id = ""
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((folder / "out").iterdir())) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the scratch suite did not start (exit {proc.poll()}) in {folder}")
+            time.sleep(0.1)
+        runs = list((folder / ".provision" / "runs").iterdir())
+        run_id = runs[0].name
+        watched = {p.pid: p for p in run_processes(run_id) if p.pid != proc.pid}
+        watched.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+        start = time.perf_counter()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        marks: dict[str, float] = {}
+        while time.perf_counter() - start < DEADLINE_S and len(marks) < 2:
+            now = time.perf_counter() - start
+            if "resources" not in marks and not resources(client, run_id):
+                marks["resources"] = now
+            if "processes" not in marks and not [p for p in watched.values() if _lives(p)]:
+                marks["processes"] = now
+            time.sleep(0.05)
+        for key in ("resources", "processes"):
+            marks.setdefault(key, float("inf"))
+        return marks
+    finally:
+        _cleanup(proc, run_id)
+
+
+def _lives(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _cleanup(proc: subprocess.Popen[bytes], run_id: str) -> None:
+    import contextlib
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait()
+    if run_id:
+        from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+        from provisioner.runtime.labels import selector
+
+        for p in run_processes(run_id):
+            with contextlib.suppress(Exception):
+                p.kill()
+        remove_by_selector(DockerRuntime(), selector(run_id))
+
+
+def measure(rounds: int) -> dict[str, Any]:
+    import docker
+
+    client = docker.from_env()
+    results: dict[str, Any] = {}
+    for name, ignored in (("sigint_ignored", True), ("default", False)):
+        samples = [one_round(client, sigint_ignored=ignored) for _ in range(rounds)]
+        results[name] = {
+            key: {"median": statistics.median(s[key] for s in samples), "min": min(s[key] for s in samples),
+                  "max": max(s[key] for s in samples), "n": len(samples)}
+            for key in ("resources", "processes")
+        }
+    return results
+
+
+def markdown(results: dict[str, Any], rounds: int) -> str:
+    load = os.getloadavg()[0]
+    lines = [
+        SECTION,
+        "",
+        f"`.venv/bin/python benchmarks/bench_controller_kill.py --rounds {rounds} --write-docs` — SIGKILL of "
+        "the controller of `pytest -n 2 --layer integration` (each xdist worker with its own pool); seconds "
+        f"from the kill until nothing of the run is left; median of {rounds} rounds (min, max beside it). "
+        f"Date: {time.strftime('%Y-%m-%d')}. Load average (1 min) after: {load:.1f}.",
+        "",
+        "| controller started with | no container/network left, median s | min | max "
+        "| no process left, median s | min | max | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, label in (("sigint_ignored", "SIGINT ignored"), ("default", "default SIGINT")):
+        r, p = results[name]["resources"], results[name]["processes"]
+        lines.append(
+            f"| {label} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {p['median']:.2f} "
+            f"| {p['min']:.2f} | {p['max']:.2f} | ≤ 3 s / ≤ 10 s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(text: str) -> None:
+    doc = DOC.read_text()
+    start = doc.find(SECTION)
+    if start == -1:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    else:
+        end = doc.find("\n## ", start + len(SECTION))
+        keep = "" if end == -1 else doc[end:]
+        # Notes under the table (lines after it up to the next section) are kept.
+        old = doc[start:] if end == -1 else doc[start:end]
+        notes = old.split("\n\n", 3)[3] if old.count("\n\n") >= 3 else ""
+        doc = doc[:start] + text + ("\n" + notes.rstrip("\n") + "\n" if notes.strip() else "") + keep
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    results = measure(args.rounds)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    text = markdown(results, args.rounds)
+    print(text)
+    if args.write_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
