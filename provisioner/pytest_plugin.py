@@ -409,8 +409,9 @@ def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if run.layer.needs_docker and layer_test:
         run.mark_used()
         _need_docker(run, f"{request.node.nodeid} (marked for the {run.layer.name} layer)")
-    # Taken for every test (child processes: cheap; Docker only once this process has containers);
-    # checked only for tests that used provisioner, so other suites' tests are never judged.
+    # Taken for every test (no machine-wide scan: this process's children, tracked ports and files,
+    # the engine through its event stream); checked only for tests that used provisioner, so other
+    # suites' tests are never judged.
     before = run.leak_snapshot()
     yield
     uses = layer_test or request.node.stash.get(USES_PROVISIONER, False)

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -98,6 +98,53 @@ class ContainerRuntime(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class EngineEvent:
+    """One creation or removal the engine reported (Docker's ``/events``: ``Type``, ``Action``,
+    ``Actor.ID``, ``Actor.Attributes``, ``timeNano``).
+
+    ``labels`` is None when the engine's event does not carry them: Docker's network and volume
+    events name the resource only, so a watcher asks :meth:`EventSource.resource_labels`.
+    ``time_ns``: the engine's clock, nanoseconds since the epoch.
+    """
+
+    kind: ResourceKind
+    action: Literal["create", "destroy"]
+    id: str
+    name: str
+    time_ns: int
+    labels: Mapping[str, str] | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> tuple[int, str, str, str]:
+        """Identifies the event across two reads of the stream (live and replayed)."""
+        return (self.time_ns, self.kind, self.id, self.action)
+
+
+class EventStream(Protocol):
+    """An iterable of :class:`EngineEvent`; ``close()`` (from any thread) ends a live one."""
+
+    def __iter__(self) -> Iterator[EngineEvent]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """A runtime that reports creations and removals of containers, networks and volumes.
+
+    The leak check (:class:`provisioner.runtime.resources.EngineWatch`) follows this stream instead
+    of listing the engine's resources around every test.
+    """
+
+    def events(self, since_ns: int, until_ns: int | None = None) -> EventStream:
+        """Creations and removals from ``since_ns`` on (nanoseconds, this host's clock, which a local
+        engine shares): up to ``until_ns`` and then the stream ends, or live until ``close()``."""
+
+    def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
+        """The labels of a network or volume (containers' events carry theirs); None when gone."""
+
+
 def run_container(runtime: ContainerRuntime, recipe: ContainerRecipe) -> str:
     """Create and start; on a failed start the half-made container is removed."""
     container_id = runtime.create_container(recipe)
@@ -151,6 +198,9 @@ class DockerRuntime:
             except Exception as exc:  # docker.errors.DockerException and socket errors
                 raise DockerUnavailableError(_no_engine(exc)) from None
         self.client = client
+        self._timeout = timeout
+        self._events_lock = threading.Lock()
+        self._events_conn: Any = None
 
     def ping(self) -> None:
         try:
@@ -343,9 +393,149 @@ class DockerRuntime:
             )
         return out
 
+    def events(self, since_ns: int, until_ns: int | None = None) -> EventStream:
+        """Docker's ``/events``, filtered to creations and removals of containers, networks and
+        volumes (other engineers' too: networks and volumes carry no labels in their events, so the
+        caller matches them). Raises :class:`DockerUnavailableError` when the engine does not answer."""
+        filters = {"type": ["container", "network", "volume"], "event": ["create", "destroy"]}
+        if until_ns is not None:
+            past = self._past_events(since_ns, until_ns, filters)
+            if past is not None:
+                return _PastEvents(past)
+        try:
+            raw = self.client.api.events(
+                since=_timestamp(since_ns), until=_timestamp(until_ns) if until_ns is not None else None,
+                filters=filters, decode=True,
+            )
+        except Exception as exc:
+            raise DockerUnavailableError(_no_engine(exc)) from None
+        return _DockerEvents(raw)
+
+    def _past_events(
+        self, since_ns: int, until_ns: int, filters: dict[str, list[str]]
+    ) -> list[EngineEvent] | None:
+        """A bounded ``/events`` read over a kept-open HTTP connection to a local engine's socket.
+
+        The leak check makes this read after every test: through docker-py's requests stack it costs
+        ≈ 1.3 ms, through ``http.client`` ≈ 0.3 ms (same machine, benchmarks/bench_suite.py). None
+        when the engine is not on a local Unix socket or the read failed (then docker-py is used).
+        """
+        import http.client
+        import json
+        import urllib.parse
+
+        with self._events_lock:
+            if self._events_conn is None:
+                adapter = None
+                if self.client.api.base_url == "http+docker://localhost":
+                    with contextlib.suppress(Exception):
+                        adapter = self.client.api.get_adapter("http+docker://localhost/")
+                path = getattr(adapter, "socket_path", None)
+                if not isinstance(path, str):
+                    return None
+                self._events_conn = _unix_http_connection(path, self._timeout)
+            query = urllib.parse.urlencode(
+                {"since": _timestamp(since_ns), "until": _timestamp(until_ns), "filters": json.dumps(filters)}
+            )
+            try:
+                self._events_conn.request("GET", f"/v{self.client.api.api_version}/events?{query}")
+                response = self._events_conn.getresponse()
+                body = response.read().decode("utf-8")
+            except (OSError, http.client.HTTPException):
+                self._events_conn.close()
+                self._events_conn = None
+                return None
+            if response.status != 200:
+                return None
+        decoder = json.JSONDecoder()
+        raw: list[dict[str, Any]] = []
+        index = 0
+        while True:
+            while index < len(body) and body[index].isspace():
+                index += 1
+            if index >= len(body):
+                break
+            item, index = decoder.raw_decode(body, index)
+            raw.append(item)
+        return list(_DockerEvents(iter(raw)))
+
+    def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
+        import docker.errors
+
+        try:
+            if kind == "network":
+                info = self.client.api.inspect_network(resource_id)
+            elif kind == "volume":
+                info = self.client.api.inspect_volume(resource_id)
+            else:
+                info = (self.client.api.inspect_container(resource_id).get("Config") or {})
+        except docker.errors.NotFound:
+            return None
+        return dict(info.get("Labels") or {})
+
     def close(self) -> None:
+        with self._events_lock:
+            if self._events_conn is not None:
+                self._events_conn.close()
+                self._events_conn = None
         if self._own_client:
             self.client.close()
+
+
+def _timestamp(ns: int) -> str:
+    """Docker's ``since``/``until`` format: seconds with nanoseconds (``1700000000.000000001``)."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def _unix_http_connection(path: str, timeout: float) -> Any:
+    """An ``http.client.HTTPConnection`` over a Unix socket (the local engine's API). Imported here:
+    ``http.client`` pulls in the email package, too slow for ``provision --help``."""
+    import http.client
+    import socket
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(path)
+            self.sock = sock
+
+    return UnixHTTPConnection("localhost", timeout=timeout)
+
+
+class _PastEvents:
+    def __init__(self, events: list[EngineEvent]) -> None:
+        self._events = events
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        return iter(self._events)
+
+    def close(self) -> None:
+        pass
+
+
+class _DockerEvents:
+    """docker-py's decoded event stream as :class:`EngineEvent` values."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        for ev in self._raw:
+            kind, action = ev.get("Type"), ev.get("Action")
+            if kind not in ("container", "network", "volume") or action not in ("create", "destroy"):
+                continue
+            actor = ev.get("Actor") or {}
+            attributes = dict(actor.get("Attributes") or {})
+            resource_id = str(actor.get("ID") or ev.get("id") or "")
+            name = attributes.get("name") or resource_id
+            time_ns = int(ev.get("timeNano") or int(ev.get("time") or 0) * 1_000_000_000)
+            yield EngineEvent(kind, action, resource_id, name, time_ns,
+                              attributes if kind == "container" else None)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._raw.close()
 
 
 def _parse_time(value: str | None) -> float:
@@ -430,8 +620,34 @@ class FakeRuntime:
         self._ports = itertools.count(40000)
         self._lock = threading.RLock()
         self.available = True
+        # The event stream (see EventSource): every creation and removal, in order. Tests hold live
+        # streams back with ``stream_paused`` (a lagging engine) and hook the finite reads with
+        # ``on_events_query``.
+        self.event_log: list[EngineEvent] = []
+        self._events_changed = threading.Condition(self._lock)
+        self._last_event_ns = 0
+        self.stream_paused = False
+        self.on_events_query: Callable[[], None] | None = None
 
     # helpers for tests
+    def add_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        with self._lock:
+            self.volumes[name] = dict(labels)
+            self._event("volume", "create", name, name, None)
+
+    def resume_stream(self) -> None:
+        with self._lock:
+            self.stream_paused = False
+            self._events_changed.notify_all()
+
+    def _event(self, kind: ResourceKind, action: Literal["create", "destroy"], resource_id: str, name: str,
+               labels: Mapping[str, str] | None) -> None:
+        with self._lock:  # strictly increasing times, like one engine's clock
+            self._last_event_ns = max(time.time_ns(), self._last_event_ns + 1)
+            self.event_log.append(EngineEvent(kind, action, resource_id, name, self._last_event_ns,
+                                              dict(labels) if labels is not None else None))
+            self._events_changed.notify_all()
+
     def crash(self, name_or_id: str, exit_code: int = 137) -> None:
         with self._lock:
             c = self._find(name_or_id)
@@ -475,6 +691,7 @@ class FakeRuntime:
             net = FakeNetwork(f"net{next(self._ids):06d}", recipe)
             self.networks[net.id] = net
             self.calls.append(("create_network", recipe.name))
+            self._event("network", "create", net.id, recipe.name, None)
             return net.id
 
     def create_container(self, recipe: ContainerRecipe) -> str:
@@ -496,6 +713,7 @@ class FakeRuntime:
                 c.ips[att.network] = f"10.{len(self.networks)}.0.{index + 2 + len(self.containers)}"
             self.containers[c.id] = c
             self.calls.append(("create_container", recipe.name))
+            self._event("container", "create", c.id, recipe.name, recipe.labels)
             return c.id
 
     def start_container(self, container_id: str) -> None:
@@ -522,6 +740,7 @@ class FakeRuntime:
                 return False
             del self.containers[c.id]
             self.calls.append(("remove_container", c.recipe.name))
+            self._event("container", "destroy", c.id, c.recipe.name, c.recipe.labels)
             return True
 
     def remove_network(self, network_id: str) -> bool:
@@ -532,12 +751,16 @@ class FakeRuntime:
                 return False
             del self.networks[n.id]
             self.calls.append(("remove_network", n.recipe.name))
+            self._event("network", "destroy", n.id, n.recipe.name, None)
             return True
 
     def remove_volume(self, volume_id: str) -> bool:
         self._check()
         with self._lock:
-            return self.volumes.pop(volume_id, None) is not None
+            if self.volumes.pop(volume_id, None) is None:
+                return False
+            self._event("volume", "destroy", volume_id, volume_id, None)
+            return True
 
     def kill_container(self, container_id: str) -> None:
         self.crash(container_id)
@@ -592,5 +815,56 @@ class FakeRuntime:
             ]
             return out
 
+    def events(self, since_ns: int, until_ns: int | None = None) -> EventStream:
+        self._check()
+        if until_ns is not None:
+            if self.on_events_query is not None:
+                self.on_events_query()
+            with self._lock:
+                return _FakeEvents(self, [e for e in self.event_log if since_ns <= e.time_ns <= until_ns])
+        return _FakeEvents(self, None, since_ns)
+
+    def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
+        with self._lock:
+            if kind == "network":
+                net = self._find_net(resource_id)
+                return None if net is None else dict(net.recipe.labels)
+            if kind == "volume":
+                labels = self.volumes.get(resource_id)
+                return None if labels is None else dict(labels)
+            c = self._find(resource_id)
+            return None if c is None else dict(c.recipe.labels)
+
     def close(self) -> None:
         pass
+
+
+class _FakeEvents:
+    """A finite list of events, or a live stream of :attr:`FakeRuntime.event_log` from ``since_ns``."""
+
+    def __init__(self, runtime: FakeRuntime, past: list[EngineEvent] | None, since_ns: int = 0) -> None:
+        self._runtime = runtime
+        self._past = past
+        self._since_ns = since_ns
+        self._closed = False
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        if self._past is not None:
+            yield from self._past
+            return
+        rt = self._runtime
+        position = 0
+        while True:
+            with rt._events_changed:
+                while not self._closed and (rt.stream_paused or position >= len(rt.event_log)):
+                    rt._events_changed.wait()
+                if self._closed:
+                    return
+                batch = rt.event_log[position:]
+                position = len(rt.event_log)
+            yield from (e for e in batch if e.time_ns >= self._since_ns)
+
+    def close(self) -> None:
+        with self._runtime._events_changed:
+            self._closed = True
+            self._runtime._events_changed.notify_all()

@@ -414,6 +414,7 @@ class ProcessContainers:
                 report = self._resources.cleanup_all()
                 problems += [f"{r.kind} {r.name}: {exc}" for r, exc in report.errors]
                 problems += self._sweep()
+                self._resources.close()  # stops the event watch of the leak checks
             if self._runtime is not None:
                 with contextlib.suppress(Exception):
                     self._runtime.close()
@@ -431,14 +432,15 @@ def finish_run(run_dir: Path) -> None:
         wd.mark(run_dir, wd.STOPPED_MARKER)
 
 
-def snapshot(containers: ProcessContainers | None) -> frozenset[tuple[str, str]]:
+def snapshot(containers: ProcessContainers | None, *, sync: bool = True) -> frozenset[tuple[str, str]]:
     """What exists now that a test could leak: this process's managed engine resources (when the
-    process has any) and its child processes, tracked files and ports."""
+    process has any) and its child processes, tracked files and ports. ``sync=False`` for the
+    baseline before a test (see :meth:`ResourceManager.snapshot`)."""
     if containers is not None and containers.resources_started:
-        return containers.resources.snapshot()
+        return containers.resources.snapshot(sync=sync)
     from provisioner.runtime.resources import ResourceManager
 
-    return ResourceManager(None).snapshot()
+    return ResourceManager(None).snapshot(sync=sync)
 
 
 def check_leaks(

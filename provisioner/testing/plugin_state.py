@@ -256,7 +256,8 @@ class ProvisionRun:
     # -- leak checks -------------------------------------------------------------------------------
 
     def leak_snapshot(self) -> frozenset[tuple[str, str]]:
-        return containers.snapshot(self.environment.containers_started)
+        """The baseline before a test: no engine round trip (the check after it synchronises)."""
+        return containers.snapshot(self.environment.containers_started, sync=False)
 
     def leaks_since(self, before: frozenset[tuple[str, str]], test_id: str) -> list[tuple[str, str]]:
         """What the test left behind (also recorded for the report)."""

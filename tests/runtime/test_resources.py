@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -151,3 +152,212 @@ def test_port_leaks_are_listening_ports_we_tracked() -> None:
 )
 def test_should_remove(policy: str, retain: bool, failed: bool, removed: bool) -> None:
     assert should_remove(policy, retain, failed) is removed
+
+
+# --- the per-test check without polling the machine (issue 10) ------------------------------------
+
+
+def _selector(run: str) -> dict[str, str]:
+    return {**L.selector(run), L.SESSION: "main-1"}
+
+
+def _counting_lists(rt: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = rt.list_resources
+
+    def counted(selector: dict[str, str]) -> list[object]:
+        calls.append(1)
+        return original(selector)  # type: ignore[return-value]
+
+    monkeypatch.setattr(rt, "list_resources", counted)
+    return calls
+
+
+def _container(rt: FakeRuntime, name: str, labels: dict[str, str]) -> str:
+    from provisioner.runtime.recipes import ContainerRecipe
+
+    rt.images.add("img")
+    recipe = ContainerRecipe(name=name, role="worker", image="img", command=("true",), environment={},
+                             networks=(), labels=labels)
+    return rt.create_container(recipe)
+
+
+def test_engine_leaks_come_from_the_event_stream_not_list_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = FakeRuntime()
+    lists = _counting_lists(rt, monkeypatch)
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel)
+    try:
+        before = rm.snapshot(sync=False)
+        for _ in range(5):  # a clean test: nothing listed, nothing found
+            rm.check_leaks(rm.snapshot(sync=False))
+        _container(rt, "prov-left-c", sel)
+        rt.create_network(NetworkRecipe("prov-left-n", internal=True, labels=sel))
+        rt.add_volume("prov-left-v", sel)
+        rt.create_network(NetworkRecipe("other-process", internal=True, labels=_selector("r2")))
+        with pytest.raises(LeakError) as info:
+            rm.check_leaks(before)
+        assert info.value.leaks == [
+            ("container", "prov-left-c"), ("network", "prov-left-n"), ("volume", "prov-left-v")
+        ]
+        rt.remove_container("prov-left-c")
+        rt.remove_network("prov-left-n")
+        rt.remove_volume("prov-left-v")
+        rm.check_leaks(before)
+        assert lists == [1]  # once, when the watch started; every check after that read the stream
+        assert rm._watch is not None and rm._watch.fallbacks == 0
+    finally:
+        rm.close()
+
+
+def test_a_create_the_stream_has_not_delivered_yet_is_still_found() -> None:
+    """The handshake: the check reads the engine's events up to now and waits for the stream."""
+    rt = FakeRuntime()
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel)
+    try:
+        before = rm.snapshot(sync=False)
+        rt.stream_paused = True  # the engine has the event; the live stream has not delivered it
+        rt.create_network(NetworkRecipe("prov-late", internal=True, labels=sel))
+        assert ("network", "prov-late") not in rm.snapshot(sync=False)
+        rt.on_events_query = rt.resume_stream  # the stream catches up once the check has asked
+        with pytest.raises(LeakError, match="network prov-late"):
+            rm.check_leaks(before)
+        assert rm._watch is not None and rm._watch.fallbacks == 0
+    finally:
+        rm.close()
+
+
+def test_a_stuck_or_broken_stream_falls_back_to_listing() -> None:
+    rt = FakeRuntime()
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel, sync_timeout_s=0.2)
+    try:
+        before = rm.snapshot(sync=False)
+        rt.stream_paused = True  # never resumed
+        rt.create_network(NetworkRecipe("prov-stuck", internal=True, labels=sel))
+        with pytest.raises(LeakError, match="network prov-stuck"):
+            rm.check_leaks(before)
+        watch = rm._watch
+        assert watch is not None and watch.fallbacks == 1
+        watch._stream.close()  # type: ignore[union-attr]  # the stream ends: from now on, list
+        watch._thread.join(timeout=10)
+        rt.remove_network("prov-stuck")
+        _container(rt, "prov-after-break", sel)
+        with pytest.raises(LeakError, match="container prov-after-break"):
+            rm.check_leaks(before)
+        assert watch.fallbacks == 2
+    finally:
+        rm.close()
+
+
+def test_no_port_tracked_means_no_socket_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scanned sockets")
+
+    monkeypatch.setattr(psutil, "net_connections", forbidden)
+    monkeypatch.setattr(psutil.Process, "net_connections", forbidden)
+    rm = ResourceManager()
+    stray = tmp_path / "t"
+    stray.write_text("x")
+    rm.track("tempfile", stray)
+    assert ("tempfile", str(stray)) in rm.snapshot()
+
+
+def test_tracked_ports_are_found_on_own_sockets_and_childrens_not_the_machines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scanned the whole machine")
+
+    monkeypatch.setattr(psutil, "net_connections", forbidden)
+    code = (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+        "print(s.getsockname()[1], flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        rm = ResourceManager()
+        rm.track("port", port, owner="test:t")
+        found = rm.snapshot()
+        assert ("port", str(port)) in found
+        assert any(kind == "process" and name.startswith(f"{child.pid} ") for kind, name in found)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_children_are_walked_only_when_there_are_any(monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioner.runtime import resources
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert resources.has_children()
+        assert (child.pid, psutil.Process(child.pid).name()) in resources.child_processes_of_this_process()
+    finally:
+        child.kill()
+        child.wait()
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("walked the process table")
+
+    monkeypatch.setattr(resources, "has_children", lambda: False)
+    monkeypatch.setattr(psutil.Process, "children", forbidden)
+    assert resources.child_processes_of_this_process() == []
+
+
+def _key_event(key: tuple[int, str, str, str]) -> tuple[str, str]:
+    return key[1], key[3]
+
+
+@pytest.mark.docker
+def test_docker_event_watch_names_what_was_created_right_before_the_check(
+    docker_engine: object, worker_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the real engine: created with docker-py directly (not through provisioner), checked
+    at once — the handshake makes the stream's delay irrelevant; removed, the check passes."""
+    import os
+
+    from provisioner.runtime.engine import DockerRuntime
+
+    rt = DockerRuntime()
+    sel = _selector(f"leak{os.getpid()}")
+    rm = ResourceManager(rt, selector=sel)
+    api = rt.client.api
+    created: list[tuple[str, str]] = []
+    try:
+        before = rm.snapshot(sync=False)
+        start = time.time_ns()
+        net = api.create_network(f"prov-leakcheck-{os.getpid()}", labels=sel, internal=True)
+        created.append(("network", net["Id"]))
+        box = api.create_container(worker_image, command=["true"], name=f"prov-leakcheck-c-{os.getpid()}",
+                                   labels=sel)
+        created.append(("container", box["Id"]))
+        with pytest.raises(LeakError) as info:
+            rm.check_leaks(before)
+        assert info.value.leaks == [
+            ("container", f"prov-leakcheck-c-{os.getpid()}"), ("network", f"prov-leakcheck-{os.getpid()}")
+        ]
+        rt.remove_container(box["Id"])
+        rt.remove_network(net["Id"])
+        rm.check_leaks(before)
+        assert rm._watch is not None and rm._watch.fallbacks == 0
+        # The bounded read over http.client sees what docker-py's stream sees.
+        end = time.time_ns()
+        ours = {net["Id"], box["Id"]}
+        fast = [e.key for e in rt.events(start, end) if e.id in ours]
+        monkeypatch.setattr(rt, "_past_events", lambda *args: None)
+        assert fast == [e.key for e in rt.events(start, end) if e.id in ours]
+        assert [_key_event(k) for k in fast] == [
+            ("network", "create"), ("container", "create"), ("container", "destroy"), ("network", "destroy")
+        ]
+    finally:
+        for kind, ident in reversed(created):
+            if kind == "container":
+                rt.remove_container(ident)
+            else:
+                rt.remove_network(ident)
+        rm.close()
+        rt.close()

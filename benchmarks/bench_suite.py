@@ -1,0 +1,354 @@
+"""A pooled 200-test suite through the plugin's ``isolated`` fixture, against one container per test.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_suite.py [--rounds 3] [--tests 200] [--naive-tests 10]
+                                               [--json] [--write-docs]
+
+Method (real Docker engine; the worker image already built, as ``bash .ci/setup`` leaves it):
+
+* A project is generated into a temporary folder: ``pyproject.toml`` (default settings, so the
+  ``e2e`` layer pools ``max_pool_size`` = 2 workers), ``test_suite.py`` and ``test_naive.py``
+  with the same test body — create a program with the same id (``qa``) in every test, execute it
+  once, check the answer — and a ``conftest.py`` that records pytest's own phase durations
+  (``TestReport.duration`` of setup, call and teardown: the figures ``--durations`` prints) and the
+  wall clock from the start of the run loop (before the plugin warms its pool) to the end of the
+  last teardown.
+* **provisioner**: ``pytest --layer e2e --lm mock test_suite.py``: every test takes ``isolated``
+  (a session pinned to a warm pool worker, closed on teardown) and the plugin's per-test leak check
+  runs around it. Suite time = pool start + every test, i.e. the run loop's wall clock.
+* **naive anchor**: ``pytest -p no:provisioner test_naive.py``: a function-scoped fixture starts one
+  worker container per test with testcontainers (``DockerContainer`` of the same worker image,
+  ``provision worker`` on a loopback-published port, mock LM), polls ``ping`` until it answers,
+  yields a session client, and stops (removes) the container on teardown. Ryuk is off through
+  testcontainers' documented ``TESTCONTAINERS_RYUK_DISABLED``. It times ``--naive-tests`` tests and
+  extrapolates: naive suite time = mean per-test wall time x ``--tests``.
+* The two runs alternate within each round (naive first in odd rounds), so load from other work on
+  the machine hits both alike; ``os.getloadavg()`` is recorded before and after each round.
+* Reported: per-test setup, teardown and setup+teardown p50/p99 (milliseconds) on both sides, pool
+  start, suite times and the ratio naive / provisioner, per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Per-test overhead (pooled suite)"
+BENCH_LABEL = "provisioner.bench"
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+CONFTEST = '''
+import json
+import os
+import time
+
+import pytest
+
+_OUT = os.environ["BENCH_TIMES"]
+_state = {"loop_start": None, "last_end": None}
+_rows = []
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtestloop(session):
+    _state["loop_start"] = time.perf_counter()
+    yield
+
+
+def pytest_runtest_logreport(report):
+    _rows.append([report.nodeid, report.when, report.duration, report.outcome])
+    if report.when == "teardown":
+        _state["last_end"] = time.perf_counter()
+
+
+def pytest_sessionfinish(session):
+    with open(_OUT, "w") as fh:
+        json.dump({"rows": _rows, "loop_s": (_state["last_end"] or 0) - (_state["loop_start"] or 0)}, fh)
+'''
+
+BODY = '''
+    client.create_program(**ProgramFactory.build(id="qa").create_args())
+    out = client.execute_program("qa", {{"question": "q{{}}".format(i)}})
+    assert "answer" in out["outputs"]
+'''
+
+SUITE = '''
+import pytest
+
+from provisioner.factories import ProgramFactory
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("i", range({tests}))
+def test_program(isolated, i):
+    client = isolated.adapter
+''' + BODY
+
+NAIVE = '''
+import os
+import time
+
+import pytest
+from testcontainers.core.container import DockerContainer
+
+from provisioner.bridge.client import BridgeClient
+from provisioner.factories import ProgramFactory
+PORT = 8765
+
+
+@pytest.fixture
+def naive_session():
+    container = (
+        DockerContainer(os.environ["BENCH_IMAGE"])
+        .with_command(["provision", "worker", "--host", "0.0.0.0", "--port", str(PORT)])
+        .with_envs(HOME="/tmp", PYTHONUNBUFFERED="1", DSPY_CACHEDIR="/tmp/dspy_cache")
+        .with_kwargs(labels={{"{label}": os.environ["BENCH_RUN"]}})
+    )
+    container.ports[f"{{PORT}}/tcp"] = ("127.0.0.1", None)  # loopback only, a free host port
+    container.start()
+    try:
+        port = int(container.get_exposed_port(PORT))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                bridge = BridgeClient("127.0.0.1", port, request_timeout=30)
+                bridge.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.025)  # poll interval of the readiness loop, as provisioner's
+        session = bridge.session("s1")
+        try:
+            yield session
+        finally:
+            bridge.close()
+    finally:
+        container.stop()
+
+
+@pytest.mark.parametrize("i", range({tests}))
+def test_program(naive_session, i):
+    client = naive_session
+''' + BODY
+
+
+def make_project(tests: int, naive_tests: int) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="provision-bench-suite-"))
+    (folder / "pyproject.toml").write_text("[project]\nname = 'bench-suite'\nversion = '0'\n")
+    (folder / "conftest.py").write_text(CONFTEST)
+    (folder / "test_suite.py").write_text(textwrap.dedent(SUITE.format(tests=tests)))
+    (folder / "test_naive.py").write_text(textwrap.dedent(NAIVE.format(tests=naive_tests, label=BENCH_LABEL)))
+    return folder
+
+
+def clean_env() -> dict[str, str]:
+    dropped = ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR", "CI")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_") and k not in dropped}
+    env["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # testcontainers' documented switch; no Ryuk image here
+    return env
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_side(folder: Path, env: dict[str, str], args: list[str], name: str) -> dict[str, Any]:
+    out = folder / f"times-{name}.json"
+    env = {**env, "BENCH_TIMES": str(out)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    if done.returncode != 0:
+        raise SystemExit(
+            f"{name} suite failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+        )
+    data = json.loads(out.read_text())
+    phases: dict[str, dict[str, float]] = {}
+    for nodeid, when, duration, _outcome in data["rows"]:
+        phases.setdefault(nodeid, {})[when] = duration * 1000.0
+    setup = [p["setup"] for p in phases.values()]
+    teardown = [p["teardown"] for p in phases.values()]
+    both = [p["setup"] + p["teardown"] for p in phases.values()]
+    total = [p["setup"] + p["call"] + p["teardown"] for p in phases.values()]
+    return {
+        "tests": len(phases),
+        "setup_p50_ms": pct(setup, 0.5), "setup_p99_ms": pct(setup, 0.99),
+        "teardown_p50_ms": pct(teardown, 0.5), "teardown_p99_ms": pct(teardown, 0.99),
+        "overhead_p50_ms": pct(both, 0.5), "overhead_p99_ms": pct(both, 0.99),
+        "call_p50_ms": pct([p["call"] for p in phases.values()], 0.5),
+        "test_mean_ms": statistics.fmean(total),
+        "loop_s": data["loop_s"],
+        "sum_tests_s": sum(total) / 1000.0,
+    }
+
+
+def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
+    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.images import ensure_worker_image
+
+    rt = DockerRuntime()
+    image = ensure_worker_image(rt)
+    folder = make_project(tests, naive_tests)
+    env = clean_env()
+    env["BENCH_IMAGE"] = image
+    env["BENCH_RUN"] = f"bench-{os.getpid()}"
+    results: dict[str, Any] = {"image": image, "tests": tests, "naive_tests": naive_tests, "rounds": []}
+    try:
+        for number in range(rounds):
+            load_before = os.getloadavg()
+            order = ["naive", "provisioner"] if number % 2 == 0 else ["provisioner", "naive"]
+            sides: dict[str, dict[str, Any]] = {}
+            for side in order:
+                if side == "naive":
+                    sides[side] = run_side(folder, env, ["-p", "no:provisioner", "test_naive.py"], "naive")
+                else:
+                    sides[side] = run_side(folder, env, ["--layer", "e2e", "--lm", "mock", "test_suite.py"],
+                                           "provisioner")
+            ours, naive = sides["provisioner"], sides["naive"]
+            ours["pool_start_s"] = ours["loop_s"] - ours["sum_tests_s"]
+            naive_suite = naive["test_mean_ms"] / 1000.0 * tests
+            results["rounds"].append({
+                "load_before": load_before, "load_after": os.getloadavg(),
+                "provisioner": ours, "naive": naive,
+                "naive_suite_s": naive_suite, "ratio": naive_suite / ours["loop_s"],
+            })
+            print(json.dumps(results["rounds"][-1]), file=sys.stderr, flush=True)
+    finally:
+        mine = {"label": [f"{BENCH_LABEL}={env['BENCH_RUN']}"]}
+        leftovers = rt.client.api.containers(all=True, filters=mine)
+        for c in leftovers:
+            rt.remove_container(c["Id"])
+        rt.close()
+    return results
+
+
+def machine() -> str:
+    from provisioner.runtime.engine import DockerRuntime
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    rt = DockerRuntime()
+    try:
+        docker_version = rt.client.version().get("Version", "?")
+    finally:
+        rt.close()
+    return (
+        f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, Docker {docker_version}"
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rounds = results["rounds"]
+    n = len(rounds)
+
+    def loads(r: dict[str, Any]) -> str:
+        return f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}"
+
+    def cells(side: str, key: str, fmt: str = "{:.2f}") -> str:
+        return " / ".join(fmt.format(r[side][key]) for r in rounds)
+
+    def row(label: str, key: str, naive_fmt: str = "{:.0f}") -> str:
+        return f"| {label} | {cells('provisioner', key)} | {cells('naive', key, naive_fmt)} |"
+
+    def per_round(label: str, cell: Callable[[dict[str, Any]], str]) -> str:
+        return f"| {label} | " + " | ".join(cell(r) for r in rounds) + " |"
+
+    lines = [
+        SECTION,
+        "",
+        f"`.venv/bin/python benchmarks/bench_suite.py --rounds {n} --write-docs` — real engine, worker image",
+        f"{results['image']} already built. A generated project runs {results['tests']} tests, each taking",
+        "an isolated, LM-ready bridge session: it creates a program with the same id (`qa`) and executes",
+        "it once. provisioner: the plugin's `isolated` fixture on the pooled `e2e` layer with `--lm mock`",
+        "(2 warm workers, the per-test leak check on). Anchor, measured side by side in the same round: a",
+        "naive testcontainers fixture starting one worker container (same image) per test, polling `ping`",
+        f"until ready; it times {results['naive_tests']} tests and extrapolates to {results['tests']}.",
+        "Per-test phase times are pytest's own (`TestReport.duration`, what `--durations` prints);",
+        "suite time is the wall clock from the start of the run loop (before the pool warms) to the",
+        "last teardown.",
+        "The two sides alternate order each round. See the script's docstring for details.",
+        "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. The machine was shared with other",
+        "engineers' test runs and containers; load average (1 min) before → after each round: "
+        + "; ".join(loads(r) for r in rounds) + f". {n} rounds, figures per round separated by /.",
+        "",
+        "| per test, ms | provisioner (pooled, `isolated`) | naive testcontainers |",
+        "|---|---|---|",
+        row("setup p50", "setup_p50_ms"),
+        row("setup p99", "setup_p99_ms"),
+        row("teardown p50", "teardown_p50_ms"),
+        row("teardown p99", "teardown_p99_ms"),
+        row("**setup + teardown p50** (target ≤ 2 ms)", "overhead_p50_ms"),
+        row("setup + teardown p99", "overhead_p99_ms"),
+        row("call p50 (create + execute)", "call_p50_ms", "{:.2f}"),
+        "",
+        f"| suite of {results['tests']} tests | " + " | ".join(f"round {i + 1}" for i in range(n)) + " |",
+        "|---|" + "---:|" * n,
+        per_round("provisioner: pool start, s", lambda r: f"{r['provisioner']['pool_start_s']:.2f}"),
+        per_round("provisioner: suite incl. pool start, s", lambda r: f"{r['provisioner']['loop_s']:.2f}"),
+        per_round("naive: suite (extrapolated), s", lambda r: f"{r['naive_suite_s']:.1f}"),
+        per_round(f"**ratio naive / provisioner** (target ≥ 60{TIMES})",
+                  lambda r: f"{r['ratio']:.0f}{TIMES}"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if SECTION in doc:
+        head, _, rest = doc.partition(SECTION)
+        tail = rest.split("\n## ", 1)
+        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tests", type=int, default=200)
+    parser.add_argument("--naive-tests", type=int, default=10)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
+    args = parser.parse_args()
+    results = measure(args.rounds, args.tests, args.naive_tests)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    text = markdown(results)
+    print(text)
+    if args.write_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
