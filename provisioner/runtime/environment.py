@@ -351,11 +351,23 @@ class RunEnvironment:
             self.runtime.remove_container(old.container_id)
         generation = old.generation + 1
         recipe = replacement_recipe(self.recipes[slot], generation)
-        container_id = self._run(recipe)
-        new = WorkerInfo(slot, recipe.name, container_id, old.host, old.port, generation)
+        try:
+            container_id = self._run(recipe)
+            new = WorkerInfo(slot, recipe.name, container_id, old.host, old.port, generation)
+            self.wait_ready(new)
+        except BaseException:
+            # A half-made replacement would block the next attempt's name: remove it.
+            with self._lock:
+                made = self.container_ids.pop(recipe.name, None)
+            if made is not None:
+                found = self.resources.find("container", made)
+                if found is not None:
+                    self.resources.release(found)
+                else:
+                    self.runtime.remove_container(made)
+            raise
         with self._lock:
             self.workers = [new if w.slot == slot else w for w in self.workers]
-        self.wait_ready(new)
         return new
 
 

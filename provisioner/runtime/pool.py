@@ -6,9 +6,15 @@ to that worker, and if that worker dies or is replaced the session fails loudly 
 :class:`~provisioner.errors.WorkerLostError` instead of silently continuing on a fresh worker that
 has never seen its programs.
 
-* :meth:`WorkerPool.open_session` picks the least-loaded live worker;
+* :meth:`WorkerPool.open_session` picks the least-loaded worker and checks, with one look at the
+  engine's container state (no ping), that it still runs: a session is never pinned to a dead
+  worker. A dead one is replaced in the background and the session goes to another worker (or
+  waits for the replacement when none is left);
+* a client from :meth:`WorkerPool.client` whose connection fails asks the engine whether the worker
+  died: if so the caller gets :class:`~provisioner.errors.WorkerLostError` saying how (exit code,
+  signal, OOM-killed — from the container's state) and the worker is replaced at once;
 * :meth:`WorkerPool.check` (also run by an optional monitor thread) replaces dead workers — their
-  sessions become *lost*;
+  sessions become *lost*; closing a lost session is a no-op;
 * a worker that served ``recycle_after_sessions`` sessions or is older than ``recycle_after_s``
   is drained (no new sessions) and replaced once its last session closes.
 
@@ -18,6 +24,8 @@ Replacements keep the slot's address (the relay forwards by alias), so clients n
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
 import threading
 import time
 import uuid
@@ -25,9 +33,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisioner.errors import WorkerLostError
+from provisioner.bridge.client import BridgeClient
+from provisioner.errors import BridgeConnectionError, WorkerLostError
+from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.environment import RunEnvironment, WorkerInfo
 from provisioner.runtime.resources import CleanupReport
+
+log = logging.getLogger("provisioner.pool")
+# After a broken connection, how long the engine gets to report the worker's exit (seconds).
+CONNECTION_FAILURE_SETTLE_S = 1.5
+
+
+def death_reason(state: ContainerState | None) -> str:
+    """How a worker's container ended, from the engine's container state, as a phrase after
+    "which": ``is gone``, ``was OOM-killed (exit code 137)``, ``exited with code 137 (SIGKILL)``,
+    ``is paused``. The facts are Docker's (``State.Status``, ``State.ExitCode``, ``State.OOMKilled``)."""
+    if state is None:
+        return "is gone (its container no longer exists)"
+    if state.oom_killed:
+        return f"was OOM-killed: out of memory (exit code {state.exit_code})"
+    if state.status not in ("exited", "dead"):
+        return f"is {state.status}"
+    code = state.exit_code
+    how = f"exited with code {code}"
+    if code is not None and 128 < code < 128 + 65:
+        with contextlib.suppress(ValueError):
+            how += f" ({signal.Signals(code - 128).name})"
+    return how
 
 
 @dataclass(frozen=True)
@@ -54,6 +86,8 @@ class _Slot:
     active: set[str] = field(default_factory=set)
     draining: bool = False
     replacing: bool = False
+    # Why the last replacement of this slot failed (cleared by a successful one).
+    failure: str | None = None
 
 
 class WorkerPool:
@@ -87,6 +121,9 @@ class WorkerPool:
         self.recycled = 0
         self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
+        self._replacers: list[threading.Thread] = []
+        # What the pool did on its own (replaced a dead worker, skipped a lost session's cleanup).
+        self.notes: list[str] = []
 
     @classmethod
     def start(cls, settings: Any = None, *, layer: str | None = None, **up_kwargs: Any) -> WorkerPool:
@@ -105,34 +142,61 @@ class WorkerPool:
     # -- sessions ------------------------------------------------------------------------------------
 
     def open_session(self, session_id: str | None = None) -> PooledSession:
-        """Pin a new session to the least-loaded live worker (recycling due, idle workers first)."""
+        """Pin a new session to the least-loaded live worker (recycling due, idle workers first).
+
+        The chosen worker's container state is checked (one engine call): a dead worker is never
+        handed out; it is replaced in the background and another worker chosen.
+
+        Raises:
+            ValueError: ``session_id`` is already open.
+            WorkerLostError: every worker is dead and replacing them failed (the engine's error).
+        """
         session_id = session_id or f"s-{uuid.uuid4().hex[:12]}"
         self._recycle_due()
-        with self._cond:
-            if session_id in self._sessions:
-                raise ValueError(f"session {session_id!r} is already open")
-            while True:
-                candidates = [s for s in self._slots.values() if not s.replacing]
-                if candidates:
-                    break
-                self._cond.wait(timeout=1.0)
-            fresh = [s for s in candidates if not s.draining] or candidates
-            slot = min(fresh, key=lambda s: (len(s.active), s.served, s.info.slot))
-            slot.active.add(session_id)
-            slot.served += 1
-            if self._due(slot):
-                slot.draining = True
-            pinned = PooledSession(
-                session_id,
-                slot.info.slot,
-                slot.info.generation,
-                slot.info.name,
-                slot.info.host,
-                slot.info.port,
-            )
-            self._sessions[session_id] = pinned
-            self._lost.pop(session_id, None)
-            return pinned
+        dead_seen = 0
+        while True:
+            with self._cond:
+                if session_id in self._sessions:
+                    raise ValueError(f"session {session_id!r} is already open")
+                while True:
+                    candidates = [s for s in self._slots.values() if not s.replacing]
+                    if candidates:
+                        break
+                    self._cond.wait(timeout=1.0)
+                fresh = [s for s in candidates if not s.draining] or candidates
+                slot = min(fresh, key=lambda s: (len(s.active), s.served, s.info.slot))
+                slot.active.add(session_id)
+                slot.served += 1
+                pinned = PooledSession(
+                    session_id,
+                    slot.info.slot,
+                    slot.info.generation,
+                    slot.info.name,
+                    slot.info.host,
+                    slot.info.port,
+                )
+                self._sessions[session_id] = pinned
+                self._lost.pop(session_id, None)
+            alive, state = self._state(slot.info)
+            if alive:
+                with self._cond:
+                    if self._due(slot):
+                        slot.draining = True
+                return pinned
+            # Dead: take the session back, replace the worker in the background, choose again.
+            with self._cond:
+                slot.active.discard(session_id)
+                slot.served -= 1
+                self._sessions.pop(session_id, None)
+                self._lost.pop(session_id, None)
+            self._retire(pinned.slot, pinned.generation, death_reason(state))
+            dead_seen += 1
+            if dead_seen > 2 * len(self._slots):
+                failures = sorted({s.failure for s in self._slots.values() if s.failure})
+                raise WorkerLostError(
+                    f"no live worker for session {session_id!r}: every worker died and replacing them "
+                    f"failed: {'; '.join(failures) or 'unknown error'}"
+                )
 
     def session(self, session_id: str) -> PooledSession:
         """The session's worker; :class:`WorkerLostError` when that worker is gone."""
@@ -147,6 +211,16 @@ class WorkerPool:
             if current.generation != pinned.generation:  # replaced under us without check() noticing
                 raise WorkerLostError(self._lost_message(session_id, pinned, "was replaced"))
             return pinned
+
+    def is_lost(self, session_id: str) -> str | None:
+        """Why the session's worker is gone (the :class:`WorkerLostError` message), or None."""
+        try:
+            self.session(session_id)
+        except WorkerLostError as exc:
+            return str(exc)
+        except KeyError:
+            return None
+        return None
 
     def close_session(self, session_id: str) -> None:
         """Forget a session (lost or not); a drained worker with no sessions left is recycled."""
@@ -168,12 +242,41 @@ class WorkerPool:
 
     def client(self, session_id: str, **client_kwargs: Any) -> Any:
         """A ``SessionClient`` for the session on its pinned worker (close it when done); its
-        connection presents the run's control token unless ``token=`` says otherwise."""
-        from provisioner.bridge.client import BridgeClient
+        connection presents the run's control token unless ``token=`` says otherwise.
 
+        When a request fails because the connection broke and the worker's container is no longer
+        running, the request raises :class:`WorkerLostError` (how the worker ended, from the
+        engine) chained to the connection error, and the worker is replaced in the background.
+        """
         pinned = self.session(session_id)
         client_kwargs.setdefault("token", self.environment.control_token)
-        return BridgeClient(pinned.host, pinned.port, **client_kwargs).session(session_id)
+        client = PooledBridgeClient(self, session_id, pinned.host, pinned.port, **client_kwargs)
+        return client.session(session_id)
+
+    def connection_failed(self, session_id: str) -> str | None:
+        """A request of ``session_id`` failed on its connection: if its worker died, retire it
+        (replacement in the background) and return why the session is lost; None for a blip."""
+        with self._cond:
+            if session_id in self._lost:
+                return self._lost[session_id]
+            pinned = self._sessions.get(session_id)
+            if pinned is None:
+                return None
+            current = self._slots[pinned.slot].info
+        if current.generation != pinned.generation:
+            return self._lost_message(session_id, pinned, "was replaced")
+        # The relay drops the connection the moment the worker dies; the engine records the exit a
+        # little later. Look again for a moment before calling it a blip (only on failures).
+        deadline = time.monotonic() + CONNECTION_FAILURE_SETTLE_S
+        alive, state = self._state(current)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive, state = self._state(current)
+        if alive:
+            return None
+        self._retire(pinned.slot, pinned.generation, death_reason(state))
+        with self._cond:
+            return self._lost.get(session_id) or self._lost_message(session_id, pinned, death_reason(state))
 
     # -- health ----------------------------------------------------------------------------------------
 
@@ -185,13 +288,12 @@ class WorkerPool:
                 continue
             state = self.environment.runtime.container_state(slot.info.container_id)
             if state is None or not state.running:
-                how = "is gone" if state is None else f"exited with code {state.exit_code}"
-                if state is not None and state.oom_killed:
-                    how += " (out of memory)"
+                how = death_reason(state)
                 with self._cond:
                     if slot.replacing:
                         continue
                     slot.replacing = True
+                self.note(f"worker {slot.info.name} (slot {slot_no}) {how}; replacing it")
                 self._replace(slot_no, lost_reason=how)
                 dead.append(slot_no)
                 self.replaced += 1
@@ -234,12 +336,24 @@ class WorkerPool:
                 "lost_sessions": len(self._lost),
                 "replaced": self.replaced,
                 "recycled": self.recycled,
+                "replacing": sum(1 for s in self._slots.values() if s.replacing),
+                "notes": list(self.notes),
             }
 
+    def wait_replacements(self, timeout_s: float | None = None) -> bool:
+        """Wait for background replacements to finish; False if some still run after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in list(self._replacers):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._replacers)
+
     def close(self) -> CleanupReport | None:
+        """Stop the monitor, wait for replacements in flight (so nothing starts after the run's
+        cleanup), and stop the environment if the pool owns it."""
         self._stop_monitor.set()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+        self.wait_replacements(self.environment.ready_timeout_s + 30)
         if self.owns_environment:
             return self.environment.stop()
         return None
@@ -251,6 +365,54 @@ class WorkerPool:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _state(self, info: WorkerInfo) -> tuple[bool, ContainerState | None]:
+        """(alive, container state): alive when the container runs, or when the engine cannot tell
+        (no false alarms: the connection itself will tell). A state of None: the container is gone."""
+        try:
+            state = self.environment.runtime.container_state(info.container_id)
+        except Exception:
+            return True, None
+        return state is not None and state.running, state
+
+    def note(self, message: str) -> None:
+        """Log ``message`` (warning, logger ``provisioner.pool``); keep it in :attr:`notes` (last 50)."""
+        log.warning(message)
+        with self._cond:
+            self.notes.append(message)
+            del self.notes[:-50]
+
+    def _retire(self, slot_no: int, generation: int, reason: str) -> None:
+        """The worker ``generation`` of ``slot_no`` died: its sessions become lost now, a fresh
+        worker is started in the background. Nothing happens if that worker was already retired."""
+        with self._cond:
+            slot = self._slots[slot_no]
+            if slot.replacing or slot.info.generation != generation:
+                return
+            slot.replacing = True
+            name = slot.info.name
+            self._mark_lost(slot, reason)
+        self.note(f"worker {name} (slot {slot_no}) {reason}; replacing it behind the same address")
+
+        def replace() -> None:
+            try:
+                self._replace(slot_no, lost_reason=reason)
+                self.replaced += 1
+            except Exception as exc:
+                self.note(f"replacing worker {name} (slot {slot_no}) failed: {exc}")
+
+        thread = threading.Thread(target=replace, name=f"provision-pool-replace-{slot_no}", daemon=True)
+        with self._cond:
+            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+        thread.start()
+
+    def _mark_lost(self, slot: _Slot, reason: str) -> None:
+        """(Caller holds the lock.) Every session of the slot becomes lost with ``reason``."""
+        for sid in slot.active:
+            pinned = self._sessions.pop(sid, None)
+            if pinned is not None:
+                self._lost[sid] = self._lost_message(sid, pinned, reason)
+        slot.active.clear()
 
     def _due(self, slot: _Slot) -> bool:
         return slot.served >= self.recycle_after_sessions or self.clock() - slot.born >= self.recycle_after_s
@@ -274,22 +436,19 @@ class WorkerPool:
         """Replace the worker in ``slot_no`` (the caller set ``replacing``); its sessions become lost."""
         with self._cond:
             slot = self._slots[slot_no]
-            old = slot.info
             if lost_reason is not None:
-                for sid in slot.active:
-                    pinned = self._sessions.pop(sid, None)
-                    if pinned is not None:
-                        self._lost[sid] = self._lost_message(sid, pinned, lost_reason)
-                slot.active.clear()
+                self._mark_lost(slot, lost_reason)
         try:
             new = self.environment.replace_worker(slot_no)
-        finally:
+        except BaseException as exc:
             with self._cond:
+                slot.failure = f"{type(exc).__name__}: {exc}"
                 slot.replacing = False
                 self._cond.notify_all()
+            raise
         with self._cond:
             self._slots[slot_no] = _Slot(new, self.clock())
-        del old
+            self._cond.notify_all()
 
     @staticmethod
     def _lost_message(session_id: str, pinned: PooledSession, how: str) -> str:
@@ -297,3 +456,24 @@ class WorkerPool:
             f"session {session_id!r} was pinned to worker {pinned.worker} (slot {pinned.slot}), which {how}; "
             "its programs and LM state are gone. Open a new session."
         )
+
+
+class PooledBridgeClient(BridgeClient):
+    """A :class:`BridgeClient` for one pooled session: a request whose connection breaks because the
+    worker died raises :class:`WorkerLostError` saying how (see :meth:`WorkerPool.connection_failed`)."""
+
+    def __init__(self, pool: WorkerPool, session_id: str, host: str, port: int, **kwargs: Any) -> None:
+        super().__init__(host, port, **kwargs)
+        self.pool = pool
+        self.pooled_session = session_id
+
+    def call(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        try:
+            return super().call(command, args, timeout=timeout)
+        except BridgeConnectionError as exc:
+            lost = self.pool.connection_failed(self.pooled_session)
+            if lost is None:
+                raise
+            raise WorkerLostError(f"{command} failed: {lost} (connection: {exc})") from exc

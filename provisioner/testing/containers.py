@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from provisioner.runtime.resources import ResourceManager
 
 LOOPBACK = "127.0.0.1"
+# How often a process's pool looks at its workers' container states (seconds).
+POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 
@@ -287,17 +289,34 @@ class ProcessContainers:
                     recycle_after_s=container.recycle_after_s,
                     owns_environment=False,  # its stop() would sweep the whole run, other xdist workers too
                 )
+                # Heals between tests too: a worker killed while no session used it is replaced
+                # before anyone asks (one container-state look per worker and interval, no ping).
+                self._pool.start_monitor(POOL_MONITOR_INTERVAL_S)
             return self._pool
 
     def open_session(self, session_id: str) -> tuple[Any, Any]:
-        """(session client, cleanup) for a new session pinned to a pool worker."""
+        """(session client, cleanup) for a new session pinned to a live pool worker.
+
+        The cleanup of a session whose worker died (killed, OOM) is a no-op with a note (logged as
+        a warning on ``provisioner.pool`` and kept in ``pool.notes``): its programs went with the
+        worker, which the pool replaces.
+        """
+        from provisioner.errors import WorkerLostError
+
         pool = self.pool
         pool.open_session(session_id)
         client = pool.client(session_id, request_timeout=self.env.settings.process_timeout)
 
         def cleanup() -> None:
             try:
-                client.close()  # cleanup_session on the worker
+                lost = pool.is_lost(session_id)
+                if lost is None:
+                    try:
+                        client.close()  # cleanup_session on the worker
+                    except WorkerLostError as exc:
+                        lost = str(exc)
+                if lost is not None:
+                    pool.note(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}")
             finally:
                 client.bridge.close()
                 pool.close_session(session_id)
@@ -384,6 +403,14 @@ class ProcessContainers:
             )
         return names
 
+    def pool_owns(self, kind: str, name: str) -> bool:
+        """A container of the pool's worker slots: any generation of a worker, or its egress guard,
+        also one a background replacement is still making (not tracked yet). Never a test's leak."""
+        env = self._pool_env
+        if kind != "container" or env is None:
+            return False
+        return any(name == r.name or name.startswith(f"{r.name}-") for r in env.recipes.values())
+
     def _sweep(self) -> list[str]:
         """Remove whatever still carries this process's labels (created but never tracked, e.g. by a
         start interrupted mid-call), keeping retained workers. Containers before networks."""
@@ -453,7 +480,10 @@ def check_leaks(
 
     after = snapshot(containers)
     owned = containers.owned_names() if containers is not None else set()
-    found = [item for item in leaks(before, after) if item not in owned]
+    found = [
+        item for item in leaks(before, after)
+        if item not in owned and not (containers is not None and containers.pool_owns(*item))
+    ]
     if containers is not None and containers.resources_started:
         # Resources the test tracked itself (tempfiles, ports) and did not release.
         found += [

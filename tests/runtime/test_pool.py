@@ -10,9 +10,9 @@ import pytest
 
 from provisioner.errors import WorkerLostError
 from provisioner.layers import get_layer
-from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.engine import ContainerState, FakeRuntime
 from provisioner.runtime.environment import RunEnvironment
-from provisioner.runtime.pool import WorkerPool
+from provisioner.runtime.pool import WorkerPool, death_reason
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import Settings
 
@@ -157,3 +157,78 @@ def test_close_stops_an_owned_environment(settings: Settings, fake: tuple[FakeRu
     pool.start_monitor(interval_s=0.01)
     pool.close()
     assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_session_is_never_pinned_to_a_dead_worker(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """Nobody ran check(): opening sessions finds the dead worker itself, routes around it and
+    replaces it in the background (issue 14, item 6)."""
+    rt, _ = fake
+    with _pool(settings, fake, count=2) as pool:
+        dead = pool.environment.worker(0)
+        rt.crash(dead.container_id, exit_code=137)
+        opened = [pool.open_session(f"s{i}") for i in range(4)]
+        assert pool.wait_replacements(10)
+        assert all(s.slot == 1 or s.generation == 1 for s in opened)  # never generation 0 of slot 0
+        stats = pool.stats()
+        assert stats["replaced"] == 1 and stats["replacing"] == 0
+        assert [w["generation"] for w in stats["workers"]] == [1, 0]  # full size again
+        assert pool.environment.worker(0).address == dead.address  # behind the same address
+        assert any("exited with code 137 (SIGKILL)" in note for note in stats["notes"]), stats["notes"]
+
+
+def test_with_every_worker_dead_a_session_waits_for_the_replacement(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with _pool(settings, fake, count=1) as pool:
+        rt.crash(pool.environment.worker(0).container_id, exit_code=1)
+        session = pool.open_session("patient")
+        assert session.generation == 1 and pool.session("patient") == session
+
+
+def test_a_dead_worker_that_cannot_be_replaced_fails_the_session_clearly(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with _pool(settings, fake, count=1) as pool:
+        rt.fail_start.add(pool.environment.recipes[0].name + "-1")  # the replacement's name
+        rt.crash(pool.environment.worker(0).container_id)
+        with pytest.raises(WorkerLostError, match=r"every worker died.*injected failure"):
+            pool.open_session("unlucky")
+        assert "unlucky" not in [s for s in pool._sessions]
+
+
+def test_a_broken_connection_tells_whether_the_worker_died(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    with _pool(settings, fake, count=2) as pool:
+        s = pool.open_session("x")
+        assert pool.connection_failed("x") is None  # a blip: the worker runs
+        assert pool.is_lost("x") is None
+        rt.crash(pool.environment.worker(s.slot).container_id, exit_code=137)
+        lost = pool.connection_failed("x")
+        assert lost is not None and "exited with code 137 (SIGKILL)" in lost
+        assert pool.is_lost("x") == lost
+        with pytest.raises(WorkerLostError, match="SIGKILL"):
+            pool.session("x")
+        assert pool.wait_replacements(10) and pool.stats()["replaced"] == 1
+        pool.close_session("x")  # a lost session closes as a no-op
+        assert pool.is_lost("x") is None and pool.stats()["open_sessions"] == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (None, "is gone (its container no longer exists)"),
+        (ContainerState("exited", 137, oom_killed=True), "was OOM-killed: out of memory (exit code 137)"),
+        (ContainerState("exited", 137), "exited with code 137 (SIGKILL)"),
+        (ContainerState("exited", 143), "exited with code 143 (SIGTERM)"),
+        (ContainerState("exited", 1), "exited with code 1"),
+        (ContainerState("paused"), "is paused"),
+    ],
+)
+def test_death_reason_comes_from_the_container_state(state: ContainerState | None, reason: str) -> None:
+    assert death_reason(state) == reason
