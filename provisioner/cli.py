@@ -751,5 +751,101 @@ def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
         click.echo(f"wrote {path}")
 
 
+# -- run history and reports (provisioner.history, provisioner.reporting) -----------------------------
+
+
+def _history(settings: Settings | None = None) -> Any:
+    from provisioner.history.store import HISTORY_FILE, History, HistoryError
+
+    settings = settings or _settings()
+    try:
+        return History(settings.state_dir / HISTORY_FILE)
+    except HistoryError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def history() -> None:
+    """Runs remembered in <state_dir>/history.sqlite (every pytest run that used provisioner)."""
+
+
+@history.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1), help="newest N runs")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def history_list(limit: int, as_json: bool) -> None:
+    """Runs, newest first: outcomes, duration, cost."""
+    with _history() as db:
+        runs = db.runs(limit)
+    if as_json:
+        click.echo(json.dumps(runs, indent=2))
+        return
+    if not runs:
+        click.echo("no runs recorded yet (run pytest with provisioner)")
+    for run in runs:
+        click.echo(f"{run['run_id']}  {run['started_at'][:19]}  {'/'.join(run['layers'])}  "
+                   f"{run['passed']} passed {run['failed']} failed {run['error']} error "
+                   f"{run['skipped']} skipped  "
+                   f"{run['duration_s']:.1f}s  ${run['cost_usd']:.4f}  {(run['revision'] or '-')[:20]}")
+
+
+@history.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def history_show(run_id: str, as_json: bool) -> None:
+    """One run (RUN_ID or an unambiguous prefix) and its tests."""
+    from provisioner.history.store import HistoryError
+
+    with _history() as db:
+        try:
+            run = db.run(run_id)
+        except HistoryError as exc:
+            raise UsageProblem(str(exc)) from None
+        if run is None:
+            known_name("run", run_id, [r["run_id"] for r in db.runs(50)], hint="runs in the history")
+            return
+        tests = db.tests(run["run_id"])
+    if as_json:
+        click.echo(json.dumps({"run": run, "tests": tests}, indent=2))
+        return
+    for key, value in run.items():
+        click.echo(f"{key}: {value}")
+    click.echo("tests:")
+    for row in tests:
+        duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
+        calls = row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+        click.echo(f"  {row['outcome']:<8} {duration:8.3f}s  ${row['cost_usd']:.6f}  {calls} LM calls  "
+                   f"{row['worker'] or '-':<4} {row['node_id']}")
+
+
+@history.command("import")
+@click.argument("reports", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def history_import(reports: tuple[Path, ...]) -> None:
+    """Merge runs recorded elsewhere (--provision-report JSON files: CI artifacts, shards)."""
+    from provisioner.history.store import HistoryError, rows_from_report
+
+    loaded = []
+    for path in reports:
+        try:
+            loaded.append(rows_from_report(json.loads(path.read_text(encoding="utf-8")), str(path)))
+        except ValueError as exc:
+            raise click.ClickException(f"{path}: not JSON ({exc})") from None
+        except HistoryError as exc:
+            raise click.ClickException(str(exc)) from None
+    with _history() as db:
+        for run, tests in loaded:  # all files checked first: a bad one imports nothing
+            db.record(run, tests)
+            click.echo(f"imported {run['run_id']} ({len(tests)} tests)")
+
+
+@history.command("prune")
+@click.option("--keep", required=True, type=click.IntRange(0), help="keep the newest N runs")
+def history_prune(keep: int) -> None:
+    """Delete all but the newest N runs."""
+    with _history() as db:
+        deleted = db.prune(keep)
+    click.echo(f"deleted {deleted} run{'s' if deleted != 1 else ''}, kept at most {keep}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

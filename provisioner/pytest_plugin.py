@@ -146,6 +146,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if not run.pool_warmed and POOL_FIXTURES.intersection(names):
         with _phases(item.config) as phases:
             run.warm_pool(phases, [names])
+    run.test_started(item.nodeid)
     return (yield)
 
 
@@ -177,6 +178,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
     item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    if report.when == "teardown":  # LM usage and leaks: JUnit XML properties, history rows
+        report.user_properties.extend(item.config.stash[RUN_KEY].test_properties(item.nodeid))
     return report
 
 
@@ -188,6 +191,7 @@ class _CompletenessHooks:
         self.run = run
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.run.rows.logreport(report)
         if report.failed:
             self.run.completeness.test_report(report.nodeid, True, report.longreprtext)
 
@@ -218,6 +222,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     dsession = config.pluginmanager.getplugin("dsession")  # xdist's controller, if any
     stopped = session.shouldfail or session.shouldstop or getattr(dsession, "shouldstop", None)
     run.completeness.ending(exitstatus=int(session.exitstatus), stopped=str(stopped) if stopped else None)
+    run.exit_status = int(session.exitstatus)
     run.close_ledger()
 
 

@@ -32,6 +32,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "provisioner.runtime": (
         "provisioner.cli", "provisioner.testing", "provisioner.api", "provisioner.pytest_plugin", "pytest",
     ),
+    # Run history and its views: imported by the plugin and the CLI, importing nothing above the LM.
+    "provisioner.history": (
+        "provisioner.cli", "provisioner.testing", "provisioner.api", "provisioner.pytest_plugin",
+        "provisioner.runtime", "provisioner.bridge", "provisioner.reporting", "pytest", "docker",
+    ),
+    "provisioner.reporting": (
+        "provisioner.cli", "provisioner.testing", "provisioner.api", "provisioner.pytest_plugin",
+        "provisioner.runtime", "provisioner.bridge", "pytest", "docker",
+    ),
     # The plain Python API under both edges.
     "provisioner.api": ("provisioner.cli", "provisioner.pytest_plugin", "pytest"),
 }

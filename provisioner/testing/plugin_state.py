@@ -122,7 +122,13 @@ class ProvisionRun:
         self._warm_attempted = False
         # Why this run is partial (cannot vouch for unused cassettes); filled by the plugin's hooks.
         self.completeness = Completeness()
+        from provisioner.history.rows import TestRowCollector
         from provisioner.lm.cassettes import now_iso
+
+        # Per-test rows for the run history and the JSON report (filled from the controller's reports).
+        self.rows = TestRowCollector(identity.run_id, self.layer.name)
+        self._test_costs: dict[str, LMCost] = {}
+        self.exit_status = 0  # pytest's, set at session end
 
         self.started_at = now_iso()
 
@@ -274,6 +280,49 @@ class ProvisionRun:
         for rule in rules:
             self.environment.report.unmatched_lm_rules.append([test_id, rule])
 
+    def test_started(self, test_id: str) -> None:
+        """Note the LM counters at a test's start (its usage goes into its teardown report)."""
+        self._test_costs[test_id] = LMCost(self.environment, self.environment.lm_usage(), test_id)
+
+    def test_properties(self, test_id: str) -> list[tuple[str, Any]]:
+        """The test's LM usage and leaks as ``user_properties`` (JUnit XML test properties; the
+        controller's history rows read them from the teardown report)."""
+        from provisioner.history.rows import usage_properties
+
+        cost = self._test_costs.pop(test_id, None)
+        if cost is None:
+            return []
+        leaks = [leak for record in self.environment.report.leaks if record.test == test_id
+                 for leak in record.leaks]
+        usage = cost.usage()
+        exact = {**usage.as_dict(), "cost_usd": usage.cost_usd}  # as_dict rounds to 6 places
+        return usage_properties(exact, leaks)
+
+    def _record_history(self, report: RunReport, ledger: LMUsage | None) -> None:
+        """Controller, at the end of the run: the run row into the JSON report, and the run with its
+        test rows into ``<state_dir>/history.sqlite`` (a run that used provisioner and ran tests). A
+        history that cannot be written is a warning, not a failed run."""
+        import warnings
+
+        from provisioner.history.rows import run_row
+        from provisioner.history.store import HISTORY_FILE, History, HistoryError
+
+        tests = self.rows.test_rows()
+        report.tests = [dict(row) for row in tests]
+        retained = [r for section in report.layers.values() for r in section.retained]
+        run = run_row(run_id=self.identity.run_id, started_at=self.started_at, project_dir=self.project_dir,
+                      layers=[self.layer.name], exit_status=self.exit_status, tests=tests, retained=retained,
+                      cost_usd=None if ledger is None else ledger.cost_usd,
+                      list_cost_usd=None if ledger is None else ledger.list_cost_usd)
+        report.history_run = dict(run)
+        if not self._used or not tests:
+            return
+        try:
+            with History(state_dir(self.environment.settings, self.project_dir) / HISTORY_FILE) as history:
+                history.record(run, tests)
+        except (HistoryError, OSError) as exc:
+            warnings.warn(f"provisioner: run history not written: {exc}", stacklevel=1)
+
     def lm_cost(self, test_id: str) -> LMCost:
         self._used = True
         return LMCost(self.environment, self.environment.lm_usage(), test_id)
@@ -345,6 +394,8 @@ class ProvisionRun:
                     for entry in terminal_stats.get(outcome, ()):
                         if getattr(entry, "when", None) in ("setup", "call", "teardown"):
                             report.add_outcome(self.layer.name, outcome)
+            self.rows.add_leaks((r.test, r.leaks) for s in report.layers.values() for r in s.leaks)
+            self._record_history(report, ledger)
             self._finished = report
             if self.report_path is not None:
                 report.write_json(self.report_path)

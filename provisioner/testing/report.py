@@ -195,6 +195,9 @@ class RunReport:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     processes: int = 0
     run_cost_usd: float | None = None  # the run ledger's total, when the run has one
+    # The run's history rows (provisioner.history.store.RunRow / TestRow, as plain dicts)
+    history_run: dict[str, Any] | None = None
+    tests: list[dict[str, Any]] = field(default_factory=list)
 
     def layer(self, name: str, lm_mode: str = "mock", cost_limit_usd: float = 0.0) -> LayerReport:
         if name not in self.layers:
@@ -225,6 +228,8 @@ class RunReport:
             "run_cost_usd": None if self.run_cost_usd is None else round(self.run_cost_usd, 6),
             "leaks_found": self.leaks_found,
             "layers": {name: section.as_dict() for name, section in self.layers.items()},
+            "run": self.history_run,
+            "tests": self.tests,
         }
 
     def write_json(self, path: Path) -> None:

@@ -1,0 +1,217 @@
+"""Per-test and per-run rows from what pytest reports (duck-typed: no pytest import here).
+
+The process that runs a test (the only one, or an xdist worker) attaches the test's LM usage and
+leaks to its teardown report as ``user_properties`` (:func:`usage_properties`); those travel to the
+xdist controller with the report — the path every test report takes — and into JUnit XML as test
+properties. The controller's :class:`TestRowCollector` turns the reports into :class:`TestRow` s as
+they arrive, so a worker process that dies loses no finished test's row (xdist reports the test it
+was running as failed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from provisioner.history.store import TEST_OUTCOMES, RunRow, TestRow
+
+PROPERTY_PREFIX = "provision_"
+#: user_properties names (JUnit XML test properties) and the TestRow field each fills.
+USAGE_PROPERTIES: dict[str, str] = {
+    "provision_lm_calls": "",  # total, for JUnit readers; not a row field
+    "provision_lm_mock": "lm_mock",
+    "provision_lm_replayed": "lm_replayed",
+    "provision_lm_recorded": "lm_recorded",
+    "provision_lm_real": "lm_real",
+    "provision_lm_standin": "lm_standin",
+    "provision_cost_usd": "cost_usd",
+    "provision_list_cost_usd": "list_cost_usd",
+    "provision_cache_misses": "cache_misses",
+}
+LEAKS_PROPERTY = "provision_leaks"
+
+
+def usage_properties(usage: Mapping[str, Any],
+                     leaks: Iterable[tuple[str, str]] = ()) -> list[tuple[str, Any]]:
+    """The test properties for an LM usage (``LMUsage.as_dict()`` keys: mock, replayed, recorded, real,
+    standin, cost_usd, list_cost_usd, cache_misses, calls) and the test's leaks (``(kind, name)``)."""
+    props: list[tuple[str, Any]] = [
+        ("provision_lm_calls", int(usage.get("calls", 0))),
+        ("provision_lm_mock", int(usage.get("mock", 0))),
+        ("provision_lm_replayed", int(usage.get("replayed", 0))),
+        ("provision_lm_recorded", int(usage.get("recorded", 0))),
+        ("provision_lm_real", int(usage.get("real", 0))),
+        ("provision_lm_standin", int(usage.get("standin", 0))),
+        ("provision_cost_usd", round(float(usage.get("cost_usd", 0.0)), 10)),
+        ("provision_list_cost_usd", round(float(usage.get("list_cost_usd", 0.0)), 10)),
+        ("provision_cache_misses", int(usage.get("cache_misses", 0))),
+    ]
+    found = [f"{kind} {name}" for kind, name in leaks]
+    if found:
+        props.append((LEAKS_PROPERTY, "; ".join(found)))
+    return props
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return _dt.datetime.fromtimestamp(timestamp, _dt.UTC).isoformat(timespec="milliseconds")
+
+
+def empty_test_row(run_id: str, node_id: str, layer: str) -> TestRow:
+    return TestRow(run_id=run_id, node_id=node_id, layer=layer, outcome="passed", reruns=0, started_at=None,
+                   setup_s=0.0, call_s=0.0, teardown_s=0.0, worker=None, lm_mock=0, lm_replayed=0,
+                   lm_recorded=0, lm_real=0, lm_standin=0, cost_usd=0.0, list_cost_usd=0.0, cache_hits=0,
+                   cache_misses=0, leaks=[], retained=None, log_path=None)
+
+
+class TestRowCollector:
+    """Builds one :class:`TestRow` per node id from pytest's ``TestReport`` s (in any process)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, run_id: str, layer: str) -> None:
+        self.run_id = run_id
+        self.layer = layer
+        self.rows: dict[str, TestRow] = {}
+
+    def logreport(self, report: Any) -> None:
+        """Take one phase's report (``nodeid``, ``when``, ``outcome``, ``duration``, ``start``,
+        ``user_properties``, ``wasxfail`` when xfail applies, ``node`` under xdist)."""
+        node_id = str(report.nodeid)
+        row = self.rows.get(node_id)
+        if row is None:
+            row = self.rows[node_id] = empty_test_row(self.run_id, node_id, self.layer)
+        when = getattr(report, "when", None)
+        outcome = str(report.outcome)
+        duration = float(getattr(report, "duration", 0.0) or 0.0)
+        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+        if worker is not None:
+            row["worker"] = str(worker)
+        if outcome == "rerun":  # pytest-rerunfailures: this attempt failed and will run again
+            row["reruns"] += 1
+            row["setup_s"] = row["call_s"] = row["teardown_s"] = 0.0
+            row["outcome"] = "passed"
+            return
+        if when == "setup":
+            row["started_at"] = _iso(getattr(report, "start", None))
+            row["setup_s"] = duration
+            if outcome == "failed":
+                row["outcome"] = "error"
+            elif outcome == "skipped":
+                row["outcome"] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+        elif when == "call":
+            row["call_s"] = duration
+            if outcome == "passed":
+                row["outcome"] = "xpassed" if hasattr(report, "wasxfail") else "passed"
+            elif outcome == "failed":
+                row["outcome"] = "failed"
+            else:
+                row["outcome"] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+        elif when == "teardown":
+            row["teardown_s"] = duration
+            if outcome == "failed" and row["outcome"] in ("passed", "skipped", "xfailed", "xpassed"):
+                row["outcome"] = "error"
+            self._properties(row, getattr(report, "user_properties", ()) or ())
+        elif outcome == "failed":  # xdist's report for a test whose worker process died
+            row["outcome"] = "failed"
+
+    @staticmethod
+    def _properties(row: TestRow, properties: Iterable[Any]) -> None:
+        for item in properties:
+            try:
+                name, value = item
+            except (TypeError, ValueError):
+                continue
+            field = USAGE_PROPERTIES.get(str(name))
+            if field:
+                row[field] = float(value) if field.endswith("_usd") else int(value)  # type: ignore[literal-required]
+            elif name == LEAKS_PROPERTY:
+                row["leaks"] = [part.split(" ", 1) for part in str(value).split("; ") if part]
+        row["cache_hits"] = row["lm_replayed"]
+
+    def add_leaks(self, leaks: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> None:
+        """Leaks reported at the end by processes (``(test id, [(kind, name), ...])``), for tests whose
+        teardown report did not carry them."""
+        for node_id, found in leaks:
+            row = self.rows.get(node_id)
+            if row is not None and not row["leaks"]:
+                row["leaks"] = [[kind, name] for kind, name in found]
+
+    def test_rows(self) -> list[TestRow]:
+        return [self.rows[k] for k in sorted(self.rows)]
+
+
+def git_revision(project_dir: Path) -> tuple[str | None, str | None]:
+    """``(revision, branch)`` of the git work tree at ``project_dir``; ``(None, None)`` outside git.
+
+    A work tree with changes to tracked files is its own revision: ``<commit>+dirty.<first 12 hex
+    digits of the sha256 of git diff HEAD>`` (untracked files are not part of it).
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, timeout=30,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    revision = commit.strip()
+    branch = (git("rev-parse", "--abbrev-ref", "HEAD") or "").strip() or None
+    diff = git("diff", "HEAD", "--binary")
+    if diff:
+        revision += "+dirty." + hashlib.sha256(diff.encode("utf-8")).hexdigest()[:12]
+    return revision, None if branch == "HEAD" else branch
+
+
+def ci_identity(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """``(ci_job, shard)`` from GitHub Actions' variables (``GITHUB_RUN_ID``/``GITHUB_JOB``,
+    ``PROVISION_SHARD``) or ``CI_JOB_ID`` (GitLab); ``(None, None)`` outside CI."""
+    env = os.environ if environ is None else environ
+    job = None
+    if env.get("GITHUB_RUN_ID"):
+        job = f"{env['GITHUB_RUN_ID']}/{env.get('GITHUB_JOB', '')}".rstrip("/")
+    elif env.get("CI_JOB_ID"):
+        job = env["CI_JOB_ID"]
+    return job, env.get("PROVISION_SHARD") or None
+
+
+def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str], exit_status: int,
+            tests: Iterable[TestRow], retained: Iterable[str] = (), cost_usd: float | None = None,
+            list_cost_usd: float | None = None, finished_at: str | None = None) -> RunRow:
+    """A run row with totals over ``tests``. ``cost_usd``/``list_cost_usd``: the run ledger's totals
+    when there is one (they also count calls outside any test); otherwise the tests' sums."""
+    rows = list(tests)
+    finished = finished_at or now_iso()
+    revision, branch = git_revision(project_dir)
+    ci_job, shard = ci_identity()
+    counts = {k: sum(1 for r in rows if r["outcome"] == k) for k in TEST_OUTCOMES}
+    duration = (_dt.datetime.fromisoformat(finished) - _dt.datetime.fromisoformat(started_at)).total_seconds()
+    return RunRow(
+        run_id=run_id, started_at=started_at, finished_at=finished, duration_s=max(duration, 0.0),
+        project=project_dir.name, revision=revision, branch=branch, host=socket.gethostname(),
+        ci_job=ci_job, shard=shard, layers=layers, exit_status=exit_status, tests=len(rows),
+        passed=counts["passed"], failed=counts["failed"], error=counts["error"], skipped=counts["skipped"],
+        xfailed=counts["xfailed"], xpassed=counts["xpassed"], reruns=sum(r["reruns"] for r in rows),
+        lm_calls=sum(r["lm_mock"] + r["lm_replayed"] + r["lm_recorded"] + r["lm_real"] for r in rows),
+        cost_usd=round(sum(r["cost_usd"] for r in rows) if cost_usd is None else cost_usd, 10),
+        list_cost_usd=round(sum(r["list_cost_usd"] for r in rows) if list_cost_usd is None
+                            else list_cost_usd, 10),
+        standin_calls=sum(r["lm_standin"] for r in rows), cache_hits=sum(r["cache_hits"] for r in rows),
+        cache_misses=sum(r["cache_misses"] for r in rows), leaks=sum(len(r["leaks"]) for r in rows),
+        retained=list(retained),
+    )

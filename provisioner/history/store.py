@@ -1,0 +1,311 @@
+"""The run history database: ``<state_dir>/history.sqlite`` (stdlib :mod:`sqlite3`).
+
+WAL journal (readers never block the writer; one pytest controller writes per run), a versioned
+schema: ``PRAGMA user_version`` is the number of :data:`MIGRATIONS` applied, each run in one
+transaction on open, so an older database is upgraded in place and a newer one is refused.
+
+A run row (:class:`RunRow`) and its test rows (:class:`TestRow`) are written together in one
+transaction by :meth:`History.record` — a run is in the history whole or not at all; recording the
+same run id again (``provision history import`` of a CI artifact) replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypedDict
+
+HISTORY_FILE = "history.sqlite"
+
+#: Outcomes of a test row: pytest's, plus ``error`` (setup/teardown failed) and ``rerun`` counts.
+TEST_OUTCOMES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+
+
+class RunRow(TypedDict):
+    """One pytest run. Times are ISO 8601 UTC strings; durations seconds; money US dollars billed
+    (stand-in calls $0); counts are over the run's test rows."""
+
+    run_id: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    project: str
+    revision: str | None  # git commit, or "<commit>+dirty.<hash of the diff>" for a changed work tree
+    branch: str | None
+    host: str
+    ci_job: str | None  # e.g. GITHUB_JOB / GITHUB_RUN_ID
+    shard: str | None  # e.g. the xdist worker count or a CI matrix leg
+    layers: list[str]
+    exit_status: int
+    tests: int
+    passed: int
+    failed: int
+    error: int
+    skipped: int
+    xfailed: int
+    xpassed: int
+    reruns: int
+    lm_calls: int
+    cost_usd: float
+    list_cost_usd: float  # every call at list prices (stand-in calls included): what cost limits count
+    standin_calls: int
+    cache_hits: int
+    cache_misses: int
+    leaks: int
+    retained: list[str]
+
+
+class TestRow(TypedDict):
+    """One test of one run (its last attempt when it was rerun). Durations in seconds per phase;
+    LM calls by kind (``lm_standin``: real/recorded calls the Gemini stand-in answered, $0);
+    ``cache_hits`` = replayed calls; ``leaks`` = what the leak check found (``[kind, name]`` pairs)."""
+
+    run_id: str
+    node_id: str
+    layer: str
+    outcome: str
+    reruns: int
+    started_at: str | None
+    setup_s: float
+    call_s: float
+    teardown_s: float
+    worker: str | None  # the xdist worker (gw0, ...) that ran it; None in a single process
+    lm_mock: int
+    lm_replayed: int
+    lm_recorded: int
+    lm_real: int
+    lm_standin: int
+    cost_usd: float
+    list_cost_usd: float
+    cache_hits: int
+    cache_misses: int
+    leaks: list[list[str]]
+    retained: str | None  # the bridge worker kept for debugging, if any
+    log_path: str | None  # where that worker's log is
+
+
+_RUN_JSON = ("layers", "retained")
+_TEST_JSON = ("leaks",)
+
+#: Migration n (1-based) brings the schema from version n-1 to n. Append; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
+        duration_s REAL NOT NULL, project TEXT NOT NULL, revision TEXT, branch TEXT, host TEXT NOT NULL,
+        ci_job TEXT, shard TEXT, layers TEXT NOT NULL, exit_status INTEGER NOT NULL,
+        tests INTEGER NOT NULL, passed INTEGER NOT NULL, failed INTEGER NOT NULL, error INTEGER NOT NULL,
+        skipped INTEGER NOT NULL, xfailed INTEGER NOT NULL, xpassed INTEGER NOT NULL,
+        reruns INTEGER NOT NULL, lm_calls INTEGER NOT NULL, cost_usd REAL NOT NULL,
+        list_cost_usd REAL NOT NULL, standin_calls INTEGER NOT NULL, cache_hits INTEGER NOT NULL,
+        cache_misses INTEGER NOT NULL, leaks INTEGER NOT NULL, retained TEXT NOT NULL
+    );
+    CREATE INDEX runs_started ON runs (started_at);
+    CREATE TABLE tests (
+        run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, node_id TEXT NOT NULL,
+        layer TEXT NOT NULL, outcome TEXT NOT NULL, reruns INTEGER NOT NULL, started_at TEXT,
+        setup_s REAL NOT NULL, call_s REAL NOT NULL, teardown_s REAL NOT NULL, worker TEXT,
+        lm_mock INTEGER NOT NULL, lm_replayed INTEGER NOT NULL, lm_recorded INTEGER NOT NULL,
+        lm_real INTEGER NOT NULL, lm_standin INTEGER NOT NULL, cost_usd REAL NOT NULL,
+        list_cost_usd REAL NOT NULL, cache_hits INTEGER NOT NULL, cache_misses INTEGER NOT NULL,
+        leaks TEXT NOT NULL, retained TEXT, log_path TEXT,
+        PRIMARY KEY (run_id, node_id)
+    );
+    CREATE INDEX tests_node ON tests (node_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+RUN_FIELDS: tuple[str, ...] = tuple(RunRow.__annotations__)
+TEST_FIELDS: tuple[str, ...] = tuple(TestRow.__annotations__)
+# Column names are the constants above; every value is a bound parameter.
+_INSERT_RUN = f"INSERT INTO runs ({', '.join(RUN_FIELDS)}) VALUES ({', '.join('?' for _ in RUN_FIELDS)})"  # noqa: S608
+_INSERT_TEST = (f"INSERT OR REPLACE INTO tests ({', '.join(TEST_FIELDS)}) "  # noqa: S608
+                f"VALUES ({', '.join('?' for _ in TEST_FIELDS)})")
+
+
+class HistoryError(Exception):
+    """The history database cannot be used (newer schema, not a database, bad import)."""
+
+
+def _row(data: sqlite3.Row, json_fields: Iterable[str]) -> dict[str, Any]:
+    out = dict(data)
+    for name in json_fields:
+        out[name] = json.loads(out[name]) if out[name] is not None else []
+    return out
+
+
+class History:
+    """The history database at ``path`` (created with its directory when missing).
+
+    Raises:
+        HistoryError: the file was written by a newer provisioner (schema version above
+            :data:`SCHEMA_VERSION`), or is not an SQLite database.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise HistoryError(f"{self.path}: not a provisioner history database ({exc}); move it away "
+                               "and a new one is created") from None
+        except HistoryError:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise HistoryError(f"{self.path} has schema version {version}, newer than this provisioner's "
+                               f"{SCHEMA_VERSION}: upgrade provisioner to read it")
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction():
+                again = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                if again >= number:  # another process migrated meanwhile
+                    continue
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def record(self, run: RunRow, tests: Iterable[TestRow]) -> None:
+        """Write a run and its tests in one transaction (replacing a run recorded before under its id).
+
+        Raises:
+            HistoryError: a row misses a field (the message names it).
+        """
+        rows = list(tests)
+        run_values = _values(run, RUN_FIELDS, _RUN_JSON, "run")
+        test_values = [_values(row, TEST_FIELDS, _TEST_JSON, f"test {row.get('node_id')!r}") for row in rows]
+        with self._transaction():
+            self._db.execute("DELETE FROM runs WHERE run_id = ?", (run["run_id"],))
+            self._db.execute(_INSERT_RUN, run_values)
+            self._db.executemany(_INSERT_TEST, test_values)
+
+    def prune(self, keep: int) -> int:
+        """Keep the ``keep`` newest runs (by start time); returns how many runs were deleted."""
+        if keep < 0:
+            raise HistoryError(f"--keep must be 0 or more, got {keep}")
+        with self._transaction():
+            cursor = self._db.execute(
+                "DELETE FROM runs WHERE run_id NOT IN "
+                "(SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT ?)", (keep,))
+            deleted = cursor.rowcount
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def runs(self, limit: int | None = None) -> list[RunRow]:
+        """Runs, newest first."""
+        query = "SELECT * FROM runs ORDER BY started_at DESC, run_id DESC"
+        params: tuple[Any, ...] = ()
+        if limit is not None:
+            query += " LIMIT ?"
+            params = (limit,)
+        return [_row(r, _RUN_JSON) for r in self._db.execute(query, params)]  # type: ignore[misc]
+
+    def run(self, run_id: str) -> RunRow | None:
+        """The run with this id, or the only one whose id starts with it; ``None`` if there is none.
+
+        Raises:
+            HistoryError: the prefix names several runs.
+        """
+        found = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchall()
+        if not found:
+            found = self._db.execute("SELECT * FROM runs WHERE run_id LIKE ? ESCAPE '\\' LIMIT 6",
+                                     (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                                      + "%",)).fetchall()
+        if len(found) > 1:
+            names = ", ".join(r["run_id"] for r in found[:5])
+            raise HistoryError(f"run {run_id!r} is ambiguous: {names}, ... — give more of the id")
+        return _row(found[0], _RUN_JSON) if found else None  # type: ignore[return-value]
+
+    def tests(self, run_id: str) -> list[TestRow]:
+        """The test rows of a run, in node id order."""
+        rows = self._db.execute("SELECT * FROM tests WHERE run_id = ? ORDER BY node_id", (run_id,))
+        return [_row(r, _TEST_JSON) for r in rows]  # type: ignore[misc]
+
+    def test_rows(self, run_ids: Iterable[str]) -> list[TestRow]:
+        """The test rows of these runs (any order)."""
+        ids = list(run_ids)
+        out: list[TestRow] = []
+        for start in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" for _ in chunk)  # placeholders only; the values are bound
+            rows = self._db.execute(f"SELECT * FROM tests WHERE run_id IN ({marks})", chunk)  # noqa: S608
+            out.extend(_row(r, _TEST_JSON) for r in rows)  # type: ignore[misc]
+        return out
+
+
+def _values(row: Any, fields: tuple[str, ...], json_fields: tuple[str, ...], what: str) -> list[Any]:
+    values = []
+    for name in fields:
+        if name not in row:
+            raise HistoryError(f"{what}: missing field {name!r}")
+        value = row[name]
+        values.append(json.dumps(value) if name in json_fields else value)
+    return values
+
+
+def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
+    """The run and test rows of a ``--provision-report`` JSON document (its ``run`` and ``tests`` keys).
+
+    Raises:
+        HistoryError: the document has no run row (written by a provisioner before the history) or a
+            row misses a field; the message names ``source`` and the field.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
+        raise HistoryError(f"{source}: no 'run' object — not a --provision-report JSON file of a provisioner "
+                           "with run history (re-run the tests with this version to get one)")
+    run = data["run"]
+    tests = data.get("tests") or []
+    if not isinstance(tests, list):
+        raise HistoryError(f"{source}: 'tests' must be a list of test rows")
+    for name in RUN_FIELDS:
+        if name not in run:
+            raise HistoryError(f"{source}: run row misses field {name!r}")
+    for index, row in enumerate(tests):
+        missing = [name for name in TEST_FIELDS if name not in row]
+        if missing:
+            raise HistoryError(f"{source}: tests[{index}] misses field {missing[0]!r}")
+        if row["run_id"] != run["run_id"]:
+            raise HistoryError(f"{source}: tests[{index}] belongs to run {row['run_id']!r}, not "
+                               f"{run['run_id']!r}")
+    return run, tests

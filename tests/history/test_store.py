@@ -1,0 +1,126 @@
+"""The history database: schema version and migrations, WAL, whole-run writes, prune, import."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from provisioner.cli import main
+from provisioner.history import store
+from provisioner.history.rows import empty_test_row
+from provisioner.history.store import History, HistoryError, rows_from_report
+
+
+def run_row(run_id: str, started_at: str, **changes: Any) -> Any:
+    row: dict[str, Any] = {name: 0 for name in store.RUN_FIELDS}
+    row.update(run_id=run_id, started_at=started_at, finished_at=started_at, duration_s=1.5, project="p",
+               revision="abc", branch="main", host="h", ci_job=None, shard=None, layers=["unit"],
+               cost_usd=0.25, list_cost_usd=0.25, retained=[])
+    row.update(changes)
+    return row
+
+
+def test_new_database_is_wal_at_the_current_schema_version(tmp_path: Path) -> None:
+    with History(tmp_path / "h" / "history.sqlite") as db:
+        assert db.schema_version == store.SCHEMA_VERSION >= 1
+    raw = sqlite3.connect(tmp_path / "h" / "history.sqlite")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migrations_upgrade_an_older_database_in_place(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "history.sqlite"
+    with History(path) as db:
+        db.record(run_row("r1", "2026-11-01T00:00:00+00:00"), [])
+    extra = "ALTER TABLE runs ADD COLUMN note TEXT; CREATE INDEX runs_note ON runs (note)"
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, extra))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", len(store.MIGRATIONS))
+    with History(path) as db:
+        assert db.schema_version == store.SCHEMA_VERSION
+        assert [r["run_id"] for r in db.runs()] == ["r1"]  # data kept
+    columns = [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(runs)")]
+    assert "note" in columns
+
+
+def test_a_newer_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    History(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(HistoryError, match=r"newer than this provisioner's.*upgrade provisioner"):
+        History(path)
+
+
+def test_not_a_database_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    path.write_text("hello, not sqlite" * 100)
+    with pytest.raises(HistoryError, match="not a provisioner history database"):
+        History(path)
+
+
+def test_record_replaces_a_run_and_its_tests_and_prune_keeps_the_newest(tmp_path: Path) -> None:
+    with History(tmp_path / "history.sqlite") as db:
+        for i in range(5):
+            run_id = f"r{i}"
+            tests = [empty_test_row(run_id, f"t.py::test_{n}", "unit") for n in range(3)]
+            db.record(run_row(run_id, f"2026-11-0{i + 1}T00:00:00+00:00"), tests)
+        db.record(run_row("r4", "2026-11-05T00:00:00+00:00", failed=1),
+                  [empty_test_row("r4", "t.py::test_0", "unit")])
+        assert len(db.tests("r4")) == 1 and db.run("r4")["failed"] == 1  # type: ignore[index]
+        assert [r["run_id"] for r in db.runs()] == ["r4", "r3", "r2", "r1", "r0"]
+        assert db.prune(2) == 3
+        assert [r["run_id"] for r in db.runs()] == ["r4", "r3"]
+        assert db.test_rows(["r0", "r1", "r2"]) == []  # their tests went with them
+
+
+def test_a_row_missing_a_field_writes_nothing(tmp_path: Path) -> None:
+    with History(tmp_path / "history.sqlite") as db:
+        bad = empty_test_row("r1", "t.py::test", "unit")
+        del bad["worker"]  # type: ignore[misc]
+        with pytest.raises(HistoryError, match="missing field 'worker'"):
+            db.record(run_row("r1", "2026-11-01T00:00:00+00:00"), [bad])
+        assert db.runs() == []
+
+
+def test_run_prefix_and_ambiguity(tmp_path: Path) -> None:
+    with History(tmp_path / "history.sqlite") as db:
+        db.record(run_row("r20261101-a", "2026-11-01T00:00:00+00:00"), [])
+        db.record(run_row("r20261102-b", "2026-11-02T00:00:00+00:00"), [])
+        assert db.run("r20261102")["run_id"] == "r20261102-b"  # type: ignore[index]
+        assert db.run("zzz") is None
+        with pytest.raises(HistoryError, match="ambiguous"):
+            db.run("r2026")
+
+
+def test_import_checks_every_file_first(tmp_path: Path) -> None:
+    state = tmp_path / ".provision"
+    good = tmp_path / "good.json"
+    tests = [dict(empty_test_row("r-ci", "t.py::test", "unit"))]
+    good.write_text(json.dumps({"run": run_row("r-ci", "2026-11-03T00:00:00+00:00"), "tests": tests}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema_version": 1, "run_id": "x", "layers": {}}))
+    runner = CliRunner()
+    env = {"PROVISION_STATE_DIR": str(state)}
+    result = runner.invoke(main, ["history", "import", str(good), str(old)], env=env)
+    assert result.exit_code == 1 and "old.json: no 'run' object" in result.output
+    result = runner.invoke(main, ["history", "list", "--json"], env=env)
+    assert json.loads(result.output) == []  # nothing imported
+    result = runner.invoke(main, ["history", "import", str(good)], env=env)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(runner.invoke(main, ["history", "show", "r-ci", "--json"], env=env).output)
+    assert shown["run"]["run_id"] == "r-ci" and [t["node_id"] for t in shown["tests"]] == ["t.py::test"]
+    result = runner.invoke(main, ["history", "show", "nope"], env=env)
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_rows_from_report_names_the_missing_field() -> None:
+    run = run_row("r1", "2026-11-01T00:00:00+00:00")
+    del run["host"]
+    with pytest.raises(HistoryError, match=r"x\.json: run row misses field 'host'"):
+        rows_from_report({"run": run, "tests": []}, "x.json")
