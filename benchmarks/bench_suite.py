@@ -264,7 +264,34 @@ def machine() -> str:
     )
 
 
-def markdown(results: dict[str, Any]) -> str:
+def baseline_lines(baseline: dict[str, Any]) -> list[str]:
+    """The same measurement of the code before the change (``--baseline FILE``, a ``--json`` output)."""
+    rounds = baseline["rounds"]
+
+    def cells(side: str, key: str) -> str:
+        return " / ".join(f"{r[side][key]:.1f}" for r in rounds)
+
+    return [
+        "",
+        f"Before (commit {baseline.get('commit', '?')}, same script, {len(rounds)} round(s); load average "
+        + "; ".join(f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}" for r in rounds) + "):",
+        "",
+        "| before | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",
+        "|---|" + "---:|" * len(rounds),
+        "| provisioner: setup p50 / teardown p50, ms | "
+        + " | ".join(f"{r['provisioner']['setup_p50_ms']:.1f} / {r['provisioner']['teardown_p50_ms']:.1f}"
+                     for r in rounds) + " |",
+        "| provisioner: setup + teardown p50 / p99, ms | "
+        + " | ".join(f"{r['provisioner']['overhead_p50_ms']:.1f} / {r['provisioner']['overhead_p99_ms']:.1f}"
+                     for r in rounds) + " |",
+        "| provisioner: pool start / suite, s | "
+        + " | ".join(f"{r['provisioner']['pool_start_s']:.1f} / {r['provisioner']['loop_s']:.1f}"
+                     for r in rounds) + " |",
+        "| ratio naive / provisioner | " + " | ".join(f"{r['ratio']:.0f}{TIMES}" for r in rounds) + " |",
+    ]
+
+
+def markdown(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     rounds = results["rounds"]
     n = len(rounds)
 
@@ -316,6 +343,7 @@ def markdown(results: dict[str, Any]) -> str:
         per_round("naive: suite (extrapolated), s", lambda r: f"{r['naive_suite_s']:.1f}"),
         per_round(f"**ratio naive / provisioner** (target ≥ 60{TIMES})",
                   lambda r: f"{r['ratio']:.0f}{TIMES}"),
+        *(baseline_lines(baseline) if baseline else []),
         "",
     ]
     return "\n".join(lines)
@@ -339,12 +367,18 @@ def main() -> None:
     parser.add_argument("--naive-tests", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a --json output of the code before a change, shown below the results")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="render this --json output instead of measuring")
     args = parser.parse_args()
-    results = measure(args.rounds, args.tests, args.naive_tests)
+    results = (json.loads(args.results.read_text()) if args.results is not None
+               else measure(args.rounds, args.tests, args.naive_tests))
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    text = markdown(results)
+    baseline = json.loads(args.baseline.read_text()) if args.baseline is not None else None
+    text = markdown(results, baseline)
     print(text)
     if args.write_docs:
         write_docs(text)

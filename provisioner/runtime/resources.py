@@ -266,6 +266,7 @@ class EngineWatch:
         self._applied: dict[tuple[int, str, str, str], None] = {}  # recent event keys, in order
         self._cursor_ns = 0
         self._failed: BaseException | None = None
+        self._relist = False
         self._closed = False
         self._changed = threading.Condition()
         self._stream: EventStream | None = None
@@ -301,7 +302,12 @@ class EngineWatch:
         if event.action == "create":
             labels = event.labels
             if labels is None:  # networks and volumes: ask (None: already gone)
-                labels = self.runtime.resource_labels(event.kind, event.id) or {}
+                try:
+                    labels = self.runtime.resource_labels(event.kind, event.id) or {}
+                except Exception:  # unknown: the next check lists instead of guessing
+                    with self._changed:
+                        self._relist = True
+                    labels = {}
             ours = L.matches(labels, self.selector)
         with self._changed:
             if event.key not in self._applied:
@@ -318,24 +324,27 @@ class EngineWatch:
     def current(self, *, sync: bool = True) -> set[tuple[str, str]]:
         """``(kind, name)`` of every matching resource; exact as of the call when ``sync``."""
         with self._changed:
-            failed, cursor = self._failed, self._cursor_ns
-            state = set(self._state.values())
-        if failed is not None:
-            self.fallbacks += 1
-            return set(self._listed().values())
-        if not sync:
-            return state
-        until = time.time_ns()
-        pending = {e.key for e in self.runtime.events(cursor, until)}
+            cursor = self._cursor_ns
+            usable = self._failed is None and not self._relist
+        if usable and sync:
+            until = time.time_ns()
+            pending = {e.key for e in self.runtime.events(cursor, until)}
+            with self._changed:
+                usable = self._changed.wait_for(
+                    lambda: self._failed is not None or pending.issubset(self._applied.keys()),
+                    timeout=self.sync_timeout_s,
+                )
         with self._changed:
-            caught_up = self._changed.wait_for(
-                lambda: self._failed is not None or pending.issubset(self._applied.keys()),
-                timeout=self.sync_timeout_s,
-            )
-            if caught_up and self._failed is None:
+            if usable and self._failed is None and not self._relist:
                 return set(self._state.values())
+            failed = self._failed
+            self._relist = False
         self.fallbacks += 1
-        return set(self._listed().values())
+        listed = self._listed()
+        if failed is None:
+            with self._changed:
+                self._state = listed  # re-based; later events apply on top (idempotently)
+        return set(listed.values())
 
     def close(self) -> None:
         with self._changed:

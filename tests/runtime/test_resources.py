@@ -361,3 +361,26 @@ def test_docker_event_watch_names_what_was_created_right_before_the_check(
                 rt.remove_network(ident)
         rm.close()
         rt.close()
+
+
+def test_a_failed_label_lookup_makes_the_next_check_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = FakeRuntime()
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel)
+    try:
+        before = rm.snapshot(sync=False)
+
+        def broken(kind: str, resource_id: str) -> None:
+            raise OSError("engine hiccup")
+
+        monkeypatch.setattr(rt, "resource_labels", broken)
+        rt.create_network(NetworkRecipe("prov-unknown", internal=True, labels=sel))
+        with pytest.raises(LeakError, match="network prov-unknown"):
+            rm.check_leaks(before)
+        assert rm._watch is not None and rm._watch.fallbacks == 1
+        monkeypatch.undo()
+        rt.remove_network("prov-unknown")
+        rm.check_leaks(before)  # the stream applies the removal on top of the listed state
+        assert rm._watch.fallbacks == 1
+    finally:
+        rm.close()
