@@ -593,18 +593,24 @@ def _check_run(settings: Settings, run_id: str) -> None:
 @click.option("--run", "run_id", default=None, help="the run to check (default: this project's run)")
 @click.option("--all-projects", is_flag=True,
               help="list every run on this engine (all projects) instead of one run's health")
+@click.option("--repair", is_flag=True,
+              help="restart workers whose container exited (killed, OOM-killed), behind the same address")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status_command(run_id: str | None, all_projects: bool, as_json: bool) -> None:
+def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json: bool) -> None:
     """Health of every worker of a run (container state + ping). Exit 1 when not all healthy.
 
     Without --run: this project's run that is up (the current one). --all-projects lists the runs
-    of every project on the engine instead.
+    of every project on the engine instead. A worker that is not running shows how it ended (exit
+    code and signal, OOM-killed: the engine's container state); --repair restarts it in place
+    (its sessions and programs are gone) and says so.
     """
     from dataclasses import asdict
 
     from provisioner.runtime.environment import AmbiguousRunError, run_overview, status
 
     if all_projects:
+        if repair:
+            raise UsageProblem("--repair works on one run; drop --all-projects (choose the run with --run)")
         rows = run_overview(_settings())
         if as_json:
             click.echo(json.dumps(rows))
@@ -620,7 +626,7 @@ def status_command(run_id: str | None, all_projects: bool, as_json: bool) -> Non
     if run_id is not None:
         _check_run(settings, run_id)
     try:
-        report = status(settings, run_id=run_id)
+        report = status(settings, run_id=run_id, repair=repair)
     except AmbiguousRunError as exc:
         raise UsageProblem(str(exc)) from None
     if as_json:
@@ -633,9 +639,14 @@ def status_command(run_id: str | None, all_projects: bool, as_json: bool) -> Non
     elif report.state is None:
         click.echo("no current run (provision up starts one)")
     else:
-        health = {w.name: ("ok" if w.healthy else f"{w.container}: {w.detail or 'no ping'}")
+        health = {w.name: ("ok" if w.healthy else w.reason or f"{w.container}: {w.detail or 'no ping'}")
                   + (f" ({w.latency_ms} ms)" if w.latency_ms is not None else "") for w in report.workers}
         _worker_table(report.state, health)
+        for w in report.workers:
+            if w.repaired:
+                click.echo(f"{w.name}: {w.repaired}")
+        if not repair and any(w.container not in ("running", "missing") for w in report.workers):
+            click.echo("`provision status --repair` restarts the workers that exited")
         for name, st in report.others.items():
             click.echo(f"{name}: {st}")
     if not report.healthy:

@@ -872,8 +872,31 @@ def _remove_run(runtime: ContainerRuntime, run_id: str) -> list[ResourceRef]:
     return remove_by_selector(runtime, L.selector(run_id))
 
 
+def death_reason(state: ContainerState | None) -> str:
+    """How a worker's container ended, from the engine's container state, as a phrase after
+    "which": ``is gone (...)``, ``was OOM-killed: out of memory (exit code 137)``, ``exited with code
+    137 (SIGKILL)``, ``is paused``. The facts are Docker's (``State.Status``, ``State.ExitCode``,
+    ``State.OOMKilled``); the signal name is the exit code minus 128, as the shell reports it."""
+    if state is None:
+        return "is gone (its container no longer exists)"
+    if state.oom_killed:
+        return f"was OOM-killed: out of memory (exit code {state.exit_code})"
+    if state.status not in ("exited", "dead"):
+        return f"is {state.status}"
+    code = state.exit_code
+    how = f"exited with code {code}"
+    if code is not None and 128 < code < 128 + 65:
+        with contextlib.suppress(ValueError):
+            how += f" ({signal.Signals(code - 128).name})"
+    return how
+
+
 @dataclass
 class WorkerHealth:
+    """One worker of a run. ``container``: the engine's status (running | exited | missing ...);
+    ``reason``: how a worker that is not running ended (:func:`death_reason`), else empty;
+    ``repaired``: what ``status(repair=True)`` did for it (empty: nothing needed or possible)."""
+
     slot: int
     name: str
     address: str
@@ -882,6 +905,8 @@ class WorkerHealth:
     lm_configured: bool
     latency_ms: float | None
     detail: str = ""
+    reason: str = ""
+    repaired: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -910,8 +935,15 @@ def status(
     run_id: str | None = None,
     runtime: ContainerRuntime | None = None,
     probe: Probe = bridge_probe,
+    repair: bool = False,
 ) -> StatusReport:
     """The health of every worker of a run (default: :func:`default_run`): container state and a ping.
+
+    ``repair``: first restart every worker whose container exited (killed, OOM-killed, crashed) —
+    the same container, so the same network alias and published address — re-apply its egress
+    guard and wait until it answers ``ping`` (``container.ready_timeout_s``). What was done is in
+    each worker's ``repaired``; a worker whose container is gone cannot be restarted (``down`` then
+    ``up``). A repaired worker has lost its sessions and programs.
 
     Raises:
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
@@ -922,10 +954,14 @@ def status(
     state = read_state(settings, run_id) if run_id else None
     if state is None:
         return StatusReport(run_id, None, [], {})
+    repaired: dict[str, str] = {}
+    if repair:
+        repaired = _repair_workers(settings, rt, state, probe)
 
     def check(w: dict[str, Any]) -> WorkerHealth:
         cstate = rt.container_state(str(w["container_id"]))
         host, port = str(w["address"]).rsplit(":", 1)
+        done = repaired.get(str(w["name"]), "")
         if cstate is None or not cstate.running:
             return WorkerHealth(
                 int(w["slot"]),
@@ -935,6 +971,8 @@ def status(
                 False,
                 False,
                 None,
+                reason=death_reason(cstate),
+                repaired=done,
             )
         result = probe(host, int(port), 2.0)
         return WorkerHealth(
@@ -946,6 +984,7 @@ def status(
             result.lm_configured,
             round(result.latency_s * 1000, 2),
             "" if result.ok else result.detail,
+            repaired=done,
         )
 
     with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
@@ -956,6 +995,51 @@ def status(
             cs = rt.container_state(name)
             others[name] = "missing" if cs is None else cs.status
     return StatusReport(run_id, state, workers, others)
+
+
+def _repair_workers(
+    settings: Settings, rt: ContainerRuntime, state: RunState, probe: Probe
+) -> dict[str, str]:
+    """Restart the run's exited workers in place (see :func:`status`); worker name -> what was done."""
+    found = rt.list_resources(L.selector(state.run_id))
+    labels = {ref.name: ref.labels for ref in found if ref.kind == "container"}
+    run_network = state.networks[0] if state.networks else ""
+
+    def repair_one(w: dict[str, Any]) -> tuple[str, str]:
+        name, cid = str(w["name"]), str(w["container_id"])
+        cstate = rt.container_state(cid)
+        if cstate is not None and cstate.running:
+            return name, ""
+        why = death_reason(cstate)
+        if cstate is None:
+            return name, (f"not repaired: the worker {why}; `provision down` and `provision up` "
+                          "start the run afresh")
+        try:
+            rt.start_container(cid)
+            if not state.egress:  # guarded: its command waits until the guard has cut it off again
+                target = ContainerRecipe(
+                    name=name, role="worker", image=state.image, command=(), environment={},
+                    labels=labels.get(name, L.selector(state.run_id)), networks=(), guarded=True,
+                )
+                block_host_access(rt, target, cid, network=run_network,
+                                  timeout_s=settings.container.ready_timeout_s)
+            host, port = str(w["address"]).rsplit(":", 1)
+            deadline = time.monotonic() + settings.container.ready_timeout_s
+            while not probe(host, int(port), 2.0).ready:
+                now_state = rt.container_state(cid)
+                if now_state is None or not now_state.running:
+                    raise RuntimeProblem(f"it {death_reason(now_state)} again; its log:\n{rt.logs(cid)}")
+                if time.monotonic() >= deadline:
+                    raise RuntimeProblem(
+                        f"it did not answer ping within {settings.container.ready_timeout_s:.0f}s"
+                    )
+                time.sleep(0.05)
+        except RuntimeProblem as exc:
+            return name, f"restart failed: {exc} (the worker {why})"
+        return name, f"restarted: the worker {why}"
+
+    with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
+        return dict(pool.map(repair_one, state.workers))
 
 
 def run_overview(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -36,30 +35,12 @@ from typing import Any
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
 from provisioner.runtime.engine import ContainerState
-from provisioner.runtime.environment import RunEnvironment, WorkerInfo
+from provisioner.runtime.environment import RunEnvironment, WorkerInfo, death_reason
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
 # After a broken connection, how long the engine gets to report the worker's exit (seconds).
 CONNECTION_FAILURE_SETTLE_S = 1.5
-
-
-def death_reason(state: ContainerState | None) -> str:
-    """How a worker's container ended, from the engine's container state, as a phrase after
-    "which": ``is gone``, ``was OOM-killed (exit code 137)``, ``exited with code 137 (SIGKILL)``,
-    ``is paused``. The facts are Docker's (``State.Status``, ``State.ExitCode``, ``State.OOMKilled``)."""
-    if state is None:
-        return "is gone (its container no longer exists)"
-    if state.oom_killed:
-        return f"was OOM-killed: out of memory (exit code {state.exit_code})"
-    if state.status not in ("exited", "dead"):
-        return f"is {state.status}"
-    code = state.exit_code
-    how = f"exited with code {code}"
-    if code is not None and 128 < code < 128 + 65:
-        with contextlib.suppress(ValueError):
-            how += f" ({signal.Signals(code - 128).name})"
-    return how
 
 
 @dataclass(frozen=True)
