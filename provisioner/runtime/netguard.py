@@ -20,11 +20,16 @@ up after a SIGKILL: the rules die with the namespace). Copied into the worker im
     IPv4 only: it refuses (exit 2) when a non-loopback interface has IPv6 (Docker disables IPv6 in
     containers of networks without ``--ipv6``, which is how provisioner creates its networks).
 
-``python3 -I /opt/provisioner/netguard.py wait -- COMMAND ...``
+``python3 -P /opt/provisioner/netguard.py wait [--preload MOD,MOD] -- COMMAND ...``
     The gate, as the guarded container's own command: polls ``/proc/net/route`` (stdlib only) until
-    the guard is in place — no default route and at least one reject route — and then ``exec``s
+    the guard is in place — no default route and at least one reject route — and then starts
     COMMAND, so the worker never listens before it is cut off from the host. After
     ``PROVISION_NETGUARD_WAIT_S`` seconds (default 120) without the guard it exits 3 with a message.
+    With ``--preload`` and a COMMAND that is an installed console script (``provision``), the
+    script's module and the listed modules (e.g. ``dspy``) are imported in a thread *while* the
+    gate waits, and the script then runs in this process: the worker's start-up overlaps the
+    guard instead of following it. Otherwise COMMAND is ``exec``'d. (``-P``, not ``-I``: the
+    command must see the container's ``PYTHON*`` environment, e.g. ``PYTHONUNBUFFERED``.)
 
 The container's own process cannot undo this: workers run without CAP_NET_ADMIN.
 """
@@ -77,16 +82,51 @@ def guard_in_place(route_text: str) -> bool:
     return no_default and any(int(r["flags"]) & RTF_REJECT for r in routes)
 
 
-def wait_for_guard(command: list[str], *, timeout_s: float | None = None) -> int:
-    """Poll until the guard is in place, then exec ``command``; 3 after the deadline."""
+def _preload(modules: list[str]) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: S112 - the command itself reports a broken import when it runs
+            continue
+
+
+def _console_script(name: str) -> Any:
+    from importlib.metadata import entry_points
+
+    return next(iter(entry_points(group="console_scripts", name=name)), None)
+
+
+def wait_for_guard(
+    command: list[str],
+    *,
+    timeout_s: float | None = None,
+    preload: list[str] | None = None,
+    route_file: str = "/proc/net/route",
+) -> int:
+    """Poll until the guard is in place, then start ``command``; 3 after the deadline.
+
+    ``preload``: modules to import while waiting; then a console-script ``command`` runs in this
+    process (its exit status is raised as SystemExit), anything else is ``exec``'d.
+    """
     if not command:
         print("netguard wait: no command given; usage: netguard.py wait -- COMMAND ...", file=sys.stderr)
         return EXIT_REFUSED
     if timeout_s is None:
         timeout_s = float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
+    script = _console_script(command[0]) if preload else None
+    loader = None
+    if script is not None:
+        import threading
+
+        loader = threading.Thread(
+            target=_preload, args=([script.module, *(preload or [])],), name="netguard-preload", daemon=True
+        )
+        loader.start()
     deadline = time.monotonic() + timeout_s
     while True:
-        with open("/proc/net/route") as fh:
+        with open(route_file) as fh:
             if guard_in_place(fh.read()):
                 break
         if time.monotonic() >= deadline:
@@ -101,6 +141,10 @@ def wait_for_guard(command: list[str], *, timeout_s: float | None = None) -> int
             )
             return EXIT_TIMEOUT
         time.sleep(POLL_S)
+    if script is not None and loader is not None:
+        loader.join()
+        sys.argv = list(command)
+        raise SystemExit(script.load()())
     os.execvp(command[0], command)  # noqa: S606 - the container's own command, as given
     return 0  # pragma: no cover - execvp does not return
 
@@ -176,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["wait"]:
         rest = args[1:]
-        return wait_for_guard(rest[1:] if rest[:1] == ["--"] else rest)
+        preload: list[str] = []
+        if rest[:1] == ["--preload"] and len(rest) > 1:
+            preload = [m for m in rest[1].split(",") if m]
+            rest = rest[2:]
+        return wait_for_guard(rest[1:] if rest[:1] == ["--"] else rest, preload=preload)
     if args[:1] == ["block"]:
         gateways: list[str] = []
         rest = args[1:]
@@ -192,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return EXIT_REFUSED
         return block(gateways)
-    print("usage: netguard.py block [--gateway ADDR ...] | netguard.py wait -- COMMAND ...", file=sys.stderr)
+    print(
+        "usage: netguard.py block [--gateway ADDR ...] | netguard.py wait [--preload MOD,...] -- COMMAND ...",
+        file=sys.stderr,
+    )
     return EXIT_REFUSED
 
 

@@ -601,6 +601,7 @@ def worker_recipe(
         command=guarded_command(
             ("provision", "worker", "--host", "0.0.0.0", "--port", str(WORKER_PORT), *worker_args),  # noqa: S104
             guarded=guarded,
+            preload=WORKER_PRELOAD,
         ),
         guarded=guarded,
         environment={
@@ -617,11 +618,21 @@ def worker_recipe(
     )
 
 
-def guarded_command(command: tuple[str, ...], *, guarded: bool) -> tuple[str, ...]:
-    """``command`` behind the gate that waits for the egress guard (unchanged when not ``guarded``)."""
+# What a worker's start-up imports, loaded by the gate while the egress guard runs (see netguard.py).
+WORKER_PRELOAD = ("dspy", "provisioner.bridge.server")
+
+
+def guarded_command(
+    command: tuple[str, ...], *, guarded: bool, preload: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """``command`` behind the gate that waits for the egress guard (unchanged when not ``guarded``).
+
+    ``preload``: modules the gate imports while it waits (the command then runs in its process).
+    """
     if not guarded:
         return command
-    return ("python3", "-I", NETGUARD_SCRIPT, "wait", "--", *command)
+    options = ("--preload", ",".join(preload)) if preload else ()
+    return ("python3", "-P", NETGUARD_SCRIPT, "wait", *options, "--", *command)
 
 
 def guard_recipe(

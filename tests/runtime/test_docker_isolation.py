@@ -312,6 +312,7 @@ def _host_listener() -> Iterator[int]:
         yield int(server.getsockname()[1])
     finally:
         stop.set()
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
         server.close()
         thread.join(timeout=5)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,36 @@ def test_bad_arguments_are_refused_with_usage(
 def test_a_malformed_gateway_is_refused() -> None:
     with pytest.raises(OSError):
         netguard.main(["block", "--gateway", "not-an-address"])
+
+
+def _after_file(tmp_path: Path) -> str:
+    path = tmp_path / "route"
+    path.write_text(AFTER)
+    return str(path)
+
+
+def test_once_the_guard_holds_a_console_script_runs_in_the_gates_process_after_its_preload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `provision --version` is the installed console script here, as `provision worker` is in the image.
+    monkeypatch.setattr(sys, "argv", ["netguard.py"])
+    with pytest.raises(SystemExit) as info:
+        netguard.wait_for_guard(
+            ["provision", "--version"], timeout_s=30, preload=["json"], route_file=_after_file(tmp_path)
+        )
+    assert info.value.code in (0, None) and sys.argv == ["provision", "--version"]
+    assert "provision" in capsys.readouterr().out.lower()
+
+
+def test_once_the_guard_holds_any_other_command_is_execd(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import netguard; "
+        "netguard.wait_for_guard(['sh', '-c', 'echo EXECD $$'], timeout_s=30, route_file=sys.argv[2])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(netguard.__file__).parent), _after_file(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("EXECD "), done.stderr

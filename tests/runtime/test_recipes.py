@@ -142,7 +142,7 @@ def test_real_mode_without_a_key_uses_the_standin_on_an_internal_network(
     assert plan.uses_standin and plan.standin is not None and not plan.egress
     assert plan.networks[0].internal
     assert plan.standin.networks[0].aliases == (STANDIN_ALIAS,)
-    assert plan.standin.command[5:8] == ("provision", "standin", "gemini")  # behind the egress gate
+    assert plan.standin.command[-7:-4] == ("provision", "standin", "gemini")  # behind the egress gate
     lm = json.loads(plan.workers[0].environment[LM_CONFIG_ENV])
     assert lm["base_url"] == f"http://{STANDIN_ALIAS}:8080/" and lm["mode"] == "real"
     assert lm["endpoint_kind"] == "standin"  # the controller says what it wired in
@@ -258,7 +258,7 @@ def test_prepare_shared_dir_never_makes_a_read_only_cassette_dir_writable(tmp_pa
             path.chmod(0o755)
 
 
-GATE = ("python3", "-I", NETGUARD_SCRIPT, "wait", "--")
+GATE = ("python3", "-P", NETGUARD_SCRIPT, "wait")
 
 
 @pytest.mark.parametrize(
@@ -272,8 +272,11 @@ def test_every_container_on_an_internal_run_network_waits_for_the_egress_guard(
     on_run_network_only = [c for c in plan.containers() if len(c.networks) == 1]
     assert on_run_network_only == [*([plan.standin] if plan.standin else []), *plan.workers]
     for recipe in on_run_network_only:
-        assert recipe.guarded and recipe.command[:5] == GATE, recipe.name
-        assert recipe.command[5] == "provision"  # then the real command, unchanged
+        assert recipe.guarded and recipe.command[:4] == GATE, recipe.name
+        rest = recipe.command[recipe.command.index("--") + 1 :]
+        assert rest[:2] in (("provision", "worker"), ("provision", "standin"))  # then the command, unchanged
+        if recipe.role == "worker":  # its imports overlap the guard
+            assert recipe.command[4:6] == ("--preload", "dspy,provisioner.bridge.server")
         assert recipe.public_dict()["guarded"] is True
     # The relay keeps its route out (edge network): it is what publishes the ports on 127.0.0.1.
     assert not plan.relay.guarded and plan.relay.command[:3] == ("python3", "-I", RELAY_SCRIPT)

@@ -42,9 +42,12 @@ def echo_server() -> Iterator[int]:
                 while data := conn.recv(65536):
                     conn.sendall(data.upper())
 
-    threading.Thread(target=run, daemon=True).start()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
     yield port
+    server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
     server.close()
+    thread.join(timeout=5)
 
 
 def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: int) -> None:
