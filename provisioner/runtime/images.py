@@ -81,7 +81,9 @@ WHEEL_PYTHON = "3.11"
 # Bump when the way images are assembled changes in a way the inputs below do not capture.
 RECIPE_VERSION = "1"
 RECIPE_FILES = ("Dockerfile", ".dockerignore", "requirements.txt", "healthcheck.py")
-WORKER_ROOTS = ("dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click", "pyroute2")
+WORKER_ROOTS = (
+    "dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click", "pyroute2", "regex",
+)
 _CONTENT_TAG = re.compile(r"^[0-9a-f]{12}$")
 
 BaseChoice = Literal["auto", "python", "debootstrap"]

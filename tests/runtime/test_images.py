@@ -117,6 +117,8 @@ def test_pinned_requirements_match_this_environment_and_hold_no_host_tools() -> 
     pinned = images.lock_requirements()
     names = {line.split("==")[0] for line in pinned}
     assert {"dspy", "google-genai", "pydantic", "pydantic-settings", "psutil", "click"} <= names
+    # Packages provisioner imports itself are roots, pinned even if nothing else pulled them in.
+    assert "regex" in images.WORKER_ROOTS and set(images.WORKER_ROOTS) <= names
     assert "h2" in names  # pulled in through an extra (httpx[http2]): extras are followed
     assert not names & {"docker", "testcontainers", "pytest", "rich"}
     checked_in = images.recipe_dir() / "requirements.txt"
