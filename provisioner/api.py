@@ -250,7 +250,9 @@ class Environment:
             if self._local_bridge is None:
                 from provisioner.bridge import LocalBridge
 
-                self._local_bridge = LocalBridge(self.in_process_lm_config())
+                # Shared by every isolated session of this process: session access only, so
+                # one test cannot reset or shut down the others' bridge (the owner closes it).
+                self._local_bridge = LocalBridge(self.in_process_lm_config(), control=False)
                 self._closers.append(("in-process bridge", self._local_bridge))
             return self._local_bridge
 

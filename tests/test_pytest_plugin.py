@@ -413,6 +413,11 @@ def test_environment_api_without_pytest(tmp_path: Path) -> None:
             session.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
             assert session.adapter.list_programs()["total_count"] == 1
             bridge = session.adapter.bridge
+            # The in-process bridge is shared by every session of the process: no worker-wide commands.
+            for command in ("reset_state", "shutdown"):
+                with pytest.raises(Exception, match="Unauthorized"):
+                    session.adapter.request(command)
+            assert session.adapter.list_programs()["total_count"] == 1
         with pytest.raises(Exception, match="ProgramNotFound"):
             bridge.get_program_info("qa", session.session_id)
         assert env.lm_usage().mock == 1

@@ -13,14 +13,19 @@ from typing import Any
 
 from provisioner.bridge.client import BridgeCommands, check_json
 from provisioner.bridge.protocol import dumps
-from provisioner.bridge.service import BridgeService, LMFactory
+from provisioner.bridge.service import Access, BridgeService, LMFactory
 from provisioner.lmconfig import LMConfig
 from provisioner.reprs import safe_repr
 
 
 class LocalBridge(BridgeCommands):
     """An in-process worker. ``lm_config`` is its start-up LM (default: the mock, like a bare
-    ``provision worker``). Use :meth:`session` for a session-bound view, as with a BridgeClient."""
+    ``provision worker``). Use :meth:`session` for a session-bound view, as with a BridgeClient.
+
+    ``control``: whether requests may use the worker-wide commands (``reset_state``, ``shutdown``,
+    the worker-default LM, other sessions' ids). A LocalBridge shared by many tests' sessions is
+    made with ``control=False``, like a worker's network client without the run's token; its owner
+    still resets it through :meth:`close`."""
 
     def __init__(
         self,
@@ -28,7 +33,9 @@ class LocalBridge(BridgeCommands):
         *,
         lm_factory: LMFactory | None = None,
         worker_id: str | None = None,
+        control: bool = True,
     ) -> None:
+        self._access = Access(control=control)
         self.service = BridgeService(
             lm_config or LMConfig(mode="mock"),
             lm_factory=lm_factory,
@@ -42,7 +49,7 @@ class LocalBridge(BridgeCommands):
         return f"LocalBridge(worker_id={self.service.worker_id!r})"
 
     def request(self, command: str, **args: Any) -> dict[str, Any]:
-        result = self.service.call(command, check_json(args))
+        result = self.service.call(command, check_json(args), self._access)
         decoded: dict[str, Any] = json.loads(dumps(result))
         return decoded
 

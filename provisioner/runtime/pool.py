@@ -222,15 +222,18 @@ class WorkerPool:
             self.recycled += 1
 
     def client(self, session_id: str, **client_kwargs: Any) -> Any:
-        """A ``SessionClient`` for the session on its pinned worker (close it when done); its
-        connection presents the run's control token unless ``token=`` says otherwise.
+        """A ``SessionClient`` for the session on its pinned worker (close it when done).
+
+        It has session access only: the worker is shared with other sessions (other tests), so
+        ``reset_state``, ``shutdown`` and the other worker-wide commands answer ``Unauthorized``.
+        The pool's own management needs no such client (health is a ``ping`` and the container's
+        state, replacement goes through the engine).
 
         When a request fails because the connection broke and the worker's container is no longer
         running, the request raises :class:`WorkerLostError` (how the worker ended, from the
         engine) chained to the connection error, and the worker is replaced in the background.
         """
         pinned = self.session(session_id)
-        client_kwargs.setdefault("token", self.environment.control_token)
         client = PooledBridgeClient(self, session_id, pinned.host, pinned.port, **client_kwargs)
         return client.session(session_id)
 

@@ -187,6 +187,19 @@ def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> 
             outputs = one.adapter.execute_program("qa", {"question": "why?"})["outputs"]
             assert set(outputs) == {"answer"}
             assert two.adapter.list_programs()["total_count"] == 1
+            # A test's adapter is a session client on a shared pool worker: no worker-wide
+            # commands, so one test cannot wipe or stop the worker under the other's session.
+            from provisioner.errors import BridgeError
+
+            for command in ("reset_state", "shutdown"):
+                with pytest.raises(BridgeError) as info:
+                    one.adapter.request(command)
+                assert info.value.error_type == "Unauthorized"
+            with pytest.raises(BridgeError, match="Unauthorized"):
+                one.adapter.bridge.list_programs(all_sessions=True)
+            assert two.adapter.list_programs()["total_count"] == 1  # untouched
+            assert env.containers.pool.check() == []  # the pool's health check still works
+            assert one.adapter.ping()["status"] == "ok"
         assert _run_resources(docker.from_env(), run_id) != []  # the worker stays for the next session
     assert _run_resources(docker.from_env(), run_id) == []
     assert env.report.workers_started == 1
