@@ -211,6 +211,7 @@ def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config
             frame_timeout_s=settings.worker.frame_timeout_s,
             max_programs=settings.worker.max_programs,
             max_sessions=settings.worker.max_sessions,
+            max_inflight_per_session=settings.worker.max_inflight_per_session,
         )
     )
 

@@ -53,6 +53,10 @@ class WorkerSettings(BaseModel):
     frame_timeout_s: float = Field(default=30.0, gt=0, description="a started frame must arrive within it")
     max_programs: int = Field(default=5000, gt=0, description="programs per worker")
     max_sessions: int = Field(default=2000, gt=0, description="sessions per worker")
+    max_inflight_per_session: int | None = Field(
+        default=None, gt=0,
+        description="execution slots one session may hold at once; default max(1, max_inflight // 2)",
+    )
 
 
 class ContainerSettings(BaseModel):

@@ -9,10 +9,14 @@ Threads and why:
   never costs a thread each;
 * a connection thread reads frames and answers quick commands itself, so a ``ping`` on one connection
   never waits for work on another;
-* ``execute_program`` runs on a pool of ``max_inflight`` threads. A connection thread must take a
-  slot before it submits, so when all slots are busy it stops reading its socket: backpressure, not
-  an unbounded queue. Replies go out from the pool thread as soon as the work is done, so pipelined
-  requests on one connection may be answered out of order (the ids match them up);
+* ``execute_program`` runs on a pool of ``max_inflight`` threads, shared fairly between sessions
+  (:class:`_Scheduler`): one session runs at most ``max_inflight_per_session`` executions at once
+  (default ``max(1, max_inflight // 2)``); its further executions wait in its own queue, and a
+  freed slot goes to the next session in turn, so a session that floods the worker (slow rules, a
+  slow LM) delays itself, not the others. A connection with ``_MAX_QUEUED_PER_CONNECTION``
+  executions waiting stops reading its socket: backpressure, not an unbounded queue. Replies go
+  out from the pool thread as soon as the work is done, so pipelined requests on one connection may
+  be answered out of order (the ids match them up);
 * one *deadline* thread that answers an execution still running after ``request_timeout_s`` with a
   ``Timeout`` error (the late result is then dropped; the slot stays taken until the work ends).
 
@@ -84,6 +88,15 @@ _THREAD_RESERVE = 48
 # Refused sockets the refuser drains at once; more are closed at once (a reset, but no thread).
 _MAX_REFUSING = 256
 _REFUSE_DRAIN_S = 1.0
+# Executions one connection may have waiting for a slot before it stops reading. Enough that a
+# DSPex-style client (one connection, many sessions) gets other sessions' requests past one
+# session's backlog; each waiting execution also holds its input in max_inflight_bytes.
+_MAX_QUEUED_PER_CONNECTION = 64
+
+
+def default_max_inflight_per_session(max_inflight: int) -> int:
+    """Executions one session may run at once when not configured: half the slots, at least one."""
+    return max(1, max_inflight // 2)
 
 
 class FrameTimeout(Exception):
@@ -228,6 +241,8 @@ class _Connection:
         self._write_lock = threading.Lock()
         self._busy = 0
         self._idle = threading.Condition()
+        # Executions of this connection waiting for a slot (guarded by _idle).
+        self.queued = 0
         self.broken = False
 
     def send_frame(self, frame: bytes) -> bool:
@@ -253,6 +268,17 @@ class _Connection:
             if self._busy == 0:
                 self._idle.notify_all()
 
+    def queue(self, delta: int) -> None:
+        with self._idle:
+            self.queued += delta
+            if delta < 0:
+                self._idle.notify_all()
+
+    def wait_queue_below(self, limit: int) -> None:
+        """Block while ``limit`` or more of this connection's executions wait for a slot."""
+        with self._idle:
+            self._idle.wait_for(lambda: self.queued < limit)
+
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: self._busy == 0, timeout)
@@ -270,13 +296,14 @@ class _Connection:
 class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
-    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id")
+    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id", "session")
 
     def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
         self.request_id = request_id
         self.deadline = deadline
         self.held = held  # input-budget bytes, released when the work finishes
+        self.session = ""  # the scheduler's key: its slot goes back to this session's count
         self.done = False
         self._lock = threading.Lock()
 
@@ -287,6 +314,89 @@ class _InFlight:
                 return False
             self.done = True
             return True
+
+
+class _Queued:
+    """An execution received and waiting for a slot."""
+
+    __slots__ = ("conn", "deferred", "held", "request_id", "session")
+
+    def __init__(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.deferred = deferred
+        self.held = held
+        # Work without a session (none today) is scheduled as its connection's own.
+        self.session = deferred.session_id if deferred.session_id is not None else f"<conn {conn.number}>"
+
+
+class _Scheduler:
+    """Hands the ``max_inflight`` execution slots to sessions in turn.
+
+    Each session has a FIFO queue; sessions are served round-robin, and a session already running
+    ``per_session`` executions is skipped until one of them ends. So a session's extra work queues
+    behind its own, never in front of another session's, and a session that keeps its slots busy
+    for long leaves the rest to everyone else. ``start`` is called (outside the lock) for every
+    item that gets a slot; :meth:`done` must be called once for each when it ends.
+    """
+
+    def __init__(self, max_inflight: int, per_session: int, start: Callable[[_Queued], None]) -> None:
+        self.max_inflight = max_inflight
+        self.per_session = per_session
+        self._start = start
+        self._lock = threading.Lock()
+        self._queues: dict[str, collections.deque[_Queued]] = {}  # insertion order = turn order
+        self._running: collections.Counter[str] = collections.Counter()
+        self.running = 0
+        self.waiting = 0
+        self._local = threading.local()
+
+    def submit(self, item: _Queued) -> None:
+        with self._lock:
+            self._queues.setdefault(item.session, collections.deque()).append(item)
+            self.waiting += 1
+            started = self._take()
+        self._launch(started)
+
+    def done(self, session: str) -> None:
+        with self._lock:
+            self.running -= 1
+            self._running[session] -= 1
+            if self._running[session] <= 0:
+                del self._running[session]
+            started = self._take()
+        self._launch(started)
+
+    def _take(self) -> list[_Queued]:
+        started: list[_Queued] = []
+        while self.running < self.max_inflight:
+            session = next((s for s in self._queues if self._running[s] < self.per_session), None)
+            if session is None:
+                break
+            queue = self._queues.pop(session)
+            started.append(queue.popleft())
+            if queue:  # back to the end of the turn order
+                self._queues[session] = queue
+            self._running[session] += 1
+            self.running += 1
+            self.waiting -= 1
+        return started
+
+    def _launch(self, items: list[_Queued]) -> None:
+        # A start that ends at once (the pool is shut down) calls done() and so _launch again: the
+        # outermost call drains those in a loop instead of recursing once per queued item.
+        local = self._local
+        if getattr(local, "backlog", None) is not None:
+            local.backlog.extend(items)
+            return
+        local.backlog = collections.deque(items)
+        try:
+            while local.backlog:
+                item = local.backlog.popleft()
+                item.conn.queue(-1)
+                self._start(item)
+        finally:
+            local.backlog = None
 
 
 class _DeadlineWatch:
@@ -351,7 +461,8 @@ class BridgeServer:
 
     ``max_connections`` is capped below the cgroup's pids limit (``pids`` overrides the lookup, for
     tests); ``max_inflight_bytes`` bounds request bodies held at once; ``frame_timeout_s`` bounds
-    how long a started frame may take to arrive.
+    how long a started frame may take to arrive; ``max_inflight_per_session`` bounds the execution
+    slots one session holds at once (None: :func:`default_max_inflight_per_session`).
     """
 
     def __init__(
@@ -365,6 +476,7 @@ class BridgeServer:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
         pids: int | Literal["cgroup"] | None = "cgroup",
+        max_inflight_per_session: int | None = None,
     ) -> None:
         self.service = service
         self.max_frame_bytes = max_frame_bytes
@@ -381,7 +493,10 @@ class BridgeServer:
         self._input_budget = _ByteBudget(max_inflight_bytes)
         self._refuser: _Refuser | None = None
         self._pool = ThreadPoolExecutor(max_inflight, thread_name_prefix="bridge-exec")
-        self._slots = threading.BoundedSemaphore(max_inflight)
+        self.max_inflight_per_session = min(
+            max_inflight, max_inflight_per_session or default_max_inflight_per_session(max_inflight)
+        )
+        self._scheduler = _Scheduler(max_inflight, self.max_inflight_per_session, self._start_flight)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._deadlines = _DeadlineWatch(self._expire, request_timeout_s)
@@ -698,20 +813,26 @@ class BridgeServer:
                 self._input_budget.release(held)
 
     def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int = 0) -> None:
-        # Backpressure: with every slot busy this connection stops reading until one frees up.
-        self._slots.acquire()
-        flight = _InFlight(conn, request_id, time.monotonic() + self.request_timeout_s, held)
         conn.enter()
+        conn.queue(1)
+        self._scheduler.submit(_Queued(conn, request_id, deferred, held))
+        # Backpressure: with this many of its executions waiting, the connection stops reading.
+        conn.wait_queue_below(_MAX_QUEUED_PER_CONNECTION)
+
+    def _start_flight(self, item: _Queued) -> None:
+        """Run a queued execution on the pool (it has a slot); its deadline starts now."""
+        flight = _InFlight(item.conn, item.request_id, time.monotonic() + self.request_timeout_s, item.held)
+        flight.session = item.session
         with self._inflight_lock:
             self._inflight += 1
         self._deadlines.add(flight)
         try:
-            self._pool.submit(self._run, flight, deferred)
+            self._pool.submit(self._run, flight, item.deferred)
         except RuntimeError:  # the pool is already shut down
             self._finish(flight)
             if flight.claim():
-                refusal = error_reply(request_id, "the worker is shutting down", ErrorType.SHUTTING_DOWN)
-                self._send(conn, refusal)
+                refusal = error_reply(item.request_id, "the worker is shutting down", ErrorType.SHUTTING_DOWN)
+                self._send(item.conn, refusal)
 
     def _run(self, flight: _InFlight, deferred: Deferred) -> None:
         try:
@@ -734,9 +855,9 @@ class BridgeServer:
         with self._inflight_lock:
             self._inflight -= 1
         self._input_budget.release(flight.held)
-        self._slots.release()
         self._deadlines.finished()
         flight.conn.leave()
+        self._scheduler.done(flight.session)
 
     def _expire(self, flight: _InFlight) -> None:
         if flight.claim():
@@ -798,7 +919,9 @@ class BridgeServer:
             "connections_total": total,
             "connections_refused": refused,
             "inflight": inflight,
+            "queued": self._scheduler.waiting,
             "max_inflight": self.max_inflight,
+            "max_inflight_per_session": self.max_inflight_per_session,
             "max_connections": self.max_connections,
             "max_frame_bytes": self.max_frame_bytes,
             "request_timeout_s": self.request_timeout_s,
@@ -1020,6 +1143,7 @@ def run_worker(
     frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
     max_programs: int = DEFAULT_MAX_PROGRAMS,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_inflight_per_session: int | None = None,
 ) -> int:
     """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
 
@@ -1064,6 +1188,7 @@ def run_worker(
         request_timeout_s=request_timeout_s,
         max_inflight_bytes=max_inflight_bytes,
         frame_timeout_s=frame_timeout_s,
+        max_inflight_per_session=max_inflight_per_session,
     )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

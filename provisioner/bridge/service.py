@@ -83,6 +83,19 @@ CAPABILITY_CONTROL = "control"
 # Refused once shutdown has begun; everything else (pings, stats, removing state) still works, so
 # a host can clean up its sessions while the worker drains.
 _NEW_WORK = frozenset({"configure_lm", "create_program", "execute_program"})
+# The longest simulated LM latency a mock rule sent over the wire may ask for (docs/protocol.md,
+# "configure_lm"): a rule's sleep holds an execution slot, and the slot stays taken past the
+# request's Timeout until the sleep ends. 10 s covers timeout tests against a short
+# process_timeout; settings-file rules (the layer's start-up LM) are the run's and not bounded.
+MAX_WIRE_LATENCY_MS = 10_000
+# The same kind for the session-settable fields that bound how long one real call may take and be
+# retried: over the wire they may not exceed these (defaults: 30 s, 3, 1 s, 60 s).
+WIRE_LM_MAXIMA: dict[str, float] = {
+    "request_timeout_s": 120.0,
+    "max_retries": 10,
+    "retry_base_delay_s": 10.0,
+    "retry_max_delay_s": 60.0,
+}
 _MISSING: Any = object()
 
 
@@ -109,6 +122,8 @@ class Deferred:
 
     command: str
     run: Callable[[], dict[str, Any]]
+    # Whose work it is: the server's scheduler shares execution slots fairly between sessions.
+    session_id: str | None = None
 
 
 class _Args:
@@ -401,6 +416,22 @@ class BridgeService:
             self._require_control(access, "configure_lm without session_id (the worker-default LM)")
         fields = {k: v for k, v in args.items() if k != "session_id"}
         config = self._merged_config(fields)
+        for name, most in WIRE_LM_MAXIMA.items():
+            value = getattr(config, name)
+            if name in fields and value > most:
+                raise rejected(
+                    ErrorType.INVALID_LM_CONFIG,
+                    f"configure_lm: argument {name!r} is {value:g}; over the bridge it may be at most"
+                    f" {most:g} (a slow call holds an execution slot); use a smaller value",
+                )
+        for i, rule in enumerate(config.mock_rules if "mock_rules" in fields else ()):
+            if rule.latency_ms > MAX_WIRE_LATENCY_MS:
+                raise rejected(
+                    ErrorType.INVALID_LM_CONFIG,
+                    f"configure_lm: argument 'mock_rules.{i}.latency_ms' is {rule.latency_ms} ms; over the"
+                    f" bridge a rule may delay at most {MAX_WIRE_LATENCY_MS} ms (a sleeping rule holds an"
+                    " execution slot); use a shorter latency, or put the rule in the layer's settings",
+                )
         try:
             lm = self._lm_factory(config)
         except (ProvisionerError, ValueError, TypeError) as exc:
@@ -465,7 +496,7 @@ class BridgeService:
         def run() -> dict[str, Any]:
             return self._execute(program, inputs, lm)
 
-        return Deferred("execute_program", run)
+        return Deferred("execute_program", run, session_id)
 
     def _execute(self, program: Program, inputs: dict[str, Any], lm: Any) -> dict[str, Any]:
         import dspy

@@ -485,6 +485,8 @@ def plan_run(
         "PROVISION_WORKER__MAX_SESSIONS": str(settings.worker.max_sessions),
         "PROVISION_PROCESS_TIMEOUT": str(settings.process_timeout),
     }
+    if settings.worker.max_inflight_per_session is not None:  # else the worker's default
+        env["PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION"] = str(settings.worker.max_inflight_per_session)
     worker_recipes = tuple(
         worker_recipe(
             run_id,

@@ -23,6 +23,9 @@ from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
 QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
 SETTINGS_ENV = {
     "PROVISION_WORKER__MAX_INFLIGHT": "2",
+    # These tests use one session; let it have both slots (the per-session share is tested in
+    # test_fairness.py).
+    "PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION": "2",
     "PROVISION_WORKER__MAX_CONNECTIONS": "12",
 }
 

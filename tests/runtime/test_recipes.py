@@ -359,3 +359,10 @@ def test_the_standin_health_probe_passes_only_for_a_listening_standin() -> None:
 def test_a_recipe_without_a_healthcheck_keeps_the_images(settings: Settings, tmp_path: Path) -> None:
     recipe = ContainerRecipe("n", "worker", "img", ("x",), {}, {}, ())
     assert recipe.healthcheck is None and "healthcheck" not in recipe.to_run_kwargs()
+
+
+def test_the_per_session_share_reaches_the_workers_only_when_set(settings: Settings, tmp_path: Path) -> None:
+    key = "PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION"
+    assert key not in _plan(settings, "e2e", tmp_path).workers[0].environment  # the worker's default
+    settings.worker.max_inflight_per_session = 3
+    assert _plan(settings, "e2e", tmp_path).workers[0].environment[key] == "3"
