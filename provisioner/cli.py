@@ -859,5 +859,46 @@ def history_prune(keep: int) -> None:
     click.echo(f"deleted {deleted} run{'s' if deleted != 1 else ''}, kept at most {keep}")
 
 
+@main.group("report")
+def report_group() -> None:
+    """Views of the run history: an HTML page, a Markdown summary."""
+
+
+def _dashboard(runs: int) -> Any:
+    from provisioner.reporting.dashboard import gather
+
+    settings = _settings()
+    with _history(settings) as db:
+        return settings, gather(db, window=runs, budget_usd=settings.lm.monthly_budget_usd)
+
+
+_RUNS_OPTION = click.option("--runs", default=100, show_default=True, type=click.IntRange(1),
+                            help="how many of the newest runs trends, flaky and per-test tables cover")
+
+
+@report_group.command("html")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="directory for index.html (default: <state_dir>/report)")
+@_RUNS_OPTION
+def report_html(out_dir: Path | None, runs: int) -> None:
+    """One self-contained page (no network): last run, trends, flaky and slowest tests, cost, cache, leaks."""
+    from provisioner.reporting.html import write_page
+
+    settings, board = _dashboard(runs)
+    path, _ = write_page(board, out_dir or settings.state_dir / "report")
+    click.echo(f"wrote {path}")
+
+
+@report_group.command("markdown")
+@_RUNS_OPTION
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="rows per table")
+def report_markdown(runs: int, top: int) -> None:
+    """Headline numbers and top tables as Markdown (e.g. >> "$GITHUB_STEP_SUMMARY")."""
+    from provisioner.reporting.markdown import render
+
+    _, board = _dashboard(runs)
+    click.echo(render(board, top=top), nl=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

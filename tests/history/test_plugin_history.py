@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,27 +12,8 @@ import pytest
 from provisioner.history.analysis import flaky_tests
 from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm.ledger import cost_report, ledger_sources
-from provisioner.lm.standin import GeminiStandin
-
-from .suite import STANDIN_KEY, make_project, run_suite
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[GeminiStandin]:
-    with GeminiStandin(api_key=STANDIN_KEY) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def three_runs(standin: GeminiStandin, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("flaky") / "proj", standin.url)
-    for i in range(3):
-        args = ("-n", "2") if i == 1 else ()  # one run under xdist: the controller writes the rows
-        done = run_suite(root, "--provision-report", f"run{i}.json", "--junitxml", f"run{i}.xml", *args)
-        assert done.returncode == 1, done.stdout + done.stderr  # test_broken always fails
-    return root
 
 
 def test_every_run_and_test_is_recorded(three_runs: Path) -> None:

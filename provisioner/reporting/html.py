@@ -1,0 +1,378 @@
+"""``provision report html``: the history as one self-contained page (``index.html``).
+
+No network: the CSS is inline and the charts are SVG rendered by pygal (LGPL-3.0-or-later) on the
+host and embedded in the page, with pygal's optional tooltip script turned off (``js=[]``: it would
+load from a CDN). Every number is also in an HTML table, so the page reads without JavaScript — it
+has none. What each number means: docs/reporting.md.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from provisioner.history.analysis import TestSummary
+from provisioner.history.store import RunRow, TestRow
+from provisioner.reporting.dashboard import Dashboard, pass_rate
+
+PAGE_FILE = "index.html"
+_SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.DOTALL)
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;color:#1d2733}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ccd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+th,td{padding:.25em .6em;border-bottom:1px solid #e3e6ea;text-align:left;vertical-align:top}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+code{font-size:12px}.tiles{display:flex;flex-wrap:wrap;gap:.8em}.tile{border:1px solid #ccd;border-radius:6px;
+padding:.5em .9em;min-width:8em}.tile b{display:block;font-size:1.5em}
+.passed{color:#1a7f37}.failed,.error{color:#c62828}
+.skipped,.xfailed,.xpassed{color:#8a6d00}.strip span{display:inline-block;width:1.1em;text-align:center}
+.over{color:#c62828;font-weight:bold}.muted{color:#667}.charts{display:flex;flex-wrap:wrap;gap:1em}
+.charts figure{margin:0;width:380px}figcaption{font-size:12px;color:#445}
+"""
+
+_MARK = {
+    "passed": "✓",
+    "failed": "✗",
+    "error": "E",
+    "skipped": "s",
+    "xfailed": "x",
+    "xpassed": "X",
+    None: "·",
+}
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _usd(value: float) -> str:
+    return f"${value:.6f}" if 0 < value < 0.01 else f"${value:.4f}"
+
+
+def _table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    table_id: str,
+    numeric: frozenset[int] | set[int] = frozenset(),
+    empty: str = "none",
+) -> str:
+    """``rows`` are already-escaped cell HTML."""
+    body = []
+    for row in rows:
+        cells = "".join(
+            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    if not body:
+        return f'<p id="{table_id}" class="muted">{_e(empty)}</p>'
+    head = "".join(
+        f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>" for i, h in enumerate(headers)
+    )
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _chart(kind: str, title: str, labels: list[str], series: dict[str, list[float | None]]) -> str:
+    import pygal
+    from pygal.style import CleanStyle
+
+    chart_type = pygal.Bar if kind == "bar" else pygal.Line
+    chart = chart_type(
+        js=[],
+        disable_xml_declaration=True,
+        width=380,
+        height=220,
+        style=CleanStyle,
+        show_legend=len(series) > 1,
+        legend_at_bottom=True,
+        x_label_rotation=30,
+        show_minor_x_labels=False,
+        truncate_label=12,
+        title=title,
+        print_values=False,
+    )
+    chart.x_labels = labels
+    chart.x_labels_major = labels[:: max(1, len(labels) // 6)]
+    for name, values in series.items():
+        chart.add(name, values)
+    # pygal always writes an inline <script> with its config for the tooltip script we do not load
+    # (it would come from a CDN): drop it, so the page has no script at all and a strict CSP.
+    svg = _SCRIPT.sub("", chart.render(is_unicode=True))
+    return f"<figure>{svg}<figcaption>{_e(title)}</figcaption></figure>"
+
+
+def _duration(row: TestRow) -> float:
+    return row["setup_s"] + row["call_s"] + row["teardown_s"]
+
+
+def _last_run(board: Dashboard) -> str:
+    run = board.last
+    if run is None:
+        return '<p id="last-run">No runs recorded yet: run pytest with provisioner in this project.</p>'
+    tiles = [
+        ("tests", run["tests"]),
+        ("passed", run["passed"]),
+        ("failed", run["failed"]),
+        ("error", run["error"]),
+        ("skipped", run["skipped"]),
+        ("duration", f"{run['duration_s']:.1f} s"),
+        ("cost", _usd(run["cost_usd"])),
+        ("LM calls", run["lm_calls"]),
+        ("leaks", run["leaks"]),
+    ]
+    tile_html = "".join(
+        f'<div class="tile {_e(k)}" data-name="{_e(k)}"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in tiles
+    )
+    facts = (
+        f"run <code>{_e(run['run_id'])}</code> · layers {_e(', '.join(run['layers']))} · "
+        f"revision <code>{_e((run['revision'] or 'none')[:24])}</code>"
+        f"{' on ' + _e(run['branch']) if run['branch'] else ''} · host {_e(run['host'])} · "
+        f"started {_e(run['started_at'][:19])} UTC · exit status {run['exit_status']}"
+    )
+    standin = ""
+    if run["standin_calls"]:
+        standin = (
+            f"<p>{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0 "
+            f"(the run's cost limit counted them at list prices).</p>"
+        )
+    problems = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
+    failed = _table(
+        ["test", "outcome", "duration s", "worker"],
+        (
+            [
+                _e(r["node_id"]),
+                f'<span class="{_e(r["outcome"])}">{_e(r["outcome"])}</span>',
+                f"{_duration(r):.3f}",
+                _e(r["worker"] or "-"),
+            ]
+            for r in problems
+        ),
+        table_id="last-failures",
+        numeric={2},
+        empty="no failures",
+    )
+    retained = "".join(f"<li><code>{_e(x)}</code></li>" for x in run["retained"])
+    retained_html = (
+        f"<p>Workers retained for debugging:</p><ul id='retained'>{retained}</ul>" if retained else ""
+    )
+    return (
+        f'<section id="last-run"><h2>Last run</h2><p>{facts}</p><div class="tiles">{tile_html}</div>'
+        f"{standin}<h3>Failures</h3>{failed}{retained_html}</section>"
+    )
+
+
+def _trends(board: Dashboard, runs: list[RunRow]) -> str:
+    recent = runs[-50:]
+    labels = [r["started_at"][5:16].replace("T", " ") for r in recent]
+    charts = "".join(
+        [
+            _chart("line", "pass rate %", labels, {"pass rate": [pass_rate(r) for r in recent]}),
+            _chart(
+                "line", "suite duration s", labels, {"duration": [round(r["duration_s"], 2) for r in recent]}
+            ),
+            _chart("line", "cost per run $", labels, {"cost": [r["cost_usd"] for r in recent]}),
+        ]
+    )
+    rows = (
+        [
+            _e(r["run_id"]),
+            _e(r["started_at"][:19]),
+            f"{r['passed']}/{r['tests']}",
+            "-" if pass_rate(r) is None else f"{pass_rate(r):.1f}",
+            f"{r['duration_s']:.1f}",
+            f'<span data-cost-usd="{r["cost_usd"]!r}">{_usd(r["cost_usd"])}</span>',
+            str(r["lm_calls"]),
+            str(r["leaks"]),
+        ]
+        for r in reversed(recent)
+    )
+    table = _table(
+        ["run", "started (UTC)", "passed", "pass rate %", "duration s", "cost", "LM calls", "leaks"],
+        rows,
+        table_id="runs",
+        numeric={2, 3, 4, 5, 6, 7},
+    )
+    return (
+        f'<section id="trends"><h2>Trends (last {len(recent)} runs)</h2><div class="charts">{charts}</div>'
+        f"{table}</section>"
+    )
+
+
+def _flaky(board: Dashboard) -> str:
+    rows = []
+    for flaky in board.flaky:
+        strip = "".join(
+            f'<span class="{_e(o or "absent")}" title="{_e(run_id)}: {_e(o or "not run")}">'
+            f"{_MARK.get(o, '?')}</span>"
+            for run_id, o in flaky.strip[-40:]
+        )
+        rows.append(
+            [
+                f'<span data-node-id="{_e(flaky.node_id)}">{_e(flaky.node_id)}</span>',
+                _e("; ".join(flaky.reasons)),
+                f'<span class="strip">{strip}</span>',
+            ]
+        )
+    table = _table(
+        ["test", "why", "history (oldest → newest; ✓ passed ✗ failed E error s skipped · not run)"],
+        rows,
+        table_id="flaky",
+        empty="no flaky tests in these runs",
+    )
+    return (
+        f'<section id="flaky-tests"><h2>Flaky tests ({len(board.flaky)})</h2><p class="muted">Both outcomes '
+        "on the same revision (a changed work tree is its own revision), or passed on a rerun.</p>"
+        f"{table}</section>"
+    )
+
+
+def _slowest(board: Dashboard) -> str:
+    rows = ([_e(t.node_id), f"{t.mean_s:.3f}", f"{t.max_s:.3f}", str(t.runs)] for t in board.slowest())
+    return (
+        '<section id="slowest-tests"><h2>Slowest tests</h2>'
+        + _table(["test", "mean s", "max s", "runs"], rows, table_id="slowest", numeric={1, 2, 3})
+        + "</section>"
+    )
+
+
+def _cost(board: Dashboard) -> str:
+    budget = board.budget_usd
+    month_rows = []
+    for m in board.months:
+        over = ' class="over"' if m.over_budget else ""
+        month_rows.append(
+            [
+                _e(m.month),
+                str(m.runs),
+                f'<span data-cost-usd="{m.cost_usd!r}">{_usd(m.cost_usd)}</span>',
+                f"<span{over}>{_usd(m.forecast_usd)}</span>",
+                "-" if budget is None else _usd(budget),
+            ]
+        )
+    months = _table(
+        ["month", "runs", "spent", "forecast", "monthly budget"],
+        month_rows,
+        table_id="months",
+        numeric={1, 2, 3, 4},
+        empty="no runs",
+    )
+    recent = board.months[-12:]
+    chart = ""
+    if recent:
+        series: dict[str, list[float | None]] = {
+            "spent": [m.cost_usd for m in recent],
+            "forecast": [m.forecast_usd for m in recent],
+        }
+        if budget is not None:
+            series["budget"] = [budget for _ in recent]
+        svg = _chart("bar", "cost per month $", [m.month for m in recent], series)
+        chart = f'<div class="charts">{svg}</div>'
+    test_rows = (
+        [
+            f'<span data-node-id="{_e(t.node_id)}">{_e(t.node_id)}</span>',
+            f'<span data-cost-usd="{t.cost_usd!r}">{_usd(t.cost_usd)}</span>',
+            _usd(t.cost_usd / t.runs if t.runs else 0.0),
+            str(t.lm_calls),
+            str(t.standin_calls),
+            str(t.runs),
+        ]
+        for t in board.costliest()
+    )
+    tests = _table(
+        ["test", "cost (all runs shown)", "per run", "LM calls", "stand-in calls ($0)", "runs"],
+        test_rows,
+        table_id="cost-per-test",
+        numeric={1, 2, 3, 4, 5},
+        empty="no LM calls",
+    )
+    current = board.current_month
+    headline = ""
+    if current is not None:
+        over = " — over the budget" if current.over_budget else ""
+        headline = (
+            f"<p id='month-forecast'>This month: {_usd(current.cost_usd)} spent, forecast "
+            f"{_usd(current.forecast_usd)}"
+            f"{'' if budget is None else ' of the ' + _usd(budget) + ' monthly budget'}{over}.</p>"
+        )
+    return (
+        f'<section id="cost"><h2>Cost</h2>{headline}{chart}<h3>Per month</h3>{months}'
+        f"<h3>Per test</h3>{tests}</section>"
+    )
+
+
+def _cache(board: Dashboard) -> str:
+    def ratio(t: TestSummary) -> str:
+        value = t.hit_ratio
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    rows = ([_e(t.node_id), str(t.cache_hits), str(t.cache_misses), ratio(t)] for t in board.cache_tests())
+    hits = sum(t.cache_hits for t in board.tests.values())
+    misses = sum(t.cache_misses for t in board.tests.values())
+    overall = f"{100 * hits / (hits + misses):.1f} %" if hits + misses else "no cassette lookups"
+    return (
+        f'<section id="cache"><h2>LM cache</h2><p>Hit ratio over these runs: {_e(overall)} '
+        f"({hits} replayed, {misses} misses).</p>"
+        + _table(
+            ["test", "hits", "misses", "hit ratio %"],
+            rows,
+            table_id="cache-per-test",
+            numeric={1, 2, 3},
+            empty="no cached LM calls",
+        )
+        + "</section>"
+    )
+
+
+def _leaks(board: Dashboard) -> str:
+    rows = ([_e(t.node_id), str(t.leaks), str(t.runs)] for t in board.leaky())
+    return (
+        '<section id="leaks"><h2>Leaks</h2>'
+        + _table(
+            ["test", "leaks found", "runs"],
+            rows,
+            table_id="leaks-per-test",
+            numeric={1, 2},
+            empty="no leaks found",
+        )
+        + "</section>"
+    )
+
+
+def render(board: Dashboard, *, title: str = "provisioner test report") -> str:
+    """The whole page as one string (UTF-8 HTML, no external resources)."""
+    body = "".join(
+        [
+            _last_run(board),
+            _trends(board, board.runs),
+            _flaky(board),
+            _slowest(board),
+            _cost(board),
+            _cache(board),
+            _leaks(board),
+        ]
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" "
+        "content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
+        f'<p class="muted">{len(board.runs)} runs · generated {_e(board.generated_at)}</p>'
+        f"{body}</body></html>\n"
+    )
+
+
+def write_page(board: Dashboard, out_dir: Path) -> tuple[Path, float]:
+    """Write ``<out_dir>/index.html``; returns its path and the render time in seconds."""
+    started = time.perf_counter()
+    page = render(board)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PAGE_FILE
+    tmp = path.with_name(f".{PAGE_FILE}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path, time.perf_counter() - started

@@ -1,0 +1,62 @@
+"""``provision report markdown``: the page's headline numbers and top tables as GitHub-flavoured
+Markdown (for ``$GITHUB_STEP_SUMMARY``). Same :class:`~provisioner.reporting.dashboard.Dashboard`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from provisioner.reporting.dashboard import Dashboard, pass_rate
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    body = [f"| {' | '.join(_cell(c) for c in row)} |" for row in rows]
+    if not body:
+        return ["_none_"]
+    return [f"| {' | '.join(headers)} |", f"|{'|'.join('---' for _ in headers)}|", *body]
+
+
+def _usd(value: float) -> str:
+    return f"${value:.6f}" if 0 < value < 0.01 else f"${value:.4f}"
+
+
+def render(board: Dashboard, *, top: int = 10) -> str:
+    """Headline of the newest run, this month's cost and forecast, flaky, failed, slowest and costliest."""
+    run = board.last
+    if run is None:
+        return "## provisioner\n\nNo runs recorded yet.\n"
+    rate = pass_rate(run)
+    lines = [
+        f"## provisioner: run `{run['run_id']}`",
+        "",
+        f"**{run['passed']} passed, {run['failed']} failed, {run['error']} errors, "
+        f"{run['skipped']} skipped** "
+        f"of {run['tests']} tests · pass rate {'-' if rate is None else f'{rate:.1f} %'} · "
+        f"{run['duration_s']:.1f} s · cost {_usd(run['cost_usd'])} · {run['lm_calls']} LM calls · "
+        f"{run['leaks']} leaks",
+    ]
+    if run["standin_calls"]:
+        lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in (billed $0).")
+    month = board.current_month
+    if month is not None:
+        budget = "" if board.budget_usd is None else f" of the {_usd(board.budget_usd)} monthly budget"
+        warn = " **— over budget**" if month.over_budget else ""
+        lines.append(f"\nThis month ({month.month}): {_usd(month.cost_usd)} spent over {month.runs} runs, "
+                     f"forecast {_usd(month.forecast_usd)}{budget}{warn}.")
+    failed = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
+    lines += ["", f"### Failed ({len(failed)})", ""]
+    lines += _table(["test", "outcome", "worker"], ([f"`{r['node_id']}`", r["outcome"], r["worker"] or "-"]
+                                                   for r in failed[:top]))
+    lines += ["", f"### Flaky tests ({len(board.flaky)}, last {len(board.runs)} runs)", ""]
+    lines += _table(["test", "why"], ([f"`{f.node_id}`", "; ".join(f.reasons)] for f in board.flaky[:top]))
+    lines += ["", "### Slowest tests", ""]
+    lines += _table(["test", "mean s", "max s"], ([f"`{t.node_id}`", f"{t.mean_s:.3f}", f"{t.max_s:.3f}"]
+                                                  for t in board.slowest(top)))
+    lines += ["", "### Costliest tests", ""]
+    lines += _table(["test", "cost", "LM calls", "stand-in calls"],
+                    ([f"`{t.node_id}`", _usd(t.cost_usd), t.lm_calls, t.standin_calls]
+                     for t in board.costliest(top)))
+    return "\n".join(lines) + "\n"
