@@ -12,8 +12,10 @@ when a checked-in file drifts from the recipes. They use compose file format 2.4
   is machine-specific (the project id hashes the project's path) and is not. The worker user is
   ``${PROVISION_WORKER_USER:-10001:0}``;
 * the run's shared LM directory is a named volume (it starts out writable for the worker, see the
-  Dockerfile) and the cassette directory a bind mount of ``${LM_CACHE_DIR:-../<cache dir>}``
-  (relative to the project root, which holds ``compose/``);
+  Dockerfile) and the cassette directory a bind mount of ``${LM_CACHE_DIR:-<cache dir>}``, the
+  cache dir written relative to the folder the file is exported to (docker-compose resolves a
+  relative bind path against the compose file's folder): ``../test/fixtures/lm_responses`` for
+  ``compose/`` — the same from any current directory, never an absolute path of this machine;
 * the real-mode layer talks to the Gemini stand-in service (a compose file cannot branch on
   whether a key is set; ``provision up --layer e2e`` uses the real API when it is);
 * each guarded service (workers and the stand-in on the internal run network) has a one-shot
@@ -26,6 +28,7 @@ Find the published addresses with ``docker-compose -f compose/<layer>.yml port r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,7 @@ def _labels(recipe_labels: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _service(recipe: ContainerRecipe, plan: RunPlan, root: Path) -> dict[str, Any]:
+def _service(recipe: ContainerRecipe, plan: RunPlan, folder: Path) -> dict[str, Any]:
     service: dict[str, Any] = {
         "image": recipe.image,
         "command": list(recipe.command),
@@ -150,7 +153,7 @@ def _service(recipe: ContainerRecipe, plan: RunPlan, root: Path) -> dict[str, An
             volumes.append(f"{RUN_VOLUME}:{m.target}")
         elif m.target == CASSETTE_MOUNT:
             mode = ":ro" if m.read_only else ""
-            volumes.append(f"${{LM_CACHE_DIR:-../{_relative_cache_dir(plan, root)}}}:{m.target}{mode}")
+            volumes.append(f"${{LM_CACHE_DIR:-{_relative_cache_dir(m.source, folder)}}}:{m.target}{mode}")
     if volumes:
         service["volumes"] = volumes
     depends = []
@@ -183,21 +186,22 @@ def _guard_service(target: ContainerRecipe, target_service: str) -> dict[str, An
     }
 
 
-def _relative_cache_dir(plan: RunPlan, root: Path) -> str:
-    for recipe in plan.workers:
-        for m in recipe.mounts:
-            if m.target == CASSETTE_MOUNT:
-                source = Path(m.source)
-                try:
-                    return source.relative_to(root.resolve()).as_posix()
-                except ValueError:
-                    return source.as_posix()
-    return "test/fixtures/lm_responses"
+def _relative_cache_dir(source: str, folder: Path) -> str:
+    """``source`` (the cassette directory, absolute) relative to ``folder`` (where the compose file
+    goes), POSIX-style: what docker-compose resolves it against, whatever the current directory."""
+    return Path(os.path.relpath(Path(source).resolve(), folder.resolve())).as_posix()
 
 
-def compose_document(settings: Settings, layer: str) -> dict[str, Any]:
+def default_folder(settings: Settings) -> Path:
+    """Where the compose files go by default: ``compose/`` under the project root."""
+    return settings.project_dir / "compose"
+
+
+def compose_document(settings: Settings, layer: str, folder: Path | None = None) -> dict[str, Any]:
+    """The compose file of ``layer`` as a dict; relative paths in it are relative to ``folder``
+    (where the file goes; default :func:`default_folder`)."""
     plan = compose_plan(settings, layer)
-    root = settings.project_dir
+    root = folder if folder is not None else default_folder(settings)
     services: dict[str, Any] = {}
     if plan.standin is not None:
         services["gemini-standin"] = _service(plan.standin, plan, root)
@@ -222,11 +226,13 @@ def compose_document(settings: Settings, layer: str) -> dict[str, Any]:
     return doc
 
 
-def export_layer(settings: Settings, layer: str) -> str:
-    """The compose file of ``layer`` as text (deterministic for the same settings)."""
+def export_layer(settings: Settings, layer: str, folder: Path | None = None) -> str:
+    """The compose file of ``layer`` as text (deterministic for the same settings and ``folder``,
+    whatever the current directory). ``folder``: where the file goes (default :func:`default_folder`);
+    the cassette bind mount is written relative to it."""
     import yaml
 
-    doc = compose_document(settings, layer)
+    doc = compose_document(settings, layer, folder)
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100)
     return HEADER.format(layer=layer) + body
 
@@ -267,13 +273,16 @@ def export_layers(
         _container_layer(settings, name)
     if output is not None and output.suffix in (".yml", ".yaml") and len(names) != 1:
         raise ValueError("--output names one file; export one --layer at a time, or pass a folder")
-    texts = {name: export_layer(settings, name) for name in names}
+    paths = {}
+    for name in names:
+        if output is not None and output.suffix in (".yml", ".yaml"):
+            paths[name] = output
+        else:
+            paths[name] = (output or default_folder(settings)) / f"{name}.yml"
+    texts = {name: export_layer(settings, name, paths[name].absolute().parent) for name in names}
     written = []
     for name, text in texts.items():
-        if output is not None and output.suffix in (".yml", ".yaml"):
-            path = output
-        else:
-            path = (output or settings.project_dir / "compose") / f"{name}.yml"
+        path = paths[name]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)

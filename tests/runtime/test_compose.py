@@ -122,3 +122,58 @@ def test_cli_compose_export_of_the_unit_layer_exits_2_without_a_traceback(
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr and "has no containers" in done.stderr
     assert sorted(p.name for p in project.iterdir()) == ["pyproject.toml"]  # no empty compose/
+
+
+def _cassette_source(text: str) -> str:
+    doc = yaml.safe_load(text)
+    mounts = [v for v in doc["services"]["w0"]["volumes"] if v.endswith(":/provision/cassettes")
+              or v.endswith(":/provision/cassettes:ro")]
+    assert len(mounts) == 1, doc["services"]["w0"]["volumes"]
+    default = mounts[0].split("}:", 1)[0].removeprefix("${LM_CACHE_DIR:-")
+    return default
+
+
+def test_export_from_a_subfolder_writes_the_cassette_path_relative_to_the_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI from ``<project>/tests/unit``: the same file as from the root, no absolute path."""
+    import subprocess
+    import sys
+
+    for key in list(os.environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    project = tmp_path / "proj"
+    (project / "tests" / "unit").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        "[project]\nname = 'p'\n[tool.provisioner]\nlm.cache_dir = 'fixtures/cassettes'\n")
+    cli = Path(sys.executable).with_name("provision")
+    texts = {}
+    for cwd in (project, project / "tests" / "unit"):
+        done = subprocess.run([str(cli), "compose", "export", "--layer", "integration", "-o", "-"], cwd=cwd,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done
+        texts[cwd] = done.stdout
+    assert texts[project] == texts[project / "tests" / "unit"]
+    assert str(tmp_path) not in texts[project]
+    assert _cassette_source(texts[project]) == "../fixtures/cassettes"  # from compose/
+    # Written from the subfolder: into <project>/compose, the path relative to that folder.
+    done = subprocess.run([str(cli), "compose", "export", "--layer", "integration"], cwd=project / "tests",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done
+    written = (project / "compose" / "integration.yml").read_text()
+    assert written == texts[project] and not (project / "tests" / "compose").exists()
+
+
+def test_export_to_another_folder_points_the_cassette_mount_at_the_same_directory(
+    repo_settings, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """docker-compose resolves a relative bind path against the compose file's folder: from
+    wherever the file is exported to, the path leads to the project's cassettes."""
+    from provisioner.runtime.compose import export_layers
+
+    for target in (tmp_path / "deploy" / "compose", tmp_path / "one.yml"):
+        written = export_layers(repo_settings, ["integration"], target)
+        source = _cassette_source(written[0].read_text())
+        assert not Path(source).is_absolute()
+        assert (written[0].parent / source).resolve() == repo_settings.lm.cache_dir.resolve()
