@@ -381,7 +381,8 @@ class WorkerPool:
         def replace() -> None:
             try:
                 self._replace(slot_no, lost_reason=reason)
-                self.replaced += 1
+                with self._cond:
+                    self.replaced += 1
             except Exception as exc:
                 self.note(f"replacing worker {name} (slot {slot_no}) failed: {exc}")
 
