@@ -53,6 +53,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--provision-report", dest="provision_report", default=None, metavar="PATH",
         help="write the run report (per layer: tests, workers, LM calls, cost, leaks) as JSON to PATH",
     )
+    group.addoption(
+        "--provision-costs", dest="provision_costs", default=None, type=int, metavar="N",
+        help="show the N most expensive tests (LM dollars and calls; N=0 for all), like --durations",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads --maxfail
@@ -239,6 +243,14 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
     if run.report_path is not None:
         terminalreporter.write_line(f"report written to {run.report_path}")
+    costs = config.getoption("provision_costs")
+    if costs is not None:
+        from provisioner.history.rows import costliest_lines
+
+        count = "" if costs == 0 else f"{costs} "
+        terminalreporter.write_sep("=", f"{count}most expensive tests (billed $, LM calls)")
+        for line in costliest_lines(run.rows.test_rows(), costs) or ["no test made LM calls"]:
+            terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -199,6 +199,19 @@ def test_reports_are_uploaded_as_artifacts_even_on_failure() -> None:
         assert all("--provision-report" in r and "reports/" in r for r in reports), name
 
 
+def test_the_history_page_is_uploaded_and_the_markdown_summary_written() -> None:
+    for name, job in _load()["jobs"].items():
+        steps = job["steps"]
+        upload = next(i for i, s in enumerate(steps)
+                      if s.get("uses", "").startswith("actions/upload-artifact@"))
+        (page,) = [(i, s) for i, s in enumerate(steps) if "provision report html" in s.get("run", "")]
+        index, step = page
+        assert index < upload and step["if"] == "always()", name
+        assert "--out reports/html" in step["run"]  # inside the uploaded reports/ directory
+        assert 'provision report markdown >> "$GITHUB_STEP_SUMMARY"' in step["run"]
+        assert "provision history import" in step["run"]  # the example project's runs join the page
+
+
 def test_secret_only_in_e2e_from_its_environment_and_least_privilege() -> None:
     data = _load()
     assert data["permissions"] == {"contents": "read"}

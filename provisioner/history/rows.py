@@ -215,3 +215,24 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
         cache_misses=sum(r["cache_misses"] for r in rows), leaks=sum(len(r["leaks"]) for r in rows),
         retained=list(retained),
     )
+
+
+def _calls(row: TestRow) -> int:
+    return row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+
+
+def costliest_lines(tests: Iterable[TestRow], count: int) -> list[str]:
+    """``--provision-costs N``: the N most expensive tests of the run, like pytest's ``--durations``
+    (billed dollars first, then list-price dollars, then LM calls; ``count`` 0 lists every test with
+    LM calls). Stand-in calls are billed $0 and shown apart."""
+    spent = [t for t in tests if t["cost_usd"] or t["list_cost_usd"] or _calls(t)]
+    spent.sort(key=lambda t: (-t["cost_usd"], -t["list_cost_usd"], -_calls(t), t["node_id"]))
+    lines = []
+    for t in spent[:count] if count else spent:
+        by_kind = (("mock", t["lm_mock"]), ("replayed", t["lm_replayed"]), ("recorded", t["lm_recorded"]),
+                   ("real", t["lm_real"]))
+        kinds = ", ".join(f"{name} {n}" for name, n in by_kind if n)
+        standin = f", {t['lm_standin']} by the stand-in ($0)" if t["lm_standin"] else ""
+        calls = f"{_calls(t):>4} LM calls ({kinds or 'none'}{standin})"
+        lines.append(f"${t['cost_usd']:.6f}  {calls}  {t['node_id']}")
+    return lines

@@ -24,6 +24,8 @@ def three_runs(history_standin: GeminiStandin, tmp_path_factory: pytest.TempPath
     root = make_project(tmp_path_factory.mktemp("flaky") / "proj", history_standin.url)
     for i in range(3):
         args = ("-n", "2") if i == 1 else ()  # one run under xdist: the controller writes the rows
-        done = run_suite(root, "--provision-report", f"run{i}.json", "--junitxml", f"run{i}.xml", *args)
+        done = run_suite(root, "--provision-report", f"run{i}.json", "--junitxml", f"run{i}.xml",
+                         "--provision-costs", "2", *args)
+        (root / f"run{i}.out").write_text(done.stdout)
         assert done.returncode == 1, done.stdout + done.stderr  # test_broken always fails
     return root

@@ -82,6 +82,16 @@ def test_per_test_cost_equals_the_ledger_and_reaches_json_and_junit(three_runs: 
     assert f'<property name="provision_cost_usd" value="{answers["cost_usd"]}" />' in xml
 
 
+def test_provision_costs_lists_the_most_expensive_tests_like_durations(three_runs: Path) -> None:
+    for i in range(3):
+        out = (three_runs / f"run{i}.out").read_text()
+        section = out.split("2 most expensive tests (billed $, LM calls)", 1)[1].splitlines()
+        lines = [line for line in section[1:3]]
+        assert lines[0].endswith("test_suite.py::test_answers") and "2 LM calls (real 2)" in lines[0]
+        assert lines[1].endswith("test_suite.py::test_steady") and "1 LM calls (real 1)" in lines[1]
+        assert float(lines[0].split()[0].lstrip("$")) > float(lines[1].split()[0].lstrip("$")) > 0
+
+
 PROJECT = """
 [tool.pytest.ini_options]
 addopts = "-p no:cacheprovider"
