@@ -570,8 +570,13 @@ def down_command(run_id: str | None, as_json: bool) -> None:
     except AmbiguousRunError as exc:
         raise UsageProblem(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed}))
-    elif result.run_id is None:
+        click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed,
+                               "state_problem": result.state_problem}))
+        return
+    if result.state_problem:
+        click.echo(f"warning: {result.state_problem}; the run's resources were found by their labels",
+                   err=True)
+    if result.run_id is None:
         click.echo("nothing to do: no current run")
     else:
         click.echo(f"run {result.run_id}: removed {len(result.removed)} resource(s)")
@@ -632,7 +637,11 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
         raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": report.run_id, "healthy": report.healthy,
-                               "workers": [asdict(w) for w in report.workers], "others": report.others}))
+                               "workers": [asdict(w) for w in report.workers], "others": report.others,
+                               "state_problem": report.state_problem}))
+    elif report.state_problem:
+        click.echo(f"run {report.run_id}: state unreadable: {report.state_problem}; "
+                   f"`provision down --run {report.run_id}` still removes its resources (by label)")
     elif report.state is None and run_id is not None:
         click.echo(f"run {run_id} has no state file under {settings.state_dir / 'runs'}: only runs of "
                    "`provision up` have one (pytest's and `provision run`'s are private; "
@@ -706,11 +715,12 @@ def reap_command(
     if not results:
         click.echo("nothing to reap")
     for r in results:
+        note = f" [state unreadable: {r.state_problem}]" if r.state_problem else ""
         if r.kept:
-            click.echo(f"kept run {r.run_id} ({r.reason}): {r.kept}")
+            click.echo(f"kept run {r.run_id} ({r.reason}): {r.kept}{note}")
         else:
             click.echo(f"{'would remove' if dry_run else 'removed'} run {r.run_id} ({r.reason}): "
-                       f"{len(r.removed)} resource(s)")
+                       f"{len(r.removed)} resource(s){note}")
 
 
 @main.command("doctor")

@@ -54,7 +54,7 @@ from provisioner.lm.cassettes import (
 )
 from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_text
 from provisioner.lm.ledger import Ledger, current_test_id
-from provisioner.lm.limits import locked, resolve_run_dir
+from provisioner.lm.limits import append_line, locked, resolve_run_dir
 from provisioner.lm.pricing import TokenUsage
 from provisioner.lmconfig import LMConfig
 from provisioner.reprs import safe_repr
@@ -124,11 +124,7 @@ def note_session_test(run_dir: Path, session_id: str, test_id: str) -> None:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"session_id": session_id, "test_id": test_id}, separators=(",", ":")) + "\n"
-    fd = os.open(run_dir / SESSIONS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    append_line(run_dir / SESSIONS_FILE, line.encode("utf-8"))
 
 
 def session_test(run_dir: Path | None, session_id: str) -> str | None:
@@ -136,13 +132,13 @@ def session_test(run_dir: Path | None, session_id: str) -> str | None:
     if run_dir is None:
         return None
     try:
-        text = (run_dir / SESSIONS_FILE).read_text(encoding="utf-8")
-    except (FileNotFoundError, PermissionError):
+        text = (run_dir / SESSIONS_FILE).read_bytes().decode("utf-8", "replace")
+    except OSError:
         return None
-    for raw in reversed(text.splitlines()):
-        with contextlib.suppress(ValueError, AttributeError):
+    for raw in reversed(text.splitlines()):  # a torn line (a writer killed mid-write) is skipped
+        with contextlib.suppress(ValueError):
             line = json.loads(raw)
-            if line.get("session_id") == session_id:
+            if isinstance(line, dict) and line.get("session_id") == session_id and line.get("test_id"):
                 return str(line["test_id"])
     return None
 

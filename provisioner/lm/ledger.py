@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner.lm.limits import locked, resolve_run_dir, share_fd
+from provisioner.lm.limits import after_torn_line, append_line, locked, resolve_run_dir, share_fd
 
 LEDGER_FILE = "ledger.jsonl"
 RUN_LM_SUBDIR = "lm"
@@ -97,7 +97,7 @@ class Ledger:
         if self._fds is None or self._fds[0] != pid:  # reopen in a forked child
             create = os.O_CREAT | os.O_CLOEXEC
             lock_fd = share_fd(os.open(self.run_dir / LEDGER_LOCK, os.O_RDWR | create, 0o666))
-            ledger_fd = share_fd(os.open(self.path, os.O_WRONLY | os.O_APPEND | create, 0o666))
+            ledger_fd = share_fd(os.open(self.path, os.O_RDWR | os.O_APPEND | create, 0o666))
             self._fds = (pid, lock_fd, ledger_fd)
         return self._fds[1], self._fds[2]
 
@@ -126,7 +126,7 @@ class Ledger:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 # O_APPEND plus one write() per line: even a reader without the lock sees whole lines.
-                os.write(ledger_fd, data)
+                os.write(ledger_fd, after_torn_line(ledger_fd, data))
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
@@ -159,7 +159,7 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     """The lines of a ledger file (a torn last line of a crashed writer is skipped)."""
     entries: list[dict[str, Any]] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8", "replace")
     except FileNotFoundError:
         return entries
     for raw in text.splitlines():
@@ -196,8 +196,7 @@ def archive_run_ledger(run_dir: Path, state_dir: Path) -> int:
         for entry in entries:
             by_month.setdefault(_month_of(entry) or "unknown", []).append(json.dumps(entry, sort_keys=True))
         for month, lines in by_month.items():
-            with (archive / f"{month}.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write("\n".join(lines) + "\n")
+            append_line(archive / f"{month}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
         with done_path.open("a", encoding="utf-8") as handle:
             handle.write(marker + "\n")
     return len(entries)

@@ -106,6 +106,25 @@ def locked(run_dir: Path, name: str = LOCK_FILE) -> Iterator[None]:
         os.close(fd)
 
 
+def after_torn_line(fd: int, data: bytes) -> bytes:
+    """``data`` to append to the line file open (readable) at ``fd``, starting with a newline when
+    the file's last line is torn (its writer was killed mid-write): the torn line stays one bad
+    line, which readers skip, instead of swallowing the new one."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        return b"\n" + data
+    return data
+
+
+def append_line(path: Path, data: bytes) -> None:
+    """Append ``data`` (whole lines) to ``path`` in one ``write`` (see :func:`after_torn_line`)."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, after_torn_line(fd, data))
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` so readers see the old or the new content, never a mix."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -231,15 +250,31 @@ class RunLimits:
         return int(run["rate_limit_rpm"]), float(run["cost_limit_usd"]), float(run["rate_limit_wait_s"])
 
     def _load(self) -> dict[str, Any]:
+        """The run's counters. Raises ConfigError when the file is unreadable: the spend so far is
+        then unknown, and refusing calls is safer than starting the budget from zero."""
         try:
-            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            data = json.loads(self.state_path.read_bytes())
         except FileNotFoundError:
             data = {}
+        except (OSError, ValueError) as exc:
+            raise self._unreadable(exc) from None
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k, d), t) for k, d, t in
+            (("requests", [], list), ("spent_usd", 0.0, int | float), ("calls", 0, int),
+             ("reservations", {}, dict))
+        ):
+            raise self._unreadable("not the counters this version writes")
         data.setdefault("requests", [])
         data.setdefault("spent_usd", 0.0)
         data.setdefault("calls", 0)
         data.setdefault("reservations", {})
         return data
+
+    def _unreadable(self, why: object) -> ConfigError:
+        return ConfigError(
+            f"the run's LM budget file {self.state_path} is unreadable ({why}): its spend so far is unknown, "
+            "so LM calls are refused; remove the file to count the run's budget from zero"
+        )
 
     def _save(self, data: dict[str, Any]) -> None:
         write_json_atomic(self.state_path, data)

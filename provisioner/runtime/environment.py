@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -30,6 +31,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import (
@@ -396,6 +400,15 @@ def _wait_all(futures: Any, cancel: threading.Event | None = None) -> None:
 # --- state and env files -----------------------------------------------------------------------------
 
 
+class WorkerEntry(TypedDict):
+    """One worker of a run in its state file: slot, container name and id, ``127.0.0.1:<port>``."""
+
+    slot: int
+    name: str
+    container_id: str
+    address: str
+
+
 @dataclass
 class RunState:
     """What ``provision up`` leaves behind for ``status``/``down`` and for other tools. No secrets."""
@@ -414,7 +427,7 @@ class RunState:
     networks: list[str]
     relay: str
     standin: str | None
-    workers: list[dict[str, Any]]
+    workers: list[WorkerEntry]
     lm_run_dir: str | None = None
     status: str = "up"
 
@@ -487,21 +500,50 @@ def write_state(
     return path
 
 
+class StateUnreadableError(RuntimeProblem):
+    """A run's state file exists but cannot be used: truncated (a process killed mid-write), hand
+    edited, or written by an incompatible version. ``path``: the file; ``reason``: what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"the run's state file {path} is unreadable ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+_RUN_STATE = TypeAdapter(RunState)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
 def read_state(settings: Settings, run_id: str) -> RunState | None:
+    """The run's state (None: it has no state file; only ``provision up`` writes one).
+
+    Raises:
+        StateUnreadableError: the file is there but is not a valid state file (torn, bad JSON, a
+            field missing or of the wrong type) — the run's resources are still found by their labels.
+    """
     path = state_file_of(settings, run_id)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return RunState(**data)
+    except OSError as exc:
+        raise StateUnreadableError(path, exc.strerror or str(exc)) from None
+    try:
+        return _RUN_STATE.validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'document'}: {err['msg']}" for err in exc.errors()[:3]
+        )
+        raise StateUnreadableError(path, problems) from None
 
 
 def current_run_id(settings: Settings) -> str | None:
+    """The run id in ``<state_dir>/current`` (None: none, or the file is torn or not a run id)."""
     try:
-        text = (Path(settings.state_dir) / CURRENT_RUN).read_text(encoding="utf-8").strip()
+        text = (Path(settings.state_dir) / CURRENT_RUN).read_bytes().decode("utf-8", "replace").strip()
     except FileNotFoundError:
         return None
-    return text or None
+    return text if _RUN_ID.fullmatch(text) else None
 
 
 def _clear_current(settings: Settings, run_id: str) -> None:
@@ -795,8 +837,12 @@ def up(
 
 @dataclass
 class DownResult:
+    """``removed``: ``"<kind> <name>"`` of what went; ``state_problem``: why the run's state file
+    could not be read (empty: it could, or there is none) — its resources went by label anyway."""
+
     run_id: str | None
     removed: list[str]
+    state_problem: str = ""
 
 
 class AmbiguousRunError(ConfigError):
@@ -860,12 +906,16 @@ def down(
             if terminate_process(pid, grace_s=2.0, create_time=start or None):
                 removed.append(f"process {pid}")
     removed += [f"{ref.kind} {ref.name}" for ref in _remove_run(rt, run_id)]
-    state = read_state(settings, run_id)
+    problem = ""
+    try:
+        state = read_state(settings, run_id)
+    except StateUnreadableError as exc:  # the labels found everything; the file is left as it is
+        state, problem = None, str(exc)
     if state is not None and state.status != "down":
         state.status = "down"
         write_state(settings, state, current=False)
     _clear_current(settings, run_id)
-    return DownResult(run_id, removed)
+    return DownResult(run_id, removed, problem)
 
 
 def _remove_run(runtime: ContainerRuntime, run_id: str) -> list[ResourceRef]:
@@ -919,6 +969,7 @@ class StatusReport:
     state: RunState | None
     workers: list[WorkerHealth]
     others: dict[str, str]  # relay / stand-in: name -> container status
+    state_problem: str = ""  # the state file is unreadable (StateUnreadableError's message)
 
     @property
     def healthy(self) -> bool:
@@ -951,7 +1002,10 @@ def status(
     settings = _settings(settings)
     rt = _docker(runtime)
     run_id = run_id or default_run(settings, rt)
-    state = read_state(settings, run_id) if run_id else None
+    try:
+        state = read_state(settings, run_id) if run_id else None
+    except StateUnreadableError as exc:
+        return StatusReport(run_id, None, [], {}, state_problem=str(exc))
     if state is None:
         return StatusReport(run_id, None, [], {})
     repaired: dict[str, str] = {}
@@ -1184,6 +1238,7 @@ class ReapResult:
     removed: list[str]
     project: str | None = None
     kept: str = ""
+    state_problem: str = ""  # its state file is unreadable (it is removed by label all the same)
 
 
 def reap(
@@ -1224,16 +1279,22 @@ def reap(
         if not reason:
             continue
         listed = [f"{r.kind} {r.name}" for r in summary.resources]
+        problem = ""
+        try:
+            read_state(settings, summary.run_id)
+        except StateUnreadableError as exc:
+            problem = str(exc)
         owners = summary.live_owners(run_dir_of(settings, summary.run_id))
         if owners and not force:
             kept = f"owner {', '.join(owners)} alive; --force removes it anyway"
-            out.append(ReapResult(summary.run_id, reason, [], summary.project, kept))
+            out.append(ReapResult(summary.run_id, reason, [], summary.project, kept, problem))
             continue
         if dry_run:
-            out.append(ReapResult(summary.run_id, reason, listed, summary.project))
+            out.append(ReapResult(summary.run_id, reason, listed, summary.project, "", problem))
             continue
         result = down(settings, run_id=summary.run_id, runtime=rt)
-        out.append(ReapResult(summary.run_id, reason, result.removed, summary.project))
+        out.append(ReapResult(summary.run_id, reason, result.removed, summary.project, "",
+                              result.state_problem or problem))
     return out
 
 

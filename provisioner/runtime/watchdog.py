@@ -90,7 +90,10 @@ def register_owner(run_dir: Path, pid: int | None = None, *, principal: str | No
     folder = run_dir / OWNERS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / _entry_name(pid or os.getpid())
-    entry.write_text(f"{DEPENDANT_PREFIX}{principal}\n" if principal else "")
+    # Written whole or not at all (a kill -9 mid-write must not leave a half principal behind).
+    tmp = folder / f".{entry.name}.tmp"
+    tmp.write_text(f"{DEPENDANT_PREFIX}{principal}\n" if principal else "")
+    os.replace(tmp, entry)
     return entry
 
 
@@ -229,7 +232,7 @@ def _parse_entry(name: str) -> tuple[int, float] | None:
 def _principal_of(entry: Path) -> tuple[int, float] | None:
     """The principal a dependant entry names; None for a principal owner (or an unreadable entry)."""
     try:
-        text = entry.read_text()
+        text = entry.read_bytes().decode("utf-8", "replace")
     except OSError:
         return None
     if not text.startswith(DEPENDANT_PREFIX):

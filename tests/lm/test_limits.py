@@ -250,3 +250,42 @@ def test_files_of_the_run_dir_are_group_writable_whatever_the_umask(tmp_path: Pa
     for path in tmp_path.iterdir():
         mode = path.stat().st_mode
         assert mode & stat.S_IRGRP and mode & stat.S_IWGRP, (path.name, oct(mode))
+
+
+@pytest.mark.parametrize("content", [b'{"requests": [1.0], "spent_usd": 0.4', b"", b"[]", b"\xff\xfe",
+                                     b'{"spent_usd": "a lot"}', b'{"reservations": []}'])
+def test_an_unreadable_budget_file_refuses_calls_naming_it(tmp_path: Path, content: bytes) -> None:
+    """The run's spend so far is unknown (a writer killed mid-write, a hand edit): fail closed with
+    the file's path and what to do, never a TypeError or a budget silently restarted from zero."""
+    from provisioner.lm.limits import STATE_FILE
+
+    (tmp_path / STATE_FILE).write_bytes(content)
+    limits = RunLimits(tmp_path, rpm=10, cost_limit_usd=1.0)
+    for call in (lambda: limits.reserve(0.01), limits.acquire_request, limits.snapshot):
+        with pytest.raises(ConfigError, match="budget file .*lm-limits.json is unreadable.*remove the file"):
+            call()
+
+
+def test_lines_appended_after_a_torn_line_are_kept(tmp_path: Path) -> None:
+    """A writer killed mid-line leaves a torn last line; the next line starts on a line of its own
+    (ledger, sessions.jsonl, the monthly archive) and readers skip only the torn one."""
+    from provisioner.lm.cached import note_session_test, session_test
+    from provisioner.lm.ledger import LEDGER_FILE, Ledger
+
+    ledger_file = tmp_path / LEDGER_FILE
+    ledger_file.write_bytes(b'{"event": "call", "kind": "real", "cost_u')
+    ledger = Ledger(tmp_path, run_id="r1", layer="e2e")
+    ledger.call(model="gemini-2.5-flash-lite", kind="real", cost_usd=0.5)
+    ledger.close()
+    assert [(e["run_id"], e["cost_usd"]) for e in read_ledger(ledger_file)] == [("r1", 0.5)]
+    with ledger_file.open("ab") as handle:
+        handle.write(b"\xff\xfe\x00 not utf-8\n")
+    assert len(read_ledger(ledger_file)) == 1
+
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_bytes(b'{"session_id": "s0", "test_id": "t::zero"}\n{"session_id": "s1"}\n'
+                         b'[1]\n\xff\n{"session_id": "s2", "test_id": "t::t')
+    note_session_test(tmp_path, "s2", "t::two")
+    assert session_test(tmp_path, "s2") == "t::two"
+    assert session_test(tmp_path, "s0") == "t::zero"
+    assert session_test(tmp_path, "s1") is None

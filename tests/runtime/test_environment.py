@@ -516,3 +516,53 @@ def test_a_stale_current_file_does_not_hide_the_projects_run(
     (Path(settings.state_dir) / E.CURRENT_RUN).write_text("gone1234\n")  # points at a removed run
     assert E.down(settings, runtime=rt).run_id == env.plan.run_id
     assert rt.containers == {}
+
+
+def _truncated(text: str) -> str:
+    return text[: len(text) // 2]  # a writer killed mid-write (before atomic writes, or a hand copy)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _truncated,
+        lambda text: "{}",  # the reported input: RunState(**data) raised TypeError
+        lambda text: "[]",
+        lambda text: "",
+        lambda text: json.dumps({**json.loads(text), "workers": "w0"}),
+        lambda text: json.dumps({**json.loads(text), "workers": [{"slot": 0}]}),
+        lambda text: "\x00\xff\xfe garbage",
+    ],
+    ids=["truncated", "empty-object", "list", "empty-file", "workers-not-a-list", "worker-without-address",
+         "binary"],
+)
+def test_an_unreadable_state_file_is_reported_and_down_still_removes_the_run_by_label(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], corrupt: Any
+) -> None:
+    rt, workers = fake
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=False,
+              owner_pid=_dead_pid())
+    run_id = env.plan.run_id
+    state_file = E.state_file_of(settings, run_id)
+    state_file.write_bytes(corrupt(state_file.read_text()).encode("utf-8", "surrogateescape"))
+    with pytest.raises(E.StateUnreadableError) as err:
+        E.read_state(settings, run_id)
+    assert err.value.path == state_file
+
+    report = E.status(settings, run_id=run_id, runtime=rt, probe=workers.probe)
+    assert not report.healthy and str(state_file) in report.state_problem
+    dry = E.reap(settings, runtime=rt, dry_run=True)
+    assert [(r.run_id, str(state_file) in r.state_problem) for r in dry] == [(run_id, True)]
+
+    result = E.down(settings, run_id=run_id, runtime=rt)
+    assert len(result.removed) == 4 and rt.containers == {} and rt.networks == {}  # relay, w0, 2 networks
+    assert "unreadable" in result.state_problem and str(state_file) in result.state_problem
+    assert E.down(settings, run_id=run_id, runtime=rt).removed == []  # still idempotent
+
+
+def test_a_torn_current_file_means_no_current_run(settings: Settings) -> None:
+    current = Path(settings.state_dir) / E.CURRENT_RUN
+    current.parent.mkdir(parents=True, exist_ok=True)
+    for text in (b"", b"\xff\xfe", b"../../etc\n", b"ab12"):
+        current.write_bytes(text)
+        assert E.current_run_id(settings) == ("ab12" if text == b"ab12" else None)

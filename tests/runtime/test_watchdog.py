@@ -146,3 +146,15 @@ def test_a_reused_pid_is_neither_principal_nor_orphan(tmp_path: Path) -> None:
     assert wd.owner_states(tmp_path) == (1, 0, [(os.getpid(), float(wd.process_entry().split("-")[1]))])
     # An orphan entry naming our pid with another start time is not us: never signalled.
     assert wd.terminate_orphans([(os.getpid(), 12345.0)]) == []
+
+
+def test_an_owner_entry_with_torn_or_garbage_content_is_a_live_principal_owner(tmp_path: Path) -> None:
+    """A hand edit or a disk error in an owner entry never crashes the watchdog, reap or status:
+    the entry counts as the plain owner its name says it is (the run is kept while it lives)."""
+    folder = tmp_path / wd.OWNERS_DIR
+    folder.mkdir()
+    for content in (b"\xff\xfe\x00garbage", b"dependant of ", b"dependant of x-y\n"):
+        (folder / wd.process_entry()).write_bytes(content)
+        assert wd.owner_states(tmp_path) == (1, 1, []), content
+    wd.register_owner(tmp_path, principal=wd.process_entry())
+    assert [p.name for p in folder.iterdir()] == [wd.process_entry()]  # no temporary file left
