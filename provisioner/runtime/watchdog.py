@@ -274,18 +274,21 @@ def owners_alive(run_dir: Path) -> tuple[int, int]:
 
 
 def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDANT_GRACE_S) -> list[str]:
-    """SIGTERM every orphaned dependant at once, SIGKILL what is left after ``grace_s``; returns
-    ``"process <pid>"`` of those that were still there. Only the exact processes (pid + start time)
-    registered in the run are touched."""
+    """SIGTERM every orphaned dependant (and its child processes) at once, SIGKILL what is left
+    after ``grace_s``; returns ``"process <pid>"`` of the dependants that were still there. Only the
+    exact processes (pid + start time) registered in the run, and their children, are touched."""
     import psutil
 
-    procs = []
+    found = []
+    family = []
     for pid, start in orphans:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             if start and abs(proc.create_time() - start) > 0.01:
                 continue
-            procs.append(proc)
+            family += [*proc.children(recursive=True), proc]
+            found.append(proc)
+    procs = family
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -294,7 +297,7 @@ def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDA
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=grace_s)
-    return [f"process {p.pid}" for p in procs]
+    return [f"process {p.pid}" for p in found]
 
 
 def remove_run(

@@ -158,3 +158,24 @@ def test_an_owner_entry_with_torn_or_garbage_content_is_a_live_principal_owner(t
         assert wd.owner_states(tmp_path) == (1, 1, []), content
     wd.register_owner(tmp_path, principal=wd.process_entry())
     assert [p.name for p in folder.iterdir()] == [wd.process_entry()]  # no temporary file left
+
+
+def test_an_orphans_children_go_with_it(tmp_path: Path) -> None:
+    import psutil
+
+    parent = subprocess.Popen([
+        sys.executable, "-c",
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(c.pid, flush=True); time.sleep(60)",
+    ], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        start = psutil.Process(parent.pid).create_time()
+        assert wd.terminate_orphans([(parent.pid, start)], grace_s=5) == [f"process {parent.pid}"]
+        parent.wait(timeout=10)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
