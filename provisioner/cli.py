@@ -699,8 +699,9 @@ def reap_command(
 ) -> None:
     """Remove leftovers of earlier runs of this project (default: runs whose owner process is gone).
 
-    A run whose owners (a test session, `provision run`) are alive is kept unless --force. Runs
-    made by older versions (without a project label) count as this project's.
+    A run whose owners (a test session, `provision run`) are alive is kept unless --force. A run
+    made by an older version (without a project label) counts as this project's when this project's
+    .provision/runs has it; --all-projects finds the others.
     """
     from dataclasses import asdict
 

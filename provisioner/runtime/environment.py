@@ -584,8 +584,9 @@ def project_of(settings: Settings) -> str:
 class RunSummary:
     """A run found on the engine by its labels.
 
-    ``project`` is None for runs labelled by a provisioner older than the project label: they count
-    as every project's (``reap`` and ``status`` still find them).
+    ``project`` is None for runs labelled by a provisioner older than the project label: such a run
+    counts as a project's only when that project's state dir has it (``<state_dir>/runs/<run_id>``);
+    ``--all-projects`` (``reap``, ``status``) finds every one.
     """
 
     run_id: str
@@ -638,15 +639,24 @@ class RunSummary:
         """Owned by a process on this host that is gone (its watchdog should have removed it)."""
         return not self.persistent and self.owner_alive() is False
 
-    def in_project(self, project: str | None) -> bool:
-        """Belongs to ``project`` (None: any), or carries no project label (an older version's)."""
-        return project is None or self.project is None or self.project == project
+    def in_project(self, project: str | None, state_dir: Path | str | None = None) -> bool:
+        """Belongs to ``project`` (None: any). A run without a project label (an older version's)
+        belongs to it only when ``state_dir`` (that project's) has the run's folder: otherwise it
+        may be another project's, and ``reap`` would remove another team's containers."""
+        if project is None or self.project == project:
+            return True
+        if self.project is None and state_dir is not None:
+            return (Path(state_dir) / "runs" / self.run_id).is_dir()
+        return False
 
 
-def list_runs(runtime: ContainerRuntime, project: str | None = None) -> list[RunSummary]:
+def list_runs(
+    runtime: ContainerRuntime, project: str | None = None, state_dir: Path | str | None = None
+) -> list[RunSummary]:
     """Every run that has managed resources on the engine, oldest first.
 
-    ``project``: only that project's runs (and unlabelled ones of older versions).
+    ``project``: only that project's runs, and unlabelled ones of older versions whose folder is in
+    ``state_dir`` (that project's state dir; None: no unlabelled run).
     """
     groups: dict[str, list[ResourceRef]] = {}
     for ref in runtime.list_resources(L.selector()):
@@ -670,7 +680,7 @@ def list_runs(runtime: ContainerRuntime, project: str | None = None) -> list[Run
             refs,
             labels.get(L.PROJECT) or None,
         )
-        if summary.in_project(project):
+        if summary.in_project(project, state_dir):
             runs.append(summary)
     return sorted(runs, key=lambda r: r.created)
 
@@ -724,7 +734,7 @@ def up(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
         )
     rt = _docker(runtime)
-    runs = list_runs(rt, project)
+    runs = list_runs(rt, project, settings.state_dir)
     if persistent and not new:
         live = [
             r for r in runs
@@ -1257,8 +1267,9 @@ def reap(
     Default: runs whose owner process on this host is gone and that were not started as persistent
     (``provision up``) — what a watchdog would have removed had it run. ``run_id``: that run.
     ``older_than_s``: every run created longer ago than that (persistent ones too). ``all_runs``:
-    every run in scope. Runs labelled by an older provisioner (no project label) are in every
-    project's scope. A selected run whose owner processes are alive (a test session, ``provision
+    every run in scope. A run labelled by an older provisioner (no project label) is in this
+    project's scope when this project's state dir has it (``<state_dir>/runs/<run_id>``), and in
+    ``all_projects``' always. A selected run whose owner processes are alive (a test session, ``provision
     run``) is kept — reported with ``kept`` — unless ``force``.
     """
     settings = _settings(settings)
@@ -1266,7 +1277,7 @@ def reap(
     project = None if all_projects or run_id is not None else project_of(settings)
     now = time.time()
     out = []
-    for summary in list_runs(rt, project):
+    for summary in list_runs(rt, project, settings.state_dir):
         if run_id is not None:
             reason = "requested" if summary.run_id == run_id else ""
         elif all_runs:
@@ -1469,7 +1480,7 @@ def _check_disk(settings: Settings, docker_root: str) -> list[Check]:
 
 
 def _check_stale(settings: Settings, rt: ContainerRuntime) -> list[Check]:
-    stale = [r.run_id for r in list_runs(rt, project_of(settings)) if r.stale]
+    stale = [r.run_id for r in list_runs(rt, project_of(settings), settings.state_dir) if r.stale]
     if stale:
         return [Check("stale runs", "warn", f"{', '.join(stale)}: `provision reap` removes them")]
     return []

@@ -468,9 +468,37 @@ def test_reap_finds_runs_labelled_by_an_older_version(
     old = L.run_labels("oldrun1", "integration", "s", owner_pid=_dead_pid())
     assert L.PROJECT not in old
     rt.create_network(NetworkRecipe("prov-oldrun1", internal=True, labels={**old, L.ROLE: L.ROLE_NETWORK}))
+    E.run_dir_of(settings, "oldrun1").mkdir(parents=True)  # this project's state dir has the run
     found = E.reap(settings, runtime=rt, dry_run=True)
     assert [(r.run_id, r.reason, r.project) for r in found] == [("oldrun1", "owner gone", None)]
+    assert [c.detail for c in E._check_stale(settings, rt)] == ["oldrun1: `provision reap` removes them"]
     assert [r.run_id for r in E.reap(settings, runtime=rt)] == ["oldrun1"]
+    assert rt.networks == {}
+
+
+def test_an_unlabelled_run_of_another_project_is_not_offered_to_reap(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """The reported case: doctor and up said `provision reap removes` r20261130-062506-4d0b96, a run
+    without a project label that this project never made; following the hint removed another
+    team's containers. Only --all-projects finds such a run."""
+    from provisioner.runtime.recipes import NetworkRecipe
+
+    rt = fake[0]
+    run_id = "r20261130-062506-4d0b96"
+    old = L.run_labels(run_id, "integration", "s", owner_pid=_dead_pid())
+    rt.create_network(NetworkRecipe(f"prov-{run_id}", internal=True, labels={**old, L.ROLE: L.ROLE_NETWORK}))
+    assert not E.run_dir_of(settings, run_id).exists()
+    assert E._check_stale(settings, rt) == []
+    assert E.list_runs(rt, E.project_of(settings), settings.state_dir) == []
+    assert E.reap(settings, runtime=rt, dry_run=True) == []
+    assert E.reap(settings, runtime=rt, older_than_s=0) == [] and rt.networks
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=False)
+    assert not any(run_id in w for w in env.warnings)
+    E.down(settings, run_id=env.plan.run_id, runtime=rt)
+    found = E.reap(settings, runtime=rt, all_projects=True, dry_run=True)
+    assert [(r.run_id, r.project) for r in found] == [(run_id, None)]  # older runs are still found by reap
+    assert [r.run_id for r in E.reap(settings, runtime=rt, all_projects=True)] == [run_id]
     assert rt.networks == {}
 
 
