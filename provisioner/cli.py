@@ -125,13 +125,17 @@ def layers(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({n: layer.model_dump(mode="json") for n, layer in resolved.items()}, indent=2))
         return
-    header = f"{'layer':<14}{'adapter':<9}{'python':<8}{'pooling':<9}{'lm':<8}{'isolation':<11}{'workers':<8}"
+    # What runs: a layer without containers runs in-process (LocalBridge) and starts no workers, so
+    # its `workers` field (a default) is shown as "-" rather than a count that never happens.
+    header = (f"{'layer':<14}{'adapter':<9}{'runs':<12}{'pooling':<9}{'lm':<8}{'isolation':<11}"
+              f"{'workers':<8}")
     click.echo(header)
     for layer in resolved.values():
+        runs, workers = ("containers", str(layer.workers)) if layer.needs_docker else ("in-process", "-")
         click.echo(
-            f"{layer.name:<14}{layer.adapter:<9}{'yes' if layer.python else 'no':<8}"
+            f"{layer.name:<14}{layer.adapter:<9}{runs:<12}"
             f"{'yes' if layer.pooling_enabled else 'no':<9}{layer.lm_mode:<8}{layer.isolation:<11}"
-            f"{layer.workers:<8}{layer.description}"
+            f"{workers:<8}{layer.description}"
         )
 
 

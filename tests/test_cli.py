@@ -38,6 +38,13 @@ def test_layers_table(project: Path) -> None:
     result = CliRunner().invoke(main, ["layers"])
     assert result.exit_code == 0
     assert "integration" in result.output and "cached" in result.output and "smoke" in result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    header = result.output.splitlines()[0].split()
+    # The unit layer runs in-process (LocalBridge, as README says): no workers, not "workers 2".
+    unit = dict(zip(header, rows["unit"], strict=False))
+    assert unit["runs"] == "in-process" and unit["workers"] == "-", result.output
+    integration = dict(zip(header, rows["integration"], strict=False))
+    assert integration["runs"] == "containers" and integration["workers"].isdigit(), result.output
 
 
 def test_config_shows_values_and_sources(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
