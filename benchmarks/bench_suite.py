@@ -212,7 +212,8 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
     env = clean_env()
     env["BENCH_IMAGE"] = image
     env["BENCH_RUN"] = f"bench-{os.getpid()}"
-    results: dict[str, Any] = {"image": image, "tests": tests, "naive_tests": naive_tests, "rounds": []}
+    results: dict[str, Any] = {"image": image, "tests": tests, "naive_tests": naive_tests, "rounds": [],
+                               "commit": commit()}
     try:
         for number in range(rounds):
             load_before = os.getloadavg()
@@ -240,6 +241,12 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
             rt.remove_container(c["Id"])
         rt.close()
     return results
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "?"
 
 
 def machine() -> str:
@@ -281,6 +288,21 @@ NOTES = [
     "  of setup + teardown is mostly not the leak check; under load every wake-up of the worker and",
     "  relay processes waits for one of the 2 shared cores, which is why the figures move with the load.",
 ]
+
+
+def verdict(rounds: list[dict[str, Any]]) -> list[str]:
+    overhead = [r["provisioner"]["overhead_p50_ms"] for r in rounds]
+    ratio = [r["ratio"] for r in rounds]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    return [
+        "",
+        f"Targets: setup + teardown ≤ 2 ms p50 — {met(max(overhead) <= 2)} in these rounds "
+        f"({min(overhead):.1f} to {max(overhead):.1f} ms); ratio ≥ 60{TIMES} including pool start — "
+        f"{met(min(ratio) >= 60)} ({min(ratio):.0f}{TIMES} to {max(ratio):.0f}{TIMES}).",
+    ]
 
 
 def pool_note(runs: list[dict[str, Any]]) -> list[str]:
@@ -338,9 +360,10 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
     lines = [
         SECTION,
         "",
-        f"`.venv/bin/python benchmarks/bench_suite.py --rounds {n} --write-docs` — real engine, worker image",
-        f"{results['image']} already built. A generated project runs {results['tests']} tests, each taking",
-        "an isolated, LM-ready bridge session: it creates a program with the same id (`qa`) and executes",
+        f"`.venv/bin/python benchmarks/bench_suite.py --rounds {n} --write-docs` — code of commit",
+        f"{results.get('commit', '?')}, real engine, worker image {results['image']} already built.",
+        f"A generated project runs {results['tests']} tests, each taking an isolated, LM-ready bridge",
+        "session: it creates a program with the same id (`qa`) and executes",
         "it once. provisioner: the plugin's `isolated` fixture on the pooled `e2e` layer with `--lm mock`",
         "(2 warm workers, the per-test leak check on). Anchor, measured side by side in the same round: a",
         "naive testcontainers fixture starting one worker container (same image) per test, polling `ping`",
@@ -371,6 +394,7 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
         per_round("naive: suite (extrapolated), s", lambda r: f"{r['naive_suite_s']:.1f}"),
         per_round(f"**ratio naive / provisioner** (target ≥ 60{TIMES})",
                   lambda r: f"{r['ratio']:.0f}{TIMES}"),
+        *verdict(rounds),
         *[line for title, other in compare or [] for line in baseline_lines(title, other)],
         "",
         *NOTES,
