@@ -54,6 +54,43 @@ RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
 )
 
 
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at commas outside brackets (``a: dict[str, int], b`` is two parts)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def signature_field_names(signature: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(input names, output names) of a DSPy string signature such as ``"a, b: int -> c: list[str]"``.
+
+    Raises:
+        ValueError: no ``->``, or a field name that is not an identifier.
+    """
+    if signature.count("->") != 1:
+        raise ValueError(f"signature {signature!r} must read 'inputs -> outputs', e.g. 'question -> answer'")
+    sides = []
+    for side in signature.split("->"):
+        names = [part.split(":", 1)[0].strip() for part in _split_top_level(side)]
+        for name in names:
+            if not name.isidentifier():
+                raise ValueError(f"signature {signature!r}: {name!r} is not a field name")
+        sides.append(frozenset(names))
+    if not sides[1]:
+        raise ValueError(f"signature {signature!r} has no output field")
+    return sides[0], sides[1]
+
+
 class MockRule(BaseModel):
     """One rule of the mock LM: when an input matches, answer with these outputs (or an error).
 
@@ -63,6 +100,11 @@ class MockRule(BaseModel):
     ``outputs`` maps output field names to values; fields not named get a per-type default.
     ``error`` injects a failure instead: ``rate_limit``, ``timeout``, ``server_error`` or ``malformed``.
     ``latency_ms`` delays the answer (a simulated slow LM).
+    ``signature`` scopes the rule to one program: a DSPy string signature (``"question -> answer"``,
+    ``"ticket -> category, urgent: bool"``; types are ignored). The rule is then checked only against
+    requests whose signature has exactly these input and output field names, and the fields it names
+    must be among them (else a validation error). Without it, the rule is checked against every
+    request whose signature has the fields it names (and every request without a signature).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +116,26 @@ class MockRule(BaseModel):
     # Simulated slow LM: the engine sleeps this long before answering (or failing). It models a
     # slow provider for tests of timeouts and concurrency; it is not a synchronisation device.
     latency_ms: int = Field(default=0, ge=0)
+    signature: str | None = None
+
+    def signature_fields(self) -> tuple[frozenset[str], frozenset[str]] | None:
+        """(input names, output names) of :attr:`signature`, or None for a rule without one."""
+        return None if self.signature is None else signature_field_names(self.signature)
+
+    @model_validator(mode="after")
+    def _check_signature(self) -> MockRule:
+        fields = self.signature_fields()
+        if fields is None:
+            return self
+        for side, names, known in (("match", self.match, fields[0]), ("outputs", self.outputs, fields[1])):
+            for name in names:
+                if name != "*" and name not in known:
+                    kind = "an input" if side == "match" else "an output"
+                    raise ValueError(
+                        f"{side}[{name!r}] is not {kind} field of the rule's signature {self.signature!r} "
+                        f"({', '.join(sorted(known)) or 'none'}); fix the field name or the signature"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _check_regex(self) -> MockRule:

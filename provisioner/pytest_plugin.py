@@ -315,6 +315,7 @@ def lm(request: pytest.FixtureRequest) -> Iterator[Any]:
         pytest.fail(f"provisioner: lm fixture: {exc}", pytrace=False)
     with activate(model, what=f"the lm fixture of {request.node.nodeid}"):
         yield model
+    rules.warn_misfits()  # once per rule of this test, not per request
     run.note_unmatched_lm_rules(request.node.nodeid, [describe_rule(r) for r in rules.unmatched()])
 
 

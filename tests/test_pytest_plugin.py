@@ -487,6 +487,7 @@ def test_example_project_unit_layer(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*test_triage PASSED*", "*test_refund_tickets_are_billing PASSED*", "layer unit: 5 tests (5 passed)"]
     )
+    assert "LMRuleWarning" not in result.stdout.str()  # its layer rules are for one program: no noise
 
 
 def test_a_leaked_process_fails_the_test_and_is_named(project: pytest.Pytester) -> None:

@@ -114,6 +114,7 @@ def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Pat
                                   capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, (command, proc.stdout[-3000:], proc.stderr[-2000:])
             assert "1 passed" in proc.stdout, (command, proc.stdout[-2000:])
+            assert "LMRuleWarning" not in proc.stdout + proc.stderr, (command, proc.stdout[-3000:])
             after = sorted(cassettes.rglob("*.json")) if cassettes.exists() else []
             outputs.append((words, before, after, proc.stdout))
     by_command = {" ".join(words[1:]): (before, after, out) for words, before, after, out in outputs}

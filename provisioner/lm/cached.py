@@ -72,7 +72,10 @@ ONCE_LOCK = "record-once.lock"
 def endpoint_identity(config: LMConfig) -> str:
     """What produced the answers: the Gemini endpoint, or the mock with its exact rules."""
     if config.cached_inner == "mock":
-        rules = json.dumps([r.model_dump(mode="json") for r in config.mock_rules], sort_keys=True)
+        # A rule without `signature` (added later) digests as before: recorded cassettes stay hits.
+        dumped = [{k: v for k, v in r.model_dump(mode="json").items() if not (k == "signature" and v is None)}
+                  for r in config.mock_rules]
+        rules = json.dumps(dumped, sort_keys=True)
         digest = hashlib.sha256(f"{rules}\x00{config.mock_default}".encode()).hexdigest()[:16]
         return f"mock:{digest}"
     return f"gemini@{(config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip('/')}"

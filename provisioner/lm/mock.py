@@ -87,8 +87,24 @@ ANY = "*"
 
 
 class LMRuleWarning(UserWarning):
-    """A mock rule names an input or output field the signature of a request it was checked against
-    does not have (a typo, or a rule written for another program)."""
+    """A test's own mock rule names input or output fields that no request's signature of the test
+    had (a typo, or a rule for a program the test never ran): warned once per rule, when the test ends."""
+
+
+def applies_to(rule: MockRule, view: PromptView) -> bool:
+    """Whether ``rule`` is checked against the request ``view``.
+
+    A rule with a ``signature`` applies to requests whose signature has exactly its input and output
+    field names; a rule without one to every request whose signature has the fields it names, and
+    to every request without a signature (``lm("text")``).
+    """
+    fields = rule.signature_fields()
+    has_signature = bool(view.input_names or view.outputs)
+    if fields is not None:
+        inputs = set(view.input_names) | set(view.inputs)
+        return has_signature and fields == (frozenset(inputs), frozenset(o.name for o in view.outputs))
+    missing_in, missing_out = unknown_fields(rule, view)
+    return not missing_in and not missing_out
 
 
 def rule_matches(rule: MockRule, view: PromptView) -> bool:
@@ -127,6 +143,11 @@ def unknown_fields(rule: MockRule, view: PromptView) -> tuple[list[str], list[st
     return missing_in, missing_out
 
 
+def signature_text(view: PromptView) -> str:
+    """A request's signature as field names, ``"question -> answer"``."""
+    return f"{', '.join(view.input_names)} -> {', '.join(o.name for o in view.outputs)}"
+
+
 def describe_rule(rule: MockRule) -> str:
     """A rule in one line, as the end-of-run list shows it."""
     return rule.model_dump_json(exclude_defaults=True)
@@ -158,31 +179,58 @@ class MockEngine(EngineBase):
         self.count_calls = count_calls
         self._lock = threading.Lock()
         self._matched: set[int] = set()  # indexes of rules that answered at least one request
-        self._warned: set[tuple[int, str, str]] = set()
+        self._applied: set[int] = set()  # indexes of rules checked against at least one request
+        self._signatures: dict[str, PromptView] = {}  # signatures of the requests seen, first view each
 
     def first_match(self, view: PromptView) -> MockRule | None:
-        """The first rule matching ``view`` (None: no rule). Warns (:class:`LMRuleWarning`, once per
-        rule, field and signature) about fields a checked rule names that the signature lacks, and
-        remembers which rules matched (:meth:`unmatched`)."""
-        signature = f"{','.join(view.input_names)} -> {','.join(o.name for o in view.outputs)}"
+        """The first rule that applies to ``view`` (:func:`applies_to`) and matches it (None: no rule).
+
+        Remembers which rules matched (:meth:`unmatched`) and which applied to no request
+        (:meth:`misfits`); it never warns per request.
+        """
+        if view.input_names or view.outputs:
+            key = signature_text(view)
+            if key not in self._signatures:
+                with self._lock:
+                    self._signatures.setdefault(key, view)
         for index, rule in enumerate(self.rules):
-            missing_in, missing_out = unknown_fields(rule, view)
-            for side, names in (("input", missing_in), ("output", missing_out)):
-                for name in names:
-                    with self._lock:
-                        fresh = (index, f"{side}:{name}", signature) not in self._warned
-                        self._warned.add((index, f"{side}:{name}", signature))
-                    if fresh:
-                        warnings.warn(
-                            f"mock LM rule {describe_rule(rule)} names the {side} field {name!r}, which the "
-                            f"signature of a request it was checked against does not have ({signature}); "
-                            "fix the field name, or scope the rule to the program it is for",
-                            LMRuleWarning, stacklevel=2)
+            if not applies_to(rule, view):
+                continue
+            if index not in self._applied:
+                with self._lock:
+                    self._applied.add(index)
             if rule_matches(rule, view):
                 with self._lock:
                     self._matched.add(index)
                 return rule
         return None
+
+    def misfits(self) -> list[tuple[MockRule, str]]:
+        """Rules that applied to no request although requests with a signature were seen, each
+        with why (the fields no seen signature had, and the signatures seen) — typos, or rules for
+        a program that never ran."""
+        with self._lock:
+            views = list(self._signatures.values())
+            rules = [(i, r) for i, r in enumerate(self.rules) if i not in self._applied]
+        if not views:
+            return []
+        seen = "; ".join(signature_text(v) for v in views)
+        out = []
+        for _index, rule in rules:
+            if rule.signature is not None:
+                why = f"its signature {rule.signature!r} is none of the requests' ({seen})"
+            else:
+                missing_in: set[str] = set()
+                missing_out: set[str] = set()
+                for v in views:
+                    m_in, m_out = unknown_fields(rule, v)
+                    missing_in.update(m_in)
+                    missing_out.update(m_out)
+                named = [f"the input field {n!r}" for n in sorted(missing_in)]
+                named += [f"the output field {n!r}" for n in sorted(missing_out)]
+                why = f"names {' and '.join(named)}, which no request's signature had together ({seen})"
+            out.append((rule, why))
+        return out
 
     def unmatched(self) -> list[MockRule]:
         """The rules that have not answered any request of this engine yet."""
@@ -291,6 +339,18 @@ class TestRules:
     def unmatched(self) -> list[MockRule]:
         """The rules that answered no request."""
         return self._engine.unmatched()
+
+    def warn_misfits(self) -> int:
+        """Warn (:class:`LMRuleWarning`, once per rule) about rules that applied to no request of the
+        test (see :meth:`MockEngine.misfits`); returns how many. The ``lm`` fixture calls it when
+        the test ends."""
+        misfits = self._engine.misfits()
+        for rule, why in misfits:
+            warnings.warn(
+                f"mock LM rule {describe_rule(rule)} {why}; fix the field name, or give the rule the "
+                "`signature` of the program it is for",
+                LMRuleWarning, stacklevel=2)
+        return len(misfits)
 
 
 class RulesOverEngine(EngineBase):

@@ -29,10 +29,12 @@ def _ask(question: str, signature: str = "question -> answer") -> str:
 
 def test_star_pattern_means_any_value_of_that_field() -> None:
     rules = TestRules([{"match": {"question": "*"}, "outputs": {"answer": "any"}}])
-    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=rules)):
+    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=rules)), warnings.catch_warnings():
+        warnings.simplefilter("error", LMRuleWarning)
         assert _ask("whatever?") == "any"
-        with pytest.warns(LMRuleWarning, match="input field 'question'.*text -> answer"):
-            assert str(dspy.Predict("text -> answer")(text="t").answer) == "mock_response"  # no such field
+        # Another program (no `question` field): the rule does not apply there, and nothing warns.
+        assert str(dspy.Predict("text -> answer")(text="t").answer) == "mock_response"
+        assert rules.warn_misfits() == 0  # it applied to the `question -> answer` request
 
 
 def test_star_pattern_is_valid_for_regex_rules() -> None:
@@ -58,18 +60,73 @@ def test_injected_error_and_rules_added_while_running() -> None:
             _ask("q?")
 
 
-def test_rule_naming_a_field_the_signature_lacks_warns_once() -> None:
-    rules = TestRules([{"match": {"questoin": "x"}, "outputs": {"answr": "y"}}])
+def test_a_rule_whose_fields_fit_no_request_is_warned_about_once_when_the_test_ends() -> None:
+    rules = TestRules([{"match": {"questoin": "x"}, "outputs": {"answr": "y"}},
+                       {"match": {"question": "a"}, "outputs": {"answer": "A"}}])
     lm = build_lm(LMConfig(mode="mock"), rules=rules)
     with dspy.context(lm=lm), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        _ask("a?")
-        _ask("b?")
+        assert [_ask("a?"), _ask("b?"), _ask("c?")] == ["A", "mock_response", "mock_response"]
+        assert [w for w in seen if w.category is LMRuleWarning] == []  # nothing per request
+        assert rules.warn_misfits() == 1
     messages = [str(w.message) for w in seen if w.category is LMRuleWarning]
-    assert len(messages) == 2  # one per unknown field, not one per request
-    assert "input field 'questoin'" in messages[0] and "(question -> answer)" in messages[0]
-    assert "output field 'answr'" in messages[1]
+    assert len(messages) == 1  # one per rule, naming every field no signature had
+    assert "the input field 'questoin' and the output field 'answr'" in messages[0]
+    assert "(question -> answer)" in messages[0] and "`signature`" in messages[0]
     assert [r.match for r in rules.unmatched()] == [{"questoin": "x"}]
+
+
+def test_layer_rules_for_two_programs_warn_about_nothing() -> None:
+    """The reported case: a layer's mock_rules target two programs; each request is checked only
+    against the rules that apply to it, scoped (``signature``) or not."""
+    layer = LMConfig(mode="mock", mock_rules=[
+        MockRule(match={"ticket": "refund"}, outputs={"category": "billing"}),
+        MockRule(signature="question -> answer", match={"question": "*"}, outputs={"answer": "42"}),
+    ])
+    rules = TestRules([{"signature": "ticket -> category, urgent: bool", "match": {"ticket": "crash"},
+                        "outputs": {"urgent": True}}])
+    with dspy.context(lm=build_lm(layer, rules=rules)), warnings.catch_warnings():
+        warnings.simplefilter("error", LMRuleWarning)
+        triage = dspy.Predict("ticket -> category, urgent: bool")
+        for _ in range(2):
+            assert triage(ticket="refund please").category == "billing"
+            assert triage(ticket="app crash").urgent is True
+            assert _ask("meaning of life?") == "42"
+        assert rules.warn_misfits() == 0
+
+
+def test_a_scoped_rule_applies_to_its_signature_only_and_must_name_its_fields() -> None:
+    rules = TestRules([{"signature": "question -> answer", "match": {"question": "*"},
+                        "outputs": {"answer": "s"}}])
+    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=rules)):
+        assert _ask("q?") == "s"
+        # Same input field, another output: another program, so the rule does not apply.
+        assert _ask("q?", "question -> answer, confidence: float") == "mock_response"
+    with pytest.raises(ValueError, match=r"match\['qestion'\] is not an input field of the rule's signature"):
+        MockRule(signature="question -> answer", match={"qestion": "x"})
+    with pytest.raises(ValueError, match=r"outputs\['answr'\] is not an output field"):
+        MockRule(signature="question -> answer", outputs={"answr": "x"})
+    with pytest.raises(ValueError, match="must read 'inputs -> outputs'"):
+        MockRule(signature="question, answer")
+    assert MockRule(signature="a, b: dict[str, int] -> c: list[str]").signature_fields() == (
+        frozenset({"a", "b"}), frozenset({"c"}))
+    # A rule for another program that never ran in the test is named once, with its signature.
+    other = TestRules([{"signature": "ticket -> category", "match": {"ticket": "x"}}])
+    with dspy.context(lm=build_lm(LMConfig(mode="mock"), rules=other)):
+        _ask("q?")
+    with pytest.warns(LMRuleWarning, match=r"signature 'ticket -> category' is none of the requests'"):
+        assert other.warn_misfits() == 1
+
+
+def test_rules_without_a_signature_keep_their_cassette_identity() -> None:
+    """Adding ``signature`` to MockRule must not turn every recorded mock cassette into a miss."""
+    from provisioner.lm.cached import endpoint_identity
+
+    rule = MockRule(match={"ticket": "refund"}, outputs={"category": "billing", "urgent": False})
+    config = LMConfig(mode="cached", cached_inner="mock", mock_rules=[rule])
+    assert endpoint_identity(config) == "mock:72c771848bb38952"  # the digest before the field existed
+    scoped = rule.model_copy(update={"signature": "ticket -> category, urgent: bool"})
+    assert endpoint_identity(config.model_copy(update={"mock_rules": [scoped]})) != endpoint_identity(config)
 
 
 def test_in_cached_mode_matched_requests_are_never_recorded(tmp_path: Path) -> None:
