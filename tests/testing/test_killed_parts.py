@@ -79,6 +79,7 @@ import pytest
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(0)  # held until the controller is killed, however slow the other worker starts
 @pytest.mark.parametrize("n", range(2))
 def test_hold(isolated, n):
     isolated.adapter.ping()
