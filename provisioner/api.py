@@ -181,7 +181,7 @@ class Environment:
             with self._lock:
                 self._sessions_by_label.setdefault(label, []).append(spec.session_id)
             if self.lm_config.mode == "cached" and self.lm_config.run_dir is not None:
-                from provisioner.lm.cached import note_session_test
+                from provisioner.lm.ledger import note_session_test
 
                 # A worker that records a cassette for this session names the test in it.
                 note_session_test(self.lm_config.run_dir, spec.session_id, label)

@@ -234,7 +234,7 @@ def test_report_json_and_terminal_summary(project: pytest.Pytester) -> None:
             "run r*",
             "layer unit: 3 tests (2 passed, 1 failed)",
             "  workers started: 0",
-            "  LM calls (mock): 3 — 3 mock, 0 replayed, 0 recorded, 0 real",
+            "  LM calls (mock): 3 — 3 mock, 0 replayed, 0 recorded, 0 real, 0 standin",
             "  cache misses: 0",
             "  cost: $0.0000 of the run's $1.00 limit",
             "  leaks found: 0",
@@ -244,7 +244,7 @@ def test_report_json_and_terminal_summary(project: pytest.Pytester) -> None:
     unit = data["layers"]["unit"]
     assert unit["tests"] == 3
     assert unit["outcomes"]["passed"] == 2 and unit["outcomes"]["failed"] == 1
-    assert unit["lm_calls"] == {"mock": 3, "replayed": 0, "recorded": 0, "real": 0}
+    assert unit["lm_calls"] == {"mock": 3, "replayed": 0, "recorded": 0, "real": 0, "standin": 0}
     assert unit["cost_usd"] == 0 and unit["cost_limit_usd"] == 1.0
     assert unit["leaks_found"] == 0
     assert re.match(r"^r\d{8}-\d{6}-[0-9a-f]{6}$", data["run_id"])
@@ -462,9 +462,9 @@ def test_cached_lm_records_then_replays_and_reports_it(pytester: pytest.Pytester
         os.environ.pop("EXPECT", None)
     first_lm = json.loads((pytester.path / "first.json").read_text())["layers"]["unit"]
     again_lm = json.loads((pytester.path / "again.json").read_text())["layers"]["unit"]
-    assert first_lm["lm_calls"] == {"mock": 0, "replayed": 0, "recorded": 2, "real": 0}
+    assert first_lm["lm_calls"] == {"mock": 0, "replayed": 0, "recorded": 2, "real": 0, "standin": 0}
     assert first_lm["cache_misses"] == 2
-    assert again_lm["lm_calls"] == {"mock": 0, "replayed": 2, "recorded": 0, "real": 0}
+    assert again_lm["lm_calls"] == {"mock": 0, "replayed": 2, "recorded": 0, "real": 0, "standin": 0}
     assert again_lm["cache_misses"] == 0 and again_lm["lm_mode"] == "cached"
 
     pytester.makepyfile(

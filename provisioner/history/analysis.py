@@ -106,7 +106,8 @@ def test_summaries(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> dict[str
         summary.total_s += duration
         summary.max_s = max(summary.max_s, duration)
         summary.cost_usd += row["cost_usd"]
-        summary.lm_calls += row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+        summary.lm_calls += (row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+                             + row["lm_standin"])
         summary.standin_calls += row["lm_standin"]
         summary.cache_hits += row["cache_hits"]
         summary.cache_misses += row["cache_misses"]

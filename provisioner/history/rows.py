@@ -207,7 +207,7 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
         ci_job=ci_job, shard=shard, layers=layers, exit_status=exit_status, tests=len(rows),
         passed=counts["passed"], failed=counts["failed"], error=counts["error"], skipped=counts["skipped"],
         xfailed=counts["xfailed"], xpassed=counts["xpassed"], reruns=sum(r["reruns"] for r in rows),
-        lm_calls=sum(r["lm_mock"] + r["lm_replayed"] + r["lm_recorded"] + r["lm_real"] for r in rows),
+        lm_calls=sum(_calls(r) for r in rows),
         cost_usd=round(sum(r["cost_usd"] for r in rows) if cost_usd is None else cost_usd, 10),
         list_cost_usd=round(sum(r["list_cost_usd"] for r in rows) if list_cost_usd is None
                             else list_cost_usd, 10),
@@ -218,7 +218,7 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
 
 
 def _calls(row: TestRow) -> int:
-    return row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+    return row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"] + row["lm_standin"]
 
 
 def costliest_lines(tests: Iterable[TestRow], count: int) -> list[str]:
@@ -230,9 +230,8 @@ def costliest_lines(tests: Iterable[TestRow], count: int) -> list[str]:
     lines = []
     for t in spent[:count] if count else spent:
         by_kind = (("mock", t["lm_mock"]), ("replayed", t["lm_replayed"]), ("recorded", t["lm_recorded"]),
-                   ("real", t["lm_real"]))
-        kinds = ", ".join(f"{name} {n}" for name, n in by_kind if n)
-        standin = f", {t['lm_standin']} by the stand-in ($0)" if t["lm_standin"] else ""
-        calls = f"{_calls(t):>4} LM calls ({kinds or 'none'}{standin})"
+                   ("real", t["lm_real"]), ("standin", t["lm_standin"]))
+        kinds = ", ".join(f"{name} {n}" + (" ($0)" if name == "standin" else "") for name, n in by_kind if n)
+        calls = f"{_calls(t):>4} LM calls ({kinds or 'none'})"
         lines.append(f"${t['cost_usd']:.6f}  {calls}  {t['node_id']}")
     return lines

@@ -60,7 +60,7 @@ class RunRow(TypedDict):
 
 class TestRow(TypedDict):
     """One test of one run (its last attempt when it was rerun). Durations in seconds per phase;
-    LM calls by kind (``lm_standin``: real/recorded calls the Gemini stand-in answered, $0);
+    LM calls by kind (``lm_standin``: direct calls the Gemini stand-in answered, $0; never in ``lm_real``);
     ``cache_hits`` = replayed calls; ``leaks`` = what the leak check found (``[kind, name]`` pairs)."""
 
     run_id: str

@@ -2,9 +2,10 @@
 
 Kinds: ``mock`` (answered by the mock engine), ``replayed`` (served from a cassette),
 ``recorded`` (a cassette miss answered by the inner engine and written), ``real`` (a direct
-call to Gemini or the stand-in). Cost is the billed dollar figure of real and recorded calls:
-calls answered by the Gemini stand-in (``lm.endpoint_kind="standin"``) cost $0 and are counted in
-``standin`` too, with what they would cost at list prices in ``list_cost_usd``.
+call to Gemini, billed), ``standin`` (a direct call the Gemini stand-in answered,
+``lm.endpoint_kind="standin"``: billed $0). Cost is the billed dollar figure of real and recorded
+calls; ``list_cost_usd`` is every call at list prices (stand-in calls included), what the run's
+cost limit counts.
 
 The plugin takes a :func:`stats` snapshot before and after a test and subtracts them; for
 calls made inside worker containers, the run ledger (``provisioner.lm.ledger``) is the source.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields
 
-CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real")
+CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real", "standin")
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,12 @@ class LMCallStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
-    standin: int = 0
+    standin: int = 0  # direct calls the Gemini stand-in answered (not ``real``: billed $0)
     list_cost_usd: float = 0.0
 
     @property
     def calls(self) -> int:
-        return self.mock + self.replayed + self.recorded + self.real
+        return self.mock + self.replayed + self.recorded + self.real + self.standin
 
     def __sub__(self, other: LMCallStats) -> LMCallStats:
         return LMCallStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
@@ -51,11 +52,14 @@ _counters: dict[str, float] = {f.name: 0 for f in fields(LMCallStats)}
 
 
 def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0,
-                standin: bool = False, list_cost_usd: float | None = None) -> None:
-    """Count one successful call of ``kind`` (one of :data:`CALL_KINDS`).
+                list_cost_usd: float | None = None) -> None:
+    """Count one successful call of ``kind`` (one of :data:`CALL_KINDS`; ``standin`` for a direct
+    call the Gemini stand-in answered).
 
-    ``cost_usd``: billed dollars; ``standin``: the Gemini stand-in answered (billed $0);
-    ``list_cost_usd``: the call at list prices (default: ``cost_usd``).
+    ``cost_usd``: billed dollars; ``list_cost_usd``: the call at list prices (default: ``cost_usd``).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`CALL_KINDS`.
     """
     if kind not in CALL_KINDS:
         raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
@@ -65,8 +69,6 @@ def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cos
         _counters["output_tokens"] += output_tokens
         _counters["cost_usd"] += cost_usd
         _counters["list_cost_usd"] += cost_usd if list_cost_usd is None else list_cost_usd
-        if standin:
-            _counters["standin"] += 1
 
 
 def record_error() -> None:

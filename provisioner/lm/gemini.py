@@ -277,8 +277,8 @@ class GeminiEngine(EngineBase):
             raise
         if self.record:
             usage = outcome.usage
-            _stats.record_call("real", input_tokens=usage.prompt_tokens, output_tokens=usage.output_tokens,
-                               cost_usd=outcome.cost_usd, standin=not self.billed,
+            _stats.record_call("real" if self.billed else "standin", input_tokens=usage.prompt_tokens,
+                               output_tokens=usage.output_tokens, cost_usd=outcome.cost_usd,
                                list_cost_usd=outcome.list_cost_usd)
             self.ledger.call(model=self.config.model, kind="real", input_tokens=usage.prompt_tokens,
                              output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,

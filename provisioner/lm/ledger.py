@@ -15,8 +15,9 @@ written) or ``replayed`` (a cassette hit, $0). Mock calls are free and not writt
 ``endpoint`` says who answered a real or recorded call: Gemini, or the Gemini stand-in the
 controller wired in (``LMConfig.endpoint_kind``). ``cost_usd`` is billed dollars — 0 for the
 stand-in — and is what reports and the monthly budget sum; ``list_cost_usd`` is the call at list
-prices, what the run's cost limit counted. ``usage: "estimated"`` marks a call whose answer lacked a
-token count: it was booked at that count's worst case (``estimated`` names the counts).
+prices, what the run's cost limit counted. Summaries count a real call the stand-in answered as
+kind ``standin`` (:func:`usage_kind`), never ``real``. ``usage: "estimated"`` marks a call whose
+answer lacked a token count: it was booked at that count's worst case (``estimated`` names the counts).
 The end of a run is a line ``{"event": "run_complete", "complete": true|false, "partial": [why...],
 "cache_dir": "...", "started_at": "..."}``: pruning cassettes needs a *complete* run of every layer
 using the directory. A cached LM's failed miss is a line ``{"event": "cassette_miss", "cassette":
@@ -221,6 +222,64 @@ def ledger_sources(state_dir: Path, extra: Iterable[Path] = ()) -> list[Path]:
     return sources
 
 
+SESSIONS_FILE = "sessions.jsonl"
+
+
+def note_session_test(run_dir: Path, session_id: str, test_id: str) -> None:
+    """Say that bridge session ``session_id`` belongs to test ``test_id`` (the controller does, when it
+    opens an isolated session), so what a worker container does for the session (ledger lines,
+    cassettes) is the test's. One JSON line ``{"session_id", "test_id"}`` appended to
+    ``<run_dir>/sessions.jsonl`` (one ``write``: lines never interleave).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"session_id": session_id, "test_id": test_id}, separators=(",", ":")) + "\n"
+    append_line(run_dir / SESSIONS_FILE, line.encode("utf-8"))
+
+
+def session_tests(run_dir: Path | None) -> dict[str, str]:
+    """Every isolated session of a run's LM directory mapped to its test (``{session_id: test_id}``,
+    from ``<run_dir>/sessions.jsonl``; the last line for a session wins). The one reader of that file:
+    cassettes, ``cost report`` and run history use it. Empty when the run has none."""
+    if run_dir is None:
+        return {}
+    try:
+        text = (run_dir / SESSIONS_FILE).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for raw in text.splitlines():  # a torn line (a writer killed mid-write) is skipped
+        with contextlib.suppress(ValueError):
+            line = json.loads(raw)
+            if isinstance(line, dict) and line.get("session_id") and line.get("test_id"):
+                out[str(line["session_id"])] = str(line["test_id"])
+    return out
+
+
+def entry_test(entry: dict[str, Any], sessions: dict[str, str]) -> str:
+    """The test a ledger line belongs to: its ``test_id``, or, when that names an isolated session
+    (a worker container's call), the session's test from :func:`session_tests`."""
+    test_id = str(entry.get("test_id"))
+    return sessions.get(test_id) or sessions.get(str(entry.get("session_id"))) or test_id
+
+
+def _run_lm_dirs(source: Path, entry: dict[str, Any]) -> list[Path]:
+    """Where the LM directory of ``entry``'s run is: next to a run ledger, or (an archived line)
+    under the state dir the archive is in."""
+    if source.parent.name == ARCHIVE_DIR:
+        run = str(entry.get("run_id"))
+        runs = source.parent.parent / "runs" / run
+        return [runs / RUN_LM_SUBDIR, runs]
+    return [source.parent]
+
+
+def usage_kind(entry: dict[str, Any]) -> str:
+    """The kind a call line counts as in summaries (``cost report``, the pytest summary, ``lm_cost``):
+    its ``kind``, except that a direct call the Gemini stand-in answered (``kind`` real, ``endpoint``
+    standin) is ``standin``, never ``real`` (it was not billed)."""
+    kind = str(entry.get("kind"))
+    return "standin" if kind == "real" and entry.get("endpoint") == "standin" else kind
+
+
 @dataclass
 class Totals:
     calls: int = 0
@@ -244,7 +303,7 @@ class Totals:
             self.estimated_calls += 1
         self.input_tokens += int(entry.get("input_tokens") or 0)
         self.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
-        kind = str(entry.get("kind"))
+        kind = usage_kind(entry)
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
 
@@ -284,9 +343,22 @@ class CostReport:
 
 def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: str | None = None,
                 monthly_budget_usd: float | None = None) -> CostReport:
-    """Sum the call lines of ``sources``, optionally of one run and/or one month (``YYYY-MM``)."""
+    """Sum the call lines of ``sources``, optionally of one run and/or one month (``YYYY-MM``).
+
+    ``by_test`` is keyed by test node id: a line a worker container wrote for an isolated session is
+    the test's that opened the session (the run's ``sessions.jsonl``, :func:`session_tests`)."""
     report = CostReport(monthly_budget_usd=monthly_budget_usd)
     seen: set[str] = set()
+    sessions_of_dir: dict[Path, dict[str, str]] = {}
+
+    def sessions(source: Path, entry: dict[str, Any]) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for lm_dir in _run_lm_dirs(source, entry):
+            if lm_dir not in sessions_of_dir:
+                sessions_of_dir[lm_dir] = session_tests(lm_dir)
+            merged.update(sessions_of_dir[lm_dir])
+        return merged
+
     for source in sources:
         for entry in read_ledger(source):
             if entry.get("event") != "call":
@@ -302,7 +374,8 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
             seen.add(identity)
             report.total.add(entry)
             report.by_run.setdefault(str(entry.get("run_id")), Totals()).add(entry)
-            report.by_test.setdefault(str(entry.get("test_id")), Totals()).add(entry)
+            # A worker's line names its isolated session: it is the test's that opened the session.
+            report.by_test.setdefault(entry_test(entry, sessions(source, entry)), Totals()).add(entry)
             report.by_month.setdefault(entry_month, Totals()).add(entry)
     return report
 
@@ -314,8 +387,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(totals.by_kind.items()))
         notes = ""
         if totals.standin_calls:
-            notes += (f"  stand-in={totals.standin_calls} (not billed; "
-                      f"${totals.standin_list_cost_usd:.6f} at list prices)")
+            notes += (f"  stand-in: {totals.standin_calls} calls, $0 billed "
+                      f"(${totals.standin_list_cost_usd:.6f} at list prices)")
         if totals.estimated_calls:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
         return (f"  {name:<44} ${totals.cost_usd:>10.6f}  {totals.calls:>6} calls  "

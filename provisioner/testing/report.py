@@ -37,12 +37,12 @@ class LMUsage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0  # billed dollars (calls answered by the Gemini stand-in are $0)
-    standin: int = 0  # real/recorded calls answered by the Gemini stand-in
+    standin: int = 0  # direct calls the Gemini stand-in answered (a kind of its own, never ``real``)
     list_cost_usd: float = 0.0  # every call at list prices: what the run's cost limit counts
 
     @property
     def calls(self) -> int:
-        return self.mock + self.replayed + self.recorded + self.real
+        return self.mock + self.replayed + self.recorded + self.real + self.standin
 
     def add(self, other: LMUsage) -> None:
         for name, value in asdict(other).items():
@@ -67,6 +67,7 @@ class LMUsage:
 LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
 
 
+
 def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) -> LMUsage | None:
     """Non-mock LM calls of the run from its shared ledger (all processes and containers).
 
@@ -75,7 +76,7 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
     """
     if run_dir is None:
         return None
-    from provisioner.lm.ledger import LEDGER_FILE, read_ledger
+    from provisioner.lm.ledger import LEDGER_FILE, read_ledger, usage_kind
 
     path = run_dir / LEDGER_FILE
     if not path.exists():
@@ -89,16 +90,14 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
             continue
         if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
             continue
-        kind = str(entry["kind"])
+        kind = usage_kind(entry)
         setattr(usage, kind, getattr(usage, kind) + 1)
         usage.input_tokens += int(entry.get("input_tokens") or 0)
         usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
         cost = float(entry.get("cost_usd") or 0.0)
         list_cost = entry.get("list_cost_usd")
         usage.list_cost_usd += cost if list_cost is None else float(list_cost)
-        if entry.get("endpoint") == "standin":
-            usage.standin += 1  # not money
-        else:
+        if entry.get("endpoint") != "standin":  # the stand-in's answers are not money
             usage.cost_usd += cost
         if entry.get("cache") == "miss" or kind == "recorded":
             usage.cache_misses += 1
@@ -247,10 +246,12 @@ class RunReport:
             out.append(f"  workers started: {section.workers_started}")
             out.append(f"  LM calls ({section.lm_mode}): {lm.calls} — {calls}")
             out.append(f"  cache misses: {lm.cache_misses}")
-            out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
+            if not lm.standin or lm.cost_usd:
+                out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
             if lm.standin:
-                out.append(f"  Gemini stand-in: {lm.standin} calls, not billed (${lm.list_cost_usd:.6f} at "
-                           "list prices, counted against the run's limit; $0 against the monthly budget)")
+                at_list = max(lm.list_cost_usd - lm.cost_usd, 0.0)  # billed calls cost their list price
+                out.append(f"  Gemini stand-in: {lm.standin} calls, $0 billed (${at_list:.6f} at list prices "
+                           f"counted against the run's ${section.cost_limit_usd:.2f} limit)")
             leaks = sum(len(r.leaks) for r in section.leaks)
             out.append(f"  leaks found: {leaks}")
             for record in section.leaks:

@@ -71,7 +71,7 @@ def test_once_records_every_test_of_the_first_run_and_replays_them_later(pyteste
     again = pytester.runpytest(*ONCE, "--provision-report", "again.json")
     again.assert_outcomes(passed=2)
     assert _calls(pytester, "again.json") == {"mock": 0, "replayed": 2, "recorded": 0, "real": 0,
-                                              "cache_misses": 0}
+                                              "standin": 0, "cache_misses": 0}
     pytester.makepyfile(test_more=THIRD_TEST)
     later = pytester.runpytest(*ONCE, "--provision-report", "later.json")
     later.assert_outcomes(passed=2, failed=1)

@@ -55,6 +55,30 @@ def test_report_finds_run_ledgers_in_the_runs_lm_directory(tmp_path: Path) -> No
     assert report.total.calls == 2 and set(report.by_run) == {"r1", "r2"}
 
 
+def test_cost_report_attributes_a_workers_calls_to_the_test_of_its_session(tmp_path: Path) -> None:
+    """The reported case: a test made one call in-process and one on a worker container (booked under
+    its isolated session, `session_1130..._main_3269_1_...`); `cost report` listed the session as a
+    test and the test with 1 call. The run's sessions.jsonl maps the session to the test."""
+    from provisioner.lm.ledger import note_session_test
+
+    state = tmp_path / ".provision"
+    lm_dir = state / "runs" / "r1" / "lm"
+    test, session = "tests/test_q.py::test_two_calls", "session_113005_main_3269_1_9f2c"
+    _write_calls(lm_dir, "r1", [(test, 0.25), (session, 0.5), ("tests/test_q.py::test_other", 0.125)])
+    note_session_test(lm_dir, session, test)
+    for sources in (ledger_sources(state), None):
+        if sources is None:  # the same, once the run's ledger is archived by month
+            assert archive_run_ledger(lm_dir, state) == 3
+            sources = ledger_sources(state)
+            assert all(source.parent.name == "ledger" for source in sources)
+        report = cost_report(sources)
+        assert set(report.by_test) == {test, "tests/test_q.py::test_other"}
+        assert report.by_test[test].calls == 2 and report.by_test[test].cost_usd == pytest.approx(0.75)
+    result = CliRunner().invoke(main, ["cost", "report"], env={"PROVISION_STATE_DIR": str(state)})
+    assert result.exit_code == 0, result.output
+    assert session not in result.output and f"{test:<44} $  0.750000       2 calls" in result.output
+
+
 def test_archive_is_idempotent_and_counted_once(tmp_path: Path) -> None:
     state = tmp_path / ".provision"
     run_dir = state / "runs" / "a"

@@ -269,8 +269,8 @@ def test_an_unreadable_budget_file_refuses_calls_naming_it(tmp_path: Path, conte
 def test_lines_appended_after_a_torn_line_are_kept(tmp_path: Path) -> None:
     """A writer killed mid-line leaves a torn last line; the next line starts on a line of its own
     (ledger, sessions.jsonl, the monthly archive) and readers skip only the torn one."""
-    from provisioner.lm.cached import note_session_test, session_test
-    from provisioner.lm.ledger import LEDGER_FILE, Ledger
+    from provisioner.lm.cached import session_test
+    from provisioner.lm.ledger import LEDGER_FILE, Ledger, note_session_test
 
     ledger_file = tmp_path / LEDGER_FILE
     ledger_file.write_bytes(b'{"event": "call", "kind": "real", "cost_u')

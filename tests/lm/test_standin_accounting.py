@@ -40,7 +40,7 @@ def test_standin_calls_are_marked_and_cost_nothing(standin: GeminiStandin, tmp_p
     assert all(line["kind"] == "real" and line["cost_usd"] == 0 for line in lines)
     assert all(line["list_cost_usd"] > 0 for line in lines)
     delta = stats() - before
-    assert (delta.real, delta.standin, delta.cost_usd) == (2, 2, 0)
+    assert (delta.real, delta.standin, delta.calls, delta.cost_usd) == (0, 2, 2, 0)  # standin, not real
     assert delta.list_cost_usd == pytest.approx(sum(line["list_cost_usd"] for line in lines))
 
 
@@ -73,6 +73,7 @@ def test_cost_report_totals_of_a_standin_run_are_zero(standin: GeminiStandin, tm
     report = cost_report(ledger_sources(state), monthly_budget_usd=0.0)
     assert report.total.calls == 3 and report.total.cost_usd == 0
     assert report.total.standin_calls == 3 and report.total.standin_list_cost_usd > 0
+    assert report.total.by_kind == {"standin": 3}  # not "real": nothing was billed
     assert report.over_budget_months == []  # the stand-in never spends the monthly budget
     text = format_cost_report(report)
     assert "3 calls were answered by the Gemini stand-in: billed $0" in text and "WARNING" not in text
@@ -90,7 +91,8 @@ def test_two_calls(lm, lm_cost):
     program = dspy.Predict("question -> answer")
     program(question="one?")
     program(question="two?")
-    assert lm_cost.standin == 2 and lm_cost.cost_usd == 0 and lm_cost.list_cost_usd > 0
+    assert lm_cost.standin == 2 and lm_cost.real == 0 and lm_cost.calls == 2
+    assert lm_cost.cost_usd == 0 and lm_cost.list_cost_usd > 0
 """
 
 
@@ -103,10 +105,15 @@ def test_pytest_summary_and_report_say_standin_calls_are_not_billed(pytester: py
     pytester.makepyfile(test_standin_suite=SUITE)
     result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*cost: $0.0000 of the run's*",
-                                 "*Gemini stand-in: 2 calls, not billed*"])
+    # The reported wording was "LM calls (real): 4 … 4 real", "cost: $0.0000 of the run's $1.00 limit"
+    # and "Gemini stand-in: 4 calls, not billed (… counted against the run's limit; $0 against …)".
+    result.stdout.fnmatch_lines(["*LM calls (real): 2 — 0 mock, 0 replayed, 0 recorded, 0 real, 2 standin",
+                                 "  Gemini stand-in: 2 calls, $0 billed ($0.0000* at list prices counted "
+                                 "against the run's $*.** limit)"])
+    assert "cost: $0.0000" not in result.stdout.str() and "not billed" not in result.stdout.str()
     data = json.loads((pytester.path / "r.json").read_text())
     section = data["layers"]["unit"]
+    assert section["lm"]["real"] == 0 and section["lm"]["calls"] == 2
     assert section["lm"]["standin"] == 2 and section["cost_usd"] == 0 and section["lm"]["list_cost_usd"] > 0
     assert data["run_cost_usd"] == 0
     report = CliRunner().invoke(main, ["cost", "report", "--json"],

@@ -156,7 +156,7 @@ def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester
     section = report["layers"]["integration"]
     # LM calls happened inside the worker containers of two processes (and one in-process, the quick
     # start's `lm` call); the run's ledger saw them all.
-    assert section["lm_calls"] == {"mock": 0, "replayed": 6, "recorded": 0, "real": 0}
+    assert section["lm_calls"] == {"mock": 0, "replayed": 6, "recorded": 0, "real": 0, "standin": 0}
     assert section["cache_misses"] == 0
     assert section["leaks_found"] == 0
     assert 1 <= section["workers_started"] <= 2

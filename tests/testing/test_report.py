@@ -32,7 +32,7 @@ def test_process_reports_round_trip_and_merge(tmp_path: Path) -> None:
     section = data["layers"]["integration"]
     assert data["processes"] == 2 and data["leaks_found"] == 1
     assert section["tests"] == 2 and section["workers_started"] == 3
-    assert section["lm_calls"] == {"mock": 0, "replayed": 6, "recorded": 1, "real": 0}
+    assert section["lm_calls"] == {"mock": 0, "replayed": 6, "recorded": 1, "real": 0, "standin": 0}
     assert section["cache_misses"] == 1 and section["cost_usd"] == 0.01
     assert section["leaks"] == [{"test": "t.py::test_x", "leaks": [["container", "prov-x"]]}]
     lines = "\n".join(report.lines())
