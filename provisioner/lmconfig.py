@@ -49,6 +49,7 @@ RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
     "run_id",
     "layer",
     "cache_dir",
+    "cache_dir_shown",
     "record_mode",
     "cached_inner",
 )
@@ -172,6 +173,10 @@ class LMConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=1024, gt=0)
     cache_dir: Path = Path("test/fixtures/lm_responses")
+    # How messages name ``cache_dir`` when it is not the path the user knows: a worker container's
+    # cassettes are mounted at /provision/cassettes, so the controller passes the host folder
+    # (relative to the project root, e.g. "test/fixtures/lm_responses"). None: ``cache_dir`` itself.
+    cache_dir_shown: str | None = None
     record_mode: RecordMode = "new_episodes"
     # What the cached mode records from on a miss: the real Gemini engine (default) or the mock.
     cached_inner: Literal["real", "mock"] = "real"

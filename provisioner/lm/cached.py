@@ -53,8 +53,8 @@ from provisioner.lm.cassettes import (
     request_summary,
 )
 from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_text
-from provisioner.lm.ledger import Ledger, current_test_id
-from provisioner.lm.limits import append_line, locked, resolve_run_dir
+from provisioner.lm.ledger import Ledger, current_test_id, session_tests
+from provisioner.lm.limits import locked, resolve_run_dir
 from provisioner.lm.pricing import TokenUsage
 from provisioner.lmconfig import LMConfig
 from provisioner.reprs import safe_repr
@@ -117,33 +117,10 @@ def once_decision(config: LMConfig, store: CassetteStore) -> OnceDecision:
         return decision
 
 
-SESSIONS_FILE = "sessions.jsonl"
-
-
-def note_session_test(run_dir: Path, session_id: str, test_id: str) -> None:
-    """Say that bridge session ``session_id`` belongs to test ``test_id`` (the controller does, when it
-    opens an isolated session), so a worker container recording a cassette for the session names the
-    test. One JSON line appended to ``<run_dir>/sessions.jsonl`` (one ``write``: lines never interleave).
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"session_id": session_id, "test_id": test_id}, separators=(",", ":")) + "\n"
-    append_line(run_dir / SESSIONS_FILE, line.encode("utf-8"))
-
-
 def session_test(run_dir: Path | None, session_id: str) -> str | None:
-    """The test that ``session_id`` belongs to (see :func:`note_session_test`), or None."""
-    if run_dir is None:
-        return None
-    try:
-        text = (run_dir / SESSIONS_FILE).read_bytes().decode("utf-8", "replace")
-    except OSError:
-        return None
-    for raw in reversed(text.splitlines()):  # a torn line (a writer killed mid-write) is skipped
-        with contextlib.suppress(ValueError):
-            line = json.loads(raw)
-            if isinstance(line, dict) and line.get("session_id") == session_id and line.get("test_id"):
-                return str(line["test_id"])
-    return None
+    """The test that ``session_id`` belongs to (see :func:`~provisioner.lm.ledger.note_session_test`),
+    or None."""
+    return session_tests(run_dir).get(session_id)
 
 
 class CachedEngine(EngineBase):
@@ -230,11 +207,25 @@ class CachedEngine(EngineBase):
         from dspy import lm15
 
         _stats.record_error()
+        shown = self._shown(str(error))
+        if shown != str(error):  # in a worker: the host folder, not the container's mount point
+            error.args = (shown,)
+            if isinstance(error, CassetteNotWritableError):
+                error.why = self._shown(error.why)
         self.ledger.append({"event": "cassette_miss", "test_id": current_test_id(),
                             "model": self.config.model, "cassette": key, "reason": reason})
         wrapped = lm15.ConfigurationError(str(error), provider="cassette", code=f"cassette_{reason}")
         wrapped.__cause__ = error
         return wrapped
+
+    def _shown(self, text: str) -> str:
+        """``text`` naming the cassette folder as the user knows it (``lm.cache_dir_shown``)."""
+        shown = self.config.cache_dir_shown
+        if not shown:
+            return text
+        for actual in sorted({str(self.config.cache_dir), str(self.store.root)}, key=len, reverse=True):
+            text = text.replace(actual, shown)
+        return text
 
     def _record_hint(self) -> str:
         """How to record a miss, true for the configured inner LM."""

@@ -357,17 +357,33 @@ def _group_writable(path: Path) -> None:
         path.chmod(stat.S_IMODE(wanted))
 
 
+def shown_path(path: Path, project_dir: Path | None) -> str:
+    """``path`` as the user knows it: relative to the project root when inside it, else absolute."""
+    resolved = path.resolve()
+    if project_dir is not None:
+        try:
+            return str(resolved.relative_to(project_dir.resolve()))
+        except ValueError:
+            pass
+    return str(resolved)
+
+
 def worker_lm_config(
     lm: LMConfig,
     *,
     run_id: str,
     layer: str,
     base_url: str | None,
+    project_dir: Path | None = None,
 ) -> LMConfig:
-    """The LM configuration as a worker container sees it (in-container paths, stand-in URL)."""
+    """The LM configuration as a worker container sees it (in-container paths, stand-in URL).
+
+    Messages of the worker name the cassettes by the host folder (``cache_dir_shown``: relative to
+    ``project_dir`` when inside it), not by the container's mount point."""
     update: dict[str, Any] = {"run_id": run_id, "layer": layer}
     if lm.mode == "cached":
         update["cache_dir"] = Path(CASSETTE_MOUNT)
+        update["cache_dir_shown"] = lm.cache_dir_shown or shown_path(lm.cache_dir, project_dir)
     else:  # no cassettes mounted: the host's (absolute, project-anchored) path means nothing inside
         update["cache_dir"] = LMConfig.model_fields["cache_dir"].default
     if lm.mode != "mock":
@@ -453,7 +469,8 @@ def plan_run(
     }
 
     base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}/" if use_standin else None
-    worker_lm = worker_lm_config(lm, run_id=run_id, layer=layer.name, base_url=base_url)
+    worker_lm = worker_lm_config(lm, run_id=run_id, layer=layer.name, base_url=base_url,
+                                 project_dir=settings.project_dir)
     lm_env = worker_lm.to_worker_env()
     secret = {API_KEY_ENV: lm_env.pop(API_KEY_ENV)} if API_KEY_ENV in lm_env else {}
     if worker_lm.mode != "real":

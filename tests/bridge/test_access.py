@@ -41,6 +41,7 @@ OWNED_VALUES: dict[str, Any] = {
     "run_id": "someone-else",
     "layer": "other",
     "cache_dir": "/tmp/cassettes",
+    "cache_dir_shown": "elsewhere",
     "record_mode": "all",
     "cached_inner": "real",
 }

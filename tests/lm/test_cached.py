@@ -84,6 +84,37 @@ def test_replay_only_miss_fails_at_once_naming_request_and_command(tmp_path: Pat
     assert "--record-mode new_episodes" in str(miss) and "lm.cache_dir=" in str(miss)
 
 
+def test_a_miss_in_a_worker_names_the_host_cassette_folder_not_the_mount(tmp_path: Path) -> None:
+    """The reported case: a miss inside a worker said `lm.cache_dir=/provision/cassettes` (the
+    container's mount point); the user knows `test/fixtures/lm_responses`. The controller passes
+    that as lm.cache_dir_shown (runtime.recipes.worker_lm_config), and every miss message uses it."""
+    mount = tmp_path / "provision" / "cassettes"  # stands for the mount point inside the container
+    shown = "test/fixtures/lm_responses"
+    with pytest.raises(LMConfigurationError) as caught:
+        _ask(build_lm(_mock_config(tmp_path, cache_dir=mount, cache_dir_shown=shown, record_mode="none")),
+             "q")
+    for text in (str(caught.value), str(provisioner_error(caught.value))):
+        assert f"lm.cache_dir={shown};" in text and str(mount) not in text, text
+    _ask(build_lm(_mock_config(tmp_path, cache_dir=mount, cache_dir_shown=shown)), "q")  # recorded
+    (path,) = CassetteStore(mount).paths()
+    path.write_text("{")  # a corrupt cassette names its file under the host folder too
+    with pytest.raises(LMConfigurationError) as caught:
+        _ask(build_lm(_mock_config(tmp_path, cache_dir=mount, cache_dir_shown=shown, record_mode="none")),
+             "q")
+    relative = path.relative_to(mount)
+    assert f"corrupt cassette {shown}/{relative}" in str(caught.value) and str(mount) not in str(caught.value)
+    mount.chmod(0o555)  # read-only, as a replay-only mount is: the not-writable message too
+    try:
+        with pytest.raises(LMConfigurationError) as caught:
+            _ask(build_lm(_mock_config(tmp_path, cache_dir=mount, cache_dir_shown=shown)), "another")
+    finally:
+        mount.chmod(0o755)
+    error = provisioner_error(caught.value)
+    assert isinstance(error, CassetteNotWritableError)
+    assert shown in str(error) and str(mount) not in str(error)
+    assert str(mount) not in error.why
+
+
 def test_new_episodes_replays_hits_and_records_misses(tmp_path: Path, standin: GeminiStandin) -> None:
     lm = build_lm(_config(tmp_path, standin))
     _ask(lm, "one")

@@ -160,6 +160,10 @@ def test_cached_workers_mount_cassettes_and_the_shared_run_dir(settings: Setting
     assert not mounts[CASSETTE_MOUNT].read_only
     lm = json.loads(worker.environment[LM_CONFIG_ENV])
     assert lm["cache_dir"] == CASSETTE_MOUNT and lm["run_dir"] == RUN_DIR_MOUNT and lm["run_id"] == "r1"
+    # A worker's messages name the host folder as the user knows it, not the mount point.
+    host = Path(settings.lm.cache_dir).resolve()
+    root = settings.project_dir.resolve()
+    assert lm["cache_dir_shown"] == (str(host.relative_to(root)) if host.is_relative_to(root) else str(host))
     replay_only = settings.model_copy(update={"lm": settings.lm.model_copy(update={"record_mode": "none"})})
     plan = _plan(replay_only, "integration", tmp_path)
     assert {m.target: m.read_only for m in plan.workers[0].mounts}[CASSETTE_MOUNT] is True
