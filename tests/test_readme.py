@@ -55,10 +55,23 @@ def test_quickstart_has_every_part() -> None:
     import yaml
 
     commands = _block("sh")
-    assert "pip install dist/dspy_provisioner-" in commands  # the wheel of dspy-provisioner
-    assert "echo .provision/ >> .gitignore" in commands
-    record, replay = (line for line in commands.splitlines() if line.startswith("pytest --layer integration"))
-    assert "--record-mode" not in record.split("#")[0] and "--record-mode none" in replay
+    steps = [step.strip() for line in commands.splitlines() for step in line.split("#")[0].split("&&")]
+    # From a fresh project folder: a venv first, the wheel built from the checkout (no `build` needed),
+    # installed with pytest-xdist (-n is mentioned), all before the first pytest.
+    assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"], steps
+    wheel_dir = "../provisioner/dist"
+    assert f"pip wheel --no-deps ../provisioner -w {wheel_dir}" in steps
+    install = next(step for step in steps if step.startswith("pip install "))
+    assert install.split()[2:] == [f"{wheel_dir}/dspy_provisioner-*.whl", "pytest-xdist"], install
+    assert "-n 2" in commands
+    assert steps.index(install) < min(i for i, step in enumerate(steps) if step.startswith("pytest"))
+    assert "echo .provision/ >> .gitignore" in steps
+    assert 'pythonpath = ["."]' in _quickstart() and "[tool.pytest.ini_options]" in _quickstart()
+    record = next(step for step in steps if step.startswith("pytest --layer integration"))
+    replay = next(step for step in steps if "--record-mode none" in step)
+    assert record == "pytest --layer integration"
+    assert replay == "pytest --layer integration --record-mode none"
+    assert "test/fixtures/lm_responses" in commands  # where the cassettes go (not tests/)
     assert "pytest --layer unit" in commands and "pytest --layer e2e" in commands
     assert "tool" in tomllib.loads(_block("toml"))
     for layer in ("unit", "integration", "e2e"):
@@ -71,7 +84,11 @@ def test_quickstart_has_every_part() -> None:
 
 
 def test_example_follows_the_quickstart_word_for_word() -> None:
-    assert _block("toml") in (EXAMPLE / "pyproject.toml").read_text()
+    import tomllib
+
+    pyproject = (EXAMPLE / "pyproject.toml").read_text()
+    assert _block("toml") in pyproject
+    assert tomllib.loads(pyproject)["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
     assert (EXAMPLE / "tests" / "test_quickstart.py").read_text() == _block("python")
     assert ".provision/" in (EXAMPLE / ".gitignore").read_text().splitlines()
     assert _block("sh", (EXAMPLE / "README.md").read_text()) == _block("sh")
@@ -87,7 +104,7 @@ def _clean_env() -> dict[str, str]:
 @pytest.mark.docker
 def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Path) -> None:
     """The example reduced to the quick start (its code, config and test file, no recordings), then every
-    command of the quick start in order (the wheel install is tests/test_package.py's)."""
+    command of the quick start in order (the venv and the wheel install are tests/test_wheel_install.py's)."""
     import shutil
     import subprocess
     import sys
@@ -103,7 +120,7 @@ def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Pat
     for line in _block("sh").splitlines():
         for command in line.split("#")[0].split("&&"):
             words = command.split()
-            if words[:2] == ["pip", "install"]:
+            if words[0] in ("python3", ".", "pip"):  # the venv and the wheel: tests/test_wheel_install.py's
                 continue
             if words[0] == "echo":
                 subprocess.run(["bash", "-c", command], cwd=project, check=True)

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +71,21 @@ def test_the_run_is_labelled_with_this_project(bridge, provision_settings):
 """
 
 
+def _quickstart_install_lines() -> list[str]:
+    """The README quick start's shell lines before its first pytest (venv, wheel, install)."""
+    import re
+
+    section = (REPO / "README.md").read_text().split("## Use provisioner in your project\n", 1)[1]
+    [commands] = re.findall(r"```sh\n(.+?)```", section.split("\n## ", 1)[0], flags=re.S)
+    lines = []
+    for line in commands.splitlines():
+        if line.startswith("pytest"):
+            break
+        lines.append(line)
+    assert lines and "pip install" in "\n".join(lines), commands
+    return lines
+
+
 @dataclass
 class UserVenv:
     root: Path
@@ -117,35 +131,36 @@ def user_venv(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> I
     root = tmp_path_factory.mktemp("wheel-user")
     timings: dict[str, float] = {}
     try:
-        # 1. The wheel, built from a copy of the sources (the checkout gets no build/ or .egg-info).
-        source = root / "source"
+        # 1-2. README's quick start install lines, verbatim (bash, in a fresh project folder next to the
+        #      provisioner checkout, here a copy of the sources: the checkout gets no build/ or .egg-info):
+        #      a venv, the wheel built with `pip wheel` (no `build` needed), installed NON-editably.
+        source = root / "provisioner"
         source.mkdir()
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(REPO / name, source / name)
         shutil.copytree(REPO / "provisioner", source / "provisioner",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        dist = root / "dist"
-        _timed(timings, "wheel build", lambda: _check(subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dist),
-             str(source)], capture_output=True, text=True, timeout=600), "pip wheel"))
-        [wheel] = dist.glob("dspy_provisioner-*-py3-none-any.whl")
-        shutil.rmtree(source)
-
-        # 2. A fresh venv outside the checkout; the wheel installed as a user would (not editable).
-        #    Dependencies come from pip's own configuration and cache; no byte-compiling saves half.
-        venv = root / "venv"
         project = root / "project"
         project.mkdir()
+        venv = project / ".venv"
         user = UserVenv(root, venv, project, timings)
+        install_lines = _quickstart_install_lines()
 
         def install() -> None:
-            _check(subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True,
-                                  timeout=300), "venv")
-            _check(user.run(str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-                            "--no-compile", str(wheel), "pytest>=8.3,<10", "pytest-timeout>=2.3,<3",
-                            timeout=1500), "pip install of the wheel")
+            shell = {k: v for k, v in user.env.items() if k not in ("VIRTUAL_ENV",)}
+            shell["PATH"] = os.pathsep.join(p for p in shell["PATH"].split(os.pathsep)
+                                            if p != str(venv / "bin") and not p.startswith(str(REPO)))
+            shell["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+            shell["PIP_NO_COMPILE"] = "1"  # no byte-compiling saves half the install
+            script = "\n".join(install_lines)
+            _check(subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=project, env=shell,
+                                  capture_output=True, text=True, timeout=1800), "quick start install")
 
-        _timed(timings, "fresh-venv install", install)
+        _timed(timings, "fresh-venv install (README's lines)", install)
+        [_wheel] = (source / "dist").glob("dspy_provisioner-*-py3-none-any.whl")
+        assert (venv / "bin" / "pytest").exists() and list(venv.glob("lib/python*/site-packages/xdist"))
+        assert ".provision/" in (project / ".gitignore").read_text().splitlines()
+        shutil.rmtree(source)
         (project / "pyproject.toml").write_text(PROJECT_TOML)
         (project / "tests").mkdir()
         (project / "tests" / "test_on_a_worker.py").write_text(TEST_FILE)
