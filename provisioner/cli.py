@@ -820,6 +820,7 @@ def history_list(limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def history_show(run_id: str, as_json: bool) -> None:
     """One run (RUN_ID or an unambiguous prefix) and its tests."""
+    from provisioner.history.rows import row_lm_calls
     from provisioner.history.store import HistoryError
 
     with _history() as db:
@@ -839,7 +840,7 @@ def history_show(run_id: str, as_json: bool) -> None:
     click.echo("tests:")
     for row in tests:
         duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
-        calls = row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
+        calls = row_lm_calls(row)
         click.echo(f"  {row['outcome']:<8} {duration:8.3f}s  ${row['cost_usd']:.6f}  {calls} LM calls  "
                    f"{row['worker'] or '-':<4} {row['node_id']}")
 

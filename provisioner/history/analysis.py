@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from provisioner.history.rows import row_lm_calls
 from provisioner.history.store import RunRow, TestRow
 
 PASSING = frozenset({"passed"})
@@ -106,8 +107,7 @@ def test_summaries(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> dict[str
         summary.total_s += duration
         summary.max_s = max(summary.max_s, duration)
         summary.cost_usd += row["cost_usd"]
-        summary.lm_calls += (row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"]
-                             + row["lm_standin"])
+        summary.lm_calls += row_lm_calls(row)
         summary.standin_calls += row["lm_standin"]
         summary.cache_hits += row["cache_hits"]
         summary.cache_misses += row["cache_misses"]

@@ -207,7 +207,7 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
         ci_job=ci_job, shard=shard, layers=layers, exit_status=exit_status, tests=len(rows),
         passed=counts["passed"], failed=counts["failed"], error=counts["error"], skipped=counts["skipped"],
         xfailed=counts["xfailed"], xpassed=counts["xpassed"], reruns=sum(r["reruns"] for r in rows),
-        lm_calls=sum(_calls(r) for r in rows),
+        lm_calls=sum(row_lm_calls(r) for r in rows),
         cost_usd=round(sum(r["cost_usd"] for r in rows) if cost_usd is None else cost_usd, 10),
         list_cost_usd=round(sum(r["list_cost_usd"] for r in rows) if list_cost_usd is None
                             else list_cost_usd, 10),
@@ -217,7 +217,8 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
     )
 
 
-def _calls(row: TestRow) -> int:
+def row_lm_calls(row: TestRow) -> int:
+    """A test row's LM calls of every kind (stand-in calls are their own kind, never in ``lm_real``)."""
     return row["lm_mock"] + row["lm_replayed"] + row["lm_recorded"] + row["lm_real"] + row["lm_standin"]
 
 
@@ -225,13 +226,13 @@ def costliest_lines(tests: Iterable[TestRow], count: int) -> list[str]:
     """``--provision-costs N``: the N most expensive tests of the run, like pytest's ``--durations``
     (billed dollars first, then list-price dollars, then LM calls; ``count`` 0 lists every test with
     LM calls). Stand-in calls are billed $0 and shown apart."""
-    spent = [t for t in tests if t["cost_usd"] or t["list_cost_usd"] or _calls(t)]
-    spent.sort(key=lambda t: (-t["cost_usd"], -t["list_cost_usd"], -_calls(t), t["node_id"]))
+    spent = [t for t in tests if t["cost_usd"] or t["list_cost_usd"] or row_lm_calls(t)]
+    spent.sort(key=lambda t: (-t["cost_usd"], -t["list_cost_usd"], -row_lm_calls(t), t["node_id"]))
     lines = []
     for t in spent[:count] if count else spent:
         by_kind = (("mock", t["lm_mock"]), ("replayed", t["lm_replayed"]), ("recorded", t["lm_recorded"]),
                    ("real", t["lm_real"]), ("standin", t["lm_standin"]))
         kinds = ", ".join(f"{name} {n}" + (" ($0)" if name == "standin" else "") for name, n in by_kind if n)
-        calls = f"{_calls(t):>4} LM calls ({kinds or 'none'})"
+        calls = f"{row_lm_calls(t):>4} LM calls ({kinds or 'none'})"
         lines.append(f"${t['cost_usd']:.6f}  {calls}  {t['node_id']}")
     return lines
