@@ -165,6 +165,32 @@ def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester
     assert _run_resources(docker.from_env(), report["run_id"]) == []
 
 
+WORKER_MISS_TEST = """
+import pytest
+
+
+@pytest.mark.integration
+def test_a_worker_misses(bridge):
+    bridge.create_program("ticket -> category", "never_recorded")
+    bridge.execute_program("never_recorded", {"ticket": "a ticket nobody recorded"})
+"""
+
+
+@pytest.mark.docker
+def test_a_cassette_miss_in_a_worker_names_the_host_folder(pytester: pytest.Pytester) -> None:
+    """The reported case: the miss said `lm.cache_dir=/provision/cassettes` (the container's mount
+    point); the user's folder is test/fixtures/lm_responses, relative to the project root."""
+    shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".provision", "tests"))
+    pytester.makepyfile(test_worker_miss=WORKER_MISS_TEST)
+    result = pytester.runpytest_subprocess("--layer", "integration", "--record-mode", "none",
+                                           "test_worker_miss.py", timeout=280)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "lm.cache_dir=test/fixtures/lm_responses;" in out, out[-3000:]
+    assert "/provision/cassettes" not in out
+
+
 @pytest.mark.docker
 def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> None:
     """``provisioner.environment("integration")`` without pytest's fixtures: sessions on a worker
