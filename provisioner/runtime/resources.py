@@ -399,10 +399,20 @@ def child_processes_of_this_process() -> list[tuple[int, str]]:
     """``(pid, name)`` of every live descendant of this process; nothing to walk without children."""
     if not has_children():
         return []
+    return _live_descendants(None)
+
+
+def child_processes(pid: int | None = None) -> list[str]:
+    """``"<pid> <name>"`` for every live descendant of ``pid`` (default: this process)."""
+    return [f"{child_pid} {name}" for child_pid, name in _live_descendants(pid)]
+
+
+def _live_descendants(pid: int | None) -> list[tuple[int, str]]:
+    """``(pid, name)`` of every live (not zombie) descendant of ``pid`` (default: this process)."""
     import psutil
 
     try:
-        children = psutil.Process().children(recursive=True)
+        children = psutil.Process(pid or os.getpid()).children(recursive=True)
     except psutil.Error:
         return []
     out = []
@@ -411,26 +421,6 @@ def child_processes_of_this_process() -> list[tuple[int, str]]:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             out.append((child.pid, child.name()))
-        except psutil.Error:
-            continue
-    return out
-
-
-def child_processes(pid: int | None = None) -> list[str]:
-    """``"<pid> <name>"`` for every live descendant of ``pid`` (default: this process)."""
-    import psutil
-
-    try:
-        me = psutil.Process(pid or os.getpid())
-        children = me.children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for child in children:
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-            out.append(f"{child.pid} {child.name()}")
         except psutil.Error:
             continue
     return out
