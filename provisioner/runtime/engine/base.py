@@ -1,0 +1,175 @@
+"""The container runtime interface: the protocol, the values it speaks in, and helpers over it.
+
+Everything above :mod:`provisioner.runtime.engine` (pool, environment, resource manager, reaper)
+talks to a :class:`ContainerRuntime`; the adapters are :mod:`.docker` (a real engine through
+docker-py) and :mod:`.fake` (dictionaries in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from provisioner.runtime import labels as L
+from provisioner.runtime.recipes import ContainerRecipe, NetworkRecipe
+
+ResourceKind = Literal["container", "network", "volume"]
+
+
+@dataclass(frozen=True)
+class ResourceRef:
+    """A managed engine resource, as found by label."""
+
+    kind: ResourceKind
+    id: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict, compare=False)
+    created: float = field(default=0.0, compare=False)  # unix time
+
+    @property
+    def run_id(self) -> str | None:
+        return self.labels.get(L.RUN)
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    status: str  # created | running | exited | dead | ...
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+@runtime_checkable
+class ContainerRuntime(Protocol):
+    """What provisioner needs from a container engine. All ids may also be names."""
+
+    def ping(self) -> None:
+        """Raise :class:`DockerUnavailableError` when the engine does not answer."""
+
+    def image_exists(self, ref: str) -> bool: ...
+
+    def create_network(self, recipe: NetworkRecipe) -> str:
+        """Create the network; return its id. A name clash raises :class:`RuntimeProblem`."""
+
+    def create_container(self, recipe: ContainerRecipe) -> str:
+        """Create (not start) the container attached to all its networks; return its id."""
+
+    def start_container(self, container_id: str) -> None: ...
+
+    def remove_container(self, container_id: str) -> bool:
+        """Force-remove; False when it did not exist."""
+
+    def remove_network(self, network_id: str) -> bool:
+        """Remove (disconnecting leftovers first); False when it did not exist."""
+
+    def remove_volume(self, volume_id: str) -> bool: ...
+
+    def kill_container(self, container_id: str) -> None: ...
+
+    def container_state(self, container_id: str) -> ContainerState | None:
+        """None when the container does not exist."""
+
+    def published_port(self, container_id: str, container_port: int) -> int | None:
+        """The 127.0.0.1 host port Docker chose for ``container_port``."""
+
+    def container_ip(self, container_id: str, network: str) -> str | None: ...
+
+    def container_gateway(self, container_id: str, network: str) -> str | None:
+        """The gateway address of ``network`` as the container sees it (a host address)."""
+
+    def logs(self, container_id: str, tail: int = 40) -> str: ...
+
+    def exec(self, container_id: str, command: list[str]) -> tuple[int, str]: ...
+
+    def list_resources(self, selector: Mapping[str, str]) -> list[ResourceRef]:
+        """Containers, networks and volumes whose labels include all of ``selector``."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One creation or removal the engine reported (Docker's ``/events``: ``Type``, ``Action``,
+    ``Actor.ID``, ``Actor.Attributes``, ``timeNano``).
+
+    ``labels`` is None when the engine's event does not carry them: Docker's network and volume
+    events name the resource only, so a watcher asks :meth:`EventSource.resource_labels`.
+    ``time_ns``: the engine's clock, nanoseconds since the epoch.
+    """
+
+    kind: ResourceKind
+    action: Literal["create", "destroy"]
+    id: str
+    name: str
+    time_ns: int
+    labels: Mapping[str, str] | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> tuple[int, str, str, str]:
+        """Identifies the event across two reads of the stream (live and replayed)."""
+        return (self.time_ns, self.kind, self.id, self.action)
+
+
+class EventStream(Protocol):
+    """An iterable of :class:`EngineEvent`; ``close()`` (from any thread) ends a live one."""
+
+    def __iter__(self) -> Iterator[EngineEvent]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """A runtime that reports creations and removals of containers, networks and volumes.
+
+    The leak check (:class:`provisioner.runtime.resources.EngineWatch`) follows this stream instead
+    of listing the engine's resources around every test.
+    """
+
+    def events(self, since_ns: int, until_ns: int | None = None) -> EventStream:
+        """Creations and removals from ``since_ns`` on (nanoseconds, this host's clock, which a local
+        engine shares): up to ``until_ns`` and then the stream ends, or live until ``close()``."""
+
+    def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
+        """The labels of a network or volume (containers' events carry theirs); None when gone."""
+
+
+def run_container(runtime: ContainerRuntime, recipe: ContainerRecipe) -> str:
+    """Create and start; on a failed start the half-made container is removed."""
+    container_id = runtime.create_container(recipe)
+    try:
+        runtime.start_container(container_id)
+    except BaseException:
+        runtime.remove_container(container_id)
+        raise
+    return container_id
+
+
+def remove_resource(runtime: ContainerRuntime, ref: ResourceRef) -> bool:
+    if ref.kind == "container":
+        return runtime.remove_container(ref.id)
+    if ref.kind == "network":
+        return runtime.remove_network(ref.id)
+    return runtime.remove_volume(ref.id)
+
+
+def remove_by_selector(runtime: ContainerRuntime, selector: Mapping[str, str]) -> list[ResourceRef]:
+    """Remove everything matching ``selector``: containers first (in parallel — each forced removal
+    takes a few hundred ms), then the networks and volumes they used. Returns what was removed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    found = runtime.list_resources(selector)
+    containers = [r for r in found if r.kind == "container"]
+    removed: list[ResourceRef] = []
+    if containers:
+        with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
+            outcomes = list(pool.map(lambda r: runtime.remove_container(r.id), containers))
+        removed += [ref for ref, ok in zip(containers, outcomes, strict=True) if ok]
+    for ref in found:
+        if ref.kind != "container" and remove_resource(runtime, ref):
+            removed.append(ref)
+    return removed

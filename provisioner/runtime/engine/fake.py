@@ -1,0 +1,314 @@
+"""An engine in dictionaries: the same observable behaviour as Docker where the code above relies
+on it (names unique, aliases, 127.0.0.1 ports, label selection, missing resources reported as
+missing), so the logic above the runtime is tested without an engine."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine.base import (
+    ContainerState,
+    EngineEvent,
+    EventStream,
+    ResourceKind,
+    ResourceRef,
+)
+from provisioner.runtime.recipes import ContainerRecipe, NetworkRecipe
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    recipe: ContainerRecipe
+    status: str = "created"
+    exit_code: int | None = None
+    ports: dict[int, int] = field(default_factory=dict)
+    ips: dict[str, str] = field(default_factory=dict)
+    log_lines: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class FakeNetwork:
+    id: str
+    recipe: NetworkRecipe
+    created: float = field(default_factory=time.time)
+
+
+class FakeRuntime:
+    """An engine in dictionaries: same rules as Docker where the code above relies on them.
+
+    ``on_start`` (optional) is called with each container when it starts — tests use it to make
+    "workers" ready, fail, or crash. ``fail_start`` names containers whose start fails. An egress
+    guard (role ``guard``) runs to completion at once: it exits 0 when started.
+    """
+
+    def __init__(
+        self, *, images: tuple[str, ...] = (), on_start: Callable[[FakeContainer], None] | None = None
+    ):
+        self.images = set(images)
+        self.containers: dict[str, FakeContainer] = {}
+        self.networks: dict[str, FakeNetwork] = {}
+        self.volumes: dict[str, dict[str, str]] = {}
+        self.on_start = on_start
+        self.fail_start: set[str] = set()
+        self.calls: list[tuple[str, str]] = []  # (operation, name) in order
+        self._ids = itertools.count(1)
+        self._ports = itertools.count(40000)
+        self._lock = threading.RLock()
+        self.available = True
+        # The event stream (see EventSource): every creation and removal, in order. Tests hold live
+        # streams back with ``stream_paused`` (a lagging engine) and hook the finite reads with
+        # ``on_events_query``.
+        self.event_log: list[EngineEvent] = []
+        self._events_changed = threading.Condition(self._lock)
+        self._last_event_ns = 0
+        self.stream_paused = False
+        self.on_events_query: Callable[[], None] | None = None
+
+    # helpers for tests
+    def add_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        with self._lock:
+            self.volumes[name] = dict(labels)
+            self._event("volume", "create", name, name, None)
+
+    def resume_stream(self) -> None:
+        with self._lock:
+            self.stream_paused = False
+            self._events_changed.notify_all()
+
+    def _event(self, kind: ResourceKind, action: Literal["create", "destroy"], resource_id: str, name: str,
+               labels: Mapping[str, str] | None) -> None:
+        with self._lock:  # strictly increasing times, like one engine's clock
+            self._last_event_ns = max(time.time_ns(), self._last_event_ns + 1)
+            self.event_log.append(EngineEvent(kind, action, resource_id, name, self._last_event_ns,
+                                              dict(labels) if labels is not None else None))
+            self._events_changed.notify_all()
+
+    def crash(self, name_or_id: str, exit_code: int = 137) -> None:
+        with self._lock:
+            c = self._find(name_or_id)
+            if c is not None:
+                c.status = "exited"
+                c.exit_code = exit_code
+
+    def by_name(self, name: str) -> FakeContainer | None:
+        with self._lock:
+            return next((c for c in self.containers.values() if c.recipe.name == name), None)
+
+    def _find(self, name_or_id: str) -> FakeContainer | None:
+        c = self.containers.get(name_or_id)
+        return c if c is not None else self.by_name(name_or_id)
+
+    def _find_net(self, name_or_id: str) -> FakeNetwork | None:
+        n = self.networks.get(name_or_id)
+        if n is not None:
+            return n
+        return next((x for x in self.networks.values() if x.recipe.name == name_or_id), None)
+
+    def _check(self) -> None:
+        if not self.available:
+            raise DockerUnavailableError("no Docker engine is reachable (fake engine switched off)")
+
+    # the interface
+    def ping(self) -> None:
+        self._check()
+
+    def image_exists(self, ref: str) -> bool:
+        self._check()
+        return ref in self.images
+
+    def create_network(self, recipe: NetworkRecipe) -> str:
+        self._check()
+        with self._lock:
+            if self._find_net(recipe.name) is not None:
+                raise RuntimeProblem(
+                    f"could not create network {recipe.name!r}: network with name already exists"
+                )
+            net = FakeNetwork(f"net{next(self._ids):06d}", recipe)
+            self.networks[net.id] = net
+            self.calls.append(("create_network", recipe.name))
+            self._event("network", "create", net.id, recipe.name, None)
+            return net.id
+
+    def create_container(self, recipe: ContainerRecipe) -> str:
+        self._check()
+        with self._lock:
+            if recipe.image not in self.images:
+                raise ImageError(
+                    f"image {recipe.image!r} is not present; build it with `provision images build`"
+                )
+            if self.by_name(recipe.name) is not None:
+                raise RuntimeProblem(f"could not create container {recipe.name!r}: name already in use")
+            for att in recipe.networks:
+                if self._find_net(att.network) is None:
+                    raise RuntimeProblem(
+                        f"could not create container {recipe.name!r}: network {att.network} not found"
+                    )
+            c = FakeContainer(f"c{next(self._ids):06d}", recipe)
+            for index, att in enumerate(recipe.networks):
+                c.ips[att.network] = f"10.{len(self.networks)}.0.{index + 2 + len(self.containers)}"
+            self.containers[c.id] = c
+            self.calls.append(("create_container", recipe.name))
+            self._event("container", "create", c.id, recipe.name, recipe.labels)
+            return c.id
+
+    def start_container(self, container_id: str) -> None:
+        self._check()
+        with self._lock:
+            c = self._find(container_id)
+            if c is None:
+                raise RuntimeProblem(f"could not start container {container_id}: no such container")
+            if c.recipe.name in self.fail_start:
+                raise RuntimeProblem(f"could not start container {c.recipe.name}: injected failure")
+            c.status = "running"
+            if c.recipe.role == "guard":
+                c.status, c.exit_code = "exited", 0
+            c.ports = {p: next(self._ports) for p in c.recipe.ports}
+            self.calls.append(("start_container", c.recipe.name))
+        if self.on_start is not None:
+            self.on_start(c)
+
+    def remove_container(self, container_id: str) -> bool:
+        self._check()
+        with self._lock:
+            c = self._find(container_id)
+            if c is None:
+                return False
+            del self.containers[c.id]
+            self.calls.append(("remove_container", c.recipe.name))
+            self._event("container", "destroy", c.id, c.recipe.name, c.recipe.labels)
+            return True
+
+    def remove_network(self, network_id: str) -> bool:
+        self._check()
+        with self._lock:
+            n = self._find_net(network_id)
+            if n is None:
+                return False
+            del self.networks[n.id]
+            self.calls.append(("remove_network", n.recipe.name))
+            self._event("network", "destroy", n.id, n.recipe.name, None)
+            return True
+
+    def remove_volume(self, volume_id: str) -> bool:
+        self._check()
+        with self._lock:
+            if self.volumes.pop(volume_id, None) is None:
+                return False
+            self._event("volume", "destroy", volume_id, volume_id, None)
+            return True
+
+    def kill_container(self, container_id: str) -> None:
+        self.crash(container_id)
+
+    def container_state(self, container_id: str) -> ContainerState | None:
+        self._check()
+        with self._lock:
+            c = self._find(container_id)
+            return None if c is None else ContainerState(c.status, c.exit_code)
+
+    def published_port(self, container_id: str, container_port: int) -> int | None:
+        with self._lock:
+            c = self._find(container_id)
+            return None if c is None else c.ports.get(container_port)
+
+    def container_ip(self, container_id: str, network: str) -> str | None:
+        with self._lock:
+            c = self._find(container_id)
+            return None if c is None else c.ips.get(network)
+
+    def container_gateway(self, container_id: str, network: str) -> str | None:
+        with self._lock:
+            c = self._find(container_id)
+            ip = None if c is None else c.ips.get(network)
+            return None if ip is None else ip.rsplit(".", 2)[0] + ".0.1"
+
+    def logs(self, container_id: str, tail: int = 40) -> str:
+        with self._lock:
+            c = self._find(container_id)
+            return "" if c is None else "\n".join(c.log_lines[-tail:])
+
+    def exec(self, container_id: str, command: list[str]) -> tuple[int, str]:
+        raise NotImplementedError("FakeRuntime runs no processes; exec needs a real engine")
+
+    def list_resources(self, selector: Mapping[str, str]) -> list[ResourceRef]:
+        self._check()
+        with self._lock:
+            out = [
+                ResourceRef("container", c.id, c.recipe.name, dict(c.recipe.labels), c.created)
+                for c in self.containers.values()
+                if L.matches(c.recipe.labels, selector)
+            ]
+            out += [
+                ResourceRef("network", n.id, n.recipe.name, dict(n.recipe.labels), n.created)
+                for n in self.networks.values()
+                if L.matches(n.recipe.labels, selector)
+            ]
+            out += [
+                ResourceRef("volume", name, name, dict(lbls))
+                for name, lbls in self.volumes.items()
+                if L.matches(lbls, selector)
+            ]
+            return out
+
+    def events(self, since_ns: int, until_ns: int | None = None) -> EventStream:
+        self._check()
+        if until_ns is not None:
+            if self.on_events_query is not None:
+                self.on_events_query()
+            with self._lock:
+                return _FakeEvents(self, [e for e in self.event_log if since_ns <= e.time_ns <= until_ns])
+        return _FakeEvents(self, None, since_ns)
+
+    def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
+        with self._lock:
+            if kind == "network":
+                net = self._find_net(resource_id)
+                return None if net is None else dict(net.recipe.labels)
+            if kind == "volume":
+                labels = self.volumes.get(resource_id)
+                return None if labels is None else dict(labels)
+            c = self._find(resource_id)
+            return None if c is None else dict(c.recipe.labels)
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeEvents:
+    """A finite list of events, or a live stream of :attr:`FakeRuntime.event_log` from ``since_ns``."""
+
+    def __init__(self, runtime: FakeRuntime, past: list[EngineEvent] | None, since_ns: int = 0) -> None:
+        self._runtime = runtime
+        self._past = past
+        self._since_ns = since_ns
+        self._closed = False
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        if self._past is not None:
+            yield from self._past
+            return
+        rt = self._runtime
+        position = 0
+        while True:
+            with rt._events_changed:
+                while not self._closed and (rt.stream_paused or position >= len(rt.event_log)):
+                    rt._events_changed.wait()
+                if self._closed:
+                    return
+                batch = rt.event_log[position:]
+                position = len(rt.event_log)
+            yield from (e for e in batch if e.time_ns >= self._since_ns)
+
+    def close(self) -> None:
+        with self._runtime._events_changed:
+            self._closed = True
+            self._runtime._events_changed.notify_all()
