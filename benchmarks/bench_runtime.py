@@ -40,10 +40,11 @@ from typing import Any
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.layers import get_layer
-from provisioner.runtime import environment as E
 from provisioner.runtime import labels as L
+from provisioner.runtime.deployment import RunEnvironment
 from provisioner.runtime.engine import DockerRuntime
 from provisioner.runtime.images import build_worker_image
+from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import load_settings
 
@@ -89,7 +90,7 @@ def cold_start(rt: DockerRuntime, image: str, folder: Path) -> dict[str, float]:
         elif message.startswith("containers started"):
             marks["containers"] = time.perf_counter() - start
 
-    env = E.RunEnvironment(plan, rt, ready_timeout_s=60, progress=progress)
+    env = RunEnvironment(plan, rt, ready_timeout_s=60, progress=progress)
     try:
         env.start()
         marks["ready"] = time.perf_counter() - start
@@ -176,10 +177,10 @@ def measure(rounds: int) -> dict[str, Any]:
         )
         settings = settings.model_copy(update={"lm": settings.lm.model_copy(update={"api_key": None})})
         start = time.perf_counter()
-        live = E.up(settings, layer="e2e", workers=2, runtime=rt)
+        live = up(settings, layer="e2e", workers=2, runtime=rt)
         up_api.append(time.perf_counter() - start)
         start = time.perf_counter()
-        E.down(settings, run_id=live.plan.run_id, runtime=rt)
+        down(settings, run_id=live.plan.run_id, runtime=rt)
         down_api.append(time.perf_counter() - start)
     results["up_e2e_2_workers_cli"] = stats(up_cli)
     results["up_e2e_2_workers_api"] = stats(up_api)

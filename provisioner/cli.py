@@ -530,7 +530,8 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     Writes .provision/runs/<id>/state.json and an env file (also .provision/current.env) with
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
     """
-    from provisioner.runtime.environment import state_file_of, up
+    from provisioner.runtime.lifecycle import up
+    from provisioner.runtime.state import state_file_of
 
     settings = _settings(layer=layer)
     try:
@@ -564,7 +565,8 @@ def down_command(run_id: str | None, as_json: bool) -> None:
 
     Without --run: this project's run that is up (with several, a list to choose from; exit 2).
     """
-    from provisioner.runtime.environment import AmbiguousRunError, down
+    from provisioner.runtime.lifecycle import down
+    from provisioner.runtime.runs import AmbiguousRunError
 
     settings = _settings()
     if run_id is not None:
@@ -589,7 +591,7 @@ def down_command(run_id: str | None, as_json: bool) -> None:
 def _check_run(settings: Settings, run_id: str) -> None:
     """A usage error (exit 2, did you mean, the known ids) unless ``run_id`` is a run on the engine or
     has a state file in this project."""
-    from provisioner.runtime.environment import run_overview
+    from provisioner.runtime.lifecycle import run_overview
 
     runs = settings.state_dir / "runs"
     on_disk = {d.name for d in runs.iterdir() if (d / "state.json").exists()} if runs.is_dir() else set()
@@ -616,7 +618,8 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
     """
     from dataclasses import asdict
 
-    from provisioner.runtime.environment import AmbiguousRunError, run_overview, status
+    from provisioner.runtime.lifecycle import run_overview, status
+    from provisioner.runtime.runs import AmbiguousRunError
 
     if all_projects:
         if repair:
@@ -679,7 +682,7 @@ def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require
 
     Example: provision run --layer e2e -- pytest -q
     """
-    from provisioner.runtime.environment import run_command
+    from provisioner.runtime.run_command import run_command
 
     try:
         code = run_command(list(command), _settings(layer=layer), layer=layer, workers=workers,
@@ -709,7 +712,7 @@ def reap_command(
     """
     from dataclasses import asdict
 
-    from provisioner.runtime.environment import parse_duration, reap
+    from provisioner.runtime.lifecycle import parse_duration, reap
 
     older_than_s = parse_duration(older_than) if older_than else None
     results = reap(_settings(), run_id=run_id, older_than_s=older_than_s, all_runs=all_runs,
@@ -734,7 +737,7 @@ def doctor_command(as_json: bool) -> None:
     """Check the engine, images, base buildability, API key and disk space. Exit 1 on a failure."""
     from dataclasses import asdict
 
-    from provisioner.runtime.environment import doctor
+    from provisioner.runtime.doctor import doctor
 
     checks = doctor(_settings())
     if as_json:

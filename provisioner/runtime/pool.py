@@ -34,8 +34,8 @@ from typing import Any
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
+from provisioner.runtime.deployment import RunEnvironment, WorkerInfo, death_reason
 from provisioner.runtime.engine import ContainerState
-from provisioner.runtime.environment import RunEnvironment, WorkerInfo, death_reason
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
@@ -109,9 +109,10 @@ class WorkerPool:
     @classmethod
     def start(cls, settings: Any = None, *, layer: str | None = None, **up_kwargs: Any) -> WorkerPool:
         """Bring a layer's workers up (not persistent: the watchdog removes them if we die) as a pool."""
-        from provisioner.runtime.environment import _settings, up
+        from provisioner.runtime.lifecycle import up
+        from provisioner.runtime.runs import settings_or_load
 
-        settings = _settings(settings)
+        settings = settings_or_load(settings)
         env = up(settings, layer=layer, persistent=False, **up_kwargs)
         return cls(
             env,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from provisioner.api import Environment
-    from provisioner.runtime.environment import RunEnvironment, WorkerInfo
+    from provisioner.runtime.deployment import RunEnvironment, WorkerInfo
     from provisioner.runtime.pool import WorkerPool
     from provisioner.runtime.recipes import RunPlan
     from provisioner.runtime.resources import ResourceManager
@@ -268,7 +268,7 @@ class ProcessContainers:
         with self._lock:
             if self._pool is None:
                 self._require_container_layer("the worker pool")
-                from provisioner.runtime.environment import RunEnvironment
+                from provisioner.runtime.deployment import RunEnvironment
                 from provisioner.runtime.pool import WorkerPool
 
                 self._ensure_watchdog()
@@ -333,8 +333,8 @@ class ProcessContainers:
         from testcontainers.core.container import DockerContainer
 
         from provisioner.bridge.client import BridgeClient
+        from provisioner.runtime.deployment import RunEnvironment, WorkerInfo
         from provisioner.runtime.egress import block_host_access
-        from provisioner.runtime.environment import RunEnvironment, WorkerInfo
 
         # Ryuk needs an image pull and the docker socket in a container: the run's watchdog does its job.
         testcontainers_config.ryuk_disabled = True

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from provisioner.runtime import labels as L
+from provisioner.runtime.deployment import ProbeResult
 from provisioner.runtime.engine import FakeContainer, FakeRuntime
-from provisioner.runtime.environment import ProbeResult
 from provisioner.runtime.relay import parse_routes
 from provisioner.settings import Settings, load_settings
 

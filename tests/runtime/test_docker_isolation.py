@@ -25,11 +25,12 @@ import pytest
 
 from provisioner.errors import RuntimeProblem, WorkerLostError, WorkerNotReadyError
 from provisioner.layers import get_layer
-from provisioner.runtime import environment as E
 from provisioner.runtime import labels as L
 from provisioner.runtime import netguard
+from provisioner.runtime.deployment import RunEnvironment, WorkerInfo, bridge_probe
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.pool import WorkerPool
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import Settings, load_settings
@@ -58,11 +59,11 @@ def mock_run(
     docker_engine: Any, worker_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     settings = _settings(tmp_path_factory.mktemp("mockrun"))
-    env = E.up(settings, layer="integration", lm_mode="mock", workers=2, image=worker_image, persistent=False)
+    env = up(settings, layer="integration", lm_mode="mock", workers=2, image=worker_image, persistent=False)
     try:
         yield settings, env
     finally:
-        E.down(settings, run_id=env.plan.run_id)
+        down(settings, run_id=env.plan.run_id)
         assert leftovers(docker_engine, env.plan.run_id) == []
 
 
@@ -206,14 +207,14 @@ def test_a_run_cannot_reach_another_runs_workers(
     _, ok = rt.exec(env_a.plan.relay.name, ["python3", "-c", PROBE, target_ip, "8765"])
     assert ok.startswith("reached"), ok
     settings_b = _settings(tmp_path / "b")
-    env_b = E.up(
+    env_b = up(
         settings_b, layer="integration", lm_mode="mock", workers=1, image=worker_image, persistent=False
     )
     try:
         outs = _probe_all(rt, [env_b.workers[0].container_id, env_b.plan.relay.name], target_ip, 8765)
         assert all(out.startswith("blocked") for out in outs), outs
     finally:
-        E.down(settings_b, run_id=env_b.plan.run_id)
+        down(settings_b, run_id=env_b.plan.run_id)
     assert leftovers(docker_engine, env_b.plan.run_id) == []
 
 
@@ -249,7 +250,7 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
         workers=1,
         worker_args=("--no-such-flag",),
     )
-    env = E.RunEnvironment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
+    env = RunEnvironment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
     try:
         with pytest.raises(WorkerNotReadyError) as info:
             env.start()
@@ -400,7 +401,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
         workers=1,
     )
     rt = DockerRuntime(docker_engine)
-    base = E.RunEnvironment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
+    base = RunEnvironment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
     try:
         base.start()  # networks and relay
         worker = plan.workers[0]
@@ -411,9 +412,9 @@ def test_a_guarded_worker_serves_only_after_its_guard(
         assert any(argv[2:4] == ["/opt/provisioner/netguard.py", "wait"] for argv in procs), procs
         assert not any("provision" in argv[1:2] or argv[:1] == ["provision"] for argv in procs), procs
         port = rt.published_port(base.container_ids[plan.relay.name], plan.relay_port_for(0))
-        assert port and not E.bridge_probe("127.0.0.1", port, 2.0).ok
+        assert port and not bridge_probe("127.0.0.1", port, 2.0).ok
         block_host_access(rt, worker, cid, network=plan.run_network)
-        info = E.WorkerInfo(0, worker.name, cid, "127.0.0.1", port)
+        info = WorkerInfo(0, worker.name, cid, "127.0.0.1", port)
         base.container_ids[worker.name] = cid
         base.wait_ready(info)  # now it serves
         assert leftovers(docker_engine, plan.run_id).count(f"container {worker.name}-guard") == 0

@@ -10,8 +10,8 @@ import pytest
 
 from provisioner.errors import WorkerLostError
 from provisioner.layers import get_layer
+from provisioner.runtime.deployment import RunEnvironment
 from provisioner.runtime.engine import ContainerState, FakeRuntime
-from provisioner.runtime.environment import RunEnvironment
 from provisioner.runtime.pool import WorkerPool, death_reason
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import Settings

@@ -1,0 +1,383 @@
+"""One live run (:class:`RunEnvironment`): creates its networks and containers from a
+:class:`~provisioner.runtime.recipes.RunPlan` (workers started concurrently), waits until every
+worker answers ``ping`` with its LM configured, replaces workers, and removes everything again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import (
+    RuntimeProblem,
+    WorkerNotReadyError,
+)
+from provisioner.runtime import labels as L
+from provisioner.runtime.egress import block_host_access
+from provisioner.runtime.engine import ContainerRuntime, ContainerState, remove_by_selector
+from provisioner.runtime.recipes import (
+    ContainerRecipe,
+    RunPlan,
+    replacement_recipe,
+)
+from provisioner.runtime.resources import CleanupReport, ResourceManager
+from provisioner.runtime.state import LOOPBACK, RunState
+
+Progress = Callable[[str], None]
+
+
+# --- readiness ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    lm_configured: bool = False
+    detail: str = ""
+    latency_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.ok and self.lm_configured
+
+
+Probe = Callable[[str, int, float], ProbeResult]
+
+
+def bridge_probe(host: str, port: int, timeout: float) -> ProbeResult:
+    """One ``ping`` over the bridge protocol (the default readiness and health probe)."""
+    from provisioner.bridge.client import BridgeClient
+    from provisioner.errors import BridgeError
+
+    start = time.perf_counter()
+    client = BridgeClient(host, port, connect_timeout=timeout, request_timeout=timeout)
+    try:
+        reply = client.ping()
+    except BridgeError as exc:
+        return ProbeResult(False, detail=str(exc), latency_s=time.perf_counter() - start)
+    finally:
+        client.close()
+    return ProbeResult(
+        bool(reply.get("status") == "ok"),
+        bool(reply.get("lm_configured")),
+        "ok",
+        time.perf_counter() - start,
+        dict(reply),
+    )
+
+
+# --- one live run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerInfo:
+    slot: int
+    name: str
+    container_id: str
+    host: str
+    port: int
+    generation: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class RunEnvironment:
+    """One run's containers and networks. Use :meth:`start`, then :meth:`stop` (or ``with``).
+
+    ``resources`` (default: a new :class:`ResourceManager` on ``runtime``) tracks everything this
+    object creates, so a failed or interrupted start removes exactly what it made.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        runtime: ContainerRuntime,
+        *,
+        resources: ResourceManager | None = None,
+        probe: Probe = bridge_probe,
+        ready_timeout_s: float = 60.0,
+        poll_interval_s: float = 0.025,
+        progress: Progress | None = None,
+    ) -> None:
+        self.plan = plan
+        self.runtime = runtime
+        self.resources = resources or ResourceManager(runtime, selector=L.selector(plan.run_id))
+        self.probe = probe
+        self.ready_timeout_s = ready_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.progress = progress or (lambda _m: None)
+        self.workers: list[WorkerInfo] = []
+        self.recipes: dict[int, ContainerRecipe] = {r.slot: r for r in plan.workers if r.slot is not None}
+        self.container_ids: dict[str, str] = {}  # recipe name -> container id
+        self.state: RunState | None = None
+        self.warnings: list[str] = []
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self.started = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def __enter__(self) -> RunEnvironment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> RunEnvironment:
+        """Create networks, then the stand-in, relay and workers concurrently; wait until ready.
+
+        On any failure — including Ctrl-C — everything created so far is removed before raising.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self._closing.set()
+            self.resources.cleanup_all()
+            raise
+        self.started = True
+        return self
+
+    @property
+    def control_token(self) -> str | None:
+        """The workers' control token (pass it as ``BridgeClient(..., token=...)``)."""
+        return self.plan.control_token
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        if self.plan.run_limits is not None and self.plan.lm_run_dir is not None:
+            from provisioner.lm.limits import write_run_limits
+
+            # Before any worker starts: the run's limits hold whatever a worker's client configures.
+            write_run_limits(Path(self.plan.lm_run_dir), **self.plan.run_limits)
+        run_net, edge_net = self.plan.networks
+        others = [r for r in self.plan.containers() if r is not self.plan.relay]
+        # The workers' Python start-up is the critical path: they start as soon as the run network
+        # exists, while the edge network and the relay are made alongside.
+        with self._threads(len(others) + 3) as pool:
+            run_net_done = pool.submit(self._create_network, run_net)
+            edge_done = pool.submit(self._create_network, edge_net)
+            _wait_all([run_net_done], self._closing)
+            self.progress(f"run network ready in {time.perf_counter() - t0:.2f}s; starting containers")
+            started = [pool.submit(self._run, recipe) for recipe in others]
+            _wait_all([edge_done], self._closing)
+            started.append(pool.submit(self._run, self.plan.relay))
+            _wait_all(started, self._closing)
+        relay_id = self.container_ids[self.plan.relay.name]
+        ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
+        self.workers = [
+            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], LOOPBACK, ports[slot])
+            for slot, recipe in sorted(self.recipes.items())
+        ]
+        self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
+        with self._threads(len(self.workers) + 1) as pool:
+            waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in self.workers]
+            if self.plan.standin is not None:
+                waits.append(pool.submit(self._wait_standin))
+            _wait_all(waits, self._closing)
+        self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s")
+
+    @contextlib.contextmanager
+    def _threads(self, count: int) -> Iterator[ThreadPoolExecutor]:
+        """A thread pool whose threads are told to stop (``_closing``) before it waits for them when
+        the block fails — a Ctrl-C between two statements included — so nothing runs on to its deadline."""
+        pool = ThreadPoolExecutor(max_workers=count)
+        try:
+            yield pool
+        except BaseException:
+            self._closing.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def stop(self) -> CleanupReport:
+        """Remove every container and network of the run (tracked ones, then a label sweep)."""
+        self._closing.set()
+        report = self.resources.cleanup_all()
+        remove_by_selector(self.runtime, L.selector(self.plan.run_id))
+        self.started = False
+        return report
+
+    # -- pieces ----------------------------------------------------------------------------------------
+
+    def _create_network(self, recipe: Any) -> None:
+        net_id = self.runtime.create_network(recipe)
+        self.resources.track("network", net_id, name=recipe.name, owner="run")
+
+    def _run(self, recipe: ContainerRecipe) -> str:
+        if self._closing.is_set():
+            raise RuntimeProblem("the run is being stopped")
+        container_id = self.runtime.create_container(recipe)
+        self.resources.track("container", container_id, name=recipe.name, owner=_owner_of(recipe))
+        with self._lock:
+            self.container_ids[recipe.name] = container_id
+        if self._closing.is_set():  # interrupted while we were creating it
+            raise RuntimeProblem("the run is being stopped")
+        self.runtime.start_container(container_id)
+        if recipe.guarded:  # cut off from the host before its command starts (runtime/egress.py)
+            block_host_access(
+                self.runtime,
+                recipe,
+                container_id,
+                network=self.plan.run_network,
+                timeout_s=self.ready_timeout_s,
+                stop=self._closing,
+            )
+        return container_id
+
+    def _relay_port(self, relay_id: str, slot: int) -> int:
+        port = self.runtime.published_port(relay_id, self.plan.relay_port_for(slot))
+        if port is None:
+            raise RuntimeProblem(
+                f"the relay {self.plan.relay.name} has no 127.0.0.1 port for worker slot {slot}; "
+                f"its log:\n{self.runtime.logs(relay_id)}"
+            )
+        return port
+
+    def wait_ready(self, worker: WorkerInfo) -> None:
+        """Poll ``ping`` every ``poll_interval_s`` until the worker is ready or the deadline passes.
+
+        A worker whose container exits fails at once (no waiting for the deadline), with its logs.
+        """
+        deadline = time.monotonic() + self.ready_timeout_s
+        next_state_check = 0.0
+        last = ProbeResult(False, detail="not probed yet")
+        while True:
+            if self._closing.is_set():
+                raise RuntimeProblem("the run is being stopped")
+            last = self.probe(worker.host, worker.port, max(0.2, min(2.0, self.ready_timeout_s / 4)))
+            if last.ready:
+                return
+            now = time.monotonic()
+            if now >= next_state_check:
+                next_state_check = now + 0.25
+                for cid, label in (
+                    (worker.container_id, worker.name),
+                    (self.container_ids[self.plan.relay.name], self.plan.relay.name),
+                ):
+                    state = self.runtime.container_state(cid)
+                    if state is None or not state.running:
+                        how = (
+                            "is gone" if state is None else f"exited ({state.status}, code {state.exit_code})"
+                        )
+                        raise WorkerNotReadyError(
+                            f"worker {worker.name} did not become ready: container {label} {how}",
+                            self.runtime.logs(cid),
+                        )
+            if now >= deadline:
+                why = "LM not configured" if last.ok else last.detail
+                raise WorkerNotReadyError(
+                    f"worker {worker.name} ({worker.address}) was not ready within "
+                    f"{self.ready_timeout_s:.0f}s (last ping: {why})",
+                    self.runtime.logs(worker.container_id),
+                )
+            time.sleep(self.poll_interval_s)
+
+    def _wait_standin(self) -> None:
+        assert self.plan.standin is not None
+        cid = self.container_ids[self.plan.standin.name]
+        deadline = time.monotonic() + self.ready_timeout_s
+        while "PROVISION_STANDIN_READY" not in self.runtime.logs(cid, tail=20):
+            state = self.runtime.container_state(cid)
+            if state is None or not state.running or time.monotonic() >= deadline:
+                raise WorkerNotReadyError(
+                    f"the Gemini stand-in {self.plan.standin.name} did not start", self.runtime.logs(cid)
+                )
+            time.sleep(self.poll_interval_s * 2)
+
+    # -- workers ---------------------------------------------------------------------------------------
+
+    def worker(self, slot: int) -> WorkerInfo:
+        with self._lock:
+            for w in self.workers:
+                if w.slot == slot:
+                    return w
+        raise KeyError(f"no worker in slot {slot}")
+
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]
+
+    def worker_state(self, slot: int) -> ContainerState | None:
+        return self.runtime.container_state(self.worker(slot).container_id)
+
+    def replace_worker(self, slot: int) -> WorkerInfo:
+        """Remove the worker in ``slot`` and start a fresh one behind the same address."""
+        old = self.worker(slot)
+        tracked = self.resources.find("container", old.container_id)
+        if tracked is not None:
+            self.resources.release(tracked)
+        else:
+            self.runtime.remove_container(old.container_id)
+        generation = old.generation + 1
+        recipe = replacement_recipe(self.recipes[slot], generation)
+        try:
+            container_id = self._run(recipe)
+            new = WorkerInfo(slot, recipe.name, container_id, old.host, old.port, generation)
+            self.wait_ready(new)
+        except BaseException:
+            # A half-made replacement would block the next attempt's name: remove it.
+            with self._lock:
+                made = self.container_ids.pop(recipe.name, None)
+            if made is not None:
+                found = self.resources.find("container", made)
+                if found is not None:
+                    self.resources.release(found)
+                else:
+                    self.runtime.remove_container(made)
+            raise
+        with self._lock:
+            self.workers = [new if w.slot == slot else w for w in self.workers]
+        return new
+
+
+def _owner_of(recipe: ContainerRecipe) -> str:
+    return f"slot:{recipe.slot}" if recipe.slot is not None else recipe.role
+
+
+def _wait_all(futures: Any, cancel: threading.Event | None = None) -> None:
+    """Wait for every future; raise the first error after all have finished (nothing left running).
+
+    ``cancel`` is set at the first error — Ctrl-C included — so the others (readiness polls, egress
+    guards) stop at once instead of running on to their own deadlines.
+    """
+    first: BaseException | None = None
+    for fut in list(futures):
+        try:
+            fut.result()
+        except BaseException as exc:
+            if cancel is not None:
+                cancel.set()
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def death_reason(state: ContainerState | None) -> str:
+    """How a worker's container ended, from the engine's container state, as a phrase after
+    "which": ``is gone (...)``, ``was OOM-killed: out of memory (exit code 137)``, ``exited with code
+    137 (SIGKILL)``, ``is paused``. The facts are Docker's (``State.Status``, ``State.ExitCode``,
+    ``State.OOMKilled``); the signal name is the exit code minus 128, as the shell reports it."""
+    if state is None:
+        return "is gone (its container no longer exists)"
+    if state.oom_killed:
+        return f"was OOM-killed: out of memory (exit code {state.exit_code})"
+    if state.status not in ("exited", "dead"):
+        return f"is {state.status}"
+    code = state.exit_code
+    how = f"exited with code {code}"
+    if code is not None and 128 < code < 128 + 65:
+        with contextlib.suppress(ValueError):
+            how += f" ({signal.Signals(code - 128).name})"
+    return how
+

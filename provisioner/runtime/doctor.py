@@ -1,0 +1,193 @@
+"""``provision doctor``: every check of an installation, each isolated, as a list of :class:`Check`."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import (
+    DockerUnavailableError,
+    ImageError,
+    ProvisionerError,
+)
+from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.runs import list_runs, project_of, runtime_or_docker, settings_or_load
+from provisioner.settings import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def _isolated(name: str, check: Callable[[], list[Check]]) -> list[Check]:
+    """Run one check; an unexpected error becomes a failed check naming it (doctor never crashes)."""
+    try:
+        return check()
+    except Exception as exc:
+        return [Check(name, "fail", f"the check itself failed: {type(exc).__name__}: {exc}")]
+
+
+def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None = None) -> list[Check]:
+    """Every check, each isolated: installation, engine, worker image, base image, API key, disk
+    space, stale runs. Returns one or more :class:`Check` per area (status ``ok``/``warn``/``fail``);
+    a problem — including an unexpected error inside a check — is a failed check with advice, never
+    an exception. Without a reachable engine the engine-bound checks are skipped as failed.
+    """
+    try:
+        settings = settings_or_load(settings)
+    except ProvisionerError as exc:
+        return [Check("settings", "fail", str(exc))]
+    checks: list[Check] = []
+    checks += _isolated("provisioner installation", _check_installation)
+    rt: ContainerRuntime | None = None
+    try:
+        rt = runtime_or_docker(runtime)
+        rt.ping()
+    except DockerUnavailableError as exc:
+        rt = None
+        checks.append(Check("docker engine", "fail", str(exc)))
+    except Exception as exc:
+        rt = None
+        checks.append(Check("docker engine", "fail", f"{type(exc).__name__}: {exc}"))
+    docker_root = "/"
+    if rt is not None:
+        from provisioner.runtime.engine import DockerRuntime
+
+        engine = rt
+        if isinstance(engine, DockerRuntime):
+            checks += _isolated("docker engine", lambda: _check_engine(engine))
+            checks += _isolated("worker image", lambda: _check_worker_image(settings, engine))
+            checks += _isolated("base image", lambda: _check_base_image(settings, engine))
+            with contextlib.suppress(Exception):
+                docker_root = str(engine.client.info().get("DockerRootDir") or "/var/lib/docker")
+        else:
+            checks.append(Check("docker engine", "ok", type(rt).__name__))
+    checks += _isolated("Gemini API key", lambda: _check_api_key(settings))
+    checks += _isolated("disk", lambda: _check_disk(settings, docker_root))
+    if rt is not None:
+        engine_ = rt
+        checks += _isolated("stale runs", lambda: _check_stale(settings, engine_))
+    return checks
+
+
+def _check_installation() -> list[Check]:
+    from provisioner.runtime import images
+
+    package = images.installed_package()
+    images.recipe_dir()
+    return [
+        Check(
+            "provisioner installation",
+            "ok",
+            f"{package.name} {package.version} at {package.root} (package hash {package.hash()[:16]})",
+        )
+    ]
+
+
+def _check_engine(rt: Any) -> list[Check]:
+    version = rt.client.version()
+    detail = f"Docker {version.get('Version')} (API {version.get('ApiVersion')})"
+    return [Check("docker engine", "ok", detail)]
+
+
+def _check_worker_image(settings: Settings, rt: Any) -> list[Check]:
+    from provisioner.runtime import images
+
+    custom = settings.container.image
+    if custom:
+        if not rt.image_exists(custom):
+            return [
+                Check(
+                    "worker image",
+                    "fail",
+                    f"{custom} (settings container.image) is not present; provisioner does not build "
+                    f"custom images: build or pull it yourself (`docker build -t {custom} …` or "
+                    f"`docker pull {custom}`), or unset container.image to use provisioner's own image",
+                )
+            ]
+        try:
+            images.check_image_provisioner(rt, custom)
+        except ImageError as exc:
+            return [Check("worker image", "fail", str(exc))]
+        return [Check("worker image", "ok", f"{custom} (settings container.image) is present")]
+    tag = images.worker_tag(rt, settings.container.base)
+    if tag and rt.image_exists(tag):
+        return [Check("worker image", "ok", f"{tag} is present (this installation's provisioner)")]
+    return [
+        Check(
+            "worker image",
+            "warn",
+            f"{tag or 'the worker image'} is not built yet; `provision images build` "
+            "(or the first `provision up` / container test) builds it",
+        )
+    ]
+
+
+def _check_base_image(settings: Settings, rt: Any) -> list[Check]:
+    from provisioner.runtime import images
+
+    if settings.container.image:
+        return [Check("base image", "ok", "not needed: container.image is a custom image")]
+    try:
+        base_ref, _ = images.resolve_base(rt, settings.container.base, allow_build=False)
+        return [Check("base image", "ok", f"{base_ref} is present")]
+    except ImageError:
+        problem = images.debootstrap_problem()
+        if problem and settings.container.base == "debootstrap":
+            return [Check("base image", "fail", problem)]
+        if problem:
+            return [
+                Check(
+                    "base image",
+                    "warn",
+                    f"{images.PYTHON_BASE} is not present (a pull needs a registry) and the offline "
+                    f"base cannot be built: {problem}",
+                )
+            ]
+        return [Check("base image", "ok", "buildable offline with debootstrap (root, debootstrap found)")]
+
+
+def _check_api_key(settings: Settings) -> list[Check]:
+    real_layers = [n for n, mode in settings.lm_modes.items() if mode == "real"]
+    if settings.lm.api_key is not None:
+        return [Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is set (real mode uses the real API)")]
+    return [
+        Check(
+            "Gemini API key",
+            "warn",
+            f"GEMINI_TEST_API_KEY is not set: real-mode layers ({', '.join(real_layers) or '-'}) "
+            "use the local Gemini stand-in",
+        )
+    ]
+
+
+def _check_disk(settings: Settings, docker_root: str) -> list[Check]:
+    checks = []
+    for label, path in (
+        ("disk (docker)", docker_root),
+        ("disk (state dir)", str(Path(settings.state_dir).resolve())),
+    ):
+        probe_path = Path(path)
+        while not probe_path.exists() and probe_path != probe_path.parent:
+            probe_path = probe_path.parent
+        try:
+            free = shutil.disk_usage(probe_path).free / 1e9
+        except OSError as exc:
+            checks.append(Check(label, "warn", f"cannot read free space of {path}: {exc}"))
+            continue
+        checks.append(Check(label, "ok" if free >= 2 else "fail", f"{free:.1f} GB free at {path}"))
+    return checks
+
+
+def _check_stale(settings: Settings, rt: ContainerRuntime) -> list[Check]:
+    stale = [r.run_id for r in list_runs(rt, project_of(settings), settings.state_dir) if r.stale]
+    if stale:
+        return [Check("stale runs", "warn", f"{', '.join(stale)}: `provision reap` removes them")]
+    return []

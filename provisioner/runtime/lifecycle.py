@@ -1,0 +1,530 @@
+"""A layer's environment, up and down: :func:`up`, :func:`down`, :func:`status` (with repair),
+:func:`reap` and :func:`run_overview` — the plain API behind ``provision up/down/status/reap``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import (
+    ConfigError,
+    ImageError,
+    RuntimeProblem,
+)
+from provisioner.layers import get_layer
+from provisioner.lm.ledger import RUN_LM_SUBDIR
+from provisioner.lmconfig import LMMode
+from provisioner.runtime import labels as L
+from provisioner.runtime import watchdog as wd
+from provisioner.runtime.deployment import Probe, Progress, RunEnvironment, bridge_probe, death_reason
+from provisioner.runtime.egress import block_host_access
+from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
+from provisioner.runtime.recipes import (
+    ContainerRecipe,
+    plan_run,
+    prepare_shared_dir,
+)
+from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
+from provisioner.runtime.state import (
+    RunState,
+    StateUnreadableError,
+    _clear_current,
+    read_state,
+    run_dir_of,
+    write_state,
+)
+from provisioner.settings import Settings
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def up(
+    settings: Settings | None = None,
+    *,
+    layer: str | None = None,
+    workers: int | None = None,
+    lm_mode: LMMode | None = None,
+    require_key: bool = False,
+    persistent: bool = True,
+    run_id: str | None = None,
+    session: str | None = None,
+    image: str | None = None,
+    runtime: ContainerRuntime | None = None,
+    probe: Probe = bridge_probe,
+    watchdog: bool = True,
+    owner_pid: int | None = None,
+    progress: Progress | None = None,
+    new: bool = False,
+) -> RunEnvironment:
+    """Start a layer's environment and write its state and env files; return the live run.
+
+    ``persistent`` (``provision up``): the environment outlives this process until :func:`down`.
+    A persistent run refuses to start over a live persistent run of the same project and layer
+    (it would orphan it: ``down`` only knows the current run) unless ``new`` starts another one
+    alongside. Every resource is labelled with the project (:func:`project_of`).
+    Otherwise (``provision run``, the pytest plugin) the run's watchdog removes it as soon as its
+    owner process (``owner_pid``, default this one) is gone, even after SIGKILL. The watchdog also
+    covers a persistent run until it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
+
+    Raises:
+        ConfigError: the layer has no containers, or ``require_key`` without a key.
+        RuntimeProblem: a live run of this project and layer exists (see ``new``), or ``run_id``
+            is taken.
+        ImageError: the worker image cannot be built or found, or holds another provisioner.
+    """
+    settings = settings_or_load(settings)
+    say = progress or (lambda _m: None)
+    project = project_of(settings)
+    layer_obj = get_layer(settings, layer or settings.layer)
+    if not layer_obj.needs_docker:
+        raise ConfigError(
+            f"layer {layer_obj.name!r} runs in-process (adapter {layer_obj.adapter!r}) and has no "
+            "containers; choose a bridge layer such as 'integration' or 'e2e'"
+        )
+    lm = settings.lm_for(layer_obj.name, lm_mode)
+    if require_key and lm.mode == "real" and lm.api_key is None:
+        raise ConfigError(
+            "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
+        )
+    rt = runtime_or_docker(runtime)
+    runs = list_runs(rt, project, settings.state_dir)
+    if persistent and not new:
+        live = [
+            r for r in runs
+            if r.persistent and r.project == project and r.layer == layer_obj.name and r.running(rt)
+        ]
+        if live:
+            ids = ", ".join(r.run_id for r in live)
+            raise RuntimeProblem(
+                f"layer {layer_obj.name!r} of this project is already up (run {ids}); "
+                f"remove it first with `provision down --run {live[-1].run_id}`, "
+                "or start another one alongside with `provision up --new`"
+            )
+    warnings = [
+        f"stale run {r.run_id} (layer {r.layer}, owner pid {r.owner_pid} gone) still has "
+        f"{len(r.resources)} resource(s); `provision reap` removes them"
+        for r in runs
+        if r.stale
+    ]
+    for w in warnings:
+        say("warning: " + w)
+    if image is None:
+        from provisioner.runtime.engine import DockerRuntime
+        from provisioner.runtime.images import ensure_worker_image
+
+        if not isinstance(rt, DockerRuntime):
+            raise ImageError("pass image= when using a runtime other than DockerRuntime")
+        image = ensure_worker_image(
+            rt, image=settings.container.image, base=settings.container.base, project=project, progress=say
+        )
+    if run_id is not None and rt.list_resources(L.selector(run_id)):
+        raise RuntimeProblem(
+            f"run id {run_id!r} is already in use on this engine; choose another, or remove it first "
+            f"with `provision down --run {run_id}`"
+        )
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_of(settings, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lm_run_dir: Path | None = None
+    if lm.mode != "mock":
+        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / RUN_LM_SUBDIR)
+        if lm.mode == "cached" and lm.record_mode != "none":  # replay-only: mounted read-only, untouched
+            prepare_shared_dir(Path(lm.cache_dir))
+    owner = owner_pid or os.getpid()
+    if watchdog:
+        wd.ensure_watchdog(
+            run_id, run_dir, owner_pid=owner, interval_s=settings.container.watchdog_interval_s, wait=False
+        )
+    created = time.time()
+    plan = plan_run(
+        settings,
+        layer_obj,
+        lm,
+        run_id=run_id,
+        image=image,
+        workers=workers,
+        session=session,
+        run_dir=lm_run_dir,
+        owner_pid=owner,
+        created=created,
+        persistent=persistent,
+        project=project,
+    )
+    env = RunEnvironment(
+        plan,
+        rt,
+        probe=probe,
+        ready_timeout_s=settings.container.ready_timeout_s,
+        progress=say,
+    )
+    try:
+        env.start()
+        if watchdog:
+            wd.wait_watching(run_dir)
+    except BaseException:
+        env.stop()
+        # The watchdog stays on duty: when this process ends it sweeps the run's labels once more,
+        # catching a container whose create call was still in flight when we were interrupted.
+        raise
+    state = RunState(
+        run_id=run_id,
+        layer=layer_obj.name,
+        lm_mode=lm.mode,
+        session=plan.session,
+        image=image,
+        created=created,
+        owner_pid=owner,
+        owner_host=socket.gethostname(),
+        persistent=persistent,
+        uses_standin=plan.uses_standin,
+        egress=plan.egress,
+        networks=[n.name for n in plan.networks],
+        relay=plan.relay.name,
+        standin=plan.standin.name if plan.standin else None,
+        workers=[
+            {"slot": w.slot, "name": w.name, "container_id": w.container_id, "address": w.address}
+            for w in env.workers
+        ],
+        lm_run_dir=str(lm_run_dir) if lm_run_dir else None,
+    )
+    # Only a persistent environment becomes the "current" one that shells source: a test session's
+    # or `provision run`'s private run must not replace what `provision up` left for the user.
+    write_state(settings, state, current=persistent, control_token=plan.control_token)
+    env.state = state
+    if persistent and watchdog:
+        wd.mark(run_dir, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
+        wd.unregister_owner(run_dir, owner)
+    env.warnings = warnings
+    return env
+
+
+@dataclass
+class DownResult:
+    """``removed``: ``"<kind> <name>"`` of what went; ``state_problem``: why the run's state file
+    could not be read (empty: it could, or there is none) — its resources went by label anyway."""
+
+    run_id: str | None
+    removed: list[str]
+    state_problem: str = ""
+
+
+def down(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    runtime: ContainerRuntime | None = None,
+) -> DownResult:
+    """Remove a run (default: :func:`default_run`) — idempotent: a second call removes nothing.
+
+    Raises:
+        AmbiguousRunError: no ``run_id`` and the project has several runs up.
+    """
+    settings = settings_or_load(settings)
+    rt = runtime_or_docker(runtime)
+    run_id = run_id or default_run(settings, rt)
+    if run_id is None:
+        return DownResult(None, [])
+    run_dir = run_dir_of(settings, run_id)
+    removed: list[str] = []
+    if run_dir.is_dir():
+        wd.mark(run_dir, wd.STOPPED_MARKER)  # the watchdog, if any, stands down
+        from provisioner.runtime.resources import terminate_process
+
+        for pid, start in wd._entries(run_dir / wd.PROCESSES_DIR):
+            if terminate_process(pid, grace_s=2.0, create_time=start or None):
+                removed.append(f"process {pid}")
+    removed += [f"{ref.kind} {ref.name}" for ref in _remove_run(rt, run_id)]
+    problem = ""
+    try:
+        state = read_state(settings, run_id)
+    except StateUnreadableError as exc:  # the labels found everything; the file is left as it is
+        state, problem = None, str(exc)
+    if state is not None and state.status != "down":
+        state.status = "down"
+        write_state(settings, state, current=False)
+    _clear_current(settings, run_id)
+    return DownResult(run_id, removed, problem)
+
+
+def _remove_run(runtime: ContainerRuntime, run_id: str) -> list[ResourceRef]:
+    return remove_by_selector(runtime, L.selector(run_id))
+
+
+@dataclass
+class WorkerHealth:
+    """One worker of a run. ``container``: the engine's status (running | exited | missing ...);
+    ``reason``: how a worker that is not running ended (:func:`death_reason`), else empty;
+    ``repaired``: what ``status(repair=True)`` did for it (empty: nothing needed or possible)."""
+
+    slot: int
+    name: str
+    address: str
+    container: str  # running | exited | missing ...
+    ping_ok: bool
+    lm_configured: bool
+    latency_ms: float | None
+    detail: str = ""
+    reason: str = ""
+    repaired: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.container == "running" and self.ping_ok and self.lm_configured
+
+
+@dataclass
+class StatusReport:
+    run_id: str | None
+    state: RunState | None
+    workers: list[WorkerHealth]
+    others: dict[str, str]  # relay / stand-in: name -> container status
+    state_problem: str = ""  # the state file is unreadable (StateUnreadableError's message)
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            bool(self.workers)
+            and all(w.healthy for w in self.workers)
+            and all(s == "running" for s in self.others.values())
+        )
+
+
+def status(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    runtime: ContainerRuntime | None = None,
+    probe: Probe = bridge_probe,
+    repair: bool = False,
+) -> StatusReport:
+    """The health of every worker of a run (default: :func:`default_run`): container state and a ping.
+
+    ``repair``: first restart every worker whose container exited (killed, OOM-killed, crashed) —
+    the same container, so the same network alias and published address — re-apply its egress
+    guard and wait until it answers ``ping`` (``container.ready_timeout_s``). What was done is in
+    each worker's ``repaired``; a worker whose container is gone cannot be restarted (``down`` then
+    ``up``). A repaired worker has lost its sessions and programs.
+
+    Raises:
+        AmbiguousRunError: no ``run_id`` and the project has several runs up.
+    """
+    settings = settings_or_load(settings)
+    rt = runtime_or_docker(runtime)
+    run_id = run_id or default_run(settings, rt)
+    try:
+        state = read_state(settings, run_id) if run_id else None
+    except StateUnreadableError as exc:
+        return StatusReport(run_id, None, [], {}, state_problem=str(exc))
+    if state is None:
+        return StatusReport(run_id, None, [], {})
+    repaired: dict[str, str] = {}
+    if repair:
+        repaired = _repair_workers(settings, rt, state, probe)
+
+    def check(w: dict[str, Any]) -> WorkerHealth:
+        cstate = rt.container_state(str(w["container_id"]))
+        host, port = str(w["address"]).rsplit(":", 1)
+        done = repaired.get(str(w["name"]), "")
+        if cstate is None or not cstate.running:
+            return WorkerHealth(
+                int(w["slot"]),
+                str(w["name"]),
+                str(w["address"]),
+                "missing" if cstate is None else cstate.status,
+                False,
+                False,
+                None,
+                reason=death_reason(cstate),
+                repaired=done,
+            )
+        result = probe(host, int(port), 2.0)
+        return WorkerHealth(
+            int(w["slot"]),
+            str(w["name"]),
+            str(w["address"]),
+            cstate.status,
+            result.ok,
+            result.lm_configured,
+            round(result.latency_s * 1000, 2),
+            "" if result.ok else result.detail,
+            repaired=done,
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
+        workers = list(pool.map(check, state.workers))
+    others = {}
+    for name in (state.relay, state.standin):
+        if name:
+            cs = rt.container_state(name)
+            others[name] = "missing" if cs is None else cs.status
+    return StatusReport(run_id, state, workers, others)
+
+
+def _repair_workers(
+    settings: Settings, rt: ContainerRuntime, state: RunState, probe: Probe
+) -> dict[str, str]:
+    """Restart the run's exited workers in place (see :func:`status`); worker name -> what was done."""
+    found = rt.list_resources(L.selector(state.run_id))
+    labels = {ref.name: ref.labels for ref in found if ref.kind == "container"}
+    run_network = state.networks[0] if state.networks else ""
+
+    def repair_one(w: dict[str, Any]) -> tuple[str, str]:
+        name, cid = str(w["name"]), str(w["container_id"])
+        cstate = rt.container_state(cid)
+        if cstate is not None and cstate.running:
+            return name, ""
+        why = death_reason(cstate)
+        if cstate is None:
+            return name, (f"not repaired: the worker {why}; `provision down` and `provision up` "
+                          "start the run afresh")
+        try:
+            rt.start_container(cid)
+            if not state.egress:  # guarded: its command waits until the guard has cut it off again
+                target = ContainerRecipe(
+                    name=name, role="worker", image=state.image, command=(), environment={},
+                    labels=labels.get(name, L.selector(state.run_id)), networks=(), guarded=True,
+                )
+                block_host_access(rt, target, cid, network=run_network,
+                                  timeout_s=settings.container.ready_timeout_s)
+            host, port = str(w["address"]).rsplit(":", 1)
+            deadline = time.monotonic() + settings.container.ready_timeout_s
+            while not probe(host, int(port), 2.0).ready:
+                now_state = rt.container_state(cid)
+                if now_state is None or not now_state.running:
+                    raise RuntimeProblem(f"it {death_reason(now_state)} again; its log:\n{rt.logs(cid)}")
+                if time.monotonic() >= deadline:
+                    raise RuntimeProblem(
+                        f"it did not answer ping within {settings.container.ready_timeout_s:.0f}s"
+                    )
+                time.sleep(0.05)
+        except RuntimeProblem as exc:
+            return name, f"restart failed: {exc} (the worker {why})"
+        return name, f"restarted: the worker {why}"
+
+    with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
+        return dict(pool.map(repair_one, state.workers))
+
+
+def run_overview(
+    settings: Settings | None = None, *, runtime: ContainerRuntime | None = None
+) -> list[dict[str, Any]]:
+    """Every run on the engine, all projects, oldest first (``provision status --all-projects``).
+
+    Each row: ``run_id``, ``project`` (None: made by an older version), ``this_project`` (bool),
+    ``layer``, ``persistent``, ``owner_host``, ``owner_pid``, ``created`` (unix time), ``resources``
+    (count).
+    """
+    settings = settings_or_load(settings)
+    rt = runtime_or_docker(runtime)
+    ours = project_of(settings)
+    return [
+        {
+            "run_id": r.run_id,
+            "project": r.project,
+            "this_project": r.project == ours,
+            "layer": r.layer,
+            "persistent": r.persistent,
+            "owner_host": r.owner_host,
+            "owner_pid": r.owner_pid,
+            "created": r.created,
+            "resources": len(r.resources),
+        }
+        for r in list_runs(rt)
+    ]
+
+
+# --- reap ------------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d`` or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip().lower()
+    try:
+        if value and value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--older-than: {text!r} is not a duration (e.g. 30m, 2h, 1d)") from None
+
+
+@dataclass
+class ReapResult:
+    """One run ``reap`` looked at: ``removed`` what went (or would go, with ``dry_run``); ``kept``
+    why it stayed although selected (its owners are alive), empty when it was removed."""
+
+    run_id: str
+    reason: str
+    removed: list[str]
+    project: str | None = None
+    kept: str = ""
+    state_problem: str = ""  # its state file is unreadable (it is removed by label all the same)
+
+
+def reap(
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+    older_than_s: float | None = None,
+    all_runs: bool = False,
+    all_projects: bool = False,
+    force: bool = False,
+    runtime: ContainerRuntime | None = None,
+    dry_run: bool = False,
+) -> list[ReapResult]:
+    """Remove leftovers of earlier runs of this project (``all_projects``: of every project).
+
+    Default: runs whose owner process on this host is gone and that were not started as persistent
+    (``provision up``) — what a watchdog would have removed had it run. ``run_id``: that run.
+    ``older_than_s``: every run created longer ago than that (persistent ones too). ``all_runs``:
+    every run in scope. A run labelled by an older provisioner (no project label) is in this
+    project's scope when this project's state dir has it (``<state_dir>/runs/<run_id>``), and in
+    ``all_projects``' always. A selected run whose owner processes are alive (a test session, ``provision
+    run``) is kept — reported with ``kept`` — unless ``force``.
+    """
+    settings = settings_or_load(settings)
+    rt = runtime_or_docker(runtime)
+    project = None if all_projects or run_id is not None else project_of(settings)
+    now = time.time()
+    out = []
+    for summary in list_runs(rt, project, settings.state_dir):
+        if run_id is not None:
+            reason = "requested" if summary.run_id == run_id else ""
+        elif all_runs:
+            reason = "--all"
+        elif older_than_s is not None:
+            age = now - summary.created
+            reason = f"{age / 60:.0f} min old" if summary.created and age > older_than_s else ""
+        else:
+            reason = "owner gone" if summary.stale else ""
+        if not reason:
+            continue
+        listed = [f"{r.kind} {r.name}" for r in summary.resources]
+        problem = ""
+        try:
+            read_state(settings, summary.run_id)
+        except StateUnreadableError as exc:
+            problem = str(exc)
+        owners = summary.live_owners(run_dir_of(settings, summary.run_id))
+        if owners and not force:
+            kept = f"owner {', '.join(owners)} alive; --force removes it anyway"
+            out.append(ReapResult(summary.run_id, reason, [], summary.project, kept, problem))
+            continue
+        if dry_run:
+            out.append(ReapResult(summary.run_id, reason, listed, summary.project, "", problem))
+            continue
+        result = down(settings, run_id=summary.run_id, runtime=rt)
+        out.append(ReapResult(summary.run_id, reason, result.removed, summary.project, "",
+                              result.state_problem or problem))
+    return out
+
+

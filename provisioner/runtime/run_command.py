@@ -1,0 +1,110 @@
+"""``provision run``: bring a layer up, run a command with the run's env, bring it down again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.errors import (
+    ConfigError,
+)
+from provisioner.lmconfig import LMMode
+from provisioner.runtime import watchdog as wd
+from provisioner.runtime.deployment import Probe, Progress, RunEnvironment, bridge_probe
+from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.lifecycle import down, up
+from provisioner.runtime.resources import should_remove
+from provisioner.runtime.runs import settings_or_load
+from provisioner.runtime.state import run_dir_of, state_file_of
+from provisioner.settings import Settings
+
+
+def run_command(
+    command: Sequence[str],
+    settings: Settings | None = None,
+    *,
+    layer: str | None = None,
+    workers: int | None = None,
+    lm_mode: LMMode | None = None,
+    require_key: bool = False,
+    runtime: ContainerRuntime | None = None,
+    progress: Progress | None = None,
+    image: str | None = None,
+    probe: Probe = bridge_probe,
+    watchdog: bool = True,
+) -> int:
+    """Bring a layer up, run ``command`` with the run's env, bring it down; return the command's code.
+
+    SIGINT/SIGTERM are passed on to the command and the run is still removed; SIGKILL of this
+    process leaves the cleanup to the run's watchdog (within a few seconds). When the command
+    fails, ``cleanup_policy``/``retain_on_failure`` may keep the run for inspection
+    (:func:`~provisioner.runtime.resources.should_remove`).
+    """
+    if not command:
+        raise ConfigError(
+            "provision run needs a command after `--`, e.g. provision run --layer e2e -- pytest"
+        )
+    settings = settings_or_load(settings)
+    received: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    env: RunEnvironment | None = None
+    failed: bool | None = None  # None: the command did not finish (interrupted, crashed)
+    try:
+        env = up(
+            settings,
+            layer=layer,
+            workers=workers,
+            lm_mode=lm_mode,
+            require_key=require_key,
+            persistent=False,
+            runtime=runtime,
+            progress=progress,
+            image=image,
+            probe=probe,
+            watchdog=watchdog,
+        )
+        assert env.state is not None
+        run_dir = run_dir_of(settings, env.state.run_id)
+        child_env = {**os.environ, **env.state.env(state_file_of(settings, env.state.run_id))}
+        if env.control_token:
+            child_env[CONTROL_TOKEN_ENV] = env.control_token
+        try:
+            child = subprocess.Popen(list(command), env=child_env)
+        except OSError as exc:
+            raise ConfigError(f"cannot run {command[0]!r}: {exc}") from None
+        wd.register_process(run_dir, child.pid)
+        code = child.wait()
+        code = 128 + received[0] if received and code < 0 else code
+        failed = code != 0
+        return code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if env is not None and env.state is not None:
+            run_id = env.state.run_id
+            # Interrupted before the command finished: always clean up.
+            if failed is not None and not should_remove(
+                settings.cleanup_policy, settings.retain_on_failure, failed
+            ):
+                wd.mark(run_dir_of(settings, run_id), wd.RETAIN_MARKER)  # the watchdog leaves it too
+                (progress or (lambda _m: None))(
+                    f"kept run {run_id} (cleanup_policy={settings.cleanup_policy}, "
+                    f"retain_on_failure={settings.retain_on_failure}); remove it with "
+                    f"`provision down --run {run_id}`"
+                )
+            else:
+                down(settings, run_id=run_id, runtime=runtime)
+
+

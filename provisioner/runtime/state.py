@@ -1,0 +1,186 @@
+"""A run's files: its state file ``<state_dir>/runs/<id>/state.json`` and env file
+``<state_dir>/runs/<id>/env`` (also copied to ``<state_dir>/current.env`` for ``source``).
+
+No secrets are written to the state file: it holds ids, names, addresses and modes only. The env
+file (mode 0600) also holds the run's control token, ``PROVISION_CONTROL_TOKEN``: it lets a
+controller in any language use the workers' worker-wide commands (docs/protocol.md, "Access").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
+
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.errors import (
+    RuntimeProblem,
+)
+from provisioner.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+CURRENT_ENV = "current.env"
+CURRENT_RUN = "current"
+
+
+class WorkerEntry(TypedDict):
+    """One worker of a run in its state file: slot, container name and id, ``127.0.0.1:<port>``."""
+
+    slot: int
+    name: str
+    container_id: str
+    address: str
+
+
+@dataclass
+class RunState:
+    """What ``provision up`` leaves behind for ``status``/``down`` and for other tools. No secrets."""
+
+    run_id: str
+    layer: str
+    lm_mode: str
+    session: str
+    image: str
+    created: float
+    owner_pid: int
+    owner_host: str
+    persistent: bool
+    uses_standin: bool
+    egress: bool
+    networks: list[str]
+    relay: str
+    standin: str | None
+    workers: list[WorkerEntry]
+    lm_run_dir: str | None = None
+    status: str = "up"
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(w["address"]) for w in self.workers]
+
+    def env(self, state_file: Path | None = None) -> dict[str, str]:
+        """The variables any language's test suite needs to reach this run."""
+        ports = [a.rsplit(":", 1)[1] for a in self.addresses]
+        env = {
+            "PROVISION_RUN_ID": self.run_id,
+            "PROVISION_LAYER": self.layer,
+            "PROVISION_LM_MODE": self.lm_mode,
+            "PROVISION_BRIDGE_ADDRS": ",".join(self.addresses),
+            "PROVISION_BRIDGE_HOST": LOOPBACK,
+            "PROVISION_BRIDGE_PORTS": ",".join(ports),
+            "PROVISION_WORKERS": str(len(self.workers)),
+            "PROVISION_LM_STANDIN": "1" if self.uses_standin else "0",
+        }
+        if self.lm_run_dir:
+            env["PROVISION_LM_RUN_DIR"] = self.lm_run_dir
+        if state_file is not None:
+            env["PROVISION_STATE_FILE"] = str(state_file)
+        return env
+
+
+def run_dir_of(settings: Settings, run_id: str) -> Path:
+    return (Path(settings.state_dir) / "runs" / run_id).resolve()
+
+
+def state_file_of(settings: Settings, run_id: str) -> Path:
+    return run_dir_of(settings, run_id) / "state.json"
+
+
+def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
+    """Replace ``path`` atomically; ``private``: readable by the owner only (0600) from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def render_env(env: Mapping[str, str]) -> str:
+    """``export KEY=value`` lines: ``source``-able by sh/bash/zsh, and read by python-dotenv."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
+def write_state(
+    settings: Settings, state: RunState, *, current: bool = True, control_token: str | None = None
+) -> Path:
+    """Write state.json and the env file of the run (and make it the current one).
+
+    ``control_token`` goes into the env files only (as ``PROVISION_CONTROL_TOKEN``; they are
+    written 0600), never into state.json.
+    """
+    path = state_file_of(settings, state.run_id)
+    _atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
+    env = state.env(path)
+    if control_token:
+        env[CONTROL_TOKEN_ENV] = control_token
+    env_text = render_env(env)
+    _atomic_write(path.with_name("env"), env_text, private=True)
+    if current:
+        root = Path(settings.state_dir).resolve()
+        _atomic_write(root / CURRENT_ENV, env_text, private=True)
+        _atomic_write(root / CURRENT_RUN, state.run_id + "\n")
+    return path
+
+
+class StateUnreadableError(RuntimeProblem):
+    """A run's state file exists but cannot be used: truncated (a process killed mid-write), hand
+    edited, or written by an incompatible version. ``path``: the file; ``reason``: what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"the run's state file {path} is unreadable ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+_RUN_STATE = TypeAdapter(RunState)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def read_state(settings: Settings, run_id: str) -> RunState | None:
+    """The run's state (None: it has no state file; only ``provision up`` writes one).
+
+    Raises:
+        StateUnreadableError: the file is there but is not a valid state file (torn, bad JSON, a
+            field missing or of the wrong type) — the run's resources are still found by their labels.
+    """
+    path = state_file_of(settings, run_id)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateUnreadableError(path, exc.strerror or str(exc)) from None
+    try:
+        return _RUN_STATE.validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'document'}: {err['msg']}" for err in exc.errors()[:3]
+        )
+        raise StateUnreadableError(path, problems) from None
+
+
+def current_run_id(settings: Settings) -> str | None:
+    """The run id in ``<state_dir>/current`` (None: none, or the file is torn or not a run id)."""
+    try:
+        text = (Path(settings.state_dir) / CURRENT_RUN).read_bytes().decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    return text if _RUN_ID.fullmatch(text) else None
+
+
+def _clear_current(settings: Settings, run_id: str) -> None:
+    root = Path(settings.state_dir)
+    if current_run_id(settings) == run_id:
+        for name in (CURRENT_ENV, CURRENT_RUN):
+            with contextlib.suppress(FileNotFoundError):
+                (root / name).unlink()
+

@@ -1,0 +1,142 @@
+"""A live run (RunEnvironment) on the in-memory engine: start order, readiness, failures, replacement."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import RuntimeProblem, WorkerNotReadyError
+from provisioner.layers import get_layer
+from provisioner.runtime.deployment import RunEnvironment
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.recipes import plan_run
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE, FakeWorkers
+
+
+def _env(
+    settings: Settings,
+    rt: FakeRuntime,
+    workers: FakeWorkers,
+    *,
+    count: int = 2,
+    mode: str = "mock",
+    timeout: float = 5.0,
+) -> RunEnvironment:
+    layer = get_layer(settings, "integration")
+    plan = plan_run(
+        settings,
+        layer,
+        settings.lm_for("integration", mode),
+        run_id="run1",  # type: ignore[arg-type]
+        image=FAKE_IMAGE,
+        workers=count,
+        run_dir=Path(settings.state_dir) / "lm",
+    )
+    return RunEnvironment(plan, rt, probe=workers.probe, ready_timeout_s=timeout, poll_interval_s=0.005)
+
+
+def test_start_creates_networks_before_their_containers_and_stop_removes_all(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    env = _env(settings, rt, workers, count=3).start()
+    creates = [name for op, name in rt.calls if op.startswith("create")]
+    guards = [f"prov-run1-w{i}-guard" for i in range(3)]  # mock workers: internal network, guarded
+    assert sorted(creates) == sorted(
+        ["prov-run1", "prov-run1-edge", "prov-run1-relay", "prov-run1-w0", "prov-run1-w1", "prov-run1-w2",
+         *guards]
+    )
+    # Each worker's egress guard runs after the worker started, and is gone before start() returns.
+    for i in range(3):
+        assert rt.calls.index(("start_container", f"prov-run1-w{i}")) < rt.calls.index(
+            ("create_container", f"prov-run1-w{i}-guard")
+        ) < rt.calls.index(("remove_container", f"prov-run1-w{i}-guard"))
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
+    # Each network exists before the containers on it (the relay needs both).
+    assert creates.index("prov-run1") < min(creates.index(f"prov-run1-w{i}") for i in range(3))
+    assert creates.index("prov-run1-edge") < creates.index("prov-run1-relay")
+    addresses = env.addresses()
+    assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses)
+    env.stop()
+    assert rt.containers == {} and rt.networks == {}
+    removes = [name for op, name in rt.calls if op.startswith("remove")]
+    assert removes[-2:] == ["prov-run1-edge", "prov-run1"]  # networks after the containers on them
+
+
+@pytest.mark.timeout(120)  # without the fix it hangs until the 600 s readiness deadline
+def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    # Workers that never get ready, a long deadline: the interrupt must not wait for it.
+    rt, workers = fake
+    workers.not_ready.update({"prov-run1-w0", "prov-run1-w1", "prov-run1-w2"})
+    env = _env(settings, rt, workers, count=3, timeout=600)
+    interrupted = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+    interrupted.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            env.start()
+    finally:
+        interrupted.cancel()
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_failed_start_removes_what_it_made(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    rt.fail_start.add("prov-run1-w1")
+    with pytest.raises(RuntimeProblem, match="injected failure"):
+        _env(settings, rt, workers).start()
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_worker_that_exits_fails_readiness_at_once_with_its_logs(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+
+    def crash_w0(container):  # type: ignore[no-untyped-def]
+        if container.recipe.name == "prov-run1-w0":
+            container.log_lines += ["Traceback ...", "ConfigError: lm.model must not be empty"]
+            container.status, container.exit_code = "exited", 1
+
+    rt.on_start = crash_w0
+    start = time.monotonic()
+    with pytest.raises(WorkerNotReadyError) as info:
+        _env(settings, rt, workers, timeout=30).start()
+    assert time.monotonic() - start < 5  # did not sit out the 30 s deadline
+    assert "exited" in str(info.value) and "lm.model must not be empty" in info.value.last_logs
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_readiness_deadline_reports_the_last_ping_and_logs(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    workers.not_ready.add("prov-run1-w1")
+    rt.on_start = lambda c: c.log_lines.append(f"hello from {c.recipe.name}")
+    with pytest.raises(WorkerNotReadyError) as info:
+        _env(settings, rt, workers, timeout=0.3).start()
+    assert "prov-run1-w1" in str(info.value) and "was not ready within" in str(info.value)
+    assert "hello from prov-run1-w1" in info.value.last_logs
+    assert workers.probes > 10  # polled at a fine interval, not once a second
+
+
+def test_replace_worker_keeps_the_address(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    rt, workers = fake
+    env = _env(settings, rt, workers).start()
+    old = env.worker(1)
+    new = env.replace_worker(1)
+    assert (new.address, new.generation, new.name) == (old.address, 1, "prov-run1-w1-1")
+    assert rt.container_state(old.container_id) is None
+    assert rt.container_state(new.container_id).running  # type: ignore[union-attr]
+    env.stop()
+    assert rt.containers == {}

@@ -1,0 +1,47 @@
+"""provision doctor: every check, each isolated, on the in-memory engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from provisioner.runtime.doctor import doctor
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.settings import Settings
+
+from .conftest import FakeWorkers
+
+
+def test_doctor_reports_the_engine_key_and_disk(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    checks = {c.name: c for c in doctor(settings, runtime=rt)}
+    assert checks["docker engine"].status == "ok"
+    assert checks["Gemini API key"].status == "warn" and "stand-in" in checks["Gemini API key"].detail
+    assert (
+        checks["disk (state dir)"].status in ("ok", "fail") and "GB free" in checks["disk (state dir)"].detail
+    )
+    assert checks["provisioner installation"].status == "ok"
+    assert "dspy-provisioner" in checks["provisioner installation"].detail
+    rt.available = False
+    without_engine = {c.name: c.status for c in doctor(settings, runtime=rt)}
+    assert without_engine["docker engine"] == "fail" and "stale runs" not in without_engine
+    assert without_engine["Gemini API key"] == "warn"  # the checks that need no engine still run
+
+
+def test_doctor_turns_an_unexpected_error_into_a_failed_check(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioner.errors import ImageError
+    from provisioner.runtime import images
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise ImageError("the worker image is built from provisioner's source tree, which was not found")
+
+    monkeypatch.setattr(images, "installed_package", broken)
+    monkeypatch.setattr("provisioner.runtime.doctor.list_runs", lambda *_a, **_k: 1 / 0)
+    checks = {c.name: c for c in doctor(settings, runtime=fake[0])}
+    assert checks["provisioner installation"].status == "fail"
+    assert "ImageError" in checks["provisioner installation"].detail
+    assert checks["stale runs"].status == "fail" and "ZeroDivisionError" in checks["stale runs"].detail
+    assert checks["Gemini API key"].status == "warn"  # the other checks still ran
