@@ -531,7 +531,7 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
     """
     from provisioner.runtime.lifecycle import up
-    from provisioner.runtime.state import state_file_of
+    from provisioner.runtime.state import CURRENT_ENV, run_dir_of
 
     settings = _settings(layer=layer)
     try:
@@ -541,19 +541,19 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
         raise click.ClickException("interrupted: everything started so far was removed") from None
     state = env.state
     assert state is not None
-    state_file = state_file_of(settings, state.run_id)
+    run_dir = run_dir_of(settings, state.run_id)
     if as_json:
         from dataclasses import asdict
 
-        click.echo(json.dumps({**asdict(state), "state_file": str(state_file),
-                               "env_file": str(state_file.with_name("env")), "warnings": env.warnings}))
+        click.echo(json.dumps({**asdict(state), "state_file": str(run_dir.state_file),
+                               "env_file": str(run_dir.env_file), "warnings": env.warnings}))
         return
     _worker_table(state)
     if state.uses_standin:
         click.echo("GEMINI_TEST_API_KEY is not set: real-mode workers talk to the local Gemini stand-in "
                    "(use --require-key to insist on the real API).")
-    current = Path(settings.state_dir) / "current.env"
-    click.echo(f"env file: {state_file.with_name('env')}  (or: source {current})")
+    current = Path(settings.state_dir) / CURRENT_ENV
+    click.echo(f"env file: {run_dir.env_file}  (or: source {current})")
     click.echo("stop with: provision down")
 
 
@@ -592,9 +592,10 @@ def _check_run(settings: Settings, run_id: str) -> None:
     """A usage error (exit 2, did you mean, the known ids) unless ``run_id`` is a run on the engine or
     has a state file in this project."""
     from provisioner.runtime.lifecycle import run_overview
+    from provisioner.runtime.state import RUNS_SUBDIR, RunDir
 
-    runs = settings.state_dir / "runs"
-    on_disk = {d.name for d in runs.iterdir() if (d / "state.json").exists()} if runs.is_dir() else set()
+    runs = settings.state_dir / RUNS_SUBDIR
+    on_disk = {d.name for d in runs.iterdir() if RunDir(d).state_file.exists()} if runs.is_dir() else set()
     on_engine = {str(row["run_id"]) for row in run_overview(settings)}
     if run_id not in on_disk | on_engine:
         known_name("run", run_id, sorted(on_disk | on_engine),

@@ -19,7 +19,6 @@ from provisioner.errors import (
     RuntimeProblem,
 )
 from provisioner.layers import get_layer
-from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.lmconfig import LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
@@ -133,16 +132,17 @@ def up(
         )
     run_id = run_id or new_run_id()
     run_dir = run_dir_of(settings, run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     lm_run_dir: Path | None = None
     if lm.mode != "mock":
-        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir / RUN_LM_SUBDIR)
+        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir.lm_dir)
         if lm.mode == "cached" and lm.record_mode != "none":  # replay-only: mounted read-only, untouched
             prepare_shared_dir(Path(lm.cache_dir))
     owner = owner_pid or os.getpid()
     if watchdog:
         wd.ensure_watchdog(
-            run_id, run_dir, owner_pid=owner, interval_s=settings.container.watchdog_interval_s, wait=False
+            run_id, run_dir.path, owner_pid=owner, interval_s=settings.container.watchdog_interval_s,
+            wait=False,
         )
     created = time.time()
     plan = plan_run(
@@ -169,7 +169,7 @@ def up(
     try:
         env.start()
         if watchdog:
-            wd.wait_watching(run_dir)
+            wd.wait_watching(run_dir.path)
     except BaseException:
         env.stop()
         # The watchdog stays on duty: when this process ends it sweeps the run's labels once more,
@@ -201,8 +201,8 @@ def up(
     write_state(settings, state, current=persistent, control_token=plan.control_token)
     env.state = state
     if persistent and watchdog:
-        wd.mark(run_dir, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
-        wd.unregister_owner(run_dir, owner)
+        wd.mark(run_dir.path, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
+        wd.unregister_owner(run_dir.path, owner)
     env.warnings = warnings
     return env
 
@@ -235,11 +235,11 @@ def down(
         return DownResult(None, [])
     run_dir = run_dir_of(settings, run_id)
     removed: list[str] = []
-    if run_dir.is_dir():
-        wd.mark(run_dir, wd.STOPPED_MARKER)  # the watchdog, if any, stands down
+    if run_dir.path.is_dir():
+        wd.mark(run_dir.path, wd.STOPPED_MARKER)  # the watchdog, if any, stands down
         from provisioner.runtime.resources import terminate_process
 
-        for pid, start in wd._entries(run_dir / wd.PROCESSES_DIR):
+        for pid, start in wd._entries(run_dir.processes_dir):
             if terminate_process(pid, grace_s=2.0, create_time=start or None):
                 removed.append(f"process {pid}")
     removed += [f"{ref.kind} {ref.name}" for ref in _remove_run(rt, run_id)]

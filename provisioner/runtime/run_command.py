@@ -18,7 +18,7 @@ from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.resources import should_remove
 from provisioner.runtime.runs import settings_or_load
-from provisioner.runtime.state import run_dir_of, state_file_of
+from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings
 
 
@@ -77,14 +77,14 @@ def run_command(
         )
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)
-        child_env = {**os.environ, **env.state.env(state_file_of(settings, env.state.run_id))}
+        child_env = {**os.environ, **env.state.env(run_dir.state_file)}
         if env.control_token:
             child_env[CONTROL_TOKEN_ENV] = env.control_token
         try:
             child = subprocess.Popen(list(command), env=child_env)
         except OSError as exc:
             raise ConfigError(f"cannot run {command[0]!r}: {exc}") from None
-        wd.register_process(run_dir, child.pid)
+        wd.register_process(run_dir.path, child.pid)
         code = child.wait()
         code = 128 + received[0] if received and code < 0 else code
         failed = code != 0
@@ -98,7 +98,7 @@ def run_command(
             if failed is not None and not should_remove(
                 settings.cleanup_policy, settings.retain_on_failure, failed
             ):
-                wd.mark(run_dir_of(settings, run_id), wd.RETAIN_MARKER)  # the watchdog leaves it too
+                wd.mark(run_dir_of(settings, run_id).path, wd.RETAIN_MARKER)  # the watchdog leaves it too
                 (progress or (lambda _m: None))(
                     f"kept run {run_id} (cleanup_policy={settings.cleanup_policy}, "
                     f"retain_on_failure={settings.retain_on_failure}); remove it with "

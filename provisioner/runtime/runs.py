@@ -15,7 +15,7 @@ from provisioner.errors import (
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef
-from provisioner.runtime.state import current_run_id
+from provisioner.runtime.state import RunDir, current_run_id
 from provisioner.settings import Settings, load_settings
 
 
@@ -73,7 +73,7 @@ class RunSummary:
         except psutil.Error:
             return False
 
-    def live_owners(self, run_dir: Path | None = None) -> list[str]:
+    def live_owners(self, run_dir: RunDir | None = None) -> list[str]:
         """The run's owner processes that are alive: the labelled owner and, when the run's state
         folder is known, every owner registered there (pytest and xdist workers, ``provision run``).
         Entries read ``pid <n>``, or ``<host> pid <n> (another host: assumed alive)``."""
@@ -84,7 +84,7 @@ class RunSummary:
         elif owner and self.owner_pid > 0:
             alive.append(f"pid {self.owner_pid}")
         if run_dir is not None:
-            for pid, start in wd._entries(run_dir / wd.OWNERS_DIR):
+            for pid, start in wd._entries(run_dir.owners_dir):
                 if wd._alive(pid, start) and f"pid {pid}" not in alive:
                     alive.append(f"pid {pid}")
         return alive
@@ -110,7 +110,7 @@ class RunSummary:
         if project is None or self.project == project:
             return True
         if self.project is None and state_dir is not None:
-            return (Path(state_dir) / "runs" / self.run_id).is_dir()
+            return RunDir.of(state_dir, self.run_id).path.is_dir()
         return False
 
 

@@ -1,5 +1,5 @@
-"""A run's files: its state file ``<state_dir>/runs/<id>/state.json`` and env file
-``<state_dir>/runs/<id>/env`` (also copied to ``<state_dir>/current.env`` for ``source``).
+"""A run's files: its folder (:class:`RunDir`, ``<state_dir>/runs/<id>``) with the state file
+``state.json`` and the env file ``env`` (also copied to ``<state_dir>/current.env`` for ``source``).
 
 No secrets are written to the state file: it holds ids, names, addresses and modes only. The env
 file (mode 0600) also holds the run's control token, ``PROVISION_CONTROL_TOKEN``: it lets a
@@ -21,14 +21,67 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
-from provisioner.errors import (
-    RuntimeProblem,
-)
+from provisioner.errors import RuntimeProblem
+from provisioner.lm.ledger import RUN_LM_SUBDIR
+from provisioner.runtime import watchdog as wd
 from provisioner.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 CURRENT_ENV = "current.env"
 CURRENT_RUN = "current"
+RUNS_SUBDIR = "runs"
+STATE_FILE = "state.json"
+ENV_FILE = "env"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's folder, ``<state_dir>/runs/<run_id>``, and the name of every path in it.
+
+    The folder is shared by every process of the run (pytest and its xdist workers, ``provision
+    run``, the watchdog): ``state.json`` and ``env`` (written by ``provision up``), ``lm/`` (the LM
+    rate window, cost budget and ledger, bind-mounted into the workers), ``owners/`` and
+    ``processes/`` (the watchdog's registrations), ``watchdog.lock`` and the watchdog's markers.
+    """
+
+    path: Path
+
+    @classmethod
+    def of(cls, state_dir: Path | str, run_id: str) -> RunDir:
+        """The folder of ``run_id`` under ``state_dir`` (made absolute: it is handed to other processes)."""
+        return cls((Path(state_dir) / RUNS_SUBDIR / run_id).resolve())
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def env_file(self) -> Path:
+        return self.path / ENV_FILE
+
+    @property
+    def lm_dir(self) -> Path:
+        return self.path / RUN_LM_SUBDIR
+
+    @property
+    def owners_dir(self) -> Path:
+        return self.path / wd.OWNERS_DIR
+
+    @property
+    def processes_dir(self) -> Path:
+        return self.path / wd.PROCESSES_DIR
+
+    @property
+    def watchdog_lock(self) -> Path:
+        return self.path / wd.LOCK_FILE
+
+    def marker(self, name: str) -> Path:
+        """A watchdog marker file (``watchdog.PERSIST_MARKER``, ``RETAIN_MARKER``, ``STOPPED_MARKER``…)."""
+        return self.path / name
 
 
 class WorkerEntry(TypedDict):
@@ -86,12 +139,9 @@ class RunState:
         return env
 
 
-def run_dir_of(settings: Settings, run_id: str) -> Path:
-    return (Path(settings.state_dir) / "runs" / run_id).resolve()
-
-
-def state_file_of(settings: Settings, run_id: str) -> Path:
-    return run_dir_of(settings, run_id) / "state.json"
+def run_dir_of(settings: Settings, run_id: str) -> RunDir:
+    """The :class:`RunDir` of ``run_id`` in the settings' state dir."""
+    return RunDir.of(settings.state_dir, run_id)
 
 
 def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
@@ -117,13 +167,14 @@ def write_state(
     ``control_token`` goes into the env files only (as ``PROVISION_CONTROL_TOKEN``; they are
     written 0600), never into state.json.
     """
-    path = state_file_of(settings, state.run_id)
+    run_dir = run_dir_of(settings, state.run_id)
+    path = run_dir.state_file
     _atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
     env = state.env(path)
     if control_token:
         env[CONTROL_TOKEN_ENV] = control_token
     env_text = render_env(env)
-    _atomic_write(path.with_name("env"), env_text, private=True)
+    _atomic_write(run_dir.env_file, env_text, private=True)
     if current:
         root = Path(settings.state_dir).resolve()
         _atomic_write(root / CURRENT_ENV, env_text, private=True)
@@ -152,7 +203,7 @@ def read_state(settings: Settings, run_id: str) -> RunState | None:
         StateUnreadableError: the file is there but is not a valid state file (torn, bad JSON, a
             field missing or of the wrong type) — the run's resources are still found by their labels.
     """
-    path = state_file_of(settings, run_id)
+    path = run_dir_of(settings, run_id).state_file
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

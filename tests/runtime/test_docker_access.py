@@ -21,7 +21,7 @@ from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import BridgeError
 from provisioner.lm.limits import RUN_LIMITS_FILE, RunLimits
 from provisioner.runtime.lifecycle import down, up
-from provisioner.runtime.state import state_file_of
+from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings, load_settings
 
 from .conftest import leftovers
@@ -82,7 +82,7 @@ class Frames:
 
 
 def _token_from_env_file(settings: Settings, run_id: str) -> str:
-    env_file = state_file_of(settings, run_id).with_name("env")
+    env_file = run_dir_of(settings, run_id).env_file
     assert env_file.stat().st_mode & 0o777 == 0o600
     shell = subprocess.run(
         ["bash", "-c", f"source {shlex.quote(str(env_file))} && echo ${CONTROL_TOKEN_ENV}"],
@@ -100,7 +100,7 @@ def test_a_client_cannot_repoint_the_key_lift_the_budget_or_take_the_worker(
     assert token == env.control_token and len(token) >= 40
 
     # The token is a secret: not in the state file, the container's labels, command or logs.
-    state_text = state_file_of(settings, env.plan.run_id).read_text()
+    state_text = run_dir_of(settings, env.plan.run_id).state_file.read_text()
     info = docker_engine.api.inspect_container(env.workers[0].container_id)
     logs = docker_engine.containers.get(env.workers[0].container_id).logs().decode(errors="replace")
     for where in (state_text, json.dumps(info["Config"]["Labels"]), json.dumps(info["Config"]["Cmd"]), logs):

@@ -25,7 +25,6 @@ from provisioner.runtime.state import (
     current_run_id,
     read_state,
     run_dir_of,
-    state_file_of,
 )
 from provisioner.settings import Settings
 
@@ -39,7 +38,7 @@ def test_up_writes_state_and_a_sourceable_env_file_and_down_is_idempotent(
     env = _up(settings, fake, layer="integration", lm_mode="mock", workers=2)
     assert env.state is not None
     run_id = env.state.run_id
-    state_file = state_file_of(settings, run_id)
+    state_file = run_dir_of(settings, run_id).state_file
     data = json.loads(state_file.read_text())
     assert data["run_id"] == run_id and len(data["workers"]) == 2 and data["lm_mode"] == "mock"
     current = Path(settings.state_dir) / "current.env"
@@ -88,9 +87,9 @@ def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the
     env = _up(settings, fake, layer="integration", lm_mode="cached", workers=1, persistent=True)
     assert env.state is not None and env.control_token
     token = env.control_token
-    state_file = state_file_of(settings, env.state.run_id)
-    assert token not in state_file.read_text()
-    for env_file in (state_file.with_name("env"), Path(settings.state_dir) / "current.env"):
+    run_dir = run_dir_of(settings, env.state.run_id)
+    assert token not in run_dir.state_file.read_text()
+    for env_file in (run_dir.env_file, Path(settings.state_dir) / "current.env"):
         assert env_file.stat().st_mode & 0o777 == 0o600
         out = subprocess.run(["bash", "-c", f"source {env_file} && echo $PROVISION_CONTROL_TOKEN"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -105,7 +104,7 @@ def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the
     assert limits == {"rate_limit_rpm": lm.rate_limit_rpm, "cost_limit_usd": lm.cost_limit_usd,
                       "rate_limit_wait_s": lm.rate_limit_wait_s}
     down(settings, runtime=rt)
-    assert token not in state_file.with_name("env").read_text()  # a run that is down has no token
+    assert token not in run_dir.env_file.read_text()  # a run that is down has no token
 
 
 def _dead_pid() -> int:
@@ -249,7 +248,7 @@ def test_reap_finds_runs_labelled_by_an_older_version(
     old = L.run_labels("oldrun1", "integration", "s", owner_pid=_dead_pid())
     assert L.PROJECT not in old
     rt.create_network(NetworkRecipe("prov-oldrun1", internal=True, labels={**old, L.ROLE: L.ROLE_NETWORK}))
-    run_dir_of(settings, "oldrun1").mkdir(parents=True)  # this project's state dir has the run
+    run_dir_of(settings, "oldrun1").path.mkdir(parents=True)  # this project's state dir has the run
     found = reap(settings, runtime=rt, dry_run=True)
     assert [(r.run_id, r.reason, r.project) for r in found] == [("oldrun1", "owner gone", None)]
     assert [c.detail for c in _check_stale(settings, rt)] == ["oldrun1: `provision reap` removes them"]
@@ -269,7 +268,7 @@ def test_an_unlabelled_run_of_another_project_is_not_offered_to_reap(
     run_id = "r20261130-062506-4d0b96"
     old = L.run_labels(run_id, "integration", "s", owner_pid=_dead_pid())
     rt.create_network(NetworkRecipe(f"prov-{run_id}", internal=True, labels={**old, L.ROLE: L.ROLE_NETWORK}))
-    assert not run_dir_of(settings, run_id).exists()
+    assert not run_dir_of(settings, run_id).path.exists()
     assert _check_stale(settings, rt) == []
     assert list_runs(rt, project_of(settings), settings.state_dir) == []
     assert reap(settings, runtime=rt, dry_run=True) == []
@@ -294,7 +293,7 @@ def test_reap_keeps_a_run_with_a_live_registered_owner(
               owner_pid=_dead_pid())
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        wd.register_owner(run_dir_of(settings, env.plan.run_id), helper.pid)
+        wd.register_owner(run_dir_of(settings, env.plan.run_id).path, helper.pid)
         [result] = reap(settings, runtime=rt)
         assert result.removed == [] and f"pid {helper.pid}" in result.kept
         assert rt.list_resources(L.selector(env.plan.run_id))
@@ -352,7 +351,7 @@ def test_an_unreadable_state_file_is_reported_and_down_still_removes_the_run_by_
     env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, persistent=False,
               owner_pid=_dead_pid())
     run_id = env.plan.run_id
-    state_file = state_file_of(settings, run_id)
+    state_file = run_dir_of(settings, run_id).state_file
     state_file.write_bytes(corrupt(state_file.read_text()).encode("utf-8", "surrogateescape"))
     with pytest.raises(StateUnreadableError) as err:
         read_state(settings, run_id)

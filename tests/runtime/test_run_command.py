@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from provisioner.runtime import watchdog as wd
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.run_command import run_command
 from provisioner.runtime.runs import list_runs
@@ -59,7 +60,7 @@ def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
     assert code == 1
     kept = list_runs(rt)
     assert len(kept) == 1 and any("kept run" in m for m in messages)
-    assert (run_dir_of(keep, kept[0].run_id) / "retain").exists()  # the watchdog leaves it too
+    assert (run_dir_of(keep, kept[0].run_id).marker(wd.RETAIN_MARKER)).exists()  # the watchdog leaves it too
     assert (
         run_command(
             ["true"],
