@@ -22,6 +22,7 @@ from provisioner.errors import (
 from provisioner.runtime import labels as L
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ContainerState, remove_by_selector
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import (
     ContainerRecipe,
     RunPlan,
@@ -250,15 +251,16 @@ class RunEnvironment:
 
         A worker whose container exits fails at once (no waiting for the deadline), with its logs.
         """
-        deadline = time.monotonic() + self.ready_timeout_s
         next_state_check = 0.0
         last = ProbeResult(False, detail="not probed yet")
-        while True:
+
+        def ready() -> bool:
+            nonlocal last, next_state_check
             if self._closing.is_set():
                 raise RuntimeProblem("the run is being stopped")
             last = self.probe(worker.host, worker.port, max(0.2, min(2.0, self.ready_timeout_s / 4)))
             if last.ready:
-                return
+                return True
             now = time.monotonic()
             if now >= next_state_check:
                 next_state_check = now + 0.25
@@ -275,26 +277,33 @@ class RunEnvironment:
                             f"worker {worker.name} did not become ready: container {label} {how}",
                             self.runtime.logs(cid),
                         )
-            if now >= deadline:
-                why = "LM not configured" if last.ok else last.detail
-                raise WorkerNotReadyError(
-                    f"worker {worker.name} ({worker.address}) was not ready within "
-                    f"{self.ready_timeout_s:.0f}s (last ping: {why})",
-                    self.runtime.logs(worker.container_id),
-                )
-            time.sleep(self.poll_interval_s)
+            return False
+
+        if not poll_until(ready, self.ready_timeout_s, self.poll_interval_s, stop=self._closing):
+            if self._closing.is_set():
+                raise RuntimeProblem("the run is being stopped")
+            why = "LM not configured" if last.ok else last.detail
+            raise WorkerNotReadyError(
+                f"worker {worker.name} ({worker.address}) was not ready within "
+                f"{self.ready_timeout_s:.0f}s (last ping: {why})",
+                self.runtime.logs(worker.container_id),
+            )
 
     def _wait_standin(self) -> None:
         assert self.plan.standin is not None
-        cid = self.container_ids[self.plan.standin.name]
-        deadline = time.monotonic() + self.ready_timeout_s
-        while "PROVISION_STANDIN_READY" not in self.runtime.logs(cid, tail=20):
+        name = self.plan.standin.name
+        cid = self.container_ids[name]
+
+        def started() -> bool:
+            if "PROVISION_STANDIN_READY" in self.runtime.logs(cid, tail=20):
+                return True
             state = self.runtime.container_state(cid)
-            if state is None or not state.running or time.monotonic() >= deadline:
-                raise WorkerNotReadyError(
-                    f"the Gemini stand-in {self.plan.standin.name} did not start", self.runtime.logs(cid)
-                )
-            time.sleep(self.poll_interval_s * 2)
+            if state is None or not state.running:
+                raise WorkerNotReadyError(f"the Gemini stand-in {name} did not start", self.runtime.logs(cid))
+            return False
+
+        if not poll_until(started, self.ready_timeout_s, self.poll_interval_s * 2, stop=self._closing):
+            raise WorkerNotReadyError(f"the Gemini stand-in {name} did not start", self.runtime.logs(cid))
 
     # -- workers ---------------------------------------------------------------------------------------
 

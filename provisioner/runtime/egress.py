@@ -15,10 +15,10 @@ remove it with the rest.
 from __future__ import annotations
 
 import threading
-import time
 
 from provisioner.errors import RuntimeProblem
 from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import ContainerRecipe, guard_recipe
 
 
@@ -46,21 +46,25 @@ def block_host_access(
     guard_id = runtime.create_container(guard)
     try:
         runtime.start_container(guard_id)
-        deadline = time.monotonic() + timeout_s
-        while True:
+        state = None
+
+        def finished() -> bool:
+            nonlocal state
             state = runtime.container_state(guard_id)
             if state is None:
                 raise RuntimeProblem(f"the egress guard of {target.name} disappeared before it finished")
             if not state.running and state.status != "created":
-                break
+                return True
             if stop is not None and stop.is_set():
                 raise RuntimeProblem("the run is being stopped")
-            if time.monotonic() >= deadline:
-                raise RuntimeProblem(
-                    f"the egress guard of {target.name} did not finish within {timeout_s:.0f}s; its log:\n"
-                    f"{runtime.logs(guard_id)}"
-                )
-            time.sleep(poll_s)
+            return False
+
+        if not poll_until(finished, timeout_s, poll_s, stop=stop):
+            raise RuntimeProblem(
+                f"the egress guard of {target.name} did not finish within {timeout_s:.0f}s; its log:\n"
+                f"{runtime.logs(guard_id)}"
+            )
+        assert state is not None
         if state.exit_code != 0:
             raise RuntimeProblem(
                 f"the egress guard of {target.name} failed (exit code {state.exit_code}), so it stays "

@@ -25,6 +25,7 @@ from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Probe, Progress, RunEnvironment, bridge_probe, death_reason
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import (
     ContainerRecipe,
     plan_run,
@@ -396,16 +397,18 @@ def _repair_workers(
                 block_host_access(rt, target, cid, network=run_network,
                                   timeout_s=settings.container.ready_timeout_s)
             host, port = str(w["address"]).rsplit(":", 1)
-            deadline = time.monotonic() + settings.container.ready_timeout_s
-            while not probe(host, int(port), 2.0).ready:
+
+            def answers() -> bool:
+                if probe(host, int(port), 2.0).ready:
+                    return True
                 now_state = rt.container_state(cid)
                 if now_state is None or not now_state.running:
                     raise RuntimeProblem(f"it {death_reason(now_state)} again; its log:\n{rt.logs(cid)}")
-                if time.monotonic() >= deadline:
-                    raise RuntimeProblem(
-                        f"it did not answer ping within {settings.container.ready_timeout_s:.0f}s"
-                    )
-                time.sleep(0.05)
+                return False
+
+            timeout_s = settings.container.ready_timeout_s
+            if not poll_until(answers, timeout_s, 0.05):
+                raise RuntimeProblem(f"it did not answer ping within {timeout_s:.0f}s")
         except RuntimeProblem as exc:
             return name, f"restart failed: {exc} (the worker {why})"
         return name, f"restarted: the worker {why}"
