@@ -7,7 +7,7 @@ Usage::
 Method (real Docker engine, the worker image already built; each measurement repeated ``--rounds``
 times, median, min and max reported; wall clock with ``time.perf_counter``):
 
-* **cold start** — a fresh run of one mock-LM worker through :class:`RunEnvironment` (its two
+* **cold start** — a fresh run of one mock-LM worker through :class:`Deployment` (its two
   networks, the relay and the worker container), timed from the first engine call until the first
   ``execute_program`` returns OK through the published 127.0.0.1 address. Split into: networks,
   containers created and started, ready (``ping`` OK with the LM configured, polled every 25 ms),
@@ -41,7 +41,7 @@ from typing import Any
 from provisioner.bridge.client import BridgeClient
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
-from provisioner.runtime.deployment import RunEnvironment
+from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import DockerRuntime
 from provisioner.runtime.images import build_worker_image
 from provisioner.runtime.lifecycle import down, up
@@ -90,7 +90,7 @@ def cold_start(rt: DockerRuntime, image: str, folder: Path) -> dict[str, float]:
         elif message.startswith("containers started"):
             marks["containers"] = time.perf_counter() - start
 
-    env = RunEnvironment(plan, rt, ready_timeout_s=60, progress=progress)
+    env = Deployment(plan, rt, ready_timeout_s=60, progress=progress)
     try:
         env.start()
         marks["ready"] = time.perf_counter() - start

@@ -1,6 +1,11 @@
-"""One live run (:class:`RunEnvironment`): creates its networks and containers from a
-:class:`~provisioner.runtime.recipes.RunPlan` (workers started concurrently), waits until every
-worker answers ``ping`` with its LM configured, replaces workers, and removes everything again.
+"""A deployment (:class:`Deployment`): the live containers and networks of one
+:class:`~provisioner.runtime.recipes.RunPlan`. It creates them (workers started concurrently),
+waits until every worker answers ``ping`` with its LM configured, replaces workers, and removes
+everything again.
+
+"Deployment" rather than "environment": that word already means ``provisioner.environment()`` /
+``api.Environment`` (the public handle) and environment variables. A run may have several
+deployments (one per process instance: ``main``, ``gw0``, a dedicated worker's), all under one run id.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class WorkerInfo:
         return f"{self.host}:{self.port}"
 
 
-class RunEnvironment:
+class Deployment:
     """One run's containers and networks. Use :meth:`start`, then :meth:`stop` (or ``with``).
 
     ``resources`` (default: a new :class:`ResourceManager` on ``runtime``) tracks everything this
@@ -129,14 +134,14 @@ class RunEnvironment:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def __enter__(self) -> RunEnvironment:
+    def __enter__(self) -> Deployment:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> RunEnvironment:
+    def start(self) -> Deployment:
         """Create networks, then the stand-in, relay and workers concurrently; wait until ready.
 
         On any failure — including Ctrl-C — everything created so far is removed before raising.

@@ -22,7 +22,7 @@ from provisioner.layers import get_layer
 from provisioner.lmconfig import LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
-from provisioner.runtime.deployment import Probe, Progress, RunEnvironment, bridge_probe, death_reason
+from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe, death_reason
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
 from provisioner.runtime.polling import poll_until
@@ -64,7 +64,7 @@ def up(
     owner_pid: int | None = None,
     progress: Progress | None = None,
     new: bool = False,
-) -> RunEnvironment:
+) -> Deployment:
     """Start a layer's environment and write its state and env files; return the live run.
 
     ``persistent`` (``provision up``): the environment outlives this process until :func:`down`.
@@ -160,7 +160,7 @@ def up(
         persistent=persistent,
         project=project,
     )
-    env = RunEnvironment(
+    env = Deployment(
         plan,
         rt,
         probe=probe,

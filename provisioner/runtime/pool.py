@@ -34,7 +34,7 @@ from typing import Any
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
-from provisioner.runtime.deployment import RunEnvironment, WorkerInfo, death_reason
+from provisioner.runtime.deployment import Deployment, WorkerInfo, death_reason
 from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.resources import CleanupReport
 
@@ -72,7 +72,7 @@ class _Slot:
 
 
 class WorkerPool:
-    """Session routing over a started :class:`RunEnvironment`. Thread-safe.
+    """Session routing over a started :class:`Deployment`. Thread-safe.
 
     ``owns_environment``: :meth:`close` also stops the environment (the default for
     :meth:`WorkerPool.start`).
@@ -80,7 +80,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        environment: RunEnvironment,
+        environment: Deployment,
         *,
         recycle_after_sessions: int = 200,
         recycle_after_s: float = 3600.0,

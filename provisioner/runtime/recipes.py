@@ -283,7 +283,7 @@ class RunPlan:
     egress: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     # The run's limits (provisioner.lm.limits.write_run_limits keywords) and the host directory the
-    # workers share; RunEnvironment writes the limits file there before any worker starts.
+    # workers share; Deployment writes the limits file there before any worker starts.
     lm_run_dir: str | None = None
     run_limits: dict[str, Any] | None = None
     # The workers' control token (a secret: workers get it in secret_environment, the run's env

@@ -13,7 +13,7 @@ from provisioner.errors import (
 )
 from provisioner.lmconfig import LMMode
 from provisioner.runtime import watchdog as wd
-from provisioner.runtime.deployment import Probe, Progress, RunEnvironment, bridge_probe
+from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe
 from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.resources import should_remove
@@ -59,7 +59,7 @@ def run_command(
             raise KeyboardInterrupt
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    env: RunEnvironment | None = None
+    env: Deployment | None = None
     failed: bool | None = None  # None: the command did not finish (interrupted, crashed)
     try:
         env = up(

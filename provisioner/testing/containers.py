@@ -1,6 +1,6 @@
 """One process's containers for a layer: the warm pool, dedicated workers, the run's watchdog, leak checks.
 
-Built on :mod:`provisioner.runtime` (recipes, ``RunEnvironment``, ``WorkerPool``, ``ResourceManager``,
+Built on :mod:`provisioner.runtime` (recipes, ``Deployment``, ``WorkerPool``, ``ResourceManager``,
 the watchdog, the content-hashed image). What this module adds is the *per-process* view that pytest
 (with or without xdist) and :func:`provisioner.environment` need:
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from provisioner.api import Environment
-    from provisioner.runtime.deployment import RunEnvironment, WorkerInfo
+    from provisioner.runtime.deployment import Deployment, WorkerInfo
     from provisioner.runtime.pool import WorkerPool
     from provisioner.runtime.recipes import RunPlan
     from provisioner.runtime.resources import ResourceManager
@@ -122,7 +122,7 @@ class ProcessContainers:
         self._resources: ResourceManager | None = None
         self._watchdog_started = False
         self._pool: WorkerPool | None = None
-        self._pool_env: RunEnvironment | None = None
+        self._pool_env: Deployment | None = None
         self._dedicated = itertools.count(1)
         self.workers_started = 0
         self.retained: list[str] = []
@@ -268,14 +268,14 @@ class ProcessContainers:
         with self._lock:
             if self._pool is None:
                 self._require_container_layer("the worker pool")
-                from provisioner.runtime.deployment import RunEnvironment
+                from provisioner.runtime.deployment import Deployment
                 from provisioner.runtime.pool import WorkerPool
 
                 self._ensure_watchdog()
                 layer = self.env.layer
                 count = layer.workers if layer.pooling_enabled else 1
                 plan = self._plan(count, self.instance)
-                run_env = RunEnvironment(
+                run_env = Deployment(
                     plan, self.runtime, resources=self.resources,
                     ready_timeout_s=self.env.settings.container.ready_timeout_s,
                 )
@@ -333,7 +333,7 @@ class ProcessContainers:
         from testcontainers.core.container import DockerContainer
 
         from provisioner.bridge.client import BridgeClient
-        from provisioner.runtime.deployment import RunEnvironment, WorkerInfo
+        from provisioner.runtime.deployment import Deployment, WorkerInfo
         from provisioner.runtime.egress import block_host_access
 
         # Ryuk needs an image pull and the docker socket in a container: the run's watchdog does its job.
@@ -342,7 +342,7 @@ class ProcessContainers:
         plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
         recipe = plan.workers[0]
         # Networks and the relay come from the plan as usual; the worker itself from testcontainers.
-        base = RunEnvironment(
+        base = Deployment(
             dataclasses.replace(plan, workers=()), self.runtime,
             ready_timeout_s=self.env.settings.container.ready_timeout_s,
         )

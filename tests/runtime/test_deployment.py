@@ -1,4 +1,4 @@
-"""A live run (RunEnvironment) on the in-memory engine: start order, readiness, failures, replacement."""
+"""A live run (Deployment) on the in-memory engine: start order, readiness, failures, replacement."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from provisioner.errors import RuntimeProblem, WorkerNotReadyError
 from provisioner.layers import get_layer
-from provisioner.runtime.deployment import RunEnvironment
+from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.recipes import plan_run
 from provisioner.settings import Settings
@@ -28,7 +28,7 @@ def _env(
     count: int = 2,
     mode: str = "mock",
     timeout: float = 5.0,
-) -> RunEnvironment:
+) -> Deployment:
     layer = get_layer(settings, "integration")
     plan = plan_run(
         settings,
@@ -39,7 +39,7 @@ def _env(
         workers=count,
         run_dir=Path(settings.state_dir) / "lm",
     )
-    return RunEnvironment(plan, rt, probe=workers.probe, ready_timeout_s=timeout, poll_interval_s=0.005)
+    return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=timeout, poll_interval_s=0.005)
 
 
 def test_start_creates_networks_before_their_containers_and_stop_removes_all(

@@ -27,7 +27,7 @@ from provisioner.errors import RuntimeProblem, WorkerLostError, WorkerNotReadyEr
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
 from provisioner.runtime import netguard
-from provisioner.runtime.deployment import RunEnvironment, WorkerInfo, bridge_probe
+from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.lifecycle import down, up
@@ -250,7 +250,7 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
         workers=1,
         worker_args=("--no-such-flag",),
     )
-    env = RunEnvironment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
+    env = Deployment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
     try:
         with pytest.raises(WorkerNotReadyError) as info:
             env.start()
@@ -401,7 +401,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
         workers=1,
     )
     rt = DockerRuntime(docker_engine)
-    base = RunEnvironment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
+    base = Deployment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
     try:
         base.start()  # networks and relay
         worker = plan.workers[0]

@@ -14,7 +14,7 @@ import pytest
 from provisioner.errors import ConfigError, RuntimeProblem
 from provisioner.lm.limits import read_run_limits
 from provisioner.runtime import labels as L
-from provisioner.runtime.deployment import RunEnvironment
+from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.doctor import _check_stale
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.lifecycle import down, parse_duration, reap, run_overview, status, up
@@ -73,7 +73,7 @@ def test_up_refuses_the_in_process_layer_and_a_missing_key_when_required(
     assert rt.calls == []
 
 
-def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any) -> RunEnvironment:
+def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any) -> Deployment:
     """``environment.up`` on the fake runtime, its fake workers' probe, and no watchdog process."""
     runtime, workers = fake
     kwargs.setdefault("image", FAKE_IMAGE)

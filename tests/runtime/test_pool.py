@@ -10,7 +10,7 @@ import pytest
 
 from provisioner.errors import WorkerLostError
 from provisioner.layers import get_layer
-from provisioner.runtime.deployment import RunEnvironment
+from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import ContainerState, FakeRuntime
 from provisioner.runtime.pool import WorkerPool, death_reason
 from provisioner.runtime.recipes import plan_run
@@ -46,7 +46,7 @@ def _pool(
         workers=count,
         run_dir=Path(settings.state_dir) / "lm",
     )
-    env = RunEnvironment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+    env = Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
     return WorkerPool(
         env,
         recycle_after_sessions=sessions,
