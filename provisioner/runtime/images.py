@@ -48,7 +48,7 @@ from typing import Literal
 
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
-from provisioner.runtime.engine import DockerRuntime
+from provisioner.runtime.engine import ImageStore, open_runtime
 
 DIST_NAME = "dspy-provisioner"
 PACKAGE = "provisioner"
@@ -264,31 +264,38 @@ def debootstrap_base_tag() -> str:
     return f"{BASE_REPO}:{DEBIAN_SUITE}-{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _opened(runtime: ImageStore | None) -> Iterator[ImageStore]:
+    """``runtime``, or the engine's own runtime (:func:`open_runtime`) until the block ends."""
+    if runtime is not None:
+        yield runtime
+        return
+    own = open_runtime()
+    try:
+        yield own
+    finally:
+        own.close()
+
+
 # --- base image -----------------------------------------------------------------------------------
 
 
-def _image_id(runtime: DockerRuntime, ref: str) -> str | None:
-    import docker.errors
-
-    try:
-        return str(runtime.client.images.get(ref).id)
-    except docker.errors.ImageNotFound:
-        return None
+def _image_id(runtime: ImageStore, ref: str) -> str | None:
+    found = runtime.image(ref)
+    return None if found is None else found.id
 
 
-def _try_pull(runtime: DockerRuntime, ref: str, progress: Progress) -> str | None:
+def _try_pull(runtime: ImageStore, ref: str, progress: Progress) -> str | None:
     progress(f"pulling {ref} ...")
-    repo, _, tag = ref.partition(":")
     try:
-        runtime.client.images.pull(repo, tag=tag or "latest")
-    except Exception as exc:  # offline: registry unreachable, DNS failure, timeout
-        progress(f"could not pull {ref} ({type(exc).__name__}); falling back to a debootstrap base")
+        return runtime.pull(ref).id
+    except ImageError as exc:  # offline: registry unreachable, DNS failure, timeout
+        progress(f"{exc}; falling back to a debootstrap base")
         return None
-    return _image_id(runtime, ref)
 
 
 def resolve_base(
-    runtime: DockerRuntime,
+    runtime: ImageStore,
     choice: BaseChoice = "auto",
     *,
     allow_build: bool = True,
@@ -341,7 +348,7 @@ def debootstrap_command(rootfs: Path, mirror: str | None) -> list[str]:
     return [*cmd, mirror] if mirror else cmd
 
 
-def build_debootstrap_base(runtime: DockerRuntime, tag: str, *, progress: Progress = print) -> str:
+def build_debootstrap_base(runtime: ImageStore, tag: str, *, progress: Progress = print) -> str:
     """``debootstrap --variant=minbase bookworm`` + prune + ``docker import``; returns the image id."""
     problem = debootstrap_problem()
     if problem:
@@ -368,20 +375,15 @@ def build_debootstrap_base(runtime: DockerRuntime, tag: str, *, progress: Progre
         progress("importing the base into Docker ...")
         tarball = work / "rootfs.tar"
         subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."], check=True)
-        repo, _, version = tag.partition(":")
         changes = [
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "ENV LANG=C.UTF-8",
             'CMD ["/bin/bash"]',
             f"LABEL {L.MANAGED}=base",
         ]
-        runtime.client.api.import_image_from_file(str(tarball), repository=repo, tag=version, changes=changes)
+        return runtime.import_rootfs(tarball, tag, changes=changes).id
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    found = _image_id(runtime, tag)
-    if not found:
-        raise ImageError(f"docker import did not produce {tag}")
-    return found
 
 
 # --- wheelhouse and project wheel -----------------------------------------------------------------
@@ -491,7 +493,7 @@ def write_project_wheel(package: PackageSource, out_dir: Path) -> Path:
 
 
 def worker_tag(
-    runtime: DockerRuntime, base: BaseChoice = "auto", package: PackageSource | None = None
+    runtime: ImageStore, base: BaseChoice = "auto", package: PackageSource | None = None
 ) -> str | None:
     """The tag an up-to-date worker image has, or None when no base image is present yet."""
     try:
@@ -502,7 +504,7 @@ def worker_tag(
 
 
 def build_worker_image(
-    runtime: DockerRuntime | None = None,
+    runtime: ImageStore | None = None,
     *,
     base: BaseChoice = "auto",
     force: bool = False,
@@ -521,32 +523,26 @@ def build_worker_image(
             or the build failed.
     """
     start = time.perf_counter()
-    own = runtime is None
-    runtime = runtime or DockerRuntime()
-    try:
+    with _opened(runtime) as store, _progress_sink(progress, show_progress) as say:
         package = installed_package()
         recipe = recipe_dir()
-        with _progress_sink(progress, show_progress) as say:
-            tag = worker_tag(runtime, base, package)
-            if not (tag and not force and runtime.image_exists(tag)):
-                with _build_lock():
-                    base_ref, base_id = resolve_base(runtime, base, progress=say)
-                    tag = f"{WORKER_REPO}:{worker_image_hash(base_id, package)[:12]}"
-                    if force or not runtime.image_exists(tag):  # else: built by someone else meanwhile
-                        wheelhouse = ensure_wheelhouse(recipe / "requirements.txt", progress=say)
-                        wheel = ensure_project_wheel(package, progress=say)
-                        _docker_build(runtime, recipe, base_ref, tag, wheelhouse, wheel, package, say)
-                        tagged = _tag_project(runtime, tag, project)
-                        return BuildResult(tag, True, time.perf_counter() - start, base_ref, tagged)
-            tagged = _tag_project(runtime, tag, project)
-            return BuildResult(tag, False, time.perf_counter() - start, _base_ref(runtime, base), tagged)
-    finally:
-        if own:
-            runtime.close()
+        tag = worker_tag(store, base, package)
+        if not (tag and not force and store.image_exists(tag)):
+            with _build_lock():
+                base_ref, base_id = resolve_base(store, base, progress=say)
+                tag = f"{WORKER_REPO}:{worker_image_hash(base_id, package)[:12]}"
+                if force or not store.image_exists(tag):  # else: built by someone else meanwhile
+                    wheelhouse = ensure_wheelhouse(recipe / "requirements.txt", progress=say)
+                    wheel = ensure_project_wheel(package, progress=say)
+                    _build(store, recipe, base_ref, tag, wheelhouse, wheel, package, say)
+                    tagged = _tag_project(store, tag, project)
+                    return BuildResult(tag, True, time.perf_counter() - start, base_ref, tagged)
+        tagged = _tag_project(store, tag, project)
+        return BuildResult(tag, False, time.perf_counter() - start, _base_ref(store, base), tagged)
 
 
 def ensure_worker_image(
-    runtime: DockerRuntime | None = None,
+    runtime: ImageStore | None = None,
     *,
     image: str | None = None,
     base: BaseChoice = "auto",
@@ -561,8 +557,7 @@ def ensure_worker_image(
         ImageError: ``image`` is not present (build or pull it yourself: provisioner only builds its
             own image), the build failed, or the image holds another provisioner than the host.
     """
-    rt = runtime or DockerRuntime()
-    try:
+    with _opened(runtime) as rt:
         if image:
             if not rt.image_exists(image):
                 raise ImageError(
@@ -574,12 +569,9 @@ def ensure_worker_image(
             image = build_worker_image(rt, base=base, project=project, progress=progress).tag
         check_image_provisioner(rt, image)
         return image
-    finally:
-        if runtime is None:
-            rt.close()
 
 
-def check_image_provisioner(runtime: DockerRuntime, image: str, package: PackageSource | None = None) -> None:
+def check_image_provisioner(runtime: ImageStore, image: str, package: PackageSource | None = None) -> None:
     """Compare the provisioner recorded in ``image``'s labels with the host's installed one.
 
     Images without the labels (not made from provisioner's image) are not checked.
@@ -587,7 +579,10 @@ def check_image_provisioner(runtime: DockerRuntime, image: str, package: Package
     Raises:
         ImageError: naming both versions and package hashes, and how to rebuild.
     """
-    labels = runtime.client.images.get(image).labels or {}
+    found = runtime.image(image)
+    if found is None:
+        raise ImageError(f"worker image {image!r} is not present; `provision images build` makes it")
+    labels = found.labels
     theirs = labels.get(L.PACKAGE_HASH)
     if not theirs:
         return
@@ -601,26 +596,28 @@ def check_image_provisioner(runtime: DockerRuntime, image: str, package: Package
         )
 
 
-def _tag_project(runtime: DockerRuntime, tag: str, project: str | None) -> str | None:
+def _tag_project(runtime: ImageStore, tag: str, project: str | None) -> str | None:
     """Point ``provisioner-worker:<project>`` at ``tag``; the project's own tag, nobody else's."""
     if not project:
         return None
     wanted = project_tag(project)
-    image = runtime.client.images.get(tag)
-    if wanted not in (image.tags or []):
-        image.tag(WORKER_REPO, project)
+    image = runtime.image(tag)
+    if image is None:
+        raise ImageError(f"cannot tag {tag} as {wanted}: the image is gone (removed meanwhile?)")
+    if wanted not in image.tags:
+        runtime.tag(tag, wanted)
     return wanted
 
 
-def _base_ref(runtime: DockerRuntime, base: BaseChoice) -> str:
+def _base_ref(runtime: ImageStore, base: BaseChoice) -> str:
     try:
         return resolve_base(runtime, base, allow_build=False)[0]
     except ImageError:
         return "?"
 
 
-def _docker_build(
-    runtime: DockerRuntime,
+def _build(
+    runtime: ImageStore,
     recipe: Path,
     base_ref: str,
     tag: str,
@@ -629,8 +626,6 @@ def _docker_build(
     package: PackageSource,
     say: Progress,
 ) -> None:
-    import docker.errors
-
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
         for name in RECIPE_FILES:
@@ -648,31 +643,12 @@ def _docker_build(
         L.PACKAGE_HASH: package.hash()[:16],
         L.VERSION: package.version,
     }
-    try:
-        stream = runtime.client.api.build(
-            fileobj=context,
-            custom_context=True,
-            tag=tag,
-            buildargs={"BASE": base_ref},
-            labels=labels,
-            rm=True,
-            forcerm=True,
-            decode=True,
-            pull=False,
-        )
-        last: list[str] = []
-        for chunk in stream:
-            if "error" in chunk:
-                raise ImageError(f"building {tag} failed: {chunk['error'].strip()}\n" + "".join(last[-15:]))
-            text = chunk.get("stream") or ""
-            if text:
-                last.append(text)
-                if text.startswith("Step "):
-                    say(text.strip())
-    except docker.errors.APIError as exc:
-        raise ImageError(f"building {tag} failed: {exc}") from None
-    if not runtime.image_exists(tag):
-        raise ImageError(f"the build reported success but {tag} is missing")
+
+    def step(line: str) -> None:
+        if line.startswith("Step "):
+            say(line.strip())
+
+    runtime.build(context, tag, build_args={"BASE": base_ref}, labels=labels, on_output=step)
 
 
 @contextlib.contextmanager
@@ -693,33 +669,25 @@ def _progress_sink(progress: Progress | None, show: bool) -> Iterator[Progress]:
         yield say
 
 
-def prune_worker_images(runtime: DockerRuntime | None = None, *, dry_run: bool = False) -> list[str]:
+def prune_worker_images(runtime: ImageStore | None = None, *, dry_run: bool = False) -> list[str]:
     """Remove content-tagged ``provisioner-worker`` images other than the current build.
 
     Kept: the current build, every image a project tag points at (``provisioner-worker:<project>``,
     this project's or another's) and every image a container (running or not) still uses.
     Returns the removed tags.
     """
-    import docker.errors
-
-    rt = runtime or DockerRuntime()
-    try:
+    with _opened(runtime) as rt:
         current = worker_tag(rt)
-        keep_ids = {c["ImageID"] for c in rt.client.api.containers(all=True)}
+        keep_ids = rt.images_in_use()
         removed = []
-        for image in rt.client.images.list(name=WORKER_REPO):
+        for image in rt.list_images(WORKER_REPO):
             content = [t for t in image.tags if _CONTENT_TAG.match(t.rsplit(":", 1)[1]) and t != current]
             if len(content) != len(image.tags) or image.id in keep_ids:
                 continue
             for tag in content:
-                if not dry_run:
-                    with contextlib.suppress(docker.errors.APIError):
-                        rt.client.images.remove(tag)
-                removed.append(tag)
+                if dry_run or rt.remove_image(tag):
+                    removed.append(tag)
         return removed
-    finally:
-        if runtime is None:
-            rt.close()
 
 
 # --- requirements lock ----------------------------------------------------------------------------

@@ -272,3 +272,81 @@ def test_each_project_moves_only_its_own_tag(docker_engine: Any, worker_image: s
     finally:
         for tag in (images.project_tag(mine), images.project_tag(theirs), other_image):
             docker_engine.images.remove(tag, force=False)
+
+
+# --- the image flow on the fake runtime (no engine; the docker tests above prove the adapter) -----
+
+
+@pytest.fixture
+def offline_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds without the network: an empty wheelhouse (its download is tested on its own above)."""
+    monkeypatch.setenv("PROVISION_CACHE_DIR", str(tmp_path / "cache"))
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    monkeypatch.setattr(images, "ensure_wheelhouse", lambda *_a, **_k: wheelhouse)
+
+
+def test_the_worker_image_is_built_once_per_content_and_records_the_hosts_provisioner(
+    offline_build: None,
+) -> None:
+    from provisioner.runtime.engine import FakeRuntime
+
+    rt = FakeRuntime(images=(images.PYTHON_BASE,))
+    assert images.worker_tag(rt) is not None and not rt.image_exists(images.worker_tag(rt) or "")
+    first = images.build_worker_image(rt, project="proj-a", progress=lambda _m: None)
+    assert first.built and first.base == images.PYTHON_BASE and rt.builds == [first.tag]
+    assert first.tag == images.worker_tag(rt) and first.project_tag == images.project_tag("proj-a")
+    made = rt.image(first.tag)
+    assert made is not None and images.project_tag("proj-a") in made.tags
+    package = images.installed_package()
+    assert made.labels[L.PACKAGE_HASH] == package.hash()[:16] and made.labels[L.VERSION] == package.version
+    again = images.build_worker_image(rt, project="proj-b", progress=lambda _m: None)
+    assert (again.tag, again.built, rt.builds) == (first.tag, False, [first.tag])  # one hash, no build
+    assert images.ensure_worker_image(rt) == first.tag
+
+
+def test_without_a_base_or_a_registry_the_fallback_is_debootstrap(
+    offline_build: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioner.runtime.engine import FakeRuntime
+
+    monkeypatch.setattr(images, "debootstrap_problem", lambda: "debootstrap is not installed (test)")
+    said: list[str] = []
+    with pytest.raises(ImageError, match="debootstrap is not installed"):
+        images.build_worker_image(FakeRuntime(), progress=said.append)
+    assert any("could not pull python:3.11-slim" in m and "falling back" in m for m in said)
+    # With a registry that has the base, the pull is the way.
+    rt = FakeRuntime(registry={images.PYTHON_BASE: {}})
+    assert images.build_worker_image(rt, progress=said.append).base == images.PYTHON_BASE
+
+
+def test_a_custom_image_is_checked_never_built() -> None:
+    from provisioner.runtime.engine import FakeRuntime
+
+    rt = FakeRuntime()
+    with pytest.raises(ImageError, match=r"build or pull 'team/worker:1' yourself"):
+        images.ensure_worker_image(rt, image="team/worker:1")
+    rt.add_image("team/worker:1", {L.PACKAGE_HASH: "0123456789abcdef", L.VERSION: "0.0.1"})
+    with pytest.raises(ImageError, match="0123456789abcdef"):
+        images.ensure_worker_image(rt, image="team/worker:1")
+    rt.add_image("team/plain:1")  # not made from provisioner's image: not checked
+    assert images.ensure_worker_image(rt, image="team/plain:1") == "team/plain:1"
+    assert rt.builds == []
+
+
+def test_prune_keeps_the_current_build_project_tags_and_images_in_use(offline_build: None) -> None:
+    from provisioner.runtime.engine import FakeRuntime
+    from provisioner.runtime.recipes import ContainerRecipe
+
+    rt = FakeRuntime(images=(images.PYTHON_BASE,))
+    current = images.build_worker_image(rt, progress=lambda _m: None).tag
+    stale, tagged, used = (f"{images.WORKER_REPO}:{n * 12}" for n in "abc")
+    for ref in (stale, tagged, used):
+        rt.add_image(ref, {"content": ref})
+    rt.tag(tagged, images.project_tag("someones-project"))
+    rt.create_container(ContainerRecipe("uses-it", "worker", used, (), {}, {}, ()))
+    assert images.prune_worker_images(rt, dry_run=True) == [stale]
+    assert rt.image_exists(stale)
+    assert images.prune_worker_images(rt) == [stale]
+    assert not rt.image_exists(stale)
+    assert all(rt.image_exists(ref) for ref in (current, tagged, used))

@@ -176,7 +176,7 @@ def _counting_lists(rt: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> list[in
 def _container(rt: FakeRuntime, name: str, labels: dict[str, str]) -> str:
     from provisioner.runtime.recipes import ContainerRecipe
 
-    rt.images.add("img")
+    rt.add_image("img")
     recipe = ContainerRecipe(name=name, role="worker", image="img", command=("true",), environment={},
                              networks=(), labels=labels)
     return rt.create_container(recipe)

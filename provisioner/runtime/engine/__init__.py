@@ -5,36 +5,74 @@ values it speaks in (:class:`ResourceRef`, :class:`ContainerState`, :class:`Engi
 written against it (:func:`remove_by_selector`); :mod:`.docker` is the adapter to a real engine
 (:class:`DockerRuntime`, the only module that imports docker-py); :mod:`.fake` keeps containers and
 networks in dictionaries (:class:`FakeRuntime`) so the logic above can be tested without an engine.
+
+:func:`open_runtime` is the one place a runtime for the real engine is made: every command, the
+pytest plugin, the Python API and the watchdog call it (or are handed a runtime by their caller).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from provisioner.runtime.engine.base import (
     ContainerRuntime,
     ContainerState,
     EngineEvent,
+    EngineInfo,
     EventSource,
     EventStream,
+    ImageInfo,
+    ImageStore,
     ResourceKind,
     ResourceRef,
     remove_by_selector,
     remove_resource,
-    run_container,
 )
 from provisioner.runtime.engine.docker import DockerRuntime
-from provisioner.runtime.engine.fake import FakeContainer, FakeNetwork, FakeRuntime
+from provisioner.runtime.engine.fake import FakeContainer, FakeImage, FakeNetwork, FakeRuntime
+
+if TYPE_CHECKING:
+    from provisioner.settings import Settings
+
+
+def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> ContainerRuntime:
+    """The runtime for the engine these settings use; the caller closes it.
+
+    Today every engine is reached as docker-py's ``docker.from_env()`` reaches it (``DOCKER_HOST``,
+    ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``; the local socket by default) and ``settings`` choose
+    nothing yet: they are taken here so that engine settings (remote engines, contexts) change this
+    one function, not its callers. ``ping`` (default) asks the engine once, so a missing engine is
+    reported here, naming what to do, rather than at the first container.
+
+    Raises:
+        DockerUnavailableError: no engine answers.
+    """
+    runtime = DockerRuntime()
+    if ping:
+        try:
+            runtime.ping()
+        except BaseException:
+            runtime.close()
+            raise
+    return runtime
 
 __all__ = [
     "ContainerRuntime",
     "ContainerState",
     "DockerRuntime",
     "EngineEvent",
+    "EngineInfo",
     "EventSource",
     "EventStream",
     "FakeContainer",
+    "FakeImage",
     "FakeNetwork",
     "FakeRuntime",
+    "ImageInfo",
+    "ImageStore",
     "ResourceKind",
     "ResourceRef",
+    "open_runtime",
     "remove_by_selector",
     "remove_resource",
-    "run_container",
 ]

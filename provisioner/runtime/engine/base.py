@@ -7,9 +7,10 @@ docker-py) and :mod:`.fake` (dictionaries in memory).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import IO, Literal, Protocol, runtime_checkable
 
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import ContainerRecipe, NetworkRecipe
@@ -43,14 +44,90 @@ class ContainerState:
         return self.status == "running"
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image in the engine's store (Docker's ``GET /images/{name}/json``: ``Id``, ``RepoTags``,
+    ``Config.Labels``)."""
+
+    id: str  # the content id, ``sha256:<hex>``
+    tags: tuple[str, ...] = ()  # ``repository:tag`` references that name it
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine says about itself (Docker's ``GET /version`` and ``GET /info``)."""
+
+    name: str  # "Docker" | "fake"
+    version: str  # the engine's version (Docker's ``Version``)
+    api_version: str  # the API version spoken (Docker's ``ApiVersion``)
+    root_dir: str | None = None  # where it keeps images and containers (``DockerRootDir``); None: no disk
+
+
 @runtime_checkable
-class ContainerRuntime(Protocol):
+class ImageStore(Protocol):
+    """The engine's image store: what :mod:`provisioner.runtime.images` needs to find, build, tag and
+    prune the worker image. References are ``repository:tag`` or image ids."""
+
+    def image_exists(self, ref: str) -> bool: ...
+
+    def image(self, ref: str) -> ImageInfo | None:
+        """The image ``ref`` names; None when there is none."""
+
+    def list_images(self, repository: str) -> list[ImageInfo]:
+        """Every image with a tag in ``repository`` (e.g. ``provisioner-worker``)."""
+
+    def images_in_use(self) -> set[str]:
+        """Ids of the images any container (running or not) was created from."""
+
+    def pull(self, ref: str) -> ImageInfo:
+        """Pull ``ref`` from its registry.
+
+        Raises:
+            ImageError: the registry cannot be reached or has no such image (offline, DNS, timeout).
+        """
+
+    def build(
+        self,
+        context: IO[bytes],
+        tag: str,
+        *,
+        build_args: Mapping[str, str],
+        labels: Mapping[str, str],
+        on_output: Callable[[str], None] | None = None,
+    ) -> ImageInfo:
+        """Build the Dockerfile of ``context`` (an uncompressed tar stream of the build context) as
+        ``tag``, never pulling; ``on_output`` receives each line of build output.
+
+        Raises:
+            ImageError: the build failed (with the last lines of its output).
+        """
+
+    def import_rootfs(self, tarball: Path, ref: str, *, changes: list[str]) -> ImageInfo:
+        """Make the image ``ref`` from a root filesystem tarball (``docker import``); ``changes`` are
+        Dockerfile instructions applied to it (``ENV``, ``CMD``, ``LABEL``).
+
+        Raises:
+            ImageError: the engine refused the import.
+        """
+
+    def tag(self, ref: str, target: str) -> None:
+        """Point the reference ``target`` (``repository:tag``) at the image ``ref`` names."""
+
+    def remove_image(self, ref: str) -> bool:
+        """Remove the reference ``ref`` (the image itself when no other tag names it); False when it
+        did not exist or the engine refused (an image a container still uses)."""
+
+
+@runtime_checkable
+class ContainerRuntime(ImageStore, Protocol):
     """What provisioner needs from a container engine. All ids may also be names."""
 
     def ping(self) -> None:
         """Raise :class:`DockerUnavailableError` when the engine does not answer."""
 
-    def image_exists(self, ref: str) -> bool: ...
+    def engine_info(self) -> EngineInfo:
+        """Raises :class:`DockerUnavailableError` when the engine does not answer."""
 
     def create_network(self, recipe: NetworkRecipe) -> str:
         """Create the network; return its id. A name clash raises :class:`RuntimeProblem`."""
@@ -68,8 +145,6 @@ class ContainerRuntime(Protocol):
 
     def remove_volume(self, volume_id: str) -> bool: ...
 
-    def kill_container(self, container_id: str) -> None: ...
-
     def container_state(self, container_id: str) -> ContainerState | None:
         """None when the container does not exist."""
 
@@ -83,7 +158,8 @@ class ContainerRuntime(Protocol):
 
     def logs(self, container_id: str, tail: int = 40) -> str: ...
 
-    def exec(self, container_id: str, command: list[str]) -> tuple[int, str]: ...
+    def exec(self, container_id: str, command: list[str]) -> tuple[int, str]:
+        """Run ``command`` in the running container; (exit code, stdout and stderr)."""
 
     def list_resources(self, selector: Mapping[str, str]) -> list[ResourceRef]:
         """Containers, networks and volumes whose labels include all of ``selector``."""
@@ -136,17 +212,6 @@ class EventSource(Protocol):
 
     def resource_labels(self, kind: ResourceKind, resource_id: str) -> dict[str, str] | None:
         """The labels of a network or volume (containers' events carry theirs); None when gone."""
-
-
-def run_container(runtime: ContainerRuntime, recipe: ContainerRecipe) -> str:
-    """Create and start; on a failed start the half-made container is removed."""
-    container_id = runtime.create_container(recipe)
-    try:
-        runtime.start_container(container_id)
-    except BaseException:
-        runtime.remove_container(container_id)
-        raise
-    return container_id
 
 
 def remove_resource(runtime: ContainerRuntime, ref: ResourceRef) -> bool:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
 
 from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
 from provisioner.runtime.engine.base import (
     ContainerState,
     EngineEvent,
+    EngineInfo,
     EventStream,
+    ImageInfo,
     ResourceKind,
     ResourceRef,
 )
@@ -44,14 +47,132 @@ class DockerRuntime:
         except Exception as exc:
             raise DockerUnavailableError(_no_engine(exc)) from None
 
+    def engine_info(self) -> EngineInfo:
+        try:
+            version = self.client.version()
+            info = self.client.info()
+        except Exception as exc:
+            raise DockerUnavailableError(_no_engine(exc)) from None
+        return EngineInfo(
+            "Docker",
+            str(version.get("Version", "?")),
+            str(version.get("ApiVersion", "?")),
+            str(info.get("DockerRootDir") or "/var/lib/docker"),
+        )
+
+    # --- the image store
+
     def image_exists(self, ref: str) -> bool:
+        return self.image(ref) is not None
+
+    def image(self, ref: str) -> ImageInfo | None:
         import docker.errors
 
         try:
-            self.client.images.get(ref)
+            found = self.client.api.inspect_image(ref)
         except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if exc.status_code in (400, 404):  # an invalid reference names no image either
+                return None
+            raise
+        labels = (found.get("Config") or {}).get("Labels") or {}
+        return ImageInfo(str(found["Id"]), tuple(found.get("RepoTags") or ()), dict(labels))
+
+    def list_images(self, repository: str) -> list[ImageInfo]:
+        return [
+            ImageInfo(str(i["Id"]), tuple(i.get("RepoTags") or ()), dict(i.get("Labels") or {}))
+            for i in self.client.api.images(name=repository)
+        ]
+
+    def images_in_use(self) -> set[str]:
+        return {str(c["ImageID"]) for c in self.client.api.containers(all=True)}
+
+    def pull(self, ref: str) -> ImageInfo:
+        repo, _, tag = ref.partition(":")
+        try:
+            self.client.images.pull(repo, tag=tag or "latest")
+        except Exception as exc:  # offline: registry unreachable, DNS failure, timeout, no such image
+            raise ImageError(f"could not pull {ref} ({type(exc).__name__}: {_explain(exc)})") from None
+        found = self.image(ref)
+        if found is None:
+            raise ImageError(f"the pull of {ref} reported success but the image is missing")
+        return found
+
+    def build(
+        self,
+        context: IO[bytes],
+        tag: str,
+        *,
+        build_args: Mapping[str, str],
+        labels: Mapping[str, str],
+        on_output: Callable[[str], None] | None = None,
+    ) -> ImageInfo:
+        import docker.errors
+
+        last: list[str] = []
+        try:
+            stream = self.client.api.build(
+                fileobj=context,
+                custom_context=True,
+                tag=tag,
+                buildargs=dict(build_args),
+                labels=dict(labels),
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    raise ImageError(
+                        f"building {tag} failed: {str(chunk['error']).strip()}\n" + "".join(last[-15:])
+                    )
+                text = chunk.get("stream") or ""
+                if text:
+                    last.append(text)
+                    if on_output is not None:
+                        on_output(text)
+        except docker.errors.APIError as exc:
+            raise ImageError(f"building {tag} failed: {_explain(exc)}") from None
+        found = self.image(tag)
+        if found is None:
+            raise ImageError(f"the build reported success but {tag} is missing")
+        return found
+
+    def import_rootfs(self, tarball: Path, ref: str, *, changes: list[str]) -> ImageInfo:
+        import docker.errors
+
+        repo, _, tag = ref.partition(":")
+        try:
+            self.client.api.import_image_from_file(str(tarball), repository=repo, tag=tag or "latest",
+                                                   changes=changes)
+        except docker.errors.APIError as exc:
+            raise ImageError(f"docker import of {ref} failed: {_explain(exc)}") from None
+        found = self.image(ref)
+        if found is None:
+            raise ImageError(f"docker import did not produce {ref}")
+        return found
+
+    def tag(self, ref: str, target: str) -> None:
+        import docker.errors
+
+        repo, _, tag = target.partition(":")
+        try:
+            self.client.api.tag(ref, repo, tag or "latest")
+        except docker.errors.APIError as exc:
+            raise ImageError(f"could not tag {ref} as {target}: {_explain(exc)}") from None
+
+    def remove_image(self, ref: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.api.remove_image(ref)
+        except docker.errors.APIError:  # NotFound, or a conflict: a container still uses it
             return False
         return True
+
+    # --- containers, networks, volumes
 
     def create_network(self, recipe: NetworkRecipe) -> str:
         import docker.errors
@@ -146,12 +267,6 @@ class DockerRuntime:
         except docker.errors.NotFound:
             return False
         return True
-
-    def kill_container(self, container_id: str) -> None:
-        import docker.errors
-
-        with contextlib.suppress(docker.errors.APIError):
-            self.client.api.kill(container_id)
 
     def container_state(self, container_id: str) -> ContainerState | None:
         import docker.errors

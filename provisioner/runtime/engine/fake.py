@@ -4,19 +4,26 @@ missing), so the logic above the runtime is tested without an engine."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
+import re
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import IO, Literal
 
 from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine.base import (
     ContainerState,
     EngineEvent,
+    EngineInfo,
     EventStream,
+    ImageInfo,
     ResourceKind,
     ResourceRef,
 )
@@ -33,6 +40,17 @@ class FakeContainer:
     ips: dict[str, str] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    image_id: str = ""
+
+
+@dataclass
+class FakeImage:
+    id: str
+    tags: set[str] = field(default_factory=set)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def info(self) -> ImageInfo:
+        return ImageInfo(self.id, tuple(sorted(self.tags)), dict(self.labels))
 
 
 @dataclass
@@ -48,12 +66,23 @@ class FakeRuntime:
     ``on_start`` (optional) is called with each container when it starts — tests use it to make
     "workers" ready, fail, or crash. ``fail_start`` names containers whose start fails. An egress
     guard (role ``guard``) runs to completion at once: it exits 0 when started.
+
+    Images: ``images`` are present from the start (each its own image); ``registry`` maps the
+    references a pull finds to their labels (empty: offline, like a machine without a registry).
+    A build needs its ``FROM`` image present (Docker builds with ``pull=False`` here), inherits its
+    labels and counts in :attr:`builds`.
     """
 
     def __init__(
-        self, *, images: tuple[str, ...] = (), on_start: Callable[[FakeContainer], None] | None = None
+        self,
+        *,
+        images: tuple[str, ...] = (),
+        on_start: Callable[[FakeContainer], None] | None = None,
+        registry: Mapping[str, Mapping[str, str]] | None = None,
     ):
-        self.images = set(images)
+        self.images: dict[str, FakeImage] = {}  # by image id
+        self.registry = {ref: dict(labels) for ref, labels in (registry or {}).items()}
+        self.builds: list[str] = []  # tags built, in order
         self.containers: dict[str, FakeContainer] = {}
         self.networks: dict[str, FakeNetwork] = {}
         self.volumes: dict[str, dict[str, str]] = {}
@@ -72,8 +101,15 @@ class FakeRuntime:
         self._last_event_ns = 0
         self.stream_paused = False
         self.on_events_query: Callable[[], None] | None = None
+        for ref in images:
+            self.add_image(ref)
 
     # helpers for tests
+    def add_image(self, ref: str, labels: Mapping[str, str] | None = None) -> ImageInfo:
+        """Make an image tagged ``ref`` (an id from the reference and labels, like content ids)."""
+        digest = hashlib.sha256(f"{ref}\0{sorted((labels or {}).items())}".encode()).hexdigest()
+        return self._store(f"sha256:{digest}", _normal(ref), labels or {})
+
     def add_volume(self, name: str, labels: Mapping[str, str]) -> None:
         with self._lock:
             self.volumes[name] = dict(labels)
@@ -121,9 +157,140 @@ class FakeRuntime:
     def ping(self) -> None:
         self._check()
 
-    def image_exists(self, ref: str) -> bool:
+    def engine_info(self) -> EngineInfo:
         self._check()
-        return ref in self.images
+        return EngineInfo("fake", "0", "0", root_dir=None)
+
+    # --- the image store
+
+    def _store(self, image_id: str, tag: str | None, labels: Mapping[str, str]) -> ImageInfo:
+        with self._lock:
+            image = self.images.setdefault(image_id, FakeImage(image_id, labels=dict(labels)))
+            if tag is not None:
+                for other in self.images.values():
+                    other.tags.discard(tag)
+                image.tags.add(tag)
+            return image.info()
+
+    def _image(self, ref: str) -> FakeImage | None:
+        with self._lock:
+            if ref in self.images:
+                return self.images[ref]
+            wanted = _normal(ref)
+            return next((i for i in self.images.values() if wanted in i.tags), None)
+
+    def image_exists(self, ref: str) -> bool:
+        return self.image(ref) is not None
+
+    def image(self, ref: str) -> ImageInfo | None:
+        self._check()
+        found = self._image(ref)
+        return None if found is None else found.info()
+
+    def list_images(self, repository: str) -> list[ImageInfo]:
+        self._check()
+        with self._lock:
+            return [
+                i.info() for i in self.images.values()
+                if any(t.rsplit(":", 1)[0] == repository for t in i.tags)
+            ]
+
+    def images_in_use(self) -> set[str]:
+        self._check()
+        with self._lock:
+            return {c.image_id for c in self.containers.values()}
+
+    def pull(self, ref: str) -> ImageInfo:
+        self._check()
+        labels = self.registry.get(ref, self.registry.get(_normal(ref)))
+        if labels is None:
+            raise ImageError(f"could not pull {ref} (fake registry: no such image)")
+        return self.add_image(ref, labels)
+
+    def build(
+        self,
+        context: IO[bytes],
+        tag: str,
+        *,
+        build_args: Mapping[str, str],
+        labels: Mapping[str, str],
+        on_output: Callable[[str], None] | None = None,
+    ) -> ImageInfo:
+        self._check()
+        data = context.read()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "Dockerfile"), None)
+            if member is None:
+                raise ImageError(f"building {tag} failed: the build context has no Dockerfile")
+            extracted = tar.extractfile(member)
+            dockerfile = extracted.read().decode() if extracted is not None else ""
+        args: dict[str, str] = {}
+        stages: set[str] = set()
+        base: FakeImage | None = None
+        own_labels: dict[str, str] = {}
+        lines = (raw.strip() for raw in dockerfile.splitlines())
+        steps = [line for line in lines if line and not line.startswith("#")]
+        if labels:  # Docker adds the build's labels as one last LABEL step
+            steps.append("LABEL " + " ".join(f"{key}={value}" for key, value in labels.items()))
+        for number, line in enumerate(steps, 1):
+            if on_output is not None:  # as Docker prints them: unexpanded, numbered
+                on_output(f"Step {number}/{len(steps)} : {line}")
+            words = line.split()
+            if len(words) >= 2 and words[0].upper() == "ARG":
+                name, _, default = words[1].partition("=")
+                args[name] = build_args.get(name, default)
+            elif len(words) >= 2 and words[0].upper() == "FROM":
+                ref = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), ""), words[1])
+                if len(words) >= 4 and words[2].upper() == "AS":
+                    stages.add(words[3])
+                if ref in stages:
+                    continue
+                base = self._image(ref)
+                own_labels = {}
+                if base is None:
+                    raise ImageError(f"building {tag} failed: base image {ref!r} is not present (no pull)")
+            elif words[0].upper() == "LABEL":
+                own_labels.update(pair.partition("=")[::2] for pair in words[1:] if "=" in pair)
+        if base is None:
+            raise ImageError(f"building {tag} failed: the Dockerfile has no FROM")
+        digest = hashlib.sha256(data + repr(sorted(labels.items())).encode() + base.id.encode()).hexdigest()
+        with self._lock:
+            self.builds.append(tag)
+        return self._store(f"sha256:{digest}", _normal(tag), {**base.labels, **own_labels, **labels})
+
+    def import_rootfs(self, tarball: Path, ref: str, *, changes: list[str]) -> ImageInfo:
+        self._check()
+        label_lines = [change.split(None, 1)[1] for change in changes if change.upper().startswith("LABEL ")]
+        labels = dict(line.split("=", 1) for line in label_lines)
+        digest = hashlib.sha256(tarball.read_bytes() + "\0".join(changes).encode()).hexdigest()
+        return self._store(f"sha256:{digest}", _normal(ref), labels)
+
+    def tag(self, ref: str, target: str) -> None:
+        self._check()
+        with self._lock:
+            image = self._image(ref)
+            if image is None:
+                raise ImageError(f"could not tag {ref} as {target}: no such image")
+            self._store(image.id, _normal(target), image.labels)
+
+    def remove_image(self, ref: str) -> bool:
+        """Like ``docker rmi`` without force: a tag of an image with other tags is only untagged; the
+        last reference of an image a container uses, or an id with several tags, is refused."""
+        self._check()
+        with self._lock:
+            image = self._image(ref)
+            if image is None:
+                return False
+            by_tag = ref != image.id
+            if by_tag and len(image.tags) > 1:
+                image.tags.discard(_normal(ref))
+                return True
+            if len(image.tags) > 1 or image.id in self.images_in_use():
+                return False
+            del self.images[image.id]
+            return True
+
+    # --- containers, networks, volumes
 
     def create_network(self, recipe: NetworkRecipe) -> str:
         self._check()
@@ -141,7 +308,8 @@ class FakeRuntime:
     def create_container(self, recipe: ContainerRecipe) -> str:
         self._check()
         with self._lock:
-            if recipe.image not in self.images:
+            image = self._image(recipe.image)
+            if image is None:
                 raise ImageError(
                     f"image {recipe.image!r} is not present; build it with `provision images build`"
                 )
@@ -152,7 +320,7 @@ class FakeRuntime:
                     raise RuntimeProblem(
                         f"could not create container {recipe.name!r}: network {att.network} not found"
                     )
-            c = FakeContainer(f"c{next(self._ids):06d}", recipe)
+            c = FakeContainer(f"c{next(self._ids):06d}", recipe, image_id=image.id)
             for index, att in enumerate(recipe.networks):
                 c.ips[att.network] = f"10.{len(self.networks)}.0.{index + 2 + len(self.containers)}"
             self.containers[c.id] = c
@@ -205,9 +373,6 @@ class FakeRuntime:
                 return False
             self._event("volume", "destroy", volume_id, volume_id, None)
             return True
-
-    def kill_container(self, container_id: str) -> None:
-        self.crash(container_id)
 
     def container_state(self, container_id: str) -> ContainerState | None:
         self._check()
@@ -312,3 +477,8 @@ class _FakeEvents:
         with self._runtime._events_changed:
             self._closed = True
             self._runtime._events_changed.notify_all()
+
+
+def _normal(ref: str) -> str:
+    """``repository`` means ``repository:latest`` (a ``:`` in the last path part is the tag's)."""
+    return ref if ref.startswith("sha256:") or ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest"

@@ -1,0 +1,155 @@
+"""The image store (:class:`~provisioner.runtime.engine.ImageStore`): one contract, both runtimes.
+
+Every test here runs against :class:`FakeRuntime` and, marked ``docker``, against the real engine
+through :class:`DockerRuntime` — the second run is what proves the fake answers like Docker.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.errors import ImageError
+from provisioner.runtime import images
+from provisioner.runtime.engine import ContainerRuntime, DockerRuntime, FakeRuntime, ImageStore
+
+REPO = "provisioner-store-test"
+Store = tuple[ContainerRuntime, str]
+
+
+@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
+def store(request: pytest.FixtureRequest) -> Iterator[tuple[ContainerRuntime, str]]:
+    """(runtime, a base image reference present on it); every ``REPO`` tag a test made is removed."""
+    if request.param == "fake":
+        fake = FakeRuntime(images=("base-for-tests:1",))
+        yield fake, "base-for-tests:1"
+        return
+    rt = DockerRuntime(request.getfixturevalue("docker_engine"))
+    base_ref, _ = images.resolve_base(rt, allow_build=False)  # present wherever the worker image is
+    try:
+        yield rt, base_ref
+    finally:
+        for image in rt.list_images(REPO):
+            for tag in image.tags:
+                rt.remove_image(tag)
+        rt.close()
+
+
+def _context(dockerfile: str) -> io.BytesIO:
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        data = dockerfile.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    return context
+
+
+def _tag() -> str:
+    return f"{REPO}:{secrets.token_hex(4)}"
+
+
+def test_both_runtimes_are_image_stores() -> None:
+    assert isinstance(FakeRuntime(), ImageStore) and isinstance(FakeRuntime(), ContainerRuntime)
+    assert {name for name in dir(ImageStore) if not name.startswith("_")} <= set(dir(DockerRuntime))
+
+
+def test_a_build_uses_its_build_args_labels_and_reports_its_steps(store: Store) -> None:
+    rt, base = store
+    tag = _tag()
+    lines: list[str] = []
+    built = rt.build(
+        _context("ARG BASE=absent:0\nFROM ${BASE}\nLABEL from.dockerfile=1\n"),
+        tag,
+        build_args={"BASE": base},
+        labels={"test.given": "yes"},
+        on_output=lines.append,
+    )
+    assert tag in built.tags
+    assert built.labels["test.given"] == "yes" and built.labels["from.dockerfile"] == "1"
+    assert [line for line in lines if line.startswith("Step ")][:2] == [
+        "Step 1/4 : ARG BASE=absent:0", "Step 2/4 : FROM ${BASE}"  # as written; the given labels are step 4
+    ]
+    found = rt.image(tag)
+    assert found is not None and found.id == built.id and rt.image_exists(tag)
+    assert any(i.id == built.id for i in rt.list_images(REPO))
+
+
+def test_a_build_never_pulls_a_missing_base(store: Store) -> None:
+    rt, _base = store
+    tag = _tag()
+    with pytest.raises(ImageError, match=f"building {tag} failed"):
+        rt.build(_context("FROM provisioner-absent-base:0\n"), tag, build_args={}, labels={})
+    assert rt.image(tag) is None
+
+
+def test_tags_point_and_removal_only_untags_a_shared_image(store: Store) -> None:
+    rt, base = store
+    first, second = _tag(), _tag()
+    built = rt.build(_context(f"FROM {base}\nLABEL test.tags={first}\n"), first, build_args={}, labels={})
+    rt.tag(first, second)
+    again = rt.image(second)
+    assert again is not None and again.id == built.id and {first, second} <= set(again.tags)
+    assert rt.remove_image(first) is True  # only the tag: the image keeps its other name
+    assert rt.image(first) is None and rt.image(second) is not None
+    assert rt.remove_image(second) is True
+    assert rt.image(built.id) is None and rt.remove_image(second) is False
+    with pytest.raises(ImageError):
+        rt.tag(second, _tag())
+
+
+def test_a_rootfs_import_carries_its_changes(store: Store, tmp_path: Path) -> None:
+    rt, _base = store
+    tarball = tmp_path / "rootfs.tar"
+    with tarfile.open(tarball, "w") as tar:
+        data = b"hello\n"
+        info = tarfile.TarInfo("etc/hello")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tag = _tag()
+    made = rt.import_rootfs(tarball, tag, changes=["ENV LANG=C.UTF-8", "LABEL test.imported=yes"])
+    assert tag in made.tags and made.labels.get("test.imported") == "yes"
+
+
+def test_an_unreachable_registry_is_an_image_error(store: Store) -> None:
+    rt, _base = store
+    with pytest.raises(ImageError, match="could not pull"):
+        rt.pull("127.0.0.1:9/provisioner-absent:0")  # nothing listens on port 9: refused at once
+
+
+def test_the_engine_describes_itself(store: Store) -> None:
+    rt, _base = store
+    info = rt.engine_info()
+    assert info.version and info.api_version
+    assert (info.root_dir is None) == isinstance(rt, FakeRuntime)
+
+
+def test_images_in_use_name_what_containers_run(store: Store, docker_or_none: Any) -> None:
+    rt, base = store
+    tag = _tag()
+    built = rt.build(_context(f"FROM {base}\nLABEL test.in-use={tag}\n"), tag, build_args={}, labels={})
+    assert built.id not in rt.images_in_use()
+    if isinstance(rt, FakeRuntime):
+        from provisioner.runtime.recipes import ContainerRecipe
+
+        cid = rt.create_container(ContainerRecipe("c1", "worker", tag, (), {}, {}, ()))
+    else:
+        cid = docker_or_none.api.create_container(tag, command=["true"])["Id"]
+    try:
+        assert built.id in rt.images_in_use()
+        assert rt.remove_image(tag) is False  # the last name of an image a container uses stays
+    finally:
+        rt.remove_container(cid)
+
+
+@pytest.fixture
+def docker_or_none(request: pytest.FixtureRequest) -> Any:
+    """docker-py's client in the docker run of a test (to make a container outside the runtime)."""
+    return request.getfixturevalue("docker_engine") if "docker" in request.node.callspec.id else None
