@@ -89,3 +89,14 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
         "provisioner.lm.bad imports docker",
         "provisioner.lm.bad imports provisioner.runtime",
     ]
+
+
+def test_only_the_docker_adapter_imports_docker_py() -> None:
+    """The runtime interface is the only door to the engine: everything else asks a ContainerRuntime
+    (docs/architecture.md, "runtime"), so it runs on the fake runtime too."""
+    importers = sorted(
+        _module_name(path, PACKAGE)
+        for path in PACKAGE.rglob("*.py")
+        if any(name == "docker" or name.startswith("docker.") for name in _imports(path))
+    )
+    assert importers == ["provisioner.runtime.engine.docker"]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from provisioner.errors import (
     DockerUnavailableError,
     ImageError,
     ProvisionerError,
 )
-from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.engine import ContainerRuntime, EngineInfo
 from provisioner.runtime.runs import list_runs, project_of, runtime_or_docker, settings_or_load
 from provisioner.settings import Settings
 
@@ -48,7 +46,7 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     checks += _isolated("provisioner installation", _check_installation)
     rt: ContainerRuntime | None = None
     try:
-        rt = runtime_or_docker(runtime)
+        rt = runtime_or_docker(runtime, settings)
         rt.ping()
     except DockerUnavailableError as exc:
         rt = None
@@ -56,19 +54,14 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     except Exception as exc:
         rt = None
         checks.append(Check("docker engine", "fail", f"{type(exc).__name__}: {exc}"))
-    docker_root = "/"
+    infos: list[EngineInfo] = []
     if rt is not None:
-        from provisioner.runtime.engine import DockerRuntime
-
         engine = rt
-        if isinstance(engine, DockerRuntime):
-            checks += _isolated("docker engine", lambda: _check_engine(engine))
-            checks += _isolated("worker image", lambda: _check_worker_image(settings, engine))
-            checks += _isolated("base image", lambda: _check_base_image(settings, engine))
-            with contextlib.suppress(Exception):
-                docker_root = str(engine.client.info().get("DockerRootDir") or "/var/lib/docker")
-        else:
-            checks.append(Check("docker engine", "ok", type(rt).__name__))
+        checks += _isolated("docker engine", lambda: _check_engine(engine, infos))
+        checks += _isolated("worker image", lambda: _check_worker_image(settings, engine))
+        checks += _isolated("base image", lambda: _check_base_image(settings, engine))
+    # Where the engine keeps images and containers; unknown without an engine: the host's root.
+    docker_root = infos[0].root_dir if infos else "/"
     checks += _isolated("Gemini API key", lambda: _check_api_key(settings))
     checks += _isolated("disk", lambda: _check_disk(settings, docker_root))
     if rt is not None:
@@ -91,13 +84,13 @@ def _check_installation() -> list[Check]:
     ]
 
 
-def _check_engine(rt: Any) -> list[Check]:
-    version = rt.client.version()
-    detail = f"Docker {version.get('Version')} (API {version.get('ApiVersion')})"
-    return [Check("docker engine", "ok", detail)]
+def _check_engine(rt: ContainerRuntime, found: list[EngineInfo]) -> list[Check]:
+    info = rt.engine_info()
+    found.append(info)
+    return [Check("docker engine", "ok", f"{info.name} {info.version} (API {info.api_version})")]
 
 
-def _check_worker_image(settings: Settings, rt: Any) -> list[Check]:
+def _check_worker_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
     from provisioner.runtime import images
 
     custom = settings.container.image
@@ -130,7 +123,7 @@ def _check_worker_image(settings: Settings, rt: Any) -> list[Check]:
     ]
 
 
-def _check_base_image(settings: Settings, rt: Any) -> list[Check]:
+def _check_base_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
     from provisioner.runtime import images
 
     if settings.container.image:
@@ -168,12 +161,12 @@ def _check_api_key(settings: Settings) -> list[Check]:
     ]
 
 
-def _check_disk(settings: Settings, docker_root: str) -> list[Check]:
+def _check_disk(settings: Settings, docker_root: str | None) -> list[Check]:
+    """Free space where the engine keeps its data (``docker_root``; None: the engine has no disk,
+    as the fake's) and at the state dir."""
     checks = []
-    for label, path in (
-        ("disk (docker)", docker_root),
-        ("disk (state dir)", str(Path(settings.state_dir).resolve())),
-    ):
+    places = [("disk (docker)", docker_root)] if docker_root is not None else []
+    for label, path in (*places, ("disk (state dir)", str(Path(settings.state_dir).resolve()))):
         probe_path = Path(path)
         while not probe_path.exists() and probe_path != probe_path.parent:
             probe_path = probe_path.parent

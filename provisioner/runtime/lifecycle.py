@@ -15,7 +15,6 @@ from typing import Any
 
 from provisioner.errors import (
     ConfigError,
-    ImageError,
     RuntimeProblem,
 )
 from provisioner.layers import get_layer
@@ -95,7 +94,7 @@ def up(
         raise ConfigError(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
         )
-    rt = runtime_or_docker(runtime)
+    rt = runtime_or_docker(runtime, settings)
     runs = list_runs(rt, project, settings.state_dir)
     if persistent and not new:
         live = [
@@ -118,11 +117,8 @@ def up(
     for w in warnings:
         say("warning: " + w)
     if image is None:
-        from provisioner.runtime.engine import DockerRuntime
         from provisioner.runtime.images import ensure_worker_image
 
-        if not isinstance(rt, DockerRuntime):
-            raise ImageError("pass image= when using a runtime other than DockerRuntime")
         image = ensure_worker_image(
             rt, image=settings.container.image, base=settings.container.base, project=project, progress=say
         )
@@ -230,7 +226,7 @@ def down(
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime)
+    rt = runtime_or_docker(runtime, settings)
     run_id = run_id or default_run(settings, rt)
     if run_id is None:
         return DownResult(None, [])
@@ -319,7 +315,7 @@ def status(
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime)
+    rt = runtime_or_docker(runtime, settings)
     run_id = run_id or default_run(settings, rt)
     try:
         state = read_state(settings, run_id) if run_id else None
@@ -427,7 +423,7 @@ def run_overview(
     (count).
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime)
+    rt = runtime_or_docker(runtime, settings)
     ours = project_of(settings)
     return [
         {
@@ -495,7 +491,7 @@ def reap(
     run``) is kept — reported with ``kept`` — unless ``force``.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime)
+    rt = runtime_or_docker(runtime, settings)
     project = None if all_projects or run_id is not None else project_of(settings)
     now = time.time()
     out = []

@@ -24,19 +24,17 @@ def settings_or_load(settings: Settings | None) -> Settings:
     return settings if settings is not None else load_settings()
 
 
-def runtime_or_docker(runtime: ContainerRuntime | None) -> ContainerRuntime:
-    """``runtime``, or a :class:`~provisioner.runtime.engine.DockerRuntime` on the local engine.
+def runtime_or_docker(runtime: ContainerRuntime | None, settings: Settings | None = None) -> ContainerRuntime:
+    """``runtime``, or the engine's runtime (:func:`~provisioner.runtime.engine.open_runtime`).
 
     Raises:
         DockerUnavailableError: no ``runtime`` and the engine does not answer.
     """
     if runtime is not None:
         return runtime
-    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.engine import open_runtime
 
-    rt = DockerRuntime()
-    rt.ping()
-    return rt
+    return open_runtime(settings)
 
 
 def project_of(settings: Settings) -> str:

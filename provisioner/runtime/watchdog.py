@@ -40,6 +40,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from provisioner.runtime.engine import ContainerRuntime
 
 LOCK_FILE = "watchdog.lock"
 LOG_FILE = "watchdog.log"
@@ -301,13 +305,17 @@ def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDA
 
 
 def remove_run(
-    run_id: str, run_dir: Path | None = None, orphans: list[tuple[int, float]] | None = None
+    run_id: str,
+    run_dir: Path | None = None,
+    orphans: list[tuple[int, float]] | None = None,
+    runtime: ContainerRuntime | None = None,
 ) -> list[str]:
     """Remove every engine resource labelled with ``run_id`` (containers in parallel, then networks)
     while terminating the run's registered host processes and ``orphans`` (dependants whose principal
-    is gone, see :func:`owner_states`). Returns ``"<kind> <name>"`` of what went."""
+    is gone, see :func:`owner_states`). ``runtime``: the engine's (default: one opened for the call).
+    Returns ``"<kind> <name>"`` of what went."""
     from provisioner.runtime import labels as L
-    from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+    from provisioner.runtime.engine import open_runtime, remove_by_selector
     from provisioner.runtime.resources import terminate_process
 
     removed: list[str] = []
@@ -321,17 +329,18 @@ def remove_run(
             if terminate_process(pid, grace_s=2.0, create_time=start or None)
         ]
 
-    runtime = DockerRuntime()
+    engine = runtime or open_runtime(ping=False)
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             # Host processes and containers go at the same time: a command that ignores SIGTERM
             # must not delay the containers by its grace period.
             dependants = pool.submit(terminate_orphans, orphans or [])
             processes = pool.submit(stop_processes)
-            removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(runtime, L.selector(run_id))]
+            removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(engine, L.selector(run_id))]
             removed += dependants.result() + processes.result()
     finally:
-        runtime.close()
+        if runtime is None:
+            engine.close()
     return removed
 
 
@@ -347,11 +356,14 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     except BlockingIOError:
         _log(f"run {run_id} is already watched; exiting")
         return 0
-    # Import now what cleanup needs, so a dead owner costs no import time later.
-    import docker  # noqa: F401
+    # Import and open now what cleanup needs, so a dead owner costs no import time later. The
+    # engine is the one open_runtime() finds from this process's environment, as the owner's was.
     import psutil  # noqa: F401
 
-    from provisioner.runtime import engine, resources  # noqa: F401
+    from provisioner.runtime import resources  # noqa: F401
+    from provisioner.runtime.engine import open_runtime
+
+    runtime = open_runtime(ping=False)
 
     _log(f"watching run {run_id} every {interval_s}s")
     started = time.monotonic()
@@ -369,12 +381,12 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     _log("every owner is gone" + (f" ({len(orphans)} orphaned dependant(s))" if orphans else "")
          + "; removing the run")
     t0 = time.monotonic()
-    removed = remove_run(run_id, run_dir, orphans)
+    removed = remove_run(run_id, run_dir, orphans, runtime)
     _log(f"removed {len(removed)} resource(s) in {time.monotonic() - t0:.2f}s: {', '.join(removed) or '-'}")
     mark(run_dir, REAPED_MARKER)
     for delay in LATE_SWEEPS_S:
         time.sleep(delay)
-        late = remove_run(run_id)
+        late = remove_run(run_id, runtime=runtime)
         if late:
             _log(f"late sweep removed: {', '.join(late)}")
     return 0

@@ -134,11 +134,10 @@ class ProcessContainers:
     def runtime(self) -> Any:
         with self._lock:
             if self._runtime is None:
-                from provisioner.runtime.engine import DockerRuntime
+                from provisioner.runtime.engine import open_runtime
 
-                runtime = DockerRuntime()
-                runtime.ping()  # DockerUnavailableError with the reason when there is no engine
-                self._runtime = runtime
+                # DockerUnavailableError with the reason when there is no engine
+                self._runtime = open_runtime(self.env.settings)
             return self._runtime
 
     @property

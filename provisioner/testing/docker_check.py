@@ -20,14 +20,10 @@ def docker_problem(*, refresh: bool = False) -> str | None:
 
 
 def _probe() -> tuple[bool, str]:
-    try:
-        import docker
+    from provisioner.runtime.engine import open_runtime
 
-        client = docker.from_env(timeout=10)
-        try:
-            client.ping()
-        finally:
-            client.close()
+    try:
+        open_runtime().close()  # pings: DockerUnavailableError names the reason
         return True, ""
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"

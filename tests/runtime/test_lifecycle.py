@@ -80,6 +80,25 @@ def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any
     kwargs.setdefault("watchdog", False)
     return up(settings, runtime=runtime, probe=workers.probe, **kwargs)
 
+def test_up_builds_the_worker_image_through_the_runtimes_image_store(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioner.runtime import images
+
+    rt, _ = fake
+    rt.add_image(images.PYTHON_BASE)
+    monkeypatch.setenv("PROVISION_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "wheelhouse").mkdir()
+    monkeypatch.setattr(images, "ensure_wheelhouse", lambda *_a, **_k: tmp_path / "wheelhouse")
+    env = _up(settings, fake, layer="integration", lm_mode="mock", workers=1, image=None)
+    tag = images.worker_tag(rt)
+    assert tag is not None and rt.builds == [tag]  # no `image=` needed on a runtime other than Docker's
+    assert {c.recipe.image for c in rt.containers.values()} == {tag}
+    built = rt.image(tag)
+    assert built is not None and images.project_tag(project_of(settings)) in built.tags
+    env.stop()
+
+
 def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the_run_dir(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
