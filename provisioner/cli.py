@@ -191,11 +191,15 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="start-up LMConfig as JSON (used when PROVISION_LM_CONFIG is not set)",
 )
-def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config_file: Path | None) -> None:
+@click.option("--fork", is_flag=True,
+              help="a fresh process per connection, forked from this pre-imported one (layer isolation 'process')")
+def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config_file: Path | None,
+           fork: bool) -> None:
     """Run a DSPy bridge worker in the foreground.
 
     Prints one line `PROVISION_WORKER_READY port=<n>` when it accepts requests; exits 0 after the
-    `shutdown` command or SIGTERM, once in-flight requests have been answered.
+    `shutdown` command or SIGTERM, once in-flight requests have been answered. With --fork every
+    connection is served by its own child process, which ends when the connection closes.
     """
     from provisioner.bridge.server import run_worker, startup_lm_config
 
@@ -216,6 +220,7 @@ def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config
             max_programs=settings.worker.max_programs,
             max_sessions=settings.worker.max_sessions,
             max_inflight_per_session=settings.worker.max_inflight_per_session,
+            fork=fork,
         )
     )
 

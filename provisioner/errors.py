@@ -6,6 +6,8 @@
     │       └── UnknownLayerError a layer name that is not defined
     ├── BridgeError               the bridge worker answered a request with an error reply
     │   └── BridgeConnectionError the worker could not be reached, or the connection broke
+    │       └── ProcessGoneError  a fork-mode connection's process ended: its state is gone (no reconnect)
+    ├── ForkUnsafeError           a fork-mode worker's parent is not single-threaded, so it will not fork
     ├── ProtocolError             a frame or envelope is malformed (on either side)
     ├── LMError                   an LM managed by provisioner failed
     │   ├── CassetteError         a cassette file could not be used (names the file or directory)
@@ -110,6 +112,15 @@ class BridgeConnectionError(BridgeError):
 
     def __init__(self, message: str, request_id: object = None) -> None:
         super().__init__(message, "ConnectionError", request_id)
+
+
+class ProcessGoneError(BridgeConnectionError):
+    """The process that served a fork-mode connection ended (or the connection to it broke): its
+    sessions, programs and LM state went with it. The client does not reconnect to a fresh process."""
+
+
+class ForkUnsafeError(ProvisionerError, RuntimeError):
+    """A fork-mode worker's parent runs more than one thread, so forking it would be unsafe."""
 
 
 class LMError(ProvisionerError):

@@ -9,6 +9,13 @@ one client per thread when you want requests to run concurrently. After a connec
 when the worker closed the connection between requests, the next request reconnects: the worker's
 state (sessions, programs, LMs) does not depend on the connection.
 
+Except on a **fork-mode** worker (``provision worker --fork``, layer isolation ``process``): there the
+connection *is* a process, and its state ends with it. A client that knows it talks to one
+(``fork=True``, or a ``hello`` reply that says so) never reconnects: once its connection is lost,
+every request raises :class:`~provisioner.errors.ProcessGoneError` naming the worker and the
+process. A client that did not know finds out on reconnecting (it asks the fresh connection with a
+``hello``) and raises the same error instead of carrying on in a fresh process.
+
 With ``token=`` (the run's ``PROVISION_CONTROL_TOKEN``) every connection starts with a ``hello``
 carrying it, which unlocks the worker-wide commands (``reset_state``, ``shutdown``, the default LM,
 every session's stats); session commands need no token.
@@ -34,7 +41,7 @@ from provisioner.bridge.protocol import (
     encode_frame,
     read_frame,
 )
-from provisioner.errors import BridgeConnectionError, ProtocolError
+from provisioner.errors import BridgeConnectionError, ProcessGoneError, ProtocolError
 from provisioner.reprs import safe_repr
 
 DEFAULT_SESSION = "anonymous"
@@ -185,6 +192,9 @@ class BridgeClient(BridgeCommands):
     ``timeout=`` to :meth:`call` to change it for one request). ``token``: the run's control
     token, presented in a ``hello`` on every (re)connection; a wrong one raises
     :class:`~provisioner.errors.BridgeError` with error_type ``Unauthorized`` on connecting.
+    ``fork``: True for a fork-mode worker (a ``hello`` on connecting records its process; a lost
+    connection raises :class:`~provisioner.errors.ProcessGoneError`, never a reconnect); None
+    (default) learns it from the worker; False: an ordinary worker, reconnect freely.
     """
 
     def __init__(
@@ -196,6 +206,7 @@ class BridgeClient(BridgeCommands):
         request_timeout: float = 30.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         token: str | None = None,
+        fork: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -208,6 +219,12 @@ class BridgeClient(BridgeCommands):
         self._sock: socket.socket | None = None
         self._reader: BinaryIO | None = None
         self._closed = False
+        self._fork = fork
+        # A fork-mode connection's process: {"mode": "fork", "pid", "parent_pid"} and the worker id.
+        self.process: dict[str, Any] | None = None
+        # Whether an earlier connection was answered (so state may have lived on it).
+        self._connected_before = False
+        self._gone: str | None = None
 
     @safe_repr
     def __repr__(self) -> str:
@@ -223,12 +240,18 @@ class BridgeClient(BridgeCommands):
     def _ensure_connected(self) -> tuple[socket.socket, BinaryIO]:
         if self._closed:
             raise BridgeConnectionError(f"{self!r} is closed")
+        if self._gone is not None:
+            raise ProcessGoneError(self._gone)
         if self._sock is not None and self._reader is not None:
             if not self._peer_closed(self._sock):
                 return self._sock, self._reader
             # The worker closed the connection while we were idle (restart, idle limit): nothing
-            # was sent yet, so connecting again is safe.
+            # was sent yet, so connecting again is safe — unless the connection was a process.
             self._drop_connection()
+            if self._is_fork:
+                raise self._process_gone("it closed the connection while idle")
+        if self._connected_before and self._is_fork:
+            raise self._process_gone("the connection was lost")
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -238,13 +261,45 @@ class BridgeClient(BridgeCommands):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = cast(BinaryIO, sock.makefile("rb", buffering=65536))
         self._sock, self._reader = sock, reader
-        if self._token is not None:
+        reconnected = self._connected_before
+        if self._token is not None or self._fork or (reconnected and self._fork is None):
+            # A fork-mode worker says so (and which process this is) in its hello reply.
+            args = {"token": self._token} if self._token is not None else {}
             try:
-                self._exchange(sock, reader, "hello", {"token": self._token}, self.connect_timeout).unwrap()
+                hello = self._exchange(sock, reader, "hello", args, self.connect_timeout).unwrap()
             except BaseException:
                 self._drop_connection()
                 raise
+            process = hello.get("process")
+            if isinstance(process, dict) and process.get("mode") == "fork":
+                if reconnected and self.process is None and self._fork is None:
+                    # We did not know; our earlier process (and its state) is gone. Never carry on here.
+                    self._drop_connection()
+                    self._fork = True
+                    self.process = {"worker_id": hello.get("worker_id")}
+                    raise self._process_gone("the connection was lost; this client reached a fresh process")
+                self._fork = True
+                self.process = {**process, "worker_id": hello.get("worker_id")}
+            elif self._fork is None:
+                self._fork = False
         return sock, reader
+
+    @property
+    def _is_fork(self) -> bool:
+        return bool(self._fork)
+
+    def _process_gone(self, why: str) -> ProcessGoneError:
+        """The error of every later request once a fork-mode connection is lost."""
+        process = self.process or {}
+        worker = process.get("worker_id") or "?"
+        pid = process.get("pid")
+        which = f"process {pid} (forked from {process.get('parent_pid')})" if pid else "its process"
+        self._gone = (
+            f"fork-mode worker {worker} at {self.host}:{self.port}: {which} that served this client is"
+            f" gone ({why}); its sessions, programs and LM state went with it. This client does not"
+            " reconnect: open a new BridgeClient for a fresh process"
+        )
+        return ProcessGoneError(self._gone)
 
     @staticmethod
     def _peer_closed(sock: socket.socket) -> bool:
@@ -318,7 +373,11 @@ class BridgeClient(BridgeCommands):
                         f" before answering {command}", request_id
                     )
                 reply = decode_reply(payload)
-                if reply.id == request_id or reply.id is None:
+                if reply.id == request_id:
+                    # A process answered us: from now on a lost connection may have lost state.
+                    self._connected_before = True
+                    break
+                if reply.id is None:
                     break
                 # A late reply to an earlier request that timed out on our side: skip it.
                 remaining = deadline - time.monotonic()
@@ -327,14 +386,22 @@ class BridgeClient(BridgeCommands):
                 sock.settimeout(remaining)
         except TimeoutError:
             self._drop_connection()
+            if self._is_fork:
+                raise self._process_gone(f"no reply to {command} within {wait:g} s; the connection was"
+                                         " dropped, and the process ends with it") from None
             raise BridgeConnectionError(
                 f"no reply to {command} from {self.host}:{self.port} within {wait:g} s", request_id
             ) from None
-        except BridgeConnectionError:
+        except BridgeConnectionError as exc:
             self._drop_connection()
+            if self._is_fork:
+                raise self._process_gone(f"it closed the connection before answering {command}: it"
+                                         " crashed or was ended") from exc
             raise
         except (OSError, ProtocolError) as exc:
             self._drop_connection()
+            if self._is_fork:
+                raise self._process_gone(f"the connection broke during {command}: {exc}") from exc
             raise BridgeConnectionError(
                 f"connection to the bridge worker at {self.host}:{self.port} broke"
                 f" during {command}: {exc}",

@@ -515,6 +515,8 @@ class BridgeServer:
         os.set_blocking(self._stop_w, False)
         self.stop_requested = threading.Event()
         self._closed = False
+        # Fork mode: the child's one connection ending stops its server (see adopt()).
+        self._stop_when_closed = False
         service.on_shutdown(self.request_stop)
         service.stats_hooks.append(self._live_stats)
 
@@ -637,6 +639,8 @@ class BridgeServer:
 
     def _start_connection(self, sock: socket.socket, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        if self._stop_when_closed:
+            log.debug("process %d serves %s", os.getpid(), peer)
         with self._connections_lock:
             full = len(self._connections) >= self.max_connections
         if full:
@@ -674,6 +678,12 @@ class BridgeServer:
             if conn in self._connections:
                 self._connections[conn] = thread
 
+    def adopt(self, sock: socket.socket, peer: str, *, stop_when_closed: bool = False) -> None:
+        """Serve an already-accepted connection (a fork-mode child's one connection, see
+        :mod:`provisioner.bridge.forking`); ``stop_when_closed``: the server stops when it closes."""
+        self._stop_when_closed = stop_when_closed
+        self._start_connection(sock, peer)
+
     def _start_thread(
         self, target: Callable[[_Connection], None], conn: _Connection, name: str
     ) -> threading.Thread:
@@ -698,6 +708,8 @@ class BridgeServer:
         finally:
             with self._connections_lock:
                 self._connections.pop(conn, None)
+            if self._stop_when_closed:
+                self.request_stop()
 
     # -- one connection ----------------------------------------------------------------------------
 
@@ -1144,15 +1156,26 @@ def run_worker(
     max_programs: int = DEFAULT_MAX_PROGRAMS,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_inflight_per_session: int | None = None,
+    fork: bool = False,
 ) -> int:
     """Run a bridge worker in the foreground until ``shutdown``, SIGTERM/SIGINT or (stdio) EOF.
+
+    ``fork``: every connection gets its own process, forked from this one after it imported
+    everything (:mod:`provisioner.bridge.forking`); not with ``stdio``.
 
     Prints exactly one stdout line ``PROVISION_WORKER_READY port=<n>`` once it accepts requests
     (with ``stdio`` that line goes to stderr, as ``port=stdio``: stdout carries only frames).
     ``control_token`` (default: ``$PROVISION_CONTROL_TOKEN``, which is then removed from the
     environment) guards the worker-wide commands; without one every connection may use them.
     Returns the exit code: 0 after a clean shutdown.
+
+    Raises:
+        ConfigError: ``fork`` with ``stdio``.
+        ForkUnsafeError: ``fork`` and the process runs more than one thread before serving.
     """
+    if fork and stdio:
+        raise ConfigError("--fork serves TCP connections (a process per connection); it cannot be combined"
+                          " with --stdio, which serves the one connection of the host that spawned it")
     _configure_logging()
     # A worker's key comes only from its start-up configuration, never from a later env lookup.
     from provisioner.lm.gemini import forbid_environment_key
@@ -1162,6 +1185,21 @@ def run_worker(
     # Read once and dropped from the environment: nothing the worker runs later inherits it.
     from_env = os.environ.pop(CONTROL_TOKEN_ENV, None)
     control_token = control_token or from_env or None
+    if fork:
+        from provisioner.bridge.forking import run_fork_worker
+
+        return run_fork_worker(
+            host=host, port=port, ready_file=ready_file, lm_config=lm_config or LMConfig(mode="mock"),
+            worker_id=worker_id, control_token=control_token,
+            server_options={
+                "max_frame_bytes": max_frame_bytes, "max_inflight": max_inflight,
+                "request_timeout_s": request_timeout_s, "max_inflight_bytes": max_inflight_bytes,
+                "frame_timeout_s": frame_timeout_s, "max_inflight_per_session": max_inflight_per_session,
+            },
+            service_options={"max_programs": max_programs, "max_sessions": max_sessions},
+            max_connections=max_connections, pids=pids_limit(),
+            ready_line=lambda bound: print(f"{READY_PREFIX} port={bound}", flush=True),
+        )
     protocol_out: BinaryIO | None = None
     if stdio:
         # stdout belongs to the protocol. Anything else that prints (DSPy, a stray print) must not

@@ -240,6 +240,10 @@ class BridgeService:
         self._errors: Counter[str] = Counter()
         self._executions = 0
         self._shutdown_callbacks: list[Callable[[], None]] = []
+        self._reset_callbacks: list[Callable[[], None]] = []
+        # Set by a fork-mode child (provisioner.bridge.forking): {"mode": "fork", "pid", "parent_pid"},
+        # shown by hello, ping and get_stats.
+        self.process: dict[str, Any] | None = None
         self._shutting_down = threading.Event()
         # The server adds live figures (connections, in-flight executions) to get_stats.
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
@@ -274,6 +278,10 @@ class BridgeService:
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when a ``shutdown`` command arrives."""
         self._shutdown_callbacks.append(callback)
+
+    def on_reset(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each ``reset_state`` (a fork-mode child tells its parent)."""
+        self._reset_callbacks.append(callback)
 
     def begin(
         self, command: str, args: dict[str, Any], access: Access | None = None
@@ -386,6 +394,7 @@ class BridgeService:
             "capabilities": capabilities,
             "control_token_required": self.control_token_required,
             "commands": list(COMMANDS),
+            **({"process": self.process} if self.process is not None else {}),
         }
 
     def _cmd_ping(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
@@ -397,6 +406,7 @@ class BridgeService:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
             "timestamp": time.time(),
+            **({"process": self.process} if self.process is not None else {}),
         }
 
     def _cmd_configure_lm(self, args: dict[str, Any], access: Access) -> dict[str, Any]:
@@ -583,6 +593,9 @@ class BridgeService:
             "max_sessions": self.registry.max_sessions,
             "scope": "worker" if access.control else "aggregate",
         }
+        if self.process is not None:
+            stats["process"] = self.process
+            stats["parent_pid"] = self.process["parent_pid"]
         for hook in self.stats_hooks:
             stats.update(hook())
         if not access.control:
@@ -612,6 +625,8 @@ class BridgeService:
             self._default_public = _public(self._startup_config)
         else:
             self._default_lm, self._default_public = None, None
+        for callback in self._reset_callbacks:
+            callback()
         return {
             "status": "reset",
             "sessions_removed": len(removed),

@@ -1,0 +1,601 @@
+"""Fork mode: a fresh Python process per connection, forked from a pre-imported worker.
+
+``provision worker --fork`` runs a *parent* that imports everything a worker needs (DSPy, the LM
+engines, google-genai, the bridge), warms DSPy's lazy paths with one throw-away mock execution,
+starts **no threads**, and then only accepts connections. Each accepted connection is handed to a
+``fork()``-ed *child* that builds its own :class:`~provisioner.bridge.service.BridgeService` (its LM
+from the worker's start-up configuration, applied before the first byte of the connection is read),
+serves that one connection with the ordinary threaded server, and exits when the connection closes.
+The connection is the unit of isolation: every client — Python, Erlang ``gen_tcp``, Elixir — gets a
+fresh process by connecting; there is no extra protocol command.
+
+Rules the parent keeps (each one checked or enforced here, not assumed):
+
+* **single-threaded when it forks.** ``fork()`` copies only the calling thread; a lock held by any
+  other thread at that moment stays locked forever in the child. The parent counts its threads
+  (``/proc/self/task``) at start-up and before every fork, and refuses with
+  :class:`~provisioner.errors.ForkUnsafeError` naming the threads otherwise;
+* **children die with the parent**: each child asks the kernel for ``SIGKILL`` when its parent dies
+  (``prctl(PR_SET_PDEATHSIG)``, through ``ctypes``: one system call, and the PyPI wrapper
+  ``python-prctl`` needs a C build against libcap for it), and leads its own process group, which
+  the parent kills when the child ends (a program's stray subprocesses go with it). The parent is a
+  child subreaper (``PR_SET_CHILD_SUBREAPER``), so such orphans are reaped here too;
+* **every child is reaped**: ``SIGCHLD`` wakes the accept loop (``signal.set_wakeup_fd``), which
+  calls ``waitpid(-1, WNOHANG)`` until nothing is left — no zombies, whatever the child died of;
+* **live children are bounded**: ``max_connections``, capped by the container's pids limit (each
+  child runs up to ``max_inflight`` execution threads plus a few of its own,
+  :func:`child_limit`). Past it a connection gets one ``TooManyConnections`` error reply ("the
+  worker is busy") and is closed, without a fork;
+* **worker-wide commands act on the worker**: ``shutdown`` in any child (with control) stops the
+  parent, which ends every child and exits; ``reset_state`` clears the calling child and ends every
+  other child (their sessions are the worker's state). A child tells its parent over a pipe shared by
+  all children (writes under ``PIPE_BUF`` are atomic);
+* **no idle timeout**: a connection may stay open, idle, as long as its client likes — a DSPex-style
+  client keeps one for a whole suite, and here that connection *is* its process.
+
+``get_stats``, ``hello`` and ``ping`` in a child carry ``process``: ``{"mode": "fork", "pid",
+"parent_pid"}``; ``get_stats`` adds the parent's counters under ``fork`` (read from a shared
+anonymous memory page the parent writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from provisioner.bridge.protocol import ErrorType, dumps, encode_frame, error_reply
+from provisioner.errors import ForkUnsafeError
+from provisioner.lmconfig import LMConfig
+
+log = logging.getLogger("provisioner.bridge")
+
+PROCESS_MODE_FORK = "fork"
+# prctl(2) options (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# Threads one child runs besides its execution pool: main, the connection's, the deadline watch, and
+# headroom for what DSPy / google-genai / anyio start on first use (measured idle child: 3).
+_CHILD_THREADS = 6
+# Processes and threads the parent itself and the container's other processes (tini, a health
+# check, a `docker exec`) need below the pids limit.
+_PARENT_RESERVE = 16
+# Refused sockets drained at once by the parent (more are closed at once: a reset, but no memory).
+_MAX_REFUSING = 256
+_REFUSE_DRAIN_S = 1.0
+# How long stopping waits for children to finish in-flight work beyond the request timeout.
+_STOP_GRACE_S = 5.0
+# The shared counters page: live, forks, refused, crashed, exited (int64 each).
+_COUNTERS = struct.Struct("<qqqqq")
+
+
+def thread_names() -> list[str]:
+    """The names of this process's threads, as the kernel counts them (``/proc/self/task``).
+
+    Native threads started by C libraries count too (``threading`` does not see them); without
+    ``/proc`` (not Linux) the count comes from ``threading``.
+    """
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return [t.name for t in threading.enumerate()]
+    if len(tasks) == 1:
+        return ["MainThread"]
+    known = {t.native_id: t.name for t in threading.enumerate()}
+    names = []
+    for tid in sorted(tasks, key=int):
+        name = known.get(int(tid))
+        if name is None:
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/self/task/{tid}/comm").read_text(encoding="utf-8").strip() + " (native)"
+        names.append(name or f"thread {tid}")
+    return names
+
+
+def require_single_threaded(what: str) -> None:
+    """Raise :class:`ForkUnsafeError` unless this process runs exactly one thread.
+
+    Raises:
+        ForkUnsafeError: naming every thread, and what to do.
+    """
+    names = thread_names()
+    if len(names) > 1:
+        raise ForkUnsafeError(
+            f"{what}: the fork-mode worker's parent runs {len(names)} threads ({', '.join(names)}); it"
+            " must run exactly one when it forks (a lock held by another thread would stay locked in"
+            " every child). Something started a thread at import or start-up: start it lazily in the"
+            " child instead, or run the worker without --fork"
+        )
+
+
+def _prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)`` through libc; False where there is no such call (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return True
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only)."""
+    return _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants of this process are re-parented to it (and reaped by it) (Linux only)."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def child_limit(configured: int, max_inflight: int, pids: int | None) -> int:
+    """Live children a worker may run: ``configured``, capped so every child's threads fit below
+    the container's pids limit (``pids``; None: unlimited).
+
+    A child runs at most ``max_inflight`` execution threads plus ``_CHILD_THREADS`` of its own; the
+    parent keeps ``_PARENT_RESERVE`` for itself. Source of the per-child figure: an idle child
+    measured with ``/proc/<pid>/task`` (3 threads) plus headroom.
+    """
+    if pids is None:
+        return configured
+    per_child = max_inflight + _CHILD_THREADS
+    return max(1, min(configured, (pids - _PARENT_RESERVE) // per_child))
+
+
+def warm_up() -> None:
+    """Import everything a child needs and run DSPy's lazy paths once, so children pay for neither.
+
+    One mock program is created and executed on a throw-away service (the mock touches no files
+    and no network); the worker's own LM is built by each child.
+    """
+    import dspy  # noqa: F401  (imported for the children)
+    import google.genai  # noqa: F401
+
+    import provisioner.lm.cached
+    import provisioner.lm.gemini
+    import provisioner.lm.mock  # noqa: F401
+    from provisioner.bridge.service import BridgeService
+
+    scratch = BridgeService(LMConfig(mode="mock"))
+    for program_type in ("predict", "chain_of_thought"):
+        scratch.call("create_program", {"signature": "question -> answer: int, note",
+                                        "program_id": program_type, "program_type": program_type})
+        scratch.call("execute_program", {"program_id": program_type, "inputs": {"question": "warm up"}})
+    scratch.call("reset_state", {})
+
+
+@dataclass
+class _Child:
+    pid: int
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Counters:
+    """The parent's counters on an anonymous shared page: children read them for ``get_stats``."""
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED | MAP_ANONYMOUS: shared across fork
+        self.live = self.forks = self.refused = self.crashed = self.exited = 0
+
+    def publish(self) -> None:
+        self._page[: _COUNTERS.size] = _COUNTERS.pack(self.live, self.forks, self.refused, self.crashed,
+                                                     self.exited)
+
+    def read(self) -> dict[str, int]:
+        live, forks, refused, crashed, exited = _COUNTERS.unpack(self._page[: _COUNTERS.size])
+        return {"children": live, "forks_total": forks, "refused_busy": refused,
+                "children_crashed": crashed, "children_exited": exited}
+
+
+class ForkingWorker:
+    """The fork-mode parent: listen, fork a child per connection, reap, stop.
+
+    ``make_child(sock, peer, ctx)`` runs in the child and returns its exit code; the default serves
+    the connection with a :class:`~provisioner.bridge.server.BridgeServer` (see
+    :func:`run_fork_worker`). ``max_children`` is already capped (:func:`child_limit`).
+    """
+
+    def __init__(
+        self,
+        make_child: Callable[[socket.socket, str, ForkingWorker], int],
+        *,
+        max_children: int,
+        worker_id: str,
+        stop_timeout_s: float = 30.0 + _STOP_GRACE_S,
+    ) -> None:
+        self.make_child = make_child
+        self.max_children = max_children
+        self.worker_id = worker_id
+        self.stop_timeout_s = stop_timeout_s
+        self.parent_pid = os.getpid()
+        self.counters = _Counters()
+        self.counters.publish()
+        self.children: dict[int, _Child] = {}
+        self._listener: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._ctl_r, self.ctl_w = os.pipe()  # children -> parent: b"S\n", b"R <pid>\n"
+        for fd in (self._wake_r, self._wake_w, self._ctl_r):
+            os.set_blocking(fd, False)
+        self._ctl_buf = b""
+        self._refusing: dict[int, tuple[socket.socket, float]] = {}
+        self._poll = select.poll()  # no descriptor of its own: nothing for a child to inherit
+        self._stopping = False
+        self.in_child = False
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError:
+            listener.close()
+            raise
+        listener.listen(socket.SOMAXCONN)
+        listener.setblocking(False)
+        self._listener = listener
+        bound: int = listener.getsockname()[1]
+        log.info("fork-mode worker %s listening on %s:%d (at most %d processes at once)",
+                 self.worker_id, host, bound, self.max_children)
+        return bound
+
+    # -- the parent's loop -------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Accept, fork, reap until ``shutdown`` (from a child) or SIGTERM/SIGINT; then end every child.
+
+        Raises:
+            ForkUnsafeError: the process is not single-threaded.
+        """
+        assert self._listener is not None, "listen() first"
+        require_single_threaded(f"worker {self.worker_id}")
+        become_subreaper()
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop_signal),
+            signal.SIGINT: signal.signal(signal.SIGINT, self._on_stop_signal),
+            signal.SIGCHLD: signal.signal(signal.SIGCHLD, _ignore_signal),
+        }
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w)
+        poll = self._poll
+        poll.register(self._listener.fileno(), select.POLLIN)
+        poll.register(self._wake_r, select.POLLIN)
+        poll.register(self._ctl_r, select.POLLIN)
+        # Objects that exist now stay out of the collector's reach: a child's collections then never
+        # write to (and so copy) the parent's pages.
+        gc.collect()
+        gc.freeze()
+        try:
+            while not self._stopping:
+                events = poll.poll(self._poll_timeout_ms())
+                self._reap()
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        _drain(self._wake_r)
+                    elif fd == self._ctl_r:
+                        self._read_control()
+                    elif fd in self._refusing:
+                        self._drain_refused(fd)
+                self._expire_refused()
+                if not self._stopping and any(fd == self._listener.fileno() for fd, _ in events):
+                    self._accept_all()
+            self._stop_children()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._close_parent_fds()
+
+    def _poll_timeout_ms(self) -> int:
+        if not self._refusing:
+            return -1
+        soonest = min(deadline for _, deadline in self._refusing.values())
+        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("worker %s: %s, ending every child process", self.worker_id, signal.Signals(signum).name)
+        self._stopping = True
+
+    def _accept_all(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, address = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # the peer reset before we accepted; keep serving
+                log.debug("accept failed: %s", exc)
+                continue
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+            if len(self.children) >= self.max_children:
+                self._refuse(sock, f"the worker is busy: it runs at most {self.max_children} processes"
+                                   " (one per connection) at once; try again later")
+                continue
+            try:
+                require_single_threaded(f"worker {self.worker_id}: forking for {peer}")
+                self._fork(sock, peer)
+            except (ForkUnsafeError, OSError) as exc:
+                log.error("%s", exc)
+                self._refuse(sock, f"the worker cannot start a process for this connection: {exc}")
+            if self._stopping:
+                return
+
+    def _fork(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(True)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the parent's loop
+            code = 70
+            try:
+                self.in_child = True
+                code = self._become_child(sock, peer)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    log.exception("worker %s: process %d failed", self.worker_id, os.getpid())
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        sock.close()
+        self.children[pid] = _Child(pid, peer)
+        self.counters.live = len(self.children)
+        self.counters.forks += 1
+        self.counters.publish()
+
+    def _become_child(self, sock: socket.socket, peer: str) -> int:
+        set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != self.parent_pid:  # the parent died before the request above took effect
+            return 0
+        os.setpgid(0, 0)  # its own group: the parent kills stray subprocesses with it
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        self._close_parent_fds(child=True)
+        return self.make_child(sock, peer, self)
+
+    def _close_parent_fds(self, *, child: bool = False) -> None:
+        """Close what the parent holds: in a child, everything but the control pipe's write end."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        for sock, _ in self._refusing.values():
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._refusing.clear()
+        for fd in (self._wake_r, self._wake_w, self._ctl_r, *(() if child else (self.ctl_w,))):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- children ----------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Collect every child (and adopted orphan) that has ended."""
+        changed = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # what the child left running in its group
+            if child is None:
+                continue  # an orphan re-parented to us (subreaper), now reaped
+            changed = True
+            code = os.waitstatus_to_exitcode(status)
+            if code == 0:
+                self.counters.exited += 1
+                log.debug("worker %s: process %d (%s) ended", self.worker_id, pid, child.peer)
+            else:
+                self.counters.crashed += 1
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                log.warning("worker %s: process %d serving %s ended by %s after %.1f s; its connection is"
+                            " closed, other connections are unaffected", self.worker_id, pid, child.peer,
+                            how, time.monotonic() - child.started)
+        if changed:
+            self.counters.live = len(self.children)
+            self.counters.publish()
+
+    def _read_control(self) -> None:
+        try:
+            data = os.read(self._ctl_r, 4096)
+        except BlockingIOError:
+            return
+        self._ctl_buf += data
+        *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
+        for line in lines:
+            word, _, arg = line.decode("ascii", "replace").partition(" ")
+            if word == "S":
+                log.info("worker %s: shutdown requested by process %s", self.worker_id, arg or "?")
+                self._stopping = True
+            elif word == "R":
+                caller = int(arg) if arg.isdigit() else -1
+                others = [pid for pid in self.children if pid != caller]
+                log.info("worker %s: reset_state by process %s: ending %d other process(es)",
+                         self.worker_id, arg, len(others))
+                for pid in others:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+
+    def _stop_children(self) -> None:
+        """SIGTERM every child (each finishes its in-flight work and replies), wait, SIGKILL the rest."""
+        if self._listener is not None:
+            self._poll.unregister(self._listener.fileno())
+            self._listener.close()
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        while self.children and time.monotonic() < deadline:
+            self._poll.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+            _drain(self._wake_r)
+            _drain(self._ctl_r)  # a second shutdown or a reset changes nothing now
+            self._expire_refused()
+            self._reap()
+        for pid in list(self.children):
+            log.warning("worker %s: process %d still busy at shutdown; killing it", self.worker_id, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.children:
+            pid, _ = os.waitpid(-1, 0)
+            self.children.pop(pid, None)
+        self._reap()
+        self.counters.live = 0
+        self.counters.publish()
+
+    # -- refusals (single-threaded: drained by the loop itself) -----------------------------------
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        self.counters.refused += 1
+        self.counters.publish()
+        frame = encode_frame(dumps(error_reply(None, why, ErrorType.TOO_MANY_CONNECTIONS)))
+        try:
+            sock.setblocking(False)
+            sock.send(frame)  # a small frame on a fresh socket: fits in the send buffer
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        if len(self._refusing) >= _MAX_REFUSING:
+            sock.close()
+            return
+        # Read until the peer hangs up before closing: closing with unread data sends a reset that
+        # can destroy the refusal before the client reads it.
+        self._refusing[sock.fileno()] = (sock, time.monotonic() + _REFUSE_DRAIN_S)
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    def _drain_refused(self, fd: int) -> None:
+        sock, _ = self._refusing[fd]
+        try:
+            more = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            more = b""
+        if not more:
+            self._drop_refused(fd)
+
+    def _expire_refused(self) -> None:
+        now = time.monotonic()
+        for fd in [fd for fd, (_, deadline) in self._refusing.items() if deadline <= now]:
+            self._drop_refused(fd)
+
+    def _drop_refused(self, fd: int) -> None:
+        sock, _ = self._refusing.pop(fd)
+        with contextlib.suppress(KeyError, ValueError):
+            self._poll.unregister(fd)
+        sock.close()
+
+    # -- what a child may ask of its parent --------------------------------------------------------
+
+    def tell_parent(self, message: str) -> None:
+        """Send one control line to the parent (from a child): ``S`` (shutdown), ``R <pid>`` (reset)."""
+        with contextlib.suppress(OSError):
+            os.write(self.ctl_w, message.encode("ascii") + b"\n")
+
+
+def _ignore_signal(_signum: int, _frame: FrameType | None) -> None:
+    """SIGCHLD's handler: nothing to do here; the wake-up fd makes the loop reap."""
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 4096):
+            pass
+
+
+def run_fork_worker(
+    *,
+    host: str,
+    port: int,
+    ready_file: Path | None,
+    lm_config: LMConfig,
+    worker_id: str | None,
+    control_token: str | None,
+    server_options: dict[str, Any],
+    service_options: dict[str, Any],
+    max_connections: int,
+    pids: int | None,
+    ready_line: Callable[[int], None],
+) -> int:
+    """Run the fork-mode parent until ``shutdown`` or SIGTERM/SIGINT; returns the exit code (0).
+
+    ``server_options`` / ``service_options`` are the keyword arguments of every child's
+    :class:`~provisioner.bridge.server.BridgeServer` / :class:`~provisioner.bridge.service.BridgeService`.
+
+    Raises:
+        ForkUnsafeError: the parent runs more than one thread after importing and warming up.
+        ConfigError: the start-up LM configuration cannot make an LM (checked once in the parent,
+            so a bad configuration fails the worker, not every connection).
+    """
+    from provisioner.bridge.server import BridgeServer, install_process_lm
+    from provisioner.bridge.service import BridgeService
+
+    warm_up()
+    # A bad configuration must fail start-up, not every connection: build it once here (mock, cached
+    # and Gemini engines start no threads; the single-thread check below would say if one did).
+    BridgeService(lm_config, **service_options)
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    max_inflight = int(server_options.get("max_inflight", 8))
+    limit = child_limit(max_connections, max_inflight, pids)
+    if limit < max_connections:
+        log.info("max_connections %d capped to %d processes: the container allows %s processes/threads"
+                 " and each process may run %d threads", max_connections, limit, pids,
+                 max_inflight + _CHILD_THREADS)
+    timeout = float(server_options.get("request_timeout_s", 30.0)) + _STOP_GRACE_S
+
+    def make_child(sock: socket.socket, peer: str, parent: ForkingWorker) -> int:
+        service = BridgeService(lm_config, worker_id=worker_id, control_token=control_token,
+                                **service_options)
+        ppid = parent.parent_pid
+        service.process = {"mode": PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": ppid}
+        install_process_lm(service)
+        server = BridgeServer(service, **server_options, max_connections=1, pids=None)
+        service.stats_hooks.append(lambda: {"fork": {**parent.counters.read(),
+                                                     "max_children": parent.max_children}})
+        service.on_shutdown(lambda: parent.tell_parent(f"S {os.getpid()}"))
+        service.on_reset(lambda: parent.tell_parent(f"R {os.getpid()}"))
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            server.request_stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.set_wakeup_fd(server.signal_wakeup_fd)
+        server.adopt(sock, peer, stop_when_closed=True)
+        server.wait_for_stop()
+        signal.set_wakeup_fd(-1)
+        server.close()  # stuck work (if any) is abandoned: the child's os._exit ends its threads
+        return 0
+
+    parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout)
+    bound = parent.listen(host, port)
+    require_single_threaded(f"worker {worker_id}")
+    if ready_file is not None:
+        from provisioner.bridge.server import write_ready_file
+
+        write_ready_file(ready_file, bound)
+    ready_line(bound)
+    parent.serve_forever()
+    log.info("fork-mode worker %s stopped (%d processes forked)", worker_id, parent.counters.forks)
+    return 0

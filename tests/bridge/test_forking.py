@@ -1,0 +1,305 @@
+"""Fork mode (`provision worker --fork`): a fresh process per connection, on a real host subprocess.
+
+What is proven here: every connection (BridgeClient or raw frames, as Erlang's gen_tcp sends them)
+gets its own process whose parent is the worker; no state crosses between them (the worker-default
+LM, programs in the `anonymous` session); a child that crashes fails only its own connection with an
+error naming the worker; live children are bounded with a "busy" reply; shutdown / reset_state /
+SIGTERM act on the worker; children die with the parent; every child is reaped; the parent refuses
+to fork when it is not single-threaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from provisioner.bridge import BridgeClient
+from provisioner.bridge.forking import child_limit, require_single_threaded
+from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.errors import BridgeConnectionError, BridgeError, ForkUnsafeError, ProcessGoneError
+
+from .conftest import clean_env, wait_until, worker_command
+
+TOKEN = "fork-mode-control-token-0b7e1f"
+QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
+FORK_ENV = {CONTROL_TOKEN_ENV: TOKEN, "PROVISION_WORKER__MAX_INFLIGHT": "2"}
+
+
+@pytest.fixture(scope="module")
+def worker(spawn_module_worker: Any) -> Any:
+    return spawn_module_worker("--fork", env=FORK_ENV)
+
+
+def gone(pid: int) -> bool:
+    """The process has ended and been reaped (a zombie still counts as there)."""
+    try:
+        psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    return False
+
+
+def forked_from(worker: Any) -> list[psutil.Process]:
+    """Every process running the worker's command line except the worker itself: its children,
+    zombies, or orphans re-parented elsewhere."""
+    cmdline = psutil.Process(worker.proc.pid).cmdline()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["cmdline"] == cmdline and proc.info["pid"] != worker.proc.pid:
+            found.append(proc)
+    return found
+
+
+def live_children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_every_connection_is_a_fresh_process_forked_from_the_worker(worker: Any) -> None:
+    with worker.client() as one, worker.client() as two:
+        first, second = one.ping(), two.ping()
+        assert first["pid"] != second["pid"]
+        for reply in (first, second):
+            assert reply["process"] == {"mode": "fork", "pid": reply["pid"], "parent_pid": worker.proc.pid}
+            assert psutil.Process(reply["pid"]).ppid() == worker.proc.pid
+        stats = one.get_stats()
+        assert stats["pid"] == first["pid"] and stats["parent_pid"] == worker.proc.pid
+        assert stats["fork"]["children"] == 2 and stats["fork"]["max_children"] >= 2
+        assert stats["lm_configured"] is True and stats["max_connections"] == 1
+    # Closing the connection ends its process, and the parent reaps it.
+    wait_until(lambda: gone(first["pid"]) and gone(second["pid"]), 30, "both processes to end")
+
+
+def test_no_state_crosses_between_two_connections(worker: Any) -> None:
+    """Test 1 changes the worker-default LM (no session) and creates programs in `anonymous`; test 2,
+    on the same worker, sees neither."""
+    with worker.client(token=TOKEN) as test1:
+        test1.configure_lm(mock_rules=[{"match": {"question": "2+2"}, "outputs": {"answer": 5}}])
+        test1.create_program(QA_INT, "qa")
+        assert test1.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
+        assert test1.get_stats()["lm"]["mock_rules"][0]["outputs"] == {"answer": 5}
+        pid1 = test1.process["pid"] if test1.process else None
+    with worker.client(token=TOKEN) as test2:
+        assert test2.process is not None and test2.process["pid"] != pid1
+        assert test2.list_programs()["programs"] == []
+        assert test2.list_programs(all_sessions=True)["total_count"] == 0
+        stats = test2.get_stats()
+        assert stats["program_count"] == 0 and stats["session_count"] == 0
+        assert [r["outputs"] for r in stats["lm"]["mock_rules"]] == [{"answer": 4}, {"answer": "Paris"},
+                                                                    {"answer": 7}, {"answer": 8}]
+        test2.create_program(QA_INT, "qa")  # the same id: no clash, the first one is gone
+        assert test2.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+
+
+def test_a_raw_socket_client_gets_a_fresh_process(worker: Any) -> None:
+    """What an Erlang `gen_tcp` client with `packet: 4` does: frames, no client library, no hello."""
+    pids = []
+    for _ in range(2):
+        with worker.raw() as raw:
+            raw.send({"id": 1, "command": "create_program", "args": {"signature": QA_INT, "program_id": "qa"}})
+            assert raw.receive()["success"] is True
+            raw.send({"id": 2, "command": "ping", "args": {}})
+            reply = raw.receive()
+            assert reply["id"] == 2 and reply["result"]["process"]["parent_pid"] == worker.proc.pid
+            pids.append(reply["result"]["pid"])
+    assert pids[0] != pids[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=["segfault", "oom-kill"])
+def test_a_crashed_process_fails_only_its_own_connection(worker: Any, sig: signal.Signals) -> None:
+    with worker.client(fork=True) as victim, worker.client(fork=True) as bystander:
+        bystander.create_program(QA_INT, "qa")
+        victim.create_program(QA_INT, "qa")
+        assert victim.process is not None
+        victim_pid = victim.process["pid"]
+        crashed_before = bystander.get_stats()["fork"]["children_crashed"]
+        errors: list[BaseException] = []
+
+        def run_slow() -> None:
+            try:
+                victim.execute_program("qa", {"question": "slow"})
+            except BaseException as exc:
+                errors.append(exc)
+
+        slow = threading.Thread(target=run_slow)
+        slow.start()
+        wait_until(lambda: psutil.Process(victim_pid).num_threads() > 3, 30, "the slow execution to start")
+        os.kill(victim_pid, sig)  # a segfault, or the OOM killer's SIGKILL
+        slow.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], ProcessGoneError)
+        message = str(errors[0])
+        assert worker_id_of(bystander) in message and f"process {victim_pid}" in message
+        assert "does not reconnect" in message
+        with pytest.raises(ProcessGoneError):  # and it stays gone: no silent fresh process
+            victim.ping()
+        assert bystander.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+        wait_until(lambda: bystander.get_stats()["fork"]["children_crashed"] == crashed_before + 1, 30,
+                   "the parent to reap the crashed process")
+        assert gone(victim_pid)
+    assert b"ended by signal " + sig.name.encode() in worker.stderr_bytes()
+
+
+def worker_id_of(client: BridgeClient) -> str:
+    return str(client.ping()["worker_id"])
+
+
+def test_a_client_that_did_not_know_never_continues_on_a_fresh_process(worker: Any) -> None:
+    with worker.client() as client:  # fork=None: learns it on reconnecting
+        client.create_program(QA_INT, "qa")
+        pid = client.ping()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gone(pid), 30, "the process to be reaped")
+        with pytest.raises(BridgeConnectionError) as first:
+            client.execute_program("qa", {"question": "2+2"})
+        # Whichever request noticed first, the client ends up refusing with ProcessGoneError.
+        if not isinstance(first.value, ProcessGoneError):
+            with pytest.raises(ProcessGoneError, match="fresh process"):
+                client.execute_program("qa", {"question": "2+2"})
+        with pytest.raises(ProcessGoneError, match="open a new BridgeClient"):
+            client.ping()
+
+
+def test_past_the_limit_a_connection_gets_a_busy_reply(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork", env={"PROVISION_WORKER__MAX_CONNECTIONS": "2"})
+    with worker.client() as one, worker.client() as two:
+        one.ping()
+        two.ping()
+        with worker.raw() as third:
+            reply = third.receive()
+            assert reply["id"] is None and reply["error_type"] == "TooManyConnections"
+            assert "busy" in reply["error"] and "at most 2 processes" in reply["error"]
+            assert third.at_eof()
+        assert one.get_stats()["fork"]["refused_busy"] == 1
+    # Once a process ends, a new connection gets one again.
+    wait_until(lambda: not live_children(worker.proc.pid), 30, "the processes to end")
+    with worker.client() as again:
+        assert again.ping()["status"] == "ok"
+
+
+def test_shutdown_from_one_process_stops_the_worker_and_every_process(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork", env={CONTROL_TOKEN_ENV: TOKEN})
+    with worker.client() as other, worker.client(token=TOKEN) as controller:
+        other_pid = other.ping()["pid"]
+        with worker.client() as no_token, pytest.raises(BridgeError, match="control token"):
+            no_token.shutdown()
+        assert controller.shutdown()["status"] == "shutting_down"
+        assert worker.wait_exit(60) == 0
+    assert gone(other_pid)
+
+
+def test_reset_state_ends_every_other_process(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork", env={CONTROL_TOKEN_ENV: TOKEN})
+    with worker.client(fork=True) as other, worker.client(token=TOKEN) as controller:
+        other.create_program(QA_INT, "qa")
+        controller.create_program(QA_INT, "mine")
+        assert other.process is not None
+        other_pid = other.process["pid"]
+        assert controller.reset_state()["programs_removed"] == 1
+        assert controller.list_programs()["programs"] == []
+        wait_until(lambda: gone(other_pid), 30, "the other process to end")
+        with pytest.raises(ProcessGoneError):
+            other.list_programs()
+        assert controller.ping()["status"] == "ok"  # the caller's own process carries on, reset
+
+
+def test_sigterm_ends_every_process_and_the_worker(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork")
+    with worker.client() as idle:
+        pid = idle.ping()["pid"]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait_exit(60) == 0
+        assert gone(pid)
+
+
+def test_processes_die_with_a_killed_parent(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork")
+    with worker.client() as one, worker.client() as two:
+        pids = [one.ping()["pid"], two.ping()["pid"]]
+        worker.proc.kill()  # SIGKILL: no chance to end them itself
+        worker.wait_exit(30)
+        wait_until(lambda: all(gone(p) for p in pids), 30, "PR_SET_PDEATHSIG to end the processes")
+
+
+def test_a_process_stray_subprocesses_are_killed_with_it(spawn_worker: Any) -> None:
+    """A child leads its own process group; the parent kills the group when the child ends."""
+    worker = spawn_worker("--fork")
+    with worker.client() as client:
+        pid = client.ping()["pid"]
+        # Stand in for a program's subprocess: a process in the child's group (its pgid).
+        stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                 process_group=pid)
+    try:
+        wait_until(lambda: gone(pid), 30, "the process to end")
+        assert stray.wait(30) == -signal.SIGKILL
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait(10)
+
+
+def test_the_worker_refuses_to_fork_when_its_parent_runs_threads(tmp_path: Path) -> None:
+    """A thread started at import time (here by a sitecustomize) makes the worker refuse to start."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import threading\n"
+        "threading.Thread(target=threading.Event().wait, name='import-time-thread', daemon=True).start()\n"
+    )
+    env = clean_env(PYTHONPATH=str(site))
+    done = subprocess.run(worker_command("--fork"), env=env, cwd=tmp_path, capture_output=True, timeout=180,
+                          check=False)
+    assert done.returncode != 0
+    err = done.stderr.decode()
+    assert "ForkUnsafeError" in err or "must run exactly one" in err
+    assert "import-time-thread" in err and "without --fork" in err
+
+
+def test_require_single_threaded_names_the_threads() -> None:
+    stop = threading.Event()
+    intruder = threading.Thread(target=stop.wait, name="intruder")
+    intruder.start()
+    try:
+        with pytest.raises(ForkUnsafeError, match="intruder"):
+            require_single_threaded("test")
+    finally:
+        stop.set()
+        intruder.join()
+
+
+def test_fork_and_stdio_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(worker_command("--fork", "--stdio"), env=clean_env(), cwd=tmp_path,
+                          capture_output=True, timeout=180, check=False)
+    assert done.returncode != 0 and b"--fork" in done.stderr and b"--stdio" in done.stderr
+
+
+def test_child_limit_fits_every_process_threads_below_the_pids_limit() -> None:
+    assert child_limit(256, 8, None) == 256
+    limit = child_limit(256, 8, 256)
+    assert limit == (256 - 16) // (8 + 6)
+    assert limit * (8 + 6) + 16 <= 256
+    assert child_limit(5, 8, 10_000) == 5
+    assert child_limit(256, 8, 10) == 1  # never zero: a worker serves at least one connection
+
+
+@pytest.mark.slow
+def test_no_zombies_or_orphans_after_1000_connections(spawn_worker: Any) -> None:
+    worker = spawn_worker("--fork")
+    for i in range(1000):
+        with BridgeClient("127.0.0.1", worker.port) as client:
+            if i % 10 == 0:
+                client.create_program(QA_INT, "qa")
+                client.execute_program("qa", {"question": "2+2"})
+            assert client.ping()["process"]["parent_pid"] == worker.proc.pid
+    wait_until(lambda: not live_children(worker.proc.pid), 60, "every process to end")
+    # Nothing of ours is left anywhere: no zombie child, no orphan re-parented elsewhere.
+    assert forked_from(worker) == []
+    with worker.client() as client:
+        fork = client.get_stats()["fork"]
+    assert fork["forks_total"] == 1001 and fork["children_crashed"] == 0 and fork["children_exited"] == 1000
