@@ -192,7 +192,8 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     help="start-up LMConfig as JSON (used when PROVISION_LM_CONFIG is not set)",
 )
 @click.option("--fork", is_flag=True,
-              help="a fresh process per connection, forked from this pre-imported one (layer isolation 'process')")
+              help="a fresh process per connection, forked from this pre-imported one "
+                   "(layer isolation 'process')")
 def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config_file: Path | None,
            fork: bool) -> None:
     """Run a DSPy bridge worker in the foreground.

@@ -103,7 +103,8 @@ def test_a_raw_socket_client_gets_a_fresh_process(worker: Any) -> None:
     pids = []
     for _ in range(2):
         with worker.raw() as raw:
-            raw.send({"id": 1, "command": "create_program", "args": {"signature": QA_INT, "program_id": "qa"}})
+            create = {"signature": QA_INT, "program_id": "qa"}
+            raw.send({"id": 1, "command": "create_program", "args": create})
             assert raw.receive()["success"] is True
             raw.send({"id": 2, "command": "ping", "args": {}})
             reply = raw.receive()
