@@ -253,7 +253,11 @@ def test_every_reply_fits_the_frame_limit_even_with_a_huge_id(serve: Any) -> Non
 
 def test_the_client_reconnects_on_the_next_request_after_the_peer_closed() -> None:
     """Issue 14.10: after the worker closed an idle connection, the next two calls failed. A peer
-    that answers one request per connection and then hangs up: every call must still succeed."""
+    that answers one request per connection and then hangs up: every call must still succeed.
+
+    A reconnecting client first asks the new connection with a ``hello`` whether it is a fork-mode
+    process (issue 12: never continue silently on a fresh process); the peer answers that without
+    hanging up, as a real worker keeps a connection open between requests."""
     listener = socket.create_server(("127.0.0.1", 0))
     closed = threading.Semaphore(0)
     accepted = []
@@ -265,12 +269,15 @@ def test_the_client_reconnects_on_the_next_request_after_the_peer_closed() -> No
             except OSError:
                 return
             accepted.append(conn)
-            with conn:
-                payload = read_frame(conn.makefile("rb"))
-                if payload is not None:
+            with conn, conn.makefile("rb") as reader:
+                while (payload := read_frame(reader)) is not None:
                     request = json.loads(payload)
-                    conn.sendall(encode_frame(dumps({"id": request["id"], "success": True,
-                                                     "result": {"n": len(accepted)}})))
+                    hello = request["command"] == "hello"
+                    result = {"status": "ok"} if hello else {"n": len(accepted)}
+                    reply = {"id": request["id"], "success": True, "result": result}
+                    conn.sendall(encode_frame(dumps(reply)))
+                    if not hello:
+                        break
             closed.release()
 
     thread = threading.Thread(target=one_request_per_connection, daemon=True)
