@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import ConfigError
 from provisioner.factories import SessionFactory, set_run_id
+from provisioner.isolated import IsolatedTest
 from provisioner.layers import Layer
+from provisioner.lm.callstats import LMUsage
 from provisioner.lmconfig import LMConfig, LMMode, RecordMode
+from provisioner.run import ProcessReport, ResolvedRun, RunIdentity, RunOptions, resolve_run, state_dir
+from provisioner.runtime.watchdog import finish_run
+from provisioner.runtime.workers import DedicatedWorker, ProcessContainers
 from provisioner.settings import Settings
-from provisioner.testing.containers import DedicatedWorker, ProcessContainers, finish_run
-from provisioner.testing.isolated import IsolatedTest
-from provisioner.testing.options import ResolvedRun, RunOptions, resolve_run, state_dir
-from provisioner.testing.report import LMUsage, ProcessReport
-from provisioner.testing.run import RunIdentity
 
 if TYPE_CHECKING:
     import dspy

@@ -62,7 +62,7 @@ def set_run_id(run_id: str | None) -> None:
 
 
 def _token(value: str) -> str:
-    # The tail: a run id's random part is at its end (see provisioner.testing.run.new_run_id).
+    # The tail: a run id's random part is at its end (see provisioner.run.new_run_id).
     return _UNSAFE.sub("", value.lower())[-16:] or "x"
 
 

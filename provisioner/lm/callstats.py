@@ -14,7 +14,8 @@ calls made inside worker containers, the run ledger (``provisioner.lm.ledger``) 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 CALL_KINDS: tuple[str, ...] = ("mock", "replayed", "recorded", "real", "standin")
 
@@ -100,3 +101,47 @@ def reset_stats() -> None:
     with _lock:
         for name in _counters:
             _counters[name] = 0
+
+
+@dataclass
+class LMUsage:
+    """LM calls by kind, tokens and dollars: a mutable aggregate over processes and the ledger.
+
+    The counters of :class:`provisioner.lm.LMCallStats` (a per-process snapshot), plus
+    ``cache_misses``; :meth:`from_stats` converts.
+    """
+
+    mock: int = 0
+    replayed: int = 0
+    recorded: int = 0
+    real: int = 0
+    errors: int = 0
+    cache_misses: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # billed dollars (calls answered by the Gemini stand-in are $0)
+    standin: int = 0  # direct calls the Gemini stand-in answered (a kind of its own, never ``real``)
+    list_cost_usd: float = 0.0  # every call at list prices: what the run's cost limit counts
+
+    @property
+    def calls(self) -> int:
+        return self.mock + self.replayed + self.recorded + self.real + self.standin
+
+    def add(self, other: LMUsage) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> LMUsage:
+        """From a :class:`provisioner.lm.LMCallStats` (or its ``as_dict()``) — a recorded call is a miss."""
+        data = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+        usage = cls(**{k: data[k] for k in asdict(cls()) if k in data})
+        if "cache_misses" not in data:
+            usage.cache_misses = usage.recorded
+        return usage
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = asdict(self)
+        data["calls"] = self.calls
+        data["cost_usd"] = round(self.cost_usd, 6)
+        return data

@@ -40,10 +40,11 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner.lm.callstats import LMUsage
 from provisioner.lm.limits import after_torn_line, append_line, locked, resolve_run_dir, share_fd
 
 LEDGER_FILE = "ledger.jsonl"
@@ -422,3 +423,55 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
 def run_report(run_dir: Path, *, run_id: str | None = None) -> CostReport:
     """Totals of one run's ledger (per test, by kind) — what the pytest plugin reports per test."""
     return cost_report([run_dir / LEDGER_FILE], run_id=run_id)
+
+
+LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
+
+
+
+def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) -> LMUsage | None:
+    """Non-mock LM calls of the run from its shared ledger (all processes and containers).
+
+    ``attributed_to`` keeps only calls whose ``test_id`` is one of these (a pytest node id, or the
+    session id a bridge worker attributes its calls to). ``None`` when the run has no ledger.
+    """
+    if run_dir is None:
+        return None
+    path = run_dir / LEDGER_FILE
+    if not path.exists():
+        return None
+    usage = LMUsage()
+    for entry in read_ledger(path):
+        if attributed_to is not None and entry.get("test_id") not in attributed_to:
+            continue
+        if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
+            usage.cache_misses += 1
+            continue
+        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
+            continue
+        kind = usage_kind(entry)
+        setattr(usage, kind, getattr(usage, kind) + 1)
+        usage.input_tokens += int(entry.get("input_tokens") or 0)
+        usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
+        cost = float(entry.get("cost_usd") or 0.0)
+        list_cost = entry.get("list_cost_usd")
+        usage.list_cost_usd += cost if list_cost is None else float(list_cost)
+        if entry.get("endpoint") != "standin":  # the stand-in's answers are not money
+            usage.cost_usd += cost
+        if entry.get("cache") == "miss" or kind == "recorded":
+            usage.cache_misses += 1
+    return usage
+
+
+def combine(process: LMUsage, ledger: LMUsage | None) -> LMUsage:
+    """Mock calls from the process counters; every other kind from the ledger when there is one.
+
+    The ledger sees calls made inside worker containers too, and it is shared by all processes, so
+    it is the authority for the run; mock calls are free and never written there.
+    """
+    if ledger is None:
+        return process
+    merged = LMUsage(**asdict(ledger))
+    merged.mock = process.mock
+    merged.errors = process.errors
+    return merged

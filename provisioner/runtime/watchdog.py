@@ -404,5 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     return watch(args.run, args.run_dir.resolve(), args.interval)
 
 
+def finish_run(run_dir: Path) -> None:
+    """The run is over and every process cleaned up: let the run's watchdog (if any) stand down.
+
+    Owners stay registered until then, so a process killed mid-run is still cleaned up after.
+    """
+    if (run_dir / LOCK_FILE).exists() and not (run_dir / RETAIN_MARKER).exists():
+        mark(run_dir, STOPPED_MARKER)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,11 @@
-"""The plain classes behind the pytest plugin (pytest-xdist style: the plugin module is thin hooks).
+"""The pytest plumbing behind the plugin (pytest-xdist style: the plugin module is thin hooks).
 
-Modules: ``options`` (run options, layer/LM resolution), ``selection`` (layer markers and
-deselection), ``run`` (run identity shared by xdist workers), ``isolated`` (``IsolatedTest``),
-``containers`` (a process's containers: dedicated workers, the pool, leak snapshots),
-``docker_check`` (fail-under-CI engine check), ``report`` (the run report), ``plugin_state``
-(``ProvisionRun``, what the hooks drive). Submodules are imported where used, so loading the plugin
+Modules: ``selection`` (layer markers and deselection), ``docker_check`` (fail-under-CI engine
+check), ``report`` (the run report), ``network`` (the unit/integration spending guard),
+``completeness`` (why a run is partial), ``progress`` (start-up phases), ``plugin_state``
+(``ProvisionRun``, what the hooks drive). The pytest-free pieces the plugin shares with
+:func:`provisioner.environment` live below it: :mod:`provisioner.run`, :mod:`provisioner.isolated`,
+:mod:`provisioner.runtime.workers`. This package and the edges (``cli``, ``pytest_plugin``) are the
+only importers of :mod:`provisioner.api`. Submodules are imported where used, so loading the plugin
 stays cheap and touches no Docker.
 """

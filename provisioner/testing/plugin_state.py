@@ -14,21 +14,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from provisioner.layers import Layer, resolve_layers
+from provisioner.lm.callstats import LMUsage
+from provisioner.lm.ledger import combine, ledger_usage
 from provisioner.lmconfig import LMMode, RecordMode
-from provisioner.testing import containers, docker_check
+from provisioner.run import LeakRecord, ProcessReport, RunIdentity, RunOptions, resolve_run, state_dir
+from provisioner.runtime.workers import check_leaks, snapshot
+from provisioner.testing import docker_check
 from provisioner.testing.completeness import Completeness
-from provisioner.testing.options import RunOptions, resolve_run, state_dir
 from provisioner.testing.progress import Phases
-from provisioner.testing.report import (
-    OUTCOMES,
-    LeakRecord,
-    LMUsage,
-    ProcessReport,
-    RunReport,
-    combine,
-    ledger_usage,
-)
-from provisioner.testing.run import RunIdentity
+from provisioner.testing.report import OUTCOMES, RunReport
 from provisioner.testing.selection import layer_marks, marker_description, split_by_layer
 
 Item = TypeVar("Item")
@@ -263,11 +257,11 @@ class ProvisionRun:
 
     def leak_snapshot(self) -> frozenset[tuple[str, str]]:
         """The baseline before a test: no engine round trip (the check after it synchronises)."""
-        return containers.snapshot(self.environment.containers_started, sync=False)
+        return snapshot(self.environment.containers_started, sync=False)
 
     def leaks_since(self, before: frozenset[tuple[str, str]], test_id: str) -> list[tuple[str, str]]:
         """What the test left behind (also recorded for the report)."""
-        found = containers.check_leaks(before, self.environment.containers_started, test_id)
+        found = check_leaks(before, self.environment.containers_started, test_id)
         if found:
             self._used = True
             self.environment.report.leaks.append(LeakRecord(test_id, found))

@@ -1,155 +1,26 @@
 """The run report: what each layer's tests cost and used, in the terminal and as JSON.
 
-Every process of a run (the only one, or each xdist worker) fills a :class:`ProcessReport`; xdist
+Every process of a run (the only one, or each xdist worker) fills a
+:class:`~provisioner.run.ProcessReport`; xdist
 workers ship theirs to the controller as JSON, which merges them into one :class:`RunReport` and adds
 the test outcomes it saw. Costs of calls made inside worker containers come from the run's shared
-ledger; calls made in-process come from :func:`provisioner.lm.stats`.
+ledger (:func:`provisioner.lm.ledger.ledger_usage`); calls made in-process come from
+:func:`provisioner.lm.stats`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner.lm.callstats import CALL_KINDS
+from provisioner.lm.callstats import CALL_KINDS, LMUsage
+from provisioner.run import LeakRecord, ProcessReport
 
 OUTCOMES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class LMUsage:
-    """LM calls by kind, tokens and dollars: a mutable aggregate over processes and the ledger.
-
-    The counters of :class:`provisioner.lm.LMCallStats` (a per-process snapshot), plus
-    ``cache_misses``; :meth:`from_stats` converts.
-    """
-
-    mock: int = 0
-    replayed: int = 0
-    recorded: int = 0
-    real: int = 0
-    errors: int = 0
-    cache_misses: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0  # billed dollars (calls answered by the Gemini stand-in are $0)
-    standin: int = 0  # direct calls the Gemini stand-in answered (a kind of its own, never ``real``)
-    list_cost_usd: float = 0.0  # every call at list prices: what the run's cost limit counts
-
-    @property
-    def calls(self) -> int:
-        return self.mock + self.replayed + self.recorded + self.real + self.standin
-
-    def add(self, other: LMUsage) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-    @classmethod
-    def from_stats(cls, stats: Any) -> LMUsage:
-        """From a :class:`provisioner.lm.LMCallStats` (or its ``as_dict()``) — a recorded call is a miss."""
-        data = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
-        usage = cls(**{k: data[k] for k in asdict(cls()) if k in data})
-        if "cache_misses" not in data:
-            usage.cache_misses = usage.recorded
-        return usage
-
-    def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = asdict(self)
-        data["calls"] = self.calls
-        data["cost_usd"] = round(self.cost_usd, 6)
-        return data
-
-
-LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
-
-
-
-def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) -> LMUsage | None:
-    """Non-mock LM calls of the run from its shared ledger (all processes and containers).
-
-    ``attributed_to`` keeps only calls whose ``test_id`` is one of these (a pytest node id, or the
-    session id a bridge worker attributes its calls to). ``None`` when the run has no ledger.
-    """
-    if run_dir is None:
-        return None
-    from provisioner.lm.ledger import LEDGER_FILE, read_ledger, usage_kind
-
-    path = run_dir / LEDGER_FILE
-    if not path.exists():
-        return None
-    usage = LMUsage()
-    for entry in read_ledger(path):
-        if attributed_to is not None and entry.get("test_id") not in attributed_to:
-            continue
-        if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
-            usage.cache_misses += 1
-            continue
-        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
-            continue
-        kind = usage_kind(entry)
-        setattr(usage, kind, getattr(usage, kind) + 1)
-        usage.input_tokens += int(entry.get("input_tokens") or 0)
-        usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
-        cost = float(entry.get("cost_usd") or 0.0)
-        list_cost = entry.get("list_cost_usd")
-        usage.list_cost_usd += cost if list_cost is None else float(list_cost)
-        if entry.get("endpoint") != "standin":  # the stand-in's answers are not money
-            usage.cost_usd += cost
-        if entry.get("cache") == "miss" or kind == "recorded":
-            usage.cache_misses += 1
-    return usage
-
-
-def combine(process: LMUsage, ledger: LMUsage | None) -> LMUsage:
-    """Mock calls from the process counters; every other kind from the ledger when there is one.
-
-    The ledger sees calls made inside worker containers too, and it is shared by all processes, so
-    it is the authority for the run; mock calls are free and never written there.
-    """
-    if ledger is None:
-        return process
-    merged = LMUsage(**asdict(ledger))
-    merged.mock = process.mock
-    merged.errors = process.errors
-    return merged
-
-
-@dataclass
-class LeakRecord:
-    test: str
-    leaks: list[tuple[str, str]]
-
-
-@dataclass
-class ProcessReport:
-    """What one process contributes (sent from xdist workers to the controller as JSON)."""
-
-    layer: str
-    workers_started: int = 0
-    lm: LMUsage = field(default_factory=LMUsage)
-    leaks: list[LeakRecord] = field(default_factory=list)
-    retained: list[str] = field(default_factory=list)
-    # [test id, rule as JSON] of per-test LM rules (@pytest.mark.lm_rules) that answered no request
-    unmatched_lm_rules: list[list[str]] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> ProcessReport:
-        data = json.loads(text)
-        return cls(
-            layer=data["layer"],
-            workers_started=int(data.get("workers_started", 0)),
-            lm=LMUsage(**data.get("lm", {})),
-            leaks=[LeakRecord(r["test"], [(x[0], x[1]) for x in r["leaks"]]) for r in data.get("leaks", [])],
-            retained=list(data.get("retained", [])),
-            unmatched_lm_rules=[[str(x) for x in pair] for pair in data.get("unmatched_lm_rules", [])],
-        )
 
 
 @dataclass

@@ -352,7 +352,7 @@ def test_a_read_only_cassette_dir_is_never_widened_and_a_miss_says_so(
     assert (stats() - before).errors == 1
     misses = [e for e in read_ledger(tmp_path / "run" / "ledger.jsonl") if e["event"] == "cassette_miss"]
     assert [m["reason"] for m in misses] == ["not_writable"]
-    from provisioner.testing.report import ledger_usage
+    from provisioner.lm.ledger import ledger_usage
 
     usage = ledger_usage(tmp_path / "run")
     assert usage is not None and usage.cache_misses == 2  # the first recording and the refused one

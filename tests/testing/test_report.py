@@ -3,13 +3,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from provisioner.lm import LMCallStats
-from provisioner.testing.report import LeakRecord, LMUsage, ProcessReport, RunReport
-
-
-def test_usage_from_stats_counts_recorded_calls_as_misses() -> None:
-    usage = LMUsage.from_stats(LMCallStats(mock=1, replayed=2, recorded=3, real=4, cost_usd=0.5))
-    assert usage.calls == 10 and usage.cache_misses == 3 and usage.cost_usd == 0.5
+from provisioner.lm.callstats import LMUsage
+from provisioner.run import LeakRecord, ProcessReport
+from provisioner.testing.report import RunReport
 
 
 def test_process_reports_round_trip_and_merge(tmp_path: Path) -> None:

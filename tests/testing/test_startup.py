@@ -83,7 +83,7 @@ def _images_module() -> Any:
 
 
 def test_a_prepared_image_is_used_without_building(monkeypatch: pytest.MonkeyPatch) -> None:
-    from provisioner.testing.containers import ProcessContainers
+    from provisioner.runtime.workers import ProcessContainers
 
     images = _images_module()
 
@@ -99,7 +99,7 @@ def test_an_xdist_worker_reports_the_controllers_failure_without_building(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from provisioner.errors import ImageError
-    from provisioner.testing.containers import ProcessContainers
+    from provisioner.runtime.workers import ProcessContainers
 
     def no_build(*args: Any, **kwargs: Any) -> str:
         raise AssertionError("an xdist worker must not build after the controller failed")
@@ -112,7 +112,7 @@ def test_an_xdist_worker_reports_the_controllers_failure_without_building(
 
 def test_a_failed_image_build_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     from provisioner.errors import ImageError
-    from provisioner.testing.containers import ProcessContainers
+    from provisioner.runtime.workers import ProcessContainers
 
     images = _images_module()
 

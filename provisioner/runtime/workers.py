@@ -26,19 +26,45 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from provisioner.api import Environment
+    from provisioner.layers import Layer
+    from provisioner.lmconfig import LMConfig
+    from provisioner.run import RunIdentity
     from provisioner.runtime.deployment import Deployment, WorkerInfo
     from provisioner.runtime.pool import WorkerPool
     from provisioner.runtime.recipes import RunPlan
     from provisioner.runtime.resources import ResourceManager
+    from provisioner.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 # How often a process's pool looks at its workers' container states (seconds).
 POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
+
+
+class RunContext(Protocol):
+    """What a process's containers read of its run (:class:`provisioner.api.Environment` is one).
+
+    A protocol, so this module does not import :mod:`provisioner.api` (which sits above the runtime).
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def layer(self) -> Layer: ...
+    @property
+    def lm_config(self) -> LMConfig: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def run_dir(self) -> Path: ...
+
+    identity: RunIdentity
+    # The worker image tag the run's controller prepared, and why it could not (xdist workers).
+    prepared_image: str | None
+    image_problem: str | None
 
 
 def process_instance() -> str:
@@ -111,7 +137,7 @@ class DedicatedWorker:
 class ProcessContainers:
     """The containers one process (a pytest process or an ``environment()`` block) owns."""
 
-    def __init__(self, environment: Environment) -> None:
+    def __init__(self, environment: RunContext) -> None:
         self.env = environment
         self.instance = process_instance()
         self._lock = threading.RLock()
@@ -445,17 +471,6 @@ class ProcessContainers:
                 with contextlib.suppress(Exception):
                     self._runtime.close()
         return problems
-
-
-def finish_run(run_dir: Path) -> None:
-    """The run is over and every process cleaned up: let the run's watchdog (if any) stand down.
-
-    Owners stay registered until then, so a process killed mid-run is still cleaned up after.
-    """
-    from provisioner.runtime import watchdog as wd
-
-    if (run_dir / wd.LOCK_FILE).exists() and not (run_dir / wd.RETAIN_MARKER).exists():
-        wd.mark(run_dir, wd.STOPPED_MARKER)
 
 
 def snapshot(containers: ProcessContainers | None, *, sync: bool = True) -> frozenset[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Pure parts of provisioner.testing.containers (no Docker): names per process, leak arithmetic."""
+"""Pure parts of provisioner.runtime.workers (no Docker): names per process, leak arithmetic."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from provisioner.errors import ConfigError
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.workers import check_leaks, namespaced, process_instance, snapshot
 from provisioner.settings import load_settings
-from provisioner.testing.containers import check_leaks, namespaced, process_instance, snapshot
 
 
 def test_process_instance_names_the_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner.factories import SessionFactory
-from provisioner.testing.isolated import CleanupError, IsolatedTest
+from provisioner.isolated import CleanupError, IsolatedTest
 
 
 def _test() -> IsolatedTest:

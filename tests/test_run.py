@@ -1,3 +1,5 @@
+"""provisioner.run: options resolved into a run, the run identity shared by its processes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,22 +7,13 @@ from pathlib import Path
 import pytest
 
 from provisioner.errors import ConfigError, UnknownLayerError
-from provisioner.testing.options import RunOptions, resolve_run, state_dir
-from provisioner.testing.run import RunIdentity, check_run_id, new_run_id
-from provisioner.testing.selection import split_by_layer
+from provisioner.run import RunIdentity, RunOptions, check_run_id, new_run_id, resolve_run, state_dir
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TEST_MODE", "PROVISION_LAYER", "PROVISION_RUN_ID", "PROVISION_RUN_DIR", "LM_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
-
-
-def test_split_by_layer_keeps_unmarked_and_matching() -> None:
-    items = [("a", ["unit"]), ("b", ["integration"]), ("c", []), ("d", ["unit", "e2e"]), ("e", ["slow"])]
-    kept, dropped = split_by_layer(items, "e2e", ["unit", "integration", "e2e"])
-    assert kept == ["c", "d", "e"]
-    assert dropped == ["a", "b"]
 
 
 def test_resolve_run_applies_flags_and_anchors_paths(tmp_path: Path) -> None:
@@ -58,32 +51,3 @@ def test_run_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not joined.controller and joined.as_env()["PROVISION_RUN_ID"] == "r-shared-1"
     with pytest.raises(ValueError, match="container and network names"):
         check_run_id("Bad Run!")
-
-
-@pytest.mark.parametrize(
-    ("policy", "retain_on_failure", "failed", "kept"),
-    [
-        ("aggressive", True, True, False),
-        ("on_success", True, True, True),
-        ("on_success", False, True, False),
-        ("on_success", True, False, False),
-        ("never", False, False, True),
-    ],
-)
-def test_retain_follows_the_cleanup_policy(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    policy: str,
-    retain_on_failure: bool,
-    failed: bool,
-    kept: bool,
-) -> None:
-    from provisioner.testing.plugin_state import ProvisionRun
-
-    monkeypatch.setenv("PROVISION_CLEANUP_POLICY", policy)
-    monkeypatch.setenv("PROVISION_RETAIN_ON_FAILURE", str(retain_on_failure).lower())
-    run = ProvisionRun.from_pytest(
-        layer="integration", lm_mode=None, record_mode=None, report_path=None,
-        project_dir=tmp_path, invocation_dir=tmp_path, workerinput=None,
-    )
-    assert run.retain(failed) is kept
