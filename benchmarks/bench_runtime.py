@@ -76,7 +76,7 @@ def cold_start(rt: DockerRuntime, image: str, folder: Path) -> dict[str, float]:
     plan = plan_run(
         settings,
         get_layer(settings, "integration"),
-        settings.lm_for("integration", "mock"),
+        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
         run_id=run_id,
         image=image,
         workers=1,

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from provisioner.errors import ConfigError, UnknownLayerError
-from provisioner.lmconfig import LMMode
+from provisioner.lmconfig import LMConfig, LMMode
 from provisioner.settings import Isolation, LayerSpec, Settings
 
 
@@ -54,6 +54,11 @@ class Layer(BaseModel):
     def egress_allowed(self) -> bool:
         """Only real-LM layers may reach the outside world; mock and cached cannot spend money."""
         return self.lm_mode == "real"
+
+    def lm_config(self, base: LMConfig, mode: LMMode | None = None) -> LMConfig:
+        """The LM configuration this layer runs with: ``base`` (the settings' ``lm`` table) with the
+        layer's name and LM mode applied; ``mode`` (``--lm``) overrides the layer's ``lm_mode``."""
+        return base.model_copy(update={"mode": mode or self.lm_mode, "layer": self.name})
 
 
 BUILTIN_LAYERS: dict[str, LayerSpec] = {

@@ -90,7 +90,7 @@ def resolve_run(
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     root = settings.project_dir
     layer = get_layer(settings, settings.layer)
-    lm_config = settings.lm_for(layer.name, mode=options.lm_mode)
+    lm_config = layer.lm_config(settings.lm, options.lm_mode)
     # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
     # directory is bind-mounted into the run's worker containers, so limits and ledger are run-wide.
     lm_dir = None if run_dir is None else run_dir / RUN_LM_SUBDIR

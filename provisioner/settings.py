@@ -246,13 +246,6 @@ class Settings(BaseSettings):
     def sources(self) -> dict[str, str]:
         return dict(self._sources)
 
-    def lm_for(self, layer: str, mode: LMMode | None = None) -> LMConfig:
-        """The LM configuration a layer runs with: ``lm`` with the layer's mode applied."""
-        from provisioner.layers import get_layer  # local: layers imports this module
-
-        chosen = mode or get_layer(self, layer).lm_mode
-        return self.lm.model_copy(update={"mode": chosen, "layer": layer})
-
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in data.items():

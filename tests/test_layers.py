@@ -44,6 +44,17 @@ def test_user_overrides_and_custom_layers(settings_in) -> None:  # type: ignore[
     assert list(resolve_layers(s)) == ["unit", "integration", "e2e", "smoke"]
 
 
+def test_layer_lm_config_applies_its_mode_unless_lm_overrides(settings_in) -> None:  # type: ignore[no-untyped-def]
+    s = settings_in(
+        "[tool.provisioner.lm]\nrate_limit_rpm = 7\n[tool.provisioner.lm_modes]\nintegration = 'real'\n"
+    )
+    layer = get_layer(s, "integration")
+    lm = layer.lm_config(s.lm)
+    assert (lm.mode, lm.layer, lm.rate_limit_rpm) == ("real", "integration", 7)  # lm_modes beats the layer
+    assert layer.lm_config(s.lm, "mock").mode == "mock"  # --lm beats the layer
+    assert s.lm.layer is None  # the base is not changed
+
+
 def test_unknown_layer_lists_known(settings_in) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(UnknownLayerError) as info:
         get_layer(settings_in(), "nightly")

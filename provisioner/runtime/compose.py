@@ -89,7 +89,7 @@ def compose_plan(settings: Settings, layer: str) -> RunPlan:
     """
     _container_layer(settings, layer)
     layer_obj = get_layer(settings, layer)
-    lm = settings.lm_for(layer_obj.name).model_copy(update={"api_key": None, "base_url": None})
+    lm = layer_obj.lm_config(settings.lm).model_copy(update={"api_key": None, "base_url": None})
     return plan_run(
         settings,
         layer_obj,

@@ -89,7 +89,7 @@ def up(
             f"layer {layer_obj.name!r} runs in-process (adapter {layer_obj.adapter!r}) and has no "
             "containers; choose a bridge layer such as 'integration' or 'e2e'"
         )
-    lm = settings.lm_for(layer_obj.name, lm_mode)
+    lm = layer_obj.lm_config(settings.lm, lm_mode)
     if require_key and lm.mode == "real" and lm.api_key is None:
         raise ConfigError(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"

@@ -420,7 +420,7 @@ def plan_run(
 ) -> RunPlan:
     """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
 
-    ``lm`` is the host-side LM configuration (``settings.lm_for(layer)``); ``run_dir`` is the host
+    ``lm`` is the host-side LM configuration (``layer.lm_config(settings.lm)``); ``run_dir`` is the host
     directory shared by the run's workers (needed for cached and real modes). ``use_standin``:
     None = start the stand-in exactly when the layer is real and no API key is configured.
     ``project``: the :func:`~provisioner.runtime.labels.project_id` every resource is labelled with.

@@ -33,7 +33,7 @@ def _env(
     plan = plan_run(
         settings,
         layer,
-        settings.lm_for("integration", mode),
+        get_layer(settings, "integration").lm_config(settings.lm, mode),
         run_id="run1",  # type: ignore[arg-type]
         image=FAKE_IMAGE,
         workers=count,

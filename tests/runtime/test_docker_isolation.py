@@ -244,7 +244,7 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
     plan = plan_run(
         settings,
         get_layer(settings, "integration"),
-        settings.lm_for("integration", "mock"),
+        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
         run_id=f"bad{os.getpid()}",
         image=worker_image,
         workers=1,
@@ -395,7 +395,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
     plan = plan_run(
         settings,
         get_layer(settings, "integration"),
-        settings.lm_for("integration", "mock"),
+        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
         run_id=f"gate{os.getpid()}",
         image=worker_image,
         workers=1,
@@ -430,7 +430,7 @@ def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
     plan = plan_run(
         settings,
         get_layer(settings, "integration"),
-        settings.lm_for("integration", "mock"),
+        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
         run_id=f"nogw{os.getpid()}",
         image=worker_image,
         workers=1,

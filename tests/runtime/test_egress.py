@@ -21,7 +21,7 @@ def _started_worker(settings: Settings, rt: FakeRuntime) -> tuple[ContainerRecip
     plan = plan_run(
         settings,
         get_layer(settings, "integration"),
-        settings.lm_for("integration", "mock"),
+        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
         run_id="eg1",
         image=FAKE_IMAGE,
         workers=1,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from provisioner.errors import ConfigError, RuntimeProblem
+from provisioner.layers import get_layer
 from provisioner.lm.limits import read_run_limits
 from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import Deployment
@@ -119,7 +120,7 @@ def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the
     # The run's limits were written to the shared LM dir before the workers started.
     assert env.state.lm_run_dir is not None
     limits = read_run_limits(Path(env.state.lm_run_dir))
-    lm = settings.lm_for("integration", "cached")
+    lm = get_layer(settings, "integration").lm_config(settings.lm, "cached")
     assert limits == {"rate_limit_rpm": lm.rate_limit_rpm, "cost_limit_usd": lm.cost_limit_usd,
                       "rate_limit_wait_s": lm.rate_limit_wait_s}
     down(settings, runtime=rt)

@@ -40,7 +40,7 @@ def _pool(
     plan = plan_run(
         settings,
         get_layer(settings, "e2e"),
-        settings.lm_for("e2e", "mock"),
+        get_layer(settings, "e2e").lm_config(settings.lm, "mock"),
         run_id="p1",
         image=FAKE_IMAGE,
         workers=count,

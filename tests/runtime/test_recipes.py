@@ -36,7 +36,7 @@ SECRET = "AIza-test-secret-value-123"
 
 def _plan(settings: Settings, layer: str, tmp_path: Path, **kw: object):  # type: ignore[no-untyped-def]
     layer_obj = get_layer(settings, layer)
-    lm = settings.lm_for(layer, kw.pop("mode", None))  # type: ignore[arg-type]
+    lm = get_layer(settings, layer).lm_config(settings.lm, kw.pop("mode", None))  # type: ignore[arg-type]
     if kw.pop("key", False):
         lm = lm.model_copy(update={"api_key": SecretStr(SECRET)})
     return plan_run(
@@ -119,7 +119,7 @@ def test_every_worker_gets_the_run_control_token_as_a_secret_only(
 
 def test_the_plan_carries_the_run_limits_for_the_shared_dir(settings: Settings, tmp_path: Path) -> None:
     plan = _plan(settings, "e2e", tmp_path)
-    lm = settings.lm_for("e2e")
+    lm = get_layer(settings, "e2e").lm_config(settings.lm)
     assert plan.lm_run_dir == str((tmp_path / "lm").resolve())
     assert plan.run_limits == {"rate_limit_rpm": lm.rate_limit_rpm, "cost_limit_usd": lm.cost_limit_usd,
                                "rate_limit_wait_s": lm.rate_limit_wait_s}

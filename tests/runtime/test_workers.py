@@ -26,7 +26,7 @@ def test_process_instance_names_the_xdist_worker(monkeypatch: pytest.MonkeyPatch
 def test_namespaced_plan_renames_everything_but_keeps_run_labels(tmp_path: Path) -> None:
     settings = load_settings(project_dir=tmp_path)
     layer = get_layer(settings, "e2e")
-    lm = settings.lm_for("e2e")
+    lm = get_layer(settings, "e2e").lm_config(settings.lm)
     plan = plan_run(
         settings, layer, lm, run_id="r1", image="img:1", workers=2, session="gw0-1", run_dir=tmp_path
     )
