@@ -202,7 +202,8 @@ def worker(host: str, port: int, ready_file: Path | None, stdio: bool, lm_config
     `shutdown` command or SIGTERM, once in-flight requests have been answered. With --fork every
     connection is served by its own child process, which ends when the connection closes.
     """
-    from provisioner.bridge.server import run_worker, startup_lm_config
+    from provisioner.bridge.server import startup_lm_config
+    from provisioner.bridge.worker import run_worker
 
     settings = _settings()
     sys.exit(

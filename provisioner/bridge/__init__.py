@@ -3,7 +3,9 @@
 * :mod:`~provisioner.bridge.protocol` — framing (4-byte big-endian length + UTF-8 JSON) and envelopes
 * :mod:`~provisioner.bridge.programs` — signature specs to typed DSPy signatures; session namespaces
 * :mod:`~provisioner.bridge.service` — :class:`BridgeService`, the command handlers (no sockets)
-* :mod:`~provisioner.bridge.server` — threaded TCP server and ``--stdio``; ``run_worker``
+* :mod:`~provisioner.bridge.server` — threaded TCP server and ``--stdio``
+* :mod:`~provisioner.bridge.forking` — ``--fork``: a process per connection
+* :mod:`~provisioner.bridge.worker` — ``run_worker``, the ``provision worker`` entry point (all three)
 * :mod:`~provisioner.bridge.client` — :class:`BridgeClient`, :class:`SessionClient`
 * :mod:`~provisioner.bridge.local` — :class:`LocalBridge`, the same API in-process
 
