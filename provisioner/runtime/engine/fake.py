@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
 from provisioner.runtime import labels as L
@@ -41,6 +41,7 @@ class FakeContainer:
     log_lines: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     image_id: str = ""
+    served: Any = field(default=None, repr=False)  # its process when the runtime serves (see inprocess)
 
 
 @dataclass
@@ -71,6 +72,11 @@ class FakeRuntime:
     references a pull finds to their labels (empty: offline, like a machine without a registry).
     A build needs its ``FROM`` image present (Docker builds with ``pull=False`` here), inherits its
     labels and counts in :attr:`builds`.
+
+    ``serve``: worker and relay containers run for real, in this process (:mod:`.inprocess`): a
+    started worker is the bridge server on a loopback port, a relay's published ports forward to
+    the worker holding the route's alias, so clients, probes and pools talk to real workers.
+    Removing or crashing a container stops its process; :meth:`close` stops them all.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class FakeRuntime:
         images: tuple[str, ...] = (),
         on_start: Callable[[FakeContainer], None] | None = None,
         registry: Mapping[str, Mapping[str, str]] | None = None,
+        serve: bool = False,
     ):
         self.images: dict[str, FakeImage] = {}  # by image id
         self.registry = {ref: dict(labels) for ref, labels in (registry or {}).items()}
@@ -87,6 +94,7 @@ class FakeRuntime:
         self.networks: dict[str, FakeNetwork] = {}
         self.volumes: dict[str, dict[str, str]] = {}
         self.on_start = on_start
+        self.serve = serve
         self.fail_start: set[str] = set()
         self.calls: list[tuple[str, str]] = []  # (operation, name) in order
         self._ids = itertools.count(1)
@@ -129,11 +137,20 @@ class FakeRuntime:
             self._events_changed.notify_all()
 
     def crash(self, name_or_id: str, exit_code: int = 137) -> None:
+        """The container's process dies (as ``docker kill`` would: exit code 137)."""
         with self._lock:
             c = self._find(name_or_id)
             if c is not None:
                 c.status = "exited"
                 c.exit_code = exit_code
+        if c is not None:
+            self._stop_served(c)
+
+    def _stop_served(self, c: FakeContainer) -> None:
+        with self._lock:
+            served, c.served = c.served, None
+        if served is not None:
+            served.stop()
 
     def by_name(self, name: str) -> FakeContainer | None:
         with self._lock:
@@ -336,13 +353,59 @@ class FakeRuntime:
                 raise RuntimeProblem(f"could not start container {container_id}: no such container")
             if c.recipe.name in self.fail_start:
                 raise RuntimeProblem(f"could not start container {c.recipe.name}: injected failure")
+            if self.serve and c.recipe.role == "standin":
+                from provisioner.runtime.engine.inprocess import refuse_standin
+
+                refuse_standin(c.recipe)
             c.status = "running"
             if c.recipe.role == "guard":
                 c.status, c.exit_code = "exited", 0
             c.ports = {p: next(self._ports) for p in c.recipe.ports}
             self.calls.append(("start_container", c.recipe.name))
+        if self.serve and c.recipe.role in ("worker", "relay"):
+            self._start_served(c)
         if self.on_start is not None:
             self.on_start(c)
+
+    def _start_served(self, c: FakeContainer) -> None:
+        """Run the container's process in this one (see :mod:`.inprocess`). A process that fails to
+        start exits the container with code 1 and its error in the log, as a crashing command does."""
+        from provisioner.runtime.engine import inprocess
+
+        try:
+            if c.recipe.role == "worker":
+                served: Any = inprocess.ServedWorker(c.recipe)
+                c.log_lines.append(served.ready_line)
+            else:
+                nets = {a.network for a in c.recipe.networks}
+                served = inprocess.ServedRelay(c.recipe, lambda alias, port: self._route(nets, alias, port))
+        except Exception as exc:
+            with self._lock:
+                c.status, c.exit_code = "exited", 1
+                c.log_lines.append(f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            alive = self.containers.get(c.id) is c and c.status == "running"
+            if alive:
+                c.served = served
+                if c.recipe.role == "relay":
+                    c.ports = dict(served.ports)
+        if not alive:  # removed or crashed while it started
+            served.stop()
+
+    def _route(self, networks: set[str], alias: str, port: int) -> int | None:
+        """The loopback port of the served worker that holds ``alias`` on one of ``networks`` now."""
+        with self._lock:
+            for c in self.containers.values():
+                served = c.served
+                if (
+                    c.status == "running"
+                    and served is not None
+                    and getattr(served, "container_port", None) == port
+                    and any(a.network in networks and alias in a.aliases for a in c.recipe.networks)
+                ):
+                    return int(served.port)
+        return None
 
     def remove_container(self, container_id: str) -> bool:
         self._check()
@@ -353,7 +416,8 @@ class FakeRuntime:
             del self.containers[c.id]
             self.calls.append(("remove_container", c.recipe.name))
             self._event("container", "destroy", c.id, c.recipe.name, c.recipe.labels)
-            return True
+        self._stop_served(c)
+        return True
 
     def remove_network(self, network_id: str) -> bool:
         self._check()
@@ -445,7 +509,11 @@ class FakeRuntime:
             return None if c is None else dict(c.recipe.labels)
 
     def close(self) -> None:
-        pass
+        """Stops the processes it serves (the containers stay, as an engine's do)."""
+        with self._lock:
+            containers = list(self.containers.values())
+        for c in containers:
+            self._stop_served(c)
 
 
 class _FakeEvents:

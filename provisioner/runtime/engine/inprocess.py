@@ -1,0 +1,207 @@
+"""What a :class:`~provisioner.runtime.engine.FakeRuntime` runs when it serves (``serve=True``).
+
+A worker container becomes the real bridge server (:class:`provisioner.bridge.server.BridgeServer`
+around a :class:`~provisioner.bridge.service.BridgeService`) on a loopback port of this process,
+configured from the container's environment and command the way ``provision worker`` configures
+itself; a relay container becomes a TCP forwarder whose published ports lead, per connection, to the
+worker that holds the route's alias then (like the real relay, which asks Docker's DNS each time: a
+replacement that takes over a slot is reachable at once, a gone worker closes the connection).
+
+So the pool, the ``isolated`` sessions, the readiness probe and every client speak the real protocol
+to real workers, and only the engine is in memory. Not served: the Gemini stand-in container (its
+URL names an alias no host process can resolve) — a real-mode layer without a key needs an engine.
+
+Threads, not asyncio: each forwarded connection is two blocking copy loops, and a stop is a socket
+shutdown — simple to make deterministic in tests, and the connection counts are a test suite's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from provisioner.errors import RuntimeProblem
+from provisioner.runtime.recipes import RELAY_SCRIPT, WORKER_PORT, ContainerRecipe
+
+log = logging.getLogger("provisioner.runtime.fake")
+LOOPBACK = "127.0.0.1"
+BUFFER = 256 * 1024
+
+
+class ServedWorker:
+    """A worker container's process: the bridge server on ``127.0.0.1:port``."""
+
+    def __init__(self, recipe: ContainerRecipe) -> None:
+        from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+        from provisioner.bridge.server import READY_PREFIX, BridgeServer, startup_lm_config
+        from provisioner.bridge.service import BridgeService
+
+        env = {**recipe.environment, **recipe.secret_environment}
+        config = _host_paths(startup_lm_config(env), recipe)
+        self.container_port = _option(recipe.command, "--port", WORKER_PORT)
+        self.service = BridgeService(
+            config,
+            worker_id=env.get("PROVISION_WORKER_ID"),
+            control_token=env.get(CONTROL_TOKEN_ENV) or None,
+            max_programs=_int(env, "PROVISION_WORKER__MAX_PROGRAMS", 5000),
+            max_sessions=_int(env, "PROVISION_WORKER__MAX_SESSIONS", 2000),
+        )
+        per_session = env.get("PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION")
+        self.server = BridgeServer(
+            self.service,
+            max_frame_bytes=_int(env, "PROVISION_WORKER__MAX_FRAME_BYTES", 16 * 1024 * 1024),
+            max_inflight=_int(env, "PROVISION_WORKER__MAX_INFLIGHT", 8),
+            max_connections=_int(env, "PROVISION_WORKER__MAX_CONNECTIONS", 256),
+            request_timeout_s=float(env.get("PROVISION_PROCESS_TIMEOUT", "30")),
+            max_inflight_bytes=_int(env, "PROVISION_WORKER__MAX_INFLIGHT_BYTES", 64 * 1024 * 1024),
+            frame_timeout_s=float(env.get("PROVISION_WORKER__FRAME_TIMEOUT_S", "30")),
+            pids=None,  # this process's cgroup is not the container's
+            max_inflight_per_session=int(per_session) if per_session else None,
+        )
+        self.port = self.server.listen(LOOPBACK, 0)
+        self.ready_line = f"{READY_PREFIX} port={self.container_port}"  # what `provision worker` prints
+
+    def stop(self) -> None:
+        self.server.request_stop()
+        self.server.close(timeout=2.0)
+
+
+class ServedRelay:
+    """A relay container's process: one loopback listener per route (``LISTEN=ALIAS:PORT``).
+
+    ``resolve(alias, port)`` gives the loopback port of the worker that holds ``alias`` now, or None.
+    """
+
+    def __init__(self, recipe: ContainerRecipe, resolve: Callable[[str, int], int | None]) -> None:
+        from provisioner.runtime.relay import parse_routes
+
+        command = list(recipe.command)
+        routes = parse_routes(command[command.index(RELAY_SCRIPT) + 1:])
+        self._resolve = resolve
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._pairs: set[_Pair] = set()
+        self._threads: list[threading.Thread] = []
+        self.ports: dict[int, int] = {}  # container port -> 127.0.0.1 port
+        self._listeners: list[socket.socket] = []
+        for listen, alias, port in routes:
+            listener = socket.create_server((LOOPBACK, 0))
+            self._listeners.append(listener)
+            self.ports[listen] = listener.getsockname()[1]
+            self._spawn(self._accept, listener, alias, port)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"fake-relay-{target.__name__}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener: socket.socket, alias: str, port: int) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            target = self._resolve(alias, port)
+            upstream = None
+            if target is not None:
+                with contextlib.suppress(OSError):
+                    upstream = socket.create_connection((LOOPBACK, target), timeout=5.0)
+            if upstream is None:  # the worker is not there (yet, or any more): close, as the relay does
+                client.close()
+                continue
+            upstream.settimeout(None)
+            pair = _Pair(client, upstream)
+            with self._lock:
+                if self._stopped.is_set():
+                    pair.close()
+                    return
+                self._pairs.add(pair)
+            self._spawn(self._pipe, pair, client, upstream)
+            self._spawn(self._pipe, pair, upstream, client)
+
+    def _pipe(self, pair: _Pair, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(BUFFER):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+            with self._lock:
+                pair.open_directions -= 1
+                if pair.open_directions == 0:  # both directions done: the pair is finished
+                    self._pairs.discard(pair)
+                    pair.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for listener in self._listeners:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            live, self._pairs = set(self._pairs), set()
+            threads = list(self._threads)
+        for pair in live:
+            pair.close()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5.0)
+
+
+class _Pair:
+    """A forwarded connection: the client's socket and the worker's."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.sockets = (client, upstream)
+        self.open_directions = 2
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def _option(command: tuple[str, ...], name: str, default: int) -> int:
+    args = list(command)
+    return int(args[args.index(name) + 1]) if name in args[:-1] else default
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    return int(env[key]) if env.get(key) else default
+
+
+def _host_paths(config: Any, recipe: ContainerRecipe) -> Any:
+    """The LM configuration with paths inside the container (``/provision/cassettes``, the run's LM
+    directory) mapped back to the host folders mounted there — what the worker's files really are."""
+
+    def host(path: Any) -> Any:
+        if path is None:
+            return None
+        inside = PurePosixPath(str(path))
+        for mount in recipe.mounts:
+            target = PurePosixPath(mount.target)
+            if inside == target or target in inside.parents:
+                from pathlib import Path
+
+                return Path(mount.source) / inside.relative_to(target)
+        return path
+
+    return config.model_copy(update={"cache_dir": host(config.cache_dir), "run_dir": host(config.run_dir)})
+
+
+def refuse_standin(recipe: ContainerRecipe) -> None:
+    raise RuntimeProblem(
+        f"could not start container {recipe.name}: FakeRuntime(serve=True) serves bridge workers and "
+        "relays, not the Gemini stand-in (real mode without GEMINI_TEST_API_KEY); use a mock or cached "
+        "layer on the fake runtime, or a real engine"
+    )
