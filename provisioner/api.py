@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import dspy
 
     from provisioner.lm.mock import TestRules
+    from provisioner.runtime.engine import ContainerRuntime
     from provisioner.runtime.pool import WorkerPool
 
 
@@ -46,9 +47,13 @@ class Environment:
     Docker), and :meth:`close` releases all of them in reverse order.
     """
 
-    def __init__(self, resolved: ResolvedRun, identity: RunIdentity) -> None:
+    def __init__(
+        self, resolved: ResolvedRun, identity: RunIdentity, *, runtime: ContainerRuntime | None = None
+    ) -> None:
         self._resolved = resolved
         self.identity = identity
+        # The engine the containers run on: None for the one open_runtime() finds (on first use).
+        self.runtime = runtime
         self._lock = threading.RLock()
         self._lm: Any = None
         self._local_bridge: Any = None
@@ -218,7 +223,7 @@ class Environment:
             if self._containers is None:
                 if self._closed:
                     raise RuntimeError("the environment is closed")
-                self._containers = ProcessContainers(self)
+                self._containers = ProcessContainers(self, runtime=self.runtime)
             return self._containers
 
     @property
@@ -306,8 +311,14 @@ def open_environment(
     project_dir: Path | None = None,
     identity: RunIdentity | None = None,
     require_key: bool = False,
+    runtime: ContainerRuntime | None = None,
 ) -> Environment:
     """An :class:`Environment` you close yourself (the pytest plugin uses this).
+
+    ``runtime``: the container runtime to use instead of the engine :func:`~provisioner.runtime.
+    engine.open_runtime` finds — e.g. ``FakeRuntime(serve=True)``, which runs the workers in this
+    process. A runtime handed in is the caller's: no watchdog process guards what it creates (the
+    environment still removes everything on close) and the caller closes it.
 
     Raises:
         ConfigError: invalid settings, an unknown layer, or ``require_key`` with real mode and no key.
@@ -318,7 +329,7 @@ def open_environment(
         probe = resolve_run(options, project)
         identity = RunIdentity.create(state_dir(probe.settings, probe.project_dir))
     resolved = resolve_run(options, project, run_id=identity.run_id, run_dir=identity.run_dir)
-    return Environment(resolved, identity)
+    return Environment(resolved, identity, runtime=runtime)
 
 
 @contextlib.contextmanager
@@ -329,6 +340,7 @@ def environment(
     record_mode: RecordMode | None = None,
     project_dir: Path | None = None,
     require_key: bool = False,
+    runtime: ContainerRuntime | None = None,
 ) -> Iterator[Environment]:
     """A layer's environment for the ``with`` block; everything it started is torn down on exit.
 
@@ -339,10 +351,13 @@ def environment(
     (:func:`provisioner.lm.activation.activate`; the previous global LM is restored on exit) — so
     in-process DSPy code never sees "No LM is loaded". Real mode without ``GEMINI_TEST_API_KEY``
     talks to a Gemini stand-in (:attr:`Environment.uses_standin`) unless ``require_key`` makes that
-    an error.
+    an error. ``runtime``: as for :func:`open_environment` (the engine's by default).
+
+    Raises:
+        ConfigError: invalid settings, an unknown layer, or ``require_key`` with real mode and no key.
     """
     env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir,
-                           require_key=require_key)
+                           require_key=require_key, runtime=runtime)
     try:
         from provisioner.lm.activation import activate
 

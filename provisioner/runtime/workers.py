@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from provisioner.lmconfig import LMConfig
     from provisioner.run import RunIdentity
     from provisioner.runtime.deployment import Deployment, WorkerInfo
+    from provisioner.runtime.engine import ContainerRuntime
     from provisioner.runtime.pool import WorkerPool
     from provisioner.runtime.recipes import RunPlan
     from provisioner.runtime.resources import ResourceManager
@@ -137,11 +138,15 @@ class DedicatedWorker:
 class ProcessContainers:
     """The containers one process (a pytest process or an ``environment()`` block) owns."""
 
-    def __init__(self, environment: RunContext) -> None:
+    def __init__(self, environment: RunContext, *, runtime: ContainerRuntime | None = None) -> None:
+        """``runtime``: the caller's (it closes it, and no watchdog process guards it: the watchdog
+        reaches only the engine :func:`~provisioner.runtime.engine.open_runtime` finds); default:
+        that engine, opened on first use."""
         self.env = environment
         self.instance = process_instance()
         self._lock = threading.RLock()
-        self._runtime: Any = None
+        self._runtime: Any = runtime
+        self._runtime_given = runtime is not None
         self._image: str | None = None
         self._image_error: Exception | None = None
         self._pool_error: Exception | None = None
@@ -224,7 +229,7 @@ class ProcessContainers:
 
     def _ensure_watchdog(self) -> None:
         with self._lock:
-            if self._watchdog_started:
+            if self._watchdog_started or self._runtime_given:
                 return
             from provisioner.runtime import watchdog as wd
 
@@ -467,7 +472,7 @@ class ProcessContainers:
                 problems += [f"{r.kind} {r.name}: {exc}" for r, exc in report.errors]
                 problems += self._sweep()
                 self._resources.close()  # stops the event watch of the leak checks
-            if self._runtime is not None:
+            if self._runtime is not None and not self._runtime_given:
                 with contextlib.suppress(Exception):
                     self._runtime.close()
         return problems

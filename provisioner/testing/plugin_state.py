@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from provisioner.layers import Layer, resolve_layers
 from provisioner.lm.callstats import LMUsage
@@ -24,6 +24,9 @@ from provisioner.testing.completeness import Completeness
 from provisioner.testing.progress import Phases
 from provisioner.testing.report import OUTCOMES, RunReport
 from provisioner.testing.selection import layer_marks, marker_description, split_by_layer
+
+if TYPE_CHECKING:
+    from provisioner.runtime.engine import ContainerRuntime
 
 Item = TypeVar("Item")
 
@@ -98,14 +101,18 @@ class ProvisionRun:
         options: RunOptions,
         project_dir: Path,
         identity: RunIdentity,
+        *,
+        runtime: ContainerRuntime | None = None,
     ) -> None:
+        """``runtime``: the container runtime of the run's containers (default: the engine
+        :func:`~provisioner.runtime.engine.open_runtime` finds); see :func:`provisioner.open_environment`."""
         from provisioner.api import Environment
 
         self.options = options
         self.identity = identity
         resolved = resolve_run(options, project_dir, run_id=identity.run_id, run_dir=identity.run_dir)
         self.project_dir = resolved.project_dir  # the project root, as every CLI command finds it
-        self.environment = Environment(resolved, identity)
+        self.environment = Environment(resolved, identity, runtime=runtime)
         self.layer: Layer = resolved.layer
         self.layer_names: list[str] = list(resolve_layers(resolved.settings))
         self.report_path = options.report_path
@@ -185,7 +192,7 @@ class ProvisionRun:
         and again by every test that needs the image."""
         from provisioner.errors import ProvisionerError
 
-        if not self.layer.needs_docker or docker_check.docker_problem() is not None:
+        if not self.layer.needs_docker or self._engine_problem() is not None:
             return
         self._used = True
         containers_ = self.environment.containers
@@ -212,7 +219,7 @@ class ProvisionRun:
         if not any(POOL_FIXTURES.intersection(names) for names in fixturenames):
             return
         self._warm_attempted = True
-        if docker_check.docker_problem() is not None:
+        if self._engine_problem() is not None:
             return
         layer = self.layer
         count = layer.workers if layer.pooling_enabled else 1
@@ -237,8 +244,19 @@ class ProvisionRun:
     # -- docker ------------------------------------------------------------------------------------
 
     def docker_problem(self) -> str | None:
+        """Why the run's engine cannot be used (one line), or None."""
         self._used = True
-        return docker_check.docker_problem()
+        return self._engine_problem()
+
+    def _engine_problem(self) -> str | None:
+        given = self.environment.runtime
+        if given is None:
+            return docker_check.docker_problem()
+        try:
+            given.ping()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def docker_message(self, what: str, why: str) -> str:
         return docker_check.unreachable_message(what, why)

@@ -81,6 +81,7 @@ def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any
     kwargs.setdefault("watchdog", False)
     return up(settings, runtime=runtime, probe=workers.probe, **kwargs)
 
+
 def test_up_builds_the_worker_image_through_the_runtimes_image_store(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

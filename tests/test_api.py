@@ -1,0 +1,138 @@
+"""``provisioner.environment()`` and the ``isolated`` path end to end on the fake runtime: real
+bridge workers (in this process) behind a real relay, no Docker. The docker-marked tests in
+tests/testing/test_plugin_containers.py prove the same path on the engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import dspy
+import pytest
+
+import provisioner.api as api
+from provisioner.bridge import SessionClient
+from provisioner.errors import BridgeError
+from provisioner.factories import ProgramFactory
+from provisioner.run import RunIdentity, RunOptions
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.recipes import NetworkRecipe
+from provisioner.testing.plugin_state import ProvisionRun
+from provisioner.testing.progress import Phases
+
+IMAGE = "provisioner-worker:served"
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project whose worker image is ``IMAGE`` and whose cassettes record the mock's answers."""
+    for key in list(os.environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    (tmp_path / "pyproject.toml").write_text(
+        f'[tool.provisioner]\nlm.cached_inner = "mock"\ncontainer.image = "{IMAGE}"\n'
+    )
+    return tmp_path
+
+
+@pytest.fixture
+def served() -> Iterator[FakeRuntime]:
+    runtime = FakeRuntime(images=(IMAGE,), serve=True)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def _of_run(runtime: FakeRuntime, run_id: str) -> list[str]:
+    return sorted(f"{r.kind} {r.name}" for r in runtime.list_resources(L.selector(run_id)))
+
+
+def test_environment_runs_isolated_bridge_sessions_on_the_fake_runtime_and_tears_down(
+    project: Path, served: FakeRuntime
+) -> None:
+    with api.environment("integration", project_dir=project, runtime=served) as env:
+        run_id = env.run_id
+        assert dspy.settings.lm is env.lm and env.lm_config.mode == "cached"
+        with env.session("one") as one, env.session("two") as two:
+            assert isinstance(one.adapter, SessionClient)
+            for session in (one, two):  # the same program id in both sessions: no clash
+                session.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+            assert set(one.adapter.execute_program("qa", {"question": "why?"})["outputs"]) == {"answer"}
+            assert two.adapter.list_programs()["total_count"] == 1
+            for command in ("reset_state", "shutdown"):  # a session client has no worker-wide commands
+                with pytest.raises(BridgeError) as info:
+                    one.adapter.request(command)
+                assert info.value.error_type == "Unauthorized"
+            assert env.containers.pool.check() == []
+        assert any(name.startswith("container prov-") for name in _of_run(served, run_id))
+        assert list(env.lm_config.cache_dir.rglob("*.json"))  # the worker recorded on the host
+    assert _of_run(served, run_id) == []  # everything the environment started is gone
+    assert env.report.workers_started == 1
+    assert not (env.run_dir / "watchdog.lock").exists()  # a handed-in runtime gets no watchdog process
+    assert served.available  # ... and stays open: the caller closes it
+
+
+def test_the_isolated_path_of_a_pooled_layer_on_the_fake_runtime(project: Path, served: FakeRuntime) -> None:
+    """What the plugin's hooks do for ``isolated`` tests of a pooled layer: warm the pool before the
+    first test, a session per test spread over the pool's workers, a leak check around each test."""
+    identity = RunIdentity.create(project / ".provision")
+    run = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project, identity, runtime=served)
+    try:
+        assert run.docker_problem() is None  # the handed-in runtime answers: no Docker needed
+        phases = Phases(lambda _line: None)
+        run.prepare_image(phases)
+        assert run.environment.prepared_image == IMAGE
+        run.warm_pool(phases, [["isolated"]])
+        pool = run.environment.containers.pool
+        assert len(pool.environment.workers) == run.layer.workers
+        workers_used = set()
+        for n in range(2 * run.layer.workers):
+            test_id = f"tests/test_x.py::test_{n}"
+            run.test_started(test_id)
+            before = run.leak_snapshot()
+            test = run.environment.isolated(label=test_id)
+            test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+            test.adapter.execute_program("qa", {"question": str(n)})
+            workers_used.add(test.adapter.ping()["worker_id"])
+            test.close()
+            assert run.leaks_since(before, test_id) == []
+        assert len(workers_used) == run.layer.workers  # sessions spread over the warm pool
+        # A test that leaves a network behind is named.
+        before = run.leak_snapshot()
+        containers = run.environment.containers
+        served.create_network(NetworkRecipe("left-behind", True, dict(containers.resources.selector)))
+        assert run.leaks_since(before, "tests/test_x.py::test_leaky") == [("network", "left-behind")]
+        served.remove_network("left-behind")
+    finally:
+        run.close()
+    assert _of_run(served, identity.run_id) == []
+
+
+def test_a_worker_killed_between_tests_is_replaced_on_the_fake_runtime(
+    project: Path, served: FakeRuntime
+) -> None:
+    with api.environment("integration", project_dir=project, runtime=served) as env:
+        with env.session("first") as first:
+            first.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+        pool = env.containers.pool
+        victim = pool.environment.workers[0]
+        served.crash(victim.container_id)
+        with env.session("second") as second:  # served by the worker that replaced it
+            second.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+            assert second.adapter.ping()["worker_id"] != victim.name
+        assert pool.replaced >= 1
+
+
+def test_an_unreachable_handed_in_runtime_is_the_runs_engine_problem(project: Path) -> None:
+    runtime = FakeRuntime(images=(IMAGE,))
+    runtime.available = False
+    run = ProvisionRun(RunOptions(layer="integration"), project, RunIdentity.create(project / ".provision"),
+                       runtime=runtime)
+    try:
+        problem = run.docker_problem()
+        assert problem is not None and "fake engine switched off" in problem
+    finally:
+        run.close()
