@@ -109,6 +109,11 @@ def _resolve(settings: Settings, name: str) -> Layer:
         merged["lm_mode"] = settings.lm_modes[name]
     merged.setdefault("workers", settings.max_pool_size)
     merged.setdefault("description", "user-defined layer")
+    if merged.get("isolation") == "process" and merged.get("adapter") != "bridge":
+        raise ConfigError(
+            f"layer {name!r}: isolation 'process' gives each test its own forked worker process, which"
+            " needs bridge workers; set adapter = 'bridge' (python = true), or pick isolation 'full'"
+        )
     if not merged.get("python") and merged.get("adapter") == "bridge":
         raise ConfigError(
             f"layer {name!r}: adapter 'bridge' needs python workers; set python = true or adapter = 'mock'"

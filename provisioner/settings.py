@@ -34,7 +34,7 @@ DEFAULT_SOURCE = "default"
 DEFAULT_LM_MODES: dict[str, LMMode] = {"unit": "mock", "integration": "cached", "e2e": "real"}
 
 CleanupPolicy = Literal["aggressive", "on_success", "never"]
-Isolation = Literal["full", "namespace", "session"]
+Isolation = Literal["full", "namespace", "session", "process"]
 
 
 class WorkerSettings(BaseModel):

@@ -65,3 +65,13 @@ def test_inconsistent_custom_layer_is_an_error(settings_in) -> None:  # type: ig
     s = settings_in("[tool.provisioner.layers.odd]\nadapter = 'bridge'\npython = false\n")
     with pytest.raises(ConfigError, match="odd"):
         get_layer(s, "odd")
+
+
+def test_isolation_process_needs_bridge_workers(settings_in) -> None:  # type: ignore[no-untyped-def]
+    s = settings_in(
+        "[tool.provisioner.layers.proc]\nadapter = 'bridge'\npython = true\nisolation = 'process'\n"
+        "[tool.provisioner.layers.inproc]\nadapter = 'mock'\npython = false\nisolation = 'process'\n"
+    )
+    assert get_layer(s, "proc").isolation == "process"
+    with pytest.raises(ConfigError, match=r"inproc.*isolation 'process'.*adapter = 'bridge'"):
+        get_layer(s, "inproc")

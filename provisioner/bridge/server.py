@@ -409,11 +409,15 @@ class _DeadlineWatch:
         self._on_expired = on_expired
         self._idle_wait = timeout_s
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="bridge-deadlines", daemon=True)
-        self._thread.start()
+        # Started with the first execution: a connection that never executes (a fork-mode child that
+        # only pings, a health check) costs no thread.
+        self._thread: threading.Thread | None = None
 
     def add(self, flight: _InFlight) -> None:
         with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._loop, name="bridge-deadlines", daemon=True)
+                self._thread.start()
             self._queue.append(flight)
 
     def finished(self) -> None:

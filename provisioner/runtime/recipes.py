@@ -504,6 +504,8 @@ def plan_run(
     }
     if settings.worker.max_inflight_per_session is not None:  # else the worker's default
         env["PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION"] = str(settings.worker.max_inflight_per_session)
+    if layer.isolation == "process":  # one forked process per connection (provisioner.bridge.forking)
+        worker_args = ("--fork", *worker_args)
     worker_recipes = tuple(
         worker_recipe(
             run_id,

@@ -43,6 +43,8 @@ LOOPBACK = "127.0.0.1"
 # How often a process's pool looks at its workers' container states (seconds).
 POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
+# recycle_after_sessions for fork-mode pools: never by count (2**31 sessions).
+_NEVER = 2**31
 
 
 class RunContext(Protocol):
@@ -315,7 +317,9 @@ class ProcessContainers:
                 self._pool_env = run_env
                 self._pool = WorkerPool(
                     run_env,
-                    recycle_after_sessions=container.recycle_after_sessions,
+                    # A fork-mode worker's sessions live in their own processes: nothing piles up in it.
+                    recycle_after_sessions=(container.recycle_after_sessions if layer.isolation != "process"
+                                            else _NEVER),
                     recycle_after_s=container.recycle_after_s,
                     owns_environment=False,  # its stop() would sweep the whole run, other xdist workers too
                 )
@@ -335,6 +339,8 @@ class ProcessContainers:
 
         pool = self.pool
         pool.open_session(session_id)
+        if self.env.layer.isolation == "process":
+            return self._open_process_session(pool, session_id)
         client = pool.client(session_id, request_timeout=self.env.settings.process_timeout)
 
         def cleanup() -> None:
@@ -349,6 +355,24 @@ class ProcessContainers:
                     pool.note(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}")
             finally:
                 client.bridge.close()
+                pool.close_session(session_id)
+
+        return client, cleanup
+
+    def _open_process_session(self, pool: WorkerPool, session_id: str) -> tuple[Any, Any]:
+        """Isolation ``process``: the session's connection is its own process, forked by the pinned
+        fork-mode worker. Closing the connection ends the process, so the cleanup only closes it."""
+        try:
+            client = pool.client(session_id, request_timeout=self.env.settings.process_timeout, fork=True)
+            client.bridge.connect()  # forks the test's process now (setup), and learns its pid
+        except BaseException:
+            pool.close_session(session_id)
+            raise
+
+        def cleanup() -> None:
+            try:
+                client.bridge.close()  # the process ends with its connection: nothing to clean inside
+            finally:
                 pool.close_session(session_id)
 
         return client, cleanup

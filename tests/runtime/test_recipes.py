@@ -370,3 +370,17 @@ def test_the_per_session_share_reaches_the_workers_only_when_set(settings: Setti
     assert key not in _plan(settings, "e2e", tmp_path).workers[0].environment  # the worker's default
     settings.worker.max_inflight_per_session = 3
     assert _plan(settings, "e2e", tmp_path).workers[0].environment[key] == "3"
+
+
+def test_a_process_isolation_layer_runs_fork_mode_workers(settings: Settings, tmp_path: Path) -> None:
+    from provisioner.layers import Layer
+
+    plan = _plan(settings, "integration", tmp_path)
+    assert all("--fork" not in w.command for w in plan.workers)
+    layer = get_layer(settings, "e2e").model_copy(update={"isolation": "process"})
+    assert isinstance(layer, Layer)
+    forked = plan_run(settings, layer, settings.lm_for("e2e", "mock"), run_id="r1", image="img:1",
+                      run_dir=tmp_path / "lm")
+    for worker in forked.workers:
+        command = list(worker.command)
+        assert command[command.index("worker"):][-1] == "--fork", command

@@ -1,0 +1,186 @@
+"""Against the real engine: a layer with isolation ``process`` — fork-mode worker containers, each test
+on its own forked process (issue 12).
+
+Proven here, inside a worker container: two tests on one worker see different processes and none of
+each other's state; a child that crashes fails only its own session, with an error naming the
+worker; after 1,000 connections the container's process table holds no zombie and no orphan.
+Everything is removed by the environment's close, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.api import Environment, open_environment
+from provisioner.bridge.client import BridgeClient
+from provisioner.errors import ProcessGoneError
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
+LAYER = """
+[project]
+name = "scratch"
+
+[tool.provisioner.layers.proc]
+description = "a forked process per test"
+adapter = "bridge"
+python = true
+pooling_enabled = true
+lm_mode = "mock"
+isolation = "process"
+workers = 1
+
+[[tool.provisioner.lm.mock_rules]]
+match = {question = "2+2"}
+outputs = {answer = 4}
+
+[[tool.provisioner.lm.mock_rules]]
+match = {question = "slow"}
+outputs = {answer = 7}
+latency_ms = 3000
+"""
+# Reads the container's process table: (pid, ppid, state, command) of every process.
+PROCESS_TABLE = """
+import json, os
+rows = []
+for name in os.listdir("/proc"):
+    if name.isdigit():
+        try:
+            stat = open(f"/proc/{name}/stat").read()
+            cmd = open(f"/proc/{name}/cmdline", "rb").read().replace(b"\\0", b" ").decode().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        rows.append([int(name), int(fields[1]), fields[0], cmd])
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Environment]:
+    (tmp_path / "pyproject.toml").write_text(LAYER)
+    environment = open_environment("proc", project_dir=tmp_path)
+    try:
+        yield environment
+    finally:
+        environment.close()
+
+
+def _worker(env: Environment) -> tuple[Any, str, int]:
+    """(container id, host, port) of the pool's one worker."""
+    pool = env.pool
+    info = pool.environment.workers[0]
+    return info.container_id, info.host, info.port
+
+
+def _control_token(env: Environment) -> str:
+    run_env = env.containers._pool_env
+    assert run_env is not None
+    return run_env.plan.control_token
+
+
+def _process_table(env: Environment, container_id: str) -> list[list[Any]]:
+    import json
+
+    code, output = env.containers.runtime.exec(container_id, ["python3", "-I", "-c", PROCESS_TABLE])
+    assert code == 0, output
+    rows: list[list[Any]] = json.loads(output)
+    return [r for r in rows if "-c" not in r[3]]  # not the exec'd reader itself
+
+
+def test_two_tests_on_one_worker_share_no_process_state(env: Environment) -> None:
+    container_id, host, port = _worker(env)
+    token = _control_token(env)
+    with env.session("test1") as test1:
+        process1 = test1.adapter.bridge.process
+        # Test 1 changes the worker-default LM (no session: needs the run's token) and fills the
+        # `anonymous` session.
+        with BridgeClient(host, port, token=token) as same_worker:
+            same_worker.configure_lm(mock_rules=[{"match": {"question": "2+2"}, "outputs": {"answer": 5}}])
+            same_worker.create_program(QA_INT, "qa")
+            assert same_worker.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
+            process1_default = same_worker.process
+        test1.adapter.create_program(QA_INT, "qa")
+        assert test1.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+    with env.session("test2") as test2:
+        process2 = test2.adapter.bridge.process
+        assert process2["pid"] not in (process1["pid"], process1_default["pid"])
+        assert process2["parent_pid"] == process1["parent_pid"] == process1_default["parent_pid"]
+        assert process2["worker_id"] == process1["worker_id"]
+        assert test2.adapter.list_programs()["programs"] == []
+        with BridgeClient(host, port, token=token) as same_worker:
+            assert same_worker.list_programs()["programs"] == []  # the `anonymous` session is empty
+            stats = same_worker.get_stats()
+            assert stats["program_count"] == 0 and stats["parent_pid"] == process2["parent_pid"]
+            assert stats["lm"]["mock_rules"][0]["outputs"] == {"answer": 4}  # the start-up default LM
+    # The worker's process table: the parent only, again (every child ended and was reaped).
+    table = _process_table(env, container_id)
+    assert not [r for r in table if r[2] == "Z"], table
+    assert not [r for r in table if r[1] == process1["parent_pid"]], table
+
+
+def test_a_crashed_process_fails_only_its_own_session(env: Environment) -> None:
+    container_id, _, _ = _worker(env)
+    with env.session("victim") as victim, env.session("bystander") as bystander:
+        victim.adapter.create_program(QA_INT, "qa")
+        bystander.adapter.create_program(QA_INT, "qa")
+        pid = victim.adapter.bridge.process["pid"]
+        errors: list[BaseException] = []
+
+        def slow() -> None:
+            try:
+                victim.adapter.execute_program("qa", {"question": "slow"})
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        try:
+            # A segfault of that process alone (same uid as the worker: no root needed).
+            code, output = env.containers.runtime.exec(
+                container_id, ["python3", "-I", "-c", f"import os, signal; os.kill({pid}, signal.SIGSEGV)"])
+            assert code == 0, output
+        finally:
+            thread.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], ProcessGoneError), errors
+        assert victim.adapter.bridge.process["worker_id"] in str(errors[0])
+        assert f"process {pid}" in str(errors[0])
+        assert bystander.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+    with env.session("after") as after:
+        assert after.adapter.ping()["status"] == "ok"
+        stats = after.adapter.bridge.get_stats()
+        assert stats["fork"]["children_crashed"] >= 1
+
+
+@pytest.mark.slow
+def test_no_zombies_or_orphans_in_the_container_after_1000_connections(env: Environment) -> None:
+    container_id, host, port = _worker(env)
+    before = _process_table(env, container_id)
+    parent_pid = None
+    for i in range(1000):
+        with BridgeClient(host, port, fork=True) as client:
+            if i % 20 == 0:
+                client.create_program(QA_INT, "qa")
+                client.execute_program("qa", {"question": "2+2"})
+            assert client.process is not None
+            parent_pid = client.process["parent_pid"]
+    deadline_rows: list[list[Any]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        deadline_rows = _process_table(env, container_id)
+        if not [r for r in deadline_rows if r[1] == parent_pid]:
+            break
+        time.sleep(0.2)
+    assert not [r for r in deadline_rows if r[2] == "Z"], deadline_rows  # no zombie
+    assert not [r for r in deadline_rows if r[1] == parent_pid], deadline_rows  # every child ended
+    # No orphan: nothing but what ran before the connections (the pid 1 init, the worker).
+    assert sorted(r[0] for r in deadline_rows) == sorted(r[0] for r in before), (before, deadline_rows)
+    with BridgeClient(host, port, fork=True) as client:
+        fork = client.get_stats()["fork"]
+    assert fork["children_crashed"] == 0 and fork["forks_total"] >= 1001
