@@ -379,7 +379,7 @@ def test_a_process_isolation_layer_runs_fork_mode_workers(settings: Settings, tm
     assert all("--fork" not in w.command for w in plan.workers)
     layer = get_layer(settings, "e2e").model_copy(update={"isolation": "process"})
     assert isinstance(layer, Layer)
-    forked = plan_run(settings, layer, settings.lm_for("e2e", "mock"), run_id="r1", image="img:1",
+    forked = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), run_id="r1", image="img:1",
                       run_dir=tmp_path / "lm")
     for worker in forked.workers:
         command = list(worker.command)
