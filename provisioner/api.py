@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from provisioner.errors import ConfigError
+from provisioner.errors import CleanupError, ClosedError, ConfigError
 from provisioner.factories import SessionFactory, set_run_id
 from provisioner.isolated import IsolatedTest
 from provisioner.layers import Layer
@@ -218,11 +218,15 @@ class Environment:
 
     @property
     def containers(self) -> ProcessContainers:
-        """This process's containers (created on first use; nothing touches Docker before)."""
+        """This process's containers (created on first use; nothing touches Docker before).
+
+        Raises:
+            ClosedError: the environment is closed.
+        """
         with self._lock:
             if self._containers is None:
                 if self._closed:
-                    raise RuntimeError("the environment is closed")
+                    raise ClosedError(f"the environment of run {self.run_id} is closed; open a new one")
                 self._containers = ProcessContainers(self, runtime=self.runtime)
             return self._containers
 
@@ -264,27 +268,32 @@ class Environment:
     # -- teardown ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release everything in reverse order of creation; report every failure, stop at none."""
+        """Release everything in reverse order of creation; report every failure, stop at none.
+
+        Raises:
+            CleanupError: something could not be released (every part was still tried); its
+                ``failures`` name each part and what went wrong.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            failures: list[str] = []
+            failures: list[tuple[str, BaseException | str]] = []
             while self._closers:
                 what, obj = self._closers.pop()
                 try:
                     obj.close()
                 except Exception as exc:
-                    failures.append(f"{what}: {type(exc).__name__}: {exc}")
+                    failures.append((what, exc))
             if self._containers is not None:
-                failures += [f"containers: {problem}" for problem in self._containers.close()]
+                failures += [("containers", problem) for problem in self._containers.close()]
                 self.report.workers_started = self._containers.workers_started
                 self.report.retained = list(self._containers.retained)
             if self.identity.controller:
                 finish_run(self.run_dir)
             self.report.lm = self.lm_usage()
         if failures:
-            raise RuntimeError("closing the environment failed: " + "; ".join(failures))
+            raise CleanupError(failures, what="part(s) of the environment")
 
     def __enter__(self) -> Environment:
         return self

@@ -572,8 +572,8 @@ def down_command(run_id: str | None, as_json: bool) -> None:
 
     Without --run: this project's run that is up (with several, a list to choose from; exit 2).
     """
+    from provisioner.errors import AmbiguousRunError
     from provisioner.runtime.lifecycle import down
-    from provisioner.runtime.runs import AmbiguousRunError
 
     settings = _settings()
     if run_id is not None:
@@ -626,8 +626,8 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
     """
     from dataclasses import asdict
 
+    from provisioner.errors import AmbiguousRunError
     from provisioner.runtime.lifecycle import run_overview, status
-    from provisioner.runtime.runs import AmbiguousRunError
 
     if all_projects:
         if repair:
@@ -771,7 +771,8 @@ def compose_group() -> None:
 def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
     """Write compose/<layer>.yml from the same recipes `provision up` uses, and compose/.env naming
     this project's worker image tag. A layer without containers (unit) is a usage error (exit 2)."""
-    from provisioner.runtime.compose import NoContainersError, export_layer, export_layers
+    from provisioner.errors import NoContainersError
+    from provisioner.runtime.compose import export_layer, export_layers
 
     settings = _settings()
     try:
@@ -793,7 +794,8 @@ def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
 
 
 def _history(settings: Settings | None = None) -> Any:
-    from provisioner.history.store import HISTORY_FILE, History, HistoryError
+    from provisioner.errors import HistoryError
+    from provisioner.history.store import HISTORY_FILE, History
 
     settings = settings or _settings()
     try:
@@ -831,8 +833,8 @@ def history_list(limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def history_show(run_id: str, as_json: bool) -> None:
     """One run (RUN_ID or an unambiguous prefix) and its tests."""
+    from provisioner.errors import HistoryError
     from provisioner.history.rows import row_lm_calls
-    from provisioner.history.store import HistoryError
 
     with _history() as db:
         try:
@@ -861,7 +863,8 @@ def history_show(run_id: str, as_json: bool) -> None:
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def history_import(reports: tuple[Path, ...]) -> None:
     """Merge runs recorded elsewhere (--provision-report JSON files: CI artifacts, shards)."""
-    from provisioner.history.store import HistoryError, rows_from_report
+    from provisioner.errors import HistoryError
+    from provisioner.history.store import rows_from_report
 
     loaded = []
     for path in reports:

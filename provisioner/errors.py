@@ -1,9 +1,12 @@
 """Every exception provisioner raises, in one place.
 
     ProvisionerError
-    ├── ConfigError               a setting or layer is invalid (names field, value and source)
-    │   └── UnknownNameError      a name the user gave (layer, run, month, setting key) is not known
-    │       └── UnknownLayerError a layer name that is not defined
+    ├── ConfigError               a setting, layer or other input is invalid (names field, value and source)
+    │   ├── UnknownNameError      a name the user gave (layer, run, month, setting key) is not known
+    │   │   └── UnknownLayerError a layer name that is not defined
+    │   ├── AmbiguousRunError     several runs could be meant (lists them): name one with --run
+    │   └── NoContainersError     a layer runs in-process, so it has no containers (e.g. no compose file)
+    ├── SignatureSpecError        a program's signature spec is invalid (names the dotted path at fault)
     ├── BridgeError               the bridge worker answered a request with an error reply
     │   └── BridgeConnectionError the worker could not be reached, or the connection broke
     │       └── ProcessGoneError  a fork-mode connection's process ended: its state is gone (no reconnect)
@@ -18,12 +21,24 @@
     │   ├── RateLimitExceeded     the run's request-per-minute budget could not be had in time
     │   └── UnknownModelPriceError a real model with no known or configured price
     ├── SpendingBlockedError      a test layer blocked a network connection or an LM provisioner did not build
+    ├── HistoryError              the run history database cannot be used (newer schema, not a database)
+    ├── ClosedError               an environment or isolated session was used after it was closed
+    ├── CleanupError              one or more cleanups failed (every one still ran; lists them)
     └── RuntimeProblem            containers: something a user can act on
         ├── DockerUnavailableError no Docker engine is reachable
         ├── ImageError            an image is missing or failed to build
         ├── WorkerNotReadyError   a worker did not become ready (carries its last log lines)
         ├── WorkerLostError       a pooled worker died; its sessions are gone
+        ├── StateUnreadableError  a run's state file exists but cannot be used (names it and why)
         └── LeakError             resources were left behind (lists them by kind and name)
+
+Which to raise: ``ConfigError`` for anything the user configured or passed (a setting, a layer, a
+run id, a CLI option: the CLI exits with status 2 for it); ``RuntimeProblem`` for the engine and
+the containers; ``LMError`` for the LM; never a bare ``RuntimeError``/``ValueError`` for those. Some
+errors also derive from the built-in their callers used to catch (``ConfigError`` is a
+``ValueError``, ``ClosedError`` and ``CleanupError`` are ``RuntimeError``s). Programming errors
+(a wrong argument type, an unknown resource kind) stay ``TypeError``/``ValueError``.
+tests/test_architecture.py checks that no other module defines a public exception.
 
 Errors that cross DSPy's LM boundary are additionally raised as dspy/lm15 error types by
 the engines (see provisioner.lm), so DSPy's own retry and error handling keeps working.
@@ -31,7 +46,8 @@ the engines (see provisioner.lm), so DSPy's own retry and error handling keeps w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 class ProvisionerError(Exception):
@@ -183,6 +199,54 @@ class SpendingBlockedError(ProvisionerError, RuntimeError):
         self.target = target
 
 
+class SignatureSpecError(ProvisionerError, ValueError):
+    """A signature spec is invalid; ``where`` is the dotted path of the bad part."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where}: {problem}")
+
+
+class AmbiguousRunError(ConfigError):
+    """Several runs could be meant; ``candidates`` lists them (``run id (layer …, started …)``)."""
+
+    def __init__(self, message: str, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+class NoContainersError(ConfigError):
+    """A layer that runs in-process has no containers, so it has no compose file."""
+
+
+class HistoryError(ProvisionerError):
+    """The history database cannot be used (newer schema, not a database, bad import)."""
+
+
+class ClosedError(ProvisionerError, RuntimeError):
+    """An :class:`~provisioner.api.Environment` or an isolated session was used after it was closed."""
+
+
+class CleanupError(ProvisionerError, RuntimeError):
+    """One or more cleanups failed; all of them still ran.
+
+    Raised by an isolated test's :meth:`~provisioner.isolated.IsolatedTest.close`, by
+    :meth:`provisioner.api.Environment.close` and when a dedicated worker could not be removed.
+    ``failures``: ``[(what, exception or problem text)]``, in the order they happened.
+    """
+
+    def __init__(
+        self, failures: Sequence[tuple[str, BaseException | str]], *, what: str = "cleanup(s)"
+    ) -> None:
+        self.failures = list(failures)
+        listed = "; ".join(
+            f"{name}: {problem if isinstance(problem, str) else f'{type(problem).__name__}: {problem}'}"
+            for name, problem in failures
+        )
+        super().__init__(f"{len(failures)} {what} failed: {listed}")
+
+
 class RuntimeProblem(ProvisionerError):
     """A container-runtime problem the user can act on."""
 
@@ -206,6 +270,16 @@ class WorkerNotReadyError(RuntimeProblem):
 
 class WorkerLostError(RuntimeProblem):
     """A pooled worker died; sessions pinned to it cannot continue."""
+
+
+class StateUnreadableError(RuntimeProblem):
+    """A run's state file exists but cannot be used: truncated (a process killed mid-write), hand
+    edited, or written by an incompatible version. ``path``: the file; ``reason``: what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"the run's state file {path} is unreadable ({reason})")
+        self.path = path
+        self.reason = reason
 
 
 class LeakError(RuntimeProblem):

@@ -15,16 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioner.errors import CleanupError, ClosedError
 from provisioner.factories import SessionSpec
-
-
-class CleanupError(Exception):
-    """One or more cleanups of an isolated test failed (all of them still ran)."""
-
-    def __init__(self, failures: list[tuple[str, BaseException]]) -> None:
-        self.failures = failures
-        listed = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures)
-        super().__init__(f"{len(failures)} cleanup(s) failed: {listed}")
 
 
 def _describe(fn: Callable[..., Any]) -> str:
@@ -62,7 +54,7 @@ class IsolatedTest:
     def add_cleanup(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` when the test ends (last added runs first)."""
         if self.closed:
-            raise RuntimeError(f"isolated session {self.session_id} is already closed")
+            raise ClosedError(f"isolated session {self.session_id} is already closed")
         if not callable(fn):
             raise TypeError(f"add_cleanup needs a callable, got {fn!r}")
         self._cleanups.append((fn, args, kwargs))

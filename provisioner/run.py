@@ -160,8 +160,13 @@ def new_run_id() -> str:
 
 
 def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a valid run id.
+
+    Raises:
+        ConfigError: it is not (``--run-id`` / ``PROVISION_RUN_ID`` are user input).
+    """
     if not _RUN_ID.match(run_id):
-        raise ValueError(
+        raise ConfigError(
             f"run id {run_id!r} must be 3-41 characters of lowercase letters, digits and '-' "
             "(it becomes part of container and network names)"
         )

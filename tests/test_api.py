@@ -12,8 +12,8 @@ import dspy
 import pytest
 
 import provisioner.api as api
-from provisioner.bridge import SessionClient
-from provisioner.errors import BridgeError
+from provisioner.bridge import LocalBridge, SessionClient
+from provisioner.errors import BridgeError, CleanupError, ClosedError, ProvisionerError
 from provisioner.factories import ProgramFactory
 from provisioner.run import RunIdentity, RunOptions
 from provisioner.runtime import labels as L
@@ -136,3 +136,30 @@ def test_an_unreachable_handed_in_runtime_is_the_runs_engine_problem(project: Pa
         assert problem is not None and "fake engine switched off" in problem
     finally:
         run.close()
+
+
+# -- typed errors (no runtime needed: the unit layer) ------------------------------------------------
+
+
+def test_a_closed_environment_says_so(project: Path) -> None:
+    env = api.open_environment("unit", project_dir=project)
+    env.close()
+    with pytest.raises(ClosedError, match=f"environment of run {env.run_id} is closed") as caught:
+        _ = env.containers
+    assert isinstance(caught.value, ProvisionerError) and isinstance(caught.value, RuntimeError)
+
+
+def test_a_part_that_cannot_be_released_is_named_and_the_rest_still_closes(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: LocalBridge) -> None:
+        raise OSError("socket stuck")
+
+    monkeypatch.setattr(LocalBridge, "close", refuse)
+    env = api.open_environment("unit", project_dir=project)
+    with env.session() as isolated:
+        assert isolated.adapter is not None
+    with pytest.raises(CleanupError, match="in-process bridge: OSError: socket stuck") as caught:
+        env.close()
+    assert [name for name, _ in caught.value.failures] == ["in-process bridge"]
+    env.close()  # closed once: a second close is a no-op, not a second error

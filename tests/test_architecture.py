@@ -145,6 +145,46 @@ def test_only_the_edges_and_the_pytest_plumbing_import_the_api() -> None:
     assert _importer_violations() == []
 
 
+# Exceptions that may live outside errors.py: never raised to a caller of provisioner.
+EXCEPTIONS_ELSEWHERE = {
+    "provisioner.cli.UsageProblem",  # click's own exception type for a usage error (exit 2)
+    # The server's control flow: answered on the wire, never raised out of the server.
+    "provisioner.bridge.server.FrameTimeout",
+}
+
+
+def _exception_classes(package: Path = PACKAGE) -> list[str]:
+    """Public classes deriving (by name) from an exception, outside ``errors.py``."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        module = _module_name(path, package)
+        if module == f"{package.name}.errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                continue
+            bases = [ast.unparse(base).rsplit(".", 1)[-1] for base in node.bases]
+            if any(b in ("Exception", "BaseException") or b.endswith(("Error", "Exceeded", "Problem"))
+                   for b in bases):
+                out.append(f"{module}.{node.name}")
+    return out
+
+
+def test_every_exception_is_defined_in_errors_py() -> None:
+    assert sorted(set(_exception_classes()) - EXCEPTIONS_ELSEWHERE) == []
+
+
+def test_the_exception_check_sees_one_defined_elsewhere(tmp_path: Path) -> None:
+    fake = tmp_path / "provisioner"
+    (fake / "runtime").mkdir(parents=True)
+    (fake / "errors.py").write_text("class ProvisionerError(Exception):\n    pass\n")
+    (fake / "runtime" / "state.py").write_text(
+        "from provisioner import errors\n\n\nclass StateError(errors.ProvisionerError):\n    pass\n\n\n"
+        "class _Private(Exception):\n    pass\n\n\nclass Plain:\n    pass\n"
+    )
+    assert _exception_classes(fake) == ["provisioner.runtime.state.StateError"]
+
+
 # -- cycles -------------------------------------------------------------------------------------------
 
 

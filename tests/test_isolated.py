@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from provisioner.errors import CleanupError, ClosedError
 from provisioner.factories import SessionFactory
-from provisioner.isolated import CleanupError, IsolatedTest
+from provisioner.isolated import IsolatedTest
 
 
 def _test() -> IsolatedTest:
@@ -58,5 +59,5 @@ def test_add_cleanup_validates() -> None:
     with pytest.raises(TypeError, match="callable"):
         test.add_cleanup("not callable")  # type: ignore[arg-type]
     test.close()
-    with pytest.raises(RuntimeError, match="already closed"):
+    with pytest.raises(ClosedError, match="already closed"):
         test.add_cleanup(print)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from provisioner.bridge.protocol import ErrorType, rejected
+from provisioner.errors import SignatureSpecError
 
 PROGRAM_TYPES: tuple[str, ...] = ("predict", "chain_of_thought")
 DEFAULT_SESSION = "anonymous"
@@ -48,15 +49,6 @@ _SCALARS: dict[str, Any] = {
 }
 _GENERICS: tuple[str, ...] = ("list", "dict", "tuple", "Optional", "Literal", "Union")
 KNOWN_TYPES: tuple[str, ...] = (*_SCALARS, *_GENERICS)
-
-
-class SignatureSpecError(ValueError):
-    """A signature spec is invalid; ``where`` is the dotted path of the bad part."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        self.where = where
-        self.problem = problem
-        super().__init__(f"{where}: {problem}")
 
 
 # --- type expressions ---------------------------------------------------------------------------

@@ -47,13 +47,12 @@ from provisioner.bridge.programs import (
     PROGRAM_TYPES,
     Program,
     ProgramRegistry,
-    SignatureSpecError,
     build_program,
     new_program_id,
     parse_signature_spec,
 )
 from provisioner.bridge.protocol import ErrorType, rejected
-from provisioner.errors import BridgeError, ProvisionerError
+from provisioner.errors import BridgeError, ProvisionerError, SignatureSpecError
 from provisioner.lm.ledger import current_test
 from provisioner.lmconfig import RUN_OWNED_LM_FIELDS, LMConfig
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
+from provisioner.errors import HistoryError
+
 HISTORY_FILE = "history.sqlite"
 
 #: Outcomes of a test row: pytest's, plus ``error`` (setup/teardown failed) and ``rerun`` counts.
@@ -125,10 +127,6 @@ TEST_FIELDS: tuple[str, ...] = tuple(TestRow.__annotations__)
 _INSERT_RUN = f"INSERT INTO runs ({', '.join(RUN_FIELDS)}) VALUES ({', '.join('?' for _ in RUN_FIELDS)})"  # noqa: S608
 _INSERT_TEST = (f"INSERT OR REPLACE INTO tests ({', '.join(TEST_FIELDS)}) "  # noqa: S608
                 f"VALUES ({', '.join('?' for _ in TEST_FIELDS)})")
-
-
-class HistoryError(Exception):
-    """The history database cannot be used (newer schema, not a database, bad import)."""
 
 
 def _row(data: sqlite3.Row, json_fields: Iterable[str]) -> dict[str, Any]:

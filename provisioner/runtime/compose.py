@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import get_layer, resolve_layers
 from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMConfig
 from provisioner.runtime import labels as L
@@ -63,10 +63,6 @@ HEADER = """\
 #   docker-compose -f compose/{layer}.yml -p prov-{layer} port relay 9000   # worker w0's address
 #   docker-compose -f compose/{layer}.yml -p prov-{layer} down -v
 """
-
-
-class NoContainersError(ConfigError):
-    """A layer that runs in-process has no containers, so it has no compose file."""
 
 
 def _container_layer(settings: Settings, layer: str) -> None:
@@ -266,13 +262,13 @@ def export_layers(
     Raises:
         UnknownLayerError: a name is not a layer.
         NoContainersError: a layer runs in-process (it has no compose file).
-        ValueError: ``output`` names one file but several layers are exported.
+        ConfigError: ``output`` names one file but several layers are exported.
     """
     names = layers or container_layers(settings)
     for name in names:
         _container_layer(settings, name)
     if output is not None and output.suffix in (".yml", ".yaml") and len(names) != 1:
-        raise ValueError("--output names one file; export one --layer at a time, or pass a folder")
+        raise ConfigError("--output names one file; export one --layer at a time, or pass a folder")
     paths = {}
     for name in names:
         if output is not None and output.suffix in (".yml", ".yaml"):

@@ -16,6 +16,7 @@ from typing import Any
 from provisioner.errors import (
     ConfigError,
     RuntimeProblem,
+    StateUnreadableError,
 )
 from provisioner.layers import get_layer
 from provisioner.lmconfig import LMMode
@@ -31,14 +32,7 @@ from provisioner.runtime.recipes import (
     prepare_shared_dir,
 )
 from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
-from provisioner.runtime.state import (
-    RunState,
-    StateUnreadableError,
-    _clear_current,
-    read_state,
-    run_dir_of,
-    write_state,
-)
+from provisioner.runtime.state import RunState, _clear_current, read_state, run_dir_of, write_state
 from provisioner.settings import Settings
 
 

@@ -172,8 +172,9 @@ class ResourceManager:
             return
         if res.kind in ("container", "network", "volume"):
             if self.runtime is None:
-                raise RuntimeError(
-                    f"cannot remove {res.kind} {res.name}: this ResourceManager has no runtime"
+                raise RuntimeProblem(
+                    f"cannot remove {res.kind} {res.name}: this ResourceManager has no container runtime "
+                    "(create it with one to track containers, networks or volumes)"
                 )
             if res.kind == "container":
                 self.runtime.remove_container(res.ident)

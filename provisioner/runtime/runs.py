@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.errors import (
-    ConfigError,
+    AmbiguousRunError,
 )
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
@@ -145,14 +145,6 @@ def list_runs(
         if summary.in_project(project, state_dir):
             runs.append(summary)
     return sorted(runs, key=lambda r: r.created)
-
-
-class AmbiguousRunError(ConfigError):
-    """Several runs could be meant; ``candidates`` lists them (``run id (layer …, started …)``)."""
-
-    def __init__(self, message: str, candidates: list[str]) -> None:
-        super().__init__(message)
-        self.candidates = candidates
 
 
 def _describe(summary: RunSummary) -> str:

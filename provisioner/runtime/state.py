@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
-from provisioner.errors import RuntimeProblem
+from provisioner.errors import StateUnreadableError
 from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.runtime import watchdog as wd
 from provisioner.settings import Settings
@@ -180,16 +180,6 @@ def write_state(
         _atomic_write(root / CURRENT_ENV, env_text, private=True)
         _atomic_write(root / CURRENT_RUN, state.run_id + "\n")
     return path
-
-
-class StateUnreadableError(RuntimeProblem):
-    """A run's state file exists but cannot be used: truncated (a process killed mid-write), hand
-    edited, or written by an incompatible version. ``path``: the file; ``reason``: what is wrong."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"the run's state file {path} is unreadable ({reason})")
-        self.path = path
-        self.reason = reason
 
 
 _RUN_STATE = TypeAdapter(RunState)

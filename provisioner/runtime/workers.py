@@ -441,8 +441,10 @@ class ProcessContainers:
             return
         report = worker.environment.resources.cleanup_all()
         if not report.ok:
-            failures = "; ".join(f"{r.kind} {r.name}: {exc}" for r, exc in report.errors)
-            raise RuntimeError(f"could not remove dedicated worker {worker.name}: {failures}")
+            from provisioner.errors import CleanupError
+
+            raise CleanupError([(f"{r.kind} {r.name}", exc) for r, exc in report.errors],
+                               what=f"removal(s) of dedicated worker {worker.name}")
 
     # -- leak checks ---------------------------------------------------------------------------------
 

@@ -316,8 +316,9 @@ class ProvisionRun:
         history that cannot be written is a warning, not a failed run."""
         import warnings
 
+        from provisioner.errors import HistoryError
         from provisioner.history.rows import run_row
-        from provisioner.history.store import HISTORY_FILE, History, HistoryError
+        from provisioner.history.store import HISTORY_FILE, History
 
         tests = self.rows.test_rows()
         report.tests = [dict(row) for row in tests]

@@ -9,13 +9,12 @@ import pytest
 
 from provisioner.bridge.programs import (
     ProgramRegistry,
-    SignatureSpecError,
     build_program,
     make_dspy_signature,
     parse_signature_spec,
     parse_type,
 )
-from provisioner.errors import BridgeError
+from provisioner.errors import BridgeError, SignatureSpecError
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from provisioner.cli import main
+from provisioner.errors import HistoryError
 from provisioner.history import store
 from provisioner.history.rows import empty_test_row
-from provisioner.history.store import History, HistoryError, rows_from_report
+from provisioner.history.store import History, rows_from_report
 
 
 def run_row(run_id: str, started_at: str, **changes: Any) -> Any:

@@ -98,7 +98,8 @@ def test_compose_files_name_no_shared_latest_tag_and_nothing_machine_specific(re
 def test_a_layer_without_containers_is_explained_and_nothing_is_written(
     repo_settings, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    from provisioner.runtime.compose import NoContainersError, export_layers
+    from provisioner.errors import NoContainersError
+    from provisioner.runtime.compose import export_layers
 
     target = tmp_path / "compose"
     with pytest.raises(NoContainersError, match=r"'unit' runs in-process .* layers with containers: "

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.errors import ConfigError, RuntimeProblem
+from provisioner.errors import AmbiguousRunError, ConfigError, RuntimeProblem, StateUnreadableError
 from provisioner.layers import get_layer
 from provisioner.lm.limits import read_run_limits
 from provisioner.runtime import labels as L
@@ -19,14 +19,8 @@ from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.doctor import _check_stale
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.lifecycle import down, parse_duration, reap, run_overview, status, up
-from provisioner.runtime.runs import AmbiguousRunError, list_runs, project_of
-from provisioner.runtime.state import (
-    CURRENT_RUN,
-    StateUnreadableError,
-    current_run_id,
-    read_state,
-    run_dir_of,
-)
+from provisioner.runtime.runs import list_runs, project_of
+from provisioner.runtime.state import CURRENT_RUN, current_run_id, read_state, run_dir_of
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers

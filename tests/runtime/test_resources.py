@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from provisioner.errors import LeakError
+from provisioner.errors import LeakError, RuntimeProblem
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.recipes import NetworkRecipe
@@ -384,3 +384,15 @@ def test_a_failed_label_lookup_makes_the_next_check_list(monkeypatch: pytest.Mon
         assert rm._watch.fallbacks == 1
     finally:
         rm.close()
+
+
+def test_an_engine_resource_without_a_runtime_is_a_named_cleanup_failure(tmp_path: Path) -> None:
+    manager = ResourceManager(None)
+    manager.track("container", "c-1", name="prov-x")
+    scratch = tmp_path / "scratch.txt"
+    scratch.write_text("x")
+    manager.track("tempfile", scratch)
+    report = manager.cleanup_all()
+    assert [(r.name, type(exc)) for r, exc in report.errors] == [("prov-x", RuntimeProblem)]
+    assert "no container runtime" in str(report.errors[0][1])
+    assert not scratch.exists()  # the other resource was still removed
