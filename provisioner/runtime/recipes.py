@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import Layer
 from provisioner.lmconfig import API_KEY_ENV, LMConfig
 from provisioner.runtime import labels as L
@@ -426,14 +427,20 @@ def plan_run(
     ``project``: the :func:`~provisioner.runtime.labels.project_id` every resource is labelled with.
     ``control_token``: the workers' control token (default: a new random one,
     ``secrets.token_urlsafe(32)``), handed to them as a secret environment variable.
+
+    Raises:
+        NoContainersError: ``layer`` runs in-process (a :class:`~provisioner.errors.ConfigError`).
+        ConfigError: fewer than one worker (``workers``, or the layer's ``workers`` setting).
+        ValueError: arguments that contradict each other (the stand-in for a non-real layer; a
+            cached or real layer without ``run_dir``).
     """
     if not layer.needs_docker:
-        raise ValueError(
+        raise NoContainersError(
             f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}); it has no containers"
         )
     count = workers if workers is not None else layer.workers
     if count < 1:
-        raise ValueError(f"workers must be at least 1, got {count}")
+        raise ConfigError(f"layer {layer.name!r}: workers must be at least 1, got {count}")
     session = session or run_id
     base = L.run_labels(
         run_id,

@@ -12,6 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import get_layer
 from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV
 from provisioner.runtime import labels as L
@@ -208,8 +209,13 @@ def test_layer_overrides_beat_container_settings(settings: Settings, tmp_path: P
 
 
 def test_unit_layer_has_no_containers(settings: Settings, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="in-process"):
+    with pytest.raises(NoContainersError, match="in-process"):
         _plan(settings, "unit", tmp_path)
+
+
+def test_fewer_than_one_worker_is_a_configuration_error(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="layer 'e2e': workers must be at least 1, got 0"):
+        _plan(settings, "e2e", tmp_path, workers=0)
 
 
 def test_replacement_keeps_the_slot_alias_under_a_new_name(settings: Settings, tmp_path: Path) -> None:
