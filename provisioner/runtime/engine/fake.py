@@ -353,10 +353,10 @@ class FakeRuntime:
                 raise RuntimeProblem(f"could not start container {container_id}: no such container")
             if c.recipe.name in self.fail_start:
                 raise RuntimeProblem(f"could not start container {c.recipe.name}: injected failure")
-            if self.serve and c.recipe.role == "standin":
-                from provisioner.runtime.engine.inprocess import refuse_standin
+            if self.serve:
+                from provisioner.runtime.engine.inprocess import refuse_unservable
 
-                refuse_standin(c.recipe)
+                refuse_unservable(c.recipe)
             c.status = "running"
             if c.recipe.role == "guard":
                 c.status, c.exit_code = "exited", 0

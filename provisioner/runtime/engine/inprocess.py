@@ -9,7 +9,8 @@ replacement that takes over a slot is reachable at once, a gone worker closes th
 
 So the pool, the ``isolated`` sessions, the readiness probe and every client speak the real protocol
 to real workers, and only the engine is in memory. Not served: the Gemini stand-in container (its
-URL names an alias no host process can resolve) — a real-mode layer without a key needs an engine.
+URL names an alias no host process can resolve) and fork-mode workers (a fork of this multi-threaded
+process per connection is unsafe): both are refused at start, naming what to use instead.
 
 Threads, not asyncio: each forwarded connection is two blocking copy loops, and a stop is a socket
 shutdown — simple to make deterministic in tests, and the connection counts are a test suite's.
@@ -199,9 +200,17 @@ def _host_paths(config: Any, recipe: ContainerRecipe) -> Any:
     return config.model_copy(update={"cache_dir": host(config.cache_dir), "run_dir": host(config.run_dir)})
 
 
-def refuse_standin(recipe: ContainerRecipe) -> None:
+def refuse_unservable(recipe: ContainerRecipe) -> None:
+    """Raise :class:`RuntimeProblem` for a container this process cannot stand in for: the Gemini
+    stand-in (its URL names an alias only the run network resolves) and a fork-mode worker (isolation
+    ``process``: forking this multi-threaded test process per connection is unsafe)."""
+    if recipe.role == "standin":
+        what = "the Gemini stand-in (real mode without GEMINI_TEST_API_KEY); use a mock or cached layer"
+    elif recipe.role == "worker" and "--fork" in recipe.command:
+        what = "fork-mode workers (layer isolation 'process'); use a layer with another isolation"
+    else:
+        return
     raise RuntimeProblem(
         f"could not start container {recipe.name}: FakeRuntime(serve=True) serves bridge workers and "
-        "relays, not the Gemini stand-in (real mode without GEMINI_TEST_API_KEY); use a mock or cached "
-        "layer on the fake runtime, or a real engine"
+        f"relays, not {what} on the fake runtime, or a real engine"
     )

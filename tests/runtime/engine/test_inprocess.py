@@ -16,7 +16,7 @@ from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.recipes import replacement_recipe
-from provisioner.settings import Settings
+from provisioner.settings import LayerSpec, Settings
 
 IMAGE = "provisioner-worker:served"
 SIGNATURE = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
@@ -115,4 +115,13 @@ def test_a_worker_that_cannot_start_exits_with_its_error_in_the_log(served: Fake
 def test_the_gemini_standin_is_refused_with_what_to_do(settings: Settings, served: FakeRuntime) -> None:
     with pytest.raises(RuntimeProblem, match="not the Gemini stand-in"):
         _up(settings, served, layer="e2e", lm_mode="real", workers=1)
+    assert [c for c in served.containers.values() if c.served is not None] == []
+
+
+def test_a_fork_mode_worker_is_refused_with_what_to_do(settings: Settings, served: FakeRuntime) -> None:
+    settings = settings.model_copy(
+        update={"layers": {**settings.layers, "forked": LayerSpec(adapter="bridge", isolation="process")}}
+    )
+    with pytest.raises(RuntimeProblem, match="not fork-mode workers"):
+        _up(settings, served, layer="forked", lm_mode="mock", workers=1)
     assert [c for c in served.containers.values() if c.served is not None] == []
