@@ -138,6 +138,21 @@ def test_an_unreachable_handed_in_runtime_is_the_runs_engine_problem(project: Pa
         run.close()
 
 
+def test_a_dedicated_worker_on_a_handed_in_runtime_is_made_by_that_runtime(
+    project: Path, served: FakeRuntime
+) -> None:
+    with api.environment("integration", project_dir=project, runtime=served) as env:
+        with env.dedicated_worker("tests/test_x.py::test_own") as worker:
+            assert worker.container is None and worker.container_id in served.containers
+            session = worker.session("s1")
+            session.create_program(**ProgramFactory.build(id="qa").create_args())
+            assert worker.client.ping()["worker_id"] == worker.name
+            made = set(_of_run(served, env.run_id))
+            assert f"container {worker.name}" in made
+        assert f"container {worker.name}" not in _of_run(served, env.run_id)  # removed on exit
+    assert _of_run(served, env.run_id) == []
+
+
 # -- typed errors (no runtime needed: the unit layer) ------------------------------------------------
 
 

@@ -383,6 +383,8 @@ class ProcessContainers:
         """A fresh worker container (testcontainers ``DockerContainer`` from the layer's recipe) behind
         its own relay, ready (``ping`` answers with the LM configured)."""
         self._require_container_layer("bridge_worker")
+        if self._runtime_given:
+            return self._start_dedicated_on_runtime()
         from testcontainers.core.config import testcontainers_config
         from testcontainers.core.container import DockerContainer
 
@@ -422,6 +424,23 @@ class ProcessContainers:
         client = BridgeClient(LOOPBACK, int(port), request_timeout=self.env.settings.process_timeout,
                               token=plan.control_token)
         return DedicatedWorker(recipe.name, container_id, LOOPBACK, int(port), container, client, base)
+
+    def _start_dedicated_on_runtime(self) -> DedicatedWorker:
+        """A dedicated worker made by the handed-in runtime (testcontainers talks to Docker only, and
+        a handed-in runtime is the door to the engine): the plan's one worker, relay and networks as a
+        deployment. ``container`` is None (there is no testcontainers object)."""
+        from provisioner.bridge.client import BridgeClient
+        from provisioner.runtime.deployment import Deployment
+
+        plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
+        timeout_s = self.env.settings.container.ready_timeout_s
+        deployment = Deployment(plan, self.runtime, ready_timeout_s=timeout_s)
+        deployment.start()  # removes what it made when it fails
+        info = deployment.workers[0]
+        self.workers_started += 1
+        client = BridgeClient(info.host, info.port, request_timeout=self.env.settings.process_timeout,
+                              token=plan.control_token)
+        return DedicatedWorker(info.name, info.container_id, info.host, info.port, None, client, deployment)
 
     def stop_dedicated_worker(self, worker: DedicatedWorker, *, retain: bool) -> None:
         """Remove the worker, its relay and networks — or keep them (retain_on_failure) for debugging."""
