@@ -208,10 +208,13 @@ class Deployment:
             pool.shutdown(wait=True)
 
     def stop(self) -> CleanupReport:
-        """Remove every container and network of the run (tracked ones, then a label sweep)."""
+        """Remove every container and network of this deployment: the tracked ones, then a label sweep
+        of the run's resources labelled with this plan's ``session`` (the process instance whose share
+        of the run this is). Other instances' shares stay: the run-wide sweep is ``down``'s and the
+        watchdog's."""
         self._closing.set()
         report = self.resources.cleanup_all()
-        remove_by_selector(self.runtime, L.selector(self.plan.run_id))
+        remove_by_selector(self.runtime, {**L.selector(self.plan.run_id), L.SESSION: self.plan.session})
         self.started = False
         return report
 

@@ -321,7 +321,7 @@ class ProcessContainers:
                     recycle_after_sessions=(container.recycle_after_sessions if layer.isolation != "process"
                                             else _NEVER),
                     recycle_after_s=container.recycle_after_s,
-                    owns_environment=False,  # its stop() would sweep the whole run, other xdist workers too
+                    owns_environment=False,  # close() removes this process's share (its resources) itself
                 )
                 # Heals between tests too: a worker killed while no session used it is replaced
                 # before anyone asks (one container-state look per worker and interval, no ping).

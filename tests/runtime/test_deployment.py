@@ -140,3 +140,27 @@ def test_replace_worker_keeps_the_address(settings: Settings, fake: tuple[FakeRu
     assert rt.container_state(new.container_id).running  # type: ignore[union-attr]
     env.stop()
     assert rt.containers == {}
+
+
+def test_stop_sweeps_only_its_own_share_of_the_run(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """Two processes' deployments of one run (xdist workers): stopping one leaves the other's."""
+    from provisioner.runtime import labels as L
+    from provisioner.runtime.workers import namespaced
+
+    rt, workers = fake
+    layer = get_layer(settings, "integration")
+    shares = []
+    for instance in ("gw0", "gw1"):
+        lm = layer.lm_config(settings.lm, "mock")
+        plan = plan_run(settings, layer, lm, run_id="run1", image=FAKE_IMAGE, workers=1, session=instance)
+        shares.append(Deployment(namespaced(plan, instance), rt, probe=workers.probe, ready_timeout_s=5.0,
+                                 poll_interval_s=0.005).start())
+    mine, theirs = shares
+    mine.stop()
+    left = rt.list_resources(L.selector("run1"))
+    assert left and {r.labels[L.SESSION] for r in left} == {"gw1"}
+    assert all(rt.container_state(w.container_id) is not None for w in theirs.workers)
+    theirs.stop()
+    assert rt.list_resources(L.selector("run1")) == []
