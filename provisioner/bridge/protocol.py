@@ -107,8 +107,20 @@ def read_frame(stream: ByteReader, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> 
 
 
 def dumps(message: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON. Non-finite floats are refused: many JSON parsers (Elixir's too) reject them."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    """Compact UTF-8 JSON. Non-finite floats are refused: many JSON parsers (Elixir's too) reject them.
+
+    A string holding a lone surrogate (JSON text may carry one as an escape, e.g. a request id
+    ``"\\ud800"``, and ``json.loads`` keeps it) cannot be UTF-8: such a message is written with
+    ``\\uXXXX`` escapes instead, so the peer gets back exactly the string it sent.
+
+    Raises:
+        ValueError: a non-finite float. TypeError: a value JSON cannot hold.
+    """
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def encode_message(message: Mapping[str, Any]) -> bytes:
@@ -154,15 +166,15 @@ def parse_request(message: Any) -> Request:
     """Validate a decoded request envelope. Errors carry the request's id when it was readable."""
     if not isinstance(message, dict):
         raise rejected(
-            ErrorType.INVALID_REQUEST, f"a request must be a JSON object, got {_json_type(message)}"
+            ErrorType.INVALID_REQUEST, f"a request must be a JSON object, got {_a(_json_type(message))}"
         )
     request_id = message.get("id")
     if "id" not in message or not _valid_id(request_id):
-        shown = "missing" if "id" not in message else f"a {_json_type(request_id)}"
+        shown = "missing" if "id" not in message else _a(_json_type(request_id))
         raise rejected(ErrorType.INVALID_REQUEST, f"request 'id' must be an integer or a string, got {shown}")
     command = message.get("command")
     if not isinstance(command, str) or not command:
-        shown = "missing" if "command" not in message else f"a {_json_type(command)}"
+        shown = "missing" if "command" not in message else _a(_json_type(command))
         raise rejected(
             ErrorType.INVALID_REQUEST,
             f"request 'command' must be a non-empty string, got {shown}",
@@ -173,7 +185,9 @@ def parse_request(message: Any) -> Request:
         args = {}
     elif not isinstance(args, dict):
         raise rejected(
-            ErrorType.INVALID_REQUEST, f"request 'args' must be an object, got {_json_type(args)}", request_id
+            ErrorType.INVALID_REQUEST,
+            f"request 'args' must be an object, got {_a(_json_type(args))}",
+            request_id,
         )
     unknown = sorted(set(message) - {"id", "command", "args"})
     if unknown:
@@ -216,14 +230,14 @@ class Reply:
 def parse_reply(message: Any) -> Reply:
     """Validate a decoded reply envelope (client side). Malformed replies raise ``ProtocolError``."""
     if not isinstance(message, dict):
-        raise ProtocolError(f"a reply must be a JSON object, got {_json_type(message)}")
+        raise ProtocolError(f"a reply must be a JSON object, got {_a(_json_type(message))}")
     if "id" not in message or not (_valid_id(message["id"]) or message["id"] is None):
         raise ProtocolError("reply 'id' must be an integer, a string or null")
     success = message.get("success")
     if success is True:
         result = message.get("result")
         if not isinstance(result, dict):
-            raise ProtocolError(f"reply 'result' must be an object, got {_json_type(result)}")
+            raise ProtocolError(f"reply 'result' must be an object, got {_a(_json_type(result))}")
         return Reply(message["id"], True, result=result)
     if success is False:
         error, error_type = message.get("error"), message.get("error_type")
@@ -239,6 +253,13 @@ def decode_reply(payload: bytes) -> Reply:
     except BridgeError as exc:
         raise ProtocolError(f"malformed reply: {exc.message}") from None
     return parse_reply(message)
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article ("an object", "a string"; "null" stays bare)."""
+    if noun == "null":
+        return noun
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _json_type(value: Any) -> str:

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from provisioner.bridge.protocol import (
+    ABSOLUTE_MAX_FRAME_BYTES,
     ErrorType,
     Request,
     decode_reply,
@@ -91,16 +92,18 @@ def test_invalid_json_is_refused(payload: bytes) -> None:
 @pytest.mark.parametrize(
     ("message", "fragment", "request_id"),
     [
-        ([1, 2], "must be a JSON object, got array", None),
-        ("ping", "must be a JSON object, got string", None),
+        ([1, 2], "must be a JSON object, got an array", None),
+        ("ping", "must be a JSON object, got a string", None),
         ({"command": "ping"}, "'id' must be an integer or a string, got missing", None),
         ({"id": True, "command": "ping"}, "'id' must be an integer or a string, got a boolean", None),
         ({"id": 1.5, "command": "ping"}, "got a number", None),
-        ({"id": None, "command": "ping"}, "got a null", None),
+        ({"id": None, "command": "ping"}, "got null", None),
         ({"id": 3}, "'command' must be a non-empty string, got missing", 3),
         ({"id": 3, "command": 5}, "'command' must be a non-empty string, got a number", 3),
         ({"id": 3, "command": ""}, "'command' must be a non-empty string", 3),
-        ({"id": "x", "command": "ping", "args": [1]}, "'args' must be an object, got array", "x"),
+        ({"id": "x", "command": "ping", "args": [1]}, "'args' must be an object, got an array", "x"),
+        ({"id": {}, "command": "ping"}, "'id' must be an integer or a string, got an object", None),
+        (("not", "json"), "must be a JSON object, got a tuple", None),
         ({"id": 4, "command": "ping", "extra": 1}, "unknown request key(s) 'extra'", 4),
     ],
 )
@@ -112,6 +115,28 @@ def test_malformed_envelopes_name_the_problem_and_keep_the_id(
     assert info.value.error_type == ErrorType.INVALID_REQUEST
     assert fragment in info.value.message
     assert info.value.request_id == request_id
+
+
+def test_a_lone_surrogate_goes_back_as_the_escape_it_came_as() -> None:
+    """JSON text may carry a lone surrogate as an escape (``"\\ud800"``); ``json.loads`` keeps it,
+    and such a string cannot be UTF-8. A reply echoing it is written with ASCII escapes instead of
+    failing, so the peer reads back exactly the string it sent."""
+    request = decode_request(b'{"id":"\\ud800x","command":"ping"}')
+    assert request.id == "\ud800x"
+    payload = dumps(ok_reply(request.id, {"name": "caf\u00e9"}))
+    assert payload == b'{"id":"\\ud800x","success":true,"result":{"name":"caf\\u00e9"}}'
+    assert decode_reply(payload).id == "\ud800x"
+    assert dumps({"name": "caf\u00e9"}) == '{"name":"caf\u00e9"}'.encode()  # UTF-8 whenever it can be
+
+
+def test_a_frame_over_the_header_s_range_cannot_be_encoded() -> None:
+    """The header is an unsigned 32-bit length: a 4 GiB payload (an anonymous mapping, never
+    touched, so it costs no memory) is refused before anything is copied."""
+    import mmap
+
+    with (mmap.mmap(-1, ABSOLUTE_MAX_FRAME_BYTES + 1) as huge, memoryview(huge) as view,
+          pytest.raises(ProtocolError, match="at most 4294967295 bytes")):
+        encode_frame(view)  # type: ignore[arg-type]
 
 
 def test_replies_round_trip_and_unwrap() -> None:
