@@ -497,7 +497,8 @@ class BridgeServer:
         )
         self._scheduler = _Scheduler(max_inflight, self.max_inflight_per_session, self._start_flight)
         self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        # A condition, not a bare lock: close() waits on it for executions whose peer already left.
+        self._inflight_lock = threading.Condition()
         self._deadlines = _DeadlineWatch(self._expire, request_timeout_s)
         self._connections: dict[_Connection, threading.Thread] = {}
         self._connections_lock = threading.Lock()
@@ -606,6 +607,16 @@ class BridgeServer:
                 clean = False
                 log.warning("connection %s (%s) still busy at shutdown", conn.number, conn.peer)
             conn.close()
+        if clean:
+            # Executions of connections that are already gone (their peer hung up after sending)
+            # count too: a stuck one must not make the pool shutdown below wait for it forever.
+            with self._inflight_lock:
+                clean = self._inflight_lock.wait_for(
+                    lambda: self._inflight == 0 and self._scheduler.waiting == 0,
+                    max(0.0, deadline - time.monotonic()),
+                )
+            if not clean:
+                log.warning("executions still running at shutdown, after their connections closed")
         self._deadlines.stop()
         if self._refuser is not None:
             self._refuser.stop()
@@ -865,6 +876,7 @@ class BridgeServer:
     def _finish(self, flight: _InFlight) -> None:
         with self._inflight_lock:
             self._inflight -= 1
+            self._inflight_lock.notify_all()
         self._input_budget.release(flight.held)
         self._deadlines.finished()
         flight.conn.leave()
@@ -1077,10 +1089,6 @@ class PipeReader:
             chunks.append(chunk)
             remaining -= len(chunk)
         return b"".join(chunks)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 # --- the `provision worker` entry point -------------------------------------------------------------
