@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -425,3 +426,83 @@ def test_entries_say_what_answered(tmp_path: Path, standin: GeminiStandin, updat
     assert json.loads(path.read_text())["source"] == source
     (info,) = list_cassettes(tmp_path / "cassettes")
     assert info.source == source and "test_entries_say_what_answered" in str(info.test_id)
+
+
+@pytest.mark.parametrize("inner", ["real", "mock"])
+def test_a_folder_made_read_only_during_the_call_fails_the_write_and_books_a_billed_call(
+    tmp_path: Path, standin: GeminiStandin, inner: str
+) -> None:
+    """The folder was writable when the miss was checked, but not once the answer came back (a
+    mount remounted read-only, a disk filled up): the recording fails as not writable, and an
+    answer that was billed (the Gemini inner LM) is still booked — as ``not_recorded``."""
+    import threading
+
+    cache = tmp_path / "cassettes"
+    cache.mkdir()
+    if inner == "real":
+        standin.set_latency(3000)
+        config = _config(tmp_path, standin)
+    else:
+        config = _config(tmp_path, None, cached_inner="mock", api_key=None, mock_rules=[
+            MockRule(match={"question": "made read-only"}, outputs={"answer": "a"}, latency_ms=3000)])
+    lm = build_lm(config)
+    engine = lm.engine
+    assert isinstance(engine, CachedEngine)
+    caught: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            _ask(lm, "made read-only")
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    try:
+        # Past the writability check: the inner call is under way (it takes 3 s to answer).
+        def started() -> bool:
+            return standin.request_count == 1 if inner == "real" else engine._inner is not None
+
+        deadline = time.monotonic() + 60
+        while not started():
+            assert time.monotonic() < deadline, "the inner call never started"
+            time.sleep(0.01)
+        cache.chmod(0o555)
+        thread.join(60)
+    finally:
+        cache.chmod(0o755)
+    (error,) = caught
+    assert isinstance(error, LMConfigurationError)
+    assert isinstance(provisioner_error(error), CassetteNotWritableError)
+    assert "is read-only (mode 555)" in str(error)
+    assert list(CassetteStore(cache).paths()) == [] and CassetteStore(cache).temp_files() == []
+    lines = read_ledger(tmp_path / "run" / "ledger.jsonl")
+    booked = [(e["event"], e.get("kind"), e.get("status")) for e in lines]
+    if inner == "real":
+        assert booked == [("call", "real", "not_recorded"), ("cassette_miss", None, None)]
+    else:  # the mock costs nothing: only the miss is booked
+        assert booked == [("cassette_miss", None, None)]
+
+
+def test_a_replay_miss_of_a_raw_prompt_names_it_and_no_program(tmp_path: Path) -> None:
+    config = _config(tmp_path, None, record_mode="none", cached_inner="mock", api_key=None)
+    lm = build_lm(config)
+    with pytest.raises(LMConfigurationError) as caught:
+        lm("a plain prompt, not a DSPy signature")
+    text = str(provisioner_error(caught.value))
+    assert "prompt 'a plain prompt, not a DSPy signature'" in text
+    assert "no recording of this program" not in text and "nearest recording" not in text
+
+
+def test_closing_a_cached_lm_closes_its_inner_lm_once(tmp_path: Path) -> None:
+    config = _config(tmp_path, None, cached_inner="mock", api_key=None)
+    engine = CachedEngine(config)
+    engine.close()  # nothing built yet: nothing to close
+    lm = build_lm(config)
+    _ask(lm, "records through the inner mock")
+    cached = lm.engine
+    assert isinstance(cached, CachedEngine) and cached._inner is not None
+    cached.close()
+    assert cached._inner is None
+    cached.close()
+    assert _ask(lm, "records through the inner mock").answer  # a replay needs no inner LM

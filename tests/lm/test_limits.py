@@ -289,3 +289,21 @@ def test_lines_appended_after_a_torn_line_are_kept(tmp_path: Path) -> None:
     assert session_test(tmp_path, "s2") == "t::two"
     assert session_test(tmp_path, "s0") == "t::zero"
     assert session_test(tmp_path, "s1") is None
+
+
+def test_the_private_run_dir_is_one_per_process() -> None:
+    from provisioner.lm.limits import private_run_dir
+
+    first = private_run_dir()
+    assert first.is_dir() and private_run_dir() == first  # RunLimits(None) and Ledger(None) share it
+
+
+def test_a_failed_atomic_write_leaves_the_old_content_and_no_temporary_file(tmp_path: Path) -> None:
+    from provisioner.lm.limits import write_json_atomic
+
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"spent_usd": 1.5})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"spent_usd": object()})  # fails midway through writing
+    assert json.loads(path.read_text()) == {"spent_usd": 1.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]

@@ -1,0 +1,82 @@
+"""The ledger's readers and sums on their edge cases: lines a crashed or foreign writer left,
+duplicated sources, calls booked at an estimate, an empty report (the CLI paths are in
+test_ledger_cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from provisioner.lm.ledger import (
+    LEDGER_FILE,
+    CostReport,
+    Ledger,
+    archive_run_ledger,
+    cost_report,
+    current_test,
+    current_test_id,
+    format_cost_report,
+    read_ledger,
+    run_report,
+    session_tests,
+)
+
+
+def test_the_test_of_a_call_is_the_block_s_then_pytest_s_then_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_x.py::test_y (call)")
+    assert current_test_id() == "tests/test_x.py::test_y"
+    with current_test("session-1"):
+        assert current_test_id() == "session-1"
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    assert current_test_id() is None  # a call outside pytest and outside any block
+
+
+def test_reading_skips_blank_torn_and_non_object_lines(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    assert read_ledger(path) == []  # no ledger yet
+    path.write_text('\n{"event": "call", "id": "a"}\n[1, 2]\n"text"\n\n{"event": "call", "id": "b"}\n{"torn')
+    assert [e["id"] for e in read_ledger(path)] == ["a", "b"]
+
+
+def test_an_empty_run_archives_nothing(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    assert archive_run_ledger(tmp_path / "run", tmp_path / "state") == 0
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_run_without_an_lm_directory_has_no_sessions() -> None:
+    assert session_tests(None) == {}
+
+
+def test_estimated_calls_are_counted_and_said(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, run_id="r1", layer="integration")
+    with current_test("tests/test_a.py::test_one"):
+        ledger.call(model="gemini-2.5-flash-lite", kind="real", input_tokens=10, output_tokens=2,
+                    cost_usd=0.001, endpoint="gemini", usage="estimated", estimated=["candidatesTokenCount"])
+        ledger.call(model="gemini-2.5-flash-lite", kind="real", input_tokens=10, output_tokens=2,
+                    cost_usd=0.001, endpoint="gemini")
+    ledger.close()
+    report = run_report(tmp_path, run_id="r1")
+    assert report.total.calls == 2 and report.total.estimated_calls == 1
+    assert report.by_test["tests/test_a.py::test_one"].estimated_calls == 1
+    assert report.as_dict()["total"]["estimated_calls"] == 1
+    text = format_cost_report(report)
+    assert "estimated=1 (usage missing, booked at worst case)" in text
+    assert "1 calls came back without a token count" in text
+    assert report.over_budget_months == []  # no monthly budget set: nothing is over it
+
+
+def test_a_ledger_listed_twice_is_counted_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, run_id="r1")
+    ledger.call(model="m", kind="real", cost_usd=0.5)
+    ledger.close()
+    report = cost_report([tmp_path / LEDGER_FILE, tmp_path / LEDGER_FILE])
+    assert report.total.calls == 1 and report.total.cost_usd == pytest.approx(0.5)
+
+
+def test_an_empty_report_is_one_total_line() -> None:
+    text = format_cost_report(CostReport())
+    assert text.splitlines() == [text] and text.lstrip().startswith("total")
+    assert json.loads(json.dumps(CostReport().as_dict()))["total"]["calls"] == 0
