@@ -31,14 +31,14 @@ from provisioner.bridge import server as server_module
 from provisioner.bridge.protocol import HEADER, dumps, encode_frame, read_frame
 from provisioner.bridge.server import (
     BridgeServer,
-    _configure_logging,
+    PipeReader,
     _Connection,
     _DeadlineWatch,
     _InFlight,
-    _PipeReader,
     install_process_lm,
 )
 from provisioner.bridge.service import Access
+from provisioner.bridge.worker import _configure_logging
 from provisioner.lmconfig import LMConfig, MockRule
 
 from .conftest import RawConnection, clean_env, wait_until
@@ -369,7 +369,7 @@ def test_a_stdio_host_that_closed_our_stdout_stops_the_worker() -> None:
     out_r, out_w = os.pipe()
     os.close(out_r)
     try:
-        thread = server.serve_stdio(_PipeReader(in_r), os.fdopen(out_w, "wb", buffering=0))
+        thread = server.serve_stdio(PipeReader(in_r), os.fdopen(out_w, "wb", buffering=0))
         os.write(in_w, encode_frame(dumps({"id": 1, "command": "ping"})))
         assert server.stop_requested.wait(30)
         thread.join(30)
@@ -433,13 +433,13 @@ def test_a_tcp_worker_without_a_ready_file_announces_its_port_on_stdout(tmp_path
 STUCK_WORKER = """
 import sys
 from pathlib import Path
-from provisioner.bridge import server
+from provisioner.bridge import server, worker
 from provisioner.lmconfig import LMConfig, MockRule
 
 server._SHUTDOWN_GRACE_S = 0.2  # the grace beyond the request timeout (5 s in a real worker)
 lm = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "stuck"}, outputs={"answer": "x"},
                                                 latency_ms=60_000)])
-sys.exit(server.run_worker(host="127.0.0.1", ready_file=Path(sys.argv[1]), lm_config=lm,
+sys.exit(worker.run_worker(host="127.0.0.1", ready_file=Path(sys.argv[1]), lm_config=lm,
                            request_timeout_s=0.5))
 """
 
