@@ -181,9 +181,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
-    if report.when == "teardown":  # LM usage and leaks: JUnit XML properties, history rows
-        report.user_properties.extend(item.config.stash[RUN_KEY].test_properties(item.nodeid))
+    phases = item.stash.setdefault(PHASE_REPORTS, {})
+    phases[report.when] = report
+    run = item.config.stash[RUN_KEY]
+    if report.when == "setup" and report.passed and "bridge_pool" in getattr(item, "fixturenames", ()):
+        run.worker_logs.used_pool(item.nodeid, getattr(item, "funcargs", {})["bridge_pool"])
+    if report.failed:  # the log lines of the workers the test used, from its window
+        since = phases.get("setup", report).start
+        report.sections.extend(run.worker_log_sections(item.nodeid, since, report.stop))
+    if report.when == "teardown":  # LM usage, leaks, saved logs: JUnit XML properties, history rows
+        report.user_properties.extend(run.test_properties(item.nodeid))
     return report
 
 
@@ -374,6 +381,8 @@ def isolated(request: pytest.FixtureRequest) -> Iterator[Any]:
     if run.layer.needs_docker:
         _need_docker(run, f"isolated ({run.layer.name} layer)")
     test = run.environment.isolated(label=request.node.nodeid)
+    if run.layer.needs_docker:  # its failure report shows the log of the worker the session is on
+        run.worker_logs.used_session(request.node.nodeid, test.session_id, run.environment.containers.pool)
     try:
         yield test
     finally:
@@ -397,7 +406,10 @@ def bridge_worker(request: pytest.FixtureRequest) -> Iterator[Any]:
     _need_docker(run, "bridge_worker")
     node = request.node
     with run.environment.dedicated_worker(node.nodeid, retain=lambda: run.retain(_failed(node))) as worker:
+        run.worker_logs.used(node.nodeid, worker.name, worker.container_id)
         yield worker
+    if worker.retained:
+        run.worker_logs.retained(node.nodeid, worker.name)
 
 
 @pytest.fixture(scope="session")

@@ -308,6 +308,9 @@ class BridgeService:
             outcome = handler(args, access)
         except BridgeError as exc:
             self.count_error(exc.error_type)
+            # One line per refused command: a failed test's report shows its worker's lines.
+            session = args.get("session_id") if isinstance(args, dict) else None
+            log.info("%s refused (session %s): %s", command, session or DEFAULT_SESSION, exc)
             raise
         except Exception as exc:  # a bug in a handler must not take the worker down
             log.exception("internal error in %s", command)
@@ -520,10 +523,12 @@ class BridgeService:
             outputs = _outputs(prediction)
         except BridgeError as exc:
             self._record_execution(program, exc.error_type)
+            log.warning("execute_program failed (session %s): %s", program.session_id, exc)
             raise
         except Exception as exc:
             error = _execution_error(program, exc)
             self._record_execution(program, error.error_type)
+            log.warning("execute_program failed (session %s): %s", program.session_id, error)
             raise error from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self._record_execution(program, None)

@@ -35,6 +35,10 @@ USAGE_PROPERTIES: dict[str, str] = {
     "provision_cache_misses": "cache_misses",
 }
 LEAKS_PROPERTY = "provision_leaks"
+#: The test's bridge workers kept for debugging, and the worker logs saved for its failure report
+#: (each "; "-separated; the TestRow fields ``retained`` and ``log_path``).
+RETAINED_PROPERTY = "provision_retained"
+WORKER_LOG_PROPERTY = "provision_worker_log"
 
 
 def usage_properties(usage: Mapping[str, Any],
@@ -55,6 +59,18 @@ def usage_properties(usage: Mapping[str, Any],
     found = [f"{kind} {name}" for kind, name in leaks]
     if found:
         props.append((LEAKS_PROPERTY, "; ".join(found)))
+    return props
+
+
+def worker_properties(retained: Iterable[str], logs: Iterable[str]) -> list[tuple[str, Any]]:
+    """The test properties naming its retained workers and the worker logs saved for its failure report
+    (none when there are none)."""
+    props: list[tuple[str, Any]] = []
+    kept, saved = "; ".join(retained), "; ".join(logs)
+    if kept:
+        props.append((RETAINED_PROPERTY, kept))
+    if saved:
+        props.append((WORKER_LOG_PROPERTY, saved))
     return props
 
 
@@ -138,6 +154,10 @@ class TestRowCollector:
                 row[field] = float(value) if field.endswith("_usd") else int(value)  # type: ignore[literal-required]
             elif name == LEAKS_PROPERTY:
                 row["leaks"] = [part.split(" ", 1) for part in str(value).split("; ") if part]
+            elif name == RETAINED_PROPERTY:
+                row["retained"] = str(value)
+            elif name == WORKER_LOG_PROPERTY:
+                row["log_path"] = str(value)
         row["cache_hits"] = row["lm_replayed"]
 
     def add_leaks(self, leaks: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> None:

@@ -85,8 +85,8 @@ class TestRow(TypedDict):
     cache_hits: int
     cache_misses: int
     leaks: list[list[str]]
-    retained: str | None  # the bridge worker kept for debugging, if any
-    log_path: str | None  # where that worker's log is
+    retained: str | None  # the bridge workers kept for debugging ("; "-separated), if any
+    log_path: str | None  # the worker logs saved for its failure report ("; "-separated), if any
 
 
 _RUN_JSON = ("layers", "retained")

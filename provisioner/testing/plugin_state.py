@@ -130,6 +130,10 @@ class ProvisionRun:
         self.rows = TestRowCollector(identity.run_id, self.layer.name)
         self._test_costs: dict[str, LMCost] = {}
         self.exit_status = 0  # pytest's, set at session end
+        from provisioner.testing.worker_logs import LOGS_DIR, WorkerLogs
+
+        # The worker containers each test used: their log lines go into its failure report.
+        self.worker_logs = WorkerLogs(self._started_runtime, identity.run_dir / LOGS_DIR)
 
         self.started_at = now_iso()
 
@@ -297,18 +301,28 @@ class ProvisionRun:
         self._test_costs[test_id] = LMCost(self.environment, self.environment.lm_usage(), test_id)
 
     def test_properties(self, test_id: str) -> list[tuple[str, Any]]:
-        """The test's LM usage and leaks as ``user_properties`` (JUnit XML test properties; the
-        controller's history rows read them from the teardown report)."""
-        from provisioner.history.rows import usage_properties
+        """The test's LM usage, leaks, retained worker and saved worker logs as ``user_properties``
+        (JUnit XML test properties; the controller's history rows read them from the teardown report)."""
+        from provisioner.history.rows import usage_properties, worker_properties
 
+        logs, retained = self.worker_logs.finish(test_id)
         cost = self._test_costs.pop(test_id, None)
         if cost is None:
-            return []
+            return worker_properties(retained, logs)
         leaks = [leak for record in self.environment.report.leaks if record.test == test_id
                  for leak in record.leaks]
         usage = cost.usage()
         exact = {**usage.as_dict(), "cost_usd": usage.cost_usd}  # as_dict rounds to 6 places
-        return usage_properties(exact, leaks)
+        return usage_properties(exact, leaks) + worker_properties(retained, logs)
+
+    def worker_log_sections(self, test_id: str, since: float, until: float) -> list[tuple[str, str]]:
+        """``(title, text)`` report sections of a failed test: the log lines of each worker it used,
+        written from ``since`` to ``until`` (Unix seconds), and where each worker's full log is."""
+        return [(e.title, e.text()) for e in self.worker_logs.excerpts(test_id, since, until)]
+
+    def _started_runtime(self) -> Any:
+        started = self.environment.containers_started
+        return None if started is None else started.runtime
 
     def _record_history(self, report: RunReport, ledger: LMUsage | None) -> None:
         """Controller, at the end of the run: the run row into the JSON report, and the run with its

@@ -156,7 +156,11 @@ class ContainerRuntime(ImageStore, Protocol):
     def container_gateway(self, container_id: str, network: str) -> str | None:
         """The gateway address of ``network`` as the container sees it (a host address)."""
 
-    def logs(self, container_id: str, tail: int = 40) -> str: ...
+    def logs(self, container_id: str, tail: int | None = 40, *, since: float | None = None,
+             until: float | None = None) -> str:
+        """The container's output (stdout and stderr as the engine stamped it): of the lines written
+        between ``since`` and ``until`` (Unix time in seconds, fractions kept; ``None``: open), the
+        last ``tail`` (``None``: all). "" when the container does not exist (any more)."""
 
     def exec(self, container_id: str, command: list[str]) -> tuple[int, str]:
         """Run ``command`` in the running container; (exit code, stdout and stderr)."""

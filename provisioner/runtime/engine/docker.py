@@ -302,11 +302,16 @@ class DockerRuntime:
         gateway = (nets.get(network) or {}).get("Gateway")
         return str(gateway) if gateway else None
 
-    def logs(self, container_id: str, tail: int = 40) -> str:
+    def logs(self, container_id: str, tail: int | None = 40, *, since: float | None = None,
+             until: float | None = None) -> str:
         import docker.errors
 
+        # docker-py passes float since/until through; the engine compares them with each line's
+        # own timestamp (nanoseconds), so a window is exact, not rounded to whole seconds.
+        window = {k: float(v) for k, v in (("since", since), ("until", until)) if v is not None and v > 0}
         try:
-            raw = self.client.api.logs(container_id, stdout=True, stderr=True, tail=tail)
+            raw = self.client.api.logs(container_id, stdout=True, stderr=True,
+                                       tail="all" if tail is None else tail, **window)
         except docker.errors.APIError:
             return ""
         return bytes(raw).decode("utf-8", "replace")

@@ -40,8 +40,19 @@ class FakeContainer:
     ips: dict[str, str] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    # When each line of log_lines was written (index -> Unix time; see write_log). Lines appended to
+    # log_lines directly count as written when the container was created.
+    log_stamps: dict[int, float] = field(default_factory=dict)
     image_id: str = ""
     served: Any = field(default=None, repr=False)  # its process when the runtime serves (see inprocess)
+
+    def write_log(self, line: str, at: float | None = None) -> None:
+        """Append a log line stamped ``at`` (default: now), as the engine stamps a container's output."""
+        self.log_stamps[len(self.log_lines)] = time.time() if at is None else at
+        self.log_lines.append(line)
+
+    def stamp(self, index: int) -> float:
+        return self.log_stamps.get(index, self.created)
 
 
 @dataclass
@@ -460,10 +471,15 @@ class FakeRuntime:
             ip = None if c is None else c.ips.get(network)
             return None if ip is None else ip.rsplit(".", 2)[0] + ".0.1"
 
-    def logs(self, container_id: str, tail: int = 40) -> str:
+    def logs(self, container_id: str, tail: int | None = 40, *, since: float | None = None,
+             until: float | None = None) -> str:
         with self._lock:
             c = self._find(container_id)
-            return "" if c is None else "\n".join(c.log_lines[-tail:])
+            if c is None:
+                return ""
+            lines = [line for i, line in enumerate(c.log_lines)
+                     if (since is None or c.stamp(i) >= since) and (until is None or c.stamp(i) <= until)]
+            return "\n".join(lines if tail is None else lines[-tail:] if tail else [])
 
     def exec(self, container_id: str, command: list[str]) -> tuple[int, str]:
         raise NotImplementedError("FakeRuntime runs no processes; exec needs a real engine")
