@@ -120,7 +120,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Load what the spending guard wraps (DSPy's call path) before the first test, outside its timeout."""
+    """Load what the spending guard wraps (DSPy's call path) and what the layer's LM needs before the
+    first test, outside its timeout."""
     from provisioner.testing import network
 
     run = session.config.stash[RUN_KEY]
@@ -128,6 +129,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any(network.applies(run, [m.name for m in item.iter_markers()], getattr(item, "fixturenames", ()),
                            force_enabled=force) for item in session.items):
         network.prepare()
+    if any(run.is_layer_test([m.name for m in item.iter_markers()])
+           or network.PROVISIONER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+           for item in session.items):
+        from provisioner.lm import preload
+
+        preload(run.environment.lm_config)  # e.g. google-genai: not inside the first test's timeout
 
 
 @pytest.hookimpl(tryfirst=True)
