@@ -152,13 +152,13 @@ def _cleanup(proc: subprocess.Popen[bytes], run_id: str) -> None:
     if proc.poll() is None:
         proc.wait()
     if run_id:
-        from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+        from provisioner.runtime.engine import open_runtime, remove_by_selector
         from provisioner.runtime.labels import selector
 
         for p in run_processes(run_id):
             with contextlib.suppress(Exception):
                 p.kill()
-        remove_by_selector(DockerRuntime(), selector(run_id))
+        remove_by_selector(open_runtime(), selector(run_id))
 
 
 def measure(rounds: int) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from provisioner.bridge.client import BridgeClient
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import Deployment
-from provisioner.runtime.engine import DockerRuntime
+from provisioner.runtime.engine import ContainerRuntime, open_runtime
 from provisioner.runtime.images import build_worker_image
 from provisioner.runtime.lifecycle import down, up
 from provisioner.runtime.recipes import plan_run
@@ -70,7 +70,7 @@ def stats(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
-def cold_start(rt: DockerRuntime, image: str, folder: Path) -> dict[str, float]:
+def cold_start(rt: ContainerRuntime, image: str, folder: Path) -> dict[str, float]:
     settings = load_settings(cli={"state_dir": str(folder / ".provision")}, project_dir=folder)
     run_id = f"bench{os.getpid()}{int(time.time() * 1000) % 100000}"
     plan = plan_run(
@@ -116,7 +116,7 @@ def run_cli(folder: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     return elapsed, done.stdout
 
 
-def sigkill_cleanup(rt: DockerRuntime, folder: Path, env: dict[str, str]) -> float:
+def sigkill_cleanup(rt: ContainerRuntime, folder: Path, env: dict[str, str]) -> float:
     script = "import time; print('started', flush=True); time.sleep(300)"
     proc = subprocess.Popen(
         [
@@ -154,7 +154,7 @@ def sigkill_cleanup(rt: DockerRuntime, folder: Path, env: dict[str, str]) -> flo
 
 
 def measure(rounds: int) -> dict[str, Any]:
-    rt = DockerRuntime()
+    rt = open_runtime()
     image = build_worker_image(rt).tag
     folder, env = scratch_project()
     results: dict[str, Any] = {"image": image, "load_before": os.getloadavg()[0]}
@@ -201,7 +201,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    docker_version = DockerRuntime().client.version().get("Version", "?")
+    rt = open_runtime()
+    try:
+        docker_version = rt.engine_info().version
+    finally:
+        rt.close()
     return (
         f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
         f"Python {platform.python_version()}, Docker {docker_version}"
