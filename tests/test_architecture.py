@@ -357,3 +357,27 @@ def test_only_the_docker_adapter_imports_docker_py() -> None:
         if any(name == "docker" or name.startswith("docker.") for name in _imports(path))
     )
     assert importers == ["provisioner.runtime.engine.docker"]
+
+
+def _constructs(path: Path, name: str) -> bool:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return any(
+        isinstance(node, ast.Call)
+        and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)
+        for node in ast.walk(tree)
+    )
+
+
+def test_the_real_engine_is_opened_in_one_place() -> None:
+    """``open_runtime`` is the one factory for the real engine (engine settings such as remote engines
+    change it alone): nothing else in the package constructs a ``DockerRuntime``."""
+    constructors = sorted(
+        _module_name(path, PACKAGE) for path in PACKAGE.rglob("*.py") if _constructs(path, "DockerRuntime")
+    )
+    assert constructors == ["provisioner.runtime.engine"]
+
+
+def test_the_one_place_check_sees_attribute_calls(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from provisioner.runtime import engine\n\ndef f():\n    return engine.DockerRuntime()\n")
+    assert _constructs(bad, "DockerRuntime") and not _constructs(bad, "FakeRuntime")
