@@ -67,6 +67,8 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     if rt is not None:
         engine_ = rt
         checks += _isolated("stale runs", lambda: _check_stale(settings, engine_))
+        if runtime is None:  # opened here: closed here (the caller's is the caller's)
+            rt.close()
     return checks
 
 
