@@ -30,6 +30,8 @@ _ABOVE_THE_BOTTOM = ("provisioner.lm", "provisioner.bridge", "provisioner.runtim
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     # Bottom: settings, layers, LM config and errors know nothing above them.
     "provisioner.errors": ("provisioner.", "dspy", "docker", "pytest"),
+    # Shared file helpers (atomic writes, flock): stdlib only, below everything.
+    "provisioner._files": ("provisioner.", "dspy", "docker", "pytest"),
     "provisioner.lmconfig": _ABOVE_THE_BOTTOM,
     "provisioner.settings": _ABOVE_THE_BOTTOM,
     "provisioner.layers": _ABOVE_THE_BOTTOM,

@@ -52,6 +52,7 @@ from typing import Any, BinaryIO, Literal, cast
 
 from pydantic import ValidationError
 
+from provisioner._files import atomic_write
 from provisioner.bridge.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER,
@@ -1139,7 +1140,4 @@ def install_process_lm(service: BridgeService) -> None:
 
 def write_ready_file(path: Path, port: int) -> None:
     """Write the port atomically: readers see either nothing or the whole number."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, f"{port}\n")

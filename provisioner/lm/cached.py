@@ -29,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from provisioner._files import atomic_write
 from provisioner.errors import (
     CassetteError,
     CassetteMissError,
@@ -110,10 +110,8 @@ def once_decision(config: LMConfig, store: CassetteStore) -> OnceDecision:
             data = json.loads(marker.read_text(encoding="utf-8"))
             return OnceDecision(bool(data["record"]), str(data["decided_at"]), marker)
         decision = OnceDecision(not store.has_entries(), now_iso(), marker)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"record": decision.record, "decided_at": decision.decided_at,
-                                   "cache_dir": str(config.cache_dir)}) + "\n", encoding="utf-8")
-        os.replace(tmp, marker)
+        atomic_write(marker, json.dumps({"record": decision.record, "decided_at": decision.decided_at,
+                                         "cache_dir": str(config.cache_dir)}) + "\n")
         return decision
 
 

@@ -41,18 +41,17 @@ import contextlib
 import datetime as _dt
 import difflib
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner._files import TEMP_SUFFIX, atomic_write, try_lock
 from provisioner.errors import CassetteNotWritableError, ConfigError, CorruptCassetteError
 from provisioner.lm.signature import parse_prompt
 from provisioner.reprs import safe_repr
@@ -66,7 +65,6 @@ GOOGLE_KEY_PATTERN = re.compile(rb"AIza[0-9A-Za-z_\-]{35}")
 # (known because the controller wired it in: LMConfig.endpoint_kind), or the real Gemini API.
 SOURCES: tuple[str, ...] = ("mock", "standin", "gemini")
 SOURCE_LABELS = {"mock": "mock", "standin": "Gemini stand-in", "gemini": "real Gemini"}
-TEMP_SUFFIX = ".tmp"
 _CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE_HINT = "use --record-mode none or fix its permissions"
 
@@ -251,26 +249,15 @@ class CassetteStore:
         if why is not None:
             raise self._not_writable_error(why)
         path = self.path_for(key)
+        text = json.dumps(entry, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:12]}.", suffix=TEMP_SUFFIX, dir=path.parent)
+            # The temp file is locked while written (a write in progress, not an abandoned one:
+            # see _abandoned); cassettes are shared, readable files (0644); fsync: a recording is
+            # worth money.
+            atomic_write(path, text, mode=0o644, fsync=True, hold_lock=True)
         except OSError as exc:
-            raise self._not_writable_error(f"{path.parent}: {exc.strerror or exc}") from exc
-        # Held until the file closes (or its writer dies): marks the write as in progress.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(entry, handle, indent=2, sort_keys=True, ensure_ascii=False)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; cassettes are shared, readable files
-                os.replace(tmp, path)  # while still locked: the temp name never exists unlocked
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
-                raise self._not_writable_error(f"{path.parent}: {exc.strerror}") from exc
+            if exc.errno in _CANNOT_WRITE:
+                raise self._not_writable_error(f"{path.parent}: {exc.strerror or exc}") from exc
             raise
         return path
 
@@ -419,15 +406,12 @@ class VerifyReport:
 def _abandoned(path: Path) -> bool:
     """A temporary file no writer holds (its writer finished oddly or was killed, e.g. ``kill -9``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = try_lock(path, create=False)
     except FileNotFoundError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if fd is None:
         return False  # a write in progress
-    finally:
-        os.close(fd)
+    os.close(fd)
     return True
 
 

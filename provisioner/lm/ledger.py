@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as _dt
-import fcntl
 import json
 import os
 import threading
@@ -44,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner._files import flocked
 from provisioner.lm.callstats import LMUsage
 from provisioner.lm.limits import after_torn_line, append_line, locked, resolve_run_dir, share_fd
 
@@ -125,12 +125,9 @@ class Ledger:
         data = (line + "\n").encode("utf-8")
         with self._thread_lock:
             lock_fd, ledger_fd = self._open()
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            try:
+            with flocked(lock_fd):
                 # O_APPEND plus one write() per line: even a reader without the lock sees whole lines.
                 os.write(ledger_fd, after_torn_line(ledger_fd, data))
-            finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def call(self, *, model: str, kind: str, input_tokens: int = 0, output_tokens: int = 0,
              thoughts_tokens: int = 0, cached_tokens: int = 0, cost_usd: float = 0.0,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provisioner import _files
 from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
 
 WINDOW_S = 60.0
@@ -95,15 +95,8 @@ def share_fd(fd: int) -> int:
 @contextlib.contextmanager
 def locked(run_dir: Path, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the run's exclusive lock (across threads, processes and containers of one host)."""
-    fd = share_fd(os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o666))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _files.locked(run_dir / name, on_open=share_fd):
+        yield
 
 
 def after_torn_line(fd: int, data: bytes) -> bytes:
@@ -126,18 +119,9 @@ def append_line(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        share_fd(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write JSON to ``path`` so readers see the old or the new content, never a mix (group
+    read-write: shared by the host and the run's worker containers, see :func:`share_fd`)."""
+    _files.atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n", mode=0o660)
 
 
 def write_run_limits(run_dir: Path, *, rate_limit_rpm: int, cost_limit_usd: float,

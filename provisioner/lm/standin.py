@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from provisioner._files import atomic_write
 from provisioner.lm.mock import MockEngine
 from provisioner.lm.signature import parse_prompt
 from provisioner.reprs import safe_repr
@@ -377,7 +378,6 @@ def serve(*, host: str, port: int, api_key: str | None, ready_file: Path | None 
     Prints :func:`ready_line` once listening and, like the worker, writes the port to
     ``ready_file`` atomically (readers see nothing or the whole number).
     """
-    import os
     import signal
 
     stop = stop or threading.Event()
@@ -387,10 +387,7 @@ def serve(*, host: str, port: int, api_key: str | None, ready_file: Path | None 
             signal.signal(sig, lambda *_: stop.set())
     try:
         if ready_file is not None:
-            ready_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ready_file.with_name(f".{ready_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(f"{standin.port}\n", encoding="utf-8")
-            os.replace(tmp, ready_file)
+            atomic_write(ready_file, f"{standin.port}\n")
         print(ready_line(standin.port), flush=True)
         stop.wait()
     finally:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from provisioner._files import atomic_write
 from provisioner.history.analysis import TestSummary
 from provisioner.history.store import RunRow, TestRow
 from provisioner.reporting.dashboard import Dashboard, pass_rate
@@ -372,7 +373,5 @@ def write_page(board: Dashboard, out_dir: Path) -> tuple[Path, float]:
     page = render(board)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PAGE_FILE
-    tmp = path.with_name(f".{PAGE_FILE}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, page)
     return path, time.perf_counter() - started

@@ -29,7 +29,6 @@ projects on one engine never re-point each other's tag.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from provisioner._files import locked
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import ImageStore, open_runtime
@@ -224,12 +224,8 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def _build_lock() -> Iterator[None]:
     """One image build at a time per machine (pytest-xdist workers all ask for the image at once)."""
-    with open(cache_dir() / "build.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with locked(cache_dir() / "build.lock"):
+        yield
 
 
 # --- hashing --------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
+from provisioner._files import atomic_write
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import StateUnreadableError
 from provisioner.lm.ledger import RUN_LM_SUBDIR
@@ -144,16 +144,6 @@ def run_dir_of(settings: Settings, run_id: str) -> RunDir:
     return RunDir.of(settings.state_dir, run_id)
 
 
-def _atomic_write(path: Path, text: str, *, private: bool = False) -> None:
-    """Replace ``path`` atomically; ``private``: readable by the owner only (0600) from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def render_env(env: Mapping[str, str]) -> str:
     """``export KEY=value`` lines: ``source``-able by sh/bash/zsh, and read by python-dotenv."""
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
@@ -169,16 +159,16 @@ def write_state(
     """
     run_dir = run_dir_of(settings, state.run_id)
     path = run_dir.state_file
-    _atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
+    atomic_write(path, json.dumps(asdict(state), indent=2) + "\n")
     env = state.env(path)
     if control_token:
         env[CONTROL_TOKEN_ENV] = control_token
     env_text = render_env(env)
-    _atomic_write(run_dir.env_file, env_text, private=True)
+    atomic_write(run_dir.env_file, env_text, mode=0o600)
     if current:
         root = Path(settings.state_dir).resolve()
-        _atomic_write(root / CURRENT_ENV, env_text, private=True)
-        _atomic_write(root / CURRENT_RUN, state.run_id + "\n")
+        atomic_write(root / CURRENT_ENV, env_text, mode=0o600)
+        atomic_write(root / CURRENT_RUN, state.run_id + "\n")
     return path
 
 

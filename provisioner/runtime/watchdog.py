@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from provisioner._files import atomic_write, try_lock
 
 if TYPE_CHECKING:
     from provisioner.runtime.engine import ContainerRuntime
@@ -95,10 +96,7 @@ def register_owner(run_dir: Path, pid: int | None = None, *, principal: str | No
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / _entry_name(pid or os.getpid())
     # Written whole or not at all (a kill -9 mid-write must not leave a half principal behind).
-    tmp = folder / f".{entry.name}.tmp"
-    tmp.write_text(f"{DEPENDANT_PREFIX}{principal}\n" if principal else "")
-    os.replace(tmp, entry)
-    return entry
+    return atomic_write(entry, f"{DEPENDANT_PREFIX}{principal}\n" if principal else "")
 
 
 def unregister_owner(run_dir: Path, pid: int | None = None) -> None:
@@ -122,16 +120,14 @@ def mark(run_dir: Path, marker: str) -> None:
 
 def watchdog_alive(run_dir: Path) -> bool:
     """True when a watchdog holds the run's lock."""
-    path = run_dir / LOCK_FILE
-    if not path.exists():
+    try:
+        fd = try_lock(run_dir / LOCK_FILE, create=False)
+    except FileNotFoundError:
         return False
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def spawn_watchdog(run_id: str, run_dir: Path, *, interval_s: float = 0.5) -> None:
@@ -350,10 +346,8 @@ def _log(message: str) -> None:
 
 def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     """The watchdog loop (runs in the detached process). Returns the exit status."""
-    lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # Held for the process's life (the fd is never closed): released when the watchdog exits or dies.
+    if try_lock(run_dir / LOCK_FILE) is None:
         _log(f"run {run_id} is already watched; exiting")
         return 0
     # Import and open now what cleanup needs, so a dead owner costs no import time later. The
