@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from provisioner.errors import (
 )
 from provisioner.layers import get_layer
 from provisioner.lmconfig import LMMode
+from provisioner.run import check_run_id, new_run_id
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe, death_reason
@@ -34,10 +34,6 @@ from provisioner.runtime.recipes import (
 from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
 from provisioner.runtime.state import RunState, _clear_current, read_state, run_dir_of, write_state
 from provisioner.settings import Settings
-
-
-def new_run_id() -> str:
-    return secrets.token_hex(4)
 
 
 def up(
@@ -116,6 +112,8 @@ def up(
         image = ensure_worker_image(
             rt, image=settings.container.image, base=settings.container.base, project=project, progress=say
         )
+    if run_id is not None:
+        check_run_id(run_id)  # ConfigError: it becomes part of container and network names
     if run_id is not None and rt.list_resources(L.selector(run_id)):
         raise RuntimeProblem(
             f"run id {run_id!r} is already in use on this engine; choose another, or remove it first "

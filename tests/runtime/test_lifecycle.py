@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from provisioner.errors import AmbiguousRunError, ConfigError, RuntimeProblem, StateUnreadableError
 from provisioner.layers import get_layer
 from provisioner.lm.limits import read_run_limits
+from provisioner.run import check_run_id
 from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.doctor import _check_stale
@@ -329,6 +331,22 @@ def test_up_refuses_a_run_id_in_use_and_leaves_that_run_alone(
         _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="taken", new=True)
     assert rt.list_resources(L.selector("taken")) == before
     first.stop()
+
+
+def test_up_names_runs_like_pytest_and_refuses_an_id_unfit_for_container_names(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt = fake[0]
+    with pytest.raises(ConfigError, match="'Bad Run!' must be 3-41 characters"):
+        _up(settings, fake, layer="integration", lm_mode="mock", workers=1, run_id="Bad Run!")
+    assert rt.containers == {}
+    deployment = _up(settings, fake, layer="integration", lm_mode="mock", workers=1)
+    try:
+        # One run id format for `provision up`, pytest and provisioner.environment().
+        assert re.fullmatch(r"r\d{8}-\d{6}-[0-9a-f]{6}", deployment.state.run_id)
+        assert check_run_id(deployment.state.run_id) == deployment.state.run_id
+    finally:
+        deployment.stop()
 
 
 def test_a_stale_current_file_does_not_hide_the_projects_run(
