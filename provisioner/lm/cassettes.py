@@ -579,6 +579,5 @@ def prune_unused(root: Path, sources: Iterable[Path], *, layers: Iterable[str] =
 
 
 def _why_partial(run: RunRecord) -> str:
-    if run.complete is None:
-        return "it never finished (killed, crashed, or still running)"
+    # Only runs that said they ended are against a folder (the folder is in the run_complete line).
     return ", ".join(run.partial) or "partial"

@@ -179,3 +179,45 @@ def test_an_orphans_children_go_with_it(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_process_that_is_gone_has_an_entry_without_a_start_time() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert wd.process_entry(child.pid) == f"{child.pid}-0"  # never confused with a live process
+
+
+def test_a_watchdog_that_never_starts_is_an_error_with_its_log(tmp_path: Path) -> None:
+    from provisioner.errors import RuntimeProblem
+
+    (tmp_path / wd.LOG_FILE).write_text("Traceback: the watchdog could not import docker\n")
+    try:
+        wd.wait_watching(tmp_path, timeout_s=0.05)
+    except RuntimeProblem as exc:
+        assert "did not start within" in str(exc) and "could not import docker" in str(exc)
+    else:
+        raise AssertionError("no RuntimeProblem")
+
+
+def test_owner_entries_that_are_not_owners_are_skipped_and_unreadable_ones_keep_the_run(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / wd.OWNERS_DIR
+    folder.mkdir()
+    (folder / ".123-4.0.tmp").write_text("")  # a registration cut short before its rename
+    (folder / "notes.txt").write_text("")
+    assert wd.owner_states(tmp_path) == (0, 0, [])
+    (folder / wd.process_entry()).mkdir()  # unreadable as a file: a plain owner, as its name says
+    assert wd.owner_states(tmp_path) == (1, 1, [])
+
+
+def test_finishing_a_run_stands_its_watchdog_down_unless_it_was_retained(tmp_path: Path) -> None:
+    wd.finish_run(tmp_path)  # never watched: nothing to tell
+    assert not (tmp_path / wd.STOPPED_MARKER).exists()
+    (tmp_path / wd.LOCK_FILE).touch()
+    wd.mark(tmp_path, wd.RETAIN_MARKER)
+    wd.finish_run(tmp_path)
+    assert not (tmp_path / wd.STOPPED_MARKER).exists()  # kept for inspection: the watchdog already left
+    (tmp_path / wd.RETAIN_MARKER).unlink()
+    wd.finish_run(tmp_path)
+    assert (tmp_path / wd.STOPPED_MARKER).exists()
