@@ -193,7 +193,12 @@ class _TypeParser:
 
 
 @dataclass(frozen=True)
-class FieldSpec:
+class ParsedField:
+    """One field of a validated signature spec, with its parsed type (``annotation``).
+
+    "Parsed" keeps it apart from :class:`provisioner.factories.FieldSpec`, the user's data model
+    of a field that becomes the spec this is parsed from."""
+
     name: str
     type: str
     annotation: Any
@@ -207,9 +212,11 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
-class SignatureSpec:
-    inputs: tuple[FieldSpec, ...]
-    outputs: tuple[FieldSpec, ...]
+class ParsedSignature:
+    """A validated signature spec (see :func:`parse_signature_spec`), ready for DSPy."""
+
+    inputs: tuple[ParsedField, ...]
+    outputs: tuple[ParsedField, ...]
     name: str | None = None
     description: str | None = None
 
@@ -238,8 +245,8 @@ def _reserved_names() -> frozenset[str]:
     return frozenset(name for name in names if not name.startswith("_"))
 
 
-def parse_signature_spec(raw: Any, where: str = "signature") -> SignatureSpec:
-    """Validate a spec (object or DSPy signature string) into a :class:`SignatureSpec`."""
+def parse_signature_spec(raw: Any, where: str = "signature") -> ParsedSignature:
+    """Validate a spec (object or DSPy signature string) into a :class:`ParsedSignature`."""
     if isinstance(raw, str):
         return _spec_from_string(raw, where)
     if not isinstance(raw, dict):
@@ -261,12 +268,12 @@ def parse_signature_spec(raw: Any, where: str = "signature") -> SignatureSpec:
     reserved = _reserved_names()
     inputs = _fields(raw, "inputs", where, seen, reserved)
     outputs = _fields(raw, "outputs", where, seen, reserved)
-    return SignatureSpec(inputs, outputs, name, description)
+    return ParsedSignature(inputs, outputs, name, description)
 
 
 def _fields(
     raw: dict[str, Any], side: str, where: str, seen: dict[str, str], reserved: frozenset[str]
-) -> tuple[FieldSpec, ...]:
+) -> tuple[ParsedField, ...]:
     items = raw.get(side)
     if items is None:
         raise SignatureSpecError(f"{where}.{side}", "is required (a non-empty list of fields)")
@@ -300,11 +307,11 @@ def _fields(
         description = item.get("description")
         if description is not None and not isinstance(description, str):
             raise SignatureSpecError(f"{here}.description", "must be a string")
-        out.append(FieldSpec(name, type_text.strip(), annotation, description))
+        out.append(ParsedField(name, type_text.strip(), annotation, description))
     return tuple(out)
 
 
-def _spec_from_string(text: str, where: str) -> SignatureSpec:
+def _spec_from_string(text: str, where: str) -> ParsedSignature:
     import dspy
 
     try:
@@ -313,17 +320,17 @@ def _spec_from_string(text: str, where: str) -> SignatureSpec:
         raise SignatureSpecError(where, f"invalid signature string {text!r}: {exc}") from None
     reserved = _reserved_names()
 
-    def convert(fields: dict[str, Any], side: str) -> tuple[FieldSpec, ...]:
+    def convert(fields: dict[str, Any], side: str) -> tuple[ParsedField, ...]:
         specs = []
         for index, (name, info) in enumerate(fields.items()):
             if name in reserved or name.startswith("_"):
                 raise SignatureSpecError(f"{where}.{side}[{index}].name", f"{name!r} is reserved")
             annotation = info.annotation
             type_text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-            specs.append(FieldSpec(name, type_text or repr(annotation).replace("typing.", ""), annotation))
+            specs.append(ParsedField(name, type_text or repr(annotation).replace("typing.", ""), annotation))
         return tuple(specs)
 
-    return SignatureSpec(
+    return ParsedSignature(
         convert(signature.input_fields, "inputs"), convert(signature.output_fields, "outputs")
     )
 
@@ -336,7 +343,7 @@ class Program:
     program_id: str
     session_id: str
     program_type: str
-    spec: SignatureSpec
+    spec: ParsedSignature
     module: Any
     input_validators: Mapping[str, Callable[[Any], Any]]
     created_at: float = field(default_factory=time.time)
@@ -357,7 +364,7 @@ class Program:
         }
 
 
-def build_program(program_id: str, session_id: str, spec: SignatureSpec, program_type: str) -> Program:
+def build_program(program_id: str, session_id: str, spec: ParsedSignature, program_type: str) -> Program:
     """A DSPy module of ``program_type`` over ``spec``, with validators for its inputs."""
     import dspy
     from pydantic import TypeAdapter
@@ -373,7 +380,7 @@ def build_program(program_id: str, session_id: str, spec: SignatureSpec, program
     return Program(program_id, session_id, program_type, spec, module, validators)
 
 
-def make_dspy_signature(spec: SignatureSpec) -> Any:
+def make_dspy_signature(spec: ParsedSignature) -> Any:
     """A ``dspy.Signature`` subclass with typed fields, in spec order."""
     import dspy
 
@@ -388,7 +395,7 @@ def make_dspy_signature(spec: SignatureSpec) -> Any:
         raise SignatureSpecError("signature", f"DSPy refused the signature: {exc}") from None
 
 
-def _desc(spec: FieldSpec) -> dict[str, str]:
+def _desc(spec: ParsedField) -> dict[str, str]:
     # Only pass desc when given: DSPy fills in its own default otherwise.
     return {"desc": spec.description} if spec.description else {}
 
