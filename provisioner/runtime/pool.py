@@ -6,10 +6,19 @@ to that worker, and if that worker dies or is replaced the session fails loudly 
 :class:`~provisioner.errors.WorkerLostError` instead of silently continuing on a fresh worker that
 has never seen its programs.
 
-* :meth:`WorkerPool.open_session` picks the least-loaded worker and checks, with one look at the
-  engine's container state (no ping), that it still runs: a session is never pinned to a dead
-  worker. A dead one is replaced in the background and the session goes to another worker (or
-  waits for the replacement when none is left);
+* :meth:`WorkerPool.open_session` picks the least-loaded worker and checks that it still runs: a
+  session is never pinned to a dead worker. A dead one is replaced in the background and the
+  session goes to another worker (or waits for the replacement when none is left). The check costs
+  no engine call when the pool holds an idle connection to the worker (see below): the relay closes
+  a connection the moment its worker's end closes, so an idle connection that is still open (one
+  ``select`` with no wait) proves the worker was alive a moment ago. Without one (the first session
+  on a worker, or the connection was closed) the engine is asked for the container's state;
+* :meth:`WorkerPool.lease` is what a test takes: a session, a client on it and its cleanup, which
+  the pool's closer thread finishes (``cleanup_session``, then the connection goes back to the pool
+  for the next session on the same worker generation) while the next test starts. Connecting
+  through the published port and the relay (two more hops, a DNS look-up in the relay), the
+  per-session container inspect and the ``cleanup_session`` round trip were most of a pooled
+  test's setup and teardown (cProfile over benchmarks/bench_suite.py's suite; issue 10);
 * a client from :meth:`WorkerPool.client` whose connection fails asks the engine whether the worker
   died: if so the caller gets :class:`~provisioner.errors.WorkerLostError` saying how (exit code,
   signal, OOM-killed — from the container's state) and the worker is replaced at once;
@@ -25,20 +34,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
-from provisioner.runtime.deployment import Deployment, WorkerInfo, death_reason
+from provisioner.runtime.deployment import WorkerInfo, death_reason
 from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
+# Idle connections kept per worker generation (a process runs one test at a time; threads of a
+# test that open sessions concurrently may need a few).
+IDLE_CONNECTIONS_PER_WORKER = 4
 # After a broken connection, how long the engine gets to report the worker's exit (seconds).
 CONNECTION_FAILURE_SETTLE_S = 1.5
 
@@ -71,8 +84,24 @@ class _Slot:
     failure: str | None = None
 
 
+class PoolEnvironment(Protocol):
+    """What a pool needs of its workers' environment: a started :class:`Deployment`, or
+    :class:`~provisioner.runtime.shared_pool.AttachedWorkers` (workers another process started)."""
+
+    workers: list[WorkerInfo]
+    runtime: Any
+    ready_timeout_s: float
+
+    def worker(self, slot: int) -> WorkerInfo: ...
+
+    def replace_worker(self, slot: int) -> WorkerInfo: ...
+
+    def stop(self) -> object: ...
+
+
 class WorkerPool:
-    """Session routing over a started :class:`Deployment`. Thread-safe.
+    """Session routing over a started :class:`Deployment` (or workers another process started,
+    :class:`~provisioner.runtime.shared_pool.AttachedWorkers`). Thread-safe.
 
     ``owns_environment``: :meth:`close` also stops the environment (the default for
     :meth:`WorkerPool.start`).
@@ -80,7 +109,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        environment: Deployment,
+        environment: PoolEnvironment,
         *,
         recycle_after_sessions: int = 200,
         recycle_after_s: float = 3600.0,
@@ -103,8 +132,21 @@ class WorkerPool:
         self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
         self._replacers: list[threading.Thread] = []
+        # Idle connections per (slot, generation), and the one reserved for a session being opened.
+        self._idle: dict[tuple[int, int], list[PooledBridgeClient]] = {}
+        self._reserved: dict[str, PooledBridgeClient] = {}
+        self._closed = False
+        self.connections_reused = 0
+        # Sessions of ended leases still to be cleaned up on their workers, by the closer thread.
+        self._cleanups: queue.SimpleQueue[tuple[str, Any] | None] | None = None
+        self._closer_thread: threading.Thread | None = None
+        self._pending_cleanups = 0
+        self.engine_checks = 0  # container-state look-ups made by open_session (tests, benchmarks)
         # What the pool did on its own (replaced a dead worker, skipped a lost session's cleanup).
         self.notes: list[str] = []
+        # Called with the environment's workers after each replacement (runtime.shared_pool
+        # rewrites the run's pool.json with it, so the run's other processes find the new worker).
+        self.on_replaced: Callable[[list[WorkerInfo]], None] | None = None
 
     @classmethod
     def start(cls, settings: Any = None, *, layer: str | None = None, **up_kwargs: Any) -> WorkerPool:
@@ -146,7 +188,8 @@ class WorkerPool:
                         break
                     self._cond.wait(timeout=1.0)
                 fresh = [s for s in candidates if not s.draining] or candidates
-                slot = min(fresh, key=lambda s: (len(s.active), s.served, s.info.slot))
+                # A worker whose replacement failed is dead: the others first.
+                slot = min(fresh, key=lambda s: (s.failure is not None, len(s.active), s.served, s.info.slot))
                 slot.active.add(session_id)
                 slot.served += 1
                 pinned = PooledSession(
@@ -159,11 +202,23 @@ class WorkerPool:
                 )
                 self._sessions[session_id] = pinned
                 self._lost.pop(session_id, None)
-            alive, state = self._state(slot.info)
+                idle = self._idle.get((slot.info.slot, slot.info.generation))
+                reuse = idle.pop() if idle else None
+            state: ContainerState | None = None
+            if reuse is not None and reuse.idle_and_open():
+                alive = True  # the relay would have closed it had the worker's end gone
+            else:
+                if reuse is not None:
+                    reuse.close()
+                    reuse = None
+                self.engine_checks += 1
+                alive, state = self._state(slot.info)
             if alive:
                 with self._cond:
                     if self._due(slot):
                         slot.draining = True
+                    if reuse is not None:
+                        self._reserved[session_id] = reuse
                 return pinned
             # Dead: take the session back, replace the worker in the background, choose again.
             with self._cond:
@@ -235,8 +290,117 @@ class WorkerPool:
         engine) chained to the connection error, and the worker is replaced in the background.
         """
         pinned = self.session(session_id)
+        with self._cond:
+            reused = self._reserved.pop(session_id, None)
+        if reused is not None and reused.options == client_kwargs:
+            reused.pooled_session = session_id
+            self.connections_reused += 1
+            return reused.session(session_id)
+        if reused is not None:
+            reused.close()
         client = PooledBridgeClient(self, session_id, pinned.host, pinned.port, **client_kwargs)
         return client.session(session_id)
+
+    def lease(self, session_id: str, **client_kwargs: Any) -> tuple[Any, Callable[[], None]]:
+        """(session client, cleanup) for a new session pinned to a live worker: what one test takes.
+
+        The cleanup hands the session to the pool's closer thread and returns: that thread runs
+        ``cleanup_session`` on the worker and gives the connection back to the pool (the next
+        session on the same worker generation reuses it). The test does not wait for the worker's
+        round trip — under load the larger part of a pooled test's teardown — and nothing can
+        observe the difference: session ids are never reused, and the session stays counted on its
+        worker until it is cleaned up. A failed cleanup is a note (logged as a warning on
+        ``provisioner.pool`` and kept in :attr:`notes`), as is the no-op cleanup of a session whose
+        worker died (its programs went with the worker, which the pool replaces).
+        :meth:`wait_cleanups` waits for the thread; :meth:`close` drains it. After :meth:`close` the
+        cleanup runs in the caller.
+
+        Raises:
+            ValueError: ``session_id`` is already open.
+            WorkerLostError: no live worker (see :meth:`open_session`).
+        """
+        self.open_session(session_id)
+        try:
+            session = self.client(session_id, **client_kwargs)
+        except BaseException:
+            self.close_session(session_id)
+            raise
+
+        def cleanup() -> None:
+            with self._cond:
+                background = not self._closed
+                if background:
+                    self._pending_cleanups += 1
+            if background:
+                self._closer().put((session_id, session))
+            else:
+                self._end_session(session_id, session)
+
+        return session, cleanup
+
+    def _end_session(self, session_id: str, session: Any) -> None:
+        """``cleanup_session`` on the worker (skipped with a note for a lost session), then the
+        connection goes back to the pool and the session is forgotten."""
+        try:
+            lost = self.is_lost(session_id)
+            if lost is None:
+                try:
+                    session.close()  # cleanup_session on the worker
+                except WorkerLostError as exc:
+                    lost = str(exc)
+            if lost is not None:
+                self.note(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}")
+        except Exception as exc:  # the closer thread has no caller to raise to
+            self.note(f"cleanup of session {session_id!r} failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._give_back(session_id, session.bridge)
+            self.close_session(session_id)
+
+    def _closer(self) -> queue.SimpleQueue[tuple[str, Any] | None]:
+        """The queue of the thread that ends leased sessions (started on first use)."""
+        with self._cond:
+            if self._cleanups is None:
+                self._cleanups = queue.SimpleQueue()
+                thread = threading.Thread(target=self._close_loop, args=(self._cleanups,),
+                                          name="provision-pool-closer", daemon=True)
+                self._closer_thread = thread
+                thread.start()
+            return self._cleanups
+
+    def _close_loop(self, items: queue.SimpleQueue[tuple[str, Any] | None]) -> None:
+        while (item := items.get()) is not None:
+            try:
+                self._end_session(*item)
+            finally:
+                with self._cond:
+                    self._pending_cleanups -= 1
+                    self._cond.notify_all()
+
+    def wait_cleanups(self, timeout_s: float | None = None) -> bool:
+        """Wait until every leased session that ended has been cleaned up on its worker; False if
+        some are still pending after ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending_cleanups == 0, timeout=timeout_s)
+
+    def _give_back(self, session_id: str, client: PooledBridgeClient) -> None:
+        """Keep the session's connection for the next session on the same worker generation, when
+        the session was not lost and the connection is open; else close it."""
+        with self._cond:
+            pinned = self._sessions.get(session_id)
+            keep = (
+                not self._closed
+                and pinned is not None
+                and self._slots[pinned.slot].info.generation == pinned.generation
+                and client.idle_and_open()
+            )
+            if keep:
+                assert pinned is not None
+                idle = self._idle.setdefault((pinned.slot, pinned.generation), [])
+                keep = len(idle) < IDLE_CONNECTIONS_PER_WORKER
+                if keep:
+                    idle.append(client)
+        if not keep:
+            client.close()
 
     def connection_failed(self, session_id: str) -> str | None:
         """A request of ``session_id`` failed on its connection: if its worker died, retire it
@@ -322,6 +486,8 @@ class WorkerPool:
                 "replaced": self.replaced,
                 "recycled": self.recycled,
                 "replacing": sum(1 for s in self._slots.values() if s.replacing),
+                "connections_reused": self.connections_reused,
+                "engine_checks": self.engine_checks,
                 "notes": list(self.notes),
             }
 
@@ -334,13 +500,26 @@ class WorkerPool:
 
     def close(self) -> CleanupReport | None:
         """Stop the monitor, wait for replacements in flight (so nothing starts after the run's
-        cleanup), and stop the environment if the pool owns it."""
+        cleanup), close the idle connections, and stop the environment if the pool owns it."""
         self._stop_monitor.set()
+        with self._cond:
+            self._closed = True  # from now on a lease's cleanup runs in the caller
+            closer, self._cleanups = self._cleanups, None
+        if closer is not None and self._closer_thread is not None:
+            closer.put(None)  # after every queued session
+            self._closer_thread.join(self.environment.ready_timeout_s + 30)
+        with self._cond:
+            idle = [c for clients in self._idle.values() for c in clients] + list(self._reserved.values())
+            self._idle.clear()
+            self._reserved.clear()
+        for client in idle:
+            client.close()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         self.wait_replacements(self.environment.ready_timeout_s + 30)
         if self.owns_environment:
-            return self.environment.stop()
+            report = self.environment.stop()
+            return report if isinstance(report, CleanupReport) else None
         return None
 
     def __enter__(self) -> WorkerPool:
@@ -433,8 +612,16 @@ class WorkerPool:
                 self._cond.notify_all()
             raise
         with self._cond:
+            stale = [c for key in [k for k in self._idle if k[0] == slot_no] for c in self._idle.pop(key)]
             self._slots[slot_no] = _Slot(new, self.clock())
             self._cond.notify_all()
+        for client in stale:
+            client.close()
+        if self.on_replaced is not None:
+            try:
+                self.on_replaced(list(self.environment.workers))
+            except Exception as exc:  # the replacement itself worked; the others may not see it
+                self.note(f"could not record the replacement of slot {slot_no}: {exc}")
 
     @staticmethod
     def _lost_message(session_id: str, pinned: PooledSession, how: str) -> str:
@@ -452,6 +639,14 @@ class PooledBridgeClient(BridgeClient):
         super().__init__(host, port, **kwargs)
         self.pool = pool
         self.pooled_session = session_id
+        self.options = dict(kwargs)  # what it was made with: reused only for the same options
+
+    def idle_and_open(self) -> bool:
+        """Connected, and the peer has not closed the connection (nothing to read between requests:
+        an end-of-file, a reset or an error frame would be readable). One ``select`` without waiting."""
+        with self._lock:
+            sock = self._sock
+            return sock is not None and not self._closed and not self._peer_closed(sock)
 
     def call(
         self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,3 +234,137 @@ def test_a_broken_connection_tells_whether_the_worker_died(
 )
 def test_death_reason_comes_from_the_container_state(state: ContainerState | None, reason: str) -> None:
     assert death_reason(state) == reason
+
+
+# -- leases over real bridge servers (in this process): connection reuse, liveness, cleanup ---------
+
+
+class _Engine:
+    """Container states of the stub workers; counts the look-ups (an engine call each)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, ContainerState | None] = {}
+        self.lookups = 0
+
+    def container_state(self, container_id: str) -> ContainerState | None:
+        self.lookups += 1
+        return self.states.get(container_id, ContainerState("running"))
+
+
+class _Servers:
+    """``count`` in-process bridge servers standing in for a started run's workers."""
+
+    def __init__(self, count: int) -> None:
+        from provisioner.bridge.server import BridgeServer
+        from provisioner.bridge.service import BridgeService
+        from provisioner.lmconfig import LMConfig
+        from provisioner.runtime.deployment import WorkerInfo
+
+        self.servers = [BridgeServer(BridgeService(LMConfig()), pids=None) for _ in range(count)]
+        self.runtime = _Engine()
+        self.workers = [WorkerInfo(n, f"w{n}", f"c{n}", "127.0.0.1", s.listen("127.0.0.1", 0))
+                        for n, s in enumerate(self.servers)]
+        self.ready_timeout_s = 5.0
+        self.replaced: list[int] = []
+
+    def replace_worker(self, slot: int) -> Any:
+        self.replaced.append(slot)
+        raise RuntimeError("no replacements in this test")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close(timeout=10)
+
+
+@pytest.fixture
+def servers() -> Iterator[_Servers]:
+    made: list[_Servers] = []
+
+    def make(count: int) -> _Servers:
+        made.append(_Servers(count))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for s in made:
+        s.close()
+
+
+def _programs(pool: WorkerPool, slot: int, session_id: str) -> int:
+    from provisioner.bridge.client import BridgeClient
+
+    info = pool.environment.worker(slot) if hasattr(pool.environment, "worker") else None
+    address = info or next(w for w in pool.environment.workers if w.slot == slot)
+    with BridgeClient(address.host, address.port) as client:
+        return int(client.session(session_id).list_programs()["total_count"])
+
+
+def test_leases_reuse_one_connection_and_ask_the_engine_only_for_the_first(servers: Any) -> None:
+    """Per-test cost (issue 10): a lease on a worker whose idle connection is open needs no engine
+    call and no new connection; the session is cleaned up on the worker after the lease ends."""
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        for n in range(5):
+            session, cleanup = pool.lease(f"t{n}", request_timeout=10)
+            session.create_program("question -> answer", "qa")
+            assert session.execute_program("qa", {"question": "?"})["outputs"]["answer"]
+            cleanup()
+            assert pool.wait_cleanups(10)  # else the next lease may find the connection still busy
+        stats = pool.stats()
+        assert stub.runtime.lookups == 1 and stats["engine_checks"] == 1
+        assert stats["connections_reused"] == 4 and stats["open_sessions"] == 0
+        assert [_programs(pool, 0, f"t{n}") for n in range(5)] == [0] * 5  # cleanup_session ran
+    finally:
+        pool.close()
+
+
+def test_a_worker_whose_connection_closed_is_checked_and_routed_around(servers: Any) -> None:
+    """The relay closes a connection when its worker's end goes: the idle connection tells, the
+    engine says how the worker ended, and the session goes to the other worker."""
+    stub = servers(2)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        for n in range(2):  # one idle connection per worker
+            _session, cleanup = pool.lease(f"warm{n}")
+            cleanup()
+        assert pool.wait_cleanups(10)
+        lookups = stub.runtime.lookups
+        stub.servers[0].close(timeout=10)  # worker 0 dies: its connections close
+        stub.runtime.states["c0"] = ContainerState("exited", 137)
+        _session, cleanup = pool.lease("after")
+        assert pool.session("after").slot == 1
+        assert stub.runtime.lookups > lookups  # the closed connection made it ask
+        cleanup()
+        assert pool.wait_cleanups(10)
+        assert pool.wait_replacements(10) and stub.replaced == [0]
+        assert any("exited with code 137 (SIGKILL)" in note for note in pool.notes), pool.notes
+    finally:
+        pool.close()
+
+
+def test_a_failed_cleanup_is_a_note_and_the_connection_is_not_reused(servers: Any) -> None:
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        session, cleanup = pool.lease("doomed")
+        session.bridge.close()  # the client can no longer send cleanup_session
+        cleanup()
+        assert pool.wait_cleanups(10)
+        assert any("cleanup of session 'doomed' failed" in note for note in pool.notes), pool.notes
+        assert pool.stats()["open_sessions"] == 0
+        _s, cleanup = pool.lease("next")
+        cleanup()
+        assert pool.stats()["connections_reused"] == 0
+    finally:
+        pool.close()
+
+
+def test_after_close_a_lease_cleanup_runs_in_the_caller(servers: Any) -> None:
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    session, cleanup = pool.lease("late")
+    session.create_program("question -> answer", "qa")
+    pool.close()
+    cleanup()  # the closer thread is gone: runs here, and closes the connection
+    assert _programs(pool, 0, "late") == 0
+    assert pool.stats()["open_sessions"] == 0
