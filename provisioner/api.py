@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from provisioner.lm.mock import TestRules
     from provisioner.runtime.engine import ContainerRuntime
     from provisioner.runtime.pool import WorkerPool
+    from provisioner.runtime.state import RunState
 
 
 class Environment:
@@ -65,6 +66,9 @@ class Environment:
         self.prepared_image: str | None = None
         # Why the controller could not prepare the image (xdist workers report it, never rebuild).
         self.image_problem: str | None = None
+        # The `provision up` run whose workers this environment uses instead of starting its own
+        # (runtime.shared_pool.find_up_run; the pytest plugin decides). Never removed from here.
+        self.up_run: RunState | None = None
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -289,7 +293,11 @@ class Environment:
                 failures += [("containers", problem) for problem in self._containers.close()]
                 self.report.workers_started = self._containers.workers_started
                 self.report.retained = list(self._containers.retained)
-            if self.identity.controller:
+            if self.identity.controller and self.up_run is None:
+                from provisioner.runtime.shared_pool import finish_shared_pool
+
+                # Every process of the run is done: the run's shared pool goes (runtime/shared_pool.py).
+                failures += [f"shared pool: {p}" for p in finish_shared_pool(self.run_dir, self.run_id)]
                 finish_run(self.run_dir)
             self.report.lm = self.lm_usage()
         if failures:

@@ -184,6 +184,7 @@ def up(
             for w in env.workers
         ],
         lm_run_dir=str(lm_run_dir) if lm_run_dir else None,
+        record_mode=lm.record_mode if lm.mode == "cached" else None,
     )
     # Only a persistent environment becomes the "current" one that shells source: a test session's
     # or `provision run`'s private run must not replace what `provision up` left for the user.

@@ -114,6 +114,9 @@ class RunState:
     workers: list[WorkerEntry]
     lm_run_dir: str | None = None
     status: str = "up"
+    # The cassette record mode of a cached run (None: mock or real, or written by an older version):
+    # a pytest session attaches to the run only with the same one (runtime/shared_pool.py).
+    record_mode: str | None = None
 
     @property
     def addresses(self) -> list[str]:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from provisioner.runtime.pool import WorkerPool
     from provisioner.runtime.recipes import RunPlan
     from provisioner.runtime.resources import ResourceManager
+    from provisioner.runtime.shared_pool import SharedPool
+    from provisioner.runtime.state import RunState
     from provisioner.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -68,6 +70,8 @@ class RunContext(Protocol):
     # The worker image tag the run's controller prepared, and why it could not (xdist workers).
     prepared_image: str | None
     image_problem: str | None
+    # The `provision up` run whose workers serve as the pool (runtime/shared_pool.py), or None.
+    up_run: RunState | None
 
 
 def process_instance() -> str:
@@ -155,6 +159,7 @@ class ProcessContainers:
         self._resources: ResourceManager | None = None
         self._watchdog_started = False
         self._pool: WorkerPool | None = None
+        self._shared: SharedPool | None = None
         self._pool_env: Deployment | None = None
         self._dedicated = itertools.count(1)
         self.workers_started = 0
@@ -245,7 +250,7 @@ class ProcessContainers:
             )
             self._watchdog_started = True
 
-    def _plan(self, workers: int, name_instance: str) -> RunPlan:
+    def _plan(self, workers: int, name_instance: str, *, label_instance: str | None = None) -> RunPlan:
         from provisioner.runtime.recipes import plan_run, prepare_shared_dir
 
         lm = self.env.lm_config
@@ -259,7 +264,7 @@ class ProcessContainers:
 
         plan = plan_run(
             self.env.settings, self.env.layer, lm, run_id=self.env.run_id, image=self.image,
-            workers=workers, session=self.instance, run_dir=lm_run_dir,
+            workers=workers, session=label_instance or self.instance, run_dir=lm_run_dir,
             project=project_id(self.env.settings.project_dir),
         )
         return namespaced(plan, name_instance)
@@ -297,67 +302,84 @@ class ProcessContainers:
             return self._pool
 
     def _start_pool(self) -> WorkerPool:
+        """The run's one pool (:mod:`provisioner.runtime.shared_pool`): the ``provision up`` run this
+        session attaches to, else the pool another process of the run deployed, else a new one."""
         with self._lock:
             if self._pool is None:
                 self._require_container_layer("the worker pool")
-                from provisioner.runtime.deployment import Deployment
-                from provisioner.runtime.pool import WorkerPool
+                from provisioner.runtime import shared_pool
 
-                self._ensure_watchdog()
-                layer = self.env.layer
-                count = layer.workers if layer.pooling_enabled else 1
-                plan = self._plan(count, self.instance)
-                run_env = Deployment(
-                    plan, self.runtime, resources=self.resources,
-                    ready_timeout_s=self.env.settings.container.ready_timeout_s,
-                )
-                run_env.start()
-                self.workers_started += len(run_env.workers)
+                self.resources  # noqa: B018 - the per-test leak checks watch this process's containers
                 container = self.env.settings.container
-                self._pool_env = run_env
-                self._pool = WorkerPool(
-                    run_env,
-                    # A fork-mode worker's sessions live in their own processes: nothing piles up in it.
-                    recycle_after_sessions=(container.recycle_after_sessions if layer.isolation != "process"
-                                            else _NEVER),
-                    recycle_after_s=container.recycle_after_s,
-                    owns_environment=False,  # close() removes this process's share (its resources) itself
+                state = self.env.up_run
+                if state is not None:
+                    attached = shared_pool.attach_up_run(state, self.runtime,
+                                                         ready_timeout_s=container.ready_timeout_s)
+                    if isinstance(attached, str):
+                        import warnings
+
+                        warnings.warn(f"provisioner: not attaching ({attached}); starting this run's own "
+                                      "workers", stacklevel=1)
+                        self.env.up_run = None
+                    else:
+                        self._pool = self._make_pool(attached, False)
+                        self._shared = shared_pool.SharedPool(self._pool, False, attached)
+                        return self._pool
+                self._ensure_watchdog()
+                self._shared = shared_pool.obtain_pool(
+                    self.env.run_dir, self.env.run_id, runtime=self.runtime, deploy=self._deploy_pool,
+                    make_pool=self._make_pool, ready_timeout_s=container.ready_timeout_s,
                 )
-                # Heals between tests too: a worker killed while no session used it is replaced
-                # before anyone asks (one container-state look per worker and interval, no ping).
-                self._pool.start_monitor(POOL_MONITOR_INTERVAL_S)
+                self._pool = self._shared.pool
             return self._pool
 
+    def _deploy_pool(self) -> Deployment:
+        """Start the run's shared pool: ``layer.workers`` for pooled layers, else one worker,
+        labelled as the run's pool (not this process's: its leak checks never see them)."""
+        from provisioner.runtime import labels as L
+        from provisioner.runtime.deployment import Deployment
+        from provisioner.runtime.resources import ResourceManager
+        from provisioner.runtime.shared_pool import POOL_INSTANCE
+
+        layer = self.env.layer
+        count = layer.workers if layer.pooling_enabled else 1
+        plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", label_instance=POOL_INSTANCE)
+        selector = {**L.selector(self.env.run_id), L.SESSION: POOL_INSTANCE}
+        run_env = Deployment(
+            plan, self.runtime, resources=ResourceManager(self.runtime, selector=selector),
+            ready_timeout_s=self.env.settings.container.ready_timeout_s,
+        )
+        run_env.start()
+        self.workers_started += len(run_env.workers)
+        self._pool_env = run_env
+        return run_env
+
+    def _make_pool(self, environment: Any, deployed: bool) -> WorkerPool:
+        from provisioner.runtime.pool import WorkerPool
+
+        container = self.env.settings.container
+        pool = WorkerPool(
+            environment,
+            # A fork-mode worker's sessions live in their own processes: nothing piles up in it.
+            recycle_after_sessions=(container.recycle_after_sessions if self.env.layer.isolation != "process"
+                                    else _NEVER),
+            recycle_after_s=container.recycle_after_s,
+            owns_environment=False,  # the run's controller removes the shared pool (shared_pool.py)
+        )
+        if deployed:
+            # Heals between tests too: a worker killed while no session used it is replaced
+            # before anyone asks (one container-state look per worker and interval, no ping).
+            pool.start_monitor(POOL_MONITOR_INTERVAL_S)
+        return pool
+
     def open_session(self, session_id: str) -> tuple[Any, Any]:
-        """(session client, cleanup) for a new session pinned to a live pool worker.
-
-        The cleanup of a session whose worker died (killed, OOM) is a no-op with a note (logged as
-        a warning on ``provisioner.pool`` and kept in ``pool.notes``): its programs went with the
-        worker, which the pool replaces.
-        """
-        from provisioner.errors import WorkerLostError
-
+        """(session client, cleanup) for a new session pinned to a live pool worker
+        (:meth:`WorkerPool.lease`: the cleanup of a session whose worker died is a no-op with a note)."""
         pool = self.pool
-        pool.open_session(session_id)
         if self.env.layer.isolation == "process":
+            pool.open_session(session_id)
             return self._open_process_session(pool, session_id)
-        client = pool.client(session_id, request_timeout=self.env.settings.process_timeout)
-
-        def cleanup() -> None:
-            try:
-                lost = pool.is_lost(session_id)
-                if lost is None:
-                    try:
-                        client.close()  # cleanup_session on the worker
-                    except WorkerLostError as exc:
-                        lost = str(exc)
-                if lost is not None:
-                    pool.note(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}")
-            finally:
-                client.bridge.close()
-                pool.close_session(session_id)
-
-        return client, cleanup
+        return pool.lease(session_id, request_timeout=self.env.settings.process_timeout)
 
     def _open_process_session(self, pool: WorkerPool, session_id: str) -> tuple[Any, Any]:
         """Isolation ``process``: the session's connection is its own process, forked by the pinned
@@ -509,9 +531,11 @@ class ProcessContainers:
         problems: list[str] = []
         with self._lock:
             if self._pool is not None:
-                self.workers_started += self._pool.replaced + self._pool.recycled
+                if self._shared is not None and self._shared.deployed:
+                    self.workers_started += self._pool.replaced + self._pool.recycled
                 with contextlib.suppress(Exception):
                     self._pool.close()
+
             if self._resources is not None:
                 report = self._resources.cleanup_all()
                 problems += [f"{r.kind} {r.name}: {exc}" for r, exc in report.errors]

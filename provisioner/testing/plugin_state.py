@@ -8,6 +8,7 @@ Environment`, and assembles the run report. The hooks in :mod:`provisioner.pytes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,15 @@ from provisioner.layers import Layer, resolve_layers
 from provisioner.lm.callstats import LMUsage
 from provisioner.lm.ledger import combine, ledger_usage
 from provisioner.lmconfig import LMMode, RecordMode
-from provisioner.run import LeakRecord, ProcessReport, RunIdentity, RunOptions, resolve_run, state_dir
+from provisioner.run import (
+    LeakRecord,
+    ProcessReport,
+    ResolvedRun,
+    RunIdentity,
+    RunOptions,
+    resolve_run,
+    state_dir,
+)
 from provisioner.runtime.workers import check_leaks, snapshot
 from provisioner.testing import docker_check
 from provisioner.testing.completeness import Completeness
@@ -27,6 +36,7 @@ from provisioner.testing.selection import layer_marks, marker_description, split
 
 if TYPE_CHECKING:
     from provisioner.runtime.engine import ContainerRuntime
+    from provisioner.runtime.shared_pool import UpRunMatch
 
 Item = TypeVar("Item")
 
@@ -37,6 +47,7 @@ _WORKERINPUT_RUN_DIR = "provision_run_dir"
 _WORKERINPUT_IMAGE = "provision_image"
 _WORKERINPUT_IMAGE_ERROR = "provision_image_error"
 _WORKERINPUT_CONTROLLER = "provision_controller"
+_WORKERINPUT_UP_RUN = "provision_up_run"
 # Fixtures whose tests need this process's warm pool (isolated sessions live on pool workers).
 POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
@@ -101,18 +112,29 @@ class ProvisionRun:
         options: RunOptions,
         project_dir: Path,
         identity: RunIdentity,
+        up_run: str | None = None,
         *,
         runtime: ContainerRuntime | None = None,
     ) -> None:
-        """``runtime``: the container runtime of the run's containers (default: the engine
-        :func:`~provisioner.runtime.engine.open_runtime` finds); see :func:`provisioner.open_environment`."""
+        """``up_run``: the ``provision up`` run to consider attaching to (an xdist worker gets its
+        controller's choice; "": none); default ``PROVISION_RUN_ID`` (``provision run``), else the
+        project's current run. ``runtime``: the container runtime of the run's containers (default:
+        the engine :func:`~provisioner.runtime.engine.open_runtime` finds); see
+        :func:`provisioner.open_environment`."""
         from provisioner.api import Environment
 
         self.options = options
         self.identity = identity
         resolved = resolve_run(options, project_dir, run_id=identity.run_id, run_dir=identity.run_dir)
         self.project_dir = resolved.project_dir  # the project root, as every CLI command finds it
+        self.up_match = self._find_up_run(resolved, up_run)
+        if self.up_match.state is not None and self.up_match.state.lm_run_dir:
+            # The up run's workers enforce its budget and write its ledger: in-process LM calls share
+            # them, and a test's LM cost finds its sessions' calls there.
+            lm = resolved.lm_config.model_copy(update={"run_dir": Path(self.up_match.state.lm_run_dir)})
+            resolved = dataclasses.replace(resolved, lm_config=lm)
         self.environment = Environment(resolved, identity, runtime=runtime)
+        self.environment.up_run = self.up_match.state
         self.layer: Layer = resolved.layer
         self.layer_names: list[str] = list(resolve_layers(resolved.settings))
         self.report_path = options.report_path
@@ -154,13 +176,15 @@ class ProvisionRun:
         options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path,
                              require_key=require_key)
         project = project_dir.absolute()
+        up_run = None
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
             identity = RunIdentity.joined(workerinput[_WORKERINPUT_RUN_ID], workerinput[_WORKERINPUT_RUN_DIR],
                                           workerinput.get(_WORKERINPUT_CONTROLLER))
+            up_run = workerinput.get(_WORKERINPUT_UP_RUN, "")
         else:
             resolved = resolve_run(options, project)
             identity = RunIdentity.create(state_dir(resolved.settings, resolved.project_dir))
-        run = cls(options, project, identity)
+        run = cls(options, project, identity, up_run)
         if workerinput is not None:
             run.environment.prepared_image = workerinput.get(_WORKERINPUT_IMAGE)
             run.environment.image_problem = workerinput.get(_WORKERINPUT_IMAGE_ERROR)
@@ -173,8 +197,28 @@ class ProvisionRun:
         return [marker_description(layer) for layer in layers.values()]
 
     def header_lines(self) -> list[str]:
-        """The pytest header: the layer and what answers its LM calls."""
-        return [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
+        """The pytest header: the layer and what answers its LM calls; whether the session uses a
+        running ``provision up`` environment, or why not when there is one."""
+        lines = [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
+        state = self.up_match.state
+        if state is not None:
+            lines.append(f"provisioner: attached to run {state.run_id} (`provision up`, {len(state.workers)} "
+                         "worker(s)); this session leaves it running")
+        elif self.up_match.reason:
+            lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
+        return lines
+
+    def _find_up_run(self, resolved: ResolvedRun, up_run: str | None) -> UpRunMatch:
+        """The ``provision up`` run this session attaches to, or why not (container layers only)."""
+        import os
+
+        from provisioner.run import RUN_ID_ENV
+        from provisioner.runtime.shared_pool import UpRunMatch, find_up_run
+
+        if not resolved.layer.needs_docker or up_run == "":
+            return UpRunMatch(None)
+        return find_up_run(resolved.settings, resolved.layer.name, resolved.lm_config,
+                           run_id=up_run or os.environ.get(RUN_ID_ENV))
 
     def workerinput(self) -> dict[str, str]:
         from provisioner.runtime.watchdog import process_entry
@@ -185,6 +229,8 @@ class ProvisionRun:
             out[_WORKERINPUT_IMAGE] = self.environment.prepared_image
         if self.environment.image_problem is not None:
             out[_WORKERINPUT_IMAGE_ERROR] = self.environment.image_problem
+        state = self.up_match.state
+        out[_WORKERINPUT_UP_RUN] = state.run_id if state is not None else ""  # "": do not attach
         return out
 
     # -- start-up: outside every test, so per-test timeouts never include it -----------------------
@@ -199,6 +245,8 @@ class ProvisionRun:
         if not self.layer.needs_docker or self._engine_problem() is not None:
             return
         self._used = True
+        if self.up_match.attached:
+            return  # the `provision up` run's workers are up already (dedicated workers build on demand)
         containers_ = self.environment.containers
         try:
             with phases.phase("worker image") as update:
@@ -228,6 +276,9 @@ class ProvisionRun:
         layer = self.layer
         count = layer.workers if layer.pooling_enabled else 1
         title = f"warm pool: {count} worker{'s' if count != 1 else ''} of layer {layer.name}"
+        up = self.up_match.state
+        if up is not None:
+            title = f"attach to run {up.run_id}'s {len(up.workers)} worker(s)"
         with contextlib.suppress(ProvisionerError), phases.phase(title):
             self.environment.containers.pool  # noqa: B018 - starts it
 
@@ -372,6 +423,8 @@ class ProvisionRun:
 
         lm = self.environment.lm_config
         run_dir = lm.run_dir
+        if self.up_match.attached:
+            return  # the ledger belongs to the `provision up` run: `provision down` ends it
         if run_dir is None or (lm.mode != "cached" and not (run_dir / LEDGER_FILE).exists()):
             return
         ledger = Ledger(run_dir, run_id=self.identity.run_id, layer=self.layer.name)

@@ -1,0 +1,323 @@
+"""One pool per run: every process of a run (pytest's xdist workers, ``environment()`` blocks of one
+``provision run``) uses the same warm workers, and a pytest session attaches to a running
+``provision up`` environment instead of starting its own.
+
+Before, each xdist process started a pool of its own (``-n 2`` on the e2e layer: four workers and
+two warm-ups, slower than ``-n 1``), and ``pytest`` after ``provision up`` started a second set of
+containers. Now:
+
+* **deploy once, under a lock.** The first process that needs the pool takes ``pool.lock`` in the
+  run's folder (:class:`filelock.FileLock`: ``flock``, released by the kernel when its holder
+  dies, so a killed process never wedges the others), deploys the workers and writes ``pool.json``
+  (slots, container ids, ``127.0.0.1`` ports, generations — no secrets). Every other process waits
+  for the lock, reads ``pool.json`` and attaches: one warm-up, sessions spread over the same
+  workers. A process killed mid-deploy leaves no ``pool.json``: the next one deploys (its names
+  carry its own instance, so the killed one's leftovers never clash; they carry the pool's label
+  and go with the run);
+* **the pool's containers carry** ``provisioner.session=pool`` (:data:`POOL_INSTANCE`), not a
+  process instance: no process's per-test leak check sees them, and one label removes them;
+* **who removes it**: the run's controller (the pytest process without xdist, or xdist's controller,
+  which outlives its workers) at the end of the session (:func:`remove_shared_pool`), and the
+  run's watchdog when every owner died. The process that deployed replaces dead workers while it
+  runs and rewrites ``pool.json``; the others wait for that (:class:`AttachedWorkers`);
+* **attaching to ``provision up``** (:func:`find_up_run`): the project's current run (its
+  ``<state_dir>/current`` and state file, or ``PROVISION_RUN_ID`` under ``provision run``) is used
+  when its layer, LM mode and record mode are the session's and its workers run; otherwise the
+  session starts its own run and :class:`UpRunMatch` says why. An attached run is never removed
+  by the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from provisioner.errors import WorkerLostError
+from provisioner.runtime import labels as L
+
+if TYPE_CHECKING:
+    from provisioner.lmconfig import LMConfig
+    from provisioner.runtime.deployment import Deployment, WorkerInfo
+    from provisioner.runtime.engine import ContainerRuntime
+    from provisioner.runtime.pool import WorkerPool
+    from provisioner.runtime.state import RunState
+    from provisioner.settings import Settings
+
+POOL_FILE = "pool.json"
+POOL_LOCK = "pool.lock"
+# Written before a process deploys the pool: the controller's end sweeps the pool's label then.
+POOL_STARTED = "pool.started"
+# The provisioner.session label of a shared pool's containers (a process instance otherwise).
+POOL_INSTANCE = "pool"
+# How often an attached process looks at pool.json while it waits for a replacement (seconds).
+RECORD_POLL_S = 0.1
+
+
+@dataclass
+class PoolRecord:
+    """``pool.json``: the run's shared workers. ``source``: ``deployed`` (a process of this run
+    started them; ``owner`` is its ``<pid>-<start time>`` and it replaces dead workers) or ``up``
+    (a ``provision up`` run; nobody replaces them)."""
+
+    run_id: str
+    source: Literal["deployed", "up"]
+    owner: str
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    def infos(self) -> list[WorkerInfo]:
+        from provisioner.runtime.deployment import WorkerInfo
+
+        return [WorkerInfo(w["slot"], w["name"], w["container_id"], w["host"], int(w["port"]),
+                           int(w.get("generation", 0))) for w in self.workers]
+
+    @staticmethod
+    def entries(workers: list[WorkerInfo]) -> list[dict[str, Any]]:
+        return [{"slot": w.slot, "name": w.name, "container_id": w.container_id, "host": w.host,
+                 "port": w.port, "generation": w.generation} for w in workers]
+
+
+def read_record(run_dir: Path) -> PoolRecord | None:
+    """The run's ``pool.json`` (None: none, or torn/unreadable — then the pool is deployed anew)."""
+    try:
+        data = json.loads((run_dir / POOL_FILE).read_text())
+        return PoolRecord(run_id=data["run_id"], source=data["source"], owner=data["owner"],
+                          workers=list(data["workers"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_record(run_dir: Path, record: PoolRecord) -> None:
+    """Replace ``pool.json`` atomically (readers never see half a file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{POOL_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    os.replace(tmp, run_dir / POOL_FILE)
+
+
+class AttachedWorkers:
+    """What :class:`~provisioner.runtime.pool.WorkerPool` needs of an environment, over workers
+    another process started (``pool.json``, or a ``provision up`` run's state): their addresses and
+    the engine to look at their containers. It never removes them.
+
+    A dead worker's replacement is the deploying process's job: :meth:`replace_worker` waits (up to
+    ``ready_timeout_s``) until ``pool.json`` shows the slot's next generation. Workers of a
+    ``provision up`` run are not replaced by anyone: it raises at once, saying what to do.
+    """
+
+    def __init__(self, run_dir: Path | None, record: PoolRecord, runtime: ContainerRuntime,
+                 *, ready_timeout_s: float) -> None:
+        self.run_dir = run_dir
+        self.record = record
+        self.runtime = runtime
+        self.ready_timeout_s = ready_timeout_s
+        self.workers = record.infos()
+
+    def worker(self, slot: int) -> WorkerInfo:
+        for w in self.workers:
+            if w.slot == slot:
+                return w
+        raise KeyError(f"no worker in slot {slot}")
+
+    def replace_worker(self, slot: int) -> WorkerInfo:
+        """The slot's next worker, once the run's deploying process has started it.
+
+        Raises:
+            WorkerLostError: a ``provision up`` run's worker (nobody replaces it), the deploying
+                process is gone, or no replacement appeared within ``ready_timeout_s``.
+        """
+        old = self.worker(slot)
+        if self.record.source == "up" or self.run_dir is None:
+            raise WorkerLostError(
+                f"worker {old.name} of run {self.record.run_id} (started by `provision up`) is gone and "
+                "only its owner can replace it: run `provision status --repair`, or `provision down` "
+                "and `provision up` again"
+            )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            record = read_record(self.run_dir)
+            if record is not None:
+                for new in record.infos():
+                    if new.slot == slot and new.generation > old.generation:
+                        self.record = record
+                        self.workers = [new if w.slot == slot else w for w in self.workers]
+                        return new
+            if not _owner_alive(self.record.owner) or time.monotonic() >= deadline:
+                raise WorkerLostError(
+                    f"worker {old.name} of run {self.record.run_id} is gone and the process that "
+                    f"started the pool ({self.record.owner}) did not replace it"
+                )
+            time.sleep(RECORD_POLL_S)
+
+    def stop(self) -> None:
+        """Nothing: attached workers belong to whoever started them."""
+
+
+def _owner_alive(entry: str) -> bool:
+    from provisioner.runtime import watchdog as wd
+
+    pid_text, _, start_text = entry.partition("-")
+    try:
+        return wd._alive(int(pid_text), float(start_text or 0))
+    except ValueError:
+        return False
+
+
+@dataclass
+class SharedPool:
+    """This process's handle on the run's pool. ``deployed``: this process started the workers
+    (``environment`` is the live :class:`Deployment`); else it attached."""
+
+    pool: WorkerPool
+    deployed: bool
+    environment: Deployment | AttachedWorkers
+
+
+def obtain_pool(
+    run_dir: Path,
+    run_id: str,
+    *,
+    runtime: ContainerRuntime,
+    deploy: Callable[[], Deployment],
+    make_pool: Callable[[Any, bool], WorkerPool],
+    ready_timeout_s: float,
+) -> SharedPool:
+    """The run's pool: attach to the one another process of the run deployed, or deploy it.
+
+    ``deploy`` starts the workers (labelled ``provisioner.session=pool``); ``make_pool(environment,
+    deployed)`` wraps them in a :class:`WorkerPool`. Deploying happens under ``pool.lock``, so
+    concurrent processes deploy once; an attaching process waits for the lock meanwhile. A record
+    whose workers are gone (``pool.json`` of a removed pool) is deployed over.
+
+    Raises:
+        whatever ``deploy`` raises (the lock is released; the next process tries again).
+    """
+    from filelock import FileLock
+
+    from provisioner.runtime import watchdog as wd
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir / POOL_LOCK)):
+        record = read_record(run_dir)
+        if record is not None and record.run_id == run_id and _running(runtime, record):
+            attached = AttachedWorkers(run_dir, record, runtime, ready_timeout_s=ready_timeout_s)
+            return SharedPool(make_pool(attached, False), False, attached)
+        (run_dir / POOL_STARTED).touch()
+        environment = deploy()
+        owner = wd.process_entry()
+        write_record(run_dir, PoolRecord(run_id, "deployed", owner, PoolRecord.entries(environment.workers)))
+        pool = make_pool(environment, True)
+
+    def rewrite(workers: list[WorkerInfo]) -> None:
+        write_record(run_dir, PoolRecord(run_id, "deployed", owner, PoolRecord.entries(workers)))
+
+    pool.on_replaced = rewrite
+    return SharedPool(pool, True, environment)
+
+
+def _running(runtime: ContainerRuntime, record: PoolRecord) -> bool:
+    """Every worker of the record has a container that runs (one engine call per worker)."""
+    for w in record.workers:
+        try:
+            state = runtime.container_state(w["container_id"])
+        except Exception:
+            return False
+        if state is None or not state.running:
+            return False
+    return bool(record.workers)
+
+
+def remove_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime) -> list[str]:
+    """The run is over: remove its shared pool (every container and network labelled with the run
+    and :data:`POOL_INSTANCE`, whichever process made them) and ``pool.json``. Returns what failed."""
+    from provisioner.runtime.engine import remove_by_selector
+
+    for name in (POOL_FILE, POOL_STARTED):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+    try:
+        remove_by_selector(runtime, {**L.selector(run_id), L.SESSION: POOL_INSTANCE})
+    except Exception as exc:
+        return [f"shared pool of run {run_id}: {exc}"]
+    return []
+
+
+def finish_shared_pool(run_dir: Path, run_id: str) -> list[str]:
+    """The run's controller, at its end: remove the shared pool if a process of the run deployed
+    one (:data:`POOL_STARTED` exists). Nothing touches the engine otherwise. Returns what failed."""
+    if not (run_dir / POOL_STARTED).exists():
+        return []
+    from provisioner.runtime.engine import DockerRuntime
+
+    runtime = DockerRuntime()
+    try:
+        return remove_shared_pool(run_dir, run_id, runtime)
+    finally:
+        runtime.close()
+
+
+# --- attaching to `provision up` ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpRunMatch:
+    """Whether a ``provision up`` run serves this session: ``state`` when it does; else ``reason``
+    (empty when there is no such run at all, so nothing needs saying)."""
+
+    state: RunState | None
+    reason: str = ""
+
+    @property
+    def attached(self) -> bool:
+        return self.state is not None
+
+
+def find_up_run(settings: Settings, layer: str, lm: LMConfig, run_id: str | None = None) -> UpRunMatch:
+    """The running ``provision up`` environment this session should use, or why not.
+
+    ``run_id``: the run to look at (``PROVISION_RUN_ID`` under ``provision run``); default the
+    project's current one (``<state_dir>/current``, written by ``provision up``). It serves when its
+    layer, LM mode and (cached mode) record mode equal the session's. Reads files only: whether its
+    workers still run is checked when the pool is first needed (:func:`attach_up_run`).
+    """
+    from provisioner.runtime.state import StateUnreadableError, current_run_id, read_state
+
+    chosen = run_id or current_run_id(settings)
+    if chosen is None:
+        return UpRunMatch(None)
+    try:
+        state = read_state(settings, chosen)
+    except StateUnreadableError as exc:
+        return UpRunMatch(None, f"run {chosen}: {exc}")
+    if state is None:
+        return UpRunMatch(None)
+    wanted = {"layer": layer, "LM mode": lm.mode}
+    found = {"layer": state.layer, "LM mode": state.lm_mode}
+    if lm.mode == "cached":
+        wanted["record mode"] = lm.record_mode
+        found["record mode"] = state.record_mode or "unknown"
+    differs = [f"{key} {found[key]} (this session: {wanted[key]})"
+               for key in wanted if found[key] != wanted[key]]
+    if differs:
+        return UpRunMatch(None, f"`provision up` run {state.run_id} differs: {', '.join(differs)}")
+    return UpRunMatch(state)
+
+
+def attach_up_run(
+    state: RunState, runtime: ContainerRuntime, *, ready_timeout_s: float
+) -> AttachedWorkers | str:
+    """The ``provision up`` run's workers to attach to, or why not (a worker no longer runs)."""
+    workers = []
+    for w in state.workers:
+        host, _, port = str(w["address"]).rpartition(":")
+        workers.append({"slot": w["slot"], "name": w["name"], "container_id": w["container_id"],
+                        "host": host, "port": int(port), "generation": 0})
+    record = PoolRecord(state.run_id, "up", f"{state.owner_pid}-0", workers)
+    if not _running(runtime, record):
+        return f"`provision up` run {state.run_id} has a worker that no longer runs"
+    return AttachedWorkers(None, record, runtime, ready_timeout_s=ready_timeout_s)

@@ -1,0 +1,193 @@
+"""One pool per run (runtime/shared_pool.py) on the in-memory engine: deploy once under the run's
+lock, attach from every other process, survive a killed deployer, remove by label at the end; and
+which `provision up` run a session attaches to."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import WorkerLostError
+from provisioner.layers import get_layer
+from provisioner.runtime import labels as L
+from provisioner.runtime import shared_pool as sp
+from provisioner.runtime.deployment import Deployment
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.pool import WorkerPool
+from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.state import RunState, write_state
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE, FakeWorkers
+
+RUN = "shared1"
+
+
+def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: str, calls: list[str]):  # type: ignore[no-untyped-def]
+    rt, workers = fake
+
+    def deploy() -> Deployment:
+        calls.append(name)
+        plan = plan_run(settings, get_layer(settings, "e2e"), settings.lm_for("e2e", "mock"), run_id=RUN,
+                        image=FAKE_IMAGE, workers=2, session=sp.POOL_INSTANCE,
+                        run_dir=Path(settings.state_dir) / "lm")
+        return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+
+    return deploy
+
+
+def _make_pool(environment: object, deployed: bool) -> WorkerPool:
+    return WorkerPool(environment)  # type: ignore[arg-type]
+
+
+def test_the_first_process_deploys_and_the_others_attach(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    calls: list[str] = []
+    first = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    second = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls),
+                            make_pool=_make_pool, ready_timeout_s=5)
+    try:
+        assert calls == ["gw0"] and first.deployed and not second.deployed
+        addresses = [w.address for w in first.environment.workers]
+        assert [w.address for w in second.environment.workers] == addresses
+        record = json.loads((run_dir / sp.POOL_FILE).read_text())
+        assert record["source"] == "deployed" and len(record["workers"]) == 2
+        assert "token" not in json.dumps(record).lower()  # no secrets in the run's files
+        workers = [c for c in rt.containers.values() if c.recipe.role == "worker"]
+        assert len(workers) == 2 and all(c.recipe.labels[L.SESSION] == sp.POOL_INSTANCE for c in workers)
+    finally:
+        second.pool.close()
+        first.pool.close()
+    assert sp.remove_shared_pool(run_dir, RUN, rt) == []
+    assert rt.containers == {} and rt.networks == {}
+    assert not (run_dir / sp.POOL_FILE).exists()
+
+
+def test_concurrent_processes_deploy_once(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    calls: list[str] = []
+    got: list[sp.SharedPool] = []
+
+    def take(name: str) -> None:
+        got.append(sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, name, calls),
+                                  make_pool=_make_pool, ready_timeout_s=5))
+
+    threads = [threading.Thread(target=take, args=(f"gw{n}",)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert len(calls) == 1 and len(got) == 3 and sum(s.deployed for s in got) == 1
+        assert len([c for c in rt.containers.values() if c.recipe.role == "worker"]) == 2
+    finally:
+        for shared in got:
+            shared.pool.close()
+        sp.remove_shared_pool(run_dir, RUN, rt)
+
+
+def test_a_record_whose_workers_are_gone_is_deployed_over(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    """A deployer killed after writing pool.json, its containers removed (or a torn file): the next
+    process deploys instead of attaching to nothing."""
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sp.write_record(run_dir, sp.PoolRecord(RUN, "deployed", "999999-1.0", [
+        {"slot": 0, "name": "w0", "container_id": "gone", "host": "127.0.0.1", "port": 1, "generation": 0}]))
+    calls: list[str] = []
+    shared = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "next", calls),
+                            make_pool=_make_pool, ready_timeout_s=5)
+    try:
+        assert shared.deployed and calls == ["next"]
+        (run_dir / sp.POOL_FILE).write_text('{"run_id": "shared1", "source": "dep')  # torn
+        assert sp.read_record(run_dir) is None
+    finally:
+        shared.pool.close()
+        sp.remove_shared_pool(run_dir, RUN, rt)
+
+
+def test_an_attached_process_takes_the_deployers_replacement(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    calls: list[str] = []
+    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    other = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    try:
+        dead = owner.environment.workers[0]
+        rt.crash(dead.container_id, exit_code=137)
+        assert owner.pool.check() == [0]  # the deployer replaces it and rewrites pool.json
+        session = other.pool.open_session("after")  # the other process sees the dead one, waits, moves on
+        assert other.pool.wait_replacements(10)
+        assert other.environment.worker(0).generation == 1
+        assert session.slot == 1 or session.generation == 1
+    finally:
+        other.pool.close()
+        owner.pool.close()
+        sp.remove_shared_pool(run_dir, RUN, rt)
+
+
+def test_workers_of_an_up_run_are_never_replaced_by_an_attached_session(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    record = sp.PoolRecord("up1", "up", "1-0", [
+        {"slot": 0, "name": "w0", "container_id": "c0", "host": "127.0.0.1", "port": 1, "generation": 0}])
+    attached = sp.AttachedWorkers(None, record, rt, ready_timeout_s=5)
+    with pytest.raises(WorkerLostError, match=r"provision status --repair"):
+        attached.replace_worker(0)
+
+
+def _state(settings: Settings, *, layer: str = "integration", lm_mode: str = "cached",
+           record_mode: str | None = "new_episodes") -> RunState:
+    state = RunState(run_id="up1", layer=layer, lm_mode=lm_mode, session="up1", image=FAKE_IMAGE, created=1.0,
+                     owner_pid=1, owner_host="h", persistent=True, uses_standin=False, egress=False,
+                     networks=[], relay="r", standin=None,
+                     workers=[{"slot": 0, "name": "w0", "container_id": "c0", "address": "127.0.0.1:4000"}],
+                     record_mode=record_mode)
+    write_state(settings, state, current=True)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("layer", "lm_mode", "record_mode", "reason"),
+    [
+        ("integration", "cached", "new_episodes", ""),
+        ("e2e", "cached", "new_episodes", "layer e2e (this session: integration)"),
+        ("integration", "mock", None, "LM mode mock (this session: cached)"),
+        ("integration", "cached", "none", "record mode none (this session: new_episodes)"),
+        ("integration", "cached", None, "record mode unknown (this session: new_episodes)"),
+    ],
+)
+def test_which_up_run_a_session_attaches_to(
+    settings: Settings, layer: str, lm_mode: str, record_mode: str | None, reason: str
+) -> None:
+    _state(settings, layer=layer, lm_mode=lm_mode, record_mode=record_mode)
+    lm = settings.lm_for("integration").model_copy(update={"record_mode": "new_episodes"})
+    match = sp.find_up_run(settings, "integration", lm)
+    assert match.attached == (reason == "")
+    assert reason in match.reason
+    assert sp.find_up_run(settings, "integration", lm, run_id="other").state is None  # no such run: silent
+
+
+def test_an_up_run_with_a_stopped_worker_is_not_attached(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    state = _state(settings)
+    assert "no longer runs" in str(sp.attach_up_run(state, rt, ready_timeout_s=5))
