@@ -247,18 +247,25 @@ def remove_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime) ->
     return []
 
 
-def finish_shared_pool(run_dir: Path, run_id: str) -> list[str]:
+def finish_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime | None = None) -> list[str]:
     """The run's controller, at its end: remove the shared pool if a process of the run deployed
-    one (:data:`POOL_STARTED` exists). Nothing touches the engine otherwise. Returns what failed."""
+    one (:data:`POOL_STARTED` exists; nothing touches the engine otherwise) on ``runtime`` (default:
+    the engine :func:`~provisioner.runtime.engine.open_runtime` finds). Returns what failed."""
     if not (run_dir / POOL_STARTED).exists():
         return []
-    from provisioner.runtime.engine import DockerRuntime
-
-    runtime = DockerRuntime()
-    try:
+    if runtime is not None:
         return remove_shared_pool(run_dir, run_id, runtime)
+    from provisioner.errors import ProvisionerError
+    from provisioner.runtime.engine import open_runtime
+
+    try:
+        opened = open_runtime()
+    except ProvisionerError as exc:
+        return [f"shared pool of run {run_id}: {exc}"]
+    try:
+        return remove_shared_pool(run_dir, run_id, opened)
     finally:
-        runtime.close()
+        opened.close()
 
 
 # --- attaching to `provision up` ------------------------------------------------------------------

@@ -535,7 +535,11 @@ class ProcessContainers:
                     self.workers_started += self._pool.replaced + self._pool.recycled
                 with contextlib.suppress(Exception):
                     self._pool.close()
+            if self._runtime is not None and self.env.identity.controller and self.env.up_run is None:
+                from provisioner.runtime.shared_pool import finish_shared_pool
 
+                # The run's controller ends last: the run's shared pool goes (runtime/shared_pool.py).
+                problems += finish_shared_pool(self.env.run_dir, self.env.run_id, self._runtime)
             if self._resources is not None:
                 report = self._resources.cleanup_all()
                 problems += [f"{r.kind} {r.name}: {exc}" for r, exc in report.errors]
