@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_suite.py [--rounds 3] [--tests 200] [--naive-tests 10]
-                                               [--json] [--write-docs]
+                                               [--xdist-rounds 2] [--json] [--write-docs]
 
 Method (real Docker engine; the worker image already built, as ``bash .ci/setup`` leaves it):
 
@@ -27,6 +27,10 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   the machine hits both alike; ``os.getloadavg()`` is recorded before and after each round.
 * Reported: per-test setup, teardown and setup+teardown p50/p99 (milliseconds) on both sides, pool
   start, suite times and the ratio naive / provisioner, per round.
+* **xdist** (``--xdist-rounds``): ``pytest --layer e2e`` on a copy of ``examples/qa_project`` with
+  ``-n 1`` and with ``-n 2`` (alternating), each with ``--provision-report``: the workers the run
+  started (the report's ``workers_started``; one shared pool per run, so the same for both) and the
+  wall clock of the whole ``pytest`` command (start-up and pool start included).
 """
 
 from __future__ import annotations
@@ -243,6 +247,65 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
     return results
 
 
+def measure_xdist(rounds: int) -> list[dict[str, Any]]:
+    """``pytest --layer e2e`` on examples/qa_project, ``-n 1`` against ``-n 2``: workers started
+    (from the run report) and wall seconds of the whole command."""
+    import shutil
+
+    example = ROOT / "examples" / "qa_project"
+    folder = Path(tempfile.mkdtemp(prefix="provision-bench-xdist-"))
+    project = folder / "qa_project"
+    shutil.copytree(example, project, ignore=shutil.ignore_patterns(".provision", "__pycache__", "*.pyc"))
+    env = clean_env()
+    out = []
+    for number in range(rounds):
+        order = [1, 2] if number % 2 == 0 else [2, 1]
+        row: dict[str, Any] = {"load_before": os.getloadavg()}
+        for n in order:
+            report = folder / f"report-{n}.json"
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "--layer", "e2e", "-n", str(n),
+                 "--provision-report", str(report)],
+                cwd=project, env=env, capture_output=True, text=True, timeout=1800,
+            )
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(
+                    f"-n {n} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+                )
+            data = json.loads(report.read_text())
+            section = data["layers"]["e2e"]
+            row[f"n{n}"] = {"wall_s": wall, "workers_started": section["workers_started"],
+                            "tests": section["tests"]}
+        row["load_after"] = os.getloadavg()
+        out.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return out
+
+
+def xdist_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+
+    def cells(n: int, key: str, fmt: str) -> str:
+        return " / ".join(fmt.format(r[f"n{n}"][key]) for r in rows)
+
+    return [
+        "",
+        f"`pytest --layer e2e` on a copy of examples/qa_project ({rows[0]['n1']['tests']} tests, Gemini",
+        "stand-in: no key), `-n 1` against `-n 2`, alternating, "
+        f"{len(rows)} round(s) (load average " + "; ".join(
+            f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}" for r in rows) + "):",
+        "",
+        "| | `-n 1` | `-n 2` |",
+        "|---|---|---|",
+        "| workers started (run report) | "
+        f"{cells(1, 'workers_started', '{}')} | {cells(2, 'workers_started', '{}')} |",
+        f"| wall clock of the command, s | {cells(1, 'wall_s', '{:.1f}')} | {cells(2, 'wall_s', '{:.1f}')} |",
+    ]
+
+
 def commit() -> str:
     done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=False)
@@ -395,6 +458,7 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
         per_round(f"**ratio naive / provisioner** (target ≥ 60{TIMES})",
                   lambda r: f"{r['ratio']:.0f}{TIMES}"),
         *verdict(rounds),
+        *xdist_lines(results.get("xdist", [])),
         *[line for title, other in compare or [] for line in baseline_lines(title, other)],
         "",
         *NOTES,
@@ -420,6 +484,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tests", type=int, default=200)
     parser.add_argument("--naive-tests", type=int, default=10)
+    parser.add_argument("--xdist-rounds", type=int, default=2,
+                        help="rounds of `pytest --layer e2e` -n 1 against -n 2 on examples/qa_project "
+                             "(0: none)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
     parser.add_argument("--compare", action="append", default=[], metavar="TITLE=FILE",
@@ -427,8 +494,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="render this --json output instead of measuring")
     args = parser.parse_args()
-    results = (json.loads(args.results.read_text()) if args.results is not None
-               else measure(args.rounds, args.tests, args.naive_tests))
+    if args.results is not None:
+        results = json.loads(args.results.read_text())
+    else:
+        results = measure(args.rounds, args.tests, args.naive_tests)
+        results["xdist"] = measure_xdist(args.xdist_rounds)
     if args.json:
         print(json.dumps(results, indent=2))
         return
