@@ -202,8 +202,9 @@ class ProvisionRun:
         lines = [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
         state = self.up_match.state
         if state is not None:
-            lines.append(f"provisioner: attached to run {state.run_id} (`provision up`, {len(state.workers)} "
-                         "worker(s)); this session leaves it running")
+            started_by = "provision up" if state.persistent else "provision run"
+            lines.append(f"provisioner: attached to run {state.run_id} ({len(state.workers)} worker(s), "
+                         f"started by `{started_by}`); this session leaves it running")
         elif self.up_match.reason:
             lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
         return lines

@@ -31,7 +31,8 @@ def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: s
 
     def deploy() -> Deployment:
         calls.append(name)
-        plan = plan_run(settings, get_layer(settings, "e2e"), get_layer(settings, "e2e").lm_config(settings.lm, "mock"), run_id=RUN,
+        layer = get_layer(settings, "e2e")
+        plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), run_id=RUN,
                         image=FAKE_IMAGE, workers=2, session=sp.POOL_INSTANCE,
                         run_dir=Path(settings.state_dir) / "lm")
         return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
@@ -178,7 +179,8 @@ def test_which_up_run_a_session_attaches_to(
     settings: Settings, layer: str, lm_mode: str, record_mode: str | None, reason: str
 ) -> None:
     _state(settings, layer=layer, lm_mode=lm_mode, record_mode=record_mode)
-    lm = get_layer(settings, "integration").lm_config(settings.lm).model_copy(update={"record_mode": "new_episodes"})
+    lm = get_layer(settings, "integration").lm_config(settings.lm)
+    lm = lm.model_copy(update={"record_mode": "new_episodes"})
     match = sp.find_up_run(settings, "integration", lm)
     assert match.attached == (reason == "")
     assert reason in match.reason

@@ -95,7 +95,7 @@ def test_pytest_attaches_to_provision_up_and_starts_no_container(pytester: pytes
 
         one = pytester.runpytest_subprocess("--layer", "integration", "-p", "no:cacheprovider", timeout=400)
         one.assert_outcomes(passed=4)
-        one.stdout.fnmatch_lines(["provisioner: attached to run * (`provision up`, 2 worker(s))*"])
+        one.stdout.fnmatch_lines(["provisioner: attached to run * (2 worker(s), started by `provision up`)*"])
         one.stdout.fnmatch_lines(["*workers started: 0*"])
         rows = _rows(out)
         assert rows and all(r["project_containers"] == before for r in rows)  # not one new container
