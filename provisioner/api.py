@@ -299,7 +299,8 @@ class Environment:
                 # Every process of the run is done: the run's shared pool goes (runtime/shared_pool.py).
                 # (ProcessContainers.close did it when this process had containers; else, e.g. xdist's
                 # controller, here.)
-                failures += [("shared pool", p) for p in finish_shared_pool(self.run_dir, self.run_id, self.runtime)]
+                left = finish_shared_pool(self.run_dir, self.run_id, self.runtime)
+                failures += [("shared pool", problem) for problem in left]
                 finish_run(self.run_dir)
             self.report.lm = self.lm_usage()
         if failures:
