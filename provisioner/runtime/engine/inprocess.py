@@ -22,7 +22,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -41,28 +41,34 @@ class ServedWorker:
         from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
         from provisioner.bridge.server import READY_PREFIX, BridgeServer, startup_lm_config
         from provisioner.bridge.service import BridgeService
+        from provisioner.settings import WorkerSettings
 
         env = {**recipe.environment, **recipe.secret_environment}
         config = _host_paths(startup_lm_config(env), recipe)
         self.container_port = _option(recipe.command, "--port", WORKER_PORT)
+        # The worker's settings the way `provision worker` reads them (PROVISION_WORKER__* into
+        # WorkerSettings, which forbids unknown keys: a setting the fake does not know fails loudly).
+        prefix = "PROVISION_WORKER__"
+        worker = WorkerSettings.model_validate(
+            {key[len(prefix):].lower(): value for key, value in env.items() if key.startswith(prefix)}
+        )
         self.service = BridgeService(
             config,
             worker_id=env.get("PROVISION_WORKER_ID"),
             control_token=env.get(CONTROL_TOKEN_ENV) or None,
-            max_programs=_int(env, "PROVISION_WORKER__MAX_PROGRAMS", 5000),
-            max_sessions=_int(env, "PROVISION_WORKER__MAX_SESSIONS", 2000),
+            max_programs=worker.max_programs,
+            max_sessions=worker.max_sessions,
         )
-        per_session = env.get("PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION")
         self.server = BridgeServer(
             self.service,
-            max_frame_bytes=_int(env, "PROVISION_WORKER__MAX_FRAME_BYTES", 16 * 1024 * 1024),
-            max_inflight=_int(env, "PROVISION_WORKER__MAX_INFLIGHT", 8),
-            max_connections=_int(env, "PROVISION_WORKER__MAX_CONNECTIONS", 256),
+            max_frame_bytes=worker.max_frame_bytes,
+            max_inflight=worker.max_inflight,
+            max_connections=worker.max_connections,
             request_timeout_s=float(env.get("PROVISION_PROCESS_TIMEOUT", "30")),
-            max_inflight_bytes=_int(env, "PROVISION_WORKER__MAX_INFLIGHT_BYTES", 64 * 1024 * 1024),
-            frame_timeout_s=float(env.get("PROVISION_WORKER__FRAME_TIMEOUT_S", "30")),
+            max_inflight_bytes=worker.max_inflight_bytes,
+            frame_timeout_s=worker.frame_timeout_s,
             pids=None,  # this process's cgroup is not the container's
-            max_inflight_per_session=int(per_session) if per_session else None,
+            max_inflight_per_session=worker.max_inflight_per_session,
         )
         self.port = self.server.listen(LOOPBACK, 0)
         self.ready_line = f"{READY_PREFIX} port={self.container_port}"  # what `provision worker` prints
@@ -175,10 +181,6 @@ class _Pair:
 def _option(command: tuple[str, ...], name: str, default: int) -> int:
     args = list(command)
     return int(args[args.index(name) + 1]) if name in args[:-1] else default
-
-
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
-    return int(env[key]) if env.get(key) else default
 
 
 def _host_paths(config: Any, recipe: ContainerRecipe) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.bridge import BridgeClient
-from provisioner.errors import BridgeConnectionError, RuntimeProblem
+from provisioner.errors import BridgeConnectionError, BridgeError, RuntimeProblem
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.lifecycle import down, up
@@ -125,3 +125,21 @@ def test_a_fork_mode_worker_is_refused_with_what_to_do(settings: Settings, serve
     with pytest.raises(RuntimeProblem, match="not fork-mode workers"):
         _up(settings, served, layer="forked", lm_mode="mock", workers=1)
     assert [c for c in served.containers.values() if c.served is not None] == []
+
+
+def test_a_served_worker_takes_the_workers_settings_from_its_environment(
+    settings: Settings, served: FakeRuntime
+) -> None:
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"max_programs": 1, "max_inflight": 3})}
+    )
+    env = _up(settings, served, layer="integration", lm_mode="mock", workers=1)
+    worker = env.workers[0]
+    server = served.containers[worker.container_id].served.server
+    assert server.max_inflight == 3
+    with BridgeClient(worker.host, worker.port) as client:
+        session = client.session("t1")
+        session.create_program(SIGNATURE, "one")
+        with pytest.raises(BridgeError, match="holds 1 programs, its limit"):  # max_programs = 1
+            session.create_program(SIGNATURE, "two")
+    env.stop()
