@@ -207,10 +207,10 @@ def run_side(folder: Path, env: dict[str, str], args: list[str], name: str) -> d
 
 
 def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
-    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.engine import open_runtime
     from provisioner.runtime.images import ensure_worker_image
 
-    rt = DockerRuntime()
+    rt = open_runtime()
     image = ensure_worker_image(rt)
     folder = make_project(tests, naive_tests)
     env = clean_env()
@@ -239,10 +239,9 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
             })
             print(json.dumps(results["rounds"][-1]), file=sys.stderr, flush=True)
     finally:
-        mine = {"label": [f"{BENCH_LABEL}={env['BENCH_RUN']}"]}
-        leftovers = rt.client.api.containers(all=True, filters=mine)
-        for c in leftovers:
-            rt.remove_container(c["Id"])
+        for ref in rt.list_resources({BENCH_LABEL: env["BENCH_RUN"]}):
+            if ref.kind == "container":
+                rt.remove_container(ref.id)
         rt.close()
     return results
 
@@ -313,7 +312,7 @@ def commit() -> str:
 
 
 def machine() -> str:
-    from provisioner.runtime.engine import DockerRuntime
+    from provisioner.runtime.engine import open_runtime
 
     cpu = "?"
     try:
@@ -323,9 +322,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    rt = DockerRuntime()
+    rt = open_runtime()
     try:
-        docker_version = rt.client.version().get("Version", "?")
+        docker_version = rt.engine_info().version
     finally:
         rt.close()
     return (
