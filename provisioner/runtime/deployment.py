@@ -44,11 +44,15 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ProbeResult:
+    """``refused``: nothing accepted the connection at the address (ECONNREFUSED) — the published
+    port is not served, as opposed to a worker that is slow or answered with an error."""
+
     ok: bool
     lm_configured: bool = False
     detail: str = ""
     latency_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    refused: bool = False
 
     @property
     def ready(self) -> bool:
@@ -68,7 +72,12 @@ def bridge_probe(host: str, port: int, timeout: float) -> ProbeResult:
     try:
         reply = client.ping()
     except BridgeError as exc:
-        return ProbeResult(False, detail=str(exc), latency_s=time.perf_counter() - start)
+        return ProbeResult(
+            False,
+            detail=str(exc),
+            latency_s=time.perf_counter() - start,
+            refused=isinstance(exc.__cause__, ConnectionRefusedError),
+        )
     finally:
         client.close()
     return ProbeResult(

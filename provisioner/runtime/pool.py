@@ -23,7 +23,9 @@ has never seen its programs.
   died: if so the caller gets :class:`~provisioner.errors.WorkerLostError` saying how (exit code,
   signal, OOM-killed — from the container's state) and the worker is replaced at once;
 * :meth:`WorkerPool.check` (also run by an optional monitor thread) replaces dead workers — their
-  sessions become *lost*; closing a lost session is a no-op;
+  sessions become *lost*; closing a lost session is a no-op — and pings every worker through its
+  published address: a dead path (the engine's port forwarder died, the relay stopped) is repaired
+  by re-creating the relay on the same ports (:meth:`WorkerPool.heal_path`), sessions intact;
 * a worker that served ``recycle_after_sessions`` sessions or is older than ``recycle_after_s``
   is drained (no new sessions) and replaced once its last session closes.
 
@@ -46,6 +48,7 @@ from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
 from provisioner.runtime.deployment import WorkerInfo, death_reason
 from provisioner.runtime.engine import ContainerState
+from provisioner.runtime.health import heal_environment
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
@@ -446,7 +449,21 @@ class WorkerPool:
                 self._replace(slot_no, lost_reason=how)
                 dead.append(slot_no)
                 self.replaced += 1
+        self.heal_path()
         return dead
+
+    def heal_path(self) -> bool:
+        """Ping every worker through its published address; when that path is dead while the
+        workers run (the engine's port forwarder died), re-create the relay on the same ports —
+        sessions keep their workers (:mod:`provisioner.runtime.health`). True when it repaired."""
+        try:
+            notes = heal_environment(self.environment)
+        except Exception as exc:
+            self.note(f"repairing the published path failed: {exc}")
+            return False
+        for message in notes:
+            self.note(message)
+        return bool(notes)
 
     def report_failure(self, session_id: str) -> None:
         """Call after a connection error on a session: raises WorkerLostError if its worker died."""
@@ -654,6 +671,9 @@ class PooledBridgeClient(BridgeClient):
         try:
             return super().call(command, args, timeout=timeout)
         except BridgeConnectionError as exc:
+            if isinstance(exc.__cause__, ConnectionRefusedError) and self.pool.heal_path():
+                # Refused: nothing was sent. The path is repaired, so the request is safe to send again.
+                return super().call(command, args, timeout=timeout)
             lost = self.pool.connection_failed(self.pooled_session)
             if lost is None:
                 raise

@@ -137,6 +137,18 @@ class ContainerRuntime(ImageStore, Protocol):
 
     def start_container(self, container_id: str) -> None: ...
 
+    def recreate_container(self, container_id: str, host_ports: Mapping[int, int]) -> str:
+        """Force-remove the container and create and start it again from its own configuration
+        (same name, image, command, labels, limits, networks and aliases), publishing each container
+        port of ``host_ports`` on that 127.0.0.1 host port; return the new id. The engine makes a
+        container's port forwarding only when the container starts, so this is how a published port
+        whose forwarder died comes back at the same address (see :mod:`provisioner.runtime.health`).
+
+        Raises:
+            RuntimeProblem: the container does not exist, or the engine refused to make it again
+                (e.g. a host port of ``host_ports`` is taken meanwhile); the old one is gone then.
+        """
+
     def remove_container(self, container_id: str) -> bool:
         """Force-remove; False when it did not exist."""
 

@@ -230,6 +230,49 @@ class DockerRuntime:
         except docker.errors.APIError as exc:
             raise RuntimeProblem(f"could not start container {container_id[:12]}: {_explain(exc)}") from None
 
+    def recreate_container(self, container_id: str, host_ports: Mapping[int, int]) -> str:
+        import docker.errors
+
+        api = self.client.api
+        try:
+            info = api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            raise RuntimeProblem(
+                f"could not re-create container {container_id[:12]}: it does not exist"
+            ) from None
+        name = str(info["Name"]).lstrip("/")
+        old_alias = str(info["Id"])[:12]  # the engine's automatic alias: the old short id
+        config = {k: v for k, v in (info.get("Config") or {}).items() if k != "Hostname"}
+        host_config = dict(info.get("HostConfig") or {})
+        bindings = dict(host_config.get("PortBindings") or {})
+        for container_port, host_port in host_ports.items():
+            bindings[f"{container_port}/tcp"] = [{"HostIp": "127.0.0.1", "HostPort": str(host_port)}]
+        host_config["PortBindings"] = bindings
+        networks = {
+            net: [a for a in (endpoint or {}).get("Aliases") or [] if a != old_alias]
+            for net, endpoint in ((info.get("NetworkSettings") or {}).get("Networks") or {}).items()
+        }
+        primary = str(host_config.get("NetworkMode") or "")
+        config["HostConfig"] = host_config
+        if primary in networks:
+            config["NetworkingConfig"] = {
+                "EndpointsConfig": {primary: {"Aliases": networks[primary] or None}}
+            }
+        self.remove_container(container_id)
+        try:
+            new_id = str(api.create_container_from_config(config, name=name)["Id"])
+        except docker.errors.APIError as exc:
+            raise RuntimeProblem(f"could not re-create container {name!r}: {_explain(exc)}") from None
+        try:
+            for net, aliases in networks.items():
+                if net != primary:
+                    api.connect_container_to_network(new_id, net, aliases=aliases or None)
+            api.start(new_id)
+        except docker.errors.APIError as exc:
+            self.remove_container(new_id)
+            raise RuntimeProblem(f"could not re-create container {name!r}: {_explain(exc)}") from None
+        return new_id
+
     def remove_container(self, container_id: str) -> bool:
         import docker.errors
 

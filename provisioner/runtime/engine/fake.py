@@ -45,6 +45,7 @@ class FakeContainer:
     log_stamps: dict[int, float] = field(default_factory=dict)
     image_id: str = ""
     served: Any = field(default=None, repr=False)  # its process when the runtime serves (see inprocess)
+    pinned_ports: dict[int, int] = field(default_factory=dict)  # container port -> host port asked for
 
     def write_log(self, line: str, at: float | None = None) -> None:
         """Append a log line stamped ``at`` (default: now), as the engine stamps a container's output."""
@@ -371,7 +372,7 @@ class FakeRuntime:
             c.status = "running"
             if c.recipe.role == "guard":
                 c.status, c.exit_code = "exited", 0
-            c.ports = {p: next(self._ports) for p in c.recipe.ports}
+            c.ports = {p: c.pinned_ports.get(p) or next(self._ports) for p in c.recipe.ports}
             self.calls.append(("start_container", c.recipe.name))
         if self.serve and c.recipe.role in ("worker", "relay"):
             self._start_served(c)
@@ -389,7 +390,9 @@ class FakeRuntime:
                 c.log_lines.append(served.ready_line)
             else:
                 nets = {a.network for a in c.recipe.networks}
-                served = inprocess.ServedRelay(c.recipe, lambda alias, port: self._route(nets, alias, port))
+                served = inprocess.ServedRelay(
+                    c.recipe, lambda alias, port: self._route(nets, alias, port), host_ports=c.pinned_ports
+                )
         except Exception as exc:
             with self._lock:
                 c.status, c.exit_code = "exited", 1
@@ -417,6 +420,24 @@ class FakeRuntime:
                 ):
                     return int(served.port)
         return None
+
+    def recreate_container(self, container_id: str, host_ports: Mapping[int, int]) -> str:
+        self._check()
+        with self._lock:
+            old = self._find(container_id)
+            if old is None:
+                raise RuntimeProblem(f"could not re-create container {container_id}: it does not exist")
+            self.calls.append(("recreate_container", old.recipe.name))
+        self.remove_container(old.id)
+        with self._lock:
+            new_id = self.create_container(old.recipe)
+            self.containers[new_id].pinned_ports = dict(host_ports)
+        try:
+            self.start_container(new_id)
+        except RuntimeProblem:
+            self.remove_container(new_id)
+            raise
+        return new_id
 
     def remove_container(self, container_id: str) -> bool:
         self._check()

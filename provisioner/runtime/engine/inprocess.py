@@ -82,9 +82,16 @@ class ServedRelay:
     """A relay container's process: one loopback listener per route (``LISTEN=ALIAS:PORT``).
 
     ``resolve(alias, port)`` gives the loopback port of the worker that holds ``alias`` now, or None.
+    ``host_ports`` (container port -> loopback port) pins listeners, as a re-created relay asks for.
     """
 
-    def __init__(self, recipe: ContainerRecipe, resolve: Callable[[str, int], int | None]) -> None:
+    def __init__(
+        self,
+        recipe: ContainerRecipe,
+        resolve: Callable[[str, int], int | None],
+        *,
+        host_ports: Mapping[int, int] | None = None,
+    ) -> None:
         from provisioner.runtime.relay import parse_routes
 
         command = list(recipe.command)
@@ -97,7 +104,7 @@ class ServedRelay:
         self.ports: dict[int, int] = {}  # container port -> 127.0.0.1 port
         self._listeners: list[socket.socket] = []
         for listen, alias, port in routes:
-            listener = socket.create_server((LOOPBACK, 0))
+            listener = socket.create_server((LOOPBACK, (host_ports or {}).get(listen, 0)))
             self._listeners.append(listener)
             self.ports[listen] = listener.getsockname()[1]
             self._spawn(self._accept, listener, alias, port)

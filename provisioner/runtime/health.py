@@ -1,0 +1,203 @@
+"""The published path's health: host → ``127.0.0.1:<port>`` → the engine's port forwarder → relay →
+worker, checked with a real ``ping`` frame, and its repair.
+
+Why a check of its own: a worker's container state and the containers' own HEALTHCHECKs (which run
+*inside* the containers) say nothing about the host side of a published port. Docker forwards a
+port published on 127.0.0.1 through a host process, ``docker-proxy``, one per port (loopback traffic
+does not take the iptables path). That process exits when ``accept()`` fails — a burst of ~10 000
+connections runs it out of file descriptors (two per forwarded connection, and it inherits dockerd's
+limit; measured with 20 000: issue 14, item 7) — and nothing starts it again: the relay and the
+workers keep running and report healthy while ``127.0.0.1:<port>`` refuses every connection, for good.
+The engine makes a container's forwarders only when it starts the container, and a restart would
+publish on *new* ephemeral ports (every client holds the old address), so the repair re-creates the
+relay container with the same host ports pinned (:meth:`ContainerRuntime.recreate_container`).
+The relay holds no state (it forwards by alias), so workers, sessions and programs are untouched;
+connections that went through the dead forwarder were broken already and clients reconnect.
+
+A dead path is told apart from a worker that died (the pool and ``status --repair`` replace or
+restart those) or is just slow: the relay's container is not running, or the published port
+*refuses* the connection (ECONNREFUSED: nothing serves it) twice in a row while the worker's and the
+relay's containers run. A ping that times out or is answered with an error is not a dead path.
+
+Callers: :class:`~provisioner.runtime.pool.WorkerPool` (its monitor and a refused request of a pooled
+session, so the pytest plugin and ``provisioner.environment()`` heal on their own) via
+:func:`heal_environment`, and ``provision status [--repair]`` via :func:`check_run_paths` and
+:func:`rebind_relay`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from provisioner.errors import RuntimeProblem
+from provisioner.runtime.deployment import Deployment, Probe, death_reason
+from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.recipes import RELAY_BASE_PORT
+
+# What a refused published port means, after "127.0.0.1:<port> ".
+FORWARDER_GONE = (
+    "refuses connections while its worker and the relay run: the engine's port forwarder for it is gone "
+    "(docker-proxy exits when accept() fails, e.g. out of file descriptors under a connection flood)"
+)
+PROBE_TIMEOUT_S = 2.0
+_locks: weakref.WeakKeyDictionary[Deployment, threading.Lock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PublishedWorker:
+    """One worker as the host reaches it: ``host:port`` is the relay's published ``relay_port``."""
+
+    slot: int
+    name: str
+    container_id: str
+    host: str
+    port: int
+
+    @property
+    def relay_port(self) -> int:
+        """The relay's container port for this slot (the relay's routes: ``9000+slot=w<slot>:8765``)."""
+        return RELAY_BASE_PORT + self.slot
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _running(runtime: ContainerRuntime, container: str) -> tuple[bool, str]:
+    """(running, how it ended as a phrase after "which") — the engine's word; unknown counts as running."""
+    try:
+        state = runtime.container_state(container)
+    except Exception:  # the engine cannot tell: no false alarm
+        return True, ""
+    if state is not None and state.running:
+        return True, ""
+    return False, death_reason(state)
+
+
+def check_paths(
+    runtime: ContainerRuntime,
+    relay: str,
+    workers: Sequence[PublishedWorker],
+    probe: Probe,
+    *,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> dict[int, str]:
+    """Which workers' published paths are dead through no fault of the worker: slot -> why.
+
+    ``relay``: the relay container's name or id. Empty when every path answers, or fails only in
+    ways that are the worker's (its container stopped: see the pool / ``status --repair``) or look
+    like load (a timeout, an error reply). One ``ping`` per worker, concurrently; a refused one is
+    confirmed by a second ping after checking that the worker's container runs.
+    """
+    relay_runs, relay_end = _running(runtime, relay)
+    if not relay_runs:
+        return {w.slot: f"the relay {relay} {relay_end}" for w in workers}
+
+    def one(worker: PublishedWorker) -> str | None:
+        if not _refused(probe, worker, timeout_s):
+            return None
+        if not _running(runtime, worker.container_id)[0]:
+            return None  # the worker's own death shows through: not the path's
+        if not _refused(probe, worker, timeout_s):
+            return None
+        return f"{worker.address} {FORWARDER_GONE}"
+
+    with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
+        found = dict(zip((w.slot for w in workers), pool.map(one, workers), strict=True))
+    return {slot: why for slot, why in found.items() if why is not None}
+
+
+def _refused(probe: Probe, worker: PublishedWorker, timeout_s: float) -> bool:
+    result = probe(worker.host, worker.port, timeout_s)
+    return not result.ok and result.refused
+
+
+def rebind_relay(
+    runtime: ContainerRuntime,
+    relay: str,
+    workers: Sequence[PublishedWorker],
+    probe: Probe,
+    *,
+    timeout_s: float,
+) -> str:
+    """Re-create the relay with every worker's host port pinned, and wait until each worker answers
+    ``ping`` at its old address (``timeout_s``). Returns the relay's new container id.
+
+    Raises:
+        RuntimeProblem: the engine could not make the relay again (e.g. a port was taken meanwhile),
+            it published another port, or a worker did not answer within ``timeout_s`` (with the
+            relay's log).
+    """
+    new_id = runtime.recreate_container(relay, {w.relay_port: w.port for w in workers})
+    for w in workers:
+        got = runtime.published_port(new_id, w.relay_port)
+        if got != w.port:
+            raise RuntimeProblem(
+                f"the re-created relay {relay} publishes worker {w.name} on port {got}, not {w.port}"
+            )
+    deadline = time.monotonic() + timeout_s
+    waiting = list(workers)
+    while waiting:
+        waiting = [w for w in waiting if not probe(w.host, w.port, PROBE_TIMEOUT_S).ok]
+        if not waiting:
+            break
+        runs, end = _running(runtime, new_id)
+        if not runs or time.monotonic() >= deadline:
+            names = ", ".join(f"{w.name} ({w.address})" for w in waiting)
+            why = f"the relay {end}" if not runs else f"no answer within {timeout_s:.0f}s"
+            raise RuntimeProblem(
+                f"after re-creating the relay {relay}, {names} did not answer ping: {why}; "
+                f"its log:\n{runtime.logs(new_id)}"
+            )
+        time.sleep(0.05)  # poll interval of the deadline loop above
+    return new_id
+
+
+def heal_environment(env: Deployment) -> list[str]:
+    """Check a live run's published paths; when one is dead, re-create its relay on the same ports.
+
+    Returns what was found and done, one message per dead path (empty: every path answers, or a
+    heal by another thread is in progress). The run's resource tracking follows the relay's new id.
+
+    Raises:
+        RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`).
+    """
+    relay = env.plan.relay.name
+    lock = _lock_for(env)
+    if not lock.acquire(blocking=False):
+        return []  # another thread is healing this run's path right now
+    try:
+        workers = [PublishedWorker(w.slot, w.name, w.container_id, w.host, w.port) for w in env.workers]
+        dead = check_paths(env.runtime, relay, workers, env.probe)
+        if not dead:
+            return []
+        old_id = env.container_ids.get(relay, relay)
+        new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s)
+        tracked = env.resources.find("container", old_id)
+        if tracked is not None:
+            env.resources.forget(tracked)
+        env.resources.track("container", new_id, name=relay, owner="relay")
+        env.container_ids[relay] = new_id
+    finally:
+        lock.release()
+    names = {w.slot: w.name for w in workers}
+    return [
+        f"the published path of worker {names[slot]} (slot {slot}) was dead: {why}; "
+        f"re-created the relay {relay} on the same ports"
+        for slot, why in sorted(dead.items())
+    ]
+
+
+def _lock_for(env: Deployment) -> threading.Lock:
+    """One lock per live run: the pool's monitor and a refused request may both notice a dead path."""
+    with _locks_guard:
+        lock = _locks.get(env)
+        if lock is None:
+            lock = _locks[env] = threading.Lock()
+        return lock

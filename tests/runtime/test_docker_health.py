@@ -1,0 +1,110 @@
+"""A dead published port on the real engine (issue 14, item 7, host side): the engine's port
+forwarder of a worker's 127.0.0.1 port dies while the relay and the worker run (reproduced by killing
+it, see tests/runtime/forwarder.py, and in the slow tier by a flood of 10 000 connections). The pool
+and `provision status --repair` find it with a ping through the published address and re-create the
+relay on the same ports; the next request works at the same address."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from provisioner.runtime import labels as L
+from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+from provisioner.runtime.health import FORWARDER_GONE
+from provisioner.runtime.pool import WorkerPool
+from provisioner.settings import Settings
+
+from .conftest import leftovers
+from .forwarder import forwarder_pid, kill_forwarder, refuses
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+
+
+def _pool(settings: Settings, image: str, run_id: str, workers: int = 2) -> WorkerPool:
+    return WorkerPool.start(
+        settings, layer="integration", lm_mode="mock", workers=workers, image=image, run_id=run_id
+    )
+
+
+def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
+    docker_engine: Any, worker_image: str, settings: Settings
+) -> None:
+    run_id = f"heal{time.time_ns() % 10**8}"
+    rt = DockerRuntime(docker_engine)
+    pool = _pool(settings, worker_image, run_id)
+    try:
+        pool.open_session("kept")
+        session = pool.client("kept", request_timeout=60)
+        session.create_program("question -> answer", "p")
+        pinned = pool.session("kept")
+        relay = pool.environment.plan.relay.name
+        old_relay = docker_engine.api.inspect_container(relay)["Id"]
+        kill_forwarder(pinned.port)
+
+        # The session's next request is refused, the pool re-creates the relay on the same ports and
+        # sends it again: the caller sees an answer, its worker and programs intact.
+        assert "answer" in session.execute_program("p", {"question": "q"})["outputs"]
+        assert pool.session("kept") == pinned and pool.replaced == 0
+        notes = pool.stats()["notes"]
+        assert any(f"{pinned.address} {FORWARDER_GONE}" in n and "re-created the relay" in n for n in notes)
+        assert docker_engine.api.inspect_container(relay)["Id"] != old_relay
+        assert forwarder_pid(pinned.port) is not None
+        for worker in pool.environment.workers:  # every address is the one it was
+            assert rt.published_port(relay, pool.environment.plan.relay_port_for(worker.slot)) == worker.port
+        session.close()
+
+        # The monitor's check finds it without a request too.
+        kill_forwarder(pinned.port)
+        assert pool.check() == [] and pool.heal_path() is False
+        assert not refuses(pinned.port)
+    finally:
+        pool.close()
+        remove_by_selector(rt, L.selector(run_id))
+    assert leftovers(docker_engine, run_id) == []
+
+
+FLOOD = 10_000  # connections: twice that many descriptors in the forwarder, its limit on this machine
+FLOOD_DEADLINE_S = 60.0
+
+
+@pytest.mark.slow
+def test_a_connection_flood_does_not_kill_a_published_port_for_good(
+    docker_engine: Any, worker_image: str, settings: Settings
+) -> None:
+    """The issue's reproduction: 10 000 connections at once to a worker's port on 127.0.0.1
+    (loopback only, bounded in count and time). Where that kills the engine's forwarder (it did here:
+    each forwarded connection holds two descriptors against its inherited limit of 20 000), the pool's
+    check re-creates the relay; either way the worker answers at its address afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < FLOOD + 256:
+        pytest.fail(f"the flood needs {FLOOD + 256} descriptors; this process may have {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 256), hard))
+    run_id = f"flood{time.time_ns() % 10**8}"
+    pool = _pool(settings, worker_image, run_id, workers=1)
+    held: list[socket.socket] = []
+    try:
+        port = pool.environment.workers[0].port
+        deadline = time.monotonic() + FLOOD_DEADLINE_S
+        while len(held) < FLOOD and time.monotonic() < deadline:
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break  # the forwarder is gone (refused) or saturated: the flood did its damage
+        for sock in held:
+            sock.close()
+        held.clear()
+        pool.check()
+        pool.open_session("after")
+        with pool.client("after", request_timeout=60) as session:
+            assert session.ping()["status"] == "ok"
+    finally:
+        for sock in held:
+            sock.close()
+        pool.close()
+        remove_by_selector(DockerRuntime(docker_engine), L.selector(run_id))
+    assert leftovers(docker_engine, run_id) == []

@@ -1,0 +1,156 @@
+"""The published path's health on the in-memory engine (issue 14, item 7, host side): a dead port
+forwarder is told apart from a dead or slow worker, and healed by re-creating the relay on the
+same ports, with sessions intact. The real engine: tests/runtime/test_docker_health.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provisioner.layers import get_layer
+from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.deployment import ProbeResult, Deployment
+from provisioner.runtime.health import FORWARDER_GONE, PublishedWorker, check_paths, heal_environment
+from provisioner.runtime.pool import WorkerPool
+from provisioner.runtime.recipes import plan_run
+from provisioner.settings import Settings
+
+from .conftest import FAKE_IMAGE, FakeWorkers
+
+
+def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int = 2) -> Deployment:
+    rt, workers = fake
+    plan = plan_run(
+        settings,
+        get_layer(settings, "e2e"),
+        settings.lm_for("e2e", "mock"),
+        run_id="h1",
+        image=FAKE_IMAGE,
+        workers=count,
+        run_dir=Path(settings.state_dir) / "lm",
+    )
+    return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+
+
+def _published(env: Deployment) -> list[PublishedWorker]:
+    return [PublishedWorker(w.slot, w.name, w.container_id, w.host, w.port) for w in env.workers]
+
+
+def test_every_path_answering_is_healthy(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
+    env = _env(settings, fake)
+    try:
+        assert check_paths(fake[0], env.plan.relay.name, _published(env), env.probe) == {}
+        assert heal_environment(env) == []
+        assert ("recreate_container", env.plan.relay.name) not in fake[0].calls
+    finally:
+        env.stop()
+
+
+def test_a_dead_forwarder_is_found_and_the_relay_re_created_on_the_same_ports(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    env = _env(settings, fake)
+    try:
+        victim = env.workers[0]
+        old_relay = env.container_ids[env.plan.relay.name]
+        workers.kill_forwarder(victim.port)
+        assert not env.probe(victim.host, victim.port, 1.0).ok
+
+        assert check_paths(rt, env.plan.relay.name, _published(env), env.probe) == {
+            0: f"{victim.address} {FORWARDER_GONE}"
+        }
+        notes = heal_environment(env)
+        assert notes == [
+            f"the published path of worker {victim.name} (slot 0) was dead: {victim.address} "
+            f"{FORWARDER_GONE}; re-created the relay {env.plan.relay.name} on the same ports"
+        ]
+        new_relay = env.container_ids[env.plan.relay.name]
+        assert new_relay != old_relay and rt.container_state(old_relay) is None
+        # Same addresses: every worker answers where it did; the workers were not touched.
+        assert [env.probe(w.host, w.port, 1.0).ok for w in env.workers] == [True, True]
+        assert [rt.published_port(new_relay, env.plan.relay_port_for(w.slot)) for w in env.workers] == [
+            w.port for w in env.workers
+        ]
+        assert ("remove_container", victim.name) not in rt.calls
+        # The run's cleanup knows the new relay, not the old one.
+        tracked = {r.ident for r in env.resources.tracked() if r.kind == "container"}
+        assert new_relay in tracked and old_relay not in tracked
+        assert heal_environment(env) == []
+    finally:
+        env.stop()
+    assert rt.containers == {}
+
+
+def test_a_stopped_relay_is_a_dead_path_for_every_worker(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, _ = fake
+    env = _env(settings, fake)
+    try:
+        rt.crash(env.plan.relay.name, exit_code=137)
+        found = check_paths(rt, env.plan.relay.name, _published(env), env.probe)
+        why = f"the relay {env.plan.relay.name} exited with code 137 (SIGKILL)"
+        assert found == {w.slot: why for w in env.workers}
+        assert len(heal_environment(env)) == 2
+        assert [env.probe(w.host, w.port, 1.0).ok for w in env.workers] == [True, True]
+    finally:
+        env.stop()
+
+
+def test_a_dead_worker_or_a_slow_one_is_not_a_dead_path(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """The worker's own death is the pool's (replacement) or status --repair's (restart); a timeout
+    or an error reply is load, not a dead path: the relay is left alone in both cases."""
+    rt, workers = fake
+    env = _env(settings, fake)
+    try:
+        rt.crash(env.workers[0].name)
+        slow_port = env.workers[1].port
+
+        def probe(host: str, port: int, timeout: float) -> ProbeResult:
+            if port == slow_port:
+                return ProbeResult(False, detail="timed out")
+            return workers.probe(host, port, timeout)
+
+        assert check_paths(rt, env.plan.relay.name, _published(env), probe) == {}
+        # A refusal that does not repeat (a blip) is not one either.
+        refusals = iter([True])
+
+        def blip(host: str, port: int, timeout: float) -> ProbeResult:
+            if port == slow_port and next(refusals, False):
+                return ProbeResult(False, detail="refused", refused=True)
+            return ProbeResult(True, True)
+
+        assert check_paths(rt, env.plan.relay.name, _published(env), blip) == {}
+        assert ("recreate_container", env.plan.relay.name) not in rt.calls
+    finally:
+        env.stop()
+
+
+def test_the_pool_heals_a_dead_path_and_keeps_its_sessions(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    _, workers = fake
+    with WorkerPool(_env(settings, fake), owns_environment=True) as pool:
+        pinned = pool.open_session("kept")
+        workers.kill_forwarder(pinned.port)
+        assert pool.check() == []  # no worker replaced ...
+        assert pool.session("kept") == pinned  # ... the session keeps its worker and address
+        assert pool.replaced == 0
+        assert any("re-created the relay" in n and FORWARDER_GONE in n for n in pool.stats()["notes"])
+        assert workers.probe(pinned.host, pinned.port, 1.0).ok
+        assert pool.heal_path() is False  # healthy again: nothing to do
+
+
+def test_a_failed_repair_is_a_note_not_a_crash(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    rt, workers = fake
+    with WorkerPool(_env(settings, fake), owns_environment=True) as pool:
+        workers.kill_forwarder(pool.environment.workers[0].port)
+        rt.fail_start.add(pool.environment.plan.relay.name)
+        assert pool.heal_path() is False
+        notes = pool.stats()["notes"]
+        assert any("repairing the published path failed" in n and "injected failure" in n for n in notes)
+        assert rt.by_name(pool.environment.plan.relay.name) is None  # nothing half-made left behind
