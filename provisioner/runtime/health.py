@@ -16,8 +16,10 @@ connections that went through the dead forwarder were broken already and clients
 
 A dead path is told apart from a worker that died (the pool and ``status --repair`` replace or
 restart those) or is just slow: the relay's container is not running, or the published port
-*refuses* the connection (ECONNREFUSED: nothing serves it) twice in a row while the worker's and the
-relay's containers run. A ping that times out or is answered with an error is not a dead path.
+*refuses* the connection (ECONNREFUSED: nothing serves it) twice in a row while the relay's
+container runs. A dead worker does not look like that — the relay accepts and then closes the
+connection when it cannot reach the worker — and a ping that times out or is answered with an error
+is load, not a dead path.
 
 Callers: :class:`~provisioner.runtime.pool.WorkerPool` (its monitor and a refused request of a pooled
 session, so the pytest plugin and ``provisioner.environment()`` heal on their own) via
@@ -91,20 +93,16 @@ def check_paths(
     """Which workers' published paths are dead through no fault of the worker: slot -> why.
 
     ``relay``: the relay container's name or id. Empty when every path answers, or fails only in
-    ways that are the worker's (its container stopped: see the pool / ``status --repair``) or look
-    like load (a timeout, an error reply). One ``ping`` per worker, concurrently; a refused one is
-    confirmed by a second ping after checking that the worker's container runs.
+    ways that are the worker's (the relay accepts and closes: the worker is gone, see the pool /
+    ``status --repair``) or look like load (a timeout, an error reply). One ``ping`` per worker,
+    concurrently; a refusal counts when a second ping is refused too.
     """
     relay_runs, relay_end = _running(runtime, relay)
     if not relay_runs:
         return {w.slot: f"the relay {relay} {relay_end}" for w in workers}
 
     def one(worker: PublishedWorker) -> str | None:
-        if not _refused(probe, worker, timeout_s):
-            return None
-        if not _running(runtime, worker.container_id)[0]:
-            return None  # the worker's own death shows through: not the path's
-        if not _refused(probe, worker, timeout_s):
+        if not _refused(probe, worker, timeout_s) or not _refused(probe, worker, timeout_s):
             return None
         return f"{worker.address} {FORWARDER_GONE}"
 
@@ -126,8 +124,8 @@ def rebind_relay(
     *,
     timeout_s: float,
 ) -> str:
-    """Re-create the relay with every worker's host port pinned, and wait until each worker answers
-    ``ping`` at its old address (``timeout_s``). Returns the relay's new container id.
+    """Re-create the relay with every worker's host port pinned, and wait until each worker whose
+    container runs answers ``ping`` at its old address (``timeout_s``). Returns the relay's new id.
 
     Raises:
         RuntimeProblem: the engine could not make the relay again (e.g. a port was taken meanwhile),
@@ -142,7 +140,7 @@ def rebind_relay(
                 f"the re-created relay {relay} publishes worker {w.name} on port {got}, not {w.port}"
             )
     deadline = time.monotonic() + timeout_s
-    waiting = list(workers)
+    waiting = [w for w in workers if _running(runtime, w.container_id)[0]]
     while waiting:
         waiting = [w for w in waiting if not probe(w.host, w.port, PROBE_TIMEOUT_S).ok]
         if not waiting:

@@ -433,7 +433,9 @@ class WorkerPool:
     # -- health ----------------------------------------------------------------------------------------
 
     def check(self) -> list[int]:
-        """Replace every worker whose container is not running; return the slots replaced."""
+        """Repair a dead published path (:meth:`heal_path`), then replace every worker whose
+        container is not running (its replacement answers through that path); return the slots replaced."""
+        self.heal_path()
         dead = []
         for slot_no, slot in list(self._slots.items()):
             if slot.replacing:
@@ -449,7 +451,6 @@ class WorkerPool:
                 self._replace(slot_no, lost_reason=how)
                 dead.append(slot_no)
                 self.replaced += 1
-        self.heal_path()
         return dead
 
     def heal_path(self) -> bool:

@@ -154,3 +154,20 @@ def test_a_failed_repair_is_a_note_not_a_crash(
         notes = pool.stats()["notes"]
         assert any("repairing the published path failed" in n and "injected failure" in n for n in notes)
         assert rt.by_name(pool.environment.plan.relay.name) is None  # nothing half-made left behind
+
+
+def test_a_dead_worker_behind_a_dead_port_gets_both_repaired(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """The path first (a refusal is the forwarder's, whatever the worker does: the relay accepts and
+    closes for a dead worker), then the worker: its replacement answers through the healed port."""
+    rt, workers = fake
+    with WorkerPool(_env(settings, fake), owns_environment=True) as pool:
+        victim = pool.environment.workers[0]
+        rt.crash(victim.name)
+        workers.kill_forwarder(victim.port)
+        assert pool.check() == [0]
+        assert pool.replaced == 1 and pool.environment.worker(0).generation == 1
+        notes = pool.stats()["notes"]
+        assert any(FORWARDER_GONE in n for n in notes) and any("exited with code 137" in n for n in notes)
+        assert [workers.probe(w.host, w.port, 1.0).ok for w in pool.environment.workers] == [True, True]
