@@ -55,16 +55,10 @@ class FakeWorkers:
         self.runtime = runtime
         self.not_ready: set[str] = set()
         self.probes = 0
-        # Host ports whose engine forwarder died, with the relay container that published them: the
-        # port refuses until the engine starts a relay container on it again (as docker-proxy does).
-        self.dead_forwarders: dict[int, str] = {}
 
     def kill_forwarder(self, port: int) -> None:
-        """The engine's forwarder of host ``port`` dies (what a connection flood does to docker-proxy)."""
-        with self.runtime._lock:
-            relay = next(c for c in self.runtime.containers.values()
-                         if c.recipe.role == "relay" and port in c.ports.values())
-        self.dead_forwarders[port] = relay.id
+        """The engine's forwarder of host ``port`` dies (:meth:`FakeRuntime.kill_forwarder`)."""
+        self.runtime.kill_forwarder(port)
 
     def probe(self, host: str, port: int, timeout: float) -> ProbeResult:
         self.probes += 1
@@ -77,7 +71,7 @@ class FakeWorkers:
             for container_port, host_port in relay.ports.items():
                 if host_port != port:
                     continue
-                if self.dead_forwarders.get(port) == relay.id:
+                if self.runtime.dead_forwarders.get(port) == relay.id:
                     return ProbeResult(False, detail="connection refused", refused=True)
                 routes = {lp: alias for lp, alias, _ in parse_routes(list(relay.recipe.command[3:]))}
                 alias = routes[container_port]

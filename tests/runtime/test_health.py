@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from provisioner.layers import get_layer
+from provisioner.runtime.deployment import Deployment, ProbeResult
 from provisioner.runtime.engine import FakeRuntime
-from provisioner.runtime.deployment import ProbeResult, Deployment
 from provisioner.runtime.health import FORWARDER_GONE, PublishedWorker, check_paths, heal_environment
 from provisioner.runtime.pool import WorkerPool
 from provisioner.runtime.recipes import plan_run
@@ -22,7 +22,7 @@ def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int =
     plan = plan_run(
         settings,
         get_layer(settings, "e2e"),
-        settings.lm_for("e2e", "mock"),
+        get_layer(settings, "e2e").lm_config(settings.lm, "mock"),
         run_id="h1",
         image=FAKE_IMAGE,
         workers=count,
@@ -171,3 +171,31 @@ def test_a_dead_worker_behind_a_dead_port_gets_both_repaired(
         notes = pool.stats()["notes"]
         assert any(FORWARDER_GONE in n for n in notes) and any("exited with code 137" in n for n in notes)
         assert [workers.probe(w.host, w.port, 1.0).ok for w in pool.environment.workers] == [True, True]
+
+
+def test_on_the_served_engine_a_real_ping_finds_and_the_heal_fixes_a_dead_port(
+    settings: Settings,
+) -> None:
+    """FakeRuntime(serve=True): real in-process workers and relay, the real bridge probe. The relay's
+    listener for a worker's port closes (the forwarder died); a pooled session's next request is
+    refused, healed, resent and answered, at the same address."""
+    from provisioner.runtime.lifecycle import up
+
+    served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
+    try:
+        env = up(settings, runtime=served, image=FAKE_IMAGE, watchdog=False, layer="integration",
+                 lm_mode="mock", workers=2, persistent=False)
+        with WorkerPool(env, owns_environment=True) as pool:
+            pool.open_session("kept")
+            session = pool.client("kept")
+            session.create_program("question -> answer", "p")
+            pinned = pool.session("kept")
+            served.kill_forwarder(pinned.port)
+            assert env.probe(pinned.host, pinned.port, 2.0).refused
+            assert "answer" in session.execute_program("p", {"question": "q"})["outputs"]
+            assert pool.session("kept") == pinned and pool.replaced == 0
+            assert any(FORWARDER_GONE in n for n in pool.stats()["notes"])
+            assert [env.probe(w.host, w.port, 2.0).ok for w in env.workers] == [True, True]
+            session.close()
+    finally:
+        served.close()

@@ -108,6 +108,7 @@ class FakeRuntime:
         self.on_start = on_start
         self.serve = serve
         self.fail_start: set[str] = set()
+        self.dead_forwarders: dict[int, str] = {}  # see kill_forwarder
         self.calls: list[tuple[str, str]] = []  # (operation, name) in order
         self._ids = itertools.count(1)
         self._ports = itertools.count(40000)
@@ -157,6 +158,20 @@ class FakeRuntime:
                 c.exit_code = exit_code
         if c is not None:
             self._stop_served(c)
+
+    def kill_forwarder(self, host_port: int) -> None:
+        """The engine's forwarder of 127.0.0.1:``host_port`` dies while its container runs (what a
+        connection flood does to docker-proxy): the port refuses until the container is started
+        again. Recorded in :attr:`dead_forwarders` (host port -> container id); a served relay's
+        listener for the port closes."""
+        with self._lock:
+            c = next((c for c in self.containers.values() if host_port in c.ports.values()), None)
+            if c is None:
+                raise RuntimeProblem(f"no container publishes 127.0.0.1:{host_port}")
+            self.dead_forwarders[host_port] = c.id
+            served = c.served
+        if served is not None:
+            served.close_port(host_port)
 
     def _stop_served(self, c: FakeContainer) -> None:
         with self._lock:

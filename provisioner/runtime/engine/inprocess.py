@@ -109,6 +109,20 @@ class ServedRelay:
             self.ports[listen] = listener.getsockname()[1]
             self._spawn(self._accept, listener, alias, port)
 
+    def close_port(self, host_port: int) -> None:
+        """The forwarder of ``host_port`` dies: new connections are refused, the ones it carried
+        are cut (as when docker-proxy exits); the other ports go on."""
+        for listener in self._listeners:
+            with contextlib.suppress(OSError):
+                if listener.getsockname()[1] == host_port:
+                    listener.shutdown(socket.SHUT_RDWR)  # wakes its accept(); a bare close would not
+                    listener.close()
+        with self._lock:
+            carried = [p for p in self._pairs if _local_port(p.sockets[0]) == host_port]
+            self._pairs.difference_update(carried)
+        for pair in carried:
+            pair.close()
+
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=f"fake-relay-{target.__name__}", daemon=True)
         with self._lock:
@@ -183,6 +197,13 @@ class _Pair:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:  # closed already
+        return None
 
 
 def _option(command: tuple[str, ...], name: str, default: int) -> int:
