@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
-from provisioner.runtime.deployment import WorkerInfo, death_reason
+from provisioner.runtime.deployment import Deployment, WorkerInfo, death_reason
 from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.health import heal_environment
 from provisioner.runtime.resources import CleanupReport
@@ -456,7 +456,10 @@ class WorkerPool:
     def heal_path(self) -> bool:
         """Ping every worker through its published address; when that path is dead while the
         workers run (the engine's port forwarder died), re-create the relay on the same ports —
-        sessions keep their workers (:mod:`provisioner.runtime.health`). True when it repaired."""
+        sessions keep their workers (:mod:`provisioner.runtime.health`). True when it repaired.
+        Only the process that deployed the workers does this; attached processes leave it to it."""
+        if not isinstance(self.environment, Deployment):
+            return False
         try:
             notes = heal_environment(self.environment)
         except Exception as exc:
