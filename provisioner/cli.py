@@ -621,8 +621,10 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
 
     Without --run: this project's run that is up (the current one). --all-projects lists the runs
     of every project on the engine instead. A worker that is not running shows how it ended (exit
-    code and signal, OOM-killed: the engine's container state); --repair restarts it in place
-    (its sessions and programs are gone) and says so.
+    code and signal, OOM-killed: the engine's container state), and a worker whose published port
+    refuses connections (its engine forwarder died) shows that; --repair re-creates the relay on the
+    same ports and restarts exited workers in place (their sessions and programs are gone), and
+    says what it did.
     """
     from dataclasses import asdict
 

@@ -25,6 +25,7 @@ from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe, death_reason
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
+from provisioner.runtime.health import PublishedWorker, check_paths, rebind_relay
 from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import (
     ContainerRecipe,
@@ -298,11 +299,15 @@ def status(
 ) -> StatusReport:
     """The health of every worker of a run (default: :func:`default_run`): container state and a ping.
 
-    ``repair``: first restart every worker whose container exited (killed, OOM-killed, crashed) —
-    the same container, so the same network alias and published address — re-apply its egress
-    guard and wait until it answers ``ping`` (``container.ready_timeout_s``). What was done is in
-    each worker's ``repaired``; a worker whose container is gone cannot be restarted (``down`` then
-    ``up``). A repaired worker has lost its sessions and programs.
+    A worker whose container runs but whose published address refuses connections, or whose relay
+    stopped, has a dead path (:mod:`provisioner.runtime.health`): its ``reason`` says so.
+
+    ``repair``: first re-create the relay when a path is dead (same host ports; workers, sessions
+    and programs untouched), then restart every worker whose container exited (killed, OOM-killed,
+    crashed) — the same container, so the same network alias and published address — re-apply its
+    egress guard and wait until it answers ``ping`` (``container.ready_timeout_s``). What was done
+    is in each worker's ``repaired``; a worker whose container is gone cannot be restarted (``down``
+    then ``up``). A restarted worker has lost its sessions and programs.
 
     Raises:
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
@@ -318,7 +323,10 @@ def status(
         return StatusReport(run_id, None, [], {})
     repaired: dict[str, str] = {}
     if repair:
-        repaired = _repair_workers(settings, rt, state, probe)
+        repaired = _repair_path(settings, rt, state, probe)
+        for worker, done in _repair_workers(settings, rt, state, probe).items():
+            repaired[worker] = "; ".join(x for x in (repaired.get(worker, ""), done) if x)
+    dead_paths = check_paths(rt, state.relay, _published(state), probe) if state.relay else {}
 
     def check(w: dict[str, Any]) -> WorkerHealth:
         cstate = rt.container_state(str(w["container_id"]))
@@ -337,6 +345,7 @@ def status(
                 repaired=done,
             )
         result = probe(host, int(port), 2.0)
+        dead = dead_paths.get(int(w["slot"]), "")
         return WorkerHealth(
             int(w["slot"]),
             str(w["name"]),
@@ -346,6 +355,7 @@ def status(
             result.lm_configured,
             round(result.latency_s * 1000, 2),
             "" if result.ok else result.detail,
+            reason=f"dead path: {dead}; `provision status --repair` re-creates the relay" if dead else "",
             repaired=done,
         )
 
@@ -357,6 +367,38 @@ def status(
             cs = rt.container_state(name)
             others[name] = "missing" if cs is None else cs.status
     return StatusReport(run_id, state, workers, others)
+
+
+def _published(state: RunState) -> list[PublishedWorker]:
+    workers = []
+    for w in state.workers:
+        host, port = str(w["address"]).rsplit(":", 1)
+        workers.append(
+            PublishedWorker(int(w["slot"]), str(w["name"]), str(w["container_id"]), host, int(port))
+        )
+    return workers
+
+
+def _repair_path(settings: Settings, rt: ContainerRuntime, state: RunState, probe: Probe) -> dict[str, str]:
+    """Re-create the run's relay on the same host ports when a published path is dead (see
+    :func:`status`); worker name -> what was done, for the workers whose path was dead."""
+    workers = _published(state)
+    dead = check_paths(rt, state.relay, workers, probe) if state.relay else {}
+    if not dead:
+        return {}
+    names = {w.slot: w.name for w in workers}
+    try:
+        rebind_relay(rt, state.relay, workers, probe, timeout_s=settings.container.ready_timeout_s)
+    except RuntimeProblem as exc:
+        return {
+            names[slot]: f"re-creating the relay failed: {exc} (the path was dead: {why}); "
+            "`provision down` and `provision up` start the run afresh"
+            for slot, why in dead.items()
+        }
+    return {
+        names[slot]: f"re-created the relay {state.relay} on the same ports: {why}"
+        for slot, why in dead.items()
+    }
 
 
 def _repair_workers(

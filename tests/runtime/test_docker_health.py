@@ -6,13 +6,19 @@ relay on the same ports; the next request works at the same address."""
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from provisioner.bridge.client import BridgeClient
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.health import FORWARDER_GONE
@@ -65,6 +71,54 @@ def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
     finally:
         pool.close()
         remove_by_selector(rt, L.selector(run_id))
+    assert leftovers(docker_engine, run_id) == []
+
+
+def test_status_names_a_dead_port_and_repair_re_creates_the_relay(
+    docker_engine: Any, worker_image: str, tmp_path: Path
+) -> None:
+    """`provision up`, then the forwarder of w0's port dies: `provision status` says so (exit 1),
+    `provision status --repair` re-creates the relay on the same ports, and w0 answers at its address."""
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'dead-port'\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
+    }
+    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    run_id = f"deadport{os.getpid()}"
+
+    def provision(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "provisioner.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    try:
+        up = provision("up", "--layer", "integration", "--lm", "mock", "--workers", "2", "--run-id", run_id,
+                       "--json")
+        assert up.returncode == 0, up.stdout + up.stderr
+        victim, other = json.loads(up.stdout)["workers"]
+        port = int(victim["address"].rsplit(":", 1)[1])
+        kill_forwarder(port)
+
+        seen = provision("status", "--json")
+        assert seen.returncode == 1, seen.stdout + seen.stderr
+        by_name = {w["name"]: w for w in json.loads(seen.stdout)["workers"]}
+        assert FORWARDER_GONE in by_name[victim["name"]]["reason"], by_name
+        assert "--repair" in by_name[victim["name"]]["reason"] and by_name[other["name"]]["reason"] == ""
+
+        repaired = provision("status", "--repair", "--json")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        report = json.loads(repaired.stdout)
+        by_name = {w["name"]: w for w in report["workers"]}
+        done = by_name[victim["name"]]["repaired"]
+        assert done.startswith(f"re-created the relay prov-{run_id}-relay on the same ports"), done
+        assert by_name[other["name"]]["repaired"] == ""
+        with BridgeClient("127.0.0.1", port, request_timeout=60) as client:
+            assert client.ping()["status"] == "ok"
+        assert provision("status").returncode == 0
+    finally:
+        provision("down", "--run", run_id)
+        remove_by_selector(DockerRuntime(docker_engine), L.selector(run_id))
     assert leftovers(docker_engine, run_id) == []
 
 

@@ -199,3 +199,60 @@ def test_on_the_served_engine_a_real_ping_finds_and_the_heal_fixes_a_dead_port(
             session.close()
     finally:
         served.close()
+
+
+def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """`provision up` heals on request: status says which path is dead and why; --repair re-creates
+    the relay on the same ports and says so; a worker that also exited is restarted after it."""
+    from provisioner.runtime.lifecycle import down, status, up
+
+    rt, workers = fake
+    env = up(settings, runtime=rt, probe=workers.probe, image=FAKE_IMAGE, watchdog=False,
+             layer="integration", lm_mode="mock", workers=2)
+    try:
+        first, second = env.workers
+        workers.kill_forwarder(first.port)
+        rt.crash(second.container_id)
+        report = status(settings, runtime=rt, probe=workers.probe)
+        assert not report.healthy
+        by_name = {w.name: w for w in report.workers}
+        assert by_name[first.name].reason == (
+            f"dead path: {first.address} {FORWARDER_GONE}; `provision status --repair` re-creates the relay"
+        )
+        assert by_name[second.name].reason == "exited with code 137 (SIGKILL)"
+
+        repaired = status(settings, runtime=rt, probe=workers.probe, repair=True)
+        assert repaired.healthy, repaired
+        by_name = {w.name: w for w in repaired.workers}
+        relay = env.plan.relay.name
+        assert by_name[first.name].repaired == (
+            f"re-created the relay {relay} on the same ports: {first.address} {FORWARDER_GONE}"
+        )
+        assert by_name[second.name].repaired == "restarted: the worker exited with code 137 (SIGKILL)"
+        assert [w.address for w in repaired.workers] == [first.address, second.address]
+        assert status(settings, runtime=rt, probe=workers.probe, repair=True).workers[0].repaired == ""
+    finally:
+        down(settings, runtime=rt)
+    assert rt.containers == {}
+
+
+def test_status_repair_says_when_the_relay_cannot_be_made_again(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    from provisioner.runtime.lifecycle import down, status, up
+
+    rt, workers = fake
+    env = up(settings, runtime=rt, probe=workers.probe, image=FAKE_IMAGE, watchdog=False,
+             layer="integration", lm_mode="mock", workers=1)
+    try:
+        rt.remove_container(env.plan.relay.name)
+        report = status(settings, runtime=rt, probe=workers.probe, repair=True)
+        assert not report.healthy
+        done = report.workers[0].repaired
+        assert done.startswith("re-creating the relay failed:") and "is gone" in done, done
+        assert "`provision down` and `provision up`" in done
+        assert report.others == {env.plan.relay.name: "missing"}
+    finally:
+        down(settings, runtime=rt)
