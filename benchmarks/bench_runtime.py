@@ -44,8 +44,8 @@ from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import ContainerRuntime, open_runtime
 from provisioner.runtime.images import build_worker_image
-from provisioner.runtime.lifecycle import down, up
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.lifecycle import UpOptions, down, up
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +77,9 @@ def cold_start(rt: ContainerRuntime, image: str, folder: Path) -> dict[str, floa
         settings,
         get_layer(settings, "integration"),
         get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        run_id=run_id,
-        image=image,
-        workers=1,
+        RunTarget(run_id, Owner.this_process()),
+        image,
+        PlanOptions(workers=1),
     )
     marks: dict[str, float] = {}
     start = time.perf_counter()
@@ -177,7 +177,7 @@ def measure(rounds: int) -> dict[str, Any]:
         )
         settings = settings.model_copy(update={"lm": settings.lm.model_copy(update={"api_key": None})})
         start = time.perf_counter()
-        live = up(settings, layer="e2e", workers=2, runtime=rt)
+        live = up(settings, UpOptions(layer="e2e", workers=2), runtime=rt)
         up_api.append(time.perf_counter() - start)
         start = time.perf_counter()
         down(settings, run_id=live.plan.run_id, runtime=rt)

@@ -141,7 +141,7 @@ class Environment:
         from pydantic import SecretStr
 
         from provisioner.lm.standin import GeminiStandin
-        from provisioner.runtime.recipes import STANDIN_KEY
+        from provisioner.lmconfig import STANDIN_KEY
 
         with self._lock:
             if self._standin is None:

@@ -537,13 +537,14 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     Writes .provision/runs/<id>/state.json and an env file (also .provision/current.env) with
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
     """
-    from provisioner.runtime.lifecycle import up
+    from provisioner.runtime.lifecycle import UpOptions, up
     from provisioner.runtime.state import CURRENT_ENV, run_dir_of
 
     settings = _settings(layer=layer)
+    options = UpOptions(layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
+                        require_key=require_key, run_id=run_id, new=new)
     try:
-        env = up(settings, layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
-                 require_key=require_key, run_id=run_id, new=new, progress=None if as_json else _say)
+        env = up(settings, options, progress=None if as_json else _say)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted: everything started so far was removed") from None
     state = env.state
@@ -692,11 +693,13 @@ def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require
 
     Example: provision run --layer e2e -- pytest -q
     """
+    from provisioner.runtime.lifecycle import UpOptions
     from provisioner.runtime.run_command import run_command
 
+    options = UpOptions(layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
+                        require_key=require_key, persistent=False)
     try:
-        code = run_command(list(command), _settings(layer=layer), layer=layer, workers=workers,
-                           lm_mode=lm_mode, require_key=require_key, progress=_say)  # type: ignore[arg-type]
+        code = run_command(list(command), _settings(layer=layer), options, progress=_say)
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

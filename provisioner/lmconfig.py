@@ -3,10 +3,11 @@
 This module sits at the bottom of the dependency graph (pydantic only, no DSPy), so both the
 host-side controller and the code inside containers can import it cheaply.
 
-The controller hands an ``LMConfig`` to a worker through its environment
-(:meth:`LMConfig.to_worker_env`): the non-secret part as JSON in ``PROVISION_LM_CONFIG`` and the
-API key, only in ``real`` mode, in ``GEMINI_TEST_API_KEY``. The key is a ``SecretStr``: it is never
-part of ``model_dump_json()`` output, labels, state files, cassettes or logs.
+The controller hands an ``LMConfig`` to a worker through its environment: the non-secret part as
+JSON in ``PROVISION_LM_CONFIG`` (:meth:`LMConfig.to_worker_env`) and, separately, the secrets
+:func:`worker_secrets` decides it gets — the one place that decides who receives the API key
+(``GEMINI_TEST_API_KEY``). The key is a ``SecretStr``: it is never part of ``model_dump_json()``
+output, labels, state files, cassettes or logs.
 """
 
 from __future__ import annotations
@@ -220,19 +221,18 @@ class LMConfig(BaseModel):
         """The configuration without the API key, as compact JSON."""
         return self.model_dump_json(exclude={"api_key"})
 
-    def to_worker_env(self) -> dict[str, str]:
-        """Environment variables that give a worker exactly this LM configuration.
-
-        The API key is included only in ``real`` mode and in ``cached`` mode recording from
-        the real API — never in mock mode, so a mock worker cannot spend money even by mistake.
-        """
-        env = {LM_CONFIG_ENV: self.public_json()}
-        needs_key = self.mode == "real" or (
+    @property
+    def calls_gemini(self) -> bool:
+        """This configuration can make Gemini calls: ``real`` mode, or ``cached`` mode recording its
+        misses from the real engine (``cached_inner="real"`` and a ``record_mode`` other than ``none``)."""
+        return self.mode == "real" or (
             self.mode == "cached" and self.cached_inner == "real" and self.record_mode != "none"
         )
-        if needs_key and self.api_key is not None:
-            env[API_KEY_ENV] = self.api_key.get_secret_value()
-        return env
+
+    def to_worker_env(self) -> dict[str, str]:
+        """The environment variable that gives a worker this LM configuration, without any secret:
+        ``{"PROVISION_LM_CONFIG": <JSON>}``. Which secrets a worker gets is :func:`worker_secrets`'s call."""
+        return {LM_CONFIG_ENV: self.public_json()}
 
     @classmethod
     def from_worker_env(cls, environ: Mapping[str, str]) -> LMConfig | None:
@@ -247,3 +247,30 @@ class LMConfig(BaseModel):
         if key:
             data["api_key"] = key
         return cls.model_validate(data)
+
+
+# The stand-in accepts any non-empty key; the Gemini engine insists on having one.
+STANDIN_KEY = "provision-standin-not-a-secret"
+GeminiEndpoint = Literal["api", "standin", "none"]
+
+
+def worker_secrets(lm: LMConfig, *, endpoint: GeminiEndpoint) -> dict[str, str]:
+    """The secret environment of a worker running ``lm`` — the one policy for the API key.
+
+    ``endpoint``: what the worker can reach for Gemini calls — ``"api"`` the real API (a worker
+    process on the host, a container with a route out), ``"standin"`` the run's Gemini stand-in,
+    ``"none"`` nothing (a container on an internal network).
+
+    The real key goes only to a worker that makes Gemini calls (:attr:`LMConfig.calls_gemini`) *and*
+    can reach the real API: never to a mock worker, a replay-only cached worker or a worker cut off
+    from the internet, so none of them can spend money or leak the key, even by mistake. A worker
+    of the stand-in gets :data:`STANDIN_KEY` (not a secret). Returns ``{"GEMINI_TEST_API_KEY": …}``
+    or ``{}``.
+    """
+    if not lm.calls_gemini or endpoint == "none":
+        return {}
+    if endpoint == "standin":
+        return {API_KEY_ENV: STANDIN_KEY}
+    if lm.api_key is None or not lm.api_key.get_secret_value():
+        return {}
+    return {API_KEY_ENV: lm.api_key.get_secret_value()}

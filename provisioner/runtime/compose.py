@@ -41,7 +41,10 @@ from provisioner.runtime.recipes import (
     RUN_DIR_MOUNT,
     WORKER_UID,
     ContainerRecipe,
+    Owner,
+    PlanOptions,
     RunPlan,
+    RunTarget,
     guard_recipe,
     plan_run,
 )
@@ -86,21 +89,14 @@ def compose_plan(settings: Settings, layer: str) -> RunPlan:
     _container_layer(settings, layer)
     layer_obj = get_layer(settings, layer)
     lm = layer_obj.lm_config(settings.lm).model_copy(update={"api_key": None, "base_url": None})
-    return plan_run(
-        settings,
-        layer_obj,
-        lm,
+    target = RunTarget(
         run_id=f"compose-{layer_obj.name}",
-        image=IMAGE_REF,
-        session="compose",
-        run_dir=Path("/compose-run-dir"),
-        use_standin=lm.mode == "real",
-        owner_pid=0,
-        owner_host="compose",
-        created=0,
-        user=USER_REF,
-        persistent=True,
+        owner=Owner(pid=0, host="compose", created=0, persistent=True),
+        instance=None,
+        lm_dir=Path("/compose-run-dir"),
     )
+    return plan_run(settings, layer_obj, lm, target, IMAGE_REF,
+                    PlanOptions(use_standin=lm.mode == "real", user=USER_REF))
 
 
 def _labels(recipe_labels: dict[str, str]) -> dict[str, str]:

@@ -127,7 +127,7 @@ class Deployment:
     ) -> None:
         self.plan = plan
         self.runtime = runtime
-        self.resources = resources or ResourceManager(runtime, selector=L.selector(plan.run_id))
+        self.resources = resources or ResourceManager(runtime, selector=self.selector)
         self.probe = probe
         self.ready_timeout_s = ready_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -216,14 +216,37 @@ class Deployment:
         finally:
             pool.shutdown(wait=True)
 
+    @property
+    def selector(self) -> dict[str, str]:
+        """The labels of this deployment's process instance in its run (``run`` + ``instance``)."""
+        return L.selector(self.plan.run_id, self.plan.instance)
+
+    def owns(self, kind: str, name: str) -> bool:
+        """``name`` is one of this deployment's resources: a network, the relay or stand-in, a
+        worker of any generation, or the egress guard of one of them. Another deployment of the same
+        instance (a dedicated worker beside the pool) has other names, so it is never taken for ours."""
+        plan = self.plan
+        if kind == "network":
+            return name in {n.name for n in plan.networks}
+        if kind != "container":
+            return False
+        fixed = {plan.relay.name}
+        if plan.standin is not None:
+            fixed |= {plan.standin.name, f"{plan.standin.name}-guard"}
+        return name in fixed or any(
+            name == r.name or name.startswith(f"{r.name}-") for r in self.recipes.values()
+        )
+
     def stop(self) -> CleanupReport:
-        """Remove every container and network of this deployment: the tracked ones, then a label sweep
-        of the run's resources labelled with this plan's ``session`` (the process instance whose share
-        of the run this is). Other instances' shares stay: the run-wide sweep is ``down``'s and the
-        watchdog's."""
+        """Remove this deployment's containers and networks: the tracked ones, then a label sweep of
+        its own (:meth:`owns`, under :attr:`selector`) for any whose create call was still in flight.
+
+        Only its own: other processes of the run (xdist workers), and other deployments of this
+        process, keep theirs. Removing the whole run is :func:`~provisioner.runtime.lifecycle.down`'s
+        job and the watchdog's."""
         self._closing.set()
         report = self.resources.cleanup_all()
-        remove_by_selector(self.runtime, {**L.selector(self.plan.run_id), L.SESSION: self.plan.session})
+        remove_by_selector(self.runtime, self.selector, lambda ref: self.owns(ref.kind, ref.name))
         self.started = False
         return report
 

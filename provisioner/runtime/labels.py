@@ -6,7 +6,10 @@ to the engine, so they never hold secrets — only ids, names, the owner's host 
 
 ``provisioner.project`` (:func:`project_id`) scopes ``reap``, ``status`` and ``up``'s "already up"
 check to one project; runs made before it existed carry no such label and count as any project's
-(so ``reap`` still finds them). Label keys are never renamed: old runs stay selectable.
+(so ``reap`` still finds them). Cleanup selects by ``provisioner.managed`` and ``provisioner.run``,
+keys that never change, so runs of older versions stay selectable. ``provisioner.instance`` (which
+process of the run made the resource) was called ``provisioner.session`` before; only a live
+process selects by it (its own resources), so a renamed key strands nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from pathlib import Path
 MANAGED = "provisioner.managed"
 RUN = "provisioner.run"
 LAYER = "provisioner.layer"
-SESSION = "provisioner.session"
+# Which process of the run made the resource (``main-77``, ``gw0-1234``, a dedicated worker's
+# ``gw0-1234-d3``; the run id for a run with one deployment, e.g. ``provision up``).
+INSTANCE = "provisioner.instance"
+LEGACY_INSTANCE = "provisioner.session"  # its name before 2026-11 (it never held a bridge session)
 ROLE = "provisioner.role"
 SLOT = "provisioner.slot"
 OWNER_HOST = "provisioner.owner.host"
@@ -48,7 +54,7 @@ ROLE_NETWORK = "network"
 def run_labels(
     run_id: str,
     layer: str,
-    session: str,
+    instance: str,
     *,
     owner_pid: int | None = None,
     owner_host: str | None = None,
@@ -62,7 +68,7 @@ def run_labels(
         MANAGED: "true",
         RUN: run_id,
         LAYER: layer,
-        SESSION: session,
+        INSTANCE: instance,
         OWNER_HOST: owner_host or socket.gethostname(),
         OWNER_PID: str(owner_pid if owner_pid is not None else os.getpid()),
         CREATED: str(int(created if created is not None else time.time())),
@@ -83,11 +89,15 @@ def project_id(root: Path) -> str:
     return f"{slug}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 
 
-def selector(run_id: str | None = None) -> dict[str, str]:
-    """Label filter for every managed resource, or those of one run."""
+def selector(run_id: str | None = None, instance: str | None = None) -> dict[str, str]:
+    """Label filter for every managed resource, those of one run, or of one instance of a run."""
     out = {MANAGED: "true"}
     if run_id is not None:
         out[RUN] = run_id
+    if instance is not None:
+        if run_id is None:
+            raise ValueError("an instance is only unique within its run: pass run_id too")
+        out[INSTANCE] = instance
     return out
 
 

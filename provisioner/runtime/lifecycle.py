@@ -4,12 +4,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from provisioner.errors import (
@@ -21,49 +18,59 @@ from provisioner.layers import get_layer
 from provisioner.lmconfig import LMMode
 from provisioner.run import check_run_id, new_run_id
 from provisioner.runtime import labels as L
+from provisioner.runtime import launch
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe, death_reason
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
 from provisioner.runtime.health import PublishedWorker, check_paths, rebind_relay
 from provisioner.runtime.polling import poll_until
-from provisioner.runtime.recipes import (
-    ContainerRecipe,
-    plan_run,
-    prepare_shared_dir,
-)
+from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, plan_run
 from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
 from provisioner.runtime.state import RunState, _clear_current, read_state, run_dir_of, write_state
 from provisioner.settings import Settings
 
 
+@dataclass(frozen=True)
+class UpOptions:
+    """What ``provision up`` / ``provision run`` start (None: the settings' choice).
+
+    ``layer``: the layer (default ``settings.layer``); ``workers``: how many (default the layer's);
+    ``lm_mode``: override the layer's LM mode; ``require_key``: real mode must use the real API (no
+    stand-in). ``persistent`` (``provision up``): the run outlives this process until :func:`down`;
+    otherwise (``provision run``, a pool) the watchdog removes it when ``owner_pid`` (default: this
+    process) is gone. ``run_id``: choose the id (default: a new one); ``image``: the worker image
+    (default: built/checked); ``watchdog``: start the run's watchdog; ``new``: start a persistent
+    run alongside a live one of the same project and layer.
+    """
+
+    layer: str | None = None
+    workers: int | None = None
+    lm_mode: LMMode | None = None
+    require_key: bool = False
+    persistent: bool = True
+    run_id: str | None = None
+    image: str | None = None
+    watchdog: bool = True
+    owner_pid: int | None = None
+    new: bool = False
+
+
 def up(
     settings: Settings | None = None,
+    options: UpOptions = UpOptions(),
     *,
-    layer: str | None = None,
-    workers: int | None = None,
-    lm_mode: LMMode | None = None,
-    require_key: bool = False,
-    persistent: bool = True,
-    run_id: str | None = None,
-    session: str | None = None,
-    image: str | None = None,
     runtime: ContainerRuntime | None = None,
     probe: Probe = bridge_probe,
-    watchdog: bool = True,
-    owner_pid: int | None = None,
     progress: Progress | None = None,
-    new: bool = False,
 ) -> Deployment:
-    """Start a layer's environment and write its state and env files; return the live run.
+    """Start a layer's deployment and write its state and env files; return the live deployment.
 
-    ``persistent`` (``provision up``): the environment outlives this process until :func:`down`.
-    A persistent run refuses to start over a live persistent run of the same project and layer
-    (it would orphan it: ``down`` only knows the current run) unless ``new`` starts another one
-    alongside. Every resource is labelled with the project (:func:`project_of`).
-    Otherwise (``provision run``, the pytest plugin) the run's watchdog removes it as soon as its
-    owner process (``owner_pid``, default this one) is gone, even after SIGKILL. The watchdog also
-    covers a persistent run until it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
+    The launch steps of :mod:`provisioner.runtime.launch`, plus what only ``up`` checks. A
+    persistent run refuses to start over a live persistent run of the same project and layer (it
+    would orphan it: ``down`` only knows the current run) unless ``options.new``. Every resource is
+    labelled with the project (:func:`project_of`). The watchdog also covers a persistent run until
+    it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
 
     Raises:
         ConfigError: the layer has no containers, or ``require_key`` without a key.
@@ -74,28 +81,28 @@ def up(
     settings = settings_or_load(settings)
     say = progress or (lambda _m: None)
     project = project_of(settings)
-    layer_obj = get_layer(settings, layer or settings.layer)
-    if not layer_obj.needs_docker:
+    layer = get_layer(settings, options.layer or settings.layer)
+    if not layer.needs_docker:
         raise ConfigError(
-            f"layer {layer_obj.name!r} runs in-process (adapter {layer_obj.adapter!r}) and has no "
+            f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}) and has no "
             "containers; choose a bridge layer such as 'integration' or 'e2e'"
         )
-    lm = layer_obj.lm_config(settings.lm, lm_mode)
-    if require_key and lm.mode == "real" and lm.api_key is None:
+    lm = layer.lm_config(settings.lm, options.lm_mode)
+    if options.require_key and lm.mode == "real" and lm.api_key is None:
         raise ConfigError(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
         )
-    rt = runtime_or_docker(runtime, settings)
+    rt = launch.open_runtime(runtime, settings)
     runs = list_runs(rt, project, settings.state_dir)
-    if persistent and not new:
+    if options.persistent and not options.new:
         live = [
             r for r in runs
-            if r.persistent and r.project == project and r.layer == layer_obj.name and r.running(rt)
+            if r.persistent and r.project == project and r.layer == layer.name and r.running(rt)
         ]
         if live:
             ids = ", ".join(r.run_id for r in live)
             raise RuntimeProblem(
-                f"layer {layer_obj.name!r} of this project is already up (run {ids}); "
+                f"layer {layer.name!r} of this project is already up (run {ids}); "
                 f"remove it first with `provision down --run {live[-1].run_id}`, "
                 "or start another one alongside with `provision up --new`"
             )
@@ -107,95 +114,40 @@ def up(
     ]
     for w in warnings:
         say("warning: " + w)
-    if image is None:
-        from provisioner.runtime.images import ensure_worker_image
-
-        image = ensure_worker_image(
-            rt, image=settings.container.image, base=settings.container.base, project=project, progress=say
-        )
-    if run_id is not None:
-        check_run_id(run_id)  # ConfigError: it becomes part of container and network names
-    if run_id is not None and rt.list_resources(L.selector(run_id)):
+    image = launch.ensure_image(rt, settings, image=options.image, progress=say)
+    if options.run_id is not None:
+        check_run_id(options.run_id)  # ConfigError: it becomes part of container and network names
+    if options.run_id is not None and rt.list_resources(L.selector(options.run_id)):
         raise RuntimeProblem(
-            f"run id {run_id!r} is already in use on this engine; choose another, or remove it first "
-            f"with `provision down --run {run_id}`"
+            f"run id {options.run_id!r} is already in use on this engine; choose another, or remove it "
+            f"first with `provision down --run {options.run_id}`"
         )
-    run_id = run_id or new_run_id()
-    run_dir = run_dir_of(settings, run_id)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    lm_run_dir: Path | None = None
-    if lm.mode != "mock":
-        lm_run_dir = prepare_shared_dir(Path(lm.run_dir) if lm.run_dir else run_dir.lm_dir)
-        if lm.mode == "cached" and lm.record_mode != "none":  # replay-only: mounted read-only, untouched
-            prepare_shared_dir(Path(lm.cache_dir))
-    owner = owner_pid or os.getpid()
-    if watchdog:
-        wd.ensure_watchdog(
-            run_id, run_dir.path, owner_pid=owner, interval_s=settings.container.watchdog_interval_s,
-            wait=False,
-        )
-    created = time.time()
-    plan = plan_run(
-        settings,
-        layer_obj,
-        lm,
-        run_id=run_id,
-        image=image,
-        workers=workers,
-        session=session,
-        run_dir=lm_run_dir,
-        owner_pid=owner,
-        created=created,
-        persistent=persistent,
-        project=project,
-    )
-    env = Deployment(
-        plan,
-        rt,
-        probe=probe,
-        ready_timeout_s=settings.container.ready_timeout_s,
-        progress=say,
-    )
+    run_dir = run_dir_of(settings, options.run_id or new_run_id())
+    owner = Owner.this_process(pid=options.owner_pid, persistent=options.persistent)
+    target = launch.prepare_run_dir(settings, lm, run_dir, owner)
+    if options.watchdog:
+        launch.start_watchdog(settings, target)
+    plan = plan_run(settings, layer, lm, target, image, PlanOptions(workers=options.workers))
+    deployment: Deployment | None = None
     try:
-        env.start()
-        if watchdog:
+        deployment = launch.deploy(plan, rt, settings, probe=probe, progress=say)
+        if options.watchdog:
             wd.wait_watching(run_dir.path)
     except BaseException:
-        env.stop()
-        # The watchdog stays on duty: when this process ends it sweeps the run's labels once more,
-        # catching a container whose create call was still in flight when we were interrupted.
+        if deployment is not None:
+            deployment.stop()
+        # Whatever a create call still in flight made: the run is all ours, sweep it by its label.
+        # The watchdog stays on duty too: when this process ends it sweeps the run once more.
+        remove_by_selector(rt, L.selector(plan.run_id))
         raise
-    state = RunState(
-        run_id=run_id,
-        layer=layer_obj.name,
-        lm_mode=lm.mode,
-        session=plan.session,
-        image=image,
-        created=created,
-        owner_pid=owner,
-        owner_host=socket.gethostname(),
-        persistent=persistent,
-        uses_standin=plan.uses_standin,
-        egress=plan.egress,
-        networks=[n.name for n in plan.networks],
-        relay=plan.relay.name,
-        standin=plan.standin.name if plan.standin else None,
-        workers=[
-            {"slot": w.slot, "name": w.name, "container_id": w.container_id, "address": w.address}
-            for w in env.workers
-        ],
-        lm_run_dir=str(lm_run_dir) if lm_run_dir else None,
-        record_mode=lm.record_mode if lm.mode == "cached" else None,
-    )
-    # Only a persistent environment becomes the "current" one that shells source: a test session's
-    # or `provision run`'s private run must not replace what `provision up` left for the user.
-    write_state(settings, state, current=persistent, control_token=plan.control_token)
-    env.state = state
-    if persistent and watchdog:
+    # Only a persistent run becomes the "current" one that shells source: a test session's or
+    # `provision run`'s private run must not replace what `provision up` left for the user.
+    launch.record_state(settings, deployment, target, current=options.persistent)
+    if options.persistent and options.watchdog:
         wd.mark(run_dir.path, wd.PERSIST_MARKER)  # up is done: the watchdog stands down, the run stays
-        wd.unregister_owner(run_dir.path, owner)
-    env.warnings = warnings
-    return env
+        wd.unregister_owner(run_dir.path, owner.pid)
+    deployment.warnings = warnings
+    return deployment
 
 
 @dataclass

@@ -152,13 +152,19 @@ class WorkerPool:
         self.on_replaced: Callable[[list[WorkerInfo]], None] | None = None
 
     @classmethod
-    def start(cls, settings: Any = None, *, layer: str | None = None, **up_kwargs: Any) -> WorkerPool:
-        """Bring a layer's workers up (not persistent: the watchdog removes them if we die) as a pool."""
-        from provisioner.runtime.lifecycle import up
+    def start(cls, settings: Any = None, options: Any = None, **up_kwargs: Any) -> WorkerPool:
+        """Bring a layer's workers up (not persistent: the watchdog removes them if we die) as a pool.
+
+        ``options``: :class:`~provisioner.runtime.lifecycle.UpOptions`; ``up_kwargs``: the other
+        keywords of :func:`~provisioner.runtime.lifecycle.up` (``runtime``, ``probe``, ``progress``)."""
+        import dataclasses
+
+        from provisioner.runtime.lifecycle import UpOptions, up
         from provisioner.runtime.runs import settings_or_load
 
         settings = settings_or_load(settings)
-        env = up(settings, layer=layer, persistent=False, **up_kwargs)
+        options = dataclasses.replace(options or UpOptions(), persistent=False)
+        env = up(settings, options, **up_kwargs)
         return cls(
             env,
             recycle_after_sessions=settings.container.recycle_after_sessions,

@@ -29,18 +29,23 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import Layer
-from provisioner.lmconfig import API_KEY_ENV, LMConfig
+from provisioner.lmconfig import GeminiEndpoint, LMConfig, worker_secrets
 from provisioner.runtime import labels as L
 from provisioner.settings import Settings
+
+if TYPE_CHECKING:  # state -> watchdog -> engine -> engine.base -> recipes: a type only, no import cycle
+    from provisioner.runtime.state import RunDir
 
 WORKER_PORT = 8765
 RELAY_BASE_PORT = 9000
@@ -48,7 +53,6 @@ STANDIN_PORT = 8080
 STANDIN_ALIAS = "gemini-standin"
 RELAY_SCRIPT = "/opt/provisioner/relay.py"  # provisioner/runtime/relay.py, copied by the image build
 NETGUARD_SCRIPT = "/opt/provisioner/netguard.py"  # provisioner/runtime/netguard.py, copied likewise
-STANDIN_KEY = "provision-standin-not-a-secret"
 # Paths inside worker containers. Fixed, so no host path leaks into the container or the compose files.
 CASSETTE_MOUNT = "/provision/cassettes"
 RUN_DIR_MOUNT = "/provision/run"
@@ -274,7 +278,7 @@ class RunPlan:
 
     run_id: str
     layer: str
-    session: str
+    instance: str  # the provisioner.instance label: RunTarget.instance, or the run id
     lm_mode: str
     networks: tuple[NetworkRecipe, ...]
     relay: ContainerRecipe
@@ -287,6 +291,8 @@ class RunPlan:
     # workers share; Deployment writes the limits file there before any worker starts.
     lm_run_dir: str | None = None
     run_limits: dict[str, Any] | None = None
+    # The cassette record mode of a cached run (None otherwise): an attaching pytest compares it.
+    record_mode: str | None = None
     # The workers' control token (a secret: workers get it in secret_environment, the run's env
     # file holds it for controllers; never in public_dict, labels or state files).
     control_token: str | None = field(default=None, repr=False, compare=False)
@@ -306,7 +312,7 @@ class RunPlan:
         return {
             "run_id": self.run_id,
             "layer": self.layer,
-            "session": self.session,
+            "instance": self.instance,
             "lm_mode": self.lm_mode,
             "egress": self.egress,
             "uses_standin": self.uses_standin,
@@ -399,138 +405,272 @@ def worker_lm_config(
     return lm.model_copy(update=update)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The process a run's resources are labelled with (``provisioner.owner.*``): the watchdog and
+    ``provision reap`` judge a run stale by it. ``created``: unix time; ``persistent``: the run
+    outlives its owner (``provision up``)."""
+
+    pid: int
+    host: str
+    created: float
+    persistent: bool = False
+
+    @classmethod
+    def this_process(cls, *, pid: int | None = None, persistent: bool = False) -> Owner:
+        """This host, now, and ``pid`` (default: this process)."""
+        return cls(pid or os.getpid(), socket.gethostname(), time.time(), persistent)
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a plan's resources go: the run (``run_id``: labels, watchdog, shared LM state), the
+    process instance inside it, and its owner.
+
+    ``instance``: which process of the run deploys (``main-77``, ``gw0-1234``): the
+    ``provisioner.instance`` label holds it, so each process finds (and removes) only its own
+    resources. ``name``: this deployment's name inside the run (default: the instance; a dedicated
+    worker's is ``<instance>-d<n>``): container and network names are ``prov-<run>-<name>-…``, so two
+    deployments of one run never clash. Both None: the run has one deployment (``provision up``,
+    ``provision run``, compose): names are ``prov-<run>-…`` and the label holds the run id.
+    ``lm_dir``: the host folder the run's workers share (LM rate window, cost budget, ledger;
+    needed in cached and real mode). ``project``: the :func:`~provisioner.runtime.labels.project_id`
+    every resource is labelled with. ``run_dir``: the run's folder on this host (None for a plan that
+    is never started, e.g. a compose export).
+    """
+
+    run_id: str
+    owner: Owner
+    instance: str | None = None
+    name: str | None = None
+    lm_dir: Path | None = None
+    project: str | None = None
+    run_dir: RunDir | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The start of every container and network name of this deployment."""
+        name = self.name or self.instance
+        return f"prov-{self.run_id}-{name}" if name else f"prov-{self.run_id}"
+
+    def labels(self, layer: str) -> dict[str, str]:
+        """The labels every resource of the deployment carries (:func:`labels.run_labels`)."""
+        return L.run_labels(
+            self.run_id,
+            layer,
+            self.instance or self.run_id,
+            owner_pid=self.owner.pid,
+            owner_host=self.owner.host,
+            created=self.owner.created,
+            persistent=self.owner.persistent,
+            project=self.project,
+        )
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The knobs of :func:`plan_run` beyond the layer's own (None: the layer's or the default).
+
+    ``workers``: how many (default ``layer.workers``). ``use_standin``: None = the stand-in exactly
+    when the layer is real and no API key or ``base_url`` is configured. ``user``: ``uid:gid``
+    (default :func:`worker_user`). ``worker_args``: extra ``provision worker`` arguments.
+    ``control_token``: the workers' control token (default: a new ``secrets.token_urlsafe(32)``).
+    """
+
+    workers: int | None = None
+    use_standin: bool | None = None
+    user: str | None = None
+    worker_args: tuple[str, ...] = ()
+    control_token: str | None = field(default=None, repr=False)
+
+
 def plan_run(
     settings: Settings,
     layer: Layer,
     lm: LMConfig,
-    *,
-    run_id: str,
+    target: RunTarget,
     image: str,
-    workers: int | None = None,
-    session: str | None = None,
-    run_dir: Path | None = None,
-    use_standin: bool | None = None,
-    owner_pid: int | None = None,
-    owner_host: str | None = None,
-    created: float | None = None,
-    user: str | None = None,
-    worker_args: tuple[str, ...] = (),
-    persistent: bool = False,
-    project: str | None = None,
-    control_token: str | None = None,
+    options: PlanOptions = PlanOptions(),
 ) -> RunPlan:
-    """Plan one run of ``layer``: its networks, relay, optional Gemini stand-in and workers.
+    """Plan one deployment of ``layer``: its networks, relay, optional Gemini stand-in and workers.
 
-    ``lm`` is the host-side LM configuration (``layer.lm_config(settings.lm)``); ``run_dir`` is the host
-    directory shared by the run's workers (needed for cached and real modes). ``use_standin``:
-    None = start the stand-in exactly when the layer is real and no API key is configured.
-    ``project``: the :func:`~provisioner.runtime.labels.project_id` every resource is labelled with.
-    ``control_token``: the workers' control token (default: a new random one,
-    ``secrets.token_urlsafe(32)``), handed to them as a secret environment variable.
+    ``lm`` is the host-side LM configuration (``layer.lm_config(settings.lm)``); ``target`` names the run,
+    the process instance and the owner (names are right from the start: nothing is renamed later).
 
     Raises:
         NoContainersError: ``layer`` runs in-process (a :class:`~provisioner.errors.ConfigError`).
-        ConfigError: fewer than one worker (``workers``, or the layer's ``workers`` setting).
-        ValueError: arguments that contradict each other (the stand-in for a non-real layer; a
-            cached or real layer without ``run_dir``).
+        ConfigError: fewer than one worker (``options.workers``, or the layer's ``workers`` setting).
+        ValueError: arguments that contradict each other (the stand-in for a layer that is not
+            real; a cached or real layer without ``target.lm_dir``).
     """
     if not layer.needs_docker:
         raise NoContainersError(
             f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}); it has no containers"
         )
-    count = workers if workers is not None else layer.workers
+    count = options.workers if options.workers is not None else layer.workers
     if count < 1:
         raise ConfigError(f"layer {layer.name!r}: workers must be at least 1, got {count}")
-    session = session or run_id
-    base = L.run_labels(
-        run_id,
-        layer.name,
-        session,
-        owner_pid=owner_pid,
-        owner_host=owner_host,
-        created=created,
-        persistent=persistent,
-        project=project,
-    )
+    use_standin = options.use_standin
     if use_standin is None:
         use_standin = lm.mode == "real" and lm.api_key is None and lm.base_url is None
     if use_standin and lm.mode != "real":
         raise ValueError(f"the Gemini stand-in serves real-mode workers; layer {layer.name!r} is {lm.mode!r}")
+    if lm.mode != "mock" and target.lm_dir is None:
+        raise ValueError(f"layer {layer.name!r} ({lm.mode} LM) needs a folder shared by its workers "
+                         "(RunTarget.lm_dir)")
     # Only a real-mode run against the real API needs a route out; everything else stays internal.
     egress = lm.mode == "real" and not use_standin
-    run_net = f"prov-{run_id}"
-    edge_net = f"prov-{run_id}-edge"
-    networks = (
-        NetworkRecipe(run_net, internal=not egress, labels={**base, L.ROLE: L.ROLE_NETWORK}),
-        NetworkRecipe(edge_net, internal=False, labels={**base, L.ROLE: L.ROLE_NETWORK}),
-    )
-    user = user or worker_user()
-    memory = layer.memory or settings.container.memory
-    cpus = layer.cpus or settings.container.cpus
-    limits: dict[str, Any] = {
-        "memory": memory,
-        "cpus": cpus,
-        "pids_limit": settings.container.pids_limit,
-        "read_only": settings.container.read_only,
-        "user": user,
-    }
-
-    base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}/" if use_standin else None
-    worker_lm = worker_lm_config(lm, run_id=run_id, layer=layer.name, base_url=base_url,
-                                 project_dir=settings.project_dir)
-    lm_env = worker_lm.to_worker_env()
-    secret = {API_KEY_ENV: lm_env.pop(API_KEY_ENV)} if API_KEY_ENV in lm_env else {}
-    if worker_lm.mode != "real":
-        secret = {}  # the key only ever reaches real-mode workers
-    elif use_standin:
-        # The stand-in accepts any non-empty key; the Gemini engine insists on having one.
-        secret = {API_KEY_ENV: STANDIN_KEY}
-    control_token = control_token or secrets.token_urlsafe(32)
-    secret[CONTROL_TOKEN_ENV] = control_token
-    mounts: list[Mount] = []
-    if lm.mode == "cached":
-        mounts.append(Mount(str(lm.cache_dir.resolve()), CASSETTE_MOUNT, read_only=lm.record_mode == "none"))
-    if lm.mode != "mock":
-        if run_dir is None:
-            raise ValueError(f"layer {layer.name!r} ({lm.mode} LM) needs a run_dir shared by its workers")
-        mounts.append(Mount(str(run_dir.resolve()), RUN_DIR_MOUNT))
-
-    env = {
-        **_common_env(),
-        **lm_env,
-        "PROVISION_RUN_ID": run_id,
-        "PROVISION_LAYER": layer.name,
-        "PROVISION_WORKER__MAX_FRAME_BYTES": str(settings.worker.max_frame_bytes),
-        "PROVISION_WORKER__MAX_INFLIGHT": str(settings.worker.max_inflight),
-        "PROVISION_WORKER__MAX_CONNECTIONS": str(settings.worker.max_connections),
-        "PROVISION_WORKER__MAX_INFLIGHT_BYTES": str(settings.worker.max_inflight_bytes),
-        "PROVISION_WORKER__FRAME_TIMEOUT_S": str(settings.worker.frame_timeout_s),
-        "PROVISION_WORKER__MAX_PROGRAMS": str(settings.worker.max_programs),
-        "PROVISION_WORKER__MAX_SESSIONS": str(settings.worker.max_sessions),
-        "PROVISION_PROCESS_TIMEOUT": str(settings.process_timeout),
-    }
-    if settings.worker.max_inflight_per_session is not None:  # else the worker's default
-        env["PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION"] = str(settings.worker.max_inflight_per_session)
+    labels = target.labels(layer.name)
+    networks = run_networks(target, labels, egress=egress)
+    user = options.user or worker_user()
+    limits = container_limits(settings, layer, user)
+    control_token = options.control_token or secrets.token_urlsafe(32)
+    env, secret = worker_env(settings, layer, lm, target, use_standin=use_standin, egress=egress,
+                             control_token=control_token)
+    mounts = worker_mounts(lm, target.lm_dir)
+    worker_args = options.worker_args
     if layer.isolation == "process":  # one forked process per connection (provisioner.bridge.forking)
         worker_args = ("--fork", *worker_args)
-    worker_recipes = tuple(
+    workers = tuple(
         worker_recipe(
-            run_id,
+            target.prefix,
             slot,
             image=image,
             environment=env,
             secret_environment=secret,
-            labels=base,
-            network=run_net,
-            mounts=tuple(mounts),
+            labels=labels,
+            network=networks[0].name,
+            mounts=mounts,
             limits=limits,
             worker_args=worker_args,
             guarded=not egress,
         )
         for slot in range(count)
     )
-    relay = ContainerRecipe(
-        name=f"prov-{run_id}-relay",
+    relay = relay_recipe(target.prefix, count, image=image, labels=labels, networks=networks, limits=limits)
+    standin = (
+        standin_recipe(target.prefix, image=image, labels=labels, network=networks[0].name, limits=limits,
+                       guarded=not egress)
+        if use_standin
+        else None
+    )
+    shared = target.lm_dir is not None and lm.mode != "mock"
+    return RunPlan(
+        run_id=target.run_id,
+        layer=layer.name,
+        instance=target.instance or target.run_id,
+        lm_mode=lm.mode,
+        networks=networks,
+        relay=relay,
+        workers=workers,
+        standin=standin,
+        uses_standin=use_standin,
+        egress=egress,
+        labels=labels,
+        lm_run_dir=str(target.lm_dir.resolve()) if shared and target.lm_dir is not None else None,
+        record_mode=lm.record_mode if lm.mode == "cached" else None,
+        run_limits=(
+            {
+                "rate_limit_rpm": lm.rate_limit_rpm,
+                "cost_limit_usd": lm.cost_limit_usd,
+                "rate_limit_wait_s": lm.rate_limit_wait_s,
+            }
+            if shared
+            else None
+        ),
+        control_token=control_token,
+    )
+
+
+def run_networks(
+    target: RunTarget, labels: Mapping[str, str], *, egress: bool
+) -> tuple[NetworkRecipe, NetworkRecipe]:
+    """The run network ``<prefix>`` (``internal`` unless ``egress``) and the edge network
+    ``<prefix>-edge`` (the relay's way to the host's loopback ports)."""
+    network_labels = {**labels, L.ROLE: L.ROLE_NETWORK}
+    return (
+        NetworkRecipe(target.prefix, internal=not egress, labels=dict(network_labels)),
+        NetworkRecipe(f"{target.prefix}-edge", internal=False, labels=dict(network_labels)),
+    )
+
+
+def container_limits(settings: Settings, layer: Layer, user: str) -> dict[str, Any]:
+    """A worker's resource limits and user (the layer's ``memory``/``cpus`` beat the settings')."""
+    return {
+        "memory": layer.memory or settings.container.memory,
+        "cpus": layer.cpus or settings.container.cpus,
+        "pids_limit": settings.container.pids_limit,
+        "read_only": settings.container.read_only,
+        "user": user,
+    }
+
+
+def worker_env(
+    settings: Settings,
+    layer: Layer,
+    lm: LMConfig,
+    target: RunTarget,
+    *,
+    use_standin: bool,
+    egress: bool,
+    control_token: str,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(public, secret) environment of the run's workers.
+
+    Public: the worker's LM configuration (:func:`worker_lm_config`, in-container paths), the run's
+    id and layer, and the worker limits of ``settings.worker``. Secret (never in labels, logs or
+    :meth:`ContainerRecipe.public_dict`): what :func:`~provisioner.lmconfig.worker_secrets` decides
+    for the Gemini endpoint these workers reach, and the run's control token.
+    """
+    base_url = f"http://{STANDIN_ALIAS}:{STANDIN_PORT}/" if use_standin else None
+    in_container = worker_lm_config(lm, run_id=target.run_id, layer=layer.name, base_url=base_url,
+                                    project_dir=settings.project_dir)
+    endpoint: GeminiEndpoint = "standin" if use_standin else "api" if egress else "none"
+    secret = {**worker_secrets(in_container, endpoint=endpoint), CONTROL_TOKEN_ENV: control_token}
+    worker = settings.worker
+    env = {
+        **_common_env(),
+        **in_container.to_worker_env(),
+        "PROVISION_RUN_ID": target.run_id,
+        "PROVISION_LAYER": layer.name,
+        "PROVISION_WORKER__MAX_FRAME_BYTES": str(worker.max_frame_bytes),
+        "PROVISION_WORKER__MAX_INFLIGHT": str(worker.max_inflight),
+        "PROVISION_WORKER__MAX_CONNECTIONS": str(worker.max_connections),
+        "PROVISION_WORKER__MAX_INFLIGHT_BYTES": str(worker.max_inflight_bytes),
+        "PROVISION_WORKER__FRAME_TIMEOUT_S": str(worker.frame_timeout_s),
+        "PROVISION_WORKER__MAX_PROGRAMS": str(worker.max_programs),
+        "PROVISION_WORKER__MAX_SESSIONS": str(worker.max_sessions),
+        "PROVISION_PROCESS_TIMEOUT": str(settings.process_timeout),
+    }
+    if worker.max_inflight_per_session is not None:  # else the worker's default
+        env["PROVISION_WORKER__MAX_INFLIGHT_PER_SESSION"] = str(worker.max_inflight_per_session)
+    return env, secret
+
+
+def worker_mounts(lm: LMConfig, lm_dir: Path | None) -> tuple[Mount, ...]:
+    """The cassettes (cached mode; read-only when replaying only) and the run's shared LM folder
+    (cached and real mode). Mock workers mount nothing."""
+    mounts: list[Mount] = []
+    if lm.mode == "cached":
+        mounts.append(Mount(str(lm.cache_dir.resolve()), CASSETTE_MOUNT, read_only=lm.record_mode == "none"))
+    if lm.mode != "mock" and lm_dir is not None:
+        mounts.append(Mount(str(lm_dir.resolve()), RUN_DIR_MOUNT))
+    return tuple(mounts)
+
+
+def relay_recipe(
+    prefix: str,
+    count: int,
+    *,
+    image: str,
+    labels: Mapping[str, str],
+    networks: tuple[NetworkRecipe, NetworkRecipe],
+    limits: Mapping[str, Any],
+) -> ContainerRecipe:
+    """The relay: publishes worker slot ``s`` on ``127.0.0.1:<port of RELAY_BASE_PORT + s>``."""
+    run_net, edge_net = networks
+    return ContainerRecipe(
+        name=f"{prefix}-relay",
         role="relay",
         image=image,
         # The relay is a stdlib script copied into the image: `python3 -I` starts it in ~20 ms
@@ -542,68 +682,54 @@ def plan_run(
             *(f"{RELAY_BASE_PORT + slot}=w{slot}:{WORKER_PORT}" for slot in range(count)),
         ),
         environment=_common_env(),
-        labels={**base, L.ROLE: L.ROLE_RELAY},
-        networks=(NetworkAttachment(run_net), NetworkAttachment(edge_net)),
+        labels={**labels, L.ROLE: L.ROLE_RELAY},
+        networks=(NetworkAttachment(run_net.name), NetworkAttachment(edge_net.name)),
         ports=tuple(RELAY_BASE_PORT + slot for slot in range(count)),
         # Its own check: every listening port accepts (the image's HEALTHCHECK pings a worker port).
         healthcheck=HealthCheck(
             ("python3", "-I", RELAY_SCRIPT, "--check", *(str(RELAY_BASE_PORT + s) for s in range(count)))
         ),
         memory="128m",
-        cpus=min(cpus, 1.0),
+        cpus=min(float(limits["cpus"]), 1.0),
         pids_limit=64,
-        read_only=settings.container.read_only,
-        user=user,
+        read_only=bool(limits["read_only"]),
+        user=str(limits["user"]),
     )
-    standin = None
-    if use_standin:
-        standin = ContainerRecipe(
-            name=f"prov-{run_id}-standin",
-            role="standin",
-            image=image,
-            command=guarded_command(
-                ("provision", "standin", "gemini", "--host", "0.0.0.0", "--port", str(STANDIN_PORT)),  # noqa: S104
-                guarded=not egress,
-            ),
-            environment=_common_env(),
-            labels={**base, L.ROLE: L.ROLE_STANDIN},
-            networks=(NetworkAttachment(run_net, (STANDIN_ALIAS,)),),
-            healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
-            guarded=not egress,
-            memory="256m",
-            cpus=min(cpus, 1.0),
-            pids_limit=128,
-            read_only=settings.container.read_only,
-            user=user,
-        )
-    return RunPlan(
-        run_id=run_id,
-        layer=layer.name,
-        session=session,
-        lm_mode=lm.mode,
-        networks=networks,
-        relay=relay,
-        workers=worker_recipes,
-        standin=standin,
-        uses_standin=use_standin,
-        egress=egress,
-        labels=base,
-        lm_run_dir=str(run_dir.resolve()) if run_dir is not None and lm.mode != "mock" else None,
-        run_limits=(
-            {
-                "rate_limit_rpm": lm.rate_limit_rpm,
-                "cost_limit_usd": lm.cost_limit_usd,
-                "rate_limit_wait_s": lm.rate_limit_wait_s,
-            }
-            if run_dir is not None and lm.mode != "mock"
-            else None
+
+
+def standin_recipe(
+    prefix: str,
+    *,
+    image: str,
+    labels: Mapping[str, str],
+    network: str,
+    limits: Mapping[str, Any],
+    guarded: bool,
+) -> ContainerRecipe:
+    """The Gemini stand-in, on the run network under the alias ``gemini-standin``."""
+    return ContainerRecipe(
+        name=f"{prefix}-standin",
+        role="standin",
+        image=image,
+        command=guarded_command(
+            ("provision", "standin", "gemini", "--host", "0.0.0.0", "--port", str(STANDIN_PORT)),  # noqa: S104
+            guarded=guarded,
         ),
-        control_token=control_token,
+        environment=_common_env(),
+        labels={**labels, L.ROLE: L.ROLE_STANDIN},
+        networks=(NetworkAttachment(network, (STANDIN_ALIAS,)),),
+        healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
+        guarded=guarded,
+        memory="256m",
+        cpus=min(float(limits["cpus"]), 1.0),
+        pids_limit=128,
+        read_only=bool(limits["read_only"]),
+        user=str(limits["user"]),
     )
 
 
 def worker_recipe(
-    run_id: str,
+    prefix: str,
     slot: int,
     *,
     image: str,
@@ -617,13 +743,14 @@ def worker_recipe(
     worker_args: tuple[str, ...] = (),
     guarded: bool = False,
 ) -> ContainerRecipe:
-    """The recipe of the worker in ``slot``; ``generation`` > 0 for replacements (a new name, same alias).
+    """The recipe of the worker in ``slot``, named ``<prefix>-w<slot>``; ``generation`` > 0 for
+    replacements (a new name, same alias).
 
     ``guarded``: on an internal run network, the worker starts only once the egress guard is in place.
     """
     suffix = f"-{generation}" if generation else ""
     return ContainerRecipe(
-        name=f"prov-{run_id}-w{slot}{suffix}",
+        name=f"{prefix}-w{slot}{suffix}",
         role="worker",
         image=image,
         command=guarded_command(
@@ -635,7 +762,7 @@ def worker_recipe(
         environment={
             **environment,
             "PROVISION_WORKER_SLOT": str(slot),
-            "PROVISION_WORKER_ID": f"prov-{run_id}-w{slot}{suffix}",
+            "PROVISION_WORKER_ID": f"{prefix}-w{slot}{suffix}",
         },
         secret_environment=dict(secret_environment),
         labels={**labels, L.ROLE: L.ROLE_WORKER, L.SLOT: str(slot)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,11 +12,10 @@ from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import (
     ConfigError,
 )
-from provisioner.lmconfig import LMMode
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe
 from provisioner.runtime.engine import ContainerRuntime
-from provisioner.runtime.lifecycle import down, up
+from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.resources import should_remove
 from provisioner.runtime.runs import settings_or_load
 from provisioner.runtime.state import run_dir_of
@@ -25,23 +25,22 @@ from provisioner.settings import Settings
 def run_command(
     command: Sequence[str],
     settings: Settings | None = None,
+    options: UpOptions = UpOptions(persistent=False),  # noqa: B008 - frozen
     *,
-    layer: str | None = None,
-    workers: int | None = None,
-    lm_mode: LMMode | None = None,
-    require_key: bool = False,
     runtime: ContainerRuntime | None = None,
-    progress: Progress | None = None,
-    image: str | None = None,
     probe: Probe = bridge_probe,
-    watchdog: bool = True,
+    progress: Progress | None = None,
 ) -> int:
     """Bring a layer up, run ``command`` with the run's env, bring it down; return the command's code.
 
     SIGINT/SIGTERM are passed on to the command and the run is still removed; SIGKILL of this
     process leaves the cleanup to the run's watchdog (within a few seconds). When the command
     fails, ``cleanup_policy``/``retain_on_failure`` may keep the run for inspection
-    (:func:`~provisioner.runtime.resources.should_remove`).
+    (:func:`~provisioner.runtime.resources.should_remove`). ``options``: as for :func:`up`, except
+    that the run is never persistent (it is this command's).
+
+    Raises:
+        ConfigError: no command, or it cannot be started; the errors of :func:`up`.
     """
     if not command:
         raise ConfigError(
@@ -64,16 +63,10 @@ def run_command(
     try:
         env = up(
             settings,
-            layer=layer,
-            workers=workers,
-            lm_mode=lm_mode,
-            require_key=require_key,
-            persistent=False,
+            dataclasses.replace(options, persistent=False),
             runtime=runtime,
-            progress=progress,
-            image=image,
             probe=probe,
-            watchdog=watchdog,
+            progress=progress,
         )
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)

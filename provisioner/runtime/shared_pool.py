@@ -14,7 +14,7 @@ containers. Now:
   workers. A process killed mid-deploy leaves no ``pool.json``: the next one deploys (its names
   carry its own instance, so the killed one's leftovers never clash; they carry the pool's label
   and go with the run);
-* **the pool's containers carry** ``provisioner.session=pool`` (:data:`POOL_INSTANCE`), not a
+* **the pool's containers carry** ``provisioner.instance=pool`` (:data:`POOL_INSTANCE`), not a
   process instance: no process's per-test leak check sees them, and one label removes them;
 * **who removes it**: the run's controller (the pytest process without xdist, or xdist's controller,
   which outlives its workers) at the end of the session (:func:`remove_shared_pool`), and the
@@ -53,7 +53,7 @@ POOL_FILE = "pool.json"
 POOL_LOCK = "pool.lock"
 # Written before a process deploys the pool: the controller's end sweeps the pool's label then.
 POOL_STARTED = "pool.started"
-# The provisioner.session label of a shared pool's containers (a process instance otherwise).
+# The provisioner.instance label of a shared pool's containers (a process instance otherwise).
 POOL_INSTANCE = "pool"
 # How often an attached process looks at pool.json while it waits for a replacement (seconds).
 RECORD_POLL_S = 0.1
@@ -189,7 +189,7 @@ def obtain_pool(
 ) -> SharedPool:
     """The run's pool: attach to the one another process of the run deployed, or deploy it.
 
-    ``deploy`` starts the workers (labelled ``provisioner.session=pool``); ``make_pool(environment,
+    ``deploy`` starts the workers (labelled ``provisioner.instance=pool``); ``make_pool(environment,
     deployed)`` wraps them in a :class:`WorkerPool`. Deploying happens under ``pool.lock``, so
     concurrent processes deploy once; an attaching process waits for the lock meanwhile. A record
     whose workers are gone (``pool.json`` of a removed pool) is deployed over.
@@ -241,7 +241,7 @@ def remove_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime) ->
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()
     try:
-        remove_by_selector(runtime, {**L.selector(run_id), L.SESSION: POOL_INSTANCE})
+        remove_by_selector(runtime, L.selector(run_id, POOL_INSTANCE))
     except Exception as exc:
         return [f"shared pool of run {run_id}: {exc}"]
     return []

@@ -15,8 +15,9 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import AliasChoices, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from provisioner._files import atomic_write
@@ -100,7 +101,8 @@ class RunState:
     run_id: str
     layer: str
     lm_mode: str
-    session: str
+    # The provisioner.instance label of the run's resources; "session" in state files of older versions.
+    instance: Annotated[str, Field(validation_alias=AliasChoices("instance", "session"))]
     image: str
     created: float
     owner_pid: int

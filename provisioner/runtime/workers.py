@@ -1,13 +1,14 @@
 """One process's containers for a layer: the warm pool, dedicated workers, the run's watchdog, leak checks.
 
-Built on :mod:`provisioner.runtime` (recipes, ``Deployment``, ``WorkerPool``, ``ResourceManager``,
-the watchdog, the content-hashed image). What this module adds is the *per-process* view that pytest
-(with or without xdist) and :func:`provisioner.environment` need:
+Built on :mod:`provisioner.runtime` — the launch steps of :mod:`provisioner.runtime.launch` (the
+same ones ``provision up`` takes), ``WorkerPool`` and ``ResourceManager``. What this module adds is
+the *per-process* view that pytest (with or without xdist) and :func:`provisioner.environment` need:
 
 * **names are per process, labels are per run.** Every xdist worker plans its containers under the
   run's id (one watchdog, one ``provision reap`` target, one ledger) but with its own name prefix
-  ``prov-<run>-<instance>`` and ``provisioner.session=<instance>`` label, so two workers never clash
-  and each removes only its own containers;
+  ``prov-<run>-<instance>`` and ``provisioner.instance=<instance>`` label, both given to
+  :func:`~provisioner.runtime.recipes.plan_run` (nothing is renamed afterwards), so two workers
+  never clash and each removes only its own containers;
 * **one image for the whole run**: the image is content-hashed and built under a machine-wide lock
   (:func:`provisioner.runtime.images.ensure_worker_image`), so concurrent processes build it once;
 * **one watchdog per run**: every process registers as an owner; the first one starts it;
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from provisioner.runtime.deployment import Deployment, WorkerInfo
     from provisioner.runtime.engine import ContainerRuntime
     from provisioner.runtime.pool import WorkerPool
-    from provisioner.runtime.recipes import RunPlan
+    from provisioner.runtime.recipes import RunPlan, RunTarget
     from provisioner.runtime.resources import ResourceManager
     from provisioner.runtime.shared_pool import SharedPool
     from provisioner.runtime.state import RunState
@@ -81,33 +82,6 @@ def process_instance() -> str:
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER") or "main"
     return f"{_UNSAFE.sub('', worker.lower()) or 'main'}-{os.getpid()}"
-
-
-def namespaced(plan: RunPlan, instance: str) -> RunPlan:
-    """The same plan with every container and network name under ``prov-<run>-<instance>``.
-
-    Labels keep the run's id, so the run's watchdog and ``provision reap`` still find everything.
-    """
-    old = f"prov-{plan.run_id}"
-    new = f"{old}-{instance}"
-
-    def rename(name: str) -> str:
-        return new + name[len(old):] if name.startswith(old) else name
-
-    def recipe(r: Any) -> Any:
-        env = dict(r.environment)
-        if "PROVISION_WORKER_ID" in env:
-            env["PROVISION_WORKER_ID"] = rename(env["PROVISION_WORKER_ID"])
-        networks = tuple(dataclasses.replace(a, network=rename(a.network)) for a in r.networks)
-        return dataclasses.replace(r, name=rename(r.name), networks=networks, environment=env)
-
-    return dataclasses.replace(
-        plan,
-        networks=tuple(dataclasses.replace(n, name=rename(n.name)) for n in plan.networks),
-        relay=recipe(plan.relay),
-        workers=tuple(recipe(w) for w in plan.workers),
-        standin=recipe(plan.standin) if plan.standin is not None else None,
-    )
 
 
 @dataclass
@@ -158,6 +132,7 @@ class ProcessContainers:
         self._pool_error: Exception | None = None
         self._resources: ResourceManager | None = None
         self._watchdog_started = False
+        self._run_target: RunTarget | None = None
         self._pool: WorkerPool | None = None
         self._shared: SharedPool | None = None
         self._pool_env: Deployment | None = None
@@ -186,7 +161,7 @@ class ProcessContainers:
                 from provisioner.runtime import labels as L
                 from provisioner.runtime.resources import ResourceManager
 
-                selector = {**L.selector(self.env.run_id), L.SESSION: self.instance}
+                selector = L.selector(self.env.run_id, self.instance)
                 self._resources = ResourceManager(self.runtime, selector=selector)
             return self._resources
 
@@ -220,54 +195,50 @@ class ProcessContainers:
                 raise self._image_error
             if self._image is None:
                 from provisioner.errors import ProvisionerError
-                from provisioner.runtime.images import ensure_worker_image
-                from provisioner.runtime.labels import project_id
+                from provisioner.runtime import launch
 
-                container = self.env.settings.container
                 try:
-                    self._image = ensure_worker_image(
-                        self.runtime, image=container.image, base=container.base, progress=progress,
-                        project=project_id(self.env.settings.project_dir),
-                    )
+                    self._image = launch.ensure_image(self.runtime, self.env.settings, progress=progress)
                 except ProvisionerError as exc:
                     self._image_error = exc
                     raise
             return self._image
 
+    def _target(self) -> RunTarget:
+        """This process's place in the run (launch step ``prepare_run_dir``, done once)."""
+        with self._lock:
+            if self._run_target is None:
+                from provisioner.runtime import launch
+                from provisioner.runtime.recipes import Owner
+                from provisioner.runtime.state import RunDir
+
+                self._run_target = launch.prepare_run_dir(
+                    self.env.settings, self.env.lm_config, RunDir(self.env.run_dir), Owner.this_process(),
+                    instance=self.instance,
+                )
+            return self._run_target
+
     def _ensure_watchdog(self) -> None:
         with self._lock:
             if self._watchdog_started or self._runtime_given:
                 return
-            from provisioner.runtime import watchdog as wd
+            from provisioner.runtime import launch
 
-            run_dir = self.env.run_dir
-            run_dir.mkdir(parents=True, exist_ok=True)
             # An xdist worker is its controller's dependant: the watchdog terminates it and removes
             # the run as soon as the controller is gone, instead of waiting for execnet's timeouts.
-            wd.ensure_watchdog(
-                self.env.run_id, run_dir, owner_pid=os.getpid(), principal=self.env.identity.principal,
-                interval_s=self.env.settings.container.watchdog_interval_s,
-            )
+            launch.start_watchdog(self.env.settings, self._target(), principal=self.env.identity.principal,
+                                  wait=True)
             self._watchdog_started = True
 
-    def _plan(self, workers: int, name_instance: str, *, label_instance: str | None = None) -> RunPlan:
-        from provisioner.runtime.recipes import plan_run, prepare_shared_dir
+    def _plan(self, workers: int, name: str | None = None, *, instance: str | None = None) -> RunPlan:
+        """A plan of this process (launch step ``plan_run``), named ``prov-<run>-<name or instance>``
+        and labelled with ``instance`` (default: this process's) from the start."""
+        from provisioner.runtime.recipes import PlanOptions, plan_run
 
-        lm = self.env.lm_config
-        lm_run_dir = None
-        if lm.mode != "mock":
-            assert lm.run_dir is not None
-            lm_run_dir = prepare_shared_dir(lm.run_dir)
-            if lm.mode == "cached":
-                prepare_shared_dir(lm.cache_dir)
-        from provisioner.runtime.labels import project_id
-
-        plan = plan_run(
-            self.env.settings, self.env.layer, lm, run_id=self.env.run_id, image=self.image,
-            workers=workers, session=label_instance or self.instance, run_dir=lm_run_dir,
-            project=project_id(self.env.settings.project_dir),
-        )
-        return namespaced(plan, name_instance)
+        target = self._target()
+        target = dataclasses.replace(target, name=name, instance=instance or target.instance)
+        return plan_run(self.env.settings, self.env.layer, self.env.lm_config, target, self.image,
+                        PlanOptions(workers=workers))
 
     def _require_container_layer(self, what: str) -> None:
         from provisioner.errors import ConfigError
@@ -336,20 +307,13 @@ class ProcessContainers:
     def _deploy_pool(self) -> Deployment:
         """Start the run's shared pool: ``layer.workers`` for pooled layers, else one worker,
         labelled as the run's pool (not this process's: its leak checks never see them)."""
-        from provisioner.runtime import labels as L
-        from provisioner.runtime.deployment import Deployment
-        from provisioner.runtime.resources import ResourceManager
+        from provisioner.runtime import launch
         from provisioner.runtime.shared_pool import POOL_INSTANCE
 
         layer = self.env.layer
         count = layer.workers if layer.pooling_enabled else 1
-        plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", label_instance=POOL_INSTANCE)
-        selector = {**L.selector(self.env.run_id), L.SESSION: POOL_INSTANCE}
-        run_env = Deployment(
-            plan, self.runtime, resources=ResourceManager(self.runtime, selector=selector),
-            ready_timeout_s=self.env.settings.container.ready_timeout_s,
-        )
-        run_env.start()
+        plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
+        run_env = launch.deploy(plan, self.runtime, self.env.settings)  # its own selector: run + "pool"
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env

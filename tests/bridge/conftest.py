@@ -22,7 +22,7 @@ import pytest
 
 from provisioner.bridge import BridgeClient
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
-from provisioner.lmconfig import LMConfig, MockRule
+from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
 START_TIMEOUT_S = 60.0
 
@@ -207,7 +207,11 @@ class WorkerFactory:
         stdio: bool = False,
     ) -> WorkerProcess:
         config = TEST_LM if lm is _DEFAULT else lm
-        full_env = clean_env(**(config.to_worker_env() if config is not None else {}), **(env or {}))
+        # A worker process on the host reaches the API: the one secret policy decides what it gets.
+        handover = {}
+        if config is not None:
+            handover = {**config.to_worker_env(), **worker_secrets(config, endpoint="api")}
+        full_env = clean_env(**handover, **(env or {}))
         worker = WorkerProcess(self.root / f"worker{len(self.started)}", *args, env=full_env, stdio=stdio)
         self.started.append(worker)
         return worker

@@ -20,7 +20,7 @@ from provisioner.errors import ConfigError
 from provisioner.lm import build_engine, build_lm
 from provisioner.lm.gemini import redact_exception
 from provisioner.lm.standin import GeminiStandin
-from provisioner.lmconfig import API_KEY_ENV, LMConfig
+from provisioner.lmconfig import API_KEY_ENV, STANDIN_KEY, LMConfig, worker_secrets
 
 SECRET = "AIzaSy-provisioner-secret-value-0123456789"
 
@@ -65,13 +65,34 @@ def test_key_appears_nowhere(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_worker_env_carries_the_key_only_where_needed() -> None:
-    assert API_KEY_ENV not in LMConfig(mode="mock", api_key=SECRET).to_worker_env()
-    assert API_KEY_ENV not in LMConfig(mode="cached", record_mode="none", api_key=SECRET).to_worker_env()
-    env = LMConfig(mode="real", api_key=SECRET).to_worker_env()
-    assert env[API_KEY_ENV] == SECRET
-    assert all(SECRET not in value for name, value in env.items() if name != API_KEY_ENV)
-    restored = LMConfig.from_worker_env(env)
+@pytest.mark.parametrize(
+    ("config", "endpoint", "gets"),
+    [
+        (LMConfig(mode="mock", api_key=SECRET), "api", None),
+        (LMConfig(mode="cached", record_mode="none", api_key=SECRET), "api", None),  # replay only
+        (LMConfig(mode="cached", cached_inner="mock", api_key=SECRET), "api", None),  # records the mock
+        (LMConfig(mode="cached", api_key=SECRET), "api", SECRET),  # records misses from Gemini
+        (LMConfig(mode="cached", api_key=SECRET), "none", None),  # …but cannot reach it: no key
+        (LMConfig(mode="real", api_key=SECRET), "api", SECRET),
+        (LMConfig(mode="real", api_key=SECRET), "none", None),
+        (LMConfig(mode="real", api_key=SECRET), "standin", STANDIN_KEY),  # never the real key
+        (LMConfig(mode="real"), "api", None),
+        (LMConfig(mode="real"), "standin", STANDIN_KEY),
+        (LMConfig(mode="mock"), "standin", None),
+    ],
+)
+def test_one_policy_decides_which_worker_gets_the_key(
+    config: LMConfig, endpoint: str, gets: str | None
+) -> None:
+    secrets = worker_secrets(config, endpoint=endpoint)  # type: ignore[arg-type]
+    assert secrets == ({API_KEY_ENV: gets} if gets else {})
+
+
+def test_the_worker_env_never_holds_the_key_and_the_handover_restores_it() -> None:
+    config = LMConfig(mode="real", api_key=SECRET)
+    env = config.to_worker_env()
+    assert API_KEY_ENV not in env and all(SECRET not in value for value in env.values())
+    restored = LMConfig.from_worker_env({**env, **worker_secrets(config, endpoint="api")})
     assert restored is not None and restored.api_key is not None
     assert restored.api_key.get_secret_value() == SECRET
 

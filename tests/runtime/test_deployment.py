@@ -14,7 +14,7 @@ from provisioner.errors import RuntimeProblem, WorkerNotReadyError
 from provisioner.layers import get_layer
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
@@ -34,10 +34,9 @@ def _env(
         settings,
         layer,
         get_layer(settings, "integration").lm_config(settings.lm, mode),
-        run_id="run1",  # type: ignore[arg-type]
-        image=FAKE_IMAGE,
-        workers=count,
-        run_dir=Path(settings.state_dir) / "lm",
+        RunTarget("run1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+        FAKE_IMAGE,
+        PlanOptions(workers=count),
     )
     return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=timeout, poll_interval_s=0.005)
 
@@ -147,20 +146,20 @@ def test_stop_sweeps_only_its_own_share_of_the_run(
 ) -> None:
     """Two processes' deployments of one run (xdist workers): stopping one leaves the other's."""
     from provisioner.runtime import labels as L
-    from provisioner.runtime.workers import namespaced
 
     rt, workers = fake
     layer = get_layer(settings, "integration")
     shares = []
     for instance in ("gw0", "gw1"):
         lm = layer.lm_config(settings.lm, "mock")
-        plan = plan_run(settings, layer, lm, run_id="run1", image=FAKE_IMAGE, workers=1, session=instance)
-        shares.append(Deployment(namespaced(plan, instance), rt, probe=workers.probe, ready_timeout_s=5.0,
+        target = RunTarget("run1", Owner.this_process(), instance=instance)
+        plan = plan_run(settings, layer, lm, target, FAKE_IMAGE, PlanOptions(workers=1))
+        shares.append(Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5.0,
                                  poll_interval_s=0.005).start())
     mine, theirs = shares
     mine.stop()
     left = rt.list_resources(L.selector("run1"))
-    assert left and {r.labels[L.SESSION] for r in left} == {"gw1"}
+    assert left and {r.labels[L.INSTANCE] for r in left} == {"gw1"}
     assert all(rt.container_state(w.container_id) is not None for w in theirs.workers)
     theirs.stop()
     assert rt.list_resources(L.selector("run1")) == []

@@ -20,7 +20,7 @@ from provisioner.bridge.client import BridgeClient
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import BridgeError
 from provisioner.lm.limits import RUN_LIMITS_FILE, RunLimits
-from provisioner.runtime.lifecycle import down, up
+from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings, load_settings
 
@@ -51,7 +51,7 @@ def real_run(
     docker_engine: Any, worker_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     settings = _settings(tmp_path_factory.mktemp("accessrun"))
-    env = up(settings, layer="e2e", workers=1, image=worker_image, persistent=False)
+    env = up(settings, UpOptions(layer="e2e", workers=1, image=worker_image, persistent=False))
     try:
         assert env.plan.uses_standin and env.plan.lm_mode == "real"
         yield settings, env

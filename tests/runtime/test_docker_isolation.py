@@ -30,9 +30,9 @@ from provisioner.runtime import netguard
 from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
-from provisioner.runtime.lifecycle import down, up
+from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.pool import WorkerPool
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings, load_settings
 
 from .conftest import leftovers
@@ -59,7 +59,10 @@ def mock_run(
     docker_engine: Any, worker_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     settings = _settings(tmp_path_factory.mktemp("mockrun"))
-    env = up(settings, layer="integration", lm_mode="mock", workers=2, image=worker_image, persistent=False)
+    env = up(
+        settings,
+        UpOptions(layer="integration", lm_mode="mock", workers=2, image=worker_image, persistent=False),
+    )
     try:
         yield settings, env
     finally:
@@ -208,7 +211,8 @@ def test_a_run_cannot_reach_another_runs_workers(
     assert ok.startswith("reached"), ok
     settings_b = _settings(tmp_path / "b")
     env_b = up(
-        settings_b, layer="integration", lm_mode="mock", workers=1, image=worker_image, persistent=False
+        settings_b,
+        UpOptions(layer="integration", lm_mode="mock", workers=1, image=worker_image, persistent=False),
     )
     try:
         outs = _probe_all(rt, [env_b.workers[0].container_id, env_b.plan.relay.name], target_ip, 8765)
@@ -245,10 +249,9 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
         settings,
         get_layer(settings, "integration"),
         get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        run_id=f"bad{os.getpid()}",
-        image=worker_image,
-        workers=1,
-        worker_args=("--no-such-flag",),
+        RunTarget(f"bad{os.getpid()}", Owner.this_process()),
+        worker_image,
+        PlanOptions(workers=1, worker_args=("--no-such-flag",)),
     )
     env = Deployment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
     try:
@@ -396,9 +399,9 @@ def test_a_guarded_worker_serves_only_after_its_guard(
         settings,
         get_layer(settings, "integration"),
         get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        run_id=f"gate{os.getpid()}",
-        image=worker_image,
-        workers=1,
+        RunTarget(f"gate{os.getpid()}", Owner.this_process()),
+        worker_image,
+        PlanOptions(workers=1),
     )
     rt = DockerRuntime(docker_engine)
     base = Deployment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
@@ -431,9 +434,9 @@ def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
         settings,
         get_layer(settings, "integration"),
         get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        run_id=f"nogw{os.getpid()}",
-        image=worker_image,
-        workers=1,
+        RunTarget(f"nogw{os.getpid()}", Owner.this_process()),
+        worker_image,
+        PlanOptions(workers=1),
     )
     rt = DockerRuntime(docker_engine)
     # No network at all: no default route, no gateway to prohibit.

@@ -11,7 +11,7 @@ from provisioner.errors import RuntimeProblem
 from provisioner.layers import get_layer
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import FakeContainer, FakeRuntime
-from provisioner.runtime.recipes import ContainerRecipe, plan_run
+from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE
@@ -22,9 +22,9 @@ def _started_worker(settings: Settings, rt: FakeRuntime) -> tuple[ContainerRecip
         settings,
         get_layer(settings, "integration"),
         get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        run_id="eg1",
-        image=FAKE_IMAGE,
-        workers=1,
+        RunTarget("eg1", Owner.this_process()),
+        FAKE_IMAGE,
+        PlanOptions(workers=1),
     )
     for net in plan.networks:
         rt.create_network(net)

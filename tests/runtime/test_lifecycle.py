@@ -20,7 +20,7 @@ from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.doctor import _check_stale
 from provisioner.runtime.engine import FakeRuntime
-from provisioner.runtime.lifecycle import down, parse_duration, reap, run_overview, status, up
+from provisioner.runtime.lifecycle import UpOptions, down, parse_duration, reap, run_overview, status, up
 from provisioner.runtime.runs import list_runs, project_of
 from provisioner.runtime.state import CURRENT_RUN, current_run_id, read_state, run_dir_of
 from provisioner.settings import Settings
@@ -64,18 +64,18 @@ def test_up_refuses_the_in_process_layer_and_a_missing_key_when_required(
 ) -> None:
     rt, _ = fake
     with pytest.raises(ConfigError, match="in-process"):
-        up(settings, layer="unit", runtime=rt, image=FAKE_IMAGE, watchdog=False)
+        up(settings, UpOptions(layer="unit", image=FAKE_IMAGE, watchdog=False), runtime=rt)
     with pytest.raises(ConfigError, match="require-key"):
-        up(settings, layer="e2e", require_key=True, runtime=rt, image=FAKE_IMAGE, watchdog=False)
+        up(settings, UpOptions(layer="e2e", require_key=True, image=FAKE_IMAGE, watchdog=False), runtime=rt)
     assert rt.calls == []
 
 
-def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **kwargs: Any) -> Deployment:
-    """``environment.up`` on the fake runtime, its fake workers' probe, and no watchdog process."""
+def _up(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], **options: Any) -> Deployment:
+    """``lifecycle.up`` on the fake runtime, its fake workers' probe, and no watchdog process."""
     runtime, workers = fake
-    kwargs.setdefault("image", FAKE_IMAGE)
-    kwargs.setdefault("watchdog", False)
-    return up(settings, runtime=runtime, probe=workers.probe, **kwargs)
+    options.setdefault("image", FAKE_IMAGE)
+    options.setdefault("watchdog", False)
+    return up(settings, UpOptions(**options), runtime=runtime, probe=workers.probe)
 
 
 def test_up_builds_the_worker_image_through_the_runtimes_image_store(

@@ -15,7 +15,7 @@ from provisioner.layers import get_layer
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import ContainerState, FakeRuntime
 from provisioner.runtime.pool import WorkerPool, death_reason
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
@@ -43,10 +43,9 @@ def _pool(
         settings,
         get_layer(settings, "e2e"),
         get_layer(settings, "e2e").lm_config(settings.lm, "mock"),
-        run_id="p1",
-        image=FAKE_IMAGE,
-        workers=count,
-        run_dir=Path(settings.state_dir) / "lm",
+        RunTarget("p1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+        FAKE_IMAGE,
+        PlanOptions(workers=count),
     )
     env = Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
     return WorkerPool(

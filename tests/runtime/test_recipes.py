@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -14,7 +15,7 @@ from pydantic import SecretStr
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import get_layer
-from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV
+from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import (
     CASSETTE_MOUNT,
@@ -24,6 +25,10 @@ from provisioner.runtime.recipes import (
     STANDIN_ALIAS,
     STANDIN_HEALTH_PROBE,
     ContainerRecipe,
+    Owner,
+    PlanOptions,
+    RunPlan,
+    RunTarget,
     guard_recipe,
     plan_run,
     prepare_shared_dir,
@@ -35,31 +40,32 @@ from provisioner.settings import Settings
 SECRET = "AIza-test-secret-value-123"
 
 
-def _plan(settings: Settings, layer: str, tmp_path: Path, **kw: object):  # type: ignore[no-untyped-def]
+def _plan(
+    settings: Settings,
+    layer: str,
+    tmp_path: Path,
+    *,
+    mode: LMMode | None = None,
+    key: bool = False,
+    instance: str | None = None,
+    **options: Any,
+) -> RunPlan:
     layer_obj = get_layer(settings, layer)
-    lm = get_layer(settings, layer).lm_config(settings.lm, kw.pop("mode", None))  # type: ignore[arg-type]
-    if kw.pop("key", False):
+    lm = layer_obj.lm_config(settings.lm, mode)
+    if key:
         lm = lm.model_copy(update={"api_key": SecretStr(SECRET)})
-    return plan_run(
-        settings,
-        layer_obj,
-        lm,
-        run_id="r1",
-        image="img:1",
-        run_dir=tmp_path / "lm",
-        owner_pid=4242,
-        owner_host="hostA",
-        **kw,
-    )  # type: ignore[arg-type]
+    owner = Owner(pid=4242, host="hostA", created=0)
+    target = RunTarget("r1", owner, instance=instance, lm_dir=tmp_path / "lm")
+    return plan_run(settings, layer_obj, lm, target, "img:1", PlanOptions(**options))
 
 
 def test_every_resource_carries_the_run_labels(settings: Settings, tmp_path: Path) -> None:
-    plan = _plan(settings, "integration", tmp_path, session="sess-9")
+    plan = _plan(settings, "integration", tmp_path, instance="sess-9")
     wanted = {
         L.MANAGED: "true",
         L.RUN: "r1",
         L.LAYER: "integration",
-        L.SESSION: "sess-9",
+        L.INSTANCE: "sess-9",
         L.OWNER_HOST: "hostA",
         L.OWNER_PID: "4242",
     }
@@ -385,8 +391,8 @@ def test_a_process_isolation_layer_runs_fork_mode_workers(settings: Settings, tm
     assert all("--fork" not in w.command for w in plan.workers)
     layer = get_layer(settings, "e2e").model_copy(update={"isolation": "process"})
     assert isinstance(layer, Layer)
-    forked = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), run_id="r1", image="img:1",
-                      run_dir=tmp_path / "lm")
+    target = RunTarget("r1", Owner.this_process(), lm_dir=tmp_path / "lm")
+    forked = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), target, "img:1")
     for worker in forked.workers:
         command = list(worker.command)
         assert command[command.index("worker"):][-1] == "--fork", command

@@ -158,7 +158,7 @@ def test_should_remove(policy: str, retain: bool, failed: bool, removed: bool) -
 
 
 def _selector(run: str) -> dict[str, str]:
-    return {**L.selector(run), L.SESSION: "main-1"}
+    return L.selector(run, "main-1")
 
 
 def _counting_lists(rt: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.lifecycle import UpOptions
 from provisioner.runtime.run_command import run_command
 from provisioner.runtime.runs import list_runs
 from provisioner.runtime.state import (
@@ -25,13 +26,9 @@ def test_run_command_passes_the_env_and_the_exit_code_and_cleans_up(
     code = run_command(
         ["sh", "-c", script],
         settings,
-        layer="integration",
-        lm_mode="mock",
-        workers=2,
+        UpOptions(layer="integration", lm_mode="mock", workers=2, image=FAKE_IMAGE, watchdog=False),
         runtime=rt,
-        image=FAKE_IMAGE,
         probe=workers.probe,
-        watchdog=False,
     )
     assert code == 3
     run_id, addresses = out.read_text().split()
@@ -48,13 +45,9 @@ def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
     code = run_command(
         ["false"],
         keep,
-        layer="integration",
-        lm_mode="mock",
-        workers=1,
+        UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE, watchdog=False),
         runtime=rt,
-        image=FAKE_IMAGE,
         probe=workers.probe,
-        watchdog=False,
         progress=messages.append,
     )
     assert code == 1
@@ -65,13 +58,9 @@ def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
         run_command(
             ["true"],
             keep,
-            layer="integration",
-            lm_mode="mock",
-            workers=1,
+            UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE, watchdog=False),
             runtime=rt,
-            image=FAKE_IMAGE,
             probe=workers.probe,
-            watchdog=False,
         )
         == 0
     )

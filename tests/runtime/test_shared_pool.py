@@ -17,7 +17,7 @@ from provisioner.runtime import shared_pool as sp
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.pool import WorkerPool
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.runtime.state import RunState, write_state
 from provisioner.settings import Settings
 
@@ -32,9 +32,10 @@ def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: s
     def deploy() -> Deployment:
         calls.append(name)
         layer = get_layer(settings, "e2e")
-        plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), run_id=RUN,
-                        image=FAKE_IMAGE, workers=2, session=sp.POOL_INSTANCE,
-                        run_dir=Path(settings.state_dir) / "lm")
+        target = RunTarget(RUN, Owner.this_process(), instance=sp.POOL_INSTANCE,
+                           lm_dir=Path(settings.state_dir) / "lm")
+        plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), target, FAKE_IMAGE,
+                        PlanOptions(workers=2))
         return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
 
     return deploy
@@ -62,7 +63,7 @@ def test_the_first_process_deploys_and_the_others_attach(
         assert record["source"] == "deployed" and len(record["workers"]) == 2
         assert "token" not in json.dumps(record).lower()  # no secrets in the run's files
         workers = [c for c in rt.containers.values() if c.recipe.role == "worker"]
-        assert len(workers) == 2 and all(c.recipe.labels[L.SESSION] == sp.POOL_INSTANCE for c in workers)
+        assert len(workers) == 2 and all(c.recipe.labels[L.INSTANCE] == sp.POOL_INSTANCE for c in workers)
     finally:
         second.pool.close()
         first.pool.close()
@@ -156,7 +157,8 @@ def test_workers_of_an_up_run_are_never_replaced_by_an_attached_session(
 
 def _state(settings: Settings, *, layer: str = "integration", lm_mode: str = "cached",
            record_mode: str | None = "new_episodes") -> RunState:
-    state = RunState(run_id="up1", layer=layer, lm_mode=lm_mode, session="up1", image=FAKE_IMAGE, created=1.0,
+    state = RunState(run_id="up1", layer=layer, lm_mode=lm_mode, instance="up1", image=FAKE_IMAGE,
+                     created=1.0,
                      owner_pid=1, owner_host="h", persistent=True, uses_standin=False, egress=False,
                      networks=[], relay="r", standin=None,
                      workers=[{"slot": 0, "name": "w0", "container_id": "c0", "address": "127.0.0.1:4000"}],

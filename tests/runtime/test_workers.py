@@ -9,8 +9,8 @@ import pytest
 from provisioner.errors import ConfigError
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
-from provisioner.runtime.recipes import plan_run
-from provisioner.runtime.workers import check_leaks, namespaced, process_instance, snapshot
+from provisioner.runtime.recipes import Owner, PlanOptions, RunPlan, RunTarget, plan_run
+from provisioner.runtime.workers import check_leaks, process_instance, snapshot
 from provisioner.settings import load_settings
 
 
@@ -23,27 +23,32 @@ def test_process_instance_names_the_xdist_worker(monkeypatch: pytest.MonkeyPatch
     assert process_instance().startswith("main-")
 
 
-def test_namespaced_plan_renames_everything_but_keeps_run_labels(tmp_path: Path) -> None:
+def test_a_process_plans_its_containers_under_its_instance_from_the_start(tmp_path: Path) -> None:
     settings = load_settings(project_dir=tmp_path)
     layer = get_layer(settings, "e2e")
-    lm = get_layer(settings, "e2e").lm_config(settings.lm)
-    plan = plan_run(
-        settings, layer, lm, run_id="r1", image="img:1", workers=2, session="gw0-1", run_dir=tmp_path
-    )
-    renamed = namespaced(plan, "gw0-1")
-    names = [n.name for n in renamed.networks] + [c.name for c in renamed.containers()]
-    assert all(name.startswith("prov-r1-gw0-1") for name in names), names
-    assert {w.name for w in renamed.workers} == {"prov-r1-gw0-1-w0", "prov-r1-gw0-1-w1"}
-    network_names = {n.name for n in renamed.networks}
-    for container in renamed.containers():
+    lm = layer.lm_config(settings.lm)
+
+    def plan(instance: str, name: str | None = None) -> RunPlan:
+        target = RunTarget("r1", Owner.this_process(), instance=instance, name=name, lm_dir=tmp_path)
+        return plan_run(settings, layer, lm, target, "img:1", PlanOptions(workers=2))
+
+    mine = plan("gw0-1")
+    names = [n.name for n in mine.networks] + [c.name for c in mine.containers()]
+    assert all(name.startswith("prov-r1-gw0-1-") or name == "prov-r1-gw0-1" for name in names), names
+    assert {w.name for w in mine.workers} == {"prov-r1-gw0-1-w0", "prov-r1-gw0-1-w1"}
+    network_names = {n.name for n in mine.networks}
+    for container in mine.containers():
         assert {a.network for a in container.networks} <= network_names
-        assert container.labels[L.RUN] == "r1" and container.labels[L.SESSION] == "gw0-1"
-    for worker in renamed.workers:
+        assert container.labels[L.RUN] == "r1" and container.labels[L.INSTANCE] == "gw0-1"
+    for worker in mine.workers:
         assert worker.environment["PROVISION_WORKER_ID"] == worker.name
-        assert worker.networks[0].aliases == plan.workers[worker.slot or 0].networks[0].aliases
-    # Two processes of one run never share a name.
-    other = namespaced(plan, "gw1-2")
-    assert not {c.name for c in other.containers()} & {c.name for c in renamed.containers()}
+        assert worker.networks[0].aliases == (f"w{worker.slot}",)
+    # Two processes of one run never share a name; a dedicated worker's deployment has its own
+    # names but its process's label (the process's leak checks and close() find it).
+    other, dedicated = plan("gw1-2"), plan("gw0-1", name="gw0-1-d1")
+    assert not {c.name for c in other.containers()} & {c.name for c in mine.containers()}
+    assert not {c.name for c in dedicated.containers()} & {c.name for c in mine.containers()}
+    assert {c.labels[L.INSTANCE] for c in dedicated.containers()} == {"gw0-1"}
 
 
 def test_leak_arithmetic_without_containers() -> None:

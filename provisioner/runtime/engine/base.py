@@ -238,12 +238,17 @@ def remove_resource(runtime: ContainerRuntime, ref: ResourceRef) -> bool:
     return runtime.remove_volume(ref.id)
 
 
-def remove_by_selector(runtime: ContainerRuntime, selector: Mapping[str, str]) -> list[ResourceRef]:
-    """Remove everything matching ``selector``: containers first (in parallel — each forced removal
-    takes a few hundred ms), then the networks and volumes they used. Returns what was removed."""
+def remove_by_selector(
+    runtime: ContainerRuntime,
+    selector: Mapping[str, str],
+    where: Callable[[ResourceRef], bool] | None = None,
+) -> list[ResourceRef]:
+    """Remove everything matching ``selector`` (and ``where``, when given): containers first (in
+    parallel — each forced removal takes a few hundred ms), then the networks and volumes they used.
+    Returns what was removed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    found = runtime.list_resources(selector)
+    found = [ref for ref in runtime.list_resources(selector) if where is None or where(ref)]
     containers = [r for r in found if r.kind == "container"]
     removed: list[ResourceRef] = []
     if containers:

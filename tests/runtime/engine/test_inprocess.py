@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from provisioner.bridge import BridgeClient
 from provisioner.errors import BridgeConnectionError, BridgeError, RuntimeProblem
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
-from provisioner.runtime.lifecycle import down, up
+from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.recipes import replacement_recipe
 from provisioner.settings import LayerSpec, Settings
 
@@ -31,9 +32,9 @@ def served() -> Iterator[FakeRuntime]:
         runtime.close()
 
 
-def _up(settings: Settings, runtime: FakeRuntime, **kwargs: object) -> Deployment:
+def _up(settings: Settings, runtime: FakeRuntime, **options: Any) -> Deployment:
     """``up`` with the real readiness probe (a bridge ``ping`` through the relay's published port)."""
-    return up(settings, runtime=runtime, image=IMAGE, watchdog=False, **kwargs)  # type: ignore[arg-type]
+    return up(settings, UpOptions(image=IMAGE, watchdog=False, **options), runtime=runtime)
 
 
 def _refused(port: int) -> bool:
