@@ -1,7 +1,7 @@
 """Layer + Settings + LMConfig -> the recipes of one run's containers and networks.
 
 A run is planned as data (:class:`RunPlan`) before anything is created, so the same plan drives the
-Docker engine, the in-memory fake, testcontainers (:meth:`ContainerRecipe.configure`) and the
+Docker engine, the in-memory fake, testcontainers (:meth:`ContainerRecipe.to_testcontainer`) and the
 checked-in compose files (:mod:`provisioner.runtime.compose`).
 
 Network design (see docs/containers.md):
@@ -234,42 +234,51 @@ class ContainerRecipe:
             kwargs["network"] = self.networks[0].network
         return kwargs
 
-    def configure(self, container: Any) -> Any:
-        """Apply this recipe to a ``testcontainers.core.container.DockerContainer`` and return it.
+    def to_testcontainer(self) -> Any:
+        """This recipe as a testcontainers ``DockerContainer`` (not started), built with its public
+        builder API only: command, name, environment (secrets included: the engine needs them),
+        labels, mounts, tmpfs, limits, hardening, and the first network with its aliases (the network
+        must exist already: create it from the plan's :class:`NetworkRecipe`).
 
-        Sets command, environment, labels, 127.0.0.1-only ports, mounts, limits, hardening and the
-        first network with its aliases (the network must exist already; create it from the plan's
-        :class:`NetworkRecipe`). testcontainers' Ryuk reaper should be disabled
-        (``TESTCONTAINERS_RYUK_DISABLED=true``): it needs an image pull; our watchdog does its job.
+        testcontainers' Ryuk reaper must be off (``TESTCONTAINERS_RYUK_DISABLED``; the pytest plugin
+        and :func:`provisioner.environment` switch it off at start-up): it needs an image pull, and
+        the run's watchdog does its job.
+
+        Raises:
+            ValueError: the recipe publishes ports (the builder binds them on every interface;
+                workers are reached through the relay, which the runtime starts) or joins another
+                container's network namespace.
         """
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.network import Network
+
+        if self.ports:
+            raise ValueError(
+                f"{self.name} publishes ports {list(self.ports)}: testcontainers' builder would bind them "
+                "on every interface, not 127.0.0.1 only; start it with the container runtime instead"
+            )
+        if self.network_mode is not None:
+            raise ValueError(f"{self.name} joins {self.network_mode}: start it with the container runtime")
         kwargs = self.to_run_kwargs()
-        container.image = self.image
-        container._command = kwargs.pop("command")
-        container._name = kwargs.pop("name")
-        container.env.update(kwargs.pop("environment"))
-        kwargs.pop("image")
-        kwargs.pop("detach")
-        for port in self.ports:
-            container.ports[f"{port}/tcp"] = ("127.0.0.1", None)
-        kwargs.pop("ports")
+        for handled in ("image", "command", "name", "environment", "ports", "volumes", "tmpfs", "network"):
+            kwargs.pop(handled, None)
+        container = (
+            DockerContainer(self.image)
+            .with_command(list(self.command))
+            .with_name(self.name)
+            .with_envs(**self.environment, **self.secret_environment)
+        )
         for m in self.mounts:
-            container.with_volume_mapping(m.source, m.target, "ro" if m.read_only else "rw")
-        kwargs.pop("volumes")
-        container.tmpfs.update(kwargs.pop("tmpfs"))
-        network = kwargs.pop("network", None)
-        if network is not None:
-            container.with_network(_NamedNetwork(network))
+            container = container.with_volume_mapping(m.source, m.target, "ro" if m.read_only else "rw")
+        for path, options in self.tmpfs.items():
+            container = container.with_tmpfs_mount(path, options)  # Docker's tmpfs options, size included
+        if self.networks:
+            network = Network()
+            network.name = self.networks[0].network  # made by the runtime; testcontainers only joins it
+            container = container.with_network(network)
             if self.networks[0].aliases:
-                container.with_network_aliases(*self.networks[0].aliases)
-        container.with_kwargs(**kwargs)
-        return container
-
-
-@dataclass(frozen=True)
-class _NamedNetwork:
-    """The one attribute testcontainers reads from its ``Network`` when starting a container."""
-
-    name: str
+                container = container.with_network_aliases(*self.networks[0].aliases)
+        return container.with_kwargs(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,28 @@ if TYPE_CHECKING:
     from provisioner.settings import Settings
 
 LOOPBACK = "127.0.0.1"
+RYUK_DISABLED_ENV = "TESTCONTAINERS_RYUK_DISABLED"
 # How often a process's pool looks at its workers' container states (seconds).
 POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 # recycle_after_sessions for fork-mode pools: never by count (2**31 sessions).
 _NEVER = 2**31
+
+
+def switch_off_ryuk() -> None:
+    """Switch testcontainers' Ryuk reaper off for this process (and its children), through its
+    documented configuration (the ``TESTCONTAINERS_RYUK_DISABLED`` variable), unless the user set it.
+
+    Ryuk needs an image pull and the docker socket mounted into a privileged container; the run's
+    watchdog does its job without either. testcontainers reads the setting once, at its first
+    container start, so it is set here, when the pytest plugin or :func:`provisioner.environment`
+    loads this module — before any dedicated worker starts. testcontainers is not imported for it
+    (it loads docker-py: ~0.5 s of start-up).
+    """
+    os.environ.setdefault(RYUK_DISABLED_ENV, "true")
+
+
+switch_off_ryuk()
 
 
 class RunContext(Protocol):
@@ -371,27 +388,20 @@ class ProcessContainers:
         self._require_container_layer("bridge_worker")
         if self._runtime_given:
             return self._start_dedicated_on_runtime()
-        from testcontainers.core.config import testcontainers_config
-        from testcontainers.core.container import DockerContainer
-
         from provisioner.bridge.client import BridgeClient
-        from provisioner.runtime.deployment import Deployment, WorkerInfo
+        from provisioner.runtime import launch
+        from provisioner.runtime.deployment import WorkerInfo
         from provisioner.runtime.egress import block_host_access
 
-        # Ryuk needs an image pull and the docker socket in a container: the run's watchdog does its job.
-        testcontainers_config.ryuk_disabled = True
         self._ensure_watchdog()
+        # A deployment of its own (names prov-<run>-<instance>-d<n>-…, the process's instance label).
         plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
         recipe = plan.workers[0]
-        # Networks and the relay come from the plan as usual; the worker itself from testcontainers.
-        base = Deployment(
-            dataclasses.replace(plan, workers=()), self.runtime,
-            ready_timeout_s=self.env.settings.container.ready_timeout_s,
-        )
-        base.start()
+        # Networks and the relay are deployed as usual; the worker itself by testcontainers.
+        base = launch.deploy(dataclasses.replace(plan, workers=()), self.runtime, self.env.settings)
         container = None
         try:
-            container = recipe.configure(DockerContainer(recipe.image))
+            container = recipe.to_testcontainer()
             container.start()
             container_id = container.get_container_id()
             base.resources.track("container", container_id, name=recipe.name, owner=f"test:{label}",
@@ -416,12 +426,10 @@ class ProcessContainers:
         a handed-in runtime is the door to the engine): the plan's one worker, relay and networks as a
         deployment. ``container`` is None (there is no testcontainers object)."""
         from provisioner.bridge.client import BridgeClient
-        from provisioner.runtime.deployment import Deployment
+        from provisioner.runtime import launch
 
         plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
-        timeout_s = self.env.settings.container.ready_timeout_s
-        deployment = Deployment(plan, self.runtime, ready_timeout_s=timeout_s)
-        deployment.start()  # removes what it made when it fails
+        deployment = launch.deploy(plan, self.runtime, self.env.settings)  # removes what it made on failure
         info = deployment.workers[0]
         self.workers_started += 1
         client = BridgeClient(info.host, info.port, request_timeout=self.env.settings.process_timeout,

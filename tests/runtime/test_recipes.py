@@ -232,20 +232,28 @@ def test_replacement_keeps_the_slot_alias_under_a_new_name(settings: Settings, t
     assert replacement_recipe(again, 3).name == "prov-r1-w1-3"
 
 
-def test_configure_applies_the_recipe_to_a_testcontainers_container(
+def test_to_testcontainer_builds_the_worker_with_the_public_builder_api(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from testcontainers.core.container import DockerContainer
-
     plan = _plan(settings, "e2e", tmp_path, key=True)
-    container = plan.workers[0].configure(DockerContainer("placeholder"))
+    worker = plan.workers[0]
+    container = worker.to_testcontainer()
     assert container.image.endswith("img:1")
-    assert container.env[API_KEY_ENV] == SECRET
-    assert container._network.name == plan.run_network
-    assert container._network_aliases == ["w0"]
+    assert container.env[API_KEY_ENV] == SECRET and container.env["PROVISION_WORKER_ID"] == worker.name
+    assert container.tmpfs == worker.tmpfs and container.ports == {}
+    # What the builder methods recorded (read back for the test only; the recipe sets none of it).
+    assert container._name == worker.name and container._command == list(worker.command)
+    assert container._network.name == plan.run_network and container._network_aliases == ["w0"]
     assert container._kwargs["cap_drop"] == ["ALL"] and container._kwargs["labels"][L.RUN] == "r1"
-    relay = plan.relay.configure(DockerContainer("placeholder"))
-    assert relay.ports == {"9000/tcp": ("127.0.0.1", None), "9001/tcp": ("127.0.0.1", None)}
+    assert container._kwargs["read_only"] is True and container._kwargs["user"] == worker.user
+
+
+def test_a_recipe_that_publishes_ports_is_not_exported_to_testcontainers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    plan = _plan(settings, "e2e", tmp_path)
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1 only"):
+        plan.relay.to_testcontainer()
 
 
 def test_prepare_shared_dir_makes_group_writable_dirs_only_for_root(tmp_path: Path) -> None:

@@ -82,3 +82,19 @@ def test_pool_belongs_to_pooled_layers(tmp_path: Path) -> None:
             pass
     finally:
         unit.close()
+
+
+def test_ryuk_is_switched_off_at_start_up_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from provisioner.runtime.workers import RYUK_DISABLED_ENV, switch_off_ryuk
+
+    env = {k: v for k, v in os.environ.items() if k != RYUK_DISABLED_ENV}
+    code = f"import os, provisioner.runtime.workers; print(os.environ[{RYUK_DISABLED_ENV!r}])"
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "true"  # loading the module (plugin, environment()) is enough
+    monkeypatch.setenv(RYUK_DISABLED_ENV, "false")
+    switch_off_ryuk()
+    assert os.environ[RYUK_DISABLED_ENV] == "false"  # a user's own choice stands
