@@ -2,10 +2,13 @@
 
 ``provision worker --fork`` runs a *parent* that imports everything a worker needs (DSPy, the LM
 engines, google-genai, the bridge), warms DSPy's lazy paths with one throw-away mock execution,
-starts **no threads**, and then only accepts connections. Each accepted connection is handed to a
-``fork()``-ed *child* that builds its own :class:`~provisioner.bridge.service.BridgeService` (its LM
-from the worker's start-up configuration, applied before the first byte of the connection is read),
-serves that one connection with the ordinary threaded server, and exits when the connection closes.
+starts **no threads**, and then only forks and reaps. Each connection is served by a ``fork()``-ed
+*child* that built its own :class:`~provisioner.bridge.service.BridgeService` (its LM from the
+worker's start-up configuration, applied before the first byte of the connection is read), serves
+that one connection on its main thread with the ordinary server code, and exits when the connection
+closes. The fork happens ahead of time: one *spare* child waits on the shared listening socket, and
+the moment it accepts a connection the parent forks the next spare — so a client's connect is
+answered by a process that is already up (the fork's cost is off the connection's path).
 The connection is the unit of isolation: every client — Python, Erlang ``gen_tcp``, Elixir — gets a
 fresh process by connecting; there is no extra protocol command.
 
@@ -24,8 +27,9 @@ Rules the parent keeps (each one checked or enforced here, not assumed):
   calls ``waitpid(-1, WNOHANG)`` until nothing is left — no zombies, whatever the child died of;
 * **live children are bounded**: ``max_connections``, capped by the container's pids limit (each
   child runs up to ``max_inflight`` execution threads plus a few of its own,
-  :func:`child_limit`). Past it a connection gets one ``TooManyConnections`` error reply ("the
-  worker is busy") and is closed, without a fork;
+  :func:`child_limit`; the spare counts). Past it there is no spare, the parent accepts the
+  connection itself, sends one ``TooManyConnections`` error reply ("the worker is busy") and
+  closes it;
 * **worker-wide commands act on the worker**: ``shutdown`` in any child (with control) stops the
   parent, which ends every child and exits; ``reset_state`` clears the calling child and ends every
   other child (their sessions are the worker's state). A child tells its parent over a pipe shared by
@@ -69,8 +73,9 @@ PROCESS_MODE_FORK = "fork"
 # prctl(2) options (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-# Threads one child runs besides its execution pool: main, the connection's, the deadline watch, and
-# headroom for what DSPy / google-genai / anyio start on first use (measured idle child: 3).
+# Threads one child runs besides its execution pool: main (which serves the connection), the deadline
+# watch, and headroom for what DSPy / google-genai / anyio start on first use (measured with
+# /proc/<pid>/task: 1 idle, 3 while executing with one pool thread).
 _CHILD_THREADS = 6
 # Processes and threads the parent itself and the container's other processes (tini, a health
 # check, a `docker exec`) need below the pids limit.
@@ -80,8 +85,6 @@ _MAX_REFUSING = 256
 _REFUSE_DRAIN_S = 1.0
 # How long stopping waits for children to finish in-flight work beyond the request timeout.
 _STOP_GRACE_S = 5.0
-# The shared counters page: live, forks, refused, crashed, exited (int64 each).
-_COUNTERS = struct.Struct("<qqqqq")
 
 
 def thread_names() -> list[str]:
@@ -150,7 +153,7 @@ def child_limit(configured: int, max_inflight: int, pids: int | None) -> int:
 
     A child runs at most ``max_inflight`` execution threads plus ``_CHILD_THREADS`` of its own; the
     parent keeps ``_PARENT_RESERVE`` for itself. Source of the per-child figure: an idle child
-    measured with ``/proc/<pid>/task`` (3 threads) plus headroom.
+    measured with ``/proc/<pid>/task`` (1 idle, 3 executing) plus headroom.
     """
     if pids is None:
         return configured
@@ -183,38 +186,56 @@ def warm_up() -> None:
 @dataclass
 class _Child:
     pid: int
-    peer: str
+    peer: str = "(spare: waiting for a connection)"
     started: float = field(default_factory=time.monotonic)
+    accepted: bool = False
 
 
 class _Counters:
     """The parent's counters on an anonymous shared page: children read them for ``get_stats``."""
 
+    _FIELDS = ("children", "spare", "forks_total", "accepted_total", "refused_busy", "children_crashed",
+               "children_exited")
+    _STRUCT = struct.Struct("<" + "q" * len(_FIELDS))
+
     def __init__(self) -> None:
         self._page = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED | MAP_ANONYMOUS: shared across fork
-        self.live = self.forks = self.refused = self.crashed = self.exited = 0
+        self.values = dict.fromkeys(self._FIELDS, 0)
+
+    def add(self, name: str, delta: int = 1) -> None:
+        self.values[name] += delta
+        self.publish()
+
+    def set(self, **values: int) -> None:
+        self.values.update(values)
+        self.publish()
 
     def publish(self) -> None:
-        self._page[: _COUNTERS.size] = _COUNTERS.pack(self.live, self.forks, self.refused, self.crashed,
-                                                     self.exited)
+        self._page[: self._STRUCT.size] = self._STRUCT.pack(*(self.values[f] for f in self._FIELDS))
 
     def read(self) -> dict[str, int]:
-        live, forks, refused, crashed, exited = _COUNTERS.unpack(self._page[: _COUNTERS.size])
-        return {"children": live, "forks_total": forks, "refused_busy": refused,
-                "children_crashed": crashed, "children_exited": exited}
+        """``{children, spare, forks_total, accepted_total, refused_busy, children_crashed,
+        children_exited}`` as the parent last wrote them (children: processes serving a connection)."""
+        return dict(zip(self._FIELDS, self._STRUCT.unpack(self._page[: self._STRUCT.size]), strict=True))
 
 
 class ForkingWorker:
-    """The fork-mode parent: listen, fork a child per connection, reap, stop.
+    """The fork-mode parent: keep one forked *spare* ready, reap, refuse when full, stop.
 
-    ``make_child(sock, peer, ctx)`` runs in the child and returns its exit code; the default serves
-    the connection with a :class:`~provisioner.bridge.server.BridgeServer` (see
-    :func:`run_fork_worker`). ``max_children`` is already capped (:func:`child_limit`).
+    Forking is kept off a connection's critical path: the parent forks a spare child ahead of time;
+    the spare builds its service and LM, then waits on the shared listening socket. The spare that
+    accepts a connection tells the parent (``A <pid> <peer>`` on the control pipe), and the parent
+    forks the next spare at once. With ``max_children`` processes alive there is no spare: the parent
+    watches the listener itself and answers each connection "busy".
+
+    ``make_child(parent)`` runs in a new child before it waits for a connection and returns the
+    function that serves the accepted one (``serve(sock, peer) -> exit code``); see
+    :func:`run_fork_worker`. ``max_children`` is already capped (:func:`child_limit`).
     """
 
     def __init__(
         self,
-        make_child: Callable[[socket.socket, str, ForkingWorker], int],
+        make_child: Callable[[ForkingWorker], Callable[[socket.socket, str], int]],
         *,
         max_children: int,
         worker_id: str,
@@ -228,16 +249,20 @@ class ForkingWorker:
         self.counters = _Counters()
         self.counters.publish()
         self.children: dict[int, _Child] = {}
+        self.spare: int | None = None
+        self._spare_failures = 0
+        self._spare_retry_at = 0.0
+        self._fork_problem: str | None = None
         self._listener: socket.socket | None = None
+        self._watching_listener = False
         self._wake_r, self._wake_w = os.pipe()
-        self._ctl_r, self.ctl_w = os.pipe()  # children -> parent: b"S\n", b"R <pid>\n"
+        self._ctl_r, self.ctl_w = os.pipe()  # children -> parent: b"A <pid> <peer>", b"S <pid>", b"R <pid>"
         for fd in (self._wake_r, self._wake_w, self._ctl_r):
             os.set_blocking(fd, False)
         self._ctl_buf = b""
         self._refusing: dict[int, tuple[socket.socket, float]] = {}
         self._poll = select.poll()  # no descriptor of its own: nothing for a child to inherit
         self._stopping = False
-        self.in_child = False
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -251,6 +276,8 @@ class ForkingWorker:
             listener.close()
             raise
         listener.listen(socket.SOMAXCONN)
+        # Non-blocking for good: the flag belongs to the socket shared with every child, and neither
+        # the parent nor a spare may ever block in accept() when the other took the connection.
         listener.setblocking(False)
         self._listener = listener
         bound: int = listener.getsockname()[1]
@@ -261,7 +288,8 @@ class ForkingWorker:
     # -- the parent's loop -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Accept, fork, reap until ``shutdown`` (from a child) or SIGTERM/SIGINT; then end every child.
+        """Keep a spare, reap, refuse when full, until ``shutdown`` (from a child) or SIGTERM/SIGINT;
+        then end every child.
 
         Raises:
             ForkUnsafeError: the process is not single-threaded.
@@ -276,7 +304,6 @@ class ForkingWorker:
         }
         previous_wakeup = signal.set_wakeup_fd(self._wake_w)
         poll = self._poll
-        poll.register(self._listener.fileno(), select.POLLIN)
         poll.register(self._wake_r, select.POLLIN)
         poll.register(self._ctl_r, select.POLLIN)
         # Objects that exist now stay out of the collector's reach: a child's collections then never
@@ -285,18 +312,26 @@ class ForkingWorker:
         gc.freeze()
         try:
             while not self._stopping:
+                self._ensure_spare()
+                self._watch_listener(self.spare is None)
                 events = poll.poll(self._poll_timeout_ms())
+                # Control lines first: a spare that accepted, served and ended since the last turn
+                # must be known as a served connection before its exit is looked at.
+                self._read_control()
                 self._reap()
+                listener_ready = False
                 for fd, _ in events:
                     if fd == self._wake_r:
                         _drain(self._wake_r)
-                    elif fd == self._ctl_r:
-                        self._read_control()
                     elif fd in self._refusing:
                         self._drain_refused(fd)
+                    elif fd == self._listener.fileno():
+                        listener_ready = True
                 self._expire_refused()
-                if not self._stopping and any(fd == self._listener.fileno() for fd, _ in events):
-                    self._accept_all()
+                if listener_ready and not self._stopping and self.spare is None:
+                    self._ensure_spare()  # a process may have ended meanwhile: let a spare take it
+                    if self.spare is None:
+                        self._refuse_pending()
             self._stop_children()
         finally:
             signal.set_wakeup_fd(previous_wakeup)
@@ -304,48 +339,43 @@ class ForkingWorker:
                 signal.signal(sig, handler)
             self._close_parent_fds()
 
+    def _watch_listener(self, on: bool) -> None:
+        """The parent watches the listener only while there is no spare to accept."""
+        assert self._listener is not None
+        if on and not self._watching_listener:
+            self._poll.register(self._listener.fileno(), select.POLLIN)
+        elif not on and self._watching_listener:
+            self._poll.unregister(self._listener.fileno())
+        self._watching_listener = on
+
     def _poll_timeout_ms(self) -> int:
-        if not self._refusing:
+        deadlines = [deadline for _, deadline in self._refusing.values()]
+        if self.spare is None and self._spare_retry_at > time.monotonic():
+            deadlines.append(self._spare_retry_at)
+        if not deadlines:
             return -1
-        soonest = min(deadline for _, deadline in self._refusing.values())
-        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("worker %s: %s, ending every child process", self.worker_id, signal.Signals(signum).name)
         self._stopping = True
 
-    def _accept_all(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                sock, address = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:  # the peer reset before we accepted; keep serving
-                log.debug("accept failed: %s", exc)
-                continue
-            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            if len(self.children) >= self.max_children:
-                self._refuse(sock, f"the worker is busy: it runs at most {self.max_children} processes"
-                                   " (one per connection) at once; try again later")
-                continue
-            try:
-                require_single_threaded(f"worker {self.worker_id}: forking for {peer}")
-                self._fork(sock, peer)
-            except (ForkUnsafeError, OSError) as exc:
-                log.error("%s", exc)
-                self._refuse(sock, f"the worker cannot start a process for this connection: {exc}")
-            if self._stopping:
-                return
-
-    def _fork(self, sock: socket.socket, peer: str) -> None:
-        sock.setblocking(True)
-        pid = os.fork()
+    def _ensure_spare(self) -> None:
+        """Fork the next spare when there is none, room for one, and no back-off after failures."""
+        if (self.spare is not None or self._stopping or len(self.children) >= self.max_children
+                or time.monotonic() < self._spare_retry_at):
+            return
+        try:
+            require_single_threaded(f"worker {self.worker_id}: forking a process")
+            pid = os.fork()
+        except (ForkUnsafeError, OSError) as exc:
+            self._fork_problem = str(exc)
+            self._spare_failed(f"cannot fork: {exc}")
+            return
         if pid == 0:  # the child: never returns into the parent's loop
             code = 70
             try:
-                self.in_child = True
-                code = self._become_child(sock, peer)
+                code = self._become_spare()
             except BaseException:
                 with contextlib.suppress(Exception):
                     log.exception("worker %s: process %d failed", self.worker_id, os.getpid())
@@ -354,26 +384,67 @@ class ForkingWorker:
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
-        sock.close()
-        self.children[pid] = _Child(pid, peer)
-        self.counters.live = len(self.children)
-        self.counters.forks += 1
-        self.counters.publish()
+        self.children[pid] = _Child(pid)
+        self.spare = pid
+        self.counters.set(spare=1, children=len(self.children) - 1,
+                          forks_total=self.counters.values["forks_total"] + 1)
 
-    def _become_child(self, sock: socket.socket, peer: str) -> int:
+    def _spare_failed(self, why: str) -> None:
+        self._spare_failures += 1
+        delay = min(5.0, 0.05 * 2 ** self._spare_failures)
+        self._spare_retry_at = time.monotonic() + delay
+        log.error("worker %s: no process ready for the next connection (%s); retrying in %.2f s",
+                  self.worker_id, why, delay)
+
+    def _refuse_pending(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # the peer reset before we accepted; keep serving
+                log.debug("accept failed: %s", exc)
+                continue
+            if len(self.children) >= self.max_children:
+                why = (f"the worker is busy: it runs at most {self.max_children} processes (one per"
+                       " connection) at once; try again later")
+            else:
+                why = ("the worker cannot start a process for this connection now: "
+                       f"{self._fork_problem or 'its waiting process ended early'}; try again later")
+            self._refuse(sock, why)
+
+    def _become_spare(self) -> int:
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.parent_pid:  # the parent died before the request above took effect
             return 0
         os.setpgid(0, 0)  # its own group: the parent kills stray subprocesses with it
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_DFL)  # until a connection is accepted, SIGTERM just ends it
         self._close_parent_fds(child=True)
-        return self.make_child(sock, peer, self)
+        serve = self.make_child(self)  # the service and its LM, before any connection
+        assert self._listener is not None
+        listener = self._listener
+        waiting = select.poll()
+        waiting.register(listener.fileno(), select.POLLIN)
+        while True:
+            waiting.poll()
+            try:
+                sock, address = listener.accept()
+                break
+            except BlockingIOError:  # the parent refused it (it was at its limit): wait again
+                continue
+        listener.close()
+        sock.setblocking(True)
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.tell_parent(f"A {os.getpid()} {peer}")
+        return serve(sock, peer)
 
     def _close_parent_fds(self, *, child: bool = False) -> None:
-        """Close what the parent holds: in a child, everything but the control pipe's write end."""
-        if self._listener is not None:
+        """Close what the parent holds: in a child, all but the listener and the control pipe's
+        write end."""
+        if self._listener is not None and not child:
             with contextlib.suppress(OSError):
                 self._listener.close()
         for sock, _ in self._refusing.values():
@@ -403,34 +474,58 @@ class ForkingWorker:
                 continue  # an orphan re-parented to us (subreaper), now reaped
             changed = True
             code = os.waitstatus_to_exitcode(status)
-            if code == 0:
-                self.counters.exited += 1
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if pid == self.spare:
+                self._read_control()  # its "accepted" line may have arrived with its exit
+            if pid == self.spare:
+                self.spare = None
+                if not self._stopping:
+                    self._spare_failed(f"the waiting process {pid} ended by {how}")
+                self.counters.values["children_crashed"] += 1
+            elif code == 0:
+                self.counters.values["children_exited"] += 1
                 log.debug("worker %s: process %d (%s) ended", self.worker_id, pid, child.peer)
             else:
-                self.counters.crashed += 1
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                self.counters.values["children_crashed"] += 1
                 log.warning("worker %s: process %d serving %s ended by %s after %.1f s; its connection is"
                             " closed, other connections are unaffected", self.worker_id, pid, child.peer,
                             how, time.monotonic() - child.started)
         if changed:
-            self.counters.live = len(self.children)
-            self.counters.publish()
+            self._publish_children()
+
+    def _publish_children(self) -> None:
+        spare = 1 if self.spare is not None else 0
+        self.counters.set(children=len(self.children) - spare, spare=spare)
 
     def _read_control(self) -> None:
-        try:
-            data = os.read(self._ctl_r, 4096)
-        except BlockingIOError:
-            return
-        self._ctl_buf += data
+        while True:
+            try:
+                data = os.read(self._ctl_r, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            self._ctl_buf += data
         *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
         for line in lines:
-            word, _, arg = line.decode("ascii", "replace").partition(" ")
-            if word == "S":
+            word, _, rest = line.decode("ascii", "replace").partition(" ")
+            arg, _, peer = rest.partition(" ")
+            sender = int(arg) if arg.isdigit() else -1
+            if word == "A":
+                child = self.children.get(sender)
+                if child is not None:
+                    child.accepted, child.peer, child.started = True, peer, time.monotonic()
+                if sender == self.spare:
+                    self.spare = None
+                self._spare_failures = 0
+                self.counters.values["accepted_total"] += 1
+                self._publish_children()
+            elif word == "S":
                 log.info("worker %s: shutdown requested by process %s", self.worker_id, arg or "?")
                 self._stopping = True
             elif word == "R":
-                caller = int(arg) if arg.isdigit() else -1
-                others = [pid for pid in self.children if pid != caller]
+                # The spare holds no state yet: it stays.
+                others = [pid for pid in self.children if pid not in (sender, self.spare)]
                 log.info("worker %s: reset_state by process %s: ending %d other process(es)",
                          self.worker_id, arg, len(others))
                 for pid in others:
@@ -440,7 +535,7 @@ class ForkingWorker:
     def _stop_children(self) -> None:
         """SIGTERM every child (each finishes its in-flight work and replies), wait, SIGKILL the rest."""
         if self._listener is not None:
-            self._poll.unregister(self._listener.fileno())
+            self._watch_listener(False)
             self._listener.close()
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
@@ -460,14 +555,13 @@ class ForkingWorker:
             pid, _ = os.waitpid(-1, 0)
             self.children.pop(pid, None)
         self._reap()
-        self.counters.live = 0
-        self.counters.publish()
+        self.spare = None
+        self._publish_children()
 
     # -- refusals (single-threaded: drained by the loop itself) -----------------------------------
 
     def _refuse(self, sock: socket.socket, why: str) -> None:
-        self.counters.refused += 1
-        self.counters.publish()
+        self.counters.add("refused_busy")
         frame = encode_frame(dumps(error_reply(None, why, ErrorType.TOO_MANY_CONNECTIONS)))
         try:
             sock.setblocking(False)
@@ -564,11 +658,11 @@ def run_fork_worker(
                  max_inflight + _CHILD_THREADS)
     timeout = float(server_options.get("request_timeout_s", 30.0)) + _STOP_GRACE_S
 
-    def make_child(sock: socket.socket, peer: str, parent: ForkingWorker) -> int:
+    def make_child(parent: ForkingWorker) -> Callable[[socket.socket, str], int]:
+        # Before any connection: the child's own service, its LM applied (no byte is read before).
         service = BridgeService(lm_config, worker_id=worker_id, control_token=control_token,
                                 **service_options)
-        ppid = parent.parent_pid
-        service.process = {"mode": PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": ppid}
+        service.process = {"mode": PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": parent.parent_pid}
         install_process_lm(service)
         server = BridgeServer(service, **server_options, max_connections=1, pids=None)
         service.stats_hooks.append(lambda: {"fork": {**parent.counters.read(),
@@ -576,17 +670,22 @@ def run_fork_worker(
         service.on_shutdown(lambda: parent.tell_parent(f"S {os.getpid()}"))
         service.on_reset(lambda: parent.tell_parent(f"R {os.getpid()}"))
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            server.request_stop()
+        def serve(sock: socket.socket, peer: str) -> int:
+            # The connection is served on this (the main) thread: nothing to start, nothing to wake
+            # at the end. SIGTERM (the parent stopping, or another process's reset_state) interrupts
+            # the blocked read; its handler stops the reading, so the read sees EOF after in-flight
+            # work has replied.
+            connection = server.adopted(sock, peer)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.set_wakeup_fd(server.signal_wakeup_fd)
-        server.adopt(sock, peer, stop_when_closed=True)
-        server.wait_for_stop()
-        signal.set_wakeup_fd(-1)
-        server.close()  # stuck work (if any) is abandoned: the child's os._exit ends its threads
-        return 0
+            def on_signal(signum: int, _frame: FrameType | None) -> None:
+                connection.stop()
+
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            connection.serve()  # returns once every reply went out (or its work outlived the grace)
+            return 0  # the caller's os._exit ends whatever thread is left
+
+        return serve
 
     parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout)
     bound = parent.listen(host, port)
@@ -597,5 +696,6 @@ def run_fork_worker(
         write_ready_file(ready_file, bound)
     ready_line(bound)
     parent.serve_forever()
-    log.info("fork-mode worker %s stopped (%d processes forked)", worker_id, parent.counters.forks)
+    log.info("fork-mode worker %s stopped (%d processes forked)", worker_id,
+             parent.counters.values["forks_total"])
     return 0

@@ -516,8 +516,6 @@ class BridgeServer:
         os.set_blocking(self._stop_w, False)
         self.stop_requested = threading.Event()
         self._closed = False
-        # Fork mode: the child's one connection ending stops its server (see adopt()).
-        self._stop_when_closed = False
         service.on_shutdown(self.request_stop)
         service.stats_hooks.append(self._live_stats)
 
@@ -650,8 +648,6 @@ class BridgeServer:
 
     def _start_connection(self, sock: socket.socket, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        if self._stop_when_closed:
-            log.debug("process %d serves %s", os.getpid(), peer)
         with self._connections_lock:
             full = len(self._connections) >= self.max_connections
         if full:
@@ -659,20 +655,9 @@ class BridgeServer:
                 sock, f"the worker serves at most {self.max_connections} connections at once; try again later"
             )
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # A peer that never reads its replies must not pin a thread forever: sends time out.
-        seconds = max(1, int(self.request_timeout_s))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
-        reader = _SocketReader(sock)
-
-        def close() -> None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            reader.close()
-            sock.close()
-
-        access = self.service.new_access()
-        conn = _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
+        conn = self._socket_connection(sock, peer)
+        reader = conn.reader
+        assert isinstance(reader, _SocketReader)
         with self._connections_lock:
             self._connections[conn] = threading.current_thread()  # replaced below once started
             self._connections_total += 1
@@ -689,11 +674,32 @@ class BridgeServer:
             if conn in self._connections:
                 self._connections[conn] = thread
 
-    def adopt(self, sock: socket.socket, peer: str, *, stop_when_closed: bool = False) -> None:
-        """Serve an already-accepted connection (a fork-mode child's one connection, see
-        :mod:`provisioner.bridge.forking`); ``stop_when_closed``: the server stops when it closes."""
-        self._stop_when_closed = stop_when_closed
-        self._start_connection(sock, peer)
+    def _socket_connection(self, sock: socket.socket, peer: str) -> _Connection:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that never reads its replies must not pin a thread forever: sends time out.
+        seconds = max(1, int(self.request_timeout_s))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
+        reader = _SocketReader(sock)
+
+        def close() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            reader.close()
+            sock.close()
+
+        access = self.service.new_access()
+        return _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
+
+    def adopted(self, sock: socket.socket, peer: str) -> _Adopted:
+        """An already-accepted connection to serve in the calling thread (a fork-mode child's one
+        connection, see :mod:`provisioner.bridge.forking`): no thread to start, none to wake at the
+        end. ``.serve()`` serves it until it closes; ``.stop()`` (signal-handler safe) ends that:
+        the reading stops, in-flight work still replies."""
+        conn = self._socket_connection(sock, peer)
+        with self._connections_lock:
+            self._connections[conn] = threading.current_thread()
+            self._connections_total += 1
+        return _Adopted(self, conn)
 
     def _start_thread(
         self, target: Callable[[_Connection], None], conn: _Connection, name: str
@@ -719,8 +725,6 @@ class BridgeServer:
         finally:
             with self._connections_lock:
                 self._connections.pop(conn, None)
-            if self._stop_when_closed:
-                self.request_stop()
 
     # -- one connection ----------------------------------------------------------------------------
 
@@ -980,6 +984,26 @@ class BridgeServer:
             self._connections_total += 1
         thread.start()
         return thread
+
+
+class _Adopted:
+    """A connection served by the thread that calls :meth:`serve` (see :meth:`BridgeServer.adopted`)."""
+
+    def __init__(self, server: BridgeServer, conn: _Connection) -> None:
+        self._server = server
+        self._conn = conn
+
+    def serve(self) -> None:
+        try:
+            self._server.serve_connection(self._conn)
+        finally:
+            with self._server._connections_lock:
+                self._server._connections.pop(self._conn, None)
+
+    def stop(self) -> None:
+        """Stop reading (from a signal handler too): the blocked read sees EOF, in-flight work replies."""
+        self._server.service.begin_shutdown()
+        self._conn.stop_reading()
 
 
 class _Refuser:

@@ -49,6 +49,8 @@ POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 # recycle_after_sessions for fork-mode pools: never by count (2**31 sessions).
 _NEVER = 2**31
+# How often a process-isolation session retries a busy fork-mode worker (seconds).
+BUSY_RETRY_S = 0.05
 
 
 def switch_off_ryuk() -> None:
@@ -364,10 +366,27 @@ class ProcessContainers:
 
     def _open_process_session(self, pool: WorkerPool, session_id: str) -> tuple[Any, Any]:
         """Isolation ``process``: the session's connection is its own process, forked by the pinned
-        fork-mode worker. Closing the connection ends the process, so the cleanup only closes it."""
+        fork-mode worker. Closing the connection ends the process, so the cleanup only closes it.
+
+        A worker at its process limit answers "busy" (``TooManyConnections``): processes of earlier
+        tests are still ending, so the connection is retried until ``process_timeout``.
+        """
+        import time
+
+        from provisioner.bridge.protocol import ErrorType
+        from provisioner.errors import BridgeError
+
         try:
             client = pool.client(session_id, request_timeout=self.env.settings.process_timeout, fork=True)
-            client.bridge.connect()  # forks the test's process now (setup), and learns its pid
+            deadline = time.monotonic() + self.env.settings.process_timeout
+            while True:
+                try:
+                    client.bridge.connect()  # forks the test's process now (setup), learns its pid
+                    break
+                except BridgeError as exc:
+                    if exc.error_type != ErrorType.TOO_MANY_CONNECTIONS or time.monotonic() > deadline:
+                        raise
+                    time.sleep(BUSY_RETRY_S)
         except BaseException:
             pool.close_session(session_id)
             raise
