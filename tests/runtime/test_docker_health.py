@@ -22,6 +22,7 @@ from provisioner.bridge.client import BridgeClient
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.health import FORWARDER_GONE
+from provisioner.runtime.lifecycle import UpOptions
 from provisioner.runtime.pool import WorkerPool
 from provisioner.settings import Settings
 
@@ -33,7 +34,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
 def _pool(settings: Settings, image: str, run_id: str, workers: int = 2) -> WorkerPool:
     return WorkerPool.start(
-        settings, layer="integration", lm_mode="mock", workers=workers, image=image, run_id=run_id
+        settings, UpOptions(layer="integration", lm_mode="mock", workers=workers, image=image, run_id=run_id)
     )
 
 

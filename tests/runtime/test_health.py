@@ -11,7 +11,7 @@ from provisioner.runtime.deployment import Deployment, ProbeResult
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.health import FORWARDER_GONE, PublishedWorker, check_paths, heal_environment
 from provisioner.runtime.pool import WorkerPool
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
@@ -23,10 +23,9 @@ def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int =
         settings,
         get_layer(settings, "e2e"),
         get_layer(settings, "e2e").lm_config(settings.lm, "mock"),
-        run_id="h1",
-        image=FAKE_IMAGE,
-        workers=count,
-        run_dir=Path(settings.state_dir) / "lm",
+        RunTarget("h1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+        FAKE_IMAGE,
+        PlanOptions(workers=count),
     )
     return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
 
@@ -179,12 +178,16 @@ def test_on_the_served_engine_a_real_ping_finds_and_the_heal_fixes_a_dead_port(
     """FakeRuntime(serve=True): real in-process workers and relay, the real bridge probe. The relay's
     listener for a worker's port closes (the forwarder died); a pooled session's next request is
     refused, healed, resent and answered, at the same address."""
-    from provisioner.runtime.lifecycle import up
+    from provisioner.runtime.lifecycle import UpOptions, up
 
     served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
     try:
-        env = up(settings, runtime=served, image=FAKE_IMAGE, watchdog=False, layer="integration",
-                 lm_mode="mock", workers=2, persistent=False)
+        env = up(
+            settings,
+            UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=2,
+                      persistent=False),
+            runtime=served,
+        )
         with WorkerPool(env, owns_environment=True) as pool:
             pool.open_session("kept")
             session = pool.client("kept")
@@ -206,11 +209,15 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
 ) -> None:
     """`provision up` heals on request: status says which path is dead and why; --repair re-creates
     the relay on the same ports and says so; a worker that also exited is restarted after it."""
-    from provisioner.runtime.lifecycle import down, status, up
+    from provisioner.runtime.lifecycle import UpOptions, down, status, up
 
     rt, workers = fake
-    env = up(settings, runtime=rt, probe=workers.probe, image=FAKE_IMAGE, watchdog=False,
-             layer="integration", lm_mode="mock", workers=2)
+    env = up(
+        settings,
+        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=2),
+        runtime=rt,
+        probe=workers.probe,
+    )
     try:
         first, second = env.workers
         workers.kill_forwarder(first.port)
@@ -241,11 +248,15 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
 def test_status_repair_says_when_the_relay_cannot_be_made_again(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
-    from provisioner.runtime.lifecycle import down, status, up
+    from provisioner.runtime.lifecycle import UpOptions, down, status, up
 
     rt, workers = fake
-    env = up(settings, runtime=rt, probe=workers.probe, image=FAKE_IMAGE, watchdog=False,
-             layer="integration", lm_mode="mock", workers=1)
+    env = up(
+        settings,
+        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1),
+        runtime=rt,
+        probe=workers.probe,
+    )
     try:
         rt.remove_container(env.plan.relay.name)
         report = status(settings, runtime=rt, probe=workers.probe, repair=True)
