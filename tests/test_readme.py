@@ -28,6 +28,28 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert _readme_commands()[1] in ci
 
 
+SLOW_TIER = ".venv/bin/python -m pytest -q -m slow"
+
+
+def test_the_readme_command_is_the_fast_tier_and_ci_runs_the_slow_tier_after_it() -> None:
+    """The README's command leaves the `slow` marker out (pyproject's addopts); .ci/run runs that
+    tier after it, times it and fails when it fails; the README says how to run it."""
+    import shlex
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    addopts = shlex.split(options["addopts"])
+    assert addopts[addopts.index("-m") + 1] == "not slow", addopts
+    assert any(m.startswith("slow:") for m in options["markers"])
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    readme_line = ci.index(_readme_commands()[1])
+    assert SLOW_TIER in ci and ci.index(SLOW_TIER) > readme_line
+    after = "\n".join(ci[ci.index(SLOW_TIER):])
+    assert "slow tier:" in after and 'exit "$slow_status"' in after  # its time, and its failure fails CI
+    section = (ROOT / "README.md").read_text().split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    assert "-m slow" in section
+
+
 # --- "Use provisioner in your project" (issue 8): short, complete, and what examples/qa_project is ----
 
 EXAMPLE = ROOT / "examples" / "qa_project"
@@ -102,6 +124,7 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.mark.docker
+@pytest.mark.slow
 def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Path) -> None:
     """The example reduced to the quick start (its code, config and test file, no recordings), then every
     command of the quick start in order (the venv and the wheel install are tests/test_wheel_install.py's)."""

@@ -26,6 +26,7 @@ def _cli(project: Path, *args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(three_runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     assert "wrote" in _cli(three_runs, "report", "html", "--out", str(out))

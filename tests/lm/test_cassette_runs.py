@@ -113,6 +113,7 @@ def test_on_its_own_worker(bridge_worker, question):
 
 
 @pytest.mark.docker
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_once_in_worker_containers_is_decided_once_per_run(pytester: pytest.Pytester) -> None:
     """Integration layer: each test's LM runs in its own worker container, started after the

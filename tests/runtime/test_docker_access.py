@@ -26,7 +26,7 @@ from provisioner.settings import Settings, load_settings
 
 from .conftest import leftovers
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
 LIMIT_USD = 0.001
 

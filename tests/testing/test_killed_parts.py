@@ -92,6 +92,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigint", ["ignored", "default"])
 def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
     docker_engine: Any, tmp_path: Path, sigint: str
