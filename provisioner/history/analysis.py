@@ -67,7 +67,8 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
 @dataclass
 class TestSummary:
     """One test over many runs: ``runs`` it appeared in, mean/max total duration in seconds, billed
-    dollars summed, LM calls, cache hits (replayed) and misses, leaks found, last outcome."""
+    dollars summed (``list_cost_usd``: every call at list prices, stand-in calls included — what the
+    runs' cost limits counted), LM calls, cache hits (replayed) and misses, leaks found, last outcome."""
 
     __test__ = False
 
@@ -76,6 +77,7 @@ class TestSummary:
     total_s: float = 0.0
     max_s: float = 0.0
     cost_usd: float = 0.0
+    list_cost_usd: float = 0.0
     lm_calls: int = 0
     standin_calls: int = 0
     cache_hits: int = 0
@@ -107,6 +109,7 @@ def test_summaries(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> dict[str
         summary.total_s += duration
         summary.max_s = max(summary.max_s, duration)
         summary.cost_usd += row["cost_usd"]
+        summary.list_cost_usd += row["list_cost_usd"]
         summary.lm_calls += row_lm_calls(row)
         summary.standin_calls += row["lm_standin"]
         summary.cache_hits += row["cache_hits"]

@@ -7,7 +7,8 @@ $0; their count is shown apart). Durations are seconds (a test's = setup + call 
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from provisioner.history.analysis import (
     FlakyTest,
@@ -20,12 +21,17 @@ from provisioner.history.analysis import (
 from provisioner.history.store import History, RunRow, TestRow
 
 DEFAULT_RUNS = 100
+#: How many of the last lines of a failed test's saved worker log the views show.
+LOG_TAIL_LINES = 20
 
 
 @dataclass
 class Dashboard:
     """``runs``: the newest ``window`` runs, oldest first; ``last``/``last_tests``: the newest run and
-    its tests; ``flaky``/``tests``: over the window; ``months``: over every run in the history."""
+    its tests; ``flaky``/``tests``: over the window; ``months``: over every run in the history;
+    ``log_tails``: for each worker log saved for a failure of the newest run (a test row's
+    ``log_path``), its last :data:`LOG_TAIL_LINES` lines — empty when the file is not on this machine
+    (a run imported from CI)."""
 
     runs: list[RunRow]
     last: RunRow | None
@@ -35,6 +41,7 @@ class Dashboard:
     months: list[MonthCost]
     budget_usd: float | None
     generated_at: str
+    log_tails: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def current_month(self) -> MonthCost | None:
@@ -62,6 +69,18 @@ def pass_rate(run: RunRow) -> float | None:
     return 100.0 * run["passed"] / judged if judged else None
 
 
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a saved worker log; ``[]`` when it is missing or unreadable."""
+    try:
+        with Path(path).open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 64 * 1024))  # the tail is in the last 64 kB
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
 def gather(
     history: History,
     *,
@@ -78,7 +97,10 @@ def gather(
     last_tests = sorted(
         (r for r in rows if last and r["run_id"] == last["run_id"]), key=lambda r: r["node_id"]
     )
+    saved = [p for r in last_tests if r["outcome"] in ("failed", "error") and r["log_path"]
+             for p in r["log_path"].split("; ")]
     return Dashboard(
+        log_tails={p: log_tail(p) for p in saved},
         runs=runs,
         last=last,
         last_tests=last_tests,

@@ -34,6 +34,7 @@ padding:.5em .9em;min-width:8em}.tile b{display:block;font-size:1.5em}
 .skipped,.xfailed,.xpassed{color:#8a6d00}.strip span{display:inline-block;width:1.1em;text-align:center}
 .over{color:#c62828;font-weight:bold}.muted{color:#667}.charts{display:flex;flex-wrap:wrap;gap:1em}
 .charts figure{margin:0;width:380px}figcaption{font-size:12px;color:#445}
+.worker-log pre{font-size:11px;max-width:640px;overflow-x:auto;background:#f6f8fa;padding:.4em}
 """
 
 _MARK = {
@@ -138,18 +139,22 @@ def _last_run(board: Dashboard) -> str:
     standin = ""
     if run["standin_calls"]:
         standin = (
-            f"<p>{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0 "
-            f"(the run's cost limit counted them at list prices).</p>"
+            f'<p id="standin" data-standin-calls="{run["standin_calls"]}" '
+            f'data-cost-usd="{run["cost_usd"]!r}" data-list-cost-usd="{run["list_cost_usd"]!r}">'
+            f"{run['standin_calls']} LM calls were answered "
+            f"by the Gemini stand-in: billed $0; at list prices the run's calls came to "
+            f"{_usd(run['list_cost_usd'])}, which is what its cost limit counted.</p>"
         )
     problems = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
     failed = _table(
-        ["test", "outcome", "duration s", "worker"],
+        ["test", "outcome", "duration s", "worker", "bridge worker log (last lines, saved at the failure)"],
         (
             [
                 _e(r["node_id"]),
                 f'<span class="{_e(r["outcome"])}">{_e(r["outcome"])}</span>',
                 f"{_duration(r):.3f}",
                 _e(r["worker"] or "-"),
+                _worker_logs(board, r),
             ]
             for r in problems
         ),
@@ -159,12 +164,28 @@ def _last_run(board: Dashboard) -> str:
     )
     retained = "".join(f"<li><code>{_e(x)}</code></li>" for x in run["retained"])
     retained_html = (
-        f"<p>Workers retained for debugging:</p><ul id='retained'>{retained}</ul>" if retained else ""
+        "<p>Workers retained for debugging (their last log lines are with the failed test above):</p>"
+        f"<ul id='retained'>{retained}</ul>" if retained else ""
     )
     return (
         f'<section id="last-run"><h2>Last run</h2><p>{facts}</p><div class="tiles">{tile_html}</div>'
         f"{standin}<h3>Failures</h3>{failed}{retained_html}</section>"
     )
+
+
+def _worker_logs(board: Dashboard, row: TestRow) -> str:
+    """The saved worker logs of a failed test: path, retained worker, and the last lines (or why not)."""
+    if not row["log_path"]:
+        return '<span class="muted">-</span>'
+    parts = []
+    kept = f' · retained: <code>{_e(row["retained"])}</code>' if row["retained"] else ""
+    for path in row["log_path"].split("; "):
+        tail = board.log_tails.get(path) or []
+        lines = (f"<pre>{_e(chr(10).join(tail))}</pre>" if tail
+                 else '<p class="muted">(not on this machine, or empty)</p>')
+        parts.append(f'<details class="worker-log" data-log-path="{_e(path)}"><summary><code>{_e(path)}'
+                     f"</code>{kept}</summary>{lines}</details>")
+    return "".join(parts)
 
 
 def _trends(board: Dashboard, runs: list[RunRow]) -> str:
@@ -278,17 +299,19 @@ def _cost(board: Dashboard) -> str:
             f'<span data-node-id="{_e(t.node_id)}">{_e(t.node_id)}</span>',
             f'<span data-cost-usd="{t.cost_usd!r}">{_usd(t.cost_usd)}</span>',
             _usd(t.cost_usd / t.runs if t.runs else 0.0),
+            f'<span data-list-cost-usd="{t.list_cost_usd!r}">{_usd(t.list_cost_usd)}</span>',
             str(t.lm_calls),
-            str(t.standin_calls),
+            f'<span data-standin-calls="{t.standin_calls}">{t.standin_calls}</span>',
             str(t.runs),
         ]
         for t in board.costliest()
     )
     tests = _table(
-        ["test", "cost (all runs shown)", "per run", "LM calls", "stand-in calls ($0)", "runs"],
+        ["test", "billed (all runs shown)", "billed per run", "at list prices (what cost limits count)",
+         "LM calls", "stand-in calls ($0 billed)", "runs"],
         test_rows,
         table_id="cost-per-test",
-        numeric={1, 2, 3, 4, 5},
+        numeric={1, 2, 3, 4, 5, 6},
         empty="no LM calls",
     )
     current = board.current_month

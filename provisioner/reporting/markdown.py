@@ -39,7 +39,8 @@ def render(board: Dashboard, *, top: int = 10) -> str:
         f"{run['leaks']} leaks",
     ]
     if run["standin_calls"]:
-        lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in (billed $0).")
+        lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0; "
+                     f"{_usd(run['list_cost_usd'])} at list prices (what the run's cost limit counted).")
     month = board.current_month
     if month is not None:
         budget = "" if board.budget_usd is None else f" of the {_usd(board.budget_usd)} monthly budget"
@@ -56,7 +57,7 @@ def render(board: Dashboard, *, top: int = 10) -> str:
     lines += _table(["test", "mean s", "max s"], ([f"`{t.node_id}`", f"{t.mean_s:.3f}", f"{t.max_s:.3f}"]
                                                   for t in board.slowest(top)))
     lines += ["", "### Costliest tests", ""]
-    lines += _table(["test", "cost", "LM calls", "stand-in calls"],
-                    ([f"`{t.node_id}`", _usd(t.cost_usd), t.lm_calls, t.standin_calls]
+    lines += _table(["test", "billed", "at list prices", "LM calls", "stand-in calls ($0)"],
+                    ([f"`{t.node_id}`", _usd(t.cost_usd), _usd(t.list_cost_usd), t.lm_calls, t.standin_calls]
                      for t in board.costliest(top)))
     return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@ history, report and browser tests).
 ``test_flaky`` passes on odd runs and fails on even ones (a counter file next to it); ``test_broken``
 always fails (consistently failing is not flaky); ``test_answers`` calls the LM twice through
 ``lm.base_url`` (the Gemini stand-in, billed as Gemini at list prices: a nonzero cost to compare with
-the ledger). The project is a git repository with one commit, so every run has the same revision.
+the ledger) — or, without a base URL and key, provisioner's own stand-in (billed $0). The project is a
+git repository with one commit, so every run has the same revision.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ addopts = "-p no:cacheprovider"
 
 [tool.provisioner]
 layer = "unit"
-lm.base_url = "{url}"
-lm.rate_limit_rpm = 1000
+{base_url}lm.rate_limit_rpm = 1000
 """
 
 TESTS = '''
@@ -58,9 +58,12 @@ def test_steady(lm):
 '''
 
 
-def make_project(root: Path, standin_url: str) -> Path:
+def make_project(root: Path, standin_url: str | None) -> Path:
+    """The project at ``root``; ``standin_url``: a stand-in it calls as if it were Gemini (billed at
+    list prices), or None: real mode without a key then uses provisioner's own stand-in ($0 billed)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "pyproject.toml").write_text(PYPROJECT.format(url=standin_url))
+    base_url = "" if standin_url is None else f'lm.base_url = "{standin_url}"\n'
+    (root / "pyproject.toml").write_text(PYPROJECT.format(base_url=base_url))
     (root / "test_suite.py").write_text(TESTS)
     (root / ".gitignore").write_text(".provision/\ncounter.txt\n*.json\n*.xml\nreport/\n")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
@@ -70,15 +73,18 @@ def make_project(root: Path, standin_url: str) -> Path:
     return root
 
 
-def suite_env() -> dict[str, str]:
+def suite_env(key: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PROVISION_")
-           and k not in ("TEST_MODE", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
-    env["GEMINI_TEST_API_KEY"] = STANDIN_KEY
+           and k not in ("TEST_MODE", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "GEMINI_TEST_API_KEY")}
+    if key:
+        env["GEMINI_TEST_API_KEY"] = STANDIN_KEY
     return env
 
 
-def run_suite(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """One pytest run of the project (real mode against ``lm.base_url``)."""
+def run_suite(root: Path, *args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
+    """One pytest run of the project in real mode: against ``lm.base_url`` with a key, or without a key
+    against provisioner's Gemini stand-in."""
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "--lm", "real", *args],
-                          cwd=root, env=suite_env(), capture_output=True, text=True, timeout=600, check=False)
+                          cwd=root, env=suite_env(key), capture_output=True, text=True, timeout=600,
+                          check=False)

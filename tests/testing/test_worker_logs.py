@@ -183,6 +183,18 @@ def test_a_failed_tests_report_shows_its_workers_lines_of_its_window(
     assert rows["test_c_dedicated_fails"]["log_path"] == str(full_c)
     assert rows["test_a_passes"]["log_path"] is None
     assert full_b.parent == pytester.path / ".provision" / "runs" / run["run_id"] / "logs"
+    # The page shows the failed tests' saved worker logs (their last lines).
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+
+    shown = CliRunner().invoke(main, ["report", "html", "--out", str(pytester.path / "page")],
+                               env={"PROVISION_STATE_DIR": str(pytester.path / ".provision")})
+    assert shown.exit_code == 0, shown.output
+    page = (pytester.path / "page" / "index.html").read_text()
+    failures = page.split('id="last-failures"', 1)[1].split("</table>", 1)[0]
+    assert f'data-log-path="{full_b}"' in failures
+    assert "beta-missing" in failures and "gamma-missing" in failures
     xml = (pytester.path / "junit.xml").read_text()
     assert f'<property name="provision_worker_log" value="{full_c}" />' in xml
     assert f'<property name="provision_worker_log" value="{full_b}" />' in xml
