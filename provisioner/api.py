@@ -189,10 +189,11 @@ class Environment:
         if label:
             with self._lock:
                 self._sessions_by_label.setdefault(label, []).append(spec.session_id)
-            if self.lm_config.mode == "cached" and self.lm_config.run_dir is not None:
+            if self.lm_config.mode != "mock" and self.lm_config.run_dir is not None:
                 from provisioner.lm.ledger import note_session_test
 
-                # A worker that records a cassette for this session names the test in it.
+                # Ledger lines (cached and real calls) and cassettes a bridge writes for this session
+                # name the test: `provision cost report` and the history count them as the test's.
                 note_session_test(self.lm_config.run_dir, spec.session_id, label)
         if self.layer.adapter == "mock":
             adapter = self._in_process_bridge().session(spec.session_id)

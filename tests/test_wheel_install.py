@@ -260,3 +260,75 @@ def test_doctor_reports_failed_checks_instead_of_crashing(user_venv: UserVenv) -
     assert no_engine.returncode == 1 and "Traceback" not in no_engine.stderr
     statuses = {c["name"]: c["status"] for c in json.loads(no_engine.stdout)}
     assert statuses["docker engine"] == "fail" and statuses["provisioner installation"] == "ok"
+
+
+FLAKY_PROJECT_TOML = """\
+[tool.pytest.ini_options]
+addopts = "-p no:cacheprovider"
+
+[tool.provisioner]
+layer = "unit"
+"""
+
+FLAKY_TESTS = """\
+from pathlib import Path
+
+import pytest
+
+COUNTER = Path(__file__).with_name("counter.txt")
+
+
+@pytest.mark.unit
+def test_flaky():
+    runs = int(COUNTER.read_text()) + 1 if COUNTER.exists() else 1
+    COUNTER.write_text(str(runs))
+    assert runs % 2 == 1, f"even run {runs}"
+
+
+@pytest.mark.unit
+def test_broken():
+    assert 1 + 1 == 3
+
+
+@pytest.mark.unit
+def test_answers(lm):
+    assert lm("What is 2+2?")[0]
+"""
+
+
+def test_the_installed_wheel_flags_the_flaky_test_and_only_it(user_venv: UserVenv) -> None:
+    """The issue's test from a user's project: a test whose outcome flips between runs (a counter file)
+    run three times; the wheel's history and page flag it as flaky, and only it (test_broken always
+    fails: not flaky). Real mode without a key: the calls go to the Gemini stand-in, billed $0."""
+    import re
+
+    project = user_venv.root / "flaky-project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(FLAKY_PROJECT_TOML)
+    (project / "test_flaky.py").write_text(FLAKY_TESTS)
+    (project / ".gitignore").write_text(".provision/\ncounter.txt\npage/\n")
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "suite"]):
+        subprocess.run(["git", *args], cwd=project, env={**user_venv.env, **git}, check=True,
+                       capture_output=True)
+
+    def run(*args: str) -> Any:
+        return subprocess.run(list(args), cwd=project, env=user_venv.env, capture_output=True, text=True,
+                              timeout=600)
+
+    python, provision = str(user_venv.venv / "bin" / "python"), str(user_venv.venv / "bin" / "provision")
+    for i in range(3):
+        done = run(python, "-m", "pytest", "-q", "--lm", "real")
+        assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+        assert ("2 failed" if i == 1 else "1 failed") in done.stdout, done.stdout[-3000:]
+    runs = json.loads(_check(run(provision, "history", "list", "--json"), "history list").stdout)
+    assert len(runs) == 3 and len({r["revision"] for r in runs}) == 1
+    assert all(r["standin_calls"] == 1 and r["cost_usd"] == 0 and r["list_cost_usd"] > 0 for r in runs)
+    _check(run(provision, "report", "html", "--out", "page"), "report html")
+    page = (project / "page" / "index.html").read_text()
+    flaky = page.split('id="flaky"', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r'data-node-id="([^"]+)"', flaky) == ["test_flaky.py::test_flaky"]
+    markdown = _check(run(provision, "report", "markdown"), "report markdown").stdout
+    assert "### Flaky tests (1, last 3 runs)" in markdown and "`test_flaky.py::test_flaky`" in markdown
+    assert "LM calls were answered by the Gemini stand-in: billed $0" in markdown

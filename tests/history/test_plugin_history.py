@@ -92,6 +92,45 @@ def test_provision_costs_lists_the_most_expensive_tests_like_durations(three_run
         assert float(lines[0].split()[0].lstrip("$")) > float(lines[1].split()[0].lstrip("$")) > 0
 
 
+def test_report_json_rows_are_the_history_rows_and_import_merges_them(three_runs: Path,
+                                                                     tmp_path: Path) -> None:
+    """``--provision-report`` JSON carries the run row and per-test rows with exactly the history's
+    fields and values; ``provision history import`` of the three reports (CI shards, artifacts) into an
+    empty database gives the same history (again: replaced, not doubled); ``prune --keep`` bounds it."""
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+    from provisioner.history.store import RUN_FIELDS, TEST_FIELDS
+
+    with History(three_runs / ".provision" / HISTORY_FILE) as db:
+        original = {r["run_id"]: (r, db.tests(r["run_id"])) for r in db.runs()}
+    reports = [three_runs / f"run{i}.json" for i in range(3)]
+    for path in reports:
+        data = json.loads(path.read_text())
+        assert list(data["run"]) == list(RUN_FIELDS)
+        assert data["tests"] and all(list(row) == list(TEST_FIELDS) for row in data["tests"])
+        run, tests = original[data["run"]["run_id"]]
+        assert data["run"] == run and sorted(data["tests"], key=lambda t: t["node_id"]) == tests
+    env = {"PROVISION_STATE_DIR": str(tmp_path / "merged")}
+    runner = CliRunner()
+    for _ in range(2):
+        done = runner.invoke(main, ["history", "import", *map(str, reports)], env=env)
+        assert done.exit_code == 0 and done.output.count("imported r") == 3, done.output
+    with History(tmp_path / "merged" / HISTORY_FILE) as merged:
+        runs = merged.runs()
+        assert {r["run_id"]: (r, merged.tests(r["run_id"])) for r in runs} == original
+        found = flaky_tests(runs, merged.test_rows(r["run_id"] for r in runs))
+    assert [f.node_id for f in found] == ["test_suite.py::test_flaky"]
+    done = runner.invoke(main, ["history", "prune", "--keep", "1"], env=env)
+    assert done.exit_code == 0 and "deleted 2 runs, kept at most 1" in done.output, done.output
+    with History(tmp_path / "merged" / HISTORY_FILE) as merged:
+        (kept,) = merged.runs()
+        assert kept["run_id"] == max(original, key=lambda k: original[k][0]["started_at"])
+        assert len(merged.test_rows(original)) == 4  # the pruned runs' tests went with them
+    done = runner.invoke(main, ["history", "prune", "--keep", "-1"], env=env)
+    assert done.exit_code == 2 and "--keep" in done.output
+
+
 PROJECT = """
 [tool.pytest.ini_options]
 addopts = "-p no:cacheprovider"
@@ -127,3 +166,35 @@ def test_two_xdist_processes_and_a_killed_worker_lose_no_test_row(pytester: pyte
     assert all(rows[f"test_crash.py::test_fine[{n}]"]["outcome"] == "passed" for n in range(6))
     assert sum(rows[f"test_crash.py::test_fine[{n}]"]["lm_mock"] for n in range(6)) == 6
     assert (run["passed"], run["failed"]) == (6, 1)
+
+
+SESSION_SUITE = """
+import pytest
+
+
+@pytest.mark.unit
+def test_on_a_session(bridge):
+    bridge.create_program("question -> answer", "qa")
+    assert bridge.execute_program("qa", {"question": "2+2?"})["outputs"]["answer"]
+"""
+
+
+def test_calls_made_for_a_session_are_the_tests_in_the_ledger_and_the_history(
+    pytester: pytest.Pytester,
+) -> None:
+    """A bridge session's LM calls are booked under the session's id where the bridge runs (in-process
+    here; in a worker container the same); the ledger's per-test report and the history name the
+    test that opened the session — in real mode too (the stand-in answers: no key), not only cached."""
+    for name in [n for n in os.environ if n.startswith("PROVISION_") or n == "GEMINI_TEST_API_KEY"]:
+        pytester._monkeypatch.delenv(name)
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_session=SESSION_SUITE)
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    ledger = cost_report(ledger_sources(pytester.path / ".provision"))
+    assert set(ledger.by_test) == {"test_session.py::test_on_a_session"}
+    assert ledger.by_test["test_session.py::test_on_a_session"].standin_calls == 1
+    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
+        (run,) = db.runs()
+        (row,) = db.tests(run["run_id"])
+    assert row["lm_standin"] == 1 and row["cost_usd"] == 0 and row["list_cost_usd"] > 0
