@@ -198,3 +198,50 @@ def test_calls_made_for_a_session_are_the_tests_in_the_ledger_and_the_history(
         (run,) = db.runs()
         (row,) = db.tests(run["run_id"])
     assert row["lm_standin"] == 1 and row["cost_usd"] == 0 and row["list_cost_usd"] > 0
+
+
+RERUN_SUITE = """
+from pathlib import Path
+
+import pytest
+
+ATTEMPTS = Path(__file__).with_name("attempts.txt")
+
+
+@pytest.mark.unit
+def test_passes_on_rerun():
+    attempt = int(ATTEMPTS.read_text()) + 1 if ATTEMPTS.exists() else 1
+    ATTEMPTS.write_text(str(attempt))
+    assert attempt >= 2, "the first attempt fails"
+
+
+@pytest.mark.unit
+def test_steady(lm):
+    assert lm("hello")[0]
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["one-process", "xdist"])
+def test_a_test_that_passed_on_a_rerun_is_one_row_with_its_reruns_and_flaky(
+    pytester: pytest.Pytester, xdist: bool,
+) -> None:
+    """pytest-rerunfailures: the rerun attempts are counted on the test's one row (its last attempt's
+    outcome and durations), the run row sums them, and the analysis flags the test as flaky."""
+    for name in [n for n in os.environ if n.startswith("PROVISION_")]:
+        pytester._monkeypatch.delenv(name)
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_rerun=RERUN_SUITE)
+    args = ["-n", "2"] if xdist else []
+    result = pytester.runpytest_subprocess("--layer", "unit", "--reruns", "2", *args)
+    assert result.ret == 0 and result.parseoutcomes() == {"passed": 2, "rerun": 1}, result.stdout.str()
+    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
+        (run,) = db.runs()
+        rows = {t["node_id"]: t for t in db.tests(run["run_id"])}
+    rerun = rows["test_rerun.py::test_passes_on_rerun"]
+    assert (rerun["outcome"], rerun["reruns"]) == ("passed", 1)
+    steady = rows["test_rerun.py::test_steady"]
+    assert (steady["outcome"], steady["reruns"], steady["lm_mock"]) == ("passed", 0, 1)
+    assert (run["tests"], run["passed"], run["failed"], run["reruns"]) == (2, 2, 0, 1)
+    found = flaky_tests([run], list(rows.values()))  # type: ignore[arg-type]
+    assert [(f.node_id, f.reasons) for f in found] == [("test_rerun.py::test_passes_on_rerun",
+                                                        ["passed on rerun in 1 run"])]
