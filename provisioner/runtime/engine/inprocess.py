@@ -19,7 +19,6 @@ shutdown — simple to make deterministic in tests, and the connection counts ar
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -29,7 +28,6 @@ from typing import Any
 from provisioner.errors import RuntimeProblem
 from provisioner.runtime.recipes import RELAY_SCRIPT, WORKER_PORT, ContainerRecipe
 
-log = logging.getLogger("provisioner.runtime.fake")
 LOOPBACK = "127.0.0.1"
 BUFFER = 256 * 1024
 
@@ -70,7 +68,11 @@ class ServedWorker:
             pids=None,  # this process's cgroup is not the container's
             max_inflight_per_session=worker.max_inflight_per_session,
         )
-        self.port = self.server.listen(LOOPBACK, 0)
+        try:
+            self.port = self.server.listen(LOOPBACK, 0)
+        except BaseException:
+            self.server.close(timeout=0)
+            raise
         self.ready_line = f"{READY_PREFIX} port={self.container_port}"  # what `provision worker` prints
 
     def stop(self) -> None:
