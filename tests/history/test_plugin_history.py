@@ -221,7 +221,8 @@ def test_steady(lm):
 """
 
 
-@pytest.mark.parametrize("xdist", [False, True], ids=["one-process", "xdist"])
+@pytest.mark.parametrize("xdist", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["one-process", "xdist"])
 def test_a_test_that_passed_on_a_rerun_is_one_row_with_its_reruns_and_flaky(
     pytester: pytest.Pytester, xdist: bool,
 ) -> None:

@@ -67,6 +67,7 @@ def test_the_page_in_headless_chromium(three_runs: Path, tmp_path: Path) -> None
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_stand_in_calls_show_at_0_with_their_list_price_in_headless_chromium(standin_run: Path,
                                                                             tmp_path: Path) -> None:
     """A run whose real-mode calls the Gemini stand-in answered: the page bills them $0 and shows their

@@ -145,7 +145,8 @@ def _sections(out: str, test: str) -> str:
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("xdist", [False, True], ids=["one-process", "xdist"])
+@pytest.mark.parametrize("xdist", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["one-process", "xdist"])
 def test_a_failed_tests_report_shows_its_workers_lines_of_its_window(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool,
 ) -> None:
