@@ -192,6 +192,17 @@ def heal_environment(env: Deployment) -> list[str]:
     ]
 
 
+def wait_for_paths(workers: Sequence[PublishedWorker], probe: Probe, *, timeout_s: float) -> bool:
+    """Wait until no worker's published address refuses connections any more (another process —
+    the one that deployed these workers — is healing the path); False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while any(_refused(probe, w, PROBE_TIMEOUT_S) for w in workers):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)  # poll interval of the deadline loop
+    return True
+
+
 def _lock_for(env: Deployment) -> threading.Lock:
     """One lock per live run: the pool's monitor and a refused request may both notice a dead path."""
     with _locks_guard:

@@ -46,9 +46,9 @@ from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
-from provisioner.runtime.deployment import Deployment, WorkerInfo, death_reason
+from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe, death_reason
 from provisioner.runtime.engine import ContainerState
-from provisioner.runtime.health import heal_environment
+from provisioner.runtime.health import PublishedWorker, heal_environment, wait_for_paths
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
@@ -463,11 +463,17 @@ class WorkerPool:
         """Ping every worker through its published address; when that path is dead while the
         workers run (the engine's port forwarder died), re-create the relay on the same ports —
         sessions keep their workers (:mod:`provisioner.runtime.health`). True when it repaired.
-        Only the process that deployed the workers does this; attached processes leave it to it."""
-        if not isinstance(self.environment, Deployment):
-            return False
+        Only the process that deployed the workers does this; a process attached to a shared pool
+        waits (up to ``ready_timeout_s``) until that one has healed the path; workers of a
+        ``provision up`` run are healed by ``provision status --repair``."""
+        env = self.environment
+        if not isinstance(env, Deployment):
+            if getattr(getattr(env, "record", None), "source", "") != "deployed":
+                return False
+            workers = [PublishedWorker(w.slot, w.name, w.container_id, w.host, w.port) for w in env.workers]
+            return wait_for_paths(workers, bridge_probe, timeout_s=env.ready_timeout_s)
         try:
-            notes = heal_environment(self.environment)
+            notes = heal_environment(env)
         except Exception as exc:
             self.note(f"repairing the published path failed: {exc}")
             return False

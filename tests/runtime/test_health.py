@@ -204,6 +204,48 @@ def test_on_the_served_engine_a_real_ping_finds_and_the_heal_fixes_a_dead_port(
         served.close()
 
 
+def test_a_process_attached_to_a_shared_pool_waits_for_the_owners_heal(settings: Settings) -> None:
+    """xdist: one process deployed the pool, another attached (AttachedWorkers over pool.json). The
+    attached process's refused request waits until the owner's monitor has re-created the relay,
+    then is sent again and answered; a `provision up` run's attached pool does not wait."""
+    import threading
+
+    from provisioner.runtime.lifecycle import UpOptions, up
+    from provisioner.runtime.shared_pool import AttachedWorkers, PoolRecord
+
+    served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
+    try:
+        env = up(
+            settings,
+            UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1,
+                      persistent=False),
+            runtime=served,
+        )
+        owner = WorkerPool(env, owns_environment=True)
+        record = PoolRecord(env.plan.run_id, "deployed", "owner", PoolRecord.entries(env.workers))
+        attached = WorkerPool(AttachedWorkers(None, record, served, ready_timeout_s=30))
+        attached.open_session("s")
+        session = attached.client("s")
+        session.create_program("question -> answer", "p")
+        served.kill_forwarder(env.workers[0].port)
+        impatient = WorkerPool(AttachedWorkers(None, record, served, ready_timeout_s=0.3))
+        assert impatient.heal_path() is False  # nobody healed it within 0.3 s: it was seen refused
+        healer = threading.Thread(target=owner.check)  # the owner's monitor tick
+        healer.start()
+        try:
+            assert "answer" in session.execute_program("p", {"question": "q"})["outputs"]
+        finally:
+            healer.join()
+        session.close()
+        assert any(FORWARDER_GONE in n for n in owner.stats()["notes"])
+
+        up_record = PoolRecord(env.plan.run_id, "up", "provision up", PoolRecord.entries(env.workers))
+        assert WorkerPool(AttachedWorkers(None, up_record, served, ready_timeout_s=30)).heal_path() is False
+        owner.close()
+    finally:
+        served.close()
+
+
 def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
