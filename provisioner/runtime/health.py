@@ -43,7 +43,7 @@ from provisioner.runtime.recipes import RELAY_BASE_PORT
 
 # What a refused published port means, after "127.0.0.1:<port> ".
 FORWARDER_GONE = (
-    "refuses connections while its worker and the relay run: the engine's port forwarder for it is gone "
+    "refuses connections while the relay runs: the engine's port forwarder for it is gone "
     "(docker-proxy exits when accept() fails, e.g. out of file descriptors under a connection flood)"
 )
 PROBE_TIMEOUT_S = 2.0
