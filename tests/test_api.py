@@ -87,6 +87,7 @@ def test_the_isolated_path_of_a_pooled_layer_on_the_fake_runtime(project: Path, 
         assert run.environment.prepared_image == IMAGE
         run.warm_pool(phases, [["isolated"]])
         pool = run.environment.containers.pool
+        assert pool.wait_replacements(30)  # its first worker serves at once; the others join (grow)
         assert len(pool.environment.workers) == run.layer.workers
         workers_used = set()
         for n in range(2 * run.layer.workers):

@@ -124,8 +124,12 @@ class Deployment:
         ready_timeout_s: float = 60.0,
         poll_interval_s: float = 0.025,
         progress: Progress | None = None,
+        start_slots: int | None = None,
     ) -> None:
+        """``start_slots``: how many worker slots :meth:`start` starts (the lowest); the others wait
+        for :meth:`add_worker` (a pool that grows: its relay already routes every slot). Default all."""
         self.plan = plan
+        self.start_slots = start_slots
         self.runtime = runtime
         self.resources = resources or ResourceManager(runtime, selector=self.selector)
         self.probe = probe
@@ -140,6 +144,9 @@ class Deployment:
         self._lock = threading.RLock()
         self._closing = threading.Event()
         self.started = False
+        self._ports: dict[int, int] = {}  # slot -> the relay's 127.0.0.1 port for it
+        # Slots :meth:`start` leaves for :meth:`add_worker`.
+        self._deferred = set(sorted(self.recipes)[start_slots:]) if start_slots is not None else set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -177,7 +184,8 @@ class Deployment:
             # Before any worker starts: the run's limits hold whatever a worker's client configures.
             write_run_limits(Path(self.plan.lm_run_dir), **self.plan.run_limits)
         run_net, edge_net = self.plan.networks
-        others = [r for r in self.plan.containers() if r is not self.plan.relay]
+        later = self._deferred
+        others = [r for r in self.plan.containers() if r is not self.plan.relay and r.slot not in later]
         # The workers' Python start-up is the critical path: they start as soon as the run network
         # exists, while the edge network and the relay are made alongside.
         with self._threads(len(others) + 3) as pool:
@@ -190,10 +198,10 @@ class Deployment:
             started.append(pool.submit(self._run, self.plan.relay))
             _wait_all(started, self._closing)
         relay_id = self.container_ids[self.plan.relay.name]
-        ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
+        self._ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
         self.workers = [
-            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], LOOPBACK, ports[slot])
-            for slot, recipe in sorted(self.recipes.items())
+            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], LOOPBACK, self._ports[slot])
+            for slot, recipe in sorted(self.recipes.items()) if slot not in later
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
         with self._threads(len(self.workers) + 1) as pool:
@@ -359,6 +367,40 @@ class Deployment:
 
     def worker_state(self, slot: int) -> ContainerState | None:
         return self.runtime.container_state(self.worker(slot).container_id)
+
+    def pending_slots(self) -> list[int]:
+        """Worker slots of the plan not started yet (``start_slots``; :meth:`add_worker` starts one)."""
+        with self._lock:
+            started = {w.slot for w in self.workers}
+        return sorted(self._deferred - started)
+
+    def add_worker(self, slot: int) -> WorkerInfo:
+        """Start the planned worker of ``slot`` (one :meth:`start` left for later) and wait until it
+        is ready; it is reachable at the relay port its slot had from the start.
+
+        Raises:
+            ValueError: the slot is not a pending one.
+            WorkerNotReadyError: the worker did not become ready (its container is removed again).
+        """
+        if slot not in self.pending_slots():
+            raise ValueError(f"worker slot {slot} is not waiting to start (pending: {self.pending_slots()})")
+        recipe = self.recipes[slot]
+        try:
+            container_id = self._run(recipe)
+            new = WorkerInfo(slot, recipe.name, container_id, LOOPBACK, self._ports[slot])
+            self.wait_ready(new)
+        except BaseException:
+            with self._lock:
+                made = self.container_ids.pop(recipe.name, None)
+            found = self.resources.find("container", made) if made is not None else None
+            if found is not None:
+                self.resources.release(found)
+            elif made is not None:
+                self.runtime.remove_container(made)
+            raise
+        with self._lock:
+            self.workers = sorted([*self.workers, new], key=lambda w: w.slot)
+        return new
 
     def replace_worker(self, slot: int) -> WorkerInfo:
         """Remove the worker in ``slot`` and start a fresh one behind the same address."""

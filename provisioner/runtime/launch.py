@@ -133,11 +133,14 @@ def deploy(
     resources: ResourceManager | None = None,
     probe: Probe = bridge_probe,
     progress: Progress | None = None,
+    start_slots: int | None = None,
 ) -> Deployment:
     """Create and start every network and container of ``plan``; wait until each worker answers
     ``ping`` with its LM configured (``container.ready_timeout_s``).
 
     ``resources``: the manager that tracks what is made (default: one on the plan's instance).
+    ``start_slots``: start only that many workers now; the rest wait for
+    :meth:`Deployment.add_worker` (the run's shared pool grows so: runtime/shared_pool.py).
 
     Raises:
         WorkerNotReadyError: a worker exited or was not ready in time (with its log).
@@ -150,6 +153,7 @@ def deploy(
         probe=probe,
         ready_timeout_s=settings.container.ready_timeout_s,
         progress=progress,
+        start_slots=start_slots,
     )
     return deployment.start()
 

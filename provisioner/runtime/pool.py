@@ -132,6 +132,7 @@ class WorkerPool:
         self._lost: dict[str, str] = {}
         self.replaced = 0
         self.recycled = 0
+        self.added = 0  # workers that joined after the start (grow)
         self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
         self._replacers: list[threading.Thread] = []
@@ -147,8 +148,9 @@ class WorkerPool:
         self.engine_checks = 0  # container-state look-ups made by open_session (tests, benchmarks)
         # What the pool did on its own (replaced a dead worker, skipped a lost session's cleanup).
         self.notes: list[str] = []
-        # Called with the environment's workers after each replacement (runtime.shared_pool
-        # rewrites the run's pool.json with it, so the run's other processes find the new worker).
+        # Called with the environment's workers after each replacement or added worker
+        # (runtime.shared_pool rewrites the run's pool.json with it: the run's other processes
+        # find the new worker).
         self.on_replaced: Callable[[list[WorkerInfo]], None] | None = None
 
     @classmethod
@@ -185,6 +187,7 @@ class WorkerPool:
             WorkerLostError: every worker is dead and replacing them failed (the engine's error).
         """
         session_id = session_id or f"s-{uuid.uuid4().hex[:12]}"
+        self._refresh()
         self._recycle_due()
         dead_seen = 0
         while True:
@@ -486,6 +489,53 @@ class WorkerPool:
         self.check()
         self.session(session_id)
 
+    def grow(self) -> None:
+        """Start the environment's pending worker slots (:meth:`Deployment.add_worker`), one after
+        another in a background thread; each joins the pool when it is ready. The run's shared pool
+        starts one worker and grows to its size this way: the first tests run while the others warm,
+        and the first worker's start does not share the cores with its siblings'."""
+        pending = getattr(self.environment, "pending_slots", None)
+        if pending is None or not pending():
+            return
+
+        def run() -> None:
+            for slot_no in pending():
+                if self._stop_monitor.is_set():
+                    return
+                try:
+                    info = self.environment.add_worker(slot_no)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    self.note(f"starting worker slot {slot_no} failed: {exc}")
+                    continue
+                with self._cond:
+                    self._slots[slot_no] = _Slot(info, self.clock())
+                    self.added += 1
+                    self._cond.notify_all()
+                self._workers_changed(slot_no)
+
+        thread = threading.Thread(target=run, name="provision-pool-grow", daemon=True)
+        with self._cond:
+            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+        thread.start()
+
+    def _refresh(self) -> None:
+        """Workers another process added to the pool (an attached environment's ``refresh``)."""
+        refresh = getattr(self.environment, "refresh", None)
+        if refresh is None:
+            return
+        for info in refresh():
+            with self._cond:
+                if info.slot not in self._slots:
+                    self._slots[info.slot] = _Slot(info, self.clock())
+                    self._cond.notify_all()
+
+    def _workers_changed(self, slot_no: int) -> None:
+        if self.on_replaced is not None:
+            try:
+                self.on_replaced(list(self.environment.workers))
+            except Exception as exc:  # the change itself worked; the others may not see it
+                self.note(f"could not record the change of slot {slot_no}: {exc}")
+
     def start_monitor(self, interval_s: float = 1.0) -> None:
         """Run :meth:`check` every ``interval_s`` in a daemon thread until :meth:`close`."""
         if self._monitor is not None:
@@ -500,6 +550,10 @@ class WorkerPool:
         self._monitor.start()
 
     def stats(self) -> dict[str, Any]:
+        """The pool now: per worker (slot, name, address, generation, active sessions, sessions
+        served, draining), open and lost sessions, replaced/recycled/added workers, connection reuse,
+        engine checks, notes. Workers another process of the run added are included."""
+        self._refresh()
         with self._cond:
             return {
                 "workers": [
@@ -518,6 +572,7 @@ class WorkerPool:
                 "lost_sessions": len(self._lost),
                 "replaced": self.replaced,
                 "recycled": self.recycled,
+                "added": self.added,
                 "replacing": sum(1 for s in self._slots.values() if s.replacing),
                 "connections_reused": self.connections_reused,
                 "engine_checks": self.engine_checks,
@@ -650,11 +705,7 @@ class WorkerPool:
             self._cond.notify_all()
         for client in stale:
             client.close()
-        if self.on_replaced is not None:
-            try:
-                self.on_replaced(list(self.environment.workers))
-            except Exception as exc:  # the replacement itself worked; the others may not see it
-                self.note(f"could not record the replacement of slot {slot_no}: {exc}")
+        self._workers_changed(slot_no)
 
     @staticmethod
     def _lost_message(session_id: str, pinned: PooledSession, how: str) -> str:

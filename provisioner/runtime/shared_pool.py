@@ -117,6 +117,7 @@ class AttachedWorkers:
         self.runtime = runtime
         self.ready_timeout_s = ready_timeout_s
         self.workers = record.infos()
+        self._stamp = 0  # pool.json's mtime when last read (refresh)
 
     def worker(self, slot: int) -> WorkerInfo:
         for w in self.workers:
@@ -153,6 +154,26 @@ class AttachedWorkers:
                     f"started the pool ({self.record.owner}) did not replace it"
                 )
             time.sleep(RECORD_POLL_S)
+
+    def refresh(self) -> list[WorkerInfo]:
+        """Workers in ``pool.json`` that this view does not have yet (the deploying process adds the
+        pool's later slots while tests run). One ``stat`` when the file did not change."""
+        if self.run_dir is None:
+            return []
+        try:
+            stamp = (self.run_dir / POOL_FILE).stat().st_mtime_ns
+        except OSError:
+            return []
+        if stamp == self._stamp:
+            return []
+        self._stamp = stamp
+        record = read_record(self.run_dir)
+        if record is None:
+            return []
+        known = {w.slot for w in self.workers}
+        new = [w for w in record.infos() if w.slot not in known]
+        self.workers = sorted([*self.workers, *new], key=lambda w: w.slot)
+        return new
 
     def stop(self) -> None:
         """Nothing: attached workers belong to whoever started them."""

@@ -321,6 +321,8 @@ class ProcessContainers:
                     make_pool=self._make_pool, ready_timeout_s=container.ready_timeout_s,
                 )
                 self._pool = self._shared.pool
+                if self._shared.deployed:
+                    self._pool.grow()  # the pool's other workers start while the first one serves
             return self._pool
 
     def _deploy_pool(self) -> Deployment:
@@ -332,7 +334,8 @@ class ProcessContainers:
         layer = self.env.layer
         count = layer.workers if layer.pooling_enabled else 1
         plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
-        run_env = launch.deploy(plan, self.runtime, self.env.settings)  # its own selector: run + "pool"
+        # Its own selector (run + "pool"); the first worker only: the others start while tests run.
+        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=1)
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env
@@ -523,7 +526,7 @@ class ProcessContainers:
         with self._lock:
             if self._pool is not None:
                 if self._shared is not None and self._shared.deployed:
-                    self.workers_started += self._pool.replaced + self._pool.recycled
+                    self.workers_started += self._pool.replaced + self._pool.recycled + self._pool.added
                 with contextlib.suppress(Exception):
                     self._pool.close()
             if self._runtime is not None and self.env.identity.controller and self.env.up_run is None:

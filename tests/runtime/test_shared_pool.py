@@ -26,7 +26,8 @@ from .conftest import FAKE_IMAGE, FakeWorkers
 RUN = "shared1"
 
 
-def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: str, calls: list[str]):  # type: ignore[no-untyped-def]
+def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: str, calls: list[str],  # type: ignore[no-untyped-def]
+              start_slots: int | None = None):
     rt, workers = fake
 
     def deploy() -> Deployment:
@@ -36,7 +37,8 @@ def _deployer(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], name: s
                            lm_dir=Path(settings.state_dir) / "lm")
         plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), target, FAKE_IMAGE,
                         PlanOptions(workers=2))
-        return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+        return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005,
+                          start_slots=start_slots).start()
 
     return deploy
 
@@ -195,3 +197,35 @@ def test_an_up_run_with_a_stopped_worker_is_not_attached(
     rt, _ = fake
     state = _state(settings)
     assert "no longer runs" in str(sp.attach_up_run(state, rt, ready_timeout_s=5))
+
+
+def test_the_pool_starts_one_worker_and_grows_while_it_serves(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    """The first worker serves at once; the pool's other slots start after it (not competing for
+    the cores with it) and join every process's pool through pool.json."""
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    calls: list[str] = []
+    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls, 1),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    other = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls, 1),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    try:
+        assert [w.slot for w in owner.environment.workers] == [0]
+        assert [w.slot for w in other.environment.workers] == [0]
+        assert owner.environment.pending_slots() == [1]  # type: ignore[union-attr]
+        assert other.pool.open_session("early").slot == 0  # served before the pool grew
+        owner.pool.grow()
+        assert owner.pool.wait_replacements(10)
+        assert owner.pool.stats()["added"] == 1 and len(owner.pool.stats()["workers"]) == 2
+        late = other.pool.open_session("late")  # the other process finds slot 1 in pool.json
+        assert late.slot == 1 and len(other.pool.stats()["workers"]) == 2
+        assert len([c for c in rt.containers.values() if c.recipe.role == "worker"]) == 2
+        with pytest.raises(ValueError, match="not waiting to start"):
+            owner.environment.add_worker(1)  # type: ignore[union-attr]
+    finally:
+        other.pool.close()
+        owner.pool.close()
+        sp.remove_shared_pool(run_dir, RUN, rt)
+    assert rt.containers == {}

@@ -22,6 +22,7 @@ PROVISION = [sys.executable, "-m", "provisioner.cli"]
 SUITE = '''
 import json
 import os
+import time
 
 import docker
 import pytest
@@ -32,9 +33,22 @@ from provisioner.pytest_plugin import RUN_KEY
 OUT = {out!r}
 
 
+@pytest.fixture(scope="session")
+def grown(request):
+    """A pooled layer's pool starts one worker and grows while tests run: wait (with a deadline)
+    until it has all of them, so the sessions below spread over the whole pool."""
+    if request.config.getoption("provision_layer") != "e2e":
+        return
+    pool = request.getfixturevalue("bridge_pool")
+    deadline = time.monotonic() + 240
+    while len(pool.stats()["workers"]) < 2:  # stats() also reads workers another process added
+        assert time.monotonic() < deadline, pool.stats()
+        time.sleep(0.2)
+
+
 @pytest.mark.{layer}
 @pytest.mark.parametrize("n", range({tests}))
-def test_isolated_session(isolated, request, n):
+def test_isolated_session(grown, isolated, request, n):
     client = isolated.adapter
     client.create_program(**ProgramFactory.build(id="qa").create_args())  # the same id in every test
     assert "answer" in client.execute_program("qa", {{"question": "same"}})["outputs"]
