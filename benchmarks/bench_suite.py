@@ -334,21 +334,22 @@ def machine() -> str:
 
 
 NOTES = [
-    "- Where a test's overhead went before (cProfile, issue 10; and timed here on 2026-11-30 at load",
-    "  average ≈ 11): two `ResourceManager.snapshot()` per test, each a system-wide",
-    "  `psutil.net_connections()` (≈ 30 ms quiet, 92 ms p50 at that load) plus three engine list calls",
-    "  (containers 3.5 ms, networks 1.6 ms, volumes 0.9 ms p50), even when no port was tracked.",
-    "- Now (docs/containers.md, \"Cleanup\"): the baseline before a test reads the event watch's state",
-    "  and makes one `waitid` call (no child: no process-table walk, which cost ≈ 4 ms at that load);",
-    "  the check after it adds one bounded `/events` read up to *now*: 0.3 ms p50 over `http.client`",
-    "  on the local socket, where docker-py's requests stack took 1.3 ms for the same read.",
-    "- Timed by wrapping the plugin's calls in the same 200-test suite (p50): at load average ≈ 10,",
-    "  the check 1.5 ms and the `isolated` fixture's close 15.5 ms; at load average ≈ 21 to 25, the",
-    "  baseline 0.08 ms, the check 1.7 ms, the `isolated` close 22.7 ms (its `cleanup_session` round",
-    "  trip to the worker through the relay) and the pool's `open_session` 10.2 ms (since 89eb032 it",
-    "  inspects the chosen worker's container per session: one engine call per test). So what is left",
-    "  of setup + teardown is mostly not the leak check; under load every wake-up of the worker and",
-    "  relay processes waits for one of the 2 shared cores, which is why the figures move with the load.",
+    "- Where a test's overhead went (cProfile over a 150-test suite of the same shape, setup and",
+    "  teardown only; issue 10). At commit de32170, load ≈ 7: setup ≈ 8 ms, of which the pool's",
+    "  container inspect per session ≈ 5 ms and a new connection per session (published port,",
+    "  docker-proxy, relay, DNS look-up in the relay); teardown ≈ 3.4 ms: the `cleanup_session` round",
+    "  trip ≈ 1 ms (5 ms at load 6) and the leak check's bounded `/events` read ≈ 1.5 ms.",
+    "- Now: a session reuses the pool's idle connection to its worker, and that connection being open",
+    "  proves the worker alive (the relay closes it when the worker's end goes): 148 of 150 sessions",
+    "  made no engine call and no new connection (the other 2: the first session on each worker);",
+    "  `open_session` ≈ 0.4 ms. The session's `cleanup_session` runs in the pool's closer thread after",
+    "  the teardown returns. What is left (same profile, load ≈ 18): the leak check's `/events` read",
+    "  (≈ 3.4 ms there: the engine's answer waits for a core like everything else), the session",
+    "  factory (polyfactory, ≈ 1.9 ms), the spending guard (≈ 0.7 ms) and pytest's fixture calls.",
+    "  On a quiet machine the `/events` read is ≈ 0.3 ms (2026-11-30, the earlier version of this",
+    "  section). The leak check keeps its power: the engine part is the event stream plus that",
+    "  read, processes are this process's descendants, ports and files are the tracked ones",
+    "  (tests/runtime/test_resources.py, tests/test_pytest_plugin.py, tests/testing/).",
 ]
 
 
@@ -370,9 +371,12 @@ def verdict(rounds: list[dict[str, Any]]) -> list[str]:
 def pool_note(runs: list[dict[str, Any]]) -> list[str]:
     starts = [r["provisioner"]["pool_start_s"] for r in runs]
     return [
-        "- Pool start (2 workers, each importing dspy in its container on the same 2 cores) is most of",
-        f"  the provisioner suite's time under load ({min(starts):.1f} to {max(starts):.1f} s in these",
-        "  rounds), so the ratio moves with it; the naive side starts one such container per test.",
+        "- Pool start is most of the provisioner suite's time under load (each worker imports dspy in",
+        "  its container on the same 2 cores): "
+        f"{min(starts):.1f} to {max(starts):.1f} s in these rounds. The run's pool now starts its",
+        "  first worker only and the others join while tests run (docs/pytest.md, \"Parallel runs\"), so",
+        "  the wait before the first test is one worker's start; the naive side starts one such",
+        "  container per test.",
     ]
 
 

@@ -229,3 +229,39 @@ def test_the_pool_starts_one_worker_and_grows_while_it_serves(
         owner.pool.close()
         sp.remove_shared_pool(run_dir, RUN, rt)
     assert rt.containers == {}
+
+
+def test_a_process_killed_while_it_holds_the_pool_lock_does_not_wedge_the_run(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    """An xdist process SIGKILLed mid-deploy (lock held, no pool.json written): the kernel releases
+    its lock, and the next process deploys."""
+    import signal
+    import subprocess
+    import sys
+
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+         "print('locked', flush=True); time.sleep(600)", str(run_dir / sp.POOL_LOCK)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        calls: list[str] = []
+        shared = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "next", calls),
+                                make_pool=_make_pool, ready_timeout_s=5)
+        try:
+            assert shared.deployed and calls == ["next"]
+        finally:
+            shared.pool.close()
+            sp.remove_shared_pool(run_dir, RUN, rt)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
