@@ -333,8 +333,14 @@ def open_environment(
     identity: RunIdentity | None = None,
     require_key: bool = False,
     runtime: ContainerRuntime | None = None,
+    attach: bool = True,
 ) -> Environment:
     """An :class:`Environment` you close yourself (the pytest plugin uses this).
+
+    ``attach`` (default): a container layer uses a running ``provision up`` environment of the
+    project (``PROVISION_RUN_ID`` under ``provision run``, else the project's current run) when its
+    layer, LM mode and record mode match, as the pytest plugin does, and never removes it
+    (:func:`provisioner.runtime.shared_pool.choose_up_run`); ``False``: always start its own.
 
     ``runtime``: the container runtime to use instead of the engine :func:`~provisioner.runtime.
     engine.open_runtime` finds — e.g. ``FakeRuntime(serve=True)``, which runs the workers in this
@@ -350,7 +356,14 @@ def open_environment(
         probe = resolve_run(options, project)
         identity = RunIdentity.create(state_dir(probe.settings, probe.project_dir))
     resolved = resolve_run(options, project, run_id=identity.run_id, run_dir=identity.run_dir)
-    return Environment(resolved, identity, runtime=runtime)
+    match = None
+    if attach:
+        from provisioner.runtime.shared_pool import choose_up_run
+
+        match, resolved = choose_up_run(resolved)
+    env = Environment(resolved, identity, runtime=runtime)
+    env.up_run = match.state if match is not None else None
+    return env
 
 
 @contextlib.contextmanager
@@ -362,6 +375,7 @@ def environment(
     project_dir: Path | None = None,
     require_key: bool = False,
     runtime: ContainerRuntime | None = None,
+    attach: bool = True,
 ) -> Iterator[Environment]:
     """A layer's environment for the ``with`` block; everything it started is torn down on exit.
 
@@ -372,13 +386,14 @@ def environment(
     (:func:`provisioner.lm.activation.activate`; the previous global LM is restored on exit) — so
     in-process DSPy code never sees "No LM is loaded". Real mode without ``GEMINI_TEST_API_KEY``
     talks to a Gemini stand-in (:attr:`Environment.uses_standin`) unless ``require_key`` makes that
-    an error. ``runtime``: as for :func:`open_environment` (the engine's by default).
+    an error. ``runtime`` and ``attach`` (use a matching running ``provision up`` environment):
+    as for :func:`open_environment`.
 
     Raises:
         ConfigError: invalid settings, an unknown layer, or ``require_key`` with real mode and no key.
     """
     env = open_environment(layer, lm=lm, record_mode=record_mode, project_dir=project_dir,
-                           require_key=require_key, runtime=runtime)
+                           require_key=require_key, runtime=runtime, attach=attach)
     try:
         from provisioner.lm.activation import activate
 

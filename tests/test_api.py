@@ -179,3 +179,38 @@ def test_a_part_that_cannot_be_released_is_named_and_the_rest_still_closes(
         env.close()
     assert [name for name, _ in caught.value.failures] == ["in-process bridge"]
     env.close()  # closed once: a second close is a no-op, not a second error
+
+
+def test_an_environment_attaches_to_a_running_provision_up_and_leaves_it(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python API follows the plugin's rule (runtime/shared_pool.choose_up_run): a matching
+    `provision up` run of the project serves the block's sessions and stays up after it."""
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+
+    monkeypatch.chdir(project)
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    up_id = deployment.state.run_id
+    ups = _of_run(served, up_id)
+    try:
+        with api.environment("integration", project_dir=project, runtime=served) as env:
+            assert env.up_run is not None and env.up_run.run_id == up_id
+            with env.session("one") as one:
+                one.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                assert one.adapter.execute_program("qa", {"question": "?"})["outputs"]
+                ports = {int(a.rsplit(":", 1)[1]) for a in deployment.state.addresses}
+                assert one.adapter.bridge.port in ports
+            assert _of_run(served, env.run_id) == []  # not one container of its own
+            assert env.lm_config.run_dir == Path(deployment.state.lm_run_dir or "")  # the up run's budget
+        assert env.report.workers_started == 0
+        assert _of_run(served, up_id) == ups  # the up run is left running
+        with api.environment("integration", project_dir=project, runtime=served, attach=False) as own:
+            assert own.up_run is None
+            with own.session("two"):
+                assert [n for n in _of_run(served, own.run_id) if n.startswith("container")]
+    finally:
+        down(settings, run_id=up_id, runtime=served)
+    assert _of_run(served, up_id) == []

@@ -43,6 +43,7 @@ from provisioner.runtime import labels as L
 
 if TYPE_CHECKING:
     from provisioner.lmconfig import LMConfig
+    from provisioner.run import ResolvedRun
     from provisioner.runtime.deployment import Deployment, WorkerInfo
     from provisioner.runtime.engine import ContainerRuntime
     from provisioner.runtime.pool import WorkerPool
@@ -334,6 +335,30 @@ def find_up_run(settings: Settings, layer: str, lm: LMConfig, run_id: str | None
     if differs:
         return UpRunMatch(None, f"`provision up` run {state.run_id} differs: {', '.join(differs)}")
     return UpRunMatch(state)
+
+
+def choose_up_run(resolved: ResolvedRun, up_run: str | None = None) -> tuple[UpRunMatch, ResolvedRun]:
+    """Whether a session of ``resolved`` (the pytest plugin's, or a :func:`provisioner.environment`
+    block's) uses a running ``provision up`` environment, and the resolved run it then has: the up
+    run's LM directory (its workers enforce that run's budget and write its ledger: in-process LM
+    calls share them, and a test's LM cost finds its sessions' calls there).
+
+    ``up_run``: the run to consider (an xdist worker gets its controller's choice; ``""``: none);
+    default ``PROVISION_RUN_ID`` (``provision run``), else the project's current run. Container
+    layers only.
+    """
+    import dataclasses
+
+    from provisioner.run import RUN_ID_ENV
+
+    if not resolved.layer.needs_docker or up_run == "":
+        return UpRunMatch(None), resolved
+    match = find_up_run(resolved.settings, resolved.layer.name, resolved.lm_config,
+                        run_id=up_run or os.environ.get(RUN_ID_ENV))
+    if match.state is not None and match.state.lm_run_dir:
+        lm = resolved.lm_config.model_copy(update={"run_dir": Path(match.state.lm_run_dir)})
+        resolved = dataclasses.replace(resolved, lm_config=lm)
+    return match, resolved
 
 
 def attach_up_run(

@@ -8,7 +8,6 @@ Environment`, and assembles the run report. The hooks in :mod:`provisioner.pytes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from provisioner.lmconfig import LMMode, RecordMode
 from provisioner.run import (
     LeakRecord,
     ProcessReport,
-    ResolvedRun,
     RunIdentity,
     RunOptions,
     resolve_run,
@@ -36,7 +34,6 @@ from provisioner.testing.selection import layer_marks, marker_description, split
 
 if TYPE_CHECKING:
     from provisioner.runtime.engine import ContainerRuntime
-    from provisioner.runtime.shared_pool import UpRunMatch
 
 Item = TypeVar("Item")
 
@@ -127,12 +124,9 @@ class ProvisionRun:
         self.identity = identity
         resolved = resolve_run(options, project_dir, run_id=identity.run_id, run_dir=identity.run_dir)
         self.project_dir = resolved.project_dir  # the project root, as every CLI command finds it
-        self.up_match = self._find_up_run(resolved, up_run)
-        if self.up_match.state is not None and self.up_match.state.lm_run_dir:
-            # The up run's workers enforce its budget and write its ledger: in-process LM calls share
-            # them, and a test's LM cost finds its sessions' calls there.
-            lm = resolved.lm_config.model_copy(update={"run_dir": Path(self.up_match.state.lm_run_dir)})
-            resolved = dataclasses.replace(resolved, lm_config=lm)
+        from provisioner.runtime.shared_pool import choose_up_run
+
+        self.up_match, resolved = choose_up_run(resolved, up_run)
         self.environment = Environment(resolved, identity, runtime=runtime)
         self.environment.up_run = self.up_match.state
         self.layer: Layer = resolved.layer
@@ -208,18 +202,6 @@ class ProvisionRun:
         elif self.up_match.reason:
             lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
         return lines
-
-    def _find_up_run(self, resolved: ResolvedRun, up_run: str | None) -> UpRunMatch:
-        """The ``provision up`` run this session attaches to, or why not (container layers only)."""
-        import os
-
-        from provisioner.run import RUN_ID_ENV
-        from provisioner.runtime.shared_pool import UpRunMatch, find_up_run
-
-        if not resolved.layer.needs_docker or up_run == "":
-            return UpRunMatch(None)
-        return find_up_run(resolved.settings, resolved.layer.name, resolved.lm_config,
-                           run_id=up_run or os.environ.get(RUN_ID_ENV))
 
     def workerinput(self) -> dict[str, str]:
         from provisioner.runtime.watchdog import process_entry
