@@ -107,9 +107,16 @@ def run_worker(
         os.dup2(2, 1)
         sys.stdout = sys.stderr
 
-    # A worker is never up without an LM: a bare `provision worker` gets the mock.
+    # A worker is never up without an LM: a bare `provision worker` gets the mock. Its call path
+    # (DSPy's; google-genai for real and recording layers) is imported before the ready line, so
+    # the first request does not pay it inside its request timeout (about 30 s on a loaded 1-CPU
+    # container: the worker start-up deadline is the one sized for imports).
+    lm_config = lm_config or LMConfig(mode="mock")
+    from provisioner.lm import preload
+
+    preload(lm_config)
     service = BridgeService(
-        lm_config or LMConfig(mode="mock"),
+        lm_config,
         worker_id=worker_id,
         control_token=control_token,
         max_programs=max_programs,

@@ -1,0 +1,57 @@
+"""A worker imports its LM's call path before it says it is ready (not inside the first request's
+timeout): under load the google-genai import alone took ~30 s in a 1-CPU container."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMConfig
+
+READY = b"PROVISION_WORKER_READY port=stdio"
+
+
+def _imports_before_ready(config: LMConfig, extra_env: dict[str, str]) -> list[str]:
+    """Modules `python -X importtime` saw imported before the worker's ready line (both on stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in (LM_CONFIG_ENV, API_KEY_ENV)}
+    env.update(config.to_worker_env(), **extra_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "provisioner.cli", "worker", "--stdio"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stderr is not None and proc.stdin is not None
+    lines: list[bytes] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            if READY in line:
+                return [ln.decode(errors="replace").rsplit("|", 1)[-1].strip() for ln in lines
+                        if ln.startswith(b"import time:")]
+            lines.append(line)
+        pytest.fail(f"no ready line; stderr tail: {b''.join(lines[-20:]).decode(errors='replace')}")
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout and proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_real_mode_worker_imports_google_genai_before_it_is_ready() -> None:
+    modules = _imports_before_ready(LMConfig(mode="real"), {API_KEY_ENV: "k-test-not-a-secret"})
+    assert "google.genai" in modules and "dspy.clients.execution" in modules
+
+
+def test_a_mock_worker_does_not_import_google_genai() -> None:
+    modules = _imports_before_ready(LMConfig(mode="mock"), {})
+    assert "dspy.clients.execution" in modules and "google.genai" not in modules
