@@ -4,10 +4,11 @@ Built on :mod:`provisioner.runtime` — the launch steps of :mod:`provisioner.ru
 same ones ``provision up`` takes), ``WorkerPool`` and ``ResourceManager``. What this module adds is
 the *per-process* view that pytest (with or without xdist) and :func:`provisioner.environment` need:
 
-* **names are per process, labels are per run.** Every xdist worker plans its containers under the
-  run's id (one watchdog, one ``provision reap`` target, one ledger) but with its own name prefix
-  ``prov-<run>-<instance>`` and ``provisioner.instance=<instance>`` label, both given to
-  :func:`~provisioner.runtime.recipes.plan_run` (nothing is renamed afterwards), so two workers
+* **names are per deployment, labels per process and run.** Every process plans its containers
+  under the run's id (one watchdog, one ``provision reap`` target, one ledger) with its own name
+  prefix ``prov-<run>-<instance>`` (a dedicated worker: ``…-<instance>-d<n>``; the run's shared pool:
+  ``…-pool-<instance>``) and ``provisioner.instance`` label (``pool`` for the shared pool), both given
+  to :func:`~provisioner.runtime.recipes.plan_run` (nothing is renamed afterwards), so two processes
   never clash and each removes only its own containers;
 * **one image for the whole run**: the image is content-hashed and built under a machine-wide lock
   (:func:`provisioner.runtime.images.ensure_worker_image`), so concurrent processes build it once;
