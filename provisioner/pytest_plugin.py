@@ -191,8 +191,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     phases = item.stash.setdefault(PHASE_REPORTS, {})
     phases[report.when] = report
     run = item.config.stash[RUN_KEY]
-    if report.when == "setup" and report.passed and "bridge_pool" in getattr(item, "fixturenames", ()):
-        run.worker_logs.used_pool(item.nodeid, getattr(item, "funcargs", {})["bridge_pool"])
+    pool = getattr(item, "funcargs", {}).get("bridge_pool") if report.when == "setup" else None
+    if pool is not None and report.passed:  # the test may use any of the pool's workers
+        run.worker_logs.used_pool(item.nodeid, pool)
     if report.failed:  # the log lines of the workers the test used, from its window
         since = phases.get("setup", report).start
         report.sections.extend(run.worker_log_sections(item.nodeid, since, report.stop))
