@@ -172,6 +172,24 @@ class TestRowCollector:
         return [self.rows[k] for k in sorted(self.rows)]
 
 
+def apply_ledger(rows: Iterable[TestRow], by_test: Mapping[str, Any]) -> None:
+    """Set each row's ledger-kept numbers (replayed, recorded, real and stand-in calls, dollars, cache
+    misses) from the run ledger read at the end of the run (``by_test``: node id -> ``LMUsage``, see
+    :func:`provisioner.lm.ledger.usage_by_test`). A call a worker finished after its test had ended
+    (the client timed out, the worker went on) is then the test's too, and the rows sum to the ledger;
+    mock calls (never in the ledger) keep the test's own count."""
+    for row in rows:
+        usage = by_test.get(row["node_id"])
+        row["lm_replayed"] = usage.replayed if usage else 0
+        row["lm_recorded"] = usage.recorded if usage else 0
+        row["lm_real"] = usage.real if usage else 0
+        row["lm_standin"] = usage.standin if usage else 0
+        row["cost_usd"] = round(usage.cost_usd, 10) if usage else 0.0
+        row["list_cost_usd"] = round(usage.list_cost_usd, 10) if usage else 0.0
+        row["cache_misses"] = usage.cache_misses if usage else 0
+        row["cache_hits"] = row["lm_replayed"]
+
+
 def git_revision(project_dir: Path) -> tuple[str | None, str | None]:
     """``(revision, branch)`` of the git work tree at ``project_dir``; ``(None, None)`` outside git.
 

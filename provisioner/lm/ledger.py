@@ -441,23 +441,40 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
     for entry in read_ledger(path):
         if attributed_to is not None and entry.get("test_id") not in attributed_to:
             continue
-        if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
-            usage.cache_misses += 1
-            continue
-        if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
-            continue
-        kind = usage_kind(entry)
-        setattr(usage, kind, getattr(usage, kind) + 1)
-        usage.input_tokens += int(entry.get("input_tokens") or 0)
-        usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
-        cost = float(entry.get("cost_usd") or 0.0)
-        list_cost = entry.get("list_cost_usd")
-        usage.list_cost_usd += cost if list_cost is None else float(list_cost)
-        if entry.get("endpoint") != "standin":  # the stand-in's answers are not money
-            usage.cost_usd += cost
-        if entry.get("cache") == "miss" or kind == "recorded":
-            usage.cache_misses += 1
+        _count(usage, entry)
     return usage
+
+
+def usage_by_test(run_dir: Path | None) -> dict[str, LMUsage] | None:
+    """The run ledger's non-mock LM calls per test node id, in one read (a bridge session's lines are
+    its test's, from the run's ``sessions.jsonl``: :func:`entry_test`). ``None`` without a ledger."""
+    if run_dir is None or not (run_dir / LEDGER_FILE).exists():
+        return None
+    sessions = session_tests(run_dir)
+    out: dict[str, LMUsage] = {}
+    for entry in read_ledger(run_dir / LEDGER_FILE):
+        _count(out.setdefault(entry_test(entry, sessions), LMUsage()), entry)
+    return out
+
+
+def _count(usage: LMUsage, entry: dict[str, Any]) -> None:
+    """Add one ledger line to ``usage`` (calls by kind, tokens, dollars, cassette misses)."""
+    if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
+        usage.cache_misses += 1
+        return
+    if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
+        return
+    kind = usage_kind(entry)
+    setattr(usage, kind, getattr(usage, kind) + 1)
+    usage.input_tokens += int(entry.get("input_tokens") or 0)
+    usage.output_tokens += int(entry.get("output_tokens") or 0) + int(entry.get("thoughts_tokens") or 0)
+    cost = float(entry.get("cost_usd") or 0.0)
+    list_cost = entry.get("list_cost_usd")
+    usage.list_cost_usd += cost if list_cost is None else float(list_cost)
+    if entry.get("endpoint") != "standin":  # the stand-in's answers are not money
+        usage.cost_usd += cost
+    if entry.get("cache") == "miss" or kind == "recorded":
+        usage.cache_misses += 1
 
 
 def combine(process: LMUsage, ledger: LMUsage | None) -> LMUsage:

@@ -366,10 +366,14 @@ class ProvisionRun:
         import warnings
 
         from provisioner.errors import HistoryError
-        from provisioner.history.rows import run_row
+        from provisioner.history.rows import apply_ledger, run_row
         from provisioner.history.store import HISTORY_FILE, History
+        from provisioner.lm.ledger import usage_by_test
 
         tests = self.rows.test_rows()
+        by_test = usage_by_test(self.environment.lm_config.run_dir)  # every worker is stopped by now
+        if by_test is not None:
+            apply_ledger(tests, by_test)
         report.tests = [dict(row) for row in tests]
         retained = [r for section in report.layers.values() for r in section.retained]
         run = run_row(run_id=self.identity.run_id, started_at=self.started_at, project_dir=self.project_dir,

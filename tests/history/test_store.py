@@ -125,3 +125,35 @@ def test_rows_from_report_names_the_missing_field() -> None:
     del run["host"]
     with pytest.raises(HistoryError, match=r"x\.json: run row misses field 'host'"):
         rows_from_report({"run": run, "tests": []}, "x.json")
+
+
+def test_rows_take_the_ledgers_numbers_at_the_end_of_the_run(tmp_path: Path) -> None:
+    """The case from examples/qa_project's e2e layer under load: the client timed out, the worker
+    finished the stand-in call after the test's teardown had read the ledger, so the row said 0 calls
+    while `provision cost report` gave the test 1. At the end of the run the rows are set from the
+    ledger (a session's lines are its test's), and they sum to it; mock counts stay the test's own."""
+    from provisioner.history.rows import apply_ledger
+    from provisioner.lm.ledger import Ledger, current_test, note_session_test, usage_by_test
+
+    lm_dir = tmp_path / "runs" / "r1" / "lm"
+    test, other, session = "t.py::test_timed_out", "t.py::test_other", "session_r1_main_1_1_abc"
+    note_session_test(lm_dir, session, test)
+    ledger = Ledger(lm_dir, run_id="r1", layer="e2e")
+    calls = ((session, "real", "standin"), (other, "real", None), (other, "replayed", None))
+    for owner, kind, endpoint in calls:
+        with current_test(owner):
+            ledger.call(model="gemini-2.5-flash-lite", kind=kind, input_tokens=100, output_tokens=10,
+                        cost_usd=0.001, endpoint=endpoint)
+    ledger.close()
+    rows = [empty_test_row("r1", test, "e2e"), empty_test_row("r1", other, "e2e"),
+            empty_test_row("r1", "t.py::test_mock", "e2e")]
+    rows[2]["lm_mock"] = 3
+    by_test = usage_by_test(lm_dir)
+    assert by_test is not None and usage_by_test(tmp_path / "nothing") is None
+    apply_ledger(rows, by_test)
+    timed_out, rest, mock = rows
+    assert (timed_out["lm_standin"], timed_out["lm_real"], timed_out["cost_usd"]) == (1, 0, 0.0)
+    assert timed_out["list_cost_usd"] == pytest.approx(0.001)
+    assert (rest["lm_real"], rest["lm_replayed"], rest["cache_hits"]) == (1, 1, 1)
+    assert rest["cost_usd"] == pytest.approx(0.002)
+    assert (mock["lm_mock"], mock["cost_usd"], mock["lm_real"]) == (3, 0.0, 0)
