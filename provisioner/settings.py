@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     parallel: bool = True
     max_parallel_cases: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     state_dir: Path = Path(".provision")
+    publish_host: str | None = Field(
+        default=None,
+        description="the engine host's address workers are published on (default: 127.0.0.1 for a "
+        "local engine, the host of DOCKER_HOST for a remote one)",
+    )
     lm: LMConfig = Field(default_factory=LMConfig)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     container: ContainerSettings = Field(default_factory=ContainerSettings)

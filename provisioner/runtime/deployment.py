@@ -34,7 +34,7 @@ from provisioner.runtime.recipes import (
     replacement_recipe,
 )
 from provisioner.runtime.resources import CleanupReport, ResourceManager
-from provisioner.runtime.state import LOOPBACK, RunState
+from provisioner.runtime.state import RunState
 
 Progress = Callable[[str], None]
 
@@ -200,7 +200,8 @@ class Deployment:
         relay_id = self.container_ids[self.plan.relay.name]
         self._ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
         self.workers = [
-            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], LOOPBACK, self._ports[slot])
+            WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], self.runtime.publish_host,
+                       self._ports[slot])
             for slot, recipe in sorted(self.recipes.items()) if slot not in later
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
@@ -289,7 +290,7 @@ class Deployment:
         port = self.runtime.published_port(relay_id, self.plan.relay_port_for(slot))
         if port is None:
             raise RuntimeProblem(
-                f"the relay {self.plan.relay.name} has no 127.0.0.1 port for worker slot {slot}; "
+                f"the relay {self.plan.relay.name} has no published port for worker slot {slot}; "
                 f"its log:\n{self.runtime.logs(relay_id)}"
             )
         return port
@@ -387,7 +388,7 @@ class Deployment:
         recipe = self.recipes[slot]
         try:
             container_id = self._run(recipe)
-            new = WorkerInfo(slot, recipe.name, container_id, LOOPBACK, self._ports[slot])
+            new = WorkerInfo(slot, recipe.name, container_id, self.runtime.publish_host, self._ports[slot])
             self.wait_ready(new)
         except BaseException:
             with self._lock:

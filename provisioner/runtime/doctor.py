@@ -89,7 +89,10 @@ def _check_installation() -> list[Check]:
 def _check_engine(rt: ContainerRuntime, found: list[EngineInfo]) -> list[Check]:
     info = rt.engine_info()
     found.append(info)
-    return [Check("docker engine", "ok", f"{info.name} {info.version} (API {info.api_version})")]
+    return [
+        Check("docker engine", "ok", f"{info.name} {info.version} (API {info.api_version}) at {rt.engine}"),
+        Check("publish address", "ok", f"workers are published on {rt.publish_host}"),
+    ]
 
 
 def _check_worker_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:

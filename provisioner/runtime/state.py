@@ -121,6 +121,11 @@ class RunState:
     record_mode: str | None = None
 
     @property
+    def publish_host(self) -> str:
+        """The host the workers are published on (``127.0.0.1`` unless the engine is remote)."""
+        return self.addresses[0].rsplit(":", 1)[0] if self.workers else LOOPBACK
+
+    @property
     def addresses(self) -> list[str]:
         return [str(w["address"]) for w in self.workers]
 
@@ -132,7 +137,7 @@ class RunState:
             "PROVISION_LAYER": self.layer,
             "PROVISION_LM_MODE": self.lm_mode,
             "PROVISION_BRIDGE_ADDRS": ",".join(self.addresses),
-            "PROVISION_BRIDGE_HOST": LOOPBACK,
+            "PROVISION_BRIDGE_HOST": self.publish_host,
             "PROVISION_BRIDGE_PORTS": ",".join(ports),
             "PROVISION_WORKERS": str(len(self.workers)),
             "PROVISION_LM_STANDIN": "1" if self.uses_standin else "0",

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from provisioner.runtime.state import RunState
     from provisioner.settings import Settings
 
-LOOPBACK = "127.0.0.1"
 RYUK_DISABLED_ENV = "TESTCONTAINERS_RYUK_DISABLED"
 # How often a process's pool looks at its workers' container states (seconds).
 POOL_MONITOR_INTERVAL_S = 2.0
@@ -434,15 +433,16 @@ class ProcessContainers:
                                   timeout_s=self.env.settings.container.ready_timeout_s)
             relay_id = base.container_ids[plan.relay.name]
             port = self.runtime.published_port(relay_id, plan.relay_port_for(0))
-            info: WorkerInfo = WorkerInfo(0, recipe.name, container_id, LOOPBACK, int(port))
+            host = self.runtime.publish_host
+            info: WorkerInfo = WorkerInfo(0, recipe.name, container_id, host, int(port))
             base.wait_ready(info)
             self.workers_started += 1
         except BaseException:
             base.resources.cleanup_all()
             raise
-        client = BridgeClient(LOOPBACK, int(port), request_timeout=self.env.settings.process_timeout,
+        client = BridgeClient(host, int(port), request_timeout=self.env.settings.process_timeout,
                               token=plan.control_token)
-        return DedicatedWorker(recipe.name, container_id, LOOPBACK, int(port), container, client, base)
+        return DedicatedWorker(recipe.name, container_id, host, int(port), container, client, base)
 
     def _start_dedicated_on_runtime(self) -> DedicatedWorker:
         """A dedicated worker made by the handed-in runtime (testcontainers talks to Docker only, and

@@ -16,7 +16,9 @@ def test_doctor_reports_the_engine_key_and_disk(
 ) -> None:
     rt, _ = fake
     checks = {c.name: c for c in doctor(settings, runtime=rt)}
-    assert checks["docker engine"].status == "ok" and checks["docker engine"].detail == "fake 0 (API 0)"
+    assert checks["docker engine"].status == "ok"
+    assert checks["docker engine"].detail == "fake 0 (API 0) at fake"
+    assert checks["publish address"].detail == "workers are published on 127.0.0.1"
     assert checks["worker image"].status == "warn" and "not built yet" in checks["worker image"].detail
     assert "disk (docker)" not in checks  # an engine without a disk of its own
     assert checks["Gemini API key"].status == "warn" and "stand-in" in checks["Gemini API key"].detail

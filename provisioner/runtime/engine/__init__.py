@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from provisioner.runtime.engine.address import is_loopback, publish_host_for
 from provisioner.runtime.engine.base import (
     ContainerRuntime,
     ContainerState,
@@ -38,16 +39,23 @@ if TYPE_CHECKING:
 def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> ContainerRuntime:
     """The runtime for the engine these settings use; the caller closes it.
 
-    Today every engine is reached as docker-py's ``docker.from_env()`` reaches it (``DOCKER_HOST``,
-    ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``; the local socket by default) and ``settings`` choose
-    nothing yet: they are taken here so that engine settings (remote engines, contexts) change this
-    one function, not its callers. ``ping`` (default) asks the engine once, so a missing engine is
-    reported here, naming what to do, rather than at the first container.
+    The engine is the one docker-py's own configuration names (:func:`.docker.connect`):
+    ``DOCKER_HOST`` with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` (``tcp://``, ``ssh://``), else the
+    current docker context (docker-py's ``ContextAPI``), else the local socket. Workers are published
+    on :func:`.address.publish_host_for` of that engine (``settings.publish_host`` overrides it).
+    ``ping`` (default) asks the engine once, so a missing engine is reported here, naming what to
+    do, rather than at the first container.
 
     Raises:
         DockerUnavailableError: no engine answers.
+        ConfigError: the publish address is every interface, or a host name does not resolve.
     """
-    runtime = DockerRuntime()
+    from provisioner.runtime.engine.docker import engine_url
+
+    url, source = engine_url()
+    override = settings.publish_host if settings is not None else None
+    publish_host = publish_host_for(url, override)
+    runtime = DockerRuntime(publish_host=publish_host, engine=f"{url or 'local socket'} ({source})")
     if ping:
         try:
             runtime.ping()
@@ -72,7 +80,9 @@ __all__ = [
     "ImageStore",
     "ResourceKind",
     "ResourceRef",
+    "is_loopback",
     "open_runtime",
+    "publish_host_for",
     "remove_by_selector",
     "remove_resource",
 ]

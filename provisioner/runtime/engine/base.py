@@ -121,7 +121,14 @@ class ImageStore(Protocol):
 
 @runtime_checkable
 class ContainerRuntime(ImageStore, Protocol):
-    """What provisioner needs from a container engine. All ids may also be names."""
+    """What provisioner needs from a container engine. All ids may also be names.
+
+    ``publish_host``: the IP address of the engine's host published ports go on and the controller
+    connects to (``127.0.0.1`` for a local engine); ``engine``: which engine, for people to read.
+    """
+
+    publish_host: str
+    engine: str
 
     def ping(self) -> None:
         """Raise :class:`DockerUnavailableError` when the engine does not answer."""

@@ -24,19 +24,93 @@ from provisioner.runtime.engine.base import (
 from provisioner.runtime.recipes import ContainerRecipe, NetworkRecipe
 
 
-class DockerRuntime:
-    """A real engine through docker-py (imported lazily: ``provision --help`` stays fast)."""
+def engine_url() -> tuple[str | None, str]:
+    """The engine docker-py would reach and where that choice came from: ``DOCKER_HOST`` when set,
+    else the current docker context (``DOCKER_CONTEXT`` or ``currentContext`` of the docker CLI's
+    config.json, read through docker-py's :class:`docker.context.ContextAPI`) when it is not
+    ``default``, else
+    ``(None, "default")`` (the local socket).
 
-    def __init__(self, client: Any | None = None, *, timeout: float = 60.0) -> None:
+    Returns:
+        ``(url, source)`` — e.g. ``("tcp://10.0.0.5:2376", "DOCKER_HOST")``.
+    """
+    import os
+
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"], "DOCKER_HOST"
+    context = _current_context()
+    if context is not None:
+        return str(context.Host), f"docker context {context.Name}"
+    return None, "default"
+
+
+def _current_context() -> Any:
+    """docker-py's current context when it names an engine other than the default one, else None."""
+    import os
+
+    try:
+        from docker.context import ContextAPI
+
+        # The docker CLI's order: DOCKER_CONTEXT, then currentContext of its config.json (docker-py
+        # reads the latter only).
+        name = os.environ.get("DOCKER_CONTEXT")
+        context = ContextAPI.get_context(name) if name else ContextAPI.get_current_context()
+    except Exception:  # a broken docker CLI config: docker-py's own default applies
+        return None
+    if context is None or context.Name == "default" or not context.Host:
+        return None
+    return context
+
+
+def connect(timeout: float) -> Any:
+    """A docker-py client for the engine :func:`engine_url` names, configured by docker-py itself:
+    ``docker.from_env`` for ``DOCKER_HOST``/``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` (``ssh://``
+    through paramiko, or the ``ssh`` binary when ``PROVISION_DOCKER_SSH_CLIENT=1``), the context's
+    host and TLS configuration for a docker context.
+
+    Raises:
+        DockerUnavailableError: docker-py cannot make a client for it (names what to do).
+    """
+    import os
+
+    use_ssh_client = os.environ.get("PROVISION_DOCKER_SSH_CLIENT", "") in ("1", "true", "yes")
+    try:
+        import docker
+
+        if not os.environ.get("DOCKER_HOST"):
+            context = _current_context()
+            if context is not None:
+                return docker.DockerClient(
+                    base_url=context.Host, tls=context.TLSConfig, timeout=timeout,
+                    use_ssh_client=use_ssh_client,
+                )
+        return docker.from_env(timeout=timeout, use_ssh_client=use_ssh_client)
+    except Exception as exc:  # docker.errors.DockerException and socket errors
+        raise DockerUnavailableError(_no_engine(exc)) from None
+
+
+class DockerRuntime:
+    """A real engine through docker-py (imported lazily: ``provision --help`` stays fast).
+
+    ``publish_host``: the address of the engine's host that published ports go on and the controller
+    connects to (``127.0.0.1`` for a local engine; see :mod:`provisioner.runtime.engine.address`);
+    ``engine``: the engine's URL and where it came from, for ``doctor`` and ``status``.
+    """
+
+    def __init__(
+        self,
+        client: Any | None = None,
+        *,
+        timeout: float = 60.0,
+        publish_host: str = "127.0.0.1",
+        engine: str = "default",
+    ) -> None:
         self._own_client = client is None
         if client is None:
-            try:
-                import docker
-
-                client = docker.from_env(timeout=timeout)
-            except Exception as exc:  # docker.errors.DockerException and socket errors
-                raise DockerUnavailableError(_no_engine(exc)) from None
+            client = connect(timeout)
         self.client = client
+        self.publish_host = publish_host
+        self.engine = engine
         self._timeout = timeout
         self._events_lock = threading.Lock()
         self._events_conn: Any = None
@@ -193,6 +267,7 @@ class DockerRuntime:
         import docker.errors
 
         kwargs = recipe.to_run_kwargs()
+        kwargs["ports"] = {port: (self.publish_host, None) for port in kwargs.get("ports") or {}}
         kwargs.pop("detach", None)
         kwargs.pop("network", None)
         primary = recipe.networks[0] if recipe.networks else None
@@ -246,7 +321,7 @@ class DockerRuntime:
         host_config = dict(info.get("HostConfig") or {})
         bindings = dict(host_config.get("PortBindings") or {})
         for container_port, host_port in host_ports.items():
-            bindings[f"{container_port}/tcp"] = [{"HostIp": "127.0.0.1", "HostPort": str(host_port)}]
+            bindings[f"{container_port}/tcp"] = [{"HostIp": self.publish_host, "HostPort": str(host_port)}]
         host_config["PortBindings"] = bindings
         networks = {
             net: [a for a in (endpoint or {}).get("Aliases") or [] if a != old_alias]
@@ -329,7 +404,7 @@ class DockerRuntime:
         info = self.client.api.inspect_container(container_id)
         bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{container_port}/tcp") or []
         for binding in bindings:
-            if binding.get("HostIp") in ("127.0.0.1", "") and binding.get("HostPort"):
+            if binding.get("HostIp") in (self.publish_host, "") and binding.get("HostPort"):
                 return int(binding["HostPort"])
         return None
 

@@ -99,6 +99,8 @@ class FakeRuntime:
         registry: Mapping[str, Mapping[str, str]] | None = None,
         serve: bool = False,
     ):
+        self.publish_host = "127.0.0.1"  # its served workers listen on loopback
+        self.engine = "fake"
         self.images: dict[str, FakeImage] = {}  # by image id
         self.registry = {ref: dict(labels) for ref, labels in (registry or {}).items()}
         self.builds: list[str] = []  # tags built, in order
