@@ -157,3 +157,13 @@ def test_rows_take_the_ledgers_numbers_at_the_end_of_the_run(tmp_path: Path) -> 
     assert (rest["lm_real"], rest["lm_replayed"], rest["cache_hits"]) == (1, 1, 1)
     assert rest["cost_usd"] == pytest.approx(0.002)
     assert (mock["lm_mock"], mock["cost_usd"], mock["lm_real"]) == (3, 0.0, 0)
+
+
+def test_ci_job_and_shard_come_from_the_ci_variables() -> None:
+    from provisioner.history.rows import ci_identity
+
+    github = {"GITHUB_RUN_ID": "123", "GITHUB_JOB": "tests", "PROVISION_SHARD": "integration-2"}
+    assert ci_identity(github) == ("123/tests", "integration-2")
+    assert ci_identity({"GITHUB_RUN_ID": "123"}) == ("123", None)
+    assert ci_identity({"CI_JOB_ID": "77"}) == ("77", None)
+    assert ci_identity({}) == (None, None)
