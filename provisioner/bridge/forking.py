@@ -70,6 +70,9 @@ from provisioner.lmconfig import LMConfig
 log = logging.getLogger("provisioner.bridge")
 
 PROCESS_MODE_FORK = "fork"
+# The longest a child that accepted a connection holds back the next spare's fork while it waits for
+# the connection's first request (seconds); see ForkingWorker.release_spare.
+SPARE_RELEASE_S = 0.05
 # prctl(2) options (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -224,9 +227,10 @@ class ForkingWorker:
 
     Forking is kept off a connection's critical path: the parent forks a spare child ahead of time;
     the spare builds its service and LM, then waits on the shared listening socket. The spare that
-    accepts a connection tells the parent (``A <pid> <peer>`` on the control pipe), and the parent
-    forks the next spare at once. With ``max_children`` processes alive there is no spare: the parent
-    watches the listener itself and answers each connection "busy".
+    accepts a connection tells the parent (``C <pid> <peer>`` on the control pipe) and, once it has
+    sent its first reply (``A <pid>``), the parent forks the next spare. With ``max_children``
+    processes alive there is no spare: the parent watches the listener itself and answers each
+    connection "busy".
 
     ``make_child(parent)`` runs in a new child before it waits for a connection and returns the
     function that serves the accepted one (``serve(sock, peer) -> exit code``); see
@@ -256,7 +260,7 @@ class ForkingWorker:
         self._listener: socket.socket | None = None
         self._watching_listener = False
         self._wake_r, self._wake_w = os.pipe()
-        self._ctl_r, self.ctl_w = os.pipe()  # children -> parent: b"A <pid> <peer>", b"S <pid>", b"R <pid>"
+        self._ctl_r, self.ctl_w = os.pipe()  # children -> parent: C/A/S/R lines, see _read_control
         for fd in (self._wake_r, self._wake_w, self._ctl_r):
             os.set_blocking(fd, False)
         self._ctl_buf = b""
@@ -438,8 +442,14 @@ class ForkingWorker:
         listener.close()
         sock.setblocking(True)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        self.tell_parent(f"A {os.getpid()} {peer}")
+        self.tell_parent(f"C {os.getpid()} {peer}")
         return serve(sock, peer)
+
+    def release_spare(self) -> None:
+        """From the child that accepted: let the parent fork the next spare now. Sent after the
+        connection's first reply (or ``SPARE_RELEASE_S`` after accepting, for a client that sends
+        nothing), so the parent's fork does not compete for the CPU with that first answer."""
+        self.tell_parent(f"A {os.getpid()}")
 
     def _close_parent_fds(self, *, child: bool = False) -> None:
         """Close what the parent holds: in a child, all but the listener and the control pipe's
@@ -479,10 +489,12 @@ class ForkingWorker:
                 self._read_control()  # its "accepted" line may have arrived with its exit
             if pid == self.spare:
                 self.spare = None
-                if not self._stopping:
-                    self._spare_failed(f"the waiting process {pid} ended by {how}")
-                self.counters.values["children_crashed"] += 1
-            elif code == 0:
+                if not child.accepted:
+                    if not self._stopping:
+                        self._spare_failed(f"the waiting process {pid} ended by {how}")
+                    self.counters.values["children_crashed"] += 1
+                    continue
+            if code == 0:
                 self.counters.values["children_exited"] += 1
                 log.debug("worker %s: process %d (%s) ended", self.worker_id, pid, child.peer)
             else:
@@ -511,14 +523,15 @@ class ForkingWorker:
             word, _, rest = line.decode("ascii", "replace").partition(" ")
             arg, _, peer = rest.partition(" ")
             sender = int(arg) if arg.isdigit() else -1
-            if word == "A":
+            if word == "C":  # the spare accepted a connection (it is serving, not failing, now)
                 child = self.children.get(sender)
                 if child is not None:
                     child.accepted, child.peer, child.started = True, peer, time.monotonic()
+                self._spare_failures = 0
+                self.counters.add("accepted_total")
+            elif word == "A":  # ... and has answered first: fork the next spare
                 if sender == self.spare:
                     self.spare = None
-                self._spare_failures = 0
-                self.counters.values["accepted_total"] += 1
                 self._publish_children()
             elif word == "S":
                 log.info("worker %s: shutdown requested by process %s", self.worker_id, arg or "?")
@@ -675,13 +688,24 @@ def run_fork_worker(
             # at the end. SIGTERM (the parent stopping, or another process's reset_state) interrupts
             # the blocked read; its handler stops the reading, so the read sees EOF after in-flight
             # work has replied.
-            connection = server.adopted(sock, peer)
+            released = False
+
+            def release(*_: object) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    parent.release_spare()
+
+            connection = server.adopted(sock, peer, on_first_reply=release)
 
             def on_signal(signum: int, _frame: FrameType | None) -> None:
                 connection.stop()
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGALRM, release)  # a client that sends nothing: release anyway
+            signal.setitimer(signal.ITIMER_REAL, SPARE_RELEASE_S)
             connection.serve()  # returns once every reply went out (or its work outlived the grace)
             return 0  # the caller's os._exit ends whatever thread is left
 
