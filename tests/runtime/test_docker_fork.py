@@ -9,6 +9,7 @@ Everything is removed by the environment's close, also when a test fails.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from provisioner.api import Environment, open_environment
 from provisioner.bridge.client import BridgeClient
+from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
 from provisioner.errors import BridgeError, ProcessGoneError
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -131,6 +133,17 @@ def test_two_tests_on_one_worker_share_no_process_state(env: Environment) -> Non
             stats = same_worker.get_stats()
             assert stats["program_count"] == 0 and stats["parent_pid"] == process2["parent_pid"]
             assert stats["lm"]["mock_rules"][0]["outputs"] == {"answer": 4}  # the start-up default LM
+    # An Erlang-style client (raw frames, `packet: 4`, no hello) gets a fresh process per connection.
+    raw_pids = []
+    for _ in range(2):
+        with socket.create_connection((host, port), timeout=30) as sock, sock.makefile("rb") as reader:
+            sock.sendall(encode_frame(dumps({"id": 1, "command": "ping", "args": {}})))
+            payload = read_frame(reader)
+            assert payload is not None
+            result = decode_reply(payload).unwrap()
+            assert result["process"]["parent_pid"] == process1["parent_pid"]
+            raw_pids.append(result["pid"])
+    assert raw_pids[0] != raw_pids[1]
     # The worker's process table: the parent only, again (every child ends with its connection and
     # is reaped; the ending is asynchronous, so poll).
     table = _settled_table(env, container_id, process1["parent_pid"])
