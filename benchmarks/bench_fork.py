@@ -248,17 +248,21 @@ def suite(folder: Path, tests: int, naive_tests: int) -> dict[str, Any]:
         rt.close()
 
 
-def measure(connections: int, tests: int, naive_tests: int) -> dict[str, Any]:
+def measure(connections: int, tests: int, naive_tests: int, parts: set[str]) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="provision-bench-fork-"))
     (folder / "pyproject.toml").write_text(LAYERS.format(workers=1))
     results: dict[str, Any] = {"commit": bench_suite.commit(), "connections": connections}
-    load = os.getloadavg()
-    results["host"] = host_latency(connections)
-    results["container"] = container_figures(folder, connections)
-    results["latency_load"] = (load, os.getloadavg())
-    print(json.dumps(results), file=sys.stderr, flush=True)
-    (folder / "pyproject.toml").write_text(LAYERS.format(workers=2))
-    results["suite"] = suite(folder, tests, naive_tests)
+    if "latency" in parts:
+        load = os.getloadavg()
+        results["host"] = host_latency(connections)
+        results["container"] = container_figures(folder, connections)
+        results["latency_load"] = (load, os.getloadavg())
+        results["latency_commit"] = results["commit"]
+        print(json.dumps(results), file=sys.stderr, flush=True)
+    if "suite" in parts:
+        (folder / "pyproject.toml").write_text(LAYERS.format(workers=2))
+        results["suite"] = suite(folder, tests, naive_tests)
+        results["suite"]["commit"] = results["commit"]
     return results
 
 
@@ -278,7 +282,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join([
         SECTION,
         "",
-        f"`.venv/bin/python benchmarks/bench_fork.py --write-docs` — code of commit {results['commit']},",
+        "`.venv/bin/python benchmarks/bench_fork.py --write-docs` — code of commit"
+        f" {results.get('latency_commit', results['commit'])} for the latency and memory figures,"
+        f" {s.get('commit', results['commit'])} for the suite;",
         f"real engine, worker image {s['image']}. Method in the script's docstring: raw-frame `ping` on a",
         f"fresh connection, {results['connections']} connections one after another, timed from before",
         "`connect` to the reply; memory from `/proc/<pid>/smaps_rollup` inside the worker container",
@@ -342,10 +348,15 @@ def main() -> None:
     parser.add_argument("--naive-tests", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    parser.add_argument("--results", type=Path, default=None, help="render this --json output instead")
+    parser.add_argument("--parts", default="latency,suite", help="what to measure: latency, suite or both")
+    parser.add_argument("--results", type=Path, action="append", default=[],
+                        help="render these --json outputs (merged, later ones win) instead of measuring")
     args = parser.parse_args()
-    results = (json.loads(args.results.read_text()) if args.results is not None
-               else measure(args.connections, args.tests, args.naive_tests))
+    results: dict[str, Any] = {}
+    for path in args.results:
+        results.update(json.loads(path.read_text()))
+    if not args.results:
+        results = measure(args.connections, args.tests, args.naive_tests, set(args.parts.split(",")))
     if args.json:
         print(json.dumps(results, indent=2))
         return
