@@ -265,3 +265,26 @@ def test_a_process_killed_while_it_holds_the_pool_lock_does_not_wedge_the_run(
         if holder.poll() is None:
             holder.kill()
             holder.wait(timeout=30)
+
+
+def test_under_provision_run_the_session_attaches_to_that_run(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`provision run -- pytest` exports PROVISION_RUN_ID: the session (and an environment() block)
+    attaches to that run — not persistent, not the project's current one — and shares its LM dir."""
+    from provisioner.run import RunOptions, resolve_run
+
+    resolved = resolve_run(RunOptions(layer="integration"), settings.project_dir)
+    state = RunState(run_id="pr1", layer="integration", lm_mode="cached", instance="pr1", image=FAKE_IMAGE,
+                     created=1.0, owner_pid=1, owner_host="h", persistent=False, uses_standin=False,
+                     egress=False, networks=[], relay="r", standin=None,
+                     workers=[{"slot": 0, "name": "w0", "container_id": "c0", "address": "127.0.0.1:4000"}],
+                     lm_run_dir=str(settings.state_dir / "runs" / "pr1" / "lm"),
+                     record_mode=resolved.lm_config.record_mode)
+    write_state(resolved.settings, state, current=False)
+    assert sp.choose_up_run(resolved)[0].state is None  # not current, no PROVISION_RUN_ID: own run
+    monkeypatch.setenv("PROVISION_RUN_ID", "pr1")
+    match, attached = sp.choose_up_run(resolved)
+    assert match.state is not None and match.state.run_id == "pr1"
+    assert attached.lm_config.run_dir == Path(state.lm_run_dir or "")
+    assert sp.choose_up_run(resolved, "")[0].state is None  # an xdist worker told: do not attach
