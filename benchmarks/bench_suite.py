@@ -334,6 +334,9 @@ def machine() -> str:
 
 
 NOTES = [
+    "- The previous version of this section (commit de32170, same script, 2026-11-30, load 8 to 14):",
+    "  setup + teardown p50 3.1 to 14.6 ms (setup 1.1 to 1.4, teardown 1.9 to 11.8), pool start 5.5 to",
+    f"  28.1 s, ratio 24{TIMES} to 55{TIMES}.",
     "- Where a test's overhead went (cProfile over a 150-test suite of the same shape, setup and",
     "  teardown only; issue 10). At commit de32170, load ≈ 7: setup ≈ 8 ms, of which the pool's",
     "  container inspect per session ≈ 5 ms and a new connection per session (published port,",
