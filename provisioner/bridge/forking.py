@@ -644,6 +644,7 @@ def run_fork_worker(
     max_connections: int,
     pids: int | None,
     ready_line: Callable[[int], None],
+    bridge_token: str | None = None,
 ) -> int:
     """Run the fork-mode parent until ``shutdown`` or SIGTERM/SIGINT; returns the exit code (0).
 
@@ -674,7 +675,7 @@ def run_fork_worker(
     def make_child(parent: ForkingWorker) -> Callable[[socket.socket, str], int]:
         # Before any connection: the child's own service, its LM applied (no byte is read before).
         service = BridgeService(lm_config, worker_id=worker_id, control_token=control_token,
-                                **service_options)
+                                bridge_token=bridge_token, **service_options)
         service.process = {"mode": PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": parent.parent_pid}
         install_process_lm(service)
         server = BridgeServer(service, **server_options, max_connections=1, pids=None)

@@ -32,6 +32,9 @@ ABSOLUTE_MAX_FRAME_BYTES = 2**32 - 1
 # The run's controller token: the worker reads it from this environment variable at start-up (and
 # removes it from its environment); the controller writes it to the run's env file under this name.
 CONTROL_TOKEN_ENV = "PROVISION_CONTROL_TOKEN"  # noqa: S105 - a variable name, not a secret
+# A run published off loopback: every connection's first frame is a `hello` carrying this token (or
+# the control token). Read and removed at start-up like the control token; in the env file too.
+BRIDGE_TOKEN_ENV = "PROVISION_BRIDGE_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 RequestId = int | str | None
 

@@ -763,6 +763,8 @@ class BridgeServer:
                     self._dispatch(conn, payload, held)
                 finally:
                     conn.leave()
+                if not conn.access.admitted:  # the first frame was no hello with the token: hang up
+                    break
         except Exception:  # never let one connection's problem escape its thread silently
             log.exception("connection %s (%s) failed", conn.number, conn.peer)
         finally:

@@ -105,14 +105,26 @@ def default_lm_factory(config: LMConfig) -> Any:
     return build_lm(config)
 
 
+_NOT_ADMITTED = (
+    "{command}: this worker is published off loopback, so every connection must start with"
+    ' {{"command": "hello", "args": {{"token": ...}}}} carrying the run\'s PROVISION_BRIDGE_TOKEN (from its'
+    " env file); the connection is closed"
+)
+
+
 @dataclass(slots=True)
 class Access:
     """What one connection may do. ``control``: the worker-wide commands (see the module docstring).
 
     The server keeps one per connection; ``hello`` with the right token sets ``control``.
+    ``admitted``: the connection may send commands other than ``hello``. False on a new network
+    connection of a worker with a bridge token (a run published off loopback) until a ``hello``
+    carries that token or the control token; the server closes a connection whose first frame
+    does not admit it.
     """
 
     control: bool
+    admitted: bool = True
 
 
 @dataclass(slots=True)
@@ -217,12 +229,14 @@ class BridgeService:
         worker_id: str | None = None,
         record_history: bool = False,
         control_token: str | None = None,
+        bridge_token: str | None = None,
         max_programs: int = DEFAULT_MAX_PROGRAMS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> None:
         self.record_history = record_history
         # None or "": no token, every connection has control (a worker started by hand).
         self._control_token = control_token or None
+        self._bridge_token = bridge_token or None
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
@@ -270,9 +284,16 @@ class BridgeService:
         """Whether worker-wide commands need a ``hello`` with the control token first."""
         return self._control_token is not None
 
+    @property
+    def bridge_token_required(self) -> bool:
+        """Whether every network connection must start with a ``hello`` carrying a token (a run
+        published off loopback: ``PROVISION_BRIDGE_TOKEN``)."""
+        return self._bridge_token is not None
+
     def new_access(self) -> Access:
-        """The access of a new network connection: control only when the worker has no token."""
-        return Access(control=self._control_token is None)
+        """The access of a new network connection: control only when the worker has no control
+        token; admitted only when it has no bridge token."""
+        return Access(control=self._control_token is None, admitted=self._bridge_token is None)
 
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when a ``shutdown`` command arrives."""
@@ -294,6 +315,10 @@ class BridgeService:
         """
         if access is None:
             access = Access(control=True)
+        if not access.admitted and command != "hello":
+            with self._counts_lock:
+                self._commands["<not admitted>"] += 1
+            raise rejected(ErrorType.UNAUTHORIZED, _NOT_ADMITTED.format(command=command))
         handler = self._handlers.get(command)
         with self._counts_lock:
             self._commands[command if handler else "<unknown>"] += 1
@@ -379,6 +404,18 @@ class BridgeService:
         a = _Args("hello", args, ("token", "client"))
         token = a.string("token", None)
         a.string("client", None)  # a free-form client name, for the client's own logs
+        if self._bridge_token is not None and not access.admitted:
+            if token is None or not any(
+                hmac.compare_digest(token.encode("utf-8"), known.encode("utf-8"))
+                for known in (self._bridge_token, self._control_token) if known is not None
+            ):
+                why = _NOT_ADMITTED.format(command="hello without the token")
+                raise rejected(ErrorType.UNAUTHORIZED, why)
+            access.admitted = True
+            if self._control_token is None or not hmac.compare_digest(
+                token.encode("utf-8"), self._control_token.encode("utf-8")
+            ):
+                token = None  # the bridge token admits; it is no control token
         if token is not None and self._control_token is not None:
             if not hmac.compare_digest(token.encode("utf-8"), self._control_token.encode("utf-8")):
                 access.control = False
@@ -395,6 +432,7 @@ class BridgeService:
             "worker_id": self.worker_id,
             "capabilities": capabilities,
             "control_token_required": self.control_token_required,
+            "bridge_token_required": self.bridge_token_required,
             "commands": list(COMMANDS),
             **({"process": self.process} if self.process is not None else {}),
         }

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import BinaryIO
 
 from provisioner.bridge.programs import DEFAULT_MAX_PROGRAMS, DEFAULT_MAX_SESSIONS
-from provisioner.bridge.protocol import CONTROL_TOKEN_ENV, DEFAULT_MAX_FRAME_BYTES
+from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV, DEFAULT_MAX_FRAME_BYTES
 from provisioner.bridge.server import (
     DEFAULT_FRAME_TIMEOUT_S,
     DEFAULT_MAX_INFLIGHT_BYTES,
@@ -65,6 +65,8 @@ def run_worker(
     (with ``stdio`` that line goes to stderr, as ``port=stdio``: stdout carries only frames).
     ``control_token`` (default: ``$PROVISION_CONTROL_TOKEN``, which is then removed from the
     environment) guards the worker-wide commands; without one every connection may use them.
+    ``$PROVISION_BRIDGE_TOKEN`` (read and removed the same way; set for runs published off
+    loopback) makes every TCP connection start with a ``hello`` carrying it.
     Returns the exit code: 0 after a clean shutdown.
 
     Raises:
@@ -83,12 +85,13 @@ def run_worker(
     # Read once and dropped from the environment: nothing the worker runs later inherits it.
     from_env = os.environ.pop(CONTROL_TOKEN_ENV, None)
     control_token = control_token or from_env or None
+    bridge_token = os.environ.pop(BRIDGE_TOKEN_ENV, None) or None
     if fork:
         from provisioner.bridge.forking import run_fork_worker
 
         return run_fork_worker(
             host=host, port=port, ready_file=ready_file, lm_config=lm_config or LMConfig(mode="mock"),
-            worker_id=worker_id, control_token=control_token,
+            worker_id=worker_id, control_token=control_token, bridge_token=bridge_token,
             server_options={
                 "max_frame_bytes": max_frame_bytes, "max_inflight": max_inflight,
                 "request_timeout_s": request_timeout_s, "max_inflight_bytes": max_inflight_bytes,
@@ -119,6 +122,7 @@ def run_worker(
         lm_config,
         worker_id=worker_id,
         control_token=control_token,
+        bridge_token=bridge_token if not stdio else None,  # stdio: the spawner owns the pipes
         max_programs=max_programs,
         max_sessions=max_sessions,
     )

@@ -11,6 +11,7 @@ deployments (one per process instance: ``main``, ``gw0``, a dedicated worker's),
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -62,13 +63,14 @@ class ProbeResult:
 Probe = Callable[[str, int, float], ProbeResult]
 
 
-def bridge_probe(host: str, port: int, timeout: float) -> ProbeResult:
-    """One ``ping`` over the bridge protocol (the default readiness and health probe)."""
+def bridge_probe(host: str, port: int, timeout: float, *, token: str | None = None) -> ProbeResult:
+    """One ``ping`` over the bridge protocol (the default readiness and health probe); ``token``:
+    the run's bridge token, sent in a ``hello`` first (a run published off loopback)."""
     from provisioner.bridge.client import BridgeClient
     from provisioner.errors import BridgeError
 
     start = time.perf_counter()
-    client = BridgeClient(host, port, connect_timeout=timeout, request_timeout=timeout)
+    client = BridgeClient(host, port, connect_timeout=timeout, request_timeout=timeout, token=token)
     try:
         reply = client.ping()
     except BridgeError as exc:
@@ -132,6 +134,8 @@ class Deployment:
         self.start_slots = start_slots
         self.runtime = runtime
         self.resources = resources or ResourceManager(runtime, selector=self.selector)
+        if probe is bridge_probe and plan.bridge_token:  # off loopback: every connection says hello
+            probe = functools.partial(bridge_probe, token=plan.bridge_token)
         self.probe = probe
         self.ready_timeout_s = ready_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -175,6 +179,12 @@ class Deployment:
     def control_token(self) -> str | None:
         """The workers' control token (pass it as ``BridgeClient(..., token=...)``)."""
         return self.plan.control_token
+
+    @property
+    def bridge_token(self) -> str | None:
+        """The run's bridge token when it is published off loopback (every connection's ``hello``
+        carries it: ``BridgeClient(..., token=...)``); None on loopback."""
+        return self.plan.bridge_token
 
     def _start(self) -> None:
         t0 = time.perf_counter()

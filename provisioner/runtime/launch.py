@@ -192,6 +192,7 @@ def record_state(
         lm_run_dir=plan.lm_run_dir,
         record_mode=plan.record_mode,
     )
-    write_state(settings, state, current=current, control_token=plan.control_token)
+    write_state(settings, state, current=current, control_token=plan.control_token,
+                bridge_token=plan.bridge_token)
     deployment.state = state
     return state

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +26,16 @@ from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
 from provisioner.runtime.health import PublishedWorker, check_paths, rebind_relay
 from provisioner.runtime.polling import poll_until
-from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, plan_run
+from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, bridge_token_for, plan_run
 from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
-from provisioner.runtime.state import RunState, _clear_current, read_state, run_dir_of, write_state
+from provisioner.runtime.state import (
+    RunState,
+    _clear_current,
+    bridge_token_of,
+    read_state,
+    run_dir_of,
+    write_state,
+)
 from provisioner.settings import Settings
 
 
@@ -127,7 +135,8 @@ def up(
     target = launch.prepare_run_dir(settings, lm, run_dir, owner)
     if options.watchdog:
         launch.start_watchdog(settings, target)
-    plan = plan_run(settings, layer, lm, target, image, PlanOptions(workers=options.workers))
+    plan = plan_run(settings, layer, lm, target, image,
+                    PlanOptions(workers=options.workers, bridge_token=bridge_token_for(rt.publish_host)))
     deployment: Deployment | None = None
     try:
         deployment = launch.deploy(plan, rt, settings, probe=probe, progress=say)
@@ -278,6 +287,9 @@ def status(
         repaired = _repair_path(settings, rt, state, probe)
         for worker, done in _repair_workers(settings, rt, state, probe).items():
             repaired[worker] = "; ".join(x for x in (repaired.get(worker, ""), done) if x)
+    token = bridge_token_of(settings, state.run_id)
+    if probe is bridge_probe and token:  # published off loopback: every connection says hello
+        probe = functools.partial(bridge_probe, token=token)
     dead_paths = check_paths(rt, state.relay, _published(state), probe) if state.relay else {}
 
     def check(w: dict[str, Any]) -> WorkerHealth:

@@ -310,7 +310,10 @@ class WorkerPool:
             return reused.session(session_id)
         if reused is not None:
             reused.close()
-        client = PooledBridgeClient(self, session_id, pinned.host, pinned.port, **client_kwargs)
+        # Off loopback every connection starts with a hello carrying the run's bridge token.
+        token = getattr(self.environment, "bridge_token", None)
+        client = PooledBridgeClient(self, session_id, pinned.host, pinned.port,
+                                    **({"token": token} if token else {}), **client_kwargs)
         return client.session(session_id)
 
     def lease(self, session_id: str, **client_kwargs: Any) -> tuple[Any, Callable[[], None]]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
 from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import Layer
 from provisioner.lmconfig import GeminiEndpoint, LMConfig, worker_secrets
@@ -305,6 +305,9 @@ class RunPlan:
     # The workers' control token (a secret: workers get it in secret_environment, the run's env
     # file holds it for controllers; never in public_dict, labels or state files).
     control_token: str | None = field(default=None, repr=False, compare=False)
+    # The run's bridge token when it is published off loopback (every connection's first frame is a
+    # hello carrying it; docs/protocol.md); None on loopback. A secret like the control token.
+    bridge_token: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def run_network(self) -> str:
@@ -484,6 +487,8 @@ class PlanOptions:
     when the layer is real and no API key or ``base_url`` is configured. ``user``: ``uid:gid``
     (default :func:`worker_user`). ``worker_args``: extra ``provision worker`` arguments.
     ``control_token``: the workers' control token (default: a new ``secrets.token_urlsafe(32)``).
+    ``bridge_token``: set for a run published off loopback (see :func:`bridge_token_for`): every
+    connection to its workers must start with a ``hello`` carrying it.
     """
 
     workers: int | None = None
@@ -491,6 +496,15 @@ class PlanOptions:
     user: str | None = None
     worker_args: tuple[str, ...] = ()
     control_token: str | None = field(default=None, repr=False)
+    bridge_token: str | None = field(default=None, repr=False)
+
+
+def bridge_token_for(publish_host: str) -> str | None:
+    """A new bridge token (``secrets.token_urlsafe(32)``) for workers published on ``publish_host``
+    when that is not loopback; None on loopback (DSPex-compatible: no hello needed)."""
+    from provisioner.runtime.engine.address import is_loopback
+
+    return None if is_loopback(publish_host) else secrets.token_urlsafe(32)
 
 
 def plan_run(
@@ -536,6 +550,8 @@ def plan_run(
     control_token = options.control_token or secrets.token_urlsafe(32)
     env, secret = worker_env(settings, layer, lm, target, use_standin=use_standin, egress=egress,
                              control_token=control_token)
+    if options.bridge_token:
+        secret[BRIDGE_TOKEN_ENV] = options.bridge_token
     mounts = worker_mounts(lm, target.lm_dir)
     worker_args = options.worker_args
     if layer.isolation == "process":  # one forked process per connection (provisioner.bridge.forking)
@@ -588,6 +604,7 @@ def plan_run(
             else None
         ),
         control_token=control_token,
+        bridge_token=options.bridge_token or None,
     )
 
 

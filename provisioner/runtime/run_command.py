@@ -8,7 +8,7 @@ import signal
 import subprocess
 from collections.abc import Sequence
 
-from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
 from provisioner.errors import (
     ConfigError,
 )
@@ -73,6 +73,8 @@ def run_command(
         child_env = {**os.environ, **env.state.env(run_dir.state_file)}
         if env.control_token:
             child_env[CONTROL_TOKEN_ENV] = env.control_token
+        if env.plan.bridge_token:  # published off loopback: every connection says hello with it
+            child_env[BRIDGE_TOKEN_ENV] = env.plan.bridge_token
         try:
             child = subprocess.Popen(list(command), env=child_env)
         except OSError as exc:

@@ -21,7 +21,7 @@ from pydantic import AliasChoices, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from provisioner._files import atomic_write
-from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
 from provisioner.errors import StateUnreadableError
 from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.runtime import watchdog as wd
@@ -160,12 +160,18 @@ def render_env(env: Mapping[str, str]) -> str:
 
 
 def write_state(
-    settings: Settings, state: RunState, *, current: bool = True, control_token: str | None = None
+    settings: Settings,
+    state: RunState,
+    *,
+    current: bool = True,
+    control_token: str | None = None,
+    bridge_token: str | None = None,
 ) -> Path:
     """Write state.json and the env file of the run (and make it the current one).
 
     ``control_token`` goes into the env files only (as ``PROVISION_CONTROL_TOKEN``; they are
-    written 0600), never into state.json.
+    written 0600), never into state.json; so does ``bridge_token`` (``PROVISION_BRIDGE_TOKEN``, a
+    run published off loopback).
     """
     run_dir = run_dir_of(settings, state.run_id)
     path = run_dir.state_file
@@ -173,6 +179,8 @@ def write_state(
     env = state.env(path)
     if control_token:
         env[CONTROL_TOKEN_ENV] = control_token
+    if bridge_token:
+        env[BRIDGE_TOKEN_ENV] = bridge_token
     env_text = render_env(env)
     atomic_write(run_dir.env_file, env_text, mode=0o600)
     if current:
@@ -180,6 +188,16 @@ def write_state(
         atomic_write(root / CURRENT_ENV, env_text, mode=0o600)
         atomic_write(root / CURRENT_RUN, state.run_id + "\n")
     return path
+
+
+def bridge_token_of(settings: Settings, run_id: str) -> str | None:
+    """The run's ``PROVISION_BRIDGE_TOKEN`` from its env file (None: a loopback run, or no file)."""
+    from dotenv import dotenv_values
+
+    path = run_dir_of(settings, run_id).env_file
+    if not path.is_file():
+        return None
+    return dotenv_values(path).get(BRIDGE_TOKEN_ENV) or None
 
 
 _RUN_STATE = TypeAdapter(RunState)

@@ -252,12 +252,13 @@ class ProcessContainers:
     def _plan(self, workers: int, name: str | None = None, *, instance: str | None = None) -> RunPlan:
         """A plan of this process (launch step ``plan_run``), named ``prov-<run>-<name or instance>``
         and labelled with ``instance`` (default: this process's) from the start."""
-        from provisioner.runtime.recipes import PlanOptions, plan_run
+        from provisioner.runtime.recipes import PlanOptions, bridge_token_for, plan_run
 
         target = self._target()
         target = dataclasses.replace(target, name=name, instance=instance or target.instance)
+        bridge_token = bridge_token_for(self.runtime.publish_host)
         return plan_run(self.env.settings, self.env.layer, self.env.lm_config, target, self.image,
-                        PlanOptions(workers=workers))
+                        PlanOptions(workers=workers, bridge_token=bridge_token))
 
     def _require_container_layer(self, what: str) -> None:
         from provisioner.errors import ConfigError

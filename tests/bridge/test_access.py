@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from provisioner.bridge import BridgeClient, BridgeService
-from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
 from provisioner.errors import BridgeError
 from provisioner.lm.limits import RunLimits, write_run_limits
 from provisioner.lm.standin import GeminiStandin
@@ -315,3 +315,55 @@ def test_the_stdio_connection_belongs_to_whoever_spawned_the_worker(spawn_worker
     worker.send({"id": 3, "command": "shutdown"})
     assert worker.receive()["success"]
     assert worker.wait_exit() == 0
+
+
+# --- off loopback: every connection starts with a hello carrying the run's bridge token -----------
+
+BRIDGE_TOKEN = "bridge-token-for-tests-93c1e7d0a4"
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+def test_off_loopback_every_connection_needs_the_bridge_token_first(spawn_worker: Any, mode: str) -> None:
+    """PROVISION_BRIDGE_TOKEN set (a run published off loopback): a first frame other than a hello
+    with the bridge or the control token gets an Unauthorized reply and the connection is closed;
+    the bridge token admits to session commands only, the control token to everything."""
+    args = ("--fork",) if mode == "fork" else ()
+    worker = spawn_worker(*args, env={CONTROL_TOKEN_ENV: TOKEN, BRIDGE_TOKEN_ENV: BRIDGE_TOKEN})
+    for first in (
+        {"id": 1, "command": "ping"},
+        {"id": 1, "command": "hello"},
+        {"id": 1, "command": "hello", "args": {"token": "wrong"}},
+        {"id": 1, "command": "create_program", "args": {"session_id": "s", "signature": "q -> a"}},
+    ):
+        with worker.raw() as raw:
+            raw.send(first)
+            reply = raw.receive()
+            assert reply["success"] is False and reply["error_type"] == "Unauthorized", first
+            assert "PROVISION_BRIDGE_TOKEN" in reply["error"] and BRIDGE_TOKEN not in reply["error"]
+            assert raw.at_eof(), f"the connection stays open after {first}"
+    with worker.raw() as raw:
+        raw.send({"id": 1, "command": "hello", "args": {"token": BRIDGE_TOKEN}})
+        hello = raw.receive()["result"]
+        assert hello["capabilities"] == ["session"] and hello["bridge_token_required"] is True
+        raw.send({"id": 2, "command": "ping"})
+        assert raw.receive()["success"] is True
+        raw.send({"id": 3, "command": "reset_state"})
+        assert raw.receive()["error_type"] == "Unauthorized"  # the bridge token is no control token
+    with worker.client(token=BRIDGE_TOKEN) as client:  # hello on every (re)connect
+        session = client.session("s")
+        session.configure_lm(mode="mock", mock_default="x")
+        session.create_program("question -> answer", "qa")
+        assert session.execute_program("qa", {"question": "q"})["outputs"] == {"answer": "x"}
+    with worker.client(token=TOKEN) as controller:
+        assert controller.hello(TOKEN)["capabilities"] == ["session", "control"]
+        assert controller.get_stats()["scope"] == "worker"
+
+
+def test_on_loopback_no_hello_is_needed(spawn_worker: Any) -> None:
+    """Without PROVISION_BRIDGE_TOKEN (loopback runs) session commands need no hello (DSPex-compatible)."""
+    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+    with worker.raw() as raw:
+        raw.send({"id": 1, "command": "ping"})
+        assert raw.receive()["success"] is True
+        raw.send({"id": 2, "command": "hello"})
+        assert raw.receive()["result"]["bridge_token_required"] is False

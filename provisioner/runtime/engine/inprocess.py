@@ -36,7 +36,7 @@ class ServedWorker:
     """A worker container's process: the bridge server on ``127.0.0.1:port``."""
 
     def __init__(self, recipe: ContainerRecipe) -> None:
-        from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
+        from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
         from provisioner.bridge.server import READY_PREFIX, BridgeServer, startup_lm_config
         from provisioner.bridge.service import BridgeService
         from provisioner.settings import WorkerSettings
@@ -54,6 +54,7 @@ class ServedWorker:
             config,
             worker_id=env.get("PROVISION_WORKER_ID"),
             control_token=env.get(CONTROL_TOKEN_ENV) or None,
+            bridge_token=env.get(BRIDGE_TOKEN_ENV) or None,
             max_programs=worker.max_programs,
             max_sessions=worker.max_sessions,
         )
