@@ -264,3 +264,10 @@ def test_prune_with_a_named_run_vouches_only_with_a_complete_run_of_that_folder(
     result = prune_unused(cache, sources, run_id="done", apply=True)
     assert result.vouching == {"integration": "done"} and result.removed == [unused] and result.kept == 1
     assert not unused.exists() and used.exists()
+
+
+def test_a_recording_time_that_is_no_time_is_unknown() -> None:
+    from provisioner.lm.cassettes import _parse_time
+
+    assert _parse_time("yesterday-ish") is None  # a hand-edited entry: never pruned by its age
+    assert _parse_time("2026-01-01T00:00:00") is not None  # naive times are read as UTC

@@ -80,3 +80,9 @@ def test_an_empty_report_is_one_total_line() -> None:
     text = format_cost_report(CostReport())
     assert text.splitlines() == [text] and text.lstrip().startswith("total")
     assert json.loads(json.dumps(CostReport().as_dict()))["total"]["calls"] == 0
+
+
+def test_a_run_without_an_lm_directory_has_no_usage() -> None:
+    from provisioner.lm.ledger import ledger_usage
+
+    assert ledger_usage(None) is None
