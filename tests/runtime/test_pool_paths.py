@@ -15,7 +15,7 @@ from provisioner.layers import get_layer
 from provisioner.runtime.deployment import Deployment
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.pool import WorkerPool
-from provisioner.runtime.recipes import plan_run
+from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
@@ -24,8 +24,9 @@ from .conftest import FAKE_IMAGE, FakeWorkers
 def _deployment(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int = 1) -> Deployment:
     rt, workers = fake
     layer = get_layer(settings, "e2e")
-    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), run_id="pp", image=FAKE_IMAGE,
-                    workers=count, run_dir=Path(settings.state_dir) / "lm")
+    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                    RunTarget("pp", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                    FAKE_IMAGE, PlanOptions(workers=count))
     return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=30, poll_interval_s=0.005)
 
 
