@@ -376,10 +376,12 @@ def pool_note(runs: list[dict[str, Any]]) -> list[str]:
     return [
         "- Pool start is most of the provisioner suite's time under load (each worker imports dspy in",
         "  its container on the same 2 cores): "
-        f"{min(starts):.1f} to {max(starts):.1f} s in these rounds. The run's pool now starts its",
-        "  first worker only and the others join while tests run (docs/pytest.md, \"Parallel runs\"), so",
-        "  the wait before the first test is one worker's start; the naive side starts one such",
-        "  container per test.",
+        f"{min(starts):.1f} to {max(starts):.1f} s in these rounds; the naive side starts one such",
+        "  container per test. Starting the pool's first worker only and adding the second while tests",
+        "  run (commit 3132b8a, the comparison above) did not measurably shorten it at load 23 to 29,",
+        "  and in its xdist rounds one request of the example's `-n 1` e2e run timed out (30 s",
+        "  `process_timeout`) while the second worker was starting: the plugin starts every worker at",
+        "  once again (`Deployment(start_slots=...)` / `WorkerPool.grow` remain for callers).",
     ]
 
 
@@ -429,7 +431,8 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
     lines = [
         SECTION,
         "",
-        f"`.venv/bin/python benchmarks/bench_suite.py --rounds {n} --write-docs` — code of commit",
+        f"`.venv/bin/python benchmarks/bench_suite.py --rounds {n} --xdist-rounds "
+        f"{len(results.get('xdist', []))} --write-docs` — code of commit",
         f"{results.get('commit', '?')}, real engine, worker image {results['image']} already built.",
         f"A generated project runs {results['tests']} tests, each taking an isolated, LM-ready bridge",
         "session: it creates a program with the same id (`qa`) and executes",

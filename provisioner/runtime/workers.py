@@ -323,7 +323,7 @@ class ProcessContainers:
                 )
                 self._pool = self._shared.pool
                 if self._shared.deployed:
-                    self._pool.grow()  # the pool's other workers start while the first one serves
+                    self._pool.grow()  # slots the deployment left for later, if any
             return self._pool
 
     def _deploy_pool(self) -> Deployment:
@@ -335,8 +335,10 @@ class ProcessContainers:
         layer = self.env.layer
         count = layer.workers if layer.pooling_enabled else 1
         plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
-        # Its own selector (run + "pool"); the first worker only: the others start while tests run.
-        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=1)
+        # Its own selector (run + "pool"). Every worker at once: starting the first only and growing
+        # while tests run (start_slots=1, WorkerPool.grow) made a test's request time out at load ~30
+        # on 2 cores, with no measured gain in pool start (docs/benchmarks.md).
+        run_env = launch.deploy(plan, self.runtime, self.env.settings)
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env
