@@ -77,16 +77,28 @@ def connect(timeout: float) -> Any:
     try:
         import docker
 
-        if not os.environ.get("DOCKER_HOST"):
-            context = _current_context()
-            if context is not None:
-                return docker.DockerClient(
-                    base_url=context.Host, tls=context.TLSConfig, timeout=timeout,
-                    use_ssh_client=use_ssh_client,
-                )
-        return docker.from_env(timeout=timeout, use_ssh_client=use_ssh_client)
+        context = None if os.environ.get("DOCKER_HOST") else _current_context()
+        if context is not None:
+            kwargs: dict[str, Any] = {"base_url": context.Host, "tls": context.TLSConfig}
+        else:
+            kwargs = docker.utils.kwargs_from_env()
+        if not kwargs.get("tls"):
+            return docker.DockerClient(timeout=timeout, use_ssh_client=use_ssh_client, **kwargs)
+        # TLS: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE (set system-wide on many machines)
+        # override the session's CA, so docker-py's DOCKER_CERT_PATH/ca.pem would be ignored and the
+        # engine's certificate refused (psf/requests#3829). The engine's session takes nothing from
+        # the environment; the API version is then asked for as docker-py's "auto" does.
+        client = docker.DockerClient(timeout=timeout, use_ssh_client=use_ssh_client, version=_PROBE_API,
+                                     **kwargs)
+        client.api.trust_env = False
+        client.api._version = client.api._retrieve_server_version()
+        return client
     except Exception as exc:  # docker.errors.DockerException and socket errors
         raise DockerUnavailableError(_no_engine(exc)) from None
+
+
+# Only to make the client before asking the engine for its API version (docker-py's minimum).
+_PROBE_API = "1.24"
 
 
 class DockerRuntime:
