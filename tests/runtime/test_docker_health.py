@@ -33,8 +33,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
 
 def _pool(settings: Settings, image: str, run_id: str, workers: int = 2) -> WorkerPool:
+    # A generous readiness deadline: under the shared machine's load (≈ 25) 30 s was not enough once.
+    patient = settings.model_copy(
+        update={"container": settings.container.model_copy(update={"ready_timeout_s": 180.0})}
+    )
     return WorkerPool.start(
-        settings, UpOptions(layer="integration", lm_mode="mock", workers=workers, image=image, run_id=run_id)
+        patient, UpOptions(layer="integration", lm_mode="mock", workers=workers, image=image, run_id=run_id)
     )
 
 
