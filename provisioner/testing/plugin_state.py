@@ -258,8 +258,8 @@ class ProvisionRun:
             return
         layer = self.layer
         count = layer.workers if layer.pooling_enabled else 1
-        title = (f"warm pool of layer {layer.name}: its first worker (the pool grows to {count} while "
-                 "tests run)" if count > 1 else f"warm pool of layer {layer.name}: 1 worker")
+        # Every worker starts at once (05385ae: starting one and growing while tests ran was slower).
+        title = f"warm pool of layer {layer.name}: {count} worker{'s' if count != 1 else ''}"
         up = self.up_match.state
         if up is not None:
             title = f"attach to run {up.run_id}'s {len(up.workers)} worker(s)"

@@ -186,5 +186,5 @@ def test_first_test_is_not_charged_for_image_and_pool(pytester: pytest.Pytester,
     assert "Timeout" not in out
     assert out.count("provisioner: worker image … done in ") == 1  # once, in the controller
     if workers is None:
-        assert "provisioner: warm pool: 1 worker of layer quick … done in " in out
+        assert "provisioner: warm pool of layer quick: 1 worker … done in " in out
         assert out.index("warm pool") < out.index("test_quick.py ")
