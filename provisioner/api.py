@@ -69,6 +69,9 @@ class Environment:
         # The `provision up` run whose workers this environment uses instead of starting its own
         # (runtime.shared_pool.find_up_run; the pytest plugin decides). Never removed from here.
         self.up_run: RunState | None = None
+        # Where the run's ledger ended when this session joined it (bytes; 0: the session's own
+        # run): an attached session counts only the ledger lines after it (lm.ledger.ledger_position).
+        self.ledger_start = 0
         self._closed = False
         self.report = ProcessReport(layer=resolved.layer.name)
         from provisioner.lm import stats
@@ -363,6 +366,10 @@ def open_environment(
         match, resolved = choose_up_run(resolved)
     env = Environment(resolved, identity, runtime=runtime)
     env.up_run = match.state if match is not None else None
+    if env.up_run is not None:
+        from provisioner.lm.ledger import ledger_position
+
+        env.ledger_start = ledger_position(env.lm_config.run_dir)
     return env
 
 

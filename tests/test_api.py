@@ -214,3 +214,58 @@ def test_an_environment_attaches_to_a_running_provision_up_and_leaves_it(
     finally:
         down(settings, run_id=up_id, runtime=served)
     assert _of_run(served, up_id) == []
+
+
+def test_sessions_attached_to_one_provision_up_count_only_their_own_lm_calls(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions attached one after another to a `provision up` run share its ledger: each session's
+    summary, test rows and per-test cost count the calls made during it (a new-user trial saw
+    `LM calls (cached): 2`, then 4, then 6 for the same suite); so does the Python API's."""
+    from types import SimpleNamespace
+
+    from provisioner.lm.callstats import LMUsage
+    from provisioner.lm.ledger import ledger_usage
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+
+    monkeypatch.chdir(project)
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    test_id = "tests/test_x.py::test_qa"
+    try:
+        seen = []
+        for n in range(3):
+            identity = RunIdentity.create(project / ".provision")
+            run = ProvisionRun(RunOptions(layer="integration"), project, identity, runtime=served)
+            try:
+                assert run.up_match.attached
+                # xdist workers of the session count from the controller's position.
+                assert int(run.workerinput()["provision_ledger_start"]) == run.environment.ledger_start
+                assert (run.environment.ledger_start > 0) == (n > 0)
+                run.mark_used()
+                run.test_started(test_id)
+                with run.environment.session(test_id) as test:
+                    test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                    test.adapter.execute_program("qa", {"question": "same question"})
+                properties = run.test_properties(test_id)
+                run.rows.logreport(SimpleNamespace(nodeid=test_id, when="teardown", outcome="passed",
+                                                   user_properties=properties))
+            finally:
+                run.close()
+            report = run.finish(None)
+            assert report is not None
+            lm = report.layers["integration"].lm
+            seen.append((n, lm.calls, lm.replayed + lm.recorded, dict(properties)["provision_lm_calls"],
+                         [row["lm_replayed"] + row["lm_recorded"] for row in report.tests]))
+        run_dir = Path(deployment.state.lm_run_dir or "")
+        whole = ledger_usage(run_dir)
+        assert whole is not None and whole.calls == 3  # the ledger has every session's call
+        assert [s[1:] for s in seen] == [(1, 1, 1, [1])] * 3, seen
+        with api.environment("integration", project_dir=project, runtime=served) as env:
+            assert env.up_run is not None
+            assert env.ledger_start == (run_dir / "ledger.jsonl").stat().st_size  # counts from here
+            assert ledger_usage(run_dir, since=env.ledger_start) == LMUsage()
+    finally:
+        down(settings, run_id=deployment.state.run_id, runtime=served)

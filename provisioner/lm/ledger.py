@@ -154,11 +154,28 @@ class Ledger:
                      "cache_dir": None if cache_dir is None else str(cache_dir), "started_at": started_at})
 
 
-def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """The lines of a ledger file (a torn last line of a crashed writer is skipped)."""
+def ledger_position(run_dir: Path | None) -> int:
+    """Where the run's ledger ends now (its size in bytes; 0 without one). A session that joins a
+    run already under way (attaching to ``provision up``) reads only the lines after it: see the
+    ``since`` of :func:`read_ledger`. Lines are appended with one ``write`` each, so the size is
+    always at a line boundary."""
+    if run_dir is None:
+        return 0
+    try:
+        return (run_dir / LEDGER_FILE).stat().st_size
+    except OSError:
+        return 0
+
+
+def read_ledger(path: Path, since: int = 0) -> list[dict[str, Any]]:
+    """The lines of a ledger file (a torn last line of a crashed writer is skipped); ``since``: only
+    the lines from that byte offset on (:func:`ledger_position`)."""
     entries: list[dict[str, Any]] = []
     try:
-        text = path.read_bytes().decode("utf-8", "replace")
+        with path.open("rb") as handle:
+            if since:
+                handle.seek(since)
+            text = handle.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return entries
     for raw in text.splitlines():
@@ -426,11 +443,14 @@ LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
 
 
 
-def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) -> LMUsage | None:
+def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None,
+                 since: int = 0) -> LMUsage | None:
     """Non-mock LM calls of the run from its shared ledger (all processes and containers).
 
     ``attributed_to`` keeps only calls whose ``test_id`` is one of these (a pytest node id, or the
-    session id a bridge worker attributes its calls to). ``None`` when the run has no ledger.
+    session id a bridge worker attributes its calls to); ``since``: only lines from that byte offset
+    on (a session attached to a ``provision up`` run counts its own calls, not earlier sessions').
+    ``None`` when the run has no ledger.
     """
     if run_dir is None:
         return None
@@ -438,21 +458,22 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None) ->
     if not path.exists():
         return None
     usage = LMUsage()
-    for entry in read_ledger(path):
+    for entry in read_ledger(path, since):
         if attributed_to is not None and entry.get("test_id") not in attributed_to:
             continue
         _count(usage, entry)
     return usage
 
 
-def usage_by_test(run_dir: Path | None) -> dict[str, LMUsage] | None:
+def usage_by_test(run_dir: Path | None, since: int = 0) -> dict[str, LMUsage] | None:
     """The run ledger's non-mock LM calls per test node id, in one read (a bridge session's lines are
-    its test's, from the run's ``sessions.jsonl``: :func:`entry_test`). ``None`` without a ledger."""
+    its test's, from the run's ``sessions.jsonl``: :func:`entry_test`); ``since``: as for
+    :func:`ledger_usage`. ``None`` without a ledger."""
     if run_dir is None or not (run_dir / LEDGER_FILE).exists():
         return None
     sessions = session_tests(run_dir)
     out: dict[str, LMUsage] = {}
-    for entry in read_ledger(run_dir / LEDGER_FILE):
+    for entry in read_ledger(run_dir / LEDGER_FILE, since):
         _count(out.setdefault(entry_test(entry, sessions), LMUsage()), entry)
     return out
 

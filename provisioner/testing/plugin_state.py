@@ -45,6 +45,7 @@ _WORKERINPUT_IMAGE = "provision_image"
 _WORKERINPUT_IMAGE_ERROR = "provision_image_error"
 _WORKERINPUT_CONTROLLER = "provision_controller"
 _WORKERINPUT_UP_RUN = "provision_up_run"
+_WORKERINPUT_LEDGER_START = "provision_ledger_start"
 # Fixtures whose tests need this process's warm pool (isolated sessions live on pool workers).
 POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
@@ -76,7 +77,8 @@ class LMCost:
         if self.test_id is None:
             return delta
         owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
-        return combine(delta, ledger_usage(self._environment.lm_config.run_dir, owners))
+        return combine(delta, ledger_usage(self._environment.lm_config.run_dir, owners,
+                                           since=self._environment.ledger_start))
 
     @property
     def calls(self) -> int:
@@ -129,6 +131,12 @@ class ProvisionRun:
         self.up_match, resolved = choose_up_run(resolved, up_run)
         self.environment = Environment(resolved, identity, runtime=runtime)
         self.environment.up_run = self.up_match.state
+        if self.up_match.attached:
+            from provisioner.lm.ledger import ledger_position
+
+            # The attached run's ledger holds earlier sessions' calls: this session counts from here
+            # (an xdist worker gets its controller's position, from_pytest).
+            self.environment.ledger_start = ledger_position(resolved.lm_config.run_dir)
         self.layer: Layer = resolved.layer
         self.layer_names: list[str] = list(resolve_layers(resolved.settings))
         self.report_path = options.report_path
@@ -180,6 +188,8 @@ class ProvisionRun:
             identity = RunIdentity.create(state_dir(resolved.settings, resolved.project_dir))
         run = cls(options, project, identity, up_run)
         if workerinput is not None:
+            if run.up_match.attached and _WORKERINPUT_LEDGER_START in workerinput:
+                run.environment.ledger_start = int(workerinput[_WORKERINPUT_LEDGER_START])
             run.environment.prepared_image = workerinput.get(_WORKERINPUT_IMAGE)
             run.environment.image_problem = workerinput.get(_WORKERINPUT_IMAGE_ERROR)
         return run
@@ -214,6 +224,7 @@ class ProvisionRun:
             out[_WORKERINPUT_IMAGE_ERROR] = self.environment.image_problem
         state = self.up_match.state
         out[_WORKERINPUT_UP_RUN] = state.run_id if state is not None else ""  # "": do not attach
+        out[_WORKERINPUT_LEDGER_START] = str(self.environment.ledger_start)
         return out
 
     # -- start-up: outside every test, so per-test timeouts never include it -----------------------
@@ -371,7 +382,8 @@ class ProvisionRun:
         from provisioner.lm.ledger import usage_by_test
 
         tests = self.rows.test_rows()
-        by_test = usage_by_test(self.environment.lm_config.run_dir)  # every worker is stopped by now
+        # Every worker is stopped by now; an attached session's rows count only its own calls.
+        by_test = usage_by_test(self.environment.lm_config.run_dir, since=self.environment.ledger_start)
         if by_test is not None:
             apply_ledger(tests, by_test)
         report.tests = [dict(row) for row in tests]
@@ -453,7 +465,7 @@ class ProvisionRun:
             for worker in self._worker_reports:
                 report.merge(worker)
             section = report.layers[self.layer.name]
-            ledger = ledger_usage(self.environment.lm_config.run_dir)
+            ledger = ledger_usage(self.environment.lm_config.run_dir, since=self.environment.ledger_start)
             section.lm = combine(section.lm, ledger)
             if ledger is not None:
                 report.run_cost_usd = ledger.cost_usd
