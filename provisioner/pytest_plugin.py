@@ -253,8 +253,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if report is None:
         return
     terminalreporter.write_sep("=", "provisioner")
-    terminalreporter.write_line(f"LM: {run.environment.lm_endpoint}")
-    for line in report.lines():
+    for line in run.summary_lines(report):
         terminalreporter.write_line(line)
     if run.report_path is not None:
         terminalreporter.write_line(f"report written to {run.report_path}")

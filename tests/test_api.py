@@ -269,3 +269,33 @@ def test_sessions_attached_to_one_provision_up_count_only_their_own_lm_calls(
             assert ledger_usage(run_dir, since=env.ledger_start) == LMUsage()
     finally:
         down(settings, run_id=deployment.state.run_id, runtime=served)
+
+
+def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_stays(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header is hidden under ``pytest -q``: the terminal summary (shown under -q) says why the
+    session started its own workers instead of attaching, or that it left the attached run running."""
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+    from provisioner.testing.report import RunReport
+
+    monkeypatch.chdir(project)
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    up_id = deployment.state.run_id
+    try:
+        for record_mode, expected in (
+            ("none", f"own run for this session, not attaching: `provision up` run {up_id} differs: "
+                     "record mode new_episodes (this session: none)"),
+            (None, f"attached to run {up_id}; this session left it running"),
+        ):
+            run = ProvisionRun(RunOptions(layer="integration", record_mode=record_mode), project,
+                               RunIdentity.create(project / ".provision"), runtime=served)
+            try:
+                assert expected in run.summary_lines(RunReport(run_id=run.identity.run_id))
+            finally:
+                run.close()
+    finally:
+        down(settings, run_id=up_id, runtime=served)

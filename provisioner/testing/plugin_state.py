@@ -213,6 +213,18 @@ class ProvisionRun:
             lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
         return lines
 
+    def summary_lines(self, report: RunReport) -> list[str]:
+        """The terminal summary (shown under ``-q`` too, unlike the header): what answered the LM
+        calls, whether the session attached to a running ``provision up`` run or why it started its
+        own, then the report's lines."""
+        lines = [f"LM: {self.environment.lm_endpoint}"]
+        state = self.up_match.state
+        if state is not None:
+            lines.append(f"attached to run {state.run_id}; this session left it running")
+        elif self.up_match.reason:
+            lines.append(f"own run for this session, not attaching: {self.up_match.reason}")
+        return lines + report.lines()
+
     def workerinput(self) -> dict[str, str]:
         from provisioner.runtime.watchdog import process_entry
 
