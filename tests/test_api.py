@@ -295,6 +295,11 @@ def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_
                                RunIdentity.create(project / ".provision"), runtime=served)
             try:
                 assert expected in run.summary_lines(RunReport(run_id=run.identity.run_id))
+                shown: list[str] = []
+                run.warm_pool(Phases(shown.append), [["isolated"]])
+                if record_mode is None:  # the phase line pytest -q shows (the header is hidden)
+                    assert shown[0] == (f"provisioner: attach to run {up_id}'s 2 worker(s), started by "
+                                        "`provision up`; this session leaves it running … ")
             finally:
                 run.close()
     finally:

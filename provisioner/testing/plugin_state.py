@@ -103,6 +103,11 @@ class LMCost:
         return self.usage().as_dict()
 
 
+def _started_by(state: Any) -> str:
+    """The command that started a run (a ``RunState``) this session attaches to."""
+    return "provision up" if state.persistent else "provision run"
+
+
 class ProvisionRun:
     """Everything the plugin knows about this pytest process's run."""
 
@@ -206,9 +211,8 @@ class ProvisionRun:
         lines = [f"provisioner: layer {self.layer.name}, LM {self.environment.lm_endpoint}"]
         state = self.up_match.state
         if state is not None:
-            started_by = "provision up" if state.persistent else "provision run"
             lines.append(f"provisioner: attached to run {state.run_id} ({len(state.workers)} worker(s), "
-                         f"started by `{started_by}`); this session leaves it running")
+                         f"started by `{_started_by(state)}`); this session leaves it running")
         elif self.up_match.reason:
             lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
         return lines
@@ -285,7 +289,9 @@ class ProvisionRun:
         title = f"warm pool of layer {layer.name}: {count} worker{'s' if count != 1 else ''}"
         up = self.up_match.state
         if up is not None:
-            title = f"attach to run {up.run_id}'s {len(up.workers)} worker(s)"
+            # The header saying so is hidden under -q; this line is not.
+            title = (f"attach to run {up.run_id}'s {len(up.workers)} worker(s), started by "
+                     f"`{_started_by(up)}`; this session leaves it running")
         with contextlib.suppress(ProvisionerError), phases.phase(title):
             self.environment.containers.pool  # noqa: B018 - starts it
 
