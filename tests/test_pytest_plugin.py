@@ -234,7 +234,7 @@ def test_report_json_and_terminal_summary(project: pytest.Pytester) -> None:
             "run r*",
             "layer unit: 3 tests (2 passed, 1 failed)",
             "  workers started: 0",
-            "  LM calls (mock): 3 — 3 mock, 0 replayed, 0 recorded, 0 real, 0 standin",
+            "  LM calls: 3 — 3 mock, 0 replayed, 0 recorded, 0 real, 0 standin",
             "  cache misses: 0",
             "  cost: $0.0000 of the run's $1.00 limit",
             "  leaks found: 0",

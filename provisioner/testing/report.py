@@ -115,7 +115,8 @@ class RunReport:
             calls = ", ".join(f"{getattr(lm, k)} {k}" for k in CALL_KINDS)
             out.append(f"layer {name}: {section.tests} tests ({counts or 'none run'})")
             out.append(f"  workers started: {section.workers_started}")
-            out.append(f"  LM calls ({section.lm_mode}): {lm.calls} — {calls}")
+            # By what answered (the layer's mode, e.g. real without a key, is not what happened).
+            out.append(f"  LM calls: {lm.calls} — {calls}")
             out.append(f"  cache misses: {lm.cache_misses}")
             if not lm.standin or lm.cost_usd:
                 out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
