@@ -304,3 +304,30 @@ def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_
                 run.close()
     finally:
         down(settings, run_id=up_id, runtime=served)
+
+
+def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(project: Path, served: FakeRuntime) -> None:
+    """`pytest --layer e2e` (pool of 2) reported `workers started: 1` while both workers started (a
+    new-user trial, with the pool that started one worker and grew): the summary counts every worker
+    the run started, once — an xdist process that attaches to the run's pool adds none."""
+    identity = RunIdentity.create(project / ".provision")
+    run = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project, identity, runtime=served)
+    other = None
+    try:
+        phases = Phases(lambda _line: None)
+        run.prepare_image(phases)
+        run.warm_pool(phases, [["isolated"]])
+        assert run.layer.workers == 2
+        # A second process of the same run (an xdist worker) uses the same pool.
+        other = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project,
+                             RunIdentity.joined(identity.run_id, identity.run_dir), "", runtime=served)
+        other.warm_pool(phases, [["isolated"]])
+        other.close()
+        run.merge_worker(other.process_report_json())
+    finally:
+        if other is not None:
+            other.close()
+        run.close()
+    report = run.finish(None)
+    assert report is not None and report.layers["e2e"].workers_started == 2
+    assert _of_run(served, identity.run_id) == []
