@@ -306,7 +306,9 @@ def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_
         down(settings, run_id=up_id, runtime=served)
 
 
-def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(project: Path, served: FakeRuntime) -> None:
+def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(
+    project: Path, served: FakeRuntime
+) -> None:
     """`pytest --layer e2e` (pool of 2) reported `workers started: 1` while both workers started (a
     new-user trial, with the pool that started one worker and grew): the summary counts every worker
     the run started, once — an xdist process that attaches to the run's pool adds none."""
