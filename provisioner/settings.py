@@ -387,11 +387,29 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
             continue
         value = err.get("input")
         shown = "<secret>" if "api_key" in path else repr(value)
-        lines.append(f"invalid setting {path!r} = {shown} (from {origin}): {err['msg']}")
+        line = f"invalid setting {path!r} = {shown} (from {origin}): {err['msg']}"
+        suggestion = _closest_choice(err) if "api_key" not in path else None
+        if suggestion is not None:
+            line += f" (did you mean {suggestion!r}?)"
+        lines.append(line)
     if first_unknown is not None:
         what, name, known, origin = first_unknown
         return UnknownNameError(what, name, known, plural="keys", hint=f"from {origin}", more=lines)
     return ConfigError("\n".join(lines))
+
+
+def _closest_choice(err: Any) -> str | None:
+    """For a value that must be one of a fixed set (pydantic's ``literal_error``/``enum`` errors,
+    whose ``ctx["expected"]`` lists the choices as ``'a', 'b' or 'c'``): the choice closest to the
+    given string, or None."""
+    import re
+
+    from provisioner.errors import did_you_mean
+
+    if err.get("type") not in ("literal_error", "enum") or not isinstance(err.get("input"), str):
+        return None
+    choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+    return did_you_mean(err["input"], choices) if choices else None
 
 
 def _known_keys(parents: list[str]) -> list[str]:

@@ -133,6 +133,23 @@ def test_relative_paths_are_anchored_at_the_project_root(
     assert load_settings().lm.cache_dir == Path("/abs/cassettes")
 
 
+def test_a_mistyped_choice_value_names_the_closest_choice(tmp_path: Path) -> None:
+    """A value that must be one of a fixed set (a layer's ``isolation``, ``lm.mode``) says "did you
+    mean", as the README promises for unknown values (a new-user trial got only pydantic's list)."""
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.provisioner.lm]\nmode = 'cahced'\n[tool.provisioner.layers.smoke]\nisolation = 'proces'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(project_dir=tmp_path)
+    text = str(info.value)
+    assert "'layers.smoke.isolation' = 'proces'" in text and "(did you mean 'process'?)" in text
+    assert "'lm.mode' = 'cahced'" in text and "(did you mean 'cached'?)" in text
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner.layers.smoke]\nisolation = 'zzz'\n")
+    with pytest.raises(ConfigError) as nothing_close:
+        load_settings(project_dir=tmp_path)
+    assert "did you mean" not in str(nothing_close.value)
+
+
 def test_unknown_key_names_the_closest_setting(tmp_path: Path) -> None:
     from provisioner.errors import UnknownNameError
 
