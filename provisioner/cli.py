@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,8 +66,36 @@ def _quiet() -> bool:
     return bool(ctx and ctx.find_root().meta.get("provision.quiet"))
 
 
+_VERBOSITY = re.compile(r"^(-[qv]+|--quiet|--verbose)$")
+
+
+def _hoist_verbosity(args: list[str]) -> list[str]:
+    """``provision up -q`` as ``provision -q up``: -q/-v (and -qq, --quiet, --verbose) given after
+    the subcommand move before it, where the group's options are (click parses a group's options only
+    before its subcommand). Nothing after ``--`` moves, nor, for ``provision run``, anything from the
+    first plain word on (the command it runs, with its own -q/-v)."""
+    at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if at is None:
+        return args
+    moved: list[str] = []
+    rest: list[str] = []
+    scanning = True
+    for arg in args[at + 1:]:
+        if arg == "--" or (args[at] == "run" and not arg.startswith("-")):
+            scanning = False
+        if scanning and _VERBOSITY.match(arg):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+    return [*args[:at], *moved, args[at], *rest]
+
+
 class _Group(click.Group):
-    """Turns provisioner's own errors into clean one-line failures instead of tracebacks."""
+    """Turns provisioner's own errors into clean one-line failures instead of tracebacks; accepts
+    -q/-v after the subcommand too (:func:`_hoist_verbosity`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_verbosity(list(args)))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -213,3 +213,21 @@ def test_down_and_status_reject_an_unknown_run(project: Path) -> None:
     state.write_text("{}")
     typo = CliRunner().invoke(main, ["status", "--run", "r20261130-101500-abcdee"])
     assert typo.exit_code == 2 and "did you mean 'r20261130-101500-abcdef'?" in typo.output
+
+
+def test_verbosity_options_are_accepted_after_the_subcommand(project: Path) -> None:
+    """`provision up -q` was "No such option: -q" (only `provision -q up` worked): -q/-v after the
+    subcommand act as before it; `provision run`'s command keeps its own -q/-v."""
+    import logging
+
+    from provisioner.cli import _hoist_verbosity
+
+    result = CliRunner().invoke(main, ["layers", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    CliRunner().invoke(main, ["layers", "--json", "-vv"])
+    assert logging.getLogger("provisioner").level == logging.DEBUG
+    CliRunner().invoke(main, ["layers", "--json"])  # back to the default level for later tests
+    assert _hoist_verbosity(["up", "--layer", "e2e", "-q"]) == ["-q", "up", "--layer", "e2e"]
+    assert _hoist_verbosity(["-v", "run", "-q", "--layer", "unit", "--", "pytest", "-q"]) == \
+        ["-v", "-q", "run", "--layer", "unit", "--", "pytest", "-q"]
+    assert _hoist_verbosity(["run", "pytest", "-q"]) == ["run", "pytest", "-q"]
