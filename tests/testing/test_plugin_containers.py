@@ -92,56 +92,68 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: 
     out.mkdir()
     pytester.makepyfile(test_suite=SUITE.format(out=str(out)))
     monkeypatch.setenv("PROVISION_CLEANUP_POLICY", "on_success")  # failed tests' workers are retained
-    result = pytester.runpytest_subprocess(
-        "--layer", "integration", "-n", "2", "--provision-report", "report.json", "-p", "no:cacheprovider",
-        timeout=280,
-    )
-    result.assert_outcomes(passed=3, failed=2, errors=1)
-    # The leak names the resource, and fails the test that left it.
-    result.stdout.fnmatch_lines(["*1 resource(s) leaked: network prov-leaky-gw* — the test must remove*"])
+    try:
+        result = pytester.runpytest_subprocess(
+            "--layer", "integration", "-n", "2", "--provision-report", "report.json",
+            "-p", "no:cacheprovider", timeout=280,
+        )
+        result.assert_outcomes(passed=3, failed=2, errors=1)
+        # The leak names the resource, and fails the test that left it.
+        result.stdout.fnmatch_lines(["*1 resource(s) leaked: network prov-leaky-gw* — the test must remove*"])
 
-    report = json.loads((pytester.path / "report.json").read_text())
-    run_id = report["run_id"]
-    section = report["layers"]["integration"]
-    assert section["leaks_found"] == 1
-    assert section["leaks"][0]["test"].endswith("test_leaves_a_network_behind")
-    assert section["leaks"][0]["leaks"][0][0] == "network"
-    # three dedicated workers and the pool worker of the process that ran the `isolated` test
-    assert section["workers_started"] == 4
-    assert report["processes"] == 3
+        report = json.loads((pytester.path / "report.json").read_text())
+        run_id = report["run_id"]
+        section = report["layers"]["integration"]
+        assert section["leaks_found"] == 1
+        assert section["leaks"][0]["test"].endswith("test_leaves_a_network_behind")
+        assert section["leaks"][0]["leaks"][0][0] == "network"
+        # three dedicated workers and the pool worker of the process that ran the `isolated` test
+        assert section["workers_started"] == 4
+        assert report["processes"] == 3
 
-    # The failing test's cleanups ran.
-    assert json.loads((out / "cleanup-ran.json").read_text())["session"].startswith("session_")
+        # The failing test's cleanups ran.
+        assert json.loads((out / "cleanup-ran.json").read_text())["session"].startswith("session_")
 
-    # Each bridge_worker test had its own fresh container, gone after the run.
-    import docker
+        # Each bridge_worker test had its own fresh container, gone after the run.
+        import docker
 
-    client = docker.from_env()
-    dedicated = [json.loads((out / f"dedicated-{n}.json").read_text()) for n in range(2)]
-    assert dedicated[0]["id"] != dedicated[1]["id"]
-    for worker in dedicated:
-        with pytest.raises(docker.errors.NotFound):
-            client.containers.get(worker["id"])
-    # The failed test's worker was retained (and reported); nothing else of the run is left: not the
-    # pool, not the relay, not even the leaked network.
-    retained = json.loads((out / "retained.json").read_text())["id"]
-    assert client.containers.get(retained).status == "running"
-    assert len(section["retained"]) == 1 and section["retained"][0].startswith("container prov-")
-    left = _run_resources(client, run_id)
-    # the retained dedicated worker's container, its relay and its two networks: prov-<run>-gwN-<pid>-dM...
-    assert len(left) == 4 and all(re.search(r"-gw\d+-\d+-d\d+", name) for name in left), left
-    run_dir = pytester.path / ".provision" / "runs" / run_id
-    assert (run_dir / "retain").exists()  # so the run's watchdog leaves it to `provision reap`
-    from provisioner.runtime.engine import DockerRuntime, remove_by_selector
-    from provisioner.runtime.labels import selector
+        client = docker.from_env()
+        dedicated = [json.loads((out / f"dedicated-{n}.json").read_text()) for n in range(2)]
+        assert dedicated[0]["id"] != dedicated[1]["id"]
+        for worker in dedicated:
+            with pytest.raises(docker.errors.NotFound):
+                client.containers.get(worker["id"])
+        # The failed test's worker was retained (and reported); nothing else of the run is left: not the
+        # pool, not the relay, not even the leaked network.
+        retained = json.loads((out / "retained.json").read_text())["id"]
+        assert client.containers.get(retained).status == "running"
+        assert len(section["retained"]) == 1 and section["retained"][0].startswith("container prov-")
+        left = _run_resources(client, run_id)
+        # the retained dedicated worker's container, its relay, its two networks: prov-<run>-gwN-<pid>-dM...
+        assert len(left) == 4 and all(re.search(r"-gw\d+-\d+-d\d+", name) for name in left), left
+        run_dir = pytester.path / ".provision" / "runs" / run_id
+        assert (run_dir / "retain").exists()  # so the run's watchdog leaves it to `provision reap`
+        from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+        from provisioner.runtime.labels import selector
 
-    remove_by_selector(DockerRuntime(), selector(run_id))
-    assert _run_resources(client, run_id) == []
+        remove_by_selector(DockerRuntime(), selector(run_id))
+        assert _run_resources(client, run_id) == []
 
-    # One watchdog for the whole run, though two processes owned containers.
-    log = (run_dir / "watchdog.log").read_text()
-    assert log.count(f"watching run {run_id}") == 1, log
-    assert len(list((run_dir / "owners").iterdir())) == 2
+        # One watchdog for the whole run, though two processes owned containers.
+        log = (run_dir / "watchdog.log").read_text()
+        assert log.count(f"watching run {run_id}") == 1, log
+        assert len(list((run_dir / "owners").iterdir())) == 2
+    finally:
+        # A failed run of this test keeps its retained worker (cleanup policy on_success) and, if it
+        # failed early, anything else: remove every run this project started, whatever happened.
+        from provisioner.runtime.engine import open_runtime, remove_by_selector
+        from provisioner.runtime.labels import selector
+
+        runs = pytester.path / ".provision" / "runs"
+        rt = open_runtime()
+        for run in runs.iterdir() if runs.is_dir() else ():
+            remove_by_selector(rt, selector(run.name))
+        rt.close()
 
 
 @pytest.mark.docker
