@@ -8,8 +8,8 @@ machine that lost its engine can never go green by skipping everything that matt
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import pytest
 
@@ -25,14 +25,25 @@ def _probe_docker() -> tuple[Any | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def missing_prerequisite(message: str) -> NoReturn:
+    """A test's prerequisite (engine, root, a tool) is missing: skipped on a developer's machine,
+    a failure under ``CI=true`` — CI must run every test it claims to."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " — CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def prerequisite() -> Callable[[str], NoReturn]:
+    """:func:`missing_prerequisite` for tests in other folders (they cannot import this conftest)."""
+    return missing_prerequisite
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[Any]:
     client, why = _probe_docker()
     if client is None:
-        message = f"this test needs a reachable Docker engine ({why})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " — CI=true, so this is a failure, not a skip", pytrace=False)
-        pytest.skip(message)
+        missing_prerequisite(f"this test needs a reachable Docker engine ({why})")
     yield client
     client.close()
 

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -128,11 +128,11 @@ def test_workers_are_unprivileged_read_only_and_publish_nothing(docker_engine: A
 
 
 @contextlib.contextmanager
-def _outside_target() -> Iterator[tuple[str, int]]:
+def _outside_target(prerequisite: Callable[[str], NoReturn]) -> Iterator[tuple[str, int]]:
     """A TCP listener in a network namespace of our own, routed from the host like the internet
     would be (a veth pair, 198.18.77.0/30 — a benchmarking range nobody uses)."""
     if os.geteuid() != 0:
-        pytest.skip("creating the stand-in 'outside' network namespace needs root")
+        prerequisite("creating the stand-in 'outside' network namespace needs root")
     tag = f"{os.getpid() % 100000}"
     ns, host_if, ns_if = f"provtest{tag}", f"pvh{tag}", f"pvn{tag}"
     listener = None
@@ -188,10 +188,12 @@ def _probe_all(rt: DockerRuntime, containers: list[str], host: str, port: int) -
         return list(pool.map(lambda c: rt.exec(c, ["python3", "-c", PROBE, host, str(port)])[1], containers))
 
 
-def test_mock_workers_cannot_reach_anything_outside_the_host(docker_engine: Any, mock_run: Any) -> None:
+def test_mock_workers_cannot_reach_anything_outside_the_host(
+    docker_engine: Any, mock_run: Any, prerequisite: Callable[[str], NoReturn]
+) -> None:
     _, env = mock_run
     rt = DockerRuntime(docker_engine)
-    with _outside_target() as (host, port):
+    with _outside_target(prerequisite) as (host, port):
         # Control: the relay sits on an ordinary network, so the target is reachable from there.
         _, relay_out = rt.exec(env.plan.relay.name, ["python3", "-c", PROBE, host, str(port)])
         assert relay_out.strip() == "reached outside"

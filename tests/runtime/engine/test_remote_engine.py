@@ -12,8 +12,9 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -30,16 +31,15 @@ def _run(*cmd: str) -> None:
 
 
 @pytest.fixture
-def remote_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
+def remote_engine(tmp_path: Path, prerequisite: Callable[[str], NoReturn]) -> Iterator[dict[str, str]]:
     """dockerd in netns ``prov-remote-<pid>`` on ``tcp://10.213.<n>.2:2376`` with TLS; yields the
     DOCKER_* variables that reach it."""
     import trustme
 
     missing = [t for t in ("ip", "nsenter", "dockerd") if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the remote-engine test needs root and {missing or 'ip/nsenter/dockerd'}")
-        pytest.skip("needs root, ip, nsenter and dockerd")
+        prerequisite(f"the remote-engine test needs root, ip, nsenter and dockerd (missing: "
+                     f"{', '.join(missing) or 'root'})")
     pid = os.getpid()
     ns, host_if, ns_if = f"prov-remote-{pid}", f"vprh{pid}"[:15], f"vprc{pid}"[:15]
     subnet = f"10.213.{pid % 250}"
