@@ -272,14 +272,7 @@ class ForkingWorker:
 
     def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((host, port))
-        except OSError:
-            listener.close()
-            raise
-        listener.listen(socket.SOMAXCONN)
+        listener = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
         # Non-blocking for good: the flag belongs to the socket shared with every child, and neither
         # the parent nor a spare may ever block in accept() when the other took the connection.
         listener.setblocking(False)

@@ -524,16 +524,9 @@ class BridgeServer:
     def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Bind and start accepting; returns the port (the OS's choice when ``port`` is 0)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((host, port))
-        except OSError:
-            listener.close()
-            raise
         # The backlog is not the connection limit: a small one makes the kernel drop SYNs in a
         # burst, and clients then wait seconds in connect() instead of getting a clear refusal.
-        listener.listen(socket.SOMAXCONN)
+        listener = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
         self._listener = listener
         self._refuser = _Refuser()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="bridge-accept", daemon=True)
