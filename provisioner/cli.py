@@ -531,7 +531,6 @@ def images_lock() -> None:
 
 
 def _worker_table(state: Any, health: dict[str, Any] | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"run {state.run_id} · layer {state.layer} · LM {state.lm_mode}")
@@ -543,7 +542,24 @@ def _worker_table(state: Any, health: dict[str, Any] | None = None) -> None:
         if health is not None:
             row.append(health.get(w["name"], "?"))
         table.add_row(*row)
-    Console().print(table)
+    _print_table(table)
+
+
+def _print_table(table: Any) -> None:
+    """Print a rich table with every cell whole: container names, addresses and run ids are what
+    people copy into `docker logs` or `--run`, so never cut to "…". Into a pipe or file (scripts,
+    CI logs, `| grep`) the table is as wide as its content; on a narrower terminal long cells wrap
+    (fold) inside their column instead of being cut."""
+    from rich.console import Console
+
+    for column in table.columns:
+        column.overflow = "fold"
+    console = Console()
+    if not console.is_terminal:
+        wide = console.measure(table, options=console.options.update_width(10_000)).maximum
+        if wide > console.width:
+            console = Console(width=wide)
+    console.print(table)
 
 
 @main.command("up")
@@ -567,13 +583,15 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
     """
     from provisioner.runtime.lifecycle import UpOptions, up
+    from provisioner.runtime.runs import opened_runtime
     from provisioner.runtime.state import CURRENT_ENV, run_dir_of
 
     settings = _settings(layer=layer)
     options = UpOptions(layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
                         require_key=require_key, run_id=run_id, new=new)
     try:
-        env = up(settings, options, progress=None if as_json else _say)
+        with opened_runtime(None, settings) as rt:
+            env = up(settings, options, runtime=rt, progress=None if as_json else _say)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted: everything started so far was removed") from None
     state = env.state
@@ -604,14 +622,16 @@ def down_command(run_id: str | None, as_json: bool) -> None:
     """
     from provisioner.errors import AmbiguousRunError
     from provisioner.runtime.lifecycle import down
+    from provisioner.runtime.runs import opened_runtime
 
     settings = _settings()
-    if run_id is not None:
-        _check_run(settings, run_id)
-    try:
-        result = down(settings, run_id=run_id)
-    except AmbiguousRunError as exc:
-        raise UsageProblem(str(exc)) from None
+    with opened_runtime(None, settings) as rt:
+        if run_id is not None:
+            _check_run(settings, run_id, rt)
+        try:
+            result = down(settings, run_id=run_id, runtime=rt)
+        except AmbiguousRunError as exc:
+            raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed,
                                "state_problem": result.state_problem}))
@@ -625,15 +645,15 @@ def down_command(run_id: str | None, as_json: bool) -> None:
         click.echo(f"run {result.run_id}: removed {len(result.removed)} resource(s)")
 
 
-def _check_run(settings: Settings, run_id: str) -> None:
-    """A usage error (exit 2, did you mean, the known ids) unless ``run_id`` is a run on the engine or
-    has a state file in this project."""
+def _check_run(settings: Settings, run_id: str, runtime: Any) -> None:
+    """A usage error (exit 2, did you mean, the known ids) unless ``run_id`` is a run on the engine
+    (``runtime``'s) or has a state file in this project."""
     from provisioner.runtime.lifecycle import run_overview
     from provisioner.runtime.state import RUNS_SUBDIR, RunDir
 
     runs = settings.state_dir / RUNS_SUBDIR
     on_disk = {d.name for d in runs.iterdir() if RunDir(d).state_file.exists()} if runs.is_dir() else set()
-    on_engine = {str(row["run_id"]) for row in run_overview(settings)}
+    on_engine = {str(row["run_id"]) for row in run_overview(settings, runtime=runtime)}
     if run_id not in on_disk | on_engine:
         known_name("run", run_id, sorted(on_disk | on_engine),
                    hint="runs on this engine and runs with a state file in this project")
@@ -660,11 +680,12 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
 
     from provisioner.errors import AmbiguousRunError
     from provisioner.runtime.lifecycle import run_overview, status
+    from provisioner.runtime.runs import opened_runtime
 
     if all_projects:
         if repair:
             raise UsageProblem("--repair works on one run; drop --all-projects (choose the run with --run)")
-        rows = run_overview(_settings())
+        rows = run_overview(_settings())  # opens the engine and closes it again
         if as_json:
             click.echo(json.dumps(rows))
             return
@@ -676,12 +697,13 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
                        f"{owner:<20} {row['resources']} resource(s)")
         return
     settings = _settings()
-    if run_id is not None:
-        _check_run(settings, run_id)
-    try:
-        report = status(settings, run_id=run_id, repair=repair)
-    except AmbiguousRunError as exc:
-        raise UsageProblem(str(exc)) from None
+    with opened_runtime(None, settings) as rt:
+        if run_id is not None:
+            _check_run(settings, run_id, rt)
+        try:
+            report = status(settings, run_id=run_id, repair=repair, runtime=rt)
+        except AmbiguousRunError as exc:
+            raise UsageProblem(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"run_id": report.run_id, "healthy": report.healthy,
                                "workers": [asdict(w) for w in report.workers], "others": report.others,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -231,3 +233,78 @@ def test_verbosity_options_are_accepted_after_the_subcommand(project: Path) -> N
     assert _hoist_verbosity(["-v", "run", "-q", "--layer", "unit", "--", "pytest", "-q"]) == \
         ["-v", "-q", "run", "--layer", "unit", "--", "pytest", "-q"]
     assert _hoist_verbosity(["run", "pytest", "-q"]) == ["run", "pytest", "-q"]
+
+
+# --- the engine connection: one per command, closed on every path; tables show names whole ------
+
+SERVED_IMAGE = "provisioner-worker:served"
+LONG_RUN_ID = "a-long-project-name-for-the-status-table-x"[:41]
+
+
+class _SharedEngine:
+    """What ``engine.open_runtime`` returns in these tests: one in-process engine (its workers serve
+    for real) for every command, counting the opens and closes a docker-py client would need."""
+
+    def __init__(self) -> None:
+        from provisioner.runtime.engine import FakeRuntime
+
+        self.runtime = FakeRuntime(images=(SERVED_IMAGE,), serve=True)
+        self.opened = 0
+        self.closed = 0
+        self.runtime.close = self._close  # type: ignore[method-assign]
+
+    def _close(self) -> None:  # a client's close: the engine and its containers stay
+        self.closed += 1
+
+    def open(self, settings: object = None, **_kw: object) -> object:
+        self.opened += 1
+        return self.runtime
+
+
+@pytest.fixture
+def engine(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_SharedEngine]:
+    from provisioner.runtime.engine import FakeRuntime
+
+    (project / "pyproject.toml").write_text(f"[tool.provisioner.container]\nimage = '{SERVED_IMAGE}'\n")
+    shared = _SharedEngine()
+    monkeypatch.setattr("provisioner.runtime.engine.open_runtime", shared.open)
+    try:
+        yield shared
+    finally:
+        FakeRuntime.close(shared.runtime)  # stops the served workers
+
+
+def test_up_status_reap_down_close_the_runtime_they_open_also_on_errors(engine: _SharedEngine) -> None:
+    def run(*args: str) -> Any:
+        before = engine.opened
+        result = CliRunner().invoke(main, list(args))
+        assert engine.opened > before, (args, result.output)
+        assert engine.closed == engine.opened, (args, result.output)  # every one closed again
+        return result
+
+    up = run("up", "--layer", "integration", "--lm", "mock", "--workers", "1", "--run-id", LONG_RUN_ID)
+    assert up.exit_code == 0, up.output
+    again = run("up", "--layer", "integration", "--lm", "mock", "--workers", "1")  # refused: already up
+    assert again.exit_code == 1 and "already up" in again.output
+    assert run("status").exit_code == 0
+    unknown = run("status", "--run", "nosuchrun")  # a usage error raised while the engine is open
+    assert unknown.exit_code == 2 and "unknown run 'nosuchrun'" in unknown.output
+    assert run("reap", "--dry-run").exit_code == 0
+    assert run("status", "--all-projects").exit_code == 0
+    down = run("down")
+    assert down.exit_code == 0 and f"run {LONG_RUN_ID}: removed" in down.output
+
+
+def test_status_shows_long_container_names_whole(engine: _SharedEngine) -> None:
+    """A new user's `provision status` cut `prov-<run>-w0` to `prov-r2026…` (rich fits the table to 80
+    columns): the names people copy into `docker logs` are never cut."""
+    up = CliRunner().invoke(main, ["up", "--layer", "integration", "--lm", "mock", "--workers", "2",
+                                   "--run-id", LONG_RUN_ID])
+    assert up.exit_code == 0, up.output
+    try:
+        for output in (up.output, CliRunner().invoke(main, ["status"]).output):
+            for slot in (0, 1):
+                assert f"prov-{LONG_RUN_ID}-w{slot}" in output, output
+            assert "…" not in output, output
+    finally:
+        CliRunner().invoke(main, ["down"])

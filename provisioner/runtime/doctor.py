@@ -48,12 +48,20 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     try:
         rt = runtime_or_docker(runtime, settings)
         rt.ping()
-    except DockerUnavailableError as exc:
-        rt = None
-        checks.append(Check("docker engine", "fail", str(exc)))
     except Exception as exc:
+        if rt is not None and runtime is None:  # opened here but does not answer: closed here
+            rt.close()
         rt = None
-        checks.append(Check("docker engine", "fail", f"{type(exc).__name__}: {exc}"))
+        problem = str(exc) if isinstance(exc, DockerUnavailableError) else f"{type(exc).__name__}: {exc}"
+        checks.append(Check("docker engine", "fail", problem))
+    try:
+        return _checks(settings, rt, checks)
+    finally:
+        if rt is not None and runtime is None:  # opened here: closed here, also on an error
+            rt.close()
+
+
+def _checks(settings: Settings, rt: ContainerRuntime | None, checks: list[Check]) -> list[Check]:
     infos: list[EngineInfo] = []
     if rt is not None:
         engine = rt
@@ -67,8 +75,6 @@ def doctor(settings: Settings | None = None, *, runtime: ContainerRuntime | None
     if rt is not None:
         engine_ = rt
         checks += _isolated("stale runs", lambda: _check_stale(settings, engine_))
-        if runtime is None:  # opened here: closed here (the caller's is the caller's)
-            rt.close()
     return checks
 
 

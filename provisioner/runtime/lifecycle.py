@@ -15,8 +15,8 @@ from provisioner.errors import (
     RuntimeProblem,
     StateUnreadableError,
 )
-from provisioner.layers import get_layer
-from provisioner.lmconfig import LMMode
+from provisioner.layers import Layer, get_layer
+from provisioner.lmconfig import LMConfig, LMMode
 from provisioner.run import check_run_id, new_run_id
 from provisioner.runtime import labels as L
 from provisioner.runtime import launch
@@ -27,7 +27,7 @@ from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_
 from provisioner.runtime.health import PublishedWorker, check_paths, rebind_relay
 from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, bridge_token_for, plan_run
-from provisioner.runtime.runs import default_run, list_runs, project_of, runtime_or_docker, settings_or_load
+from provisioner.runtime.runs import default_run, list_runs, opened_runtime, project_of, settings_or_load
 from provisioner.runtime.state import (
     RunState,
     _clear_current,
@@ -80,6 +80,10 @@ def up(
     labelled with the project (:func:`project_of`). The watchdog also covers a persistent run until
     it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
 
+    ``runtime``: the engine to use (the caller's, never closed here). Without it, ``up`` opens the
+    engine's runtime, closes it when it fails, and otherwise hands it to the returned deployment
+    (``deployment.runtime``): close that when done with the deployment (the CLI passes its own).
+
     Raises:
         ConfigError: the layer has no containers, or ``require_key`` without a key.
         RuntimeProblem: a live run of this project and layer exists (see ``new``), or ``run_id``
@@ -101,6 +105,16 @@ def up(
             "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
         )
     rt = launch.open_runtime(runtime, settings)
+    try:
+        return _up(settings, options, rt, layer, lm, project, probe, say)
+    except BaseException:
+        if runtime is None:  # opened here, and no deployment holds it: closed here
+            rt.close()
+        raise
+
+
+def _up(settings: Settings, options: UpOptions, rt: ContainerRuntime, layer: Layer, lm: LMConfig,
+        project: str, probe: Probe, say: Progress) -> Deployment:
     runs = list_runs(rt, project, settings.state_dir)
     if options.persistent and not options.new:
         live = [
@@ -181,7 +195,11 @@ def down(
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime, settings)
+    with opened_runtime(runtime, settings) as rt:
+        return _down(settings, rt, run_id)
+
+
+def _down(settings: Settings, rt: ContainerRuntime, run_id: str | None) -> DownResult:
     run_id = run_id or default_run(settings, rt)
     if run_id is None:
         return DownResult(None, [])
@@ -274,7 +292,13 @@ def status(
         AmbiguousRunError: no ``run_id`` and the project has several runs up.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime, settings)
+    with opened_runtime(runtime, settings) as rt:
+        return _status(settings, rt, run_id, probe, repair)
+
+
+def _status(
+    settings: Settings, rt: ContainerRuntime, run_id: str | None, probe: Probe, repair: bool
+) -> StatusReport:
     run_id = run_id or default_run(settings, rt)
     try:
         state = read_state(settings, run_id) if run_id else None
@@ -422,8 +446,9 @@ def run_overview(
     (count).
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime, settings)
     ours = project_of(settings)
+    with opened_runtime(runtime, settings) as rt:
+        runs = list_runs(rt)
     return [
         {
             "run_id": r.run_id,
@@ -436,7 +461,7 @@ def run_overview(
             "created": r.created,
             "resources": len(r.resources),
         }
-        for r in list_runs(rt)
+        for r in runs
     ]
 
 
@@ -490,7 +515,12 @@ def reap(
     run``) is kept — reported with ``kept`` — unless ``force``.
     """
     settings = settings_or_load(settings)
-    rt = runtime_or_docker(runtime, settings)
+    with opened_runtime(runtime, settings) as rt:
+        return _reap(settings, rt, run_id, older_than_s, all_runs, all_projects, force, dry_run)
+
+
+def _reap(settings: Settings, rt: ContainerRuntime, run_id: str | None, older_than_s: float | None,
+          all_runs: bool, all_projects: bool, force: bool, dry_run: bool) -> list[ReapResult]:
     project = None if all_projects or run_id is not None else project_of(settings)
     now = time.time()
     out = []

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,28 @@ def runtime_or_docker(runtime: ContainerRuntime | None, settings: Settings | Non
     from provisioner.runtime.engine import open_runtime
 
     return open_runtime(settings)
+
+
+@contextlib.contextmanager
+def opened_runtime(
+    runtime: ContainerRuntime | None, settings: Settings | None = None
+) -> Iterator[ContainerRuntime]:
+    """``runtime`` for the block when given (the caller's: left open), else the engine's runtime
+    (:func:`runtime_or_docker`), closed when the block ends — on an error or Ctrl-C too. docker-py
+    keeps an HTTP connection pool (and an event connection) per client: every command that opens a
+    runtime closes it here rather than leaving it to the garbage collector.
+
+    Raises:
+        DockerUnavailableError: no ``runtime`` and the engine does not answer.
+    """
+    if runtime is not None:
+        yield runtime
+        return
+    opened = runtime_or_docker(None, settings)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def project_of(settings: Settings) -> str:

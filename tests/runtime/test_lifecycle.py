@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -399,3 +400,54 @@ def test_an_unreadable_state_file_is_reported_and_down_still_removes_the_run_by_
     assert len(result.removed) == 4 and rt.containers == {} and rt.networks == {}  # relay, w0, 2 networks
     assert "unreadable" in result.state_problem and str(state_file) in result.state_problem
     assert down(settings, run_id=run_id, runtime=rt).removed == []  # still idempotent
+
+
+# --- a runtime opened here is closed here, on every path ------------------------------------------
+
+
+class _Counting(FakeRuntime):
+    def __init__(self, *, broken: bool = False) -> None:
+        super().__init__(images=(FAKE_IMAGE,))
+        self.broken = broken
+        self.closed = 0
+
+    def list_resources(self, selector: Any) -> Any:
+        if self.broken:
+            raise RuntimeProblem("the engine answered 500")
+        return super().list_resources(selector)
+
+    def close(self) -> None:
+        self.closed += 1
+        super().close()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["ok", "engine error"])
+def test_lifecycle_functions_close_the_runtime_they_open(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, broken: bool
+) -> None:
+    """down/status/reap/run_overview/doctor/up without ``runtime=`` open the engine's runtime (a
+    docker-py client with its connection pool) and close it — also when the engine fails mid-way."""
+    from provisioner.runtime.doctor import doctor
+
+    made: list[_Counting] = []
+
+    def open_runtime(_settings: Any = None, **_kw: Any) -> _Counting:
+        made.append(_Counting(broken=broken))
+        return made[-1]
+
+    monkeypatch.setattr("provisioner.runtime.engine.open_runtime", open_runtime)
+    calls = {
+        "down": lambda: down(settings),
+        "status": lambda: status(settings),
+        "reap": lambda: reap(settings),
+        "run_overview": lambda: run_overview(settings),
+        "doctor": lambda: doctor(settings),
+        "up": lambda: up(settings, UpOptions(layer="integration", lm_mode="mock", image=FAKE_IMAGE,
+                                             run_id="Not Valid", watchdog=False)),
+    }
+    for name, call in calls.items():
+        before = len(made)
+        with contextlib.suppress(RuntimeProblem, ConfigError):
+            call()
+        assert len(made) == before + 1, name
+        assert made[-1].closed == 1, name
