@@ -742,6 +742,10 @@ def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require
             command: tuple[str, ...]) -> None:
     """Bring a layer up, run COMMAND with its env, bring it down; exit with COMMAND's code.
 
+    While COMMAND runs, the run is checked every few seconds: a dead published port or relay is
+    re-created on the same ports, a dead worker replaced behind the same address; each repair is
+    reported on stderr with its reason.
+
     Example: provision run --layer e2e -- pytest -q
     """
     from provisioner.runtime.lifecycle import UpOptions
@@ -750,7 +754,8 @@ def run_cmd(layer: str | None, workers: int | None, lm_mode: str | None, require
     options = UpOptions(layer=layer, workers=workers, lm_mode=lm_mode,  # type: ignore[arg-type]
                         require_key=require_key, persistent=False)
     try:
-        code = run_command(list(command), _settings(layer=layer), options, progress=_say)
+        code = run_command(list(command), _settings(layer=layer), options, progress=_say,
+                           notify=lambda message: click.echo(message, err=True))  # also with -q
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

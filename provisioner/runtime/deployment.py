@@ -256,6 +256,12 @@ class Deployment:
             name == r.name or name.startswith(f"{r.name}-") for r in self.recipes.values()
         )
 
+    def interrupt(self) -> None:
+        """Make what another thread is doing with this deployment — a start, a replacement waiting
+        for readiness — give up at once (``RuntimeProblem``: the run is being stopped); nothing new
+        starts afterwards. :meth:`stop` does this first."""
+        self._closing.set()
+
     def stop(self) -> CleanupReport:
         """Remove this deployment's containers and networks: the tracked ones, then a label sweep of
         its own (:meth:`owns`, under :attr:`selector`) for any whose create call was still in flight.

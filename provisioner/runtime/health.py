@@ -23,8 +23,9 @@ is load, not a dead path.
 
 Callers: :class:`~provisioner.runtime.pool.WorkerPool` (its monitor and a refused request of a pooled
 session, so the pytest plugin and ``provisioner.environment()`` heal on their own) via
-:func:`heal_environment`, and ``provision status [--repair]`` via :func:`check_run_paths` and
-:func:`rebind_relay`.
+:func:`heal_environment`; ``provision run -- CMD`` (a periodic check while CMD runs) via
+:func:`heal_deployment`, which also replaces dead workers; and ``provision status [--repair]`` via
+:func:`check_paths` and :func:`rebind_relay`.
 """
 
 from __future__ import annotations
@@ -190,6 +191,36 @@ def heal_environment(env: Deployment) -> list[str]:
         f"re-created the relay {relay} on the same ports"
         for slot, why in sorted(dead.items())
     ]
+
+
+def heal_deployment(env: Deployment) -> list[str]:
+    """One health check of a live run that has no pool (``provision run``'s): re-create the relay
+    when a published path is dead (:func:`heal_environment`), then replace every worker whose
+    container is not running with a fresh one behind the same address
+    (:meth:`~provisioner.runtime.deployment.Deployment.replace_worker`: same slot, alias and
+    published port; the dead worker's sessions and programs are gone).
+
+    Returns one message per repair, each saying what was wrong (the engine's words: exit code,
+    signal, OOM) and what was done; empty when everything was healthy. The deployment's ``workers``
+    name the replacements afterwards.
+
+    Raises:
+        RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`).
+        WorkerNotReadyError: a replacement did not become ready (it is removed again; the next check
+            tries once more).
+    """
+    notes = heal_environment(env)
+    for worker in list(env.workers):
+        state = env.runtime.container_state(worker.container_id)
+        if state is not None and state.running:
+            continue
+        how = death_reason(state)
+        new = env.replace_worker(worker.slot)
+        notes.append(
+            f"worker {worker.name} (slot {worker.slot}) {how}; replaced it with {new.name} behind "
+            f"the same address {new.address} (its sessions and programs are gone)"
+        )
+    return notes
 
 
 def wait_for_paths(workers: Sequence[PublishedWorker], probe: Probe, *, timeout_s: float) -> bool:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from provisioner.errors import ConfigError
 from provisioner.runtime import watchdog as wd
+from provisioner.runtime.deployment import ProbeResult
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.lifecycle import UpOptions
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.run_command import run_command
 from provisioner.runtime.runs import list_runs
-from provisioner.runtime.state import (
-    run_dir_of,
-)
+from provisioner.runtime.state import read_state, run_dir_of
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
@@ -65,3 +72,152 @@ def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
         == 0
     )
     assert [r.run_id for r in list_runs(rt)] == [kept[0].run_id]  # the successful run was removed
+
+
+# --- the run heals while the command runs (provision run's own health check) ----------------------
+
+
+def _release_when(fifo: Path, done: Callable[[], bool], timeout_s: float = 60.0) -> threading.Thread:
+    """Open ``fifo`` for writing (the command, ``cat fifo``, then ends) once ``done()`` or after
+    ``timeout_s`` — a thread, because run_command owns the main thread (its signal handlers)."""
+
+    def release() -> None:
+        poll_until(done, timeout_s, 0.02)
+        with open(fifo, "w"):
+            pass
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_run_command_replaces_a_dead_worker_and_heals_a_dead_port_while_the_command_runs(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    rt, workers = fake
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    notes: list[str] = []
+    killed: dict[str, str] = {}
+
+    def break_it() -> bool:  # once the run is up: kill worker 0 and worker 1's port forwarder
+        relay = next((c for c in rt.containers.values() if c.recipe.role == "relay"), None)
+        ws = sorted((c for c in rt.containers.values() if c.recipe.role == "worker"),
+                    key=lambda c: c.recipe.name)
+        if relay is None or len(ws) < 2 or relay.status != "running" or not relay.ports:
+            return False
+        killed["worker"] = ws[0].recipe.name
+        rt.crash(ws[0].id, exit_code=137)
+        workers.kill_forwarder(sorted(relay.ports.values())[1])
+        return True
+
+    def healed() -> bool:
+        return any("replaced it" in n for n in notes) and any("re-created the relay" in n for n in notes)
+
+    def drive() -> None:
+        poll_until(break_it, 60.0, 0.02)
+        poll_until(healed, 60.0, 0.02)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    release = _release_when(fifo, lambda: not driver.is_alive())
+    code = run_command(
+        ["sh", "-c", f'cat "{fifo}" > /dev/null; echo "$PROVISION_BRIDGE_ADDRS" > "{tmp_path}/addrs"'],
+        settings,
+        UpOptions(layer="integration", lm_mode="mock", workers=2, image=FAKE_IMAGE, watchdog=False),
+        runtime=rt,
+        probe=workers.probe,
+        notify=notes.append,
+        health_interval_s=0.05,
+    )
+    release.join()
+    assert code == 0
+    assert healed(), notes
+    replaced = next(n for n in notes if "replaced it" in n)
+    assert killed["worker"] in replaced and "exited with code 137 (SIGKILL)" in replaced, replaced
+    assert "behind the same address" in replaced
+    relay_note = next(n for n in notes if "re-created the relay" in n)
+    assert "refuses connections" in relay_note, relay_note
+    assert rt.containers == {} and rt.networks == {}  # removed at the end, replacements included
+
+
+def test_the_health_check_records_the_replacement_in_the_state_file(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    """`provision status` (and a pytest session attached to the run) read the state file: after a
+    replacement it names the new container, at the old address."""
+    rt, workers = fake
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    notes: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def crash_then_read() -> None:
+        def up_and_crash() -> bool:
+            runs = list_runs(rt)
+            ws = [c for c in rt.containers.values() if c.recipe.role == "worker" and c.status == "running"]
+            if not runs or not ws or not run_dir_of(settings, runs[0].run_id).state_file.exists():
+                return False
+            seen["run_id"], seen["old"] = runs[0].run_id, ws[0].id
+            seen["before"] = read_state(settings, runs[0].run_id)
+            rt.crash(ws[0].id)
+            return True
+
+        poll_until(up_and_crash, 60.0, 0.02)
+        poll_until(lambda: any("replaced it" in n for n in notes), 60.0, 0.02)
+        seen["after"] = read_state(settings, seen["run_id"])
+
+    driver = threading.Thread(target=crash_then_read, daemon=True)
+    driver.start()
+    release = _release_when(fifo, lambda: not driver.is_alive())
+    code = run_command(["cat", str(fifo)], settings,
+                       UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE,
+                                 watchdog=False),
+                       runtime=rt, probe=workers.probe, notify=notes.append, health_interval_s=0.05)
+    release.join()
+    assert code == 0 and "after" in seen, notes
+    before, after = seen["before"].workers[0], seen["after"].workers[0]
+    assert before["container_id"] == seen["old"] and after["container_id"] != seen["old"]
+    assert after["address"] == before["address"]
+
+
+# --- the engine connection is closed on every path ---------------------------------------------
+
+
+class ClosingRuntime(FakeRuntime):
+    """A FakeRuntime that counts :meth:`close` (what a docker-py client session needs)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+        super().close()
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[ClosingRuntime]:
+    """Every runtime the code under test opens itself (``engine.open_runtime``) — a ClosingRuntime."""
+    made: list[ClosingRuntime] = []
+
+    def open_runtime(settings: Any = None, **_kw: Any) -> ClosingRuntime:
+        rt = ClosingRuntime(images=(FAKE_IMAGE,))
+        made.append(rt)
+        return rt
+
+    monkeypatch.setattr("provisioner.runtime.engine.open_runtime", open_runtime)
+    return made
+
+
+def test_run_command_closes_the_runtime_it_opened_also_when_up_fails(
+    settings: Settings, opened: list[ClosingRuntime]
+) -> None:
+    assert run_command(["true"], settings, UpOptions(layer="integration", lm_mode="mock", workers=1,
+                                                     image=FAKE_IMAGE, watchdog=False),
+                       probe=lambda h, p, t: ProbeResult(True, True, "ok")) == 0
+    assert len(opened) == 1 and opened[0].closed == 1
+    with pytest.raises(ConfigError):  # unknown image: up fails before anything runs
+        run_command(["true"], settings, UpOptions(layer="integration", lm_mode="mock", workers=1,
+                                                  image=FAKE_IMAGE, run_id="Not A Valid Id!", watchdog=False))
+    assert len(opened) == 2 and opened[1].closed == 1
