@@ -941,6 +941,45 @@ def history_import(reports: tuple[Path, ...]) -> None:
             click.echo(f"imported {run['run_id']} ({len(tests)} tests)")
 
 
+@history.command("merge")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the merged reports (one per report file name)")
+@click.option("--summary", "summary", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help='append the Markdown summary (one row per merged run, one cost total) to this file, '
+                   'e.g. "$GITHUB_STEP_SUMMARY"')
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, as_json: bool) -> None:
+    """Merge CI shards' --provision-report files into one run per suite.
+
+    PATHS are report files or folders (searched for *.json, e.g. the downloaded artifacts); reports
+    with the same file name are the shards of one suite and become OUT/<name>: their tests, one cost
+    total. Import those (not the shards) with `provision history import`.
+    """
+    from provisioner.errors import HistoryError
+    from provisioner.history.merge import merge_reports, write_merged
+    from provisioner.reporting.markdown import render_merged
+
+    try:
+        merged = merge_reports(paths)
+        written = write_merged(merged, out_dir)
+    except HistoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if summary is not None:
+        with summary.open("a", encoding="utf-8") as handle:
+            handle.write(render_merged(merged))
+    if as_json:
+        click.echo(json.dumps([{"report": str(path), "run_id": m.run["run_id"], "shards": len(m.shards),
+                                "tests": m.run["tests"], "cost_usd": m.run["cost_usd"],
+                                "list_cost_usd": m.run["list_cost_usd"]}
+                               for m, path in zip(merged, written, strict=True)], indent=2))
+        return
+    for m, path in zip(merged, written, strict=True):
+        click.echo(f"merged {len(m.shards)} shard{'s' if len(m.shards) != 1 else ''} into {path}: run "
+                   f"{m.run['run_id']}, {m.run['tests']} tests, ${m.run['cost_usd']:.6f} billed "
+                   f"(${m.run['list_cost_usd']:.6f} at list prices)")
+
+
 @history.command("prune")
 @click.option("--keep", required=True, type=click.IntRange(0), help="keep the newest N runs")
 def history_prune(keep: int) -> None:

@@ -1,10 +1,12 @@
 """``provision report markdown``: the page's headline numbers and top tables as GitHub-flavoured
-Markdown (for ``$GITHUB_STEP_SUMMARY``). Same :class:`~provisioner.reporting.dashboard.Dashboard`."""
+Markdown (for ``$GITHUB_STEP_SUMMARY``). Same :class:`~provisioner.reporting.dashboard.Dashboard`.
+:func:`render_merged` is the summary of a sharded CI run's merged reports."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from provisioner.history.merge import MergedRun
 from provisioner.reporting.dashboard import Dashboard, pass_rate
 
 
@@ -60,4 +62,26 @@ def render(board: Dashboard, *, top: int = 10) -> str:
     lines += _table(["test", "billed", "at list prices", "LM calls", "stand-in calls ($0)"],
                     ([f"`{t.node_id}`", _usd(t.cost_usd), _usd(t.list_cost_usd), t.lm_calls, t.standin_calls]
                      for t in board.costliest(top)))
+    return "\n".join(lines) + "\n"
+
+
+def render_merged(merged: Sequence[MergedRun]) -> str:
+    """The job summary of a sharded CI run (``provision history merge --summary``): one row per
+    merged suite (its shards' tests, outcomes, wall clock, LM calls, dollars) and one total line —
+    the run's one cost total, billed and at list prices (what cost limits count)."""
+    shards = sum(len(m.shards) for m in merged)
+    lines = [f"## provisioner: {len(merged)} run{'s' if len(merged) != 1 else ''} merged from {shards} "
+             f"shard report{'s' if shards != 1 else ''}", ""]
+    runs = [m.run for m in merged]
+    lines += _table(
+        ["report", "run", "shards", "tests", "passed", "failed", "errors", "skipped", "wall s", "LM calls",
+         "billed", "at list prices"],
+        ([f"`{m.name}`", f"`{m.run['run_id']}`", len(m.shards), m.run["tests"], m.run["passed"],
+          m.run["failed"], m.run["error"], m.run["skipped"], f"{m.run['duration_s']:.1f}", m.run["lm_calls"],
+          _usd(m.run["cost_usd"]), _usd(m.run["list_cost_usd"])] for m in merged))
+    total = {k: sum(r[k] for r in runs) for k in
+             ("tests", "passed", "failed", "error", "skipped", "lm_calls", "cost_usd", "list_cost_usd")}
+    lines += ["", f"**Total: {total['tests']} tests ({total['passed']} passed, {total['failed']} failed, "
+                  f"{total['error']} errors, {total['skipped']} skipped) · cost {_usd(total['cost_usd'])} "
+                  f"billed, {_usd(total['list_cost_usd'])} at list prices · {total['lm_calls']} LM calls**"]
     return "\n".join(lines) + "\n"
