@@ -57,8 +57,13 @@ class Layer(BaseModel):
 
     def lm_config(self, base: LMConfig, mode: LMMode | None = None) -> LMConfig:
         """The LM configuration this layer runs with: ``base`` (the settings' ``lm`` table) with the
-        layer's name and LM mode applied; ``mode`` (``--lm``) overrides the layer's ``lm_mode``."""
-        return base.model_copy(update={"mode": mode or self.lm_mode, "layer": self.name})
+        layer's name and LM mode applied; ``mode`` (``--lm``) overrides the layer's ``lm_mode``. With
+        ``lm.shards`` N > 1, the limits are this shard's share (:meth:`LMConfig.shard_share`).
+
+        Raises:
+            ConfigError: the rate limit cannot be shared by ``lm.shards`` shards.
+        """
+        return base.model_copy(update={"mode": mode or self.lm_mode, "layer": self.name}).shard_share()
 
 
 BUILTIN_LAYERS: dict[str, LayerSpec] = {

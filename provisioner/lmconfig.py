@@ -20,6 +20,8 @@ from typing import Any, Literal
 import regex
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from provisioner.errors import ConfigError
+
 LMMode = Literal["mock", "cached", "real"]
 RecordMode = Literal["none", "once", "new_episodes", "all"]
 LM_MODES: tuple[str, ...] = ("mock", "cached", "real")
@@ -43,6 +45,7 @@ RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
     "endpoint_kind",
     "cost_limit_usd",
     "rate_limit_rpm",
+    "shards",
     "rate_limit_wait_s",
     "monthly_budget_usd",
     "prices",
@@ -184,6 +187,10 @@ class LMConfig(BaseModel):
     rate_limit_rpm: int = Field(default=10, gt=0)
     cost_limit_usd: float = Field(default=1.00, ge=0)
     monthly_budget_usd: float = Field(default=10.0, ge=0)
+    # How many shards (pytest runs of one suite side by side, e.g. pytest-split groups on separate CI
+    # runners) share cost_limit_usd and rate_limit_rpm: each enforces its share (shard_share). The
+    # pytest plugin sets it from pytest-split's --splits.
+    shards: int = Field(default=1, ge=1)
     base_url: str | None = None
     # What answers at ``base_url``: real Gemini (or a proxy to it) or the Gemini stand-in. Only the
     # controller that wired the stand-in in sets "standin" (a base_url alone does not make an
@@ -214,6 +221,25 @@ class LMConfig(BaseModel):
         if not value.strip():
             raise ValueError("model must not be empty")
         return value
+
+    def shard_share(self) -> LMConfig:
+        """This configuration's limits for one of ``shards`` shards: ``cost_limit_usd / shards`` dollars
+        and ``rate_limit_rpm // shards`` requests per minute, so N shards together never pass the run's
+        limits, whether they share a host or not (each shard's own run directory enforces its share).
+        The copy says ``shards=1``: its limits are already a share, applying this again changes nothing.
+
+        Raises:
+            ConfigError: ``rate_limit_rpm`` is below ``shards`` (a shard needs one request a minute).
+        """
+        if self.shards == 1:
+            return self
+        if self.rate_limit_rpm < self.shards:
+            raise ConfigError(
+                f"lm.rate_limit_rpm={self.rate_limit_rpm} cannot be shared by lm.shards={self.shards} "
+                "shards (each needs at least 1 request/minute): raise lm.rate_limit_rpm or run fewer shards"
+            )
+        return self.model_copy(update={"cost_limit_usd": self.cost_limit_usd / self.shards,
+                                       "rate_limit_rpm": self.rate_limit_rpm // self.shards, "shards": 1})
 
     # -- hand-over to workers -------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
             record_mode=config.getoption("provision_record_mode"),
             report_path=config.getoption("provision_report"),
             require_key=config.getoption("provision_require_key"),
+            shards=config.getoption("splits", None),  # pytest-split's, when installed: lm.shards
             project_dir=config.rootpath,
             invocation_dir=config.invocation_params.dir,
             workerinput=getattr(config, "workerinput", None),

@@ -31,7 +31,7 @@ from provisioner.layers import Layer, get_layer
 from provisioner.lm.callstats import LMUsage
 from provisioner.lm.ledger import RUN_LM_SUBDIR
 from provisioner.lmconfig import API_KEY_ENV, LM_MODES, RECORD_MODES, LMConfig, LMMode, RecordMode
-from provisioner.settings import Settings, load_settings
+from provisioner.settings import DEFAULT_SOURCE, Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class RunOptions:
     report_path: Path | None = None
     # Real mode must use the real API: a missing GEMINI_TEST_API_KEY is an error, not the stand-in.
     require_key: bool = False
+    # How many shards the suite is split into (pytest-split's --splits): sets lm.shards, so this
+    # shard enforces its share of the run's cost and rate limits.
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         if self.lm_mode is not None and self.lm_mode not in LM_MODES:
@@ -90,7 +93,7 @@ def resolve_run(
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     root = settings.project_dir
     layer = get_layer(settings, settings.layer)
-    lm_config = layer.lm_config(settings.lm, options.lm_mode)
+    lm_config = layer.lm_config(_with_shards(settings, options.shards), options.lm_mode)
     # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
     # directory is bind-mounted into the run's worker containers, so limits and ledger are run-wide.
     lm_dir = None if run_dir is None else run_dir / RUN_LM_SUBDIR
@@ -104,6 +107,22 @@ def resolve_run(
             "(set it, or drop --require-key to use the Gemini stand-in)"
         )
     return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=root)
+
+
+def _with_shards(settings: Settings, shards: int | None) -> LMConfig:
+    """The settings' ``lm`` table with ``lm.shards`` from pytest-split's ``--splits`` when given.
+
+    Raises:
+        ConfigError: ``lm.shards`` was set (not a default) to another number than ``--splits``.
+    """
+    if shards is None or shards == settings.lm.shards:
+        return settings.lm
+    source = settings.source_of("lm.shards")
+    if source != DEFAULT_SOURCE:
+        raise ConfigError(f"pytest-split's --splits {shards} and lm.shards={settings.lm.shards} (from "
+                          f"{source}) disagree: the run's limits are shared by --splits shards; drop "
+                          "lm.shards or make them equal")
+    return settings.lm.model_copy(update={"shards": shards})
 
 
 def state_dir(settings: Settings, project_dir: Path) -> Path:

@@ -51,3 +51,24 @@ def test_run_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not joined.controller and joined.as_env()["PROVISION_RUN_ID"] == "r-shared-1"
     with pytest.raises(ValueError, match="container and network names"):
         check_run_id("Bad Run!")
+
+
+def test_shards_split_the_runs_limits_and_splits_sets_them(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROVISION_LM__SHARDS", raising=False)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.provisioner]\nlayer = "e2e"\nlm.cost_limit_usd = 1.0\nlm.rate_limit_rpm = 10\n')
+    whole = resolve_run(RunOptions(), tmp_path).lm_config
+    assert (whole.cost_limit_usd, whole.rate_limit_rpm) == (1.0, 10)
+    share = resolve_run(RunOptions(shards=4), tmp_path).lm_config  # pytest-split's --splits 4
+    assert (share.cost_limit_usd, share.rate_limit_rpm, share.shards) == (0.25, 2, 1)
+    assert share.shard_share() == share  # a share is not split again
+    # The same split from the settings (e.g. PROVISION_LM__SHARDS on each CI shard, or `provision up`):
+    monkeypatch.setenv("PROVISION_LM__SHARDS", "4")
+    assert resolve_run(RunOptions(), tmp_path).lm_config.cost_limit_usd == 0.25
+    assert resolve_run(RunOptions(shards=4), tmp_path).lm_config.cost_limit_usd == 0.25
+    with pytest.raises(ConfigError, match=r"--splits 3 and lm.shards=4 \(from env PROVISION_LM__SHARDS\)"):
+        resolve_run(RunOptions(shards=3), tmp_path)
+    monkeypatch.setenv("PROVISION_LM__SHARDS", "11")
+    with pytest.raises(ConfigError, match=r"lm.rate_limit_rpm=10 cannot be shared by lm.shards=11"):
+        resolve_run(RunOptions(), tmp_path)

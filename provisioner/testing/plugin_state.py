@@ -176,12 +176,13 @@ class ProvisionRun:
         report_path: str | None,
         project_dir: Path,
         require_key: bool = False,
+        shards: int | None = None,
         invocation_dir: Path,
         workerinput: Mapping[str, Any] | None,
     ) -> ProvisionRun:
         path = None if report_path is None else (invocation_dir / report_path).absolute()
         options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path,
-                             require_key=require_key)
+                             require_key=require_key, shards=shards)
         project = project_dir.absolute()
         up_run = None
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
