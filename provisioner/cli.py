@@ -882,11 +882,20 @@ def history_list(limit: int, as_json: bool) -> None:
         return
     if not runs:
         click.echo("no runs recorded yet (run pytest with provisioner)")
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, right in (("run", False), ("started (UTC)", False), ("layers", False), ("passed", True),
+                        ("failed", True), ("error", True), ("skipped", True), ("duration s", True),
+                        ("billed $", True), ("revision", False)):
+        table.add_column(name, justify="right" if right else "left")
     for run in runs:
-        click.echo(f"{run['run_id']}  {run['started_at'][:19]}  {'/'.join(run['layers'])}  "
-                   f"{run['passed']} passed {run['failed']} failed {run['error']} error "
-                   f"{run['skipped']} skipped  "
-                   f"{run['duration_s']:.1f}s  ${run['cost_usd']:.4f}  {(run['revision'] or '-')[:20]}")
+        table.add_row(run["run_id"], run["started_at"][:19].replace("T", " "), "/".join(run["layers"]),
+                      str(run["passed"]), str(run["failed"]), str(run["error"]), str(run["skipped"]),
+                      f"{run['duration_s']:.1f}", f"{run['cost_usd']:.4f}", (run["revision"] or "-")[:20])
+    _print_table(table)
 
 
 @history.command("show")
@@ -911,12 +920,18 @@ def history_show(run_id: str, as_json: bool) -> None:
         return
     for key, value in run.items():
         click.echo(f"{key}: {value}")
-    click.echo("tests:")
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, right in (("outcome", False), ("duration s", True), ("billed $", True), ("LM calls", True),
+                        ("xdist worker", False), ("test", False)):
+        table.add_column(name, justify="right" if right else "left")
     for row in tests:
         duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
-        calls = row_lm_calls(row)
-        click.echo(f"  {row['outcome']:<8} {duration:8.3f}s  ${row['cost_usd']:.6f}  {calls} LM calls  "
-                   f"{row['worker'] or '-':<4} {row['node_id']}")
+        table.add_row(row["outcome"], f"{duration:.3f}", f"{row['cost_usd']:.6f}", str(row_lm_calls(row)),
+                      row["xdist_worker"] or "-", row["node_id"])
+    _print_table(table)
 
 
 @history.command("import")

@@ -86,7 +86,7 @@ def _iso(timestamp: float | None) -> str | None:
 
 def empty_test_row(run_id: str, node_id: str, layer: str) -> TestRow:
     return TestRow(run_id=run_id, node_id=node_id, layer=layer, outcome="passed", reruns=0, started_at=None,
-                   setup_s=0.0, call_s=0.0, teardown_s=0.0, worker=None, lm_mock=0, lm_replayed=0,
+                   setup_s=0.0, call_s=0.0, teardown_s=0.0, xdist_worker=None, lm_mock=0, lm_replayed=0,
                    lm_recorded=0, lm_real=0, lm_standin=0, cost_usd=0.0, list_cost_usd=0.0, cache_hits=0,
                    cache_misses=0, leaks=[], retained=None, log_path=None)
 
@@ -111,9 +111,11 @@ class TestRowCollector:
         when = getattr(report, "when", None)
         outcome = str(report.outcome)
         duration = float(getattr(report, "duration", 0.0) or 0.0)
-        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
-        if worker is not None:
-            row["worker"] = str(worker)
+        # Under xdist the controller's report names the worker process's gateway: its id is
+        # pytest-xdist's worker id (gw0, ...).
+        xdist_worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+        if xdist_worker is not None:
+            row["xdist_worker"] = str(xdist_worker)
         if outcome == "rerun":  # pytest-rerunfailures: this attempt failed and will run again
             row["reruns"] += 1
             row["setup_s"] = row["call_s"] = row["teardown_s"] = 0.0

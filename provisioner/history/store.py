@@ -74,7 +74,10 @@ class TestRow(TypedDict):
     setup_s: float
     call_s: float
     teardown_s: float
-    worker: str | None  # the xdist worker (gw0, ...) that ran it; None in a single process
+    # pytest-xdist's worker id (gw0, gw1, ...: its ``worker_id`` fixture, ``PYTEST_XDIST_WORKER``) of
+    # the pytest process that ran it; None in a single process. Not a bridge worker container.
+    # Called ``worker`` before schema version 2 (old report files are read with either name).
+    xdist_worker: str | None
     lm_mock: int
     lm_replayed: int
     lm_recorded: int
@@ -117,6 +120,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, node_id)
     );
     CREATE INDEX tests_node ON tests (node_id);
+    """,
+    # 2: "worker" was read as the bridge worker container; it is pytest-xdist's worker id.
+    """
+    ALTER TABLE tests RENAME COLUMN worker TO xdist_worker;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -282,6 +289,22 @@ def _values(row: Any, fields: tuple[str, ...], json_fields: tuple[str, ...], wha
     return values
 
 
+#: Test row fields of older report files: old name -> the name now.
+RENAMED_TEST_FIELDS = {"worker": "xdist_worker"}
+
+
+def _renamed(row: Any) -> Any:
+    """A test row of an older report file with today's field names (a copy; others as they are)."""
+    if not isinstance(row, dict) or not any(old in row for old in RENAMED_TEST_FIELDS):
+        return row
+    out = dict(row)
+    for old, new in RENAMED_TEST_FIELDS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
 def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     """The run and test rows of a ``--provision-report`` JSON document (its ``run`` and ``tests`` keys).
 
@@ -296,6 +319,7 @@ def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     tests = data.get("tests") or []
     if not isinstance(tests, list):
         raise HistoryError(f"{source}: 'tests' must be a list of test rows")
+    tests = [_renamed(row) for row in tests]
     for name in RUN_FIELDS:
         if name not in run:
             raise HistoryError(f"{source}: run row misses field {name!r}")

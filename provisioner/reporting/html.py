@@ -147,13 +147,14 @@ def _last_run(board: Dashboard) -> str:
         )
     problems = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
     failed = _table(
-        ["test", "outcome", "duration s", "worker", "bridge worker log (last lines, saved at the failure)"],
+        ["test", "outcome", "duration s", "xdist worker",
+         "bridge worker log (last lines, saved at the failure)"],
         (
             [
                 _e(r["node_id"]),
                 f'<span class="{_e(r["outcome"])}">{_e(r["outcome"])}</span>',
                 f"{_duration(r):.3f}",
-                _e(r["worker"] or "-"),
+                _e(r["xdist_worker"] or "-"),
                 _worker_logs(board, r),
             ]
             for r in problems

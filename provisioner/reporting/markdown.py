@@ -51,8 +51,8 @@ def render(board: Dashboard, *, top: int = 10) -> str:
                      f"forecast {_usd(month.forecast_usd)}{budget}{warn}.")
     failed = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
     lines += ["", f"### Failed ({len(failed)})", ""]
-    lines += _table(["test", "outcome", "worker"], ([f"`{r['node_id']}`", r["outcome"], r["worker"] or "-"]
-                                                   for r in failed[:top]))
+    lines += _table(["test", "outcome", "xdist worker"],
+                    ([f"`{r['node_id']}`", r["outcome"], r["xdist_worker"] or "-"] for r in failed[:top]))
     lines += ["", f"### Flaky tests ({len(board.flaky)}, last {len(board.runs)} runs)", ""]
     lines += _table(["test", "why"], ([f"`{f.node_id}`", "; ".join(f.reasons)] for f in board.flaky[:top]))
     lines += ["", "### Slowest tests", ""]

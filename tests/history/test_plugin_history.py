@@ -30,8 +30,8 @@ def test_every_run_and_test_is_recorded(three_runs: Path) -> None:
         assert tests["test_suite.py::test_answers"]["lm_real"] == 2
         assert (oldest["passed"], oldest["failed"]) == (3, 1)
         xdist_run = runs[1]
-        assert {t["worker"] for t in db.tests(xdist_run["run_id"])} <= {"gw0", "gw1"}
-        assert all(t["worker"] for t in db.tests(xdist_run["run_id"]))
+        assert {t["xdist_worker"] for t in db.tests(xdist_run["run_id"])} <= {"gw0", "gw1"}
+        assert all(t["xdist_worker"] for t in db.tests(xdist_run["run_id"]))
 
 
 def test_only_the_flaky_test_is_flagged(three_runs: Path) -> None:

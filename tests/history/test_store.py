@@ -83,8 +83,8 @@ def test_record_replaces_a_run_and_its_tests_and_prune_keeps_the_newest(tmp_path
 def test_a_row_missing_a_field_writes_nothing(tmp_path: Path) -> None:
     with History(tmp_path / "history.sqlite") as db:
         bad = empty_test_row("r1", "t.py::test", "unit")
-        del bad["worker"]  # type: ignore[misc]
-        with pytest.raises(HistoryError, match="missing field 'worker'"):
+        del bad["xdist_worker"]  # type: ignore[misc]
+        with pytest.raises(HistoryError, match="missing field 'xdist_worker'"):
             db.record(run_row("r1", "2026-11-01T00:00:00+00:00"), [bad])
         assert db.runs() == []
 
@@ -167,3 +167,59 @@ def test_ci_job_and_shard_come_from_the_ci_variables() -> None:
     assert ci_identity({"GITHUB_RUN_ID": "123"}) == ("123", None)
     assert ci_identity({"CI_JOB_ID": "77"}) == ("77", None)
     assert ci_identity({}) == (None, None)
+
+
+# --- "worker" was pytest-xdist's worker id: the field is xdist_worker; old files still read ------
+
+V1_TEST_ROW = ("r-old", "t.py::test_a", "unit", "failed", 0, None, 0.1, 0.2, 0.3, "gw1", 0, 0, 0, 0, 0,
+               0.0, 0.0, 0, 0, "[]", None, None)
+
+
+def test_a_version_1_database_is_migrated_and_keeps_the_xdist_worker_of_each_test(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    raw = sqlite3.connect(path)
+    raw.executescript(store.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    run = run_row("r-old", "2026-11-01T00:00:00+00:00")
+    raw.execute(f"INSERT INTO runs ({', '.join(run)}) VALUES ({', '.join('?' for _ in run)})",
+                [json.dumps(v) if k in ("layers", "retained") else v for k, v in run.items()])
+    raw.execute(f"INSERT INTO tests VALUES ({', '.join('?' for _ in V1_TEST_ROW)})", V1_TEST_ROW)
+    raw.commit()
+    raw.close()
+    with History(path) as db:
+        assert db.schema_version == store.SCHEMA_VERSION >= 2
+        (row,) = db.tests("r-old")
+    assert row["xdist_worker"] == "gw1" and "worker" not in row
+
+
+def test_import_reads_report_files_that_still_say_worker(tmp_path: Path) -> None:
+    tests = [dict(empty_test_row("r-ci", "t.py::test", "unit"))]
+    old_style = {**tests[0], "worker": "gw0"}
+    del old_style["xdist_worker"]
+    report = tmp_path / "old-report.json"
+    report.write_text(json.dumps({"run": run_row("r-ci", "2026-11-03T00:00:00+00:00"), "tests": [old_style]}))
+    env = {"PROVISION_STATE_DIR": str(tmp_path / ".provision")}
+    result = CliRunner().invoke(main, ["history", "import", str(report)], env=env)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(CliRunner().invoke(main, ["history", "show", "r-ci", "--json"], env=env).output)
+    assert shown["tests"][0]["xdist_worker"] == "gw0" and "worker" not in shown["tests"][0]
+
+
+def test_history_list_and_show_print_header_rows(tmp_path: Path) -> None:
+    """A new user's `provision history list` printed rows with no header: which number is which?
+    And its "worker" column was read as the bridge worker container: it is pytest-xdist's."""
+    env = {"PROVISION_STATE_DIR": str(tmp_path / ".provision"), "COLUMNS": "200"}
+    row = {**empty_test_row("r-ci", "t.py::test", "unit"), "xdist_worker": "gw3", "outcome": "failed"}
+    with History(tmp_path / ".provision" / "history.sqlite") as db:
+        db.record(run_row("r-ci", "2026-11-03T00:00:00+00:00", passed=7, failed=1), [row])
+    listed = CliRunner().invoke(main, ["history", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    header, *rows = [line for line in listed.output.splitlines() if line.strip() and set(line) != {"─", " "}]
+    assert header.split() == ["run", "started", "(UTC)", "layers", "passed", "failed", "error", "skipped",
+                              "duration", "s", "billed", "$", "revision"], listed.output
+    assert rows[0].split()[:7] == ["r-ci", "2026-11-03", "00:00:00", "unit", "7", "1", "0"], listed.output
+    shown = CliRunner().invoke(main, ["history", "show", "r-ci"], env=env)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["outcome"])
+    assert "xdist worker" in lines[at] and "test" in lines[at], shown.output
+    assert "gw3" in lines[at + 2] and "t.py::test" in lines[at + 2], shown.output
