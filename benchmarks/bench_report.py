@@ -47,7 +47,7 @@ def fill(db: History, runs: int, tests: int, seed: int = 7) -> float:
             row["setup_s"] = rng.uniform(0.001, 0.2)
             row["call_s"] = rng.uniform(0.01, 3)
             row["teardown_s"] = rng.uniform(0.001, 0.1)
-            row["worker"] = f"gw{n % 2}"
+            row["xdist_worker"] = f"gw{n % 2}"
             if n % 4 == 0:
                 row["lm_replayed"] = rng.randint(0, 4)
                 row["cache_hits"] = row["lm_replayed"]
