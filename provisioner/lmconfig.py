@@ -46,6 +46,7 @@ RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
     "cost_limit_usd",
     "rate_limit_rpm",
     "shards",
+    "limits_share_of",
     "rate_limit_wait_s",
     "monthly_budget_usd",
     "prices",
@@ -191,6 +192,9 @@ class LMConfig(BaseModel):
     # runners) share cost_limit_usd and rate_limit_rpm: each enforces its share (shard_share). The
     # pytest plugin sets it from pytest-split's --splits.
     shards: int = Field(default=1, ge=1)
+    # Set by shard_share: cost_limit_usd and rate_limit_rpm are one shard's share, the run's divided
+    # by this many (1: the whole run's). Errors name it; nothing divides by it again.
+    limits_share_of: int = Field(default=1, ge=1)
     base_url: str | None = None
     # What answers at ``base_url``: real Gemini (or a proxy to it) or the Gemini stand-in. Only the
     # controller that wired the stand-in in sets "standin" (a base_url alone does not make an
@@ -226,7 +230,8 @@ class LMConfig(BaseModel):
         """This configuration's limits for one of ``shards`` shards: ``cost_limit_usd / shards`` dollars
         and ``rate_limit_rpm // shards`` requests per minute, so N shards together never pass the run's
         limits, whether they share a host or not (each shard's own run directory enforces its share).
-        The copy says ``shards=1``: its limits are already a share, applying this again changes nothing.
+        The copy says ``shards=1`` and ``limits_share_of=shards``: its limits are already a share, so
+        applying this again changes nothing.
 
         Raises:
             ConfigError: ``rate_limit_rpm`` is below ``shards`` (a shard needs one request a minute).
@@ -239,7 +244,16 @@ class LMConfig(BaseModel):
                 "shards (each needs at least 1 request/minute): raise lm.rate_limit_rpm or run fewer shards"
             )
         return self.model_copy(update={"cost_limit_usd": self.cost_limit_usd / self.shards,
-                                       "rate_limit_rpm": self.rate_limit_rpm // self.shards, "shards": 1})
+                                       "rate_limit_rpm": self.rate_limit_rpm // self.shards, "shards": 1,
+                                       "limits_share_of": self.shards})
+
+    @property
+    def limits_note(self) -> str:
+        """What errors about the limits add: which share of the run's limits this configuration has."""
+        if self.limits_share_of == 1:
+            return ""
+        return (f" (this shard's share: the run's lm.cost_limit_usd and lm.rate_limit_rpm divided by "
+                f"lm.shards={self.limits_share_of})")
 
     # -- hand-over to workers -------------------------------------------------------------------
 

@@ -61,7 +61,9 @@ def test_shards_split_the_runs_limits_and_splits_sets_them(tmp_path: Path,
     whole = resolve_run(RunOptions(), tmp_path).lm_config
     assert (whole.cost_limit_usd, whole.rate_limit_rpm) == (1.0, 10)
     share = resolve_run(RunOptions(shards=4), tmp_path).lm_config  # pytest-split's --splits 4
-    assert (share.cost_limit_usd, share.rate_limit_rpm, share.shards) == (0.25, 2, 1)
+    assert (share.cost_limit_usd, share.rate_limit_rpm) == (0.25, 2)
+    assert (share.shards, share.limits_share_of) == (1, 4)
+    assert "lm.shards=4" in share.limits_note and whole.limits_note == ""
     assert share.shard_share() == share  # a share is not split again
     # The same split from the settings (e.g. PROVISION_LM__SHARDS on each CI shard, or `provision up`):
     monkeypatch.setenv("PROVISION_LM__SHARDS", "4")

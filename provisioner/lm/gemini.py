@@ -198,7 +198,7 @@ class GeminiEngine(EngineBase):
         self.price = price_for(config)  # an unknown model is refused before any call
         self.limits = RunLimits(config.run_dir, rpm=config.rate_limit_rpm,
                                 cost_limit_usd=config.cost_limit_usd, wait_s=config.rate_limit_wait_s,
-                                reservation_ttl_s=config.request_timeout_s + 60.0)
+                                reservation_ttl_s=config.request_timeout_s + 60.0, note=config.limits_note)
         self.ledger = Ledger(config.run_dir, run_id=config.run_id, layer=config.layer)
         # ``record=False`` when wrapped by the cached engine, which writes its own ledger/stat lines.
         self.record = record

@@ -203,8 +203,10 @@ class RunLimits:
     def __init__(self, run_dir: Path | None, *, rpm: int, cost_limit_usd: float,
                  wait_s: float = 120.0, reservation_ttl_s: float = 600.0, window_s: float = WINDOW_S,
                  clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, note: str = "") -> None:
         self.run_dir = resolve_run_dir(run_dir)
+        # Appended to the limits' errors (LMConfig.limits_note: a shard's share of the run's limits).
+        self.note = note
         self.rpm = rpm
         self.cost_limit_usd = cost_limit_usd
         self.wait_s = wait_s
@@ -290,8 +292,8 @@ class RunLimits:
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
                 raise RateLimitExceeded(
-                    f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm) had no free "
-                    f"slot within lm.rate_limit_wait_s={wait_s:g}s; raise either setting or make "
+                    f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm{self.note}) had no "
+                    f"free slot within lm.rate_limit_wait_s={wait_s:g}s; raise either setting or make "
                     "fewer real calls"
                 )
             # Waiting for the window to move is the point of a rate limiter, not synchronisation.
@@ -318,7 +320,7 @@ class RunLimits:
                 raise CostLimitExceeded(
                     f"refusing {what}: its worst case ${amount_usd:.6f} would pass the run's cost limit "
                     f"lm.cost_limit_usd=${limit:.4f} (spent ${spent:.6f}, "
-                    f"reserved by calls in flight ${reserved:.6f})"
+                    f"reserved by calls in flight ${reserved:.6f}){self.note}"
                 )
             reservation = Reservation(uuid.uuid4().hex, amount_usd)
             data["reservations"][reservation.id] = {
