@@ -28,6 +28,7 @@ from provisioner.layers import Layer
 from provisioner.lm.callstats import LMUsage
 from provisioner.lmconfig import LMConfig, LMMode, RecordMode
 from provisioner.run import ProcessReport, ResolvedRun, RunIdentity, RunOptions, resolve_run, state_dir
+from provisioner.runtime.logs import WorkerLogWindow
 from provisioner.runtime.watchdog import finish_run
 from provisioner.runtime.workers import DedicatedWorker, ProcessContainers
 from provisioner.settings import Settings
@@ -60,6 +61,7 @@ class Environment:
         self._local_bridge: Any = None
         self._closers: list[tuple[str, Any]] = []
         self._sessions_by_label: dict[str, list[str]] = {}
+        self._session_workers: dict[str, str] = {}  # isolated session id -> its worker's name
         self._containers: ProcessContainers | None = None
         self._standin: Any = None
         # The worker image tag the run's controller prepared (xdist workers get it and never build).
@@ -203,6 +205,10 @@ class Environment:
             close_session: Any = adapter.close
         else:
             adapter, close_session = self.containers.open_session(spec.session_id)
+            with contextlib.suppress(Exception):  # the pool's memory; for worker_log after the session
+                worker = self.containers.pool.session(spec.session_id).worker
+                with self._lock:
+                    self._session_workers[spec.session_id] = str(worker)
         test = IsolatedTest(spec=spec, adapter=adapter, layer=self.layer.name)
         # Registered first, so it runs last: the test's own cleanups may still use the session.
         test.add_cleanup(close_session)
@@ -261,6 +267,95 @@ class Environment:
             yield worker
         finally:
             self.containers.stop_dedicated_worker(worker, retain=bool(retain and retain()))
+
+    # -- worker logs -----------------------------------------------------------------------------------
+
+    def worker_log(
+        self,
+        worker: str | IsolatedTest | DedicatedWorker,
+        since: float,
+        until: float | None = None,
+        *,
+        tail: int | None = None,
+    ) -> WorkerLogWindow:
+        """The log lines one of this environment's bridge worker containers wrote between ``since``
+        and ``until`` — e.g. what the worker said while a block of your code ran::
+
+            t0 = time.time()
+            with env.session("smoke") as test:
+                test.adapter.execute_program("qa", {"question": "?"})
+                window = env.worker_log(test, t0)   # until now
+            print(window.text)
+
+        ``worker``: an isolated session of this environment (:meth:`session` / :meth:`isolated`: the
+        worker it is pinned to), a :meth:`dedicated_worker`, or a worker container's name (e.g.
+        ``prov-<run>-pool-w0``; :meth:`worker_names` lists them). ``since``/``until``: Unix time in
+        seconds (``time.time()``; fractions kept), both ends included, compared by the engine with
+        each line's own timestamp; ``until`` None: now. ``tail``: only the newest ``tail`` lines of
+        the window (None: all).
+
+        Returns a :class:`~provisioner.runtime.logs.WorkerLogWindow`: ``worker`` (container name),
+        ``since``, ``until`` (seconds), ``lines`` (tuple of str, oldest first, no line ends),
+        ``omitted`` (lines ``tail`` left out), ``text`` (the lines joined).
+
+        Raises:
+            ConfigError: the layer runs in-process (no worker containers: the unit layer); ``worker``
+                is a name that is not one of this environment's workers (the message lists them); a
+                bad window (not a number, ``since`` after ``until``, negative ``tail``).
+            WorkerLostError: the worker is gone (replaced after it died, or removed), and its log
+                with it.
+            DockerUnavailableError: the engine does not answer.
+        """
+        import time
+
+        from provisioner.runtime.logs import check_window, read_window
+
+        end = time.time() if until is None else until
+        check_window(since, end, tail)
+        self._require_containers("worker_log")
+        if isinstance(worker, DedicatedWorker):
+            name, container = worker.name, worker.container_id
+        elif isinstance(worker, IsolatedTest):
+            with self._lock:
+                pinned = self._session_workers.get(worker.session_id)
+            if pinned is None:
+                raise ConfigError(f"isolated session {worker.session_id} is not one of this environment's "
+                                  "sessions on a worker container (open it with this environment's "
+                                  "session() or isolated())")
+            name = container = pinned
+        else:
+            known = self.worker_names()
+            if worker not in known:
+                from provisioner.errors import UnknownNameError
+
+                raise UnknownNameError("worker", str(worker), known,
+                                       hint=f"worker containers of run {self.run_id}")
+            name = container = worker
+        return read_window(self.containers.runtime, container, since, end, tail=tail, name=name)
+
+    def worker_names(self) -> list[str]:
+        """The names of this environment's worker containers now: its pool's (or the ``provision up``
+        run's it is attached to) and its dedicated workers'. Empty before any was started, and for an
+        in-process layer."""
+        if not self.layer.needs_docker or self._containers is None:
+            return []
+        from provisioner.runtime import labels as L
+
+        names: list[str] = []
+        pool = self._containers.pool_started
+        if pool is not None:  # the workers of the run's shared pool, or of an attached `provision up` run
+            names += [str(w["name"]) for w in pool.stats().get("workers", ())]
+        for ref in self._containers.runtime.list_resources(L.selector(self.run_id)):
+            if ref.kind == "container" and ref.labels.get(L.ROLE) == L.ROLE_WORKER and ref.name not in names:
+                names.append(ref.name)
+        return names
+
+    def _require_containers(self, what: str) -> None:
+        if not self.layer.needs_docker:
+            raise ConfigError(
+                f"{what}: layer {self.layer.name!r} runs in-process (adapter {self.layer.adapter!r}) and "
+                "has no worker containers; use a container layer such as 'integration' or 'e2e'"
+            )
 
     def _in_process_bridge(self) -> Any:
         with self._lock:

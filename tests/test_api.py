@@ -5,15 +5,24 @@ tests/testing/test_plugin_containers.py prove the same path on the engine."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
 
 import provisioner.api as api
 from provisioner.bridge import LocalBridge, SessionClient
-from provisioner.errors import BridgeError, CleanupError, ClosedError, ProvisionerError
+from provisioner.errors import (
+    BridgeError,
+    CleanupError,
+    ClosedError,
+    ConfigError,
+    ProvisionerError,
+    WorkerLostError,
+)
 from provisioner.factories import ProgramFactory
 from provisioner.run import RunIdentity, RunOptions
 from provisioner.runtime import labels as L
@@ -333,3 +342,71 @@ def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(
     report = run.finish(None)
     assert report is not None and report.layers["e2e"].workers_started == 2
     assert _of_run(served, identity.run_id) == []
+
+
+# --- a worker's log window through the Python API ----------------------------------------------
+
+
+def test_worker_log_refuses_what_it_cannot_answer_with_the_input_named(
+    project: Path, served: FakeRuntime
+) -> None:
+    with api.environment("unit", project_dir=project) as unit, unit.session("u") as test, \
+            pytest.raises(ConfigError, match=r"runs in-process.*no worker containers"):
+        unit.worker_log(test, 0.0)
+    with api.environment("integration", project_dir=project, runtime=served, attach=False) as env, \
+            env.session("a") as test:
+        pinned = env.worker_log(test, 0.0).worker
+        assert pinned in env.worker_names()
+        with pytest.raises(ConfigError, match=r"unknown worker 'prov-nope'.*" + re.escape(pinned)):
+            env.worker_log("prov-nope", 0.0)
+        with pytest.raises(ConfigError, match=r"since=5\.0 is after until=1\.0"):
+            env.worker_log(test, 5.0, 1.0)
+        with pytest.raises(ConfigError, match=r"tail=-1 must be 0 or more"):
+            env.worker_log(test, 0.0, tail=-1)
+        with pytest.raises(ConfigError, match=r"since=nan is not a time"):
+            env.worker_log(test, float("nan"))
+        served.crash(pinned)
+        served.remove_container(pinned)
+        with pytest.raises(WorkerLostError, match=f"worker {re.escape(pinned)} is gone"):
+            env.worker_log(test, 0.0)
+
+
+@pytest.mark.docker
+def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The public accessor on a real worker container: a session's worker, by name, and a dedicated
+    worker; lines before ``since`` and after ``until`` are not in the window (the engine's stamps)."""
+    import time
+
+    for key in list(os.environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'logwindow'\n")
+
+    def refused(session: Any, program_id: str) -> None:  # the worker logs a refused request (INFO)
+        with pytest.raises(BridgeError, match=program_id):
+            session.execute_program(program_id, {"question": "?"})
+
+    with api.environment("integration", lm="mock", project_dir=tmp_path, attach=False) as env:
+        with env.session("logs") as test:
+            refused(test.adapter, "before-window")
+            since = time.time()
+            refused(test.adapter, "inside-window")
+            until = time.time()
+            refused(test.adapter, "after-window")
+            window = env.worker_log(test, since, until)
+            assert window.worker in env.worker_names() and window.worker.startswith("prov-")
+            assert "inside-window" in window.text, window
+            assert "before-window" not in window.text and "after-window" not in window.text, window
+            assert (window.since, window.until, window.omitted) == (since, until, 0)
+            by_name = env.worker_log(window.worker, since, until)
+            assert by_name.lines == window.lines
+            assert "after-window" in env.worker_log(test, until).text  # until: now
+            newest = env.worker_log(test, 0.0, tail=1)
+            assert len(newest.lines) == 1 and newest.omitted > 0
+        with env.dedicated_worker("logs") as worker:
+            refused(worker.session("mine"), "dedicated-window")
+            own = env.worker_log(worker, 0.0)
+            assert own.worker == worker.name and "dedicated-window" in own.text
+            assert "bridge worker listening" in own.text and "inside-window" not in own.text

@@ -189,6 +189,11 @@ class ProcessContainers:
         return self._resources is not None
 
     @property
+    def pool_started(self) -> WorkerPool | None:
+        """The process's pool when it has one already (None: no session was opened yet)."""
+        return self._pool
+
+    @property
     def image(self) -> str:
         """The worker image: the one the run's controller prepared (xdist workers never build), else
         checked or built now. A failure is remembered: later tests get the same error at once."""

@@ -137,12 +137,15 @@ class WorkerLogs:
 
     def _excerpt(self, runtime: Any, test_id: str, name: str, container: str, since: float,
                  until: float) -> WorkerLogExcerpt:
+        from provisioner.errors import WorkerLostError
+        from provisioner.runtime.logs import read_window
+
         try:
-            if runtime.container_state(container) is None:
-                return WorkerLogExcerpt(name, since, until, (), 0, None,
-                                        "the container is gone (removed or replaced), and its log with it")
-            window = runtime.logs(container, tail=None, since=since, until=until).splitlines()
+            window = list(read_window(runtime, container, since, until, name=name).lines)
             whole = runtime.logs(container, tail=None)
+        except WorkerLostError:
+            return WorkerLogExcerpt(name, since, until, (), 0, None,
+                                    "the container is gone (removed or replaced), and its log with it")
         except Exception as exc:  # a report section must never fail the report
             return WorkerLogExcerpt(name, since, until, (), 0, None,
                                     f"the engine did not give the log: {exc}")
