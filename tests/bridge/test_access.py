@@ -36,6 +36,8 @@ OWNED_VALUES: dict[str, Any] = {
     "rate_limit_rpm": 100000,
     "rate_limit_wait_s": 3600.0,
     "monthly_budget_usd": 1e6,
+    "shards": 8,  # a share of the run's limits, or none: the run's choice
+    "limits_share_of": 3,
     "prices": {"gemini-2.5-flash-lite": {"input_per_mtok": 0, "output_per_mtok": 0}},
     "run_dir": "/tmp/fresh-budget",
     "run_id": "someone-else",
