@@ -938,22 +938,28 @@ def history_show(run_id: str, as_json: bool) -> None:
 @click.argument("reports", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def history_import(reports: tuple[Path, ...]) -> None:
-    """Merge runs recorded elsewhere (--provision-report JSON files: CI artifacts, shards)."""
+    """Merge runs recorded elsewhere (--provision-report JSON files: CI artifacts, merged shards).
+
+    A merged report (`provision history merge`) replaces its shards' runs if they are in the history
+    (shards run on this machine recorded themselves): their tests and money would count twice.
+    """
     from provisioner.errors import HistoryError
-    from provisioner.history.store import rows_from_report
+    from provisioner.history.store import merged_shard_ids, rows_from_report
 
     loaded = []
     for path in reports:
         try:
-            loaded.append(rows_from_report(json.loads(path.read_text(encoding="utf-8")), str(path)))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            loaded.append((*rows_from_report(data, str(path)), merged_shard_ids(data)))
         except ValueError as exc:
             raise click.ClickException(f"{path}: not JSON ({exc})") from None
         except HistoryError as exc:
             raise click.ClickException(str(exc)) from None
     with _history() as db:
-        for run, tests in loaded:  # all files checked first: a bad one imports nothing
-            db.record(run, tests)
-            click.echo(f"imported {run['run_id']} ({len(tests)} tests)")
+        for run, tests, shards in loaded:  # all files checked first: a bad one imports nothing
+            replaced = db.record(run, tests, replaces=shards)
+            note = f", replacing its {replaced} shard run{'s' if replaced != 1 else ''}" if replaced else ""
+            click.echo(f"imported {run['run_id']} ({len(tests)} tests{note})")
 
 
 @history.command("merge")

@@ -209,8 +209,12 @@ class History:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def record(self, run: RunRow, tests: Iterable[TestRow]) -> None:
+    def record(self, run: RunRow, tests: Iterable[TestRow], *, replaces: Iterable[str] = ()) -> int:
         """Write a run and its tests in one transaction (replacing a run recorded before under its id).
+
+        ``replaces``: run ids this run stands for, deleted in the same transaction — the shards of a
+        merged run (:mod:`provisioner.history.merge`), which would otherwise count twice. Returns how
+        many of them were in the history.
 
         Raises:
             HistoryError: a row misses a field (the message names it).
@@ -218,10 +222,15 @@ class History:
         rows = list(tests)
         run_values = _values(run, RUN_FIELDS, _RUN_JSON, "run")
         test_values = [_values(row, TEST_FIELDS, _TEST_JSON, f"test {row.get('node_id')!r}") for row in rows]
+        replaced = 0
         with self._transaction():
+            for old in replaces:
+                if old != run["run_id"]:
+                    replaced += self._db.execute("DELETE FROM runs WHERE run_id = ?", (old,)).rowcount
             self._db.execute("DELETE FROM runs WHERE run_id = ?", (run["run_id"],))
             self._db.execute(_INSERT_RUN, run_values)
             self._db.executemany(_INSERT_TEST, test_values)
+        return replaced
 
     def prune(self, keep: int) -> int:
         """Keep the ``keep`` newest runs (by start time); returns how many runs were deleted."""
@@ -303,6 +312,14 @@ def _renamed(row: Any) -> Any:
             value = out.pop(old)
             out.setdefault(new, value)
     return out
+
+
+def merged_shard_ids(data: Any) -> list[str]:
+    """The shard run ids a merged report (``provision history merge``) stands for; [] for any other."""
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list):
+        return []
+    return [str(s["run_id"]) for s in shards if isinstance(s, dict) and s.get("run_id")]
 
 
 def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:

@@ -161,3 +161,23 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path: Path) -> None:
     result = runner.invoke(main, ["history", "merge", str(tmp_path / "artifacts" / "reports-unit-shard1"),
                                   "--out", str(tmp_path / "artifacts" / "reports-unit-shard1")])
     assert result.exit_code == 1 and "would replace a shard report" in result.output
+
+
+def test_importing_a_merge_replaces_its_shards_recorded_on_this_machine(tmp_path: Path) -> None:
+    """Shards run side by side on one machine each record themselves in the local history; the merged
+    run must replace them, or the month's cost counts their money twice."""
+    a, b = two_shards(tmp_path / "artifacts")
+    env = {"PROVISION_STATE_DIR": str(tmp_path / ".provision")}
+    runner = CliRunner()
+    other = shard_report(tmp_path / "elsewhere", "r9", ["t.py::z"], started="2026-11-29T10:00:00+00:00",
+                         finished="2026-11-29T10:00:01+00:00")
+    assert runner.invoke(main, ["history", "import", str(a), str(b), str(other)], env=env).exit_code == 0
+    result = runner.invoke(main, ["history", "merge", str(tmp_path / "artifacts"), "--out",
+                                  str(tmp_path / "merged")], env=env)
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged" / "example-unit.json"
+    result = runner.invoke(main, ["history", "import", str(merged)], env=env)
+    assert result.exit_code == 0 and "replacing its 2 shard runs" in result.output, result.output
+    runs = json.loads(runner.invoke(main, ["history", "list", "--json"], env=env).output)
+    assert sorted(r["run_id"][0] for r in runs) == ["m", "r"] and {r["run_id"] for r in runs} >= {"r9"}
+    assert sum(r["cost_usd"] for r in runs) == pytest.approx(0.375)  # counted once
