@@ -854,13 +854,17 @@ def compose_export(layer_names: tuple[str, ...], output: Path | None) -> None:
 # -- run history and reports (provisioner.history, provisioner.reporting) -----------------------------
 
 
-def _history(settings: Settings | None = None) -> Any:
+def _history(settings: Settings | None = None, *, create: bool = False) -> Any:
+    """The project's history database. Commands that only read (``create=False``) leave a project
+    without one as it is — no ``.provision/history.sqlite`` made by looking — and see an empty
+    history (an in-memory database of the current schema)."""
     from provisioner.errors import HistoryError
     from provisioner.history.store import HISTORY_FILE, History
 
     settings = settings or _settings()
+    path = settings.state_dir / HISTORY_FILE
     try:
-        return History(settings.state_dir / HISTORY_FILE)
+        return History(path if create or path.exists() else Path(":memory:"))
     except HistoryError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -886,7 +890,7 @@ def history_list(limit: int, as_json: bool) -> None:
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, right in (("run", False), ("started (UTC)", False), ("layers", False), ("passed", True),
                         ("failed", True), ("error", True), ("skipped", True), ("duration s", True),
                         ("billed $", True), ("revision", False)):
@@ -923,7 +927,7 @@ def history_show(run_id: str, as_json: bool) -> None:
     from rich import box
     from rich.table import Table
 
-    table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, right in (("outcome", False), ("duration s", True), ("billed $", True), ("LM calls", True),
                         ("xdist worker", False), ("test", False)):
         table.add_column(name, justify="right" if right else "left")
@@ -955,7 +959,7 @@ def history_import(reports: tuple[Path, ...]) -> None:
             raise click.ClickException(f"{path}: not JSON ({exc})") from None
         except HistoryError as exc:
             raise click.ClickException(str(exc)) from None
-    with _history() as db:
+    with _history(create=True) as db:
         for run, tests, shards in loaded:  # all files checked first: a bad one imports nothing
             replaced = db.record(run, tests, replaces=shards)
             note = f", replacing its {replaced} shard run{'s' if replaced != 1 else ''}" if replaced else ""

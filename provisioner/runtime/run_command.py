@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -60,11 +61,18 @@ def run_command(
     engine's runtime is opened for the run and closed at the end, on every path.
 
     Raises:
-        ConfigError: no command, or it cannot be started; the errors of :func:`up`.
+        ConfigError: no command, or it cannot be started (checked before anything starts: a name
+            not on ``PATH``, a path that is not an executable file); the errors of :func:`up`.
     """
     if not command:
         raise ConfigError(
             "provision run needs a command after `--`, e.g. provision run --layer e2e -- pytest"
+        )
+    if shutil.which(command[0]) is None:  # before a layer is brought up for nothing
+        where = "is not an executable file" if os.sep in command[0] else "is not on PATH"
+        raise ConfigError(
+            f"cannot run {command[0]!r}: it {where} (PATH={os.environ.get('PATH', '')}); nothing was "
+            "started. Check the spelling, activate the virtualenv that has it, or give its path"
         )
     settings = settings_or_load(settings)
     with opened_runtime(runtime, settings) as rt:
@@ -183,9 +191,9 @@ class _HealthWatch:
                 continue
             if not notes:
                 continue
+            self._record()  # first: whoever reads a note finds the state file up to date
             for note in notes:
                 self.say(f"provision run: {note}")
-            self._record()
 
     def _record(self) -> None:
         """The state file names the workers' current containers."""

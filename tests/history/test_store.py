@@ -213,7 +213,8 @@ def test_history_list_and_show_print_header_rows(tmp_path: Path) -> None:
         db.record(run_row("r-ci", "2026-11-03T00:00:00+00:00", passed=7, failed=1), [row])
     listed = CliRunner().invoke(main, ["history", "list"], env=env)
     assert listed.exit_code == 0, listed.output
-    header, *rows = [line for line in listed.output.splitlines() if line.strip() and set(line) != {"─", " "}]
+    lines = listed.output.splitlines()
+    header, *rows = [line for line in lines if line.strip() and set(line.strip()) != {"─"}]
     assert header.split() == ["run", "started", "(UTC)", "layers", "passed", "failed", "error", "skipped",
                               "duration", "s", "billed", "$", "revision"], listed.output
     assert rows[0].split()[:7] == ["r-ci", "2026-11-03", "00:00:00", "unit", "7", "1", "0"], listed.output
@@ -223,3 +224,17 @@ def test_history_list_and_show_print_header_rows(tmp_path: Path) -> None:
     at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["outcome"])
     assert "xdist worker" in lines[at] and "test" in lines[at], shown.output
     assert "gw3" in lines[at + 2] and "t.py::test" in lines[at + 2], shown.output
+
+
+def test_reading_the_history_of_a_project_without_one_creates_nothing(tmp_path: Path) -> None:
+    """A new user's `provision history list` in a fresh folder made .provision/history.sqlite."""
+    state = tmp_path / ".provision"
+    env = {"PROVISION_STATE_DIR": str(state)}
+    for args in (["history", "list"], ["history", "list", "--json"], ["report", "markdown"],
+                 ["history", "prune", "--keep", "1"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 0, (args, result.output)
+        assert not (state / store.HISTORY_FILE).exists(), args
+    assert "no runs recorded yet" in CliRunner().invoke(main, ["history", "list"], env=env).output
+    assert CliRunner().invoke(main, ["history", "show", "r1"], env=env).exit_code == 2
+    assert not state.exists()

@@ -100,7 +100,10 @@ def test_run_command_replaces_a_dead_worker_and_heals_a_dead_port_while_the_comm
     notes: list[str] = []
     killed: dict[str, str] = {}
 
-    def break_it() -> bool:  # once the run is up: kill worker 0 and worker 1's port forwarder
+    def break_it() -> bool:  # once the run is up (its state file written): kill worker 0 and
+        runs = list_runs(rt)  # worker 1's port forwarder
+        if not runs or not run_dir_of(settings, runs[0].run_id).state_file.exists():
+            return False
         relay = next((c for c in rt.containers.values() if c.recipe.role == "relay"), None)
         ws = sorted((c for c in rt.containers.values() if c.recipe.role == "worker"),
                     key=lambda c: c.recipe.name)
@@ -221,3 +224,16 @@ def test_run_command_closes_the_runtime_it_opened_also_when_up_fails(
         run_command(["true"], settings, UpOptions(layer="integration", lm_mode="mock", workers=1,
                                                   image=FAKE_IMAGE, run_id="Not A Valid Id!", watchdog=False))
     assert len(opened) == 2 and opened[1].closed == 1
+
+
+def test_a_command_that_cannot_run_is_refused_before_anything_starts(
+    settings: Settings, opened: list[ClosingRuntime], tmp_path: Path
+) -> None:
+    """A new user's `provision run -- no-such-cmd` brought the layer up (20 s), then failed."""
+    with pytest.raises(ConfigError, match=r"cannot run 'no-such-command-xyz': it is not on PATH"):
+        run_command(["no-such-command-xyz", "-q"], settings, UpOptions(layer="integration"))
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(ConfigError, match=r"not-executable\.sh': it is not an executable file"):
+        run_command([str(script)], settings, UpOptions(layer="integration"))
+    assert opened == []  # not even the engine was asked
