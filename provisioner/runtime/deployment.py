@@ -145,6 +145,8 @@ class Deployment:
         self.container_ids: dict[str, str] = {}  # recipe name -> container id
         self.state: RunState | None = None
         self.warnings: list[str] = []
+        # The runtime was opened for this deployment (lifecycle.up without a runtime): stop() closes it.
+        self.owns_runtime = False
         self._lock = threading.RLock()
         self._closing = threading.Event()
         self.started = False
@@ -270,8 +272,13 @@ class Deployment:
         process, keep theirs. Removing the whole run is :func:`~provisioner.runtime.lifecycle.down`'s
         job and the watchdog's."""
         self._closing.set()
-        report = self.resources.cleanup_all()
-        remove_by_selector(self.runtime, self.selector, lambda ref: self.owns(ref.kind, ref.name))
+        try:
+            report = self.resources.cleanup_all()
+            remove_by_selector(self.runtime, self.selector, lambda ref: self.owns(ref.kind, ref.name))
+        finally:
+            if self.owns_runtime:  # opened for it: closed with it (docker-py's connection pool)
+                self.owns_runtime = False
+                self.runtime.close()
         self.started = False
         return report
 

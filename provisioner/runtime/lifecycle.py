@@ -81,8 +81,8 @@ def up(
     it is fully up, so Ctrl-C or a kill during ``up`` leaves nothing.
 
     ``runtime``: the engine to use (the caller's, never closed here). Without it, ``up`` opens the
-    engine's runtime, closes it when it fails, and otherwise hands it to the returned deployment
-    (``deployment.runtime``): close that when done with the deployment (the CLI passes its own).
+    engine's runtime, closes it when it fails, and otherwise hands it to the returned deployment,
+    whose :meth:`~Deployment.stop` closes it (``owns_runtime``).
 
     Raises:
         ConfigError: the layer has no containers, or ``require_key`` without a key.
@@ -106,11 +106,13 @@ def up(
         )
     rt = launch.open_runtime(runtime, settings)
     try:
-        return _up(settings, options, rt, layer, lm, project, probe, say)
+        deployment = _up(settings, options, rt, layer, lm, project, probe, say)
     except BaseException:
         if runtime is None:  # opened here, and no deployment holds it: closed here
             rt.close()
         raise
+    deployment.owns_runtime = runtime is None
+    return deployment
 
 
 def _up(settings: Settings, options: UpOptions, rt: ContainerRuntime, layer: Layer, lm: LMConfig,

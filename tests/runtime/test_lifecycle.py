@@ -451,3 +451,19 @@ def test_lifecycle_functions_close_the_runtime_they_open(
             call()
         assert len(made) == before + 1, name
         assert made[-1].closed == 1, name
+
+
+def test_a_deployment_up_opened_the_runtime_for_closes_it_when_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _Counting()
+    monkeypatch.setattr("provisioner.runtime.engine.open_runtime", lambda *_a, **_kw: engine)
+    env = up(settings, UpOptions(layer="integration", lm_mode="mock", image=FAKE_IMAGE, watchdog=False),
+             probe=FakeWorkers(engine).probe)
+    assert env.owns_runtime and engine.closed == 0  # the deployment still uses it
+    env.stop()
+    assert engine.closed == 1 and engine.containers == {}
+    given = up(settings, UpOptions(layer="integration", lm_mode="mock", image=FAKE_IMAGE, watchdog=False),
+               runtime=engine, probe=FakeWorkers(engine).probe)
+    given.stop()
+    assert not given.owns_runtime and engine.closed == 1  # a runtime handed in stays the caller's
