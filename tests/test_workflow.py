@@ -136,11 +136,16 @@ def test_actionlint_has_no_findings_and_can_fail(tmp_path: Path) -> None:
     assert [f["kind"] for f in _actionlint(bad)] == ["expression"]
 
 
+def _legs() -> dict[str, dict[str, Any]]:
+    """The jobs that run tests (a matrix over layer and Python); the `report` job merges them."""
+    return {name: job for name, job in _load()["jobs"].items() if "strategy" in job}
+
+
 def test_a_matrix_over_layer_and_python() -> None:
     jobs = _load()["jobs"]
-    assert set(jobs) == {"layers", "e2e"}
+    assert set(jobs) == {"layers", "e2e", "report"}
     legs = set()
-    for job in jobs.values():
+    for job in _legs().values():
         matrix = job["strategy"]["matrix"]
         assert matrix["python"] == PYTHONS
         legs |= {(layer, py) for layer in matrix["layer"] for py in matrix["python"]}
@@ -163,7 +168,7 @@ def test_each_leg_sets_up_docker_if_missing_and_runs_its_layer() -> None:
     setup = (ROOT / ".ci" / "setup").read_text()
     # .ci/setup installs a Docker engine only when none is there.
     assert "command -v dockerd" in setup and "docker.io" in setup
-    for name, job in _load()["jobs"].items():
+    for name, job in _legs().items():
         commands = _steps_run(job)
         assert "bash .ci/setup" in commands, name
         runs = [s for s in job["steps"] if "pytest" in s.get("run", "")]
@@ -188,7 +193,7 @@ def test_cassettes_are_committed_and_replayed_so_a_miss_fails() -> None:
 
 
 def test_reports_are_uploaded_as_artifacts_even_on_failure() -> None:
-    for name, job in _load()["jobs"].items():
+    for name, job in _legs().items():
         uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
         assert len(uploads) == 1, name
         assert uploads[0]["if"] == "always()"
@@ -199,17 +204,60 @@ def test_reports_are_uploaded_as_artifacts_even_on_failure() -> None:
         assert all("--provision-report" in r and "reports/" in r for r in reports), name
 
 
-def test_the_history_page_is_uploaded_and_the_markdown_summary_written() -> None:
-    for name, job in _load()["jobs"].items():
-        steps = job["steps"]
-        upload = next(i for i, s in enumerate(steps)
-                      if s.get("uses", "").startswith("actions/upload-artifact@"))
-        (page,) = [(i, s) for i, s in enumerate(steps) if "provision report html" in s.get("run", "")]
-        index, step = page
-        assert index < upload and step["if"] == "always()", name
-        assert "--out reports/html" in step["run"]  # inside the uploaded reports/ directory
-        assert 'provision report markdown >> "$GITHUB_STEP_SUMMARY"' in step["run"]
-        assert "provision history import" in step["run"]  # the example project's runs join the page
+def test_the_report_job_merges_every_shard_into_one_page_and_one_summary() -> None:
+    """The legs upload their shard reports; one final job downloads them all, merges the shards of
+    each suite, imports the merged runs (never the shards: money would count twice) and writes the
+    one page and the one job summary."""
+    import fnmatch
+
+    jobs = _load()["jobs"]
+    for job in _legs().values():
+        assert not any("provision report" in s.get("run", "") or "GITHUB_STEP_SUMMARY" in s.get("run", "")
+                       for s in job["steps"])  # no partial page or summary per shard
+    report = jobs["report"]
+    assert set(report["needs"]) == set(_legs())
+    assert report["if"] == "${{ !cancelled() }}"  # also after failed legs and a skipped e2e
+    steps = report["steps"]
+    (download,) = [s for s in steps if s.get("uses", "").startswith("actions/download-artifact@")]
+    assert "merge-multiple" not in download["with"]  # one folder per artifact: shards keep their files
+    uploaded = [s["with"]["name"] for job in _legs().values() for s in job["steps"]
+                if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert all(fnmatch.fnmatch(name, download["with"]["pattern"]) for name in uploaded)
+    (merge,) = [s for s in steps if "provision history merge" in s.get("run", "")]
+    lines = merge["run"].strip().splitlines()
+    folder = download["with"]["path"]
+    assert lines[0].startswith(f".venv/bin/provision history merge {folder} --out reports/merged")
+    assert '--summary "$GITHUB_STEP_SUMMARY"' in lines[0]
+    assert lines[1] == ".venv/bin/provision history import reports/merged/*.json"
+    assert lines[2] == ".venv/bin/provision report html --out reports/html"
+    upload = steps[-1]
+    assert upload["uses"].startswith("actions/upload-artifact@") and upload["with"]["path"] == "reports/"
+    assert upload["if"] == "always()"
+    assert steps.index(merge) < len(steps) - 1
+
+
+def test_shard_axis_wiring() -> None:
+    """pytest-split's --splits/--group from the matrix; the same report file name in every shard of a
+    leg (what marks them as one suite for the merge) but a distinct artifact and shard name each."""
+    data = _load()
+    shards = int(data["env"]["SHARDS"])
+    job = data["jobs"]["layers"]
+    assert shards >= 2 and job["strategy"]["matrix"]["shard"] == list(range(1, shards + 1))
+    assert "${{ matrix.shard }}" in job["env"]["PROVISION_SHARD"]
+    assert "${{ matrix.shard }}" in job["name"]
+    runs = [s for s in job["steps"] if "pytest" in s.get("run", "")]
+    assert len(runs) == 2
+    for step in runs:
+        # least_duration: every group gets a test before any gets two (duration_based_chunks, the
+        # default, can leave a group empty, and pytest exits 5 on it)
+        assert '--splits "$SHARDS" --group "$SHARD" --splitting-algorithm least_duration' in step["run"]
+        assert step["env"]["SHARD"] == "${{ matrix.shard }}"
+        report = re.search(r'--provision-report "([^"]+)"', step["run"])
+        assert report and "$LAYER" in report.group(1) and "$PYTHON" in report.group(1)
+        assert "SHARD" not in report.group(1)
+        assert step["env"]["PYTHON"] == "${{ matrix.python }}"
+    (upload,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert "${{ matrix.shard }}" in upload["with"]["name"]
 
 
 def test_secret_only_in_e2e_from_its_environment_and_least_privilege() -> None:
