@@ -314,3 +314,13 @@ def test_no_zombies_or_orphans_after_1000_connections(spawn_worker: Any) -> None
         fork = client.get_stats()["fork"]
     assert fork["accepted_total"] == 1001 and fork["forks_total"] == 1002 and fork["children"] == 1
     assert fork["children_crashed"] == 0 and fork["children_exited"] == 1000
+
+
+def test_the_worker_is_ready_only_once_a_process_waits_for_the_first_connection(spawn_worker: Any) -> None:
+    """The ready file appears after the first spare built its service and LM: the connection that
+    follows (the host's readiness ping) is served by that process, not one forked for it."""
+    worker = spawn_worker("--fork")
+    waiting = [p.pid for p in live_children(worker.proc.pid)]
+    assert len(waiting) == 1
+    with worker.client() as client:
+        assert client.ping()["pid"] == waiting[0]
