@@ -467,3 +467,25 @@ def test_a_deployment_up_opened_the_runtime_for_closes_it_when_stopped(
                runtime=engine, probe=FakeWorkers(engine).probe)
     given.stop()
     assert not given.owns_runtime and engine.closed == 1  # a runtime handed in stays the caller's
+
+
+def test_a_shards_up_writes_its_share_of_the_limits_for_its_workers(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """`provision up` in one of 4 CI shards (PROVISION_LM__SHARDS=4): the limits file the worker
+    containers enforce holds the shard's share, and the workers' LM configuration says it is one."""
+    rt, _ = fake
+    sharded = settings.model_copy(update={"lm": settings.lm.model_copy(update={"shards": 4})})
+    env = _up(sharded, fake, layer="integration", lm_mode="cached", workers=1, persistent=True)
+    try:
+        assert env.state is not None and env.state.lm_run_dir is not None
+        limits = read_run_limits(Path(env.state.lm_run_dir))
+        assert limits is not None
+        assert limits["cost_limit_usd"] == pytest.approx(settings.lm.cost_limit_usd / 4)
+        assert limits["rate_limit_rpm"] == settings.lm.rate_limit_rpm // 4
+        worker = next(c for c in rt.containers.values() if c.recipe.role == "worker")
+        handed = json.loads(worker.recipe.environment["PROVISION_LM_CONFIG"])
+        assert (handed["shards"], handed["limits_share_of"]) == (1, 4)
+        assert handed["cost_limit_usd"] == pytest.approx(settings.lm.cost_limit_usd / 4)
+    finally:
+        down(sharded, runtime=rt)
