@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from provisioner.errors import RuntimeProblem
+from provisioner.errors import DockerUnavailableError, RuntimeProblem
 from provisioner.runtime.deployment import Deployment, Probe, death_reason
 from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.recipes import RELAY_BASE_PORT
@@ -143,7 +143,9 @@ def rebind_relay(
     deadline = time.monotonic() + timeout_s
     waiting = [w for w in workers if _running(runtime, w.container_id)[0]]
     while waiting:
-        waiting = [w for w in waiting if not probe(w.host, w.port, PROBE_TIMEOUT_S).ok]
+        # A worker that stops meanwhile is not waited for: it is its replacer's (pool, provision run).
+        waiting = [w for w in waiting
+                   if not probe(w.host, w.port, PROBE_TIMEOUT_S).ok and _running(runtime, w.container_id)[0]]
         if not waiting:
             break
         runs, end = _running(runtime, new_id)
@@ -161,8 +163,9 @@ def rebind_relay(
 def heal_environment(env: Deployment) -> list[str]:
     """Check a live run's published paths; when one is dead, re-create its relay on the same ports.
 
-    Returns what was found and done, one message per dead path (empty: every path answers, or a
-    heal by another thread is in progress). The run's resource tracking follows the relay's new id.
+    Returns what was found and done, one message per cause (a dead relay is one message naming
+    every worker behind it; a dead forwarder one per port; empty: every path answers, or a heal by
+    another thread is in progress). The run's resource tracking follows the relay's new id.
 
     Raises:
         RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`).
@@ -186,11 +189,17 @@ def heal_environment(env: Deployment) -> list[str]:
     finally:
         lock.release()
     names = {w.slot: w.name for w in workers}
-    return [
-        f"the published path of worker {names[slot]} (slot {slot}) was dead: {why}; "
-        f"re-created the relay {relay} on the same ports"
-        for slot, why in sorted(dead.items())
-    ]
+    by_cause: dict[str, list[int]] = {}
+    for slot, why in sorted(dead.items()):
+        by_cause.setdefault(why, []).append(slot)
+    out = []
+    for why, slots in by_cause.items():
+        which = ", ".join(f"{names[slot]} (slot {slot})" for slot in slots)
+        paths = "path of worker" if len(slots) == 1 else "paths of workers"
+        were = "was" if len(slots) == 1 else "were"
+        out.append(f"the published {paths} {which} {were} dead: {why}; re-created the relay {relay} "
+                   "on the same ports")
+    return out
 
 
 def heal_deployment(env: Deployment) -> list[str]:
@@ -200,22 +209,34 @@ def heal_deployment(env: Deployment) -> list[str]:
     (:meth:`~provisioner.runtime.deployment.Deployment.replace_worker`: same slot, alias and
     published port; the dead worker's sessions and programs are gone).
 
-    Returns one message per repair, each saying what was wrong (the engine's words: exit code,
-    signal, OOM) and what was done; empty when everything was healthy. The deployment's ``workers``
-    name the replacements afterwards.
+    Returns one message per repair or failed repair, each saying what was wrong (the engine's
+    words: exit code, signal, OOM) and what was done; empty when everything was healthy. A repair
+    that fails (the relay could not be re-created, a replacement did not become ready: it is removed
+    again) is a message too, ending "the next check tries again", and the other repairs still
+    happen. The deployment's ``workers`` name the replacements afterwards.
 
     Raises:
-        RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`).
-        WorkerNotReadyError: a replacement did not become ready (it is removed again; the next check
-            tries once more).
+        DockerUnavailableError: the engine does not answer.
     """
-    notes = heal_environment(env)
+    try:
+        notes = heal_environment(env)
+    except DockerUnavailableError:
+        raise
+    except RuntimeProblem as exc:
+        notes = [f"re-creating the relay {env.plan.relay.name} failed: {exc}; the next check tries again"]
     for worker in list(env.workers):
         state = env.runtime.container_state(worker.container_id)
         if state is not None and state.running:
             continue
         how = death_reason(state)
-        new = env.replace_worker(worker.slot)
+        try:
+            new = env.replace_worker(worker.slot)
+        except DockerUnavailableError:
+            raise
+        except RuntimeProblem as exc:  # WorkerNotReadyError included
+            notes.append(f"worker {worker.name} (slot {worker.slot}) {how}; replacing it failed: {exc}; "
+                         "the next check tries again")
+            continue
         notes.append(
             f"worker {worker.name} (slot {worker.slot}) {how}; replaced it with {new.name} behind "
             f"the same address {new.address} (its sessions and programs are gone)"

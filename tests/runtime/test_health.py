@@ -90,7 +90,10 @@ def test_a_stopped_relay_is_a_dead_path_for_every_worker(
         found = check_paths(rt, env.plan.relay.name, _published(env), env.probe)
         why = f"the relay {env.plan.relay.name} exited with code 137 (SIGKILL)"
         assert found == {w.slot: why for w in env.workers}
-        assert len(heal_environment(env)) == 2
+        (note,) = heal_environment(env)  # one cause, one message naming every worker behind it
+        names = ", ".join(f"{w.name} (slot {w.slot})" for w in env.workers)
+        assert note == (f"the published paths of workers {names} were dead: {why}; "
+                        f"re-created the relay {env.plan.relay.name} on the same ports")
         assert [env.probe(w.host, w.port, 1.0).ok for w in env.workers] == [True, True]
     finally:
         env.stop()
@@ -309,3 +312,56 @@ def test_status_repair_says_when_the_relay_cannot_be_made_again(
         assert report.others == {env.plan.relay.name: "missing"}
     finally:
         down(settings, runtime=rt)
+
+
+def test_heal_deployment_reports_a_failed_replacement_and_still_heals_the_rest(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """provision run's check: a replacement that does not become ready is a note ("the next check
+    tries again"), not an exception that would skip the other repairs of the same check."""
+    from provisioner.runtime.health import heal_deployment
+
+    rt, workers = fake
+    env = _env(settings, fake)
+    try:
+        first, second = env.workers
+        workers.not_ready.add(f"{first.name}-1")  # its replacement never answers
+        env.ready_timeout_s = 0.3
+        rt.crash(first.name)
+        rt.crash(second.name)
+        notes = heal_deployment(env)
+        assert len(notes) == 2, notes
+        assert notes[0].startswith(f"worker {first.name} (slot 0) exited with code 137 (SIGKILL); "
+                                   "replacing it failed") and notes[0].endswith("the next check tries again")
+        assert notes[1].startswith(f"worker {second.name} (slot 1) exited with code 137 (SIGKILL); replaced "
+                                   f"it with {second.name}-1 behind the same address {second.address}")
+        workers.not_ready.clear()
+        (again,) = heal_deployment(env)  # the next check: the slot whose replacement failed
+        assert again.startswith(f"worker {first.name} (slot 0) is gone") and "replaced it" in again
+        assert heal_deployment(env) == []
+    finally:
+        env.stop()
+
+
+def test_rebinding_the_relay_does_not_wait_for_a_worker_that_dies_meanwhile(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """The relay and a worker killed together: the relay's re-creation used to wait for the dead
+    worker until ready_timeout_s and fail, so its replacement (pool, provision run) came a check later."""
+    from provisioner.runtime.health import rebind_relay
+
+    rt, workers = fake
+    env = _env(settings, fake)
+    try:
+        first = env.workers[0]
+        rt.crash(env.plan.relay.name)
+
+        def probe(host: str, port: int, timeout: float) -> ProbeResult:
+            if port == first.port and rt.container_state(first.container_id).running:  # type: ignore[union-attr]
+                rt.crash(first.name)  # dies while the relay comes back
+            return workers.probe(host, port, timeout)
+
+        rebind_relay(rt, env.plan.relay.name, _published(env), probe, timeout_s=30.0)  # no RuntimeProblem
+        assert workers.probe(env.workers[1].host, env.workers[1].port, 1.0).ok
+    finally:
+        env.stop()
