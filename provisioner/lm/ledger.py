@@ -396,7 +396,18 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
 
 
 def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
-    """The report as text: totals per month, per run, the costliest tests, and budget warnings."""
+    """The report as text: a header row, then totals, per month, per run, the costliest tests (names
+    whole: the first column is as wide as the longest), and budget warnings."""
+    sections: list[tuple[str, list[tuple[str, Totals]]]] = []
+    for title, table, limit in (("per month", report.by_month, None), ("per run", report.by_run, None),
+                                ("per test (costliest first)", report.by_test, top_tests)):
+        if not table:
+            continue
+        items = sorted(table.items())
+        if limit:
+            items.sort(key=lambda kv: (-kv[1].cost_usd, kv[0]))
+        sections.append((title, items[:limit]))
+    width = max([len("total"), *(len(name) for _, items in sections for name, _ in items)])
 
     def row(name: str, totals: Totals) -> str:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(totals.by_kind.items()))
@@ -406,19 +417,15 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
                       f"(${totals.standin_list_cost_usd:.6f} at list prices)")
         if totals.estimated_calls:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
-        return (f"  {name:<44} ${totals.cost_usd:>10.6f}  {totals.calls:>6} calls  "
-                f"{totals.input_tokens:>9} in  {totals.output_tokens:>8} out  {kinds}{notes}")
+        return (f"  {name:<{width}}  ${totals.cost_usd:>10.6f}  {totals.calls:>6}  "
+                f"{totals.input_tokens:>10}  {totals.output_tokens:>10}  {kinds}{notes}")
 
-    lines = [row("total", report.total)]
-    for title, table, limit in (("per month", report.by_month, None), ("per run", report.by_run, None),
-                                ("per test (costliest first)", report.by_test, top_tests)):
-        if not table:
-            continue
+    header = (f"  {'':<{width}}  {'billed $':>11}  {'calls':>6}  {'tokens in':>10}  {'tokens out':>10}  "
+              "calls by kind")
+    lines = [header, row("total", report.total)]
+    for title, items in sections:
         lines.append(title + ":")
-        items = sorted(table.items())
-        if limit:
-            items.sort(key=lambda kv: (-kv[1].cost_usd, kv[0]))
-        for name, totals in items[:limit]:
+        for name, totals in items:
             lines.append(row(name, totals))
     if report.total.standin_calls:
         lines.append(f"{report.total.standin_calls} calls were answered by the Gemini stand-in: billed $0, "

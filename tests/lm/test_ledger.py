@@ -76,9 +76,26 @@ def test_a_ledger_listed_twice_is_counted_once(tmp_path: Path) -> None:
     assert report.total.calls == 1 and report.total.cost_usd == pytest.approx(0.5)
 
 
-def test_an_empty_report_is_one_total_line() -> None:
-    text = format_cost_report(CostReport())
-    assert text.splitlines() == [text] and text.lstrip().startswith("total")
+def test_an_empty_report_is_a_header_and_one_total_line() -> None:
+    header, total = format_cost_report(CostReport()).splitlines()
+    assert header.split() == ["billed", "$", "calls", "tokens", "in", "tokens", "out", "calls", "by", "kind"]
+    assert total.lstrip().startswith("total")
+
+
+def test_the_cost_report_has_a_header_row_and_shows_long_test_ids_whole(tmp_path: Path) -> None:
+    """A new user's `provision cost report`: rows without a header, and a test id longer than the
+    first column pushed its numbers out of line."""
+    long_id = "tests/test_integration.py::test_sessions_are_isolated[my order never came]"
+    ledger = Ledger(tmp_path, run_id="r1")
+    for test_id in (long_id, "t.py::short"):
+        with current_test(test_id):
+            ledger.call(model="m", kind="real", input_tokens=7, output_tokens=3, cost_usd=0.25)
+    ledger.close()
+    lines = format_cost_report(run_report(tmp_path, run_id="r1")).splitlines()
+    header, *rows = [line for line in lines if line.startswith("  ")]
+    assert "billed $" in header and any(long_id in row for row in rows), lines
+    assert len({row.index("$") for row in rows}) == 1, lines  # one money column for every row
+    assert len({len(row.split("  real=")[0]) for row in rows}) == 1, lines  # and every column after it
     assert json.loads(json.dumps(CostReport().as_dict()))["total"]["calls"] == 0
 
 
