@@ -64,6 +64,12 @@ from types import FrameType
 from typing import Any
 
 from provisioner.bridge.protocol import ErrorType, dumps, encode_frame, error_reply
+from provisioner.bridge.server import (
+    ACCEPT_EXHAUSTED,
+    AcceptBackoff,
+    DescriptorReserve,
+    out_of_descriptors_reason,
+)
 from provisioner.errors import ForkUnsafeError
 from provisioner.lmconfig import LMConfig
 
@@ -287,6 +293,11 @@ class ForkingWorker:
         self._poll = select.poll()  # no descriptor of its own: nothing for a child to inherit
         self._stopping = False
         self._on_ready: Callable[[], None] | None = None
+        # Out of descriptors: the listener is not watched again before this time (the loop must
+        # keep reaping, so the back-off is a deadline, not a wait).
+        self._accept_retry_at = 0.0
+        self._reserve: DescriptorReserve | None = None
+        self._accept_backoff = AcceptBackoff(f"worker {worker_id}", self._defer_accept)
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -297,6 +308,7 @@ class ForkingWorker:
         # the parent nor a spare may ever block in accept() when the other took the connection.
         listener.setblocking(False)
         self._listener = listener
+        self._reserve = DescriptorReserve()  # for refusing while out of descriptors (the parent's only)
         bound: int = listener.getsockname()[1]
         log.info("fork-mode worker %s listening on %s:%d (at most %d processes at once)",
                  self.worker_id, host, bound, self.max_children)
@@ -338,7 +350,7 @@ class ForkingWorker:
         try:
             while not self._stopping:
                 self._ensure_spare()
-                self._watch_listener(self.spare is None)
+                self._watch_listener(self.spare is None and time.monotonic() >= self._accept_retry_at)
                 events = poll.poll(self._poll_timeout_ms())
                 # Control lines first: a spare that accepted, served and ended since the last turn
                 # must be known as a served connection before its exit is looked at.
@@ -375,6 +387,8 @@ class ForkingWorker:
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [deadline for _, deadline in self._refusing.values()]
+        if self._accept_retry_at > time.monotonic():
+            deadlines.append(self._accept_retry_at)
         if self.spare is None and self._spare_retry_at > time.monotonic():
             deadlines.append(self._spare_retry_at)
         if not deadlines:
@@ -428,9 +442,23 @@ class ForkingWorker:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # the peer reset before we accepted; keep serving
-                log.debug("accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno not in ACCEPT_EXHAUSTED:  # the peer reset before we accepted
+                    log.debug("accept failed: %s", exc)
+                    continue
+                # Out of descriptors (issue 14, item 7): refuse with the reserve, else back off.
+                # Held refusals go first: they only wait for their peer to read the reply.
+                for fd in list(self._refusing):
+                    self._drop_refused(fd)
+                assert self._reserve is not None
+                refused = self._reserve.refuse_one(self._listener, out_of_descriptors_reason(exc))
+                if refused:
+                    self.counters.add("refused_busy")
+                self._accept_backoff.failed(exc, refused)
+                if not refused:
+                    return
                 continue
+            self._accept_backoff.succeeded()
             if len(self.children) >= self.max_children:
                 why = (f"the worker is busy: it runs at most {self.max_children} processes (one per"
                        " connection) at once; try again later")
@@ -438,6 +466,9 @@ class ForkingWorker:
                 why = ("the worker cannot start a process for this connection now: "
                        f"{self._fork_problem or 'its waiting process ended early'}; try again later")
             self._refuse(sock, why)
+
+    def _defer_accept(self, seconds: float) -> None:
+        self._accept_retry_at = time.monotonic() + seconds
 
     def _become_spare(self) -> int:
         set_parent_death_signal(signal.SIGKILL)
@@ -486,6 +517,8 @@ class ForkingWorker:
         for fd in (self._wake_r, self._wake_w, self._ctl_r, *(() if child else (self.ctl_w,))):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self._reserve is not None:
+            self._reserve.close()
 
     # -- children ----------------------------------------------------------------------------------
 

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import selectors
 import socket
@@ -88,6 +90,11 @@ _REFUSE_DRAIN_S = 1.0
 # DSPex-style client (one connection, many sessions) gets other sessions' requests past one
 # session's backlog; each waiting execution also holds its input in max_inflight_bytes.
 _MAX_QUEUED_PER_CONNECTION = 64
+# accept(2) errors that mean "no descriptor or memory for a new socket now". The connection stays
+# queued, so the listener stays readable: retrying at once spins (issue 14, item 7).
+ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Back-off between accept attempts while even the reserve descriptor cannot be had (seconds).
+ACCEPT_BACKOFF_S = (0.01, 1.0)
 
 
 def default_max_inflight_per_session(max_inflight: int) -> int:
@@ -208,6 +215,101 @@ def connection_limit(configured: int, max_inflight: int, pids: int | None) -> in
     if pids is None:
         return configured
     return max(1, min(configured, pids - max_inflight - _THREAD_RESERVE))
+
+
+def out_of_descriptors_reason(exc: OSError) -> str:
+    """The refusal text for a connection accepted while the process had no descriptor to spare."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"the worker is out of file descriptors ({os.strerror(exc.errno or 0)}; RLIMIT_NOFILE {soft})"
+            " and cannot take another connection now; try again later, or raise the container's"
+            " nofile limit")
+
+
+class DescriptorReserve:
+    """One descriptor held back so that a process out of descriptors can still refuse a connection.
+
+    ``accept()`` failing with EMFILE leaves the connection queued and the listener readable: a loop
+    that retries at once spins, and the client waits in silence. With the reserve (the technique
+    libev's and nginx's documentation describe) the process closes its spare descriptor, accepts the
+    queued connection, sends it one ``TooManyConnections`` reply, closes it, and takes the reserve
+    back. Only when that fails too (another thread took the freed slot) does the caller back off
+    (:attr:`ACCEPT_BACKOFF_S`). Written here rather than taken from a library: it is a dozen lines
+    over ``os.open`` and the listener the server already holds.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.take()
+
+    def take(self) -> bool:
+        """Hold the reserve again (True when it is held)."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def refuse_one(self, listener: socket.socket, why: str) -> bool:
+        """Refuse one queued connection with the reserve's descriptor: reply ``why``
+        (``TooManyConnections``) and close at once. True when one was refused."""
+        self.close()
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            self.take()
+            return False  # none queued any more, or the freed slot went to another thread
+        try:
+            sock.setblocking(False)
+            sock.send(encode_frame(dumps(error_reply(None, why, ErrorType.TOO_MANY_CONNECTIONS))))
+            sock.shutdown(socket.SHUT_WR)
+            # Drop what the client sent already: closing with unread data would send a reset that
+            # can destroy the refusal before the client reads it. Nothing is kept to drain later.
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self.take()
+        return True
+
+
+class AcceptBackoff:
+    """Doubling waits between accept attempts while descriptors are exhausted; reset on success.
+
+    ``wait(seconds)`` does the waiting (the server waits on its wake-up pipe, so a stop still
+    interrupts it). Logs one warning per episode, not one per attempt."""
+
+    def __init__(self, what: str, wait: Callable[[float], None]) -> None:
+        self.what = what
+        self._wait = wait
+        self._delay = 0.0
+        self.episodes = 0
+
+    def failed(self, exc: OSError, refused: bool) -> None:
+        """After an exhausted accept: ``refused`` says whether the reserve refused a connection."""
+        if self._delay == 0.0:
+            self.episodes += 1
+            log.warning("%s: out of file descriptors (%s); refusing new connections until some close",
+                        self.what, exc)
+        if refused:
+            self._delay = self._delay or ACCEPT_BACKOFF_S[0]
+            return  # progress was made: the queued connection got its answer
+        self._delay = min(ACCEPT_BACKOFF_S[1], max(ACCEPT_BACKOFF_S[0], self._delay * 2))
+        self._wait(self._delay)
+
+    def succeeded(self) -> None:
+        if self._delay:
+            log.info("%s: accepting connections again", self.what)
+        self._delay = 0.0
 
 
 class _Connection:
@@ -625,6 +727,8 @@ class BridgeServer:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
+        reserve = DescriptorReserve()
+        backoff = AcceptBackoff(f"worker {self.service.worker_id}", self._wait_for_wake)
         try:
             while not self.stop_requested.is_set():
                 for key, _ in selector.select():
@@ -632,12 +736,31 @@ class BridgeServer:
                         continue
                     try:
                         sock, address = self._listener.accept()
-                    except OSError as exc:  # e.g. the peer reset before we accepted; keep serving
-                        log.debug("accept failed: %s", exc)
+                    except OSError as exc:
+                        if exc.errno in ACCEPT_EXHAUSTED:
+                            self._refuse_out_of_descriptors(reserve, backoff, exc)
+                        else:  # e.g. the peer reset before we accepted; keep serving
+                            log.debug("accept failed: %s", exc)
                         continue
+                    backoff.succeeded()
                     self._start_connection(sock, address)
         finally:
+            reserve.close()
             selector.close()
+
+    def _refuse_out_of_descriptors(self, reserve: DescriptorReserve, backoff: AcceptBackoff,
+                                   exc: OSError) -> None:
+        assert self._listener is not None
+        refused = reserve.refuse_one(self._listener, out_of_descriptors_reason(exc))
+        if refused:
+            with self._connections_lock:
+                self._refused_connections += 1
+            self.service.count_error(ErrorType.TOO_MANY_CONNECTIONS)
+        backoff.failed(exc, refused)
+
+    def _wait_for_wake(self, seconds: float) -> None:
+        """The accept loop's back-off: returns after ``seconds`` or at once when the server stops."""
+        select.select([self._wake_r], [], [], seconds)
 
     def _start_connection(self, sock: socket.socket, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)

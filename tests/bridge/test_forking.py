@@ -324,3 +324,29 @@ def test_the_worker_is_ready_only_once_a_process_waits_for_the_first_connection(
     assert len(waiting) == 1
     with worker.client() as client:
         assert client.ping()["pid"] == waiting[0]
+
+
+def test_out_of_file_descriptors_the_parent_refuses_and_recovers(spawn_worker: Any) -> None:
+    """Issue 14 item 7 in the fork-mode parent: at its process limit it accepts to refuse; with
+    accept() failing with EMFILE its refusal loop spun forever. Now each queued connection gets a
+    TooManyConnections reply naming the limit and the parent keeps reaping and forking."""
+    worker = spawn_worker("--fork", env={"PROVISION_WORKER__MAX_CONNECTIONS": "1"})
+    parent = psutil.Process(worker.proc.pid)
+    old = parent.rlimit(psutil.RLIMIT_NOFILE)
+    with worker.client() as holder:
+        holder.ping()  # the only process: the parent answers the next connections itself
+        wait_until(lambda: not live_children(worker.proc.pid)[1:], 30, "no spare (at the limit)")
+        parent.rlimit(psutil.RLIMIT_NOFILE, (parent.num_fds(), old[1]))
+        try:
+            for _ in range(3):
+                with worker.raw() as refused:
+                    reply = refused.receive()
+                    assert reply["error_type"] == "TooManyConnections"
+                    assert "out of file descriptors" in reply["error"]
+                    assert refused.at_eof()
+        finally:
+            parent.rlimit(psutil.RLIMIT_NOFILE, old)
+        assert holder.get_stats()["fork"]["refused_busy"] >= 3
+    wait_until(lambda: len(live_children(worker.proc.pid)) <= 1, 30, "the process to end")
+    with worker.client() as again:
+        assert again.ping()["status"] == "ok"

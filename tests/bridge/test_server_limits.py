@@ -8,6 +8,8 @@ Floods are bounded in count and time and stay on loopback.
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import json
 import socket
 import struct
@@ -16,15 +18,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from provisioner.bridge import BridgeClient, BridgeService
 from provisioner.bridge.protocol import dumps, encode_frame, read_frame
-from provisioner.bridge.server import BridgeServer, _Connection, connection_limit, pids_limit
+from provisioner.bridge.server import (
+    ACCEPT_BACKOFF_S,
+    AcceptBackoff,
+    BridgeServer,
+    _Connection,
+    connection_limit,
+    pids_limit,
+)
 from provisioner.errors import BridgeError
 from provisioner.lmconfig import LMConfig, MockRule
 
-from .conftest import RawConnection
+from .conftest import RawConnection, wait_until
 
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
 SLOW_LM = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "slow"}, outputs={"answer": "late"},
@@ -323,3 +333,55 @@ def test_the_bounds_are_worker_settings_with_the_same_defaults(spawn_worker: Any
     with raw(worker.port) as conn:
         conn.send_bytes(b"\x00")
         assert conn.receive()["error_type"] == "FrameTimeout"
+
+
+def _without_spare_descriptors(pid: int) -> tuple[int, int]:
+    """Lower the process's RLIMIT_NOFILE to the descriptors it holds now (prlimit(2) through
+    psutil); returns the old (soft, hard) to restore."""
+    proc = psutil.Process(pid)
+    old = proc.rlimit(psutil.RLIMIT_NOFILE)
+    proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds(), old[1]))
+    return old
+
+
+def test_out_of_file_descriptors_a_connection_is_refused_and_the_worker_recovers(spawn_worker: Any) -> None:
+    """Issue 14 item 7: accept() failing with EMFILE left the connection queued and the accept loop
+    retrying at once (a busy loop; the client waited in silence). Now the queued connection gets a
+    TooManyConnections reply naming the limit, and the worker serves again once descriptors free."""
+    worker = spawn_worker()
+    with worker.client() as warm:
+        warm.ping()
+    # The worker closes that connection's socket on its own thread: wait until it has, or the limit
+    # below would leave room for exactly one more connection.
+    proc = psutil.Process(worker.proc.pid)
+    wait_until(lambda: all(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp")), 30,
+               "the worker to close the warm-up connection")
+    old = _without_spare_descriptors(worker.proc.pid)
+    try:
+        for _ in range(3):  # every queued connection is answered, not only the first
+            with worker.raw() as refused:
+                reply = refused.receive()
+                assert reply["id"] is None and reply["error_type"] == "TooManyConnections"
+                assert "out of file descriptors" in reply["error"] and "RLIMIT_NOFILE" in reply["error"]
+                assert refused.at_eof()
+    finally:
+        psutil.Process(worker.proc.pid).rlimit(psutil.RLIMIT_NOFILE, old)
+    with worker.client() as again:
+        assert again.ping()["status"] == "ok"
+        assert again.get_stats()["errors"].get("TooManyConnections", 0) >= 3
+    assert worker.stderr_bytes().count(b"out of file descriptors") == 1  # one warning per episode
+
+
+def test_accept_backoff_doubles_while_nothing_can_be_refused() -> None:
+    waits: list[float] = []
+    backoff = AcceptBackoff("test", waits.append)
+    exc = OSError(errno.EMFILE, "Too many open files")
+    for _ in range(12):
+        backoff.failed(exc, refused=False)
+    assert waits[0] == ACCEPT_BACKOFF_S[0] and waits[-1] == ACCEPT_BACKOFF_S[1]
+    assert all(b == min(ACCEPT_BACKOFF_S[1], 2 * a) for a, b in itertools.pairwise(waits))
+    backoff.failed(exc, refused=True)  # a refusal is progress: no wait
+    assert len(waits) == 12 and backoff.episodes == 1
+    backoff.succeeded()
+    backoff.failed(exc, refused=False)
+    assert waits[-1] == ACCEPT_BACKOFF_S[0] and backoff.episodes == 2
