@@ -156,7 +156,21 @@ adapter = "bridge"
 python = true
 lm_mode = "mock"
 isolation = "namespace"
-timeout_s = 1.0
+timeout_s = 60.0
+"""
+
+# The first test is not charged for the pool: when its setup begins (inside pytest-timeout's timer),
+# the pool is already warm. Checked by state, not by a short timeout: a 1 s layer timeout failed a
+# ping's setup on a loaded machine once, and any short limit would be a wall-clock assert.
+QUICK_CONFTEST = """
+import pytest
+
+from provisioner.pytest_plugin import RUN_KEY
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    assert item.config.stash[RUN_KEY].pool_warmed, "the pool was not warm when the test's setup began"
 """
 
 QUICK_TESTS = """
@@ -173,12 +187,13 @@ def test_second(bridge):
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("workers", [None, "2"])
+@pytest.mark.parametrize("workers", [None, pytest.param("2", marks=pytest.mark.slow)])
 def test_first_test_is_not_charged_for_image_and_pool(pytester: pytest.Pytester, workers: str | None) -> None:
-    # A layer timeout of 1 s: the image check and a container start take longer, so before the fix
-    # the first test failed with "Timeout" in its setup.
+    # Before the fix the image check and the pool start ran inside the first test's setup (and its
+    # layer timeout); QUICK_CONFTEST fails a test whose setup begins before the pool is warm.
     pytester.makefile(".toml", pyproject=QUICK_LAYER)
     pytester.makepyfile(test_quick=QUICK_TESTS)
+    pytester.makeconftest(QUICK_CONFTEST)
     args = ["--layer", "quick", *(["-n", workers] if workers else [])]
     result = pytester.runpytest_subprocess(*args, timeout=600)
     out = result.stdout.str()
