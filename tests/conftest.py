@@ -48,6 +48,24 @@ def docker_engine() -> Iterator[Any]:
     client.close()
 
 
+XDIST_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_outer_xdist_identity() -> Iterator[None]:
+    """Under ``pytest -n 2`` this process is an xdist worker, and xdist put its identity in the
+    environment. The pytest runs, ``provision`` commands and workers the tests start must not inherit
+    it: a nested plain pytest would call itself ``gw0`` (the run's process names, factory ids, rows
+    the tests compare), and the provisioner code in this process must see what it sees without
+    ``-n``. xdist itself reads these only when the worker starts (its own state is
+    ``config.workerinput``), so they go for the session and come back at its end."""
+    saved = {name: os.environ.pop(name) for name in XDIST_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _docker_marker(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("docker") is not None:

@@ -50,6 +50,30 @@ def test_the_readme_command_is_the_fast_tier_and_ci_runs_the_slow_tier_after_it(
     assert "-m slow" in section
 
 
+def test_the_readme_command_runs_two_xdist_processes_a_file_at_a_time() -> None:
+    """`-n 2 --dist loadfile`: a module's shared fixtures (one container run for a whole file, e.g.
+    tests/runtime/test_docker_isolation.py) start once, not once per xdist process."""
+    import shlex
+
+    args = shlex.split(_readme_commands()[1].split("&&", 1)[1])
+    assert args[args.index("-n") + 1] == "2" and args[args.index("--dist") + 1] == "loadfile", args
+
+
+def test_tests_do_not_inherit_the_outer_xdist_identity(worker_id: str) -> None:
+    """Under the README's `-n 2` this process is an xdist worker (``worker_id`` gw0/gw1); the pytest
+    runs and `provision` processes tests start must not believe they are one, nor must provisioner's
+    code in this process (tests/conftest.py takes xdist's variables out for the session)."""
+    import os
+    import subprocess
+    import sys
+
+    xdist_env = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+    assert [name for name in xdist_env if name in os.environ] == [], worker_id
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('PYTEST_XDIST_WORKER'))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "None"
+
+
 # --- "Use provisioner in your project" (issue 8): short, complete, and what examples/qa_project is ----
 
 EXAMPLE = ROOT / "examples" / "qa_project"
