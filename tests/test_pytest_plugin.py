@@ -526,6 +526,7 @@ def test_a_leaked_process_fails_the_test_and_is_named(project: pytest.Pytester) 
         psutil.Process(int(name.split()[0])).kill()
 
 
+@pytest.mark.slow
 def test_cost_limit_is_per_run_not_per_xdist_worker(pytester: pytest.Pytester) -> None:
     """Real mode against the local Gemini stand-in: two xdist workers share one budget."""
     from provisioner.lm.standin import GeminiStandin

@@ -335,6 +335,7 @@ def _read_kv(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_action_brings_up_exports_runs_a_non_python_client_and_tears_down(tmp_path: Path) -> None:
     """The action's own scripts, run in order as the runner would (the install step is replaced by

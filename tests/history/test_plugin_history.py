@@ -151,6 +151,7 @@ def test_kills_its_worker(lm):
 """
 
 
+@pytest.mark.slow
 def test_two_xdist_processes_and_a_killed_worker_lose_no_test_row(pytester: pytest.Pytester) -> None:
     for name in [n for n in os.environ if n.startswith("PROVISION_")]:
         pytester._monkeypatch.delenv(name)

@@ -80,6 +80,7 @@ def test_once_records_every_test_of_the_first_run_and_replays_them_later(pyteste
     assert _calls(pytester, "later.json")["cache_misses"] == 1
 
 
+@pytest.mark.slow
 def test_once_is_shared_by_the_xdist_processes_of_a_run(pytester: pytest.Pytester) -> None:
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_qa="""

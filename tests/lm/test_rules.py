@@ -215,7 +215,8 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     return pytester
 
 
-@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+@pytest.mark.parametrize("xdist", [[], pytest.param(["-n", "2"], marks=pytest.mark.slow)],
+                         ids=["one-process", "xdist"])
 def test_per_test_rules_through_the_plugin(suite: pytest.Pytester, xdist: list[str]) -> None:
     result = suite.runpytest_subprocess("--layer", "unit", "--provision-report", "r.json", *xdist)
     result.assert_outcomes(passed=5)

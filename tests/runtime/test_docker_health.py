@@ -79,6 +79,7 @@ def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
     assert leftovers(docker_engine, run_id) == []
 
 
+@pytest.mark.slow
 def test_status_names_a_dead_port_and_repair_re_creates_the_relay(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:

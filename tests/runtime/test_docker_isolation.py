@@ -243,6 +243,7 @@ def test_a_killed_worker_is_replaced_behind_the_same_address(docker_engine: Any,
     assert _call(fresh.address, "ping", {})["result"]["lm_configured"] is True
 
 
+@pytest.mark.slow
 def test_readiness_failure_names_the_worker_and_shows_its_log(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:

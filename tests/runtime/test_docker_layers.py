@@ -271,6 +271,7 @@ def test_ctrl_c_during_up_leaves_nothing(
     assert leftovers(docker_engine, run_id) == []
 
 
+@pytest.mark.slow
 def test_the_compose_file_runs_with_docker_compose(
     docker_engine: Any, worker_image: str, tmp_path: Path, sweep: Sweep
 ) -> None:
@@ -344,6 +345,7 @@ def test_doctor_and_reap_of_a_crashed_owners_leftover(
     assert leftovers(docker_engine, run_id) == []
 
 
+@pytest.mark.slow
 def test_up_twice_refuses_and_down_finds_the_run(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:

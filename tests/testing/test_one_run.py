@@ -134,6 +134,7 @@ def test_pytest_attaches_to_provision_up_and_starts_no_container(pytester: pytes
     assert docker_engine.containers.list(all=True, filters=project) == []
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_xdist_processes_share_one_pool(pytester: pytest.Pytester, docker_engine: Any) -> None:
     """`pytest -n 2 --layer e2e` starts the layer's pool once (2 workers, as `-n 1`), and both xdist

@@ -86,6 +86,7 @@ def test_failing_test_still_cleans_up(isolated):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     out = pytester.path / "out"
@@ -156,6 +157,7 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: 
         rt.close()
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_example_project_integration_layer_replays_on_two_xdist_workers(pytester: pytest.Pytester) -> None:
     shutil.copytree(EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".provision"))
@@ -188,6 +190,7 @@ def test_a_worker_misses(bridge):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_a_cassette_miss_in_a_worker_names_the_host_folder(pytester: pytest.Pytester) -> None:
     """The reported case: the miss said `lm.cache_dir=/provision/cassettes` (the container's mount
