@@ -173,8 +173,7 @@ def test_a_client_that_did_not_know_never_continues_on_a_fresh_process(worker: A
 def test_past_the_limit_a_connection_gets_a_busy_reply(spawn_worker: Any) -> None:
     worker = spawn_worker("--fork", env={"PROVISION_WORKER__MAX_CONNECTIONS": "2"})
     with worker.client() as one, worker.client() as two:
-        one.ping()
-        two.ping()
+        pids = [one.ping()["pid"], two.ping()["pid"]]
         with worker.raw() as third:
             reply = third.receive()
             assert reply["id"] is None and reply["error_type"] == "TooManyConnections"
@@ -182,7 +181,7 @@ def test_past_the_limit_a_connection_gets_a_busy_reply(spawn_worker: Any) -> Non
             assert third.at_eof()
         assert one.get_stats()["fork"]["refused_busy"] == 1
     # Once a process ends, a new connection gets one again (a spare is forked for it).
-    wait_until(lambda: len(live_children(worker.proc.pid)) <= 1, 30, "the processes to end")
+    wait_until(lambda: all(gone(pid) for pid in pids), 30, "the processes to end and be reaped")
     with worker.client() as again:
         assert again.ping()["status"] == "ok"
 
@@ -334,7 +333,7 @@ def test_out_of_file_descriptors_the_parent_refuses_and_recovers(spawn_worker: A
     parent = psutil.Process(worker.proc.pid)
     old = parent.rlimit(psutil.RLIMIT_NOFILE)
     with worker.client() as holder:
-        holder.ping()  # the only process: the parent answers the next connections itself
+        holder_pid = holder.ping()["pid"]  # the only process: the parent answers the next ones itself
         wait_until(lambda: not live_children(worker.proc.pid)[1:], 30, "no spare (at the limit)")
         parent.rlimit(psutil.RLIMIT_NOFILE, (parent.num_fds(), old[1]))
         try:
@@ -347,6 +346,6 @@ def test_out_of_file_descriptors_the_parent_refuses_and_recovers(spawn_worker: A
         finally:
             parent.rlimit(psutil.RLIMIT_NOFILE, old)
         assert holder.get_stats()["fork"]["refused_busy"] >= 3
-    wait_until(lambda: len(live_children(worker.proc.pid)) <= 1, 30, "the process to end")
+    wait_until(lambda: gone(holder_pid), 30, "the process to end and be reaped")
     with worker.client() as again:
         assert again.ping()["status"] == "ok"
