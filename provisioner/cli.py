@@ -295,13 +295,21 @@ def cassettes_list(cache_dir: Path | None, as_json: bool) -> None:
                                 "source": i.source, "problem": i.problem}
                                for i in infos], indent=2))
         return
-    for info in infos:
-        if info.problem is not None:
-            click.echo(f"{info.key[:12]}  CORRUPT {info.path}: {info.problem}")
-            continue
-        source = SOURCE_LABELS.get(info.source, info.source)
-        click.echo(f"{info.key[:12]}  {info.recorded_at}  {source:<15}  {info.test_id or '(no test)'}  "
-                   f"{info.description}")
+    if infos:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for name in ("key", "recorded at", "answered by", "test", "request"):
+            table.add_column(name)
+        for info in infos:
+            if info.problem is not None:
+                table.add_row(info.key[:12], "", "", "", f"CORRUPT {info.path}: {info.problem}")
+                continue
+            source = SOURCE_LABELS.get(info.source, info.source)
+            table.add_row(info.key[:12], info.recorded_at, source, info.test_id or "(no test)",
+                          info.description)
+        _print_table(table)
     corrupt = sum(1 for i in infos if i.problem is not None)
     click.echo(f"{len(infos)} entries under {root}" + (f", {corrupt} corrupt" if corrupt else ""))
 
@@ -691,10 +699,19 @@ def status_command(run_id: str | None, all_projects: bool, repair: bool, as_json
             return
         if not rows:
             click.echo("no runs on this engine")
+            return
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for name in ("run", "project", "layer", "owner", "resources"):
+            table.add_column(name, justify="right" if name == "resources" else "left")
         for row in rows:
-            owner = "persistent" if row["persistent"] else f"owned by pid {row['owner_pid']}"
-            click.echo(f"{row['run_id']:<22} {row['project'] or '(no project label)':<32} {row['layer']:<12} "
-                       f"{owner:<20} {row['resources']} resource(s)")
+            owner = "persistent" if row["persistent"] else f"pid {row['owner_pid']}"
+            project = row["project"] or "(no project label)"
+            project += " (this one)" if row["this_project"] else ""
+            table.add_row(row["run_id"], project, row["layer"], owner, str(row["resources"]))
+        _print_table(table)
         return
     settings = _settings()
     with opened_runtime(None, settings) as rt:

@@ -308,3 +308,25 @@ def test_status_shows_long_container_names_whole(engine: _SharedEngine) -> None:
             assert "…" not in output, output
     finally:
         CliRunner().invoke(main, ["down"])
+
+
+def test_status_of_all_projects_has_a_header_and_long_project_names_whole(
+    engine: _SharedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = Path.cwd() / "a-project-with-a-rather-long-folder-name-indeed"
+    project.mkdir()
+    (project / "pyproject.toml").write_text((Path.cwd() / "pyproject.toml").read_text())
+    monkeypatch.chdir(project)
+    up = CliRunner().invoke(main, ["up", "--layer", "integration", "--lm", "mock", "--workers", "1"])
+    assert up.exit_code == 0, up.output
+    try:
+        from provisioner.runtime.labels import project_id
+
+        listed = CliRunner().invoke(main, ["status", "--all-projects"])
+        assert listed.exit_code == 0, listed.output
+        lines = [line for line in listed.output.splitlines() if line.strip()]
+        assert lines[0].split() == ["run", "project", "layer", "owner", "resources"], listed.output
+        assert f"{project_id(project)} (this one)" in listed.output, listed.output
+        assert "persistent" in listed.output and "…" not in listed.output
+    finally:
+        CliRunner().invoke(main, ["down"])
