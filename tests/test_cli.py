@@ -330,3 +330,26 @@ def test_status_of_all_projects_has_a_header_and_long_project_names_whole(
         assert "persistent" in listed.output and "…" not in listed.output
     finally:
         CliRunner().invoke(main, ["down"])
+
+
+def test_on_a_narrow_terminal_long_cells_wrap_inside_their_column(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from rich.table import Table
+
+    from provisioner.cli import _print_table
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: a terminal, whatever stdout is
+    monkeypatch.setenv("COLUMNS", "50")
+    name = f"prov-{LONG_RUN_ID}-w0"
+    table = Table()
+    for column in ("worker", "container", "address"):
+        table.add_column(column)
+    table.add_row("w0", name, "127.0.0.1:40001")
+    _print_table(table)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert max(len(line) for line in out.splitlines()) <= 50, out  # fits the terminal
+    pieces = [line.split("│")[2].strip() for line in out.splitlines() if line.count("│") == 4]
+    assert "".join(pieces) == name and "…" not in out, out  # wrapped, never cut
