@@ -48,7 +48,7 @@ from typing import Literal
 from provisioner._files import locked
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
-from provisioner.runtime.engine import ImageStore, open_runtime
+from provisioner.runtime.engine import ImageInfo, ImageStore, open_runtime
 
 DIST_NAME = "dspy-provisioner"
 PACKAGE = "provisioner"
@@ -97,6 +97,7 @@ class BuildResult:
     seconds: float
     base: str
     project_tag: str | None = None
+    sent: bool = False  # True: saved on the engine's image source and loaded into the engine
 
 
 # --- the installed package ------------------------------------------------------------------------
@@ -520,6 +521,12 @@ def build_worker_image(
     """
     start = time.perf_counter()
     with _opened(runtime) as store, _progress_sink(progress, show_progress) as say:
+        source = store.image_source()
+        if source is not None:  # a remote engine: built (or found) locally, then sent
+            built = build_worker_image(source, base=base, force=force, progress=say)
+            sent = _send_missing(source, store, built.tag, force=force, progress=say)
+            tagged = _tag_project(store, built.tag, project)
+            return BuildResult(built.tag, built.built, time.perf_counter() - start, built.base, tagged, sent)
         package = installed_package()
         recipe = recipe_dir()
         tag = worker_tag(store, base, package)
@@ -555,6 +562,9 @@ def ensure_worker_image(
     """
     with _opened(runtime) as rt:
         if image:
+            source = rt.image_source()
+            if source is not None and source.image_exists(image):
+                _send_missing(source, rt, image, force=False, progress=progress or (lambda _msg: None))
             if not rt.image_exists(image):
                 raise ImageError(
                     f"worker image {image!r} (settings container.image) is not present; provisioner "
@@ -565,6 +575,66 @@ def ensure_worker_image(
             image = build_worker_image(rt, base=base, project=project, progress=progress).tag
         check_image_provisioner(rt, image)
         return image
+
+
+def transfer_image(
+    source: ImageStore, target: ImageStore, ref: str, *, progress: Progress | None = None
+) -> ImageInfo:
+    """Copy the image ``ref`` from ``source`` to ``target``: ``docker save`` on one engine's API
+    streamed into ``docker load`` on the other's — no registry, no file, never whole in memory. This
+    is how the worker image reaches a remote engine (its size and time: docs/benchmarks.md,
+    "Remote engines"). ``progress`` hears the size first, then every ~10 % sent.
+
+    Raises:
+        ImageError: ``source`` has no ``ref``, either engine broke off, or ``target`` refused the
+            archive or does not hold the same image afterwards.
+    """
+    say = progress or (lambda _msg: None)
+    found = source.image(ref)
+    if found is None:
+        raise ImageError(f"cannot send {ref}: the engine it comes from does not have it")
+    where = getattr(target, "engine", "the engine")
+    total = found.size
+    say(f"sending {ref} ({_mb(total)}) to {where} (docker save | docker load) ...")
+    step = max(total // 10, 1) if total else 50_000_000
+    counter = {"sent": 0, "next": step}
+
+    def counted() -> Iterator[bytes]:
+        for chunk in source.save(ref):
+            counter["sent"] += len(chunk)
+            if counter["sent"] >= counter["next"]:
+                counter["next"] += step
+                say(f"sent {_mb(counter['sent'])}" + (f" of ~{_mb(total)}" if total else "") + f" of {ref}")
+            yield chunk
+
+    started = time.perf_counter()
+    target.load(counted())
+    arrived = target.image(ref)
+    if arrived is None or arrived.id != found.id:
+        raise ImageError(
+            f"sending {ref} to {where} did not leave the same image there "
+            f"({'none' if arrived is None else arrived.id} instead of {found.id})"
+        )
+    say(f"sent {ref}: {_mb(counter['sent'])} in {time.perf_counter() - started:.1f}s")
+    return arrived
+
+
+def _send_missing(
+    source: ImageStore, target: ImageStore, ref: str, *, force: bool, progress: Progress
+) -> bool:
+    """:func:`transfer_image` unless ``target`` has ``ref`` already; one transfer at a time per
+    machine (xdist workers ask at once), checked again under the lock. True when it was sent."""
+    if not force and target.image_exists(ref):
+        return False
+    with _build_lock():
+        if not force and target.image_exists(ref):  # sent by another process meanwhile
+            return False
+        transfer_image(source, target, ref, progress=progress)
+        return True
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.0f} MB"
 
 
 def check_image_provisioner(runtime: ImageStore, image: str, package: PackageSource | None = None) -> None:

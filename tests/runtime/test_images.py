@@ -350,3 +350,39 @@ def test_prune_keeps_the_current_build_project_tags_and_images_in_use(offline_bu
     assert images.prune_worker_images(rt) == [stale]
     assert not rt.image_exists(stale)
     assert all(rt.image_exists(ref) for ref in (current, tagged, used))
+
+
+def test_a_remote_engine_gets_the_image_its_source_builds_sent_once(offline_build: None) -> None:
+    """An engine with an image source (a remote engine's local one) gets the worker image by save |
+    load: built (or found) on the source, sent once, the project's tag set on the remote, progress
+    told; a custom image the remote lacks is sent too."""
+    from provisioner.runtime.engine import FakeRuntime
+
+    local = FakeRuntime(images=(images.PYTHON_BASE,))
+    remote = FakeRuntime(image_source=local)  # no base image at all: it could not build
+    said: list[str] = []
+    first = images.build_worker_image(remote, project="proj-a", progress=said.append)
+    assert first.built and first.sent and local.builds == [first.tag] and remote.builds == []
+    assert local.saves == [first.tag]
+    made, sent = local.image(first.tag), remote.image(first.tag)
+    assert made is not None and sent is not None and sent.id == made.id and sent.labels == made.labels
+    assert images.project_tag("proj-a") in sent.tags and images.project_tag("proj-a") not in made.tags
+    assert any(m.startswith(f"sending {first.tag}") and "to fake" in m for m in said)
+    assert any(m.startswith(f"sent {first.tag}") for m in said)
+    again = images.build_worker_image(remote, project="proj-a", progress=said.append)
+    assert (again.tag, again.built, again.sent, local.saves) == (first.tag, False, False, [first.tag])
+    assert images.ensure_worker_image(remote) == first.tag
+    local.add_image("team/worker:1")
+    assert images.ensure_worker_image(remote, image="team/worker:1") == "team/worker:1"
+    assert local.saves == [first.tag, "team/worker:1"] and remote.image_exists("team/worker:1")
+
+
+def test_a_send_that_leaves_another_image_is_an_error(offline_build: None) -> None:
+    from provisioner.runtime.engine import FakeRuntime
+
+    local = FakeRuntime()
+    local.add_image("team/worker:1", {"v": "1"})
+    remote = FakeRuntime(image_source=local)
+    remote.load = lambda archive: [remote.add_image("team/worker:1", {"v": "other"})]  # type: ignore[method-assign]
+    with pytest.raises(ImageError, match="did not leave the same image there"):
+        images.transfer_image(local, remote, "team/worker:1")

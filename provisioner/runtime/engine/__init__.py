@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from provisioner.runtime.engine.address import is_loopback, publish_host_for
+from provisioner.runtime.engine.address import is_loopback, is_network_url, publish_host_for
 from provisioner.runtime.engine.base import (
     ContainerRuntime,
     ContainerState,
@@ -43,8 +43,9 @@ def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> Cont
     ``DOCKER_HOST`` with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` (``tcp://``, ``ssh://``), else the
     current docker context (docker-py's ``ContextAPI``), else the local socket. Workers are published
     on :func:`.address.publish_host_for` of that engine (``settings.publish_host`` overrides it).
-    ``ping`` (default) asks the engine once, so a missing engine is reported here, naming what to
-    do, rather than at the first container.
+    An engine reached over the network gets its images from the local engine when there is one
+    (:meth:`ImageStore.image_source`). ``ping`` (default) asks the engine once, so a missing
+    engine is reported here, naming what to do, rather than at the first container.
 
     Raises:
         DockerUnavailableError: no engine answers.
@@ -55,7 +56,8 @@ def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> Cont
     url, source = engine_url()
     override = settings.publish_host if settings is not None else None
     publish_host = publish_host_for(url, override)
-    runtime = DockerRuntime(publish_host=publish_host, engine=f"{url or 'local socket'} ({source})")
+    runtime = DockerRuntime(publish_host=publish_host, engine=f"{url or 'local socket'} ({source})",
+                            remote=is_network_url(url))
     if ping:
         try:
             runtime.ping()
@@ -81,6 +83,7 @@ __all__ = [
     "ResourceKind",
     "ResourceRef",
     "is_loopback",
+    "is_network_url",
     "open_runtime",
     "publish_host_for",
     "remove_by_selector",

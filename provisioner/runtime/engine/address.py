@@ -39,6 +39,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_network_url(url: str | None) -> bool:
+    """True when ``url`` reaches an engine over the network (``tcp://``, ``http(s)://``,
+    ``ssh://``), False for a local socket (``unix://``, ``npipe://``, None: docker-py's default)."""
+    return bool(url) and urlsplit(url or "").scheme.lower() in ("tcp", "http", "https", "ssh")
+
+
 def publish_host_for(url: str | None, override: str | None = None) -> str:
     """The IP address workers of the engine at ``url`` are published on (see the module docstring).
 

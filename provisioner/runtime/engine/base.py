@@ -7,7 +7,7 @@ docker-py) and :mod:`.fake` (dictionaries in memory).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Protocol, runtime_checkable
@@ -52,6 +52,7 @@ class ImageInfo:
     id: str  # the content id, ``sha256:<hex>``
     tags: tuple[str, ...] = ()  # ``repository:tag`` references that name it
     labels: Mapping[str, str] = field(default_factory=dict, compare=False)
+    size: int = field(default=0, compare=False)  # bytes of its layers (Docker's ``Size``); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class EngineInfo:
     version: str  # the engine's version (Docker's ``Version``)
     api_version: str  # the API version spoken (Docker's ``ApiVersion``)
     root_dir: str | None = None  # where it keeps images and containers (``DockerRootDir``); None: no disk
+    arch: str = ""  # the architecture its containers run (Docker's ``Arch``: amd64, arm64, ...)
+    id: str = ""  # the engine's own identity (Docker's ``ID`` of ``GET /info``): two URLs, one engine
 
 
 @runtime_checkable
@@ -117,6 +120,29 @@ class ImageStore(Protocol):
     def remove_image(self, ref: str) -> bool:
         """Remove the reference ``ref`` (the image itself when no other tag names it); False when it
         did not exist or the engine refused (an image a container still uses)."""
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        """The image ``ref`` names, with its tags, as a ``docker save`` tar archive (Docker's
+        ``GET /images/{name}/get``), in chunks as the engine sends them — never whole in memory.
+
+        Raises:
+            ImageError: there is no such image, or the engine broke off the stream.
+        """
+
+    def load(self, archive: Iterable[bytes]) -> list[ImageInfo]:
+        """Load a ``docker save`` tar archive, streamed in chunks (Docker's ``POST /images/load``);
+        the images it held, as this engine now has them (tags included).
+
+        Raises:
+            ImageError: the engine refused the archive (naming its reason).
+        """
+
+    def image_source(self) -> ImageStore | None:
+        """Another engine this one's images come from by :meth:`save` | :meth:`load` when it lacks
+        them: for an engine reached over the network (``DOCKER_HOST``, a docker context), the local
+        engine when one answers, is another engine and runs the same architecture; None otherwise
+        (then an image is built on this engine). Owned by this runtime: closed by its ``close()``.
+        """
 
 
 @runtime_checkable

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,7 +106,9 @@ class DockerRuntime:
 
     ``publish_host``: the address of the engine's host that published ports go on and the controller
     connects to (``127.0.0.1`` for a local engine; see :mod:`provisioner.runtime.engine.address`);
-    ``engine``: the engine's URL and where it came from, for ``doctor`` and ``status``.
+    ``engine``: the engine's URL and where it came from, for ``doctor`` and ``status``;
+    ``remote``: the engine is reached over the network (``tcp://``, ``ssh://``), so its images may
+    come from the local engine (:meth:`image_source`).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class DockerRuntime:
         timeout: float = 60.0,
         publish_host: str = "127.0.0.1",
         engine: str = "default",
+        remote: bool = False,
     ) -> None:
         self._own_client = client is None
         if client is None:
@@ -126,6 +129,10 @@ class DockerRuntime:
         self._timeout = timeout
         self._events_lock = threading.Lock()
         self._events_conn: Any = None
+        self.remote = remote
+        self._source_lock = threading.Lock()
+        self._source: DockerRuntime | None = None
+        self._source_checked = False
 
     def ping(self) -> None:
         try:
@@ -144,6 +151,8 @@ class DockerRuntime:
             str(version.get("Version", "?")),
             str(version.get("ApiVersion", "?")),
             str(info.get("DockerRootDir") or "/var/lib/docker"),
+            arch=str(version.get("Arch") or ""),
+            id=str(info.get("ID") or ""),
         )
 
     # --- the image store
@@ -163,7 +172,8 @@ class DockerRuntime:
                 return None
             raise
         labels = (found.get("Config") or {}).get("Labels") or {}
-        return ImageInfo(str(found["Id"]), tuple(found.get("RepoTags") or ()), dict(labels))
+        return ImageInfo(str(found["Id"]), tuple(found.get("RepoTags") or ()), dict(labels),
+                         int(found.get("Size") or 0))
 
     def list_images(self, repository: str) -> list[ImageInfo]:
         return [
@@ -257,6 +267,58 @@ class DockerRuntime:
         except docker.errors.APIError:  # NotFound, or a conflict: a container still uses it
             return False
         return True
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        import docker.errors
+
+        try:
+            # chunk_size=None: each chunk as it arrives (docker-py's default gathers 2 MB first).
+            stream = self.client.api.get_image(ref, chunk_size=None)
+        except docker.errors.APIError as exc:
+            raise ImageError(f"could not save {ref}: {_explain(exc)}") from None
+        try:
+            yield from stream
+        except Exception as exc:  # the engine closed the stream or the connection broke
+            raise ImageError(f"saving {ref} broke off ({type(exc).__name__}: {_explain(exc)})") from None
+
+    def load(self, archive: Iterable[bytes]) -> list[ImageInfo]:
+        import docker.errors
+
+        names: list[str] = []
+        try:
+            # A generator body goes out chunked (requests), so the archive is never whole in memory.
+            for line in self.client.api.load_image(iter(archive), quiet=True):
+                if "error" in line:
+                    raise ImageError(f"the engine refused the image archive: {str(line['error']).strip()}")
+                text = str(line.get("stream") or "")
+                for prefix in ("Loaded image: ", "Loaded image ID: "):
+                    if text.startswith(prefix):
+                        names.append(text[len(prefix):].strip())
+        except docker.errors.APIError as exc:
+            raise ImageError(f"the engine refused the image archive: {_explain(exc)}") from None
+        except ImageError:
+            raise
+        except Exception as exc:  # the source's stream broke (its ImageError is raised as is above)
+            raise ImageError(f"loading the image archive broke off ({type(exc).__name__}: {exc})") from None
+        loaded: dict[str, ImageInfo] = {}
+        for name in names:
+            found = self.image(name)
+            if found is not None:
+                loaded[found.id] = found
+        return list(loaded.values())
+
+    def image_source(self) -> DockerRuntime | None:
+        """The local engine (docker-py's default socket) when this one is remote, answers as another
+        engine and runs the same architecture (an arm64 laptop's image does not run on an amd64
+        host); else None. Asked once per runtime."""
+        with self._source_lock:
+            if self._source_checked:
+                return self._source
+            self._source_checked = True
+            if not self.remote:
+                return None
+            self._source = _local_engine_for(self, self._timeout)
+            return self._source
 
     # --- containers, networks, volumes
 
@@ -564,8 +626,37 @@ class DockerRuntime:
             if self._events_conn is not None:
                 self._events_conn.close()
                 self._events_conn = None
+        with self._source_lock:
+            source, self._source = self._source, None
+        if source is not None:
+            source.close()
         if self._own_client:
             self.client.close()
+
+
+def _local_engine_for(target: DockerRuntime, timeout: float) -> DockerRuntime | None:
+    """The engine on docker-py's default local socket, if it answers and differs from ``target`` in
+    identity but not in architecture (see :meth:`DockerRuntime.image_source`)."""
+    import docker
+    from docker.constants import DEFAULT_UNIX_SOCKET
+
+    if not Path(DEFAULT_UNIX_SOCKET.removeprefix("http+unix://")).exists():
+        return None
+    try:
+        local = DockerRuntime(docker.DockerClient(base_url=DEFAULT_UNIX_SOCKET, timeout=timeout),
+                              timeout=timeout, engine="local socket")
+    except Exception:
+        return None
+    local._own_client = True
+    try:
+        mine, theirs = local.engine_info(), target.engine_info()
+    except DockerUnavailableError:
+        local.close()
+        return None
+    if mine.id == theirs.id or mine.arch != theirs.arch:
+        local.close()
+        return None
+    return local
 
 
 def _timestamp(ns: int) -> str:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import re
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -89,6 +90,11 @@ class FakeRuntime:
     started worker is the bridge server on a loopback port, a relay's published ports forward to
     the worker holding the route's alias, so clients, probes and pools talk to real workers.
     Removing or crashing a container stops its process; :meth:`close` stops them all.
+
+    ``image_source``: the engine :meth:`image_source` names (a remote engine's local one); images
+    move between fakes as ``docker save`` archives (``manifest.json`` and each image's config JSON,
+    no layers), and a fake loads Docker's own archives (their ids, tags and labels). ``arch``: what
+    :meth:`engine_info` reports.
     """
 
     def __init__(
@@ -98,9 +104,14 @@ class FakeRuntime:
         on_start: Callable[[FakeContainer], None] | None = None,
         registry: Mapping[str, Mapping[str, str]] | None = None,
         serve: bool = False,
+        image_source: FakeRuntime | None = None,
+        arch: str = "amd64",
     ):
         self.publish_host = "127.0.0.1"  # its served workers listen on loopback
         self.engine = "fake"
+        self._image_source = image_source
+        self.arch = arch
+        self.saves: list[str] = []  # references saved, in order
         self.images: dict[str, FakeImage] = {}  # by image id
         self.registry = {ref: dict(labels) for ref, labels in (registry or {}).items()}
         self.builds: list[str] = []  # tags built, in order
@@ -205,7 +216,7 @@ class FakeRuntime:
 
     def engine_info(self) -> EngineInfo:
         self._check()
-        return EngineInfo("fake", "0", "0", root_dir=None)
+        return EngineInfo("fake", "0", "0", root_dir=None, arch=self.arch, id=f"fake-{id(self):x}")
 
     # --- the image store
 
@@ -335,6 +346,53 @@ class FakeRuntime:
                 return False
             del self.images[image.id]
             return True
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        self._check()
+        with self._lock:
+            image = self._image(ref)
+            if image is None:
+                raise ImageError(f"could not save {ref}: no such image")
+            self.saves.append(ref)
+            hex_id = image.id.removeprefix("sha256:")
+            config = json.dumps({"config": {"Labels": dict(image.labels)},
+                                 "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+            manifest = json.dumps([{"Config": f"{hex_id}.json", "RepoTags": sorted(image.tags),
+                                    "Layers": []}]).encode()
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            for name, data in ((f"{hex_id}.json", config), ("manifest.json", manifest)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        data = archive.getvalue()
+        for start in range(0, len(data), 4096):  # in chunks, as an engine streams it
+            yield data[start:start + 4096]
+
+    def load(self, archive: Iterable[bytes]) -> list[ImageInfo]:
+        self._check()
+        data = b"".join(archive)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                files = {m.name: m for m in tar.getmembers() if m.isfile()}
+                manifest = json.loads(_member(tar, files, "manifest.json"))
+                loaded = []
+                for entry in manifest:
+                    config = json.loads(_member(tar, files, entry["Config"]))
+                    # Docker 20.10 names the config <hex>.json, Docker 25+ blobs/sha256/<hex>
+                    hex_id = entry["Config"].rsplit("/", 1)[-1].removesuffix(".json")
+                    labels = (config.get("config") or {}).get("Labels") or {}
+                    image_id = f"sha256:{hex_id}"
+                    info = self._store(image_id, None, labels)
+                    for tag in entry.get("RepoTags") or ():
+                        info = self._store(image_id, _normal(tag), labels)
+                    loaded.append(info)
+        except (tarfile.TarError, KeyError, ValueError) as exc:
+            raise ImageError(f"the engine refused the image archive: {type(exc).__name__}: {exc}") from None
+        return loaded
+
+    def image_source(self) -> FakeRuntime | None:
+        return self._image_source
 
     # --- containers, networks, volumes
 
@@ -599,6 +657,14 @@ class _FakeEvents:
         with self._runtime._events_changed:
             self._closed = True
             self._runtime._events_changed.notify_all()
+
+
+def _member(tar: tarfile.TarFile, files: Mapping[str, tarfile.TarInfo], name: str) -> bytes:
+    member = files.get(name)
+    extracted = tar.extractfile(member) if member is not None else None
+    if extracted is None:
+        raise KeyError(f"{name} is not in the archive")
+    return extracted.read()
 
 
 def _normal(ref: str) -> str:

@@ -153,3 +153,60 @@ def test_images_in_use_name_what_containers_run(store: Store, docker_or_none: An
 def docker_or_none(request: pytest.FixtureRequest) -> Any:
     """docker-py's client in the docker run of a test (to make a container outside the runtime)."""
     return request.getfixturevalue("docker_engine") if "docker" in request.node.callspec.id else None
+
+
+def _tiny_image(rt: ContainerRuntime, tmp_path: Path, label: str) -> str:
+    """A one-file image made by import (a few hundred bytes: a save of it moves no base layers)."""
+    tarball = tmp_path / "tiny.tar"
+    with tarfile.open(tarball, "w") as tar:
+        data = label.encode()
+        info = tarfile.TarInfo("etc/tiny")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tag = _tag()
+    rt.import_rootfs(tarball, tag, changes=[f"LABEL test.tiny={label}"])
+    return tag
+
+
+def test_a_saved_image_loads_back_with_its_id_tags_and_labels(store: Store, tmp_path: Path) -> None:
+    rt, _base = store
+    label = secrets.token_hex(4)
+    tag = _tiny_image(rt, tmp_path, label)
+    before = rt.image(tag)
+    assert before is not None
+    chunks = list(rt.save(tag))
+    assert len(chunks) >= 1 and all(isinstance(c, bytes) for c in chunks)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+        assert "manifest.json" in tar.getnames()  # docker save's format
+    assert rt.remove_image(tag) is True and rt.image(tag) is None
+    loaded = rt.load(iter(chunks))
+    assert [(i.id, tag in i.tags, i.labels.get("test.tiny")) for i in loaded] == [(before.id, True, label)]
+    assert rt.image(tag) == before
+
+
+def test_saving_a_missing_image_and_loading_garbage_are_image_errors(store: Store) -> None:
+    rt, _base = store
+    with pytest.raises(ImageError, match="provisioner-store-test:absent"):
+        list(rt.save(f"{REPO}:absent"))
+    with pytest.raises(ImageError, match="refused the image archive"):
+        rt.load(iter([b"not a tar archive" * 100]))
+
+
+@pytest.mark.docker
+def test_the_fake_loads_what_docker_saves(docker_engine: Any, tmp_path: Path) -> None:
+    """The fake reads Docker's own archive (its manifest and config): same id, tag and labels."""
+    rt = DockerRuntime(docker_engine)
+    tag = _tiny_image(rt, tmp_path, "from-docker")
+    try:
+        made = rt.image(tag)
+        fake = FakeRuntime()
+        assert fake.load(rt.save(tag)) == [made]
+        assert fake.image(tag) == made and fake.image(tag).labels["test.tiny"] == "from-docker"  # type: ignore[union-attr]
+    finally:
+        rt.remove_image(tag)
+        rt.close()
+
+
+def test_a_local_engine_has_no_image_source(store: Store) -> None:
+    rt, _base = store
+    assert rt.image_source() is None
