@@ -35,6 +35,7 @@ Replacements keep the slot's address (the relay forwards by alias), so clients n
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -477,7 +478,9 @@ class WorkerPool:
             if getattr(getattr(env, "record", None), "source", "") != "deployed":
                 return False
             workers = [PublishedWorker(w.slot, w.name, w.container_id, w.host, w.port) for w in env.workers]
-            return wait_for_paths(workers, bridge_probe, timeout_s=env.ready_timeout_s)
+            token = getattr(env, "bridge_token", None)  # off loopback every ping says hello first
+            probe = functools.partial(bridge_probe, token=token) if token else bridge_probe
+            return wait_for_paths(workers, probe, timeout_s=env.ready_timeout_s)
         try:
             notes = heal_environment(env)
         except Exception as exc:

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     from provisioner.settings import Settings
 
 POOL_FILE = "pool.json"
+# Off loopback (a remote engine) every connection to the pool's workers starts with a hello carrying
+# the run's bridge token: the deploying process writes it here, 0600 like the env file, for the
+# processes that attach (never into pool.json); removed with the pool.
+BRIDGE_TOKEN_FILE = "bridge-token"  # noqa: S105 - a file name
 POOL_LOCK = "pool.lock"
 # Written before a process deploys the pool: the controller's end sweeps the pool's label then.
 POOL_STARTED = "pool.started"
@@ -112,11 +116,12 @@ class AttachedWorkers:
     """
 
     def __init__(self, run_dir: Path | None, record: PoolRecord, runtime: ContainerRuntime,
-                 *, ready_timeout_s: float) -> None:
+                 *, ready_timeout_s: float, bridge_token: str | None = None) -> None:
         self.run_dir = run_dir
         self.record = record
         self.runtime = runtime
         self.ready_timeout_s = ready_timeout_s
+        self.bridge_token = bridge_token  # off loopback: what the pool's clients say hello with
         self.workers = record.infos()
         self._stamp = 0  # pool.json's mtime when last read (refresh)
 
@@ -227,10 +232,15 @@ def obtain_pool(
     with FileLock(str(run_dir / POOL_LOCK)):
         record = read_record(run_dir)
         if record is not None and record.run_id == run_id and _running(runtime, record):
-            attached = AttachedWorkers(run_dir, record, runtime, ready_timeout_s=ready_timeout_s)
+            attached = AttachedWorkers(run_dir, record, runtime, ready_timeout_s=ready_timeout_s,
+                                       bridge_token=_read_token(run_dir))
             return SharedPool(make_pool(attached, False), False, attached)
         (run_dir / POOL_STARTED).touch()
         environment = deploy()
+        if environment.bridge_token:
+            from provisioner._files import atomic_write
+
+            atomic_write(run_dir / BRIDGE_TOKEN_FILE, environment.bridge_token, mode=0o600)
         owner = wd.process_entry()
         write_record(run_dir, PoolRecord(run_id, "deployed", owner, PoolRecord.entries(environment.workers)))
         pool = make_pool(environment, True)
@@ -240,6 +250,13 @@ def obtain_pool(
 
     pool.on_replaced = rewrite
     return SharedPool(pool, True, environment)
+
+
+def _read_token(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / BRIDGE_TOKEN_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _running(runtime: ContainerRuntime, record: PoolRecord) -> bool:
@@ -259,7 +276,7 @@ def remove_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime) ->
     and :data:`POOL_INSTANCE`, whichever process made them) and ``pool.json``. Returns what failed."""
     from provisioner.runtime.engine import remove_by_selector
 
-    for name in (POOL_FILE, POOL_STARTED):
+    for name in (POOL_FILE, POOL_STARTED, BRIDGE_TOKEN_FILE):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()
     try:
@@ -362,9 +379,11 @@ def choose_up_run(resolved: ResolvedRun, up_run: str | None = None) -> tuple[UpR
 
 
 def attach_up_run(
-    state: RunState, runtime: ContainerRuntime, *, ready_timeout_s: float
+    state: RunState, runtime: ContainerRuntime, *, ready_timeout_s: float, bridge_token: str | None = None
 ) -> AttachedWorkers | str:
-    """The ``provision up`` run's workers to attach to, or why not (a worker no longer runs)."""
+    """The ``provision up`` run's workers to attach to, or why not (a worker no longer runs).
+    ``bridge_token``: the run's ``PROVISION_BRIDGE_TOKEN`` (:func:`~provisioner.runtime.state.
+    bridge_token_of`), which every connection presents when the run is published off loopback."""
     workers = []
     for w in state.workers:
         host, _, port = str(w["address"]).rpartition(":")
@@ -373,4 +392,4 @@ def attach_up_run(
     record = PoolRecord(state.run_id, "up", f"{state.owner_pid}-0", workers)
     if not _running(runtime, record):
         return f"`provision up` run {state.run_id} has a worker that no longer runs"
-    return AttachedWorkers(None, record, runtime, ready_timeout_s=ready_timeout_s)
+    return AttachedWorkers(None, record, runtime, ready_timeout_s=ready_timeout_s, bridge_token=bridge_token)

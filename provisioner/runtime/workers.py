@@ -309,8 +309,11 @@ class ProcessContainers:
                 container = self.env.settings.container
                 state = self.env.up_run
                 if state is not None:
-                    attached = shared_pool.attach_up_run(state, self.runtime,
-                                                         ready_timeout_s=container.ready_timeout_s)
+                    from provisioner.runtime.state import bridge_token_of
+
+                    attached = shared_pool.attach_up_run(
+                        state, self.runtime, ready_timeout_s=container.ready_timeout_s,
+                        bridge_token=bridge_token_of(self.env.settings, state.run_id))
                     if isinstance(attached, str):
                         import warnings
 

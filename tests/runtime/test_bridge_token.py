@@ -6,7 +6,9 @@ decision (:func:`bridge_token_for`) is forced here."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+from pathlib import Path
 
 import pytest
 from dotenv import dotenv_values
@@ -84,3 +86,86 @@ def test_an_off_loopback_run_demands_the_token_and_provisioner_presents_it(
             session.close()
     finally:
         served.close()
+
+
+def test_a_session_attached_to_an_off_loopback_up_run_says_hello_with_its_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attach path (what a pytest session after `provision up` on a remote engine takes, here
+    through the Python API, which shares it): the up run's PROVISION_BRIDGE_TOKEN from its env file
+    (state.bridge_token_of) goes with every connection of the attached pool — without it each
+    session's first request is refused (Unauthorized) and the connection closed."""
+    from provisioner import api
+    from provisioner.settings import load_settings
+
+    for key in list(os.environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(
+        f'[tool.provisioner]\nlm.cached_inner = "mock"\ncontainer.image = "{FAKE_IMAGE}"\n'
+    )
+    monkeypatch.setattr(lifecycle, "bridge_token_for", lambda host: TOKEN)
+    settings = load_settings(project_dir=tmp_path)
+    served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
+    up_id = ""
+    try:
+        options = lifecycle.UpOptions(layer="integration", watchdog=False, workers=1)
+        deployment = lifecycle.up(settings, options, runtime=served)
+        assert deployment.state is not None
+        up_id = deployment.state.run_id
+        with api.environment("integration", project_dir=tmp_path, runtime=served) as env:
+            assert env.up_run is not None and env.up_run.run_id == up_id
+            with env.session("attached") as test:
+                test.adapter.create_program("question -> answer", "qa")
+                assert test.adapter.execute_program("qa", {"question": "?"})["outputs"]["answer"]
+        worker = deployment.workers[0]
+        assert _first_frame(worker.host, worker.port, {"id": 1, "command": "ping"},
+                            then_closed=True)["error_type"] == "Unauthorized"  # the token was needed
+    finally:
+        if up_id:
+            lifecycle.down(settings, run_id=up_id, runtime=served)
+        served.close()
+
+
+def test_processes_attaching_to_a_run_s_pool_get_its_token_from_a_0600_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """xdist: the process that deploys the run's pool off loopback writes the bridge token beside
+    pool.json (0600, never into pool.json); a process that attaches reads it, its sessions work;
+    the file goes with the pool."""
+    from provisioner.layers import get_layer
+    from provisioner.runtime import shared_pool as sp
+    from provisioner.runtime.deployment import Deployment
+    from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
+
+    served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
+    run_dir = tmp_path / "run"
+
+    def deploy() -> Deployment:
+        layer = get_layer(settings, "integration")
+        target = RunTarget("tok1", Owner.this_process(), instance=sp.POOL_INSTANCE)
+        plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), target, FAKE_IMAGE,
+                        PlanOptions(workers=1, bridge_token=TOKEN))
+        return Deployment(plan, served, ready_timeout_s=30).start()
+
+    pools: list[WorkerPool] = []
+    try:
+        first = sp.obtain_pool(run_dir, "tok1", runtime=served, deploy=deploy,
+                               make_pool=lambda env, _d: WorkerPool(env), ready_timeout_s=30)
+        pools.append(first.pool)
+        token_file = run_dir / sp.BRIDGE_TOKEN_FILE
+        assert token_file.read_text() == TOKEN and (token_file.stat().st_mode & 0o777) == 0o600
+        assert TOKEN not in (run_dir / sp.POOL_FILE).read_text()
+        second = sp.obtain_pool(run_dir, "tok1", runtime=served, deploy=deploy,
+                                make_pool=lambda env, _d: WorkerPool(env), ready_timeout_s=30)
+        pools.append(second.pool)
+        assert not second.deployed and second.environment.bridge_token == TOKEN
+        second.pool.open_session("s2")
+        assert second.pool.client("s2").ping()["status"] == "ok"
+    finally:
+        for pool in pools:
+            pool.close()
+        sp.remove_shared_pool(run_dir, "tok1", served)
+        served.close()
+    assert not (run_dir / sp.BRIDGE_TOKEN_FILE).exists()
