@@ -20,6 +20,11 @@ detached host process instead (``python -m provisioner.runtime.watchdog``):
   then networks) while it terminates orphaned dependants and the host processes registered under
   ``<run_dir>/processes/``, sweeps
   again shortly after (a create call in flight when the owner died may still land), and exits;
+* the engine may be out of reach when the run is to go (a remote engine's network, an engine
+  restarting): each removal that fails is tried again, on a fresh connection, until
+  ``ENGINE_DEADLINE_S`` (``--engine-deadline``) has passed since the first failure; then the
+  watchdog says so in its log and exits with status 3, leaving the run to ``provision reap`` (its
+  resources keep their labels and no owner of it lives);
 * ``<run_dir>/persist`` (written by ``provision up`` once the environment is up) and
   ``<run_dir>/retain`` (cleanup policy kept it) make it exit without removing anything;
   ``<run_dir>/stopped`` (``provision down`` finished) makes it exit too.
@@ -60,6 +65,12 @@ LATE_SWEEPS_S = (1.0, 3.0)
 # How long an orphaned dependant gets between SIGTERM and SIGKILL (seconds).
 DEPENDANT_GRACE_S = 1.0
 DEPENDANT_PREFIX = "dependant of "
+# How long the watchdog keeps trying an engine it cannot reach before it leaves the run to
+# `provision reap` (seconds, from the first failed removal); each call waits ENGINE_CALL_TIMEOUT_S.
+ENGINE_DEADLINE_S = 120.0
+ENGINE_CALL_TIMEOUT_S = 30.0
+ENGINE_RETRY_S = (0.5, 1.0, 2.0, 4.0)  # pauses between tries (the last repeats): a backoff
+ENGINE_LOST_EXIT = 3
 
 
 # --- owner side -------------------------------------------------------------------------------------
@@ -344,8 +355,73 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} watchdog[{os.getpid()}] {message}", flush=True)
 
 
-def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
-    """The watchdog loop (runs in the detached process). Returns the exit status."""
+class _Engine:
+    """The watchdog's connection to the engine: opened as its owners' was (open_runtime from the
+    same environment), or the runtime a test hands in; opened again after a failure, since a
+    connection that broke (a remote engine's network, ssh) does not always recover by itself."""
+
+    def __init__(self, given: ContainerRuntime | None) -> None:
+        self._given = given
+        self._runtime = given
+
+    def get(self) -> ContainerRuntime:
+        if self._runtime is None:
+            from provisioner.runtime.engine import open_runtime
+
+            self._runtime = open_runtime(ping=False, timeout=ENGINE_CALL_TIMEOUT_S)
+        return self._runtime
+
+    def drop(self) -> None:
+        if self._runtime is not None and self._runtime is not self._given:
+            with contextlib.suppress(Exception):
+                self._runtime.close()
+            self._runtime = None
+
+
+def remove_with_retries(
+    run_id: str,
+    engine: _Engine,
+    *,
+    run_dir: Path | None = None,
+    orphans: list[tuple[int, float]] | None = None,
+    deadline_s: float = ENGINE_DEADLINE_S,
+) -> list[str] | None:
+    """:func:`remove_run`, tried again (a fresh connection each time, pauses of ``ENGINE_RETRY_S``)
+    while the engine cannot be reached, up to ``deadline_s`` after the first failure. Returns what
+    was removed, or None when the engine stayed out of reach (logged, naming ``provision reap``)."""
+    failed_at: float | None = None
+    pauses = iter(ENGINE_RETRY_S)
+    pause = ENGINE_RETRY_S[0]
+    while True:
+        try:
+            return remove_run(run_id, run_dir, orphans, engine.get())
+        except Exception as exc:  # docker-py/requests/paramiko errors, DockerUnavailableError
+            engine.drop()
+            now = time.monotonic()
+            failed_at = now if failed_at is None else failed_at
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if now - failed_at >= deadline_s:
+                _log(f"the engine stayed out of reach for {now - failed_at:.0f}s ({reason}); leaving run "
+                     f"{run_id} to `provision reap` (its resources keep the run's labels)")
+                return None
+            pause = next(pauses, pause)
+            _log(f"cannot reach the engine ({reason}); trying again in {pause:.1f}s "
+                 f"(until {deadline_s:.0f}s after the first failure)")
+            time.sleep(pause)  # a retry's backoff, not a wait for another party
+
+
+def watch(
+    run_id: str,
+    run_dir: Path,
+    interval_s: float,
+    *,
+    runtime: ContainerRuntime | None = None,
+    engine_deadline_s: float = ENGINE_DEADLINE_S,
+) -> int:
+    """The watchdog loop (runs in the detached process). Returns the exit status: 0, or
+    :data:`ENGINE_LOST_EXIT` when the engine stayed out of reach (the run is left to ``reap``).
+    ``runtime``: the engine's runtime (tests hand one in; default: :func:`open_runtime` from this
+    process's environment, which the owner's was)."""
     # Held for the process's life (the fd is never closed): released when the watchdog exits or dies.
     if try_lock(run_dir / LOCK_FILE) is None:
         _log(f"run {run_id} is already watched; exiting")
@@ -355,9 +431,10 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     import psutil  # noqa: F401
 
     from provisioner.runtime import resources  # noqa: F401
-    from provisioner.runtime.engine import open_runtime
 
-    runtime = open_runtime(ping=False)
+    engine = _Engine(runtime)
+    with contextlib.suppress(Exception):  # an engine out of reach now is tried again when needed
+        engine.get()
 
     _log(f"watching run {run_id} every {interval_s}s")
     started = time.monotonic()
@@ -375,14 +452,19 @@ def watch(run_id: str, run_dir: Path, interval_s: float) -> int:
     _log("every owner is gone" + (f" ({len(orphans)} orphaned dependant(s))" if orphans else "")
          + "; removing the run")
     t0 = time.monotonic()
-    removed = remove_run(run_id, run_dir, orphans, runtime)
+    removed = remove_with_retries(run_id, engine, run_dir=run_dir, orphans=orphans,
+                                  deadline_s=engine_deadline_s)
+    if removed is None:
+        engine.drop()
+        return ENGINE_LOST_EXIT
     _log(f"removed {len(removed)} resource(s) in {time.monotonic() - t0:.2f}s: {', '.join(removed) or '-'}")
     mark(run_dir, REAPED_MARKER)
     for delay in LATE_SWEEPS_S:
         time.sleep(delay)
-        late = remove_run(run_id, runtime=runtime)
+        late = remove_with_retries(run_id, engine, deadline_s=engine_deadline_s)
         if late:
             _log(f"late sweep removed: {', '.join(late)}")
+    engine.drop()
     return 0
 
 
@@ -391,11 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--engine-deadline", type=float, default=ENGINE_DEADLINE_S,
+                        help="seconds to keep trying an unreachable engine before leaving the run to reap")
     parser.add_argument("--daemonize", action="store_true", help="fork and let the parent exit at once")
     args = parser.parse_args(argv)
     if args.daemonize and os.fork() > 0:
         os._exit(0)  # the spawning owner reaps this intermediate; the child is adopted by init
-    return watch(args.run, args.run_dir.resolve(), args.interval)
+    return watch(args.run, args.run_dir.resolve(), args.interval, engine_deadline_s=args.engine_deadline)
 
 
 def finish_run(run_dir: Path) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from provisioner.runtime import watchdog as wd
 
 
@@ -221,3 +223,77 @@ def test_finishing_a_run_stands_its_watchdog_down_unless_it_was_retained(tmp_pat
     (tmp_path / wd.RETAIN_MARKER).unlink()
     wd.finish_run(tmp_path)
     assert (tmp_path / wd.STOPPED_MARKER).exists()
+
+
+# --- an engine out of reach when the run is to go (remote engines: issue 13) ----------------------
+
+
+class _FlakyEngine:
+    """A FakeRuntime that is out of reach for its first ``failures`` listings (a cut network)."""
+
+    def __init__(self, failures: int) -> None:
+        from provisioner.runtime.engine import FakeRuntime
+
+        self.fake = FakeRuntime()
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fake, name)
+
+    def list_resources(self, selector: dict[str, str]) -> list[object]:
+        from provisioner.errors import DockerUnavailableError
+
+        if self.failures > 0:
+            self.failures -= 1
+            raise DockerUnavailableError("no Docker engine is reachable (ConnectionError: test)")
+        return self.fake.list_resources(selector)  # type: ignore[return-value]
+
+
+def _dead_owner(run_dir: Path) -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    wd.register_owner(run_dir, child.pid)
+    return child.pid
+
+
+def _a_run(fake: object, run_id: str, project: str, owner_pid: int) -> None:
+    from provisioner.runtime import labels as L
+    from provisioner.runtime.recipes import NetworkRecipe
+
+    labels = L.run_labels(run_id, "integration", "main", project=project, owner_pid=owner_pid)
+    fake.create_network(NetworkRecipe(f"prov-{run_id}-net", True, labels))  # type: ignore[attr-defined]
+
+
+def test_the_watchdog_outlasts_a_brief_loss_of_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(wd, "ENGINE_RETRY_S", (0.0,))
+    monkeypatch.setattr(wd, "LATE_SWEEPS_S", ())
+    flaky = _FlakyEngine(failures=3)
+    _a_run(flaky.fake, "lost1", "p", _dead_owner(tmp_path))
+    assert wd.watch("lost1", tmp_path, 0.01, runtime=flaky, engine_deadline_s=60) == 0  # type: ignore[arg-type]
+    assert flaky.fake.list_resources({}) == [] and (tmp_path / wd.REAPED_MARKER).exists()
+    log = capsys.readouterr().out
+    assert log.count("cannot reach the engine (DockerUnavailableError") == 3 and "removed 1 resource" in log
+
+
+def test_an_engine_out_of_reach_past_the_deadline_leaves_the_run_to_reap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.runtime import labels as L
+    from provisioner.runtime.lifecycle import reap
+    from provisioner.settings import load_settings
+
+    monkeypatch.setattr(wd, "ENGINE_RETRY_S", (0.0,))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    settings = load_settings(cli={"state_dir": str(tmp_path / ".provision")})
+    flaky = _FlakyEngine(failures=10**9)
+    run_dir = tmp_path / "run"
+    _a_run(flaky.fake, "lost2", L.project_id(settings.project_dir), _dead_owner(run_dir))
+    status = wd.watch("lost2", run_dir, 0.01, runtime=flaky, engine_deadline_s=0.05)  # type: ignore[arg-type]
+    assert status == wd.ENGINE_LOST_EXIT and not (run_dir / wd.REAPED_MARKER).exists()
+    assert "leaving run lost2 to `provision reap`" in capsys.readouterr().out
+    assert [r.name for r in flaky.fake.list_resources(L.selector("lost2"))] == ["prov-lost2-net"]
+    results = reap(settings, runtime=flaky.fake)  # the engine is back: reap finds the run by its labels
+    assert [r.run_id for r in results] == ["lost2"] and flaky.fake.list_resources(L.selector("lost2")) == []

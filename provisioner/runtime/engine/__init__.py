@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from provisioner.settings import Settings
 
 
-def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> ContainerRuntime:
+def open_runtime(
+    settings: Settings | None = None, *, ping: bool = True, timeout: float = 60.0
+) -> ContainerRuntime:
     """The runtime for the engine these settings use; the caller closes it.
 
     The engine is the one docker-py's own configuration names (:func:`.docker.connect`):
@@ -57,7 +59,7 @@ def open_runtime(settings: Settings | None = None, *, ping: bool = True) -> Cont
     override = settings.publish_host if settings is not None else None
     publish_host = publish_host_for(url, override)
     runtime = DockerRuntime(publish_host=publish_host, engine=f"{url or 'local socket'} ({source})",
-                            remote=is_network_url(url))
+                            remote=is_network_url(url), timeout=timeout)
     if ping:
         try:
             runtime.ping()
