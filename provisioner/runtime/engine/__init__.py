@@ -12,6 +12,7 @@ pytest plugin, the Python API and the watchdog call it (or are handed a runtime 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from provisioner.runtime.engine.address import is_loopback, is_network_url, publish_host_for
@@ -58,8 +59,10 @@ def open_runtime(
     url, source = engine_url()
     override = settings.publish_host if settings is not None else None
     publish_host = publish_host_for(url, override)
+    # An engine reached over the network gets its images from the local engine, if there is one.
+    image_source = functools.partial(_local_engine, timeout) if is_network_url(url) else None
     runtime = DockerRuntime(publish_host=publish_host, engine=f"{url or 'local socket'} ({source})",
-                            remote=is_network_url(url), timeout=timeout)
+                            timeout=timeout, image_source=image_source)
     if ping:
         try:
             runtime.ping()
@@ -67,6 +70,16 @@ def open_runtime(
             runtime.close()
             raise
     return runtime
+
+def _local_engine(timeout: float) -> DockerRuntime | None:
+    """The engine on docker-py's default local socket (a remote engine's image source), or None."""
+    from provisioner.runtime.engine.docker import local_client
+
+    client = local_client(timeout)
+    if client is None:
+        return None
+    return DockerRuntime(client, timeout=timeout, engine="local socket", owns_client=True)
+
 
 __all__ = [
     "ContainerRuntime",

@@ -64,7 +64,6 @@ class EngineInfo:
     api_version: str  # the API version spoken (Docker's ``ApiVersion``)
     root_dir: str | None = None  # where it keeps images and containers (``DockerRootDir``); None: no disk
     arch: str = ""  # the architecture its containers run (Docker's ``Arch``: amd64, arm64, ...)
-    id: str = ""  # the engine's own identity (Docker's ``ID`` of ``GET /info``): two URLs, one engine
 
 
 @runtime_checkable
@@ -140,8 +139,8 @@ class ImageStore(Protocol):
     def image_source(self) -> ImageStore | None:
         """Another engine this one's images come from by :meth:`save` | :meth:`load` when it lacks
         them: for an engine reached over the network (``DOCKER_HOST``, a docker context), the local
-        engine when one answers, is another engine and runs the same architecture; None otherwise
-        (then an image is built on this engine). Owned by this runtime: closed by its ``close()``.
+        engine when one answers and runs the same architecture; None otherwise (then an image is
+        built on this engine). Owned by this runtime: closed by its ``close()``.
         """
 
 

@@ -99,16 +99,15 @@ def connect(timeout: float) -> Any:
 
 # Only to make the client before asking the engine for its API version (docker-py's minimum).
 _PROBE_API = "1.24"
-
-
 class DockerRuntime:
     """A real engine through docker-py (imported lazily: ``provision --help`` stays fast).
 
     ``publish_host``: the address of the engine's host that published ports go on and the controller
     connects to (``127.0.0.1`` for a local engine; see :mod:`provisioner.runtime.engine.address`);
     ``engine``: the engine's URL and where it came from, for ``doctor`` and ``status``;
-    ``remote``: the engine is reached over the network (``tcp://``, ``ssh://``), so its images may
-    come from the local engine (:meth:`image_source`).
+    ``image_source``: for an engine reached over the network (``tcp://``, ``ssh://``), what opens
+    the local engine its images may come from (:meth:`image_source`; :func:`open_runtime` passes
+    it). ``owns_client``: close ``client`` on :meth:`close` (default: only a client made here).
     """
 
     def __init__(
@@ -118,9 +117,10 @@ class DockerRuntime:
         timeout: float = 60.0,
         publish_host: str = "127.0.0.1",
         engine: str = "default",
-        remote: bool = False,
+        image_source: Callable[[], DockerRuntime | None] | None = None,
+        owns_client: bool | None = None,
     ) -> None:
-        self._own_client = client is None
+        self._own_client = client is None if owns_client is None else owns_client
         if client is None:
             client = connect(timeout)
         self.client = client
@@ -129,7 +129,7 @@ class DockerRuntime:
         self._timeout = timeout
         self._events_lock = threading.Lock()
         self._events_conn: Any = None
-        self.remote = remote
+        self._open_source = image_source
         self._source_lock = threading.Lock()
         self._source: DockerRuntime | None = None
         self._source_checked = False
@@ -152,7 +152,6 @@ class DockerRuntime:
             str(version.get("ApiVersion", "?")),
             str(info.get("DockerRootDir") or "/var/lib/docker"),
             arch=str(version.get("Arch") or ""),
-            id=str(info.get("ID") or ""),
         )
 
     # --- the image store
@@ -308,17 +307,27 @@ class DockerRuntime:
         return list(loaded.values())
 
     def image_source(self) -> DockerRuntime | None:
-        """The local engine (docker-py's default socket) when this one is remote, answers as another
-        engine and runs the same architecture (an arm64 laptop's image does not run on an amd64
-        host); else None. Asked once per runtime."""
+        """The local engine when this one is remote (it was given ``image_source``), answers and
+        runs the same architecture (an arm64 laptop's image does not run on an amd64 host); else
+        None. Whether it *is* this engine (a ``tcp://`` URL of the local one) needs no check: the
+        image is then built here and nothing is sent. (Docker's ``ID`` could not tell: engines that
+        share ``/etc/docker/key.json`` report the same one.) Asked once per runtime."""
         with self._source_lock:
             if self._source_checked:
                 return self._source
             self._source_checked = True
-            if not self.remote:
+            source = self._open_source() if self._open_source is not None else None
+            if source is None:
                 return None
-            self._source = _local_engine_for(self, self._timeout)
-            return self._source
+            try:
+                same_arch = source.engine_info().arch == self.engine_info().arch
+            except DockerUnavailableError:
+                same_arch = False
+            if not same_arch:
+                source.close()
+                return None
+            self._source = source
+            return source
 
     # --- containers, networks, volumes
 
@@ -634,29 +643,18 @@ class DockerRuntime:
             self.client.close()
 
 
-def _local_engine_for(target: DockerRuntime, timeout: float) -> DockerRuntime | None:
-    """The engine on docker-py's default local socket, if it answers and differs from ``target`` in
-    identity but not in architecture (see :meth:`DockerRuntime.image_source`)."""
+def local_client(timeout: float) -> Any | None:
+    """A docker-py client for the engine on docker-py's default local socket, None when there is no
+    such socket (or no client can be made for it)."""
     import docker
     from docker.constants import DEFAULT_UNIX_SOCKET
 
     if not Path(DEFAULT_UNIX_SOCKET.removeprefix("http+unix://")).exists():
         return None
     try:
-        local = DockerRuntime(docker.DockerClient(base_url=DEFAULT_UNIX_SOCKET, timeout=timeout),
-                              timeout=timeout, engine="local socket")
+        return docker.DockerClient(base_url=DEFAULT_UNIX_SOCKET, timeout=timeout)
     except Exception:
         return None
-    local._own_client = True
-    try:
-        mine, theirs = local.engine_info(), target.engine_info()
-    except DockerUnavailableError:
-        local.close()
-        return None
-    if mine.id == theirs.id or mine.arch != theirs.arch:
-        local.close()
-        return None
-    return local
 
 
 def _timestamp(ns: int) -> str:

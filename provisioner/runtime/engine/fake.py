@@ -216,7 +216,7 @@ class FakeRuntime:
 
     def engine_info(self) -> EngineInfo:
         self._check()
-        return EngineInfo("fake", "0", "0", root_dir=None, arch=self.arch, id=f"fake-{id(self):x}")
+        return EngineInfo("fake", "0", "0", root_dir=None, arch=self.arch)
 
     # --- the image store
 
