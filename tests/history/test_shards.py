@@ -3,7 +3,8 @@ report files), then the workflow's own merge step (the `report` job's script, ru
 
 * the example project's suite: the merged run's tests are the unsharded run's, one cost total;
 * a paid suite (real mode, the real google-genai client against `provision standin gemini`, billed
-  as Gemini): the N shards together stay within the run's lm.cost_limit_usd (each enforces 1/N).
+  as Gemini), each shard on two xdist workers: the N shards together stay within the run's
+  lm.cost_limit_usd (each enforces 1/N).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def test_three_shards_together_stay_within_the_runs_cost_limit(tmp_path: Path, s
     assert wanted > limit, f"the suite (${wanted}) must want more than the limit (${limit}) for this test"
 
     project = paid_project(tmp_path / "paid", standin_cli, limit=limit)
-    reports = run_shards(project, tmp_path / "artifacts", "paid-unit.json", shards, "--lm", "real",
+    # Each shard on two xdist workers: both processes of a shard enforce its share.
+    reports = run_shards(project, tmp_path / "artifacts", "paid-unit.json", shards, "--lm", "real", "-n", "2",
                          ok=(0, 1), GEMINI_TEST_API_KEY=STANDIN_KEY)
     spent = [r["run"]["list_cost_usd"] for r in reports]
     for report, share in zip(reports, spent, strict=True):
@@ -209,6 +211,7 @@ def test_three_shards_together_stay_within_the_runs_cost_limit(tmp_path: Path, s
         passed = [t for t in report["tests"] if t["outcome"] == "passed"]
         # Each shard was bound by its share: calls passed, then the share ran out.
         assert refused and passed, report["run"]
+        assert {t["worker"] for t in report["tests"]} <= {"gw0", "gw1"}  # ran on the xdist workers
         assert report["output"].count("would pass the run's cost limit lm.cost_limit_usd") >= len(refused)
         assert f"this shard's share: the run's lm.cost_limit_usd and lm.rate_limit_rpm divided by " \
                f"lm.shards={shards}" in report["output"]
