@@ -260,6 +260,19 @@ def test_shard_axis_wiring() -> None:
     assert "${{ matrix.shard }}" in upload["with"]["name"]
 
 
+def test_recorded_durations_are_committed_for_both_suites() -> None:
+    for folder in (ROOT, ROOT / "examples" / "qa_project"):
+        path = folder / ".test_durations"
+        durations = json.loads(path.read_text())
+        assert durations and all(isinstance(v, float) and v >= 0 for v in durations.values())
+        files = {node.split("::")[0] for node in durations}
+        missing = sorted(f for f in files if not (folder / f).exists())
+        assert not missing, f"{path} names test files that are gone: {missing} (refresh it, docs/scaling.md)"
+        tracked = subprocess.run(["git", "ls-files", str(path)], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+        assert tracked, f"{path} is not committed"
+
+
 def test_secret_only_in_e2e_from_its_environment_and_least_privilege() -> None:
     data = _load()
     assert data["permissions"] == {"contents": "read"}
