@@ -102,10 +102,17 @@ def _check_engine(rt: ContainerRuntime, found: list[EngineInfo]) -> list[Check]:
 
 
 def _check_worker_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
+    """The worker image on the engine; for a remote engine with an image source (the local engine),
+    whether the first ``up`` will send it or build it there first (docs/containers.md)."""
     from provisioner.runtime import images
 
+    source = rt.image_source()
     custom = settings.container.image
     if custom:
+        if not rt.image_exists(custom) and source is not None and source.image_exists(custom):
+            return [Check("worker image", "warn",
+                          f"{custom} (settings container.image) is on the local engine, not on {rt.engine}: "
+                          "the first `provision up` / container test sends it (docker save | load)")]
         if not rt.image_exists(custom):
             return [
                 Check(
@@ -121,9 +128,16 @@ def _check_worker_image(settings: Settings, rt: ContainerRuntime) -> list[Check]
         except ImageError as exc:
             return [Check("worker image", "fail", str(exc))]
         return [Check("worker image", "ok", f"{custom} (settings container.image) is present")]
-    tag = images.worker_tag(rt, settings.container.base)
+    tag = images.worker_tag(source or rt, settings.container.base)
     if tag and rt.image_exists(tag):
         return [Check("worker image", "ok", f"{tag} is present (this installation's provisioner)")]
+    if source is not None:
+        if tag and source.image_exists(tag):
+            where = f"is on the local engine, not on {rt.engine}: the first `provision up` / container test"
+            return [Check("worker image", "warn", f"{tag} {where} sends it (docker save | load)")]
+        first = "`provision images build` (or the first `provision up` / container test)"
+        return [Check("worker image", "warn", f"{tag or 'the worker image'} is not built yet: {first} "
+                      f"builds it on the local engine and sends it to {rt.engine}")]
     return [
         Check(
             "worker image",
@@ -135,13 +149,17 @@ def _check_worker_image(settings: Settings, rt: ContainerRuntime) -> list[Check]
 
 
 def _check_base_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
+    """The base image where the worker image is built: the engine, or its image source."""
     from provisioner.runtime import images
 
     if settings.container.image:
         return [Check("base image", "ok", "not needed: container.image is a custom image")]
+    source = rt.image_source()
+    builder = source or rt
+    on = " (on the local engine, where the worker image is built)" if source is not None else ""
     try:
-        base_ref, _ = images.resolve_base(rt, settings.container.base, allow_build=False)
-        return [Check("base image", "ok", f"{base_ref} is present")]
+        base_ref, _ = images.resolve_base(builder, settings.container.base, allow_build=False)
+        return [Check("base image", "ok", f"{base_ref} is present{on}")]
     except ImageError:
         problem = images.debootstrap_problem()
         if problem and settings.container.base == "debootstrap":
@@ -151,11 +169,12 @@ def _check_base_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
                 Check(
                     "base image",
                     "warn",
-                    f"{images.PYTHON_BASE} is not present (a pull needs a registry) and the offline "
+                    f"{images.PYTHON_BASE} is not present{on} (a pull needs a registry) and the offline "
                     f"base cannot be built: {problem}",
                 )
             ]
-        return [Check("base image", "ok", "buildable offline with debootstrap (root, debootstrap found)")]
+        buildable = "buildable offline with debootstrap (root, debootstrap found)"
+        return [Check("base image", "ok", buildable + on)]
 
 
 def _check_api_key(settings: Settings) -> list[Check]:

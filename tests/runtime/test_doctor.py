@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from provisioner.runtime.doctor import doctor
@@ -49,3 +51,29 @@ def test_doctor_turns_an_unexpected_error_into_a_failed_check(
     assert "ImageError" in checks["provisioner installation"].detail
     assert checks["stale runs"].status == "fail" and "ZeroDivisionError" in checks["stale runs"].detail
     assert checks["Gemini API key"].status == "warn"  # the other checks still ran
+
+
+def test_doctor_on_a_remote_engine_says_the_image_comes_from_the_local_engine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A remote engine (one with an image source) lacks the image: doctor says whether the first
+    `up` sends it from the local engine or builds it there first, and checks the base where the
+    build happens."""
+    from provisioner.runtime import images
+
+    monkeypatch.setenv("PROVISION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(images, "ensure_wheelhouse", lambda *_a, **_k: tmp_path)
+    local = FakeRuntime(images=(images.PYTHON_BASE,))
+    remote = FakeRuntime(image_source=local)
+    remote.engine = "tcp://10.0.0.5:2376 (DOCKER_HOST)"
+    checks = {c.name: c.detail for c in doctor(settings, runtime=remote)}
+    assert checks["base image"] == f"{images.PYTHON_BASE} is present (on the local engine, where the worker image is built)"  # noqa: E501
+    assert "builds it on the local engine and sends it to tcp://10.0.0.5:2376" in checks["worker image"]
+    tag = images.build_worker_image(local, progress=lambda _m: None).tag
+    checks = {c.name: c.detail for c in doctor(settings, runtime=remote)}
+    assert checks["worker image"] == (
+        f"{tag} is on the local engine, not on tcp://10.0.0.5:2376 (DOCKER_HOST): "
+        "the first `provision up` / container test sends it (docker save | load)"
+    )
+    images.ensure_worker_image(remote)
+    assert {c.name: c for c in doctor(settings, runtime=remote)}["worker image"].status == "ok"
