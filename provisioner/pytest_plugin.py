@@ -461,6 +461,7 @@ def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 SOCKET_RESOLUTION_CACHE = pytest.StashKey[dict[str, set[str]]]()
+ENGINE_HOSTS = pytest.StashKey[tuple[str, ...]]()
 
 
 @pytest.fixture(autouse=True)
@@ -479,8 +480,11 @@ def _provisioner_spending_guard(request: pytest.FixtureRequest) -> Iterator[None
     hosts = hosts_mark.args[0] if hosts_mark and hosts_mark.args else ()
     cache = request.config.stash.setdefault(SOCKET_RESOLUTION_CACHE, {})
     layer_lm = run.environment.lm_config
+    engine = request.config.stash.get(ENGINE_HOSTS, None)
+    if engine is None:  # a remote engine's API and workers stay reachable (issue 13)
+        engine = request.config.stash[ENGINE_HOSTS] = network.engine_hosts(run.environment.settings)
     with network.block_network(run.layer.name, layer_lm.mode,
-                               allow_hosts=[hosts] if isinstance(hosts, str) else hosts,
+                               allow_hosts=[*([hosts] if isinstance(hosts, str) else hosts), *engine],
                                resolution_cache=cache):
         yield
 

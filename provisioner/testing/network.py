@@ -9,7 +9,8 @@ them), each test runs with two blocks, in the spirit of pytest-recording's ``--b
   :func:`pytest_socket.socket_allow_hosts`: loopback (``127.0.0.0/8``, ``::1``, ``localhost`` — the
   bridge relay ports, the in-process Gemini stand-in) and unix sockets (the Docker API) keep working,
   and so do provisioner's own Gemini requests (a cached layer recording a cassette; they are rate- and
-  cost-limited).
+  cost-limited) and the hosts of a remote engine (:func:`engine_hosts`: its API and the address its
+  workers are published on — the bridge fixtures connect there).
 * **foreign LMs** — a ``dspy.LM`` on one of DSPy's provider engines (``dspy.LM("openai/…")`` built by
   the code under test, e.g. at import time) is refused when called, before DSPy or LiteLLM resolve a
   host or retry. LMs with their own engine object (provisioner's, ``DummyLM``, yours) are not touched.
@@ -72,6 +73,21 @@ def prepare() -> None:
     so the first blocked test's setup is not charged for it."""
     import dspy.clients.execution  # noqa: F401
     import pytest_socket  # noqa: F401
+
+
+def engine_hosts(settings: Any) -> tuple[str, ...]:
+    """The remote engine's hosts (``DOCKER_HOST``/docker context and the publish address) that the
+    tests of a blocked layer still reach: their workers are published there. Empty for a local
+    engine or one whose address does not resolve (the run then fails elsewhere, saying why)."""
+    from provisioner.errors import ConfigError
+    from provisioner.runtime.engine import publish_host_for, remote_hosts
+    from provisioner.runtime.engine.docker import engine_url
+
+    url, _source = engine_url()
+    try:
+        return remote_hosts(url, publish_host_for(url, settings.publish_host))
+    except ConfigError:
+        return ()
 
 
 def _network_message(layer: str, lm_mode: str, host: str | None) -> str:

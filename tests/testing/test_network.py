@@ -218,3 +218,35 @@ def test_with_lm_rules():
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*test_connect ATTEMPTED*", "*test_with_lm_fixture BLOCKED unit*",
                                  "*test_with_lm_rules BLOCKED unit*"])
+
+
+ENGINE_SUITE = """
+import socket, pytest
+from provisioner.errors import SpendingBlockedError
+
+@pytest.mark.parametrize("address", [("198.51.100.8", 9), ("198.51.100.9", 2376), ("198.51.100.7", 80)])
+def test_connect(address):
+    try:
+        socket.create_connection(address, timeout=0.5).close()
+    except SpendingBlockedError:
+        print("BLOCKED", address[0])
+        return
+    except OSError:
+        pass
+    print("ATTEMPTED", address[0])
+"""
+
+
+def test_a_remote_engines_api_and_workers_stay_reachable(pytester: pytest.Pytester,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With DOCKER_HOST=tcp://HOST (a remote engine) the bridge fixtures connect to workers published
+    on HOST (or PROVISION_PUBLISH_HOST) and the engine's API is there: a blocked layer lets both
+    through, and only them (found by a trial: `bridge` on a remote `provision up` was refused)."""
+    monkeypatch.setenv("DOCKER_HOST", "tcp://198.51.100.9:2376")
+    monkeypatch.setenv("PROVISION_PUBLISH_HOST", "198.51.100.8")
+    pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n")
+    pytester.makepyfile(test_engine=ENGINE_SUITE)
+    result = pytester.runpytest_subprocess("--layer", "unit", "-s")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*ATTEMPTED 198.51.100.8*", "*ATTEMPTED 198.51.100.9*",
+                                 "*BLOCKED 198.51.100.7*"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from provisioner.runtime.engine.address import is_loopback, is_network_url, publish_host_for
+from provisioner.runtime.engine.address import is_loopback, is_network_url, publish_host_for, remote_hosts
 from provisioner.runtime.engine.base import (
     ContainerRuntime,
     ContainerState,
@@ -101,6 +101,7 @@ __all__ = [
     "is_network_url",
     "open_runtime",
     "publish_host_for",
+    "remote_hosts",
     "remove_by_selector",
     "remove_resource",
 ]

@@ -73,6 +73,18 @@ def publish_host_for(url: str | None, override: str | None = None) -> str:
     return LOOPBACK  # unix://, npipe://, http+unix://: a local engine
 
 
+def remote_hosts(url: str | None, publish_host: str) -> tuple[str, ...]:
+    """The hosts off this machine a controller of the engine at ``url`` connects to: the engine's
+    own host (its API, ``tcp://``/``ssh://``) and ``publish_host`` (the workers); loopback ones
+    are left out, so a local engine has none."""
+    hosts: list[str] = []
+    engine_host = urlsplit(url or "").hostname if is_network_url(url) else None
+    for host in (engine_host, publish_host):
+        if host and not is_loopback(host) and host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
 def _resolve(host: str, what: str) -> str:
     try:
         return str(ipaddress.ip_address(host.strip("[]")))

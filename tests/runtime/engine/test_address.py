@@ -105,3 +105,13 @@ def test_containers_are_published_on_the_runtime_publish_host() -> None:
                              networks=(), ports=(9000, 9001))
     assert rt.create_container(recipe) == "c1"
     assert made["ports"] == {"9000/tcp": ("10.213.7.2", None), "9001/tcp": ("10.213.7.2", None)}
+
+
+def test_the_hosts_a_controller_of_a_remote_engine_reaches() -> None:
+    from provisioner.runtime.engine import remote_hosts
+
+    assert remote_hosts(None, "127.0.0.1") == ()
+    assert remote_hosts("unix:///var/run/docker.sock", "127.0.0.1") == ()
+    assert remote_hosts("tcp://10.213.7.2:2376", "10.213.7.2") == ("10.213.7.2",)
+    assert remote_hosts("ssh://root@engine.example", "10.0.0.9") == ("engine.example", "10.0.0.9")
+    assert remote_hosts("tcp://127.0.0.1:2376", "127.0.0.1") == ()
