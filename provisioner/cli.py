@@ -508,11 +508,13 @@ def images_build(base: str | None, force: bool, as_json: bool) -> None:
                                 progress=None if sys.stderr.isatty() and not as_json else _say)
     if as_json:
         click.echo(json.dumps({"tag": result.tag, "built": result.built, "seconds": round(result.seconds, 3),
-                               "base": result.base, "project_tag": result.project_tag}))
+                               "base": result.base, "project_tag": result.project_tag, "sent": result.sent}))
     else:
         verb = "built" if result.built else "up to date:"
+        # A remote engine's image is built (or found) on the local engine and sent by save | load.
+        sent = "; sent to the engine from the local one" if result.sent else ""
         click.echo(f"{verb} {result.tag} (base {result.base}, {result.seconds:.2f}s); "
-                   f"project tag {result.project_tag}")
+                   f"project tag {result.project_tag}{sent}")
 
 
 @images_group.command("prune")
