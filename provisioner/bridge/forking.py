@@ -192,13 +192,15 @@ def exercise(program_types: tuple[str, ...] = ("predict",)) -> None:
     """Create and execute one program of each of ``program_types`` on a throw-away mock service (no
     files, no network) and drop it.
 
-    In the parent it runs DSPy's lazy paths before any fork. In a spare it runs again, before the
-    spare waits for a connection: CPython writes reference counts into every object it touches, so
-    a fresh process's first execution copies the pages it touches (copy on write). Measured on the
-    host at load ≈ 11 (connect, ``hello``, create + execute a ``predict`` program, close): without
-    this, serving one such connection took ≈ 1 330 page faults and 12 to 15 ms of CPU; with it ≈ 230
-    faults and 7 to 9 ms, while the spare's preparation grew from ≈ 3 to ≈ 15 ms of CPU, spent while
-    it waits rather than on a connection's path.
+    In the parent it runs DSPy's lazy paths before any fork. In a spare it runs again once the
+    spare is ready, unless a connection already waits: CPython writes reference counts into every
+    object it touches, so a fresh process's first execution copies the pages it touches (copy on
+    write). Measured on the host at load ≈ 11 (connect, ``hello``, create + execute a ``predict``
+    program, close): without this, serving one such connection took ≈ 1 330 page faults and 12 to
+    15 ms of CPU; with it ≈ 230 faults and 7 to 9 ms, while the spare's preparation grew from ≈ 3 to
+    ≈ 15 ms of CPU, spent while it waits rather than on a connection's path. A connection that
+    arrives while the spare is still being built skips it (back to back, the next connection would
+    otherwise wait for it).
     """
     from provisioner.bridge.service import BridgeService
 
@@ -259,7 +261,9 @@ class ForkingWorker:
 
     ``make_child(parent)`` runs in a new child before it waits for a connection and returns the
     function that serves the accepted one (``serve(sock, peer) -> exit code``); see
-    :func:`run_fork_worker`. ``max_children`` is already capped (:func:`child_limit`).
+    :func:`run_fork_worker`. ``idle_work()`` then runs in the spare, after it told the parent it
+    is ready, unless a connection already waits (a connection is never held back for it).
+    ``max_children`` is already capped (:func:`child_limit`).
     """
 
     def __init__(
@@ -269,8 +273,10 @@ class ForkingWorker:
         max_children: int,
         worker_id: str,
         stop_timeout_s: float = 30.0 + _STOP_GRACE_S,
+        idle_work: Callable[[], None] | None = None,
     ) -> None:
         self.make_child = make_child
+        self.idle_work = idle_work
         self.max_children = max_children
         self.worker_id = worker_id
         self.stop_timeout_s = stop_timeout_s
@@ -485,6 +491,8 @@ class ForkingWorker:
         listener = self._listener
         waiting = select.poll()
         waiting.register(listener.fileno(), select.POLLIN)
+        if self.idle_work is not None and not waiting.poll(0):
+            self.idle_work()  # only while no connection waits: one that does is served first
         while True:
             waiting.poll()
             try:
@@ -735,7 +743,6 @@ def run_fork_worker(
     timeout = float(server_options.get("request_timeout_s", 30.0)) + _STOP_GRACE_S
 
     def make_child(parent: ForkingWorker) -> Callable[[socket.socket, str], int]:
-        exercise()  # copy the pages a first execution writes now, while no connection waits
         # Before any connection: the child's own service, its LM applied (no byte is read before).
         service = BridgeService(lm_config, worker_id=worker_id, control_token=control_token,
                                 bridge_token=bridge_token, **service_options)
@@ -777,7 +784,12 @@ def run_fork_worker(
         gc.freeze()
         return serve
 
-    parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout)
+    def idle_work() -> None:
+        exercise()  # copy the pages a first execution writes now, while no connection waits
+        gc.freeze()
+
+    parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout,
+                           idle_work=idle_work)
     bound = parent.listen(host, port)
     require_single_threaded(f"worker {worker_id}")
     from provisioner.bridge.server import write_ready_file
