@@ -188,7 +188,7 @@ def warm_up(config: LMConfig) -> None:
     exercise(("predict", "chain_of_thought"))
 
 
-def exercise(program_types: tuple[str, ...] = ("predict",)) -> None:
+def exercise(program_types: tuple[str, ...] = ("predict",), stop: Callable[[], bool] = lambda: False) -> None:
     """Create and execute one program of each of ``program_types`` on a throw-away mock service (no
     files, no network) and drop it.
 
@@ -200,14 +200,22 @@ def exercise(program_types: tuple[str, ...] = ("predict",)) -> None:
     15 ms of CPU; with it ≈ 230 faults and 7 to 9 ms, while the spare's preparation grew from ≈ 3 to
     ≈ 15 ms of CPU, spent while it waits rather than on a connection's path. A connection that
     arrives while the spare is still being built skips it (back to back, the next connection would
-    otherwise wait for it).
+    otherwise wait for it), and ``stop()`` is asked before each step (a few ms of CPU each): a
+    connection that arrives meanwhile waits for one step at most, not for the whole exercise
+    (under load, at a tenth of a core, the whole took ≈ 150 ms).
     """
     from provisioner.bridge.service import BridgeService
 
+    if stop():
+        return
     scratch = BridgeService(LMConfig(mode="mock"))
     for program_type in program_types:
+        if stop():
+            return
         scratch.call("create_program", {"signature": "question -> answer: int, note",
                                         "program_id": program_type, "program_type": program_type})
+        if stop():
+            return
         scratch.call("execute_program", {"program_id": program_type, "inputs": {"question": "warm up"}})
     scratch.call("reset_state", {})
 
@@ -261,8 +269,8 @@ class ForkingWorker:
 
     ``make_child(parent)`` runs in a new child before it waits for a connection and returns the
     function that serves the accepted one (``serve(sock, peer) -> exit code``); see
-    :func:`run_fork_worker`. ``idle_work()`` then runs in the spare, after it told the parent it
-    is ready, unless a connection already waits (a connection is never held back for it).
+    :func:`run_fork_worker`. ``idle_work(pending)`` then runs in the spare, after it told the
+    parent it is ready; it should return soon after ``pending()`` (a connection waits) is true.
     ``max_children`` is already capped (:func:`child_limit`).
     """
 
@@ -273,7 +281,7 @@ class ForkingWorker:
         max_children: int,
         worker_id: str,
         stop_timeout_s: float = 30.0 + _STOP_GRACE_S,
-        idle_work: Callable[[], None] | None = None,
+        idle_work: Callable[[Callable[[], bool]], None] | None = None,
     ) -> None:
         self.make_child = make_child
         self.idle_work = idle_work
@@ -491,8 +499,9 @@ class ForkingWorker:
         listener = self._listener
         waiting = select.poll()
         waiting.register(listener.fileno(), select.POLLIN)
-        if self.idle_work is not None and not waiting.poll(0):
-            self.idle_work()  # only while no connection waits: one that does is served first
+        if self.idle_work is not None:
+            # Only while no connection waits: one that does is served first.
+            self.idle_work(lambda: bool(waiting.poll(0)))
         while True:
             waiting.poll()
             try:
@@ -784,8 +793,8 @@ def run_fork_worker(
         gc.freeze()
         return serve
 
-    def idle_work() -> None:
-        exercise()  # copy the pages a first execution writes now, while no connection waits
+    def idle_work(pending: Callable[[], bool]) -> None:
+        exercise(stop=pending)  # copy the pages a first execution writes now, while no connection waits
         gc.freeze()
 
     parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout,
