@@ -18,6 +18,15 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   between connections, the time a test's own work gives the worker to fork its next spare;
   *back to back*: no gap, so a connection often waits for the spare being forked. The same on the
   host with ``provision worker --fork`` as a subprocess (no container, no relay).
+* **Per hop** (``proc`` worker, paced, the same raw ``ping``): a connection crosses the engine's
+  forwarding of the published 127.0.0.1 port (docs/containers.md), the relay container (which
+  resolves the worker's alias through Docker's embedded DNS per connection, then connects) and
+  reaches the fork-mode parent's listener, where the waiting spare accepts. Each hop is timed
+  alone by starting the same loop further in: from the host to the relay's address on its edge
+  network (skipping the published port), from inside the relay container to ``w0:8765`` (DNS + run
+  network; the resolution also timed on its own), and from inside the worker container to its own
+  port (the spare alone). ``docker exec`` runs a stdlib-only copy of the loop in those containers;
+  its samples are timed there, so the exec itself is not in them.
 * **Memory.** With 10 idle connections open on the ``proc`` worker (each answered one ``ping``),
   a script run in the container (``docker exec``, the worker's own uid) reads
   ``/proc/<pid>/smaps_rollup`` of the parent and of each child: PSS (proportional set size: shared
@@ -114,6 +123,69 @@ print(json.dumps(out))
 """
 
 
+# The raw ping loop run inside a container (stdlib only). argv: host port count gap_s.
+PROBE = """
+import json, socket, struct, sys, time
+host, port, count, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+body = json.dumps({"id": 1, "command": "ping", "args": {}}).encode()
+frame = struct.pack(">I", len(body)) + body
+def exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise SystemExit("the worker closed the connection")
+        data += chunk
+    return data
+out = {"ping_ms": [], "resolve_ms": []}
+for _ in range(count):
+    if gap:
+        time.sleep(gap)
+    started = time.perf_counter()
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out["resolve_ms"].append((time.perf_counter() - started) * 1000)
+    started = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(frame)
+        (size,) = struct.unpack(">I", exactly(sock, 4))
+        exactly(sock, size)
+    out["ping_ms"].append((time.perf_counter() - started) * 1000)
+print(json.dumps(out))
+"""
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    return {"count": len(samples), "p50_ms": bench_suite.pct(samples, 0.5),
+            "p99_ms": bench_suite.pct(samples, 0.99), "min_ms": min(samples), "max_ms": max(samples)}
+
+
+def hops(env: Any, count: int) -> dict[str, Any]:
+    """Each hop of a connection to the ``proc`` worker, timed alone (see the module docstring)."""
+    deployment = env.pool.environment
+    worker = deployment.workers[0]
+    runtime = env.containers.runtime
+    relay_id = deployment.container_ids[deployment.plan.relay.name]
+    relay_port = deployment.plan.relay_port_for(worker.slot)
+    figures: dict[str, Any] = {}
+    networks = runtime.client.api.inspect_container(relay_id)["NetworkSettings"]["Networks"]
+    edge = [n["IPAddress"] for name, n in networks.items() if name.endswith("-edge") and n["IPAddress"]]
+    if edge:
+        figures["host_to_relay"] = latencies(edge[0], relay_port, count, GAP_S)
+
+    def inside(container_id: str, host: str, port: int) -> dict[str, Any]:
+        code, output = runtime.exec(container_id, ["python3", "-I", "-c", PROBE, host, str(port), str(count),
+                                                   str(GAP_S)])
+        assert code == 0, output
+        return json.loads(output)
+
+    relay = inside(relay_id, f"w{worker.slot}", 8765)
+    figures["relay_to_worker"] = summary(relay["ping_ms"])
+    figures["relay_resolve"] = summary(relay["resolve_ms"])
+    figures["in_worker"] = summary(inside(worker.container_id, "127.0.0.1", 8765)["ping_ms"])
+    return figures
+
+
 def ping_once(host: str, port: int) -> tuple[float, dict[str, Any]]:
     """Connect, send one ping, read the reply: (milliseconds, result)."""
     started = time.perf_counter()
@@ -184,6 +256,7 @@ def container_figures(folder: Path, count: int) -> dict[str, Any]:
         info = proc.pool.environment.workers[0]
         figures["proc"] = latencies(info.host, info.port, count, GAP_S)
         figures["proc_back_to_back"] = latencies(info.host, info.port, count)
+        figures["hops"] = hops(proc, count)
         idle = [socket.create_connection((info.host, info.port), timeout=30) for _ in range(10)]
         try:
             child_pids = []
@@ -304,6 +377,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"| fork-mode worker on the host, paced (no container, no relay) | {lat(host['paced'])} |",
         f"| fork-mode worker on the host, back to back | {lat(host['back_to_back'])} |",
         "",
+        *hop_rows(cont),
         f"Every one of the {p['count']} container connections got its own process"
         f" ({p['distinct_pids']} distinct pids; the kernel may reuse a reaped pid).",
         f"Targets p50 ≤ 20 ms, p99 ≤ 100 ms inside a container: p50 {met(p['p50_ms'] <= 20)},"
@@ -334,15 +408,54 @@ def markdown(results: dict[str, Any]) -> str:
         "- Every figure here moves with the load: the threaded worker's row is the floor of the relay",
         "  and proxy hops at the same moment, and a fork-mode worker's processes share its container's",
         "  1-CPU quota (`container.cpus`) with the fork of the next spare and the exit of the last process.",
-        "- A fresh process's first execution is slower than a warm threaded worker's (the section above:",
-        "  call p50 of 9 to 57 ms at load ≈ 10): every object of the parent it touches is copied on",
-        "  write (CPython 3.11 writes reference counts into objects it reads; `gc.freeze()` in the parent",
-        "  keeps the collector from doing the same), and the next spare is forked meanwhile.",
+        "- A fresh process's first execution costs more than a warm threaded worker's: every object",
+        "  of the parent it touches is copied on write (CPython 3.11 writes reference counts into",
+        "  objects it reads; `gc.freeze()` keeps the collector from doing the same). A spare runs one",
+        "  throw-away mock `predict` once it is ready (stopping between steps when a connection",
+        "  arrives), so those copies are made before its connection: on the host (load ≈ 11) ≈ 1 330",
+        "  → ≈ 230 page faults and 12-15 → 7-9 ms of CPU for connect + `hello` + create + execute,",
+        "  for ≈ 12 ms more CPU in the waiting spare (its copied pages are in the PSS above).",
+        "- The parent imports only what its LM needs (a mock worker no longer imports google-genai:",
+        "  ≈ 0.5 s of CPU at start-up; the parent's RSS fell from ≈ 92 to ≈ 66 MB), and the worker",
+        "  says it is ready only once the first spare waits on the listener.",
+        "- Before those changes, on a quiet machine (commit 92c3677, load 0.3 to 1, the lead's run of",
+        "  this script): in the container paced p50 9.0 / p99 17.5 ms, back to back 6.4 / 19.9; threaded",
+        "  10.1 / 20.8; host 8.9 / 14.5; PSS per idle child 9 967 kB; suite 6.66 s = pool start 2.77 s +",
+        "  200 tests (setup p50 6.3 ms, call p50 10.3 ms, teardown p50 1.5 ms); naive 229.7 s;"
+        f" ratio 34.5{TIMES}.",
         f"- Memory: an idle process costs ≈ {mem['child_pss_kb_p50'] / 1024:.0f} MB of PSS against"
         f" ≈ {cont['full_worker_rss_kb'] / 1024:.0f} MB of RSS for a whole worker; with `pids_limit = 256`",
         "  the worker runs at most 17 processes, so the pids limit, not `memory = 1g`, is the bound.",
         "",
     ])
+
+
+def hop_rows(cont: dict[str, Any]) -> list[str]:
+    """The per-hop table (absent in results measured before it existed)."""
+    hop = cont.get("hops")
+    if not hop:
+        return []
+
+    def lat(figures: dict[str, Any]) -> str:
+        return f"{figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} | {figures['min_ms']:.1f}"
+
+    rows = [
+        "Per hop, paced, the fork-mode worker in its container (each row starts the same loop one hop",
+        "further in; the difference between two rows is the hop between them):",
+        "",
+        "| connect → first `ping` reply, ms | p50 | p99 | min |",
+        "|---|---:|---:|---:|",
+        f"| host → 127.0.0.1 published port → relay → worker (the path clients take) | {lat(cont['proc'])} |",
+    ]
+    if "host_to_relay" in hop:
+        rows.append(f"| host → relay's edge-network address → worker | {lat(hop['host_to_relay'])} |")
+    rows += [
+        f"| in the relay: `w0:8765` (Docker DNS + run network) → worker | {lat(hop['relay_to_worker'])} |",
+        f"| … of which resolving `w0` through Docker's embedded DNS | {lat(hop['relay_resolve'])} |",
+        f"| in the worker container: 127.0.0.1:8765 (the spare alone) | {lat(hop['in_worker'])} |",
+        "",
+    ]
+    return rows
 
 
 def write_docs(text: str) -> None:
