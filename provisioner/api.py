@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import CleanupError, ClosedError, ConfigError
-from provisioner.factories import SessionFactory, set_run_id
+from provisioner.factories import new_session, set_run_id
 from provisioner.isolated import IsolatedTest
 from provisioner.layers import Layer
 from provisioner.lm.callstats import LMUsage
@@ -190,7 +190,7 @@ class Environment:
 
     def isolated(self, label: str | None = None) -> IsolatedTest:
         """A new isolated session (close it, or use :meth:`session` for a ``with`` block)."""
-        spec = SessionFactory.build(metadata={"label": label} if label else {})
+        spec = new_session({"label": label} if label else None)
         if label:
             with self._lock:
                 self._sessions_by_label.setdefault(label, []).append(spec.session_id)

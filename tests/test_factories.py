@@ -138,6 +138,24 @@ def test_session_ids_carry_a_random_part_beyond_the_run_and_counter() -> None:
     assert re.fullmatch(r"session_\w+_\d+_\d+", head_one) and head_one != head_two
 
 
+def test_new_session_is_the_factorys_session_without_polyfactory() -> None:
+    """The isolated fixture's per-test session (issue 10: polyfactory's build was ≈ 0.3 ms of it):
+    the same fields, the same shared suffix and the same 64-bit random part as the factory's."""
+    from provisioner.factories import new_session
+
+    one, two = new_session({"label": "t::a"}), new_session()
+    assert one.metadata == {"label": "t::a"} and two.metadata == {}
+    for spec in (one, two):
+        suffix = spec.session_id.removeprefix("session_")
+        assert spec.namespace == f"ns_{suffix}" and spec.program_prefix == f"p_{suffix}_"
+        head, random_part = spec.session_id.rsplit("_", 1)
+        assert re.fullmatch(r"[0-9a-f]{16}", random_part)
+        assert re.fullmatch(r"session_\w+_\d+_\d+", head)
+    assert one.session_id != two.session_id
+    assert type(one) is type(SessionFactory.build()) and set(one.model_dump()) == set(
+        SessionFactory.build().model_dump())
+
+
 def test_programs_create_and_run_on_an_in_process_bridge() -> None:
     from provisioner.bridge import LocalBridge
 
