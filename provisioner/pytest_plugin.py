@@ -366,13 +366,6 @@ def lm_rules(request: pytest.FixtureRequest, lm: Any) -> Any:
     return _test_rules(request)
 
 
-@pytest.fixture(autouse=True)
-def _provisioner_lm_rules_marker(request: pytest.FixtureRequest) -> None:
-    """A test marked ``lm_rules`` gets the ``lm`` fixture (its LM, with the rules) without asking."""
-    if request.node.get_closest_marker("lm_rules") is not None:
-        request.getfixturevalue("lm")
-
-
 @pytest.fixture
 def lm_cost(request: pytest.FixtureRequest) -> LMCost:
     """Cost and call counts of LM calls made during the current test (live: read it at the end)."""
@@ -437,56 +430,65 @@ def resource_manager(request: pytest.FixtureRequest) -> Any:
     return run.environment.containers.resources
 
 
-@pytest.fixture(autouse=True)
-def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Docker check for layer-marked tests of container layers (skip locally, fail under CI), and
-    the per-test leak check for tests that use provisioner. Set up first, so torn down last: the
-    check sees the state after every other fixture of the test has cleaned up."""
-    run = request.config.stash[RUN_KEY]
-    layer_test = run.is_layer_test([m.name for m in request.node.iter_markers()])
-    if run.layer.needs_docker and layer_test:
-        run.mark_used()
-        _need_docker(run, f"{request.node.nodeid} (marked for the {run.layer.name} layer)")
-    # Taken for every test (no machine-wide scan: this process's children, tracked ports and files,
-    # the engine through its event stream); checked only for tests that used provisioner, so other
-    # suites' tests are never judged.
-    before = run.leak_snapshot()
-    yield
-    uses = layer_test or request.node.stash.get(USES_PROVISIONER, False)
-    if not uses and run.environment.containers_started is None:
-        return
-    found = run.leaks_since(before, request.node.nodeid)
-    if found:
-        pytest.fail(str(LeakError(found)) + " — the test must remove what it creates", pytrace=False)
-
-
 SOCKET_RESOLUTION_CACHE = pytest.StashKey[dict[str, set[str]]]()
+SOCKET_GUARDS = pytest.StashKey[dict[tuple[str, ...], Any]]()
 ENGINE_HOSTS = pytest.StashKey[tuple[str, ...]]()
 
 
 @pytest.fixture(autouse=True)
-def _provisioner_spending_guard(request: pytest.FixtureRequest) -> Iterator[None]:
-    """No accidental spending: in layers whose LM is mock or cached, the test cannot reach the network
-    outside this machine or call an LM provisioner did not build (:mod:`provisioner.testing.network`)."""
+def _provisioner_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Everything provisioner does around every test, in one fixture (each autouse fixture costs
+    pytest a fixture definition, a ``request`` object and a finalizer per test):
+
+    * the Docker check for layer-marked tests of container layers (skip locally, fail under CI);
+    * the per-test leak check for tests that use provisioner;
+    * the spending guard: in layers whose LM is mock or cached, the test cannot reach the network
+      outside this machine or call an LM provisioner did not build (:mod:`provisioner.testing.network`);
+    * a test marked ``lm_rules`` gets the ``lm`` fixture (its LM, with the rules) without asking.
+
+    Set up first, so torn down last: the leak check sees the state after every other fixture of the
+    test has cleaned up (those tear down inside the spending guard, as the test ran)."""
+    run = request.config.stash[RUN_KEY]
+    node = request.node
+    markers = [m.name for m in node.iter_markers()]
+    layer_test = run.is_layer_test(markers)
+    if run.layer.needs_docker and layer_test:
+        run.mark_used()
+        _need_docker(run, f"{node.nodeid} (marked for the {run.layer.name} layer)")
+    # Taken for every test (no machine-wide scan: this process's children, tracked ports and files,
+    # the engine through its event stream); checked only for tests that used provisioner, so other
+    # suites' tests are never judged.
+    before = run.leak_snapshot()
+    with _spending_guard(request, run, markers):
+        if "lm_rules" in markers:
+            request.getfixturevalue("lm")
+        yield
+    uses = layer_test or node.stash.get(USES_PROVISIONER, False)
+    if not uses and run.environment.containers_started is None:
+        return
+    found = run.leaks_since(before, node.nodeid)
+    if found:
+        pytest.fail(str(LeakError(found)) + " — the test must remove what it creates", pytrace=False)
+
+
+def _spending_guard(request: pytest.FixtureRequest, run: ProvisionRun, markers: list[str]
+                    ) -> contextlib.AbstractContextManager[None]:
+    """No accidental spending (:mod:`provisioner.testing.network`), or nothing when it does not apply."""
     from provisioner.testing import network
 
-    run = request.config.stash[RUN_KEY]
-    markers = [m.name for m in request.node.iter_markers()]
     force = bool(request.config.getoption("force_enable_socket", False))
     if not network.applies(run, markers, request.fixturenames, force_enabled=force):
-        yield
-        return
+        return contextlib.nullcontext()
     hosts_mark = request.node.get_closest_marker("allow_hosts")
     hosts = hosts_mark.args[0] if hosts_mark and hosts_mark.args else ()
-    cache = request.config.stash.setdefault(SOCKET_RESOLUTION_CACHE, {})
-    layer_lm = run.environment.lm_config
-    engine = request.config.stash.get(ENGINE_HOSTS, None)
+    stash = request.config.stash
+    engine = stash.get(ENGINE_HOSTS, None)
     if engine is None:  # a remote engine's API and workers stay reachable (issue 13)
-        engine = request.config.stash[ENGINE_HOSTS] = network.engine_hosts(run.environment.settings)
-    with network.block_network(run.layer.name, layer_lm.mode,
-                               allow_hosts=[*([hosts] if isinstance(hosts, str) else hosts), *engine],
-                               resolution_cache=cache):
-        yield
+        engine = stash[ENGINE_HOSTS] = network.engine_hosts(run.environment.settings)
+    return network.block_network(run.layer.name, run.environment.lm_config.mode,
+                                 allow_hosts=[*([hosts] if isinstance(hosts, str) else hosts), *engine],
+                                 resolution_cache=stash.setdefault(SOCKET_RESOLUTION_CACHE, {}),
+                                 guards=stash.setdefault(SOCKET_GUARDS, {}))
 
 
 def _failed(item: pytest.Item) -> bool:

@@ -64,7 +64,8 @@ def applies(run: Any, markers: Iterable[str], fixturenames: Iterable[str], *, fo
         return False
     if not blocks(run.environment.lm_config.mode):
         return False
-    return (project_uses_provisioner(run) or run.is_layer_test(marks) or "lm_rules" in marks
+    # run.project_opted_in: project_uses_provisioner(run), looked up once per run (it reads files).
+    return (run.project_opted_in or run.is_layer_test(marks) or "lm_rules" in marks
             or bool(PROVISIONER_FIXTURES & set(fixturenames)))
 
 
@@ -110,22 +111,47 @@ def is_foreign_lm(lm: Any) -> bool:
     return isinstance(lm, dspy.LM) and isinstance(getattr(lm, "engine", None), str)
 
 
+def _guarded_connect(hosts: tuple[str, ...], resolution_cache: dict[str, set[str]] | None,
+                     guards: dict[tuple[str, ...], Callable[..., Any]] | None) -> Callable[..., Any]:
+    """pytest-socket's connect guard for ``hosts`` (:func:`pytest_socket.socket_allow_hosts` builds
+    it: parses the networks, resolves the names), made once per allow-list when ``guards`` is given
+    (the plugin keeps one per run: the guard runs around every test, and making it was most of its
+    cost). pytest-socket installs the guard itself; it is taken off again here and handed back."""
+    from pytest_socket import socket_allow_hosts
+
+    guarded = guards.get(hosts) if guards is not None else None
+    if guarded is None:
+        installed = socket.socket.connect
+        try:
+            socket_allow_hosts(list(hosts), allow_unix_socket=True, resolution_cache=resolution_cache)
+            guarded = socket.socket.connect
+        finally:
+            socket.socket.connect = installed  # type: ignore[method-assign]
+        if guards is not None:
+            guards[hosts] = guarded
+    return guarded
+
+
 @contextlib.contextmanager
 def block_network(layer: str, lm_mode: str, *, allow_hosts: Iterable[str] = (),
-                  resolution_cache: dict[str, set[str]] | None = None) -> Iterator[None]:
+                  resolution_cache: dict[str, set[str]] | None = None,
+                  guards: dict[tuple[str, ...], Callable[..., Any]] | None = None) -> Iterator[None]:
     """Refuse connections leaving this machine, and calls of foreign LMs, inside the block.
+
+    ``resolution_cache`` (host name → addresses) and ``guards`` (allow-list → connect guard): the
+    caller's caches, kept across blocks (the pytest plugin keeps them for the run), so a block costs
+    two attribute swaps, not a name resolution and a guard build.
 
     Raises (inside the block):
         SpendingBlockedError: a connection to a host outside ``LOOPBACK + allow_hosts`` (not made by
             provisioner's Gemini engine), or a call of a foreign ``dspy.LM``.
     """
-    from pytest_socket import SocketConnectBlockedError, socket_allow_hosts
+    from pytest_socket import SocketConnectBlockedError
 
     from provisioner.lm.gemini import in_managed_request
 
     before: Callable[..., Any] = socket.socket.connect
-    socket_allow_hosts([*LOOPBACK, *allow_hosts], allow_unix_socket=True, resolution_cache=resolution_cache)
-    guarded: Callable[..., Any] = socket.socket.connect
+    guarded = _guarded_connect((*LOOPBACK, *allow_hosts), resolution_cache, guards)
 
     def connect(sock: socket.socket, *args: Any) -> Any:
         if in_managed_request():

@@ -8,6 +8,7 @@ Environment`, and assembles the run report. The hooks in :mod:`provisioner.pytes
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,14 @@ class ProvisionRun:
 
     def is_layer_test(self, markers: Iterable[str]) -> bool:
         return bool(layer_marks(markers, self.layer_names))
+
+    @functools.cached_property
+    def project_opted_in(self) -> bool:
+        """The project opted in to provisioner (:func:`provisioner.testing.network.
+        project_uses_provisioner`): looked up once, not per test (it looks for the project's files)."""
+        from provisioner.testing.network import project_uses_provisioner
+
+        return project_uses_provisioner(self)
 
     def mark_used(self) -> None:
         self._used = True
