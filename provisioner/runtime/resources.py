@@ -22,6 +22,10 @@ pooled suite's time, measured with cProfile — issue 10). What it looks at inst
   bounded ``since``/``until`` read) and waits until the stream has applied them, so a container
   or network created right before the check is not missed; if the stream broke or lags past
   ``sync_timeout_s``, it lists instead. Runtimes without events (:class:`EventSource`) are listed.
+  A runtime that counts this process's engine writes (:class:`WriteCount`: the Docker runtime
+  counts every changing request of every docker-py client in the process) spares that read when
+  the count has not moved since the last exact view: nothing with this process's labels can
+  have been created since (resources of another process carry its own labels).
 * **processes**: this process's descendants; when the process has no child at all (one
   ``waitid(WNOHANG | WNOWAIT)`` call, which reaps nothing) there is nothing to walk.
 * **ports**: only when a port is tracked, and then the sockets of this process and its
@@ -40,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from provisioner.errors import LeakError, RuntimeProblem
 from provisioner.runtime import labels as L
@@ -76,6 +80,16 @@ class CleanupReport:
     def extend(self, other: CleanupReport) -> None:
         self.removed += other.removed
         self.errors += other.errors
+
+
+@runtime_checkable
+class WriteCount(Protocol):
+    """A runtime that knows how many requests of this process may have changed its engine."""
+
+    def engine_writes(self) -> int:
+        """A count that grows (by any amount) whenever a request that may create, change or remove
+        an engine resource is sent and again when it returned."""
+        ...
 
 
 class ResourceManager:
@@ -255,6 +269,12 @@ class EngineWatch:
 
     Docker's network and volume events carry no labels: for their creations the thread inspects
     the resource (one call, off the test's path) to match ``selector``.
+
+    With a runtime that counts this process's engine writes (:class:`WriteCount`), a synchronised
+    :meth:`current` whose count equals the one taken before the last exact view (the start-up list,
+    a handshake or a fallback list) returns the state without the read: no creation by this
+    process began or ended since, and the resources of ``selector`` are made only by the process
+    whose labels they carry. ``reads_spared`` counts those (for tests and benchmarks).
     """
 
     def __init__(self, runtime: EventSource, selector: Mapping[str, str], *, sync_timeout_s: float = 10.0
@@ -263,6 +283,10 @@ class EngineWatch:
         self.selector = dict(selector)
         self.sync_timeout_s = sync_timeout_s
         self.fallbacks = 0  # list calls made because the stream was broken or late (for tests, benchmarks)
+        self.reads_spared = 0  # synchronised views that needed no read (no write since the last exact one)
+        self._writes: Callable[[], int] | None = (
+            runtime.engine_writes if isinstance(runtime, WriteCount) else None)
+        self._exact_at = self._write_count()  # the write count before the last exact view
         self._state: dict[tuple[str, str], tuple[str, str]] = {}  # (kind, id) -> (kind, name)
         self._applied: dict[tuple[int, str, str, str], None] = {}  # recent event keys, in order
         self._cursor_ns = 0
@@ -277,6 +301,9 @@ class EngineWatch:
         self._state = self._listed()
         self._thread = threading.Thread(target=self._follow, name="provisioner-engine-events", daemon=True)
         self._thread.start()
+
+    def _write_count(self) -> int | None:
+        return self._writes() if self._writes is not None else None
 
     def _listed(self) -> dict[tuple[str, str], tuple[str, str]]:
         runtime: ContainerRuntime = self.runtime  # type: ignore[assignment]
@@ -324,9 +351,13 @@ class EngineWatch:
 
     def current(self, *, sync: bool = True) -> set[tuple[str, str]]:
         """``(kind, name)`` of every matching resource; exact as of the call when ``sync``."""
+        writes = self._write_count()  # before anything is read: a write from now on moves it
         with self._changed:
             cursor = self._cursor_ns
             usable = self._failed is None and not self._relist
+            if usable and sync and writes is not None and writes == self._exact_at:
+                self.reads_spared += 1
+                return set(self._state.values())
         if usable and sync:
             until = time.time_ns()
             pending = {e.key for e in self.runtime.events(cursor, until)}
@@ -337,6 +368,8 @@ class EngineWatch:
                 )
         with self._changed:
             if usable and self._failed is None and not self._relist:
+                if sync:
+                    self._exact_at = writes
                 return set(self._state.values())
             failed = self._failed
             self._relist = False
@@ -345,6 +378,7 @@ class EngineWatch:
         if failed is None:
             with self._changed:
                 self._state = listed  # re-based; later events apply on top (idempotently)
+                self._exact_at = writes
         return set(listed.values())
 
     def close(self) -> None:

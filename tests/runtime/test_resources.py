@@ -228,6 +228,78 @@ def test_a_create_the_stream_has_not_delivered_yet_is_still_found() -> None:
         rm.close()
 
 
+class _CountingRuntime(FakeRuntime):
+    """A fake engine that counts this process's writes, as the Docker runtime counts docker-py's
+    changing requests (:class:`provisioner.runtime.resources.WriteCount`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.reads = 0
+        self.on_events_query = self._read
+
+    def _read(self) -> None:
+        self.reads += 1
+
+    def engine_writes(self) -> int:
+        return self.writes
+
+    def create_network(self, recipe: NetworkRecipe) -> str:
+        self.writes += 1
+        try:
+            return super().create_network(recipe)
+        finally:
+            self.writes += 1
+
+
+def test_checks_without_an_engine_write_spare_the_read_and_a_write_brings_it_back() -> None:
+    """Issue 10: the bounded /events read (one engine round trip per test, ≈ 3 ms under load) is made
+    only when this process wrote to the engine since the last exact view; the leak is still named."""
+    from provisioner.runtime.resources import WriteCount
+
+    rt = _CountingRuntime()
+    assert isinstance(rt, WriteCount) and not isinstance(FakeRuntime(), WriteCount)
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel)
+    try:
+        before = rm.snapshot(sync=False)
+        for _ in range(5):  # clean tests: no write, no read
+            rm.check_leaks(before)
+        watch = rm._watch
+        assert watch is not None and watch.reads_spared == 5 and rt.reads == 0
+        rt.stream_paused = True  # the engine has the event; the live stream has not delivered it
+        rt.create_network(NetworkRecipe("prov-late", internal=True, labels=sel))
+        rt.on_events_query = lambda: (rt._read(), rt.resume_stream())  # type: ignore[func-returns-value]
+        with pytest.raises(LeakError, match="network prov-late"):
+            rm.check_leaks(before)
+        assert rt.reads == 1 and watch.fallbacks == 0
+        with pytest.raises(LeakError, match="network prov-late"):  # still there: no read needed
+            rm.check_leaks(before)
+        assert rt.reads == 1 and watch.reads_spared == 6
+    finally:
+        rm.close()
+
+
+def test_a_write_still_running_at_the_last_read_makes_the_next_check_read() -> None:
+    """A creation that began before a handshake and ended after it moves the count again."""
+    rt = _CountingRuntime()
+    sel = _selector("r1")
+    rm = ResourceManager(rt, selector=sel)
+    try:
+        before = rm.snapshot(sync=False)
+        rt.writes += 1  # a creation sent, not yet answered
+        rm.check_leaks(before)  # reads (the count moved): nothing yet
+        assert rt.reads == 1
+        rt.stream_paused = True
+        rt.create_network(NetworkRecipe("prov-slow", internal=True, labels=sel))  # ... it lands now
+        rt.on_events_query = lambda: (rt._read(), rt.resume_stream())  # type: ignore[func-returns-value]
+        with pytest.raises(LeakError, match="network prov-slow"):
+            rm.check_leaks(before)
+        assert rt.reads == 2
+    finally:
+        rm.close()
+
+
 def test_a_stuck_or_broken_stream_falls_back_to_listing() -> None:
     rt = FakeRuntime()
     sel = _selector("r1")
@@ -329,6 +401,8 @@ def test_docker_event_watch_names_what_was_created_right_before_the_check(
     created: list[tuple[str, str]] = []
     try:
         before = rm.snapshot(sync=False)
+        rm.check_leaks(before)  # no engine write since the watch listed: no read needed
+        assert rm._watch is not None and rm._watch.reads_spared == 1
         start = time.time_ns()
         net = api.create_network(f"prov-leakcheck-{os.getpid()}", labels=sel, internal=True)
         created.append(("network", net["Id"]))
@@ -344,7 +418,7 @@ def test_docker_event_watch_names_what_was_created_right_before_the_check(
         rt.remove_network(net["Id"])
         rm.check_leaks(before)
         assert rm._watch is not None and rm._watch.fallbacks == 0
-        # The bounded read over http.client sees what docker-py's stream sees.
+        # The bounded read over the kept-open socket (_UnixGet) sees what docker-py's stream sees.
         end = time.time_ns()
         ours = {net["Id"], box["Id"]}
         fast = [e.key for e in rt.events(start, end) if e.id in ours]
