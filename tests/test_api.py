@@ -96,10 +96,9 @@ def test_the_isolated_path_of_a_pooled_layer_on_the_fake_runtime(project: Path, 
         assert run.environment.prepared_image == IMAGE
         run.warm_pool(phases, [["isolated"]])
         pool = run.environment.containers.pool
-        assert pool.wait_replacements(30)  # its first worker serves at once; the others join (grow)
-        assert len(pool.environment.workers) == run.layer.workers
+        assert run.layer.workers == 2 and len(pool.environment.workers) == 1  # one now, one on demand
         workers_used = set()
-        for n in range(2 * run.layer.workers):
+        for n in range(2 * run.layer.workers):  # one test at a time: one worker is enough
             test_id = f"tests/test_x.py::test_{n}"
             run.test_started(test_id)
             before = run.leak_snapshot()
@@ -109,7 +108,18 @@ def test_the_isolated_path_of_a_pooled_layer_on_the_fake_runtime(project: Path, 
             workers_used.add(test.adapter.ping()["worker_id"])
             test.close()
             assert run.leaks_since(before, test_id) == []
-        assert len(workers_used) == run.layer.workers  # sessions spread over the warm pool
+        assert pool.wait_replacements(30) and len(pool.environment.workers) == 1 and len(workers_used) == 1
+        # Two sessions open at once (a test's threads): the pool grows to its size, and the
+        # sessions spread over both workers.
+        first = run.environment.isolated(label="tests/test_x.py::test_threads")
+        second = run.environment.isolated(label="tests/test_x.py::test_threads")
+        assert pool.wait_replacements(60) and len(pool.environment.workers) == run.layer.workers
+        third = run.environment.isolated(label="tests/test_x.py::test_threads")
+        workers_used = {t.adapter.ping()["worker_id"] for t in (first, second, third)}
+        assert len(workers_used) == run.layer.workers
+        for test in (first, second, third):
+            test.close()
+        assert pool.stats()["added"] == 1
         # A test that leaves a network behind is named.
         before = run.leak_snapshot()
         containers = run.environment.containers
@@ -316,11 +326,12 @@ def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_
 
 
 def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(
-    project: Path, served: FakeRuntime
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`pytest --layer e2e` (pool of 2) reported `workers started: 1` while both workers started (a
     new-user trial, with the pool that started one worker and grew): the summary counts every worker
-    the run started, once — an xdist process that attaches to the run's pool adds none."""
+    the run started, once — an xdist process that attaches to the run's pool adds none. The pool
+    grows on demand: a session open in each of two processes at once starts its second worker."""
     identity = RunIdentity.create(project / ".provision")
     run = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project, identity, runtime=served)
     other = None
@@ -330,9 +341,19 @@ def test_workers_started_counts_every_worker_of_a_pooled_layers_pool(
         run.warm_pool(phases, [["isolated"]])
         assert run.layer.workers == 2
         # A second process of the same run (an xdist worker) uses the same pool.
-        other = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project,
-                             RunIdentity.joined(identity.run_id, identity.run_dir), "", runtime=served)
-        other.warm_pool(phases, [["isolated"]])
+        with monkeypatch.context() as patch:
+            patch.setenv("PYTEST_XDIST_WORKER", "gw1")  # its instance name in the run
+            other = ProvisionRun(RunOptions(layer="e2e", lm_mode="mock"), project,
+                                 RunIdentity.joined(identity.run_id, identity.run_dir), "", runtime=served)
+            other.warm_pool(phases, [["isolated"]])
+        pool = run.environment.containers.pool
+        assert len(pool.stats()["workers"]) == 1  # no session yet: no demand
+        theirs = other.environment.isolated(label="tests/test_x.py::test_gw1")
+        mine = run.environment.isolated(label="tests/test_x.py::test_main")
+        pool.grow_on_demand()  # the deploying process's monitor tick: its session + the other's
+        assert pool.wait_replacements(60) and len(pool.stats()["workers"]) == 2
+        mine.close()
+        theirs.close()
         other.close()
         run.merge_worker(other.process_report_json())
     finally:

@@ -153,6 +153,15 @@ class WorkerPool:
         # (runtime.shared_pool rewrites the run's pool.json with it: the run's other processes
         # find the new worker).
         self.on_replaced: Callable[[list[WorkerInfo]], None] | None = None
+        # Growing on demand (issue 10): a pool deployed with slots left for later (Deployment's
+        # start_slots) starts one more worker when more sessions are open at once than it has
+        # workers — here (peak_sessions) or in the run's other processes (demand_elsewhere: their
+        # peaks, runtime/shared_pool.py) — up to its planned size. on_peak tells the others ours.
+        self.grows_on_demand = False
+        self.peak_sessions = 0
+        self.demand_elsewhere: Callable[[], int] | None = None
+        self.on_peak: Callable[[int], None] | None = None
+        self._starting: set[int] = set()  # slots a grow thread is starting
 
     @classmethod
     def start(cls, settings: Any = None, options: Any = None, **up_kwargs: Any) -> WorkerPool:
@@ -232,6 +241,13 @@ class WorkerPool:
                         slot.draining = True
                     if reuse is not None:
                         self._reserved[session_id] = reuse
+                    # Sessions whose lease ended wait for the closer thread: not demand any more.
+                    in_use = len(self._sessions) - self._pending_cleanups
+                    peak = in_use > self.peak_sessions
+                    if peak:
+                        self.peak_sessions = in_use
+                if peak:
+                    self._note_peak()
                 return pinned
             # Dead: take the session back, replace the worker in the background, choose again.
             with self._cond:
@@ -495,24 +511,38 @@ class WorkerPool:
         self.check()
         self.session(session_id)
 
-    def grow(self) -> None:
+    def grow(self, up_to: int | None = None) -> None:
         """Start the environment's pending worker slots (:meth:`Deployment.add_worker`), one after
-        another in a background thread; each joins the pool when it is ready. The run's shared pool
-        starts one worker and grows to its size this way: the first tests run while the others warm,
-        and the first worker's start does not share the cores with its siblings'."""
+        another in a background thread, until the pool has ``up_to`` workers started or starting
+        (None: every planned slot); each joins the pool when it is ready and reaches the run's other
+        processes through ``pool.json``. The run's shared pool starts one worker and grows so, on
+        demand (:meth:`wanted_workers`): the first tests run at once, and a worker nobody needs
+        never shares the cores with the ones that serve."""
         pending = getattr(self.environment, "pending_slots", None)
-        if pending is None or not pending():
+        if pending is None:
             return
+        with self._cond:
+            if self._closed:
+                return
+            slots = [slot for slot in pending() if slot not in self._starting]
+            if up_to is not None:
+                slots = slots[:max(0, up_to - len(self._slots) - len(self._starting))]
+            if not slots:
+                return
+            self._starting.update(slots)
 
         def run() -> None:
-            for slot_no in pending():
-                if self._stop_monitor.is_set():
-                    return
+            for slot_no in slots:
                 try:
+                    if self._stop_monitor.is_set():
+                        continue
                     info = self.environment.add_worker(slot_no)  # type: ignore[attr-defined]
                 except Exception as exc:
                     self.note(f"starting worker slot {slot_no} failed: {exc}")
                     continue
+                finally:
+                    with self._cond:
+                        self._starting.discard(slot_no)
                 with self._cond:
                     self._slots[slot_no] = _Slot(info, self.clock())
                     self.added += 1
@@ -523,6 +553,31 @@ class WorkerPool:
         with self._cond:
             self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
         thread.start()
+
+    def wanted_workers(self) -> int:
+        """How many workers the demand asks for: the most sessions this process had open at once,
+        plus the other processes' peaks (``demand_elsewhere``)."""
+        elsewhere = 0
+        if self.demand_elsewhere is not None:
+            try:
+                elsewhere = self.demand_elsewhere()
+            except Exception as exc:  # unreadable: this process's own demand still counts
+                self.note(f"reading the other processes' demand failed: {exc}")
+        return self.peak_sessions + elsewhere
+
+    def grow_on_demand(self) -> None:
+        """Grow to :meth:`wanted_workers` when the pool grows on demand (else nothing)."""
+        if self.grows_on_demand:
+            self.grow(self.wanted_workers())
+
+    def _note_peak(self) -> None:
+        """More sessions are open at once than ever before here: tell the others, grow if it may."""
+        if self.on_peak is not None:
+            try:
+                self.on_peak(self.peak_sessions)
+            except Exception as exc:
+                self.note(f"recording this process's demand failed: {exc}")
+        self.grow_on_demand()
 
     def _refresh(self) -> None:
         """Workers another process added to the pool (an attached environment's ``refresh``)."""
@@ -551,13 +606,15 @@ class WorkerPool:
             while not self._stop_monitor.wait(interval_s):
                 with contextlib.suppress(Exception):  # a failed check is retried on the next tick
                     self.check()
+                    self.grow_on_demand()  # the run's other processes' demand, read here
 
         self._monitor = threading.Thread(target=loop, name="provision-pool-monitor", daemon=True)
         self._monitor.start()
 
     def stats(self) -> dict[str, Any]:
         """The pool now: per worker (slot, name, address, generation, active sessions, sessions
-        served, draining), open and lost sessions, replaced/recycled/added workers, connection reuse,
+        served, draining), open and lost sessions, replaced/recycled/added workers, workers starting
+        (growing on demand), the most sessions open at once here, connection reuse,
         engine checks, notes. Workers another process of the run added are included."""
         self._refresh()
         with self._cond:
@@ -579,6 +636,8 @@ class WorkerPool:
                 "replaced": self.replaced,
                 "recycled": self.recycled,
                 "added": self.added,
+                "starting": len(self._starting),
+                "peak_sessions": self.peak_sessions,
                 "replacing": sum(1 for s in self._slots.values() if s.replacing),
                 "connections_reused": self.connections_reused,
                 "engine_checks": self.engine_checks,

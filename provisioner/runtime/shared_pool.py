@@ -14,6 +14,12 @@ containers. Now:
   workers. A process killed mid-deploy leaves no ``pool.json``: the next one deploys (its names
   carry its own instance, so the killed one's leftovers never clash; they carry the pool's label
   and go with the run);
+* **one worker first, more on demand.** The deploying process starts the pool's first worker
+  (``start_slots=1``) and plans the layer's others; each process that uses the pool records the
+  most sessions it had open at once in ``pool-demand/<process>``, and the deploying process grows
+  the pool to the run's sum (its monitor reads the files; a new peak of its own starts a worker
+  at once), up to ``layer.workers``. A serial suite never waits for workers it does not use;
+  ``-n 2`` gets two;
 * **the pool's containers carry** ``provisioner.instance=pool`` (:data:`POOL_INSTANCE`), not a
   process instance: no process's per-test leak check sees them, and one label removes them;
 * **who removes it**: the run's controller (the pytest process without xdist, or xdist's controller,
@@ -62,6 +68,35 @@ POOL_STARTED = "pool.started"
 POOL_INSTANCE = "pool"
 # How often an attached process looks at pool.json while it waits for a replacement (seconds).
 RECORD_POLL_S = 0.1
+# One file per process of the run that uses the pool: the most sessions it had open at once (its
+# demand). The deploying process grows the pool to the sum (WorkerPool.grow_on_demand).
+DEMAND_DIR = "pool-demand"
+
+
+def write_demand(run_dir: Path, process: str, peak: int) -> None:
+    """Record ``process``'s demand (the most sessions it had open at once) for the deploying process."""
+    from provisioner._files import atomic_write
+
+    folder = run_dir / DEMAND_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / process, f"{peak}\n")
+
+
+def read_demand(run_dir: Path, *, besides: str | None = None) -> int:
+    """The run's processes' recorded demand, summed (``besides``: leave out that process's own).
+    One directory listing and a small read per process that opened a session."""
+    folder = run_dir / DEMAND_DIR
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    total = 0
+    for entry in entries:
+        if entry.name == besides or entry.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            total += max(0, int(Path(entry.path).read_text().strip() or 0))
+    return total
 
 
 @dataclass
@@ -213,11 +248,13 @@ def obtain_pool(
     deploy: Callable[[], Deployment],
     make_pool: Callable[[Any, bool], WorkerPool],
     ready_timeout_s: float,
+    process: str | None = None,
 ) -> SharedPool:
     """The run's pool: attach to the one another process of the run deployed, or deploy it.
 
     ``deploy`` starts the workers (labelled ``provisioner.instance=pool``); ``make_pool(environment,
-    deployed)`` wraps them in a :class:`WorkerPool`. Deploying happens under ``pool.lock``, so
+    deployed)`` wraps them in a :class:`WorkerPool`. ``process``: this process's name in the run
+    (default its pid), under which its demand is recorded. Deploying happens under ``pool.lock``, so
     concurrent processes deploy once; an attaching process waits for the lock meanwhile. A record
     whose workers are gone (``pool.json`` of a removed pool) is deployed over.
 
@@ -234,7 +271,10 @@ def obtain_pool(
         if record is not None and record.run_id == run_id and _running(runtime, record):
             attached = AttachedWorkers(run_dir, record, runtime, ready_timeout_s=ready_timeout_s,
                                        bridge_token=_read_token(run_dir))
-            return SharedPool(make_pool(attached, False), False, attached)
+            shared = make_pool(attached, False)
+            me = process or str(os.getpid())
+            shared.on_peak = lambda peak: write_demand(run_dir, me, peak)  # the deployer grows for it
+            return SharedPool(shared, False, attached)
         (run_dir / POOL_STARTED).touch()
         environment = deploy()
         if environment.bridge_token:
@@ -249,6 +289,10 @@ def obtain_pool(
         write_record(run_dir, PoolRecord(run_id, "deployed", owner, PoolRecord.entries(workers)))
 
     pool.on_replaced = rewrite
+    # Slots the deployment left for later start on demand: this process's sessions open at once,
+    # plus the others' (their pool-demand files), read by the pool's monitor and on each new peak.
+    pool.demand_elsewhere = lambda: read_demand(run_dir, besides=process or str(os.getpid()))
+    pool.grows_on_demand = True
     return SharedPool(pool, True, environment)
 
 

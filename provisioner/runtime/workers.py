@@ -328,25 +328,25 @@ class ProcessContainers:
                 self._shared = shared_pool.obtain_pool(
                     self.env.run_dir, self.env.run_id, runtime=self.runtime, deploy=self._deploy_pool,
                     make_pool=self._make_pool, ready_timeout_s=container.ready_timeout_s,
+                    process=self.instance,
                 )
                 self._pool = self._shared.pool
-                if self._shared.deployed:
-                    self._pool.grow()  # slots the deployment left for later, if any
             return self._pool
 
     def _deploy_pool(self) -> Deployment:
-        """Start the run's shared pool: ``layer.workers`` for pooled layers, else one worker,
-        labelled as the run's pool (not this process's: its leak checks never see them)."""
+        """Start the run's shared pool, labelled as the run's pool (not this process's: its leak
+        checks never see them): one worker now, the layer's others (``layer.workers`` for pooled
+        layers) planned and started on demand — when more sessions are open at once, in this process
+        or the run's others, than workers run (:meth:`WorkerPool.grow_on_demand`)."""
         from provisioner.runtime import launch
         from provisioner.runtime.shared_pool import POOL_INSTANCE
 
         layer = self.env.layer
         count = layer.workers if layer.pooling_enabled else 1
         plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
-        # Its own selector (run + "pool"). Every worker at once: starting the first only and growing
-        # while tests run (start_slots=1, WorkerPool.grow) made a test's request time out at load ~30
-        # on 2 cores, with no measured gain in pool start (docs/benchmarks.md).
-        run_env = launch.deploy(plan, self.runtime, self.env.settings)
+        # Its own selector (run + "pool"). Starting every worker at once made a serial suite wait
+        # for workers it never used, sharing the two cores with the one it did (docs/benchmarks.md).
+        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=1)
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env

@@ -287,8 +287,11 @@ class ProvisionRun:
             return
         layer = self.layer
         count = layer.workers if layer.pooling_enabled else 1
-        # Every worker starts at once (05385ae: starting one and growing while tests ran was slower).
-        title = f"warm pool of layer {layer.name}: {count} worker{'s' if count != 1 else ''}"
+        # One worker now; the others start when more sessions are open at once than workers run
+        # (this process's threads, or the run's other xdist processes): runtime/shared_pool.py.
+        title = f"warm pool of layer {layer.name}: 1 worker"
+        if count > 1:
+            title += f", up to {count} on demand"
         up = self.up_match.state
         if up is not None:
             # The header saying so is hidden under -q; this line is not.

@@ -199,24 +199,30 @@ def test_an_up_run_with_a_stopped_worker_is_not_attached(
     assert "no longer runs" in str(sp.attach_up_run(state, rt, ready_timeout_s=5))
 
 
-def test_the_pool_starts_one_worker_and_grows_while_it_serves(
+def test_the_pool_starts_one_worker_and_grows_on_the_run_s_demand(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
 ) -> None:
-    """The first worker serves at once; the pool's other slots start after it (not competing for
-    the cores with it) and join every process's pool through pool.json."""
+    """The first worker serves at once; the pool's other slot starts only when more sessions are
+    open at once across the run's processes than workers run (each process records its peak in
+    pool-demand/; the deployer sums them), and joins every process's pool through pool.json."""
     rt, _ = fake
     run_dir = tmp_path / "run"
     calls: list[str] = []
     owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls, 1),
-                           make_pool=_make_pool, ready_timeout_s=5)
+                           make_pool=_make_pool, ready_timeout_s=5, process="gw0")
     other = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls, 1),
-                           make_pool=_make_pool, ready_timeout_s=5)
+                           make_pool=_make_pool, ready_timeout_s=5, process="gw1")
     try:
         assert [w.slot for w in owner.environment.workers] == [0]
         assert [w.slot for w in other.environment.workers] == [0]
         assert owner.environment.pending_slots() == [1]  # type: ignore[union-attr]
-        assert other.pool.open_session("early").slot == 0  # served before the pool grew
-        owner.pool.grow()
+        owner.pool.close_session(owner.pool.open_session("serial-1").session_id)
+        owner.pool.close_session(owner.pool.open_session("serial-2").session_id)
+        owner.pool.grow_on_demand()  # what its monitor does: one process, one session at a time
+        assert owner.pool.wait_replacements(10) and owner.pool.stats()["added"] == 0
+        assert other.pool.open_session("early").slot == 0  # served before the pool grew ...
+        assert sp.read_demand(run_dir) == 1 and sp.read_demand(run_dir, besides="gw1") == 0  # recorded
+        owner.pool.grow_on_demand()  # the owner's peak (1) + the other process's (1)
         assert owner.pool.wait_replacements(10)
         assert owner.pool.stats()["added"] == 1 and len(owner.pool.stats()["workers"]) == 2
         late = other.pool.open_session("late")  # the other process finds slot 1 in pool.json
@@ -226,6 +232,33 @@ def test_the_pool_starts_one_worker_and_grows_while_it_serves(
             owner.environment.add_worker(1)  # type: ignore[union-attr]
     finally:
         other.pool.close()
+        owner.pool.close()
+        sp.remove_shared_pool(run_dir, RUN, rt)
+    assert rt.containers == {}
+
+
+def test_sessions_open_at_once_in_the_deploying_process_grow_the_pool_at_once(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
+) -> None:
+    """A new peak of sessions open at once starts the next slot without waiting for the monitor;
+    a lease whose test ended no longer counts, even while its cleanup is still queued."""
+    rt, _ = fake
+    run_dir = tmp_path / "run"
+    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", [], 1),
+                           make_pool=_make_pool, ready_timeout_s=5)
+    try:
+        pool = owner.pool
+        _, end_first = pool.lease("first")
+        end_first()  # queued to the closer thread
+        _, end_second = pool.lease("second")
+        assert pool.peak_sessions == 1
+        _, end_third = pool.lease("third")  # two in use at once
+        assert pool.peak_sessions == 2
+        assert pool.wait_replacements(10) and pool.stats()["added"] == 1
+        end_second()
+        end_third()
+        assert pool.wait_cleanups(10)
+    finally:
         owner.pool.close()
         sp.remove_shared_pool(run_dir, RUN, rt)
     assert rt.containers == {}

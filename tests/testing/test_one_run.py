@@ -33,22 +33,28 @@ from provisioner.pytest_plugin import RUN_KEY
 OUT = {out!r}
 
 
-@pytest.fixture(scope="session")
-def grown(request):
-    """A pooled layer's pool starts one worker and grows while tests run: wait (with a deadline)
-    until it has all of them, so the sessions below spread over the whole pool."""
-    if request.config.getoption("provision_layer") != "e2e":
+_GROWN = []
+
+
+@pytest.fixture
+def grown(request, isolated):
+    """A pooled layer's pool starts one worker and grows on demand: with a session open in each
+    xdist process (isolated, set up first), the run's demand is two sessions at once, so the pool
+    grows to its two workers. Wait for that (with a deadline) once per process, so the sessions
+    below spread over the whole pool."""
+    if request.config.getoption("provision_layer") != "e2e" or _GROWN:
         return
     pool = request.getfixturevalue("bridge_pool")
     deadline = time.monotonic() + 240
     while len(pool.stats()["workers"]) < 2:  # stats() also reads workers another process added
         assert time.monotonic() < deadline, pool.stats()
         time.sleep(0.2)
+    _GROWN.append(True)
 
 
 @pytest.mark.{layer}
 @pytest.mark.parametrize("n", range({tests}))
-def test_isolated_session(grown, isolated, request, n):
+def test_isolated_session(isolated, grown, request, n):
     client = isolated.adapter
     client.create_program(**ProgramFactory.build(id="qa").create_args())  # the same id in every test
     assert "answer" in client.execute_program("qa", {{"question": "same"}})["outputs"]
