@@ -80,6 +80,9 @@ class Environment:
 
         self._stats_baseline = stats()
         set_run_id(identity.run_id)
+        from provisioner.lm.ledger import set_test_run
+
+        set_test_run(identity.run_id)  # this process's ledger lines and sessions are this run's
 
     # -- what it is ------------------------------------------------------------------------------
 
@@ -107,6 +110,13 @@ class Environment:
     @property
     def run_dir(self) -> Path:
         return self.identity.run_dir
+
+    @property
+    def ledger_test_run(self) -> str | None:
+        """The test run whose ledger lines are this environment's: its own run id when it is attached
+        to a ``provision up`` run (whose ledger other attached sessions write too), else None (the
+        run's ledger is all its own). Pass it as ``test_run`` to the ledger's readers."""
+        return self.identity.run_id if self.up_run is not None else None
 
     # -- LM ----------------------------------------------------------------------------------------
 
@@ -199,7 +209,7 @@ class Environment:
 
                 # Ledger lines (cached and real calls) and cassettes a bridge writes for this session
                 # name the test: `provision cost report` and the history count them as the test's.
-                note_session_test(self.lm_config.run_dir, spec.session_id, label)
+                note_session_test(self.lm_config.run_dir, spec.session_id, label, self.identity.run_id)
         if self.layer.adapter == "mock":
             adapter = self._in_process_bridge().session(spec.session_id)
             close_session: Any = adapter.close

@@ -290,6 +290,65 @@ def test_sessions_attached_to_one_provision_up_count_only_their_own_lm_calls(
         down(settings, run_id=deployment.state.run_id, runtime=served)
 
 
+def test_sessions_attached_to_one_provision_up_at_the_same_time_count_only_their_own_lm_calls(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pytest sessions attached to one `provision up` run at the same time (issue 10): their
+    calls interleave in its ledger, the same test node id in both. Each session's summary, test
+    rows and per-test cost count its own: an in-process call (lines marked with its test run) and
+    a worker's call for its isolated session (noted in sessions.jsonl with its test run)."""
+    from types import SimpleNamespace
+
+    from provisioner.lm.ledger import ledger_usage
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+
+    monkeypatch.chdir(project)
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    test_id = "tests/test_x.py::test_qa"
+    runs = [ProvisionRun(RunOptions(layer="integration"), project, RunIdentity.create(project / ".provision"),
+                         runtime=served) for _ in range(2)]
+    try:
+        properties = {}
+        for run in runs:  # both started, neither finished
+            assert run.up_match.attached
+            run.mark_used()
+            run.test_started(test_id)
+        for n, run in enumerate(runs):
+            from provisioner.lm.ledger import set_test_run
+
+            set_test_run(run.identity.run_id)  # each session's own process
+            monkeypatch.setenv("PYTEST_CURRENT_TEST", f"{test_id} (call)")
+            run.environment.build_lm()(f"in-process question {n}")
+            with run.environment.session(test_id) as test:
+                test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                test.adapter.execute_program("qa", {"question": f"worker question {n}"})
+            monkeypatch.delenv("PYTEST_CURRENT_TEST")
+        for run in runs:
+            properties[run.identity.run_id] = dict(run.test_properties(test_id))
+            run.rows.logreport(SimpleNamespace(nodeid=test_id, when="teardown", outcome="passed",
+                                               user_properties=list(properties[run.identity.run_id].items())))
+        reports = []
+        for run in runs:
+            run.close()
+            reports.append(run.finish(None))
+        run_dir = Path(deployment.state.lm_run_dir or "")
+        whole = ledger_usage(run_dir)
+        assert whole is not None and whole.calls == 4  # the ledger has both sessions' calls
+        for run, report in zip(runs, reports, strict=True):
+            assert report is not None
+            lm = report.layers["integration"].lm
+            assert lm.replayed + lm.recorded == 2, (run.identity.run_id, lm)
+            assert properties[run.identity.run_id]["provision_lm_calls"] == 2
+            assert [row["lm_replayed"] + row["lm_recorded"] for row in report.tests] == [2]
+    finally:
+        for run in runs:
+            run.close()
+        down(settings, run_id=deployment.state.run_id, runtime=served)
+
+
 def test_the_summary_says_why_a_session_did_not_attach_and_that_an_attached_run_stays(
     project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

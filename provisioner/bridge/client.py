@@ -42,6 +42,7 @@ from provisioner.bridge.protocol import (
     read_frame,
 )
 from provisioner.errors import BridgeConnectionError, ProcessGoneError, ProtocolError
+from provisioner.lm.callstats import record_elsewhere
 from provisioner.reprs import safe_repr
 
 DEFAULT_SESSION = "anonymous"
@@ -86,7 +87,8 @@ class BridgeCommands:
     def execute_program(
         self, program_id: str, inputs: dict[str, Any], session_id: str = DEFAULT_SESSION
     ) -> dict[str, Any]:
-        """``{program_id, session_id, outputs: {...}, execution_time_ms}``."""
+        """``{program_id, session_id, outputs: {...}, execution_time_ms, lm_usage}`` (``lm_usage``: the
+        LM calls the worker made for it, by kind — see :func:`provisioner.lm.callstats.tally`)."""
         return self.request("execute_program", program_id=program_id, inputs=inputs, session_id=session_id)
 
     def get_program_info(self, program_id: str, session_id: str = DEFAULT_SESSION) -> dict[str, Any]:
@@ -349,7 +351,12 @@ class BridgeClient(BridgeCommands):
         with self._lock:
             sock, reader = self._ensure_connected()
             reply = self._exchange(sock, reader, command, args or {}, wait)
-        return reply.unwrap()
+        result = reply.unwrap()
+        if command == "execute_program" and isinstance(result.get("lm_usage"), dict):
+            # The worker's LM calls for this request are this process's (a test's lm_cost, the
+            # run report): mock calls have no other record (provisioner.lm.callstats).
+            record_elsewhere(result["lm_usage"])
+        return result
 
     def _exchange(
         self, sock: socket.socket, reader: BinaryIO, command: str, args: dict[str, Any], wait: float

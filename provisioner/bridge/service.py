@@ -53,7 +53,8 @@ from provisioner.bridge.programs import (
 )
 from provisioner.bridge.protocol import ErrorType, rejected
 from provisioner.errors import BridgeError, ProvisionerError, SignatureSpecError
-from provisioner.lm.ledger import current_test
+from provisioner.lm.callstats import tally
+from provisioner.lm.ledger import for_session
 from provisioner.lmconfig import RUN_OWNED_LM_FIELDS, LMConfig
 
 log = logging.getLogger("provisioner.bridge")
@@ -553,8 +554,9 @@ class BridgeService:
 
         started = time.perf_counter()
         try:
-            # LM calls are attributed to the session in the run's ledger (per-test cost in pytest).
-            with current_test(program.session_id), dspy.context(
+            # LM calls are attributed to the session in the run's ledger (per-test cost in pytest),
+            # and tallied for the reply (lm_usage: the caller counts them, mock calls included).
+            with tally() as usage, for_session(program.session_id), dspy.context(
                 lm=lm, disable_history=not self.record_history
             ):
                 prediction = program.module(**inputs)
@@ -575,6 +577,7 @@ class BridgeService:
             "session_id": program.session_id,
             "outputs": outputs,
             "execution_time_ms": round(elapsed_ms, 3),
+            "lm_usage": usage.as_dict(),
         }
 
     def _record_execution(self, program: Program, error_type: str | None) -> None:

@@ -7,13 +7,22 @@ call to Gemini, billed), ``standin`` (a direct call the Gemini stand-in answered
 calls; ``list_cost_usd`` is every call at list prices (stand-in calls included), what the run's
 cost limit counts.
 
-The plugin takes a :func:`stats` snapshot before and after a test and subtracts them; for
-calls made inside worker containers, the run ledger (``provisioner.lm.ledger``) is the source.
+The plugin takes a :func:`stats` snapshot before and after a test and subtracts them. Calls a
+bridge worker made for this process (a worker container, a forked worker) count here too: the
+worker tallies the calls of each ``execute_program`` (:func:`tally`) and sends them back in the
+reply's ``lm_usage``, which the client adds (:func:`record_elsewhere`) — mock calls have no other
+record. For replayed, recorded and real calls the run ledger (``provisioner.lm.ledger``) is the
+authority (:func:`provisioner.lm.ledger.combine`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+import secrets
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -50,6 +59,76 @@ class LMCallStats:
 
 _lock = threading.Lock()
 _counters: dict[str, float] = {f.name: 0 for f in fields(LMCallStats)}
+_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LMCallStats))
+# Names this process in a tally's reply: a worker served in the caller's own process (the fake
+# runtime's in-process workers) has counted its calls here already, so its reply adds nothing.
+_process = secrets.token_hex(8)
+
+
+def _new_process_token() -> None:
+    global _process
+    _process = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_process_token)
+_INTEGERS = frozenset(f.name for f in fields(LMCallStats) if f.type in (int, "int"))
+
+
+class Tally:
+    """The LM calls made inside one :func:`tally` block (one request a worker serves)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, float] = dict.fromkeys(_NAMES, 0)
+
+    def _add(self, key: str, value: float) -> None:
+        with self._lock:
+            self._counts[key] += value
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{mock, replayed, recorded, real, standin, errors, input_tokens, output_tokens, cost_usd,
+        list_cost_usd, process}`` (counts and tokens as ints, dollars as floats; ``process``: an
+        opaque token of the process that made the calls): the reply's ``lm_usage``."""
+        with self._lock:
+            out: dict[str, Any] = {k: (int(v) if k in _INTEGERS else float(v))
+                                  for k, v in self._counts.items()}
+        out["process"] = _process
+        return out
+
+
+_tally: contextvars.ContextVar[Tally | None] = contextvars.ContextVar("provision_lm_tally", default=None)
+
+
+@contextlib.contextmanager
+def tally() -> Iterator[Tally]:
+    """Count the LM calls made in this block (this thread or task, and contexts copied from it)
+    besides this process's counters: a bridge worker wraps each ``execute_program`` in one and
+    sends the tally back, so the calls count for the test that asked (:func:`record_elsewhere`)."""
+    current = Tally()
+    token = _tally.set(current)
+    try:
+        yield current
+    finally:
+        _tally.reset(token)
+
+
+def record_elsewhere(usage: Mapping[str, Any]) -> None:
+    """Add calls another process made for this one (a bridge worker's ``lm_usage``: see
+    :class:`Tally`) to this process's counters. Unknown keys and values that are not non-negative
+    numbers are ignored: the reply comes over the wire. A tally of this very process (a worker it
+    serves itself) is ignored too: its calls are counted here already."""
+    if usage.get("process") == _process:
+        return
+    clean: dict[str, float] = {}
+    for key in _NAMES:
+        value = usage.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            continue
+        clean[key] = value
+    if clean:
+        with _lock:
+            for key, value in clean.items():
+                _counters[key] += value
 
 
 def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cost_usd: float = 0.0,
@@ -64,18 +143,27 @@ def record_call(kind: str, *, input_tokens: int = 0, output_tokens: int = 0, cos
     """
     if kind not in CALL_KINDS:
         raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
+    listed = cost_usd if list_cost_usd is None else list_cost_usd
     with _lock:
         _counters[kind] += 1
         _counters["input_tokens"] += input_tokens
         _counters["output_tokens"] += output_tokens
         _counters["cost_usd"] += cost_usd
-        _counters["list_cost_usd"] += cost_usd if list_cost_usd is None else list_cost_usd
+        _counters["list_cost_usd"] += listed
+    current = _tally.get()
+    if current is not None:
+        for key, value in ((kind, 1), ("input_tokens", input_tokens), ("output_tokens", output_tokens),
+                           ("cost_usd", cost_usd), ("list_cost_usd", listed)):
+            current._add(key, value)
 
 
 def record_error() -> None:
     """Count one call that ended in an error (injected or real)."""
     with _lock:
         _counters["errors"] += 1
+    current = _tally.get()
+    if current is not None:
+        current._add("errors", 1)
 
 
 def stats() -> LMCallStats:

@@ -8,7 +8,8 @@ from many processes and containers never interleave. Fields of a call line::
      "cache": null | "hit" | "miss", "cassette": "<sha256>" | null, "input_tokens": 120,
      "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0000176,
      "list_cost_usd": 0.0000176, "endpoint": "gemini" | "standin" | null,
-     "usage": "reported" | "estimated", "estimated": ["candidatesTokenCount", ...]}
+     "usage": "reported" | "estimated", "estimated": ["candidatesTokenCount", ...],
+     "test_run": "<the test run's id>"}   # lines of a test run's own processes (set_test_run)
 
 ``kind`` is ``real`` (a direct call), ``recorded`` (a cassette miss answered by the inner LM and
 written) or ``replayed`` (a cassette hit, $0). Mock calls are free and not written.
@@ -54,6 +55,43 @@ ARCHIVE_DIR = "ledger"
 ARCHIVED_RUNS = "archived-runs.txt"
 
 _test_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("provision_test_id", default=None)
+# The test run (a pytest session, shared by its xdist processes, or an ``environment()`` block) of
+# this process: written into its lines, so sessions attached to one ``provision up`` run each
+# count their own calls (set_test_run).
+_test_run: str | None = None
+
+
+_PROCESS_RUN = object()  # the process's test run (set_test_run), unless a block says otherwise
+_block_run: contextvars.ContextVar[object] = contextvars.ContextVar("provision_test_run",
+                                                                  default=_PROCESS_RUN)
+
+
+def current_test_run() -> str | None:
+    """The test run a call made now belongs to: the process's (:func:`set_test_run`), or none inside
+    :func:`for_session` (the session's test run is in ``sessions.jsonl``)."""
+    value = _block_run.get()
+    return _test_run if value is _PROCESS_RUN else value  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def for_session(session_id: str) -> Iterator[None]:
+    """Calls a bridge worker makes for bridge session ``session_id`` (this thread/task): attributed
+    to the session — whose test and test run ``sessions.jsonl`` names — never to the test run of
+    the process serving it (a worker served in a test's own process, e.g. the fake runtime's)."""
+    token = _block_run.set(None)
+    try:
+        with current_test(session_id):
+            yield
+    finally:
+        _block_run.reset(token)
+
+
+def set_test_run(run_id: str | None) -> None:
+    """Mark this process's ledger lines (and the sessions it notes) as test run ``run_id``'s: two
+    test runs attached to one ``provision up`` run share its ledger, and each counts only the lines
+    of its own test run (``test_run`` of :func:`ledger_usage` and :func:`usage_by_test`)."""
+    global _test_run
+    _test_run = run_id
 
 
 @contextlib.contextmanager
@@ -119,8 +157,10 @@ class Ledger:
         return self.run_dir / LEDGER_FILE
 
     def append(self, entry: dict[str, Any]) -> None:
+        test_run = current_test_run()
+        mark = {"test_run": test_run} if test_run else {}
         line = json.dumps({"id": uuid.uuid4().hex, "ts": _now_iso(), "run_id": self.run_id,
-                           "layer": self.layer, **entry},
+                           "layer": self.layer, **mark, **entry},
                           sort_keys=True, separators=(",", ":"))
         data = (line + "\n").encode("utf-8")
         with self._thread_lock:
@@ -240,14 +280,17 @@ def ledger_sources(state_dir: Path, extra: Iterable[Path] = ()) -> list[Path]:
 SESSIONS_FILE = "sessions.jsonl"
 
 
-def note_session_test(run_dir: Path, session_id: str, test_id: str) -> None:
+def note_session_test(run_dir: Path, session_id: str, test_id: str, test_run: str | None = None) -> None:
     """Say that bridge session ``session_id`` belongs to test ``test_id`` (the controller does, when it
     opens an isolated session), so what a worker container does for the session (ledger lines,
-    cassettes) is the test's. One JSON line ``{"session_id", "test_id"}`` appended to
-    ``<run_dir>/sessions.jsonl`` (one ``write``: lines never interleave).
+    cassettes) is the test's. One JSON line ``{"session_id", "test_id", "test_run"}`` appended to
+    ``<run_dir>/sessions.jsonl`` (one ``write``: lines never interleave); ``test_run``: the test
+    run the session belongs to (default: :func:`current_test_run`), when there is one.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"session_id": session_id, "test_id": test_id}, separators=(",", ":")) + "\n"
+    test_run = test_run or current_test_run()
+    entry = {"session_id": session_id, "test_id": test_id, **({"test_run": test_run} if test_run else {})}
+    line = json.dumps(entry, separators=(",", ":")) + "\n"
     append_line(run_dir / SESSIONS_FILE, line.encode("utf-8"))
 
 
@@ -268,6 +311,30 @@ def session_tests(run_dir: Path | None) -> dict[str, str]:
             if isinstance(line, dict) and line.get("session_id") and line.get("test_id"):
                 out[str(line["session_id"])] = str(line["test_id"])
     return out
+
+
+def test_run_sessions(run_dir: Path | None, test_run: str) -> set[str]:
+    """The isolated sessions test run ``test_run`` noted in ``<run_dir>/sessions.jsonl``."""
+    if run_dir is None:
+        return set()
+    try:
+        text = (run_dir / SESSIONS_FILE).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return set()
+    out: set[str] = set()
+    for raw in text.splitlines():
+        with contextlib.suppress(ValueError):
+            line = json.loads(raw)
+            if isinstance(line, dict) and line.get("test_run") == test_run and line.get("session_id"):
+                out.add(str(line["session_id"]))
+    return out
+
+
+def _of_test_run(entry: dict[str, Any], test_run: str, sessions: set[str]) -> bool:
+    """A ledger line of ``test_run``: written by one of its processes, or by a bridge worker for one
+    of its sessions (the worker's lines name the session as their ``test_id``)."""
+    return (entry.get("test_run") == test_run or str(entry.get("test_id")) in sessions
+            or str(entry.get("session_id")) in sessions)
 
 
 def entry_test(entry: dict[str, Any], sessions: dict[str, str]) -> str:
@@ -451,12 +518,14 @@ LEDGER_KINDS: tuple[str, ...] = ("replayed", "recorded", "real")
 
 
 def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None,
-                 since: int = 0) -> LMUsage | None:
+                 since: int = 0, test_run: str | None = None) -> LMUsage | None:
     """Non-mock LM calls of the run from its shared ledger (all processes and containers).
 
     ``attributed_to`` keeps only calls whose ``test_id`` is one of these (a pytest node id, or the
     session id a bridge worker attributes its calls to); ``since``: only lines from that byte offset
-    on (a session attached to a ``provision up`` run counts its own calls, not earlier sessions').
+    on (a session attached to a ``provision up`` run counts its own calls, not earlier sessions');
+    ``test_run``: only lines of that test run (:func:`set_test_run`: a session attached to a
+    ``provision up`` run does not count another attached session's calls made meanwhile).
     ``None`` when the run has no ledger.
     """
     if run_dir is None:
@@ -464,23 +533,30 @@ def ledger_usage(run_dir: Path | None, attributed_to: set[str] | None = None,
     path = run_dir / LEDGER_FILE
     if not path.exists():
         return None
+    sessions = test_run_sessions(run_dir, test_run) if test_run is not None else set()
     usage = LMUsage()
     for entry in read_ledger(path, since):
         if attributed_to is not None and entry.get("test_id") not in attributed_to:
+            continue
+        if test_run is not None and not _of_test_run(entry, test_run, sessions):
             continue
         _count(usage, entry)
     return usage
 
 
-def usage_by_test(run_dir: Path | None, since: int = 0) -> dict[str, LMUsage] | None:
+def usage_by_test(run_dir: Path | None, since: int = 0, test_run: str | None = None
+                  ) -> dict[str, LMUsage] | None:
     """The run ledger's non-mock LM calls per test node id, in one read (a bridge session's lines are
-    its test's, from the run's ``sessions.jsonl``: :func:`entry_test`); ``since``: as for
-    :func:`ledger_usage`. ``None`` without a ledger."""
+    its test's, from the run's ``sessions.jsonl``: :func:`entry_test`); ``since`` and ``test_run``:
+    as for :func:`ledger_usage`. ``None`` without a ledger."""
     if run_dir is None or not (run_dir / LEDGER_FILE).exists():
         return None
     sessions = session_tests(run_dir)
+    mine = test_run_sessions(run_dir, test_run) if test_run is not None else set()
     out: dict[str, LMUsage] = {}
     for entry in read_ledger(run_dir / LEDGER_FILE, since):
+        if test_run is not None and not _of_test_run(entry, test_run, mine):
+            continue
         _count(out.setdefault(entry_test(entry, sessions), LMUsage()), entry)
     return out
 

@@ -79,7 +79,8 @@ class LMCost:
             return delta
         owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
         return combine(delta, ledger_usage(self._environment.lm_config.run_dir, owners,
-                                           since=self._environment.ledger_start))
+                                           since=self._environment.ledger_start,
+                                           test_run=self._environment.ledger_test_run))
 
     @property
     def calls(self) -> int:
@@ -414,7 +415,8 @@ class ProvisionRun:
 
         tests = self.rows.test_rows()
         # Every worker is stopped by now; an attached session's rows count only its own calls.
-        by_test = usage_by_test(self.environment.lm_config.run_dir, since=self.environment.ledger_start)
+        by_test = usage_by_test(self.environment.lm_config.run_dir, since=self.environment.ledger_start,
+                                test_run=self.environment.ledger_test_run)
         if by_test is not None:
             apply_ledger(tests, by_test)
         report.tests = [dict(row) for row in tests]
@@ -496,7 +498,8 @@ class ProvisionRun:
             for worker in self._worker_reports:
                 report.merge(worker)
             section = report.layers[self.layer.name]
-            ledger = ledger_usage(self.environment.lm_config.run_dir, since=self.environment.ledger_start)
+            ledger = ledger_usage(self.environment.lm_config.run_dir, since=self.environment.ledger_start,
+                                  test_run=self.environment.ledger_test_run)
             section.lm = combine(section.lm, ledger)
             if ledger is not None:
                 report.run_cost_usd = ledger.cost_usd

@@ -433,3 +433,21 @@ def test_a_bad_startup_lm_config_fails_before_ready(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert b"PROVISION_WORKER_READY" not in done.stdout
     assert b"temperature" in done.stderr and b"PROVISION_LM_CONFIG" in done.stderr
+
+
+def test_the_lm_calls_a_worker_makes_for_a_request_count_in_the_callers_process(worker: Any) -> None:
+    """Issue 10: mock calls made in a worker (a container, a forked worker, here a worker process)
+    had no record at all — not in the ledger (mock calls are free), not in the caller's counters —
+    so a test's lm_cost and the run report said 0. The reply's lm_usage carries them home."""
+    from provisioner.lm.callstats import stats
+
+    with worker.client() as bridge:
+        session = bridge.session("usage")
+        session.create_program(QA_INT, "qa")
+        before = stats()
+        result = session.execute_program("qa", {"question": "2 + 2?"})
+        delta = stats() - before
+    usage = result["lm_usage"]
+    assert usage["mock"] == 1 and usage["errors"] == 0 and usage["input_tokens"] > 0
+    assert isinstance(usage["process"], str) and usage["process"]
+    assert (delta.mock, delta.calls, delta.input_tokens) == (1, 1, usage["input_tokens"])

@@ -103,3 +103,49 @@ def test_a_run_without_an_lm_directory_has_no_usage() -> None:
     from provisioner.lm.ledger import ledger_usage
 
     assert ledger_usage(None) is None
+
+
+def test_two_test_runs_attached_to_one_ledger_each_count_only_their_own_lines(tmp_path: Path) -> None:
+    """Two pytest sessions attached to one `provision up` run write one ledger at the same time: each
+    session's run totals, per-test rows and per-test cost count only its own lines — its processes'
+    (marked with its test run) and its bridge sessions' (noted with its test run) — also for the
+    same test node id in both sessions."""
+    from provisioner.lm.ledger import (
+        Ledger,
+        current_test,
+        ledger_usage,
+        note_session_test,
+        set_test_run,
+        usage_by_test,
+    )
+
+    test_id = "tests/test_x.py::test_qa"
+    try:
+        for run, session in (("run-a", "session_a_1"), ("run-b", "session_b_1")):
+            set_test_run(run)
+            note_session_test(tmp_path, session, test_id)
+            ledger = Ledger(tmp_path, run_id="up-run")
+            with current_test(test_id):  # an in-process call of the test
+                ledger.call(model="m", kind="replayed", cache="hit")
+            ledger.close()
+        set_test_run(None)  # a worker container's lines: no test run, the session's id as test id
+        worker = Ledger(tmp_path, run_id="up-run")
+        for session in ("session_a_1", "session_b_1", "session_b_1"):
+            with current_test(session):
+                worker.call(model="m", kind="real", cost_usd=0.25, endpoint="gemini")
+        with current_test("someone-else"):  # a client of the up run that is no test run of ours
+            worker.call(model="m", kind="real", cost_usd=1.0, endpoint="gemini")
+        worker.close()
+    finally:
+        set_test_run(None)
+    everything = ledger_usage(tmp_path)
+    assert everything is not None and (everything.replayed, everything.real) == (2, 4)
+    a = ledger_usage(tmp_path, test_run="run-a")
+    b = ledger_usage(tmp_path, test_run="run-b")
+    assert a is not None and (a.replayed, a.real, a.cost_usd) == (1, 1, 0.25)
+    assert b is not None and (b.replayed, b.real, b.cost_usd) == (1, 2, 0.5)
+    per_test = ledger_usage(tmp_path, {test_id, "session_a_1"}, test_run="run-a")
+    assert per_test is not None and (per_test.replayed, per_test.real) == (1, 1)
+    rows = usage_by_test(tmp_path, test_run="run-b")
+    assert rows is not None and list(rows) == [test_id]
+    assert (rows[test_id].replayed, rows[test_id].real) == (1, 2)

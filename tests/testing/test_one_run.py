@@ -157,7 +157,10 @@ def test_xdist_processes_share_one_pool(pytester: pytest.Pytester, docker_engine
     assert {r["xdist"] for r in rows} == {"gw0", "gw1"}
     assert len({r["port"] for r in rows}) == 2  # sessions spread over both workers
     report = json.loads((pytester.path / "report.json").read_text())
-    assert report["layers"]["e2e"]["workers_started"] == 2
+    assert report["layers"]["e2e"]["workers_started"] == 2  # grown on demand: one session per process
+    # Every test's execute_program made one mock call inside a worker container: the report counts
+    # them (the replies' lm_usage, summed over both xdist processes), not 0.
+    assert report["layers"]["e2e"]["lm_calls"]["mock"] == 6
     run_id = report["run_id"]
     labels = {"label": [f"{L.RUN}={run_id}"]}
     assert docker_engine.containers.list(all=True, filters=labels) == []
