@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_suite.py [--rounds 3] [--tests 200] [--naive-tests 10]
                                                [--xdist-rounds 2] [--json] [--write-docs]
+    .venv/bin/python benchmarks/bench_suite.py --profile [--tests 200]   # where a test's overhead goes
 
 Method (real Docker engine; the worker image already built, as ``bash .ci/setup`` leaves it):
 
@@ -16,7 +17,8 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   last teardown.
 * **provisioner**: ``pytest --layer e2e --lm mock test_suite.py``: every test takes ``isolated``
   (a session pinned to a warm pool worker, closed on teardown) and the plugin's per-test leak check
-  runs around it. Suite time = pool start + every test, i.e. the run loop's wall clock.
+  runs around it. The pool starts one worker and grows on demand (up to ``max_pool_size`` = 2);
+  one test at a time needs one. Suite time = pool start + every test, i.e. the run loop's wall clock.
 * **naive anchor**: ``pytest -p no:provisioner test_naive.py``: a function-scoped fixture starts one
   worker container per test with testcontainers (``DockerContainer`` of the same worker image,
   ``provision worker`` on a loopback-published port, mock LM), polls ``ping`` until it answers,
@@ -31,6 +33,9 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   ``-n 1`` and with ``-n 2`` (alternating), each with ``--provision-report``: the workers the run
   started (the report's ``workers_started``; one shared pool per run, so the same for both) and the
   wall clock of the whole ``pytest`` command (start-up and pool start included).
+* **profile** (``--profile``): the provisioner side once more under cProfile, enabled only around
+  pytest's setup and teardown phases of each test (the first 5 tests left out); prints the functions
+  with the most cumulative time per phase, divided by the tests profiled (ms per test).
 """
 
 from __future__ import annotations
@@ -151,12 +156,54 @@ def test_program(naive_session, i):
 ''' + BODY
 
 
+PROFILE_PLUGIN = '''
+import cProfile
+import os
+
+import pytest
+
+_profiles = {"setup": cProfile.Profile(), "teardown": cProfile.Profile()}
+_seen = [0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    _seen[0] += 1
+    on = _seen[0] > 5
+    if on:
+        _profiles["setup"].enable()
+    try:
+        return (yield)
+    finally:
+        if on:
+            _profiles["setup"].disable()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    on = _seen[0] > 5
+    if on:
+        _profiles["teardown"].enable()
+    try:
+        return (yield)
+    finally:
+        if on:
+            _profiles["teardown"].disable()
+
+
+def pytest_sessionfinish(session):
+    for phase, profile in _profiles.items():
+        profile.dump_stats(os.path.join(os.environ["BENCH_PROFILE_DIR"], f"{phase}.pstats"))
+'''
+
+
 def make_project(tests: int, naive_tests: int) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="provision-bench-suite-"))
     (folder / "pyproject.toml").write_text("[project]\nname = 'bench-suite'\nversion = '0'\n")
     (folder / "conftest.py").write_text(CONFTEST)
     (folder / "test_suite.py").write_text(textwrap.dedent(SUITE.format(tests=tests)))
     (folder / "test_naive.py").write_text(textwrap.dedent(NAIVE.format(tests=naive_tests, label=BENCH_LABEL)))
+    (folder / "bench_profile.py").write_text(PROFILE_PLUGIN)
     return folder
 
 
@@ -244,6 +291,33 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
                 rt.remove_container(ref.id)
         rt.close()
     return results
+
+
+def profile(tests: int, top: int = 25) -> None:
+    """The provisioner side under cProfile, setup and teardown phases apart (see the docstring)."""
+    import pstats
+
+    from provisioner.runtime.engine import open_runtime
+    from provisioner.runtime.images import ensure_worker_image
+
+    rt = open_runtime()
+    try:
+        ensure_worker_image(rt)
+    finally:
+        rt.close()
+    folder = make_project(tests, 1)
+    env = {**clean_env(), "BENCH_PROFILE_DIR": str(folder), "PYTHONPATH": str(folder)}
+    load = os.getloadavg()
+    run_side(folder, env, ["-p", "bench_profile", "--layer", "e2e", "--lm", "mock", "test_suite.py"],
+             "profile")
+    profiled = max(1, tests - 5)
+    print(f"cProfile of {profiled} tests (load average {load[0]:.1f} → {os.getloadavg()[0]:.1f}); "
+          "cumulative seconds are for all of them, divide by the count for per test", flush=True)
+    for phase in ("setup", "teardown"):
+        print(f"\n===== {phase}")
+        stats = pstats.Stats(str(folder / f"{phase}.pstats"))
+        print(f"{stats.total_tt / profiled * 1000:.3f} ms per test under the profiler")  # type: ignore[attr-defined]
+        stats.sort_stats("cumulative").print_stats(top)
 
 
 def measure_xdist(rounds: int) -> list[dict[str, Any]]:
@@ -334,25 +408,25 @@ def machine() -> str:
 
 
 NOTES = [
-    "- The previous version of this section (commit de32170, same script, 2026-11-30, load 8 to 14):",
-    "  setup + teardown p50 3.1 to 14.6 ms (setup 1.1 to 1.4, teardown 1.9 to 11.8), pool start 5.5 to",
-    f"  28.1 s, ratio 24{TIMES} to 55{TIMES}.",
-    "- Where a test's overhead went (cProfile over a 150-test suite of the same shape, setup and",
-    "  teardown only; issue 10). At commit de32170, load ≈ 7: setup ≈ 8 ms, of which the pool's",
-    "  container inspect per session ≈ 5 ms and a new connection per session (published port,",
-    "  docker-proxy, relay, DNS look-up in the relay); teardown ≈ 3.4 ms: the `cleanup_session` round",
-    "  trip ≈ 1 ms (5 ms at load 6) and the leak check's bounded `/events` read ≈ 1.5 ms.",
-    "- Now: a session reuses the pool's idle connection to its worker, and that connection being open",
-    "  proves the worker alive (the relay closes it when the worker's end goes): 148 of 150 sessions",
-    "  made no engine call and no new connection (the other 2: the first session on each worker);",
-    "  `open_session` ≈ 0.4 ms. The session's `cleanup_session` runs in the pool's closer thread after",
-    "  the teardown returns. What is left (same profile, load ≈ 18): the leak check's `/events` read",
-    "  (≈ 3.4 ms there: the engine's answer waits for a core like everything else), the session",
-    "  factory (polyfactory, ≈ 1.9 ms), the spending guard (≈ 0.7 ms) and pytest's fixture calls.",
-    "  On a quiet machine the `/events` read is ≈ 0.3 ms (2026-11-30, the earlier version of this",
-    "  section). The leak check keeps its power: the engine part is the event stream plus that",
-    "  read, processes are this process's descendants, ports and files are the tracked ones",
-    "  (tests/runtime/test_resources.py, tests/test_pytest_plugin.py, tests/testing/).",
+    "- Where a test's overhead went before this version (cProfile over the same suite, setup and",
+    "  teardown only, `--profile`; issue 10). At commit 92c3677 (load ≈ 3, 2026-11-30): setup ≈ 0.9 ms",
+    "  of which the session factory (polyfactory's build) ≈ 0.3 ms, the spending guard ≈ 0.17 ms",
+    "  (pytest-socket's guard rebuilt and the project's files looked up per test), three autouse",
+    "  fixtures (a fixture definition, `request` object and finalizer each); teardown ≈ 1 ms, most of",
+    "  it the leak check's bounded `/events` read: one engine round trip per test, ≈ 0.28 ms through",
+    "  `http.client` on a quiet machine and ≈ 3 ms at load 10 to 18 (the engine's answer waits for a",
+    "  core like everything else).",
+    "- What changed: one autouse fixture instead of three; the session's identity made directly",
+    "  (`factories.new_session`); the connect guard built once per allow-list; the engine read made",
+    "  only when this process sent the engine a changing request since the last exact view (the Docker",
+    "  runtime counts every docker-py client's non-GET requests; resources with this process's labels",
+    "  are made only by it), and then through a kept-open socket (≈ 0.06 ms quiet). The leak check keeps",
+    "  its power: a container or network made with docker-py directly is still named, processes are",
+    "  this process's descendants, ports and files the tracked ones (tests/runtime/test_resources.py,",
+    "  tests/test_pytest_plugin.py, tests/testing/test_plugin_containers.py).",
+    "- Left per test: pytest's own fixture machinery (≈ 0.3 ms for the test's fixtures), the pool's",
+    "  lease (one idle connection reused, no engine call), the leak check's local part (`waitid`, the",
+    "  tracked files and ports) and handing the session to the pool's closer thread.",
 ]
 
 
@@ -374,14 +448,14 @@ def verdict(rounds: list[dict[str, Any]]) -> list[str]:
 def pool_note(runs: list[dict[str, Any]]) -> list[str]:
     starts = [r["provisioner"]["pool_start_s"] for r in runs]
     return [
-        "- Pool start is most of the provisioner suite's time under load (each worker imports dspy in",
-        "  its container on the same 2 cores): "
-        f"{min(starts):.1f} to {max(starts):.1f} s in these rounds; the naive side starts one such",
-        "  container per test. Starting the pool's first worker only and adding the second while tests",
-        "  run (commit 3132b8a, the comparison above) did not measurably shorten it at load 23 to 29,",
-        "  and in its xdist rounds one request of the example's `-n 1` e2e run timed out (30 s",
-        "  `process_timeout`) while the second worker was starting: the plugin starts every worker at",
-        "  once again (`Deployment(start_slots=...)` / `WorkerPool.grow` remain for callers).",
+        "- Pool start (" + f"{min(starts):.1f} to {max(starts):.1f} s in these rounds) is most of the",
+        "  provisioner suite's time: creating the run's networks, relay and worker (with its egress",
+        "  guard), then the worker's Python start-up (dspy's import) until `ping` answers. The pool now",
+        "  starts one worker and grows on demand (issue 10): before, both workers of the e2e layer",
+        "  started at once and the second, never needed by a suite that runs one test at a time,",
+        "  shared the two cores with the first (commit 92c3677: pool start 2.66 s at load 0.8 to 1.4).",
+        "  Under xdist the pool grows when the run's processes hold more sessions at once than it has",
+        "  workers (each records its peak in `pool-demand/`; the deploying process grows to the sum).",
     ]
 
 
@@ -437,7 +511,8 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
         f"A generated project runs {results['tests']} tests, each taking an isolated, LM-ready bridge",
         "session: it creates a program with the same id (`qa`) and executes",
         "it once. provisioner: the plugin's `isolated` fixture on the pooled `e2e` layer with `--lm mock`",
-        "(2 warm workers, the per-test leak check on). Anchor, measured side by side in the same round: a",
+        "(a pool of up to 2 workers that starts one and grows on demand — one test at a time needs one;",
+        "the per-test leak check on). Anchor, measured side by side in the same round: a",
         "naive testcontainers fixture starting one worker container (same image) per test, polling `ping`",
         f"until ready; it times {results['naive_tests']} tests and extrapolates to {results['tests']}.",
         "Per-test phase times are pytest's own (`TestReport.duration`, what `--durations` prints);",
@@ -502,7 +577,12 @@ def main() -> None:
                         help="a --json output of other code (e.g. before a change), shown below the results")
     parser.add_argument("--results", type=Path, default=None,
                         help="render this --json output instead of measuring")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the provisioner side's setup and teardown phases instead (cProfile)")
     args = parser.parse_args()
+    if args.profile:
+        profile(args.tests)
+        return
     if args.results is not None:
         results = json.loads(args.results.read_text())
     else:

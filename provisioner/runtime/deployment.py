@@ -392,6 +392,10 @@ class Deployment:
     def worker_state(self, slot: int) -> ContainerState | None:
         return self.runtime.container_state(self.worker(slot).container_id)
 
+    def slot_port(self, slot: int) -> int:
+        """The relay's published host port for worker ``slot`` (also a slot not started yet)."""
+        return self._ports[slot]
+
     def pending_slots(self) -> list[int]:
         """Worker slots of the plan not started yet (``start_slots``; :meth:`add_worker` starts one)."""
         with self._lock:

@@ -124,17 +124,20 @@ def rebind_relay(
     probe: Probe,
     *,
     timeout_s: float,
+    reserved: Sequence[PublishedWorker] = (),
 ) -> str:
     """Re-create the relay with every worker's host port pinned, and wait until each worker whose
     container runs answers ``ping`` at its old address (``timeout_s``). Returns the relay's new id.
+    ``reserved``: slots with no worker yet (a pool that grows on demand) whose ports are pinned too,
+    so the worker that joins later is reached where the pool expects it; they are not waited for.
 
     Raises:
         RuntimeProblem: the engine could not make the relay again (e.g. a port was taken meanwhile),
             it published another port, or a worker did not answer within ``timeout_s`` (with the
             relay's log).
     """
-    new_id = runtime.recreate_container(relay, {w.relay_port: w.port for w in workers})
-    for w in workers:
+    new_id = runtime.recreate_container(relay, {w.relay_port: w.port for w in (*workers, *reserved)})
+    for w in (*workers, *reserved):
         got = runtime.published_port(new_id, w.relay_port)
         if got != w.port:
             raise RuntimeProblem(
@@ -180,7 +183,11 @@ def heal_environment(env: Deployment) -> list[str]:
         if not dead:
             return []
         old_id = env.container_ids.get(relay, relay)
-        new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s)
+        # Slots a growing pool has not started yet keep their ports too (Deployment.add_worker).
+        reserved = [PublishedWorker(slot, env.recipes[slot].name, "", env.runtime.publish_host,
+                                    env.slot_port(slot)) for slot in env.pending_slots()]
+        new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s,
+                              reserved=reserved)
         tracked = env.resources.find("container", old_id)
         if tracked is not None:
             env.resources.forget(tracked)

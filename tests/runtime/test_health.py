@@ -17,7 +17,8 @@ from provisioner.settings import Settings
 from .conftest import FAKE_IMAGE, FakeWorkers
 
 
-def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int = 2) -> Deployment:
+def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int = 2,
+         start_slots: int | None = None) -> Deployment:
     rt, workers = fake
     plan = plan_run(
         settings,
@@ -27,7 +28,8 @@ def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int =
         FAKE_IMAGE,
         PlanOptions(workers=count),
     )
-    return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005).start()
+    return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005,
+                      start_slots=start_slots).start()
 
 
 def _published(env: Deployment) -> list[PublishedWorker]:
@@ -75,6 +77,26 @@ def test_a_dead_forwarder_is_found_and_the_relay_re_created_on_the_same_ports(
         tracked = {r.ident for r in env.resources.tracked() if r.kind == "container"}
         assert new_relay in tracked and old_relay not in tracked
         assert heal_environment(env) == []
+    finally:
+        env.stop()
+    assert rt.containers == {}
+
+
+def test_a_healed_relay_keeps_the_port_of_a_slot_the_pool_has_not_started_yet(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """A pool that grows on demand starts slot 1 later, at the port the relay published for it at
+    the start: a relay re-created meanwhile pins that port too, so the late worker answers there."""
+    rt, workers = fake
+    env = _env(settings, fake, start_slots=1)
+    try:
+        late_port = env.slot_port(1)
+        workers.kill_forwarder(env.workers[0].port)
+        assert heal_environment(env)  # re-created the relay
+        new_relay = env.container_ids[env.plan.relay.name]
+        assert rt.published_port(new_relay, env.plan.relay_port_for(1)) == late_port
+        late = env.add_worker(1)
+        assert late.port == late_port and env.probe(late.host, late.port, 1.0).ok
     finally:
         env.stop()
     assert rt.containers == {}

@@ -127,13 +127,15 @@ def test_port_leaks_are_listening_ports_we_tracked() -> None:
     import socket
 
     rm = ResourceManager()
+    before = rm.snapshot()  # what this process has already (e.g. children other tests started)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     port = sock.getsockname()[1]
     rm.track("port", port, cleanup=sock.close)
-    before: frozenset[tuple[str, str]] = frozenset()
     assert ("port", str(port)) in rm.snapshot()
+    with pytest.raises(LeakError, match=f"port {port}"):
+        rm.check_leaks(before)
     rm.cleanup_all()
     assert ("port", str(port)) not in rm.snapshot() and psutil.pid_exists(1)
     rm.check_leaks(before)

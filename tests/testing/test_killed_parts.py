@@ -178,8 +178,15 @@ def _use(bridge):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("n", range(1, 3))
-def test_before(bridge, n):
+def test_before(bridge, bridge_pool, n):
     _use(bridge)
+    if n == 1:  # two sessions at once: the pool grows to its two workers (it starts one)
+        extra = bridge_pool.open_session("second-session-at-once")
+        bridge_pool.close_session(extra.session_id)
+        deadline = time.monotonic() + 240
+        while len(bridge_pool.stats()["workers"]) < 2:
+            assert time.monotonic() < deadline, bridge_pool.stats()
+            time.sleep(0.2)
 
 
 @pytest.mark.e2e
@@ -220,7 +227,8 @@ def test_after(bridge, bridge_pool, n):
 def test_a_killed_pool_worker_is_replaced_and_the_other_tests_pass(
     docker_engine: Any, tmp_path: Path
 ) -> None:
-    """Eight tests on a pool of two; the third `docker kill`s its worker while executing: it gets
+    """Eight tests on a pool of two (grown on demand by the first); the third `docker kill`s its
+    worker while executing: it gets
     WorkerLostError saying how the worker ended, its teardown does not error, the other seven pass
     (none pinned to the dead worker) and the pool ends at its full size, the dead slot replaced behind
     the same address (issue 14, item 6)."""
