@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from provisioner.settings import Settings
 
 RYUK_DISABLED_ENV = "TESTCONTAINERS_RYUK_DISABLED"
+# How long a process waits for the run's watchdog to hold its lock (seconds; as watchdog.wait_watching).
+WATCHDOG_START_TIMEOUT_S = 15.0
 # How often a process's pool looks at its workers' container states (seconds).
 POOL_MONITOR_INTERVAL_S = 2.0
 _UNSAFE = re.compile(r"[^a-z0-9]+")
@@ -258,14 +260,28 @@ class ProcessContainers:
             self._watchdog_started = True
 
     def _wait_watchdog(self) -> None:
-        """Until the run's watchdog holds its lock (RuntimeProblem with its log if it never does)."""
+        """Until the run's watchdog holds its lock, or has left on purpose: a marker says the run is
+        kept (``persist``, a ``retain``ed failed worker of another process) or stopped — the
+        watchdog exits then, by design. RuntimeProblem with its log if neither happens in time."""
         if self._runtime_given:
             return
+        from provisioner.errors import RuntimeProblem
         from provisioner.runtime import watchdog as wd
+        from provisioner.runtime.polling import poll_until
 
         target = self._target()
         assert target.run_dir is not None
-        wd.wait_watching(target.run_dir.path)
+        run_dir = target.run_dir.path
+        markers = (wd.PERSIST_MARKER, wd.RETAIN_MARKER, wd.STOPPED_MARKER, wd.REAPED_MARKER)
+
+        def watched() -> bool:
+            return wd.watchdog_alive(run_dir) or any((run_dir / m).exists() for m in markers)
+
+        if not poll_until(watched, WATCHDOG_START_TIMEOUT_S, 0.02):
+            log = run_dir / wd.LOG_FILE
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeProblem(f"the run's watchdog did not start within {WATCHDOG_START_TIMEOUT_S:.0f}s; "
+                                 f"its log:\n{tail}")
 
     def _plan(self, workers: int, name: str | None = None, *, instance: str | None = None) -> RunPlan:
         """A plan of this process (launch step ``plan_run``), named ``prov-<run>-<name or instance>``

@@ -98,3 +98,27 @@ def test_ryuk_is_switched_off_at_start_up_unless_the_user_chose(monkeypatch: pyt
     monkeypatch.setenv(RYUK_DISABLED_ENV, "false")
     switch_off_ryuk()
     assert os.environ[RYUK_DISABLED_ENV] == "false"  # a user's own choice stands
+
+
+def test_waiting_for_the_watchdog_ends_when_it_left_on_purpose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool no longer waits for the watchdog before deploying, but after: by then another xdist
+    process may have retained a failed worker, and the watchdog left the run on purpose (its retain
+    marker). That is not a watchdog that never started."""
+    from types import SimpleNamespace
+
+    from provisioner.errors import RuntimeProblem
+    from provisioner.runtime import watchdog as wd
+    from provisioner.runtime import workers as W
+
+    containers = W.ProcessContainers.__new__(W.ProcessContainers)
+    containers._runtime_given = False
+    target = SimpleNamespace(run_dir=SimpleNamespace(path=tmp_path))
+    monkeypatch.setattr(containers, "_target", lambda: target)
+    monkeypatch.setattr(W, "WATCHDOG_START_TIMEOUT_S", 0.2)
+    (tmp_path / wd.LOG_FILE).write_text("watchdog[1] could not open the engine\n")
+    with pytest.raises(RuntimeProblem, match=r"did not start within 0s; its log:\nwatchdog\[1\] could not"):
+        containers._wait_watchdog()
+    (tmp_path / wd.RETAIN_MARKER).touch()
+    containers._wait_watchdog()  # kept for debugging by another process: nothing to wait for
