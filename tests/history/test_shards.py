@@ -211,7 +211,7 @@ def test_three_shards_together_stay_within_the_runs_cost_limit(tmp_path: Path, s
         passed = [t for t in report["tests"] if t["outcome"] == "passed"]
         # Each shard was bound by its share: calls passed, then the share ran out.
         assert refused and passed, report["run"]
-        assert {t["worker"] for t in report["tests"]} <= {"gw0", "gw1"}  # ran on the xdist workers
+        assert {t["xdist_worker"] for t in report["tests"]} <= {"gw0", "gw1"}  # ran on the xdist workers
         assert report["output"].count("would pass the run's cost limit lm.cost_limit_usd") >= len(refused)
         assert f"this shard's share: the run's lm.cost_limit_usd and lm.rate_limit_rpm divided by " \
                f"lm.shards={shards}" in report["output"]
