@@ -16,6 +16,7 @@ Everything the environment started (containers, networks, sessions) is torn down
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -437,7 +438,7 @@ def open_environment(
     *,
     lm: LMMode | None = None,
     record_mode: RecordMode | None = None,
-    project_dir: Path | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
     identity: RunIdentity | None = None,
     require_key: bool = False,
     runtime: ContainerRuntime | None = None,
@@ -458,7 +459,7 @@ def open_environment(
     Raises:
         ConfigError: invalid settings, an unknown layer, or ``require_key`` with real mode and no key.
     """
-    project = (project_dir or Path.cwd()).absolute()
+    project = (Path(project_dir) if project_dir is not None else Path.cwd()).absolute()
     options = RunOptions(layer=layer, lm_mode=lm, record_mode=record_mode, require_key=require_key)
     if identity is None:
         probe = resolve_run(options, project)
@@ -484,7 +485,7 @@ def environment(
     *,
     lm: LMMode | None = None,
     record_mode: RecordMode | None = None,
-    project_dir: Path | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
     require_key: bool = False,
     runtime: ContainerRuntime | None = None,
     attach: bool = True,

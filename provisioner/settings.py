@@ -293,7 +293,7 @@ def _alias_label(path: str) -> str:
 
 def load_settings(
     cli: Mapping[str, Any] | None = None,
-    project_dir: Path | None = None,
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> Settings:
     """Build the effective settings and remember where each value came from.
 
@@ -307,7 +307,7 @@ def load_settings(
             a setting (:class:`~provisioner.errors.UnknownNameError`, with a "did you mean").
     """
     cli_nested = _nest({k: v for k, v in (cli or {}).items() if v is not None})
-    root = project_root(project_dir)
+    root = project_root(Path(project_dir) if project_dir is not None else None)
     token = _search_start.set(root)
     try:
         project = _ProjectFileSource(Settings)

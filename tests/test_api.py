@@ -13,6 +13,7 @@ from typing import Any
 import dspy
 import pytest
 
+import provisioner
 import provisioner.api as api
 from provisioner.bridge import LocalBridge, SessionClient
 from provisioner.errors import (
@@ -490,3 +491,16 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
             own = env.worker_log(worker, 0.0)
             assert own.worker == worker.name and "dedicated-window" in own.text
             assert "bridge worker listening" in own.text and "inside-window" not in own.text
+
+
+def test_a_project_dir_given_as_a_string_is_a_path(project: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``project_dir`` takes what ``open()`` takes (str or os.PathLike), as users write it from a
+    shell variable; a str once failed with ``AttributeError: 'str' object has no attribute 'absolute'``."""
+    (project / "provision.toml").write_text('[layers.unit]\ndescription = "from the project file"\n')
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    with api.environment("unit", project_dir=str(project)) as env:
+        assert env.project_dir == project.absolute()
+        assert env.layer.description == "from the project file"
+    settings = provisioner.load_settings(project_dir=str(project))
+    assert settings.layers["unit"].description == "from the project file"
