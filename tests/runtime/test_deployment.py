@@ -77,6 +77,9 @@ def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
     rt, workers = fake
     workers.not_ready.update({"prov-run1-w0", "prov-run1-w1", "prov-run1-w2"})
     env = _env(settings, rt, workers, count=3, timeout=600)
+    # A Ctrl-C is a KeyboardInterrupt only while Python's own handler is in place: a handler another
+    # test left behind in this process would swallow it (this test hung once under xdist).
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
     interrupted = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
     interrupted.start()
     try:
