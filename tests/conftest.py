@@ -67,6 +67,26 @@ def _no_outer_xdist_identity() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """A test (or the code it runs in-process) that leaves its own SIGINT/SIGTERM handler in place
+    changes every later test of the process: a Ctrl-C test then waits forever instead of getting
+    its KeyboardInterrupt (tests/runtime/test_deployment.py hung once that way under xdist, where the
+    tests before it in the process differ from a plain run). The leaker fails here, and the handler
+    is put back."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    now = {sig: signal.getsignal(sig) for sig in before}
+    leaked = {sig: handler for sig, handler in now.items() if handler is not before[sig]}
+    for sig in leaked:
+        signal.signal(sig, before[sig])
+    if leaked:
+        names = ", ".join(f"{signal.Signals(sig).name} ({handler!r})" for sig, handler in leaked.items())
+        pytest.fail(f"the test left its own handler of {names} in place", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
 def _docker_marker(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("docker") is not None:
         request.getfixturevalue("docker_engine")
