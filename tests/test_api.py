@@ -493,6 +493,33 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
             assert "bridge worker listening" in own.text and "inside-window" not in own.text
 
 
+@pytest.mark.docker
+def test_lm_usage_counts_the_calls_worker_containers_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached layer's worker container records (then replays) in its own process; ``env.lm_usage()``
+    counts those calls (each ``execute_program`` reply carries them) as ``provision cost report``
+    does — a user's trial of a wheel without that hand-over saw ``recorded=0`` here."""
+    for key in list(os.environ):
+        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(key, raising=False)
+    (tmp_path / "pyproject.toml").write_text(
+        "[project]\nname = 'usage'\n[tool.provisioner]\nlm.cached_inner = \"mock\"\n"
+    )
+    with api.environment("integration", project_dir=tmp_path, attach=False) as env:
+        assert env.lm_config.mode == "cached" and env.lm_usage().calls == 0
+        for label in ("first", "second"):  # the second asks the same: replayed from the cassette
+            with env.session(label) as test:
+                test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                test.adapter.execute_program("qa", {"question": "what is counted?"})
+        usage = env.lm_usage()
+        assert (usage.recorded, usage.replayed, usage.mock) == (1, 1, 0), usage
+    from provisioner.lm.ledger import ledger_usage
+
+    booked = ledger_usage(env.lm_config.run_dir)  # the run's ledger: the cost report's source
+    assert booked is not None and (booked.recorded, booked.replayed) == (1, 1), booked
+
+
 def test_a_project_dir_given_as_a_string_is_a_path(project: Path, tmp_path_factory: pytest.TempPathFactory,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """``project_dir`` takes what ``open()`` takes (str or os.PathLike), as users write it from a
