@@ -407,6 +407,7 @@ def cost_report(run_id: str | None, month: str | None, extra: tuple[Path, ...], 
 
     from provisioner.lm.ledger import cost_report as build_report
     from provisioner.lm.ledger import format_cost_report, ledger_sources
+    from provisioner.lm.pricing import format_usd
 
     settings = _settings()
     if month == "current":
@@ -426,8 +427,8 @@ def cost_report(run_id: str | None, month: str | None, extra: tuple[Path, ...], 
         return
     click.echo(json.dumps(report.as_dict(), indent=2))
     for over in report.over_budget_months:
-        click.echo(f"warning: {over} is over the monthly budget of ${settings.lm.monthly_budget_usd:.2f}",
-                   err=True)
+        budget = format_usd(settings.lm.monthly_budget_usd)
+        click.echo(f"warning: {over} is over the monthly budget of {budget}", err=True)
 
 
 def _check_month(month: str) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 from provisioner._files import flocked
 from provisioner.lm.callstats import LMUsage
 from provisioner.lm.limits import after_torn_line, append_line, locked, resolve_run_dir, share_fd
+from provisioner.lm.pricing import format_usd
 
 LEDGER_FILE = "ledger.jsonl"
 RUN_LM_SUBDIR = "lm"
@@ -504,7 +505,7 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
     for month in report.over_budget_months:
         spent = report.by_month[month].cost_usd
         lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="
-                     f"${report.monthly_budget_usd:.2f}")
+                     f"{format_usd(report.monthly_budget_usd or 0.0)}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ from typing import Any
 
 from provisioner import _files
 from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
+from provisioner.lm.pricing import format_usd
 
 WINDOW_S = 60.0
 STATE_FILE = "lm-limits.json"
@@ -319,7 +320,7 @@ class RunLimits:
             if spent + reserved + amount_usd > limit + 1e-12:
                 raise CostLimitExceeded(
                     f"refusing {what}: its worst case ${amount_usd:.6f} would pass the run's cost limit "
-                    f"lm.cost_limit_usd=${limit:.4f} (spent ${spent:.6f}, "
+                    f"lm.cost_limit_usd={format_usd(limit)} (spent ${spent:.6f}, "
                     f"reserved by calls in flight ${reserved:.6f}){self.note}"
                 )
             reservation = Reservation(uuid.uuid4().hex, amount_usd)

@@ -18,6 +18,7 @@ context-caching rate when one is known, else at the input rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from provisioner.errors import UnknownModelPriceError
@@ -91,3 +92,17 @@ def worst_case_usd(price: ModelPrice, prompt_tokens_upper_bound: int, max_output
     """The most a call can cost: every prompt token at the input rate, every allowed output token."""
     dollars = prompt_tokens_upper_bound * price.input_per_mtok + max_output_tokens * price.output_per_mtok
     return dollars / 1_000_000
+
+
+def format_usd(value: float) -> str:
+    """A dollar amount people set (a cost limit, a monthly budget) as they set it: never rounded to
+    ``$0`` when it is not zero. At least two decimals ("$0.25", "$10.00"), up to four at a cent and
+    above, and three significant digits below a cent ("$0.000005", "$0.00123"): ``lm.cost_limit_usd
+    = 0.000005`` once showed as "$0.0000" and "$0.00"."""
+    if value == 0:
+        return "$0"
+    if abs(value) >= 0.01:
+        whole, _, decimals = f"{value:.4f}".rstrip("0").partition(".")
+        return f"${whole}.{decimals.ljust(2, '0')}"
+    places = -math.floor(math.log10(abs(value))) + 2
+    return f"${value:.{places}f}".rstrip("0")

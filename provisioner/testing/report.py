@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.lm.callstats import CALL_KINDS, LMUsage
+from provisioner.lm.pricing import format_usd
 from provisioner.run import LeakRecord, ProcessReport
 
 OUTCOMES: tuple[str, ...] = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -119,11 +120,12 @@ class RunReport:
             out.append(f"  LM calls: {lm.calls} — {calls}")
             out.append(f"  cache misses: {lm.cache_misses}")
             if not lm.standin or lm.cost_usd:
-                out.append(f"  cost: ${lm.cost_usd:.4f} of the run's ${section.cost_limit_usd:.2f} limit")
+                limit = format_usd(section.cost_limit_usd)
+                out.append(f"  cost: ${lm.cost_usd:.4f} of the run's {limit} limit")
             if lm.standin:
                 at_list = max(lm.list_cost_usd - lm.cost_usd, 0.0)  # billed calls cost their list price
                 out.append(f"  Gemini stand-in: {lm.standin} calls, $0 billed (${at_list:.6f} at list prices "
-                           f"counted against the run's ${section.cost_limit_usd:.2f} limit)")
+                           f"counted against the run's {format_usd(section.cost_limit_usd)} limit)")
             leaks = sum(len(r.leaks) for r in section.leaks)
             out.append(f"  leaks found: {leaks}")
             for record in section.leaks:

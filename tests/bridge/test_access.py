@@ -193,7 +193,7 @@ def test_a_session_cannot_lift_the_run_budget(
                 refused = exc
                 break
         assert refused is not None, f"{calls} calls passed a $0.001 budget"
-        assert refused.error_type == "CostLimitExceeded" and "lm.cost_limit_usd=$0.0010" in refused.message
+        assert refused.error_type == "CostLimitExceeded" and "lm.cost_limit_usd=$0.001 " in refused.message
     spent = RunLimits(run_dir, rpm=1, cost_limit_usd=0).snapshot()
     assert 0 < spent.spent_usd <= limit and spent.limit_usd == limit
     assert not (tmp_path / "fresh").exists()
@@ -210,7 +210,7 @@ def test_the_run_limits_file_wins_over_the_worker_configuration(
     with worker.client() as client:
         client.create_program(QA, "qa")
         error = error_of(client.execute_program, "qa", {"question": "free money?"})
-    assert error.error_type == "CostLimitExceeded" and "lm.cost_limit_usd=$0.0000" in error.message
+    assert error.error_type == "CostLimitExceeded" and "lm.cost_limit_usd=$0 " in error.message
     assert standin.request_count == before  # refused before anything was sent
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner.errors import UnknownModelPriceError
-from provisioner.lm.pricing import GEMINI_PRICES, TokenUsage, cost_usd, price_for, worst_case_usd
+from provisioner.lm.pricing import GEMINI_PRICES, TokenUsage, cost_usd, format_usd, price_for, worst_case_usd
 from provisioner.lmconfig import LMConfig, ModelPrice
 
 
@@ -34,3 +34,12 @@ def test_configured_price_wins_and_prefixes_are_ignored() -> None:
     assert price_for(LMConfig(model="gemini-2.5-flash", prices={"gemini-2.5-flash": custom})) == custom
     with pytest.raises(UnknownModelPriceError, match="gemini-x-preview"):
         price_for(LMConfig(model="gemini-x-preview"))
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (0.0, "$0"), (0.25, "$0.25"), (10.0, "$10.00"), (1.5, "$1.50"), (0.0123, "$0.0123"),
+    (0.001, "$0.001"), (0.000005, "$0.000005"), (0.000017, "$0.000017"), (0.0012345, "$0.00123"),
+])
+def test_a_limit_people_set_is_shown_as_set_and_never_as_zero(value: float, text: str) -> None:
+    """``lm.cost_limit_usd = 0.000005`` showed as "$0.0000" in the refusal and "$0.00" in the summary."""
+    assert format_usd(value) == text
