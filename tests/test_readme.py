@@ -50,17 +50,8 @@ def test_the_readme_command_is_the_fast_tier_and_ci_runs_the_slow_tier_after_it(
     assert "-m slow" in section
 
 
-def test_the_readme_command_runs_two_xdist_processes_a_file_at_a_time() -> None:
-    """`-n 2 --dist loadfile`: a module's shared fixtures (one container run for a whole file, e.g.
-    tests/runtime/test_docker_isolation.py) start once, not once per xdist process."""
-    import shlex
-
-    args = shlex.split(_readme_commands()[1].split("&&", 1)[1])
-    assert args[args.index("-n") + 1] == "2" and args[args.index("--dist") + 1] == "loadfile", args
-
-
 def test_tests_do_not_inherit_the_outer_xdist_identity(worker_id: str) -> None:
-    """Under the README's `-n 2` this process is an xdist worker (``worker_id`` gw0/gw1); the pytest
+    """Under `pytest -n 2` of this suite this process is an xdist worker (``worker_id`` gw0/gw1); the pytest
     runs and `provision` processes tests start must not believe they are one, nor must provisioner's
     code in this process (tests/conftest.py takes xdist's variables out for the session)."""
     import os
