@@ -593,7 +593,7 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
     Writes .provision/runs/<id>/state.json and an env file (also .provision/current.env) with
     PROVISION_RUN_ID, PROVISION_BRIDGE_ADDRS=127.0.0.1:p1,... for any test suite to `source`.
     """
-    from provisioner.runtime.lifecycle import UpOptions, up
+    from provisioner.runtime.lifecycle import STANDIN_NOTE, UpOptions, up
     from provisioner.runtime.runs import opened_runtime
     from provisioner.runtime.state import CURRENT_ENV, run_dir_of
 
@@ -616,8 +616,7 @@ def up_command(layer: str | None, workers: int | None, lm_mode: str | None, requ
         return
     _worker_table(state)
     if state.uses_standin:
-        click.echo("GEMINI_TEST_API_KEY is not set: real-mode workers talk to the local Gemini stand-in "
-                   "(use --require-key to insist on the real API).")
+        click.echo(STANDIN_NOTE)
     current = Path(settings.state_dir) / CURRENT_ENV
     click.echo(f"env file: {run_dir.env_file}  (or: source {current})")
     click.echo("stop with: provision down")

@@ -38,6 +38,10 @@ from provisioner.runtime.state import (
 )
 from provisioner.settings import Settings
 
+STANDIN_NOTE = ("GEMINI_TEST_API_KEY is not set: real-mode workers talk to the local Gemini stand-in "
+                "(use --require-key to insist on the real API).")
+"""What `provision up` and `provision run` say when a real-mode run answers from the stand-in."""
+
 
 @dataclass(frozen=True)
 class UpOptions:

@@ -25,7 +25,7 @@ from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe
 from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.health import heal_deployment
-from provisioner.runtime.lifecycle import UpOptions, down, up
+from provisioner.runtime.lifecycle import STANDIN_NOTE, UpOptions, down, up
 from provisioner.runtime.resources import should_remove
 from provisioner.runtime.runs import opened_runtime, settings_or_load
 from provisioner.runtime.state import run_dir_of, write_state
@@ -114,6 +114,12 @@ def _run(
         )
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)
+        say = notify or progress
+        if say is not None:  # the run's id (its containers are prov-<run id>-*), and who answers the LM
+            say(f"provision run: run {env.state.run_id}, layer {env.state.layer}, "
+                f"{len(env.state.workers)} worker(s); `provision status --run {env.state.run_id}` shows them")
+            if env.state.uses_standin:
+                say(STANDIN_NOTE)
         child_env = {**os.environ, **env.state.env(run_dir.state_file)}
         if env.control_token:
             child_env[CONTROL_TOKEN_ENV] = env.control_token

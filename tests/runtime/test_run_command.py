@@ -14,7 +14,7 @@ from provisioner.errors import ConfigError
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.deployment import ProbeResult
 from provisioner.runtime.engine import FakeRuntime
-from provisioner.runtime.lifecycle import UpOptions
+from provisioner.runtime.lifecycle import STANDIN_NOTE, UpOptions
 from provisioner.runtime.polling import poll_until
 from provisioner.runtime.run_command import run_command
 from provisioner.runtime.runs import list_runs
@@ -237,3 +237,32 @@ def test_a_command_that_cannot_run_is_refused_before_anything_starts(
     with pytest.raises(ConfigError, match=r"not-executable\.sh': it is not an executable file"):
         run_command([str(script)], settings, UpOptions(layer="integration"))
     assert opened == []  # not even the engine was asked
+
+
+def test_run_command_names_its_run_and_says_when_the_stand_in_answers(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who wants to `docker kill` a worker, or to know who answers, had to `ls .provision/runs`:
+    `provision run` said neither its run id nor, unlike `provision up`, that the stand-in answers."""
+    rt, workers = fake
+    monkeypatch.delenv("GEMINI_TEST_API_KEY", raising=False)
+
+    def standin_ready(container: Any) -> None:  # the stand-in's ready line, as `provision standin` prints it
+        if container.recipe.name.endswith("-standin"):
+            container.log_lines.append("PROVISION_STANDIN_READY")
+
+    rt.on_start = standin_ready
+    said: list[str] = []
+    code = run_command(
+        ["sh", "-c", 'echo "$PROVISION_RUN_ID" > /dev/null'],
+        settings,
+        UpOptions(layer="e2e", lm_mode="real", workers=1, image=FAKE_IMAGE, watchdog=False),
+        runtime=rt,
+        probe=workers.probe,
+        notify=said.append,
+        health_interval_s=None,
+    )
+    assert code == 0
+    run_id = next(line.split()[3].rstrip(",") for line in said if line.startswith("provision run: run "))
+    assert f"provision status --run {run_id}" in "\n".join(said)
+    assert STANDIN_NOTE in said
