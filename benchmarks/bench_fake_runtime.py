@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _docs import replace_section
+
 from provisioner.api import open_environment
 from provisioner.factories import ProgramFactory
 from provisioner.runtime.engine import FakeRuntime, open_runtime
@@ -129,14 +131,7 @@ def markdown(results: dict[str, Any], rounds: int, sessions: int) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_suite  # the sibling benchmark: its naive side, helpers and machine line
+from _docs import replace_section
 
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
 
@@ -365,8 +366,8 @@ def markdown(results: dict[str, Any]) -> str:
         "isolation `process` (2 fork-mode workers, mock LM) against the naive container-per-test",
         "fixture in the same run.",
         "",
-        f"Machine: {bench_suite.machine()}. Date: {time.strftime('%Y-%m-%d')}. Shared with other",
-        f"engineers' runs: load average (1 min) {l0[0]:.1f} → {l1[0]:.1f} during the latency part,",
+        f"Machine: {bench_suite.machine()}. Date: {time.strftime('%Y-%m-%d')}. Load average (1 min;",
+        f"2 cores: above 2 other work competes) {l0[0]:.1f} → {l1[0]:.1f} during the latency part,",
         f"{s['load_before'][0]:.1f} → {s['load_after'][0]:.1f} during the suite.",
         "",
         "| connect → first `ping` reply, ms | p50 | p99 | min |",
@@ -459,14 +460,7 @@ def hop_rows(cont: dict[str, Any]) -> list[str]:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:

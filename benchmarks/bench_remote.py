@@ -45,6 +45,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Remote engines (issue 13)"
 sys.path.insert(0, str(ROOT / "tests" / "runtime" / "engine"))
 
+from _docs import replace_section  # noqa: E402 - run as a script: this folder is on sys.path
 from namespaced import RemoteEngine, missing_tools, namespaced_engine  # noqa: E402
 
 from provisioner.runtime import images  # noqa: E402
@@ -211,14 +212,7 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ SECTION = "## provision run heals its run"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_suite  # noqa: E402 - the sibling benchmark's machine line
+from _docs import replace_section  # noqa: E402 - run as a script: this folder is on sys.path
 
 from provisioner.runtime.engine import open_runtime  # noqa: E402
 from provisioner.runtime.health import heal_deployment  # noqa: E402
@@ -155,14 +156,7 @@ def render(r: dict[str, object]) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:

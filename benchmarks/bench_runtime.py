@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _docs import replace_section
+
 from provisioner.bridge.client import BridgeClient
 from provisioner.layers import get_layer
 from provisioner.runtime import labels as L
@@ -268,14 +270,7 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from _docs import replace_section
 from pytest_split import algorithms
 
 from provisioner.history.merge import merge_reports, write_merged
@@ -121,14 +122,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> int:

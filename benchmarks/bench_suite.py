@@ -54,6 +54,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _docs import replace_section  # run as a script: this folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Per-test overhead (pooled suite)"
@@ -525,8 +527,8 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
         "last teardown.",
         "The two sides alternate order each round. See the script's docstring for details.",
         "",
-        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. The machine was shared with other",
-        "engineers' test runs and containers; load average (1 min) before → after each round: "
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Load average (1 min; 2 cores: above 2",
+        "other work competes) before → after each round: "
         + "; ".join(loads(r) for r in rounds) + f". {n} rounds, figures per round separated by /.",
         "",
         "| per test, ms | provisioner (pooled, `isolated`) | naive testcontainers |",
@@ -558,14 +560,7 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
 
 
 def write_docs(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, _, rest = doc.partition(SECTION)
-        tail = rest.split("\n## ", 1)
-        doc = head + text + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
+    replace_section(DOC, SECTION, text)
 
 
 def main() -> None:
