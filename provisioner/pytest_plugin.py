@@ -59,6 +59,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _split_label(config: pytest.Config) -> str | None:
+    """"GROUP/SPLITS" when pytest-split runs one group of the suite (its --group and --splits)."""
+    splits, group = config.getoption("splits", None), config.getoption("group", None)
+    return f"{group}/{splits}" if splits is not None and group is not None else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads --maxfail
 def pytest_configure(config: pytest.Config) -> None:
     try:
@@ -69,6 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
             report_path=config.getoption("provision_report"),
             require_key=config.getoption("provision_require_key"),
             shards=config.getoption("splits", None),  # pytest-split's, when installed: lm.shards
+            shard=_split_label(config),
             project_dir=config.rootpath,
             invocation_dir=config.invocation_params.dir,
             workerinput=getattr(config, "workerinput", None),

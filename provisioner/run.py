@@ -47,6 +47,9 @@ class RunOptions:
     # How many shards the suite is split into (pytest-split's --splits): sets lm.shards, so this
     # shard enforces its share of the run's cost and rate limits.
     shards: int | None = None
+    # This shard's label in the run history when PROVISION_SHARD is not set: "GROUP/SPLITS" from
+    # pytest-split's --group/--splits.
+    shard: str | None = None
 
     def __post_init__(self) -> None:
         if self.lm_mode is not None and self.lm_mode not in LM_MODES:

@@ -232,13 +232,16 @@ def ci_identity(environ: Mapping[str, str] | None = None) -> tuple[str | None, s
 
 def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str], exit_status: int,
             tests: Iterable[TestRow], retained: Iterable[str] = (), cost_usd: float | None = None,
-            list_cost_usd: float | None = None, finished_at: str | None = None) -> RunRow:
+            list_cost_usd: float | None = None, finished_at: str | None = None,
+            shard: str | None = None) -> RunRow:
     """A run row with totals over ``tests``. ``cost_usd``/``list_cost_usd``: the run ledger's totals
-    when there is one (they also count calls outside any test); otherwise the tests' sums."""
+    when there is one (they also count calls outside any test); otherwise the tests' sums.
+    ``shard``: the shard's label when ``PROVISION_SHARD`` does not set one (pytest-split's group)."""
     rows = list(tests)
     finished = finished_at or now_iso()
     revision, branch = git_revision(project_dir)
-    ci_job, shard = ci_identity()
+    ci_job, shard_of_ci = ci_identity()
+    shard = shard_of_ci or shard
     counts = {k: sum(1 for r in rows if r["outcome"] == k) for k in TEST_OUTCOMES}
     duration = (_dt.datetime.fromisoformat(finished) - _dt.datetime.fromisoformat(started_at)).total_seconds()
     return RunRow(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class ProvisionRun:
         self.layer: Layer = resolved.layer
         self.layer_names: list[str] = list(resolve_layers(resolved.settings))
         self.report_path = options.report_path
+        self.shard = options.shard
         self._used = options.report_path is not None
         self._closed = False
         self._worker_reports: list[ProcessReport] = []
@@ -179,12 +181,14 @@ class ProvisionRun:
         project_dir: Path,
         require_key: bool = False,
         shards: int | None = None,
+        shard: str | None = None,
         invocation_dir: Path,
         workerinput: Mapping[str, Any] | None,
     ) -> ProvisionRun:
-        path = None if report_path is None else (invocation_dir / report_path).absolute()
+        # abspath, not Path.absolute: "../s2/unit.json" is said and written as /…/s2/unit.json.
+        path = None if report_path is None else Path(os.path.abspath(invocation_dir / report_path))
         options = RunOptions(layer=layer, lm_mode=lm_mode, record_mode=record_mode, report_path=path,
-                             require_key=require_key, shards=shards)
+                             require_key=require_key, shards=shards, shard=shard)
         project = project_dir.absolute()
         up_run = None
         if workerinput is not None and _WORKERINPUT_RUN_ID in workerinput:
@@ -424,7 +428,7 @@ class ProvisionRun:
         run = run_row(run_id=self.identity.run_id, started_at=self.started_at, project_dir=self.project_dir,
                       layers=[self.layer.name], exit_status=self.exit_status, tests=tests, retained=retained,
                       cost_usd=None if ledger is None else ledger.cost_usd,
-                      list_cost_usd=None if ledger is None else ledger.list_cost_usd)
+                      list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard)
         report.history_run = dict(run)
         if not self._used or not tests:
             return

@@ -247,3 +247,29 @@ def test_a_test_that_passed_on_a_rerun_is_one_row_with_its_reruns_and_flaky(
     found = flaky_tests([run], list(rows.values()))  # type: ignore[arg-type]
     assert [(f.node_id, f.reasons) for f in found] == [("test_rerun.py::test_passes_on_rerun",
                                                         ["passed on rerun in 1 run"])]
+
+
+def test_a_pytest_split_group_is_its_runs_shard_and_the_report_path_is_normalised(
+    pytester: pytest.Pytester,
+) -> None:
+    """A user's trial: rows of `pytest --splits 2 --group 1` had shard None (the plugin knew the split:
+    it gave the shard half the run's limits), and `--provision-report ../s2/unit.json` was said as
+    `…/proj/../s2/unit.json`. PROVISION_SHARD, when set, still names the shard."""
+    for name in [k for k in os.environ if k.startswith("PROVISION_") or k.startswith("GITHUB_")]:
+        pytester._monkeypatch.delenv(name)
+    project = pytester.mkdir("proj")
+    (project / "pyproject.toml").write_text("[project]\nname = 'split'\n")
+    (project / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    pytester.chdir()
+    os.chdir(project)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--splits", "2", "--group", "1",
+                                           "--provision-report", "../s2/unit.json")
+    result.assert_outcomes(passed=1)
+    written = (pytester.path / "s2" / "unit.json").resolve()
+    result.stdout.fnmatch_lines([f"report written to {written}"])
+    assert json.loads(written.read_text())["run"]["shard"] == "1/2"
+    pytester._monkeypatch.setenv("PROVISION_SHARD", "unit-py3.11")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--splits", "2", "--group", "2",
+                                           "--provision-report", "../s2/unit.json")
+    result.assert_outcomes(passed=1)
+    assert json.loads(written.read_text())["run"]["shard"] == "unit-py3.11"
