@@ -662,3 +662,14 @@ def test_lm_fixture_that_cannot_build_fails_in_one_line(project: pytest.Pytester
     out = result.stdout.str()
     assert "provisioner: lm fixture: lm.api_key is not set" in out
     assert "def lm(" not in out and "raised in repr" not in out  # no traceback of the plugin
+
+
+def test_an_interrupted_session_says_so_in_the_summary(project: pytest.Pytester) -> None:
+    """A user's Ctrl-C of `pytest -n 2` got "layer integration: 0 tests (none run)" and "workers
+    started: 0" with no word that the counts stop at the interrupt."""
+    project.makepyfile(test_stop="def test_done(lm):\n    pass\n\n"
+                                 "def test_ctrl_c():\n    raise KeyboardInterrupt\n")
+    result = project.runpytest_subprocess("--layer", "unit", "-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["interrupted (Ctrl-C): the counts below are what finished before it*",
+                                 "*layer unit: 1 tests (1 passed)*"])

@@ -41,6 +41,7 @@ Item = TypeVar("Item")
 
 WORKEROUTPUT_KEY = "provisioner_report"
 REPORT_KEY = "provisioner_run"
+_INTERRUPTED = 2  # pytest.ExitCode.INTERRUPTED (this module does not import pytest)
 _WORKERINPUT_RUN_ID = "provision_run_id"
 _WORKERINPUT_RUN_DIR = "provision_run_dir"
 _WORKERINPUT_IMAGE = "provision_image"
@@ -229,6 +230,9 @@ class ProvisionRun:
         calls, whether the session attached to a running ``provision up`` run or why it started its
         own, then the report's lines."""
         lines = [f"LM: {self.environment.lm_endpoint}"]
+        if self.exit_status == _INTERRUPTED:
+            lines.append("interrupted (Ctrl-C): the counts below are what finished before it; under "
+                         "xdist, tests and workers of processes that did not report are missing")
         state = self.up_match.state
         if state is not None:
             lines.append(f"attached to run {state.run_id}; this session left it running")
