@@ -1154,6 +1154,9 @@ class _Refuser:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._incoming: collections.deque[socket.socket] = collections.deque()
         self._deadlines: dict[socket.socket, float] = {}
+        # Guards the count of refusals (incoming + draining) against the hand-over between the two:
+        # unlocked, a socket between popleft() and its deadline was in neither, and the cap let one more in.
+        self._count_lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="bridge-refuser", daemon=True)
         self._thread.start()
@@ -1166,10 +1169,13 @@ class _Refuser:
         except OSError:
             sock.close()
             return
-        if self._stopped or len(self._incoming) + len(self._deadlines) >= _MAX_REFUSING:
+        with self._count_lock:
+            admitted = not self._stopped and len(self._incoming) + len(self._deadlines) < _MAX_REFUSING
+            if admitted:
+                self._incoming.append(sock)
+        if not admitted:
             sock.close()
             return
-        self._incoming.append(sock)
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
@@ -1182,10 +1188,11 @@ class _Refuser:
     def _loop(self) -> None:
         try:
             while not self._stopped:
-                while self._incoming:
-                    sock = self._incoming.popleft()
-                    self._deadlines[sock] = time.monotonic() + _REFUSE_DRAIN_S
-                    self._selector.register(sock, selectors.EVENT_READ)
+                with self._count_lock:
+                    while self._incoming:
+                        sock = self._incoming.popleft()
+                        self._deadlines[sock] = time.monotonic() + _REFUSE_DRAIN_S
+                        self._selector.register(sock, selectors.EVENT_READ)
                 timeout = None
                 if self._deadlines:
                     timeout = max(0.0, min(self._deadlines.values()) - time.monotonic())
@@ -1209,15 +1216,19 @@ class _Refuser:
         finally:
             for sock in list(self._deadlines):
                 self._drop(sock)
-            while self._incoming:
-                self._incoming.popleft().close()
+            with self._count_lock:
+                left = list(self._incoming)
+                self._incoming.clear()
+            for sock in left:
+                sock.close()
             self._selector.close()
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
     def _drop(self, sock: socket.socket) -> None:
-        self._deadlines.pop(sock, None)
+        with self._count_lock:
+            self._deadlines.pop(sock, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         sock.close()
