@@ -28,6 +28,7 @@ from provisioner.factories import ProgramFactory
 from provisioner.run import RunIdentity, RunOptions
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import FakeRuntime
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import NetworkRecipe
 from provisioner.testing.plugin_state import ProvisionRun
 from provisioner.testing.progress import Phases
@@ -476,6 +477,8 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
             refused(test.adapter, "inside-window")
             until = time.time()
             refused(test.adapter, "after-window")
+            # Every line is in the engine's log once the last one is (it stores output as it reads it).
+            poll_until(lambda: "after-window" in env.worker_log(test, 0.0).text, 30, 0.05)
             window = env.worker_log(test, since, until)
             assert window.worker in env.worker_names() and window.worker.startswith("prov-")
             assert "inside-window" in window.text, window
@@ -488,6 +491,9 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
             assert len(newest.lines) == 1 and newest.omitted > 0
         with env.dedicated_worker("logs") as worker:
             refused(worker.session("mine"), "dedicated-window")
+            # The engine stores a container's output as it reads it: the refusal's line may land a
+            # moment after the reply (it was missing once under a full suite's load).
+            poll_until(lambda: "dedicated-window" in env.worker_log(worker, 0.0).text, 30, 0.05)
             own = env.worker_log(worker, 0.0)
             assert own.worker == worker.name and "dedicated-window" in own.text
             assert "bridge worker listening" in own.text and "inside-window" not in own.text
