@@ -305,6 +305,12 @@ class Environment:
         each line's own timestamp; ``until`` None: now. ``tail``: only the newest ``tail`` lines of
         the window (None: all).
 
+        The engine stamps a line when it reads it from the container, usually a few milliseconds
+        after the worker wrote it — sometimes after the reply to the request that caused it reached
+        you. A line written just before ``until`` can therefore carry a stamp just after it, and a
+        window ending "now" can miss a line still in flight: to catch everything a block of your
+        code caused, read the window again a moment later, or poll until a line you expect is there.
+
         Returns a :class:`~provisioner.runtime.logs.WorkerLogWindow`: ``worker`` (container name),
         ``since``, ``until`` (seconds), ``lines`` (tuple of str, oldest first, no line ends),
         ``omitted`` (lines ``tail`` left out), ``text`` (the lines joined).
