@@ -176,7 +176,11 @@ def installed_package(root: Path | None = None) -> PackageSource:
         metadata = dist.read_text("METADATA")
         if metadata:
             return PackageSource(
-                root, dist.metadata["Name"], dist.version, metadata, dist.read_text("entry_points.txt") or ""
+                root,
+                dist.metadata["Name"],
+                dist.version,
+                metadata_headers(metadata),
+                dist.read_text("entry_points.txt") or "",
             )
     pyproject = root.parent / "pyproject.toml"
     if pyproject.is_file():
@@ -186,6 +190,32 @@ def installed_package(root: Path | None = None) -> PackageSource:
         f"is not installed and there is no pyproject.toml beside {root}; install it "
         f"(`pip install {DIST_NAME}`, or `pip install -e .` in a checkout)"
     )
+
+
+_NOT_CONTENT = ("description:", "description-content-type:")
+
+
+def metadata_headers(metadata: str) -> str:
+    """``METADATA`` without its long description (the body and a ``Description:`` header).
+
+    The long description is the README *as it was when pip installed the distribution*: an
+    editable install keeps that copy while the checkout's README moves on, so the same commit in
+    /work/main (installed hours ago) and in a fresh clone hashed to two worker tags, and each
+    clone built its own image. The worker never reads it; the headers (name, version,
+    requirements) are what the wheel in the image needs.
+    """
+    head = metadata.replace("\r\n", "\n").split("\n\n", 1)[0]
+    kept: list[str] = []
+    skipping = False
+    for line in head.splitlines():
+        if line[:1] in (" ", "\t"):  # a continuation of the header above
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.lower().startswith(_NOT_CONTENT)
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 def _from_pyproject(root: Path, pyproject: Path) -> PackageSource:

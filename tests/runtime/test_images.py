@@ -386,3 +386,26 @@ def test_a_send_that_leaves_another_image_is_an_error(offline_build: None) -> No
     remote.load = lambda archive: [remote.add_image("team/worker:1", {"v": "other"})]  # type: ignore[method-assign]
     with pytest.raises(ImageError, match="did not leave the same image there"):
         images.transfer_image(local, remote, "team/worker:1")
+
+
+def test_the_worker_tag_does_not_depend_on_the_readme_pip_copied_at_install_time(tmp_path: Path) -> None:
+    """/work/main (editable install made hours before) and a fresh clone of the same commit hashed to
+    two tags: METADATA carries the README as it was at install time. The tag follows content only."""
+    package = _package(tmp_path)
+    headers = package.metadata
+    installed_then = headers + "Description-Content-Type: text/markdown\n\n# README\nold text\n"
+    installed_now = headers + "Description-Content-Type: text/markdown\n\n# README\nnew text\n"
+    old_style = headers.replace("Name:", "Description: line one\n        |line two\nName:")
+    forms = {images.metadata_headers(text) for text in (installed_then, installed_now, old_style, headers)}
+    assert forms == {headers}
+    hashes = {
+        images.worker_image_hash(
+            "sha256:base", images.PackageSource(package.root, package.name, "9.9", form, package.entry_points)
+        )
+        for form in forms
+    }
+    assert len(hashes) == 1
+    # What the host's installed_package() hands on carries no description either.
+    installed = images.installed_package()
+    assert installed.metadata == images.metadata_headers(installed.metadata)
+    assert "\n\n" not in installed.metadata.strip() and "Requires-Dist:" in installed.metadata
