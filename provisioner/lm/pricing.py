@@ -94,6 +94,13 @@ def worst_case_usd(price: ModelPrice, prompt_tokens_upper_bound: int, max_output
     return dollars / 1_000_000
 
 
+def format_cost(value: float) -> str:
+    """A dollar amount the run computed (a run's or a test's cost, a forecast) at a fixed precision
+    that lines up in tables: six decimals below a cent ("$0.000030"), four from a cent up
+    ("$0.2500"), "$0.0000" for nothing spent. :func:`format_usd` is for amounts people set."""
+    return f"${value:.6f}" if 0 < value < 0.01 else f"${value:.4f}"
+
+
 def format_usd(value: float) -> str:
     """A dollar amount people set (a cost limit, a monthly budget) as they set it: never rounded to
     ``$0`` when it is not zero. At least two decimals ("$0.25", "$10.00"), up to four at a cent and

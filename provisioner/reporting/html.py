@@ -17,6 +17,7 @@ from pathlib import Path
 from provisioner._files import atomic_write
 from provisioner.history.analysis import TestSummary
 from provisioner.history.store import RunRow, TestRow
+from provisioner.lm.pricing import format_cost as _usd
 from provisioner.reporting.dashboard import Dashboard, pass_rate
 
 PAGE_FILE = "index.html"
@@ -50,10 +51,6 @@ _MARK = {
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _usd(value: float) -> str:
-    return f"${value:.6f}" if 0 < value < 0.01 else f"${value:.4f}"
 
 
 def _table(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from provisioner.history.merge import MergedRun
+from provisioner.lm.pricing import format_cost as _usd
 from provisioner.reporting.dashboard import Dashboard, pass_rate
 
 
@@ -19,10 +20,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str
     if not body:
         return ["_none_"]
     return [f"| {' | '.join(headers)} |", f"|{'|'.join('---' for _ in headers)}|", *body]
-
-
-def _usd(value: float) -> str:
-    return f"${value:.6f}" if 0 < value < 0.01 else f"${value:.4f}"
 
 
 def render(board: Dashboard, *, top: int = 10) -> str:

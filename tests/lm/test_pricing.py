@@ -43,3 +43,15 @@ def test_configured_price_wins_and_prefixes_are_ignored() -> None:
 def test_a_limit_people_set_is_shown_as_set_and_never_as_zero(value: float, text: str) -> None:
     """``lm.cost_limit_usd = 0.000005`` showed as "$0.0000" in the refusal and "$0.00" in the summary."""
     assert format_usd(value) == text
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (0.0, "$0.0000"), (0.00003, "$0.000030"), (0.009876, "$0.009876"), (0.01, "$0.0100"), (2.5, "$2.5000"),
+])
+def test_a_computed_cost_has_one_format_on_the_page_and_in_the_markdown(value: float, text: str) -> None:
+    """The HTML page and the Markdown summary each had an identical copy of this rule; now both use it."""
+    from provisioner.lm.pricing import format_cost
+    from provisioner.reporting import html, markdown
+
+    assert format_cost(value) == text
+    assert html._usd is format_cost and markdown._usd is format_cost
