@@ -32,6 +32,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "provisioner.errors": ("provisioner.", "dspy", "docker", "pytest"),
     # Shared file helpers (atomic writes, flock): stdlib only, below everything.
     "provisioner._files": ("provisioner.", "dspy", "docker", "pytest"),
+    # Surviving accept() failures (bridge servers, Gemini stand-in, fake relay): stdlib only.
+    "provisioner._accept": ("provisioner.", "dspy", "docker", "pytest"),
     "provisioner.lmconfig": _ABOVE_THE_BOTTOM,
     "provisioner.settings": _ABOVE_THE_BOTTOM,
     "provisioner.layers": _ABOVE_THE_BOTTOM,

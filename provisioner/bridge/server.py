@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -54,6 +53,9 @@ from typing import Any, BinaryIO, Literal, cast
 
 from pydantic import ValidationError
 
+from provisioner._accept import ACCEPT_BACKOFF_S as ACCEPT_BACKOFF_S  # re-exported (forking, tests)
+from provisioner._accept import ACCEPT_EXHAUSTED as ACCEPT_EXHAUSTED
+from provisioner._accept import AcceptBackoff as AcceptBackoff
 from provisioner._files import atomic_write
 from provisioner.bridge.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -90,11 +92,6 @@ _REFUSE_DRAIN_S = 1.0
 # DSPex-style client (one connection, many sessions) gets other sessions' requests past one
 # session's backlog; each waiting execution also holds its input in max_inflight_bytes.
 _MAX_QUEUED_PER_CONNECTION = 64
-# accept(2) errors that mean "no descriptor or memory for a new socket now". The connection stays
-# queued, so the listener stays readable: retrying at once spins (issue 14, item 7).
-ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Back-off between accept attempts while even the reserve descriptor cannot be had (seconds).
-ACCEPT_BACKOFF_S = (0.01, 1.0)
 
 
 def default_max_inflight_per_session(max_inflight: int) -> int:
@@ -280,36 +277,6 @@ class DescriptorReserve:
             sock.close()
         self.take()
         return True
-
-
-class AcceptBackoff:
-    """Doubling waits between accept attempts while descriptors are exhausted; reset on success.
-
-    ``wait(seconds)`` does the waiting (the server waits on its wake-up pipe, so a stop still
-    interrupts it). Logs one warning per episode, not one per attempt."""
-
-    def __init__(self, what: str, wait: Callable[[float], None]) -> None:
-        self.what = what
-        self._wait = wait
-        self._delay = 0.0
-        self.episodes = 0
-
-    def failed(self, exc: OSError, refused: bool) -> None:
-        """After an exhausted accept: ``refused`` says whether the reserve refused a connection."""
-        if self._delay == 0.0:
-            self.episodes += 1
-            log.warning("%s: out of file descriptors (%s); refusing new connections until some close",
-                        self.what, exc)
-        if refused:
-            self._delay = self._delay or ACCEPT_BACKOFF_S[0]
-            return  # progress was made: the queued connection got its answer
-        self._delay = min(ACCEPT_BACKOFF_S[1], max(ACCEPT_BACKOFF_S[0], self._delay * 2))
-        self._wait(self._delay)
-
-    def succeeded(self) -> None:
-        if self._delay:
-            log.info("%s: accepting connections again", self.what)
-        self._delay = 0.0
 
 
 class _Connection:
@@ -728,7 +695,7 @@ class BridgeServer:
         selector.register(self._listener, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         reserve = DescriptorReserve()
-        backoff = AcceptBackoff(f"worker {self.service.worker_id}", self._wait_for_wake)
+        backoff = AcceptBackoff(f"worker {self.service.worker_id}", self._wait_for_wake, log)
         try:
             while not self.stop_requested.is_set():
                 for key, _ in selector.select():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import re
 import threading
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from provisioner._accept import ACCEPT_EXHAUSTED, AcceptBackoff
 from provisioner._files import atomic_write
 from provisioner.lm.mock import MockEngine
 from provisioner.lm.signature import parse_prompt
@@ -48,6 +50,40 @@ from provisioner.reprs import safe_repr
 READY_LINE = "PROVISION_STANDIN_READY"
 _ROUTE = re.compile(r"^/(?P<version>v1|v1beta|v1alpha)/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$")
 _MAX_BODY = 32 * 1024 * 1024
+
+
+log = logging.getLogger(__name__)
+
+
+class _Server(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` that survives running out of descriptors.
+
+    socketserver's loop swallows an ``accept()`` error and selects again; with EMFILE the
+    connection stays queued and the listener readable, so it spun at 100 % CPU until descriptors
+    came back. Here the accept backs off (10 ms doubling to 1 s, reset on success), and
+    :meth:`shutdown` still ends a wait at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._stopping = threading.Event()
+        self.backoff = AcceptBackoff(f"Gemini stand-in on port {self.server_address[1]}",
+                                     self._stopping.wait, log)
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            request = super().get_request()
+        except OSError as exc:
+            if exc.errno in ACCEPT_EXHAUSTED:
+                self.backoff.failed(exc, refused=False)
+            raise  # socketserver ignores it and selects again
+        self.backoff.succeeded()
+        return request
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
 
 @dataclass
@@ -124,7 +160,7 @@ class GeminiStandin:
         self._requested_port = port
         self._state = _State(api_key, wrong_key_status, latency_ms, thoughts_tokens, cached_tokens)
         self._mock = mock or MockEngine(count_calls=False)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @safe_repr
@@ -137,8 +173,7 @@ class GeminiStandin:
         if self._server is not None:
             return self
         handler = _make_handler(self._state, self._mock)
-        self._server = ThreadingHTTPServer((self.host, self._requested_port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self._requested_port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="gemini-standin", daemon=True)
         self._thread.start()

@@ -19,17 +19,21 @@ shutdown — simple to make deterministic in tests, and the connection counts ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from provisioner._accept import ACCEPT_EXHAUSTED, AcceptBackoff
 from provisioner.errors import RuntimeProblem
 from provisioner.runtime.recipes import RELAY_SCRIPT, WORKER_PORT, ContainerRecipe
 
 LOOPBACK = "127.0.0.1"
 BUFFER = 256 * 1024
+# accept(2) on a listener that stop() or close_port() shut down or closed.
+_CLOSED = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 
 class ServedWorker:
@@ -134,11 +138,19 @@ class ServedRelay:
         thread.start()
 
     def _accept(self, listener: socket.socket, alias: str, port: int) -> None:
+        backoff = AcceptBackoff(f"fake relay on {LOOPBACK}:{listener.getsockname()[1]}", self._stopped.wait)
         while not self._stopped.is_set():
             try:
                 client, _ = listener.accept()
-            except OSError:  # closed by stop()
-                return
+            except OSError as exc:
+                if self._stopped.is_set() or listener.fileno() == -1 or exc.errno in _CLOSED:
+                    return  # closed (or shut down) by stop() or close_port()
+                if exc.errno in ACCEPT_EXHAUSTED:
+                    backoff.failed(exc, refused=False)  # the connection stays queued: wait, retry
+                # else: e.g. the peer reset before we accepted; keep serving (the real relay's
+                # asyncio loop does both)
+                continue
+            backoff.succeeded()
             target = self._resolve(alias, port)
             upstream = None
             if target is not None:
