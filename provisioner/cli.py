@@ -992,20 +992,26 @@ def history_import(reports: tuple[Path, ...]) -> None:
 @click.option("--summary", "summary", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help='append the Markdown summary (one row per merged run, one cost total) to this file, '
                    'e.g. "$GITHUB_STEP_SUMMARY"')
+@click.option("--allow-partial", is_flag=True,
+              help="merge even when a shard of the split (pytest-split's i/N) has no report; "
+                   "the merged run records which are missing")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, as_json: bool) -> None:
+def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, allow_partial: bool,
+                  as_json: bool) -> None:
     """Merge CI shards' --provision-report files into one run per suite.
 
     PATHS are report files or folders (searched for *.json, e.g. the downloaded artifacts); reports
     with the same file name are the shards of one suite and become OUT/<name>: their tests, one cost
-    total. Import those (not the shards) with `provision history import`.
+    total. Import those (not the shards) with `provision history import`. A split suite whose
+    shards (pytest-split's i/N) are not all there is refused naming the missing ones, unless
+    --allow-partial.
     """
     from provisioner.errors import HistoryError
     from provisioner.history.merge import merge_reports, write_merged
     from provisioner.reporting.markdown import render_merged
 
     try:
-        merged = merge_reports(paths)
+        merged = merge_reports(paths, allow_partial=allow_partial)
         written = write_merged(merged, out_dir)
     except HistoryError as exc:
         raise click.ClickException(str(exc)) from None
@@ -1015,13 +1021,15 @@ def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, 
     if as_json:
         click.echo(json.dumps([{"report": str(path), "run_id": m.run["run_id"], "shards": len(m.shards),
                                 "tests": m.run["tests"], "cost_usd": m.run["cost_usd"],
-                                "list_cost_usd": m.run["list_cost_usd"]}
+                                "list_cost_usd": m.run["list_cost_usd"], "missing_shards": m.missing}
                                for m, path in zip(merged, written, strict=True)], indent=2))
         return
     for m, path in zip(merged, written, strict=True):
         click.echo(f"merged {len(m.shards)} shard{'s' if len(m.shards) != 1 else ''} into {path}: run "
                    f"{m.run['run_id']}, {m.run['tests']} tests, ${m.run['cost_usd']:.6f} billed "
-                   f"(${m.run['list_cost_usd']:.6f} at list prices)")
+                   f"(${m.run['list_cost_usd']:.6f} at list prices)"
+                   + (f"; PARTIAL: shard{'s' if len(m.missing) > 1 else ''} {', '.join(m.missing)} missing"
+                      if m.missing else ""))
 
 
 @history.command("prune")

@@ -24,13 +24,23 @@ The merged run row (:class:`~provisioner.history.store.RunRow`):
 
 Test rows keep everything but their ``run_id``. A node id in two shards of one group is refused:
 the reports are then not shards of one suite (two matrix legs, or one shard downloaded twice).
+
+**All N shards, or say which are missing.** A shard knows its part of the split: the report's
+``split`` (``{"group": i, "splits": N}``, written by the pytest plugin from pytest-split's
+``--group``/``--splits`` whatever ``PROVISION_SHARD`` calls the shard) or a shard label ``"i/N"``.
+A merge of 2 of 3 is refused naming the missing group (a shard job that died before writing its
+report would otherwise vanish from the run's tests and cost); ``allow_partial`` merges what is
+there and records the missing groups (``MergedRun.missing``, ``"missing_shards"`` in the merged
+report, and the run row's ``shard`` text). Reports without split information are merged unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +85,8 @@ class MergedRun:
     run: RunRow
     tests: list[TestRow]
     shards: list[ShardInfo]
+    # "i/N" of each shard of the split that was not given (only with allow_partial)
+    missing: list[str] = dataclasses.field(default_factory=list)
 
     def as_report(self) -> dict[str, Any]:
         """The merged ``--provision-report`` document: ``run`` and ``tests`` as a shard's (what
@@ -90,6 +102,7 @@ class MergedRun:
             "run": self.run,
             "tests": self.tests,
             "shards": self.shards,
+            **({"missing_shards": self.missing} if self.missing else {}),
         }
 
 
@@ -167,15 +180,77 @@ def _exit_status(statuses: Sequence[int]) -> int:
     return max(ran) if ran else NO_TESTS_COLLECTED
 
 
-def merge_shards(name: str, shards: Sequence[ShardReport]) -> MergedRun:
+_SPLIT_LABEL = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def split_of_label(label: str | None) -> dict[str, int] | None:
+    """``{"group": i, "splits": N}`` for a shard label ``"i/N"`` (1 ≤ i ≤ N); None for any other."""
+    match = _SPLIT_LABEL.match(label or "")
+    if not match:
+        return None
+    group, splits = int(match[1]), int(match[2])
+    return {"group": group, "splits": splits} if 1 <= group <= splits else None
+
+
+def _split_of(shard: ShardReport) -> tuple[int, int] | None:
+    split = shard.document.get("split")
+    if isinstance(split, dict):
+        group, splits = split.get("group"), split.get("splits")
+        if isinstance(group, int) and isinstance(splits, int):
+            return group, splits
+    parsed = split_of_label(shard.run["shard"])
+    return None if parsed is None else (parsed["group"], parsed["splits"])
+
+
+def missing_shards(name: str, shards: Sequence[ShardReport]) -> list[str]:
+    """The ``"i/N"`` labels of the groups of a split suite that are not among ``shards`` ([] when
+    all are, or when the reports carry no split information).
+
+    Raises:
+        HistoryError: some reports know their split and others do not, the reports disagree on N,
+            or two reports are the same group (each message names the files).
+    """
+    splits = {s.source: _split_of(s) for s in shards}
+    known = {source: split for source, split in splits.items() if split is not None}
+    if not known:
+        return []
+    if len(known) < len(shards):
+        unknown = ", ".join(str(source) for source, split in splits.items() if split is None)
+        raise HistoryError(f"{name}: {unknown} does not say which shard it is (no \"split\" in the report, "
+                           "no \"i/N\" shard label) while the others do — is it a report of another run?")
+    totals = {n for _group, n in known.values()}
+    if len(totals) > 1:
+        where = "; ".join(f"{source}: {g}/{n}" for source, (g, n) in known.items())
+        raise HistoryError(f"{name}: the shards were split differently ({where}); merge the shards of one "
+                           "run (one --splits) together")
+    (total,) = totals
+    seen: dict[int, Path] = {}
+    for source, (group, _n) in known.items():
+        if group in seen:
+            raise HistoryError(f"{name}: shard {group}/{total} is in {seen[group]} and in {source} — the "
+                               "same shard twice (two runs of the same group?)")
+        seen[group] = source
+    return [f"{group}/{total}" for group in range(1, total + 1) if group not in seen]
+
+
+def merge_shards(name: str, shards: Sequence[ShardReport], *, allow_partial: bool = False) -> MergedRun:
     """The shards of one suite as one run (see the module docstring for every field).
 
     Raises:
         HistoryError: no shards; the shards disagree on project, revision or branch; one run id
-            appears twice; a node id is in two shards (the message names both files).
+            appears twice; a node id is in two shards (the message names both files); a shard of
+            the split is missing and ``allow_partial`` is False (the message names it); see
+            :func:`missing_shards`.
     """
     if not shards:
         raise HistoryError(f"{name}: no shard reports to merge")
+    missing = missing_shards(name, shards)
+    if missing and not allow_partial:
+        have = ", ".join(f"{'/'.join(map(str, _split_of(s) or ()))} ({s.source})" for s in shards)
+        raise HistoryError(
+            f"{name}: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing — merged would be "
+            f"only {have}. Its tests and cost would be left out of the run: find why that shard job wrote "
+            "no report (or re-run it), or pass --allow-partial to merge what is there and record the gap")
     for field in ("project", "revision", "branch"):
         _one(shards, field, name)
     seen_runs: dict[str, Path] = {}
@@ -206,7 +281,8 @@ def merge_shards(name: str, shards: Sequence[ShardReport]) -> MergedRun:
         project=first["project"], revision=first["revision"], branch=first["branch"],
         host=_distinct(r["host"] for r in runs) or first["host"],
         ci_job=_distinct(r["ci_job"] for r in runs),
-        shard=f"{len(shards)} shards: " + ", ".join(r["shard"] or r["run_id"] for r in runs),
+        shard=f"{len(shards)} shards: " + ", ".join(r["shard"] or r["run_id"] for r in runs)
+        + (f" ({', '.join(missing)} missing)" if missing else ""),
         layers=list(dict.fromkeys(layer for r in runs for layer in r["layers"])),
         exit_status=_exit_status([r["exit_status"] for r in runs]), tests=len(tests),
         passed=counts["passed"], failed=counts["failed"], error=counts["error"], skipped=counts["skipped"],
@@ -220,10 +296,10 @@ def merge_shards(name: str, shards: Sequence[ShardReport]) -> MergedRun:
                        exit_status=s.run["exit_status"], tests=len(s.tests), cost_usd=s.run["cost_usd"],
                        list_cost_usd=s.run["list_cost_usd"], layers=s.document.get("layers") or {})
              for s in shards]
-    return MergedRun(name=name, run=run, tests=tests, shards=infos)
+    return MergedRun(name=name, run=run, tests=tests, shards=infos, missing=missing)
 
 
-def merge_reports(paths: Iterable[Path]) -> list[MergedRun]:
+def merge_reports(paths: Iterable[Path], *, allow_partial: bool = False) -> list[MergedRun]:
     """Every suite's shards under ``paths`` (files or folders), merged: one :class:`MergedRun` per
     report file name. Every file is read and every group checked before anything is returned, so a
     bad file means no merged run at all (the caller writes nothing).
@@ -232,7 +308,8 @@ def merge_reports(paths: Iterable[Path]) -> list[MergedRun]:
         HistoryError: see :func:`find_reports`, :func:`read_shard` and :func:`merge_shards`.
     """
     reports = [read_shard(p) for p in find_reports(list(paths))]
-    return [merge_shards(name, members) for name, members in group_by_name(reports).items()]
+    return [merge_shards(name, members, allow_partial=allow_partial)
+            for name, members in group_by_name(reports).items()]
 
 
 def write_merged(merged: Sequence[MergedRun], out_dir: Path) -> list[Path]:

@@ -76,6 +76,10 @@ def render_merged(merged: Sequence[MergedRun]) -> str:
         ([f"`{m.name}`", f"`{m.run['run_id']}`", len(m.shards), m.run["tests"], m.run["passed"],
           m.run["failed"], m.run["error"], m.run["skipped"], f"{m.run['duration_s']:.1f}", m.run["lm_calls"],
           _usd(m.run["cost_usd"]), _usd(m.run["list_cost_usd"])] for m in merged))
+    for m in merged:
+        if m.missing:
+            lines += ["", f"**Partial: `{m.name}` is missing shard{'s' if len(m.missing) > 1 else ''} "
+                          f"{', '.join(m.missing)}** — their tests and cost are not in this run."]
     total = {k: sum(r[k] for r in runs) for k in
              ("tests", "passed", "failed", "error", "skipped", "lm_calls", "cost_usd", "list_cost_usd")}
     lines += ["", f"**Total: {total['tests']} tests ({total['passed']} passed, {total['failed']} failed, "

@@ -417,6 +417,7 @@ class ProvisionRun:
         import warnings
 
         from provisioner.errors import HistoryError
+        from provisioner.history.merge import split_of_label
         from provisioner.history.rows import apply_ledger, run_row
         from provisioner.history.store import HISTORY_FILE, History
         from provisioner.lm.ledger import usage_by_test
@@ -434,6 +435,7 @@ class ProvisionRun:
                       cost_usd=None if ledger is None else ledger.cost_usd,
                       list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard)
         report.history_run = dict(run)
+        report.split = split_of_label(self.shard)
         if not self._used or not tests:
             return
         try:

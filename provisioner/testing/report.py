@@ -69,6 +69,9 @@ class RunReport:
     # The run's history rows (provisioner.history.store.RunRow / TestRow, as plain dicts)
     history_run: dict[str, Any] | None = None
     tests: list[dict[str, Any]] = field(default_factory=list)
+    # This report's part of a split suite, {"group": i, "splits": N} (pytest-split's --group/--splits),
+    # whatever PROVISION_SHARD calls the shard: `provision history merge` checks that all N are there.
+    split: dict[str, int] | None = None
 
     def layer(self, name: str, lm_mode: str = "mock", cost_limit_usd: float = 0.0) -> LayerReport:
         if name not in self.layers:
@@ -101,6 +104,7 @@ class RunReport:
             "layers": {name: section.as_dict() for name, section in self.layers.items()},
             "run": self.history_run,
             "tests": self.tests,
+            **({"split": self.split} if self.split else {}),
         }
 
     def write_json(self, path: Path) -> None:
