@@ -43,6 +43,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient
@@ -162,6 +163,9 @@ class WorkerPool:
         self.demand_elsewhere: Callable[[], int] | None = None
         self.on_peak: Callable[[int], None] | None = None
         self._starting: set[int] = set()  # slots a grow thread is starting
+        # The run folder whose watchdog close() tells the run is over (set by start(): the pool
+        # started the run); None when someone else owns the run's end (the plugin, the API).
+        self.finishes_run: Path | None = None
 
     @classmethod
     def start(cls, settings: Any = None, options: Any = None, **up_kwargs: Any) -> WorkerPool:
@@ -173,16 +177,20 @@ class WorkerPool:
 
         from provisioner.runtime.lifecycle import UpOptions, up
         from provisioner.runtime.runs import settings_or_load
+        from provisioner.runtime.state import run_dir_of
 
         settings = settings_or_load(settings)
         options = dataclasses.replace(options or UpOptions(), persistent=False)
         env = up(settings, options, **up_kwargs)
-        return cls(
+        pool = cls(
             env,
             recycle_after_sessions=settings.container.recycle_after_sessions,
             recycle_after_s=settings.container.recycle_after_s,
             owns_environment=True,
         )
+        # The run is this pool's alone: close() ends it for the watchdog too (finish_run).
+        pool.finishes_run = run_dir_of(settings, env.plan.run_id).path
+        return pool
 
     # -- sessions ------------------------------------------------------------------------------------
 
@@ -671,7 +679,13 @@ class WorkerPool:
             self._monitor.join(timeout=5)
         self.wait_replacements(self.environment.ready_timeout_s + 30)
         if self.owns_environment:
-            report = self.environment.stop()
+            try:
+                report = self.environment.stop()
+            finally:
+                if self.finishes_run is not None:
+                    from provisioner.runtime.watchdog import finish_run
+
+                    finish_run(self.finishes_run)  # else it stays "running" until the watchdog reaps it
             return report if isinstance(report, CleanupReport) else None
         return None
 
