@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import CleanupError, ClosedError, ConfigError
-from provisioner.factories import new_session, set_run_id
 from provisioner.isolated import IsolatedTest
 from provisioner.layers import Layer
 from provisioner.lm.callstats import LMUsage
@@ -33,6 +32,7 @@ from provisioner.runtime.logs import WorkerLogWindow
 from provisioner.runtime.watchdog import finish_run
 from provisioner.runtime.workers import DedicatedWorker, ProcessContainers
 from provisioner.settings import Settings
+from provisioner.specs import new_session, set_run_id
 
 if TYPE_CHECKING:
     import dspy

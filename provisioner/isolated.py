@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.errors import CleanupError, ClosedError
-from provisioner.factories import SessionSpec
+from provisioner.specs import SessionSpec
 
 
 def _describe(fn: Callable[..., Any]) -> str:

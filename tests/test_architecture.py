@@ -62,7 +62,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "provisioner.runtime", "provisioner.bridge", "pytest", "docker",
     ),
     # The plain Python API under both edges.
-    "provisioner.api": ("provisioner.cli", "provisioner.pytest_plugin", "pytest"),
+    "provisioner.api": ("provisioner.cli", "provisioner.pytest_plugin", "pytest", "provisioner.factories",
+                        "polyfactory"),
     # A run's options, identity and per-process report, the isolated test and the factories: below the
     # runtime (which is built from them), above the LM.
     "provisioner.run": (
@@ -71,11 +72,19 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "provisioner.isolated": (
         "provisioner.runtime", "provisioner.api", "provisioner.testing", "provisioner.cli",
-        "provisioner.pytest_plugin", "pytest", "docker", "testcontainers",
+        "provisioner.pytest_plugin", "pytest", "docker", "testcontainers", "provisioner.factories",
+        "polyfactory",
     ),
     "provisioner.factories": (
         "provisioner.runtime", "provisioner.api", "provisioner.testing", "provisioner.cli",
         "provisioner.pytest_plugin", "pytest", "docker", "testcontainers",
+    ),
+    # The specs (models, unique ids, a session's identity) that the API and the plugin use: pydantic
+    # only, so neither pays polyfactory's and Faker's import (≈ 1 s) at every pytest start.
+    "provisioner.specs": (
+        "provisioner.runtime", "provisioner.api", "provisioner.testing", "provisioner.cli",
+        "provisioner.pytest_plugin", "provisioner.factories", "pytest", "docker", "testcontainers",
+        "polyfactory", "faker",
     ),
 }
 

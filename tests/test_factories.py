@@ -7,7 +7,7 @@ import dspy
 import pytest
 from pydantic import ValidationError
 
-from provisioner import factories
+from provisioner import factories, specs
 from provisioner.factories import (
     FieldSpec,
     ProgramFactory,
@@ -35,7 +35,7 @@ def test_program_ids_are_unique_and_well_formed() -> None:
 def test_ids_carry_run_worker_and_pid(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    monkeypatch.setattr(factories, "_run_id", None)
+    monkeypatch.setattr(specs, "_run_id", None)
     monkeypatch.setenv("PROVISION_RUN_ID", "Run-2026-XY")
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
     assert unique_id("program").startswith(f"program_run2026xy_gw3_{os.getpid()}_")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from provisioner.errors import ConfigError, WorkerLostError
-from provisioner.runtime.engine import ContainerRuntime
+
+if TYPE_CHECKING:  # the engine package imports docker-py: not at the plugin's start
+    from provisioner.runtime.engine import ContainerRuntime
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ pytest plugin, the Python API and the watchdog call it (or are handed a runtime 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from provisioner.runtime.engine.address import is_loopback, is_network_url, publish_host_for, remote_hosts
 from provisioner.runtime.engine.base import (
@@ -30,11 +30,31 @@ from provisioner.runtime.engine.base import (
     remove_by_selector,
     remove_resource,
 )
-from provisioner.runtime.engine.docker import DockerRuntime
-from provisioner.runtime.engine.fake import FakeContainer, FakeImage, FakeNetwork, FakeRuntime
 
 if TYPE_CHECKING:
+    from provisioner.runtime.engine.docker import DockerRuntime
+    from provisioner.runtime.engine.fake import FakeContainer, FakeImage, FakeNetwork, FakeRuntime
     from provisioner.settings import Settings
+
+# The adapters, imported on first use (like the root package's API): docker-py and the fake engine
+# cost ≈ 0.3 s to import, and this package is imported by code that needs only the protocol and its
+# values — the pytest plugin's start, every leak check (resources), log windows — in projects that
+# may never touch an engine (docs/benchmarks.md, "pytest start-up with the plugin").
+_LAZY = {
+    "DockerRuntime": "provisioner.runtime.engine.docker",
+    **dict.fromkeys(("FakeContainer", "FakeImage", "FakeNetwork", "FakeRuntime"),
+                    "provisioner.runtime.engine.fake"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later look-ups are plain attribute reads
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_runtime(
@@ -54,7 +74,7 @@ def open_runtime(
         DockerUnavailableError: no engine answers.
         ConfigError: the publish address is every interface, or a host name does not resolve.
     """
-    from provisioner.runtime.engine.docker import engine_url
+    from provisioner.runtime.engine.docker import DockerRuntime, engine_url
 
     url, source = engine_url()
     override = settings.publish_host if settings is not None else None
@@ -73,7 +93,7 @@ def open_runtime(
 
 def _local_engine(timeout: float) -> DockerRuntime | None:
     """The engine on docker-py's default local socket (a remote engine's image source), or None."""
-    from provisioner.runtime.engine.docker import local_client
+    from provisioner.runtime.engine.docker import DockerRuntime, local_client
 
     client = local_client(timeout)
     if client is None:

@@ -88,6 +88,39 @@ def test_the_current_docker_context_names_the_engine(tmp_path: Path, monkeypatch
     assert engine_url() == ("tcp://10.213.7.4:2376", "DOCKER_HOST")
 
 
+@pytest.mark.parametrize(
+    ("config", "context_env", "names"),
+    [
+        (None, None, False),  # no config file: docker-py's default
+        ("{}", None, False),
+        ('{"currentContext": "default"}', None, False),
+        ("not json", None, False),  # docker-py reads a broken file as "default" too
+        ('["a list"]', None, False),
+        ('{"currentContext": "prov-remote-a"}', None, True),
+        (None, "prov-remote-b", True),
+    ],
+)
+def test_the_context_short_cut_agrees_with_docker_py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str | None, context_env: str | None, names: bool
+) -> None:
+    """engine_url answers "default" without importing docker-py only where docker-py's own current
+    context name is "default" (the plugin's start then does not pay docker-py's import)."""
+    from docker.context.config import get_current_context_name
+
+    from provisioner.runtime.engine.docker import _names_a_context
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.docker/config.json, no ~/.dockercfg
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    if context_env is not None:
+        monkeypatch.setenv("DOCKER_CONTEXT", context_env)
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    assert _names_a_context() is names
+    if context_env is None:
+        assert (get_current_context_name() != "default") is names
+
+
 def test_containers_are_published_on_the_runtime_publish_host() -> None:
     """DockerRuntime binds every published port of a recipe on its publish host (not 127.0.0.1)."""
     from provisioner.runtime.recipes import ContainerRecipe
