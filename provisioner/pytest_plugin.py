@@ -117,11 +117,19 @@ def _phases(config: pytest.Config) -> Iterator[Phases]:
     yield Phases(lambda text: reporter.write(text, flush=True))
 
 
+def _runs_nothing(config: pytest.Config) -> bool:
+    """pytest collects (and may list fixtures) but runs no test and no fixture: ``--collect-only``,
+    ``--setup-plan``, ``--fixtures``, ``--fixtures-per-test``. No image build, no pool for those."""
+    option = config.option
+    return any(getattr(option, name, False)
+               for name in ("collectonly", "setupplan", "showfixtures", "show_fixtures_per_test"))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist starts its workers: they get the image's tag
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Check or build the worker image once, in the controller, before any test (and its timeout)."""
     config = session.config
-    if hasattr(config, "workerinput") or config.option.collectonly:
+    if hasattr(config, "workerinput") or _runs_nothing(config):
         return
     with _phases(config) as phases:
         config.stash[RUN_KEY].prepare_image(phases)
@@ -150,7 +158,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     """A single process: warm the pool before the first test (xdist workers: see below)."""
     config = session.config
     xdist = hasattr(config, "workerinput") or config.pluginmanager.has_plugin("dsession")
-    if config.option.collectonly or xdist:
+    if _runs_nothing(config) or xdist:
         return
     with _phases(config) as phases:
         config.stash[RUN_KEY].warm_pool(phases, [getattr(item, "fixturenames", ()) for item in session.items])
@@ -162,7 +170,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     test but runs only some: warming at its start would start pools that are never used)."""
     run = item.config.stash[RUN_KEY]
     names = getattr(item, "fixturenames", ())
-    if not run.pool_warmed and POOL_FIXTURES.intersection(names):
+    if not run.pool_warmed and POOL_FIXTURES.intersection(names) and not _runs_nothing(item.config):
         with _phases(item.config) as phases:
             run.warm_pool(phases, [names])
     run.test_started(item.nodeid)
