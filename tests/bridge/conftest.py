@@ -25,6 +25,8 @@ from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_
 from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
 START_TIMEOUT_S = 60.0
+# A worker must end within this of SIGTERM (in-flight work of the tests' mock LM takes ≤ 1.5 s).
+STOP_TIMEOUT_S = 30.0
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -76,6 +78,7 @@ class WorkerProcess:
             stderr=self._stderr,
         )
         self.port = 0
+        self.stop_s: float | None = None  # how long the worker took to end after stop()'s SIGTERM
         self.stdout_lines: list[str] = []
         if stdio:
             wait_until(lambda: self._alive_or_fail() and b"PROVISION_WORKER_READY" in self.stderr_bytes(),
@@ -121,18 +124,28 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        """SIGTERM, and wait for the worker to end; fails (after killing it) when it has not ended
+        within ``STOP_TIMEOUT_S``: a worker that outlives SIGTERM that long is a bug (``provision down``,
+        the pool's close and Ctrl-C wait on it), not something for a teardown to hide."""
+        hung = False
         if self.proc.poll() is None:
+            started = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
+                hung = True
                 self.proc.kill()
                 self.proc.wait(10)
+            self.stop_s = time.monotonic() - started
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._stderr.close()
+        if hung:
+            raise AssertionError(f"the worker did not end within {STOP_TIMEOUT_S} s of SIGTERM (killed):\n"
+                                 + self.stderr_bytes().decode(errors="replace")[-4000:])
 
 
 class RawConnection:
@@ -217,8 +230,15 @@ class WorkerFactory:
         return worker
 
     def stop_all(self) -> None:
+        """Stop every worker (all of them, even when one fails to stop); raise the first failure."""
+        failures = []
         for worker in self.started:
-            worker.stop()
+            try:
+                worker.stop()
+            except AssertionError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ to fork when it is not single-threaded.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,13 @@ def forked_from(worker: Any) -> list[psutil.Process]:
 
 def live_children(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
+
+
+def ended_every_process_itself(worker: Any) -> None:
+    """Every process ended on the parent's SIGTERM: the parent did not wait out its stop grace
+    (request timeout + 5 s) and kill one (a lost SIGTERM made that a random ≈ 35 s stop)."""
+    log = worker.stderr_bytes().decode(errors="replace")
+    assert "still busy at shutdown" not in log, log
 
 
 def test_every_connection_is_a_fresh_process_forked_from_the_worker(worker: Any) -> None:
@@ -195,6 +203,7 @@ def test_shutdown_from_one_process_stops_the_worker_and_every_process(spawn_work
         assert controller.shutdown()["status"] == "shutting_down"
         assert worker.wait_exit(60) == 0
     assert gone(other_pid)
+    ended_every_process_itself(worker)
 
 
 def test_reset_state_ends_every_other_process(spawn_worker: Any) -> None:
@@ -219,6 +228,7 @@ def test_sigterm_ends_every_process_and_the_worker(spawn_worker: Any) -> None:
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.wait_exit(60) == 0
         assert gone(pid)
+    ended_every_process_itself(worker)
 
 
 def test_processes_die_with_a_killed_parent(spawn_worker: Any) -> None:
@@ -349,3 +359,65 @@ def test_out_of_file_descriptors_the_parent_refuses_and_recovers(spawn_worker: A
     wait_until(lambda: gone(holder_pid), 30, "the process to end and be reaped")
     with worker.client() as again:
         assert again.ping()["status"] == "ok"
+
+
+
+# Fork-mode parents with a trivial child (no DSPy), forked from this one pre-imported script so a
+# round costs milliseconds: each child answers one byte and releases the spare (its parent forks the
+# next one at once, as after a real first reply), then serves until EOF. The script stops each
+# parent right then (SIGTERM), which used to race the new spare's fork, and prints one JSON line per
+# round: the parent's exit code and how long it took to stop.
+LIGHT_PARENTS = """
+import json, os, signal, socket, sys, time
+from provisioner.bridge.forking import ForkingWorker
+
+def make_child(parent):
+    def serve(sock, peer):
+        sock.recv(1)
+        sock.sendall(b"x")
+        parent.release_spare()
+        while sock.recv(1):
+            pass
+        return 0
+    return serve
+
+rounds, grace = int(sys.argv[1]), float(sys.argv[2])
+for _ in range(rounds):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        worker = ForkingWorker(make_child, max_children=8, worker_id="light", stop_timeout_s=grace)
+        port = worker.listen("127.0.0.1", 0)
+        worker.serve_forever(on_ready=lambda: os.write(ready_w, b"%d\\n" % port))
+        os._exit(0)
+    os.close(ready_w)
+    port = int(os.read(ready_r, 64))
+    os.close(ready_r)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"p")
+        assert sock.recv(1) == b"x"
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"exit": os.waitstatus_to_exitcode(status),
+                          "stop_ms": (time.monotonic() - started) * 1000}), flush=True)
+"""
+
+
+def test_a_stop_signal_during_a_spare_s_fork_still_ends_it() -> None:
+    """A SIGTERM reaching a child between ``fork()`` and the child resetting its handlers ran the
+    parent's handler there and was lost; the parent then waited out its stop grace for a spare that
+    never ended (the random ≈ 30 s stops of this file). Now the stop signals are blocked across the
+    fork: every stop here ends every child without the parent having to kill one (its "still busy
+    at shutdown; killing it" warning)."""
+    grace_s = 20.0
+    done = subprocess.run([sys.executable, "-c", LIGHT_PARENTS, "60", str(grace_s)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60 * (grace_s + 10), check=False)
+    assert done.returncode == 0, done.stderr
+    assert "still busy at shutdown" not in done.stderr, done.stderr
+    rounds = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rounds) == 60 and all(r["exit"] == 0 for r in rounds), rounds
+    stops = sorted(r["stop_ms"] for r in rounds)
+    print(f"stop after SIGTERM, ms: p50 {stops[len(stops) // 2]:.0f}, max {stops[-1]:.0f}"
+          f" (load {os.getloadavg()[0]:.1f})")
