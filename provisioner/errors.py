@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class ProvisionerError(Exception):
@@ -113,11 +114,21 @@ class BridgeError(ProvisionerError):
     ``error_type`` is the worker-side error name (e.g. ``ProgramExists``, ``ValidationError``).
     """
 
-    def __init__(self, message: str, error_type: str = "BridgeError", request_id: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        error_type: str = "BridgeError",
+        request_id: object = None,
+        *,
+        lm_usage: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.error_type = error_type
         self.request_id = request_id
+        # A failed execute_program's LM calls made before it failed (the reply's ``lm_usage``,
+        # docs/protocol.md); None for other errors.
+        self.lm_usage = lm_usage
 
     def __str__(self) -> str:
         return f"{self.error_type}: {self.message}"

@@ -351,12 +351,14 @@ class BridgeClient(BridgeCommands):
         with self._lock:
             sock, reader = self._ensure_connected()
             reply = self._exchange(sock, reader, command, args or {}, wait)
-        result = reply.unwrap()
-        if command == "execute_program" and isinstance(result.get("lm_usage"), dict):
+        if command == "execute_program":
             # The worker's LM calls for this request are this process's (a test's lm_cost, the
-            # run report): mock calls have no other record (provisioner.lm.callstats).
-            record_elsewhere(result["lm_usage"])
-        return result
+            # run report): mock calls have no other record (provisioner.lm.callstats). A failed
+            # execution's calls (made before it failed) come in its error reply.
+            usage = reply.result.get("lm_usage") if reply.success and reply.result else reply.lm_usage
+            if isinstance(usage, dict):
+                record_elsewhere(usage)
+        return reply.unwrap()
 
     def _exchange(
         self, sock: socket.socket, reader: BinaryIO, command: str, args: dict[str, Any], wait: float

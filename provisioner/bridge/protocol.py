@@ -211,8 +211,15 @@ def ok_reply(request_id: RequestId, result: Mapping[str, Any]) -> dict[str, Any]
     return {"id": request_id, "success": True, "result": result}
 
 
-def error_reply(request_id: RequestId, message: str, error_type: str) -> dict[str, Any]:
-    return {"id": request_id, "success": False, "error": message, "error_type": error_type}
+def error_reply(
+    request_id: RequestId, message: str, error_type: str, *, lm_usage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The error envelope; ``lm_usage``: a failed ``execute_program``'s LM calls made before it
+    failed (the same shape as a result's ``lm_usage``), so the caller still counts them."""
+    reply: dict[str, Any] = {"id": request_id, "success": False, "error": message, "error_type": error_type}
+    if lm_usage is not None:
+        reply["lm_usage"] = lm_usage
+    return reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,12 +229,13 @@ class Reply:
     result: dict[str, Any] | None = None
     error: str | None = None
     error_type: str | None = None
+    lm_usage: dict[str, Any] | None = None  # an error reply's (a failed execute_program's) LM calls
 
     def unwrap(self) -> dict[str, Any]:
         """The result, or the error raised as :class:`BridgeError`."""
         if self.success:
             return self.result or {}
-        raise BridgeError(self.error or "", self.error_type or "BridgeError", self.id)
+        raise BridgeError(self.error or "", self.error_type or "BridgeError", self.id, lm_usage=self.lm_usage)
 
 
 def parse_reply(message: Any) -> Reply:
@@ -246,7 +254,9 @@ def parse_reply(message: Any) -> Reply:
         error, error_type = message.get("error"), message.get("error_type")
         if not isinstance(error, str) or not isinstance(error_type, str):
             raise ProtocolError("an error reply needs string 'error' and 'error_type'")
-        return Reply(message["id"], False, error=error, error_type=error_type)
+        usage = message.get("lm_usage")
+        return Reply(message["id"], False, error=error, error_type=error_type,
+                     lm_usage=usage if isinstance(usage, dict) else None)
     raise ProtocolError("reply 'success' must be true or false")
 
 

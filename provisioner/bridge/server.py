@@ -962,8 +962,8 @@ class BridgeServer:
         try:
             try:
                 message = ok_reply(flight.request_id, deferred.run())
-            except BridgeError as exc:
-                message = error_reply(flight.request_id, exc.message, exc.error_type)
+            except BridgeError as exc:  # a failed execution's LM calls go back too (lm_usage)
+                message = error_reply(flight.request_id, exc.message, exc.error_type, lm_usage=exc.lm_usage)
             except Exception as exc:  # BridgeService converts everything; this is a last resort
                 log.exception("internal error running %s", deferred.command)
                 self.service.count_error(ErrorType.INTERNAL_ERROR)

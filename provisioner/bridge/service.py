@@ -553,9 +553,11 @@ class BridgeService:
         import dspy
 
         started = time.perf_counter()
+        usage = None
         try:
             # LM calls are attributed to the session in the run's ledger (per-test cost in pytest),
-            # and tallied for the reply (lm_usage: the caller counts them, mock calls included).
+            # and tallied for the reply (lm_usage: the caller counts them, mock calls included —
+            # also when the program fails after some calls: the error reply carries them too).
             with tally() as usage, for_session(program.session_id), dspy.context(
                 lm=lm, disable_history=not self.record_history
             ):
@@ -564,11 +566,13 @@ class BridgeService:
         except BridgeError as exc:
             self._record_execution(program, exc.error_type)
             log.warning("execute_program failed (session %s): %s", program.session_id, exc)
+            exc.lm_usage = None if usage is None else usage.as_dict()
             raise
         except Exception as exc:
             error = _execution_error(program, exc)
             self._record_execution(program, error.error_type)
             log.warning("execute_program failed (session %s): %s", program.session_id, error)
+            error.lm_usage = None if usage is None else usage.as_dict()
             raise error from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self._record_execution(program, None)

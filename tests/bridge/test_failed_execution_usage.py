@@ -1,0 +1,65 @@
+"""A failed ``execute_program`` still reports the LM calls the worker made for it before it failed:
+the error reply carries ``lm_usage`` (docs/protocol.md), which the client counts in its process as
+it does a result's — through a worker process, the in-process server and the pool's client alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from provisioner.bridge.client import BridgeClient
+from provisioner.bridge.protocol import error_reply, parse_reply
+from provisioner.errors import BridgeError
+from provisioner.lm.callstats import stats
+from provisioner.lmconfig import LMConfig, MockRule
+
+QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
+# The mock LM answers "bad" with text no adapter can parse: the call is made, then the program fails.
+FAILING_LM = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "bad"}, error="malformed")])
+
+
+def _fail_once(client: BridgeClient) -> tuple[BridgeError, Any]:
+    session = client.session("usage")
+    session.create_program(QA_INT, "qa")
+    before = stats()
+    with pytest.raises(BridgeError) as info:
+        session.execute_program("qa", {"question": "bad"})
+    return info.value, stats() - before
+
+
+def test_a_failed_execution_s_lm_calls_count_in_the_caller_s_process(spawn_worker: Any) -> None:
+    worker = spawn_worker(lm=FAILING_LM)
+    with worker.client() as client:
+        error, delta = _fail_once(client)
+    assert error.lm_usage is not None, error
+    assert error.lm_usage["mock"] >= 1 and isinstance(error.lm_usage["process"], str)
+    assert delta.mock == error.lm_usage["mock"] and delta.calls == error.lm_usage["mock"]
+
+
+def test_a_failed_execution_on_an_in_process_worker_is_counted_once() -> None:
+    """A worker this process serves itself counts its calls directly; the reply's usage is not added
+    a second time (same rule as for a result)."""
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+
+    server = BridgeServer(BridgeService(FAILING_LM))
+    port = server.listen("127.0.0.1", 0)
+    try:
+        with BridgeClient("127.0.0.1", port) as client:
+            error, delta = _fail_once(client)
+    finally:
+        server.request_stop()
+        server.close(timeout=5)
+    assert error.lm_usage is not None and error.lm_usage["mock"] >= 1
+    assert delta.mock == error.lm_usage["mock"]
+
+
+def test_the_error_envelope_carries_lm_usage_only_when_given() -> None:
+    assert "lm_usage" not in error_reply(1, "x", "ValidationError")
+    reply = parse_reply(error_reply(1, "x", "ExecutionError", lm_usage={"mock": 2, "process": "p"}))
+    with pytest.raises(BridgeError) as info:
+        reply.unwrap()
+    assert info.value.lm_usage == {"mock": 2, "process": "p"}
+    odd = {"id": 1, "success": False, "error": "x", "error_type": "E", "lm_usage": 3}
+    assert parse_reply(odd).lm_usage is None
