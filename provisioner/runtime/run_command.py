@@ -204,8 +204,7 @@ class _HealthWatch:
     def _record(self) -> None:
         """The state file names the workers' current containers."""
         state = self.env.state
-        if state is None:
-            return
+        assert state is not None  # provision run's deployment comes from up(), which always sets it
         state.workers = [
             {"slot": w.slot, "name": w.name, "container_id": w.container_id, "address": w.address}
             for w in self.env.workers
