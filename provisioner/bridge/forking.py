@@ -170,9 +170,9 @@ def child_limit(configured: int, max_inflight: int, pids: int | None) -> int:
     return max(1, min(configured, (pids - _PARENT_RESERVE) // per_child))
 
 
-def warm_up(config: LMConfig) -> None:
+def warm_up(config: LMConfig) -> WarmUp:
     """Import what a child needs for ``config`` and run DSPy's lazy paths once, so children pay for
-    neither.
+    neither; returns what each spare re-runs (:class:`WarmUp`).
 
     Only what the worker's LM needs is imported (:func:`provisioner.lm.preload`: google-genai only
     for a layer that may call Gemini or its stand-in — ≈ 0.5 s of CPU at start-up, measured with
@@ -186,23 +186,47 @@ def warm_up(config: LMConfig) -> None:
 
     preload(config)  # the worker's own engine is built once by the caller (it checks the config)
     exercise(("predict", "chain_of_thought"))
+    return WarmUp()
+
+
+_WARM_SIGNATURE = "question -> answer: int, note"
+
+
+class WarmUp:
+    """A throw-away mock service built in the parent, holding one created and executed ``predict``
+    program; a spare re-executes it (:meth:`run`) while it waits, so the pages a first execution
+    writes are copied then rather than during its connection's first request (CPython writes
+    reference counts into every object it reads: each of them copies a page, copy on write).
+
+    Built once in the parent instead of in every spare (as :func:`exercise` did until then): a spare
+    then neither builds a service nor creates and removes a program, only executes.
+    ``benchmarks/bench_fork_child.py`` (CPU time per child, median of 30, host, load ≈ 15): the old
+    spare warm-up took 14.0 ms and left 3.1-3.4 ms for hello + create + execute (19.1-19.8 ms per
+    process with the service build); this one takes 6.8-7.0 ms and leaves 5.2-5.4 ms (14.3-14.6 ms);
+    none at all leaves 9.1-9.6 ms (11.3-11.7 ms). A sequential suite runs on one worker whose 1-CPU
+    quota serialises the spare's warm-up with the test's own execution, so the total per process is
+    what bounds it; the ≈ 2 ms more on a connection's path buy ≈ 5 ms less per process.
+    """
+
+    def __init__(self) -> None:
+        from provisioner.bridge.service import BridgeService
+
+        self.service = BridgeService(LMConfig(mode="mock"))
+        self.service.call("create_program", {"signature": _WARM_SIGNATURE, "program_id": "warm",
+                                             "program_type": "predict"})
+        self.run()
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Execute the warm-up program once, unless ``stop()`` (a connection waits) already says so."""
+        if stop():
+            return
+        self.service.call("execute_program", {"program_id": "warm", "inputs": {"question": "warm up"}})
 
 
 def exercise(program_types: tuple[str, ...] = ("predict",), stop: Callable[[], bool] = lambda: False) -> None:
     """Create and execute one program of each of ``program_types`` on a throw-away mock service (no
-    files, no network) and drop it.
-
-    In the parent it runs DSPy's lazy paths before any fork. In a spare it runs again once the
-    spare is ready, unless a connection already waits: CPython writes reference counts into every
-    object it touches, so a fresh process's first execution copies the pages it touches (copy on
-    write). Measured on the host at load ≈ 11 (connect, ``hello``, create + execute a ``predict``
-    program, close): without this, serving one such connection took ≈ 1 330 page faults and 12 to
-    15 ms of CPU; with it ≈ 230 faults and 7 to 9 ms, while the spare's preparation grew from ≈ 3 to
-    ≈ 15 ms of CPU, spent while it waits rather than on a connection's path. A connection that
-    arrives while the spare is still being built skips it (back to back, the next connection would
-    otherwise wait for it), and ``stop()`` is asked before each step (a few ms of CPU each): a
-    connection that arrives meanwhile waits for one step at most, not for the whole exercise
-    (under load, at a tenth of a core, the whole took ≈ 150 ms).
+    files, no network) and drop it: run in the parent before any fork, it takes DSPy's lazy paths
+    (first-use imports, caches) so no child takes them. ``stop()`` is asked before each step.
     """
     from provisioner.bridge.service import BridgeService
 
@@ -212,7 +236,7 @@ def exercise(program_types: tuple[str, ...] = ("predict",), stop: Callable[[], b
     for program_type in program_types:
         if stop():
             return
-        scratch.call("create_program", {"signature": "question -> answer: int, note",
+        scratch.call("create_program", {"signature": _WARM_SIGNATURE,
                                         "program_id": program_type, "program_type": program_type})
         if stop():
             return
@@ -770,7 +794,7 @@ def run_fork_worker(
     from provisioner.bridge.server import BridgeServer, install_process_lm
     from provisioner.bridge.service import BridgeService
 
-    warm_up(lm_config)
+    warm = warm_up(lm_config)
     # A bad configuration must fail start-up, not every connection: build it once here (mock, cached
     # and Gemini engines start no threads; the single-thread check below would say if one did).
     BridgeService(lm_config, **service_options)
@@ -826,7 +850,7 @@ def run_fork_worker(
         return serve
 
     def idle_work(pending: Callable[[], bool]) -> None:
-        exercise(stop=pending)  # copy the pages a first execution writes now, while no connection waits
+        warm.run(stop=pending)  # copy the pages a first execution writes now, while no connection waits
         gc.freeze()
 
     parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout,
