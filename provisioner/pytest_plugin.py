@@ -28,6 +28,8 @@ from provisioner.testing.progress import Phases
 
 RUN_KEY = pytest.StashKey[ProvisionRun]()
 PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+_NODES_KEY = pytest.StashKey[list[Any]]()  # xdist controller: its workers (WorkerController)
+_MERGED_KEY = pytest.StashKey[set[int]]()  # ... whose process report joined the run's
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -83,6 +85,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except ProvisionerError as exc:
         raise pytest.UsageError(f"provisioner: {exc}") from None
     config.stash[RUN_KEY] = run
+    config.stash[_NODES_KEY] = []
+    config.stash[_MERGED_KEY] = set()
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
     config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
     config.pluginmanager.register(_CompletenessHooks(run), "provisioner-completeness")
@@ -185,6 +189,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: hand the run's identity to each worker (one run, many processes)."""
     node.workerinput.update(node.config.stash[RUN_KEY].workerinput())
+    node.config.stash[_NODES_KEY].append(node)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -237,14 +242,37 @@ class _CompletenessHooks:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
+    _merge_worker_output(node)
+
+
+def _merge_worker_output(node: Any) -> None:
+    """Once per xdist worker: its process report (sent with its ``workerfinished``) joins the run's."""
+    merged = node.config.stash[_MERGED_KEY]
     output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
-    if output:
+    if output and id(node) not in merged:
+        merged.add(id(node))
         node.config.stash[RUN_KEY].merge_worker(output)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
+# Innermost wrapper, so its body runs after every plain implementation: after pytest's own (the
+# fixtures an interrupted test still holds are torn down while the environment is up) and, in the
+# xdist controller, after xdist's (its workers have ended, so removing the run's shared pool cannot
+# pull it from under their teardown: on a Ctrl-C they would wait to heal it, and re-create what it
+# removes); inside xdist's own wrapper, which sends a worker's ``workeroutput`` after it.
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    try:
+        yield
+    finally:
+        _session_finished(session)
+
+
+def _session_finished(session: pytest.Session) -> None:
     run = session.config.stash[RUN_KEY]
+    # An interrupted controller's loop no longer ran pytest_testnodedown: the workers that still
+    # finished sent their reports all the same (xdist keeps them on the node).
+    for node in session.config.stash.get(_NODES_KEY, []):
+        _merge_worker_output(node)
     run.close()
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:

@@ -150,6 +150,67 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
             remove_by_selector(DockerRuntime(docker_engine), selector(run_id))
 
 
+
+@pytest.mark.slow
+def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
+    docker_engine: Any, tmp_path: Path
+) -> None:
+    """Ctrl-C in a terminal (SIGINT to the process group of `pytest -n 2`: the controller and both
+    xdist workers) while both workers hold a session of the run's one pool: pytest ends with status 2
+    and says it was interrupted; the controller removes the shared pool only after its workers ended,
+    so no worker is repaired or replaced while the run goes and their reports are counted (the pool's
+    worker is in "workers started"); nothing of the run is left. (It used to remove the pool under
+    the workers' teardown: they waited to heal it, re-created a relay on a network being removed, and
+    the summary said 0 workers.) The seconds are measured by benchmarks/bench_controller_kill.py."""
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'interrupted'\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "test_hold.py").write_text(HOLD.format(out=str(out)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
+         "-p", "no:cacheprovider", "test_hold.py"],
+        cwd=tmp_path, env=_scratch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
+    )
+    run_id = ""
+    try:
+        _poll(lambda: len(list(out.iterdir())) == 2 or proc.poll() is not None, 300, "both tests starting")
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        run_id = next((tmp_path / ".provision" / "runs").iterdir()).name
+        processes = [*_children(proc.pid), *_run_processes(run_id)]
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            output = proc.communicate(timeout=120)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"pytest -n 2 did not end within 120 s of Ctrl-C:\n{proc.communicate()[0].decode()}")
+        assert proc.returncode == 2, output  # pytest's "interrupted"
+        assert "interrupted (Ctrl-C)" in output and "workers started: 1" in output, output
+        for sign in ("replacing it", "repairing the published path", "CleanupError", "active endpoints"):
+            assert sign not in output, output
+        _poll(lambda: not _resources(docker_engine, run_id), 30, "removal of every container and network")
+        _poll(lambda: not any(_lives(p) for p in processes), 30, "the end of the run's processes")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait()
+        if run_id:
+            from provisioner.runtime.engine import DockerRuntime, remove_by_selector
+            from provisioner.runtime.labels import selector
+
+            for p in _run_processes(run_id):
+                with contextlib.suppress(Exception):
+                    p.kill()
+            remove_by_selector(DockerRuntime(docker_engine), selector(run_id))
+
+
+def _children(pid: int) -> list[Any]:
+    import psutil
+
+    return list(psutil.Process(pid).children(recursive=True))
+
+
 POOLED = '''
 import json
 import os
