@@ -15,8 +15,9 @@ The merged run row (:class:`~provisioner.history.store.RunRow`):
 - ``started_at`` / ``finished_at``: the earliest start and the latest finish; ``duration_s`` the
   wall clock between them (shards run side by side); counts recounted over the merged test rows;
 - ``lm_calls``, ``cost_usd``, ``list_cost_usd``, ``standin_calls``, ``cache_hits``,
-  ``cache_misses``, ``leaks``: sums over the shards' run rows (a run row's dollars are its ledger's
-  total, which also counts calls outside any test, so the sum is the sharded run's spend);
+  ``cache_misses``, ``leaks``, ``lm_refused``: sums over the shards' run rows (a run row's dollars
+  are its ledger's total, which also counts calls outside any test, so the sum is the sharded
+  run's spend);
 - ``exit_status``: the worst shard's (an empty shard's 5, "no tests collected", counts only when
   every shard was empty); ``layers`` / ``retained``: every shard's, in order;
 - ``revision``, ``branch``, ``project``: the shards' (they must agree: shards of different commits or
@@ -51,7 +52,8 @@ from provisioner.history.store import TEST_OUTCOMES, RunRow, TestRow, rows_from_
 
 #: pytest's exit status when it collected no test (an empty pytest-split group).
 NO_TESTS_COLLECTED = 5
-_SUMMED = ("lm_calls", "cost_usd", "list_cost_usd", "standin_calls", "cache_hits", "cache_misses", "leaks")
+_SUMMED = ("lm_calls", "cost_usd", "list_cost_usd", "standin_calls", "cache_hits", "cache_misses", "leaks",
+           "lm_refused")
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,7 @@ def merge_shards(name: str, shards: Sequence[ShardReport], *, allow_partial: boo
         lm_calls=sums["lm_calls"], cost_usd=round(sums["cost_usd"], 10),
         list_cost_usd=round(sums["list_cost_usd"], 10), standin_calls=sums["standin_calls"],
         cache_hits=sums["cache_hits"], cache_misses=sums["cache_misses"], leaks=sums["leaks"],
+        lm_refused=sums["lm_refused"],
     )
     infos = [ShardInfo(source=str(s.source), run_id=s.run["run_id"], shard=s.run["shard"],
                        exit_status=s.run["exit_status"], tests=len(s.tests), cost_usd=s.run["cost_usd"],

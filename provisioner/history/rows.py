@@ -233,10 +233,11 @@ def ci_identity(environ: Mapping[str, str] | None = None) -> tuple[str | None, s
 def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str], exit_status: int,
             tests: Iterable[TestRow], retained: Iterable[str] = (), cost_usd: float | None = None,
             list_cost_usd: float | None = None, finished_at: str | None = None,
-            shard: str | None = None) -> RunRow:
+            shard: str | None = None, lm_refused: int = 0) -> RunRow:
     """A run row with totals over ``tests``. ``cost_usd``/``list_cost_usd``: the run ledger's totals
     when there is one (they also count calls outside any test); otherwise the tests' sums.
-    ``shard``: the shard's label when ``PROVISION_SHARD`` does not set one (pytest-split's group)."""
+    ``shard``: the shard's label when ``PROVISION_SHARD`` does not set one (pytest-split's group);
+    ``lm_refused``: LM calls the run's limits refused (the ledger's "refused" lines)."""
     rows = list(tests)
     finished = finished_at or now_iso()
     revision, branch = git_revision(project_dir)
@@ -256,7 +257,7 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
                             else list_cost_usd, 10),
         standin_calls=sum(r["lm_standin"] for r in rows), cache_hits=sum(r["cache_hits"] for r in rows),
         cache_misses=sum(r["cache_misses"] for r in rows), leaks=sum(len(r["leaks"]) for r in rows),
-        retained=list(retained),
+        retained=list(retained), lm_refused=lm_refused,
     )
 
 

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from provisioner.errors import HistoryError
 
@@ -58,6 +58,7 @@ class RunRow(TypedDict):
     cache_misses: int
     leaks: int
     retained: list[str]
+    lm_refused: int  # LM calls the run's cost or rate limit refused before sending (not in lm_calls)
 
 
 class TestRow(TypedDict):
@@ -124,6 +125,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: "worker" was read as the bridge worker container; it is pytest-xdist's worker id.
     """
     ALTER TABLE tests RENAME COLUMN worker TO xdist_worker;
+    """,
+    # 3: calls the run's limits refused were counted nowhere a user looks.
+    """
+    ALTER TABLE runs ADD COLUMN lm_refused INTEGER NOT NULL DEFAULT 0;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -332,7 +337,7 @@ def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
         raise HistoryError(f"{source}: no 'run' object — not a --provision-report JSON file of a provisioner "
                            "with run history (re-run the tests with this version to get one)")
-    run = data["run"]
+    run = cast(RunRow, {"lm_refused": 0, **data["run"]})  # reports written before the column: none counted
     tests = data.get("tests") or []
     if not isinstance(tests, list):
         raise HistoryError(f"{source}: 'tests' must be a list of test rows")

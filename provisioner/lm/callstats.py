@@ -43,6 +43,8 @@ class LMCallStats:
     cost_usd: float = 0.0
     standin: int = 0  # direct calls the Gemini stand-in answered (not ``real``: billed $0)
     list_cost_usd: float = 0.0
+    refused_cost_limit: int = 0  # calls the run's cost limit refused (never sent; not in ``calls``)
+    refused_rate_limit: int = 0  # calls the run's rate limit refused (never sent; not in ``calls``)
 
     @property
     def calls(self) -> int:
@@ -87,8 +89,9 @@ class Tally:
 
     def as_dict(self) -> dict[str, Any]:
         """``{mock, replayed, recorded, real, standin, errors, input_tokens, output_tokens, cost_usd,
-        list_cost_usd, process}`` (counts and tokens as ints, dollars as floats; ``process``: an
-        opaque token of the process that made the calls): the reply's ``lm_usage``."""
+        list_cost_usd, refused_cost_limit, refused_rate_limit, process}`` (counts and tokens as ints,
+        dollars as floats; ``process``: an opaque token of the process that made the calls): the
+        reply's ``lm_usage``."""
         with self._lock:
             out: dict[str, Any] = {k: (int(v) if k in _INTEGERS else float(v))
                                   for k, v in self._counts.items()}
@@ -166,6 +169,26 @@ def record_error() -> None:
         current._add("errors", 1)
 
 
+REFUSAL_REASONS: tuple[str, ...] = ("cost_limit", "rate_limit")
+
+
+def record_refused(reason: str) -> None:
+    """Count one call the run's limits refused before it was sent (``reason``: ``cost_limit`` or
+    ``rate_limit``); a worker's tally carries it home like a call.
+
+    Raises:
+        ValueError: ``reason`` is not one of :data:`REFUSAL_REASONS`.
+    """
+    if reason not in REFUSAL_REASONS:
+        raise ValueError(f"reason must be one of {REFUSAL_REASONS}, got {reason!r}")
+    key = f"refused_{reason}"
+    with _lock:
+        _counters[key] += 1
+    current = _tally.get()
+    if current is not None:
+        current._add(key, 1)
+
+
 def stats() -> LMCallStats:
     """The current counters of this process."""
     with _lock:
@@ -181,6 +204,8 @@ def stats() -> LMCallStats:
         cost_usd=float(snapshot["cost_usd"]),
         standin=int(snapshot["standin"]),
         list_cost_usd=float(snapshot["list_cost_usd"]),
+        refused_cost_limit=int(snapshot["refused_cost_limit"]),
+        refused_rate_limit=int(snapshot["refused_rate_limit"]),
     )
 
 
@@ -210,10 +235,17 @@ class LMUsage:
     cost_usd: float = 0.0  # billed dollars (calls answered by the Gemini stand-in are $0)
     standin: int = 0  # direct calls the Gemini stand-in answered (a kind of its own, never ``real``)
     list_cost_usd: float = 0.0  # every call at list prices: what the run's cost limit counts
+    # Calls the run's limits refused before they were sent (ledger "refused" lines; not in ``calls``).
+    refused_cost_limit: int = 0  # lm.cost_limit_usd: their worst case would have passed it
+    refused_rate_limit: int = 0  # lm.rate_limit_rpm: no request slot within lm.rate_limit_wait_s
 
     @property
     def calls(self) -> int:
         return self.mock + self.replayed + self.recorded + self.real + self.standin
+
+    @property
+    def refused(self) -> int:
+        return self.refused_cost_limit + self.refused_rate_limit
 
     def add(self, other: LMUsage) -> None:
         for name, value in asdict(other).items():

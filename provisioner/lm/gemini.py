@@ -302,11 +302,16 @@ class GeminiEngine(EngineBase):
             try:
                 reservation = self.limits.reserve(worst, what=f"a {model} call")
             except CostLimitExceeded as exc:
+                # In the run's ledger, so every summary counts it (also from a worker container).
+                self.ledger.refused(model=model, reason="cost_limit", limit=self.limits.effective()[1])
+                _stats.record_refused("cost_limit")
                 raise lm15.BillingError(str(exc), provider="gemini", code="cost_limit") from exc
             try:
                 self.limits.acquire_request()
             except RateLimitExceeded as exc:
                 self.limits.settle(reservation, 0.0)
+                self.ledger.refused(model=model, reason="rate_limit", limit=self.limits.effective()[0])
+                _stats.record_refused("rate_limit")
                 raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
             failure: Exception | None = None
             token = _managed_request.set(True)

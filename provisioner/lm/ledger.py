@@ -22,7 +22,10 @@ answer lacked a token count: it was booked at that count's worst case (``estimat
 The end of a run is a line ``{"event": "run_complete", "complete": true|false, "partial": [why...],
 "cache_dir": "...", "started_at": "..."}``: pruning cassettes needs a *complete* run of every layer
 using the directory. A cached LM's failed miss is a line ``{"event": "cassette_miss", "cassette":
-"<sha256>", "reason": "replay_only" | "corrupt" | "not_writable", "test_id": ...}``.
+"<sha256>", "reason": "replay_only" | "corrupt" | "not_writable", "test_id": ...}``. A call the run's
+limits refused before sending it is a line ``{"event": "refused", "reason": "cost_limit" |
+"rate_limit", "model": ..., "test_id": ..., "limit": <lm.cost_limit_usd $ | lm.rate_limit_rpm>}``:
+summaries say "N calls refused (cost limit $X)" where they count calls.
 
 Across runs: the ledgers of finished runs are archived under the state directory
 (``<state_dir>/ledger/<YYYY-MM>.jsonl``, see :func:`archive_run_ledger`) — run directories are
@@ -185,6 +188,12 @@ class Ledger:
             "list_cost_usd": round(cost_usd if list_cost_usd is None else list_cost_usd, 10),
             "endpoint": endpoint, "usage": usage, "estimated": list(estimated), "status": status,
         })
+
+    def refused(self, *, model: str, reason: str, limit: float) -> None:
+        """Append a refusal line: ``reason`` ``"cost_limit"`` (``limit`` in dollars) or
+        ``"rate_limit"`` (``limit`` in requests per minute)."""
+        self.append({"event": "refused", "test_id": current_test_id(), "model": model, "reason": reason,
+                     "limit": limit})
 
     def mark_run_complete(self, *, complete: bool, partial: Iterable[str] = (), cache_dir: Path | None = None,
                           started_at: str | None = None) -> None:
@@ -373,8 +382,16 @@ class Totals:
     standin_calls: int = 0  # answered by the Gemini stand-in: billed $0
     standin_list_cost_usd: float = 0.0  # what those calls would cost at list prices
     estimated_calls: int = 0  # booked at a worst case because the answer lacked a token count
+    refused: dict[str, int] = field(default_factory=dict)  # refused calls by reason (not in ``calls``)
+    limits: dict[str, float] = field(default_factory=dict)  # the limit each reason last refused at
 
     def add(self, entry: dict[str, Any]) -> None:
+        if entry.get("event") == "refused":
+            reason = str(entry.get("reason"))
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+            if isinstance(entry.get("limit"), int | float):
+                self.limits[reason] = float(entry["limit"])
+            return
         self.calls += 1
         if entry.get("endpoint") == "standin":
             # Not money, whatever an older writer put in cost_usd.
@@ -412,7 +429,7 @@ class CostReport:
                     "output_tokens": t.output_tokens, "by_kind": dict(sorted(t.by_kind.items())),
                     "standin_calls": t.standin_calls,
                     "standin_list_cost_usd": round(t.standin_list_cost_usd, 8),
-                    "estimated_calls": t.estimated_calls}
+                    "estimated_calls": t.estimated_calls, "refused": dict(sorted(t.refused.items()))}
 
         return {
             "total": plain(self.total),
@@ -444,7 +461,7 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
 
     for source in sources:
         for entry in read_ledger(source):
-            if entry.get("event") != "call":
+            if entry.get("event") not in ("call", "refused"):
                 continue
             if run_id is not None and entry.get("run_id") != run_id:
                 continue
@@ -485,6 +502,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
                       f"(${totals.standin_list_cost_usd:.6f} at list prices)")
         if totals.estimated_calls:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
+        if totals.refused:
+            notes += f"  {refused_text(totals.refused, totals.limits)}"
         return (f"  {name:<{width}}  ${totals.cost_usd:>10.6f}  {totals.calls:>6}  "
                 f"{totals.input_tokens:>10}  {totals.output_tokens:>10}  {kinds}{notes}")
 
@@ -499,6 +518,9 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         lines.append(f"{report.total.standin_calls} calls were answered by the Gemini stand-in: billed $0, "
                      "not counted against lm.monthly_budget_usd (a run's lm.cost_limit_usd counted them at "
                      f"list prices: ${report.total.standin_list_cost_usd:.6f})")
+    if report.total.refused:
+        lines.append(f"{refused_text(report.total.refused, report.total.limits)}: the run's limits stopped "
+                     "them before they were sent (not in the calls above)")
     if report.total.estimated_calls:
         lines.append(f"{report.total.estimated_calls} calls came back without a token count and were booked "
                      "at their worst case (ledger usage: \"estimated\")")
@@ -507,6 +529,23 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="
                      f"{format_usd(report.monthly_budget_usd or 0.0)}")
     return "\n".join(lines)
+
+
+def refused_text(by_reason: dict[str, int], limits: dict[str, float] | None = None) -> str:
+    """"3 calls refused (cost limit $0.001; 1 by the rate limit 10/min)": what every summary says
+    of the calls the run's limits refused. ``limits``: the limit per reason, when known."""
+    limits = limits or {}
+    parts = []
+    for reason in sorted(by_reason, key=lambda r: (r != "cost_limit", r)):
+        name = reason.replace("_", " ")
+        if reason in limits:
+            value = limits[reason]
+            name += f" {format_usd(value)}" if reason == "cost_limit" else f" {value:g}/min"
+        parts.append((by_reason[reason], name))
+    total = sum(by_reason.values())
+    head = f"{total} call{'s' if total != 1 else ''} refused ({parts[0][1]}"
+    rest = "".join(f"; {n} by the {name}" for n, name in parts[1:])
+    return head + rest + ")"
 
 
 def run_report(run_dir: Path, *, run_id: str | None = None) -> CostReport:
@@ -566,6 +605,12 @@ def _count(usage: LMUsage, entry: dict[str, Any]) -> None:
     """Add one ledger line to ``usage`` (calls by kind, tokens, dollars, cassette misses)."""
     if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
         usage.cache_misses += 1
+        return
+    if entry.get("event") == "refused":
+        if entry.get("reason") == "rate_limit":
+            usage.refused_rate_limit += 1
+        else:
+            usage.refused_cost_limit += 1
         return
     if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
         return

@@ -142,6 +142,14 @@ def _last_run(board: Dashboard) -> str:
             f"by the Gemini stand-in: billed $0; at list prices the run's calls came to "
             f"{_usd(run['list_cost_usd'])}, which is what its cost limit counted.</p>"
         )
+    refused_calls = run.get("lm_refused") or 0
+    if refused_calls:
+        standin += (
+            f'<p id="refused" data-lm-refused="{refused_calls}">{refused_calls} LM '
+            f"call{'s were' if refused_calls != 1 else ' was'} refused by the run's cost or rate limit "
+            "before being sent (not among the LM calls above): the tests that needed them failed or "
+            "got an error.</p>"
+        )
     problems = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
     failed = _table(
         ["test", "outcome", "duration s", "xdist worker",

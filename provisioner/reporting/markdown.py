@@ -37,6 +37,10 @@ def render(board: Dashboard, *, top: int = 10) -> str:
         f"{run['duration_s']:.1f} s · cost {_usd(run['cost_usd'])} · {run['lm_calls']} LM calls · "
         f"{run['leaks']} leaks",
     ]
+    if run.get("lm_refused"):
+        refused = run["lm_refused"]
+        lines.append(f"\n**{refused} LM call{'s' if refused != 1 else ''} refused** by the run's cost or "
+                     "rate limit before being sent (not among the LM calls above).")
     if run["standin_calls"]:
         lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0; "
                      f"{_usd(run['list_cost_usd'])} at list prices (what the run's cost limit counted).")

@@ -433,7 +433,8 @@ class ProvisionRun:
         run = run_row(run_id=self.identity.run_id, started_at=self.started_at, project_dir=self.project_dir,
                       layers=[self.layer.name], exit_status=self.exit_status, tests=tests, retained=retained,
                       cost_usd=None if ledger is None else ledger.cost_usd,
-                      list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard)
+                      list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard,
+                      lm_refused=sum(section.lm.refused for section in report.layers.values()))
         report.history_run = dict(run)
         report.split = split_of_label(self.shard)
         if not self._used or not tests:

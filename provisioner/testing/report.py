@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.lm.callstats import CALL_KINDS, LMUsage
+from provisioner.lm.ledger import refused_text
 from provisioner.lm.pricing import format_usd
 from provisioner.run import LeakRecord, ProcessReport
 
@@ -122,6 +123,10 @@ class RunReport:
             out.append(f"  workers started: {section.workers_started}")
             # By what answered (the layer's mode, e.g. real without a key, is not what happened).
             out.append(f"  LM calls: {lm.calls} — {calls}")
+            if lm.refused:  # stopped by the run's limits before they were sent: not among the calls
+                by_reason = {"cost_limit": lm.refused_cost_limit, "rate_limit": lm.refused_rate_limit}
+                out.append("  " + refused_text({k: v for k, v in by_reason.items() if v},
+                                               {"cost_limit": section.cost_limit_usd}))
             out.append(f"  cache misses: {lm.cache_misses}")
             if not lm.standin or lm.cost_usd:
                 limit = format_usd(section.cost_limit_usd)

@@ -1,0 +1,128 @@
+"""A call the run's cost or rate limit refuses is counted where calls are counted: the ledger
+(``"event": "refused"``), the process counters and a worker's tally (so an ``execute_program``
+error reply carries it home), the pytest summary ("N calls refused (cost limit $X)"), the JSON
+report, the run history (``lm_refused``: page and Markdown) and ``provision cost report``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dspy.utils.exceptions import LMBillingError
+
+from provisioner.cli import main
+from provisioner.history.store import HISTORY_FILE, History
+from provisioner.lm import build_lm, stats
+from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
+from provisioner.lm.standin import GeminiStandin
+from provisioner.lmconfig import LMConfig
+
+from .conftest import STANDIN_KEY
+
+pytest_plugins = ["pytester"]
+LIMIT = 0.00002
+
+
+def _config(standin: GeminiStandin, run_dir: Path, **updates: object) -> LMConfig:
+    values: dict[str, object] = {"mode": "real", "api_key": STANDIN_KEY, "base_url": standin.url,
+                                 "run_dir": run_dir, "rate_limit_rpm": 1000, "run_id": "run-r",
+                                 "endpoint_kind": "standin", "max_tokens": 16}
+    values.update(updates)
+    return LMConfig.model_validate(values)
+
+
+def _until_refused(lm: object, error: type[Exception]) -> int:
+    sent = 0
+    with pytest.raises(error):
+        for i in range(50):
+            lm(f"call {i}")  # type: ignore[operator]
+            sent += 1
+    return sent
+
+
+def test_a_call_over_the_cost_limit_is_a_refused_line_and_counted(
+    standin: GeminiStandin, tmp_path: Path
+) -> None:
+    before = stats()
+    lm = build_lm(_config(standin, tmp_path, cost_limit_usd=LIMIT))
+    sent = _until_refused(lm, LMBillingError)
+    refused = [line for line in read_ledger(tmp_path / "ledger.jsonl") if line["event"] == "refused"]
+    assert [(r["reason"], r["limit"]) for r in refused] == [("cost_limit", LIMIT)]
+    delta = stats() - before
+    assert (delta.refused_cost_limit, delta.refused_rate_limit, delta.calls) == (1, 0, sent)
+    report = cost_report([tmp_path / "ledger.jsonl"])
+    assert report.total.refused == {"cost_limit": 1} and report.total.calls == sent  # not a call
+    text = format_cost_report(report)
+    assert "1 call refused (cost limit $0.00002): the run's limits stopped them" in text
+
+
+def test_a_call_without_a_rate_limit_slot_is_counted_as_refused_by_the_rate_limit(
+    standin: GeminiStandin, tmp_path: Path
+) -> None:
+    lm = build_lm(_config(standin, tmp_path, rate_limit_rpm=1, rate_limit_wait_s=0))
+    assert _until_refused(lm, Exception) == 1
+    report = cost_report([tmp_path / "ledger.jsonl"])
+    assert report.total.refused == {"rate_limit": 1}
+    assert "1 call refused (rate limit 1/min)" in format_cost_report(report)
+
+
+def test_a_bridge_worker_s_refused_call_comes_home_in_the_error_reply(standin: GeminiStandin,
+                                                                      tmp_path: Path) -> None:
+    from provisioner.bridge.client import BridgeClient
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+    from provisioner.errors import BridgeError
+
+    server = BridgeServer(BridgeService(_config(standin, tmp_path, cost_limit_usd=0.0000001)))
+    port = server.listen("127.0.0.1", 0)
+    try:
+        with BridgeClient("127.0.0.1", port) as client:
+            session = client.session("s")
+            session.create_program({"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}, "qa")
+            with pytest.raises(BridgeError) as info:
+                session.execute_program("qa", {"question": "too dear?"})
+    finally:
+        server.request_stop()
+        server.close(timeout=5)
+    assert info.value.lm_usage is not None and info.value.lm_usage["refused_cost_limit"] >= 1
+
+
+SUITE = """
+import dspy
+import pytest
+
+def test_until_refused(lm, lm_cost):
+    program = dspy.Predict("question -> answer")
+    with pytest.raises(Exception, match="cost limit"):
+        for i in range(50):
+            program(question=f"question {i}?")
+"""
+
+
+def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's trial: a run whose calls the cost limit refused showed no trace of them anywhere."""
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+    pytester.makefile(".toml", pyproject=(
+        "[project]\nname = 'refused'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
+        f"[tool.provisioner]\nlm.cost_limit_usd = {LIMIT}\nlm.max_tokens = 16\n"))
+    pytester.makepyfile(test_refused_suite=SUITE)
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["  LM calls: * standin", "  1 call refused (cost limit $0.00002)"])
+    data = json.loads((pytester.path / "r.json").read_text())
+    assert data["layers"]["unit"]["lm"]["refused_cost_limit"] == 1 and data["run"]["lm_refused"] == 1
+    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
+        (run,) = db.runs()
+    assert run["lm_refused"] == 1
+    env = {"PROVISION_STATE_DIR": str(pytester.path / ".provision")}
+    report = CliRunner().invoke(main, ["cost", "report"], env=env)
+    assert report.exit_code == 0 and "1 call refused (cost limit $0.00002)" in report.output, report.output
+    page = CliRunner().invoke(main, ["report", "markdown"], env=env)
+    assert page.exit_code == 0 and "**1 LM call refused**" in page.output, page.output
