@@ -161,6 +161,8 @@ class WorkerPool:
         self.grows_on_demand = False
         self.peak_sessions = 0
         self.demand_elsewhere: Callable[[], int] | None = None
+        # Cheap "may the others' demand have changed?" (one stat), asked on each session opened.
+        self.demand_changed: Callable[[], bool] | None = None
         self.on_peak: Callable[[int], None] | None = None
         self._starting: set[int] = set()  # slots a grow thread is starting
         # The run folder whose watchdog close() tells the run is over (set by start(): the pool
@@ -207,6 +209,8 @@ class WorkerPool:
         session_id = session_id or f"s-{uuid.uuid4().hex[:12]}"
         self._refresh()
         self._recycle_due()
+        if self.grows_on_demand and self.demand_changed is not None and self.demand_changed():
+            self.grow_on_demand()  # another process's new demand: grow now, not at the monitor's tick
         dead_seen = 0
         while True:
             with self._cond:

@@ -17,7 +17,8 @@ containers. Now:
 * **one worker first, more on demand.** The deploying process starts the pool's first worker
   (``start_slots=1``) and plans the layer's others; each process that uses the pool records the
   most sessions it had open at once in ``pool-demand/<process>``, and the deploying process grows
-  the pool to the run's sum (its monitor reads the files; a new peak of its own starts a worker
+  the pool to the run's sum (it looks on each session it opens — one ``stat`` of the folder,
+  :class:`DemandWatch` — and its monitor reads the files; a new peak of its own starts a worker
   at once), up to ``layer.workers``. A serial suite never waits for workers it does not use;
   ``-n 2`` gets two;
 * **the pool's containers carry** ``provisioner.instance=pool`` (:data:`POOL_INSTANCE`), not a
@@ -80,6 +81,29 @@ def write_demand(run_dir: Path, process: str, peak: int) -> None:
     folder = run_dir / DEMAND_DIR
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / process, f"{peak}\n")
+
+
+class DemandWatch:
+    """Whether the run's recorded demand may have changed since the last look: one ``stat`` of
+    ``pool-demand/`` (every write is an atomic rename into it, which moves its mtime). The deploying
+    process looks on each session it opens, so a short ``-n 2`` run grows as soon as the other
+    process records its first session, not at the monitor's next tick (every 2 s) — for the price
+    of a ``stat`` per test. A change within one mtime tick after a look is seen by the monitor."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.folder = run_dir / DEMAND_DIR
+        self._stamp: tuple[int, int] | None = None
+
+    def changed(self) -> bool:
+        try:
+            info = os.stat(self.folder)
+        except OSError:
+            return False
+        stamp = (info.st_mtime_ns, info.st_ctime_ns)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True
 
 
 def read_demand(run_dir: Path, *, besides: str | None = None) -> int:
@@ -292,6 +316,7 @@ def obtain_pool(
     # Slots the deployment left for later start on demand: this process's sessions open at once,
     # plus the others' (their pool-demand files), read by the pool's monitor and on each new peak.
     pool.demand_elsewhere = lambda: read_demand(run_dir, besides=process or str(os.getpid()))
+    pool.demand_changed = DemandWatch(run_dir).changed  # looked at on each session it opens
     pool.grows_on_demand = True
     return SharedPool(pool, True, environment)
 
