@@ -86,6 +86,25 @@ def _signal_handlers_restored() -> Iterator[None]:
         pytest.fail(f"the test left its own handler of {names} in place", pytrace=False)
 
 
+@pytest.fixture
+def sigint_default() -> Iterator[None]:
+    """Python's own SIGINT handler for the test, whatever this process inherited, for tests of
+    Ctrl-C. pytest started as a background job of a script (`pytest ... &`, a benchmark script, a CI
+    step run with `&`) has SIGINT ignored, and so have its xdist workers and every process they start
+    (an ignored signal stays ignored across fork and exec; Python then installs no handler): a SIGINT
+    then becomes no KeyboardInterrupt in this process, and a `provision up` child ignores it — both
+    Ctrl-C tests failed that way in every `-n 2` run of the suite that a script started in the
+    background. A caught signal is back at its default in a child after exec, so children started
+    during the test get SIGINT at its default too. Put back at the end."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _docker_marker(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("docker") is not None:

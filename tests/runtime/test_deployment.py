@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,7 @@ def test_start_creates_networks_before_their_containers_and_stop_removes_all(
 
 
 @pytest.mark.timeout(120)  # without the fix it hangs until the 600 s readiness deadline
+@pytest.mark.usefixtures("sigint_default")  # a real Ctrl-C, also when pytest inherited SIGINT ignored
 def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
@@ -77,16 +79,20 @@ def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
     rt, workers = fake
     workers.not_ready.update({"prov-run1-w0", "prov-run1-w1", "prov-run1-w2"})
     env = _env(settings, rt, workers, count=3, timeout=600)
-    # A Ctrl-C is a KeyboardInterrupt only while Python's own handler is in place: a handler another
-    # test left behind in this process would swallow it (this test hung once under xdist).
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
-    interrupted = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
-    interrupted.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            env.start()
-    finally:
-        interrupted.cancel()
+    # A real Ctrl-C (SIGINT to this process), sent by the first readiness probe: start() is waiting
+    # for readiness when it arrives, however slow the machine (a timer could fire before start()).
+    sent = threading.Event()
+
+    def probe_then_interrupt(host: str, port: int, timeout: float) -> Any:
+        if not sent.is_set():
+            sent.set()
+            os.kill(os.getpid(), signal.SIGINT)
+        return workers.probe(host, port, timeout)
+
+    env.probe = probe_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        env.start()
+    assert sent.is_set()
     assert rt.containers == {} and rt.networks == {}
 
 

@@ -234,6 +234,7 @@ def stalling_image(docker_engine: Any, worker_image: str) -> Iterator[str]:
         docker_engine.images.remove(tag, force=True)
 
 
+@pytest.mark.usefixtures("sigint_default")  # `up` starts with SIGINT at its default, as in a terminal
 def test_ctrl_c_during_up_leaves_nothing(
     docker_engine: Any, stalling_image: str, tmp_path: Path, sweep: Sweep
 ) -> None:
