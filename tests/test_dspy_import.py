@@ -1,0 +1,47 @@
+"""`import provisioner` makes DSPy's import skip its full stack walks (provisioner/_dspy_import.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+CHECK = """
+import inspect, sys
+real = inspect.stack
+calls = []
+inspect.stack = lambda *a, **k: calls.append(1) or real(*a, **k)
+import provisioner
+import dspy
+print("walks", len(calls))
+from dspy.utils.lazy_import import require
+missing = require("a_module_that_is_not_installed_7f3e")
+try:
+    missing.anything
+except ImportError as exc:
+    print(exc)
+"""
+
+
+def run(script: Path) -> str:
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_importing_dspy_walks_no_stack_and_a_missing_module_still_names_its_caller(tmp_path: Path) -> None:
+    script = tmp_path / "check.py"
+    script.write_text(CHECK)
+    out = run(script)
+    assert "walks 0" in out  # DSPy 3.x walked the whole stack 5 times (numpy is not installed)
+    # DSPy's own error on use: the file and line of the require() call, and that line's code.
+    assert f"File {script}, line 10, in <module>" in out
+    assert 'missing = require("a_module_that_is_not_installed_7f3e")' in out
+
+
+def test_the_real_inspect_is_untouched(tmp_path: Path) -> None:
+    script = tmp_path / "check.py"
+    script.write_text("import inspect\nimport provisioner\nimport dspy\n"
+                      "print(inspect.stack.__module__, len(inspect.stack()) == 1)\n")
+    assert run(script).split() == ["inspect", "True"]
