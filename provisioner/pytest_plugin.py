@@ -104,12 +104,23 @@ def pytest_configure(config: pytest.Config) -> None:
 @contextlib.contextmanager
 def _phases(config: pytest.Config) -> Iterator[Phases]:
     """How start-up phases are shown: a rich spinner on a terminal (output capture lifted meanwhile),
-    plain lines otherwise; nothing in an xdist worker (its output is not shown)."""
+    plain lines otherwise; in an xdist worker one whole line per phase on its stderr, which xdist
+    leaves on the terminal (the worker's stdout is not shown), so ``-n 2`` says what each process
+    waits for instead of sitting silent while the pool warms."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if hasattr(config, "workerinput") or reporter is None:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        def write(text: str) -> None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            yield Phases(write, process=str(workerinput.get("workerid", "xdist")))
+        return
+    if reporter is None:
         yield Phases(lambda text: None)
         return
-    capture = config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         if reporter.isatty and sys.stdout.isatty():
             from rich.console import Console

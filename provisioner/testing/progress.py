@@ -15,17 +15,33 @@ from typing import Any
 
 
 class Phases:
-    """Reports phases through ``write`` (plain text, no newline added) or a rich ``console`` (a TTY)."""
+    """Reports phases through ``write`` (plain text, no newline added) or a rich ``console`` (a TTY).
 
-    def __init__(self, write: Callable[[str], None], *, console: Any = None) -> None:
+    ``process``: this is one of several processes writing to one terminal (an xdist worker, whose
+    stderr is the terminal's): each phase is then **one whole line** when it starts, prefixed
+    ``provisioner [gw0]:`` (plus a line if it fails), so processes waiting for the run's pool
+    say so without their half-lines interleaving."""
+
+    def __init__(
+        self, write: Callable[[str], None], *, console: Any = None, process: str | None = None
+    ) -> None:
         self._write = write
         self._console = console
+        self._process = process
 
     @contextlib.contextmanager
     def phase(self, title: str) -> Iterator[Callable[[str], None]]:
         """Report ``title`` while the block runs; yields ``update(message)`` for sub-steps (shown on a
         TTY only). A failure is reported on the same line and re-raised."""
         started = time.monotonic()
+        if self._process is not None:
+            self._write(f"provisioner [{self._process}]: {title} …\n")
+            try:
+                yield lambda message: None
+            except BaseException as exc:
+                self._write(f"provisioner [{self._process}]: {title}: failed: {exc}\n")
+                raise
+            return
         if self._console is not None:
             from rich.markup import escape
 

@@ -1,0 +1,49 @@
+"""An xdist worker says what it waits for while the run's pool warms: one whole line per process
+on its stderr (which xdist leaves on the terminal), not one per test and no half-lines; a single
+process keeps its ``provisioner: <phase> … done in`` line."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from provisioner.testing.progress import Phases
+
+pytest_plugins = ["pytester"]
+
+
+def test_a_worker_process_writes_one_whole_line_per_phase() -> None:
+    out = io.StringIO()
+    with Phases(out.write, process="gw1").phase("warm pool of layer e2e: 1 worker") as update:
+        assert out.getvalue() == "provisioner [gw1]: warm pool of layer e2e: 1 worker …\n"  # while it runs
+        update("step")  # sub-steps are a terminal's
+    assert out.getvalue().count("\n") == 1
+    with pytest.raises(RuntimeError), Phases(out.write, process="gw1").phase("warm pool") as _:
+        raise RuntimeError("worker did not start")
+    assert out.getvalue().endswith("provisioner [gw1]: warm pool …\n"
+                                   "provisioner [gw1]: warm pool: failed: worker did not start\n")
+
+
+SUITE = """
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+@pytest.mark.e2e
+def test_session(isolated, n):
+    assert isolated.adapter is not None
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_under_xdist_each_process_says_once_that_it_waits_for_the_warm_pool(pytester: pytest.Pytester,
+                                                                           docker_engine: object) -> None:
+    pytester.makepyprojecttoml("[project]\nname = 'progress'\n")
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest_subprocess("--layer", "e2e", "--lm", "mock", "-n", "2",
+                                           "-p", "no:cacheprovider", timeout=600)
+    result.assert_outcomes(passed=4)
+    err = result.stderr.str()
+    for worker in ("gw0", "gw1"):
+        assert err.count(f"provisioner [{worker}]: warm pool of layer e2e") == 1, err
