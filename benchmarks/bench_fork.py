@@ -422,6 +422,7 @@ def markdown(results: dict[str, Any]) -> str:
         "- The parent imports only what its LM needs (a mock worker no longer imports google-genai:",
         "  ≈ 0.5 s of CPU at start-up; the parent's RSS fell from ≈ 92 to ≈ 66 MB), and the worker",
         "  says it is ready only once the first spare waits on the listener.",
+        *WHERE_THE_TIME_GOES,
         "- Before those changes, on a quiet machine (commit 92c3677, load 0.3 to 1, the lead's run of",
         "  this script): in the container paced p50 9.0 / p99 17.5 ms, back to back 6.4 / 19.9; threaded",
         "  10.1 / 20.8; host 8.9 / 14.5; PSS per idle child 9 967 kB; suite 6.66 s = pool start 2.77 s +",
@@ -432,6 +433,29 @@ def markdown(results: dict[str, Any]) -> str:
         "  the worker runs at most 17 processes, so the pids limit, not `memory = 1g`, is the bound.",
         "",
     ])
+
+
+# Findings of the profile behind the fork-mode changes (fixed text: measured once, under load, in CPU
+# time; the figures above are this run's). Kept in the generated section so --write-docs keeps them.
+WHERE_THE_TIME_GOES = [
+    "- Where a fork-mode worker's CPU goes, per connection (2026-11-30 16:00-16:35 UTC, load ≈ 13-17;",
+    "  CPU time, not wall: `benchmarks/bench_fork_child.py` for a child's stages, and a host",
+    "  `provision worker --fork` read through its children's CPU times): fork + exit ≈ 3 ms, building",
+    "  the child's service ≈ 2 ms, the spare's warm-up 7 ms (14 ms before commit 6978039), `hello` +",
+    "  create + execute ≈ 5.3 ms, the socket server path and the parent's bookkeeping ≈ 5 ms more:",
+    "  ≈ 22-25 ms per connection, all on the one worker's 1-CPU quota, which is the floor of a",
+    "  sequential suite (the lead's quiet profile: 27 ms per test). At the same load the host's pytest",
+    "  process spent ≈ 17 ms of CPU per test (setup 7.7, call 2.8, teardown 1.6, the rest pytest's",
+    "  own) and the relay ≈ 8 ms (cgroup `cpuacct.usage`). A worker's start imports DSPy: 1.1-1.6 s",
+    "  of CPU, of which 0.26-0.41 s were DSPy's stack walks for its missing optional numpy (gone",
+    "  since commit 29f11ff: `provisioner/_dspy_import.py`).",
+    "- Tried and not kept: opening the next test's connection in the background (the lead, load ≈ 1:",
+    "  setup p50 6 → 2.4 ms, call p50 → 15.4 ms, suite unchanged: the work moved); pre-copying, with",
+    "  `madvise(MADV_POPULATE_WRITE)`, the ≈ 1 460 pages a probe child learned a first execution",
+    "  copies (`/proc/self/pagemap`, bit 56): the kernel spends as much per page (≈ 7 µs at load ≈ 16)",
+    "  as the faults did; caching the relay's lookup of the worker's alias: back to back it costs",
+    "  0.11 ms p50 (0.08 ms CPU) in a container, paced 2.1 ms.",
+]
 
 
 def hop_rows(cont: dict[str, Any]) -> list[str]:
