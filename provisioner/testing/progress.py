@@ -19,8 +19,8 @@ class Phases:
 
     ``process``: this is one of several processes writing to one terminal (an xdist worker, whose
     stderr is the terminal's): each phase is then **one whole line** when it starts, prefixed
-    ``provisioner [gw0]:`` (plus a line if it fails), so processes waiting for the run's pool
-    say so without their half-lines interleaving."""
+    ``provisioner [gw0]:`` and on a line of its own (plus a line if it fails), so processes
+    waiting for the run's pool say so without their text joining the controller's progress."""
 
     def __init__(
         self, write: Callable[[str], None], *, console: Any = None, process: str | None = None
@@ -35,11 +35,12 @@ class Phases:
         TTY only). A failure is reported on the same line and re-raised."""
         started = time.monotonic()
         if self._process is not None:
-            self._write(f"provisioner [{self._process}]: {title} …\n")
+            # Leading newline: the controller's progress (". s F") may be mid-line on the terminal.
+            self._write(f"\nprovisioner [{self._process}]: {title} …\n")
             try:
                 yield lambda message: None
             except BaseException as exc:
-                self._write(f"provisioner [{self._process}]: {title}: failed: {exc}\n")
+                self._write(f"\nprovisioner [{self._process}]: {title}: failed: {exc}\n")
                 raise
             return
         if self._console is not None:

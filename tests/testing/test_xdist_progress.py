@@ -16,13 +16,13 @@ pytest_plugins = ["pytester"]
 def test_a_worker_process_writes_one_whole_line_per_phase() -> None:
     out = io.StringIO()
     with Phases(out.write, process="gw1").phase("warm pool of layer e2e: 1 worker") as update:
-        assert out.getvalue() == "provisioner [gw1]: warm pool of layer e2e: 1 worker …\n"  # while it runs
+        assert out.getvalue() == "\nprovisioner [gw1]: warm pool of layer e2e: 1 worker …\n"  # while it runs
         update("step")  # sub-steps are a terminal's
-    assert out.getvalue().count("\n") == 1
+    assert out.getvalue().count("\n") == 2  # on a line of its own: the controller's dots may be mid-line
     with pytest.raises(RuntimeError), Phases(out.write, process="gw1").phase("warm pool") as _:
         raise RuntimeError("worker did not start")
-    assert out.getvalue().endswith("provisioner [gw1]: warm pool …\n"
-                                   "provisioner [gw1]: warm pool: failed: worker did not start\n")
+    assert out.getvalue().endswith("\nprovisioner [gw1]: warm pool …\n"
+                                   "\nprovisioner [gw1]: warm pool: failed: worker did not start\n")
 
 
 SUITE = """
