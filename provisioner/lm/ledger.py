@@ -519,8 +519,9 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
                      "not counted against lm.monthly_budget_usd (a run's lm.cost_limit_usd counted them at "
                      f"list prices: ${report.total.standin_list_cost_usd:.6f})")
     if report.total.refused:
+        them = "it before it was" if sum(report.total.refused.values()) == 1 else "them before they were"
         lines.append(f"{refused_text(report.total.refused, report.total.limits)}: the run's limits stopped "
-                     "them before they were sent (not in the calls above)")
+                     f"{them} sent (not in the calls above)")
     if report.total.estimated_calls:
         lines.append(f"{report.total.estimated_calls} calls came back without a token count and were booked "
                      "at their worst case (ledger usage: \"estimated\")")

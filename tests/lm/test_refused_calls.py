@@ -56,7 +56,7 @@ def test_a_call_over_the_cost_limit_is_a_refused_line_and_counted(
     report = cost_report([tmp_path / "ledger.jsonl"])
     assert report.total.refused == {"cost_limit": 1} and report.total.calls == sent  # not a call
     text = format_cost_report(report)
-    assert "1 call refused (cost limit $0.00002): the run's limits stopped them" in text
+    assert "1 call refused (cost limit $0.00002): the run's limits stopped it before it was sent" in text
 
 
 def test_a_call_without_a_rate_limit_slot_is_counted_as_refused_by_the_rate_limit(
