@@ -109,3 +109,49 @@ def sigint_default() -> Iterator[None]:
 def _docker_marker(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("docker") is not None:
         request.getfixturevalue("docker_engine")
+
+
+# The fast tier's heaviest files, heaviest first (seconds of setup + call + teardown summed over the
+# file's tests; serial run on a quiet machine, commit cdfea18, 2026-11-30; benchmarks/bench_test_suite.py
+# prints the current figures). The README's command runs the suite on two xdist workers with
+# `--dist loadfile` (a file's tests in one process, so its module fixtures start once), and
+# `--no-loadscope-reorder` (pyproject's addopts) makes xdist hand out files in collection order
+# instead of by test count: with the heaviest first, the last files to start are small ones and the
+# two workers finish close together (longest-processing-time-first scheduling). A stale list costs
+# balance, never correctness; files not listed keep their collection order after these.
+HEAVY_FIRST = (
+    "tests/bridge/test_forking.py",  # 82 s
+    "tests/test_pytest_plugin.py",  # 59 s
+    "tests/testing/test_completeness.py",  # 43 s
+    "tests/runtime/test_docker_layers.py",  # 39 s
+    "tests/history/test_plugin_history.py",  # 35 s
+    "tests/testing/test_one_run.py",  # 22 s
+    "tests/testing/test_network.py",  # 22 s
+    "tests/runtime/test_docker_isolation.py",  # 22 s
+    "tests/bridge/test_access.py",  # 21 s
+    "tests/lm/test_cached.py",  # 20 s
+    "tests/bridge/test_fairness.py",  # 16 s
+    "tests/lm/test_cassette_runs.py",  # 15 s
+    "tests/bridge/test_worker_tcp.py",  # 15 s
+    "tests/lm/test_activation.py",  # 13 s
+    "tests/history/test_shards.py",  # 13 s
+    "tests/bridge/test_server_limits.py",  # 12 s
+    "tests/testing/test_killed_parts.py",  # 12 s
+    "tests/bridge/test_server_paths.py",  # 11 s
+    "tests/runtime/test_docker_run_command.py",  # 11 s
+    "tests/bridge/test_regex_rules.py",  # 11 s
+    "tests/testing/test_worker_logs.py",  # 11 s
+    "tests/runtime/test_docker_repair.py",  # 11 s
+)
+
+
+def heavy_rank(nodeid: str) -> int:
+    """Where a test's file comes in :data:`HEAVY_FIRST` (files not listed: after all of them)."""
+    path = nodeid.split("::", 1)[0]
+    return HEAVY_FIRST.index(path) if path in HEAVY_FIRST else len(HEAVY_FIRST)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heaviest files first (see :data:`HEAVY_FIRST`); a stable sort, so every xdist worker orders
+    alike (xdist checks that their collections are equal) and a file's tests keep their order."""
+    items.sort(key=lambda item: heavy_rank(item.nodeid))

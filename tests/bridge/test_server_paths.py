@@ -216,19 +216,32 @@ def test_an_execution_answered_first_gets_no_timeout_reply_too(serve: Any) -> No
 # --- lifecycle -------------------------------------------------------------------------------------------
 
 
-def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+def test_listen_on_a_taken_port_raises_and_leaks_no_descriptor(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every socket ``listen`` makes is closed when the bind fails. Counted per socket the code under
+    test creates, not as the process's open descriptors: other threads of the process (an xdist
+    worker's execnet channel, a pool's health checks) open and close descriptors meanwhile."""
+    made: list[socket.socket] = []
 
+    class Recorded(socket.socket):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if threading.current_thread() is caller:
+                made.append(self)
 
-def test_listen_on_a_taken_port_raises_and_leaks_no_descriptor(serve: Any) -> None:
     _, port = serve()
     other = BridgeServer(BridgeService(LM), pids=None)
+    caller = threading.current_thread()
     try:
-        before = _open_fds()
+        monkeypatch.setattr(socket, "socket", Recorded)
         with pytest.raises(OSError):
             other.listen("127.0.0.1", port)
-        assert _open_fds() <= before
+        monkeypatch.undo()
+        assert made, "listen made no socket: the check would see nothing"
+        assert [s for s in made if s.fileno() != -1] == []
     finally:
+        monkeypatch.undo()
         assert other.close(timeout=5)
 
 
