@@ -155,3 +155,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Heaviest files first (see :data:`HEAVY_FIRST`); a stable sort, so every xdist worker orders
     alike (xdist checks that their collections are equal) and a file's tests keep their order."""
     items.sort(key=lambda item: heavy_rank(item.nodeid))
+
+
+# Files whose tests share a costly session fixture: under `--dist loadfile` each file may land on
+# another xdist worker, and each worker then builds the fixture itself. tests/history's
+# `three_runs` (three pytest runs of a suite, one under xdist: ≈ 18 s) was built twice that way
+# (tests/history/test_report_page.py took 25 s under -n 2 against 0.2 s serial).
+SAME_WORKER = {
+    "tests/history/test_plugin_history.py": "tests/history (three_runs, standin_run)",
+    "tests/history/test_report_page.py": "tests/history (three_runs, standin_run)",
+}
+
+
+def file_scope(nodeid: str) -> str:
+    """The xdist work unit of a test: its file, or its group of :data:`SAME_WORKER`."""
+    path = nodeid.split("::", 1)[0]
+    return SAME_WORKER.get(path, path)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with :data:`SAME_WORKER`'s files as one unit (xdist's own scheduler, its
+    scope function replaced); any other `--dist` mode is xdist's own."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureFiles(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return file_scope(nodeid)
+
+    return SharedFixtureFiles(config, log)

@@ -47,6 +47,11 @@ def test_the_readme_command_runs_on_two_xdist_workers_heaviest_files_first() -> 
     assert [path for path in conftest.HEAVY_FIRST if not (ROOT / path).is_file()] == []
     ranks = [conftest.heavy_rank(f"{path}::test_x") for path in conftest.HEAVY_FIRST]
     assert ranks == sorted(ranks) and conftest.heavy_rank("tests/test_files.py::t") == len(ranks)
+    # Files sharing a costly session fixture are one xdist work unit; the rest are their own file.
+    assert [path for path in conftest.SAME_WORKER if not (ROOT / path).is_file()] == []
+    units = {conftest.file_scope(f"{path}::test_x") for path in conftest.SAME_WORKER}
+    assert len(units) == len(set(conftest.SAME_WORKER.values()))
+    assert conftest.file_scope("tests/test_files.py::test_x[a::b]") == "tests/test_files.py"
 
 
 SLOW_TIER = ".venv/bin/python -m pytest -q -m slow"
