@@ -114,9 +114,9 @@ def _docker_marker(request: pytest.FixtureRequest) -> None:
 # The fast tier's heaviest files, heaviest first (seconds of setup + call + teardown summed over the
 # file's tests; serial run on a quiet machine, commit cdfea18, 2026-11-30; benchmarks/bench_test_suite.py
 # prints the current figures). The README's command runs the suite on two xdist workers with
-# `--dist loadfile` (a file's tests in one process, so its module fixtures start once), and
-# `--no-loadscope-reorder` (pyproject's addopts) makes xdist hand out files in collection order
-# instead of by test count: with the heaviest first, the last files to start are small ones and the
+# `--dist loadfile` (a file's tests in one process, so its module fixtures start once), and the
+# scheduler below hands out files in collection order (xdist's `--no-loadscope-reorder`) instead of
+# by test count: with the heaviest first, the last files to start are small ones and the
 # two workers finish close together (longest-processing-time-first scheduling). A stale list costs
 # balance, never correctness; files not listed keep their collection order after these.
 HEAVY_FIRST = (
@@ -173,12 +173,17 @@ def file_scope(nodeid: str) -> str:
     return SAME_WORKER.get(path, path)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadfile` with :data:`SAME_WORKER`'s files as one unit (xdist's own scheduler, its
-    scope function replaced); any other `--dist` mode is xdist's own."""
+    scope function replaced), handed out in collection order, i.e. :data:`HEAVY_FIRST` first (as
+    `--no-loadscope-reorder`: set here, not in addopts, where `-p no:xdist` would reject it); any
+    other `--dist` mode is xdist's own."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
 
     class SharedFixtureFiles(LoadFileScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:

@@ -29,17 +29,14 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_the_readme_command_runs_on_two_xdist_workers_heaviest_files_first() -> None:
-    """`-n 2 --dist loadfile` (a file's tests in one process), and xdist hands out files in collection
-    order (`--no-loadscope-reorder` in addopts), which tests/conftest.py sorts heaviest first; every
-    file of that list exists (a renamed heavy file would silently lose its place)."""
+    """`-n 2 --dist loadfile` (a file's tests in one process); tests/conftest.py's scheduler hands
+    files out in collection order, which it sorts heaviest first; every file of that list exists (a
+    renamed heavy file would silently lose its place)."""
     import importlib.util
     import shlex
-    import tomllib
 
     command = shlex.split(_readme_commands()[1].split("&&", 1)[1])
     assert command[command.index("-n") + 1] == "2" and command[command.index("--dist") + 1] == "loadfile"
-    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert "--no-loadscope-reorder" in shlex.split(options["addopts"])
     spec = importlib.util.spec_from_file_location("suite_conftest", ROOT / "tests" / "conftest.py")
     assert spec is not None and spec.loader is not None
     conftest = importlib.util.module_from_spec(spec)
