@@ -95,7 +95,7 @@ def _ignore_sigint() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sigint", ["ignored", "default"])
 def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
-    docker_engine: Any, tmp_path: Path, sigint: str
+    docker_engine: Any, tmp_path: Path, sigint: str, request: pytest.FixtureRequest
 ) -> None:
     """`pytest -n 2` (a container layer, one pool shared by both xdist workers), the controller SIGKILLed
     while both workers run a test: every container and network of the run goes, and no process of it is
@@ -103,6 +103,8 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
     see execnet's interrupt)."""
     import psutil
 
+    if sigint == "default":  # also when this pytest inherited SIGINT ignored (a background job)
+        request.getfixturevalue("sigint_default")
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'killed-controller'\n")
     out = tmp_path / "out"
     out.mkdir()
@@ -152,6 +154,7 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sigint_default")  # the pytest it starts has SIGINT at its default, as in a terminal
 def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
     docker_engine: Any, tmp_path: Path
 ) -> None:
