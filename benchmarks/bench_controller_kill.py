@@ -1,4 +1,4 @@
-"""Killed parts: SIGKILL of the pytest controller under xdist (issue 14, item 9).
+"""Killed parts: SIGKILL of the pytest controller under xdist (issue 14, item 9), and Ctrl-C of it.
 
 Usage::
 
@@ -15,6 +15,10 @@ sleep. Once both tests are running, the controller gets SIGKILL, and we poll eve
 Both are measured with SIGINT ignored in the controller and its workers (``signal.SIG_IGN`` in
 ``preexec_fn``: what a shell does to a background job of a script) and with the default handler.
 The controller runs in a session of its own, so the benchmark can clean up after a round that fails.
+
+**Ctrl-C** (the same suite, SIGINT to the controller's process group, as a terminal sends it to its
+foreground job): seconds until pytest has exited, until no container/network of the run is left, and
+until no process of the run is left.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _default_sigint() -> None:
+    """SIGINT at its default in the controller, as in a terminal, also when this script runs as a
+    background job (which inherits SIGINT ignored, and would hand that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_processes(run_id: str) -> list[Any]:
     """Live processes of the run: any whose command line or environment names the run id."""
     import psutil
@@ -104,7 +114,7 @@ def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
          "-p", "no:cacheprovider", "test_hold.py"],
         cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_ignore_sigint if sigint_ignored else None,
+        start_new_session=True, preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint,
     )
     run_id = ""
     try:
@@ -129,6 +139,47 @@ def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
                 marks["processes"] = now
             time.sleep(0.05)
         for key in ("resources", "processes"):
+            marks.setdefault(key, float("inf"))
+        return marks
+    finally:
+        _cleanup(proc, run_id)
+
+
+def ctrl_c_round(client: Any) -> dict[str, float]:
+    """SIGINT to the process group of a 2-worker xdist run once its tests run; seconds until pytest
+    exited and until the run is clean."""
+    import psutil
+
+    folder, env = scratch_project()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
+         "-p", "no:cacheprovider", "test_hold.py"],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_default_sigint,
+    )
+    run_id = ""
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((folder / "out").iterdir())) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the scratch suite did not start (exit {proc.poll()}) in {folder}")
+            time.sleep(0.1)
+        run_id = next((folder / ".provision" / "runs").iterdir()).name
+        watched = {p.pid: p for p in run_processes(run_id)}
+        watched.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+        start = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGINT)
+        marks: dict[str, float] = {}
+        while time.perf_counter() - start < DEADLINE_S and len(marks) < 3:
+            now = time.perf_counter() - start
+            if "exit" not in marks and proc.poll() is not None:
+                marks["exit"] = now
+            if "resources" not in marks and not resources(client, run_id):
+                marks["resources"] = now
+            if "processes" not in marks and not [p for p in watched.values() if _lives(p)]:
+                marks["processes"] = now
+            time.sleep(0.05)
+        for key in ("exit", "resources", "processes"):
             marks.setdefault(key, float("inf"))
         return marks
     finally:
@@ -173,6 +224,12 @@ def measure(rounds: int) -> dict[str, Any]:
                   "max": max(s[key] for s in samples), "n": len(samples)}
             for key in ("resources", "processes")
         }
+    samples = [ctrl_c_round(client) for _ in range(rounds)]
+    results["ctrl_c"] = {
+        key: {"median": statistics.median(s[key] for s in samples), "min": min(s[key] for s in samples),
+              "max": max(s[key] for s in samples), "n": len(samples)}
+        for key in ("exit", "resources", "processes")
+    }
     return results
 
 
@@ -196,6 +253,18 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
             f"| {label} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {p['median']:.2f} "
             f"| {p['min']:.2f} | {p['max']:.2f} | ≤ 3 s / ≤ 10 s |"
         )
+    c = results["ctrl_c"]
+    lines += [
+        "",
+        "Ctrl-C (SIGINT to the controller's process group, as a terminal sends it): seconds from the "
+        "signal until pytest exited, until no container/network of the run is left, until no process of "
+        "it is left; median (min to max).",
+        "",
+        "| pytest exited | no container/network left | no process left |",
+        "|---:|---:|---:|",
+        "| " + " | ".join(f"{c[k]['median']:.2f} ({c[k]['min']:.2f} to {c[k]['max']:.2f})"
+                         for k in ("exit", "resources", "processes")) + " |",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -207,9 +276,10 @@ def write_docs(text: str) -> None:
     else:
         end = doc.find("\n## ", start + len(SECTION))
         keep = "" if end == -1 else doc[end:]
-        # Notes under the table (lines after it up to the next section) are kept.
+        # Notes under the tables (the bullet list after them, up to the next section) are kept.
         old = doc[start:] if end == -1 else doc[start:end]
-        notes = old.split("\n\n", 3)[3] if old.count("\n\n") >= 3 else ""
+        at = old.find("\n\n- ")
+        notes = old[at + 2:] if at != -1 else ""
         doc = doc[:start] + text + ("\n" + notes.rstrip("\n") + "\n" if notes.strip() else "") + keep
     DOC.write_text(doc)
 
