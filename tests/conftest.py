@@ -95,13 +95,16 @@ def sigint_default() -> Iterator[None]:
     then becomes no KeyboardInterrupt in this process, and a `provision up` child ignores it — both
     Ctrl-C tests failed that way in every `-n 2` run of the suite that a script started in the
     background. A caught signal is back at its default in a child after exec, so children started
-    during the test get SIGINT at its default too. Put back at the end."""
+    during the test get SIGINT at its default too. SIGINT is also unblocked in this thread (a blocked
+    signal stays pending, here and in children, which inherit the mask). Both put back at the end."""
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, previous)
 
 
