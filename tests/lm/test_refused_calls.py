@@ -126,3 +126,7 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
     assert report.exit_code == 0 and "1 call refused (cost limit $0.00002)" in report.output, report.output
     page = CliRunner().invoke(main, ["report", "markdown"], env=env)
     assert page.exit_code == 0 and "**1 LM call refused**" in page.output, page.output
+    html = CliRunner().invoke(main, ["report", "html", "--out", str(pytester.path / "page")], env=env)
+    assert html.exit_code == 0, html.output
+    text = (pytester.path / "page" / "index.html").read_text()
+    assert 'data-lm-refused="1">1 LM call was refused by the run\'s cost or rate limit' in text
