@@ -5,7 +5,6 @@ The public API is re-exported here; everything else is internal.
 
 from typing import TYPE_CHECKING, Any
 
-from provisioner import _dspy_import
 from provisioner.errors import (
     BridgeConnectionError,
     BridgeError,
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
     from provisioner.api import Environment, environment, open_environment
 
 __version__ = "0.1.0"
-
-_dspy_import.install()  # `import dspy` without five full stack walks (see the module)
 
 # Host-side API, imported on first use: `import provisioner` also runs inside worker containers,
 # whose image carries only what the worker needs (no docker, testcontainers or polyfactory).

@@ -10,7 +10,8 @@ worker image nor a dependency): 264-406 ms of CPU of a 1.1-1.6 s ``import dspy``
 worker container pays it on its way to ready (the pool's start) and every pytest session at
 collection.
 
-:func:`install` (run when ``provisioner`` is imported) adds a one-shot import hook: when
+:func:`install` (run when the worker's entry point, ``provisioner.bridge.worker``, is imported —
+only in a worker's own process, never in a user's pytest process) adds a one-shot import hook: when
 ``dspy.utils.lazy_import`` is loaded, its module-level name ``inspect`` is replaced by a proxy whose
 ``stack()`` builds only the two nearest frames (``require`` and its caller: all ``require`` reads)
 and which hands every other attribute to the real ``inspect``. Nothing outside that one DSPy module

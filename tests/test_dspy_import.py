@@ -1,4 +1,5 @@
-"""`import provisioner` makes DSPy's import skip its full stack walks (provisioner/_dspy_import.py)."""
+"""A worker's process imports DSPy without its full stack walks (provisioner/_dspy_import.py); a user's
+process that imports provisioner keeps DSPy as installed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import inspect, sys
 real = inspect.stack
 calls = []
 inspect.stack = lambda *a, **k: calls.append(1) or real(*a, **k)
-import provisioner
+import provisioner.bridge.worker
 import dspy
 print("walks", len(calls))
 from dspy.utils.lazy_import import require
@@ -45,3 +46,22 @@ def test_the_real_inspect_is_untouched(tmp_path: Path) -> None:
     script.write_text("import inspect\nimport provisioner\nimport dspy\n"
                       "print(inspect.stack.__module__, len(inspect.stack()) == 1)\n")
     assert run(script).split() == ["inspect", "True"]
+
+
+USER = """
+import inspect
+real = inspect.stack
+calls = []
+inspect.stack = lambda *a, **k: calls.append(1) or real(*a, **k)
+import provisioner, provisioner.pytest_plugin
+import dspy
+import dspy.utils.lazy_import as lazy
+print("walks", len(calls), lazy.inspect is inspect)
+"""
+
+
+def test_a_users_process_importing_provisioner_keeps_dspy_as_installed(tmp_path: Path) -> None:
+    script = tmp_path / "user.py"
+    script.write_text(USER)
+    out = run(script)
+    assert "walks 0" not in out and out.strip().endswith("True"), out

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
+from provisioner import _dspy_import
 from provisioner.bridge.programs import DEFAULT_MAX_PROGRAMS, DEFAULT_MAX_SESSIONS
 from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV, DEFAULT_MAX_FRAME_BYTES
 from provisioner.bridge.server import (
@@ -32,6 +33,11 @@ from provisioner.bridge.server import (
 from provisioner.bridge.service import BridgeService
 from provisioner.errors import ConfigError
 from provisioner.lmconfig import LMConfig
+
+# In the worker's own process only (none of the imports above imports DSPy): `import dspy` without
+# five full stack walks (see the module).
+# Not at `import provisioner`: a user's pytest process keeps DSPy exactly as they installed it.
+_dspy_import.install()
 
 log = logging.getLogger("provisioner.bridge")
 
