@@ -205,3 +205,21 @@ def test_provision_run_s_check_passes_an_engine_lost_during_a_worker_s_replaceme
         rt.available = True
         env.stop()
     assert rt.containers == {}  # the half-made replacement went with the run too
+
+
+def test_a_relay_re_created_while_every_worker_is_dead_waits_for_none(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """Dead workers are their replacer's: the relay comes back at once, on the same ports."""
+    rt, _ = fake
+    env = _env(settings, fake)
+    try:
+        for w in env.workers:
+            rt.crash(w.name)
+        new_id = rebind_relay(rt, env.plan.relay.name, _published(env), env.probe, timeout_s=0.0)
+        assert [rt.published_port(new_id, env.plan.relay_port_for(w.slot)) for w in env.workers] == [
+            w.port for w in env.workers
+        ]
+    finally:
+        env.stop()
+    assert rt.containers == {}  # the run's cleanup removes the relay by name, whatever its id
