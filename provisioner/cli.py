@@ -912,12 +912,15 @@ def history_list(limit: int, as_json: bool) -> None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, right in (("run", False), ("started (UTC)", False), ("layers", False), ("passed", True),
                         ("failed", True), ("error", True), ("skipped", True), ("duration s", True),
-                        ("billed $", True), ("revision", False)):
+                        ("billed $", True), ("ended", False), ("revision", False)):
         table.add_column(name, justify="right" if right else "left")
+    from provisioner.reporting.dashboard import run_ended
+
     for run in runs:
         table.add_row(run["run_id"], run["started_at"][:19].replace("T", " "), "/".join(run["layers"]),
                       str(run["passed"]), str(run["failed"]), str(run["error"]), str(run["skipped"]),
-                      f"{run['duration_s']:.1f}", f"{run['cost_usd']:.4f}", (run["revision"] or "-")[:20])
+                      f"{run['duration_s']:.1f}", f"{run['cost_usd']:.4f}", run_ended(run),
+                      (run["revision"] or "-")[:20])
     _print_table(table)
 
 

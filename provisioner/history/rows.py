@@ -100,6 +100,10 @@ class TestRowCollector:
         self.run_id = run_id
         self.layer = layer
         self.rows: dict[str, TestRow] = {}
+        # Tests pytest gave an outcome: a call report, a setup that failed or skipped, a teardown
+        # error, a crashed worker's report. A test with none (cut off by Ctrl-C in its call, or a
+        # --setup-plan run that sets up and tears down without calling) is not a row.
+        self.decided: set[str] = set()
 
     def logreport(self, report: Any) -> None:
         """Take one phase's report (``nodeid``, ``when``, ``outcome``, ``duration``, ``start``,
@@ -116,6 +120,10 @@ class TestRowCollector:
         xdist_worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
         if xdist_worker is not None:
             row["xdist_worker"] = str(xdist_worker)
+        if when == "call" or outcome == "rerun" or (when != "setup" and outcome == "failed") or (
+            when == "setup" and outcome != "passed"
+        ):
+            self.decided.add(node_id)
         if outcome == "rerun":  # pytest-rerunfailures: this attempt failed and will run again
             row["reruns"] += 1
             row["setup_s"] = row["call_s"] = row["teardown_s"] = 0.0
@@ -171,7 +179,8 @@ class TestRowCollector:
                 row["leaks"] = [[kind, name] for kind, name in found]
 
     def test_rows(self) -> list[TestRow]:
-        return [self.rows[k] for k in sorted(self.rows)]
+        """The rows of the tests pytest gave an outcome, by node id (see ``decided``)."""
+        return [self.rows[k] for k in sorted(self.rows) if k in self.decided]
 
 
 def apply_ledger(rows: Iterable[TestRow], by_test: Mapping[str, Any]) -> None:

@@ -63,6 +63,19 @@ class Dashboard:
         return sorted((t for t in self.tests.values() if t.leaks), key=lambda t: (-t.leaks, t.node_id))
 
 
+# pytest's exit statuses (pytest.ExitCode), as a run's "ended" column says them.
+EXIT_STATUS_NAMES = {0: "passed", 1: "tests failed", 2: "interrupted", 3: "internal error", 4: "usage error",
+                     5: "no tests collected"}
+
+
+def run_ended(run: RunRow) -> str:
+    """How the run ended, from pytest's exit status: ``passed``, ``tests failed``, ``interrupted``
+    (Ctrl-C: its counts stop there), ``internal error``, ``usage error``, ``no tests collected``,
+    or ``exit status N`` for any other."""
+    status = int(run["exit_status"])
+    return EXIT_STATUS_NAMES.get(status, f"exit status {status}")
+
+
 def pass_rate(run: RunRow) -> float | None:
     """Passed / (passed + failed + error), in percent; None for a run with none of them."""
     judged = run["passed"] + run["failed"] + run["error"]

@@ -18,7 +18,7 @@ from provisioner._files import atomic_write
 from provisioner.history.analysis import TestSummary
 from provisioner.history.store import RunRow, TestRow
 from provisioner.lm.pricing import format_cost as _usd
-from provisioner.reporting.dashboard import Dashboard, pass_rate
+from provisioner.reporting.dashboard import Dashboard, pass_rate, run_ended
 
 PAGE_FILE = "index.html"
 _SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.DOTALL)
@@ -211,6 +211,7 @@ def _trends(board: Dashboard, runs: list[RunRow]) -> str:
             _e(r["run_id"]),
             _e(r["started_at"][:19]),
             f"{r['passed']}/{r['tests']}",
+            _e(run_ended(r)),
             "-" if pass_rate(r) is None else f"{pass_rate(r):.1f}",
             f"{r['duration_s']:.1f}",
             f'<span data-cost-usd="{r["cost_usd"]!r}">{_usd(r["cost_usd"])}</span>',
@@ -220,7 +221,7 @@ def _trends(board: Dashboard, runs: list[RunRow]) -> str:
         for r in reversed(recent)
     )
     table = _table(
-        ["run", "started (UTC)", "passed", "pass rate %", "duration s", "cost", "LM calls", "leaks"],
+        ["run", "started (UTC)", "passed", "ended", "pass rate %", "duration s", "cost", "LM calls", "leaks"],
         rows,
         table_id="runs",
         numeric={2, 3, 4, 5, 6, 7},

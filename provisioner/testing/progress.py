@@ -40,7 +40,7 @@ class Phases:
             try:
                 yield lambda message: None
             except BaseException as exc:
-                self._write(f"\nprovisioner [{self._process}]: {title}: failed: {exc}\n")
+                self._write(f"\nprovisioner [{self._process}]: {title}: {_outcome(exc)}\n")
                 raise
             return
         if self._console is not None:
@@ -54,7 +54,7 @@ class Phases:
                 try:
                     yield lambda message: status.update(line(f"provisioner: {title}: {message}"))
                 except BaseException as exc:
-                    self._console.print(f"provisioner: {title}: [red]failed[/red]: {escape(str(exc))}",
+                    self._console.print(f"provisioner: {title}: [red]{escape(_outcome(exc))}[/red]",
                                         markup=True, highlight=False)
                     raise
             self._console.print(f"provisioner: {title}: [green]✓[/green] {time.monotonic() - started:.1f} s",
@@ -64,6 +64,14 @@ class Phases:
         try:
             yield lambda message: None
         except BaseException as exc:
-            self._write(f"failed: {exc}\n")
+            self._write(f"{_outcome(exc)}\n")
             raise
         self._write(f"done in {time.monotonic() - started:.1f} s\n")
+
+
+def _outcome(exc: BaseException) -> str:
+    """How a phase ended early: ``interrupted (Ctrl-C)`` for a KeyboardInterrupt (its text is empty),
+    else ``failed: <the error>`` (the error's type when it has no text)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"failed: {exc or type(exc).__name__}"

@@ -203,3 +203,12 @@ def test_first_test_is_not_charged_for_image_and_pool(pytester: pytest.Pytester,
     if workers is None:
         assert "provisioner: warm pool of layer quick: 1 worker … done in " in out
         assert out.index("warm pool") < out.index("test_quick.py ")
+
+
+@pytest.mark.parametrize("process", [None, "gw0"])
+def test_a_phase_cut_off_by_ctrl_c_says_interrupted_not_an_empty_failure(process: str | None) -> None:
+    # A trial's Ctrl-C of `pytest -n 2` while the pool warmed printed "…: failed: " with no reason.
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Phases(out.write, process=process).phase("warm pool") as _:
+        raise KeyboardInterrupt
+    assert "interrupted (Ctrl-C)" in out.getvalue() and "failed" not in out.getvalue()
