@@ -23,6 +23,12 @@ import socket
 import sys
 
 BUFFER = 256 * 1024
+# The longest the relay waits for a worker to accept its half of a client's connection (seconds).
+# A worker killed while the bridge network's neighbour entry for it is still valid drops the
+# relay's SYNs without a reply; the kernel then retries for about two minutes (a new user's client
+# hung 40-60 s during a heal, then reached the replacement that took the old address). Past this,
+# the client's connection is closed like one to a worker that is not there: it retries or reports.
+CONNECT_TIMEOUT_S = 5.0
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -38,12 +44,15 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
-def _handler(host: str, port: int):  # type: ignore[no-untyped-def]
+def _handler(host: str, port: int, connect_timeout_s: float):  # type: ignore[no-untyped-def]
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
-        except OSError:
-            # The worker is not there (yet, or any more): close, the client retries or reports.
+            upstream_reader, upstream_writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), connect_timeout_s
+            )
+        except OSError:  # TimeoutError (wait_for) is an OSError too
+            # The worker is not there (yet, or any more), or does not answer: close, the client
+            # retries or reports.
             client_writer.close()
             return
         try:
@@ -78,10 +87,12 @@ async def serve(
     *,
     bind: str = "0.0.0.0",  # noqa: S104 - inside its container; only 127.0.0.1 is published
     handle_signals: bool = True,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> None:
-    """Listen on every route's port on ``bind`` and forward until SIGTERM/SIGINT (or cancellation)."""
+    """Listen on every route's port on ``bind`` and forward until SIGTERM/SIGINT (or cancellation).
+    A client's connection is closed when its worker does not accept within ``connect_timeout_s``."""
     servers = [
-        await asyncio.start_server(_handler(host, port), bind, listen, reuse_address=True)
+        await asyncio.start_server(_handler(host, port, connect_timeout_s), bind, listen, reuse_address=True)
         for listen, host, port in routes
     ]
     print("PROVISION_RELAY_READY " + " ".join(f"{lp}={h}:{p}" for lp, h, p in routes), flush=True)

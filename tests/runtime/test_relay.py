@@ -97,6 +97,66 @@ def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: in
         thread.join(timeout=5)
 
 
+@pytest.fixture
+def unanswering_port() -> Iterator[int]:
+    """A loopback port whose SYNs go unanswered: a listener whose accept queue is full (Linux drops
+    SYNs then), like a killed worker's address behind a still-valid neighbour entry."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    try:
+        while True:  # fill the queue until a connect is not answered
+            probe = socket.socket()
+            probe.settimeout(0.5)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                probe.close()
+                break
+            queued.append(probe)
+            assert len(queued) < 64, "the accept queue never filled"
+        yield port
+    finally:
+        for conn in queued:
+            conn.close()
+        listener.close()
+
+
+def test_a_worker_that_does_not_answer_closes_the_clients_connection(unanswering_port: int) -> None:
+    """A new user's client hung 40-60 s on a connection made while its worker was being replaced:
+    the relay waited for the kernel's SYN retries. It now gives up after its connect timeout."""
+    listen = _free_port()
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(serve([(listen, "127.0.0.1", unanswering_port)], bind="127.0.0.1",
+                                           handle_signals=False, connect_timeout_s=0.5)))
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task[0])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            try:
+                conn = socket.create_connection(("127.0.0.1", listen), timeout=1)
+                break
+            except OSError:
+                threading.Event().wait(0.01)
+        else:
+            pytest.fail("relay did not start")
+        with conn:
+            conn.settimeout(30)  # the kernel alone would retry the SYN for about two minutes
+            assert conn.recv(10) == b""  # closed by the relay, not left hanging
+    finally:
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(timeout=5)
+
+
 def test_check_passes_when_every_port_accepts_and_names_the_first_that_does_not(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
