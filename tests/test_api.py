@@ -271,6 +271,8 @@ def test_sessions_attached_to_one_provision_up_count_only_their_own_lm_calls(
                     test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
                     test.adapter.execute_program("qa", {"question": "same question"})
                 properties = run.test_properties(test_id)
+                # pytest's reports of a test that ran: its call, then its teardown with the properties
+                run.rows.logreport(SimpleNamespace(nodeid=test_id, when="call", outcome="passed"))
                 run.rows.logreport(SimpleNamespace(nodeid=test_id, when="teardown", outcome="passed",
                                                    user_properties=properties))
             finally:
@@ -330,6 +332,7 @@ def test_sessions_attached_to_one_provision_up_at_the_same_time_count_only_their
             monkeypatch.delenv("PYTEST_CURRENT_TEST")
         for run in runs:
             properties[run.identity.run_id] = dict(run.test_properties(test_id))
+            run.rows.logreport(SimpleNamespace(nodeid=test_id, when="call", outcome="passed"))
             run.rows.logreport(SimpleNamespace(nodeid=test_id, when="teardown", outcome="passed",
                                                user_properties=list(properties[run.identity.run_id].items())))
         reports = []
