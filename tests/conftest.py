@@ -193,3 +193,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return file_scope(nodeid)
 
     return SharedFixtureFiles(config, log)
+
+
+SERVED_IMAGE = "provisioner-worker:served"  # the image tag tests' served in-memory engines know
+
+
+@pytest.fixture
+def served() -> Iterator[Any]:
+    """An in-memory engine that runs real bridge servers and relays in-process
+    (``FakeRuntime(serve=True)``), knowing the image ``SERVED_IMAGE``; closed after the test."""
+    from provisioner.runtime.engine.fake import FakeRuntime
+
+    runtime = FakeRuntime(images=(SERVED_IMAGE,), serve=True)
+    try:
+        yield runtime
+    finally:
+        runtime.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +45,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         f'[tool.provisioner]\nlm.cached_inner = "mock"\ncontainer.image = "{IMAGE}"\n'
     )
     return tmp_path
-
-
-@pytest.fixture
-def served() -> Iterator[FakeRuntime]:
-    runtime = FakeRuntime(images=(IMAGE,), serve=True)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def _of_run(runtime: FakeRuntime, run_id: str) -> list[str]:

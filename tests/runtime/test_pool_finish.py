@@ -4,7 +4,6 @@ session was ever opened (it used to stay "running" until the watchdog noticed th
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,15 +15,6 @@ from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings
 
 IMAGE = "provisioner-worker:served"
-
-
-@pytest.fixture
-def served() -> Iterator[FakeRuntime]:
-    runtime = FakeRuntime(images=(IMAGE,), serve=True)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 @pytest.mark.parametrize("sessions", [0, 1], ids=["no-session", "one-session"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,6 @@ from provisioner.settings import LayerSpec, Settings
 
 IMAGE = "provisioner-worker:served"
 SIGNATURE = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
-
-
-@pytest.fixture
-def served() -> Iterator[FakeRuntime]:
-    runtime = FakeRuntime(images=(IMAGE,), serve=True)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def _up(settings: Settings, runtime: FakeRuntime, **options: Any) -> Deployment:
