@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_fork.py [--connections 300] [--tests 200] [--naive-tests 10]
-                                              [--json] [--write-docs]
+    .venv/bin/python benchmarks/bench_fork.py [--connections 300] [--tests 200] [--naive-tests N]
+                                              [--parts latency,cpu,suite] [--json] [--write-docs]
 
 Method (real Docker engine; the worker image already built, as ``bash .ci/setup`` leaves it):
 
@@ -34,10 +34,16 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   worker after one ``execute_program`` (``get_stats`` → ``rss_bytes``), i.e. a full worker.
 * **Suite.** The 200-test suite of ``bench_suite.py`` (create a program ``qa`` and execute it
   once per test, through the plugin's ``isolated`` fixture), here on a pooled ``proc`` layer with
-  2 workers: every test on its own forked process. Side by side in the same run: the naive
-  testcontainers fixture of ``bench_suite.py`` (one worker container per test), timing
-  ``--naive-tests`` tests and extrapolating. Suite time is the run loop's wall clock (pool start
-  included); the ratio is naive / process.
+  2 workers: every test on its own forked process. Side by side in the same run, first: the naive
+  testcontainers fixture of ``bench_suite.py`` (one worker container per test) over the same
+  ``--tests`` tests (``--naive-tests N`` runs N and extrapolates, for a quick run; the docs then
+  say so). Suite time is the run loop's wall clock (pool start included); the ratio is naive /
+  process.
+* **CPU per test** (``cpu``): ``--tests`` sessions one after another through the Python API on the
+  same ``proc`` layer, each creating and executing ``qa`` on its own process; the CPU the worker
+  containers and the relay used meanwhile (their cgroups' counters, read on the engine's host) and
+  this process's ``time.process_time()``, divided by the tests. Wall-clock figures on this shared
+  machine swing with the load; these say where the work goes.
 """
 
 from __future__ import annotations
@@ -309,17 +315,91 @@ def suite(folder: Path, tests: int, naive_tests: int) -> dict[str, Any]:
     try:
         load_before = os.getloadavg()
         naive = bench_suite.run_side(folder, env, ["-p", "no:provisioner", "test_naive.py"], "naive")
+        naive["test_p50_ms"] = test_p50(folder / "times-naive.json")
+        load_between = os.getloadavg()
         ours = bench_suite.run_side(folder, env, ["--layer", "proc", "test_process.py"], "process")
+        ours["test_p50_ms"] = test_p50(folder / "times-process.json")
         ours["pool_start_s"] = ours["loop_s"] - ours["sum_tests_s"]
-        naive_suite = naive["test_mean_ms"] / 1000.0 * tests
+        # Measured over every test when --naive-tests equals --tests (the default); otherwise the
+        # mean of the measured ones times --tests, and the docs say how many were measured.
+        measured = naive_tests >= tests
+        naive_suite = naive["loop_s"] if measured else naive["test_mean_ms"] / 1000.0 * tests
         return {"image": image, "tests": tests, "naive_tests": naive_tests, "process": ours, "naive": naive,
-                "naive_suite_s": naive_suite, "ratio": naive_suite / ours["loop_s"],
-                "load_before": load_before, "load_after": os.getloadavg()}
+                "naive_suite_s": naive_suite, "naive_measured": measured,
+                "ratio": naive_suite / ours["loop_s"],
+                "load_before": load_before, "load_between": load_between, "load_after": os.getloadavg()}
     finally:
         mine = {"label": [f"{bench_suite.BENCH_LABEL}={env['BENCH_RUN']}"]}
         for c in rt.client.api.containers(all=True, filters=mine):
             rt.remove_container(c["Id"])
         rt.close()
+
+
+def test_p50(times: Path) -> float:
+    """p50 of a whole test (setup + call + teardown, ms) from a side's ``BENCH_TIMES`` file."""
+    per: dict[str, float] = {}
+    for nodeid, _when, duration, _outcome in json.loads(times.read_text())["rows"]:
+        per[nodeid] = per.get(nodeid, 0.0) + duration * 1000.0
+    return bench_suite.pct(list(per.values()), 0.5)
+
+
+def cgroup_cpu_ns(runtime: Any, container_id: str) -> int:
+    """CPU time (ns) the container's processes used so far: the cgroup's ``cpuacct.usage`` (v1) or
+    ``cpu.stat``'s ``usage_usec`` (v2) read on the engine's host, else the engine's stats API."""
+    full = runtime.client.api.inspect_container(container_id)["Id"]
+    for path in (Path(f"/sys/fs/cgroup/cpuacct/docker/{full}/cpuacct.usage"),
+                 Path(f"/sys/fs/cgroup/system.slice/docker-{full}.scope/cpu.stat"),
+                 Path(f"/sys/fs/cgroup/docker/{full}/cpu.stat")):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.name == "cpuacct.usage":
+            return int(text)
+        usage = dict(line.split() for line in text.splitlines())
+        return int(usage["usage_usec"]) * 1000
+    stats = runtime.client.api.stats(full, stream=False, one_shot=True)
+    return int(stats["cpu_stats"]["cpu_usage"]["total_usage"])
+
+
+def cpu_per_test(folder: Path, tests: int) -> dict[str, Any]:
+    """CPU per test, not wall time: ``tests`` sessions one after another through the Python API on the
+    ``proc`` layer (2 fork-mode workers), each doing the suite's test (create ``qa``, execute it),
+    with the CPU each worker container, the relay and this process used meanwhile (cgroup counters;
+    ``time.process_time()``). Also: how many workers the pool started and how the tests spread."""
+    from provisioner.api import open_environment
+    from provisioner.factories import ProgramFactory
+
+    load = os.getloadavg()
+    started = time.perf_counter()
+    env = open_environment("proc", project_dir=folder)
+    try:
+        with env.session() as first:  # the pool starts here
+            first.adapter.ping()
+        pool_start_s = time.perf_counter() - started
+        deployment = env.pool.environment
+        runtime = env.containers.runtime
+        workers = {w.name: w.container_id for w in deployment.workers}
+        relay = deployment.container_ids[deployment.plan.relay.name]
+        before = {name: cgroup_cpu_ns(runtime, cid) for name, cid in {**workers, "relay": relay}.items()}
+        host0 = time.process_time()
+        served: dict[str, int] = {}
+        for i in range(tests):
+            with env.session() as test:
+                worker = str(env.pool.session(test.session_id).worker)
+                served[worker] = served.get(worker, 0) + 1
+                test.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                test.adapter.execute_program("qa", {"question": f"q{i}"})
+        host_ms = (time.process_time() - host0) * 1000 / tests
+        env.pool.wait_cleanups(30)
+        after = {name: cgroup_cpu_ns(runtime, cid) for name, cid in {**workers, "relay": relay}.items()}
+        per_test = {name: (after[name] - before[name]) / 1e6 / tests for name in before}
+        return {"tests": tests, "workers_started": len(workers), "pool_start_s": pool_start_s,
+                "served": served, "host_ms": host_ms, "relay_ms": per_test.pop("relay"),
+                "workers_ms": sum(per_test.values()), "per_worker_ms": per_test,
+                "load": (load, os.getloadavg())}
+    finally:
+        env.close()
 
 
 def measure(connections: int, tests: int, naive_tests: int, parts: set[str]) -> dict[str, Any]:
@@ -333,8 +413,12 @@ def measure(connections: int, tests: int, naive_tests: int, parts: set[str]) -> 
         results["latency_load"] = (load, os.getloadavg())
         results["latency_commit"] = results["commit"]
         print(json.dumps(results), file=sys.stderr, flush=True)
+    (folder / "pyproject.toml").write_text(LAYERS.format(workers=2))
+    if "cpu" in parts:
+        results["cpu"] = cpu_per_test(folder, tests)
+        results["cpu"]["commit"] = results["commit"]
+        print(json.dumps(results["cpu"]), file=sys.stderr, flush=True)
     if "suite" in parts:
-        (folder / "pyproject.toml").write_text(LAYERS.format(workers=2))
         results["suite"] = suite(folder, tests, naive_tests)
         results["suite"]["commit"] = results["commit"]
     return results
@@ -368,7 +452,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Machine: {bench_suite.machine()}. Date: {time.strftime('%Y-%m-%d')}. Load average (1 min;",
         f"2 cores: above 2 other work competes) {l0[0]:.1f} → {l1[0]:.1f} during the latency part,",
-        f"{s['load_before'][0]:.1f} → {s['load_after'][0]:.1f} during the suite.",
+        f"{s['load_before'][0]:.1f} → {s.get('load_between', s['load_after'])[0]:.1f} during the naive side,"
+        f" → {s['load_after'][0]:.1f} during the process side.",
         "",
         "| connect → first `ping` reply, ms | p50 | p99 | min |",
         "|---|---:|---:|---:|",
@@ -398,10 +483,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"| isolation `process`: suite incl. pool start | {s['process']['loop_s']:.1f} |",
         "| isolation `process`: setup + teardown per test, p50 / p99 ms |"
         f" {s['process']['overhead_p50_ms']:.1f} / {s['process']['overhead_p99_ms']:.1f} |",
-        f"| naive container per test: suite (extrapolated from {s['naive_tests']} tests)"
-        f" | {s['naive_suite_s']:.1f} |",
-        f"| **ratio naive / process** (target ≥ 40{TIMES}) | {s['ratio']:.0f}{TIMES} |",
+        *naive_rows(s),
+        f"| **ratio naive / process** (target ≥ 40{TIMES}) | {s['ratio']:.1f}{TIMES} |",
         "",
+        *cpu_rows(results.get("cpu")),
         f"Target ratio ≥ 40{TIMES}: {met(s['ratio'] >= 40)} in this run. Per test at isolation `process`:"
         f" setup p50 {s['process']['setup_p50_ms']:.0f} ms (pool pick + connect + `hello` on a fresh"
         f" process), call p50 {s['process']['call_p50_ms']:.0f} ms (create + execute).",
@@ -458,6 +543,43 @@ WHERE_THE_TIME_GOES = [
 ]
 
 
+def naive_rows(s: dict[str, Any]) -> list[str]:
+    """The naive side's rows: measured over every test, or extrapolated (saying from how many)."""
+    naive = s["naive"]
+    p50 = naive.get("test_p50_ms")
+    per_test = [f"| naive container per test: one test (setup + call + teardown), p50 ms | {p50:.0f} |"
+                ] if p50 else []
+    if s.get("naive_measured"):
+        return [*per_test, f"| naive container per test: suite of the same {s['tests']} tests, measured"
+                           f" in this run | {s['naive_suite_s']:.1f} |"]
+    return [*per_test, f"| naive container per test: suite (mean of {s['naive_tests']} measured tests"
+                       f" {TIMES} {s['tests']}, extrapolated) | {s['naive_suite_s']:.1f} |"]
+
+
+def cpu_rows(cpu: dict[str, Any] | None) -> list[str]:
+    """The CPU-per-test table (the ``cpu`` part), absent when it was not measured."""
+    if not cpu:
+        return []
+    (l0, l1) = cpu["load"]
+    spread = ", ".join(str(n) for n in sorted(cpu["served"].values(), reverse=True))
+    return [
+        f"CPU per test, not wall time ({cpu['tests']} tests one after another through the Python API,",
+        f"each the suite's create + execute on its own process; commit {cpu['commit']}, load"
+        f" {l0[0]:.1f} → {l1[0]:.1f}):",
+        "the containers' cgroup CPU counters, `time.process_time()` of the host process. CPU figures",
+        "grow with the load too (caches and cores are shared): compare them at a similar load.",
+        "",
+        "| CPU per test | ms |",
+        "|---|---:|",
+        f"| fork-mode workers ({cpu['workers_started']} started with the pool; tests per worker: {spread})"
+        f" | {cpu['workers_ms']:.1f} |",
+        f"| relay container | {cpu['relay_ms']:.1f} |",
+        f"| host process (pytest-free: the API's session, client, pool) | {cpu['host_ms']:.1f} |",
+        f"| pool start until the first session's `ping` (s, wall) | {cpu['pool_start_s']:.1f} |",
+        "",
+    ]
+
+
 def hop_rows(cont: dict[str, Any]) -> list[str]:
     """The per-hop table (absent in results measured before it existed)."""
     hop = cont.get("hops")
@@ -494,10 +616,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=300)
     parser.add_argument("--tests", type=int, default=200)
-    parser.add_argument("--naive-tests", type=int, default=10)
+    parser.add_argument("--naive-tests", type=int, default=None,
+                        help="tests of the naive side (default: --tests, all measured; fewer: extrapolated)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    parser.add_argument("--parts", default="latency,suite", help="what to measure: latency, suite or both")
+    parser.add_argument("--parts", default="latency,cpu,suite",
+                        help="what to measure, comma-separated: latency, cpu, suite")
     parser.add_argument("--results", type=Path, action="append", default=[],
                         help="render these --json outputs (merged, later ones win) instead of measuring")
     args = parser.parse_args()
@@ -505,7 +629,8 @@ def main() -> None:
     for path in args.results:
         results.update(json.loads(path.read_text()))
     if not args.results:
-        results = measure(args.connections, args.tests, args.naive_tests, set(args.parts.split(",")))
+        naive_tests = args.tests if args.naive_tests is None else args.naive_tests
+        results = measure(args.connections, args.tests, naive_tests, set(args.parts.split(",")))
     if args.json:
         print(json.dumps(results, indent=2))
         return

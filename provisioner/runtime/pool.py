@@ -87,6 +87,9 @@ class _Slot:
     replacing: bool = False
     # Why the last replacement of this slot failed (cleared by a successful one).
     failure: str | None = None
+    # When the last session was pinned here (the pool's clock; -inf: never): the
+    # ``least_recently_used`` pick.
+    last_opened: float = float("-inf")
 
 
 class PoolEnvironment(Protocol):
@@ -120,7 +123,14 @@ class WorkerPool:
         recycle_after_s: float = 3600.0,
         owns_environment: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        least_recently_used: bool = False,
     ) -> None:
+        """``least_recently_used``: among workers with equally many open sessions, pin a new session
+        to the one that got its last session longest ago (else: the one that served fewest). The
+        pool of a layer with isolation ``process`` picks so: a fork-mode worker forks and warms its
+        next *spare* process after a connection arrives, so a sequential suite that alternates
+        between two workers always connects to one whose spare had a whole test's time to get
+        ready, while the other's spare warms on that worker's own CPU quota."""
         if not environment.workers:
             raise ValueError("the environment has no workers; start() it before building a pool")
         self.environment = environment
@@ -128,6 +138,7 @@ class WorkerPool:
         self.recycle_after_s = recycle_after_s
         self.owns_environment = owns_environment
         self.clock = clock
+        self.least_recently_used = least_recently_used
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {w.slot: _Slot(w, clock()) for w in environment.workers}
         self._sessions: dict[str, PooledSession] = {}
@@ -223,9 +234,10 @@ class WorkerPool:
                     self._cond.wait(timeout=1.0)
                 fresh = [s for s in candidates if not s.draining] or candidates
                 # A worker whose replacement failed is dead: the others first.
-                slot = min(fresh, key=lambda s: (s.failure is not None, len(s.active), s.served, s.info.slot))
+                slot = min(fresh, key=self._pick_key)
                 slot.active.add(session_id)
                 slot.served += 1
+                previous_open, slot.last_opened = slot.last_opened, self.clock()
                 pinned = PooledSession(
                     session_id,
                     slot.info.slot,
@@ -265,6 +277,7 @@ class WorkerPool:
             with self._cond:
                 slot.active.discard(session_id)
                 slot.served -= 1
+                slot.last_opened = previous_open
                 self._sessions.pop(session_id, None)
                 self._lost.pop(session_id, None)
             self._retire(pinned.slot, pinned.generation, death_reason(state))
@@ -275,6 +288,12 @@ class WorkerPool:
                     f"no live worker for session {session_id!r}: every worker died and replacing them "
                     f"failed: {'; '.join(failures) or 'unknown error'}"
                 )
+
+    def _pick_key(self, slot: _Slot) -> tuple[bool, int, float, int]:
+        """Order of preference in :meth:`open_session` (lowest first): a worker whose replacement
+        failed last, then fewest open sessions, then least recently used or fewest served."""
+        rested = slot.last_opened if self.least_recently_used else float(slot.served)
+        return (slot.failure is not None, len(slot.active), rested, slot.info.slot)
 
     def session(self, session_id: str) -> PooledSession:
         """The session's worker; :class:`WorkerLostError` when that worker is gone."""

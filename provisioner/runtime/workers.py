@@ -53,6 +53,9 @@ _UNSAFE = re.compile(r"[^a-z0-9]+")
 _NEVER = 2**31
 # How often a process-isolation session retries a busy fork-mode worker (seconds).
 BUSY_RETRY_S = 0.05
+# Fork-mode workers a pool of a layer with isolation "process" starts at once (at most the layer's
+# `workers`): two, so that a sequential suite always finds a worker whose next process is ready.
+PROCESS_POOL_START = 2
 
 
 def switch_off_ryuk() -> None:
@@ -378,7 +381,11 @@ class ProcessContainers:
         plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
         # Its own selector (run + "pool"). Starting every worker at once made a serial suite wait
         # for workers it never used, sharing the two cores with the one it did (docs/benchmarks.md).
-        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=1)
+        # Isolation "process" starts two at once, in parallel: a serial suite alternates between
+        # them (WorkerPool's least_recently_used), so one worker's next process warms up while the
+        # other serves.
+        first = min(PROCESS_POOL_START, count) if layer.isolation == "process" else 1
+        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=first)
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env
@@ -394,6 +401,7 @@ class ProcessContainers:
                                     else _NEVER),
             recycle_after_s=container.recycle_after_s,
             owns_environment=False,  # the run's controller removes the shared pool (shared_pool.py)
+            least_recently_used=self.env.layer.isolation == "process",
         )
         if deployed:
             # Heals between tests too: a worker killed while no session used it is replaced

@@ -9,6 +9,7 @@ Everything is removed by the environment's close, also when a test fails.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -225,3 +226,26 @@ def test_no_zombies_or_orphans_in_the_container_after_1000_connections(env: Envi
     with BridgeClient(host, port, fork=True) as client:
         fork = client.get_stats()["fork"]
     assert fork["children_crashed"] == 0 and fork["accepted_total"] >= 1001
+
+
+def test_a_process_pool_starts_two_workers_and_a_sequential_suite_alternates(tmp_path: Path) -> None:
+    """A serial suite on a `process` layer: two fork-mode workers start together (not one, not all
+    of `workers`), and tests alternate between them, so each connects to a worker whose next
+    process had the previous test's time to warm up (runtime/workers.py PROCESS_POOL_START,
+    WorkerPool's least_recently_used)."""
+    (tmp_path / "pyproject.toml").write_text(LAYER.replace("workers = 1", "workers = 3"))
+    environment = open_environment("proc", project_dir=tmp_path)
+    try:
+        parents = []
+        for i in range(6):
+            with environment.session(f"t{i}") as test:
+                parents.append(test.adapter.bridge.process["worker_id"])
+                test.adapter.create_program(QA_INT, "qa")
+                assert test.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+        pool = environment.pool
+        assert len(pool.environment.workers) == 2, pool.stats()
+        assert pool.environment.pending_slots() == [2]  # type: ignore[attr-defined]
+        assert pool.added == 0  # both were started with the pool, not grown into
+        assert len(set(parents)) == 2 and all(a != b for a, b in itertools.pairwise(parents)), parents
+    finally:
+        environment.close()

@@ -37,6 +37,7 @@ def _pool(
     sessions: int = 100,
     age: float = 3600.0,
     clock: Clock | None = None,
+    least_recently_used: bool = False,
 ) -> WorkerPool:
     rt, workers = fake
     plan = plan_run(
@@ -54,6 +55,7 @@ def _pool(
         recycle_after_s=age,
         owns_environment=True,
         clock=clock or Clock(),
+        least_recently_used=least_recently_used,
     )
 
 
@@ -150,6 +152,41 @@ def test_concurrent_sessions_are_balanced(settings: Settings, fake: tuple[FakeRu
         for t in threads:
             t.join()
         assert Counter(slots) == {0: 20, 1: 20}
+
+
+def test_least_recently_used_alternates_a_sequential_suite_also_after_a_replacement(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """Isolation ``process``'s pick: one session at a time goes to the worker used longest ago, so a
+    fork-mode worker always has a test's time to warm its next process. Picking by sessions served
+    instead sent every session to a replaced worker (served 0) until it caught up."""
+    rt, _ = fake
+    clock = Clock()
+
+    def sequential(pool: WorkerPool, prefix: str, count: int) -> list[int]:
+        slots = []
+        for i in range(count):
+            clock.now += 1.0
+            slots.append(pool.open_session(f"{prefix}{i}").slot)
+            pool.close_session(f"{prefix}{i}")
+        return slots
+
+    with _pool(settings, fake, clock=clock, least_recently_used=True) as pool:
+        assert sequential(pool, "a", 6) == [0, 1, 0, 1, 0, 1]
+        rt.crash(pool.environment.worker(0).container_id)
+        assert pool.check() == [0]
+        assert pool.wait_replacements(30)
+        assert sequential(pool, "b", 4) == [0, 1, 0, 1]
+        # Open sessions still come first: a busy worker is not picked while another is idle.
+        busy = pool.open_session("busy")
+        clock.now += 1.0
+        assert pool.open_session("next").slot != busy.slot
+    with _pool(settings, fake, clock=clock) as served_first:  # the default: fewest served
+        assert sequential(served_first, "c", 4) == [0, 1, 0, 1]
+        rt.crash(served_first.environment.worker(0).container_id)
+        assert served_first.check() == [0]
+        assert served_first.wait_replacements(30)
+        assert sequential(served_first, "d", 3) == [0, 0, 0]  # slot 1 had served 2
 
 
 def test_close_stops_an_owned_environment(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]) -> None:
