@@ -270,6 +270,19 @@ class ImageError(RuntimeProblem):
     """A worker image is missing or failed to build."""
 
 
+class RecreateError(RuntimeProblem):
+    """Re-creating a container (the relay, :meth:`ContainerRuntime.recreate_container`) failed.
+
+    ``container_id``: the container that holds the name now, so the caller's records can follow it
+    and a later attempt can start from it — the new one when it was made but did not start (or its
+    workers did not answer through it), the old one when the engine refused to make a new one.
+    """
+
+    def __init__(self, message: str, container_id: str) -> None:
+        self.container_id = container_id
+        super().__init__(message)
+
+
 class WorkerNotReadyError(RuntimeProblem):
     """A worker did not become ready before its deadline."""
 

@@ -342,9 +342,7 @@ class Deployment:
                 ):
                     state = self.runtime.container_state(cid)
                     if state is None or not state.running:
-                        how = (
-                            "is gone" if state is None else f"exited ({state.status}, code {state.exit_code})"
-                        )
+                        how = death_reason(state)
                         raise WorkerNotReadyError(
                             f"worker {worker.name} did not become ready: container {label} {how}",
                             self.runtime.logs(cid),

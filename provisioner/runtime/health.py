@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from provisioner.errors import DockerUnavailableError, RuntimeProblem
+from provisioner.errors import DockerUnavailableError, RecreateError, RuntimeProblem
 from provisioner.runtime.deployment import Deployment, Probe, death_reason
 from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.recipes import RELAY_BASE_PORT
@@ -132,11 +132,24 @@ def rebind_relay(
     so the worker that joins later is reached where the pool expects it; they are not waited for.
 
     Raises:
-        RuntimeProblem: the engine could not make the relay again (e.g. a port was taken meanwhile),
+        RuntimeProblem: the relay does not exist.
+        RecreateError: the engine could not make the relay again (e.g. a port was taken meanwhile),
             it published another port, or a worker did not answer within ``timeout_s`` (with the
-            relay's log).
+            relay's log); its ``container_id`` is the relay container there is now, for the caller's
+            records (the next check starts from it).
     """
     new_id = runtime.recreate_container(relay, {w.relay_port: w.port for w in (*workers, *reserved)})
+    try:
+        _wait_through(runtime, relay, new_id, workers, reserved, probe, timeout_s)
+    except RecreateError:
+        raise
+    except RuntimeProblem as exc:
+        raise RecreateError(str(exc), new_id) from None
+    return new_id
+
+
+def _wait_through(runtime: ContainerRuntime, relay: str, new_id: str, workers: Sequence[PublishedWorker],
+                  reserved: Sequence[PublishedWorker], probe: Probe, timeout_s: float) -> None:
     for w in (*workers, *reserved):
         got = runtime.published_port(new_id, w.relay_port)
         if got != w.port:
@@ -160,7 +173,6 @@ def rebind_relay(
                 f"its log:\n{runtime.logs(new_id)}"
             )
         time.sleep(0.05)  # poll interval of the deadline loop above
-    return new_id
 
 
 def heal_environment(env: Deployment) -> list[str]:
@@ -171,7 +183,9 @@ def heal_environment(env: Deployment) -> list[str]:
     another thread is in progress). The run's resource tracking follows the relay's new id.
 
     Raises:
-        RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`).
+        RuntimeProblem: the relay could not be re-created (see :func:`rebind_relay`); the run's
+            records follow the relay container there is now, so the next call can try again and the
+            run's cleanup removes it.
     """
     relay = env.plan.relay.name
     lock = _lock_for(env)
@@ -186,13 +200,13 @@ def heal_environment(env: Deployment) -> list[str]:
         # Slots a growing pool has not started yet keep their ports too (Deployment.add_worker).
         reserved = [PublishedWorker(slot, env.recipes[slot].name, "", env.runtime.publish_host,
                                     env.slot_port(slot)) for slot in env.pending_slots()]
-        new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s,
-                              reserved=reserved)
-        tracked = env.resources.find("container", old_id)
-        if tracked is not None:
-            env.resources.forget(tracked)
-        env.resources.track("container", new_id, name=relay, owner="relay")
-        env.container_ids[relay] = new_id
+        try:
+            new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s,
+                                  reserved=reserved)
+        except RecreateError as exc:
+            _follow(env, relay, old_id, exc.container_id)
+            raise
+        _follow(env, relay, old_id, new_id)
     finally:
         lock.release()
     names = {w.slot: w.name for w in workers}
@@ -207,6 +221,17 @@ def heal_environment(env: Deployment) -> list[str]:
         out.append(f"the published {paths} {which} {were} dead: {why}; re-created the relay {relay} "
                    "on the same ports")
     return out
+
+
+def _follow(env: Deployment, relay: str, old_id: str, new_id: str) -> None:
+    """The run's records (its tracked resources, ``container_ids``) name the relay container there is now."""
+    if new_id == old_id:
+        return
+    tracked = env.resources.find("container", old_id)
+    if tracked is not None:
+        env.resources.forget(tracked)
+    env.resources.track("container", new_id, name=relay, owner="relay")
+    env.container_ids[relay] = new_id
 
 
 def heal_deployment(env: Deployment) -> list[str]:

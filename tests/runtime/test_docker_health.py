@@ -23,6 +23,7 @@ from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.health import FORWARDER_GONE
 from provisioner.runtime.lifecycle import UpOptions
+from provisioner.runtime.polling import poll_until
 from provisioner.runtime.pool import WorkerPool
 from provisioner.settings import Settings
 
@@ -74,6 +75,56 @@ def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
         assert pool.check() == [] and pool.heal_path() is False
         assert not refuses(pinned.port)
     finally:
+        pool.close()
+        remove_by_selector(rt, L.selector(run_id))
+    assert leftovers(docker_engine, run_id) == []
+
+
+def test_a_relay_that_cannot_be_made_again_while_its_port_is_taken_is_made_by_the_next_heal(
+    docker_engine: Any, worker_image: str, settings: Settings
+) -> None:
+    """The relay dies and, before the heal, another process takes a worker's published port: the
+    re-created relay cannot start. The heal says so, leaves that relay created (not running) and in
+    the run's records; once the port is free the next heal starts it and the session goes on at the
+    same address. Before, the failed relay was removed and every later heal failed with "it does not
+    exist" (docs/quality.md)."""
+    run_id = f"retake{time.time_ns() % 10**8}"
+    rt = DockerRuntime(docker_engine)
+    pool = _pool(settings, worker_image, run_id, workers=1)
+    taker = socket.socket()
+    try:
+        pool.open_session("kept")
+        session = pool.client("kept", request_timeout=60)
+        session.create_program("question -> answer", "p")
+        pinned = pool.session("kept")
+        relay = pool.environment.plan.relay.name
+        docker_engine.api.kill(relay)
+
+        def take() -> bool:  # the relay's forwarder lets go of the port when the relay stops
+            try:
+                taker.bind((pinned.host, pinned.port))
+            except OSError:
+                return False
+            return True
+
+        assert poll_until(take, 60, 0.05)
+        taker.listen()
+        assert pool.heal_path() is False
+        (failed,) = [n for n in pool.stats()["notes"] if "repairing the published path failed" in n]
+        assert "the next attempt starts from it" in failed, failed
+        left = docker_engine.api.inspect_container(relay)
+        assert left["State"]["Status"] == "created"
+        assert pool.environment.container_ids[relay] == left["Id"]
+
+        taker.close()
+        assert pool.heal_path() is True
+        assert docker_engine.api.inspect_container(relay)["State"]["Running"]
+        assert rt.published_port(relay, pool.environment.plan.relay_port_for(0)) == pinned.port
+        assert "answer" in session.execute_program("p", {"question": "q"})["outputs"]
+        assert pool.session("kept") == pinned and pool.replaced == 0
+        session.close()
+    finally:
+        taker.close()
         pool.close()
         remove_by_selector(rt, L.selector(run_id))
     assert leftovers(docker_engine, run_id) == []

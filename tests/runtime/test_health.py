@@ -177,7 +177,16 @@ def test_a_failed_repair_is_a_note_not_a_crash(
         assert pool.heal_path() is False
         notes = pool.stats()["notes"]
         assert any("repairing the published path failed" in n and "injected failure" in n for n in notes)
-        assert rt.by_name(pool.environment.plan.relay.name) is None  # nothing half-made left behind
+        # The relay that could not start stays (created), in the run's records, for the next heal
+        # to start from; removing it made every later heal fail with "it does not exist".
+        relay = pool.environment.plan.relay.name
+        left = rt.by_name(relay)
+        assert left is not None and left.status == "created"
+        assert pool.environment.container_ids[relay] == left.id
+        rt.fail_start.clear()
+        assert pool.heal_path() is True
+        assert [workers.probe(w.host, w.port, 1.0).ok for w in pool.environment.workers] == [True, True]
+    assert rt.containers == {}
 
 
 def test_a_dead_worker_behind_a_dead_port_gets_both_repaired(

@@ -176,9 +176,15 @@ class ContainerRuntime(ImageStore, Protocol):
         container's port forwarding only when the container starts, so this is how a published port
         whose forwarder died comes back at the same address (see :mod:`provisioner.runtime.health`).
 
+        The new container is created (under a temporary name) before the old one is removed, and
+        is left in place, created but not running, when it cannot start: a failed call never leaves
+        the name without a container, so the next call can try again from what is there.
+
         Raises:
-            RuntimeProblem: the container does not exist, or the engine refused to make it again
-                (e.g. a host port of ``host_ports`` is taken meanwhile); the old one is gone then.
+            RuntimeProblem: the container does not exist.
+            RecreateError: the engine refused to make or start it again (e.g. a host port of
+                ``host_ports`` is taken meanwhile); its ``container_id`` is the container that holds
+                the name now (the old one, or the new one, not running).
         """
 
     def remove_container(self, container_id: str) -> bool:

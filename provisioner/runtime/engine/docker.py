@@ -6,12 +6,13 @@ The only module of provisioner that talks to docker-py.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
+from provisioner.errors import DockerUnavailableError, ImageError, RecreateError, RuntimeProblem
 from provisioner.runtime.engine.base import (
     ContainerState,
     EngineEvent,
@@ -487,19 +488,32 @@ class DockerRuntime:
             config["NetworkingConfig"] = {
                 "EndpointsConfig": {primary: {"Aliases": networks[primary] or None}}
             }
-        self.remove_container(container_id)
+        # The new container is made under a temporary name before the old one goes, and keeps the
+        # name once renamed even when it cannot start: whatever fails, a container of this name is
+        # left for the next attempt to start from (removing it left "it does not exist" for good).
+        staging = f"{name}-next-{secrets.token_hex(4)}"
         try:
-            new_id = str(api.create_container_from_config(config, name=name)["Id"])
+            new_id = str(api.create_container_from_config(config, name=staging)["Id"])
         except docker.errors.APIError as exc:
-            raise RuntimeProblem(f"could not re-create container {name!r}: {_explain(exc)}") from None
+            raise RecreateError(f"could not re-create container {name!r}: {_explain(exc)}; "
+                                "the old one is left as it was", str(info["Id"])) from None
         try:
+            self.remove_container(container_id)
+        except docker.errors.APIError as exc:
+            self.remove_container(new_id)
+            raise RecreateError(f"could not re-create container {name!r}: {_explain(exc)}; "
+                                "the old one is left as it was", str(info["Id"])) from None
+        try:
+            api.rename(new_id, name)
             for net, aliases in networks.items():
                 if net != primary:
                     api.connect_container_to_network(new_id, net, aliases=aliases or None)
             api.start(new_id)
         except docker.errors.APIError as exc:
-            self.remove_container(new_id)
-            raise RuntimeProblem(f"could not re-create container {name!r}: {_explain(exc)}") from None
+            raise RecreateError(
+                f"could not re-create container {name!r}: {_explain(exc)}; it is created but not "
+                f"running ({new_id[:12]}), the next attempt starts from it", new_id
+            ) from None
         return new_id
 
     def remove_container(self, container_id: str) -> bool:

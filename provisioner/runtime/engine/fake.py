@@ -13,11 +13,11 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from provisioner.errors import DockerUnavailableError, ImageError, RuntimeProblem
+from provisioner.errors import DockerUnavailableError, ImageError, RecreateError, RuntimeProblem
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine.base import (
     ContainerState,
@@ -503,15 +503,24 @@ class FakeRuntime:
             if old is None:
                 raise RuntimeProblem(f"could not re-create container {container_id}: it does not exist")
             self.calls.append(("recreate_container", old.recipe.name))
+        # As the Docker engine's: made under a temporary name before the old one goes, then renamed;
+        # left created (not running) when it cannot start, so the next call starts from it.
+        staging = replace(old.recipe, name=f"{old.recipe.name}-next")
+        try:
+            new_id = self.create_container(staging)
+        except RuntimeProblem as exc:
+            raise RecreateError(f"could not re-create container {old.recipe.name!r}: {exc}; "
+                                "the old one is left as it was", old.id) from None
         self.remove_container(old.id)
         with self._lock:
-            new_id = self.create_container(old.recipe)
-            self.containers[new_id].pinned_ports = dict(host_ports)
+            new = self.containers[new_id]
+            new.recipe, new.pinned_ports = old.recipe, dict(host_ports)
         try:
             self.start_container(new_id)
-        except RuntimeProblem:
-            self.remove_container(new_id)
-            raise
+        except RuntimeProblem as exc:
+            raise RecreateError(f"could not re-create container {old.recipe.name!r}: {exc}; it is "
+                                f"created but not running ({new_id}), the next attempt starts from it",
+                                new_id) from None
         return new_id
 
     def remove_container(self, container_id: str) -> bool:
