@@ -149,3 +149,53 @@ def test_two_test_runs_attached_to_one_ledger_each_count_only_their_own_lines(tm
     rows = usage_by_test(tmp_path, test_run="run-b")
     assert rows is not None and list(rows) == [test_id]
     assert (rows[test_id].replayed, rows[test_id].real) == (1, 2)
+
+
+def test_a_session_that_joins_before_the_first_call_counts_every_call_after_it(tmp_path: Path) -> None:
+    """`ledger_position` of a run whose ledger is not written yet is its start (0), so a session
+    attached before the run's first LM call counts that call; one attached later counts only the
+    lines after its position."""
+    from provisioner.lm.ledger import ledger_position, ledger_usage
+
+    early = ledger_position(tmp_path)  # no ledger file yet
+    assert early == 0 and not (tmp_path / LEDGER_FILE).exists()
+    ledger = Ledger(tmp_path, run_id="up-run")
+    ledger.call(model="m", kind="real", cost_usd=0.5, endpoint="gemini")
+    late = ledger_position(tmp_path)
+    assert late == (tmp_path / LEDGER_FILE).stat().st_size > 0
+    ledger.call(model="m", kind="real", cost_usd=0.25, endpoint="gemini")
+    ledger.close()
+    first, second = ledger_usage(tmp_path, since=early), ledger_usage(tmp_path, since=late)
+    assert first is not None and (first.real, first.cost_usd) == (2, 0.75)
+    assert second is not None and (second.real, second.cost_usd) == (1, 0.25)
+
+
+def test_a_test_run_with_no_sessions_noted_counts_only_its_own_processes_lines(tmp_path: Path) -> None:
+    """No `sessions.jsonl` (a run whose tests opened no isolated session), or one with torn and
+    foreign lines: a test run's usage is its processes' lines, plus the lines of the sessions it
+    noted — never another test run's."""
+    from provisioner.lm.ledger import ledger_usage, set_test_run, test_run_sessions
+
+    try:
+        set_test_run("run-a")
+        ledger = Ledger(tmp_path, run_id="up-run")
+        ledger.call(model="m", kind="real", cost_usd=0.5, endpoint="gemini")
+        ledger.close()
+        set_test_run(None)
+        worker = Ledger(tmp_path, run_id="up-run")
+        with current_test("session_a_1"):
+            worker.call(model="m", kind="real", cost_usd=0.25, endpoint="gemini")
+        worker.close()
+    finally:
+        set_test_run(None)
+    assert test_run_sessions(tmp_path, "run-a") == set()
+    usage = ledger_usage(tmp_path, test_run="run-a")
+    assert usage is not None and (usage.real, usage.cost_usd) == (1, 0.5)
+
+    (tmp_path / "sessions.jsonl").write_text(
+        '{"session_id": "session_b_1", "test_id": "t", "test_run": "run-b"}\n[1]\n'
+        '{"session_id": "session_a_1", "test_id": "t", "test_run": "run-a"}\n{"session_id": "torn'
+    )
+    assert test_run_sessions(tmp_path, "run-a") == {"session_a_1"}
+    usage = ledger_usage(tmp_path, test_run="run-a")
+    assert usage is not None and (usage.real, usage.cost_usd) == (2, 0.75)
