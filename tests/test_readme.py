@@ -73,13 +73,17 @@ def test_the_readme_command_is_the_fast_tier_and_ci_runs_the_slow_tier_after_it(
     assert "-m slow" in section
 
 
-def test_tests_do_not_inherit_the_outer_xdist_identity(worker_id: str) -> None:
-    """Under `pytest -n 2` of this suite this process is an xdist worker (``worker_id`` gw0/gw1); the pytest
+def test_tests_do_not_inherit_the_outer_xdist_identity(pytestconfig: pytest.Config) -> None:
+    """Under `pytest -n 2` of this suite this process is an xdist worker (gw0/gw1); the pytest
     runs and `provision` processes tests start must not believe they are one, nor must provisioner's
-    code in this process (tests/conftest.py takes xdist's variables out for the session)."""
+    code in this process (tests/conftest.py takes xdist's variables out for the session). The same
+    test holds without xdist (`-n 0`, `-p no:xdist`: no `worker_id` fixture then, so the process's
+    name comes from xdist's own `workerinput`, which only an xdist worker has)."""
     import os
     import subprocess
     import sys
+
+    worker_id = getattr(pytestconfig, "workerinput", {}).get("workerid", "master")
 
     xdist_env = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
     assert [name for name in xdist_env if name in os.environ] == [], worker_id
