@@ -7,6 +7,7 @@ shell) in a temporary working directory, so only what a test sets reaches them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -39,6 +40,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that spawned it ends (``prctl
+    PR_SET_PDEATHSIG``), so a `provision worker` never outlives a test process that was killed or
+    interrupted before its teardown stopped it (xdist SIGKILLs a worker process that has not ended
+    10 s after Ctrl-C; one worker of tests/bridge/test_regex_rules.py was left running that way).
+    A child whose parent already died before the call exits at once. ctypes rather than the
+    python-prctl package: one call, and no C extension to build for the test extras."""
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def worker_command(*args: str) -> list[str]:
@@ -76,10 +97,20 @@ class WorkerProcess:
             stdin=subprocess.PIPE if stdio else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         self.port = 0
         self.stop_s: float | None = None  # how long the worker took to end after stop()'s SIGTERM
         self.stdout_lines: list[str] = []
+        try:
+            self._wait_ready(stdio)
+        except BaseException:  # not ready in time, or Ctrl-C while starting: nobody else would stop it
+            self.proc.kill()
+            self.proc.wait()
+            self._stderr.close()
+            raise
+
+    def _wait_ready(self, stdio: bool) -> None:
         if stdio:
             wait_until(lambda: self._alive_or_fail() and b"PROVISION_WORKER_READY" in self.stderr_bytes(),
                        START_TIMEOUT_S, "the stdio worker's ready line on stderr")
