@@ -51,6 +51,8 @@ def child(variant: str, warm: forking.WarmUp, config: LMConfig, args: dict[str, 
     mark("build")
     if variant == "warmup":
         warm.run()
+    elif variant == "warm-execute":
+        warm.run(create=False)
     elif variant == "exercise":
         forking.exercise()
     gc.freeze()
@@ -70,7 +72,7 @@ def measure(forks: int) -> dict[str, object]:
     gc.freeze()
     args = ProgramFactory.build(id="qa").create_args()
     results: dict[str, object] = {"load_before": os.getloadavg()[0], "forks": forks}
-    for variant in ("warmup", "exercise", "none"):
+    for variant in ("warmup", "warm-execute", "exercise", "none"):
         rows = []
         for _ in range(forks):
             read, write = os.pipe()

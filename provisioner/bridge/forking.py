@@ -190,6 +190,8 @@ def warm_up(config: LMConfig) -> WarmUp:
 
 
 _WARM_SIGNATURE = "question -> answer: int, note"
+# A spare's own program: another signature than the parent's, so its parsing path runs too.
+_SPARE_SIGNATURE = "question, context -> answer: int"
 
 
 class WarmUp:
@@ -214,13 +216,24 @@ class WarmUp:
         self.service = BridgeService(LMConfig(mode="mock"))
         self.service.call("create_program", {"signature": _WARM_SIGNATURE, "program_id": "warm",
                                              "program_type": "predict"})
-        self.run()
+        self.run(create=False)
 
-    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Execute the warm-up program once, unless ``stop()`` (a connection waits) already says so."""
+    def run(self, stop: Callable[[], bool] = lambda: False, *, create: bool = True) -> None:
+        """Create a program (``create``) and execute it once — the pages a test's first
+        ``create_program`` and ``execute_program`` write get copied here — unless ``stop()`` (a
+        connection waits) says so before a step. ``create=False``: only re-execute the parent's
+        program (spares did that until the pool kept two fork-mode workers; see the class)."""
         if stop():
             return
-        self.service.call("execute_program", {"program_id": "warm", "inputs": {"question": "warm up"}})
+        program = "warm"
+        if create:
+            program = "warm-spare"
+            self.service.call("create_program", {"signature": _SPARE_SIGNATURE, "program_id": program,
+                                                 "program_type": "predict"})
+            if stop():
+                return
+        inputs = {"question": "warm up", **({"context": "spare"} if create else {})}
+        self.service.call("execute_program", {"program_id": program, "inputs": inputs})
 
 
 def exercise(program_types: tuple[str, ...] = ("predict",), stop: Callable[[], bool] = lambda: False) -> None:
@@ -444,6 +457,9 @@ class ForkingWorker:
             return
         try:
             require_single_threaded(f"worker {self.worker_id}: forking a process")
+            # What the loop allocated since the last fork goes out of the collector's reach too: a
+            # child's collection would otherwise walk (and write to, so copy) those pages.
+            gc.freeze()
             pid, mask = fork_with_default_stop_signals()
         except (ForkUnsafeError, OSError) as exc:
             self._fork_problem = str(exc)
@@ -807,6 +823,8 @@ def run_fork_worker(
                  max_inflight + _CHILD_THREADS)
     timeout = float(server_options.get("request_timeout_s", 30.0)) + _STOP_GRACE_S
 
+    built: dict[str, BridgeServer] = {}  # in a spare: its server, for idle_work
+
     def make_child(parent: ForkingWorker) -> Callable[[socket.socket, str], int]:
         # Before any connection: the child's own service, its LM applied (no byte is read before).
         service = BridgeService(lm_config, worker_id=worker_id, control_token=control_token,
@@ -814,6 +832,7 @@ def run_fork_worker(
         service.process = {"mode": PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": parent.parent_pid}
         install_process_lm(service)
         server = BridgeServer(service, **server_options, max_connections=1, pids=None)
+        built["server"] = server
         service.stats_hooks.append(lambda: {"fork": {**parent.counters.read(),
                                                      "max_children": parent.max_children}})
         service.on_shutdown(lambda: parent.tell_parent(f"S {os.getpid()}"))
@@ -851,6 +870,8 @@ def run_fork_worker(
 
     def idle_work(pending: Callable[[], bool]) -> None:
         warm.run(stop=pending)  # copy the pages a first execution writes now, while no connection waits
+        if not pending():
+            built["server"].start_threads()  # nor start the execution threads on the connection's path
         gc.freeze()
 
     parent = ForkingWorker(make_child, max_children=limit, worker_id=worker_id, stop_timeout_s=timeout,

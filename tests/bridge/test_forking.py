@@ -335,6 +335,19 @@ def test_the_worker_is_ready_only_once_a_process_waits_for_the_first_connection(
         assert client.ping()["pid"] == waiting[0]
 
 
+def test_a_waiting_process_starts_its_execution_threads_before_its_connection(spawn_worker: Any) -> None:
+    """The spare starts its execution thread and deadline watch while it waits (after its warm-up):
+    a test's first execute_program starts no thread on the connection's path."""
+    worker = spawn_worker("--fork")
+    [spare] = live_children(worker.proc.pid)
+    wait_until(lambda: spare.num_threads() == 3, 60, "the waiting process to start its 2 threads")
+    with worker.client() as client:
+        client.create_program(QA_INT, "qa")
+        assert client.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+        assert client.ping()["pid"] == spare.pid
+        assert spare.num_threads() == 3  # main, bridge-exec, bridge-deadlines: none started since
+
+
 def test_out_of_file_descriptors_the_parent_refuses_and_recovers(spawn_worker: Any) -> None:
     """Issue 14 item 7 in the fork-mode parent: at its process limit it accepts to refuse; with
     accept() failing with EMFILE its refusal loop spun forever. Now each queued connection gets a
