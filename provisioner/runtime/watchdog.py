@@ -313,16 +313,16 @@ def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDA
 
 def remove_run(
     run_id: str,
-    run_dir: Path | None = None,
-    orphans: list[tuple[int, float]] | None = None,
-    runtime: ContainerRuntime | None = None,
+    run_dir: Path | None,
+    orphans: list[tuple[int, float]] | None,
+    runtime: ContainerRuntime,
 ) -> list[str]:
     """Remove every engine resource labelled with ``run_id`` (containers in parallel, then networks)
     while terminating the run's registered host processes and ``orphans`` (dependants whose principal
-    is gone, see :func:`owner_states`). ``runtime``: the engine's (default: one opened for the call).
-    Returns ``"<kind> <name>"`` of what went."""
+    is gone, see :func:`owner_states`). ``runtime``: the engine (the watchdog's, kept open across
+    retries). Returns ``"<kind> <name>"`` of what went."""
     from provisioner.runtime import labels as L
-    from provisioner.runtime.engine import open_runtime, remove_by_selector
+    from provisioner.runtime.engine import remove_by_selector
     from provisioner.runtime.resources import terminate_process
 
     removed: list[str] = []
@@ -336,18 +336,13 @@ def remove_run(
             if terminate_process(pid, grace_s=2.0, create_time=start or None)
         ]
 
-    engine = runtime or open_runtime(ping=False)
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            # Host processes and containers go at the same time: a command that ignores SIGTERM
-            # must not delay the containers by its grace period.
-            dependants = pool.submit(terminate_orphans, orphans or [])
-            processes = pool.submit(stop_processes)
-            removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(engine, L.selector(run_id))]
-            removed += dependants.result() + processes.result()
-    finally:
-        if runtime is None:
-            engine.close()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Host processes and containers go at the same time: a command that ignores SIGTERM
+        # must not delay the containers by its grace period.
+        dependants = pool.submit(terminate_orphans, orphans or [])
+        processes = pool.submit(stop_processes)
+        removed += [f"{ref.kind} {ref.name}" for ref in remove_by_selector(runtime, L.selector(run_id))]
+        removed += dependants.result() + processes.result()
     return removed
 
 

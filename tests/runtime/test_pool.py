@@ -404,3 +404,40 @@ def test_after_close_a_lease_cleanup_runs_in_the_caller(servers: Any) -> None:
     cleanup()  # the closer thread is gone: runs here, and closes the connection
     assert _programs(pool, 0, "late") == 0
     assert pool.stats()["open_sessions"] == 0
+
+
+def test_an_idle_connection_is_reused_only_for_the_options_it_was_made_with(servers: Any) -> None:
+    """A lease asking for other client options (here a longer request timeout) gets a new connection;
+    the idle one made with other options is closed, not handed out with the wrong timeout."""
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        _s, cleanup = pool.lease("short", request_timeout=10)
+        cleanup()
+        assert pool.wait_cleanups(10)
+        session, cleanup = pool.lease("long", request_timeout=20)
+        assert session.bridge.request_timeout == 20
+        assert pool.stats()["connections_reused"] == 0
+        cleanup()
+        assert pool.wait_cleanups(10)
+        session, cleanup = pool.lease("long-again", request_timeout=20)
+        assert session.bridge.request_timeout == 20 and pool.stats()["connections_reused"] == 1
+        cleanup()
+        assert pool.wait_cleanups(10)
+    finally:
+        pool.close()
+
+
+def test_a_lease_whose_client_cannot_be_made_leaves_no_session_open(servers: Any) -> None:
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(TypeError, match="no_such_option"):
+            pool.lease("x", no_such_option=1)
+        assert pool.stats()["open_sessions"] == 0
+        session, cleanup = pool.lease("x")  # the id is free again
+        assert session.create_program("question -> answer", "qa")
+        cleanup()
+        assert pool.wait_cleanups(10)
+    finally:
+        pool.close()

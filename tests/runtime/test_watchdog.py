@@ -297,3 +297,28 @@ def test_an_engine_out_of_reach_past_the_deadline_leaves_the_run_to_reap(
     assert [r.name for r in flaky.fake.list_resources(L.selector("lost2"))] == ["prov-lost2-net"]
     results = reap(settings, runtime=flaky.fake)  # the engine is back: reap finds the run by its labels
     assert [r.run_id for r in results] == ["lost2"] and flaky.fake.list_resources(L.selector("lost2")) == []
+
+
+def test_removing_a_run_terminates_its_processes_and_skips_files_that_are_not_entries(tmp_path: Path) -> None:
+    """`processes/` may hold a file no process entry names (an atomic write's `.<name>.<random>.tmp`
+    left by a kill -9, a hand-made file): the run's cleanup skips it and still terminates every
+    registered process, alongside removing the run's containers."""
+    from provisioner.runtime import labels as L
+    from provisioner.runtime.engine import FakeRuntime
+    from provisioner.runtime.recipes import ContainerRecipe
+
+    child = _sleeper()
+    rt = FakeRuntime()
+    try:
+        wd.register_process(tmp_path, child.pid)
+        (tmp_path / wd.PROCESSES_DIR / f".{child.pid}-1.x1y2.tmp").write_text("")
+        (tmp_path / wd.PROCESSES_DIR / "notes.txt").write_text("hand made")
+        rt.add_image("img")
+        rt.create_container(ContainerRecipe("c-of-run", "worker", "img", (), {}, L.selector("rr"), ()))
+        removed = wd.remove_run("rr", tmp_path, None, rt)
+        assert sorted(removed) == ["container c-of-run", f"process {child.pid}"]
+        child.wait(timeout=10)
+        assert rt.containers == {}
+    finally:
+        child.kill()
+        child.wait()
