@@ -5,8 +5,10 @@ which `provision up` run a session attaches to."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -321,3 +323,43 @@ def test_under_provision_run_the_session_attaches_to_that_run(
     assert match.state is not None and match.state.run_id == "pr1"
     assert attached.lm_config.run_dir == Path(state.lm_run_dir or "")
     assert sp.choose_up_run(resolved, "")[0].state is None  # an xdist worker told: do not attach
+
+
+def test_the_run_s_end_without_an_engine_of_its_own_opens_one_and_says_when_none_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An xdist controller that started no containers itself has no engine at the run's end; when a
+    worker process deployed the shared pool, the controller opens the engine to remove it. With no
+    engine answering, the failure is returned (the run's end reports it) and nothing is removed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert sp.finish_shared_pool(run_dir, RUN) == []  # no pool was deployed: the engine is not asked
+    (run_dir / sp.POOL_STARTED).touch()
+    (run_dir / sp.POOL_FILE).write_text("{}")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    (problem,) = sp.finish_shared_pool(run_dir, RUN)
+    assert problem.startswith(f"shared pool of run {RUN}: no Docker engine is reachable"), problem
+    assert (run_dir / sp.POOL_STARTED).exists()  # nothing was removed: the next reap still finds it
+
+
+@pytest.mark.docker
+def test_the_run_s_end_without_an_engine_of_its_own_removes_the_pool_through_one_it_opens(
+    docker_engine: Any, tmp_path: Path
+) -> None:
+    from provisioner.runtime.engine import DockerRuntime
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_id = f"spend{os.getpid()}"
+    name = f"prov-{run_id}-pool-net"
+    docker_engine.api.create_network(name, internal=True, labels=L.selector(run_id, sp.POOL_INSTANCE))
+    try:
+        (run_dir / sp.POOL_STARTED).touch()
+        (run_dir / sp.POOL_FILE).write_text("{}")
+        assert sp.finish_shared_pool(run_dir, run_id) == []
+        assert not (run_dir / sp.POOL_STARTED).exists() and not (run_dir / sp.POOL_FILE).exists()
+        assert docker_engine.networks.list(names=[name]) == []
+    finally:
+        for net in docker_engine.networks.list(names=[name]):
+            net.remove()
+    assert DockerRuntime(docker_engine).list_resources(L.selector(run_id)) == []
