@@ -106,14 +106,15 @@ def _installed_distributions_stay_visible() -> Iterator[None]:
     yield
     if _distributions_visible():
         return
-    import importlib.metadata as md
     import sys
 
     try:
         fds: object = len(os.listdir("/proc/self/fd"))
     except OSError as exc:
         fds = exc
-    md.MetadataPathFinder.invalidate_caches(md.MetadataPathFinder)  # type: ignore[arg-type]  # 3.11: no classmethod
+    from provisioner.runtime.images import forget_metadata_listings
+
+    forget_metadata_listings()
     again = _distributions_visible()
     site = [p for p in sys.path if p.endswith("site-packages")]
     pytest.fail(

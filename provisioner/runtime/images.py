@@ -158,6 +158,28 @@ class PackageSource:
         return digest.hexdigest()
 
 
+def forget_metadata_listings() -> None:
+    """Make ``importlib.metadata`` list the ``sys.path`` folders again on its next lookup.
+
+    It keeps each folder's listing, keyed by the folder's mtime, and an error while listing (``EMFILE``
+    when the process is out of descriptors, for one) is swallowed and kept as an empty listing: every
+    distribution in site-packages then looks uninstalled in this process until the folder changes.
+    Called before concluding that something is not installed. ``importlib.invalidate_caches()``
+    reaches that cache only where CPython gh-116811 is fixed (March 2024); before that,
+    ``MetadataPathFinder.invalidate_caches`` is a plain function taking the class (3.11.7 here).
+    """
+    import importlib
+    import importlib.metadata as md
+    import inspect
+
+    importlib.invalidate_caches()
+    finder = md.MetadataPathFinder
+    if isinstance(inspect.getattr_static(finder, "invalidate_caches"), classmethod):
+        finder.invalidate_caches()
+    else:
+        finder.invalidate_caches(finder)  # type: ignore[call-arg]
+
+
 def installed_package(root: Path | None = None) -> PackageSource:
     """The installed provisioner: its package folder plus the installed distribution's metadata.
 
@@ -172,16 +194,19 @@ def installed_package(root: Path | None = None) -> PackageSource:
 
     root = root or package_dir()
     # The installed .dist-info (a build's leftover .egg-info in a checkout on sys.path has no METADATA).
-    for dist in md.distributions(name=DIST_NAME):
-        metadata = dist.read_text("METADATA")
-        if metadata:
-            return PackageSource(
-                root,
-                dist.metadata["Name"],
-                dist.version,
-                metadata_headers(metadata),
-                dist.read_text("entry_points.txt") or "",
-            )
+    for attempt in range(2):
+        for dist in md.distributions(name=DIST_NAME):
+            metadata = dist.read_text("METADATA")
+            if metadata:
+                return PackageSource(
+                    root,
+                    dist.metadata["Name"],
+                    dist.version,
+                    metadata_headers(metadata),
+                    dist.read_text("entry_points.txt") or "",
+                )
+        if attempt == 0:
+            forget_metadata_listings()  # a stale listing must not turn into another image
     pyproject = root.parent / "pyproject.toml"
     if pyproject.is_file():
         return _from_pyproject(root, pyproject)
@@ -808,7 +833,11 @@ def lock_requirements(roots: tuple[str, ...] = WORKER_ROOTS) -> list[str]:
             continue
         done.add((name, extra))
         try:
-            dist = md.distribution(name)
+            try:
+                dist = md.distribution(name)
+            except md.PackageNotFoundError:
+                forget_metadata_listings()
+                dist = md.distribution(name)
         except md.PackageNotFoundError:
             raise ImageError(f"worker requirement {name!r} is not installed in this environment") from None
         seen[name] = dist.version

@@ -4,8 +4,10 @@ requirements, the debootstrap call, per-project tags and the provisioner-mismatc
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
+import os
 import re
 import shutil
 import tarfile
@@ -409,3 +411,32 @@ def test_the_worker_tag_does_not_depend_on_the_readme_pip_copied_at_install_time
     installed = images.installed_package()
     assert installed.metadata == images.metadata_headers(installed.metadata)
     assert "\n\n" not in installed.metadata.strip() and "Requires-Dist:" in installed.metadata
+
+
+def test_a_site_packages_listing_that_failed_once_does_not_make_installed_packages_look_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """importlib.metadata keeps a failed listing of site-packages (EMFILE: the process was out of
+    descriptors) as an empty one. The hash then came from pyproject.toml instead of the installed
+    METADATA (another image tag: a rebuild), and every worker requirement was "not installed"."""
+    import importlib.metadata as md
+
+    before, pinned = images.installed_package().hash(), images.lock_requirements()
+    real_listdir = os.listdir
+
+    def out_of_descriptors(path: str = ".") -> list[str]:
+        if "site-packages" in str(path):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_listdir(path)
+
+    images.forget_metadata_listings()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "listdir", out_of_descriptors)
+        assert next(iter(md.distributions(name="pytest")), None) is None  # the listing failed, silently
+    assert next(iter(md.distributions(name="pytest")), None) is None  # ... and is kept
+    assert images.installed_package().hash() == before
+    images.forget_metadata_listings()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "listdir", out_of_descriptors)
+        assert next(iter(md.distributions(name="regex")), None) is None
+    assert images.lock_requirements() == pinned
