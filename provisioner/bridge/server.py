@@ -789,24 +789,21 @@ class BridgeServer:
         access = self.service.new_access()
         return _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
 
-    def adopted(
-        self, sock: socket.socket, peer: str, on_first_reply: Callable[[], None] | None = None
-    ) -> _Adopted:
+    def adopted(self, sock: socket.socket, peer: str, on_first_reply: Callable[[], None]) -> _Adopted:
         """An already-accepted connection to serve in the calling thread (a fork-mode child's one
         connection, see :mod:`provisioner.bridge.forking`): no thread to start, none to wake at the
         end. ``.serve()`` serves it until it closes; ``.stop()`` (signal-handler safe) ends that:
         the reading stops, in-flight work still replies. ``on_first_reply`` is called once, right
         after the first frame went out."""
         conn = self._socket_connection(sock, peer)
-        if on_first_reply is not None:
-            write = conn._write
+        write = conn._write
 
-            def first_write(frame: bytes) -> None:  # under the connection's write lock
-                write(frame)
-                conn._write = write
-                on_first_reply()
+        def first_write(frame: bytes) -> None:  # under the connection's write lock
+            write(frame)
+            conn._write = write
+            on_first_reply()
 
-            conn._write = first_write
+        conn._write = first_write
         with self._connections_lock:
             self._connections[conn] = threading.current_thread()
             self._connections_total += 1

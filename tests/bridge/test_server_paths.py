@@ -101,6 +101,20 @@ def test_a_peer_that_hangs_up_mid_frame_gives_back_its_input_budget(serve: Any, 
         assert client.ping()["status"] == "ok"
 
 
+def test_a_peer_that_hangs_up_mid_header_is_closed_quietly_and_the_worker_serves_on(serve: Any) -> None:
+    """Part of a frame's 4-byte length and then end of file: no frame, no reply, no error counted;
+    the connection closes and the next client is served."""
+    server, port = serve()
+    with raw(port) as conn:
+        conn.send_bytes(HEADER.pack(10)[:2])
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.sock.recv(1) == b""  # closed by the worker without a reply
+    wait_until(lambda: server._live_stats()["connections"] == 0, 30, "the connection to close")
+    with BridgeClient("127.0.0.1", port) as client:
+        assert client.ping()["status"] == "ok"
+        assert client.get_stats()["errors"] == {}
+
+
 def test_an_empty_frame_is_answered_and_the_connection_goes_on(serve: Any) -> None:
     _, port = serve()
     with raw(port) as conn:
