@@ -207,11 +207,14 @@ class WorkerPool:
 
     # -- sessions ------------------------------------------------------------------------------------
 
-    def open_session(self, session_id: str | None = None) -> PooledSession:
+    def open_session(self, session_id: str | None = None, *, check: bool = True) -> PooledSession:
         """Pin a new session to the least-loaded live worker (recycling due, idle workers first).
 
         The chosen worker's container state is checked (one engine call): a dead worker is never
-        handed out; it is replaced in the background and another worker chosen.
+        handed out; it is replaced in the background and another worker chosen. ``check=False``:
+        the caller's own new connection to the worker is the check (isolation ``process``: every
+        session connects afresh, so the engine call was one more round trip per test); when that
+        connection fails the caller asks :meth:`connection_failed` and opens the session again.
 
         Raises:
             ValueError: ``session_id`` is already open.
@@ -253,6 +256,11 @@ class WorkerPool:
             state: ContainerState | None = None
             if reuse is not None and reuse.idle_and_open():
                 alive = True  # the relay would have closed it had the worker's end gone
+            elif not check:
+                alive = True  # the caller's connection will tell
+                if reuse is not None:
+                    reuse.close()
+                    reuse = None
             else:
                 if reuse is not None:
                     reuse.close()

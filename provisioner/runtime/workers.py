@@ -414,7 +414,6 @@ class ProcessContainers:
         (:meth:`WorkerPool.lease`: the cleanup of a session whose worker died is a no-op with a note)."""
         pool = self.pool
         if self.env.layer.isolation == "process":
-            pool.open_session(session_id)
             return self._open_process_session(pool, session_id)
         return pool.lease(session_id, request_timeout=self.env.settings.process_timeout)
 
@@ -422,28 +421,49 @@ class ProcessContainers:
         """Isolation ``process``: the session's connection is its own process, forked by the pinned
         fork-mode worker. Closing the connection ends the process, so the cleanup only closes it.
 
+        The pool asks the engine nothing when it pins the session (``check=False``): the new
+        connection is the check. When it fails and the engine says the worker died, the worker is
+        replaced and the session opened again on a live one (a dead worker is never the test's
+        problem); a connection that fails while the worker runs is the test's error.
         A worker at its process limit answers "busy" (``TooManyConnections``): processes of earlier
         tests are still ending, so the connection is retried until ``process_timeout``.
+
+        Raises:
+            BridgeConnectionError: the worker runs but the connection failed.
+            WorkerLostError: every worker died and replacing them failed.
         """
         import time
 
         from provisioner.bridge.protocol import ErrorType
-        from provisioner.errors import BridgeError
+        from provisioner.errors import BridgeConnectionError, BridgeError, WorkerLostError
 
-        try:
-            client = pool.client(session_id, request_timeout=self.env.settings.process_timeout, fork=True)
-            deadline = time.monotonic() + self.env.settings.process_timeout
-            while True:
-                try:
-                    client.bridge.connect()  # forks the test's process now (setup), learns its pid
-                    break
-                except BridgeError as exc:
-                    if exc.error_type != ErrorType.TOO_MANY_CONNECTIONS or time.monotonic() > deadline:
-                        raise
-                    time.sleep(BUSY_RETRY_S)
-        except BaseException:
-            pool.close_session(session_id)
-            raise
+        deadline = time.monotonic() + self.env.settings.process_timeout
+        dead_seen = 0
+        while True:
+            pool.open_session(session_id, check=False)
+            try:
+                client = pool.client(session_id, request_timeout=self.env.settings.process_timeout, fork=True)
+                while True:
+                    try:
+                        client.bridge.connect()  # forks the test's process now (setup), learns its pid
+                        break
+                    except BridgeError as exc:
+                        if exc.error_type != ErrorType.TOO_MANY_CONNECTIONS or time.monotonic() > deadline:
+                            raise
+                        time.sleep(BUSY_RETRY_S)
+            except BridgeConnectionError as exc:
+                lost = pool.connection_failed(session_id)  # the engine's word, on failures only
+                pool.close_session(session_id)
+                if lost is None:
+                    raise
+                dead_seen += 1
+                if dead_seen > 2 * max(1, len(pool.environment.workers)):
+                    raise WorkerLostError(f"no live worker for session {session_id!r}: {lost}") from exc
+                continue  # its worker died before the test used it: a live one (or its replacement)
+            except BaseException:
+                pool.close_session(session_id)
+                raise
+            break
 
         def cleanup() -> None:
             try:

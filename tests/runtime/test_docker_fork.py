@@ -251,3 +251,29 @@ def test_a_process_pool_starts_two_workers_and_a_sequential_suite_alternates(tmp
         assert len(set(parents)) == 2 and all(a != b for a, b in itertools.pairwise(parents)), parents
     finally:
         environment.close()
+
+
+def test_a_process_session_is_never_pinned_to_a_dead_worker(tmp_path: Path) -> None:
+    """The pool asks the engine nothing when it pins a `process` session (the new connection is the
+    check): a worker killed between two tests costs the next test nothing — its connection fails,
+    the engine confirms the death, the worker is replaced and the test runs on a live one."""
+    (tmp_path / "pyproject.toml").write_text(LAYER.replace("workers = 1", "workers = 2"))
+    environment = open_environment("proc", project_dir=tmp_path)
+    try:
+        with environment.session("first") as first:
+            used = first.adapter.bridge.process["worker_id"]
+        pool = environment.pool
+        checks = pool.engine_checks
+        [victim] = [w for w in pool.environment.workers if w.name != used]  # the next one's pick
+        runtime = environment.containers.runtime
+        runtime.client.api.kill(victim.container_id)
+        runtime.client.api.wait(victim.container_id, timeout=60)  # kill returns before it stopped
+        for i in range(3):
+            with environment.session(f"after-{i}") as test:
+                test.adapter.create_program(QA_INT, "qa")
+                assert test.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+        assert pool.engine_checks == checks  # pinning asked the engine nothing
+        assert pool.wait_replacements(120)
+        assert pool.stats()["replaced"] >= 1, pool.stats()
+    finally:
+        environment.close()
