@@ -141,8 +141,8 @@ def rebind_relay(
     new_id = runtime.recreate_container(relay, {w.relay_port: w.port for w in (*workers, *reserved)})
     try:
         _wait_through(runtime, relay, new_id, workers, reserved, probe, timeout_s)
-    except RecreateError:
-        raise
+    except DockerUnavailableError:
+        raise  # the engine gone is no failed re-creation: the caller says so and checks again later
     except RuntimeProblem as exc:
         raise RecreateError(str(exc), new_id) from None
     return new_id

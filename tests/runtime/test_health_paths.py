@@ -295,3 +295,25 @@ def test_a_relay_re_created_while_every_worker_is_dead_waits_for_none(
     finally:
         env.stop()
     assert rt.containers == {}  # the run's cleanup removes the relay by name, whatever its id
+
+
+def test_an_engine_lost_right_after_the_relay_s_re_creation_is_the_engine_s_error_not_a_failed_repair(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """provision run's check passes a lost engine on (it says so once and checks again later); the
+    relay's re-creation succeeded, so the run's records were not told of a failed one."""
+    rt, workers = fake
+    env = _env(settings, fake)
+    try:
+        workers.kill_forwarder(env.workers[0].port)
+
+        def gone(*_: object) -> int:
+            raise DockerUnavailableError("no Docker engine is reachable (gone after the re-creation)")
+
+        monkeypatch.setattr(rt, "published_port", gone)
+        with pytest.raises(DockerUnavailableError, match="gone after the re-creation"):
+            heal_deployment(env)
+    finally:
+        monkeypatch.undo()
+        env.stop()
+    assert rt.containers == {}
