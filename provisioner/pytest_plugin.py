@@ -90,6 +90,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
     config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
     config.pluginmanager.register(_CompletenessHooks(run), "provisioner-completeness")
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(_WorkerEnd(run), "provisioner-end")
+    else:
+        config.pluginmanager.register(_ControllerEnd(run, config.stash[_NODES_KEY]), "provisioner-end")
     for line in run.marker_lines():
         config.addinivalue_line("markers", line)
     config.addinivalue_line(
@@ -263,6 +267,36 @@ def _merge_worker_output(node: Any) -> None:
     if output and id(node) not in merged:
         merged.add(id(node))
         node.config.stash[RUN_KEY].merge_worker(output)
+
+
+class _ControllerEnd:
+    """xdist's controller: its environment (and with it the run's shared pool) goes as soon as every
+    xdist worker has reported, while xdist still waits for their processes to exit
+    (``ProvisionRun.close_once_reported``). Outermost, so the thread starts before xdist's own
+    session end begins that wait; the innermost wrapper below then closes as before (waiting for
+    the thread, if it is still closing)."""
+
+    def __init__(self, run: ProvisionRun, nodes: list[Any]) -> None:
+        self.run = run
+        self.nodes = nodes
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:
+        if self.nodes:
+            self.run.close_once_reported(list(self.nodes))
+        return (yield)
+
+
+class _WorkerEnd:
+    """An xdist worker: after its report went to the controller, its exit is quick
+    (``ProvisionRun.worker_reported``); before pytest's own unconfigure, hence ``tryfirst``."""
+
+    def __init__(self, run: ProvisionRun) -> None:
+        self.run = run
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.run.worker_reported()
 
 
 # Innermost wrapper, so its body runs after every plain implementation: after pytest's own (the

@@ -273,8 +273,24 @@ def test_xdist_workers_share_one_run_and_report(project: pytest.Pytester) -> Non
                     fh.write("\\n".join(ids))
             """
     project.makepyfile(**tests)
+    # Each process says, as it exits, whether its heap was frozen for the garbage collector: an xdist
+    # worker's is once its report went to the controller, so it exits quickly (the controller waits
+    # for that exit); the controller's is not.
+    project.makeconftest(f"""
+        import atexit, gc, os
+
+        def _said():
+            name = os.environ.get("PYTEST_XDIST_WORKER", "controller")
+            with open({str(project.path)!r} + "/frozen-" + name, "w") as fh:
+                fh.write(str(gc.get_freeze_count()))
+
+        atexit.register(_said)
+        """)
     result = project.runpytest_subprocess("--layer", "unit", "-n", "2", "--provision-report", "report.json")
     result.assert_outcomes(passed=24)
+    frozen = {p.name: int(p.read_text()) for p in project.path.glob("frozen-*")}
+    assert frozen.keys() == {"frozen-gw0", "frozen-gw1", "frozen-controller"}, frozen
+    assert frozen["frozen-gw0"] > 0 and frozen["frozen-gw1"] > 0 and frozen["frozen-controller"] == 0, frozen
     files = sorted(out.iterdir())
     assert len(files) == 24
     assert {f.stem.rsplit("-", 1)[1] for f in files} == {"gw0", "gw1"}
