@@ -153,36 +153,39 @@ def _docker_marker(request: pytest.FixtureRequest) -> None:
 
 
 # The fast tier's heaviest files, heaviest first (seconds of setup + call + teardown summed over the
-# file's tests; serial run on a quiet machine, commit cdfea18, 2026-11-30; benchmarks/bench_test_suite.py
-# prints the current figures). The README's command runs the suite on two xdist workers with
-# `--dist loadfile` (a file's tests in one process, so its module fixtures start once), and the
-# scheduler below hands out files in collection order (xdist's `--no-loadscope-reorder`) instead of
-# by test count: with the heaviest first, the last files to start are small ones and the
-# two workers finish close together (longest-processing-time-first scheduling). A stale list costs
-# balance, never correctness; files not listed keep their collection order after these.
+# file's tests; mean of the five `-n 2 --dist loadfile` runs of the README's command on a quiet
+# machine, commit 78c9e35, 2026-11-30 17:27-18:01 UTC, docs/benchmarks.md "Test suite time";
+# benchmarks/bench_test_suite.py prints the current figures). The README's command runs the suite
+# on two xdist workers with `--dist loadfile` (a file's tests in one process, so its module
+# fixtures start once), and the scheduler below hands out files in collection order (xdist's
+# `--no-loadscope-reorder`) instead of by test count: with the heaviest first, the last files to
+# start are small ones and the two workers finish close together (longest-processing-time-first
+# scheduling). A stale list costs balance, never correctness; files not listed keep their
+# collection order after these.
 HEAVY_FIRST = (
-    "tests/bridge/test_forking.py",  # 82 s
-    "tests/test_pytest_plugin.py",  # 59 s
-    "tests/testing/test_completeness.py",  # 43 s
-    "tests/runtime/test_docker_layers.py",  # 39 s
-    "tests/history/test_plugin_history.py",  # 35 s
-    "tests/testing/test_one_run.py",  # 22 s
-    "tests/testing/test_network.py",  # 22 s
-    "tests/runtime/test_docker_isolation.py",  # 22 s
-    "tests/bridge/test_access.py",  # 21 s
-    "tests/lm/test_cached.py",  # 20 s
-    "tests/bridge/test_fairness.py",  # 16 s
-    "tests/lm/test_cassette_runs.py",  # 15 s
-    "tests/bridge/test_worker_tcp.py",  # 15 s
-    "tests/lm/test_activation.py",  # 13 s
-    "tests/history/test_shards.py",  # 13 s
-    "tests/bridge/test_server_limits.py",  # 12 s
+    "tests/runtime/test_docker_layers.py",  # 45 s
+    "tests/history/test_plugin_history.py",  # 34 s (+ test_report_page.py: one unit, SAME_WORKER)
+    "tests/test_pytest_plugin.py",  # 34 s
+    "tests/testing/test_completeness.py",  # 25 s
+    "tests/runtime/test_docker_isolation.py",  # 24 s
+    "tests/testing/test_one_run.py",  # 24 s
+    "tests/testing/test_network.py",  # 19 s
+    "tests/bridge/test_access.py",  # 18 s
+    "tests/lm/test_cached.py",  # 15 s
+    "tests/bridge/test_forking.py",  # 15 s
+    "tests/bridge/test_fairness.py",  # 14 s
     "tests/testing/test_killed_parts.py",  # 12 s
-    "tests/bridge/test_server_paths.py",  # 11 s
-    "tests/runtime/test_docker_run_command.py",  # 11 s
-    "tests/bridge/test_regex_rules.py",  # 11 s
-    "tests/testing/test_worker_logs.py",  # 11 s
-    "tests/runtime/test_docker_repair.py",  # 11 s
+    "tests/runtime/test_docker_run_command.py",  # 12 s
+    "tests/history/test_shards.py",  # 12 s
+    "tests/test_api.py",  # 11 s
+    "tests/bridge/test_worker_tcp.py",  # 11 s
+    "tests/runtime/test_docker_repair.py",  # 10 s
+    "tests/bridge/test_server_limits.py",  # 10 s
+    "tests/testing/test_worker_logs.py",  # 10 s
+    "tests/lm/test_cassette_runs.py",  # 10 s
+    "tests/lm/test_activation.py",  # 9 s
+    "tests/bridge/test_server_paths.py",  # 8 s
+    "tests/runtime/test_docker_fork.py",  # 8 s
 )
 
 
