@@ -199,3 +199,30 @@ def test_a_test_run_with_no_sessions_noted_counts_only_its_own_processes_lines(t
     assert test_run_sessions(tmp_path, "run-a") == {"session_a_1"}
     usage = ledger_usage(tmp_path, test_run="run-a")
     assert usage is not None and (usage.real, usage.cost_usd) == (2, 0.75)
+
+
+def test_refusals_by_each_limit_are_counted_apart_and_said_with_the_limit_when_known(tmp_path: Path) -> None:
+    """A run's cost limit and rate limit refusals: the usage counts each, the report says each with
+    its limit; a refusal line without a limit (written by an older worker) is said without one."""
+    from provisioner.lm.ledger import ledger_usage, refused_text
+
+    ledger = Ledger(tmp_path, run_id="r1")
+    ledger.refused(model="m", reason="cost_limit", limit=0.001)
+    ledger.refused(model="m", reason="rate_limit", limit=10)
+    ledger.refused(model="m", reason="rate_limit", limit=10)
+    ledger.close()
+    with (tmp_path / LEDGER_FILE).open("a") as f:
+        f.write(json.dumps({"event": "refused", "run_id": "r1", "reason": "rate_limit", "model": "m"}) + "\n")
+    usage = ledger_usage(tmp_path)
+    assert usage is not None and (usage.refused_cost_limit, usage.refused_rate_limit) == (1, 3)
+    report = run_report(tmp_path, run_id="r1")
+    assert report.total.refused == {"cost_limit": 1, "rate_limit": 3}
+    assert refused_text(report.total.refused, report.total.limits) == (
+        "4 calls refused (cost limit $0.001; 3 by the rate limit 10/min)")
+    assert refused_text({"rate_limit": 1}) == "1 call refused (rate limit)"
+
+
+def test_a_run_without_an_lm_directory_has_no_position_and_no_test_run_sessions() -> None:
+    from provisioner.lm.ledger import ledger_position, test_run_sessions
+
+    assert ledger_position(None) == 0 and test_run_sessions(None, "run-a") == set()
