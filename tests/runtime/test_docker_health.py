@@ -92,6 +92,10 @@ def test_a_relay_that_cannot_be_made_again_while_its_port_is_taken_is_made_by_th
     rt = DockerRuntime(docker_engine)
     pool = _pool(settings, worker_image, run_id, workers=1)
     taker = socket.socket()
+    # The forwarder's connections to the old relay leave TIME_WAIT sockets on the port when it
+    # exits; the engine binds through them the same way (Go sets SO_REUSEADDR), a listener is
+    # what makes its bind fail.
+    taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         pool.open_session("kept")
         session = pool.client("kept", request_timeout=60)
