@@ -128,16 +128,32 @@ def test_pytest_attaches_to_provision_up_and_starts_no_container(pytester: pytes
         assert all(r["project_containers"] == before for r in rows)
         # The attached run is left running: the session removed nothing of it.
         assert sorted(c.id for c in docker_engine.containers.list(all=True, filters=project)) == before
-
-        # A session whose record mode differs starts its own run and says why.
-        other = pytester.runpytest_subprocess("--layer", "integration", "--record-mode", "none",
-                                              "-p", "no:cacheprovider", "-k", "n0", timeout=400)
-        other.stdout.fnmatch_lines(["provisioner: own run for this session, not attaching: `provision up` "
-                                    "run * differs: record mode *"])
     finally:
         down = _provision(pytester, "down")
         assert down.returncode == 0, down.stdout + down.stderr
     assert docker_engine.containers.list(all=True, filters=project) == []
+
+
+@pytest.mark.slow  # the fast tier takes this path on the fake runtime: tests/test_api.py, "did not attach"
+@pytest.mark.docker
+def test_a_session_whose_record_mode_differs_starts_its_own_run_and_says_why(
+    pytester: pytest.Pytester, docker_engine: Any
+) -> None:
+    _project(pytester, "integration", tests=1)
+    up = _provision(pytester, "up", "--layer", "integration")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        project = {"label": [f"{L.PROJECT}={L.project_id(pytester.path)}"]}
+        before = sorted(c.id for c in docker_engine.containers.list(all=True, filters=project))
+        other = pytester.runpytest_subprocess("--layer", "integration", "--record-mode", "none",
+                                              "-p", "no:cacheprovider", timeout=400)
+        other.stdout.fnmatch_lines(["provisioner: own run for this session, not attaching: `provision up` "
+                                    "run * differs: record mode *", "*workers started: 1*"])
+        # Its own run is gone after it; the `provision up` run stays.
+        assert sorted(c.id for c in docker_engine.containers.list(all=True, filters=project)) == before
+    finally:
+        down = _provision(pytester, "down")
+        assert down.returncode == 0, down.stdout + down.stderr
 
 
 @pytest.mark.slow
