@@ -7,11 +7,22 @@ machine that lost its engine can never go green by skipping everything that matt
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import pytest
+
+# importlib_metadata (the backport, which litellm and pygal import) deletes the stdlib PathFinder's
+# find_distributions when it is first imported and puts its own finder on sys.meta_path instead
+# (importlib_metadata._compat.disable_stdlib_finder; lektor/lektor#1140 met the same). Imported for the
+# first time inside a `pytester` test (tests/lm/test_refused_calls.py renders the report page: pygal),
+# its finder left again when pytester put back the sys.meta_path it saved, and from then on nothing in
+# that process found an installed distribution: the flaky kind of 3 of 7 full runs and a CI run.
+# Imported here, before any test, it is in every snapshot.
+with contextlib.suppress(ImportError):
+    import importlib_metadata  # noqa: F401
 
 
 def _probe_docker() -> tuple[Any | None, str]:
@@ -96,13 +107,13 @@ def _distributions_visible() -> bool:
 def _installed_distributions_stay_visible() -> Iterator[None]:
     """After each test, ``importlib.metadata`` still finds the installed distributions.
 
-    It keeps each ``sys.path`` folder's listing, keyed by the folder's mtime, and swallows an error
-    while listing (``EMFILE`` included): one failed listing of site-packages makes every installed
-    distribution look missing in this process until the folder changes. Under ``-n 2`` that failed
-    a run of unrelated tests later in one xdist process ("the distribution 'dspy-provisioner' is not
-    installed", "No package metadata was found for testcontainers") — 3 of 7 full runs and one CI
-    run. The test during which it happened fails here, by name, and the cache is cleared so the
-    tests after it see the truth again."""
+    Two ways to lose them for the rest of a process: the finder of distributions removed from
+    ``sys.meta_path`` while the stdlib one is disabled (see the ``importlib_metadata`` import at the
+    top: it made unrelated tests fail later in one xdist process, "the distribution
+    'dspy-provisioner' is not installed", "No package metadata was found for testcontainers"), and a
+    failed listing of site-packages kept as an empty one (``EMFILE``: the error is swallowed and the
+    listing cached by the folder's mtime; tests/runtime/test_images.py). The test during which it
+    happens fails here, by name, and the state is repaired so the tests after it see the truth."""
     yield
     if _distributions_visible():
         return
@@ -112,14 +123,19 @@ def _installed_distributions_stay_visible() -> Iterator[None]:
         fds: object = len(os.listdir("/proc/self/fd"))
     except OSError as exc:
         fds = exc
+    finders = [repr(f) for f in sys.meta_path if getattr(f, "find_distributions", None)]
+    site = [p for p in sys.path if p.endswith("site-packages")]
     from provisioner.runtime.images import forget_metadata_listings
 
+    if not finders:  # put the backport's finder back: a fresh import installs it again
+        sys.modules.pop("importlib_metadata", None)
+        with contextlib.suppress(ImportError):
+            import importlib_metadata  # noqa: F401
     forget_metadata_listings()
-    again = _distributions_visible()
-    site = [p for p in sys.path if p.endswith("site-packages")]
     pytest.fail(
-        f"after this test importlib.metadata found no installed distribution (open descriptors: {fds}; "
-        f"site-packages on sys.path: {site}; found again once its cache was cleared: {again})",
+        f"after this test importlib.metadata found no installed distribution (finders of distributions "
+        f"on sys.meta_path: {finders or 'none'}; site-packages on sys.path: {site}; open descriptors: "
+        f"{fds}; found again once repaired: {_distributions_visible()})",
         pytrace=False,
     )
 
