@@ -77,10 +77,6 @@ class CleanupReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def extend(self, other: CleanupReport) -> None:
-        self.removed += other.removed
-        self.errors += other.errors
-
 
 @runtime_checkable
 class WriteCount(Protocol):
@@ -437,11 +433,6 @@ def child_processes_of_this_process() -> list[tuple[int, str]]:
     return _live_descendants(None)
 
 
-def child_processes(pid: int | None = None) -> list[str]:
-    """``"<pid> <name>"`` for every live descendant of ``pid`` (default: this process)."""
-    return [f"{child_pid} {name}" for child_pid, name in _live_descendants(pid)]
-
-
 def _live_descendants(pid: int | None) -> list[tuple[int, str]]:
     """``(pid, name)`` of every live (not zombie) descendant of ``pid`` (default: this process)."""
     import psutil
@@ -503,14 +494,3 @@ def own_listening_ports(children: Iterable[int] = ()) -> set[int]:
             continue
         ports.update(c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN and c.laddr)
     return ports
-
-
-def listening_ports() -> set[int]:
-    """TCP ports in LISTEN state on this host (any address). Scans the whole machine: slow."""
-    import psutil
-
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return set()
-    return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
