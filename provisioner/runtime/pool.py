@@ -124,8 +124,12 @@ class WorkerPool:
         owns_environment: bool = False,
         clock: Callable[[], float] = time.monotonic,
         least_recently_used: bool = False,
+        connection_failure_settle_s: float = CONNECTION_FAILURE_SETTLE_S,
     ) -> None:
-        """``least_recently_used``: among workers with equally many open sessions, pin a new session
+        """``connection_failure_settle_s``: after a broken connection, how long the engine gets to
+        report the worker's exit before the failure counts as a blip (seconds; a blip waits it out
+        in full, so tests of a blip on the in-memory engine, which reports an exit at once, pass a
+        small one). ``least_recently_used``: among workers with equally many open sessions, pin a new session
         to the one that got its last session longest ago (else: the one that served fewest). The
         pool of a layer with isolation ``process`` picks so: a fork-mode worker forks and warms its
         next *spare* process after a connection arrives, so a sequential suite that alternates
@@ -139,6 +143,7 @@ class WorkerPool:
         self.owns_environment = owns_environment
         self.clock = clock
         self.least_recently_used = least_recently_used
+        self.connection_failure_settle_s = connection_failure_settle_s
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {w.slot: _Slot(w, clock()) for w in environment.workers}
         self._sessions: dict[str, PooledSession] = {}
@@ -487,7 +492,7 @@ class WorkerPool:
             return self._lost_message(session_id, pinned, "was replaced")
         # The relay drops the connection the moment the worker dies; the engine records the exit a
         # little later. Look again for a moment before calling it a blip (only on failures).
-        deadline = time.monotonic() + CONNECTION_FAILURE_SETTLE_S
+        deadline = time.monotonic() + self.connection_failure_settle_s
         alive, state = self._state(current)
         while alive and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -29,6 +29,10 @@ class Clock:
         return self.now
 
 
+# The in-memory engine reports a worker's exit at once: a blip need not wait the pool's 1.5 s out.
+SETTLE_S = 0.1
+
+
 def _pool(
     settings: Settings,
     fake: tuple[FakeRuntime, FakeWorkers],
@@ -56,6 +60,7 @@ def _pool(
         owns_environment=True,
         clock=clock or Clock(),
         least_recently_used=least_recently_used,
+        connection_failure_settle_s=SETTLE_S,
     )
 
 
@@ -380,7 +385,7 @@ def test_a_worker_whose_connection_closed_is_checked_and_routed_around(servers: 
 
 def test_a_failed_cleanup_is_a_note_and_the_connection_is_not_reused(servers: Any) -> None:
     stub = servers(1)
-    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    pool = WorkerPool(stub, connection_failure_settle_s=SETTLE_S)  # type: ignore[arg-type]
     try:
         session, cleanup = pool.lease("doomed")
         session.bridge.close()  # the client can no longer send cleanup_session

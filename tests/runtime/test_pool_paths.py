@@ -111,7 +111,7 @@ class _BlindRuntime(FakeRuntime):
 def test_an_engine_that_cannot_tell_never_makes_a_worker_dead(settings: Settings) -> None:
     rt = _BlindRuntime(images=(FAKE_IMAGE,))
     env = _deployment(settings, (rt, FakeWorkers(rt))).start()
-    with WorkerPool(env, owns_environment=True) as pool:
+    with WorkerPool(env, owns_environment=True, connection_failure_settle_s=0.1) as pool:
         rt.blind = True
         session = pool.open_session("s")  # no false alarm: the connection itself would tell
         assert session.generation == 0
