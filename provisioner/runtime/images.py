@@ -43,11 +43,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from provisioner._files import locked
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
+
+if TYPE_CHECKING:
+    import importlib.metadata
 from provisioner.runtime.engine import ImageInfo, ImageStore, open_runtime
 
 DIST_NAME = "dspy-provisioner"
@@ -180,6 +183,25 @@ def forget_metadata_listings() -> None:
         finder.invalidate_caches(finder)  # type: ignore[call-arg]
 
 
+def installed_distributions(name: str, *, fresh: bool = False) -> list[importlib.metadata.Distribution]:
+    """The installed distributions called ``name`` on ``sys.path`` (normally one).
+
+    ``fresh``: look again, not trusting this process's state — the listings forgotten
+    (:func:`forget_metadata_listings`) and through the stdlib's path finder itself. Callers do that
+    before concluding something is not installed: ``importlib_metadata`` (the backport; litellm and
+    pygal import it) deletes the stdlib ``PathFinder.find_distributions`` when first imported and puts
+    its own finder on ``sys.meta_path``, so a process that later puts back an older ``sys.meta_path``
+    (pytest's ``pytester`` does after each test) has no finder of distributions left and sees
+    nothing installed.
+    """
+    import importlib.metadata as md
+
+    if not fresh:
+        return list(md.distributions(name=name))
+    forget_metadata_listings()
+    return list(md.MetadataPathFinder.find_distributions(md.DistributionFinder.Context(name=name)))
+
+
 def installed_package(root: Path | None = None) -> PackageSource:
     """The installed provisioner: its package folder plus the installed distribution's metadata.
 
@@ -190,12 +212,10 @@ def installed_package(root: Path | None = None) -> PackageSource:
     Raises:
         ImageError: neither an installed distribution nor a ``pyproject.toml`` is found.
     """
-    import importlib.metadata as md
-
     root = root or package_dir()
     # The installed .dist-info (a build's leftover .egg-info in a checkout on sys.path has no METADATA).
-    for attempt in range(2):
-        for dist in md.distributions(name=DIST_NAME):
+    for fresh in (False, True):  # not seeing it would silently make another image: look twice
+        for dist in installed_distributions(DIST_NAME, fresh=fresh):
             metadata = dist.read_text("METADATA")
             if metadata:
                 return PackageSource(
@@ -205,8 +225,6 @@ def installed_package(root: Path | None = None) -> PackageSource:
                     metadata_headers(metadata),
                     dist.read_text("entry_points.txt") or "",
                 )
-        if attempt == 0:
-            forget_metadata_listings()  # a stale listing must not turn into another image
     pyproject = root.parent / "pyproject.toml"
     if pyproject.is_file():
         return _from_pyproject(root, pyproject)
@@ -815,8 +833,11 @@ def prune_worker_images(runtime: ImageStore | None = None, *, dry_run: bool = Fa
 
 
 def lock_requirements(roots: tuple[str, ...] = WORKER_ROOTS) -> list[str]:
-    """``name==version`` for the dependency closure of ``roots`` as installed in this environment."""
-    import importlib.metadata as md
+    """``name==version`` for the dependency closure of ``roots`` as installed in this environment.
+
+    Raises:
+        ImageError: one of them is not installed (named).
+    """
     import re
 
     from packaging.markers import default_environment
@@ -832,14 +853,10 @@ def lock_requirements(roots: tuple[str, ...] = WORKER_ROOTS) -> list[str]:
         if (name, extra) in done:
             continue
         done.add((name, extra))
-        try:
-            try:
-                dist = md.distribution(name)
-            except md.PackageNotFoundError:
-                forget_metadata_listings()
-                dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            raise ImageError(f"worker requirement {name!r} is not installed in this environment") from None
+        dists = installed_distributions(name) or installed_distributions(name, fresh=True)
+        if not dists:
+            raise ImageError(f"worker requirement {name!r} is not installed in this environment")
+        dist = dists[0]  # the first on sys.path, as importlib.metadata.distribution(name) takes
         seen[name] = dist.version
         for raw in dist.requires or []:
             req = Requirement(raw)

@@ -440,3 +440,22 @@ def test_a_site_packages_listing_that_failed_once_does_not_make_installed_packag
         patch.setattr(os, "listdir", out_of_descriptors)
         assert next(iter(md.distributions(name="regex")), None) is None
     assert images.lock_requirements() == pinned
+
+
+def test_with_no_finder_of_distributions_left_on_sys_meta_path_installed_packages_are_still_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """importlib_metadata (imported by litellm and pygal) deletes the stdlib PathFinder's
+    find_distributions and puts its own finder on sys.meta_path; a process that then puts back an
+    older sys.meta_path (pytester does after each test) has no finder of distributions left. That
+    failed 4-11 tests of one xdist process in 3 of 7 runs of this suite and one CI run."""
+    import importlib.machinery
+    import importlib.metadata as md
+    import sys
+
+    before, pinned = images.installed_package().hash(), images.lock_requirements()
+    monkeypatch.delattr(importlib.machinery.PathFinder, "find_distributions", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not hasattr(f, "find_distributions")])
+    assert next(iter(md.distributions(name="pytest")), None) is None  # the state, as it was
+    assert images.installed_package().hash() == before
+    assert images.lock_requirements() == pinned
