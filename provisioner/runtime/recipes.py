@@ -744,7 +744,11 @@ def standin_recipe(
         environment=_common_env(),
         labels={**labels, L.ROLE: L.ROLE_STANDIN},
         networks=(NetworkAttachment(network, (STANDIN_ALIAS,)),),
-        healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
+        # A probe starts a Python interpreter: 3 s (the default) was not enough on a machine at load 20+,
+        # and `docker ps` then showed a serving stand-in as unhealthy.
+        healthcheck=HealthCheck(
+            ("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT)), timeout_s=10.0
+        ),
         guarded=guarded,
         memory="256m",
         cpus=min(float(limits["cpus"]), 1.0),
