@@ -313,7 +313,9 @@ class Environment:
 
         Returns a :class:`~provisioner.runtime.logs.WorkerLogWindow`: ``worker`` (container name),
         ``since``, ``until`` (seconds), ``lines`` (tuple of str, oldest first, no line ends),
-        ``omitted`` (lines ``tail`` left out), ``text`` (the lines joined).
+        ``omitted`` (lines ``tail`` left out), ``text`` (the lines joined). A line naming a session
+        this environment opened with a label shows the label next to the id: ``smoke
+        (session_…)`` (:meth:`session_labels`).
 
         Raises:
             ConfigError: the layer runs in-process (no worker containers: the unit layer); ``worker``
@@ -348,7 +350,15 @@ class Environment:
                 raise UnknownNameError("worker", str(worker), known,
                                        hint=f"worker containers of run {self.run_id}")
             name = container = worker
-        return read_window(self.containers.runtime, container, since, end, tail=tail, name=name)
+        return read_window(self.containers.runtime, container, since, end, tail=tail, name=name,
+                           sessions=self.session_labels())
+
+    def session_labels(self) -> dict[str, str]:
+        """Session id -> the label it was opened with (:meth:`session`/:meth:`isolated`; the pytest
+        plugin's labels are test node ids), for this environment's labelled sessions: a worker's log
+        names sessions by id only, :meth:`worker_log` shows the label next to it."""
+        with self._lock:
+            return {sid: label for label, ids in self._sessions_by_label.items() for sid in ids}
 
     def worker_names(self) -> list[str]:
         """The names of this environment's worker containers now: its pool's (or the ``provision up``

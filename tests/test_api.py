@@ -440,6 +440,15 @@ def test_worker_log_refuses_what_it_cannot_answer_with_the_input_named(
             env.worker_log(test, 0.0, tail=-1)
         with pytest.raises(ConfigError, match=r"since=nan is not a time"):
             env.worker_log(test, float("nan"))
+        # A worker names sessions by id; the window shows the label the session was opened with.
+        (container,) = [c for c in served.containers.values() if c.recipe.name == pinned]
+        with env.session("smoke") as other:
+            container.write_log(f"execute_program refused (session {other.session_id}): ProgramNotFound "
+                                f"in session '{other.session_id}' (not {test.session_id}x)")
+            line = env.worker_log(other, 0.0).lines[-1]
+        assert line == (f"execute_program refused (session smoke ({other.session_id})): ProgramNotFound "
+                        f"in session 'smoke ({other.session_id})' (not {test.session_id}x)")
+        assert env.session_labels()[test.session_id] == "a"
         served.crash(pinned)
         served.remove_container(pinned)
         with pytest.raises(WorkerLostError, match=f"worker {re.escape(pinned)} is gone"):
@@ -485,6 +494,7 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
             window = env.worker_log(test, since, until)
             assert window.worker in env.worker_names() and window.worker.startswith("prov-")
             assert "inside-window" in window.text, window
+            assert f"(session logs ({test.session_id})):" in window.text, window  # the label and id
             assert "before-window" not in window.text and "after-window" not in window.text, window
             assert (window.since, window.until, window.omitted) == (since, until, 0)
             by_name = env.worker_log(window.worker, since, until)

@@ -10,6 +10,8 @@ window holds exactly the lines written in it, whatever the host's clock did to t
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,6 +55,25 @@ def check_window(since: float, until: float, tail: int | None = None) -> None:
         raise ConfigError(f"tail={tail} must be 0 or more (None: every line of the window)")
 
 
+# The session ids provisioner hands out (provisioner.specs.new_session): "session_" and word characters.
+_SESSION_ID = re.compile(r"\bsession_[A-Za-z0-9_]+")
+
+
+def name_sessions(line: str, labels: Mapping[str, str]) -> str:
+    """``line`` with each session id of ``labels`` (session id -> the name the caller gave it, e.g.
+    ``env.session("smoke")`` or a pytest node id) shown as ``<name> (<session id>)``: a worker knows
+    sessions by id only, the caller by the name it chose."""
+    if not labels or "session_" not in line:
+        return line
+
+    def named(match: re.Match[str]) -> str:
+        session = match.group(0)
+        label = labels.get(session)
+        return session if label is None else f"{label} ({session})"
+
+    return _SESSION_ID.sub(named, line)
+
+
 def read_window(
     runtime: ContainerRuntime,
     container: str,
@@ -61,10 +82,12 @@ def read_window(
     *,
     tail: int | None = None,
     name: str | None = None,
+    sessions: Mapping[str, str] | None = None,
 ) -> WorkerLogWindow:
     """The lines ``container`` (id or name) wrote from ``since`` to ``until`` (Unix seconds), the
     newest ``tail`` of them (None: all). ``name``: the worker's name in the result (default
-    ``container``).
+    ``container``). ``sessions``: session id -> the caller's name for it; a line naming one of
+    these sessions names it ``<name> (<session id>)`` (:func:`name_sessions`).
 
     Raises:
         ConfigError: a bad window (:func:`check_window`).
@@ -77,4 +100,6 @@ def read_window(
         raise WorkerLostError(f"worker {shown} is gone (removed or replaced), and its log with it")
     lines = runtime.logs(container, tail=None, since=since, until=until).splitlines()
     kept = lines if tail is None else (lines[-tail:] if tail else [])
+    if sessions:
+        kept = [name_sessions(line, sessions) for line in kept]
     return WorkerLogWindow(shown, since, until, tuple(kept), len(lines) - len(kept))

@@ -171,7 +171,8 @@ class ProvisionRun:
         from provisioner.testing.worker_logs import LOGS_DIR, WorkerLogs
 
         # The worker containers each test used: their log lines go into its failure report.
-        self.worker_logs = WorkerLogs(self._started_runtime, identity.run_dir / LOGS_DIR)
+        self.worker_logs = WorkerLogs(self._started_runtime, identity.run_dir / LOGS_DIR,
+                                      session_labels=self.environment.session_labels)
 
         self.started_at = now_iso()
 

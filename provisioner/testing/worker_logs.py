@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,12 +73,16 @@ class WorkerLogs:
     """Which worker containers each test of this process used, and their log excerpts on failure.
 
     ``runtime()`` gives this process's :class:`~provisioner.runtime.engine.ContainerRuntime` (None
-    before it has one: then no test used a worker); ``log_dir`` receives the saved full logs.
+    before it has one: then no test used a worker); ``log_dir`` receives the saved full logs;
+    ``session_labels()``: session id -> the test node id that opened it (a line naming one of
+    them shows the node id next to the id).
     """
 
     def __init__(self, runtime: Callable[[], Any | None], log_dir: Path, *,
-                 max_lines: int = MAX_LINES) -> None:
+                 max_lines: int = MAX_LINES,
+                 session_labels: Callable[[], Mapping[str, str]] | None = None) -> None:
         self._runtime = runtime
+        self._session_labels = session_labels
         self.log_dir = log_dir
         self.max_lines = max_lines
         self._lock = threading.Lock()
@@ -141,7 +145,8 @@ class WorkerLogs:
         from provisioner.runtime.logs import read_window
 
         try:
-            window = list(read_window(runtime, container, since, until, name=name).lines)
+            sessions = self._session_labels() if self._session_labels is not None else None
+            window = list(read_window(runtime, container, since, until, name=name, sessions=sessions).lines)
             whole = runtime.logs(container, tail=None)
         except WorkerLostError:
             return WorkerLogExcerpt(name, since, until, (), 0, None,

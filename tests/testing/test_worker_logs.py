@@ -166,6 +166,8 @@ def test_a_failed_tests_report_shows_its_workers_lines_of_its_window(
     b = _sections(out, "test_b_fails")
     assert "provisioner: log of worker prov-" in b, out[-4000:]
     assert "beta-missing" in b and "alpha-missing" not in b and "gamma-missing" not in b
+    # The worker names the session by id; the report shows the test that opened it next to the id.
+    assert re.search(r"refused \(session test_suite\.py::test_b_fails \(session_\w+\)\)", b), b
     full_b = Path(re.search(r"full log: (\S+\.log) ", b).group(1))  # type: ignore[union-attr]
     log_b = full_b.read_text()
     assert "alpha-missing" in log_b and "beta-missing" in log_b  # the other window is in the full log
