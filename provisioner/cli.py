@@ -912,15 +912,15 @@ def history_list(limit: int, as_json: bool) -> None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, right in (("run", False), ("started (UTC)", False), ("layers", False), ("passed", True),
                         ("failed", True), ("error", True), ("skipped", True), ("duration s", True),
-                        ("billed $", True), ("ended", False), ("revision", False)):
+                        ("billed $", True), ("LM refused", True), ("ended", False), ("revision", False)):
         table.add_column(name, justify="right" if right else "left")
     from provisioner.reporting.dashboard import run_ended
 
     for run in runs:
         table.add_row(run["run_id"], run["started_at"][:19].replace("T", " "), "/".join(run["layers"]),
                       str(run["passed"]), str(run["failed"]), str(run["error"]), str(run["skipped"]),
-                      f"{run['duration_s']:.1f}", f"{run['cost_usd']:.4f}", run_ended(run),
-                      (run["revision"] or "-")[:20])
+                      f"{run['duration_s']:.1f}", f"{run['cost_usd']:.4f}", str(run["lm_refused"]),
+                      run_ended(run), (run["revision"] or "-")[:20])
     _print_table(table)
 
 
@@ -951,12 +951,12 @@ def history_show(run_id: str, as_json: bool) -> None:
 
     table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, right in (("outcome", False), ("duration s", True), ("billed $", True), ("LM calls", True),
-                        ("xdist worker", False), ("test", False)):
+                        ("LM refused", True), ("xdist worker", False), ("test", False)):
         table.add_column(name, justify="right" if right else "left")
     for row in tests:
         duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
         table.add_row(row["outcome"], f"{duration:.3f}", f"{row['cost_usd']:.6f}", str(row_lm_calls(row)),
-                      row["xdist_worker"] or "-", row["node_id"])
+                      str(row["lm_refused"]), row["xdist_worker"] or "-", row["node_id"])
     _print_table(table)
 
 

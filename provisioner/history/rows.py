@@ -33,6 +33,7 @@ USAGE_PROPERTIES: dict[str, str] = {
     "provision_cost_usd": "cost_usd",
     "provision_list_cost_usd": "list_cost_usd",
     "provision_cache_misses": "cache_misses",
+    "provision_lm_refused": "lm_refused",  # refused by the run's cost or rate limit (not in the calls)
 }
 LEAKS_PROPERTY = "provision_leaks"
 #: The test's bridge workers kept for debugging, and the worker logs saved for its failure report
@@ -44,7 +45,8 @@ WORKER_LOG_PROPERTY = "provision_worker_log"
 def usage_properties(usage: Mapping[str, Any],
                      leaks: Iterable[tuple[str, str]] = ()) -> list[tuple[str, Any]]:
     """The test properties for an LM usage (``LMUsage.as_dict()`` keys: mock, replayed, recorded, real,
-    standin, cost_usd, list_cost_usd, cache_misses, calls) and the test's leaks (``(kind, name)``)."""
+    standin, cost_usd, list_cost_usd, cache_misses, calls, refused_cost_limit, refused_rate_limit —
+    the last two summed into ``provision_lm_refused``) and the test's leaks (``(kind, name)``)."""
     props: list[tuple[str, Any]] = [
         ("provision_lm_calls", int(usage.get("calls", 0))),
         ("provision_lm_mock", int(usage.get("mock", 0))),
@@ -55,6 +57,8 @@ def usage_properties(usage: Mapping[str, Any],
         ("provision_cost_usd", round(float(usage.get("cost_usd", 0.0)), 10)),
         ("provision_list_cost_usd", round(float(usage.get("list_cost_usd", 0.0)), 10)),
         ("provision_cache_misses", int(usage.get("cache_misses", 0))),
+        ("provision_lm_refused",
+         int(usage.get("refused_cost_limit", 0)) + int(usage.get("refused_rate_limit", 0))),
     ]
     found = [f"{kind} {name}" for kind, name in leaks]
     if found:
@@ -88,7 +92,7 @@ def empty_test_row(run_id: str, node_id: str, layer: str) -> TestRow:
     return TestRow(run_id=run_id, node_id=node_id, layer=layer, outcome="passed", reruns=0, started_at=None,
                    setup_s=0.0, call_s=0.0, teardown_s=0.0, xdist_worker=None, lm_mock=0, lm_replayed=0,
                    lm_recorded=0, lm_real=0, lm_standin=0, cost_usd=0.0, list_cost_usd=0.0, cache_hits=0,
-                   cache_misses=0, leaks=[], retained=None, log_path=None)
+                   cache_misses=0, leaks=[], retained=None, log_path=None, lm_refused=0)
 
 
 class TestRowCollector:
@@ -185,10 +189,10 @@ class TestRowCollector:
 
 def apply_ledger(rows: Iterable[TestRow], by_test: Mapping[str, Any]) -> None:
     """Set each row's ledger-kept numbers (replayed, recorded, real and stand-in calls, dollars, cache
-    misses) from the run ledger read at the end of the run (``by_test``: node id -> ``LMUsage``, see
-    :func:`provisioner.lm.ledger.usage_by_test`). A call a worker finished after its test had ended
-    (the client timed out, the worker went on) is then the test's too, and the rows sum to the ledger;
-    mock calls (never in the ledger) keep the test's own count."""
+    misses, calls the run's limits refused) from the run ledger read at the end of the run
+    (``by_test``: node id -> ``LMUsage``, see :func:`provisioner.lm.ledger.usage_by_test`). A call a
+    worker finished after its test had ended (the client timed out, the worker went on) is then the
+    test's too, and the rows sum to the ledger; mock calls (never in the ledger) keep the test's own count."""
     for row in rows:
         usage = by_test.get(row["node_id"])
         row["lm_replayed"] = usage.replayed if usage else 0
@@ -198,6 +202,7 @@ def apply_ledger(rows: Iterable[TestRow], by_test: Mapping[str, Any]) -> None:
         row["cost_usd"] = round(usage.cost_usd, 10) if usage else 0.0
         row["list_cost_usd"] = round(usage.list_cost_usd, 10) if usage else 0.0
         row["cache_misses"] = usage.cache_misses if usage else 0
+        row["lm_refused"] = usage.refused if usage else 0
         row["cache_hits"] = row["lm_replayed"]
 
 
@@ -242,11 +247,12 @@ def ci_identity(environ: Mapping[str, str] | None = None) -> tuple[str | None, s
 def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str], exit_status: int,
             tests: Iterable[TestRow], retained: Iterable[str] = (), cost_usd: float | None = None,
             list_cost_usd: float | None = None, finished_at: str | None = None,
-            shard: str | None = None, lm_refused: int = 0) -> RunRow:
+            shard: str | None = None, lm_refused: int | None = None) -> RunRow:
     """A run row with totals over ``tests``. ``cost_usd``/``list_cost_usd``: the run ledger's totals
     when there is one (they also count calls outside any test); otherwise the tests' sums.
     ``shard``: the shard's label when ``PROVISION_SHARD`` does not set one (pytest-split's group);
-    ``lm_refused``: LM calls the run's limits refused (the ledger's "refused" lines)."""
+    ``lm_refused``: LM calls the run's limits refused (the ledger's "refused" lines, also those
+    outside any test); None: the tests' sum."""
     rows = list(tests)
     finished = finished_at or now_iso()
     revision, branch = git_revision(project_dir)
@@ -266,7 +272,8 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
                             else list_cost_usd, 10),
         standin_calls=sum(r["lm_standin"] for r in rows), cache_hits=sum(r["cache_hits"] for r in rows),
         cache_misses=sum(r["cache_misses"] for r in rows), leaks=sum(len(r["leaks"]) for r in rows),
-        retained=list(retained), lm_refused=lm_refused,
+        retained=list(retained),
+        lm_refused=sum(r["lm_refused"] for r in rows) if lm_refused is None else lm_refused,
     )
 
 

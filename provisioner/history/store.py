@@ -91,6 +91,7 @@ class TestRow(TypedDict):
     leaks: list[list[str]]
     retained: str | None  # the bridge workers kept for debugging ("; "-separated), if any
     log_path: str | None  # the worker logs saved for its failure report ("; "-separated), if any
+    lm_refused: int  # LM calls the run's cost or rate limit refused before sending (not in the lm_* kinds)
 
 
 _RUN_JSON = ("layers", "retained")
@@ -129,6 +130,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: calls the run's limits refused were counted nowhere a user looks.
     """
     ALTER TABLE runs ADD COLUMN lm_refused INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 4: ... and per test: which tests the limits stopped (the run row had only the total).
+    """
+    ALTER TABLE tests ADD COLUMN lm_refused INTEGER NOT NULL DEFAULT 0;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -341,7 +346,8 @@ def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     tests = data.get("tests") or []
     if not isinstance(tests, list):
         raise HistoryError(f"{source}: 'tests' must be a list of test rows")
-    tests = [_renamed(row) for row in tests]
+    # Rows of reports written before a field existed: none counted (lm_refused: schema version 4).
+    tests = [{"lm_refused": 0, **_renamed(row)} if isinstance(row, dict) else row for row in tests]
     for name in RUN_FIELDS:
         if name not in run:
             raise HistoryError(f"{source}: run row misses field {name!r}")

@@ -150,6 +150,11 @@ def _last_run(board: Dashboard) -> str:
             "before being sent (not among the LM calls above): the tests that needed them failed or "
             "got an error.</p>"
         )
+        stopped = [r for r in board.last_tests if r.get("lm_refused")]
+        if stopped:
+            standin += _table(["test", "LM calls refused"],
+                              ([_e(r["node_id"]), str(r["lm_refused"])] for r in stopped),
+                              table_id="refused-tests", numeric={1}, empty="")
     problems = [r for r in board.last_tests if r["outcome"] in ("failed", "error")]
     failed = _table(
         ["test", "outcome", "duration s", "xdist worker",

@@ -41,6 +41,11 @@ def render(board: Dashboard, *, top: int = 10) -> str:
         refused = run["lm_refused"]
         lines.append(f"\n**{refused} LM call{'s' if refused != 1 else ''} refused** by the run's cost or "
                      "rate limit before being sent (not among the LM calls above).")
+        by_test = [r for r in board.last_tests if r.get("lm_refused")]
+        if by_test:
+            lines.append("")
+            lines += _table(["test", "LM calls refused"],
+                            ([f"`{r['node_id']}`", str(r["lm_refused"])] for r in by_test[:top]))
     if run["standin_calls"]:
         lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0; "
                      f"{_usd(run['list_cost_usd'])} at list prices (what the run's cost limit counted).")

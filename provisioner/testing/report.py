@@ -52,6 +52,7 @@ class LayerReport:
             "cost_usd": round(self.lm.cost_usd, 6),
             "cost_limit_usd": self.cost_limit_usd,
             "cache_misses": self.lm.cache_misses,
+            "lm_refused": self.lm.refused,  # refused by the run's limits before sending: not in lm_calls
             "leaks_found": sum(len(r.leaks) for r in self.leaks),
             "leaks": [{"test": r.test, "leaks": [list(x) for x in r.leaks]} for r in self.leaks],
             "retained": list(self.retained),

@@ -218,7 +218,8 @@ def test_history_list_and_show_print_header_rows(tmp_path: Path) -> None:
     lines = listed.output.splitlines()
     header, *rows = [line for line in lines if line.strip() and set(line.strip()) != {"─"}]
     assert header.split() == ["run", "started", "(UTC)", "layers", "passed", "failed", "error", "skipped",
-                              "duration", "s", "billed", "$", "ended", "revision"], listed.output
+                              "duration", "s", "billed", "$", "LM", "refused", "ended", "revision"], \
+        listed.output
     assert rows[0].split()[:7] == ["r-ci", "2026-11-03", "00:00:00", "unit", "7", "1", "0"], listed.output
     assert rows[0].split()[-2] == "passed", listed.output  # how the run ended: its exit status, 0
     shown = CliRunner().invoke(main, ["history", "show", "r-ci"], env=env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -100,10 +101,15 @@ def test_until_refused(lm, lm_cost):
         for i in range(50):
             program(question=f"question {i}?")
 """
+OTHER = """
+def test_no_lm():
+    pass
+"""
 
 
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
 def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refused(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
     """A user's trial: a run whose calls the cost limit refused showed no trace of them anywhere."""
     for name in list(os.environ):
@@ -113,15 +119,29 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
         "[project]\nname = 'refused'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
         f"[tool.provisioner]\nlm.cost_limit_usd = {LIMIT}\nlm.max_tokens = 16\n"))
     pytester.makepyfile(test_refused_suite=SUITE)
-    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json")
-    result.assert_outcomes(passed=1)
+    pytester.makepyfile(test_other=OTHER)
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json",
+                                           *xdist)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["  LM calls: * standin", "  1 call refused (cost limit $0.00002)"])
     data = json.loads((pytester.path / "r.json").read_text())
     assert data["layers"]["unit"]["lm"]["refused_cost_limit"] == 1 and data["run"]["lm_refused"] == 1
+    assert data["layers"]["unit"]["lm_refused"] == 1
+    # Per test: the one the limit stopped, not the other (the JSON report's rows are the history's).
+    refused_by_test = {t["node_id"]: t["lm_refused"] for t in data["tests"]}
+    assert refused_by_test == {"test_refused_suite.py::test_until_refused": 1,
+                               "test_other.py::test_no_lm": 0}, data["tests"]
     with History(pytester.path / ".provision" / HISTORY_FILE) as db:
         (run,) = db.runs()
-    assert run["lm_refused"] == 1
+        rows = {t["node_id"]: t["lm_refused"] for t in db.tests(run["run_id"])}
+    assert run["lm_refused"] == 1 and rows == refused_by_test
     env = {"PROVISION_STATE_DIR": str(pytester.path / ".provision")}
+    listed = CliRunner().invoke(main, ["history", "list"], env=env, terminal_width=200)
+    assert listed.exit_code == 0 and "LM refused" in listed.output, listed.output
+    assert re.search(rf"{re.escape(run['run_id'])} .* 1 +\S+ +\S", listed.output), listed.output
+    shown = CliRunner().invoke(main, ["history", "show", run["run_id"]], env=env, terminal_width=250)
+    assert re.search(r"\b1 +\S+ +test_refused_suite\.py::test_until_refused", shown.output), shown.output
+    assert re.search(r"\b0 +\S+ +test_other\.py::test_no_lm", shown.output), shown.output
     report = CliRunner().invoke(main, ["cost", "report"], env=env)
     assert report.exit_code == 0 and "1 call refused (cost limit $0.00002)" in report.output, report.output
     page = CliRunner().invoke(main, ["report", "markdown"], env=env)
@@ -130,3 +150,6 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
     assert html.exit_code == 0, html.output
     text = (pytester.path / "page" / "index.html").read_text()
     assert 'data-lm-refused="1">1 LM call was refused by the run\'s cost or rate limit' in text
+    refused_table = text.split('id="refused-tests"', 1)[1].split("</table>", 1)[0]
+    assert "test_until_refused" in refused_table and "test_no_lm" not in refused_table
+    assert "| `test_refused_suite.py::test_until_refused` | 1 |" in page.output, page.output
