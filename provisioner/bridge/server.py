@@ -361,7 +361,7 @@ class _Connection:
 class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
-    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id", "session")
+    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id", "session", "usage")
 
     def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
@@ -369,6 +369,8 @@ class _InFlight:
         self.deadline = deadline
         self.held = held  # input-budget bytes, released when the work finishes
         self.session = ""  # the scheduler's key: its slot goes back to this session's count
+        # The execution's LM calls so far (Deferred.usage): a Timeout reply carries them.
+        self.usage: Callable[[], dict[str, Any]] | None = None
         self.done = False
         self._lock = threading.Lock()
 
@@ -960,6 +962,7 @@ class BridgeServer:
         """Run a queued execution on the pool (it has a slot); its deadline starts now."""
         flight = _InFlight(item.conn, item.request_id, time.monotonic() + self.request_timeout_s, item.held)
         flight.session = item.session
+        flight.usage = item.deferred.usage
         with self._inflight_lock:
             self._inflight += 1
         self._deadlines.add(flight)
@@ -1000,6 +1003,9 @@ class BridgeServer:
     def _expire(self, flight: _InFlight) -> None:
         if flight.claim():
             self.service.count_error(ErrorType.TIMEOUT)
+            # The LM calls made until now go back too, as a failed execution's do: the caller books
+            # them (calls the work makes after this reply are in the run ledger, not in any reply).
+            usage = flight.usage() if flight.usage is not None else None
             self._send(
                 flight.conn,
                 error_reply(
@@ -1007,6 +1013,7 @@ class BridgeServer:
                     f"execute_program did not finish within {self.request_timeout_s:g} s (process_timeout);"
                     " its result will be discarded",
                     ErrorType.TIMEOUT,
+                    lm_usage=usage,
                 ),
             )
 

@@ -53,7 +53,7 @@ from provisioner.bridge.programs import (
 )
 from provisioner.bridge.protocol import ErrorType, rejected
 from provisioner.errors import BridgeError, ProvisionerError, SignatureSpecError
-from provisioner.lm.callstats import tally
+from provisioner.lm.callstats import Tally, tally
 from provisioner.lm.ledger import for_session
 from provisioner.lmconfig import RUN_OWNED_LM_FIELDS, LMConfig
 
@@ -136,6 +136,9 @@ class Deferred:
     run: Callable[[], dict[str, Any]]
     # Whose work it is: the server's scheduler shares execution slots fairly between sessions.
     session_id: str | None = None
+    # The LM calls the work made so far (``lm_usage`` shape), readable while it runs: a reply sent
+    # before the work ends (the server's ``Timeout``) carries them, so their cost is booked.
+    usage: Callable[[], dict[str, Any]] | None = None
 
 
 class _Args:
@@ -543,13 +546,15 @@ class BridgeService:
         program = self.registry.get(session_id, program_id)
         inputs = _validate_inputs(program, raw_inputs)
         lm = self._lm_for(session_id)
+        calls = Tally()
 
         def run() -> dict[str, Any]:
-            return self._execute(program, inputs, lm)
+            return self._execute(program, inputs, lm, calls)
 
-        return Deferred("execute_program", run, session_id)
+        return Deferred("execute_program", run, session_id, usage=calls.as_dict)
 
-    def _execute(self, program: Program, inputs: dict[str, Any], lm: Any) -> dict[str, Any]:
+    def _execute(self, program: Program, inputs: dict[str, Any], lm: Any,
+                 calls: Tally | None = None) -> dict[str, Any]:
         import dspy
 
         started = time.perf_counter()
@@ -558,7 +563,7 @@ class BridgeService:
             # LM calls are attributed to the session in the run's ledger (per-test cost in pytest),
             # and tallied for the reply (lm_usage: the caller counts them, mock calls included —
             # also when the program fails after some calls: the error reply carries them too).
-            with tally() as usage, for_session(program.session_id), dspy.context(
+            with tally(calls) as usage, for_session(program.session_id), dspy.context(
                 lm=lm, disable_history=not self.record_history
             ):
                 prediction = program.module(**inputs)

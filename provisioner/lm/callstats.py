@@ -103,11 +103,13 @@ _tally: contextvars.ContextVar[Tally | None] = contextvars.ContextVar("provision
 
 
 @contextlib.contextmanager
-def tally() -> Iterator[Tally]:
+def tally(current: Tally | None = None) -> Iterator[Tally]:
     """Count the LM calls made in this block (this thread or task, and contexts copied from it)
     besides this process's counters: a bridge worker wraps each ``execute_program`` in one and
-    sends the tally back, so the calls count for the test that asked (:func:`record_elsewhere`)."""
-    current = Tally()
+    sends the tally back, so the calls count for the test that asked (:func:`record_elsewhere`).
+    ``current``: a tally made beforehand (one the caller can read while the block still runs: a
+    ``Timeout`` reply carries the calls made until the deadline)."""
+    current = Tally() if current is None else current
     token = _tally.set(current)
     try:
         yield current

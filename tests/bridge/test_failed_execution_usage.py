@@ -63,3 +63,46 @@ def test_the_error_envelope_carries_lm_usage_only_when_given() -> None:
     assert info.value.lm_usage == {"mock": 2, "process": "p"}
     odd = {"id": 1, "success": False, "error": "x", "error_type": "E", "lm_usage": 3}
     assert parse_reply(odd).lm_usage is None
+
+
+def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """A ``Timeout`` reply carries the LM calls the execution made before its deadline, as a failed
+    execution's error reply does: their cost is booked, not lost with the discarded result. The
+    first call answers unparseable text (counted), DSPy's ChatAdapter falls back to the JSONAdapter,
+    and that second call is held until the Timeout reply has arrived."""
+    import threading
+
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+    from provisioner.lm.mock import MockEngine
+
+    held = threading.Event()
+    release = threading.Event()
+    answered: list[int] = []
+    respond = MockEngine.respond
+
+    def second_call_held(self: MockEngine, *args: Any, **kwargs: Any) -> Any:
+        answered.append(1)
+        if len(answered) > 1:
+            held.set()
+            release.wait(60)
+        return respond(self, *args, **kwargs)
+
+    monkeypatch.setattr(MockEngine, "respond", second_call_held)
+    server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=2.0, pids=None)
+    port = server.listen("127.0.0.1", 0)
+    try:
+        with BridgeClient("127.0.0.1", port, request_timeout=60) as client:
+            session = client.session("usage")
+            session.create_program(QA_INT, "qa")
+            with pytest.raises(BridgeError) as info:
+                session.execute_program("qa", {"question": "bad"})
+    finally:
+        release.set()
+        server.request_stop()
+        server.close(timeout=10)
+    assert info.value.error_type == "Timeout", info.value
+    assert held.is_set(), "the execution never reached its second LM call"
+    assert info.value.lm_usage is not None, info.value
+    assert info.value.lm_usage["mock"] == 1 and isinstance(info.value.lm_usage["process"], str)
