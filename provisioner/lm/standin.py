@@ -411,19 +411,24 @@ def serve(*, host: str, port: int, api_key: str | None, ready_file: Path | None 
     """Run a stand-in until ``stop`` is set or SIGTERM/SIGINT arrives (the CLI command).
 
     Prints :func:`ready_line` once listening and, like the worker, writes the port to
-    ``ready_file`` atomically (readers see nothing or the whole number).
+    ``ready_file`` atomically (readers see nothing or the whole number). The SIGTERM/SIGINT
+    handlers it installs (main thread only) are the previous ones again when it returns, as
+    ``provision worker``'s are: a caller in the same process (a test) keeps its own.
     """
     import signal
 
     stop = stop or threading.Event()
     standin = GeminiStandin(host=host, port=port, api_key=api_key, latency_ms=latency_ms).start()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    previous: dict[signal.Signals, Any] = {}
     try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
         if ready_file is not None:
             atomic_write(ready_file, f"{standin.port}\n")
         print(ready_line(standin.port), flush=True)
         stop.wait()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         standin.stop()

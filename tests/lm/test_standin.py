@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +149,38 @@ def test_any_nonempty_key_when_none_required() -> None:
                              {"contents": [{"parts": [{"text": "x"}]}]}, {"x-goog-api-key": "whatever"})
         assert status == 200
         assert "whatever" not in repr(server.requests[-1])
+
+
+def test_serve_in_process_restores_the_signal_handlers_it_installs(tmp_path: Path) -> None:
+    """``serve()`` (``provision standin gemini``) installs SIGTERM/SIGINT handlers to stop; called
+    in-process (from a test) it left them behind, so the caller's Ctrl-C only set a dead Event. A
+    SIGTERM stops it, and the handlers are the caller's again afterwards."""
+    import os
+    import signal
+    import threading
+
+    from provisioner.lm.standin import serve
+    from provisioner.runtime.polling import poll_until
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ready = tmp_path / "port"
+    stop = threading.Event()
+
+    def terminate_once_ready() -> None:
+        try:
+            poll_until(ready.exists, 60, 0.02)
+        finally:  # a stand-in that never got ready still ends the test
+            if ready.exists():
+                os.kill(os.getpid(), signal.SIGTERM)  # through serve()'s handler
+            else:
+                stop.set()
+
+    helper = threading.Thread(target=terminate_once_ready)
+    helper.start()
+    try:
+        serve(host="127.0.0.1", port=0, api_key=None, ready_file=ready, stop=stop)
+    finally:
+        stop.set()
+        helper.join(60)
+    assert stop.is_set() and int(ready.read_text()) > 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
