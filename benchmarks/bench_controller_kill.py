@@ -36,39 +36,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests._helpers: the scratch suite and the clean-up the tests use too
+from tests._helpers import HOLD_SUITE, end_run, lives, run_processes, run_resources, scratch_env  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Killed parts"
 DEADLINE_S = 60.0
-
-SUITE = '''
-import os
-import time
-
-import pytest
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(0)  # held until the controller is killed, however slow the other worker starts
-@pytest.mark.parametrize("n", range(2))
-def test_hold(isolated, n):
-    isolated.adapter.ping()
-    open(os.path.join({out!r}, "started-" + os.environ.get("PYTEST_XDIST_WORKER", "main")), "w").close()
-    time.sleep(600)
-'''
 
 
 def scratch_project() -> tuple[Path, dict[str, str]]:
     folder = Path(tempfile.mkdtemp(prefix="provision-bench-kill-"))
     (folder / "pyproject.toml").write_text("[project]\nname = 'bench'\n")
     (folder / "out").mkdir()
-    (folder / "test_hold.py").write_text(SUITE.format(out=str(folder / "out")))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
-    return folder, env
+    (folder / "test_hold.py").write_text(HOLD_SUITE.format(out=str(folder / "out")))
+    return folder, scratch_env(folder)
 
 
 def _ignore_sigint() -> None:
@@ -79,30 +60,6 @@ def _default_sigint() -> None:
     """SIGINT at its default in the controller, as in a terminal, also when this script runs as a
     background job (which inherits SIGINT ignored, and would hand that on)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def run_processes(run_id: str) -> list[Any]:
-    """Live processes of the run: any whose command line or environment names the run id."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
-                continue
-            named = run_id in " ".join(proc.info["cmdline"] or ())
-            if named or proc.environ().get("PROVISION_RUN_ID") == run_id:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def resources(client: Any, run_id: str) -> list[str]:
-    labels = {"label": [f"provisioner.run={run_id}"]}
-    return [f"container {c['Names'][0]}" for c in client.api.containers(all=True, filters=labels)] + [
-        f"network {n['Name']}" for n in client.api.networks(filters=labels)
-    ]
 
 
 def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
@@ -133,16 +90,16 @@ def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
         marks: dict[str, float] = {}
         while time.perf_counter() - start < DEADLINE_S and len(marks) < 2:
             now = time.perf_counter() - start
-            if "resources" not in marks and not resources(client, run_id):
+            if "resources" not in marks and not run_resources(client, run_id):
                 marks["resources"] = now
-            if "processes" not in marks and not [p for p in watched.values() if _lives(p)]:
+            if "processes" not in marks and not [p for p in watched.values() if lives(p)]:
                 marks["processes"] = now
             time.sleep(0.05)
         for key in ("resources", "processes"):
             marks.setdefault(key, float("inf"))
         return marks
     finally:
-        _cleanup(proc, run_id)
+        end_run(proc, run_id)
 
 
 def ctrl_c_round(client: Any) -> dict[str, float]:
@@ -174,42 +131,16 @@ def ctrl_c_round(client: Any) -> dict[str, float]:
             now = time.perf_counter() - start
             if "exit" not in marks and proc.poll() is not None:
                 marks["exit"] = now
-            if "resources" not in marks and not resources(client, run_id):
+            if "resources" not in marks and not run_resources(client, run_id):
                 marks["resources"] = now
-            if "processes" not in marks and not [p for p in watched.values() if _lives(p)]:
+            if "processes" not in marks and not [p for p in watched.values() if lives(p)]:
                 marks["processes"] = now
             time.sleep(0.05)
         for key in ("exit", "resources", "processes"):
             marks.setdefault(key, float("inf"))
         return marks
     finally:
-        _cleanup(proc, run_id)
-
-
-def _lives(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
-def _cleanup(proc: subprocess.Popen[bytes], run_id: str) -> None:
-    import contextlib
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait()
-    if run_id:
-        from provisioner.runtime.engine import open_runtime, remove_by_selector
-        from provisioner.runtime.labels import selector
-
-        for p in run_processes(run_id):
-            with contextlib.suppress(Exception):
-                p.kill()
-        remove_by_selector(open_runtime(), selector(run_id))
+        end_run(proc, run_id)
 
 
 def measure(rounds: int) -> dict[str, Any]:

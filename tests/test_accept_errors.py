@@ -25,6 +25,8 @@ from provisioner.lm.standin import GeminiStandin
 from provisioner.runtime.engine import inprocess
 from provisioner.runtime.recipes import RELAY_SCRIPT, ContainerRecipe
 
+from ._helpers import echo, tcp_listener
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
@@ -138,26 +140,8 @@ def _stderr_has(proc: subprocess.Popen[bytes], seen: list[bytes]) -> bool:
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A loopback echo server (the relay's upstream)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        server.close()
+    with tcp_listener(echo()) as port:
+        yield port
 
 
 def test_the_fake_relay_keeps_accepting_after_accept_errors(

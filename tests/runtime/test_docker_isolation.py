@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from provisioner.runtime.pool import WorkerPool
 from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings, load_settings
 
+from .._helpers import tcp_listener
 from .conftest import leftovers
 
 # The first session on a fresh machine builds the image (debootstrap base, wheelhouse): allow for it.
@@ -299,29 +299,9 @@ def _connect_from(rt: DockerRuntime, container: str, targets: list[str]) -> dict
     return dict(line.rsplit(" ", 1) for line in out.strip().splitlines())
 
 
-@contextlib.contextmanager
-def _host_listener() -> Iterator[int]:
+def _host_listener() -> contextlib.AbstractContextManager[int]:
     """A TCP listener on every host address (0.0.0.0), as a careless dev server would bind."""
-    server = socket.create_server(("0.0.0.0", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield int(server.getsockname()[1])
-    finally:
-        stop.set()
-        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
-        server.close()
-        thread.join(timeout=5)
+    return tcp_listener(host="0.0.0.0")  # what the guard must keep workers from
 
 
 def _docker0_address(docker_engine: Any) -> str:

@@ -12,6 +12,8 @@ import pytest
 
 from provisioner.runtime.relay import parse_routes, serve
 
+from .._helpers import echo, tcp_listener
+
 
 def test_parse_routes() -> None:
     assert parse_routes(["9000=w0:8765", "9001=w1:8765"]) == [(9000, "w0", 8765), (9001, "w1", 8765)]
@@ -29,25 +31,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def echo_server() -> Iterator[int]:
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def run() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data.upper())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield port
-    server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
-    server.close()
-    thread.join(timeout=5)
+    """A loopback server that answers every chunk in upper case (the relay's upstream)."""
+    with tcp_listener(echo(bytes.upper)) as port:
+        yield port
 
 
 def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: int) -> None:

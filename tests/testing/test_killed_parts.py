@@ -7,7 +7,6 @@ benchmarks/bench_controller_kill.py, never asserted here.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -19,39 +18,9 @@ from typing import Any
 
 import pytest
 
+from .._helpers import HOLD_SUITE, end_run, lives, run_processes, run_resources, scratch_env
+
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
-
-
-def _scratch_env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
-    return env
-
-
-def _resources(client: Any, run_id: str) -> list[str]:
-    labels = {"label": [f"provisioner.run={run_id}"]}
-    return [f"container {c['Names'][0]}" for c in client.api.containers(all=True, filters=labels)] + [
-        f"network {n['Name']}" for n in client.api.networks(filters=labels)
-    ]
-
-
-def _run_processes(run_id: str) -> list[Any]:
-    """Live processes of the run: the watchdog names the run on its command line, pytest's processes
-    carry it in their environment once they joined it."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        with contextlib.suppress(psutil.Error):
-            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
-                continue
-            if run_id in " ".join(proc.info["cmdline"] or ()):
-                found.append(proc)
-    return found
 
 
 def _poll(check: Callable[[], bool], deadline_s: float, what: str) -> None:
@@ -60,32 +29,6 @@ def _poll(check: Callable[[], bool], deadline_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {deadline_s:.0f}s")
         time.sleep(0.1)
-
-
-def _lives(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
-HOLD = '''
-import os
-import time
-
-import pytest
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(0)  # held until the controller is killed, however slow the other worker starts
-@pytest.mark.parametrize("n", range(2))
-def test_hold(isolated, n):
-    isolated.adapter.ping()
-    open(os.path.join({out!r}, "started-" + os.environ.get("PYTEST_XDIST_WORKER", "main")), "w").close()
-    time.sleep(600)
-'''
 
 
 def _ignore_sigint() -> None:
@@ -108,11 +51,11 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'killed-controller'\n")
     out = tmp_path / "out"
     out.mkdir()
-    (tmp_path / "test_hold.py").write_text(HOLD.format(out=str(out)))
+    (tmp_path / "test_hold.py").write_text(HOLD_SUITE.format(out=str(out)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
          "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=tmp_path, env=_scratch_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=tmp_path, env=scratch_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True, preexec_fn=_ignore_sigint if sigint == "ignored" else None,
     )
     run_id = ""
@@ -121,9 +64,9 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         run_id = next((tmp_path / ".provision" / "runs").iterdir()).name
         # One pool per run (6e51c80): the relay and the pool's worker, shared by both xdist processes.
-        assert len([r for r in _resources(docker_engine, run_id) if r.startswith("container")]) >= 2
+        assert len([r for r in run_resources(docker_engine, run_id) if r.startswith("container")]) >= 2
         workers = psutil.Process(proc.pid).children()
-        watchdogs = [p for p in _run_processes(run_id) if "runtime.watchdog" in " ".join(p.cmdline())]
+        watchdogs = [p for p in run_processes(run_id) if "runtime.watchdog" in " ".join(p.cmdline())]
         assert len(workers) == 2 and len(watchdogs) == 1, (workers, watchdogs)
         run_dir = tmp_path / ".provision" / "runs" / run_id
         entries = sorted(p.read_text() for p in (run_dir / "owners").iterdir())
@@ -133,23 +76,14 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        _poll(lambda: not _resources(docker_engine, run_id), 30, "removal of every container and network")
-        _poll(lambda: not any(_lives(p) for p in [*workers, *watchdogs]), 30, "the end of its processes")
+        _poll(lambda: not run_resources(docker_engine, run_id), 30, "removal of every container and network")
+        _poll(lambda: not any(lives(p) for p in [*workers, *watchdogs]), 30, "the end of its processes")
         log = (run_dir / "watchdog.log").read_text()
         assert "2 orphaned dependant(s)" in log, log
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.wait()
-        if run_id:
-            from provisioner.runtime.engine import DockerRuntime, remove_by_selector
-            from provisioner.runtime.labels import selector
+        from provisioner.runtime.engine import DockerRuntime
 
-            for p in _run_processes(run_id):
-                with contextlib.suppress(Exception):
-                    p.kill()
-            remove_by_selector(DockerRuntime(docker_engine), selector(run_id))
+        end_run(proc, run_id, DockerRuntime(docker_engine))
 
 
 
@@ -168,11 +102,11 @@ def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'interrupted'\n")
     out = tmp_path / "out"
     out.mkdir()
-    (tmp_path / "test_hold.py").write_text(HOLD.format(out=str(out)))
+    (tmp_path / "test_hold.py").write_text(HOLD_SUITE.format(out=str(out)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
          "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=tmp_path, env=_scratch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path, env=scratch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal's foreground job has
     )
     run_id = ""
@@ -180,7 +114,7 @@ def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
         _poll(lambda: len(list(out.iterdir())) == 2 or proc.poll() is not None, 300, "both tests starting")
         assert proc.poll() is None, proc.communicate()[0].decode()
         run_id = next((tmp_path / ".provision" / "runs").iterdir()).name
-        processes = [*_children(proc.pid), *_run_processes(run_id)]
+        processes = [*_children(proc.pid), *run_processes(run_id)]
         os.killpg(proc.pid, signal.SIGINT)
         try:
             output = proc.communicate(timeout=120)[0].decode()
@@ -191,21 +125,12 @@ def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
         assert "interrupted (Ctrl-C)" in output and "workers started: 1" in output, output
         for sign in ("replacing it", "repairing the published path", "CleanupError", "active endpoints"):
             assert sign not in output, output
-        _poll(lambda: not _resources(docker_engine, run_id), 30, "removal of every container and network")
-        _poll(lambda: not any(_lives(p) for p in processes), 30, "the end of the run's processes")
+        _poll(lambda: not run_resources(docker_engine, run_id), 30, "removal of every container and network")
+        _poll(lambda: not any(lives(p) for p in processes), 30, "the end of the run's processes")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.wait()
-        if run_id:
-            from provisioner.runtime.engine import DockerRuntime, remove_by_selector
-            from provisioner.runtime.labels import selector
+        from provisioner.runtime.engine import DockerRuntime
 
-            for p in _run_processes(run_id):
-                with contextlib.suppress(Exception):
-                    p.kill()
-            remove_by_selector(DockerRuntime(docker_engine), selector(run_id))
+        end_run(proc, run_id, DockerRuntime(docker_engine))
 
 
 def _children(pid: int) -> list[Any]:
@@ -305,7 +230,7 @@ def test_a_killed_pool_worker_is_replaced_and_the_other_tests_pass(
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "--layer", "e2e", "--lm", "mock",
          "-p", "no:cacheprovider", "-o", "log_level=WARNING", "test_pooled.py"],
-        cwd=tmp_path, env=_scratch_env(tmp_path), capture_output=True, text=True, timeout=500,
+        cwd=tmp_path, env=scratch_env(tmp_path), capture_output=True, text=True, timeout=500,
     )
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0 and "8 passed" in summary, done.stdout + done.stderr
@@ -317,4 +242,4 @@ def test_a_killed_pool_worker_is_replaced_and_the_other_tests_pass(
     assert stats["replaced"] == 1 and sorted(w["generation"] for w in stats["workers"]) == [0, 1], stats
     assert any("cleanup of session" in note and "skipped" in note for note in stats["notes"]), stats["notes"]
     run_id = next((tmp_path / ".provision" / "runs").iterdir()).name
-    assert _resources(docker_engine, run_id) == []  # the replacement was removed with the rest
+    assert run_resources(docker_engine, run_id) == []  # the replacement was removed with the rest

@@ -1,0 +1,164 @@
+"""Helpers several test files (and benchmarks/bench_controller_kill.py) share, one copy each.
+
+Two kinds the duplicate finder (`duplicates`) found written out several times:
+
+* **A TCP listener with an accept thread** (:func:`tcp_listener`): the relay's upstream echo server,
+  a fake relay's upstream, a host listener the egress guard must keep workers from. What each does
+  with a connection is its own (``handle``); starting, accepting and stopping are the same.
+* **A killed pytest controller's run** (:func:`run_processes`, :func:`run_resources`, :func:`lives`,
+  :func:`end_run`, :data:`HOLD_SUITE`, :func:`scratch_env`): a scratch project whose two tests hold their pool
+  sessions until the controller is killed, and the clean-up that removes whatever such a test or
+  benchmark round left (its process group, the run's processes, the run's containers and networks)
+  even when it failed half-way.
+
+Imported as ``tests._helpers`` (pytest's importlib mode names test modules from the rootdir; the
+benchmark puts the repository root on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+# --- a TCP listener ------------------------------------------------------------------------------
+
+
+def echo(transform: Callable[[bytes], bytes] = lambda data: data) -> Callable[[socket.socket], None]:
+    """A ``handle`` for :func:`tcp_listener`: send back every chunk received (``transform`` ed)
+    until the peer closes."""
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(transform(data))
+
+    return handle
+
+
+@contextlib.contextmanager
+def tcp_listener(handle: Callable[[socket.socket], None] | None = None,
+                 host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP listener on ``host`` (a port the kernel picks; ``"0.0.0.0"``: every host address), its
+    port for the block. One thread accepts and runs ``handle(conn)`` for each connection in turn
+    (None: close it at once); the connection is closed after. On exit the listener is shut down —
+    that wakes the blocked ``accept()``, which ``close()`` alone does not on Linux — and the thread
+    joined."""
+    server = socket.create_server((host, 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                if handle is not None:
+                    handle(conn)
+
+    thread = threading.Thread(target=serve, daemon=True, name=f"tcp-listener-{host}")
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(timeout=5)
+
+
+# --- a killed pytest controller's run -----------------------------------------------------------
+
+#: Two integration tests that hold their pool session until the controller is killed; each writes
+#: ``started-<xdist worker>`` into ``{out}`` once it holds it (``.format(out=...)``).
+HOLD_SUITE = '''
+import os
+import time
+
+import pytest
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(0)  # held until the controller is killed, however slow the other worker starts
+@pytest.mark.parametrize("n", range(2))
+def test_hold(isolated, n):
+    isolated.adapter.ping()
+    open(os.path.join({out!r}, "started-" + os.environ.get("PYTEST_XDIST_WORKER", "main")), "w").close()
+    time.sleep(600)
+'''
+
+
+def scratch_env(folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a pytest of a scratch project in ``folder``: this one's, without
+    provisioner's settings and the API key, with the cassettes in the folder."""
+    env = {
+        k: v
+        for k, v in (os.environ if environ is None else environ).items()
+        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
+    }
+    env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
+    return env
+
+
+def run_processes(run_id: str) -> list[Any]:
+    """Live processes of the run (not this one): any whose command line names the run id (the
+    watchdog) or whose environment carries it (pytest's processes once they joined the run)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            named = run_id in " ".join(proc.info["cmdline"] or ())
+            if named or proc.environ().get("PROVISION_RUN_ID") == run_id:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def run_resources(client: Any, run_id: str) -> list[str]:
+    """The run's containers and networks on the engine (``client``: a docker-py ``DockerClient``),
+    as ``"container <name>"`` / ``"network <name>"``."""
+    labels = {"label": [f"provisioner.run={run_id}"]}
+    return [f"container {c['Names'][0]}" for c in client.api.containers(all=True, filters=labels)] + [
+        f"network {n['Name']}" for n in client.api.networks(filters=labels)
+    ]
+
+
+def lives(proc: Any) -> bool:
+    """A psutil process is running and not a zombie."""
+    import psutil
+
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def end_run(proc: subprocess.Popen[bytes], run_id: str, runtime: Any = None) -> None:
+    """After a killed-controller test or benchmark round, whatever happened: SIGKILL ``proc``'s
+    process group (it was started with ``start_new_session=True``) and reap it; then, when the run
+    id is known, kill the run's processes and remove its containers and networks (``runtime``: a
+    :class:`~provisioner.runtime.engine.ContainerRuntime`, default the engine's)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait()
+    if not run_id:
+        return
+    from provisioner.runtime.engine import open_runtime, remove_by_selector
+    from provisioner.runtime.labels import selector
+
+    for p in run_processes(run_id):
+        with contextlib.suppress(Exception):
+            p.kill()
+    remove_by_selector(runtime if runtime is not None else open_runtime(), selector(run_id))
