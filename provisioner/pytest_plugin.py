@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ RUN_KEY = pytest.StashKey[ProvisionRun]()
 PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _NODES_KEY = pytest.StashKey[list[Any]]()  # xdist controller: its workers (WorkerController)
 _MERGED_KEY = pytest.StashKey[set[int]]()  # ... whose process report joined the run's
+_PROGRESS_KEY = pytest.StashKey[bool]()  # xdist controller: it has shown a test's outcome
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_MERGED_KEY] = set()
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
     config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
-    config.pluginmanager.register(_CompletenessHooks(run), "provisioner-completeness")
+    config.pluginmanager.register(_CompletenessHooks(run, config), "provisioner-completeness")
     if hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerEnd(run), "provisioner-end")
     else:
@@ -119,8 +121,9 @@ def _phases(config: pytest.Config) -> Iterator[Phases]:
             sys.stderr.write(text)
             sys.stderr.flush()
 
+        marker = _progress_marker(config)
         with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-            yield Phases(write, process=str(workerinput.get("workerid", "xdist")))
+            yield Phases(write, process=str(workerinput.get("workerid", "xdist")), midline=marker.exists)
         return
     if reporter is None:
         yield Phases(lambda text: None)
@@ -134,6 +137,24 @@ def _phases(config: pytest.Config) -> Iterator[Phases]:
             return
     reporter.ensure_newline()
     yield Phases(lambda text: reporter.write(text, flush=True))
+
+
+def _progress_marker(config: pytest.Config) -> Path:
+    """A file in the run's folder that the xdist controller creates when it first shows a test's
+    outcome: from then on its progress line may be mid-line, so an xdist worker's phase line starts
+    with a newline (before, that newline was a blank line under "2 workers [N items]")."""
+    return config.stash[RUN_KEY].identity.run_dir / "progress-shown"
+
+
+def _progress_shown(config: pytest.Config) -> None:
+    """xdist controller: a test's outcome is about to be shown (see :func:`_progress_marker`)."""
+    if config.stash.get(_PROGRESS_KEY, False):
+        return
+    config.stash[_PROGRESS_KEY] = True
+    marker = _progress_marker(config)
+    with contextlib.suppress(OSError):  # a worker's line then keeps its leading newline: never joined
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def _runs_nothing(config: pytest.Config) -> bool:
@@ -242,10 +263,17 @@ class _CompletenessHooks:
     """Hooks that see whether the run reaches its end: a timed-out test (also on an xdist worker —
     the controller gets its report) or a crashed xdist worker makes the run partial."""
 
-    def __init__(self, run: ProvisionRun) -> None:
+    def __init__(self, run: ProvisionRun, config: pytest.Config) -> None:
         self.run = run
+        self.config = config
+        self.xdist_controller = (not hasattr(config, "workerinput")
+                                 and config.pluginmanager.has_plugin("xdist")
+                                 and bool(getattr(config.option, "numprocesses", None)))
 
+    @pytest.hookimpl(tryfirst=True)  # before the terminal reporter prints the outcome
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.xdist_controller:
+            _progress_shown(self.config)
         self.run.rows.logreport(report)
         if report.failed:
             self.run.completeness.test_report(report.nodeid, True, report.longreprtext)
@@ -336,8 +364,8 @@ def _session_finished(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     run = config.stash[RUN_KEY]
-    if hasattr(config, "workerinput"):
-        return
+    if hasattr(config, "workerinput") or _runs_nothing(config):
+        return  # --setup-plan, --collect-only, --fixtures: nothing was started, nothing to sum up
     report = run.finish(terminalreporter.stats)
     if report is None:
         return

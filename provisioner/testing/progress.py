@@ -20,14 +20,23 @@ class Phases:
     ``process``: this is one of several processes writing to one terminal (an xdist worker, whose
     stderr is the terminal's): each phase is then **one whole line** when it starts, prefixed
     ``provisioner [gw0]:`` and on a line of its own (plus a line if it fails), so processes
-    waiting for the run's pool say so without their text joining the controller's progress."""
+    waiting for the run's pool say so without their text joining the controller's progress.
+    ``midline()``: whether the controller's progress (". s F") may have left the terminal mid-line
+    (it printed a test's outcome): the line then starts with a newline; before that the terminal is
+    at the start of a line, and a newline would only add a blank line (None: always start with one).
+    """
 
     def __init__(
-        self, write: Callable[[str], None], *, console: Any = None, process: str | None = None
+        self, write: Callable[[str], None], *, console: Any = None, process: str | None = None,
+        midline: Callable[[], bool] | None = None,
     ) -> None:
         self._write = write
         self._console = console
         self._process = process
+        self._midline = midline
+
+    def _lead(self) -> str:
+        return "\n" if self._midline is None or self._midline() else ""
 
     @contextlib.contextmanager
     def phase(self, title: str) -> Iterator[Callable[[str], None]]:
@@ -35,12 +44,12 @@ class Phases:
         TTY only). A failure is reported on the same line and re-raised."""
         started = time.monotonic()
         if self._process is not None:
-            # Leading newline: the controller's progress (". s F") may be mid-line on the terminal.
-            self._write(f"\nprovisioner [{self._process}]: {title} …\n")
+            # A leading newline when the controller's progress (". s F") may be mid-line on the terminal.
+            self._write(f"{self._lead()}provisioner [{self._process}]: {title} …\n")
             try:
                 yield lambda message: None
             except BaseException as exc:
-                self._write(f"\nprovisioner [{self._process}]: {title}: {_outcome(exc)}\n")
+                self._write(f"{self._lead()}provisioner [{self._process}]: {title}: {_outcome(exc)}\n")
                 raise
             return
         if self._console is not None:

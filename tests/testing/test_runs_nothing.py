@@ -1,7 +1,7 @@
 """A pytest session that runs nothing — ``--collect-only``, ``--setup-plan``, ``--fixtures`` — starts
-no container and builds no image, also under xdist (it used to warm the pool for a run that
-executed nothing). Checked on the real engine's event stream: no container of the project was
-created in the window."""
+no container, builds no image and prints no summary block, also under xdist (it used to warm the
+pool for a run that executed nothing, and sum up its zero tests). Checked on the real engine's
+event stream: no container of the project was created in the window."""
 
 from __future__ import annotations
 
@@ -61,5 +61,7 @@ def test_a_session_that_runs_nothing_starts_no_container(
     assert events == [], [(e.get("Action"), e.get("Actor", {}).get("Attributes", {})) for e in events]
     output = result.stdout.str()
     assert "provisioner: warm pool" not in output and "provisioner: worker image" not in output
+    # Nothing ran: no summary block ("layer e2e: 0 tests (none run)", workers, LM calls, cost) either.
+    assert "= provisioner =" not in output and "LM calls:" not in output, output
     if args == ["--setup-plan"]:  # (xdist does not show its workers' plan)
         result.stdout.fnmatch_lines(["*SETUP*isolated*"])  # the plan names the fixtures it would set up

@@ -25,6 +25,21 @@ def test_a_worker_process_writes_one_whole_line_per_phase() -> None:
                                    "\nprovisioner [gw1]: warm pool: failed: worker did not start\n")
 
 
+def test_a_worker_s_line_starts_a_line_only_once_the_controller_may_be_mid_line() -> None:
+    """A new user's trial: a blank line before each worker's warm-pool line under "2 workers [N
+    items]" (the controller was at the start of a line; the leading newline made an empty one)."""
+    out = io.StringIO()
+    shown = False
+    phases = Phases(out.write, process="gw0", midline=lambda: shown)
+    with phases.phase("warm pool"):
+        pass
+    assert out.getvalue() == "provisioner [gw0]: warm pool …\n"
+    shown = True  # the controller printed a test's outcome: its line of dots may be open
+    with phases.phase("warm pool"):
+        pass
+    assert out.getvalue() == "provisioner [gw0]: warm pool …\n\nprovisioner [gw0]: warm pool …\n"
+
+
 SUITE = """
 import pytest
 
@@ -47,3 +62,6 @@ def test_under_xdist_each_process_says_once_that_it_waits_for_the_warm_pool(pyte
     err = result.stderr.str()
     for worker in ("gw0", "gw1"):
         assert err.count(f"provisioner [{worker}]: warm pool of layer e2e") == 1, err
+    # Both warm before any outcome is shown: no blank line before either (the terminal's lines are
+    # stdout's and stderr's interleaved; stderr alone has no blank line then).
+    assert "\n\n" not in err and not err.startswith("\n"), repr(err)
