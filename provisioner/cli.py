@@ -998,16 +998,20 @@ def history_import(reports: tuple[Path, ...]) -> None:
 @click.option("--allow-partial", is_flag=True,
               help="merge even when a shard of the split (pytest-split's i/N) has no report; "
                    "the merged run records which are missing")
+@click.option("--import/--no-import", "import_", default=True, show_default=True,
+              help="also record the merged runs in this project's history (replacing their shards' runs "
+                   "recorded here), so `provision report html|markdown` shows them next")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, allow_partial: bool,
-                  as_json: bool) -> None:
-    """Merge CI shards' --provision-report files into one run per suite.
+                  import_: bool, as_json: bool) -> None:
+    """Merge CI shards' --provision-report files into one run per suite, and record it.
 
     PATHS are report files or folders (searched for *.json, e.g. the downloaded artifacts); reports
     with the same file name are the shards of one suite and become OUT/<name>: their tests, one cost
-    total. Import those (not the shards) with `provision history import`. A split suite whose
-    shards (pytest-split's i/N) are not all there is refused naming the missing ones, unless
-    --allow-partial.
+    total. Each merged run is also recorded in this project's history (<state_dir>/history.sqlite),
+    replacing its shards' runs if they were recorded here; --no-import only writes the files (then
+    `provision history import OUT/*.json`, e.g. on another machine). A split suite whose shards
+    (pytest-split's i/N) are not all there is refused naming the missing ones, unless --allow-partial.
     """
     from provisioner.errors import HistoryError
     from provisioner.history.merge import merge_reports, write_merged
@@ -1021,18 +1025,31 @@ def history_merge(paths: tuple[Path, ...], out_dir: Path, summary: Path | None, 
     if summary is not None:
         with summary.open("a", encoding="utf-8") as handle:
             handle.write(render_merged(merged))
+    replaced: list[int | None] = [None] * len(merged)
+    history_path = None
+    if import_:
+        with _history(create=True) as db:
+            history_path = db.path
+            for index, m in enumerate(merged):
+                replaced[index] = db.record(m.run, m.tests, replaces=[s["run_id"] for s in m.shards])
     if as_json:
         click.echo(json.dumps([{"report": str(path), "run_id": m.run["run_id"], "shards": len(m.shards),
                                 "tests": m.run["tests"], "cost_usd": m.run["cost_usd"],
-                                "list_cost_usd": m.run["list_cost_usd"], "missing_shards": m.missing}
-                               for m, path in zip(merged, written, strict=True)], indent=2))
+                                "list_cost_usd": m.run["list_cost_usd"], "missing_shards": m.missing,
+                                "imported": import_, "replaced_shard_runs": gone}
+                               for m, path, gone in zip(merged, written, replaced, strict=True)], indent=2))
         return
-    for m, path in zip(merged, written, strict=True):
+    for m, path, gone in zip(merged, written, replaced, strict=True):
         click.echo(f"merged {len(m.shards)} shard{'s' if len(m.shards) != 1 else ''} into {path}: run "
                    f"{m.run['run_id']}, {m.run['tests']} tests, ${m.run['cost_usd']:.6f} billed "
                    f"(${m.run['list_cost_usd']:.6f} at list prices)"
                    + (f"; PARTIAL: shard{'s' if len(m.missing) > 1 else ''} {', '.join(m.missing)} missing"
                       if m.missing else ""))
+        if gone is not None:
+            note = f", replacing its {gone} shard run{'s' if gone != 1 else ''}" if gone else ""
+            click.echo(f"imported {m.run['run_id']} into {history_path}{note}")
+    if not import_:
+        click.echo(f"not imported (--no-import): `provision history import {out_dir}/*.json` records them")
 
 
 @history.command("prune")

@@ -142,11 +142,30 @@ def test_cli_merges_imports_and_writes_one_summary(tmp_path: Path) -> None:
     assert text.startswith("earlier step\n## provisioner: 1 run merged from 2 shard reports")  # appended
     assert "**Total: 3 tests (2 passed, 1 failed, 0 errors, 0 skipped) · cost $0.3750 billed" in text
     merged_file = tmp_path / "merged" / "example-unit.json"
-    result = runner.invoke(main, ["history", "import", str(merged_file)], env=env)
-    assert result.exit_code == 0, result.output
+    # A CI user merging shards then runs `provision report html`: the merge is in the history already.
+    assert f"imported {json.loads(merged_file.read_text())['run_id']} into " in result.output, result.output
     runs = json.loads(runner.invoke(main, ["history", "list", "--json"], env=env).output)
     assert len(runs) == 1 and runs[0]["tests"] == 3 and runs[0]["cost_usd"] == pytest.approx(0.375)
     assert json.loads(merged_file.read_text())["run_cost_usd"] == pytest.approx(0.375)
+    result = runner.invoke(main, ["history", "import", str(merged_file)], env=env)  # again: idempotent
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(runner.invoke(main, ["history", "list", "--json"], env=env).output)) == 1
+
+
+def test_cli_merge_with_no_import_only_writes_the_files_and_says_how_to_import(tmp_path: Path) -> None:
+    two_shards(tmp_path / "artifacts")
+    env = {"PROVISION_STATE_DIR": str(tmp_path / ".provision")}
+    runner = CliRunner()
+    result = runner.invoke(main, ["history", "merge", str(tmp_path / "artifacts"), "--out",
+                                  str(tmp_path / "merged"), "--no-import"], env=env)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "example-unit.json").exists() and "\nimported " not in result.output
+    how = f"not imported (--no-import): `provision history import {tmp_path / 'merged'}/*.json`"
+    assert how in result.output, result.output
+    assert not (tmp_path / ".provision" / "history.sqlite").exists()
+    shown = json.loads(runner.invoke(main, ["history", "merge", str(tmp_path / "artifacts"), "--out",
+                                            str(tmp_path / "merged"), "--json"], env=env).output)
+    assert shown[0]["imported"] is True and shown[0]["replaced_shard_runs"] == 0
 
 
 def test_cli_refuses_bad_input_and_writes_nothing(tmp_path: Path) -> None:
@@ -174,10 +193,10 @@ def test_importing_a_merge_replaces_its_shards_recorded_on_this_machine(tmp_path
     assert runner.invoke(main, ["history", "import", str(a), str(b), str(other)], env=env).exit_code == 0
     result = runner.invoke(main, ["history", "merge", str(tmp_path / "artifacts"), "--out",
                                   str(tmp_path / "merged")], env=env)
-    assert result.exit_code == 0, result.output
-    merged = tmp_path / "merged" / "example-unit.json"
-    result = runner.invoke(main, ["history", "import", str(merged)], env=env)
     assert result.exit_code == 0 and "replacing its 2 shard runs" in result.output, result.output
+    merged = tmp_path / "merged" / "example-unit.json"
+    result = runner.invoke(main, ["history", "import", str(merged)], env=env)  # e.g. the docs' old recipe
+    assert result.exit_code == 0 and "replacing" not in result.output, result.output
     runs = json.loads(runner.invoke(main, ["history", "list", "--json"], env=env).output)
     assert sorted(r["run_id"][0] for r in runs) == ["m", "r"] and {r["run_id"] for r in runs} >= {"r9"}
     assert sum(r["cost_usd"] for r in runs) == pytest.approx(0.375)  # counted once
