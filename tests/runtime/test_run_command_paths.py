@@ -177,3 +177,40 @@ def test_a_state_file_that_cannot_be_updated_after_a_repair_is_said(
     assert "Is a directory" in stale
     assert any("replaced it" in n for n in notes)
     assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_healthy_run_s_health_checks_say_nothing_and_leave_the_state_file_alone(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """provision run's thread checks the run every interval; a check that finds nothing to repair
+    prints nothing and does not rewrite the run's state file."""
+    from provisioner.runtime import run_command as rc
+    from provisioner.runtime.lifecycle import down, up
+
+    rt, workers = fake
+    env = up(settings, OPTIONS, runtime=rt, probe=workers.probe)
+    checks: list[list[str]] = []
+    real = rc.heal_deployment
+
+    def counted(deployment: object) -> list[str]:
+        notes = real(deployment)  # type: ignore[arg-type]
+        checks.append(notes)
+        return notes
+
+    said: list[str] = []
+    try:
+        state_file = run_dir_of(settings, env.plan.run_id).state_file
+        before = state_file.stat().st_mtime_ns
+        monkeypatch.setattr(rc, "heal_deployment", counted)
+        watch = rc._HealthWatch(env, settings, 0.01, said.append)
+        watch.start()
+        try:
+            assert poll_until(lambda: len(checks) >= 3, 60, 0.01)
+        finally:
+            watch.stop()
+        assert said == [] and all(notes == [] for notes in checks)
+        assert state_file.stat().st_mtime_ns == before
+    finally:
+        monkeypatch.undo()
+        down(settings, runtime=rt)
+    assert rt.containers == {}
