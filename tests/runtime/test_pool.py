@@ -446,3 +446,46 @@ def test_a_lease_whose_client_cannot_be_made_leaves_no_session_open(servers: Any
         assert pool.wait_cleanups(10)
     finally:
         pool.close()
+
+
+def test_a_lease_whose_worker_dies_before_its_cleanup_is_skipped_with_the_reason(servers: Any) -> None:
+    """The worker ends between the test and its cleanup: nothing is left to clean (its programs
+    went with it), so the cleanup is a note saying why, not a failure, and the worker is replaced."""
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        session, cleanup = pool.lease("orphaned")
+        session.create_program("question -> answer", "qa")
+        stub.servers[0].close(timeout=10)  # the worker dies: its connections close
+        stub.runtime.states["c0"] = ContainerState("exited", 137)
+        cleanup()
+        assert pool.wait_cleanups(10)
+        (note,) = [n for n in pool.notes if "cleanup of session 'orphaned'" in n]
+        assert note.startswith("cleanup of session 'orphaned' skipped, nothing to clean: ")
+        assert "exited with code 137 (SIGKILL)" in note, note
+        assert pool.stats()["open_sessions"] == 0
+        assert pool.wait_replacements(10) and stub.replaced == [0]
+    finally:
+        pool.close()
+
+
+def test_idle_connections_kept_per_worker_are_bounded(servers: Any) -> None:
+    """More sessions of one worker end at once than it keeps idle connections for: the extra
+    connections are closed, the kept ones serve the next sessions."""
+    from provisioner.runtime.pool import IDLE_CONNECTIONS_PER_WORKER
+
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        leases = [pool.lease(f"t{n}") for n in range(IDLE_CONNECTIONS_PER_WORKER + 2)]
+        for _session, cleanup in leases:
+            cleanup()
+        assert pool.wait_cleanups(10)
+        assert sum(len(idle) for idle in pool._idle.values()) == IDLE_CONNECTIONS_PER_WORKER
+        again = [pool.lease(f"u{n}") for n in range(IDLE_CONNECTIONS_PER_WORKER)]
+        assert pool.stats()["connections_reused"] == IDLE_CONNECTIONS_PER_WORKER
+        for _session, cleanup in again:
+            cleanup()
+        assert pool.wait_cleanups(10)
+    finally:
+        pool.close()
