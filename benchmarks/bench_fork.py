@@ -490,6 +490,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Target ratio ≥ 40{TIMES}: {met(s['ratio'] >= 40)} in this run. Per test at isolation `process`:"
         f" setup p50 {s['process']['setup_p50_ms']:.0f} ms (pool pick + connect + `hello` on a fresh"
         f" process), call p50 {s['process']['call_p50_ms']:.0f} ms (create + execute).",
+        *busy_note(s),
         "",
         "- Every figure here moves with the load: the threaded worker's row is the floor of the relay",
         "  and proxy hops at the same moment, and a fork-mode worker's processes share its container's",
@@ -512,6 +513,11 @@ def markdown(results: dict[str, Any]) -> str:
         "  ≈ 0.5 s of CPU at start-up; the parent's RSS fell from ≈ 92 to ≈ 66 MB), and the worker",
         "  says it is ready only once the first spare waits on the listener.",
         *WHERE_THE_TIME_GOES,
+        "- Before the two-worker pool, on a quiet machine (commit bce2c03, load 0.3 to 1.4, the lead's",
+        "  run of this script): suite 5.8 s (pool start 2.0 s, setup + teardown p50 8.3 ms) against the",
+        f"  naive fixture's 203.8 s extrapolated from 10 tests (full naive runs took 230-270 s): 35{TIMES};",
+        "  connect → first `ping` in the container paced p50 9.8 / p99 20.9 ms, back to back 6.9 / 21.2,",
+        "  threaded 6.9 / 15.2, host 3.5 / 7.1; PSS per idle child 8 322 kB, parent RSS 65 944 kB.",
         "- Before those changes, on a quiet machine (commit 92c3677, load 0.3 to 1, the lead's run of",
         "  this script): in the container paced p50 9.0 / p99 17.5 ms, back to back 6.4 / 19.9; threaded",
         "  10.1 / 20.8; host 8.9 / 14.5; PSS per idle child 9 967 kB; suite 6.66 s = pool start 2.77 s +",
@@ -538,6 +544,16 @@ WHERE_THE_TIME_GOES = [
     "  own) and the relay ≈ 8 ms (cgroup `cpuacct.usage`). A worker's start imports DSPy: 1.1-1.6 s",
     "  of CPU, of which 0.26-0.41 s were DSPy's stack walks for its missing optional numpy (gone",
     "  since commit 29f11ff: `provisioner/_dspy_import.py`).",
+    "- The server path (2026-11-30 19:05 UTC, load 28; CPU medians of 80 forked children, each",
+    "  serving `hello` + create + execute on a real loopback socket, against the same three commands",
+    "  called directly): +3.0 ms. Of it, starting the execution thread and the deadline watch took",
+    "  ≈ 1.3 ms (a spare does that now, before its connection); the rest is the execution's hand-off",
+    "  to that thread, framing and JSON. Building a child's service and server in the parent once was",
+    "  not done: the server's wake-up pipes would be shared by every child, and the build is off the",
+    "  connection's path (a spare does it before it waits).",
+    "- Host side, per `process` session: the pool no longer asks the engine for the worker's",
+    "  container state when it pins the session (a container inspect per test, on its setup path);",
+    "  the session's own new connection is the check (commit ff996b8).",
     "- Tried and not kept: opening the next test's connection in the background (the lead, load ≈ 1:",
     "  setup p50 6 → 2.4 ms, call p50 → 15.4 ms, suite unchanged: the work moved); pre-copying, with",
     "  `madvise(MADV_POPULATE_WRITE)`, the ≈ 1 460 pages a probe child learned a first execution",
@@ -545,6 +561,16 @@ WHERE_THE_TIME_GOES = [
     "  as the faults did; caching the relay's lookup of the worker's alias: back to back it costs",
     "  0.11 ms p50 (0.08 ms CPU) in a container, paced 2.1 ms.",
 ]
+
+
+def busy_note(s: dict[str, Any]) -> list[str]:
+    """A warning when the suite ran on a machine far busier than its 2 cores."""
+    load = max(s["load_before"][0], s.get("load_between", s["load_after"])[0], s["load_after"][0])
+    if load < 4:
+        return []
+    return [f"This run's load ({load:.0f}) was far above the machine's 2 cores: its wall-clock figures",
+            "measure mostly the wait for a core (a test at isolation `process` is a connect and 4 round",
+            "trips through the relay, each waiting), not this code; compare quiet runs and the CPU table."]
 
 
 def naive_rows(s: dict[str, Any]) -> list[str]:
