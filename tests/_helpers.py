@@ -18,6 +18,7 @@ benchmark puts the repository root on ``sys.path``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -162,3 +163,26 @@ def end_run(proc: subprocess.Popen[bytes], run_id: str, runtime: Any = None) -> 
         with contextlib.suppress(Exception):
             p.kill()
     remove_by_selector(runtime if runtime is not None else open_runtime(), selector(run_id))
+
+
+# --- a child that dies with its test process ----------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a long-lived process a test starts (a `provision worker`, a stand-in):
+    the child gets SIGKILL when the thread that spawned it ends (``prctl PR_SET_PDEATHSIG``), so it
+    never outlives a test process that was killed or interrupted before its teardown stopped it
+    (xdist SIGKILLs a worker process that has not ended 10 s after Ctrl-C; one worker of
+    tests/bridge/test_regex_rules.py was left running that way).
+    A child whose parent already died before the call exits at once. ctypes rather than the
+    python-prctl package: one call, and no C extension to build for the test extras."""
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec

@@ -7,7 +7,6 @@ shell) in a temporary working directory, so only what a test sets reaches them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -25,6 +24,8 @@ from provisioner.bridge import BridgeClient
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
 from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
+from .._helpers import die_with_parent
+
 START_TIMEOUT_S = 60.0
 # A worker must end within this of SIGTERM (in-flight work of the tests' mock LM takes ≤ 1.5 s).
 STOP_TIMEOUT_S = 30.0
@@ -40,26 +41,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
-
-
-def die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGKILL when the thread that spawned it ends (``prctl
-    PR_SET_PDEATHSIG``), so a `provision worker` never outlives a test process that was killed or
-    interrupted before its teardown stopped it (xdist SIGKILLs a worker process that has not ended
-    10 s after Ctrl-C; one worker of tests/bridge/test_regex_rules.py was left running that way).
-    A child whose parent already died before the call exits at once. ctypes rather than the
-    python-prctl package: one call, and no C extension to build for the test extras."""
-
-    def preexec() -> None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 def worker_command(*args: str) -> list[str]:

@@ -16,19 +16,18 @@ import psutil
 HERE = Path(__file__).resolve().parent
 
 TEST_PROCESS = """
-import importlib.util, sys, threading
+import sys, threading
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("bridge_conftest", {conftest!r})
-conftest = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(conftest)
-worker = conftest.WorkerProcess(Path({workdir!r}))
+sys.path.insert(0, {root!r})
+from tests.bridge.conftest import WorkerProcess
+worker = WorkerProcess(Path({workdir!r}))
 print(worker.proc.pid, flush=True)
 threading.Event().wait()
 """
 
 
 def test_a_worker_dies_with_the_test_process_that_started_it(tmp_path: Path, poll: Any) -> None:
-    code = TEST_PROCESS.format(conftest=str(HERE / "conftest.py"), workdir=str(tmp_path / "w"))
+    code = TEST_PROCESS.format(root=str(HERE.parents[1]), workdir=str(tmp_path / "w"))
     test_process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     worker_pid = 0
     try:

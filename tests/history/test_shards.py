@@ -23,6 +23,8 @@ import yaml
 
 from provisioner.runtime.polling import poll_until
 
+from .._helpers import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "qa_project"
 WORKFLOW = ROOT / ".github" / "workflows" / "test.yml"
@@ -167,7 +169,8 @@ def standin_cli(tmp_path: Path) -> Iterator[str]:
     ready = tmp_path / "standin.port"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "provision"), "standin", "gemini",
                              "--ready-file", str(ready)], env=clean_env(GEMINI_TEST_API_KEY=STANDIN_KEY),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_parent(os.getpid()))
     try:
         def listening() -> bool:
             if proc.poll() is not None:
