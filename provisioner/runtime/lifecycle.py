@@ -386,7 +386,8 @@ def _repair_path(settings: Settings, rt: ContainerRuntime, state: RunState, prob
     except RuntimeProblem as exc:
         return {
             names[slot]: f"re-creating the relay failed: {exc} (the path was dead: {why}); "
-            "`provision down` and `provision up` start the run afresh"
+            "`provision status --repair` tries again (e.g. once a port taken meanwhile is free), "
+            "or `provision down` and `provision up` start the run afresh"
             for slot, why in dead.items()
         }
     return {

@@ -396,3 +396,36 @@ def test_rebinding_the_relay_does_not_wait_for_a_worker_that_dies_meanwhile(
         assert workers.probe(env.workers[1].host, env.workers[1].port, 1.0).ok
     finally:
         env.stop()
+
+
+def test_status_repair_that_cannot_start_the_relay_says_to_try_again_and_the_next_one_does_it(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """`provision status --repair` while a port is taken: it says so and that the next repair tries
+    again; the relay it made is left (created) for that, and the next repair starts it."""
+    from provisioner.runtime.lifecycle import UpOptions, down, status, up
+
+    rt, workers = fake
+    env = up(
+        settings,
+        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1),
+        runtime=rt,
+        probe=workers.probe,
+    )
+    relay = env.plan.relay.name
+    try:
+        rt.crash(relay)
+        rt.fail_start.add(relay)  # the engine cannot start it: a port taken meanwhile
+        report = status(settings, runtime=rt, probe=workers.probe, repair=True)
+        done = report.workers[0].repaired
+        assert not report.healthy and done.startswith("re-creating the relay failed:"), done
+        assert "`provision status --repair` tries again" in done, done
+        assert report.others == {relay: "created"}
+        rt.fail_start.clear()
+        report = status(settings, runtime=rt, probe=workers.probe, repair=True)
+        assert report.healthy, report
+        assert report.workers[0].repaired.startswith(f"re-created the relay {relay} on the same ports")
+        assert report.others == {relay: "running"}
+    finally:
+        down(settings, runtime=rt)
+    assert rt.containers == {}
