@@ -363,3 +363,36 @@ def test_the_run_s_end_without_an_engine_of_its_own_removes_the_pool_through_one
         for net in docker_engine.networks.list(names=[name]):
             net.remove()
     assert DockerRuntime(docker_engine).list_resources(L.selector(run_id)) == []
+
+
+@pytest.mark.parametrize("owner", ["dead", "garbage"])
+def test_an_attached_process_stops_waiting_for_a_replacement_once_the_deploying_process_is_gone(
+    tmp_path: Path, owner: str
+) -> None:
+    """A worker of the shared pool died and the process that deployed the pool (the only one that
+    replaces workers) is gone too — or its entry in pool.json cannot be read: the attached process
+    says so at once instead of waiting out its readiness deadline; other slots' lines do not count."""
+    import subprocess
+    import sys
+
+    from provisioner.runtime import watchdog as wd
+
+    if owner == "dead":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        entry = wd.process_entry(gone.pid)
+    else:
+        entry = "not-a-process"
+    workers = [{"slot": n, "name": f"w{n}", "container_id": f"c{n}", "host": "127.0.0.1", "port": 4000 + n,
+                "generation": 0} for n in (0, 1)]
+    record = sp.PoolRecord(RUN, "deployed", entry, workers)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sp.write_record(run_dir, sp.PoolRecord(RUN, "deployed", entry,
+                                           [workers[0], {**workers[1], "generation": 1}]))
+    attached = sp.AttachedWorkers(run_dir, record, FakeRuntime(), ready_timeout_s=600)
+    with pytest.raises(WorkerLostError, match=rf"worker w0 of run {RUN} is gone and the process that "
+                                              rf"started the pool \({entry}\) did not replace it"):
+        attached.replace_worker(0)
+    with pytest.raises(KeyError, match="no worker in slot 7"):
+        attached.worker(7)
