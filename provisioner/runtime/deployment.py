@@ -483,12 +483,15 @@ def _wait_all(futures: Any, cancel: threading.Event | None = None) -> None:
 def death_reason(state: ContainerState | None) -> str:
     """How a worker's container ended, from the engine's container state, as a phrase after
     "which": ``is gone (...)``, ``was OOM-killed: out of memory (exit code 137)``, ``exited with code
-    137 (SIGKILL)``, ``is paused``. The facts are Docker's (``State.Status``, ``State.ExitCode``,
+    137 (SIGKILL)``, ``is paused``, ``is created but not running`` (a relay whose re-creation could
+    not start it). The facts are Docker's (``State.Status``, ``State.ExitCode``,
     ``State.OOMKilled``); the signal name is the exit code minus 128, as the shell reports it."""
     if state is None:
         return "is gone (its container no longer exists)"
     if state.oom_killed:
         return f"was OOM-killed: out of memory (exit code {state.exit_code})"
+    if state.status == "created":  # made, not started (e.g. a relay whose port was taken)
+        return "is created but not running"
     if state.status not in ("exited", "dead"):
         return f"is {state.status}"
     code = state.exit_code

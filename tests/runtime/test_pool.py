@@ -271,6 +271,7 @@ def test_a_broken_connection_tells_whether_the_worker_died(
         (ContainerState("exited", 143), "exited with code 143 (SIGTERM)"),
         (ContainerState("exited", 1), "exited with code 1"),
         (ContainerState("paused"), "is paused"),
+        (ContainerState("created"), "is created but not running"),
     ],
 )
 def test_death_reason_comes_from_the_container_state(state: ContainerState | None, reason: str) -> None:
