@@ -893,7 +893,15 @@ def _explain(exc: Exception) -> str:
 
 
 def _no_engine(exc: Exception) -> str:
+    """The error when no engine answers: which engine was tried and where that choice came from
+    (:func:`engine_url`), the reason, and what to do."""
+    try:
+        url, source = engine_url()
+    except Exception:  # a broken docker CLI config must not hide the original error
+        url, source = None, "default"
+    where = (f"at {url} (from {source})" if url
+             else "at the local socket (unix:///var/run/docker.sock: DOCKER_HOST is not set)")
     return (
-        f"no Docker engine is reachable ({type(exc).__name__}: {exc}). Start dockerd (bash .ci/setup does "
-        "it), or point DOCKER_HOST at a running engine."
+        f"no Docker engine is reachable {where} ({type(exc).__name__}: {exc}). Start dockerd (bash "
+        ".ci/setup does it), or point DOCKER_HOST at a running engine."
     )

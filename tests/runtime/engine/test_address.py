@@ -148,3 +148,25 @@ def test_the_hosts_a_controller_of_a_remote_engine_reaches() -> None:
     assert remote_hosts("tcp://10.213.7.2:2376", "10.213.7.2") == ("10.213.7.2",)
     assert remote_hosts("ssh://root@engine.example", "10.0.0.9") == ("engine.example", "10.0.0.9")
     assert remote_hosts("tcp://127.0.0.1:2376", "127.0.0.1") == ()
+
+
+def test_no_engine_at_the_address_names_it_and_where_it_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user whose DOCKER_HOST (or docker context) points at nothing learns which address was tried."""
+    import socket
+
+    from provisioner.errors import DockerUnavailableError
+    from provisioner.runtime.engine.docker import connect
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{port}")
+    with pytest.raises(DockerUnavailableError) as info:
+        connect(timeout=5)
+    assert f"at tcp://127.0.0.1:{port} (from DOCKER_HOST)" in str(info.value)
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/docker.sock")
+    with pytest.raises(DockerUnavailableError) as info:
+        connect(timeout=5)
+    assert f"at unix://{tmp_path}/docker.sock (from DOCKER_HOST)" in str(info.value)
