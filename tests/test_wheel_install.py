@@ -331,4 +331,4 @@ def test_the_installed_wheel_flags_the_flaky_test_and_only_it(user_venv: UserVen
     assert re.findall(r'data-node-id="([^"]+)"', flaky) == ["test_flaky.py::test_flaky"]
     markdown = _check(run(provision, "report", "markdown"), "report markdown").stdout
     assert "### Flaky tests (1, last 3 runs)" in markdown and "`test_flaky.py::test_flaky`" in markdown
-    assert "LM calls were answered by the Gemini stand-in: billed $0" in markdown
+    assert "1 LM call was answered by the Gemini stand-in: billed $0" in markdown

@@ -209,9 +209,16 @@ def missing_shards(name: str, shards: Sequence[ShardReport]) -> list[str]:
     all are, or when the reports carry no split information).
 
     Raises:
-        HistoryError: some reports know their split and others do not, the reports disagree on N,
-            or two reports are the same group (each message names the files).
+        HistoryError: a file is given twice, some reports know their split and others do not, the
+            reports disagree on N, or two reports are the same group (each message names the files).
     """
+    given: dict[Path, Path] = {}
+    for shard in shards:
+        key = Path(shard.source).resolve()
+        if key in given:
+            raise HistoryError(f"{name}: {shard.source} is given twice (also as {given[key]}); pass each "
+                               "shard's report once")
+        given[key] = Path(shard.source)
     splits = {s.source: _split_of(s) for s in shards}
     known = {source: split for source, split in splits.items() if split is not None}
     if not known:

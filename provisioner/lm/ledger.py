@@ -498,7 +498,7 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(totals.by_kind.items()))
         notes = ""
         if totals.standin_calls:
-            notes += (f"  stand-in: {totals.standin_calls} calls, $0 billed "
+            notes += (f"  stand-in: {_calls(totals.standin_calls)}, $0 billed "
                       f"(${totals.standin_list_cost_usd:.6f} at list prices)")
         if totals.estimated_calls:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
@@ -515,7 +515,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         for name, totals in items:
             lines.append(row(name, totals))
     if report.total.standin_calls:
-        lines.append(f"{report.total.standin_calls} calls were answered by the Gemini stand-in: billed $0, "
+        n = report.total.standin_calls
+        lines.append(f"{_calls(n)} {'was' if n == 1 else 'were'} answered by the Gemini stand-in: billed $0, "
                      "not counted against lm.monthly_budget_usd (a run's lm.cost_limit_usd counted them at "
                      f"list prices: ${report.total.standin_list_cost_usd:.6f})")
     if report.total.refused:
@@ -523,8 +524,9 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         lines.append(f"{refused_text(report.total.refused, report.total.limits)}: the run's limits stopped "
                      f"{them} sent (not in the calls above)")
     if report.total.estimated_calls:
-        lines.append(f"{report.total.estimated_calls} calls came back without a token count and were booked "
-                     "at their worst case (ledger usage: \"estimated\")")
+        n = report.total.estimated_calls
+        lines.append(f"{_calls(n)} came back without a token count and {'was' if n == 1 else 'were'} "
+                     "booked at their worst case (ledger usage: \"estimated\")")
     for month in report.over_budget_months:
         spent = report.by_month[month].cost_usd
         lines.append(f"WARNING: {month} spent ${spent:.4f}, over lm.monthly_budget_usd="
@@ -640,3 +642,7 @@ def combine(process: LMUsage, ledger: LMUsage | None) -> LMUsage:
     merged.mock = process.mock
     merged.errors = process.errors
     return merged
+
+
+def _calls(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"

@@ -138,7 +138,8 @@ def _last_run(board: Dashboard) -> str:
         standin = (
             f'<p id="standin" data-standin-calls="{run["standin_calls"]}" '
             f'data-cost-usd="{run["cost_usd"]!r}" data-list-cost-usd="{run["list_cost_usd"]!r}">'
-            f"{run['standin_calls']} LM calls were answered "
+            f"{run['standin_calls']} {'LM call was' if run['standin_calls'] == 1 else 'LM calls were'} "
+            "answered "
             f"by the Gemini stand-in: billed $0; at list prices the run's calls came to "
             f"{_usd(run['list_cost_usd'])}, which is what its cost limit counted.</p>"
         )

@@ -34,7 +34,8 @@ def render(board: Dashboard, *, top: int = 10) -> str:
         f"**{run['passed']} passed, {run['failed']} failed, {run['error']} errors, "
         f"{run['skipped']} skipped** "
         f"of {run['tests']} tests · pass rate {'-' if rate is None else f'{rate:.1f} %'} · "
-        f"{run['duration_s']:.1f} s · cost {_usd(run['cost_usd'])} · {run['lm_calls']} LM calls · "
+        f"{run['duration_s']:.1f} s · cost {_usd(run['cost_usd'])} · "
+        f"{run['lm_calls']} LM call{'s' if run['lm_calls'] != 1 else ''} · "
         f"{run['leaks']} leaks",
     ]
     if run.get("lm_refused"):
@@ -47,7 +48,8 @@ def render(board: Dashboard, *, top: int = 10) -> str:
             lines += _table(["test", "LM calls refused"],
                             ([f"`{r['node_id']}`", str(r["lm_refused"])] for r in by_test[:top]))
     if run["standin_calls"]:
-        lines.append(f"\n{run['standin_calls']} LM calls were answered by the Gemini stand-in: billed $0; "
+        were = "LM call was" if run["standin_calls"] == 1 else "LM calls were"
+        lines.append(f"\n{run['standin_calls']} {were} answered by the Gemini stand-in: billed $0; "
                      f"{_usd(run['list_cost_usd'])} at list prices (what the run's cost limit counted).")
     month = board.current_month
     if month is not None:
@@ -93,5 +95,6 @@ def render_merged(merged: Sequence[MergedRun]) -> str:
              ("tests", "passed", "failed", "error", "skipped", "lm_calls", "cost_usd", "list_cost_usd")}
     lines += ["", f"**Total: {total['tests']} tests ({total['passed']} passed, {total['failed']} failed, "
                   f"{total['error']} errors, {total['skipped']} skipped) · cost {_usd(total['cost_usd'])} "
-                  f"billed, {_usd(total['list_cost_usd'])} at list prices · {total['lm_calls']} LM calls**"]
+                  f"billed, {_usd(total['list_cost_usd'])} at list prices · "
+                  f"{total['lm_calls']} LM call{'s' if total['lm_calls'] != 1 else ''}**"]
     return "\n".join(lines) + "\n"

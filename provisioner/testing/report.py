@@ -134,7 +134,8 @@ class RunReport:
                 out.append(f"  cost: ${lm.cost_usd:.4f} of the run's {limit} limit")
             if lm.standin:
                 at_list = max(lm.list_cost_usd - lm.cost_usd, 0.0)  # billed calls cost their list price
-                out.append(f"  Gemini stand-in: {lm.standin} calls, $0 billed (${at_list:.6f} at list prices "
+                calls = f"{lm.standin} call{'s' if lm.standin != 1 else ''}"
+                out.append(f"  Gemini stand-in: {calls}, $0 billed (${at_list:.6f} at list prices "
                            f"counted against the run's {format_usd(section.cost_limit_usd)} limit)")
             leaks = sum(len(r.leaks) for r in section.leaks)
             out.append(f"  leaks found: {leaks}")

@@ -200,3 +200,16 @@ def test_importing_a_merge_replaces_its_shards_recorded_on_this_machine(tmp_path
     runs = json.loads(runner.invoke(main, ["history", "list", "--json"], env=env).output)
     assert sorted(r["run_id"][0] for r in runs) == ["m", "r"] and {r["run_id"] for r in runs} >= {"r9"}
     assert sum(r["cost_usd"] for r in runs) == pytest.approx(0.375)  # counted once
+
+
+def test_a_file_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """A user's trial: the same shard file twice gave "unit.json:  does not say which shard it is"
+    (an empty name where the file belongs), though the file says which shard it is."""
+    a, _b = two_shards(tmp_path)
+    report = json.loads(a.read_text())
+    report["split"] = {"group": 1, "splits": 2}
+    a.write_text(json.dumps(report))
+    result = CliRunner().invoke(main, ["history", "merge", str(a), str(a), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert f"{a} is given twice" in result.output and "does not say which shard" not in result.output
+    assert not (tmp_path / "out").exists()  # nothing written

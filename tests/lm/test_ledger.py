@@ -64,7 +64,7 @@ def test_estimated_calls_are_counted_and_said(tmp_path: Path) -> None:
     assert report.as_dict()["total"]["estimated_calls"] == 1
     text = format_cost_report(report)
     assert "estimated=1 (usage missing, booked at worst case)" in text
-    assert "1 calls came back without a token count" in text
+    assert "1 call came back without a token count and was booked" in text
     assert report.over_budget_months == []  # no monthly budget set: nothing is over it
 
 

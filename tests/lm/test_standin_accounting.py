@@ -121,3 +121,12 @@ def test_pytest_summary_and_report_say_standin_calls_are_not_billed(pytester: py
                                 env={"PROVISION_STATE_DIR": str(pytester.path / ".provision")})
     assert report.exit_code == 0, report.output
     assert json.loads(report.output)["total"]["cost_usd"] == 0
+
+
+def test_one_standin_call_is_one_call_in_the_cost_report(standin: GeminiStandin, tmp_path: Path) -> None:
+    """A user's trial: `provision cost report` said "stand-in: 1 calls"."""
+    state = tmp_path / ".provision"
+    build_lm(_config(standin, state / "runs" / "run-1" / "lm", endpoint_kind="standin"))("q")
+    text = format_cost_report(cost_report(ledger_sources(state), monthly_budget_usd=0.0))
+    assert "stand-in: 1 call, $0 billed" in text and "1 call was answered by the Gemini stand-in" in text
+    assert "1 calls" not in text
