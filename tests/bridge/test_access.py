@@ -24,6 +24,8 @@ from provisioner.lm.limits import RunLimits, write_run_limits
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import RUN_OWNED_LM_FIELDS, LMConfig
 
+from .conftest import WorkerFactory, WorkerProcess
+
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
 RUN_KEY = "run-key-must-stay-home-7f3a9c"
 TOKEN = "control-token-for-tests-5b1e0d9a7c"
@@ -95,6 +97,23 @@ def standin() -> Iterator[GeminiStandin]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def shared_token_worker(spawn_module_worker: WorkerFactory) -> WorkerProcess:
+    return spawn_module_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+
+
+@pytest.fixture
+def token_worker(shared_token_worker: WorkerProcess) -> WorkerProcess:
+    """A mock-mode worker started with the run's control token, shared by this module's tests that
+    neither stop it nor change what a reset cannot restore (one worker start instead of one per
+    test). Each test gets it as started: ``reset_state`` removes every session and program and
+    returns the default LM to the start-up one."""
+    assert shared_token_worker.proc.poll() is None, "a test stopped the shared worker"
+    with shared_token_worker.client(token=TOKEN) as controller:
+        controller.reset_state()
+    return shared_token_worker
+
+
 def real_lm(standin: GeminiStandin, run_dir: Path, **fields: Any) -> LMConfig:
     """A real-mode start-up LM against the stand-in, as a controller would hand it to a worker."""
     values: dict[str, Any] = {
@@ -113,9 +132,10 @@ def real_lm(standin: GeminiStandin, run_dir: Path, **fields: Any) -> LMConfig:
 # --- 1 and 2: run-owned fields are refused, whoever asks ---------------------------------------
 
 
-def test_every_run_owned_field_is_refused_by_name_with_or_without_the_token(spawn_worker: Any) -> None:
+def test_every_run_owned_field_is_refused_by_name_with_or_without_the_token(
+        token_worker: WorkerProcess) -> None:
     assert set(OWNED_VALUES) == set(RUN_OWNED_LM_FIELDS)
-    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+    worker = token_worker
     with worker.client() as anyone, worker.client(token=TOKEN) as controller:
         for client in (anyone, controller):
             for name, value in OWNED_VALUES.items():
@@ -217,9 +237,9 @@ def test_the_run_limits_file_wins_over_the_worker_configuration(
 # --- 3: worker-wide commands need the run's control token --------------------------------------
 
 
-def test_without_the_token_a_client_keeps_to_its_sessions(spawn_worker: Any) -> None:
+def test_without_the_token_a_client_keeps_to_its_sessions(token_worker: WorkerProcess) -> None:
     """Issue 14.3: client A, not knowing session B's id, cannot list, reset, re-point or stop."""
-    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+    worker = token_worker
     b_session = "b-7d41c2e9f0a35b86"
     with worker.client(token=TOKEN) as owner:
         b = owner.session(b_session)
@@ -273,8 +293,8 @@ def test_with_the_token_the_controller_has_the_worker(spawn_worker: Any, poll: A
     assert TOKEN.encode() not in worker.stderr_bytes()
 
 
-def test_the_token_is_sent_again_after_a_reconnect(spawn_worker: Any) -> None:
-    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+def test_the_token_is_sent_again_after_a_reconnect(token_worker: WorkerProcess) -> None:
+    worker = token_worker
     client = BridgeClient("127.0.0.1", worker.port, token=TOKEN)
     try:
         assert client.get_stats()["scope"] == "worker"
@@ -301,8 +321,8 @@ def test_a_worker_started_without_a_token_stays_open(spawn_worker: Any) -> None:
         assert client.reset_state()["status"] == "reset"
 
 
-def test_the_token_is_not_on_the_worker_command_line(spawn_worker: Any) -> None:
-    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+def test_the_token_is_not_on_the_worker_command_line(token_worker: WorkerProcess) -> None:
+    worker = token_worker
     cmdline = Path(f"/proc/{worker.proc.pid}/cmdline").read_bytes()
     assert TOKEN.encode() not in cmdline
 
@@ -361,9 +381,9 @@ def test_off_loopback_every_connection_needs_the_bridge_token_first(spawn_worker
         assert controller.get_stats()["scope"] == "worker"
 
 
-def test_on_loopback_no_hello_is_needed(spawn_worker: Any) -> None:
+def test_on_loopback_no_hello_is_needed(token_worker: WorkerProcess) -> None:
     """Without PROVISION_BRIDGE_TOKEN (loopback runs) session commands need no hello (DSPex-compatible)."""
-    worker = spawn_worker(env={CONTROL_TOKEN_ENV: TOKEN})
+    worker = token_worker
     with worker.raw() as raw:
         raw.send({"id": 1, "command": "ping"})
         assert raw.receive()["success"] is True

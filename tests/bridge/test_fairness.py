@@ -3,9 +3,10 @@ must not stall the worker for everyone): one session that floods a worker with s
 holds at most ``max_inflight_per_session`` slots, its extra work waits behind its own, and other
 sessions' executions and pings are answered meanwhile. Wire-supplied delays are bounded.
 
-Ordering, not wall-clock: the flooding session's executions each sleep 3 s (a mock rule), so "B
-was answered before any of A's executions" cannot happen by chance under load unless B got a slot
-that A did not hold.
+Ordering, not wall-clock: the flooding session's executions are held in the mock LM (a slow rule
+whose latency waits on the test's ``latency_gate``) until B has been answered, so "B was answered
+before any of A's executions" cannot happen unless B got a slot that A did not hold, however
+loaded the machine is.
 """
 
 from __future__ import annotations
@@ -29,23 +30,25 @@ from provisioner.bridge.service import MAX_WIRE_LATENCY_MS, WIRE_LM_MAXIMA, Acce
 from provisioner.errors import BridgeError
 from provisioner.lmconfig import LMConfig, MockRule
 
-from .conftest import RawConnection, wait_until
+from .conftest import LatencyGate, RawConnection, wait_until
 
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
-SLOW_MS = 3000
 LM = LMConfig(mode="mock", mock_rules=[
-    MockRule(match={"question": "slow"}, outputs={"answer": "late"}, latency_ms=SLOW_MS),
+    # Held by latency_gate until the test releases it (the 1 ms is only what makes the rule wait).
+    MockRule(match={"question": "slow"}, outputs={"answer": "late"}, latency_ms=1),
     MockRule(match={"question": "quick"}, outputs={"answer": "soon"}),
 ])
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[BridgeServer, int]]:
-    """A TCP server with 4 slots (2 per session by default), closed after the test."""
+def server(latency_gate: LatencyGate) -> Iterator[tuple[BridgeServer, int, LatencyGate]]:
+    """A TCP server with 4 slots (2 per session by default) whose "slow" executions wait for the
+    gate; released and closed after the test."""
     srv = BridgeServer(BridgeService(LM), max_inflight=4, pids=None, request_timeout_s=60)
     try:
-        yield srv, srv.listen("127.0.0.1", 0)
+        yield srv, srv.listen("127.0.0.1", 0), latency_gate
     finally:
+        latency_gate.release()
         srv.close(timeout=30)
 
 
@@ -101,13 +104,13 @@ def test_slots_go_to_sessions_in_turn_and_a_session_waits_behind_its_own_work() 
 
 
 def test_a_flooding_session_holds_half_the_slots_and_others_are_served_first(
-        server: tuple[BridgeServer, int]) -> None:
+        server: tuple[BridgeServer, int, LatencyGate]) -> None:
     """Session A sends 4 slow executions on one connection (a DSPex-style client: one connection,
     many sessions), then session B one quick execution on the same connection and another on a
     second connection, and a ping. Before the fix A took all 4 slots, the connection stopped
-    reading, and B waited 3 s behind A; now A runs 2, queues 2, and B and the ping are answered
-    before any of A's executions."""
-    srv, port = server
+    reading, and B waited behind A; now A runs 2, queues 2, and B and the ping are answered while
+    A's executions are held (released only after B's replies arrived)."""
+    srv, port, gate = server
     with connect(port) as shared, connect(port) as other:
         setup_sessions(shared, "A", "B")
         for i in range(4):
@@ -117,6 +120,7 @@ def test_a_flooding_session_holds_half_the_slots_and_others_are_served_first(
         live = wait_until(lambda: (s := stats(port))["queued"] == 2 and s, timeout=60,
                           what="A's third and fourth executions to queue")
         assert live["inflight"] == 2 and live["max_inflight_per_session"] == 2
+        wait_until(lambda: gate.waiting == 2, timeout=60, what="A's two running executions to reach the LM")
         request(shared, "b-shared", "execute_program", program_id="qa", session_id="B",
                 inputs={"question": "quick"})
         request(other, "b-other", "execute_program", program_id="qa", session_id="B",
@@ -129,19 +133,24 @@ def test_a_flooding_session_holds_half_the_slots_and_others_are_served_first(
         # The shared connection: B's reply comes first, ahead of A's backlog on the same socket.
         first = shared.receive()
         assert first["id"] == "b-shared" and first["result"]["outputs"] == {"answer": "soon"}
-        rest = [shared.receive() for _ in range(4)]
-        # Nothing of A's was lost or reordered within A: all four answered, in order of arrival
-        # per slot round (a0/a1 before a2/a3).
+        # Nothing of A's was lost or reordered within A: all four answered, in order of arrival per
+        # slot round. The gate lets A's two running executions finish; a2/a3 take the freed slots
+        # and are held in turn, so the first two replies are a0/a1 whatever the scheduling.
+        gate.release(2)
+        rest = [shared.receive(), shared.receive()]
+        wait_until(lambda: gate.waiting == 2, timeout=60, what="a2 and a3 to take the freed slots")
+        gate.release(2)
+        rest += [shared.receive(), shared.receive()]
         assert all(r["success"] and r["result"]["outputs"] == {"answer": "late"} for r in rest)
         assert {r["id"] for r in rest[:2]} == {"a0", "a1"} and {r["id"] for r in rest[2:]} == {"a2", "a3"}
     assert srv.service.call("get_stats", {})["errors"] == {}
 
 
 def test_a_session_with_the_slots_to_itself_still_uses_only_its_share(
-        server: tuple[BridgeServer, int]) -> None:
+        server: tuple[BridgeServer, int, LatencyGate]) -> None:
     """Fairness is a cap, not a reservation: the share holds even when no other session waits,
     so a session that arrives later finds a slot at once."""
-    _, port = server
+    _, port, gate = server
     conns = [connect(port) for _ in range(3)]
     try:
         setup_sessions(conns[0], "A")
@@ -151,6 +160,7 @@ def test_a_session_with_the_slots_to_itself_still_uses_only_its_share(
         live = wait_until(lambda: (s := stats(port))["queued"] == 1 and s, timeout=60,
                           what="a queued execution")
         assert live["inflight"] == 2
+        gate.release()
         for conn in conns:
             assert conn.receive()["success"]
     finally:

@@ -34,7 +34,7 @@ from provisioner.bridge.server import (
 from provisioner.errors import BridgeError
 from provisioner.lmconfig import LMConfig, MockRule
 
-from .conftest import RawConnection, wait_until
+from .conftest import LatencyGate, RawConnection, wait_until
 
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
 SLOW_LM = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "slow"}, outputs={"answer": "late"},
@@ -172,13 +172,14 @@ def test_a_started_frame_must_arrive_in_time_but_idle_connections_stay(serve: An
 # --- memory: input bytes, programs, sessions -----------------------------------------------------
 
 
-def test_input_bytes_in_flight_are_bounded(serve: Any, poll: Any) -> None:
+def test_input_bytes_in_flight_are_bounded(serve: Any, poll: Any, latency_gate: LatencyGate) -> None:
     """Issue 14.8: eight 15 MB inputs at once OOM-killed a 1 GiB worker. Request bodies held at once
     are bounded: a request that does not fit waits (the connection stops reading), and one that
     cannot get room within the request timeout is refused with Overloaded."""
-    # The slow execution holds its input ~6 s: far longer than the second request may wait (1 s).
-    very_slow = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "slow"}, latency_ms=6000)])
-    server, port = serve(lm=very_slow, max_inflight_bytes=1_000_000, request_timeout_s=1.0)
+    # The slow execution holds its input until the gate is released, after the second request was
+    # refused: however long the second one waited, the first was still in flight.
+    held = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "slow"}, latency_ms=1)])
+    server, port = serve(lm=held, max_inflight_bytes=1_000_000, request_timeout_s=1.0)
     big = "x" * 700_000
     with BridgeClient("127.0.0.1", port, request_timeout=30) as setup:
         setup.create_program(QA, "qa")
@@ -204,9 +205,10 @@ def test_input_bytes_in_flight_are_bounded(serve: Any, poll: Any) -> None:
         with BridgeClient("127.0.0.1", port) as small:  # small requests still fit beside it
             assert small.ping()["status"] == "ok"
     finally:
+        latency_gate.release()
         thread.join(30)
         holder.close()
-    assert outcome  # the slow one ended (a Timeout reply after 1 s, or its answer)
+    assert outcome  # the slow one ended (a Timeout reply after 1 s, or its answer once released)
     poll(lambda: server._input_budget.used == 0, what="the budget to be released")
     with BridgeClient("127.0.0.1", port) as again:
         assert again.execute_program("qa", {"question": "fast " + big})["outputs"]["answer"]
