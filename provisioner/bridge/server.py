@@ -72,6 +72,7 @@ from provisioner.bridge.protocol import (
 )
 from provisioner.bridge.service import Access, BridgeService, Deferred
 from provisioner.errors import BridgeError, ConfigError
+from provisioner.lm.limits import caller_deadline
 from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
 
 log = logging.getLogger("provisioner.bridge")
@@ -977,7 +978,9 @@ class BridgeServer:
     def _run(self, flight: _InFlight, deferred: Deferred) -> None:
         try:
             try:
-                message = ok_reply(flight.request_id, deferred.run())
+                what = f"the request's deadline ({self.request_timeout_s:g} s, process_timeout)"
+                with caller_deadline(flight.deadline, what):
+                    message = ok_reply(flight.request_id, deferred.run())
             except BridgeError as exc:  # a failed execution's LM calls go back too (lm_usage)
                 message = error_reply(flight.request_id, exc.message, exc.error_type, lm_usage=exc.lm_usage)
             except Exception as exc:  # BridgeService converts everything; this is a last resort

@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,25 @@ from typing import Any
 from provisioner import _files
 from provisioner.errors import ConfigError, CostLimitExceeded, RateLimitExceeded
 from provisioner.lm.pricing import format_usd
+
+# When the caller of the work that makes LM calls stops waiting for it (time.monotonic()): a bridge
+# worker's request deadline (request_timeout_s). No call waits past it for a rate-limit slot, and none
+# starts after it: its caller already has a Timeout reply, so a call then would be sent, and billed,
+# for nobody.
+_CALLER_DEADLINE: ContextVar[tuple[float, str] | None] = ContextVar("provisioner_caller_deadline",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def caller_deadline(deadline_monotonic: float, what: str) -> Iterator[None]:
+    """LM calls made in this context (this thread) end their rate-limit wait at ``deadline_monotonic``
+    (``time.monotonic()`` seconds) and are refused after it; ``what`` names that deadline in the
+    error (e.g. "the request's deadline (30 s, process_timeout)")."""
+    token = _CALLER_DEADLINE.set((deadline_monotonic, what))
+    try:
+        yield
+    finally:
+        _CALLER_DEADLINE.reset(token)
 
 WINDOW_S = 60.0
 STATE_FILE = "lm-limits.json"
@@ -274,10 +294,25 @@ class RunLimits:
     # -- rate -------------------------------------------------------------------------------
 
     def acquire_request(self) -> float:
-        """Take one request slot of the run's per-minute budget; returns the slot's start time."""
+        """Take one request slot of the run's per-minute budget; returns the slot's start time.
+
+        Waits up to ``lm.rate_limit_wait_s`` for a slot, and no longer than the caller's deadline
+        (:func:`caller_deadline`), so a call is never sent for a caller that has stopped waiting.
+
+        Raises:
+            RateLimitExceeded: no slot frees before the wait (or the caller's deadline) ends; refused at
+                once when the next free slot is already known to be later.
+        """
         wait_s = self.effective()[2]
         started = self._clock()
         deadline = started + wait_s
+        caller = _CALLER_DEADLINE.get()
+        if caller is not None:
+            left = caller[0] - time.monotonic()
+            if left <= 0:
+                raise RateLimitExceeded(f"not sent: {caller[1]} has passed, so its caller no longer waits "
+                                        "for this call")
+            deadline = min(deadline, started + left)
         while True:
             with locked(self.run_dir):
                 rpm = self.effective()[0]
@@ -292,10 +327,13 @@ class RunLimits:
                 wait = min(window) + self.window_s - now
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
+                by_caller = caller is not None and deadline < started + wait_s
+                within = (f"before {caller[1]}" if by_caller and caller is not None
+                          else f"within lm.rate_limit_wait_s={wait_s:g}s")
                 raise RateLimitExceeded(
                     f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm{self.note}) had no "
-                    f"free slot within lm.rate_limit_wait_s={wait_s:g}s; raise either setting or make "
-                    "fewer real calls"
+                    f"free slot {within} (the next in {max(wait, 0):.0f}s); the call was not sent. Raise "
+                    "the limit, make fewer real calls, or wait for the window to move"
                 )
             # Waiting for the window to move is the point of a rate limiter, not synchronisation.
             self._sleep(max(wait, 0.001))

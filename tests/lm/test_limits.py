@@ -307,3 +307,28 @@ def test_a_failed_atomic_write_leaves_the_old_content_and_no_temporary_file(tmp_
         write_json_atomic(path, {"spent_usd": object()})  # fails midway through writing
     assert json.loads(path.read_text()) == {"spent_usd": 1.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_no_call_waits_past_or_starts_after_its_caller_s_deadline(tmp_path: Path) -> None:
+    """A user's trial: a call held by the rate limit (wait up to 120 s) outlived the bridge request
+    (30 s): the client gave up, and the worker could still send, and bill, the call later."""
+    import time
+
+    from provisioner.lm.limits import caller_deadline
+
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=1, cost_limit_usd=1.0, wait_s=120, clock=clock, sleep=clock.sleep)
+    with caller_deadline(time.monotonic() + 30, "the request's deadline (30 s, process_timeout)"):
+        limits.acquire_request()  # a free slot: no wait
+        # The next slot frees in 60 s, after the caller's deadline: refused at once, not after 30 s.
+        with pytest.raises(RateLimitExceeded, match=r"no free slot before the request's deadline \(30 s, "):
+            limits.acquire_request()
+    assert clock.slept == []
+    with (caller_deadline(time.monotonic() - 1, "the request's deadline (30 s, process_timeout)"),
+          pytest.raises(RateLimitExceeded, match=r"not sent: the request's deadline .* has passed")):
+        limits.acquire_request()
+    clock.now += 61  # outside any caller's deadline the configured wait applies, as before
+    limits.acquire_request()
+    with pytest.raises(RateLimitExceeded, match=r"within lm\.rate_limit_wait_s=1s \(the next in 60s\)"):
+        RunLimits(tmp_path, rpm=1, cost_limit_usd=1.0, wait_s=1, clock=clock,
+                  sleep=clock.sleep).acquire_request()

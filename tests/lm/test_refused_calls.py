@@ -153,3 +153,38 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
     refused_table = text.split('id="refused-tests"', 1)[1].split("</table>", 1)[0]
     assert "test_until_refused" in refused_table and "test_no_lm" not in refused_table
     assert "| `test_refused_suite.py::test_until_refused` | 1 |" in page.output, page.output
+
+
+def test_a_bridge_request_whose_call_waits_for_the_rate_limit_past_its_deadline_is_refused_not_sent(
+    standin: GeminiStandin, tmp_path: Path
+) -> None:
+    """A user's trial: with the run's 10 requests/minute used up, execute_program waited for a slot
+    (lm.rate_limit_wait_s: 120 s) past the request's deadline; the client got "no reply within 30 s"
+    and the worker could still send (and bill) the call for nobody. Now the call is refused at once
+    when no slot frees before the request's deadline, and the reply says so."""
+    from provisioner.bridge.client import BridgeClient
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+    from provisioner.errors import BridgeError
+
+    config = _config(standin, tmp_path, rate_limit_rpm=1, rate_limit_wait_s=120)
+    server = BridgeServer(BridgeService(config), request_timeout_s=20)
+    port = server.listen("127.0.0.1", 0)
+    signature = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
+    try:
+        with BridgeClient("127.0.0.1", port, request_timeout=60) as client:
+            session = client.session("s")
+            session.create_program(signature, "qa")
+            session.execute_program("qa", {"question": "the one call of this minute?"})
+            sent = standin.request_count
+            with pytest.raises(BridgeError) as info:
+                session.execute_program("qa", {"question": "one more?"})
+            assert info.value.error_type != "Timeout", info.value.message  # refused, not timed out
+            assert "no free slot before the request's deadline (20 s, process_timeout)" in info.value.message
+            assert "not sent" in info.value.message
+            assert client.ping()["status"] == "ok"
+    finally:
+        server.request_stop()
+        server.close(timeout=5)
+    assert standin.request_count == sent  # nothing sent after the refusal, not even later
+    assert info.value.lm_usage is not None and info.value.lm_usage["refused_rate_limit"] == 1
