@@ -327,8 +327,7 @@ class RunLimits:
                 wait = min(window) + self.window_s - now
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
-                by_caller = caller is not None and deadline < started + wait_s
-                within = (f"before {caller[1]}" if by_caller and caller is not None
+                within = (f"before {caller[1]}" if caller is not None and deadline < started + wait_s
                           else f"within lm.rate_limit_wait_s={wait_s:g}s")
                 raise RateLimitExceeded(
                     f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm{self.note}) had no "

@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Literal
 from provisioner._files import locked
 from provisioner.errors import ImageError
 from provisioner.runtime import labels as L
+from provisioner.runtime.engine import ImageInfo, ImageStore, open_runtime
 
 if TYPE_CHECKING:
     import importlib.metadata
-from provisioner.runtime.engine import ImageInfo, ImageStore, open_runtime
 
 DIST_NAME = "dspy-provisioner"
 PACKAGE = "provisioner"
