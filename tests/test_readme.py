@@ -206,3 +206,18 @@ def test_quickstart_commands_pass_in_order_on_a_quickstart_project(tmp_path: Pat
     assert before == after  # replayed, nothing new
     assert "LM Gemini stand-in (GEMINI_TEST_API_KEY not set)" in by_command["--layer e2e"][2]
     assert ".provision/" in (project / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/containers.md"])
+def test_the_label_lists_of_the_docs_are_the_labels_the_code_puts_on_resources(doc: str) -> None:
+    """The README's list lacked ``provisioner.project`` (the new-user trial found it): each doc's list
+    of the labels every resource carries names exactly what :func:`run_labels` writes (with a
+    project), plus a container's role and a worker's slot; the legacy ``provisioner.session`` may
+    be named as such."""
+    from provisioner.runtime import labels as L
+
+    text = (ROOT / doc).read_text()
+    paragraph = next(p for p in text.split("\n\n") if "`provisioner.managed=true`" in p)
+    named = set(re.findall(r"`(provisioner\.[a-z.]*[a-z])(?:=[^`]*)?`", paragraph)) - {L.LEGACY_INSTANCE}
+    on_every_resource = set(L.run_labels("r1", "unit", "main-1", project="p-0123abcd"))
+    assert named == on_every_resource | {L.ROLE, L.SLOT}, paragraph

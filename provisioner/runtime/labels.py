@@ -40,7 +40,6 @@ PACKAGE_HASH = "provisioner.package.hash"
 VERSION = "provisioner.version"
 # The project a run belongs to (project_id of its root folder).
 PROJECT = "provisioner.project"
-RETAIN = "provisioner.retain"
 # "true" for environments meant to outlive the command that started them (`provision up`).
 PERSISTENT = "provisioner.persistent"
 
