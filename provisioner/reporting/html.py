@@ -222,15 +222,19 @@ def _trends(board: Dashboard, runs: list[RunRow]) -> str:
             f"{r['duration_s']:.1f}",
             f'<span data-cost-usd="{r["cost_usd"]!r}">{_usd(r["cost_usd"])}</span>',
             str(r["lm_calls"]),
+            f'<span data-lm-refused="{int(r["lm_refused"])}">{int(r["lm_refused"])}</span>',
             str(r["leaks"]),
         ]
         for r in reversed(recent)
     )
+    # "LM refused": calls the run's cost or rate limit stopped before they were sent (not in "LM
+    # calls"), the column `provision history list` shows under the same name.
     table = _table(
-        ["run", "started (UTC)", "passed", "ended", "pass rate %", "duration s", "cost", "LM calls", "leaks"],
+        ["run", "started (UTC)", "passed", "ended", "pass rate %", "duration s", "cost", "LM calls", "LM refused",
+         "leaks"],
         rows,
         table_id="runs",
-        numeric={2, 3, 4, 5, 6, 7},
+        numeric={2, 4, 5, 6, 7, 8, 9},
     )
     return (
         f'<section id="trends"><h2>Trends (last {len(recent)} runs)</h2><div class="charts">{charts}</div>'

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from provisioner.cli import main
 from provisioner.history.analysis import month_costs
+from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm.ledger import cost_report, ledger_sources
 
 from .chromium import CHROMIUM, Browser
@@ -49,6 +50,9 @@ def test_the_page_in_headless_chromium(three_runs: Path, tmp_path: Path) -> None
             months: [...document.querySelectorAll('#months [data-cost-usd]')].map(
                 e => Number(e.dataset.costUsd)),
             runs: document.querySelectorAll('#runs tbody tr').length,
+            runsHead: [...document.querySelectorAll('#runs thead th')].map(th => th.textContent),
+            refused: Object.fromEntries([...document.querySelectorAll('#runs tbody tr')].map(
+                tr => [tr.cells[0].textContent, Number(tr.querySelector('[data-lm-refused]').textContent)])),
             charts: document.querySelectorAll('figure svg').length,
             failures: document.querySelector('#last-failures').textContent,
         }))()""")
@@ -58,6 +62,10 @@ def test_the_page_in_headless_chromium(three_runs: Path, tmp_path: Path) -> None
     assert seen["flaky"] == ["test_suite.py::test_flaky"]
     assert seen["strip"] == ["✓", "✗", "✓"]
     assert seen["runs"] == 3 and seen["charts"] >= 4
+    # The runs table has the refused-calls column `history list` shows, with the history's counts.
+    assert seen["runsHead"][seen["runsHead"].index("LM calls") + 1] == "LM refused"
+    with History(three_runs / ".provision" / HISTORY_FILE) as db:
+        assert seen["refused"] == {run["run_id"]: run["lm_refused"] for run in db.runs()}
     assert "test_suite.py::test_broken" in seen["failures"]
     assert set(seen["perTest"]) == set(ledger.by_test)
     for node_id, totals in ledger.by_test.items():
