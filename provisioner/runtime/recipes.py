@@ -71,6 +71,14 @@ STANDIN_HEALTH_PROBE = (
 )
 
 
+#: Seconds one HEALTHCHECK probe of a container may take before the engine counts it as failed: the
+#: relay's and the stand-in's (:class:`HealthCheck`) and the worker image's (its Dockerfile's
+#: ``HEALTHCHECK --timeout``; tests/runtime/test_images.py checks they agree). Each probe starts a
+#: Python interpreter: 3 s (Docker's usual) was not enough on a machine at load 20+, and the engine
+#: then marked a serving container unhealthy.
+HEALTHCHECK_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class HealthCheck:
     """A Docker HEALTHCHECK (``docker ps`` shows ``(healthy)``). ``test`` is the command (exec form);
@@ -78,7 +86,7 @@ class HealthCheck:
 
     test: tuple[str, ...]
     interval_s: float = 5.0
-    timeout_s: float = 3.0
+    timeout_s: float = HEALTHCHECK_TIMEOUT_S
     retries: int = 3
     start_period_s: float = 10.0
 
@@ -744,11 +752,7 @@ def standin_recipe(
         environment=_common_env(),
         labels={**labels, L.ROLE: L.ROLE_STANDIN},
         networks=(NetworkAttachment(network, (STANDIN_ALIAS,)),),
-        # A probe starts a Python interpreter: 3 s (the default) was not enough on a machine at load 20+,
-        # and `docker ps` then showed a serving stand-in as unhealthy.
-        healthcheck=HealthCheck(
-            ("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT)), timeout_s=10.0
-        ),
+        healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
         guarded=guarded,
         memory="256m",
         cpus=min(float(limits["cpus"]), 1.0),

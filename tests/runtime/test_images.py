@@ -276,6 +276,34 @@ def test_each_project_moves_only_its_own_tag(docker_engine: Any, worker_image: s
             docker_engine.images.remove(tag, force=False)
 
 
+def _dockerfile_healthcheck() -> dict[str, str]:
+    text = (REPO / "provisioner" / "assets" / "worker" / "Dockerfile").read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("HEALTHCHECK ")]
+    return dict(re.findall(r"--([a-z-]+)=(\S+)", line))
+
+
+def test_the_worker_image_s_healthcheck_timeout_is_the_host_s_probe_timeout() -> None:
+    """The image's HEALTHCHECK allowed 3 s, the relay's and stand-in's probes (set by the host) 10 s:
+    under load the engine marked serving workers unhealthy. One value (recipes.HEALTHCHECK_TIMEOUT_S);
+    the probe script's own socket timeout stays below it, so it says why before the engine kills it."""
+    from provisioner.runtime.recipes import HEALTHCHECK_TIMEOUT_S, HealthCheck
+
+    assert _dockerfile_healthcheck()["timeout"] == f"{HEALTHCHECK_TIMEOUT_S:g}s"
+    assert HealthCheck(("true",)).timeout_s == HEALTHCHECK_TIMEOUT_S
+    script = (REPO / "provisioner" / "assets" / "worker" / "healthcheck.py").read_text()
+    (own,) = re.findall(r"^TIMEOUT_S = ([0-9.]+)$", script, flags=re.M)
+    assert 0 < float(own) < HEALTHCHECK_TIMEOUT_S
+
+
+@pytest.mark.docker
+def test_the_built_worker_image_carries_that_healthcheck_timeout(docker_engine: Any,
+                                                                 worker_image: str) -> None:
+    from provisioner.runtime.recipes import HEALTHCHECK_TIMEOUT_S
+
+    check = docker_engine.api.inspect_image(worker_image)["Config"]["Healthcheck"]
+    assert check["Timeout"] == int(HEALTHCHECK_TIMEOUT_S * 1e9), check
+
+
 # --- the image flow on the fake runtime (no engine; the docker tests above prove the adapter) -----
 
 

@@ -9,12 +9,16 @@ import socket
 import struct
 import sys
 
+# Seconds to connect and get the ping's reply: below the HEALTHCHECK's --timeout (10 s), so a slow
+# worker is reported with this script's reason rather than killed by the engine mid-probe.
+TIMEOUT_S = 8.0
+
 
 def main() -> int:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8765
     request = json.dumps({"id": "healthcheck", "command": "ping", "args": {}}).encode()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.5) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
             sock.sendall(struct.pack(">I", len(request)) + request)
             header = _read(sock, 4)
             (size,) = struct.unpack(">I", header)
