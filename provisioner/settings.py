@@ -193,6 +193,24 @@ class _AliasEnvSource(PydanticBaseSettingsSource):
         return out
 
 
+#: Seconds a worker request may take by default (``process_timeout``): the worker then answers
+#: ``Timeout`` (with the LM calls made so far, ``lm_usage``) and the request stays the caller's error.
+DEFAULT_PROCESS_TIMEOUT_S = 30.0
+#: Seconds a host-side client waits for a reply beyond the worker's ``process_timeout``: the time the
+#: worker's ``Timeout`` reply needs to be written and to travel back (relay, published port, a
+#: loaded host). A client that gave up at ``process_timeout`` itself raced the worker's reply and,
+#: when it won, dropped the connection with the reply, so the cost in its ``lm_usage`` was never
+#: booked. 5 s: the reply is one small frame the worker writes at its deadline; the grace is for a
+#: loaded host's scheduling (threads and the relay waiting for a core), not for work.
+REPLY_GRACE_S = 5.0
+
+
+def reply_timeout(process_timeout: float) -> float:
+    """Seconds a client waits for the reply to a request a worker bounds by ``process_timeout``
+    seconds: ``process_timeout + REPLY_GRACE_S``, so the worker's own ``Timeout`` reply comes first."""
+    return process_timeout + REPLY_GRACE_S
+
+
 class Settings(BaseSettings):
     """Every setting of provisioner. Build it with :func:`load_settings` to get provenance."""
 
@@ -206,7 +224,8 @@ class Settings(BaseSettings):
     layer: str = "unit"
     max_python_processes: int = Field(default=4, gt=0)
     max_pool_size: int = Field(default=2, gt=0)
-    process_timeout: float = Field(default=30.0, gt=0, description="seconds a worker request may take")
+    process_timeout: float = Field(default=DEFAULT_PROCESS_TIMEOUT_S, gt=0,
+                                   description="seconds a worker request may take")
     lm_modes: dict[str, LMMode] = Field(default_factory=lambda: dict(DEFAULT_LM_MODES))
     cleanup_policy: CleanupPolicy = "aggressive"
     retain_on_failure: bool = True
@@ -237,6 +256,12 @@ class Settings(BaseSettings):
     # Provenance: dotted field path -> human-readable source. Filled by load_settings().
     _sources: dict[str, str] = {}
     _root: Path | None = None
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds a host-side client waits for a worker's reply: :func:`reply_timeout` of
+        ``process_timeout`` (the worker's ``Timeout`` reply, with its ``lm_usage``, arrives first)."""
+        return reply_timeout(self.process_timeout)
 
     @property
     def project_dir(self) -> Path:

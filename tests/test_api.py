@@ -550,3 +550,40 @@ def test_a_project_dir_given_as_a_string_is_a_path(project: Path, tmp_path_facto
         assert env.layer.description == "from the project file"
     settings = provisioner.load_settings(project_dir=str(project))
     assert settings.layers["unit"].description == "from the project file"
+
+
+def test_a_slow_request_of_an_isolated_session_gets_the_worker_s_timeout_reply(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The isolated session's client waits Settings.request_timeout (process_timeout + the grace), not
+    process_timeout itself: a request the worker stops at its deadline raises the worker's Timeout
+    reply (its lm_usage booked), never the client's own timeout that dropped it."""
+    import threading
+
+    from provisioner.lm.mock import MockEngine
+    from provisioner.settings import REPLY_GRACE_S
+
+    config = project / "pyproject.toml"
+    config.write_text(config.read_text() + "process_timeout = 1.0\n")
+    release = threading.Event()
+    respond = MockEngine.respond
+
+    def held(self: MockEngine, *args: Any, **kwargs: Any) -> Any:
+        if "slow" in str(args) + str(kwargs):  # the served worker's call for this request only
+            release.wait(60)
+        return respond(self, *args, **kwargs)
+
+    monkeypatch.setattr(MockEngine, "respond", held)
+    try:
+        with api.environment("integration", lm="mock", project_dir=project, runtime=served) as env:
+            assert env.settings.request_timeout == 1.0 + REPLY_GRACE_S
+            with env.session("slow-one") as test:
+                assert test.adapter.bridge.request_timeout == env.settings.request_timeout
+                test.adapter.create_program("question -> answer", "qa")
+                with pytest.raises(BridgeError) as info:
+                    test.adapter.execute_program("qa", {"question": "slow"})
+                release.set()
+    finally:
+        release.set()
+    assert type(info.value) is BridgeError and info.value.error_type == "Timeout", info.value
+    assert info.value.lm_usage is not None, info.value

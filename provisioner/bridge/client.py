@@ -44,6 +44,7 @@ from provisioner.bridge.protocol import (
 from provisioner.errors import BridgeConnectionError, ProcessGoneError, ProtocolError
 from provisioner.lm.callstats import record_elsewhere
 from provisioner.reprs import safe_repr
+from provisioner.settings import DEFAULT_PROCESS_TIMEOUT_S, reply_timeout
 
 DEFAULT_SESSION = "anonymous"
 
@@ -191,7 +192,12 @@ class BridgeClient(BridgeCommands):
     """A synchronous client for one worker at ``host:port``.
 
     ``connect_timeout`` bounds connecting; ``request_timeout`` bounds waiting for each reply (pass
-    ``timeout=`` to :meth:`call` to change it for one request). ``token``: the run's control
+    ``timeout=`` to :meth:`call` to change it for one request), in seconds. Its default is the
+    default ``process_timeout`` (30 s) plus :data:`~provisioner.settings.REPLY_GRACE_S` (5 s), so a
+    request the worker stops at its deadline gets the worker's ``Timeout`` reply (a
+    :class:`~provisioner.errors.BridgeError` carrying the calls made, ``lm_usage``), not a
+    client-side timeout; for a worker with another ``process_timeout`` pass
+    ``request_timeout=settings.request_timeout``. ``token``: the run's control
     token, presented in a ``hello`` on every (re)connection; a wrong one raises
     :class:`~provisioner.errors.BridgeError` with error_type ``Unauthorized`` on connecting.
     ``fork``: True for a fork-mode worker (a ``hello`` on connecting records its process; a lost
@@ -205,7 +211,7 @@ class BridgeClient(BridgeCommands):
         port: int,
         *,
         connect_timeout: float = 5.0,
-        request_timeout: float = 30.0,
+        request_timeout: float = reply_timeout(DEFAULT_PROCESS_TIMEOUT_S),
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         token: str | None = None,
         fork: bool | None = None,

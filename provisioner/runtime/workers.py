@@ -415,7 +415,7 @@ class ProcessContainers:
         pool = self.pool
         if self.env.layer.isolation == "process":
             return self._open_process_session(pool, session_id)
-        return pool.lease(session_id, request_timeout=self.env.settings.process_timeout)
+        return pool.lease(session_id, request_timeout=self.env.settings.request_timeout)
 
     def _open_process_session(self, pool: WorkerPool, session_id: str) -> tuple[Any, Any]:
         """Isolation ``process``: the session's connection is its own process, forked by the pinned
@@ -442,7 +442,7 @@ class ProcessContainers:
         while True:
             pool.open_session(session_id, check=False)
             try:
-                client = pool.client(session_id, request_timeout=self.env.settings.process_timeout, fork=True)
+                client = pool.client(session_id, request_timeout=self.env.settings.request_timeout, fork=True)
                 while True:
                     try:
                         client.bridge.connect()  # forks the test's process now (setup), learns its pid
@@ -511,7 +511,7 @@ class ProcessContainers:
         except BaseException:
             base.resources.cleanup_all()
             raise
-        client = BridgeClient(host, int(port), request_timeout=self.env.settings.process_timeout,
+        client = BridgeClient(host, int(port), request_timeout=self.env.settings.request_timeout,
                               token=plan.control_token)
         return DedicatedWorker(recipe.name, container_id, host, int(port), container, client, base)
 
@@ -526,7 +526,7 @@ class ProcessContainers:
         deployment = launch.deploy(plan, self.runtime, self.env.settings)  # removes what it made on failure
         info = deployment.workers[0]
         self.workers_started += 1
-        client = BridgeClient(info.host, info.port, request_timeout=self.env.settings.process_timeout,
+        client = BridgeClient(info.host, info.port, request_timeout=self.env.settings.request_timeout,
                               token=plan.control_token)
         return DedicatedWorker(info.name, info.container_id, info.host, info.port, None, client, deployment)
 

@@ -106,3 +106,57 @@ def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeyp
     assert held.is_set(), "the execution never reached its second LM call"
     assert info.value.lm_usage is not None, info.value
     assert info.value.lm_usage["mock"] == 1 and isinstance(info.value.lm_usage["process"], str)
+
+
+def test_a_client_s_default_wait_exceeds_the_worker_s_deadline_by_the_documented_grace() -> None:
+    """The client's default was the worker's process_timeout itself (30 s each): the two timers raced,
+    and a client that won dropped the worker's Timeout reply and the cost it carried. One source:
+    settings (the default process_timeout, REPLY_GRACE_S); the host's clients use Settings.request_timeout."""
+    from provisioner.settings import DEFAULT_PROCESS_TIMEOUT_S, REPLY_GRACE_S, Settings, reply_timeout
+
+    assert REPLY_GRACE_S > 0
+    assert BridgeClient("127.0.0.1", 1).request_timeout == DEFAULT_PROCESS_TIMEOUT_S + REPLY_GRACE_S
+    assert Settings().request_timeout == reply_timeout(Settings().process_timeout) == 35.0
+    assert Settings(process_timeout=2.5).request_timeout == 2.5 + REPLY_GRACE_S
+
+
+def test_a_slow_request_gets_the_worker_s_timeout_reply_not_a_client_side_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client waiting ``reply_timeout(process_timeout)`` (what BridgeClient's default and the host's
+    clients wait) gets the worker's ``Timeout`` reply with the call made so far, the connection kept."""
+    import threading
+
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+    from provisioner.lm.mock import MockEngine
+    from provisioner.settings import reply_timeout
+
+    release = threading.Event()
+    answered: list[int] = []
+    respond = MockEngine.respond
+
+    def second_call_held(self: MockEngine, *args: Any, **kwargs: Any) -> Any:
+        answered.append(1)
+        if len(answered) > 1:
+            release.wait(60)
+        return respond(self, *args, **kwargs)
+
+    monkeypatch.setattr(MockEngine, "respond", second_call_held)
+    deadline_s = 1.0
+    server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=deadline_s, pids=None)
+    port = server.listen("127.0.0.1", 0)
+    try:
+        with BridgeClient("127.0.0.1", port, request_timeout=reply_timeout(deadline_s)) as client:
+            session = client.session("slow")
+            session.create_program(QA_INT, "qa")
+            with pytest.raises(BridgeError) as info:
+                session.execute_program("qa", {"question": "bad"})
+            release.set()
+            assert client.ping()["status"] == "ok"  # the same client goes on: nothing was dropped
+    finally:
+        release.set()
+        server.request_stop()
+        server.close(timeout=10)
+    assert type(info.value) is BridgeError and info.value.error_type == "Timeout", info.value
+    assert info.value.lm_usage is not None and info.value.lm_usage["mock"] == 1, info.value
