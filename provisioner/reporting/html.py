@@ -230,8 +230,8 @@ def _trends(board: Dashboard, runs: list[RunRow]) -> str:
     # "LM refused": calls the run's cost or rate limit stopped before they were sent (not in "LM
     # calls"), the column `provision history list` shows under the same name.
     table = _table(
-        ["run", "started (UTC)", "passed", "ended", "pass rate %", "duration s", "cost", "LM calls", "LM refused",
-         "leaks"],
+        ["run", "started (UTC)", "passed", "ended", "pass rate %", "duration s", "cost", "LM calls",
+         "LM refused", "leaks"],
         rows,
         table_id="runs",
         numeric={2, 4, 5, 6, 7, 8, 9},

@@ -151,7 +151,8 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
     text = (pytester.path / "page" / "index.html").read_text()
     assert 'data-lm-refused="1">1 LM call was refused by the run\'s cost or rate limit' in text
     runs_table = text.split('id="runs"', 1)[1].split("</table>", 1)[0]  # the column history list shows
-    assert "<th class=\"n\">LM refused</th>" in runs_table and 'data-lm-refused="1">1<' in runs_table, runs_table
+    assert '<th class="n">LM refused</th>' in runs_table, runs_table
+    assert 'data-lm-refused="1">1<' in runs_table, runs_table
     refused_table = text.split('id="refused-tests"', 1)[1].split("</table>", 1)[0]
     assert "test_until_refused" in refused_table and "test_no_lm" not in refused_table
     assert "| `test_refused_suite.py::test_until_refused` | 1 |" in page.output, page.output
