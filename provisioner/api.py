@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from provisioner.errors import CleanupError, ClosedError, ConfigError
+from provisioner.errors import CleanupError, ClosedError, ConfigError, ProvisionerError
 from provisioner.isolated import IsolatedTest
 from provisioner.layers import Layer
 from provisioner.lm.callstats import LMUsage
@@ -211,11 +211,19 @@ class Environment:
                 # Ledger lines (cached and real calls) and cassettes a bridge writes for this session
                 # name the test: `provision cost report` and the history count them as the test's.
                 note_session_test(self.lm_config.run_dir, spec.session_id, label, self.identity.run_id)
+        from provisioner.bridge.client import SessionClient, name_session_in
+
         if self.layer.adapter == "mock":
             adapter = self._in_process_bridge().session(spec.session_id)
             close_session: Any = adapter.close
         else:
-            adapter, close_session = self.containers.open_session(spec.session_id)
+            try:
+                adapter, close_session = self.containers.open_session(spec.session_id)
+            except ProvisionerError as exc:  # e.g. no live worker: named as the caller named it
+                name_session_in(exc, spec.session_id, label)
+                raise
+        if isinstance(adapter, SessionClient):  # its errors name the session by the label too
+            adapter.label = label
             with contextlib.suppress(Exception):  # the pool's memory; for worker_log after the session
                 worker = self.containers.pool.session(spec.session_id).worker
                 with self._lock:
@@ -338,7 +346,7 @@ class Environment:
             with self._lock:
                 pinned = self._session_workers.get(worker.session_id)
             if pinned is None:
-                raise ConfigError(f"isolated session {worker.session_id} is not one of this environment's "
+                raise ConfigError(f"isolated session {worker.name} is not one of this environment's "
                                   "sessions on a worker container (open it with this environment's "
                                   "session() or isolated())")
             name = container = pinned

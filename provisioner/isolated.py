@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioner.bridge.client import session_name
 from provisioner.errors import CleanupError, ClosedError
 from provisioner.specs import SessionSpec
 
@@ -40,6 +41,16 @@ class IsolatedTest:
         return self.spec.session_id
 
     @property
+    def label(self) -> str | None:
+        """The name the session was opened with (``env.session("smoke")``, the plugin's test node id)."""
+        return self.spec.metadata.get("label") or None
+
+    @property
+    def name(self) -> str:
+        """How errors and worker logs name the session: ``<label> (<session id>)``, or the id."""
+        return session_name(self.session_id, self.label)
+
+    @property
     def namespace(self) -> str:
         return self.spec.namespace
 
@@ -54,7 +65,7 @@ class IsolatedTest:
     def add_cleanup(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` when the test ends (last added runs first)."""
         if self.closed:
-            raise ClosedError(f"isolated session {self.session_id} is already closed")
+            raise ClosedError(f"isolated session {self.name} is already closed")
         if not callable(fn):
             raise TypeError(f"add_cleanup needs a callable, got {fn!r}")
         self._cleanups.append((fn, args, kwargs))

@@ -587,3 +587,61 @@ def test_a_slow_request_of_an_isolated_session_gets_the_worker_s_timeout_reply(
         release.set()
     assert type(info.value) is BridgeError and info.value.error_type == "Timeout", info.value
     assert info.value.lm_usage is not None, info.value
+
+
+# -- errors name a session the way the worker log windows do: "<label> (<session id>)" ---------------
+
+
+def _missing_program_error(test: Any) -> BridgeError:
+    with pytest.raises(BridgeError) as info:
+        test.adapter.execute_program("not-made", {"question": "?"})
+    assert info.value.error_type == "ProgramNotFound", info.value
+    return info.value
+
+
+def test_an_isolated_session_s_errors_name_it_by_its_label_in_process(project: Path) -> None:
+    """A request's error named the raw session id (``session_…``) while the worker log says
+    ``smoke (session_…)``; now both say the latter (the unit layer's in-process bridge)."""
+    with api.environment("unit", project_dir=project) as env, env.session("smoke") as test:
+        error = _missing_program_error(test)
+        assert f"smoke ({test.session_id})" in str(error) and error.message.count(test.session_id) == 1
+        assert test.name == test.adapter.name == f"smoke ({test.session_id})"
+    closed = re.escape(f"isolated session smoke ({test.session_id}) is already closed")
+    with pytest.raises(ClosedError, match=closed):
+        test.add_cleanup(lambda: None)
+    with api.environment("unit", project_dir=project) as env, env.session() as unnamed:
+        error = _missing_program_error(unnamed)  # no label: the id alone, as before
+        assert unnamed.session_id in str(error) and f"({unnamed.session_id})" not in str(error)
+
+
+def test_an_isolated_session_s_errors_name_it_by_its_label_on_a_worker(project: Path,
+                                                                       served: FakeRuntime) -> None:
+    """The same through a pooled worker (real bridge servers behind a relay): the worker's error
+    reply, and the environment's own errors about the session."""
+    with api.environment("integration", project_dir=project, runtime=served) as env:
+        with env.session("tests/test_x.py::test_a") as test:
+            error = _missing_program_error(test)
+            assert f"tests/test_x.py::test_a ({test.session_id})" in str(error), error
+        with api.environment("integration", project_dir=project, runtime=served) as other:
+            foreign = other.isolated("theirs")
+            try:
+                named = re.escape(f"isolated session theirs ({foreign.session_id})")
+                with pytest.raises(ConfigError, match=named):
+                    env.worker_log(foreign, 0.0)
+            finally:
+                foreign.close()
+
+
+def test_a_session_that_cannot_be_opened_is_named_by_its_label(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening fails with the pool's words (``no live worker for session 'session_…'``): named too."""
+    from provisioner.runtime.workers import ProcessContainers
+
+    def no_worker(self: ProcessContainers, session_id: str) -> tuple[Any, Any]:
+        raise WorkerLostError(f"no live worker for session {session_id!r}: every worker died")
+
+    with api.environment("integration", project_dir=project, runtime=served) as env:
+        monkeypatch.setattr(ProcessContainers, "open_session", no_worker)
+        with pytest.raises(WorkerLostError, match=r"no live worker for session 'smoke \(session_\w+\)'"):
+            env.isolated("smoke")

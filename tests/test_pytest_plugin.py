@@ -689,3 +689,25 @@ def test_an_interrupted_session_says_so_in_the_summary(project: pytest.Pytester)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["interrupted (Ctrl-C): the counts below are what finished before it*",
                                  "*layer unit: 1 tests (1 passed)*"])
+
+
+NAMED_SESSION_TEST = """
+import pytest
+
+@pytest.mark.unit
+def test_missing_program(bridge, isolated):
+    assert isolated.name == f"test_named.py::test_missing_program ({isolated.session_id})"
+    bridge.execute_program("not-made", {"question": "?"})
+"""
+
+
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
+def test_the_isolated_fixture_s_errors_name_the_session_by_its_test(project: pytest.Pytester,
+                                                                     xdist: tuple[str, ...]) -> None:
+    """A user's trial: the failure named ``session_…`` only, while the worker log section says
+    ``<test node id> (session_…)``; the request's error now names the session that way too."""
+    project.makepyfile(test_named=NAMED_SESSION_TEST)
+    result = project.runpytest_subprocess("--layer", "unit", *xdist)
+    result.assert_outcomes(failed=1)
+    named = r"'test_named\.py::test_missing_program \(session_\w+\)'"
+    result.stdout.re_match_lines([rf".*ProgramNotFound: .*{named}.*"])

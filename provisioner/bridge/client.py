@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 from provisioner.bridge.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -41,12 +43,61 @@ from provisioner.bridge.protocol import (
     encode_frame,
     read_frame,
 )
-from provisioner.errors import BridgeConnectionError, ProcessGoneError, ProtocolError
+from provisioner.errors import BridgeConnectionError, ProcessGoneError, ProtocolError, ProvisionerError
 from provisioner.lm.callstats import record_elsewhere
 from provisioner.reprs import safe_repr
 from provisioner.settings import DEFAULT_PROCESS_TIMEOUT_S, reply_timeout
 
 DEFAULT_SESSION = "anonymous"
+_T = TypeVar("_T")
+
+
+# -- how the host names a session ---------------------------------------------------------------------
+# A worker knows a session by its id only; the caller by the name it gave it (``env.session("smoke")``,
+# a pytest node id). Everything the host shows the user — a worker's log window, an error a session's
+# request raised, the errors of opening and closing one — names it ``<name> (<session id>)``: the name
+# to recognise, the id to grep the worker's own log for. Rewritten on the host, not sent to the worker
+# (docs/architecture.md, "How a request flows").
+
+# The session ids provisioner hands out (provisioner.specs.new_session): "session_" and word characters;
+# one already inside "(...)" is named already.
+_SESSION_ID = re.compile(r"(?<!\()\bsession_[A-Za-z0-9_]+")
+
+
+def session_name(session_id: str, label: str | None) -> str:
+    """``<label> (<session id>)``, or the id alone for a session opened without a label."""
+    return f"{label} ({session_id})" if label else session_id
+
+
+def name_sessions(text: str, labels: Mapping[str, str]) -> str:
+    """``text`` with each session id of ``labels`` (session id -> the name the caller gave it) shown
+    as :func:`session_name` does; ids it does not know, and ids named already, stay as they are."""
+    if not labels or "session_" not in text:
+        return text
+
+    def named(match: re.Match[str]) -> str:
+        session = match.group(0)
+        return session_name(session, labels.get(session))
+
+    return _SESSION_ID.sub(named, text)
+
+
+def name_session_in(exc: BaseException, session_id: str, label: str | None) -> None:
+    """Rewrite ``exc``'s message in place so it names ``session_id`` as :func:`session_name` does (any
+    id, not only provisioner's ``session_…`` ones); nothing without a label. The exception keeps its
+    type, attributes and traceback: callers re-raise it."""
+    if not label:
+        return
+    own = re.compile(rf"(?<![(\w-]){re.escape(session_id)}(?![\w-])")
+    name = session_name(session_id, label)
+
+    def fix(text: str) -> str:
+        return own.sub(lambda _m: name, text)
+
+    exc.args = tuple(fix(arg) if isinstance(arg, str) else arg for arg in exc.args)
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        exc.message = fix(message)  # type: ignore[attr-defined]
 
 
 def _drop_none(**args: Any) -> dict[str, Any]:
@@ -123,52 +174,73 @@ class BridgeCommands:
 class SessionClient:
     """One session's view of a worker: every program command carries this ``session_id``.
 
+    ``label``: the name the caller gave the session (``env.session("smoke")``, the plugin's test node
+    id; None: none). Every :class:`~provisioner.errors.ProvisionerError` a command raises names the
+    session ``<label> (<session id>)`` (:func:`session_name`), as the worker log windows do — the
+    worker itself knows the id only.
+
     ``close()`` (or leaving the ``with`` block) runs ``cleanup_session``: the session's programs and
     LM are gone afterwards.
     """
 
-    def __init__(self, bridge: BridgeCommands, session_id: str) -> None:
+    def __init__(self, bridge: BridgeCommands, session_id: str, label: str | None = None) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         self.bridge = bridge
         self.session_id = session_id
+        self.label = label
         self.closed = False
 
     @safe_repr
     def __repr__(self) -> str:
-        return f"SessionClient(session_id={self.session_id!r})"
+        label = f", label={self.label!r}" if self.label else ""
+        return f"SessionClient(session_id={self.session_id!r}{label})"
+
+    @property
+    def name(self) -> str:
+        """How the host names this session: ``<label> (<session id>)``, or the id."""
+        return session_name(self.session_id, self.label)
+
+    def _named(self, run: Callable[[], _T]) -> _T:
+        try:
+            return run()
+        except ProvisionerError as exc:
+            name_session_in(exc, self.session_id, self.label)
+            raise
 
     def request(self, command: str, **args: Any) -> dict[str, Any]:
         """Any command, with this session's id added when the command takes one."""
         if command in _SESSION_COMMANDS:
             args.setdefault("session_id", self.session_id)
-        return self.bridge.request(command, **args)
+        return self._named(lambda: self.bridge.request(command, **args))
 
     def ping(self) -> dict[str, Any]:
-        return self.bridge.ping()
+        return self._named(self.bridge.ping)
 
     def configure_lm(self, **lm_fields: Any) -> dict[str, Any]:
-        return self.bridge.configure_lm(session_id=self.session_id, **lm_fields)
+        return self._named(lambda: self.bridge.configure_lm(session_id=self.session_id, **lm_fields))
 
     def create_program(
         self, signature: dict[str, Any] | str, program_id: str | None = None, program_type: str = "predict"
     ) -> dict[str, Any]:
-        return self.bridge.create_program(signature, program_id, program_type, self.session_id)
+        return self._named(
+            lambda: self.bridge.create_program(signature, program_id, program_type, self.session_id)
+        )
 
     def execute_program(self, program_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        return self.bridge.execute_program(program_id, inputs, self.session_id)
+        return self._named(lambda: self.bridge.execute_program(program_id, inputs, self.session_id))
 
     def get_program_info(self, program_id: str) -> dict[str, Any]:
-        return self.bridge.get_program_info(program_id, self.session_id)
+        return self._named(lambda: self.bridge.get_program_info(program_id, self.session_id))
 
     def list_programs(self) -> dict[str, Any]:
-        return self.bridge.list_programs(self.session_id)
+        return self._named(lambda: self.bridge.list_programs(self.session_id))
 
     def delete_program(self, program_id: str) -> dict[str, Any]:
-        return self.bridge.delete_program(program_id, self.session_id)
+        return self._named(lambda: self.bridge.delete_program(program_id, self.session_id))
 
     def cleanup(self) -> dict[str, Any]:
-        return self.bridge.cleanup_session(self.session_id)
+        return self._named(lambda: self.bridge.cleanup_session(self.session_id))
 
     def close(self) -> None:
         if not self.closed:

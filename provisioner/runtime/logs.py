@@ -10,11 +10,11 @@ window holds exactly the lines written in it, whatever the host's clock did to t
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from provisioner.bridge.client import name_sessions
 from provisioner.errors import ConfigError, WorkerLostError
 
 if TYPE_CHECKING:  # the engine package imports docker-py: not at the plugin's start
@@ -53,25 +53,6 @@ def check_window(since: float, until: float, tail: int | None = None) -> None:
         raise ConfigError(f"since={since} is after until={until}: the window would be empty; swap them")
     if tail is not None and tail < 0:
         raise ConfigError(f"tail={tail} must be 0 or more (None: every line of the window)")
-
-
-# The session ids provisioner hands out (provisioner.specs.new_session): "session_" and word characters.
-_SESSION_ID = re.compile(r"\bsession_[A-Za-z0-9_]+")
-
-
-def name_sessions(line: str, labels: Mapping[str, str]) -> str:
-    """``line`` with each session id of ``labels`` (session id -> the name the caller gave it, e.g.
-    ``env.session("smoke")`` or a pytest node id) shown as ``<name> (<session id>)``: a worker knows
-    sessions by id only, the caller by the name it chose."""
-    if not labels or "session_" not in line:
-        return line
-
-    def named(match: re.Match[str]) -> str:
-        session = match.group(0)
-        label = labels.get(session)
-        return session if label is None else f"{label} ({session})"
-
-    return _SESSION_ID.sub(named, line)
 
 
 def read_window(

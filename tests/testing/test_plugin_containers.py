@@ -82,7 +82,7 @@ def test_failing_dedicated_worker_is_retained(bridge_worker):
 def test_failing_test_still_cleans_up(isolated):
     isolated.adapter.create_program(**ProgramFactory.build(id="p").create_args())
     isolated.add_cleanup(_write, "cleanup-ran.json", {{"session": isolated.session_id}})
-    assert False, "this test fails on purpose"
+    isolated.adapter.execute_program("not-made", {{}})  # fails on purpose: the worker's ProgramNotFound
 '''
 
 
@@ -101,6 +101,10 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: 
         result.assert_outcomes(passed=3, failed=2, errors=1)
         # The leak names the resource, and fails the test that left it.
         result.stdout.fnmatch_lines(["*1 resource(s) leaked: network prov-leaky-gw* — the test must remove*"])
+        # A worker container's error names the session as its log does: the test's node id, then the id.
+        result.stdout.fnmatch_lines(
+            ["*ProgramNotFound: *'test_suite.py::test_failing_test_still_cleans_up (session_*)'*"]
+        )
 
         report = json.loads((pytester.path / "report.json").read_text())
         run_id = report["run_id"]
