@@ -168,3 +168,43 @@ def test_programs_create_and_run_on_an_in_process_bridge() -> None:
         assert listed == {p.id for p in programs}
         result = session.execute_program(programs[0].id, {"question": "2+2?"})
         assert set(result["outputs"]) == {"answer"}
+
+
+WITHOUT_THE_EXTRA = """
+import sys
+sys.modules[{blocked!r}] = None  # as if not installed: importing it raises ModuleNotFoundError
+from provisioner.factories import FieldSpec, ProgramSpec, SessionSpec, SignatureSpec, new_session, unique_id
+assert ProgramSpec(id=unique_id("program")).signature == SignatureSpec() and new_session().session_id
+try:
+    from provisioner.factories import {name}
+except ImportError as exc:
+    print(type(exc).__name__, exc.name, exc, sep="|")
+"""
+
+
+@pytest.mark.parametrize("blocked", ["polyfactory", "faker"])
+@pytest.mark.parametrize("name", ["ProgramFactory", "SignatureFactory", "SessionFactory"])
+def test_without_the_factories_extra_the_specs_import_and_a_factory_names_the_extra(
+    blocked: str, name: str
+) -> None:
+    """polyfactory (and Faker, which it pulls in) is the ``factories`` extra: the base install imports
+    the specs through provisioner.factories, and a factory's name raises an ImportError saying what to
+    install. A fresh interpreter: this one has the factories imported already."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THE_EXTRA.format(blocked=blocked, name=name)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    kind, missing, message = done.stdout.strip().split("|")
+    assert (kind, missing) == ("ImportError", blocked)
+    assert message.startswith(f"provisioner.factories.{name} is built on polyfactory, and {blocked} is not "
+                              "installed")
+    assert "pip install 'dspy-provisioner[factories]'" in message and "provisioner.specs" in message
+
+
+def test_an_unknown_name_of_the_factories_module_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="has no attribute 'ModelFactory'"):
+        _ = factories.ModelFactory  # type: ignore[attr-defined]
+    with pytest.raises(ImportError, match="cannot import name 'Nope'"):
+        from provisioner.factories import Nope  # type: ignore[attr-defined]  # noqa: F401

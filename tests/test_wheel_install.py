@@ -212,6 +212,19 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(user_venv: UserVenv
     assert not json.loads(direct_url or "{}").get("dir_info", {}).get("editable")  # a plain install
 
 
+def test_the_base_install_has_no_faker_and_a_factory_names_the_extra(user_venv: UserVenv) -> None:
+    """The README's install (no extra): neither polyfactory nor Faker, so Faker's pytest plugin does not
+    load at every pytest start; the specs import, and a factory says which extra it needs."""
+    python = str(user_venv.venv / "bin" / "python")
+    code = ("import importlib.util as u, json; from provisioner.factories import FieldSpec, ProgramSpec; "
+            "print(json.dumps([u.find_spec(m) is not None for m in ('faker', 'polyfactory')]))")
+    assert json.loads(_check(user_venv.run(python, "-c", code), "import the specs").stdout) == [False, False]
+    done = user_venv.run(python, "-c", "from provisioner.factories import ProgramFactory")
+    assert done.returncode == 1
+    assert "pip install 'dspy-provisioner[factories]'" in done.stderr, done.stderr
+    assert "ImportError: provisioner.factories.ProgramFactory is built on polyfactory" in done.stderr
+
+
 def test_an_integration_layer_test_passes_from_the_installed_wheel(
     user_venv: UserVenv, docker_engine: Any
 ) -> None:

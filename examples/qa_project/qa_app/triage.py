@@ -6,7 +6,7 @@ from typing import Literal
 
 import dspy
 
-from provisioner.factories import FieldSpec, ProgramSpec, SignatureSpec
+from provisioner.specs import FieldSpec, ProgramSpec, SignatureSpec
 
 CATEGORIES = ("billing", "bug", "other")
 
