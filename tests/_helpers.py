@@ -10,6 +10,9 @@ Two kinds the duplicate finder (`duplicates`) found written out several times:
   sessions until the controller is killed, and the clean-up that removes whatever such a test or
   benchmark round left (its process group, the run's processes, the run's containers and networks)
   even when it failed half-way.
+* **A run a test makes on the engine itself** (:func:`watched_run`; the ``watched_run`` fixture of
+  tests/conftest.py): the product's watchdog, so a test process killed before its ``finally`` leaves
+  no containers or networks behind.
 
 Imported as ``tests._helpers`` (pytest's importlib mode names test modules from the rootdir; the
 benchmark puts the repository root on ``sys.path``).
@@ -186,3 +189,28 @@ def die_with_parent(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+# --- a run a test makes itself ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def watched_run(run_id: str, folder: Path) -> Iterator[Path]:
+    """The product's watchdog for a run a test makes on the engine itself (resources labelled
+    ``provisioner.run=<run_id>`` by ``plan_run`` + ``Deployment``, or by hand), not through ``up``,
+    the plugin or the Python API, which start one. This process is the run's owner: if it dies
+    before its ``finally`` removed the run — an xdist worker SIGKILLed after Ctrl-C, or SIGTERMed
+    (pytest runs no ``finally`` on SIGTERM) — the watchdog removes everything with the run's label,
+    as it does for a killed ``provision run``. On a normal exit (the test's own cleanup done inside
+    the block) the watchdog is told to stand down. Yields the run's folder (``folder/runs/<run_id>``:
+    owners, the lock and ``watchdog.log``). Not waited for: the owner is registered before the
+    watchdog starts, so a test killed at once is still cleaned up after."""
+    from provisioner.runtime import watchdog as wd
+
+    run_dir = folder / "runs" / run_id
+    wd.ensure_watchdog(run_id, run_dir, interval_s=0.5, wait=False)
+    try:
+        yield run_dir
+    finally:
+        wd.mark(run_dir, wd.STOPPED_MARKER)
+        wd.unregister_owner(run_dir)

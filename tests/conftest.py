@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -48,6 +49,21 @@ def missing_prerequisite(message: str) -> NoReturn:
 def prerequisite() -> Callable[[str], NoReturn]:
     """:func:`missing_prerequisite` for tests in other folders (they cannot import this conftest)."""
     return missing_prerequisite
+
+
+@pytest.fixture
+def watched_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``watched_run(run_id)``: put a run the test makes on the engine itself (``plan_run`` +
+    ``Deployment``, or resources labelled by hand) under the product's watchdog before it creates
+    anything (tests/_helpers.py, :func:`watched_run`). A test process killed before its ``finally``
+    (SIGKILL of an xdist worker, SIGTERM) leaves nothing: the watchdog removes what carries the run's
+    label. The test still removes its run itself; this fixture's teardown, after the test's own,
+    tells the watchdogs to stand down. Returns the run's folder."""
+    from ._helpers import watched_run as watch
+
+    folder = tmp_path_factory.mktemp("watched")
+    with contextlib.ExitStack() as stack:
+        yield lambda run_id: stack.enter_context(watch(run_id, folder))
 
 
 @pytest.fixture(scope="session")

@@ -245,7 +245,7 @@ def test_a_killed_worker_is_replaced_behind_the_same_address(docker_engine: Any,
 
 @pytest.mark.slow
 def test_readiness_failure_names_the_worker_and_shows_its_log(
-    docker_engine: Any, worker_image: str, tmp_path: Path
+    docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
     plan = plan_run(
@@ -257,6 +257,7 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
         PlanOptions(workers=1, worker_args=("--no-such-flag",)),
     )
     env = Deployment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
+    watched_run(plan.run_id)  # removed by the watchdog if this process is killed before the finally
     try:
         with pytest.raises(WorkerNotReadyError) as info:
             env.start()
@@ -375,7 +376,7 @@ def _processes(rt: DockerRuntime, container_id: str) -> list[list[str]]:
 
 
 def test_a_guarded_worker_serves_only_after_its_guard(
-    docker_engine: Any, worker_image: str, tmp_path: Path
+    docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
     plan = plan_run(
@@ -388,6 +389,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
     )
     rt = DockerRuntime(docker_engine)
     base = Deployment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
+    watched_run(plan.run_id)  # removed by the watchdog if this process is killed before the finally
     try:
         base.start()  # networks and relay
         worker = plan.workers[0]
@@ -410,7 +412,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
 
 
 def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
-    docker_engine: Any, worker_image: str, tmp_path: Path
+    docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
     plan = plan_run(
@@ -424,6 +426,7 @@ def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
     rt = DockerRuntime(docker_engine)
     # No network at all: no default route, no gateway to prohibit.
     lonely = dataclasses.replace(plan.workers[0], networks=(), network_mode="none")
+    watched_run(plan.run_id)  # removed by the watchdog if this process is killed before the finally
     cid = rt.create_container(lonely)
     try:
         rt.start_container(cid)

@@ -319,7 +319,7 @@ def test_the_compose_file_runs_with_docker_compose(
 
 
 def test_doctor_and_reap_of_a_crashed_owners_leftover(
-    docker_engine: Any, worker_image: str, tmp_path: Path
+    docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     from provisioner.runtime.labels import run_labels
 
@@ -329,6 +329,7 @@ def test_doctor_and_reap_of_a_crashed_owners_leftover(
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     run_id = f"stale{os.getpid()}"
+    watched_run(run_id)  # its label names a dead owner; this process still owns it for the watchdog
     docker_engine.networks.create(
         f"prov-{run_id}", internal=True, labels=run_labels(run_id, "integration", "s", owner_pid=gone.pid)
     )

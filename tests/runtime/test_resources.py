@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -388,7 +389,8 @@ def _key_event(key: tuple[int, str, str, str]) -> tuple[str, str]:
 
 @pytest.mark.docker
 def test_docker_event_watch_names_what_was_created_right_before_the_check(
-    docker_engine: object, worker_image: str, monkeypatch: pytest.MonkeyPatch
+    docker_engine: object, worker_image: str, monkeypatch: pytest.MonkeyPatch,
+    watched_run: Callable[[str], Path],
 ) -> None:
     """Against the real engine: created with docker-py directly (not through provisioner), checked
     at once — the handshake makes the stream's delay irrelevant; removed, the check passes."""
@@ -398,6 +400,7 @@ def test_docker_event_watch_names_what_was_created_right_before_the_check(
 
     rt = DockerRuntime()
     sel = _selector(f"leak{os.getpid()}")
+    watched_run(f"leak{os.getpid()}")  # removed by the watchdog if this process is killed before the finally
     rm = ResourceManager(rt, selector=sel)
     api = rt.client.api
     created: list[tuple[str, str]] = []

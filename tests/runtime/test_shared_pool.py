@@ -344,7 +344,7 @@ def test_the_run_s_end_without_an_engine_of_its_own_opens_one_and_says_when_none
 
 @pytest.mark.docker
 def test_the_run_s_end_without_an_engine_of_its_own_removes_the_pool_through_one_it_opens(
-    docker_engine: Any, tmp_path: Path
+    docker_engine: Any, tmp_path: Path, watched_run: Any
 ) -> None:
     from provisioner.runtime.engine import DockerRuntime
 
@@ -352,6 +352,7 @@ def test_the_run_s_end_without_an_engine_of_its_own_removes_the_pool_through_one
     run_dir.mkdir()
     run_id = f"spend{os.getpid()}"
     name = f"prov-{run_id}-pool-net"
+    watched_run(run_id)  # removed by the watchdog if this process is killed before the finally
     docker_engine.api.create_network(name, internal=True, labels=L.selector(run_id, sp.POOL_INSTANCE))
     try:
         (run_dir / sp.POOL_STARTED).touch()
