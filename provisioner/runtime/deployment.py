@@ -28,6 +28,7 @@ from provisioner.errors import (
 from provisioner.runtime import labels as L
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ContainerState, remove_by_selector
+from provisioner.runtime.engine.base import utc_clock
 from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import (
     ContainerRecipe,
@@ -482,14 +483,16 @@ def _wait_all(futures: Any, cancel: threading.Event | None = None) -> None:
 
 def death_reason(state: ContainerState | None) -> str:
     """How a worker's container ended, from the engine's container state, as a phrase after
-    "which": ``is gone (...)``, ``was OOM-killed: out of memory (exit code 137)``, ``exited with code
-    137 (SIGKILL)``, ``is paused``, ``is created but not running`` (a relay whose re-creation could
-    not start it). The facts are Docker's (``State.Status``, ``State.ExitCode``,
-    ``State.OOMKilled``); the signal name is the exit code minus 128, as the shell reports it."""
+    "which": ``is gone (...)``, ``was OOM-killed: out of memory (exit code 137) at <time>``,
+    ``exited with code 137 (SIGKILL) at 2026-11-30 21:40:03 UTC``, ``is paused``, ``is created but
+    not running`` (a relay whose re-creation could not start it). The facts are Docker's
+    (``State.Status``, ``State.ExitCode``, ``State.OOMKilled``, ``State.FinishedAt``: the time, UTC,
+    when the engine says); the signal name is the exit code minus 128, as the shell reports it."""
     if state is None:
         return "is gone (its container no longer exists)"
+    when = "" if state.finished_at is None else f" at {utc_clock(state.finished_at)}"
     if state.oom_killed:
-        return f"was OOM-killed: out of memory (exit code {state.exit_code})"
+        return f"was OOM-killed: out of memory (exit code {state.exit_code}){when}"
     if state.status == "created":  # made, not started (e.g. a relay whose port was taken)
         return "is created but not running"
     if state.status not in ("exited", "dead"):
@@ -499,5 +502,16 @@ def death_reason(state: ContainerState | None) -> str:
     if code is not None and 128 < code < 128 + 65:
         with contextlib.suppress(ValueError):
             how += f" ({signal.Signals(code - 128).name})"
-    return how
+    return how + when
+
+
+def repair_times(state: ContainerState | None, started: float, done: float, what: str = "the repair") -> str:
+    """When a repaired container serves again and how long that took, for a heal message: ``back at
+    2026-11-30 21:40:05 UTC: down 4.2 s, the repair took 1.8 s``. ``state``: the dead container's
+    (its ``finished_at`` starts "down"; without it, e.g. a container that no longer exists, "down"
+    is left out: nobody knows when it ended); ``started``/``done``: Unix seconds when the repair
+    began and ended (``time.time()``); ``what``: the repair's name."""
+    ended = None if state is None else state.finished_at
+    down = "" if ended is None else f"down {max(0.0, done - ended):.1f} s, "
+    return f"back at {utc_clock(done)}: {down}{what} took {max(0.0, done - started):.1f} s"
 

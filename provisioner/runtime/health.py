@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from provisioner.errors import DockerUnavailableError, RecreateError, RuntimeProblem
-from provisioner.runtime.deployment import Deployment, Probe, death_reason
+from provisioner.runtime.deployment import Deployment, Probe, death_reason, repair_times
 from provisioner.runtime.engine import ContainerRuntime
 from provisioner.runtime.recipes import RELAY_BASE_PORT
 
@@ -201,12 +201,22 @@ def heal_environment(env: Deployment) -> list[str]:
         reserved = [PublishedWorker(slot, env.recipes[slot].name, "", env.runtime.publish_host,
                                     env.slot_port(slot)) for slot in env.pending_slots()]
         try:
+            relay_state = env.runtime.container_state(old_id)
+        except DockerUnavailableError:
+            raise
+        except Exception:  # only for the message: "down" is left out
+            relay_state = None
+        if relay_state is not None and relay_state.running:
+            relay_state = None  # a dead forwarder: the relay ran on, nobody knows when the port died
+        started = time.time()
+        try:
             new_id = rebind_relay(env.runtime, relay, workers, env.probe, timeout_s=env.ready_timeout_s,
                                   reserved=reserved)
         except RecreateError as exc:
             _follow(env, relay, old_id, exc.container_id)
             raise
         _follow(env, relay, old_id, new_id)
+        done = time.time()
     finally:
         lock.release()
     names = {w.slot: w.name for w in workers}
@@ -219,7 +229,7 @@ def heal_environment(env: Deployment) -> list[str]:
         paths = "path of worker" if len(slots) == 1 else "paths of workers"
         were = "was" if len(slots) == 1 else "were"
         out.append(f"the published {paths} {which} {were} dead: {why}; re-created the relay {relay} "
-                   "on the same ports")
+                   f"on the same ports; {repair_times(relay_state, started, done)}")
     return out
 
 
@@ -242,7 +252,9 @@ def heal_deployment(env: Deployment) -> list[str]:
     published port; the dead worker's sessions and programs are gone).
 
     Returns one message per repair or failed repair, each saying what was wrong (the engine's
-    words: exit code, signal, OOM) and what was done; empty when everything was healthy. A repair
+    words: exit code, signal, OOM, and when, UTC), what was done, when the worker served again and
+    how long it was down and the repair took (:func:`~provisioner.runtime.deployment.repair_times`);
+    empty when everything was healthy. A repair
     that fails (the relay could not be re-created, a replacement did not become ready: it is removed
     again) is a message too, ending "the next check tries again", and the other repairs still
     happen. The deployment's ``workers`` name the replacements afterwards.
@@ -261,17 +273,19 @@ def heal_deployment(env: Deployment) -> list[str]:
         if state is not None and state.running:
             continue
         how = death_reason(state)
+        started = time.time()
         try:
             new = env.replace_worker(worker.slot)
         except DockerUnavailableError:
             raise
         except RuntimeProblem as exc:  # WorkerNotReadyError included
-            notes.append(f"worker {worker.name} (slot {worker.slot}) {how}; replacing it failed: {exc}; "
-                         "the next check tries again")
+            notes.append(f"worker {worker.name} (slot {worker.slot}) {how}; replacing it failed after "
+                         f"{time.time() - started:.1f} s: {exc}; the next check tries again")
             continue
         notes.append(
             f"worker {worker.name} (slot {worker.slot}) {how}; replaced it with {new.name} behind "
-            f"the same address {new.address} (its sessions and programs are gone)"
+            f"the same address {new.address} (its sessions and programs are gone); "
+            f"{repair_times(state, started, time.time())}"
         )
     return notes
 

@@ -21,7 +21,14 @@ from provisioner.run import check_run_id, new_run_id
 from provisioner.runtime import labels as L
 from provisioner.runtime import launch
 from provisioner.runtime import watchdog as wd
-from provisioner.runtime.deployment import Deployment, Probe, Progress, bridge_probe, death_reason
+from provisioner.runtime.deployment import (
+    Deployment,
+    Probe,
+    Progress,
+    bridge_probe,
+    death_reason,
+    repair_times,
+)
 from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef, remove_by_selector
 from provisioner.runtime.health import PublishedWorker, check_paths, rebind_relay
@@ -413,6 +420,7 @@ def _repair_workers(
         if cstate is None:
             return name, (f"not repaired: the worker {why}; `provision down` and `provision up` "
                           "start the run afresh")
+        started = time.time()
         try:
             rt.start_container(cid)
             if not state.egress:  # guarded: its command waits until the guard has cut it off again
@@ -436,8 +444,9 @@ def _repair_workers(
             if not poll_until(answers, timeout_s, 0.05):
                 raise RuntimeProblem(f"it did not answer ping within {timeout_s:.0f}s")
         except RuntimeProblem as exc:
-            return name, f"restart failed: {exc} (the worker {why})"
-        return name, f"restarted: the worker {why}"
+            return name, f"restart failed after {time.time() - started:.1f} s: {exc} (the worker {why})"
+        back = repair_times(cstate, started, time.time(), "the restart")
+        return name, f"restarted: the worker {why}; {back}"
 
     with ThreadPoolExecutor(max_workers=max(1, len(state.workers))) as pool:
         return dict(pool.map(repair_one, state.workers))

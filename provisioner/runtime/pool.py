@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.errors import BridgeConnectionError, WorkerLostError
-from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe, death_reason
+from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe, death_reason, repair_times
 from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.health import PublishedWorker, heal_environment, wait_for_paths
 from provisioner.runtime.resources import CleanupReport
@@ -762,12 +762,17 @@ class WorkerPool:
         self.note(f"worker {name} (slot {slot_no}) {reason}; replacing it behind the same address")
 
         def replace() -> None:
+            started = time.time()
             try:
                 self._replace(slot_no, lost_reason=reason)
                 with self._cond:
                     self.replaced += 1
             except Exception as exc:
-                self.note(f"replacing worker {name} (slot {slot_no}) failed: {exc}")
+                took = time.time() - started
+                self.note(f"replacing worker {name} (slot {slot_no}) failed after {took:.1f} s: {exc}")
+                return
+            self.note(f"replaced worker {name} (slot {slot_no}) behind the same address; "
+                      f"{repair_times(None, started, time.time(), 'the replacement')}")
 
         thread = threading.Thread(target=replace, name=f"provision-pool-replace-{slot_no}", daemon=True)
         with self._cond:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from provisioner.errors import (
 from provisioner.runtime import labels as L
 from provisioner.runtime import watchdog as wd
 from provisioner.runtime.engine import ContainerRuntime, ResourceRef
+from provisioner.runtime.engine.base import utc_clock
 from provisioner.runtime.state import RunDir, current_run_id
 from provisioner.settings import Settings, load_settings
 
@@ -172,7 +172,7 @@ def list_runs(
 
 
 def _describe(summary: RunSummary) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary.created)) if summary.created else "?"
+    started = utc_clock(summary.created) if summary.created else "?"  # UTC, as the CLI shows times
     return f"{summary.run_id} (layer {summary.layer}, started {started})"
 
 

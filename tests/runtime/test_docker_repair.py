@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,16 +51,21 @@ def test_status_names_a_killed_worker_and_repair_restarts_it_in_place(
         docker_engine.api.kill(victim["container_id"])
         docker_engine.api.wait(victim["container_id"], timeout=60)
 
+        # When, as the engine says (State.FinishedAt), in UTC like the rest of the CLI's output.
+        finished = docker_engine.api.inspect_container(victim["container_id"])["State"]["FinishedAt"]
+        died = f"exited with code 137 (SIGKILL) at {finished[:19].replace('T', ' ')} UTC"
         seen = _provision(tmp_path, env, "status")
         assert seen.returncode == 1, seen.stdout + seen.stderr
-        assert "exited with code 137 (SIGKILL)" in seen.stdout and "--repair" in seen.stdout, seen.stdout
+        assert died in seen.stdout and "--repair" in seen.stdout, seen.stdout
 
         repaired = _provision(tmp_path, env, "status", "--repair", "--json")
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr
         report = json.loads(repaired.stdout)
         assert report["healthy"]
         by_name = {w["name"]: w for w in report["workers"]}
-        assert by_name[victim["name"]]["repaired"] == "restarted: the worker exited with code 137 (SIGKILL)"
+        done = by_name[victim["name"]]["repaired"]
+        back = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: down \d+\.\d s, the restart took \d+\.\d s"
+        assert re.fullmatch(re.escape(f"restarted: the worker {died}; back at ") + back, done), done
         assert by_name[workers[1]["name"]]["repaired"] == ""  # the live one was left alone
         # The same container and the same published address answer again, still cut off from the host.
         assert docker_engine.api.inspect_container(victim["container_id"])["State"]["Status"] == "running"

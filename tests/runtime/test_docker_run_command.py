@@ -101,10 +101,17 @@ def test_provision_run_replaces_a_killed_worker_and_recreates_a_killed_relay_whi
         # Why, in the engine's words, and what was done. (When a check falls between the two kills,
         # the worker's first replacement waits on the dead relay and fails, and the next check,
         # after the relay, replaces it: the note of the replacement then says the container is gone.)
-        assert f"worker {victim} (slot 0) exited with code 137 (SIGKILL); replac" in err, err
+        # When each died (UTC, as the CLI shows times) and when it served again, how long that took.
+        clock = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
         name = re.escape(victim)
-        assert re.search(rf"worker {name} \(slot 0\) [^\n]*; replaced it with {name}-", err), err
-        assert f"the relay {relay} exited with code 137 (SIGKILL); re-created the relay {relay}" in err, err
+        took = r"the repair took \d+\.\d s"
+        died = rf"exited with code 137 \(SIGKILL\) at {clock}"
+        assert re.search(rf"worker {name} \(slot 0\) {died}; replac", err), err
+        assert re.search(rf"worker {name} \(slot 0\) [^\n]*; replaced it with {name}-[^\n]*; "
+                         rf"back at {clock}: (down \d+\.\d s, )?{took}\n", err), err
+        relay_name = re.escape(relay)
+        assert re.search(rf"the relay {relay_name} {died}; re-created the relay {relay_name} on the same "
+                         rf"ports; back at {clock}: down \d+\.\d s, {took}", err), err
     finally:
         if proc.poll() is None:
             proc.kill()

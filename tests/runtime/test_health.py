@@ -4,6 +4,8 @@ same ports, with sessions intact. The real engine: tests/runtime/test_docker_hea
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 from provisioner.layers import get_layer
@@ -15,6 +17,14 @@ from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
 
 from .conftest import FAKE_IMAGE, FakeWorkers
+
+# When a repaired container serves again, UTC as the CLI shows times, and how long that took
+# (deployment.repair_times); "down" only when the engine said when the container ended.
+BACK = r"back at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: "
+TOOK = r"took \d+\.\d s"
+# A crash a minute ago, at a whole second: its time is known exactly and "down" is at least 60 s.
+DIED_AT = float(int(time.time()) - 60)
+DIED = time.strftime(" at %Y-%m-%d %H:%M:%S UTC", time.gmtime(DIED_AT))
 
 
 def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int = 2,
@@ -61,10 +71,10 @@ def test_a_dead_forwarder_is_found_and_the_relay_re_created_on_the_same_ports(
             0: f"{victim.address} {FORWARDER_GONE}"
         }
         notes = heal_environment(env)
-        assert notes == [
+        assert len(notes) == 1 and re.fullmatch(re.escape(
             f"the published path of worker {victim.name} (slot 0) was dead: {victim.address} "
-            f"{FORWARDER_GONE}; re-created the relay {env.plan.relay.name} on the same ports"
-        ]
+            f"{FORWARDER_GONE}; re-created the relay {env.plan.relay.name} on the same ports; "
+        ) + f"{BACK}the repair {TOOK}", notes[0]), notes  # no "down": nobody knows when a forwarder died
         new_relay = env.container_ids[env.plan.relay.name]
         assert new_relay != old_relay and rt.container_state(old_relay) is None
         # Same addresses: every worker answers where it did; the workers were not touched.
@@ -108,14 +118,16 @@ def test_a_stopped_relay_is_a_dead_path_for_every_worker(
     rt, _ = fake
     env = _env(settings, fake)
     try:
-        rt.crash(env.plan.relay.name, exit_code=137)
+        rt.crash(env.plan.relay.name, exit_code=137, at=DIED_AT)
         found = check_paths(rt, env.plan.relay.name, _published(env), env.probe)
-        why = f"the relay {env.plan.relay.name} exited with code 137 (SIGKILL)"
+        why = f"the relay {env.plan.relay.name} exited with code 137 (SIGKILL){DIED}"
         assert found == {w.slot: why for w in env.workers}
         (note,) = heal_environment(env)  # one cause, one message naming every worker behind it
         names = ", ".join(f"{w.name} (slot {w.slot})" for w in env.workers)
-        assert note == (f"the published paths of workers {names} were dead: {why}; "
-                        f"re-created the relay {env.plan.relay.name} on the same ports")
+        said = re.fullmatch(re.escape(f"the published paths of workers {names} were dead: {why}; "
+                                      f"re-created the relay {env.plan.relay.name} on the same ports; ")
+                            + rf"{BACK}down (\d+\.\d) s, the repair {TOOK}", note)
+        assert said and float(said.group(1)) >= 60, note
         assert [env.probe(w.host, w.port, 1.0).ok for w in env.workers] == [True, True]
     finally:
         env.stop()
@@ -297,14 +309,14 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
     try:
         first, second = env.workers
         workers.kill_forwarder(first.port)
-        rt.crash(second.container_id)
+        rt.crash(second.container_id, at=DIED_AT)
         report = status(settings, runtime=rt, probe=workers.probe)
         assert not report.healthy
         by_name = {w.name: w for w in report.workers}
         assert by_name[first.name].reason == (
             f"dead path: {first.address} {FORWARDER_GONE}; `provision status --repair` re-creates the relay"
         )
-        assert by_name[second.name].reason == "exited with code 137 (SIGKILL)"
+        assert by_name[second.name].reason == f"exited with code 137 (SIGKILL){DIED}"
 
         repaired = status(settings, runtime=rt, probe=workers.probe, repair=True)
         assert repaired.healthy, repaired
@@ -313,7 +325,9 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
         assert by_name[first.name].repaired == (
             f"re-created the relay {relay} on the same ports: {first.address} {FORWARDER_GONE}"
         )
-        assert by_name[second.name].repaired == "restarted: the worker exited with code 137 (SIGKILL)"
+        said = re.fullmatch(re.escape(f"restarted: the worker exited with code 137 (SIGKILL){DIED}; ")
+                            + rf"{BACK}down (\d+\.\d) s, the restart {TOOK}", by_name[second.name].repaired)
+        assert said and float(said.group(1)) >= 60, by_name[second.name].repaired
         assert [w.address for w in repaired.workers] == [first.address, second.address]
         assert status(settings, runtime=rt, probe=workers.probe, repair=True).workers[0].repaired == ""
     finally:
@@ -358,14 +372,18 @@ def test_heal_deployment_reports_a_failed_replacement_and_still_heals_the_rest(
         first, second = env.workers
         workers.not_ready.add(f"{first.name}-1")  # its replacement never answers
         env.ready_timeout_s = 0.3
-        rt.crash(first.name)
-        rt.crash(second.name)
+        rt.crash(first.name, at=DIED_AT)
+        rt.crash(second.name, at=DIED_AT)
         notes = heal_deployment(env)
         assert len(notes) == 2, notes
-        assert notes[0].startswith(f"worker {first.name} (slot 0) exited with code 137 (SIGKILL); "
-                                   "replacing it failed") and notes[0].endswith("the next check tries again")
-        assert notes[1].startswith(f"worker {second.name} (slot 1) exited with code 137 (SIGKILL); replaced "
-                                   f"it with {second.name}-1 behind the same address {second.address}")
+        assert re.match(re.escape(f"worker {first.name} (slot 0) exited with code 137 (SIGKILL){DIED}; ")
+                        + r"replacing it failed after \d+\.\d s: ", notes[0]), notes[0]
+        assert notes[0].endswith("the next check tries again")
+        said = re.fullmatch(re.escape(
+            f"worker {second.name} (slot 1) exited with code 137 (SIGKILL){DIED}; replaced it with "
+            f"{second.name}-1 behind the same address {second.address} (its sessions and programs are gone); "
+        ) + rf"{BACK}down (\d+\.\d) s, the repair {TOOK}", notes[1])
+        assert said and float(said.group(1)) >= 60, notes[1]
         workers.not_ready.clear()
         (again,) = heal_deployment(env)  # the next check: the slot whose replacement failed
         assert again.startswith(f"worker {first.name} (slot 0) is gone") and "replaced it" in again

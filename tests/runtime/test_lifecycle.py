@@ -214,6 +214,9 @@ def test_up_twice_refuses_with_the_run_id_and_the_two_ways_out(
         down(settings, runtime=rt)
     assert set(many.value.candidates) == {first.plan.run_id, second.plan.run_id}
     assert first.plan.run_id in str(many.value) and "--run" in str(many.value)
+    # When each started, in UTC like every time the CLI shows (it said the host's local time, unmarked).
+    started = r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    assert re.search(rf"{first.plan.run_id} \(layer integration, {started}\)", str(many.value)), many.value
     with pytest.raises(AmbiguousRunError):
         status(settings, runtime=rt, probe=fake[1].probe)
     assert down(settings, run_id=first.plan.run_id, runtime=rt).removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -218,7 +219,13 @@ def test_a_session_is_never_pinned_to_a_dead_worker(
         assert stats["replaced"] == 1 and stats["replacing"] == 0
         assert [w["generation"] for w in stats["workers"]] == [1, 0]  # full size again
         assert pool.environment.worker(0).address == dead.address  # behind the same address
-        assert any("exited with code 137 (SIGKILL)" in note for note in stats["notes"]), stats["notes"]
+        # Why and when it died (UTC), then when its replacement served and how long that took.
+        clock = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+        died, replaced = stats["notes"][-2:]
+        assert re.fullmatch(rf"worker {dead.name} \(slot 0\) exited with code 137 \(SIGKILL\) at {clock}; "
+                            "replacing it behind the same address", died), stats["notes"]
+        assert re.fullmatch(rf"replaced worker {dead.name} \(slot 0\) behind the same address; "
+                            rf"back at {clock}: the replacement took \d+\.\d s", replaced), stats["notes"]
 
 
 def test_with_every_worker_dead_a_session_waits_for_the_replacement(

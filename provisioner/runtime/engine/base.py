@@ -7,6 +7,7 @@ docker-py) and :mod:`.fake` (dictionaries in memory).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,19 @@ class ContainerState:
     status: str  # created | running | exited | dead | ...
     exit_code: int | None = None
     oom_killed: bool = False
+    # When its process last ended, Unix seconds (Docker's ``State.FinishedAt``); None: it has not
+    # ended since it was started, or the engine does not say.
+    finished_at: float | None = None
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+
+def utc_clock(timestamp: float) -> str:
+    """A moment as the CLI shows times: ``2026-11-30 21:40:03 UTC`` (``history list``'s "started
+    (UTC)" column; whole seconds)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
 @dataclass(frozen=True)

@@ -562,10 +562,15 @@ class DockerRuntime:
         except docker.errors.NotFound:
             return None
         state = info.get("State") or {}
+        status = str(state.get("Status", "unknown"))
+        # FinishedAt is "0001-01-01T00:00:00Z" for a container that never ended, and keeps the
+        # last end while a restarted container runs: only an ended one's counts.
+        finished = _parse_time(state.get("FinishedAt")) if status in ("exited", "dead") else 0.0
         return ContainerState(
-            status=str(state.get("Status", "unknown")),
+            status=status,
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
+            finished_at=finished if finished > 0 else None,
         )
 
     def published_port(self, container_id: str, container_port: int) -> int | None:

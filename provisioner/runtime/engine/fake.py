@@ -37,6 +37,7 @@ class FakeContainer:
     recipe: ContainerRecipe
     status: str = "created"
     exit_code: int | None = None
+    finished_at: float | None = None  # when crash() ended it (Docker's State.FinishedAt)
     ports: dict[int, int] = field(default_factory=dict)
     ips: dict[str, str] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
@@ -162,13 +163,15 @@ class FakeRuntime:
                                               dict(labels) if labels is not None else None))
             self._events_changed.notify_all()
 
-    def crash(self, name_or_id: str, exit_code: int = 137) -> None:
-        """The container's process dies (as ``docker kill`` would: exit code 137)."""
+    def crash(self, name_or_id: str, exit_code: int = 137, *, at: float | None = None) -> None:
+        """The container's process dies (as ``docker kill`` would: exit code 137), at ``at`` (Unix
+        seconds; default now: the engine's ``State.FinishedAt``)."""
         with self._lock:
             c = self._find(name_or_id)
             if c is not None:
                 c.status = "exited"
                 c.exit_code = exit_code
+                c.finished_at = time.time() if at is None else at
         if c is not None:
             self._stop_served(c)
 
@@ -558,7 +561,10 @@ class FakeRuntime:
         self._check()
         with self._lock:
             c = self._find(container_id)
-            return None if c is None else ContainerState(c.status, c.exit_code)
+            if c is None:
+                return None
+            ended = c.finished_at if c.status in ("exited", "dead") else None
+            return ContainerState(c.status, c.exit_code, finished_at=ended)
 
     def published_port(self, container_id: str, container_port: int) -> int | None:
         with self._lock:
