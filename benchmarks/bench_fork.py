@@ -377,6 +377,8 @@ def cpu_per_test(folder: Path, tests: int) -> dict[str, Any]:
         with env.session() as first:  # the pool starts here
             first.adapter.ping()
         pool_start_s = time.perf_counter() - started
+        # The first session ran on the first worker ready; the other joins when it is: count both.
+        env.pool.wait_replacements(300)
         deployment = env.pool.environment
         runtime = env.containers.runtime
         workers = {w.name: w.container_id for w in deployment.workers}

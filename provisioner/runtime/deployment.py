@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,11 +128,16 @@ class Deployment:
         poll_interval_s: float = 0.025,
         progress: Progress | None = None,
         start_slots: int | None = None,
+        ready_slots: int | None = None,
     ) -> None:
         """``start_slots``: how many worker slots :meth:`start` starts (the lowest); the others wait
-        for :meth:`add_worker` (a pool that grows: its relay already routes every slot). Default all."""
+        for :meth:`add_worker` (a pool that grows: its relay already routes every slot). Default all.
+        ``ready_slots``: :meth:`start` returns once that many of the started workers are ready
+        (whichever are first); the others keep starting and are *booting*: :meth:`pending_slots`
+        lists them and :meth:`add_worker` waits for one. Default: every started worker."""
         self.plan = plan
         self.start_slots = start_slots
+        self.ready_slots = ready_slots
         self.runtime = runtime
         self.resources = resources or ResourceManager(runtime, selector=self.selector)
         if probe is bridge_probe and plan.bridge_token:  # off loopback: every connection says hello
@@ -154,6 +159,12 @@ class Deployment:
         self._ports: dict[int, int] = {}  # slot -> the relay's 127.0.0.1 port for it
         # Slots :meth:`start` leaves for :meth:`add_worker`.
         self._deferred = set(sorted(self.recipes)[start_slots:]) if start_slots is not None else set()
+        # Started workers :meth:`start` did not wait for (``ready_slots``): slot -> (worker, its
+        # readiness wait, running in the background); :meth:`add_worker` takes them.
+        self._booting: dict[int, tuple[WorkerInfo, Future[None]]] = {}
+        self._boot_executor: ThreadPoolExecutor | None = None
+        # Set by :meth:`stop_booting`: the booting workers' readiness waits give up.
+        self._boot_cancel = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -212,18 +223,49 @@ class Deployment:
             _wait_all(started, self._closing)
         relay_id = self.container_ids[self.plan.relay.name]
         self._ports = {slot: self._relay_port(relay_id, slot) for slot in self.recipes}
-        self.workers = [
+        started_workers = [
             WorkerInfo(slot, recipe.name, self.container_ids[recipe.name], self.runtime.publish_host,
                        self._ports[slot])
             for slot, recipe in sorted(self.recipes.items()) if slot not in later
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
-        with self._threads(len(self.workers) + 1) as pool:
-            waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in self.workers]
-            if self.plan.standin is not None:
-                waits.append(pool.submit(self._wait_standin))
-            _wait_all(waits, self._closing)
-        self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s")
+        needed = len(started_workers) if self.ready_slots is None else max(1, self.ready_slots)
+        self.workers = self._wait_first_ready(started_workers, needed)
+        self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s"
+                      + (f"; {len(self._booting)} more starting" if self._booting else ""))
+
+    def _wait_first_ready(self, workers: list[WorkerInfo], needed: int) -> list[WorkerInfo]:
+        """Wait until ``needed`` of ``workers`` (and the stand-in) are ready; return the ready ones.
+        The others' readiness waits go on in the background (:attr:`_booting`).
+
+        The first test needs one worker, not all: a pool of isolation ``process`` starts two, and
+        the first session goes to whichever is ready first while the other finishes its start-up
+        (docs/benchmarks.md, "Process isolation": the pool start's critical path). A failure before
+        ``needed`` are ready fails the start, as waiting for all did; a later one fails that
+        worker's :meth:`add_worker`.
+        """
+        executor = ThreadPoolExecutor(max_workers=len(workers) + 1, thread_name_prefix="provision-ready")
+        waits: dict[Future[None], WorkerInfo] = {
+            executor.submit(self.wait_ready, w, cancel=self._boot_cancel): w for w in workers}
+        standin = executor.submit(self._wait_standin) if self.plan.standin is not None else None
+        ready: list[WorkerInfo] = []
+        try:
+            pending: set[Future[None]] = set(waits) | ({standin} if standin is not None else set())
+            while pending and (len(ready) < needed or (standin is not None and not standin.done())):
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()  # raises the first failure: the start fails
+                    if fut in waits:
+                        ready.append(waits[fut])
+        except BaseException:
+            self._closing.set()
+            executor.shutdown(wait=True)
+            raise
+        for fut, worker in waits.items():
+            if worker not in ready:
+                self._booting[worker.slot] = (worker, fut)
+        executor.shutdown(wait=False)  # its threads end with the booting workers' waits
+        return sorted(ready, key=lambda w: w.slot)
 
     @contextlib.contextmanager
     def _threads(self, count: int) -> Iterator[ThreadPoolExecutor]:
@@ -264,6 +306,12 @@ class Deployment:
         for readiness — give up at once (``RuntimeProblem``: the run is being stopped); nothing new
         starts afterwards. :meth:`stop` does this first."""
         self._closing.set()
+
+    def stop_booting(self) -> None:
+        """The workers still starting in the background (``ready_slots``) stop being waited for:
+        their :meth:`add_worker` raises at once (a pool being closed does not wait for them; their
+        containers are removed with the deployment)."""
+        self._boot_cancel.set()
 
     def stop(self) -> CleanupReport:
         """Remove this deployment's containers and networks: the tracked ones, then a label sweep of
@@ -319,10 +367,11 @@ class Deployment:
             )
         return port
 
-    def wait_ready(self, worker: WorkerInfo) -> None:
+    def wait_ready(self, worker: WorkerInfo, *, cancel: threading.Event | None = None) -> None:
         """Poll ``ping`` every ``poll_interval_s`` until the worker is ready or the deadline passes.
 
         A worker whose container exits fails at once (no waiting for the deadline), with its logs.
+        ``cancel``: set, the wait gives up (``RuntimeProblem``), as when the run is being stopped.
         """
         next_state_check = 0.0
         last = ProbeResult(False, detail="not probed yet")
@@ -331,6 +380,8 @@ class Deployment:
             nonlocal last, next_state_check
             if self._closing.is_set():
                 raise RuntimeProblem("the run is being stopped")
+            if cancel is not None and cancel.is_set():
+                raise RuntimeProblem(f"worker {worker.name} is no longer waited for (its pool is closing)")
             last = self.probe(worker.host, worker.port, max(0.2, min(2.0, self.ready_timeout_s / 4)))
             if last.ready:
                 return True
@@ -396,28 +447,39 @@ class Deployment:
         return self._ports[slot]
 
     def pending_slots(self) -> list[int]:
-        """Worker slots of the plan not started yet (``start_slots``; :meth:`add_worker` starts one)."""
+        """Worker slots of the plan not in :attr:`workers` yet: not started (``start_slots``) or
+        still starting (``ready_slots``); :meth:`add_worker` starts one, or waits for it."""
         with self._lock:
             started = {w.slot for w in self.workers}
-        return sorted(self._deferred - started)
+            return sorted((self._deferred | set(self._booting)) - started)
 
     def add_worker(self, slot: int) -> WorkerInfo:
         """Start the planned worker of ``slot`` (one :meth:`start` left for later) and wait until it
-        is ready; it is reachable at the relay port its slot had from the start.
+        is ready — or, for a worker :meth:`start` started but did not wait for (``ready_slots``),
+        only wait; it is reachable at the relay port its slot had from the start.
 
         Raises:
             ValueError: the slot is not a pending one.
             WorkerNotReadyError: the worker did not become ready (its container is removed again).
+            RuntimeProblem: the deployment is being stopped, or :meth:`stop_booting` was called.
         """
         if slot not in self.pending_slots():
             raise ValueError(f"worker slot {slot} is not waiting to start (pending: {self.pending_slots()})")
         recipe = self.recipes[slot]
+        with self._lock:
+            booting = self._booting.get(slot)
         try:
-            container_id = self._run(recipe)
-            new = WorkerInfo(slot, recipe.name, container_id, self.runtime.publish_host, self._ports[slot])
-            self.wait_ready(new)
+            if booting is not None:  # started with the deployment: wait for its readiness
+                new, started = booting
+                started.result()
+            else:
+                container_id = self._run(recipe)
+                new = WorkerInfo(slot, recipe.name, container_id, self.runtime.publish_host,
+                                 self._ports[slot])
+                self.wait_ready(new)
         except BaseException:
             with self._lock:
+                self._booting.pop(slot, None)
                 made = self.container_ids.pop(recipe.name, None)
             found = self.resources.find("container", made) if made is not None else None
             if found is not None:
@@ -426,6 +488,7 @@ class Deployment:
                 self.runtime.remove_container(made)
             raise
         with self._lock:
+            self._booting.pop(slot, None)
             self.workers = sorted([*self.workers, new], key=lambda w: w.slot)
         return new
 

@@ -134,6 +134,7 @@ def deploy(
     probe: Probe = bridge_probe,
     progress: Progress | None = None,
     start_slots: int | None = None,
+    ready_slots: int | None = None,
 ) -> Deployment:
     """Create and start every network and container of ``plan``; wait until each worker answers
     ``ping`` with its LM configured (``container.ready_timeout_s``).
@@ -141,6 +142,8 @@ def deploy(
     ``resources``: the manager that tracks what is made (default: one on the plan's instance).
     ``start_slots``: start only that many workers now; the rest wait for
     :meth:`Deployment.add_worker` (the run's shared pool grows so: runtime/shared_pool.py).
+    ``ready_slots``: return once that many started workers are ready; the others go on starting
+    (:meth:`Deployment.add_worker` waits for one).
 
     Raises:
         WorkerNotReadyError: a worker exited or was not ready in time (with its log).
@@ -154,6 +157,7 @@ def deploy(
         ready_timeout_s=settings.container.ready_timeout_s,
         progress=progress,
         start_slots=start_slots,
+        ready_slots=ready_slots,
     )
     return deployment.start()
 

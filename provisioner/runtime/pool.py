@@ -699,6 +699,9 @@ class WorkerPool:
         """Stop the monitor, wait for replacements in flight (so nothing starts after the run's
         cleanup), close the idle connections, and stop the environment if the pool owns it."""
         self._stop_monitor.set()
+        stop_booting = getattr(self.environment, "stop_booting", None)
+        if stop_booting is not None:  # a worker still starting (Deployment's ready_slots) is not waited for
+            stop_booting()
         with self._cond:
             self._closed = True  # from now on a lease's cleanup runs in the caller
             closer, self._cleanups = self._cleanups, None

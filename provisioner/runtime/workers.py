@@ -365,6 +365,9 @@ class ProcessContainers:
                     process=self.instance,
                 )
                 self._pool = self._shared.pool
+                if self._shared.deployed and self.env.layer.isolation == "process":
+                    # The worker that was not ready yet joins as soon as it is (pool.json rewritten then).
+                    self._pool.grow(PROCESS_POOL_START)
                 self._wait_watchdog()
             return self._pool
 
@@ -384,8 +387,10 @@ class ProcessContainers:
         # Isolation "process" starts two at once, in parallel: a serial suite alternates between
         # them (WorkerPool's least_recently_used), so one worker's next process warms up while the
         # other serves.
+        # The first session needs one worker: a `process` pool's start returns when the first of its
+        # two is ready, and the other joins the pool when it is (_start_pool: WorkerPool.grow).
         first = min(PROCESS_POOL_START, count) if layer.isolation == "process" else 1
-        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=first)
+        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=first, ready_slots=1)
         self.workers_started += len(run_env.workers)
         self._pool_env = run_env
         return run_env

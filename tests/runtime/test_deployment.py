@@ -172,3 +172,86 @@ def test_stop_sweeps_only_its_own_share_of_the_run(
     assert all(rt.container_state(w.container_id) is not None for w in theirs.workers)
     theirs.stop()
     assert rt.list_resources(L.selector("run1")) == []
+
+
+def test_ready_slots_returns_with_the_first_ready_worker_and_the_other_joins_when_ready(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """``ready_slots=1`` (a `process` pool's start): start() returns once one worker is ready — here
+    w1, while w0 is still starting — and add_worker waits for the other instead of making another."""
+    rt, workers = fake
+    workers.not_ready.add("prov-run1-w0")
+    layer = get_layer(settings, "integration")
+    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                    RunTarget("run1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                    FAKE_IMAGE, PlanOptions(workers=3))
+    env = Deployment(plan, rt, probe=workers.probe, ready_timeout_s=30, poll_interval_s=0.005,
+                     start_slots=2, ready_slots=1).start()
+    try:
+        assert [w.name for w in env.workers] == ["prov-run1-w1"]
+        assert env.pending_slots() == [0, 2]  # w0 starting, w2 not started
+        assert {c.recipe.name for c in rt.containers.values() if c.recipe.role == "worker"} == {
+            "prov-run1-w0", "prov-run1-w1"}
+        creates = sum(1 for op, _ in rt.calls if op == "create_container")
+        workers.not_ready.discard("prov-run1-w0")
+        joined = env.add_worker(0)
+        assert joined.name == "prov-run1-w0" and joined.port == env.slot_port(0)
+        assert sum(1 for op, _ in rt.calls if op == "create_container") == creates  # the same container
+        assert [w.slot for w in env.workers] == [0, 1] and env.pending_slots() == [2]
+    finally:
+        env.stop()
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_a_booting_worker_that_fails_fails_only_its_add_worker_and_stop_booting_ends_the_wait(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """A worker still starting after start() returned: its failure is its add_worker's error (the
+    ready one keeps serving), and stop_booting (a pool closing) ends a wait at once."""
+    rt, workers = fake
+    workers.not_ready.update({"prov-run1-w0", "prov-run1-w2"})
+    layer = get_layer(settings, "integration")
+    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                    RunTarget("run1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                    FAKE_IMAGE, PlanOptions(workers=3))
+    env = Deployment(plan, rt, probe=workers.probe, ready_timeout_s=600, poll_interval_s=0.005,
+                     ready_slots=1).start()
+    try:
+        assert [w.name for w in env.workers] == ["prov-run1-w1"]
+        [w0] = [c for c in rt.containers.values() if c.recipe.name == "prov-run1-w0"]
+        w0.log_lines.append("ConfigError: lm.model must not be empty")
+        w0.status, w0.exit_code = "exited", 1
+        with pytest.raises(WorkerNotReadyError, match="prov-run1-w0") as info:
+            env.add_worker(0)
+        assert "lm.model must not be empty" in info.value.last_logs
+        assert "prov-run1-w0" not in {c.recipe.name for c in rt.containers.values()}  # removed
+        env.stop_booting()
+        with pytest.raises(RuntimeProblem, match="no longer waited for"):
+            env.add_worker(2)  # never ready, a 600 s deadline: the wait ends at once
+        assert [w.name for w in env.workers] == ["prov-run1-w1"]
+    finally:
+        env.stop()
+    assert rt.containers == {} and rt.networks == {}
+
+
+def test_ready_slots_still_fails_the_start_when_a_worker_fails_first(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """A worker that exits before any is ready fails the start, with its logs, as before."""
+    rt, workers = fake
+    workers.not_ready.update({"prov-run1-w0", "prov-run1-w1"})
+
+    def crash_w1(container):  # type: ignore[no-untyped-def]
+        if container.recipe.name == "prov-run1-w1":
+            container.log_lines.append("ConfigError: lm.model must not be empty")
+            container.status, container.exit_code = "exited", 1
+
+    rt.on_start = crash_w1
+    layer = get_layer(settings, "integration")
+    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                    RunTarget("run1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                    FAKE_IMAGE, PlanOptions(workers=2))
+    env = Deployment(plan, rt, probe=workers.probe, ready_timeout_s=600, poll_interval_s=0.005, ready_slots=1)
+    with pytest.raises(WorkerNotReadyError, match="prov-run1-w1"):
+        env.start()
+    assert rt.containers == {} and rt.networks == {}
