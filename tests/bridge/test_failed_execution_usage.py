@@ -4,6 +4,7 @@ it does a result's — through a worker process, the in-process server and the p
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -65,16 +66,10 @@ def test_the_error_envelope_carries_lm_usage_only_when_given() -> None:
     assert parse_reply(odd).lm_usage is None
 
 
-def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeypatch: pytest.MonkeyPatch
-                                                                         ) -> None:
-    """A ``Timeout`` reply carries the LM calls the execution made before its deadline, as a failed
-    execution's error reply does: their cost is booked, not lost with the discarded result. The
-    first call answers unparseable text (counted), DSPy's ChatAdapter falls back to the JSONAdapter,
-    and that second call is held until the Timeout reply has arrived."""
-    import threading
-
-    from provisioner.bridge.server import BridgeServer
-    from provisioner.bridge.service import BridgeService
+def _hold_the_second_call(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The mock LM's second call (the JSONAdapter's retry after FAILING_LM's unparseable first answer)
+    waits until ``release`` is set (at most 60 s); ``held`` is set when it starts waiting. The first
+    call is answered and counted, so a Timeout reply has one call to carry."""
     from provisioner.lm.mock import MockEngine
 
     held = threading.Event()
@@ -90,6 +85,20 @@ def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeyp
         return respond(self, *args, **kwargs)
 
     monkeypatch.setattr(MockEngine, "respond", second_call_held)
+    return held, release
+
+
+def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """A ``Timeout`` reply carries the LM calls the execution made before its deadline, as a failed
+    execution's error reply does: their cost is booked, not lost with the discarded result. The
+    first call answers unparseable text (counted), DSPy's ChatAdapter falls back to the JSONAdapter,
+    and that second call is held until the Timeout reply has arrived."""
+
+    from provisioner.bridge.server import BridgeServer
+    from provisioner.bridge.service import BridgeService
+
+    held, release = _hold_the_second_call(monkeypatch)
     server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=2.0, pids=None)
     port = server.listen("127.0.0.1", 0)
     try:
@@ -125,24 +134,12 @@ def test_a_slow_request_gets_the_worker_s_timeout_reply_not_a_client_side_timeou
 ) -> None:
     """A client waiting ``reply_timeout(process_timeout)`` (what BridgeClient's default and the host's
     clients wait) gets the worker's ``Timeout`` reply with the call made so far, the connection kept."""
-    import threading
 
     from provisioner.bridge.server import BridgeServer
     from provisioner.bridge.service import BridgeService
-    from provisioner.lm.mock import MockEngine
     from provisioner.settings import reply_timeout
 
-    release = threading.Event()
-    answered: list[int] = []
-    respond = MockEngine.respond
-
-    def second_call_held(self: MockEngine, *args: Any, **kwargs: Any) -> Any:
-        answered.append(1)
-        if len(answered) > 1:
-            release.wait(60)
-        return respond(self, *args, **kwargs)
-
-    monkeypatch.setattr(MockEngine, "respond", second_call_held)
+    _, release = _hold_the_second_call(monkeypatch)
     deadline_s = 1.0
     server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=deadline_s, pids=None)
     port = server.listen("127.0.0.1", 0)

@@ -24,7 +24,7 @@ from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.health import FORWARDER_GONE
 from provisioner.runtime.lifecycle import UpOptions
 from provisioner.runtime.polling import poll_until
-from provisioner.runtime.pool import WorkerPool
+from provisioner.runtime.pool import PooledSession, WorkerPool
 from provisioner.settings import Settings
 
 from .conftest import leftovers
@@ -43,6 +43,15 @@ def _pool(settings: Settings, image: str, run_id: str, workers: int = 2) -> Work
     )
 
 
+def _kept_session(pool: WorkerPool) -> tuple[Any, PooledSession, str]:
+    """The session whose path the test breaks: ``kept``, pinned, with program ``p``; (its client,
+    where it is pinned, the relay's name)."""
+    pool.open_session("kept")
+    session = pool.client("kept", request_timeout=60)
+    session.create_program("question -> answer", "p")
+    return session, pool.session("kept"), pool.environment.plan.relay.name
+
+
 def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
     docker_engine: Any, worker_image: str, settings: Settings
 ) -> None:
@@ -50,11 +59,7 @@ def test_the_pool_heals_a_dead_published_port_and_the_session_goes_on(
     rt = DockerRuntime(docker_engine)
     pool = _pool(settings, worker_image, run_id)
     try:
-        pool.open_session("kept")
-        session = pool.client("kept", request_timeout=60)
-        session.create_program("question -> answer", "p")
-        pinned = pool.session("kept")
-        relay = pool.environment.plan.relay.name
+        session, pinned, relay = _kept_session(pool)
         old_relay = docker_engine.api.inspect_container(relay)["Id"]
         kill_forwarder(pinned.port)
 
@@ -97,11 +102,7 @@ def test_a_relay_that_cannot_be_made_again_while_its_port_is_taken_is_made_by_th
     # what makes its bind fail.
     taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        pool.open_session("kept")
-        session = pool.client("kept", request_timeout=60)
-        session.create_program("question -> answer", "p")
-        pinned = pool.session("kept")
-        relay = pool.environment.plan.relay.name
+        session, pinned, relay = _kept_session(pool)
         docker_engine.api.kill(relay)
 
         def take() -> bool:  # the relay's forwarder lets go of the port when the relay stops

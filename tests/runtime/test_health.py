@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from provisioner.layers import get_layer
-from provisioner.runtime.deployment import Deployment, ProbeResult
+from provisioner.runtime.deployment import Deployment, Probe, ProbeResult, bridge_probe
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.health import FORWARDER_GONE, PublishedWorker, check_paths, heal_environment
 from provisioner.runtime.pool import WorkerPool
@@ -40,6 +40,19 @@ def _env(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], count: int =
     )
     return Deployment(plan, rt, probe=workers.probe, ready_timeout_s=5, poll_interval_s=0.005,
                       start_slots=start_slots).start()
+
+
+def _up(settings: Settings, rt: FakeRuntime, *, workers: int, probe: Probe = bridge_probe,
+        persistent: bool = True) -> Deployment:
+    """A run made by lifecycle.up on the in-memory engine, without a watchdog: a ``provision up`` run
+    (persistent: the status tests; ``probe`` the fake workers') or a process's own (``persistent=False``,
+    on a served engine with the real probe: a pool that owns it). Unlike :func:`_env` (a Deployment
+    from a plan, no state files) it has the run's state, as ``provision status`` reads it."""
+    from provisioner.runtime.lifecycle import UpOptions, up
+
+    options = UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock",
+                        workers=workers, persistent=persistent)
+    return up(settings, options, runtime=rt, probe=probe)
 
 
 def _published(env: Deployment) -> list[PublishedWorker]:
@@ -224,16 +237,9 @@ def test_on_the_served_engine_a_real_ping_finds_and_the_heal_fixes_a_dead_port(
     """FakeRuntime(serve=True): real in-process workers and relay, the real bridge probe. The relay's
     listener for a worker's port closes (the forwarder died); a pooled session's next request is
     refused, healed, resent and answered, at the same address."""
-    from provisioner.runtime.lifecycle import UpOptions, up
-
     served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
     try:
-        env = up(
-            settings,
-            UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=2,
-                      persistent=False),
-            runtime=served,
-        )
+        env = _up(settings, served, persistent=False, workers=2)
         with WorkerPool(env, owns_environment=True) as pool:
             pool.open_session("kept")
             session = pool.client("kept")
@@ -256,17 +262,11 @@ def test_a_process_attached_to_a_shared_pool_waits_for_the_owners_heal(settings:
     then is sent again and answered; a `provision up` run's attached pool does not wait."""
     import threading
 
-    from provisioner.runtime.lifecycle import UpOptions, up
     from provisioner.runtime.shared_pool import AttachedWorkers, PoolRecord
 
     served = FakeRuntime(images=(FAKE_IMAGE,), serve=True)
     try:
-        env = up(
-            settings,
-            UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1,
-                      persistent=False),
-            runtime=served,
-        )
+        env = _up(settings, served, persistent=False, workers=1)
         owner = WorkerPool(env, owns_environment=True)
         record = PoolRecord(env.plan.run_id, "deployed", "owner", PoolRecord.entries(env.workers))
         attached = WorkerPool(AttachedWorkers(None, record, served, ready_timeout_s=30))
@@ -297,15 +297,10 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
 ) -> None:
     """`provision up` heals on request: status says which path is dead and why; --repair re-creates
     the relay on the same ports and says so; a worker that also exited is restarted after it."""
-    from provisioner.runtime.lifecycle import UpOptions, down, status, up
+    from provisioner.runtime.lifecycle import down, status
 
     rt, workers = fake
-    env = up(
-        settings,
-        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=2),
-        runtime=rt,
-        probe=workers.probe,
-    )
+    env = _up(settings, rt, probe=workers.probe, workers=2)
     try:
         first, second = env.workers
         workers.kill_forwarder(first.port)
@@ -338,15 +333,10 @@ def test_status_names_a_dead_path_and_repair_re_creates_the_relay(
 def test_status_repair_says_when_the_relay_cannot_be_made_again(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
-    from provisioner.runtime.lifecycle import UpOptions, down, status, up
+    from provisioner.runtime.lifecycle import down, status
 
     rt, workers = fake
-    env = up(
-        settings,
-        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1),
-        runtime=rt,
-        probe=workers.probe,
-    )
+    env = _up(settings, rt, probe=workers.probe, workers=1)
     try:
         rt.remove_container(env.plan.relay.name)
         report = status(settings, runtime=rt, probe=workers.probe, repair=True)
@@ -421,15 +411,10 @@ def test_status_repair_that_cannot_start_the_relay_says_to_try_again_and_the_nex
 ) -> None:
     """`provision status --repair` while a port is taken: it says so and that the next repair tries
     again; the relay it made is left (created) for that, and the next repair starts it."""
-    from provisioner.runtime.lifecycle import UpOptions, down, status, up
+    from provisioner.runtime.lifecycle import down, status
 
     rt, workers = fake
-    env = up(
-        settings,
-        UpOptions(image=FAKE_IMAGE, watchdog=False, layer="integration", lm_mode="mock", workers=1),
-        runtime=rt,
-        probe=workers.probe,
-    )
+    env = _up(settings, rt, probe=workers.probe, workers=1)
     relay = env.plan.relay.name
     try:
         rt.crash(relay)
