@@ -5,9 +5,10 @@ Usage::
     .venv/bin/python benchmarks/bench_fork_child.py [--forks 30]
 
 Method: this process does what ``provision worker --fork``'s parent does before its first fork
-(:func:`provisioner.bridge.forking.warm_up`, a start-up ``BridgeService``, ``gc.collect()`` +
-``gc.freeze()``), then forks ``--forks`` children per variant, one at a time. Each child builds its
-service as a spare does (``BridgeService`` + ``install_process_lm`` + ``gc.freeze()``), warms up
+(:func:`provisioner.bridge.forking.warm_up`, the children's ``BridgeService`` built once,
+``gc.collect()`` + ``gc.freeze()``), then forks ``--forks`` children per variant, one at a time. Each
+child takes its service as a spare does (the parent's, its clock restarted, ``install_process_lm``,
+``gc.freeze()``), warms up
 (variant), then does what a test does in-process (``hello``, ``create_program``, ``execute_program``
 of a mock ``predict``), timing each stage with ``time.process_time()`` (CPU, not wall: the machine is
 shared) and counting minor page faults (``getrusage``: copy-on-write copies). Variants: ``warmup``
@@ -36,7 +37,9 @@ from provisioner.lmconfig import LMConfig
 STAGES = ("build", "warm", "serve")
 
 
-def child(variant: str, warm: forking.WarmUp, config: LMConfig, args: dict[str, object]) -> dict[str, float]:
+def child(
+    variant: str, warm: forking.WarmUp, template: BridgeService, args: dict[str, object]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     cpu0 = time.process_time()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -45,7 +48,9 @@ def child(variant: str, warm: forking.WarmUp, config: LMConfig, args: dict[str, 
         out[stage] = (time.process_time() - cpu0) * 1000
         out[stage + "_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
 
-    service = BridgeService(config, worker_id="bench")
+    service = template  # built in the parent before the fork, as the worker's parent does
+    service.restart_clock()
+    service.process = {"mode": forking.PROCESS_MODE_FORK, "pid": os.getpid(), "parent_pid": os.getppid()}
     install_process_lm(service)
     gc.freeze()
     mark("build")
@@ -67,7 +72,7 @@ def child(variant: str, warm: forking.WarmUp, config: LMConfig, args: dict[str, 
 def measure(forks: int) -> dict[str, object]:
     config = LMConfig(mode="mock")
     warm = forking.warm_up(config)
-    BridgeService(config)
+    template = BridgeService(config, worker_id="bench")
     gc.collect()
     gc.freeze()
     args = ProgramFactory.build(id="qa").create_args()
@@ -80,7 +85,7 @@ def measure(forks: int) -> dict[str, object]:
             if pid == 0:
                 os.close(read)
                 try:
-                    os.write(write, json.dumps(child(variant, warm, config, args)).encode())
+                    os.write(write, json.dumps(child(variant, warm, template, args)).encode())
                 finally:
                     os._exit(0)
             os.close(write)

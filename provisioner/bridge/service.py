@@ -299,6 +299,12 @@ class BridgeService:
         token; admitted only when it has no bridge token."""
         return Access(control=self._control_token is None, admitted=self._bridge_token is None)
 
+    def restart_clock(self) -> None:
+        """``started_at`` and ``uptime_s`` count from now (a fork-mode child inherits its service
+        from the parent, built before the fork: its uptime is its own process's)."""
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once) when a ``shutdown`` command arrives."""
         self._shutdown_callbacks.append(callback)

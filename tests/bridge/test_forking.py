@@ -97,12 +97,16 @@ def test_no_state_crosses_between_two_connections(worker: Any) -> None:
         assert test1.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
         assert test1.get_stats()["lm"]["mock_rules"][0]["outputs"] == {"answer": 5}
         pid1 = test1.process["pid"] if test1.process else None
+        started1 = test1.get_stats()["started_at"]
     with worker.client(token=TOKEN) as test2:
         assert test2.process is not None and test2.process["pid"] != pid1
         assert test2.list_programs()["programs"] == []
         assert test2.list_programs(all_sessions=True)["total_count"] == 0
         stats = test2.get_stats()
         assert stats["program_count"] == 0 and stats["session_count"] == 0
+        # Its service came from the parent by fork(), its clock did not: test 2's process started
+        # after test 1's first reply (the next spare is forked then).
+        assert stats["started_at"] > started1
         assert [r["outputs"] for r in stats["lm"]["mock_rules"]] == [{"answer": 4}, {"answer": "Paris"},
                                                                     {"answer": 7}, {"answer": 8}]
         test2.create_program(QA_INT, "qa")  # the same id: no clash, the first one is gone
