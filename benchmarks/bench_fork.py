@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_fork.py [--connections 300] [--tests 200] [--naive-tests N]
-                                              [--parts latency,cpu,suite] [--json] [--write-docs]
+                                              [--parts latency,start,cpu,suite] [--json] [--write-docs]
 
 Method (real Docker engine; the worker image already built, as ``bash .ci/setup`` leaves it):
 
@@ -39,6 +39,8 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   ``--tests`` tests (``--naive-tests N`` runs N and extrapolates, for a quick run; the docs then
   say so). Suite time is the run loop's wall clock (pool start included); the ratio is naive /
   process.
+* **Pool start** (``start``): the pool start's critical path, step by step, median of 3 pool
+  starts (``bench_fork_start.py``, whose docstring has the method).
 * **CPU per test** (``cpu``): ``--tests`` sessions one after another through the Python API on the
   same ``proc`` layer, each creating and executing ``qa`` on its own process; the CPU the worker
   containers and the relay used meanwhile (their cgroups' counters, read on the engine's host) and
@@ -416,6 +418,12 @@ def measure(connections: int, tests: int, naive_tests: int, parts: set[str]) -> 
         results["latency_commit"] = results["commit"]
         print(json.dumps(results), file=sys.stderr, flush=True)
     (folder / "pyproject.toml").write_text(LAYERS.format(workers=2))
+    if "start" in parts:
+        import bench_fork_start
+
+        results["start"] = bench_fork_start.measure(3)
+        results["start"]["commit"] = results["commit"]
+        print(json.dumps(results["start"]["rows"]), file=sys.stderr, flush=True)
     if "cpu" in parts:
         results["cpu"] = cpu_per_test(folder, tests)
         results["cpu"]["commit"] = results["commit"]
@@ -488,6 +496,7 @@ def markdown(results: dict[str, Any]) -> str:
         *naive_rows(s),
         f"| **ratio naive / process** (target ≥ 40{TIMES}) | {s['ratio']:.1f}{TIMES} |",
         "",
+        *start_rows(results.get("start")),
         *cpu_rows(results.get("cpu")),
         f"Target ratio ≥ 40{TIMES}: {met(s['ratio'] >= 40)} in this run. Per test at isolation `process`:"
         f" setup p50 {s['process']['setup_p50_ms']:.0f} ms (pool pick + connect + `hello` on a fresh"
@@ -590,6 +599,15 @@ def naive_rows(s: dict[str, Any]) -> list[str]:
                        f" {TIMES} {s['tests']}, extrapolated) | {s['naive_suite_s']:.1f} |"]
 
 
+def start_rows(start: dict[str, Any] | None) -> list[str]:
+    """The pool start's critical path (the ``start`` part: bench_fork_start.py), absent when not measured."""
+    if not start:
+        return []
+    import bench_fork_start
+
+    return bench_fork_start.markdown_rows(start)
+
+
 def cpu_rows(cpu: dict[str, Any] | None) -> list[str]:
     """The CPU-per-test table (the ``cpu`` part), absent when it was not measured."""
     if not cpu:
@@ -654,8 +672,8 @@ def main() -> None:
                         help="tests of the naive side (default: --tests, all measured; fewer: extrapolated)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    parser.add_argument("--parts", default="latency,cpu,suite",
-                        help="what to measure, comma-separated: latency, cpu, suite")
+    parser.add_argument("--parts", default="latency,start,cpu,suite",
+                        help="what to measure, comma-separated: latency, start, cpu, suite")
     parser.add_argument("--results", type=Path, action="append", default=[],
                         help="render these --json outputs (merged, later ones win) instead of measuring")
     args = parser.parse_args()
