@@ -307,6 +307,11 @@ class Deployment:
         starts afterwards. :meth:`stop` does this first."""
         self._closing.set()
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether :meth:`interrupt` (or :meth:`stop`) was called: the run is being stopped."""
+        return self._closing.is_set()
+
     def stop_booting(self) -> None:
         """The workers still starting in the background (``ready_slots``) stop being waited for:
         their :meth:`add_worker` raises at once (a pool being closed does not wait for them; their

@@ -48,6 +48,9 @@ FORWARDER_GONE = (
     "(docker-proxy exits when accept() fails, e.g. out of file descriptors under a connection flood)"
 )
 PROBE_TIMEOUT_S = 2.0
+# A repair the run's stop interrupted (provision run's command ended meanwhile): no failure, and no
+# next check to try again.
+STOPPING = "{what}: the run is being stopped"
 _locks: weakref.WeakKeyDictionary[Deployment, threading.Lock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
@@ -267,7 +270,9 @@ def heal_deployment(env: Deployment) -> list[str]:
     except DockerUnavailableError:
         raise
     except RuntimeProblem as exc:
-        notes = [f"re-creating the relay {env.plan.relay.name} failed: {exc}; the next check tries again"]
+        relay = env.plan.relay.name
+        notes = [STOPPING.format(what=f"the relay {relay} not re-created") if env.interrupted
+                 else f"re-creating the relay {relay} failed: {exc}; the next check tries again"]
     for worker in list(env.workers):
         state = env.runtime.container_state(worker.container_id)
         if state is not None and state.running:
@@ -279,6 +284,10 @@ def heal_deployment(env: Deployment) -> list[str]:
         except DockerUnavailableError:
             raise
         except RuntimeProblem as exc:  # WorkerNotReadyError included
+            if env.interrupted:  # not a failure, and there is no next check
+                notes.append(f"worker {worker.name} (slot {worker.slot}) {how}; "
+                             + STOPPING.format(what="not replaced"))
+                continue
             notes.append(f"worker {worker.name} (slot {worker.slot}) {how}; replacing it failed after "
                          f"{time.time() - started:.1f} s: {exc}; the next check tries again")
             continue

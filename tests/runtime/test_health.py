@@ -432,3 +432,26 @@ def test_status_repair_that_cannot_start_the_relay_says_to_try_again_and_the_nex
     finally:
         down(settings, runtime=rt)
     assert rt.containers == {}
+
+
+def test_a_replacement_the_run_s_stop_interrupts_is_not_called_a_failure_to_try_again(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """Found trying `provision run` from the wheel: the command ended while a killed worker was being
+    replaced, and the note said "replacing it failed ...: the run is being stopped; the next check
+    tries again" — there is no next check once the run stops."""
+    from provisioner.runtime.health import heal_deployment
+
+    rt, _ = fake
+    env = _env(settings, fake, count=1)
+    try:
+        (worker,) = env.workers
+        rt.crash(worker.name, at=DIED_AT)
+        env.interrupt()  # what provision run's stop does first
+        assert heal_deployment(env) == [
+            f"worker {worker.name} (slot 0) exited with code 137 (SIGKILL){DIED}; not replaced: the run is "
+            "being stopped"
+        ]
+    finally:
+        env.stop()
+    assert rt.containers == {}
