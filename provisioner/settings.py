@@ -200,8 +200,10 @@ DEFAULT_PROCESS_TIMEOUT_S = 30.0
 #: worker's ``Timeout`` reply needs to be written and to travel back (relay, published port, a
 #: loaded host). A client that gave up at ``process_timeout`` itself raced the worker's reply and,
 #: when it won, dropped the connection with the reply, so the cost in its ``lm_usage`` was never
-#: booked. 5 s: the reply is one small frame the worker writes at its deadline; the grace is for a
-#: loaded host's scheduling (threads and the relay waiting for a core), not for work.
+#: booked. 5 s: the reply is one small frame the worker writes at its deadline; measured, it came
+#: at most 33 ms after the deadline through a worker container at load 10 (benchmarks/
+#: bench_reply_grace.py, docs/benchmarks.md "Timeout replies and the client's grace"); the rest is
+#: room for a loaded host's scheduling (threads and the relay waiting for a core), not for work.
 REPLY_GRACE_S = 5.0
 
 
