@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,53 @@ def watched_run(run_id: str, folder: Path) -> Iterator[Path]:
     finally:
         wd.mark(run_dir, wd.STOPPED_MARKER)
         wd.unregister_owner(run_dir)
+
+
+# --- simulated latency held until the test says go -----------------------------------------------
+
+# The longest a gated mock call waits for the test's go: a test that forgets to release fails here.
+GATE_TIMEOUT_S = 60.0
+
+
+class LatencyGate:
+    """Holds the in-process mock LM's (and Gemini stand-in's) simulated latency until the test says go.
+
+    While installed (the ``latency_gate`` fixtures of tests/bridge and tests/lm), a mock rule's
+    ``latency_ms`` (and a stand-in's ``set_latency``) no longer sleeps
+    that long: the call waits until :meth:`release` (or fails after ``GATE_TIMEOUT_S``). A test that
+    needs "that request is still in flight" holds it for exactly as long as it checks, instead of
+    a fixed delay that is a margin under load. ``waiting`` counts calls held now; ``release(n)`` lets
+    n calls through, ``release()`` all. In-process only
+    (``BridgeServer``/``BridgeService`` in the test process): a worker subprocess sleeps as asked.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._arrived = 0  # calls that reached the gate, in order: each one's ticket
+        self._released = 0  # calls with a ticket below this may go
+        self._open = False
+        self.waiting = 0
+
+    def sleep(self, seconds: float) -> None:
+        with self._changed:
+            ticket = self._arrived
+            self._arrived += 1
+            self.waiting += 1
+            try:
+                if not self._changed.wait_for(lambda: self._open or ticket < self._released, GATE_TIMEOUT_S):
+                    raise AssertionError(f"a gated mock LM call was not released within {GATE_TIMEOUT_S} s")
+            finally:
+                self.waiting -= 1
+
+    def release(self, calls: int | None = None) -> None:
+        """Let the next ``calls`` calls through in the order they reached the gate (held ones first,
+        then later ones), or with ``None`` every call from now on."""
+        with self._changed:
+            if calls is None:
+                self._open = True
+            else:
+                self._released += calls
+            self._changed.notify_all()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the time module, unchanged
+        return getattr(time, name)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from provisioner.bridge import BridgeClient
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
 from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
-from .._helpers import die_with_parent
+from .._helpers import GATE_TIMEOUT_S, LatencyGate, die_with_parent  # noqa: F401 (re-exported)
 
 START_TIMEOUT_S = 60.0
 # A worker must end within this of SIGTERM (in-flight work of the tests' mock LM takes ≤ 1.5 s).
@@ -44,10 +43,69 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.01)
 
 
-def worker_command(*args: str) -> list[str]:
+def worker_command(*args: str, gate: Path | None = None) -> list[str]:
+    if gate is not None:
+        return [sys.executable, "-c", GATED_WORKER, str(gate), "worker", *args]
     script = Path(sys.executable).with_name("provision")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "provisioner.cli"]
     return [*base, "worker", *args]
+
+
+# `provision worker` whose mock LM latency waits for the test (ProcessGate), not for the clock: each
+# call that a rule gives a latency reads one byte from the FIFO in argv[1]; the test writes them.
+GATED_WORKER = """
+import os, sys, time
+
+import provisioner.lm.mock as mock
+
+fifo = sys.argv.pop(1)  # python -c GATED_WORKER <fifo> worker ...: the rest is provision's command line
+
+
+class _Gate:
+    def sleep(self, seconds):
+        fd = os.open(fifo, os.O_RDONLY)  # the test holds the write end open: no wait here
+        try:
+            os.read(fd, 1)  # one byte per call; EOF (the test's gate closed) lets it go too
+        finally:
+            os.close(fd)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+mock.time = _Gate()
+sys.argv[0] = "provision"
+from provisioner.cli import main
+
+main()
+"""
+
+
+class ProcessGate:
+    """The :class:`~tests._helpers.LatencyGate` of a worker subprocess: a FIFO whose write end the
+    test holds; a gated worker's mock call with a latency waits for one byte of it. ``release(n)``
+    lets n calls through (in the order they read, earlier releases first); ``close()`` lets every
+    call through (EOF) — a teardown never leaves a worker's call stuck."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self._fd: int | None = os.open(path, os.O_RDWR)  # read-write: opening never blocks
+
+    def release(self, calls: int = 1) -> None:
+        assert self._fd is not None, "the gate is closed"
+        os.write(self._fd, b"g" * calls)
+
+    def open_wide(self) -> None:
+        """Let every call through from now on (enough bytes for any test; the pipe keeps them)."""
+        if self._fd is not None:
+            os.write(self._fd, b"g" * 4096)
+
+    def close(self) -> None:
+        """After the worker ended: the write end goes (a call still reading would see EOF)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -63,7 +121,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 class WorkerProcess:
     """One `provision worker` subprocess (TCP, or --stdio with pipes)."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, stdio: bool = False):
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, stdio: bool = False,
+                 gated: bool = False):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.stdio = stdio
@@ -71,7 +130,9 @@ class WorkerProcess:
         self.stderr_path = workdir / "worker.stderr"
         self._stderr = self.stderr_path.open("wb")
         args = ("--stdio", *args) if stdio else ("--ready-file", str(self.ready_file), *args)
-        command = worker_command(*args)
+        # gated: the mock LM's latencies wait for release(), not the clock (ProcessGate).
+        self.gate = ProcessGate(workdir / "gate.fifo") if gated else None
+        command = worker_command(*args, gate=self.gate.path if self.gate else None)
         self.proc = subprocess.Popen(
             command,
             cwd=workdir,
@@ -90,7 +151,14 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait()
             self._stderr.close()
+            if self.gate is not None:
+                self.gate.close()
             raise
+
+    def release(self, calls: int = 1) -> None:
+        """A gated worker: let ``calls`` held (or later) LM calls through."""
+        assert self.gate is not None, "not a gated worker: spawn it with gated=True"
+        self.gate.release(calls)
 
     def _wait_ready(self, stdio: bool) -> None:
         if stdio:
@@ -141,6 +209,8 @@ class WorkerProcess:
         within ``STOP_TIMEOUT_S``: a worker that outlives SIGTERM that long is a bug (``provision down``,
         the pool's close and Ctrl-C wait on it), not something for a teardown to hide."""
         hung = False
+        if self.gate is not None:
+            self.gate.open_wide()  # SIGTERM finishes in-flight work: none may wait for a release
         if self.proc.poll() is None:
             started = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
@@ -156,6 +226,8 @@ class WorkerProcess:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._stderr.close()
+        if self.gate is not None:
+            self.gate.close()
         if hung:
             raise AssertionError(f"the worker did not end within {STOP_TIMEOUT_S} s of SIGTERM (killed):\n"
                                  + self.stderr_bytes().decode(errors="replace")[-4000:])
@@ -205,7 +277,10 @@ class RawConnection:
         self.close()
 
 
-# The mock LM every test worker starts with: deterministic answers per question, and a slow one.
+# The mock LM every test worker starts with: deterministic answers per question, and two with a
+# latency. A gated worker (spawn_worker(gated=True)) holds those until the test's worker.release():
+# "still running when the test looks" is then the test's to decide (tests/bridge/test_worker_tcp.py,
+# test_worker_stdio.py). Ungated, they sleep 1.5 s / 0.5 s (test_forking.py kills a process in one).
 TEST_LM = LMConfig(
     mode="mock",
     mock_rules=[
@@ -219,7 +294,8 @@ _DEFAULT: Any = object()
 
 
 class WorkerFactory:
-    """``spawn(*cli_args, lm=TEST_LM, env={...}, stdio=False)``; ``lm=None`` starts a bare worker."""
+    """``spawn(*cli_args, lm=TEST_LM, env={...}, stdio=False, gated=False)``; ``lm=None`` starts a bare
+    worker; ``gated=True``: its mock LM latencies wait for ``worker.release(n)`` (:class:`ProcessGate`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -231,6 +307,7 @@ class WorkerFactory:
         lm: LMConfig | None = _DEFAULT,
         env: dict[str, str] | None = None,
         stdio: bool = False,
+        gated: bool = False,
     ) -> WorkerProcess:
         config = TEST_LM if lm is _DEFAULT else lm
         # A worker process on the host reaches the API: the one secret policy decides what it gets.
@@ -238,7 +315,8 @@ class WorkerFactory:
         if config is not None:
             handover = {**config.to_worker_env(), **worker_secrets(config, endpoint="api")}
         full_env = clean_env(**handover, **(env or {}))
-        worker = WorkerProcess(self.root / f"worker{len(self.started)}", *args, env=full_env, stdio=stdio)
+        worker = WorkerProcess(self.root / f"worker{len(self.started)}", *args, env=full_env, stdio=stdio,
+                               gated=gated)
         self.started.append(worker)
         return worker
 
@@ -274,53 +352,6 @@ def spawn_module_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
 def poll() -> Callable[..., Any]:
     """``poll(predicate, timeout=10, what=...)``: wait for a condition with a deadline, no fixed sleeps."""
     return wait_until
-
-
-# The longest a gated mock call waits for the test's go: a test that forgets to release fails here.
-GATE_TIMEOUT_S = 60.0
-
-
-class LatencyGate:
-    """Holds the in-process mock LM's simulated latency until the test says go.
-
-    While installed (the ``latency_gate`` fixture), a mock rule's ``latency_ms`` no longer sleeps
-    that long: the call waits until :meth:`release` (or fails after ``GATE_TIMEOUT_S``). A test that
-    needs "that request is still in flight" holds it for exactly as long as it checks, instead of
-    a fixed delay that is a margin under load. ``waiting`` counts calls held now; ``release(n)`` lets
-    n calls through, ``release()`` all. In-process only
-    (``BridgeServer``/``BridgeService`` in the test process): a worker subprocess sleeps as asked.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._arrived = 0  # calls that reached the gate, in order: each one's ticket
-        self._released = 0  # calls with a ticket below this may go
-        self._open = False
-        self.waiting = 0
-
-    def sleep(self, seconds: float) -> None:
-        with self._changed:
-            ticket = self._arrived
-            self._arrived += 1
-            self.waiting += 1
-            try:
-                if not self._changed.wait_for(lambda: self._open or ticket < self._released, GATE_TIMEOUT_S):
-                    raise AssertionError(f"a gated mock LM call was not released within {GATE_TIMEOUT_S} s")
-            finally:
-                self.waiting -= 1
-
-    def release(self, calls: int | None = None) -> None:
-        """Let the next ``calls`` calls through in the order they reached the gate (held ones first,
-        then later ones), or with ``None`` every call from now on."""
-        with self._changed:
-            if calls is None:
-                self._open = True
-            else:
-                self._released += calls
-            self._changed.notify_all()
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the time module, unchanged
-        return getattr(time, name)
 
 
 @pytest.fixture

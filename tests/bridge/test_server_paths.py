@@ -41,14 +41,16 @@ from provisioner.bridge.service import Access
 from provisioner.bridge.worker import _configure_logging
 from provisioner.lmconfig import LMConfig, MockRule
 
-from .conftest import RawConnection, clean_env, wait_until
+from .conftest import LatencyGate, RawConnection, clean_env, wait_until
 
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
+# "held": its latency waits on the test's latency_gate (the 1 ms only makes the rule wait), so "still
+# running when the test looks" is the test's to decide, not a margin of 200 ms or 1.5 s under load.
 LM = LMConfig(
     mode="mock",
     mock_rules=[
-        MockRule(match={"question": "slow"}, outputs={"answer": "late"}, latency_ms=1500),
-        MockRule(match={"question": "quick"}, outputs={"answer": "soon"}, latency_ms=200),
+        MockRule(match={"question": "held"}, outputs={"answer": "late"}, latency_ms=1),
+        MockRule(match={"question": "quick"}, outputs={"answer": "soon"}),
     ],
 )
 
@@ -128,18 +130,22 @@ def test_an_empty_frame_is_answered_and_the_connection_goes_on(serve: Any) -> No
 # --- replies to peers that are gone -------------------------------------------------------------------
 
 
-def test_replies_to_a_peer_that_reset_are_dropped_and_the_work_still_ends(serve: Any) -> None:
+def test_replies_to_a_peer_that_reset_are_dropped_and_the_work_still_ends(
+    serve: Any, latency_gate: LatencyGate
+) -> None:
     """Two executions of one session (one slot per session: they run one after the other); the
-    client resets before either answer. The first reply finds the peer gone and marks the
-    connection broken, the second is not even tried — and both slots and budgets come back."""
+    client resets before either answer (the first is held at the gate until then). The first reply
+    finds the peer gone and marks the connection broken, the second is not even tried — and both
+    slots and budgets come back."""
     server, port = serve(max_inflight=2, max_inflight_per_session=1)
     with BridgeClient("127.0.0.1", port) as client:
         client.create_program(QA, "p", session_id="s")
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(b"".join(encode_frame(dumps(execute(n, "s", "quick"))) for n in (1, 2)))
-    wait_until(lambda: server._live_stats()["inflight"] == 1 and server._live_stats()["queued"] == 1, 30,
-               "one execution running and one queued")
+    sock.sendall(b"".join(encode_frame(dumps(execute(n, "s", "held"))) for n in (1, 2)))
+    wait_until(lambda: latency_gate.waiting == 1 and server._live_stats()["queued"] == 1, 30,
+               "one execution running (held) and one queued")
     reset(sock)
+    latency_gate.release()
     wait_until(lambda: server._live_stats()["connections"] == 0, 30, "the reset connection to be let go")
     live = server._live_stats()
     assert (live["inflight"], live["queued"], server._input_budget.used) == (0, 0, 0)
@@ -152,9 +158,11 @@ def test_replies_to_a_peer_that_reset_are_dropped_and_the_work_still_ends(serve:
 # --- shutdown with work still queued ------------------------------------------------------------------
 
 
-def test_close_with_executions_still_queued_refuses_them_and_frees_every_slot(serve: Any) -> None:
-    """``close`` that cannot wait for the work (its timeout is shorter than the running
-    execution): it reports an unclean stop, shuts the pool, and when the running execution ends
+def test_close_with_executions_still_queued_refuses_them_and_frees_every_slot(
+    serve: Any, latency_gate: LatencyGate
+) -> None:
+    """``close`` that cannot wait for the work (the running execution is held at the gate past its
+    timeout): it reports an unclean stop, shuts the pool, and when the running execution ends
     the ones queued behind it are refused (not run, not lost): every slot and byte comes back."""
     server, port = serve(max_inflight=1)
     with BridgeClient("127.0.0.1", port) as client:
@@ -163,9 +171,11 @@ def test_close_with_executions_still_queued_refuses_them_and_frees_every_slot(se
     conn = raw(port)
     try:
         conn.send_bytes(b"".join(encode_frame(dumps(m)) for m in (
-            execute(1, "a", "slow"), execute(2, "b", "quick"), execute(3, "a", "quick"))))
-        wait_until(lambda: server._live_stats()["queued"] == 2, 30, "two executions waiting for the slot")
-        assert server.close(timeout=0.2) is False
+            execute(1, "a", "held"), execute(2, "b", "quick"), execute(3, "a", "quick"))))
+        wait_until(lambda: latency_gate.waiting == 1 and server._live_stats()["queued"] == 2, 30,
+                   "one execution held, two waiting for the slot")
+        assert server.close(timeout=0.2) is False  # the 0.2 s is close's own wait, under test
+        latency_gate.release()
         wait_until(lambda: server._live_stats()["inflight"] == 0 and server._scheduler.running == 0, 60,
                    "the running execution to end and the queued ones to be refused")
         assert server._live_stats()["queued"] == 0 and server._input_budget.used == 0
@@ -469,6 +479,8 @@ from provisioner.bridge import server, worker
 from provisioner.lmconfig import LMConfig, MockRule
 
 server._SHUTDOWN_GRACE_S = 0.2  # the grace beyond the request timeout (5 s in a real worker)
+# The latency is the thing under test (an LM call stuck far past every timeout), in a worker subprocess
+# that SIGTERM ends: it is never waited out (no gate reaches another process).
 lm = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "stuck"}, outputs={"answer": "x"},
                                                 latency_ms=60_000)])
 sys.exit(worker.run_worker(host="127.0.0.1", ready_file=Path(sys.argv[1]), lm_config=lm,

@@ -12,7 +12,7 @@ QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type
 
 @pytest.fixture(scope="module")
 def worker(spawn_module_worker: Any) -> Any:
-    worker = spawn_module_worker(stdio=True)
+    worker = spawn_module_worker(stdio=True, gated=True)  # "medium" waits for worker.release()
     worker.send({"id": 0, "command": "create_program", "args": {"program_id": "qa", "signature": QA_INT}})
     assert worker.receive()["success"] is True
     return worker
@@ -62,7 +62,9 @@ def test_pipelined_requests_over_stdio(worker: Any) -> None:
         }
     )
     worker.send({"id": "p", "command": "ping", "args": {}})
-    first, second = worker.receive(), worker.receive()
+    first = worker.receive()  # while "medium" is held at the gate
+    worker.release(1)
+    second = worker.receive()
     assert (first["id"], second["id"]) == ("p", "m")
     assert second["result"]["outputs"] == {"answer": 8}
 
@@ -77,7 +79,7 @@ def test_closing_stdin_ends_the_worker_cleanly(spawn_worker: Any) -> None:
 
 
 def test_shutdown_over_stdio_answers_inflight_work_first(spawn_worker: Any) -> None:
-    worker = spawn_worker(stdio=True)
+    worker = spawn_worker(stdio=True, gated=True)
     worker.send({"id": 1, "command": "create_program", "args": {"program_id": "qa", "signature": QA_INT}})
     assert worker.receive()["success"] is True
     worker.send(
@@ -88,14 +90,16 @@ def test_shutdown_over_stdio_answers_inflight_work_first(spawn_worker: Any) -> N
         }
     )
     worker.send({"id": 3, "command": "shutdown", "args": {}})
-    replies = {r["id"]: r for r in (worker.receive(), worker.receive())}
+    first = worker.receive()  # the shutdown's answer: the execution is held at the gate
+    worker.release(1)
+    replies = {r["id"]: r for r in (first, worker.receive())}
     assert replies[3]["result"]["status"] == "shutting_down"
     assert replies[2]["result"]["outputs"] == {"answer": 8}
     assert worker.wait_exit() == 0
 
 
 def test_sigterm_over_stdio_answers_inflight_work_first(spawn_worker: Any, poll: Any) -> None:
-    worker = spawn_worker(stdio=True)
+    worker = spawn_worker(stdio=True, gated=True)
     worker.send({"id": 1, "command": "create_program", "args": {"program_id": "qa", "signature": QA_INT}})
     assert worker.receive()["success"] is True
     worker.send(
@@ -108,7 +112,8 @@ def test_sigterm_over_stdio_answers_inflight_work_first(spawn_worker: Any, poll:
     worker.send({"id": 3, "command": "get_stats", "args": {}})
     stats = worker.receive()
     assert stats["id"] == 3 and stats["result"]["inflight"] == 1
-    worker.proc.send_signal(signal.SIGTERM)
+    worker.proc.send_signal(signal.SIGTERM)  # while the execution is held at the gate
+    worker.release(1)
     reply = worker.receive()
     assert reply["id"] == 2 and reply["result"]["outputs"] == {"answer": 8}
     assert worker.wait_exit() == 0

@@ -32,7 +32,8 @@ SETTINGS_ENV = {
 
 @pytest.fixture(scope="module")
 def worker(spawn_module_worker: Any) -> Any:
-    return spawn_module_worker(env=SETTINGS_ENV)
+    # gated: the "slow" and "medium" rules' latencies wait for worker.release(), not the clock
+    return spawn_module_worker(env=SETTINGS_ENV, gated=True)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,9 @@ def test_pipelined_requests_are_answered_with_matching_ids_out_of_order(worker: 
                 "args": {"program_id": "qa", "inputs": {"question": "2+2"}},
             }
         )
-        replies = [raw.receive() for _ in range(3)]
+        replies = [raw.receive() for _ in range(2)]  # answered while "slow" is held at the gate
+        worker.release(1)
+        replies.append(raw.receive())
     assert [r["id"] for r in replies][-1] == "slow"  # the quick ones did not wait behind it
     by_id = {r["id"]: r for r in replies}
     assert by_id[2]["result"]["status"] == "ok"
@@ -235,17 +238,22 @@ def test_a_slow_execute_does_not_delay_ping_on_another_connection(worker: Any, p
         poll(lambda: ping_client.get_stats()["inflight"] == 1, what="the slow execution to start")
         for _ in range(20):
             assert ping_client.ping()["status"] == "ok"
-        # All those pings were answered while the slow execution was still running.
+        # All those pings were answered while the slow execution was still running (held at the gate).
         assert not slow.done()
         assert ping_client.get_stats()["executions"] == executions
+        worker.release(1)
         assert slow.result(timeout=30)["outputs"] == {"answer": 7}
 
 
-def test_inflight_executions_are_bounded_by_max_inflight(worker: Any) -> None:
-    seen: list[int] = []
+def test_inflight_executions_are_bounded_by_max_inflight(worker: Any, poll: Any) -> None:
     with worker.client() as watcher, ThreadPoolExecutor(3) as pool:
         clients = [worker.client() for _ in range(3)]
         futures = [pool.submit(c.execute_program, "qa", {"question": "medium"}) for c in clients]
+        # Two run (held at the gate), the third waits for a slot: the bound holds while it is full.
+        poll(lambda: watcher.get_stats()["inflight"] == 2, what="two executions running")
+        seen = [watcher.get_stats()["inflight"] for _ in range(20)]
+        assert not any(f.done() for f in futures)
+        worker.release(3)
         while not all(f.done() for f in futures):
             seen.append(watcher.get_stats()["inflight"])
         assert [f.result()["outputs"]["answer"] for f in futures] == [8, 8, 8]
@@ -355,8 +363,9 @@ def test_client_errors_for_unreachable_workers_and_timeouts(worker: Any) -> None
         BridgeClient("127.0.0.1", 1, connect_timeout=1).ping()
     with worker.client(request_timeout=0.2) as impatient:
         with pytest.raises(BridgeConnectionError, match="no reply to execute_program") as info:
-            impatient.execute_program("qa", {"question": "medium"})
+            impatient.execute_program("qa", {"question": "medium"})  # held at the gate: no reply
         assert info.value.error_type == "ConnectionError"
+        worker.release(1)  # the reply comes now, to the connection the client gave up
         assert impatient.ping()["status"] == "ok"  # reconnects; the late reply is never mistaken for this one
 
 
@@ -364,7 +373,7 @@ def test_client_errors_for_unreachable_workers_and_timeouts(worker: Any) -> None
 
 
 def test_an_execution_past_process_timeout_gets_a_timeout_reply(spawn_worker: Any, poll: Any) -> None:
-    worker = spawn_worker(env={"PROVISION_PROCESS_TIMEOUT": "0.2"})
+    worker = spawn_worker(env={"PROVISION_PROCESS_TIMEOUT": "0.2"}, gated=True)
     with worker.client() as c, worker.raw() as raw:
         c.create_program(QA_INT, "qa")
         raw.send(
@@ -374,8 +383,9 @@ def test_an_execution_past_process_timeout_gets_a_timeout_reply(spawn_worker: An
                 "args": {"program_id": "qa", "inputs": {"question": "medium"}},
             }
         )
-        reply = raw.receive()
+        reply = raw.receive()  # the execution is held at the gate past the 0.2 s process timeout
         assert reply["id"] == 1 and reply["error_type"] == "Timeout" and "process_timeout" in reply["error"]
+        worker.release(1)
         poll(lambda: c.get_stats()["executions"] == 1, what="the timed-out execution to end")
         raw.send({"id": 2, "command": "ping", "args": {}})
         assert raw.receive()["id"] == 2  # the late result was dropped, not sent
@@ -383,7 +393,7 @@ def test_an_execution_past_process_timeout_gets_a_timeout_reply(spawn_worker: An
 
 
 def test_bare_worker_has_the_mock_lm_and_sigterm_finishes_inflight_work(spawn_worker: Any, poll: Any) -> None:
-    worker = spawn_worker(lm=None)
+    worker = spawn_worker(lm=None, gated=True)
     with worker.client() as c:
         lm = c.get_stats()["lm"]
         assert lm["mode"] == "mock" and lm["mock_rules"] == []
@@ -394,7 +404,8 @@ def test_bare_worker_has_the_mock_lm_and_sigterm_finishes_inflight_work(spawn_wo
         with worker.client() as slow_client, ThreadPoolExecutor(1) as pool:
             slow = pool.submit(slow_client.execute_program, "qa", {"question": "slow"}, "s")
             poll(lambda: c.get_stats()["inflight"] == 1, what="the execution to start")
-            worker.proc.send_signal(signal.SIGTERM)
+            worker.proc.send_signal(signal.SIGTERM)  # while the execution is held at the gate
+            worker.release(1)
             assert slow.result(timeout=30)["outputs"] == {"answer": 1}
     assert worker.wait_exit() == 0
     assert b"SIGTERM" in worker.stderr_bytes()
@@ -403,7 +414,7 @@ def test_bare_worker_has_the_mock_lm_and_sigterm_finishes_inflight_work(spawn_wo
 def test_lm_config_file_and_shutdown_command(spawn_worker: Any, tmp_path: Path, poll: Any) -> None:
     config_file = tmp_path / "lm.json"
     config_file.write_text(LMConfig(mode="mock", mock_default="from-file", max_tokens=99).model_dump_json())
-    worker = spawn_worker("--lm-config", str(config_file), lm=None)
+    worker = spawn_worker("--lm-config", str(config_file), lm=None, gated=True)
     with worker.client() as c, worker.client() as slow_client, ThreadPoolExecutor(1) as pool:
         assert c.get_stats()["lm"]["mock_default"] == "from-file"
         rule = {"match": {"question": "slow"}, "outputs": {"answer": 3}, "latency_ms": 500}
@@ -411,7 +422,8 @@ def test_lm_config_file_and_shutdown_command(spawn_worker: Any, tmp_path: Path, 
         c.create_program(QA_INT, "qa")
         slow = pool.submit(slow_client.execute_program, "qa", {"question": "slow"})
         poll(lambda: c.get_stats()["inflight"] == 1, what="the execution to start")
-        assert c.shutdown()["status"] == "shutting_down"
+        assert c.shutdown()["status"] == "shutting_down"  # while the execution is held at the gate
+        worker.release(1)
         assert slow.result(timeout=30)["outputs"] == {"answer": 3}
     assert worker.wait_exit() == 0
     assert worker.proc.stdout.read() == b""  # the ready line was the only stdout output

@@ -8,6 +8,8 @@ import pytest
 
 from provisioner.lm.standin import GeminiStandin
 
+from .._helpers import LatencyGate
+
 STANDIN_KEY = "standin-test-key-0123456789"
 
 
@@ -24,3 +26,20 @@ def standin(standin_server: GeminiStandin) -> GeminiStandin:
     standin_server.set_latency(0)
     standin_server.set_usage(thoughts_tokens=0, cached_tokens=0)
     return standin_server
+
+
+@pytest.fixture
+def latency_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LatencyGate]:
+    """A :class:`~tests._helpers.LatencyGate` in place of ``time`` in ``provisioner.lm.mock`` and in the
+    (in-process) Gemini stand-in: a mock rule's ``latency_ms`` and ``standin.set_latency`` hold the call
+    until the test releases it. Released at the end."""
+    import provisioner.lm.mock as mock
+    import provisioner.lm.standin as standin_module
+
+    gate = LatencyGate()
+    monkeypatch.setattr(mock, "time", gate)
+    monkeypatch.setattr(standin_module, "time", gate)
+    try:
+        yield gate
+    finally:
+        gate.release()

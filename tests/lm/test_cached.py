@@ -23,6 +23,8 @@ from provisioner.lm.ledger import read_ledger
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig, MockRule
 
+from .._helpers import LatencyGate
+
 KEY = "cassette-test-key-AbCdEf0123456789"
 
 
@@ -430,7 +432,7 @@ def test_entries_say_what_answered(tmp_path: Path, standin: GeminiStandin, updat
 
 @pytest.mark.parametrize("inner", ["real", "mock"])
 def test_a_folder_made_read_only_during_the_call_fails_the_write_and_books_a_billed_call(
-    tmp_path: Path, standin: GeminiStandin, inner: str
+    tmp_path: Path, standin: GeminiStandin, inner: str, latency_gate: LatencyGate
 ) -> None:
     """The folder was writable when the miss was checked, but not once the answer came back (a
     mount remounted read-only, a disk filled up): the recording fails as not writable, and an
@@ -439,12 +441,14 @@ def test_a_folder_made_read_only_during_the_call_fails_the_write_and_books_a_bil
 
     cache = tmp_path / "cassettes"
     cache.mkdir()
+    # The inner call's latency is held by latency_gate until the folder is read-only (the 1 ms only
+    # makes the stand-in / the mock rule wait): "still under way" is the gate, not a 3 s margin.
     if inner == "real":
-        standin.set_latency(3000)
+        standin.set_latency(1)
         config = _config(tmp_path, standin)
     else:
         config = _config(tmp_path, None, cached_inner="mock", api_key=None, mock_rules=[
-            MockRule(match={"question": "made read-only"}, outputs={"answer": "a"}, latency_ms=3000)])
+            MockRule(match={"question": "made read-only"}, outputs={"answer": "a"}, latency_ms=1)])
     lm = build_lm(config)
     engine = lm.engine
     assert isinstance(engine, CachedEngine)
@@ -459,15 +463,14 @@ def test_a_folder_made_read_only_during_the_call_fails_the_write_and_books_a_bil
     thread = threading.Thread(target=ask)
     thread.start()
     try:
-        # Past the writability check: the inner call is under way (it takes 3 s to answer).
-        def started() -> bool:
-            return standin.request_count == 1 if inner == "real" else engine._inner is not None
-
+        # Past the writability check: the inner call is under way, held at the gate.
         deadline = time.monotonic() + 60
-        while not started():
-            assert time.monotonic() < deadline, "the inner call never started"
+        while latency_gate.waiting != 1:
+            assert time.monotonic() < deadline and thread.is_alive(), ("the inner call never started", caught)
             time.sleep(0.01)
+        assert standin.request_count == (1 if inner == "real" else 0)
         cache.chmod(0o555)
+        latency_gate.release()
         thread.join(60)
     finally:
         cache.chmod(0o755)
