@@ -82,17 +82,25 @@ def name_sessions(text: str, labels: Mapping[str, str]) -> str:
     return _SESSION_ID.sub(named, text)
 
 
-def name_session_in(exc: BaseException, session_id: str, label: str | None) -> None:
-    """Rewrite ``exc``'s message in place so it names ``session_id`` as :func:`session_name` does (any
-    id, not only provisioner's ``session_…`` ones); nothing without a label. The exception keeps its
-    type, attributes and traceback: callers re-raise it."""
-    if not label:
-        return
+def name_session(text: str, session_id: str, label: str | None) -> str:
+    """``text`` with ``session_id`` (any id, not only provisioner's ``session_…`` ones) named as
+    :func:`session_name` does, where it is not named already; unchanged without a label."""
+    if not label or session_id not in text:
+        return text
     own = re.compile(rf"(?<![(\w-]){re.escape(session_id)}(?![\w-])")
     name = session_name(session_id, label)
+    return own.sub(lambda _m: name, text)
+
+
+def name_session_in(exc: BaseException, session_id: str, label: str | None) -> None:
+    """Rewrite ``exc``'s message in place so it names ``session_id`` as :func:`name_session` does;
+    nothing without a label. The exception keeps its type, attributes and traceback: callers
+    re-raise it."""
+    if not label:
+        return
 
     def fix(text: str) -> str:
-        return own.sub(lambda _m: name, text)
+        return name_session(text, session_id, label)
 
     exc.args = tuple(fix(arg) if isinstance(arg, str) else arg for arg in exc.args)
     message = getattr(exc, "message", None)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from provisioner.bridge.client import BridgeClient
+from provisioner.bridge.client import BridgeClient, name_session
 from provisioner.errors import BridgeConnectionError, WorkerLostError
 from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe, death_reason, repair_times
 from provisioner.runtime.engine import ContainerState
@@ -425,9 +425,11 @@ class WorkerPool:
                 except WorkerLostError as exc:
                     lost = str(exc)
             if lost is not None:
-                self.note(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}")
+                self.note(name_session(f"cleanup of session {session_id!r} skipped, nothing to clean: {lost}",
+                                       session_id, getattr(session, "label", None)))
         except Exception as exc:  # the closer thread has no caller to raise to
-            self.note(f"cleanup of session {session_id!r} failed: {type(exc).__name__}: {exc}")
+            self.note(name_session(f"cleanup of session {session_id!r} failed: {type(exc).__name__}: {exc}",
+                                   session_id, getattr(session, "label", None)))
         finally:
             self._give_back(session_id, session.bridge)
             self.close_session(session_id)

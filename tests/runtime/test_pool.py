@@ -477,6 +477,28 @@ def test_a_lease_whose_worker_dies_before_its_cleanup_is_skipped_with_the_reason
         pool.close()
 
 
+def test_a_cleanup_note_names_a_labelled_session_as_its_errors_do(servers: Any) -> None:
+    """The session's label (set by the API and the plugin's isolated on its client) names it in the
+    pool's cleanup note too — the note and the lost-session reason inside it — as in its errors."""
+    stub = servers(1)
+    pool = WorkerPool(stub)  # type: ignore[arg-type]
+    try:
+        session, cleanup = pool.lease("session_abc123")
+        session.label = "tests/test_x.py::test_a"
+        stub.servers[0].close(timeout=10)
+        stub.runtime.states["c0"] = ContainerState("exited", 137)
+        cleanup()
+        assert pool.wait_cleanups(10)
+        (note,) = [n for n in pool.notes if n.startswith("cleanup of session")]
+        named = "tests/test_x.py::test_a (session_abc123)"
+        assert note.startswith(f"cleanup of session '{named}' skipped, nothing to clean: "), note
+        assert f"session '{named}' was pinned to worker " in note, note
+        assert note.count("session_abc123") == 2, note
+        assert pool.wait_replacements(10)
+    finally:
+        pool.close()
+
+
 def test_idle_connections_kept_per_worker_are_bounded(servers: Any) -> None:
     """More sessions of one worker end at once than it keeps idle connections for: the extra
     connections are closed, the kept ones serve the next sessions."""
