@@ -524,6 +524,7 @@ def markdown(results: dict[str, Any]) -> str:
         "  ≈ 0.5 s of CPU at start-up; the parent's RSS fell from ≈ 92 to ≈ 66 MB), and the worker",
         "  says it is ready only once the first spare waits on the listener.",
         *WHERE_THE_TIME_GOES,
+        *POOL_START_AND_PER_TEST,
         "- Before the two-worker pool, on a quiet machine (commit bce2c03, load 0.3 to 1.4, the lead's",
         "  run of this script): suite 5.8 s (pool start 2.0 s, setup + teardown p50 8.3 ms) against the",
         f"  naive fixture's 203.8 s extrapolated from 10 tests (full naive runs took 230-270 s): 35{TIMES};",
@@ -573,6 +574,44 @@ WHERE_THE_TIME_GOES = [
     "  copies (`/proc/self/pagemap`, bit 56): the kernel spends as much per page (≈ 7 µs at load ≈ 16)",
     "  as the faults did; caching the relay's lookup of the worker's alias: back to back it costs",
     "  0.11 ms p50 (0.08 ms CPU) in a container, paced 2.1 ms.",
+]
+
+
+# This session's profile of the pool start and the per-test CPU (fixed text, measured under load, CPU
+# where it could be; the tables above are this run's). Kept in the generated section by --write-docs.
+POOL_START_AND_PER_TEST = [
+    "- The pool start (2026-11-30 21:38-22:00 UTC, load 3-10; `bench_fork_start.py`, and `docker run`",
+    "  of the worker image with the same CPU quota): the first test waits for one worker's Python",
+    "  start-up. Alone (load ≈ 5), `provision worker --fork` is ready 0.7-1.0 s after its process",
+    "  started, 0.65 s of CPU: `provisioner.cli` 0.17, DSPy 0.41, the bridge 0.01, the warm-up",
+    "  0.02-0.03, the first forked process 0.03 (`python -X importtime`: DSPy's own modules are the",
+    "  largest part; a mock fork-mode worker already leaves google-genai out, and importing the",
+    "  worker without `provisioner.cli` would save ≈ 0.04 s: click). In a pool start the same imports",
+    "  took 2.2-7.7 s of wall time at load 7-10: their CPU is shared, on 2 cores, with the other",
+    "  worker's, two egress guards (each imports pyroute2: 0.23-0.25 s of CPU), the relay and the",
+    "  engine's container starts. The egress guard runs alongside the imports (the gate preloads",
+    "  them) and ended before them in every profiled start; the networks took 0.1-0.35 s, a",
+    "  container's create + start 0.4-1.2 s. The worker prints its ready line once its first forked",
+    "  process waits on the listener, and the host's 25 ms `ping` poll saw it 3-30 ms later.",
+    "- Cut: the first session no longer waits for the slower of the two workers (commit 45871ff,",
+    "  `Deployment(ready_slots=1)`; the other joins the pool when ready). The two workers' ready",
+    "  lines were 0.0-0.65 s apart in the profiled starts at load 3-8 (5.40/5.41, 8.83/8.98,",
+    "  3.77/4.17, 14.84/15.50 s), which the first test no longer waits for.",
+    "- Per test: a child's service is built once in the parent and reaches it by `fork()` (commit",
+    "  b46e2cb): 1.8 → 0.8 ms of CPU and 461 → 230 page faults per process, off the connection's",
+    "  path (median of 60 forked children, host, load ≈ 9). The spare's warm-up, A/B through the",
+    "  API (the `cpu` part, 150 tests per round, variants alternating, 2 rounds, load 10-13): the",
+    "  fork-mode workers' CPU per test 27.8 / 32.7 ms with the warm-up spares run (create + execute",
+    "  a program), 25.3 / 25.9 re-executing the parent's program only, 22.5 / 19.9 with none; on the",
+    "  connection's own path that is 1.9, 3.2 and 6.8 ms (`bench_fork_child.py`, in-process). Not",
+    "  changed: a quiet process suite is bound by the CPU of the machine's 2 cores (≈ 30 ms of CPU",
+    "  per 15.5 ms test: workers ≈ 22, relay ≈ 2, the pytest process, the engine's port forwarder)",
+    "  and by each test's serial path about equally, so the CPU a lighter warm-up saves and the",
+    "  latency it adds to every connection need a quiet A/B to weigh.",
+    "- Host side (cProfile of the pytest process over 180 tests of the suite, load ≈ 8): it waits",
+    "  for replies 70 % of the time; of its own CPU the largest part is pytest's fixture machinery",
+    "  for a parametrized test (8 `FixtureDef`s per item, each with `inspect.signature`), and",
+    "  provisioner's `isolated` fixture takes ≈ 0.1 ms of its own per test.",
 ]
 
 
