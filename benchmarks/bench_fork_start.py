@@ -19,8 +19,9 @@ prints one line per mark) marks when the worker's Python started, when the gate'
 worker's imports (``provisioner.cli``, DSPy, the bridge server) ended, and the worker's own log
 lines (docker log timestamps) say when it listened and when its first forked process was ready.
 All times are milliseconds from the ``open_environment`` call; container times come from the same
-host clock (``time.time()`` and Docker's log timestamps). Per step: the median over ``--rounds``
-pool starts, with the load average (wall times on a shared machine swing with it).
+host clock (``time.time()`` and Docker's log timestamps). Reported: the timeline of the pool start
+whose first ``ping`` came at the median time of ``--rounds`` starts, with the load average (wall
+times on a shared machine swing with it).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ STEPS = (
     ("image check (the plugin: at session start)", "ensure_image", None),
     ("networks (run, edge; in parallel)", "create_network", None),
     ("relay: create + start", "run relay", None),
-    ("workers: create + start (in parallel)", "start w", None),
+    ("workers: create + start (in parallel, once the run network exists)", "start w", None),
     ("workers' egress guard (alongside their imports)", "guard w", None),
     ("worker process: Python up", None, "process start"),
     ("worker: imports (gate's preload: DSPy, bridge)", None, "imports done"),
@@ -210,7 +211,13 @@ def _container_marks(env: Any, line: Timeline) -> dict[str, dict[str, float]]:
 
 
 def rows(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per step: the median start and end (ms) of the first worker to be ready, and of both."""
+    """Per step: start and end (ms) in the pool start whose first ``ping`` came at the median time
+    (one coherent timeline; medians taken step by step could put a step before the one it waits
+    for); worker rows: the first worker to reach the step."""
+    def first_ping(p: dict[str, Any]) -> float:
+        return float(p["steps"].get("first ping", [0.0, 0.0])[1])
+
+    profiles = [sorted(profiles, key=first_ping)[len(profiles) // 2]]
     table = []
     for label, host_key, mark in STEPS:
         starts: list[float] = []
@@ -251,7 +258,7 @@ def markdown_rows(start: dict[str, Any]) -> list[str]:
     if not start:
         return []
     out = [
-        f"The pool start's critical path (`benchmarks/bench_fork_start.py`, median of {start['rounds']}"
+        f"The pool start's critical path (`benchmarks/bench_fork_start.py`, the median of {start['rounds']}"
         f" pool starts, load {start['load'][0]:.1f} → {start['load'][1]:.1f}; ms from `open_environment`,",
         "i.e. the first `isolated` request; worker rows: the first worker to reach the step; the",
         "method is in the script's docstring):",
