@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -439,3 +440,58 @@ def test_a_stop_signal_during_a_spare_s_fork_still_ends_it() -> None:
     stops = sorted(r["stop_ms"] for r in rounds)
     print(f"stop after SIGTERM, ms: p50 {stops[len(stops) // 2]:.0f}, max {stops[-1]:.0f}"
           f" (load {os.getloadavg()[0]:.1f})")
+
+
+# A fork-mode parent whose child fails with an exception while serving its connection (a trivial
+# child, as LIGHT_PARENTS): the first connection's byte "!" makes it raise.
+FAILING_CHILD = """
+import logging, os, signal, socket, sys
+from provisioner.bridge.forking import ForkingWorker
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+def make_child(parent):
+    def serve(sock, peer):
+        if sock.recv(1) == b"!":
+            raise RuntimeError("the program crashed the child")
+        sock.sendall(b"x")
+        parent.release_spare()
+        while sock.recv(1):
+            pass
+        return 0
+    return serve
+
+ready_r, ready_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(ready_r)
+    worker = ForkingWorker(make_child, max_children=8, worker_id="failing", stop_timeout_s=20)
+    port = worker.listen("127.0.0.1", 0)
+    worker.serve_forever(on_ready=lambda: os.write(ready_w, b"%d\\n" % port))
+    os._exit(0)
+os.close(ready_w)
+port = int(os.read(ready_r, 64))
+with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    sock.sendall(b"!")
+    print("crashed:", sock.recv(1), flush=True)   # EOF: the child failed and exited
+with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    sock.sendall(b"p")
+    print("next:", sock.recv(1), flush=True)
+os.kill(pid, signal.SIGTERM)
+_, status = os.waitpid(pid, 0)
+print("parent exit:", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_child_that_raises_while_serving_exits_70_and_logs_it_and_the_next_connection_is_served() -> None:
+    """An exception escaping a child's serving code (``_run_child``'s last resort) never returns into
+    the copy of the parent's loop: the child logs it with its traceback and exits 70, its peer sees
+    the connection close, the parent names the exit code, and the next connection gets a new child."""
+    done = subprocess.run([sys.executable, "-c", FAILING_CHILD], env=clean_env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["crashed: b''", "next: b'x'", "parent exit: 0"], done.stdout
+    assert re.search(r"worker failing: process (\d+) failed\nTraceback", done.stderr), done.stderr
+    assert "RuntimeError: the program crashed the child" in done.stderr
+    failed = re.search(r"process (\d+) failed", done.stderr)
+    assert failed and f"process {failed[1]} serving" in done.stderr and "ended by exit code 70" in done.stderr
+

@@ -397,3 +397,38 @@ def test_an_attached_process_stops_waiting_for_a_replacement_once_the_deploying_
         attached.replace_worker(0)
     with pytest.raises(KeyError, match="no worker in slot 7"):
         attached.worker(7)
+
+
+def test_an_attached_process_waits_through_an_unreadable_pool_json_for_the_deployers_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of the shared pool died; the deploying process (alive: this one) replaces it and
+    rewrites pool.json. The attached process's first read finds the file unreadable (being rewritten:
+    no record) and the replacement not yet there, so it waits and reads again — and takes the new
+    generation instead of failing or taking the dead worker's line."""
+    from provisioner.runtime import watchdog as wd
+
+    workers = [{"slot": n, "name": f"w{n}", "container_id": f"c{n}", "host": "127.0.0.1", "port": 4000 + n,
+                "generation": 0} for n in (0, 1)]
+    record = sp.PoolRecord(RUN, "deployed", wd.process_entry(), workers)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sp.write_record(run_dir, record)
+    replaced = {**workers[0], "container_id": "c0-new", "port": 4100, "generation": 1}
+    real_read = sp.read_record
+    reads: list[bool] = []
+
+    def read_while_rewritten(folder: Path) -> sp.PoolRecord | None:
+        if not reads:  # the deploying process is rewriting pool.json right now: nothing readable yet
+            reads.append(False)
+            sp.write_record(folder, sp.PoolRecord(RUN, "deployed", record.owner, [replaced, workers[1]]))
+            return None
+        reads.append(True)
+        return real_read(folder)
+
+    monkeypatch.setattr(sp, "read_record", read_while_rewritten)
+    attached = sp.AttachedWorkers(run_dir, record, FakeRuntime(), ready_timeout_s=600)
+    new = attached.replace_worker(0)
+    assert (new.container_id, new.port, new.generation) == ("c0-new", 4100, 1)
+    assert attached.worker(0) == new and attached.worker(1).generation == 0
+    assert reads == [False, True]  # it waited once, then read the rewritten file

@@ -322,3 +322,45 @@ def test_removing_a_run_terminates_its_processes_and_skips_files_that_are_not_en
     finally:
         child.kill()
         child.wait()
+
+
+
+class _LateCreate:
+    """An engine on which a create call that was in flight when the owner died lands right after the
+    watchdog's first removal: one more network with the run's labels."""
+
+    def __init__(self, run_id: str, owner_pid: int) -> None:
+        from provisioner.runtime.engine import FakeRuntime
+
+        self.fake = FakeRuntime()
+        self.run_id, self.owner_pid = run_id, owner_pid
+        self.landed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fake, name)
+
+    def remove_network(self, network_id: str) -> object:
+        from provisioner.runtime import labels as L
+        from provisioner.runtime.recipes import NetworkRecipe
+
+        removed = self.fake.remove_network(network_id)
+        if not self.landed:
+            self.landed = True
+            labels = L.run_labels(self.run_id, "integration", "main", project="p", owner_pid=self.owner_pid)
+            self.fake.create_network(NetworkRecipe(f"prov-{self.run_id}-late", True, labels))
+        return removed
+
+
+def test_a_resource_that_lands_after_the_removal_goes_in_the_late_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.runtime import labels as L
+
+    monkeypatch.setattr(wd, "LATE_SWEEPS_S", (0.0,))  # the sweep's delay is not what is tested
+    owner = _dead_owner(tmp_path)
+    engine = _LateCreate("late1", owner)
+    _a_run(engine.fake, "late1", "p", owner)
+    assert wd.watch("late1", tmp_path, 0.01, runtime=engine) == 0  # type: ignore[arg-type]
+    assert engine.landed and engine.fake.list_resources(L.selector("late1")) == []
+    log = capsys.readouterr().out
+    assert "removed 1 resource(s)" in log and "late sweep removed: network prov-late1-late" in log, log
