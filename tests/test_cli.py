@@ -353,3 +353,83 @@ def test_on_a_narrow_terminal_long_cells_wrap_inside_their_column(
     assert max(len(line) for line in out.splitlines()) <= 50, out  # fits the terminal
     pieces = [line.split("│")[2].strip() for line in out.splitlines() if line.count("│") == 4]
     assert "".join(pieces) == name and "…" not in out, out  # wrapped, never cut
+
+
+# --- the human output of commands (the --json forms are tested above; a user reads these) ----------
+
+
+def test_config_table_shows_each_value_and_where_it_came_from(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_TEST_API_KEY", "sk-never-printed-0123456789")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    pool = next(line for line in lines if line.startswith("max_pool_size "))
+    assert pool.split()[1:] == ["3", "pyproject.toml", "[tool.provisioner]"], pool  # field, value, source
+    key = next(line for line in lines if line.startswith("lm.api_key "))
+    assert '"**********"' in key and "sk-never-printed" not in result.output
+    width = max(len(line.split()[0]) for line in lines)  # the value column starts at one place
+    assert all(line[width:width + 2] == "  " and line[width + 2] != " " for line in lines), result.output
+
+
+def test_cassettes_verify_json_of_a_missing_folder_says_it_is_missing_and_fails(project: Path) -> None:
+    result = CliRunner().invoke(main, ["cassettes", "verify", "--json"])
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)  # the JSON alone on stdout; the warning naming the folder on stderr
+    assert "cassette directory" in result.stderr and "does not exist" in result.stderr
+    assert out["exists"] is False and out["checked"] == 0 and out["problems"] == []
+    assert Path(out["cache_dir"]).name == "lm_responses"
+
+
+def test_cassettes_prune_refuses_yes_with_dry_run_and_a_folder_no_run_used(project: Path) -> None:
+    both = CliRunner().invoke(main, ["cassettes", "prune", "--yes", "--dry-run"])
+    assert both.exit_code == 2 and "--yes and --dry-run contradict each other" in both.output
+    (project / "cassettes").mkdir()
+    (project / "cassettes" / "keep.json").write_text("{}")
+    unvouched = CliRunner().invoke(main, ["cassettes", "prune", "--cache-dir", "cassettes", "--yes"])
+    assert unvouched.exit_code == 1
+    assert f"cannot prune: no run used {project / 'cassettes'}" in unvouched.output
+    assert (project / "cassettes" / "keep.json").exists()  # nothing removed
+
+
+def test_doctor_text_marks_every_check_and_exits_1_only_on_a_failure(engine: _SharedEngine) -> None:
+    result = CliRunner().invoke(main, ["doctor"])
+    checks = json.loads(CliRunner().invoke(main, ["doctor", "--json"]).output)
+    lines = result.output.splitlines()
+    marks = {"ok": "[ok  ]", "warn": "[warn]", "fail": "[FAIL]"}
+    assert lines == [f"{marks[c['status']]} {c['name']}: {c['detail']}" for c in checks]
+    assert result.exit_code == (1 if any(c["status"] == "fail" for c in checks) else 0)
+    custom = next(c for c in checks if c["name"] == "worker image")  # container.image is set here
+    assert custom["status"] == "ok"
+    assert f"{SERVED_IMAGE} (settings container.image) is present" in custom["detail"]
+
+
+def test_doctor_names_a_custom_image_the_engine_does_not_have(engine: _SharedEngine, project: Path) -> None:
+    (project / "pyproject.toml").write_text("[tool.provisioner.container]\nimage = 'team/worker:absent'\n")
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 1, result.output
+    line = next(line for line in result.output.splitlines() if "] worker image:" in line)
+    assert line.startswith("[FAIL]") and "team/worker:absent" in line, line
+
+
+def test_reap_status_and_down_say_what_they_did_in_words(engine: _SharedEngine) -> None:
+    assert CliRunner().invoke(main, ["reap"]).output == "nothing to reap\n"
+    none = CliRunner().invoke(main, ["status", "--all-projects"])
+    assert none.exit_code == 0 and none.output == "no runs on this engine\n"
+    both = CliRunner().invoke(main, ["status", "--all-projects", "--repair"])
+    assert both.exit_code == 2 and "--repair works on one run; drop --all-projects" in both.output
+    nothing = CliRunner().invoke(main, ["down"])
+    assert nothing.exit_code == 0 and "nothing to do: no current run" in nothing.output
+    up = CliRunner().invoke(main, ["up", "--layer", "integration", "--lm", "mock", "--workers", "1",
+                                   "--run-id", "words1"])
+    assert up.exit_code == 0, up.output
+    kept = CliRunner().invoke(main, ["reap", "--all"])  # this process is the run's owner: alive
+    assert kept.exit_code == 0 and kept.output.startswith("kept run words1 (--all): owner pid "), kept.output
+    assert "alive; --force removes it anyway" in kept.output
+    dry = CliRunner().invoke(main, ["reap", "--all", "--force", "--dry-run"])
+    assert dry.exit_code == 0 and dry.output.startswith("would remove run words1 (--all): "), dry.output
+    assert dry.output.rstrip().endswith("resource(s)")
+    gone = CliRunner().invoke(main, ["reap", "--all", "--force"])
+    assert gone.exit_code == 0 and gone.output.startswith("removed run words1 (--all): "), gone.output
+    assert CliRunner().invoke(main, ["status", "--all-projects"]).output == "no runs on this engine\n"
