@@ -213,15 +213,20 @@ def test_a_cassette_miss_in_a_worker_names_the_host_folder(pytester: pytest.Pyte
 @pytest.mark.docker
 def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> None:
     """``provisioner.environment("integration")`` without pytest's fixtures: sessions on a worker
-    container, in-process LM active, everything removed on exit."""
+    container, in-process LM active, everything removed on exit. Through the container too: a
+    request the worker stops at its deadline raises the worker's Timeout reply (the client waits
+    process_timeout + REPLY_GRACE_S), and a session's errors name it by its label."""
     import docker
     import dspy
 
     import provisioner.api as api
     from provisioner.bridge import SessionClient
     from provisioner.factories import ProgramFactory
+    from provisioner.settings import REPLY_GRACE_S
 
-    (tmp_path / "pyproject.toml").write_text('[tool.provisioner.lm]\ncached_inner = "mock"\n')
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.provisioner]\nprocess_timeout = 1.0\n[tool.provisioner.lm]\ncached_inner = "mock"\n'
+    )
     with api.environment("integration", project_dir=tmp_path) as env:
         run_id = env.run_id
         assert dspy.settings.lm is env.lm and env.lm_config.mode == "cached"
@@ -245,6 +250,17 @@ def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> 
             assert two.adapter.list_programs()["total_count"] == 1  # untouched
             assert env.containers.pool.check() == []  # the pool's health check still works
             assert one.adapter.ping()["status"] == "ok"
+        with env.session("slow-one") as slow:
+            assert slow.adapter.bridge.request_timeout == env.settings.request_timeout == 1.0 + REPLY_GRACE_S
+            slow.adapter.configure_lm(mode="mock", mock_rules=[
+                {"match": {"question": "slow"}, "outputs": {"answer": "x"}, "latency_ms": 3000}])
+            slow.adapter.create_program("question -> answer", "qa")
+            with pytest.raises(BridgeError) as late:
+                slow.adapter.execute_program("qa", {"question": "slow"})
+            assert type(late.value) is BridgeError and late.value.error_type == "Timeout", late.value
+            assert late.value.lm_usage is not None, late.value
+            with pytest.raises(BridgeError, match=rf"session 'slow-one \({slow.session_id}\)'"):
+                slow.adapter.get_program_info("not-made")
         assert _run_resources(docker.from_env(), run_id) != []  # the worker stays for the next session
     assert _run_resources(docker.from_env(), run_id) == []
     assert env.report.workers_started == 1
