@@ -432,3 +432,21 @@ def test_an_attached_process_waits_through_an_unreadable_pool_json_for_the_deplo
     assert (new.container_id, new.port, new.generation) == ("c0-new", 4100, 1)
     assert attached.worker(0) == new and attached.worker(1).generation == 0
     assert reads == [False, True]  # it waited once, then read the rewritten file
+
+
+def test_a_mock_session_attaches_without_a_record_mode_and_an_unreadable_state_file_is_named(
+    settings: Settings,
+) -> None:
+    """A mock-mode session compares layer and LM mode only (record modes are cached mode's); an up
+    run whose state file is torn is not attached, and the reason names the run and the file."""
+    from provisioner.runtime.state import STATE_FILE
+
+    _state(settings, lm_mode="mock", record_mode=None)
+    lm = get_layer(settings, "integration").lm_config(settings.lm, "mock")
+    assert sp.find_up_run(settings, "integration", lm).attached
+    state_file = Path(settings.state_dir) / "runs" / "up1" / STATE_FILE
+    assert state_file.exists()
+    state_file.write_text('{"run_id": "up1", "lay')  # torn: its writer was killed mid-write
+    match = sp.find_up_run(settings, "integration", lm)
+    assert not match.attached and match.reason.startswith("run up1: "), match.reason
+    assert STATE_FILE in match.reason, match.reason
