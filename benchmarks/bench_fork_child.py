@@ -12,8 +12,10 @@ child takes its service as a spare does (the parent's, its clock restarted, ``in
 (variant), then does what a test does in-process (``hello``, ``create_program``, ``execute_program``
 of a mock ``predict``), timing each stage with ``time.process_time()`` (CPU, not wall: the machine is
 shared) and counting minor page faults (``getrusage``: copy-on-write copies). Variants: ``warmup``
-(:class:`~provisioner.bridge.forking.WarmUp`, what spares run), ``exercise`` (a scratch service
-built in the spare, create + execute + reset: what spares ran before), ``none``. Printed: medians
+(:class:`~provisioner.bridge.forking.WarmUp` creating and executing a program of its own, what
+spares ran with the first two-worker pools), ``warm-execute`` (``WarmUp`` re-executing the parent's
+program: what spares run), ``exercise`` (a scratch service built in the spare, create + execute +
+reset: what spares ran before both), ``none``. Printed: medians
 and the load average. No socket and no container: the fork, the exit and the server path are not
 in these figures (``bench_fork.py`` has those, end to end).
 """

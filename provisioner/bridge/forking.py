@@ -208,6 +208,15 @@ class WarmUp:
     none at all leaves 9.1-9.6 ms (11.3-11.7 ms). A sequential suite runs on one worker whose 1-CPU
     quota serialises the spare's warm-up with the test's own execution, so the total per process is
     what bounds it; the ≈ 2 ms more on a connection's path buy ≈ 5 ms less per process.
+
+    With two fork-mode workers per pool, spares created *and* executed a program of their own
+    (``create=True``: 1.2 ms less on the connection's path, 3.5 ms more per process) on the theory
+    that each spare has a whole test's time. It does not have the CPU: a process suite keeps the
+    machine's 2 cores busy (workers, relay, pytest, the engine's port forwarder). A/B of the 200-test
+    suite through pytest (``--layer proc``, pool start included, variants alternating, 2026-11-30
+    22:11-22:17 UTC, load 3.4-5.6): re-executing only was faster in 7 of 7 rounds against
+    create + execute (200 tests in 2.84-6.04 s, median 2.96, against 3.07-8.65 s, median 4.36), and
+    no warm-up at all was no better than re-executing (call p50 10-13 ms against 7.5).
     """
 
     def __init__(self) -> None:
@@ -222,7 +231,7 @@ class WarmUp:
         """Create a program (``create``) and execute it once — the pages a test's first
         ``create_program`` and ``execute_program`` write get copied here — unless ``stop()`` (a
         connection waits) says so before a step. ``create=False``: only re-execute the parent's
-        program (spares did that until the pool kept two fork-mode workers; see the class)."""
+        program (what spares do; see the class)."""
         if stop():
             return
         program = "warm"
@@ -885,7 +894,9 @@ def run_fork_worker(
         return serve
 
     def idle_work(pending: Callable[[], bool]) -> None:
-        warm.run(stop=pending)  # copy the pages a first execution writes now, while no connection waits
+        # Copy the pages an execution writes now, while no connection waits: re-execute the parent's
+        # program only (see WarmUp: a process suite is bound by the machine's CPU).
+        warm.run(stop=pending, create=False)
         if not pending():
             built["server"].start_threads()  # nor start the execution threads on the connection's path
         gc.freeze()
