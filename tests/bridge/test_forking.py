@@ -37,7 +37,8 @@ FORK_ENV = {CONTROL_TOKEN_ENV: TOKEN, "PROVISION_WORKER__MAX_INFLIGHT": "2"}
 
 @pytest.fixture(scope="module")
 def worker(spawn_module_worker: Any) -> Any:
-    return spawn_module_worker("--fork", env=FORK_ENV)
+    # gated: the "slow" rule's latency waits for worker.release() (or the process's death), not 1.5 s
+    return spawn_module_worker("--fork", env=FORK_ENV, gated=True)
 
 
 def gone(pid: int) -> bool:
@@ -148,6 +149,7 @@ def test_a_crashed_process_fails_only_its_own_connection(worker: Any, sig: signa
         slow = threading.Thread(target=run_slow)
         slow.start()
         # Idle, a process runs one thread; an execution adds the deadline watch and a pool thread.
+        # Its LM call is held at the gate: still running when the signal comes, however loaded the host.
         wait_until(lambda: psutil.Process(victim_pid).num_threads() >= 3, 30, "the slow execution to start")
         os.kill(victim_pid, sig)  # a segfault, or the OOM killer's SIGKILL
         slow.join(30)
