@@ -258,7 +258,8 @@ def markdown_rows(start: dict[str, Any]) -> list[str]:
     if not start:
         return []
     out = [
-        f"The pool start's critical path (`benchmarks/bench_fork_start.py`, the median of {start['rounds']}"
+        f"The pool start's critical path (`benchmarks/bench_fork_start.py`"
+        f"{' at commit ' + start['commit'] if start.get('commit') else ''}, the median of {start['rounds']}"
         f" pool starts, load {start['load'][0]:.1f} → {start['load'][1]:.1f}; ms from `open_environment`,",
         "i.e. the first `isolated` request; worker rows: the first worker to reach the step; the",
         "method is in the script's docstring):",
