@@ -584,7 +584,8 @@ class WorkerPool:
                         continue
                     info = self.environment.add_worker(slot_no)  # type: ignore[attr-defined]
                 except Exception as exc:
-                    self.note(f"starting worker slot {slot_no} failed: {exc}")
+                    if not self._stop_monitor.is_set():  # closing: a worker still starting is dropped
+                        self.note(f"starting worker slot {slot_no} failed: {exc}")
                     continue
                 finally:
                     with self._cond:

@@ -180,3 +180,40 @@ def test_only_a_pool_that_grows_on_demand_grows_for_a_peak(
     finally:
         pool.close()
     assert rt.containers == {}
+
+
+def test_a_worker_still_starting_joins_when_ready_and_a_pool_closed_before_drops_it_quietly(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """A `process` pool's start: both workers started, the first ready serves (ready_slots=1), the
+    other joins through grow() once ready. A pool closed while one still starts (a short suite)
+    does not wait for it, and that is no failure: no note, and its container goes with the run."""
+    rt, probe = fake
+    layer = get_layer(settings, "e2e")
+
+    def pool_of(run: str) -> WorkerPool:
+        plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                        RunTarget(run, Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                        FAKE_IMAGE, PlanOptions(workers=2))
+        probe.not_ready.add(plan.workers[1].name)
+        env = Deployment(plan, rt, probe=probe.probe, ready_timeout_s=600, poll_interval_s=0.005,
+                         start_slots=2, ready_slots=1).start()
+        return WorkerPool(env, owns_environment=True)
+
+    joins = pool_of("pj")
+    try:
+        assert [w.slot for w in joins.environment.workers] == [0]
+        joins.grow(2)
+        probe.not_ready.clear()
+        assert joins.wait_replacements(30)
+        assert [w["slot"] for w in joins.stats()["workers"]] == [0, 1] and joins.added == 1
+        assert joins.notes == []
+    finally:
+        joins.close()
+
+    dropped = pool_of("pd")
+    dropped.grow(2)
+    assert dropped.stats()["starting"] == 1
+    dropped.close()  # the worker never gets ready (600 s deadline): close does not wait for it
+    assert dropped.notes == []
+    assert not [c for c in rt.containers.values() if "-pd-" in c.recipe.name]
