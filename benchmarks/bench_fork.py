@@ -602,7 +602,7 @@ POOL_START_AND_PER_TEST = [
     "  the first `ping` was answered 23-46 ms after the first worker's ready line and 0.26-0.39 s",
     "  before the second's.",
     "- Per test: a child's service is built once in the parent and reaches it by `fork()` (commit",
-    "  b46e2cb): 1.8 → 0.8 ms of CPU and 461 → 230 page faults per process, off the connection's",
+    "  db1e04e): 1.8 → 0.8 ms of CPU and 461 → 230 page faults per process, off the connection's",
     "  path (median of 60 forked children, host, load ≈ 9). The spare's warm-up, through the API",
     "  (the `cpu` part, 150 tests per round, variants alternating, 2 rounds, load 10-13): the",
     "  fork-mode workers' CPU per test 27.8 / 32.7 ms when spares created + executed a program,",
