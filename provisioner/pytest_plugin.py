@@ -87,6 +87,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except ProvisionerError as exc:
         raise pytest.UsageError(f"provisioner: {exc}") from None
     config.stash[RUN_KEY] = run
+    # No test body runs (--setup-only sets fixtures up, so it still gets its image and pool).
+    run.runs_no_body = _runs_nothing(config) or bool(getattr(config.option, "setuponly", False))
     config.stash[_NODES_KEY] = []
     config.stash[_MERGED_KEY] = set()
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
@@ -148,8 +150,8 @@ def _progress_marker(config: pytest.Config) -> Path:
 
 def _progress_shown(config: pytest.Config) -> None:
     """xdist controller: a test's outcome is about to be shown (see :func:`_progress_marker`)."""
-    if config.stash.get(_PROGRESS_KEY, False):
-        return
+    if config.stash.get(_PROGRESS_KEY, False) or config.stash[RUN_KEY].runs_no_body:
+        return  # a session that runs nothing leaves no run folder (and its workers start nothing)
     config.stash[_PROGRESS_KEY] = True
     marker = _progress_marker(config)
     with contextlib.suppress(OSError):  # a worker's line then keeps its leading newline: never joined
@@ -275,6 +277,7 @@ class _CompletenessHooks:
         if self.xdist_controller:
             _progress_shown(self.config)
         self.run.rows.logreport(report)
+        self.run.completeness.phase(report.nodeid, report.when)
         if report.failed:
             self.run.completeness.test_report(report.nodeid, True, report.longreprtext)
 
@@ -357,7 +360,8 @@ def _session_finished(session: pytest.Session) -> None:
                                options=vars(config.option))
     dsession = config.pluginmanager.getplugin("dsession")  # xdist's controller, if any
     stopped = session.shouldfail or session.shouldstop or getattr(dsession, "shouldstop", None)
-    run.completeness.ending(exitstatus=int(session.exitstatus), stopped=str(stopped) if stopped else None)
+    run.completeness.ending(exitstatus=int(session.exitstatus), stopped=str(stopped) if stopped else None,
+                            selected=session.testscollected)
     run.exit_status = int(session.exitstatus)
     run.close_ledger()
 

@@ -2,10 +2,14 @@
 cassettes nobody uses (``provision cassettes prune``).
 
 A run is *partial* when it ran less than the suite (a positional path or node id narrower than
-the suite, ``-k``, ``-m``, ``--lf``, ``--deselect``, ``--ignore``, ``--sw``, ``--co``) or did not
-run it to the end (``-x``/``--maxfail``/the layer's ``max_failures`` stopped it, an interrupt, an
-internal or usage error, a test or session timeout, a crashed xdist worker). Plain Python (no
-pytest import): the plugin feeds it what pytest says.
+the suite, ``-k``, ``-m``, ``--lf``, ``--deselect``, ``--ignore``, ``--sw``), ran no test body at
+all (``--co``, ``--setup-plan``, ``--setup-only``, ``--fixtures``, ``--fixtures-per-test``, an
+empty selection), did not run the body of every selected test (one skipped or failed in its
+set-up: its cassettes were not used, whatever they hold) or did not run to the end
+(``-x``/``--maxfail``/the layer's ``max_failures`` stopped it, an interrupt, an internal or usage
+error, a test or session timeout, a crashed xdist worker). Only a complete run vouches for which
+cassettes nobody uses: a session that ran no test body would otherwise vouch that *every* cassette
+is unused. Plain Python (no pytest import): the plugin feeds it what pytest says.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ _NARROWING: tuple[tuple[str, str], ...] = (
     ("ignore_glob", "--ignore-glob {}"),
     ("stepwise", "--sw"),
     ("collectonly", "--collect-only"),
+    # Sessions that run no test body (pytest's own option names; --setup-plan implies setuponly).
+    ("setupplan", "--setup-plan"),
+    ("setuponly", "--setup-only"),
+    ("showfixtures", "--fixtures"),
+    ("show_fixtures_per_test", "--fixtures-per-test"),
 )
 
 
@@ -40,6 +49,10 @@ class Completeness:
     """The reasons a run is partial, collected while it runs (empty: complete)."""
 
     reasons: list[str] = field(default_factory=list)
+    # Node ids of the tests whose body ran (a "call" phase report) and of those only set up or torn
+    # down (skipped or failed in set-up, or --setup-only): from the controller's test reports.
+    bodies: set[str] = field(default_factory=set)
+    reported: set[str] = field(default_factory=set)
 
     @property
     def complete(self) -> bool:
@@ -54,6 +67,12 @@ class Completeness:
         if failed and TIMEOUT_TEXT in longrepr_text:
             self.add(f"{nodeid} timed out")
 
+    def phase(self, nodeid: str, when: str) -> None:
+        """A test's phase report (``when``: pytest's ``"setup"``, ``"call"`` or ``"teardown"``)."""
+        self.reported.add(nodeid)
+        if when == "call":
+            self.bodies.add(nodeid)
+
     def worker_crash(self, nodeid: str) -> None:
         self.add(f"an xdist worker crashed running {nodeid}")
 
@@ -64,6 +83,8 @@ class Completeness:
         ``options`` (pytest's ``config.option`` as a mapping)."""
         for name, text in _NARROWING:
             value = options.get(name)
+            if name == "setuponly" and options.get("setupplan"):
+                continue  # pytest sets it for --setup-plan: said once
             if value:
                 shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
                 self.add(text.format(shown))
@@ -84,13 +105,31 @@ class Completeness:
             self.add(f"a positional path ({shown}) narrower than the suite "
                      f"({', '.join(_relative(s, rootdir) for s in suite)})")
 
-    def ending(self, *, exitstatus: int, stopped: str | None) -> None:
-        """How the session ended: its exit status and pytest's/xdist's ``shouldstop``/``shouldfail``."""
+    def ending(self, *, exitstatus: int, stopped: str | None, selected: int | None = None) -> None:
+        """How the session ended: its exit status, pytest's/xdist's ``shouldstop``/``shouldfail`` and
+        ``selected``, the number of tests it selected (pytest's ``session.testscollected``, also set
+        by xdist's controller; None: not known, the bodies are not checked). A run otherwise complete
+        is partial when not every selected test's body ran: the first such tests are named."""
         if stopped:
             self.add(f"stopped early ({stopped}: -x/--maxfail or the layer's max_failures)"
                      if "failure" in stopped else f"stopped early ({stopped})")
         elif int(exitstatus) in _EXIT_REASONS:
             self.add(_EXIT_REASONS[int(exitstatus)])
+        if self.reasons or selected is None:
+            return  # partial already: the reason above says why
+        if selected == 0:
+            self.add("no test selected")
+            return
+        missing = sorted(self.reported - self.bodies)
+        ran = len(self.bodies)
+        if ran >= selected and not missing:
+            return
+        if not ran:
+            self.add(f"no test body ran (0 of {selected} selected)")
+            return
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        self.add(f"{max(selected - ran, len(missing))} of {selected} selected tests did not run their body"
+                 + (f" (skipped or failed in set-up: {named})" if named else ""))
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -161,6 +161,9 @@ class ProvisionRun:
         self._warm_attempted = False
         # Why this run is partial (cannot vouch for unused cassettes); filled by the plugin's hooks.
         self.completeness = Completeness()
+        # The session runs no test body (--co, --setup-plan, --setup-only, --fixtures, ...): set by
+        # the plugin at configure; such a session leaves no run folder.
+        self.runs_no_body = False
         from provisioner.history.rows import TestRowCollector
         from provisioner.lm.cassettes import now_iso
 
@@ -531,7 +534,10 @@ class ProvisionRun:
     def close_ledger(self) -> None:
         """Write the run's end (complete or partial, and why) to its LM ledger and archive it by month
         (controller only). ``provision cassettes prune`` trusts only a complete run's record of which
-        cassettes under its ``cache_dir`` were used. Done for every cached run, also one without calls.
+        cassettes under its ``cache_dir`` were used. Done for every cached run that ran a test body,
+        also one without calls; a session that ran none (``--co``, ``--setup-plan``, ``--setup-only``,
+        ``--fixtures``, an empty selection) writes nothing unless the ledger exists already (then
+        its end, partial): it created no run folder and vouches for nothing.
         """
         from provisioner.lm.ledger import LEDGER_FILE, Ledger, archive_run_ledger
 
@@ -540,6 +546,13 @@ class ProvisionRun:
         if self.up_match.attached:
             return  # the ledger belongs to the `provision up` run: `provision down` ends it
         if run_dir is None or (lm.mode != "cached" and not (run_dir / LEDGER_FILE).exists()):
+            return
+        if not self.completeness.bodies and not (run_dir / LEDGER_FILE).exists():
+            # No test body ran (--co, --setup-plan, --setup-only, an empty selection): no run
+            # folder. --setup-only's fixtures may have made it, empty (rmdir leaves a full one).
+            for folder in (run_dir, self.identity.run_dir):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             return
         ledger = Ledger(run_dir, run_id=self.identity.run_id, layer=self.layer.name)
         ledger.mark_run_complete(complete=self.completeness.complete, partial=self.completeness.reasons,

@@ -147,3 +147,123 @@ def test_a_run_ended_by_an_internal_error_is_partial(pytester: pytest.Pytester) 
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     end = _run_end(pytester)
     assert end["complete"] is False and end["partial"] == ["an internal error"]
+
+
+# -- sessions that run no test body vouch for nothing (and leave no run folder) ---------------------
+
+FOUR = """
+import dspy
+import pytest
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_ask(n, lm):
+    dspy.Predict("question -> answer")(question=f"question {n}")
+"""
+
+
+# Only the unit layer uses the cassettes (integration's default is cached too: it would need its own run).
+ONLY_UNIT_CACHED = PROJECT + """
+[tool.provisioner.lm_modes]
+unit = "cached"
+integration = "mock"
+"""
+
+
+def _prune(pytester: pytest.Pytester) -> dict[str, Any]:
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+
+    result = CliRunner().invoke(main, ["cassettes", "prune", "--json"])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def _runs(pytester: pytest.Pytester) -> set[str]:
+    return {p.name for p in (pytester.path / ".provision" / "runs").iterdir()}
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("--setup-plan",), id="setup-plan"),
+    pytest.param(("--setup-only",), id="setup-only"),
+    pytest.param(("--fixtures",), id="fixtures"),
+    pytest.param(("--fixtures-per-test",), id="fixtures-per-test"),
+    pytest.param(("--markers",), id="markers"),
+    pytest.param(("--collect-only",), id="collect-only"),
+    pytest.param(("-k", "nothing_matches"), id="empty-selection"),
+    pytest.param(("--setup-plan", "-n", "2"), id="setup-plan-xdist"),
+    pytest.param(("--setup-only", "-n", "2"), id="setup-only-xdist"),
+    pytest.param(("--collect-only", "-n", "2"), id="collect-only-xdist", marks=pytest.mark.slow),
+])
+def test_a_session_that_runs_no_test_body_leaves_prune_keeping_the_cassettes(
+    pytester: pytest.Pytester, args: tuple[str, ...]
+) -> None:
+    """The new user's trial: 4 passed, then `pytest --setup-plan` made prune call all 4 cassettes
+    unused (the no-body session had written itself down as complete, using none)."""
+    pytester.makefile(".toml", pyproject=ONLY_UNIT_CACHED)
+    pytester.makepyfile(test_a=FOUR)
+    assert pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached").ret == 0
+    before = _prune(pytester)
+    assert before["removed"] == [] and before["kept"] == 4
+    (full_run,) = _runs(pytester)
+    pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached", *args)
+    after = _prune(pytester)
+    assert after["removed"] == [] and after["kept"] == 4, after
+    assert after["vouching"] == {"unit": full_run}
+    # Nor does it leave a run folder (a ledger, its lock, xdist's progress marker): `provision cost
+    # report`'s known runs are the runs that ran tests.
+    assert _runs(pytester) == {full_run}
+
+
+def test_a_run_whose_tests_did_not_all_run_their_body_is_partial(pytester: pytest.Pytester) -> None:
+    """A test skipped (or failed) before its body used none of its cassettes: the run cannot say
+    they are unused."""
+    pytester.makefile(".toml", pyproject=PROJECT)
+    pytester.makepyfile(test_a=FOUR + """
+@pytest.mark.skip(reason="not today")
+def test_skipped(lm):
+    dspy.Predict("question -> answer")(question="skipped")
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("set-up fails")
+
+def test_errored(lm, broken):
+    pass
+""")
+    pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached")
+    end = _run_end(pytester)
+    assert end["complete"] is False
+    assert end["partial"] == ["2 of 6 selected tests did not run their body (skipped or failed in set-up: "
+                              "test_a.py::test_errored, test_a.py::test_skipped)"]
+
+
+def test_bodies_decide_only_a_run_otherwise_complete() -> None:
+    whole = Completeness()
+    for nodeid in ("t.py::a", "t.py::b"):
+        for when in ("setup", "call", "teardown"):
+            whole.phase(nodeid, when)
+    whole.ending(exitstatus=0, stopped=None, selected=2)
+    assert whole.complete
+    set_up_only = Completeness()
+    set_up_only.phase("t.py::a", "setup")
+    set_up_only.phase("t.py::a", "teardown")
+    set_up_only.ending(exitstatus=0, stopped=None, selected=2)
+    assert set_up_only.reasons == ["no test body ran (0 of 2 selected)"]
+    empty = Completeness()
+    empty.ending(exitstatus=0, stopped=None, selected=0)
+    assert empty.reasons == ["no test selected"]
+    interrupted = Completeness()  # the interrupt says why; the bodies it did not reach are not listed
+    interrupted.phase("t.py::a", "call")
+    interrupted.ending(exitstatus=2, stopped=None, selected=2)
+    assert interrupted.reasons == ["interrupted"]
+
+
+def test_the_options_that_run_no_body_are_named() -> None:
+    for options, reason in (({"setupplan": True, "setuponly": True}, ["--setup-plan"]),
+                            ({"setuponly": True}, ["--setup-only"]), ({"showfixtures": True}, ["--fixtures"]),
+                            ({"show_fixtures_per_test": True}, ["--fixtures-per-test"])):
+        completeness = Completeness()
+        completeness.selection(args=[], invocation_dir=Path("/"), rootdir=Path("/"), testpaths=(),
+                               options=options)
+        assert completeness.reasons == reason
