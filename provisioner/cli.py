@@ -950,14 +950,22 @@ def history_show(run_id: str, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name, right in (("outcome", False), ("duration s", True), ("billed $", True), ("LM calls", True),
-                        ("LM refused", True), ("xdist worker", False), ("test", False)):
+    # "rate-limit wait s": of its duration, the seconds its LM calls waited for a slot of lm.rate_limit_rpm.
+    for name, right in (("outcome", False), ("duration s", True), ("rate-limit wait s", True),
+                        ("billed $", True), ("LM calls", True), ("LM refused", True), ("xdist worker", False),
+                        ("test", False)):
         table.add_column(name, justify="right" if right else "left")
     for row in tests:
         duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
-        table.add_row(row["outcome"], f"{duration:.3f}", f"{row['cost_usd']:.6f}", str(row_lm_calls(row)),
-                      str(row["lm_refused"]), row["xdist_worker"] or "-", row["node_id"])
+        table.add_row(row["outcome"], f"{duration:.3f}", f"{row['lm_rate_limit_wait_s']:.1f}",
+                      f"{row['cost_usd']:.6f}", str(row_lm_calls(row)), str(row["lm_refused"]),
+                      row["xdist_worker"] or "-", row["node_id"])
     _print_table(table)
+    if run["lm_rate_limit_wait_s"]:
+        waited = sum(1 for row in tests if row["lm_rate_limit_wait_s"])
+        click.echo(f"LM calls waited {run['lm_rate_limit_wait_s']:.1f} s in all for the rate limit "
+                   f"(lm.rate_limit_rpm), in {waited} test{'s' if waited != 1 else ''}: time spent waiting, "
+                   "not working (column rate-limit wait s)")
 
 
 @history.command("import")

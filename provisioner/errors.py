@@ -189,7 +189,12 @@ class CostLimitExceeded(LMError):
 
 
 class RateLimitExceeded(LMError):
-    """The run's request-per-minute budget could not be obtained before the deadline."""
+    """The run's request-per-minute budget could not be obtained before the deadline.
+
+    ``waited_s``: seconds the call waited for a slot before it was refused (0.0: refused at once).
+    """
+
+    waited_s: float = 0.0
 
 
 class UnknownModelPriceError(LMError, ConfigError):

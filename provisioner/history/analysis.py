@@ -84,10 +84,17 @@ class TestSummary:
     cache_misses: int = 0
     leaks: int = 0
     last_outcome: str | None = None
+    # Of total_s: seconds its LM calls waited for a slot of the run's rate limit (lm.rate_limit_rpm).
+    rate_limit_wait_s: float = 0.0
 
     @property
     def mean_s(self) -> float:
         return self.total_s / self.runs if self.runs else 0.0
+
+    @property
+    def mean_rate_limit_wait_s(self) -> float:
+        """Of :attr:`mean_s`, the seconds per run its LM calls waited for the rate limit."""
+        return self.rate_limit_wait_s / self.runs if self.runs else 0.0
 
     @property
     def hit_ratio(self) -> float | None:
@@ -115,6 +122,7 @@ def test_summaries(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> dict[str
         summary.cache_hits += row["cache_hits"]
         summary.cache_misses += row["cache_misses"]
         summary.leaks += len(row["leaks"])
+        summary.rate_limit_wait_s += row["lm_rate_limit_wait_s"]
         when = started[row["run_id"]]
         if row["node_id"] not in newest or when >= newest[row["node_id"]]:
             newest[row["node_id"]] = when

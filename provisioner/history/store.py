@@ -59,6 +59,9 @@ class RunRow(TypedDict):
     leaks: int
     retained: list[str]
     lm_refused: int  # LM calls the run's cost or rate limit refused before sending (not in lm_calls)
+    # Seconds the run's LM calls waited for a slot of lm.rate_limit_rpm (summed over calls, so it can
+    # pass duration_s under xdist): time spent waiting, not working.
+    lm_rate_limit_wait_s: float
 
 
 class TestRow(TypedDict):
@@ -92,6 +95,7 @@ class TestRow(TypedDict):
     retained: str | None  # the bridge workers kept for debugging ("; "-separated), if any
     log_path: str | None  # the worker logs saved for its failure report ("; "-separated), if any
     lm_refused: int  # LM calls the run's cost or rate limit refused before sending (not in the lm_* kinds)
+    lm_rate_limit_wait_s: float  # of its time, seconds its LM calls waited for a slot of lm.rate_limit_rpm
 
 
 _RUN_JSON = ("layers", "retained")
@@ -134,6 +138,11 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: ... and per test: which tests the limits stopped (the run row had only the total).
     """
     ALTER TABLE tests ADD COLUMN lm_refused INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 5: time LM calls waited for the rate limit looked like slow tests.
+    """
+    ALTER TABLE runs ADD COLUMN lm_rate_limit_wait_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE tests ADD COLUMN lm_rate_limit_wait_s REAL NOT NULL DEFAULT 0;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -342,12 +351,14 @@ def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
         raise HistoryError(f"{source}: no 'run' object — not a --provision-report JSON file of a provisioner "
                            "with run history (re-run the tests with this version to get one)")
-    run = cast(RunRow, {"lm_refused": 0, **data["run"]})  # reports written before the column: none counted
+    # Reports written before a column: none counted (lm_refused: version 3; rate-limit wait: 5).
+    run = cast(RunRow, {"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, **data["run"]})
     tests = data.get("tests") or []
     if not isinstance(tests, list):
         raise HistoryError(f"{source}: 'tests' must be a list of test rows")
     # Rows of reports written before a field existed: none counted (lm_refused: schema version 4).
-    tests = [{"lm_refused": 0, **_renamed(row)} if isinstance(row, dict) else row for row in tests]
+    tests = [{"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, **_renamed(row)} if isinstance(row, dict) else row
+             for row in tests]
     for name in RUN_FIELDS:
         if name not in run:
             raise HistoryError(f"{source}: run row misses field {name!r}")

@@ -45,6 +45,8 @@ class LMCallStats:
     list_cost_usd: float = 0.0
     refused_cost_limit: int = 0  # calls the run's cost limit refused (never sent; not in ``calls``)
     refused_rate_limit: int = 0  # calls the run's rate limit refused (never sent; not in ``calls``)
+    rate_limit_waits: int = 0  # calls that waited for a slot of lm.rate_limit_rpm (sent or refused)
+    rate_limit_wait_s: float = 0.0  # seconds those calls waited, summed
 
     @property
     def calls(self) -> int:
@@ -89,9 +91,9 @@ class Tally:
 
     def as_dict(self) -> dict[str, Any]:
         """``{mock, replayed, recorded, real, standin, errors, input_tokens, output_tokens, cost_usd,
-        list_cost_usd, refused_cost_limit, refused_rate_limit, process}`` (counts and tokens as ints,
-        dollars as floats; ``process``: an opaque token of the process that made the calls): the
-        reply's ``lm_usage``."""
+        list_cost_usd, refused_cost_limit, refused_rate_limit, rate_limit_waits, rate_limit_wait_s,
+        process}`` (counts and tokens as ints, dollars and seconds as floats; ``process``: an opaque
+        token of the process that made the calls): the reply's ``lm_usage``."""
         with self._lock:
             out: dict[str, Any] = {k: (int(v) if k in _INTEGERS else float(v))
                                   for k, v in self._counts.items()}
@@ -191,6 +193,20 @@ def record_refused(reason: str) -> None:
         current._add(key, 1)
 
 
+def record_rate_limit_wait(seconds: float) -> None:
+    """Count one call that waited ``seconds`` for a slot of the run's rate limit (``lm.rate_limit_rpm``);
+    a worker's tally carries it home like a call."""
+    if not seconds > 0:
+        return
+    with _lock:
+        _counters["rate_limit_waits"] += 1
+        _counters["rate_limit_wait_s"] += seconds
+    current = _tally.get()
+    if current is not None:
+        current._add("rate_limit_waits", 1)
+        current._add("rate_limit_wait_s", seconds)
+
+
 def stats() -> LMCallStats:
     """The current counters of this process."""
     with _lock:
@@ -208,6 +224,8 @@ def stats() -> LMCallStats:
         list_cost_usd=float(snapshot["list_cost_usd"]),
         refused_cost_limit=int(snapshot["refused_cost_limit"]),
         refused_rate_limit=int(snapshot["refused_rate_limit"]),
+        rate_limit_waits=int(snapshot["rate_limit_waits"]),
+        rate_limit_wait_s=float(snapshot["rate_limit_wait_s"]),
     )
 
 
@@ -240,6 +258,8 @@ class LMUsage:
     # Calls the run's limits refused before they were sent (ledger "refused" lines; not in ``calls``).
     refused_cost_limit: int = 0  # lm.cost_limit_usd: their worst case would have passed it
     refused_rate_limit: int = 0  # lm.rate_limit_rpm: no request slot within lm.rate_limit_wait_s
+    rate_limit_waits: int = 0  # calls that waited for a slot of lm.rate_limit_rpm (sent or refused)
+    rate_limit_wait_s: float = 0.0  # seconds those calls waited, summed (time not spent working)
 
     @property
     def calls(self) -> int:
@@ -266,4 +286,5 @@ class LMUsage:
         data: dict[str, Any] = asdict(self)
         data["calls"] = self.calls
         data["cost_usd"] = round(self.cost_usd, 6)
+        data["rate_limit_wait_s"] = round(self.rate_limit_wait_s, 3)
         return data

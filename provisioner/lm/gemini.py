@@ -138,6 +138,7 @@ class CallOutcome:
     endpoint: str = "gemini"
     usage_source: UsageSource = "reported"
     estimated: tuple[str, ...] = ()
+    rate_limit_wait_s: float = 0.0  # seconds its attempts waited for a slot of lm.rate_limit_rpm
 
 
 def prompt_tokens_upper_bound(request: Request) -> int:
@@ -284,7 +285,10 @@ class GeminiEngine(EngineBase):
                              output_tokens=usage.candidates_tokens, thoughts_tokens=usage.thoughts_tokens,
                              cached_tokens=usage.cached_tokens, cost_usd=outcome.cost_usd,
                              list_cost_usd=outcome.list_cost_usd, endpoint=outcome.endpoint,
-                             usage=outcome.usage_source, estimated=outcome.estimated)
+                             usage=outcome.usage_source, estimated=outcome.estimated,
+                             rate_limit_wait_s=outcome.rate_limit_wait_s)
+            if outcome.rate_limit_wait_s > 0:
+                _stats.record_rate_limit_wait(outcome.rate_limit_wait_s)
         return outcome.response
 
     def call(self, request: Request) -> CallOutcome:
@@ -297,6 +301,7 @@ class GeminiEngine(EngineBase):
         worst = worst_case_usd(self.price, prompt_bound, max_output)
         model = self.config.model
         attempt = 0
+        waited = 0.0  # for a slot of the rate limit, over all attempts
         while True:
             # Money first: a call the budget refuses must not use up a slot of the request window.
             try:
@@ -307,11 +312,15 @@ class GeminiEngine(EngineBase):
                 _stats.record_refused("cost_limit")
                 raise lm15.BillingError(str(exc), provider="gemini", code="cost_limit") from exc
             try:
-                self.limits.acquire_request()
+                waited += self.limits.acquire_request_timed()[1]
             except RateLimitExceeded as exc:
+                waited += exc.waited_s
                 self.limits.settle(reservation, 0.0)
-                self.ledger.refused(model=model, reason="rate_limit", limit=self.limits.effective()[0])
+                self.ledger.refused(model=model, reason="rate_limit", limit=self.limits.effective()[0],
+                                    rate_limit_wait_s=waited)
                 _stats.record_refused("rate_limit")
+                if waited > 0:
+                    _stats.record_rate_limit_wait(waited)
                 raise lm15.ConfigurationError(str(exc), provider="gemini", code="rate_limit_budget") from exc
             failure: Exception | None = None
             token = _managed_request.set(True)
@@ -350,7 +359,7 @@ class GeminiEngine(EngineBase):
                 self._to_response(request, raw, usage), usage,
                 cost_usd=list_cost if self.billed else 0.0, list_cost_usd=list_cost,
                 endpoint=self.config.endpoint_kind, usage_source="estimated" if estimated else "reported",
-                estimated=estimated,
+                estimated=estimated, rate_limit_wait_s=waited,
             )
 
     def _translate(self, exc: Exception) -> tuple[LM15Error, bool, bool]:

@@ -9,7 +9,8 @@ from many processes and containers never interleave. Fields of a call line::
      "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0000176,
      "list_cost_usd": 0.0000176, "endpoint": "gemini" | "standin" | null,
      "usage": "reported" | "estimated", "estimated": ["candidatesTokenCount", ...],
-     "test_run": "<the test run's id>"}   # lines of a test run's own processes (set_test_run)
+     "test_run": "<the test run's id>",   # lines of a test run's own processes (set_test_run)
+     "rate_limit_wait_s": 0.0}            # seconds the call waited for a slot of lm.rate_limit_rpm
 
 ``kind`` is ``real`` (a direct call), ``recorded`` (a cassette miss answered by the inner LM and
 written) or ``replayed`` (a cassette hit, $0). Mock calls are free and not written.
@@ -24,8 +25,10 @@ The end of a run is a line ``{"event": "run_complete", "complete": true|false, "
 using the directory. A cached LM's failed miss is a line ``{"event": "cassette_miss", "cassette":
 "<sha256>", "reason": "replay_only" | "corrupt" | "not_writable", "test_id": ...}``. A call the run's
 limits refused before sending it is a line ``{"event": "refused", "reason": "cost_limit" |
-"rate_limit", "model": ..., "test_id": ..., "limit": <lm.cost_limit_usd $ | lm.rate_limit_rpm>}``:
-summaries say "N calls refused (cost limit $X)" where they count calls.
+"rate_limit", "model": ..., "test_id": ..., "limit": <lm.cost_limit_usd $ | lm.rate_limit_rpm>,
+"rate_limit_wait_s": <seconds it waited first>}``:
+summaries say "N calls refused (cost limit $X)" where they count calls. Summaries say how long calls
+waited for the rate limit ("N calls waited X s for the rate limit") from ``rate_limit_wait_s``.
 
 Across runs: the ledgers of finished runs are archived under the state directory
 (``<state_dir>/ledger/<YYYY-MM>.jsonl``, see :func:`archive_run_ledger`) — run directories are
@@ -177,9 +180,10 @@ class Ledger:
              thoughts_tokens: int = 0, cached_tokens: int = 0, cost_usd: float = 0.0,
              cache: str | None = None, cassette: str | None = None, status: str = "ok",
              list_cost_usd: float | None = None, endpoint: str | None = None,
-             usage: str = "reported", estimated: Iterable[str] = ()) -> None:
+             usage: str = "reported", estimated: Iterable[str] = (), rate_limit_wait_s: float = 0.0) -> None:
         """Append a call line (fields: see the module docstring). ``list_cost_usd`` defaults to
-        ``cost_usd``; ``endpoint`` is ``"gemini"``/``"standin"`` for calls an endpoint answered."""
+        ``cost_usd``; ``endpoint`` is ``"gemini"``/``"standin"`` for calls an endpoint answered;
+        ``rate_limit_wait_s``: seconds the call waited for a slot of the run's rate limit."""
         self.append({
             "event": "call", "test_id": current_test_id(), "model": model, "kind": kind, "cache": cache,
             "cassette": cassette, "input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -187,13 +191,15 @@ class Ledger:
             "cost_usd": round(cost_usd, 10),
             "list_cost_usd": round(cost_usd if list_cost_usd is None else list_cost_usd, 10),
             "endpoint": endpoint, "usage": usage, "estimated": list(estimated), "status": status,
+            "rate_limit_wait_s": round(rate_limit_wait_s, 3),
         })
 
-    def refused(self, *, model: str, reason: str, limit: float) -> None:
+    def refused(self, *, model: str, reason: str, limit: float, rate_limit_wait_s: float = 0.0) -> None:
         """Append a refusal line: ``reason`` ``"cost_limit"`` (``limit`` in dollars) or
-        ``"rate_limit"`` (``limit`` in requests per minute)."""
+        ``"rate_limit"`` (``limit`` in requests per minute); ``rate_limit_wait_s``: seconds it
+        waited for a rate-limit slot before it was refused."""
         self.append({"event": "refused", "test_id": current_test_id(), "model": model, "reason": reason,
-                     "limit": limit})
+                     "limit": limit, "rate_limit_wait_s": round(rate_limit_wait_s, 3)})
 
     def mark_run_complete(self, *, complete: bool, partial: Iterable[str] = (), cache_dir: Path | None = None,
                           started_at: str | None = None) -> None:
@@ -384,8 +390,14 @@ class Totals:
     estimated_calls: int = 0  # booked at a worst case because the answer lacked a token count
     refused: dict[str, int] = field(default_factory=dict)  # refused calls by reason (not in ``calls``)
     limits: dict[str, float] = field(default_factory=dict)  # the limit each reason last refused at
+    rate_limit_waits: int = 0  # calls (sent or refused) that waited for a slot of lm.rate_limit_rpm
+    rate_limit_wait_s: float = 0.0  # the seconds they waited, summed
 
     def add(self, entry: dict[str, Any]) -> None:
+        waited = _waited(entry)
+        if waited > 0:
+            self.rate_limit_waits += 1
+            self.rate_limit_wait_s += waited
         if entry.get("event") == "refused":
             reason = str(entry.get("reason"))
             self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -429,7 +441,10 @@ class CostReport:
                     "output_tokens": t.output_tokens, "by_kind": dict(sorted(t.by_kind.items())),
                     "standin_calls": t.standin_calls,
                     "standin_list_cost_usd": round(t.standin_list_cost_usd, 8),
-                    "estimated_calls": t.estimated_calls, "refused": dict(sorted(t.refused.items()))}
+                    "estimated_calls": t.estimated_calls,
+                    "refused": dict(sorted(t.refused.items())),
+                    "rate_limit_waits": t.rate_limit_waits,
+                    "rate_limit_wait_s": round(t.rate_limit_wait_s, 3)}
 
         return {
             "total": plain(self.total),
@@ -504,6 +519,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
         if totals.refused:
             notes += f"  {refused_text(totals.refused, totals.limits)}"
+        if totals.rate_limit_waits:
+            notes += f"  {rate_limit_wait_text(totals.rate_limit_waits, totals.rate_limit_wait_s)}"
         return (f"  {name:<{width}}  ${totals.cost_usd:>10.6f}  {totals.calls:>6}  "
                 f"{totals.input_tokens:>10}  {totals.output_tokens:>10}  {kinds}{notes}")
 
@@ -523,6 +540,9 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         them = "it before it was" if sum(report.total.refused.values()) == 1 else "them before they were"
         lines.append(f"{refused_text(report.total.refused, report.total.limits)}: the run's limits stopped "
                      f"{them} sent (not in the calls above)")
+    if report.total.rate_limit_waits:
+        lines.append(rate_limit_wait_text(report.total.rate_limit_waits, report.total.rate_limit_wait_s)
+                     + ": time a test spent waiting, not working")
     if report.total.estimated_calls:
         n = report.total.estimated_calls
         lines.append(f"{_calls(n)} came back without a token count and {'was' if n == 1 else 'were'} "
@@ -549,6 +569,22 @@ def refused_text(by_reason: dict[str, int], limits: dict[str, float] | None = No
     head = f"{total} call{'s' if total != 1 else ''} refused ({parts[0][1]}"
     rest = "".join(f"; {n} by the {name}" for n, name in parts[1:])
     return head + rest + ")"
+
+
+def _waited(entry: dict[str, Any]) -> float:
+    value = entry.get("rate_limit_wait_s")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return 0.0
+    return float(value)
+
+
+def rate_limit_wait_text(calls: int, seconds: float, rpm: float | None = None) -> str:
+    """"3 calls waited 41.2 s for the rate limit (10 rpm: lm.rate_limit_rpm)": what every summary
+    says of the time calls spent waiting for a slot of the run's rate limit (``rpm``: the limit in
+    force, when known)."""
+    limit = f"{rpm:g} rpm: lm.rate_limit_rpm" if rpm is not None else "lm.rate_limit_rpm"
+    return (f"{calls} call{'s' if calls != 1 else ''} waited {seconds:.1f} s for the rate limit "
+            f"({limit})")
 
 
 def run_report(run_dir: Path, *, run_id: str | None = None) -> CostReport:
@@ -606,6 +642,10 @@ def usage_by_test(run_dir: Path | None, since: int = 0, test_run: str | None = N
 
 def _count(usage: LMUsage, entry: dict[str, Any]) -> None:
     """Add one ledger line to ``usage`` (calls by kind, tokens, dollars, cassette misses)."""
+    waited = _waited(entry)
+    if waited > 0:
+        usage.rate_limit_waits += 1
+        usage.rate_limit_wait_s += waited
     if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
         usage.cache_misses += 1
         return

@@ -294,7 +294,19 @@ class RunLimits:
     # -- rate -------------------------------------------------------------------------------
 
     def acquire_request(self) -> float:
-        """Take one request slot of the run's per-minute budget; returns the slot's start time.
+        """Take one request slot of the run's per-minute budget; returns the slot's start time
+        (see :meth:`acquire_request_timed`, which also says how long it waited).
+
+        Raises:
+            RateLimitExceeded: as :meth:`acquire_request_timed`.
+        """
+        return self.acquire_request_timed()[0]
+
+    def acquire_request_timed(self) -> tuple[float, float]:
+        """Take one request slot of the run's per-minute budget; returns ``(the slot's start time,
+        seconds waited for it)`` — 0.0 when a slot was free at once (the time taken by the lock is
+        not waiting for the limit). A refusal after waiting carries the wait in the exception's
+        ``waited_s``.
 
         Waits up to ``lm.rate_limit_wait_s`` for a slot, and no longer than the caller's deadline
         (:func:`caller_deadline`), so a call is never sent for a caller that has stopped waiting.
@@ -313,6 +325,7 @@ class RunLimits:
                 raise RateLimitExceeded(f"not sent: {caller[1]} has passed, so its caller no longer waits "
                                         "for this call")
             deadline = min(deadline, started + left)
+        slept = False
         while True:
             with locked(self.run_dir):
                 rpm = self.effective()[0]
@@ -323,19 +336,22 @@ class RunLimits:
                     window.append(now)
                     data["requests"] = window
                     self._save(data)
-                    return now
+                    return now, (max(now - started, 0.0) if slept else 0.0)
                 wait = min(window) + self.window_s - now
             remaining = deadline - self._clock()
             if remaining <= 0 or wait > remaining:
                 within = (f"before {caller[1]}" if caller is not None and deadline < started + wait_s
                           else f"within lm.rate_limit_wait_s={wait_s:g}s")
-                raise RateLimitExceeded(
+                refused = RateLimitExceeded(
                     f"the run's rate limit of {rpm} requests/minute (lm.rate_limit_rpm{self.note}) had no "
                     f"free slot {within} (the next in {max(wait, 0):.0f}s); the call was not sent. Raise "
                     "the limit, make fewer real calls, or wait for the window to move"
                 )
+                refused.waited_s = max(self._clock() - started, 0.0) if slept else 0.0
+                raise refused
             # Waiting for the window to move is the point of a rate limiter, not synchronisation.
             self._sleep(max(wait, 0.001))
+            slept = True
 
     def requests_in_window(self) -> int:
         with locked(self.run_dir):

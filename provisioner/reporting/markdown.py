@@ -64,8 +64,9 @@ def render(board: Dashboard, *, top: int = 10) -> str:
     lines += ["", f"### Flaky tests ({len(board.flaky)}, last {len(board.runs)} runs)", ""]
     lines += _table(["test", "why"], ([f"`{f.node_id}`", "; ".join(f.reasons)] for f in board.flaky[:top]))
     lines += ["", "### Slowest tests", ""]
-    lines += _table(["test", "mean s", "max s"], ([f"`{t.node_id}`", f"{t.mean_s:.3f}", f"{t.max_s:.3f}"]
-                                                  for t in board.slowest(top)))
+    lines += _table(["test", "mean s", "of which rate-limit wait s", "max s"],
+                    ([f"`{t.node_id}`", f"{t.mean_s:.3f}", f"{t.mean_rate_limit_wait_s:.1f}",
+                      f"{t.max_s:.3f}"] for t in board.slowest(top)))
     lines += ["", "### Costliest tests", ""]
     lines += _table(["test", "billed", "at list prices", "LM calls", "stand-in calls ($0)"],
                     ([f"`{t.node_id}`", _usd(t.cost_usd), _usd(t.list_cost_usd), t.lm_calls, t.standin_calls]

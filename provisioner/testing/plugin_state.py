@@ -56,7 +56,7 @@ POOL_FIXTURES = frozenset({"isolated", "bridge", "bridge_pool"})
 
 
 _USAGE_FIELDS = ("mock", "replayed", "recorded", "real", "errors", "cache_misses", "input_tokens",
-                 "output_tokens", "standin")
+                 "output_tokens", "standin", "rate_limit_waits")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class LMCost:
             setattr(delta, name, getattr(now, name) - getattr(self._baseline, name))
         delta.cost_usd = now.cost_usd - self._baseline.cost_usd
         delta.list_cost_usd = now.list_cost_usd - self._baseline.list_cost_usd
+        delta.rate_limit_wait_s = now.rate_limit_wait_s - self._baseline.rate_limit_wait_s
         if self.test_id is None:
             return delta
         owners = {self.test_id, *self._environment.sessions_of(self.test_id)}
@@ -94,6 +95,11 @@ class LMCost:
     def cost_usd(self) -> float:
         """Billed dollars (calls answered by the Gemini stand-in cost $0)."""
         return self.usage().cost_usd
+
+    @property
+    def rate_limit_wait_s(self) -> float:
+        """Seconds the test's LM calls waited for a slot of the run's rate limit (lm.rate_limit_rpm)."""
+        return self.usage().rate_limit_wait_s
 
     @property
     def list_cost_usd(self) -> float:
@@ -448,7 +454,9 @@ class ProvisionRun:
                       layers=[self.layer.name], exit_status=self.exit_status, tests=tests, retained=retained,
                       cost_usd=None if ledger is None else ledger.cost_usd,
                       list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard,
-                      lm_refused=sum(section.lm.refused for section in report.layers.values()))
+                      lm_refused=sum(section.lm.refused for section in report.layers.values()),
+                      lm_rate_limit_wait_s=sum(section.lm.rate_limit_wait_s
+                                               for section in report.layers.values()))
         report.history_run = dict(run)
         report.split = split_of_label(self.shard)
         if not self._used or not tests:
@@ -586,7 +594,8 @@ class ProvisionRun:
             self.close()
             report = RunReport(run_id=self.identity.run_id)
             lm = self.environment.lm_config
-            report.layer(self.layer.name, lm_mode=lm.mode, cost_limit_usd=lm.cost_limit_usd)
+            report.layer(self.layer.name, lm_mode=lm.mode, cost_limit_usd=lm.cost_limit_usd,
+                         rate_limit_rpm=lm.rate_limit_rpm, limits_share_of=lm.limits_share_of)
             own = self.process_report()
             report.merge(own)
             for worker in self._worker_reports:

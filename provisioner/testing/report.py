@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.lm.callstats import CALL_KINDS, LMUsage
-from provisioner.lm.ledger import refused_text
+from provisioner.lm.ledger import rate_limit_wait_text, refused_text
 from provisioner.lm.pricing import format_usd
 from provisioner.run import LeakRecord, ProcessReport
 
@@ -29,7 +29,9 @@ SCHEMA_VERSION = 1
 class LayerReport:
     name: str
     lm_mode: str
-    cost_limit_usd: float
+    cost_limit_usd: float  # this process's limit: a shard's share of the run's when limits_share_of > 1
+    rate_limit_rpm: int = 10
+    limits_share_of: int = 1  # a shard of this many (pytest-split's --splits): the limits are its share
     outcomes: Counter[str] = field(default_factory=Counter)
     workers_started: int = 0
     lm: LMUsage = field(default_factory=LMUsage)
@@ -40,6 +42,13 @@ class LayerReport:
     @property
     def tests(self) -> int:
         return sum(self.outcomes.values())
+
+    def limit_text(self) -> str:
+        """"the run's $0.50 limit", or in a shard "this shard's share (1/2 of $0.50)" of the run's limit."""
+        if self.limits_share_of <= 1:
+            return f"the run's {format_usd(self.cost_limit_usd)} limit"
+        whole = format_usd(self.cost_limit_usd * self.limits_share_of)
+        return f"this shard's share (1/{self.limits_share_of} of {whole}) of the run's limit"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +62,10 @@ class LayerReport:
             "cost_limit_usd": self.cost_limit_usd,
             "cache_misses": self.lm.cache_misses,
             "lm_refused": self.lm.refused,  # refused by the run's limits before sending: not in lm_calls
+            # Calls that waited for a slot of lm.rate_limit_rpm, and the seconds they waited in all.
+            "rate_limit_rpm": self.rate_limit_rpm,
+            "lm_rate_limit_waits": self.lm.rate_limit_waits,
+            "lm_rate_limit_wait_s": round(self.lm.rate_limit_wait_s, 3),
             "leaks_found": sum(len(r.leaks) for r in self.leaks),
             "leaks": [{"test": r.test, "leaks": [list(x) for x in r.leaks]} for r in self.leaks],
             "retained": list(self.retained),
@@ -75,9 +88,11 @@ class RunReport:
     # whatever PROVISION_SHARD calls the shard: `provision history merge` checks that all N are there.
     split: dict[str, int] | None = None
 
-    def layer(self, name: str, lm_mode: str = "mock", cost_limit_usd: float = 0.0) -> LayerReport:
+    def layer(self, name: str, lm_mode: str = "mock", cost_limit_usd: float = 0.0, rate_limit_rpm: int = 10,
+              limits_share_of: int = 1) -> LayerReport:
         if name not in self.layers:
-            self.layers[name] = LayerReport(name=name, lm_mode=lm_mode, cost_limit_usd=cost_limit_usd)
+            self.layers[name] = LayerReport(name=name, lm_mode=lm_mode, cost_limit_usd=cost_limit_usd,
+                                            rate_limit_rpm=rate_limit_rpm, limits_share_of=limits_share_of)
         return self.layers[name]
 
     def add_outcome(self, layer: str, outcome: str) -> None:
@@ -128,15 +143,18 @@ class RunReport:
                 by_reason = {"cost_limit": lm.refused_cost_limit, "rate_limit": lm.refused_rate_limit}
                 out.append("  " + refused_text({k: v for k, v in by_reason.items() if v},
                                                {"cost_limit": section.cost_limit_usd}))
+            if lm.rate_limit_waits:  # time the tests spent waiting for a slot, not working
+                out.append("  " + rate_limit_wait_text(lm.rate_limit_waits, lm.rate_limit_wait_s,
+                                                       section.rate_limit_rpm))
             out.append(f"  cache misses: {lm.cache_misses}")
+            whose = section.limit_text()
             if not lm.standin or lm.cost_usd:
-                limit = format_usd(section.cost_limit_usd)
-                out.append(f"  cost: ${lm.cost_usd:.4f} of the run's {limit} limit")
+                out.append(f"  cost: ${lm.cost_usd:.4f} of {whose}")
             if lm.standin:
                 at_list = max(lm.list_cost_usd - lm.cost_usd, 0.0)  # billed calls cost their list price
                 calls = f"{lm.standin} call{'s' if lm.standin != 1 else ''}"
                 out.append(f"  Gemini stand-in: {calls}, $0 billed (${at_list:.6f} at list prices "
-                           f"counted against the run's {format_usd(section.cost_limit_usd)} limit)")
+                           f"counted against {whose})")
             leaks = sum(len(r.leaks) for r in section.leaks)
             out.append(f"  leaks found: {leaks}")
             for record in section.leaks:

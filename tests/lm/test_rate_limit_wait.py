@@ -1,0 +1,162 @@
+"""The time a call waited for a slot of the run's rate limit (``lm.rate_limit_rpm``) is recorded and
+shown wherever calls are counted: the call's ledger line (``rate_limit_wait_s``), the process counters
+and a worker's tally, the pytest summary ("N calls waited X s for the rate limit (R rpm:
+lm.rate_limit_rpm)"), the JSON report, the run history (``history show``) and the report page's
+slowest-tests table. A user's trial: a stand-in run spent 137 s waiting for 10 rpm, and every view
+called its tests slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from provisioner.cli import main
+from provisioner.history.store import HISTORY_FILE, History
+from provisioner.lm import build_lm, stats
+from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
+from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
+from provisioner.lm.standin import GeminiStandin
+from provisioner.lmconfig import LMConfig
+
+from .conftest import STANDIN_KEY
+
+pytest_plugins = ["pytester"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_slot_taken_at_once_waited_nothing_and_one_after_a_full_window_says_how_long(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=2, cost_limit_usd=1.0, clock=clock, sleep=clock.sleep)
+    assert limits.acquire_request_timed() == (1000.0, 0.0)
+    clock.now += 10
+    assert limits.acquire_request_timed() == (1010.0, 0.0)
+    clock.now += 5  # both slots used: the next frees when the first is 60 s old, at 1060
+    start, waited = limits.acquire_request_timed()
+    assert (start, waited) == (1060.0, 45.0)
+
+
+def test_a_refusal_after_waiting_says_how_long_it_waited(tmp_path: Path) -> None:
+    from provisioner.errors import RateLimitExceeded
+
+    clock = FakeClock()
+    limits = RunLimits(tmp_path, rpm=1, cost_limit_usd=1.0, wait_s=30, clock=clock, sleep=clock.sleep)
+    limits.acquire_request()
+    with pytest.raises(RateLimitExceeded) as info:
+        limits.acquire_request()  # the next slot is 60 s away: refused at once, no wait
+    assert info.value.waited_s == 0.0
+
+
+def _leave_the_window_almost_full(run_dir: Path, seconds_left: float) -> None:
+    """As if the window's only slot was taken 60 - ``seconds_left`` s ago (the state the limiter keeps)."""
+    with locked(run_dir):
+        path = run_dir / STATE_FILE
+        state = json.loads(path.read_text()) if path.exists() else {}
+        state["requests"] = [time.time() - 60.0 + seconds_left]
+        write_json_atomic(path, state)
+
+
+def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_counters(
+    standin: GeminiStandin, tmp_path: Path
+) -> None:
+    config = LMConfig.model_validate({"mode": "real", "api_key": STANDIN_KEY, "base_url": standin.url,
+                                      "run_dir": tmp_path, "rate_limit_rpm": 1, "run_id": "run-w",
+                                      "endpoint_kind": "standin", "max_tokens": 16})
+    lm = build_lm(config)
+    before = stats()
+    lm("no wait")
+    _leave_the_window_almost_full(tmp_path, 0.3)
+    started = time.monotonic()
+    lm("waits for the slot")
+    elapsed = time.monotonic() - started
+    calls = [line for line in read_ledger(tmp_path / "ledger.jsonl") if line["event"] == "call"]
+    assert calls[0]["rate_limit_wait_s"] == 0
+    assert 0 < calls[1]["rate_limit_wait_s"] <= elapsed + 0.001
+    delta = stats() - before
+    assert delta.rate_limit_waits == 1
+    assert delta.rate_limit_wait_s == pytest.approx(calls[1]["rate_limit_wait_s"], abs=0.001)
+    report = cost_report([tmp_path / "ledger.jsonl"])
+    assert report.total.rate_limit_waits == 1
+    assert "1 call waited" in format_cost_report(report)
+
+
+SUITE = """
+import dspy
+
+from provisioner.lm.limits import STATE_FILE, locked, write_json_atomic
+import json, time
+
+
+def test_waits(lm, lm_cost):
+    program = dspy.Predict("question -> answer")
+    program(question="first?")
+    run_dir = lm_cost._environment.lm_config.run_dir
+    with locked(run_dir):  # as if the first call was 59.7 s ago: the next waits ~0.3 s for its slot
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        state["requests"] = [time.time() - 59.7]
+        write_json_atomic(run_dir / STATE_FILE, state)
+    program(question="second?")
+    assert lm_cost.rate_limit_wait_s > 0
+"""
+OTHER = """
+def test_no_lm():
+    pass
+"""
+
+
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
+def test_the_summary_report_history_and_page_say_how_long_calls_waited_for_the_rate_limit(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+    pytester.makefile(".toml", pyproject=(
+        "[project]\nname = 'waits'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
+        "[tool.provisioner]\nlm.rate_limit_rpm = 1\nlm.max_tokens = 16\n"))
+    pytester.makepyfile(test_waits_suite=SUITE)
+    pytester.makepyfile(test_other=OTHER)
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json",
+                                           *xdist)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["  1 call waited * s for the rate limit (1 rpm: lm.rate_limit_rpm)"])
+    data = json.loads((pytester.path / "r.json").read_text())
+    layer = data["layers"]["unit"]
+    assert layer["lm_rate_limit_waits"] == 1 and layer["lm_rate_limit_wait_s"] > 0
+    waited = {t["node_id"]: t["lm_rate_limit_wait_s"] for t in data["tests"]}
+    assert waited["test_other.py::test_no_lm"] == 0 and waited["test_waits_suite.py::test_waits"] > 0
+    assert data["run"]["lm_rate_limit_wait_s"] == pytest.approx(waited["test_waits_suite.py::test_waits"])
+    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
+        (run,) = db.runs()
+        rows = {t["node_id"]: t["lm_rate_limit_wait_s"] for t in db.tests(run["run_id"])}
+    assert rows == pytest.approx(waited) and run["lm_rate_limit_wait_s"] > 0
+    env = {"PROVISION_STATE_DIR": str(pytester.path / ".provision")}
+    shown = CliRunner().invoke(main, ["history", "show", run["run_id"]], env=env, terminal_width=250)
+    assert shown.exit_code == 0 and "rate-limit wait s" in shown.output, shown.output
+    assert "LM calls waited" in shown.output and "for the rate limit" in shown.output, shown.output
+    html = CliRunner().invoke(main, ["report", "html", "--out", str(pytester.path / "page")], env=env)
+    assert html.exit_code == 0, html.output
+    text = (pytester.path / "page" / "index.html").read_text()
+    slowest = text.split('id="slowest"', 1)[1].split("</table>", 1)[0]
+    assert "of which rate-limit wait s" in slowest
+    cell = slowest.split("test_waits", 1)[1].split('data-rate-limit-wait-s="', 1)[1]
+    wait_of = float(cell.split('"', 1)[0])
+    assert wait_of == pytest.approx(waited["test_waits_suite.py::test_waits"], abs=0.001)
+    page = CliRunner().invoke(main, ["report", "markdown"], env=env)
+    assert page.exit_code == 0 and "of which rate-limit wait s" in page.output, page.output
