@@ -204,17 +204,34 @@ def watched_run(run_id: str, folder: Path) -> Iterator[Path]:
     (pytest runs no ``finally`` on SIGTERM) — the watchdog removes everything with the run's label,
     as it does for a killed ``provision run``. On a normal exit (the test's own cleanup done inside
     the block) the watchdog is told to stand down. Yields the run's folder (``folder/runs/<run_id>``:
-    owners, the lock and ``watchdog.log``). Not waited for: the owner is registered before the
-    watchdog starts, so a test killed at once is still cleaned up after."""
+    owners, the lock and ``watchdog.log``) once the watchdog watches and the process that started it
+    has gone (so it is not in the test's child processes)."""
+    import psutil
+
     from provisioner.runtime import watchdog as wd
 
     run_dir = folder / "runs" / run_id
-    wd.ensure_watchdog(run_id, run_dir, interval_s=0.5, wait=False)
+    wd.ensure_watchdog(run_id, run_dir, interval_s=0.5, wait=True)
+    # The double fork's first process exits once it forked the watchdog; until then (and until
+    # reaped) it is a child of this process, which a test's leak check of child processes would
+    # count as its own (tests/runtime/test_resources.py's did, under load).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_is_watchdog(c) for c in psutil.Process().children()):
+        time.sleep(0.02)
     try:
         yield run_dir
     finally:
         wd.mark(run_dir, wd.STOPPED_MARKER)
         wd.unregister_owner(run_dir)
+
+
+def _is_watchdog(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return "provisioner.runtime.watchdog" in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # --- simulated latency held until the test says go -----------------------------------------------
