@@ -147,6 +147,9 @@ class Deployment:
         self.poll_interval_s = poll_interval_s
         self.progress = progress or (lambda _m: None)
         self.workers: list[WorkerInfo] = []
+        # Worker containers this deployment started (every slot and generation: the first ones, one
+        # still booting or started later by add_worker, replacements): what "workers started" counts.
+        self.workers_created = 0
         self.recipes: dict[int, ContainerRecipe] = {r.slot: r for r in plan.workers if r.slot is not None}
         self.container_ids: dict[str, str] = {}  # recipe name -> container id
         self.state: RunState | None = None
@@ -352,6 +355,9 @@ class Deployment:
         if self._closing.is_set():  # interrupted while we were creating it
             raise RuntimeProblem("the run is being stopped")
         self.runtime.start_container(container_id)
+        if recipe.slot is not None:
+            with self._lock:
+                self.workers_created += 1
         if recipe.guarded:  # cut off from the host before its command starts (runtime/egress.py)
             block_host_access(
                 self.runtime,

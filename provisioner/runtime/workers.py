@@ -161,9 +161,19 @@ class ProcessContainers:
         self._shared: SharedPool | None = None
         self._pool_env: Deployment | None = None
         self._dedicated = itertools.count(1)
-        self.workers_started = 0
+        self._dedicated_started = 0  # dedicated workers; the pool's are its deployment's
         self.retained: list[str] = []
         self._retained_names: set[tuple[str, str]] = set()
+
+    @property
+    def workers_started(self) -> int:
+        """Worker containers this process started: its dedicated workers, and every worker of the
+        run's pool when this process deployed it (:attr:`Deployment.workers_created`: the first, one
+        that joined late or was still starting when the run ended — ``ready_slots`` — replacements
+        and recycled ones). A process that attached to the pool started none of it."""
+        pool_env = self._pool_env
+        deployed = self._shared is not None and self._shared.deployed and pool_env is not None
+        return self._dedicated_started + (pool_env.workers_created if deployed and pool_env else 0)
 
     # -- the pieces, created on first use ------------------------------------------------------------
 
@@ -391,8 +401,7 @@ class ProcessContainers:
         # two is ready, and the other joins the pool when it is (_start_pool: WorkerPool.grow).
         first = min(PROCESS_POOL_START, count) if layer.isolation == "process" else 1
         run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=first, ready_slots=1)
-        self.workers_started += len(run_env.workers)
-        self._pool_env = run_env
+        self._pool_env = run_env  # its workers are counted at close (Deployment.workers_created)
         return run_env
 
     def _make_pool(self, environment: Any, deployed: bool) -> WorkerPool:
@@ -512,7 +521,7 @@ class ProcessContainers:
             host = self.runtime.publish_host
             info: WorkerInfo = WorkerInfo(0, recipe.name, container_id, host, int(port))
             base.wait_ready(info)
-            self.workers_started += 1
+            self._dedicated_started += 1
         except BaseException:
             base.resources.cleanup_all()
             raise
@@ -530,7 +539,7 @@ class ProcessContainers:
         plan = self._plan(1, f"{self.instance}-d{next(self._dedicated)}")
         deployment = launch.deploy(plan, self.runtime, self.env.settings)  # removes what it made on failure
         info = deployment.workers[0]
-        self.workers_started += 1
+        self._dedicated_started += 1
         client = BridgeClient(info.host, info.port, request_timeout=self.env.settings.request_timeout,
                               token=plan.control_token)
         return DedicatedWorker(info.name, info.container_id, info.host, info.port, None, client, deployment)
@@ -602,8 +611,6 @@ class ProcessContainers:
         problems: list[str] = []
         with self._lock:
             if self._pool is not None:
-                if self._shared is not None and self._shared.deployed:
-                    self.workers_started += self._pool.replaced + self._pool.recycled + self._pool.added
                 with contextlib.suppress(Exception):
                     self._pool.close()
             if self._runtime is not None and self.env.identity.controller and self.env.up_run is None:

@@ -208,6 +208,8 @@ def test_a_worker_still_starting_joins_when_ready_and_a_pool_closed_before_drops
         assert joins.wait_replacements(30)
         assert [w["slot"] for w in joins.stats()["workers"]] == [0, 1] and joins.added == 1
         assert joins.notes == []
+        # "workers started" counts both: the one that joined late once, not again as "added".
+        assert joins.environment.workers_created == 2
     finally:
         joins.close()
 
@@ -216,4 +218,7 @@ def test_a_worker_still_starting_joins_when_ready_and_a_pool_closed_before_drops
     assert dropped.stats()["starting"] == 1
     dropped.close()  # the worker never gets ready (600 s deadline): close does not wait for it
     assert dropped.notes == []
+    # It was started all the same (`pytest --layer procs -n 2` showed -w0 and -w1 in `docker ps`
+    # while the summary said "workers started: 1"): counted.
+    assert dropped.environment.workers_created == 2
     assert not [c for c in rt.containers.values() if "-pd-" in c.recipe.name]
