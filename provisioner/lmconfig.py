@@ -37,6 +37,12 @@ DEFAULT_MODEL = "gemini-2.5-flash-lite"
 # (the limits; ``run_dir`` holds the shared budget, so a fresh one would be a fresh budget), which
 # run and layer calls are booked to, the price table the budget is computed with, and where and how
 # cassettes are recorded (recording from the real API spends money and writes into the project).
+# Fields the run fills in itself (the run's directory and id, the active layer, what answers at
+# base_url, a shard's share, the cassette folder as the user sees it): not settings a user sets, so an
+# unknown-key error does not offer them.
+INTERNAL_LM_FIELDS: tuple[str, ...] = ("cache_dir_shown", "run_dir", "run_id", "layer", "endpoint_kind",
+                                       "limits_share_of")
+
 # The controller sets them when it starts the workers; ``configure_lm`` over the bridge refuses
 # every one of them by name.
 RUN_OWNED_LM_FIELDS: tuple[str, ...] = (
@@ -167,6 +173,12 @@ class ModelPrice(BaseModel):
     output_per_mtok: float = Field(ge=0)
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
 
+
+#: ``lm.rate_limit_rpm`` of a run whose real calls the Gemini stand-in answers, unless the user set
+#: ``lm.rate_limit_rpm`` (then theirs holds). The limit's default (10, a free Gemini tier's) protects
+#: a real account; the stand-in bills nothing, and waiting for 10 rpm made a 29-call run take 137 s.
+#: Still a limit (a runaway loop stays bounded), just not one a test suite waits for.
+STANDIN_RATE_LIMIT_RPM = 1000
 
 class LMConfig(BaseModel):
     """How a layer's LM behaves. Part of :class:`provisioner.settings.Settings` as ``lm``."""

@@ -30,7 +30,15 @@ from provisioner.errors import ConfigError
 from provisioner.layers import Layer, get_layer
 from provisioner.lm.callstats import LMUsage
 from provisioner.lm.ledger import RUN_LM_SUBDIR
-from provisioner.lmconfig import API_KEY_ENV, LM_MODES, RECORD_MODES, LMConfig, LMMode, RecordMode
+from provisioner.lmconfig import (
+    API_KEY_ENV,
+    LM_MODES,
+    RECORD_MODES,
+    STANDIN_RATE_LIMIT_RPM,
+    LMConfig,
+    LMMode,
+    RecordMode,
+)
 from provisioner.settings import DEFAULT_SOURCE, Settings, load_settings
 
 
@@ -96,7 +104,14 @@ def resolve_run(
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     root = settings.project_dir
     layer = get_layer(settings, settings.layer)
-    lm_config = layer.lm_config(_with_shards(settings, options.shards), options.lm_mode)
+    base = _with_shards(settings, options.shards)
+    lm_config = layer.lm_config(base, options.lm_mode)
+    if _standin_answers(lm_config) and settings.source_of("lm.rate_limit_rpm") == DEFAULT_SOURCE:
+        # lm.rate_limit_rpm protects a real Gemini account; the stand-in this run wires in bills
+        # nothing, so waiting for Gemini's 10 rpm only made its tests slow. A value the user set
+        # still holds (a test of the limit itself needs it).
+        lm_config = layer.lm_config(base.model_copy(update={"rate_limit_rpm": STANDIN_RATE_LIMIT_RPM}),
+                                    options.lm_mode)
     # The LM's shared state (rate window, cost budget, ledger) lives in <run dir>/lm: the same
     # directory is bind-mounted into the run's worker containers, so limits and ledger are run-wide.
     lm_dir = None if run_dir is None else run_dir / RUN_LM_SUBDIR
@@ -110,6 +125,12 @@ def resolve_run(
             "(set it, or drop --require-key to use the Gemini stand-in)"
         )
     return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=root)
+
+
+def _standin_answers(lm: LMConfig) -> bool:
+    """The run's real calls go to the Gemini stand-in the run wires in (real mode, no API key and no
+    ``lm.base_url``: the rule of ``Environment.uses_standin`` and ``runtime.recipes.plan_run``)."""
+    return lm.mode == "real" and lm.api_key is None and lm.base_url is None
 
 
 def _with_shards(settings: Settings, shards: int | None) -> LMConfig:

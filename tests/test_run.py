@@ -74,3 +74,26 @@ def test_shards_split_the_runs_limits_and_splits_sets_them(tmp_path: Path,
     monkeypatch.setenv("PROVISION_LM__SHARDS", "11")
     with pytest.raises(ConfigError, match=r"lm.rate_limit_rpm=10 cannot be shared by lm.shards=11"):
         resolve_run(RunOptions(), tmp_path)
+
+
+def test_the_gemini_stand_in_does_not_wait_for_the_real_api_s_rate_limit_unless_it_was_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's trial: 29 calls the stand-in answered waited 137 s for the real API's default 10 rpm."""
+    from provisioner.lmconfig import STANDIN_RATE_LIMIT_RPM
+
+    for name in ("GEMINI_TEST_API_KEY", "PROVISION_LM__RATE_LIMIT_RPM", "PROVISION_LM__BASE_URL",
+                 "PROVISION_LM__SHARDS"):
+        monkeypatch.delenv(name, raising=False)
+    standin = resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config
+    assert standin.rate_limit_rpm == STANDIN_RATE_LIMIT_RPM > 10
+    assert resolve_run(RunOptions(layer="e2e", shards=2), tmp_path).lm_config.rate_limit_rpm == (
+        STANDIN_RATE_LIMIT_RPM // 2)
+    monkeypatch.setenv("GEMINI_TEST_API_KEY", "a-key")  # real Gemini: its default protects the account
+    assert resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config.rate_limit_rpm == 10
+    monkeypatch.delenv("GEMINI_TEST_API_KEY")
+    monkeypatch.setenv("PROVISION_LM__RATE_LIMIT_RPM", "10")  # the user's (a test of the limit): it holds
+    assert resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config.rate_limit_rpm == 10
+    monkeypatch.delenv("PROVISION_LM__RATE_LIMIT_RPM")
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\nlm.rate_limit_rpm = 3\n")
+    assert resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config.rate_limit_rpm == 3
