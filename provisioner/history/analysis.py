@@ -16,6 +16,7 @@ from provisioner.history.rows import row_lm_calls
 from provisioner.history.store import RunRow, TestRow
 
 PASSING = frozenset({"passed"})
+NO_REVISION = "(no git revision)"
 FAILING = frozenset({"failed", "error"})
 
 
@@ -36,11 +37,13 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
 
     A test is flaky when, on one revision (a dirty work tree is its own revision, see
     :func:`provisioner.history.rows.git_revision`), it passed in one run and failed or errored in
-    another, or when it passed after pytest-rerunfailures reran it. Runs without a revision (not a
-    git work tree) are compared with each other as one unknown revision.
+    another, or when it passed after pytest-rerunfailures reran it. A failure with LM calls the run's
+    cost or rate limit refused (``lm_refused``) is not flakiness: its cause is the run's limits (a
+    configuration), not chance. Runs without a revision (not a git work tree) are compared with each
+    other as one unknown revision, and the reason says so (a code change between them is invisible).
     """
     ordered = sorted(runs, key=lambda r: (r["started_at"], r["run_id"]))
-    revision_of = {r["run_id"]: r["revision"] or "(no git revision)" for r in ordered}
+    revision_of = {r["run_id"]: r["revision"] or NO_REVISION for r in ordered}
     outcomes: dict[tuple[str, str], set[str]] = defaultdict(set)
     by_test: dict[str, dict[str, str]] = defaultdict(dict)
     rerun_passes: dict[str, int] = defaultdict(int)
@@ -48,6 +51,8 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
         if row["run_id"] not in revision_of:
             continue
         by_test[row["node_id"]][row["run_id"]] = row["outcome"]
+        if row["outcome"] in FAILING and row["lm_refused"]:
+            continue  # failed because the run's limits refused its LM calls: a config, not chance
         outcomes[(row["node_id"], revision_of[row["run_id"]])].add(row["outcome"])
         if row["reruns"] and row["outcome"] == "passed":
             rerun_passes[row["node_id"]] += 1
@@ -55,7 +60,12 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
     for (node_id, revision), seen in sorted(outcomes.items()):
         if seen & PASSING and seen & FAILING:
             flaky = found.setdefault(node_id, FlakyTest(node_id))
-            flaky.reasons.append(f"passed and {'/'.join(sorted(seen & FAILING))} on revision {revision[:20]}")
+            failing = "/".join(sorted(seen & FAILING))
+            if revision == NO_REVISION:
+                flaky.reasons.append(f"passed and {failing} in runs without a git revision (not a git work "
+                                     "tree: those runs are compared as one revision, code changes unseen)")
+            else:
+                flaky.reasons.append(f"passed and {failing} on revision {revision[:20]}")
     for node_id, count in sorted(rerun_passes.items()):
         flaky = found.setdefault(node_id, FlakyTest(node_id))
         flaky.reasons.append(f"passed on rerun in {count} run{'s' if count != 1 else ''}")
