@@ -51,6 +51,14 @@ class Layer(BaseModel):
         return self.adapter == "bridge" and self.python
 
     @property
+    def runs_in_words(self) -> str:
+        """Where the layer's programs run, as every message and the README's layer table name it:
+        ``in-process (LocalBridge, adapter 'mock')`` or ``bridge containers (adapter 'bridge')``."""
+        if self.needs_docker:
+            return f"bridge containers (adapter {self.adapter!r})"
+        return f"in-process (LocalBridge, adapter {self.adapter!r})"
+
+    @property
     def egress_allowed(self) -> bool:
         """Only real-LM layers may reach the outside world; mock and cached cannot spend money."""
         return self.lm_mode == "real"

@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from provisioner.errors import ConfigError, UnknownNameError
-from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, LMConfig, LMMode
+from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, INTERNAL_LM_FIELDS, LMConfig, LMMode
 
 ENV_PREFIX = "PROVISION_"
 LAYER_ALIAS_ENV = "TEST_MODE"
@@ -454,4 +454,7 @@ def _known_keys(parents: list[str]) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
-    return list(model.model_fields) if hasattr(model, "model_fields") else []
+    if not hasattr(model, "model_fields"):
+        return []
+    internal = INTERNAL_LM_FIELDS if model is LMConfig else ()
+    return [name for name in model.model_fields if name not in internal]

@@ -75,3 +75,23 @@ def test_isolation_process_needs_bridge_workers(settings_in) -> None:  # type: i
     assert get_layer(s, "proc").isolation == "process"
     with pytest.raises(ConfigError, match=r"inproc.*isolation 'process'.*adapter = 'bridge'"):
         get_layer(s, "inproc")
+
+
+def test_messages_and_the_readme_name_where_a_layer_runs_the_same_way(  # type: ignore[no-untyped-def]
+    settings_in, tmp_path: Path
+) -> None:
+    """A user's trial: `provision run --layer unit -- false` said "runs in-process (adapter 'mock')"
+    while the README's layer table says "in-process (`LocalBridge`)"."""
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+
+    settings = settings_in()
+    unit, e2e = get_layer(settings, "unit"), get_layer(settings, "e2e")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for layer in (unit, e2e):  # the README's Markdown: names in backticks
+        cell = layer.runs_in_words.replace("'", "`").replace("LocalBridge", "`LocalBridge`")
+        assert f"| {layer.name} | {cell} |" in readme, cell
+    result = CliRunner().invoke(main, ["run", "--layer", "unit", "--", "false"],
+                                env={"PROVISION_STATE_DIR": str(tmp_path / ".provision")})
+    assert f"layer 'unit' runs {unit.runs_in_words}" in result.output, result.output

@@ -159,3 +159,19 @@ def test_unknown_key_names_the_closest_setting(tmp_path: Path) -> None:
     assert info.value.suggestion == "memory"
     assert "'memroy'" in str(info.value) and "pyproject.toml [tool.provisioner]" in str(info.value)
     assert "ready_timeout_s" in str(info.value)  # the known keys are listed
+
+
+def test_an_unknown_lm_key_lists_only_the_keys_a_user_can_set(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """A user's trial: ``PROVISION_LM__COST_LIMT_USD=1 provision config`` listed run_dir, run_id,
+    layer, endpoint_kind, limits_share_of and cache_dir_shown, which the run sets itself."""
+    from provisioner.errors import UnknownNameError
+    from provisioner.lmconfig import INTERNAL_LM_FIELDS
+
+    monkeypatch.setenv("PROVISION_LM__COST_LIMT_USD", "1")
+    with pytest.raises(UnknownNameError) as info:
+        load_settings(project_dir=tmp_path)
+    message = str(info.value)
+    assert info.value.suggestion == "cost_limit_usd" and "rate_limit_rpm" in message
+    listed = message.split("known keys: ", 1)[1]
+    assert not [name for name in INTERNAL_LM_FIELDS if f" {name}," in f" {listed}"], listed

@@ -73,7 +73,7 @@ def _container_layer(settings: Settings, layer: str) -> None:
     layer_obj = get_layer(settings, layer)
     if not layer_obj.needs_docker:
         raise NoContainersError(
-            f"layer {layer_obj.name!r} runs in-process (adapter {layer_obj.adapter!r}) and has no "
+            f"layer {layer_obj.name!r} runs {layer_obj.runs_in_words} and has no "
             f"containers, so there is no compose file for it; layers with containers: "
             f"{', '.join(container_layers(settings)) or 'none'}"
         )

@@ -107,7 +107,7 @@ def up(
     layer = get_layer(settings, options.layer or settings.layer)
     if not layer.needs_docker:
         raise ConfigError(
-            f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}) and has no "
+            f"layer {layer.name!r} runs {layer.runs_in_words} and has no "
             "containers; choose a bridge layer such as 'integration' or 'e2e'"
         )
     lm = layer.lm_config(settings.lm, options.lm_mode)

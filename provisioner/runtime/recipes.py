@@ -536,7 +536,7 @@ def plan_run(
     """
     if not layer.needs_docker:
         raise NoContainersError(
-            f"layer {layer.name!r} runs in-process (adapter {layer.adapter!r}); it has no containers"
+            f"layer {layer.name!r} runs {layer.runs_in_words}; it has no containers"
         )
     count = options.workers if options.workers is not None else layer.workers
     if count < 1:

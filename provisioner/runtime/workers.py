@@ -312,8 +312,9 @@ class ProcessContainers:
 
         if not self.env.layer.needs_docker:
             raise ConfigError(
-                f"{what} needs a container layer, but layer {self.env.layer.name!r} runs in-process "
-                "(adapter 'mock'); run with --layer integration (or e2e), or mark the test for it"
+                f"{what} needs a container layer, but layer {self.env.layer.name!r} runs "
+                f"{self.env.layer.runs_in_words}; run with --layer integration (or e2e), or mark the test "
+                "for it"
             )
 
     # -- the pool ------------------------------------------------------------------------------------
