@@ -711,3 +711,26 @@ def test_the_isolated_fixture_s_errors_name_the_session_by_its_test(project: pyt
     result.assert_outcomes(failed=1)
     named = r"'test_named\.py::test_missing_program \(session_\w+\)'"
     result.stdout.re_match_lines([rf".*ProgramNotFound: .*{named}.*"])
+
+
+BAD_SIGNATURE_TEST = """
+import pytest
+
+@pytest.mark.unit
+def test_bad_sig(isolated):
+    isolated.adapter.create_program("this is -> not -> a signature", "qa")
+"""
+
+
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
+def test_an_error_whose_worker_message_has_no_session_id_names_the_session(
+    project: pytest.Pytester, xdist: tuple[str, ...]
+) -> None:
+    """A new user's trial: ``BridgeError: InvalidSignature: …`` through ``isolated`` showed no session
+    (the worker's message has no id) while the worker log section named ``<node id> (session_…)``:
+    the error now ends with ``(session <node id> (session_…))``."""
+    project.makepyfile(test_sig=BAD_SIGNATURE_TEST)
+    result = project.runpytest_subprocess("--layer", "unit", *xdist)
+    result.assert_outcomes(failed=1)
+    result.stdout.re_match_lines([r"E +provisioner\.errors\.BridgeError: InvalidSignature: .*"
+                                  r" \(session test_sig\.py::test_bad_sig \(session_\w+\)\)$"])

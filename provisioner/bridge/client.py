@@ -94,8 +94,10 @@ def name_session(text: str, session_id: str, label: str | None) -> str:
 
 def name_session_in(exc: BaseException, session_id: str, label: str | None) -> None:
     """Rewrite ``exc``'s message in place so it names ``session_id`` as :func:`name_session` does;
-    nothing without a label. The exception keeps its type, attributes and traceback: callers
-    re-raise it."""
+    nothing without a label. A message that does not contain the id (the worker's
+    ``InvalidSignature: …``, ``CostLimitExceeded: program 'qa' failed: …``) gets
+    `` (session <label> (<session id>))`` appended, once: a second call finds the id and leaves
+    it. The exception keeps its type, attributes and traceback: callers re-raise it."""
     if not label:
         return
 
@@ -106,6 +108,17 @@ def name_session_in(exc: BaseException, session_id: str, label: str | None) -> N
     message = getattr(exc, "message", None)
     if isinstance(message, str):
         exc.message = fix(message)  # type: ignore[attr-defined]
+    if session_id in str(exc):
+        return
+    suffix = f" (session {session_name(session_id, label)})"
+    # The message is the first argument (every ProvisionerError's str() shows it); BridgeError
+    # shows its ``message`` attribute after the worker's error type.
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (exc.args[0] + suffix, *exc.args[1:])
+    elif not exc.args:
+        exc.args = (suffix.lstrip(),)
+    if isinstance(message, str):
+        exc.message = exc.message + suffix  # type: ignore[attr-defined]
 
 
 def _drop_none(**args: Any) -> dict[str, Any]:

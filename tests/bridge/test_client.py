@@ -44,3 +44,35 @@ def test_a_session_client_s_errors_name_its_label() -> None:
         with pytest.raises(BridgeError, match=r"session 'smoke \(s-9\)'") as info:
             session.get_program_info("nope")
         assert info.value.error_type == "ProgramNotFound"
+
+
+def test_an_error_without_the_session_id_gets_its_name_appended_once() -> None:
+    """A new user's trial: ``BridgeError: InvalidSignature: …`` and ``CostLimitExceeded: program 'qa'
+    failed: …`` raised through the plugin's ``isolated`` named no session (the worker's message has
+    no id), while the worker log section named ``tests/x.py::test_bad_sig (session_…)``."""
+    sid = "session_ab12_cd34"
+    label = "tests/x.py::test_bad_sig"
+    for error, shown in (
+        (BridgeError("bad signature 'question ->'", "InvalidSignature", 3),
+         "InvalidSignature: bad signature 'question ->'"),
+        (BridgeError("program 'qa' failed: the run's $0.01 limit is spent", "CostLimitExceeded"),
+         "CostLimitExceeded: program 'qa' failed: the run's $0.01 limit is spent"),
+        (WorkerLostError("the worker died (OOM-killed)"), "the worker died (OOM-killed)"),
+    ):
+        name_session_in(error, sid, label)
+        name_session_in(error, sid, label)  # twice (the API and the session client): once
+        assert str(error) == f"{shown} (session {label} ({sid}))"
+        if isinstance(error, BridgeError):
+            assert error.message.endswith(f" (session {label} ({sid}))") and error.request_id in (3, None)
+    unlabelled = BridgeError("bad signature", "InvalidSignature")
+    name_session_in(unlabelled, sid, None)
+    assert str(unlabelled) == "InvalidSignature: bad signature"
+
+
+def test_a_session_client_s_error_without_the_id_names_its_label() -> None:
+    with LocalBridge(LMConfig(mode="mock")) as bridge:
+        session = SessionClient(bridge, "s-9", label="smoke")
+        with pytest.raises(BridgeError) as info:
+            session.create_program("this is -> not -> a signature", "qa")
+        assert "s-9" not in info.value.message.split(" (session ")[0]  # the worker's text has no id
+        assert str(info.value).endswith(" (session smoke (s-9))"), str(info.value)
