@@ -301,6 +301,11 @@ class WorkerLostError(RuntimeProblem):
     """A pooled worker died; sessions pinned to it cannot continue."""
 
 
+class WorkerNotReplaceableError(WorkerLostError):
+    """A pooled worker died and this process may not replace it (a ``provision up`` run's worker:
+    only its owner replaces it); no replacement was attempted."""
+
+
 class StateUnreadableError(RuntimeProblem):
     """A run's state file exists but cannot be used: truncated (a process killed mid-write), hand
     edited, or written by an incompatible version. ``path``: the file; ``reason``: what is wrong."""

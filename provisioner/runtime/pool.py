@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from provisioner.bridge.client import BridgeClient, name_session
-from provisioner.errors import BridgeConnectionError, WorkerLostError
+from provisioner.errors import BridgeConnectionError, WorkerLostError, WorkerNotReplaceableError
 from provisioner.runtime.deployment import Deployment, WorkerInfo, bridge_probe, death_reason, repair_times
 from provisioner.runtime.engine import ContainerState
 from provisioner.runtime.health import PublishedWorker, heal_environment, wait_for_paths
@@ -87,6 +87,9 @@ class _Slot:
     replacing: bool = False
     # Why the last replacement of this slot failed (cleared by a successful one).
     failure: str | None = None
+    # This process may not replace the slot's worker (WorkerNotReplaceableError: a `provision up`
+    # run's): it is not tried again, and said once, not once per test.
+    unreplaceable: bool = False
     # When the last session was pinned here (the pool's clock; -inf: never): the
     # ``least_recently_used`` pick.
     last_opened: float = float("-inf")
@@ -297,9 +300,12 @@ class WorkerPool:
             dead_seen += 1
             if dead_seen > 2 * len(self._slots):
                 failures = sorted({s.failure for s in self._slots.values() if s.failure})
+                owned = all(s.unreplaceable for s in self._slots.values())
+                what = ("this process may not replace them, so no replacement was attempted" if owned
+                        else "replacing them failed")
                 raise WorkerLostError(
-                    f"no live worker for session {session_id!r}: every worker died and replacing them "
-                    f"failed: {'; '.join(failures) or 'unknown error'}"
+                    f"no live worker for session {session_id!r}: every worker died and {what}: "
+                    f"{'; '.join(failures) or 'unknown error'}"
                 )
 
     def _pick_key(self, slot: _Slot) -> tuple[bool, int, float, int]:
@@ -762,6 +768,9 @@ class WorkerPool:
             slot = self._slots[slot_no]
             if slot.replacing or slot.info.generation != generation:
                 return
+            if slot.unreplaceable:  # said once already (below); its sessions are lost all the same
+                self._mark_lost(slot, reason)
+                return
             slot.replacing = True
             name = slot.info.name
             self._mark_lost(slot, reason)
@@ -773,6 +782,9 @@ class WorkerPool:
                 self._replace(slot_no, lost_reason=reason)
                 with self._cond:
                     self.replaced += 1
+            except WorkerNotReplaceableError as exc:
+                self.note(f"worker {name} (slot {slot_no}) not replaced (no replacement attempted): {exc}")
+                return
             except Exception as exc:
                 took = time.time() - started
                 self.note(f"replacing worker {name} (slot {slot_no}) failed after {took:.1f} s: {exc}")
@@ -822,6 +834,7 @@ class WorkerPool:
         except BaseException as exc:
             with self._cond:
                 slot.failure = f"{type(exc).__name__}: {exc}"
+                slot.unreplaceable = isinstance(exc, WorkerNotReplaceableError)
                 slot.replacing = False
                 self._cond.notify_all()
             raise

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.errors import WorkerLostError
+from provisioner.errors import WorkerLostError, WorkerNotReplaceableError
 from provisioner.runtime import labels as L
 
 if TYPE_CHECKING:
@@ -194,12 +194,13 @@ class AttachedWorkers:
         """The slot's next worker, once the run's deploying process has started it.
 
         Raises:
-            WorkerLostError: a ``provision up`` run's worker (nobody replaces it), the deploying
+            WorkerNotReplaceableError: a ``provision up`` run's worker (only its owner replaces it).
+            WorkerLostError: the deploying
                 process is gone, or no replacement appeared within ``ready_timeout_s``.
         """
         old = self.worker(slot)
         if self.record.source == "up" or self.run_dir is None:
-            raise WorkerLostError(
+            raise WorkerNotReplaceableError(
                 f"worker {old.name} of run {self.record.run_id} (started by `provision up`) is gone and "
                 "only its owner can replace it: run `provision status --repair`, or `provision down` "
                 "and `provision up` again"

@@ -250,6 +250,34 @@ def test_a_dead_worker_that_cannot_be_replaced_fails_the_session_clearly(
         assert "unlucky" not in [s for s in pool._sessions]
 
 
+def test_dead_workers_this_process_may_not_replace_are_said_once_each_and_not_called_a_failed_replacement(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's trial: a pytest attached to a `provision up` run whose workers all died said "every
+    worker died and replacing them failed" (nothing was attempted: the run belongs to `provision up`),
+    and two "replacing worker ... failed after 0.0 s" warnings repeated for every test."""
+    from provisioner.errors import WorkerNotReplaceableError
+
+    rt, _ = fake
+    with _pool(settings, fake, count=2) as pool:
+        def not_mine(slot: int) -> Any:
+            raise WorkerNotReplaceableError(f"worker of slot {slot} is gone: only its owner can replace it")
+
+        monkeypatch.setattr(pool.environment, "replace_worker", not_mine)
+        for slot in (0, 1):
+            rt.crash(pool.environment.worker(slot).container_id, exit_code=137)
+        for test in ("first", "second", "third"):
+            with pytest.raises(WorkerLostError) as info:
+                pool.open_session(test)
+            assert "no replacement was attempted" in str(info.value), info.value
+            assert "replacing them failed" not in str(info.value)
+        pool.wait_replacements(10)  # the replacer threads have said what they found
+        notes = pool.stats()["notes"]
+    assert not [n for n in notes if "failed after" in n], notes
+    said = [n for n in notes if "not replaced (no replacement attempted)" in n]
+    assert len(said) == 2, notes  # once per worker, not once per test
+
+
 def test_a_broken_connection_tells_whether_the_worker_died(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
