@@ -301,7 +301,10 @@ class CachedEngine(EngineBase):
                 outcome = inner.call(request)
                 response, usage, cost = outcome.response, outcome.usage, outcome.cost_usd
                 booking = {"list_cost_usd": outcome.list_cost_usd, "endpoint": outcome.endpoint,
-                           "usage": outcome.usage_source, "estimated": outcome.estimated}
+                           "usage": outcome.usage_source, "estimated": outcome.estimated,
+                           "rate_limit_wait_s": outcome.rate_limit_wait_s}
+                if outcome.rate_limit_wait_s > 0:  # a recording waits for the run's rate limit too
+                    _stats.record_rate_limit_wait(outcome.rate_limit_wait_s)
             else:
                 response = inner.complete(request)
                 raw = response.usage

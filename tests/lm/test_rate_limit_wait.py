@@ -96,6 +96,25 @@ def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_co
     assert "1 call waited" in format_cost_report(report)
 
 
+def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledger_line(
+    standin: GeminiStandin, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = LMConfig.model_validate({"mode": "cached", "cache_dir": tmp_path / "cassettes",
+                                      "api_key": STANDIN_KEY, "base_url": standin.url, "run_dir": run_dir,
+                                      "rate_limit_rpm": 1,
+                                      "run_id": "run-c", "endpoint_kind": "standin", "max_tokens": 16})
+    lm = build_lm(config)
+    lm("recorded at once")
+    _leave_the_window_almost_full(run_dir, 0.3)
+    before = stats()
+    lm("recorded after a wait")
+    recorded = [line for line in read_ledger(run_dir / "ledger.jsonl") if line["event"] == "call"]
+    assert [line["kind"] for line in recorded] == ["recorded", "recorded"]
+    assert recorded[0]["rate_limit_wait_s"] == 0 and recorded[1]["rate_limit_wait_s"] > 0
+    assert (stats() - before).rate_limit_waits == 1
+
+
 SUITE = """
 import dspy
 
