@@ -11,7 +11,9 @@ e2e            bridge    yes     yes      real     session
 =============  ========  ======  =======  =======  =========
 
 Users override fields of these, or add layers, under ``[tool.provisioner.layers.<name>]``.
-The LM mode of a layer comes from ``lm_modes[<name>]`` when set there, else from the layer.
+The LM mode of a layer comes from ``lm_modes[<name>]`` when the user set it there (project file,
+environment), else from the layer's own ``lm_mode`` (the user's layer table, else the built-in), else
+from the default ``lm_modes`` (:data:`provisioner.settings.DEFAULT_LM_MODES`).
 """
 
 from __future__ import annotations
@@ -118,7 +120,12 @@ def _resolve(settings: Settings, name: str) -> Layer:
     for spec in (_DEFAULTS, BUILTIN_LAYERS.get(name), settings.layers.get(name)):
         if spec is not None:
             merged.update(spec.model_dump(exclude_none=True))
-    if name in settings.lm_modes:
+    user_layer = settings.layers.get(name)
+    layer_sets_it = user_layer is not None and user_layer.lm_mode is not None
+    user_set_mode = settings.source_of(f"lm_modes.{name}") != "default"
+    if name in settings.lm_modes and (user_set_mode or not layer_sets_it):
+        # The default lm_modes cover the built-in layers; a user's [tool.provisioner.layers.e2e]
+        # lm_mode = "mock" was silently overridden by them (a new user's trial).
         merged["lm_mode"] = settings.lm_modes[name]
     merged.setdefault("workers", settings.max_pool_size)
     merged.setdefault("description", "user-defined layer")

@@ -44,6 +44,22 @@ def test_user_overrides_and_custom_layers(settings_in) -> None:  # type: ignore[
     assert list(resolve_layers(s)) == ["unit", "integration", "e2e", "smoke"]
 
 
+def test_a_built_in_layer_s_lm_mode_set_in_its_layer_table_is_used(  # type: ignore[no-untyped-def]
+    settings_in, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new user's ``[tool.provisioner.layers.e2e] lm_mode = "mock"`` was silently ignored: the
+    default ``lm_modes`` (which name every built-in layer) won. The user's layer table now beats the
+    defaults; an ``lm_modes`` entry the user set (file or environment) still beats the layer."""
+    toml = ("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\n"
+            "[tool.provisioner.layers.integration]\nworkers = 3\n")
+    s = settings_in(toml)
+    assert get_layer(s, "e2e").lm_mode == "mock"
+    assert get_layer(s, "integration").lm_mode == "cached"  # a table without lm_mode keeps the default
+    assert get_layer(s, "unit").lm_mode == "mock"
+    monkeypatch.setenv("PROVISION_LM_MODES__E2E", "cached")
+    assert get_layer(settings_in(toml), "e2e").lm_mode == "cached"
+
+
 def test_layer_lm_config_applies_its_mode_unless_lm_overrides(settings_in) -> None:  # type: ignore[no-untyped-def]
     s = settings_in(
         "[tool.provisioner.lm]\nrate_limit_rpm = 7\n[tool.provisioner.lm_modes]\nintegration = 'real'\n"
