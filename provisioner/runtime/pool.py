@@ -531,7 +531,6 @@ class WorkerPool:
                 self.note(f"worker {slot.info.name} (slot {slot_no}) {how}; replacing it")
                 self._replace(slot_no, lost_reason=how)
                 dead.append(slot_no)
-                self.replaced += 1
         return dead
 
     def heal_path(self) -> bool:
@@ -573,15 +572,7 @@ class WorkerPool:
         pending = getattr(self.environment, "pending_slots", None)
         if pending is None:
             return
-        with self._cond:
-            if self._closed:
-                return
-            slots = [slot for slot in pending() if slot not in self._starting]
-            if up_to is not None:
-                slots = slots[:max(0, up_to - len(self._slots) - len(self._starting))]
-            if not slots:
-                return
-            self._starting.update(slots)
+        slots: list[int] = []
 
         def run() -> None:
             for slot_no in slots:
@@ -602,10 +593,20 @@ class WorkerPool:
                     self._cond.notify_all()
                 self._workers_changed(slot_no)
 
-        thread = threading.Thread(target=run, name="provision-pool-grow", daemon=True)
         with self._cond:
+            if self._closed:
+                return
+            slots = [slot for slot in pending() if slot not in self._starting]
+            if up_to is not None:
+                slots = slots[:max(0, up_to - len(self._slots) - len(self._starting))]
+            if not slots:
+                return
+            self._starting.update(slots)
+            # Registered and started while the slots are claimed: a wait_replacements() that sees
+            # them starting also sees (and joins) the thread that starts them.
+            thread = threading.Thread(target=run, name="provision-pool-grow", daemon=True)
             self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
-        thread.start()
+            thread.start()
 
     def wanted_workers(self) -> int:
         """How many workers the demand asks for: the most sessions this process had open at once,
@@ -698,11 +699,21 @@ class WorkerPool:
             }
 
     def wait_replacements(self, timeout_s: float | None = None) -> bool:
-        """Wait for background replacements to finish; False if some still run after ``timeout_s``."""
+        """Wait for replacements to finish — the background ones (a death a session found, a pool
+        growing) and one :meth:`check` is making on another thread (the monitor's); False if some
+        still run after ``timeout_s`` (seconds; None: no limit)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for thread in list(self._replacers):
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._replacers)
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        with self._cond:  # after a death _retire marked (same lock), its replacement thread is here
+            replacers = list(self._replacers)
+        for thread in replacers:
+            thread.join(left())
+        with self._cond:
+            settled = self._cond.wait_for(lambda: not any(s.replacing for s in self._slots.values()), left())
+        return settled and not any(t.is_alive() for t in self._replacers)
 
     def close(self) -> CleanupReport | None:
         """Stop the monitor, wait for replacements in flight (so nothing starts after the run's
@@ -774,28 +785,30 @@ class WorkerPool:
             slot.replacing = True
             name = slot.info.name
             self._mark_lost(slot, reason)
-        self.note(f"worker {name} (slot {slot_no}) {reason}; replacing it behind the same address")
-
-        def replace() -> None:
-            started = time.time()
-            try:
-                self._replace(slot_no, lost_reason=reason)
-                with self._cond:
-                    self.replaced += 1
-            except WorkerNotReplaceableError as exc:
-                self.note(f"worker {name} (slot {slot_no}) not replaced (no replacement attempted): {exc}")
-                return
-            except Exception as exc:
-                took = time.time() - started
-                self.note(f"replacing worker {name} (slot {slot_no}) failed after {took:.1f} s: {exc}")
-                return
-            self.note(f"replaced worker {name} (slot {slot_no}) behind the same address; "
-                      f"{repair_times(None, started, time.time(), 'the replacement')}")
-
-        thread = threading.Thread(target=replace, name=f"provision-pool-replace-{slot_no}", daemon=True)
-        with self._cond:
+            self.note(f"worker {name} (slot {slot_no}) {reason}; replacing it behind the same address")
+            # Registered and started in the same critical section that marks the worker dead: a
+            # wait_replacements() that comes after the death sees its replacement (it could return
+            # before the thread was registered, and join() fails on a thread not started yet).
+            thread = threading.Thread(target=self._replace_in_background,
+                                      args=(slot_no, name, reason),
+                                      name=f"provision-pool-replace-{slot_no}", daemon=True)
             self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
-        thread.start()
+            thread.start()
+
+    def _replace_in_background(self, slot_no: int, name: str, reason: str) -> None:
+        """:meth:`_retire`'s replacement of ``slot_no`` (worker ``name``, dead for ``reason``)."""
+        started = time.time()
+        try:
+            self._replace(slot_no, lost_reason=reason)
+        except WorkerNotReplaceableError as exc:
+            self.note(f"worker {name} (slot {slot_no}) not replaced (no replacement attempted): {exc}")
+            return
+        except Exception as exc:
+            took = time.time() - started
+            self.note(f"replacing worker {name} (slot {slot_no}) failed after {took:.1f} s: {exc}")
+            return
+        self.note(f"replaced worker {name} (slot {slot_no}) behind the same address; "
+                  f"{repair_times(None, started, time.time(), 'the replacement')}")
 
     def _mark_lost(self, slot: _Slot, reason: str) -> None:
         """(Caller holds the lock.) Every session of the slot becomes lost with ``reason``."""
@@ -841,6 +854,8 @@ class WorkerPool:
         with self._cond:
             stale = [c for key in [k for k in self._idle if k[0] == slot_no] for c in self._idle.pop(key)]
             self._slots[slot_no] = _Slot(new, self.clock())
+            if lost_reason is not None:  # a dead worker's, not a recycle (counted by its caller)
+                self.replaced += 1  # with the swap: a wait_replacements() that sees it done sees it
             self._cond.notify_all()
         for client in stale:
             client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import Counter
@@ -276,6 +277,47 @@ def test_dead_workers_this_process_may_not_replace_are_said_once_each_and_not_ca
     assert not [n for n in notes if "failed after" in n], notes
     said = [n for n in notes if "not replaced (no replacement attempted)" in n]
     assert len(said) == 2, notes  # once per worker, not once per test
+
+
+def test_wait_replacements_after_a_death_waits_for_its_replacement(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
+) -> None:
+    """A Docker test saw ``wait_replacements()`` return True with nothing replaced: a worker's death
+    was marked (its sessions lost) before its replacement thread was registered, and a wait in that
+    gap found no thread. Here the gap is held open: the pool's warning for the death blocks until
+    the waiter has started waiting."""
+    rt, _ = fake
+    in_note, waiter_started = threading.Event(), threading.Event()
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "replacing it behind the same address" in record.getMessage():
+                in_note.set()
+                assert waiter_started.wait(10)
+
+    hold = Hold()
+    logging.getLogger("provisioner.pool").addHandler(hold)
+    try:
+        with _pool(settings, fake, count=2) as pool:
+            pinned = pool.open_session("x")
+            rt.crash(pool.environment.worker(pinned.slot).container_id, exit_code=137)
+            checker = threading.Thread(target=pool.connection_failed, args=("x",))  # as a client does
+            checker.start()
+            assert in_note.wait(10)
+            result: list[tuple[bool, int]] = []
+
+            def wait() -> None:
+                ended = pool.wait_replacements(30)
+                result.append((ended, pool.stats()["replaced"]))
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            waiter_started.set()
+            waiter.join(30)
+            checker.join(30)
+            assert result == [(True, 1)]
+    finally:
+        logging.getLogger("provisioner.pool").removeHandler(hold)
 
 
 def test_a_broken_connection_tells_whether_the_worker_died(
