@@ -299,8 +299,16 @@ class WorkerPool:
             self._retire(pinned.slot, pinned.generation, death_reason(state))
             dead_seen += 1
             if dead_seen > 2 * len(self._slots):
-                failures = sorted({s.failure for s in self._slots.values() if s.failure})
-                owned = all(s.unreplaceable for s in self._slots.values())
+                with self._cond:
+                    # Judge only once the replacements in flight have ended: one may still bring a
+                    # worker up (then choose again), or say it may not replace (a provision up run's).
+                    self._cond.wait_for(lambda: not any(s.replacing for s in self._slots.values()),
+                                        timeout=getattr(self.environment, "ready_timeout_s", 60.0))
+                    failures = sorted({s.failure for s in self._slots.values() if s.failure})
+                    owned = all(s.unreplaceable for s in self._slots.values())
+                    revived = any(s.failure is None and not s.replacing for s in self._slots.values())
+                if revived and dead_seen <= 8 * len(self._slots):
+                    continue
                 what = ("this process may not replace them, so no replacement was attempted" if owned
                         else "replacing them failed")
                 raise WorkerLostError(
