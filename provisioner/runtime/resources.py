@@ -55,6 +55,11 @@ KINDS: tuple[str, ...] = ("container", "network", "volume", "process", "tempfile
 Snapshot = frozenset[tuple[str, str]]
 
 
+# How many applied event keys a watch remembers (duplicates the stream may deliver again are
+# recognised among them); a synchronised snapshot waits for at most a quarter of that many.
+APPLIED_MEMORY = 4096
+
+
 @dataclass
 class Resource:
     """One tracked resource. ``ident`` is what cleanup acts on (container id, pid, path, port)."""
@@ -340,7 +345,7 @@ class EngineWatch:
                 elif event.action == "destroy":
                     self._state.pop((event.kind, event.id), None)
                 self._applied[event.key] = None
-                while len(self._applied) > 4096:
+                while len(self._applied) > APPLIED_MEMORY:
                     del self._applied[next(iter(self._applied))]
             self._cursor_ns = max(self._cursor_ns, event.time_ns)
             self._changed.notify_all()
@@ -356,10 +361,13 @@ class EngineWatch:
                 return set(self._state.values())
         if usable and sync:
             until = time.time_ns()
-            pending = {e.key for e in self.runtime.events(cursor, until)}
+            # The stream applies events in order, so the newest pending ones applied means all are;
+            # the oldest may already be forgotten (APPLIED_MEMORY) when the watch lagged more than
+            # that many events (a loaded machine: it then waited out sync_timeout_s and listed).
+            pending = [e.key for e in self.runtime.events(cursor, until)][-(APPLIED_MEMORY // 4):]
             with self._changed:
                 usable = self._changed.wait_for(
-                    lambda: self._failed is not None or pending.issubset(self._applied.keys()),
+                    lambda: self._failed is not None or all(k in self._applied for k in pending),
                     timeout=self.sync_timeout_s,
                 )
         with self._changed:

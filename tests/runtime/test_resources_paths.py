@@ -29,6 +29,31 @@ def test_closing_without_a_watch_is_a_no_op_and_closing_twice_too() -> None:
     rm.close()
 
 
+def test_a_snapshot_after_the_watch_lagged_more_events_than_it_remembers_uses_the_watch() -> None:
+    """The README's command failed once under load: the watch thread was more than 4,096 events
+    behind when a snapshot asked, the snapshot waited for every pending key to be in the (bounded)
+    memory of applied events — the oldest were already forgotten — and listed after its timeout.
+    Here the lag is made: the watch cannot apply an event while the test holds its lock."""
+    rt = FakeRuntime()
+    selector = L.selector("lag")
+    rm = ResourceManager(rt, selector=selector, sync_timeout_s=2.0)
+    try:
+        before = rm.snapshot()
+        watch = rm._watch
+        assert watch is not None
+        with watch._changed:  # the watch thread waits here with the first of these events
+            for i in range(4200 // 2):
+                ident = rt.create_network(NetworkRecipe(f"prov-n{i}", internal=True, labels=selector))
+                rt.remove_network(ident)
+            rt.create_network(NetworkRecipe("prov-last", internal=True, labels=selector))
+            # Asked while the watch is 4,201 events behind (the wait releases the lock to it).
+            after = rm.snapshot()
+        assert after - before == {("network", "prov-last")}
+        assert watch.fallbacks == 0  # waited for the stream, did not list
+    finally:
+        rm.close()
+
+
 def test_a_long_lived_watch_remembers_a_bounded_number_of_events() -> None:
     events = 4200
     rt = FakeRuntime()
