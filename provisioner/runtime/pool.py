@@ -54,6 +54,21 @@ from provisioner.runtime.health import PublishedWorker, heal_environment, wait_f
 from provisioner.runtime.resources import CleanupReport
 
 log = logging.getLogger("provisioner.pool")
+# How long an idle connection's ping may take before it is not reused (seconds; the engine is asked
+# instead). A threaded worker answers ping on its connection thread even while it executes.
+REUSE_PING_TIMEOUT_S = 5.0
+
+
+def _answers_ping(client: Any) -> bool:
+    """``client``'s worker answers a ``ping`` on its open connection (one round trip, within
+    :data:`REUSE_PING_TIMEOUT_S`); False on any failure (the caller then checks the engine)."""
+    try:
+        client.call("ping", timeout=REUSE_PING_TIMEOUT_S)
+    except Exception:
+        return False
+    return True
+
+
 # Idle connections kept per worker generation (a process runs one test at a time; threads of a
 # test that open sessions concurrently may need a few).
 IDLE_CONNECTIONS_PER_WORKER = 4
@@ -262,8 +277,12 @@ class WorkerPool:
                 idle = self._idle.get((slot.info.slot, slot.info.generation))
                 reuse = idle.pop() if idle else None
             state: ContainerState | None = None
-            if reuse is not None and reuse.idle_and_open():
-                alive = True  # the relay would have closed it had the worker's end gone
+            if reuse is not None and reuse.idle_and_open() and _answers_ping(reuse):
+                # It answered just now. Open alone was not enough: the relay closes a dead worker's
+                # connections a moment after its death, and a session opened in that moment was
+                # pinned to the dead worker (test_api's killed-between-tests test, about 1 run in 5
+                # of the README's command).
+                alive = True
             elif not check:
                 alive = True  # the caller's connection will tell
                 if reuse is not None:
