@@ -7,6 +7,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _relay(routes: list[tuple[int, str, int]], **options: Any) -> Iterator[socket.socket]:
+    """The relay serving ``routes`` on 127.0.0.1 in a thread; yields a connection to the first
+    route's port once it accepts (polled), and stops the relay after the block."""
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(serve(routes, bind="127.0.0.1", handle_signals=False, **options)))
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task[0])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield _connect_when_listening(routes[0][0])
+    finally:
+        while not task:
+            threading.Event().wait(0.01)
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(timeout=5)
+
+
+def _connect_when_listening(port: int) -> socket.socket:
+    for _ in range(200):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=1)
+        except OSError:
+            threading.Event().wait(0.01)
+    pytest.fail(f"the relay did not listen on {port}")
+
+
 @pytest.fixture
 def echo_server() -> Iterator[int]:
     """A loopback server that answers every chunk in upper case (the relay's upstream)."""
@@ -39,36 +73,7 @@ def echo_server() -> Iterator[int]:
 def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: int) -> None:
     live, dead = _free_port(), _free_port()
     missing_target = _free_port()  # nothing listens there
-    loop = asyncio.new_event_loop()
-    task: list[asyncio.Task[None]] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        task.append(
-            loop.create_task(
-                serve(
-                    [(live, "127.0.0.1", echo_server), (dead, "127.0.0.1", missing_target)],
-                    bind="127.0.0.1",
-                    handle_signals=False,
-                )
-            )
-        )
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task[0])
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = 200
-        while deadline:
-            try:
-                conn = socket.create_connection(("127.0.0.1", live), timeout=1)
-                break
-            except OSError:
-                deadline -= 1
-                threading.Event().wait(0.01)
-        else:
-            pytest.fail("relay did not start")
+    with _relay([(live, "127.0.0.1", echo_server), (dead, "127.0.0.1", missing_target)]) as conn:
         with conn:
             payload = b"x" * 300_000
             conn.sendall(payload)
@@ -78,9 +83,6 @@ def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: in
             assert got == payload.upper()
         with socket.create_connection(("127.0.0.1", dead), timeout=2) as conn:
             assert conn.recv(10) == b""  # closed: no worker behind this slot
-    finally:
-        loop.call_soon_threadsafe(task[0].cancel)
-        thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -113,34 +115,9 @@ def unanswering_port() -> Iterator[int]:
 def test_a_worker_that_does_not_answer_closes_the_clients_connection(unanswering_port: int) -> None:
     """A new user's client hung 40-60 s on a connection made while its worker was being replaced:
     the relay waited for the kernel's SYN retries. It now gives up after its connect timeout."""
-    listen = _free_port()
-    loop = asyncio.new_event_loop()
-    task: list[asyncio.Task[None]] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        task.append(loop.create_task(serve([(listen, "127.0.0.1", unanswering_port)], bind="127.0.0.1",
-                                           handle_signals=False, connect_timeout_s=0.5)))
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task[0])
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            try:
-                conn = socket.create_connection(("127.0.0.1", listen), timeout=1)
-                break
-            except OSError:
-                threading.Event().wait(0.01)
-        else:
-            pytest.fail("relay did not start")
-        with conn:
-            conn.settimeout(30)  # the kernel alone would retry the SYN for about two minutes
-            assert conn.recv(10) == b""  # closed by the relay, not left hanging
-    finally:
-        loop.call_soon_threadsafe(task[0].cancel)
-        thread.join(timeout=5)
+    with _relay([(_free_port(), "127.0.0.1", unanswering_port)], connect_timeout_s=0.5) as conn, conn:
+        conn.settimeout(30)  # the kernel alone would retry the SYN for about two minutes
+        assert conn.recv(10) == b""  # closed by the relay, not left hanging
 
 
 def test_check_passes_when_every_port_accepts_and_names_the_first_that_does_not(
@@ -200,31 +177,9 @@ def test_the_relay_forwards_to_a_worker_named_by_alias() -> None:
     """Routes name workers by alias (``w0:8765``); the relay resolves the name, here ``localhost``."""
     with tcp_listener(echo(bytes.upper)) as upstream:
         listen = _free_port()
-        loop = asyncio.new_event_loop()
-        task: list[asyncio.Task[None]] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            task.append(loop.create_task(serve([(listen, "localhost", upstream)], bind="127.0.0.1",
-                                               handle_signals=False)))
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(task[0])
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
+        with _relay([(listen, "localhost", upstream)]) as first:
             for attempt in range(3):  # the second and third reuse the address
-                for _ in range(200):
-                    try:
-                        conn = socket.create_connection(("127.0.0.1", listen), timeout=1)
-                        break
-                    except OSError:
-                        threading.Event().wait(0.01)
-                else:
-                    pytest.fail("relay did not start")
+                conn = first if attempt == 0 else _connect_when_listening(listen)
                 with conn:
                     conn.sendall(b"ping %d" % attempt)
                     assert conn.recv(100) == b"PING %d" % attempt
-        finally:
-            loop.call_soon_threadsafe(task[0].cancel)
-            thread.join(timeout=5)
