@@ -232,8 +232,17 @@ class Deployment:
             for slot, recipe in sorted(self.recipes.items()) if slot not in later
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
-        needed = len(started_workers) if self.ready_slots is None else max(1, self.ready_slots)
-        self.workers = self._wait_first_ready(started_workers, needed)
+        if self.ready_slots is None or self.ready_slots >= len(started_workers):
+            # Every worker: wait as before the first-ready start (its Ctrl-C path is the proven one;
+            # a `provision up` interrupted while waiting hung once at load 2 with the new loop).
+            with self._threads(len(started_workers) + 1) as pool:
+                waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in started_workers]
+                if self.plan.standin is not None:
+                    waits.append(pool.submit(self._wait_standin))
+                _wait_all(waits, self._closing)
+            self.workers = started_workers
+        else:
+            self.workers = self._wait_first_ready(started_workers, max(1, self.ready_slots))
         self.progress(f"{len(self.workers)} worker(s) ready in {time.perf_counter() - t0:.2f}s"
                       + (f"; {len(self._booting)} more starting" if self._booting else ""))
 
