@@ -318,8 +318,10 @@ def test_no_zombies_or_orphans_after_1000_connections(spawn_worker: Any) -> None
                 client.create_program(QA_INT, "qa")
                 client.execute_program("qa", {"question": "2+2"})
             assert client.ping()["process"]["parent_pid"] == worker.proc.pid
-    # Every process ended and was reaped but the one spare waiting for the next connection.
-    wait_until(lambda: len(live_children(worker.proc.pid)) <= 1, 60, "every process to end")
+    # Every process ended and was reaped but the one spare waiting for the next connection (waited
+    # for exactly that: "at most one" passed at 0, between the last exit and the spare's fork).
+    wait_until(lambda: len(live_children(worker.proc.pid)) == 1 and len(forked_from(worker)) == 1, 60,
+               "every process to end but the next spare")
     # Nothing of ours is left anywhere: no zombie child, no orphan re-parented elsewhere.
     left = forked_from(worker)
     assert len(left) == 1 and left[0].ppid() == worker.proc.pid, left
