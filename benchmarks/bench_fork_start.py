@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fork
 
 # Mounted into the worker containers of the measured run only: marks the process start and the end
-# of the gate's preload (netguard.py imports the worker's modules with importlib.import_module).
+# of the gate's preload (netguard.py imports the worker's modules with importlib.import_module; the mark
+# comes after the last of recipes.WORKER_PRELOAD).
 PROBE = '''
 import importlib, os, sys, time
 def _since_start():
@@ -57,7 +58,7 @@ _mark("process start")
 _import_module = importlib.import_module
 def _timed_import(name, package=None):
     module = _import_module(name, package)
-    if name == "provisioner.bridge.server":
+    if name == LAST_PRELOAD:
         _mark("imports done")
     return module
 importlib.import_module = _timed_import
@@ -246,7 +247,9 @@ def measure(rounds: int) -> dict[str, Any]:
     (folder / "pyproject.toml").write_text(bench_fork.LAYERS.format(workers=2))
     probe_dir = Path(tempfile.mkdtemp(prefix="provision-bench-probe-"))
     probe_dir.chmod(0o755)
-    (probe_dir / "sitecustomize.py").write_text(PROBE)
+    from provisioner.runtime.recipes import WORKER_PRELOAD
+
+    (probe_dir / "sitecustomize.py").write_text(PROBE.replace("LAST_PRELOAD", repr(WORKER_PRELOAD[-1])))
     (probe_dir / "sitecustomize.py").chmod(0o644)
     profiles = [profile_once(folder, probe_dir) for _ in range(rounds)]
     return {"rounds": rounds, "rows": rows(profiles), "profiles": profiles,

@@ -300,7 +300,7 @@ def test_every_container_on_an_internal_run_network_waits_for_the_egress_guard(
         rest = recipe.command[recipe.command.index("--") + 1 :]
         assert rest[:2] in (("provision", "worker"), ("provision", "standin"))  # then the command, unchanged
         if recipe.role == "worker":  # its imports overlap the guard
-            assert recipe.command[4:6] == ("--preload", "dspy,provisioner.bridge.server")
+            assert recipe.command[4:6] == ("--preload", "provisioner.bridge.worker,dspy")
         assert recipe.public_dict()["guarded"] is True
     # The relay keeps its route out (edge network): it is what publishes the ports on 127.0.0.1.
     assert not plan.relay.guarded and plan.relay.command[:3] == ("python3", "-I", RELAY_SCRIPT)
