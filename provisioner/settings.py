@@ -193,8 +193,9 @@ class _AliasEnvSource(PydanticBaseSettingsSource):
         return out
 
 
-#: Seconds a worker request may take by default (``process_timeout``): the worker then answers
-#: ``Timeout`` (with the LM calls made so far, ``lm_usage``) and the request stays the caller's error.
+#: Seconds a worker request may take by default (``process_timeout``), counted from its arrival (the
+#: wait for an execution slot included): the worker then answers ``Timeout`` (with the LM calls made
+#: so far, ``lm_usage``) and the request stays the caller's error.
 DEFAULT_PROCESS_TIMEOUT_S = 30.0
 #: Seconds a host-side client waits for a reply beyond the worker's ``process_timeout``: the time the
 #: worker's ``Timeout`` reply needs to be written and to travel back (relay, published port, a
@@ -227,7 +228,8 @@ class Settings(BaseSettings):
     max_python_processes: int = Field(default=4, gt=0)
     max_pool_size: int = Field(default=2, gt=0)
     process_timeout: float = Field(default=DEFAULT_PROCESS_TIMEOUT_S, gt=0,
-                                   description="seconds a worker request may take")
+                                   description="seconds a worker request may take from its arrival,"
+                                               " the wait for an execution slot included")
     lm_modes: dict[str, LMMode] = Field(default_factory=lambda: dict(DEFAULT_LM_MODES))
     cleanup_policy: CleanupPolicy = "aggressive"
     retain_on_failure: bool = True

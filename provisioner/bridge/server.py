@@ -17,8 +17,11 @@ Threads and why:
   executions waiting stops reading its socket: backpressure, not an unbounded queue. Replies go
   out from the pool thread as soon as the work is done, so pipelined requests on one connection may
   be answered out of order (the ids match them up);
-* one *deadline* thread that answers an execution still running after ``request_timeout_s`` with a
-  ``Timeout`` error (the late result is then dropped; the slot stays taken until the work ends).
+* one *deadline* thread that answers an execution not done ``request_timeout_s`` after its request
+  began to arrive with a ``Timeout`` error — the time it waited for input budget or for a slot counts,
+  so a client that waits ``process_timeout`` plus a grace from its send always gets the worker's
+  answer first. One still waiting for a slot is taken out of its queue and never runs; one running
+  has its late result dropped (its slot stays taken until the work ends).
 
 Bounds on what clients hold: an idle connection may wait between requests as long as it likes
 (DSPex keeps one open for a whole suite) — idle connections are bounded by count, not time — but a
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -362,14 +366,18 @@ class _Connection:
 class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
-    __slots__ = ("_lock", "conn", "deadline", "done", "held", "request_id", "session", "usage")
+    __slots__ = ("_lock", "arrived", "conn", "deadline", "done", "held", "queued", "request_id", "session",
+                 "usage")
 
     def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
         self.request_id = request_id
         self.deadline = deadline
+        self.arrived = deadline  # when its request began to arrive (set by the server)
         self.held = held  # input-budget bytes, released when the work finishes
         self.session = ""  # the scheduler's key: its slot goes back to this session's count
+        # While it waits for a slot: its place in the scheduler's queue (None once it has a slot).
+        self.queued: _Queued | None = None
         # The execution's LM calls so far (Deferred.usage): a Timeout reply carries them.
         self.usage: Callable[[], dict[str, Any]] | None = None
         self.done = False
@@ -387,13 +395,15 @@ class _InFlight:
 class _Queued:
     """An execution received and waiting for a slot."""
 
-    __slots__ = ("conn", "deferred", "held", "request_id", "session")
+    __slots__ = ("conn", "deferred", "flight", "held", "request_id", "session")
 
-    def __init__(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int) -> None:
+    def __init__(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int,
+                 flight: _InFlight | None = None) -> None:
         self.conn = conn
         self.request_id = request_id
         self.deferred = deferred
         self.held = held
+        self.flight = flight  # its deadline, watched from arrival (None: the scheduler's unit tests)
         # Work without a session (none today) is scheduled as its connection's own.
         self.session = deferred.session_id if deferred.session_id is not None else f"<conn {conn.number}>"
 
@@ -435,6 +445,24 @@ class _Scheduler:
             started = self._take()
         self._launch(started)
 
+    def cancel(self, item: _Queued) -> bool:
+        """Take ``item`` out of its session's queue if it is still waiting for a slot (its deadline
+        passed there); False when it already has one."""
+        with self._lock:
+            queue = self._queues.get(item.session)
+            if queue is None or item not in queue:
+                return False
+            queue.remove(item)
+            if not queue:
+                del self._queues[item.session]
+            self.waiting -= 1
+            return True
+
+    def load(self, session: str) -> tuple[int, int]:
+        """Executions running now: ``session``'s, and the worker's."""
+        with self._lock:
+            return self._running[session], self.running
+
     def _take(self) -> list[_Queued]:
         started: list[_Queued] = []
         while self.running < self.max_inflight:
@@ -468,19 +496,23 @@ class _Scheduler:
 
 
 class _DeadlineWatch:
-    """One thread that times out executions.
+    """One thread that times out requests, waiting for a slot or running.
 
-    Deadlines are "now + timeout", so a FIFO is in deadline order. Adding never wakes the thread
-    (that would cost a thread switch on every request, right when the execution should start):
-    an idle watcher sleeps for one timeout, and anything added meanwhile expires no earlier than
-    that.
+    Deadlines count from a request's arrival, and requests are added when they are submitted (after
+    their body was read and parsed), so they come roughly, not exactly, in deadline order: a heap.
+    Adding wakes the thread only when the new deadline is earlier than its next wake-up (that would
+    otherwise cost a thread switch on every request, right when the execution should start): an
+    idle watcher sleeps for one timeout, and anything that arrives after it fell asleep expires no
+    earlier than that.
     """
 
     def __init__(self, on_expired: Callable[[_InFlight], None], timeout_s: float) -> None:
-        self._queue: collections.deque[_InFlight] = collections.deque()
+        self._heap: list[tuple[float, int, _InFlight]] = []
+        self._order = itertools.count()
         self._cond = threading.Condition()
         self._on_expired = on_expired
         self._idle_wait = timeout_s
+        self._wakes_at = float("inf")  # when the thread next looks (inf: not started, or stopped)
         self._stopped = False
         # Started with the first execution: a connection that never executes (a fork-mode child that
         # only pings, a health check) costs no thread.
@@ -489,7 +521,9 @@ class _DeadlineWatch:
     def add(self, flight: _InFlight) -> None:
         with self._cond:
             self._start()
-            self._queue.append(flight)
+            heapq.heappush(self._heap, (flight.deadline, next(self._order), flight))
+            if flight.deadline < self._wakes_at:
+                self._cond.notify()
 
     def start(self) -> None:
         """Start the watching thread now (it starts with the first execution otherwise)."""
@@ -502,10 +536,13 @@ class _DeadlineWatch:
             self._thread.start()
 
     def finished(self) -> None:
-        """Drop finished requests from the front so the queue stays short."""
+        """Drop finished requests from the front so the heap stays short."""
         with self._cond:
-            while self._queue and self._queue[0].done:
-                self._queue.popleft()
+            self._drop_done()
+
+    def _drop_done(self) -> None:
+        while self._heap and self._heap[0][2].done:
+            heapq.heappop(self._heap)
 
     def stop(self) -> None:
         with self._cond:
@@ -517,20 +554,23 @@ class _DeadlineWatch:
             expired: list[_InFlight] = []
             with self._cond:
                 while not self._stopped:
-                    while self._queue and self._queue[0].done:
-                        self._queue.popleft()
-                    if not self._queue:
+                    self._drop_done()
+                    now = time.monotonic()
+                    if not self._heap:
+                        self._wakes_at = now + self._idle_wait
                         self._cond.wait(self._idle_wait)
                         continue
-                    wait = self._queue[0].deadline - time.monotonic()
+                    wait = self._heap[0][0] - now
                     if wait <= 0:
                         break
+                    self._wakes_at = self._heap[0][0]
                     self._cond.wait(wait)
+                self._wakes_at = float("inf") if self._stopped else time.monotonic()
                 if self._stopped:
                     return
                 now = time.monotonic()
-                while self._queue and self._queue[0].deadline <= now:
-                    expired.append(self._queue.popleft())
+                while self._heap and self._heap[0][0] <= now:
+                    expired.append(heapq.heappop(self._heap)[2])
             for flight in expired:
                 if not flight.done:
                     self._on_expired(flight)
@@ -856,10 +896,10 @@ class BridgeServer:
                     break
                 if frame is None:
                     break
-                payload, held = frame
+                payload, held, arrived = frame
                 conn.enter()
                 try:
-                    self._dispatch(conn, payload, held)
+                    self._dispatch(conn, payload, held, arrived)
                 finally:
                     conn.leave()
                 if not conn.access.admitted:  # the first frame was no hello with the token: hang up
@@ -872,8 +912,9 @@ class BridgeServer:
             conn.close()
             log.debug("connection %s closed", conn.number)
 
-    def _read_request(self, conn: _Connection) -> tuple[bytes, int] | None:
-        """The next frame's payload and the input-budget bytes it holds; None at EOF.
+    def _read_request(self, conn: _Connection) -> tuple[bytes, int, float] | None:
+        """The next frame's payload, the input-budget bytes it holds, and when it began to arrive
+        (``time.monotonic()``: its deadline counts from then); None at EOF.
 
         Raises :class:`_ConnectionLevelError` (``FrameTooLarge``, ``FrameTimeout``, ``Overloaded``)
         when the connection must be closed.
@@ -884,10 +925,12 @@ class BridgeServer:
                 first = reader.read(1)  # idle between requests: no deadline
                 if not first:
                     return None
-                reader.deadline = time.monotonic() + self.frame_timeout_s
+                arrived = time.monotonic()
+                reader.deadline = arrived + self.frame_timeout_s
                 header = first + reader.read(HEADER_SIZE - 1)
             else:
                 header = reader.read(HEADER_SIZE)
+                arrived = time.monotonic()
             if len(header) < HEADER_SIZE:
                 return None
             (length,) = HEADER.unpack(header)
@@ -915,7 +958,7 @@ class BridgeServer:
             if len(payload) < length:
                 self._input_budget.release(length)
                 return None
-            return payload, length
+            return payload, length, arrived
         except FrameTimeout:
             raise _ConnectionLevelError(
                 ErrorType.FRAME_TIMEOUT,
@@ -926,9 +969,10 @@ class BridgeServer:
             if isinstance(reader, _SocketReader):
                 reader.deadline = None
 
-    def _dispatch(self, conn: _Connection, payload: bytes, held: int = 0) -> None:
+    def _dispatch(self, conn: _Connection, payload: bytes, held: int, arrived: float) -> None:
         """Answer one request; ``held`` input-budget bytes are released when it is done (for an
-        execution, when it finishes on the pool)."""
+        execution, when it finishes on the pool). An execution's deadline is ``arrived`` (when the
+        request began to arrive) plus ``request_timeout_s``."""
         deferred_to_pool = False
         try:
             try:
@@ -945,28 +989,43 @@ class BridgeServer:
                 return
             if isinstance(outcome, Deferred):
                 deferred_to_pool = True
-                self._submit(conn, request.id, outcome, held)
+                self._submit(conn, request.id, outcome, held, arrived)
             else:
                 self._send(conn, ok_reply(request.id, outcome))
         finally:
             if not deferred_to_pool:
                 self._input_budget.release(held)
 
-    def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int = 0) -> None:
+    def _submit(self, conn: _Connection, request_id: RequestId, deferred: Deferred, held: int,
+                arrived: float) -> None:
+        """Queue an execution for a slot. Its deadline is watched from now on: one still waiting
+        for a slot at ``arrived + request_timeout_s`` is answered ``Timeout`` and never runs."""
         conn.enter()
         conn.queue(1)
-        self._scheduler.submit(_Queued(conn, request_id, deferred, held))
+        flight = _InFlight(conn, request_id, arrived + self.request_timeout_s, held)
+        flight.arrived = arrived
+        flight.session = deferred.session_id if deferred.session_id is not None else f"<conn {conn.number}>"
+        flight.usage = deferred.usage
+        item = _Queued(conn, request_id, deferred, held, flight)
+        flight.queued = item
+        self._deadlines.add(flight)
+        self._scheduler.submit(item)
         # Backpressure: with this many of its executions waiting, the connection stops reading.
         conn.wait_queue_below(_MAX_QUEUED_PER_CONNECTION)
 
     def _start_flight(self, item: _Queued) -> None:
-        """Run a queued execution on the pool (it has a slot); its deadline starts now."""
-        flight = _InFlight(item.conn, item.request_id, time.monotonic() + self.request_timeout_s, item.held)
-        flight.session = item.session
-        flight.usage = item.deferred.usage
+        """Run a queued execution on the pool (it has a slot) until its deadline (set on arrival)."""
+        flight = item.flight
+        assert flight is not None, "the server submits every execution with its flight"
+        flight.queued = None
         with self._inflight_lock:
             self._inflight += 1
-        self._deadlines.add(flight)
+        if flight.done or time.monotonic() >= flight.deadline:
+            # Its deadline passed while the slot was being handed to it: nothing to run.
+            if flight.claim():
+                self._send_unstarted_timeout(flight)
+            self._finish(flight)
+            return
         try:
             self._pool.submit(self._run, flight, item.deferred)
         except RuntimeError:  # the pool is already shut down
@@ -1004,6 +1063,10 @@ class BridgeServer:
         self._scheduler.done(flight.session)
 
     def _expire(self, flight: _InFlight) -> None:
+        item = flight.queued
+        if item is not None and self._scheduler.cancel(item):
+            self._expire_queued(flight, item)
+            return
         if flight.claim():
             self.service.count_error(ErrorType.TIMEOUT)
             # The LM calls made until now go back too, as a failed execution's do: the caller books
@@ -1019,6 +1082,39 @@ class BridgeServer:
                     lm_usage=usage,
                 ),
             )
+
+    def _send_unstarted_timeout(self, flight: _InFlight) -> None:
+        """The ``Timeout`` reply of an execution whose deadline passed before it got a slot."""
+        self.service.count_error(ErrorType.TIMEOUT)
+        session_running, running = self._scheduler.load(flight.session)
+        usage = flight.usage() if flight.usage is not None else None
+        self._send(
+            flight.conn,
+            error_reply(
+                flight.request_id,
+                f"execute_program did not start within {self.request_timeout_s:g} s (process_timeout): it"
+                f" waited for an execution slot all that time and was not run (session {flight.session!r}"
+                f" runs {session_running} of at most {self.max_inflight_per_session} at once,"
+                f" max_inflight_per_session; the worker {running} of {self.max_inflight}, max_inflight)."
+                " Send fewer executions at once, or raise process_timeout or worker.max_inflight_per_session",
+                ErrorType.TIMEOUT,
+                lm_usage=usage,
+            ),
+        )
+
+    def _expire_queued(self, flight: _InFlight, item: _Queued) -> None:
+        """``flight`` was still waiting for a slot at its deadline (now out of the queue): answer
+        ``Timeout`` saying so, and free what it held. It never ran, so it made no LM calls."""
+        flight.queued = None
+        if flight.claim():
+            self._send_unstarted_timeout(flight)
+        flight.done = True
+        item.conn.queue(-1)
+        self._input_budget.release(flight.held)
+        self._deadlines.finished()
+        with self._inflight_lock:
+            self._inflight_lock.notify_all()  # close() waits for the queue to drain too
+        flight.conn.leave()
 
     def _send(self, conn: _Connection, message: dict[str, Any]) -> None:
         conn.send_frame(encode_frame(self._encode_fitting(message)))
