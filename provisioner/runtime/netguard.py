@@ -11,7 +11,7 @@ up after a SIGKILL: the rules die with the namespace). Copied into the worker im
 ``python3 -I /opt/provisioner/netguard.py block [--gateway ADDR ...]``
     The guard. Runs in a short-lived container that joins the target's network namespace
     (``network_mode: container:<target>``) as root with only CAP_NET_ADMIN (every other capability
-    dropped, no-new-privileges) and exits at once. Over netlink (pyroute2) it adds a ``prohibit``
+    dropped, no-new-privileges) and exits at once. Over rtnetlink (stdlib sockets) it adds a ``prohibit``
     host route for every gateway (the ``--gateway`` addresses and the default routes' gateways) —
     more specific than the on-link subnet route, so connecting to it fails with EACCES — and then
     deletes the default routes, so every address off the run's subnet fails with ENETUNREACH. The
@@ -36,11 +36,13 @@ The container's own process cannot undo this: workers run without CAP_NET_ADMIN.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 WAIT_ENV = "PROVISION_NETGUARD_WAIT_S"
 DEFAULT_WAIT_S = 120.0
@@ -172,14 +174,12 @@ def block(gateways: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
-    from pyroute2 import IPRoute
-
     default = "0.0.0.0"  # noqa: S104 - the default route's destination, deleted below
-    with IPRoute() as ipr:
-        defaults = [r for r in _routes(ipr) if r["dst_len"] == 0]
-        found = [str(r.get_attr("RTA_GATEWAY")) for r in defaults if r.get_attr("RTA_GATEWAY")]
+    with RouteSocket() as rtnl:
+        defaults = [r for r in rtnl.routes() if r.dst_len == 0]
+        found = [r.gateway for r in defaults if r.gateway]
         targets = list(dict.fromkeys([*gateways, *found]))
-        prohibited = _prohibited(ipr)
+        prohibited = _prohibited(rtnl)
         if not targets and not prohibited:
             print(
                 "netguard block: found no gateway to block (no default route and no --gateway); "
@@ -189,11 +189,11 @@ def block(gateways: list[str]) -> int:
             return EXIT_REFUSED
         for gateway in targets:
             if gateway not in prohibited:
-                ipr.route("add", dst=gateway, dst_len=32, type="prohibit", table=RT_TABLE_MAIN)
+                rtnl.add_prohibit(gateway)
         for route in defaults:
-            ipr.route("del", dst=default, dst_len=0, table=RT_TABLE_MAIN, oif=route.get_attr("RTA_OIF"))
-        left = [r for r in _routes(ipr) if r["dst_len"] == 0]
-        prohibited = _prohibited(ipr)
+            rtnl.delete(default, 0, oif=route.oif)
+        left = [r for r in rtnl.routes() if r.dst_len == 0]
+        prohibited = _prohibited(rtnl)
     missing = [g for g in targets if g not in prohibited]
     if left or missing:
         print(
@@ -206,14 +206,138 @@ def block(gateways: list[str]) -> int:
     return 0
 
 
-def _routes(ipr: Any) -> list[Any]:
-    return list(ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN))
+def _prohibited(rtnl: RouteSocket) -> set[str]:
+    return {r.dst for r in rtnl.routes() if r.type == RTN_PROHIBIT and r.dst_len == 32 and r.dst}
 
 
-def _prohibited(ipr: Any) -> set[str]:
-    return {
-        str(r.get_attr("RTA_DST")) for r in _routes(ipr) if r["type"] == RTN_PROHIBIT and r["dst_len"] == 32
-    }
+# --- rtnetlink, stdlib only ---------------------------------------------------------------------
+# The guard's three operations (dump the main table's IPv4 routes, add a prohibit host route, delete a
+# route) over a NETLINK_ROUTE socket, as `ip route` does. Written here instead of pyroute2 (which did
+# this before): `from pyroute2 import IPRoute` runs the whole package's __init__ (conntrack, ndb,
+# asyncio, multiprocessing ...): 0.12 s of CPU per guard in the worker image (0.144-0.159 s against
+# 0.029 s for a bare interpreter, 1-CPU quota), and a pool start runs one guard per worker alongside
+# the workers' own imports on the same cores. Layouts: include/uapi/linux/{netlink,rtnetlink}.h.
+
+NLMSG_HEADER = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTATTR = struct.Struct("=HH")  # rta_len, rta_type
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x200, 0x400, 0x300
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTPROT_BOOT = 3
+RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
+
+
+class Route(NamedTuple):
+    """One IPv4 route of a dump: ``dst`` / ``gateway`` dotted quads or None, ``oif`` an ifindex or None."""
+
+    dst_len: int
+    type: int
+    table: int
+    dst: str | None
+    gateway: str | None
+    oif: int | None
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    size = RTATTR.size + len(payload)
+    return RTATTR.pack(size, kind) + payload + bytes(_align(size) - size)
+
+
+def parse_route(payload: bytes) -> Route:
+    """A ``struct rtmsg`` and its attributes (the payload of an RTM_NEWROUTE message) as a :class:`Route`."""
+    family, dst_len, _src, _tos, table, _proto, _scope, kind, _flags = RTMSG.unpack_from(payload)
+    attrs: dict[int, bytes] = {}
+    at = RTMSG.size
+    while at + RTATTR.size <= len(payload):
+        size, attr = RTATTR.unpack_from(payload, at)
+        if size < RTATTR.size:
+            break
+        attrs[attr & 0x3FFF] = payload[at + RTATTR.size : at + size]  # without NLA_F_NESTED / _BYTEORDER
+        at += _align(size)
+
+    def address(attr: int) -> str | None:
+        value = attrs.get(attr)
+        return socket.inet_ntoa(value) if value is not None and len(value) == 4 else None
+
+    if RTA_TABLE in attrs:
+        table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]
+    oif = struct.unpack("=i", attrs[RTA_OIF][:4])[0] if RTA_OIF in attrs else None
+    if family != socket.AF_INET:
+        return Route(dst_len, kind, table, None, None, oif)
+    return Route(dst_len, kind, table, address(RTA_DST), address(RTA_GATEWAY), oif)
+
+
+class RouteSocket:
+    """A NETLINK_ROUTE socket for the guard: :meth:`routes`, :meth:`add_prohibit`, :meth:`delete`.
+
+    Raises:
+        OSError: the kernel refused a request (its errno: e.g. EPERM without CAP_NET_ADMIN).
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # 0: NETLINK_ROUTE
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def __enter__(self) -> RouteSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def _request(self, kind: int, flags: int, body: bytes) -> list[bytes]:
+        """Send one request; the payloads of its RTM_NEWROUTE replies (a dump) until DONE or the ack."""
+        self._seq += 1
+        self._sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, flags, self._seq, 0) + body)
+        payloads: list[bytes] = []
+        while True:
+            data = self._sock.recv(1 << 16)
+            at = 0
+            while at + NLMSG_HEADER.size <= len(data):
+                size, msg_type, _flags, seq, _pid = NLMSG_HEADER.unpack_from(data, at)
+                if size < NLMSG_HEADER.size:
+                    raise OSError(errno.EPROTO, "netlink: malformed reply")
+                payload = data[at + NLMSG_HEADER.size : at + size]
+                at += _align(size)
+                if seq != self._seq:
+                    continue
+                if msg_type == NLMSG_DONE:
+                    return payloads
+                if msg_type == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise OSError(code, f"netlink: {os.strerror(code)}")
+                    return payloads  # the ack
+                if msg_type == RTM_NEWROUTE:
+                    payloads.append(payload)
+
+    def routes(self) -> list[Route]:
+        """The IPv4 routes of the main table."""
+        body = RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        found = [parse_route(p) for p in self._request(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body)]
+        return [r for r in found if r.table == RT_TABLE_MAIN]
+
+    def add_prohibit(self, address: str) -> None:
+        """``ip route add prohibit <address>/32`` in the main table."""
+        body = RTMSG.pack(
+            socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_PROHIBIT, 0
+        ) + _attribute(RTA_DST, socket.inet_aton(address))
+        self._request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def delete(self, dst: str, dst_len: int, *, oif: int | None = None) -> None:
+        """``ip route del <dst>/<dst_len> [dev <oif>]`` in the main table (any type, scope, protocol)."""
+        body = RTMSG.pack(socket.AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
+        body += _attribute(RTA_DST, socket.inet_aton(dst))
+        if oif is not None:
+            body += _attribute(RTA_OIF, struct.pack("=i", oif))
+        self._request(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ against the real engine in tests/runtime/test_docker_isolation.py."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,40 @@ def test_once_the_guard_holds_any_other_command_is_execd(tmp_path: Path) -> None
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.startswith("EXECD "), done.stderr
+
+
+def test_the_guards_netlink_dump_shows_the_routes_proc_net_route_shows() -> None:
+    # Dumping routes needs no privilege: this process's own namespace, read both ways. Other runs on
+    # this host's engine add and remove networks: a dump between two equal reads of the file.
+    for _ in range(50):
+        before = Path("/proc/net/route").read_text()
+        with netguard.RouteSocket() as rtnl:
+            dumped = rtnl.routes()
+        if Path("/proc/net/route").read_text() == before:
+            break
+    proc = netguard.read_ipv4_routes(before)
+
+    def key(dst: str | None, dst_len: int, gateway: str | None) -> tuple[str, int, str]:
+        return (dst or "0.0.0.0", dst_len, gateway or "0.0.0.0")
+
+    def quad(value: object) -> str:
+        return socket.inet_ntoa(struct.pack("<I", int(str(value))))
+
+    from_proc = {
+        (quad(r["destination"]), bin(int(str(r["mask"]))).count("1"), quad(r["gateway"])) for r in proc
+    }
+    assert from_proc and {key(r.dst, r.dst_len, r.gateway) for r in dumped} == from_proc
+
+
+def test_a_route_message_is_parsed_with_its_attributes() -> None:
+    # struct rtmsg of a default route via 172.18.0.1 on ifindex 7, main table, then a prohibit /32.
+    default = netguard.RTMSG.pack(socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0) + b"".join(
+        netguard._attribute(kind, value)
+        for kind, value in ((netguard.RTA_TABLE, struct.pack("=I", 254)),
+                            (netguard.RTA_GATEWAY, socket.inet_aton("172.18.0.1")),
+                            (netguard.RTA_OIF, struct.pack("=i", 7)))
+    )
+    assert netguard.parse_route(default) == netguard.Route(0, 1, 254, None, "172.18.0.1", 7)
+    prohibit = netguard.RTMSG.pack(socket.AF_INET, 32, 0, 0, 254, 3, 0, netguard.RTN_PROHIBIT, 0)
+    prohibit += netguard._attribute(netguard.RTA_DST, socket.inet_aton("172.18.0.1"))
+    assert netguard.parse_route(prohibit) == netguard.Route(32, 8, 254, "172.18.0.1", None, None)
