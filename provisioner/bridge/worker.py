@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
@@ -176,11 +177,23 @@ def run_worker(
     return 0
 
 
+class _WriteTimeFormatter(logging.Formatter):
+    """Each line starts with its own UTC write time to the microsecond (``2026-12-01
+    00:41:36,984123``): the host's log windows (:mod:`provisioner.runtime.logs`) place a line by
+    it, not by the engine's later stamp; requests a millisecond apart fall on either side of a
+    window's edge."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        micros = int(record.created * 1_000_000)  # truncated, as the seconds are
+        seconds, fraction = divmod(micros, 1_000_000)
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) + f",{fraction:06d}"
+
+
 def _configure_logging() -> None:
     """Worker logs go to stderr (stdout is for the ready line, or the frames with --stdio)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_WriteTimeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
