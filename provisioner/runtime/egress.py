@@ -15,11 +15,15 @@ remove it with the rest.
 from __future__ import annotations
 
 import threading
+import time
 
 from provisioner.errors import RuntimeProblem
-from provisioner.runtime.engine import ContainerRuntime
+from provisioner.runtime.engine import ContainerRuntime, ExitWaiter
 from provisioner.runtime.polling import poll_until
 from provisioner.runtime.recipes import ContainerRecipe, guard_recipe
+
+# How long one engine wait for the guard's exit may block before ``stop`` is looked at again (s).
+WAIT_SLICE_S = 0.5
 
 
 def block_host_access(
@@ -59,7 +63,17 @@ def block_host_access(
                 raise RuntimeProblem("the run is being stopped")
             return False
 
-        if not poll_until(finished, timeout_s, poll_s, stop=stop):
+        deadline = time.monotonic() + timeout_s
+        if isinstance(runtime, ExitWaiter):
+            # Told by the engine when it stops, in slices so that ``stop`` is seen; the state is then
+            # read once. Polling it every 20 ms cost ≈ 35 inspects per guard (≈ 1.2 ms of CPU each,
+            # this process and the engine) alongside the workers' start-up.
+            while not runtime.wait_exit(guard_id, min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))):
+                if stop is not None and stop.is_set():
+                    raise RuntimeProblem("the run is being stopped")
+                if time.monotonic() >= deadline:
+                    break
+        if not poll_until(finished, max(0.0, deadline - time.monotonic()), poll_s, stop=stop):
             raise RuntimeProblem(
                 f"the egress guard of {target.name} did not finish within {timeout_s:.0f}s; its log:\n"
                 f"{runtime.logs(guard_id)}"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from provisioner.errors import RuntimeProblem
 from provisioner.layers import get_layer
-from provisioner.runtime.egress import block_host_access
+from provisioner.runtime.egress import WAIT_SLICE_S, block_host_access
 from provisioner.runtime.engine import FakeContainer, FakeRuntime
 from provisioner.runtime.recipes import ContainerRecipe, Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import Settings
@@ -69,6 +70,56 @@ def test_a_guard_that_hangs_times_out_and_a_stop_ends_the_wait(settings: Setting
             c.status, c.exit_code = "running", None
 
     rt = FakeRuntime(images=(FAKE_IMAGE,), on_start=hang)
+    worker, cid, network = _started_worker(settings, rt)
+    with pytest.raises(RuntimeProblem, match="did not finish within"):
+        block_host_access(rt, worker, cid, network=network, timeout_s=0.1)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RuntimeProblem, match="being stopped"):
+        block_host_access(rt, worker, cid, network=network, timeout_s=60, stop=stop)
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
+
+
+class _WaitingRuntime(FakeRuntime):
+    """A FakeRuntime that can wait for a container's exit (as DockerRuntime does, with the engine's
+    wait): the guard's wait must use it instead of polling the state."""
+
+    def __init__(self, *, exits_after_waits: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.exits_after_waits = exits_after_waits
+        self.waits: list[float] = []
+        self.states = 0
+
+    def wait_exit(self, container_id: str, timeout_s: float) -> bool:
+        self.waits.append(timeout_s)
+        if self.exits_after_waits is not None and len(self.waits) >= self.exits_after_waits:
+            c = self._find(container_id)
+            assert c is not None
+            c.status, c.exit_code = "exited", 0
+            return True
+        return False
+
+    def container_state(self, container_id: str) -> Any:
+        self.states += 1
+        return super().container_state(container_id)
+
+
+def _hang(c: FakeContainer) -> None:
+    if c.recipe.role == "guard":
+        c.status, c.exit_code = "running", None
+
+
+def test_a_runtime_that_waits_for_the_exit_is_not_polled(settings: Settings) -> None:
+    rt = _WaitingRuntime(exits_after_waits=3, images=(FAKE_IMAGE,), on_start=_hang)
+    worker, cid, network = _started_worker(settings, rt)
+    block_host_access(rt, worker, cid, network=network, timeout_s=60)
+    # Three engine waits (each a slice of WAIT_SLICE_S, so a stop is seen), then one state read.
+    assert len(rt.waits) == 3 and all(0 < w <= WAIT_SLICE_S for w in rt.waits) and rt.states == 1
+    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
+
+
+def test_waiting_for_the_exit_still_times_out_and_a_stop_ends_it(settings: Settings) -> None:
+    rt = _WaitingRuntime(exits_after_waits=None, images=(FAKE_IMAGE,), on_start=_hang)
     worker, cid, network = _started_worker(settings, rt)
     with pytest.raises(RuntimeProblem, match="did not finish within"):
         block_host_access(rt, worker, cid, network=network, timeout_s=0.1)

@@ -263,6 +263,20 @@ class EventStream(Protocol):
 
 
 @runtime_checkable
+class ExitWaiter(Protocol):
+    """A runtime that can block until a container stops, without polling its state.
+
+    The egress guard's wait (:func:`provisioner.runtime.egress.block_host_access`) uses it: polling
+    a one-shot container every 20 ms cost the engine and this process an inspect each (≈ 1.2 ms of
+    CPU together, measured at load 7), next to the workers' start-up on the same cores.
+    """
+
+    def wait_exit(self, container_id: str, timeout_s: float) -> bool:
+        """Block until the container is not running (exited, dead, gone) or ``timeout_s`` passed;
+        True when it is not running."""
+
+
+@runtime_checkable
 class EventSource(Protocol):
     """A runtime that reports creations and removals of containers, networks and volumes.
 

@@ -573,6 +573,20 @@ class DockerRuntime:
             finished_at=finished if finished > 0 else None,
         )
 
+    def wait_exit(self, container_id: str, timeout_s: float) -> bool:
+        """The engine's ``POST /containers/{id}/wait`` (condition ``not-running``): one request that
+        returns when the container stops, instead of an inspect every poll (see :class:`ExitWaiter`)."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            self.client.api.wait(container_id, timeout=max(0.05, timeout_s), condition="not-running")
+        except docker.errors.NotFound:
+            return True
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            return False  # the read timed out: still running (docker-py raises it as ConnectionError)
+        return True
+
     def published_port(self, container_id: str, container_port: int) -> int | None:
         info = self.client.api.inspect_container(container_id)
         bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{container_port}/tcp") or []
