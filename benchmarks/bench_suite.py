@@ -33,6 +33,10 @@ Method (real Docker engine; the worker image already built, as ``bash .ci/setup`
   ``-n 1`` and with ``-n 2`` (alternating), each with ``--provision-report``: the workers the run
   started (the report's ``workers_started``; one shared pool per run, so the same for both) and the
   wall clock of the whole ``pytest`` command (start-up and pool start included).
+* **reuse ping**: ``--tests`` sessions one after another through the Python API on ``e2e`` (mock
+  LM), each creating and executing ``qa``; every call of the pool's reuse ping (one ``ping`` on an
+  idle connection before a new session reuses it) timed, wall and this thread's CPU, next to the
+  whole session's wall time (:func:`measure_reuse_ping`).
 * **profile** (``--profile``): the provisioner side once more under cProfile, enabled only around
   pytest's setup and teardown phases of each test (the first 5 tests left out); prints the functions
   with the most cumulative time per phase, divided by the tests profiled (ms per test).
@@ -295,6 +299,47 @@ def measure(rounds: int, tests: int, naive_tests: int) -> dict[str, Any]:
     return results
 
 
+def measure_reuse_ping(tests: int) -> dict[str, Any]:
+    """The pool's reuse ping (``pool._answers_ping``: one ``ping`` round trip on an idle connection
+    before a new session reuses it), timed per call — wall and this thread's CPU — over ``tests``
+    sessions one after another through the Python API on the ``e2e`` layer with the mock LM (each
+    creates ``qa`` and executes it, as the suite's tests do), next to the whole session's time."""
+    from provisioner.api import open_environment
+    from provisioner.factories import ProgramFactory
+    from provisioner.runtime import pool as pool_module
+
+    folder = make_project(tests, 1)
+    real = pool_module._answers_ping
+    wall: list[float] = []
+    cpu: list[float] = []
+
+    def timed(client: Any) -> bool:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        try:
+            return real(client)
+        finally:
+            wall.append((time.perf_counter() - started) * 1000.0)
+            cpu.append((time.thread_time() - cpu_started) * 1000.0)
+
+    load = os.getloadavg()
+    sessions: list[float] = []
+    pool_module._answers_ping = timed
+    env = open_environment("e2e", lm="mock", project_dir=folder, attach=False)
+    try:
+        for i in range(tests):
+            started = time.perf_counter()
+            with env.session() as session:
+                session.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                session.adapter.execute_program("qa", {"question": f"q{i}"})
+            sessions.append((time.perf_counter() - started) * 1000.0)
+    finally:
+        env.close()
+        pool_module._answers_ping = real
+    return {"sessions": tests, "pings": len(wall), "ping_p50_ms": pct(wall, 0.5),
+            "ping_p99_ms": pct(wall, 0.99), "ping_cpu_ms": statistics.fmean(cpu) if cpu else float("nan"),
+            "session_p50_ms": pct(sessions[1:], 0.5), "load": [load[0], os.getloadavg()[0]]}
+
+
 def profile(tests: int, top: int = 25) -> None:
     """The provisioner side under cProfile, setup and teardown phases apart (see the docstring)."""
     import pstats
@@ -447,6 +492,26 @@ def verdict(rounds: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def reuse_lines(reuse: dict[str, Any] | None) -> list[str]:
+    """The reuse ping's row (:func:`measure_reuse_ping`)."""
+    if not reuse:
+        return []
+    return [
+        "",
+        f"The pool's reuse ping ({reuse['sessions']} sessions one after another through the Python API, "
+        f"`e2e`, mock LM; load {reuse['load'][0]:.1f} → {reuse['load'][1]:.1f}): before a session reuses "
+        "an idle connection, one `ping` on it (a dead worker's connection is closed by the relay only a "
+        "moment after the death; isolation `process` never reuses, so it does not pay it).",
+        "",
+        "| per reused session, ms | p50 | p99 |",
+        "|---|---:|---:|",
+        f"| reuse ping, wall ({reuse['pings']} of {reuse['sessions']} sessions reused a connection) "
+        f"| {reuse['ping_p50_ms']:.2f} | {reuse['ping_p99_ms']:.2f} |",
+        f"| reuse ping, this process's CPU (mean) | {reuse['ping_cpu_ms']:.2f} | |",
+        f"| the whole session (open, create + execute, close), wall | {reuse['session_p50_ms']:.2f} | |",
+    ]
+
+
 def pool_note(runs: list[dict[str, Any]]) -> list[str]:
     starts = [r["provisioner"]["pool_start_s"] for r in runs]
     return [
@@ -550,6 +615,7 @@ def markdown(results: dict[str, Any], compare: list[tuple[str, dict[str, Any]]] 
         per_round(f"**ratio naive / provisioner** (target ≥ 60{TIMES})",
                   lambda r: f"{r['ratio']:.0f}{TIMES}"),
         *verdict(rounds),
+        *reuse_lines(results.get("reuse_ping")),
         *xdist_lines(results.get("xdist", [])),
         *[line for title, other in compare or [] for line in baseline_lines(title, other)],
         "",
@@ -588,6 +654,7 @@ def main() -> None:
         results = json.loads(args.results.read_text())
     else:
         results = measure(args.rounds, args.tests, args.naive_tests)
+        results["reuse_ping"] = measure_reuse_ping(args.tests)
         results["xdist"] = measure_xdist(args.xdist_rounds)
     if args.json:
         print(json.dumps(results, indent=2))
