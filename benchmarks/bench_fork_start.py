@@ -21,7 +21,9 @@ lines (docker log timestamps) say when it listened and when its first forked pro
 All times are milliseconds from the ``open_environment`` call; container times come from the same
 host clock (``time.time()`` and Docker's log timestamps). Reported: the timeline of the pool start
 whose first ``ping`` came at the median time of ``--rounds`` starts, with the load average (wall
-times on a shared machine swing with it).
+times on a shared machine swing with it). CPU, which holds under load: when the first ``ping`` is
+answered, this process's ``time.process_time()`` since ``open_environment`` and each container's
+cgroup counter (workers, relay); the probe's CPU reading in a worker at the end of its imports.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def profile_once(folder: Path, probe_dir: Path) -> dict[str, Any]:
     load = os.getloadavg()
     try:
         line.wall0, line.t0, line.on = time.time(), time.perf_counter(), True
+        host_cpu0 = time.process_time()
         env = open_environment("proc", project_dir=folder)
         try:
             with env.session() as first:
@@ -174,6 +177,7 @@ def profile_once(folder: Path, probe_dir: Path) -> dict[str, Any]:
                 first.adapter.ping()
                 line.events.append((start, line.now(), "first ping"))
             line.on = False
+            cpu = {"host": time.process_time() - host_cpu0, **_cgroup_cpu_s(env)}
             env.pool.wait_replacements(300)
             containers = _container_marks(env, line)
         finally:
@@ -187,7 +191,21 @@ def profile_once(folder: Path, probe_dir: Path) -> dict[str, Any]:
     for start, end, what in sorted(line.events):
         span = steps.setdefault(what, [start, end])
         span[0], span[1] = min(span[0], start), max(span[1], end)
-    return {"steps": steps, "containers": containers, "load": [load[0], os.getloadavg()[0]]}
+    return {"steps": steps, "containers": containers, "cpu": cpu, "load": [load[0], os.getloadavg()[0]]}
+
+
+def _cgroup_cpu_s(env: Any) -> dict[str, float]:
+    """CPU seconds each of the run's containers used so far (cgroup counters): the workers and the
+    relay (the guards are gone by then; the host's engine processes are not in it)."""
+    deployment = env.pool.environment
+    runtime = env.containers.runtime
+    out: dict[str, float] = {}
+    for name, container_id in deployment.container_ids.items():
+        try:
+            out[_slot(name)] = bench_fork.cgroup_cpu_ns(runtime, container_id) / 1e9
+        except Exception:  # a container gone meanwhile has no figure
+            continue
+    return out
 
 
 def _container_marks(env: Any, line: Timeline) -> dict[str, dict[str, float]]:
@@ -202,7 +220,10 @@ def _container_marks(env: Any, line: Timeline) -> dict[str, dict[str, float]]:
             at = (datetime.fromisoformat(stamp[:26] + "+00:00").timestamp() - line.wall0) * 1000.0
             if text.startswith("BENCHMARK "):
                 _, when, rest = text.split(" ", 2)
-                marks[rest.split(" cpu ")[0]] = (float(when) - line.wall0) * 1000.0
+                what, _, cpu = rest.partition(" cpu ")
+                marks[what] = (float(when) - line.wall0) * 1000.0
+                if cpu:
+                    marks[f"{what} cpu"] = float(cpu)  # the worker process's CPU seconds at the mark
             elif "listening on" in text:
                 marks.setdefault("listening", at)
             elif text.startswith("PROVISION_WORKER_READY"):
@@ -252,8 +273,27 @@ def measure(rounds: int) -> dict[str, Any]:
     (probe_dir / "sitecustomize.py").write_text(PROBE.replace("LAST_PRELOAD", repr(WORKER_PRELOAD[-1])))
     (probe_dir / "sitecustomize.py").chmod(0o644)
     profiles = [profile_once(folder, probe_dir) for _ in range(rounds)]
-    return {"rounds": rounds, "rows": rows(profiles), "profiles": profiles,
+    return {"rounds": rounds, "rows": rows(profiles), "cpu": cpu_rows(profiles), "profiles": profiles,
             "load": [min(p["load"][0] for p in profiles), max(p["load"][1] for p in profiles)]}
+
+
+def cpu_rows(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CPU seconds until the first ``ping`` answered, median over the pool starts: the host process,
+    each container (by slot: w0, w1, relay), and the first worker's process at the end of its imports."""
+    def median_of(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    out = [{"what": "host process (open_environment + first session; this process's CPU)",
+            "s": median_of([p["cpu"]["host"] for p in profiles if "cpu" in p])}]
+    for key, what in (("w0", "worker w0's container (cgroup)"), ("w1", "worker w1's container (cgroup)"),
+                      ("relay", "relay container (cgroup)")):
+        seen = [p["cpu"][key] for p in profiles if key in p.get("cpu", {})]
+        out.append({"what": what, "s": median_of(seen)})
+    imports = [min(m["imports done cpu"] for m in p["containers"].values() if "imports done cpu" in m)
+               for p in profiles if any("imports done cpu" in m for m in p["containers"].values())]
+    out.append({"what": "a worker's process at the end of its imports (Python start-up + the gate's preload)",
+                "s": median_of(imports)})
+    return [row for row in out if row["s"] is not None]
 
 
 def markdown_rows(start: dict[str, Any]) -> list[str]:
@@ -273,6 +313,12 @@ def markdown_rows(start: dict[str, Any]) -> list[str]:
     for row in start["rows"]:
         begin = "" if row["start_ms"] is None else f"{row['start_ms']:.0f}"
         out.append(f"| {row['step']} | {begin} | {row['end_ms']:.0f} |")
+    if start.get("cpu"):
+        out += ["", "CPU until the first `ping` was answered (same pool starts, medians; CPU holds under",
+                "load better than wall time; the engine's own processes and the egress guards are not",
+                "in it):", "",
+                "| CPU until the first `ping` | s |", "|---|---:|"]
+        out += [f"| {row['what']} | {row['s']:.2f} |" for row in start["cpu"]]
     return [*out, ""]
 
 
