@@ -24,6 +24,8 @@ def _hand_written_reprs() -> list[type[Any]]:
                 continue
             if dataclasses.is_dataclass(cls) or issubclass(cls, pydantic.BaseModel | BaseException):
                 continue  # generated reprs of fields that __init__ sets before anything can fail
+            if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+                continue  # a NamedTuple's generated repr: the fields are the tuple, set by __new__
             found.append(cls)
     return found
 
