@@ -459,7 +459,15 @@ def standin() -> None:
 @click.option("--api-key-env", default="GEMINI_TEST_API_KEY", show_default=True,
               help="accept only the key in this environment variable (unset: any non-empty key)")
 @click.option("--latency-ms", default=0, type=click.IntRange(0), help="delay every reply (a slow server)")
-def standin_gemini(host: str, port: int, ready_file: Path | None, api_key_env: str, latency_ms: int) -> None:
+@click.option("--fail-first", default=0, type=click.IntRange(0), show_default=True,
+              help="answer the first N requests with --fail-status (to test retries and error paths)")
+@click.option("--fail-status", default="429", type=click.Choice(["429", "500", "503", "504"]),
+              show_default=True,
+              help="the HTTP status of the --fail-first answers (429 RESOURCE_EXHAUSTED, 500 INTERNAL, ...)")
+@click.option("--retry-after", type=click.FloatRange(0), default=None,
+              help="seconds the --fail-first answers ask the client to wait (Retry-After and RetryInfo)")
+def standin_gemini(host: str, port: int, ready_file: Path | None, api_key_env: str, latency_ms: int,
+                   fail_first: int, fail_status: str, retry_after: float | None) -> None:
     """Serve Gemini's generateContent REST API locally.
 
     Prints one line `PROVISION_STANDIN_READY port=<n>` when listening; stops on SIGTERM/SIGINT.
@@ -467,7 +475,7 @@ def standin_gemini(host: str, port: int, ready_file: Path | None, api_key_env: s
     from provisioner.lm.standin import serve
 
     serve(host=host, port=port, api_key=os.environ.get(api_key_env) or None, ready_file=ready_file,
-          latency_ms=latency_ms)
+          latency_ms=latency_ms, fail_first=fail_first, fail_status=int(fail_status), retry_after=retry_after)
 
 
 # --- containers: images, up/down/status/run/reap/doctor, compose (provisioner.runtime) ----------
@@ -952,14 +960,14 @@ def history_show(run_id: str, as_json: bool) -> None:
     table = Table(title="tests", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     # "rate-limit wait s": of its duration, the seconds its LM calls waited for a slot of lm.rate_limit_rpm.
     for name, right in (("outcome", False), ("duration s", True), ("rate-limit wait s", True),
-                        ("billed $", True), ("LM calls", True), ("LM refused", True), ("xdist worker", False),
-                        ("test", False)):
+                        ("billed $", True), ("LM calls", True), ("LM refused", True), ("LM errors", True),
+                        ("xdist worker", False), ("test", False)):
         table.add_column(name, justify="right" if right else "left")
     for row in tests:
         duration = row["setup_s"] + row["call_s"] + row["teardown_s"]
         table.add_row(row["outcome"], f"{duration:.3f}", f"{row['lm_rate_limit_wait_s']:.1f}",
                       f"{row['cost_usd']:.6f}", str(row_lm_calls(row)), str(row["lm_refused"]),
-                      row["xdist_worker"] or "-", row["node_id"])
+                      str(row["lm_errors"]), row["xdist_worker"] or "-", row["node_id"])
     _print_table(table)
     if run["lm_rate_limit_wait_s"]:
         waited = sum(1 for row in tests if row["lm_rate_limit_wait_s"])

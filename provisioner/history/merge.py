@@ -53,7 +53,7 @@ from provisioner.history.store import TEST_OUTCOMES, RunRow, TestRow, rows_from_
 #: pytest's exit status when it collected no test (an empty pytest-split group).
 NO_TESTS_COLLECTED = 5
 _SUMMED = ("lm_calls", "cost_usd", "list_cost_usd", "standin_calls", "cache_hits", "cache_misses", "leaks",
-           "lm_refused", "lm_rate_limit_wait_s")
+           "lm_refused", "lm_rate_limit_wait_s", "lm_errors")
 
 
 @dataclass(frozen=True)
@@ -301,6 +301,7 @@ def merge_shards(name: str, shards: Sequence[ShardReport], *, allow_partial: boo
         list_cost_usd=round(sums["list_cost_usd"], 10), standin_calls=sums["standin_calls"],
         cache_hits=sums["cache_hits"], cache_misses=sums["cache_misses"], leaks=sums["leaks"],
         lm_refused=sums["lm_refused"], lm_rate_limit_wait_s=round(sums["lm_rate_limit_wait_s"], 3),
+        lm_errors=sums["lm_errors"],
     )
     infos = [ShardInfo(source=str(s.source), run_id=s.run["run_id"], shard=s.run["shard"],
                        exit_status=s.run["exit_status"], tests=len(s.tests), cost_usd=s.run["cost_usd"],

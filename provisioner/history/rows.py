@@ -35,6 +35,7 @@ USAGE_PROPERTIES: dict[str, str] = {
     "provision_cache_misses": "cache_misses",
     "provision_lm_refused": "lm_refused",  # refused by the run's cost or rate limit (not in the calls)
     "provision_lm_rate_limit_wait_s": "lm_rate_limit_wait_s",  # seconds waited for a rate-limit slot
+    "provision_lm_errors": "lm_errors",  # LM calls that raised an error (not in the calls)
 }
 LEAKS_PROPERTY = "provision_leaks"
 #: The test's bridge workers kept for debugging, and the worker logs saved for its failure report
@@ -47,7 +48,7 @@ def usage_properties(usage: Mapping[str, Any],
                      leaks: Iterable[tuple[str, str]] = ()) -> list[tuple[str, Any]]:
     """The test properties for an LM usage (``LMUsage.as_dict()`` keys: mock, replayed, recorded, real,
     standin, cost_usd, list_cost_usd, cache_misses, calls, refused_cost_limit, refused_rate_limit —
-    those two summed into ``provision_lm_refused`` —, rate_limit_wait_s) and the test's leaks
+    those two summed into ``provision_lm_refused`` —, rate_limit_wait_s, errors) and the test's leaks
     (``(kind, name)``)."""
     props: list[tuple[str, Any]] = [
         ("provision_lm_calls", int(usage.get("calls", 0))),
@@ -62,6 +63,7 @@ def usage_properties(usage: Mapping[str, Any],
         ("provision_lm_refused",
          int(usage.get("refused_cost_limit", 0)) + int(usage.get("refused_rate_limit", 0))),
         ("provision_lm_rate_limit_wait_s", round(float(usage.get("rate_limit_wait_s", 0.0)), 3)),
+        ("provision_lm_errors", int(usage.get("errors", 0))),
     ]
     found = [f"{kind} {name}" for kind, name in leaks]
     if found:
@@ -96,7 +98,7 @@ def empty_test_row(run_id: str, node_id: str, layer: str) -> TestRow:
                    setup_s=0.0, call_s=0.0, teardown_s=0.0, xdist_worker=None, lm_mock=0, lm_replayed=0,
                    lm_recorded=0, lm_real=0, lm_standin=0, cost_usd=0.0, list_cost_usd=0.0, cache_hits=0,
                    cache_misses=0, leaks=[], retained=None, log_path=None, lm_refused=0,
-                   lm_rate_limit_wait_s=0.0)
+                   lm_rate_limit_wait_s=0.0, lm_errors=0)
 
 
 class TestRowCollector:
@@ -209,6 +211,9 @@ def apply_ledger(rows: Iterable[TestRow], by_test: Mapping[str, Any]) -> None:
         row["cache_misses"] = usage.cache_misses if usage else 0
         row["lm_refused"] = usage.refused if usage else 0
         row["lm_rate_limit_wait_s"] = round(usage.rate_limit_wait_s, 3) if usage else 0.0
+        # The test's own count has its mock errors too (never in the ledger); the ledger's has a
+        # worker's failed call whose reply never reached the test: at least the larger of the two.
+        row["lm_errors"] = max(row["lm_errors"], usage.errors if usage else 0)
         row["cache_hits"] = row["lm_replayed"]
 
 
@@ -254,13 +259,14 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
             tests: Iterable[TestRow], retained: Iterable[str] = (), cost_usd: float | None = None,
             list_cost_usd: float | None = None, finished_at: str | None = None,
             shard: str | None = None, lm_refused: int | None = None,
-            lm_rate_limit_wait_s: float | None = None) -> RunRow:
+            lm_rate_limit_wait_s: float | None = None, lm_errors: int | None = None) -> RunRow:
     """A run row with totals over ``tests``. ``cost_usd``/``list_cost_usd``: the run ledger's totals
     when there is one (they also count calls outside any test); otherwise the tests' sums.
     ``shard``: the shard's label when ``PROVISION_SHARD`` does not set one (pytest-split's group);
     ``lm_refused``: LM calls the run's limits refused (the ledger's "refused" lines, also those
     outside any test); None: the tests' sum. ``lm_rate_limit_wait_s``: seconds the run's calls waited
-    for a slot of its rate limit (the ledger's, also outside any test); None: the tests' sum."""
+    for a slot of its rate limit (the ledger's, also outside any test); None: the tests' sum.
+    ``lm_errors``: LM calls that raised an error; None: the tests' sum."""
     rows = list(tests)
     finished = finished_at or now_iso()
     revision, branch = git_revision(project_dir)
@@ -284,6 +290,7 @@ def run_row(*, run_id: str, started_at: str, project_dir: Path, layers: list[str
         lm_refused=sum(r["lm_refused"] for r in rows) if lm_refused is None else lm_refused,
         lm_rate_limit_wait_s=round(sum(r["lm_rate_limit_wait_s"] for r in rows)
                                    if lm_rate_limit_wait_s is None else lm_rate_limit_wait_s, 3),
+        lm_errors=sum(r["lm_errors"] for r in rows) if lm_errors is None else lm_errors,
     )
 
 

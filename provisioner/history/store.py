@@ -62,6 +62,7 @@ class RunRow(TypedDict):
     # Seconds the run's LM calls waited for a slot of lm.rate_limit_rpm (summed over calls, so it can
     # pass duration_s under xdist): time spent waiting, not working.
     lm_rate_limit_wait_s: float
+    lm_errors: int  # LM calls that raised an error (sent and failed, or a mock rule's injected error)
 
 
 class TestRow(TypedDict):
@@ -96,6 +97,7 @@ class TestRow(TypedDict):
     log_path: str | None  # the worker logs saved for its failure report ("; "-separated), if any
     lm_refused: int  # LM calls the run's cost or rate limit refused before sending (not in the lm_* kinds)
     lm_rate_limit_wait_s: float  # of its time, seconds its LM calls waited for a slot of lm.rate_limit_rpm
+    lm_errors: int  # its LM calls that raised an error (not in the lm_* kinds)
 
 
 _RUN_JSON = ("layers", "retained")
@@ -143,6 +145,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN lm_rate_limit_wait_s REAL NOT NULL DEFAULT 0;
     ALTER TABLE tests ADD COLUMN lm_rate_limit_wait_s REAL NOT NULL DEFAULT 0;
+    """,
+    # 6: LM calls that failed (a 429 or 5xx after every retry) left no count a user sees.
+    """
+    ALTER TABLE runs ADD COLUMN lm_errors INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tests ADD COLUMN lm_errors INTEGER NOT NULL DEFAULT 0;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -351,14 +358,15 @@ def rows_from_report(data: Any, source: str) -> tuple[RunRow, list[TestRow]]:
     if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
         raise HistoryError(f"{source}: no 'run' object — not a --provision-report JSON file of a provisioner "
                            "with run history (re-run the tests with this version to get one)")
-    # Reports written before a column: none counted (lm_refused: version 3; rate-limit wait: 5).
-    run = cast(RunRow, {"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, **data["run"]})
+    # Reports written before a column: none counted (lm_refused: version 3; rate-limit wait: 5;
+    # lm_errors: 6).
+    run = cast(RunRow, {"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, "lm_errors": 0, **data["run"]})
     tests = data.get("tests") or []
     if not isinstance(tests, list):
         raise HistoryError(f"{source}: 'tests' must be a list of test rows")
     # Rows of reports written before a field existed: none counted (lm_refused: schema version 4).
-    tests = [{"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, **_renamed(row)} if isinstance(row, dict) else row
-             for row in tests]
+    tests = [{"lm_refused": 0, "lm_rate_limit_wait_s": 0.0, "lm_errors": 0, **_renamed(row)}
+             if isinstance(row, dict) else row for row in tests]
     for name in RUN_FIELDS:
         if name not in run:
             raise HistoryError(f"{source}: run row misses field {name!r}")

@@ -302,14 +302,19 @@ class GeminiEngine(EngineBase):
         model = self.config.model
         attempt = 0
         waited = 0.0  # for a slot of the rate limit, over all attempts
+        billed_usd = 0.0  # failed attempts the run's cost limit counted (they may have been billed)
         while True:
             # Money first: a call the budget refuses must not use up a slot of the request window.
             try:
                 reservation = self.limits.reserve(worst, what=f"a {model} call")
             except CostLimitExceeded as exc:
-                # In the run's ledger, so every summary counts it (also from a worker container).
-                self.ledger.refused(model=model, reason="cost_limit", limit=self.limits.effective()[1])
+                # In the run's ledger, so every summary counts it (also from a worker container),
+                # with what earlier attempts of this call waited for the rate limit.
+                self.ledger.refused(model=model, reason="cost_limit", limit=self.limits.effective()[1],
+                                    rate_limit_wait_s=waited)
                 _stats.record_refused("cost_limit")
+                if waited > 0:
+                    _stats.record_rate_limit_wait(waited)
                 raise lm15.BillingError(str(exc), provider="gemini", code="cost_limit") from exc
             try:
                 waited += self.limits.acquire_request_timed()[1]
@@ -336,6 +341,7 @@ class GeminiEngine(EngineBase):
                 error, retryable, billed = self._translate(failure)
                 # A timed-out request may still have been processed and billed: keep the worst case.
                 self.limits.settle(reservation, worst if billed else 0.0)
+                billed_usd += worst if billed else 0.0
                 if retryable and attempt < self.config.max_retries:
                     delay = server_retry_delay(failure)
                     if delay is None:
@@ -347,6 +353,17 @@ class GeminiEngine(EngineBase):
                 if attempt:
                     error.message = f"{error.message} (gave up after {attempt} retries)"
                     error.args = (error.message,)
+                # One ledger line for the call, as for one that was answered or refused: its error,
+                # the attempts, the time it waited for the rate limit, what the cost limit counted.
+                self.ledger.error(
+                    model=model, kind="real" if self.record else "recorded", error_type=type(error).__name__,
+                    status=getattr(error, "status", None), attempts=attempt + 1,
+                    endpoint=self.config.endpoint_kind,
+                    cost_usd=billed_usd if self.billed else 0.0, list_cost_usd=billed_usd,
+                    rate_limit_wait_s=waited,
+                )
+                if waited > 0:
+                    _stats.record_rate_limit_wait(waited)
                 cause = redact_exception(failure, (self._key,))
                 del failure
                 raise error from cause

@@ -27,7 +27,16 @@ using the directory. A cached LM's failed miss is a line ``{"event": "cassette_m
 limits refused before sending it is a line ``{"event": "refused", "reason": "cost_limit" |
 "rate_limit", "model": ..., "test_id": ..., "limit": <lm.cost_limit_usd $ | lm.rate_limit_rpm>,
 "rate_limit_wait_s": <seconds it waited first>}``:
-summaries say "N calls refused (cost limit $X)" where they count calls. Summaries say how long calls
+summaries say "N calls refused (cost limit $X)" where they count calls. A call that was sent and
+failed (the API answered an error after every retry, or did not answer) is a line ``{"event":
+"error", "kind": "real" | "recorded", "model": ..., "test_id": ..., "error_type": "RateLimitError" |
+"ServerError" | "TimeoutError" | ... (DSPy's lm15 error class), "status": <HTTP status> | null,
+"attempts": <sent this many times>, "endpoint": ..., "cost_usd": ..., "list_cost_usd": <what the
+run's cost limit counted: the worst case of attempts that may have been billed (timeouts), else 0>,
+"rate_limit_wait_s": ...}``: not among the calls; summaries say "N calls failed (RateLimitError 2)",
+and a usage counts it, like a refused call, among its ``errors`` (calls that raised). So every call
+that reached the run's limits has exactly one line: ``call``, ``refused`` or ``error``.
+Summaries say how long calls
 waited for the rate limit ("N calls waited X s for the rate limit") from ``rate_limit_wait_s``.
 
 Across runs: the ledgers of finished runs are archived under the state directory
@@ -200,6 +209,18 @@ class Ledger:
         waited for a rate-limit slot before it was refused."""
         self.append({"event": "refused", "test_id": current_test_id(), "model": model, "reason": reason,
                      "limit": limit, "rate_limit_wait_s": round(rate_limit_wait_s, 3)})
+
+    def error(self, *, model: str, kind: str, error_type: str, status: int | None, attempts: int,
+              endpoint: str | None, cost_usd: float = 0.0, list_cost_usd: float = 0.0,
+              rate_limit_wait_s: float = 0.0) -> None:
+        """Append the line of a call that was sent and failed (fields: see the module docstring):
+        ``error_type`` the error raised (DSPy's lm15 class name), ``status`` the HTTP status when the
+        API answered, ``attempts`` how often it was sent, ``rate_limit_wait_s`` the seconds its
+        attempts waited for a slot of the run's rate limit."""
+        self.append({"event": "error", "test_id": current_test_id(), "model": model, "kind": kind,
+                     "error_type": error_type, "status": status, "attempts": attempts, "endpoint": endpoint,
+                     "cost_usd": round(cost_usd, 10), "list_cost_usd": round(list_cost_usd, 10),
+                     "rate_limit_wait_s": round(rate_limit_wait_s, 3)})
 
     def mark_run_complete(self, *, complete: bool, partial: Iterable[str] = (), cache_dir: Path | None = None,
                           started_at: str | None = None) -> None:
@@ -392,12 +413,19 @@ class Totals:
     limits: dict[str, float] = field(default_factory=dict)  # the limit each reason last refused at
     rate_limit_waits: int = 0  # calls (sent or refused) that waited for a slot of lm.rate_limit_rpm
     rate_limit_wait_s: float = 0.0  # the seconds they waited, summed
+    failed: dict[str, int] = field(default_factory=dict)  # calls sent that failed, by error type
 
     def add(self, entry: dict[str, Any]) -> None:
         waited = _waited(entry)
         if waited > 0:
             self.rate_limit_waits += 1
             self.rate_limit_wait_s += waited
+        if entry.get("event") == "error":  # sent and failed: not a call, but its cost limit share is money
+            error_type = str(entry.get("error_type"))
+            self.failed[error_type] = self.failed.get(error_type, 0) + 1
+            if entry.get("endpoint") != "standin":
+                self.cost_usd += float(entry.get("cost_usd") or 0.0)
+            return
         if entry.get("event") == "refused":
             reason = str(entry.get("reason"))
             self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -444,7 +472,8 @@ class CostReport:
                     "estimated_calls": t.estimated_calls,
                     "refused": dict(sorted(t.refused.items())),
                     "rate_limit_waits": t.rate_limit_waits,
-                    "rate_limit_wait_s": round(t.rate_limit_wait_s, 3)}
+                    "rate_limit_wait_s": round(t.rate_limit_wait_s, 3),
+                    "failed": dict(sorted(t.failed.items()))}
 
         return {
             "total": plain(self.total),
@@ -458,7 +487,8 @@ class CostReport:
 
 def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: str | None = None,
                 monthly_budget_usd: float | None = None) -> CostReport:
-    """Sum the call lines of ``sources``, optionally of one run and/or one month (``YYYY-MM``).
+    """Sum the call, refused and error lines of ``sources``, optionally of one run and/or one month
+    (``YYYY-MM``).
 
     ``by_test`` is keyed by test node id: a line a worker container wrote for an isolated session is
     the test's that opened the session (the run's ``sessions.jsonl``, :func:`session_tests`)."""
@@ -476,7 +506,7 @@ def cost_report(sources: Iterable[Path], *, run_id: str | None = None, month: st
 
     for source in sources:
         for entry in read_ledger(source):
-            if entry.get("event") not in ("call", "refused"):
+            if entry.get("event") not in ("call", "refused", "error"):
                 continue
             if run_id is not None and entry.get("run_id") != run_id:
                 continue
@@ -519,6 +549,8 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
             notes += f"  estimated={totals.estimated_calls} (usage missing, booked at worst case)"
         if totals.refused:
             notes += f"  {refused_text(totals.refused, totals.limits)}"
+        if totals.failed:
+            notes += f"  {failed_text(totals.failed)}"
         if totals.rate_limit_waits:
             notes += f"  {rate_limit_wait_text(totals.rate_limit_waits, totals.rate_limit_wait_s)}"
         return (f"  {name:<{width}}  ${totals.cost_usd:>10.6f}  {totals.calls:>6}  "
@@ -540,6 +572,9 @@ def format_cost_report(report: CostReport, *, top_tests: int = 20) -> str:
         them = "it before it was" if sum(report.total.refused.values()) == 1 else "them before they were"
         lines.append(f"{refused_text(report.total.refused, report.total.limits)}: the run's limits stopped "
                      f"{them} sent (not in the calls above)")
+    if report.total.failed:
+        lines.append(f"{failed_text(report.total.failed)}: sent, and answered with an error after every retry"
+                     " (not in the calls above)")
     if report.total.rate_limit_waits:
         lines.append(rate_limit_wait_text(report.total.rate_limit_waits, report.total.rate_limit_wait_s)
                      + ": time a test spent waiting, not working")
@@ -569,6 +604,14 @@ def refused_text(by_reason: dict[str, int], limits: dict[str, float] | None = No
     head = f"{total} call{'s' if total != 1 else ''} refused ({parts[0][1]}"
     rest = "".join(f"; {n} by the {name}" for n, name in parts[1:])
     return head + rest + ")"
+
+
+def failed_text(by_type: dict[str, int]) -> str:
+    """"3 calls failed (RateLimitError 2, ServerError 1)": what every summary says of the calls that
+    were sent and failed (the ledger's ``error`` lines)."""
+    total = sum(by_type.values())
+    kinds = ", ".join(f"{name} {n}" for name, n in sorted(by_type.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{total} call{'s' if total != 1 else ''} failed ({kinds})"
 
 
 def _waited(entry: dict[str, Any]) -> float:
@@ -649,11 +692,19 @@ def _count(usage: LMUsage, entry: dict[str, Any]) -> None:
     if entry.get("event") == "cassette_miss":  # a miss that failed (replay-only, corrupt, not writable)
         usage.cache_misses += 1
         return
-    if entry.get("event") == "refused":
+    if entry.get("event") == "refused":  # raised to the program too: an error, as in the process counters
+        usage.errors += 1
         if entry.get("reason") == "rate_limit":
             usage.refused_rate_limit += 1
         else:
             usage.refused_cost_limit += 1
+        return
+    if entry.get("event") == "error":  # sent and failed: an error, not a call; what the limit counted
+        usage.errors += 1
+        cost = float(entry.get("cost_usd") or 0.0)
+        usage.list_cost_usd += float(entry.get("list_cost_usd") or 0.0)
+        if entry.get("endpoint") != "standin":
+            usage.cost_usd += cost
         return
     if entry.get("event") != "call" or entry.get("kind") not in LEDGER_KINDS:
         return

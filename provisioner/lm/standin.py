@@ -407,18 +407,23 @@ def ready_line(port: int) -> str:
 
 
 def serve(*, host: str, port: int, api_key: str | None, ready_file: Path | None = None,
-          latency_ms: int = 0, stop: threading.Event | None = None) -> None:
+          latency_ms: int = 0, stop: threading.Event | None = None, fail_first: int = 0,
+          fail_status: int = 429, retry_after: float | None = None) -> None:
     """Run a stand-in until ``stop`` is set or SIGTERM/SIGINT arrives (the CLI command).
 
     Prints :func:`ready_line` once listening and, like the worker, writes the port to
     ``ready_file`` atomically (readers see nothing or the whole number). The SIGTERM/SIGINT
     handlers it installs (main thread only) are the previous ones again when it returns, as
     ``provision worker``'s are: a caller in the same process (a test) keeps its own.
+    ``fail_first``: the first that many requests are answered ``fail_status`` (asking for
+    ``retry_after`` seconds, if given), as :meth:`GeminiStandin.fail_next`.
     """
     import signal
 
     stop = stop or threading.Event()
     standin = GeminiStandin(host=host, port=port, api_key=api_key, latency_ms=latency_ms).start()
+    if fail_first:
+        standin.fail_next(fail_first, status=fail_status, retry_after=retry_after)
     previous: dict[signal.Signals, Any] = {}
     try:
         if threading.current_thread() is threading.main_thread():

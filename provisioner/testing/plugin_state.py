@@ -456,7 +456,8 @@ class ProvisionRun:
                       list_cost_usd=None if ledger is None else ledger.list_cost_usd, shard=self.shard,
                       lm_refused=sum(section.lm.refused for section in report.layers.values()),
                       lm_rate_limit_wait_s=sum(section.lm.rate_limit_wait_s
-                                               for section in report.layers.values()))
+                                               for section in report.layers.values()),
+                      lm_errors=sum(section.lm.errors for section in report.layers.values()))
         report.history_run = dict(run)
         report.split = split_of_label(self.shard)
         if not self._used or not tests:

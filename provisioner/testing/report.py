@@ -66,6 +66,7 @@ class LayerReport:
             "rate_limit_rpm": self.rate_limit_rpm,
             "lm_rate_limit_waits": self.lm.rate_limit_waits,
             "lm_rate_limit_wait_s": round(self.lm.rate_limit_wait_s, 3),
+            "lm_errors": self.lm.errors,  # LM calls that raised an error: not in lm_calls
             "leaks_found": sum(len(r.leaks) for r in self.leaks),
             "leaks": [{"test": r.test, "leaks": [list(x) for x in r.leaks]} for r in self.leaks],
             "retained": list(self.retained),
@@ -143,6 +144,9 @@ class RunReport:
                 by_reason = {"cost_limit": lm.refused_cost_limit, "rate_limit": lm.refused_rate_limit}
                 out.append("  " + refused_text({k: v for k, v in by_reason.items() if v},
                                                {"cost_limit": section.cost_limit_usd}))
+            if lm.errors:  # raised to the program (sent and failed, or a mock rule's injected error)
+                out.append(f"  LM errors: {lm.errors} (calls that raised an error: failed, refused or an"
+                           " injected fault; not among the calls above)")
             if lm.rate_limit_waits:  # time the tests spent waiting for a slot, not working
                 out.append("  " + rate_limit_wait_text(lm.rate_limit_waits, lm.rate_limit_wait_s,
                                                        section.rate_limit_rpm))

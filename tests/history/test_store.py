@@ -179,7 +179,7 @@ def test_a_version_1_database_is_migrated_and_keeps_the_xdist_worker_of_each_tes
     path = tmp_path / "history.sqlite"
     raw = sqlite3.connect(path)
     raw.executescript(store.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-    later = ("lm_refused", "lm_rate_limit_wait_s")  # columns of migrations 3 and 5
+    later = ("lm_refused", "lm_rate_limit_wait_s", "lm_errors")  # columns of migrations 3, 5 and 6
     run = {k: v for k, v in run_row("r-old", "2026-11-01T00:00:00+00:00").items() if k not in later}
     raw.execute(f"INSERT INTO runs ({', '.join(run)}) VALUES ({', '.join('?' for _ in run)})",
                 [json.dumps(v) if k in ("layers", "retained") else v for k, v in run.items()])
@@ -193,6 +193,7 @@ def test_a_version_1_database_is_migrated_and_keeps_the_xdist_worker_of_each_tes
     assert row["xdist_worker"] == "gw1" and "worker" not in row
     assert old_run["lm_refused"] == 0  # migration 3: runs recorded before it refused nothing we know of
     assert old_run["lm_rate_limit_wait_s"] == 0 and row["lm_rate_limit_wait_s"] == 0  # migration 5
+    assert old_run["lm_errors"] == 0 and row["lm_errors"] == 0  # migration 6
 
 
 def test_import_reads_report_files_that_still_say_worker(tmp_path: Path) -> None:
