@@ -128,3 +128,30 @@ def test_waiting_for_the_exit_still_times_out_and_a_stop_ends_it(settings: Setti
     with pytest.raises(RuntimeProblem, match="being stopped"):
         block_host_access(rt, worker, cid, network=network, timeout_s=60, stop=stop)
     assert not any(c.recipe.role == "guard" for c in rt.containers.values())
+
+
+def test_an_engine_that_cannot_wait_hands_over_to_reading_the_state() -> None:
+    # DockerRuntime.wait_exit on an engine error other than a timeout: True, so block_host_access
+    # reads the state (polling) rather than spinning on a wait that fails at once.
+    import docker.errors
+    import requests.exceptions
+
+    from provisioner.runtime.engine import DockerRuntime
+
+    class _API:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def wait(self, container_id: str, **kwargs: Any) -> dict[str, int]:
+            raise self.error
+
+    class _Client:
+        def __init__(self, error: Exception) -> None:
+            self.api = _API(error)
+
+    def runtime(error: Exception) -> DockerRuntime:
+        return DockerRuntime(_Client(error), owns_client=False)
+
+    assert runtime(docker.errors.APIError("500 Server Error: cannot wait")).wait_exit("c", 1) is True
+    assert runtime(docker.errors.NotFound("no such container")).wait_exit("c", 1) is True
+    assert runtime(requests.exceptions.ConnectionError("Read timed out.")).wait_exit("c", 1) is False

@@ -273,7 +273,8 @@ class ExitWaiter(Protocol):
 
     def wait_exit(self, container_id: str, timeout_s: float) -> bool:
         """Block until the container is not running (exited, dead, gone) or ``timeout_s`` passed;
-        True when it is not running."""
+        False when it still runs, True otherwise — also when the engine could not say (the caller
+        reads the container's state next either way)."""
 
 
 @runtime_checkable

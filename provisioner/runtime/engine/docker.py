@@ -575,16 +575,17 @@ class DockerRuntime:
 
     def wait_exit(self, container_id: str, timeout_s: float) -> bool:
         """The engine's ``POST /containers/{id}/wait`` (condition ``not-running``): one request that
-        returns when the container stops, instead of an inspect every poll (see :class:`ExitWaiter`)."""
+        returns when the container stops, instead of an inspect every poll (see :class:`ExitWaiter`).
+        Any other engine error also returns True: the caller then reads the state, as it would have."""
         import docker.errors
         import requests.exceptions
 
         try:
             self.client.api.wait(container_id, timeout=max(0.05, timeout_s), condition="not-running")
-        except docker.errors.NotFound:
-            return True
         except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
             return False  # the read timed out: still running (docker-py raises it as ConnectionError)
+        except docker.errors.APIError:  # gone (NotFound), or an engine that cannot wait: look instead
+            return True
         return True
 
     def published_port(self, container_id: str, container_port: int) -> int | None:
