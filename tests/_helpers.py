@@ -10,6 +10,11 @@ Two kinds the duplicate finder (`duplicates`) found written out several times:
   sessions until the controller is killed, and the clean-up that removes whatever such a test or
   benchmark round left (its process group, the run's processes, the run's containers and networks)
   even when it failed half-way.
+* **An environment without provisioner's settings** (:func:`is_setting_variable`,
+  :func:`without_settings`, :func:`clear_settings`; the ``no_settings_env`` fixture of tests/conftest.py):
+  a test, or the pytest/``provision``/worker process it starts, must see only the settings it gives,
+  not the ``PROVISION_*`` (or ``TEST_MODE``/``LM_CACHE_DIR``/``GEMINI_TEST_API_KEY``) of the shell or CI
+  job that runs the suite. Written out in some 30 places before, with three different lists of names.
 * **A run a test makes on the engine itself** (:func:`watched_run`; the ``watched_run`` fixture of
   tests/conftest.py): the product's watchdog, so a test process killed before its ``finally`` leaves
   no containers or networks behind.
@@ -79,6 +84,34 @@ def tcp_listener(handle: Callable[[socket.socket], None] | None = None,
         thread.join(timeout=5)
 
 
+# --- an environment without provisioner's settings -----------------------------------------------
+
+
+def is_setting_variable(name: str) -> bool:
+    """``name`` is an environment variable provisioner reads a setting from (provisioner/settings.py):
+    ``PROVISION_*`` (pydantic-settings matches the prefix in any case) or one of the un-prefixed
+    aliases ``TEST_MODE``, ``LM_CACHE_DIR``, ``GEMINI_TEST_API_KEY``."""
+    from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV
+    from provisioner.settings import ENV_PREFIX, LAYER_ALIAS_ENV
+
+    return name.upper().startswith(ENV_PREFIX) or name in (LAYER_ALIAS_ENV, CACHE_DIR_ENV, API_KEY_ENV)
+
+
+def without_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default: this process's) without the variables of
+    :func:`is_setting_variable`: the environment for a process a test starts."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not is_setting_variable(k)}
+
+
+def clear_settings(monkeypatch: Any, *, also: Callable[[str], bool] = lambda _name: False) -> None:
+    """Delete from this process's environment, for the test (``monkeypatch``: pytest's, which puts
+    them back), every variable of :func:`is_setting_variable` and every one ``also`` names."""
+    for name in list(os.environ):
+        if is_setting_variable(name) or also(name):
+            monkeypatch.delenv(name, raising=False)
+
+
 # --- a killed pytest controller's run -----------------------------------------------------------
 
 #: Two integration tests that hold their pool session until the controller is killed; each writes
@@ -103,11 +136,7 @@ def test_hold(isolated, n):
 def scratch_env(folder: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a pytest of a scratch project in ``folder``: this one's, without
     provisioner's settings and the API key, with the cassettes in the folder."""
-    env = {
-        k: v
-        for k, v in (os.environ if environ is None else environ).items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
+    env = without_settings(environ)
     env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
     return env
 

@@ -66,6 +66,17 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[
         yield lambda run_id: stack.enter_context(watch(run_id, folder))
 
 
+@pytest.fixture
+def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No provisioner setting in the environment for the test (``PROVISION_*``, ``TEST_MODE``,
+    ``LM_CACHE_DIR``, ``GEMINI_TEST_API_KEY``: tests/_helpers.py, :func:`clear_settings`), so what
+    the test (and the processes it starts) sees is what it sets, not the shell's or the CI job's.
+    A whole file asks with ``pytestmark = pytest.mark.usefixtures("no_settings_env")``."""
+    from ._helpers import clear_settings
+
+    clear_settings(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[Any]:
     client, why = _probe_docker()

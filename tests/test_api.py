@@ -4,7 +4,6 @@ tests/testing/test_plugin_containers.py prove the same path on the engine."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,15 @@ from provisioner.runtime.recipes import NetworkRecipe
 from provisioner.testing.plugin_state import ProvisionRun
 from provisioner.testing.progress import Phases
 
+from ._helpers import clear_settings
+
 IMAGE = "provisioner-worker:served"
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project whose worker image is ``IMAGE`` and whose cassettes record the mock's answers."""
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text(
         f'[tool.provisioner]\nlm.cached_inner = "mock"\ncontainer.image = "{IMAGE}"\n'
     )
@@ -463,9 +462,7 @@ def test_worker_log_gives_the_lines_a_real_worker_wrote_in_the_window(
     worker; lines before ``since`` and after ``until`` are not in the window (the engine's stamps)."""
     import time
 
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'logwindow'\n")
 
     def refused(session: Any, program_id: str) -> None:  # the worker logs a refused request (INFO)
@@ -512,9 +509,7 @@ def test_lm_usage_counts_the_calls_worker_containers_made(
     """A cached layer's worker container records (then replays) in its own process; ``env.lm_usage()``
     counts those calls (each ``execute_program`` reply carries them) as ``provision cost report``
     does — a user's trial of a wheel without that hand-over saw ``recorded=0`` here."""
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text(
         "[project]\nname = 'usage'\n[tool.provisioner]\nlm.cached_inner = \"mock\"\n"
     )

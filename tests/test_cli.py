@@ -12,14 +12,13 @@ from click.testing import CliRunner
 
 from provisioner.cli import main
 
+from ._helpers import clear_settings
+
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import os
 
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name)
+    clear_settings(monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text(
         "[tool.provisioner]\nmax_pool_size = 3\n[tool.provisioner.layers.smoke]\nlm_mode = 'mock'\n"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ._helpers import without_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -159,10 +161,7 @@ def test_example_follows_the_quickstart_word_for_word() -> None:
 
 
 def _clean_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items()
-            if not (k.startswith("PROVISION_") or k in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"))}
+    return without_settings()
 
 
 @pytest.mark.docker

@@ -7,15 +7,33 @@ import pytest
 from provisioner import ConfigError, load_settings
 from provisioner.lmconfig import LMConfig, worker_secrets
 
+from ._helpers import clear_settings, without_settings
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name)
+    clear_settings(monkeypatch)
     monkeypatch.chdir(tmp_path)
+
+
+def test_the_tests_clean_environment_has_no_variable_a_setting_is_read_from(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """tests/_helpers.py's ``clear_settings`` (the ``no_settings_env`` fixture) and ``without_settings``
+    (the environment of the processes tests start), one list for every test: after them no setting's
+    source is the environment — the prefix in any case (pydantic-settings matches it so) and the three
+    aliases. The copies they replaced missed ``LM_CACHE_DIR``, or everything but ``PROVISION_*``."""
+    given = {"PROVISION_MAX_POOL_SIZE": "7", "provision_lm__mode": "real", "TEST_MODE": "e2e",
+             "LM_CACHE_DIR": str(tmp_path / "cassettes"), "GEMINI_TEST_API_KEY": "key-0123456789"}
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    read = load_settings(project_dir=tmp_path)
+    assert {path for path, label in read.sources.items() if label.startswith("env")} == {
+        "max_pool_size", "lm.mode", "layer", "lm.cache_dir", "lm.api_key"}
+    assert not set(given) & set(without_settings()) and "PATH" in without_settings()
+    clear_settings(monkeypatch)
+    after = load_settings(project_dir=tmp_path).sources
+    assert not [label for label in after.values() if label.startswith("env")], after
 
 
 def test_defaults_match_the_plan(tmp_path: Path) -> None:

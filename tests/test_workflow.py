@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ._helpers import without_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "test.yml"
 ACTION = ROOT / "action.yml"
@@ -353,7 +355,6 @@ def _read_kv(path: Path) -> dict[str, str]:
 def test_action_brings_up_exports_runs_a_non_python_client_and_tears_down(tmp_path: Path) -> None:
     """The action's own scripts, run in order as the runner would (the install step is replaced by
     this checkout's .venv), on a project whose integration layer uses the mock LM."""
-    import os
 
     import docker
 
@@ -369,9 +370,7 @@ def test_action_brings_up_exports_runs_a_non_python_client_and_tears_down(tmp_pa
     action = _action()
     inputs = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
     inputs.update({"layer": "integration", "command": BASH_CLIENT, "working-directory": "tests"})
-    clean = {k: v for k, v in os.environ.items()
-             if not (k.startswith("PROVISION_") or k in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"))}
-    base_env = {**clean, "RUNNER_TEMP": str(temp), **{k: str(v) for k, v in files.items()}}
+    base_env = {**without_settings(), "RUNNER_TEMP": str(temp), **{k: str(v) for k, v in files.items()}}
     steps = [s for s in action["runs"]["steps"] if "run" in s and s["name"] != "Install provisioner"]
     run_id = ""
     try:

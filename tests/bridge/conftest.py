@@ -24,7 +24,7 @@ from provisioner.bridge import BridgeClient
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
 from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
-from .._helpers import GATE_TIMEOUT_S, LatencyGate, die_with_parent  # noqa: F401 (re-exported)
+from .._helpers import GATE_TIMEOUT_S, LatencyGate, die_with_parent, without_settings  # noqa: F401 (re-exported)
 
 START_TIMEOUT_S = 60.0
 # A worker must end within this of SIGTERM (in-flight work of the tests' mock LM takes ≤ 1.5 s).
@@ -109,11 +109,7 @@ class ProcessGate:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("TEST_MODE", "GEMINI_TEST_API_KEY", "LM_CACHE_DIR")
-    }
+    env = without_settings()
     env.update(extra)
     return env
 

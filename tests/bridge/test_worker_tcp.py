@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import struct
@@ -19,6 +18,8 @@ import pytest
 from provisioner.bridge import BridgeClient
 from provisioner.errors import BridgeConnectionError, BridgeError
 from provisioner.lmconfig import LM_CONFIG_ENV, LMConfig
+
+from .._helpers import without_settings
 
 QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
 SETTINGS_ENV = {
@@ -438,7 +439,7 @@ def test_env_handover_wins_over_the_lm_config_file(spawn_worker: Any, tmp_path: 
 
 
 def test_a_bad_startup_lm_config_fails_before_ready(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_")}
+    env = without_settings()
     env[LM_CONFIG_ENV] = json.dumps({"mode": "mock", "temperature": 9})
     command = [sys.executable, "-m", "provisioner.cli", "worker"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=60)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .._helpers import without_settings
+
 STANDIN_KEY = "history-standin-key-0123456789"
 
 PYPROJECT = """
@@ -74,9 +76,7 @@ def make_project(root: Path, standin_url: str | None) -> Path:
 
 
 def suite_env(key: bool = True) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROVISION_")
-           and k not in ("TEST_MODE", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "GEMINI_TEST_API_KEY")}
+    env = {k: v for k, v in without_settings().items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
     if key:
         env["GEMINI_TEST_API_KEY"] = STANDIN_KEY
     return env

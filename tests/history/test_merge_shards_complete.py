@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from provisioner.cli import main
 from provisioner.errors import HistoryError
 from provisioner.history.merge import merge_reports, split_of_label
 
+from .._helpers import clear_settings
 from .test_merge import shard_report
 
 pytest_plugins = ["pytester"]
@@ -93,8 +93,7 @@ def test_real_shards_named_by_provision_shard_still_say_which_group_they_are(
 ) -> None:
     """The workflow names each shard with PROVISION_SHARD (``unit-py3.11-shard1``), so the history's
     label says nothing about the split; the report's ``split`` does, and the merge uses it."""
-    for name in [k for k in os.environ if k.startswith("PROVISION_") or k.startswith("GITHUB_")]:
-        pytester._monkeypatch.delenv(name)
+    clear_settings(pytester._monkeypatch, also=lambda name: name.startswith("GITHUB_"))
     pytester.makepyfile(test_a="def test_one():\n    pass\n\ndef test_two():\n    pass\n\n"
                                 "def test_three():\n    pass\n")
     for group in (1, 2):

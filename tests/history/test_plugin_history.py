@@ -13,6 +13,8 @@ from provisioner.history.analysis import flaky_tests
 from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm.ledger import cost_report, ledger_sources
 
+from .._helpers import clear_settings
+
 pytest_plugins = ["pytester"]
 
 
@@ -153,8 +155,7 @@ def test_kills_its_worker(lm):
 
 @pytest.mark.slow
 def test_two_xdist_processes_and_a_killed_worker_lose_no_test_row(pytester: pytest.Pytester) -> None:
-    for name in [n for n in os.environ if n.startswith("PROVISION_")]:
-        pytester._monkeypatch.delenv(name)
+    clear_settings(pytester._monkeypatch)
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_crash=CRASHING)
     result = pytester.runpytest_subprocess("--layer", "unit", "-n", "2", "--provision-report", "r.json")
@@ -186,8 +187,7 @@ def test_calls_made_for_a_session_are_the_tests_in_the_ledger_and_the_history(
     """A bridge session's LM calls are booked under the session's id where the bridge runs (in-process
     here; in a worker container the same); the ledger's per-test report and the history name the
     test that opened the session — in real mode too (the stand-in answers: no key), not only cached."""
-    for name in [n for n in os.environ if n.startswith("PROVISION_") or n == "GEMINI_TEST_API_KEY"]:
-        pytester._monkeypatch.delenv(name)
+    clear_settings(pytester._monkeypatch)
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_session=SESSION_SUITE)
     result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real")
@@ -229,8 +229,7 @@ def test_a_test_that_passed_on_a_rerun_is_one_row_with_its_reruns_and_flaky(
 ) -> None:
     """pytest-rerunfailures: the rerun attempts are counted on the test's one row (its last attempt's
     outcome and durations), the run row sums them, and the analysis flags the test as flaky."""
-    for name in [n for n in os.environ if n.startswith("PROVISION_")]:
-        pytester._monkeypatch.delenv(name)
+    clear_settings(pytester._monkeypatch)
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_rerun=RERUN_SUITE)
     args = ["-n", "2"] if xdist else []
@@ -255,8 +254,7 @@ def test_a_pytest_split_group_is_its_runs_shard_and_the_report_path_is_normalise
     """A user's trial: rows of `pytest --splits 2 --group 1` had shard None (the plugin knew the split:
     it gave the shard half the run's limits), and `--provision-report ../s2/unit.json` was said as
     `…/proj/../s2/unit.json`. PROVISION_SHARD, when set, still names the shard."""
-    for name in [k for k in os.environ if k.startswith("PROVISION_") or k.startswith("GITHUB_")]:
-        pytester._monkeypatch.delenv(name)
+    clear_settings(pytester._monkeypatch, also=lambda name: name.startswith("GITHUB_"))
     project = pytester.mkdir("proj")
     (project / "pyproject.toml").write_text("[project]\nname = 'split'\n")
     (project / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")

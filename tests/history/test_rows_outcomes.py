@@ -3,7 +3,6 @@ Ctrl-C, and every test of a ``--setup-plan`` run, were saved as "passed")."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 from provisioner.history.rows import TestRowCollector
 from provisioner.history.store import HISTORY_FILE, History
 from provisioner.reporting.dashboard import run_ended
+
+from .._helpers import without_settings
 
 pytest_plugins = ["pytester"]
 
@@ -89,9 +90,7 @@ def test_a_test_cut_off_by_ctrl_c_is_not_recorded_as_passed(
     pytester.makepyfile(test_suite=SUITE)
     pytester.makefile(".toml", pyproject="[project]\nname = 'cut'\n")
     started = tmp_path / "started"
-    env = {**os.environ, "STARTED_FILE": str(started)}
-    for key in [k for k in env if k.startswith("PROVISION_")]:
-        del env[key]
+    env = {**without_settings(), "STARTED_FILE": str(started)}
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "--layer", "unit", "-p", "no:cacheprovider"],
                             cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))

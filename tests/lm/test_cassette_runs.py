@@ -4,7 +4,6 @@ process, under xdist and in worker containers — and only complete runs vouch f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -44,11 +43,7 @@ def test_three(lm):
 ONCE = ("--layer", "unit", "--lm", "cached", "--record-mode", "once")
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def _calls(pytester: pytest.Pytester, report: str, layer: str = "unit") -> dict[str, int]:

@@ -8,7 +8,6 @@ called its tests slow."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atom
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
+from .._helpers import clear_settings
 from .conftest import STANDIN_KEY
 
 pytest_plugins = ["pytester"]
@@ -143,9 +143,7 @@ def test_no_lm():
 def test_the_summary_report_history_and_page_say_how_long_calls_waited_for_the_rate_limit(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject=(
         "[project]\nname = 'waits'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
         "[tool.provisioner]\nlm.rate_limit_rpm = 1\nlm.max_tokens = 16\n"))

@@ -6,7 +6,6 @@ report, the run history (``lm_refused``: page and Markdown) and ``provision cost
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
+from .._helpers import clear_settings
 from .conftest import STANDIN_KEY
 
 pytest_plugins = ["pytester"]
@@ -112,9 +112,7 @@ def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refu
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
     """A user's trial: a run whose calls the cost limit refused showed no trace of them anywhere."""
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject=(
         "[project]\nname = 'refused'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
         f"[tool.provisioner]\nlm.cost_limit_usd = {LIMIT}\nlm.max_tokens = 16\n"))

@@ -5,7 +5,6 @@ unmatched rules listed; never recorded into cassettes nor sent to Gemini."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from provisioner.lm.mock import LMRuleWarning, TestRules
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig, MockRule
 
+from .._helpers import clear_settings
 from .conftest import STANDIN_KEY
 
 pytest_plugins = ["pytester"]
@@ -207,9 +207,7 @@ def test_other_tests_do_not_see_them(lm):
 
 @pytest.fixture
 def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_rules_suite=SUITE)
     return pytester

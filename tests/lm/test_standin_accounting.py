@@ -5,7 +5,6 @@ list prices, so limits are testable offline. A base_url alone never makes an end
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from provisioner.lm.ledger import cost_report, format_cost_report, ledger_source
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
+from .._helpers import clear_settings
 from .conftest import STANDIN_KEY
 
 pytest_plugins = ["pytester"]
@@ -98,9 +98,7 @@ def test_two_calls(lm, lm_cost):
 
 def test_pytest_summary_and_report_say_standin_calls_are_not_billed(pytester: pytest.Pytester,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n")
     pytester.makepyfile(test_standin_suite=SUITE)
     result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json")

@@ -15,6 +15,8 @@ from provisioner.runtime.engine import FakeContainer, FakeRuntime
 from provisioner.runtime.relay import parse_routes
 from provisioner.settings import Settings, load_settings
 
+from .._helpers import clear_settings
+
 FAKE_IMAGE = "provisioner-worker:fake"
 
 
@@ -29,9 +31,7 @@ def worker_image(docker_engine: Any) -> str:
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Default settings with the state dir and cassettes under tmp_path (no user config leaks in)."""
-    for key in list(__import__("os").environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     return load_settings(

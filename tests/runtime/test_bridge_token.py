@@ -6,7 +6,6 @@ decision (:func:`bridge_token_for`) is forced here."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from provisioner.runtime.recipes import bridge_token_for
 from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings
 
+from .._helpers import clear_settings
 from .conftest import FAKE_IMAGE
 
 TOKEN = "bridge-token-of-the-test-4d2a9e"
@@ -98,9 +98,7 @@ def test_a_session_attached_to_an_off_loopback_up_run_says_hello_with_its_token(
     from provisioner import api
     from provisioner.settings import load_settings
 
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text(
         f'[tool.provisioner]\nlm.cached_inner = "mock"\ncontainer.image = "{FAKE_IMAGE}"\n'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,14 @@ import yaml
 from provisioner.runtime.compose import container_layers, export_layer
 from provisioner.settings import load_settings
 
+from .._helpers import clear_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def repo_settings(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     monkeypatch.chdir(ROOT)
     return load_settings(project_dir=ROOT)
 
@@ -141,9 +140,7 @@ def test_export_from_a_subfolder_writes_the_cassette_path_relative_to_the_projec
     import subprocess
     import sys
 
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     project = tmp_path / "proj"
     (project / "tests" / "unit").mkdir(parents=True)
     (project / "pyproject.toml").write_text(

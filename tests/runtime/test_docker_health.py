@@ -27,6 +27,7 @@ from provisioner.runtime.polling import poll_until
 from provisioner.runtime.pool import PooledSession, WorkerPool
 from provisioner.settings import Settings
 
+from .._helpers import scratch_env
 from .conftest import leftovers
 from .forwarder import forwarder_pid, kill_forwarder, refuses
 
@@ -142,12 +143,7 @@ def test_status_names_a_dead_port_and_repair_re_creates_the_relay(
     """`provision up`, then the forwarder of w0's port dies: `provision status` says so (exit 1),
     `provision status --repair` re-creates the relay on the same ports, and w0 answers at its address."""
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'dead-port'\n")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    env = scratch_env(tmp_path)
     run_id = f"deadport{os.getpid()}"
 
     def provision(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,6 +23,7 @@ from provisioner.runtime import labels as L
 from provisioner.runtime import netguard
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 
+from .._helpers import scratch_env
 from .conftest import leftovers
 
 # The first session on a fresh machine builds the image (debootstrap base, wheelhouse): allow for it.
@@ -34,12 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _project(tmp_path: Path) -> dict[str, str]:
     """A scratch project folder; the environment for `provision` run inside it (no key, no overrides)."""
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'scratch'\n")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    env = scratch_env(tmp_path)
     return env
 
 

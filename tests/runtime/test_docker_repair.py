@@ -18,6 +18,7 @@ from provisioner.bridge.client import BridgeClient
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 
+from .._helpers import scratch_env
 from .conftest import leftovers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -34,12 +35,7 @@ def test_status_names_a_killed_worker_and_repair_restarts_it_in_place(
     docker_engine: Any, worker_image: str, tmp_path: Path
 ) -> None:
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'repair'\n")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    env = scratch_env(tmp_path)
     env["COLUMNS"] = "240"  # the table's cells unwrapped
     run_id = f"repair{os.getpid()}"
     try:

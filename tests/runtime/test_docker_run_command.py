@@ -4,7 +4,6 @@ through the CLI, with a command that keeps talking to the bridge as a test suite
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from provisioner.runtime import labels as L
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.polling import poll_until
 
+from .._helpers import scratch_env
 from .conftest import leftovers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -72,12 +72,7 @@ def test_provision_run_replaces_a_killed_worker_and_recreates_a_killed_relay_whi
 ) -> None:
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'runheal'\n")
     (tmp_path / "poller.py").write_text(POLLER)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(tmp_path / "cassettes")
+    env = scratch_env(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "provisioner.cli", "run", "--layer", "integration", "--lm", "mock",
          "--workers", "2", "--", sys.executable, str(tmp_path / "poller.py"), str(tmp_path)],

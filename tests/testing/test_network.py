@@ -4,7 +4,6 @@ provisioner's own LM keep working; pytest-socket's switches opt in."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -18,11 +17,7 @@ pytest_plugins = ["pytester"]
 REMOTE = ("198.51.100.7", 80)  # TEST-NET-2: an address outside this machine, no DNS involved
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def _connect(address: tuple[str, int]) -> None:

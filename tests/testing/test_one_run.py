@@ -5,7 +5,6 @@ the xdist processes of one session share one pool (no more workers than one proc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,11 +73,7 @@ def test_isolated_session(isolated, grown, request, n):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def _project(pytester: pytest.Pytester, layer: str, tests: int) -> Path:

@@ -3,7 +3,6 @@ xdist has waited for their processes to exit (task: Ctrl-C of `pytest -n 2` took
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +14,12 @@ from provisioner.errors import CleanupError
 from provisioner.run import RunIdentity, RunOptions
 from provisioner.testing.plugin_state import ProvisionRun
 
+from .._helpers import clear_settings
+
 
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    for key in list(os.environ):
-        if key.startswith("PROVISION_") or key in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(key, raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\n")
     identity = RunIdentity.create(tmp_path / ".provision")
     provision_run = ProvisionRun(RunOptions(layer="unit"), tmp_path, identity)

@@ -6,7 +6,6 @@ Real engine, a user's project run by pytest in a subprocess."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .._helpers import without_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -66,11 +67,7 @@ def test_a_dead_published_port_is_healed_and_the_tests_go_on(docker_engine: Any,
     out.mkdir()
     (tmp_path / "test_dead_port.py").write_text(SUITE.format(out=str(out)))
     shutil.copy(FORWARDER, tmp_path / "forwarder.py")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
+    env = without_settings()
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "--layer", "e2e", "--lm", "mock",
          "-p", "no:cacheprovider", "-o", "log_level=WARNING", "test_dead_port.py"],

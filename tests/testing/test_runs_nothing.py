@@ -5,7 +5,6 @@ event stream: no container of the project was created in the window."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -30,11 +29,7 @@ def test_two(bridge_pool):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 @pytest.mark.docker

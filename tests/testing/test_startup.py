@@ -4,7 +4,6 @@ start, outside every test's timeout, with one progress line per phase; xdist wor
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,7 @@ from provisioner.testing.progress import Phases
 pytest_plugins = ["pytester"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def test_plain_phase_is_one_line_written_before_and_after() -> None:

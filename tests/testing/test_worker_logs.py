@@ -4,7 +4,6 @@ pytest subprocesses (a pool worker shared by two tests, a dedicated worker, one 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from provisioner.history.store import HISTORY_FILE, History
 from provisioner.runtime.engine import FakeRuntime
 from provisioner.runtime.recipes import ContainerRecipe
 from provisioner.testing.worker_logs import WorkerLogs
+
+from .._helpers import clear_settings
 
 pytest_plugins = ["pytester"]
 
@@ -150,9 +151,7 @@ def _sections(out: str, test: str) -> str:
 def test_a_failed_tests_report_shows_its_workers_lines_of_its_window(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool,
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject=PROJECT)
     pytester.makepyfile(test_suite=SUITE)
     # One process: test_a and test_b share the process's pool worker. Under xdist, --dist loadfile keeps

@@ -6,7 +6,6 @@ in ``docker ps`` while the summary and the JSON report said ``workers started: 1
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -39,11 +38,7 @@ def test_ping(n, isolated):
 """
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PROVISION_") or name in ("TEST_MODE", "LM_CACHE_DIR", "GEMINI_TEST_API_KEY"):
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 @pytest.mark.docker
