@@ -49,16 +49,23 @@ def _make_pool(environment: object, deployed: bool) -> WorkerPool:
     return WorkerPool(environment)  # type: ignore[arg-type]
 
 
+def _obtain(settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], run_dir: Path, name: str,
+            calls: list[str], start_slots: int | None = None, **kwargs: Any) -> sp.SharedPool:
+    """``obtain_pool`` of the run ``RUN`` as the process ``name`` would: it deploys (``calls`` gets
+    ``name``) unless a pool is there to attach to."""
+    deploy = _deployer(settings, fake, name, calls, start_slots)
+    return sp.obtain_pool(run_dir, RUN, runtime=fake[0], deploy=deploy, make_pool=_make_pool,
+                          ready_timeout_s=5, **kwargs)
+
+
 def test_the_first_process_deploys_and_the_others_attach(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
 ) -> None:
     rt, _ = fake
     run_dir = tmp_path / "run"
     calls: list[str] = []
-    first = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls),
-                           make_pool=_make_pool, ready_timeout_s=5)
-    second = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls),
-                            make_pool=_make_pool, ready_timeout_s=5)
+    first = _obtain(settings, fake, run_dir, "gw0", calls)
+    second = _obtain(settings, fake, run_dir, "gw1", calls)
     try:
         assert calls == ["gw0"] and first.deployed and not second.deployed
         addresses = [w.address for w in first.environment.workers]
@@ -85,8 +92,7 @@ def test_concurrent_processes_deploy_once(
     got: list[sp.SharedPool] = []
 
     def take(name: str) -> None:
-        got.append(sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, name, calls),
-                                  make_pool=_make_pool, ready_timeout_s=5))
+        got.append(_obtain(settings, fake, run_dir, name, calls))
 
     threads = [threading.Thread(target=take, args=(f"gw{n}",)) for n in range(3)]
     for t in threads:
@@ -113,8 +119,7 @@ def test_a_record_whose_workers_are_gone_is_deployed_over(
     sp.write_record(run_dir, sp.PoolRecord(RUN, "deployed", "999999-1.0", [
         {"slot": 0, "name": "w0", "container_id": "gone", "host": "127.0.0.1", "port": 1, "generation": 0}]))
     calls: list[str] = []
-    shared = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "next", calls),
-                            make_pool=_make_pool, ready_timeout_s=5)
+    shared = _obtain(settings, fake, run_dir, "next", calls)
     try:
         assert shared.deployed and calls == ["next"]
         (run_dir / sp.POOL_FILE).write_text('{"run_id": "shared1", "source": "dep')  # torn
@@ -130,10 +135,8 @@ def test_an_attached_process_takes_the_deployers_replacement(
     rt, _ = fake
     run_dir = tmp_path / "run"
     calls: list[str] = []
-    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls),
-                           make_pool=_make_pool, ready_timeout_s=5)
-    other = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls),
-                           make_pool=_make_pool, ready_timeout_s=5)
+    owner = _obtain(settings, fake, run_dir, "gw0", calls)
+    other = _obtain(settings, fake, run_dir, "gw1", calls)
     try:
         dead = owner.environment.workers[0]
         rt.crash(dead.container_id, exit_code=137)
@@ -210,10 +213,8 @@ def test_the_pool_starts_one_worker_and_grows_on_the_run_s_demand(
     rt, _ = fake
     run_dir = tmp_path / "run"
     calls: list[str] = []
-    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", calls, 1),
-                           make_pool=_make_pool, ready_timeout_s=5, process="gw0")
-    other = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw1", calls, 1),
-                           make_pool=_make_pool, ready_timeout_s=5, process="gw1")
+    owner = _obtain(settings, fake, run_dir, "gw0", calls, 1, process="gw0")
+    other = _obtain(settings, fake, run_dir, "gw1", calls, 1, process="gw1")
     try:
         assert [w.slot for w in owner.environment.workers] == [0]
         assert [w.slot for w in other.environment.workers] == [0]
@@ -246,8 +247,7 @@ def test_sessions_open_at_once_in_the_deploying_process_grow_the_pool_at_once(
     a lease whose test ended no longer counts, even while its cleanup is still queued."""
     rt, _ = fake
     run_dir = tmp_path / "run"
-    owner = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "gw0", [], 1),
-                           make_pool=_make_pool, ready_timeout_s=5)
+    owner = _obtain(settings, fake, run_dir, "gw0", [], 1)
     try:
         pool = owner.pool
         _, end_first = pool.lease("first")
@@ -289,8 +289,7 @@ def test_a_process_killed_while_it_holds_the_pool_lock_does_not_wedge_the_run(
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
         calls: list[str] = []
-        shared = sp.obtain_pool(run_dir, RUN, runtime=rt, deploy=_deployer(settings, fake, "next", calls),
-                                make_pool=_make_pool, ready_timeout_s=5)
+        shared = _obtain(settings, fake, run_dir, "next", calls)
         try:
             assert shared.deployed and calls == ["next"]
         finally:
