@@ -3,7 +3,7 @@ later sessions skip the build), a fake-engine probe, and a leftover check by lab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 from provisioner.runtime import labels as L
 from provisioner.runtime.deployment import ProbeResult
 from provisioner.runtime.engine import FakeContainer, FakeRuntime
+from provisioner.runtime.lifecycle import UpOptions
 from provisioner.runtime.relay import parse_routes
 from provisioner.settings import Settings, load_settings
 
@@ -103,3 +104,59 @@ def leftovers(docker_engine: Any, run_id: str) -> list[str]:
 
 def started(container: FakeContainer) -> None:  # pragma: no cover - handy for on_start hooks
     container.log_lines.append("PROVISION_WORKER_READY port=8765")
+
+
+def run_command_while(
+    drive: Callable[[list[str]], None],
+    settings: Settings,
+    fake: tuple[FakeRuntime, FakeWorkers],
+    folder: Path,
+    options: UpOptions,
+    health_interval_s: float,
+    command: Callable[[Path], list[str]] = lambda fifo: ["cat", str(fifo)],
+) -> tuple[int, list[str]]:
+    """``provision run`` (``run_command``, on the fake engine) of a command that lasts until a FIFO
+    (``folder/release``) is opened for writing — ``cat`` it, or ``command(fifo)`` — while
+    ``drive(notes)`` does what the test does to the run in a thread (``notes``: what the run said so
+    far; run_command owns the main thread, its signal handlers). The FIFO is opened once ``drive``
+    returned or raised, so the command ends either way; an error of ``drive`` is raised here after the
+    run. Returns the command's exit code and everything the run said."""
+    import errno
+    import os
+    import threading
+
+    from provisioner.runtime.run_command import run_command
+
+    rt, workers = fake
+    fifo = folder / "release"
+    os.mkfifo(fifo)
+    notes: list[str] = []
+    errors: list[BaseException] = []
+    returned = threading.Event()
+
+    def driver() -> None:
+        try:
+            drive(notes)
+        except BaseException as exc:
+            errors.append(exc)
+        # Open without blocking: a command that never started (or already ended) has no reader.
+        while not returned.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+            returned.wait(0.02)
+
+    thread = threading.Thread(target=driver, daemon=True, name="run-command-driver")
+    thread.start()
+    try:
+        code = run_command(command(fifo), settings, options, runtime=rt, probe=workers.probe,
+                           notify=notes.append, health_interval_s=health_interval_s)
+    finally:
+        returned.set()
+        thread.join(60)
+    if errors:
+        raise errors[0]
+    return code, notes

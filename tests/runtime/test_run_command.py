@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from provisioner.runtime.runs import list_runs
 from provisioner.runtime.state import read_state, run_dir_of
 from provisioner.settings import Settings
 
-from .conftest import FAKE_IMAGE, FakeWorkers
+from .conftest import FAKE_IMAGE, FakeWorkers, run_command_while
 
 
 def test_run_command_passes_the_env_and_the_exit_code_and_cleans_up(
@@ -77,27 +74,10 @@ def test_run_command_keeps_a_failed_run_when_the_policy_says_so(
 # --- the run heals while the command runs (provision run's own health check) ----------------------
 
 
-def _release_when(fifo: Path, done: Callable[[], bool], timeout_s: float = 60.0) -> threading.Thread:
-    """Open ``fifo`` for writing (the command, ``cat fifo``, then ends) once ``done()`` or after
-    ``timeout_s`` — a thread, because run_command owns the main thread (its signal handlers)."""
-
-    def release() -> None:
-        poll_until(done, timeout_s, 0.02)
-        with open(fifo, "w"):
-            pass
-
-    thread = threading.Thread(target=release, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_run_command_replaces_a_dead_worker_and_heals_a_dead_port_while_the_command_runs(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
 ) -> None:
     rt, workers = fake
-    fifo = tmp_path / "release"
-    os.mkfifo(fifo)
-    notes: list[str] = []
     killed: dict[str, str] = {}
 
     def break_it() -> bool:  # once the run is up (its state file written): kill worker 0 and
@@ -114,28 +94,22 @@ def test_run_command_replaces_a_dead_worker_and_heals_a_dead_port_while_the_comm
         workers.kill_forwarder(sorted(relay.ports.values())[1])
         return True
 
-    def healed() -> bool:
+    def healed(notes: list[str]) -> bool:
         return any("replaced it" in n for n in notes) and any("re-created the relay" in n for n in notes)
 
-    def drive() -> None:
+    def drive(notes: list[str]) -> None:
         poll_until(break_it, 60.0, 0.02)
-        poll_until(healed, 60.0, 0.02)
+        poll_until(lambda: healed(notes), 60.0, 0.02)
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    release = _release_when(fifo, lambda: not driver.is_alive())
-    code = run_command(
-        ["sh", "-c", f'cat "{fifo}" > /dev/null; echo "$PROVISION_BRIDGE_ADDRS" > "{tmp_path}/addrs"'],
-        settings,
+    code, notes = run_command_while(
+        drive, settings, fake, tmp_path,
         UpOptions(layer="integration", lm_mode="mock", workers=2, image=FAKE_IMAGE, watchdog=False),
-        runtime=rt,
-        probe=workers.probe,
-        notify=notes.append,
         health_interval_s=0.05,
+        command=lambda fifo: [
+            "sh", "-c", f'cat "{fifo}" > /dev/null; echo "$PROVISION_BRIDGE_ADDRS" > "{tmp_path}/addrs"'],
     )
-    release.join()
     assert code == 0
-    assert healed(), notes
+    assert healed(notes), notes
     replaced = next(n for n in notes if "replaced it" in n)
     assert killed["worker"] in replaced and "exited with code 137 (SIGKILL)" in replaced, replaced
     assert "behind the same address" in replaced
@@ -149,13 +123,10 @@ def test_the_health_check_records_the_replacement_in_the_state_file(
 ) -> None:
     """`provision status` (and a pytest session attached to the run) read the state file: after a
     replacement it names the new container, at the old address."""
-    rt, workers = fake
-    fifo = tmp_path / "release"
-    os.mkfifo(fifo)
-    notes: list[str] = []
+    rt, _ = fake
     seen: dict[str, Any] = {}
 
-    def crash_then_read() -> None:
+    def crash_then_read(notes: list[str]) -> None:
         def up_and_crash() -> bool:
             runs = list_runs(rt)
             ws = [c for c in rt.containers.values() if c.recipe.role == "worker" and c.status == "running"]
@@ -170,14 +141,10 @@ def test_the_health_check_records_the_replacement_in_the_state_file(
         poll_until(lambda: any("replaced it" in n for n in notes), 60.0, 0.02)
         seen["after"] = read_state(settings, seen["run_id"])
 
-    driver = threading.Thread(target=crash_then_read, daemon=True)
-    driver.start()
-    release = _release_when(fifo, lambda: not driver.is_alive())
-    code = run_command(["cat", str(fifo)], settings,
-                       UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE,
-                                 watchdog=False),
-                       runtime=rt, probe=workers.probe, notify=notes.append, health_interval_s=0.05)
-    release.join()
+    code, notes = run_command_while(
+        crash_then_read, settings, fake, tmp_path,
+        UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE, watchdog=False),
+        health_interval_s=0.05)
     assert code == 0 and "after" in seen, notes
     before, after = seen["before"].workers[0], seen["after"].workers[0]
     assert before["container_id"] == seen["old"] and after["container_id"] != seen["old"]

@@ -23,7 +23,7 @@ from provisioner.runtime.runs import list_runs
 from provisioner.runtime.state import run_dir_of
 from provisioner.settings import Settings
 
-from .conftest import FAKE_IMAGE, FakeWorkers
+from .conftest import FAKE_IMAGE, FakeWorkers, run_command_while
 
 OPTIONS = UpOptions(layer="integration", lm_mode="mock", workers=1, image=FAKE_IMAGE, watchdog=False)
 
@@ -104,26 +104,17 @@ def test_a_run_published_off_loopback_gives_the_command_its_bridge_token(
 def test_an_engine_lost_during_a_health_check_is_said_and_checked_again(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
 ) -> None:
-    rt, workers = fake
-    release = tmp_path / "release"
-    os.mkfifo(release)
-    notes: list[str] = []
+    rt, _ = fake
 
-    def drive() -> None:
+    def drive(notes: list[str]) -> None:
         try:
             poll_until(lambda: bool(list_runs(rt)) and any("run " in n for n in notes), 60.0, 0.02)
             rt.available = False
             poll_until(lambda: any("repairing run" in n for n in notes), 60.0, 0.02)
         finally:
             rt.available = True
-            with open(release, "w"):
-                pass
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    code = run_command(["cat", str(release)], settings, OPTIONS, runtime=rt, probe=workers.probe,
-                       notify=notes.append, health_interval_s=0.02)
-    driver.join()
+    code, notes = run_command_while(drive, settings, fake, tmp_path, OPTIONS, health_interval_s=0.02)
     assert code == 0
     failed = next(n for n in notes if "repairing run" in n)
     assert "failed: no Docker engine is reachable" in failed
@@ -135,13 +126,10 @@ def test_a_state_file_that_cannot_be_updated_after_a_repair_is_said(
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path
 ) -> None:
     """The worker is replaced either way; the message says the state file is stale and why."""
-    rt, workers = fake
-    release = tmp_path / "release"
-    os.mkfifo(release)
-    notes: list[str] = []
+    rt, _ = fake
     blocked: list[Path] = []
 
-    def drive() -> None:
+    def drive(notes: list[str]) -> None:
         try:
             def block_and_crash() -> bool:
                 runs = list_runs(rt)
@@ -163,14 +151,8 @@ def test_a_state_file_that_cannot_be_updated_after_a_repair_is_said(
         finally:
             for path in blocked:
                 path.rmdir()
-            with open(release, "w"):
-                pass
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    code = run_command(["cat", str(release)], settings, OPTIONS, runtime=rt, probe=workers.probe,
-                       notify=notes.append, health_interval_s=0.02)
-    driver.join()
+    code, notes = run_command_while(drive, settings, fake, tmp_path, OPTIONS, health_interval_s=0.02)
     assert code == 0
     stale = next(n for n in notes if "state file" in n)
     assert stale.startswith("provision run: could not update the run's state file: ")
