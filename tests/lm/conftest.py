@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,3 +45,35 @@ def latency_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LatencyGate]:
         yield gate
     finally:
         gate.release()
+
+
+#: A test of a user's suite that makes no LM call (the row every per-test figure must leave at 0).
+NO_LM_TEST = """
+def test_no_lm():
+    pass
+"""
+
+
+def real_mode_run(
+    pytester: pytest.Pytester, name: str, settings: str, suite: str, xdist: tuple[str, ...]
+) -> tuple[pytest.RunResult, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A user's project ``name`` (``settings``: the lines of its ``[tool.provisioner]``) with the test
+    file ``test_<name>_suite.py`` (``suite``) and ``test_other.py`` (:data:`NO_LM_TEST`), run by
+    ``pytest --layer unit --lm real --provision-report r.json`` in a subprocess (no key: provisioner's
+    Gemini stand-in), with ``xdist``'s arguments. Both tests must pass. Returns the run's result, the
+    JSON report, and from the history the run's row and its tests' rows by node id. The caller clears
+    provisioner's settings from the environment first (the ``no_settings_env`` fixture)."""
+    from provisioner.history.store import HISTORY_FILE, History
+
+    pytester.makefile(".toml", pyproject=(
+        f"[project]\nname = '{name}'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
+        f"[tool.provisioner]\n{settings}"))
+    pytester.makepyfile(**{f"test_{name}_suite": suite, "test_other": NO_LM_TEST})
+    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json",
+                                           *xdist)
+    result.assert_outcomes(passed=2)
+    report = json.loads((pytester.path / "r.json").read_text())
+    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
+        (run,) = db.runs()
+        tests = {t["node_id"]: t for t in db.tests(run["run_id"])}
+    return result, report, run, tests

@@ -15,15 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from provisioner.cli import main
-from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm import build_lm, stats
 from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
 from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .._helpers import clear_settings
-from .conftest import STANDIN_KEY
+from .conftest import STANDIN_KEY, real_mode_run
 
 pytest_plugins = ["pytester"]
 
@@ -133,35 +131,20 @@ def test_waits(lm, lm_cost):
     program(question="second?")
     assert lm_cost.rate_limit_wait_s > 0
 """
-OTHER = """
-def test_no_lm():
-    pass
-"""
-
-
+@pytest.mark.usefixtures("no_settings_env")
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
 def test_the_summary_report_history_and_page_say_how_long_calls_waited_for_the_rate_limit(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+    pytester: pytest.Pytester, xdist: tuple[str, ...]
 ) -> None:
-    clear_settings(monkeypatch)
-    pytester.makefile(".toml", pyproject=(
-        "[project]\nname = 'waits'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
-        "[tool.provisioner]\nlm.rate_limit_rpm = 1\nlm.max_tokens = 16\n"))
-    pytester.makepyfile(test_waits_suite=SUITE)
-    pytester.makepyfile(test_other=OTHER)
-    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json",
-                                           *xdist)
-    result.assert_outcomes(passed=2)
+    result, data, run, tests = real_mode_run(
+        pytester, "waits", "lm.rate_limit_rpm = 1\nlm.max_tokens = 16\n", SUITE, xdist)
     result.stdout.fnmatch_lines(["  1 call waited * s for the rate limit (1 rpm: lm.rate_limit_rpm)"])
-    data = json.loads((pytester.path / "r.json").read_text())
     layer = data["layers"]["unit"]
     assert layer["lm_rate_limit_waits"] == 1 and layer["lm_rate_limit_wait_s"] > 0
     waited = {t["node_id"]: t["lm_rate_limit_wait_s"] for t in data["tests"]}
     assert waited["test_other.py::test_no_lm"] == 0 and waited["test_waits_suite.py::test_waits"] > 0
     assert data["run"]["lm_rate_limit_wait_s"] == pytest.approx(waited["test_waits_suite.py::test_waits"])
-    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
-        (run,) = db.runs()
-        rows = {t["node_id"]: t["lm_rate_limit_wait_s"] for t in db.tests(run["run_id"])}
+    rows = {node_id: t["lm_rate_limit_wait_s"] for node_id, t in tests.items()}
     assert rows == pytest.approx(waited) and run["lm_rate_limit_wait_s"] > 0
     env = {"PROVISION_STATE_DIR": str(pytester.path / ".provision")}
     shown = CliRunner().invoke(main, ["history", "show", run["run_id"]], env=env, terminal_width=250)

@@ -5,7 +5,6 @@ report, the run history (``lm_refused``: page and Markdown) and ``provision cost
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,14 +13,12 @@ from click.testing import CliRunner
 from dspy.utils.exceptions import LMBillingError
 
 from provisioner.cli import main
-from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm import build_lm, stats
 from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .._helpers import clear_settings
-from .conftest import STANDIN_KEY
+from .conftest import STANDIN_KEY, real_mode_run
 
 pytest_plugins = ["pytester"]
 LIMIT = 0.00002
@@ -101,37 +98,22 @@ def test_until_refused(lm, lm_cost):
         for i in range(50):
             program(question=f"question {i}?")
 """
-OTHER = """
-def test_no_lm():
-    pass
-"""
-
-
+@pytest.mark.usefixtures("no_settings_env")
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
 def test_the_summary_report_history_and_cost_report_say_how_many_calls_were_refused(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+    pytester: pytest.Pytester, xdist: tuple[str, ...]
 ) -> None:
     """A user's trial: a run whose calls the cost limit refused showed no trace of them anywhere."""
-    clear_settings(monkeypatch)
-    pytester.makefile(".toml", pyproject=(
-        "[project]\nname = 'refused'\n[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n"
-        f"[tool.provisioner]\nlm.cost_limit_usd = {LIMIT}\nlm.max_tokens = 16\n"))
-    pytester.makepyfile(test_refused_suite=SUITE)
-    pytester.makepyfile(test_other=OTHER)
-    result = pytester.runpytest_subprocess("--layer", "unit", "--lm", "real", "--provision-report", "r.json",
-                                           *xdist)
-    result.assert_outcomes(passed=2)
+    result, data, run, tests = real_mode_run(
+        pytester, "refused", f"lm.cost_limit_usd = {LIMIT}\nlm.max_tokens = 16\n", SUITE, xdist)
     result.stdout.fnmatch_lines(["  LM calls: * standin", "  1 call refused (cost limit $0.00002)"])
-    data = json.loads((pytester.path / "r.json").read_text())
     assert data["layers"]["unit"]["lm"]["refused_cost_limit"] == 1 and data["run"]["lm_refused"] == 1
     assert data["layers"]["unit"]["lm_refused"] == 1
     # Per test: the one the limit stopped, not the other (the JSON report's rows are the history's).
     refused_by_test = {t["node_id"]: t["lm_refused"] for t in data["tests"]}
     assert refused_by_test == {"test_refused_suite.py::test_until_refused": 1,
                                "test_other.py::test_no_lm": 0}, data["tests"]
-    with History(pytester.path / ".provision" / HISTORY_FILE) as db:
-        (run,) = db.runs()
-        rows = {t["node_id"]: t["lm_refused"] for t in db.tests(run["run_id"])}
+    rows = {node_id: t["lm_refused"] for node_id, t in tests.items()}
     assert run["lm_refused"] == 1 and rows == refused_by_test
     env = {"PROVISION_STATE_DIR": str(pytester.path / ".provision")}
     listed = CliRunner().invoke(main, ["history", "list"], env=env, terminal_width=200)
