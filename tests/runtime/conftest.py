@@ -29,20 +29,29 @@ def worker_image(docker_engine: Any) -> str:
     return build_worker_image().tag
 
 
+def scratch_settings(folder: Path, ready_timeout_s: float, **cli: Any) -> Settings:
+    """The settings of a scratch project in ``folder`` (created, with a bare ``pyproject.toml``): the
+    state dir and the cassettes in it, a worker's readiness waited for ``ready_timeout_s`` seconds,
+    ``cli`` on top (dotted keys, as ``load_settings`` takes them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    return load_settings(
+        cli={
+            "state_dir": str(folder / ".provision"),
+            "lm.cache_dir": str(folder / "cassettes"),
+            "container.ready_timeout_s": ready_timeout_s,
+            **cli,
+        },
+        project_dir=folder,
+    )
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Default settings with the state dir and cassettes under tmp_path (no user config leaks in)."""
     clear_settings(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    return load_settings(
-        cli={
-            "state_dir": str(tmp_path / ".provision"),
-            "lm.cache_dir": str(tmp_path / "cassettes"),
-            "container.ready_timeout_s": 30.0,
-        },
-        project_dir=tmp_path,
-    )
+    return scratch_settings(tmp_path, 30.0)
 
 
 class FakeWorkers:

@@ -22,9 +22,9 @@ from provisioner.errors import BridgeError
 from provisioner.lm.limits import RUN_LIMITS_FILE, RunLimits
 from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.state import run_dir_of
-from provisioner.settings import Settings, load_settings
+from provisioner.settings import Settings
 
-from .conftest import leftovers
+from .conftest import leftovers, scratch_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 QA = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer"}]}
@@ -32,18 +32,7 @@ LIMIT_USD = 0.001
 
 
 def _settings(folder: Path) -> Settings:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    return load_settings(
-        cli={
-            "state_dir": str(folder / ".provision"),
-            "lm.cache_dir": str(folder / "cassettes"),
-            "lm.cost_limit_usd": LIMIT_USD,
-            "lm.rate_limit_rpm": 1000,
-            "container.ready_timeout_s": 60.0,
-        },
-        project_dir=folder,
-    )
+    return scratch_settings(folder, 60.0, **{"lm.cost_limit_usd": LIMIT_USD, "lm.rate_limit_rpm": 1000})
 
 
 @pytest.fixture(scope="module")

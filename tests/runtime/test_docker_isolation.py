@@ -31,27 +31,26 @@ from provisioner.runtime.egress import block_host_access
 from provisioner.runtime.engine import DockerRuntime, remove_by_selector
 from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.pool import WorkerPool
-from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
-from provisioner.settings import Settings, load_settings
+from provisioner.runtime.recipes import Owner, PlanOptions, RunPlan, RunTarget, plan_run
+from provisioner.settings import Settings
 
 from .._helpers import tcp_listener
-from .conftest import leftovers
+from .conftest import leftovers, scratch_settings
 
 # The first session on a fresh machine builds the image (debootstrap base, wheelhouse): allow for it.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 
 def _settings(folder: Path) -> Settings:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text("[project]\nname = 'x'\n")
-    return load_settings(
-        cli={
-            "state_dir": str(folder / ".provision"),
-            "lm.cache_dir": str(folder / "cassettes"),
-            "container.ready_timeout_s": 60.0,
-        },
-        project_dir=folder,
-    )
+    return scratch_settings(folder, 60.0)
+
+
+def _one_worker_plan(settings: Settings, name: str, image: str, **options: Any) -> RunPlan:
+    """The plan of a run of one mock-LM integration worker, ``name`` + this process's id."""
+    layer = get_layer(settings, "integration")
+    target = RunTarget(f"{name}{os.getpid()}", Owner.this_process())
+    return plan_run(settings, layer, layer.lm_config(settings.lm, "mock"), target, image,
+                    PlanOptions(workers=1, **options))
 
 
 @pytest.fixture(scope="module")
@@ -248,14 +247,7 @@ def test_readiness_failure_names_the_worker_and_shows_its_log(
     docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
-    plan = plan_run(
-        settings,
-        get_layer(settings, "integration"),
-        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        RunTarget(f"bad{os.getpid()}", Owner.this_process()),
-        worker_image,
-        PlanOptions(workers=1, worker_args=("--no-such-flag",)),
-    )
+    plan = _one_worker_plan(settings, "bad", worker_image, worker_args=("--no-such-flag",))
     env = Deployment(plan, DockerRuntime(docker_engine), ready_timeout_s=60)
     watched_run(plan.run_id)  # removed by the watchdog if this process is killed before the finally
     try:
@@ -379,14 +371,7 @@ def test_a_guarded_worker_serves_only_after_its_guard(
     docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
-    plan = plan_run(
-        settings,
-        get_layer(settings, "integration"),
-        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        RunTarget(f"gate{os.getpid()}", Owner.this_process()),
-        worker_image,
-        PlanOptions(workers=1),
-    )
+    plan = _one_worker_plan(settings, "gate", worker_image)
     rt = DockerRuntime(docker_engine)
     base = Deployment(dataclasses.replace(plan, workers=()), rt, ready_timeout_s=60)
     watched_run(plan.run_id)  # removed by the watchdog if this process is killed before the finally
@@ -415,14 +400,7 @@ def test_a_guard_that_finds_no_gateway_fails_loudly_and_the_worker_never_starts(
     docker_engine: Any, worker_image: str, tmp_path: Path, watched_run: Any
 ) -> None:
     settings = _settings(tmp_path)
-    plan = plan_run(
-        settings,
-        get_layer(settings, "integration"),
-        get_layer(settings, "integration").lm_config(settings.lm, "mock"),
-        RunTarget(f"nogw{os.getpid()}", Owner.this_process()),
-        worker_image,
-        PlanOptions(workers=1),
-    )
+    plan = _one_worker_plan(settings, "nogw", worker_image)
     rt = DockerRuntime(docker_engine)
     # No network at all: no default route, no gateway to prohibit.
     lonely = dataclasses.replace(plan.workers[0], networks=(), network_mode="none")
