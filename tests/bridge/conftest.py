@@ -22,6 +22,8 @@ import pytest
 
 from provisioner.bridge import BridgeClient
 from provisioner.bridge.protocol import decode_reply, dumps, encode_frame, read_frame
+from provisioner.bridge.server import BridgeServer
+from provisioner.bridge.service import BridgeService
 from provisioner.lmconfig import LMConfig, MockRule, worker_secrets
 
 from .._helpers import GATE_TIMEOUT_S, LatencyGate, die_with_parent, without_settings  # noqa: F401 (re-exported)
@@ -182,7 +184,7 @@ class WorkerProcess:
         return BridgeClient("127.0.0.1", self.port, **kwargs)
 
     def raw(self) -> RawConnection:
-        return RawConnection(socket.create_connection(("127.0.0.1", self.port), timeout=10))
+        return RawConnection.to(self.port, timeout=10)
 
     # stdio
     def send(self, message: dict[str, Any] | bytes) -> None:
@@ -235,6 +237,11 @@ class RawConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")
+
+    @classmethod
+    def to(cls, port: int, timeout: float = 30) -> RawConnection:
+        """A connection to ``127.0.0.1:port`` (``timeout``: seconds each receive may wait)."""
+        return cls(socket.create_connection(("127.0.0.1", port), timeout=timeout))
 
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -342,6 +349,30 @@ def spawn_module_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     factory = WorkerFactory(tmp_path_factory.mktemp("workers"))
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def serve_lm() -> LMConfig:
+    """The LM config of the servers ``serve`` starts (a module overrides this fixture for its own)."""
+    return TEST_LM
+
+
+@pytest.fixture
+def serve(serve_lm: LMConfig) -> Iterator[Callable[..., tuple[BridgeServer, int]]]:
+    """``serve(server_class=BridgeServer, lm=serve_lm, **server_kwargs)``: a real TCP bridge server
+    on loopback (no PID limit unless ``pids`` is given) and its port; closed after the test."""
+    servers: list[BridgeServer] = []
+
+    def start(server_class: type[BridgeServer] = BridgeServer, lm: LMConfig = serve_lm,
+              **kwargs: Any) -> tuple[BridgeServer, int]:
+        kwargs.setdefault("pids", None)
+        server = server_class(BridgeService(lm), **kwargs)
+        servers.append(server)
+        return server, server.listen("127.0.0.1", 0)
+
+    yield start
+    for server in servers:
+        server.close(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ loaded the machine is.
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,7 +52,7 @@ def server(latency_gate: LatencyGate) -> Iterator[tuple[BridgeServer, int, Laten
 
 
 def connect(port: int) -> RawConnection:
-    return RawConnection(socket.create_connection(("127.0.0.1", port), timeout=60))
+    return RawConnection.to(port, timeout=60)
 
 
 def request(conn: RawConnection, rid: str, command: str, **args: Any) -> None:

@@ -14,7 +14,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +42,12 @@ SLOW_LM = LMConfig(mode="mock", mock_rules=[MockRule(match={"question": "slow"},
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., tuple[BridgeServer, int]]]:
-    """``serve(**server_kwargs)``: a real TCP BridgeServer on loopback, closed after the test."""
-    servers: list[BridgeServer] = []
-
-    def start(server_class: type[BridgeServer] = BridgeServer, lm: LMConfig = SLOW_LM,
-              **kwargs: Any) -> tuple[BridgeServer, int]:
-        kwargs.setdefault("pids", None)
-        server = server_class(BridgeService(lm), **kwargs)
-        servers.append(server)
-        return server, server.listen("127.0.0.1", 0)
-
-    yield start
-    for server in servers:
-        server.close(timeout=10)
+def serve_lm() -> LMConfig:
+    """The LM of this module's ``serve`` (tests/bridge/conftest.py)."""
+    return SLOW_LM
 
 
-def raw(port: int) -> RawConnection:
-    return RawConnection(socket.create_connection(("127.0.0.1", port), timeout=30))
+raw = RawConnection.to
 
 
 # --- connections: thread exhaustion, refusals, the pids cap -------------------------------------

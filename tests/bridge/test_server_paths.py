@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +55,12 @@ LM = LMConfig(
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., tuple[BridgeServer, int]]]:
-    """``serve(**server_kwargs)``: a real TCP BridgeServer on loopback, closed after the test."""
-    servers: list[BridgeServer] = []
-
-    def start(lm: LMConfig = LM, **kwargs: Any) -> tuple[BridgeServer, int]:
-        kwargs.setdefault("pids", None)
-        server = BridgeServer(BridgeService(lm), **kwargs)
-        servers.append(server)
-        return server, server.listen("127.0.0.1", 0)
-
-    yield start
-    for server in servers:
-        server.close(timeout=10)
+def serve_lm() -> LMConfig:
+    """The LM of this module's ``serve`` (tests/bridge/conftest.py)."""
+    return LM
 
 
-def raw(port: int) -> RawConnection:
-    return RawConnection(socket.create_connection(("127.0.0.1", port), timeout=30))
+raw = RawConnection.to
 
 
 def reset(sock: socket.socket) -> None:
