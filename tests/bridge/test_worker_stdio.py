@@ -78,17 +78,19 @@ def test_closing_stdin_ends_the_worker_cleanly(spawn_worker: Any) -> None:
     assert worker.proc.stdout.read() == b""
 
 
-def test_shutdown_over_stdio_answers_inflight_work_first(spawn_worker: Any) -> None:
+def _executing_at_the_gate(spawn_worker: Any) -> Any:
+    """A stdio worker whose request 2 (``execute_program``, answer 8) is in flight, held at its gate
+    until ``worker.release(1)``."""
     worker = spawn_worker(stdio=True, gated=True)
     worker.send({"id": 1, "command": "create_program", "args": {"program_id": "qa", "signature": QA_INT}})
     assert worker.receive()["success"] is True
-    worker.send(
-        {
-            "id": 2,
-            "command": "execute_program",
-            "args": {"program_id": "qa", "inputs": {"question": "medium"}},
-        }
-    )
+    worker.send({"id": 2, "command": "execute_program",
+                 "args": {"program_id": "qa", "inputs": {"question": "medium"}}})
+    return worker
+
+
+def test_shutdown_over_stdio_answers_inflight_work_first(spawn_worker: Any) -> None:
+    worker = _executing_at_the_gate(spawn_worker)
     worker.send({"id": 3, "command": "shutdown", "args": {}})
     first = worker.receive()  # the shutdown's answer: the execution is held at the gate
     worker.release(1)
@@ -99,16 +101,7 @@ def test_shutdown_over_stdio_answers_inflight_work_first(spawn_worker: Any) -> N
 
 
 def test_sigterm_over_stdio_answers_inflight_work_first(spawn_worker: Any, poll: Any) -> None:
-    worker = spawn_worker(stdio=True, gated=True)
-    worker.send({"id": 1, "command": "create_program", "args": {"program_id": "qa", "signature": QA_INT}})
-    assert worker.receive()["success"] is True
-    worker.send(
-        {
-            "id": 2,
-            "command": "execute_program",
-            "args": {"program_id": "qa", "inputs": {"question": "medium"}},
-        }
-    )
+    worker = _executing_at_the_gate(spawn_worker)
     worker.send({"id": 3, "command": "get_stats", "args": {}})
     stats = worker.receive()
     assert stats["id"] == 3 and stats["result"]["inflight"] == 1
