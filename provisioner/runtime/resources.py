@@ -44,11 +44,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from provisioner.errors import LeakError, RuntimeProblem
 from provisioner.runtime import labels as L
 from provisioner.runtime.engine import ContainerRuntime, EngineEvent, EventSource, EventStream
+
+if TYPE_CHECKING:  # imported when used: psutil is not needed to import this module
+    import psutil
 
 Kind = Literal["container", "network", "volume", "process", "tempfile", "port"]
 KINDS: tuple[str, ...] = ("container", "network", "volume", "process", "tempfile", "port")
@@ -462,24 +465,39 @@ def _live_descendants(pid: int | None) -> list[tuple[int, str]]:
 
 def terminate_process(pid: int, *, grace_s: float = 3.0, create_time: float | None = None) -> bool:
     """SIGTERM, wait up to ``grace_s``, then SIGKILL — the process and its children. False if gone."""
+    family = process_family(pid, create_time)
+    terminate_processes(family, grace_s)
+    return bool(family)
+
+
+def process_family(pid: int, create_time: float | None = None) -> list[psutil.Process]:
+    """The process ``pid`` after its descendants, or ``[]`` when it is gone or, ``create_time``
+    given (seconds since the epoch, psutil's), the pid now names another process (one started more
+    than 10 ms from it: the pid was reused)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
-            return False  # the pid was reused by an unrelated process
-        family = [*proc.children(recursive=True), proc]
+            return []
+        return [*proc.children(recursive=True), proc]
     except psutil.Error:
-        return False
-    for p in family:
+        return []
+
+
+def terminate_processes(procs: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM all of ``procs`` at once, wait up to ``grace_s`` seconds for them to end, then SIGKILL
+    the ones left and wait up to ``grace_s`` again. One already gone is skipped."""
+    import psutil
+
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _gone, alive = psutil.wait_procs(family, timeout=grace_s)
-    for p in alive:
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
         with contextlib.suppress(psutil.Error):
-            p.kill()
+            proc.kill()
     psutil.wait_procs(alive, timeout=grace_s)
-    return True
 
 
 def remove_path(path: Path) -> None:

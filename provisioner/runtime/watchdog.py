@@ -288,26 +288,16 @@ def terminate_orphans(orphans: list[tuple[int, float]], grace_s: float = DEPENDA
     """SIGTERM every orphaned dependant (and its child processes) at once, SIGKILL what is left
     after ``grace_s``; returns ``"process <pid>"`` of the dependants that were still there. Only the
     exact processes (pid + start time) registered in the run, and their children, are touched."""
-    import psutil
+    from provisioner.runtime.resources import process_family, terminate_processes
 
     found = []
     family = []
     for pid, start in orphans:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if start and abs(proc.create_time() - start) > 0.01:
-                continue
-            family += [*proc.children(recursive=True), proc]
-            found.append(proc)
-    procs = family
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
+        members = process_family(pid, start or None)  # 0: the start time was not recorded
+        if members:
+            family += members
+            found.append(members[-1])
+    terminate_processes(family, grace_s)
     return [f"process {p.pid}" for p in found]
 
 
