@@ -11,6 +11,10 @@ e2e            bridge    yes     yes      real     session
 =============  ========  ======  =======  =======  =========
 
 Users override fields of these, or add layers, under ``[tool.provisioner.layers.<name>]``.
+A layer's description, unless the user wrote one, is made from its effective fields
+(:func:`describe`): a built-in layer whose ``lm_mode`` or pooling a user changed says so, instead of
+restating the built-in's settings (a new user's trial: e2e with ``lm_mode = "mock"`` still said
+"real Gemini LM").
 The LM mode of a layer comes from ``lm_modes[<name>]`` when the user set it there (project file,
 environment), else from the layer's own ``lm_mode`` (the user's layer table, else the built-in), else
 from the default ``lm_modes`` (:data:`provisioner.settings.DEFAULT_LM_MODES`).
@@ -65,6 +69,16 @@ class Layer(BaseModel):
         """Only real-LM layers may reach the outside world; mock and cached cannot spend money."""
         return self.lm_mode == "real"
 
+    def with_lm_mode(self, mode: LMMode | None) -> Layer:
+        """This layer as it runs with ``mode`` (``--lm``; None: unchanged): its ``lm_mode`` and, when
+        its description was made from its fields (:func:`describe`), the description too."""
+        if mode is None or mode == self.lm_mode:
+            return self
+        update: dict[str, object] = {"lm_mode": mode}
+        if self.description == describe(self):
+            update["description"] = describe(self.model_copy(update={"lm_mode": mode}))
+        return self.model_copy(update=update)
+
     def lm_config(self, base: LMConfig, mode: LMMode | None = None) -> LMConfig:
         """The LM configuration this layer runs with: ``base`` (the settings' ``lm`` table) with the
         layer's name and LM mode applied; ``mode`` (``--lm``) overrides the layer's ``lm_mode``. With
@@ -76,23 +90,42 @@ class Layer(BaseModel):
         return base.model_copy(update={"mode": mode or self.lm_mode, "layer": self.name}).shard_share()
 
 
+# No descriptions here: each is made from the layer's effective fields (describe), so it follows a
+# user's overrides.
 BUILTIN_LAYERS: dict[str, LayerSpec] = {
     "unit": LayerSpec(
-        description="in-process, mock LM, no containers",
         adapter="mock", python=False, pooling_enabled=False, lm_mode="mock", isolation="full",
         timeout_s=30,
     ),
     "integration": LayerSpec(
-        description="a bridge worker container per test session, cached (record/replay) LM",
         adapter="bridge", python=True, pooling_enabled=False, lm_mode="cached", isolation="namespace",
         timeout_s=120,
     ),
     "e2e": LayerSpec(
-        description="a warm pool of bridge worker containers, real Gemini LM with rate and cost limits",
         adapter="bridge", python=True, pooling_enabled=True, lm_mode="real", isolation="session",
         timeout_s=300,
     ),
 }
+
+_LM_WORDS: dict[str, str] = {
+    "mock": "mock LM",
+    "cached": "cached (record/replay) LM",
+    "real": "real Gemini LM with rate and cost limits",
+}
+
+
+def describe(layer: Layer | LayerSpec) -> str:
+    """A layer's description from its fields: where its programs run and its LM, e.g. "a warm pool
+    of bridge worker containers, real Gemini LM with rate and cost limits" (the built-in e2e's)."""
+    if not (layer.adapter == "bridge" and layer.python):
+        return f"in-process, {_LM_WORDS[str(layer.lm_mode)]}, no containers"
+    if layer.isolation == "process":
+        where = "fork-mode bridge worker containers, a forked process per test"
+    elif layer.pooling_enabled:
+        where = "a warm pool of bridge worker containers"
+    else:
+        where = "a bridge worker container per test session"
+    return f"{where}, {_LM_WORDS[str(layer.lm_mode)]}"
 
 _DEFAULTS = LayerSpec(
     adapter="bridge", python=True, pooling_enabled=False, lm_mode="mock", isolation="namespace", timeout_s=120
@@ -128,7 +161,6 @@ def _resolve(settings: Settings, name: str) -> Layer:
         # lm_mode = "mock" was silently overridden by them (a new user's trial).
         merged["lm_mode"] = settings.lm_modes[name]
     merged.setdefault("workers", settings.max_pool_size)
-    merged.setdefault("description", "user-defined layer")
     if merged.get("isolation") == "process" and merged.get("adapter") != "bridge":
         raise ConfigError(
             f"layer {name!r}: isolation 'process' gives each test its own forked worker process, which"
@@ -138,4 +170,7 @@ def _resolve(settings: Settings, name: str) -> Layer:
         raise ConfigError(
             f"layer {name!r}: adapter 'bridge' needs python workers; set python = true or adapter = 'mock'"
         )
+    if "description" not in merged:  # none written by the user: made from what the layer is
+        merged["description"] = describe(LayerSpec.model_validate(
+            {k: v for k, v in merged.items() if k in LayerSpec.model_fields}))
     return Layer(name=name, builtin=name in BUILTIN_LAYERS, **merged)  # type: ignore[arg-type]

@@ -103,7 +103,8 @@ def resolve_run(
     """
     settings = load_settings(cli=options.cli_overrides(), project_dir=project_dir)
     root = settings.project_dir
-    layer = get_layer(settings, settings.layer)
+    # The layer as it runs: with --lm, its LM mode (and the description made from it) is --lm's.
+    layer = get_layer(settings, settings.layer).with_lm_mode(options.lm_mode)
     base = _with_shards(settings, options.shards)
     lm_config = layer.lm_config(base, options.lm_mode)
     if _standin_answers(lm_config) and settings.source_of("lm.rate_limit_rpm") == DEFAULT_SOURCE:

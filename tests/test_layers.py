@@ -111,3 +111,75 @@ def test_messages_and_the_readme_name_where_a_layer_runs_the_same_way(  # type: 
     result = CliRunner().invoke(main, ["run", "--layer", "unit", "--", "false"],
                                 env={"PROVISION_STATE_DIR": str(tmp_path / ".provision")})
     assert f"layer 'unit' runs {unit.runs_in_words}" in result.output, result.output
+
+
+# --- a layer's description follows its effective fields (a new user's trial: e2e overridden to the
+# mock LM still said "real Gemini LM with rate and cost limits" in `provision layers` and the markers)
+
+
+def test_the_builtin_descriptions_are_made_from_their_fields(settings_in) -> None:  # type: ignore[no-untyped-def]
+    layers = resolve_layers(settings_in())
+    assert layers["unit"].description == "in-process, mock LM, no containers"
+    assert layers["integration"].description == ("a bridge worker container per test session, "
+                                                 "cached (record/replay) LM")
+    assert layers["e2e"].description == ("a warm pool of bridge worker containers, "
+                                         "real Gemini LM with rate and cost limits")
+
+
+@pytest.mark.parametrize("toml, env, words", [
+    ("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\n", {},
+     "a warm pool of bridge worker containers, mock LM"),
+    ("[tool.provisioner.lm_modes]\ne2e = 'cached'\n", {}, "cached (record/replay) LM"),
+    ("", {"PROVISION_LM_MODES__E2E": "mock"}, "mock LM"),
+    ("[tool.provisioner.layers.e2e]\npooling_enabled = false\n", {},
+     "a bridge worker container per test session, real Gemini"),
+    ("[tool.provisioner.layers.e2e]\nisolation = 'process'\n", {}, "a forked process per test"),
+], ids=["layer-table", "lm_modes", "environment", "pooling", "isolation"])
+def test_an_overridden_builtin_layer_says_what_it_now_is(  # type: ignore[no-untyped-def]
+        settings_in, monkeypatch: pytest.MonkeyPatch, toml: str, env: dict[str, str], words: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    e2e = get_layer(settings_in(toml), "e2e")
+    assert words in e2e.description
+    if e2e.lm_mode != "real":
+        assert "Gemini" not in e2e.description
+
+
+def test_a_description_the_user_wrote_is_kept(settings_in) -> None:  # type: ignore[no-untyped-def]
+    s = settings_in("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\ndescription = 'ours'\n"
+                    "[tool.provisioner.layers.smoke]\nadapter = 'bridge'\npython = true\nlm_mode = 'mock'\n")
+    assert get_layer(s, "e2e").description == "ours"
+    assert get_layer(s, "e2e").with_lm_mode("cached").description == "ours"
+    assert get_layer(s, "smoke").description == "a bridge worker container per test session, mock LM"
+
+
+def test_the_lm_option_makes_the_running_layer_say_its_mode(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--lm` (pytest, provision up/run): the resolved layer's mode and description are --lm's."""
+    from provisioner.run import RunOptions, resolve_run
+
+    monkeypatch.delenv("TEST_MODE", raising=False)
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\n")
+    run = resolve_run(RunOptions(layer="e2e", lm_mode="mock"), tmp_path)
+    assert run.layer.lm_mode == run.lm_config.mode == "mock"
+    assert run.layer.description == "a warm pool of bridge worker containers, mock LM"
+
+
+def test_provision_layers_and_the_markers_say_the_effective_lm(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+    from provisioner.testing.selection import marker_description
+
+    monkeypatch.delenv("TEST_MODE", raising=False)
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\n")
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["layers"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    e2e_line = next(line for line in out.output.splitlines() if line.startswith("e2e"))
+    assert "mock LM" in e2e_line and "Gemini" not in e2e_line, e2e_line
+    as_json = CliRunner().invoke(main, ["layers", "--json"])
+    assert '"description": "a warm pool of bridge worker containers, mock LM"' in as_json.output
+    marker = marker_description(get_layer(load_settings(project_dir=tmp_path), "e2e"))
+    assert marker == "e2e: run only in the 'e2e' layer (a warm pool of bridge worker containers, mock LM)"
