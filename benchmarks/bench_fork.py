@@ -527,6 +527,7 @@ def markdown(results: dict[str, Any]) -> str:
         "  says it is ready only once the first spare waits on the listener.",
         *WHERE_THE_TIME_GOES,
         *POOL_START_AND_PER_TEST,
+        *POOL_START_CPU,
         "- Before the two-worker pool, on a quiet machine (commit bce2c03, load 0.3 to 1.4, the lead's",
         "  run of this script): suite 5.8 s (pool start 2.0 s, setup + teardown p50 8.3 ms) against the",
         f"  naive fixture's 203.8 s extrapolated from 10 tests (full naive runs took 230-270 s): 35{TIMES};",
@@ -590,7 +591,7 @@ POOL_START_AND_PER_TEST = [
     "  largest part; a mock fork-mode worker already leaves google-genai out, and importing the",
     "  worker without `provisioner.cli` would save ≈ 0.04 s: click). In a pool start the same imports",
     "  took 2.2-7.7 s of wall time at load 7-10: their CPU is shared, on 2 cores, with the other",
-    "  worker's, two egress guards (each imports pyroute2: 0.23-0.25 s of CPU), the relay and the",
+    "  worker's, two egress guards (each imported pyroute2: 0.23-0.25 s of CPU), the relay and the",
     "  engine's container starts. The egress guard runs alongside the imports (the gate preloads",
     "  them) and ended before them in every profiled start; the networks took 0.1-0.35 s, a",
     "  container's create + start 0.4-1.2 s. The worker prints its ready line once its first forked",
@@ -615,6 +616,40 @@ POOL_START_AND_PER_TEST = [
     "  for replies 70 % of the time; of its own CPU the largest part is pytest's fixture machinery",
     "  for a parametrized test (8 `FixtureDef`s per item, each with `inspect.signature`), and",
     "  provisioner's `isolated` fixture takes ≈ 0.1 ms of its own per test.",
+]
+
+
+# The pool start's CPU cuts of 2026-12-01 and what was measured and left (fixed text, measured under
+# load; the tables above are this run's). Kept in the generated section by --write-docs.
+POOL_START_CPU = [
+    "- The pool start, 2026-12-01 00:40-01:05 UTC (commits 2fdec66, b32e58a, 7877342; CPU, which",
+    "  holds under load better than wall time). (1) DSPy's import in a guarded worker ran without the",
+    "  `_dspy_import` hook: the gate preloaded `dspy` before anything imported",
+    "  `provisioner.bridge.worker`, which installs it, so every pooled worker paid DSPy's five stack",
+    "  walks. The gate now preloads the worker's entry point first (`recipes.WORKER_PRELOAD`): the",
+    "  gate's preload and the fork worker's imports in the worker image, 1-CPU quota, took 0.49-0.51",
+    "  s of CPU before and 0.39-0.40 s after (4 runs each, load 2-4). (2) The egress guard speaks",
+    "  rtnetlink over a stdlib socket instead of importing pyroute2 (whose package `__init__` loads",
+    "  conntrack, ndb, asyncio, multiprocessing): 0.14-0.16 → 0.04 s of CPU per guard, two guards per",
+    "  pool start. (3) The host waits for a guard's exit with the engine's `wait` instead of an",
+    "  inspect every 20 ms (≈ 35 per guard; ≈ 1.2 ms of CPU each, this process 0.7 and the engine",
+    "  0.5, load 7): 2-3 waits and 2 inspects for both guards.",
+    "- A/B of those against the code before them (commit 3784532), alternating, load 6-8:",
+    "  `bench_fork_start.py`'s CPU until the first `ping` (two rounds of 3 starts): host process",
+    "  0.28 / 0.19 → 0.11 / 0.09 s, each worker's container 0.70 / 0.62 → 0.57 / 0.51 s, a worker's",
+    "  process at the end of its imports 0.62 / 0.57 → 0.45 / 0.41 s; first `ping` (wall, loaded)",
+    "  4.7 / 3.0 → 2.5 / 1.6 s. The suite's process side (`bench_fork.py --parts suite`, 3 rounds,",
+    "  load 5-6): 5.75 / 6.66 / 6.42 → 3.92 / 5.73 / 5.47 s, of which pool start 2.17 / 2.76 / 2.74",
+    "  → 1.44 / 2.30 / 2.04 s.",
+    "- Measured and left as it is: every module a worker imports (693) loads from a matching `.pyc`",
+    "  (pip byte-compiles at the image build; `python -v` in the image: no compile from source, no",
+    "  stale `.pyc`), so another invalidation mode has nothing to save; importing the worker without",
+    "  `provisioner.cli` leaves out 13 modules (`import provisioner` loads the settings anyway: no",
+    "  measurable CPU); DSPy's own import (teleprompt, evaluate, gepa ...) is ≈ 0.25 s of the 0.40",
+    "  and a forked process may use any of it. The readiness `ping` poll starts once the guard has",
+    "  finished: ≈ 7 probes per worker in a quiet start (50-100 per start at load 6-12, 0.4 ms of",
+    "  this process's CPU each), so it still polls. The pool's reuse ping does not apply to isolation",
+    "  `process` (each session connects afresh); its cost is in the per-test overhead section.",
 ]
 
 
