@@ -367,13 +367,15 @@ class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
     __slots__ = ("_lock", "arrived", "conn", "deadline", "done", "held", "queued", "request_id", "session",
-                 "usage")
+                 "started", "submitted", "usage")
 
     def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
         self.request_id = request_id
         self.deadline = deadline
         self.arrived = deadline  # when its request began to arrive (set by the server)
+        self.submitted = deadline  # when it was queued for a slot (set by the server)
+        self.started = deadline  # when it got its execution slot (set by the server)
         self.held = held  # input-budget bytes, released when the work finishes
         self.session = ""  # the scheduler's key: its slot goes back to this session's count
         # While it waits for a slot: its place in the scheduler's queue (None once it has a slot).
@@ -1004,6 +1006,7 @@ class BridgeServer:
         conn.queue(1)
         flight = _InFlight(conn, request_id, arrived + self.request_timeout_s, held)
         flight.arrived = arrived
+        flight.submitted = flight.started = time.monotonic()
         flight.session = deferred.session_id if deferred.session_id is not None else f"<conn {conn.number}>"
         flight.usage = deferred.usage
         item = _Queued(conn, request_id, deferred, held, flight)
@@ -1018,6 +1021,7 @@ class BridgeServer:
         flight = item.flight
         assert flight is not None, "the server submits every execution with its flight"
         flight.queued = None
+        flight.started = time.monotonic()
         with self._inflight_lock:
             self._inflight += 1
         if flight.done or time.monotonic() >= flight.deadline:
@@ -1072,12 +1076,17 @@ class BridgeServer:
             # The LM calls made until now go back too, as a failed execution's do: the caller books
             # them (calls the work makes after this reply are in the run ledger, not in any reply).
             usage = flight.usage() if flight.usage is not None else None
+            # process_timeout counts from the request's arrival: say when part of it went to the queue
+            # (started stays at submitted until the slot is handed over).
+            queued_s = max(0.0, min(flight.started, time.monotonic()) - flight.submitted)
+            queued = (f", {queued_s:.3g} s of them waiting for an execution slot (max_inflight_per_session"
+                      f" {self.max_inflight_per_session})" if queued_s >= 0.001 else "")
             self._send(
                 flight.conn,
                 error_reply(
                     flight.request_id,
-                    f"execute_program did not finish within {self.request_timeout_s:g} s (process_timeout);"
-                    " its result will be discarded",
+                    f"execute_program did not finish within {self.request_timeout_s:g} s (process_timeout"
+                    f"{queued}); its result will be discarded",
                     ErrorType.TIMEOUT,
                     lm_usage=usage,
                 ),

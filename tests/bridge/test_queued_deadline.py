@@ -120,6 +120,34 @@ def test_a_queued_execution_gets_the_workers_timeout_before_the_client_gives_up(
         assert second.execute_program("qa", {"question": "quick"}, "s")["outputs"] == {"answer": "soon"}
 
 
+def test_one_that_got_its_slot_late_runs_for_the_time_left_and_says_where_it_went(
+        latency_gate: LatencyGate) -> None:
+    """The deadline is the request's: one that waited for a slot and then ran out is answered at
+    arrival + process_timeout, and its Timeout says how much of it went to the queue (or, had the
+    slot come after the deadline, that it never started)."""
+    srv = BridgeServer(BridgeService(LM), max_inflight=2, max_inflight_per_session=1,
+                       request_timeout_s=3.0, pids=None)
+    try:
+        port = srv.listen("127.0.0.1", 0)
+        timeout = reply_timeout(3.0)
+        with BridgeClient("127.0.0.1", port, request_timeout=timeout) as first, \
+                BridgeClient("127.0.0.1", port, request_timeout=timeout) as second:
+            first.create_program(QA, "qa", session_id="s")
+            running = execute_in_thread(first, "s", "held")
+            wait_until(lambda: latency_gate.waiting == 1, 60, "the first execution to reach the LM")
+            queued = execute_in_thread(second, "s", "held")  # held at the gate too once it runs
+            wait_until(lambda: srv._live_stats()["queued"] == 1, 60, "the second execution to queue")
+            latency_gate.release(1)  # the first ends; the second gets the slot and is held
+            assert running.done.wait(JOIN_S)
+            error = worker_error(queued)
+            assert error.error_type == "Timeout"
+            assert ("s of them waiting for an execution slot (max_inflight_per_session 1)" in error.message
+                    or "did not start" in error.message), error.message
+    finally:
+        latency_gate.release()
+        srv.close(timeout=30)
+
+
 def test_a_worker_process_configured_like_a_container_answers_queued_executions(
         spawn_worker: WorkerFactory) -> None:
     """``provision worker`` with the settings a worker container gets through its environment."""
