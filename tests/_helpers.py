@@ -5,11 +5,11 @@ Two kinds the duplicate finder (`duplicates`) found written out several times:
 * **A TCP listener with an accept thread** (:func:`tcp_listener`): the relay's upstream echo server,
   a fake relay's upstream, a host listener the egress guard must keep workers from. What each does
   with a connection is its own (``handle``); starting, accepting and stopping are the same.
-* **A killed pytest controller's run** (:func:`run_processes`, :func:`run_resources`, :func:`lives`,
-  :func:`end_run`, :data:`HOLD_SUITE`, :func:`scratch_env`): a scratch project whose two tests hold their pool
-  sessions until the controller is killed, and the clean-up that removes whatever such a test or
-  benchmark round left (its process group, the run's processes, the run's containers and networks)
-  even when it failed half-way.
+* **A killed pytest controller's run** (:func:`start_held_run`, :func:`run_processes`,
+  :func:`run_resources`, :func:`lives`, :func:`end_run`, :data:`HOLD_SUITE`, :func:`scratch_env`):
+  a scratch project whose two tests hold their pool sessions until the controller is killed, and
+  the clean-up that removes whatever such a test or benchmark round left (its process group, the
+  run's processes, the run's containers and networks) even when it failed half-way.
 * **An environment without provisioner's settings** (:func:`is_setting_variable`,
   :func:`without_settings`, :func:`clear_settings`; the ``no_settings_env`` fixture of tests/conftest.py):
   a test, or the pytest/``provision``/worker process it starts, must see only the settings it gives,
@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -139,6 +140,22 @@ def scratch_env(folder: Path, environ: Mapping[str, str] | None = None) -> dict[
     env = without_settings(environ)
     env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
     return env
+
+
+def start_held_run(folder: Path, name: str, **popen: Any) -> tuple[subprocess.Popen[bytes], Path]:
+    """Write the scratch project ``name`` of :data:`HOLD_SUITE` into ``folder`` and start ``pytest -n 2
+    --layer integration --lm mock`` on it (:func:`scratch_env`, its own session: a process group as a
+    terminal's foreground job has; ``popen``: the rest of ``subprocess.Popen``'s arguments, e.g.
+    where its output goes). Returns the controller and the folder its tests mark themselves started
+    in (two files once both hold their session). The caller ends it with :func:`end_run`."""
+    (folder / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
+    out = folder / "out"
+    out.mkdir()
+    (folder / "test_hold.py").write_text(HOLD_SUITE.format(out=str(out)))
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
+               "-p", "no:cacheprovider", "test_hold.py"]
+    proc = subprocess.Popen(command, cwd=folder, env=scratch_env(folder), start_new_session=True, **popen)
+    return proc, out
 
 
 def run_processes(run_id: str) -> list[Any]:

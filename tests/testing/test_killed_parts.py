@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .._helpers import HOLD_SUITE, end_run, lives, run_processes, run_resources, scratch_env
+from .._helpers import end_run, lives, run_processes, run_resources, scratch_env, start_held_run
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -48,16 +48,9 @@ def test_sigkill_of_the_xdist_controller_removes_the_run_and_its_workers(
 
     if sigint == "default":  # also when this pytest inherited SIGINT ignored (a background job)
         request.getfixturevalue("sigint_default")
-    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'killed-controller'\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (tmp_path / "test_hold.py").write_text(HOLD_SUITE.format(out=str(out)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
-         "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=tmp_path, env=scratch_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, preexec_fn=_ignore_sigint if sigint == "ignored" else None,
-    )
+    proc, out = start_held_run(tmp_path, "killed-controller",
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=_ignore_sigint if sigint == "ignored" else None)
     run_id = ""
     try:
         _poll(lambda: len(list(out.iterdir())) == 2 or proc.poll() is not None, 300, "both tests starting")
@@ -99,16 +92,7 @@ def test_ctrl_c_of_an_xdist_run_ends_it_says_so_and_leaves_nothing(
     worker is in "workers started"); nothing of the run is left. (It used to remove the pool under
     the workers' teardown: they waited to heal it, re-created a relay on a network being removed, and
     the summary said 0 workers.) The seconds are measured by benchmarks/bench_controller_kill.py."""
-    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'interrupted'\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (tmp_path / "test_hold.py").write_text(HOLD_SUITE.format(out=str(out)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
-         "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=tmp_path, env=scratch_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, as a terminal's foreground job has
-    )
+    proc, out = start_held_run(tmp_path, "interrupted", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_id = ""
     try:
         _poll(lambda: len(list(out.iterdir())) == 2 or proc.poll() is not None, 300, "both tests starting")
