@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # --- a TCP listener ------------------------------------------------------------------------------
 
@@ -111,6 +113,28 @@ def clear_settings(monkeypatch: Any, *, also: Callable[[str], bool] = lambda _na
     for name in list(os.environ):
         if is_setting_variable(name) or also(name):
             monkeypatch.delenv(name, raising=False)
+
+
+# --- a tar of a few files ---------------------------------------------------------------------------
+
+
+def dockerfile_context(dockerfile: str) -> io.BytesIO:
+    """A build context with only ``dockerfile`` (an uncompressed tar stream, at its start)."""
+    context = io.BytesIO()
+    write_tar(context, {"Dockerfile": dockerfile.encode()})
+    context.seek(0)
+    return context
+
+
+def write_tar(target: Path | IO[bytes], files: Mapping[str, bytes]) -> None:
+    """An uncompressed tar of ``files`` (name in the archive -> contents) into ``target`` (a file's
+    path, or an open binary stream, left open)."""
+    where: dict[str, Any] = {"name": target} if isinstance(target, Path) else {"fileobj": target}
+    with tarfile.open(mode="w", **where) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 # --- a killed pytest controller's run -----------------------------------------------------------

@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import io
 import os
 import re
 import shutil
-import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ import pytest
 from provisioner.errors import ImageError
 from provisioner.runtime import images
 from provisioner.runtime import labels as L
+
+from .._helpers import dockerfile_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -199,14 +199,8 @@ def test_project_ids_are_per_folder_and_valid_docker_tags(tmp_path: Path) -> Non
 def _label_image(docker_engine: Any, base: str, tag: str, labels: dict[str, str]) -> None:
     """A one-layer image FROM ``base`` with extra labels (what a user's custom image looks like)."""
     dockerfile = f"FROM {base}\n" + "".join(f'LABEL {k}="{v}"\n' for k, v in labels.items())
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        data = dockerfile.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    context.seek(0)
-    docker_engine.images.build(fileobj=context, custom_context=True, tag=tag, pull=False, rm=True)
+    docker_engine.images.build(fileobj=dockerfile_context(dockerfile), custom_context=True, tag=tag,
+                               pull=False, rm=True)
 
 
 @pytest.mark.docker

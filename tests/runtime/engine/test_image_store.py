@@ -19,6 +19,8 @@ from provisioner.errors import ImageError
 from provisioner.runtime import images
 from provisioner.runtime.engine import ContainerRuntime, DockerRuntime, FakeRuntime, ImageStore
 
+from ..._helpers import dockerfile_context, write_tar
+
 REPO = "provisioner-store-test"
 Store = tuple[ContainerRuntime, str]
 
@@ -41,17 +43,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[tuple[ContainerRuntime, st
         rt.close()
 
 
-def _context(dockerfile: str) -> io.BytesIO:
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        data = dockerfile.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    context.seek(0)
-    return context
-
-
 def _tag() -> str:
     return f"{REPO}:{secrets.token_hex(4)}"
 
@@ -66,7 +57,7 @@ def test_a_build_uses_its_build_args_labels_and_reports_its_steps(store: Store) 
     tag = _tag()
     lines: list[str] = []
     built = rt.build(
-        _context("ARG BASE=absent:0\nFROM ${BASE}\nLABEL from.dockerfile=1\n"),
+        dockerfile_context("ARG BASE=absent:0\nFROM ${BASE}\nLABEL from.dockerfile=1\n"),
         tag,
         build_args={"BASE": base},
         labels={"test.given": "yes"},
@@ -86,14 +77,15 @@ def test_a_build_never_pulls_a_missing_base(store: Store) -> None:
     rt, _base = store
     tag = _tag()
     with pytest.raises(ImageError, match=f"building {tag} failed"):
-        rt.build(_context("FROM provisioner-absent-base:0\n"), tag, build_args={}, labels={})
+        rt.build(dockerfile_context("FROM provisioner-absent-base:0\n"), tag, build_args={}, labels={})
     assert rt.image(tag) is None
 
 
 def test_tags_point_and_removal_only_untags_a_shared_image(store: Store) -> None:
     rt, base = store
     first, second = _tag(), _tag()
-    built = rt.build(_context(f"FROM {base}\nLABEL test.tags={first}\n"), first, build_args={}, labels={})
+    built = rt.build(dockerfile_context(f"FROM {base}\nLABEL test.tags={first}\n"), first,
+                     build_args={}, labels={})
     rt.tag(first, second)
     again = rt.image(second)
     assert again is not None and again.id == built.id and {first, second} <= set(again.tags)
@@ -108,11 +100,7 @@ def test_tags_point_and_removal_only_untags_a_shared_image(store: Store) -> None
 def test_a_rootfs_import_carries_its_changes(store: Store, tmp_path: Path) -> None:
     rt, _base = store
     tarball = tmp_path / "rootfs.tar"
-    with tarfile.open(tarball, "w") as tar:
-        data = b"hello\n"
-        info = tarfile.TarInfo("etc/hello")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    write_tar(tarball, {"etc/hello": b"hello\n"})
     tag = _tag()
     made = rt.import_rootfs(tarball, tag, changes=["ENV LANG=C.UTF-8", "LABEL test.imported=yes"])
     assert tag in made.tags and made.labels.get("test.imported") == "yes"
@@ -134,7 +122,8 @@ def test_the_engine_describes_itself(store: Store) -> None:
 def test_images_in_use_name_what_containers_run(store: Store, docker_or_none: Any) -> None:
     rt, base = store
     tag = _tag()
-    built = rt.build(_context(f"FROM {base}\nLABEL test.in-use={tag}\n"), tag, build_args={}, labels={})
+    built = rt.build(dockerfile_context(f"FROM {base}\nLABEL test.in-use={tag}\n"), tag,
+                     build_args={}, labels={})
     assert built.id not in rt.images_in_use()
     if isinstance(rt, FakeRuntime):
         from provisioner.runtime.recipes import ContainerRecipe
@@ -158,11 +147,7 @@ def docker_or_none(request: pytest.FixtureRequest) -> Any:
 def _tiny_image(rt: ContainerRuntime, tmp_path: Path, label: str) -> str:
     """A one-file image made by import (a few hundred bytes: a save of it moves no base layers)."""
     tarball = tmp_path / "tiny.tar"
-    with tarfile.open(tarball, "w") as tar:
-        data = label.encode()
-        info = tarfile.TarInfo("etc/tiny")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    write_tar(tarball, {"etc/tiny": label.encode()})
     tag = _tag()
     rt.import_rootfs(tarball, tag, changes=[f"LABEL test.tiny={label}"])
     return tag
