@@ -6,10 +6,12 @@ import pytest
 
 from provisioner import ConfigError, UnknownLayerError, get_layer, load_settings, resolve_layers
 
+from ._helpers import clear_settings
+
 
 @pytest.fixture
 def settings_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
 
     def make(toml: str = ""):  # type: ignore[no-untyped-def]
         (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\n" + toml)

@@ -9,11 +9,7 @@ import pytest
 from provisioner.errors import ConfigError, UnknownLayerError
 from provisioner.run import RunIdentity, RunOptions, check_run_id, new_run_id, resolve_run, state_dir
 
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TEST_MODE", "PROVISION_LAYER", "PROVISION_RUN_ID", "PROVISION_RUN_DIR", "LM_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def test_resolve_run_applies_flags_and_anchors_paths(tmp_path: Path) -> None:
@@ -82,9 +78,6 @@ def test_the_gemini_stand_in_does_not_wait_for_the_real_api_s_rate_limit_unless_
     """A user's trial: 29 calls the stand-in answered waited 137 s for the real API's default 10 rpm."""
     from provisioner.lmconfig import STANDIN_RATE_LIMIT_RPM
 
-    for name in ("GEMINI_TEST_API_KEY", "PROVISION_LM__RATE_LIMIT_RPM", "PROVISION_LM__BASE_URL",
-                 "PROVISION_LM__SHARDS"):
-        monkeypatch.delenv(name, raising=False)
     standin = resolve_run(RunOptions(layer="e2e"), tmp_path).lm_config
     assert standin.rate_limit_rpm == STANDIN_RATE_LIMIT_RPM > 10
     assert resolve_run(RunOptions(layer="e2e", shards=2), tmp_path).lm_config.rate_limit_rpm == (

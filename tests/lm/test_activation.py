@@ -22,6 +22,8 @@ from provisioner.lm import build_lm
 from provisioner.lm.activation import activate, global_lm
 from provisioner.lmconfig import LMConfig, MockRule
 
+from .._helpers import clear_settings
+
 pytest_plugins = ["pytester"]
 
 
@@ -106,7 +108,7 @@ print([str(w.message) for w in caught if w.category is GlobalLMNotSetWarning])
 
 def test_python_api_environment_block_reaches_threads(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
     before = global_lm()
     with provisioner.environment("unit", project_dir=tmp_path), ThreadPoolExecutor(1) as pool:
         answer = pool.submit(lambda: dspy.Predict("question -> answer")(question="a?")).result().answer
@@ -161,7 +163,7 @@ def test_nothing_leaks_into_a_test_without_the_fixture():
 
 def test_lm_fixture_reaches_threads_parallel_and_tasks(pytester: pytest.Pytester,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n")
     pytester.makepyfile(test_threads=THREADS_SUITE)
     result = pytester.runpytest_subprocess("--layer", "unit", "-p", "no:randomly")
@@ -189,7 +191,7 @@ def test_own_lm(name, lm_rules):
 
 def test_two_xdist_processes_each_see_their_own_lm_in_threads(pytester: pytest.Pytester,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
     pytester.makefile(".toml", pyproject="[tool.pytest.ini_options]\naddopts = '-p no:cacheprovider'\n")
     pytester.makepyfile(test_xdist_lm=XDIST_SUITE)
     result = pytester.runpytest_subprocess("--layer", "unit", "-n", "2")

@@ -6,11 +6,7 @@ import pytest
 
 from provisioner.testing.selection import split_by_layer
 
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TEST_MODE", "PROVISION_LAYER", "PROVISION_RUN_ID", "PROVISION_RUN_DIR", "LM_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def test_split_by_layer_keeps_unmarked_and_matching() -> None:
