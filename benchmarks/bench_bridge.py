@@ -32,9 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _docs import cpu_model  # run as a script: this folder is on sys.path
+
 from provisioner.bridge import BridgeClient, BridgeService
 from provisioner.bridge.protocol import dumps, encode_frame, read_frame
 from provisioner.lmconfig import LMConfig
+from tests._helpers import without_settings
 
 QA_INT = {"inputs": [{"name": "question"}], "outputs": [{"name": "answer", "type": "int"}]}
 INPUTS = {"question": "What is 2+2?"}
@@ -71,7 +74,7 @@ def timed_loop(fn: Callable[[], Any], n: int) -> tuple[list[int], float]:
 
 def start_worker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     ready = workdir / "port"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_")}
+    env = without_settings()
     env.update(LMConfig(mode="mock").to_worker_env())
     script = Path(sys.executable).with_name("provision")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "provisioner.cli"]
@@ -209,7 +212,7 @@ def main() -> None:
     results.extend(in_process(n))
 
     machine = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -236,16 +239,6 @@ def main() -> None:
     print("|---|---:|")
     for key, value in extra.items():
         print(f"| {key} | {value:.0f} |")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -23,33 +23,39 @@ until no process of the run is left.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests._helpers: the scratch suite and the clean-up the tests use too
-from tests._helpers import HOLD_SUITE, end_run, lives, run_processes, run_resources, scratch_env  # noqa: E402
+from _docs import DOC, run  # run as a script: this folder is on sys.path; it puts the root there too
 
-DOC = ROOT / "docs" / "benchmarks.md"
+from tests._helpers import end_run, lives, run_processes, run_resources, start_held_run
+
 SECTION = "## Killed parts"
 DEADLINE_S = 60.0
 
 
-def scratch_project() -> tuple[Path, dict[str, str]]:
+def start_run(**popen: Any) -> tuple[subprocess.Popen[bytes], Path]:
+    """A 2-worker xdist run of the tests' scratch suite (tests/_helpers.py) in a new folder, its
+    output discarded; the controller and its folder."""
     folder = Path(tempfile.mkdtemp(prefix="provision-bench-kill-"))
-    (folder / "pyproject.toml").write_text("[project]\nname = 'bench'\n")
-    (folder / "out").mkdir()
-    (folder / "test_hold.py").write_text(HOLD_SUITE.format(out=str(folder / "out")))
-    return folder, scratch_env(folder)
+    proc, _ = start_held_run(folder, "bench", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    return proc, folder
+
+
+def held_run_id(proc: subprocess.Popen[bytes], folder: Path) -> str:
+    """Wait (300 s at most) until both tests of the run in ``folder`` hold their session; its run id."""
+    deadline = time.monotonic() + 300
+    while len(list((folder / "out").iterdir())) < 2:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the scratch suite did not start (exit {proc.poll()}) in {folder}")
+        time.sleep(0.1)  # polling the folder the tests write to, with the deadline above
+    return next((folder / ".provision" / "runs").iterdir()).name
 
 
 def _ignore_sigint() -> None:
@@ -66,22 +72,10 @@ def one_round(client: Any, *, sigint_ignored: bool) -> dict[str, float]:
     """SIGKILL the controller of a 2-worker xdist run once its tests run; seconds until clean."""
     import psutil
 
-    folder, env = scratch_project()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
-         "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint,
-    )
+    proc, folder = start_run(preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint)
     run_id = ""
     try:
-        deadline = time.monotonic() + 300
-        while len(list((folder / "out").iterdir())) < 2:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the scratch suite did not start (exit {proc.poll()}) in {folder}")
-            time.sleep(0.1)
-        runs = list((folder / ".provision" / "runs").iterdir())
-        run_id = runs[0].name
+        run_id = held_run_id(proc, folder)
         watched = {p.pid: p for p in run_processes(run_id) if p.pid != proc.pid}
         watched.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
         start = time.perf_counter()
@@ -107,21 +101,10 @@ def ctrl_c_round(client: Any) -> dict[str, float]:
     exited and until the run is clean."""
     import psutil
 
-    folder, env = scratch_project()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--layer", "integration", "--lm", "mock",
-         "-p", "no:cacheprovider", "test_hold.py"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=_default_sigint,
-    )
+    proc, folder = start_run(preexec_fn=_default_sigint)
     run_id = ""
     try:
-        deadline = time.monotonic() + 300
-        while len(list((folder / "out").iterdir())) < 2:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the scratch suite did not start (exit {proc.poll()}) in {folder}")
-            time.sleep(0.1)
-        run_id = next((folder / ".provision" / "runs").iterdir()).name
+        run_id = held_run_id(proc, folder)
         watched = {p.pid: p for p in run_processes(run_id)}
         watched.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
         start = time.perf_counter()
@@ -216,18 +199,8 @@ def write_docs(text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-docs", action="store_true")
-    args = parser.parse_args()
-    results = measure(args.rounds)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    text = markdown(results, args.rounds)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    run(SECTION, lambda args: measure(args.rounds), lambda results, args: markdown(results, args.rounds),
+        rounds=3, description=__doc__.splitlines()[0], write=write_docs)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ imports (dspy in the test process for the fake; docker-py for Docker): the media
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,15 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section
+from _docs import run
 
 from provisioner.api import open_environment
 from provisioner.factories import ProgramFactory
 from provisioner.runtime.engine import FakeRuntime, open_runtime
 from provisioner.runtime.images import build_worker_image
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Fake runtime vs Docker (the environment path)"
 
 
@@ -130,25 +126,10 @@ def markdown(results: dict[str, Any], rounds: int, sessions: int) -> str:
     ])
 
 
-def write_docs(text: str) -> None:
-    replace_section(DOC, SECTION, text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sessions", type=int, default=50)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    args = parser.parse_args()
-    results = measure(args.rounds, args.sessions)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    text = markdown(results, args.rounds, args.sessions)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    run(SECTION, lambda args: measure(args.rounds, args.sessions),
+        lambda results, args: markdown(results, args.rounds, args.sessions), rounds=3,
+        options=lambda parser: parser.add_argument("--sessions", type=int, default=50))
 
 
 if __name__ == "__main__":

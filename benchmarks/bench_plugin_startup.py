@@ -29,14 +29,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section
+from _docs import commit as current_commit
+from _docs import publish, timed_child
+
+from tests._helpers import without_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -75,18 +77,10 @@ def make_project(base: Path, name: str) -> Path:
 def run_once(project: Path, extra: list[str]) -> tuple[float, float, list[str]]:
     """(wall s, CPU s of the child, heavy packages the run imported)."""
     out = project / "modules.json"
-    env = {**os.environ, "BENCH_MODULES_OUT": str(out)}
+    env = {**without_settings(), "BENCH_MODULES_OUT": str(out)}
     env.pop("PYTEST_ADDOPTS", None)
-    started = time.monotonic()
-    proc = subprocess.Popen([str(PYTHON), "-m", "pytest", "-q", *extra], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"pytest failed in {project}:\n{output.decode(errors='replace')}")
-    return wall, usage.ru_utime + usage.ru_stime, json.loads(out.read_text())
+    wall, cpu, _ = timed_child([str(PYTHON), "-m", "pytest", "-q", *extra], project, env)
+    return wall, cpu, json.loads(out.read_text())
 
 
 def measure(runs: int) -> dict[str, Any]:
@@ -151,15 +145,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = current_commit()
     results = measure(args.runs)
     if args.json:
         args.json.write_text(json.dumps({"commit": commit, **results}, indent=1))
-    text = render(results, commit)
-    print(text)
-    if args.write_docs:
-        replace_section(DOC, SECTION, text)
+    publish(SECTION, render(results, commit), args.write_docs)
     sys.exit(0)
 
 

@@ -27,8 +27,6 @@ namespaced.py, the remote-engine tests' engine), then
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import signal
@@ -41,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Remote engines (issue 13)"
 sys.path.insert(0, str(ROOT / "tests" / "runtime" / "engine"))
 
-from _docs import replace_section  # noqa: E402 - run as a script: this folder is on sys.path
+from _docs import run  # noqa: E402 - run as a script: this folder is on sys.path
 from namespaced import RemoteEngine, missing_tools, namespaced_engine  # noqa: E402
 
 from provisioner.runtime import images  # noqa: E402
@@ -211,27 +208,13 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    replace_section(DOC, SECTION, text)
-
-
 def main() -> None:
     # A SIGTERM (timeout(1), a CI cancel) unwinds like Ctrl-C: the second dockerd and its namespace go.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-build", action="store_true", help="skip the build-on-the-remote-engine row")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    args = parser.parse_args()
-    results = measure(args.rounds, not args.no_build)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    text = markdown(results, args.rounds)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    run(SECTION, lambda args: measure(args.rounds, not args.no_build),
+        lambda results, args: markdown(results, args.rounds), rounds=3,
+        options=lambda parser: parser.add_argument(
+            "--no-build", action="store_true", help="skip the build-on-the-remote-engine row"))
 
 
 if __name__ == "__main__":

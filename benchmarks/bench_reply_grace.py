@@ -41,8 +41,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Timeout replies and the client's grace"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_suite  # noqa: E402 - the sibling benchmark's machine line
-from _docs import replace_section  # noqa: E402 - run as a script: this folder is on sys.path
+from _docs import machine, replace_section  # noqa: E402 - run as a script: this folder is on sys.path
 
 from provisioner.errors import BridgeError  # noqa: E402
 from provisioner.settings import REPLY_GRACE_S, reply_timeout  # noqa: E402
@@ -126,7 +125,7 @@ def measure(rounds: int) -> dict[str, object]:
     local = in_process(rounds)
     container = in_container(rounds)
     return {
-        "machine": bench_suite.machine(),
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "process_timeout_s": DEADLINE_S,
         "grace_s": REPLY_GRACE_S,

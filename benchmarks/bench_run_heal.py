@@ -38,8 +38,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## provision run heals its run"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_suite  # noqa: E402 - the sibling benchmark's machine line
-from _docs import replace_section  # noqa: E402 - run as a script: this folder is on sys.path
+from _docs import machine, replace_section  # noqa: E402 - run as a script: this folder is on sys.path
 
 from provisioner.runtime.engine import open_runtime  # noqa: E402
 from provisioner.runtime.health import heal_deployment  # noqa: E402
@@ -109,7 +108,7 @@ def measure(rounds: int, checks: int) -> dict[str, object]:
             rt.close()
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": bench_suite.machine(),
+        "machine": machine(),
         "interval_s": HEALTH_INTERVAL_S,
         "workers": 2,
         "check": {**_summary(cost), "checks": checks},

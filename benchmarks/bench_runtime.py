@@ -24,10 +24,8 @@ times, median, min and max reported; wall clock with ``time.perf_counter``):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -38,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section
+from _docs import machine, run
 
 from provisioner.bridge.client import BridgeClient
 from provisioner.layers import get_layer
@@ -49,23 +47,16 @@ from provisioner.runtime.images import build_worker_image
 from provisioner.runtime.lifecycle import UpOptions, down, up
 from provisioner.runtime.recipes import Owner, PlanOptions, RunTarget, plan_run
 from provisioner.settings import load_settings
+from tests._helpers import scratch_env
 
-ROOT = Path(__file__).resolve().parents[1]
 PROVISION = [sys.executable, "-m", "provisioner.cli"]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Containers"
 
 
 def scratch_project() -> tuple[Path, dict[str, str]]:
     folder = Path(tempfile.mkdtemp(prefix="provision-bench-"))
     (folder / "pyproject.toml").write_text("[project]\nname = 'bench'\n")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PROVISION_") and k not in ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR")
-    }
-    env["PROVISION_LM__CACHE_DIR"] = str(folder / "cassettes")
-    return folder, env
+    return folder, scratch_env(folder)
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -194,26 +185,6 @@ def measure(rounds: int) -> dict[str, Any]:
     return results
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    rt = open_runtime()
-    try:
-        docker_version = rt.engine_info().version
-    finally:
-        rt.close()
-    return (
-        f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, Docker {docker_version}"
-    )
-
-
 NOTES = [
     "- Cold start is dominated by the worker process itself: Python start-up plus `import dspy`",
     "  (≈ 0.9 s inside the container on an idle core, everything byte-compiled at build time).",
@@ -269,24 +240,9 @@ def markdown(results: dict[str, Any], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    replace_section(DOC, SECTION, text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
-    args = parser.parse_args()
-    results = measure(args.rounds)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    text = markdown(results, args.rounds)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    run(SECTION, lambda args: measure(args.rounds), lambda results, args: markdown(results, args.rounds),
+        rounds=5)
 
 
 if __name__ == "__main__":

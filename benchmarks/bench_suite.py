@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section  # run as a script: this folder is on sys.path
+from _docs import commit, machine, replace_section  # run as a script: this folder is on sys.path
+
+from tests._helpers import without_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -214,8 +215,7 @@ def make_project(tests: int, naive_tests: int) -> Path:
 
 
 def clean_env() -> dict[str, str]:
-    dropped = ("GEMINI_TEST_API_KEY", "TEST_MODE", "LM_CACHE_DIR", "CI")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_") and k not in dropped}
+    env = {k: v for k, v in without_settings().items() if k != "CI"}
     env["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # testcontainers' documented switch; no Ryuk image here
     return env
 
@@ -424,34 +424,6 @@ def xdist_lines(rows: list[dict[str, Any]]) -> list[str]:
         f"{cells(1, 'workers_started', '{}')} | {cells(2, 'workers_started', '{}')} |",
         f"| wall clock of the command, s | {cells(1, 'wall_s', '{:.1f}')} | {cells(2, 'wall_s', '{:.1f}')} |",
     ]
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False)
-    return done.stdout.strip() or "?"
-
-
-def machine() -> str:
-    from provisioner.runtime.engine import open_runtime
-
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    rt = open_runtime()
-    try:
-        docker_version = rt.engine_info().version
-    finally:
-        rt.close()
-    return (
-        f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, Docker {docker_version}"
-    )
 
 
 NOTES = [

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -45,7 +44,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section
+from _docs import commit as current_commit
+from _docs import machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -149,18 +149,6 @@ def run_once(tier: str, command: list[str], workdir: Path, n: int) -> dict[str, 
     }
 
 
-def machine() -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
-                            text=True).stdout.strip()
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} vCPUs, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, Docker {docker}")
-
-
 def render(results: list[dict[str, Any]], commit: str) -> str:
     rows = []
     for r in results:
@@ -198,10 +186,6 @@ tests, mean of the fast runs; under `-n 2` two files run at a time):
 """
 
 
-def write_docs(text: str) -> None:
-    replace_section(DOC, SECTION, text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fast-runs", type=int, default=5)
@@ -210,8 +194,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="render this --json output instead")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = current_commit()
     if args.results is not None:
         data = json.loads(args.results.read_text())
         results, commit = data["runs"], data["commit"]
@@ -228,10 +211,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in results[-1].items() if k != "per_file_s"}), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"commit": commit, "runs": results}, indent=1))
-    text = render(results, commit)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    publish(SECTION, render(results, commit), args.write_docs)
     sys.exit(0 if all(r["exit_status"] == 0 for r in results) else 1)
 
 

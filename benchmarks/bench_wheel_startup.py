@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _docs import replace_section
+from _docs import commit as current_commit
+from _docs import publish, timed_child
+
+from tests._helpers import without_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -69,17 +72,11 @@ def _project(folder: Path) -> Path:
 
 def run_once(python: Path, project: Path) -> tuple[float, float, dict[str, bool]]:
     out = project / "loaded.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PROVISION_", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in without_settings().items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV"))}
     env["BENCH_OUT"] = str(out)
-    started = time.monotonic()
     argv = [str(python), "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider"]
-    proc = subprocess.Popen(argv, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"pytest --co failed:\n{output.decode(errors='replace')}")
-    return wall, usage.ru_utime + usage.ru_stime, json.loads(out.read_text())
+    wall, cpu, _ = timed_child(argv, project, env)
+    return wall, cpu, json.loads(out.read_text())
 
 
 def measure(base: Path, runs: int) -> dict[str, Any]:
@@ -144,8 +141,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION}' section of {DOC}")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = current_commit()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         results = measure(args.keep, args.runs)
@@ -154,10 +150,7 @@ def main() -> None:
             results = measure(Path(tmp), args.runs)
     if args.json:
         args.json.write_text(json.dumps({"commit": commit, **results}, indent=1))
-    text = render(results, commit)
-    print(text)
-    if args.write_docs:
-        replace_section(DOC, SECTION, text)
+    publish(SECTION, render(results, commit), args.write_docs)
 
 
 if __name__ == "__main__":
