@@ -684,7 +684,7 @@ def test_an_interrupted_session_says_so_in_the_summary(project: pytest.Pytester)
     result = project.runpytest_subprocess("--layer", "unit", "-p", "no:randomly")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["interrupted (Ctrl-C): the counts below are what finished before it*",
-                                 "*layer unit: 1 tests (1 passed)*"])
+                                 "*layer unit: 1 test (1 passed)*"])
 
 
 NAMED_SESSION_TEST = """

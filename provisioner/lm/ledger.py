@@ -374,10 +374,17 @@ def _of_test_run(entry: dict[str, Any], test_run: str, sessions: set[str]) -> bo
             or str(entry.get("session_id")) in sessions)
 
 
+#: The test of a ledger line made outside any test (a script, ``provision up``'s clients, set-up):
+#: how ``provision cost report`` names it (it said "None").
+NO_TEST = "(outside any test)"
+
+
 def entry_test(entry: dict[str, Any], sessions: dict[str, str]) -> str:
     """The test a ledger line belongs to: its ``test_id``, or, when that names an isolated session
-    (a worker container's call), the session's test from :func:`session_tests`."""
-    test_id = str(entry.get("test_id"))
+    (a worker container's call), the session's test from :func:`session_tests`; :data:`NO_TEST`
+    for a line without one."""
+    raw = entry.get("test_id")
+    test_id = NO_TEST if raw is None else str(raw)
     return sessions.get(test_id) or sessions.get(str(entry.get("session_id"))) or test_id
 
 

@@ -136,7 +136,8 @@ class RunReport:
             counts = ", ".join(f"{section.outcomes[k]} {k}" for k in OUTCOMES if section.outcomes.get(k))
             lm = section.lm
             calls = ", ".join(f"{getattr(lm, k)} {k}" for k in CALL_KINDS)
-            out.append(f"layer {name}: {section.tests} tests ({counts or 'none run'})")
+            tests = f"{section.tests} test{'' if section.tests == 1 else 's'}"
+            out.append(f"layer {name}: {tests} ({counts or 'none run'})")
             out.append(f"  workers started: {section.workers_started}")
             # By what answered (the layer's mode, e.g. real without a key, is not what happened).
             out.append(f"  LM calls: {lm.calls} — {calls}")

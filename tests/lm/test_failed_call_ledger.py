@@ -165,3 +165,13 @@ def test_the_summary_report_history_and_cost_report_count_a_failed_call_and_its_
     assert row.split()[6] == "1", row  # outcome, duration, wait, billed, calls, refused, errors
     costs = CliRunner().invoke(main, ["cost", "report", "--run", run["run_id"]], env=env, terminal_width=250)
     assert costs.exit_code == 0 and "1 call failed (RateLimitError 1)" in costs.output, costs.output
+
+
+def test_the_cost_report_names_calls_outside_any_test_so(standin: GeminiStandin, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script's calls (no test id) were listed as a test called "None"."""
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    build_lm(_config(standin, tmp_path))("from a script")
+    report = cost_report([tmp_path / "ledger.jsonl"])
+    assert list(report.by_test) == ["(outside any test)"]
+    assert "None" not in format_cost_report(report)
