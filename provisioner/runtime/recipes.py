@@ -692,6 +692,14 @@ def worker_mounts(lm: LMConfig, lm_dir: Path | None) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def _sidecar_limits(limits: Mapping[str, Any], *, memory: str, pids_limit: int) -> dict[str, Any]:
+    """The limits of a sidecar, a container beside the workers (the relay, the stand-in): its own ``memory``
+    and ``pids_limit``, the layer's CPUs but one at most, the layer's read-only root and user
+    (``limits``: the layer's, as :func:`plan_run` resolves them)."""
+    return {"memory": memory, "pids_limit": pids_limit, "cpus": min(float(limits["cpus"]), 1.0),
+            "read_only": bool(limits["read_only"]), "user": str(limits["user"])}
+
+
 def relay_recipe(
     prefix: str,
     count: int,
@@ -723,11 +731,7 @@ def relay_recipe(
         healthcheck=HealthCheck(
             ("python3", "-I", RELAY_SCRIPT, "--check", *(str(RELAY_BASE_PORT + s) for s in range(count)))
         ),
-        memory="128m",
-        cpus=min(float(limits["cpus"]), 1.0),
-        pids_limit=64,
-        read_only=bool(limits["read_only"]),
-        user=str(limits["user"]),
+        **_sidecar_limits(limits, memory="128m", pids_limit=64),
     )
 
 
@@ -754,11 +758,7 @@ def standin_recipe(
         networks=(NetworkAttachment(network, (STANDIN_ALIAS,)),),
         healthcheck=HealthCheck(("python3", "-I", "-c", STANDIN_HEALTH_PROBE, str(STANDIN_PORT))),
         guarded=guarded,
-        memory="256m",
-        cpus=min(float(limits["cpus"]), 1.0),
-        pids_limit=128,
-        read_only=bool(limits["read_only"]),
-        user=str(limits["user"]),
+        **_sidecar_limits(limits, memory="256m", pids_limit=128),
     )
 
 
