@@ -256,15 +256,12 @@ class DockerRuntime:
         return {str(c["ImageID"]) for c in self.client.api.containers(all=True)}
 
     def pull(self, ref: str) -> ImageInfo:
-        repo, _, tag = ref.partition(":")
+        repo, tag = _repository_tag(ref)
         try:
-            self.client.images.pull(repo, tag=tag or "latest")
+            self.client.images.pull(repo, tag=tag)
         except Exception as exc:  # offline: registry unreachable, DNS failure, timeout, no such image
             raise ImageError(f"could not pull {ref} ({type(exc).__name__}: {_explain(exc)})") from None
-        found = self.image(ref)
-        if found is None:
-            raise ImageError(f"the pull of {ref} reported success but the image is missing")
-        return found
+        return self._made(ref, f"the pull of {ref} reported success but the image is missing")
 
     def build(
         self,
@@ -302,31 +299,31 @@ class DockerRuntime:
                         on_output(text)
         except docker.errors.APIError as exc:
             raise ImageError(f"building {tag} failed: {_explain(exc)}") from None
-        found = self.image(tag)
-        if found is None:
-            raise ImageError(f"the build reported success but {tag} is missing")
-        return found
+        return self._made(tag, f"the build reported success but {tag} is missing")
 
     def import_rootfs(self, tarball: Path, ref: str, *, changes: list[str]) -> ImageInfo:
         import docker.errors
 
-        repo, _, tag = ref.partition(":")
+        repo, tag = _repository_tag(ref)
         try:
-            self.client.api.import_image_from_file(str(tarball), repository=repo, tag=tag or "latest",
-                                                   changes=changes)
+            self.client.api.import_image_from_file(str(tarball), repository=repo, tag=tag, changes=changes)
         except docker.errors.APIError as exc:
             raise ImageError(f"docker import of {ref} failed: {_explain(exc)}") from None
+        return self._made(ref, f"docker import did not produce {ref}")
+
+    def _made(self, ref: str, missing: str) -> ImageInfo:
+        """The image ``ref`` an engine call just made (pull, build, import), or ImageError(``missing``)."""
         found = self.image(ref)
         if found is None:
-            raise ImageError(f"docker import did not produce {ref}")
+            raise ImageError(missing)
         return found
 
     def tag(self, ref: str, target: str) -> None:
         import docker.errors
 
-        repo, _, tag = target.partition(":")
+        repo, tag = _repository_tag(target)
         try:
-            self.client.api.tag(ref, repo, tag or "latest")
+            self.client.api.tag(ref, repo, tag)
         except docker.errors.APIError as exc:
             raise ImageError(f"could not tag {ref} as {target}: {_explain(exc)}") from None
 
@@ -905,6 +902,16 @@ def _parse_time(value: str | None) -> float:
 
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def _repository_tag(ref: str) -> tuple[str, str]:
+    """``(repository, tag)`` of an image reference, ``latest`` when it names none. The tag is after
+    the last ``:`` of the last path part (docker-py's parser): ``localhost:5000/x:1`` is repository
+    ``localhost:5000/x``, tag ``1``."""
+    from docker.utils import parse_repository_tag
+
+    repo, tag = parse_repository_tag(ref)
+    return repo, tag or "latest"
 
 
 def _explain(exc: Exception) -> str:

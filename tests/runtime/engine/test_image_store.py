@@ -97,6 +97,27 @@ def test_tags_point_and_removal_only_untags_a_shared_image(store: Store) -> None
         rt.tag(second, _tag())
 
 
+def test_a_reference_that_names_a_registry_port_is_tagged_and_imported_as_named(
+    store: Store, tmp_path: Path
+) -> None:
+    """``localhost:5000/<repo>:<tag>``: the repository is everything before the last ``:`` of the
+    last path part (Docker's reference grammar), not before the first ``:``; the engine was asked
+    for repository ``localhost`` and tag ``5000/...`` and refused."""
+    rt, base = store
+    tagged = f"localhost:5000/{_tag()}"
+    imported = f"localhost:5000/{_tag()}"
+    write_tar(tmp_path / "rootfs.tar", {"etc/hello": b"hello\n"})
+    try:
+        rt.tag(base, tagged)
+        found = rt.image(tagged)
+        assert found is not None and tagged in found.tags
+        made = rt.import_rootfs(tmp_path / "rootfs.tar", imported, changes=[])
+        assert imported in made.tags
+    finally:
+        rt.remove_image(tagged)
+        rt.remove_image(imported)
+
+
 def test_a_rootfs_import_carries_its_changes(store: Store, tmp_path: Path) -> None:
     rt, _base = store
     tarball = tmp_path / "rootfs.tar"
