@@ -64,22 +64,6 @@ def test_a_failing_guard_raises_with_its_exit_code_and_log_and_is_removed(settin
     assert not any(c.recipe.role == "guard" for c in rt.containers.values())
 
 
-def test_a_guard_that_hangs_times_out_and_a_stop_ends_the_wait(settings: Settings) -> None:
-    def hang(c: FakeContainer) -> None:
-        if c.recipe.role == "guard":
-            c.status, c.exit_code = "running", None
-
-    rt = FakeRuntime(images=(FAKE_IMAGE,), on_start=hang)
-    worker, cid, network = _started_worker(settings, rt)
-    with pytest.raises(RuntimeProblem, match="did not finish within"):
-        block_host_access(rt, worker, cid, network=network, timeout_s=0.1)
-    stop = threading.Event()
-    stop.set()
-    with pytest.raises(RuntimeProblem, match="being stopped"):
-        block_host_access(rt, worker, cid, network=network, timeout_s=60, stop=stop)
-    assert not any(c.recipe.role == "guard" for c in rt.containers.values())
-
-
 class _WaitingRuntime(FakeRuntime):
     """A FakeRuntime that can wait for a container's exit (as DockerRuntime does, with the engine's
     wait): the guard's wait must use it instead of polling the state."""
@@ -118,8 +102,11 @@ def test_a_runtime_that_waits_for_the_exit_is_not_polled(settings: Settings) -> 
     assert not any(c.recipe.role == "guard" for c in rt.containers.values())
 
 
-def test_waiting_for_the_exit_still_times_out_and_a_stop_ends_it(settings: Settings) -> None:
-    rt = _WaitingRuntime(exits_after_waits=None, images=(FAKE_IMAGE,), on_start=_hang)
+@pytest.mark.parametrize("waits", [False, True], ids=["polling-the-state", "the-engine-s-wait"])
+def test_a_guard_that_hangs_times_out_and_a_stop_ends_the_wait(settings: Settings, waits: bool) -> None:
+    """Whether the runtime reads the guard's state or waits for its exit (DockerRuntime.wait_exit)."""
+    rt = (_WaitingRuntime(exits_after_waits=None, images=(FAKE_IMAGE,), on_start=_hang) if waits
+          else FakeRuntime(images=(FAKE_IMAGE,), on_start=_hang))
     worker, cid, network = _started_worker(settings, rt)
     with pytest.raises(RuntimeProblem, match="did not finish within"):
         block_host_access(rt, worker, cid, network=network, timeout_s=0.1)
