@@ -160,7 +160,7 @@ def test_the_lm_option_makes_the_running_layer_say_its_mode(tmp_path: Path,  # t
     """`--lm` (pytest, provision up/run): the resolved layer's mode and description are --lm's."""
     from provisioner.run import RunOptions, resolve_run
 
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text("[tool.provisioner]\n")
     run = resolve_run(RunOptions(layer="e2e", lm_mode="mock"), tmp_path)
     assert run.layer.lm_mode == run.lm_config.mode == "mock"
@@ -174,7 +174,7 @@ def test_provision_layers_and_the_markers_say_the_effective_lm(tmp_path: Path,  
     from provisioner.cli import main
     from provisioner.testing.selection import marker_description
 
-    monkeypatch.delenv("TEST_MODE", raising=False)
+    clear_settings(monkeypatch)
     (tmp_path / "pyproject.toml").write_text("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\n")
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(main, ["layers"], terminal_width=200)
