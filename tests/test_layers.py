@@ -8,6 +8,8 @@ from provisioner import ConfigError, UnknownLayerError, get_layer, load_settings
 
 from ._helpers import clear_settings
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def settings_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
@@ -185,3 +187,12 @@ def test_provision_layers_and_the_markers_say_the_effective_lm(tmp_path: Path,  
     assert '"description": "a warm pool of bridge worker containers, mock LM"' in as_json.output
     marker = marker_description(get_layer(load_settings(project_dir=tmp_path), "e2e"))
     assert marker == "e2e: run only in the 'e2e' layer (a warm pool of bridge worker containers, mock LM)"
+
+
+def test_pytest_markers_describe_the_active_layer_with_its_lm_option(pytester: pytest.Pytester,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_settings(monkeypatch)
+    pytester.makefile(".toml", pyproject="[project]\nname = 'markers'\n")
+    result = pytester.runpytest_subprocess("--layer", "e2e", "--lm", "mock", "--markers")
+    result.stdout.fnmatch_lines(["*e2e: run only in the 'e2e' layer (a warm pool of bridge worker containers,"
+                                 " mock LM)*"])

@@ -225,6 +225,7 @@ class ProvisionRun:
 
     def marker_lines(self) -> list[str]:
         layers = resolve_layers(self.environment.settings)
+        layers[self.layer.name] = self.layer  # the active one as it runs (--lm: its mode)
         return [marker_description(layer) for layer in layers.values()]
 
     def header_lines(self) -> list[str]:
