@@ -49,6 +49,7 @@ from provisioner.runtime import images  # noqa: E402
 from provisioner.runtime import labels as L  # noqa: E402
 from provisioner.runtime.engine import open_runtime, remove_by_selector  # noqa: E402
 from provisioner.runtime.polling import poll_until  # noqa: E402
+from tests._helpers import without_settings  # noqa: E402
 
 HOLDER = """
 import os, sys, threading
@@ -98,7 +99,7 @@ def _kill_rounds(engine: RemoteEngine, rounds: int) -> list[float]:
     project = Path(tempfile.mkdtemp(prefix="provision-bench-remote-"))
     (project / "provision.toml").write_text("")
     (project / "holder.py").write_text(HOLDER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "PROVISION_"))}
+    env = without_settings(also=lambda name: name.startswith("DOCKER_"))  # the remote engine's own
     env.update(engine.env)
     out = []
     try:

@@ -100,11 +100,12 @@ def is_setting_variable(name: str) -> bool:
     return name.upper().startswith(ENV_PREFIX) or name in (LAYER_ALIAS_ENV, CACHE_DIR_ENV, API_KEY_ENV)
 
 
-def without_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def without_settings(environ: Mapping[str, str] | None = None, *,
+                     also: Callable[[str], bool] = lambda _name: False) -> dict[str, str]:
     """A copy of ``environ`` (default: this process's) without the variables of
-    :func:`is_setting_variable`: the environment for a process a test starts."""
+    :func:`is_setting_variable` and those ``also`` names: the environment for a process a test starts."""
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if not is_setting_variable(k)}
+    return {k: v for k, v in environ.items() if not (is_setting_variable(k) or also(k))}
 
 
 def clear_settings(monkeypatch: Any, *, also: Callable[[str], bool] = lambda _name: False) -> None:

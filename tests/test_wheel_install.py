@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from ._helpers import without_settings
+
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,8 +98,7 @@ class UserVenv:
     @property
     def env(self) -> dict[str, str]:
         """The user's shell: the venv first on PATH, none of this checkout's settings."""
-        drop = ("PROVISION_", "PYTEST_", "VIRTUAL_ENV", "PYTHONPATH", "TEST_MODE", "LM_CACHE_DIR")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k != "GEMINI_TEST_API_KEY"}
+        env = without_settings(also=lambda name: name.startswith(("PYTEST_", "VIRTUAL_ENV", "PYTHONPATH")))
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["VIRTUAL_ENV"] = str(self.venv)
         return env

@@ -3,7 +3,6 @@ timeout): under load the google-genai import alone took ~30 s in a 1-CPU contain
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMConfig
+from provisioner.lmconfig import API_KEY_ENV, LMConfig
+
+from .._helpers import without_settings
 
 READY = b"PROVISION_WORKER_READY port=stdio"
 
 
 def _imports_before_ready(config: LMConfig, extra_env: dict[str, str]) -> list[str]:
     """Modules `python -X importtime` saw imported before the worker's ready line (both on stderr)."""
-    env = {k: v for k, v in os.environ.items() if k not in (LM_CONFIG_ENV, API_KEY_ENV)}
+    env = without_settings()  # the worker's LM comes from config.to_worker_env() only
     env.update(config.to_worker_env(), **extra_env)
     proc = subprocess.Popen(
         [sys.executable, "-X", "importtime", "-m", "provisioner.cli", "worker", "--stdio"],
@@ -60,7 +61,7 @@ def test_a_mock_worker_does_not_import_google_genai() -> None:
 
 def _fork_worker_imports(config: LMConfig, extra_env: dict[str, str], log: Path) -> list[str]:
     """Modules a fork-mode worker (parent and its first spare) imported by the time it is ready."""
-    env = {k: v for k, v in os.environ.items() if k not in (LM_CONFIG_ENV, API_KEY_ENV)}
+    env = without_settings()  # the worker's LM comes from config.to_worker_env() only
     env.update(config.to_worker_env(), **extra_env)
     with log.open("wb") as err:  # a file, not a pipe: nobody reads it while the worker starts
         proc = subprocess.Popen(

@@ -28,6 +28,7 @@ from provisioner.runtime.engine import open_runtime, remove_by_selector
 from provisioner.runtime.polling import poll_until
 from provisioner.settings import Settings
 
+from ..._helpers import without_settings
 from .namespaced import EngineFailed, RemoteEngine, namespaced_engine, require, sshd
 
 pytestmark = pytest.mark.docker
@@ -188,7 +189,7 @@ def test_up_on_a_remote_engine_admits_only_the_token_and_a_killed_controllers_ru
     project = tmp_path / "project"
     project.mkdir()
     (project / "provision.toml").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "PROVISION_"))}
+    env = without_settings(also=lambda name: name.startswith("DOCKER_"))  # the remote engine's own
     env.update(remote_engine.env)
     remote = remote_engine.runtime()
     local = open_runtime()
@@ -312,7 +313,7 @@ def test_up_and_down_over_ssh(
     project = tmp_path / "project"
     project.mkdir()
     (project / "provision.toml").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "PROVISION_"))}
+    env = without_settings(also=lambda name: name.startswith("DOCKER_"))  # the remote engine's own
     env.update(ssh_engine)
     env["PROVISION_CACHE_DIR"] = str(cache_dir())  # HOME is the test's (paramiko's ~/.ssh)
     remote = remote_engine.runtime()
