@@ -69,24 +69,60 @@ def _quiet() -> bool:
 _VERBOSITY = re.compile(r"^(-[qv]+|--quiet|--verbose)$")
 
 
-def _hoist_verbosity(args: list[str]) -> list[str]:
-    """``provision up -q`` as ``provision -q up``: -q/-v (and -qq, --quiet, --verbose) given after
-    the subcommand move before it, where the group's options are (click parses a group's options only
-    before its subcommand). Nothing after ``--`` moves, nor, for ``provision run``, anything from the
-    first plain word on (the command it runs, with its own -q/-v)."""
+def _takes_value(command: click.Command) -> set[str]:
+    """The option strings of *command* that take a value (``--layer X``), so a scan of its
+    arguments can step over the value."""
+    names: set[str] = set()
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.is_flag and not param.count:
+            names.update(param.opts)
+            names.update(param.secondary_opts)
+    return names
+
+
+def _runs_a_command(command: click.Command) -> bool:
+    """Whether *command* ends with a command of the user's (``provision run ... -- pytest -q``): a
+    variadic unprocessed argument, whose first plain word starts the user's command."""
+    return any(isinstance(p, click.Argument) and p.nargs == -1
+               and isinstance(p.type, click.types.UnprocessedParamType) for p in command.params)
+
+
+def _hoist_verbosity(args: list[str], group: click.Group | None = None) -> list[str]:
+    """``provision up -q`` as ``provision -q up``: the global -q/-v (and -qq, --quiet, --verbose)
+    given anywhere after the subcommand move before it, where the group's options are (click parses
+    a group's options only before its subcommand). The scan follows click's own tree of commands and
+    steps over option values (``--layer integration -q``), so a value is never taken for the user's
+    command. Nothing after ``--`` moves, nor, for a command that runs the user's command
+    (``provision run``), anything from its first plain word on (that command's own -q/-v)."""
+    root = group if group is not None else main
     at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
     if at is None:
         return args
+    command: click.Command | None = root.commands.get(args[at])
     moved: list[str] = []
     rest: list[str] = []
     scanning = True
+    skip_value = False
     for arg in args[at + 1:]:
-        if arg == "--" or (args[at] == "run" and not arg.startswith("-")):
-            scanning = False
-        if scanning and _VERBOSITY.match(arg):
-            moved.append(arg)
-        else:
+        if not scanning:
             rest.append(arg)
+            continue
+        if skip_value:
+            skip_value = False
+            rest.append(arg)
+            continue
+        if arg == "--":
+            scanning = False
+        elif _VERBOSITY.match(arg):
+            moved.append(arg)
+            continue
+        elif arg.startswith("-"):
+            skip_value = command is not None and arg in _takes_value(command)
+        elif isinstance(command, click.Group):
+            command = command.commands.get(arg)  # a subcommand: go on with its options
+        elif command is not None and _runs_a_command(command):
+            scanning = False  # the user's command starts here
+        rest.append(arg)
     return [*args[:at], *moved, args[at], *rest]
 
 

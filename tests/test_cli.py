@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -232,6 +233,56 @@ def test_verbosity_options_are_accepted_after_the_subcommand(project: Path) -> N
     assert _hoist_verbosity(["-v", "run", "-q", "--layer", "unit", "--", "pytest", "-q"]) == \
         ["-v", "-q", "run", "--layer", "unit", "--", "pytest", "-q"]
     assert _hoist_verbosity(["run", "pytest", "-q"]) == ["run", "pytest", "-q"]
+
+
+def test_global_options_work_anywhere_before_the_double_dash(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`provision run --layer integration -q -- true` was "cannot run '-q': it is not on PATH": the
+    scan for -q/-v stopped at the option value 'integration', taking it for the user's command. Every
+    position before `--` works; after `--` (or from the user's command's first word) nothing moves."""
+    import provisioner.runtime.run_command as run_command_module
+    from provisioner.cli import _hoist_verbosity, _runs_a_command, _takes_value
+
+    seen: list[tuple[list[str], bool]] = []
+
+    def fake_run_command(command: list[str], *args: object, **kwargs: object) -> int:
+        seen.append((command, _quiet_now()))
+        return 0
+
+    def _quiet_now() -> bool:
+        from provisioner.cli import _quiet
+        return _quiet()
+
+    monkeypatch.setattr(run_command_module, "run_command", fake_run_command)
+    for flag in ("-q", "-v", "--quiet", "--verbose", "-qq"):
+        for argv in (["run", "--layer", "unit", flag, "--", "true", "-q"],
+                     ["run", flag, "--layer", "unit", "--", "true", "-q"],
+                     ["run", "--layer=unit", flag, "--workers", "1", "--", "true", "-q"],
+                     ["run", "--layer", "unit", "--lm", "mock", flag, "true", "-q"]):
+            seen.clear()
+            result = CliRunner().invoke(main, argv)
+            assert result.exit_code == 0, (argv, result.output)
+            assert seen and seen[0][0] == ["true", "-q"], (argv, seen)
+            assert seen[0][1] == ("q" in flag), (argv, seen)
+    # after `--` everything is the user's, even a word that looks like a global option
+    assert _hoist_verbosity(["run", "--layer", "unit", "--", "-q"]) == ["run", "--layer", "unit", "--", "-q"]
+    # the kind, over every command of the tree: after any option taking a value, -q still moves
+    def commands(group: click.Group, path: list[str]) -> list[tuple[list[str], click.Command]]:
+        found: list[tuple[list[str], click.Command]] = []
+        for name, command in group.commands.items():
+            found.append(([*path, name], command))
+            if isinstance(command, click.Group):
+                found.extend(commands(command, [*path, name]))
+        return found
+    checked = 0
+    for path, command in commands(main, []):
+        for opt in sorted(o for o in _takes_value(command) if o.startswith("--")):
+            tail = ["--", "true"] if _runs_a_command(command) else []
+            assert _hoist_verbosity([*path, opt, "value", "-v", *tail]) == \
+                ["-v", *path, opt, "value", *tail], (path, opt)
+            checked += 1
+    assert checked > 10
+    CliRunner().invoke(main, ["layers", "--json"])  # back to the default level for later tests
 
 
 # --- the engine connection: one per command, closed on every path; tables show names whole ------
