@@ -39,8 +39,11 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
     :func:`provisioner.history.rows.git_revision`), it passed in one run and failed or errored in
     another, or when it passed after pytest-rerunfailures reran it. A failure with LM calls the run's
     cost or rate limit refused (``lm_refused``) is not flakiness: its cause is the run's limits (a
-    configuration), not chance. Runs without a revision (not a git work tree) are compared with each
-    other as one unknown revision, and the reason says so (a code change between them is invisible).
+    configuration), not chance; nor is a failure with a cassette miss that failed (``cache_misses``
+    above ``lm_recorded``: a replay-only miss, e.g. after an ``lm.mock_rules`` change or a reworded
+    prompt): the recordings and the request decide it, not chance. Runs without a revision (not a git
+    work tree) are compared with each other as one unknown revision, and the reason says so (a code
+    change between them is invisible).
     """
     ordered = sorted(runs, key=lambda r: (r["started_at"], r["run_id"]))
     revision_of = {r["run_id"]: r["revision"] or NO_REVISION for r in ordered}
@@ -53,6 +56,8 @@ def flaky_tests(runs: Sequence[RunRow], tests: Iterable[TestRow]) -> list[FlakyT
         by_test[row["node_id"]][row["run_id"]] = row["outcome"]
         if row["outcome"] in FAILING and row["lm_refused"]:
             continue  # failed because the run's limits refused its LM calls: a config, not chance
+        if row["outcome"] in FAILING and row["cache_misses"] > row["lm_recorded"]:
+            continue  # a cassette miss failed it (a miss that records is an lm_recorded call): not chance
         outcomes[(row["node_id"], revision_of[row["run_id"]])].add(row["outcome"])
         if row["reruns"] and row["outcome"] == "passed":
             rerun_passes[row["node_id"]] += 1

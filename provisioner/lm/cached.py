@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,13 +70,42 @@ GEMINI_DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
 ONCE_LOCK = "record-once.lock"
 
 
+def _dumped_rules(config: LMConfig) -> list[dict[str, Any]]:
+    # A rule without `signature` (added later) digests as before: recorded cassettes stay hits.
+    return [{k: v for k, v in r.model_dump(mode="json").items() if not (k == "signature" and v is None)}
+            for r in config.mock_rules]
+
+
+def mock_setup(config: LMConfig) -> dict[str, Any]:
+    """What a mock-mode identity digests, as a cassette entry keeps it (``mock_setup``) so a later
+    miss can say which rule changed: ``{"rules": [<each rule as lm.mock_rules has it>], "default":
+    <lm.mock_default>}``."""
+    return {"rules": _dumped_rules(config), "default": config.mock_default}
+
+
+def mock_setup_change(recorded: Mapping[str, Any] | None, config: LMConfig) -> str:
+    """Why a mock identity changed since an entry with ``recorded`` (its ``mock_setup``; None for
+    entries written before the field) was recorded: the rules added and removed, or the default."""
+    if not isinstance(recorded, Mapping):
+        return ("lm.mock_rules or lm.mock_default changed since it was recorded (a mock cassette is "
+                "keyed by every rule and the default; this recording predates the list of its rules)")
+    now = mock_setup(config)
+    old_rules = [json.dumps(r, sort_keys=True) for r in recorded.get("rules") or []]
+    new_rules = [json.dumps(r, sort_keys=True) for r in now["rules"]]
+    parts = [f"removed rule {r}" for r in old_rules if r not in new_rules]
+    parts += [f"added rule {r}" for r in new_rules if r not in old_rules]
+    if not parts and old_rules != new_rules:
+        parts.append("the rules were reordered (the first matching rule answers)")
+    if recorded.get("default") != now["default"]:
+        parts.append(f"lm.mock_default {recorded.get('default')!r} → {now['default']!r}")
+    return "lm.mock_rules changed since it was recorded: " + "; ".join(parts or ["(no difference found)"])
+
+
 def endpoint_identity(config: LMConfig) -> str:
-    """What produced the answers: the Gemini endpoint, or the mock with its exact rules."""
+    """What produced the answers: the Gemini endpoint, or the mock with its exact rules and
+    default (every rule, also one that cannot match this program: see docs/lm.md)."""
     if config.cached_inner == "mock":
-        # A rule without `signature` (added later) digests as before: recorded cassettes stay hits.
-        dumped = [{k: v for k, v in r.model_dump(mode="json").items() if not (k == "signature" and v is None)}
-                  for r in config.mock_rules]
-        rules = json.dumps(dumped, sort_keys=True)
+        rules = json.dumps(_dumped_rules(config), sort_keys=True)
         digest = hashlib.sha256(f"{rules}\x00{config.mock_default}".encode()).hexdigest()[:16]
         return f"mock:{digest}"
     return f"gemini@{(config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip('/')}"
@@ -244,7 +274,12 @@ class CachedEngine(EngineBase):
         except OSError:
             return ""
         if nearest is not None:
-            return "\n" + nearest.text()
+            text = "\n" + nearest.text()
+            recorded = nearest.entry.get("request", {}).get("identity")
+            if self.config.cached_inner == "mock" and str(recorded).startswith("mock:") \
+                    and recorded != canonical.get("identity"):
+                text += "\n  " + mock_setup_change(nearest.entry.get("mock_setup"), self.config)
+            return text
         summary = request_summary(canonical)
         if "signature" in summary:
             return (f"\nno recording of this program (`{summary['signature']}` on {summary.get('model')}) "
@@ -332,6 +367,7 @@ class CachedEngine(EngineBase):
                 "cost_usd": round(cost, 10),
                 "test_id": test_id or owner,
                 **({"session_id": owner} if test_id else {}),
+                **({"mock_setup": mock_setup(self.config)} if self.config.cached_inner == "mock" else {}),
             })
         except CassetteNotWritableError as exc:
             if isinstance(inner, GeminiEngine):  # the call was made (and billed): book it, unrecorded

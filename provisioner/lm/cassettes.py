@@ -29,6 +29,9 @@ An entry::
      "usage": {"input_tokens": 120, "output_tokens": 14, "thoughts_tokens": 0, "cached_tokens": 0},
      "cost_usd": 0.0000176, "test_id": "tests/test_x.py::test_y", "source": "gemini"}
 
+A mock recording also keeps ``"mock_setup": {"rules": [...], "default": ...}``, the rules and
+default its identity digests, so a later miss can name the rule that changed.
+
 ``source`` says what answered: ``mock``, ``standin`` (the Gemini stand-in the controller wired in)
 or ``gemini`` (the real API); ``test_id`` is the recording test's node id (for a call made in a
 bridge session: the test that opened it, with ``session_id``; the session id alone when no test
@@ -292,6 +295,7 @@ class Nearest:
     similarity: float  # difflib ratio of the two prompts, 0..1
     differences: list[str]  # what differs besides the prompt text: identity, generation parameters
     diff: list[str]  # a short unified diff of the prompt (recorded -> this request)
+    entry: dict[str, Any] = field(default_factory=dict)  # the recorded entry itself
 
     def text(self) -> str:
         lines = [f"nearest recording of the same program: {self.path} ({self.similarity:.0%} similar prompt)"]
@@ -324,7 +328,7 @@ def nearest_recording(root: Path, canonical: dict[str, Any], *, max_diff_lines: 
     summary = request_summary(canonical)
     wanted = (summary.get("model"), summary.get("signature"))
     mine = _prompt_lines(canonical)
-    candidates: list[tuple[float, Path, dict[str, Any]]] = []
+    candidates: list[tuple[float, Path, dict[str, Any], dict[str, Any]]] = []
     for scanned, path in enumerate(CassetteStore(root).paths()):
         if scanned >= max_scanned:
             break
@@ -337,17 +341,17 @@ def nearest_recording(root: Path, canonical: dict[str, Any], *, max_diff_lines: 
         if (theirs.get("model"), theirs.get("signature")) != wanted or not isinstance(request, dict):
             continue
         matcher = difflib.SequenceMatcher(None, _prompt_lines(request), mine, autojunk=False)
-        candidates.append((matcher.ratio(), path, request))
+        candidates.append((matcher.ratio(), path, request, entry))
     if not candidates:
         return None
-    ratio, path, request = max(candidates, key=lambda c: (c[0], str(c[1])))
+    ratio, path, request, entry = max(candidates, key=lambda c: (c[0], str(c[1])))
     differences = [f"{name}: {request.get(name)!r} → {canonical.get(name)!r}"
                    for name in ("identity", "generation") if request.get(name) != canonical.get(name)]
     diff = list(difflib.unified_diff(_prompt_lines(request), mine, "recorded", "requested", n=1, lineterm=""))
     if len(diff) > max_diff_lines:
         diff = [*diff[:max_diff_lines], f"… {len(diff) - max_diff_lines} more diff lines"]
     return Nearest(path=path, key=path.stem, similarity=ratio, differences=differences,
-                   diff=[_clip(line) for line in diff])
+                   diff=[_clip(line) for line in diff], entry=entry)
 
 
 # -- maintenance: list / verify / prune ---------------------------------------------------------

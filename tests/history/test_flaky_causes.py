@@ -30,6 +30,19 @@ def test_a_failure_whose_lm_calls_the_limits_refused_is_not_flaky() -> None:
         "t.py::test_spend"]
 
 
+def test_a_failure_by_a_cassette_miss_is_not_flaky() -> None:
+    """A user's trial: a mock rule added to pyproject.toml made every replayed test miss its cassette
+    (record mode none); the report page listed them all as flaky. A miss that failed is not chance."""
+    runs = [_run("r1", 1, None), _run("r2", 2, None)]
+    missed = _row("r2", "failed")
+    missed["cache_misses"] = 1
+    assert flaky_tests(runs, [_row("r1", "passed"), missed]) == []
+    # a miss that was recorded (a passing call) does not excuse a failure on the same revision
+    recorded = _row("r2", "failed")
+    recorded["cache_misses"], recorded["lm_recorded"] = 1, 1
+    assert [f.node_id for f in flaky_tests(runs, [_row("r1", "passed"), recorded])] == ["t.py::test_spend"]
+
+
 def test_runs_without_a_git_revision_say_they_were_compared_as_one() -> None:
     runs = [_run("r1", 1, None), _run("r2", 2, None)]
     (found,) = flaky_tests(runs, [_row("r1", "failed"), _row("r2", "passed")])

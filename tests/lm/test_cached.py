@@ -509,3 +509,35 @@ def test_closing_a_cached_lm_closes_its_inner_lm_once(tmp_path: Path) -> None:
     assert cached._inner is None
     cached.close()
     assert _ask(lm, "records through the inner mock").answer  # a replay needs no inner LM
+
+
+def test_a_mock_miss_after_a_rule_change_says_which_rule_changed(tmp_path: Path) -> None:
+    """A user's trial: one rule added to lm.mock_rules made every replay miss with only "differs in
+    identity: 'mock:b04a…' → 'mock:1164…' (same prompt text)". The miss names the rule added or
+    removed (the identity still depends on every rule: docs/lm.md says why)."""
+    question = "what is the capital of France?"
+    _ask(build_lm(_mock_config(tmp_path)), question)
+    extra = MockRule(match={"summary": "never"}, outputs={"answer": "x"})
+    with pytest.raises(LMConfigurationError) as caught:
+        _ask(build_lm(_mock_config(tmp_path, record_mode="none", mock_rules=[extra])), question)
+    message = str(provisioner_error(caught.value))
+    assert "differs in identity" in message and "(same prompt text)" in message
+    assert 'lm.mock_rules changed since it was recorded: added rule {' in message
+    assert '"match": {"summary": "never"}' in message
+    # recorded with that rule, replayed without it: the rule is named as removed
+    other = tmp_path / "other"
+    other.mkdir()
+    _ask(build_lm(_mock_config(other, mock_rules=[extra])), question)
+    with pytest.raises(LMConfigurationError) as removed:
+        _ask(build_lm(_mock_config(other, record_mode="none", mock_default="changed")), question)
+    text = str(provisioner_error(removed.value))
+    assert "removed rule {" in text and "lm.mock_default 'mock_response' → 'changed'" in text
+    # an entry from before `mock_setup` still says what the identity digests
+    (path,) = CassetteStore(other / "cassettes").paths()
+    entry = json.loads(path.read_text())
+    del entry["mock_setup"]
+    path.write_text(json.dumps(entry))
+    with pytest.raises(LMConfigurationError) as old:
+        _ask(build_lm(_mock_config(other, record_mode="none")), question)
+    assert "lm.mock_rules or lm.mock_default changed since it was recorded" in \
+        str(provisioner_error(old.value))
