@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -57,6 +57,17 @@ class WorkerSettings(BaseModel):
         default=None, gt=0,
         description="execution slots one session may hold at once; default max(1, max_inflight // 2)",
     )
+
+    @model_validator(mode="after")
+    def _per_session_within_the_worker(self) -> WorkerSettings:
+        # A session's share above the worker's slots could never be used: the worker would quietly
+        # cap it (bridge.server), and the user would believe their setting applies.
+        if self.max_inflight_per_session is not None and self.max_inflight_per_session > self.max_inflight:
+            raise ValueError(
+                f"max_inflight_per_session={self.max_inflight_per_session} is more than max_inflight="
+                f"{self.max_inflight} (the worker's execution slots): a session cannot hold more slots "
+                "than its worker has; lower worker.max_inflight_per_session or raise worker.max_inflight")
+        return self
 
 
 class ContainerSettings(BaseModel):

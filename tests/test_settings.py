@@ -193,3 +193,16 @@ def test_an_unknown_lm_key_lists_only_the_keys_a_user_can_set(monkeypatch: pytes
     assert info.value.suggestion == "cost_limit_usd" and "rate_limit_rpm" in message
     listed = message.split("known keys: ", 1)[1]
     assert not [name for name in INTERNAL_LM_FIELDS if f" {name}," in f" {listed}"], listed
+
+
+def test_a_sessions_slots_above_the_workers_are_refused_naming_both_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_settings(monkeypatch)
+    (tmp_path / "pyproject.toml").write_text("[tool.provisioner.worker]\nmax_inflight_per_session = 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(project_dir=tmp_path)
+    text = str(info.value)
+    assert "max_inflight_per_session=10 is more than max_inflight=8" in text and "pyproject.toml" in text
+    monkeypatch.setenv("PROVISION_WORKER__MAX_INFLIGHT", "10")
+    assert load_settings(project_dir=tmp_path).worker.max_inflight_per_session == 10  # equal: allowed
