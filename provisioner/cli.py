@@ -208,7 +208,15 @@ def layers(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--layer", default=None, help="the active layer (overrides TEST_MODE)")
 def config(as_json: bool, layer: str | None) -> None:
-    """Print the effective settings and where each value came from."""
+    """Print the effective settings and where each value came from.
+
+    Below the settings, ``effective.<layer>.lm_mode``: the LM mode each layer runs with and the
+    setting it comes from (an ``lm_modes`` entry you set beats the layer's ``lm_mode``; the default
+    ``lm_modes`` do not: :func:`provisioner.layers.lm_mode_origin`). ``--json`` adds them as
+    ``effective: {<layer>: {"lm_mode": ..., "from": <setting>, "source": <where it was set>}}``.
+    """
+    from provisioner.layers import lm_mode_origin, resolve_layers
+
     settings = _settings(layer=layer)
     values = settings.model_dump(mode="json")
     if settings.lm.api_key is not None:
@@ -216,9 +224,16 @@ def config(as_json: bool, layer: str | None) -> None:
     rows = []
     for path, value in _leaves(values):
         rows.append({"field": path, "value": value, "source": settings.source_of(path)})
+    effective: dict[str, dict[str, str]] = {}
+    for name, resolved in resolve_layers(settings).items():
+        origin = lm_mode_origin(settings, name)
+        where = settings.source_of(origin) if origin.startswith(("lm_modes.", "layers.")) else origin
+        effective[name] = {"lm_mode": resolved.lm_mode, "from": origin, "source": where}
+        rows.append({"field": f"effective.{name}.lm_mode", "value": resolved.lm_mode,
+                     "source": origin if origin == where else f"{origin} ({where})"})
     if as_json:
-        sources = {r["field"]: r["source"] for r in rows}
-        click.echo(json.dumps({"settings": values, "sources": sources}, indent=2))
+        sources = {r["field"]: r["source"] for r in rows if not r["field"].startswith("effective.")}
+        click.echo(json.dumps({"settings": values, "sources": sources, "effective": effective}, indent=2))
         return
     width = max(len(r["field"]) for r in rows)
     for row in rows:

@@ -138,6 +138,22 @@ def resolve_layers(settings: Settings) -> dict[str, Layer]:
     return {name: _resolve(settings, name) for name in names}
 
 
+def lm_mode_origin(settings: Settings, name: str) -> str:
+    """The setting layer ``name``'s LM mode comes from (the rule of the module doc, the one
+    :func:`get_layer` applies): ``lm_modes.<name>`` when the user set that entry (or the layer sets
+    no ``lm_mode``), else ``layers.<name>.lm_mode`` (the user's layer table), else ``built-in``
+    (the built-in layer's own mode) or ``default`` (a layer of the user's without one: the built-in
+    default of layer fields)."""
+    user_layer = settings.layers.get(name)
+    layer_sets_it = user_layer is not None and user_layer.lm_mode is not None
+    user_set_mode = settings.source_of(f"lm_modes.{name}") != "default"
+    if name in settings.lm_modes and (user_set_mode or not layer_sets_it):
+        return f"lm_modes.{name}"
+    if layer_sets_it:
+        return f"layers.{name}.lm_mode"
+    return "built-in" if name in BUILTIN_LAYERS else "default"
+
+
 def layer_names(settings: Settings) -> list[str]:
     return list(BUILTIN_LAYERS) + [n for n in settings.layers if n not in BUILTIN_LAYERS]
 
@@ -153,10 +169,7 @@ def _resolve(settings: Settings, name: str) -> Layer:
     for spec in (_DEFAULTS, BUILTIN_LAYERS.get(name), settings.layers.get(name)):
         if spec is not None:
             merged.update(spec.model_dump(exclude_none=True))
-    user_layer = settings.layers.get(name)
-    layer_sets_it = user_layer is not None and user_layer.lm_mode is not None
-    user_set_mode = settings.source_of(f"lm_modes.{name}") != "default"
-    if name in settings.lm_modes and (user_set_mode or not layer_sets_it):
+    if lm_mode_origin(settings, name) == f"lm_modes.{name}":
         # The default lm_modes cover the built-in layers; a user's [tool.provisioner.layers.e2e]
         # lm_mode = "mock" was silently overridden by them (a new user's trial).
         merged["lm_mode"] = settings.lm_modes[name]

@@ -64,6 +64,37 @@ def test_config_shows_values_and_sources(project: Path, monkeypatch: pytest.Monk
     assert json.loads(cli.output)["sources"]["layer"] == "cli --layer"
 
 
+def test_config_and_doctor_show_the_mode_each_layer_runs_with(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's trial: with `[tool.provisioner.layers.e2e] lm_mode = "mock"`, `provision config` showed
+    `lm_modes {... "e2e": "real"} default` and doctor warned "real-mode layers (e2e) use the local Gemini
+    stand-in", though e2e ran with the mock. Both now show the mode get_layer resolves, and whence."""
+    from provisioner.layers import get_layer
+    from provisioner.runtime.doctor import _check_api_key
+    from provisioner.settings import load_settings
+
+    monkeypatch.delenv("GEMINI_TEST_API_KEY", raising=False)
+    (project / "pyproject.toml").write_text("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\n")
+    data = json.loads(CliRunner().invoke(main, ["config", "--json"]).output)
+    assert data["effective"]["e2e"] == {"lm_mode": "mock", "from": "layers.e2e.lm_mode",
+                                        "source": "pyproject.toml [tool.provisioner]"}
+    assert data["effective"]["integration"]["from"] == "lm_modes.integration"
+    table = CliRunner().invoke(main, ["config"]).output.splitlines()
+    line = next(row for row in table if row.startswith("effective.e2e.lm_mode "))
+    assert line.split(None, 2)[1:] == ['"mock"', "layers.e2e.lm_mode (pyproject.toml [tool.provisioner])"]
+    settings = load_settings()
+    assert get_layer(settings, "e2e").lm_mode == "mock"
+    (check,) = _check_api_key(settings)
+    assert check.status == "ok" and "no layer runs in real mode" in check.detail
+    # an lm_modes entry the user sets beats the layer's own: e2e is real again, and doctor warns
+    monkeypatch.setenv("PROVISION_LM_MODES__E2E", "real")
+    data = json.loads(CliRunner().invoke(main, ["config", "--json"]).output)
+    assert data["effective"]["e2e"] == {"lm_mode": "real", "from": "lm_modes.e2e",
+                                        "source": "env PROVISION_LM_MODES__E2E"}
+    (check,) = _check_api_key(load_settings())
+    assert check.status == "warn" and "real-mode layers (e2e)" in check.detail
+
+
 def test_bad_setting_is_a_clean_error(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROVISION_MAX_POOL_SIZE", "many")
     result = CliRunner().invoke(main, ["config"])

@@ -12,6 +12,7 @@ from provisioner.errors import (
     ImageError,
     ProvisionerError,
 )
+from provisioner.layers import resolve_layers
 from provisioner.runtime.engine import ContainerRuntime, EngineInfo
 from provisioner.runtime.runs import list_runs, project_of, runtime_or_docker, settings_or_load
 from provisioner.settings import Settings
@@ -178,9 +179,13 @@ def _check_base_image(settings: Settings, rt: ContainerRuntime) -> list[Check]:
 
 
 def _check_api_key(settings: Settings) -> list[Check]:
-    real_layers = [n for n, mode in settings.lm_modes.items() if mode == "real"]
+    # The modes layers run with (an lm_modes entry the user did not set does not beat a layer's own).
+    real_layers = [n for n, layer in resolve_layers(settings).items() if layer.lm_mode == "real"]
     if settings.lm.api_key is not None:
         return [Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is set (real mode uses the real API)")]
+    if not real_layers:
+        return [Check("Gemini API key", "ok", "GEMINI_TEST_API_KEY is not set; no layer runs in real mode "
+                      "(`pytest --lm real` would use the local Gemini stand-in)")]
     return [
         Check(
             "Gemini API key",
