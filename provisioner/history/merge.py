@@ -204,6 +204,16 @@ def _split_of(shard: ShardReport) -> tuple[int, int] | None:
     return None if parsed is None else (parsed["group"], parsed["splits"])
 
 
+def _shard_labels(shards: Sequence[ShardReport]) -> list[str]:
+    """The shards' labels for the merged run's ``shard``: by group (``1/2, 2/2``) when every shard
+    knows its place in the split, else in start order (a user's trial read ``2 shards: 2/2, 1/2``)."""
+    splits = [_split_of(s) for s in shards]
+    order = list(range(len(shards)))
+    if all(split is not None for split in splits):
+        order.sort(key=lambda i: splits[i] or (0, 0))
+    return [shards[i].run["shard"] or shards[i].run["run_id"] for i in order]
+
+
 def missing_shards(name: str, shards: Sequence[ShardReport]) -> list[str]:
     """The ``"i/N"`` labels of the groups of a split suite that are not among ``shards`` ([] when
     all are, or when the reports carry no split information).
@@ -290,7 +300,7 @@ def merge_shards(name: str, shards: Sequence[ShardReport], *, allow_partial: boo
         project=first["project"], revision=first["revision"], branch=first["branch"],
         host=_distinct(r["host"] for r in runs) or first["host"],
         ci_job=_distinct(r["ci_job"] for r in runs),
-        shard=f"{len(shards)} shards: " + ", ".join(r["shard"] or r["run_id"] for r in runs)
+        shard=f"{len(shards)} shards: " + ", ".join(_shard_labels(shards))
         + (f" ({', '.join(missing)} missing)" if missing else ""),
         layers=list(dict.fromkeys(layer for r in runs for layer in r["layers"])),
         exit_status=_exit_status([r["exit_status"] for r in runs]), tests=len(tests),

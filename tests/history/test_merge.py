@@ -213,3 +213,15 @@ def test_a_file_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert f"{a} is given twice" in result.output and "does not say which shard" not in result.output
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_merged_shard_label_lists_the_groups_in_order(tmp_path: Path) -> None:
+    """A user's trial: a merged run's shard read "2 shards: 2/2, 1/2" (start order, shard 2 started
+    first). Shards that know their place in the split are listed by group."""
+    a, b = two_shards(tmp_path)  # r2 (in b) started first
+    for path, group in ((a, 1), (b, 2)):
+        report = json.loads(path.read_text())
+        report["run"]["shard"] = f"{group}/2"
+        path.write_text(json.dumps(report))
+    (merged,) = merge_reports([b, a])
+    assert merged.run["shard"] == "2 shards: 1/2, 2/2"
