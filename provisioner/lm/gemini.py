@@ -186,6 +186,28 @@ def _is_key_rejection(code: int, exc: Any) -> bool:
     return "API_KEY_INVALID" in str(details) or "API key not valid" in str(getattr(exc, "message", ""))
 
 
+_LM15_RETRY_LINE = "    - Retry with backoff in your application layer (lm15 never retries for you)\n"
+_GUIDANCE = "\n\n  To fix:"
+
+
+def retry_wording(message: str, retries: int, max_retries: int) -> str:
+    """``message`` (an lm15 error's, with its "To fix" guidance) as true for provisioner, which does
+    retry: "(gave up after N retries)" goes on the error's own line, before the guidance, and lm15's
+    "Retry with backoff in your application layer (lm15 never retries for you)" (a 429's) says what
+    provisioner did instead (a user's trial read both lines, contradicting each other)."""
+    head, sep, guidance = message.partition(_GUIDANCE)
+    if retries:
+        head = f"{head.rstrip()} (gave up after {retries} retries)"
+    if _LM15_RETRY_LINE.strip() in guidance:
+        truth = (f"    - provisioner retried it {retries} times with backoff (lm.max_retries = "
+                 f"{max_retries}, the server's retry delay honoured); lower lm.rate_limit_rpm or raise "
+                 "lm.max_retries\n"
+                 if max_retries else
+                 "    - Set lm.max_retries above 0 to have provisioner retry with backoff\n")
+        guidance = guidance.replace(_LM15_RETRY_LINE, truth)
+    return head + sep + guidance
+
+
 class GeminiEngine(EngineBase):
     """A DSPy engine calling Gemini's ``generateContent`` with run-wide limits and a ledger."""
 
@@ -350,9 +372,8 @@ class GeminiEngine(EngineBase):
                     # Backing off before a retry is what the server asked for, not synchronisation.
                     self._sleep(min(delay, self.config.retry_max_delay_s))
                     continue
-                if attempt:
-                    error.message = f"{error.message} (gave up after {attempt} retries)"
-                    error.args = (error.message,)
+                error.message = retry_wording(error.message, attempt, self.config.max_retries)
+                error.args = (error.message,)
                 # One ledger line for the call, as for one that was answered or refused: its error,
                 # the attempts, the time it waited for the rate limit, what the cost limit counted.
                 self.ledger.error(

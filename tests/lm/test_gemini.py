@@ -108,6 +108,26 @@ def test_rate_limit_error_after_retries_is_dspy_rate_limit(standin: GeminiStandi
     assert standin.request_count == 2  # our bounded retry only: DSPy's own retries are off
 
 
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_429_given_up_says_what_provisioner_did_not_lm15s_advice(
+        standin: GeminiStandin, tmp_path: Path, max_retries: int) -> None:
+    """A user's trial read "Retry with backoff in your application layer (lm15 never retries for
+    you)" next to "(gave up after 3 retries)": the retries are named on the error's line, and the
+    advice says what provisioner did (or which setting makes it retry)."""
+    lm = build_lm(_config(standin, tmp_path, max_retries=max_retries, retry_base_delay_s=0))
+    standin.fail_next(max_retries + 1, status=429, retry_after=0)
+    with dspy.context(lm=lm), pytest.raises(LMRateLimitError) as caught:
+        dspy.Predict("question -> answer")(question="q")
+    text = str(caught.value)
+    assert "lm15 never retries for you" not in text and "application layer" not in text
+    first, _, advice = text.partition("To fix:")
+    if max_retries:
+        assert "(gave up after 2 retries)" in first and "gave up" not in advice
+        assert "provisioner retried it 2 times with backoff (lm.max_retries = 2" in advice
+    else:
+        assert "gave up" not in text and "Set lm.max_retries above 0" in advice
+
 @pytest.mark.parametrize("wrong_status", [400, 403])
 def test_wrong_key_is_a_clear_auth_error(tmp_path: Path, wrong_status: int) -> None:
     with GeminiStandin(api_key=KEY, wrong_key_status=wrong_status) as server:
