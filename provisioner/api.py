@@ -493,7 +493,7 @@ def open_environment(
     if attach:
         from provisioner.runtime.shared_pool import choose_up_run
 
-        match, resolved = choose_up_run(resolved)
+        match, resolved = choose_up_run(resolved, runtime=runtime)
     env = Environment(resolved, identity, runtime=runtime)
     env.up_run = match.state if match is not None else None
     if env.up_run is not None:

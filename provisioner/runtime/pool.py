@@ -551,6 +551,9 @@ class WorkerPool:
             state = self.environment.runtime.container_state(slot.info.container_id)
             if state is None or not state.running:
                 how = death_reason(state)
+                if self._unreplaceable_reason() is not None:
+                    self._retire(slot_no, slot.info.generation, how)  # says so; nothing replaced
+                    continue
                 with self._cond:
                     if slot.replacing:
                         continue
@@ -809,6 +812,16 @@ class WorkerPool:
             if slot.unreplaceable:  # said once already (below); its sessions are lost all the same
                 self._mark_lost(slot, reason)
                 return
+            owner_only = self._unreplaceable_reason()
+            if owner_only is not None:
+                # Nobody here replaces it (a `provision up` run's worker): say so, not "replacing it".
+                slot.unreplaceable = True
+                slot.failure = f"worker {slot.info.name} is gone and not replaced: {owner_only}"
+                self._mark_lost(slot, reason)
+                self.note(f"worker {slot.info.name} (slot {slot_no}) {reason}; not replaced "
+                          f"(no replacement attempted): {owner_only}")
+                self._cond.notify_all()
+                return
             slot.replacing = True
             name = slot.info.name
             self._mark_lost(slot, reason)
@@ -888,11 +901,19 @@ class WorkerPool:
             client.close()
         self._workers_changed(slot_no)
 
-    @staticmethod
-    def _lost_message(session_id: str, pinned: PooledSession, how: str) -> str:
+    def _unreplaceable_reason(self) -> str | None:
+        """Why this pool's dead workers are not replaced by anyone it can reach, and what to do
+        (``AttachedWorkers.unreplaceable_reason``: a ``provision up`` run's); None: they are replaced."""
+        reason = getattr(self.environment, "unreplaceable_reason", None)
+        return reason if isinstance(reason, str) else None
+
+    def _lost_message(self, session_id: str, pinned: PooledSession, how: str) -> str:
+        owner_only = self._unreplaceable_reason() if how != "was replaced" else None
+        what_next = (f"It is not replaced: {owner_only}." if owner_only is not None
+                     else "Open a new session.")
         return (
             f"session {session_id!r} was pinned to worker {pinned.worker} (slot {pinned.slot}), which {how}; "
-            "its programs and LM state are gone. Open a new session."
+            f"its programs and LM state are gone. {what_next}"
         )
 
 

@@ -190,6 +190,17 @@ class AttachedWorkers:
                 return w
         raise KeyError(f"no worker in slot {slot}")
 
+    @property
+    def unreplaceable_reason(self) -> str | None:
+        """Why no process attached here replaces a dead worker, with what to do (None: the run's
+        deploying process replaces it). Said, instead of "replacing it", by the pool that finds the
+        death (:meth:`~provisioner.runtime.pool.WorkerPool.note`) and in its sessions' errors."""
+        if self.record.source == "up" or self.run_dir is None:
+            return (f"run {self.record.run_id} was started by `provision up` and only its owner replaces "
+                    "its workers: run `provision status --repair` (or `provision down` and `provision up`), "
+                    "then run the tests again")
+        return None
+
     def replace_worker(self, slot: int) -> WorkerInfo:
         """The slot's next worker, once the run's deploying process has started it.
 
@@ -199,12 +210,9 @@ class AttachedWorkers:
                 process is gone, or no replacement appeared within ``ready_timeout_s``.
         """
         old = self.worker(slot)
-        if self.record.source == "up" or self.run_dir is None:
-            raise WorkerNotReplaceableError(
-                f"worker {old.name} of run {self.record.run_id} (started by `provision up`) is gone and "
-                "only its owner can replace it: run `provision status --repair`, or `provision down` "
-                "and `provision up` again"
-            )
+        reason = self.unreplaceable_reason
+        if reason is not None or self.run_dir is None:
+            raise WorkerNotReplaceableError(f"worker {old.name} is gone and not replaced: {reason}")
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             record = read_record(self.run_dir)
@@ -424,7 +432,9 @@ def find_up_run(settings: Settings, layer: str, lm: LMConfig, run_id: str | None
     return UpRunMatch(state)
 
 
-def choose_up_run(resolved: ResolvedRun, up_run: str | None = None) -> tuple[UpRunMatch, ResolvedRun]:
+def choose_up_run(
+    resolved: ResolvedRun, up_run: str | None = None, *, runtime: ContainerRuntime | None = None
+) -> tuple[UpRunMatch, ResolvedRun]:
     """Whether a session of ``resolved`` (the pytest plugin's, or a :func:`provisioner.environment`
     block's) uses a running ``provision up`` environment, and the resolved run it then has: the up
     run's LM directory (its workers enforce that run's budget and write its ledger: in-process LM
@@ -433,6 +443,12 @@ def choose_up_run(resolved: ResolvedRun, up_run: str | None = None) -> tuple[UpR
     ``up_run``: the run to consider (an xdist worker gets its controller's choice; ``""``: none);
     default ``PROVISION_RUN_ID`` (``provision run``), else the project's current run. Container
     layers only.
+
+    A run chosen here (not handed down by a controller) is attached only when every one of its
+    workers runs (one engine look per worker, on ``runtime`` or the engine the settings name): a run
+    with a dead worker is not attached, and the reason says how to repair it. The decision is made
+    once, so the header, the attach phase's line and the summary say the same; a worker that dies
+    after it fails its sessions (:class:`~provisioner.errors.WorkerLostError`, saying to repair).
     """
     import dataclasses
 
@@ -442,10 +458,51 @@ def choose_up_run(resolved: ResolvedRun, up_run: str | None = None) -> tuple[UpR
         return UpRunMatch(None), resolved
     match = find_up_run(resolved.settings, resolved.layer.name, resolved.lm_config,
                         run_id=up_run or os.environ.get(RUN_ID_ENV))
+    if match.state is not None and up_run is None:
+        dead = _dead_up_worker(resolved.settings, match.state, runtime)
+        if dead is not None:
+            match = UpRunMatch(None, dead)
     if match.state is not None and match.state.lm_run_dir:
         lm = resolved.lm_config.model_copy(update={"run_dir": Path(match.state.lm_run_dir)})
         resolved = dataclasses.replace(resolved, lm_config=lm)
     return match, resolved
+
+
+def _dead_up_worker(settings: Settings, state: RunState, runtime: ContainerRuntime | None) -> str | None:
+    """Why ``state``'s run cannot be attached (a worker no longer runs, with what to do), or None.
+    Without an engine nothing is said here: the pool's start reports the engine's problem."""
+    from provisioner.errors import ProvisionerError
+
+    own = runtime is None
+    if runtime is None:
+        from provisioner.runtime.engine import open_runtime
+
+        try:
+            runtime = open_runtime(settings)
+        except ProvisionerError:  # no engine, or its address is wrong: said when the pool starts
+            return None
+    try:
+        if _running(runtime, _up_record(state)):
+            return None
+    finally:
+        if own:
+            runtime.close()
+    return up_run_dead_reason(state.run_id)
+
+
+def up_run_dead_reason(run_id: str) -> str:
+    """What a session says of a ``provision up`` run with a worker that no longer runs."""
+    return (f"`provision up` run {run_id} has a worker that no longer runs (repair it: "
+            "`provision status --repair`, or `provision down` and `provision up`)")
+
+
+def _up_record(state: RunState) -> PoolRecord:
+    workers = []
+    for w in state.workers:
+        host, _, port = str(w["address"]).rpartition(":")
+        workers.append({"slot": w["slot"], "name": w["name"], "container_id": w["container_id"],
+                        "host": host, "port": int(port), "generation": 0})
+    return PoolRecord(state.run_id, "up", f"{state.owner_pid}-0", workers)
 
 
 def attach_up_run(
@@ -454,12 +511,7 @@ def attach_up_run(
     """The ``provision up`` run's workers to attach to, or why not (a worker no longer runs).
     ``bridge_token``: the run's ``PROVISION_BRIDGE_TOKEN`` (:func:`~provisioner.runtime.state.
     bridge_token_of`), which every connection presents when the run is published off loopback."""
-    workers = []
-    for w in state.workers:
-        host, _, port = str(w["address"]).rpartition(":")
-        workers.append({"slot": w["slot"], "name": w["name"], "container_id": w["container_id"],
-                        "host": host, "port": int(port), "generation": 0})
-    record = PoolRecord(state.run_id, "up", f"{state.owner_pid}-0", workers)
+    record = _up_record(state)
     if not _running(runtime, record):
-        return f"`provision up` run {state.run_id} has a worker that no longer runs"
+        return up_run_dead_reason(state.run_id)
     return AttachedWorkers(None, record, runtime, ready_timeout_s=ready_timeout_s, bridge_token=bridge_token)

@@ -358,15 +358,16 @@ class ProcessContainers:
                         state, self.runtime, ready_timeout_s=container.ready_timeout_s,
                         bridge_token=bridge_token_of(self.env.settings, state.run_id))
                     if isinstance(attached, str):
-                        import warnings
+                        # The session chose to attach (its header said so) and a worker died since:
+                        # as for a death mid-session, its sessions fail saying to repair. Starting
+                        # its own workers here made the header, phase line and summary untrue.
+                        from provisioner.errors import WorkerNotReplaceableError
 
-                        warnings.warn(f"provisioner: not attaching ({attached}); starting this run's own "
-                                      "workers", stacklevel=1)
-                        self.env.up_run = None
-                    else:
-                        self._pool = self._make_pool(attached, False)
-                        self._shared = shared_pool.SharedPool(self._pool, False, attached)
-                        return self._pool
+                        raise WorkerNotReplaceableError(f"this session attached to {attached[:1].lower()}"
+                                                        f"{attached[1:]}; no workers of its own are started")
+                    self._pool = self._make_pool(attached, False)
+                    self._shared = shared_pool.SharedPool(self._pool, False, attached)
+                    return self._pool
                 # The watchdog's start-up (a Python process: 1.4 to 2.7 s measured at load 10) runs
                 # alongside the pool's; it is spawned before anything is created, so it covers it.
                 self._ensure_watchdog(wait=False)

@@ -145,7 +145,7 @@ class ProvisionRun:
         self.project_dir = resolved.project_dir  # the project root, as every CLI command finds it
         from provisioner.runtime.shared_pool import choose_up_run
 
-        self.up_match, resolved = choose_up_run(resolved, up_run)
+        self.up_match, resolved = choose_up_run(resolved, up_run, runtime=runtime)
         self.environment = Environment(resolved, identity, runtime=runtime)
         self.environment.up_run = self.up_match.state
         if self.up_match.attached:

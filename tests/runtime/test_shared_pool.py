@@ -316,12 +316,46 @@ def test_under_provision_run_the_session_attaches_to_that_run(
                      lm_run_dir=str(settings.state_dir / "runs" / "pr1" / "lm"),
                      record_mode=resolved.lm_config.record_mode)
     write_state(resolved.settings, state, current=False)
-    assert sp.choose_up_run(resolved)[0].state is None  # not current, no PROVISION_RUN_ID: own run
+    engine: Any = _Engine({"c0"})
+    assert sp.choose_up_run(resolved, runtime=engine)[0].state is None  # not current, no PROVISION_RUN_ID
     monkeypatch.setenv("PROVISION_RUN_ID", "pr1")
-    match, attached = sp.choose_up_run(resolved)
+    match, attached = sp.choose_up_run(resolved, runtime=engine)
     assert match.state is not None and match.state.run_id == "pr1"
     assert attached.lm_config.run_dir == Path(state.lm_run_dir or "")
-    assert sp.choose_up_run(resolved, "")[0].state is None  # an xdist worker told: do not attach
+    assert sp.choose_up_run(resolved, "", runtime=engine)[0].state is None  # xdist worker told: do not attach
+
+
+class _Engine:
+    """The one engine call choose_up_run makes: which of the run's containers run."""
+
+    def __init__(self, running: set[str]) -> None:
+        self.running = running
+
+    def container_state(self, container_id: str) -> Any:
+        import types
+
+        return types.SimpleNamespace(running=container_id in self.running)
+
+
+def test_a_session_does_not_attach_to_an_up_run_with_a_dead_worker_and_says_how_to_repair_it(
+    settings: Settings
+) -> None:
+    """A user's trial: `provision up`, `docker kill <run>-w0`, pytest: the header, the attach line and
+    the summary said "attached" while the session started its own workers (a raw UserWarning in the
+    middle of the progress line said so). The decision is made once, at the start: not attached,
+    with the reason and the repair; an xdist worker takes its controller's decision without looking."""
+    from provisioner.run import RunOptions, resolve_run
+
+    _state(settings)
+    resolved = resolve_run(RunOptions(layer="integration", record_mode="new_episodes"), settings.project_dir)
+    match, mine = sp.choose_up_run(resolved, runtime=_Engine(set()))  # type: ignore[arg-type]
+    assert match.state is None
+    assert match.reason == ("`provision up` run up1 has a worker that no longer runs (repair it: "
+                            "`provision status --repair`, or `provision down` and `provision up`)")
+    assert mine.lm_config.run_dir == resolved.lm_config.run_dir  # its own LM dir, not the up run's
+    assert sp.choose_up_run(resolved, runtime=_Engine({"c0"}))[0].attached  # type: ignore[arg-type]
+    # An xdist worker told to attach does not look again (its controller's header said "attached").
+    assert sp.choose_up_run(resolved, "up1", runtime=_Engine(set()))[0].attached  # type: ignore[arg-type]
 
 
 def test_the_run_s_end_without_an_engine_of_its_own_opens_one_and_says_when_none_answers(
@@ -449,3 +483,43 @@ def test_a_mock_session_attaches_without_a_record_mode_and_an_unreadable_state_f
     match = sp.find_up_run(settings, "integration", lm)
     assert not match.attached and match.reason.startswith("run up1: "), match.reason
     assert STATE_FILE in match.reason, match.reason
+
+
+def test_a_dead_worker_of_an_up_run_is_said_not_replaced_with_the_repair_in_every_message(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user's trial: a worker of a `provision up` run died mid-test; the pool logged "replacing it
+    behind the same address" and the test's error said "Open a new session" — nobody replaced it
+    (only the run's owner does). Every message a death produces in an attached pool says that it is
+    not replaced and how to repair it: the pool's note, a pinned session's error, a new session's."""
+    import logging
+
+    rt, _ = fake
+    calls: list[str] = []
+    deployed = _obtain(settings, fake, tmp_path / "run", "up-owner", calls)  # stands for the up run's workers
+    record = sp.PoolRecord("up1", "up", "1-0", sp.PoolRecord.entries(deployed.environment.workers))
+    pool = WorkerPool(sp.AttachedWorkers(None, record, rt, ready_timeout_s=5))  # type: ignore[arg-type]
+    repair = "`provision status --repair` (or `provision down` and `provision up`)"
+    try:
+        pinned = pool.open_session("pinned")
+        for w in deployed.environment.workers:
+            rt.crash(w.container_id, exit_code=137)
+        with caplog.at_level(logging.WARNING, logger="provisioner.pool"):
+            pool.check()  # what a connection failure asks (report_failure)
+            with pytest.raises(WorkerLostError) as lost:
+                pool.session("pinned")
+            with pytest.raises(WorkerLostError) as fresh:
+                pool.open_session("next")
+        said = [r.getMessage() for r in caplog.records]
+        assert said and not [m for m in said if "replacing" in m], said
+        assert all("not replaced (no replacement attempted)" in m and repair in m for m in said), said
+        assert len(said) == 2  # once per worker
+        assert f"pinned to worker {pinned.worker}" in str(lost.value)
+        assert repair in str(lost.value) and "Open a new session" not in str(lost.value), lost.value
+        assert "no replacement was attempted" in str(fresh.value) and repair in str(fresh.value), fresh.value
+        assert pool.stats()["replaced"] == 0
+    finally:
+        pool.close()
+        deployed.pool.close()
+        sp.remove_shared_pool(tmp_path / "run", RUN, rt)

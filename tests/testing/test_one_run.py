@@ -123,6 +123,22 @@ def test_pytest_attaches_to_provision_up_and_starts_no_container(pytester: pytes
         assert all(r["project_containers"] == before for r in rows)
         # The attached run is left running: the session removed nothing of it.
         assert sorted(c.id for c in docker_engine.containers.list(all=True, filters=project)) == before
+
+        # A user's trial: with a worker of the up run killed, the header, the attach line and the
+        # summary said "attached" while the session started its own workers (a raw UserWarning with
+        # a file path, twice under -n 2, said so mid-line). Now the one decision is said everywhere.
+        (w0,) = [c for c in docker_engine.containers.list(filters=project) if c.name.endswith("-w0")]
+        w0.kill()
+        dead = pytester.runpytest_subprocess("--layer", "integration", "-n", "2", "-v",
+                                             "-p", "no:cacheprovider", timeout=400)
+        dead.assert_outcomes(passed=4)
+        not_attached = ("*own run for this session, not attaching: `provision up` run * has a worker that no "
+                        "longer runs (repair it: `provision status --repair`, or `provision down` and "
+                        "`provision up`)")
+        dead.stdout.fnmatch_lines([f"provisioner: {not_attached[1:]}", not_attached, "*workers started: 1*"])
+        text = dead.stdout.str() + dead.stderr.str()
+        assert "attach to run" not in text and "attached to run" not in text, text
+        assert "UserWarning" not in text and "workers.py" not in text, text
     finally:
         down = _provision(pytester, "down")
         assert down.returncode == 0, down.stdout + down.stderr
