@@ -687,6 +687,38 @@ def test_an_interrupted_session_says_so_in_the_summary(project: pytest.Pytester)
                                  "*layer unit: 1 test (1 passed)*"])
 
 
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["one-process", "xdist"])
+def test_a_run_interrupted_before_any_test_finished_is_in_the_history(
+    project: pytest.Pytester, xdist: tuple[str, ...]
+) -> None:
+    """A user's Ctrl-C of `pytest -n 2` during the first tests: the summary said "interrupted", but
+    `provision history show <run>` said "unknown run" (0 tests: not recorded). An interrupted run is a
+    run: recorded, ended "interrupted". A session that runs no test body (--co) stays unrecorded."""
+    import json
+
+    from click.testing import CliRunner
+
+    from provisioner.cli import main
+
+    project.makepyfile(test_stop="def test_ctrl_c(lm):\n    raise KeyboardInterrupt\n")
+    result = project.runpytest_subprocess("--layer", "unit", "-p", "no:randomly", *xdist,
+                                          "--provision-report", "report.json")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["interrupted (Ctrl-C): the counts below are what finished before it*"])
+    run_id = json.loads((project.path / "report.json").read_text())["run_id"]
+    shown = CliRunner().invoke(main, ["history", "show", run_id, "--json"])
+    assert shown.exit_code == 0, shown.output
+    run = json.loads(shown.output)["run"]
+    assert run["exit_status"] == 2 and run["passed"] == 0, run
+    listed = CliRunner().invoke(main, ["history", "list"])
+    (line,) = [row for row in listed.output.splitlines() if row.startswith(run_id)]
+    assert line.split()[-2] == "interrupted", listed.output
+
+    project.runpytest_subprocess("--layer", "unit", "--co", "-q", *xdist)
+    ids = json.loads(CliRunner().invoke(main, ["history", "list", "--json"]).output)
+    assert [r["run_id"] for r in ids] == [run_id]  # --co: not a run of the history
+
+
 NAMED_SESSION_TEST = """
 import pytest
 

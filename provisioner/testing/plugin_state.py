@@ -433,8 +433,9 @@ class ProvisionRun:
 
     def _record_history(self, report: RunReport, ledger: LMUsage | None) -> None:
         """Controller, at the end of the run: the run row into the JSON report, and the run with its
-        test rows into ``<state_dir>/history.sqlite`` (a run that used provisioner and ran tests). A
-        history that cannot be written is a warning, not a failed run."""
+        test rows into ``<state_dir>/history.sqlite`` (a run that used provisioner and ran tests, or
+        was interrupted before any finished). A history that cannot be written is a warning, not a
+        failed run."""
         import warnings
 
         from provisioner.errors import HistoryError
@@ -461,7 +462,11 @@ class ProvisionRun:
                       lm_errors=sum(section.lm.errors for section in report.layers.values()))
         report.history_run = dict(run)
         report.split = split_of_label(self.shard)
-        if not self._used or not tests:
+        # A run is recorded when it ran tests, and when Ctrl-C stopped it before any finished (0 tests,
+        # ended "interrupted": it was a run all the same); a session that runs no test body (--co,
+        # --setup-plan) is never recorded (docs/reporting.md).
+        interrupted = self.exit_status == _INTERRUPTED and not self.runs_no_body
+        if not self._used or not (tests or interrupted):
             return
         try:
             with History(state_dir(self.environment.settings, self.project_dir) / HISTORY_FILE) as history:
