@@ -185,23 +185,43 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def layers(as_json: bool) -> None:
-    """List the layers (built-in and user-defined) and their recipes."""
+    """List the layers (built-in and user-defined) and their recipes.
+
+    ``workers`` is what each entry point starts (:func:`provisioner.runtime.workers.worker_starts`):
+    ``pytest 1-2, up 2`` — a pytest run starts 1 and up to 2 on demand (one pool per run, shared by
+    its xdist processes), ``provision up`` starts 2; ``-`` for an in-process layer. ``--json`` gives
+    each layer's fields plus ``starts`` (``{"pytest_first", "pytest_up_to", "up"}`` or null), the
+    same facts (its ``workers``: the configured field, null for an in-process layer, as the table's ``-``)."""
+    from provisioner.runtime.workers import worker_starts
+
     resolved = resolve_layers(_settings())
     if as_json:
-        click.echo(json.dumps({n: layer.model_dump(mode="json") for n, layer in resolved.items()}, indent=2))
+        out = {}
+        for name, layer in resolved.items():
+            starts = worker_starts(layer)
+            fields = layer.model_dump(mode="json")
+            if starts is None:
+                fields["workers"] = None  # as the table's "-": an in-process layer starts none
+            out[name] = {**fields, "starts": starts.to_json() if starts else None}
+        click.echo(json.dumps(out, indent=2))
         return
     # What runs: a layer without containers runs in-process (LocalBridge) and starts no workers, so
     # its `workers` field (a default) is shown as "-" rather than a count that never happens.
-    header = (f"{'layer':<14}{'adapter':<9}{'runs':<12}{'pooling':<9}{'lm':<8}{'isolation':<11}"
-              f"{'workers':<8}")
-    click.echo(header)
+    rows = []
     for layer in resolved.values():
-        runs, workers = ("containers", str(layer.workers)) if layer.needs_docker else ("in-process", "-")
+        starts = worker_starts(layer)
+        rows.append((layer, "containers" if starts else "in-process", starts.text() if starts else "-"))
+    width = max(len("workers"), *(len(workers) for _, _, workers in rows)) + 2
+    click.echo(f"{'layer':<14}{'adapter':<9}{'runs':<12}{'pooling':<9}{'lm':<8}{'isolation':<11}"
+               f"{'workers':<{width}}description")
+    for layer, runs, workers in rows:
         click.echo(
             f"{layer.name:<14}{layer.adapter:<9}{runs:<12}"
             f"{'yes' if layer.pooling_enabled else 'no':<9}{layer.lm_mode:<8}{layer.isolation:<11}"
-            f"{workers:<8}{layer.description}"
+            f"{workers:<{width}}{layer.description}"
         )
+    click.echo("workers: what each starts — pytest: one pool per run, shared by its xdist processes (the "
+               "first worker before the first test, the others on demand); up: `provision up`")
 
 
 @main.command()

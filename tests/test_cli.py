@@ -34,19 +34,26 @@ def test_layers_json_lists_builtins_and_custom(project: Path) -> None:
     assert list(data) == ["unit", "integration", "e2e", "smoke"]
     assert data["e2e"]["pooling_enabled"] is True and data["e2e"]["workers"] == 3
     assert data["unit"]["lm_mode"] == "mock"
+    # A user's trial: --json gave the unit layer "workers": 2 while the table said "-"; and the table
+    # said integration "2" while pytest starts 1. Both now say what each entry point starts.
+    assert data["unit"]["workers"] is None and data["unit"]["starts"] is None
+    assert data["integration"]["starts"] == {"pytest_first": 1, "pytest_up_to": 1, "up": 3}
+    assert data["e2e"]["starts"] == {"pytest_first": 1, "pytest_up_to": 3, "up": 3}
 
 
 def test_layers_table(project: Path) -> None:
     result = CliRunner().invoke(main, ["layers"])
     assert result.exit_code == 0
     assert "integration" in result.output and "cached" in result.output and "smoke" in result.output
-    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
-    header = result.output.splitlines()[0].split()
+    lines = result.output.splitlines()
+    at = lines[0].index("workers")
+    rows = {line.split()[0]: line for line in lines[1:]}
     # The unit layer runs in-process (LocalBridge, as README says): no workers, not "workers 2".
-    unit = dict(zip(header, rows["unit"], strict=False))
-    assert unit["runs"] == "in-process" and unit["workers"] == "-", result.output
-    integration = dict(zip(header, rows["integration"], strict=False))
-    assert integration["runs"] == "containers" and integration["workers"].isdigit(), result.output
+    assert rows["unit"].split()[2] == "in-process" and rows["unit"][at:].split()[0] == "-", result.output
+    # What pytest and `provision up` start, as they start it (worker_starts): integration's pytest
+    # run used 1 worker while the table said its `workers` (what `provision up` starts).
+    assert rows["integration"][at:].startswith("pytest 1, up 3 "), result.output
+    assert rows["e2e"][at:].startswith("pytest 1-3, up 3 "), result.output
 
 
 def test_config_shows_values_and_sources(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

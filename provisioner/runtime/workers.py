@@ -58,6 +58,42 @@ BUSY_RETRY_S = 0.05
 PROCESS_POOL_START = 2
 
 
+@dataclass(frozen=True)
+class WorkerStarts:
+    """How many warm-pool workers each entry point starts for a container layer (the one rule
+    :meth:`ProcessContainers._deploy_pool`, ``ProvisionRun.warm_pool`` and ``provision layers`` use).
+
+    ``pytest_first``: started before the first test; ``pytest_up_to``: the most, the others started
+    on demand (more sessions open at once than workers run). One pool per pytest run, shared by its
+    xdist processes (not per process). ``up``: what ``provision up`` starts (its ``--workers``
+    default). A ``bridge_worker`` fixture's dedicated workers come on top of either.
+    """
+
+    pytest_first: int
+    pytest_up_to: int
+    up: int
+
+    def text(self) -> str:
+        """``"pytest 1-2, up 2"``: the table's words."""
+        pytest = (str(self.pytest_first) if self.pytest_first == self.pytest_up_to
+                  else f"{self.pytest_first}-{self.pytest_up_to}")
+        return f"pytest {pytest}, up {self.up}"
+
+    def to_json(self) -> dict[str, int]:
+        """Keys ``pytest_first``, ``pytest_up_to``, ``up`` (counts of workers)."""
+        return dataclasses.asdict(self)
+
+
+def worker_starts(layer: Layer) -> WorkerStarts | None:
+    """What pytest and ``provision up`` start for ``layer``; None for a layer that runs in-process
+    (no containers: its ``workers`` field is never used)."""
+    if not layer.needs_docker:
+        return None
+    up_to = layer.workers if layer.pooling_enabled else 1
+    first = min(PROCESS_POOL_START, up_to) if layer.isolation == "process" else 1
+    return WorkerStarts(pytest_first=first, pytest_up_to=up_to, up=layer.workers)
+
+
 def switch_off_ryuk() -> None:
     """Switch testcontainers' Ryuk reaper off for this process (and its children), through its
     documented configuration (the ``TESTCONTAINERS_RYUK_DISABLED`` variable), unless the user set it.
@@ -392,7 +428,9 @@ class ProcessContainers:
         from provisioner.runtime.shared_pool import POOL_INSTANCE
 
         layer = self.env.layer
-        count = layer.workers if layer.pooling_enabled else 1
+        starts = worker_starts(layer)
+        assert starts is not None  # _require_container_layer
+        count = starts.pytest_up_to
         plan = self._plan(count, f"{POOL_INSTANCE}-{self.instance}", instance=POOL_INSTANCE)
         # Its own selector (run + "pool"). Starting every worker at once made a serial suite wait
         # for workers it never used, sharing the two cores with the one it did (docs/benchmarks.md).
@@ -401,8 +439,8 @@ class ProcessContainers:
         # other serves.
         # The first session needs one worker: a `process` pool's start returns when the first of its
         # two is ready, and the other joins the pool when it is (_start_pool: WorkerPool.grow).
-        first = min(PROCESS_POOL_START, count) if layer.isolation == "process" else 1
-        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=first, ready_slots=1)
+        run_env = launch.deploy(plan, self.runtime, self.env.settings, start_slots=starts.pytest_first,
+                                ready_slots=1)
         self._pool_env = run_env  # its workers are counted at close (Deployment.workers_created)
         return run_env
 

@@ -310,15 +310,17 @@ class ProvisionRun:
         if self._engine_problem() is not None:
             return
         layer = self.layer
-        count = layer.workers if layer.pooling_enabled else 1
+        from provisioner.runtime.workers import worker_starts
+
+        starts = worker_starts(layer)
+        assert starts is not None  # needs_docker
+        count = starts.pytest_up_to
         # One worker now; the others start when more sessions are open at once than workers run
         # (this process's threads, or the run's other xdist processes): runtime/shared_pool.py.
         title = f"warm pool of layer {layer.name}: 1 worker"
         if count > 1 and layer.isolation == "process":
-            from provisioner.runtime.workers import PROCESS_POOL_START
-
             # Both start at once; the first test runs on the first ready (runtime/workers.py).
-            title = (f"warm pool of layer {layer.name}: {min(PROCESS_POOL_START, count)} fork-mode workers,"
+            title = (f"warm pool of layer {layer.name}: {starts.pytest_first} fork-mode workers,"
                      " tests start on the first ready")
         elif count > 1:
             title += f", up to {count} on demand"
