@@ -200,7 +200,8 @@ def _cgroup_cpu_s(env: Any) -> dict[str, float]:
     deployment = env.pool.environment
     runtime = env.containers.runtime
     out: dict[str, float] = {}
-    for name, container_id in deployment.container_ids.items():
+    # A copy: a worker started meanwhile (the pool's growth, in its own thread) adds to the dict.
+    for name, container_id in list(deployment.container_ids.items()):
         try:
             out[_slot(name)] = bench_fork.cgroup_cpu_ns(runtime, container_id) / 1e9
         except Exception:  # a container gone meanwhile has no figure
