@@ -57,7 +57,7 @@ from provisioner.lm.engine import EngineBase, Generation, message_pairs, system_
 from provisioner.lm.ledger import Ledger, current_test_id, session_tests
 from provisioner.lm.limits import locked, resolve_run_dir
 from provisioner.lm.pricing import TokenUsage
-from provisioner.lmconfig import LMConfig
+from provisioner.lmconfig import LMConfig, MockRule
 from provisioner.reprs import safe_repr
 
 if TYPE_CHECKING:
@@ -92,13 +92,21 @@ def mock_setup_change(recorded: Mapping[str, Any] | None, config: LMConfig) -> s
     now = mock_setup(config)
     old_rules = [json.dumps(r, sort_keys=True) for r in recorded.get("rules") or []]
     new_rules = [json.dumps(r, sort_keys=True) for r in now["rules"]]
-    parts = [f"removed rule {r}" for r in old_rules if r not in new_rules]
-    parts += [f"added rule {r}" for r in new_rules if r not in old_rules]
+    parts = [f"removed rule {_shown_rule(r)}" for r in old_rules if r not in new_rules]
+    parts += [f"added rule {_shown_rule(r)}" for r in new_rules if r not in old_rules]
     if not parts and old_rules != new_rules:
         parts.append("the rules were reordered (the first matching rule answers)")
     if recorded.get("default") != now["default"]:
         parts.append(f"lm.mock_default {recorded.get('default')!r} → {now['default']!r}")
     return "lm.mock_rules changed since it was recorded: " + "; ".join(parts or ["(no difference found)"])
+
+
+def _shown_rule(dumped: str) -> str:
+    """A rule (as JSON) as the user wrote it: without the fields left at their defaults."""
+    try:
+        return MockRule.model_validate_json(dumped).model_dump_json(exclude_defaults=True)
+    except ValueError:  # a rule of another version's shape: shown whole
+        return dumped
 
 
 def endpoint_identity(config: LMConfig) -> str:

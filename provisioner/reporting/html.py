@@ -266,7 +266,8 @@ def _flaky(board: Dashboard) -> str:
     return (
         f'<section id="flaky-tests"><h2>Flaky tests ({len(board.flaky)})</h2><p class="muted">Both outcomes '
         "on the same revision (a changed work tree is its own revision), or passed on a rerun. A failure "
-        "whose LM calls the run's cost or rate limit refused is not counted: its cause is the limit.</p>"
+        "whose LM calls the run's cost or rate limit refused is not counted: its cause is the limit; nor "
+        "is one whose cassette miss failed it (e.g. after an lm.mock_rules change).</p>"
         f"{table}</section>"
     )
 

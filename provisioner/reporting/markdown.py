@@ -63,7 +63,7 @@ def render(board: Dashboard, *, top: int = 10) -> str:
                     ([f"`{r['node_id']}`", r["outcome"], r["xdist_worker"] or "-"] for r in failed[:top]))
     lines += ["", f"### Flaky tests ({len(board.flaky)}, last {len(board.runs)} runs)", "",
               "Both outcomes on one revision, or passed on a rerun; a failure whose LM calls the run's "
-              "limits refused is not counted.", ""]
+              "limits refused, or that a cassette miss failed, is not counted.", ""]
     lines += _table(["test", "why"], ([f"`{f.node_id}`", "; ".join(f.reasons)] for f in board.flaky[:top]))
     lines += ["", "### Slowest tests", ""]
     lines += _table(["test", "mean s", "of which rate-limit wait s", "max s"],

@@ -523,7 +523,7 @@ def test_a_mock_miss_after_a_rule_change_says_which_rule_changed(tmp_path: Path)
     message = str(provisioner_error(caught.value))
     assert "differs in identity" in message and "(same prompt text)" in message
     assert 'lm.mock_rules changed since it was recorded: added rule {' in message
-    assert '"match": {"summary": "never"}' in message
+    assert 'added rule {"match":{"summary":"never"},"outputs":{"answer":"x"}}' in message  # as written
     # recorded with that rule, replayed without it: the rule is named as removed
     other = tmp_path / "other"
     other.mkdir()
