@@ -226,6 +226,44 @@ def test_an_environment_attaches_to_a_running_provision_up_and_leaves_it(
     assert _of_run(served, up_id) == []
 
 
+def test_an_environment_and_a_provision_up_run_whose_worker_died_say_the_same_true_thing(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin's rule through the Python API (a user's trial found it through pytest): a worker of
+    the up run dead before the block: the block does not attach (its own workers serve); one that
+    dies while attached: its session fails saying the run is not replaced and how to repair it, not
+    "Open a new session", and nothing is replaced."""
+    from provisioner.errors import WorkerLostError
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+
+    monkeypatch.chdir(project)
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    up_id = deployment.state.run_id
+    names = [w["container_id"] for w in deployment.state.workers]
+    try:
+        with api.environment("integration", project_dir=project, runtime=served) as env:
+            assert env.up_run is not None
+            with env.session("mid") as mid:
+                mid.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                for name in names:
+                    served.crash(name)
+                with pytest.raises(WorkerLostError) as lost:
+                    mid.adapter.execute_program("qa", {"question": "?"})
+            assert "provision status --repair" in str(lost.value), lost.value
+            assert "Open a new session" not in str(lost.value), lost.value
+        assert env.report.workers_started == 0  # nothing replaced, nothing of its own
+        with api.environment("integration", project_dir=project, runtime=served) as own:
+            assert own.up_run is None  # a dead worker: not attached
+            with own.session("two") as two:
+                two.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
+                assert [n for n in _of_run(served, own.run_id) if n.startswith("container")]
+    finally:
+        down(settings, run_id=up_id, runtime=served)
+
+
 def test_sessions_attached_to_one_provision_up_count_only_their_own_lm_calls(
     project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
