@@ -148,6 +148,15 @@ def _progress_marker(config: pytest.Config) -> Path:
     return config.stash[RUN_KEY].identity.run_dir / "progress-shown"
 
 
+def _shows_outcome(config: pytest.Config, report: pytest.TestReport) -> bool:
+    """Whether the terminal prints something for ``report``: its status letter (". s F"), or under
+    ``-v`` its word. A passed set-up or teardown prints nothing: the terminal is still at the start of
+    a line (marking then gave the next worker's phase line a blank line above it, under "2 workers [4
+    items]", whenever one process reached a test's set-up before another started its pool)."""
+    _category, letter, word = config.hook.pytest_report_teststatus(report=report, config=config)
+    return bool(word) if config.get_verbosity() > 0 else bool(letter)
+
+
 def _progress_shown(config: pytest.Config) -> None:
     """xdist controller: a test's outcome is about to be shown (see :func:`_progress_marker`)."""
     if config.stash.get(_PROGRESS_KEY, False) or config.stash[RUN_KEY].runs_no_body:
@@ -274,12 +283,16 @@ class _CompletenessHooks:
 
     @pytest.hookimpl(tryfirst=True)  # before the terminal reporter prints the outcome
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if self.xdist_controller:
+        if self.xdist_controller and _shows_outcome(self.config, report):
             _progress_shown(self.config)
         self.run.rows.logreport(report)
         self.run.completeness.phase(report.nodeid, report.when)
         if report.failed:
             self.run.completeness.test_report(report.nodeid, True, report.longreprtext)
+
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        if self.xdist_controller and self.config.get_verbosity() > 0:
+            _progress_shown(self.config)  # -v: the test's id is printed now, its line left open
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:

@@ -65,3 +65,28 @@ def test_under_xdist_each_process_says_once_that_it_waits_for_the_warm_pool(pyte
     # Both warm before any outcome is shown: no blank line before either (the terminal's lines are
     # stdout's and stderr's interleaved; stderr alone has no blank line then).
     assert "\n\n" not in err and not err.startswith("\n"), repr(err)
+
+
+@pytest.mark.parametrize(("when", "outcome", "verbose", "shown"), [
+    ("setup", "passed", False, False),  # nothing printed: the terminal is still at a line's start
+    ("teardown", "passed", False, False),
+    ("call", "passed", False, True),  # "."
+    ("setup", "skipped", False, True),  # "s"
+    ("setup", "failed", False, True),  # "E"
+    ("setup", "passed", True, False),
+    ("call", "passed", True, True),  # "PASSED"
+])
+def test_the_controller_marks_the_progress_mid_line_only_when_it_prints_an_outcome(
+    pytester: pytest.Pytester, when: str, outcome: str, verbose: bool, shown: bool
+) -> None:
+    """A new user's trial (-n 2, a first run under load): two blank lines under "2 workers [4
+    items]". One process's passed set-up reached the controller before the other started its pool;
+    the controller marked its progress as mid-line though it printed nothing, so the other's phase
+    line began with a newline. Only what the terminal prints for a report counts."""
+    from provisioner.pytest_plugin import _shows_outcome
+
+    config = pytester.parseconfigure(*(["-v"] if verbose else []))
+    longrepr = ("t.py", 1, "skipped") if outcome == "skipped" else ("boom" if outcome == "failed" else None)
+    report = pytest.TestReport(nodeid="t.py::t", location=("t.py", 0, "t"), keywords={},
+                               outcome=outcome, longrepr=longrepr, when=when)  # type: ignore[arg-type]
+    assert _shows_outcome(config, report) is shown
