@@ -69,12 +69,15 @@ def _quiet() -> bool:
 _VERBOSITY = re.compile(r"^(-[qv]+|--quiet|--verbose)$")
 
 
-def _takes_value(command: click.Command) -> set[str]:
+def _takes_value(command: click.Command, *, optional: bool = False) -> set[str]:
     """The option strings of *command* that take a value (``--layer X``), so a scan of its
-    arguments can step over the value."""
+    arguments can step over the value; ``optional``: those whose value may be left out
+    (``--month`` alone means the current month), whose next argument is their value only when it
+    is not an option, as click reads them."""
     names: set[str] = set()
     for param in command.params:
-        if isinstance(param, click.Option) and not param.is_flag and not param.count:
+        if isinstance(param, click.Option) and not param.is_flag and not param.count \
+                and bool(getattr(param, "_flag_needs_value", False)) == optional:
             names.update(param.opts)
             names.update(param.secondary_opts)
     return names
@@ -102,15 +105,16 @@ def _hoist_verbosity(args: list[str], group: click.Group | None = None) -> list[
     moved: list[str] = []
     rest: list[str] = []
     scanning = True
-    skip_value = False
+    skip_value = maybe_value = False
     for arg in args[at + 1:]:
         if not scanning:
             rest.append(arg)
             continue
-        if skip_value:
-            skip_value = False
+        if skip_value or (maybe_value and not arg.startswith("-")):
+            skip_value = maybe_value = False
             rest.append(arg)
             continue
+        maybe_value = False
         if arg == "--":
             scanning = False
         elif _VERBOSITY.match(arg):
@@ -118,6 +122,7 @@ def _hoist_verbosity(args: list[str], group: click.Group | None = None) -> list[
             continue
         elif arg.startswith("-"):
             skip_value = command is not None and arg in _takes_value(command)
+            maybe_value = command is not None and arg in _takes_value(command, optional=True)
         elif isinstance(command, click.Group):
             command = command.commands.get(arg)  # a subcommand: go on with its options
         elif command is not None and _runs_a_command(command):

@@ -320,6 +320,10 @@ def test_global_options_work_anywhere_before_the_double_dash(
                 ["-v", *path, opt, "value", *tail], (path, opt)
             checked += 1
     assert checked > 10
+    # an option whose value may be left out (`--month` alone: this month) takes no -q as its value
+    assert _hoist_verbosity(["cost", "report", "--month", "-q"]) == ["-q", "cost", "report", "--month"]
+    assert _hoist_verbosity(["cost", "report", "--month", "2026-11", "-q"]) == \
+        ["-q", "cost", "report", "--month", "2026-11"]
     CliRunner().invoke(main, ["layers", "--json"])  # back to the default level for later tests
 
 
