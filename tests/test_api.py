@@ -244,6 +244,13 @@ def test_an_environment_and_a_provision_up_run_whose_worker_died_say_the_same_tr
     up_id = deployment.state.run_id
     names = [w["container_id"] for w in deployment.state.workers]
     try:
+        with api.environment("integration", project_dir=project, runtime=served) as early:
+            assert early.up_run is not None  # chosen at the start: its workers ran then
+            served.crash(names[0])
+            with pytest.raises(WorkerLostError, match=r"no longer serves it: .*provision status --repair"):
+                early.session("first").__enter__()
+            served.start_container(names[0])  # what `provision status --repair` does
+        assert early.report.workers_started == 0  # no own workers halfway
         with api.environment("integration", project_dir=project, runtime=served) as env:
             assert env.up_run is not None
             with env.session("mid") as mid:

@@ -399,8 +399,9 @@ class ProcessContainers:
                         # its own workers here made the header, phase line and summary untrue.
                         from provisioner.errors import WorkerNotReplaceableError
 
-                        raise WorkerNotReplaceableError(f"this session attached to {attached[:1].lower()}"
-                                                        f"{attached[1:]}; no workers of its own are started")
+                        raise WorkerNotReplaceableError(
+                            f"the run this session attached to no longer serves it: {attached}; "
+                            "it starts no workers of its own halfway")
                     self._pool = self._make_pool(attached, False)
                     self._shared = shared_pool.SharedPool(self._pool, False, attached)
                     return self._pool
