@@ -353,3 +353,23 @@ class LatencyGate:
 
     def __getattr__(self, name: str) -> Any:  # the rest of the time module, unchanged
         return getattr(time, name)
+
+
+@contextlib.contextmanager
+def slow_qa_session(folder: Path, monkeypatch: Any, name: str, settings_toml: str,
+                    latency_ms: int) -> Iterator[tuple[Any, Any, Any]]:
+    """A user's project in ``folder`` (its ``[tool.provisioner]`` tables: ``settings_toml``), an
+    integration environment with a mock LM on a real worker container, and one session ``name`` with
+    program ``qa`` (``question -> answer``) whose question ``slow`` takes ``latency_ms`` to answer.
+    Yields ``(env, test, session)``: the environment, the isolated test, its adapter."""
+    import provisioner.api as api
+
+    clear_settings(monkeypatch)
+    (folder / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n{settings_toml}")
+    with api.environment("integration", lm="mock", project_dir=folder, attach=False) as env, \
+            env.session(name) as test:
+        session = test.adapter
+        session.configure_lm(mode="mock", mock_rules=[
+            {"match": {"question": "slow"}, "outputs": {"answer": "late"}, "latency_ms": latency_ms}])
+        session.create_program("question -> answer", "qa")
+        yield env, test, session

@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 
-import provisioner.api as api
 from provisioner.bridge import BridgeClient
 from provisioner.errors import BridgeConnectionError, BridgeError
 from provisioner.runtime.polling import poll_until
 
-from ._helpers import clear_settings
+from ._helpers import slow_qa_session
 
 
 @pytest.mark.docker
@@ -25,16 +24,9 @@ def test_a_queued_execution_in_a_worker_container_gets_the_workers_timeout(
     """process_timeout 1 s, one slot per session: the first execution holds it for 8 s (a mock rule's
     latency), the second waits. Before, the second's deadline started with its slot (8 s on), after
     the client's wait (1 + 5 s) had ended: a client-side ConnectionError, no lm_usage."""
-    clear_settings(monkeypatch)
-    (tmp_path / "pyproject.toml").write_text(
-        "[project]\nname = 'queued'\n[tool.provisioner]\nprocess_timeout = 1.0\n"
-        "[tool.provisioner.worker]\nmax_inflight_per_session = 1\n")
-    with api.environment("integration", lm="mock", project_dir=tmp_path, attach=False) as env, \
-            env.session("queued") as test:
-        session = test.adapter
-        session.configure_lm(mode="mock", mock_rules=[
-            {"match": {"question": "slow"}, "outputs": {"answer": "late"}, "latency_ms": 8000}])
-        session.create_program("question -> answer", "qa")
+    settings = ("[tool.provisioner]\nprocess_timeout = 1.0\n"
+                "[tool.provisioner.worker]\nmax_inflight_per_session = 1\n")
+    with slow_qa_session(tmp_path, monkeypatch, "queued", settings, latency_ms=8000) as (env, _test, session):
         host, port = session.bridge.host, session.bridge.port
         replies: dict[str, Any] = {}
 

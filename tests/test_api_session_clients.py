@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-import provisioner.api as api
 from provisioner.bridge import BridgeClient
 from provisioner.runtime.polling import poll_until
 
-from ._helpers import clear_settings
+from ._helpers import slow_qa_session
 
 
 @pytest.mark.docker
@@ -23,16 +22,10 @@ def test_a_client_per_thread_runs_one_sessions_executions_in_parallel(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The documented recipe: the test's adapter in one thread, a BridgeClient to the session's worker
     with the session id in another; the worker runs both at once (two of the session's two slots)."""
-    clear_settings(monkeypatch)
-    (tmp_path / "pyproject.toml").write_text(
-        "[project]\nname = 'parallel'\n[tool.provisioner.worker]\nmax_inflight_per_session = 2\n")
     replies: dict[str, Any] = {}
-    with api.environment("integration", lm="mock", project_dir=tmp_path, attach=False) as env, \
-            env.session("parallel") as test:
-        session = test.adapter
-        session.configure_lm(mode="mock", mock_rules=[
-            {"match": {"question": "slow"}, "outputs": {"answer": "late"}, "latency_ms": 6000}])
-        session.create_program("question -> answer", "qa")
+    settings = "[tool.provisioner.worker]\nmax_inflight_per_session = 2\n"
+    with slow_qa_session(tmp_path, monkeypatch, "parallel", settings, latency_ms=6000) as (env, test,
+                                                                                          session):
         host, port = session.bridge.host, session.bridge.port
 
         def through_the_adapter() -> None:
