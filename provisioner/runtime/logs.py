@@ -160,9 +160,12 @@ def read_window(
     deadline = until + CATCH_UP_S
     while True:
         read_at = time.time()
-        # First the lines stamped by until, then all from since: the first read is a prefix of the second.
-        stamped = len(runtime.logs(container, tail=None, since=since, until=until).splitlines())
         output = runtime.logs(container, tail=None, since=since).splitlines()
+        # Only lines before the first with the worker's own time go by the engine's stamp: ask which
+        # of them the engine stamped by until (a prefix of the output) only when there are any.
+        stamped = 0
+        if output and written_at(output[0]) is None:
+            stamped = len(runtime.logs(container, tail=None, since=since, until=until).splitlines())
         lines, complete = in_window(output, since, until, stamped)
         if complete or read_at >= deadline or not state.running:
             break
