@@ -366,8 +366,8 @@ class _Connection:
 class _InFlight:
     """A deferred request: whichever comes first, its result or its deadline, gets to reply."""
 
-    __slots__ = ("_lock", "arrived", "conn", "deadline", "done", "held", "queued", "request_id", "session",
-                 "started", "submitted", "usage")
+    __slots__ = ("_lock", "arrived", "conn", "deadline", "done", "held", "queued", "request_id", "running",
+                 "session", "started", "submitted", "usage")
 
     def __init__(self, conn: _Connection, request_id: RequestId, deadline: float, held: int = 0) -> None:
         self.conn = conn
@@ -383,6 +383,8 @@ class _InFlight:
         # The execution's LM calls so far (Deferred.usage): a Timeout reply carries them.
         self.usage: Callable[[], dict[str, Any]] | None = None
         self.done = False
+        # Set by begin(), under the same lock as done: a deadline reply knows whether the work ran.
+        self.running = False
         self._lock = threading.Lock()
 
     def claim(self) -> bool:
@@ -392,6 +394,27 @@ class _InFlight:
                 return False
             self.done = True
             return True
+
+    def begin(self) -> bool:
+        """Mark the execution as running (its slot was handed over); False, and nothing changed, when
+        its reply was already claimed. Atomic with :meth:`claim`: between the scheduler taking it
+        from the queue and this call, its deadline may pass, and the deadline reply must then say
+        it never started."""
+        with self._lock:
+            if self.done:
+                return False
+            self.started = time.monotonic()
+            self.running = True
+            return True
+
+    def claim_reply(self) -> bool | None:
+        """Like :meth:`claim`, and says whether the execution had begun: None when the reply was
+        already claimed, else ``running``."""
+        with self._lock:
+            if self.done:
+                return None
+            self.done = True
+            return self.running
 
 
 class _Queued:
@@ -1021,13 +1044,14 @@ class BridgeServer:
         flight = item.flight
         assert flight is not None, "the server submits every execution with its flight"
         flight.queued = None
-        flight.started = time.monotonic()
         with self._inflight_lock:
             self._inflight += 1
-        if flight.done or time.monotonic() >= flight.deadline:
+        if time.monotonic() >= flight.deadline and flight.claim():
             # Its deadline passed while the slot was being handed to it: nothing to run.
-            if flight.claim():
-                self._send_unstarted_timeout(flight)
+            self._send_unstarted_timeout(flight)
+            self._finish(flight)
+            return
+        if not flight.begin():  # the deadline watch answered (it never started) during the handover
             self._finish(flight)
             return
         try:
@@ -1058,12 +1082,14 @@ class BridgeServer:
             self._finish(flight)
 
     def _finish(self, flight: _InFlight) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
-            self._inflight_lock.notify_all()
+        # What the execution held goes back before it stops counting as in flight: whoever sees
+        # ``inflight`` drop (close(), get_stats) sees its budget, deadline and connection free too.
         self._input_budget.release(flight.held)
         self._deadlines.finished()
         flight.conn.leave()
+        with self._inflight_lock:
+            self._inflight -= 1
+            self._inflight_lock.notify_all()
         self._scheduler.done(flight.session)
 
     def _expire(self, flight: _InFlight) -> None:
@@ -1071,14 +1097,18 @@ class BridgeServer:
         if item is not None and self._scheduler.cancel(item):
             self._expire_queued(flight, item)
             return
-        if flight.claim():
+        began = flight.claim_reply()
+        if began is False:
+            # The scheduler had taken it from the queue, but its slot was not handed over yet (begin):
+            # it never runs, and its reply says so.
+            self._send_unstarted_timeout(flight)
+        elif began:
             self.service.count_error(ErrorType.TIMEOUT)
             # The LM calls made until now go back too, as a failed execution's do: the caller books
             # them (calls the work makes after this reply are in the run ledger, not in any reply).
             usage = flight.usage() if flight.usage is not None else None
-            # process_timeout counts from the request's arrival: say when part of it went to the queue
-            # (started stays at submitted until the slot is handed over).
-            queued_s = max(0.0, min(flight.started, time.monotonic()) - flight.submitted)
+            # process_timeout counts from the request's arrival: say when part of it went to the queue.
+            queued_s = max(0.0, flight.started - flight.submitted)
             queued = (f", {queued_s:.3g} s of them waiting for an execution slot (max_inflight_per_session"
                       f" {self.max_inflight_per_session})" if queued_s >= 0.001 else "")
             self._send(

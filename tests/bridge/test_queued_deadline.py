@@ -148,6 +148,56 @@ def test_one_that_got_its_slot_late_runs_for_the_time_left_and_says_where_it_wen
         srv.close(timeout=30)
 
 
+def test_a_deadline_that_passes_while_the_slot_is_handed_over_says_it_never_started(
+        latency_gate: LatencyGate) -> None:
+    """The scheduler has taken the queued execution from its queue, and its deadline passes before
+    the slot is handed over: the reply says it did not start (not "did not finish" with no time in
+    the queue, as CI once printed), it never runs, and the slot, queue and budget come back."""
+    srv = BridgeServer(BridgeService(LM), max_inflight=2, max_inflight_per_session=1,
+                       request_timeout_s=PROCESS_TIMEOUT_S, pids=None)
+    start = srv._scheduler._start
+    handovers: list[Outcome] = []
+    handed_over = threading.Event()
+
+    def held_handover(item: Any) -> None:
+        # Hold the handover until the deadline watch has answered the queued execution.
+        if not handovers:
+            start(item)
+            return
+        assert handovers[0].done.wait(JOIN_S), "the queued execution got no reply while held"
+        handovers.clear()
+        start(item)
+        handed_over.set()
+
+    srv._scheduler._start = held_handover
+    try:
+        port = srv.listen("127.0.0.1", 0)
+        timeout = reply_timeout(PROCESS_TIMEOUT_S)
+        with BridgeClient("127.0.0.1", port, request_timeout=timeout) as first, \
+                BridgeClient("127.0.0.1", port, request_timeout=timeout) as second:
+            first.create_program(QA, "qa", session_id="s")
+            running = execute_in_thread(first, "s", "held")
+            wait_until(lambda: latency_gate.waiting == 1, 60, "the first execution to reach the LM")
+            queued = execute_in_thread(second, "s", "held")
+            wait_until(lambda: srv._live_stats()["queued"] == 1, 60, "the second execution to queue")
+            handovers.append(queued)
+            latency_gate.release(1)  # the first ends; its slot's handover to the second is held
+            error = worker_error(queued)
+            assert error.error_type == "Timeout"
+            assert f"did not start within {PROCESS_TIMEOUT_S:g} s (process_timeout)" in error.message, (
+                error.message)
+            assert running.done.wait(JOIN_S) and handed_over.wait(JOIN_S)
+            assert srv._live_stats()["inflight"] == 0  # the handed-over slot came back at once
+            assert latency_gate.waiting == 0  # the second never reached the LM
+            stats = srv._live_stats()
+            assert stats["queued"] == 0 and srv._input_budget.used == 0
+            latency_gate.release()
+            assert second.execute_program("qa", {"question": "quick"}, "s")["outputs"] == {"answer": "soon"}
+    finally:
+        latency_gate.release()
+        srv.close(timeout=30)
+
+
 def test_a_worker_process_configured_like_a_container_answers_queued_executions(
         spawn_worker: WorkerFactory) -> None:
     """``provision worker`` with the settings a worker container gets through its environment."""
