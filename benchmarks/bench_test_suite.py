@@ -134,7 +134,7 @@ def run_once(tier: str, command: list[str], workdir: Path, n: int) -> dict[str, 
     time.sleep(LATE_S)  # not synchronisation: the leftover check looks after the watchdogs' late sweeps
     seconds, outcomes = per_file(junit)
     summary = next((line for line in reversed(done.stdout.splitlines())
-                    if re.search(r"\d+ (passed|failed|errors?) ", line)), "")
+                    if re.search(r"\d+ (passed|failed|errors?)\b", line)), "")
     new_tmp = sorted(e for e in set(os.listdir(tempfile.gettempdir())) - tmp_before
                      if not str(workdir).startswith(os.path.join(tempfile.gettempdir(), e)))
     failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
