@@ -30,6 +30,9 @@ Rules the parent keeps (each one checked or enforced here, not assumed):
   :func:`child_limit`; the spare counts). Past it there is no spare, the parent accepts the
   connection itself, sends one ``TooManyConnections`` error reply ("the worker is busy") and
   closes it;
+* **a child's process-wide state is its connection's**: the child serves one connection and ends
+  with it, so that connection may set its process's default LM without the control token
+  (``own_process`` on its :class:`~provisioner.bridge.service.Access`);
 * **worker-wide commands act on the worker**: ``shutdown`` in any child (with control) stops the
   parent, which ends every child and exits; ``reset_state`` clears the calling child and ends every
   other child (their sessions are the worker's state). A child tells its parent over a pipe shared by
@@ -877,7 +880,9 @@ def run_fork_worker(
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     parent.release_spare()
 
-            connection = server.adopted(sock, peer, on_first_reply=release)
+            # The process serves this one connection and ends with it: its own default LM and
+            # sessions are the connection's to change, without the run's token (Access.own_process).
+            connection = server.adopted(sock, peer, on_first_reply=release, own_process=True)
 
             def on_signal(signum: int, _frame: FrameType | None) -> None:
                 connection.stop()

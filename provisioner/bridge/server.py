@@ -857,13 +857,18 @@ class BridgeServer:
         access = self.service.new_access()
         return _Connection(reader, sock.sendall, close, lambda: sock.shutdown(socket.SHUT_RD), peer, access)
 
-    def adopted(self, sock: socket.socket, peer: str, on_first_reply: Callable[[], None]) -> _Adopted:
+    def adopted(
+        self, sock: socket.socket, peer: str, on_first_reply: Callable[[], None], *, own_process: bool = False
+    ) -> _Adopted:
         """An already-accepted connection to serve in the calling thread (a fork-mode child's one
         connection, see :mod:`provisioner.bridge.forking`): no thread to start, none to wake at the
         end. ``.serve()`` serves it until it closes; ``.stop()`` (signal-handler safe) ends that:
         the reading stops, in-flight work still replies. ``on_first_reply`` is called once, right
-        after the first frame went out."""
+        after the first frame went out. ``own_process``: this process serves no other connection and
+        ends with this one, so its process-wide state is the connection's
+        (:attr:`~provisioner.bridge.service.Access.own_process`)."""
         conn = self._socket_connection(sock, peer)
+        conn.access.own_process = own_process
         write = conn._write
 
         def first_write(frame: bytes) -> None:  # under the connection's write lock

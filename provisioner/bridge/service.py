@@ -19,6 +19,11 @@ Who may do what (docs/protocol.md, "Access"):
   ``reset_state`` and ``shutdown`` — need the *control* capability. A connection has it when the
   worker was started without a control token, or after a ``hello`` with the run's token
   (:class:`Access`). In-process callers (``LocalBridge``, :meth:`BridgeService.call`) have it;
+* **a process of its own**: a fork-mode child serves one connection and ends with it, so what only
+  that process holds is the connection's: without the token it may set the worker-default LM (of
+  its own process), list every session and see the default LM and session ids in ``get_stats`` —
+  all of them its own (``Access.own_process``, the ``process`` capability). ``reset_state`` and
+  ``shutdown`` act on the worker (the parent and every other process) and stay gated;
 * **run-owned LM fields** (:data:`~provisioner.lmconfig.RUN_OWNED_LM_FIELDS`: endpoint, key,
   limits, run dir, cassettes...) are never accepted by ``configure_lm``, with or without the token:
   they come from the worker's start-up configuration only.
@@ -80,6 +85,8 @@ SESSION_LM_FIELDS: tuple[str, ...] = tuple(f for f in LM_FIELDS if f not in RUN_
 PROTOCOL_VERSION = 2
 CAPABILITY_SESSION = "session"
 CAPABILITY_CONTROL = "control"
+# A fork-mode child's one connection: the process's own worker-wide state is the connection's.
+CAPABILITY_PROCESS = "process"
 # Refused once shutdown has begun; everything else (pings, stats, removing state) still works, so
 # a host can clean up its sessions while the worker drains.
 _NEW_WORK = frozenset({"configure_lm", "create_program", "execute_program"})
@@ -122,10 +129,21 @@ class Access:
     connection of a worker with a bridge token (a run published off loopback) until a ``hello``
     carries that token or the control token; the server closes a connection whose first frame
     does not admit it.
+    ``own_process``: the connection is the only one its process will ever serve (a fork-mode child's,
+    :mod:`provisioner.bridge.forking`): the process ends with it, so what is worker-wide *in that
+    process* — its default LM, its sessions — is the connection's own, token or not. What reaches
+    beyond the process (``reset_state`` ends other processes, ``shutdown`` stops the parent) still
+    needs ``control``.
     """
 
     control: bool
     admitted: bool = True
+    own_process: bool = False
+
+    def owns(self) -> bool:
+        """Whether the process-wide state this connection sees is its own: ``control``, or a process
+        of its own (see the class)."""
+        return self.control or self.own_process
 
 
 @dataclass(slots=True)
@@ -399,8 +417,10 @@ class BridgeService:
                 problems.append(f"argument {where!r}: {err['msg']}")
             raise rejected(ErrorType.INVALID_LM_CONFIG, "configure_lm: " + "; ".join(problems)) from None
 
-    def _require_control(self, access: Access, what: str) -> None:
-        if not access.control:
+    def _require_control(self, access: Access, what: str, *, own_process: bool = False) -> None:
+        """Refuse ``what`` unless the connection has control, or — ``own_process``: the command only
+        touches this process's state — the connection is its process's only one."""
+        if not (access.control or (own_process and access.own_process)):
             raise rejected(
                 ErrorType.UNAUTHORIZED,
                 f"{what} is a worker-wide command and needs the run's control token: send"
@@ -435,7 +455,8 @@ class BridgeService:
                     " run's env file); this connection keeps session access only",
                 )
             access.control = True
-        capabilities = [CAPABILITY_SESSION, *([CAPABILITY_CONTROL] if access.control else [])]
+        capabilities = [CAPABILITY_SESSION, *([CAPABILITY_CONTROL] if access.control else []),
+                        *([CAPABILITY_PROCESS] if access.own_process else [])]
         return {
             "status": "ok",
             "protocol_version": PROTOCOL_VERSION,
@@ -473,7 +494,8 @@ class BridgeService:
         a = _Args("configure_lm", args, ("session_id", *SESSION_LM_FIELDS))
         session_id = a.string("session_id", None)
         if session_id is None:
-            self._require_control(access, "configure_lm without session_id (the worker-default LM)")
+            self._require_control(access, "configure_lm without session_id (the worker-default LM)",
+                                  own_process=True)
         fields = {k: v for k, v in args.items() if k != "session_id"}
         config = self._merged_config(fields)
         for name, most in WIRE_LM_MAXIMA.items():
@@ -614,7 +636,7 @@ class BridgeService:
         a = _Args("list_programs", args, ("session_id", "all_sessions"))
         all_sessions = a.flag("all_sessions", False)
         if all_sessions:
-            self._require_control(access, "list_programs with all_sessions")
+            self._require_control(access, "list_programs with all_sessions", own_process=True)
         session_id = None if all_sessions else a.string("session_id", DEFAULT_SESSION)
         programs = [p.info() for p in self.registry.programs(session_id)]
         return {"session_id": session_id, "programs": programs, "total_count": len(programs)}
@@ -651,16 +673,16 @@ class BridgeService:
             "shutting_down": self.shutting_down,
             "max_programs": self.registry.max_programs,
             "max_sessions": self.registry.max_sessions,
-            "scope": "worker" if access.control else "aggregate",
+            "scope": "worker" if access.control else "process" if access.own_process else "aggregate",
         }
         if self.process is not None:
             stats["process"] = self.process
             stats["parent_pid"] = self.process["parent_pid"]
         for hook in self.stats_hooks:
             stats.update(hook())
-        if not access.control:
-            # Without the token: counts only. Session ids are what give access to sessions, and the
-            # default LM's configuration is the run's business.
+        if not access.owns():
+            # Without the token (and not a process of its own): counts only. Session ids are what
+            # give access to sessions, and the default LM's configuration is the run's business.
             del stats["sessions"], stats["lm"]
         return stats
 

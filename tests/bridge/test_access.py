@@ -366,7 +366,9 @@ def test_off_loopback_every_connection_needs_the_bridge_token_first(spawn_worker
     with worker.raw() as raw:
         raw.send({"id": 1, "command": "hello", "args": {"token": BRIDGE_TOKEN}})
         hello = raw.receive()["result"]
-        assert hello["capabilities"] == ["session"] and hello["bridge_token_required"] is True
+        # A fork-mode connection is its own process: the `process` capability, never `control`.
+        own = ["process"] if mode == "fork" else []
+        assert hello["capabilities"] == ["session", *own] and hello["bridge_token_required"] is True
         raw.send({"id": 2, "command": "ping"})
         assert raw.receive()["success"] is True
         raw.send({"id": 3, "command": "reset_state"})
@@ -377,7 +379,7 @@ def test_off_loopback_every_connection_needs_the_bridge_token_first(spawn_worker
         session.create_program("question -> answer", "qa")
         assert session.execute_program("qa", {"question": "q"})["outputs"] == {"answer": "x"}
     with worker.client(token=TOKEN) as controller:
-        assert controller.hello(TOKEN)["capabilities"] == ["session", "control"]
+        assert controller.hello(TOKEN)["capabilities"] == ["session", "control", *own]
         assert controller.get_stats()["scope"] == "worker"
 
 

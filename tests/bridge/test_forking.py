@@ -115,6 +115,41 @@ def test_no_state_crosses_between_two_connections(worker: Any) -> None:
         assert test2.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
 
 
+def test_a_process_sets_its_own_default_lm_without_the_token(worker: Any) -> None:
+    """A test on its own process (isolation `process`: no control token under pytest) changes the
+    worker-default LM of that process from its own connection; what reaches beyond the process
+    (reset_state, shutdown) stays gated; the next connection's process has the start-up LM again."""
+    with worker.client(fork=True) as test1:
+        assert test1.hello()["capabilities"] == ["session", "process"]
+        configured = test1.configure_lm(mock_rules=[{"match": {"question": "2+2"}, "outputs": {"answer": 5}}])
+        assert configured["session_id"] is None
+        session = test1.session("t1")  # a session without an LM of its own uses the process's default
+        session.create_program(QA_INT, "qa")
+        assert session.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
+        stats = test1.get_stats()
+        assert stats["scope"] == "process" and stats["lm"]["mock_rules"][0]["outputs"] == {"answer": 5}
+        assert list(stats["sessions"]) == ["t1"]
+        assert test1.list_programs(all_sessions=True)["total_count"] == 1
+        for call, what in ((test1.reset_state, "reset_state"), (test1.shutdown, "shutdown")):
+            error = error_of(call)
+            assert error.error_type == "Unauthorized" and what in error.message
+        pid1 = test1.process["pid"] if test1.process else None
+    assert worker.proc.poll() is None
+    with worker.client(fork=True) as test2:
+        assert test2.process is not None and test2.process["pid"] != pid1
+        stats = test2.get_stats()
+        assert stats["lm"]["mock_rules"][0]["outputs"] == {"answer": 4} and stats["sessions"] == {}
+        session = test2.session("t2")
+        session.create_program(QA_INT, "qa")
+        assert session.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+
+
+def error_of(call: Any) -> BridgeError:
+    with pytest.raises(BridgeError) as info:
+        call()
+    return info.value
+
+
 def test_a_raw_socket_client_gets_a_fresh_process(worker: Any) -> None:
     """What an Erlang `gen_tcp` client with `packet: 4` does: frames, no client library, no hello."""
     pids = []

@@ -158,6 +158,23 @@ def test_two_tests_on_one_worker_share_no_process_state(env: Environment) -> Non
     assert len([r for r in table if r[1] == process1["parent_pid"]]) == 1, table  # the spare
 
 
+def test_a_test_sets_its_process_default_lm_without_the_token(env: Environment) -> None:
+    """What a test under pytest can do (its adapter has no control token): set the default LM of its
+    own process from its own connection; the next test's process has the layer's LM again; the
+    worker (other processes, the parent) stays out of its reach."""
+    with env.session("test1") as test1:
+        five = [{"match": {"question": "2+2"}, "outputs": {"answer": 5}}]
+        test1.adapter.bridge.configure_lm(mock_rules=five)
+        test1.adapter.create_program(QA_INT, "qa")
+        assert test1.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
+        with pytest.raises(BridgeError, match="reset_state is a worker-wide command"):
+            test1.adapter.bridge.reset_state()
+    with env.session("test2") as test2:
+        assert test2.adapter.bridge.get_stats()["lm"]["mock_rules"][0]["outputs"] == {"answer": 4}
+        test2.adapter.create_program(QA_INT, "qa")
+        assert test2.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
+
+
 def test_a_crashed_process_fails_only_its_own_session(env: Environment) -> None:
     container_id, _, _ = _worker(env)
     with env.session("victim") as victim, env.session("bystander") as bystander:
