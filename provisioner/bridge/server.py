@@ -1087,14 +1087,16 @@ class BridgeServer:
             self._finish(flight)
 
     def _finish(self, flight: _InFlight) -> None:
-        # What the execution held goes back before it stops counting as in flight: whoever sees
-        # ``inflight`` drop (close(), get_stats) sees its budget, deadline and connection free too.
+        # What the execution held goes back in this order: its budget and deadline, then it stops
+        # counting as in flight, then it leaves its connection. Whoever sees ``inflight`` drop
+        # (close(), get_stats) sees its budget and deadline free; whoever sees the connection go (a
+        # peer that hung up is let go when its last execution leaves) sees it no longer in flight.
         self._input_budget.release(flight.held)
         self._deadlines.finished()
-        flight.conn.leave()
         with self._inflight_lock:
             self._inflight -= 1
             self._inflight_lock.notify_all()
+        flight.conn.leave()
         self._scheduler.done(flight.session)
 
     def _expire(self, flight: _InFlight) -> None:
@@ -1150,14 +1152,16 @@ class BridgeServer:
         """``flight`` was still waiting for a slot at its deadline (now out of the queue): answer
         ``Timeout`` saying so, and free what it held. It never ran, so it made no LM calls."""
         flight.queued = None
-        if flight.claim():
-            self._send_unstarted_timeout(flight)
-        flight.done = True
+        claimed = flight.claim()
+        # What it held goes back before the reply: a client that has its Timeout sees the queue
+        # place and input budget of that request free (only the connection waits for the reply).
         item.conn.queue(-1)
         self._input_budget.release(flight.held)
         self._deadlines.finished()
         with self._inflight_lock:
             self._inflight_lock.notify_all()  # close() waits for the queue to drain too
+        if claimed:
+            self._send_unstarted_timeout(flight)
         flight.conn.leave()
 
     def _send(self, conn: _Connection, message: dict[str, Any]) -> None:

@@ -120,6 +120,41 @@ def test_a_queued_execution_gets_the_workers_timeout_before_the_client_gives_up(
         assert second.execute_program("qa", {"question": "quick"}, "s")["outputs"] == {"answer": "soon"}
 
 
+def test_a_client_that_has_its_not_started_timeout_sees_its_queue_place_and_budget_free(
+        server: tuple[BridgeServer, int], latency_gate: LatencyGate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline watch is held right after it sent the "did not start" reply: by then the
+    request's place in the queue and its input bytes are back (the test above asserts the budget
+    once the running execution ended; the watch used to free them only after the reply)."""
+    srv, port = server
+    sent, proceed = threading.Event(), threading.Event()
+    send = BridgeServer._send
+
+    def send_and_hold(self: BridgeServer, conn: Any, message: dict[str, Any]) -> None:
+        send(self, conn, message)
+        if "did not start" in str(message.get("error", "")):
+            sent.set()
+            assert proceed.wait(JOIN_S), "the test never let the deadline watch go on"
+
+    monkeypatch.setattr(BridgeServer, "_send", send_and_hold)
+    timeout = reply_timeout(PROCESS_TIMEOUT_S)
+    try:
+        with BridgeClient("127.0.0.1", port, request_timeout=timeout) as first, \
+                BridgeClient("127.0.0.1", port, request_timeout=timeout) as second:
+            first.create_program(QA, "qa", session_id="s")
+            running = execute_in_thread(first, "s", "held")
+            wait_until(lambda: latency_gate.waiting == 1, 60, "the first execution to reach the LM")
+            held_by_first = srv._input_budget.used
+            queued = execute_in_thread(second, "s", "quick")
+            assert "did not start" in worker_error(queued).message
+            assert sent.is_set()
+            assert (srv._live_stats()["queued"], srv._input_budget.used) == (0, held_by_first)
+            proceed.set()
+            latency_gate.release()
+            assert worker_error(running).error_type == "Timeout"
+    finally:
+        proceed.set()
+
+
 def test_one_that_got_its_slot_late_runs_for_the_time_left_and_says_where_it_went(
         latency_gate: LatencyGate) -> None:
     """The deadline is the request's: one that waited for a slot and then ran out is answered at

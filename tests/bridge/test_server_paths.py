@@ -143,6 +143,41 @@ def test_replies_to_a_peer_that_reset_are_dropped_and_the_work_still_ends(
     assert stats["executions"] == 2  # both ran to the end, their replies had nowhere to go
 
 
+def test_a_reset_peers_connection_is_let_go_only_after_its_execution_stopped_counting(
+    serve: Any, latency_gate: LatencyGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order the test above relies on, made certain: the pool thread is held right after the
+    execution left its connection, and the connection is already gone then — so the execution must
+    no longer count as in flight, nor hold budget (with the old order, leave before the in-flight
+    count, a loaded machine let the test above see connections 0 and inflight 1)."""
+    server, port = serve(max_inflight=2)
+    with BridgeClient("127.0.0.1", port) as client:
+        client.create_program(QA, "p", session_id="s")
+    left, proceed = threading.Event(), threading.Event()
+    leave = _Connection.leave
+
+    def leave_and_hold(conn: _Connection) -> None:
+        leave(conn)
+        if threading.current_thread().name.startswith("bridge-exec"):  # _finish, not the reader
+            left.set()
+            assert proceed.wait(60), "the test never let the execution's thread go on"
+
+    monkeypatch.setattr(_Connection, "leave", leave_and_hold)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        sock.sendall(encode_frame(dumps(execute(1, "s", "held"))))
+        wait_until(lambda: latency_gate.waiting == 1, 30, "the execution to be held")
+        reset(sock)
+        latency_gate.release()
+        assert left.wait(60), "the execution never left its connection"
+        wait_until(lambda: server._live_stats()["connections"] == 0, 30, "the reset connection to be let go")
+        live = server._live_stats()
+        assert (live["inflight"], live["queued"], server._input_budget.used) == (0, 0, 0)
+    finally:
+        proceed.set()
+        sock.close()
+
+
 # --- shutdown with work still queued ------------------------------------------------------------------
 
 
