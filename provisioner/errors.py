@@ -143,7 +143,15 @@ class BridgeConnectionError(BridgeError):
 
 class ProcessGoneError(BridgeConnectionError):
     """The process that served a fork-mode connection ended (or the connection to it broke): its
-    sessions, programs and LM state went with it. The client does not reconnect to a fresh process."""
+    sessions, programs and LM state went with it. The client does not reconnect to a fresh process.
+
+    Its text is the message alone ("process 10 (forked from 1) of fork-mode worker w1 ... ended
+    ..."): what happened comes first, not the ``ConnectionError:`` prefix of other connection
+    errors (``error_type`` is still ``ConnectionError``, for code that sorts errors by it).
+    """
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ForkUnsafeError(ProvisionerError, RuntimeError):

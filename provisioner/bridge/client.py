@@ -350,9 +350,9 @@ class BridgeClient(BridgeCommands):
             # was sent yet, so connecting again is safe — unless the connection was a process.
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone("it closed the connection while idle")
+                raise self._process_gone("ended while this client was idle (the connection closed)")
         if self._connected_before and self._is_fork:
-            raise self._process_gone("the connection was lost")
+            raise self._process_gone("is gone (its connection was lost)")
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -378,7 +378,8 @@ class BridgeClient(BridgeCommands):
                     self._drop_connection()
                     self._fork = True
                     self.process = {"worker_id": hello.get("worker_id")}
-                    raise self._process_gone("the connection was lost; this client reached a fresh process")
+                    raise self._process_gone("is gone (its connection was lost; this client reached a fresh"
+                                             " process instead)")
                 self._fork = True
                 self.process = {**process, "worker_id": hello.get("worker_id")}
             elif self._fork is None:
@@ -389,16 +390,26 @@ class BridgeClient(BridgeCommands):
     def _is_fork(self) -> bool:
         return bool(self._fork)
 
-    def _process_gone(self, why: str) -> ProcessGoneError:
-        """The error of every later request once a fork-mode connection is lost."""
+    def _process_gone(self, what: str) -> ProcessGoneError:
+        """The error of every later request once a fork-mode connection is lost; ``what`` says what
+        happened to the process ("ended while this client was idle (...)").
+
+        The client cannot see how the process ended (a closed socket carries no exit status); the
+        worker's parent logs it (``process P serving PEER ended by signal SIGKILL``), so the
+        message points there."""
         process = self.process or {}
         worker = process.get("worker_id") or "?"
         pid = process.get("pid")
-        which = f"process {pid} (forked from {process.get('parent_pid')})" if pid else "its process"
+        which = f"process {pid} (forked from {process.get('parent_pid')})" if pid else "the process"
+        how = "the worker's log says how it ended"
+        if pid:
+            how += (f" ('process {pid} serving ... ended by signal ...' or '... by exit code ...'; a failed"
+                    " test's report shows that log)")
         self._gone = (
-            f"fork-mode worker {worker} at {self.host}:{self.port}: {which} that served this client is"
-            f" gone ({why}); its sessions, programs and LM state went with it. This client does not"
-            " reconnect: open a new BridgeClient for a fresh process"
+            f"{which} of fork-mode worker {worker} at {self.host}:{self.port} that served this client"
+            f" {what}; its sessions, programs and LM state went with it, and {how}. This client does"
+            " not reconnect: open a new BridgeClient for a fresh process (under pytest: the next test"
+            " gets one)"
         )
         return ProcessGoneError(self._gone)
 
@@ -495,21 +506,21 @@ class BridgeClient(BridgeCommands):
         except TimeoutError:
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone(f"no reply to {command} within {wait:g} s; the connection was"
-                                         " dropped, and the process ends with it") from None
+                raise self._process_gone(f"is gone: no reply to {command} within {wait:g} s, so this client"
+                                         " dropped the connection, and the process ends with it") from None
             raise BridgeConnectionError(
                 f"no reply to {command} from {self.host}:{self.port} within {wait:g} s", request_id
             ) from None
         except BridgeConnectionError as exc:
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone(f"it closed the connection before answering {command}: it"
-                                         " crashed or was ended") from exc
+                raise self._process_gone(f"ended before answering {command} (it crashed or was killed:"
+                                         " the connection closed)") from exc
             raise
         except (OSError, ProtocolError) as exc:
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone(f"the connection broke during {command}: {exc}") from exc
+                raise self._process_gone(f"is gone: the connection broke during {command}: {exc}") from exc
             raise BridgeConnectionError(
                 f"connection to the bridge worker at {self.host}:{self.port} broke"
                 f" during {command}: {exc}",

@@ -281,8 +281,10 @@ class _Child:
 class _Counters:
     """The parent's counters on an anonymous shared page: children read them for ``get_stats``."""
 
-    _FIELDS = ("children", "spare", "forks_total", "accepted_total", "refused_busy", "children_crashed",
-               "children_exited")
+    # ``spare_pid``: which process the parent counts as the spare (0: none); not reported, see
+    # :meth:`seen_by`.
+    _FIELDS = ("serving", "spare", "forks_total", "accepted_total", "refused_busy", "crashed_total",
+               "exited_total", "spare_pid")
     _STRUCT = struct.Struct("<" + "q" * len(_FIELDS))
 
     def __init__(self) -> None:
@@ -301,9 +303,24 @@ class _Counters:
         self._page[: self._STRUCT.size] = self._STRUCT.pack(*(self.values[f] for f in self._FIELDS))
 
     def read(self) -> dict[str, int]:
-        """``{children, spare, forks_total, accepted_total, refused_busy, children_crashed,
-        children_exited}`` as the parent last wrote them (children: processes serving a connection)."""
+        """``{serving, spare, forks_total, accepted_total, refused_busy, crashed_total, exited_total,
+        spare_pid}`` as the parent last wrote them (``serving``: processes serving a connection;
+        ``spare``: 0 or 1 process waiting for the next one)."""
         return dict(zip(self._FIELDS, self._STRUCT.unpack(self._page[: self._STRUCT.size]), strict=True))
+
+    def seen_by(self, pid: int) -> dict[str, int]:
+        """:meth:`read` as process ``pid`` (a serving child) reports it, without ``spare_pid``.
+
+        The parent counts a spare as serving only once it has sent its first reply (``A`` on the
+        control pipe, read by the parent's loop some time later): a connection whose first request is
+        ``get_stats`` would otherwise report its own process as the spare. The asking process knows
+        it serves, so it moves itself from ``spare`` to ``serving`` (the parent forks the next
+        spare only after that ``A``, so there is no other spare yet)."""
+        values = self.read()
+        if values.pop("spare_pid") == pid:
+            values["serving"] += 1
+            values["spare"] = 0
+        return values
 
 
 class ForkingWorker:
@@ -481,7 +498,7 @@ class ForkingWorker:
             self._run_child(mask)
         self.children[pid] = _Child(pid)
         self.spare = pid
-        self.counters.set(spare=1, children=len(self.children) - 1,
+        self.counters.set(spare=1, spare_pid=pid, serving=len(self.children) - 1,
                           forks_total=self.counters.values["forks_total"] + 1)
 
     def _run_child(self, mask: set[int | signal.Signals]) -> NoReturn:
@@ -619,13 +636,13 @@ class ForkingWorker:
                 if not child.accepted:
                     if not self._stopping:
                         self._spare_failed(f"the waiting process {pid} ended by {how}")
-                    self.counters.values["children_crashed"] += 1
+                    self.counters.values["crashed_total"] += 1
                     continue
             if code == 0:
-                self.counters.values["children_exited"] += 1
+                self.counters.values["exited_total"] += 1
                 log.debug("worker %s: process %d (%s) ended", self.worker_id, pid, child.peer)
             else:
-                self.counters.values["children_crashed"] += 1
+                self.counters.values["crashed_total"] += 1
                 log.warning("worker %s: process %d serving %s ended by %s after %.1f s; its connection is"
                             " closed, other connections are unaffected", self.worker_id, pid, child.peer,
                             how, time.monotonic() - child.started)
@@ -634,7 +651,7 @@ class ForkingWorker:
 
     def _publish_children(self) -> None:
         spare = 1 if self.spare is not None else 0
-        self.counters.set(children=len(self.children) - spare, spare=spare)
+        self.counters.set(serving=len(self.children) - spare, spare=spare, spare_pid=self.spare or 0)
 
     def _read_control(self) -> None:
         while True:
@@ -861,8 +878,8 @@ def run_fork_worker(
         install_process_lm(service)
         server = BridgeServer(service, **server_options, max_connections=1, pids=None)
         built["server"] = server
-        service.stats_hooks.append(lambda: {"fork": {**parent.counters.read(),
-                                                     "max_children": parent.max_children}})
+        service.stats_hooks.append(lambda: {"fork": {**parent.counters.seen_by(os.getpid()),
+                                                     "max_processes": parent.max_children}})
         service.on_shutdown(lambda: parent.tell_parent(f"S {os.getpid()}"))
         service.on_reset(lambda: parent.tell_parent(f"R {os.getpid()}"))
 

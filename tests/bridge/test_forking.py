@@ -81,7 +81,7 @@ def test_every_connection_is_a_fresh_process_forked_from_the_worker(worker: Any)
             assert psutil.Process(reply["pid"]).ppid() == worker.proc.pid
         stats = one.get_stats()
         assert stats["pid"] == first["pid"] and stats["parent_pid"] == worker.proc.pid
-        assert stats["fork"]["children"] == 2 and stats["fork"]["max_children"] >= 3
+        assert stats["fork"]["serving"] == 2 and stats["fork"]["max_processes"] >= 3
         # The next connection's process is forked once the last one answered, ahead of the next
         # connection: the fork is off its path (on a busy machine the parent may not have run yet).
         wait_until(lambda: one.get_stats()["fork"]["spare"] == 1, 30, "the next spare to be forked")
@@ -150,6 +150,24 @@ def error_of(call: Any) -> BridgeError:
     return info.value
 
 
+FORK_STATS = {"serving", "spare", "max_processes", "forks_total", "accepted_total", "refused_busy",
+              "crashed_total", "exited_total"}  # docs/protocol.md, "Fork mode", "What a child reports"
+
+
+def test_a_connection_s_first_get_stats_counts_its_process_as_serving_not_spare(worker: Any) -> None:
+    """The parent learns that a spare serves only after its first reply: a connection whose first
+    request is get_stats must still count its own process as serving (a new user's trial saw it
+    counted as the spare), under the field names docs/protocol.md gives."""
+    with worker.raw() as raw:
+        raw.send({"id": 1, "command": "get_stats", "args": {}})
+        fork = raw.receive()["result"]["fork"]
+        assert set(fork) == FORK_STATS
+        assert fork["spare"] == 0 and fork["serving"] >= 1, fork
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    listed = re.search(r"`fork: \{([^}]*)\}`", " ".join(doc.split()))
+    assert listed is not None and {f.strip() for f in listed.group(1).split(",")} == FORK_STATS
+
+
 def test_a_raw_socket_client_gets_a_fresh_process(worker: Any) -> None:
     """What an Erlang `gen_tcp` client with `packet: 4` does: frames, no client library, no hello."""
     pids = []
@@ -172,7 +190,7 @@ def test_a_crashed_process_fails_only_its_own_connection(worker: Any, sig: signa
         victim.create_program(QA_INT, "qa")
         assert victim.process is not None
         victim_pid = victim.process["pid"]
-        crashed_before = bystander.get_stats()["fork"]["children_crashed"]
+        crashed_before = bystander.get_stats()["fork"]["crashed_total"]
         errors: list[BaseException] = []
 
         def run_slow() -> None:
@@ -195,10 +213,32 @@ def test_a_crashed_process_fails_only_its_own_connection(worker: Any, sig: signa
         with pytest.raises(ProcessGoneError):  # and it stays gone: no silent fresh process
             victim.ping()
         assert bystander.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
-        wait_until(lambda: bystander.get_stats()["fork"]["children_crashed"] == crashed_before + 1, 30,
+        wait_until(lambda: bystander.get_stats()["fork"]["crashed_total"] == crashed_before + 1, 30,
                    "the parent to reap the crashed process")
         assert gone(victim_pid)
     assert b"ended by signal " + sig.name.encode() in worker.stderr_bytes()
+
+
+def test_a_process_killed_while_its_client_is_idle_is_named_as_ended(worker: Any) -> None:
+    """A new user's trial: SIGKILL a test's process between two requests. The error starts with what
+    happened (not "ConnectionError:"), names the process, its parent and the worker, says where its
+    exit signal is (the worker's log, which has it) and what to do."""
+    with worker.client(fork=True) as client:
+        assert client.process is not None
+        pid, parent = client.process["pid"], client.process["parent_pid"]
+        worker_id = worker_id_of(client)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: gone(pid), 30, "the process to be reaped")
+        with pytest.raises(ProcessGoneError) as info:
+            client.ping()
+    message = str(info.value)
+    assert message.startswith(f"process {pid} (forked from {parent}) of fork-mode worker {worker_id} at ")
+    assert "ended while this client was idle" in message and "closed the connection while idle" not in message
+    assert "the worker's log says how it ended" in message and "open a new BridgeClient" in message
+    assert info.value.error_type == "ConnectionError" and isinstance(info.value, BridgeConnectionError)
+    # The parent logs the line after it reaped the process: poll for it.
+    ended = re.compile(rf"process {pid} serving .* ended by signal SIGKILL".encode())
+    wait_until(lambda: ended.search(worker.stderr_bytes()) is not None, 30, "the parent's log line")
 
 
 def worker_id_of(client: BridgeClient) -> str:
@@ -366,8 +406,8 @@ def test_no_zombies_or_orphans_after_1000_connections(spawn_worker: Any) -> None
         # (children = live processes serving a connection: this one) are written when it is.
         wait_until(lambda: client.get_stats()["fork"]["forks_total"] == 1002, 60, "the next spare")
         fork = client.get_stats()["fork"]
-    assert fork["accepted_total"] == 1001 and fork["forks_total"] == 1002 and fork["children"] == 1
-    assert fork["children_crashed"] == 0 and fork["children_exited"] == 1000
+    assert fork["accepted_total"] == 1001 and fork["forks_total"] == 1002 and fork["serving"] == 1
+    assert fork["crashed_total"] == 0 and fork["exited_total"] == 1000
 
 
 def test_the_worker_is_ready_only_once_a_process_waits_for_the_first_connection(spawn_worker: Any) -> None:
