@@ -156,9 +156,11 @@ def test_a_session_with_the_slots_to_itself_still_uses_only_its_share(
         for i, conn in enumerate(conns):  # one execution per connection: no connection backpressure
             request(conn, f"a{i}", "execute_program", program_id="qa", session_id="A",
                     inputs={"question": "slow"})
-        live = wait_until(lambda: (s := stats(port))["queued"] == 1 and s, timeout=60,
-                          what="a queued execution")
-        assert live["inflight"] == 2
+        # Three connections' threads submit at once: one that got its slot from the scheduler counts
+        # as in flight only once its thread hands it over, so wait until all three are placed.
+        live = wait_until(lambda: (s := stats(port))["queued"] + s["inflight"] == 3 and s, timeout=60,
+                          what="the three executions to be running or queued")
+        assert (live["inflight"], live["queued"]) == (2, 1)
         gate.release()
         for conn in conns:
             assert conn.receive()["success"]
