@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +116,12 @@ def test_a_worker_that_exits_fails_readiness_at_once_with_its_logs(
             container.status, container.exit_code = "exited", 1
 
     rt.on_start = crash_w0
-    start = time.monotonic()
+    # A deadline no test run reaches: had start() sat it out, pytest's timeout (300 s) would fail
+    # the test — no wall-clock assertion needed, none to lose under load.
     with pytest.raises(WorkerNotReadyError) as info:
-        _env(settings, rt, workers, timeout=30).start()
-    assert time.monotonic() - start < 5  # did not sit out the 30 s deadline
-    assert "exited" in str(info.value) and "lm.model must not be empty" in info.value.last_logs
+        _env(settings, rt, workers, timeout=3600).start()
+    assert "exited" in str(info.value) and "was not ready within" not in str(info.value)
+    assert "lm.model must not be empty" in info.value.last_logs
     assert rt.containers == {} and rt.networks == {}
 
 
