@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from provisioner._files import locked
 from provisioner.runtime.engine import ContainerRuntime, DockerRuntime, open_runtime
 from provisioner.runtime.polling import poll_until
 
@@ -28,6 +30,22 @@ TOOLS = ("ip", "nsenter", "dockerd")
 
 def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+
+SUBNET_LOCK = Path("/tmp/prov-remote-subnets.lock")
+
+
+def _free_subnet(pid: int) -> str:
+    """A ``10.213.<n>`` /24 that no interface on this machine has an address in (from ``pid % 250``
+    on); call under :data:`SUBNET_LOCK` and add the address before letting it go."""
+    listing = subprocess.run(["ip", "-o", "-4", "addr", "show"], check=True, capture_output=True, text=True,
+                             timeout=60).stdout
+    taken = {int(m) for m in re.findall(r"\binet 10\.213\.(\d+)\.", listing)}
+    for step in range(250):
+        n = (pid + step) % 250
+        if n not in taken:
+            return f"10.213.{n}"
+    raise EngineFailed(f"every 10.213.<n>.0/24 (n < 250) is in use on this machine: {sorted(taken)}")
 
 
 def missing_tools() -> str | None:
@@ -82,8 +100,8 @@ class EngineFailed(Exception):
 
 @contextlib.contextmanager
 def namespaced_engine(workdir: Path) -> Iterator[RemoteEngine]:
-    """dockerd in netns ``prov-remote-<pid>`` on ``tcp://10.213.<n>.2:2376`` with TLS (certificates
-    under ``workdir``); stopped and removed with everything it made when the block ends.
+    """dockerd in netns ``prov-remote-<pid>`` on ``tcp://10.213.<n>.2:2376`` (a free /24) with TLS
+    (certificates under ``workdir``); stopped and removed with everything it made when the block ends.
 
     Raises:
         EngineFailed: dockerd stopped or did not listen within 60 s.
@@ -94,26 +112,29 @@ def namespaced_engine(workdir: Path) -> Iterator[RemoteEngine]:
 
     pid = os.getpid()
     ns, host_if, ns_if = f"prov-remote-{pid}", f"vprh{pid}"[:15], f"vprc{pid}"[:15]
-    subnet = f"10.213.{pid % 250}"
-    addr = f"{subnet}.2"
     data = Path(f"/tmp/prov-remote-{pid}")  # short: dockerd's exec-root holds unix sockets
     certs = workdir / "certs"
     certs.mkdir(parents=True)
-    ca = trustme.CA()
-    server = ca.issue_cert(addr)
-    client = ca.issue_cert("provisioner-test-client")
-    ca.cert_pem.write_to_path(str(certs / "ca.pem"))
-    server.private_key_pem.write_to_path(str(certs / "server-key.pem"))
-    server.cert_chain_pems[0].write_to_path(str(certs / "server-cert.pem"))
-    client.private_key_pem.write_to_path(str(certs / "key.pem"))
-    client.cert_chain_pems[0].write_to_path(str(certs / "cert.pem"))
     proc: subprocess.Popen[bytes] | None = None
     log_path = workdir / "dockerd.log"
     try:
-        _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        # Several test runs on one machine (xdist workers, other checkouts) each make an engine:
+        # each takes a /24 no other holds, chosen and claimed under one lock (pid % 250 collided).
+        with locked(SUBNET_LOCK):
+            subnet = _free_subnet(pid)
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            _run("ip", "addr", "add", f"{subnet}.1/24", "dev", host_if)
+        addr = f"{subnet}.2"
+        ca = trustme.CA()
+        server = ca.issue_cert(addr)
+        client = ca.issue_cert("provisioner-test-client")
+        ca.cert_pem.write_to_path(str(certs / "ca.pem"))
+        server.private_key_pem.write_to_path(str(certs / "server-key.pem"))
+        server.cert_chain_pems[0].write_to_path(str(certs / "server-cert.pem"))
+        client.private_key_pem.write_to_path(str(certs / "key.pem"))
+        client.cert_chain_pems[0].write_to_path(str(certs / "cert.pem"))
         _run("ip", "link", "set", ns_if, "netns", ns)
-        _run("ip", "addr", "add", f"{subnet}.1/24", "dev", host_if)
         _run("ip", "link", "set", host_if, "up")
         netns = f"--net=/var/run/netns/{ns}"
         _run("nsenter", netns, "ip", "addr", "add", f"{addr}/24", "dev", ns_if)
