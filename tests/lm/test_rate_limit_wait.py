@@ -61,17 +61,26 @@ def test_a_refusal_after_waiting_says_how_long_it_waited(tmp_path: Path) -> None
     assert info.value.waited_s == 0.0
 
 
-def _leave_the_window_almost_full(run_dir: Path, seconds_left: float) -> None:
-    """As if the window's only slot was taken 60 - ``seconds_left`` s ago (the state the limiter keeps)."""
-    with locked(run_dir):
-        path = run_dir / STATE_FILE
-        state = json.loads(path.read_text()) if path.exists() else {}
-        state["requests"] = [time.time() - 60.0 + seconds_left]
-        write_json_atomic(path, state)
+def _fill_the_window_as_the_call_looks(monkeypatch: pytest.MonkeyPatch, seconds_left: float) -> None:
+    """From now on, each slot request first finds the window's only slot taken 60 - ``seconds_left``
+    s ago (the state the limiter keeps, written under its lock as the request begins): it waits
+    ``seconds_left`` however long the call took to get there. Writing that state before the call
+    instead raced it: on a loaded machine the call could arrive after the slot had freed."""
+    acquire = RunLimits.acquire_request_timed
+
+    def acquire_in_a_full_window(self: RunLimits) -> tuple[float, float]:
+        with locked(self.run_dir):
+            path = self.run_dir / STATE_FILE
+            state = json.loads(path.read_text()) if path.exists() else {}
+            state["requests"] = [time.time() - 60.0 + seconds_left]
+            write_json_atomic(path, state)
+        return acquire(self)
+
+    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
 
 
 def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_counters(
-    standin: GeminiStandin, tmp_path: Path
+    standin: GeminiStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = LMConfig.model_validate({"mode": "real", "api_key": STANDIN_KEY, "base_url": standin.url,
                                       "run_dir": tmp_path, "rate_limit_rpm": 1, "run_id": "run-w",
@@ -79,7 +88,7 @@ def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_co
     lm = build_lm(config)
     before = stats()
     lm("no wait")
-    _leave_the_window_almost_full(tmp_path, 0.3)
+    _fill_the_window_as_the_call_looks(monkeypatch, 0.3)
     started = time.monotonic()
     lm("waits for the slot")
     elapsed = time.monotonic() - started
@@ -95,7 +104,7 @@ def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_co
 
 
 def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledger_line(
-    standin: GeminiStandin, tmp_path: Path
+    standin: GeminiStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = tmp_path / "run"
     config = LMConfig.model_validate({"mode": "cached", "cache_dir": tmp_path / "cassettes",
@@ -104,7 +113,7 @@ def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledg
                                       "run_id": "run-c", "endpoint_kind": "standin", "max_tokens": 16})
     lm = build_lm(config)
     lm("recorded at once")
-    _leave_the_window_almost_full(run_dir, 0.3)
+    _fill_the_window_as_the_call_looks(monkeypatch, 0.3)
     before = stats()
     lm("recorded after a wait")
     recorded = [line for line in read_ledger(run_dir / "ledger.jsonl") if line["event"] == "call"]
@@ -116,18 +125,25 @@ def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledg
 SUITE = """
 import dspy
 
-from provisioner.lm.limits import STATE_FILE, locked, write_json_atomic
+from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
 import json, time
 
 
-def test_waits(lm, lm_cost):
+def test_waits(lm, lm_cost, monkeypatch):
     program = dspy.Predict("question -> answer")
     program(question="first?")
-    run_dir = lm_cost._environment.lm_config.run_dir
-    with locked(run_dir):  # as if the first call was 59.7 s ago: the next waits ~0.3 s for its slot
-        state = json.loads((run_dir / STATE_FILE).read_text())
-        state["requests"] = [time.time() - 59.7]
-        write_json_atomic(run_dir / STATE_FILE, state)
+    acquire = RunLimits.acquire_request_timed
+
+    def acquire_in_a_full_window(self):
+        # As if the first call was 59.7 s ago when the next asks for its slot: it waits ~0.3 s
+        # (written as it asks, not before the call: a loaded machine could be later than 0.3 s).
+        with locked(self.run_dir):
+            state = json.loads((self.run_dir / STATE_FILE).read_text())
+            state["requests"] = [time.time() - 59.7]
+            write_json_atomic(self.run_dir / STATE_FILE, state)
+        return acquire(self)
+
+    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
     program(question="second?")
     assert lm_cost.rate_limit_wait_s > 0
 """
