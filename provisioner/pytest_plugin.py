@@ -32,6 +32,9 @@ PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _NODES_KEY = pytest.StashKey[list[Any]]()  # xdist controller: its workers (WorkerController)
 _MERGED_KEY = pytest.StashKey[set[int]]()  # ... whose process report joined the run's
 _PROGRESS_KEY = pytest.StashKey[bool]()  # xdist controller: it has shown a test's outcome
+_COLLECTED_KEY = pytest.StashKey[list[pytest.Item]]()  # every item collected (before any deselection)
+_DESELECTED_KEY = pytest.StashKey[set[str]]()  # ... and the ids passed to pytest_deselected
+_DROPPED_OUTPUT = "provisioner_dropped"  # an xdist worker's workeroutput: what its collection left out
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -91,6 +94,8 @@ def pytest_configure(config: pytest.Config) -> None:
     run.runs_no_body = _runs_nothing(config) or bool(getattr(config.option, "setuponly", False))
     config.stash[_NODES_KEY] = []
     config.stash[_MERGED_KEY] = set()
+    config.stash[_COLLECTED_KEY] = []
+    config.stash[_DESELECTED_KEY] = set()
     # Our SpendingBlockedError says it all; pytest-socket's own warning for the same block is noise.
     config.addinivalue_line("filterwarnings", "ignore:A test tried to use socket.socket.connect:UserWarning")
     config.pluginmanager.register(_CompletenessHooks(run, config), "provisioner-completeness")
@@ -186,12 +191,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         config.stash[RUN_KEY].prepare_image(phases)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    item.config.stash[_COLLECTED_KEY].append(item)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[_DESELECTED_KEY].update(item.nodeid for item in items)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Load what the spending guard wraps (DSPy's call path) and what the layer's LM needs before the
-    first test, outside its timeout."""
+    first test, outside its timeout. Note which collected tests of the layer the selection left out
+    (pytest-split's shard, a plugin dropping items): such a run cannot vouch for unused cassettes."""
     from provisioner.testing import network
+    from provisioner.testing.selection import split_by_layer
 
     run = session.config.stash[RUN_KEY]
+    collected = session.config.stash[_COLLECTED_KEY]
+    layer_tests, _ = split_by_layer([(item, [m.name for m in item.iter_markers()]) for item in collected],
+                                    run.layer.name, run.layer_names)
+    told: set[str] = session.config.stash[_DESELECTED_KEY]
+    run.completeness.collection(layer_tests=[item.nodeid for item in layer_tests],
+                                selected=[item.nodeid for item in session.items], deselected=sorted(told),
+                                shard=_split_label(session.config))
     force = bool(session.config.getoption("force_enable_socket", False))
     if any(network.applies(run, [m.name for m in item.iter_markers()], getattr(item, "fixturenames", ()),
                            force_enabled=force) for item in session.items):
@@ -310,7 +333,11 @@ def _merge_worker_output(node: Any) -> None:
     output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
     if output and id(node) not in merged:
         merged.add(id(node))
-        node.config.stash[RUN_KEY].merge_worker(output)
+        run = node.config.stash[RUN_KEY]
+        run.merge_worker(output)
+        dropped = node.workeroutput.get(_DROPPED_OUTPUT)
+        if dropped and run.completeness.dropped is None:  # every worker collects the same suite
+            run.completeness.dropped = (dropped[0], list(dropped[1]))
 
 
 class _ControllerEnd:
@@ -366,6 +393,8 @@ def _session_finished(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput[WORKEROUTPUT_KEY] = run.process_report_json()
+        if run.completeness.dropped is not None:
+            workeroutput[_DROPPED_OUTPUT] = list(run.completeness.dropped)
         return
     config = session.config
     run.completeness.selection(args=config.args, invocation_dir=config.invocation_params.dir,

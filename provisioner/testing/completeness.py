@@ -2,10 +2,11 @@
 cassettes nobody uses (``provision cassettes prune``).
 
 A run is *partial* when it ran less than the suite (a positional path or node id narrower than
-the suite, ``-k``, ``-m``, ``--lf``, ``--deselect``, ``--ignore``, ``--sw``), ran no test body at
-all (``--co``, ``--setup-plan``, ``--setup-only``, ``--fixtures``, ``--fixtures-per-test``, an
-empty selection), did not run the body of every selected test (one skipped or failed in its
-set-up: its cassettes were not used, whatever they hold) or did not run to the end
+the suite, ``-k``, ``-m``, ``--lf``, ``--deselect``, ``--ignore``, ``--sw``, or any collected test
+of the layer left out of the selection: a pytest-split shard, a plugin that deselects or drops
+items), ran no test body at all (``--co``, ``--setup-plan``, ``--setup-only``, ``--fixtures``,
+``--fixtures-per-test``, an empty selection), did not run the body of every selected test (one
+skipped or failed in its set-up: its cassettes were not used, whatever they hold) or did not run to the end
 (``-x``/``--maxfail``/the layer's ``max_failures`` stopped it, an interrupt, an internal or usage
 error, a test or session timeout, a crashed xdist worker). Only a complete run vouches for which
 cassettes nobody uses: a session that ran no test body would otherwise vouch that *every* cassette
@@ -53,6 +54,10 @@ class Completeness:
     # down (skipped or failed in set-up, or --setup-only): from the controller's test reports.
     bodies: set[str] = field(default_factory=set)
     reported: set[str] = field(default_factory=set)
+    # Collected tests of the layer that were not selected by anything but an option named in
+    # _NARROWING (pytest-split's shard, a plugin that drops items): (why, node ids), from the process
+    # that collected (an xdist worker's arrive with its report).
+    dropped: tuple[str, list[str]] | None = None
 
     @property
     def complete(self) -> bool:
@@ -73,6 +78,30 @@ class Completeness:
         if when == "call":
             self.bodies.add(nodeid)
 
+    def collection(self, *, layer_tests: Sequence[str], selected: Sequence[str], deselected: Sequence[str],
+                   shard: str | None = None) -> None:
+        """What collection kept: ``layer_tests`` (node ids of every collected test the layer runs),
+        ``selected`` (pytest's final ``session.items``), ``deselected`` (ids passed to
+        ``pytest_deselected``) and ``shard`` (pytest-split's ``GROUP/SPLITS``, when it ran). A layer
+        test that collection dropped — deselected by pytest-split or a plugin, or removed from
+        ``items`` by a plugin that did not call ``pytest_deselected`` — makes the run partial: whatever
+        it left out, the run did not use its cassettes."""
+        chosen = set(selected)
+        missing = [nodeid for nodeid in dict.fromkeys(layer_tests) if nodeid not in chosen]
+        if not missing:
+            return
+        told = set(deselected)
+        if shard is not None:
+            group, _, splits = shard.partition("/")
+            who = f"pytest-split ran group {group} of {splits}: one shard is not the whole suite"
+        elif all(nodeid in told for nodeid in missing):
+            who = "deselected by a plugin"
+        else:
+            who = "dropped by a plugin (without pytest_deselected)"
+        total = len(set(layer_tests))
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        self.dropped = (f"{len(missing)} of {total} collected tests did not run ({who}: {named})", missing)
+
     def worker_crash(self, nodeid: str) -> None:
         self.add(f"an xdist worker crashed running {nodeid}")
 
@@ -81,6 +110,7 @@ class Completeness:
         """What the command line selected: ``args`` (pytest's ``config.args``, relative to
         ``invocation_dir``), the suite (``testpaths`` under ``rootdir``, else ``rootdir``) and
         ``options`` (pytest's ``config.option`` as a mapping)."""
+        narrowed = False
         for name, text in _NARROWING:
             value = options.get(name)
             if name == "setuponly" and options.get("setupplan"):
@@ -88,6 +118,9 @@ class Completeness:
             if value:
                 shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
                 self.add(text.format(shown))
+                narrowed = True
+        if self.dropped is not None and not narrowed:  # -k/-m/--deselect… already say why
+            self.add(self.dropped[0])
         matches = [p for pattern in testpaths for p in sorted(glob.glob(str(rootdir / pattern)))]
         suite = [Path(p).resolve() for p in matches] or [rootdir.resolve()]
         given: list[Path] = []

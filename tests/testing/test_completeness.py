@@ -263,3 +263,68 @@ def test_the_options_that_run_no_body_are_named() -> None:
         completeness.selection(args=[], invocation_dir=Path("/"), rootdir=Path("/"), testpaths=(),
                                options=options)
         assert completeness.reasons == reason
+
+
+# -- a collected test the selection left out: a pytest-split shard, a plugin dropping items ----------
+
+# A plugin that removes items without telling pytest (no pytest_deselected), the way some do.
+DROPPING_PLUGIN = """
+def pytest_collection_modifyitems(config, items):
+    items[:] = [item for item in items if not item.name.endswith("[3]")]
+"""
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("--splits", "2", "--group", "1", "--splitting-algorithm", "least_duration"),
+                 id="pytest-split"),
+    pytest.param(("--splits", "2", "--group", "2", "-n", "2"), id="pytest-split-xdist"),
+    pytest.param(("-p", "dropper"), id="dropping-plugin"),
+    pytest.param(("-p", "dropper", "-n", "2", "--dist", "loadfile"), id="dropping-plugin-xdist"),
+])
+def test_a_run_of_part_of_the_collected_suite_is_partial_and_prune_keeps_the_rest(
+    pytester: pytest.Pytester, args: tuple[str, ...]
+) -> None:
+    """The new user's trial: `--splits 2 --group 1` ran 1 of 12 tests, its ledger said complete, and
+    prune then removed the other shard's cassettes. Any collected test of the layer the selection
+    leaves out makes the run partial, whoever left it out."""
+    pytester.makefile(".toml", pyproject=ONLY_UNIT_CACHED)
+    pytester.makepyfile(test_a=FOUR, dropper=DROPPING_PLUGIN)
+    pytester.syspathinsert()
+    assert pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached").ret == 0
+    (full_run,) = _runs(pytester)
+    shard = pytester.runpytest_subprocess("--layer", "unit", "--lm", "cached", "--record-mode", "none", *args)
+    assert shard.ret == 0, shard.stdout.str()
+    end = _run_end(pytester)
+    assert end["complete"] is False, end
+    (reason,) = end["partial"]
+    if "pytest-split" in reason:
+        assert reason.startswith("2 of 4 collected tests did not run (pytest-split ran group ")
+    else:
+        assert reason == ("1 of 4 collected tests did not run (dropped by a plugin (without "
+                          "pytest_deselected): test_a.py::test_ask[3])")
+    after = _prune(pytester)
+    assert after["removed"] == [] and after["kept"] == 4, after
+    assert after["vouching"] == {"unit": full_run}
+
+
+def test_collection_names_who_left_tests_out() -> None:
+    tests = ["t.py::a", "t.py::b", "t.py::c"]
+    whole = Completeness()
+    whole.collection(layer_tests=tests, selected=tests, deselected=[])
+    assert whole.dropped is None
+    deselected = Completeness()
+    deselected.collection(layer_tests=tests, selected=["t.py::a"], deselected=["t.py::b", "t.py::c"])
+    deselected.selection(args=[], invocation_dir=Path("/p"), rootdir=Path("/p"), testpaths=[], options={})
+    assert deselected.reasons == [
+        "2 of 3 collected tests did not run (deselected by a plugin: t.py::b, t.py::c)"]
+    # -k (or -m, --deselect …) already says why: named once.
+    by_k = Completeness()
+    by_k.collection(layer_tests=tests, selected=["t.py::a"], deselected=["t.py::b", "t.py::c"])
+    by_k.selection(args=[], invocation_dir=Path("/p"), rootdir=Path("/p"), testpaths=[],
+                   options={"keyword": "a"})
+    assert by_k.reasons == ["-k 'a'"]
+    shard = Completeness()
+    shard.collection(layer_tests=tests, selected=["t.py::c"], deselected=["t.py::a", "t.py::b"], shard="2/2")
+    shard.selection(args=[], invocation_dir=Path("/p"), rootdir=Path("/p"), testpaths=[], options={})
+    assert shard.reasons == ["2 of 3 collected tests did not run (pytest-split ran group 2 of 2: one shard "
+                             "is not the whole suite: t.py::a, t.py::b)"]
