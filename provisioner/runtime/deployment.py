@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,8 +234,9 @@ class Deployment:
         ]
         self.progress(f"containers started in {time.perf_counter() - t0:.2f}s; waiting for readiness")
         if self.ready_slots is None or self.ready_slots >= len(started_workers):
-            # Every worker: wait as before the first-ready start (its Ctrl-C path is the proven one;
-            # a `provision up` interrupted while waiting hung once at load 2 with the new loop).
+            # Every worker: wait as before the first-ready start (a `provision up` interrupted while
+            # waiting hung once at load 2 in _wait_first_ready's loop; the cause, a future's lock left
+            # held by concurrent.futures.wait, is gone, see there).
             with self._threads(len(started_workers) + 1) as pool:
                 waits: list[Future[None]] = [pool.submit(self.wait_ready, w) for w in started_workers]
                 if self.plan.standin is not None:
@@ -257,18 +259,27 @@ class Deployment:
         worker's :meth:`add_worker`.
         """
         executor = ThreadPoolExecutor(max_workers=len(workers) + 1, thread_name_prefix="provision-ready")
-        waits: dict[Future[None], WorkerInfo] = {
-            executor.submit(self.wait_ready, w, cancel=self._boot_cancel): w for w in workers}
-        standin = executor.submit(self._wait_standin) if self.plan.standin is not None else None
+        # Finished waits arrive on a queue (each future's done callback, run by its thread), not
+        # through concurrent.futures.wait(): that takes every future's lock in turn on the calling
+        # thread, and a Ctrl-C between two of them left a lock held for good — the thread finishing
+        # that future then blocked on it forever, and so did shutdown(wait=True) below (the hang of
+        # an interrupted `process` pool start). SimpleQueue.get holds nothing while it waits.
+        finished: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()
         ready: list[WorkerInfo] = []
         try:
+            waits: dict[Future[None], WorkerInfo] = {}
+            for w in workers:
+                waits[executor.submit(self.wait_ready, w, cancel=self._boot_cancel)] = w
+            standin = executor.submit(self._wait_standin) if self.plan.standin is not None else None
             pending: set[Future[None]] = set(waits) | ({standin} if standin is not None else set())
+            for fut in pending:
+                fut.add_done_callback(finished.put)
             while pending and (len(ready) < needed or (standin is not None and not standin.done())):
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    fut.result()  # raises the first failure: the start fails
-                    if fut in waits:
-                        ready.append(waits[fut])
+                fut = finished.get()
+                pending.discard(fut)
+                fut.result()  # raises the first failure: the start fails
+                if fut in waits:
+                    ready.append(waits[fut])
         except BaseException:
             self._closing.set()
             executor.shutdown(wait=True)

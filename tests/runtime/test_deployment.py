@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,57 @@ def test_ctrl_c_while_waiting_for_readiness_stops_every_wait_at_once(
     env.probe = probe_then_interrupt
     with pytest.raises(KeyboardInterrupt):
         env.start()
+    assert sent.is_set()
+    assert rt.containers == {} and rt.networks == {}
+
+
+@pytest.mark.timeout(120)  # with concurrent.futures.wait it hung: shutdown(wait=True) waited forever
+@pytest.mark.usefixtures("sigint_default")
+def test_ctrl_c_inside_the_first_ready_wait_s_own_locking_still_stops_every_wait(
+    settings: Settings, fake: tuple[FakeRuntime, FakeWorkers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cause of the hang: ``concurrent.futures.wait`` takes every future's lock in turn on the
+    waiting thread (``_AcquireFutures.__enter__``), and a Ctrl-C between two of them left the first
+    locked — the readiness thread finishing that future then blocked on it for good, and the
+    start's ``shutdown(wait=True)`` with it. The real SIGINT arrives exactly there if the wait takes
+    futures' locks, else while the main thread waits in ``_wait_first_ready`` itself (a readiness
+    probe sends it then); either way every wait must stop at once."""
+    from concurrent.futures import _base
+
+    rt, workers = fake
+    workers.not_ready.update({"prov-run1-w0", "prov-run1-w1"})
+    layer = get_layer(settings, "integration")
+    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "mock"),
+                    RunTarget("run1", Owner.this_process(), lm_dir=Path(settings.state_dir) / "lm"),
+                    FAKE_IMAGE, PlanOptions(workers=2))
+    sent = threading.Event()
+    main = threading.main_thread()
+
+    def interrupt() -> None:
+        if not sent.is_set():
+            sent.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def enter_then_interrupt(self: Any) -> None:
+        for future in self.futures:
+            future._condition.acquire()
+            if threading.current_thread() is main:
+                interrupt()  # handled at the next bytecode: between two futures' locks
+
+    monkeypatch.setattr(_base._AcquireFutures, "__enter__", enter_then_interrupt)
+
+    def probe(host: str, port: int, timeout: float) -> Any:
+        # Called every 5 ms by each readiness wait: interrupt once the main thread waits in
+        # _wait_first_ready's own frame (a blocking queue read there holds no Python frame).
+        assert main.ident is not None
+        frame = sys._current_frames().get(main.ident)
+        if frame is not None and frame.f_code.co_name == "_wait_first_ready":
+            interrupt()
+        return workers.probe(host, port, timeout)
+
+    env = Deployment(plan, rt, probe=probe, ready_timeout_s=600, poll_interval_s=0.005, ready_slots=1)
+    with pytest.raises(KeyboardInterrupt):
+        env.start()  # no worker gets ready: only the interrupt ends the wait
     assert sent.is_set()
     assert rt.containers == {} and rt.networks == {}
 
