@@ -72,6 +72,8 @@ class Environment:
         # The `provision up` run whose workers this environment uses instead of starting its own
         # (runtime.shared_pool.find_up_run; the pytest plugin decides). Never removed from here.
         self.up_run: RunState | None = None
+        # Why up_run is None (None: attached), as decided with it (UpRunMatch.why_not).
+        self.up_run_reason: str | None = "not decided: this Environment was made without open_environment"
         # Where the run's ledger ended when this session joined it (bytes; 0: the session's own
         # run): an attached session counts only the ledger lines after it (lm.ledger.ledger_position).
         self.ledger_start = 0
@@ -472,8 +474,10 @@ def open_environment(
 
     ``attach`` (default): a container layer uses a running ``provision up`` environment of the
     project (``PROVISION_RUN_ID`` under ``provision run``, else the project's current run) when its
-    layer, LM mode and record mode match, as the pytest plugin does, and never removes it
-    (:func:`provisioner.runtime.shared_pool.choose_up_run`); ``False``: always start its own.
+    layer, LM mode and record mode match and its workers run, as the pytest plugin does, and never
+    removes it (:func:`provisioner.runtime.shared_pool.choose_up_run`); ``False``: always start its
+    own. ``env.up_run`` is that run's state (None: not attached) and ``env.up_run_reason`` why it is
+    None (None when attached): the same decision and words as the plugin's header line.
 
     ``runtime``: the container runtime to use instead of the engine :func:`~provisioner.runtime.
     engine.open_runtime` finds — e.g. ``FakeRuntime(serve=True)``, which runs the workers in this
@@ -496,6 +500,8 @@ def open_environment(
         match, resolved = choose_up_run(resolved, runtime=runtime)
     env = Environment(resolved, identity, runtime=runtime)
     env.up_run = match.state if match is not None else None
+    env.up_run_reason = (match.why_not if match is not None
+                         else "attach=False: this environment starts its own workers")
     if env.up_run is not None:
         from provisioner.lm.ledger import ledger_position
 

@@ -207,7 +207,7 @@ def test_an_environment_attaches_to_a_running_provision_up_and_leaves_it(
     ups = _of_run(served, up_id)
     try:
         with api.environment("integration", project_dir=project, runtime=served) as env:
-            assert env.up_run is not None and env.up_run.run_id == up_id
+            assert env.up_run is not None and env.up_run.run_id == up_id and env.up_run_reason is None
             with env.session("one") as one:
                 one.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
                 assert one.adapter.execute_program("qa", {"question": "?"})["outputs"]
@@ -218,12 +218,45 @@ def test_an_environment_attaches_to_a_running_provision_up_and_leaves_it(
         assert env.report.workers_started == 0
         assert _of_run(served, up_id) == ups  # the up run is left running
         with api.environment("integration", project_dir=project, runtime=served, attach=False) as own:
-            assert own.up_run is None
+            assert own.up_run is None and own.up_run_reason is not None
+            assert own.up_run_reason.startswith("attach=False")
             with own.session("two"):
                 assert [n for n in _of_run(served, own.run_id) if n.startswith("container")]
     finally:
         down(settings, run_id=up_id, runtime=served)
     assert _of_run(served, up_id) == []
+
+
+def test_an_environment_says_why_it_did_not_attach_to_provision_up(
+    project: Path, served: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's trial: ``env.up_run`` was None with no reason. ``env.up_run_reason`` says why, in
+    the plugin's words (one decision, runtime/shared_pool.choose_up_run), for every case."""
+    from provisioner.runtime.lifecycle import UpOptions, down, up
+    from provisioner.settings import load_settings
+
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("PROVISION_RUN_ID", raising=False)
+    with api.environment("integration", project_dir=project, runtime=served) as none_up:
+        assert none_up.up_run is None and none_up.up_run_reason is not None
+        assert none_up.up_run_reason.startswith("no `provision up` run of this project is current")
+        assert "`provision up --layer integration` starts one" in none_up.up_run_reason
+    with api.environment("unit", project_dir=project) as unit:
+        assert unit.up_run_reason == "layer unit runs in-process: it has no workers to share"
+    settings = load_settings(project_dir=project)
+    deployment = up(settings, UpOptions(layer="integration", image=IMAGE, watchdog=False), runtime=served)
+    assert deployment.state is not None
+    up_id = deployment.state.run_id
+    try:
+        with api.environment("integration", lm="mock", project_dir=project, runtime=served) as other:
+            assert other.up_run is None
+            differs = f"`provision up` run {up_id} differs: LM mode cached (this session: mock)"
+            assert other.up_run_reason == differs
+    finally:
+        down(settings, run_id=up_id, runtime=served)
+    with api.environment("integration", project_dir=project, runtime=served) as after_down:
+        assert after_down.up_run is None and after_down.up_run_reason is not None
+        assert "is current" in after_down.up_run_reason or "is not running" in after_down.up_run_reason
 
 
 def test_an_environment_and_a_provision_up_run_whose_worker_died_say_the_same_true_thing(
@@ -263,7 +296,10 @@ def test_an_environment_and_a_provision_up_run_whose_worker_died_say_the_same_tr
             assert "Open a new session" not in str(lost.value), lost.value
         assert env.report.workers_started == 0  # nothing replaced, nothing of its own
         with api.environment("integration", project_dir=project, runtime=served) as own:
-            assert own.up_run is None  # a dead worker: not attached
+            assert own.up_run is None  # a dead worker: not attached, and it says why and what to do
+            assert own.up_run_reason == (f"`provision up` run {up_id} has a worker that no longer runs"
+                                         " (repair it: `provision status --repair`, or `provision down`"
+                                         " and `provision up`)")
             with own.session("two") as two:
                 two.adapter.create_program(**ProgramFactory.build(id="qa").create_args())
                 assert [n for n in _of_run(served, own.run_id) if n.startswith("container")]

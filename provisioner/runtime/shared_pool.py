@@ -391,14 +391,23 @@ def finish_shared_pool(run_dir: Path, run_id: str, runtime: ContainerRuntime | N
 @dataclass(frozen=True)
 class UpRunMatch:
     """Whether a ``provision up`` run serves this session: ``state`` when it does; else ``reason``
-    (empty when there is no such run at all, so nothing needs saying)."""
+    (empty when there is no such run at all, so nothing needs saying in a session's header) and
+    ``none_because`` (why there was no run to consider — said only when asked, :attr:`why_not`)."""
 
     state: RunState | None
     reason: str = ""
+    none_because: str = ""
 
     @property
     def attached(self) -> bool:
         return self.state is not None
+
+    @property
+    def why_not(self) -> str | None:
+        """Why the session does not attach (None: it does): ``reason``, else ``none_because``."""
+        if self.state is not None:
+            return None
+        return self.reason or self.none_because or "no `provision up` run to attach to"
 
 
 def find_up_run(settings: Settings, layer: str, lm: LMConfig, run_id: str | None = None) -> UpRunMatch:
@@ -413,13 +422,16 @@ def find_up_run(settings: Settings, layer: str, lm: LMConfig, run_id: str | None
 
     chosen = run_id or current_run_id(settings)
     if chosen is None:
-        return UpRunMatch(None)
+        return UpRunMatch(None, none_because=(
+            f"no `provision up` run of this project is current (none recorded in"
+            f" {Path(settings.state_dir) / 'current'}): `provision up --layer {layer}` starts one"))
     try:
         state = read_state(settings, chosen)
     except StateUnreadableError as exc:
         return UpRunMatch(None, f"run {chosen}: {exc}")
     if state is None:
-        return UpRunMatch(None)
+        return UpRunMatch(None, none_because=(
+            f"run {chosen} is not running: it has no state file (taken down, or reaped)"))
     wanted = {"layer": layer, "LM mode": lm.mode}
     found = {"layer": state.layer, "LM mode": state.lm_mode}
     if lm.mode == "cached":
@@ -454,8 +466,11 @@ def choose_up_run(
 
     from provisioner.run import RUN_ID_ENV
 
-    if not resolved.layer.needs_docker or up_run == "":
-        return UpRunMatch(None), resolved
+    if not resolved.layer.needs_docker:
+        return UpRunMatch(None, none_because=(
+            f"layer {resolved.layer.name} runs in-process: it has no workers to share")), resolved
+    if up_run == "":
+        return UpRunMatch(None, none_because="this process's xdist controller attached to no run"), resolved
     match = find_up_run(resolved.settings, resolved.layer.name, resolved.lm_config,
                         run_id=up_run or os.environ.get(RUN_ID_ENV))
     if match.state is not None and up_run is None:

@@ -148,6 +148,7 @@ class ProvisionRun:
         self.up_match, resolved = choose_up_run(resolved, up_run, runtime=runtime)
         self.environment = Environment(resolved, identity, runtime=runtime)
         self.environment.up_run = self.up_match.state
+        self.environment.up_run_reason = self.up_match.why_not
         if self.up_match.attached:
             from provisioner.lm.ledger import ledger_position
 
