@@ -405,6 +405,7 @@ def _session_finished(session: pytest.Session) -> None:
     run.completeness.ending(exitstatus=int(session.exitstatus), stopped=str(stopped) if stopped else None,
                             selected=session.testscollected)
     run.exit_status = int(session.exitstatus)
+    run.stopped = str(stopped) if stopped else None
     run.close_ledger()
 
 

@@ -302,7 +302,11 @@ def test_xdist_workers_share_one_run_and_report(project: pytest.Pytester) -> Non
     assert data["run_id"].replace("-", "").endswith(runs.pop())
 
 
-def test_docker_layer_test_fails_under_ci_and_skips_locally(project: pytest.Pytester) -> None:
+def test_docker_layer_test_fails_under_ci_and_skips_locally(project: pytest.Pytester,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreachable engine is said in the header and the summary (shown under -q too): where it was
+    looked for, how many tests needed it, and advice a wheel install can follow (no repo file named);
+    in one process and under xdist, with and without CI=true."""
     project.makepyfile(
         """
         import pytest
@@ -310,27 +314,59 @@ def test_docker_layer_test_fails_under_ci_and_skips_locally(project: pytest.Pyte
         @pytest.mark.integration
         def test_needs_engine(): pass
 
+        @pytest.mark.integration
+        def test_needs_engine_too(): pass
+
         def test_unmarked(): pass
         """
     )
     bogus = f"unix://{project.path}/no-such-docker.sock"
-    os.environ["DOCKER_HOST"] = bogus  # subprocesses inherit it; removed below
-    try:
-        os.environ["CI"] = "true"
-        result = project.runpytest_subprocess("--layer", "integration", "-rA")
-        result.assert_outcomes(passed=1, errors=1)
+    monkeypatch.setenv("DOCKER_HOST", bogus)  # subprocesses inherit it
+    advice = "*Start the Docker engine*check that DOCKER_HOST*names a running engine*may use its socket*"
+    for xdist in ([], ["-n", "2"]):
+        monkeypatch.setenv("CI", "true")
+        result = project.runpytest_subprocess("--layer", "integration", "-rA", *xdist)
+        result.assert_outcomes(passed=1, errors=2)
         result.stdout.fnmatch_lines(
             ["*needs a reachable Docker engine*CI=true, so this is a failure, not a skip*"]
         )
-        os.environ["CI"] = "false"
-        result = project.runpytest_subprocess("--layer", "integration", "-rs")
-        result.assert_outcomes(passed=1, skipped=1)
-        result.stdout.fnmatch_lines(
-            ["SKIPPED*needs a reachable Docker engine*skipped here; it fails under CI=true*"]
-        )
-    finally:
-        os.environ.pop("DOCKER_HOST", None)
-        os.environ.pop("CI", None)
+        result.stdout.fnmatch_lines([
+            "*= provisioner =*",
+            f"Docker engine unreachable at {bogus} (from DOCKER_HOST): 2 test(s) needed it (2 error)",
+            "  CI=true, so they fail rather than skip.*" + advice])
+        monkeypatch.setenv("CI", "false")
+        result = project.runpytest_subprocess("--layer", "integration", *xdist)
+        result.assert_outcomes(passed=1, skipped=2)
+        result.stdout.fnmatch_lines([f"provisioner: Docker engine unreachable at {bogus} (from DOCKER_HOST): "
+                                     "the integration layer's tests that need it will skip*"])
+        result.stdout.fnmatch_lines([
+            "*= provisioner =*",
+            f"Docker engine unreachable at {bogus} (from DOCKER_HOST): 2 test(s) needed it (2 skipped)",
+            "  skipped here (under CI=true they fail).*" + advice + "`-rs` lists them."])
+        assert ".ci/" not in result.stdout.str()
+    result = project.runpytest_subprocess("--layer", "integration", "-rs", "-q")
+    result.stdout.fnmatch_lines(["Docker engine unreachable at*2 test(s) needed it (2 skipped)",
+                                 "SKIPPED*needs a reachable Docker engine*skipped here*"])
+
+
+def test_no_user_facing_message_names_a_file_of_the_checkout() -> None:
+    """Messages reach users of a wheel install, which has no .ci/ (nor tests/ or benchmarks/): string
+    literals of the package (not comments or docstrings) must not send them there."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "provisioner"
+    found = []
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and re.search(r"\.ci/|\bbenchmarks/|\btests/\w+\.py", node.value)):
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {node.value[:80]!r}")
+    assert not found, found
 
 
 def test_environment_report_path_is_relative_to_invocation_dir(project: pytest.Pytester) -> None:
@@ -762,3 +798,14 @@ def test_an_error_whose_worker_message_has_no_session_id_names_the_session(
     result.assert_outcomes(failed=1)
     result.stdout.re_match_lines([r"E +provisioner\.errors\.BridgeError: InvalidSignature: .*"
                                   r" \(session test_sig\.py::test_bad_sig \(session_\w+\)\)$"])
+
+
+def test_a_session_stopped_by_maxfail_is_not_called_a_ctrl_c(project: pytest.Pytester) -> None:
+    """xdist ends a session that reached --maxfail (or a layer's max_failures) as interrupted: the
+    summary said "interrupted (Ctrl-C)" though nobody pressed it."""
+    project.makepyfile(test_fail="import pytest\n\n@pytest.mark.parametrize('n', range(4))\n"
+                                 "def test_fails(lm, n):\n    assert False\n")
+    result = project.runpytest_subprocess("--layer", "unit", "-n", "2", "--maxfail", "1")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["stopped early (stopping after * failures): the counts below are what ran*"])
+    assert "Ctrl-C" not in result.stdout.str()

@@ -399,7 +399,7 @@ def resolve_base(
 def debootstrap_problem() -> str | None:
     """Why a debootstrap base cannot be built here, or None when it can."""
     if shutil.which("debootstrap") is None:
-        return "debootstrap is not installed (apt-get install debootstrap; bash .ci/setup does it)"
+        return "debootstrap is not installed (apt-get install debootstrap)"
     if os.geteuid() != 0:
         return "debootstrap needs root (run `provision images build` as root or with sudo)"
     return None

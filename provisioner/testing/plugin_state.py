@@ -165,6 +165,8 @@ class ProvisionRun:
         self._close_error: BaseException | None = None  # a close in close_once_reported's thread
         self._worker_reports: list[ProcessReport] = []
         self._finished: RunReport | None = None
+        # Tests whose report says no engine answered, by pytest outcome (summed at finish).
+        self.no_engine: dict[str, int] = {}
         self._warm_attempted = False
         # Why this run is partial (cannot vouch for unused cassettes); filled by the plugin's hooks.
         self.completeness = Completeness()
@@ -178,6 +180,7 @@ class ProvisionRun:
         self.rows = TestRowCollector(identity.run_id, self.layer.name)
         self._test_costs: dict[str, LMCost] = {}
         self.exit_status = 0  # pytest's, set at session end
+        self.stopped: str | None = None  # why pytest stopped early (-x, --maxfail), set at session end
         from provisioner.testing.worker_logs import LOGS_DIR, WorkerLogs
 
         # The worker containers each test used: their log lines go into its failure report.
@@ -239,6 +242,10 @@ class ProvisionRun:
                          f"started by `{_started_by(state)}`); this session leaves it running")
         elif self.up_match.reason:
             lines.append(f"provisioner: own run for this session, not attaching: {self.up_match.reason}")
+        if self.layer.needs_docker and state is None and self._engine_problem() is not None:
+            what = "fail (CI=true)" if docker_check.running_in_ci() else "skip (they fail under CI=true)"
+            lines.append(f"provisioner: Docker engine unreachable at {self._engine_where()}: the "
+                         f"{self.layer.name} layer's tests that need it will {what}")
         return lines
 
     def summary_lines(self, report: RunReport) -> list[str]:
@@ -246,7 +253,10 @@ class ProvisionRun:
         calls, whether the session attached to a running ``provision up`` run or why it started its
         own, then the report's lines."""
         lines = [f"LM: {self.environment.lm_endpoint}"]
-        if self.exit_status == _INTERRUPTED:
+        ctrl_c = self.stopped is None or "keyboard-interrupt" in self.stopped  # xdist says a Ctrl-C so
+        if self.exit_status == _INTERRUPTED and not ctrl_c:  # -x, --maxfail, a layer's max_failures
+            lines.append(f"stopped early ({self.stopped}): the counts below are what ran before it")
+        elif self.exit_status == _INTERRUPTED:
             lines.append("interrupted (Ctrl-C): the counts below are what finished before it; under "
                          "xdist, tests and workers of processes that did not report are missing")
         state = self.up_match.state
@@ -254,6 +264,8 @@ class ProvisionRun:
             lines.append(f"attached to run {state.run_id}; this session left it running")
         elif self.up_match.reason:
             lines.append(f"own run for this session, not attaching: {self.up_match.reason}")
+        if self.no_engine:
+            lines += docker_check.unreachable_summary(self.no_engine, self._engine_where())
         return lines + report.lines()
 
     def workerinput(self) -> dict[str, str]:
@@ -371,6 +383,11 @@ class ProvisionRun:
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
+
+    def _engine_where(self) -> str:
+        if self.environment.runtime is not None:  # given through the Python API
+            return f"the run's engine ({type(self.environment.runtime).__name__})"
+        return docker_check.engine_where()
 
     def docker_message(self, what: str, why: str) -> str:
         return docker_check.unreachable_message(what, why)
@@ -621,9 +638,19 @@ class ProvisionRun:
                     for entry in terminal_stats.get(outcome, ()):
                         if getattr(entry, "when", None) in ("setup", "call", "teardown"):
                             report.add_outcome(self.layer.name, outcome)
+                            if docker_check.UNREACHABLE in _longrepr_text(entry):
+                                self.no_engine[outcome] = self.no_engine.get(outcome, 0) + 1
             self.rows.add_leaks((r.test, r.leaks) for s in report.layers.values() for r in s.leaks)
             self._record_history(report, ledger)
             self._finished = report
             if self.report_path is not None:
                 report.write_json(self.report_path)
         return self._finished if self._used else None
+
+
+def _longrepr_text(report: Any) -> str:
+    """A report's failure or skip text: a skip's ``longrepr`` is ``(path, lineno, message)``."""
+    longrepr = getattr(report, "longrepr", None)
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return "" if longrepr is None else str(longrepr)

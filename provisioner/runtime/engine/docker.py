@@ -919,6 +919,13 @@ def _explain(exc: Exception) -> str:
     return str(explanation or exc)
 
 
+#: What a user can do when no engine answers — advice that holds on any machine with a wheel install
+#: (no file of provisioner's checkout named): the pytest summary and every error repeat it.
+ENGINE_ADVICE = ("Start the Docker engine (e.g. `sudo systemctl start docker`), check that DOCKER_HOST (or "
+                 "the docker context) names a running engine, and that your user may use its socket (e.g. "
+                 "is in the docker group)")
+
+
 def _no_engine(exc: Exception) -> str:
     """The error when no engine answers: which engine was tried and where that choice came from
     (:func:`engine_url`), the reason, and what to do."""
@@ -928,7 +935,4 @@ def _no_engine(exc: Exception) -> str:
         url, source = None, "default"
     where = (f"at {url} (from {source})" if url
              else "at the local socket (unix:///var/run/docker.sock: DOCKER_HOST is not set)")
-    return (
-        f"no Docker engine is reachable {where} ({type(exc).__name__}: {exc}). Start dockerd (bash "
-        ".ci/setup does it), or point DOCKER_HOST at a running engine."
-    )
+    return f"no Docker engine is reachable {where} ({type(exc).__name__}: {exc}). {ENGINE_ADVICE}."
