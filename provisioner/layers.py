@@ -114,9 +114,20 @@ _LM_WORDS: dict[str, str] = {
 }
 
 
+def shared_workers_up_to(pooling_enabled: bool | None, workers: int | None) -> int:
+    """The most workers the one pool of a pytest run (or of a :func:`provisioner.environment`)
+    starts for a container layer: its ``workers`` when pooled, else 1 — shared by every test (each
+    in a session of its own). ``provision up`` starts ``workers`` either way. The one rule of
+    ``runtime.workers.worker_starts`` and of :func:`describe`."""
+    return (workers or 1) if pooling_enabled else 1
+
+
 def describe(layer: Layer | LayerSpec) -> str:
     """A layer's description from its fields: where its programs run and its LM, e.g. "a warm pool
-    of bridge worker containers, real Gemini LM with rate and cost limits" (the built-in e2e's)."""
+    of bridge worker containers, real Gemini LM with rate and cost limits" (the built-in e2e's),
+    "one bridge worker container shared by the tests, a namespace each (`provision up`: 2),
+    cached (record/replay) LM" (the built-in integration's: not pooled, so a pytest run and an API
+    environment start one worker, `provision up` its ``workers``)."""
     if not (layer.adapter == "bridge" and layer.python):
         return f"in-process, {_LM_WORDS[str(layer.lm_mode)]}, no containers"
     if layer.isolation == "process":
@@ -124,7 +135,11 @@ def describe(layer: Layer | LayerSpec) -> str:
     elif layer.pooling_enabled:
         where = "a warm pool of bridge worker containers"
     else:
-        where = "a bridge worker container per test session"
+        shared = shared_workers_up_to(layer.pooling_enabled, layer.workers)
+        each = "a namespace each" if layer.isolation == "namespace" else "a session each"
+        where = f"{'one' if shared == 1 else shared} bridge worker container shared by the tests, {each}"
+        if layer.workers is not None and layer.workers != shared:
+            where += f" (`provision up`: {layer.workers})"
     return f"{where}, {_LM_WORDS[str(layer.lm_mode)]}"
 
 _DEFAULTS = LayerSpec(

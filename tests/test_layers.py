@@ -124,8 +124,9 @@ def test_messages_and_the_readme_name_where_a_layer_runs_the_same_way(  # type: 
 def test_the_builtin_descriptions_are_made_from_their_fields(settings_in) -> None:  # type: ignore[no-untyped-def]
     layers = resolve_layers(settings_in())
     assert layers["unit"].description == "in-process, mock LM, no containers"
-    assert layers["integration"].description == ("a bridge worker container per test session, "
-                                                 "cached (record/replay) LM")
+    assert layers["integration"].description == (
+        "one bridge worker container shared by the tests, a namespace each (`provision up`: 2),"
+        " cached (record/replay) LM")
     assert layers["e2e"].description == ("a warm pool of bridge worker containers, "
                                          "real Gemini LM with rate and cost limits")
 
@@ -136,7 +137,7 @@ def test_the_builtin_descriptions_are_made_from_their_fields(settings_in) -> Non
     ("[tool.provisioner.lm_modes]\ne2e = 'cached'\n", {}, "cached (record/replay) LM"),
     ("", {"PROVISION_LM_MODES__E2E": "mock"}, "mock LM"),
     ("[tool.provisioner.layers.e2e]\npooling_enabled = false\n", {},
-     "a bridge worker container per test session, real Gemini"),
+     "one bridge worker container shared by the tests, a session each (`provision up`: 2), real Gemini"),
     ("[tool.provisioner.layers.e2e]\nisolation = 'process'\n", {}, "a forked process per test"),
 ], ids=["layer-table", "lm_modes", "environment", "pooling", "isolation"])
 def test_an_overridden_builtin_layer_says_what_it_now_is(  # type: ignore[no-untyped-def]
@@ -149,12 +150,39 @@ def test_an_overridden_builtin_layer_says_what_it_now_is(  # type: ignore[no-unt
         assert "Gemini" not in e2e.description
 
 
+@pytest.mark.parametrize("toml", [
+    "", "max_pool_size = 1\n", "[tool.provisioner.layers.integration]\nworkers = 4\n",
+    "[tool.provisioner.layers.integration]\npooling_enabled = true\nworkers = 3\n",
+    "[tool.provisioner.layers.integration]\nisolation = 'session'\n",
+], ids=["default", "max-pool-1", "workers-4", "pooled", "session"])
+def test_a_container_layer_s_description_says_what_pytest_the_api_and_up_start(  # type: ignore[no-untyped-def]
+        settings_in, toml: str) -> None:
+    """A new user's trial: integration said "a bridge worker container per test session", but a
+    pytest run (and an API environment: the same pool) starts one worker that every test shares,
+    and `provision up` starts `workers`. The words come from the rule the runtime starts workers by
+    (runtime.workers.worker_starts)."""
+    from provisioner.runtime.workers import worker_starts
+
+    layer = get_layer(settings_in(toml), "integration")
+    starts = worker_starts(layer)
+    assert starts is not None
+    assert "per test session" not in layer.description
+    if layer.pooling_enabled:
+        assert layer.description.startswith("a warm pool of bridge worker containers")
+        return
+    assert starts.pytest_first == starts.pytest_up_to == 1
+    assert layer.description.startswith("one bridge worker container shared by the tests, a ")
+    up = f"(`provision up`: {starts.up})"
+    assert (up in layer.description) == (starts.up != 1), layer.description
+
+
 def test_a_description_the_user_wrote_is_kept(settings_in) -> None:  # type: ignore[no-untyped-def]
     s = settings_in("[tool.provisioner.layers.e2e]\nlm_mode = 'mock'\ndescription = 'ours'\n"
                     "[tool.provisioner.layers.smoke]\nadapter = 'bridge'\npython = true\nlm_mode = 'mock'\n")
     assert get_layer(s, "e2e").description == "ours"
     assert get_layer(s, "e2e").with_lm_mode("cached").description == "ours"
-    assert get_layer(s, "smoke").description == "a bridge worker container per test session, mock LM"
+    assert get_layer(s, "smoke").description == (
+        "one bridge worker container shared by the tests, a namespace each (`provision up`: 2), mock LM")
 
 
 def test_the_lm_option_makes_the_running_layer_say_its_mode(tmp_path: Path,  # type: ignore[no-untyped-def]

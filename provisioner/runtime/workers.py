@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from provisioner.layers import shared_workers_up_to
+
 if TYPE_CHECKING:
     from provisioner.layers import Layer
     from provisioner.lmconfig import LMConfig
@@ -89,7 +91,7 @@ def worker_starts(layer: Layer) -> WorkerStarts | None:
     (no containers: its ``workers`` field is never used)."""
     if not layer.needs_docker:
         return None
-    up_to = layer.workers if layer.pooling_enabled else 1
+    up_to = shared_workers_up_to(layer.pooling_enabled, layer.workers)
     first = min(PROCESS_POOL_START, up_to) if layer.isolation == "process" else 1
     return WorkerStarts(pytest_first=first, pytest_up_to=up_to, up=layer.workers)
 
