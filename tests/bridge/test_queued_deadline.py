@@ -192,19 +192,31 @@ def test_a_deadline_that_passes_while_the_slot_is_handed_over_says_it_never_star
                        request_timeout_s=PROCESS_TIMEOUT_S, pids=None)
     start = srv._scheduler._start
     handovers: list[Outcome] = []
-    handed_over = threading.Event()
+    in_handover, handed_over = threading.Event(), threading.Event()
 
     def held_handover(item: Any) -> None:
         # Hold the handover until the deadline watch has answered the queued execution.
         if not handovers:
             start(item)
             return
+        in_handover.set()
         assert handovers[0].done.wait(JOIN_S), "the queued execution got no reply while held"
         handovers.clear()
         start(item)
         handed_over.set()
 
+    expire = srv._deadlines._on_expired
+
+    def expire_during_the_handover(flight: Any) -> None:
+        # The queued execution's deadline is acted on only once its handover has begun: had the
+        # test been slower than process_timeout to release the first (a loaded machine), the
+        # deadline would otherwise find it still in the queue, and the handover would never come.
+        if flight.queued is not None:  # the second (the first got its slot at once)
+            assert in_handover.wait(JOIN_S), "the queued execution's handover never began"
+        expire(flight)
+
     srv._scheduler._start = held_handover
+    srv._deadlines._on_expired = expire_during_the_handover
     try:
         port = srv.listen("127.0.0.1", 0)
         timeout = reply_timeout(PROCESS_TIMEOUT_S)
