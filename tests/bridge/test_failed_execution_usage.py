@@ -88,6 +88,20 @@ def _hold_the_second_call(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Ev
     return held, release
 
 
+def _deadline_waits_for(server: Any, reached: threading.Event) -> None:
+    """``server``'s deadline watch acts on a deadline only once ``reached`` is set (the execution got
+    to its held second call), so the Timeout reply always has the first call to carry: a loaded
+    machine can take longer than the test's process_timeout to get there (DSPy's first execution
+    in a fresh process), and the reply then carried none."""
+    expire = server._deadlines._on_expired
+
+    def expire_once_reached(flight: Any) -> None:
+        assert reached.wait(60), "the execution never reached its second LM call"
+        expire(flight)
+
+    server._deadlines._on_expired = expire_once_reached
+
+
 def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeypatch: pytest.MonkeyPatch
                                                                          ) -> None:
     """A ``Timeout`` reply carries the LM calls the execution made before its deadline, as a failed
@@ -100,6 +114,7 @@ def test_a_timed_out_execution_s_lm_calls_come_back_in_the_timeout_reply(monkeyp
 
     held, release = _hold_the_second_call(monkeypatch)
     server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=2.0, pids=None)
+    _deadline_waits_for(server, held)
     port = server.listen("127.0.0.1", 0)
     try:
         with BridgeClient("127.0.0.1", port, request_timeout=60) as client:
@@ -139,9 +154,10 @@ def test_a_slow_request_gets_the_worker_s_timeout_reply_not_a_client_side_timeou
     from provisioner.bridge.service import BridgeService
     from provisioner.settings import reply_timeout
 
-    _, release = _hold_the_second_call(monkeypatch)
+    held, release = _hold_the_second_call(monkeypatch)
     deadline_s = 1.0
     server = BridgeServer(BridgeService(FAILING_LM), request_timeout_s=deadline_s, pids=None)
+    _deadline_waits_for(server, held)
     port = server.listen("127.0.0.1", 0)
     try:
         with BridgeClient("127.0.0.1", port, request_timeout=reply_timeout(deadline_s)) as client:
