@@ -114,12 +114,15 @@ def _run(
         )
         assert env.state is not None
         run_dir = run_dir_of(settings, env.state.run_id)
+        # The run's id (its containers are prov-<run id>-*) is progress: gone with -q. Who answers
+        # the LM when it is a stand-in, not Gemini, is a notice, said also with -q.
+        if progress is not None:
+            progress(f"provision run: run {env.state.run_id}, layer {env.state.layer}, "
+                     f"{len(env.state.workers)} worker(s); `provision status --run {env.state.run_id}` "
+                     "shows them")
         say = notify or progress
-        if say is not None:  # the run's id (its containers are prov-<run id>-*), and who answers the LM
-            say(f"provision run: run {env.state.run_id}, layer {env.state.layer}, "
-                f"{len(env.state.workers)} worker(s); `provision status --run {env.state.run_id}` shows them")
-            if env.state.uses_standin:
-                say(STANDIN_NOTE)
+        if say is not None and env.state.uses_standin:
+            say(STANDIN_NOTE)
         child_env = {**os.environ, **env.state.env(run_dir.state_file)}
         if env.control_token:
             child_env[CONTROL_TOKEN_ENV] = env.control_token

@@ -219,17 +219,21 @@ def test_run_command_names_its_run_and_says_when_the_stand_in_answers(
             container.log_lines.append("PROVISION_STANDIN_READY")
 
     rt.on_start = standin_ready
-    said: list[str] = []
+    said: list[str] = []  # notices: also under -q
+    progressed: list[str] = []  # progress lines: gone under -q
     code = run_command(
         ["sh", "-c", 'echo "$PROVISION_RUN_ID" > /dev/null'],
         settings,
         UpOptions(layer="e2e", lm_mode="real", workers=1, image=FAKE_IMAGE, watchdog=False),
         runtime=rt,
         probe=workers.probe,
+        progress=progressed.append,
         notify=said.append,
         health_interval_s=None,
     )
     assert code == 0
-    run_id = next(line.split()[3].rstrip(",") for line in said if line.startswith("provision run: run "))
-    assert f"provision status --run {run_id}" in "\n".join(said)
+    run_id = next(line.split()[3].rstrip(",") for line in progressed
+                  if line.startswith("provision run: run "))
+    assert f"provision status --run {run_id}" in "\n".join(progressed)
+    assert not any(line.startswith("provision run: run ") for line in said), said  # -q drops it
     assert STANDIN_NOTE in said
