@@ -219,8 +219,10 @@ def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> 
     from provisioner.factories import ProgramFactory
     from provisioner.settings import REPLY_GRACE_S
 
+    # process_timeout holds for every execution here, the ordinary "why?" (a worker process's first
+    # DSPy call, recorded to a cassette) too: 5 s, not 1 s, which a loaded machine could exceed.
     (tmp_path / "pyproject.toml").write_text(
-        '[tool.provisioner]\nprocess_timeout = 1.0\n[tool.provisioner.lm]\ncached_inner = "mock"\n'
+        '[tool.provisioner]\nprocess_timeout = 5.0\n[tool.provisioner.lm]\ncached_inner = "mock"\n'
     )
     with api.environment("integration", project_dir=tmp_path) as env:
         run_id = env.run_id
@@ -246,9 +248,9 @@ def test_environment_api_runs_bridge_sessions_and_tears_down(tmp_path: Path) -> 
             assert env.containers.pool.check() == []  # the pool's health check still works
             assert one.adapter.ping()["status"] == "ok"
         with env.session("slow-one") as slow:
-            assert slow.adapter.bridge.request_timeout == env.settings.request_timeout == 1.0 + REPLY_GRACE_S
+            assert slow.adapter.bridge.request_timeout == env.settings.request_timeout == 5.0 + REPLY_GRACE_S
             slow.adapter.configure_lm(mode="mock", mock_rules=[
-                {"match": {"question": "slow"}, "outputs": {"answer": "x"}, "latency_ms": 3000}])
+                {"match": {"question": "slow"}, "outputs": {"answer": "x"}, "latency_ms": 7000}])
             slow.adapter.create_program("question -> answer", "qa")
             with pytest.raises(BridgeError) as late:
                 slow.adapter.execute_program("qa", {"question": "slow"})
