@@ -61,6 +61,41 @@ def known_name(what: str, name: str, known: Iterable[str], *, hint: str = "") ->
     return name
 
 
+#: How many run ids an unknown-run error shows (the newest); a project has hundreds after a while.
+RUNS_SHOWN = 5
+
+
+def known_run(run_id: str, known: Iterable[str], *, hint: str, list_with: str) -> str:
+    """``run_id`` if it is one of ``known``, else a usage error (exit 2) that suggests close matches
+    (runs whose id contains what was typed, e.g. a prefix or the time part, else difflib's closest
+    one of ratio ≥ 0.85), shows the :data:`RUNS_SHOWN` newest ids and the command that lists them all
+    (``list_with``). Run ids are ``r<UTC date>-<time>-<hex>``: sorted descending is newest first.
+
+    The one check for every run-id argument (``--run`` of cost report, status, down, reap,
+    cassettes prune; ``history show RUN_ID``).
+
+    Raises:
+        UsageProblem: ``run_id`` is not in ``known``.
+    """
+    import difflib
+
+    ids = sorted(set(known), reverse=True)
+    if run_id in ids:
+        return run_id
+    # Ids share their shape: only a near-identical one (a typo) is a close match, not any of them.
+    close = [i for i in ids if run_id and run_id in i][:3] or difflib.get_close_matches(run_id, ids, n=1,
+                                                                                         cutoff=0.85)
+    message = f"unknown run {run_id!r}"
+    if close:
+        message += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    if ids:
+        more = f" and {len(ids) - RUNS_SHOWN} more" if len(ids) > RUNS_SHOWN else ""
+        message += f"; newest: {', '.join(ids[:RUNS_SHOWN])}{more}; `{list_with}` lists them"
+    else:
+        message += f"; no runs are known; `{list_with}` lists them once there are"
+    raise UsageProblem(f"{message} ({hint})")
+
+
 def _quiet() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.find_root().meta.get("provision.quiet"))
@@ -447,6 +482,11 @@ def cassettes_prune(cache_dir: Path | None, run_id: str | None, yes: bool, dry_r
         raise click.UsageError("--yes and --dry-run contradict each other")
     settings = _settings()
     root = _cassette_dir(cache_dir, settings)
+    if run_id is not None:  # a typo gets close matches; a known run that cannot vouch: prune says why
+        from provisioner.lm.cassettes import read_runs
+
+        known_run(run_id, read_runs(ledger_sources(settings.state_dir)),
+                  hint="runs in this project's ledgers", list_with="provision history list")
     # The layers configured to use this directory (all layers share lm.cache_dir; cached ones use it).
     same_dir = root.resolve() == Path(settings.lm.cache_dir).resolve()
     layers = [n for n, lay in resolve_layers(settings).items() if lay.lm_mode == "cached"] if same_dir else []
@@ -494,8 +534,8 @@ def cost_report(run_id: str | None, month: str | None, extra: tuple[Path, ...], 
     if run_id is not None:
         everything = build_report(sources)
         runs_on_disk = [p.name for p in sorted((settings.state_dir / "runs").glob("*")) if p.is_dir()]
-        known_name("run", run_id, sorted({*everything.by_run, *runs_on_disk}),
-                   hint=f"runs recorded under {settings.state_dir}")
+        known_run(run_id, {*everything.by_run, *runs_on_disk},
+                  hint=f"runs recorded under {settings.state_dir}", list_with="provision history list")
     report = build_report(sources, run_id=run_id, month=month,
                           monthly_budget_usd=settings.lm.monthly_budget_usd)
     if not as_json:
@@ -748,9 +788,8 @@ def _check_run(settings: Settings, run_id: str, runtime: Any) -> None:
     runs = settings.state_dir / RUNS_SUBDIR
     on_disk = {d.name for d in runs.iterdir() if RunDir(d).state_file.exists()} if runs.is_dir() else set()
     on_engine = {str(row["run_id"]) for row in run_overview(settings, runtime=runtime)}
-    if run_id not in on_disk | on_engine:
-        known_name("run", run_id, sorted(on_disk | on_engine),
-                   hint="runs on this engine and runs with a state file in this project")
+    known_run(run_id, on_disk | on_engine, list_with="provision status --all-projects",
+              hint="runs on this engine and runs with a state file in this project")
 
 
 @main.command("status")
@@ -887,7 +926,13 @@ def reap_command(
     from provisioner.runtime.lifecycle import parse_duration, reap
 
     older_than_s = parse_duration(older_than) if older_than else None
-    results = reap(_settings(), run_id=run_id, older_than_s=older_than_s, all_runs=all_runs,
+    settings = _settings()
+    if run_id is not None:  # a typo is not "nothing to reap"
+        from provisioner.runtime.runs import opened_runtime
+
+        with opened_runtime(None, settings) as rt:
+            _check_run(settings, run_id, rt)
+    results = reap(settings, run_id=run_id, older_than_s=older_than_s, all_runs=all_runs,
                    all_projects=all_projects, force=force, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in results]))
@@ -1022,7 +1067,8 @@ def history_show(run_id: str, as_json: bool) -> None:
         except HistoryError as exc:
             raise UsageProblem(str(exc)) from None
         if run is None:
-            known_name("run", run_id, [r["run_id"] for r in db.runs(50)], hint="runs in the history")
+            known_run(run_id, [r["run_id"] for r in db.runs(None)], hint="runs in the history",
+                      list_with="provision history list")
             return
         tests = db.tests(run["run_id"])
     if as_json:
