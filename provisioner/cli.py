@@ -276,9 +276,10 @@ def config(as_json: bool, layer: str | None) -> None:
     ``effective: {<layer>: {"lm_mode": ..., "from": <setting>, "source": <where it was set>}}``.
     """
     from provisioner.layers import lm_mode_origin, resolve_layers
+    from provisioner.settings import user_values
 
     settings = _settings(layer=layer)
-    values = settings.model_dump(mode="json")
+    values = user_values(settings)  # not the fields the run fills in itself (lm.run_id, ...)
     if settings.lm.api_key is not None:
         values["lm"]["api_key"] = "**********"
     rows = []

@@ -40,8 +40,9 @@ DEFAULT_MODEL = "gemini-2.5-flash-lite"
 # Fields the run fills in itself (the run's directory and id, the active layer, what answers at
 # base_url, a shard's share, the cassette folder as the user sees it): not settings a user sets, so an
 # unknown-key error does not offer them.
-INTERNAL_LM_FIELDS: tuple[str, ...] = ("cache_dir_shown", "run_dir", "run_id", "layer", "endpoint_kind",
-                                       "limits_share_of")
+# Each such field carries ``json_schema_extra=INTERNAL`` in its Field; :data:`INTERNAL_LM_FIELDS` and
+# `provision config` derive from that mark (:func:`internal_fields`), not from a list kept by hand.
+INTERNAL: dict[str, Any] = {"internal": True}
 
 # The controller sets them when it starts the workers; ``configure_lm`` over the bridge refuses
 # every one of them by name.
@@ -193,7 +194,7 @@ class LMConfig(BaseModel):
     # How messages name ``cache_dir`` when it is not the path the user knows: a worker container's
     # cassettes are mounted at /provision/cassettes, so the controller passes the host folder
     # (relative to the project root, e.g. "test/fixtures/lm_responses"). None: ``cache_dir`` itself.
-    cache_dir_shown: str | None = None
+    cache_dir_shown: str | None = Field(default=None, json_schema_extra=INTERNAL)
     record_mode: RecordMode = "new_episodes"
     # What the cached mode records from on a miss: the real Gemini engine (default) or the mock.
     cached_inner: Literal["real", "mock"] = "real"
@@ -206,12 +207,12 @@ class LMConfig(BaseModel):
     shards: int = Field(default=1, ge=1)
     # Set by shard_share: cost_limit_usd and rate_limit_rpm are one shard's share, the run's divided
     # by this many (1: the whole run's). Errors name it; nothing divides by it again.
-    limits_share_of: int = Field(default=1, ge=1)
+    limits_share_of: int = Field(default=1, ge=1, json_schema_extra=INTERNAL)
     base_url: str | None = None
     # What answers at ``base_url``: real Gemini (or a proxy to it) or the Gemini stand-in. Only the
     # controller that wired the stand-in in sets "standin" (a base_url alone does not make an
     # endpoint a stand-in); cassettes and the ledger mark what the stand-in answered.
-    endpoint_kind: Literal["gemini", "standin"] = "gemini"
+    endpoint_kind: Literal["gemini", "standin"] = Field(default="gemini", json_schema_extra=INTERNAL)
     api_key: SecretStr | None = Field(default=None, exclude=True)
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
@@ -227,9 +228,9 @@ class LMConfig(BaseModel):
     mock_default: str = "mock_response"
     # Where the run's shared state lives (rate-limit window, cost budget, ledger). All workers and
     # processes of one run point at the same directory; None means a private per-process directory.
-    run_dir: Path | None = None
-    run_id: str | None = None
-    layer: str | None = None
+    run_dir: Path | None = Field(default=None, json_schema_extra=INTERNAL)
+    run_id: str | None = Field(default=None, json_schema_extra=INTERNAL)
+    layer: str | None = Field(default=None, json_schema_extra=INTERNAL)
 
     @field_validator("model")
     @classmethod
@@ -302,6 +303,16 @@ class LMConfig(BaseModel):
 
 
 # The stand-in accepts any non-empty key; the Gemini engine insists on having one.
+def internal_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``model`` marked ``json_schema_extra=INTERNAL``: set by the run, not by a user."""
+    return tuple(name for name, field in model.model_fields.items()
+                 if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("internal"))
+
+
+#: The LM fields the run fills in itself (cache_dir_shown, limits_share_of, endpoint_kind, run_dir,
+#: run_id, layer): an unknown-key error does not offer them, `provision config` does not list them.
+INTERNAL_LM_FIELDS: tuple[str, ...] = internal_fields(LMConfig)
+
 STANDIN_KEY = "provision-standin-not-a-secret"
 GeminiEndpoint = Literal["api", "standin", "none"]
 

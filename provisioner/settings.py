@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from provisioner.errors import ConfigError, UnknownNameError
-from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, INTERNAL_LM_FIELDS, LMConfig, LMMode
+from provisioner.lmconfig import API_KEY_ENV, CACHE_DIR_ENV, LMConfig, LMMode, internal_fields
 
 ENV_PREFIX = "PROVISION_"
 LAYER_ALIAS_ENV = "TEST_MODE"
@@ -469,5 +469,26 @@ def _known_keys(parents: list[str]) -> list[str]:
         model = annotation
     if not hasattr(model, "model_fields"):
         return []
-    internal = INTERNAL_LM_FIELDS if model is LMConfig else ()
+    internal = internal_fields(model)
     return [name for name in model.model_fields if name not in internal]
+
+
+def user_values(settings: Settings) -> dict[str, Any]:
+    """``settings.model_dump(mode="json")`` without the fields the run fills in itself (marked
+    ``json_schema_extra=INTERNAL``, :func:`provisioner.lmconfig.internal_fields`), at any depth:
+    what `provision config` shows as settings a user can set."""
+    return _without_internal(type(settings), settings.model_dump(mode="json"))
+
+
+def _without_internal(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    hidden = set(internal_fields(model))
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in hidden:
+            continue
+        field = model.model_fields.get(name)
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            value = _without_internal(annotation, value)
+        out[name] = value
+    return out

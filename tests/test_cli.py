@@ -525,3 +525,22 @@ def test_reap_status_and_down_say_what_they_did_in_words(engine: _SharedEngine) 
     gone = CliRunner().invoke(main, ["reap", "--all", "--force"])
     assert gone.exit_code == 0 and gone.output.startswith("removed run words1 (--all): "), gone.output
     assert CliRunner().invoke(main, ["status", "--all-projects"]).output == "no runs on this engine\n"
+
+
+def test_config_lists_only_settings_a_user_can_set(project: Path) -> None:
+    """A new user's `provision config` listed lm.cache_dir_shown, lm.run_dir, lm.run_id, lm.layer and
+    lm.endpoint_kind with source "default": the run fills them in itself. Which fields are internal
+    comes from their Field mark (json_schema_extra), so a new internal field is hidden too."""
+    from provisioner.lmconfig import INTERNAL_LM_FIELDS, LMConfig
+
+    assert set(INTERNAL_LM_FIELDS) == {"cache_dir_shown", "run_dir", "run_id", "layer", "endpoint_kind",
+                                       "limits_share_of"}
+    text = CliRunner().invoke(main, ["config"])
+    assert text.exit_code == 0, text.output
+    fields = {line.split()[0] for line in text.output.splitlines()}
+    as_json = json.loads(CliRunner().invoke(main, ["config", "--json"]).output)
+    for name in LMConfig.model_fields:
+        shown = name not in INTERNAL_LM_FIELDS
+        assert (f"lm.{name}" in fields) == (shown and name != "api_key"), name
+        assert (name in as_json["settings"]["lm"]) == (shown and name != "api_key"), name
+        assert (f"lm.{name}" in as_json["sources"]) == (shown and name != "api_key"), name
