@@ -421,6 +421,15 @@ class BridgeService:
         """Refuse ``what`` unless the connection has control, or — ``own_process``: the command only
         touches this process's state — the connection is its process's only one."""
         if not (access.control or (own_process and access.own_process)):
+            if access.own_process:  # a fork-mode connection: say why its own process is not enough
+                raise rejected(
+                    ErrorType.UNAUTHORIZED,
+                    f"{what} acts on the whole fork-mode worker (its other processes and their parent),"
+                    " not only this connection's process, so it needs the run's control token: send"
+                    ' {"command": "hello", "args": {"token": ...}} first (PROVISION_CONTROL_TOKEN in the'
+                    " run's env file). This connection's own process needs no token: configure_lm without"
+                    " session_id sets its default LM; closing the connection ends it",
+                )
             raise rejected(
                 ErrorType.UNAUTHORIZED,
                 f"{what} is a worker-wide command and needs the run's control token: send"

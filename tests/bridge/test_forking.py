@@ -133,6 +133,7 @@ def test_a_process_sets_its_own_default_lm_without_the_token(worker: Any) -> Non
         for call, what in ((test1.reset_state, "reset_state"), (test1.shutdown, "shutdown")):
             error = error_of(call)
             assert error.error_type == "Unauthorized" and what in error.message
+            assert "acts on the whole fork-mode worker" in error.message
         pid1 = test1.process["pid"] if test1.process else None
     assert worker.proc.poll() is None
     with worker.client(fork=True) as test2:

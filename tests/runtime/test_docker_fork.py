@@ -167,7 +167,7 @@ def test_a_test_sets_its_process_default_lm_without_the_token(env: Environment) 
         test1.adapter.bridge.configure_lm(mock_rules=five)
         test1.adapter.create_program(QA_INT, "qa")
         assert test1.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 5}
-        with pytest.raises(BridgeError, match="reset_state is a worker-wide command"):
+        with pytest.raises(BridgeError, match="reset_state acts on the whole fork-mode worker"):
             test1.adapter.bridge.reset_state()
     with env.session("test2") as test2:
         assert test2.adapter.bridge.get_stats()["lm"]["mock_rules"][0]["outputs"] == {"answer": 4}
