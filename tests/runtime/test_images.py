@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -197,8 +198,16 @@ def test_project_ids_are_per_folder_and_valid_docker_tags(tmp_path: Path) -> Non
 
 
 def _label_image(docker_engine: Any, base: str, tag: str, labels: dict[str, str]) -> None:
-    """A one-layer image FROM ``base`` with extra labels (what a user's custom image looks like)."""
-    dockerfile = f"FROM {base}\n" + "".join(f'LABEL {k}="{v}"\n' for k, v in labels.items())
+    """A one-layer image FROM ``base`` with extra labels (what a user's custom image looks like).
+
+    The engine is shared with other test runs (other checkouts, xdist processes of this one): each
+    test tags with a name of its own, so one run's cleanup never removes a tag another run is
+    using (fixed names did: the other run then failed on an image that had just gone), and the
+    image carries that name as a label too, in its one build step, so two runs share no image id
+    and no cached intermediate step (removing an id two runs shared failed with "unrecognized image
+    ID"; a build on a cached step another run's cleanup pruned, with "failed to get digest")."""
+    labels = {"test.tag": tag, **labels}
+    dockerfile = f"FROM {base}\nLABEL " + " ".join(f'{k}="{v}"' for k, v in labels.items()) + "\n"
     docker_engine.images.build(fileobj=dockerfile_context(dockerfile), custom_context=True, tag=tag,
                                pull=False, rm=True)
 
@@ -214,7 +223,7 @@ def test_the_image_records_the_hosts_provisioner_and_a_mismatch_names_both(
     assert labels[L.PACKAGE_HASH] == package.hash()[:16] and labels[L.VERSION] == package.version
     rt = DockerRuntime(docker_engine)
     assert images.ensure_worker_image(rt, image=worker_image) == worker_image  # the host's: accepted
-    stale = "provisioner-worker-test:stale-provisioner"
+    stale = f"provisioner-worker-test:stale-{secrets.token_hex(4)}"  # this run's own: see _label_image
     _label_image(docker_engine, worker_image, stale, {L.PACKAGE_HASH: "0123456789abcdef", L.VERSION: "0.0.1"})
     try:
         with pytest.raises(ImageError) as err:
@@ -249,8 +258,9 @@ def test_each_project_moves_only_its_own_tag(docker_engine: Any, worker_image: s
     from provisioner.runtime.engine import DockerRuntime
 
     rt = DockerRuntime(docker_engine)
-    mine, theirs = "test-tags-mine-0000aaaa", "test-tags-theirs-0000bbbb"
-    other_image = "provisioner-worker-test:other-content"
+    token = secrets.token_hex(4)  # this run's own names: see _label_image
+    mine, theirs = f"test-tags-mine-{token}", f"test-tags-theirs-{token}"
+    other_image = f"provisioner-worker-test:other-content-{token}"
     _label_image(docker_engine, worker_image, other_image, {"test.other": "1"})
     latest_before = _latest_id(docker_engine)
     try:
