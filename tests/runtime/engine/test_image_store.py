@@ -22,12 +22,16 @@ from provisioner.runtime.engine import ContainerRuntime, DockerRuntime, FakeRunt
 from ..._helpers import dockerfile_context, write_tar
 
 REPO = "provisioner-store-test"
+# This process's prefix of every tag it makes: the engine is shared with other test runs (other
+# checkouts, xdist processes), and a teardown removes only its own (it removed every REPO tag,
+# other runs' included, while they were using them).
+OWN = f"{REPO}:{secrets.token_hex(4)}-"
 Store = tuple[ContainerRuntime, str]
 
 
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
 def store(request: pytest.FixtureRequest) -> Iterator[tuple[ContainerRuntime, str]]:
-    """(runtime, a base image reference present on it); every ``REPO`` tag a test made is removed."""
+    """(runtime, a base image reference present on it); every ``REPO`` tag this process made is removed."""
     if request.param == "fake":
         fake = FakeRuntime(images=("base-for-tests:1",))
         yield fake, "base-for-tests:1"
@@ -39,12 +43,13 @@ def store(request: pytest.FixtureRequest) -> Iterator[tuple[ContainerRuntime, st
     finally:
         for image in rt.list_images(REPO):
             for tag in image.tags:
-                rt.remove_image(tag)
+                if tag.startswith(OWN):
+                    rt.remove_image(tag)
         rt.close()
 
 
 def _tag() -> str:
-    return f"{REPO}:{secrets.token_hex(4)}"
+    return f"{OWN}{secrets.token_hex(4)}"
 
 
 def test_both_runtimes_are_image_stores() -> None:
@@ -57,7 +62,8 @@ def test_a_build_uses_its_build_args_labels_and_reports_its_steps(store: Store) 
     tag = _tag()
     lines: list[str] = []
     built = rt.build(
-        dockerfile_context("ARG BASE=absent:0\nFROM ${BASE}\nLABEL from.dockerfile=1\n"),
+        # The tag in the LABEL step: no other run's build shares (and prunes) its cached step.
+        dockerfile_context(f"ARG BASE=absent:0\nFROM ${{BASE}}\nLABEL from.dockerfile=1 test.tag={tag}\n"),
         tag,
         build_args={"BASE": base},
         labels={"test.given": "yes"},
