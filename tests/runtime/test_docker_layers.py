@@ -225,7 +225,11 @@ def stalling_image(docker_engine: Any, worker_image: str) -> Iterator[str]:
     import io
 
     tag = f"provtest-stall:{os.getpid()}"
-    dockerfile = f"FROM {worker_image}\nENTRYPOINT {json.dumps(['python3', '-I', '-c', STALL_WORKERS])}\n"
+    # The tag as a label in the first step: another run's build of this fixture (same content, the
+    # engine is shared) would share its image id and cached step, and that run's removal could take
+    # them from under this one's build or removal.
+    dockerfile = (f"FROM {worker_image}\nLABEL test.tag={tag}\n"
+                  f"ENTRYPOINT {json.dumps(['python3', '-I', '-c', STALL_WORKERS])}\n")
     docker_engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, pull=False)
     try:
         yield tag
