@@ -31,6 +31,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the block: bound, never listening, held — not a
+    port that was free a moment ago, which anything else on the machine may bind meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
 def _relay(routes: list[tuple[int, str, int]], **options: Any) -> Iterator[socket.socket]:
     """The relay serving ``routes`` on 127.0.0.1 in a thread; yields a connection to the first
     route's port once it accepts (polled), and stops the relay after the block."""
@@ -72,8 +81,8 @@ def echo_server() -> Iterator[int]:
 
 def test_relay_forwards_and_drops_connections_to_missing_targets(echo_server: int) -> None:
     live, dead = _free_port(), _free_port()
-    missing_target = _free_port()  # nothing listens there
-    with _relay([(live, "127.0.0.1", echo_server), (dead, "127.0.0.1", missing_target)]) as conn:
+    with _refusing_port() as missing_target, \
+            _relay([(live, "127.0.0.1", echo_server), (dead, "127.0.0.1", missing_target)]) as conn:
         with conn:
             payload = b"x" * 300_000
             conn.sendall(payload)
@@ -127,12 +136,12 @@ def test_check_passes_when_every_port_accepts_and_names_the_first_that_does_not(
 
     listening = socket.create_server(("127.0.0.1", 0))
     try:
-        port = str(listening.getsockname()[1])
-        closed = str(_free_port())
-        assert check([port]) == 0
-        assert check([port, closed]) == 1
-        assert f"relay port {closed}" in capsys.readouterr().out
-        assert check([]) == 1 and "no ports given" in capsys.readouterr().out
+        with _refusing_port() as refusing:
+            port, closed = str(listening.getsockname()[1]), str(refusing)
+            assert check([port]) == 0
+            assert check([port, closed]) == 1
+            assert f"relay port {closed}" in capsys.readouterr().out
+            assert check([]) == 1 and "no ports given" in capsys.readouterr().out
     finally:
         listening.close()
 
@@ -140,8 +149,8 @@ def test_check_passes_when_every_port_accepts_and_names_the_first_that_does_not(
 def test_main_with_check_exits_with_its_status() -> None:
     from provisioner.runtime.relay import main
 
-    with pytest.raises(SystemExit) as info:
-        main(["--check", str(_free_port())])
+    with _refusing_port() as refusing, pytest.raises(SystemExit) as info:
+        main(["--check", str(refusing)])
     assert info.value.code == 1
 
 
