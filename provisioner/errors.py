@@ -150,6 +150,11 @@ class ProcessGoneError(BridgeConnectionError):
     errors (``error_type`` is still ``ConnectionError``, for code that sorts errors by it).
     """
 
+    def __init__(self, message: str, request_id: object = None, *, worker: str | None = None) -> None:
+        """``worker``: the fork-mode worker (container) whose process ended, when known."""
+        super().__init__(message, request_id)
+        self.worker = worker
+
     def __str__(self) -> str:
         return self.message
 

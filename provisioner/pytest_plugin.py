@@ -18,6 +18,7 @@ import contextlib
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pytest
@@ -278,7 +279,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    gone = _process_gone(item, call)
     report = yield
+    if gone is not None:  # counted by the controller's summary (a report attribute travels with xdist)
+        report.provisioner_process_gone = gone.worker or "?"
     phases = item.stash.setdefault(PHASE_REPORTS, {})
     phases[report.when] = report
     run = item.config.stash[RUN_KEY]
@@ -291,6 +295,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "teardown":  # LM usage, leaks, saved logs: JUnit XML properties, history rows
         report.user_properties.extend(run.test_properties(item.nodeid))
     return report
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _process_gone(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """The :class:`~provisioner.errors.ProcessGoneError` a test failed with (its own fork-mode
+    process ended), or None. Its failure then shows the test's own frames and the message, not
+    the client's and pool's frames it passed through (about six of them) nor the socket error it
+    was raised from; ``--fulltrace`` shows everything as usual."""
+    from provisioner.errors import ProcessGoneError
+
+    excinfo = call.excinfo
+    if excinfo is None or not excinfo.errisinstance(ProcessGoneError):
+        return None
+    if not item.config.getoption("fulltrace", False):
+        # The raw chain, not ExceptionInfo.traceback: pytest's own filter re-walks it from the test's
+        # frame (Traceback.cut), so only an end cut off the chain stays off.
+        chain: list[TracebackType] = []
+        tb: TracebackType | None = excinfo.tb
+        while tb is not None:
+            chain.append(tb)
+            tb = tb.tb_next
+        inside = [_PACKAGE_DIR in Path(t.tb_frame.f_code.co_filename).resolve().parents for t in chain]
+        last_outside = max((i for i, internal in enumerate(inside) if not internal), default=None)
+        if last_outside is not None and last_outside < len(chain) - 1:
+            chain[last_outside].tb_next = None  # the test's line that called into provisioner is last
+            excinfo.traceback = type(excinfo.traceback)(excinfo.tb)  # rebuilt from the shortened chain
+        excinfo.value.__cause__ = None  # the socket error under it says nothing the message does not
+        excinfo.value.__suppress_context__ = True
+    return excinfo.value
 
 
 class _CompletenessHooks:

@@ -342,7 +342,7 @@ class BridgeClient(BridgeCommands):
         if self._closed:
             raise BridgeConnectionError(f"{self!r} is closed")
         if self._gone is not None:
-            raise ProcessGoneError(self._gone)
+            raise ProcessGoneError(self._gone, worker=(self.process or {}).get("worker_id"))
         if self._sock is not None and self._reader is not None:
             if not self._peer_closed(self._sock):
                 return self._sock, self._reader
@@ -411,7 +411,7 @@ class BridgeClient(BridgeCommands):
             " not reconnect: open a new BridgeClient for a fresh process (under pytest: the next test"
             " gets one)"
         )
-        return ProcessGoneError(self._gone)
+        return ProcessGoneError(self._gone, worker=process.get("worker_id"))
 
     @staticmethod
     def _peer_closed(sock: socket.socket) -> bool:

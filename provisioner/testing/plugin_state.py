@@ -167,6 +167,8 @@ class ProvisionRun:
         self._finished: RunReport | None = None
         # Tests whose report says no engine answered, by pytest outcome (summed at finish).
         self.no_engine: dict[str, int] = {}
+        # Tests whose own fork-mode process ended under them (ProcessGoneError), by worker.
+        self.processes_gone: dict[str, int] = {}
         self._warm_attempted = False
         # Why this run is partial (cannot vouch for unused cassettes); filled by the plugin's hooks.
         self.completeness = Completeness()
@@ -266,6 +268,12 @@ class ProvisionRun:
             lines.append(f"own run for this session, not attaching: {self.up_match.reason}")
         if self.no_engine:
             lines += docker_check.unreachable_summary(self.no_engine, self._engine_where())
+        if self.processes_gone:
+            count = sum(self.processes_gone.values())
+            where = ", ".join(f"{worker} ({n})" if n > 1 else worker
+                              for worker, n in sorted(self.processes_gone.items()))
+            lines.append(f"{count} process(es) ended during a test (crashed or killed; each such test failed "
+                         f"with ProcessGoneError, its report has the worker's log line saying how): {where}")
         return lines + report.lines()
 
     def workerinput(self) -> dict[str, str]:
@@ -640,6 +648,10 @@ class ProvisionRun:
                             report.add_outcome(self.layer.name, outcome)
                             if docker_check.UNREACHABLE in _longrepr_text(entry):
                                 self.no_engine[outcome] = self.no_engine.get(outcome, 0) + 1
+                            gone_on = getattr(entry, "provisioner_process_gone", None)
+                            if gone_on is not None:
+                                gone = self.processes_gone
+                                gone[str(gone_on)] = gone.get(str(gone_on), 0) + 1
             self.rows.add_leaks((r.test, r.leaks) for s in report.layers.values() for r in s.leaks)
             self._record_history(report, ledger)
             self._finished = report
