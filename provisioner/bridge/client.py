@@ -49,6 +49,9 @@ from provisioner.reprs import safe_repr
 from provisioner.settings import DEFAULT_PROCESS_TIMEOUT_S, reply_timeout
 
 DEFAULT_SESSION = "anonymous"
+# How long a client that lost its fork-mode process looks for how it ended (the worker's parent notes
+# it once it has reaped the process, read through a new connection's get_stats; seconds).
+ENDED_LOOKUP_S = 2.0
 _T = TypeVar("_T")
 
 
@@ -350,7 +353,7 @@ class BridgeClient(BridgeCommands):
             # was sent yet, so connecting again is safe — unless the connection was a process.
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone("ended while this client was idle (the connection closed)")
+                raise self._process_gone("ended{how} while this client was idle (the connection closed)")
         if self._connected_before and self._is_fork:
             raise self._process_gone("is gone (its connection was lost)")
         try:
@@ -390,21 +393,34 @@ class BridgeClient(BridgeCommands):
     def _is_fork(self) -> bool:
         return bool(self._fork)
 
-    def _process_gone(self, what: str) -> ProcessGoneError:
+    def _process_gone(self, what: str, *, ended: str | None = None) -> ProcessGoneError:
         """The error of every later request once a fork-mode connection is lost; ``what`` says what
-        happened to the process ("ended while this client was idle (...)").
+        happened to the process ("ended{how} while this client was idle (...)"), ``{how}`` filled
+        with how it ended when the worker can say; ``ended``: the words instead of ``what`` when it
+        can (``what`` then says only that the process is gone: a broken connection need not mean
+        its process ended).
 
-        The client cannot see how the process ended (a closed socket carries no exit status); the
-        worker's parent logs it (``process P serving PEER ended by signal SIGKILL``), so the
-        message points there."""
+        A closed socket carries no exit status: for ``{how}`` the client asks the worker, on a new
+        connection (a fresh process, closed at once), whose ``get_stats`` lists how its last
+        processes ended (``fork.ended``), for up to :data:`ENDED_LOOKUP_S` (the parent notes it
+        once it reaped the process). Not found (the worker gone, busy or slow): the message points
+        to the worker's log, where the parent logged it."""
         process = self.process or {}
         worker = process.get("worker_id") or "?"
         pid = process.get("pid")
         which = f"process {pid} (forked from {process.get('parent_pid')})" if pid else "the process"
-        how = "the worker's log says how it ended"
-        if pid:
-            how += (f" ('process {pid} serving ... ended by signal ...' or '... by exit code ...'; a failed"
-                    " test's report shows that log)")
+        template = ended or what
+        how_ended = None
+        if pid and "{how}" in template:
+            how_ended = self._how_it_ended(pid, process.get("parent_pid"))
+        what = template.replace("{how}", f" {how_ended}") if how_ended else what.replace("{how}", "")
+        if how_ended:
+            how = "the worker's log has its line too"
+        else:
+            how = "the worker's log says how it ended"
+            if pid:
+                how += (f" ('process {pid} serving ... ended by signal ...' or '... by exit code ...'; a"
+                        " failed test's report shows that log)")
         self._gone = (
             f"{which} of fork-mode worker {worker} at {self.host}:{self.port} that served this client"
             f" {what}; its sessions, programs and LM state went with it, and {how}. This client does"
@@ -412,6 +428,27 @@ class BridgeClient(BridgeCommands):
             " gets one)"
         )
         return ProcessGoneError(self._gone, worker=process.get("worker_id"))
+
+    def _how_it_ended(self, pid: int, parent_pid: int | None) -> str | None:
+        """``"by signal SIGKILL"`` / ``"with exit code 70"``: how the worker says process ``pid`` of
+        parent ``parent_pid`` ended (see :meth:`_process_gone`); None when it cannot say in time."""
+        deadline = time.monotonic() + ENDED_LOOKUP_S
+        try:
+            with BridgeClient(self.host, self.port, connect_timeout=ENDED_LOOKUP_S,
+                              request_timeout=ENDED_LOOKUP_S, token=self._token, fork=True) as probe:
+                if probe.process is None or probe.process.get("parent_pid") != parent_pid:
+                    return None  # another worker behind the address now (a replacement)
+                while True:
+                    for entry in probe.get_stats().get("fork", {}).get("ended", []):
+                        if entry.get("pid") == pid:
+                            if entry.get("signal"):
+                                return f"by signal {entry['signal']}"
+                            return f"with exit code {entry.get('exit_code')}"
+                    if time.monotonic() >= deadline:
+                        return None
+                    time.sleep(0.05)  # polled, with the deadline above: the parent reaps soon
+        except (ProvisionerError, OSError):
+            return None
 
     @staticmethod
     def _peer_closed(sock: socket.socket) -> bool:
@@ -514,13 +551,15 @@ class BridgeClient(BridgeCommands):
         except BridgeConnectionError as exc:
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone(f"ended before answering {command} (it crashed or was killed:"
-                                         " the connection closed)") from exc
+                raise self._process_gone(f"ended{{how}} before answering {command} (it crashed or was"
+                                         " killed: the connection closed)") from exc
             raise
         except (OSError, ProtocolError) as exc:
             self._drop_connection()
             if self._is_fork:
-                raise self._process_gone(f"is gone: the connection broke during {command}: {exc}") from exc
+                raise self._process_gone(f"is gone: the connection broke during {command}: {exc}",
+                                         ended=f"ended{{how}} during {command} (the connection broke: {exc})"
+                                         ) from exc
             raise BridgeConnectionError(
                 f"connection to the bridge worker at {self.host}:{self.port} broke"
                 f" during {command}: {exc}",

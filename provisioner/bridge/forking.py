@@ -287,9 +287,43 @@ class _Counters:
                "exited_total", "spare_pid")
     _STRUCT = struct.Struct("<" + "q" * len(_FIELDS))
 
+    # The last ENDED_KEPT processes that served a connection and ended: (pid, wait status as
+    # os.waitstatus_to_exitcode gives it: negative = the signal), a ring after the counters.
+    ENDED_KEPT = 64
+    _ENDED_AT = 256
+    _ENTRY = struct.Struct("<qq")
+
     def __init__(self) -> None:
         self._page = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED | MAP_ANONYMOUS: shared across fork
         self.values = dict.fromkeys(self._FIELDS, 0)
+        self._ended_next = 0
+
+    def record_end(self, pid: int, code: int) -> None:
+        """Note how process ``pid`` ended (``code``: exit code, or minus the signal)."""
+        slot = self._ended_next % self.ENDED_KEPT
+        offset = self._ENDED_AT + slot * self._ENTRY.size
+        self._page[offset: offset + self._ENTRY.size] = self._ENTRY.pack(pid, code)
+        self._ended_next += 1
+
+    def ended(self) -> list[dict[str, Any]]:
+        """The last processes that ended (at most :attr:`ENDED_KEPT`, any order):
+        ``[{"pid", "exit_code", "signal"}]`` — ``exit_code`` None and ``signal`` its name (e.g.
+        ``"SIGKILL"``) for a process a signal ended, else the exit code and None."""
+        found = []
+        for slot in range(self.ENDED_KEPT):
+            offset = self._ENDED_AT + slot * self._ENTRY.size
+            pid, code = self._ENTRY.unpack(self._page[offset: offset + self._ENTRY.size])
+            if pid <= 0:
+                continue
+            if code < 0:
+                try:
+                    name: str | None = signal.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                found.append({"pid": pid, "exit_code": None, "signal": name})
+            else:
+                found.append({"pid": pid, "exit_code": code, "signal": None})
+        return found
 
     def add(self, name: str, delta: int = 1) -> None:
         self.values[name] += delta
@@ -638,6 +672,7 @@ class ForkingWorker:
                         self._spare_failed(f"the waiting process {pid} ended by {how}")
                     self.counters.values["crashed_total"] += 1
                     continue
+            self.counters.record_end(pid, code)  # a client that lost it may ask how (get_stats)
             if code == 0:
                 self.counters.values["exited_total"] += 1
                 log.debug("worker %s: process %d (%s) ended", self.worker_id, pid, child.peer)
@@ -879,7 +914,8 @@ def run_fork_worker(
         server = BridgeServer(service, **server_options, max_connections=1, pids=None)
         built["server"] = server
         service.stats_hooks.append(lambda: {"fork": {**parent.counters.seen_by(os.getpid()),
-                                                     "max_processes": parent.max_children}})
+                                                     "max_processes": parent.max_children,
+                                                     "ended": parent.counters.ended()}})
         service.on_shutdown(lambda: parent.tell_parent(f"S {os.getpid()}"))
         service.on_reset(lambda: parent.tell_parent(f"R {os.getpid()}"))
 

@@ -151,8 +151,9 @@ def error_of(call: Any) -> BridgeError:
     return info.value
 
 
+# docs/protocol.md, "Fork mode", "What a child reports"
 FORK_STATS = {"serving", "spare", "max_processes", "forks_total", "accepted_total", "refused_busy",
-              "crashed_total", "exited_total"}  # docs/protocol.md, "Fork mode", "What a child reports"
+              "crashed_total", "exited_total", "ended"}
 
 
 def test_a_connection_s_first_get_stats_counts_its_process_as_serving_not_spare(worker: Any) -> None:
@@ -163,9 +164,12 @@ def test_a_connection_s_first_get_stats_counts_its_process_as_serving_not_spare(
         raw.send({"id": 1, "command": "get_stats", "args": {}})
         fork = raw.receive()["result"]["fork"]
         assert set(fork) == FORK_STATS
-        assert fork["spare"] == 0 and fork["serving"] >= 1, fork
+        # Its own process serves (the old count had it as the spare: serving 0, spare 1). A spare
+        # may be there too: the next one is forked 50 ms after an accept without a request yet.
+        assert fork["serving"] >= 1 and fork["spare"] in (0, 1), fork
     doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
     listed = re.search(r"`fork: \{([^}]*)\}`", " ".join(doc.split()))
+    assert isinstance(fork["ended"], list)
     assert listed is not None and {f.strip() for f in listed.group(1).split(",")} == FORK_STATS
 
 
@@ -210,7 +214,7 @@ def test_a_crashed_process_fails_only_its_own_connection(worker: Any, sig: signa
         assert len(errors) == 1 and isinstance(errors[0], ProcessGoneError)
         message = str(errors[0])
         assert worker_id_of(bystander) in message and f"process {victim_pid}" in message
-        assert "does not reconnect" in message
+        assert "does not reconnect" in message and f"ended by signal {sig.name} " in message, message
         with pytest.raises(ProcessGoneError):  # and it stays gone: no silent fresh process
             victim.ping()
         assert bystander.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
@@ -234,8 +238,9 @@ def test_a_process_killed_while_its_client_is_idle_is_named_as_ended(worker: Any
             client.ping()
     message = str(info.value)
     assert message.startswith(f"process {pid} (forked from {parent}) of fork-mode worker {worker_id} at ")
-    assert "ended while this client was idle" in message and "closed the connection while idle" not in message
-    assert "the worker's log says how it ended" in message and "open a new BridgeClient" in message
+    # How it ended: the client asked the worker (a new connection's get_stats, fork.ended).
+    assert "ended by signal SIGKILL while this client was idle" in message, message
+    assert "closed the connection while idle" not in message and "open a new BridgeClient" in message
     assert info.value.error_type == "ConnectionError" and isinstance(info.value, BridgeConnectionError)
     # The parent logs the line after it reaped the process: poll for it.
     ended = re.compile(rf"process {pid} serving .* ended by signal SIGKILL".encode())

@@ -200,7 +200,7 @@ def test_a_crashed_process_fails_only_its_own_session(env: Environment) -> None:
             thread.join(60)
         assert len(errors) == 1 and isinstance(errors[0], ProcessGoneError), errors
         assert victim.adapter.bridge.process["worker_id"] in str(errors[0])
-        assert f"process {pid}" in str(errors[0])
+        assert f"process {pid}" in str(errors[0]) and "ended by signal SIGSEGV" in str(errors[0]), errors[0]
         assert bystander.adapter.execute_program("qa", {"question": "2+2"})["outputs"] == {"answer": 4}
     with env.session("after") as after:
         assert after.adapter.ping()["status"] == "ok"
