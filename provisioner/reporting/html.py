@@ -34,7 +34,7 @@ padding:.5em .9em;min-width:8em}.tile b{display:block;font-size:1.5em}
 .passed{color:#1a7f37}.failed,.error{color:#c62828}
 .skipped,.xfailed,.xpassed{color:#8a6d00}.strip span{display:inline-block;width:1.1em;text-align:center}
 .over{color:#c62828;font-weight:bold}.muted{color:#667}.charts{display:flex;flex-wrap:wrap;gap:1em}
-.charts figure{margin:0;width:380px}figcaption{font-size:12px;color:#445}
+.charts figure{margin:0;width:380px}
 .worker-log pre{font-size:11px;max-width:640px;overflow-x:auto;background:#f6f8fa;padding:.4em}
 """
 
@@ -76,7 +76,37 @@ def _table(
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _chart(kind: str, title: str, labels: list[str], series: dict[str, list[float | None]]) -> str:
+#: At most this many x labels per chart (evenly spaced, pygal's ``x_labels_major_count``), rotated
+#: by :data:`X_LABEL_ROTATION` degrees: 31 runs' "MM-DD HH:MM" labels at every 5th overlapped in a
+#: 380 px chart. And at most about this many y ticks (pygal's ``max_scale``): pass rates 85-100 got
+#: 16 ticks whose labels overlapped.
+X_LABELS_SHOWN = 5
+X_LABEL_ROTATION = 40
+Y_TICKS_MAX = 5
+
+
+def usd_tick(value: float) -> str:
+    """A dollar amount for an axis: as many decimals as its first two significant digits need,
+    never exponent notation (``1.8e-06`` → ``$0.0000018``, ``0.25`` → ``$0.25``, ``12`` → ``$12``)."""
+    import math
+
+    if value == 0 or not math.isfinite(value):
+        return "$0"
+    decimals = max(0, 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return ("-$" + text[1:]) if text.startswith("-") else "$" + text
+
+
+def _number_tick(value: float) -> str:
+    return f"{value:g}"
+
+
+def _chart(kind: str, title: str, labels: list[str], series: dict[str, list[float | None]], *,
+           usd: bool = False) -> str:
+    """One pygal chart as inline SVG. ``usd``: the y axis is dollars (:func:`usd_tick`). The title is
+    drawn in the SVG (and is its ``<title>``): no caption repeats it."""
     import pygal
     from pygal.style import CleanStyle
 
@@ -89,20 +119,23 @@ def _chart(kind: str, title: str, labels: list[str], series: dict[str, list[floa
         style=CleanStyle,
         show_legend=len(series) > 1,
         legend_at_bottom=True,
-        x_label_rotation=30,
+        x_label_rotation=X_LABEL_ROTATION,
+        x_labels_major_count=min(X_LABELS_SHOWN, len(labels)),
         show_minor_x_labels=False,
         truncate_label=12,
+        min_scale=3,
+        max_scale=Y_TICKS_MAX,
+        value_formatter=usd_tick if usd else _number_tick,
         title=title,
         print_values=False,
     )
     chart.x_labels = labels
-    chart.x_labels_major = labels[:: max(1, len(labels) // 6)]
     for name, values in series.items():
         chart.add(name, values)
     # pygal always writes an inline <script> with its config for the tooltip script we do not load
     # (it would come from a CDN): drop it, so the page has no script at all and a strict CSP.
     svg = _SCRIPT.sub("", chart.render(is_unicode=True))
-    return f"<figure>{svg}<figcaption>{_e(title)}</figcaption></figure>"
+    return f'<figure aria-label="{_e(title)}">{svg}</figure>'
 
 
 def _duration(row: TestRow) -> float:
@@ -209,7 +242,7 @@ def _trends(board: Dashboard, runs: list[RunRow]) -> str:
             _chart(
                 "line", "suite duration s", labels, {"duration": [round(r["duration_s"], 2) for r in recent]}
             ),
-            _chart("line", "cost per run $", labels, {"cost": [r["cost_usd"] for r in recent]}),
+            _chart("line", "cost per run", labels, {"cost": [r["cost_usd"] for r in recent]}, usd=True),
         ]
     )
     rows = (
@@ -320,7 +353,7 @@ def _cost(board: Dashboard) -> str:
         }
         if budget is not None:
             series["budget"] = [budget for _ in recent]
-        svg = _chart("bar", "cost per month $", [m.month for m in recent], series)
+        svg = _chart("bar", "cost per month", [m.month for m in recent], series, usd=True)
         chart = f'<div class="charts">{svg}</div>'
     test_rows = (
         [
