@@ -395,3 +395,58 @@ def test_action_brings_up_exports_runs_a_non_python_client_and_tears_down(tmp_pa
         if run_id:
             subprocess.run([str(ROOT / ".venv" / "bin" / "provision"), "down", "--run", run_id], cwd=project,
                            capture_output=True, timeout=300)
+
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted(ROOT.glob("examples/**/*.md"))]
+_YAML_BLOCK = re.compile(r"^```ya?ml[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _shipped_github_yaml() -> list[tuple[str, str, str]]:
+    """(where, schema, text) of every GitHub YAML the repository ships: its workflows, its action,
+    and each YAML block of its docs — a whole workflow, or a list of steps (validated as the steps
+    of a one-job workflow). A YAML block that is neither fails: classify it here."""
+    out = [(str(p.relative_to(ROOT)), "vendor.github-workflows", p.read_text())
+           for p in sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))]
+    out.append(("action.yml", "vendor.github-actions", ACTION.read_text()))
+    for doc in DOC_FILES:
+        text = doc.read_text()
+        for match in _YAML_BLOCK.finditer(text):
+            where = f"{doc.relative_to(ROOT)}:{text[:match.start()].count(chr(10)) + 1}"
+            block = match.group(1)
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and "jobs" in data:
+                out.append((where, "vendor.github-workflows", block))
+            elif isinstance(data, dict) and "runs" in data:
+                out.append((where, "vendor.github-actions", block))
+            elif isinstance(data, list) and data and all(isinstance(s, dict) and ({"uses", "run"} & set(s))
+                                                         for s in data):
+                wrapped = {"on": "push", "jobs": {"example": {"runs-on": "ubuntu-latest", "steps": data}}}
+                out.append((f"{where} (as a job's steps)", "vendor.github-workflows",
+                            yaml.safe_dump(wrapped)))
+            else:
+                pytest.fail(f"{where}: a YAML block that is neither a workflow, an action nor steps")
+    return out
+
+
+def test_every_shipped_workflow_yaml_validates_offline(tmp_path: Path) -> None:
+    """docs/scaling.md's "minimal workflow" had no `on` and no `runs-on` in either job: a user's copy
+    did not validate. Every workflow YAML the repository ships, docs included, is checked against
+    GitHub's schema (check-jsonschema's vendored copy: no network)."""
+    shipped = _shipped_github_yaml()
+    wheres = [where for where, _, _ in shipped]
+    assert any(w.startswith("docs/scaling.md:") for w in wheres), wheres
+    assert any(w.startswith("README.md:") for w in wheres), wheres
+    for i, (where, schema, text) in enumerate(shipped):
+        path = tmp_path / f"{i}.yml"
+        path.write_text(text)
+        proc = _check_jsonschema(path, schema)
+        assert proc.returncode == 0, (where, proc.stdout + proc.stderr)
+
+
+def test_a_docs_workflow_without_runs_on_fails_the_check(tmp_path: Path) -> None:
+    (_where, schema, text), = [s for s in _shipped_github_yaml() if s[0].startswith("docs/scaling.md:")]
+    broken = tmp_path / "broken.yml"
+    broken.write_text(text.replace("    runs-on: ubuntu-latest\n", ""))
+    assert broken.read_text() != text
+    assert _check_jsonschema(broken, schema).returncode != 0
