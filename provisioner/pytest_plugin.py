@@ -109,7 +109,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "lm_rules(*rules): this test's own mock LM rules (provisioner.lmconfig.MockRule or a dict of its "
-        "fields), layered over the layer's LM for the test and the threads it starts (docs/lm.md)",
+        "fields: `python -m pydoc provisioner.lmconfig.MockRule`), layered over the layer's LM for the test "
+        "and the threads it starts",
     )
     if run.layer.max_failures and not config.getoption("maxfail"):
         config.option.maxfail = run.layer.max_failures  # --maxfail / -x given by the user win

@@ -350,8 +350,8 @@ def test_docker_layer_test_fails_under_ci_and_skips_locally(project: pytest.Pyte
 
 
 def test_no_user_facing_message_names_a_file_of_the_checkout() -> None:
-    """Messages reach users of a wheel install, which has no .ci/ (nor tests/ or benchmarks/): string
-    literals of the package (not comments or docstrings) must not send them there."""
+    """Messages reach users of a wheel install, which has no .ci/ (nor tests/, benchmarks/, docs/ or
+    examples/): string literals of the package (not comments or docstrings) must not send them there."""
     import ast
 
     package = Path(__file__).resolve().parents[1] / "provisioner"
@@ -364,7 +364,8 @@ def test_no_user_facing_message_names_a_file_of_the_checkout() -> None:
                       and isinstance(node.body[0].value, ast.Constant)}
         for node in ast.walk(tree):
             if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
-                    and re.search(r"\.ci/|\bbenchmarks/|\btests/\w+\.py", node.value)):
+                    and re.search(r"\.ci/|\bbenchmarks/|\btests/\w+\.py|\bdocs/\w+\.md|\bexamples/",
+                                  node.value)):
                 found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {node.value[:80]!r}")
     assert not found, found
 
