@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
 from provisioner.lm.standin import GeminiStandin
 
 from .._helpers import LatencyGate
@@ -77,3 +79,24 @@ def real_mode_run(
         (run,) = db.runs()
         tests = {t["node_id"]: t for t in db.tests(run["run_id"])}
     return result, report, run, tests
+
+
+def fill_the_window_as_the_next_call_asks(monkeypatch: pytest.MonkeyPatch, seconds_left: float,
+                                          slots: int = 1) -> None:
+    """The next request for a rate-limit slot (only that one: a retry's is free) first finds the
+    window's ``slots`` slots taken 60 - ``seconds_left`` s ago — written into the limiter's state
+    under its lock as the request begins — so it waits ``seconds_left`` however long the call took
+    to get there. Writing that state before the call raced it: on a loaded machine the call could
+    reach the limiter after the slots had freed, and nothing waited."""
+    acquire = RunLimits.acquire_request_timed
+
+    def acquire_in_a_full_window(self: RunLimits) -> tuple[float, float]:
+        monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire)  # once
+        with locked(self.run_dir):
+            path = self.run_dir / STATE_FILE
+            state = json.loads(path.read_text()) if path.exists() else {}
+            state["requests"] = [time.time() - 60.0 + seconds_left] * slots
+            write_json_atomic(path, state)
+        return acquire(self)
+
+    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -21,22 +20,12 @@ from provisioner.cli import main
 from provisioner.history.store import HISTORY_FILE, History
 from provisioner.lm import build_lm, stats
 from provisioner.lm.ledger import cost_report, format_cost_report, ledger_usage, read_ledger
-from provisioner.lm.limits import STATE_FILE, locked, write_json_atomic
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .conftest import STANDIN_KEY
+from .conftest import STANDIN_KEY, fill_the_window_as_the_next_call_asks
 
 pytest_plugins = ["pytester"]
-
-
-def _window_frees_in(run_dir: Path, seconds: float, slots: int = 1) -> None:
-    """As if the window's ``slots`` slots were taken 60 - ``seconds`` s ago: the next call waits for one."""
-    with locked(run_dir):
-        path = run_dir / STATE_FILE
-        state = json.loads(path.read_text()) if path.exists() else {}
-        state["requests"] = [time.time() - 60.0 + seconds] * slots
-        write_json_atomic(path, state)
 
 
 def _config(standin: GeminiStandin, run_dir: Path, **extra: object) -> LMConfig:
@@ -48,10 +37,12 @@ def _config(standin: GeminiStandin, run_dir: Path, **extra: object) -> LMConfig:
 
 @pytest.mark.parametrize("status, error_type", [(429, "RateLimitError"), (500, "ServerError")])
 def test_a_call_that_waited_and_then_failed_writes_one_error_line_with_its_wait(
-        standin: GeminiStandin, tmp_path: Path, status: int, error_type: str) -> None:
+        standin: GeminiStandin, tmp_path: Path, status: int, error_type: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     lm = build_lm(_config(standin, tmp_path, rate_limit_rpm=2))
     lm("answered at once")  # the engine is built and warm: what follows waits for the limit only
-    _window_frees_in(tmp_path, 2.0, slots=2)  # both slots taken; the call waits ~2 s, its retry not
+    # Both slots taken as the call asks for one: it waits ~0.3 s, its retry not.
+    fill_the_window_as_the_next_call_asks(monkeypatch, 0.3, slots=2)
     standin.fail_next(2, status=status)  # the call and its one retry
     before = stats()
     with pytest.raises(Exception, match=str(status)):
@@ -107,18 +98,25 @@ import json, time
 import dspy
 import pytest
 
-from provisioner.lm.limits import STATE_FILE, locked, write_json_atomic
+from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
 
 
-def test_fails_after_waiting(lm, lm_cost):
+def test_fails_after_waiting(lm, lm_cost, monkeypatch):
     program = dspy.Predict("question -> answer")
     program(question="first?")
     env = lm_cost._environment
-    run_dir = env.lm_config.run_dir
-    with locked(run_dir):  # as if the first call was 58 s ago: the next waits ~2 s for its slot
-        state = json.loads((run_dir / STATE_FILE).read_text())
-        state["requests"] = [time.time() - 58.0]
-        write_json_atomic(run_dir / STATE_FILE, state)
+    acquire = RunLimits.acquire_request_timed
+
+    def acquire_in_a_full_window(self):
+        # As if the first call was 59.7 s ago when the next asks for its slot: it waits ~0.3 s
+        # (written as it asks, not before the call: a loaded machine could be later than that).
+        with locked(self.run_dir):
+            state = json.loads((self.run_dir / STATE_FILE).read_text())
+            state["requests"] = [time.time() - 59.7]
+            write_json_atomic(self.run_dir / STATE_FILE, state)
+        return acquire(self)
+
+    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
     env._standin.fail_next(1, status=429)  # the in-process stand-in of a run without a key
     with pytest.raises(Exception, match="429"):
         program(question="second?")

@@ -7,7 +7,6 @@ called its tests slow."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from click.testing import CliRunner
 from provisioner.cli import main
 from provisioner.lm import build_lm, stats
 from provisioner.lm.ledger import cost_report, format_cost_report, read_ledger
-from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
+from provisioner.lm.limits import RunLimits
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .conftest import STANDIN_KEY, real_mode_run
+from .conftest import STANDIN_KEY, fill_the_window_as_the_next_call_asks, real_mode_run
 
 pytest_plugins = ["pytester"]
 
@@ -61,24 +60,6 @@ def test_a_refusal_after_waiting_says_how_long_it_waited(tmp_path: Path) -> None
     assert info.value.waited_s == 0.0
 
 
-def _fill_the_window_as_the_call_looks(monkeypatch: pytest.MonkeyPatch, seconds_left: float) -> None:
-    """From now on, each slot request first finds the window's only slot taken 60 - ``seconds_left``
-    s ago (the state the limiter keeps, written under its lock as the request begins): it waits
-    ``seconds_left`` however long the call took to get there. Writing that state before the call
-    instead raced it: on a loaded machine the call could arrive after the slot had freed."""
-    acquire = RunLimits.acquire_request_timed
-
-    def acquire_in_a_full_window(self: RunLimits) -> tuple[float, float]:
-        with locked(self.run_dir):
-            path = self.run_dir / STATE_FILE
-            state = json.loads(path.read_text()) if path.exists() else {}
-            state["requests"] = [time.time() - 60.0 + seconds_left]
-            write_json_atomic(path, state)
-        return acquire(self)
-
-    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
-
-
 def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_counters(
     standin: GeminiStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,7 +69,7 @@ def test_a_call_that_waited_for_the_rate_limit_says_so_in_its_ledger_line_and_co
     lm = build_lm(config)
     before = stats()
     lm("no wait")
-    _fill_the_window_as_the_call_looks(monkeypatch, 0.3)
+    fill_the_window_as_the_next_call_asks(monkeypatch, 0.3)
     started = time.monotonic()
     lm("waits for the slot")
     elapsed = time.monotonic() - started
@@ -113,7 +94,7 @@ def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledg
                                       "run_id": "run-c", "endpoint_kind": "standin", "max_tokens": 16})
     lm = build_lm(config)
     lm("recorded at once")
-    _fill_the_window_as_the_call_looks(monkeypatch, 0.3)
+    fill_the_window_as_the_next_call_asks(monkeypatch, 0.3)
     before = stats()
     lm("recorded after a wait")
     recorded = [line for line in read_ledger(run_dir / "ledger.jsonl") if line["event"] == "call"]
