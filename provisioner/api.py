@@ -125,10 +125,10 @@ class Environment:
 
     @property
     def uses_standin(self) -> bool:
-        """Real mode without ``GEMINI_TEST_API_KEY`` (and no ``lm.base_url``): the run's LM calls go
-        to the Gemini stand-in — the same rule the worker containers follow (runtime.recipes.plan_run)."""
-        lm = self.lm_config
-        return lm.mode == "real" and lm.api_key is None and lm.base_url is None
+        """Real mode, or cached mode recording from Gemini, without ``GEMINI_TEST_API_KEY`` (and no
+        ``lm.base_url``): the run's Gemini calls go to the Gemini stand-in — the rule the worker
+        containers follow too (``LMConfig.wants_standin``, runtime.recipes.plan_run)."""
+        return self.lm_config.wants_standin
 
     @property
     def lm_endpoint(self) -> str:
@@ -142,7 +142,15 @@ class Environment:
             return "mock"
         if lm.mode == "cached":
             missing = "" if lm.cache_dir.is_dir() else "; the folder does not exist yet"
-            return f"cassettes {lm.cache_dir} (record mode {lm.record_mode}{missing})"
+            source = ""
+            if lm.calls_gemini:
+                if self.uses_standin:
+                    source = f"; misses recorded from the Gemini stand-in ({API_KEY_ENV} not set)"
+                elif lm.base_url is not None:
+                    source = f"; misses recorded from Gemini at {lm.base_url}"
+                else:
+                    source = "; misses recorded from real Gemini"
+            return f"cassettes {lm.cache_dir} (record mode {lm.record_mode}{missing}){source}"
         if self.uses_standin:
             return f"Gemini stand-in ({API_KEY_ENV} not set)"
         if lm.base_url is not None:

@@ -282,6 +282,38 @@ class LMConfig(BaseModel):
             self.mode == "cached" and self.cached_inner == "real" and self.record_mode != "none"
         )
 
+    @property
+    def wants_standin(self) -> bool:
+        """The run wires the Gemini stand-in in for this configuration: it calls Gemini
+        (:attr:`calls_gemini`: real mode, or cached mode recording its misses from Gemini) and has
+        neither an API key nor a ``base_url``. The one rule for in-process LMs
+        (``provisioner.api.Environment.uses_standin``), worker containers
+        (``provisioner.runtime.recipes.plan_run``) and the run's defaults (``provisioner.run``)."""
+        return self.calls_gemini and self.api_key is None and self.base_url is None
+
+    @property
+    def answered_by_standin(self) -> bool:
+        """The run's Gemini for this configuration is the stand-in it wires in: real mode, or cached
+        mode recording from Gemini in *any* record mode, without an API key or ``base_url``. Unlike
+        :attr:`wants_standin` this holds for a replay-only run too (which starts no stand-in): its
+        cassettes are those the stand-in recorded (``endpoint_kind = "standin"``, keyed
+        ``gemini-standin``), so a replay finds what a recording run wrote."""
+        gemini = self.mode == "real" or (self.mode == "cached" and self.cached_inner == "real")
+        return gemini and self.api_key is None and self.base_url is None
+
+    def with_run_endpoint(self) -> LMConfig:
+        """This configuration with ``endpoint_kind`` set by the run's rule (:attr:`answered_by_standin`):
+        what the controller hands to its in-process LMs and worker containers."""
+        return self.model_copy(update={"endpoint_kind": "standin"}) if self.answered_by_standin else self
+
+    @property
+    def gemini_use(self) -> str:
+        """Why this configuration calls Gemini, in words for messages."""
+        if self.mode == "cached":
+            return (f"recording cassette misses from Gemini (lm.mode='cached', lm.cached_inner='real', "
+                    f"lm.record_mode={self.record_mode!r})")
+        return f"real mode (lm.mode={self.mode!r})"
+
     def to_worker_env(self) -> dict[str, str]:
         """The environment variable that gives a worker this LM configuration, without any secret:
         ``{"PROVISION_LM_CONFIG": <JSON>}``. Which secrets a worker gets is :func:`worker_secrets`'s call."""
@@ -300,6 +332,49 @@ class LMConfig(BaseModel):
         if key:
             data["api_key"] = key
         return cls.model_validate(data)
+
+
+def _on_loopback(url: str) -> bool:
+    """``url``'s host is this machine's loopback (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_problem(lm: LMConfig, *, layer: str, in_containers: bool) -> str | None:
+    """Why ``lm``'s Gemini calls cannot be made as configured (None: they can), checked when a run
+    starts so a run stops with a usage error naming the setting instead of failing every test.
+
+    ``in_containers``: the layer's LM calls are made in worker containers (a bridge layer). Only a
+    ``base_url`` the user set is checked (without one the run wires in the real API or its own
+    stand-in, :attr:`LMConfig.wants_standin`): it needs a key, and worker containers cannot reach
+    this machine's loopback."""
+    if not lm.calls_gemini or lm.base_url is None or lm.endpoint_kind == "standin":
+        return None
+    if lm.mode == "cached":
+        instead = "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"
+    else:
+        instead = "or use --lm mock / --lm cached"
+    if lm.api_key is None or not lm.api_key.get_secret_value():
+        return (f"lm.base_url={lm.base_url} is set but {API_KEY_ENV} is not: layer {layer!r} calls Gemini "
+                f"there ({lm.gemini_use}) and every call needs a key; "
+                f"export {API_KEY_ENV}=<that endpoint's key> "
+                f"(`provision standin gemini` accepts any non-empty key unless started with {API_KEY_ENV} "
+                f"set), or unset lm.base_url (PROVISION_LM__BASE_URL) to let the run start its own Gemini "
+                f"stand-in, {instead}")
+    if in_containers and _on_loopback(lm.base_url):
+        return (f"lm.base_url={lm.base_url} is on this machine's loopback, which the worker containers of "
+                f"layer {layer!r} cannot reach ({lm.gemini_use}); unset lm.base_url (PROVISION_LM__BASE_URL) "
+                f"and {API_KEY_ENV} to let the run start its own Gemini stand-in on the workers' network, "
+                f"{instead}")
+    return None
 
 
 # The stand-in accepts any non-empty key; the Gemini engine insists on having one.

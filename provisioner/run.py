@@ -38,6 +38,7 @@ from provisioner.lmconfig import (
     LMConfig,
     LMMode,
     RecordMode,
+    endpoint_problem,
 )
 from provisioner.settings import DEFAULT_SOURCE, Settings, load_settings
 
@@ -107,7 +108,7 @@ def resolve_run(
     layer = get_layer(settings, settings.layer).with_lm_mode(options.lm_mode)
     base = _with_shards(settings, options.shards)
     lm_config = layer.lm_config(base, options.lm_mode)
-    if _standin_answers(lm_config) and settings.source_of("lm.rate_limit_rpm") == DEFAULT_SOURCE:
+    if lm_config.wants_standin and settings.source_of("lm.rate_limit_rpm") == DEFAULT_SOURCE:
         # lm.rate_limit_rpm protects a real Gemini account; the stand-in this run wires in bills
         # nothing, so waiting for Gemini's 10 rpm only made its tests slow. A value the user set
         # still holds (a test of the limit itself needs it).
@@ -119,19 +120,17 @@ def resolve_run(
     updates: dict[str, Any] = {"run_id": run_id, "run_dir": lm_dir}
     if not lm_config.cache_dir.is_absolute():
         updates["cache_dir"] = root / lm_config.cache_dir
-    lm_config = lm_config.model_copy(update=updates)
-    if options.require_key and lm_config.mode == "real" and lm_config.api_key is None:
+    lm_config = lm_config.model_copy(update=updates).with_run_endpoint()
+    if options.require_key and lm_config.calls_gemini and lm_config.api_key is None:
+        why = f" ({lm_config.gemini_use})" if lm_config.mode == "cached" else ""
         raise ConfigError(
-            f"--require-key: layer {layer.name!r} calls real Gemini but {API_KEY_ENV} is not set "
+            f"--require-key: layer {layer.name!r} calls real Gemini{why} but {API_KEY_ENV} is not set "
             "(set it, or drop --require-key to use the Gemini stand-in)"
         )
+    problem = endpoint_problem(lm_config, layer=layer.name, in_containers=layer.needs_docker)
+    if problem is not None:
+        raise ConfigError(problem)
     return ResolvedRun(settings=settings, layer=layer, lm_config=lm_config, project_dir=root)
-
-
-def _standin_answers(lm: LMConfig) -> bool:
-    """The run's real calls go to the Gemini stand-in the run wires in (real mode, no API key and no
-    ``lm.base_url``: the rule of ``Environment.uses_standin`` and ``runtime.recipes.plan_run``)."""
-    return lm.mode == "real" and lm.api_key is None and lm.base_url is None
 
 
 def _with_shards(settings: Settings, shards: int | None) -> LMConfig:

@@ -701,16 +701,19 @@ def test_header_names_the_lm_endpoint_of_each_mode(project: pytest.Pytester) -> 
     assert f"LM cassettes {cassettes} (record mode none)\n" in again.stdout.str()
 
 
-def test_lm_fixture_that_cannot_build_fails_in_one_line(project: pytest.Pytester,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # A base_url of the user's own (a proxy) without a key: no stand-in, and the engine refuses.
+def test_a_base_url_without_a_key_is_a_one_line_usage_error_at_start(project: pytest.Pytester,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A base_url of the user's own (a proxy) without a key: no stand-in, and no key to send. The run
+    # stops before any test (it went on into failing tests), naming the setting.
     monkeypatch.setenv("PROVISION_LM__BASE_URL", "http://127.0.0.1:9/")
     project.makepyfile(test_standin=STANDIN_TEST)
-    result = project.runpytest("--layer", "e2e")
-    result.assert_outcomes(errors=1)
-    out = result.stdout.str()
-    assert "provisioner: lm fixture: lm.api_key is not set" in out
-    assert "def lm(" not in out and "raised in repr" not in out  # no traceback of the plugin
+    result = project.runpytest_subprocess("--layer", "e2e")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    (error,) = [line for line in result.stderr.lines if line.strip()]
+    assert error.startswith("ERROR: provisioner: lm.base_url=http://127.0.0.1:9/ is set but "
+                            "GEMINI_TEST_API_KEY is not: layer 'e2e' calls Gemini there "
+                            "(real mode (lm.mode='real'))")
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
 def test_an_interrupted_session_says_so_in_the_summary(project: pytest.Pytester) -> None:

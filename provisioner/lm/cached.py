@@ -116,6 +116,11 @@ def endpoint_identity(config: LMConfig) -> str:
         rules = json.dumps(_dumped_rules(config), sort_keys=True)
         digest = hashlib.sha256(f"{rules}\x00{config.mock_default}".encode()).hexdigest()[:16]
         return f"mock:{digest}"
+    if config.endpoint_kind == "standin":
+        # The stand-in the run wires in answers alike wherever it runs (on 127.0.0.1 at a free port
+        # in-process, at the run network's alias for workers): one identity, so recordings replay in
+        # every process and container and in later runs.
+        return "gemini-standin"
     return f"gemini@{(config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip('/')}"
 
 
@@ -271,7 +276,8 @@ class CachedEngine(EngineBase):
         if config.cached_inner == "mock":
             return f"{command}; the inner LM is the mock (lm.cached_inner='mock'), so no API key is needed"
         if config.endpoint_kind == "standin":
-            return f"{command}; recording calls the Gemini stand-in at {config.base_url}"
+            return (f"{command}; recording calls the run's Gemini stand-in (no API key needed; it bills "
+                    "nothing)")
         endpoint = (config.base_url or GEMINI_DEFAULT_ENDPOINT).rstrip("/")
         return (f"{command} with GEMINI_TEST_API_KEY set; recording calls Gemini at {endpoint} "
                 "(lm.cached_inner='real') and costs money")

@@ -104,20 +104,29 @@ def resolve_api_key(config: LMConfig) -> str:
     """
     if config.api_key is not None and config.api_key.get_secret_value():
         return config.api_key.get_secret_value()
-    where = f"(lm.mode={config.mode!r}, lm.model={config.model!r})"
+    use = f"{config.gemini_use}, lm.model={config.model!r}"
+    if config.mode == "cached":
+        instead = "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"
+    else:
+        instead = "or use --lm mock / --lm cached"
     if not _environment_key_allowed:
+        # The controller hands a key to every worker that calls Gemini (lmconfig.worker_secrets): the
+        # run's stand-in key, or GEMINI_TEST_API_KEY when the workers reach the real API. A worker
+        # without one was started by something else (its own `provision worker`, a compose file).
         raise ConfigError(
-            "lm.api_key is not set in this worker's start-up configuration: real Gemini calls need the "
-            f"key the controller hands to workers of real-mode layers as {API_KEY_ENV} {where}; "
-            "export it where you start the run"
+            f"lm.api_key is not set in this worker's start-up configuration ({use}): the worker calls Gemini "
+            f"at {config.base_url or 'the real API'} and gets its key only as {API_KEY_ENV} in its own "
+            f"environment when it starts; start the worker with {API_KEY_ENV} set (a run started by "
+            f"provisioner sets it), {instead}"
         )
     key = os.environ.get(API_KEY_ENV, "")
     if key:
         return key
     raise ConfigError(
-        f"lm.api_key is not set and {API_KEY_ENV} is not in the environment: real Gemini calls need a key "
-        f"{where}; export {API_KEY_ENV}=<your Gemini API key> (other names such as GOOGLE_API_KEY are "
-        "never read), or use lm.mode='mock'/'cached'"
+        f"lm.api_key is not set and {API_KEY_ENV} is not in the environment ({use}): Gemini calls need a "
+        "key; "
+        f"export {API_KEY_ENV}=<your Gemini API key> (other names such as GOOGLE_API_KEY are never read), "
+        f"{instead}"
     )
 
 

@@ -96,7 +96,7 @@ def compose_plan(settings: Settings, layer: str) -> RunPlan:
         lm_dir=Path("/compose-run-dir"),
     )
     return plan_run(settings, layer_obj, lm, target, IMAGE_REF,
-                    PlanOptions(use_standin=lm.mode == "real", user=USER_REF))
+                    PlanOptions(use_standin=lm.calls_gemini, user=USER_REF))
 
 
 def _labels(recipe_labels: dict[str, str]) -> dict[str, str]:

@@ -45,9 +45,10 @@ from provisioner.runtime.state import (
 )
 from provisioner.settings import Settings
 
-STANDIN_NOTE = ("GEMINI_TEST_API_KEY is not set: real-mode workers talk to the local Gemini stand-in "
-                "(use --require-key to insist on the real API).")
-"""What `provision up` and `provision run` say when a real-mode run answers from the stand-in."""
+STANDIN_NOTE = ("GEMINI_TEST_API_KEY is not set: workers that call Gemini (real mode, or cached mode "
+                "recording cassette misses) talk to the local Gemini stand-in (use --require-key to insist "
+                "on the real API).")
+"""What `provision up` and `provision run` say when a run's Gemini calls go to the stand-in."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,10 @@ def up(
             "containers; choose a bridge layer such as 'integration' or 'e2e'"
         )
     lm = layer.lm_config(settings.lm, options.lm_mode)
-    if options.require_key and lm.mode == "real" and lm.api_key is None:
+    if options.require_key and lm.calls_gemini and lm.api_key is None:
         raise ConfigError(
-            "--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API"
+            f"--require-key: lm.api_key is not set; export GEMINI_TEST_API_KEY to use the real Gemini API "
+            f"({lm.gemini_use})"
         )
     rt = launch.open_runtime(runtime, settings)
     try:

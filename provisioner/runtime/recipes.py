@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from provisioner.bridge.protocol import BRIDGE_TOKEN_ENV, CONTROL_TOKEN_ENV
 from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import Layer
-from provisioner.lmconfig import GeminiEndpoint, LMConfig, worker_secrets
+from provisioner.lmconfig import GeminiEndpoint, LMConfig, endpoint_problem, worker_secrets
 from provisioner.runtime import labels as L
 from provisioner.settings import Settings
 
@@ -422,7 +422,7 @@ def worker_lm_config(
     if base_url is not None:
         update["base_url"] = base_url
         update["endpoint_kind"] = "standin"  # the only base_url this controller wires in
-    return lm.model_copy(update=update)
+    return lm.with_run_endpoint().model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -492,8 +492,9 @@ class PlanOptions:
     """The knobs of :func:`plan_run` beyond the layer's own (None: the layer's or the default).
 
     ``workers``: how many (default ``layer.workers``). ``use_standin``: None = the stand-in exactly
-    when the layer is real and no API key or ``base_url`` is configured. ``user``: ``uid:gid``
-    (default :func:`worker_user`). ``worker_args``: extra ``provision worker`` arguments.
+    when the layer calls Gemini (real mode, or cached mode recording from it) and no API key or
+    ``base_url`` is configured (:attr:`~provisioner.lmconfig.LMConfig.wants_standin`). ``user``:
+    ``uid:gid`` (default :func:`worker_user`). ``worker_args``: extra ``provision worker`` arguments.
     ``control_token``: the workers' control token (default: a new ``secrets.token_urlsafe(32)``).
     ``bridge_token``: set for a run published off loopback (see :func:`bridge_token_for`): every
     connection to its workers must start with a ``hello`` carrying it.
@@ -530,7 +531,8 @@ def plan_run(
 
     Raises:
         NoContainersError: ``layer`` runs in-process (a :class:`~provisioner.errors.ConfigError`).
-        ConfigError: fewer than one worker (``options.workers``, or the layer's ``workers`` setting).
+        ConfigError: fewer than one worker (``options.workers``, or the layer's ``workers`` setting),
+            or an ``lm.base_url`` the workers cannot use (:func:`~provisioner.lmconfig.endpoint_problem`).
         ValueError: arguments that contradict each other (the stand-in for a layer that is not
             real; a cached or real layer without ``target.lm_dir``).
     """
@@ -543,14 +545,19 @@ def plan_run(
         raise ConfigError(f"layer {layer.name!r}: workers must be at least 1, got {count}")
     use_standin = options.use_standin
     if use_standin is None:
-        use_standin = lm.mode == "real" and lm.api_key is None and lm.base_url is None
-    if use_standin and lm.mode != "real":
-        raise ValueError(f"the Gemini stand-in serves real-mode workers; layer {layer.name!r} is {lm.mode!r}")
+        use_standin = lm.wants_standin
+    if use_standin and not lm.calls_gemini:
+        raise ValueError(f"the Gemini stand-in serves workers that call Gemini (real mode, or cached mode "
+                         f"recording from it); layer {layer.name!r} is {lm.mode!r} and does not")
+    problem = endpoint_problem(lm, layer=layer.name, in_containers=True) if not use_standin else None
+    if problem is not None:
+        raise ConfigError(problem)
     if lm.mode != "mock" and target.lm_dir is None:
         raise ValueError(f"layer {layer.name!r} ({lm.mode} LM) needs a folder shared by its workers "
                          "(RunTarget.lm_dir)")
-    # Only a real-mode run against the real API needs a route out; everything else stays internal.
-    egress = lm.mode == "real" and not use_standin
+    # Only workers that call the real API (real mode, or cached mode recording from it) need a route
+    # out; everything else stays internal.
+    egress = lm.calls_gemini and not use_standin
     labels = target.labels(layer.name)
     networks = run_networks(target, labels, egress=egress)
     user = options.user or worker_user()

@@ -371,7 +371,7 @@ def test_the_replay_miss_hint_matches_the_inner_lm(tmp_path: Path) -> None:
     mock = hint(cached_inner="mock", api_key=None)
     assert "no API key is needed" in mock and "GEMINI_TEST_API_KEY" not in mock
     standin = hint(endpoint_kind="standin", base_url="http://127.0.0.1:9/")
-    assert "Gemini stand-in at http://127.0.0.1:9/" in standin and "GEMINI_TEST_API_KEY" not in standin
+    assert "the run's Gemini stand-in (no API key needed" in standin and "GEMINI_TEST_API_KEY" not in standin
     real = hint(base_url=None)
     assert "GEMINI_TEST_API_KEY set" in real and "generativelanguage.googleapis.com" in real
 

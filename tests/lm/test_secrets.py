@@ -244,3 +244,22 @@ def test_redact_exception_keeps_type_and_drops_secrets_everywhere() -> None:
     assert copy.args == ({"key": "***", "nested": [b"***"]},)
     assert str(copy.__cause__) == "inner ***" and copy.response is None  # type: ignore[attr-defined]
     assert SECRET in str(outer.args)  # the original is untouched
+
+
+@pytest.mark.parametrize(("config", "instead"), [
+    (LMConfig(mode="real"), "or use --lm mock / --lm cached"),
+    (LMConfig(mode="cached", cached_inner="real"),
+     "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"),
+])
+def test_a_missing_key_says_what_the_mode_calls_gemini_for_and_never_suggests_the_mode_in_use(
+    monkeypatch: pytest.MonkeyPatch, config: LMConfig, instead: str
+) -> None:
+    """The new user's trial in cached mode: "… or use lm.mode='mock'/'cached'" while it was cached."""
+    from provisioner.lm.gemini import resolve_api_key
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        resolve_api_key(config)
+    text = str(caught.value)
+    assert f"({config.gemini_use}, lm.model='gemini-2.5-flash-lite')" in text and text.endswith(instead)
+    assert f"lm.mode='{config.mode}'/" not in text and "use lm.mode" not in text

@@ -102,6 +102,8 @@ def test_the_control_token_goes_to_the_env_files_only_and_the_limits_file_to_the
     settings: Settings, fake: tuple[FakeRuntime, FakeWorkers]
 ) -> None:
     rt, _ = fake
+    # Cassettes recorded from the mock: no Gemini stand-in container (the fake runtime runs none).
+    settings = settings.model_copy(update={"lm": settings.lm.model_copy(update={"cached_inner": "mock"})})
     env = _up(settings, fake, layer="integration", lm_mode="cached", workers=1, persistent=True)
     assert env.state is not None and env.control_token
     token = env.control_token
@@ -478,7 +480,9 @@ def test_a_shards_up_writes_its_share_of_the_limits_for_its_workers(
     """`provision up` in one of 4 CI shards (PROVISION_LM__SHARDS=4): the limits file the worker
     containers enforce holds the shard's share, and the workers' LM configuration says it is one."""
     rt, _ = fake
-    sharded = settings.model_copy(update={"lm": settings.lm.model_copy(update={"shards": 4})})
+    # cached_inner = mock: no Gemini stand-in container, which the fake runtime does not run.
+    sharded = settings.model_copy(
+        update={"lm": settings.lm.model_copy(update={"shards": 4, "cached_inner": "mock"})})
     env = _up(sharded, fake, layer="integration", lm_mode="cached", workers=1, persistent=True)
     try:
         assert env.state is not None and env.state.lm_run_dir is not None

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from provisioner.bridge.protocol import CONTROL_TOKEN_ENV
 from provisioner.errors import ConfigError, NoContainersError
 from provisioner.layers import get_layer
-from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, LMMode
+from provisioner.lmconfig import API_KEY_ENV, LM_CONFIG_ENV, STANDIN_KEY, LMConfig, LMMode
 from provisioner.runtime import labels as L
 from provisioner.runtime.recipes import (
     CASSETTE_MOUNT,
@@ -71,7 +71,9 @@ def test_every_resource_carries_the_run_labels(settings: Settings, tmp_path: Pat
     }
     for labels in [n.labels for n in plan.networks] + [c.labels for c in plan.containers()]:
         assert {k: labels[k] for k in wanted} == wanted
-    assert [c.labels[L.ROLE] for c in plan.containers()] == ["relay", "worker", "worker"]
+    # integration records cassette misses from Gemini (cached_inner = real) and no key is set: the
+    # run's stand-in answers them, as it does for a real-mode layer.
+    assert [c.labels[L.ROLE] for c in plan.containers()] == ["standin", "relay", "worker", "worker"]
 
 
 def test_mock_and_cached_workers_sit_on_an_internal_network_behind_a_loopback_relay(
@@ -133,13 +135,52 @@ def test_the_plan_carries_the_run_limits_for_the_shared_dir(settings: Settings, 
     assert _plan(settings, "integration", tmp_path, mode="mock").run_limits is None
 
 
-@pytest.mark.parametrize("mode", ["mock", "cached"])
-def test_the_api_key_never_reaches_mock_or_cached_workers(
-    settings: Settings, tmp_path: Path, mode: str
+@pytest.mark.parametrize(("mode", "lm"), [
+    ("mock", {}),
+    ("cached", {"record_mode": "none"}),  # replay only
+    ("cached", {"cached_inner": "mock"}),  # records from the mock
+])
+def test_the_api_key_never_reaches_workers_that_do_not_call_gemini(
+    settings: Settings, tmp_path: Path, mode: str, lm: dict[str, str]
 ) -> None:
+    settings = settings.model_copy(update={"lm": settings.lm.model_copy(update=lm)})
     plan = _plan(settings, "integration", tmp_path, mode=mode, key=True)
+    assert not plan.egress and plan.standin is None
     for worker in plan.workers:
         assert API_KEY_ENV not in worker.to_run_kwargs()["environment"]
+
+
+def test_cached_workers_recording_from_gemini_are_wired_as_real_mode_workers(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The new user's trial: `PROVISION_LM__CACHED_INNER=real` with GEMINI_TEST_API_KEY set, and every
+    worker said the key was not set. Cached workers that record misses from Gemini get what real-mode
+    workers get: the key and a route out, or (no key) the run's stand-in and its dummy key."""
+    keyed = _plan(settings, "integration", tmp_path, mode="cached", key=True)
+    assert keyed.egress and keyed.standin is None
+    for worker in keyed.workers:
+        assert worker.secret_environment[API_KEY_ENV] == SECRET
+    keyless = _plan(settings, "integration", tmp_path, mode="cached")
+    assert not keyless.egress and keyless.standin is not None and keyless.uses_standin
+    for worker in keyless.workers:
+        assert worker.secret_environment[API_KEY_ENV] == STANDIN_KEY
+        handed = LMConfig.model_validate_json(worker.environment[LM_CONFIG_ENV])
+        assert handed.endpoint_kind == "standin" and handed.base_url == "http://gemini-standin:8080/"
+
+
+def test_a_base_url_the_workers_cannot_use_is_a_config_error_naming_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A stand-in the user started on 127.0.0.1 is out of the worker containers' reach; a base_url
+    without a key gets no key to send."""
+    url = "http://127.0.0.1:8123/"
+    local = settings.model_copy(update={"lm": settings.lm.model_copy(update={"base_url": url})})
+    with pytest.raises(ConfigError, match=rf"lm.base_url={url} is set but GEMINI_TEST_API_KEY is not"):
+        _plan(local, "integration", tmp_path, mode="cached")
+    with pytest.raises(ConfigError, match=r"loopback, which the worker containers of layer 'e2e' cannot"):
+        _plan(local, "e2e", tmp_path, key=True)
+    replaying = local.model_copy(update={"lm": local.lm.model_copy(update={"record_mode": "none"})})
+    assert _plan(replaying, "integration", tmp_path, mode="cached").standin is None  # calls no Gemini
 
 
 def test_real_mode_without_a_key_uses_the_standin_on_an_internal_network(
