@@ -690,11 +690,13 @@ def _print_table(table: Any) -> None:
 
     for column in table.columns:
         column.overflow = "fold"
-    console = Console()
+    # Cells are data, never rich markup: "test_x[first]" (a pytest parametrize id) kept its "[first]"
+    # only as long as rich did not read it as a style tag.
+    console = Console(markup=False, emoji=False)
     if not console.is_terminal:
         wide = console.measure(table, options=console.options.update_width(10_000)).maximum
         if wide > console.width:
-            console = Console(width=wide)
+            console = Console(width=wide, markup=False, emoji=False)
     console.print(table)
 
 

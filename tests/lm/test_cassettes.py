@@ -271,3 +271,17 @@ def test_a_recording_time_that_is_no_time_is_unknown() -> None:
 
     assert _parse_time("yesterday-ish") is None  # a hand-edited entry: never pruned by its age
     assert _parse_time("2026-01-01T00:00:00") is not None  # naive times are read as UTC
+
+
+def test_cassettes_list_shows_the_recording_test_s_whole_node_id(tmp_path: Path) -> None:
+    """The new user's trial: three cassettes of `test_on_worker[...]` all showed
+    `tests/test_bridge.py::test_on_worker` (rich read the parametrize id as a style tag)."""
+    ids = ["tests/test_bridge.py::test_on_worker[mock]", "tests/test_bridge.py::test_on_worker[a-b]",
+           "tests/test_bridge.py::test_on_worker[0]", "tests/test_bridge.py::test_on_worker[:thumbs_up:]"]
+    store = CassetteStore(tmp_path / "cass")
+    for n, test_id in enumerate(ids):
+        store.put({**_entry(f"question {n}"), "test_id": test_id})
+    result = CliRunner().invoke(main, ["cassettes", "list", "--cache-dir", str(tmp_path / "cass")])
+    assert result.exit_code == 0, result.output
+    for test_id in ids:
+        assert f" {test_id} " in result.output, result.output
