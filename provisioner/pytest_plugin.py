@@ -279,6 +279,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """A test failing with a DSPy error over a provisioner error of the same text (a cassette miss, a
+    cost limit) shows that text once, not once per link of the chain (provisioner.lm.cut_repeated_chain)."""
+    try:
+        return (yield)
+    except Exception as exc:
+        if "provisioner.lm" in sys.modules:
+            from provisioner.lm import cut_repeated_chain
+
+            cut_repeated_chain(exc)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     gone = _process_gone(item, call)
     report = yield

@@ -607,13 +607,13 @@ class BridgeService:
             outputs = _outputs(prediction)
         except BridgeError as exc:
             self._record_execution(program, exc.error_type)
-            log.warning("execute_program failed (session %s): %s", program.session_id, exc)
+            log.warning("execute_program failed (session %s): %s", program.session_id, _first_line(exc))
             exc.lm_usage = None if usage is None else usage.as_dict()
             raise
         except Exception as exc:
             error = _execution_error(program, exc)
             self._record_execution(program, error.error_type)
-            log.warning("execute_program failed (session %s): %s", program.session_id, error)
+            log.warning("execute_program failed (session %s): %s", program.session_id, _first_line(error))
             error.lm_usage = None if usage is None else usage.as_dict()
             raise error from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -803,6 +803,15 @@ def _finite(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
     return True
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s text for the worker's log: the caller gets the whole text in
+    the error reply, and a failing test shows the log beside it — a cassette miss's diff against the
+    nearest recording was printed twice."""
+    text = str(error)
+    first, _, rest = text.partition("\n")
+    return f"{first} (+{rest.count(chr(10)) + 1} more lines in the error reply)" if rest else first
 
 
 def _execution_error(program: Program, exc: Exception) -> BridgeError:

@@ -132,5 +132,28 @@ def provisioner_error(exc: BaseException) -> BaseException | None:
         if isinstance(current, ProvisionerError):
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        kept = getattr(current, PROVISIONER_CAUSE, None)  # a chain cut for display (see cut_repeated_chain)
+        current = kept if isinstance(kept, BaseException) else current.__cause__ or current.__context__
     return None
+
+
+# The attribute that keeps the provisioner error behind a DSPy error whose shown chain was cut.
+PROVISIONER_CAUSE = "provisioner_cause"
+
+
+def cut_repeated_chain(exc: BaseException) -> bool:
+    """Cut ``exc``'s exception chain for display when it only repeats ``exc``'s own text.
+
+    DSPy re-raises an engine failure as its own error with the same text (``raise … from``), over
+    DSPy's lm15 wrapper of provisioner's error: a traceback then prints a cassette miss — with its
+    diff against the nearest recording — three times. When the provisioner error's text is part of
+    ``exc``'s, the chain is dropped (``__cause__ = None``, ``__suppress_context__``) and the error
+    kept as ``exc.provisioner_cause``, where :func:`provisioner_error` still finds it. Returns
+    whether it cut."""
+    cause = provisioner_error(exc)
+    if cause is None or cause is exc or str(cause).strip() not in str(exc):
+        return False
+    setattr(exc, PROVISIONER_CAUSE, cause)
+    exc.__cause__ = None
+    exc.__suppress_context__ = True
+    return True

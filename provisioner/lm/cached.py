@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,6 +159,13 @@ def once_decision(config: LMConfig, store: CassetteStore) -> OnceDecision:
         return decision
 
 
+def _from_cwd(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (what a command run here needs)."""
+    with contextlib.suppress(ValueError, OSError):
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    return str(path)
+
+
 def session_test(run_dir: Path | None, session_id: str) -> str | None:
     """The test that ``session_id`` belongs to (see :func:`~provisioner.lm.ledger.note_session_test`),
     or None."""
@@ -268,10 +276,30 @@ class CachedEngine(EngineBase):
             text = text.replace(actual, shown)
         return text
 
+    def record_command(self) -> str:
+        """The pytest command that records the current miss: the cassette folder when it is not the
+        default (``LM_CACHE_DIR``), the test that missed (when known: the pytest node id, or the test
+        that opened the bridge session), the run's layer and ``--lm cached --record-mode
+        new_episodes``. Run as written (from the project's root) it records this cassette."""
+        config = self.config
+        parts: list[str] = []
+        shown = config.cache_dir_shown or _from_cwd(config.cache_dir)
+        if not shown.rstrip("/").endswith(str(LMConfig.model_fields["cache_dir"].default)):
+            parts.append(f"LM_CACHE_DIR={shlex.quote(shown)}")
+        parts.append("pytest")
+        owner = current_test_id()
+        test = owner.split(" (", 1)[0] if owner and "::" in owner else (
+            session_test(config.run_dir, owner) if owner else None)
+        if test and "::" in test:
+            parts.append(shlex.quote(test))
+        if config.layer:
+            parts += ["--layer", config.layer]
+        parts += ["--lm", "cached", "--record-mode", "new_episodes"]
+        return " ".join(parts)
+
     def _record_hint(self) -> str:
         """How to record a miss, true for the configured inner LM."""
-        command = ("Record it with `pytest --lm cached --record-mode new_episodes` "
-                   "(or PROVISION_LM__RECORD_MODE=new_episodes)")
+        command = f"Record it with `{self.record_command()}`"
         config = self.config
         if config.cached_inner == "mock":
             return f"{command}; the inner LM is the mock (lm.cached_inner='mock'), so no API key is needed"

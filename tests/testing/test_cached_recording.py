@@ -6,6 +6,10 @@ stand-in — in-process (the ``lm`` fixture) and in worker containers, under xdi
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,72 @@ def test_a_loopback_base_url_is_fine_in_process_with_a_key(
         assert standin.request_count == 1
     (entry,) = _entries(pytester.path / "cass")
     assert entry["request"]["identity"] == f"gemini@{url.rstrip('/')}"  # type: ignore[index]
+
+
+# -- a replay miss says the command that records it, and shows its diff once ------------------------
+
+MOCK_PROJECT = PROJECT.replace('cached_inner = "real"', 'cached_inner = "mock"')
+
+ASK = """
+import dspy
+import pytest
+
+@pytest.mark.parametrize("q", {questions!r})
+def test_ask(lm, q):
+    dspy.Predict("question -> answer")(question=q)
+"""
+
+
+def _hint(output: str) -> str:
+    (command,) = set(re.findall(r"Record it with `([^`]+)`", output))
+    return command
+
+
+def _run_as_written(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_miss_hint_is_the_command_that_records_the_missing_cassette(
+    pytester: pytest.Pytester
+) -> None:
+    """It said `pytest --lm cached --record-mode new_episodes`: run as written it ran the default
+    (unit) layer. Now it names the cassette folder, the test and the run's layer; run as written, it
+    records the cassette, and the next replay-only run passes. The diff is shown once."""
+    pytester.makefile(".toml", pyproject=MOCK_PROJECT)
+    pytester.makepyfile(test_a=ASK.format(questions=["one"]))
+    pytester.runpytest_subprocess("--layer", "integration", "--lm", "cached").assert_outcomes(passed=1)
+    pytester.makepyfile(test_a=ASK.format(questions=["one", "two"]))
+    replay = ("--layer", "integration", "--lm", "cached", "--record-mode", "none")
+    missed = pytester.runpytest_subprocess(*replay)
+    missed.assert_outcomes(passed=1, failed=1)
+    out = missed.stdout.str()
+    command = _hint(out)
+    assert command == ("LM_CACHE_DIR=cass pytest 'test_a.py::test_ask[two]' --layer integration --lm cached "
+                       "--record-mode new_episodes")
+    assert out.count("+++ requested") == 1, out
+    recorded = _run_as_written(command, pytester.path)
+    assert recorded.returncode == 0, recorded.stdout + recorded.stderr
+    pytester.runpytest_subprocess("--layer", "integration", "--lm", "cached", "--record-mode", "none") \
+        .assert_outcomes(passed=2)
+
+
+@pytest.mark.docker
+def test_a_worker_s_miss_hint_records_it_and_its_diff_is_shown_once(pytester: pytest.Pytester) -> None:
+    """The trial's integration run on worker containers: the diff came in the E lines and again in
+    the worker's log section; the hint lacked the layer."""
+    pytester.makefile(".toml", pyproject=MOCK_PROJECT)
+    pytester.makepyfile(test_bridge=ON_WORKER.replace("range(3)", "range(1)"))
+    pytester.runpytest_subprocess("--layer", "integration").assert_outcomes(passed=1)
+    pytester.makepyfile(test_bridge=ON_WORKER.replace("range(3)", "range(2)"))
+    missed = pytester.runpytest_subprocess("--layer", "integration", "--record-mode", "none")
+    missed.assert_outcomes(passed=1, failed=1)
+    out = missed.stdout.str()
+    command = _hint(out)
+    assert command == ("LM_CACHE_DIR=cass pytest 'test_bridge.py::test_on_worker[1]' --layer integration "
+                       "--lm cached --record-mode new_episodes")
+    assert out.count("+++ requested") == 1, out
+    assert "more lines in the error reply" in out  # the worker's log names the miss in one line
+    recorded = _run_as_written(command, pytester.path)
+    assert recorded.returncode == 0, recorded.stdout + recorded.stderr
+    pytester.runpytest_subprocess("--layer", "integration", "--record-mode", "none").assert_outcomes(passed=2)
