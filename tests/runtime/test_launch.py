@@ -65,8 +65,9 @@ def test_the_steps_chain_from_a_layer_to_a_recorded_deployment(
     rt, workers = fake
     target = _target(settings, "cached", "chain1")
     layer = get_layer(settings, "integration")
-    plan = plan_run(settings, layer, layer.lm_config(settings.lm, "cached"), target, FAKE_IMAGE,
-                    PlanOptions(workers=2))
+    # Cassettes recorded from the mock: no Gemini stand-in container (the fake runtime runs none).
+    lm = layer.lm_config(settings.lm.model_copy(update={"cached_inner": "mock"}), "cached")
+    plan = plan_run(settings, layer, lm, target, FAKE_IMAGE, PlanOptions(workers=2))
     deployment = launch.deploy(plan, rt, settings, probe=workers.probe)
     try:
         assert deployment.started and len(deployment.workers) == 2
