@@ -26,13 +26,23 @@ with contextlib.suppress(ImportError):
     import importlib_metadata  # noqa: F401
 
 
+# Per engine request of the tests' client: the product's own default (DockerRuntime), not a short
+# one — on a loaded machine (both cores busy with builds and other suites) a plain image list took
+# over 10 s, and the test failed on the timeout, not on what it checks. The probe's ping stays short.
+ENGINE_REQUEST_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 10.0
+
+
 def _probe_docker() -> tuple[Any | None, str]:
     try:
         import docker
 
-        client = docker.from_env(timeout=10)
-        client.ping()
-        return client, ""
+        probe = docker.from_env(timeout=PROBE_TIMEOUT_S)
+        try:
+            probe.ping()
+        finally:
+            probe.close()
+        return docker.from_env(timeout=ENGINE_REQUEST_TIMEOUT_S), ""
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
