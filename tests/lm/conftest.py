@@ -81,6 +81,30 @@ def real_mode_run(
     return result, report, run, tests
 
 
+# The same for a pytester suite's own test module (it cannot import this conftest): paste it in,
+# then ``fill_the_window_as_the_next_call_asks(monkeypatch)`` in a test waits ~0.3 s at its next call.
+FULL_WINDOW_IN_SUITE = """
+import json, time
+
+from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
+
+
+def fill_the_window_as_the_next_call_asks(monkeypatch):
+    # As if the first call was 59.7 s ago when the next asks for its slot: it waits ~0.3 s
+    # (written as it asks, not before the call: a loaded machine could be later than 0.3 s).
+    acquire = RunLimits.acquire_request_timed
+
+    def acquire_in_a_full_window(self):
+        with locked(self.run_dir):
+            state = json.loads((self.run_dir / STATE_FILE).read_text())
+            state["requests"] = [time.time() - 59.7]
+            write_json_atomic(self.run_dir / STATE_FILE, state)
+        return acquire(self)
+
+    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
+"""
+
+
 def fill_the_window_as_the_next_call_asks(monkeypatch: pytest.MonkeyPatch, seconds_left: float,
                                           slots: int = 1) -> None:
     """The next request for a rate-limit slot (only that one: a retry's is free) first finds the

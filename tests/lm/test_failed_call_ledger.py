@@ -23,7 +23,7 @@ from provisioner.lm.ledger import cost_report, format_cost_report, ledger_usage,
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .conftest import STANDIN_KEY, fill_the_window_as_the_next_call_asks
+from .conftest import FULL_WINDOW_IN_SUITE, STANDIN_KEY, fill_the_window_as_the_next_call_asks
 
 pytest_plugins = ["pytester"]
 
@@ -92,31 +92,16 @@ def test_every_call_that_reached_the_limits_has_exactly_one_line(standin: Gemini
     assert [line["event"] for line in read_ledger(tmp_path / "ledger.jsonl")] == ["call", "error", "refused"]
 
 
-SUITE = """
-import json, time
-
+SUITE = FULL_WINDOW_IN_SUITE + """
 import dspy
 import pytest
-
-from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
 
 
 def test_fails_after_waiting(lm, lm_cost, monkeypatch):
     program = dspy.Predict("question -> answer")
     program(question="first?")
     env = lm_cost._environment
-    acquire = RunLimits.acquire_request_timed
-
-    def acquire_in_a_full_window(self):
-        # As if the first call was 59.7 s ago when the next asks for its slot: it waits ~0.3 s
-        # (written as it asks, not before the call: a loaded machine could be later than that).
-        with locked(self.run_dir):
-            state = json.loads((self.run_dir / STATE_FILE).read_text())
-            state["requests"] = [time.time() - 59.7]
-            write_json_atomic(self.run_dir / STATE_FILE, state)
-        return acquire(self)
-
-    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
+    fill_the_window_as_the_next_call_asks(monkeypatch)
     env._standin.fail_next(1, status=429)  # the in-process stand-in of a run without a key
     with pytest.raises(Exception, match="429"):
         program(question="second?")

@@ -20,7 +20,7 @@ from provisioner.lm.limits import RunLimits
 from provisioner.lm.standin import GeminiStandin
 from provisioner.lmconfig import LMConfig
 
-from .conftest import STANDIN_KEY, fill_the_window_as_the_next_call_asks, real_mode_run
+from .conftest import FULL_WINDOW_IN_SUITE, STANDIN_KEY, fill_the_window_as_the_next_call_asks, real_mode_run
 
 pytest_plugins = ["pytester"]
 
@@ -103,28 +103,14 @@ def test_a_cassette_recording_that_waited_for_the_rate_limit_says_so_in_its_ledg
     assert (stats() - before).rate_limit_waits == 1
 
 
-SUITE = """
+SUITE = FULL_WINDOW_IN_SUITE + """
 import dspy
-
-from provisioner.lm.limits import STATE_FILE, RunLimits, locked, write_json_atomic
-import json, time
 
 
 def test_waits(lm, lm_cost, monkeypatch):
     program = dspy.Predict("question -> answer")
     program(question="first?")
-    acquire = RunLimits.acquire_request_timed
-
-    def acquire_in_a_full_window(self):
-        # As if the first call was 59.7 s ago when the next asks for its slot: it waits ~0.3 s
-        # (written as it asks, not before the call: a loaded machine could be later than 0.3 s).
-        with locked(self.run_dir):
-            state = json.loads((self.run_dir / STATE_FILE).read_text())
-            state["requests"] = [time.time() - 59.7]
-            write_json_atomic(self.run_dir / STATE_FILE, state)
-        return acquire(self)
-
-    monkeypatch.setattr(RunLimits, "acquire_request_timed", acquire_in_a_full_window)
+    fill_the_window_as_the_next_call_asks(monkeypatch)
     program(question="second?")
     assert lm_cost.rate_limit_wait_s > 0
 """
