@@ -94,7 +94,10 @@ def test_layer_up_status_use_down(
         # Cached and stand-in runs never need the internet: their workers' network is internal.
         assert docker_engine.api.inspect_network(f"prov-{run_id}")["Internal"] is True
         if layer == "integration":
-            assert up["lm_mode"] == "cached" and not up["uses_standin"]
+            # No key: its misses are recorded from the run's Gemini stand-in (cached_inner "real"),
+            # as real mode's calls are; never a route out.
+            assert up["lm_mode"] == "cached" and up["uses_standin"]
+            assert up["standin"] and not up["egress"]
             # The run's shared LM directory is writable from inside the (non-root) worker.
             code, out = rt.exec(up["workers"][0]["name"], ["sh", "-c", "id -u && touch /provision/run/probe"])
             assert code == 0 and out.split()[0] != "0", out

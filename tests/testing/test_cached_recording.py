@@ -166,6 +166,12 @@ def _run_as_written(command: str, cwd: Path) -> subprocess.CompletedProcess[str]
     return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _failures_section(out: str) -> str:
+    """pytest's report of the failures, without its short test summary: that repeats each failure's
+    message, whole when CI is set (pytest does not cut it to the terminal's width there)."""
+    return out.split("short test summary info")[0]
+
+
 def test_the_miss_hint_is_the_command_that_records_the_missing_cassette(
     pytester: pytest.Pytester
 ) -> None:
@@ -183,7 +189,7 @@ def test_the_miss_hint_is_the_command_that_records_the_missing_cassette(
     command = _hint(out)
     assert command == ("LM_CACHE_DIR=cass pytest 'test_a.py::test_ask[two]' --layer integration --lm cached "
                        "--record-mode new_episodes")
-    assert out.count("+++ requested") == 1, out
+    assert _failures_section(out).count("+++ requested") == 1, out
     recorded = _run_as_written(command, pytester.path)
     assert recorded.returncode == 0, recorded.stdout + recorded.stderr
     pytester.runpytest_subprocess("--layer", "integration", "--lm", "cached", "--record-mode", "none") \
@@ -204,7 +210,7 @@ def test_a_worker_s_miss_hint_records_it_and_its_diff_is_shown_once(pytester: py
     command = _hint(out)
     assert command == ("LM_CACHE_DIR=cass pytest 'test_bridge.py::test_on_worker[1]' --layer integration "
                        "--lm cached --record-mode new_episodes")
-    assert out.count("+++ requested") == 1, out
+    assert _failures_section(out).count("+++ requested") == 1, out
     assert "more lines in the error reply" in out  # the worker's log names the miss in one line
     recorded = _run_as_written(command, pytester.path)
     assert recorded.returncode == 0, recorded.stdout + recorded.stderr
