@@ -280,8 +280,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    """A test failing with a DSPy error over a provisioner error of the same text (a cassette miss, a
-    cost limit) shows that text once, not once per link of the chain (provisioner.lm.cut_repeated_chain)."""
+    """A test failing with a DSPy error over a cassette error of the same text (a miss, with its diff)
+    shows that text once, not once per link of the chain (provisioner.lm.cut_repeated_chain)."""
     try:
         return (yield)
     except Exception as exc:
