@@ -171,10 +171,11 @@ class DedicatedWorker:
         return self.client.session(session_id)
 
     def resource_names(self) -> list[tuple[str, str]]:
+        """Every container and network of the worker's plan: the worker, its relay, the run's Gemini
+        stand-in when the layer records from one (a retained worker keeps it, so it is not a leak)."""
         plan = self.environment.plan
-        return [("container", self.name), ("container", plan.relay.name)] + [
-            ("network", n.name) for n in plan.networks
-        ]
+        names = [("container", self.name)] + [("container", c.name) for c in plan.containers()]
+        return list(dict.fromkeys(names)) + [("network", n.name) for n in plan.networks]
 
 
 class ProcessContainers:

@@ -129,8 +129,10 @@ def test_container_fixtures_under_xdist(pytester: pytest.Pytester, monkeypatch: 
         assert client.containers.get(retained).status == "running"
         assert len(section["retained"]) == 1 and section["retained"][0].startswith("container prov-")
         left = _run_resources(client, run_id)
-        # the retained dedicated worker's container, its relay, its two networks: prov-<run>-gwN-<pid>-dM...
-        assert len(left) == 4 and all(re.search(r"-gw\d+-\d+-d\d+", name) for name in left), left
+        # the retained dedicated worker's container, its relay, its two networks, and the Gemini stand-in
+        # its misses are recorded from (no key): prov-<run>-gwN-<pid>-dM...
+        assert len(left) == 5 and all(re.search(r"-gw\d+-\d+-d\d+", name) for name in left), left
+        assert sum(name.endswith("-standin") for name in left) == 1, left
         run_dir = pytester.path / ".provision" / "runs" / run_id
         assert (run_dir / "retain").exists()  # so the run's watchdog leaves it to `provision reap`
         from provisioner.runtime.engine import DockerRuntime, remove_by_selector
