@@ -289,7 +289,7 @@ class LMConfig(BaseModel):
         neither an API key nor a ``base_url``. The one rule for in-process LMs
         (``provisioner.api.Environment.uses_standin``), worker containers
         (``provisioner.runtime.recipes.plan_run``) and the run's defaults (``provisioner.run``)."""
-        return self.calls_gemini and self.api_key is None and self.base_url is None
+        return self.calls_gemini and self.answered_by_standin
 
     @property
     def answered_by_standin(self) -> bool:
@@ -313,6 +313,13 @@ class LMConfig(BaseModel):
             return (f"recording cassette misses from Gemini (lm.mode='cached', lm.cached_inner='real', "
                     f"lm.record_mode={self.record_mode!r})")
         return f"real mode (lm.mode={self.mode!r})"
+
+    @property
+    def gemini_alternatives(self) -> str:
+        """What to do instead of calling Gemini, in words for messages ("or ...")."""
+        if self.mode == "cached":
+            return "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"
+        return "or use --lm mock / --lm cached"
 
     def to_worker_env(self) -> dict[str, str]:
         """The environment variable that gives a worker this LM configuration, without any secret:
@@ -358,10 +365,7 @@ def endpoint_problem(lm: LMConfig, *, layer: str, in_containers: bool) -> str | 
     this machine's loopback."""
     if not lm.calls_gemini or lm.base_url is None or lm.endpoint_kind == "standin":
         return None
-    if lm.mode == "cached":
-        instead = "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"
-    else:
-        instead = "or use --lm mock / --lm cached"
+    instead = lm.gemini_alternatives
     if lm.api_key is None or not lm.api_key.get_secret_value():
         return (f"lm.base_url={lm.base_url} is set but {API_KEY_ENV} is not: layer {layer!r} calls Gemini "
                 f"there ({lm.gemini_use}) and every call needs a key; "
@@ -377,7 +381,6 @@ def endpoint_problem(lm: LMConfig, *, layer: str, in_containers: bool) -> str | 
     return None
 
 
-# The stand-in accepts any non-empty key; the Gemini engine insists on having one.
 def internal_fields(model: type[BaseModel]) -> tuple[str, ...]:
     """The fields of ``model`` marked ``json_schema_extra=INTERNAL``: set by the run, not by a user."""
     return tuple(name for name, field in model.model_fields.items()
@@ -388,6 +391,7 @@ def internal_fields(model: type[BaseModel]) -> tuple[str, ...]:
 #: run_id, layer): an unknown-key error does not offer them, `provision config` does not list them.
 INTERNAL_LM_FIELDS: tuple[str, ...] = internal_fields(LMConfig)
 
+# The stand-in accepts any non-empty key; the Gemini engine insists on having one.
 STANDIN_KEY = "provision-standin-not-a-secret"
 GeminiEndpoint = Literal["api", "standin", "none"]
 

@@ -105,10 +105,7 @@ def resolve_api_key(config: LMConfig) -> str:
     if config.api_key is not None and config.api_key.get_secret_value():
         return config.api_key.get_secret_value()
     use = f"{config.gemini_use}, lm.model={config.model!r}"
-    if config.mode == "cached":
-        instead = "or record from the mock (lm.cached_inner='mock'), or replay only (--record-mode none)"
-    else:
-        instead = "or use --lm mock / --lm cached"
+    instead = config.gemini_alternatives
     if not _environment_key_allowed:
         # The controller hands a key to every worker that calls Gemini (lmconfig.worker_secrets): the
         # run's stand-in key, or GEMINI_TEST_API_KEY when the workers reach the real API. A worker
